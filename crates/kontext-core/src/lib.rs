@@ -1,0 +1,5 @@
+//! Types every kontext crate shares: log records, the CloudEvents envelope of context events,
+//! Kafka-compatible key partitioning, and the pipeline definition.
+
+pub mod partitioner;
+pub mod record;

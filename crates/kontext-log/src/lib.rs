@@ -1,0 +1,81 @@
+//! The Log: topics, partitions, produce, fetch, consumer groups with committed offsets, high
+//! watermarks and admin, behind one interface with two backends.
+//!
+//! - [`embedded`]: a durable on-disk log in the data directory (the default; no Kafka needed).
+//! - `kontext-kafka`: Apache Kafka through rdkafka.
+//!
+//! The log is the source of truth of a kontext pipeline: every store can be rebuilt from it.
+
+pub mod embedded;
+mod error;
+mod types;
+
+pub use error::LogError;
+pub use types::*;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kontext_core::record::{ProduceRecord, Record, RecordPosition, TopicPartition};
+
+/// A log backend: the admin surface plus factories for producers and consumers.
+#[async_trait]
+pub trait Log: Send + Sync + 'static {
+    /// `"embedded"` or `"kafka"`, for logs and `topics list`.
+    fn backend(&self) -> &'static str;
+
+    /// Creates a topic. Creating a topic that exists with the same partition count is not an
+    /// error ([`CreateOutcome::AlreadyExists`]), so that start-up can always ensure its topics.
+    async fn create_topic(&self, spec: &TopicSpec) -> Result<CreateOutcome, LogError>;
+
+    /// Topic names, sorted. Internal topics (names starting with `__`) are left out.
+    async fn list_topics(&self) -> Result<Vec<String>, LogError>;
+
+    /// Partitions with low and high watermarks, and the topic's configuration.
+    async fn describe_topic(&self, topic: &str) -> Result<TopicDescription, LogError>;
+
+    /// A producer. Producers are cheap to clone through the `Arc` and safe to share.
+    async fn producer(&self) -> Result<Arc<dyn Producer>, LogError>;
+
+    /// A member of a consumer group subscribed to `config.topics`.
+    async fn consumer(&self, config: ConsumerConfig) -> Result<Box<dyn Consumer>, LogError>;
+
+    /// The committed offsets of `group` for every partition of `topic` (`None`: nothing
+    /// committed yet). The offset is the next one the group will read, as in Kafka.
+    async fn committed_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<(i32, Option<i64>)>, LogError>;
+}
+
+/// Appends records to the log.
+#[async_trait]
+pub trait Producer: Send + Sync {
+    /// Appends `records` and returns, in the same order, where each one landed. The call
+    /// returns once every record is acknowledged: for the embedded log that is after the fsync
+    /// its [`embedded::FsyncPolicy`] asks for; for Kafka after `acks=all` with idempotence.
+    ///
+    /// A record without a partition goes to `partition_for_key(key)`; without a key either, to
+    /// a partition of the producer's choosing.
+    async fn send(&self, records: Vec<ProduceRecord>) -> Result<Vec<RecordPosition>, LogError>;
+
+    /// Waits until everything sent so far is acknowledged.
+    async fn flush(&self) -> Result<(), LogError>;
+}
+
+/// A consumer group member. Offsets are committed explicitly, only after the records' effects
+/// are durable downstream (at-least-once; stores make it effectively-once).
+#[async_trait]
+pub trait Consumer: Send {
+    /// Up to `max_records` records, waiting at most `timeout` for the first one. An empty
+    /// vector means nothing new arrived in time. Records of one partition come in offset order.
+    async fn poll(&mut self, max_records: usize, timeout: Duration) -> Result<Vec<Record>, LogError>;
+
+    /// Commits, for each partition, the offset of the next record to read.
+    async fn commit(&mut self, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError>;
+
+    /// The partitions currently assigned to this member.
+    fn assignment(&self) -> Vec<TopicPartition>;
+}

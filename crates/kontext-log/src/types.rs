@@ -1,0 +1,79 @@
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What a topic should look like.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    /// `cleanup.policy=compact` on Kafka. The embedded log records the flag; compaction of
+    /// embedded segments is not implemented yet, so embedded compacted topics keep everything.
+    pub compacted: bool,
+    pub retention: Retention,
+}
+
+impl TopicSpec {
+    /// A topic with `partitions` partitions, not compacted, with unlimited retention.
+    pub fn new(name: impl Into<String>, partitions: i32) -> Self {
+        Self { name: name.into(), partitions, compacted: false, retention: Retention::default() }
+    }
+}
+
+/// Retention limits; `None` means unlimited. Applied per partition, whole segments at a time,
+/// never to the active segment (as in Kafka).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// `retention.ms`
+    pub time: Option<Duration>,
+    /// `retention.bytes`, per partition.
+    pub bytes: Option<u64>,
+}
+
+/// Whether [`crate::Log::create_topic`] created the topic or found it already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created,
+    AlreadyExists,
+}
+
+/// A topic as it is now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopicDescription {
+    pub name: String,
+    pub compacted: bool,
+    pub retention: Retention,
+    pub partitions: Vec<PartitionInfo>,
+}
+
+/// One partition's watermarks: `low` is the first offset still in the log, `high` the offset
+/// the next record will get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PartitionInfo {
+    pub partition: i32,
+    pub low_watermark: i64,
+    pub high_watermark: i64,
+}
+
+/// Where a group starts on a partition it has no committed offset for (`auto.offset.reset`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetReset {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+/// A consumer group member's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub offset_reset: OffsetReset,
+}
+
+impl ConsumerConfig {
+    pub fn new(group_id: impl Into<String>, topics: Vec<String>) -> Self {
+        Self { group_id: group_id.into(), topics, offset_reset: OffsetReset::Earliest }
+    }
+}
