@@ -1,5 +1,7 @@
 //! Types every kontext crate shares: log records, the CloudEvents envelope of context events,
 //! Kafka-compatible key partitioning, and the pipeline definition.
 
+pub mod config;
+pub mod envelope;
 pub mod partitioner;
 pub mod record;

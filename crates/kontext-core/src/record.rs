@@ -13,7 +13,10 @@ pub struct Header {
 
 impl Header {
     pub fn new(key: impl Into<String>, value: impl Into<Bytes>) -> Self {
-        Self { key: key.into(), value: Some(value.into()) }
+        Self {
+            key: key.into(),
+            value: Some(value.into()),
+        }
     }
 }
 
@@ -26,7 +29,10 @@ pub struct TopicPartition {
 
 impl TopicPartition {
     pub fn new(topic: impl Into<Arc<str>>, partition: i32) -> Self {
-        Self { topic: topic.into(), partition }
+        Self {
+            topic: topic.into(),
+            partition,
+        }
     }
 }
 
@@ -52,11 +58,17 @@ pub struct Record {
 impl Record {
     /// The first header with this key, if it has a value.
     pub fn header(&self, key: &str) -> Option<&[u8]> {
-        self.headers.iter().find(|h| h.key == key).and_then(|h| h.value.as_deref())
+        self.headers
+            .iter()
+            .find(|h| h.key == key)
+            .and_then(|h| h.value.as_deref())
     }
 
     pub fn topic_partition(&self) -> TopicPartition {
-        TopicPartition { topic: self.topic.clone(), partition: self.partition }
+        TopicPartition {
+            topic: self.topic.clone(),
+            partition: self.partition,
+        }
     }
 
     /// `topic/partition@offset`, the coordinates every log line about a record carries.
@@ -80,7 +92,12 @@ pub struct ProduceRecord {
 
 impl ProduceRecord {
     pub fn new(topic: impl Into<String>, key: Option<Bytes>, value: Option<Bytes>) -> Self {
-        Self { topic: topic.into(), key, value, ..Default::default() }
+        Self {
+            topic: topic.into(),
+            key,
+            value,
+            ..Default::default()
+        }
     }
 
     pub fn with_header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {

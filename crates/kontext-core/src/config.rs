@@ -1,0 +1,543 @@
+//! The pipeline definition (`kontext run -c pipeline.yaml`).
+//!
+//! Parsing is strict (`deny_unknown_fields`): a misspelt key is an error, not a silent default.
+//! After parsing, [`PipelineConfig::validate`] checks every cross-reference (a source's entity
+//! exists, a relation points at a declared entity, topics are valid names ...) and reports all
+//! problems at once, each with the path of the field and how to fix it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default partition count of context topics: a multiple of common consumer counts, within the
+/// seed's "12-24 partitions per topic".
+pub const DEFAULT_PARTITIONS: i32 = 12;
+
+/// A whole pipeline file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Names the pipeline; consumer group ids derive from it.
+    pub name: String,
+    /// Where the embedded log and store live. The `--data-dir` flag overrides it.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub topics: TopicsConfig,
+    /// Entity types by name (`customer`, `order` ...).
+    pub entities: BTreeMap<String, EntityConfig>,
+    /// Source systems by name (`crm`, `billing` ...).
+    pub sources: BTreeMap<String, SourceConfig>,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub serve: ServeConfig,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(".kontext")
+}
+
+/// Which log backend carries the topics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LogConfig {
+    /// The durable on-disk log in `data_dir/log`.
+    Embedded {
+        /// `always`, `group_commit` (default) or `never`; see the config reference.
+        #[serde(default)]
+        fsync: FsyncMode,
+    },
+    /// An Apache Kafka cluster.
+    Kafka {
+        /// `host:port[,host:port...]`
+        bootstrap_servers: String,
+        /// Extra librdkafka client properties (`security.protocol`, `sasl.mechanism` ...).
+        #[serde(default)]
+        properties: BTreeMap<String, String>,
+    },
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig::Embedded {
+            fsync: FsyncMode::default(),
+        }
+    }
+}
+
+/// When the embedded log fsyncs before acknowledging a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncMode {
+    /// Every send call is fsynced before it is acknowledged.
+    Always,
+    /// Concurrent sends share one fsync; each is acknowledged once it is durable.
+    #[default]
+    GroupCommit,
+    /// Acknowledge after the write; the OS flushes (Kafka's own default behaviour).
+    Never,
+}
+
+/// Topic defaults and per-topic settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Per-topic overrides, by topic name.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, TopicOverride>,
+}
+
+fn default_partitions() -> i32 {
+    DEFAULT_PARTITIONS
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            partitions: DEFAULT_PARTITIONS,
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+/// Settings of one topic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicOverride {
+    pub partitions: Option<i32>,
+    /// `cleanup.policy=compact`: keep the latest record per key.
+    #[serde(default)]
+    pub compacted: bool,
+    /// `retention.ms`
+    pub retention_ms: Option<u64>,
+    /// `retention.bytes` per partition.
+    pub retention_bytes: Option<u64>,
+}
+
+/// An entity type: what its id is called and which topic carries its events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntityConfig {
+    /// The canonical field naming the entity id (`customer_id`); the record key carries it.
+    pub key: String,
+    /// The entity-based topic (`context.customers`).
+    pub topic: String,
+    /// Relations to other entity types: `customer: customer_id` says "this entity belongs to the
+    /// customer whose id is in my canonical field `customer_id`".
+    #[serde(default)]
+    pub belongs_to: BTreeMap<String, String>,
+    /// How many of this entity's most recent records a parent's context lists.
+    #[serde(default = "default_related_limit")]
+    pub related_limit: usize,
+}
+
+fn default_related_limit() -> usize {
+    10
+}
+
+/// A source system writing into an entity topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The topic the source writes to.
+    pub topic: String,
+    /// The entity type its events describe.
+    pub entity: String,
+    /// Which records of the topic belong to this source. `ce_source` must equal it; a source
+    /// without `match` takes the records no other source on the topic matched (plain records
+    /// without CloudEvents headers included).
+    #[serde(default, rename = "match")]
+    pub matcher: Option<SourceMatch>,
+    /// Canonical field name -> path in the source payload (`loyalty.tier`).
+    pub fields: BTreeMap<String, String>,
+    /// Records to drop before they reach the store.
+    #[serde(default)]
+    pub filter: Option<FilterConfig>,
+}
+
+/// Selects a source's records by CloudEvents attributes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceMatch {
+    pub ce_source: String,
+}
+
+/// Drops a record when any condition holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    pub drop_if: Vec<Condition>,
+}
+
+/// A test on one field of the source payload (a dotted path), or on the CloudEvents type
+/// (`field: "@type"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    pub field: String,
+    /// The field equals this JSON value.
+    #[serde(default)]
+    pub equals: Option<serde_json::Value>,
+    /// The field equals one of these values.
+    #[serde(default, rename = "in")]
+    pub one_of: Option<Vec<serde_json::Value>>,
+    /// The field is present (`true`) or absent (`false`).
+    #[serde(default)]
+    pub exists: Option<bool>,
+}
+
+/// The context store the pipeline writes to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Names the store; its consumer group is `kontext.<pipeline>.store.<name>`.
+    #[serde(default = "default_store_name")]
+    pub name: String,
+    #[serde(default)]
+    pub kind: StoreKind,
+}
+
+fn default_store_name() -> String {
+    "main".into()
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            name: default_store_name(),
+            kind: StoreKind::default(),
+        }
+    }
+}
+
+/// Store implementations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// A single-file embedded database in `data_dir/store`.
+    #[default]
+    Embedded,
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+/// One problem in a pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the offending field (`sources.crm.entity`).
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Everything wrong with a pipeline file, reported at once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        writeln!(
+            f,
+            "{}: {} error{} in pipeline definition",
+            self.file,
+            n,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            writeln!(f, "  - {}: {}", e.field, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl PipelineConfig {
+    /// Reads, parses and validates a pipeline file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            errors: vec![FieldError {
+                field: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    /// Parses and validates pipeline YAML; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let config: PipelineConfig = serde_yaml_ng::from_str(text).map_err(|e| {
+            let field = e
+                .location()
+                .map(|l| format!("line {}, column {}", l.line(), l.column()));
+            ConfigError {
+                file: file.to_string(),
+                errors: vec![FieldError {
+                    field: field.unwrap_or_else(|| "(document)".into()),
+                    message: e.to_string(),
+                }],
+            }
+        })?;
+        let errors = config.validate();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                file: file.to_string(),
+                errors,
+            })
+        }
+    }
+
+    /// Checks cross-references and values; returns every problem found.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let mut err = |field: String, message: String| errors.push(FieldError { field, message });
+
+        if !is_valid_name(&self.name) {
+            err(
+                "name".into(),
+                "must be non-empty and use only letters, digits, '.', '_' and '-'".into(),
+            );
+        }
+        if let LogConfig::Kafka {
+            bootstrap_servers, ..
+        } = &self.log
+        {
+            if bootstrap_servers.trim().is_empty() {
+                err(
+                    "log.bootstrap_servers".into(),
+                    "must list at least one host:port".into(),
+                );
+            }
+        }
+        if !(1..=10_000).contains(&self.topics.partitions) {
+            err(
+                "topics.partitions".into(),
+                format!("{} is out of range: use 1 to 10000", self.topics.partitions),
+            );
+        }
+        for (topic, o) in &self.topics.overrides {
+            if let Some(p) = o.partitions {
+                if !(1..=10_000).contains(&p) {
+                    err(
+                        format!("topics.overrides.{topic}.partitions"),
+                        format!("{p} is out of range: use 1 to 10000"),
+                    );
+                }
+            }
+        }
+        if self.entities.is_empty() {
+            err("entities".into(), "declare at least one entity type".into());
+        }
+        let mut entity_topics = BTreeMap::new();
+        for (name, entity) in &self.entities {
+            let at = format!("entities.{name}");
+            if !is_valid_name(name) {
+                err(
+                    at.clone(),
+                    "entity type names use only letters, digits, '.', '_' and '-'".into(),
+                );
+            }
+            if entity.key.trim().is_empty() {
+                err(
+                    format!("{at}.key"),
+                    "name the canonical field holding the entity id, e.g. `customer_id`".into(),
+                );
+            }
+            if let Some(problem) = topic_name_problem(&entity.topic) {
+                err(format!("{at}.topic"), problem);
+            }
+            if let Some(other) = entity_topics.insert(entity.topic.as_str(), name.as_str()) {
+                err(format!("{at}.topic"), format!("topic {:?} is already the topic of entity {other:?}: each entity type has its own topic", entity.topic));
+            }
+            for (parent, field) in &entity.belongs_to {
+                if !self.entities.contains_key(parent) {
+                    err(
+                        format!("{at}.belongs_to.{parent}"),
+                        format!(
+                            "unknown entity type {parent:?}; declared: {}",
+                            self.entity_names()
+                        ),
+                    );
+                }
+                if field.trim().is_empty() {
+                    err(
+                        format!("{at}.belongs_to.{parent}"),
+                        "name the canonical field holding the parent's id".into(),
+                    );
+                }
+            }
+        }
+        if self.sources.is_empty() {
+            err("sources".into(), "declare at least one source".into());
+        }
+        let mut unmatched_per_topic: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut matches_per_topic: BTreeSet<(&str, &str)> = BTreeSet::new();
+        for (name, source) in &self.sources {
+            let at = format!("sources.{name}");
+            match self.entities.get(&source.entity) {
+                None => err(format!("{at}.entity"), format!("unknown entity type {:?}; declared: {}", source.entity, self.entity_names())),
+                Some(entity) if entity.topic != source.topic => err(
+                    format!("{at}.topic"),
+                    format!("entity {:?} lives in topic {:?}, not {:?}: sources write into their entity's topic", source.entity, entity.topic, source.topic),
+                ),
+                Some(_) => {}
+            }
+            match &source.matcher {
+                None => {
+                    if let Some(other) =
+                        unmatched_per_topic.insert(source.topic.as_str(), name.as_str())
+                    {
+                        err(format!("{at}.match"), format!("source {other:?} already takes the unmatched records of {:?}: add `match: {{ce_source: ...}}` to one of them", source.topic));
+                    }
+                }
+                Some(m) => {
+                    if !matches_per_topic.insert((source.topic.as_str(), m.ce_source.as_str())) {
+                        err(
+                            format!("{at}.match.ce_source"),
+                            format!(
+                                "another source on {:?} already matches ce_source {:?}",
+                                source.topic, m.ce_source
+                            ),
+                        );
+                    }
+                }
+            }
+            if source.fields.is_empty() {
+                err(
+                    format!("{at}.fields"),
+                    "map at least one source field into the canonical model".into(),
+                );
+            }
+            for (canonical, path) in &source.fields {
+                if canonical.trim().is_empty()
+                    || path.trim().is_empty()
+                    || path.split('.').any(str::is_empty)
+                {
+                    err(format!("{at}.fields.{canonical}"), format!("{path:?} is not a field path: use names separated by dots, e.g. `loyalty.tier`"));
+                }
+            }
+            if let Some(filter) = &source.filter {
+                if filter.drop_if.is_empty() {
+                    err(
+                        format!("{at}.filter.drop_if"),
+                        "list at least one condition, or remove the filter".into(),
+                    );
+                }
+                for (i, c) in filter.drop_if.iter().enumerate() {
+                    let tests = [c.equals.is_some(), c.one_of.is_some(), c.exists.is_some()];
+                    if tests.iter().filter(|t| **t).count() != 1 {
+                        err(
+                            format!("{at}.filter.drop_if[{i}]"),
+                            "give exactly one of `equals`, `in` or `exists`".into(),
+                        );
+                    }
+                }
+            }
+        }
+        if self.store.name.is_empty() || !is_valid_name(&self.store.name) {
+            err(
+                "store.name".into(),
+                "must be non-empty and use only letters, digits, '.', '_' and '-'".into(),
+            );
+        }
+        if self.serve.listen.parse::<std::net::SocketAddr>().is_err() {
+            err(
+                "serve.listen".into(),
+                format!(
+                    "{:?} is not an address: use host:port, e.g. 127.0.0.1:8080",
+                    self.serve.listen
+                ),
+            );
+        }
+        errors
+    }
+
+    /// The consumer group that feeds the store: one group per store, so a slow store never
+    /// holds back another.
+    pub fn store_group(&self) -> String {
+        format!("kontext.{}.store.{}", self.name, self.store.name)
+    }
+
+    /// The topics the sources read, deduplicated and sorted.
+    pub fn source_topics(&self) -> Vec<String> {
+        let set: BTreeSet<&str> = self.sources.values().map(|s| s.topic.as_str()).collect();
+        set.into_iter().map(str::to_owned).collect()
+    }
+
+    /// Partition count, compaction and retention of a topic, defaults applied.
+    pub fn topic_settings(&self, topic: &str) -> TopicOverride {
+        let mut t = self
+            .topics
+            .overrides
+            .get(topic)
+            .cloned()
+            .unwrap_or_default();
+        t.partitions = Some(t.partitions.unwrap_or(self.topics.partitions));
+        t
+    }
+
+    fn entity_names(&self) -> String {
+        self.entities
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Kafka's topic naming rules (`Topic.validate`).
+pub fn topic_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("a topic name must not be empty".into())
+    } else if name == "." || name == ".." {
+        Some(format!("{name:?} is not a legal topic name"))
+    } else if name.len() > 249 {
+        Some("a topic name is at most 249 characters".into())
+    } else if !is_valid_name(name) {
+        Some(format!(
+            "{name:?} is not a legal topic name: use only letters, digits, '.', '_' and '-'"
+        ))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;

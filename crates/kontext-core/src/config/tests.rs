@@ -1,0 +1,123 @@
+use super::*;
+
+const VALID: &str = r#"
+name: demo
+entities:
+  customer: { key: customer_id, topic: context.customers }
+  order:
+    key: order_id
+    topic: context.orders
+    belongs_to: { customer: customer_id }
+sources:
+  crm:
+    topic: context.customers
+    entity: customer
+    match: { ce_source: crm }
+    fields: { given_name: first_name, tier: loyalty.tier }
+  shop:
+    topic: context.orders
+    entity: order
+    fields: { customer_id: customer_ref }
+    filter:
+      drop_if:
+        - { field: status, in: [test] }
+"#;
+
+#[test]
+fn parses_a_valid_file_with_defaults() {
+    let c = PipelineConfig::parse("p.yaml", VALID).unwrap();
+    assert_eq!(c.topics.partitions, 12);
+    assert_eq!(
+        c.log,
+        LogConfig::Embedded {
+            fsync: FsyncMode::GroupCommit
+        }
+    );
+    assert_eq!(c.store_group(), "kontext.demo.store.main");
+    assert_eq!(
+        c.source_topics(),
+        vec!["context.customers", "context.orders"]
+    );
+    assert_eq!(c.entities["order"].belongs_to["customer"], "customer_id");
+}
+
+#[test]
+fn unknown_keys_are_errors_with_a_location() {
+    let text = VALID.replace("name: demo", "name: demo\nbakend: kafka");
+    let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+    assert_eq!(err.file, "p.yaml");
+    assert!(err.errors[0].field.starts_with("line "), "{err}");
+    assert!(err.errors[0].message.contains("bakend"), "{err}");
+}
+
+#[test]
+fn reports_all_semantic_errors_at_once() {
+    let text = r#"
+name: "bad name"
+topics: { partitions: 0 }
+entities:
+  order:
+    key: order_id
+    topic: "context orders"
+    belongs_to: { customer: customer_id }
+sources:
+  shop:
+    topic: context.orders
+    entity: orders
+    fields: { customer_id: "a..b" }
+    filter: { drop_if: [ { field: x } ] }
+serve: { listen: nowhere }
+"#;
+    let err = PipelineConfig::parse("bad.yaml", text).unwrap_err();
+    let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
+    for expected in [
+        "name",
+        "topics.partitions",
+        "entities.order.topic",
+        "entities.order.belongs_to.customer",
+        "sources.shop.entity",
+        "sources.shop.fields.customer_id",
+        "sources.shop.filter.drop_if[0]",
+        "serve.listen",
+    ] {
+        assert!(fields.contains(&expected), "missing {expected} in {err}");
+    }
+    let shown = err.to_string();
+    assert!(shown.starts_with("bad.yaml: 8 errors"), "{shown}");
+    assert!(
+        shown.contains("unknown entity type \"orders\"; declared: order"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn two_catch_all_sources_on_one_topic_are_rejected() {
+    let text = VALID.replace("    match: { ce_source: crm }\n", "")
+        + r#"
+  crm2:
+    topic: context.customers
+    entity: customer
+    fields: { email: email }
+"#;
+    let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+    assert!(
+        err.errors.iter().any(|e| e.field == "sources.crm2.match"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kafka_backend_parses() {
+    let text = VALID.replace("name: demo", "name: demo\nlog: { backend: kafka, bootstrap_servers: \"127.0.0.1:9092\", properties: { security.protocol: plaintext } }");
+    let c = PipelineConfig::parse("p.yaml", &text).unwrap();
+    match c.log {
+        LogConfig::Kafka {
+            bootstrap_servers,
+            properties,
+        } => {
+            assert_eq!(bootstrap_servers, "127.0.0.1:9092");
+            assert_eq!(properties["security.protocol"], "plaintext");
+        }
+        other => panic!("expected kafka, got {other:?}"),
+    }
+}

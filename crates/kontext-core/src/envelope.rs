@@ -1,0 +1,317 @@
+//! The context event envelope: CloudEvents 1.0 over the Kafka protocol binding.
+//!
+//! Three shapes are accepted, so that any Kafka client can produce context events:
+//! - **binary mode**: key = entity id (UTF-8), value = the JSON payload, attributes in headers
+//!   `ce_specversion`, `ce_id`, `ce_source`, `ce_type`, `ce_time` (RFC 3339), `content-type`;
+//! - **structured mode**: `content-type: application/cloudevents+json`, the value is a whole
+//!   CloudEvent with the payload in `data`;
+//! - **plain**: no CloudEvents headers at all; the id is derived from the record's coordinates
+//!   and the time from the record timestamp.
+//!
+//! A null value with a key is a tombstone: the entity is deleted.
+//! Everything else is rejected with a specific [`EnvelopeError`].
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::record::Record;
+
+/// The only CloudEvents spec version kontext reads.
+pub const SPEC_VERSION: &str = "1.0";
+/// `content-type` of a structured-mode CloudEvent.
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// How the event was carried in the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvelopeMode {
+    Binary,
+    Structured,
+    Plain,
+}
+
+/// A decoded context event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContextEvent {
+    /// `ce_id`, or `<topic>-<partition>-<offset>` for plain records.
+    pub id: String,
+    /// `ce_source`: the system the event comes from. `None` for plain records.
+    pub source: Option<String>,
+    /// `ce_type`, e.g. `crm.customer.updated`. `None` for plain records.
+    pub event_type: Option<String>,
+    /// Event time in milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    /// The record key: the id of the entity the event is about.
+    pub entity_id: String,
+    /// The JSON payload; `None` for a tombstone (delete the entity).
+    pub data: Option<Map<String, Value>>,
+    pub mode: EnvelopeMode,
+}
+
+/// Why a record is not a valid context event. Every variant is permanent: the same bytes will
+/// never decode, so retrying cannot help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("record has no key: the key must be the entity id")]
+    MissingKey,
+    #[error("record key is empty: the key must be the entity id")]
+    EmptyKey,
+    #[error("record key is not valid UTF-8")]
+    KeyNotUtf8,
+    #[error("value is not valid UTF-8 JSON: {0}")]
+    ValueNotUtf8(String),
+    #[error("value is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("payload must be a JSON object, found {0}")]
+    NotAnObject(&'static str),
+    #[error(
+        "unsupported content-type {0:?}: expected application/json or {STRUCTURED_CONTENT_TYPE}"
+    )]
+    UnsupportedContentType(String),
+    #[error("unsupported CloudEvents specversion {0:?}: expected \"1.0\"")]
+    UnsupportedSpecVersion(String),
+    #[error("CloudEvents attribute {0:?} is missing")]
+    MissingAttribute(&'static str),
+    #[error("CloudEvents attribute {name:?} is invalid: {reason}")]
+    InvalidAttribute { name: &'static str, reason: String },
+}
+
+impl EnvelopeError {
+    /// A short, stable, bounded label for metrics (`reason="invalid_json"`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EnvelopeError::MissingKey => "missing_key",
+            EnvelopeError::EmptyKey => "empty_key",
+            EnvelopeError::KeyNotUtf8 => "key_not_utf8",
+            EnvelopeError::ValueNotUtf8(_) => "value_not_utf8",
+            EnvelopeError::InvalidJson(_) => "invalid_json",
+            EnvelopeError::NotAnObject(_) => "not_an_object",
+            EnvelopeError::UnsupportedContentType(_) => "unsupported_content_type",
+            EnvelopeError::UnsupportedSpecVersion(_) => "unsupported_specversion",
+            EnvelopeError::MissingAttribute(_) => "missing_attribute",
+            EnvelopeError::InvalidAttribute { .. } => "invalid_attribute",
+        }
+    }
+}
+
+/// Decodes a record into a [`ContextEvent`].
+pub fn decode(record: &Record) -> Result<ContextEvent, EnvelopeError> {
+    let entity_id = decode_key(record)?;
+    let content_type = header_str(record, "content-type", "content-type")?;
+    let is_structured = content_type
+        .map(|ct| media_type(ct).eq_ignore_ascii_case(STRUCTURED_CONTENT_TYPE))
+        .unwrap_or(false);
+    if is_structured {
+        return decode_structured(record, entity_id);
+    }
+    if let Some(ct) = content_type {
+        if !is_json_media_type(media_type(ct)) {
+            return Err(EnvelopeError::UnsupportedContentType(ct.to_string()));
+        }
+    }
+    let data = match &record.value {
+        None => None,
+        Some(bytes) => Some(parse_object(bytes)?),
+    };
+    match header_str(record, "ce_specversion", "ce_specversion")? {
+        Some(version) => {
+            check_spec_version(version)?;
+            let id = required_header(record, "ce_id")?;
+            let source = required_header(record, "ce_source")?;
+            let event_type = required_header(record, "ce_type")?;
+            let time_ms = match header_str(record, "ce_time", "ce_time")? {
+                Some(t) => parse_time("ce_time", t)?,
+                None => record.timestamp_ms,
+            };
+            Ok(ContextEvent {
+                id: id.to_string(),
+                source: Some(source.to_string()),
+                event_type: Some(event_type.to_string()),
+                time_ms,
+                entity_id,
+                data,
+                mode: EnvelopeMode::Binary,
+            })
+        }
+        None => Ok(ContextEvent {
+            id: format!("{}-{}-{}", record.topic, record.partition, record.offset),
+            source: None,
+            event_type: None,
+            time_ms: record.timestamp_ms,
+            entity_id,
+            data,
+            mode: EnvelopeMode::Plain,
+        }),
+    }
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 with millisecond precision (`ce_time`).
+pub fn format_time(time_ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(time_ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn decode_key(record: &Record) -> Result<String, EnvelopeError> {
+    let key = record.key.as_ref().ok_or(EnvelopeError::MissingKey)?;
+    if key.is_empty() {
+        return Err(EnvelopeError::EmptyKey);
+    }
+    std::str::from_utf8(key)
+        .map(str::to_owned)
+        .map_err(|_| EnvelopeError::KeyNotUtf8)
+}
+
+fn decode_structured(record: &Record, entity_id: String) -> Result<ContextEvent, EnvelopeError> {
+    let Some(bytes) = &record.value else {
+        // A structured tombstone has nothing to describe it; treat it like a plain delete.
+        return Ok(ContextEvent {
+            id: format!("{}-{}-{}", record.topic, record.partition, record.offset),
+            source: None,
+            event_type: None,
+            time_ms: record.timestamp_ms,
+            entity_id,
+            data: None,
+            mode: EnvelopeMode::Structured,
+        });
+    };
+    let mut event = parse_object(bytes)?;
+    let version = attribute(&event, "specversion")?;
+    check_spec_version(version)?;
+    let id = attribute(&event, "id")?.to_string();
+    let source = attribute(&event, "source")?.to_string();
+    let event_type = attribute(&event, "type")?.to_string();
+    let time_ms = match event.get("time") {
+        None | Some(Value::Null) => record.timestamp_ms,
+        Some(Value::String(t)) => parse_time("time", t)?,
+        Some(other) => {
+            return Err(EnvelopeError::InvalidAttribute {
+                name: "time",
+                reason: format!("expected an RFC 3339 string, found {}", json_kind(other)),
+            })
+        }
+    };
+    if let Some(ct) = event.get("datacontenttype").and_then(Value::as_str) {
+        if !is_json_media_type(media_type(ct)) {
+            return Err(EnvelopeError::UnsupportedContentType(ct.to_string()));
+        }
+    }
+    if event.contains_key("data_base64") {
+        return Err(EnvelopeError::InvalidAttribute {
+            name: "data_base64",
+            reason: "binary data is not supported: context payloads must be JSON objects".into(),
+        });
+    }
+    let data = match event.remove("data") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(map)) => Some(map),
+        Some(other) => return Err(EnvelopeError::NotAnObject(json_kind(&other))),
+    };
+    Ok(ContextEvent {
+        id,
+        source: Some(source),
+        event_type: Some(event_type),
+        time_ms,
+        entity_id,
+        data,
+        mode: EnvelopeMode::Structured,
+    })
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, EnvelopeError> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|e| EnvelopeError::ValueNotUtf8(e.to_string()))?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(EnvelopeError::NotAnObject(json_kind(&other))),
+        Err(e) => Err(EnvelopeError::InvalidJson(e.to_string())),
+    }
+}
+
+fn attribute<'a>(
+    event: &'a Map<String, Value>,
+    name: &'static str,
+) -> Result<&'a str, EnvelopeError> {
+    match event.get(name) {
+        None | Some(Value::Null) => Err(EnvelopeError::MissingAttribute(name)),
+        Some(Value::String(s)) if s.is_empty() => Err(EnvelopeError::InvalidAttribute {
+            name,
+            reason: "must not be empty".into(),
+        }),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(EnvelopeError::InvalidAttribute {
+            name,
+            reason: format!("expected a string, found {}", json_kind(other)),
+        }),
+    }
+}
+
+fn header_str<'a>(
+    record: &'a Record,
+    key: &str,
+    name: &'static str,
+) -> Result<Option<&'a str>, EnvelopeError> {
+    match record.header(key) {
+        None => Ok(None),
+        Some(bytes) => {
+            std::str::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| EnvelopeError::InvalidAttribute {
+                    name,
+                    reason: "header value is not UTF-8".into(),
+                })
+        }
+    }
+}
+
+fn required_header<'a>(record: &'a Record, name: &'static str) -> Result<&'a str, EnvelopeError> {
+    match header_str(record, name, name)? {
+        None => Err(EnvelopeError::MissingAttribute(name)),
+        Some("") => Err(EnvelopeError::InvalidAttribute {
+            name,
+            reason: "must not be empty".into(),
+        }),
+        Some(v) => Ok(v),
+    }
+}
+
+fn check_spec_version(version: &str) -> Result<(), EnvelopeError> {
+    if version == SPEC_VERSION {
+        Ok(())
+    } else {
+        Err(EnvelopeError::UnsupportedSpecVersion(version.to_string()))
+    }
+}
+
+fn parse_time(name: &'static str, text: &str) -> Result<i64, EnvelopeError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| EnvelopeError::InvalidAttribute {
+            name,
+            reason: format!("{text:?} is not RFC 3339: {e}"),
+        })
+}
+
+/// `application/json; charset=utf-8` -> `application/json`.
+fn media_type(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or("").trim()
+}
+
+fn is_json_media_type(media: &str) -> bool {
+    let media = media.to_ascii_lowercase();
+    media == "application/json" || media == "text/json" || media.ends_with("+json")
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests;

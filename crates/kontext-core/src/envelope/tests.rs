@@ -1,0 +1,175 @@
+use bytes::Bytes;
+
+use super::*;
+use crate::record::Header;
+
+fn record(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[(&str, &str)]) -> Record {
+    Record {
+        topic: "context.customers".into(),
+        partition: 3,
+        offset: 42,
+        timestamp_ms: 1_700_000_000_000,
+        key: key.map(Bytes::copy_from_slice),
+        value: value.map(Bytes::copy_from_slice),
+        headers: headers
+            .iter()
+            .map(|(k, v)| Header::new(*k, Bytes::copy_from_slice(v.as_bytes())))
+            .collect(),
+    }
+}
+
+fn binary_headers() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("ce_specversion", "1.0"),
+        ("ce_id", "evt-1"),
+        ("ce_source", "crm"),
+        ("ce_type", "crm.customer.updated"),
+        ("ce_time", "2024-05-01T12:00:00.250Z"),
+        ("content-type", "application/json"),
+    ]
+}
+
+#[test]
+fn decodes_binary_mode() {
+    let r = record(
+        Some(b"C-1"),
+        Some(br#"{"first_name":"Ana"}"#),
+        &binary_headers(),
+    );
+    let e = decode(&r).unwrap();
+    assert_eq!(e.mode, EnvelopeMode::Binary);
+    assert_eq!(e.id, "evt-1");
+    assert_eq!(e.source.as_deref(), Some("crm"));
+    assert_eq!(e.event_type.as_deref(), Some("crm.customer.updated"));
+    assert_eq!(e.entity_id, "C-1");
+    assert_eq!(format_time(e.time_ms), "2024-05-01T12:00:00.250Z");
+    assert_eq!(e.data.unwrap()["first_name"], "Ana");
+}
+
+#[test]
+fn binary_mode_without_time_uses_record_timestamp() {
+    let headers: Vec<_> = binary_headers()
+        .into_iter()
+        .filter(|(k, _)| *k != "ce_time")
+        .collect();
+    let e = decode(&record(Some(b"C-1"), Some(b"{}"), &headers)).unwrap();
+    assert_eq!(e.time_ms, 1_700_000_000_000);
+}
+
+#[test]
+fn binary_mode_requires_id_source_and_type() {
+    for missing in ["ce_id", "ce_source", "ce_type"] {
+        let headers: Vec<_> = binary_headers()
+            .into_iter()
+            .filter(|(k, _)| *k != missing)
+            .collect();
+        let err = decode(&record(Some(b"C-1"), Some(b"{}"), &headers)).unwrap_err();
+        assert_eq!(
+            err,
+            EnvelopeError::MissingAttribute(match missing {
+                "ce_id" => "ce_id",
+                "ce_source" => "ce_source",
+                _ => "ce_type",
+            })
+        );
+    }
+}
+
+#[test]
+fn rejects_other_spec_versions_and_bad_times() {
+    let mut headers = binary_headers();
+    headers[0] = ("ce_specversion", "0.3");
+    let err = decode(&record(Some(b"C-1"), Some(b"{}"), &headers)).unwrap_err();
+    assert_eq!(err, EnvelopeError::UnsupportedSpecVersion("0.3".into()));
+
+    let mut headers = binary_headers();
+    headers[4] = ("ce_time", "yesterday");
+    let err = decode(&record(Some(b"C-1"), Some(b"{}"), &headers)).unwrap_err();
+    assert_eq!(err.kind(), "invalid_attribute");
+    assert!(err.to_string().contains("yesterday"), "{err}");
+}
+
+#[test]
+fn decodes_structured_mode() {
+    let value = br#"{"specversion":"1.0","id":"evt-9","source":"billing","type":"billing.account.updated",
+        "time":"2024-05-01T12:00:00Z","datacontenttype":"application/json","data":{"contact_name":"Ana Li"}}"#;
+    let r = record(
+        Some(b"C-1"),
+        Some(value),
+        &[(
+            "content-type",
+            "application/cloudevents+json; charset=utf-8",
+        )],
+    );
+    let e = decode(&r).unwrap();
+    assert_eq!(e.mode, EnvelopeMode::Structured);
+    assert_eq!(e.id, "evt-9");
+    assert_eq!(e.source.as_deref(), Some("billing"));
+    assert_eq!(e.data.unwrap()["contact_name"], "Ana Li");
+}
+
+#[test]
+fn structured_mode_errors_are_specific() {
+    let ct = [("content-type", "application/cloudevents+json")];
+    let err = decode(&record(
+        Some(b"C-1"),
+        Some(br#"{"specversion":"1.0","source":"x","type":"t"}"#),
+        &ct,
+    ))
+    .unwrap_err();
+    assert_eq!(err, EnvelopeError::MissingAttribute("id"));
+    let err = decode(&record(
+        Some(b"C-1"),
+        Some(br#"{"specversion":"1.0","id":"1","source":"x","type":"t","data":[1]}"#),
+        &ct,
+    ))
+    .unwrap_err();
+    assert_eq!(err, EnvelopeError::NotAnObject("an array"));
+}
+
+#[test]
+fn plain_records_get_ids_from_coordinates() {
+    let e = decode(&record(Some(b"C-7"), Some(br#"{"a":1}"#), &[])).unwrap();
+    assert_eq!(e.mode, EnvelopeMode::Plain);
+    assert_eq!(e.id, "context.customers-3-42");
+    assert_eq!(e.time_ms, 1_700_000_000_000);
+    assert_eq!(e.source, None);
+}
+
+#[test]
+fn null_value_is_a_tombstone() {
+    let e = decode(&record(Some(b"C-7"), None, &[])).unwrap();
+    assert!(e.data.is_none());
+}
+
+#[test]
+fn rejects_bad_records_with_specific_errors() {
+    let cases: Vec<(Record, &str)> = vec![
+        (record(None, Some(b"{}"), &[]), "missing_key"),
+        (record(Some(b""), Some(b"{}"), &[]), "empty_key"),
+        (
+            record(Some(&[0xff, 0xfe]), Some(b"{}"), &[]),
+            "key_not_utf8",
+        ),
+        (
+            record(Some(b"C-1"), Some(b"{not json"), &[]),
+            "invalid_json",
+        ),
+        (
+            record(Some(b"C-1"), Some(&[0x7b, 0xff, 0x7d]), &[]),
+            "value_not_utf8",
+        ),
+        (record(Some(b"C-1"), Some(b"[1,2]"), &[]), "not_an_object"),
+        (
+            record(
+                Some(b"C-1"),
+                Some(b"{}"),
+                &[("content-type", "application/avro")],
+            ),
+            "unsupported_content_type",
+        ),
+    ];
+    for (r, kind) in cases {
+        assert_eq!(decode(&r).unwrap_err().kind(), kind, "{r:?}");
+    }
+}
