@@ -1,1 +1,36 @@
-//! (being written)
+//! Context stores: where processed context becomes queryable by AI applications.
+//!
+//! Writes are **versioned upserts**. Every field carries the [`Provenance`] of the event that
+//! wrote it, and a field is only replaced by an event with a greater [`Version`] (event time,
+//! then log coordinates), so replays and out-of-order retries converge to the same state.
+//! Each batch also records, atomically with the data, the next offset of every source
+//! partition it covered: a restarted consumer skips records the store already applied, which
+//! makes application exactly-once even for non-idempotent bookkeeping such as
+//! [`EntityDoc::events_applied`].
+
+mod document;
+mod embedded;
+mod model;
+
+pub use document::{ContextDocument, ProvenanceView, RelatedEntity, RelatedList};
+pub use embedded::{ApplyStats, EmbeddedStore};
+pub use model::*;
+
+/// Errors of a context store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store's files could not be opened, read or written. Transient: disks recover,
+    /// locks are released.
+    #[error("context store I/O error: {0}")]
+    Io(String),
+    /// Stored bytes do not decode. Permanent: needs a rebuild from the log.
+    #[error("context store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same call can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Io(_))
+    }
+}

@@ -1,0 +1,322 @@
+//! The embedded context store: one redb file in the data directory.
+//!
+//! redb is a B-tree with MVCC: readers (the HTTP API) never block the writer (the pipeline)
+//! and always see a committed batch as a whole. Every [`EmbeddedStore::apply`] is one write
+//! transaction, fsynced on commit, holding the entity changes, the relation index and the
+//! source offsets together.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde_json::Value;
+
+use crate::model::{merge_fields, Change, EntityDoc, EntityUpdate, StoreSchema};
+use crate::StoreError;
+
+/// `entity_type \0 entity_id` -> JSON [`EntityDoc`]
+const ENTITIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entities");
+/// `parent_type \0 parent_id \0 child_type \0 child_id` -> ()
+const RELATIONS: TableDefinition<&[u8], ()> = TableDefinition::new("relations");
+/// (topic, partition) -> next offset to apply
+const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
+
+/// Counts of what one [`EmbeddedStore::apply`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Updates applied (each log record at most once).
+    pub applied: u64,
+    /// Updates skipped because the store had already applied their offset.
+    pub skipped: u64,
+    /// Entities deleted by tombstones.
+    pub deleted: u64,
+}
+
+/// A durable, versioned context store in one file.
+pub struct EmbeddedStore {
+    db: Database,
+    schema: StoreSchema,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file at `path`.
+    pub fn open(path: &Path, schema: StoreSchema) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(io)?;
+        txn.open_table(ENTITIES).map_err(io)?;
+        txn.open_table(RELATIONS).map_err(io)?;
+        txn.open_table(OFFSETS).map_err(io)?;
+        txn.commit().map_err(io)?;
+        Ok(Self { db, schema })
+    }
+
+    pub fn schema(&self) -> &StoreSchema {
+        &self.schema
+    }
+
+    /// Applies `updates` and records `offsets` (topic, partition, next offset) in one durable
+    /// transaction. An update whose offset is below the recorded next offset of its partition
+    /// was applied before and is skipped, so re-delivered records change nothing.
+    pub fn apply(
+        &self,
+        updates: &[EntityUpdate],
+        offsets: &[(&str, i32, i64)],
+    ) -> Result<ApplyStats, StoreError> {
+        let mut stats = ApplyStats::default();
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            let mut entities = txn.open_table(ENTITIES).map_err(io)?;
+            let mut relations = txn.open_table(RELATIONS).map_err(io)?;
+            let mut offset_table = txn.open_table(OFFSETS).map_err(io)?;
+            let mut applied_upto: BTreeMap<(String, i32), i64> = BTreeMap::new();
+            for update in updates {
+                let p = &update.provenance;
+                let key = (p.topic.clone(), p.partition);
+                let next = match applied_upto.get(&key) {
+                    Some(n) => *n,
+                    None => {
+                        let n = offset_table
+                            .get((p.topic.as_str(), p.partition))
+                            .map_err(io)?
+                            .map(|g| g.value())
+                            .unwrap_or(0);
+                        applied_upto.insert(key.clone(), n);
+                        n
+                    }
+                };
+                if p.offset < next {
+                    stats.skipped += 1;
+                    continue;
+                }
+                applied_upto.insert(key, p.offset + 1);
+                let entity_key = entity_key(&update.entity_type, &update.entity_id);
+                let existing = match entities.get(entity_key.as_slice()).map_err(io)? {
+                    Some(bytes) => Some(decode_doc(bytes.value())?),
+                    None => None,
+                };
+                match &update.change {
+                    Change::Upsert(fields) => {
+                        let mut doc = existing.clone().unwrap_or_else(|| EntityDoc {
+                            entity_type: update.entity_type.clone(),
+                            entity_id: update.entity_id.clone(),
+                            fields: BTreeMap::new(),
+                            events_applied: 0,
+                            latest: p.clone(),
+                        });
+                        merge_fields(&mut doc, fields, p);
+                        doc.events_applied += 1;
+                        self.reindex(
+                            &mut relations,
+                            existing.as_ref(),
+                            Some(&doc),
+                            &update.entity_type,
+                            &update.entity_id,
+                        )?;
+                        let bytes = serde_json::to_vec(&doc)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        entities
+                            .insert(entity_key.as_slice(), bytes.as_slice())
+                            .map_err(io)?;
+                    }
+                    Change::Delete => {
+                        if existing.is_some() {
+                            self.reindex(
+                                &mut relations,
+                                existing.as_ref(),
+                                None,
+                                &update.entity_type,
+                                &update.entity_id,
+                            )?;
+                            entities.remove(entity_key.as_slice()).map_err(io)?;
+                            stats.deleted += 1;
+                        }
+                    }
+                }
+                stats.applied += 1;
+            }
+            // Batch offsets also cover records that produced no update (invalid or filtered).
+            for (topic, partition, next) in offsets {
+                let entry = applied_upto
+                    .entry((topic.to_string(), *partition))
+                    .or_insert(0);
+                *entry = (*entry).max(*next);
+            }
+            for ((topic, partition), next) in &applied_upto {
+                let stored = offset_table
+                    .get((topic.as_str(), *partition))
+                    .map_err(io)?
+                    .map(|g| g.value())
+                    .unwrap_or(0);
+                if *next > stored {
+                    offset_table
+                        .insert((topic.as_str(), *partition), *next)
+                        .map_err(io)?;
+                }
+            }
+        }
+        txn.commit().map_err(io)?;
+        Ok(stats)
+    }
+
+    /// One entity, if the store has it.
+    pub fn get(&self, entity_type: &str, entity_id: &str) -> Result<Option<EntityDoc>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let entities = txn.open_table(ENTITIES).map_err(io)?;
+        let key = entity_key(entity_type, entity_id);
+        match entities.get(key.as_slice()).map_err(io)? {
+            Some(bytes) => decode_doc(bytes.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` entity ids of a type, in id order, starting after `after`.
+    pub fn list(
+        &self,
+        entity_type: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let entities = txn.open_table(ENTITIES).map_err(io)?;
+        let prefix = entity_key(entity_type, "");
+        let start = match after {
+            Some(a) => {
+                let mut k = entity_key(entity_type, a);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut ids = Vec::new();
+        for item in entities.range(start.as_slice()..).map_err(io)? {
+            let (k, _) = item.map_err(io)?;
+            let k = k.value();
+            if !k.starts_with(&prefix) || ids.len() >= limit {
+                break;
+            }
+            ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(ids)
+    }
+
+    /// The ids of `child_type` entities that belong to the given parent.
+    pub fn children(
+        &self,
+        parent_type: &str,
+        parent_id: &str,
+        child_type: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let relations = txn.open_table(RELATIONS).map_err(io)?;
+        let prefix = relation_key(parent_type, parent_id, child_type, "");
+        let mut ids = Vec::new();
+        for item in relations.range(prefix.as_slice()..).map_err(io)? {
+            let (k, _) = item.map_err(io)?;
+            let k = k.value();
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(ids)
+    }
+
+    /// Next offset to apply per (topic, partition), as recorded with the data.
+    pub fn applied_offsets(&self) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(OFFSETS).map_err(io)?;
+        let mut out = BTreeMap::new();
+        for item in table.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            let (topic, partition) = k.value();
+            out.insert((topic.to_string(), partition), v.value());
+        }
+        Ok(out)
+    }
+
+    /// Every entity, in key order (for tests and exports).
+    pub fn dump(&self) -> Result<Vec<EntityDoc>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let entities = txn.open_table(ENTITIES).map_err(io)?;
+        let mut docs = Vec::new();
+        for item in entities.iter().map_err(io)? {
+            let (_, v) = item.map_err(io)?;
+            docs.push(decode_doc(v.value())?);
+        }
+        Ok(docs)
+    }
+
+    /// Keeps the relation index in step with a document's relation fields.
+    fn reindex(
+        &self,
+        relations: &mut redb::Table<&[u8], ()>,
+        before: Option<&EntityDoc>,
+        after: Option<&EntityDoc>,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<(), StoreError> {
+        for (parent_type, field) in self.schema.parents_of(entity_type) {
+            let old = before.and_then(|d| parent_id(d, field));
+            let new = after.and_then(|d| parent_id(d, field));
+            if old == new {
+                continue;
+            }
+            if let Some(old) = old {
+                relations
+                    .remove(relation_key(parent_type, &old, entity_type, entity_id).as_slice())
+                    .map_err(io)?;
+            }
+            if let Some(new) = new {
+                relations
+                    .insert(
+                        relation_key(parent_type, &new, entity_type, entity_id).as_slice(),
+                        (),
+                    )
+                    .map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The parent id in a relation field; numbers are accepted and written as text.
+fn parent_id(doc: &EntityDoc, field: &str) -> Option<String> {
+    match doc.fields.get(field).map(|f| &f.value) {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn entity_key(entity_type: &str, entity_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(entity_type.len() + entity_id.len() + 1);
+    k.extend_from_slice(entity_type.as_bytes());
+    k.push(0);
+    k.extend_from_slice(entity_id.as_bytes());
+    k
+}
+
+fn relation_key(parent_type: &str, parent_id: &str, child_type: &str, child_id: &str) -> Vec<u8> {
+    let mut k = entity_key(parent_type, parent_id);
+    k.push(0);
+    k.extend_from_slice(child_type.as_bytes());
+    k.push(0);
+    k.extend_from_slice(child_id.as_bytes());
+    k
+}
+
+fn decode_doc(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+#[cfg(test)]
+mod tests;

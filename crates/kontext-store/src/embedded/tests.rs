@@ -1,0 +1,296 @@
+use serde_json::json;
+
+use super::*;
+use crate::model::{Change, Provenance};
+
+fn schema() -> StoreSchema {
+    let mut s = StoreSchema::default();
+    s.belongs_to.insert(
+        "order".into(),
+        vec![("customer".into(), "customer_id".into())],
+    );
+    s.belongs_to.insert("customer".into(), vec![]);
+    s.related_limit.insert("order".into(), 2);
+    s
+}
+
+fn upsert(
+    entity_type: &str,
+    id: &str,
+    fields: serde_json::Value,
+    source: &str,
+    partition: i32,
+    offset: i64,
+    time: i64,
+) -> EntityUpdate {
+    EntityUpdate {
+        entity_type: entity_type.into(),
+        entity_id: id.into(),
+        change: Change::Upsert(fields.as_object().cloned().unwrap_or_default()),
+        provenance: Provenance {
+            source: source.into(),
+            event_id: format!("{source}-{offset}"),
+            event_type: None,
+            topic: format!("context.{entity_type}s"),
+            partition,
+            offset,
+            event_time_ms: time,
+        },
+    }
+}
+
+fn open(dir: &tempfile::TempDir) -> EmbeddedStore {
+    EmbeddedStore::open(&dir.path().join("store.redb"), schema()).unwrap()
+}
+
+#[test]
+fn newer_versions_win_per_field_whatever_the_arrival_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = upsert(
+        "customer",
+        "C1",
+        json!({"given_name": "Ana", "tier": "gold"}),
+        "crm",
+        0,
+        0,
+        1_000,
+    );
+    let b = upsert(
+        "customer",
+        "C1",
+        json!({"given_name": "Anna"}),
+        "billing",
+        1,
+        0,
+        2_000,
+    );
+    let store = open(&dir);
+    // b arrives first; a is older for given_name but brings tier.
+    store.apply(&[b.clone()], &[]).unwrap();
+    store.apply(&[a.clone()], &[]).unwrap();
+    let doc = store.get("customer", "C1").unwrap().unwrap();
+    assert_eq!(doc.values()["given_name"], "Anna");
+    assert_eq!(doc.values()["tier"], "gold");
+    assert_eq!(doc.fields["given_name"].provenance.source, "billing");
+    assert_eq!(doc.latest.source, "billing");
+    assert_eq!(doc.events_applied, 2);
+}
+
+#[test]
+fn reapplying_the_same_records_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let batch = vec![
+        upsert(
+            "customer",
+            "C1",
+            json!({"given_name": "Ana"}),
+            "crm",
+            0,
+            0,
+            1_000,
+        ),
+        upsert(
+            "order",
+            "O1",
+            json!({"customer_id": "C1", "total": 10}),
+            "shop",
+            0,
+            0,
+            1_500,
+        ),
+    ];
+    let first = store
+        .apply(
+            &batch,
+            &[("context.customers", 0, 1), ("context.orders", 0, 1)],
+        )
+        .unwrap();
+    assert_eq!(first.applied, 2);
+    let before = store.dump().unwrap();
+    let again = store
+        .apply(
+            &batch,
+            &[("context.customers", 0, 1), ("context.orders", 0, 1)],
+        )
+        .unwrap();
+    assert_eq!(
+        again,
+        ApplyStats {
+            applied: 0,
+            skipped: 2,
+            deleted: 0
+        }
+    );
+    assert_eq!(store.dump().unwrap(), before);
+}
+
+#[test]
+fn offsets_survive_reopen_and_cover_skipped_records() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir);
+        let u = upsert("customer", "C1", json!({"a": 1}), "crm", 3, 7, 1);
+        // The batch also covered offsets 8 and 9 (say, an invalid and a filtered record).
+        store.apply(&[u], &[("context.customers", 3, 10)]).unwrap();
+    }
+    let store = open(&dir);
+    let offsets = store.applied_offsets().unwrap();
+    assert_eq!(offsets[&("context.customers".to_string(), 3)], 10);
+    assert_eq!(
+        store.get("customer", "C1").unwrap().unwrap().values()["a"],
+        1
+    );
+}
+
+#[test]
+fn relations_follow_the_parent_field_and_assemble_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store
+        .apply(
+            &[
+                upsert(
+                    "customer",
+                    "C1",
+                    json!({"given_name": "Ana"}),
+                    "crm",
+                    0,
+                    0,
+                    1,
+                ),
+                upsert(
+                    "order",
+                    "O1",
+                    json!({"customer_id": "C1", "total": 1}),
+                    "shop",
+                    0,
+                    0,
+                    10,
+                ),
+                upsert(
+                    "order",
+                    "O2",
+                    json!({"customer_id": "C1", "total": 2}),
+                    "shop",
+                    0,
+                    1,
+                    20,
+                ),
+                upsert(
+                    "order",
+                    "O3",
+                    json!({"customer_id": "C1", "total": 3}),
+                    "shop",
+                    0,
+                    2,
+                    30,
+                ),
+                upsert(
+                    "order",
+                    "O4",
+                    json!({"customer_id": "C2", "total": 4}),
+                    "shop",
+                    0,
+                    3,
+                    40,
+                ),
+            ],
+            &[],
+        )
+        .unwrap();
+    // O3 moves to another customer: the index follows.
+    store
+        .apply(
+            &[upsert(
+                "order",
+                "O3",
+                json!({"customer_id": "C2"}),
+                "shop",
+                0,
+                4,
+                50,
+            )],
+            &[],
+        )
+        .unwrap();
+    let ctx = store.context("customer", "C1").unwrap().unwrap();
+    let orders = &ctx.related["order"];
+    assert_eq!(orders.total, 2);
+    let ids: Vec<&str> = orders.items.iter().map(|o| o.entity_id.as_str()).collect();
+    assert_eq!(ids, vec!["O2", "O1"]);
+    assert_eq!(ctx.provenance["given_name"].source, "crm");
+
+    let order_ctx = store.context("order", "O1").unwrap().unwrap();
+    assert_eq!(order_ctx.belongs_to["customer"].fields["given_name"], "Ana");
+    // C2 has no profile yet: no context of its own, but the index knows its orders.
+    assert!(store.context("customer", "C2").unwrap().is_none());
+    assert_eq!(
+        store.children("customer", "C2", "order").unwrap(),
+        vec!["O3", "O4"]
+    );
+}
+
+#[test]
+fn tombstones_delete_the_entity_and_its_relations() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut del = upsert("order", "O1", json!({}), "shop", 0, 1, 20);
+    del.change = Change::Delete;
+    store
+        .apply(
+            &[
+                upsert("customer", "C1", json!({"n": 1}), "crm", 0, 0, 1),
+                upsert(
+                    "order",
+                    "O1",
+                    json!({"customer_id": "C1"}),
+                    "shop",
+                    0,
+                    0,
+                    10,
+                ),
+            ],
+            &[],
+        )
+        .unwrap();
+    let stats = store.apply(&[del], &[]).unwrap();
+    assert_eq!(stats.deleted, 1);
+    assert!(store.get("order", "O1").unwrap().is_none());
+    assert!(store
+        .children("customer", "C1", "order")
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn lists_ids_in_order_with_paging() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let batch: Vec<_> = (0..5)
+        .map(|i| {
+            upsert(
+                "customer",
+                &format!("C{i}"),
+                json!({"i": i}),
+                "crm",
+                0,
+                i,
+                1,
+            )
+        })
+        .collect();
+    store.apply(&batch, &[]).unwrap();
+    store
+        .apply(&[upsert("order", "O1", json!({}), "shop", 0, 0, 1)], &[])
+        .unwrap();
+    assert_eq!(
+        store.list("customer", 3, None).unwrap(),
+        vec!["C0", "C1", "C2"]
+    );
+    assert_eq!(
+        store.list("customer", 3, Some("C2")).unwrap(),
+        vec!["C3", "C4"]
+    );
+    assert_eq!(store.list("order", 10, None).unwrap(), vec!["O1"]);
+}
