@@ -1,1 +1,14 @@
-//! (being written)
+//! Stream processing of context events.
+//!
+//! Data flows one way: a record from the log is decoded ([`kontext_core::envelope`]), routed
+//! to the source that produced it, filtered, normalized into the canonical model
+//! ([`normalize`]), and written to the context store by the [`sink::StoreSink`] task, which
+//! commits the consumer group's offsets only after the store has made the batch durable.
+
+pub mod metrics;
+pub mod normalize;
+pub mod sink;
+
+pub use metrics::PipelineMetrics;
+pub use normalize::{Outcome, ProcessError, Router};
+pub use sink::StoreSink;

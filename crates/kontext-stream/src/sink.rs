@@ -1,0 +1,189 @@
+//! The store sink: one consumer group per store, writing batches into the context store and
+//! committing offsets only after the store acknowledged them.
+//!
+//! Per batch: poll -> process every record -> one durable store transaction holding the
+//! updates and the batch's next offsets -> commit the group's offsets. A crash anywhere leaves
+//! the store's own offsets as the truth: re-delivered records are skipped by the store, so a
+//! record is applied exactly once however often it is delivered.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kontext_core::record::TopicPartition;
+use kontext_log::{ConsumerConfig, Log, LogError};
+use kontext_store::{EmbeddedStore, StoreError};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::PipelineMetrics;
+use crate::normalize::{Outcome, Router};
+
+/// Most records taken per batch.
+const MAX_BATCH: usize = 2_000;
+/// How long a poll waits for the first record.
+const POLL_TIMEOUT: Duration = Duration::from_millis(200);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Errors that stop the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("log: {0}")]
+    Log(#[from] LogError),
+    #[error("context store: {0}")]
+    Store(#[from] StoreError),
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// Feeds one context store from the log.
+pub struct StoreSink {
+    log: Arc<dyn Log>,
+    store: Arc<EmbeddedStore>,
+    router: Router,
+    consumer: ConsumerConfig,
+    metrics: Arc<PipelineMetrics>,
+}
+
+impl StoreSink {
+    pub fn new(
+        log: Arc<dyn Log>,
+        store: Arc<EmbeddedStore>,
+        router: Router,
+        consumer: ConsumerConfig,
+        metrics: Arc<PipelineMetrics>,
+    ) -> Self {
+        Self {
+            log,
+            store,
+            router,
+            consumer,
+            metrics,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled or a permanent error occurs. Transient errors of the
+    /// log or the store are retried with exponential backoff (100 ms doubling to 30 s); the
+    /// batch in hand is kept, so nothing is skipped while waiting.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), SinkError> {
+        let mut consumer = self.log.consumer(self.consumer.clone()).await?;
+        info!(group = %self.consumer.group_id, topics = ?self.consumer.topics, "store sink started");
+        loop {
+            let records = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                polled = consumer.poll(MAX_BATCH, POLL_TIMEOUT) => match polled {
+                    Ok(r) => r,
+                    Err(e) if e.is_transient() => {
+                        warn!(error = %e, "poll failed; retrying");
+                        tokio::time::sleep(FIRST_BACKOFF).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            if records.is_empty() {
+                continue;
+            }
+            self.metrics
+                .records_consumed
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            let mut updates = Vec::with_capacity(records.len());
+            let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+            let mut newest_event_ms = i64::MIN;
+            for record in &records {
+                next.insert(record.topic_partition(), record.offset + 1);
+                match self.router.process(record) {
+                    Outcome::Update(u) => {
+                        newest_event_ms = newest_event_ms.max(u.provenance.event_time_ms);
+                        updates.push(u);
+                    }
+                    Outcome::Filtered { source } => {
+                        debug!(at = %record.coordinates(), %source, "filtered");
+                        self.metrics
+                            .records_filtered
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Outcome::Invalid(e) => {
+                        warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record skipped");
+                        self.metrics.record_invalid(&record.topic, e.kind());
+                    }
+                }
+            }
+            let offsets: Vec<(TopicPartition, i64)> = next.into_iter().collect();
+            let Some(stats) = self.apply_with_retry(updates, &offsets, &shutdown).await? else {
+                break; // shut down while the store was unavailable: nothing committed
+            };
+            self.metrics
+                .records_applied
+                .fetch_add(stats.applied, Ordering::Relaxed);
+            self.metrics
+                .records_skipped
+                .fetch_add(stats.skipped, Ordering::Relaxed);
+            if newest_event_ms != i64::MIN {
+                let now = now_ms();
+                self.metrics
+                    .last_event_lag_ms
+                    .store(now - newest_event_ms, Ordering::Relaxed);
+            }
+            // The store already holds these offsets; a failed commit only means re-delivery,
+            // which the store skips.
+            if let Err(e) = consumer.commit(&offsets).await {
+                warn!(error = %e, "offset commit failed; records will be re-delivered and skipped");
+            } else {
+                self.metrics
+                    .batches_committed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        info!(group = %self.consumer.group_id, "store sink stopped");
+        Ok(())
+    }
+
+    async fn apply_with_retry(
+        &self,
+        updates: Vec<kontext_store::EntityUpdate>,
+        offsets: &[(TopicPartition, i64)],
+        shutdown: &CancellationToken,
+    ) -> Result<Option<kontext_store::ApplyStats>, SinkError> {
+        let updates = Arc::new(updates);
+        let offsets: Arc<Vec<(String, i32, i64)>> = Arc::new(
+            offsets
+                .iter()
+                .map(|(tp, o)| (tp.topic.to_string(), tp.partition, *o))
+                .collect(),
+        );
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let (store, u, o) = (self.store.clone(), updates.clone(), offsets.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                let borrowed: Vec<(&str, i32, i64)> =
+                    o.iter().map(|(t, p, n)| (t.as_str(), *p, *n)).collect();
+                store.apply(&u, &borrowed)
+            })
+            .await
+            .map_err(|e| SinkError::Task(e.to_string()))?;
+            match result {
+                Ok(stats) => return Ok(Some(stats)),
+                Err(e) if e.is_transient() => {
+                    self.metrics.store_retries.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, retry_in = ?backoff, "context store write failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
