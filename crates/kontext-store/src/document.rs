@@ -29,6 +29,9 @@ pub struct ContextDocument {
     pub as_of: ProvenanceView,
     /// How many log records shaped this entity.
     pub events_applied: u64,
+    /// `as_of` event time in milliseconds, for staleness computations.
+    #[serde(skip)]
+    pub as_of_ms: i64,
 }
 
 /// A bounded list of related entities.
@@ -145,6 +148,7 @@ impl EmbeddedStore {
             related,
             as_of: ProvenanceView::from(&doc.latest),
             events_applied: doc.events_applied,
+            as_of_ms: doc.latest.event_time_ms,
         }))
     }
 }
