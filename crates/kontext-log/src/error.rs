@@ -6,7 +6,10 @@ use std::path::PathBuf;
 pub enum LogError {
     /// Disk I/O failed. Transient: a full disk or a flaky device may recover.
     #[error("log I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// A file of the log holds something that is not a valid log structure (beyond the torn
     /// tail that recovery truncates). Permanent: needs an operator.
@@ -19,7 +22,11 @@ pub enum LogError {
 
     /// The topic exists with a different configuration than asked for. Permanent.
     #[error("topic {topic:?} already exists with {existing} partitions, not {requested}")]
-    TopicMismatch { topic: String, existing: i32, requested: i32 },
+    TopicMismatch {
+        topic: String,
+        existing: i32,
+        requested: i32,
+    },
 
     /// The partition does not exist in the topic. Permanent.
     #[error("topic {topic:?} has no partition {partition}")]
@@ -43,6 +50,17 @@ pub enum LogError {
     #[error("kafka error: {message}")]
     Kafka { message: String, transient: bool },
 
+    /// A fetch asked for an offset outside `[low, high]` (below the low watermark after
+    /// retention, or past the end). Permanent for that offset: restart from `low` or `high`.
+    #[error("offset {offset} of {topic}/{partition} is out of range [{low}, {high}]")]
+    OffsetOutOfRange {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        low: i64,
+        high: i64,
+    },
+
     /// The log was closed while the call was in flight.
     #[error("the log is shut down")]
     Closed,
@@ -60,11 +78,15 @@ impl LogError {
             | LogError::UnknownPartition { .. }
             | LogError::Invalid(_)
             | LogError::GroupBusy(_)
+            | LogError::OffsetOutOfRange { .. }
             | LogError::Closed => false,
         }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        LogError::Io { path: path.into(), source }
+        LogError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -71,7 +71,11 @@ pub trait Producer: Send + Sync {
 pub trait Consumer: Send {
     /// Up to `max_records` records, waiting at most `timeout` for the first one. An empty
     /// vector means nothing new arrived in time. Records of one partition come in offset order.
-    async fn poll(&mut self, max_records: usize, timeout: Duration) -> Result<Vec<Record>, LogError>;
+    async fn poll(
+        &mut self,
+        max_records: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Record>, LogError>;
 
     /// Commits, for each partition, the offset of the next record to read.
     async fn commit(&mut self, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError>;

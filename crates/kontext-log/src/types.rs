@@ -16,7 +16,12 @@ pub struct TopicSpec {
 impl TopicSpec {
     /// A topic with `partitions` partitions, not compacted, with unlimited retention.
     pub fn new(name: impl Into<String>, partitions: i32) -> Self {
-        Self { name: name.into(), partitions, compacted: false, retention: Retention::default() }
+        Self {
+            name: name.into(),
+            partitions,
+            compacted: false,
+            retention: Retention::default(),
+        }
     }
 }
 
@@ -74,6 +79,10 @@ pub struct ConsumerConfig {
 
 impl ConsumerConfig {
     pub fn new(group_id: impl Into<String>, topics: Vec<String>) -> Self {
-        Self { group_id: group_id.into(), topics, offset_reset: OffsetReset::Earliest }
+        Self {
+            group_id: group_id.into(),
+            topics,
+            offset_reset: OffsetReset::Earliest,
+        }
     }
 }

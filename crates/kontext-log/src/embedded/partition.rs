@@ -1,0 +1,713 @@
+//! One partition: its segment files, the append path, the read path, recovery and retention.
+//!
+//! Locking: all mutable state sits behind one `parking_lot::Mutex` per partition, held only for
+//! synchronous work (never across `.await`). Readers hold it just long enough to find the
+//! segment and file position to read from, then read with positional reads (`pread`) outside
+//! the lock. The visible end of the partition is the atomic `acked` high watermark, which only
+//! advances once records are acknowledged under the fsync policy, so readers never see a
+//! record that a crash could take back.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use kontext_core::record::{ProduceRecord, Record};
+use parking_lot::Mutex;
+
+use super::config::{EmbeddedConfig, FsyncPolicy};
+use super::format::{self, Peek};
+use super::fsutil;
+use crate::{LogError, Retention};
+
+/// Recovery and the read path read segments in chunks of at most this size.
+const MAX_READ_CHUNK: usize = 1 << 20;
+const FIRST_READ_CHUNK: usize = 64 << 10;
+
+pub(crate) struct Partition {
+    pub topic: Arc<str>,
+    pub id: i32,
+    dir: PathBuf,
+    retention: Retention,
+    compacted: bool,
+    /// The high watermark: offsets below it are acknowledged and visible to readers.
+    acked: AtomicI64,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Sorted by base offset; the last one is the active segment. Never empty.
+    segments: Vec<Segment>,
+    next_offset: i64,
+    /// Segments rolled since the last fsync, which the next sync must cover as well.
+    pending_sync: Vec<Arc<File>>,
+    /// A segment file was created since the last fsync of the partition directory.
+    dir_dirty: bool,
+    /// Reused encode buffer, so appends do not allocate once it has grown.
+    buf: Vec<u8>,
+    /// Set when a write could not be undone or an fsync failed: the state of the file is then
+    /// unknown, so the partition refuses appends until the log is reopened (and recovered).
+    failed: Option<String>,
+}
+
+struct Segment {
+    base: i64,
+    /// The offset after the segment's last record.
+    end: i64,
+    size: u64,
+    file: Arc<File>,
+    path: PathBuf,
+    /// Sparse index: (offset, position) of a record every `index_interval_bytes` or so.
+    index: Vec<(i64, u64)>,
+    last_append: SystemTime,
+}
+
+impl Segment {
+    fn position_for(&self, offset: i64) -> u64 {
+        let i = self.index.partition_point(|&(o, _)| o <= offset);
+        if i == 0 {
+            0
+        } else {
+            self.index[i - 1].1
+        }
+    }
+}
+
+/// What a read found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ReadOutcome {
+    /// Records were appended to the output (possibly none); `next` is the offset to read next.
+    Read { next: i64 },
+    /// The offset is below the low watermark or above the high watermark.
+    OutOfRange { low: i64, high: i64 },
+}
+
+impl Partition {
+    /// Opens (creating if needed) the partition directory and recovers it: every segment is
+    /// scanned and checksummed, which also rebuilds the sparse index. At the first frame that
+    /// is torn, fails its checksum or breaks the offset sequence, the segment is truncated and
+    /// any later segment removed, leaving the longest valid prefix.
+    pub fn open(
+        topic: Arc<str>,
+        id: i32,
+        dir: PathBuf,
+        retention: Retention,
+        compacted: bool,
+        config: &EmbeddedConfig,
+    ) -> Result<Partition, LogError> {
+        if !dir.exists() {
+            fsutil::create_dir_durably(&dir)?;
+        }
+        let mut files: Vec<(i64, PathBuf)> = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| LogError::io(&dir, e))? {
+            let entry = entry.map_err(|e| LogError::io(&dir, e))?;
+            let path = entry.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if let Some(base) = name
+                .strip_suffix(".log")
+                .and_then(|b| b.parse::<i64>().ok())
+            {
+                files.push((base, path));
+            }
+        }
+        files.sort();
+
+        let mut segments: Vec<Segment> = Vec::new();
+        let mut iter = files.into_iter();
+        while let Some((base, path)) = iter.next() {
+            if let Some(prev) = segments.last() {
+                if prev.end != base {
+                    return Err(LogError::Corrupt {
+                        path,
+                        reason: format!(
+                            "segment starts at offset {base}, the previous one ends at {}",
+                            prev.end
+                        ),
+                    });
+                }
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| LogError::io(&path, e))?;
+            let meta = file.metadata().map_err(|e| LogError::io(&path, e))?;
+            let scan = scan_segment(&file, &path, base, meta.len(), config.index_interval_bytes)?;
+            let last_append = meta.modified().unwrap_or_else(|_| SystemTime::now());
+            let valid_len = scan.valid_len;
+            let torn = scan.problem.is_some();
+            if let Some(problem) = scan.problem {
+                tracing::warn!(
+                    segment = %path.display(), valid_len, file_len = meta.len(), next_offset = scan.end,
+                    "truncating the log after the last valid record: {problem}"
+                );
+                file.set_len(valid_len)
+                    .map_err(|e| LogError::io(&path, e))?;
+                file.sync_all().map_err(|e| LogError::io(&path, e))?;
+            }
+            segments.push(Segment {
+                base,
+                end: scan.end,
+                size: valid_len,
+                file: Arc::new(file),
+                path,
+                index: scan.index,
+                last_append,
+            });
+            if torn {
+                // Records after a hole cannot be kept: offsets must stay dense.
+                for (_, later) in iter.by_ref() {
+                    tracing::warn!(segment = %later.display(), "removing a segment that follows a truncated one");
+                    fs::remove_file(&later).map_err(|e| LogError::io(&later, e))?;
+                }
+                fsutil::sync_dir(&dir)?;
+            }
+        }
+        if segments.is_empty() {
+            segments.push(create_segment(&dir, 0)?);
+            fsutil::sync_dir(&dir)?;
+        }
+        let next_offset = segments.last().map_or(0, |s| s.end);
+        Ok(Partition {
+            topic,
+            id,
+            dir,
+            retention,
+            compacted,
+            acked: AtomicI64::new(next_offset),
+            state: Mutex::new(State {
+                segments,
+                next_offset,
+                pending_sync: Vec::new(),
+                dir_dirty: false,
+                buf: Vec::new(),
+                failed: None,
+            }),
+        })
+    }
+
+    /// The high watermark: the offset the next acknowledged record will get.
+    pub fn high_watermark(&self) -> i64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// The first offset still in the log.
+    pub fn low_watermark(&self) -> i64 {
+        self.state.lock().segments.first().map_or(0, |s| s.base)
+    }
+
+    /// Whether appends are waiting for an fsync (group commit).
+    pub fn has_unsynced(&self) -> bool {
+        self.state.lock().next_offset > self.high_watermark()
+    }
+
+    /// Encodes the records `records[i] for i in indices` into one buffer and writes it with one
+    /// positional write at the end of the active segment. Returns the first offset assigned
+    /// and the offset after the last. Under [`FsyncPolicy::Never`] the records are visible at
+    /// once; otherwise the caller has to sync ([`Partition::sync`]) before they are.
+    ///
+    /// A batch always lands in one segment: the segment is rolled first if the batch would
+    /// take it past `segment_bytes`, so a segment exceeds it only when a single batch does.
+    pub fn append(
+        &self,
+        records: &[ProduceRecord],
+        indices: &[u32],
+        timestamp_now: i64,
+        config: &EmbeddedConfig,
+    ) -> Result<(i64, i64), LogError> {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        if let Some(reason) = &st.failed {
+            return Err(self.failed_error(reason));
+        }
+        let batch_len: u64 = indices
+            .iter()
+            .map(|&i| format::frame_len(&records[i as usize]) as u64)
+            .sum();
+        let needs_roll = st
+            .segments
+            .last()
+            .is_some_and(|s| s.size > 0 && s.size + batch_len > config.segment_bytes);
+        if needs_roll {
+            self.roll(st, config)?;
+        }
+        let first = st.next_offset;
+        let interval = u64::from(config.index_interval_bytes);
+        let State { segments, buf, .. } = st;
+        let Some(active) = segments.last_mut() else {
+            return Err(LogError::Corrupt {
+                path: self.dir.clone(),
+                reason: "partition has no segment".into(),
+            });
+        };
+        let index_len_before = active.index.len();
+        let mut last_indexed = active.index.last().map(|&(_, p)| p);
+        buf.clear();
+        buf.reserve(batch_len as usize);
+        for (k, &i) in indices.iter().enumerate() {
+            let offset = first + k as i64;
+            let pos = active.size + buf.len() as u64;
+            if last_indexed.is_none_or(|p| pos - p >= interval) {
+                active.index.push((offset, pos));
+                last_indexed = Some(pos);
+            }
+            let record = &records[i as usize];
+            format::encode(
+                buf,
+                offset,
+                record.timestamp_ms.unwrap_or(timestamp_now),
+                record,
+            );
+        }
+        if let Err(e) = active.file.write_all_at(buf, active.size) {
+            active.index.truncate(index_len_before);
+            // Cut off whatever part of the batch reached the file, so the segment stays a
+            // sequence of whole frames; if even that fails the file is in an unknown state.
+            if let Err(e2) = active.file.set_len(active.size) {
+                st.failed = Some(format!("write failed ({e}) and could not be undone ({e2})"));
+            }
+            return Err(LogError::io(&active.path, e));
+        }
+        let end = first + indices.len() as i64;
+        active.size += buf.len() as u64;
+        active.end = end;
+        active.last_append = SystemTime::now();
+        st.next_offset = end;
+        // A very large batch should not pin its buffer forever.
+        if st.buf.capacity() > 16 * MAX_READ_CHUNK {
+            st.buf = Vec::new();
+        }
+        if config.fsync == FsyncPolicy::Never {
+            self.acked.store(end, Ordering::Release);
+        }
+        Ok((first, end))
+    }
+
+    /// Makes everything appended so far durable (the active segment, segments rolled since the
+    /// last sync, the directory entry of new segments) and then publishes it to readers.
+    /// Holding the lock through the fsync serializes it with appends: the
+    /// [`FsyncPolicy::Always`] cost model, and what lets the syncer know exactly what it covered.
+    pub fn sync(&self) -> Result<(), LogError> {
+        let mut st = self.state.lock();
+        if let Some(reason) = &st.failed {
+            return Err(self.failed_error(reason));
+        }
+        let upto = st.next_offset;
+        if upto == self.high_watermark() && st.pending_sync.is_empty() && !st.dir_dirty {
+            return Ok(());
+        }
+        let result: Result<(), LogError> = (|| {
+            for f in &st.pending_sync {
+                f.sync_data().map_err(|e| LogError::io(&self.dir, e))?;
+            }
+            if let Some(active) = st.segments.last() {
+                active
+                    .file
+                    .sync_data()
+                    .map_err(|e| LogError::io(&active.path, e))?;
+            }
+            if st.dir_dirty {
+                fsutil::sync_dir(&self.dir)?;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                st.pending_sync.clear();
+                st.dir_dirty = false;
+                self.acked.fetch_max(upto, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                // After a failed fsync the kernel may have dropped the dirty pages: nothing
+                // written since the last good sync can be trusted until recovery re-reads it.
+                st.failed = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends the records of `[from, high watermark)` to `out`, at most `max_records` of
+    /// them, stopping after about `max_bytes` of frames (at least one record is returned if
+    /// any is available).
+    pub fn read(
+        &self,
+        from: i64,
+        max_records: usize,
+        max_bytes: usize,
+        out: &mut Vec<Record>,
+    ) -> Result<ReadOutcome, LogError> {
+        let high = self.high_watermark();
+        if from > high {
+            return Ok(ReadOutcome::OutOfRange { low: self.low_watermark(), high });
+        }
+        if from == high || max_records == 0 {
+            return Ok(ReadOutcome::Read { next: from });
+        }
+        let mut next = from;
+        let mut taken = 0usize;
+        let mut bytes = 0usize;
+        let mut chunk = FIRST_READ_CHUNK;
+        while next < high && taken < max_records && bytes < max_bytes {
+            let (file, path, mut pos, seg_size, seg_end) = {
+                let st = self.state.lock();
+                let low = st.segments.first().map_or(0, |s| s.base);
+                if next < low || next > high {
+                    if taken == 0 {
+                        return Ok(ReadOutcome::OutOfRange { low, high });
+                    }
+                    break;
+                }
+                let i = st.segments.partition_point(|s| s.base <= next);
+                let Some(seg) = i.checked_sub(1).and_then(|i| st.segments.get(i)) else {
+                    break;
+                };
+                if next >= seg.end {
+                    break;
+                }
+                (
+                    seg.file.clone(),
+                    seg.path.clone(),
+                    seg.position_for(next),
+                    seg.size,
+                    seg.end,
+                )
+            };
+            let stop = seg_end.min(high);
+            while next < stop && taken < max_records && bytes < max_bytes {
+                let want = (seg_size - pos).min(chunk as u64) as usize;
+                if want == 0 {
+                    return Err(corrupt(
+                        &path,
+                        format!("offset {next} missing before the segment end"),
+                    ));
+                }
+                let mut v = vec![0u8; want];
+                file.read_exact_at(&mut v, pos)
+                    .map_err(|e| LogError::io(&path, e))?;
+                let data = Bytes::from(v);
+                let mut off = 0usize;
+                while off < data.len() {
+                    match format::peek(&data[off..]) {
+                        Peek::Frame { offset, len } => {
+                            // Checked first: with `next < stop`, a frame at or past `stop`
+                            // would otherwise end the loop without progress.
+                            if offset > next {
+                                return Err(corrupt(
+                                    &path,
+                                    format!("expected offset {next}, found {offset}"),
+                                ));
+                            }
+                            if offset == next {
+                                let d = format::decode(&data, off, len).ok_or_else(|| {
+                                    corrupt(&path, format!("malformed record at offset {offset}"))
+                                })?;
+                                out.push(Record {
+                                    topic: self.topic.clone(),
+                                    partition: self.id,
+                                    offset: d.offset,
+                                    timestamp_ms: d.timestamp_ms,
+                                    key: d.key,
+                                    value: d.value,
+                                    headers: d.headers,
+                                });
+                                next += 1;
+                                taken += 1;
+                                bytes += len;
+                            }
+                            off += len;
+                            if taken >= max_records || bytes >= max_bytes || next >= stop {
+                                break;
+                            }
+                        }
+                        Peek::Incomplete { needed } => {
+                            let needed = needed.unwrap_or(format::FRAME_HEADER);
+                            if pos + (off + needed) as u64 > seg_size {
+                                return Err(corrupt(
+                                    &path,
+                                    format!("record at offset {next} runs past the segment end"),
+                                ));
+                            }
+                            chunk = chunk.max(needed);
+                            break;
+                        }
+                        Peek::Invalid(reason) => {
+                            return Err(corrupt(
+                                &path,
+                                format!("{reason} at position {}", pos + off as u64),
+                            ));
+                        }
+                    }
+                }
+                pos += off as u64;
+                chunk = (chunk * 2).min(MAX_READ_CHUNK).max(chunk);
+            }
+        }
+        Ok(ReadOutcome::Read { next })
+    }
+
+    /// Deletes whole non-active segments from the front while the retention limits ask for
+    /// it; returns how many were deleted. Only segments whose records are all acknowledged
+    /// are eligible, so the low watermark never passes the high watermark. Time is measured
+    /// from a segment's last append (its file's mtime after a restart); size as in Kafka: a
+    /// segment goes if the partition is still at least `retention.bytes` without it.
+    pub fn apply_retention(&self, now: SystemTime) -> usize {
+        if self.compacted || (self.retention.time.is_none() && self.retention.bytes.is_none()) {
+            return 0;
+        }
+        let mut st = self.state.lock();
+        self.retain_locked(&mut st, now)
+    }
+
+    fn retain_locked(&self, st: &mut State, now: SystemTime) -> usize {
+        if self.compacted {
+            return 0;
+        }
+        let high = self.high_watermark();
+        let mut total: u64 = st.segments.iter().map(|s| s.size).sum();
+        let mut removed = 0;
+        while st.segments.len() > 1 {
+            let s = &st.segments[0];
+            if s.end > high {
+                break;
+            }
+            let by_time = self.retention.time.is_some_and(|limit| {
+                now.duration_since(s.last_append)
+                    .is_ok_and(|age| age > limit)
+            });
+            let by_size = self
+                .retention
+                .bytes
+                .is_some_and(|limit| total - s.size >= limit);
+            if !(by_time || by_size) {
+                break;
+            }
+            let s = st.segments.remove(0);
+            total -= s.size;
+            removed += 1;
+            // Readers holding the file keep reading it: unlinking does not close it.
+            if let Err(e) = fs::remove_file(&s.path) {
+                tracing::warn!(segment = %s.path.display(), "retention could not delete a segment: {e}");
+            }
+        }
+        if removed > 0 {
+            tracing::debug!(topic = %self.topic, partition = self.id, removed, "retention deleted segments");
+        }
+        removed
+    }
+
+    fn roll(&self, st: &mut State, config: &EmbeddedConfig) -> Result<(), LogError> {
+        let segment = create_segment(&self.dir, st.next_offset)?;
+        if let Some(old) = st.segments.last() {
+            if config.fsync != FsyncPolicy::Never {
+                st.pending_sync.push(old.file.clone());
+            }
+        }
+        st.dir_dirty = config.fsync != FsyncPolicy::Never;
+        st.segments.push(segment);
+        self.retain_locked(st, SystemTime::now());
+        Ok(())
+    }
+
+    fn failed_error(&self, reason: &str) -> LogError {
+        LogError::Io {
+            path: self.dir.clone(),
+            source: std::io::Error::other(format!(
+                "partition disabled after an earlier I/O failure ({reason}); reopen the log to recover"
+            )),
+        }
+    }
+}
+
+fn corrupt(path: &Path, reason: String) -> LogError {
+    LogError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+fn create_segment(dir: &Path, base: i64) -> Result<Segment, LogError> {
+    let path = dir.join(format!("{base:020}.log"));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| LogError::io(&path, e))?;
+    Ok(Segment {
+        base,
+        end: base,
+        size: 0,
+        file: Arc::new(file),
+        path,
+        index: Vec::new(),
+        last_append: SystemTime::now(),
+    })
+}
+
+struct Scan {
+    valid_len: u64,
+    end: i64,
+    index: Vec<(i64, u64)>,
+    /// Why the valid prefix ends before the file does.
+    problem: Option<String>,
+}
+
+/// Reads a whole segment in large chunks, validating every frame.
+fn scan_segment(
+    file: &File,
+    path: &Path,
+    base: i64,
+    file_len: u64,
+    interval: u32,
+) -> Result<Scan, LogError> {
+    let mut index = Vec::new();
+    let mut last_indexed: Option<u64> = None;
+    let mut pos = 0u64;
+    let mut next = base;
+    let mut chunk = MAX_READ_CHUNK;
+    let mut buf = Vec::new();
+    let problem = loop {
+        if pos == file_len {
+            break None;
+        }
+        let want = (file_len - pos).min(chunk as u64) as usize;
+        buf.resize(want, 0);
+        file.read_exact_at(&mut buf, pos)
+            .map_err(|e| LogError::io(path, e))?;
+        let mut off = 0usize;
+        let mut stop = None;
+        while off < buf.len() {
+            match format::peek(&buf[off..]) {
+                Peek::Frame { offset, len } => {
+                    if offset != next {
+                        stop = Some(format!("expected offset {next}, found {offset}"));
+                        break;
+                    }
+                    let at = pos + off as u64;
+                    if last_indexed.is_none_or(|p| at - p >= u64::from(interval)) {
+                        index.push((offset, at));
+                        last_indexed = Some(at);
+                    }
+                    next += 1;
+                    off += len;
+                }
+                Peek::Incomplete { needed } => {
+                    let needed = needed.unwrap_or(format::FRAME_HEADER);
+                    if pos + (off + needed) as u64 > file_len {
+                        stop = Some(format!(
+                            "torn record: {} bytes left, {needed} needed",
+                            buf.len() - off
+                        ));
+                    } else {
+                        chunk = chunk.max(needed);
+                    }
+                    break;
+                }
+                Peek::Invalid(reason) => {
+                    stop = Some(reason.to_string());
+                    break;
+                }
+            }
+        }
+        pos += off as u64;
+        if stop.is_some() {
+            break stop;
+        }
+    };
+    Ok(Scan {
+        valid_len: pos,
+        end: next,
+        index,
+        problem,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(value: &str) -> ProduceRecord {
+        ProduceRecord::new("t", None, Some(Bytes::copy_from_slice(value.as_bytes())))
+    }
+
+    fn config() -> EmbeddedConfig {
+        EmbeddedConfig {
+            fsync: FsyncPolicy::Never,
+            segment_bytes: 1024,
+            index_interval_bytes: 100,
+            ..Default::default()
+        }
+    }
+
+    fn open(dir: &Path) -> Partition {
+        Partition::open(
+            "t".into(),
+            0,
+            dir.join("0"),
+            Retention::default(),
+            false,
+            &config(),
+        )
+        .expect("open")
+    }
+
+    #[test]
+    fn reads_from_any_offset_across_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = open(dir.path());
+        let records: Vec<_> = (0..200).map(|i| rec(&format!("value-{i:04}"))).collect();
+        for chunk in (0..200u32).collect::<Vec<_>>().chunks(7) {
+            p.append(&records, chunk, 1, &config()).expect("append");
+        }
+        assert!(p.state.lock().segments.len() > 3, "segments rolled");
+        for from in [0, 1, 13, 99, 150, 199] {
+            let mut out = Vec::new();
+            let r = p.read(from, 1000, usize::MAX, &mut out).expect("read");
+            assert_eq!(r, ReadOutcome::Read { next: 200 });
+            assert_eq!(out.len() as i64, 200 - from);
+            for (k, r) in out.iter().enumerate() {
+                let i = from + k as i64;
+                assert_eq!(r.offset, i);
+                assert_eq!(r.value.as_deref(), Some(format!("value-{i:04}").as_bytes()));
+            }
+        }
+        let mut out = Vec::new();
+        assert_eq!(
+            p.read(201, 10, usize::MAX, &mut out).expect("read"),
+            ReadOutcome::OutOfRange { low: 0, high: 200 }
+        );
+    }
+
+    #[test]
+    fn unsynced_appends_are_invisible_until_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = EmbeddedConfig {
+            fsync: FsyncPolicy::Always,
+            ..config()
+        };
+        let p = Partition::open(
+            "t".into(),
+            0,
+            dir.path().join("0"),
+            Retention::default(),
+            false,
+            &cfg,
+        )
+        .expect("open");
+        p.append(&[rec("a")], &[0], 1, &cfg).expect("append");
+        assert_eq!(p.high_watermark(), 0);
+        let mut out = Vec::new();
+        p.read(0, 10, usize::MAX, &mut out).expect("read");
+        assert!(out.is_empty());
+        p.sync().expect("sync");
+        assert_eq!(p.high_watermark(), 1);
+        p.read(0, 10, usize::MAX, &mut out).expect("read");
+        assert_eq!(out.len(), 1);
+    }
+}

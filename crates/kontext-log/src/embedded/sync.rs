@@ -1,0 +1,149 @@
+//! The background thread: group commit and periodic retention.
+//!
+//! Under [`FsyncPolicy::GroupCommit`] a send appends to the page cache, queues a [`Waiter`] and
+//! awaits it. The thread takes every queued waiter, fsyncs each partition they touched once,
+//! publishes the new high watermarks and wakes all of them: one fsync serves every send that
+//! was written before it started. Sends arriving meanwhile queue up for the next round, so
+//! the batch grows with the load. It is a plain thread rather than a tokio task because fsync
+//! blocks, and so it does not depend on the caller's runtime.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use tokio::sync::{oneshot, watch};
+
+use super::config::{EmbeddedConfig, FsyncPolicy};
+use super::partition::Partition;
+use crate::LogError;
+
+/// State shared by the log handle and the background thread.
+pub(crate) struct Shared {
+    pub dir: PathBuf,
+    pub config: EmbeddedConfig,
+    pub queue: Mutex<Queue>,
+    pub wake: Condvar,
+    /// Every partition of every topic, for retention and the final sync.
+    pub partitions: RwLock<Vec<Arc<Partition>>>,
+    /// Bumped whenever a high watermark advances; consumers wait on it instead of polling.
+    pub data_version: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+pub(crate) struct Queue {
+    pub waiters: Vec<Waiter>,
+    pub shutdown: bool,
+}
+
+/// A send (or flush) waiting for its partitions to be synced.
+pub(crate) struct Waiter {
+    pub partitions: Vec<Arc<Partition>>,
+    pub done: oneshot::Sender<Result<(), LogError>>,
+}
+
+impl Shared {
+    /// Queues a waiter and wakes the thread; the receiver resolves after the covering fsync.
+    pub fn enqueue(
+        &self,
+        partitions: Vec<Arc<Partition>>,
+    ) -> oneshot::Receiver<Result<(), LogError>> {
+        let (done, rx) = oneshot::channel();
+        let mut q = self.queue.lock();
+        if q.shutdown {
+            let _ = done.send(Err(LogError::Closed));
+        } else {
+            q.waiters.push(Waiter { partitions, done });
+        }
+        drop(q);
+        self.wake.notify_one();
+        rx
+    }
+
+    pub fn publish(&self) {
+        self.data_version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Applies retention to every partition now; returns the number of deleted segments.
+    pub fn apply_retention(&self) -> usize {
+        let partitions = self.partitions.read().clone();
+        let now = SystemTime::now();
+        partitions.iter().map(|p| p.apply_retention(now)).sum()
+    }
+}
+
+/// The thread's main loop; returns after [`Queue::shutdown`] is set and a final sync of every
+/// partition (which also makes a clean close durable under [`FsyncPolicy::Never`]).
+pub(crate) fn run(shared: Arc<Shared>) {
+    let spacing = match shared.config.fsync {
+        FsyncPolicy::GroupCommit { interval } => interval,
+        _ => std::time::Duration::ZERO,
+    };
+    let mut last_sync: Option<Instant> = None;
+    let mut next_retention = Instant::now() + shared.config.retention_check_interval;
+    loop {
+        let mut q = shared.queue.lock();
+        while !q.shutdown && q.waiters.is_empty() && Instant::now() < next_retention {
+            shared.wake.wait_until(&mut q, next_retention);
+        }
+        if !q.waiters.is_empty() {
+            // Space fsyncs at least `interval` apart; appends keep queuing meanwhile.
+            if let Some(earliest) = last_sync.map(|t| t + spacing) {
+                while !q.shutdown && Instant::now() < earliest {
+                    shared.wake.wait_until(&mut q, earliest);
+                }
+            }
+        }
+        let waiters = std::mem::take(&mut q.waiters);
+        let shutdown = q.shutdown;
+        drop(q);
+
+        if !waiters.is_empty() {
+            last_sync = Some(Instant::now());
+            commit(&shared, waiters);
+        }
+        if shutdown {
+            let partitions = shared.partitions.read().clone();
+            for p in partitions {
+                if let Err(e) = p.sync() {
+                    tracing::error!(topic = %p.topic, partition = p.id, "final sync failed: {e}");
+                }
+            }
+            shared.publish();
+            return;
+        }
+        if Instant::now() >= next_retention {
+            shared.apply_retention();
+            next_retention = Instant::now() + shared.config.retention_check_interval;
+        }
+    }
+}
+
+/// One group commit: fsync each partition once, then answer every waiter.
+fn commit(shared: &Shared, waiters: Vec<Waiter>) {
+    let mut results: HashMap<*const Partition, Result<(), String>> = HashMap::new();
+    for w in &waiters {
+        for p in &w.partitions {
+            results
+                .entry(Arc::as_ptr(p))
+                .or_insert_with(|| p.sync().map_err(|e| e.to_string()));
+        }
+    }
+    shared.publish();
+    for w in waiters {
+        let failure = w
+            .partitions
+            .iter()
+            .find_map(|p| results.get(&Arc::as_ptr(p)).and_then(|r| r.as_ref().err()));
+        let answer = match failure {
+            None => Ok(()),
+            Some(msg) => Err(LogError::Io {
+                path: shared.dir.clone(),
+                source: std::io::Error::other(msg.clone()),
+            }),
+        };
+        // The sender may have given up (its future was dropped); the records are durable anyway.
+        let _ = w.done.send(answer);
+    }
+}
