@@ -15,6 +15,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use kontext_log::Log;
 use kontext_store::{ContextDocument, EmbeddedStore};
 use kontext_stream::PipelineMetrics;
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,16 @@ pub struct AppState {
     pub store: Arc<EmbeddedStore>,
     pub entity_types: Arc<BTreeSet<String>>,
     pub metrics: Arc<PipelineMetrics>,
+    /// Where `/v1/lag` reads high watermarks; `None` disables the endpoint.
+    pub lag: Option<LagSource>,
+}
+
+/// The log and topics the store consumes, for lag reporting.
+#[derive(Clone)]
+pub struct LagSource {
+    pub log: Arc<dyn Log>,
+    pub group: String,
+    pub topics: Vec<String>,
 }
 
 /// The API's routes.
@@ -35,6 +46,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/context/{entity_type}/{entity_id}", get(get_context))
         .route("/v1/entities/{entity_type}", get(list_entities))
+        .route("/v1/lag", get(lag))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -135,6 +147,45 @@ async fn list_entities(
     };
     Ok(Json(
         json!({"entity_type": entity_type, "ids": ids, "next_after": next_after}),
+    ))
+}
+
+/// Consumer lag of the store: per partition, the log's high watermark minus the next offset
+/// the store will apply (the store's own offsets are the truth, not the group's commits).
+async fn lag(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(source) = &state.lag else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "lag_unavailable",
+            message: "lag is not tracked here".into(),
+        });
+    };
+    let applied = state.store.applied_offsets().map_err(store_error)?;
+    let mut partitions = Vec::new();
+    let mut total: i64 = 0;
+    for topic in &source.topics {
+        let description = source
+            .log
+            .describe_topic(topic)
+            .await
+            .map_err(|e| ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "log_unavailable",
+                message: e.to_string(),
+            })?;
+        for p in description.partitions {
+            let next = applied
+                .get(&(topic.clone(), p.partition))
+                .copied()
+                .unwrap_or(0)
+                .max(p.low_watermark);
+            let lag = (p.high_watermark - next).max(0);
+            total += lag;
+            partitions.push(json!({"topic": topic, "partition": p.partition, "high_watermark": p.high_watermark, "applied": next, "lag": lag}));
+        }
+    }
+    Ok(Json(
+        json!({"group": source.group, "total_lag": total, "partitions": partitions}),
     ))
 }
 

@@ -51,6 +51,7 @@ fn state(dir: &tempfile::TempDir) -> AppState {
                 .collect(),
         ),
         metrics: Arc::new(PipelineMetrics::default()),
+        lag: None,
     }
 }
 

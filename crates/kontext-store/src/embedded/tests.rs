@@ -66,8 +66,8 @@ fn newer_versions_win_per_field_whatever_the_arrival_order() {
     );
     let store = open(&dir);
     // b arrives first; a is older for given_name but brings tier.
-    store.apply(&[b.clone()], &[]).unwrap();
-    store.apply(&[a.clone()], &[]).unwrap();
+    store.apply(std::slice::from_ref(&b), &[]).unwrap();
+    store.apply(std::slice::from_ref(&a), &[]).unwrap();
     let doc = store.get("customer", "C1").unwrap().unwrap();
     assert_eq!(doc.values()["given_name"], "Anna");
     assert_eq!(doc.values()["tier"], "gold");

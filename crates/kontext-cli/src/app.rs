@@ -1,0 +1,186 @@
+//! Wiring: open the log and the store a pipeline file names, make sure its topics exist, and
+//! run the store sink and the HTTP API until shutdown.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kontext_core::config::{FsyncMode, LogConfig, PipelineConfig};
+use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog, FsyncPolicy};
+use kontext_log::{ConsumerConfig, CreateOutcome, Log, Retention, TopicSpec};
+use kontext_serve::AppState;
+use kontext_store::{EmbeddedStore, StoreSchema};
+use kontext_stream::{PipelineMetrics, Router, StoreSink};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Opens the log backend the pipeline file names.
+pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dyn Log>> {
+    match &config.log {
+        LogConfig::Embedded { fsync } => {
+            let fsync = match fsync {
+                FsyncMode::Always => FsyncPolicy::Always,
+                FsyncMode::GroupCommit => FsyncPolicy::default(),
+                FsyncMode::Never => FsyncPolicy::Never,
+            };
+            let dir = data_dir.join("log");
+            let log = EmbeddedLog::open(
+                &dir,
+                EmbeddedConfig {
+                    fsync,
+                    ..EmbeddedConfig::default()
+                },
+            )
+            .with_context(|| format!("opening the embedded log in {}", dir.display()))?;
+            Ok(log)
+        }
+        LogConfig::Kafka {
+            bootstrap_servers,
+            properties,
+        } => {
+            let _ = (bootstrap_servers, properties);
+            anyhow::bail!("KAFKA-PENDING")
+        }
+    }
+}
+
+/// Creates every entity topic the pipeline declares (existing topics are left as they are).
+pub async fn ensure_topics(log: &dyn Log, config: &PipelineConfig) -> Result<()> {
+    for entity in config.entities.values() {
+        let settings = config.topic_settings(&entity.topic);
+        let spec = TopicSpec {
+            name: entity.topic.clone(),
+            partitions: settings.partitions.unwrap_or(config.topics.partitions),
+            compacted: settings.compacted,
+            retention: Retention {
+                time: settings.retention_ms.map(Duration::from_millis),
+                bytes: settings.retention_bytes,
+            },
+        };
+        match log
+            .create_topic(&spec)
+            .await
+            .with_context(|| format!("creating topic {}", spec.name))?
+        {
+            CreateOutcome::Created => {
+                info!(topic = %spec.name, partitions = spec.partitions, "created topic")
+            }
+            CreateOutcome::AlreadyExists => {}
+        }
+    }
+    Ok(())
+}
+
+/// A running pipeline: store sink + HTTP API.
+pub struct Running {
+    pub store: Arc<EmbeddedStore>,
+    pub metrics: Arc<PipelineMetrics>,
+    pub addr: std::net::SocketAddr,
+    sink: JoinHandle<Result<(), kontext_stream::sink::SinkError>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Waits for both tasks to end (after `shutdown` was cancelled, or on a fatal error).
+    pub async fn join(self) -> Result<()> {
+        let sink = self.sink.await.context("store sink task panicked")?;
+        let server = self.server.await.context("HTTP task panicked")?;
+        sink.context("store sink failed")?;
+        server.context("HTTP server failed")?;
+        Ok(())
+    }
+}
+
+/// Opens the store, starts the store sink and serves the API on `listen`.
+pub async fn start_pipeline(
+    config: &PipelineConfig,
+    data_dir: &Path,
+    log: Arc<dyn Log>,
+    listen: &str,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    let store_path = store_path(data_dir, &config.store.name);
+    let store =
+        EmbeddedStore::open(&store_path, StoreSchema::from_config(config)).with_context(|| {
+            format!(
+                "opening the context store {} (is another kontext using this data directory?)",
+                store_path.display()
+            )
+        })?;
+    let store = Arc::new(store);
+    let metrics = Arc::new(PipelineMetrics::default());
+    let consumer = ConsumerConfig::new(config.store_group(), config.source_topics());
+    let sink = StoreSink::new(
+        log.clone(),
+        store.clone(),
+        Router::new(config),
+        consumer,
+        metrics.clone(),
+    );
+    let sink_shutdown = shutdown.clone();
+    let sink = tokio::spawn(async move {
+        let result = sink.run(sink_shutdown.clone()).await;
+        // A dead sink must not leave the API serving stale context silently.
+        sink_shutdown.cancel();
+        result
+    });
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the HTTP API to {listen}"))?;
+    let addr = listener.local_addr()?;
+    let state = AppState {
+        store: store.clone(),
+        entity_types: Arc::new(config.entities.keys().cloned().collect::<BTreeSet<_>>()),
+        metrics: metrics.clone(),
+        lag: Some(kontext_serve::LagSource {
+            log,
+            group: config.store_group(),
+            topics: config.source_topics(),
+        }),
+    };
+    let server = tokio::spawn(kontext_serve::serve(listener, state, shutdown));
+    info!(%addr, "serving context");
+    Ok(Running {
+        store,
+        metrics,
+        addr,
+        sink,
+        server,
+    })
+}
+
+/// The store file of a named store.
+pub fn store_path(data_dir: &Path, store: &str) -> PathBuf {
+    data_dir.join("stores").join(format!("{store}.redb"))
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        info!("shutting down");
+        token.cancel();
+    });
+}

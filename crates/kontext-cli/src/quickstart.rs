@@ -1,0 +1,207 @@
+//! `kontext quickstart`: the customer-service pipeline end to end on one machine.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kontext_core::config::{LogConfig, PipelineConfig};
+use kontext_store::{ContextDocument, EmbeddedStore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::app;
+use crate::generator::{Generator, GeneratorConfig};
+
+/// The example pipeline, built into the binary so quickstart needs no files.
+const PIPELINE_YAML: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
+
+#[derive(Debug, Args)]
+pub struct QuickstartArgs {
+    /// Use the Kafka cluster at these bootstrap servers instead of the embedded log.
+    #[arg(long, value_name = "HOST:PORT")]
+    kafka: Option<String>,
+    /// Port of the HTTP API on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Where the embedded log and the context store live.
+    #[arg(long, default_value = ".kontext")]
+    data_dir: PathBuf,
+    /// Number of customers the generator invents.
+    #[arg(long, default_value_t = 200)]
+    customers: u32,
+    /// Generated events per second after the initial load (0: only the initial load).
+    #[arg(long, default_value_t = 50)]
+    rate: u32,
+    /// Do not generate events; only run the pipeline and the API.
+    #[arg(long)]
+    no_generator: bool,
+    /// Seed of the generator's random choices.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+/// The built-in customer-service pipeline.
+pub fn builtin_pipeline() -> Result<PipelineConfig> {
+    Ok(PipelineConfig::parse(
+        "examples/customer-service/pipeline.yaml (built in)",
+        PIPELINE_YAML,
+    )?)
+}
+
+pub async fn run(args: QuickstartArgs) -> Result<()> {
+    let mut config = builtin_pipeline()?;
+    if let Some(servers) = &args.kafka {
+        config.log = LogConfig::Kafka {
+            bootstrap_servers: servers.clone(),
+            properties: Default::default(),
+        };
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let log = app::open_log(&config, &args.data_dir).await?;
+    app::ensure_topics(log.as_ref(), &config).await?;
+
+    let shutdown = CancellationToken::new();
+    app::cancel_on_signal(shutdown.clone());
+    let listen = format!("127.0.0.1:{}", args.port);
+    let running = app::start_pipeline(
+        &config,
+        &args.data_dir,
+        log.clone(),
+        &listen,
+        shutdown.clone(),
+    )
+    .await?;
+
+    let generator_task = if args.no_generator {
+        None
+    } else {
+        let producer = log.producer().await?;
+        let gen_config = GeneratorConfig {
+            customers: args.customers.max(1),
+            rate: args.rate,
+            seed: args.seed,
+        };
+        let mut generator = Generator::new(gen_config, producer);
+        let stats = generator.stats.clone();
+        // A restart on the same data directory continues where the last run stopped.
+        if running.store.list("customer", 1, None)?.is_empty() {
+            generator
+                .initial_load()
+                .await
+                .context("writing the initial load")?;
+        }
+        let token = shutdown.clone();
+        Some((tokio::spawn(generator.run(token)), stats))
+    };
+
+    let backend = if args.kafka.is_some() {
+        "Kafka"
+    } else {
+        "embedded log"
+    };
+    match wait_for_rich_customer(&running.store, &shutdown, args.customers).await {
+        Some((id, sources)) => {
+            println!();
+            println!(
+                "kontext is running the customer-service pipeline on the {backend} (data in {}).",
+                args.data_dir.display()
+            );
+            println!(
+                "Customer {id} has context from {} sources ({}). Ask for it:",
+                sources.len(),
+                sources.into_iter().collect::<Vec<_>>().join(", ")
+            );
+            println!();
+            println!("  curl -s http://{}/v1/context/customer/{id}", running.addr);
+            println!();
+            println!("More: curl -s 'http://{}/v1/entities/customer?limit=10'   curl -s http://{}/metrics", running.addr, running.addr);
+            println!("Ctrl-C stops it; run it again with the same --data-dir to continue.");
+        }
+        None if shutdown.is_cancelled() => {}
+        None => warn!("no customer has context from three sources yet; is the generator running?"),
+    }
+
+    shutdown.cancelled().await;
+    if let Some((task, stats)) = generator_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "generator stopped with an error"),
+            Err(e) => warn!(error = %e, "generator task panicked"),
+        }
+        info!(
+            produced = stats.produced.load(Ordering::Relaxed),
+            duplicates = stats.duplicates.load(Ordering::Relaxed),
+            malformed = stats.malformed.load(Ordering::Relaxed),
+            "generator stopped"
+        );
+    }
+    let metrics = running.metrics.clone();
+    running.join().await?;
+    info!(
+        consumed = metrics.records_consumed.load(Ordering::Relaxed),
+        applied = metrics.records_applied.load(Ordering::Relaxed),
+        filtered = metrics.records_filtered.load(Ordering::Relaxed),
+        invalid = metrics.invalid_total(),
+        "pipeline stopped cleanly"
+    );
+    Ok(())
+}
+
+/// Waits until some customer's context merges at least three sources; returns its id and
+/// the sources.
+async fn wait_for_rich_customer(
+    store: &EmbeddedStore,
+    shutdown: &CancellationToken,
+    customers: u32,
+) -> Option<(String, BTreeSet<String>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() {
+        for i in 0..customers.min(50) {
+            let id = Generator::customer_id(i);
+            if let Ok(Some(doc)) = store.context("customer", &id) {
+                let sources = sources_of(&doc);
+                if sources.len() >= 3 {
+                    return Some((id, sources));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+/// Every source that contributed to a context document, its related entities included.
+pub fn sources_of(doc: &ContextDocument) -> BTreeSet<String> {
+    let mut sources: BTreeSet<String> = doc.provenance.values().map(|p| p.source.clone()).collect();
+    for list in doc.related.values() {
+        for item in &list.items {
+            sources.extend(item.provenance.values().map(|p| p.source.clone()));
+        }
+    }
+    sources
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_pipeline_is_valid() {
+        let config = builtin_pipeline().unwrap();
+        assert_eq!(config.entities.len(), 4);
+        assert_eq!(config.sources.len(), 5);
+        assert_eq!(
+            config.source_topics(),
+            vec![
+                "context.customers",
+                "context.interactions",
+                "context.orders",
+                "context.tickets"
+            ]
+        );
+    }
+}

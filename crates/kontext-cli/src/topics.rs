@@ -1,0 +1,118 @@
+//! `kontext topics create|list|describe`, for both backends.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use kontext_core::config::{LogConfig, PipelineConfig, DEFAULT_PARTITIONS};
+use kontext_log::{CreateOutcome, Log, TopicSpec};
+
+use crate::app;
+use crate::quickstart::builtin_pipeline;
+
+#[derive(Debug, Args)]
+pub struct TopicsArgs {
+    /// Take the backend from this pipeline file (default: the embedded log in --data-dir).
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    /// Use the Kafka cluster at these bootstrap servers instead.
+    #[arg(long, global = true)]
+    kafka: Option<String>,
+    /// Data directory of the embedded log.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: TopicsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsCommand {
+    /// Create a topic (or every entity topic of the pipeline file, with --all).
+    Create {
+        /// Topic name.
+        name: Option<String>,
+        #[arg(short, long, default_value_t = DEFAULT_PARTITIONS)]
+        partitions: i32,
+        /// `cleanup.policy=compact`.
+        #[arg(long)]
+        compacted: bool,
+        /// Create every entity topic the pipeline file declares.
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's partitions, watermarks and settings.
+    Describe { name: String },
+}
+
+pub async fn run(args: TopicsArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => PipelineConfig::load(path)?,
+        None => builtin_pipeline()?,
+    };
+    if let Some(servers) = &args.kafka {
+        config.log = LogConfig::Kafka {
+            bootstrap_servers: servers.clone(),
+            properties: Default::default(),
+        };
+    }
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.clone());
+    let log: Arc<dyn Log> = app::open_log(&config, &data_dir).await?;
+    match args.command {
+        TopicsCommand::Create { all: true, .. } => {
+            app::ensure_topics(log.as_ref(), &config).await?;
+            for entity in config.entities.values() {
+                println!("{}", entity.topic);
+            }
+        }
+        TopicsCommand::Create {
+            name: Some(name),
+            partitions,
+            compacted,
+            ..
+        } => {
+            let mut spec = TopicSpec::new(name.clone(), partitions);
+            spec.compacted = compacted;
+            match log.create_topic(&spec).await? {
+                CreateOutcome::Created => println!(
+                    "created {name} ({partitions} partitions{})",
+                    if compacted { ", compacted" } else { "" }
+                ),
+                CreateOutcome::AlreadyExists => println!("{name} already exists"),
+            }
+        }
+        TopicsCommand::Create { name: None, .. } => {
+            anyhow::bail!("name the topic to create, or pass --all")
+        }
+        TopicsCommand::List => {
+            for topic in log.list_topics().await? {
+                println!("{topic}");
+            }
+        }
+        TopicsCommand::Describe { name } => {
+            let d = log.describe_topic(&name).await?;
+            println!(
+                "topic {}  backend {}  partitions {}  compacted {}  retention.ms {}  retention.bytes {}",
+                d.name,
+                log.backend(),
+                d.partitions.len(),
+                d.compacted,
+                d.retention.time.map(|t| t.as_millis().to_string()).unwrap_or_else(|| "unlimited".into()),
+                d.retention.bytes.map(|b| b.to_string()).unwrap_or_else(|| "unlimited".into()),
+            );
+            println!("{:>9} {:>14} {:>14}", "partition", "low", "high");
+            for p in d.partitions {
+                println!(
+                    "{:>9} {:>14} {:>14}",
+                    p.partition, p.low_watermark, p.high_watermark
+                );
+            }
+        }
+    }
+    Ok(())
+}
