@@ -344,7 +344,10 @@ impl Partition {
     ) -> Result<ReadOutcome, LogError> {
         let high = self.high_watermark();
         if from > high {
-            return Ok(ReadOutcome::OutOfRange { low: self.low_watermark(), high });
+            return Ok(ReadOutcome::OutOfRange {
+                low: self.low_watermark(),
+                high,
+            });
         }
         if from == high || max_records == 0 {
             return Ok(ReadOutcome::Read { next: from });
