@@ -1,0 +1,188 @@
+//! The quickstart end to end on the embedded log, through the real binary.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use kontext_core::config::PipelineConfig;
+use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
+use kontext_log::Log;
+use kontext_store::{Change, EmbeddedStore, StoreSchema};
+use kontext_stream::{Outcome, Router};
+use support::{free_port, get_json, path_str, wait_for_zero_lag, Kontext};
+
+const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn printed_curl_returns_context_merged_from_three_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut kontext = Kontext::spawn(&[
+        "quickstart",
+        "--data-dir",
+        path_str(dir.path()),
+        "--port",
+        &port.to_string(),
+    ]);
+    let line = kontext.wait_for_line("curl -s http://", Duration::from_secs(60));
+    let url = line.trim().trim_start_matches("curl -s ").to_string();
+    let (status, body) = get_json(&url).await.expect("the printed curl answers");
+    assert_eq!(status, 200, "{body}");
+    let mut sources = BTreeSet::new();
+    for p in body["provenance"].as_object().unwrap().values() {
+        sources.insert(p["source"].as_str().unwrap().to_string());
+        // Every field says where it came from.
+        for key in ["event_id", "topic", "partition", "offset", "event_time"] {
+            assert!(!p[key].is_null(), "provenance lacks {key}: {p}");
+        }
+    }
+    for list in body["related"].as_object().unwrap().values() {
+        for item in list["items"].as_array().unwrap() {
+            for p in item["provenance"].as_object().unwrap().values() {
+                sources.insert(p["source"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert!(
+        sources.len() >= 3,
+        "context merges only {sources:?}: {body}"
+    );
+    // CRM's first_name and billing's contact_name both land in given_name.
+    let given_name_source = body["provenance"]["given_name"]["source"].as_str().unwrap();
+    assert!(["crm", "billing"].contains(&given_name_source));
+
+    let (status, list) = get_json(&format!(
+        "http://127.0.0.1:{port}/v1/entities/customer?limit=5"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(list["ids"].as_array().unwrap().len(), 5);
+    let (status, health) = get_json(&format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    kontext.interrupt();
+}
+
+/// kill -9 in the middle of ingest, several times, then a clean catch-up run: every valid
+/// record in the log is applied to the store exactly once (events_applied per entity equals
+/// the number of valid records for it in the log), and nothing acknowledged is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = path_str(dir.path()).to_string();
+    for round in 0..3 {
+        let port = free_port().to_string();
+        let mut kontext = Kontext::spawn(&[
+            "quickstart",
+            "--data-dir",
+            &data,
+            "--port",
+            &port,
+            "--rate",
+            "3000",
+            "--customers",
+            "300",
+        ]);
+        kontext.wait_for_line("curl -s http://", Duration::from_secs(60));
+        // Let ingest run a while at full speed, a different time each round.
+        tokio::time::sleep(Duration::from_millis(300 + 400 * round)).await;
+        kontext.kill_9();
+    }
+    // Lose the group's committed offsets on top of it: every record is delivered again, and
+    // the store must recognise each one it already applied.
+    let config = PipelineConfig::parse("pipeline.yaml", PIPELINE).unwrap();
+    let store_path = dir.path().join("stores/main.redb");
+    let applied_before: u64 = {
+        let store = EmbeddedStore::open(&store_path, StoreSchema::from_config(&config)).unwrap();
+        store.dump().unwrap().iter().map(|d| d.events_applied).sum()
+    };
+    assert!(applied_before > 0, "the killed runs applied nothing");
+    std::fs::remove_dir_all(dir.path().join("log/groups")).unwrap();
+    let port = free_port();
+    let kontext = Kontext::spawn(&[
+        "quickstart",
+        "--data-dir",
+        &data,
+        "--port",
+        &port.to_string(),
+        "--no-generator",
+    ]);
+    wait_for_zero_lag(port, Duration::from_secs(60)).await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let skipped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kontext_records_skipped_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(
+        skipped, applied_before,
+        "re-delivered records must be skipped exactly when already applied:\n{metrics}"
+    );
+    kontext.interrupt();
+
+    // Recount from the log, the source of truth.
+    let router = Router::new(&config);
+    let log = EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    let mut expected: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut total = 0u64;
+    for topic in config.source_topics() {
+        let description = log.describe_topic(&topic).await.unwrap();
+        for p in description.partitions {
+            let mut offset = p.low_watermark;
+            while offset < p.high_watermark {
+                let records = log.fetch(&topic, p.partition, offset, 1_000).unwrap();
+                assert!(
+                    !records.is_empty(),
+                    "{topic}/{} has a gap at {offset}",
+                    p.partition
+                );
+                for r in &records {
+                    assert_eq!(r.offset, offset, "offsets are dense");
+                    offset += 1;
+                    total += 1;
+                    if let Outcome::Update(u) = router.process(r) {
+                        assert!(matches!(u.change, Change::Upsert(_)));
+                        *expected.entry((u.entity_type, u.entity_id)).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+    drop(log);
+    assert!(total > 3_000, "the runs produced only {total} records");
+
+    let store = EmbeddedStore::open(&store_path, StoreSchema::from_config(&config)).unwrap();
+    let docs = store.dump().unwrap();
+    let actual: BTreeMap<(String, String), u64> = docs
+        .into_iter()
+        .map(|d| ((d.entity_type, d.entity_id), d.events_applied))
+        .collect();
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !actual.contains_key(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "entities in the log but not in the store: {missing:?}"
+    );
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, n)| actual.get(*k) != Some(n))
+        .take(5)
+        .map(|(k, n)| (k.clone(), *n, actual.get(k).copied()))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "(entity, records in log, applied in store) differ: {wrong:?}"
+    );
+    assert_eq!(actual.len(), expected.len());
+}

@@ -1,0 +1,130 @@
+//! Running the real `kontext` binary from tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running `kontext` process whose stdout lines arrive on a channel.
+pub struct Kontext {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Kontext {
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kontext"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn kontext");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Waits for a stdout line containing `needle` and returns it.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    panic!("no line containing {needle:?} within {timeout:?} (process status: {status:?})");
+                }
+            }
+        }
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill_9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
+    /// SIGINT (Ctrl-C), then waits for a clean exit.
+    pub fn interrupt(mut self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill -INT");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(
+                    status.success(),
+                    "kontext exited with {status} after Ctrl-C"
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kontext did not stop within 30 s of Ctrl-C"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Kontext {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// GET a URL and parse the JSON body; `None` while the server is not answering.
+pub async fn get_json(url: &str) -> Option<(u16, serde_json::Value)> {
+    let response = reqwest::get(url).await.ok()?;
+    let status = response.status().as_u16();
+    let body = response.json().await.ok()?;
+    Some((status, body))
+}
+
+/// Polls `/v1/lag` until the store has applied everything in the log.
+pub async fn wait_for_zero_lag(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let url = format!("http://127.0.0.1:{port}/v1/lag");
+    loop {
+        if let Some((200, body)) = get_json(&url).await {
+            if body["total_lag"] == 0 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lag did not reach zero within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
