@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every check CI runs, in CI's order, on a fresh machine or a developer's:
+#   1. install what the tests need (Debian packages, Python packages)
+#   2. start a local Apache Kafka broker (scripts/kafka.sh)
+#   3. cargo fmt --check, cargo clippy -D warnings, cargo test (unit + integration tests
+#      against the real broker and the embedded log)
+#   4. stop the broker, whatever happened
+#
+# Usage: scripts/test.sh [extra cargo test arguments]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/install-deps.sh
+
+started_kafka=0
+if ! scripts/kafka.sh status >/dev/null 2>&1; then
+    scripts/kafka.sh start
+    started_kafka=1
+fi
+cleanup() {
+    if [[ $started_kafka == 1 ]]; then
+        scripts/kafka.sh stop || true
+    fi
+}
+trap cleanup EXIT
+
+export KONTEXT_TEST_KAFKA="${KONTEXT_TEST_KAFKA:-127.0.0.1:9092}"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked "$@"
