@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that kontext's tests and scripts need. Idempotent: when all are
+# installed it only checks, without touching apt's lists (a second run takes well under a second).
+#
+#   kcat                      poking at topics by hand, and tests that use a non-Java client
+#   openjdk-17-jdk-headless   runs the local broker (scripts/kafka.sh) and the single-file Java
+#                             helpers of tests (`java File.java` needs the JDK's compiler module)
+#   maven                     resolves the Kafka jars from Maven Central (scripts/kafka/pom.xml)
+#   build-essential, pkg-config, zlib1g-dev
+#                             rdkafka-sys compiles librdkafka from source
+set -euo pipefail
+
+PACKAGES=(kcat openjdk-17-jdk-headless maven build-essential pkg-config zlib1g-dev)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+
+if ((${#missing[@]} == 0)); then
+    echo "install-deps: all installed (${PACKAGES[*]})"
+    exit 0
+fi
+
+SUDO=()
+if ((EUID != 0)); then
+    SUDO=(sudo)
+fi
+echo "install-deps: installing ${missing[*]}"
+"${SUDO[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
