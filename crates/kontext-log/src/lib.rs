@@ -48,6 +48,21 @@ pub trait Log: Send + Sync + 'static {
         group: &str,
         topic: &str,
     ) -> Result<Vec<(i32, Option<i64>)>, LogError>;
+
+    /// Sets the committed offsets of a group that has no active member, like
+    /// `kafka-consumer-groups --reset-offsets`. A store that lost data (or a new store) uses it
+    /// to rewind its group to what the store actually holds.
+    async fn reset_group_offsets(
+        &self,
+        group: &str,
+        offsets: &[(TopicPartition, i64)],
+    ) -> Result<(), LogError> {
+        let _ = offsets;
+        Err(LogError::Invalid(format!(
+            "{} log cannot reset the offsets of group {group:?}",
+            self.backend()
+        )))
+    }
 }
 
 /// Appends records to the log.

@@ -5,7 +5,8 @@
 //! transaction, fsynced on commit, holding the entity changes, the relation index and the
 //! source offsets together.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -30,6 +31,14 @@ pub struct ApplyStats {
     pub skipped: u64,
     /// Entities deleted by tombstones.
     pub deleted: u64,
+}
+
+/// An entity touched by the batch being applied: as stored before it, and as it will be.
+struct Pending<'a> {
+    before: Option<EntityDoc>,
+    after: Option<EntityDoc>,
+    /// The first update of the batch to this entity (for its type and id).
+    update: &'a EntityUpdate,
 }
 
 /// A durable, versioned context store in one file.
@@ -74,6 +83,7 @@ impl EmbeddedStore {
             let mut relations = txn.open_table(RELATIONS).map_err(io)?;
             let mut offset_table = txn.open_table(OFFSETS).map_err(io)?;
             let mut applied_upto: BTreeMap<(String, i32), i64> = BTreeMap::new();
+            let mut working: HashMap<Vec<u8>, Pending<'_>> = HashMap::new();
             for update in updates {
                 let p = &update.provenance;
                 let key = (p.topic.clone(), p.partition);
@@ -94,50 +104,64 @@ impl EmbeddedStore {
                     continue;
                 }
                 applied_upto.insert(key, p.offset + 1);
-                let entity_key = entity_key(&update.entity_type, &update.entity_id);
-                let existing = match entities.get(entity_key.as_slice()).map_err(io)? {
-                    Some(bytes) => Some(decode_doc(bytes.value())?),
-                    None => None,
+                let slot = match working.entry(entity_key(&update.entity_type, &update.entity_id)) {
+                    Entry::Occupied(slot) => slot.into_mut(),
+                    Entry::Vacant(slot) => {
+                        let before = match entities.get(slot.key().as_slice()).map_err(io)? {
+                            Some(bytes) => Some(decode_doc(bytes.value())?),
+                            None => None,
+                        };
+                        slot.insert(Pending {
+                            after: before.clone(),
+                            before,
+                            update,
+                        })
+                    }
                 };
                 match &update.change {
                     Change::Upsert(fields) => {
-                        let mut doc = existing.clone().unwrap_or_else(|| EntityDoc {
+                        let doc = slot.after.get_or_insert_with(|| EntityDoc {
                             entity_type: update.entity_type.clone(),
                             entity_id: update.entity_id.clone(),
                             fields: BTreeMap::new(),
                             events_applied: 0,
                             latest: p.clone(),
                         });
-                        merge_fields(&mut doc, fields, p);
+                        merge_fields(doc, fields, p);
                         doc.events_applied += 1;
-                        self.reindex(
-                            &mut relations,
-                            existing.as_ref(),
-                            Some(&doc),
-                            &update.entity_type,
-                            &update.entity_id,
-                        )?;
-                        let bytes = serde_json::to_vec(&doc)
-                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                        entities
-                            .insert(entity_key.as_slice(), bytes.as_slice())
-                            .map_err(io)?;
                     }
                     Change::Delete => {
-                        if existing.is_some() {
-                            self.reindex(
-                                &mut relations,
-                                existing.as_ref(),
-                                None,
-                                &update.entity_type,
-                                &update.entity_id,
-                            )?;
-                            entities.remove(entity_key.as_slice()).map_err(io)?;
+                        if slot.after.take().is_some() {
                             stats.deleted += 1;
                         }
                     }
                 }
                 stats.applied += 1;
+            }
+            // Each entity is decoded and encoded once per batch, however many updates it got.
+            for (key, pending) in &working {
+                let (entity_type, entity_id) =
+                    (&pending.update.entity_type, &pending.update.entity_id);
+                self.reindex(
+                    &mut relations,
+                    pending.before.as_ref(),
+                    pending.after.as_ref(),
+                    entity_type,
+                    entity_id,
+                )?;
+                match &pending.after {
+                    Some(doc) => {
+                        let bytes = serde_json::to_vec(doc)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        entities
+                            .insert(key.as_slice(), bytes.as_slice())
+                            .map_err(io)?;
+                    }
+                    None if pending.before.is_some() => {
+                        entities.remove(key.as_slice()).map_err(io)?;
+                    }
+                    None => {}
+                }
             }
             // Batch offsets also cover records that produced no update (invalid or filtered).
             for (topic, partition, next) in offsets {

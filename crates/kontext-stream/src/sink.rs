@@ -68,6 +68,7 @@ impl StoreSink {
     /// log or the store are retried with exponential backoff (100 ms doubling to 30 s); the
     /// batch in hand is kept, so nothing is skipped while waiting.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), SinkError> {
+        self.rewind_group_to_store().await?;
         let mut consumer = self.log.consumer(self.consumer.clone()).await?;
         info!(group = %self.consumer.group_id, topics = ?self.consumer.topics, "store sink started");
         loop {
@@ -138,6 +139,34 @@ impl StoreSink {
             }
         }
         info!(group = %self.consumer.group_id, "store sink stopped");
+        Ok(())
+    }
+
+    /// The store's offsets are the truth. Where the group has committed past them (the store
+    /// was deleted or restored from an older copy), rewind the group so that nothing the store
+    /// lacks is skipped. A group behind the store needs nothing: the store skips what it has.
+    async fn rewind_group_to_store(&self) -> Result<(), SinkError> {
+        let store = self.store.clone();
+        let applied = tokio::task::spawn_blocking(move || store.applied_offsets())
+            .await
+            .map_err(|e| SinkError::Task(e.to_string()))??;
+        let group = &self.consumer.group_id;
+        let mut rewind = Vec::new();
+        for topic in &self.consumer.topics {
+            for (partition, committed) in self.log.committed_offsets(group, topic).await? {
+                let stored = applied
+                    .get(&(topic.clone(), partition))
+                    .copied()
+                    .unwrap_or(0);
+                if committed.is_some_and(|c| c > stored) {
+                    rewind.push((TopicPartition::new(topic.as_str(), partition), stored));
+                }
+            }
+        }
+        if !rewind.is_empty() {
+            warn!(%group, partitions = rewind.len(), "the group committed past what the store holds; rewinding it to the store's offsets");
+            self.log.reset_group_offsets(group, &rewind).await?;
+        }
         Ok(())
     }
 

@@ -294,3 +294,86 @@ fn lists_ids_in_order_with_paging() {
     );
     assert_eq!(store.list("order", 10, None).unwrap(), vec!["O1"]);
 }
+
+mod model {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The winning write of a field: (event time, topic, partition, offset, value).
+    type Winner = (i64, String, i32, i64, serde_json::Value);
+
+    /// (entity, field, value, partition, event time); offsets are assigned in log order.
+    fn events() -> impl Strategy<Value = Vec<(u8, u8, u8, u8, i64)>> {
+        proptest::collection::vec((0u8..4, 0u8..3, 0u8..10, 0u8..2, 0i64..20), 1..60)
+    }
+
+    fn updates(events: &[(u8, u8, u8, u8, i64)]) -> Vec<EntityUpdate> {
+        let mut next_offset = [0i64; 2];
+        events
+            .iter()
+            .map(|&(entity, field, value, partition, time)| {
+                let offset = next_offset[partition as usize];
+                next_offset[partition as usize] += 1;
+                let mut u = upsert(
+                    "customer",
+                    &format!("C{entity}"),
+                    json!({}),
+                    "crm",
+                    partition as i32,
+                    offset,
+                    time,
+                );
+                u.provenance.topic = "context.customers".into();
+                u.change =
+                    Change::Upsert([(format!("f{field}"), json!(value))].into_iter().collect());
+                u
+            })
+            .collect()
+    }
+
+    proptest! {
+        // Each case creates two durable stores (fsyncs): 64 cases keep this to a few seconds.
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// One big batch, one batch per record, and a naive "max version per field" model agree.
+        #[test]
+        fn batching_does_not_change_the_result(events in events(), split in 1usize..7) {
+            let updates = updates(&events);
+            let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let (whole, pieces) = (open(&a), open(&b));
+            whole.apply(&updates, &[]).unwrap();
+            for chunk in updates.chunks(split) {
+                pieces.apply(chunk, &[]).unwrap();
+            }
+            // Re-delivery of everything changes nothing.
+            prop_assert_eq!(pieces.apply(&updates, &[]).unwrap().applied, 0);
+            let dump = whole.dump().unwrap();
+            prop_assert_eq!(&dump, &pieces.dump().unwrap());
+
+            let mut expected: BTreeMap<(String, String), Winner> = BTreeMap::new();
+            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+            for u in &updates {
+                let Change::Upsert(fields) = &u.change else { unreachable!() };
+                *counts.entry(u.entity_id.clone()).or_default() += 1;
+                for (name, value) in fields {
+                    let p = &u.provenance;
+                    let candidate = (p.event_time_ms, p.topic.clone(), p.partition, p.offset, value.clone());
+                    let slot = expected.entry((u.entity_id.clone(), name.clone())).or_insert(candidate.clone());
+                    if (candidate.0, &candidate.1, candidate.2, candidate.3) > (slot.0, &slot.1, slot.2, slot.3) {
+                        *slot = candidate;
+                    }
+                }
+            }
+            for doc in &dump {
+                prop_assert_eq!(doc.events_applied, counts[&doc.entity_id]);
+                for (name, entry) in &doc.fields {
+                    if name == "customer_id" { continue; }
+                    prop_assert_eq!(&entry.value, &expected[&(doc.entity_id.clone(), name.clone())].4);
+                }
+            }
+        }
+    }
+}
