@@ -234,7 +234,7 @@ impl Partition {
             .last()
             .is_some_and(|s| s.size > 0 && s.size + batch_len > config.segment_bytes);
         if needs_roll {
-            self.roll(st, config)?;
+            self.roll(st)?;
         }
         let first = st.next_offset;
         let interval = u64::from(config.index_interval_bytes);
@@ -504,14 +504,15 @@ impl Partition {
         removed
     }
 
-    fn roll(&self, st: &mut State, config: &EmbeddedConfig) -> Result<(), LogError> {
+    fn roll(&self, st: &mut State) -> Result<(), LogError> {
         let segment = create_segment(&self.dir, st.next_offset)?;
+        // The rolled segment and the new directory entry are made durable by the next sync:
+        // the covering group commit, the same send under `Always`, the clean close under
+        // `Never`.
         if let Some(old) = st.segments.last() {
-            if config.fsync != FsyncPolicy::Never {
-                st.pending_sync.push(old.file.clone());
-            }
+            st.pending_sync.push(old.file.clone());
         }
-        st.dir_dirty = config.fsync != FsyncPolicy::Never;
+        st.dir_dirty = true;
         st.segments.push(segment);
         self.retain_locked(st, SystemTime::now());
         Ok(())

@@ -122,14 +122,37 @@ pub(crate) fn run(shared: Arc<Shared>) {
 
 /// One group commit: fsync each partition once, then answer every waiter.
 fn commit(shared: &Shared, waiters: Vec<Waiter>) {
-    let mut results: HashMap<*const Partition, Result<(), String>> = HashMap::new();
+    let mut distinct: HashMap<*const Partition, &Arc<Partition>> = HashMap::new();
     for w in &waiters {
         for p in &w.partitions {
-            results
-                .entry(Arc::as_ptr(p))
-                .or_insert_with(|| p.sync().map_err(|e| e.to_string()));
+            distinct.entry(Arc::as_ptr(p)).or_insert(p);
         }
     }
+    // Partitions are separate files: fsync them in parallel, so a round costs about one
+    // fsync latency rather than one per partition.
+    let results: HashMap<*const Partition, Result<(), String>> = std::thread::scope(|scope| {
+        let mut iter = distinct.into_iter();
+        let first = iter.next();
+        let handles: Vec<_> = iter
+            .map(|(key, p)| {
+                (
+                    key,
+                    scope.spawn(move || p.sync().map_err(|e| e.to_string())),
+                )
+            })
+            .collect();
+        let mut results = HashMap::new();
+        if let Some((key, p)) = first {
+            results.insert(key, p.sync().map_err(|e| e.to_string()));
+        }
+        for (key, h) in handles {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err("fsync thread panicked".into()));
+            results.insert(key, r);
+        }
+        results
+    });
     shared.publish();
     for w in waiters {
         let failure = w
