@@ -1,0 +1,275 @@
+//! The Kafka backend's configuration, and the librdkafka settings derived from it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kontext_log::{LogError, OffsetReset};
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// How kontext connects to Apache Kafka.
+///
+/// ```yaml
+/// bootstrap_servers: "127.0.0.1:9092"
+/// client_id: kontext            # default
+/// replication_factor: 3         # default: the broker's default.replication.factor
+/// request_timeout: 30s          # default
+/// metadata_max_age: 5m          # default
+/// properties:                   # any other librdkafka setting, for every client
+///   security.protocol: SASL_SSL
+///   sasl.mechanism: SCRAM-SHA-512
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+
+    /// `client.id` of every client this backend creates; shows up in broker logs, quotas and
+    /// `kafka-consumer-groups --describe`.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+
+    /// Replication factor of topics created by [`kontext_log::Log::create_topic`]. `None` asks
+    /// the broker to use its `default.replication.factor` (CreateTopics with -1), which is what
+    /// an operator of the cluster most likely wants; set it to pin it.
+    #[serde(default)]
+    pub replication_factor: Option<i32>,
+
+    /// Bound on admin and metadata calls (create, list, describe, committed offsets, metadata
+    /// refreshes, synchronous commits). Not a bound on produce: delivery is bounded by
+    /// librdkafka's `delivery.timeout.ms` (settable in `properties`).
+    #[serde(default = "default_request_timeout", with = "duration_serde")]
+    pub request_timeout: Duration,
+
+    /// How long the producer trusts a cached partition count before fetching it again. Keys
+    /// are routed with the count, so after partitions are added a producer keeps the old
+    /// routing for at most this long — the same bound as the Java client's
+    /// `metadata.max.age.ms` (5 minutes by default).
+    #[serde(default = "default_metadata_max_age", with = "duration_serde")]
+    pub metadata_max_age: Duration,
+
+    /// Extra librdkafka settings applied to every client (producer, consumers, admin):
+    /// `security.protocol`, `sasl.*`, `ssl.*`, `compression.type`, `linger.ms` ... The
+    /// settings that carry kontext's guarantees (see [`RESERVED_PROPERTIES`]) are rejected.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// librdkafka settings that kontext sets itself because its delivery and commit guarantees
+/// depend on them; [`KafkaConfig::validate`] rejects them in `properties`.
+pub const RESERVED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "client.id",
+    "group.id",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "auto.offset.reset",
+];
+
+impl KafkaConfig {
+    /// A configuration with every default, for the given bootstrap servers.
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            client_id: default_client_id(),
+            replication_factor: None,
+            request_timeout: default_request_timeout(),
+            metadata_max_age: default_metadata_max_age(),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// Checks the configuration and reports every problem at once (one message, `; `-joined),
+    /// so that fixing a config file takes one round trip.
+    pub fn validate(&self) -> Result<(), LogError> {
+        let mut problems = Vec::new();
+        if self.bootstrap_servers.trim().is_empty() {
+            problems.push("bootstrap_servers must not be empty".to_string());
+        }
+        if self.client_id.trim().is_empty() {
+            problems.push("client_id must not be empty".to_string());
+        }
+        if let Some(rf) = self.replication_factor {
+            if rf < 1 || rf > i32::from(i16::MAX) {
+                problems.push(format!(
+                    "replication_factor must be between 1 and 32767 (or absent for the broker's default), got {rf}"
+                ));
+            }
+        }
+        if self.request_timeout.is_zero() {
+            problems.push("request_timeout must be positive".to_string());
+        }
+        if self.metadata_max_age.is_zero() {
+            problems.push("metadata_max_age must be positive".to_string());
+        }
+        for key in self.properties.keys() {
+            if RESERVED_PROPERTIES.contains(&key.as_str()) {
+                problems.push(format!(
+                    "properties.{key} is set by kontext and cannot be overridden"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(LogError::Invalid(format!(
+                "kafka config: {}",
+                problems.join("; ")
+            )))
+        }
+    }
+
+    /// Settings shared by every client: connection, identity and the user's properties.
+    pub(crate) fn base_client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", &self.client_id);
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// The producer: idempotent with `acks=all`, so a retried batch is never duplicated or
+    /// reordered within a partition. `murmur2_random` is librdkafka's Java-compatible
+    /// partitioner; kontext sets the partition of keyed records itself (see `producer.rs`),
+    /// this only keeps librdkafka consistent should a keyed record ever reach it unpartitioned.
+    pub(crate) fn producer_config(&self) -> ClientConfig {
+        let mut config = self.base_client_config();
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random");
+        config
+    }
+
+    /// A group member that never commits or stores offsets on its own: offsets move only
+    /// through [`kontext_log::Consumer::commit`], after the records' effects are durable.
+    /// `read_committed` hides records of aborted transactions (and of open ones until they end).
+    pub(crate) fn consumer_config(&self, group_id: &str, reset: OffsetReset) -> ClientConfig {
+        let mut config = self.base_client_config();
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("isolation.level", "read_committed")
+            .set(
+                "auto.offset.reset",
+                match reset {
+                    OffsetReset::Earliest => "earliest",
+                    OffsetReset::Latest => "latest",
+                },
+            );
+        config
+    }
+}
+
+fn default_client_id() -> String {
+    "kontext".to_string()
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_metadata_max_age() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// Durations as `"250us"`, `"5ms"`, `"2s"`, `"1m"`, `"1h"` or a bare number of milliseconds:
+/// the same notation as the embedded log's config.
+mod duration_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Millis(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Millis(ms) => Ok(Duration::from_millis(ms)),
+            Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+        }
+    }
+
+    fn parse_duration(text: &str) -> Result<Duration, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {text:?}"))?;
+        match unit.trim() {
+            "us" => Ok(Duration::from_micros(n)),
+            "ms" | "" => Ok(Duration::from_millis(n)),
+            "s" => Ok(Duration::from_secs(n)),
+            "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+            "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+            other => Err(format!(
+                "invalid duration unit {other:?} in {text:?} (us, ms, s, m, h)"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deserializes_with_defaults_and_typed_durations() {
+        let config: KafkaConfig = serde_json::from_str(
+            r#"{"bootstrap_servers": "b:9092", "request_timeout": "5s",
+                "properties": {"security.protocol": "SSL"}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.client_id, "kontext");
+        assert_eq!(config.replication_factor, None);
+        assert_eq!(config.request_timeout, Duration::from_secs(5));
+        assert_eq!(config.metadata_max_age, Duration::from_secs(300));
+        assert_eq!(config.properties["security.protocol"], "SSL");
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_unknown_fields() {
+        let err = serde_json::from_str::<KafkaConfig>(r#"{"bootstrap_servers": "b", "acks": 1}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let mut config = KafkaConfig::new(" ");
+        config.replication_factor = Some(0);
+        config.request_timeout = Duration::ZERO;
+        config
+            .properties
+            .insert("enable.auto.commit".into(), "true".into());
+        let message = config.validate().unwrap_err().to_string();
+        for expected in [
+            "bootstrap_servers",
+            "replication_factor",
+            "request_timeout",
+            "enable.auto.commit",
+        ] {
+            assert!(
+                message.contains(expected),
+                "{expected} missing in {message}"
+            );
+        }
+    }
+}

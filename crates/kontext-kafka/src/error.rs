@@ -1,0 +1,189 @@
+//! Mapping librdkafka's errors onto [`LogError`], keeping whether a retry can help.
+//!
+//! librdkafka has no per-code retriability test (only `rd_kafka_error_is_retriable` on the
+//! error objects of the transactional API), so the classification below follows the Java
+//! client: a broker error code is transient when its Java exception extends
+//! `RetriableException` (or `InvalidMetadataException`, which does too), and a local code is
+//! transient when it reports a timeout, a full queue or a connection problem that the client
+//! recovers from by itself.
+
+use kontext_log::LogError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+/// Maps an rdkafka error to a [`LogError`]. Connection problems become
+/// [`LogError::Unavailable`]; everything else [`LogError::Kafka`] with its retriability.
+pub fn log_error(context: &str, err: KafkaError) -> LogError {
+    if let KafkaError::Transaction(inner) = &err {
+        // The transactional API does carry librdkafka's own verdict; prefer it.
+        return LogError::Kafka {
+            message: format!("{context}: {err}"),
+            transient: inner.is_retriable() && !inner.is_fatal(),
+        };
+    }
+    if matches!(err, KafkaError::Canceled) {
+        return LogError::Closed;
+    }
+    match err.rdkafka_error_code() {
+        Some(code) if is_unavailable(code) => LogError::Unavailable(format!("{context}: {err}")),
+        Some(code) => LogError::Kafka {
+            message: format!("{context}: {err}"),
+            transient: is_transient(code) && !is_fatal_variant(&err),
+        },
+        // Errors without a code: bad configuration, client creation, FFI (permanent), or a
+        // poll that found nothing (never surfaced to callers).
+        None => LogError::Kafka {
+            message: format!("{context}: {err}"),
+            transient: false,
+        },
+    }
+}
+
+/// Maps a bare error code (as admin results and delivery reports carry them).
+pub fn code_error(context: &str, code: RDKafkaErrorCode) -> LogError {
+    if is_unavailable(code) {
+        LogError::Unavailable(format!("{context}: {code}"))
+    } else {
+        LogError::Kafka {
+            message: format!("{context}: {code}"),
+            transient: is_transient(code),
+        }
+    }
+}
+
+/// The broker could not be reached, or did not answer in time.
+pub fn is_unavailable(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::Resolve
+            | C::OperationTimedOut
+            | C::MessageTimedOut
+            | C::TimedOutQueue
+            | C::RequestTimedOut
+            | C::BrokerNotAvailable
+            | C::NetworkException
+    )
+}
+
+/// Whether the same request may succeed if retried later (see the module docs for the rule).
+pub fn is_transient(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    if is_unavailable(code) {
+        return true;
+    }
+    matches!(
+        code,
+        // Local: the client recovers from these by itself.
+        C::QueueFull
+            | C::WaitingForCoordinator
+            | C::InProgress
+            | C::PreviousInProgress
+            | C::Retry
+            | C::WaitCache
+            | C::NodeUpdate
+            | C::ISRInsufficient
+            | C::AssignmentLost
+            // Broker, Java RetriableException / InvalidMetadataException subclasses.
+            | C::InvalidMessage // CorruptRecordException
+            | C::UnknownTopicOrPartition
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::ReplicaNotAvailable
+            | C::CoordinatorLoadInProgress
+            | C::CoordinatorNotAvailable
+            | C::NotCoordinator
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+            | C::NotController
+            | C::ConcurrentTransactions
+            | C::KafkaStorageError
+            | C::FetchSessionIdNotFound
+            | C::InvalidFetchSessionEpoch
+            | C::ListenerNotFound
+            | C::FencedLeaderEpoch
+            | C::UnknownLeaderEpoch
+            | C::OffsetNotAvailable
+            | C::PreferredLeaderNotAvailable
+            | C::EligibleLeadersNotAvailable
+            | C::UnstableOffsetCommit
+            | C::ThrottlingQuotaExceeded
+            | C::ReassignmentInProgress
+            | C::UnknownTopicId
+            | C::RebootstrapRequired
+    )
+}
+
+/// Variants librdkafka raises only for errors it will not recover from.
+fn is_fatal_variant(err: &KafkaError) -> bool {
+    matches!(err, KafkaError::MessageConsumptionFatal(_))
+        || err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_brokers_are_unavailable_and_transient() {
+        for code in [
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::MessageTimedOut,
+        ] {
+            let err = log_error("produce", KafkaError::MessageProduction(code));
+            assert!(matches!(err, LogError::Unavailable(_)), "{code:?}: {err:?}");
+            assert!(err.is_transient());
+        }
+    }
+
+    #[test]
+    fn leadership_changes_are_transient() {
+        let err = log_error(
+            "produce",
+            KafkaError::MessageProduction(RDKafkaErrorCode::NotLeaderForPartition),
+        );
+        assert!(
+            matches!(
+                err,
+                LogError::Kafka {
+                    transient: true,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn authorization_and_oversized_records_are_permanent() {
+        for code in [
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::InvalidConfig,
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+            RDKafkaErrorCode::OutOfOrderSequenceNumber,
+        ] {
+            let err = log_error("produce", KafkaError::MessageProduction(code));
+            assert!(!err.is_transient(), "{code:?} should be permanent");
+        }
+    }
+
+    #[test]
+    fn fatal_consumer_errors_are_permanent_even_for_retriable_codes() {
+        let err = log_error(
+            "poll",
+            KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::NotCoordinator),
+        );
+        assert!(!err.is_transient(), "{err:?}");
+    }
+
+    #[test]
+    fn a_dropped_client_means_closed() {
+        assert!(matches!(
+            log_error("send", KafkaError::Canceled),
+            LogError::Closed
+        ));
+    }
+}

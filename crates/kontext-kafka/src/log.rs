@@ -1,0 +1,336 @@
+//! [`KafkaLog`]: the admin surface of the Kafka backend and the factory of its clients.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use kontext_log::{
+    Consumer, ConsumerConfig, CreateOutcome, Log, LogError, Producer, Retention, TopicDescription,
+    TopicSpec,
+};
+use parking_lot::Mutex;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+use crate::consumer::KafkaConsumer;
+use crate::error::{code_error, log_error};
+use crate::metadata::{blocking, MetadataClient, PartitionCounts};
+use crate::producer::KafkaProducer;
+
+/// The Kafka backend of the kontext [`Log`]. Creating it connects to nothing yet: librdkafka
+/// connects on first use, so an unreachable cluster shows up as [`LogError::Unavailable`]
+/// from the first call, not from the constructor.
+pub struct KafkaLog {
+    config: KafkaConfig,
+    admin: AdminClient<DefaultClientContext>,
+    metadata: Arc<MetadataClient>,
+    partitions: Arc<PartitionCounts>,
+    /// Created on the first `producer()` call and shared afterwards.
+    producer: Mutex<Option<Arc<KafkaProducer>>>,
+}
+
+impl KafkaLog {
+    /// Checks `config` (every problem reported at once) and creates the admin and metadata
+    /// clients.
+    pub fn new(config: KafkaConfig) -> Result<Self, LogError> {
+        config.validate()?;
+        let admin: AdminClient<DefaultClientContext> =
+            create(&config.base_client_config(), "creating the admin client")?;
+        let metadata_client: BaseConsumer =
+            create(&config.base_client_config(), "creating the metadata client")?;
+        let metadata = Arc::new(MetadataClient::new(metadata_client, config.request_timeout));
+        let partitions = Arc::new(PartitionCounts::new(
+            metadata.clone(),
+            config.metadata_max_age,
+        ));
+        Ok(Self {
+            config,
+            admin,
+            metadata,
+            partitions,
+            producer: Mutex::new(None),
+        })
+    }
+
+    /// The configuration this log was created with.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    fn admin_options(&self) -> AdminOptions {
+        AdminOptions::new()
+            .request_timeout(Some(self.config.request_timeout))
+            .operation_timeout(Some(self.config.request_timeout))
+    }
+
+    /// Waits until the metadata shows `topic` with `partitions` partitions, so that a producer
+    /// or consumer created right after `create_topic` finds it (CreateTopics returns when the
+    /// controller committed the topic, which the broker's metadata cache may not show yet).
+    async fn await_topic(&self, topic: &str, partitions: i32) -> Result<(), LogError> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            if let Some(ids) = self.metadata.partitions(topic).await? {
+                if ids.len() == partitions as usize {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(LogError::Unavailable(format!(
+                    "topic {topic:?} was created but did not appear in the metadata within {:?}",
+                    self.config.request_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `cleanup.policy`, `retention.ms` and `retention.bytes` of a topic.
+    async fn topic_config(&self, topic: &str) -> Result<(bool, Retention), LogError> {
+        let results = self
+            .admin
+            .describe_configs([&ResourceSpecifier::Topic(topic)], &self.admin_options())
+            .await
+            .map_err(|e| log_error(&format!("describing the config of {topic:?}"), e))?;
+        let resource = match results.into_iter().next() {
+            Some(Ok(resource)) => resource,
+            Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                return Err(LogError::UnknownTopic(topic.to_string()))
+            }
+            Some(Err(code)) => {
+                return Err(code_error(
+                    &format!("describing the config of {topic:?}"),
+                    code,
+                ))
+            }
+            None => {
+                return Err(LogError::Kafka {
+                    message: format!("describing the config of {topic:?}: empty answer"),
+                    transient: true,
+                })
+            }
+        };
+        let value = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+        let compacted = value("cleanup.policy")
+            .map(|p| p.split(',').any(|v| v.trim() == "compact"))
+            .unwrap_or(false);
+        // Kafka spells "unlimited" as -1.
+        let time = value("retention.ms")
+            .and_then(|v| v.parse::<i64>().ok())
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis);
+        let bytes = value("retention.bytes")
+            .and_then(|v| v.parse::<i64>().ok())
+            .and_then(|b| u64::try_from(b).ok());
+        Ok((compacted, Retention { time, bytes }))
+    }
+}
+
+#[async_trait]
+impl Log for KafkaLog {
+    fn backend(&self) -> &'static str {
+        "kafka"
+    }
+
+    /// Creates the topic with `cleanup.policy=compact` if asked, and with `retention.ms` /
+    /// `retention.bytes` set explicitly (-1 for `None`): Kafka's defaults (7 days, unlimited)
+    /// would otherwise silently differ from the spec's "unlimited".
+    async fn create_topic(&self, spec: &TopicSpec) -> Result<CreateOutcome, LogError> {
+        if spec.partitions < 1 {
+            return Err(LogError::Invalid(format!(
+                "topic {:?} needs at least one partition, got {}",
+                spec.name, spec.partitions
+            )));
+        }
+        let retention_ms = match spec.retention.time {
+            Some(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX).to_string(),
+            None => "-1".to_string(),
+        };
+        let retention_bytes = match spec.retention.bytes {
+            Some(b) => i64::try_from(b).unwrap_or(i64::MAX).to_string(),
+            None => "-1".to_string(),
+        };
+        let replication = TopicReplication::Fixed(self.config.replication_factor.unwrap_or(-1));
+        let topic = NewTopic::new(&spec.name, spec.partitions, replication)
+            .set(
+                "cleanup.policy",
+                if spec.compacted { "compact" } else { "delete" },
+            )
+            .set("retention.ms", &retention_ms)
+            .set("retention.bytes", &retention_bytes);
+        let results = self
+            .admin
+            .create_topics([&topic], &self.admin_options())
+            .await
+            .map_err(|e| log_error(&format!("creating topic {:?}", spec.name), e))?;
+        match results.into_iter().next() {
+            Some(Ok(_)) => {
+                self.await_topic(&spec.name, spec.partitions).await?;
+                Ok(CreateOutcome::Created)
+            }
+            Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
+                let existing = self
+                    .metadata
+                    .partitions(&spec.name)
+                    .await?
+                    .map(|ids| ids.len() as i32)
+                    // Deleted again between the two calls: report it as the race it is.
+                    .ok_or_else(|| LogError::UnknownTopic(spec.name.clone()))?;
+                if existing == spec.partitions {
+                    Ok(CreateOutcome::AlreadyExists)
+                } else {
+                    Err(LogError::TopicMismatch {
+                        topic: spec.name.clone(),
+                        existing,
+                        requested: spec.partitions,
+                    })
+                }
+            }
+            Some(Err((_, code @ RDKafkaErrorCode::InvalidTopic)))
+            | Some(Err((_, code @ RDKafkaErrorCode::InvalidPartitions)))
+            | Some(Err((_, code @ RDKafkaErrorCode::InvalidReplicationFactor)))
+            | Some(Err((_, code @ RDKafkaErrorCode::InvalidConfig))) => Err(LogError::Invalid(
+                format!("creating topic {:?}: {code}", spec.name),
+            )),
+            Some(Err((_, code))) => {
+                Err(code_error(&format!("creating topic {:?}", spec.name), code))
+            }
+            None => Err(LogError::Kafka {
+                message: format!("creating topic {:?}: empty answer", spec.name),
+                transient: true,
+            }),
+        }
+    }
+
+    async fn list_topics(&self) -> Result<Vec<String>, LogError> {
+        let mut names: Vec<String> = self
+            .metadata
+            .topics()
+            .await?
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|name| !name.starts_with("__"))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn describe_topic(&self, topic: &str) -> Result<TopicDescription, LogError> {
+        let partitions = self
+            .metadata
+            .partitions(topic)
+            .await?
+            .ok_or_else(|| LogError::UnknownTopic(topic.to_string()))?;
+        let (compacted, retention) = self.topic_config(topic).await?;
+        let partitions = self.metadata.watermarks(topic, partitions).await?;
+        Ok(TopicDescription {
+            name: topic.to_string(),
+            compacted,
+            retention,
+            partitions,
+        })
+    }
+
+    async fn producer(&self) -> Result<Arc<dyn Producer>, LogError> {
+        let mut slot = self.producer.lock();
+        if let Some(producer) = slot.as_ref() {
+            return Ok(producer.clone());
+        }
+        let inner: FutureProducer =
+            create(&self.config.producer_config(), "creating the producer")?;
+        let producer = Arc::new(KafkaProducer::new(
+            inner,
+            self.partitions.clone(),
+            self.config.request_timeout,
+        ));
+        *slot = Some(producer.clone());
+        Ok(producer)
+    }
+
+    /// Checks that the topics exist first: librdkafka would subscribe anyway and only report
+    /// the missing topic as a recurring consumer error.
+    async fn consumer(&self, config: ConsumerConfig) -> Result<Box<dyn Consumer>, LogError> {
+        if config.group_id.is_empty() {
+            return Err(LogError::Invalid("a consumer needs a group id".to_string()));
+        }
+        if config.topics.is_empty() {
+            return Err(LogError::Invalid(
+                "a consumer needs at least one topic".to_string(),
+            ));
+        }
+        for topic in &config.topics {
+            if self.metadata.partitions(topic).await?.is_none() {
+                return Err(LogError::UnknownTopic(topic.clone()));
+            }
+        }
+        let consumer: StreamConsumer = create(
+            &self
+                .config
+                .consumer_config(&config.group_id, config.offset_reset),
+            "creating the consumer",
+        )?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| log_error(&format!("subscribing to {topics:?}"), e))?;
+        Ok(Box::new(KafkaConsumer::new(consumer, &config.topics)))
+    }
+
+    /// Asks the group coordinator through a throwaway client with the group's id that never
+    /// subscribes, so it does not join the group or disturb its members.
+    async fn committed_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<(i32, Option<i64>)>, LogError> {
+        let partitions = self
+            .metadata
+            .partitions(topic)
+            .await?
+            .ok_or_else(|| LogError::UnknownTopic(topic.to_string()))?;
+        let client: BaseConsumer = create(
+            &self.config.consumer_config(group, Default::default()),
+            "creating the offsets client",
+        )?;
+        let mut list = TopicPartitionList::with_capacity(partitions.len());
+        for p in &partitions {
+            list.add_partition(topic, *p);
+        }
+        let timeout = self.config.request_timeout;
+        let group = group.to_string();
+        let committed = blocking(move || {
+            client
+                .committed_offsets(list, timeout)
+                .map_err(|e| log_error(&format!("fetching the offsets of group {group:?}"), e))
+        })
+        .await?;
+        let mut out: Vec<(i32, Option<i64>)> = committed
+            .elements_for_topic(topic)
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => (e.partition(), Some(o)),
+                // Offset::Invalid: the group never committed on this partition.
+                _ => (e.partition(), None),
+            })
+            .collect();
+        out.sort_by_key(|(p, _)| *p);
+        Ok(out)
+    }
+}
+
+/// Creates an rdkafka client, mapping a bad setting to [`LogError::Invalid`].
+fn create<T: rdkafka::config::FromClientConfig>(
+    config: &ClientConfig,
+    what: &str,
+) -> Result<T, LogError> {
+    config.create().map_err(|err| match err {
+        KafkaError::ClientConfig(_, desc, key, value) => {
+            LogError::Invalid(format!("{what}: {desc} ({key}={value})"))
+        }
+        other => log_error(what, other),
+    })
+}

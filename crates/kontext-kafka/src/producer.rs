@@ -1,0 +1,186 @@
+//! The producer: idempotent, `acks=all`, keys routed by kontext's Java-compatible partitioner.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use kontext_core::partitioner::partition_for_key;
+use kontext_core::record::{ProduceRecord, RecordPosition};
+use kontext_log::{LogError, Producer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+
+use crate::error::log_error;
+use crate::metadata::{blocking, PartitionCounts};
+
+/// Appends records to Kafka. One per [`crate::KafkaLog`], shared through an `Arc`: librdkafka
+/// producers are thread-safe and batch better when shared.
+pub struct KafkaProducer {
+    producer: FutureProducer,
+    partitions: Arc<PartitionCounts>,
+    /// How long `send` keeps retrying to enqueue into a full local queue (the analogue of the
+    /// Java client's `max.block.ms`).
+    queue_timeout: Duration,
+}
+
+impl KafkaProducer {
+    pub(crate) fn new(
+        producer: FutureProducer,
+        partitions: Arc<PartitionCounts>,
+        queue_timeout: Duration,
+    ) -> Self {
+        Self {
+            producer,
+            partitions,
+            queue_timeout,
+        }
+    }
+
+    /// The partition of each record: explicit ones are checked, keyed ones computed with
+    /// [`partition_for_key`] (librdkafka's default partitioner hashes with crc32 and would
+    /// disagree with Java producers), keyless ones left to librdkafka.
+    async fn route(&self, records: &[ProduceRecord]) -> Result<Vec<Option<i32>>, LogError> {
+        let mut routes = Vec::with_capacity(records.len());
+        for record in records {
+            // Also checks that the topic exists: librdkafka would only fail the record after
+            // `topic.metadata.propagation.max.ms` (30 s).
+            let count = self.partitions.count(&record.topic).await?;
+            let route = match (record.partition, &record.key) {
+                (Some(p), _) if (0..count).contains(&p) => Some(p),
+                (Some(p), _) => {
+                    return Err(LogError::UnknownPartition {
+                        topic: record.topic.clone(),
+                        partition: p,
+                    })
+                }
+                (None, Some(key)) => Some(partition_for_key(key, count)),
+                (None, None) => None,
+            };
+            routes.push(route);
+        }
+        Ok(routes)
+    }
+
+    /// Puts one record into librdkafka's queue. When the queue is full, waits for deliveries
+    /// to make room (the producer's background thread keeps delivering meanwhile).
+    async fn enqueue(
+        &self,
+        record: &ProduceRecord,
+        partition: Option<i32>,
+    ) -> Result<DeliveryFuture, LogError> {
+        let deadline = Instant::now() + self.queue_timeout;
+        loop {
+            let queue_full = match self.producer.send_result(future_record(record, partition)) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if Instant::now() < deadline =>
+                {
+                    true
+                }
+                Err((err, _)) => {
+                    return Err(log_error(&format!("enqueueing to {}", record.topic), err))
+                }
+            };
+            if queue_full {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Producer for KafkaProducer {
+    /// Enqueues every record, then waits for every delivery report. Records of one partition
+    /// are enqueued in order and idempotence keeps that order through retries. On failure the
+    /// first error is returned, but only after every delivery of this call has settled, so a
+    /// caller's retry never overlaps with records of this call still in flight.
+    async fn send(&self, records: Vec<ProduceRecord>) -> Result<Vec<RecordPosition>, LogError> {
+        let routes = self.route(&records).await?;
+        let mut deliveries = Vec::with_capacity(records.len());
+        let mut first_error = None;
+        for (record, partition) in records.iter().zip(&routes) {
+            match self.enqueue(record, *partition).await {
+                Ok(delivery) => deliveries.push((record, delivery)),
+                Err(err) => {
+                    first_error = Some(err);
+                    break;
+                }
+            }
+        }
+
+        let mut positions = Vec::with_capacity(deliveries.len());
+        for (record, delivery) in deliveries {
+            let result = match delivery.await {
+                Ok(Ok(d)) => Ok(RecordPosition {
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                Ok(Err((err, _message))) => {
+                    if matches!(
+                        err.rdkafka_error_code(),
+                        Some(RDKafkaErrorCode::UnknownPartition)
+                            | Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+                    ) {
+                        // The topic changed under us (deleted, recreated smaller).
+                        self.partitions.invalidate(&record.topic);
+                    }
+                    Err(log_error(&format!("producing to {}", record.topic), err))
+                }
+                // The delivery callback was dropped: the producer is gone.
+                Err(_canceled) => Err(LogError::Closed),
+            };
+            match result {
+                Ok(position) => positions.push(position),
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(positions),
+        }
+    }
+
+    /// Waits for every outstanding delivery. Unbounded here because librdkafka bounds every
+    /// record by `delivery.timeout.ms` (5 minutes by default) already.
+    async fn flush(&self) -> Result<(), LogError> {
+        let producer = self.producer.clone();
+        blocking(move || {
+            producer
+                .flush(Timeout::Never)
+                .map_err(|e| log_error("flushing the producer", e))
+        })
+        .await
+    }
+}
+
+fn future_record(record: &ProduceRecord, partition: Option<i32>) -> FutureRecord<'_, [u8], [u8]> {
+    let mut out = FutureRecord::to(&record.topic);
+    if let Some(key) = &record.key {
+        out = out.key(key.as_ref());
+    }
+    if let Some(value) = &record.value {
+        out = out.payload(value.as_ref());
+    }
+    if let Some(partition) = partition {
+        out = out.partition(partition);
+    }
+    if let Some(ts) = record.timestamp_ms {
+        out = out.timestamp(ts);
+    }
+    if !record.headers.is_empty() {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for h in &record.headers {
+            // A header without a value stays without one (not an empty value), as in Kafka.
+            headers = headers.insert(Header {
+                key: &h.key,
+                value: h.value.as_deref(),
+            });
+        }
+        out = out.headers(headers);
+    }
+    out
+}

@@ -1,0 +1,357 @@
+//! The Kafka backend against the real broker of `scripts/kafka.sh start`.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{assert_no_more, kafka_log, poll_exactly, unique};
+use kontext_core::partitioner::partition_for_key;
+use kontext_core::record::{Header, ProduceRecord, TopicPartition};
+use kontext_log::{
+    ConsumerConfig, CreateOutcome, Log, LogError, OffsetReset, Retention, TopicSpec,
+};
+
+fn keyed(topic: &str, i: usize) -> ProduceRecord {
+    let mut record = ProduceRecord::new(
+        topic,
+        Some(Bytes::from(format!("entity-{}", i % 37))),
+        Some(Bytes::from(format!("value-{i}"))),
+    )
+    .with_header("seq", i.to_string());
+    if i.is_multiple_of(3) {
+        // A header without a value must come back without one, not as an empty value.
+        record.headers.push(Header {
+            key: "tombstone-hint".into(),
+            value: None,
+        });
+    }
+    record
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produces_idempotently_and_consumes_every_record_in_partition_order_with_headers() {
+    let log = kafka_log();
+    let topic = unique("roundtrip");
+    log.create_topic(&TopicSpec::new(&topic, 4)).await.unwrap();
+    let producer = log.producer().await.unwrap();
+
+    let mut sent = Vec::new();
+    for batch in 0..10 {
+        let records: Vec<_> = (batch * 100..(batch + 1) * 100)
+            .map(|i| keyed(&topic, i))
+            .collect();
+        let positions = producer.send(records.clone()).await.unwrap();
+        assert_eq!(positions.len(), records.len());
+        sent.extend(records.into_iter().zip(positions));
+    }
+    producer.flush().await.unwrap();
+    for (record, position) in &sent {
+        let key = record.key.as_ref().unwrap();
+        assert_eq!(
+            position.partition,
+            partition_for_key(key, 4),
+            "routed by partition_for_key"
+        );
+    }
+
+    let mut consumer = log
+        .consumer(ConsumerConfig::new(unique("g"), vec![topic.clone()]))
+        .await
+        .unwrap();
+    let received = poll_exactly(consumer.as_mut(), sent.len()).await;
+    assert_no_more(consumer.as_mut(), Duration::from_millis(500)).await;
+
+    // Offsets strictly increase within each partition, and match what send reported.
+    let mut last_offset: HashMap<i32, i64> = HashMap::new();
+    let by_position: HashMap<(i32, i64), &ProduceRecord> = sent
+        .iter()
+        .map(|(r, p)| ((p.partition, p.offset), r))
+        .collect();
+    for record in &received {
+        if let Some(prev) = last_offset.insert(record.partition, record.offset) {
+            assert!(
+                record.offset > prev,
+                "{} after offset {prev}",
+                record.coordinates()
+            );
+        }
+        let original = by_position[&(record.partition, record.offset)];
+        assert_eq!(&*record.topic, topic);
+        assert_eq!(record.key, original.key);
+        assert_eq!(record.value, original.value);
+        assert_eq!(
+            record.headers,
+            original.headers,
+            "headers of {}",
+            record.coordinates()
+        );
+        assert!(record.timestamp_ms > 0);
+    }
+    // Per key, records arrive in the order they were sent.
+    let mut last_seq: HashMap<Bytes, usize> = HashMap::new();
+    for record in &received {
+        let seq: usize = std::str::from_utf8(record.header("seq").unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        if let Some(prev) = last_seq.insert(record.key.clone().unwrap(), seq) {
+            assert!(seq > prev, "key {:?}: seq {seq} after {prev}", record.key);
+        }
+    }
+    assert_eq!(
+        consumer.assignment(),
+        (0..4)
+            .map(|p| TopicPartition::new(topic.as_str(), p))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_member_resumes_from_the_committed_offsets() {
+    let log = kafka_log();
+    let topic = unique("resume");
+    let group = unique("g");
+    log.create_topic(&TopicSpec::new(&topic, 3)).await.unwrap();
+    let producer = log.producer().await.unwrap();
+    producer
+        .send((0..300).map(|i| keyed(&topic, i)).collect())
+        .await
+        .unwrap();
+
+    assert!(
+        log.committed_offsets(&group, &topic)
+            .await
+            .unwrap()
+            .iter()
+            .all(|(_, o)| o.is_none()),
+        "a new group has nothing committed"
+    );
+
+    // The first member processes 150 records, commits exactly those, and goes away.
+    let mut first = log
+        .consumer(ConsumerConfig::new(&group, vec![topic.clone()]))
+        .await
+        .unwrap();
+    let processed = poll_exactly(first.as_mut(), 150).await;
+    let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+    for record in &processed {
+        next.insert(record.topic_partition(), record.offset + 1);
+    }
+    let offsets: Vec<_> = next.clone().into_iter().collect();
+    first.commit(&offsets).await.unwrap();
+    drop(first);
+
+    let committed = log.committed_offsets(&group, &topic).await.unwrap();
+    for (partition, offset) in &committed {
+        let expected = next
+            .get(&TopicPartition::new(topic.as_str(), *partition))
+            .copied();
+        assert_eq!(
+            *offset, expected,
+            "committed offset of partition {partition}"
+        );
+    }
+
+    // The second member reads exactly the rest.
+    let mut second = log
+        .consumer(ConsumerConfig::new(&group, vec![topic.clone()]))
+        .await
+        .unwrap();
+    let rest = poll_exactly(second.as_mut(), 150).await;
+    assert_no_more(second.as_mut(), Duration::from_secs(1)).await;
+    for record in &rest {
+        let committed = next.get(&record.topic_partition()).copied().unwrap_or(0);
+        assert!(
+            record.offset >= committed,
+            "{} was committed already",
+            record.coordinates()
+        );
+    }
+    let mut all: Vec<_> = processed
+        .iter()
+        .chain(&rest)
+        .map(|r| r.value.clone().unwrap())
+        .collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        300,
+        "every record exactly once across the two members"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_reset_skips_what_was_there_before_the_group_started() {
+    let log = kafka_log();
+    let topic = unique("latest");
+    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
+    let producer = log.producer().await.unwrap();
+    producer.send(vec![keyed(&topic, 0)]).await.unwrap();
+
+    let mut config = ConsumerConfig::new(unique("g"), vec![topic.clone()]);
+    config.offset_reset = OffsetReset::Latest;
+    let mut consumer = log.consumer(config).await.unwrap();
+    // Wait for the assignment (and the reset to the end) before producing again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while consumer.assignment().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no assignment within 30 s"
+        );
+        assert!(consumer
+            .poll(10, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+    // The position is only fixed once the reset resolved; give librdkafka a moment.
+    assert!(consumer
+        .poll(10, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .is_empty());
+    producer.send(vec![keyed(&topic, 1)]).await.unwrap();
+    let got = poll_exactly(consumer.as_mut(), 1).await;
+    assert_eq!(got[0].value.as_deref(), Some(&b"value-1"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_lists_and_describes_topics_with_compaction_and_retention() {
+    let log = kafka_log();
+    let compacted = unique("compacted");
+    let plain = unique("plain");
+
+    let spec = TopicSpec {
+        name: compacted.clone(),
+        partitions: 3,
+        compacted: true,
+        retention: Retention {
+            time: Some(Duration::from_secs(3600)),
+            bytes: Some(10 << 20),
+        },
+    };
+    assert_eq!(
+        log.create_topic(&spec).await.unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(
+        log.create_topic(&spec).await.unwrap(),
+        CreateOutcome::AlreadyExists
+    );
+    let mismatch = log
+        .create_topic(&TopicSpec {
+            partitions: 5,
+            ..spec.clone()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            mismatch,
+            LogError::TopicMismatch {
+                existing: 3,
+                requested: 5,
+                ..
+            }
+        ),
+        "{mismatch:?}"
+    );
+    assert_eq!(
+        log.create_topic(&TopicSpec::new(&plain, 2)).await.unwrap(),
+        CreateOutcome::Created
+    );
+
+    let topics = log.list_topics().await.unwrap();
+    assert!(
+        topics.contains(&compacted) && topics.contains(&plain),
+        "{topics:?}"
+    );
+    assert!(
+        topics.iter().all(|t| !t.starts_with("__")),
+        "internal topics are hidden"
+    );
+    assert!(topics.windows(2).all(|w| w[0] <= w[1]), "sorted");
+
+    let described = log.describe_topic(&compacted).await.unwrap();
+    assert!(described.compacted);
+    assert_eq!(described.retention, spec.retention);
+    assert_eq!(described.partitions.len(), 3);
+
+    // A plain topic is unlimited unless asked otherwise (not Kafka's 7-day default).
+    let producer = log.producer().await.unwrap();
+    let mut record = ProduceRecord::new(&plain, None, Some(Bytes::from_static(b"x")));
+    record.partition = Some(1);
+    producer
+        .send(vec![record.clone(), record.clone(), record])
+        .await
+        .unwrap();
+    let described = log.describe_topic(&plain).await.unwrap();
+    assert!(!described.compacted);
+    assert_eq!(described.retention, Retention::default());
+    let watermarks: Vec<_> = described
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.low_watermark, p.high_watermark))
+        .collect();
+    assert_eq!(watermarks, vec![(0, 0, 0), (1, 0, 3)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_topics_and_partitions_are_permanent_errors() {
+    let log = kafka_log();
+    let missing = unique("missing");
+    let err = log.describe_topic(&missing).await.unwrap_err();
+    assert!(
+        matches!(err, LogError::UnknownTopic(ref t) if *t == missing),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+
+    let producer = log.producer().await.unwrap();
+    let err = producer
+        .send(vec![ProduceRecord::new(
+            &missing,
+            None,
+            Some(Bytes::from_static(b"x")),
+        )])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LogError::UnknownTopic(_)), "{err:?}");
+
+    let err = log
+        .consumer(ConsumerConfig::new("g", vec![missing.clone()]))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, LogError::UnknownTopic(_)), "{err:?}");
+
+    let topic = unique("two");
+    log.create_topic(&TopicSpec::new(&topic, 2)).await.unwrap();
+    let mut record = ProduceRecord::new(&topic, None, None);
+    record.partition = Some(2);
+    let err = producer.send(vec![record]).await.unwrap_err();
+    assert!(
+        matches!(err, LogError::UnknownPartition { partition: 2, .. }),
+        "{err:?}"
+    );
+
+    let err = log
+        .create_topic(&TopicSpec::new("zero", 0))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LogError::Invalid(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_cluster_is_unavailable_and_transient() {
+    // Port 1 on loopback: nothing listens, the connection is refused at once.
+    let mut config = kontext_kafka::KafkaConfig::new("127.0.0.1:1");
+    config.request_timeout = Duration::from_secs(2);
+    let log = kontext_kafka::KafkaLog::new(config).unwrap();
+    let err = log.list_topics().await.unwrap_err();
+    assert!(matches!(err, LogError::Unavailable(_)), "{err:?}");
+    assert!(err.is_transient());
+}
