@@ -6,11 +6,11 @@
 #   openjdk-17-jdk-headless   runs the local broker (scripts/kafka.sh) and the single-file Java
 #                             helpers of tests (`java File.java` needs the JDK's compiler module)
 #   maven                     resolves the Kafka jars from Maven Central (scripts/kafka/pom.xml)
-#   build-essential, pkg-config, zlib1g-dev
-#                             rdkafka-sys compiles librdkafka from source
+#   build-essential, pkg-config, zlib1g-dev, libssl-dev
+#                             rdkafka-sys compiles librdkafka from source, with TLS/SCRAM
 set -euo pipefail
 
-PACKAGES=(kcat openjdk-17-jdk-headless maven build-essential pkg-config zlib1g-dev)
+PACKAGES=(kcat openjdk-17-jdk-headless maven build-essential pkg-config zlib1g-dev libssl-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
