@@ -14,13 +14,14 @@ async fn topic_with(log: &EmbeddedLog, retention: Retention) {
     log.create_topic(&spec).await.expect("create");
 }
 
-async fn write(log: &EmbeddedLog, n: usize) {
+/// Appends `n` records of about 100 bytes in sends of `per_send` records.
+async fn write(log: &EmbeddedLog, n: usize, per_send: usize) {
     let producer = log.producer().await.expect("producer");
-    for i in 0..n {
-        producer
-            .send(vec![value_record("t", 0, format!("{i:0>90}"))])
-            .await
-            .expect("send");
+    let all: Vec<_> = (0..n)
+        .map(|i| value_record("t", 0, format!("{i:0>90}")))
+        .collect();
+    for chunk in all.chunks(per_send) {
+        producer.send(chunk.to_vec()).await.expect("send");
     }
 }
 
@@ -43,7 +44,7 @@ async fn size_retention_deletes_the_oldest_segments_and_moves_the_low_watermark(
         },
     )
     .await;
-    write(&log, 1000).await; // about 126 KB: some 30 segments of 4 KiB
+    write(&log, 1000, 1).await; // about 126 KB: some 30 segments of 4 KiB
     log.apply_retention();
     let sizes = segment_sizes(dir.path());
     let total: u64 = sizes.iter().sum();
@@ -96,16 +97,16 @@ async fn time_retention_deletes_old_segments_but_never_the_active_one() {
     topic_with(
         &log,
         Retention {
-            time: Some(Duration::from_millis(200)),
+            time: Some(Duration::from_secs(1)),
             bytes: None,
         },
     )
     .await;
-    write(&log, 300).await;
+    write(&log, 300, 10).await;
     let before = segment_sizes(dir.path()).len();
     assert!(before > 3);
     assert_eq!(log.apply_retention(), 0, "nothing is old yet");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(log.apply_retention(), before - 1);
     let left = segments(dir.path(), "t", 0);
     assert_eq!(
@@ -124,7 +125,7 @@ async fn time_retention_deletes_old_segments_but_never_the_active_one() {
         300 - p.low_watermark
     );
     // Appends continue after retention.
-    write(&log, 1).await;
+    write(&log, 1, 1).await;
     assert_eq!(log.fetch("t", 0, 300, 10).expect("fetch").len(), 1);
 }
 
@@ -139,7 +140,7 @@ async fn unlimited_and_compacted_topics_keep_everything() {
         bytes: Some(1),
     };
     log.create_topic(&spec).await.expect("create");
-    write(&log, 200).await;
+    write(&log, 200, 10).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(log.apply_retention(), 0);
     assert_eq!(

@@ -188,7 +188,7 @@ impl EmbeddedLog {
                     let rr = AtomicU32::new(rr_start);
                     let (positions, touched) = me.append_unsynced(&records, &rr)?;
                     for p in &touched {
-                        p.sync()?;
+                        p.sync(true)?;
                     }
                     me.shared.publish();
                     Ok(positions)

@@ -58,7 +58,9 @@ struct Segment {
     /// The offset after the segment's last record.
     end: i64,
     size: u64,
-    file: Arc<File>,
+    /// Open only for the active segment: a log with thousands of segments should not need
+    /// thousands of file descriptors. Reads of older segments open them on demand.
+    file: Option<Arc<File>>,
     path: PathBuf,
     /// Sparse index: (offset, position) of a record every `index_interval_bytes` or so.
     index: Vec<(i64, u64)>,
@@ -154,7 +156,7 @@ impl Partition {
                 base,
                 end: scan.end,
                 size: valid_len,
-                file: Arc::new(file),
+                file: Some(Arc::new(file)),
                 path,
                 index: scan.index,
                 last_append,
@@ -171,6 +173,10 @@ impl Partition {
         if segments.is_empty() {
             segments.push(create_segment(&dir, 0)?);
             fsutil::sync_dir(&dir)?;
+        }
+        let older = segments.len() - 1;
+        for s in &mut segments[..older] {
+            s.file = None;
         }
         let next_offset = segments.last().map_or(0, |s| s.end);
         Ok(Partition {
@@ -234,7 +240,7 @@ impl Partition {
             .last()
             .is_some_and(|s| s.size > 0 && s.size + batch_len > config.segment_bytes);
         if needs_roll {
-            self.roll(st)?;
+            self.roll(st, config)?;
         }
         let first = st.next_offset;
         let interval = u64::from(config.index_interval_bytes);
@@ -244,6 +250,12 @@ impl Partition {
                 path: self.dir.clone(),
                 reason: "partition has no segment".into(),
             });
+        };
+        let Some(file) = active.file.clone() else {
+            return Err(corrupt(
+                &active.path,
+                "the active segment is not open".into(),
+            ));
         };
         let index_len_before = active.index.len();
         let mut last_indexed = active.index.last().map(|&(_, p)| p);
@@ -264,11 +276,11 @@ impl Partition {
                 record,
             );
         }
-        if let Err(e) = active.file.write_all_at(buf, active.size) {
+        if let Err(e) = file.write_all_at(buf, active.size) {
             active.index.truncate(index_len_before);
             // Cut off whatever part of the batch reached the file, so the segment stays a
             // sequence of whole frames; if even that fails the file is in an unknown state.
-            if let Err(e2) = active.file.set_len(active.size) {
+            if let Err(e2) = file.set_len(active.size) {
                 st.failed = Some(format!("write failed ({e}) and could not be undone ({e2})"));
             }
             return Err(LogError::io(&active.path, e));
@@ -289,10 +301,15 @@ impl Partition {
     }
 
     /// Makes everything appended so far durable (the active segment, segments rolled since the
-    /// last sync, the directory entry of new segments) and then publishes it to readers.
-    /// Holding the lock through the fsync serializes it with appends: the
-    /// [`FsyncPolicy::Always`] cost model, and what lets the syncer know exactly what it covered.
-    pub fn sync(&self) -> Result<(), LogError> {
+    /// last sync, the directory entry of new segments), then publishes it to readers.
+    ///
+    /// With `hold_lock` the partition stays locked through the fsync, serializing it with
+    /// appends: the [`FsyncPolicy::Always`] cost model, and safe with concurrent callers.
+    /// Without it (the group-commit syncer, the only caller then) appends continue while the
+    /// fsync runs: the offsets captured before it are exactly what it covers, because their
+    /// bytes were written before the capture and an fsync covers every write that completed
+    /// before it started.
+    pub fn sync(&self, hold_lock: bool) -> Result<(), LogError> {
         let mut st = self.state.lock();
         if let Some(reason) = &st.failed {
             return Err(self.failed_error(reason));
@@ -301,25 +318,24 @@ impl Partition {
         if upto == self.high_watermark() && st.pending_sync.is_empty() && !st.dir_dirty {
             return Ok(());
         }
-        let result: Result<(), LogError> = (|| {
-            for f in &st.pending_sync {
-                f.sync_data().map_err(|e| LogError::io(&self.dir, e))?;
-            }
-            if let Some(active) = st.segments.last() {
-                active
-                    .file
-                    .sync_data()
-                    .map_err(|e| LogError::io(&active.path, e))?;
-            }
-            if st.dir_dirty {
-                fsutil::sync_dir(&self.dir)?;
-            }
-            Ok(())
-        })();
-        match result {
-            Ok(()) => {
+        let active = st.segments.last().and_then(|s| s.file.clone());
+        let result = if hold_lock {
+            let r = sync_files(&self.dir, &st.pending_sync, active.as_ref(), st.dir_dirty);
+            if r.is_ok() {
                 st.pending_sync.clear();
                 st.dir_dirty = false;
+            }
+            r
+        } else {
+            let pending = std::mem::take(&mut st.pending_sync);
+            let dir_dirty = std::mem::replace(&mut st.dir_dirty, false);
+            drop(st);
+            let r = sync_files(&self.dir, &pending, active.as_ref(), dir_dirty);
+            st = self.state.lock();
+            r
+        };
+        match result {
+            Ok(()) => {
                 self.acked.fetch_max(upto, Ordering::AcqRel);
                 Ok(())
             }
@@ -357,7 +373,7 @@ impl Partition {
         let mut bytes = 0usize;
         let mut chunk = FIRST_READ_CHUNK;
         while next < high && taken < max_records && bytes < max_bytes {
-            let (file, path, mut pos, seg_size, seg_end) = {
+            let (open_file, path, mut pos, seg_size, seg_end) = {
                 let st = self.state.lock();
                 let low = st.segments.first().map_or(0, |s| s.base);
                 if next < low || next > high {
@@ -380,6 +396,21 @@ impl Partition {
                     seg.size,
                     seg.end,
                 )
+            };
+            let file = match open_file {
+                Some(f) => f,
+                None => match File::open(&path) {
+                    Ok(f) => Arc::new(f),
+                    // Retention deleted it since the lookup: look again, the low watermark
+                    // has moved past it.
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound
+                            && self.low_watermark() > next =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(LogError::io(&path, e)),
+                },
             };
             let stop = seg_end.min(high);
             while next < stop && taken < max_records && bytes < max_bytes {
@@ -504,15 +535,18 @@ impl Partition {
         removed
     }
 
-    fn roll(&self, st: &mut State) -> Result<(), LogError> {
+    fn roll(&self, st: &mut State, config: &EmbeddedConfig) -> Result<(), LogError> {
         let segment = create_segment(&self.dir, st.next_offset)?;
         // The rolled segment and the new directory entry are made durable by the next sync:
-        // the covering group commit, the same send under `Always`, the clean close under
-        // `Never`.
-        if let Some(old) = st.segments.last() {
-            st.pending_sync.push(old.file.clone());
+        // the covering group commit, or the same send under `Always`. `Never` promises
+        // nothing here (the OS writes the segment back within its dirty-page expiry).
+        let durable = config.fsync != FsyncPolicy::Never;
+        if let Some(old) = st.segments.last_mut().and_then(|s| s.file.take()) {
+            if durable {
+                st.pending_sync.push(old);
+            }
         }
-        st.dir_dirty = true;
+        st.dir_dirty = durable;
         st.segments.push(segment);
         self.retain_locked(st, SystemTime::now());
         Ok(())
@@ -526,6 +560,21 @@ impl Partition {
             )),
         }
     }
+}
+
+fn sync_files(
+    dir: &Path,
+    rolled: &[Arc<File>],
+    active: Option<&Arc<File>>,
+    dir_dirty: bool,
+) -> Result<(), LogError> {
+    for f in rolled.iter().chain(active) {
+        f.sync_data().map_err(|e| LogError::io(dir, e))?;
+    }
+    if dir_dirty {
+        fsutil::sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 fn corrupt(path: &Path, reason: String) -> LogError {
@@ -547,7 +596,7 @@ fn create_segment(dir: &Path, base: i64) -> Result<Segment, LogError> {
         base,
         end: base,
         size: 0,
-        file: Arc::new(file),
+        file: Some(Arc::new(file)),
         path,
         index: Vec::new(),
         last_append: SystemTime::now(),
@@ -669,7 +718,15 @@ mod tests {
         for chunk in (0..200u32).collect::<Vec<_>>().chunks(7) {
             p.append(&records, chunk, 1, &config()).expect("append");
         }
-        assert!(p.state.lock().segments.len() > 3, "segments rolled");
+        {
+            let st = p.state.lock();
+            let n = st.segments.len();
+            assert!(n > 3, "segments rolled");
+            assert!(
+                st.segments[..n - 1].iter().all(|s| s.file.is_none()),
+                "only the active segment holds a descriptor"
+            );
+        }
         for from in [0, 1, 13, 99, 150, 199] {
             let mut out = Vec::new();
             let r = p.read(from, 1000, usize::MAX, &mut out).expect("read");
@@ -709,7 +766,7 @@ mod tests {
         let mut out = Vec::new();
         p.read(0, 10, usize::MAX, &mut out).expect("read");
         assert!(out.is_empty());
-        p.sync().expect("sync");
+        p.sync(true).expect("sync");
         assert_eq!(p.high_watermark(), 1);
         p.read(0, 10, usize::MAX, &mut out).expect("read");
         assert_eq!(out.len(), 1);

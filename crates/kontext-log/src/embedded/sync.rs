@@ -106,7 +106,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
         if shutdown {
             let partitions = shared.partitions.read().clone();
             for p in partitions {
-                if let Err(e) = p.sync() {
+                if let Err(e) = p.sync(false) {
                     tracing::error!(topic = %p.topic, partition = p.id, "final sync failed: {e}");
                 }
             }
@@ -129,21 +129,26 @@ fn commit(shared: &Shared, waiters: Vec<Waiter>) {
         }
     }
     // Partitions are separate files: fsync them in parallel, so a round costs about one
-    // fsync latency rather than one per partition.
+    // fsync latency rather than one per partition. If a thread cannot be started, that
+    // partition is synced on this thread instead.
     let results: HashMap<*const Partition, Result<(), String>> = std::thread::scope(|scope| {
+        let mut results = HashMap::new();
+        let mut handles = Vec::new();
         let mut iter = distinct.into_iter();
         let first = iter.next();
-        let handles: Vec<_> = iter
-            .map(|(key, p)| {
-                (
-                    key,
-                    scope.spawn(move || p.sync().map_err(|e| e.to_string())),
-                )
-            })
-            .collect();
-        let mut results = HashMap::new();
+        for (key, p) in iter {
+            let spawned = std::thread::Builder::new()
+                .name("kontext-log-fsync".into())
+                .spawn_scoped(scope, move || p.sync(false).map_err(|e| e.to_string()));
+            match spawned {
+                Ok(h) => handles.push((key, h)),
+                Err(_) => {
+                    results.insert(key, p.sync(false).map_err(|e| e.to_string()));
+                }
+            }
+        }
         if let Some((key, p)) = first {
-            results.insert(key, p.sync().map_err(|e| e.to_string()));
+            results.insert(key, p.sync(false).map_err(|e| e.to_string()));
         }
         for (key, h) in handles {
             let r = h
