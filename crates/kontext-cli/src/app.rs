@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kontext_core::config::{FsyncMode, LogConfig, PipelineConfig};
+use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog, FsyncPolicy};
 use kontext_log::{ConsumerConfig, CreateOutcome, Log, Retention, TopicSpec};
 use kontext_serve::AppState;
@@ -42,10 +43,48 @@ pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dy
             bootstrap_servers,
             properties,
         } => {
-            let _ = (bootstrap_servers, properties);
-            anyhow::bail!("KAFKA-PENDING")
+            let kafka = KafkaConfig {
+                properties: properties.clone(),
+                ..KafkaConfig::new(bootstrap_servers.clone())
+            };
+            let log = KafkaLog::new(kafka)
+                .with_context(|| format!("configuring the Kafka client for {bootstrap_servers}"))?;
+            Ok(Arc::new(log))
         }
     }
+}
+
+/// Creates every entity topic the pipeline declares (existing topics are left as they are).
+/// An unreachable broker is retried with exponential backoff (100 ms doubling to 30 s) until
+/// it answers or `shutdown` is cancelled; each attempt says what is wrong.
+pub async fn ensure_topics_with_retry(
+    log: &dyn Log,
+    config: &PipelineConfig,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match ensure_topics(log, config).await {
+            Ok(()) => return Ok(()),
+            Err(e) if is_transient(&e) && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "the {} log is unavailable; retrying", log.backend());
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(e),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<kontext_log::LogError>()
+            .is_some_and(|l| l.is_transient())
+    })
 }
 
 /// Creates every entity topic the pipeline declares (existing topics are left as they are).

@@ -91,10 +91,10 @@ async fn dispatch(command: Command) -> Result<()> {
             let config = PipelineConfig::load(&config)?;
             let data_dir = data_dir.unwrap_or_else(|| config.data_dir.clone());
             let listen = listen.unwrap_or_else(|| config.serve.listen.clone());
-            let log = app::open_log(&config, &data_dir).await?;
-            app::ensure_topics(log.as_ref(), &config).await?;
             let shutdown = CancellationToken::new();
             app::cancel_on_signal(shutdown.clone());
+            let log = app::open_log(&config, &data_dir).await?;
+            app::ensure_topics_with_retry(log.as_ref(), &config, &shutdown).await?;
             let running = app::start_pipeline(&config, &data_dir, log, &listen, shutdown).await?;
             println!(
                 "kontext: pipeline {:?} serving on http://{}",

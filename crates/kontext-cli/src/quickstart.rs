@@ -61,11 +61,10 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let log = app::open_log(&config, &args.data_dir).await?;
-    app::ensure_topics(log.as_ref(), &config).await?;
-
     let shutdown = CancellationToken::new();
     app::cancel_on_signal(shutdown.clone());
+    let log = app::open_log(&config, &args.data_dir).await?;
+    app::ensure_topics_with_retry(log.as_ref(), &config, &shutdown).await?;
     let listen = format!("127.0.0.1:{}", args.port);
     let running = app::start_pipeline(
         &config,
