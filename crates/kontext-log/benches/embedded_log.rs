@@ -10,7 +10,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kontext_core::record::ProduceRecord;
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
-use kontext_log::{Log, Producer, TopicSpec};
+use kontext_log::{ConsumerConfig, Log, Producer, TopicSpec};
 
 /// Records per send call.
 const BATCH: usize = 1000;
@@ -117,6 +117,27 @@ fn read(c: &mut Criterion) {
                     offset += got.len() as i64;
                 }
                 offset
+            })
+        });
+        // The same through a consumer group member (poll of 1000 records at a time).
+        let mut round = 0u64;
+        group.bench_function(BenchmarkId::new("consumer_poll", format!("{size}B")), |b| {
+            b.iter(|| {
+                round += 1;
+                rt.block_on(async {
+                    let config =
+                        ConsumerConfig::new(format!("bench-{round}"), vec!["bench".into()]);
+                    let mut consumer = log.consumer(config).await.expect("consumer");
+                    let mut seen = 0usize;
+                    while seen < count {
+                        seen += consumer
+                            .poll(BATCH, Duration::from_secs(1))
+                            .await
+                            .expect("poll")
+                            .len();
+                    }
+                    seen
+                })
             })
         });
     }

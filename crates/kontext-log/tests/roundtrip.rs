@@ -401,3 +401,94 @@ fn now_ms() -> i64 {
         .expect("clock after 1970")
         .as_millis() as i64
 }
+
+#[tokio::test]
+async fn group_commit_hides_records_until_their_fsync_and_acknowledges_them_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A long spacing between fsyncs makes the window before the second sync observable.
+    let config = EmbeddedConfig {
+        fsync: FsyncPolicy::GroupCommit {
+            interval: Duration::from_millis(600),
+        },
+        ..Default::default()
+    };
+    let log = open(dir.path(), config);
+    create(&log, "t", 1).await;
+    let producer = log.producer().await.expect("producer");
+    producer
+        .send(vec![value_record("t", 0, "first")])
+        .await
+        .expect("first send is synced at once");
+    let mut senders = Vec::new();
+    for i in 0..3 {
+        let producer = producer.clone();
+        senders.push(tokio::spawn(async move {
+            producer
+                .send(vec![value_record("t", 0, format!("later-{i}"))])
+                .await
+                .expect("send")
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        senders.iter().all(|s| !s.is_finished()),
+        "not acknowledged before the next fsync"
+    );
+    assert_eq!(
+        log.fetch("t", 0, 0, 10).expect("fetch").len(),
+        1,
+        "unacknowledged records are invisible"
+    );
+    let mut consumer = log
+        .consumer(ConsumerConfig::new("g", vec!["t".into()]))
+        .await
+        .expect("consumer");
+    assert_eq!(
+        consumer.poll(10, Duration::ZERO).await.expect("poll").len(),
+        1
+    );
+    let mut offsets = Vec::new();
+    for s in senders {
+        offsets.push(s.await.expect("sender")[0].offset);
+    }
+    offsets.sort();
+    assert_eq!(offsets, vec![1, 2, 3]);
+    assert_eq!(log.fetch("t", 0, 0, 10).expect("fetch").len(), 4);
+    assert_eq!(
+        consumer
+            .poll(10, Duration::from_secs(5))
+            .await
+            .expect("poll")
+            .len(),
+        3
+    );
+    producer.flush().await.expect("flush with nothing pending");
+}
+
+#[tokio::test]
+async fn one_send_can_span_several_topics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path(), EmbeddedConfig::default());
+    create(&log, "a", 2).await;
+    create(&log, "b", 1).await;
+    let producer = log.producer().await.expect("producer");
+    let pos = producer
+        .send(vec![
+            value_record("a", 1, "a1"),
+            value_record("b", 0, "b0"),
+            value_record("a", 1, "a1'"),
+            value_record("a", 0, "a0"),
+        ])
+        .await
+        .expect("send");
+    let coords: Vec<(i32, i64)> = pos.iter().map(|p| (p.partition, p.offset)).collect();
+    assert_eq!(coords, vec![(1, 0), (0, 0), (1, 1), (0, 0)]);
+    assert_eq!(
+        log.fetch("a", 1, 0, 10).expect("a/1")[1].value.as_deref(),
+        Some(&b"a1'"[..])
+    );
+    assert_eq!(
+        log.fetch("b", 0, 0, 10).expect("b/0")[0].value.as_deref(),
+        Some(&b"b0"[..])
+    );
+}
