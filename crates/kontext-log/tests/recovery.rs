@@ -187,3 +187,39 @@ async fn an_empty_active_segment_keeps_the_high_watermark() {
         .expect("cut");
     check_recovered(dir.path(), config, &values, base).await;
 }
+
+#[tokio::test]
+async fn corruption_found_while_reading_is_an_error_not_silence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path(), EmbeddedConfig::default());
+    create(&log, "t", 1).await;
+    let producer = log.producer().await.expect("producer");
+    let records = (0..20)
+        .map(|i| value_record("t", 0, format!("value-{i:04}")))
+        .collect();
+    producer.send(records).await.expect("send");
+    let (seg, starts, _) = record_starts(dir.path());
+    // Damage record 10 behind the open log's back.
+    let mut data = std::fs::read(&seg).expect("read");
+    data[starts[10] as usize + 8 + 30] ^= 0x40;
+    std::fs::write(&seg, &data).expect("write");
+    assert_eq!(
+        log.fetch("t", 0, 0, 10).expect("before the damage").len(),
+        10
+    );
+    let err = log.fetch("t", 0, 5, 10).expect_err("reads into the damage");
+    assert!(
+        matches!(err, kontext_log::LogError::Corrupt { .. }),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+    let mut consumer = log
+        .consumer(kontext_log::ConsumerConfig::new("g", vec!["t".into()]))
+        .await
+        .expect("consumer");
+    let got = consumer.poll(100, std::time::Duration::ZERO).await;
+    assert!(
+        matches!(got, Err(kontext_log::LogError::Corrupt { .. })),
+        "{got:?}"
+    );
+}

@@ -186,7 +186,18 @@ impl EmbeddedConsumer {
                 }
                 let quota = if pass == 0 { share.min(left) } else { left };
                 let i = (start + k) % n;
-                self.read_partition(i, quota, &mut out)?;
+                let before = out.len();
+                if let Err(e) = self.read_partition(i, quota, &mut out) {
+                    // Records handed out must match positions advanced: drop this partition's
+                    // partial read (its position did not move). Records already read from
+                    // other partitions are returned; the error comes back on the next poll.
+                    out.truncate(before);
+                    if out.is_empty() {
+                        return Err(e);
+                    }
+                    tracing::warn!(group = %self.group, "poll stops early: {e}");
+                    return Ok(out);
+                }
             }
         }
         Ok(out)

@@ -158,7 +158,10 @@ impl EmbeddedLog {
     }
 
     /// Appends records from any topics and waits until they are acknowledged under the
-    /// fsync policy. All records are validated before any is written.
+    /// fsync policy. All records are validated before any is written. If an I/O error hits
+    /// one partition's write, the partitions written before it keep their records (they
+    /// become visible with the next sync), as when a Kafka produce request fails for some of
+    /// its partitions: a retry of the whole call may duplicate them.
     pub async fn append(
         &self,
         records: Vec<ProduceRecord>,
