@@ -23,7 +23,12 @@ pub fn log_error(context: &str, err: KafkaError) -> LogError {
     if matches!(err, KafkaError::Canceled) {
         return LogError::Closed;
     }
-    match err.rdkafka_error_code() {
+    // rdkafka's `rdkafka_error_code()` leaves out the code of a failed admin operation.
+    let code = match &err {
+        KafkaError::AdminOp(code) => Some(*code),
+        other => other.rdkafka_error_code(),
+    };
+    match code {
         Some(code) if is_unavailable(code) => LogError::Unavailable(format!("{context}: {err}")),
         Some(code) => LogError::Kafka {
             message: format!("{context}: {err}"),
@@ -177,6 +182,29 @@ mod tests {
             KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::NotCoordinator),
         );
         assert!(!err.is_transient(), "{err:?}");
+    }
+
+    #[test]
+    fn admin_operations_keep_their_code() {
+        let err = log_error(
+            "create",
+            KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut),
+        );
+        assert!(matches!(err, LogError::Unavailable(_)), "{err:?}");
+        let err = log_error(
+            "create",
+            KafkaError::AdminOp(RDKafkaErrorCode::NotController),
+        );
+        assert!(
+            matches!(
+                err,
+                LogError::Kafka {
+                    transient: true,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
