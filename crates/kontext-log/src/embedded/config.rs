@@ -32,7 +32,8 @@ pub enum FsyncPolicy {
         interval: Duration,
     },
     /// Acknowledge after the write to the page cache, never fsync on the append path (the OS
-    /// writes back on its own schedule; segments are also fsynced on a clean close). Like
+    /// writes back on its own schedule; a rolled segment is fsynced in the background soon
+    /// after the roll, and every partition on a clean close). Like
     /// Kafka's default: acknowledged records survive a crash of the process (kill -9) but not
     /// of the machine; after a power loss recovery keeps the longest valid prefix.
     #[serde(alias = "os_managed")]

@@ -172,8 +172,13 @@ impl EmbeddedLog {
         }
         match self.shared.config.fsync {
             FsyncPolicy::Never => {
-                let (positions, _) = self.append_unsynced(&records, round_robin)?;
+                let (positions, touched) = self.append_unsynced(&records, round_robin)?;
                 self.shared.publish();
+                for p in touched {
+                    if p.take_flush_request() {
+                        self.shared.request_background_sync(p);
+                    }
+                }
                 Ok(positions)
             }
             FsyncPolicy::GroupCommit { .. } => {

@@ -46,6 +46,9 @@ struct State {
     pending_sync: Vec<Arc<File>>,
     /// A segment file was created since the last fsync of the partition directory.
     dir_dirty: bool,
+    /// Under [`FsyncPolicy::Never`]: a segment was rolled and nobody asked the background
+    /// thread to fsync it yet.
+    flush_requested: bool,
     /// Reused encode buffer, so appends do not allocate once it has grown.
     buf: Vec<u8>,
     /// Set when a write could not be undone or an fsync failed: the state of the file is then
@@ -191,6 +194,7 @@ impl Partition {
                 next_offset,
                 pending_sync: Vec::new(),
                 dir_dirty: false,
+                flush_requested: false,
                 buf: Vec::new(),
                 failed: None,
             }),
@@ -205,6 +209,12 @@ impl Partition {
     /// The first offset still in the log.
     pub fn low_watermark(&self) -> i64 {
         self.state.lock().segments.first().map_or(0, |s| s.base)
+    }
+
+    /// Under [`FsyncPolicy::Never`]: whether a segment rolled since the last call, so the
+    /// background thread should fsync it (as Kafka flushes a segment when it rolls).
+    pub fn take_flush_request(&self) -> bool {
+        std::mem::take(&mut self.state.lock().flush_requested)
     }
 
     /// Whether appends are waiting for an fsync (group commit).
@@ -538,15 +548,13 @@ impl Partition {
     fn roll(&self, st: &mut State, config: &EmbeddedConfig) -> Result<(), LogError> {
         let segment = create_segment(&self.dir, st.next_offset)?;
         // The rolled segment and the new directory entry are made durable by the next sync:
-        // the covering group commit, or the same send under `Always`. `Never` promises
-        // nothing here (the OS writes the segment back within its dirty-page expiry).
-        let durable = config.fsync != FsyncPolicy::Never;
+        // the covering group commit, the same send under `Always`, a background fsync soon
+        // after the roll under `Never` (which acknowledges nothing by it).
         if let Some(old) = st.segments.last_mut().and_then(|s| s.file.take()) {
-            if durable {
-                st.pending_sync.push(old);
-            }
+            st.pending_sync.push(old);
         }
-        st.dir_dirty = durable;
+        st.dir_dirty = true;
+        st.flush_requested = config.fsync == FsyncPolicy::Never;
         st.segments.push(segment);
         self.retain_locked(st, SystemTime::now());
         Ok(())

@@ -34,6 +34,8 @@ pub(crate) struct Shared {
 #[derive(Default)]
 pub(crate) struct Queue {
     pub waiters: Vec<Waiter>,
+    /// Partitions to fsync without anyone waiting (rolled segments under `Never`).
+    pub background: Vec<Arc<Partition>>,
     pub shutdown: bool,
 }
 
@@ -61,6 +63,12 @@ impl Shared {
         rx
     }
 
+    /// Asks the thread to fsync a partition soon; nobody waits for it.
+    pub fn request_background_sync(&self, partition: Arc<Partition>) {
+        self.queue.lock().background.push(partition);
+        self.wake.notify_one();
+    }
+
     pub fn publish(&self) {
         self.data_version.send_modify(|v| *v = v.wrapping_add(1));
     }
@@ -74,7 +82,7 @@ impl Shared {
 }
 
 /// The thread's main loop; returns after [`Queue::shutdown`] is set and a final sync of every
-/// partition (which also makes a clean close durable under [`FsyncPolicy::Never`]).
+/// partition (so that a clean close is durable under every policy).
 pub(crate) fn run(shared: Arc<Shared>) {
     let spacing = match shared.config.fsync {
         FsyncPolicy::GroupCommit { interval } => interval,
@@ -84,7 +92,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut next_retention = Instant::now() + shared.config.retention_check_interval;
     loop {
         let mut q = shared.queue.lock();
-        while !q.shutdown && q.waiters.is_empty() && Instant::now() < next_retention {
+        while !q.shutdown
+            && q.waiters.is_empty()
+            && q.background.is_empty()
+            && Instant::now() < next_retention
+        {
             shared.wake.wait_until(&mut q, next_retention);
         }
         if !q.waiters.is_empty() {
@@ -96,9 +108,15 @@ pub(crate) fn run(shared: Arc<Shared>) {
             }
         }
         let waiters = std::mem::take(&mut q.waiters);
+        let background = std::mem::take(&mut q.background);
         let shutdown = q.shutdown;
         drop(q);
 
+        for p in background {
+            if let Err(e) = p.sync(false) {
+                tracing::error!(topic = %p.topic, partition = p.id, "background fsync of a rolled segment failed: {e}");
+            }
+        }
         if !waiters.is_empty() {
             last_sync = Some(Instant::now());
             commit(&shared, waiters);
