@@ -14,7 +14,7 @@
 # KAFKA_TOOL_OPTS adds JVM options (default -Xmx512m).
 set -euo pipefail
 
-# shellcheck source=kafka/lib.sh
+# shellcheck source=SCRIPTDIR/kafka/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kafka/lib.sh"
 
 usage() {

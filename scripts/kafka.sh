@@ -20,7 +20,7 @@
 #   KAFKA_CACHE_DIR        jars and run state (default scripts/.kafka)
 set -euo pipefail
 
-# shellcheck source=kafka/lib.sh
+# shellcheck source=SCRIPTDIR/kafka/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/kafka/lib.sh"
 
 KAFKA_PORT="${KAFKA_PORT:-9092}"
@@ -120,7 +120,7 @@ start() {
     # terminal) that started it, and Ctrl-C there does not reach it. The pid is written from
     # inside, before exec, so it is the JVM's pid whatever setsid does.
     # 8>&- : the broker must not inherit the start/stop lock, or it would hold it forever.
-    # shellcheck disable=SC2086 # KAFKA_HEAP_OPTS holds several words on purpose.
+    # shellcheck disable=SC2086,SC2016 # KAFKA_HEAP_OPTS holds several words; $$ is for the child.
     setsid bash -c 'echo $$ >"$0"; exec "$@"' "$PID_FILE" \
         java $KAFKA_HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
         -Dlog4j2.configurationFile="$KAFKA_LOG4J_CONFIG" -Dkontext.kafka.log.level=INFO \

@@ -5,6 +5,7 @@
 
 KAFKA_SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KAFKA_POM="$KAFKA_SCRIPTS_DIR/kafka/pom.xml"
+# shellcheck disable=SC2034 # used by the scripts that source this file
 KAFKA_LOG4J_CONFIG="$KAFKA_SCRIPTS_DIR/kafka/log4j2.properties"
 # Gitignored cache: resolved jars and the state of running brokers.
 KAFKA_CACHE_DIR="${KAFKA_CACHE_DIR:-$KAFKA_SCRIPTS_DIR/.kafka}"
