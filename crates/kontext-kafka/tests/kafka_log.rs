@@ -355,3 +355,74 @@ async fn an_unreachable_cluster_is_unavailable_and_transient() {
     assert!(matches!(err, LogError::Unavailable(_)), "{err:?}");
     assert!(err.is_transient());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_of_a_group_split_the_partitions_and_each_record_goes_to_one() {
+    let log = kafka_log();
+    let topic = unique("split");
+    let group = unique("g");
+    log.create_topic(&TopicSpec::new(&topic, 4)).await.unwrap();
+    let mut a = log
+        .consumer(ConsumerConfig::new(&group, vec![topic.clone()]))
+        .await
+        .unwrap();
+    let mut b = log
+        .consumer(ConsumerConfig::new(&group, vec![topic.clone()]))
+        .await
+        .unwrap();
+
+    // Both must poll for the group to settle (polling is what serves rebalances).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(a
+            .poll(10, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(b
+            .poll(10, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty());
+        let (pa, pb) = (a.assignment(), b.assignment());
+        if !pa.is_empty() && !pb.is_empty() && pa.len() + pb.len() == 4 {
+            assert!(
+                pa.iter().all(|p| !pb.contains(p)),
+                "disjoint: {pa:?} {pb:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "group did not settle: {pa:?} {pb:?}"
+        );
+    }
+    let producer = log.producer().await.unwrap();
+    producer
+        .send((0..400).map(|i| keyed(&topic, i)).collect())
+        .await
+        .unwrap();
+
+    let mut got_a = Vec::new();
+    let mut got_b = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while got_a.len() + got_b.len() < 400 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} + {} of 400",
+            got_a.len(),
+            got_b.len()
+        );
+        got_a.extend(a.poll(400, Duration::from_millis(100)).await.unwrap());
+        got_b.extend(b.poll(400, Duration::from_millis(100)).await.unwrap());
+    }
+    assert_eq!(got_a.len() + got_b.len(), 400, "no record delivered twice");
+    let assigned_a = a.assignment();
+    assert!(got_a
+        .iter()
+        .all(|r| assigned_a.contains(&r.topic_partition())));
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "both members got work"
+    );
+}
