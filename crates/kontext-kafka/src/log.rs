@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use kontext_core::record::TopicPartition;
 use kontext_log::{
     Consumer, ConsumerConfig, CreateOutcome, Log, LogError, Producer, Retention, TopicDescription,
     TopicSpec,
@@ -11,7 +12,7 @@ use kontext_log::{
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -319,6 +320,32 @@ impl Log for KafkaLog {
             .collect();
         out.sort_by_key(|(p, _)| *p);
         Ok(out)
+    }
+
+    /// Commits `offsets` for `group` from a client that does not join the group, as
+    /// `kafka-consumer-groups --reset-offsets` does: the broker accepts it only while the group
+    /// has no active member, which is when a store sink rewinds its group before joining.
+    async fn reset_group_offsets(
+        &self,
+        group: &str,
+        offsets: &[(TopicPartition, i64)],
+    ) -> Result<(), LogError> {
+        let client: BaseConsumer = create(
+            &self.config.consumer_config(group, Default::default()),
+            "creating the offsets client",
+        )?;
+        let mut list = TopicPartitionList::with_capacity(offsets.len());
+        for (tp, offset) in offsets {
+            list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))
+                .map_err(|e| log_error("building the offsets to reset", e))?;
+        }
+        let group = group.to_string();
+        blocking(move || {
+            client
+                .commit(&list, CommitMode::Sync)
+                .map_err(|e| log_error(&format!("resetting the offsets of group {group:?}"), e))
+        })
+        .await
     }
 }
 

@@ -76,6 +76,17 @@ impl GroupStore {
         }
     }
 
+    /// Sets the committed offsets of a group that has no active member (the embedded
+    /// `kafka-consumer-groups --reset-offsets`).
+    pub fn reset(&self, group: &str, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError> {
+        if self.active.lock().contains(group) {
+            return Err(LogError::GroupBusy(group.to_string()));
+        }
+        let g = self.group(group)?;
+        let mut g = g.lock();
+        g.commit(offsets)
+    }
+
     /// The offsets of `group`, read from its file on first use.
     pub fn group(&self, group: &str) -> Result<Arc<Mutex<GroupOffsets>>, LogError> {
         let mut groups = self.groups.lock();

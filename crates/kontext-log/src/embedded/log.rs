@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use kontext_core::partitioner::partition_for_key;
-use kontext_core::record::{ProduceRecord, Record, RecordPosition};
+use kontext_core::record::{ProduceRecord, Record, RecordPosition, TopicPartition};
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
@@ -485,6 +485,23 @@ impl Log for EmbeddedLog {
             .iter()
             .map(|p| (p.id, offsets.get(topic, p.id)))
             .collect())
+    }
+
+    async fn reset_group_offsets(
+        &self,
+        group: &str,
+        offsets: &[(TopicPartition, i64)],
+    ) -> Result<(), LogError> {
+        for (tp, _) in offsets {
+            let t = self.topic(&tp.topic)?;
+            if !t.partitions.iter().any(|p| p.id == tp.partition) {
+                return Err(LogError::UnknownPartition {
+                    topic: tp.topic.to_string(),
+                    partition: tp.partition,
+                });
+            }
+        }
+        self.groups.reset(group, offsets)
     }
 }
 
