@@ -10,10 +10,10 @@ use crate::LogError;
 /// at which consumers can see the records: the embedded log never hands out a record that a
 /// crash could take back under the chosen policy.
 ///
-/// In YAML: `fsync: always`, `fsync: never` (alias `os_managed`), or
-/// `fsync: { group_commit: { interval: 2ms } }`.
+/// In YAML or JSON: `always`, `never` (alias `os_managed`), `group_commit` (default interval),
+/// or `{ group_commit: { interval: 2ms } }` (a plain map, not a YAML `!tag`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(try_from = "RawFsync", into = "RawFsync")]
 pub enum FsyncPolicy {
     /// Every send call writes its records and fsyncs the partition's files before it returns,
     /// one fsync per call and partition, serialized per partition. Survives power loss and
@@ -27,23 +27,71 @@ pub enum FsyncPolicy {
     /// `interval` is the minimum spacing between two fsyncs of the syncer: a lone send is
     /// synced at once, while under load appends coalesce for up to `interval` (bounding the
     /// fsync rate). Appends that arrive while an fsync runs are covered by the next one.
-    GroupCommit {
-        #[serde(with = "duration_serde")]
-        interval: Duration,
-    },
+    GroupCommit { interval: Duration },
     /// Acknowledge after the write to the page cache, never fsync on the append path (the OS
     /// writes back on its own schedule; a rolled segment is fsynced in the background soon
     /// after the roll, and every partition on a clean close). Like
     /// Kafka's default: acknowledged records survive a crash of the process (kill -9) but not
     /// of the machine; after a power loss recovery keeps the longest valid prefix.
-    #[serde(alias = "os_managed")]
     Never,
 }
 
 impl Default for FsyncPolicy {
     fn default() -> Self {
         FsyncPolicy::GroupCommit {
-            interval: Duration::from_millis(1),
+            interval: default_group_commit_interval(),
+        }
+    }
+}
+
+/// The serialized forms of [`FsyncPolicy`]: a bare name, or a map for group commit with
+/// settings. Written by hand because serde's externally tagged enums become YAML `!tags`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum RawFsync {
+    Name(String),
+    GroupCommit { group_commit: GroupCommitSettings },
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupCommitSettings {
+    #[serde(with = "duration_serde", default = "default_group_commit_interval")]
+    interval: Duration,
+}
+
+fn default_group_commit_interval() -> Duration {
+    Duration::from_millis(1)
+}
+
+impl TryFrom<RawFsync> for FsyncPolicy {
+    type Error = String;
+
+    fn try_from(raw: RawFsync) -> Result<Self, String> {
+        match raw {
+            RawFsync::GroupCommit { group_commit } => Ok(FsyncPolicy::GroupCommit {
+                interval: group_commit.interval,
+            }),
+            RawFsync::Name(name) => match name.as_str() {
+                "always" => Ok(FsyncPolicy::Always),
+                "never" | "os_managed" => Ok(FsyncPolicy::Never),
+                "group_commit" => Ok(FsyncPolicy::default()),
+                other => Err(format!(
+                    "unknown fsync policy {other:?}: expected always, group_commit or never"
+                )),
+            },
+        }
+    }
+}
+
+impl From<FsyncPolicy> for RawFsync {
+    fn from(p: FsyncPolicy) -> Self {
+        match p {
+            FsyncPolicy::Always => RawFsync::Name("always".into()),
+            FsyncPolicy::Never => RawFsync::Name("never".into()),
+            FsyncPolicy::GroupCommit { interval } => RawFsync::GroupCommit {
+                group_commit: GroupCommitSettings { interval },
+            },
         }
     }
 }
@@ -195,6 +243,30 @@ mod tests {
                 interval: Duration::from_millis(250)
             }
         );
+    }
+
+    #[test]
+    fn fsync_policy_reads_from_yaml() {
+        let c: EmbeddedConfig =
+            serde_yaml_ng::from_str("fsync: always\nsegment_bytes: 65536\n").expect("always");
+        assert_eq!((c.fsync, c.segment_bytes), (FsyncPolicy::Always, 65536));
+        let c: EmbeddedConfig =
+            serde_yaml_ng::from_str("fsync:\n  group_commit:\n    interval: 2ms\n").expect("gc");
+        assert_eq!(
+            c.fsync,
+            FsyncPolicy::GroupCommit {
+                interval: Duration::from_millis(2)
+            }
+        );
+        let c: EmbeddedConfig = serde_yaml_ng::from_str("fsync: os_managed\n").expect("never");
+        assert_eq!(c.fsync, FsyncPolicy::Never);
+        let c: EmbeddedConfig = serde_yaml_ng::from_str("fsync: group_commit\n").expect("name");
+        assert_eq!(c.fsync, FsyncPolicy::default());
+        let err = serde_yaml_ng::from_str::<EmbeddedConfig>("fsync: sometimes\n").expect_err("bad");
+        assert!(err.to_string().contains("unknown fsync policy"), "{err}");
+        let yaml = serde_yaml_ng::to_string(&EmbeddedConfig::default()).expect("to yaml");
+        let back: EmbeddedConfig = serde_yaml_ng::from_str(&yaml).expect("round trip");
+        assert_eq!(back, EmbeddedConfig::default());
     }
 
     #[test]
