@@ -65,19 +65,50 @@ struct Segment {
     /// thousands of file descriptors. Reads of older segments open them on demand.
     file: Option<Arc<File>>,
     path: PathBuf,
-    /// Sparse index: (offset, position) of a record every `index_interval_bytes` or so.
-    index: Vec<(i64, u64)>,
+    index: SparseIndex,
     last_append: SystemTime,
 }
 
 impl Segment {
     fn position_for(&self, offset: i64) -> u64 {
-        let i = self.index.partition_point(|&(o, _)| o <= offset);
-        if i == 0 {
-            0
-        } else {
-            self.index[i - 1].1
+        self.index.lookup(self.base, offset)
+    }
+}
+
+/// (offset, position) of a record every `index_interval_bytes` or so, stored relative to the
+/// segment as two `u32`s: 8 bytes per entry, 0.2% of the data at the default interval.
+#[derive(Default)]
+struct SparseIndex {
+    entries: Vec<(u32, u32)>,
+    /// The position of the last indexed record.
+    last_pos: Option<u64>,
+}
+
+impl SparseIndex {
+    /// Adds an entry if the record at `pos` is `interval` bytes past the last one. An entry
+    /// that does not fit in `u32` (only a single batch of over 4 GiB could cause that) is
+    /// skipped: the index is sparse, a missing entry only means a longer scan.
+    fn maybe_push(&mut self, base: i64, offset: i64, pos: u64, interval: u64) {
+        if self.last_pos.is_some_and(|p| pos - p < interval) {
+            return;
         }
+        if let (Ok(o), Ok(p)) = (u32::try_from(offset - base), u32::try_from(pos)) {
+            self.entries.push((o, p));
+            self.last_pos = Some(pos);
+        }
+    }
+
+    /// The position of the closest indexed record at or before `offset` (0 if none).
+    fn lookup(&self, base: i64, offset: i64) -> u64 {
+        let rel = offset - base;
+        let i = self.entries.partition_point(|&(o, _)| i64::from(o) <= rel);
+        i.checked_sub(1).map_or(0, |i| u64::from(self.entries[i].1))
+    }
+
+    /// Undoes pushes after a failed write.
+    fn restore(&mut self, len: usize, last_pos: Option<u64>) {
+        self.entries.truncate(len);
+        self.last_pos = last_pos;
     }
 }
 
@@ -267,17 +298,13 @@ impl Partition {
                 "the active segment is not open".into(),
             ));
         };
-        let index_len_before = active.index.len();
-        let mut last_indexed = active.index.last().map(|&(_, p)| p);
+        let index_before = (active.index.entries.len(), active.index.last_pos);
         buf.clear();
         buf.reserve(batch_len as usize);
         for (k, &i) in indices.iter().enumerate() {
             let offset = first + k as i64;
             let pos = active.size + buf.len() as u64;
-            if last_indexed.is_none_or(|p| pos - p >= interval) {
-                active.index.push((offset, pos));
-                last_indexed = Some(pos);
-            }
+            active.index.maybe_push(active.base, offset, pos, interval);
             let record = &records[i as usize];
             format::encode(
                 buf,
@@ -287,7 +314,7 @@ impl Partition {
             );
         }
         if let Err(e) = file.write_all_at(buf, active.size) {
-            active.index.truncate(index_len_before);
+            active.index.restore(index_before.0, index_before.1);
             // Cut off whatever part of the batch reached the file, so the segment stays a
             // sequence of whole frames; if even that fails the file is in an unknown state.
             if let Err(e2) = file.set_len(active.size) {
@@ -606,7 +633,7 @@ fn create_segment(dir: &Path, base: i64) -> Result<Segment, LogError> {
         size: 0,
         file: Some(Arc::new(file)),
         path,
-        index: Vec::new(),
+        index: SparseIndex::default(),
         last_append: SystemTime::now(),
     })
 }
@@ -614,7 +641,7 @@ fn create_segment(dir: &Path, base: i64) -> Result<Segment, LogError> {
 struct Scan {
     valid_len: u64,
     end: i64,
-    index: Vec<(i64, u64)>,
+    index: SparseIndex,
     /// Why the valid prefix ends before the file does.
     problem: Option<String>,
 }
@@ -627,8 +654,7 @@ fn scan_segment(
     file_len: u64,
     interval: u32,
 ) -> Result<Scan, LogError> {
-    let mut index = Vec::new();
-    let mut last_indexed: Option<u64> = None;
+    let mut index = SparseIndex::default();
     let mut pos = 0u64;
     let mut next = base;
     let mut chunk = MAX_READ_CHUNK;
@@ -651,10 +677,7 @@ fn scan_segment(
                         break;
                     }
                     let at = pos + off as u64;
-                    if last_indexed.is_none_or(|p| at - p >= u64::from(interval)) {
-                        index.push((offset, at));
-                        last_indexed = Some(at);
-                    }
+                    index.maybe_push(base, offset, at, u64::from(interval));
                     next += 1;
                     off += len;
                 }
@@ -751,6 +774,22 @@ mod tests {
             p.read(201, 10, usize::MAX, &mut out).expect("read"),
             ReadOutcome::OutOfRange { low: 0, high: 200 }
         );
+    }
+
+    #[test]
+    fn sparse_index_finds_the_closest_entry_at_or_before_an_offset() {
+        let mut ix = SparseIndex::default();
+        for (k, pos) in [(0, 0), (1, 50), (2, 120), (3, 130), (4, 300)] {
+            ix.maybe_push(1000, 1000 + k, pos, 100);
+        }
+        assert_eq!(ix.entries, vec![(0, 0), (2, 120), (4, 300)]);
+        assert_eq!(ix.lookup(1000, 1001), 0);
+        assert_eq!(ix.lookup(1000, 1003), 120);
+        assert_eq!(ix.lookup(1000, 1009), 300);
+        // Positions past u32 are left out rather than wrapped.
+        ix.maybe_push(1000, 1005, 5 << 32, 100);
+        assert_eq!(ix.entries.len(), 3);
+        assert_eq!(ix.lookup(1000, 1005), 300);
     }
 
     #[test]
