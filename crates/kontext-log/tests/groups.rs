@@ -285,3 +285,56 @@ async fn group_ids_with_path_characters_stay_inside_the_groups_directory() {
         .join("escape.json")
         .exists());
 }
+
+#[tokio::test]
+async fn offsets_of_an_idle_group_can_be_reset_durably() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let log = open(dir.path(), EmbeddedConfig::default());
+        create(&log, "t", 2).await;
+        fill(&log, "t", 2, 10).await;
+        let mut c = log
+            .consumer(ConsumerConfig::new("g", vec!["t".into()]))
+            .await
+            .expect("consumer");
+        c.commit(&[(TopicPartition::new("t", 0), 9)])
+            .await
+            .expect("commit");
+        let err = log
+            .reset_group_offsets("g", &[(TopicPartition::new("t", 0), 2)])
+            .await
+            .expect_err("busy");
+        assert!(matches!(err, LogError::GroupBusy(_)), "{err}");
+        drop(c);
+        let err = log
+            .reset_group_offsets("g", &[(TopicPartition::new("t", 5), 2)])
+            .await
+            .expect_err("unknown partition");
+        assert!(matches!(err, LogError::UnknownPartition { .. }), "{err}");
+        let err = log
+            .reset_group_offsets("g", &[(TopicPartition::new("t", 0), -3)])
+            .await
+            .expect_err("negative");
+        assert!(matches!(err, LogError::Invalid(_)), "{err}");
+        log.reset_group_offsets(
+            "g",
+            &[
+                (TopicPartition::new("t", 0), 2),
+                (TopicPartition::new("t", 1), 8),
+            ],
+        )
+        .await
+        .expect("reset");
+    }
+    let log = open(dir.path(), EmbeddedConfig::default());
+    assert_eq!(
+        log.committed_offsets("g", "t").await.expect("offsets"),
+        vec![(0, Some(2)), (1, Some(8))]
+    );
+    let mut c = log
+        .consumer(ConsumerConfig::new("g", vec!["t".into()]))
+        .await
+        .expect("consumer");
+    let got = c.poll(100, SHORT).await.expect("poll");
+    assert_eq!(got.len(), 8 + 2, "resumes from the reset offsets");
+}

@@ -78,8 +78,11 @@ impl GroupStore {
 
     /// Sets the committed offsets of a group that has no active member (the embedded
     /// `kafka-consumer-groups --reset-offsets`).
+    /// Blocking (three fsyncs). The set of active groups stays locked until the offsets are
+    /// written, so no member can join between the check and the commit.
     pub fn reset(&self, group: &str, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError> {
-        if self.active.lock().contains(group) {
+        let active = self.active.lock();
+        if active.contains(group) {
             return Err(LogError::GroupBusy(group.to_string()));
         }
         let g = self.group(group)?;

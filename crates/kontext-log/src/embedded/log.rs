@@ -492,16 +492,24 @@ impl Log for EmbeddedLog {
         group: &str,
         offsets: &[(TopicPartition, i64)],
     ) -> Result<(), LogError> {
-        for (tp, _) in offsets {
-            let t = self.topic(&tp.topic)?;
-            if !t.partitions.iter().any(|p| p.id == tp.partition) {
-                return Err(LogError::UnknownPartition {
-                    topic: tp.topic.to_string(),
-                    partition: tp.partition,
-                });
+        for (tp, offset) in offsets {
+            self.partition(&tp.topic, tp.partition)?;
+            if *offset < 0 {
+                return Err(LogError::Invalid(format!(
+                    "negative offset {offset} for {tp}"
+                )));
             }
         }
-        self.groups.reset(group, offsets)
+        // The durable write fsyncs three times: keep it off the async worker threads.
+        let me = self.me()?;
+        let group = group.to_string();
+        let offsets = offsets.to_vec();
+        tokio::task::spawn_blocking(move || me.groups.reset(&group, &offsets))
+            .await
+            .map_err(|e| LogError::Io {
+                path: self.shared.dir.clone(),
+                source: std::io::Error::other(format!("offset reset task failed: {e}")),
+            })?
     }
 }
 
