@@ -2,7 +2,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kontext_core::config::PipelineConfig;
@@ -10,7 +10,7 @@ use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
 use kontext_log::Log;
 use kontext_store::{Change, EmbeddedStore, StoreSchema};
 use kontext_stream::{Outcome, Router};
-use support::{free_port, get_json, path_str, wait_for_zero_lag, Kontext};
+use support::{context_sources, free_port, get_json, path_str, wait_for_zero_lag, Kontext};
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
 
@@ -29,21 +29,20 @@ async fn printed_curl_returns_context_merged_from_three_sources() {
     let url = line.trim().trim_start_matches("curl -s ").to_string();
     let (status, body) = get_json(&url).await.expect("the printed curl answers");
     assert_eq!(status, 200, "{body}");
-    let mut sources = BTreeSet::new();
+    // Every field says where it came from.
     for p in body["provenance"].as_object().unwrap().values() {
-        sources.insert(p["source"].as_str().unwrap().to_string());
-        // Every field says where it came from.
-        for key in ["event_id", "topic", "partition", "offset", "event_time"] {
+        for key in [
+            "source",
+            "event_id",
+            "topic",
+            "partition",
+            "offset",
+            "event_time",
+        ] {
             assert!(!p[key].is_null(), "provenance lacks {key}: {p}");
         }
     }
-    for list in body["related"].as_object().unwrap().values() {
-        for item in list["items"].as_array().unwrap() {
-            for p in item["provenance"].as_object().unwrap().values() {
-                sources.insert(p["source"].as_str().unwrap().to_string());
-            }
-        }
-    }
+    let sources = context_sources(&body);
     assert!(
         sources.len() >= 3,
         "context merges only {sources:?}: {body}"

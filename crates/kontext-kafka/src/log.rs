@@ -341,9 +341,16 @@ impl Log for KafkaLog {
         }
         let group = group.to_string();
         blocking(move || {
-            client
-                .commit(&list, CommitMode::Sync)
-                .map_err(|e| log_error(&format!("resetting the offsets of group {group:?}"), e))
+            client.commit(&list, CommitMode::Sync).map_err(|e| match e {
+                // The coordinator refuses commits from outside while the group has members,
+                // including a dead one until its session times out.
+                KafkaError::ConsumerCommit(
+                    RDKafkaErrorCode::UnknownMemberId
+                    | RDKafkaErrorCode::IllegalGeneration
+                    | RDKafkaErrorCode::RebalanceInProgress,
+                ) => LogError::GroupBusy(group.clone()),
+                e => log_error(&format!("resetting the offsets of group {group:?}"), e),
+            })
         })
         .await
     }

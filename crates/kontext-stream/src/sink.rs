@@ -26,6 +26,9 @@ const MAX_BATCH: usize = 2_000;
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a rewind waits for a group's stale members to expire: longer than Kafka's default
+/// `session.timeout.ms` (45 s).
+const GROUP_BUSY_WAIT: Duration = Duration::from_secs(60);
 
 /// Errors that stop the sink.
 #[derive(Debug, thiserror::Error)]
@@ -163,11 +166,25 @@ impl StoreSink {
                 }
             }
         }
-        if !rewind.is_empty() {
-            warn!(%group, partitions = rewind.len(), "the group committed past what the store holds; rewinding it to the store's offsets");
-            self.log.reset_group_offsets(group, &rewind).await?;
+        if rewind.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        warn!(%group, partitions = rewind.len(), "the group committed past what the store holds; rewinding it to the store's offsets");
+        // A member of a killed process stays in a Kafka group until its session times out
+        // (45 s by default): wait that out rather than skip records.
+        let deadline = tokio::time::Instant::now() + GROUP_BUSY_WAIT;
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match self.log.reset_group_offsets(group, &rewind).await {
+                Ok(()) => return Ok(()),
+                Err(e) if is_busy_or_transient(&e) && tokio::time::Instant::now() < deadline => {
+                    warn!(%group, error = %e, retry_in = ?backoff, "cannot rewind the group yet (a member is still registered); retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn apply_with_retry(
@@ -208,6 +225,10 @@ impl StoreSink {
             }
         }
     }
+}
+
+fn is_busy_or_transient(e: &LogError) -> bool {
+    matches!(e, LogError::GroupBusy(_)) || e.is_transient()
 }
 
 fn now_ms() -> i64 {

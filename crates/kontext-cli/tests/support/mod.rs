@@ -125,6 +125,27 @@ pub async fn wait_for_zero_lag(port: u16, timeout: Duration) {
     }
 }
 
+/// Every source named in a context document's provenance, related entities included.
+pub fn context_sources(body: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    let mut sources = std::collections::BTreeSet::new();
+    let mut add = |provenance: &serde_json::Value| {
+        for p in provenance.as_object().into_iter().flat_map(|m| m.values()) {
+            sources.insert(p["source"].as_str().unwrap_or_default().to_string());
+        }
+    };
+    add(&body["provenance"]);
+    for list in body["related"]
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+    {
+        for item in list["items"].as_array().into_iter().flatten() {
+            add(&item["provenance"]);
+        }
+    }
+    sources
+}
+
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
