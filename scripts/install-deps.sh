@@ -2,7 +2,8 @@
 # Installs the Debian packages that kontext's tests and scripts need. Idempotent: when all are
 # installed it only checks, without touching apt's lists (a second run takes well under a second).
 #
-#   kcat                      poking at topics by hand, and tests that use a non-Java client
+#   kcat                      poking at topics by hand, and the interop tests (a C client)
+#   (pip) confluent-kafka     the interop tests' Python client, from scripts/requirements-test.txt
 #   openjdk-17-jdk-headless   runs the local broker (scripts/kafka.sh) and the single-file Java
 #                             helpers of tests (`java File.java` needs the JDK's compiler module)
 #   maven                     resolves the Kafka jars from Maven Central (scripts/kafka/pom.xml)
@@ -21,13 +22,19 @@ done
 
 if ((${#missing[@]} == 0)); then
     echo "install-deps: all installed (${PACKAGES[*]})"
-    exit 0
+else
+    SUDO=()
+    if ((EUID != 0)); then
+        SUDO=(sudo)
+    fi
+    echo "install-deps: installing ${missing[*]}"
+    "${SUDO[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-SUDO=()
-if ((EUID != 0)); then
-    SUDO=(sudo)
+# Python clients the interop tests drive (Confluent's confluent-kafka), pinned.
+requirements="$(dirname "${BASH_SOURCE[0]}")/requirements-test.txt"
+if ! python3 -c "import confluent_kafka" 2>/dev/null; then
+    echo "install-deps: pip install -r $requirements"
+    python3 -m pip install -q --disable-pip-version-check -r "$requirements"
 fi
-echo "install-deps: installing ${missing[*]}"
-"${SUDO[@]}" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,6 +1,7 @@
 //! The pipeline against the real Apache Kafka broker that `scripts/kafka.sh start` runs
-//! (`KONTEXT_TEST_KAFKA`, default 127.0.0.1:9092), fed by kontext and by Kafka's own Java
-//! console producer, and checked with Kafka's own consumer-groups tool.
+//! (`KONTEXT_TEST_KAFKA`, default 127.0.0.1:9092), fed by kontext and by clients nobody here
+//! wrote: Kafka's Java console producer, kcat and Confluent's Python client; checked with
+//! Kafka's own consumer-groups tool.
 
 mod support;
 
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kontext_core::envelope::{format_time, STRUCTURED_CONTENT_TYPE};
+use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::ProduceRecord;
 use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::Log;
@@ -224,6 +226,81 @@ async fn pipeline_from_kafka_to_the_context_api_with_java_clients() {
         seen_after.saturating_sub(produced_after)
     );
 
+    // kcat, librdkafka's C command-line client (Java-compatible partitioner, as any non-Java
+    // producer feeding kontext should use).
+    let kcat_marker = format!("Kat-{suffix}");
+    let mut kcat = Command::new("kcat")
+        .args([
+            "-b",
+            &bootstrap,
+            "-t",
+            &format!("e2e-{suffix}.customers"),
+            "-P",
+            "-K",
+            "\t",
+        ])
+        .args(["-X", "partitioner=murmur2_random"])
+        .args([
+            "-H",
+            "ce_specversion=1.0",
+            "-H",
+            &format!("ce_id=kcat-{suffix}"),
+            "-H",
+            "ce_source=crm",
+        ])
+        .args([
+            "-H",
+            "ce_type=crm.customer.updated",
+            "-H",
+            &format!("ce_time={}", format_time(now_ms())),
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("run kcat (scripts/install-deps.sh installs it)");
+    let kcat_line = format!("C8\t{{\"first_name\":\"{kcat_marker}\"}}\n");
+    kcat.stdin
+        .take()
+        .unwrap()
+        .write_all(kcat_line.as_bytes())
+        .unwrap();
+    assert!(kcat.wait().unwrap().success(), "kcat failed");
+    wait_for_field(&base, "C8", "given_name", &kcat_marker).await;
+
+    // Confluent's Python client, which also reports where the record landed: the partition
+    // kontext computes for the key.
+    let py_marker = format!("Py-{suffix}");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/confluent_produce.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args([
+            &bootstrap,
+            &format!("e2e-{suffix}.customers"),
+            "C9",
+            &format!("{{\"first_name\":\"{py_marker}\"}}"),
+        ])
+        .args([
+            "ce_specversion=1.0",
+            &format!("ce_id=py-{suffix}"),
+            "ce_source=crm",
+            "ce_type=crm.customer.updated",
+        ])
+        .args([format!("ce_time={}", format_time(now_ms()))])
+        .output()
+        .expect("run python3 (scripts/install-deps.sh installs confluent-kafka)");
+    assert!(
+        out.status.success(),
+        "confluent-kafka producer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let delivered: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        delivered["partition"],
+        partition_for_key(b"C9", 6),
+        "{delivered}"
+    );
+    wait_for_field(&base, "C9", "given_name", &py_marker).await;
+
     // Kafka's own consumer-groups tool sees the store's group and its committed offsets.
     wait_for_zero_lag(port, Duration::from_secs(30)).await;
     let group = format!("kontext.e2e-{suffix}.store.main");
@@ -261,6 +338,24 @@ async fn pipeline_from_kafka_to_the_context_api_with_java_clients() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     kontext.interrupt();
+}
+
+/// Polls a customer's context until `field` holds `value`.
+async fn wait_for_field(base: &str, customer: &str, field: &str, value: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, ctx) = get_json(&format!("{base}/v1/context/customer/{customer}"))
+            .await
+            .unwrap();
+        if ctx["fields"][field] == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{customer}.{field} never became {value:?}: {ctx}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,9 @@ use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
 use kontext_log::Log;
 use kontext_store::{Change, EmbeddedStore, StoreSchema};
 use kontext_stream::{Outcome, Router};
-use support::{context_sources, free_port, get_json, path_str, wait_for_zero_lag, Kontext};
+use support::{
+    catch_up, context_sources, free_port, get_json, path_str, wait_for_zero_lag, Kontext,
+};
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
 
@@ -100,16 +102,7 @@ async fn kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice() {
     };
     assert!(applied_before > 0, "the killed runs applied nothing");
     std::fs::remove_dir_all(dir.path().join("log/groups")).unwrap();
-    let port = free_port();
-    let kontext = Kontext::spawn(&[
-        "quickstart",
-        "--data-dir",
-        &data,
-        "--port",
-        &port.to_string(),
-        "--no-generator",
-    ]);
-    wait_for_zero_lag(port, Duration::from_secs(60)).await;
+    let (kontext, port) = catch_up(&data).await;
     let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
         .unwrap()
@@ -220,16 +213,7 @@ async fn a_deleted_store_is_rebuilt_identically_from_the_log() {
     );
     std::fs::remove_dir_all(dir.path().join("stores")).unwrap();
 
-    let port = free_port();
-    let kontext = Kontext::spawn(&[
-        "quickstart",
-        "--data-dir",
-        &data,
-        "--port",
-        &port.to_string(),
-        "--no-generator",
-    ]);
-    wait_for_zero_lag(port, Duration::from_secs(60)).await;
+    let (kontext, _port) = catch_up(&data).await;
     kontext.interrupt();
     assert_eq!(dump(&store_path), before);
 }

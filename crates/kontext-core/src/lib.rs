@@ -2,6 +2,7 @@
 //! Kafka-compatible key partitioning, and the pipeline definition.
 
 pub mod config;
+pub mod duration;
 pub mod envelope;
 pub mod partitioner;
 pub mod record;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use kontext_log::{LogError, OffsetReset};
 use rdkafka::ClientConfig;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 /// How kontext connects to Apache Kafka.
 ///
@@ -39,14 +39,14 @@ pub struct KafkaConfig {
     /// Bound on admin and metadata calls (create, list, describe, committed offsets, metadata
     /// refreshes, synchronous commits). Not a bound on produce: delivery is bounded by
     /// librdkafka's `delivery.timeout.ms` (settable in `properties`).
-    #[serde(default = "default_request_timeout", with = "duration_serde")]
+    #[serde(default = "default_request_timeout", with = "kontext_core::duration")]
     pub request_timeout: Duration,
 
     /// How long the producer trusts a cached partition count before fetching it again. Keys
     /// are routed with the count, so after partitions are added a producer keeps the old
     /// routing for at most this long — the same bound as the Java client's
     /// `metadata.max.age.ms` (5 minutes by default).
-    #[serde(default = "default_metadata_max_age", with = "duration_serde")]
+    #[serde(default = "default_metadata_max_age", with = "kontext_core::duration")]
     pub metadata_max_age: Duration,
 
     /// Extra librdkafka settings applied to every client (producer, consumers, admin):
@@ -181,48 +181,6 @@ fn default_request_timeout() -> Duration {
 
 fn default_metadata_max_age() -> Duration {
     Duration::from_secs(300)
-}
-
-/// Durations as `"250us"`, `"5ms"`, `"2s"`, `"1m"`, `"1h"` or a bare number of milliseconds:
-/// the same notation as the embedded log's config.
-mod duration_serde {
-    use super::*;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}ms", d.as_millis()))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Millis(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Millis(ms) => Ok(Duration::from_millis(ms)),
-            Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
-        }
-    }
-
-    fn parse_duration(text: &str) -> Result<Duration, String> {
-        let t = text.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {text:?}"))?;
-        match unit.trim() {
-            "us" => Ok(Duration::from_micros(n)),
-            "ms" | "" => Ok(Duration::from_millis(n)),
-            "s" => Ok(Duration::from_secs(n)),
-            "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-            "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
-            other => Err(format!(
-                "invalid duration unit {other:?} in {text:?} (us, ms, s, m, h)"
-            )),
-        }
-    }
 }
 
 #[cfg(test)]

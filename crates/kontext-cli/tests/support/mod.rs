@@ -125,6 +125,22 @@ pub async fn wait_for_zero_lag(port: u16, timeout: Duration) {
     }
 }
 
+/// Runs `kontext quickstart --no-generator` on `data_dir` until the store has applied the
+/// whole log; returns the running process and its port.
+pub async fn catch_up(data_dir: &str) -> (Kontext, u16) {
+    let port = free_port();
+    let kontext = Kontext::spawn(&[
+        "quickstart",
+        "--data-dir",
+        data_dir,
+        "--port",
+        &port.to_string(),
+        "--no-generator",
+    ]);
+    wait_for_zero_lag(port, Duration::from_secs(60)).await;
+    (kontext, port)
+}
+
 /// Every source named in a context document's provenance, related entities included.
 pub fn context_sources(body: &serde_json::Value) -> std::collections::BTreeSet<String> {
     let mut sources = std::collections::BTreeSet::new();

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::LogError;
 
@@ -56,7 +56,10 @@ enum RawFsync {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GroupCommitSettings {
-    #[serde(with = "duration_serde", default = "default_group_commit_interval")]
+    #[serde(
+        with = "kontext_core::duration",
+        default = "default_group_commit_interval"
+    )]
     interval: Duration,
 }
 
@@ -112,7 +115,7 @@ pub struct EmbeddedConfig {
     pub index_interval_bytes: u32,
     /// How often the background thread applies retention. Default 5 minutes (Kafka's
     /// `log.retention.check.interval.ms`). Retention also runs when a segment rolls.
-    #[serde(with = "duration_serde")]
+    #[serde(with = "kontext_core::duration")]
     pub retention_check_interval: Duration,
 }
 
@@ -166,55 +169,6 @@ impl EmbeddedConfig {
             )))
         }
     }
-}
-
-/// Durations as `"250us"`, `"5ms"`, `"2s"`, `"1m"`, `"1h"` or a bare number of milliseconds.
-mod duration_serde {
-    use super::*;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        let us = d.as_micros();
-        if us.is_multiple_of(1000) {
-            s.serialize_str(&format!("{}ms", us / 1000))
-        } else {
-            s.serialize_str(&format!("{us}us"))
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Millis(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Millis(ms) => Ok(Duration::from_millis(ms)),
-            Raw::Text(t) => super::parse_duration(&t).map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}"))?;
-    let d = match unit.trim() {
-        "us" => Duration::from_micros(n),
-        "ms" | "" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {text:?} (us, ms, s, m, h)"
-            ))
-        }
-    };
-    Ok(d)
 }
 
 #[cfg(test)]
@@ -296,8 +250,14 @@ mod tests {
 
     #[test]
     fn parses_durations_with_units() {
-        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("2 fortnights").is_err());
+        assert_eq!(
+            kontext_core::duration::parse("250us"),
+            Ok(Duration::from_micros(250))
+        );
+        assert_eq!(
+            kontext_core::duration::parse("2s"),
+            Ok(Duration::from_secs(2))
+        );
+        assert!(kontext_core::duration::parse("2 fortnights").is_err());
     }
 }

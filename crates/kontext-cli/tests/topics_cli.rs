@@ -1,0 +1,109 @@
+//! `kontext topics create|list|describe` on both backends, through the real binary.
+
+use std::process::Command;
+
+fn kontext(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kontext"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run kontext");
+    assert!(
+        out.status.success(),
+        "kontext {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn create_list_describe(backend: &[&str], topic: &str) {
+    // The backend flags are global to `topics`: they may follow any of its subcommands.
+    let args = |rest: &[&str]| -> Vec<String> {
+        rest.iter().chain(backend).map(|s| s.to_string()).collect()
+    };
+    let run = |rest: &[&str]| {
+        let a = args(rest);
+        kontext(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert!(run(&[
+        "topics",
+        "create",
+        topic,
+        "--partitions",
+        "3",
+        "--compacted"
+    ])
+    .contains(&format!("created {topic} (3 partitions, compacted)")));
+    assert!(run(&["topics", "create", topic, "--partitions", "3"]).contains("already exists"));
+    assert!(run(&["topics", "list"]).lines().any(|l| l == topic));
+    let described = run(&["topics", "describe", topic]);
+    assert!(described.contains("partitions 3"), "{described}");
+    assert!(described.contains("compacted true"), "{described}");
+    // Header plus one row per partition.
+    assert_eq!(
+        described
+            .lines()
+            .filter(|l| l.trim_start().starts_with(char::is_numeric))
+            .count(),
+        3,
+        "{described}"
+    );
+}
+
+#[test]
+fn topics_on_the_embedded_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    create_list_describe(&["--data-dir", data], "context.things");
+    // --all creates every entity topic of the pipeline (the built-in one by default).
+    let created = kontext(&["topics", "create", "--all", "--data-dir", data]);
+    assert_eq!(created.lines().count(), 4, "{created}");
+    let listed = kontext(&["topics", "list", "--data-dir", data]);
+    for t in [
+        "context.customers",
+        "context.interactions",
+        "context.orders",
+        "context.tickets",
+        "context.things",
+    ] {
+        assert!(listed.lines().any(|l| l == t), "{t} missing from {listed}");
+    }
+}
+
+#[test]
+fn topics_on_kafka() {
+    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let suffix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    create_list_describe(&["--kafka", &bootstrap], &format!("cli-topics-{suffix:x}"));
+}
+
+#[test]
+fn a_bad_pipeline_file_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        "name: demo\nentities:\n  order: { key: order_id, topic: context.orders, belongs_to: { customer: customer_id } }\nsources:\n  shop: { topic: context.orders, entity: orders, fields: { total: amount } }\nserve: { listen: nowhere }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kontext"))
+        .args(["validate", "-c", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml: 3 errors"), "{err}");
+    assert!(
+        err.contains("entities.order.belongs_to.customer: unknown entity type \"customer\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("sources.shop.entity: unknown entity type \"orders\""),
+        "{err}"
+    );
+    assert!(err.contains("serve.listen"), "{err}");
+}
