@@ -1,5 +1,5 @@
 use axum::body::Body;
-use axum::http::Request;
+use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use kontext_store::{Change, EntityUpdate, Provenance, StoreSchema};
 use serde_json::Value;

@@ -1,0 +1,1 @@
+//! Rendering of context documents for LLM prompts (being written).
