@@ -1,7 +1,6 @@
 //! Wiring: open the log and the store a pipeline file names, make sure its topics exist, and
 //! run the store sink and the HTTP API until shutdown.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,16 +170,16 @@ pub async fn start_pipeline(
         .await
         .with_context(|| format!("binding the HTTP API to {listen}"))?;
     let addr = listener.local_addr()?;
-    let state = AppState {
-        store: store.clone(),
-        entity_types: Arc::new(config.entities.keys().cloned().collect::<BTreeSet<_>>()),
-        metrics: metrics.clone(),
-        lag: Some(kontext_serve::LagSource {
-            log,
-            group: config.store_group(),
-            topics: config.source_topics(),
-        }),
-    };
+    let state = AppState::new(
+        store.clone(),
+        config.entities.keys().cloned().collect(),
+        metrics.clone(),
+    )
+    .with_lag(kontext_serve::LagSource {
+        log,
+        group: config.store_group(),
+        topics: config.source_topics(),
+    });
     let server = tokio::spawn(kontext_serve::serve(listener, state, shutdown));
     info!(%addr, "serving context");
     Ok(Running {

@@ -42,6 +42,28 @@ pub struct AppState {
     pub lag: Option<LagSource>,
 }
 
+impl AppState {
+    /// State for a store and the entity types of its pipeline; lag reporting off.
+    pub fn new(
+        store: Arc<EmbeddedStore>,
+        entity_types: BTreeSet<String>,
+        metrics: Arc<PipelineMetrics>,
+    ) -> Self {
+        Self {
+            store,
+            entity_types: Arc::new(entity_types),
+            metrics,
+            lag: None,
+        }
+    }
+
+    /// Turns on `/v1/lag` for the store's consumer group.
+    pub fn with_lag(mut self, lag: LagSource) -> Self {
+        self.lag = Some(lag);
+        self
+    }
+}
+
 /// The log and topics the store consumes, for lag reporting.
 #[derive(Clone)]
 pub struct LagSource {

@@ -43,16 +43,13 @@ fn state(dir: &tempfile::TempDir) -> AppState {
             &[],
         )
         .unwrap();
-    AppState {
-        store: Arc::new(store),
-        entity_types: Arc::new(
-            ["customer".to_string(), "order".to_string()]
-                .into_iter()
-                .collect(),
-        ),
-        metrics: Arc::new(PipelineMetrics::default()),
-        lag: None,
-    }
+    AppState::new(
+        Arc::new(store),
+        ["customer".to_string(), "order".to_string()]
+            .into_iter()
+            .collect(),
+        Arc::new(PipelineMetrics::default()),
+    )
 }
 
 async fn get_json(state: AppState, uri: &str) -> (StatusCode, Value) {
