@@ -11,10 +11,12 @@
 mod document;
 mod embedded;
 mod model;
+mod store;
 
 pub use document::{ContextDocument, ProvenanceView, RelatedEntity, RelatedList};
 pub use embedded::{ApplyStats, EmbeddedStore};
 pub use model::*;
+pub use store::ContextStore;
 
 /// Errors of a context store.
 #[derive(Debug, thiserror::Error)]

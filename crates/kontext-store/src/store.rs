@@ -1,0 +1,122 @@
+//! The interface every context store implements, so the sink and the API can hold any of
+//! them behind an `Arc<dyn ContextStore>`.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use crate::embedded::ApplyStats;
+use crate::{ContextDocument, EmbeddedStore, EntityDoc, EntityUpdate, StoreError};
+
+/// A context store: versioned, idempotent upserts plus the reads serving needs.
+///
+/// Contract (both implementations are tested against it):
+/// - `apply` is atomic: the updates and the offsets become durable together, or not at all;
+/// - a field changes only if the update's [`crate::Version`] is greater than the stored one;
+/// - an update whose offset is below the stored next offset of its (topic, partition) was
+///   applied before and is skipped (`ApplyStats::skipped`);
+/// - `events_applied` counts each applied log record once.
+#[async_trait]
+pub trait ContextStore: Send + Sync + 'static {
+    /// `"embedded"` or `"postgres"`.
+    fn kind(&self) -> &'static str;
+
+    /// Applies `updates` and records `offsets` (topic, partition, next offset) atomically.
+    async fn apply(
+        &self,
+        updates: Vec<EntityUpdate>,
+        offsets: Vec<(String, i32, i64)>,
+    ) -> Result<ApplyStats, StoreError>;
+
+    /// One entity, if the store has it.
+    async fn get(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<Option<EntityDoc>, StoreError>;
+
+    /// The assembled context of one entity (parents, related lists).
+    async fn context(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<Option<ContextDocument>, StoreError>;
+
+    /// Up to `limit` entity ids of a type in id order, after `after`.
+    async fn list(
+        &self,
+        entity_type: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Next offset to apply per (topic, partition), as recorded with the data.
+    async fn applied_offsets(&self) -> Result<BTreeMap<(String, i32), i64>, StoreError>;
+
+    /// Every entity, in (type, id) order: for tests and exports.
+    async fn dump(&self) -> Result<Vec<EntityDoc>, StoreError>;
+}
+
+#[async_trait]
+impl ContextStore for EmbeddedStore {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn apply(
+        &self,
+        updates: Vec<EntityUpdate>,
+        offsets: Vec<(String, i32, i64)>,
+    ) -> Result<ApplyStats, StoreError> {
+        let borrowed: Vec<(&str, i32, i64)> = offsets
+            .iter()
+            .map(|(t, p, n)| (t.as_str(), *p, *n))
+            .collect();
+        // The commit fsyncs: keep it off the async workers where the runtime allows it.
+        blocking(|| EmbeddedStore::apply(self, &updates, &borrowed))
+    }
+
+    async fn get(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<Option<EntityDoc>, StoreError> {
+        EmbeddedStore::get(self, entity_type, entity_id)
+    }
+
+    async fn context(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<Option<ContextDocument>, StoreError> {
+        EmbeddedStore::context(self, entity_type, entity_id)
+    }
+
+    async fn list(
+        &self,
+        entity_type: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        EmbeddedStore::list(self, entity_type, limit, after)
+    }
+
+    async fn applied_offsets(&self) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
+        EmbeddedStore::applied_offsets(self)
+    }
+
+    async fn dump(&self) -> Result<Vec<EntityDoc>, StoreError> {
+        EmbeddedStore::dump(self)
+    }
+}
+
+/// Runs blocking work in place on a multi-threaded runtime (other tasks move to other
+/// workers), or directly where that is not possible.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
