@@ -24,8 +24,8 @@ pub trait ContextStore: Send + Sync + 'static {
     /// Applies `updates` and records `offsets` (topic, partition, next offset) atomically.
     async fn apply(
         &self,
-        updates: Vec<EntityUpdate>,
-        offsets: Vec<(String, i32, i64)>,
+        updates: &[EntityUpdate],
+        offsets: &[(String, i32, i64)],
     ) -> Result<ApplyStats, StoreError>;
 
     /// One entity, if the store has it.
@@ -65,15 +65,15 @@ impl ContextStore for EmbeddedStore {
 
     async fn apply(
         &self,
-        updates: Vec<EntityUpdate>,
-        offsets: Vec<(String, i32, i64)>,
+        updates: &[EntityUpdate],
+        offsets: &[(String, i32, i64)],
     ) -> Result<ApplyStats, StoreError> {
         let borrowed: Vec<(&str, i32, i64)> = offsets
             .iter()
             .map(|(t, p, n)| (t.as_str(), *p, *n))
             .collect();
         // The commit fsyncs: keep it off the async workers where the runtime allows it.
-        blocking(|| EmbeddedStore::apply(self, &updates, &borrowed))
+        blocking(|| EmbeddedStore::apply(self, updates, &borrowed))
     }
 
     async fn get(

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use kontext_core::record::TopicPartition;
 use kontext_log::{ConsumerConfig, Log, LogError};
-use kontext_store::{EmbeddedStore, StoreError};
+use kontext_store::{ApplyStats, ContextStore, EntityUpdate, StoreError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -37,14 +37,12 @@ pub enum SinkError {
     Log(#[from] LogError),
     #[error("context store: {0}")]
     Store(#[from] StoreError),
-    #[error("store task failed: {0}")]
-    Task(String),
 }
 
 /// Feeds one context store from the log.
 pub struct StoreSink {
     log: Arc<dyn Log>,
-    store: Arc<EmbeddedStore>,
+    store: Arc<dyn ContextStore>,
     router: Router,
     consumer: ConsumerConfig,
     metrics: Arc<PipelineMetrics>,
@@ -53,7 +51,7 @@ pub struct StoreSink {
 impl StoreSink {
     pub fn new(
         log: Arc<dyn Log>,
-        store: Arc<EmbeddedStore>,
+        store: Arc<dyn ContextStore>,
         router: Router,
         consumer: ConsumerConfig,
         metrics: Arc<PipelineMetrics>,
@@ -149,10 +147,7 @@ impl StoreSink {
     /// was deleted or restored from an older copy), rewind the group so that nothing the store
     /// lacks is skipped. A group behind the store needs nothing: the store skips what it has.
     async fn rewind_group_to_store(&self) -> Result<(), SinkError> {
-        let store = self.store.clone();
-        let applied = tokio::task::spawn_blocking(move || store.applied_offsets())
-            .await
-            .map_err(|e| SinkError::Task(e.to_string()))??;
+        let applied = self.store.applied_offsets().await?;
         let group = &self.consumer.group_id;
         let mut rewind = Vec::new();
         for topic in &self.consumer.topics {
@@ -189,28 +184,17 @@ impl StoreSink {
 
     async fn apply_with_retry(
         &self,
-        updates: Vec<kontext_store::EntityUpdate>,
+        updates: Vec<EntityUpdate>,
         offsets: &[(TopicPartition, i64)],
         shutdown: &CancellationToken,
-    ) -> Result<Option<kontext_store::ApplyStats>, SinkError> {
-        let updates = Arc::new(updates);
-        let offsets: Arc<Vec<(String, i32, i64)>> = Arc::new(
-            offsets
-                .iter()
-                .map(|(tp, o)| (tp.topic.to_string(), tp.partition, *o))
-                .collect(),
-        );
+    ) -> Result<Option<ApplyStats>, SinkError> {
+        let offsets: Vec<(String, i32, i64)> = offsets
+            .iter()
+            .map(|(tp, o)| (tp.topic.to_string(), tp.partition, *o))
+            .collect();
         let mut backoff = FIRST_BACKOFF;
         loop {
-            let (store, u, o) = (self.store.clone(), updates.clone(), offsets.clone());
-            let result = tokio::task::spawn_blocking(move || {
-                let borrowed: Vec<(&str, i32, i64)> =
-                    o.iter().map(|(t, p, n)| (t.as_str(), *p, *n)).collect();
-                store.apply(&u, &borrowed)
-            })
-            .await
-            .map_err(|e| SinkError::Task(e.to_string()))?;
-            match result {
+            match self.store.apply(&updates, &offsets).await {
                 Ok(stats) => return Ok(Some(stats)),
                 Err(e) if e.is_transient() => {
                     self.metrics.store_retries.fetch_add(1, Ordering::Relaxed);
