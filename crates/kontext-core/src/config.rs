@@ -232,6 +232,100 @@ pub enum StoreKind {
 pub struct ServeConfig {
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// How `format=markdown` renders context for prompts.
+    #[serde(default)]
+    pub render: RenderConfig,
+}
+
+/// Markdown rendering for prompts: which sections a token budget keeps first, and how tokens
+/// are counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenderConfig {
+    /// Sections in the order a token budget keeps them: `fields`, `belongs_to.<type>`,
+    /// `related.<type>`, `provenance`. Sections not listed follow in the default order
+    /// (fields, parents, related types by name, provenance).
+    #[serde(default)]
+    pub priority: Vec<String>,
+    /// The tokenizer budgets are counted with, unless a request names another.
+    #[serde(default)]
+    pub tokenizer: Tokenizer,
+}
+
+/// BPE tokenizers a token budget can be counted with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Tokenizer {
+    /// `cl100k_base` (GPT-4, GPT-3.5, text-embedding-3).
+    #[default]
+    #[serde(rename = "cl100k", alias = "cl100k_base")]
+    Cl100k,
+    /// `o200k_base` (GPT-4o, GPT-4.1, o-series, GPT-5).
+    #[serde(rename = "o200k", alias = "o200k_base")]
+    O200k,
+}
+
+impl Tokenizer {
+    /// The short name used in config and query strings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tokenizer::Cl100k => "cl100k",
+            Tokenizer::O200k => "o200k",
+        }
+    }
+
+    /// Parses `cl100k`/`cl100k_base` or `o200k`/`o200k_base`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cl100k" | "cl100k_base" => Some(Tokenizer::Cl100k),
+            "o200k" | "o200k_base" => Some(Tokenizer::O200k),
+            _ => None,
+        }
+    }
+}
+
+/// A section of a rendered context, as named in `serve.render.priority`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RenderSection {
+    /// The entity's own canonical fields.
+    Fields,
+    /// Where each of the entity's fields came from.
+    Provenance,
+    /// The parent entity of a type (`belongs_to.customer`).
+    BelongsTo(String),
+    /// The child entities of a type (`related.order`), newest first.
+    Related(String),
+}
+
+impl RenderSection {
+    /// Parses `fields`, `provenance`, `belongs_to.<type>` or `related.<type>`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "fields" => Some(Self::Fields),
+            "provenance" => Some(Self::Provenance),
+            _ => {
+                let (kind, t) = s.split_once('.')?;
+                if t.is_empty() {
+                    return None;
+                }
+                match kind {
+                    "belongs_to" => Some(Self::BelongsTo(t.to_string())),
+                    "related" => Some(Self::Related(t.to_string())),
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for RenderSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fields => f.write_str("fields"),
+            Self::Provenance => f.write_str("provenance"),
+            Self::BelongsTo(t) => write!(f, "belongs_to.{t}"),
+            Self::Related(t) => write!(f, "related.{t}"),
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -242,6 +336,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            render: RenderConfig::default(),
         }
     }
 }
@@ -480,7 +575,50 @@ impl PipelineConfig {
                 ),
             );
         }
+        self.validate_render(&mut err);
         errors
+    }
+
+    /// Checks `serve.render.priority`: each name is a section some document of this pipeline
+    /// can have, listed once.
+    fn validate_render(&self, err: &mut impl FnMut(String, String)) {
+        let parents: BTreeSet<&str> = self
+            .entities
+            .values()
+            .flat_map(|e| e.belongs_to.keys().map(String::as_str))
+            .collect();
+        let children: BTreeSet<&str> = self
+            .entities
+            .iter()
+            .filter(|(_, e)| !e.belongs_to.is_empty())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let mut seen = BTreeSet::new();
+        for (i, name) in self.serve.render.priority.iter().enumerate() {
+            let at = format!("serve.render.priority[{i}]");
+            let known = match RenderSection::parse(name) {
+                None => {
+                    err(at, format!("{name:?} is not a section: use fields, provenance, belongs_to.<type> or related.<type>"));
+                    continue;
+                }
+                Some(RenderSection::BelongsTo(t)) if !parents.contains(t.as_str()) => {
+                    Some(format!(
+                        "no entity type belongs to {t:?}; parents: {}",
+                        join_or_none(&parents)
+                    ))
+                }
+                Some(RenderSection::Related(t)) if !children.contains(t.as_str()) => Some(format!(
+                    "{t:?} is not an entity type with `belongs_to`; related types: {}",
+                    join_or_none(&children)
+                )),
+                Some(_) => None,
+            };
+            if let Some(problem) = known {
+                err(at, problem);
+            } else if !seen.insert(name.as_str()) {
+                err(at, format!("{name:?} is listed twice"));
+            }
+        }
     }
 
     /// The consumer group that feeds the store: one group per store, so a slow store never
@@ -513,6 +651,14 @@ impl PipelineConfig {
             .map(String::as_str)
             .collect::<Vec<_>>()
             .join(", ")
+    }
+}
+
+fn join_or_none(names: &BTreeSet<&str>) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.iter().copied().collect::<Vec<_>>().join(", ")
     }
 }
 

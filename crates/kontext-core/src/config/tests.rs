@@ -121,3 +121,65 @@ fn kafka_backend_parses() {
         other => panic!("expected kafka, got {other:?}"),
     }
 }
+
+#[test]
+fn render_section_defaults_to_cl100k_and_no_priority() {
+    let c = PipelineConfig::parse("p.yaml", VALID).unwrap();
+    assert_eq!(c.serve.render, RenderConfig::default());
+    assert_eq!(c.serve.render.tokenizer, Tokenizer::Cl100k);
+}
+
+#[test]
+fn render_priority_and_tokenizer_parse() {
+    let text = format!(
+        "{VALID}serve:\n  render:\n    priority: [related.order, fields, belongs_to.customer, provenance]\n    tokenizer: o200k\n"
+    );
+    let c = PipelineConfig::parse("p.yaml", &text).unwrap();
+    assert_eq!(c.serve.render.tokenizer, Tokenizer::O200k);
+    let sections: Vec<RenderSection> = c
+        .serve
+        .render
+        .priority
+        .iter()
+        .filter_map(|s| RenderSection::parse(s))
+        .collect();
+    assert_eq!(
+        sections,
+        vec![
+            RenderSection::Related("order".into()),
+            RenderSection::Fields,
+            RenderSection::BelongsTo("customer".into()),
+            RenderSection::Provenance,
+        ]
+    );
+}
+
+#[test]
+fn render_priority_names_only_sections_the_pipeline_has() {
+    let text = format!(
+        "{VALID}serve:\n  render:\n    priority: [fields, related.customer, belongs_to.order, related.orders, headers, fields]\n"
+    );
+    let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+    let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        vec![
+            "serve.render.priority[1]",
+            "serve.render.priority[2]",
+            "serve.render.priority[3]",
+            "serve.render.priority[4]",
+            "serve.render.priority[5]",
+        ],
+        "{err}"
+    );
+    let shown = err.to_string();
+    assert!(shown.contains("related types: order"), "{shown}");
+    assert!(shown.contains("listed twice"), "{shown}");
+}
+
+#[test]
+fn unknown_tokenizer_is_an_error() {
+    let text = format!("{VALID}serve:\n  render: {{ tokenizer: gpt2 }}\n");
+    let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+    assert!(err.to_string().contains("gpt2"), "{err}");
+}
