@@ -7,11 +7,13 @@
 #   openjdk-17-jdk-headless   runs the local broker (scripts/kafka.sh) and the single-file Java
 #                             helpers of tests (`java File.java` needs the JDK's compiler module)
 #   maven                     resolves the Kafka jars from Maven Central (scripts/kafka/pom.xml)
+#   postgresql                the PostgreSQL server (15 on bookworm) that scripts/postgres.sh runs
+#                             for the PostgreSQL context store's tests and benchmarks
 #   build-essential, pkg-config, zlib1g-dev, libssl-dev
 #                             rdkafka-sys compiles librdkafka from source, with TLS/SCRAM
 set -euo pipefail
 
-PACKAGES=(kcat openjdk-17-jdk-headless maven build-essential pkg-config zlib1g-dev libssl-dev)
+PACKAGES=(kcat openjdk-17-jdk-headless maven postgresql build-essential pkg-config zlib1g-dev libssl-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

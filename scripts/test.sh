@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every check CI runs, in CI's order, on a fresh machine or a developer's:
 #   1. install what the tests need (Debian packages, Python packages)
-#   2. start a local Apache Kafka broker (scripts/kafka.sh)
+#   2. start a local Apache Kafka broker (scripts/kafka.sh) and PostgreSQL (scripts/postgres.sh)
 #   3. cargo fmt --check, cargo clippy -D warnings, cargo test (unit + integration tests
 #      against the real broker and the embedded log)
-#   4. stop the broker, whatever happened
+#   4. stop the broker and PostgreSQL (if this run started them), whatever happened
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -21,10 +21,20 @@ cleanup() {
     if [[ $started_kafka == 1 ]]; then
         scripts/kafka.sh stop || true
     fi
+    if [[ $started_postgres == 1 ]]; then
+        scripts/postgres.sh stop || true
+    fi
 }
+started_postgres=0
 trap cleanup EXIT
+# After the trap: if PostgreSQL fails to start, the broker started above is still stopped.
+if ! scripts/postgres.sh status >/dev/null 2>&1; then
+    scripts/postgres.sh start
+    started_postgres=1
+fi
 
 export KONTEXT_TEST_KAFKA="${KONTEXT_TEST_KAFKA:-127.0.0.1:9092}"
+export KONTEXT_TEST_POSTGRES="${KONTEXT_TEST_POSTGRES:-$(scripts/postgres.sh url)}"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
