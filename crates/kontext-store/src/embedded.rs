@@ -12,7 +12,9 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 
-use crate::model::{merge_fields, Change, EntityDoc, EntityUpdate, StoreSchema};
+use crate::model::{
+    merge_fields, Change, EntityDoc, EntityUpdate, FieldEntry, Provenance, StoreSchema,
+};
 use crate::StoreError;
 
 /// `entity_type \0 entity_id` -> JSON [`EntityDoc`]
@@ -151,8 +153,7 @@ impl EmbeddedStore {
                 )?;
                 match &pending.after {
                     Some(doc) => {
-                        let bytes = serde_json::to_vec(doc)
-                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        let bytes = encode_doc(doc)?;
                         entities
                             .insert(key.as_slice(), bytes.as_slice())
                             .map_err(io)?;
@@ -334,8 +335,74 @@ fn relation_key(parent_type: &str, parent_id: &str, child_type: &str, child_id: 
     k
 }
 
+/// How a document is stored: each distinct provenance once, fields pointing at it. An event
+/// usually sets several fields, so this is about a third of the size of a provenance per field
+/// (store throughput did not change measurably: the batch commit dominates, see BENCHMARKS.md).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredDoc {
+    t: String,
+    i: String,
+    /// (field, value, index into `p`)
+    f: Vec<(String, serde_json::Value, u32)>,
+    p: Vec<Provenance>,
+    n: u64,
+    /// index of the latest event in `p`
+    l: u32,
+}
+
+fn encode_doc(doc: &EntityDoc) -> Result<Vec<u8>, StoreError> {
+    let mut table: Vec<Provenance> = Vec::new();
+    let mut index_of = |p: &Provenance| -> u32 {
+        match table.iter().position(|q| q == p) {
+            Some(i) => i as u32,
+            None => {
+                table.push(p.clone());
+                (table.len() - 1) as u32
+            }
+        }
+    };
+    let f = doc
+        .fields
+        .iter()
+        .map(|(k, e)| (k.clone(), e.value.clone(), index_of(&e.provenance)))
+        .collect();
+    let l = index_of(&doc.latest);
+    let stored = StoredDoc {
+        t: doc.entity_type.clone(),
+        i: doc.entity_id.clone(),
+        f,
+        p: table,
+        n: doc.events_applied,
+        l,
+    };
+    serde_json::to_vec(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
 fn decode_doc(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+    let StoredDoc { t, i, f, p, n, l } =
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let provenance = |index: u32| {
+        p.get(index as usize)
+            .cloned()
+            .ok_or_else(|| StoreError::Corrupt(format!("provenance index {index} out of range")))
+    };
+    let mut fields = BTreeMap::new();
+    for (name, value, index) in f {
+        fields.insert(
+            name,
+            FieldEntry {
+                value,
+                provenance: provenance(index)?,
+            },
+        );
+    }
+    Ok(EntityDoc {
+        latest: provenance(l)?,
+        entity_type: t,
+        entity_id: i,
+        fields,
+        events_applied: n,
+    })
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
