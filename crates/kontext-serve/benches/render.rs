@@ -1,0 +1,38 @@
+//! Markdown rendering of a realistic customer context (9 fields, 5 orders, 3 tickets,
+//! 5 interactions, as the quickstart assembles one) at a 500-token budget, and unbounded.
+//!
+//! `cargo bench -p kontext-serve --bench render`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use kontext_serve::render::{render_markdown, RenderOptions, Tokenizer};
+
+fn render(c: &mut Criterion) {
+    let doc = common::customer();
+    let mut group = c.benchmark_group("render_markdown");
+    for (name, max_tokens, tokenizer) in [
+        ("customer_500_tokens_cl100k", Some(500), Tokenizer::Cl100k),
+        ("customer_500_tokens_o200k", Some(500), Tokenizer::O200k),
+        ("customer_unbounded_cl100k", None, Tokenizer::Cl100k),
+    ] {
+        let options = RenderOptions {
+            max_tokens,
+            tokenizer,
+            now_ms: Some(common::T0_MS + 60_000),
+            ..RenderOptions::default()
+        };
+        // Builds the BPE outside the measurement: it happens once per process.
+        let _ = render_markdown(&doc, &options);
+        group.bench_function(name, |b| {
+            b.iter(|| render_markdown(black_box(&doc), black_box(&options)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, render);
+criterion_main!(benches);

@@ -1,0 +1,132 @@
+//! The budget: the longest prefix of units (in priority order) whose rendering fits.
+
+use kontext_core::config::{RenderSection, Tokenizer};
+use kontext_store::ContextDocument;
+
+use super::markdown::{Layout, Unit};
+
+/// How to render one document.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// Token budget of the whole text, header included; `None` renders everything.
+    pub max_tokens: Option<usize>,
+    /// The BPE tokens are counted with.
+    pub tokenizer: Tokenizer,
+    /// Sections in the order a budget keeps them (`fields`, `belongs_to.customer`,
+    /// `related.order`, `provenance`); sections the document has but this list does not name
+    /// follow in the default order: fields, parents, related types by name, provenance.
+    pub priority: Vec<RenderSection>,
+    /// How much of each field's provenance to show.
+    pub provenance: ProvenanceDetail,
+    /// The current time in milliseconds, for the staleness in the header; `None` leaves it out
+    /// (golden files need a fixed text).
+    pub now_ms: Option<i64>,
+}
+
+/// How much provenance a field line carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProvenanceDetail {
+    /// Source and event time: enough for a model to weigh a value.
+    #[default]
+    Compact,
+    /// Also the event id and type and the log coordinates (topic/partition@offset).
+    Full,
+}
+
+/// A rendering and what it cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The markdown.
+    pub text: String,
+    /// Tokens of `text` with the requested tokenizer.
+    pub tokens: usize,
+    /// What the budget left out, by section, in priority order; empty when everything fit.
+    pub omitted: Vec<Omission>,
+}
+
+/// Units of one section the budget left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Omission {
+    pub section: RenderSection,
+    /// How many units of the section were left out ...
+    pub omitted: usize,
+    /// ... of how many the document had.
+    pub available: usize,
+}
+
+/// Why a document could not be rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    /// Not even the header (entity, freshness, the list of omissions) fits.
+    #[error("max_tokens {max_tokens} cannot fit even the header of this context: it needs at least {minimum} tokens ({tokenizer})")]
+    BudgetTooSmall {
+        max_tokens: usize,
+        minimum: usize,
+        tokenizer: &'static str,
+    },
+}
+
+/// Renders `doc` as markdown for a prompt, within `options.max_tokens` if set.
+pub fn render_markdown(
+    doc: &ContextDocument,
+    options: &RenderOptions,
+) -> Result<Rendered, RenderError> {
+    let layout = Layout::new(doc, options);
+    let units = layout.units();
+    let n = units.len();
+    let Some(budget) = options.max_tokens else {
+        return Ok(finish(&layout, &units, n, options.tokenizer));
+    };
+
+    // Estimate each unit's cost on its own. BPE pieces never span a line break, so the sum of
+    // per-line counts is close to the count of the joined text; the final text is counted for
+    // real below and the prefix shortened if the estimate was low.
+    let base = count(options.tokenizer, &layout.title());
+    let mut prefix = Vec::with_capacity(n + 1);
+    prefix.push(0usize);
+    for unit in &units {
+        let c = layout.unit_cost(unit, options.tokenizer);
+        prefix.push(prefix[prefix.len() - 1] + c);
+    }
+    let estimate = |k: usize| {
+        base + prefix[k] + count(options.tokenizer, &layout.omission_lines(&units, k, budget))
+    };
+    // The largest prefix whose estimate fits. Not a binary search: the omissions line shrinks as
+    // the prefix grows, so "fits" is not monotone in k; the largest k that fits is.
+    let mut k = (0..=n).rev().find(|&k| estimate(k) <= budget).unwrap_or(0);
+    loop {
+        let rendered = finish(&layout, &units, k, options.tokenizer);
+        if rendered.tokens <= budget {
+            return Ok(rendered);
+        }
+        if k == 0 {
+            return Err(RenderError::BudgetTooSmall {
+                max_tokens: budget,
+                minimum: rendered.tokens,
+                tokenizer: options.tokenizer.name(),
+            });
+        }
+        k -= 1;
+    }
+}
+
+/// Tokens of `text` with `tokenizer`. The BPE tables are built once per process, on first use
+/// (tens of milliseconds), from data compiled into the binary.
+pub fn count(tokenizer: Tokenizer, text: &str) -> usize {
+    // `count_ordinary`: field values are data, so "<|endoftext|>" in a value is text, not a
+    // special token.
+    match tokenizer {
+        Tokenizer::Cl100k => tiktoken_rs::cl100k_base_singleton().count_ordinary(text),
+        Tokenizer::O200k => tiktoken_rs::o200k_base_singleton().count_ordinary(text),
+    }
+}
+
+fn finish(layout: &Layout<'_>, units: &[Unit], k: usize, tokenizer: Tokenizer) -> Rendered {
+    let text = layout.render(units, k);
+    Rendered {
+        tokens: count(tokenizer, &text),
+        omitted: layout.omissions(units, k),
+        text,
+    }
+}

@@ -1,0 +1,409 @@
+//! The markdown layout: which units a document has, what each looks like, and the text of a
+//! prefix of them. No budget logic here (that is `budget.rs`).
+
+use std::fmt::Write as _;
+
+use kontext_core::config::{RenderSection, Tokenizer};
+use kontext_store::{ContextDocument, ProvenanceView, RelatedEntity};
+use serde_json::Value;
+
+use super::budget::count;
+use super::{Omission, ProvenanceDetail, RenderOptions};
+
+/// One piece shown whole or not at all: item `item` of section `section` (an index into
+/// [`Layout::sections`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Unit {
+    section: usize,
+    item: usize,
+}
+
+/// A document with its sections in priority order.
+pub(super) struct Layout<'a> {
+    doc: &'a ContextDocument,
+    options: &'a RenderOptions,
+    /// Sections the document has (at least one unit), in priority order.
+    sections: Vec<RenderSection>,
+}
+
+impl<'a> Layout<'a> {
+    pub(super) fn new(doc: &'a ContextDocument, options: &'a RenderOptions) -> Self {
+        let mut sections: Vec<RenderSection> = Vec::new();
+        let defaults = std::iter::once(RenderSection::Fields)
+            .chain(doc.belongs_to.keys().cloned().map(RenderSection::BelongsTo))
+            .chain(doc.related.keys().cloned().map(RenderSection::Related))
+            .chain(std::iter::once(RenderSection::Provenance));
+        for s in options.priority.iter().cloned().chain(defaults) {
+            if !sections.contains(&s) {
+                sections.push(s);
+            }
+        }
+        let mut layout = Self {
+            doc,
+            options,
+            sections,
+        };
+        let present: Vec<bool> = layout
+            .sections
+            .iter()
+            .map(|s| layout.section_len(s) > 0)
+            .collect();
+        let mut keep = present.into_iter();
+        layout.sections.retain(|_| keep.next().unwrap_or(false));
+        layout
+    }
+
+    /// Every unit, in the order a budget keeps them.
+    pub(super) fn units(&self) -> Vec<Unit> {
+        self.sections
+            .iter()
+            .enumerate()
+            .flat_map(|(section, s)| {
+                (0..self.section_len(s)).map(move |item| Unit { section, item })
+            })
+            .collect()
+    }
+
+    /// The header's fixed lines: entity, freshness.
+    pub(super) fn title(&self) -> String {
+        let doc = self.doc;
+        let mut out = format!("# {} {}\n", doc.entity_type, clean(&doc.entity_id));
+        let _ = write!(out, "as of {}", compact_time(&doc.as_of.event_time));
+        if let Some(now) = self.options.now_ms {
+            let _ = write!(out, " ({})", ago(now - doc.as_of_ms));
+        }
+        let _ = writeln!(
+            out,
+            "; {} event{} applied, latest from {}",
+            doc.events_applied,
+            if doc.events_applied == 1 { "" } else { "s" },
+            clean(&doc.as_of.source)
+        );
+        out
+    }
+
+    /// The header line naming what the first `k` units leave out; empty if nothing.
+    pub(super) fn omission_lines(&self, units: &[Unit], k: usize, budget: usize) -> String {
+        let omitted = self.omissions(units, k);
+        if omitted.is_empty() {
+            return String::new();
+        }
+        let parts: Vec<String> = omitted.iter().map(describe).collect();
+        format!("omitted to fit {budget} tokens: {}\n", parts.join(", "))
+    }
+
+    /// Per section, the units past the first `k`.
+    pub(super) fn omissions(&self, units: &[Unit], k: usize) -> Vec<Omission> {
+        let shown = self.shown(units, k);
+        self.sections
+            .iter()
+            .zip(shown)
+            .filter_map(|(s, shown)| {
+                let available = self.section_len(s);
+                (shown < available).then(|| Omission {
+                    section: s.clone(),
+                    omitted: available - shown,
+                    available,
+                })
+            })
+            .collect()
+    }
+
+    /// Tokens `unit` adds to a rendering, its section's heading included for the first item.
+    pub(super) fn unit_cost(&self, unit: &Unit, tokenizer: Tokenizer) -> usize {
+        let mut text = String::new();
+        match &self.sections[unit.section] {
+            RenderSection::Provenance => {
+                // The provenance unit lengthens every field line: its cost is the difference.
+                let with: usize = (0..self.doc.fields.len())
+                    .map(|i| count(tokenizer, &self.field_line(i, true)))
+                    .sum();
+                let without: usize = (0..self.doc.fields.len())
+                    .map(|i| count(tokenizer, &self.field_line(i, false)))
+                    .sum();
+                return with.saturating_sub(without);
+            }
+            RenderSection::Fields => {
+                if unit.item == 0 {
+                    text.push_str(&self.heading(&self.sections[unit.section]));
+                }
+                text.push_str(&self.field_line(unit.item, false));
+            }
+            s @ RenderSection::BelongsTo(_) => {
+                text.push_str(&self.heading(s));
+            }
+            s @ RenderSection::Related(t) => {
+                if unit.item == 0 {
+                    text.push_str(&self.heading(s));
+                }
+                if let Some(item) = self.doc.related.get(t).and_then(|l| l.items.get(unit.item)) {
+                    text.push_str(&self.related_line(item));
+                }
+            }
+        }
+        count(tokenizer, &text)
+    }
+
+    /// The markdown of the first `k` units, header included.
+    pub(super) fn render(&self, units: &[Unit], k: usize) -> String {
+        let mut out = self.title();
+        if let Some(budget) = self.options.max_tokens {
+            out.push_str(&self.omission_lines(units, k, budget));
+        }
+        let shown = self.shown(units, k);
+        let with_provenance = self
+            .sections
+            .iter()
+            .zip(&shown)
+            .any(|(s, n)| *s == RenderSection::Provenance && *n > 0);
+        for (s, &n) in self.sections.iter().zip(&shown) {
+            if n == 0 {
+                continue;
+            }
+            match s {
+                RenderSection::Provenance => {}
+                RenderSection::Fields => {
+                    out.push_str(&self.heading(s));
+                    for i in 0..n {
+                        out.push_str(&self.field_line(i, with_provenance));
+                    }
+                }
+                RenderSection::BelongsTo(_) => out.push_str(&self.heading(s)),
+                RenderSection::Related(t) => {
+                    out.push_str(&self.heading(s));
+                    if let Some(list) = self.doc.related.get(t) {
+                        for item in list.items.iter().take(n) {
+                            out.push_str(&self.related_line(item));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn section_len(&self, s: &RenderSection) -> usize {
+        let doc = self.doc;
+        match s {
+            RenderSection::Fields => doc.fields.len(),
+            RenderSection::Provenance => {
+                usize::from(doc.fields.keys().any(|k| doc.provenance.contains_key(k)))
+            }
+            RenderSection::BelongsTo(t) => usize::from(doc.belongs_to.contains_key(t)),
+            RenderSection::Related(t) => doc.related.get(t).map_or(0, |l| l.items.len()),
+        }
+    }
+
+    /// Units of each section among the first `k`; sections are contiguous in `units`.
+    fn shown(&self, units: &[Unit], k: usize) -> Vec<usize> {
+        let mut shown = vec![0; self.sections.len()];
+        for u in &units[..k.min(units.len())] {
+            shown[u.section] += 1;
+        }
+        shown
+    }
+
+    /// A section's heading, with the blank line before it. For a parent, the whole block.
+    fn heading(&self, s: &RenderSection) -> String {
+        let doc = self.doc;
+        match s {
+            RenderSection::Fields => "\n## fields\n".into(),
+            RenderSection::Provenance => String::new(),
+            RenderSection::BelongsTo(t) => {
+                let Some(parent) = doc.belongs_to.get(t) else {
+                    return String::new();
+                };
+                let mut out = format!("\n## {t} {} (parent)", clean(&parent.entity_id));
+                if let Some(p) = latest(parent) {
+                    let _ = write!(
+                        out,
+                        ", updated {} by {}",
+                        compact_time(&p.event_time),
+                        clean(&p.source)
+                    );
+                }
+                out.push('\n');
+                for (name, value) in &parent.fields {
+                    let _ = writeln!(out, "- {}: {}", clean(name), value_text(value));
+                }
+                out
+            }
+            RenderSection::Related(t) => {
+                let total = doc.related.get(t).map_or(0, |l| l.total);
+                format!("\n## {} (newest first, {total} in all)\n", plural(t, 2))
+            }
+        }
+    }
+
+    fn field_line(&self, i: usize, with_provenance: bool) -> String {
+        let Some((name, value)) = self.doc.fields.iter().nth(i) else {
+            return String::new();
+        };
+        let mut line = format!("- {}: {}", clean(name), value_text(value));
+        if with_provenance {
+            if let Some(p) = self.doc.provenance.get(name) {
+                let _ = write!(line, " ({})", provenance_text(p, self.options.provenance));
+            }
+        }
+        line.push('\n');
+        line
+    }
+
+    /// `- O-1 (2026-11-25T12:00:07Z, shop): status: shipped; total: 129.9`. Fields holding this
+    /// entity's id (the child's pointer back to it) are left out: the section says so already.
+    fn related_line(&self, item: &RelatedEntity) -> String {
+        let mut line = format!("- {}", clean(&item.entity_id));
+        if let Some(p) = latest(item) {
+            let _ = write!(
+                line,
+                " ({}, {})",
+                compact_time(&p.event_time),
+                clean(&p.source)
+            );
+        }
+        let parts: Vec<String> = item
+            .fields
+            .iter()
+            .filter(|(_, v)| v.as_str() != Some(self.doc.entity_id.as_str()))
+            .map(|(k, v)| format!("{}: {}", clean(k), value_text(v)))
+            .collect();
+        if !parts.is_empty() {
+            let _ = write!(line, ": {}", parts.join("; "));
+        }
+        line.push('\n');
+        line
+    }
+}
+
+/// How an omission reads in the header: `7 of 10 orders`, `3 interactions`, `field provenance`.
+fn describe(o: &Omission) -> String {
+    let (one, many) = match &o.section {
+        RenderSection::Provenance => return "field provenance".into(),
+        RenderSection::BelongsTo(t) => return format!("parent {t}"),
+        RenderSection::Fields => ("field".to_string(), "fields".to_string()),
+        RenderSection::Related(t) => (t.clone(), plural(t, 2)),
+    };
+    let noun = if o.available == 1 { one } else { many };
+    if o.omitted == o.available {
+        format!("{} {noun}", o.available)
+    } else {
+        format!("{} of {} {noun}", o.omitted, o.available)
+    }
+}
+
+/// English plural of an entity type name, good enough for `order`, `ticket`, `activity`, `box`.
+fn plural(t: &str, n: usize) -> String {
+    if n == 1 {
+        t.to_string()
+    } else if let Some(stem) = t
+        .strip_suffix('y')
+        .filter(|s| !s.ends_with(['a', 'e', 'i', 'o', 'u']))
+    {
+        format!("{stem}ies")
+    } else if t.ends_with(['s', 'x', 'z']) || t.ends_with("ch") || t.ends_with("sh") {
+        format!("{t}es")
+    } else {
+        format!("{t}s")
+    }
+}
+
+fn provenance_text(p: &ProvenanceView, detail: ProvenanceDetail) -> String {
+    match detail {
+        ProvenanceDetail::Compact => {
+            format!("{}, {}", clean(&p.source), compact_time(&p.event_time))
+        }
+        ProvenanceDetail::Full => {
+            let mut s = format!(
+                "{}, {}, event {}",
+                clean(&p.source),
+                p.event_time,
+                clean(&p.event_id)
+            );
+            if let Some(t) = &p.event_type {
+                let _ = write!(s, " {}", clean(t));
+            }
+            let _ = write!(s, ", {}/{}@{}", clean(&p.topic), p.partition, p.offset);
+            s
+        }
+    }
+}
+
+/// The provenance of an entity's most recently changed field.
+fn latest(e: &RelatedEntity) -> Option<&ProvenanceView> {
+    // RFC 3339 times in one format (UTC, milliseconds) order as strings.
+    e.provenance
+        .values()
+        .max_by(|a, b| a.event_time.cmp(&b.event_time))
+}
+
+/// Strings as they are, anything else as JSON; line breaks escaped so a value cannot break the
+/// list structure (or forge a heading) of the markdown.
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => clean(s),
+        other => clean(&other.to_string()),
+    }
+}
+
+fn clean(s: &str) -> String {
+    if s.contains(['\n', '\r']) {
+        s.replace('\r', "\\r").replace('\n', "\\n")
+    } else {
+        s.to_string()
+    }
+}
+
+/// `2026-11-25T12:00:07.053Z` -> `2026-11-25T12:00:07Z`: milliseconds cost tokens and tell a
+/// model nothing.
+fn compact_time(t: &str) -> String {
+    match (t.find('.'), t.strip_suffix('Z')) {
+        (Some(dot), Some(_)) => format!("{}Z", &t[..dot]),
+        _ => t.to_string(),
+    }
+}
+
+/// `812 ms` -> `just now`, `95 s` -> `1 min ago` ...: staleness a model can read.
+fn ago(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        i64::MIN..=0 => "just now".into(),
+        1..=59 => format!("{s} s ago"),
+        60..=3599 => format!("{} min ago", s / 60),
+        3600..=86_399 => format!("{} h ago", s / 3600),
+        _ => format!("{} d ago", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plurals_of_entity_types() {
+        assert_eq!(plural("order", 2), "orders");
+        assert_eq!(plural("activity", 2), "activities");
+        assert_eq!(plural("day", 2), "days");
+        assert_eq!(plural("box", 2), "boxes");
+        assert_eq!(plural("order", 1), "order");
+    }
+
+    #[test]
+    fn times_drop_milliseconds_and_staleness_reads_as_words() {
+        assert_eq!(
+            compact_time("2026-11-25T12:00:07.053Z"),
+            "2026-11-25T12:00:07Z"
+        );
+        assert_eq!(compact_time("yesterday"), "yesterday");
+        assert_eq!(ago(-5), "just now");
+        assert_eq!(ago(812), "just now");
+        assert_eq!(ago(42_000), "42 s ago");
+        assert_eq!(ago(3 * 3_600_000 + 5), "3 h ago");
+    }
+
+    #[test]
+    fn values_cannot_break_the_markdown() {
+        assert_eq!(value_text(&Value::from("a\n## b")), "a\\n## b");
+        assert_eq!(value_text(&serde_json::json!(12.5)), "12.5");
+        assert_eq!(value_text(&serde_json::json!({"a": 1})), "{\"a\":1}");
+    }
+}
