@@ -11,11 +11,13 @@
 mod document;
 mod embedded;
 mod model;
+mod postgres;
 mod store;
 
 pub use document::{ContextDocument, ProvenanceView, RelatedEntity, RelatedList};
 pub use embedded::{ApplyStats, EmbeddedStore};
 pub use model::*;
+pub use postgres::PostgresStore;
 pub use store::ContextStore;
 
 /// Errors of a context store.

@@ -1,0 +1,840 @@
+//! The PostgreSQL context store: the same contract and results as the embedded store, in
+//! tables a production database can host (see docs/store-postgres.md).
+//!
+//! Every [`ContextStore::apply`] is one transaction: lock and read the next offsets of the
+//! batch's partitions (one statement), plan the batch in memory ([`super::plan`]), then one
+//! set-based statement per table (tombstones, entities, fields, relations, offsets), each
+//! fed by `unnest` of arrays. No statement runs per record, and no row is read before it is
+//! written except the offsets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{IsolationLevel, NoTls, Row};
+
+use super::plan::{self, BatchPlan};
+use crate::document::{ContextDocument, ProvenanceView, RelatedEntity, RelatedList};
+use crate::embedded::ApplyStats;
+use crate::model::{EntityDoc, EntityUpdate, FieldEntry, Provenance, StoreSchema};
+use crate::{ContextStore, StoreError};
+
+const SCHEMA_SQL: &str = include_str!("schema.sql");
+/// Connections the store opens at most: the sink writes on one, the API reads on the others.
+const POOL_SIZE: usize = 8;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a caller waits for a free connection before the call fails (transiently).
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// `related_limit` of a child type the schema does not mention, as in the embedded store.
+const DEFAULT_RELATED_LIMIT: usize = 10;
+
+/// A context store in PostgreSQL tables, behind a small connection pool.
+pub struct PostgresStore {
+    pool: Pool,
+    schema: StoreSchema,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user[:password]@host[:port]/database[?options]`) and
+    /// creates the store's tables if they are missing, in the connection's default schema
+    /// (the URL's `search_path`, usually `public`).
+    pub async fn connect(url: &str, schema: StoreSchema) -> Result<Self, StoreError> {
+        Self::open(url, None, schema).await
+    }
+
+    /// Like [`PostgresStore::connect`], with the tables in the PostgreSQL schema `namespace`
+    /// (created if missing): several stores in one database, e.g. one per pipeline or test.
+    /// `namespace` is a lower-case SQL identifier (`[a-z_][a-z0-9_]*`, at most 63 bytes).
+    pub async fn connect_in_namespace(
+        url: &str,
+        namespace: &str,
+        schema: StoreSchema,
+    ) -> Result<Self, StoreError> {
+        Self::open(url, Some(namespace), schema).await
+    }
+
+    /// The relations this store maintains.
+    pub fn schema(&self) -> &StoreSchema {
+        &self.schema
+    }
+
+    async fn open(
+        url: &str,
+        namespace: Option<&str>,
+        schema: StoreSchema,
+    ) -> Result<Self, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Io(format!("invalid PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if let Some(ns) = namespace {
+            if !valid_namespace(ns) {
+                return Err(StoreError::Io(format!(
+                    "invalid PostgreSQL schema name {ns:?}: use [a-z_][a-z0-9_]*, at most 63 bytes"
+                )));
+            }
+            // Set at connection start-up, so every statement below names tables unqualified
+            // and every pooled connection sees the same ones.
+            let options = match config.get_options() {
+                Some(o) if !o.is_empty() => format!("{o} -c search_path={ns}"),
+                _ => format!("-c search_path={ns}"),
+            };
+            config.options(options);
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Io(format!("PostgreSQL pool: {e}")))?;
+        let store = Self { pool, schema };
+        store.create_tables(namespace).await?;
+        Ok(store)
+    }
+
+    async fn create_tables(&self, namespace: Option<&str>) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await.map_err(pg)?;
+        // Two stores starting at once would race on CREATE ... IF NOT EXISTS (it is not
+        // atomic against a concurrent create); a transaction-scoped advisory lock orders them.
+        txn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('kontext-store-ddl'))",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+        if let Some(ns) = namespace {
+            txn.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {ns}"))
+                .await
+                .map_err(pg)?;
+        }
+        txn.batch_execute(SCHEMA_SQL).await.map_err(pg)?;
+        txn.commit().await.map_err(pg)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => pg(e),
+            other => StoreError::Io(format!("PostgreSQL connection: {other}")),
+        })
+    }
+
+    /// The whole of [`ContextStore::apply`], in one transaction.
+    async fn apply_batch(
+        &self,
+        updates: &[EntityUpdate],
+        offsets: &[(String, i32, i64)],
+    ) -> Result<ApplyStats, StoreError> {
+        check_text(updates, offsets)?;
+        let partitions = plan::partitions(updates, offsets);
+        if partitions.is_empty() {
+            return Ok(ApplyStats::default());
+        }
+        let mut client = self.client().await?;
+        let txn = client.transaction().await.map_err(pg)?;
+
+        // 1. Lock and read the next offsets. Missing rows are created (at 0) so that they can be
+        //    locked too: two writers of one partition serialize here, and the second sees what
+        //    the first committed.
+        let (topics, parts): (Vec<&str>, Vec<i32>) = partitions.iter().copied().unzip();
+        let stmt = txn.prepare_cached(LOCK_OFFSETS).await.map_err(pg)?;
+        let mut stored = BTreeMap::new();
+        for row in txn.query(&stmt, &[&topics, &parts]).await.map_err(pg)? {
+            stored.insert(
+                (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?),
+                { row.try_get::<_, i64>(2).map_err(pg)? },
+            );
+        }
+
+        let BatchPlan {
+            mut stats,
+            entities,
+            offsets: next_offsets,
+        } = plan::plan(updates, offsets, &stored);
+
+        // 2. Tombstones: drop the entities as stored (fields and relations with them).
+        let reset: Vec<(&str, &str)> = entities
+            .iter()
+            .filter(|(_, e)| e.reset)
+            .map(|(k, _)| *k)
+            .collect();
+        if !reset.is_empty() {
+            let (types, ids): (Vec<&str>, Vec<&str>) = reset.iter().copied().unzip();
+            let stmt = txn.prepare_cached(DELETE_ENTITIES).await.map_err(pg)?;
+            for row in txn.query(&stmt, &[&types, &ids]).await.map_err(pg)? {
+                let key: (&str, &str) = (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?);
+                if entities.get(&key).is_some_and(|e| e.deletes_if_stored) {
+                    stats.deleted += 1;
+                }
+            }
+        }
+
+        // 3. Entities: events_applied and the latest provenance.
+        let mut e = EntityColumns::default();
+        for ((entity_type, entity_id), plan) in &entities {
+            let Some(latest) = plan.latest else { continue };
+            e.types.push(entity_type);
+            e.ids.push(entity_id);
+            e.counts
+                .push(i64::try_from(plan.upserts).unwrap_or(i64::MAX));
+            e.prov.push(latest);
+        }
+        if !e.types.is_empty() {
+            let stmt = txn.prepare_cached(&UPSERT_ENTITIES).await.map_err(pg)?;
+            let p = ProvenanceColumns::of(&e.prov);
+            txn.execute(
+                &stmt,
+                &[
+                    &e.types,
+                    &e.ids,
+                    &e.counts,
+                    &p.source,
+                    &p.event_id,
+                    &p.event_type,
+                    &p.topic,
+                    &p.partition,
+                    &p.offset,
+                    &p.time,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        }
+
+        // 4. Fields: one versioned upsert; it returns the relation fields it changed.
+        let mut f = FieldColumns::default();
+        for ((entity_type, entity_id), plan) in &entities {
+            for (field, (value, prov)) in &plan.fields {
+                f.types.push(entity_type);
+                f.ids.push(entity_id);
+                f.fields.push(field);
+                f.values.push(serde_json::to_string(value).map_err(|e| {
+                    StoreError::Corrupt(format!("{entity_type}/{entity_id}.{field}: {e}"))
+                })?);
+                f.prov.push(prov);
+            }
+        }
+        let (rel_types, rel_fields): (Vec<&str>, Vec<&str>) = self
+            .schema
+            .belongs_to
+            .iter()
+            .flat_map(|(child, parents)| {
+                parents
+                    .iter()
+                    .map(move |(_, field)| (child.as_str(), field.as_str()))
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .unzip();
+        let mut changed_relations: Vec<(String, String, String)> = Vec::new();
+        if !f.types.is_empty() {
+            let stmt = txn.prepare_cached(&UPSERT_FIELDS).await.map_err(pg)?;
+            let p = ProvenanceColumns::of(&f.prov);
+            let rows = txn
+                .query(
+                    &stmt,
+                    &[
+                        &f.types,
+                        &f.ids,
+                        &f.fields,
+                        &f.values,
+                        &p.source,
+                        &p.event_id,
+                        &p.event_type,
+                        &p.topic,
+                        &p.partition,
+                        &p.offset,
+                        &p.time,
+                        &rel_types,
+                        &rel_fields,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            for row in rows {
+                changed_relations.push((
+                    row.try_get(0).map_err(pg)?,
+                    row.try_get(1).map_err(pg)?,
+                    row.try_get(2).map_err(pg)?,
+                ));
+            }
+        }
+
+        // 5. Relations of the changed relation fields: point at the new parent, or at none.
+        let mut set = RelationColumns::default();
+        let mut unset = RelationColumns::default();
+        for (child_type, child_id, field) in &changed_relations {
+            let Some(plan) = entities.get(&(child_type.as_str(), child_id.as_str())) else {
+                continue;
+            };
+            let Some((value, _)) = plan.fields.get(field.as_str()) else {
+                continue;
+            };
+            for (parent_type, _) in self
+                .schema
+                .parents_of(child_type)
+                .iter()
+                .filter(|(_, f)| f == field)
+            {
+                let target = match parent_id(value) {
+                    Some(id) => {
+                        set.parent_ids.push(id);
+                        &mut set
+                    }
+                    None => &mut unset,
+                };
+                target.child_types.push(child_type);
+                target.child_ids.push(child_id);
+                target.parent_types.push(parent_type);
+            }
+        }
+        if !set.child_types.is_empty() {
+            let stmt = txn.prepare_cached(SET_RELATIONS).await.map_err(pg)?;
+            txn.execute(
+                &stmt,
+                &[
+                    &set.child_types,
+                    &set.child_ids,
+                    &set.parent_types,
+                    &set.parent_ids,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        if !unset.child_types.is_empty() {
+            let stmt = txn.prepare_cached(UNSET_RELATIONS).await.map_err(pg)?;
+            txn.execute(
+                &stmt,
+                &[&unset.child_types, &unset.child_ids, &unset.parent_types],
+            )
+            .await
+            .map_err(pg)?;
+        }
+
+        // 6. Offsets, in the same transaction as the data they cover.
+        let (mut topics, mut parts, mut nexts) = (Vec::new(), Vec::new(), Vec::new());
+        for ((topic, partition), next) in &next_offsets {
+            topics.push(*topic);
+            parts.push(*partition);
+            nexts.push(*next);
+        }
+        let stmt = txn.prepare_cached(ADVANCE_OFFSETS).await.map_err(pg)?;
+        txn.execute(&stmt, &[&topics, &parts, &nexts])
+            .await
+            .map_err(pg)?;
+
+        txn.commit().await.map_err(pg)?;
+        Ok(stats)
+    }
+
+    /// Entities by key, each with its fields, in (type, id) order.
+    async fn load(
+        client: &impl deadpool_postgres::GenericClient,
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<EntityDoc>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        let stmt = client
+            .prepare_cached(&format!("{SELECT_DOCS} {WHERE_KEYS} {ORDER_DOCS}"))
+            .await
+            .map_err(pg)?;
+        docs_from_rows(client.query(&stmt, &[&types, &ids]).await.map_err(pg)?)
+    }
+
+    async fn assemble(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<Option<ContextDocument>, StoreError> {
+        let mut client = self.client().await?;
+        // One snapshot for the entity, its parents and its children.
+        let txn = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg)?;
+        let Some(doc) = Self::load(&txn, &[(entity_type, entity_id)])
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        let mut belongs_to = BTreeMap::new();
+        for (parent_type, field) in self.schema.parents_of(entity_type) {
+            // As the embedded store: only a string names a parent here.
+            let Some(parent_id) = doc.fields.get(field).and_then(|f| f.value.as_str()) else {
+                continue;
+            };
+            if let Some(parent) = Self::load(&txn, &[(parent_type, parent_id)])
+                .await?
+                .into_iter()
+                .next()
+            {
+                belongs_to.insert(parent_type.clone(), related_entity(&parent));
+            }
+        }
+        let mut related = BTreeMap::new();
+        let children_stmt = txn.prepare_cached(CHILDREN).await.map_err(pg)?;
+        for (child_type, _) in self.schema.children_of(entity_type) {
+            let limit = self
+                .schema
+                .related_limit
+                .get(child_type)
+                .copied()
+                .unwrap_or(DEFAULT_RELATED_LIMIT);
+            // At least one row, so that the total (a window count) arrives even for limit 0.
+            let fetch = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+            let rows = txn
+                .query(
+                    &children_stmt,
+                    &[&entity_type, &entity_id, &child_type, &fetch],
+                )
+                .await
+                .map_err(pg)?;
+            let mut total = 0usize;
+            let mut ids: Vec<String> = Vec::with_capacity(rows.len());
+            for row in &rows {
+                ids.push(row.try_get(0).map_err(pg)?);
+                total = usize::try_from(row.try_get::<_, i64>(1).map_err(pg)?).unwrap_or(0);
+            }
+            ids.truncate(limit);
+            let keys: Vec<(&str, &str)> = ids.iter().map(|id| (child_type, id.as_str())).collect();
+            let mut by_id: BTreeMap<String, EntityDoc> = Self::load(&txn, &keys)
+                .await?
+                .into_iter()
+                .map(|d| (d.entity_id.clone(), d))
+                .collect();
+            let items = ids
+                .iter()
+                .filter_map(|id| by_id.remove(id))
+                .map(|d| related_entity(&d))
+                .collect();
+            related.insert(child_type.to_string(), RelatedList { total, items });
+        }
+        txn.commit().await.map_err(pg)?;
+        Ok(Some(ContextDocument {
+            entity_type: doc.entity_type.clone(),
+            entity_id: doc.entity_id.clone(),
+            fields: doc.values(),
+            provenance: provenance_of(&doc),
+            belongs_to,
+            related,
+            as_of: ProvenanceView::from(&doc.latest),
+            events_applied: doc.events_applied,
+            as_of_ms: doc.latest.event_time_ms,
+        }))
+    }
+}
+
+#[async_trait]
+impl ContextStore for PostgresStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn apply(
+        &self,
+        updates: &[EntityUpdate],
+        offsets: &[(String, i32, i64)],
+    ) -> Result<ApplyStats, StoreError> {
+        self.apply_batch(updates, offsets).await
+    }
+
+    async fn get(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<Option<EntityDoc>, StoreError> {
+        let client = self.client().await?;
+        Ok(Self::load(&client, &[(entity_type, entity_id)])
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn context(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<Option<ContextDocument>, StoreError> {
+        self.assemble(entity_type, entity_id).await
+    }
+
+    async fn list(
+        &self,
+        entity_type: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(LIST).await.map_err(pg)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        client
+            .query(&stmt, &[&entity_type, &after, &limit])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.try_get(0).map_err(pg))
+            .collect()
+    }
+
+    async fn applied_offsets(&self) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
+        let client = self.client().await?;
+        // Rows at 0 are the ones the lock statement created for partitions that never
+        // advanced: the embedded store has no entry for them, neither do we.
+        let stmt = client
+            .prepare_cached(
+                r#"SELECT topic, "partition", next_offset FROM kontext_offsets WHERE next_offset > 0"#,
+            )
+            .await
+            .map_err(pg)?;
+        let mut out = BTreeMap::new();
+        for row in client.query(&stmt, &[]).await.map_err(pg)? {
+            out.insert(
+                (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?),
+                row.try_get(2).map_err(pg)?,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn dump(&self) -> Result<Vec<EntityDoc>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!("{SELECT_DOCS} {ORDER_DOCS}"))
+            .await
+            .map_err(pg)?;
+        docs_from_rows(client.query(&stmt, &[]).await.map_err(pg)?)
+    }
+}
+
+// ---- SQL ---------------------------------------------------------------------------------
+
+/// Creates missing offset rows at 0 and locks all of them (a no-op update takes the row
+/// lock), returning the stored next offsets. Input is sorted: writers lock in one order.
+const LOCK_OFFSETS: &str = r#"
+INSERT INTO kontext_offsets AS o (topic, "partition", next_offset)
+SELECT t, p, 0 FROM unnest($1::text[], $2::int4[]) AS u(t, p)
+ON CONFLICT (topic, "partition") DO UPDATE SET next_offset = o.next_offset
+RETURNING topic, "partition", next_offset"#;
+
+/// Drops entities with their fields and the relations they are the child of; returns the
+/// entities that existed (for `ApplyStats::deleted`).
+const DELETE_ENTITIES: &str = r#"
+WITH k AS (SELECT * FROM unnest($1::text[], $2::text[]) AS k(t, i)),
+f AS (DELETE FROM kontext_fields x USING k WHERE x.entity_type = k.t AND x.entity_id = k.i),
+r AS (DELETE FROM kontext_relations x USING k WHERE x.child_type = k.t AND x.child_id = k.i)
+DELETE FROM kontext_entities x USING k WHERE x.entity_type = k.t AND x.entity_id = k.i
+RETURNING x.entity_type, x.entity_id"#;
+
+/// The provenance columns, in the order of the statements' parameters.
+const PROVENANCE_COLUMNS: &str =
+    r#"source, event_id, event_type, topic, "partition", "offset", event_time_ms"#;
+
+/// The version comparison of `merge_fields`: (event time, topic, partition, offset), the
+/// topic compared bytewise (the column's collation is "C").
+fn newer(new: &str, old: &str) -> String {
+    format!(
+        r#"({new}.event_time_ms, {new}.topic, {new}."partition", {new}."offset") > ({old}.event_time_ms, {old}.topic, {old}."partition", {old}."offset")"#
+    )
+}
+
+static UPSERT_ENTITIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let newer = newer("excluded", "e");
+    let latest: Vec<String> = PROVENANCE_COLUMNS
+        .split(", ")
+        .map(|c| format!("{c} = CASE WHEN {newer} THEN excluded.{c} ELSE e.{c} END"))
+        .collect();
+    format!(
+        r#"
+INSERT INTO kontext_entities AS e (entity_type, entity_id, events_applied, {PROVENANCE_COLUMNS})
+SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::int4[], $9::int8[], $10::int8[])
+ON CONFLICT (entity_type, entity_id) DO UPDATE SET
+    events_applied = e.events_applied + excluded.events_applied,
+    {}"#,
+        latest.join(",\n    ")
+    )
+});
+
+/// The one versioned upsert of the batch's fields: a stored field is replaced only by a
+/// greater version. Returns the changed rows that are relation fields ($12, $13: the
+/// (entity type, field) pairs of the schema's `belongs_to`).
+static UPSERT_FIELDS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let newer = newer("excluded", "f");
+    format!(
+        r#"
+WITH changed AS (
+    INSERT INTO kontext_fields AS f (entity_type, entity_id, field, value, {PROVENANCE_COLUMNS})
+    SELECT t, i, n, v::json, s, ev, et, tp, p, o, ms
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int8[])
+         AS u(t, i, n, v, s, ev, et, tp, p, o, ms)
+    ON CONFLICT (entity_type, entity_id, field) DO UPDATE SET
+        value = excluded.value, source = excluded.source, event_id = excluded.event_id,
+        event_type = excluded.event_type, topic = excluded.topic,
+        "partition" = excluded."partition", "offset" = excluded."offset",
+        event_time_ms = excluded.event_time_ms
+    WHERE {newer}
+    RETURNING entity_type, entity_id, field
+)
+SELECT c.entity_type, c.entity_id, c.field FROM changed c
+WHERE (c.entity_type, c.field) IN (SELECT * FROM unnest($12::text[], $13::text[]))"#
+    )
+});
+
+const SET_RELATIONS: &str = r#"
+INSERT INTO kontext_relations AS r (child_type, child_id, parent_type, parent_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+ON CONFLICT (child_type, child_id, parent_type) DO UPDATE SET parent_id = excluded.parent_id"#;
+
+const UNSET_RELATIONS: &str = r#"
+DELETE FROM kontext_relations r
+USING unnest($1::text[], $2::text[], $3::text[]) AS u(ct, ci, pt)
+WHERE r.child_type = u.ct AND r.child_id = u.ci AND r.parent_type = u.pt"#;
+
+const ADVANCE_OFFSETS: &str = r#"
+UPDATE kontext_offsets o SET next_offset = u.n
+FROM unnest($1::text[], $2::int4[], $3::int8[]) AS u(t, p, n)
+WHERE o.topic = u.t AND o."partition" = u.p AND u.n > o.next_offset"#;
+
+/// An entity and its fields, one row per field (one row with NULL fields if it has none).
+const SELECT_DOCS: &str = r#"
+SELECT e.entity_type, e.entity_id, e.events_applied,
+       e.source, e.event_id, e.event_type, e.topic, e."partition", e."offset", e.event_time_ms,
+       f.field, f.value::text,
+       f.source, f.event_id, f.event_type, f.topic, f."partition", f."offset", f.event_time_ms
+FROM kontext_entities e
+LEFT JOIN kontext_fields f ON f.entity_type = e.entity_type AND f.entity_id = e.entity_id"#;
+const WHERE_KEYS: &str = r#"
+WHERE (e.entity_type, e.entity_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"#;
+const ORDER_DOCS: &str = "ORDER BY e.entity_type, e.entity_id";
+
+/// A parent's children of one type, newest first by their latest version (ties by id, the
+/// order the embedded store's stable sort leaves them in), with the total count.
+const CHILDREN: &str = r#"
+SELECT e.entity_id, count(*) OVER ()
+FROM kontext_relations r
+JOIN kontext_entities e ON e.entity_type = r.child_type AND e.entity_id = r.child_id
+WHERE r.parent_type = $1 AND r.parent_id = $2 AND r.child_type = $3
+ORDER BY e.event_time_ms DESC, e.topic DESC, e."partition" DESC, e."offset" DESC, e.entity_id
+LIMIT $4"#;
+
+const LIST: &str = r#"
+SELECT entity_id FROM kontext_entities
+WHERE entity_type = $1 AND ($2::text IS NULL OR entity_id > $2)
+ORDER BY entity_id LIMIT $3"#;
+
+// ---- helpers -----------------------------------------------------------------------------
+
+#[derive(Default)]
+struct EntityColumns<'a> {
+    types: Vec<&'a str>,
+    ids: Vec<&'a str>,
+    counts: Vec<i64>,
+    prov: Vec<&'a Provenance>,
+}
+
+#[derive(Default)]
+struct FieldColumns<'a> {
+    types: Vec<&'a str>,
+    ids: Vec<&'a str>,
+    fields: Vec<&'a str>,
+    values: Vec<String>,
+    prov: Vec<&'a Provenance>,
+}
+
+#[derive(Default)]
+struct RelationColumns<'a> {
+    child_types: Vec<&'a str>,
+    child_ids: Vec<&'a str>,
+    parent_types: Vec<&'a str>,
+    parent_ids: Vec<String>,
+}
+
+/// Provenances as one array per column, for `unnest`.
+struct ProvenanceColumns<'a> {
+    source: Vec<&'a str>,
+    event_id: Vec<&'a str>,
+    event_type: Vec<Option<&'a str>>,
+    topic: Vec<&'a str>,
+    partition: Vec<i32>,
+    offset: Vec<i64>,
+    time: Vec<i64>,
+}
+
+impl<'a> ProvenanceColumns<'a> {
+    fn of(prov: &[&'a Provenance]) -> Self {
+        Self {
+            source: prov.iter().map(|p| p.source.as_str()).collect(),
+            event_id: prov.iter().map(|p| p.event_id.as_str()).collect(),
+            event_type: prov.iter().map(|p| p.event_type.as_deref()).collect(),
+            topic: prov.iter().map(|p| p.topic.as_str()).collect(),
+            partition: prov.iter().map(|p| p.partition).collect(),
+            offset: prov.iter().map(|p| p.offset).collect(),
+            time: prov.iter().map(|p| p.event_time_ms).collect(),
+        }
+    }
+}
+
+/// Folds the rows of [`SELECT_DOCS`] (ordered by entity) into documents.
+fn docs_from_rows(rows: Vec<Row>) -> Result<Vec<EntityDoc>, StoreError> {
+    let mut docs: Vec<EntityDoc> = Vec::new();
+    for row in rows {
+        let entity_type: String = row.try_get(0).map_err(pg)?;
+        let entity_id: String = row.try_get(1).map_err(pg)?;
+        let same = docs
+            .last()
+            .is_some_and(|d| d.entity_type == entity_type && d.entity_id == entity_id);
+        if !same {
+            let events: i64 = row.try_get(2).map_err(pg)?;
+            docs.push(EntityDoc {
+                entity_type,
+                entity_id,
+                fields: BTreeMap::new(),
+                events_applied: u64::try_from(events)
+                    .map_err(|_| StoreError::Corrupt(format!("events_applied {events}")))?,
+                latest: provenance(&row, 3)?,
+            });
+        }
+        let Some(field) = row.try_get::<_, Option<String>>(10).map_err(pg)? else {
+            continue;
+        };
+        let text: String = row.try_get(11).map_err(pg)?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("field {field}: {e}")))?;
+        let provenance = provenance(&row, 12)?;
+        if let Some(doc) = docs.last_mut() {
+            doc.fields.insert(field, FieldEntry { value, provenance });
+        }
+    }
+    Ok(docs)
+}
+
+/// The seven provenance columns starting at `at`.
+fn provenance(row: &Row, at: usize) -> Result<Provenance, StoreError> {
+    Ok(Provenance {
+        source: row.try_get(at).map_err(pg)?,
+        event_id: row.try_get(at + 1).map_err(pg)?,
+        event_type: row.try_get(at + 2).map_err(pg)?,
+        topic: row.try_get(at + 3).map_err(pg)?,
+        partition: row.try_get(at + 4).map_err(pg)?,
+        offset: row.try_get(at + 5).map_err(pg)?,
+        event_time_ms: row.try_get(at + 6).map_err(pg)?,
+    })
+}
+
+fn related_entity(doc: &EntityDoc) -> RelatedEntity {
+    RelatedEntity {
+        entity_id: doc.entity_id.clone(),
+        fields: doc.values(),
+        provenance: provenance_of(doc),
+    }
+}
+
+fn provenance_of(doc: &EntityDoc) -> BTreeMap<String, ProvenanceView> {
+    doc.fields
+        .iter()
+        .map(|(k, f)| (k.clone(), ProvenanceView::from(&f.provenance)))
+        .collect()
+}
+
+/// The parent id a relation field holds, as the embedded store's relation index reads it:
+/// a non-empty string, or a number written as text.
+fn parent_id(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// PostgreSQL text cannot hold NUL characters (the embedded store can). Such a batch can
+/// never be written: a permanent error, reported before anything is sent. (NUL inside JSON
+/// values is fine: it travels escaped, and `json` keeps the escape.)
+fn check_text(updates: &[EntityUpdate], offsets: &[(String, i32, i64)]) -> Result<(), StoreError> {
+    let nul = |s: &str| s.contains('\0');
+    for u in updates {
+        let p = &u.provenance;
+        let names_nul = match &u.change {
+            crate::Change::Upsert(fields) => fields.keys().any(|k| nul(k)),
+            crate::Change::Delete => false,
+        };
+        if nul(&u.entity_type)
+            || nul(&u.entity_id)
+            || names_nul
+            || nul(&p.source)
+            || nul(&p.event_id)
+            || p.event_type.as_deref().is_some_and(nul)
+            || nul(&p.topic)
+        {
+            return Err(StoreError::Corrupt(format!(
+                "{}/{} (event {:?}): a NUL character in a name or id, which PostgreSQL text cannot hold",
+                u.entity_type.escape_debug(),
+                u.entity_id.escape_debug(),
+                p.event_id
+            )));
+        }
+    }
+    if let Some((t, _, _)) = offsets.iter().find(|(t, _, _)| nul(t)) {
+        return Err(StoreError::Corrupt(format!(
+            "topic {t:?}: a NUL character, which PostgreSQL text cannot hold"
+        )));
+    }
+    Ok(())
+}
+
+fn valid_namespace(ns: &str) -> bool {
+    let mut chars = ns.chars();
+    ns.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Maps a PostgreSQL error to the store's retry meaning: the connection, the server's state
+/// or a conflict between transactions (transient: retry the batch) versus what the server
+/// rejects about the statement or its data (permanent).
+pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
+    let transient = match e.code() {
+        None => true, // I/O, closed connection, timeout: no answer from the server
+        Some(code) => is_transient_state(code),
+    };
+    let msg = match e.as_db_error() {
+        Some(db) => format!("PostgreSQL {}: {}", db.code().code(), db.message()),
+        None => format!("PostgreSQL: {e}"),
+    };
+    if transient {
+        StoreError::Io(msg)
+    } else {
+        StoreError::Corrupt(msg)
+    }
+}
+
+/// SQLSTATE classes and codes worth a retry: 08 connection exception, 40 transaction rollback
+/// (serialization failure, deadlock), 53 insufficient resources, 57 operator intervention
+/// (shutdown, cancel, terminated backend), 58 system error (I/O), 55P03 lock not available.
+pub(crate) fn is_transient_state(code: &SqlState) -> bool {
+    let c = code.code();
+    matches!(c.get(..2), Some("08" | "40" | "53" | "57" | "58")) || c == "55P03"
+}

@@ -1,0 +1,317 @@
+//! PostgreSQL-specific behaviour: atomicity when the writer dies mid-batch, the skip rule of
+//! the batch planner, the collation independence of versions, error classes. The cross-store
+//! contract is in `tests/conformance.rs`. Needs `scripts/postgres.sh start` (or
+//! `KONTEXT_TEST_POSTGRES`); fails, not skips, without it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::plan;
+use super::store::is_transient_state;
+use crate::{Change, ContextStore, EmbeddedStore, EntityUpdate, PostgresStore, Provenance};
+use crate::{StoreError, StoreSchema};
+
+const DEFAULT_URL: &str = "postgres://kontext@127.0.0.1:55432/kontext";
+
+fn url() -> String {
+    std::env::var("KONTEXT_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_URL.to_string())
+}
+
+fn schema() -> StoreSchema {
+    let mut s = StoreSchema::default();
+    s.belongs_to.insert(
+        "order".into(),
+        vec![("customer".into(), "customer_id".into())],
+    );
+    s.related_limit.insert("order".into(), 2);
+    s
+}
+
+fn namespace() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "kt_unit_{}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        nanos
+    )
+}
+
+async fn store_in(ns: &str) -> PostgresStore {
+    let url = url();
+    match PostgresStore::connect_in_namespace(&url, ns, schema()).await {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "PostgreSQL at {url} is unreachable ({e}): start it with `scripts/postgres.sh start` \
+             or point KONTEXT_TEST_POSTGRES at a server"
+        ),
+    }
+}
+
+async fn raw_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL unreachable: run scripts/postgres.sh start");
+    tokio::spawn(conn);
+    client
+}
+
+fn update(
+    entity_type: &str,
+    id: &str,
+    fields: serde_json::Value,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    time: i64,
+) -> EntityUpdate {
+    EntityUpdate {
+        entity_type: entity_type.into(),
+        entity_id: id.into(),
+        change: match fields {
+            serde_json::Value::Null => Change::Delete,
+            f => Change::Upsert(f.as_object().cloned().unwrap_or_default()),
+        },
+        provenance: Provenance {
+            source: "crm".into(),
+            event_id: format!("{topic}-{partition}-{offset}"),
+            event_type: None,
+            topic: topic.into(),
+            partition,
+            offset,
+            event_time_ms: time,
+        },
+    }
+}
+
+/// A batch of `n` orders spread over a few customers, at offsets `from..from + n`.
+fn orders(from: i64, n: i64) -> Vec<EntityUpdate> {
+    (from..from + n)
+        .map(|o| {
+            update(
+                "order",
+                &format!("O{}", o % 50),
+                json!({"status": format!("s{o}"), "customer_id": format!("C{}", o % 7)}),
+                "orders",
+                0,
+                o,
+                1_000 + o,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_killed_mid_batch_leaves_nothing_and_a_retry_converges() {
+    let ns = namespace();
+    let store = store_in(&ns).await;
+    let first = orders(0, 100);
+    store.apply(&first, &[]).await.unwrap();
+    let before = (
+        store.dump().await.unwrap(),
+        store.applied_offsets().await.unwrap(),
+    );
+
+    // The writer connects first: creating its tables would wait for the lock below too.
+    let writer = store_in(&ns).await;
+    // Another session holds the relation table: the batch's transaction gets through the
+    // offsets, tombstones, entities and fields, then waits at the relations. We terminate its
+    // backend there, i.e. the writer dies with half of the batch written (uncommitted).
+    let mut locker = raw_client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute(&format!(
+        "LOCK TABLE {ns}.kontext_relations IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .unwrap();
+    let second = orders(100, 200);
+    let apply = {
+        let second = second.clone();
+        tokio::spawn(async move { writer.apply(&second, &[("orders".into(), 0, 300)]).await })
+    };
+    let killer = raw_client().await;
+    let mut waited = 0;
+    let killed = loop {
+        let rows = killer
+            .query(
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+                 WHERE l.relation = $1::text::regclass AND NOT l.granted",
+                &[&format!("{ns}.kontext_relations")],
+            )
+            .await
+            .unwrap();
+        if !rows.is_empty() {
+            break true;
+        }
+        waited += 1;
+        if waited > 200 {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(killed, "the writer never reached the relation table");
+    let err = apply.await.unwrap().unwrap_err();
+    assert!(err.is_transient(), "a dead connection is transient: {err}");
+    lock.commit().await.unwrap();
+
+    let after = (
+        store.dump().await.unwrap(),
+        store.applied_offsets().await.unwrap(),
+    );
+    assert_eq!(before, after, "the killed batch left something behind");
+
+    // The sink's retry: the whole batch again, nothing of it skipped.
+    let stats = store
+        .apply(&second, &[("orders".into(), 0, 300)])
+        .await
+        .unwrap();
+    assert_eq!((stats.applied, stats.skipped), (200, 0));
+    let dir = tempfile::tempdir().unwrap();
+    let reference = EmbeddedStore::open(&dir.path().join("s.redb"), schema()).unwrap();
+    ContextStore::apply(&reference, &first, &[]).await.unwrap();
+    ContextStore::apply(&reference, &second, &[("orders".into(), 0, 300)])
+        .await
+        .unwrap();
+    assert_eq!(reference.dump().unwrap(), store.dump().await.unwrap());
+    for o in 0..50 {
+        let id = format!("O{o}");
+        assert_eq!(
+            reference.context("order", &id).unwrap(),
+            store.context("order", &id).await.unwrap()
+        );
+    }
+    drop_namespace(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_compare_topics_bytewise_whatever_the_database_collation() {
+    let ns = namespace();
+    let store = store_in(&ns).await;
+    // Same event time: the topic decides. Bytewise "a" (0x61) > "B" (0x42); a linguistic
+    // collation (the test database is ICU en-US) would say the opposite.
+    let from_a = update("customer", "C1", json!({"tier": "from-a"}), "a", 0, 0, 5);
+    let from_b = update("customer", "C1", json!({"tier": "from-b"}), "B", 0, 0, 5);
+    store.apply(&[from_a.clone()], &[]).await.unwrap();
+    store.apply(&[from_b.clone()], &[]).await.unwrap();
+    let doc = store.get("customer", "C1").await.unwrap().unwrap();
+    assert_eq!(doc.values()["tier"], "from-a");
+    assert_eq!(doc.latest.topic, "a");
+    drop_namespace(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_values_read_back_exactly_as_written() {
+    let ns = namespace();
+    let store = store_in(&ns).await;
+    let fields = json!({
+        "nul": "a\u{0}b", "tiny": 1e-7, "huge": 1e300, "big": u64::MAX, "neg": -12,
+        "float": 0.1, "nested": {"z": [1, {"y": null}], "a": true}, "empty": {}, "s": "ü"
+    });
+    let u = update("customer", "C1", fields.clone(), "t", 0, 0, 1);
+    store.apply(&[u], &[]).await.unwrap();
+    let doc = store.get("customer", "C1").await.unwrap().unwrap();
+    assert_eq!(serde_json::Value::Object(doc.values()), fields);
+    drop_namespace(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_in_an_id_is_a_permanent_error_and_writes_nothing() {
+    let ns = namespace();
+    let store = store_in(&ns).await;
+    let bad = update("customer", "C\u{0}1", json!({"a": 1}), "t", 0, 0, 1);
+    let err = store.apply(&[bad], &[]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert!(!err.is_transient());
+    assert!(store.dump().await.unwrap().is_empty());
+    assert!(store.applied_offsets().await.unwrap().is_empty());
+    drop_namespace(&ns).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_transient_error() {
+    // Port 1 on the loopback: nothing listens there.
+    let err = PostgresStore::connect("postgres://kontext@127.0.0.1:1/kontext", schema())
+        .await
+        .err()
+        .expect("connected to port 1");
+    assert!(err.is_transient(), "{err}");
+}
+
+#[test]
+fn sqlstates_that_a_retry_can_fix_are_transient() {
+    use tokio_postgres::error::SqlState;
+    for s in [
+        SqlState::CONNECTION_FAILURE,
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::ADMIN_SHUTDOWN,
+        SqlState::TOO_MANY_CONNECTIONS,
+        SqlState::LOCK_NOT_AVAILABLE,
+    ] {
+        assert!(is_transient_state(&s), "{s:?}");
+    }
+    for s in [
+        SqlState::CHARACTER_NOT_IN_REPERTOIRE,
+        SqlState::UNDEFINED_TABLE,
+        SqlState::UNIQUE_VIOLATION,
+        SqlState::INVALID_TEXT_REPRESENTATION,
+    ] {
+        assert!(!is_transient_state(&s), "{s:?}");
+    }
+}
+
+#[test]
+fn the_planner_skips_what_the_store_applied_and_keeps_the_newest_field_version() {
+    let stored: BTreeMap<(String, i32), i64> = [(("t".to_string(), 0), 5)].into();
+    let updates = vec![
+        update("c", "1", json!({"a": 1}), "t", 0, 3, 100), // below 5: applied before
+        update("c", "1", json!({"a": 2, "b": 1}), "t", 0, 6, 200),
+        update("c", "1", json!({"a": 3}), "t", 0, 7, 150), // older time: a stays 2
+        update("c", "1", json!({"a": 4}), "t", 0, 6, 999), // offset 6 again: skipped
+        update("c", "2", json!({"a": 1}), "t", 1, 0, 1),
+    ];
+    let offsets = [("t".to_string(), 1, 10)];
+    let p = plan::plan(&updates, &offsets, &stored);
+    assert_eq!((p.stats.applied, p.stats.skipped), (3, 2));
+    let one = &p.entities[&("c", "1")];
+    assert_eq!(one.upserts, 2);
+    assert_eq!(one.fields["a"].0, &json!(2));
+    assert_eq!(one.fields["b"].0, &json!(1));
+    assert_eq!(one.latest.map(|l| l.offset), Some(6));
+    assert_eq!(p.offsets[&("t", 0)], 8);
+    assert_eq!(p.offsets[&("t", 1)], 10);
+}
+
+#[test]
+fn the_planner_rebuilds_an_entity_from_the_updates_after_its_last_tombstone() {
+    let updates = vec![
+        update("c", "1", json!({"a": 1}), "t", 0, 0, 500),
+        update("c", "1", serde_json::Value::Null, "t", 0, 1, 1), // deletes what 0 made
+        update("c", "1", serde_json::Value::Null, "t", 0, 2, 1), // nothing left to delete
+        update("c", "1", json!({"b": 1}), "t", 0, 3, 2),
+        update("c", "2", serde_json::Value::Null, "t", 0, 4, 1), // deletes iff stored
+    ];
+    let p = plan::plan(&updates, &[], &BTreeMap::new());
+    assert_eq!(p.stats.deleted, 1);
+    let one = &p.entities[&("c", "1")];
+    assert!(one.reset && !one.deletes_if_stored);
+    assert_eq!(one.upserts, 1);
+    assert_eq!(one.fields.keys().copied().collect::<Vec<_>>(), ["b"]);
+    let two = &p.entities[&("c", "2")];
+    assert!(two.reset && two.deletes_if_stored && two.latest.is_none());
+}
+
+async fn drop_namespace(ns: &str) {
+    let client = raw_client().await;
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {ns} CASCADE"))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,368 @@
+//! Both context stores against one contract: the same records, delivered in the same or in
+//! different orders and batchings, give identical stores (`dump`, offsets, `get`, `list` and
+//! every entity's `context`).
+//!
+//! The PostgreSQL side needs the server of `scripts/postgres.sh start` (or
+//! `KONTEXT_TEST_POSTGRES`); the tests fail, not skip, when it is unreachable. Each store gets
+//! its own PostgreSQL schema, so tests run in parallel and repeatedly.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use kontext_store::{
+    Change, ContextDocument, ContextStore, EmbeddedStore, EntityDoc, EntityUpdate, PostgresStore,
+    Provenance, StoreSchema,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Map, Value};
+
+const DEFAULT_URL: &str = "postgres://kontext@127.0.0.1:55432/kontext";
+const CUSTOMERS: &[&str] = &["C1", "c1", "C2", "42", "é1"];
+const ORDERS: &[&str] = &["O1", "o1", "O2", "O3", "O4", "O5", "O6", "O7"];
+
+fn schema() -> StoreSchema {
+    let mut s = StoreSchema::default();
+    s.belongs_to.insert(
+        "order".into(),
+        vec![("customer".into(), "customer_id".into())],
+    );
+    s.belongs_to.insert("customer".into(), vec![]);
+    s.related_limit.insert("order".into(), 3);
+    s
+}
+
+fn postgres_url() -> String {
+    std::env::var("KONTEXT_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_URL.to_string())
+}
+
+/// A PostgreSQL store in a fresh schema of its own.
+async fn postgres_store() -> PostgresStore {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let ns = format!(
+        "kt_conf_{}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        nanos
+    );
+    let url = postgres_url();
+    match PostgresStore::connect_in_namespace(&url, &ns, schema()).await {
+        Ok(store) => store,
+        Err(e) => panic!(
+            "PostgreSQL at {url} is unreachable ({e}): start it with `scripts/postgres.sh start` \
+             or point KONTEXT_TEST_POSTGRES at a server"
+        ),
+    }
+}
+
+fn embedded_store(dir: &tempfile::TempDir, name: &str) -> EmbeddedStore {
+    EmbeddedStore::open(&dir.path().join(name), schema()).unwrap()
+}
+
+/// One log record: an update, or a record the pipeline filtered out (it still advances the
+/// partition's offset).
+#[derive(Clone)]
+struct Record {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    update: Option<EntityUpdate>,
+}
+
+type Log = BTreeMap<(String, i32), Vec<Record>>;
+type Batch = (Vec<EntityUpdate>, Vec<(String, i32, i64)>);
+
+/// A random log. `keyed`: every entity lives in one partition of one topic, as Kafka's
+/// key partitioning places it, so its records keep their order in any delivery. Otherwise
+/// an entity's records spread over topics and partitions (and field versions break ties on
+/// topic names that sort differently bytewise and in a linguistic collation).
+fn random_log(seed: u64, records: usize, keyed: bool) -> Log {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut log = Log::new();
+    for n in 0..records {
+        let is_order = rng.random_bool(0.5);
+        let (entity_type, ids) = if is_order {
+            ("order", ORDERS)
+        } else {
+            ("customer", CUSTOMERS)
+        };
+        let id_index = rng.random_range(0..ids.len());
+        let id = ids[id_index];
+        let (topic, partition) = if keyed {
+            let topic = if is_order {
+                "Context.orders"
+            } else {
+                "context.customers"
+            };
+            (topic.to_string(), (id_index % 3) as i32)
+        } else {
+            let topic = ["context.customers", "Context.customers", "context.orders"]
+                [rng.random_range(0..3)];
+            (topic.to_string(), rng.random_range(0..3))
+        };
+        let records = log.entry((topic.clone(), partition)).or_default();
+        let offset = records.len() as i64;
+        let update = if rng.random_bool(0.05) {
+            None
+        } else {
+            let change = if rng.random_bool(0.08) {
+                Change::Delete
+            } else {
+                Change::Upsert(random_fields(&mut rng, is_order))
+            };
+            Some(EntityUpdate {
+                entity_type: entity_type.into(),
+                entity_id: id.into(),
+                change,
+                provenance: Provenance {
+                    source: ["crm", "billing"][rng.random_range(0..2)].into(),
+                    event_id: format!("e{n}"),
+                    event_type: rng.random_bool(0.5).then(|| "changed".to_string()),
+                    topic: topic.clone(),
+                    partition,
+                    offset,
+                    // A narrow range: many ties on event time, broken by log coordinates.
+                    event_time_ms: 1_000 + rng.random_range(0..40),
+                },
+            })
+        };
+        records.push(Record {
+            topic,
+            partition,
+            offset,
+            update,
+        });
+    }
+    log
+}
+
+fn random_fields(rng: &mut StdRng, is_order: bool) -> Map<String, Value> {
+    let names: &[&str] = if is_order {
+        &["status", "total", "customer_id", "customer_id"]
+    } else {
+        &["name", "tier", "score", "tags", "note"]
+    };
+    let mut fields = Map::new();
+    // Sometimes none: an upsert that only counts as an applied event.
+    for _ in 0..rng.random_range(0..4) {
+        let name = names[rng.random_range(0..names.len())];
+        let value = if name == "customer_id" {
+            [
+                json!("C1"),
+                json!("c1"),
+                json!("C2"),
+                json!("42"),
+                json!(42),
+                json!("é1"),
+                json!(""),
+                json!(null),
+                json!("C9"),
+            ][rng.random_range(0..9)]
+            .clone()
+        } else {
+            random_value(rng)
+        };
+        fields.insert(name.to_string(), value);
+    }
+    fields
+}
+
+fn random_value(rng: &mut StdRng) -> Value {
+    [
+        json!("Ana"),
+        json!("ana"),
+        json!("Ünal"),
+        json!("nul\u{0}inside"),
+        json!(""),
+        json!(7),
+        json!(-3),
+        json!(u64::MAX),
+        json!(1.5),
+        json!(1e-7),
+        json!(1e300),
+        json!(true),
+        json!(null),
+        json!({"z": 1, "a": [1, {"b": "c"}], "m": {"k": null}}),
+        json!(["x", 2, 3.25]),
+    ][rng.random_range(0..15)]
+    .clone()
+}
+
+/// Delivers a log as a consumer would: partitions interleaved at random, random batch
+/// sizes, and now and then a partition rewound (a rebalance re-delivering records). Each
+/// batch carries the next offset of every partition it covered.
+fn deliver(log: &Log, seed: u64) -> Vec<Batch> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let keys: Vec<&(String, i32)> = log.keys().collect();
+    let mut cursor: Vec<usize> = vec![0; keys.len()];
+    let mut batches = Vec::new();
+    loop {
+        let open: Vec<usize> = (0..keys.len())
+            .filter(|&k| cursor[k] < log[keys[k]].len())
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        if rng.random_bool(0.1) {
+            let k = rng.random_range(0..keys.len());
+            cursor[k] = cursor[k].saturating_sub(rng.random_range(1..20));
+        }
+        let mut updates = Vec::new();
+        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for _ in 0..rng.random_range(1..6) {
+            let open: Vec<usize> = (0..keys.len())
+                .filter(|&k| cursor[k] < log[keys[k]].len())
+                .collect();
+            if open.is_empty() {
+                break;
+            }
+            let k = open[rng.random_range(0..open.len())];
+            let records = &log[keys[k]];
+            let take = rng.random_range(1..12).min(records.len() - cursor[k]);
+            for r in &records[cursor[k]..cursor[k] + take] {
+                updates.extend(r.update.clone());
+                next.insert((r.topic.clone(), r.partition), r.offset + 1);
+            }
+            cursor[k] += take;
+        }
+        let offsets = next.into_iter().map(|((t, p), n)| (t, p, n)).collect();
+        batches.push((updates, offsets));
+    }
+    batches
+}
+
+/// Everything a reader can observe of a store.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    dump: Vec<EntityDoc>,
+    offsets: BTreeMap<(String, i32), i64>,
+    contexts: BTreeMap<(String, String), Option<ContextDocument>>,
+    gets: BTreeMap<(String, String), Option<EntityDoc>>,
+    lists: BTreeMap<String, Vec<Vec<String>>>,
+}
+
+async fn snapshot(store: &dyn ContextStore) -> Snapshot {
+    let mut contexts = BTreeMap::new();
+    let mut gets = BTreeMap::new();
+    let mut lists = BTreeMap::new();
+    for (entity_type, ids) in [("customer", CUSTOMERS), ("order", ORDERS)] {
+        for id in ids.iter().chain(&["C9", "missing"]) {
+            let key = (entity_type.to_string(), id.to_string());
+            contexts.insert(key.clone(), store.context(entity_type, id).await.unwrap());
+            gets.insert(key, store.get(entity_type, id).await.unwrap());
+        }
+        // Paged by two: `after` and `limit` behave alike.
+        let mut pages = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.list(entity_type, 2, after.as_deref()).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().cloned();
+            pages.push(page);
+        }
+        lists.insert(entity_type.to_string(), pages);
+    }
+    Snapshot {
+        dump: store.dump().await.unwrap(),
+        offsets: store.applied_offsets().await.unwrap(),
+        contexts,
+        gets,
+        lists,
+    }
+}
+
+async fn apply_all(store: &dyn ContextStore, batches: &[Batch]) -> Vec<kontext_store::ApplyStats> {
+    let mut stats = Vec::new();
+    for (updates, offsets) in batches {
+        stats.push(store.apply(updates, offsets).await.unwrap());
+    }
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_and_postgres_agree_on_random_update_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    for seed in 0..4u64 {
+        let log = random_log(seed, 400, false);
+        let batches = deliver(&log, seed + 100);
+        let embedded = embedded_store(&dir, &format!("seed{seed}.redb"));
+        let postgres = postgres_store().await;
+        for (n, (updates, offsets)) in batches.iter().enumerate() {
+            let a = ContextStore::apply(&embedded, updates, offsets)
+                .await
+                .unwrap();
+            let b = postgres.apply(updates, offsets).await.unwrap();
+            assert_eq!(a, b, "seed {seed}, batch {n}: apply stats differ");
+        }
+        let (a, b) = (snapshot(&embedded).await, snapshot(&postgres).await);
+        assert!(
+            !a.dump.is_empty(),
+            "seed {seed}: the store should hold something"
+        );
+        assert_eq!(a, b, "seed {seed}: embedded and postgres differ");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_the_same_records_twice_changes_nothing_and_skips_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = embedded_store(&dir, "store.redb");
+    let postgres = postgres_store().await;
+    let stores: [&dyn ContextStore; 2] = [&embedded, &postgres];
+    let log = random_log(7, 300, false);
+    let batches = deliver(&log, 8);
+    for store in stores {
+        apply_all(store, &batches).await;
+        let first = snapshot(store).await;
+        let replay = apply_all(store, &batches).await;
+        for ((updates, _), stats) in batches.iter().zip(&replay) {
+            assert_eq!(
+                stats.applied,
+                0,
+                "{}: a replayed record was applied",
+                store.kind()
+            );
+            assert_eq!(stats.skipped, updates.len() as u64, "{}", store.kind());
+            assert_eq!(stats.deleted, 0, "{}", store.kind());
+        }
+        assert_eq!(
+            first,
+            snapshot(store).await,
+            "{}: replay changed the store",
+            store.kind()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shuffled_interleavings_and_batchings_converge() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = random_log(11, 500, true);
+    let reference = embedded_store(&dir, "reference.redb");
+    apply_all(&reference, &deliver(&log, 0)).await;
+    let expected = snapshot(&reference).await;
+    assert!(expected.dump.len() > 5);
+    for delivery in 1..4u64 {
+        let batches = deliver(&log, delivery);
+        let embedded = embedded_store(&dir, &format!("d{delivery}.redb"));
+        let postgres = postgres_store().await;
+        apply_all(&embedded, &batches).await;
+        apply_all(&postgres, &batches).await;
+        assert_eq!(
+            expected,
+            snapshot(&embedded).await,
+            "embedded, delivery {delivery}"
+        );
+        assert_eq!(
+            expected,
+            snapshot(&postgres).await,
+            "postgres, delivery {delivery}"
+        );
+    }
+}
