@@ -153,9 +153,10 @@ impl PostgresStore {
         let stmt = txn.prepare_cached(LOCK_OFFSETS).await.map_err(pg)?;
         let mut stored = BTreeMap::new();
         for row in txn.query(&stmt, &[&topics, &parts]).await.map_err(pg)? {
+            let next: i64 = row.try_get(2).map_err(pg)?;
             stored.insert(
                 (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?),
-                { row.try_get::<_, i64>(2).map_err(pg)? },
+                next,
             );
         }
 

@@ -1,0 +1,114 @@
+//! Batched versioned upserts, side by side: the embedded store and PostgreSQL.
+//!
+//! Each iteration applies one batch of 2000 updates (3 fields each, over 20 000 orders that
+//! belong to 2 000 customers) at new offsets, so nothing is skipped: the steady state of a sink.
+//! Throughput is in updates (log records) per second.
+//!
+//!   scripts/postgres.sh start
+//!   cargo bench -p kontext-store --bench upsert
+//!
+//! PostgreSQL is `KONTEXT_TEST_POSTGRES` (default: the URL scripts/postgres.sh prints); each
+//! run writes into a fresh schema and drops it afterwards.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use kontext_store::{
+    Change, ContextStore, EmbeddedStore, EntityUpdate, PostgresStore, Provenance, StoreSchema,
+};
+use serde_json::{json, Map};
+
+const BATCH: usize = 2_000;
+const DEFAULT_URL: &str = "postgres://kontext@127.0.0.1:55432/kontext";
+
+fn schema() -> StoreSchema {
+    let mut s = StoreSchema::default();
+    s.belongs_to.insert(
+        "order".into(),
+        vec![("customer".into(), "customer_id".into())],
+    );
+    s.related_limit.insert("order".into(), 10);
+    s
+}
+
+/// The batch starting at log offset `from`.
+fn batch(from: i64) -> Vec<EntityUpdate> {
+    (from..from + BATCH as i64)
+        .map(|o| {
+            let mut fields = Map::new();
+            fields.insert(
+                "status".into(),
+                json!(["placed", "paid", "shipped"][(o % 3) as usize]),
+            );
+            fields.insert("total".into(), json!(o % 997));
+            fields.insert("customer_id".into(), json!(format!("C{}", o % 2_000)));
+            EntityUpdate {
+                entity_type: "order".into(),
+                entity_id: format!("O{}", (o * 7_919) % 20_000),
+                change: Change::Upsert(fields),
+                provenance: Provenance {
+                    source: "shop".into(),
+                    event_id: format!("e{o}"),
+                    event_type: Some("order.updated".into()),
+                    topic: "orders".into(),
+                    partition: 0,
+                    offset: o,
+                    event_time_ms: 1_700_000_000_000 + o,
+                },
+            }
+        })
+        .collect()
+}
+
+fn upsert(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let url = std::env::var("KONTEXT_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_URL.into());
+    let ns = format!("kt_bench_{}", std::process::id());
+    let postgres = rt
+        .block_on(PostgresStore::connect_in_namespace(&url, &ns, schema()))
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e} (run scripts/postgres.sh start)"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let embedded =
+        EmbeddedStore::open(&dir.path().join("bench.redb"), schema()).expect("embedded store");
+    let stores: [(&str, &dyn ContextStore); 2] = [("embedded", &embedded), ("postgres", &postgres)];
+
+    let mut group = c.benchmark_group("upsert_2000");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(20));
+    for (name, store) in stores {
+        let mut next = 0i64;
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter_batched(
+                || {
+                    let from = next;
+                    next += BATCH as i64;
+                    batch(from)
+                },
+                |updates| async move {
+                    let stats = store.apply(&updates, &[]).await.expect("apply");
+                    assert_eq!(stats.applied, BATCH as u64);
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+
+    // Drop the bench schema: the next run starts from empty tables again.
+    rt.block_on(async {
+        if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            let _ = client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {ns} CASCADE"))
+                .await;
+        }
+    });
+}
+
+criterion_group!(benches, upsert);
+criterion_main!(benches);
