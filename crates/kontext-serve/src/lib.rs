@@ -40,6 +40,9 @@ pub struct AppState {
     pub metrics: Arc<PipelineMetrics>,
     /// Where `/v1/lag` reads high watermarks; `None` disables the endpoint.
     pub lag: Option<LagSource>,
+    /// What the MCP tool `describe_entity_types` says about each entity type (key, topic,
+    /// fields per source); `None` describes only names and relations, from the store schema.
+    pub entity_descriptions: Option<Arc<mcp::EntityCatalog>>,
 }
 
 impl AppState {
@@ -54,12 +57,19 @@ impl AppState {
             entity_types: Arc::new(entity_types),
             metrics,
             lag: None,
+            entity_descriptions: None,
         }
     }
 
     /// Turns on `/v1/lag` for the store's consumer group.
     pub fn with_lag(mut self, lag: LagSource) -> Self {
         self.lag = Some(lag);
+        self
+    }
+
+    /// Lets MCP clients learn the pipeline's entity types in full (see [`mcp::EntityCatalog`]).
+    pub fn with_entity_descriptions(mut self, catalog: mcp::EntityCatalog) -> Self {
+        self.entity_descriptions = Some(Arc::new(catalog));
         self
     }
 }

@@ -1,0 +1,254 @@
+//! The MCP tool handler: three read-only tools over the context store.
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::{tool, tool_handler, tool_router, ErrorData, ServerHandler};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::EntityCatalog;
+use crate::context::{fetch_context, list_entity_ids, ListParams};
+use crate::{ApiError, AppState, ContextBody, ContextFormat, ContextQuery};
+
+/// What the server tells a client (and the model behind it) about itself at the handshake.
+pub const INSTRUCTIONS: &str = "\
+kontext serves fresh, assembled context about business entities (customers, orders, tickets, \
+interactions ...), merged in real time from the source systems that know them (CRM, billing, \
+shop, helpdesk, clickstream ...). Every field carries its provenance: the source system, event \
+id, log position and event time it came from.
+Start with describe_entity_types to learn the entity types, their id fields, relations and \
+fields; list_entities pages through the ids of one type; get_entity_context returns one \
+entity's context: its fields with provenance, the entities it belongs to, and its newest \
+related entities (a customer's recent orders, tickets, interactions). Ask for \
+format=markdown with max_tokens for a compact rendering that fits a prompt.
+Failed calls return an error whose `code` is stable (entity_not_found, unknown_entity_type, \
+invalid_limit, store_unavailable ...).";
+
+/// How many ids `describe_entity_types` shows per type, so a model has something to ask for.
+const EXAMPLE_IDS: usize = 3;
+
+/// The kontext MCP server. Cheap to clone: the state is shared, the tool router is a table.
+#[derive(Clone)]
+pub struct KontextMcp {
+    state: AppState,
+    tool_router: ToolRouter<Self>,
+}
+
+/// Response formats a tool call may ask for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolFormat {
+    /// The whole context document as JSON, with provenance per field.
+    #[default]
+    Json,
+    /// A compact markdown rendering for a prompt, within `max_tokens`.
+    Markdown,
+}
+
+/// Arguments of `get_entity_context`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct GetEntityContextParams {
+    /// The entity type, one of those describe_entity_types lists (e.g. "customer").
+    pub entity_type: String,
+    /// The entity's id as its source systems key it (e.g. "C-10042"); list_entities pages
+    /// through them.
+    pub entity_id: String,
+    /// "json" (default): the full document, every field with its provenance. "markdown": a
+    /// compact rendering for a prompt.
+    #[serde(default)]
+    pub format: Option<ToolFormat>,
+    /// Token budget of the markdown rendering: lower-priority sections are cut to fit.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub max_tokens: Option<usize>,
+}
+
+/// Arguments of `list_entities`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct ListEntitiesParams {
+    /// The entity type, one of those describe_entity_types lists (e.g. "customer").
+    pub entity_type: String,
+    /// Page size, 1 to 1000 (default 100).
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 1000))]
+    pub limit: Option<usize>,
+    /// Return ids after this one: pass the previous page's `next_after` to continue.
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+#[tool_router(vis = "pub(crate)")]
+impl KontextMcp {
+    /// A server answering from `state`.
+    pub fn new(state: AppState) -> Self {
+        Self {
+            state,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// `get_entity_context`: one entity's assembled context.
+    #[tool(
+        description = "Get the current, assembled context of one entity (e.g. a customer): its \
+            canonical fields merged from every source system, each with provenance (source, \
+            event id, topic/partition/offset, event time), the entities it belongs to, its \
+            newest related entities (a customer's orders, tickets, interactions) with totals, \
+            and how stale it is. format=markdown (optionally with max_tokens) returns a compact \
+            text rendering for a prompt instead of JSON. Unknown ids fail with code \
+            entity_not_found.",
+        annotations(
+            title = "Get entity context",
+            read_only_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    pub async fn get_entity_context(
+        &self,
+        Parameters(params): Parameters<GetEntityContextParams>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let query = context_query(&params);
+        Ok(
+            match fetch_context(&self.state, &params.entity_type, &params.entity_id, &query) {
+                Ok(ContextBody::Json(document)) => CallToolResult::structured(document),
+                Ok(ContextBody::Markdown(text)) => {
+                    CallToolResult::success(vec![ContentBlock::text(text)])
+                }
+                Err(e) => tool_error(e),
+            },
+        )
+    }
+
+    /// `list_entities`: a page of entity ids of one type.
+    #[tool(
+        description = "List the ids of the entities of one type in the context store, in id \
+            order, one page at a time. Returns {entity_type, ids, next_after}; pass next_after \
+            as `after` for the next page (null when there is none).",
+        annotations(
+            title = "List entities",
+            read_only_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    pub async fn list_entities(
+        &self,
+        Parameters(params): Parameters<ListEntitiesParams>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let list = ListParams {
+            limit: params.limit,
+            after: params.after,
+        };
+        Ok(
+            match list_entity_ids(&self.state, &params.entity_type, &list) {
+                Ok(page) => CallToolResult::structured(page),
+                Err(e) => tool_error(e),
+            },
+        )
+    }
+
+    /// `describe_entity_types`: what the pipeline knows about.
+    #[tool(
+        description = "Describe the entity types this pipeline serves: for each, its id field \
+            (key), log topic, relations (belongs_to: parents, with the field holding the \
+            parent's id; has_many: children listed in its context), its canonical fields with \
+            the source systems that fill them, and a few example ids. Call this first.",
+        annotations(
+            title = "Describe entity types",
+            read_only_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    pub async fn describe_entity_types(&self) -> Result<CallToolResult, ErrorData> {
+        Ok(match self.describe() {
+            Ok(description) => CallToolResult::structured(description),
+            Err(e) => tool_error(e),
+        })
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for KontextMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(
+                Implementation::new("kontext", env!("CARGO_PKG_VERSION"))
+                    .with_title("kontext: real-time context for AI applications"),
+            )
+            .with_instructions(INSTRUCTIONS)
+    }
+}
+
+impl KontextMcp {
+    /// The catalog of entity types, with example ids read from the store now.
+    fn describe(&self) -> Result<Value, ApiError> {
+        let fallback;
+        let catalog = match &self.state.entity_descriptions {
+            Some(catalog) => catalog.as_ref(),
+            None => {
+                fallback =
+                    EntityCatalog::from_schema(&self.state.entity_types, self.state.store.schema());
+                &fallback
+            }
+        };
+        let mut value = serde_json::to_value(catalog).map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            )
+        })?;
+        let types = value
+            .get_mut("entity_types")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten();
+        for description in types {
+            let Some(entity_type) = description["entity_type"].as_str().map(str::to_string) else {
+                continue;
+            };
+            let page = list_entity_ids(
+                &self.state,
+                &entity_type,
+                &ListParams {
+                    limit: Some(EXAMPLE_IDS),
+                    after: None,
+                },
+            )?;
+            description["example_ids"] = page["ids"].clone();
+        }
+        Ok(value)
+    }
+}
+
+/// The HTTP API's query for these arguments.
+// ContextQuery grows options (fields, tokenizer ...) with serde defaults; `..Default::default()`
+// keeps this compiling when it does, and tools gain them by adding arguments here.
+#[allow(clippy::needless_update)]
+fn context_query(params: &GetEntityContextParams) -> ContextQuery {
+    ContextQuery {
+        format: match params.format.unwrap_or_default() {
+            ToolFormat::Json => ContextFormat::Json,
+            ToolFormat::Markdown => ContextFormat::Markdown,
+        },
+        max_tokens: params.max_tokens,
+        ..ContextQuery::default()
+    }
+}
+
+/// A failed call as the model sees it: the HTTP API's error body, `{"error": {"code",
+/// "message"}}`, as structured content and text. A tool error rather than a protocol error, so
+/// clients show the message to the model instead of hiding it.
+fn tool_error(e: ApiError) -> CallToolResult {
+    CallToolResult::structured_error(json!({"error": {"code": e.code, "message": e.message}}))
+}
+
+#[cfg(test)]
+impl KontextMcp {
+    pub(crate) fn state_for_tests(&self) -> AppState {
+        self.state.clone()
+    }
+}
