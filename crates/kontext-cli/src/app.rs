@@ -118,6 +118,8 @@ pub struct Running {
     pub store: Arc<EmbeddedStore>,
     pub metrics: Arc<PipelineMetrics>,
     pub addr: std::net::SocketAddr,
+    /// What the API serves from, for serving MCP on stdio in the same process.
+    pub state: AppState,
     sink: JoinHandle<Result<(), kontext_stream::sink::SinkError>>,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -179,13 +181,15 @@ pub async fn start_pipeline(
         log,
         group: config.store_group(),
         topics: config.source_topics(),
-    });
-    let server = tokio::spawn(kontext_serve::serve(listener, state, shutdown));
+    })
+    .with_entity_descriptions(kontext_serve::mcp::EntityCatalog::from_config(config));
+    let server = tokio::spawn(kontext_serve::serve(listener, state.clone(), shutdown));
     info!(%addr, "serving context");
     Ok(Running {
         store,
         metrics,
         addr,
+        state,
         sink,
         server,
     })

@@ -3,6 +3,7 @@
 
 mod app;
 mod generator;
+mod mcp;
 mod quickstart;
 mod topics;
 
@@ -41,6 +42,10 @@ enum Command {
         /// Address of the HTTP API (overrides `serve.listen`).
         #[arg(long)]
         listen: Option<String>,
+        /// Also serve MCP on stdin/stdout (for MCP clients that launch kontext); prints
+        /// nothing else to stdout.
+        #[arg(long)]
+        mcp_stdio: bool,
     },
     /// Check a pipeline file and print every problem.
     Validate {
@@ -87,6 +92,7 @@ async fn dispatch(command: Command) -> Result<()> {
             config,
             data_dir,
             listen,
+            mcp_stdio,
         } => {
             let config = PipelineConfig::load(&config)?;
             let data_dir = data_dir.unwrap_or_else(|| config.data_dir.clone());
@@ -95,10 +101,17 @@ async fn dispatch(command: Command) -> Result<()> {
             app::cancel_on_signal(shutdown.clone());
             let log = app::open_log(&config, &data_dir).await?;
             app::ensure_topics_with_retry(log.as_ref(), &config, &shutdown).await?;
-            let running = app::start_pipeline(&config, &data_dir, log, &listen, shutdown).await?;
-            println!(
-                "kontext: pipeline {:?} serving on http://{}",
-                config.name, running.addr
+            let running =
+                app::start_pipeline(&config, &data_dir, log, &listen, shutdown.clone()).await?;
+            if mcp_stdio {
+                mcp::spawn_stdio(running.state.clone(), shutdown);
+            }
+            mcp::say(
+                mcp_stdio,
+                &format!(
+                    "kontext: pipeline {:?} serving on http://{} (MCP at /mcp)",
+                    config.name, running.addr
+                ),
             );
             running.join().await
         }

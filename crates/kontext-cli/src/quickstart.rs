@@ -41,6 +41,10 @@ pub struct QuickstartArgs {
     /// Seed of the generator's random choices.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Also serve MCP on stdin/stdout (for MCP clients that launch kontext); the banner goes
+    /// to stderr then.
+    #[arg(long)]
+    mcp_stdio: bool,
 }
 
 /// The built-in customer-service pipeline.
@@ -74,6 +78,9 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         shutdown.clone(),
     )
     .await?;
+    if args.mcp_stdio {
+        crate::mcp::spawn_stdio(running.state.clone(), shutdown.clone());
+    }
 
     let generator_task = if args.no_generator {
         None
@@ -104,21 +111,26 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     };
     match wait_for_rich_customer(&running.store, &shutdown, args.customers).await {
         Some((id, sources)) => {
-            println!();
-            println!(
-                "kontext is running the customer-service pipeline on the {backend} (data in {}).",
-                args.data_dir.display()
-            );
-            println!(
-                "Customer {id} has context from {} sources ({}). Ask for it:",
-                sources.len(),
-                sources.into_iter().collect::<Vec<_>>().join(", ")
-            );
-            println!();
-            println!("  curl -s http://{}/v1/context/customer/{id}", running.addr);
-            println!();
-            println!("More: curl -s 'http://{}/v1/entities/customer?limit=10'   curl -s http://{}/metrics", running.addr, running.addr);
-            println!("Ctrl-C stops it; run it again with the same --data-dir to continue.");
+            let addr = running.addr;
+            let banner = [
+                String::new(),
+                format!(
+                    "kontext is running the customer-service pipeline on the {backend} (data in {}).",
+                    args.data_dir.display()
+                ),
+                format!(
+                    "Customer {id} has context from {} sources ({}). Ask for it:",
+                    sources.len(),
+                    sources.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+                String::new(),
+                format!("  curl -s http://{addr}/v1/context/customer/{id}"),
+                String::new(),
+                format!("More: curl -s 'http://{addr}/v1/entities/customer?limit=10'   curl -s http://{addr}/metrics"),
+                format!("MCP clients: streamable HTTP at http://{addr}/mcp"),
+                "Ctrl-C stops it; run it again with the same --data-dir to continue.".to_string(),
+            ];
+            crate::mcp::say(args.mcp_stdio, &banner.join("\n"));
         }
         None if shutdown.is_cancelled() => {}
         None => warn!("no customer has context from three sources yet; is the generator running?"),
