@@ -3,7 +3,8 @@
 # installed it only checks, without touching apt's lists (a second run takes well under a second).
 #
 #   kcat                      poking at topics by hand, and the interop tests (a C client)
-#   (pip) confluent-kafka     the interop tests' Python client, from scripts/requirements-test.txt
+#   (pip) confluent-kafka     the interop tests' Python Kafka client, from scripts/requirements-test.txt
+#   (pip) mcp                 the official Python MCP SDK, the MCP tests' client (same file)
 #   openjdk-17-jdk-headless   runs the local broker (scripts/kafka.sh) and the single-file Java
 #                             helpers of tests (`java File.java` needs the JDK's compiler module)
 #   maven                     resolves the Kafka jars from Maven Central (scripts/kafka/pom.xml)
@@ -34,9 +35,20 @@ else
     DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# Python clients the interop tests drive (Confluent's confluent-kafka), pinned.
+# Python clients the interop tests drive (Confluent's confluent-kafka, the MCP SDK), pinned.
+# Compares installed versions with the pins without importing the packages (importing the MCP
+# SDK alone takes seconds), so a second run stays fast and a stale version gets replaced.
 requirements="$(dirname "${BASH_SOURCE[0]}")/requirements-test.txt"
-if ! python3 -c "import confluent_kafka" 2>/dev/null; then
+if ! python3 - "$requirements" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+
+for line in open(sys.argv[1]):
+    name, _, pinned = line.split("#")[0].strip().partition("==")
+    if name and version(name) != pinned:
+        sys.exit(1)
+PY
+then
     echo "install-deps: pip install -r $requirements"
     python3 -m pip install -q --disable-pip-version-check -r "$requirements"
 fi
