@@ -606,7 +606,8 @@ WHERE (c.entity_type, c.field) IN (SELECT * FROM unnest($12::text[], $13::text[]
 const SET_RELATIONS: &str = r#"
 INSERT INTO kontext_relations AS r (child_type, child_id, parent_type, parent_id)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-ON CONFLICT (child_type, child_id, parent_type) DO UPDATE SET parent_id = excluded.parent_id"#;
+ON CONFLICT (child_type, child_id, parent_type) DO UPDATE SET parent_id = excluded.parent_id
+WHERE r.parent_id <> excluded.parent_id"#;
 
 const UNSET_RELATIONS: &str = r#"
 DELETE FROM kontext_relations r

@@ -198,8 +198,8 @@ async fn versions_compare_topics_bytewise_whatever_the_database_collation() {
     // collation (the test database is ICU en-US) would say the opposite.
     let from_a = update("customer", "C1", json!({"tier": "from-a"}), "a", 0, 0, 5);
     let from_b = update("customer", "C1", json!({"tier": "from-b"}), "B", 0, 0, 5);
-    store.apply(&[from_a.clone()], &[]).await.unwrap();
-    store.apply(&[from_b.clone()], &[]).await.unwrap();
+    store.apply(&[from_a], &[]).await.unwrap();
+    store.apply(&[from_b], &[]).await.unwrap();
     let doc = store.get("customer", "C1").await.unwrap().unwrap();
     assert_eq!(doc.values()["tier"], "from-a");
     assert_eq!(doc.latest.topic, "a");
