@@ -110,7 +110,7 @@ async def main():
             async with ClientSession(read, write) as session:
                 out = await exercise(session)
     else:
-        command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else args.command
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
         params = StdioServerParameters(command=command[0], args=command[1:])
         async with stdio_client(params) as (read, write):
             async with ClientSession(read, write) as session:

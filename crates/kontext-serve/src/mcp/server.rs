@@ -39,6 +39,8 @@ pub struct KontextMcp {
 /// Response formats a tool call may ask for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
+// Inline, not a `$ref` into `$defs`: some tool-calling clients do not resolve references.
+#[schemars(inline)]
 pub enum ToolFormat {
     /// The whole context document as JSON, with provenance per field.
     #[default]

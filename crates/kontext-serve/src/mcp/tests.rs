@@ -325,6 +325,7 @@ fn tools_have_descriptions_and_input_schemas() {
         "{get:?}"
     );
     assert!(get["properties"]["entity_id"]["description"].is_string());
+    assert!(get.get("$defs").is_none(), "self-contained schema: {get:?}");
 }
 
 /// POSTs JSON-RPC to `/mcp` the way a streamable HTTP client does.
