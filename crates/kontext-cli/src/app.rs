@@ -177,6 +177,7 @@ pub async fn start_pipeline(
         config.entities.keys().cloned().collect(),
         metrics.clone(),
     )
+    .with_render(config.serve.render.clone())
     .with_lag(kontext_serve::LagSource {
         log,
         group: config.store_group(),

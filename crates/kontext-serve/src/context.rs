@@ -1,13 +1,19 @@
 //! Entity context: the one place that turns a request for an entity's context into a
 //! response body, shared by the HTTP handlers and the MCP tools.
 
+use std::collections::BTreeSet;
+
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kontext_core::config::{RenderSection, Tokenizer};
 use kontext_store::ContextDocument;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
+use crate::render::{render_markdown, ProvenanceDetail, RenderError, RenderOptions};
 use crate::{ApiError, AppState};
 
 /// What a caller asks of one entity's context (from a query string or MCP tool arguments).
@@ -16,9 +22,26 @@ pub struct ContextQuery {
     /// `json` (default) or `markdown`.
     #[serde(default)]
     pub format: ContextFormat,
-    /// Token budget of a markdown rendering.
+    /// Token budget of a markdown rendering, header included: 1 to [`MAX_TOKENS`].
     pub max_tokens: Option<usize>,
+    /// Canonical fields to keep (the entity's own; related entities keep theirs). Names the
+    /// entity does not have are simply absent from the answer: fields are filled by sources over
+    /// time, so a name missing today is not a caller's mistake. `None` keeps every field.
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
+    /// The tokenizer `max_tokens` counts with; `None`: the pipeline's `serve.render.tokenizer`.
+    #[serde(default)]
+    pub tokenizer: Option<Tokenizer>,
+    /// Provenance in markdown: `compact` (source, event time) or `full` (with log coordinates).
+    #[serde(default)]
+    pub provenance: ProvenanceDetail,
 }
+
+/// Largest `max_tokens`: beyond any model's context window, so a bigger number is a mistake.
+pub const MAX_TOKENS: usize = 1_000_000;
+
+/// Largest number of lookups in one `POST /v1/context:batchGet`.
+pub const MAX_BATCH: usize = 100;
 
 /// Response formats.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -34,6 +57,15 @@ pub enum ContextFormat {
 pub enum ContextBody {
     Json(serde_json::Value),
     Markdown(String),
+}
+
+/// A context response body and, for markdown, what it cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContextReply {
+    pub body: ContextBody,
+    /// Tokens of a markdown body, with `tokenizer`.
+    pub tokens: Option<usize>,
+    pub tokenizer: Tokenizer,
 }
 
 /// The context document plus how fresh it is.
@@ -52,17 +84,21 @@ pub fn fetch_context(
     entity_id: &str,
     query: &ContextQuery,
 ) -> Result<ContextBody, ApiError> {
+    assemble_context(state, entity_type, entity_id, query).map(|r| r.body)
+}
+
+/// [`fetch_context`], with the token count of a markdown rendering.
+pub fn assemble_context(
+    state: &AppState,
+    entity_type: &str,
+    entity_id: &str,
+    query: &ContextQuery,
+) -> Result<ContextReply, ApiError> {
     check_type(state, entity_type)?;
-    if query.format == ContextFormat::Markdown || query.max_tokens.is_some() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "unsupported_format",
-            "markdown rendering with a token budget is not available yet",
-        ));
-    }
+    check_query(query)?;
     // redb point reads take microseconds and never wait for the writer (MVCC), so they run on
     // the async worker instead of paying a thread hop.
-    let document = state
+    let mut document = state
         .store
         .context(entity_type, entity_id)
         .map_err(ApiError::store)?
@@ -73,33 +109,298 @@ pub fn fetch_context(
                 format!("no {entity_type} with id {entity_id:?} in the context store"),
             )
         })?;
-    let staleness_ms = now_ms() - document.as_of_ms;
-    let body = serde_json::to_value(ContextResponse {
-        document,
-        staleness_ms,
-    })
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    Ok(ContextBody::Json(body))
+    if let Some(fields) = &query.fields {
+        let keep: BTreeSet<&str> = fields.iter().map(String::as_str).collect();
+        document.fields.retain(|k, _| keep.contains(k.as_str()));
+        document.provenance.retain(|k, _| keep.contains(k.as_str()));
+    }
+    let now = now_ms();
+    let tokenizer = query.tokenizer.unwrap_or(state.render.tokenizer);
+    match query.format {
+        ContextFormat::Json => {
+            let staleness_ms = now - document.as_of_ms;
+            let body = serde_json::to_value(ContextResponse {
+                document,
+                staleness_ms,
+            })
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
+            Ok(ContextReply {
+                body: ContextBody::Json(body),
+                tokens: None,
+                tokenizer,
+            })
+        }
+        ContextFormat::Markdown => {
+            let options = RenderOptions {
+                max_tokens: query.max_tokens,
+                tokenizer,
+                // Validated when the pipeline file was loaded.
+                priority: state
+                    .render
+                    .priority
+                    .iter()
+                    .filter_map(|s| RenderSection::parse(s))
+                    .collect(),
+                provenance: query.provenance,
+                now_ms: Some(now),
+            };
+            let rendered = render_markdown(&document, &options).map_err(|e| match e {
+                RenderError::BudgetTooSmall { .. } => ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "max_tokens_too_small",
+                    format!("{entity_type} {entity_id:?}: {e}"),
+                ),
+            })?;
+            Ok(ContextReply {
+                body: ContextBody::Markdown(rendered.text),
+                tokens: Some(rendered.tokens),
+                tokenizer,
+            })
+        }
+    }
 }
 
-/// `GET /v1/context/{entity_type}/{entity_id}`
+/// Rejects queries that cannot be answered whatever the entity.
+fn check_query(query: &ContextQuery) -> Result<(), ApiError> {
+    if let Some(n) = query.max_tokens {
+        if n == 0 || n > MAX_TOKENS {
+            return Err(invalid_max_tokens(&n.to_string()));
+        }
+        if query.format != ContextFormat::Markdown {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_max_tokens",
+                "max_tokens applies to format=markdown; JSON is never cut",
+            ));
+        }
+    }
+    if query.fields.as_ref().is_some_and(Vec::is_empty) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_fields",
+            "fields names no field: give comma-separated canonical field names, e.g. fields=given_name,email",
+        ));
+    }
+    Ok(())
+}
+
+fn invalid_max_tokens(got: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_max_tokens",
+        format!("max_tokens must be a whole number from 1 to {MAX_TOKENS}, got {got:?}"),
+    )
+}
+
+/// Query-string parameters as sent, so bad values get this API's JSON errors rather than the
+/// extractor's plain-text rejection.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawContextParams {
+    format: Option<String>,
+    max_tokens: Option<String>,
+    fields: Option<String>,
+    tokenizer: Option<String>,
+    provenance: Option<String>,
+}
+
+impl RawContextParams {
+    fn parse(&self) -> Result<ContextQuery, ApiError> {
+        let bad = |code, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
+        let format = match self.format.as_deref() {
+            None | Some("json") => ContextFormat::Json,
+            Some("markdown") => ContextFormat::Markdown,
+            Some(other) => {
+                return Err(bad(
+                    "invalid_format",
+                    format!("unknown format {other:?}: use json or markdown"),
+                ))
+            }
+        };
+        let max_tokens = match self.max_tokens.as_deref() {
+            None => None,
+            Some(s) => Some(
+                s.trim()
+                    .parse::<usize>()
+                    .map_err(|_| invalid_max_tokens(s))?,
+            ),
+        };
+        let tokenizer = match self.tokenizer.as_deref() {
+            None => None,
+            Some(s) => Some(Tokenizer::parse(s).ok_or_else(|| {
+                bad(
+                    "invalid_tokenizer",
+                    format!("unknown tokenizer {s:?}: use cl100k or o200k"),
+                )
+            })?),
+        };
+        let provenance = match self.provenance.as_deref() {
+            None | Some("compact") => ProvenanceDetail::Compact,
+            Some("full") => ProvenanceDetail::Full,
+            Some(other) => {
+                return Err(bad(
+                    "invalid_provenance",
+                    format!("unknown provenance {other:?}: use compact or full"),
+                ))
+            }
+        };
+        let fields = self.fields.as_deref().map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .map(str::to_owned)
+                .collect()
+        });
+        Ok(ContextQuery {
+            format,
+            max_tokens,
+            fields,
+            tokenizer,
+            provenance,
+        })
+    }
+}
+
+/// `GET /v1/context/{entity_type}/{entity_id}?format=&max_tokens=&fields=&tokenizer=&provenance=`
 pub(crate) async fn get_context(
     State(state): State<AppState>,
     Path((entity_type, entity_id)): Path<(String, String)>,
-    Query(query): Query<ContextQuery>,
-) -> Result<axum::response::Response, ApiError> {
-    use axum::response::IntoResponse;
-    match fetch_context(&state, &entity_type, &entity_id, &query)? {
-        ContextBody::Json(v) => Ok(Json(v).into_response()),
-        ContextBody::Markdown(text) => Ok((
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "text/markdown; charset=utf-8",
-            )],
-            text,
+    Query(params): Query<RawContextParams>,
+) -> Result<Response, ApiError> {
+    let query = params.parse()?;
+    let reply = assemble_context(&state, &entity_type, &entity_id, &query)?;
+    Ok(match reply.body {
+        ContextBody::Json(v) => Json(v).into_response(),
+        ContextBody::Markdown(text) => {
+            let mut response = (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/markdown; charset=utf-8",
+                )],
+                text,
+            )
+                .into_response();
+            if let Some(tokens) = reply.tokens {
+                let headers = response.headers_mut();
+                headers.insert("x-kontext-tokens", HeaderValue::from(tokens));
+                headers.insert(
+                    "x-kontext-tokenizer",
+                    HeaderValue::from_static(reply.tokenizer.name()),
+                );
+            }
+            response
+        }
+    })
+}
+
+/// The body of `POST /v1/context:batchGet`: lookups and the options they share.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    requests: Vec<BatchItem>,
+    format: Option<String>,
+    /// A number; anything else is reported as `invalid_max_tokens`, not as a parse error.
+    max_tokens: Option<Value>,
+    fields: Option<FieldList>,
+    tokenizer: Option<String>,
+    provenance: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem {
+    entity_type: String,
+    entity_id: String,
+}
+
+/// `["a", "b"]` or `"a,b"`, as in the query string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FieldList {
+    List(Vec<String>),
+    Csv(String),
+}
+
+/// `POST /v1/context:batchGet`: up to [`MAX_BATCH`] lookups; one result per request, in order,
+/// each with its context or its own error, so a missing entity does not fail the batch.
+pub(crate) async fn batch_get(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let bad = |code, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
+    let request: BatchRequest = serde_json::from_slice(&body).map_err(|e| {
+        bad(
+            "invalid_request",
+            format!(
+                "the body must be {{\"requests\": [{{\"entity_type\", \"entity_id\"}}], ...}}: {e}"
+            ),
         )
-            .into_response()),
+    })?;
+    if request.requests.len() > MAX_BATCH {
+        return Err(bad(
+            "batch_too_large",
+            format!(
+                "{} requests in one batch; at most {MAX_BATCH}: split it",
+                request.requests.len()
+            ),
+        ));
     }
+    let raw = RawContextParams {
+        format: request.format,
+        max_tokens: request.max_tokens.map(|v| match v {
+            Value::String(s) => s,
+            other => other.to_string(),
+        }),
+        fields: request.fields.map(|f| match f {
+            FieldList::List(v) => v.join(","),
+            FieldList::Csv(s) => s,
+        }),
+        tokenizer: request.tokenizer,
+        provenance: request.provenance,
+    };
+    let query = raw.parse()?;
+    check_query(&query)?;
+    let tokenizer = query.tokenizer.unwrap_or(state.render.tokenizer);
+    let markdown = query.format == ContextFormat::Markdown;
+    // Up to a hundred store reads and renderings: off the async workers.
+    let results = tokio::task::spawn_blocking(move || {
+        request
+            .requests
+            .iter()
+            .map(|item| batch_result(&state, item, &query))
+            .collect::<Vec<Value>>()
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let mut body = json!({ "results": results });
+    if markdown {
+        body["tokenizer"] = Value::from(tokenizer.name());
+    }
+    Ok(Json(body).into_response())
+}
+
+fn batch_result(state: &AppState, item: &BatchItem, query: &ContextQuery) -> Value {
+    let mut result = json!({"entity_type": item.entity_type, "entity_id": item.entity_id});
+    match assemble_context(state, &item.entity_type, &item.entity_id, query) {
+        Ok(ContextReply {
+            body: ContextBody::Json(context),
+            ..
+        }) => result["context"] = context,
+        Ok(ContextReply {
+            body: ContextBody::Markdown(text),
+            tokens,
+            ..
+        }) => {
+            result["markdown"] = Value::from(text);
+            result["tokens"] = json!(tokens);
+        }
+        Err(e) => {
+            result["error"] =
+                json!({"code": e.code, "message": e.message, "status": e.status.as_u16()})
+        }
+    }
+    result
 }
 
 /// Paging of `GET /v1/entities/{entity_type}`.

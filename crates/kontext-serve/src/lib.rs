@@ -1,6 +1,8 @@
 //! The serving layer: assembled entity context for AI applications, over HTTP (and MCP).
 //!
-//! - `GET /v1/context/{entity_type}/{entity_id}`: the entity's assembled context
+//! - `GET /v1/context/{entity_type}/{entity_id}`: the entity's assembled context, as JSON or as
+//!   markdown within a token budget (`?format=markdown&max_tokens=N`)
+//! - `POST /v1/context:batchGet`: many entities' contexts, one result (or error) each
 //! - `GET /v1/entities/{entity_type}?limit=N&after=ID`: entity ids, paged
 //! - `GET /v1/lag`: the store's consumer lag per partition
 //! - `GET /healthz`: liveness
@@ -21,15 +23,18 @@ pub mod render;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
+use kontext_core::config::RenderConfig;
 use kontext_log::Log;
 use kontext_store::EmbeddedStore;
 use kontext_stream::PipelineMetrics;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use context::{fetch_context, ContextBody, ContextFormat, ContextQuery};
+pub use context::{
+    assemble_context, fetch_context, ContextBody, ContextFormat, ContextQuery, ContextReply,
+};
 pub use error::ApiError;
 
 /// What the handlers share.
@@ -40,6 +45,8 @@ pub struct AppState {
     pub metrics: Arc<PipelineMetrics>,
     /// Where `/v1/lag` reads high watermarks; `None` disables the endpoint.
     pub lag: Option<LagSource>,
+    /// Markdown rendering: section priority and default tokenizer (`serve.render`).
+    pub render: Arc<RenderConfig>,
     /// What the MCP tool `describe_entity_types` says about each entity type (key, topic,
     /// fields per source); `None` describes only names and relations, from the store schema.
     pub entity_descriptions: Option<Arc<mcp::EntityCatalog>>,
@@ -57,8 +64,15 @@ impl AppState {
             entity_types: Arc::new(entity_types),
             metrics,
             lag: None,
+            render: Arc::new(RenderConfig::default()),
             entity_descriptions: None,
         }
+    }
+
+    /// Renders markdown with the pipeline's `serve.render` settings instead of the defaults.
+    pub fn with_render(mut self, render: RenderConfig) -> Self {
+        self.render = Arc::new(render);
+        self
     }
 
     /// Turns on `/v1/lag` for the store's consumer group.
@@ -89,6 +103,9 @@ pub fn router(state: AppState) -> Router {
             "/v1/context/{entity_type}/{entity_id}",
             get(context::get_context),
         )
+        // axum 0.8 captures only `{name}` segments: the `:` of Google-style custom methods is
+        // literal (tested).
+        .route("/v1/context:batchGet", post(context::batch_get))
         .route("/v1/entities/{entity_type}", get(context::list_entities))
         .route("/v1/lag", get(ops::lag))
         .route("/healthz", get(ops::healthz))

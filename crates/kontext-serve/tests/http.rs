@@ -1,0 +1,408 @@
+//! The context endpoints over HTTP: markdown with token budgets, field selection, batch lookups,
+//! and the error codes of each.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+use kontext_core::config::{RenderConfig, Tokenizer};
+use kontext_serve::render::count;
+use kontext_serve::{router, AppState};
+use kontext_store::{Change, EmbeddedStore, EntityUpdate, Provenance, StoreSchema};
+use kontext_stream::PipelineMetrics;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn state(dir: &tempfile::TempDir) -> AppState {
+    let mut schema = StoreSchema::default();
+    schema.belongs_to.insert(
+        "order".into(),
+        vec![("customer".into(), "customer_id".into())],
+    );
+    schema.belongs_to.insert("customer".into(), vec![]);
+    let store = EmbeddedStore::open(&dir.path().join("s.redb"), schema).unwrap();
+    let update = |t: &str, id: &str, fields: Value, offset: i64| EntityUpdate {
+        entity_type: t.into(),
+        entity_id: id.into(),
+        change: Change::Upsert(fields.as_object().cloned().unwrap()),
+        provenance: Provenance {
+            source: "crm".into(),
+            event_id: format!("e{offset}"),
+            event_type: None,
+            topic: "context.x".into(),
+            partition: 0,
+            offset,
+            event_time_ms: 1_700_000_000_000 + offset * 1000,
+        },
+    };
+    let mut updates = vec![update(
+        "customer",
+        "C1",
+        json!({"given_name": "Ana", "family_name": "Lima", "email": "ana@example.com", "tier": "gold"}),
+        0,
+    )];
+    for i in 1..=8 {
+        updates.push(update(
+            "order",
+            &format!("O{i}"),
+            json!({"customer_id": "C1", "status": "shipped", "total": format!("{i}9.90")}),
+            i,
+        ));
+    }
+    store.apply(&updates, &[]).unwrap();
+    AppState::new(
+        Arc::new(store),
+        ["customer".to_string(), "order".to_string()]
+            .into_iter()
+            .collect(),
+        Arc::new(PipelineMetrics::default()),
+    )
+}
+
+async fn send(state: AppState, request: Request<Body>) -> (StatusCode, HeaderMap, String) {
+    let response = router(state).oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn get(state: AppState, uri: &str) -> (StatusCode, HeaderMap, String) {
+    send(state, Request::get(uri).body(Body::empty()).unwrap()).await
+}
+
+async fn post(state: AppState, uri: &str, body: &str) -> (StatusCode, Value) {
+    let request = Request::post(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let (status, _, body) = send(state, request).await;
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+async fn error_code(state: AppState, uri: &str) -> (StatusCode, String, String) {
+    let (status, _, body) = get(state, uri).await;
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    (
+        status,
+        v["error"]["code"].as_str().unwrap_or_default().to_string(),
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn markdown_fits_the_budget_and_reports_its_token_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, headers, text) = get(
+        state(&dir),
+        "/v1/context/customer/C1?format=markdown&max_tokens=180",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(headers["content-type"], "text/markdown; charset=utf-8");
+    assert_eq!(headers["x-kontext-tokenizer"], "cl100k");
+    let tokens: usize = headers["x-kontext-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(tokens, count(Tokenizer::Cl100k, &text));
+    assert!(tokens <= 180, "{tokens}");
+    assert!(text.starts_with("# customer C1\n"), "{text}");
+    assert!(text.contains("- given_name: Ana"), "{text}");
+    // The newest order is kept, the oldest left out and said so.
+    assert!(text.contains("- O8 "), "{text}");
+    assert!(!text.contains("- O1 "), "{text}");
+    assert!(text.contains("omitted to fit 180 tokens: "), "{text}");
+}
+
+#[tokio::test]
+async fn markdown_without_a_budget_and_with_o200k() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let (status, headers, text) = get(s.clone(), "/v1/context/customer/C1?format=markdown").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!text.contains("omitted"), "{text}");
+    assert!(text.contains("- O1 "), "{text}");
+    assert!(
+        text.contains("- given_name: Ana (crm, 2023-11-14T22:13:20Z)"),
+        "{text}"
+    );
+    assert_eq!(
+        headers["x-kontext-tokens"].to_str().unwrap(),
+        count(Tokenizer::Cl100k, &text).to_string()
+    );
+    let (status, headers, text) = get(
+        s,
+        "/v1/context/customer/C1?format=markdown&tokenizer=o200k&provenance=full",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-kontext-tokenizer"], "o200k");
+    assert_eq!(
+        headers["x-kontext-tokens"].to_str().unwrap(),
+        count(Tokenizer::O200k, &text).to_string()
+    );
+    assert!(text.contains("context.x/0@0"), "{text}");
+}
+
+#[tokio::test]
+async fn configured_priority_puts_orders_before_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir).with_render(RenderConfig {
+        priority: vec!["related.order".into()],
+        tokenizer: Tokenizer::O200k,
+    });
+    let (status, headers, text) =
+        get(s, "/v1/context/customer/C1?format=markdown&max_tokens=250").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(headers["x-kontext-tokenizer"], "o200k");
+    assert!(text.contains("- O8 "), "orders first:\n{text}");
+    assert!(
+        text.contains("omitted to fit 250 tokens: 3 of 8 orders, 4 fields"),
+        "{text}"
+    );
+    assert!(!text.contains("given_name"), "{text}");
+}
+
+#[tokio::test]
+async fn fields_select_canonical_fields_in_json_and_markdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let (status, _, body) = get(
+        s.clone(),
+        "/v1/context/customer/C1?fields=given_name,%20tier,not_a_field",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["fields"], json!({"given_name": "Ana", "tier": "gold"}));
+    let provenance: Vec<&String> = v["provenance"].as_object().unwrap().keys().collect();
+    assert_eq!(provenance, ["given_name", "tier"]);
+    assert_eq!(
+        v["related"]["order"]["total"], 8,
+        "related entities are kept"
+    );
+    let (status, _, text) = get(s, "/v1/context/customer/C1?format=markdown&fields=email").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("- email: ana@example.com"), "{text}");
+    assert!(!text.contains("given_name"), "{text}");
+}
+
+#[tokio::test]
+async fn bad_parameters_have_stable_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    for (uri, status, code) in [
+        (
+            "/v1/context/customer/C1?format=markdown&max_tokens=0",
+            StatusCode::BAD_REQUEST,
+            "invalid_max_tokens",
+        ),
+        (
+            "/v1/context/customer/C1?format=markdown&max_tokens=abc",
+            StatusCode::BAD_REQUEST,
+            "invalid_max_tokens",
+        ),
+        (
+            "/v1/context/customer/C1?format=markdown&max_tokens=-5",
+            StatusCode::BAD_REQUEST,
+            "invalid_max_tokens",
+        ),
+        (
+            "/v1/context/customer/C1?format=markdown&max_tokens=1000001",
+            StatusCode::BAD_REQUEST,
+            "invalid_max_tokens",
+        ),
+        (
+            "/v1/context/customer/C1?format=markdown&max_tokens=99999999999999999999999",
+            StatusCode::BAD_REQUEST,
+            "invalid_max_tokens",
+        ),
+        (
+            "/v1/context/customer/C1?max_tokens=100",
+            StatusCode::BAD_REQUEST,
+            "invalid_max_tokens",
+        ),
+        (
+            "/v1/context/customer/C1?format=xml",
+            StatusCode::BAD_REQUEST,
+            "invalid_format",
+        ),
+        (
+            "/v1/context/customer/C1?format=markdown&tokenizer=gpt2",
+            StatusCode::BAD_REQUEST,
+            "invalid_tokenizer",
+        ),
+        (
+            "/v1/context/customer/C1?format=markdown&provenance=some",
+            StatusCode::BAD_REQUEST,
+            "invalid_provenance",
+        ),
+        (
+            "/v1/context/customer/C1?fields=,",
+            StatusCode::BAD_REQUEST,
+            "invalid_fields",
+        ),
+        (
+            "/v1/context/planet/X?format=markdown",
+            StatusCode::NOT_FOUND,
+            "unknown_entity_type",
+        ),
+        (
+            "/v1/context/customer/nobody?format=markdown&max_tokens=100",
+            StatusCode::NOT_FOUND,
+            "entity_not_found",
+        ),
+    ] {
+        let (got_status, got_code, message) = error_code(s.clone(), uri).await;
+        assert_eq!(
+            (got_status, got_code.as_str()),
+            (status, code),
+            "{uri}: {message}"
+        );
+        assert!(!message.is_empty(), "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn a_budget_too_small_for_the_header_names_the_minimum() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let (status, code, message) = error_code(
+        s.clone(),
+        "/v1/context/customer/C1?format=markdown&max_tokens=5",
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(code, "max_tokens_too_small");
+    let minimum: usize = message
+        .split("at least ")
+        .nth(1)
+        .and_then(|m| m.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no minimum in {message:?}"));
+    let (status, headers, _) = get(
+        s,
+        &format!("/v1/context/customer/C1?format=markdown&max_tokens={minimum}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let tokens: usize = headers["x-kontext-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(tokens <= minimum);
+}
+
+#[tokio::test]
+async fn batch_get_answers_each_request_with_its_context_or_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, body) = post(
+        state(&dir),
+        "/v1/context:batchGet",
+        r#"{"requests": [
+            {"entity_type": "customer", "entity_id": "C1"},
+            {"entity_type": "customer", "entity_id": "nobody"},
+            {"entity_type": "planet", "entity_id": "X"},
+            {"entity_type": "order", "entity_id": "O3"}
+        ], "fields": ["given_name", "status"]}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    assert_eq!(results[0]["entity_id"], "C1");
+    assert_eq!(
+        results[0]["context"]["fields"],
+        json!({"given_name": "Ana"})
+    );
+    assert_eq!(results[1]["error"]["code"], "entity_not_found");
+    assert_eq!(results[1]["error"]["status"], 404);
+    assert_eq!(results[2]["error"]["code"], "unknown_entity_type");
+    assert_eq!(
+        results[3]["context"]["fields"],
+        json!({"status": "shipped"})
+    );
+    assert_eq!(
+        results[3]["context"]["belongs_to"]["customer"]["entity_id"],
+        "C1"
+    );
+}
+
+#[tokio::test]
+async fn batch_get_renders_markdown_with_token_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, body) = post(
+        state(&dir),
+        "/v1/context:batchGet",
+        r#"{"requests": [{"entity_type": "customer", "entity_id": "C1"},
+                         {"entity_type": "order", "entity_id": "O1"}],
+            "format": "markdown", "max_tokens": 90, "tokenizer": "o200k_base", "fields": "given_name,total"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tokenizer"], "o200k");
+    for result in body["results"].as_array().unwrap() {
+        let text = result["markdown"].as_str().unwrap();
+        assert_eq!(result["tokens"], count(Tokenizer::O200k, text));
+        assert!(result["tokens"].as_u64().unwrap() <= 90);
+    }
+    let first = body["results"][0]["markdown"].as_str().unwrap();
+    assert!(first.starts_with("# customer C1\n"), "{first}");
+}
+
+#[tokio::test]
+async fn batch_get_rejects_bad_batches_as_a_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let too_many: Vec<Value> = (0..101)
+        .map(|i| json!({"entity_type": "customer", "entity_id": format!("C{i}")}))
+        .collect();
+    let body = json!({ "requests": too_many }).to_string();
+    for (body, code) in [
+        (body.as_str(), "batch_too_large"),
+        ("not json", "invalid_request"),
+        (
+            r#"{"requests": [{"entity_type": "customer"}]}"#,
+            "invalid_request",
+        ),
+        (r#"{"requests": [], "colour": "red"}"#, "invalid_request"),
+        (
+            r#"{"requests": [], "format": "markdown", "max_tokens": 0}"#,
+            "invalid_max_tokens",
+        ),
+        (
+            r#"{"requests": [], "format": "markdown", "max_tokens": 12.5}"#,
+            "invalid_max_tokens",
+        ),
+        (
+            r#"{"requests": [], "format": "markdown", "max_tokens": "lots"}"#,
+            "invalid_max_tokens",
+        ),
+        (r#"{"requests": [], "format": "yaml"}"#, "invalid_format"),
+    ] {
+        let (status, v) = post(s.clone(), "/v1/context:batchGet", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_eq!(v["error"]["code"], code, "{body}: {v}");
+    }
+    let (status, v) = post(s, "/v1/context:batchGet", r#"{"requests": []}"#).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["results"], json!([]));
+}
+
+#[tokio::test]
+async fn the_colon_route_does_not_shadow_entity_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    // GET on the batch route is a method mismatch, not a context lookup.
+    let (status, _, _) = get(s.clone(), "/v1/context:batchGet").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let (status, _, _) = get(s, "/v1/context/customer/C1").await;
+    assert_eq!(status, StatusCode::OK);
+}
