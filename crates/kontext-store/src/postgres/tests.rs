@@ -190,6 +190,132 @@ async fn a_writer_killed_mid_batch_leaves_nothing_and_a_retry_converges() {
     drop_namespace(&ns).await;
 }
 
+/// Batches of this many orders; the SIGKILLed writer applies them in a loop.
+const KILL_BATCH: i64 = 400;
+const KILL_BATCHES: i64 = 12;
+
+fn kill_batch(n: i64) -> (Vec<EntityUpdate>, Vec<(String, i32, i64)>) {
+    let from = n * KILL_BATCH;
+    (
+        orders(from, KILL_BATCH),
+        vec![("orders".to_string(), 0, from + KILL_BATCH)],
+    )
+}
+
+/// Run by `a_sigkilled_writer_...` in a child process: applies the batches in order and says
+/// which it committed, until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper: run in a child process by a_sigkilled_writer_leaves_whole_batches_only"]
+async fn sigkill_child_writer() {
+    let Ok(ns) = std::env::var("KONTEXT_TEST_KILL_NAMESPACE") else {
+        return;
+    };
+    let store = store_in(&ns).await;
+    for n in 0..KILL_BATCHES {
+        let (updates, offsets) = kill_batch(n);
+        store.apply(&updates, &offsets).await.unwrap();
+        println!("committed {n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_writer_leaves_whole_batches_only_and_a_rerun_converges() {
+    use std::io::{BufRead, BufReader};
+    let ns = namespace();
+    let store = store_in(&ns).await;
+    // Named, so that we can wait for the server to be done with its connections.
+    let app = format!("{ns}_child");
+    let base = url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let child_url = format!("{base}{sep}application_name={app}");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "postgres::tests::sigkill_child_writer",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KONTEXT_TEST_KILL_NAMESPACE", &ns)
+        .env("KONTEXT_TEST_POSTGRES", &child_url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for two commits, then kill it somewhere inside a later batch (SIGKILL: no
+    // destructor, no rollback sent; the server notices the dead connection).
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut commits = 0;
+    while commits < 2 {
+        let line = lines
+            .next()
+            .expect("the child writer exited early")
+            .unwrap();
+        if line.starts_with("committed ") {
+            commits += 1;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(u64::from(std::process::id() % 150)));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A COMMIT the child sent just before dying is still executed: wait until the server has
+    // ended the child's sessions, so that what we read next is final.
+    let observer = raw_client().await;
+    for _ in 0..400 {
+        let row = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // Whole batches only: the offset is a batch boundary and the data is exactly that of the
+    // first k batches.
+    let next = store.applied_offsets().await.unwrap()[&("orders".to_string(), 0)];
+    assert_eq!(
+        next % KILL_BATCH,
+        0,
+        "a partial batch is visible: next offset {next}"
+    );
+    let k = next / KILL_BATCH;
+    assert!((2..KILL_BATCHES).contains(&k), "killed after {k} batches");
+    let dir = tempfile::tempdir().unwrap();
+    let reference = EmbeddedStore::open(&dir.path().join("s.redb"), schema()).unwrap();
+    for n in 0..k {
+        let (updates, offsets) = kill_batch(n);
+        ContextStore::apply(&reference, &updates, &offsets)
+            .await
+            .unwrap();
+    }
+    assert_eq!(reference.dump().unwrap(), store.dump().await.unwrap());
+
+    // The restarted sink re-delivers from the group's (older) offsets: the committed batches
+    // are skipped, the rest applied once; the result equals the reference.
+    for n in 0..KILL_BATCHES {
+        let (updates, offsets) = kill_batch(n);
+        let stats = store.apply(&updates, &offsets).await.unwrap();
+        let expect_applied = if n < k { 0 } else { KILL_BATCH as u64 };
+        assert_eq!(stats.applied, expect_applied, "batch {n}");
+        if n >= k {
+            ContextStore::apply(&reference, &updates, &offsets)
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(reference.dump().unwrap(), store.dump().await.unwrap());
+    assert_eq!(
+        reference.applied_offsets().unwrap(),
+        store.applied_offsets().await.unwrap()
+    );
+    drop_namespace(&ns).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_compare_topics_bytewise_whatever_the_database_collation() {
     let ns = namespace();
