@@ -118,22 +118,27 @@ fn assert_client_saw_the_tools_work(seen: &Value) {
         *doc
     );
 
-    // markdown: rendered text, or (while the renderer is not there) a stable error code.
+    // markdown within a token budget: text about the customer, no JSON.
     let markdown = &seen["markdown"];
-    if markdown["is_error"] == true {
-        assert!(
-            markdown["structured"]["error"]["code"].is_string(),
-            "{markdown}"
-        );
-    } else {
-        assert!(
-            markdown["text"]
-                .as_str()
-                .unwrap()
-                .contains(seen["customer"].as_str().unwrap()),
-            "{markdown}"
-        );
-    }
+    assert_eq!(markdown["is_error"], false, "{markdown}");
+    assert!(markdown["structured"].is_null(), "{markdown}");
+    assert!(
+        markdown["text"]
+            .as_str()
+            .unwrap()
+            .contains(seen["customer"].as_str().unwrap()),
+        "{markdown}"
+    );
+
+    // fields narrows the entity's own fields.
+    let narrowed = &seen["only_given_name"];
+    assert_eq!(narrowed["is_error"], false, "{narrowed}");
+    let kept: Vec<&String> = narrowed["structured"]["fields"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert!(kept.iter().all(|k| *k == "given_name"), "{narrowed}");
 
     // Failures are tool errors with the HTTP API's stable codes.
     for (call, code) in [

@@ -81,6 +81,12 @@ async def exercise(session):
                 },
             )
         ),
+        "only_given_name": call_summary(
+            await session.call_tool(
+                "get_entity_context",
+                {"entity_type": "customer", "entity_id": customer, "fields": ["given_name"]},
+            )
+        ),
         "not_found": call_summary(
             await session.call_tool(
                 "get_entity_context", {"entity_type": "customer", "entity_id": "C-NOPE"}

@@ -19,7 +19,7 @@ mod stdio;
 pub use describe::{EntityCatalog, EntityTypeDescription, Relation};
 pub use http::router;
 pub use server::{
-    GetEntityContextParams, KontextMcp, ListEntitiesParams, ToolFormat, INSTRUCTIONS,
+    GetEntityContextParams, KontextMcp, ListEntitiesParams, ToolFormat, ToolTokenizer, INSTRUCTIONS,
 };
 pub use stdio::{serve_stdio, StdioError};
 

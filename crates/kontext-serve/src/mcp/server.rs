@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use super::EntityCatalog;
 use crate::context::{fetch_context, list_entity_ids, ListParams};
 use crate::{ApiError, AppState, ContextBody, ContextFormat, ContextQuery};
+use kontext_core::config::Tokenizer;
 
 /// What the server tells a client (and the model behind it) about itself at the handshake.
 pub const INSTRUCTIONS: &str = "\
@@ -61,10 +62,31 @@ pub struct GetEntityContextParams {
     /// compact rendering for a prompt.
     #[serde(default)]
     pub format: Option<ToolFormat>,
-    /// Token budget of the markdown rendering: lower-priority sections are cut to fit.
+    /// Token budget of the markdown rendering, header included: whole fields and related
+    /// entities are left out, lowest priority first, until it fits; the header says what was.
     #[serde(default)]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub max_tokens: Option<usize>,
+    /// Only these canonical fields of the entity (describe_entity_types lists them); names it
+    /// does not have are simply absent. Default: every field.
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
+    /// The tokenizer max_tokens counts with: "cl100k" (GPT-4) or "o200k" (GPT-4o and later).
+    /// Default: the pipeline's setting.
+    #[serde(default)]
+    pub tokenizer: Option<ToolTokenizer>,
+}
+
+/// Tokenizers a token budget can be counted with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[schemars(inline)]
+pub enum ToolTokenizer {
+    /// `cl100k_base` (GPT-4, GPT-3.5).
+    #[serde(rename = "cl100k")]
+    Cl100k,
+    /// `o200k_base` (GPT-4o, GPT-4.1, o-series).
+    #[serde(rename = "o200k")]
+    O200k,
 }
 
 /// Arguments of `list_entities`.
@@ -227,8 +249,8 @@ impl KontextMcp {
 }
 
 /// The HTTP API's query for these arguments.
-// ContextQuery grows options (fields, tokenizer ...) with serde defaults; `..Default::default()`
-// keeps this compiling when it does, and tools gain them by adding arguments here.
+// `..Default::default()`: ContextQuery grows options with serde defaults (provenance detail is
+// one the tool leaves at its default); tools gain them by adding arguments here.
 #[allow(clippy::needless_update)]
 fn context_query(params: &GetEntityContextParams) -> ContextQuery {
     ContextQuery {
@@ -237,6 +259,11 @@ fn context_query(params: &GetEntityContextParams) -> ContextQuery {
             ToolFormat::Markdown => ContextFormat::Markdown,
         },
         max_tokens: params.max_tokens,
+        fields: params.fields.clone(),
+        tokenizer: params.tokenizer.map(|t| match t {
+            ToolTokenizer::Cl100k => Tokenizer::Cl100k,
+            ToolTokenizer::O200k => Tokenizer::O200k,
+        }),
         ..ContextQuery::default()
     }
 }

@@ -100,6 +100,8 @@ fn context_params(entity_type: &str, entity_id: &str) -> Parameters<GetEntityCon
         entity_id: entity_id.into(),
         format: None,
         max_tokens: None,
+        fields: None,
+        tokenizer: None,
     })
 }
 
@@ -164,6 +166,33 @@ async fn get_entity_context_returns_the_http_apis_document() {
 }
 
 #[tokio::test]
+async fn fields_narrow_the_entitys_own_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = GetEntityContextParams {
+        fields: Some(vec!["given_name".into(), "not_yet_filled".into()]),
+        ..context_params("order", "O1").0
+    };
+    let body = structured(
+        server(&dir)
+            .get_entity_context(Parameters(params))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(body["fields"], json!({}), "{body}");
+    let params = GetEntityContextParams {
+        fields: Some(vec!["status".into()]),
+        ..context_params("order", "O1").0
+    };
+    let body = structured(
+        server(&dir)
+            .get_entity_context(Parameters(params))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(body["fields"], json!({"status": "paid"}), "{body}");
+}
+
+#[tokio::test]
 async fn unknown_entities_and_types_fail_with_the_http_apis_stable_codes() {
     let dir = tempfile::tempdir().unwrap();
     let server = server(&dir);
@@ -210,6 +239,12 @@ async fn markdown_requests_reach_the_shared_context_lookup() {
         max_tokens: Some(200),
         ..ContextQuery::default()
     };
+    // Rendered (now that the renderer is there), with the entity in it.
+    let result_text = fetch_context(&server.state_for_tests(), "customer", "C1", &query);
+    assert!(
+        matches!(&result_text, Ok(ContextBody::Markdown(t)) if t.contains("C1")),
+        "{result_text:?}"
+    );
     let http = fetch_context(&server.state_for_tests(), "customer", "C1", &query);
     let result = server.get_entity_context(Parameters(params)).await.unwrap();
     // Whatever the renderer answers (text, or an error while it is not there), MCP answers alike.
