@@ -12,6 +12,7 @@ use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog, FsyncPolicy};
 use kontext_log::{ConsumerConfig, CreateOutcome, Log, Retention, TopicSpec};
 use kontext_serve::AppState;
 use kontext_store::{EmbeddedStore, StoreSchema};
+use kontext_stream::dlq::DeadLetters;
 use kontext_stream::{PipelineMetrics, Router, StoreSink};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -88,17 +89,7 @@ fn is_transient(e: &anyhow::Error) -> bool {
 
 /// Creates every entity topic the pipeline declares (existing topics are left as they are).
 pub async fn ensure_topics(log: &dyn Log, config: &PipelineConfig) -> Result<()> {
-    for entity in config.entities.values() {
-        let settings = config.topic_settings(&entity.topic);
-        let spec = TopicSpec {
-            name: entity.topic.clone(),
-            partitions: settings.partitions.unwrap_or(config.topics.partitions),
-            compacted: settings.compacted,
-            retention: Retention {
-                time: settings.retention_ms.map(Duration::from_millis),
-                bytes: settings.retention_bytes,
-            },
-        };
+    for spec in topic_specs(config) {
         match log
             .create_topic(&spec)
             .await
@@ -111,6 +102,37 @@ pub async fn ensure_topics(log: &dyn Log, config: &PipelineConfig) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// The entity topics, and a dead-letter topic beside each source topic: same partition count
+/// (a dead letter keeps its partition number), never compacted (bad records may lack a key).
+fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
+    let mut specs = Vec::new();
+    for entity in config.entities.values() {
+        let settings = config.topic_settings(&entity.topic);
+        specs.push(TopicSpec {
+            name: entity.topic.clone(),
+            partitions: settings.partitions.unwrap_or(config.topics.partitions),
+            compacted: settings.compacted,
+            retention: Retention {
+                time: settings.retention_ms.map(Duration::from_millis),
+                bytes: settings.retention_bytes,
+            },
+        });
+    }
+    if config.dead_letter.enabled {
+        for topic in config.source_topics() {
+            let partitions = config
+                .topic_settings(&topic)
+                .partitions
+                .unwrap_or(config.topics.partitions);
+            specs.push(TopicSpec::new(
+                config.dead_letter.topic_for(&topic),
+                partitions,
+            ));
+        }
+    }
+    specs
 }
 
 /// A running pipeline: store sink + HTTP API.
@@ -154,6 +176,20 @@ pub async fn start_pipeline(
     let store = Arc::new(store);
     let metrics = Arc::new(PipelineMetrics::default());
     let consumer = ConsumerConfig::new(config.store_group(), config.source_topics());
+    let dead_letters = if config.dead_letter.enabled {
+        let producer = log
+            .producer()
+            .await
+            .context("creating the dead-letter producer")?;
+        Some(DeadLetters::new(
+            config.dead_letter.clone(),
+            config.name.clone(),
+            config.store_group(),
+            producer,
+        ))
+    } else {
+        None
+    };
     let sink = StoreSink::new(
         log.clone(),
         store.clone(),
@@ -161,6 +197,10 @@ pub async fn start_pipeline(
         consumer,
         metrics.clone(),
     );
+    let sink = match dead_letters {
+        Some(dlq) => sink.with_dead_letters(dlq),
+        None => sink,
+    };
     let sink_shutdown = shutdown.clone();
     let sink = tokio::spawn(async move {
         let result = sink.run(sink_shutdown.clone()).await;

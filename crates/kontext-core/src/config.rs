@@ -36,6 +36,46 @@ pub struct PipelineConfig {
     pub store: StoreConfig,
     #[serde(default)]
     pub serve: ServeConfig,
+    /// Where records that cannot be processed go.
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
+}
+
+/// Dead-letter topics: a record that can never be processed (bad data) is copied byte for byte
+/// to `<source topic><suffix>` with headers saying why, and the partition moves on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// `false` only logs and counts bad records (they are still skipped).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Appended to the source topic's name.
+    #[serde(default = "default_dlq_suffix")]
+    pub suffix: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_dlq_suffix() -> String {
+    ".dlq".into()
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            suffix: default_dlq_suffix(),
+        }
+    }
+}
+
+impl DeadLetterConfig {
+    /// The dead-letter topic of a source topic.
+    pub fn topic_for(&self, source_topic: &str) -> String {
+        format!("{source_topic}{}", self.suffix)
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -557,6 +597,16 @@ impl PipelineConfig {
                             "give exactly one of `equals`, `in` or `exists`".into(),
                         );
                     }
+                }
+            }
+        }
+        if self.dead_letter.enabled {
+            for topic in self.source_topics() {
+                if let Some(problem) = topic_name_problem(&self.dead_letter.topic_for(&topic)) {
+                    err(
+                        "dead_letter.suffix".into(),
+                        format!("the dead-letter topic of {topic:?} would be invalid: {problem}"),
+                    );
                 }
             }
         }

@@ -17,6 +17,8 @@ pub struct PipelineMetrics {
     /// Records the store had already applied (re-delivery after a restart or rebalance).
     pub records_skipped: AtomicU64,
     pub records_filtered: AtomicU64,
+    /// Invalid records copied to a dead-letter topic.
+    pub records_dead_lettered: AtomicU64,
     pub batches_committed: AtomicU64,
     pub store_retries: AtomicU64,
     /// Milliseconds from event time to applied, for the latest batch's newest event.
@@ -65,6 +67,11 @@ impl PipelineMetrics {
                 "kontext_records_filtered_total",
                 "Records dropped by source filters.",
                 &self.records_filtered,
+            ),
+            (
+                "kontext_records_dead_lettered_total",
+                "Invalid records copied to a dead-letter topic.",
+                &self.records_dead_lettered,
             ),
             (
                 "kontext_batches_committed_total",

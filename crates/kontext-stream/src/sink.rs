@@ -17,6 +17,7 @@ use kontext_store::{ApplyStats, ContextStore, EntityUpdate, StoreError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::dlq::DeadLetters;
 use crate::metrics::PipelineMetrics;
 use crate::normalize::{Outcome, Router};
 
@@ -35,12 +36,17 @@ const GROUP_BUSY_WAIT: Duration = Duration::from_secs(60);
 pub enum SinkError {
     #[error("log: {0}")]
     Log(#[from] LogError),
+    #[error(
+        "cannot write to the dead-letter topic, stopping rather than dropping the record: {0}"
+    )]
+    DeadLetter(LogError),
     #[error("context store: {0}")]
     Store(#[from] StoreError),
 }
 
 /// Feeds one context store from the log.
 pub struct StoreSink {
+    dead_letters: Option<DeadLetters>,
     log: Arc<dyn Log>,
     store: Arc<dyn ContextStore>,
     router: Router,
@@ -57,6 +63,7 @@ impl StoreSink {
         metrics: Arc<PipelineMetrics>,
     ) -> Self {
         Self {
+            dead_letters: None,
             log,
             store,
             router,
@@ -65,11 +72,20 @@ impl StoreSink {
         }
     }
 
+    /// Parks records that can never be processed in dead-letter topics instead of only
+    /// logging and counting them.
+    pub fn with_dead_letters(mut self, dead_letters: DeadLetters) -> Self {
+        self.dead_letters = Some(dead_letters);
+        self
+    }
+
     /// Runs until `shutdown` is cancelled or a permanent error occurs. Transient errors of the
     /// log or the store are retried with exponential backoff (100 ms doubling to 30 s); the
     /// batch in hand is kept, so nothing is skipped while waiting.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), SinkError> {
-        self.rewind_group_to_store().await?;
+        // What the store holds: records below these offsets were handled (applied, filtered or
+        // dead-lettered) before, so a re-delivered bad record is not dead-lettered twice.
+        let mut handled = self.rewind_group_to_store().await?;
         let mut consumer = self.log.consumer(self.consumer.clone()).await?;
         info!(group = %self.consumer.group_id, topics = ?self.consumer.topics, "store sink started");
         loop {
@@ -94,6 +110,7 @@ impl StoreSink {
             let mut updates = Vec::with_capacity(records.len());
             let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
             let mut newest_event_ms = i64::MIN;
+            let mut letters = Vec::new();
             for record in &records {
                 next.insert(record.topic_partition(), record.offset + 1);
                 match self.router.process(record) {
@@ -108,10 +125,38 @@ impl StoreSink {
                             .fetch_add(1, Ordering::Relaxed);
                     }
                     Outcome::Invalid(e) => {
-                        warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record skipped");
                         self.metrics.record_invalid(&record.topic, e.kind());
+                        let seen = handled
+                            .get(&(record.topic.to_string(), record.partition))
+                            .is_some_and(|n| record.offset < *n);
+                        match &self.dead_letters {
+                            Some(dlq) if !seen => {
+                                warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record dead-lettered");
+                                letters.push(dlq.letter(record, &e));
+                            }
+                            _ => {
+                                warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record skipped")
+                            }
+                        }
                     }
                 }
+            }
+            // Dead letters are durable before the store records these offsets as handled.
+            if let Some(dlq) = &self.dead_letters {
+                let n = letters.len() as u64;
+                if !dlq
+                    .send(letters, &shutdown)
+                    .await
+                    .map_err(SinkError::DeadLetter)?
+                {
+                    break;
+                }
+                self.metrics
+                    .records_dead_lettered
+                    .fetch_add(n, Ordering::Relaxed);
+            }
+            for (tp, n) in &next {
+                handled.insert((tp.topic.to_string(), tp.partition), *n);
             }
             let offsets: Vec<(TopicPartition, i64)> = next.into_iter().collect();
             let Some(stats) = self.apply_with_retry(updates, &offsets, &shutdown).await? else {
@@ -146,7 +191,7 @@ impl StoreSink {
     /// The store's offsets are the truth. Where the group has committed past them (the store
     /// was deleted or restored from an older copy), rewind the group so that nothing the store
     /// lacks is skipped. A group behind the store needs nothing: the store skips what it has.
-    async fn rewind_group_to_store(&self) -> Result<(), SinkError> {
+    async fn rewind_group_to_store(&self) -> Result<BTreeMap<(String, i32), i64>, SinkError> {
         let applied = self.store.applied_offsets().await?;
         let group = &self.consumer.group_id;
         let mut rewind = Vec::new();
@@ -162,7 +207,7 @@ impl StoreSink {
             }
         }
         if rewind.is_empty() {
-            return Ok(());
+            return Ok(applied);
         }
         warn!(%group, partitions = rewind.len(), "the group committed past what the store holds; rewinding it to the store's offsets");
         // A member of a killed process stays in a Kafka group until its session times out
@@ -171,7 +216,7 @@ impl StoreSink {
         let mut backoff = FIRST_BACKOFF;
         loop {
             match self.log.reset_group_offsets(group, &rewind).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(applied),
                 Err(e) if is_busy_or_transient(&e) && tokio::time::Instant::now() < deadline => {
                     warn!(%group, error = %e, retry_in = ?backoff, "cannot rewind the group yet (a member is still registered); retrying");
                     tokio::time::sleep(backoff).await;

@@ -1,0 +1,220 @@
+//! Dead-letter topics.
+//!
+//! A record that can never be processed (bad data: its bytes will not decode however often we
+//! try) is copied byte for byte (key, value, headers, timestamp) to the dead-letter topic of
+//! its source topic, into the same partition number, with headers that say why. The header
+//! names are Kafka Connect's (`DeadLetterQueueReporter`), so tools that read Connect's
+//! dead-letter queues read ours; kontext adds `kontext.errors.*`.
+//!
+//! Writing a dead letter is retried with backoff; if it still fails, the sink stops with an
+//! error rather than move past a record it could neither process nor park.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kontext_core::config::DeadLetterConfig;
+use kontext_core::envelope::format_time;
+use kontext_core::record::{Header, ProduceRecord, Record};
+use kontext_log::{LogError, Producer};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::normalize::ProcessError;
+
+/// Kafka Connect's dead-letter header names.
+pub mod headers {
+    pub const TOPIC: &str = "__connect.errors.topic";
+    pub const PARTITION: &str = "__connect.errors.partition";
+    pub const OFFSET: &str = "__connect.errors.offset";
+    pub const CONNECTOR_NAME: &str = "__connect.errors.connector.name";
+    pub const TASK_ID: &str = "__connect.errors.task.id";
+    pub const STAGE: &str = "__connect.errors.stage";
+    pub const CLASS_NAME: &str = "__connect.errors.class.name";
+    pub const EXCEPTION_CLASS_NAME: &str = "__connect.errors.exception.class.name";
+    pub const EXCEPTION_MESSAGE: &str = "__connect.errors.exception.message";
+    pub const EXCEPTION_STACKTRACE: &str = "__connect.errors.exception.stacktrace";
+    /// kontext: the bounded error kind (`invalid_json`, `missing_key` ...).
+    pub const KIND: &str = "kontext.errors.kind";
+    /// kontext: how many times processing was attempted.
+    pub const ATTEMPTS: &str = "kontext.errors.attempts";
+    /// kontext: when the record was dead-lettered (RFC 3339).
+    pub const TIME: &str = "kontext.errors.time";
+    /// kontext: the pipeline.
+    pub const PIPELINE: &str = "kontext.errors.pipeline";
+}
+
+/// Attempts at writing one batch of dead letters before the sink gives up.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// Writes dead letters for one pipeline.
+pub struct DeadLetters {
+    config: DeadLetterConfig,
+    pipeline: String,
+    group: String,
+    producer: Arc<dyn Producer>,
+}
+
+impl DeadLetters {
+    pub fn new(
+        config: DeadLetterConfig,
+        pipeline: String,
+        group: String,
+        producer: Arc<dyn Producer>,
+    ) -> Self {
+        Self {
+            config,
+            pipeline,
+            group,
+            producer,
+        }
+    }
+
+    /// The dead-letter copy of `record`: its bytes unchanged, error headers added.
+    pub fn letter(&self, record: &Record, error: &ProcessError) -> ProduceRecord {
+        let mut headers = record.headers.clone();
+        let (stage, class) = match error {
+            ProcessError::Envelope(_) => ("VALUE_CONVERTER", "kontext_core::envelope"),
+            ProcessError::NoSource { .. } => {
+                ("TRANSFORMATION", "kontext_stream::normalize::Router")
+            }
+        };
+        let mut add = |k: &str, v: String| headers.push(Header::new(k, Bytes::from(v)));
+        add(headers::TOPIC, record.topic.to_string());
+        add(headers::PARTITION, record.partition.to_string());
+        add(headers::OFFSET, record.offset.to_string());
+        add(headers::CONNECTOR_NAME, self.pipeline.clone());
+        add(headers::TASK_ID, self.group.clone());
+        add(headers::STAGE, stage.to_string());
+        add(headers::CLASS_NAME, class.to_string());
+        add(
+            headers::EXCEPTION_CLASS_NAME,
+            format!("{class}::{}", error.kind()),
+        );
+        add(headers::EXCEPTION_MESSAGE, error.to_string());
+        add(headers::EXCEPTION_STACKTRACE, format!("{error:?}"));
+        add(headers::KIND, error.kind().to_string());
+        add(headers::ATTEMPTS, "1".to_string());
+        add(headers::TIME, format_time(now_ms()));
+        add(headers::PIPELINE, self.pipeline.clone());
+        ProduceRecord {
+            topic: self.config.topic_for(&record.topic),
+            partition: Some(record.partition),
+            key: record.key.clone(),
+            value: record.value.clone(),
+            headers,
+            timestamp_ms: Some(record.timestamp_ms),
+        }
+    }
+
+    /// Writes `letters`, retrying transient failures with exponential backoff (100 ms doubling
+    /// to 30 s, at most `MAX_ATTEMPTS` tries). `Ok(false)` means shutdown came first.
+    pub async fn send(
+        &self,
+        letters: Vec<ProduceRecord>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, LogError> {
+        if letters.is_empty() {
+            return Ok(true);
+        }
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match self.producer.send(letters.clone()).await {
+                Ok(_) => return Ok(true),
+                Err(e) if e.is_transient() && attempt < MAX_ATTEMPTS => {
+                    warn!(error = %e, attempt, retry_in = ?backoff, "writing dead letters failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoProducer;
+
+    #[async_trait::async_trait]
+    impl Producer for NoProducer {
+        async fn send(
+            &self,
+            _: Vec<ProduceRecord>,
+        ) -> Result<Vec<kontext_core::record::RecordPosition>, LogError> {
+            Err(LogError::Invalid("unused".into()))
+        }
+        async fn flush(&self) -> Result<(), LogError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn letters_keep_the_record_and_add_connect_headers() {
+        let dlq = DeadLetters::new(
+            DeadLetterConfig::default(),
+            "cs".into(),
+            "g".into(),
+            Arc::new(NoProducer),
+        );
+        let record = Record {
+            topic: "context.orders".into(),
+            partition: 4,
+            offset: 17,
+            timestamp_ms: 1_700_000_000_000,
+            key: Some(Bytes::from_static(b"O-1")),
+            value: Some(Bytes::from_static(b"{oops")),
+            headers: vec![Header {
+                key: "trace".into(),
+                value: None,
+            }],
+        };
+        let error = ProcessError::Envelope(kontext_core::envelope::EnvelopeError::InvalidJson(
+            "eof".into(),
+        ));
+        let letter = dlq.letter(&record, &error);
+        assert_eq!(letter.topic, "context.orders.dlq");
+        assert_eq!(letter.partition, Some(4));
+        assert_eq!(
+            (letter.key, letter.value, letter.timestamp_ms),
+            (
+                record.key.clone(),
+                record.value.clone(),
+                Some(record.timestamp_ms)
+            )
+        );
+        // Original headers first, untouched (a null value stays null).
+        assert_eq!(letter.headers[0], record.headers[0]);
+        let get = |k: &str| {
+            letter
+                .headers
+                .iter()
+                .find(|h| h.key == k)
+                .and_then(|h| h.value.clone())
+                .map(|v| String::from_utf8(v.to_vec()).unwrap())
+        };
+        assert_eq!(get(headers::TOPIC).as_deref(), Some("context.orders"));
+        assert_eq!(get(headers::PARTITION).as_deref(), Some("4"));
+        assert_eq!(get(headers::OFFSET).as_deref(), Some("17"));
+        assert_eq!(get(headers::STAGE).as_deref(), Some("VALUE_CONVERTER"));
+        assert_eq!(get(headers::KIND).as_deref(), Some("invalid_json"));
+        assert_eq!(get(headers::CONNECTOR_NAME).as_deref(), Some("cs"));
+        assert!(get(headers::EXCEPTION_MESSAGE)
+            .unwrap()
+            .contains("not valid JSON"));
+    }
+}

@@ -1,0 +1,234 @@
+//! Poison pills in the middle of good streams, on the embedded log and on the real broker:
+//! every good event reaches the store, every bad one is in the dead-letter topic byte for byte
+//! with Kafka Connect's error headers, offsets move on, nothing blocks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kontext_core::config::PipelineConfig;
+use kontext_core::record::{Header, ProduceRecord, Record};
+use kontext_kafka::{KafkaConfig, KafkaLog};
+use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
+use kontext_log::{ConsumerConfig, Log, TopicSpec};
+use kontext_store::{EmbeddedStore, StoreSchema};
+use kontext_stream::dlq::{headers, DeadLetters};
+use kontext_stream::{PipelineMetrics, Router, StoreSink};
+use tokio_util::sync::CancellationToken;
+
+fn pipeline(topic: &str) -> PipelineConfig {
+    let yaml = format!(
+        r#"
+name: pills
+entities:
+  customer: {{ key: customer_id, topic: {topic} }}
+sources:
+  crm:
+    topic: {topic}
+    entity: customer
+    match: {{ ce_source: crm }}
+    fields: {{ given_name: first_name }}
+"#
+    );
+    PipelineConfig::parse("pills.yaml", &yaml).unwrap()
+}
+
+fn good(topic: &str, i: usize) -> ProduceRecord {
+    ProduceRecord::new(
+        topic,
+        Some(Bytes::from(format!("C{i}"))),
+        Some(Bytes::from(format!(r#"{{"first_name":"N{i}"}}"#))),
+    )
+    .with_header("ce_specversion", "1.0")
+    .with_header("ce_id", format!("e{i}"))
+    .with_header("ce_source", "crm")
+    .with_header("ce_type", "crm.customer.updated")
+}
+
+/// (record, the error kind it must be dead-lettered with)
+fn pills(topic: &str) -> Vec<(ProduceRecord, &'static str)> {
+    let mut v = Vec::new();
+    let mut bad_json = good(topic, 900);
+    bad_json.value = Some(Bytes::from_static(b"{\"first_name\": "));
+    v.push((bad_json, "invalid_json"));
+    let mut no_key = good(topic, 901);
+    no_key.key = None;
+    no_key.partition = Some(0);
+    v.push((no_key, "missing_key"));
+    let mut bad_key = good(topic, 902);
+    bad_key.key = Some(Bytes::from_static(&[0xff, 0xfe, 0x00]));
+    v.push((bad_key, "key_not_utf8"));
+    let mut bad_utf8 = good(topic, 903);
+    bad_utf8.value = Some(Bytes::from_static(&[b'{', 0xc3, 0x28, b'}']));
+    v.push((bad_utf8, "value_not_utf8"));
+    let mut array = good(topic, 904);
+    array.value = Some(Bytes::from_static(b"[1,2,3]"));
+    v.push((array, "not_an_object"));
+    let mut stranger = good(topic, 905);
+    stranger.headers.retain(|h| h.key != "ce_source");
+    stranger
+        .headers
+        .push(Header::new("ce_source", Bytes::from_static(b"erp")));
+    v.push((stranger, "no_source"));
+    let mut bad_time = good(topic, 906);
+    bad_time
+        .headers
+        .push(Header::new("ce_time", Bytes::from_static(b"yesterday")));
+    v.push((bad_time, "invalid_attribute"));
+    v
+}
+
+async fn run_poison_pills(log: Arc<dyn Log>, topic: String, dir: &std::path::Path) {
+    let config = pipeline(&topic);
+    let dlq_topic = config.dead_letter.topic_for(&topic);
+    log.create_topic(&TopicSpec::new(&topic, 3)).await.unwrap();
+    log.create_topic(&TopicSpec::new(&dlq_topic, 3))
+        .await
+        .unwrap();
+
+    // Good records around every pill.
+    let producer = log.producer().await.unwrap();
+    let mut batch = Vec::new();
+    let pills = pills(&topic);
+    for (i, (pill, _)) in pills.iter().enumerate() {
+        for j in 0..10 {
+            batch.push(good(&topic, i * 10 + j));
+        }
+        batch.push(pill.clone());
+    }
+    for j in 0..10 {
+        batch.push(good(&topic, 500 + j));
+    }
+    let positions = producer.send(batch.clone()).await.unwrap();
+    let mut end: BTreeMap<i32, i64> = BTreeMap::new();
+    for p in &positions {
+        let e = end.entry(p.partition).or_default();
+        *e = (*e).max(p.offset + 1);
+    }
+    let pill_positions: Vec<(i32, i64)> = batch
+        .iter()
+        .zip(&positions)
+        .filter(|(r, _)| pills.iter().any(|(p, _)| p == *r))
+        .map(|(_, p)| (p.partition, p.offset))
+        .collect();
+
+    let store = Arc::new(
+        EmbeddedStore::open(&dir.join("store.redb"), StoreSchema::from_config(&config)).unwrap(),
+    );
+    let metrics = Arc::new(PipelineMetrics::default());
+    let group = format!("pills-{topic}");
+    let sink = StoreSink::new(
+        log.clone(),
+        store.clone(),
+        Router::new(&config),
+        ConsumerConfig::new(&group, vec![topic.clone()]),
+        metrics.clone(),
+    )
+    .with_dead_letters(DeadLetters::new(
+        config.dead_letter.clone(),
+        config.name.clone(),
+        group.clone(),
+        log.producer().await.unwrap(),
+    ));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sink.run(shutdown.clone()));
+
+    // Wait until the store has handled every partition to its end: nothing blocked.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let applied = store.applied_offsets().unwrap();
+        if end
+            .iter()
+            .all(|(p, e)| applied.get(&(topic.clone(), *p)).copied().unwrap_or(0) >= *e)
+        {
+            break;
+        }
+        assert!(!task.is_finished(), "the sink stopped: {:?}", task.await);
+        assert!(
+            Instant::now() < deadline,
+            "the sink did not get past the pills: {applied:?} vs {end:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // Every good event is in the store.
+    let docs = store.dump().unwrap();
+    let good_count = batch.len() - pills.len();
+    assert_eq!(docs.len(), good_count, "one customer per good record");
+    assert_eq!(
+        metrics
+            .records_dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        pills.len() as u64
+    );
+
+    // Every pill is in the dead-letter topic, same partition, same bytes, with the headers.
+    let reader = format!("pills-reader-{topic}");
+    let mut consumer = log
+        .consumer(ConsumerConfig::new(&reader, vec![dlq_topic.clone()]))
+        .await
+        .unwrap();
+    let mut letters: Vec<Record> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while letters.len() < pills.len() && Instant::now() < deadline {
+        letters.extend(
+            consumer
+                .poll(100, Duration::from_millis(500))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(letters.len(), pills.len(), "{letters:?}");
+    for (pill, kind) in &pills {
+        let letter = letters
+            .iter()
+            .find(|l| {
+                l.value == pill.value
+                    && l.key == pill.key
+                    && pill.headers.iter().all(|h| l.headers.contains(h))
+            })
+            .unwrap_or_else(|| panic!("no dead letter for the {kind} pill"));
+        let header = |k: &str| {
+            letter
+                .header(k)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header(headers::KIND).as_deref(), Some(*kind));
+        assert_eq!(header(headers::TOPIC).as_deref(), Some(topic.as_str()));
+        let partition: i32 = header(headers::PARTITION).unwrap().parse().unwrap();
+        let offset: i64 = header(headers::OFFSET).unwrap().parse().unwrap();
+        assert!(
+            pill_positions.contains(&(partition, offset)),
+            "{kind}: coordinates {partition}/{offset} are not a pill's"
+        );
+        assert_eq!(
+            letter.partition, partition,
+            "a dead letter keeps its partition number"
+        );
+        assert!(header(headers::EXCEPTION_MESSAGE).is_some_and(|m| !m.is_empty()));
+        assert!(header(headers::STAGE).is_some());
+        assert_eq!(header(headers::CONNECTOR_NAME).as_deref(), Some("pills"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_pills_on_the_embedded_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    run_poison_pills(log, "context.customers".into(), dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_pills_on_kafka() {
+    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let suffix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(KafkaLog::new(KafkaConfig::new(bootstrap)).unwrap());
+    run_poison_pills(log, format!("pills-{suffix:x}"), dir.path()).await;
+}
