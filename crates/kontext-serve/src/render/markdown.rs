@@ -250,7 +250,8 @@ impl<'a> Layout<'a> {
     }
 
     /// `- O-1 (2026-11-25T12:00:07Z, shop): status: shipped; total: 129.9`. Fields holding this
-    /// entity's id (the child's pointer back to it) are left out: the section says so already.
+    /// entity's id (the child's pointer back to it) or the item's own id (`order_id`) are left
+    /// out: the line says so already, and every token counts.
     fn related_line(&self, item: &RelatedEntity) -> String {
         let mut line = format!("- {}", clean(&item.entity_id));
         if let Some(p) = latest(item) {
@@ -264,7 +265,10 @@ impl<'a> Layout<'a> {
         let parts: Vec<String> = item
             .fields
             .iter()
-            .filter(|(_, v)| v.as_str() != Some(self.doc.entity_id.as_str()))
+            .filter(|(_, v)| {
+                let v = v.as_str();
+                v != Some(self.doc.entity_id.as_str()) && v != Some(item.entity_id.as_str())
+            })
             .map(|(k, v)| format!("{}: {}", clean(k), value_text(v)))
             .collect();
         if !parts.is_empty() {

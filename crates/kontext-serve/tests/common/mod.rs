@@ -91,6 +91,7 @@ pub fn customer() -> ContextDocument {
                 &format!("O-4829{:02}", 20 - i),
                 json!({
                     "customer_id": "C-10042",
+                    "order_id": format!("O-4829{:02}", 20 - i),
                     "status": (["shipped", "paid", "delivered", "delivered", "returned"][i as usize]),
                     "total": format!("{}.90", 40 + 17 * i),
                     "items": 1 + i % 3
