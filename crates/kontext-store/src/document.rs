@@ -78,7 +78,8 @@ impl From<&Provenance> for ProvenanceView {
 }
 
 impl RelatedEntity {
-    fn from_doc(doc: &EntityDoc) -> Self {
+    /// An entity as a related entity of another one's context.
+    pub(crate) fn from_doc(doc: &EntityDoc) -> Self {
         Self {
             entity_id: doc.entity_id.clone(),
             fields: doc.values(),
@@ -139,17 +140,28 @@ impl EmbeddedStore {
                 .collect();
             related.insert(child_type, RelatedList { total, items });
         }
-        Ok(Some(ContextDocument {
+        Ok(Some(ContextDocument::assemble(&doc, belongs_to, related)))
+    }
+}
+
+impl ContextDocument {
+    /// The document of `doc` with its parents and related lists, as every store assembles it.
+    pub(crate) fn assemble(
+        doc: &EntityDoc,
+        belongs_to: BTreeMap<String, RelatedEntity>,
+        related: BTreeMap<String, RelatedList>,
+    ) -> Self {
+        ContextDocument {
             entity_type: doc.entity_type.clone(),
             entity_id: doc.entity_id.clone(),
             fields: doc.values(),
-            provenance: provenance_of(&doc),
+            provenance: provenance_of(doc),
             belongs_to,
             related,
             as_of: ProvenanceView::from(&doc.latest),
             events_applied: doc.events_applied,
             as_of_ms: doc.latest.event_time_ms,
-        }))
+        }
     }
 }
 

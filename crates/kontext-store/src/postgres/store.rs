@@ -18,7 +18,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 use super::plan::{self, BatchPlan};
-use crate::document::{ContextDocument, ProvenanceView, RelatedEntity, RelatedList};
+use crate::document::{ContextDocument, RelatedEntity, RelatedList};
 use crate::embedded::ApplyStats;
 use crate::model::{EntityDoc, EntityUpdate, FieldEntry, Provenance, StoreSchema};
 use crate::{ContextStore, StoreError};
@@ -390,7 +390,7 @@ impl PostgresStore {
                 .into_iter()
                 .next()
             {
-                belongs_to.insert(parent_type.clone(), related_entity(&parent));
+                belongs_to.insert(parent_type.clone(), RelatedEntity::from_doc(&parent));
             }
         }
         let mut related = BTreeMap::new();
@@ -427,22 +427,12 @@ impl PostgresStore {
             let items = ids
                 .iter()
                 .filter_map(|id| by_id.remove(id))
-                .map(|d| related_entity(&d))
+                .map(|d| RelatedEntity::from_doc(&d))
                 .collect();
             related.insert(child_type.to_string(), RelatedList { total, items });
         }
         txn.commit().await.map_err(pg)?;
-        Ok(Some(ContextDocument {
-            entity_type: doc.entity_type.clone(),
-            entity_id: doc.entity_id.clone(),
-            fields: doc.values(),
-            provenance: provenance_of(&doc),
-            belongs_to,
-            related,
-            as_of: ProvenanceView::from(&doc.latest),
-            events_applied: doc.events_applied,
-            as_of_ms: doc.latest.event_time_ms,
-        }))
+        Ok(Some(ContextDocument::assemble(&doc, belongs_to, related)))
     }
 }
 
@@ -743,21 +733,6 @@ fn provenance(row: &Row, at: usize) -> Result<Provenance, StoreError> {
         offset: row.try_get(at + 5).map_err(pg)?,
         event_time_ms: row.try_get(at + 6).map_err(pg)?,
     })
-}
-
-fn related_entity(doc: &EntityDoc) -> RelatedEntity {
-    RelatedEntity {
-        entity_id: doc.entity_id.clone(),
-        fields: doc.values(),
-        provenance: provenance_of(doc),
-    }
-}
-
-fn provenance_of(doc: &EntityDoc) -> BTreeMap<String, ProvenanceView> {
-    doc.fields
-        .iter()
-        .map(|(k, f)| (k.clone(), ProvenanceView::from(&f.provenance)))
-        .collect()
 }
 
 /// The parent id a relation field holds, as the embedded store's relation index reads it:
