@@ -13,7 +13,7 @@ use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::{ConsumerConfig, Log};
 use kontext_store::{Change, EmbeddedStore, StoreSchema};
 use kontext_stream::{Outcome, Router};
-use support::{free_port, path_str, wait_for_zero_lag, Kontext};
+use support::{assert_applied_exactly_once, free_port, path_str, wait_for_zero_lag, Kontext};
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
 
@@ -102,21 +102,5 @@ async fn kill_9_on_kafka_loses_nothing_and_applies_nothing_twice() {
         StoreSchema::from_config(&config),
     )
     .unwrap();
-    let actual: BTreeMap<(String, String), u64> = store
-        .dump()
-        .unwrap()
-        .into_iter()
-        .map(|d| ((d.entity_type, d.entity_id), d.events_applied))
-        .collect();
-    let wrong: Vec<_> = expected
-        .iter()
-        .filter(|(k, n)| actual.get(*k) != Some(n))
-        .take(5)
-        .map(|(k, n)| (k.clone(), *n, actual.get(k).copied()))
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "(entity, records in Kafka, applied in store) differ: {wrong:?}"
-    );
-    assert_eq!(actual.len(), expected.len());
+    assert_applied_exactly_once(&store, &expected);
 }

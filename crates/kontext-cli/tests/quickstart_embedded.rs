@@ -11,7 +11,8 @@ use kontext_log::Log;
 use kontext_store::{Change, EmbeddedStore, StoreSchema};
 use kontext_stream::{Outcome, Router};
 use support::{
-    catch_up, context_sources, free_port, get_json, path_str, wait_for_zero_lag, Kontext,
+    assert_applied_exactly_once, catch_up, context_sources, free_port, get_json, path_str,
+    wait_for_zero_lag, Kontext,
 };
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
@@ -152,31 +153,7 @@ async fn kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice() {
     assert!(total > 3_000, "the runs produced only {total} records");
 
     let store = EmbeddedStore::open(&store_path, StoreSchema::from_config(&config)).unwrap();
-    let docs = store.dump().unwrap();
-    let actual: BTreeMap<(String, String), u64> = docs
-        .into_iter()
-        .map(|d| ((d.entity_type, d.entity_id), d.events_applied))
-        .collect();
-    let missing: Vec<_> = expected
-        .keys()
-        .filter(|k| !actual.contains_key(*k))
-        .take(5)
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "entities in the log but not in the store: {missing:?}"
-    );
-    let wrong: Vec<_> = expected
-        .iter()
-        .filter(|(k, n)| actual.get(*k) != Some(n))
-        .take(5)
-        .map(|(k, n)| (k.clone(), *n, actual.get(k).copied()))
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "(entity, records in log, applied in store) differ: {wrong:?}"
-    );
-    assert_eq!(actual.len(), expected.len());
+    assert_applied_exactly_once(&store, &expected);
 }
 
 /// The log is the source of truth: delete the store (keeping the group's committed offsets)

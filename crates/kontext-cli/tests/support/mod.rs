@@ -141,6 +141,45 @@ pub async fn catch_up(data_dir: &str) -> (Kontext, u16) {
     (kontext, port)
 }
 
+/// Asserts that the store applied every valid record exactly once: for each entity, its
+/// `events_applied` equals `expected` (valid records per (entity type, id) recounted from the
+/// log), and the store holds no other entity.
+pub fn assert_applied_exactly_once(
+    store: &kontext_store::EmbeddedStore,
+    expected: &std::collections::BTreeMap<(String, String), u64>,
+) {
+    let actual: std::collections::BTreeMap<(String, String), u64> = store
+        .dump()
+        .expect("dump the store")
+        .into_iter()
+        .map(|d| ((d.entity_type, d.entity_id), d.events_applied))
+        .collect();
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !actual.contains_key(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "entities in the log but not in the store: {missing:?}"
+    );
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, n)| actual.get(*k) != Some(n))
+        .take(5)
+        .map(|(k, n)| (k.clone(), *n, actual.get(k).copied()))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "(entity, records in the log, applied in the store) differ: {wrong:?}"
+    );
+    assert_eq!(
+        actual.len(),
+        expected.len(),
+        "the store holds entities the log does not explain"
+    );
+}
+
 /// Every source named in a context document's provenance, related entities included.
 pub fn context_sources(body: &serde_json::Value) -> std::collections::BTreeSet<String> {
     let mut sources = std::collections::BTreeSet::new();
