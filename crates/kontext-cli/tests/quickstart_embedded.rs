@@ -104,19 +104,33 @@ async fn kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice() {
     assert!(applied_before > 0, "the killed runs applied nothing");
     std::fs::remove_dir_all(dir.path().join("log/groups")).unwrap();
     let (kontext, port) = catch_up(&data).await;
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let skipped: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("kontext_records_skipped_total "))
-        .and_then(|n| n.parse().ok())
-        .unwrap();
+    // Zero lag is not enough: a partition the store had fully applied before the kill has no
+    // lag from the start, while its re-delivered records may still be on their way. Skips only
+    // grow, so wait for them to reach what the store held, then check they stop exactly there.
+    let skipped = || async {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let n: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("kontext_records_skipped_total "))
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        (n, metrics)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut n, mut metrics) = skipped().await;
+    while n < applied_before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (n, metrics) = skipped().await;
+    }
+    wait_for_zero_lag(port, Duration::from_secs(60)).await;
+    let (n, _) = skipped().await;
     assert_eq!(
-        skipped, applied_before,
+        n, applied_before,
         "re-delivered records must be skipped exactly when already applied:\n{metrics}"
     );
     kontext.interrupt();
