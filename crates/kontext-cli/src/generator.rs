@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kontext_core::envelope::{format_time, STRUCTURED_CONTENT_TYPE};
+use kontext_core::envelope::{format_time, now_ms, STRUCTURED_CONTENT_TYPE};
 use kontext_core::record::ProduceRecord;
 use kontext_log::{LogError, Producer};
 use rand::rngs::StdRng;
@@ -334,11 +334,4 @@ impl Generator {
 
 fn pick<'a>(rng: &mut StdRng, items: &[&'a str]) -> &'a str {
     items[rng.random_range(0..items.len())]
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

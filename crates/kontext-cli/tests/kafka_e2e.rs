@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kontext_core::envelope::{format_time, STRUCTURED_CONTENT_TYPE};
+use kontext_core::envelope::{format_time, now_ms, STRUCTURED_CONTENT_TYPE};
 use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::ProduceRecord;
 use kontext_kafka::{KafkaConfig, KafkaLog};
@@ -25,13 +25,6 @@ fn bootstrap() -> String {
 
 fn kafka_tool() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-tool.sh")
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 fn pipeline_yaml(suffix: &str, bootstrap: &str) -> String {

@@ -145,6 +145,11 @@ pub fn decode(record: &Record) -> Result<ContextEvent, EnvelopeError> {
     }
 }
 
+/// The current time in milliseconds since the Unix epoch, the unit of event times.
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
 /// Formats milliseconds since the epoch as RFC 3339 with millisecond precision (`ce_time`).
 pub fn format_time(time_ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(time_ms)

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use kontext_core::envelope::now_ms;
 use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::{Header, ProduceRecord};
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog, FsyncPolicy};
@@ -393,13 +394,6 @@ async fn poll_wakes_up_for_records_appended_while_waiting() {
         "woken by the append, not the timeout"
     );
     sender.await.expect("sender");
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as i64
 }
 
 #[tokio::test]

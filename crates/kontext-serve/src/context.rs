@@ -9,6 +9,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kontext_core::config::{RenderSection, Tokenizer};
+use kontext_core::envelope::now_ms;
 use kontext_store::ContextDocument;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -463,11 +464,4 @@ pub fn check_type(state: &AppState, entity_type: &str) -> Result<(), ApiError> {
             known.join(", ")
         ),
     ))
-}
-
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kontext_core::config::DeadLetterConfig;
-use kontext_core::envelope::format_time;
+use kontext_core::envelope::{format_time, now_ms};
 use kontext_core::record::{Header, ProduceRecord, Record};
 use kontext_log::{LogError, Producer};
 use tokio_util::sync::CancellationToken;
@@ -135,13 +135,6 @@ impl DeadLetters {
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kontext_core::envelope::now_ms;
 use kontext_core::record::TopicPartition;
 use kontext_log::{ConsumerConfig, Log, LogError};
 use kontext_store::{ApplyStats, ContextStore, EntityUpdate, StoreError};
@@ -258,11 +259,4 @@ impl StoreSink {
 
 fn is_busy_or_transient(e: &LogError) -> bool {
     matches!(e, LogError::GroupBusy(_)) || e.is_transient()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
