@@ -192,7 +192,10 @@ async fn a_writer_killed_mid_batch_leaves_nothing_and_a_retry_converges() {
 
 /// Batches of this many orders; the SIGKILLed writer applies them in a loop.
 const KILL_BATCH: i64 = 400;
-const KILL_BATCHES: i64 = 12;
+/// More batches than the writer can finish between its second commit and the kill (at most
+/// 150 ms later), so the kill always lands inside the run. With 12, a fast moment let the
+/// writer finish every batch first and the test failed now and then.
+const KILL_BATCHES: i64 = 1_000;
 
 fn kill_batch(n: i64) -> (Vec<EntityUpdate>, Vec<(String, i32, i64)>) {
     let from = n * KILL_BATCH;
@@ -297,7 +300,8 @@ async fn a_sigkilled_writer_leaves_whole_batches_only_and_a_rerun_converges() {
 
     // The restarted sink re-delivers from the group's (older) offsets: the committed batches
     // are skipped, the rest applied once; the result equals the reference.
-    for n in 0..KILL_BATCHES {
+    // Re-deliver the committed batches, the one in flight at the kill, and one more.
+    for n in 0..k + 2 {
         let (updates, offsets) = kill_batch(n);
         let stats = store.apply(&updates, &offsets).await.unwrap();
         let expect_applied = if n < k { 0 } else { KILL_BATCH as u64 };
