@@ -1,0 +1,24 @@
+//! Stateful stream operators for kontext: deduplication, windowed aggregation and the
+//! stream-table enrichment join, written as deterministic state machines over event time.
+//!
+//! Nothing here does I/O on the log. An operator takes a batch of [`Event`]s and a
+//! [`StateStore`], and returns its outputs plus a [`WriteBatch`] of state changes that carries
+//! the input offsets of the batch. The runtime (not in this crate) produces the outputs, commits
+//! the batch (which yields the changelog records), and only then commits consumer offsets. See
+//! `docs/processing.md` for the effectively-once protocol this supports.
+//!
+//! Every output is a **full value** (the whole current aggregate, the whole enriched event),
+//! versioned by the input coordinates that produced it, so a downstream versioned upsert turns
+//! replays into no-ops.
+
+pub mod aggregate;
+pub mod codec;
+pub mod dedup;
+pub mod event;
+pub mod join;
+pub mod store;
+pub mod topology;
+pub mod window;
+
+pub use event::{Coords, Event, Scalar};
+pub use store::{ChangelogRecord, FjallStore, MemoryStore, StateStore, StoreError, WriteBatch};

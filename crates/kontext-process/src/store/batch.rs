@@ -1,0 +1,158 @@
+//! Write batches and the changelog records they turn into.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use bytes::Bytes;
+use kontext_core::record::TopicPartition;
+
+use super::{StoreError, OFFSETS_PREFIX};
+
+/// One record of a store's compacted changelog topic: the key, and the value or a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangelogRecord {
+    pub key: Bytes,
+    /// `None` is a tombstone (the key was deleted).
+    pub value: Option<Bytes>,
+}
+
+/// State changes to apply atomically, with the input offsets they account for.
+///
+/// The batch keeps the last write per key (a later put or delete of the same key replaces the
+/// earlier one), so it is also the compacted form of its changelog.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    writes: BTreeMap<Bytes, Option<Bytes>>,
+    offsets: BTreeMap<TopicPartition, i64>,
+}
+
+impl WriteBatch {
+    /// Puts `value` under `key`.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.put_bytes(Bytes::copy_from_slice(key), Bytes::copy_from_slice(value));
+    }
+
+    /// Puts without copying.
+    pub fn put_bytes(&mut self, key: Bytes, value: Bytes) {
+        self.writes.insert(key, Some(value));
+    }
+
+    /// Deletes `key`.
+    pub fn delete(&mut self, key: &[u8]) {
+        self.delete_bytes(Bytes::copy_from_slice(key));
+    }
+
+    /// Deletes without copying.
+    pub fn delete_bytes(&mut self, key: Bytes) {
+        self.writes.insert(key, None);
+    }
+
+    /// Records that every input record of `tp` below `next_offset` is accounted for by the
+    /// state once this batch is applied. Only moves forward.
+    pub fn set_offset(&mut self, tp: TopicPartition, next_offset: i64) {
+        let entry = self.offsets.entry(tp).or_insert(next_offset);
+        *entry = (*entry).max(next_offset);
+    }
+
+    /// The pending write of `key`: `Some(None)` is a pending delete, `None` means untouched.
+    pub fn get(&self, key: &[u8]) -> Option<Option<&Bytes>> {
+        self.writes.get(key).map(Option::as_ref)
+    }
+
+    /// Pending writes with `start <= key < end`.
+    pub fn range<'a>(
+        &'a self,
+        start: &[u8],
+        end: &[u8],
+    ) -> impl Iterator<Item = (&'a Bytes, &'a Option<Bytes>)> + 'a {
+        self.writes
+            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
+    }
+
+    /// Number of pending key writes (offsets not counted).
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// True when there is nothing to write, offsets included.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.offsets.is_empty()
+    }
+
+    /// The input offsets this batch records.
+    pub fn offsets(&self) -> &BTreeMap<TopicPartition, i64> {
+        &self.offsets
+    }
+
+    /// Every key write, offsets entries included, in the order the changelog must carry them:
+    /// upserts first, then deletes, then the offsets. If the changelog producer dies halfway
+    /// (no transaction), a restore sees a prefix of this order: upserts without the deletes
+    /// or offsets of their batch. Every entry carries the input offset it last applied, so
+    /// replaying from the older offsets skips what is already in (see `docs/processing.md`).
+    pub fn changelog(&self) -> Vec<ChangelogRecord> {
+        let mut out = Vec::with_capacity(self.writes.len() + self.offsets.len());
+        for (key, value) in &self.writes {
+            if let Some(value) = value {
+                out.push(ChangelogRecord {
+                    key: key.clone(),
+                    value: Some(value.clone()),
+                });
+            }
+        }
+        for (key, value) in &self.writes {
+            if value.is_none() {
+                out.push(ChangelogRecord {
+                    key: key.clone(),
+                    value: None,
+                });
+            }
+        }
+        for (key, value) in self.offset_entries() {
+            out.push(ChangelogRecord {
+                key,
+                value: Some(value),
+            });
+        }
+        out
+    }
+
+    /// All writes including the offsets entries, as the store must apply them.
+    pub fn entries(&self) -> impl Iterator<Item = (Bytes, Option<Bytes>)> + '_ {
+        self.writes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(self.offset_entries().map(|(k, v)| (k, Some(v))))
+    }
+
+    fn offset_entries(&self) -> impl Iterator<Item = (Bytes, Bytes)> + '_ {
+        self.offsets
+            .iter()
+            .map(|(tp, next)| (offset_key(tp), Bytes::copy_from_slice(&next.to_le_bytes())))
+    }
+}
+
+/// `0x00 'o' topic 0x00 partition(big-endian)`.
+pub(crate) fn offset_key(tp: &TopicPartition) -> Bytes {
+    let mut key = Vec::with_capacity(OFFSETS_PREFIX.len() + tp.topic.len() + 5);
+    key.extend_from_slice(OFFSETS_PREFIX);
+    key.extend_from_slice(tp.topic.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&tp.partition.to_be_bytes());
+    Bytes::from(key)
+}
+
+pub(crate) fn decode_offset_entry(
+    key: &[u8],
+    value: &[u8],
+) -> Result<(TopicPartition, i64), StoreError> {
+    let corrupt = || StoreError::Corrupt("offsets entry".into());
+    let rest = key.strip_prefix(OFFSETS_PREFIX).ok_or_else(corrupt)?;
+    if rest.len() < 5 {
+        return Err(corrupt());
+    }
+    let (topic, partition) = rest.split_at(rest.len() - 5);
+    let topic = std::str::from_utf8(topic).map_err(|_| corrupt())?;
+    let partition = i32::from_be_bytes(partition[1..].try_into().map_err(|_| corrupt())?);
+    let next = i64::from_le_bytes(value.try_into().map_err(|_| corrupt())?);
+    Ok((TopicPartition::new(topic, partition), next))
+}

@@ -1,0 +1,121 @@
+//! The on-disk store: one fjall database (an LSM tree with a write-ahead journal) per task.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::{KvIter, StateStore, StoreError, WriteBatch};
+
+/// How durable a committed batch is when [`StateStore::apply`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Written to the OS (fjall's `PersistMode::Buffer`): survives the process being killed,
+    /// not a power loss. The changelog topic is the copy that survives losing the machine.
+    #[default]
+    Process,
+    /// `fdatasync` of the journal per batch: survives a power loss on its own.
+    Machine,
+}
+
+/// A [`StateStore`] in a fjall database on local disk, one per task (topic-partition).
+///
+/// A batch is one fjall write batch, so it is atomic across crashes; the input offsets are
+/// entries of the same batch.
+pub struct FjallStore {
+    name: String,
+    db: Database,
+    keyspace: Keyspace,
+    durability: Durability,
+}
+
+impl std::fmt::Debug for FjallStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FjallStore")
+            .field("name", &self.name)
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FjallStore {
+    /// Opens (creating if needed) the store `name` in the directory `path`. Only one process
+    /// may open a directory at a time.
+    pub fn open(
+        path: impl AsRef<Path>,
+        name: impl Into<String>,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
+        let name = name.into();
+        let engine = |e: fjall::Error| StoreError::Engine {
+            store: name.clone(),
+            source: Box::new(e),
+        };
+        let db = Database::builder(path.as_ref()).open().map_err(engine)?;
+        let keyspace = db
+            .keyspace("state", KeyspaceCreateOptions::default)
+            .map_err(engine)?;
+        Ok(Self {
+            name,
+            db,
+            keyspace,
+            durability,
+        })
+    }
+
+    /// Syncs the journal to disk (also done by fjall when the store is dropped).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| self.engine(e))
+    }
+
+    fn engine(&self, e: fjall::Error) -> StoreError {
+        StoreError::Engine {
+            store: self.name.clone(),
+            source: Box::new(e),
+        }
+    }
+}
+
+impl StateStore for FjallStore {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        Ok(self
+            .keyspace
+            .get(key)
+            .map_err(|e| self.engine(e))?
+            .map(|v| Bytes::copy_from_slice(&v)))
+    }
+
+    fn range<'a>(&'a self, start: &[u8], end: &[u8]) -> KvIter<'a> {
+        if start >= end {
+            return Box::new(std::iter::empty());
+        }
+        Box::new(
+            self.keyspace
+                .range(start.to_vec()..end.to_vec())
+                .map(move |guard| {
+                    let (k, v) = guard.into_inner().map_err(|e| self.engine(e))?;
+                    Ok((Bytes::copy_from_slice(&k), Bytes::copy_from_slice(&v)))
+                }),
+        )
+    }
+
+    fn apply(&mut self, batch: &WriteBatch) -> Result<(), StoreError> {
+        let mut fjall_batch = self.db.batch();
+        if self.durability == Durability::Machine {
+            fjall_batch = fjall_batch.durability(Some(PersistMode::SyncData));
+        }
+        for (key, value) in batch.entries() {
+            match value {
+                Some(value) => fjall_batch.insert(&self.keyspace, key.as_ref(), value.as_ref()),
+                None => fjall_batch.remove(&self.keyspace, key.as_ref()),
+            }
+        }
+        fjall_batch.commit().map_err(|e| self.engine(e))
+    }
+}

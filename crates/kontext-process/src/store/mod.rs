@@ -1,0 +1,184 @@
+//! State stores: the `StateStore` trait, atomic write batches that carry the task's input
+//! offsets, changelog records, and two implementations (in memory, and fjall on local disk).
+//!
+//! Keys beginning with byte `0x00` are reserved for the store's own metadata (the input
+//! offsets); operators' keys begin with an ASCII letter.
+
+mod batch;
+mod fjall;
+mod memory;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use kontext_core::record::TopicPartition;
+
+pub use self::batch::{ChangelogRecord, WriteBatch};
+pub use self::fjall::{Durability, FjallStore};
+pub use self::memory::MemoryStore;
+
+/// Key prefix of the input-offset entries (`0x00 'o' topic 0x00 partition`).
+pub(crate) const OFFSETS_PREFIX: &[u8] = b"\x00o";
+
+/// Errors of a state store. None of them is transient: a store that failed an I/O operation
+/// must be reopened (fjall poisons itself after a failed journal write), and a corrupt entry
+/// needs a restore from the changelog.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The storage engine failed (I/O, or it poisoned itself after an earlier failure).
+    /// Retry meaning: reopen the store (or restore it from the changelog), then resume from its
+    /// offsets.
+    #[error("state store {store}: {source}")]
+    Engine {
+        store: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An entry could not be decoded. Retry meaning: none; rebuild the store from its changelog.
+    #[error("state store entry is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A boxed iterator over `(key, value)` pairs in key order.
+pub type KvIter<'a> = Box<dyn Iterator<Item = Result<(Bytes, Bytes), StoreError>> + 'a>;
+
+/// A key-value state store owned by one task (one input partition).
+///
+/// Writes go through [`WriteBatch`]es, which are applied atomically together with the input
+/// offsets they record; [`StateStore::commit`] returns the batch's changelog records, which the
+/// runtime produces to the compacted topic `<app>-<store>-changelog`.
+pub trait StateStore {
+    /// The store's name (part of its changelog topic's name).
+    fn name(&self) -> &str;
+
+    /// The value under `key`.
+    fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError>;
+
+    /// Entries with `start <= key < end`, in key order.
+    fn range<'a>(&'a self, start: &[u8], end: &[u8]) -> KvIter<'a>;
+
+    /// Applies every write of `batch` (and its offsets) atomically: after a crash either all of
+    /// it is in the store or none of it.
+    fn apply(&mut self, batch: &WriteBatch) -> Result<(), StoreError>;
+
+    /// Entries whose key starts with `prefix`, in key order.
+    fn prefix<'a>(&'a self, prefix: &[u8]) -> KvIter<'a> {
+        match prefix_end(prefix) {
+            Some(end) => self.range(prefix, &end),
+            None => self.range(prefix, &[0xff; 64]),
+        }
+    }
+
+    /// Writes one entry (a batch of one, without offsets).
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put(key, value);
+        self.apply(&batch)
+    }
+
+    /// Deletes one entry (a batch of one, without offsets).
+    fn delete(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete(key);
+        self.apply(&batch)
+    }
+
+    /// Applies `batch` atomically and returns its changelog records, in the order they must be
+    /// produced (see [`WriteBatch::changelog`]).
+    fn commit(&mut self, batch: WriteBatch) -> Result<Vec<ChangelogRecord>, StoreError> {
+        let changelog = batch.changelog();
+        self.apply(&batch)?;
+        Ok(changelog)
+    }
+
+    /// Rebuilds state from changelog records (in changelog order; a compacted changelog is
+    /// fine): each record is an upsert, or a delete when its value is `None`. Offsets entries
+    /// are restored like any other, so the restored store knows where to resume.
+    fn restore(
+        &mut self,
+        records: &mut dyn Iterator<Item = ChangelogRecord>,
+    ) -> Result<(), StoreError> {
+        // Applied in chunks so a large changelog does not sit in memory twice.
+        let mut batch = WriteBatch::default();
+        for record in records {
+            match record.value {
+                Some(value) => batch.put_bytes(record.key, value),
+                None => batch.delete_bytes(record.key),
+            }
+            if batch.len() >= 4096 {
+                self.apply(&std::mem::take(&mut batch))?;
+            }
+        }
+        self.apply(&batch)
+    }
+
+    /// The next input offset of every input partition this store has seen: where the task
+    /// resumes. Records below it are already reflected in the state.
+    fn offsets(&self) -> Result<BTreeMap<TopicPartition, i64>, StoreError> {
+        let mut out = BTreeMap::new();
+        for entry in self.prefix(OFFSETS_PREFIX) {
+            let (key, value) = entry?;
+            let (tp, next) = batch::decode_offset_entry(&key, &value)?;
+            out.insert(tp, next);
+        }
+        Ok(out)
+    }
+
+    /// Every entry, metadata included, in key order: what a restore must reproduce.
+    fn dump(&self) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
+        self.range(&[], &[0xff; 64]).collect()
+    }
+}
+
+/// Reads `key` as the store will see it once `batch` is applied (read-your-writes for
+/// operators that accumulate a batch).
+pub fn get_through<S: StateStore + ?Sized>(
+    store: &S,
+    batch: &WriteBatch,
+    key: &[u8],
+) -> Result<Option<Bytes>, StoreError> {
+    match batch.get(key) {
+        Some(pending) => Ok(pending.cloned()),
+        None => store.get(key),
+    }
+}
+
+/// Entries with `start <= key < end` as the store will hold them once `batch` is applied.
+pub fn range_through<S: StateStore + ?Sized>(
+    store: &S,
+    batch: &WriteBatch,
+    start: &[u8],
+    end: &[u8],
+) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
+    let mut merged: BTreeMap<Bytes, Bytes> = BTreeMap::new();
+    for entry in store.range(start, end) {
+        let (k, v) = entry?;
+        merged.insert(k, v);
+    }
+    for (k, v) in batch.range(start, end) {
+        match v {
+            Some(v) => {
+                merged.insert(k.clone(), v.clone());
+            }
+            None => {
+                merged.remove(k);
+            }
+        }
+    }
+    Ok(merged.into_iter().collect())
+}
+
+/// The smallest key greater than every key starting with `prefix`; `None` if there is none
+/// (the prefix is all `0xff`).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}

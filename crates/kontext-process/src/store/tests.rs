@@ -1,0 +1,86 @@
+use kontext_core::record::TopicPartition;
+
+use super::*;
+
+fn exercise(store: &mut dyn StateStore) {
+    let mut batch = WriteBatch::default();
+    batch.put(b"a/1", b"one");
+    batch.put(b"a/2", b"two");
+    batch.put(b"b/1", b"bee");
+    batch.delete(b"a/3");
+    batch.set_offset(TopicPartition::new("orders", 3), 10);
+    let changelog = store.commit(batch).unwrap();
+    assert_eq!(changelog.len(), 5);
+    assert_eq!(changelog[3].value, None, "deletes follow upserts");
+    assert!(
+        changelog[4].key.starts_with(OFFSETS_PREFIX),
+        "offsets come last"
+    );
+
+    assert_eq!(store.get(b"a/2").unwrap().as_deref(), Some(&b"two"[..]));
+    let keys: Vec<_> = store
+        .prefix(b"a/")
+        .map(|e| e.unwrap().0)
+        .collect::<Vec<_>>();
+    assert_eq!(keys, vec![&b"a/1"[..], &b"a/2"[..]]);
+    store.delete(b"a/1").unwrap();
+    assert_eq!(store.get(b"a/1").unwrap(), None);
+    assert_eq!(
+        store
+            .offsets()
+            .unwrap()
+            .get(&TopicPartition::new("orders", 3)),
+        Some(&10)
+    );
+}
+
+#[test]
+fn memory_store_reads_its_batches_and_offsets() {
+    exercise(&mut MemoryStore::new("t"));
+}
+
+#[test]
+fn fjall_store_reads_its_batches_and_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    exercise(&mut FjallStore::open(dir.path(), "t", Durability::Process).unwrap());
+}
+
+#[test]
+fn a_later_write_of_the_same_key_in_a_batch_wins() {
+    let mut batch = WriteBatch::default();
+    batch.put(b"k", b"1");
+    batch.delete(b"k");
+    batch.put(b"k", b"2");
+    let mut store = MemoryStore::new("t");
+    let changelog = store.commit(batch).unwrap();
+    assert_eq!(changelog.len(), 1);
+    assert_eq!(store.get(b"k").unwrap().as_deref(), Some(&b"2"[..]));
+}
+
+#[test]
+fn reads_through_a_pending_batch_see_its_writes() {
+    let mut store = MemoryStore::new("t");
+    store.put(b"a/1", b"old").unwrap();
+    store.put(b"a/2", b"gone").unwrap();
+    let mut batch = WriteBatch::default();
+    batch.put(b"a/1", b"new");
+    batch.delete(b"a/2");
+    batch.put(b"a/3", b"added");
+    assert_eq!(
+        get_through(&store, &batch, b"a/1").unwrap().as_deref(),
+        Some(&b"new"[..])
+    );
+    assert_eq!(get_through(&store, &batch, b"a/2").unwrap(), None);
+    let keys: Vec<_> = range_through(&store, &batch, b"a/", b"a0")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, vec![&b"a/1"[..], &b"a/3"[..]]);
+}
+
+#[test]
+fn prefix_end_skips_trailing_ff() {
+    assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+    assert_eq!(prefix_end(b"\xff\xff"), None);
+}
