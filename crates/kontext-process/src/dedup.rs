@@ -9,12 +9,9 @@
 //! State (keys): `d id` → time and offset of the forwarded event; `x time id` → expiry index;
 //! `m` → stream time.
 
-use std::collections::BTreeMap;
-
-use kontext_core::record::TopicPartition;
-
 use crate::codec::{i64_sortable, Reader, Writer};
 use crate::event::Event;
+use crate::progress::Progress;
 use crate::store::{get_through, range_through, StateStore, StoreError, WriteBatch};
 
 /// Configuration of [`Deduplicate`].
@@ -55,8 +52,6 @@ pub struct Deduplicate {
     config: DedupConfig,
 }
 
-const STREAM_TIME_KEY: &[u8] = b"m";
-
 impl Deduplicate {
     /// An operator with this configuration.
     pub fn new(config: DedupConfig) -> Self {
@@ -77,23 +72,14 @@ impl Deduplicate {
         if events.is_empty() {
             return Ok(out);
         }
-        let offsets = store.offsets()?;
-        let mut stream_time = read_stream_time(store, &out.state)?;
+        let mut progress = Progress::load(store, &out.state)?;
         let window = self.config.window_ms;
-        // Offsets are per partition; a batch usually covers one or a few.
-        let mut next_offsets: BTreeMap<TopicPartition, i64> = BTreeMap::new();
         for event in events {
-            let tp = TopicPartition::new(event.coords.topic.clone(), event.coords.partition);
-            let committed = offsets.get(&tp).copied().unwrap_or(i64::MIN);
-            if event.coords.offset < committed {
+            let Some(stream_time) = progress.admit(event) else {
                 out.decisions.push(DedupDecision::AlreadyApplied);
                 continue;
-            }
-            let entry = next_offsets.entry(tp).or_insert(i64::MIN);
-            *entry = (*entry).max(event.coords.offset + 1);
-
-            stream_time = Some(stream_time.map_or(event.time_ms, |st| st.max(event.time_ms)));
-            let horizon = stream_time.unwrap_or(event.time_ms).saturating_sub(window);
+            };
+            let horizon = stream_time.saturating_sub(window);
             if event.time_ms < horizon {
                 out.decisions.push(DedupDecision::Late);
                 continue;
@@ -128,11 +114,9 @@ impl Deduplicate {
             };
             out.decisions.push(decision);
         }
-        for (tp, next) in next_offsets {
-            out.state.set_offset(tp, next);
-        }
+        let stream_time = progress.stream_time();
+        progress.finish(&mut out.state);
         if let Some(st) = stream_time {
-            out.state.put(STREAM_TIME_KEY, &st.to_le_bytes());
             out.expired = self.expire(store, &mut out.state, st.saturating_sub(window))?;
         }
         Ok(out)
@@ -193,20 +177,6 @@ fn expiry_key(time_ms: i64, id: &[u8]) -> Vec<u8> {
     key.extend_from_slice(&i64_sortable(time_ms));
     key.extend_from_slice(id);
     key
-}
-
-pub(crate) fn read_stream_time<S: StateStore + ?Sized>(
-    store: &S,
-    batch: &WriteBatch,
-) -> Result<Option<i64>, StoreError> {
-    get_through(store, batch, STREAM_TIME_KEY)?
-        .map(|v| {
-            v.as_ref()
-                .try_into()
-                .map(i64::from_le_bytes)
-                .map_err(|_| StoreError::Corrupt("stream time".into()))
-        })
-        .transpose()
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod codec;
 pub mod dedup;
 pub mod event;
 pub mod join;
+mod progress;
 pub mod store;
 pub mod topology;
 pub mod window;

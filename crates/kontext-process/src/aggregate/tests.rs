@@ -1,0 +1,155 @@
+use bytes::Bytes;
+
+use super::*;
+use crate::store::MemoryStore;
+
+fn ev(key: &str, t: i64, offset: i64, total: f64) -> Event {
+    Event {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        id: Bytes::from(format!("e{offset}")),
+        time_ms: t,
+        coords: Coords::new("orders", 0, offset),
+        value: serde_json::json!({ "total": total, "sku": format!("s{}", total as i64 % 3) }),
+    }
+}
+
+fn config(window: WindowSpec, grace_ms: i64) -> AggregateConfig {
+    AggregateConfig {
+        window,
+        grace_ms,
+        functions: vec![
+            ("count".into(), AggFn::Count),
+            ("sum".into(), AggFn::Sum(FieldPath::new("total"))),
+            ("avg".into(), AggFn::Avg(FieldPath::new("total"))),
+            ("min".into(), AggFn::Min(FieldPath::new("total"))),
+            ("max".into(), AggFn::Max(FieldPath::new("total"))),
+            ("latest".into(), AggFn::Latest(FieldPath::new("sku"))),
+            ("skus".into(), AggFn::DistinctCount(FieldPath::new("sku"))),
+        ],
+        emit: Emit::OnUpdate,
+    }
+}
+
+#[test]
+fn tumbling_windows_emit_full_values_and_drop_events_past_grace() {
+    let op = Aggregate::new(config(WindowSpec::Tumbling { size_ms: 10 }, 5)).unwrap();
+    let mut store = MemoryStore::new("agg");
+    let batch = op
+        .process(
+            &store,
+            &[
+                ev("c1", 1, 0, 10.0),
+                ev("c1", 4, 1, 20.0),
+                ev("c1", 12, 2, 5.0),
+            ],
+        )
+        .unwrap();
+    assert_eq!(batch.updates.len(), 2);
+    let first = &batch.updates[0];
+    assert_eq!(first.window, Window { start: 0, end: 10 });
+    assert_eq!(
+        first.values.as_deref().unwrap()[..5],
+        [
+            AggValue::Int(2),
+            AggValue::Num(30.0),
+            AggValue::Num(15.0),
+            AggValue::Num(10.0),
+            AggValue::Num(20.0)
+        ]
+    );
+    assert_eq!(first.version.offset, 1);
+    store.commit(batch.state).unwrap();
+    // st = 16 after this one: [0,10) closes at 10 + 5 = 15 <= 16, so t=9 is late.
+    let batch = op
+        .process(&store, &[ev("c1", 16, 3, 1.0), ev("c1", 9, 4, 1.0)])
+        .unwrap();
+    assert_eq!(batch.dropped_late, 1);
+    assert_eq!(batch.updates.len(), 1);
+    assert_eq!(
+        batch.updates[0].values.as_deref().unwrap()[0],
+        AggValue::Int(2)
+    );
+}
+
+#[test]
+fn emit_on_close_emits_only_final_values() {
+    let mut cfg = config(WindowSpec::Tumbling { size_ms: 10 }, 0);
+    cfg.emit = Emit::OnClose;
+    let op = Aggregate::new(cfg).unwrap();
+    let mut store = MemoryStore::new("agg");
+    let batch = op
+        .process(&store, &[ev("c1", 1, 0, 1.0), ev("c1", 2, 1, 1.0)])
+        .unwrap();
+    assert!(batch.updates.is_empty());
+    store.commit(batch.state).unwrap();
+    let batch = op.process(&store, &[ev("c2", 10, 2, 1.0)]).unwrap();
+    assert_eq!(batch.updates.len(), 1);
+    assert!(batch.updates[0].closed);
+    assert_eq!(batch.updates[0].events, 2);
+    assert_eq!(batch.updates[0].version.offset, 1);
+}
+
+#[test]
+fn sessions_merge_and_tombstone_the_absorbed_session() {
+    let op = Aggregate::new(config(WindowSpec::Session { gap_ms: 5 }, 100)).unwrap();
+    let store = MemoryStore::new("agg");
+    let batch = op
+        .process(
+            &store,
+            &[
+                ev("c1", 0, 0, 1.0),
+                ev("c1", 20, 1, 1.0),
+                ev("c1", 10, 2, 1.0),
+                ev("c1", 15, 3, 1.0),
+            ],
+        )
+        .unwrap();
+    let live: Vec<_> = batch
+        .updates
+        .iter()
+        .filter(|u| u.values.is_some())
+        .map(|u| (u.window, u.events))
+        .collect();
+    assert!(
+        live.contains(&(Window { start: 10, end: 20 }, 3)),
+        "{live:?}"
+    );
+    assert!(batch
+        .updates
+        .iter()
+        .any(|u| u.values.is_none() && u.window == Window { start: 20, end: 20 }));
+}
+
+#[test]
+fn sliding_values_decay_as_stream_time_passes() {
+    let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: 100 }, 0)).unwrap();
+    let mut store = MemoryStore::new("agg");
+    let batch = op
+        .process(&store, &[ev("c1", 0, 0, 3.0), ev("c1", 50, 1, 4.0)])
+        .unwrap();
+    assert_eq!(
+        batch.updates[0].values.as_deref().unwrap()[1],
+        AggValue::Num(7.0)
+    );
+    store.commit(batch.state).unwrap();
+    // Another key moves stream time to 120: c1's event at 0 leaves its window.
+    let batch = op.process(&store, &[ev("c2", 120, 2, 1.0)]).unwrap();
+    let c1 = batch.updates.iter().find(|u| u.key == "c1").unwrap();
+    assert_eq!(c1.events, 1);
+    assert_eq!(c1.values.as_deref().unwrap()[1], AggValue::Num(4.0));
+    assert_eq!(
+        c1.version.offset, 2,
+        "versioned by the input that changed it"
+    );
+}
+
+#[test]
+fn accumulators_round_trip_through_their_encoding() {
+    let cfg = config(WindowSpec::Tumbling { size_ms: 10 }, 0);
+    let op = Aggregate::new(cfg).unwrap();
+    let mut acc = op.new_acc(3);
+    let e = ev("c", 1, 7, 2.5);
+    acc.add(&op.inputs(&e), 1, 7);
+    assert_eq!(Acc::decode(&acc.encode()).unwrap(), acc);
+    assert!(Acc::decode(&acc.encode()[..10]).is_err());
+}
