@@ -713,10 +713,10 @@ impl Acc {
                 }
                 (FnAcc::Min(a), FnAcc::Min(b)) => *a = min_opt(*a, *b, f64::min),
                 (FnAcc::Max(a), FnAcc::Max(b)) => *a = min_opt(*a, *b, f64::max),
-                (FnAcc::Latest(a), FnAcc::Latest(Some(b))) => {
-                    if a.as_ref().is_none_or(|(t, o, _)| (b.0, b.1) > (*t, *o)) {
-                        *a = Some(b.clone());
-                    }
+                (FnAcc::Latest(a), FnAcc::Latest(Some(b)))
+                    if a.as_ref().is_none_or(|(t, o, _)| (b.0, b.1) > (*t, *o)) =>
+                {
+                    *a = Some(b.clone());
                 }
                 (FnAcc::Distinct(a), FnAcc::Distinct(b)) => {
                     for (v, c) in b {

@@ -21,5 +21,17 @@ pub mod store;
 pub mod topology;
 pub mod window;
 
-pub use event::{Coords, Event, Scalar};
-pub use store::{ChangelogRecord, FjallStore, MemoryStore, StateStore, StoreError, WriteBatch};
+pub use aggregate::{
+    AggFn, AggValue, Aggregate, AggregateBatch, AggregateConfig, AggregateUpdate, Emit,
+};
+pub use dedup::{DedupBatch, DedupConfig, DedupDecision, Deduplicate};
+pub use event::{Coords, Event, FieldPath, Scalar};
+pub use join::{
+    changelog_topic_name, check_copartitioning, next_side, origin_coords, rekey,
+    repartition_topic_name, CoPartitionError, EnrichmentJoin, JoinBatch, JoinConfig, JoinKey,
+    JoinKind, JoinOutput, Partitioner, RekeyError, Side, TableBatch, TableUpdate, TopicLayout,
+};
+pub use store::{
+    ChangelogRecord, Durability, FjallStore, MemoryStore, StateStore, StoreError, WriteBatch,
+};
+pub use window::{Window, WindowSpec};
