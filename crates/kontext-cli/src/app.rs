@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use kontext_core::config::{FsyncMode, LogConfig, PipelineConfig};
+use kontext_core::config::{FsyncMode, LogConfig, PipelineConfig, StoreConfig, StoreKind};
 use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog, FsyncPolicy};
 use kontext_log::{ConsumerConfig, CreateOutcome, Log, Retention, TopicSpec};
 use kontext_serve::AppState;
-use kontext_store::{EmbeddedStore, StoreSchema};
+use kontext_store::{ContextStore, EmbeddedStore, PostgresStore, StoreSchema};
 use kontext_stream::dlq::DeadLetters;
 use kontext_stream::{PipelineMetrics, Router, StoreSink};
 use tokio::net::TcpListener;
@@ -135,29 +135,129 @@ fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
     specs
 }
 
-/// A running pipeline: store sink + HTTP API.
+/// A running pipeline: one store sink per store + the HTTP API.
 pub struct Running {
-    pub store: Arc<EmbeddedStore>,
+    /// The store the API serves from.
+    pub store: Arc<dyn ContextStore>,
+    /// The served store's sink metrics.
     pub metrics: Arc<PipelineMetrics>,
     pub addr: std::net::SocketAddr,
     /// What the API serves from, for serving MCP on stdio in the same process.
     pub state: AppState,
-    sink: JoinHandle<Result<(), kontext_stream::sink::SinkError>>,
+    sinks: Vec<(String, JoinHandle<Result<(), kontext_stream::sink::SinkError>>)>,
     server: JoinHandle<std::io::Result<()>>,
 }
 
 impl Running {
-    /// Waits for both tasks to end (after `shutdown` was cancelled, or on a fatal error).
+    /// Waits for every task to end (after `shutdown` was cancelled, or on a fatal error).
     pub async fn join(self) -> Result<()> {
-        let sink = self.sink.await.context("store sink task panicked")?;
+        let mut first_error = None;
+        for (name, sink) in self.sinks {
+            let result = sink
+                .await
+                .with_context(|| format!("the sink of store {name} panicked"))?
+                .with_context(|| format!("the sink of store {name} failed"));
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
         let server = self.server.await.context("HTTP task panicked")?;
-        sink.context("store sink failed")?;
+        if let Some(e) = first_error {
+            return Err(e);
+        }
         server.context("HTTP server failed")?;
         Ok(())
     }
 }
 
-/// Opens the store, starts the store sink and serves the API on `listen`.
+/// Opens one of the pipeline's stores: the embedded file under `data_dir`, or a connection
+/// pool to PostgreSQL (retried with backoff while the server is unreachable, until
+/// `shutdown`).
+pub async fn open_store(
+    config: &PipelineConfig,
+    store: &StoreConfig,
+    data_dir: &Path,
+    shutdown: &CancellationToken,
+) -> Result<Arc<dyn ContextStore>> {
+    let schema = StoreSchema::from_config(config);
+    match store.kind {
+        StoreKind::Embedded => {
+            let path = store_path(data_dir, &store.name);
+            let opened = EmbeddedStore::open(&path, schema).with_context(|| {
+                format!(
+                    "opening the context store {} (is another kontext using this data directory?)",
+                    path.display()
+                )
+            })?;
+            Ok(Arc::new(opened))
+        }
+        StoreKind::Postgres => {
+            let url = store
+                .resolved_url()
+                .map_err(anyhow::Error::msg)?
+                .with_context(|| format!("store {}: `url` is required for kind postgres", store.name))?;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let connected = match &store.schema {
+                    Some(ns) => PostgresStore::connect_in_namespace(&url, ns, schema.clone()).await,
+                    None => PostgresStore::connect(&url, schema.clone()).await,
+                };
+                match connected {
+                    Ok(pg) => return Ok(Arc::new(pg)),
+                    Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                        tracing::warn!(store = %store.name, error = %e, retry_in = ?backoff, "PostgreSQL is unavailable; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("connecting store {} to PostgreSQL", store.name)
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Starts the sink that feeds `store` from the pipeline's source topics, in the store's own
+/// consumer group.
+async fn spawn_sink(
+    config: &PipelineConfig,
+    name: &str,
+    store: Arc<dyn ContextStore>,
+    log: Arc<dyn Log>,
+    metrics: Arc<PipelineMetrics>,
+    shutdown: CancellationToken,
+) -> Result<JoinHandle<Result<(), kontext_stream::sink::SinkError>>> {
+    let group = config.store_group(name);
+    let consumer = ConsumerConfig::new(group.clone(), config.source_topics());
+    let mut sink = StoreSink::new(log.clone(), store, Router::new(config), consumer, metrics);
+    if config.dead_letter.enabled {
+        let producer = log
+            .producer()
+            .await
+            .context("creating the dead-letter producer")?;
+        sink = sink.with_dead_letters(DeadLetters::new(
+            config.dead_letter.clone(),
+            config.name.clone(),
+            group,
+            producer,
+        ));
+    }
+    Ok(tokio::spawn(async move {
+        let result = sink.run(shutdown.clone()).await;
+        // A dead sink must not leave the API serving stale context silently.
+        shutdown.cancel();
+        result
+    }))
+}
+
+/// Opens the stores, starts one sink per store and serves the API (from `serve.store`) on
+/// `listen`.
 pub async fn start_pipeline(
     config: &PipelineConfig,
     data_dir: &Path,
@@ -165,49 +265,28 @@ pub async fn start_pipeline(
     listen: &str,
     shutdown: CancellationToken,
 ) -> Result<Running> {
-    let store_path = store_path(data_dir, &config.store.name);
-    let store =
-        EmbeddedStore::open(&store_path, StoreSchema::from_config(config)).with_context(|| {
-            format!(
-                "opening the context store {} (is another kontext using this data directory?)",
-                store_path.display()
-            )
-        })?;
-    let store = Arc::new(store);
-    let metrics = Arc::new(PipelineMetrics::default());
-    let consumer = ConsumerConfig::new(config.store_group(), config.source_topics());
-    let dead_letters = if config.dead_letter.enabled {
-        let producer = log
-            .producer()
-            .await
-            .context("creating the dead-letter producer")?;
-        Some(DeadLetters::new(
-            config.dead_letter.clone(),
-            config.name.clone(),
-            config.store_group(),
-            producer,
-        ))
-    } else {
-        None
-    };
-    let sink = StoreSink::new(
-        log.clone(),
-        store.clone(),
-        Router::new(config),
-        consumer,
-        metrics.clone(),
-    );
-    let sink = match dead_letters {
-        Some(dlq) => sink.with_dead_letters(dlq),
-        None => sink,
-    };
-    let sink_shutdown = shutdown.clone();
-    let sink = tokio::spawn(async move {
-        let result = sink.run(sink_shutdown.clone()).await;
-        // A dead sink must not leave the API serving stale context silently.
-        sink_shutdown.cancel();
-        result
-    });
+    let served = config.served_store();
+    let mut sinks = Vec::new();
+    let mut serving = None;
+    for store_config in config.stores() {
+        let store = open_store(config, &store_config, data_dir, &shutdown).await?;
+        let metrics = Arc::new(PipelineMetrics::default());
+        let sink = spawn_sink(
+            config,
+            &store_config.name,
+            store.clone(),
+            log.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        info!(store = %store_config.name, kind = store.kind(), group = %config.store_group(&store_config.name), "store sink started");
+        sinks.push((store_config.name.clone(), sink));
+        if store_config.name == served.name {
+            serving = Some((store, metrics));
+        }
+    }
+    let (store, metrics) = serving.context("the served store was not opened")?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the HTTP API to {listen}"))?;
@@ -220,18 +299,18 @@ pub async fn start_pipeline(
     .with_render(config.serve.render.clone())
     .with_lag(kontext_serve::LagSource {
         log,
-        group: config.store_group(),
+        group: config.store_group(&served.name),
         topics: config.source_topics(),
     })
     .with_entity_descriptions(kontext_serve::mcp::EntityCatalog::from_config(config));
     let server = tokio::spawn(kontext_serve::serve(listener, state.clone(), shutdown));
-    info!(%addr, "serving context");
+    info!(%addr, store = %served.name, "serving context");
     Ok(Running {
         store,
         metrics,
         addr,
         state,
-        sink,
+        sinks,
         server,
     })
 }

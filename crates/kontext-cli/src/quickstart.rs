@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use kontext_core::config::{LogConfig, PipelineConfig};
-use kontext_store::{ContextDocument, EmbeddedStore};
+use kontext_store::{ContextDocument, ContextStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -94,7 +94,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         let mut generator = Generator::new(gen_config, producer);
         let stats = generator.stats.clone();
         // A restart on the same data directory continues where the last run stopped.
-        if running.store.list("customer", 1, None)?.is_empty() {
+        if running.store.list("customer", 1, None).await?.is_empty() {
             generator
                 .initial_load()
                 .await
@@ -109,7 +109,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     } else {
         "embedded log"
     };
-    match wait_for_rich_customer(&running.store, &shutdown, args.customers).await {
+    match wait_for_rich_customer(running.store.as_ref(), &shutdown, args.customers).await {
         Some((id, sources)) => {
             let addr = running.addr;
             let banner = [
@@ -165,7 +165,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
 /// Waits until some customer's context merges at least three sources; returns its id and
 /// the sources.
 async fn wait_for_rich_customer(
-    store: &EmbeddedStore,
+    store: &dyn ContextStore,
     shutdown: &CancellationToken,
     customers: u32,
 ) -> Option<(String, BTreeSet<String>)> {
@@ -173,7 +173,7 @@ async fn wait_for_rich_customer(
     while tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() {
         for i in 0..customers.min(50) {
             let id = Generator::customer_id(i);
-            if let Ok(Some(doc)) = store.context("customer", &id) {
+            if let Ok(Some(doc)) = store.context("customer", &id).await {
                 let sources = sources_of(&doc);
                 if sources.len() >= 3 {
                     return Some((id, sources));

@@ -32,8 +32,14 @@ pub struct PipelineConfig {
     pub entities: BTreeMap<String, EntityConfig>,
     /// Source systems by name (`crm`, `billing` ...).
     pub sources: BTreeMap<String, SourceConfig>,
+    /// The context store, when there is one. Give either `store` or `stores`; neither means
+    /// one embedded store named `main`.
     #[serde(default)]
-    pub store: StoreConfig,
+    pub store: Option<StoreConfig>,
+    /// Several context stores, each fed by its own consumer group; `serve.store` names the one
+    /// the API serves from (the first by default).
+    #[serde(default)]
+    pub stores: Vec<StoreConfig>,
     #[serde(default)]
     pub serve: ServeConfig,
     /// Where records that cannot be processed go.
@@ -242,6 +248,14 @@ pub struct StoreConfig {
     pub name: String,
     #[serde(default)]
     pub kind: StoreKind,
+    /// `kind: postgres` only: a libpq-style URL, `postgres://user:pass@host:port/db`. A value
+    /// of the form `${VAR}` is read from the environment variable `VAR` when the pipeline
+    /// starts, so passwords need not live in the file.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `kind: postgres` only: the schema the store's tables live in.
+    #[serde(default)]
+    pub schema: Option<String>,
 }
 
 fn default_store_name() -> String {
@@ -253,6 +267,23 @@ impl Default for StoreConfig {
         Self {
             name: default_store_name(),
             kind: StoreKind::default(),
+            url: None,
+            schema: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The PostgreSQL URL with a `${VAR}` reference resolved from the environment.
+    pub fn resolved_url(&self) -> Result<Option<String>, String> {
+        let Some(url) = &self.url else {
+            return Ok(None);
+        };
+        match url.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+            Some(var) => std::env::var(var).map(Some).map_err(|_| {
+                format!("store {:?}: url names the environment variable {var}, which is not set", self.name)
+            }),
+            None => Ok(Some(url.clone())),
         }
     }
 }
@@ -261,9 +292,12 @@ impl Default for StoreConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreKind {
-    /// A single-file embedded database in `data_dir/store`.
+    /// A single-file embedded database in `data_dir/stores/<name>.redb`.
     #[default]
     Embedded,
+    /// PostgreSQL (`url` required), for production: several kontext instances and other
+    /// tools can read it.
+    Postgres,
 }
 
 /// The HTTP API.
@@ -272,6 +306,9 @@ pub enum StoreKind {
 pub struct ServeConfig {
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// The store the API serves from, by name; the first store by default.
+    #[serde(default)]
+    pub store: Option<String>,
     /// How `format=markdown` renders context for prompts.
     #[serde(default)]
     pub render: RenderConfig,
@@ -376,6 +413,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            store: None,
             render: RenderConfig::default(),
         }
     }
@@ -610,12 +648,7 @@ impl PipelineConfig {
                 }
             }
         }
-        if self.store.name.is_empty() || !is_valid_name(&self.store.name) {
-            err(
-                "store.name".into(),
-                "must be non-empty and use only letters, digits, '.', '_' and '-'".into(),
-            );
-        }
+        self.validate_stores(&mut err);
         if self.serve.listen.parse::<std::net::SocketAddr>().is_err() {
             err(
                 "serve.listen".into(),
@@ -627,6 +660,111 @@ impl PipelineConfig {
         }
         self.validate_render(&mut err);
         errors
+    }
+
+    /// Checks `store`/`stores`: names valid and unique, a URL exactly where PostgreSQL needs
+    /// one, `serve.store` naming one of them.
+    fn validate_stores(&self, err: &mut impl FnMut(String, String)) {
+        if self.store.is_some() && !self.stores.is_empty() {
+            err(
+                "stores".into(),
+                "give either `store` (one store) or `stores` (a list), not both".into(),
+            );
+        }
+        let at = |i: usize| {
+            if self.store.is_some() {
+                "store".to_string()
+            } else {
+                format!("stores[{i}]")
+            }
+        };
+        let stores = self.stores();
+        let mut names = BTreeSet::new();
+        for (i, store) in stores.iter().enumerate() {
+            if !is_valid_name(&store.name) {
+                err(
+                    format!("{}.name", at(i)),
+                    "must be non-empty and use only letters, digits, '.', '_' and '-'".into(),
+                );
+            } else if !names.insert(store.name.as_str()) {
+                err(
+                    format!("{}.name", at(i)),
+                    format!("another store is named {:?}: names must be unique", store.name),
+                );
+            }
+            match store.kind {
+                StoreKind::Embedded => {
+                    for (field, set) in [("url", store.url.is_some()), ("schema", store.schema.is_some())] {
+                        if set {
+                            err(
+                                format!("{}.{field}", at(i)),
+                                "only `kind: postgres` takes this; remove it or set `kind: postgres`".into(),
+                            );
+                        }
+                    }
+                }
+                StoreKind::Postgres => match &store.url {
+                    None => err(
+                        format!("{}.url", at(i)),
+                        "a postgres store needs `url: postgres://user:pass@host:port/db` (or `${VAR}`)".into(),
+                    ),
+                    Some(url)
+                        if !(url.starts_with("postgres://")
+                            || url.starts_with("postgresql://")
+                            || (url.starts_with("${") && url.ends_with('}'))) =>
+                    {
+                        err(
+                            format!("{}.url", at(i)),
+                            format!("{url:?} is not a PostgreSQL URL: use postgres://user:pass@host:port/db or ${{VAR}}"),
+                        )
+                    }
+                    Some(_) => {}
+                },
+            }
+            if let Some(schema) = &store.schema {
+                let valid = schema.len() <= 63
+                    && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                    && schema
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                if !valid {
+                    err(
+                        format!("{}.schema", at(i)),
+                        format!("{schema:?} is not a schema name: use lower-case letters, digits and '_', starting with a letter or '_', at most 63 bytes"),
+                    );
+                }
+            }
+        }
+        if let Some(served) = &self.serve.store {
+            if !names.contains(served.as_str()) {
+                err(
+                    "serve.store".into(),
+                    format!(
+                        "no store is named {served:?}; stores: {}",
+                        join_or_none(&names)
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The stores the pipeline writes to, in file order (one embedded `main` by default).
+    pub fn stores(&self) -> Vec<StoreConfig> {
+        match (&self.store, self.stores.is_empty()) {
+            (Some(one), _) => vec![one.clone()],
+            (None, false) => self.stores.clone(),
+            (None, true) => vec![StoreConfig::default()],
+        }
+    }
+
+    /// The store the API serves from (`serve.store`, else the first).
+    pub fn served_store(&self) -> StoreConfig {
+        let stores = self.stores();
+        self.serve
+            .store
+            .as_ref()
+            .and_then(|name| stores.iter().find(|s| &s.name == name).cloned())
+            .unwrap_or_else(|| stores[0].clone())
     }
 
     /// Checks `serve.render.priority`: each name is a section some document of this pipeline
@@ -671,10 +809,10 @@ impl PipelineConfig {
         }
     }
 
-    /// The consumer group that feeds the store: one group per store, so a slow store never
+    /// The consumer group that feeds a store: one group per store, so a slow store never
     /// holds back another.
-    pub fn store_group(&self) -> String {
-        format!("kontext.{}.store.{}", self.name, self.store.name)
+    pub fn store_group(&self, store: &str) -> String {
+        format!("kontext.{}.store.{store}", self.name)
     }
 
     /// The topics the sources read, deduplicated and sorted.

@@ -79,17 +79,19 @@ pub struct ContextResponse {
 }
 
 /// Looks up and shapes one entity's context.
-pub fn fetch_context(
+pub async fn fetch_context(
     state: &AppState,
     entity_type: &str,
     entity_id: &str,
     query: &ContextQuery,
 ) -> Result<ContextBody, ApiError> {
-    assemble_context(state, entity_type, entity_id, query).map(|r| r.body)
+    assemble_context(state, entity_type, entity_id, query)
+        .await
+        .map(|r| r.body)
 }
 
 /// [`fetch_context`], with the token count of a markdown rendering.
-pub fn assemble_context(
+pub async fn assemble_context(
     state: &AppState,
     entity_type: &str,
     entity_id: &str,
@@ -97,11 +99,12 @@ pub fn assemble_context(
 ) -> Result<ContextReply, ApiError> {
     check_type(state, entity_type)?;
     check_query(query)?;
-    // redb point reads take microseconds and never wait for the writer (MVCC), so they run on
-    // the async worker instead of paying a thread hop.
+    // The embedded store's point reads take microseconds and never wait for the writer
+    // (redb's MVCC), so they run on the async worker instead of paying a thread hop.
     let mut document = state
         .store
         .context(entity_type, entity_id)
+        .await
         .map_err(ApiError::store)?
         .ok_or_else(|| {
             ApiError::new(
@@ -270,7 +273,7 @@ pub(crate) async fn get_context(
     Query(params): Query<RawContextParams>,
 ) -> Result<Response, ApiError> {
     let query = params.parse()?;
-    let reply = assemble_context(&state, &entity_type, &entity_id, &query)?;
+    let reply = assemble_context(&state, &entity_type, &entity_id, &query).await?;
     Ok(match reply.body {
         ContextBody::Json(v) => Json(v).into_response(),
         ContextBody::Markdown(text) => {
@@ -364,16 +367,10 @@ pub(crate) async fn batch_get(
     check_query(&query)?;
     let tokenizer = query.tokenizer.unwrap_or(state.render.tokenizer);
     let markdown = query.format == ContextFormat::Markdown;
-    // Up to a hundred store reads and renderings: off the async workers.
-    let results = tokio::task::spawn_blocking(move || {
-        request
-            .requests
-            .iter()
-            .map(|item| batch_result(&state, item, &query))
-            .collect::<Vec<Value>>()
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let mut results = Vec::with_capacity(request.requests.len());
+    for item in &request.requests {
+        results.push(batch_result(&state, item, &query).await);
+    }
     let mut body = json!({ "results": results });
     if markdown {
         body["tokenizer"] = Value::from(tokenizer.name());
@@ -381,9 +378,9 @@ pub(crate) async fn batch_get(
     Ok(Json(body).into_response())
 }
 
-fn batch_result(state: &AppState, item: &BatchItem, query: &ContextQuery) -> Value {
+async fn batch_result(state: &AppState, item: &BatchItem, query: &ContextQuery) -> Value {
     let mut result = json!({"entity_type": item.entity_type, "entity_id": item.entity_id});
-    match assemble_context(state, &item.entity_type, &item.entity_id, query) {
+    match assemble_context(state, &item.entity_type, &item.entity_id, query).await {
         Ok(ContextReply {
             body: ContextBody::Json(context),
             ..
@@ -415,7 +412,7 @@ pub struct ListParams {
 pub const MAX_LIST_LIMIT: usize = 1_000;
 
 /// Entity ids of a type, paged: `{"entity_type", "ids", "next_after"}`.
-pub fn list_entity_ids(
+pub async fn list_entity_ids(
     state: &AppState,
     entity_type: &str,
     params: &ListParams,
@@ -432,6 +429,7 @@ pub fn list_entity_ids(
     let ids = state
         .store
         .list(entity_type, limit, params.after.as_deref())
+        .await
         .map_err(ApiError::store)?;
     let next_after = if ids.len() == limit {
         ids.last().cloned()
@@ -447,7 +445,9 @@ pub(crate) async fn list_entities(
     Path(entity_type): Path<String>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    list_entity_ids(&state, &entity_type, &params).map(Json)
+    list_entity_ids(&state, &entity_type, &params)
+        .await
+        .map(Json)
 }
 
 /// Rejects entity types the pipeline does not declare, naming the ones it does.

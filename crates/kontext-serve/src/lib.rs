@@ -27,7 +27,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use kontext_core::config::RenderConfig;
 use kontext_log::Log;
-use kontext_store::EmbeddedStore;
+use kontext_store::ContextStore;
 use kontext_stream::PipelineMetrics;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,8 @@ pub use error::ApiError;
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Arc<EmbeddedStore>,
+    /// The store the API serves from (embedded or PostgreSQL).
+    pub store: Arc<dyn ContextStore>,
     pub entity_types: Arc<BTreeSet<String>>,
     pub metrics: Arc<PipelineMetrics>,
     /// Where `/v1/lag` reads high watermarks; `None` disables the endpoint.
@@ -55,7 +56,7 @@ pub struct AppState {
 impl AppState {
     /// State for a store and the entity types of its pipeline; lag reporting off.
     pub fn new(
-        store: Arc<EmbeddedStore>,
+        store: Arc<dyn ContextStore>,
         entity_types: BTreeSet<String>,
         metrics: Arc<PipelineMetrics>,
     ) -> Self {

@@ -21,7 +21,11 @@ pub(crate) async fn lag(
             "lag is not tracked here",
         ));
     };
-    let applied = state.store.applied_offsets().map_err(ApiError::store)?;
+    let applied = state
+        .store
+        .applied_offsets()
+        .await
+        .map_err(ApiError::store)?;
     let mut partitions = Vec::new();
     let mut total: i64 = 0;
     for topic in &source.topics {

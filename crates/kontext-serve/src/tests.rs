@@ -1,7 +1,7 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use kontext_store::{Change, EntityUpdate, Provenance, StoreSchema};
+use kontext_store::{Change, EmbeddedStore, EntityUpdate, Provenance, StoreSchema};
 use serde_json::Value;
 use tower::ServiceExt;
 

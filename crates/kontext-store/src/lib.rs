@@ -30,6 +30,10 @@ pub enum StoreError {
     /// Stored bytes do not decode. Permanent: needs a rebuild from the log.
     #[error("context store data is corrupt: {0}")]
     Corrupt(String),
+    /// The store's settings are wrong (a malformed URL, an invalid schema name). Permanent:
+    /// fix the pipeline file.
+    #[error("context store misconfigured: {0}")]
+    Config(String),
 }
 
 impl StoreError {

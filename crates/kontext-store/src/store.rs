@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 
 use crate::embedded::ApplyStats;
-use crate::{ContextDocument, EmbeddedStore, EntityDoc, EntityUpdate, StoreError};
+use crate::{ContextDocument, EmbeddedStore, EntityDoc, EntityUpdate, StoreError, StoreSchema};
 
 /// A context store: versioned, idempotent upserts plus the reads serving needs.
 ///
@@ -20,6 +20,9 @@ use crate::{ContextDocument, EmbeddedStore, EntityDoc, EntityUpdate, StoreError}
 pub trait ContextStore: Send + Sync + 'static {
     /// `"embedded"` or `"postgres"`.
     fn kind(&self) -> &'static str;
+
+    /// The entity types and relations the store was opened with.
+    fn schema(&self) -> &StoreSchema;
 
     /// Applies `updates` and records `offsets` (topic, partition, next offset) atomically.
     async fn apply(
@@ -61,6 +64,10 @@ pub trait ContextStore: Send + Sync + 'static {
 impl ContextStore for EmbeddedStore {
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+
+    fn schema(&self) -> &StoreSchema {
+        EmbeddedStore::schema(self)
     }
 
     async fn apply(

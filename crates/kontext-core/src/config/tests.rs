@@ -33,7 +33,7 @@ fn parses_a_valid_file_with_defaults() {
             fsync: FsyncMode::GroupCommit
         }
     );
-    assert_eq!(c.store_group(), "kontext.demo.store.main");
+    assert_eq!(c.store_group("main"), "kontext.demo.store.main");
     assert_eq!(
         c.source_topics(),
         vec!["context.customers", "context.orders"]
@@ -182,4 +182,69 @@ fn unknown_tokenizer_is_an_error() {
     let text = format!("{VALID}serve:\n  render: {{ tokenizer: gpt2 }}\n");
     let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
     assert!(err.to_string().contains("gpt2"), "{err}");
+}
+
+#[test]
+fn one_embedded_store_named_main_by_default() {
+    let c = PipelineConfig::parse("p.yaml", VALID).unwrap();
+    assert_eq!(c.stores(), vec![StoreConfig::default()]);
+    assert_eq!(c.served_store().name, "main");
+}
+
+#[test]
+fn several_stores_each_with_their_group_and_a_served_one() {
+    let text = format!(
+        "{VALID}stores:\n  - {{ name: fast }}\n  - {{ name: pg, kind: postgres, url: \"${{PG_URL}}\", schema: ctx }}\nserve: {{ store: pg }}\n"
+    );
+    let c = PipelineConfig::parse("p.yaml", &text).unwrap();
+    let stores = c.stores();
+    assert_eq!(stores.len(), 2);
+    assert_eq!(stores[1].kind, StoreKind::Postgres);
+    assert_eq!(c.served_store().name, "pg");
+    assert_ne!(c.store_group("fast"), c.store_group("pg"));
+}
+
+#[test]
+fn store_mistakes_name_the_field_and_the_fix() {
+    let text = format!(
+        "{VALID}stores:\n  - {{ name: a, kind: postgres }}\n  - {{ name: a, url: \"postgres://x\" }}\n  - {{ name: c, kind: postgres, url: \"mysql://x\" }}\nserve: {{ store: nope }}\n"
+    );
+    let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+    let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        vec![
+            "stores[0].url",
+            "stores[1].name",
+            "stores[1].url",
+            "stores[2].url",
+            "serve.store"
+        ],
+        "{err}"
+    );
+    assert!(err.to_string().contains("a postgres store needs `url:"), "{err}");
+}
+
+#[test]
+fn store_and_stores_together_are_rejected() {
+    let text = format!("{VALID}store: {{ name: x }}\nstores: [{{ name: y }}]\n");
+    let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+    assert_eq!(err.errors[0].field, "stores", "{err}");
+}
+
+#[test]
+fn a_url_from_the_environment_is_resolved_or_named_when_missing() {
+    let store = StoreConfig {
+        name: "pg".into(),
+        kind: StoreKind::Postgres,
+        url: Some("${KONTEXT_CONFIG_TEST_UNSET_VAR}".into()),
+        schema: None,
+    };
+    let e = store.resolved_url().unwrap_err();
+    assert!(e.contains("KONTEXT_CONFIG_TEST_UNSET_VAR"), "{e}");
+    let plain = StoreConfig {
+        url: Some("postgres://u@h/db".into()),
+        ..store
+    };
+    assert_eq!(plain.resolved_url().unwrap().as_deref(), Some("postgres://u@h/db"));
 }

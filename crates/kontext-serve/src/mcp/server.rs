@@ -135,7 +135,7 @@ impl KontextMcp {
     ) -> Result<CallToolResult, ErrorData> {
         let query = context_query(&params);
         Ok(
-            match fetch_context(&self.state, &params.entity_type, &params.entity_id, &query) {
+            match fetch_context(&self.state, &params.entity_type, &params.entity_id, &query).await {
                 Ok(ContextBody::Json(document)) => CallToolResult::structured(document),
                 Ok(ContextBody::Markdown(text)) => {
                     CallToolResult::success(vec![ContentBlock::text(text)])
@@ -166,7 +166,7 @@ impl KontextMcp {
             after: params.after,
         };
         Ok(
-            match list_entity_ids(&self.state, &params.entity_type, &list) {
+            match list_entity_ids(&self.state, &params.entity_type, &list).await {
                 Ok(page) => CallToolResult::structured(page),
                 Err(e) => tool_error(e),
             },
@@ -187,7 +187,7 @@ impl KontextMcp {
         )
     )]
     pub async fn describe_entity_types(&self) -> Result<CallToolResult, ErrorData> {
-        Ok(match self.describe() {
+        Ok(match self.describe().await {
             Ok(description) => CallToolResult::structured(description),
             Err(e) => tool_error(e),
         })
@@ -208,7 +208,7 @@ impl ServerHandler for KontextMcp {
 
 impl KontextMcp {
     /// The catalog of entity types, with example ids read from the store now.
-    fn describe(&self) -> Result<Value, ApiError> {
+    async fn describe(&self) -> Result<Value, ApiError> {
         let fallback;
         let catalog = match &self.state.entity_descriptions {
             Some(catalog) => catalog.as_ref(),
@@ -241,7 +241,8 @@ impl KontextMcp {
                     limit: Some(EXAMPLE_IDS),
                     after: None,
                 },
-            )?;
+            )
+            .await?;
             description["example_ids"] = page["ids"].clone();
         }
         Ok(value)

@@ -154,7 +154,9 @@ async fn get_entity_context_returns_the_http_apis_document() {
         "customer",
         "C1",
         &ContextQuery::default(),
-    ) else {
+    )
+    .await
+    else {
         panic!("the HTTP API's lookup failed");
     };
     // Everything but the clock-dependent staleness is the HTTP API's answer.
@@ -240,12 +242,12 @@ async fn markdown_requests_reach_the_shared_context_lookup() {
         ..ContextQuery::default()
     };
     // Rendered (now that the renderer is there), with the entity in it.
-    let result_text = fetch_context(&server.state_for_tests(), "customer", "C1", &query);
+    let result_text = fetch_context(&server.state_for_tests(), "customer", "C1", &query).await;
     assert!(
         matches!(&result_text, Ok(ContextBody::Markdown(t)) if t.contains("C1")),
         "{result_text:?}"
     );
-    let http = fetch_context(&server.state_for_tests(), "customer", "C1", &query);
+    let http = fetch_context(&server.state_for_tests(), "customer", "C1", &query).await;
     let result = server.get_entity_context(Parameters(params)).await.unwrap();
     // Whatever the renderer answers (text, or an error while it is not there), MCP answers alike.
     match http {

@@ -68,13 +68,13 @@ impl PostgresStore {
         schema: StoreSchema,
     ) -> Result<Self, StoreError> {
         let mut config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| StoreError::Io(format!("invalid PostgreSQL URL: {e}")))?;
+            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         if let Some(ns) = namespace {
             if !valid_namespace(ns) {
-                return Err(StoreError::Io(format!(
+                return Err(StoreError::Config(format!(
                     "invalid PostgreSQL schema name {ns:?}: use [a-z_][a-z0-9_]*, at most 63 bytes"
                 )));
             }
@@ -440,6 +440,10 @@ impl PostgresStore {
 impl ContextStore for PostgresStore {
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    fn schema(&self) -> &StoreSchema {
+        PostgresStore::schema(self)
     }
 
     async fn apply(
