@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod mapping;
+pub use mapping::{FieldMapping, FieldSpec, FieldType};
+
 /// Default partition count of context topics: a multiple of common consumer counts, within the
 /// seed's "12-24 partitions per topic".
 pub const DEFAULT_PARTITIONS: i32 = 12;
@@ -201,8 +204,9 @@ pub struct SourceConfig {
     /// without CloudEvents headers included).
     #[serde(default, rename = "match")]
     pub matcher: Option<SourceMatch>,
-    /// Canonical field name -> path in the source payload (`loyalty.tier`).
-    pub fields: BTreeMap<String, String>,
+    /// Canonical field name -> where its value comes from: a path in the source payload
+    /// (`loyalty.tier`), or `{path | jq, type}` (see [`FieldMapping`]).
+    pub fields: BTreeMap<String, FieldMapping>,
     /// Records to drop before they reach the store.
     #[serde(default)]
     pub filter: Option<FilterConfig>,
@@ -222,12 +226,19 @@ pub struct FilterConfig {
     pub drop_if: Vec<Condition>,
 }
 
-/// A test on one field of the source payload (a dotted path), or on the CloudEvents type
-/// (`field: "@type"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A test on one field of the source payload (a dotted path), on the CloudEvents type
+/// (`field: "@type"`) or source (`field: "@source"`); or a jq predicate (`jq: ...`) that
+/// holds when its first output is neither `false` nor `null`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
-    pub field: String,
+    /// The tested field; required unless `jq` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// A jq predicate on the payload (`$type` and `$source` are the CloudEvents attributes);
+    /// stands alone, without `field` and a test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jq: Option<String>,
     /// The field equals this JSON value.
     #[serde(default)]
     pub equals: Option<serde_json::Value>,
@@ -612,14 +623,7 @@ impl PipelineConfig {
                     "map at least one source field into the canonical model".into(),
                 );
             }
-            for (canonical, path) in &source.fields {
-                if canonical.trim().is_empty()
-                    || path.trim().is_empty()
-                    || path.split('.').any(str::is_empty)
-                {
-                    err(format!("{at}.fields.{canonical}"), format!("{path:?} is not a field path: use names separated by dots, e.g. `loyalty.tier`"));
-                }
-            }
+            mapping::validate_fields(&at, &source.fields, &mut err);
             if let Some(filter) = &source.filter {
                 if filter.drop_if.is_empty() {
                     err(
@@ -628,13 +632,7 @@ impl PipelineConfig {
                     );
                 }
                 for (i, c) in filter.drop_if.iter().enumerate() {
-                    let tests = [c.equals.is_some(), c.one_of.is_some(), c.exists.is_some()];
-                    if tests.iter().filter(|t| **t).count() != 1 {
-                        err(
-                            format!("{at}.filter.drop_if[{i}]"),
-                            "give exactly one of `equals`, `in` or `exists`".into(),
-                        );
-                    }
+                    mapping::validate_condition(&format!("{at}.filter.drop_if[{i}]"), c, &mut err);
                 }
             }
         }

@@ -4,5 +4,6 @@
 pub mod config;
 pub mod duration;
 pub mod envelope;
+pub mod jq;
 pub mod partitioner;
 pub mod record;

@@ -1,11 +1,15 @@
 //! Routing, filtering and normalization: a record in, an [`EntityUpdate`] (or a reason) out.
 //!
-//! Field paths are split once when the pipeline starts; the hot path only walks JSON maps.
+//! Everything is compiled once when the pipeline starts: field paths are split into segments
+//! (the hot path only walks JSON maps), jq programs are compiled, coercions become an enum.
+//! Path-only mappings never touch the jq interpreter; a source with any jq program converts
+//! its payload to jq values once per record, shared by all of its programs.
 
 use std::collections::BTreeMap;
 
-use kontext_core::config::{Condition, PipelineConfig};
+use kontext_core::config::{Condition, FieldMapping, FieldType, PipelineConfig};
 use kontext_core::envelope::{self, ContextEvent, EnvelopeError};
+use kontext_core::jq::{JqInput, JqProgram};
 use kontext_core::record::Record;
 use kontext_store::{Change, EntityUpdate, Provenance};
 use serde_json::{Map, Value};
@@ -32,6 +36,47 @@ pub enum ProcessError {
         topic: String,
         ce_source: Option<String>,
     },
+    /// The source's mapping or filter failed on this record.
+    #[error(transparent)]
+    Normalize(#[from] NormalizeError),
+}
+
+/// A mapping or filter of the pipeline file failed on one record. Permanent: the same record
+/// fails the same way every time (mappings are pure functions of the event), so it goes to the
+/// dead-letter topic. `at` is the config path of what failed (`sources.billing.fields.amount`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NormalizeError {
+    /// A value could not be converted to the field's `type`.
+    #[error("{at}: cannot convert {value} to {expected}")]
+    Coercion {
+        /// The mapping, as a config path.
+        at: String,
+        /// The offending value as JSON (shortened past 200 characters).
+        value: String,
+        /// The declared type.
+        expected: FieldType,
+    },
+    /// A jq program (computed field or filter predicate) failed, or does not compile (only
+    /// possible when the router was built from a configuration that was never validated).
+    #[error("{at}: jq program {code:?} failed: {message}")]
+    Jq {
+        /// The field or condition, as a config path.
+        at: String,
+        /// The program.
+        code: String,
+        /// jq's error.
+        message: String,
+    },
+}
+
+impl NormalizeError {
+    /// Bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NormalizeError::Coercion { .. } => "coercion_failed",
+            NormalizeError::Jq { .. } => "jq_failed",
+        }
+    }
 }
 
 impl ProcessError {
@@ -40,6 +85,7 @@ impl ProcessError {
         match self {
             ProcessError::Envelope(e) => e.kind(),
             ProcessError::NoSource { .. } => "no_source",
+            ProcessError::Normalize(e) => e.kind(),
         }
     }
 }
@@ -62,14 +108,46 @@ struct CompiledSource {
     name: String,
     entity_type: String,
     key_field: String,
-    fields: Vec<(String, Vec<String>)>,
+    fields: Vec<CompiledField>,
     drop_if: Vec<CompiledCondition>,
+    /// Some field or condition runs jq: the payload is converted once per record.
+    uses_jq: bool,
 }
 
 #[derive(Debug, Clone)]
-struct CompiledCondition {
-    target: Target,
-    test: Test,
+struct CompiledField {
+    canonical: String,
+    value: FieldValue,
+    coerce: Option<FieldType>,
+    /// `sources.<name>.fields.<canonical>`, for errors.
+    at: String,
+}
+
+#[derive(Debug, Clone)]
+enum FieldValue {
+    Path(Vec<String>),
+    Jq(Jq),
+}
+
+/// A compiled program, or why it does not compile (a router built from an unvalidated
+/// configuration rejects the source's records instead of panicking).
+#[derive(Debug, Clone)]
+struct Jq {
+    code: String,
+    program: Result<JqProgram, String>,
+}
+
+#[derive(Debug, Clone)]
+enum CompiledCondition {
+    Test {
+        target: Target,
+        test: Test,
+    },
+    Jq {
+        jq: Jq,
+        /// `sources.<name>.filter.drop_if[i]`, for errors.
+        at: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -96,21 +174,35 @@ impl Router {
                 .get(&source.entity)
                 .map(|e| e.key.clone())
                 .unwrap_or_default();
+            let fields: Vec<CompiledField> = source
+                .fields
+                .iter()
+                .map(|(canonical, mapping)| {
+                    compile_field(
+                        &format!("sources.{name}.fields.{canonical}"),
+                        canonical,
+                        mapping,
+                    )
+                })
+                .collect();
+            let drop_if: Vec<CompiledCondition> = source
+                .filter
+                .iter()
+                .flat_map(|f| f.drop_if.iter())
+                .enumerate()
+                .map(|(i, c)| compile_condition(&format!("sources.{name}.filter.drop_if[{i}]"), c))
+                .collect();
+            let uses_jq = fields.iter().any(|f| matches!(f.value, FieldValue::Jq(_)))
+                || drop_if
+                    .iter()
+                    .any(|c| matches!(c, CompiledCondition::Jq { .. }));
             let compiled = CompiledSource {
                 name: name.clone(),
                 entity_type: source.entity.clone(),
                 key_field,
-                fields: source
-                    .fields
-                    .iter()
-                    .map(|(canonical, path)| (canonical.clone(), split_path(path)))
-                    .collect(),
-                drop_if: source
-                    .filter
-                    .iter()
-                    .flat_map(|f| f.drop_if.iter())
-                    .map(compile_condition)
-                    .collect(),
+                fields,
+                drop_if,
+                uses_jq,
             };
             let entry = topics.entry(source.topic.clone()).or_default();
             match &source.matcher {
@@ -143,16 +235,26 @@ impl Router {
                 ce_source: event.source,
             });
         };
-        if let Some(data) = &event.data {
-            if source.drop_if.iter().any(|c| c.holds(&event, data)) {
-                return Outcome::Filtered {
-                    source: source.name.clone(),
-                };
-            }
-        }
         let change = match &event.data {
             None => Change::Delete,
-            Some(data) => Change::Upsert(source.normalize(data, &event.entity_id)),
+            Some(data) => {
+                let jq_input = source.uses_jq.then(|| {
+                    JqInput::new(data, event.event_type.as_deref(), event.source.as_deref())
+                });
+                match source.filter(&event, data, jq_input.as_ref()) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        return Outcome::Filtered {
+                            source: source.name.clone(),
+                        }
+                    }
+                    Err(e) => return Outcome::Invalid(e.into()),
+                }
+                match source.normalize(data, &event.entity_id, jq_input.as_ref()) {
+                    Ok(fields) => Change::Upsert(fields),
+                    Err(e) => return Outcome::Invalid(e.into()),
+                }
+            }
         };
         Outcome::Update(EntityUpdate {
             entity_type: source.entity_type.clone(),
@@ -172,39 +274,156 @@ impl Router {
 }
 
 impl CompiledSource {
-    /// Maps source fields into canonical names. Absent fields are left out (the entity keeps
-    /// its current value); the key field always carries the entity id.
-    fn normalize(&self, data: &Map<String, Value>, entity_id: &str) -> Map<String, Value> {
-        let mut out = Map::with_capacity(self.fields.len() + 1);
-        for (canonical, path) in &self.fields {
-            if let Some(v) = lookup(data, path) {
-                out.insert(canonical.clone(), v.clone());
+    /// Whether any `drop_if` condition holds, in file order; a failing jq predicate fails the
+    /// record unless an earlier condition already dropped it.
+    fn filter(
+        &self,
+        event: &ContextEvent,
+        data: &Map<String, Value>,
+        jq_input: Option<&JqInput>,
+    ) -> Result<bool, NormalizeError> {
+        for c in &self.drop_if {
+            if c.holds(event, data, jq_input)? {
+                return Ok(true);
             }
+        }
+        Ok(false)
+    }
+
+    /// Maps source fields into canonical names. Absent fields (and jq results that are
+    /// `null` or empty) are left out, so the entity keeps its current value; the key field
+    /// always carries the entity id.
+    fn normalize(
+        &self,
+        data: &Map<String, Value>,
+        entity_id: &str,
+        jq_input: Option<&JqInput>,
+    ) -> Result<Map<String, Value>, NormalizeError> {
+        let mut out = Map::with_capacity(self.fields.len() + 1);
+        for field in &self.fields {
+            let value = match &field.value {
+                FieldValue::Path(path) => match lookup(data, path) {
+                    Some(v) => v.clone(),
+                    None => continue,
+                },
+                FieldValue::Jq(jq) => match jq.first(&field.at, jq_input)? {
+                    Some(v) if !v.is_null() => v,
+                    _ => continue,
+                },
+            };
+            let value = match field.coerce {
+                None => value,
+                Some(ty) => coerce::coerce(&value, ty).ok_or_else(|| NormalizeError::Coercion {
+                    at: field.at.clone(),
+                    value: coerce::shorten(&value),
+                    expected: ty,
+                })?,
+            };
+            out.insert(field.canonical.clone(), value);
         }
         if !self.key_field.is_empty() {
             out.insert(self.key_field.clone(), Value::String(entity_id.to_string()));
         }
-        out
+        Ok(out)
+    }
+}
+
+impl Jq {
+    fn compile(code: &str) -> Self {
+        Self {
+            code: code.to_owned(),
+            program: JqProgram::compile(code),
+        }
+    }
+
+    fn error(&self, at: &str, message: String) -> NormalizeError {
+        NormalizeError::Jq {
+            at: at.to_owned(),
+            code: self.code.clone(),
+            message,
+        }
+    }
+
+    fn program(&self, at: &str) -> Result<&JqProgram, NormalizeError> {
+        self.program
+            .as_ref()
+            .map_err(|e| self.error(at, format!("does not compile: {e}")))
+    }
+
+    fn first(&self, at: &str, input: Option<&JqInput>) -> Result<Option<Value>, NormalizeError> {
+        let input = input.ok_or_else(|| self.error(at, "no input".into()))?;
+        self.program(at)?
+            .first(input)
+            .map_err(|e| self.error(at, e.0))
+    }
+
+    fn holds(&self, at: &str, input: Option<&JqInput>) -> Result<bool, NormalizeError> {
+        let input = input.ok_or_else(|| self.error(at, "no input".into()))?;
+        self.program(at)?
+            .holds(input)
+            .map_err(|e| self.error(at, e.0))
     }
 }
 
 impl CompiledCondition {
-    fn holds(&self, event: &ContextEvent, data: &Map<String, Value>) -> bool {
-        let found: Option<Value> = match &self.target {
-            Target::EventType => event.event_type.clone().map(Value::String),
-            Target::EventSource => event.source.clone().map(Value::String),
-            Target::Path(path) => lookup(data, path).cloned(),
+    fn holds(
+        &self,
+        event: &ContextEvent,
+        data: &Map<String, Value>,
+        jq_input: Option<&JqInput>,
+    ) -> Result<bool, NormalizeError> {
+        let (target, test) = match self {
+            CompiledCondition::Jq { jq, at } => return jq.holds(at, jq_input),
+            CompiledCondition::Test { target, test } => (target, test),
         };
-        match &self.test {
-            Test::Exists(want) => found.is_some() == *want,
-            Test::Equals(v) => found.as_ref() == Some(v),
-            Test::OneOf(vs) => found.as_ref().is_some_and(|f| vs.contains(f)),
+        let found: Option<&Value>;
+        let attribute: Option<Value>;
+        match target {
+            Target::EventType => {
+                attribute = event.event_type.clone().map(Value::String);
+                found = attribute.as_ref();
+            }
+            Target::EventSource => {
+                attribute = event.source.clone().map(Value::String);
+                found = attribute.as_ref();
+            }
+            Target::Path(path) => found = lookup(data, path),
         }
+        Ok(match test {
+            Test::Exists(want) => found.is_some() == *want,
+            Test::Equals(v) => found == Some(v),
+            Test::OneOf(vs) => found.is_some_and(|f| vs.contains(f)),
+        })
     }
 }
 
-fn compile_condition(c: &Condition) -> CompiledCondition {
-    let target = match c.field.as_str() {
+fn compile_field(at: &str, canonical: &str, mapping: &FieldMapping) -> CompiledField {
+    // Validation guarantees exactly one of path and jq; an unvalidated mapping with neither
+    // gets a program that fails, so its records are rejected rather than silently emptied.
+    let value = match (mapping.path(), mapping.jq()) {
+        (Some(path), _) => FieldValue::Path(split_path(path)),
+        (None, Some(code)) => FieldValue::Jq(Jq::compile(code)),
+        (None, None) => FieldValue::Jq(Jq {
+            code: String::new(),
+            program: Err("the mapping has neither `path` nor `jq`".into()),
+        }),
+    };
+    CompiledField {
+        canonical: canonical.to_owned(),
+        value,
+        coerce: mapping.coerce(),
+        at: at.to_owned(),
+    }
+}
+
+fn compile_condition(at: &str, c: &Condition) -> CompiledCondition {
+    if let Some(code) = &c.jq {
+        return CompiledCondition::Jq {
+            jq: Jq::compile(code),
+            at: at.to_owned(),
+        };
+    }
+    let target = match c.field.as_deref().unwrap_or_default() {
         "@type" => Target::EventType,
         "@source" => Target::EventSource,
         path => Target::Path(split_path(path)),
@@ -217,7 +436,7 @@ fn compile_condition(c: &Condition) -> CompiledCondition {
     } else {
         Test::Exists(c.exists.unwrap_or(true))
     };
-    CompiledCondition { target, test }
+    CompiledCondition::Test { target, test }
 }
 
 fn split_path(path: &str) -> Vec<String> {
@@ -233,5 +452,6 @@ fn lookup<'a>(data: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value
     Some(current)
 }
 
+mod coerce;
 #[cfg(test)]
 mod tests;

@@ -163,3 +163,300 @@ fn bad_envelopes_are_invalid_with_their_kind() {
         other => panic!("{other:?}"),
     }
 }
+
+const COMPUTED: &str = r#"
+name: t
+entities:
+  customer: { key: customer_id, topic: context.customers }
+  ticket: { key: ticket_id, topic: context.tickets }
+sources:
+  billing:
+    topic: context.customers
+    entity: customer
+    match: { ce_source: billing }
+    fields:
+      full_name: { jq: '.first + " " + .last' }
+      initials: { jq: '[.first, .last] | map(select(. != null) | .[0:1]) | join("")' }
+      nickname: { jq: .nick }
+      credit: { path: amount, type: number }
+      vip: { path: flags.vip, type: boolean }
+      since: { jq: '.since // .created', type: timestamp }
+    filter:
+      drop_if:
+        - { jq: '$type | startswith("billing.admin.")' }
+        - { jq: '.internal and (.amount | tonumber) > 0' }
+  support:
+    topic: context.tickets
+    entity: ticket
+    fields:
+      opened_at: { path: opened_at, type: timestamp }
+      minutes: { path: first_response_minutes, type: integer }
+      subject: subject
+"#;
+
+fn computed_router() -> Router {
+    Router::new(&PipelineConfig::parse("t.yaml", COMPUTED).unwrap())
+}
+
+fn billing(value: serde_json::Value) -> Record {
+    record(
+        "context.customers",
+        "C1",
+        value,
+        Some(("billing", "billing.account.updated")),
+    )
+}
+
+fn upsert(outcome: Outcome) -> Map<String, Value> {
+    match update(outcome).change {
+        Change::Upsert(fields) => fields,
+        Change::Delete => panic!("expected an upsert"),
+    }
+}
+
+fn invalid(outcome: Outcome) -> NormalizeError {
+    match outcome {
+        Outcome::Invalid(ProcessError::Normalize(e)) => e,
+        other => panic!("expected a normalize error, got {other:?}"),
+    }
+}
+
+#[test]
+fn computed_fields_run_jq_and_coercions_convert_values() {
+    let fields = upsert(computed_router().process(&billing(json!({
+        "first": "Ana", "last": "Silva", "amount": "129.90",
+        "flags": {"vip": "TRUE"}, "created": "2026-11-25 12:00:00"
+    }))));
+    assert_eq!(
+        Value::Object(fields),
+        json!({
+            "customer_id": "C1",
+            "full_name": "Ana Silva",
+            "initials": "AS",
+            "credit": 129.9,
+            "vip": true,
+            "since": "2026-11-25T12:00:00.000Z",
+        })
+    );
+}
+
+#[test]
+fn jq_results_that_are_null_or_empty_leave_the_field_out_like_an_absent_path() {
+    let fields = upsert(computed_router().process(&billing(json!({"nick": null, "last": "Li"}))));
+    assert_eq!(fields.get("nickname"), None);
+    assert_eq!(fields.get("since"), None);
+    assert_eq!(fields.get("credit"), None);
+    assert_eq!(
+        fields["full_name"], " Li",
+        "jq's null + string is the string"
+    );
+    assert_eq!(fields["initials"], "L");
+}
+
+#[test]
+fn a_failed_coercion_is_a_permanent_error_naming_the_field_and_the_value() {
+    let out = computed_router().process(&billing(json!({"amount": "12,50"})));
+    let e = invalid(out.clone());
+    assert_eq!(
+        e,
+        NormalizeError::Coercion {
+            at: "sources.billing.fields.credit".into(),
+            value: "\"12,50\"".into(),
+            expected: FieldType::Number,
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        r#"sources.billing.fields.credit: cannot convert "12,50" to number"#
+    );
+    let Outcome::Invalid(pe) = out else { panic!() };
+    assert_eq!(pe.kind(), "coercion_failed");
+
+    let legacy = record(
+        "context.tickets",
+        "T1",
+        json!({"opened_at": "last tuesday", "subject": "x"}),
+        None,
+    );
+    let e = invalid(computed_router().process(&legacy));
+    assert_eq!(
+        e.to_string(),
+        r#"sources.support.fields.opened_at: cannot convert "last tuesday" to timestamp"#
+    );
+    let fractional = record(
+        "context.tickets",
+        "T1",
+        json!({"first_response_minutes": 4.5}),
+        None,
+    );
+    assert!(matches!(
+        invalid(computed_router().process(&fractional)),
+        NormalizeError::Coercion {
+            expected: FieldType::Integer,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn legacy_timestamps_become_rfc3339() {
+    let r = computed_router();
+    for opened in [
+        json!(1_795_608_000),
+        json!("1795608000000"),
+        json!("Wed, 25 Nov 2026 12:00:00 +0000"),
+    ] {
+        let fields = upsert(r.process(&record(
+            "context.tickets",
+            "T1",
+            json!({"opened_at": opened, "first_response_minutes": "12"}),
+            None,
+        )));
+        assert_eq!(fields["opened_at"], "2026-11-25T12:00:00.000Z", "{opened}");
+        assert_eq!(fields["minutes"], 12);
+    }
+}
+
+#[test]
+fn a_failing_jq_mapping_is_a_permanent_error_naming_the_field() {
+    let e = invalid(computed_router().process(&billing(json!({"first": 1, "last": "x"}))));
+    let NormalizeError::Jq { at, code, message } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(at, "sources.billing.fields.full_name");
+    assert_eq!(code, r#".first + " " + .last"#);
+    assert!(message.contains("cannot"), "{message}");
+    assert_eq!(e.kind(), "jq_failed");
+}
+
+#[test]
+fn jq_predicates_drop_records_and_failing_ones_reject_them() {
+    let r = computed_router();
+    let admin = record(
+        "context.customers",
+        "C1",
+        json!({"first": "Ana"}),
+        Some(("billing", "billing.admin.reindex")),
+    );
+    assert_eq!(
+        r.process(&admin),
+        Outcome::Filtered {
+            source: "billing".into()
+        }
+    );
+    let internal = billing(json!({"internal": true, "amount": "5"}));
+    assert_eq!(
+        r.process(&internal),
+        Outcome::Filtered {
+            source: "billing".into()
+        }
+    );
+    // `and` short-circuits: no tonumber on a missing amount when not internal.
+    upsert(r.process(&billing(json!({"internal": false}))));
+    let broken = billing(json!({"internal": true, "amount": "many"}));
+    let e = invalid(r.process(&broken));
+    let NormalizeError::Jq { at, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(at, "sources.billing.filter.drop_if[1]");
+}
+
+#[test]
+fn tombstones_skip_filters_and_mappings() {
+    let mut rec = billing(json!({}));
+    rec.value = None;
+    assert_eq!(
+        update(computed_router().process(&rec)).change,
+        Change::Delete
+    );
+}
+
+#[test]
+fn an_unvalidated_config_with_a_broken_program_rejects_records_instead_of_panicking() {
+    let mut config = PipelineConfig::parse("t.yaml", COMPUTED).unwrap();
+    config.sources.get_mut("billing").unwrap().fields.insert(
+        "oops".into(),
+        FieldMapping::Spec(kontext_core::config::FieldSpec {
+            jq: Some(".a +* 1".into()),
+            ..Default::default()
+        }),
+    );
+    let e = invalid(Router::new(&config).process(&billing(json!({"first": "A"}))));
+    assert!(e.to_string().contains("does not compile"), "{e}");
+}
+
+mod path_mappings {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The router before computed fields existed: every mapping a path, copied when present.
+    fn reference(
+        fields: &BTreeMap<String, String>,
+        data: &Map<String, Value>,
+    ) -> Map<String, Value> {
+        let mut out = Map::new();
+        for (canonical, path) in fields {
+            let mut current = Some(data);
+            let mut found = None;
+            let segments: Vec<&str> = path.split('.').collect();
+            for (i, segment) in segments.iter().enumerate() {
+                let Some(obj) = current else { break };
+                match obj.get(*segment) {
+                    Some(v) if i + 1 == segments.len() => found = Some(v.clone()),
+                    Some(v) => current = v.as_object(),
+                    None => break,
+                }
+            }
+            if let Some(v) = found {
+                out.insert(canonical.clone(), v);
+            }
+        }
+        out.insert("customer_id".into(), json!("C1"));
+        out
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z ]{0,6}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+                prop::collection::btree_map("[abc]", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec("[abc]", 1..4).prop_map(|s| s.join("."))
+    }
+
+    proptest! {
+        #[test]
+        fn path_only_mappings_give_the_same_fields_as_before(
+            fields in prop::collection::btree_map("[a-z]{1,3}", path(), 1..5),
+            data in prop::collection::btree_map("[abc]", value(), 0..4),
+        ) {
+            prop_assume!(!fields.contains_key("customer_id"));
+            let mut config = PipelineConfig::parse("t.yaml", PIPELINE).unwrap();
+            config.sources.get_mut("crm").unwrap().fields = fields
+                .iter()
+                .map(|(k, p)| (k.clone(), FieldMapping::Path(p.clone())))
+                .collect();
+            prop_assert!(config.validate().is_empty());
+            let data: Map<String, Value> = data.into_iter().collect();
+            let out = Router::new(&config).process(&record(
+                "context.customers",
+                "C1",
+                Value::Object(data.clone()),
+                Some(("crm", "crm.customer.updated")),
+            ));
+            prop_assert_eq!(upsert(out), reference(&fields, &data));
+        }
+    }
+}
