@@ -32,6 +32,7 @@ pub use join::{
     JoinKind, JoinOutput, Partitioner, RekeyError, Side, TableBatch, TableUpdate, TopicLayout,
 };
 pub use store::{
-    ChangelogRecord, Durability, FjallStore, MemoryStore, StateStore, StoreError, WriteBatch,
+    repair_records, ChangelogRecord, Durability, FjallStore, MemoryStore, StateStore, StoreError,
+    WriteBatch,
 };
 pub use window::{Window, WindowSpec};

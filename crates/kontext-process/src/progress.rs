@@ -7,7 +7,9 @@ use kontext_core::record::TopicPartition;
 use crate::event::Event;
 use crate::store::{get_through, StateStore, StoreError, WriteBatch};
 
-const STREAM_TIME_KEY: &[u8] = b"m";
+/// Stream time is metadata (key `0x00 m`): it goes with the offsets at the end of a
+/// changelog batch.
+const STREAM_TIME_KEY: &[u8] = b"\x00m";
 
 /// Per batch: which events are new (at or above the store's offsets), the stream time, and
 /// the offsets the batch's state will record.

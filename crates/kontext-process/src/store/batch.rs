@@ -6,7 +6,7 @@ use std::ops::Bound;
 use bytes::Bytes;
 use kontext_core::record::TopicPartition;
 
-use super::{StoreError, OFFSETS_PREFIX};
+use super::{StoreError, BATCH_END_KEY, OFFSETS_PREFIX};
 
 /// One record of a store's compacted changelog topic: the key, and the value or a tombstone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,26 +84,35 @@ impl WriteBatch {
         &self.offsets
     }
 
-    /// Every key write, offsets entries included, in the order the changelog must carry them:
-    /// upserts first, then deletes, then the offsets. If the changelog producer dies halfway
-    /// (no transaction), a restore sees a prefix of this order: upserts without the deletes
-    /// or offsets of their batch. Every entry carries the input offset it last applied, so
-    /// replaying from the older offsets skips what is already in (see `docs/processing.md`).
+    /// Every key write in the order the changelog must carry them: the operator's upserts,
+    /// its deletes, the metadata (stream time, input offsets), and last a batch-end marker.
+    /// [`StateStore::restore`](super::StateStore::restore) applies a batch only once it has
+    /// seen its marker, so a batch the producer wrote only partly (a crash, no transaction)
+    /// is never restored half-way.
     pub fn changelog(&self) -> Vec<ChangelogRecord> {
-        let mut out = Vec::with_capacity(self.writes.len() + self.offsets.len());
+        let mut out = Vec::with_capacity(self.writes.len() + self.offsets.len() + 1);
+        let is_meta = |k: &Bytes| k.first() == Some(&0);
         for (key, value) in &self.writes {
-            if let Some(value) = value {
+            if value.is_some() && !is_meta(key) {
                 out.push(ChangelogRecord {
                     key: key.clone(),
-                    value: Some(value.clone()),
+                    value: value.clone(),
                 });
             }
         }
         for (key, value) in &self.writes {
-            if value.is_none() {
+            if value.is_none() && !is_meta(key) {
                 out.push(ChangelogRecord {
                     key: key.clone(),
                     value: None,
+                });
+            }
+        }
+        for (key, value) in &self.writes {
+            if is_meta(key) {
+                out.push(ChangelogRecord {
+                    key: key.clone(),
+                    value: value.clone(),
                 });
             }
         }
@@ -113,6 +122,10 @@ impl WriteBatch {
                 value: Some(value),
             });
         }
+        out.push(ChangelogRecord {
+            key: Bytes::from_static(BATCH_END_KEY),
+            value: Some(Bytes::copy_from_slice(&(out.len() as u64).to_le_bytes())),
+        });
         out
     }
 
@@ -122,6 +135,11 @@ impl WriteBatch {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .chain(self.offset_entries().map(|(k, v)| (k, Some(v))))
+    }
+
+    /// True if the batch ends with the batch-end marker's key (used by restore).
+    pub(crate) fn is_batch_end(key: &[u8]) -> bool {
+        key == BATCH_END_KEY
     }
 
     fn offset_entries(&self) -> impl Iterator<Item = (Bytes, Bytes)> + '_ {

@@ -21,6 +21,8 @@ pub use self::memory::MemoryStore;
 
 /// Key prefix of the input-offset entries (`0x00 'o' topic 0x00 partition`).
 pub(crate) const OFFSETS_PREFIX: &[u8] = b"\x00o";
+/// Key of the record that ends every changelog batch.
+pub(crate) const BATCH_END_KEY: &[u8] = b"\x00z";
 
 /// Errors of a state store. None of them is transient: a store that failed an I/O operation
 /// must be reopened (fjall poisons itself after a failed journal write), and a corrupt entry
@@ -93,25 +95,34 @@ pub trait StateStore {
         Ok(changelog)
     }
 
-    /// Rebuilds state from changelog records (in changelog order; a compacted changelog is
-    /// fine): each record is an upsert, or a delete when its value is `None`. Offsets entries
-    /// are restored like any other, so the restored store knows where to resume.
+    /// Rebuilds state from changelog records, in changelog order (a compacted changelog is
+    /// fine): each record is an upsert, or a delete when its value is `None`. Records are
+    /// applied one changelog batch at a time, when the batch's end marker is read; records after
+    /// the last marker (a batch whose producer crashed half-way) are not applied and are
+    /// returned, so the runtime can repair them ([`repair_records`]). Offsets entries are
+    /// restored like any other, so the restored store knows where to resume.
     fn restore(
         &mut self,
         records: &mut dyn Iterator<Item = ChangelogRecord>,
-    ) -> Result<(), StoreError> {
-        // Applied in chunks so a large changelog does not sit in memory twice.
-        let mut batch = WriteBatch::default();
+    ) -> Result<Vec<ChangelogRecord>, StoreError> {
+        let mut pending: Vec<ChangelogRecord> = Vec::new();
         for record in records {
-            match record.value {
-                Some(value) => batch.put_bytes(record.key, value),
-                None => batch.delete_bytes(record.key),
-            }
-            if batch.len() >= 4096 {
-                self.apply(&std::mem::take(&mut batch))?;
+            let end = WriteBatch::is_batch_end(&record.key);
+            pending.push(record);
+            if end {
+                let mut batch = WriteBatch::default();
+                // The marker itself is not state.
+                pending.pop();
+                for record in pending.drain(..) {
+                    match record.value {
+                        Some(value) => batch.put_bytes(record.key, value),
+                        None => batch.delete_bytes(record.key),
+                    }
+                }
+                self.apply(&batch)?;
             }
         }
-        self.apply(&batch)
+        Ok(pending)
     }
 
     /// The next input offset of every input partition this store has seen: where the task
@@ -168,6 +179,33 @@ pub fn range_through<S: StateStore + ?Sized>(
         }
     }
     Ok(merged.into_iter().collect())
+}
+
+/// Changelog records that undo a partly written changelog batch: for every key in `tail`
+/// (the changelog records after the last batch the local store committed), the store's current
+/// value or a tombstone, then a batch-end marker. The runtime produces them before resuming,
+/// so that the changelog again restores to exactly the local store.
+pub fn repair_records<S: StateStore + ?Sized>(
+    store: &S,
+    tail: &[ChangelogRecord],
+) -> Result<Vec<ChangelogRecord>, StoreError> {
+    let keys: std::collections::BTreeSet<&Bytes> = tail
+        .iter()
+        .map(|r| &r.key)
+        .filter(|k| !WriteBatch::is_batch_end(k))
+        .collect();
+    let mut out = Vec::with_capacity(keys.len() + 1);
+    for key in keys {
+        out.push(ChangelogRecord {
+            key: key.clone(),
+            value: store.get(key)?,
+        });
+    }
+    out.push(ChangelogRecord {
+        key: Bytes::from_static(BATCH_END_KEY),
+        value: Some(Bytes::copy_from_slice(&(out.len() as u64).to_le_bytes())),
+    });
+    Ok(out)
 }
 
 /// The smallest key greater than every key starting with `prefix`; `None` if there is none

@@ -10,11 +10,16 @@ fn exercise(store: &mut dyn StateStore) {
     batch.delete(b"a/3");
     batch.set_offset(TopicPartition::new("orders", 3), 10);
     let changelog = store.commit(batch).unwrap();
-    assert_eq!(changelog.len(), 5);
+    assert_eq!(changelog.len(), 6);
     assert_eq!(changelog[3].value, None, "deletes follow upserts");
     assert!(
         changelog[4].key.starts_with(OFFSETS_PREFIX),
-        "offsets come last"
+        "then the offsets"
+    );
+    assert_eq!(
+        &changelog[5].key[..],
+        BATCH_END_KEY,
+        "and the batch-end marker"
     );
 
     assert_eq!(store.get(b"a/2").unwrap().as_deref(), Some(&b"two"[..]));
@@ -53,7 +58,7 @@ fn a_later_write_of_the_same_key_in_a_batch_wins() {
     batch.put(b"k", b"2");
     let mut store = MemoryStore::new("t");
     let changelog = store.commit(batch).unwrap();
-    assert_eq!(changelog.len(), 1);
+    assert_eq!(changelog.len(), 2, "one write and the marker");
     assert_eq!(store.get(b"k").unwrap().as_deref(), Some(&b"2"[..]));
 }
 
@@ -83,4 +88,40 @@ fn reads_through_a_pending_batch_see_its_writes() {
 fn prefix_end_skips_trailing_ff() {
     assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
     assert_eq!(prefix_end(b"\xff\xff"), None);
+}
+
+#[test]
+fn restore_skips_a_half_written_batch_and_repair_undoes_it() {
+    let mut original = MemoryStore::new("t");
+    let mut changelog = Vec::new();
+    for i in 0..3u8 {
+        let mut batch = WriteBatch::default();
+        batch.put(&[b'k', i], &[i]);
+        batch.delete(&[b'k', i.wrapping_sub(1)]);
+        batch.set_offset(TopicPartition::new("in", 0), i64::from(i) + 1);
+        changelog.extend(original.commit(batch).unwrap());
+    }
+    // A fourth batch whose producer died after its first record; never committed locally.
+    let mut lost = WriteBatch::default();
+    lost.put(b"k9", b"x");
+    lost.put(b"k2", b"overwritten");
+    lost.set_offset(TopicPartition::new("in", 0), 4);
+    let partial = lost.changelog()[..1].to_vec();
+    changelog.extend(partial.iter().cloned());
+
+    let mut restored = MemoryStore::new("t");
+    let tail = restored
+        .restore(&mut changelog.clone().into_iter())
+        .unwrap();
+    assert_eq!(tail, partial);
+    assert_eq!(restored.dump().unwrap(), original.dump().unwrap());
+
+    // Repair: the changelog with the repair records appended restores to the original too.
+    changelog.extend(repair_records(&original, &tail).unwrap());
+    let mut repaired = MemoryStore::new("t");
+    assert!(repaired
+        .restore(&mut changelog.into_iter())
+        .unwrap()
+        .is_empty());
+    assert_eq!(repaired.dump().unwrap(), original.dump().unwrap());
 }
