@@ -2,6 +2,7 @@
 //! Kafka.
 
 mod app;
+mod dlq;
 mod generator;
 mod mcp;
 mod quickstart;
@@ -54,6 +55,9 @@ enum Command {
     },
     /// Create, list and describe topics.
     Topics(topics::TopicsArgs),
+    /// Dead letters: list them by topic, stage and error, show one decoded, replay them into
+    /// their original topics after a fix (idempotently).
+    Dlq(dlq::DlqArgs),
 }
 
 fn main() -> ExitCode {
@@ -127,5 +131,6 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Topics(args) => topics::run(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
     }
 }
