@@ -14,6 +14,12 @@ use serde::{Deserialize, Serialize};
 mod mapping;
 pub use mapping::{FieldMapping, FieldSpec, FieldType};
 
+mod retry;
+pub use retry::{
+    Jitter, LimitsConfig, RetryConfig, RetryPolicy, RetrySettings, RetryStage,
+    DEFAULT_MAX_RECORD_BYTES,
+};
+
 /// Default partition count of context topics: a multiple of common consumer counts, within the
 /// seed's "12-24 partitions per topic".
 pub const DEFAULT_PARTITIONS: i32 = 12;
@@ -48,6 +54,12 @@ pub struct PipelineConfig {
     /// Where records that cannot be processed go.
     #[serde(default)]
     pub dead_letter: DeadLetterConfig,
+    /// How each stage retries transient failures (see [`RetryConfig`]).
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Limits on records, e.g. the largest one processed.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// Dead-letter topics: a record that can never be processed (bad data) is copied byte for byte
@@ -647,6 +659,8 @@ impl PipelineConfig {
             }
         }
         self.validate_stores(&mut err);
+        self.retry.validate(&mut err);
+        self.limits.validate(&mut err);
         if self.serve.listen.parse::<std::net::SocketAddr>().is_err() {
             err(
                 "serve.listen".into(),

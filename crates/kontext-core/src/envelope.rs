@@ -49,9 +49,11 @@ pub struct ContextEvent {
 }
 
 /// Why a record is not a valid context event. Every variant is permanent: the same bytes will
-/// never decode, so retrying cannot help.
+/// never decode, so retrying cannot help ([`EnvelopeError::is_transient`] says so per variant).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
+    #[error("record is {size} bytes, more than the limit of {max} (limits.max_record_bytes)")]
+    TooLarge { size: u64, max: u64 },
     #[error("record has no key: the key must be the entity id")]
     MissingKey,
     #[error("record key is empty: the key must be the entity id")]
@@ -74,12 +76,19 @@ pub enum EnvelopeError {
     MissingAttribute(&'static str),
     #[error("CloudEvents attribute {name:?} is invalid: {reason}")]
     InvalidAttribute { name: &'static str, reason: String },
+    #[error("CloudEvents attribute {name:?} must be {expected}, found {found}")]
+    WrongType {
+        name: &'static str,
+        expected: &'static str,
+        found: &'static str,
+    },
 }
 
 impl EnvelopeError {
     /// A short, stable, bounded label for metrics (`reason="invalid_json"`).
     pub fn kind(&self) -> &'static str {
         match self {
+            EnvelopeError::TooLarge { .. } => "record_too_large",
             EnvelopeError::MissingKey => "missing_key",
             EnvelopeError::EmptyKey => "empty_key",
             EnvelopeError::KeyNotUtf8 => "key_not_utf8",
@@ -90,8 +99,57 @@ impl EnvelopeError {
             EnvelopeError::UnsupportedSpecVersion(_) => "unsupported_specversion",
             EnvelopeError::MissingAttribute(_) => "missing_attribute",
             EnvelopeError::InvalidAttribute { .. } => "invalid_attribute",
+            EnvelopeError::WrongType { .. } => "wrong_type",
         }
     }
+
+    /// Whether the same record could decode on another try: never. Listed per variant so
+    /// that a new variant has to be classified.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EnvelopeError::TooLarge { .. }
+            | EnvelopeError::MissingKey
+            | EnvelopeError::EmptyKey
+            | EnvelopeError::KeyNotUtf8
+            | EnvelopeError::ValueNotUtf8(_)
+            | EnvelopeError::InvalidJson(_)
+            | EnvelopeError::NotAnObject(_)
+            | EnvelopeError::UnsupportedContentType(_)
+            | EnvelopeError::UnsupportedSpecVersion(_)
+            | EnvelopeError::MissingAttribute(_)
+            | EnvelopeError::InvalidAttribute { .. }
+            | EnvelopeError::WrongType { .. } => false,
+        }
+    }
+}
+
+/// The size a record counts as against `limits.max_record_bytes`: key, value, and every
+/// header's name and value, in bytes (Kafka's framing overhead is left out).
+pub fn record_size(record: &Record) -> u64 {
+    let len = |b: &Option<bytes::Bytes>| b.as_ref().map_or(0, |b| b.len() as u64);
+    len(&record.key)
+        + len(&record.value)
+        + record
+            .headers
+            .iter()
+            .map(|h| h.key.len() as u64 + len(&h.value))
+            .sum::<u64>()
+}
+
+/// Rejects a record larger than `max` bytes ([`record_size`]) before anything parses it.
+pub fn check_size(record: &Record, max: u64) -> Result<(), EnvelopeError> {
+    let size = record_size(record);
+    if size > max {
+        Err(EnvelopeError::TooLarge { size, max })
+    } else {
+        Ok(())
+    }
+}
+
+/// [`check_size`], then [`decode`].
+pub fn decode_limited(record: &Record, max_bytes: u64) -> Result<ContextEvent, EnvelopeError> {
+    check_size(record, max_bytes)?;
+    decode(record)
 }
 
 /// Decodes a record into a [`ContextEvent`].
@@ -190,9 +248,10 @@ fn decode_structured(record: &Record, entity_id: String) -> Result<ContextEvent,
         None | Some(Value::Null) => record.timestamp_ms,
         Some(Value::String(t)) => parse_time("time", t)?,
         Some(other) => {
-            return Err(EnvelopeError::InvalidAttribute {
+            return Err(EnvelopeError::WrongType {
                 name: "time",
-                reason: format!("expected an RFC 3339 string, found {}", json_kind(other)),
+                expected: "an RFC 3339 string",
+                found: json_kind(other),
             })
         }
     };
@@ -244,9 +303,10 @@ fn attribute<'a>(
             reason: "must not be empty".into(),
         }),
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(EnvelopeError::InvalidAttribute {
+        Some(other) => Err(EnvelopeError::WrongType {
             name,
-            reason: format!("expected a string, found {}", json_kind(other)),
+            expected: "a string",
+            found: json_kind(other),
         }),
     }
 }
@@ -320,3 +380,49 @@ fn json_kind(value: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests;
+
+/// The byte format of the fuzz corpus (`fuzz/corpus/`), shared by the fuzz targets and the
+/// stable test that runs the corpus in CI, so that both read a corpus file the same way.
+pub mod fuzzing {
+    use bytes::Bytes;
+
+    use crate::record::{Header, Record};
+
+    /// Separates the parts of a corpus input (never part of valid UTF-8).
+    pub const SEPARATOR: u8 = 0xFF;
+    /// A key part of exactly this byte means "no key".
+    pub const NO_KEY: u8 = 0xFE;
+
+    /// Reads `key 0xFF value [0xFF name=value]...` as a record of `context.customers`,
+    /// partition 0, offset 7: a key of the single byte `0xFE` is no key, a missing value part
+    /// is a null value (a tombstone), a header part without `=` has a null value.
+    pub fn record_from_bytes(data: &[u8]) -> Record {
+        let mut parts = data.split(|b| *b == SEPARATOR);
+        let key = match parts.next() {
+            Some([NO_KEY]) | None => None,
+            Some(k) => Some(Bytes::copy_from_slice(k)),
+        };
+        let value = parts.next().map(Bytes::copy_from_slice);
+        let headers = parts
+            .map(|h| match h.iter().position(|b| *b == b'=') {
+                Some(eq) => Header {
+                    key: String::from_utf8_lossy(&h[..eq]).into_owned(),
+                    value: Some(Bytes::copy_from_slice(&h[eq + 1..])),
+                },
+                None => Header {
+                    key: String::from_utf8_lossy(h).into_owned(),
+                    value: None,
+                },
+            })
+            .collect();
+        Record {
+            topic: "context.customers".into(),
+            partition: 0,
+            offset: 7,
+            timestamp_ms: 1_700_000_000_000,
+            key,
+            value,
+            headers,
+        }
+    }
+}

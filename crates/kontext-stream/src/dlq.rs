@@ -10,17 +10,18 @@
 //! error rather than move past a record it could neither process nor park.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use kontext_core::config::DeadLetterConfig;
+use kontext_core::config::{DeadLetterConfig, RetryPolicy, RetryStage};
 use kontext_core::envelope::{format_time, now_ms};
 use kontext_core::record::{Header, ProduceRecord, Record};
 use kontext_log::{LogError, Producer};
+use kontext_store::StoreError;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::normalize::ProcessError;
+use crate::retry::Backoff;
 
 /// Kafka Connect's dead-letter header names.
 pub mod headers {
@@ -42,10 +43,50 @@ pub mod headers {
     pub const TIME: &str = "kontext.errors.time";
     /// kontext: the pipeline.
     pub const PIPELINE: &str = "kontext.errors.pipeline";
+    /// kontext: the stage that failed, `decode`, `normalize` or `store` (Connect's
+    /// `__connect.errors.stage` says the same in Connect's terms: `VALUE_CONVERTER`,
+    /// `TRANSFORMATION`, `TASK_PUT`).
+    pub const KONTEXT_STAGE: &str = "kontext.errors.stage";
 }
 
-/// Attempts at writing one batch of dead letters before the sink gives up.
-const MAX_ATTEMPTS: u32 = 8;
+/// The stage a record failed in: a bounded label for headers and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FailedStage {
+    /// The record is not a valid context event (envelope, size).
+    Decode,
+    /// No source claims it, or its mapping fails.
+    Normalize,
+    /// The context store rejected it, or kept failing on it while accepting other writes.
+    Store,
+}
+
+impl FailedStage {
+    /// `decode`, `normalize` or `store`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailedStage::Decode => "decode",
+            FailedStage::Normalize => "normalize",
+            FailedStage::Store => "store",
+        }
+    }
+
+    /// The stage of a processing error.
+    pub fn of(error: &ProcessError) -> Self {
+        match error {
+            ProcessError::Envelope(_) => FailedStage::Decode,
+            _ => FailedStage::Normalize,
+        }
+    }
+
+    /// Kafka Connect's name for the stage.
+    fn connect_name(self) -> &'static str {
+        match self {
+            FailedStage::Decode => "VALUE_CONVERTER",
+            FailedStage::Normalize => "TRANSFORMATION",
+            FailedStage::Store => "TASK_PUT",
+        }
+    }
+}
 
 /// Writes dead letters for one pipeline.
 pub struct DeadLetters {
@@ -53,6 +94,7 @@ pub struct DeadLetters {
     pipeline: String,
     group: String,
     producer: Arc<dyn Producer>,
+    retry: RetryPolicy,
 }
 
 impl DeadLetters {
@@ -67,36 +109,71 @@ impl DeadLetters {
             pipeline,
             group,
             producer,
+            retry: RetryStage::DeadLetter.builtin(),
         }
+    }
+
+    /// Retries failed writes with `policy` (`retry.dead_letter` in the pipeline file) instead
+    /// of the built-in 8 attempts.
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
     }
 
     /// The dead-letter copy of `record`: its bytes unchanged, error headers added.
     pub fn letter(&self, record: &Record, error: &ProcessError) -> ProduceRecord {
-        let mut headers = record.headers.clone();
-        let (stage, class) = match error {
-            ProcessError::Envelope(_) => ("VALUE_CONVERTER", "kontext_core::envelope"),
-            ProcessError::NoSource { .. } => {
-                ("TRANSFORMATION", "kontext_stream::normalize::Router")
-            }
+        let stage = FailedStage::of(error);
+        let class = match stage {
+            FailedStage::Decode => "kontext_core::envelope",
+            _ => "kontext_stream::normalize::Router",
         };
+        self.build(record, stage, class, error.kind(), error, 1)
+    }
+
+    /// The dead-letter copy of a record the context store would not take: it failed
+    /// `attempts` times with `error` while the store accepted other writes.
+    pub fn store_letter(
+        &self,
+        record: &Record,
+        error: &StoreError,
+        attempts: u32,
+    ) -> ProduceRecord {
+        self.build(
+            record,
+            FailedStage::Store,
+            "kontext_store::ContextStore",
+            store_error_kind(error),
+            error,
+            attempts,
+        )
+    }
+
+    fn build(
+        &self,
+        record: &Record,
+        stage: FailedStage,
+        class: &str,
+        kind: &str,
+        error: &dyn std::error::Error,
+        attempts: u32,
+    ) -> ProduceRecord {
+        let mut headers = record.headers.clone();
         let mut add = |k: &str, v: String| headers.push(Header::new(k, Bytes::from(v)));
         add(headers::TOPIC, record.topic.to_string());
         add(headers::PARTITION, record.partition.to_string());
         add(headers::OFFSET, record.offset.to_string());
         add(headers::CONNECTOR_NAME, self.pipeline.clone());
         add(headers::TASK_ID, self.group.clone());
-        add(headers::STAGE, stage.to_string());
+        add(headers::STAGE, stage.connect_name().to_string());
         add(headers::CLASS_NAME, class.to_string());
-        add(
-            headers::EXCEPTION_CLASS_NAME,
-            format!("{class}::{}", error.kind()),
-        );
+        add(headers::EXCEPTION_CLASS_NAME, format!("{class}::{kind}"));
         add(headers::EXCEPTION_MESSAGE, error.to_string());
         add(headers::EXCEPTION_STACKTRACE, format!("{error:?}"));
-        add(headers::KIND, error.kind().to_string());
-        add(headers::ATTEMPTS, "1".to_string());
+        add(headers::KIND, kind.to_string());
+        add(headers::ATTEMPTS, attempts.to_string());
         add(headers::TIME, format_time(now_ms()));
         add(headers::PIPELINE, self.pipeline.clone());
+        add(headers::KONTEXT_STAGE, stage.name().to_string());
         ProduceRecord {
             topic: self.config.topic_for(&record.topic),
             partition: Some(record.partition),
@@ -107,33 +184,55 @@ impl DeadLetters {
         }
     }
 
-    /// Writes `letters`, retrying transient failures with exponential backoff (100 ms doubling
-    /// to 30 s, at most `MAX_ATTEMPTS` tries). `Ok(false)` means shutdown came first.
+    /// Writes `letters`, retrying transient failures with the dead-letter retry policy
+    /// (built in: 100 ms doubling to 30 s, at most 8 attempts). `Ok(false)` means shutdown
+    /// came first.
     pub async fn send(
         &self,
         letters: Vec<ProduceRecord>,
         shutdown: &CancellationToken,
     ) -> Result<bool, LogError> {
+        Ok(self.send_counted(letters, shutdown).await?.is_some())
+    }
+
+    /// Like [`DeadLetters::send`], returning how many retries it took (`None`: shutdown came
+    /// first).
+    pub async fn send_counted(
+        &self,
+        letters: Vec<ProduceRecord>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<u32>, LogError> {
         if letters.is_empty() {
-            return Ok(true);
+            return Ok(Some(0));
         }
-        let mut backoff = Duration::from_millis(100);
-        let mut attempt = 1;
+        let mut backoff = Backoff::unseeded(self.retry);
+        let started = tokio::time::Instant::now();
         loop {
             match self.producer.send(letters.clone()).await {
-                Ok(_) => return Ok(true),
-                Err(e) if e.is_transient() && attempt < MAX_ATTEMPTS => {
-                    warn!(error = %e, attempt, retry_in = ?backoff, "writing dead letters failed; retrying");
+                Ok(_) => return Ok(Some(backoff.attempts())),
+                Err(e) if e.is_transient() => {
+                    let Some(delay) = backoff.next_delay(started.elapsed()) else {
+                        return Err(e);
+                    };
+                    warn!(error = %e, attempt = backoff.attempts(), retry_in = ?delay, "writing dead letters failed; retrying");
                     tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(false),
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    attempt += 1;
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// The bounded error kind of a store failure: `store_unavailable` for a transient error that
+/// outlasted the retries, `store_rejected` for a permanent one.
+pub fn store_error_kind(error: &StoreError) -> &'static str {
+    if error.is_transient() {
+        "store_unavailable"
+    } else {
+        "store_rejected"
     }
 }
 

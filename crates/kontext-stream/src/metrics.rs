@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 
 use parking_lot::Mutex;
 
@@ -17,13 +17,47 @@ pub struct PipelineMetrics {
     /// Records the store had already applied (re-delivery after a restart or rebalance).
     pub records_skipped: AtomicU64,
     pub records_filtered: AtomicU64,
-    /// Invalid records copied to a dead-letter topic.
+    /// Records copied to a dead-letter topic, every stage together (by topic, stage and kind:
+    /// [`PipelineMetrics::dead_lettered`]).
     pub records_dead_lettered: AtomicU64,
     pub batches_committed: AtomicU64,
+    /// Store writes retried (also in [`PipelineMetrics::retries`] as `store_write`).
     pub store_retries: AtomicU64,
     /// Milliseconds from event time to applied, for the latest batch's newest event.
     pub last_event_lag_ms: AtomicI64,
     invalid: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// (topic, stage, kind) -> records
+    dead_lettered: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
+    /// stage -> retries
+    retries: Mutex<BTreeMap<&'static str, u64>>,
+    breaker_state: AtomicU8,
+    breaker_reason: Mutex<&'static str>,
+    /// Times the store's circuit breaker opened (the store went down).
+    pub breaker_opened: AtomicU64,
+    /// Times it closed again (a write succeeded after an outage).
+    pub breaker_closed: AtomicU64,
+}
+
+/// The store circuit breaker's state, as the `kontext_store_breaker_state` gauge shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Writes flow (0).
+    #[default]
+    Closed = 0,
+    /// The store is down: consumption is paused and the store is probed with backoff (1).
+    Open = 1,
+    /// A probe succeeded; the batch in hand is being written again (2).
+    HalfOpen = 2,
+}
+
+impl BreakerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
 }
 
 impl PipelineMetrics {
@@ -42,6 +76,58 @@ impl PipelineMetrics {
 
     pub fn invalid_total(&self) -> u64 {
         self.invalid.lock().values().sum()
+    }
+
+    /// Counts one record written to a dead-letter topic.
+    pub fn record_dead_letter(&self, topic: &str, stage: &'static str, kind: &'static str) {
+        self.records_dead_lettered.fetch_add(1, Ordering::Relaxed);
+        *self
+            .dead_lettered
+            .lock()
+            .entry((topic.to_string(), stage, kind))
+            .or_default() += 1;
+    }
+
+    /// Dead-lettered records by (topic, stage, error kind).
+    pub fn dead_lettered(&self) -> BTreeMap<(String, &'static str, &'static str), u64> {
+        self.dead_lettered.lock().clone()
+    }
+
+    /// Counts one retry of `stage` (`store_write`, `store_probe`, `dead_letter`).
+    pub fn record_retry(&self, stage: &'static str) {
+        *self.retries.lock().entry(stage).or_default() += 1;
+    }
+
+    /// Retries of one stage so far.
+    pub fn retries(&self, stage: &str) -> u64 {
+        self.retries.lock().get(stage).copied().unwrap_or(0)
+    }
+
+    /// Moves the store circuit breaker to `state`; `reason` (a bounded error kind) says why
+    /// it is not closed. Counts openings and closings.
+    pub fn set_breaker(&self, state: BreakerState, reason: &'static str) {
+        let before = BreakerState::from_u8(self.breaker_state.swap(state as u8, Ordering::Relaxed));
+        match state {
+            BreakerState::Open if before == BreakerState::Closed => {
+                self.breaker_opened.fetch_add(1, Ordering::Relaxed);
+            }
+            BreakerState::Closed if before != BreakerState::Closed => {
+                self.breaker_closed.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        *self.breaker_reason.lock() = if state == BreakerState::Closed {
+            "none"
+        } else {
+            reason
+        };
+    }
+
+    /// The breaker's state and why it is not closed (`none` when closed).
+    pub fn breaker(&self) -> (BreakerState, &'static str) {
+        let state = BreakerState::from_u8(self.breaker_state.load(Ordering::Relaxed));
+        let reason = *self.breaker_reason.lock();
+        (state, if reason.is_empty() { "none" } else { reason })
     }
 
     /// The Prometheus text exposition of every counter.
@@ -69,11 +155,6 @@ impl PipelineMetrics {
                 &self.records_filtered,
             ),
             (
-                "kontext_records_dead_lettered_total",
-                "Invalid records copied to a dead-letter topic.",
-                &self.records_dead_lettered,
-            ),
-            (
                 "kontext_batches_committed_total",
                 "Batches made durable and committed.",
                 &self.batches_committed,
@@ -82,6 +163,16 @@ impl PipelineMetrics {
                 "kontext_store_retries_total",
                 "Store writes retried after a transient error.",
                 &self.store_retries,
+            ),
+            (
+                "kontext_store_breaker_opened_total",
+                "Times the store circuit breaker opened: the store was down, consumption paused.",
+                &self.breaker_opened,
+            ),
+            (
+                "kontext_store_breaker_closed_total",
+                "Times the store circuit breaker closed again after an outage.",
+                &self.breaker_closed,
             ),
         ];
         for (name, help, counter) in counters {
@@ -98,6 +189,23 @@ impl PipelineMetrics {
                 "kontext_records_invalid_total{{topic=\"{topic}\",reason=\"{kind}\"}} {n}"
             );
         }
+        let _ = writeln!(out, "# HELP kontext_records_dead_lettered_total Records copied to a dead-letter topic, by source topic, failed stage and error kind.\n# TYPE kontext_records_dead_lettered_total counter");
+        for ((topic, stage, kind), n) in self.dead_lettered() {
+            let _ = writeln!(
+                out,
+                "kontext_records_dead_lettered_total{{topic=\"{topic}\",stage=\"{stage}\",kind=\"{kind}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# HELP kontext_retries_total Attempts repeated after a transient failure, by stage.\n# TYPE kontext_retries_total counter");
+        for (stage, n) in self.retries.lock().iter() {
+            let _ = writeln!(out, "kontext_retries_total{{stage=\"{stage}\"}} {n}");
+        }
+        let (state, reason) = self.breaker();
+        let _ = writeln!(
+            out,
+            "# HELP kontext_store_breaker_state Store circuit breaker: 0 closed, 1 open (store down, consumption paused), 2 half-open; reason is the error kind that opened it.\n# TYPE kontext_store_breaker_state gauge\nkontext_store_breaker_state{{reason=\"{reason}\"}} {}",
+            state as u8
+        );
         let _ = writeln!(
             out,
             "# HELP kontext_event_lag_milliseconds Event time to store, newest event of the last batch.\n# TYPE kontext_event_lag_milliseconds gauge\nkontext_event_lag_milliseconds {}",

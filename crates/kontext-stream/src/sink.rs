@@ -1,33 +1,47 @@
 //! The store sink: one consumer group per store, writing batches into the context store and
 //! committing offsets only after the store acknowledged them.
 //!
-//! Per batch: poll -> process every record -> one durable store transaction holding the
-//! updates and the batch's next offsets -> commit the group's offsets. A crash anywhere leaves
-//! the store's own offsets as the truth: re-delivered records are skipped by the store, so a
-//! record is applied exactly once however often it is delivered.
+//! Per batch: poll -> process every record -> dead-letter the invalid ones -> one durable store
+//! transaction holding the updates and the batch's next offsets -> commit the group's offsets.
+//! A crash anywhere leaves the store's own offsets as the truth: re-delivered records are
+//! skipped by the store, so a record is applied exactly once however often it is delivered.
+//!
+//! When a write fails (docs/failures.md):
+//! 1. transient errors are retried with the `store_write` policy;
+//! 2. then an offsets-only write probes the store. If the probe fails too, the store itself is
+//!    down: the circuit breaker opens, the sink stops polling and probes with the
+//!    `store_probe` policy until a probe succeeds, then writes the same batch again. Nothing is
+//!    dead-lettered and nothing is skipped;
+//! 3. if the probe succeeds, some record of the batch is the problem: the batch is split in
+//!    halves (by updates) and each half written on its own, down to single records. A single
+//!    record that still fails, with its own retries spent and the store accepting writes, is
+//!    dead-lettered with stage `store`, and its offset is recorded so the partition moves on.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kontext_core::envelope::now_ms;
-use kontext_core::record::TopicPartition;
+use kontext_core::config::{LimitsConfig, PipelineConfig, RetryConfig, RetryStage};
+use kontext_core::envelope::{self, now_ms};
+use kontext_core::record::{Record, TopicPartition};
 use kontext_log::{ConsumerConfig, Log, LogError};
 use kontext_store::{ApplyStats, ContextStore, EntityUpdate, StoreError};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::dlq::DeadLetters;
-use crate::metrics::PipelineMetrics;
-use crate::normalize::{Outcome, Router};
+use crate::dlq::{store_error_kind, DeadLetters, FailedStage};
+use crate::metrics::{BreakerState, PipelineMetrics};
+use crate::normalize::{Outcome, ProcessError, Router};
+use crate::retry::Backoff;
 
 /// Most records taken per batch.
 const MAX_BATCH: usize = 2_000;
 /// How long a poll waits for the first record.
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a rewind waits for a group's stale members to expire: longer than Kafka's default
 /// `session.timeout.ms` (45 s).
 const GROUP_BUSY_WAIT: Duration = Duration::from_secs(60);
@@ -35,12 +49,16 @@ const GROUP_BUSY_WAIT: Duration = Duration::from_secs(60);
 /// Errors that stop the sink.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
+    /// The log failed permanently.
     #[error("log: {0}")]
     Log(#[from] LogError),
+    /// Dead letters could not be written even after the `dead_letter` retries.
     #[error(
         "cannot write to the dead-letter topic, stopping rather than dropping the record: {0}"
     )]
     DeadLetter(LogError),
+    /// The store failed permanently for every write (not for one record), or stayed down
+    /// longer than the `store_probe` policy allows.
     #[error("context store: {0}")]
     Store(#[from] StoreError),
 }
@@ -53,9 +71,25 @@ pub struct StoreSink {
     router: Router,
     consumer: ConsumerConfig,
     metrics: Arc<PipelineMetrics>,
+    retry: RetryConfig,
+    /// Set by [`StoreSink::with_retry`]: the dead-letter policy then comes from it.
+    retry_configured: bool,
+    limits: LimitsConfig,
+}
+
+/// Where the store stands: next offset to apply per (topic, partition).
+type Handled = BTreeMap<(String, i32), i64>;
+
+/// One polled record's share of the store write.
+struct Entry {
+    /// Index into the polled records.
+    record: usize,
+    /// Index into the batch's updates, when the record updates the store.
+    update: Option<usize>,
 }
 
 impl StoreSink {
+    /// A sink with the built-in retry policies and limits; see the `with_*` methods.
     pub fn new(
         log: Arc<dyn Log>,
         store: Arc<dyn ContextStore>,
@@ -70,6 +104,9 @@ impl StoreSink {
             router,
             consumer,
             metrics,
+            retry: RetryConfig::default(),
+            retry_configured: false,
+            limits: LimitsConfig::default(),
         }
     }
 
@@ -80,13 +117,39 @@ impl StoreSink {
         self
     }
 
+    /// Retries with the pipeline file's `retry:` policies (store writes, store probes while
+    /// the circuit breaker is open, dead-letter writes).
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self.retry_configured = true;
+        self
+    }
+
+    /// Applies the pipeline file's `limits:` (the largest record processed).
+    pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// [`StoreSink::with_retry`] and [`StoreSink::with_limits`] from a pipeline file.
+    pub fn with_config(self, config: &PipelineConfig) -> Self {
+        self.with_retry(config.retry.clone())
+            .with_limits(config.limits.clone())
+    }
+
     /// Runs until `shutdown` is cancelled or a permanent error occurs. Transient errors of the
-    /// log or the store are retried with exponential backoff (100 ms doubling to 30 s); the
-    /// batch in hand is kept, so nothing is skipped while waiting.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), SinkError> {
+    /// log or the store are retried; the batch in hand is kept, so nothing is skipped while
+    /// waiting (see the module documentation for what happens when writes keep failing).
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), SinkError> {
+        if self.retry_configured {
+            let policy = self.retry.policy(RetryStage::DeadLetter);
+            self.dead_letters = self.dead_letters.take().map(|d| d.with_retry(policy));
+        }
         // What the store holds: records below these offsets were handled (applied, filtered or
         // dead-lettered) before, so a re-delivered bad record is not dead-lettered twice.
-        let mut handled = self.rewind_group_to_store().await?;
+        let Some(mut handled) = self.start_up(&shutdown).await? else {
+            return Ok(());
+        };
         let mut consumer = self.log.consumer(self.consumer.clone()).await?;
         info!(group = %self.consumer.group_id, topics = ?self.consumer.topics, "store sink started");
         loop {
@@ -108,60 +171,8 @@ impl StoreSink {
             self.metrics
                 .records_consumed
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
-            let mut updates = Vec::with_capacity(records.len());
-            let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
-            let mut newest_event_ms = i64::MIN;
-            let mut letters = Vec::new();
-            for record in &records {
-                next.insert(record.topic_partition(), record.offset + 1);
-                match self.router.process(record) {
-                    Outcome::Update(u) => {
-                        newest_event_ms = newest_event_ms.max(u.provenance.event_time_ms);
-                        updates.push(u);
-                    }
-                    Outcome::Filtered { source } => {
-                        debug!(at = %record.coordinates(), %source, "filtered");
-                        self.metrics
-                            .records_filtered
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    Outcome::Invalid(e) => {
-                        self.metrics.record_invalid(&record.topic, e.kind());
-                        let seen = handled
-                            .get(&(record.topic.to_string(), record.partition))
-                            .is_some_and(|n| record.offset < *n);
-                        match &self.dead_letters {
-                            Some(dlq) if !seen => {
-                                warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record dead-lettered");
-                                letters.push(dlq.letter(record, &e));
-                            }
-                            _ => {
-                                warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record skipped")
-                            }
-                        }
-                    }
-                }
-            }
-            // Dead letters are durable before the store records these offsets as handled.
-            if let Some(dlq) = &self.dead_letters {
-                let n = letters.len() as u64;
-                if !dlq
-                    .send(letters, &shutdown)
-                    .await
-                    .map_err(SinkError::DeadLetter)?
-                {
-                    break;
-                }
-                self.metrics
-                    .records_dead_lettered
-                    .fetch_add(n, Ordering::Relaxed);
-            }
-            for (tp, n) in &next {
-                handled.insert((tp.topic.to_string(), tp.partition), *n);
-            }
-            let offsets: Vec<(TopicPartition, i64)> = next.into_iter().collect();
-            let Some(stats) = self.apply_with_retry(updates, &offsets, &shutdown).await? else {
-                break; // shut down while the store was unavailable: nothing committed
+            let Some(stats) = self.handle_batch(&records, &mut handled, &shutdown).await? else {
+                break; // shut down while waiting for the store or the dead-letter topic
             };
             self.metrics
                 .records_applied
@@ -169,15 +180,9 @@ impl StoreSink {
             self.metrics
                 .records_skipped
                 .fetch_add(stats.skipped, Ordering::Relaxed);
-            if newest_event_ms != i64::MIN {
-                let now = now_ms();
-                self.metrics
-                    .last_event_lag_ms
-                    .store(now - newest_event_ms, Ordering::Relaxed);
-            }
             // The store already holds these offsets; a failed commit only means re-delivery,
             // which the store skips.
-            if let Err(e) = consumer.commit(&offsets).await {
+            if let Err(e) = consumer.commit(&next_offsets(&records)).await {
                 warn!(error = %e, "offset commit failed; records will be re-delivered and skipped");
             } else {
                 self.metrics
@@ -189,10 +194,362 @@ impl StoreSink {
         Ok(())
     }
 
+    /// Processes, dead-letters and writes one polled batch. `Ok(None)`: shutdown came first
+    /// and nothing of the batch may be committed.
+    async fn handle_batch(
+        &self,
+        records: &[Record],
+        handled: &mut Handled,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<ApplyStats>, SinkError> {
+        let mut updates = Vec::with_capacity(records.len());
+        let mut entries = Vec::with_capacity(records.len());
+        let mut letters = Vec::new();
+        let mut lettered = Vec::new();
+        let mut newest_event_ms = i64::MIN;
+        let mut already = 0u64;
+        for (i, record) in records.iter().enumerate() {
+            let seen = handled
+                .get(&(record.topic.to_string(), record.partition))
+                .is_some_and(|n| record.offset < *n);
+            let mut update = None;
+            match self.process(record) {
+                // The store has it: skip here, so that a record the store rejected once is
+                // not written (and dead-lettered) again.
+                Outcome::Update(_) if seen => already += 1,
+                Outcome::Update(u) => {
+                    newest_event_ms = newest_event_ms.max(u.provenance.event_time_ms);
+                    update = Some(updates.len());
+                    updates.push(u);
+                }
+                Outcome::Filtered { source } => {
+                    debug!(at = %record.coordinates(), %source, "filtered");
+                    self.metrics
+                        .records_filtered
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Outcome::Invalid(e) => {
+                    self.metrics.record_invalid(&record.topic, e.kind());
+                    match &self.dead_letters {
+                        Some(dlq) if !seen => {
+                            warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record dead-lettered");
+                            letters.push(dlq.letter(record, &e));
+                            lettered.push((i, FailedStage::of(&e).name(), e.kind()));
+                        }
+                        _ => {
+                            warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record skipped")
+                        }
+                    }
+                }
+            }
+            entries.push(Entry { record: i, update });
+        }
+        // Dead letters are durable before the store records these offsets as handled.
+        if let Some(dlq) = &self.dead_letters {
+            if !self.send_letters(dlq, letters, shutdown).await? {
+                return Ok(None);
+            }
+            for (i, stage, kind) in lettered {
+                self.metrics
+                    .record_dead_letter(&records[i].topic, stage, kind);
+            }
+        }
+        let Some(mut stats) = self
+            .write(records, &updates, &entries, handled, shutdown)
+            .await?
+        else {
+            return Ok(None);
+        };
+        stats.skipped += already;
+        if newest_event_ms != i64::MIN {
+            self.metrics
+                .last_event_lag_ms
+                .store(now_ms() - newest_event_ms, Ordering::Relaxed);
+        }
+        Ok(Some(stats))
+    }
+
+    fn process(&self, record: &Record) -> Outcome {
+        match envelope::check_size(record, self.limits.max_record_bytes) {
+            Ok(()) => self.router.process(record),
+            Err(e) => Outcome::Invalid(ProcessError::Envelope(e)),
+        }
+    }
+
+    async fn send_letters(
+        &self,
+        dlq: &DeadLetters,
+        letters: Vec<kontext_core::record::ProduceRecord>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, SinkError> {
+        match dlq
+            .send_counted(letters, shutdown)
+            .await
+            .map_err(SinkError::DeadLetter)?
+        {
+            None => Ok(false),
+            Some(retries) => {
+                for _ in 0..retries {
+                    self.metrics.record_retry(RetryStage::DeadLetter.name());
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Writes the batch's updates and offsets, splitting it when the store rejects part of it
+    /// and waiting (circuit breaker open) when the store is down. Ranges are written left to
+    /// right, so the offsets of a partition only move forward.
+    async fn write(
+        &self,
+        records: &[Record],
+        updates: &[EntityUpdate],
+        entries: &[Entry],
+        handled: &mut Handled,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<ApplyStats>, SinkError> {
+        let mut total = ApplyStats::default();
+        // (entries, whether its one update was dead-lettered and is left out)
+        let mut work: Vec<(Range<usize>, bool)> = vec![(0..entries.len(), false)];
+        let mut whole = true;
+        while let Some((range, dropped)) = work.pop() {
+            let part = &entries[range.clone()];
+            let ups = if dropped {
+                &[][..]
+            } else {
+                &updates[update_range(part)]
+            };
+            let offsets = range_offsets(records, part);
+            // The whole batch and single records get the full retry budget; the halves in
+            // between one attempt each: a failing half is split again anyway.
+            let budgeted = whole || ups.len() <= 1;
+            whole = false;
+            let (error, attempts) =
+                match self.apply_retrying(ups, &offsets, budgeted, shutdown).await {
+                    Ok(Some(stats)) => {
+                        self.written(&mut total, stats, &offsets, handled);
+                        continue;
+                    }
+                    Ok(None) => return Ok(None),
+                    Err(failed) => failed,
+                };
+            // Is it the store, or these records?
+            match self.probe(&offsets, handled).await {
+                Err(e) if e.is_transient() => {
+                    if !self.wait_for_store(e, shutdown).await? {
+                        return Ok(None);
+                    }
+                    work.push((range, dropped)); // the same range again: the half-open trial
+                    continue;
+                }
+                Err(e) => return Err(SinkError::Store(e)),
+                Ok(()) => {}
+            }
+            if ups.len() > 1 {
+                let mid = split_point(part);
+                work.push((range.start + mid..range.end, false));
+                work.push((range.start..range.start + mid, false));
+                debug!(records = part.len(), error = %error, "store write failed while the store accepts writes; splitting the batch");
+                continue;
+            }
+            if ups.is_empty() {
+                // Offsets alone failed although a probe just passed: the store is flapping.
+                if !self.wait_for_store(error, shutdown).await? {
+                    return Ok(None);
+                }
+                work.push((range, dropped));
+                continue;
+            }
+            // One record, and the store takes other writes: one more try, then park it.
+            let error = match self.store.apply(ups, &offsets).await {
+                Ok(stats) => {
+                    self.written(&mut total, stats, &offsets, handled);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            if error.is_transient() && self.probe(&offsets, handled).await.is_err() {
+                // The store went down meanwhile: not this record's fault.
+                if !self.wait_for_store(error, shutdown).await? {
+                    return Ok(None);
+                }
+                work.push((range, dropped));
+                continue;
+            }
+            let Some(entry) = part.iter().find(|e| e.update.is_some()) else {
+                continue; // unreachable: ups has one update
+            };
+            let record = &records[entry.record];
+            let kind = store_error_kind(&error);
+            match &self.dead_letters {
+                Some(dlq) => {
+                    warn!(at = %record.coordinates(), reason = kind, error = %error, attempts = attempts + 1, "the store rejects this record; dead-lettered");
+                    let letter = dlq.store_letter(record, &error, attempts + 1);
+                    if !self.send_letters(dlq, vec![letter], shutdown).await? {
+                        return Ok(None);
+                    }
+                    self.metrics
+                        .record_dead_letter(&record.topic, FailedStage::Store.name(), kind);
+                }
+                None => {
+                    warn!(at = %record.coordinates(), reason = kind, error = %error, "the store rejects this record; skipped (dead letters are off)")
+                }
+            }
+            self.metrics.record_invalid(&record.topic, kind);
+            work.push((range, true));
+        }
+        Ok(Some(total))
+    }
+
+    /// Books a successful write: stats, the store's new offsets, and the breaker closed.
+    fn written(
+        &self,
+        total: &mut ApplyStats,
+        stats: ApplyStats,
+        offsets: &[(String, i32, i64)],
+        handled: &mut Handled,
+    ) {
+        total.applied += stats.applied;
+        total.skipped += stats.skipped;
+        total.deleted += stats.deleted;
+        for (t, p, n) in offsets {
+            let e = handled.entry((t.clone(), *p)).or_insert(*n);
+            *e = (*e).max(*n);
+        }
+        if self.metrics.breaker().0 != BreakerState::Closed {
+            info!("context store write succeeded; circuit breaker closed");
+            self.metrics.set_breaker(BreakerState::Closed, "none");
+        }
+    }
+
+    /// One write, retried with the `store_write` policy when `budgeted`. Permanent errors
+    /// return at once. `Err` carries the last error and the attempts made; `Ok(None)`:
+    /// shutdown.
+    async fn apply_retrying(
+        &self,
+        updates: &[EntityUpdate],
+        offsets: &[(String, i32, i64)],
+        budgeted: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<ApplyStats>, (StoreError, u32)> {
+        let mut backoff = Backoff::unseeded(self.retry.policy(RetryStage::StoreWrite));
+        let started = Instant::now();
+        loop {
+            match self.store.apply(updates, offsets).await {
+                Ok(stats) => return Ok(Some(stats)),
+                Err(e) if e.is_transient() && budgeted => {
+                    let Some(delay) = backoff.next_delay(started.elapsed()) else {
+                        return Err((e, backoff.attempts()));
+                    };
+                    self.metrics.store_retries.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.record_retry(RetryStage::StoreWrite.name());
+                    debug!(error = %e, retry_in = ?delay, "context store write failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => return Err((e, backoff.attempts() + 1)),
+            }
+        }
+    }
+
+    /// Whether the store takes writes at all: an offsets-only write of what it already holds
+    /// for the partitions of `offsets` (stores keep the highest offset, so this changes
+    /// nothing).
+    async fn probe(
+        &self,
+        offsets: &[(String, i32, i64)],
+        handled: &Handled,
+    ) -> Result<(), StoreError> {
+        let current: Vec<(String, i32, i64)> = offsets
+            .iter()
+            .map(|(t, p, _)| {
+                let n = handled.get(&(t.clone(), *p)).copied().unwrap_or(0);
+                (t.clone(), *p, n)
+            })
+            .collect();
+        self.store.apply(&[], &current).await.map(|_| ())
+    }
+
+    /// The circuit breaker: the store is down. Nothing is polled meanwhile; the store is
+    /// probed with the `store_probe` policy until a probe succeeds (`Ok(true)`, half-open: the
+    /// caller writes the batch in hand again), shutdown comes (`Ok(false)`), the policy gives
+    /// up or a probe fails permanently (`Err`).
+    async fn wait_for_store(
+        &self,
+        error: StoreError,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, SinkError> {
+        let reason = store_error_kind(&error);
+        if self.metrics.breaker().0 != BreakerState::Open {
+            warn!(error = %error, "the context store is down: circuit breaker open, consumption paused until it answers");
+        }
+        self.metrics.set_breaker(BreakerState::Open, reason);
+        let mut backoff = Backoff::unseeded(self.retry.policy(RetryStage::StoreProbe));
+        let started = Instant::now();
+        let mut last = error;
+        loop {
+            let Some(delay) = backoff.next_delay(started.elapsed()) else {
+                return Err(SinkError::Store(last));
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            self.metrics.record_retry(RetryStage::StoreProbe.name());
+            match self.store.applied_offsets().await {
+                Ok(_) => {
+                    info!(down_for = ?started.elapsed(), "the context store answers again: circuit breaker half-open, retrying the batch");
+                    self.metrics.set_breaker(BreakerState::HalfOpen, reason);
+                    return Ok(true);
+                }
+                Err(e) if e.is_transient() => {
+                    debug!(error = %e, "context store still down");
+                    last = e;
+                }
+                Err(e) => return Err(SinkError::Store(e)),
+            }
+        }
+    }
+
+    /// [`StoreSink::rewind_group_to_store`], waiting out transient errors: a store that is
+    /// down behind the circuit breaker, a log with backoff. `Ok(None)`: shutdown.
+    async fn start_up(&self, shutdown: &CancellationToken) -> Result<Option<Handled>, SinkError> {
+        let mut backoff = Backoff::unseeded(self.retry.policy(RetryStage::StoreProbe));
+        let started = Instant::now();
+        loop {
+            match self.rewind_group_to_store().await {
+                Ok(handled) => {
+                    if self.metrics.breaker().0 != BreakerState::Closed {
+                        self.metrics.set_breaker(BreakerState::Closed, "none");
+                    }
+                    return Ok(Some(handled));
+                }
+                Err(SinkError::Store(e)) if e.is_transient() => {
+                    if !self.wait_for_store(e, shutdown).await? {
+                        return Ok(None);
+                    }
+                }
+                Err(SinkError::Log(e)) if e.is_transient() => {
+                    let delay = backoff
+                        .next_delay(started.elapsed())
+                        .ok_or(SinkError::Log(e))?;
+                    warn!(retry_in = ?delay, "reading the group's offsets failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The store's offsets are the truth. Where the group has committed past them (the store
     /// was deleted or restored from an older copy), rewind the group so that nothing the store
     /// lacks is skipped. A group behind the store needs nothing: the store skips what it has.
-    async fn rewind_group_to_store(&self) -> Result<BTreeMap<(String, i32), i64>, SinkError> {
+    async fn rewind_group_to_store(&self) -> Result<Handled, SinkError> {
         let applied = self.store.applied_offsets().await?;
         let group = &self.consumer.group_id;
         let mut rewind = Vec::new();
@@ -213,12 +570,12 @@ impl StoreSink {
         warn!(%group, partitions = rewind.len(), "the group committed past what the store holds; rewinding it to the store's offsets");
         // A member of a killed process stays in a Kafka group until its session times out
         // (45 s by default): wait that out rather than skip records.
-        let deadline = tokio::time::Instant::now() + GROUP_BUSY_WAIT;
+        let deadline = Instant::now() + GROUP_BUSY_WAIT;
         let mut backoff = FIRST_BACKOFF;
         loop {
             match self.log.reset_group_offsets(group, &rewind).await {
                 Ok(()) => return Ok(applied),
-                Err(e) if is_busy_or_transient(&e) && tokio::time::Instant::now() < deadline => {
+                Err(e) if is_busy_or_transient(&e) && Instant::now() < deadline => {
                     warn!(%group, error = %e, retry_in = ?backoff, "cannot rewind the group yet (a member is still registered); retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -227,36 +584,99 @@ impl StoreSink {
             }
         }
     }
+}
 
-    async fn apply_with_retry(
-        &self,
-        updates: Vec<EntityUpdate>,
-        offsets: &[(TopicPartition, i64)],
-        shutdown: &CancellationToken,
-    ) -> Result<Option<ApplyStats>, SinkError> {
-        let offsets: Vec<(String, i32, i64)> = offsets
-            .iter()
-            .map(|(tp, o)| (tp.topic.to_string(), tp.partition, *o))
-            .collect();
-        let mut backoff = FIRST_BACKOFF;
-        loop {
-            match self.store.apply(&updates, &offsets).await {
-                Ok(stats) => return Ok(Some(stats)),
-                Err(e) if e.is_transient() => {
-                    self.metrics.store_retries.fetch_add(1, Ordering::Relaxed);
-                    warn!(error = %e, retry_in = ?backoff, "context store write failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(None),
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+/// The next offset of every partition in `records`.
+fn next_offsets(records: &[Record]) -> Vec<(TopicPartition, i64)> {
+    let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+    for r in records {
+        let e = next.entry(r.topic_partition()).or_insert(r.offset + 1);
+        *e = (*e).max(r.offset + 1);
     }
+    next.into_iter().collect()
+}
+
+/// The next offsets a range of entries covers, as the store takes them.
+fn range_offsets(records: &[Record], part: &[Entry]) -> Vec<(String, i32, i64)> {
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for e in part {
+        let r = &records[e.record];
+        let n = next.entry((&r.topic, r.partition)).or_insert(r.offset + 1);
+        *n = (*n).max(r.offset + 1);
+    }
+    next.into_iter()
+        .map(|((t, p), n)| (t.to_string(), p, n))
+        .collect()
+}
+
+/// The updates of a range of entries: contiguous, because updates are made in record order.
+fn update_range(part: &[Entry]) -> Range<usize> {
+    let first = part.iter().find_map(|e| e.update);
+    let last = part.iter().rev().find_map(|e| e.update);
+    match (first, last) {
+        (Some(first), Some(last)) => first..last + 1,
+        _ => 0..0,
+    }
+}
+
+/// Where to cut a range so that each side has about half its updates (at least one each).
+fn split_point(part: &[Entry]) -> usize {
+    let with_update: Vec<usize> = part
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.update.is_some())
+        .map(|(i, _)| i)
+        .collect();
+    with_update[with_update.len() / 2]
 }
 
 fn is_busy_or_transient(e: &LogError) -> bool {
     matches!(e, LogError::GroupBusy(_)) || e.is_transient()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(updates: &[bool]) -> Vec<Entry> {
+        let mut n = 0;
+        updates
+            .iter()
+            .enumerate()
+            .map(|(i, has)| Entry {
+                record: i,
+                update: has.then(|| {
+                    n += 1;
+                    n - 1
+                }),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_split_leaves_updates_on_both_sides() {
+        for pattern in [
+            vec![true, true],
+            vec![false, true, false, true, false],
+            vec![true, false, false, false, true, true, true],
+        ] {
+            let part = entries(&pattern);
+            let mid = split_point(&part);
+            let (left, right) = part.split_at(mid);
+            assert!(left.iter().any(|e| e.update.is_some()), "{pattern:?}");
+            assert!(right.iter().any(|e| e.update.is_some()), "{pattern:?}");
+            let l = update_range(left);
+            let r = update_range(right);
+            assert_eq!(
+                l.end, r.start,
+                "{pattern:?}: the halves' updates are contiguous"
+            );
+        }
+    }
+
+    #[test]
+    fn update_range_of_a_range_without_updates_is_empty() {
+        assert!(update_range(&entries(&[false, false])).is_empty());
+        assert_eq!(update_range(&entries(&[false, true, false])), 0..1);
+    }
 }

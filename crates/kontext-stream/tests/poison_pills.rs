@@ -17,6 +17,9 @@ use kontext_stream::dlq::{headers, DeadLetters};
 use kontext_stream::{PipelineMetrics, Router, StoreSink};
 use tokio_util::sync::CancellationToken;
 
+/// The pipeline's record size limit: the oversized pill is a valid event just above it.
+const MAX_RECORD_BYTES: usize = 4096;
+
 fn pipeline(topic: &str) -> PipelineConfig {
     let yaml = format!(
         r#"
@@ -28,7 +31,11 @@ sources:
     topic: {topic}
     entity: customer
     match: {{ ce_source: crm }}
-    fields: {{ given_name: first_name }}
+    fields:
+      given_name: first_name
+      credit: {{ path: amount, type: number }}
+      tag_list: {{ jq: 'if .tags then (.tags | join(",")) else null end' }}
+limits: {{ max_record_bytes: {MAX_RECORD_BYTES} }}
 "#
     );
     PipelineConfig::parse("pills.yaml", &yaml).unwrap()
@@ -76,6 +83,45 @@ fn pills(topic: &str) -> Vec<(ProduceRecord, &'static str)> {
         .headers
         .push(Header::new("ce_time", Bytes::from_static(b"yesterday")));
     v.push((bad_time, "invalid_attribute"));
+    // A valid event, only too large.
+    let mut oversized = good(topic, 907);
+    oversized.value = Some(Bytes::from(format!(
+        r#"{{"first_name":"{}"}}"#,
+        "x".repeat(MAX_RECORD_BYTES)
+    )));
+    v.push((oversized, "record_too_large"));
+    // Wrong type: a structured-mode event whose id is an object.
+    let mut wrong_type = good(topic, 908);
+    wrong_type.headers = vec![Header::new(
+        "content-type",
+        Bytes::from_static(b"application/cloudevents+json"),
+    )];
+    wrong_type.value = Some(Bytes::from_static(
+        br#"{"specversion":"1.0","id":{"n":908},"source":"crm","type":"crm.customer.updated","data":{"first_name":"W"}}"#,
+    ));
+    v.push((wrong_type, "wrong_type"));
+    // Invalid UTF-8 in a CloudEvents header.
+    let mut bad_header = good(topic, 909);
+    bad_header.headers.retain(|h| h.key != "ce_id");
+    bad_header
+        .headers
+        .push(Header::new("ce_id", Bytes::from_static(&[0xc3, 0x28])));
+    v.push((bad_header, "invalid_attribute"));
+    // A plain record (no CloudEvents headers) where only `crm` events are expected: no source
+    // and so no entity type for it.
+    let mut plain = good(topic, 910);
+    plain.headers.clear();
+    v.push((plain, "no_source"));
+    // Wrong field type for the canonical model: `credit` is declared a number.
+    let mut not_a_number = good(topic, 911);
+    not_a_number.value = Some(Bytes::from_static(
+        br#"{"first_name":"A","amount":"twelve"}"#,
+    ));
+    v.push((not_a_number, "coercion_failed"));
+    // A mapping that fails: jq cannot join a number.
+    let mut failing_jq = good(topic, 912);
+    failing_jq.value = Some(Bytes::from_static(br#"{"first_name":"J","tags":5}"#));
+    v.push((failing_jq, "jq_failed"));
     v
 }
 
@@ -125,6 +171,7 @@ async fn run_poison_pills(log: Arc<dyn Log>, topic: String, dir: &std::path::Pat
         ConsumerConfig::new(&group, vec![topic.clone()]),
         metrics.clone(),
     )
+    .with_config(&config)
     .with_dead_letters(DeadLetters::new(
         config.dead_letter.clone(),
         config.name.clone(),
@@ -210,6 +257,12 @@ async fn run_poison_pills(log: Arc<dyn Log>, topic: String, dir: &std::path::Pat
         );
         assert!(header(headers::EXCEPTION_MESSAGE).is_some_and(|m| !m.is_empty()));
         assert!(header(headers::STAGE).is_some());
+        let stage = match *kind {
+            "no_source" | "coercion_failed" | "jq_failed" => "normalize",
+            _ => "decode",
+        };
+        assert_eq!(header(headers::KONTEXT_STAGE).as_deref(), Some(stage));
+        assert_eq!(header(headers::ATTEMPTS).as_deref(), Some("1"));
         assert_eq!(header(headers::CONNECTOR_NAME).as_deref(), Some("pills"));
     }
 }

@@ -173,3 +173,76 @@ fn rejects_bad_records_with_specific_errors() {
         assert_eq!(decode(&r).unwrap_err().kind(), kind, "{r:?}");
     }
 }
+
+#[test]
+fn records_over_the_size_limit_are_rejected_before_parsing() {
+    let r = record(Some(b"C-1"), Some(b"{not even json"), &[("h", "vv")]);
+    // 3 (key) + 14 (value) + 1 + 2 (header)
+    assert_eq!(record_size(&r), 20);
+    assert!(check_size(&r, 20).is_ok());
+    let err = decode_limited(&r, 19).unwrap_err();
+    assert_eq!(err, EnvelopeError::TooLarge { size: 20, max: 19 });
+    assert_eq!(err.kind(), "record_too_large");
+    assert!(err.to_string().contains("limits.max_record_bytes"), "{err}");
+    // Under the limit the record is decoded (and here rejected for its JSON).
+    assert_eq!(decode_limited(&r, 1000).unwrap_err().kind(), "invalid_json");
+}
+
+#[test]
+fn structured_attributes_of_the_wrong_json_type_are_wrong_type() {
+    let cases: [(&[u8], &str); 3] = [
+        (
+            br#"{"specversion":"1.0","id":{"n":1},"source":"crm","type":"t","data":{}}"#,
+            "id",
+        ),
+        (
+            br#"{"specversion":"1.0","id":"e","source":7,"type":"t","data":{}}"#,
+            "source",
+        ),
+        (
+            br#"{"specversion":"1.0","id":"e","source":"crm","type":"t","time":1700000000,"data":{}}"#,
+            "time",
+        ),
+    ];
+    for (value, attribute) in cases {
+        let r = record(
+            Some(b"C-1"),
+            Some(value),
+            &[("content-type", STRUCTURED_CONTENT_TYPE)],
+        );
+        let err = decode(&r).unwrap_err();
+        assert_eq!(err.kind(), "wrong_type", "{err}");
+        assert!(
+            matches!(&err, EnvelopeError::WrongType { name, .. } if *name == attribute),
+            "{err:?}"
+        );
+    }
+}
+
+#[test]
+fn every_envelope_error_is_permanent() {
+    let errors = [
+        EnvelopeError::TooLarge { size: 2, max: 1 },
+        EnvelopeError::MissingKey,
+        EnvelopeError::EmptyKey,
+        EnvelopeError::KeyNotUtf8,
+        EnvelopeError::ValueNotUtf8("x".into()),
+        EnvelopeError::InvalidJson("x".into()),
+        EnvelopeError::NotAnObject("a number"),
+        EnvelopeError::UnsupportedContentType("x".into()),
+        EnvelopeError::UnsupportedSpecVersion("x".into()),
+        EnvelopeError::MissingAttribute("ce_id"),
+        EnvelopeError::InvalidAttribute {
+            name: "ce_time",
+            reason: "x".into(),
+        },
+        EnvelopeError::WrongType {
+            name: "id",
+            expected: "a string",
+            found: "an object",
+        },
+    ];
+    for e in errors {
+        assert!(!e.is_transient(), "{e:?}");
+    }
+}

@@ -1,0 +1,401 @@
+//! The two ways a store write fails, on the embedded log with a store that fails on command:
+//! - one record keeps failing while the store takes other writes: it is dead-lettered with
+//!   stage `store` and its partition moves on;
+//! - the store is down (every write fails): the circuit breaker opens, nothing is polled,
+//!   nothing is dead-lettered, and the sink resumes where it stopped when the store is back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use kontext_core::config::PipelineConfig;
+use kontext_core::record::{ProduceRecord, Record};
+use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
+use kontext_log::{ConsumerConfig, Log, TopicSpec};
+use kontext_store::{
+    ApplyStats, ContextDocument, ContextStore, EmbeddedStore, EntityDoc, EntityUpdate, StoreError,
+    StoreSchema,
+};
+use kontext_stream::dlq::{headers, DeadLetters};
+use kontext_stream::metrics::BreakerState;
+use kontext_stream::{PipelineMetrics, Router, StoreSink};
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = "context.customers";
+
+fn pipeline() -> PipelineConfig {
+    let yaml = format!(
+        r#"
+name: failures
+entities:
+  customer: {{ key: customer_id, topic: {TOPIC} }}
+sources:
+  crm:
+    topic: {TOPIC}
+    entity: customer
+    match: {{ ce_source: crm }}
+    fields: {{ given_name: first_name }}
+retry:
+  defaults: {{ first_delay: 1ms, max_delay: 20ms }}
+  store_write: {{ max_attempts: 3 }}
+"#
+    );
+    PipelineConfig::parse("failures.yaml", &yaml).unwrap()
+}
+
+fn good(i: usize) -> ProduceRecord {
+    ProduceRecord::new(
+        TOPIC,
+        Some(Bytes::from(format!("C{i}"))),
+        Some(Bytes::from(format!(r#"{{"first_name":"N{i}"}}"#))),
+    )
+    .with_header("ce_specversion", "1.0")
+    .with_header("ce_id", format!("e{i}"))
+    .with_header("ce_source", "crm")
+    .with_header("ce_type", "crm.customer.updated")
+}
+
+/// An embedded store that fails on command: while `down`, every call fails transiently; an
+/// update of an entity in `rejected` fails permanently, of one in `timing_out` transiently,
+/// whatever else the batch holds.
+struct FailingStore {
+    inner: EmbeddedStore,
+    down: AtomicBool,
+    rejected: Mutex<BTreeSet<String>>,
+    timing_out: Mutex<BTreeSet<String>>,
+    /// Calls of `apply` that failed because the store was down.
+    refused_while_down: AtomicU64,
+}
+
+impl FailingStore {
+    fn new(dir: &std::path::Path, config: &PipelineConfig) -> Arc<Self> {
+        Arc::new(Self {
+            inner: EmbeddedStore::open(&dir.join("store.redb"), StoreSchema::from_config(config))
+                .unwrap(),
+            down: AtomicBool::new(false),
+            rejected: Mutex::new(BTreeSet::new()),
+            timing_out: Mutex::new(BTreeSet::new()),
+            refused_while_down: AtomicU64::new(0),
+        })
+    }
+
+    fn check_up(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::Io("connection refused (test outage)".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl ContextStore for FailingStore {
+    fn kind(&self) -> &'static str {
+        "failing"
+    }
+
+    fn schema(&self) -> &StoreSchema {
+        ContextStore::schema(&self.inner)
+    }
+
+    async fn apply(
+        &self,
+        updates: &[EntityUpdate],
+        offsets: &[(String, i32, i64)],
+    ) -> Result<ApplyStats, StoreError> {
+        if let Err(e) = self.check_up() {
+            self.refused_while_down.fetch_add(1, Ordering::SeqCst);
+            return Err(e);
+        }
+        let ids: Vec<&str> = updates.iter().map(|u| u.entity_id.as_str()).collect();
+        if ids.iter().any(|id| self.rejected.lock().contains(*id)) {
+            return Err(StoreError::Corrupt("row rejected (test)".into()));
+        }
+        if ids.iter().any(|id| self.timing_out.lock().contains(*id)) {
+            return Err(StoreError::Io("lock timeout (test)".into()));
+        }
+        ContextStore::apply(&self.inner, updates, offsets).await
+    }
+
+    async fn get(&self, t: &str, id: &str) -> Result<Option<EntityDoc>, StoreError> {
+        self.check_up()?;
+        ContextStore::get(&self.inner, t, id).await
+    }
+
+    async fn context(&self, t: &str, id: &str) -> Result<Option<ContextDocument>, StoreError> {
+        self.check_up()?;
+        ContextStore::context(&self.inner, t, id).await
+    }
+
+    async fn list(
+        &self,
+        t: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.check_up()?;
+        ContextStore::list(&self.inner, t, limit, after).await
+    }
+
+    async fn applied_offsets(&self) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
+        self.check_up()?;
+        ContextStore::applied_offsets(&self.inner).await
+    }
+
+    async fn dump(&self) -> Result<Vec<EntityDoc>, StoreError> {
+        ContextStore::dump(&self.inner).await
+    }
+}
+
+struct Harness {
+    log: Arc<dyn Log>,
+    store: Arc<FailingStore>,
+    metrics: Arc<PipelineMetrics>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), kontext_stream::sink::SinkError>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(setup: impl FnOnce(&FailingStore)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let config = pipeline();
+    let log: Arc<dyn Log> =
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    log.create_topic(&TopicSpec::new(TOPIC, 2)).await.unwrap();
+    log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(TOPIC), 2))
+        .await
+        .unwrap();
+    let store = FailingStore::new(dir.path(), &config);
+    setup(&store);
+    let metrics = Arc::new(PipelineMetrics::default());
+    let group = "failures".to_string();
+    let sink = StoreSink::new(
+        log.clone(),
+        store.clone(),
+        Router::new(&config),
+        ConsumerConfig::new(&group, vec![TOPIC.into()]),
+        metrics.clone(),
+    )
+    .with_config(&config)
+    .with_dead_letters(DeadLetters::new(
+        config.dead_letter.clone(),
+        config.name.clone(),
+        group,
+        log.producer().await.unwrap(),
+    ));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sink.run(shutdown.clone()));
+    Harness {
+        log,
+        store,
+        metrics,
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    /// Sends records and returns the end offset of every partition they went to.
+    async fn send(&self, records: Vec<ProduceRecord>) -> BTreeMap<i32, i64> {
+        let positions = self
+            .log
+            .producer()
+            .await
+            .unwrap()
+            .send(records)
+            .await
+            .unwrap();
+        let mut end = BTreeMap::new();
+        for p in positions {
+            let e = end.entry(p.partition).or_insert(0);
+            *e = (p.offset + 1).max(*e);
+        }
+        end
+    }
+
+    /// Waits until the store's offsets reach `end` on every partition (lag zero).
+    async fn wait_caught_up(&mut self, end: &BTreeMap<i32, i64>) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let applied = self.store.inner.applied_offsets().unwrap();
+            if end
+                .iter()
+                .all(|(p, e)| applied.get(&(TOPIC.to_string(), *p)).copied().unwrap_or(0) >= *e)
+            {
+                return;
+            }
+            assert!(
+                !self.task.is_finished(),
+                "the sink stopped: {:?}",
+                (&mut self.task).await
+            );
+            assert!(
+                Instant::now() < deadline,
+                "stuck at {applied:?}, want {end:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_for(&mut self, what: &str, cond: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond(self) {
+            assert!(
+                !self.task.is_finished(),
+                "the sink stopped: {:?}",
+                (&mut self.task).await
+            );
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) -> (Arc<FailingStore>, Arc<PipelineMetrics>, Arc<dyn Log>) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+        (self.store, self.metrics, self.log)
+    }
+}
+
+async fn dead_letters(log: &Arc<dyn Log>, want: usize) -> Vec<Record> {
+    let dlq = format!("{TOPIC}.dlq");
+    let mut consumer = log
+        .consumer(ConsumerConfig::new("dlq-reader", vec![dlq]))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.len() < want && Instant::now() < deadline {
+        out.extend(
+            consumer
+                .poll(100, Duration::from_millis(100))
+                .await
+                .unwrap(),
+        );
+    }
+    // Anything more than `want` would be a bug too: read what else is there.
+    out.extend(
+        consumer
+            .poll(100, Duration::from_millis(200))
+            .await
+            .unwrap(),
+    );
+    out
+}
+
+fn header(r: &Record, k: &str) -> Option<String> {
+    r.header(k).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_store_rejects_are_dead_lettered_and_their_partition_moves_on() {
+    let mut h = start(|s| {
+        s.rejected.lock().insert("C13".into());
+        s.timing_out.lock().insert("C77".into());
+    })
+    .await;
+    let end = h.send((0..200).map(good).collect()).await;
+    h.wait_caught_up(&end).await;
+    let (store, metrics, log) = h.stop().await;
+
+    // Every other record is in the store, each applied once.
+    let docs = store.dump().await.unwrap();
+    let ids: BTreeSet<String> = docs.iter().map(|d| d.entity_id.clone()).collect();
+    let want: BTreeSet<String> = (0..200)
+        .map(|i| format!("C{i}"))
+        .filter(|id| id != "C13" && id != "C77")
+        .collect();
+    assert_eq!(ids, want);
+    assert!(docs.iter().all(|d| d.events_applied == 1));
+
+    // The two bad rows are dead letters of stage `store`, byte for byte.
+    let letters = dead_letters(&log, 2).await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for (id, kind) in [("C13", "store_rejected"), ("C77", "store_unavailable")] {
+        let l = letters
+            .iter()
+            .find(|l| l.key.as_deref() == Some(id.as_bytes()))
+            .unwrap_or_else(|| panic!("no dead letter for {id}"));
+        let n: usize = id[1..].parse().unwrap();
+        assert_eq!(l.value, good(n).value);
+        assert_eq!(header(l, headers::KONTEXT_STAGE).as_deref(), Some("store"));
+        assert_eq!(header(l, headers::STAGE).as_deref(), Some("TASK_PUT"));
+        assert_eq!(header(l, headers::KIND).as_deref(), Some(kind));
+        let attempts: u32 = header(l, headers::ATTEMPTS).unwrap().parse().unwrap();
+        assert!(attempts >= 2, "{id}: {attempts} attempts");
+        assert_eq!(header(l, headers::TOPIC).as_deref(), Some(TOPIC));
+    }
+    let by_kind = metrics.dead_lettered();
+    assert_eq!(
+        by_kind.get(&(TOPIC.to_string(), "store", "store_rejected")),
+        Some(&1)
+    );
+    assert_eq!(
+        by_kind.get(&(TOPIC.to_string(), "store", "store_unavailable")),
+        Some(&1)
+    );
+    // A bad row is not an outage.
+    assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 0);
+    assert!(metrics.retries("store_write") > 0);
+    let text = metrics.render();
+    assert!(
+        text.contains(r#"kontext_records_dead_lettered_total{topic="context.customers",stage="store",kind="store_rejected"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"kontext_store_breaker_state{reason="none"} 0"#),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_pauses_the_sink_and_loses_nothing() {
+    let mut h = start(|_| {}).await;
+    let end = h.send((0..100).map(good).collect()).await;
+    h.wait_caught_up(&end).await;
+
+    // The store goes down, and records keep coming.
+    h.store.down.store(true, Ordering::SeqCst);
+    let end = h.send((100..300).map(good).collect()).await;
+    h.wait_for("the breaker to open", |h| {
+        h.metrics.breaker().0 == BreakerState::Open
+    })
+    .await;
+    assert_eq!(h.metrics.breaker().1, "store_unavailable");
+    assert!(h
+        .metrics
+        .render()
+        .contains(r#"kontext_store_breaker_state{reason="store_unavailable"} 1"#));
+    // While open, the sink keeps probing (and nothing is dead-lettered).
+    let probes = h.metrics.retries("store_probe");
+    h.wait_for("more probes", |h| {
+        h.metrics.retries("store_probe") > probes + 2
+    })
+    .await;
+    assert_eq!(h.metrics.records_dead_lettered.load(Ordering::Relaxed), 0);
+
+    // Back up: it resumes where it stopped.
+    h.store.down.store(false, Ordering::SeqCst);
+    h.wait_caught_up(&end).await;
+    let end = h.send((300..350).map(good).collect()).await;
+    h.wait_caught_up(&end).await;
+    let (store, metrics, log) = h.stop().await;
+
+    assert!(store.refused_while_down.load(Ordering::SeqCst) > 0);
+    let docs = store.dump().await.unwrap();
+    assert_eq!(docs.len(), 350, "every record reached the store");
+    assert!(
+        docs.iter().all(|d| d.events_applied == 1),
+        "none applied twice"
+    );
+    assert_eq!(metrics.records_dead_lettered.load(Ordering::Relaxed), 0);
+    assert!(dead_letters(&log, 0).await.is_empty());
+    assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.breaker_closed.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.breaker(), (BreakerState::Closed, "none"));
+}
