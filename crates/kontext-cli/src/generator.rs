@@ -267,7 +267,8 @@ impl Generator {
             "subject": pick(&mut self.rng, SUBJECTS),
             "priority": if self.rng.random_bool(0.2) { "high" } else { "normal" },
             "state": if self.rng.random_bool(0.6) { "open" } else { "solved" },
-            "opened_at": format_time(now_ms()),
+            // A legacy SQL datetime (UTC, no zone); the pipeline coerces it to RFC 3339.
+            "opened_at": format_time(now_ms()).replace('T', " ")[..19].to_string(),
             "first_response_minutes": self.rng.random_range(1..600),
         });
         ProduceRecord::new(

@@ -73,29 +73,24 @@ impl JqProgram {
             .chain(jaq_std::defs())
             .chain(jaq_json::defs());
         let loader = Loader::new(defs);
-        let modules = loader
-            .load(&arena, File { code, path: () })
-            .map_err(|errs| {
-                let mut out = Vec::new();
-                for (_file, e) in errs {
-                    match e {
-                        jaq_core::load::Error::Io(es) => {
-                            out.extend(es.into_iter().map(|(s, m)| format!("{m} ({s})")))
-                        }
-                        jaq_core::load::Error::Lex(es) => {
-                            out.extend(es.into_iter().map(|(exp, at)| {
-                                format!("expected {} at {}", exp.as_str(), near(at))
-                            }))
-                        }
-                        jaq_core::load::Error::Parse(es) => {
-                            out.extend(es.into_iter().map(|(exp, at)| {
-                                format!("expected {} at {}", exp.as_str(), near(at))
-                            }))
+        let modules =
+            loader
+                .load(&arena, File { code, path: () })
+                .map_err(|errs| {
+                    let mut out = Vec::new();
+                    for (_file, e) in errs {
+                        match e {
+                            jaq_core::load::Error::Io(es) => {
+                                out.extend(es.into_iter().map(|(s, m)| format!("{m} ({s})")))
+                            }
+                            jaq_core::load::Error::Lex(es) => out
+                                .extend(es.into_iter().map(|(exp, at)| expected(exp.as_str(), at))),
+                            jaq_core::load::Error::Parse(es) => out
+                                .extend(es.into_iter().map(|(exp, at)| expected(exp.as_str(), at))),
                         }
                     }
-                }
-                out.join("; ")
-            })?;
+                    out.join("; ")
+                })?;
         let funs = jaq_core::funs()
             .chain(jaq_std::funs().filter(|(name, _, _)| !IMPURE.contains(name)))
             .chain(jaq_json::funs());
@@ -153,6 +148,15 @@ impl JqProgram {
                 Err(_) => "the program halted".to_owned(),
             })),
         }
+    }
+}
+
+/// A syntax error: what the parser wanted, and the text where it stopped.
+fn expected(what: &str, at: &str) -> String {
+    if what == "nothing" {
+        format!("unexpected {}", near(at))
+    } else {
+        format!("expected {what} at {}", near(at))
     }
 }
 
@@ -296,7 +300,9 @@ mod tests {
     #[test]
     fn compile_errors_say_what_and_where() {
         let syntax = JqProgram::compile(".a +* 2").unwrap_err();
-        assert!(syntax.starts_with("expected "), "{syntax}");
+        assert_eq!(syntax, r#"unexpected "+*""#);
+        let end = JqProgram::compile(".a + ").unwrap_err();
+        assert_eq!(end, "expected term at the end of the program");
         let undefined = JqProgram::compile("frobnicate(.a)").unwrap_err();
         assert_eq!(undefined, "undefined filter frobnicate/1");
         let var = JqProgram::compile("$nope").unwrap_err();
