@@ -1,0 +1,545 @@
+//! Model-based tests: every operator against a naive reference that recomputes its answer
+//! from the whole list of events, over random event orders, late events (within and beyond
+//! grace), duplicate ids, and a runtime that crashes before committing state or re-delivers
+//! records the store already holds. The outputs go through a downstream versioned upsert
+//! (apply only if the version is greater, as the context store does), and the final downstream
+//! table must equal the reference. At the end the store's changelog must restore an equal
+//! store.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use kontext_process::aggregate::AggregateBatch;
+use kontext_process::*;
+use proptest::prelude::*;
+
+const TOPIC: &str = "context.orders";
+
+#[derive(Debug, Clone)]
+struct Spec {
+    key: u8,
+    delta: i64,
+    back: i64,
+    id: u8,
+    total: i64,
+}
+
+fn specs() -> impl Strategy<Value = Vec<Spec>> {
+    prop::collection::vec(
+        (
+            0u8..3,
+            0i64..8,
+            prop_oneof![3 => Just(0i64), 1 => 0i64..60],
+            0u8..12,
+            0i64..9,
+        )
+            .prop_map(|(key, delta, back, id, total)| Spec {
+                key,
+                delta,
+                back,
+                id,
+                total,
+            }),
+        0..60,
+    )
+}
+
+fn events(specs: &[Spec]) -> Vec<Event> {
+    let mut base = 0;
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            base += s.delta;
+            Event {
+                key: Bytes::from(format!("C-{}", s.key)),
+                id: Bytes::from(format!("e{}", s.id)),
+                time_ms: base - s.back,
+                coords: Coords::new(TOPIC, 0, i as i64),
+                value: serde_json::json!({ "total": s.total, "sku": format!("s{}", s.total % 4) }),
+            }
+        })
+        .collect()
+}
+
+/// One step of the runtime: process up to `size` events; `fault` says what goes wrong after the
+/// outputs were acknowledged downstream.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    None,
+    /// Crash before the state commit: the batch is re-delivered from the store's offsets.
+    CrashBeforeCommit,
+    /// The consumer group is behind the store (crash after the state commit, before the
+    /// offset commit): re-deliver from `back` records earlier.
+    Redeliver(usize),
+}
+
+fn plan() -> impl Strategy<Value = Vec<(usize, Fault)>> {
+    prop::collection::vec(
+        (
+            1usize..9,
+            prop_oneof![
+                6 => Just(Fault::None),
+                1 => Just(Fault::CrashBeforeCommit),
+                1 => (1usize..10).prop_map(Fault::Redeliver),
+            ],
+        ),
+        0..30,
+    )
+}
+
+/// Drives an operator through the plan; returns the store and its whole changelog.
+fn drive<O>(
+    events: &[Event],
+    plan: &[(usize, Fault)],
+    mut step: impl FnMut(&MemoryStore, &[Event]) -> (O, WriteBatch),
+    mut downstream: impl FnMut(O),
+) -> (MemoryStore, Vec<ChangelogRecord>) {
+    let mut store = MemoryStore::new("state");
+    let mut changelog = Vec::new();
+    let mut pos = 0usize;
+    let mut steps = plan
+        .iter()
+        .copied()
+        .chain(std::iter::repeat((8, Fault::None)));
+    while pos < events.len() {
+        let (size, fault) = steps.next().expect("endless");
+        let end = (pos + size).min(events.len());
+        let (outputs, state) = step(&store, &events[pos..end]);
+        downstream(outputs);
+        match fault {
+            Fault::CrashBeforeCommit => {
+                pos = committed(&store);
+            }
+            Fault::None | Fault::Redeliver(_) => {
+                changelog.extend(store.commit(state).expect("commit"));
+                pos = end;
+                if let Fault::Redeliver(back) = fault {
+                    pos = pos.saturating_sub(back);
+                }
+            }
+        }
+    }
+    (store, changelog)
+}
+
+fn committed(store: &MemoryStore) -> usize {
+    store
+        .offsets()
+        .unwrap()
+        .get(&kontext_core::record::TopicPartition::new(TOPIC, 0))
+        .map_or(0, |next| *next as usize)
+}
+
+fn assert_restores(store: &MemoryStore, changelog: Vec<ChangelogRecord>) {
+    let mut restored = MemoryStore::new("state");
+    let tail = restored.restore(&mut changelog.into_iter()).unwrap();
+    assert!(tail.is_empty());
+    assert_eq!(restored.dump().unwrap(), store.dump().unwrap());
+}
+
+// ---------------------------------------------------------------- dedup
+
+fn dedup_reference(events: &[Event], window: i64) -> BTreeSet<i64> {
+    let mut forwarded: Vec<&Event> = Vec::new();
+    let mut st = i64::MIN;
+    for e in events {
+        st = st.max(e.time_ms);
+        let horizon = st - window;
+        if e.time_ms < horizon {
+            continue;
+        }
+        if !forwarded
+            .iter()
+            .any(|f| f.id == e.id && f.time_ms >= horizon)
+        {
+            forwarded.push(e);
+        }
+    }
+    forwarded.iter().map(|e| e.coords.offset).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn dedup_forwards_exactly_what_the_reference_forwards(
+        specs in specs(), plan in plan(), window in 0i64..60,
+    ) {
+        let events = events(&specs);
+        let op = Deduplicate::new(DedupConfig { window_ms: window });
+        let mut forwarded = BTreeSet::new();
+        let (store, changelog) = drive(
+            &events,
+            &plan,
+            |store, batch| {
+                let out = op.process(store, batch).unwrap();
+                let fwd: Vec<i64> = batch
+                    .iter()
+                    .zip(&out.decisions)
+                    .filter(|(_, d)| **d == DedupDecision::Forward)
+                    .map(|(e, _)| e.coords.offset)
+                    .collect();
+                (fwd, out.state)
+            },
+            |fwd| forwarded.extend(fwd),
+        );
+        prop_assert_eq!(forwarded, dedup_reference(&events, window));
+        assert_restores(&store, changelog);
+    }
+}
+
+// ---------------------------------------------------------------- aggregation
+
+fn functions() -> Vec<(String, AggFn)> {
+    vec![
+        ("count".into(), AggFn::Count),
+        ("sum".into(), AggFn::Sum(FieldPath::new("total"))),
+        ("avg".into(), AggFn::Avg(FieldPath::new("total"))),
+        ("min".into(), AggFn::Min(FieldPath::new("total"))),
+        ("max".into(), AggFn::Max(FieldPath::new("total"))),
+        ("latest".into(), AggFn::Latest(FieldPath::new("sku"))),
+        ("skus".into(), AggFn::DistinctCount(FieldPath::new("sku"))),
+    ]
+}
+
+/// The aggregate of a set of events, computed from scratch.
+fn naive(events: &[&Event]) -> Vec<AggValue> {
+    let totals: Vec<f64> = events
+        .iter()
+        .map(|e| e.value["total"].as_f64().unwrap())
+        .collect();
+    let sum: f64 = totals.iter().sum();
+    let latest = events
+        .iter()
+        .max_by_key(|e| (e.time_ms, e.coords.offset))
+        .map(|e| AggValue::Scalar(Scalar::Text(e.value["sku"].as_str().unwrap().into())));
+    let skus: BTreeSet<&str> = events
+        .iter()
+        .map(|e| e.value["sku"].as_str().unwrap())
+        .collect();
+    vec![
+        AggValue::Int(events.len() as u64),
+        AggValue::Num(sum),
+        if events.is_empty() {
+            AggValue::Null
+        } else {
+            AggValue::Num(sum / events.len() as f64)
+        },
+        totals
+            .iter()
+            .copied()
+            .reduce(f64::min)
+            .map_or(AggValue::Null, AggValue::Num),
+        totals
+            .iter()
+            .copied()
+            .reduce(f64::max)
+            .map_or(AggValue::Null, AggValue::Num),
+        latest.unwrap_or(AggValue::Null),
+        AggValue::Int(skus.len() as u64),
+    ]
+}
+
+type Downstream = BTreeMap<(Bytes, i64, i64), (i64, Option<Vec<AggValue>>)>;
+
+/// A versioned upsert: a value replaces the stored one only if its version is greater.
+fn upsert(
+    table: &mut Downstream,
+    key: (Bytes, i64, i64),
+    version: i64,
+    value: Option<Vec<AggValue>>,
+) {
+    match table.get(&key) {
+        Some((stored, _)) if *stored >= version => {}
+        _ => {
+            table.insert(key, (version, value));
+        }
+    }
+}
+
+fn run_aggregate(
+    events: &[Event],
+    plan: &[(usize, Fault)],
+    config: AggregateConfig,
+    by_key_only: bool,
+) -> BTreeMap<(Bytes, i64, i64), Vec<AggValue>> {
+    let op = Aggregate::new(config).unwrap();
+    let mut table = Downstream::new();
+    let (store, changelog) = drive(
+        events,
+        plan,
+        |store, batch| {
+            let AggregateBatch { updates, state, .. } = op.process(store, batch).unwrap();
+            (updates, state)
+        },
+        |updates| {
+            for u in updates {
+                let key = if by_key_only {
+                    (u.key.clone(), 0, 0)
+                } else {
+                    (u.key.clone(), u.window.start, u.window.end)
+                };
+                upsert(&mut table, key, u.version.offset, u.values);
+            }
+        },
+    );
+    assert_restores(&store, changelog);
+    table
+        .into_iter()
+        .filter_map(|(k, (_, v))| Some((k, v?)))
+        .collect()
+}
+
+fn fixed_reference(
+    events: &[Event],
+    spec: WindowSpec,
+    grace: i64,
+) -> BTreeMap<(Bytes, i64, i64), Vec<AggValue>> {
+    let mut members: BTreeMap<(Bytes, i64, i64), Vec<&Event>> = BTreeMap::new();
+    let mut st = i64::MIN;
+    for e in events {
+        st = st.max(e.time_ms);
+        for w in spec.windows_for(e.time_ms) {
+            if w.end + grace > st {
+                members
+                    .entry((e.key.clone(), w.start, w.end))
+                    .or_default()
+                    .push(e);
+            }
+        }
+    }
+    members.into_iter().map(|(k, es)| (k, naive(&es))).collect()
+}
+
+fn session_reference(
+    events: &[Event],
+    gap: i64,
+    grace: i64,
+) -> BTreeMap<(Bytes, i64, i64), Vec<AggValue>> {
+    let mut accepted: BTreeMap<Bytes, Vec<&Event>> = BTreeMap::new();
+    let mut st = i64::MIN;
+    for e in events {
+        st = st.max(e.time_ms);
+        if e.time_ms >= st - grace {
+            accepted.entry(e.key.clone()).or_default().push(e);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (key, mut es) in accepted {
+        es.sort_by_key(|e| e.time_ms);
+        let mut session: Vec<&Event> = Vec::new();
+        for e in es {
+            if let Some(last) = session.last() {
+                if e.time_ms - last.time_ms > gap {
+                    let (s, t) = (session[0].time_ms, last.time_ms);
+                    out.insert((key.clone(), s, t), naive(&session));
+                    session.clear();
+                }
+            }
+            session.push(e);
+        }
+        if let (Some(first), Some(last)) = (session.first(), session.last()) {
+            out.insert((key.clone(), first.time_ms, last.time_ms), naive(&session));
+        }
+    }
+    out
+}
+
+fn sliding_reference(events: &[Event], size: i64) -> BTreeMap<(Bytes, i64, i64), Vec<AggValue>> {
+    let mut accepted: BTreeMap<Bytes, Vec<&Event>> = BTreeMap::new();
+    let mut st = i64::MIN;
+    for e in events {
+        st = st.max(e.time_ms);
+        if e.time_ms > st - size {
+            accepted.entry(e.key.clone()).or_default().push(e);
+        }
+    }
+    accepted
+        .into_iter()
+        .map(|(key, es)| {
+            let live: Vec<&Event> = es.into_iter().filter(|e| e.time_ms > st - size).collect();
+            ((key, 0, 0), naive(&live))
+        })
+        .collect()
+}
+
+fn config(window: WindowSpec, grace_ms: i64, emit: Emit) -> AggregateConfig {
+    AggregateConfig {
+        window,
+        grace_ms,
+        functions: functions(),
+        emit,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn tumbling_windows_match_the_reference(
+        specs in specs(), plan in plan(), size in 1i64..40, grace in 0i64..30,
+    ) {
+        let events = events(&specs);
+        let spec = WindowSpec::Tumbling { size_ms: size };
+        prop_assert_eq!(
+            run_aggregate(&events, &plan, config(spec, grace, Emit::OnUpdate), false),
+            fixed_reference(&events, spec, grace)
+        );
+    }
+
+    #[test]
+    fn tumbling_windows_emitted_on_close_are_the_closed_reference_windows(
+        specs in specs(), plan in plan(), size in 1i64..40, grace in 0i64..30,
+    ) {
+        let events = events(&specs);
+        let spec = WindowSpec::Tumbling { size_ms: size };
+        let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
+        let mut expected = fixed_reference(&events, spec, grace);
+        expected.retain(|(_, _, end), _| end + grace <= st);
+        prop_assert_eq!(
+            run_aggregate(&events, &plan, config(spec, grace, Emit::OnClose), false),
+            expected
+        );
+    }
+
+    #[test]
+    fn hopping_windows_match_the_reference(
+        specs in specs(), plan in plan(), size in 1i64..40, hops in 1i64..5, grace in 0i64..30,
+    ) {
+        let events = events(&specs);
+        let advance = (size / hops).max(1);
+        let spec = WindowSpec::Hopping { size_ms: size, advance_ms: advance };
+        prop_assert_eq!(
+            run_aggregate(&events, &plan, config(spec, grace, Emit::OnUpdate), false),
+            fixed_reference(&events, spec, grace)
+        );
+    }
+
+    #[test]
+    fn session_windows_match_the_reference(
+        specs in specs(), plan in plan(), gap in 0i64..20, grace in 0i64..30,
+    ) {
+        let events = events(&specs);
+        prop_assert_eq!(
+            run_aggregate(&events, &plan, config(WindowSpec::Session { gap_ms: gap }, grace, Emit::OnUpdate), false),
+            session_reference(&events, gap, grace)
+        );
+    }
+
+    #[test]
+    fn sliding_windows_match_the_reference(
+        specs in specs(), plan in plan(), size in 1i64..60,
+    ) {
+        let events = events(&specs);
+        prop_assert_eq!(
+            run_aggregate(&events, &plan, config(WindowSpec::Sliding { size_ms: size }, 0, Emit::OnUpdate), true),
+            sliding_reference(&events, size)
+        );
+    }
+}
+
+// ---------------------------------------------------------------- join
+
+#[derive(Debug, Clone)]
+enum Step {
+    Table { key: u8, value: Option<u8> },
+    Stream { key: u8 },
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    prop::collection::vec(
+        prop_oneof![
+            (0u8..4, prop::option::weighted(0.8, 0u8..5))
+                .prop_map(|(key, value)| Step::Table { key, value }),
+            (0u8..5).prop_map(|key| Step::Stream { key }),
+        ],
+        0..60,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn join_matches_the_table_as_of_each_event(
+        steps in steps(), by_field in any::<bool>(), inner in any::<bool>(), crash_every in 2usize..6,
+    ) {
+        let join = EnrichmentJoin::new(JoinConfig {
+            kind: if inner { JoinKind::Inner } else { JoinKind::Left },
+            key: if by_field { JoinKey::Field(FieldPath::new("customer_id")) } else { JoinKey::RecordKey },
+            field: "customer".into(),
+        });
+        // Reference: replay the steps against a map.
+        let mut table: BTreeMap<String, String> = BTreeMap::new();
+        let mut expected: BTreeMap<i64, Option<Bytes>> = BTreeMap::new();
+        let (mut table_offset, mut stream_offset) = (0i64, 0i64);
+        let mut runs: Vec<(bool, Vec<TableUpdate>, Vec<Event>)> = Vec::new();
+        for step in &steps {
+            match step {
+                Step::Table { key, value } => {
+                    let key = format!("C-{key}");
+                    match value {
+                        Some(v) => { table.insert(key.clone(), format!("{{\"v\":{v}}}")); }
+                        None => { table.remove(&key); }
+                    }
+                    let update = TableUpdate {
+                        key: Bytes::from(key),
+                        value: value.map(|v| Bytes::from(format!("{{\"v\":{v}}}"))),
+                        coords: Coords::new("context.customers", 0, table_offset),
+                    };
+                    table_offset += 1;
+                    match runs.last_mut() {
+                        Some((true, updates, _)) => updates.push(update),
+                        _ => runs.push((true, vec![update], vec![])),
+                    }
+                }
+                Step::Stream { key } => {
+                    let customer = format!("C-{key}");
+                    let event = Event {
+                        key: Bytes::from(if by_field { format!("O-{stream_offset}") } else { customer.clone() }),
+                        id: Bytes::from(format!("o{stream_offset}")),
+                        time_ms: stream_offset,
+                        coords: Coords::new(TOPIC, 0, stream_offset),
+                        value: serde_json::json!({ "customer_id": customer }),
+                    };
+                    let right = table.get(&customer).map(|v| Bytes::from(v.clone()));
+                    if right.is_some() || !inner {
+                        expected.insert(stream_offset, right);
+                    }
+                    stream_offset += 1;
+                    match runs.last_mut() {
+                        Some((false, _, events)) => events.push(event),
+                        _ => runs.push((false, vec![], vec![event])),
+                    }
+                }
+            }
+        }
+        let mut store = MemoryStore::new("customers");
+        let mut changelog = Vec::new();
+        let mut got: BTreeMap<i64, Option<Bytes>> = BTreeMap::new();
+        for (n, (is_table, updates, events)) in runs.iter().enumerate() {
+            if *is_table {
+                // A crash before commit, then the re-delivery, every few runs.
+                if n % crash_every == 0 {
+                    let _lost = join.apply_table(&store, updates).unwrap();
+                }
+                let batch = join.apply_table(&store, updates).unwrap();
+                changelog.extend(store.commit(batch.state).unwrap());
+                // Re-delivered table records are skipped.
+                let again = join.apply_table(&store, updates).unwrap();
+                prop_assert_eq!(again.applied, 0);
+            } else {
+                if n % crash_every == 0 {
+                    let lost = join.process(&store, events).unwrap();
+                    for o in lost.outputs { got.insert(o.version.offset, o.right); }
+                }
+                let batch = join.process(&store, events).unwrap();
+                for o in batch.outputs { got.insert(o.version.offset, o.right); }
+                changelog.extend(store.commit(batch.state).unwrap());
+            }
+        }
+        prop_assert_eq!(got, expected);
+        assert_restores(&store, changelog);
+    }
+}
