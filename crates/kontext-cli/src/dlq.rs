@@ -18,7 +18,6 @@
 //! `docs/dead-letters.md`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,12 +29,20 @@ use clap::{Args, Subcommand};
 use kontext_core::config::{LogConfig, PipelineConfig};
 use kontext_core::envelope::{format_time, now_ms};
 use kontext_core::record::{Header, ProduceRecord, Record, TopicPartition};
-use kontext_log::{Consumer, ConsumerConfig, Log, LogError, TopicDescription, TopicSpec};
+use kontext_log::{Log, LogError, TopicDescription, TopicSpec};
 use kontext_stream::dlq::headers;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::app;
+
+mod ledger;
+mod letter;
+mod reader;
+
+use ledger::{ledger_topic, EntryState, Known, Ledger, LedgerEntry};
+use letter::{is_error_header, Coord, DeadLetter, Filter};
+use reader::RangeReader;
 
 /// The header a replayed copy carries: the coordinates of the dead letter it was made from.
 pub const REPLAY_OF: &str = "kontext.replay.of";
@@ -52,9 +59,6 @@ const KONTEXT_STAGE: &str = "kontext.errors.stage";
 
 /// Dead letters replayed per batch (one ledger append and one produce each way).
 const BATCH: usize = 500;
-
-/// A read that sees no record for this long while records are still expected gives up.
-const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `kontext dlq ...`
 #[derive(Debug, Args)]
@@ -799,7 +803,6 @@ async fn replay_topic(
         producer: None,
         dry_run: args.dry_run,
         failpoint,
-        partitions: HashMap::new(),
     };
     let mut progress = Progress::new(total.max(0) as u64, dlq);
     let mut pending: Vec<(String, ProduceRecord)> = Vec::new();
@@ -921,8 +924,6 @@ struct ReplayWriter<'a> {
     producer: Option<Arc<dyn kontext_log::Producer>>,
     dry_run: bool,
     failpoint: Option<&'a str>,
-    /// Partition count per target topic (`None`: the topic does not exist).
-    partitions: HashMap<String, Option<i32>>,
 }
 
 impl ReplayWriter<'_> {
@@ -939,25 +940,20 @@ impl ReplayWriter<'_> {
             summary.replayed += batch.len() as u64;
             return Ok(());
         }
-        // Where each target partition ends now: a recovery scan starts there.
+        // Where each target partition ends now: a recovery scan starts there. One describe
+        // per target topic and batch.
         let mut highs: HashMap<TopicPartition, i64> = HashMap::new();
+        let mut described: HashSet<String> = HashSet::new();
         let mut valid = Vec::with_capacity(batch.len());
         for (coord, copy) in batch {
             let tp = TopicPartition::new(copy.topic.as_str(), copy.partition.unwrap_or(-1));
-            if !highs.contains_key(&tp) {
-                match self.ctx.describe(&copy.topic).await? {
-                    Some(d) => {
-                        self.partitions
-                            .insert(copy.topic.clone(), Some(d.partitions.len() as i32));
-                        for p in d.partitions {
-                            highs.insert(
-                                TopicPartition::new(copy.topic.as_str(), p.partition),
-                                p.high_watermark,
-                            );
-                        }
-                    }
-                    None => {
-                        self.partitions.insert(copy.topic.clone(), None);
+            if described.insert(copy.topic.clone()) {
+                if let Some(d) = self.ctx.describe(&copy.topic).await? {
+                    for p in d.partitions {
+                        highs.insert(
+                            TopicPartition::new(copy.topic.as_str(), p.partition),
+                            p.high_watermark,
+                        );
                     }
                 }
             }
@@ -1075,494 +1071,6 @@ impl ReplayWriter<'_> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The ledger
-
-/// The ledger topic of a dead-letter topic.
-pub fn ledger_topic(dlq: &str) -> String {
-    format!("{dlq}{LEDGER_SUFFIX}")
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum EntryState {
-    Intent,
-    Done,
-}
-
-/// One ledger record (JSON value; the key is `of`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct LedgerEntry {
-    state: EntryState,
-    /// The dead letter: `topic/partition/offset`.
-    of: String,
-    /// The target topic and partition.
-    topic: String,
-    partition: i32,
-    /// `intent`: the target partition's high watermark before the produce; a copy, if it
-    /// landed, is at or after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    scan_from: Option<i64>,
-    /// `done`: where the copy landed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    offset: Option<i64>,
-    time: String,
-    pipeline: String,
-}
-
-/// The ledger's last word on one dead letter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Known {
-    Done {
-        topic: String,
-        partition: i32,
-        offset: Option<i64>,
-        time: String,
-    },
-    Pending {
-        topic: String,
-        partition: i32,
-        scan_from: i64,
-    },
-}
-
-/// The replay ledger of one dead-letter topic, read whole.
-struct Ledger {
-    topic: String,
-    entries: HashMap<String, Known>,
-}
-
-impl Ledger {
-    async fn read(ctx: &Ctx, dlq: &str) -> Result<Self> {
-        let topic = ledger_topic(dlq);
-        let mut ledger = Ledger {
-            topic: topic.clone(),
-            entries: HashMap::new(),
-        };
-        let mut reader = ctx.read_all(&topic).await?;
-        while let Some(batch) = reader.next_batch().await? {
-            for record in batch {
-                let Some(entry) = record
-                    .value
-                    .as_ref()
-                    .and_then(|v| serde_json::from_slice::<LedgerEntry>(v).ok())
-                else {
-                    tracing::warn!(at = %record.coordinates(), "ignoring an unreadable ledger entry");
-                    continue;
-                };
-                ledger.apply(entry);
-            }
-        }
-        Ok(ledger)
-    }
-
-    /// Entries are read in order; the last one for a dead letter wins.
-    fn apply(&mut self, e: LedgerEntry) {
-        let known = match e.state {
-            EntryState::Done => Known::Done {
-                topic: e.topic,
-                partition: e.partition,
-                offset: e.offset,
-                time: e.time,
-            },
-            EntryState::Intent => Known::Pending {
-                topic: e.topic,
-                partition: e.partition,
-                scan_from: e.scan_from.unwrap_or(0),
-            },
-        };
-        self.entries.insert(e.of, known);
-    }
-
-    fn is_done(&self, coord: &str) -> bool {
-        matches!(self.entries.get(coord), Some(Known::Done { .. }))
-    }
-
-    /// Settles every intent without a `done`: scans the target partitions from the recorded
-    /// high watermarks for copies carrying `kontext.replay.of`; those found become `done` (in
-    /// the ledger too, if `write`). Returns the dead letters found.
-    async fn recover(&mut self, ctx: &Ctx, write: bool) -> Result<HashSet<String>> {
-        // target topic -> partition -> (scan from, dead letters waiting there)
-        let mut scans: BTreeMap<String, BTreeMap<i32, (i64, HashSet<String>)>> = BTreeMap::new();
-        for (coord, known) in &self.entries {
-            if let Known::Pending {
-                topic,
-                partition,
-                scan_from,
-            } = known
-            {
-                let slot = scans
-                    .entry(topic.clone())
-                    .or_default()
-                    .entry(*partition)
-                    .or_insert((*scan_from, HashSet::new()));
-                slot.0 = slot.0.min(*scan_from);
-                slot.1.insert(coord.clone());
-            }
-        }
-        let mut found: HashMap<String, (String, i32, i64)> = HashMap::new();
-        for (topic, partitions) in &scans {
-            let starts = partitions
-                .iter()
-                .map(|(p, (from, _))| (*p, *from))
-                .collect();
-            let mut reader = ctx.reader(topic, &starts).await?;
-            while let Some(batch) = reader.next_batch().await? {
-                for record in batch {
-                    let Some(of) = record.header(REPLAY_OF) else {
-                        continue;
-                    };
-                    let of = String::from_utf8_lossy(of).into_owned();
-                    let waiting = partitions
-                        .get(&record.partition)
-                        .is_some_and(|(_, w)| w.contains(&of));
-                    if waiting {
-                        found
-                            .entry(of)
-                            .or_insert((topic.clone(), record.partition, record.offset));
-                    }
-                }
-            }
-        }
-        if found.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let time = format_time(now_ms());
-        if write {
-            let entries: Vec<ProduceRecord> = found
-                .iter()
-                .map(|(of, (topic, partition, offset))| {
-                    let e = LedgerEntry {
-                        state: EntryState::Done,
-                        of: of.clone(),
-                        topic: topic.clone(),
-                        partition: *partition,
-                        scan_from: None,
-                        offset: Some(*offset),
-                        time: time.clone(),
-                        pipeline: ctx.config.name.clone(),
-                    };
-                    ProduceRecord {
-                        topic: self.topic.clone(),
-                        partition: Some(0),
-                        key: Some(Bytes::from(of.clone())),
-                        value: Some(Bytes::from(serde_json::to_vec(&e).unwrap_or_default())),
-                        headers: Vec::new(),
-                        timestamp_ms: None,
-                    }
-                })
-                .collect();
-            let producer = ctx.log.producer().await.context("creating a producer")?;
-            producer
-                .send(entries)
-                .await
-                .context("recording recovered replays in the ledger")?;
-        }
-        for (of, (topic, partition, offset)) in &found {
-            self.entries.insert(
-                of.clone(),
-                Known::Done {
-                    topic: topic.clone(),
-                    partition: *partition,
-                    offset: Some(*offset),
-                    time: time.clone(),
-                },
-            );
-        }
-        Ok(found.into_keys().collect())
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Dead letters and filters
-
-/// Coordinates of a record: `topic/partition/offset`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Coord {
-    topic: String,
-    partition: i32,
-    offset: i64,
-}
-
-impl fmt::Display for Coord {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.topic, self.partition, self.offset)
-    }
-}
-
-impl std::str::FromStr for Coord {
-    type Err = anyhow::Error;
-
-    /// Topic names cannot contain `/`, but we split from the right anyway.
-    fn from_str(s: &str) -> Result<Self> {
-        let mut parts = s.rsplitn(3, '/');
-        let (Some(offset), Some(partition), Some(topic)) =
-            (parts.next(), parts.next(), parts.next())
-        else {
-            bail!("{s:?} is not TOPIC/PARTITION/OFFSET");
-        };
-        Ok(Coord {
-            topic: topic.to_string(),
-            partition: partition
-                .parse()
-                .map_err(|_| anyhow!("{s:?}: partition {partition:?} is not a number"))?,
-            offset: offset
-                .parse()
-                .map_err(|_| anyhow!("{s:?}: offset {offset:?} is not a number"))?,
-        })
-    }
-}
-
-/// What the headers of a dead letter say.
-#[derive(Debug, Clone)]
-struct DeadLetter {
-    at: Coord,
-    /// Original topic, partition and offset.
-    origin: Option<(String, i32, Option<i64>)>,
-    stage: String,
-    /// kontext's name of the stage, when the writer set it.
-    kontext_stage: Option<String>,
-    /// The bounded error kind (`kontext.errors.kind`, else the last segment of the class).
-    kind: String,
-    class: String,
-    message: String,
-    /// When it failed (`kontext.errors.time`).
-    time_ms: Option<i64>,
-}
-
-impl DeadLetter {
-    fn parse(record: &Record) -> Self {
-        let text = |k: &str| {
-            record
-                .header(k)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        };
-        let class = text(headers::EXCEPTION_CLASS_NAME).unwrap_or_default();
-        let kind = text(headers::KIND)
-            .or_else(|| class.rsplit([':', '.']).next().map(str::to_owned))
-            .filter(|k| !k.is_empty())
-            .unwrap_or_else(|| "unknown".into());
-        let origin = match (
-            text(headers::TOPIC),
-            text(headers::PARTITION).and_then(|p| p.trim().parse().ok()),
-        ) {
-            (Some(t), Some(p)) if !t.is_empty() => Some((
-                t,
-                p,
-                text(headers::OFFSET).and_then(|o| o.trim().parse().ok()),
-            )),
-            _ => None,
-        };
-        DeadLetter {
-            at: Coord {
-                topic: record.topic.to_string(),
-                partition: record.partition,
-                offset: record.offset,
-            },
-            origin,
-            stage: text(headers::STAGE).unwrap_or_else(|| "unknown".into()),
-            kontext_stage: text(KONTEXT_STAGE),
-            kind,
-            class,
-            message: text(headers::EXCEPTION_MESSAGE).unwrap_or_default(),
-            time_ms: text(headers::TIME).and_then(|t| parse_time(&t).ok()),
-        }
-    }
-}
-
-/// Headers the dead-letter writer adds (Kafka Connect's and kontext's).
-fn is_error_header(key: &str) -> bool {
-    key.starts_with("__connect.errors.") || key.starts_with("kontext.errors.")
-}
-
-/// `replay`'s filters; all given ones must hold.
-#[derive(Debug, Default)]
-struct Filter {
-    error: Option<String>,
-    stage: Option<String>,
-    since_ms: Option<i64>,
-    until_ms: Option<i64>,
-    key: Option<String>,
-}
-
-impl Filter {
-    fn from_args(args: &ReplayArgs) -> Result<Self> {
-        let time = |flag: &str, v: &Option<String>| -> Result<Option<i64>> {
-            v.as_deref()
-                .map(|t| parse_time(t).map_err(|e| anyhow!("--{flag}: {e}")))
-                .transpose()
-        };
-        Ok(Filter {
-            error: args.error.as_ref().map(|e| e.to_lowercase()),
-            stage: args.stage.clone(),
-            since_ms: time("since", &args.since)?,
-            until_ms: time("until", &args.until)?,
-            key: args.key.clone(),
-        })
-    }
-
-    fn matches(&self, letter: &DeadLetter, record: &Record) -> bool {
-        if let Some(e) = &self.error {
-            let hit = [&letter.kind, &letter.class, &letter.message]
-                .iter()
-                .any(|s| s.to_lowercase().contains(e));
-            if !hit {
-                return false;
-            }
-        }
-        if let Some(s) = &self.stage {
-            let kontext = letter.kontext_stage.as_deref().unwrap_or_default();
-            if !letter.stage.eq_ignore_ascii_case(s) && !kontext.eq_ignore_ascii_case(s) {
-                return false;
-            }
-        }
-        if self.since_ms.is_some() || self.until_ms.is_some() {
-            let Some(t) = letter.time_ms else {
-                return false;
-            };
-            if self.since_ms.is_some_and(|s| t < s) || self.until_ms.is_some_and(|u| t >= u) {
-                return false;
-            }
-        }
-        if let Some(k) = &self.key {
-            if record.key.as_deref() != Some(k.as_bytes()) {
-                return false;
-            }
-        }
-        true
-    }
-}
-
-/// RFC 3339, or a duration ago (`90s`, `15m`, `2h`).
-fn parse_time(text: &str) -> Result<i64, String> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text.trim()) {
-        return Ok(t.timestamp_millis());
-    }
-    match kontext_core::duration::parse(text) {
-        Ok(ago) => Ok(now_ms() - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)),
-        Err(_) => Err(format!(
-            "{text:?} is neither an RFC 3339 time (2026-11-25T14:00:00Z) nor a duration ago (15m, 2h)"
-        )),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Reading a range of a topic through the Log interface
-
-/// Reads each chosen partition of a topic from a start offset to the high watermark it had
-/// when the reader opened. The `Log` interface reads through consumer groups only, so the
-/// reader positions its group with `reset_group_offsets` before joining, and never commits.
-struct RangeReader {
-    topic: String,
-    consumer: Option<Box<dyn Consumer>>,
-    /// Partitions not yet read to their end -> end (exclusive).
-    ends: HashMap<i32, i64>,
-    last_progress: Instant,
-}
-
-impl RangeReader {
-    fn empty(topic: &str) -> Self {
-        Self {
-            topic: topic.to_string(),
-            consumer: None,
-            ends: HashMap::new(),
-            last_progress: Instant::now(),
-        }
-    }
-
-    async fn open(
-        log: &dyn Log,
-        group: &str,
-        desc: &TopicDescription,
-        starts: &BTreeMap<i32, i64>,
-    ) -> Result<Self> {
-        let mut reader = Self::empty(&desc.name);
-        let mut positions = Vec::with_capacity(desc.partitions.len());
-        for p in &desc.partitions {
-            let tp = TopicPartition::new(desc.name.as_str(), p.partition);
-            match starts.get(&p.partition) {
-                Some(start) => {
-                    let start = (*start).clamp(p.low_watermark, p.high_watermark);
-                    if start < p.high_watermark {
-                        reader.ends.insert(p.partition, p.high_watermark);
-                    }
-                    positions.push((tp, start));
-                }
-                // Partitions we do not want: start at the end, read nothing.
-                None => positions.push((tp, p.high_watermark)),
-            }
-        }
-        if reader.ends.is_empty() {
-            return Ok(reader);
-        }
-        log.reset_group_offsets(group, &positions)
-            .await
-            .map_err(|e| match e {
-                LogError::GroupBusy(_) => anyhow!(
-                    "consumer group {group:?} has an active member: another `kontext dlq` \
-                     command is reading, or one just died (Kafka frees its place after the \
-                     session timeout); try again shortly"
-                ),
-                e => anyhow::Error::new(e).context(format!("positioning group {group:?}")),
-            })?;
-        let consumer = log
-            .consumer(ConsumerConfig::new(group, vec![desc.name.clone()]))
-            .await
-            .with_context(|| format!("reading {}", desc.name))?;
-        reader.consumer = Some(consumer);
-        reader.last_progress = Instant::now();
-        Ok(reader)
-    }
-
-    /// The next records in range (in offset order per partition); `None` once every
-    /// partition is read to its end. The consumer leaves its group at that point, so the next
-    /// reader can reuse the group.
-    async fn next_batch(&mut self) -> Result<Option<Vec<Record>>> {
-        loop {
-            if self.ends.is_empty() {
-                self.consumer = None;
-                return Ok(None);
-            }
-            let Some(consumer) = self.consumer.as_mut() else {
-                return Ok(None);
-            };
-            let records = consumer
-                .poll(1000, Duration::from_millis(500))
-                .await
-                .with_context(|| format!("reading {}", self.topic))?;
-            if records.is_empty() {
-                if self.last_progress.elapsed() > STALL_TIMEOUT {
-                    let mut left: Vec<_> = self.ends.iter().collect();
-                    left.sort();
-                    bail!(
-                        "reading {} stalled: no record for {:?} while partitions (partition, end) \
-                         {left:?} are not read to their end",
-                        self.topic,
-                        STALL_TIMEOUT
-                    );
-                }
-                continue;
-            }
-            self.last_progress = Instant::now();
-            let mut out = Vec::with_capacity(records.len());
-            for r in records {
-                let Some(end) = self.ends.get(&r.partition).copied() else {
-                    continue;
-                };
-                if r.offset + 1 >= end {
-                    self.ends.remove(&r.partition);
-                }
-                if r.offset < end {
-                    out.push(r);
-                }
-            }
-            if !out.is_empty() {
-                return Ok(Some(out));
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Output helpers
 
 /// A one-line progress bar on stderr, drawn only when stderr is a terminal (so scripts and
@@ -1659,210 +1167,4 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn letter_record(extra: &[(&str, &str)]) -> Record {
-        let mut headers = vec![
-            Header::new("ce_source", Bytes::from_static(b"erp")),
-            Header::new(REPLAY_OF, Bytes::from_static(b"old.dlq/0/1")),
-        ];
-        for (k, v) in [
-            (headers::TOPIC, "context.orders"),
-            (headers::PARTITION, "4"),
-            (headers::OFFSET, "17"),
-            (headers::STAGE, "TRANSFORMATION"),
-            (
-                headers::EXCEPTION_CLASS_NAME,
-                "kontext_stream::normalize::Router::no_source",
-            ),
-            (
-                headers::EXCEPTION_MESSAGE,
-                "no source for ce_source \"erp\"",
-            ),
-            (headers::KIND, "no_source"),
-            (headers::TIME, "2026-11-25T12:00:00.000Z"),
-        ]
-        .into_iter()
-        .chain(extra.iter().copied())
-        {
-            headers.push(Header::new(k, Bytes::from(v.to_string())));
-        }
-        Record {
-            topic: "context.orders.dlq".into(),
-            partition: 4,
-            offset: 2,
-            timestamp_ms: 1_700_000_000_000,
-            key: Some(Bytes::from_static(b"O-1")),
-            value: Some(Bytes::from_static(b"{\"total\":1}")),
-            headers,
-        }
-    }
-
-    #[test]
-    fn a_replayed_copy_is_the_original_record_with_a_replay_header() {
-        let record = letter_record(&[]);
-        let letter = DeadLetter::parse(&record);
-        let copy = replay_copy(&record, &letter).unwrap();
-        assert_eq!(copy.topic, "context.orders");
-        assert_eq!(copy.partition, Some(4));
-        assert_eq!(copy.key, record.key);
-        assert_eq!(copy.value, record.value);
-        assert_eq!(copy.timestamp_ms, Some(record.timestamp_ms));
-        // Original headers kept in order; error headers and the older replay mark gone.
-        let keys: Vec<&str> = copy.headers.iter().map(|h| h.key.as_str()).collect();
-        assert_eq!(keys, ["ce_source", REPLAY_OF]);
-        assert_eq!(
-            copy.headers[1].value.as_deref(),
-            Some(&b"context.orders.dlq/4/2"[..])
-        );
-    }
-
-    #[test]
-    fn a_dead_letter_without_origin_headers_cannot_be_replayed() {
-        let mut record = letter_record(&[]);
-        record.headers.retain(|h| h.key != headers::PARTITION);
-        let letter = DeadLetter::parse(&record);
-        assert!(replay_copy(&record, &letter).is_err());
-    }
-
-    #[test]
-    fn headers_say_stage_kind_time_and_origin() {
-        let letter = DeadLetter::parse(&letter_record(&[]));
-        assert_eq!(letter.stage, "TRANSFORMATION");
-        assert_eq!(letter.kind, "no_source");
-        assert_eq!(letter.origin, Some(("context.orders".into(), 4, Some(17))));
-        assert_eq!(
-            letter.time_ms,
-            Some(parse_time("2026-11-25T12:00:00Z").unwrap())
-        );
-        assert_eq!(letter.at.to_string(), "context.orders.dlq/4/2");
-    }
-
-    #[test]
-    fn filters_all_have_to_hold() {
-        let record = letter_record(&[]);
-        let letter = DeadLetter::parse(&record);
-        let t = |s: &str| Some(parse_time(s).unwrap());
-        let yes = [
-            Filter::default(),
-            Filter {
-                error: Some("source".into()),
-                ..Default::default()
-            },
-            Filter {
-                stage: Some("transformation".into()),
-                key: Some("O-1".into()),
-                ..Default::default()
-            },
-            Filter {
-                since_ms: t("2026-11-25T12:00:00Z"),
-                until_ms: t("2026-11-25T12:00:01Z"),
-                ..Default::default()
-            },
-        ];
-        for f in &yes {
-            assert!(f.matches(&letter, &record), "{f:?}");
-        }
-        let no = [
-            Filter {
-                error: Some("invalid_json".into()),
-                ..Default::default()
-            },
-            Filter {
-                stage: Some("VALUE_CONVERTER".into()),
-                ..Default::default()
-            },
-            Filter {
-                key: Some("O-2".into()),
-                ..Default::default()
-            },
-            Filter {
-                until_ms: t("2026-11-25T12:00:00Z"),
-                ..Default::default()
-            },
-            Filter {
-                since_ms: t("2026-11-25T12:00:00.001Z"),
-                ..Default::default()
-            },
-        ];
-        for f in &no {
-            assert!(!f.matches(&letter, &record), "{f:?}");
-        }
-    }
-
-    #[test]
-    fn replay_skips_only_what_the_ledger_says_landed() {
-        let done = Known::Done {
-            topic: "t".into(),
-            partition: 0,
-            offset: Some(3),
-            time: String::new(),
-        };
-        let pending = Known::Pending {
-            topic: "t".into(),
-            partition: 0,
-            scan_from: 3,
-        };
-        assert_eq!(decide(false, Some(&done), true), Decision::Filtered);
-        assert_eq!(decide(true, None, false), Decision::Replay);
-        assert_eq!(decide(true, Some(&done), false), Decision::Skip);
-        assert_eq!(decide(true, Some(&done), true), Decision::Replay);
-        // An intent whose copy recovery did not find: it never landed.
-        assert_eq!(decide(true, Some(&pending), false), Decision::Replay);
-    }
-
-    #[test]
-    fn the_last_ledger_entry_wins() {
-        let mut ledger = Ledger {
-            topic: "x.replayed".into(),
-            entries: HashMap::new(),
-        };
-        let entry = |state, offset| LedgerEntry {
-            state,
-            of: "x/0/1".into(),
-            topic: "t".into(),
-            partition: 0,
-            scan_from: Some(5),
-            offset,
-            time: String::new(),
-            pipeline: "p".into(),
-        };
-        ledger.apply(entry(EntryState::Intent, None));
-        assert!(!ledger.is_done("x/0/1"));
-        ledger.apply(entry(EntryState::Done, Some(5)));
-        assert!(ledger.is_done("x/0/1"));
-        // --force writes a new intent: pending again until its done.
-        ledger.apply(entry(EntryState::Intent, None));
-        assert!(!ledger.is_done("x/0/1"));
-    }
-
-    #[test]
-    fn coordinates_round_trip() {
-        let c: Coord = "context.orders.dlq/3/17".parse().unwrap();
-        assert_eq!(
-            (c.topic.as_str(), c.partition, c.offset),
-            ("context.orders.dlq", 3, 17)
-        );
-        assert_eq!(c.to_string(), "context.orders.dlq/3/17");
-        assert!("context.orders.dlq/x/17".parse::<Coord>().is_err());
-        assert!("17".parse::<Coord>().is_err());
-    }
-
-    #[test]
-    fn times_are_rfc3339_or_a_duration_ago() {
-        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1000));
-        let ago = parse_time("1h").unwrap();
-        assert!((now_ms() - ago - 3_600_000).abs() < 60_000);
-        assert!(parse_time("yesterday").is_err());
-    }
-
-    #[test]
-    fn hex_dump_shows_offsets_bytes_and_ascii() {
-        let lines = hex_dump(&[b'{', 0xc3, 0x28, b'}']);
-        assert_eq!(
-            lines,
-            ["00000000  7b c3 28 7d".to_string() + &" ".repeat(36) + "  |{.(}|"]
-        );
-    }
-}
+mod tests;
