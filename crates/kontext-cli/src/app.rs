@@ -1,6 +1,7 @@
 //! Wiring: open the log and the store a pipeline file names, make sure its topics exist, and
 //! run the store sink and the HTTP API until shutdown.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,13 +12,15 @@ use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog, FsyncPolicy};
 use kontext_log::{ConsumerConfig, CreateOutcome, Log, Retention, TopicSpec};
 use kontext_serve::AppState;
-use kontext_store::{ContextStore, EmbeddedStore, PostgresStore, StoreSchema};
+use kontext_store::{ContextStore, EmbeddedStore, PostgresStore, StoreSchema, SwitchableStore};
 use kontext_stream::dlq::DeadLetters;
 use kontext_stream::{PipelineMetrics, Router, StoreSink};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+use crate::rebuild::{self, Rebuilds, StoreSlot};
 
 /// Opens the log backend the pipeline file names.
 pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dyn Log>> {
@@ -144,7 +147,10 @@ pub struct Running {
     pub addr: std::net::SocketAddr,
     /// What the API serves from, for serving MCP on stdio in the same process.
     pub state: AppState,
-    sinks: Vec<(String, JoinHandle<Result<(), kontext_stream::sink::SinkError>>)>,
+    sinks: Vec<(
+        String,
+        JoinHandle<Result<(), kontext_stream::sink::SinkError>>,
+    )>,
     server: JoinHandle<std::io::Result<()>>,
 }
 
@@ -170,19 +176,35 @@ impl Running {
     }
 }
 
-/// Opens one of the pipeline's stores: the embedded file under `data_dir`, or a connection
-/// pool to PostgreSQL (retried with backoff while the server is unreachable, until
-/// `shutdown`).
+/// Opens the version of one of the pipeline's stores that serves now (see
+/// [`crate::rebuild`]), deleting what an interrupted rebuild left behind.
 pub async fn open_store(
     config: &PipelineConfig,
     store: &StoreConfig,
     data_dir: &Path,
     shutdown: &CancellationToken,
+) -> Result<(Arc<dyn ContextStore>, u64)> {
+    let version = rebuild::current_version(data_dir, &store.name)?;
+    if store.kind == StoreKind::Embedded {
+        rebuild::discard_abandoned_files(data_dir, &store.name, version)?;
+    }
+    let opened = open_store_version(config, store, data_dir, version, shutdown).await?;
+    Ok((opened, version))
+}
+
+/// Opens one version of a store: the embedded file under `data_dir`, or a connection pool
+/// to PostgreSQL (retried with backoff while the server is unreachable, until `shutdown`).
+pub async fn open_store_version(
+    config: &PipelineConfig,
+    store: &StoreConfig,
+    data_dir: &Path,
+    version: u64,
+    shutdown: &CancellationToken,
 ) -> Result<Arc<dyn ContextStore>> {
     let schema = StoreSchema::from_config(config);
     match store.kind {
         StoreKind::Embedded => {
-            let path = store_path(data_dir, &store.name);
+            let path = rebuild::version_path(data_dir, &store.name, version);
             let opened = EmbeddedStore::open(&path, schema).with_context(|| {
                 format!(
                     "opening the context store {} (is another kontext using this data directory?)",
@@ -195,10 +217,13 @@ pub async fn open_store(
             let url = store
                 .resolved_url()
                 .map_err(anyhow::Error::msg)?
-                .with_context(|| format!("store {}: `url` is required for kind postgres", store.name))?;
+                .with_context(|| {
+                    format!("store {}: `url` is required for kind postgres", store.name)
+                })?;
+            let namespace = rebuild::version_namespace(store, version);
             let mut backoff = Duration::from_millis(100);
             loop {
-                let connected = match &store.schema {
+                let connected = match &namespace {
                     Some(ns) => PostgresStore::connect_in_namespace(&url, ns, schema.clone()).await,
                     None => PostgresStore::connect(&url, schema.clone()).await,
                 };
@@ -235,7 +260,8 @@ async fn spawn_sink(
 ) -> Result<JoinHandle<Result<(), kontext_stream::sink::SinkError>>> {
     let group = config.store_group(name);
     let consumer = ConsumerConfig::new(group.clone(), config.source_topics());
-    let mut sink = StoreSink::new(log.clone(), store, Router::new(config), consumer, metrics);
+    let mut sink = StoreSink::new(log.clone(), store, Router::new(config), consumer, metrics)
+        .with_config(config);
     if config.dead_letter.enabled {
         let producer = log
             .producer()
@@ -268,8 +294,19 @@ pub async fn start_pipeline(
     let served = config.served_store();
     let mut sinks = Vec::new();
     let mut serving = None;
+    let mut slots = BTreeMap::new();
     for store_config in config.stores() {
-        let store = open_store(config, &store_config, data_dir, &shutdown).await?;
+        let (opened, version) = open_store(config, &store_config, data_dir, &shutdown).await?;
+        let switchable = Arc::new(SwitchableStore::new(opened));
+        slots.insert(
+            store_config.name.clone(),
+            Arc::new(StoreSlot {
+                config: store_config.clone(),
+                store: switchable.clone(),
+                version: std::sync::Mutex::new(version),
+            }),
+        );
+        let store: Arc<dyn ContextStore> = switchable;
         let metrics = Arc::new(PipelineMetrics::default());
         let sink = spawn_sink(
             config,
@@ -298,10 +335,17 @@ pub async fn start_pipeline(
     )
     .with_render(config.serve.render.clone())
     .with_lag(kontext_serve::LagSource {
-        log,
+        log: log.clone(),
         group: config.store_group(&served.name),
         topics: config.source_topics(),
     })
+    .with_admin(Arc::new(Rebuilds::new(
+        config.clone(),
+        data_dir.to_path_buf(),
+        log,
+        slots,
+        shutdown.clone(),
+    )))
     .with_entity_descriptions(kontext_serve::mcp::EntityCatalog::from_config(config));
     let server = tokio::spawn(kontext_serve::serve(listener, state.clone(), shutdown));
     info!(%addr, store = %served.name, "serving context");

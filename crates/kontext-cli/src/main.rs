@@ -6,6 +6,7 @@ mod dlq;
 mod generator;
 mod mcp;
 mod quickstart;
+mod rebuild;
 mod topics;
 
 use std::path::PathBuf;
@@ -58,6 +59,9 @@ enum Command {
     /// Dead letters: list them by topic, stage and error, show one decoded, replay them into
     /// their original topics after a fix (idempotently).
     Dlq(dlq::DlqArgs),
+    /// Rebuild a store from the log into a new version while the current one serves, and
+    /// switch to it atomically once it caught up (blue/green). Talks to the running pipeline.
+    Rebuild(rebuild::RebuildArgs),
 }
 
 fn main() -> ExitCode {
@@ -132,5 +136,6 @@ async fn dispatch(command: Command) -> Result<()> {
         }
         Command::Topics(args) => topics::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Rebuild(args) => rebuild::run_cli(args).await,
     }
 }

@@ -7,6 +7,8 @@
 //! - `GET /v1/lag`: the store's consumer lag per partition
 //! - `GET /healthz`: liveness
 //! - `GET /metrics`: pipeline counters in the Prometheus text format
+//! - `POST|GET|DELETE /v1/admin/stores/{store}/rebuild`: rebuild a store from the log,
+//!   blue/green, while it serves (see [`admin`])
 //!
 //! Errors are JSON `{"error": {"code": ..., "message": ...}}` with a stable code.
 //!
@@ -14,6 +16,7 @@
 //! (markdown for prompts), `mcp/` (the MCP server), `ops.rs` (lag, metrics, health),
 //! `error.rs`.
 
+pub mod admin;
 pub mod context;
 mod error;
 pub mod mcp;
@@ -51,6 +54,8 @@ pub struct AppState {
     /// What the MCP tool `describe_entity_types` says about each entity type (key, topic,
     /// fields per source); `None` describes only names and relations, from the store schema.
     pub entity_descriptions: Option<Arc<mcp::EntityCatalog>>,
+    /// Runs store rebuilds; `None` answers the admin endpoints with 404.
+    pub admin: Option<Arc<dyn admin::Admin>>,
 }
 
 impl AppState {
@@ -67,6 +72,7 @@ impl AppState {
             lag: None,
             render: Arc::new(RenderConfig::default()),
             entity_descriptions: None,
+            admin: None,
         }
     }
 
@@ -79,6 +85,12 @@ impl AppState {
     /// Turns on `/v1/lag` for the store's consumer group.
     pub fn with_lag(mut self, lag: LagSource) -> Self {
         self.lag = Some(lag);
+        self
+    }
+
+    /// Turns on the admin endpoints (store rebuilds).
+    pub fn with_admin(mut self, admin: Arc<dyn admin::Admin>) -> Self {
+        self.admin = Some(admin);
         self
     }
 
@@ -109,6 +121,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/context:batchGet", post(context::batch_get))
         .route("/v1/entities/{entity_type}", get(context::list_entities))
         .route("/v1/lag", get(ops::lag))
+        .route(
+            "/v1/admin/stores/{store}/rebuild",
+            post(admin::start_rebuild)
+                .get(admin::rebuild_status)
+                .delete(admin::cancel_rebuild),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .with_state(state.clone())

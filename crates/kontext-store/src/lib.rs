@@ -11,14 +11,16 @@
 mod document;
 mod embedded;
 mod model;
-mod postgres;
+pub mod postgres;
 mod store;
+mod switch;
 
 pub use document::{ContextDocument, ProvenanceView, RelatedEntity, RelatedList};
 pub use embedded::{ApplyStats, EmbeddedStore};
 pub use model::*;
 pub use postgres::PostgresStore;
 pub use store::ContextStore;
+pub use switch::{SwitchOutcome, SwitchableStore};
 
 /// Errors of a context store.
 #[derive(Debug, thiserror::Error)]

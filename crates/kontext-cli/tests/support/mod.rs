@@ -204,3 +204,44 @@ pub fn context_sources(body: &serde_json::Value) -> std::collections::BTreeSet<S
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// Valid records per (entity type, id), recounted from the embedded log in `data_dir/log`
+/// (the source of truth), and the number of records in it.
+pub async fn expected_from_log(
+    data_dir: &Path,
+    config: &kontext_core::config::PipelineConfig,
+) -> (std::collections::BTreeMap<(String, String), u64>, u64) {
+    use kontext_log::Log;
+    let router = kontext_stream::Router::new(config);
+    let log = kontext_log::embedded::EmbeddedLog::open(
+        &data_dir.join("log"),
+        kontext_log::embedded::EmbeddedConfig::default(),
+    )
+    .expect("open the log");
+    let mut expected = std::collections::BTreeMap::new();
+    let mut total = 0u64;
+    for topic in config.source_topics() {
+        let description = log.describe_topic(&topic).await.expect("describe");
+        for p in description.partitions {
+            let mut offset = p.low_watermark;
+            while offset < p.high_watermark {
+                let records = log
+                    .fetch(&topic, p.partition, offset, 1_000)
+                    .expect("fetch");
+                assert!(
+                    !records.is_empty(),
+                    "{topic}/{} has a gap at {offset}",
+                    p.partition
+                );
+                for r in &records {
+                    offset = r.offset + 1;
+                    total += 1;
+                    if let kontext_stream::Outcome::Update(u) = router.process(r) {
+                        *expected.entry((u.entity_type, u.entity_id)).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+    (expected, total)
+}

@@ -1,0 +1,646 @@
+//! Blue/green rebuilds of a context store from the log, while the current version serves.
+//!
+//! A store's versions: 0 is the original (`stores/<name>.redb`, or the configured PostgreSQL
+//! schema), N > 0 is `stores/<name>.v<N>.redb` or the schema `<schema>_v<N>`. The file
+//! `stores/<name>.current` names the version in use (absent: 0).
+//!
+//! A rebuild of version N+1: open it empty, feed it from the beginning of the log in its own
+//! consumer group (`kontext.<pipeline>.store.<name>.rebuild.v<N+1>`, no dead letters: the
+//! live sink reported those already) and, whenever it has applied at least everything the
+//! current version has, switch ([`SwitchableStore::switch_if_caught_up`]); then record the
+//! new version in the pointer file and delete the old version. Until the switch nothing
+//! about the current version changes: an interrupted or failed rebuild (cancelled, crashed,
+//! killed) leaves it serving as before, and the next start deletes the abandoned version.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kontext_core::config::{PipelineConfig, StoreConfig, StoreKind};
+use kontext_core::envelope::now_ms;
+use kontext_log::{ConsumerConfig, Log};
+use kontext_serve::admin::{Admin, RebuildState, RebuildStatus, StatusCode};
+use kontext_serve::ApiError;
+use kontext_store::{ContextStore, SwitchOutcome, SwitchableStore};
+use kontext_stream::{PipelineMetrics, Router, StoreSink};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::app;
+
+/// How often a running rebuild samples its progress and tries to switch.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// A store of the running pipeline and the version it serves.
+pub struct StoreSlot {
+    pub config: StoreConfig,
+    pub store: Arc<SwitchableStore>,
+    pub version: Mutex<u64>,
+}
+
+/// The rebuilds of a running pipeline's stores.
+pub struct Rebuilds {
+    config: PipelineConfig,
+    data_dir: PathBuf,
+    log: Arc<dyn Log>,
+    slots: BTreeMap<String, Arc<StoreSlot>>,
+    runs: Mutex<BTreeMap<String, Run>>,
+    shutdown: CancellationToken,
+}
+
+struct Run {
+    status: Arc<Mutex<RebuildStatus>>,
+    cancel: CancellationToken,
+}
+
+impl Rebuilds {
+    pub fn new(
+        config: PipelineConfig,
+        data_dir: PathBuf,
+        log: Arc<dyn Log>,
+        slots: BTreeMap<String, Arc<StoreSlot>>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            config,
+            data_dir,
+            log,
+            slots,
+            runs: Mutex::new(BTreeMap::new()),
+            shutdown,
+        }
+    }
+
+    fn slot(&self, store: &str) -> Result<&Arc<StoreSlot>, ApiError> {
+        self.slots.get(store).ok_or_else(|| {
+            let known: Vec<&str> = self.slots.keys().map(String::as_str).collect();
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_store",
+                format!(
+                    "no store named {store:?}; this pipeline has: {}",
+                    known.join(", ")
+                ),
+            )
+        })
+    }
+}
+
+impl Admin for Rebuilds {
+    fn start_rebuild(&self, store: &str) -> Result<RebuildStatus, ApiError> {
+        let slot = self.slot(store)?.clone();
+        let mut runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(run) = runs.get(store) {
+            let status = lock(&run.status).clone();
+            if status.state == RebuildState::Running {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "rebuild_running",
+                    format!(
+                        "store {store:?} is being rebuilt already ({} of {} records)",
+                        status.applied, status.total
+                    ),
+                ));
+            }
+        }
+        let current = *lock(&slot.version);
+        let status = Arc::new(Mutex::new(RebuildStatus {
+            store: store.to_string(),
+            state: RebuildState::Running,
+            current_version: current,
+            target_version: current + 1,
+            applied: 0,
+            total: 0,
+            started_ms: now_ms(),
+            finished_ms: None,
+            error: None,
+        }));
+        let cancel = self.shutdown.child_token();
+        let job = Job {
+            config: self.config.clone(),
+            data_dir: self.data_dir.clone(),
+            log: self.log.clone(),
+            slot,
+            status: status.clone(),
+            cancel: cancel.clone(),
+        };
+        tokio::spawn(job.run());
+        let snapshot = lock(&status).clone();
+        runs.insert(store.to_string(), Run { status, cancel });
+        Ok(snapshot)
+    }
+
+    fn rebuild_status(&self, store: &str) -> Result<RebuildStatus, ApiError> {
+        let slot = self.slot(store)?;
+        let runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+        match runs.get(store) {
+            Some(run) => Ok(lock(&run.status).clone()),
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_rebuild",
+                format!(
+                    "store {store:?} (version {}) has not been rebuilt since this process started",
+                    lock(&slot.version)
+                ),
+            )),
+        }
+    }
+
+    fn cancel_rebuild(&self, store: &str) -> Result<RebuildStatus, ApiError> {
+        self.slot(store)?;
+        let runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+        match runs.get(store) {
+            Some(run) if lock(&run.status).state == RebuildState::Running => {
+                run.cancel.cancel();
+                Ok(lock(&run.status).clone())
+            }
+            _ => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "no_rebuild_running",
+                format!("store {store:?} is not being rebuilt"),
+            )),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One rebuild, from opening the new version to the switch (or giving up).
+struct Job {
+    config: PipelineConfig,
+    data_dir: PathBuf,
+    log: Arc<dyn Log>,
+    slot: Arc<StoreSlot>,
+    status: Arc<Mutex<RebuildStatus>>,
+    cancel: CancellationToken,
+}
+
+impl Job {
+    async fn run(self) {
+        let name = self.slot.config.name.clone();
+        let target = lock(&self.status).target_version;
+        let result = self.rebuild(target).await;
+        let mut status = lock(&self.status);
+        status.finished_ms = Some(now_ms());
+        match result {
+            Ok(true) => {
+                status.state = RebuildState::Switched;
+                status.current_version = target;
+                info!(store = %name, version = target, "rebuild finished: the new version serves");
+            }
+            Ok(false) => {
+                status.state = RebuildState::Cancelled;
+                info!(store = %name, "rebuild interrupted; the current version is untouched");
+            }
+            Err(e) => {
+                status.state = RebuildState::Failed;
+                status.error = Some(format!("{e:#}"));
+                warn!(store = %name, error = %format!("{e:#}"), "rebuild failed; the current version is untouched");
+            }
+        }
+    }
+
+    /// `Ok(true)` once switched, `Ok(false)` if interrupted.
+    async fn rebuild(&self, target: u64) -> Result<bool> {
+        let store_config = &self.slot.config;
+        discard_version(store_config, &self.data_dir, target).await?;
+        let green = app::open_store_version(
+            &self.config,
+            store_config,
+            &self.data_dir,
+            target,
+            &self.cancel,
+        )
+        .await?;
+        let group = format!(
+            "{}.rebuild.v{target}",
+            self.config.store_group(&store_config.name)
+        );
+        info!(store = %store_config.name, version = target, %group, "rebuilding from the beginning of the log");
+        let sink = StoreSink::new(
+            self.log.clone(),
+            green.clone(),
+            Router::new(&self.config),
+            ConsumerConfig::new(group, self.config.source_topics()),
+            Arc::new(PipelineMetrics::default()),
+        );
+        let sink_stop = self.cancel.child_token();
+        let mut feeding = tokio::spawn(sink.run(sink_stop.clone()));
+        let outcome = self.until_switched(&green, &mut feeding).await;
+        sink_stop.cancel();
+        let fed = feeding.await;
+        match outcome {
+            Ok(Some(old)) => {
+                let old_version = std::mem::replace(&mut *lock(&self.slot.version), target);
+                write_current_version(&self.data_dir, &store_config.name, target)?;
+                drop(old);
+                if let Err(e) = discard_version(store_config, &self.data_dir, old_version).await {
+                    warn!(store = %store_config.name, version = old_version, error = %format!("{e:#}"), "could not delete the replaced version");
+                }
+                Ok(true)
+            }
+            Ok(None) => {
+                drop(green);
+                discard_version(store_config, &self.data_dir, target).await?;
+                Ok(false)
+            }
+            Err(e) => {
+                drop(green);
+                let _ = discard_version(store_config, &self.data_dir, target).await;
+                match fed {
+                    Ok(Err(sink_error)) => Err(e.context(sink_error.to_string())),
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Samples progress and tries to switch until it worked (the replaced version), the
+    /// rebuild is interrupted (`None`) or its sink failed.
+    async fn until_switched(
+        &self,
+        green: &Arc<dyn ContextStore>,
+        feeding: &mut tokio::task::JoinHandle<Result<(), kontext_stream::sink::SinkError>>,
+    ) -> Result<Option<Arc<dyn ContextStore>>> {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(None),
+                ended = &mut *feeding => {
+                    let why = match ended {
+                        Ok(Ok(())) => "the rebuild's sink stopped".to_string(),
+                        Ok(Err(e)) => format!("the rebuild's sink failed: {e}"),
+                        Err(e) => format!("the rebuild's sink panicked: {e}"),
+                    };
+                    anyhow::bail!(why);
+                }
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
+            }
+            let applied: i64 = green.applied_offsets().await?.values().sum();
+            let total = high_watermarks(self.log.as_ref(), &self.config).await?;
+            {
+                let mut status = lock(&self.status);
+                status.applied = applied;
+                status.total = total;
+            }
+            if let (SwitchOutcome::Switched, old) =
+                self.slot.store.switch_if_caught_up(green).await?
+            {
+                return Ok(old);
+            }
+        }
+    }
+}
+
+/// Records in the pipeline's source topics: high watermarks summed.
+async fn high_watermarks(log: &dyn Log, config: &PipelineConfig) -> Result<i64> {
+    let mut total = 0;
+    for topic in config.source_topics() {
+        let description = log.describe_topic(&topic).await?;
+        total += description
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark)
+            .sum::<i64>();
+    }
+    Ok(total)
+}
+
+/// The file of an embedded store's version.
+pub fn version_path(data_dir: &Path, store: &str, version: u64) -> PathBuf {
+    match version {
+        0 => app::store_path(data_dir, store),
+        v => data_dir.join("stores").join(format!("{store}.v{v}.redb")),
+    }
+}
+
+/// The PostgreSQL schema of a store's version (`None`: the URL's default schema).
+pub fn version_namespace(store: &StoreConfig, version: u64) -> Option<String> {
+    match version {
+        0 => store.schema.clone(),
+        v => Some(format!(
+            "{}_v{v}",
+            store.schema.as_deref().unwrap_or("kontext")
+        )),
+    }
+}
+
+fn pointer_path(data_dir: &Path, store: &str) -> PathBuf {
+    data_dir.join("stores").join(format!("{store}.current"))
+}
+
+/// The version a store serves, from its pointer file (0 without one).
+pub fn current_version(data_dir: &Path, store: &str) -> Result<u64> {
+    let path = pointer_path(data_dir, store);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().with_context(|| {
+            format!(
+                "{} should hold a version number; delete it to use version 0",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Makes `version` current durably: write a temporary file, fsync, rename over the pointer,
+/// fsync the directory.
+fn write_current_version(data_dir: &Path, store: &str, version: u64) -> Result<()> {
+    let path = pointer_path(data_dir, store);
+    let dir = path.parent().expect("the pointer lives in stores/");
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("current.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{version}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Deletes a version's data (a replaced or abandoned one); absent data is fine.
+pub async fn discard_version(store: &StoreConfig, data_dir: &Path, version: u64) -> Result<()> {
+    match store.kind {
+        StoreKind::Embedded => {
+            let path = version_path(data_dir, &store.name, version);
+            match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("deleting {}", path.display())),
+            }
+        }
+        StoreKind::Postgres => match version_namespace(store, version) {
+            // Version 0 without a schema lives in `public`, beside whatever else is there:
+            // it is left in place.
+            None => Ok(()),
+            Some(ns) if version == 0 && store.schema.is_some() => {
+                warn!(store = %store.name, schema = %ns, "leaving the original schema in place; drop it when no longer needed");
+                Ok(())
+            }
+            Some(ns) => {
+                let url = store
+                    .resolved_url()
+                    .map_err(anyhow::Error::msg)?
+                    .context("a postgres store needs a url")?;
+                kontext_store::postgres::drop_namespace(&url, &ns)
+                    .await
+                    .with_context(|| format!("dropping the schema {ns}"))
+            }
+        },
+    }
+}
+
+/// Deletes the versions of an embedded store a crashed or interrupted rebuild left behind
+/// (every `<name>.v<N>.redb` but the current one).
+pub fn discard_abandoned_files(data_dir: &Path, store: &str, current: u64) -> Result<()> {
+    let dir = data_dir.join("stores");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    let prefix = format!("{store}.v");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(version) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|f| f.strip_suffix(".redb"))
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if version != current {
+            info!(
+                store,
+                version, "deleting a version an interrupted rebuild left behind"
+            );
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("deleting {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `kontext rebuild`: asks the running pipeline to rebuild a store and follows its progress.
+#[derive(Debug, clap::Args)]
+pub struct RebuildArgs {
+    /// The store to rebuild (its `name` in the pipeline file).
+    #[arg(long)]
+    pub store: String,
+    /// The pipeline file: the API address is its `serve.listen`.
+    #[arg(short, long, required_unless_present = "api")]
+    pub config: Option<PathBuf>,
+    /// The running pipeline's API, e.g. `http://127.0.0.1:8080` (instead of `--config`).
+    #[arg(long)]
+    pub api: Option<String>,
+    /// Start the rebuild and return without following it.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// Starts the rebuild over HTTP and prints its progress until it switched, failed or was
+/// interrupted; Ctrl-C interrupts it (the current version keeps serving).
+pub async fn run_cli(args: RebuildArgs) -> Result<()> {
+    let api = match (&args.api, &args.config) {
+        (Some(api), _) => api.trim_end_matches('/').to_string(),
+        (None, Some(path)) => format!("http://{}", PipelineConfig::load(path)?.serve.listen),
+        (None, None) => anyhow::bail!("give --config or --api"),
+    };
+    let url = format!("{api}/v1/admin/stores/{}/rebuild", args.store);
+    let client = reqwest::Client::new();
+    let started = client.post(&url).send().await.with_context(|| {
+        format!("no kontext is serving at {api}: start the pipeline (kontext run -c ...) first; a rebuild runs inside it")
+    })?;
+    let mut status = admin_reply(started).await?;
+    eprintln!(
+        "rebuilding store {:?}: version {} -> {} (the current version keeps serving)",
+        status.store, status.current_version, status.target_version
+    );
+    if args.detach {
+        return Ok(());
+    }
+    let interrupted = CancellationToken::new();
+    app::cancel_on_signal(interrupted.clone());
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_print = 0;
+    while status.state == RebuildState::Running {
+        tokio::select! {
+            _ = interrupted.cancelled() => {
+                status = admin_reply(client.delete(&url).send().await?).await?;
+                eprintln!("\ninterrupting the rebuild; the current version is untouched");
+                while status.state == RebuildState::Running {
+                    tokio::time::sleep(CHECK_EVERY).await;
+                    status = admin_reply(client.get(&url).send().await?).await?;
+                }
+                break;
+            }
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+        status = admin_reply(client.get(&url).send().await?).await?;
+        let now = now_ms();
+        if tty || now - last_print >= 1_000 {
+            last_print = now;
+            eprint!(
+                "{}{}",
+                progress_line(&status),
+                if tty { "\r" } else { "\n" }
+            );
+        }
+    }
+    let took = status.finished_ms.unwrap_or_else(now_ms) - status.started_ms;
+    eprintln!("{}", progress_line(&status));
+    match status.state {
+        RebuildState::Switched => {
+            println!(
+                "store {:?} rebuilt: version {} serves ({} records replayed in {:.1} s)",
+                status.store,
+                status.current_version,
+                status.applied,
+                took as f64 / 1000.0
+            );
+            Ok(())
+        }
+        RebuildState::Cancelled => anyhow::bail!(
+            "rebuild of {:?} interrupted; version {} still serves",
+            status.store,
+            status.current_version
+        ),
+        RebuildState::Failed | RebuildState::Running => anyhow::bail!(
+            "rebuild of {:?} failed: {}; version {} still serves",
+            status.store,
+            status.error.as_deref().unwrap_or("unknown error"),
+            status.current_version
+        ),
+    }
+}
+
+/// `[#########...........]  45%  1234/2741 records`
+fn progress_line(status: &RebuildStatus) -> String {
+    const WIDTH: usize = 30;
+    let fraction = if status.total > 0 {
+        (status.applied as f64 / status.total as f64).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let done = (fraction * WIDTH as f64).round() as usize;
+    format!(
+        "[{}{}] {:>3}%  {}/{} records",
+        "#".repeat(done),
+        ".".repeat(WIDTH - done),
+        (fraction * 100.0).round() as u32,
+        status.applied,
+        status.total
+    )
+}
+
+async fn admin_reply(response: reqwest::Response) -> Result<RebuildStatus> {
+    let code = response.status();
+    let body = response.text().await?;
+    if code.is_success() {
+        return serde_json::from_str(&body).with_context(|| format!("unexpected answer: {body}"));
+    }
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or(body);
+    anyhow::bail!("{message} (HTTP {code})")
+}
+
+#[cfg(test)]
+mod tests {
+    use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
+
+    use super::*;
+
+    async fn wait_for(status: impl Fn() -> RebuildStatus, state: RebuildState) -> RebuildStatus {
+        for _ in 0..400 {
+            let s = status();
+            if s.state == state {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the rebuild never reached {state:?}: {:?}", status());
+    }
+
+    /// A rebuild that cannot catch up (the current version claims offsets the log does not
+    /// have yet) is interrupted: the current version still serves, no pointer file was
+    /// written and the abandoned version's file is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_rebuild_leaves_the_current_version_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::quickstart::builtin_pipeline().unwrap();
+        let log: Arc<dyn Log> =
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+        app::ensure_topics(log.as_ref(), &config).await.unwrap();
+        let store_config = config.served_store();
+        let shutdown = CancellationToken::new();
+        let (blue, version) = app::open_store(&config, &store_config, dir.path(), &shutdown)
+            .await
+            .unwrap();
+        assert_eq!(version, 0);
+        let topic = config.source_topics()[0].clone();
+        blue.apply(&[], &[(topic, 0, 1_000_000)]).await.unwrap();
+        let slot = Arc::new(StoreSlot {
+            config: store_config.clone(),
+            store: Arc::new(SwitchableStore::new(blue.clone())),
+            version: Mutex::new(0),
+        });
+        let rebuilds = Rebuilds::new(
+            config.clone(),
+            dir.path().to_path_buf(),
+            log,
+            BTreeMap::from([(store_config.name.clone(), slot.clone())]),
+            shutdown,
+        );
+        let started = rebuilds.start_rebuild(&store_config.name).unwrap();
+        assert_eq!((started.current_version, started.target_version), (0, 1));
+        let again = rebuilds.start_rebuild(&store_config.name).unwrap_err();
+        assert_eq!(again.code, "rebuild_running");
+        assert!(
+            version_path(dir.path(), &store_config.name, 1).exists() || {
+                // The job may not have opened it yet; give it a moment.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                version_path(dir.path(), &store_config.name, 1).exists()
+            }
+        );
+
+        rebuilds.cancel_rebuild(&store_config.name).unwrap();
+        let status = || rebuilds.rebuild_status(&store_config.name).unwrap();
+        let done = wait_for(status, RebuildState::Cancelled).await;
+        assert_eq!(done.current_version, 0);
+        assert!(Arc::ptr_eq(&slot.store.current(), &blue));
+        assert_eq!(*slot.version.lock().unwrap(), 0);
+        assert!(!pointer_path(dir.path(), &store_config.name).exists());
+        assert!(!version_path(dir.path(), &store_config.name, 1).exists());
+        assert_eq!(current_version(dir.path(), &store_config.name).unwrap(), 0);
+    }
+
+    #[test]
+    fn abandoned_versions_are_deleted_and_the_current_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = dir.path().join("stores");
+        std::fs::create_dir_all(&stores).unwrap();
+        for f in ["main.v1.redb", "main.v2.redb", "other.v1.redb", "main.redb"] {
+            std::fs::write(stores.join(f), b"x").unwrap();
+        }
+        write_current_version(dir.path(), "main", 2).unwrap();
+        assert_eq!(current_version(dir.path(), "main").unwrap(), 2);
+        discard_abandoned_files(dir.path(), "main", 2).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&stores)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["main.current", "main.redb", "main.v2.redb", "other.v1.redb"]
+        );
+    }
+}
