@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
         Outcome::Filtered { source } => assert_eq!(source, "crm"),
         Outcome::Invalid(e) => {
             assert!(!e.kind().is_empty());
+            assert!(!e.is_transient(), "processing errors are permanent");
             let _ = e.to_string();
         }
     }

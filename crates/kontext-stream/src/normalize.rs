@@ -88,6 +88,16 @@ impl ProcessError {
             ProcessError::Normalize(e) => e.kind(),
         }
     }
+
+    /// Whether the same record could be processed on another try: never, since decoding,
+    /// routing and mappings are pure functions of the record and the pipeline file. Listed
+    /// per variant so that a new variant has to be classified (docs/failures.md).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ProcessError::Envelope(e) => e.is_transient(),
+            ProcessError::NoSource { .. } | ProcessError::Normalize(_) => false,
+        }
+    }
 }
 
 /// The pipeline's sources, compiled for the hot path.

@@ -362,3 +362,101 @@ async fn stopping_postgres_mid_ingest_loses_nothing_and_dead_letters_nothing() {
     assert_eq!(metrics.breaker(), (BreakerState::Closed, "none"));
     assert!(metrics.retries("store_probe") > 0);
 }
+
+/// The other failure: PostgreSQL is up but rejects one row (text cannot hold NUL, so an entity
+/// id with a NUL character can never be written). That record alone is dead-lettered with
+/// stage `store`; every other record is applied and the breaker never opens. Uses the shared
+/// server of `scripts/postgres.sh start` (or `KONTEXT_TEST_POSTGRES`), in a schema of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_postgres_rejects_is_dead_lettered_and_the_rest_applied() {
+    let url = std::env::var("KONTEXT_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://kontext@127.0.0.1:55432/kontext".into());
+    let config = pipeline();
+    let namespace = format!(
+        "rejects_{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let store = Arc::new(
+        PostgresStore::connect_in_namespace(&url, &namespace, StoreSchema::from_config(&config))
+            .await
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {url} is unreachable ({e}): run scripts/postgres.sh start")
+            }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> =
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    log.create_topic(&TopicSpec::new(TOPIC, 3)).await.unwrap();
+    let dlq_topic = config.dead_letter.topic_for(TOPIC);
+    log.create_topic(&TopicSpec::new(&dlq_topic, 3))
+        .await
+        .unwrap();
+    let mut records: Vec<ProduceRecord> = (0..ENTITIES).map(event).collect();
+    let mut nul = event(ENTITIES + 1);
+    nul.key = Some(Bytes::from_static(b"C\0NUL"));
+    records.insert(ENTITIES / 2, nul.clone());
+    log.producer().await.unwrap().send(records).await.unwrap();
+
+    let metrics = Arc::new(PipelineMetrics::default());
+    let sink = StoreSink::new(
+        log.clone(),
+        store.clone(),
+        Router::new(&config),
+        ConsumerConfig::new("rejects", vec![TOPIC.into()]),
+        metrics.clone(),
+    )
+    .with_config(&config)
+    .with_dead_letters(DeadLetters::new(
+        config.dead_letter.clone(),
+        config.name.clone(),
+        "rejects".into(),
+        log.producer().await.unwrap(),
+    ));
+    let shutdown = CancellationToken::new();
+    let mut task = tokio::spawn(sink.run(shutdown.clone()));
+    let end = end_offsets(&log).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let applied = store.applied_offsets().await.unwrap();
+        if end.iter().all(|(k, e)| applied.get(k) == Some(e)) {
+            break;
+        }
+        assert!(
+            !task.is_finished(),
+            "the sink stopped: {:?}",
+            (&mut task).await
+        );
+        assert!(Instant::now() < deadline, "stuck: {applied:?} vs {end:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    assert_eq!(store.dump().await.unwrap().len(), ENTITIES);
+    assert_eq!(
+        metrics
+            .dead_lettered()
+            .get(&(TOPIC.to_string(), "store", "store_rejected")),
+        Some(&1)
+    );
+    assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 0);
+    let mut reader = log
+        .consumer(ConsumerConfig::new("rejects-reader", vec![dlq_topic]))
+        .await
+        .unwrap();
+    let mut letters = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while letters.is_empty() && Instant::now() < deadline {
+        letters = reader.poll(10, Duration::from_millis(200)).await.unwrap();
+    }
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].key, nul.key);
+    assert_eq!(letters[0].value, nul.value);
+    assert_eq!(
+        letters[0].header(kontext_stream::dlq::headers::KONTEXT_STAGE),
+        Some(&b"store"[..])
+    );
+}
