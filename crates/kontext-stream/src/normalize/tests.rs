@@ -385,6 +385,60 @@ fn an_unvalidated_config_with_a_broken_program_rejects_records_instead_of_panick
     assert!(e.to_string().contains("does not compile"), "{e}");
 }
 
+mod dead_letters {
+    use std::sync::Arc;
+
+    use kontext_core::config::DeadLetterConfig;
+    use kontext_core::record::{ProduceRecord, RecordPosition};
+    use kontext_log::{LogError, Producer};
+
+    use super::*;
+    use crate::dlq::{headers, DeadLetters};
+
+    struct NoProducer;
+
+    #[async_trait::async_trait]
+    impl Producer for NoProducer {
+        async fn send(&self, _: Vec<ProduceRecord>) -> Result<Vec<RecordPosition>, LogError> {
+            Err(LogError::Invalid("unused".into()))
+        }
+        async fn flush(&self) -> Result<(), LogError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_coercion_becomes_a_dead_letter_of_the_transformation_stage() {
+        let rec = billing(json!({"amount": "12,50"}));
+        let Outcome::Invalid(error) = computed_router().process(&rec) else {
+            panic!("expected a rejection")
+        };
+        let dlq = DeadLetters::new(
+            DeadLetterConfig::default(),
+            "t".into(),
+            "g".into(),
+            Arc::new(NoProducer),
+        );
+        let letter = dlq.letter(&rec, &error);
+        assert_eq!(letter.topic, "context.customers.dlq");
+        assert_eq!(letter.value, rec.value);
+        let get = |k: &str| {
+            letter
+                .headers
+                .iter()
+                .find(|h| h.key == k)
+                .and_then(|h| h.value.clone())
+                .map(|v| String::from_utf8(v.to_vec()).unwrap())
+        };
+        assert_eq!(get(headers::KIND).as_deref(), Some("coercion_failed"));
+        assert_eq!(get(headers::STAGE).as_deref(), Some("TRANSFORMATION"));
+        assert_eq!(
+            get(headers::EXCEPTION_MESSAGE).as_deref(),
+            Some(r#"sources.billing.fields.credit: cannot convert "12,50" to number"#)
+        );
+    }
+}
+
 mod path_mappings {
     use proptest::prelude::*;
 
