@@ -2,9 +2,11 @@
 //!
 //! Everything is compiled once when the pipeline starts: field paths are split into segments
 //! (the hot path only walks JSON maps), jq programs are compiled, coercions become an enum.
-//! Path-only mappings never touch the jq interpreter; a source with any jq program converts
-//! its payload to jq values once per record, shared by all of its programs.
+//! Path-only mappings never touch the jq interpreter; the first jq program a record needs
+//! converts its payload to jq values, once, for all programs of its source (a record dropped
+//! by a plain condition first never pays for it).
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 
 use kontext_core::config::{Condition, FieldMapping, FieldType, PipelineConfig};
@@ -120,8 +122,25 @@ struct CompiledSource {
     key_field: String,
     fields: Vec<CompiledField>,
     drop_if: Vec<CompiledCondition>,
-    /// Some field or condition runs jq: the payload is converted once per record.
-    uses_jq: bool,
+}
+
+/// A record's payload as jq input, converted on first use.
+struct LazyJqInput<'a> {
+    event: &'a ContextEvent,
+    data: &'a Map<String, Value>,
+    cell: OnceCell<JqInput>,
+}
+
+impl LazyJqInput<'_> {
+    fn get(&self) -> &JqInput {
+        self.cell.get_or_init(|| {
+            JqInput::new(
+                self.data,
+                self.event.event_type.as_deref(),
+                self.event.source.as_deref(),
+            )
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -202,17 +221,12 @@ impl Router {
                 .enumerate()
                 .map(|(i, c)| compile_condition(&format!("sources.{name}.filter.drop_if[{i}]"), c))
                 .collect();
-            let uses_jq = fields.iter().any(|f| matches!(f.value, FieldValue::Jq(_)))
-                || drop_if
-                    .iter()
-                    .any(|c| matches!(c, CompiledCondition::Jq { .. }));
             let compiled = CompiledSource {
                 name: name.clone(),
                 entity_type: source.entity.clone(),
                 key_field,
                 fields,
                 drop_if,
-                uses_jq,
             };
             let entry = topics.entry(source.topic.clone()).or_default();
             match &source.matcher {
@@ -248,10 +262,12 @@ impl Router {
         let change = match &event.data {
             None => Change::Delete,
             Some(data) => {
-                let jq_input = source.uses_jq.then(|| {
-                    JqInput::new(data, event.event_type.as_deref(), event.source.as_deref())
-                });
-                match source.filter(&event, data, jq_input.as_ref()) {
+                let jq_input = LazyJqInput {
+                    event: &event,
+                    data,
+                    cell: OnceCell::new(),
+                };
+                match source.filter(&event, data, &jq_input) {
                     Ok(false) => {}
                     Ok(true) => {
                         return Outcome::Filtered {
@@ -260,7 +276,7 @@ impl Router {
                     }
                     Err(e) => return Outcome::Invalid(e.into()),
                 }
-                match source.normalize(data, &event.entity_id, jq_input.as_ref()) {
+                match source.normalize(data, &event.entity_id, &jq_input) {
                     Ok(fields) => Change::Upsert(fields),
                     Err(e) => return Outcome::Invalid(e.into()),
                 }
@@ -290,7 +306,7 @@ impl CompiledSource {
         &self,
         event: &ContextEvent,
         data: &Map<String, Value>,
-        jq_input: Option<&JqInput>,
+        jq_input: &LazyJqInput,
     ) -> Result<bool, NormalizeError> {
         for c in &self.drop_if {
             if c.holds(event, data, jq_input)? {
@@ -307,7 +323,7 @@ impl CompiledSource {
         &self,
         data: &Map<String, Value>,
         entity_id: &str,
-        jq_input: Option<&JqInput>,
+        jq_input: &LazyJqInput,
     ) -> Result<Map<String, Value>, NormalizeError> {
         let mut out = Map::with_capacity(self.fields.len() + 1);
         for field in &self.fields {
@@ -360,18 +376,14 @@ impl Jq {
             .map_err(|e| self.error(at, format!("does not compile: {e}")))
     }
 
-    fn first(&self, at: &str, input: Option<&JqInput>) -> Result<Option<Value>, NormalizeError> {
-        let input = input.ok_or_else(|| self.error(at, "no input".into()))?;
-        self.program(at)?
-            .first(input)
-            .map_err(|e| self.error(at, e.0))
+    fn first(&self, at: &str, input: &LazyJqInput) -> Result<Option<Value>, NormalizeError> {
+        let program = self.program(at)?;
+        program.first(input.get()).map_err(|e| self.error(at, e.0))
     }
 
-    fn holds(&self, at: &str, input: Option<&JqInput>) -> Result<bool, NormalizeError> {
-        let input = input.ok_or_else(|| self.error(at, "no input".into()))?;
-        self.program(at)?
-            .holds(input)
-            .map_err(|e| self.error(at, e.0))
+    fn holds(&self, at: &str, input: &LazyJqInput) -> Result<bool, NormalizeError> {
+        let program = self.program(at)?;
+        program.holds(input.get()).map_err(|e| self.error(at, e.0))
     }
 }
 
@@ -380,7 +392,7 @@ impl CompiledCondition {
         &self,
         event: &ContextEvent,
         data: &Map<String, Value>,
-        jq_input: Option<&JqInput>,
+        jq_input: &LazyJqInput,
     ) -> Result<bool, NormalizeError> {
         let (target, test) = match self {
             CompiledCondition::Jq { jq, at } => return jq.holds(at, jq_input),
