@@ -334,6 +334,7 @@ pub async fn start_pipeline(
         metrics.clone(),
     )
     .with_render(config.serve.render.clone())
+    .with_mcp_allowed_hosts(config.serve.mcp.allowed_hosts.clone())
     .with_lag(kontext_serve::LagSource {
         log: log.clone(),
         group: config.store_group(&served.name),

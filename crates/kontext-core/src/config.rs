@@ -262,7 +262,7 @@ pub struct Condition {
     pub exists: Option<bool>,
 }
 
-/// The context store the pipeline writes to.
+/// A context store the pipeline writes to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
@@ -335,6 +335,20 @@ pub struct ServeConfig {
     /// How `format=markdown` renders context for prompts.
     #[serde(default)]
     pub render: RenderConfig,
+    /// The MCP endpoint (`/mcp`).
+    #[serde(default)]
+    pub mcp: McpConfig,
+}
+
+/// The MCP endpoint of the HTTP API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// `Host` header values `/mcp` accepts besides the loopback names (`localhost`,
+    /// `127.0.0.1`, `::1`), e.g. `context.internal` or `context.internal:8080`. The check
+    /// protects against DNS rebinding by web pages; list the names remote MCP clients use.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Markdown rendering for prompts: which sections a token budget keeps first, and how tokens
@@ -438,6 +452,7 @@ impl Default for ServeConfig {
             listen: default_listen(),
             store: None,
             render: RenderConfig::default(),
+            mcp: McpConfig::default(),
         }
     }
 }

@@ -56,6 +56,8 @@ pub struct AppState {
     pub entity_descriptions: Option<Arc<mcp::EntityCatalog>>,
     /// Runs store rebuilds; `None` answers the admin endpoints with 404.
     pub admin: Option<Arc<dyn admin::Admin>>,
+    /// `Host` names `/mcp` accepts besides loopback ones (`serve.mcp.allowed_hosts`).
+    pub mcp_allowed_hosts: Arc<Vec<String>>,
 }
 
 impl AppState {
@@ -73,6 +75,7 @@ impl AppState {
             render: Arc::new(RenderConfig::default()),
             entity_descriptions: None,
             admin: None,
+            mcp_allowed_hosts: Arc::new(Vec::new()),
         }
     }
 
@@ -85,6 +88,13 @@ impl AppState {
     /// Turns on `/v1/lag` for the store's consumer group.
     pub fn with_lag(mut self, lag: LagSource) -> Self {
         self.lag = Some(lag);
+        self
+    }
+
+    /// Lets remote MCP clients reach `/mcp` under these `Host` names (see
+    /// [`kontext_core::config::McpConfig`]).
+    pub fn with_mcp_allowed_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.mcp_allowed_hosts = Arc::new(hosts);
         self
     }
 

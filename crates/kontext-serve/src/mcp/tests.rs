@@ -431,3 +431,28 @@ async fn mcp_route_rejects_foreign_host_headers() {
     let response = crate::router(state(&dir)).oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn mcp_accepts_the_host_names_the_pipeline_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let request = |host: &str| {
+        Request::post("/mcp")
+            .header("host", host)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(Body::from(
+                json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string(),
+            ))
+            .unwrap()
+    };
+    let state = state(&dir).with_mcp_allowed_hosts(vec!["context.internal".into()]);
+    let app = crate::router(state);
+    let allowed = app
+        .clone()
+        .oneshot(request("context.internal:8080"))
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), StatusCode::OK);
+    let other = app.oneshot(request("attacker.example")).await.unwrap();
+    assert_eq!(other.status(), StatusCode::FORBIDDEN);
+}
