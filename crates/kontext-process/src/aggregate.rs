@@ -278,6 +278,9 @@ impl Aggregate {
             return Ok(());
         };
         let topic = events[events.len() - 1].coords.topic.clone();
+        let from = scan_start(b'x', progress.loaded_stream_time(), |st| {
+            st.saturating_sub(grace).saturating_add(1)
+        });
         progress.finish(&mut out.state);
         for (skey, mut slot) in dirty {
             let Some(version) = slot.version.take() else {
@@ -295,7 +298,7 @@ impl Aggregate {
         // Close windows with end + grace <= st.
         let mut end = b"x".to_vec();
         end.extend_from_slice(&i64_sortable(st.saturating_sub(grace).saturating_add(1)));
-        for (xkey, _) in range_through(store, &out.state, b"x", &end)? {
+        for (xkey, _) in range_through(store, &out.state, &from, &end)? {
             let mut r = Reader::new(&xkey[1..]);
             let window_end = r.i64_sortable()?;
             let rest = r.rest();
@@ -407,13 +410,16 @@ impl Aggregate {
             return Ok(());
         };
         let topic = events[events.len() - 1].coords.topic.clone();
+        let from = scan_start(b'y', progress.loaded_stream_time(), |st| {
+            st.saturating_sub(grace).saturating_sub(gap)
+        });
         progress.finish(&mut out.state);
         // Expire sessions with end + gap < st - grace.
         let horizon = st.saturating_sub(grace).saturating_sub(gap);
         let mut to = b"y".to_vec();
         to.extend_from_slice(&i64_sortable(horizon));
         let mut closed = Vec::new();
-        for (ykey, _) in range_through(store, &out.state, b"y", &to)? {
+        for (ykey, _) in range_through(store, &out.state, &from, &to)? {
             let mut r = Reader::new(&ykey[1..]);
             let s_end = r.i64_sortable()?;
             let (key, s_start) = parse_keyed(r.rest())?;
@@ -513,12 +519,15 @@ impl Aggregate {
             return Ok(());
         };
         let last = events[events.len() - 1].coords.clone();
+        let from = scan_start(b'q', progress.loaded_stream_time(), |st| {
+            st.saturating_sub(size).saturating_add(1)
+        });
         progress.finish(&mut out.state);
         // Events with t <= st - size leave their key's window.
         let mut to = b"q".to_vec();
         to.extend_from_slice(&i64_sortable(st.saturating_sub(size).saturating_add(1)));
         let mut recompute = BTreeSet::new();
-        for (qkey, _) in range_through(store, &out.state, b"q", &to)? {
+        for (qkey, _) in range_through(store, &out.state, &from, &to)? {
             let mut r = Reader::new(&qkey[1..]);
             let t = r.i64_sortable()?;
             let key = Bytes::copy_from_slice(r.bytes()?);
@@ -831,6 +840,16 @@ impl Acc {
             fns,
         })
     }
+}
+
+/// Where an expiry scan starts: the previous batch's horizon (everything below it is gone;
+/// scanning from it skips the tombstones the LSM keeps until compaction).
+fn scan_start(tag: u8, loaded: Option<i64>, horizon: impl Fn(i64) -> i64) -> Vec<u8> {
+    let mut from = vec![tag];
+    if let Some(st) = loaded {
+        from.extend_from_slice(&i64_sortable(horizon(st)));
+    }
+    from
 }
 
 fn min_opt(a: Option<f64>, b: Option<f64>, pick: fn(f64, f64) -> f64) -> Option<f64> {

@@ -115,34 +115,33 @@ impl Deduplicate {
             out.decisions.push(decision);
         }
         let stream_time = progress.stream_time();
+        let from = progress
+            .loaded_stream_time()
+            .map_or(i64::MIN, |st| st.saturating_sub(window));
         progress.finish(&mut out.state);
         if let Some(st) = stream_time {
-            out.expired = self.expire(store, &mut out.state, st.saturating_sub(window))?;
+            out.expired = self.expire(store, &mut out.state, from, st.saturating_sub(window))?;
         }
         Ok(out)
     }
 
-    /// Forgets ids whose time is below `horizon`.
+    /// Forgets ids whose time is in `[from, horizon)` (nothing is left below `from`).
     fn expire<S: StateStore + ?Sized>(
         &self,
         store: &S,
         state: &mut WriteBatch,
+        from: i64,
         horizon: i64,
     ) -> Result<usize, StoreError> {
-        let mut end = b"x".to_vec();
-        end.extend_from_slice(&i64_sortable(horizon));
-        let expired = range_through(store, state, b"x", &end)?;
+        let start = [b"x".as_slice(), &i64_sortable(from)].concat();
+        let end = [b"x".as_slice(), &i64_sortable(horizon)].concat();
+        let expired = range_through(store, state, &start, &end)?;
         for (key, _) in &expired {
             let mut r = Reader::new(&key[1..]);
-            let time = r.i64_sortable()?;
-            let id = r.rest();
-            let id_key = id_key(id);
-            // The id may have been forwarded again since (a newer entry): keep that one.
-            if let Some(seen) = get_through(store, state, &id_key)? {
-                if decode_seen(&seen)?.time_ms == time {
-                    state.delete(&id_key);
-                }
-            }
+            let _time = r.i64_sortable()?;
+            // The index entry is the id's current one: forwarding an id again deletes its old
+            // index entry, so no lookup is needed before deleting the id.
+            state.delete(&id_key(r.rest()));
             state.delete(key);
         }
         Ok(expired.len())

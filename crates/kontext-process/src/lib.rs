@@ -35,4 +35,5 @@ pub use store::{
     repair_records, ChangelogRecord, Durability, FjallStore, MemoryStore, StateStore, StoreError,
     WriteBatch,
 };
+pub use topology::{Op, Pipeline, Plan, Predicate, Stage, StreamBuilder, Topology, TopologyError};
 pub use window::{Window, WindowSpec};

@@ -17,6 +17,7 @@ pub(crate) struct Progress {
     committed: BTreeMap<TopicPartition, i64>,
     next: BTreeMap<TopicPartition, i64>,
     stream_time: Option<i64>,
+    loaded_stream_time: Option<i64>,
 }
 
 impl Progress {
@@ -37,6 +38,7 @@ impl Progress {
             committed: store.offsets()?,
             next: BTreeMap::new(),
             stream_time,
+            loaded_stream_time: stream_time,
         })
     }
 
@@ -75,6 +77,14 @@ impl Progress {
     /// The stream time after the events admitted so far.
     pub(crate) fn stream_time(&self) -> Option<i64> {
         self.stream_time
+    }
+
+    /// The stream time before this batch. Expiry indexes hold nothing below the horizon it
+    /// implied (each batch deletes everything below its horizon, and nothing below it is ever
+    /// admitted), so expiry scans start there instead of walking the tombstones the LSM still
+    /// holds for everything expired before.
+    pub(crate) fn loaded_stream_time(&self) -> Option<i64> {
+        self.loaded_stream_time
     }
 
     /// Records the batch's offsets and stream time in `batch`.

@@ -1,11 +1,14 @@
 //! The on-disk store: one fjall database (an LSM tree with a write-ahead journal) per task.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use kontext_core::record::TopicPartition;
 
-use super::{KvIter, StateStore, StoreError, WriteBatch};
+use super::batch::decode_offset_entry;
+use super::{KvIter, StateStore, StoreError, WriteBatch, OFFSETS_PREFIX};
 
 /// How durable a committed batch is when [`StateStore::apply`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,6 +30,9 @@ pub struct FjallStore {
     db: Database,
     keyspace: Keyspace,
     durability: Durability,
+    /// The offsets entries, cached: read every batch, and an LSM keeps one version of each per
+    /// batch until compaction, so scanning them each time would get slower and slower.
+    offsets: BTreeMap<TopicPartition, i64>,
 }
 
 impl std::fmt::Debug for FjallStore {
@@ -55,12 +61,21 @@ impl FjallStore {
         let keyspace = db
             .keyspace("state", KeyspaceCreateOptions::default)
             .map_err(engine)?;
-        Ok(Self {
+        let mut store = Self {
             name,
             db,
             keyspace,
             durability,
-        })
+            offsets: BTreeMap::new(),
+        };
+        let mut offsets = BTreeMap::new();
+        for entry in store.prefix(OFFSETS_PREFIX) {
+            let (key, value) = entry?;
+            let (tp, next) = decode_offset_entry(&key, &value)?;
+            offsets.insert(tp, next);
+        }
+        store.offsets = offsets;
+        Ok(store)
     }
 
     /// Syncs the journal to disk (also done by fjall when the store is dropped).
@@ -116,6 +131,25 @@ impl StateStore for FjallStore {
                 None => fjall_batch.remove(&self.keyspace, key.as_ref()),
             }
         }
-        fjall_batch.commit().map_err(|e| self.engine(e))
+        fjall_batch.commit().map_err(|e| self.engine(e))?;
+        for (key, value) in batch.entries() {
+            if key.starts_with(OFFSETS_PREFIX) {
+                match value {
+                    Some(value) => {
+                        let (tp, next) = decode_offset_entry(&key, &value)?;
+                        self.offsets.insert(tp, next);
+                    }
+                    None => {
+                        let (tp, _) = decode_offset_entry(&key, &0i64.to_le_bytes())?;
+                        self.offsets.remove(&tp);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn offsets(&self) -> Result<BTreeMap<TopicPartition, i64>, StoreError> {
+        Ok(self.offsets.clone())
     }
 }
