@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use kontext_core::config::PipelineConfig;
 use kontext_core::record::{ProduceRecord, Record};
+use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
 use kontext_log::{ConsumerConfig, Log, TopicSpec};
 use kontext_store::{
@@ -25,17 +26,15 @@ use kontext_stream::{PipelineMetrics, Router, StoreSink};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-const TOPIC: &str = "context.customers";
-
-fn pipeline() -> PipelineConfig {
+fn pipeline(topic: &str) -> PipelineConfig {
     let yaml = format!(
         r#"
 name: failures
 entities:
-  customer: {{ key: customer_id, topic: {TOPIC} }}
+  customer: {{ key: customer_id, topic: {topic} }}
 sources:
   crm:
-    topic: {TOPIC}
+    topic: {topic}
     entity: customer
     match: {{ ce_source: crm }}
     fields: {{ given_name: first_name }}
@@ -47,9 +46,9 @@ retry:
     PipelineConfig::parse("failures.yaml", &yaml).unwrap()
 }
 
-fn good(i: usize) -> ProduceRecord {
+fn good(topic: &str, i: usize) -> ProduceRecord {
     ProduceRecord::new(
-        TOPIC,
+        topic,
         Some(Bytes::from(format!("C{i}"))),
         Some(Bytes::from(format!(r#"{{"first_name":"N{i}"}}"#))),
     )
@@ -152,6 +151,7 @@ impl ContextStore for FailingStore {
 }
 
 struct Harness {
+    topic: String,
     log: Arc<dyn Log>,
     store: Arc<FailingStore>,
     metrics: Arc<PipelineMetrics>,
@@ -160,24 +160,47 @@ struct Harness {
     _dir: tempfile::TempDir,
 }
 
-async fn start(setup: impl FnOnce(&FailingStore)) -> Harness {
+/// Which log the harness runs on.
+#[derive(Clone, Copy)]
+enum Backend {
+    Embedded,
+    Kafka,
+}
+
+async fn start(backend: Backend, setup: impl FnOnce(&FailingStore)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let config = pipeline();
-    let log: Arc<dyn Log> =
-        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
-    log.create_topic(&TopicSpec::new(TOPIC, 2)).await.unwrap();
-    log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(TOPIC), 2))
+    let (log, topic): (Arc<dyn Log>, String) = match backend {
+        Backend::Embedded => (
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap(),
+            "context.customers".into(),
+        ),
+        Backend::Kafka => {
+            let bootstrap =
+                std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            (
+                Arc::new(KafkaLog::new(KafkaConfig::new(bootstrap)).unwrap()),
+                format!("failures-{nanos:x}"),
+            )
+        }
+    };
+    let config = pipeline(&topic);
+    log.create_topic(&TopicSpec::new(&topic, 2)).await.unwrap();
+    log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(&topic), 2))
         .await
         .unwrap();
     let store = FailingStore::new(dir.path(), &config);
     setup(&store);
     let metrics = Arc::new(PipelineMetrics::default());
-    let group = "failures".to_string();
+    let group = format!("failures-{topic}");
     let sink = StoreSink::new(
         log.clone(),
         store.clone(),
         Router::new(&config),
-        ConsumerConfig::new(&group, vec![TOPIC.into()]),
+        ConsumerConfig::new(&group, vec![topic.clone()]),
         metrics.clone(),
     )
     .with_config(&config)
@@ -190,6 +213,7 @@ async fn start(setup: impl FnOnce(&FailingStore)) -> Harness {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sink.run(shutdown.clone()));
     Harness {
+        topic,
         log,
         store,
         metrics,
@@ -225,7 +249,7 @@ impl Harness {
             let applied = self.store.inner.applied_offsets().unwrap();
             if end
                 .iter()
-                .all(|(p, e)| applied.get(&(TOPIC.to_string(), *p)).copied().unwrap_or(0) >= *e)
+                .all(|(p, e)| applied.get(&(self.topic.clone(), *p)).copied().unwrap_or(0) >= *e)
             {
                 return;
             }
@@ -255,17 +279,31 @@ impl Harness {
         }
     }
 
-    async fn stop(self) -> (Arc<FailingStore>, Arc<PipelineMetrics>, Arc<dyn Log>) {
+    async fn stop(
+        self,
+    ) -> (
+        Arc<FailingStore>,
+        Arc<PipelineMetrics>,
+        Arc<dyn Log>,
+        String,
+    ) {
         self.shutdown.cancel();
         self.task.await.unwrap().unwrap();
-        (self.store, self.metrics, self.log)
+        (self.store, self.metrics, self.log, self.topic)
+    }
+
+    fn goods(&self, range: std::ops::Range<usize>) -> Vec<ProduceRecord> {
+        range.map(|i| good(&self.topic, i)).collect()
     }
 }
 
-async fn dead_letters(log: &Arc<dyn Log>, want: usize) -> Vec<Record> {
-    let dlq = format!("{TOPIC}.dlq");
+async fn dead_letters(log: &Arc<dyn Log>, topic: &str, want: usize) -> Vec<Record> {
+    let dlq = format!("{topic}.dlq");
     let mut consumer = log
-        .consumer(ConsumerConfig::new("dlq-reader", vec![dlq]))
+        .consumer(ConsumerConfig::new(
+            format!("dlq-reader-{topic}"),
+            vec![dlq],
+        ))
         .await
         .unwrap();
     let mut out = Vec::new();
@@ -294,14 +332,23 @@ fn header(r: &Record, k: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_the_store_rejects_are_dead_lettered_and_their_partition_moves_on() {
-    let mut h = start(|s| {
+    records_the_store_rejects(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_store_rejects_are_dead_lettered_on_kafka() {
+    records_the_store_rejects(Backend::Kafka).await;
+}
+
+async fn records_the_store_rejects(backend: Backend) {
+    let mut h = start(backend, |s| {
         s.rejected.lock().insert("C13".into());
         s.timing_out.lock().insert("C77".into());
     })
     .await;
-    let end = h.send((0..200).map(good).collect()).await;
+    let end = h.send(h.goods(0..200)).await;
     h.wait_caught_up(&end).await;
-    let (store, metrics, log) = h.stop().await;
+    let (store, metrics, log, topic) = h.stop().await;
 
     // Every other record is in the store, each applied once.
     let docs = store.dump().await.unwrap();
@@ -314,7 +361,7 @@ async fn records_the_store_rejects_are_dead_lettered_and_their_partition_moves_o
     assert!(docs.iter().all(|d| d.events_applied == 1));
 
     // The two bad rows are dead letters of stage `store`, byte for byte.
-    let letters = dead_letters(&log, 2).await;
+    let letters = dead_letters(&log, &topic, 2).await;
     assert_eq!(letters.len(), 2, "{letters:?}");
     for (id, kind) in [("C13", "store_rejected"), ("C77", "store_unavailable")] {
         let l = letters
@@ -322,21 +369,21 @@ async fn records_the_store_rejects_are_dead_lettered_and_their_partition_moves_o
             .find(|l| l.key.as_deref() == Some(id.as_bytes()))
             .unwrap_or_else(|| panic!("no dead letter for {id}"));
         let n: usize = id[1..].parse().unwrap();
-        assert_eq!(l.value, good(n).value);
+        assert_eq!(l.value, good(&topic, n).value);
         assert_eq!(header(l, headers::KONTEXT_STAGE).as_deref(), Some("store"));
         assert_eq!(header(l, headers::STAGE).as_deref(), Some("TASK_PUT"));
         assert_eq!(header(l, headers::KIND).as_deref(), Some(kind));
         let attempts: u32 = header(l, headers::ATTEMPTS).unwrap().parse().unwrap();
         assert!(attempts >= 2, "{id}: {attempts} attempts");
-        assert_eq!(header(l, headers::TOPIC).as_deref(), Some(TOPIC));
+        assert_eq!(header(l, headers::TOPIC).as_deref(), Some(topic.as_str()));
     }
     let by_kind = metrics.dead_lettered();
     assert_eq!(
-        by_kind.get(&(TOPIC.to_string(), "store", "store_rejected")),
+        by_kind.get(&(topic.clone(), "store", "store_rejected")),
         Some(&1)
     );
     assert_eq!(
-        by_kind.get(&(TOPIC.to_string(), "store", "store_unavailable")),
+        by_kind.get(&(topic.clone(), "store", "store_unavailable")),
         Some(&1)
     );
     // A bad row is not an outage.
@@ -344,7 +391,9 @@ async fn records_the_store_rejects_are_dead_lettered_and_their_partition_moves_o
     assert!(metrics.retries("store_write") > 0);
     let text = metrics.render();
     assert!(
-        text.contains(r#"kontext_records_dead_lettered_total{topic="context.customers",stage="store",kind="store_rejected"} 1"#),
+        text.contains(&format!(
+            r#"kontext_records_dead_lettered_total{{topic="{topic}",stage="store",kind="store_rejected"}} 1"#
+        )),
         "{text}"
     );
     assert!(
@@ -355,13 +404,22 @@ async fn records_the_store_rejects_are_dead_lettered_and_their_partition_moves_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_pauses_the_sink_and_loses_nothing() {
-    let mut h = start(|_| {}).await;
-    let end = h.send((0..100).map(good).collect()).await;
+    store_outage(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_on_kafka_pauses_the_sink_and_loses_nothing() {
+    store_outage(Backend::Kafka).await;
+}
+
+async fn store_outage(backend: Backend) {
+    let mut h = start(backend, |_| {}).await;
+    let end = h.send(h.goods(0..100)).await;
     h.wait_caught_up(&end).await;
 
     // The store goes down, and records keep coming.
     h.store.down.store(true, Ordering::SeqCst);
-    let end = h.send((100..300).map(good).collect()).await;
+    let end = h.send(h.goods(100..300)).await;
     h.wait_for("the breaker to open", |h| {
         h.metrics.breaker().0 == BreakerState::Open
     })
@@ -382,9 +440,9 @@ async fn a_store_outage_pauses_the_sink_and_loses_nothing() {
     // Back up: it resumes where it stopped.
     h.store.down.store(false, Ordering::SeqCst);
     h.wait_caught_up(&end).await;
-    let end = h.send((300..350).map(good).collect()).await;
+    let end = h.send(h.goods(300..350)).await;
     h.wait_caught_up(&end).await;
-    let (store, metrics, log) = h.stop().await;
+    let (store, metrics, log, topic) = h.stop().await;
 
     assert!(store.refused_while_down.load(Ordering::SeqCst) > 0);
     let docs = store.dump().await.unwrap();
@@ -394,7 +452,7 @@ async fn a_store_outage_pauses_the_sink_and_loses_nothing() {
         "none applied twice"
     );
     assert_eq!(metrics.records_dead_lettered.load(Ordering::Relaxed), 0);
-    assert!(dead_letters(&log, 0).await.is_empty());
+    assert!(dead_letters(&log, &topic, 0).await.is_empty());
     assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 1);
     assert_eq!(metrics.breaker_closed.load(Ordering::Relaxed), 1);
     assert_eq!(metrics.breaker(), (BreakerState::Closed, "none"));
