@@ -110,7 +110,8 @@ pub async fn ensure_topics(log: &dyn Log, config: &PipelineConfig) -> Result<()>
 /// The entity topics, and a dead-letter topic beside each source topic: same partition count
 /// (a dead letter keeps its partition number), never compacted (bad records may lack a key).
 fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
-    let mut specs = Vec::new();
+    // Features, repartition and changelog topics of the processor, when there are features.
+    let mut specs = kontext_stream::processor::topic_specs(config);
     for entity in config.entities.values() {
         let settings = config.topic_settings(&entity.topic);
         specs.push(TopicSpec {
@@ -151,6 +152,8 @@ pub struct Running {
         String,
         JoinHandle<Result<(), kontext_stream::sink::SinkError>>,
     )>,
+    /// The processor stage computing `features`, when the pipeline has any.
+    processor: Option<JoinHandle<Result<(), kontext_stream::processor::ProcessorError>>>,
     server: JoinHandle<std::io::Result<()>>,
 }
 
@@ -163,6 +166,15 @@ impl Running {
                 .await
                 .with_context(|| format!("the sink of store {name} panicked"))?
                 .with_context(|| format!("the sink of store {name} failed"));
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(processor) = self.processor {
+            let result = processor
+                .await
+                .context("the processor panicked")?
+                .context("the processor failed");
             if let Err(e) = result {
                 first_error.get_or_insert(e);
             }
@@ -324,6 +336,17 @@ pub async fn start_pipeline(
         }
     }
     let (store, metrics) = serving.context("the served store was not opened")?;
+    let processor = (!config.features.is_empty()).then(|| {
+        let processor = kontext_stream::processor::Processor::new(config, data_dir, log.clone());
+        let shutdown = shutdown.clone();
+        info!(group = %kontext_stream::processor::process_group(config), "processor started");
+        tokio::spawn(async move {
+            let result = processor.run(shutdown.clone()).await;
+            // Features that stop updating must not go unnoticed.
+            shutdown.cancel();
+            result
+        })
+    });
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the HTTP API to {listen}"))?;
@@ -356,6 +379,7 @@ pub async fn start_pipeline(
         addr,
         state,
         sinks,
+        processor,
         server,
     })
 }

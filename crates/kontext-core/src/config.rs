@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 mod mapping;
 pub use mapping::{FieldMapping, FieldSpec, FieldType};
 
+mod features;
+pub use features::{features_topic, parse_span, FeatureAgg, FeatureConfig, FEATURES_SOURCE};
+
 mod retry;
 pub use retry::{
     Jitter, LimitsConfig, RetryConfig, RetryPolicy, RetrySettings, RetryStage,
@@ -60,6 +63,10 @@ pub struct PipelineConfig {
     /// Limits on records, e.g. the largest one processed.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Aggregates that become fields of an entity's context (`orders_30d`), computed by the
+    /// processor stage (see `docs/processing.md`, "Runtime").
+    #[serde(default)]
+    pub features: BTreeMap<String, FeatureConfig>,
 }
 
 /// Dead-letter topics: a record that can never be processed (bad data) is copied byte for byte
@@ -518,8 +525,10 @@ impl PipelineConfig {
                 }],
             }
         })?;
+        let mut config = config;
         let errors = config.validate();
         if errors.is_empty() {
+            config.add_feature_sources();
             Ok(config)
         } else {
             Err(ConfigError {
@@ -676,6 +685,7 @@ impl PipelineConfig {
         self.validate_stores(&mut err);
         self.retry.validate(&mut err);
         self.limits.validate(&mut err);
+        self.validate_features(&mut err);
         if self.serve.listen.parse::<std::net::SocketAddr>().is_err() {
             err(
                 "serve.listen".into(),

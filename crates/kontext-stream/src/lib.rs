@@ -8,6 +8,7 @@
 pub mod dlq;
 pub mod metrics;
 pub mod normalize;
+pub mod processor;
 pub mod retry;
 pub mod sink;
 

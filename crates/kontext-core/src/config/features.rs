@@ -1,0 +1,332 @@
+//! `features:` in the pipeline file: aggregates over one entity type's normalized updates that
+//! become fields of another entity's context (`orders_30d` of a customer).
+//!
+//! ```yaml
+//! features:
+//!   orders_30d:            # the field name in the target entity's context
+//!     from: order          # whose normalized updates feed it
+//!     entity: customer     # the entity that gets the field
+//!     key: customer_id     # canonical field of the input holding the target entity's id
+//!     agg: count           # count | sum | avg | min | max | latest | distinct_count
+//!     field: total         # the aggregated field (all but count)
+//!     window: 30d          # rolling window by event time; omit for all-time
+//!     dedup: 1h            # optional: drop inputs whose event id was seen within this window
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{is_valid_name, FieldMapping, PipelineConfig, SourceConfig, SourceMatch};
+
+/// `ce_source` of the records the processor writes to features topics; the store sinks apply
+/// them through a built-in source per target entity (`kontext.features.<entity>`).
+pub const FEATURES_SOURCE: &str = "kontext.features";
+
+/// The topic carrying the features of the entities whose topic is `entity_topic`: same
+/// partition count and partitioner, so it is co-partitioned with the entity topic.
+pub fn features_topic(entity_topic: &str) -> String {
+    format!("{entity_topic}.features")
+}
+
+/// One feature: an aggregate of `from` updates, per `key`, written into `entity`'s context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureConfig {
+    /// The entity type whose normalized updates are aggregated.
+    pub from: String,
+    /// The entity type whose context gets the feature as a field.
+    pub entity: String,
+    /// Canonical field of the input update holding the target entity's id.
+    pub key: String,
+    /// The aggregate function.
+    pub agg: FeatureAgg,
+    /// The canonical input field the function aggregates; required for all but `count`.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// Rolling window by event time (`30d`, `1h`, `15m`): the value covers the inputs of the
+    /// last `window` up to the stream time. Omitted: all time.
+    #[serde(default)]
+    pub window: Option<String>,
+    /// Drop inputs whose event id (`ce_id`) was already seen within this event-time window.
+    #[serde(default)]
+    pub dedup: Option<String>,
+}
+
+/// Aggregate functions of a feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureAgg {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+    Latest,
+    DistinctCount,
+}
+
+impl FeatureAgg {
+    /// The name used in the pipeline file.
+    pub fn name(self) -> &'static str {
+        match self {
+            FeatureAgg::Count => "count",
+            FeatureAgg::Sum => "sum",
+            FeatureAgg::Avg => "avg",
+            FeatureAgg::Min => "min",
+            FeatureAgg::Max => "max",
+            FeatureAgg::Latest => "latest",
+            FeatureAgg::DistinctCount => "distinct_count",
+        }
+    }
+}
+
+impl FeatureConfig {
+    /// The rolling window, if any (validated: parses whenever the config passed validation).
+    pub fn window_duration(&self) -> Option<Duration> {
+        self.window.as_deref().and_then(|w| parse_span(w).ok())
+    }
+
+    /// The dedup window, if any.
+    pub fn dedup_duration(&self) -> Option<Duration> {
+        self.dedup.as_deref().and_then(|w| parse_span(w).ok())
+    }
+}
+
+/// Parses a feature window: a positive whole number with a unit `ms`, `s`, `m`, `h` or `d`
+/// (`30d`, `1h`).
+pub fn parse_span(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{text:?} is not a duration: use a number and a unit, e.g. 30d, 1h, 15m")
+    })?;
+    let secs = match unit {
+        "ms" => return positive(Duration::from_millis(n), text),
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        other => {
+            return Err(format!(
+                "{text:?} has unit {other:?}: use ms, s, m, h or d, e.g. 30d"
+            ))
+        }
+    };
+    positive(Duration::from_secs(secs), text)
+}
+
+fn positive(d: Duration, text: &str) -> Result<Duration, String> {
+    if d.is_zero() {
+        Err(format!("{text:?} is empty: a window must be longer than 0"))
+    } else if d.as_millis() > i64::MAX as u128 / 4 {
+        Err(format!("{text:?} is too long"))
+    } else {
+        Ok(d)
+    }
+}
+
+impl PipelineConfig {
+    /// Adds one built-in source per features topic (`ce_source: kontext.features`) mapping
+    /// each feature of that entity to the field of the same name, so that the store sinks
+    /// (and every tool reading `sources`) treat the features topics like any source topic.
+    /// Called by [`PipelineConfig::parse`] after validation.
+    pub(super) fn add_feature_sources(&mut self) {
+        let mut per_entity: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, feature) in &self.features {
+            per_entity
+                .entry(feature.entity.clone())
+                .or_default()
+                .push(name.clone());
+        }
+        for (entity, names) in per_entity {
+            let Some(entity_config) = self.entities.get(&entity) else {
+                continue;
+            };
+            let source = SourceConfig {
+                topic: features_topic(&entity_config.topic),
+                entity: entity.clone(),
+                matcher: Some(SourceMatch {
+                    ce_source: FEATURES_SOURCE.into(),
+                }),
+                fields: names
+                    .into_iter()
+                    .map(|n| (n.clone(), FieldMapping::Path(n)))
+                    .collect(),
+                filter: None,
+            };
+            self.sources
+                .insert(format!("{FEATURES_SOURCE}.{entity}"), source);
+        }
+    }
+
+    /// Checks `features`: entity types exist, the key and field are named, windows parse, and
+    /// a feature's name does not shadow a canonical field a source already writes.
+    pub(super) fn validate_features(&self, err: &mut impl FnMut(String, String)) {
+        let mut source_fields: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for source in self.sources.values() {
+            for field in source.fields.keys() {
+                source_fields
+                    .entry(source.entity.as_str())
+                    .or_default()
+                    .push(field.as_str());
+            }
+        }
+        for (name, feature) in &self.features {
+            let at = format!("features.{name}");
+            if self
+                .sources
+                .contains_key(&format!("{FEATURES_SOURCE}.{}", feature.entity))
+            {
+                err(
+                    format!("sources.{FEATURES_SOURCE}.{}", feature.entity),
+                    "this source name is reserved for the features of the entity: rename the source".into(),
+                );
+            }
+            if !is_valid_name(name) || name.contains('.') {
+                err(
+                    at.clone(),
+                    "feature names use only letters, digits, '_' and '-' (they become field names)"
+                        .into(),
+                );
+            }
+            for (what, entity) in [("from", &feature.from), ("entity", &feature.entity)] {
+                if !self.entities.contains_key(entity) {
+                    err(
+                        format!("{at}.{what}"),
+                        format!(
+                            "unknown entity type {entity:?}; declared: {}",
+                            self.entity_names()
+                        ),
+                    );
+                }
+            }
+            if feature.key.trim().is_empty() {
+                err(
+                    format!("{at}.key"),
+                    format!(
+                        "name the canonical field of a {} holding the {}'s id, e.g. `{}_id`",
+                        feature.from, feature.entity, feature.entity
+                    ),
+                );
+            }
+            match (&feature.field, feature.agg) {
+                (Some(_), FeatureAgg::Count) => err(
+                    format!("{at}.field"),
+                    "`agg: count` counts inputs and takes no field: remove `field`".into(),
+                ),
+                (None, agg) if agg != FeatureAgg::Count => err(
+                    format!("{at}.field"),
+                    format!(
+                        "`agg: {}` needs the canonical input field to aggregate, e.g. `field: total`",
+                        agg.name()
+                    ),
+                ),
+                (Some(f), _) if f.trim().is_empty() => err(
+                    format!("{at}.field"),
+                    "name a canonical field of the input, e.g. `field: total`".into(),
+                ),
+                _ => {}
+            }
+            for (what, value) in [("window", &feature.window), ("dedup", &feature.dedup)] {
+                if let Some(Err(problem)) = value.as_deref().map(parse_span) {
+                    err(format!("{at}.{what}"), problem);
+                }
+            }
+            if source_fields
+                .get(feature.entity.as_str())
+                .is_some_and(|fields| fields.contains(&name.as_str()))
+            {
+                err(
+                    at.clone(),
+                    format!(
+                        "a source already writes the field {name:?} of {}: rename the feature",
+                        feature.entity
+                    ),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_take_days_and_reject_zero_and_unknown_units() {
+        assert_eq!(parse_span("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_span("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_span("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_span("0d").is_err());
+        assert!(parse_span("2w").is_err());
+        assert!(parse_span("d").is_err());
+    }
+
+    #[test]
+    fn every_feature_problem_is_reported_with_its_path() {
+        let yaml = r#"
+name: p
+entities:
+  customer: { key: customer_id, topic: context.customers }
+  order: { key: order_id, topic: context.orders }
+sources:
+  shop: { topic: context.orders, entity: order, fields: { customer_id: c, total: t } }
+  crm: { topic: context.customers, entity: customer, fields: { given_name: n } }
+features:
+  orders_30d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d }
+  bad: { from: orders, entity: customer, key: customer_id, agg: sum, window: 2w }
+  given_name: { from: order, entity: customer, key: customer_id, agg: count, field: total }
+"#;
+        let e = PipelineConfig::parse("p.yaml", yaml).unwrap_err();
+        let fields: Vec<&str> = e.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "features.bad.from",
+                "features.bad.field",
+                "features.bad.window",
+                "features.given_name.field",
+                "features.given_name",
+            ],
+            "{e}"
+        );
+        let ok = yaml
+            .lines()
+            .filter(|l| {
+                let l = l.trim_start();
+                !l.starts_with("bad:") && !l.starts_with("given_name:")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = PipelineConfig::parse("p.yaml", &ok).unwrap();
+        let builtin = &config.sources["kontext.features.customer"];
+        assert_eq!(builtin.topic, "context.customers.features");
+        assert_eq!(
+            config.source_topics(),
+            vec![
+                "context.customers",
+                "context.customers.features",
+                "context.orders"
+            ]
+        );
+        assert_eq!(
+            config.features["orders_30d"].window_duration(),
+            Some(Duration::from_secs(30 * 86_400))
+        );
+    }
+
+    #[test]
+    fn an_unknown_feature_key_is_an_error() {
+        let yaml = r#"
+name: p
+entities: { order: { key: order_id, topic: context.orders } }
+sources: { shop: { topic: context.orders, entity: order, fields: { total: t } } }
+features: { n: { from: order, entity: order, key: order_id, agg: count, windw: 1h } }
+"#;
+        let e = PipelineConfig::parse("p.yaml", yaml).unwrap_err();
+        assert!(e.to_string().contains("windw"), "{e}");
+    }
+}

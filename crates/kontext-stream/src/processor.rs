@@ -1,0 +1,936 @@
+//! The processor stage: computes the pipeline file's `features:` (aggregates such as
+//! `orders_30d`) with the operators of `kontext-process`, and writes them to a features topic
+//! that the store sinks apply as fields of the target entity.
+//!
+//! Two loops, as Kafka Streams would split the topology at the re-key:
+//!
+//! 1. **re-key** (group `kontext.<pipeline>.process`): source topics → [`Router`] → for each
+//!    normalized update of a feature's `from` entity, one record keyed by the target entity id
+//!    into `<pipeline>-features-repartition` (murmur2-partitioned), carrying the input's event
+//!    id, event time, origin coordinates and the fields the features read. Stateless,
+//!    at-least-once: group offsets are committed after the produce is acknowledged.
+//! 2. **aggregate** (group `kontext.<pipeline>.process.features`): one task per repartition
+//!    partition and feature group, with fjall state under
+//!    `<data_dir>/state/<pipeline>/<group>/<partition>/`. Per polled batch: drop records whose
+//!    origin offset is at or below the task's high-water mark for that origin partition (the
+//!    re-key loop's duplicates), deduplicate by event id (optional), aggregate, then
+//!    (a) produce the full values to `<entity topic>.features` and the state changes to the
+//!    compacted `<pipeline>-<group>-changelog`, (b) commit each task's state batch, which
+//!    carries the repartition offsets, (c) commit the group's offsets. At start the group is
+//!    rewound to the state's offsets where it committed past them.
+//!
+//! The protocol and every crash point are in `docs/processing.md`, "Runtime".
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kontext_core::config::{FeatureAgg, FeatureConfig, PipelineConfig};
+use kontext_core::envelope::format_time;
+use kontext_core::partitioner::partition_for_key;
+use kontext_core::record::{ProduceRecord, Record, TopicPartition};
+use kontext_log::{ConsumerConfig, Log, LogError, Producer, TopicSpec};
+use kontext_process::{
+    changelog_topic_name, AggFn, Aggregate, AggregateConfig, ChangelogRecord, Coords, DedupConfig,
+    DedupDecision, Deduplicate, Emit, Event, FieldPath, FjallStore, StateStore, StoreError,
+    WindowSpec, WriteBatch,
+};
+use kontext_store::Change;
+use serde_json::{json, Map, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::normalize::{Outcome, Router};
+
+pub use kontext_core::config::{features_topic, FEATURES_SOURCE};
+/// `ce_type` of feature records.
+pub const FEATURES_TYPE: &str = "kontext.features.updated";
+
+const MAX_BATCH: usize = 2_000;
+const POLL_TIMEOUT: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longer than Kafka's default session timeout: a killed member leaves the group by then.
+const GROUP_BUSY_WAIT: Duration = Duration::from_secs(60);
+/// "All time" is one tumbling window starting at the epoch, ending in 146 million years.
+const ALL_TIME_MS: i64 = 1 << 62;
+/// Runtime metadata in each task's store (`0x00` keys are metadata; operators use letters):
+/// the high-water origin offset per origin partition, and the output clock.
+const HIGH_WATER_PREFIX: &[u8] = b"\x00kh";
+const OUTPUT_TIME_KEY: &[u8] = b"\x00kt";
+
+/// Errors that stop the processor.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    /// The log failed permanently (transient errors are retried).
+    #[error("log: {0}")]
+    Log(#[from] LogError),
+    /// A state store failed. Retry meaning: restart; the task resumes from its store's offsets.
+    #[error("state store: {0}")]
+    State(#[from] StoreError),
+    /// The features configuration cannot be run (it passed validation, so this is a bug).
+    #[error("features: {0}")]
+    Config(String),
+}
+
+/// The consumer group of the re-key loop.
+pub fn process_group(config: &PipelineConfig) -> String {
+    format!("kontext.{}.process", config.name)
+}
+
+/// The consumer group of the aggregation tasks.
+pub fn features_group(config: &PipelineConfig) -> String {
+    format!("kontext.{}.process.features", config.name)
+}
+
+/// The internal topic the re-key loop writes: inputs keyed by the target entity id.
+pub fn repartition_topic(config: &PipelineConfig) -> String {
+    format!("{}-features-repartition", config.name)
+}
+
+/// The topics the processor writes: features topics (as partitioned as their entity topic),
+/// the repartition topic, and one compacted changelog per state store.
+pub fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
+    if config.features.is_empty() {
+        return Vec::new();
+    }
+    let partitions = repartition_partitions(config);
+    let mut specs = BTreeMap::new();
+    for feature in config.features.values() {
+        if let Some(entity) = config.entities.get(&feature.entity) {
+            let name = features_topic(&entity.topic);
+            let p = config
+                .topic_settings(&entity.topic)
+                .partitions
+                .unwrap_or(config.topics.partitions);
+            specs.insert(name.clone(), TopicSpec::new(name, p));
+        }
+    }
+    let repartition = repartition_topic(config);
+    specs.insert(repartition.clone(), TopicSpec::new(repartition, partitions));
+    for group in plan(config) {
+        for store in group.store_names() {
+            let name = changelog_topic_name(&config.name, &store);
+            let mut spec = TopicSpec::new(name.clone(), partitions);
+            spec.compacted = true;
+            specs.insert(name, spec);
+        }
+    }
+    specs.into_values().collect()
+}
+
+fn repartition_partitions(config: &PipelineConfig) -> i32 {
+    config.topics.partitions
+}
+
+/// Features computed together: same input, target, key, window and dedup. One aggregation
+/// operator (one function per feature) and one state store per repartition partition.
+#[derive(Debug, Clone)]
+pub struct FeatureGroup {
+    /// The first feature's name: names the state directory and the changelog topic.
+    pub name: String,
+    pub from: String,
+    pub entity: String,
+    pub key: String,
+    /// Feature names, in the operator's function order.
+    pub features: Vec<String>,
+    /// Canonical input fields the functions read.
+    pub fields: BTreeSet<String>,
+    aggregate: Aggregate,
+    dedup: Option<Deduplicate>,
+}
+
+impl FeatureGroup {
+    /// The state stores of each task of this group (`<group>`, and `<group>-dedup`).
+    pub fn store_names(&self) -> Vec<String> {
+        let mut names = vec![self.name.clone()];
+        if self.dedup.is_some() {
+            names.push(format!("{}-dedup", self.name));
+        }
+        names
+    }
+}
+
+/// Groups the pipeline's features into operators. Features only group when everything but the
+/// function matches, so a group's windows and dedup are one configuration.
+pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
+    type Spec<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        Option<Duration>,
+        Option<Duration>,
+    );
+    let mut groups: BTreeMap<Spec, Vec<(&String, &FeatureConfig)>> = BTreeMap::new();
+    for (name, f) in &config.features {
+        let spec = (
+            f.from.as_str(),
+            f.entity.as_str(),
+            f.key.as_str(),
+            f.window_duration(),
+            f.dedup_duration(),
+        );
+        groups.entry(spec).or_default().push((name, f));
+    }
+    let mut out = Vec::new();
+    for ((from, entity, key, window, dedup), members) in groups {
+        let functions = members
+            .iter()
+            .map(|(name, f)| ((*name).clone(), agg_fn(f)))
+            .collect();
+        let window = match window {
+            Some(w) => WindowSpec::Sliding {
+                size_ms: w.as_millis() as i64,
+            },
+            None => WindowSpec::Tumbling {
+                size_ms: ALL_TIME_MS,
+            },
+        };
+        let Ok(aggregate) = Aggregate::new(AggregateConfig {
+            window,
+            grace_ms: 0,
+            functions,
+            emit: Emit::OnUpdate,
+        }) else {
+            continue;
+        };
+        out.push(FeatureGroup {
+            name: members[0].0.clone(),
+            from: from.into(),
+            entity: entity.into(),
+            key: key.into(),
+            features: members.iter().map(|(n, _)| (*n).clone()).collect(),
+            fields: members
+                .iter()
+                .filter_map(|(_, f)| f.field.clone())
+                .collect(),
+            aggregate,
+            dedup: dedup.map(|d| {
+                Deduplicate::new(DedupConfig {
+                    window_ms: d.as_millis() as i64,
+                })
+            }),
+        });
+    }
+    out
+}
+
+fn agg_fn(f: &FeatureConfig) -> AggFn {
+    let path = || FieldPath::new(f.field.as_deref().unwrap_or_default());
+    match f.agg {
+        FeatureAgg::Count => AggFn::Count,
+        FeatureAgg::Sum => AggFn::Sum(path()),
+        FeatureAgg::Avg => AggFn::Avg(path()),
+        FeatureAgg::Min => AggFn::Min(path()),
+        FeatureAgg::Max => AggFn::Max(path()),
+        FeatureAgg::Latest => AggFn::Latest(path()),
+        FeatureAgg::DistinctCount => AggFn::DistinctCount(path()),
+    }
+}
+
+/// The processor stage of one pipeline.
+pub struct Processor {
+    config: PipelineConfig,
+    log: Arc<dyn Log>,
+    state_dir: PathBuf,
+    groups: Vec<FeatureGroup>,
+}
+
+impl Processor {
+    /// A processor for `config`'s features, keeping state under `<data_dir>/state/`.
+    pub fn new(config: &PipelineConfig, data_dir: &Path, log: Arc<dyn Log>) -> Self {
+        Self {
+            groups: plan(config),
+            config: config.clone(),
+            log,
+            state_dir: data_dir.join("state").join(&config.name),
+        }
+    }
+
+    /// Runs both loops until `shutdown` is cancelled or one fails permanently.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ProcessorError> {
+        if self.groups.is_empty() {
+            return Ok(());
+        }
+        let producer = self.log.producer().await?;
+        tokio::try_join!(
+            self.rekey(producer.clone(), &shutdown),
+            self.aggregate(producer, &shutdown)
+        )?;
+        Ok(())
+    }
+
+    /// Loop 1: normalize the inputs and re-key them by target entity id.
+    async fn rekey(
+        &self,
+        producer: Arc<dyn Producer>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ProcessorError> {
+        let router = Router::new(&self.config);
+        let froms: BTreeSet<&str> = self.groups.iter().map(|g| g.from.as_str()).collect();
+        let topics: BTreeSet<String> = self
+            .config
+            .sources
+            .values()
+            .filter(|s| froms.contains(s.entity.as_str()) && !is_features_source(s))
+            .map(|s| s.topic.clone())
+            .collect();
+        let group = process_group(&self.config);
+        let mut consumer = self
+            .log
+            .consumer(ConsumerConfig::new(
+                group.clone(),
+                topics.into_iter().collect(),
+            ))
+            .await?;
+        let repartition = repartition_topic(&self.config);
+        let partitions = repartition_partitions(&self.config);
+        info!(%group, "processor re-key loop started");
+        loop {
+            let Some(records) = poll(consumer.as_mut(), shutdown).await? else {
+                return Ok(());
+            };
+            if records.is_empty() {
+                continue;
+            }
+            let mut out = Vec::new();
+            for record in &records {
+                let Outcome::Update(update) = router.process(record) else {
+                    continue; // filtered and invalid records are the sinks' business
+                };
+                let Change::Upsert(fields) = &update.change else {
+                    continue;
+                };
+                if update.provenance.source == FEATURES_SOURCE {
+                    continue; // features never feed features: no loops
+                }
+                for g in self.groups.iter().filter(|g| g.from == update.entity_type) {
+                    let Some(target) = fields.get(&g.key).and_then(id_of) else {
+                        continue;
+                    };
+                    let needed: Map<String, Value> = g
+                        .fields
+                        .iter()
+                        .filter_map(|f| fields.get(f).map(|v| (f.clone(), v.clone())))
+                        .collect();
+                    let p = &update.provenance;
+                    let value = json!({
+                        "g": g.name, "id": p.event_id, "t": p.event_time_ms,
+                        "o": [p.topic, p.partition, p.offset], "f": needed,
+                    });
+                    let key = Bytes::from(target.into_bytes());
+                    let mut r = ProduceRecord::new(
+                        repartition.clone(),
+                        Some(key.clone()),
+                        Some(Bytes::from(value.to_string())),
+                    );
+                    r.partition = Some(partition_for_key(&key, partitions));
+                    out.push(r);
+                }
+            }
+            if !send(producer.as_ref(), out, shutdown).await? {
+                return Ok(());
+            }
+            if let Err(e) = consumer.commit(&next_offsets(&records)).await {
+                warn!(error = %e, "re-key offset commit failed; the records are re-keyed again and dropped downstream");
+            }
+        }
+    }
+
+    /// Loop 2: the aggregation tasks.
+    async fn aggregate(
+        &self,
+        producer: Arc<dyn Producer>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ProcessorError> {
+        let repartition = repartition_topic(&self.config);
+        let partitions = repartition_partitions(&self.config);
+        let group = features_group(&self.config);
+        let mut tasks: BTreeMap<(usize, i32), Task> = BTreeMap::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            for p in 0..partitions {
+                tasks.insert((gi, p), Task::open(&self.state_dir, g, p)?);
+            }
+        }
+        self.rewind(&group, &repartition, &tasks).await?;
+        let mut consumer = self
+            .log
+            .consumer(ConsumerConfig::new(
+                group.clone(),
+                vec![repartition.clone()],
+            ))
+            .await?;
+        let feature_partitions: BTreeMap<&str, (String, i32)> = self
+            .groups
+            .iter()
+            .filter_map(|g| {
+                let e = self.config.entities.get(&g.entity)?;
+                let p = self
+                    .config
+                    .topic_settings(&e.topic)
+                    .partitions
+                    .unwrap_or(self.config.topics.partitions);
+                Some((g.entity.as_str(), (features_topic(&e.topic), p)))
+            })
+            .collect();
+        let by_name: BTreeMap<&str, usize> = self
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.name.as_str(), i))
+            .collect();
+        info!(%group, tasks = tasks.len(), "processor aggregation tasks started");
+        loop {
+            let Some(records) = poll(consumer.as_mut(), shutdown).await? else {
+                return Ok(());
+            };
+            if records.is_empty() {
+                continue;
+            }
+            // Per (group, partition): the events, and the next offset the batch covers.
+            let mut inputs: BTreeMap<(usize, i32), Vec<Inbound>> = BTreeMap::new();
+            let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+            for record in &records {
+                next.insert(record.partition, record.offset + 1);
+                match Inbound::decode(record) {
+                    Some((name, inbound)) => match by_name.get(name.as_str()) {
+                        Some(&gi) => inputs
+                            .entry((gi, record.partition))
+                            .or_default()
+                            .push(inbound),
+                        None => {
+                            warn!(at = %record.coordinates(), group = %name, "repartition record of an unknown feature group; skipped")
+                        }
+                    },
+                    None => {
+                        warn!(at = %record.coordinates(), "undecodable repartition record; skipped")
+                    }
+                }
+            }
+            let mut produce = Vec::new();
+            let mut commits: Vec<((usize, i32), Pending)> = Vec::new();
+            for (&(gi, p), task) in tasks.iter() {
+                let Some(&end) = next.get(&p) else { continue };
+                let events = inputs.remove(&(gi, p)).unwrap_or_default();
+                let g = &self.groups[gi];
+                let tp = TopicPartition::new(repartition.as_str(), p);
+                let pending = task.process(g, &tp, end, events)?;
+                let (topic, fparts) = &feature_partitions[g.entity.as_str()];
+                for (key, values, time_ms, version) in &pending.outputs {
+                    produce.push(feature_record(
+                        topic, *fparts, g, key, values, *time_ms, version,
+                    ));
+                }
+                for (store, records) in pending.changelogs() {
+                    let topic = changelog_topic_name(&self.config.name, store);
+                    for r in records {
+                        let mut pr = ProduceRecord::new(topic.clone(), Some(r.key), r.value);
+                        pr.partition = Some(p);
+                        produce.push(pr);
+                    }
+                }
+                commits.push(((gi, p), pending));
+            }
+            // Outputs and changelogs are acknowledged before any state records the offsets.
+            if !send(producer.as_ref(), produce, shutdown).await? {
+                return Ok(());
+            }
+            for (id, pending) in commits {
+                if let Some(task) = tasks.get_mut(&id) {
+                    task.commit(pending)?;
+                }
+            }
+            let offsets: Vec<(TopicPartition, i64)> = next
+                .into_iter()
+                .map(|(p, n)| (TopicPartition::new(repartition.as_str(), p), n))
+                .collect();
+            if let Err(e) = consumer.commit(&offsets).await {
+                warn!(error = %e, "feature offset commit failed; the state skips what is re-delivered");
+            }
+        }
+    }
+
+    /// The state's offsets are the truth: where the group committed past the slowest store of
+    /// a partition, rewind it there.
+    async fn rewind(
+        &self,
+        group: &str,
+        topic: &str,
+        tasks: &BTreeMap<(usize, i32), Task>,
+    ) -> Result<(), ProcessorError> {
+        let mut resume: BTreeMap<i32, i64> = BTreeMap::new();
+        for (&(_, p), task) in tasks {
+            let at = task.resume_offset(topic, p)?;
+            let e = resume.entry(p).or_insert(at);
+            *e = (*e).min(at);
+        }
+        let mut rewind = Vec::new();
+        for (p, committed) in self.log.committed_offsets(group, topic).await? {
+            let stored = resume.get(&p).copied().unwrap_or(0);
+            if committed.is_some_and(|c| c > stored) {
+                rewind.push((TopicPartition::new(topic, p), stored));
+            }
+        }
+        if rewind.is_empty() {
+            return Ok(());
+        }
+        warn!(%group, partitions = rewind.len(), "the group committed past the processor's state; rewinding it to the state's offsets");
+        let deadline = tokio::time::Instant::now() + GROUP_BUSY_WAIT;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.log.reset_group_offsets(group, &rewind).await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if tokio::time::Instant::now() < deadline
+                        && (matches!(e, LogError::GroupBusy(_)) || e.is_transient()) =>
+                {
+                    warn!(%group, error = %e, retry_in = ?backoff, "cannot rewind the group yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// One task: the state of a feature group for one repartition partition.
+struct Task {
+    agg: FjallStore,
+    dedup: Option<FjallStore>,
+}
+
+/// A task's batch before it is committed.
+struct Pending {
+    agg: WriteBatch,
+    dedup: Option<WriteBatch>,
+    agg_name: String,
+    dedup_name: Option<String>,
+    /// (target key, feature values, output time, version)
+    outputs: Vec<(Bytes, Vec<Value>, i64, Coords)>,
+}
+
+impl Pending {
+    fn changelogs(&self) -> Vec<(&str, Vec<ChangelogRecord>)> {
+        let mut out = vec![(self.agg_name.as_str(), self.agg.changelog())];
+        if let (Some(batch), Some(name)) = (&self.dedup, &self.dedup_name) {
+            out.push((name.as_str(), batch.changelog()));
+        }
+        out
+    }
+}
+
+/// A repartition record, decoded.
+struct Inbound {
+    event: Event,
+    origin: TopicPartition,
+    origin_offset: i64,
+}
+
+impl Inbound {
+    fn decode(record: &Record) -> Option<(String, Inbound)> {
+        let value: Value = serde_json::from_slice(record.value.as_deref()?).ok()?;
+        let group = value.get("g")?.as_str()?.to_string();
+        let origin = value.get("o")?.as_array()?;
+        let (topic, partition, offset) = (
+            origin.first()?.as_str()?,
+            origin.get(1)?.as_i64()?,
+            origin.get(2)?.as_i64()?,
+        );
+        let event = Event {
+            key: record.key.clone()?,
+            id: Bytes::from(value.get("id")?.as_str()?.to_string()),
+            time_ms: value.get("t")?.as_i64()?.max(0),
+            coords: Coords::new(record.topic.clone(), record.partition, record.offset),
+            value: value.get("f").cloned().unwrap_or(Value::Null),
+        };
+        Some((
+            group,
+            Inbound {
+                event,
+                origin: TopicPartition::new(topic, partition as i32),
+                origin_offset: offset,
+            },
+        ))
+    }
+}
+
+impl Task {
+    fn open(dir: &Path, group: &FeatureGroup, partition: i32) -> Result<Self, StoreError> {
+        let base = dir.join(&group.name).join(partition.to_string());
+        let names = group.store_names();
+        let agg = FjallStore::open(base.join("agg"), &names[0], Default::default())?;
+        let dedup = match names.get(1) {
+            Some(name) => Some(FjallStore::open(
+                base.join("dedup"),
+                name,
+                Default::default(),
+            )?),
+            None => None,
+        };
+        Ok(Self { agg, dedup })
+    }
+
+    /// Where this task resumes on `topic`/`partition`: the smaller of its stores' offsets.
+    fn resume_offset(&self, topic: &str, partition: i32) -> Result<i64, StoreError> {
+        let tp = TopicPartition::new(topic, partition);
+        let mut at = self.agg.offsets()?.get(&tp).copied().unwrap_or(0);
+        if let Some(d) = &self.dedup {
+            at = at.min(d.offsets()?.get(&tp).copied().unwrap_or(0));
+        }
+        Ok(at)
+    }
+
+    /// Runs the group's operators over one partition's share of a batch; `end` is the next
+    /// offset the batch covers on `tp` (recorded even when no event of this group was in it).
+    fn process(
+        &self,
+        group: &FeatureGroup,
+        tp: &TopicPartition,
+        end: i64,
+        events: Vec<Inbound>,
+    ) -> Result<Pending, StoreError> {
+        let (events, dedup) = match (&group.dedup, &self.dedup) {
+            (Some(op), Some(store)) => {
+                let mut hw = HighWater::default();
+                let fresh = hw.filter(store, events)?;
+                let plain: Vec<Event> = fresh.iter().map(|i| i.event.clone()).collect();
+                let mut out = op.process(store, &plain)?;
+                hw.finish(&mut out.state);
+                out.state.set_offset(tp.clone(), end);
+                let forwarded = fresh
+                    .into_iter()
+                    .zip(out.decisions)
+                    .filter(|(_, d)| *d == DedupDecision::Forward)
+                    .map(|(i, _)| i)
+                    .collect();
+                (forwarded, Some(out.state))
+            }
+            _ => (events, None),
+        };
+        let mut hw = HighWater::default();
+        let fresh = hw.filter(&self.agg, events)?;
+        let plain: Vec<Event> = fresh.into_iter().map(|i| i.event).collect();
+        let mut out = group.aggregate.process(&self.agg, &plain)?;
+        hw.finish(&mut out.state);
+        out.state.set_offset(tp.clone(), end);
+        // The output clock: never behind a value this task already emitted, so a feature's
+        // version (event time first) grows with the repartition offset that produced it.
+        let stored = read_i64(&self.agg, OUTPUT_TIME_KEY)?.unwrap_or(i64::MIN);
+        let time_ms = plain.iter().map(|e| e.time_ms).fold(stored, i64::max);
+        let mut outputs = Vec::new();
+        if time_ms != i64::MIN {
+            out.state.put(OUTPUT_TIME_KEY, &time_ms.to_le_bytes());
+            for update in out.updates {
+                let Some(values) = update.values else {
+                    continue;
+                };
+                let values = values.iter().map(|v| v.to_json()).collect();
+                outputs.push((update.key, values, time_ms, update.version));
+            }
+        }
+        Ok(Pending {
+            agg: out.state,
+            dedup,
+            agg_name: self.agg.name().to_string(),
+            dedup_name: self.dedup.as_ref().map(|d| d.name().to_string()),
+            outputs,
+        })
+    }
+
+    /// Commits the aggregation state first, then the dedup state: the dedup store never gets
+    /// ahead of the aggregation (an event it forwarded but the aggregation lost would be lost).
+    fn commit(&mut self, pending: Pending) -> Result<(), StoreError> {
+        self.agg.apply(&pending.agg)?;
+        if let (Some(store), Some(batch)) = (&mut self.dedup, &pending.dedup) {
+            store.apply(batch)?;
+        }
+        Ok(())
+    }
+}
+
+/// Drops the re-key loop's duplicates: per origin partition, records arrive in origin offset
+/// order, so a record at or below the highest origin offset a store has applied is a copy.
+#[derive(Default)]
+struct HighWater {
+    seen: BTreeMap<TopicPartition, i64>,
+}
+
+impl HighWater {
+    fn filter<S: StateStore>(
+        &mut self,
+        store: &S,
+        events: Vec<Inbound>,
+    ) -> Result<Vec<Inbound>, StoreError> {
+        let mut kept = Vec::with_capacity(events.len());
+        for inbound in events {
+            let mark = match self.seen.get(&inbound.origin) {
+                Some(m) => *m,
+                None => read_i64(store, &high_water_key(&inbound.origin))?.unwrap_or(-1),
+            };
+            if inbound.origin_offset <= mark {
+                self.seen.insert(inbound.origin.clone(), mark);
+                continue;
+            }
+            self.seen
+                .insert(inbound.origin.clone(), inbound.origin_offset);
+            kept.push(inbound);
+        }
+        Ok(kept)
+    }
+
+    fn finish(self, batch: &mut WriteBatch) {
+        for (tp, mark) in self.seen {
+            batch.put(&high_water_key(&tp), &mark.to_le_bytes());
+        }
+    }
+}
+
+fn high_water_key(tp: &TopicPartition) -> Vec<u8> {
+    let mut key = HIGH_WATER_PREFIX.to_vec();
+    key.extend_from_slice(tp.topic.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&tp.partition.to_be_bytes());
+    key
+}
+
+fn read_i64<S: StateStore>(store: &S, key: &[u8]) -> Result<Option<i64>, StoreError> {
+    store
+        .get(key)?
+        .map(|v| {
+            v.as_ref()
+                .try_into()
+                .map(i64::from_le_bytes)
+                .map_err(|_| StoreError::Corrupt("runtime metadata".into()))
+        })
+        .transpose()
+}
+
+/// A feature update as a binary-mode CloudEvent for the target entity's features topic.
+fn feature_record(
+    topic: &str,
+    partitions: i32,
+    group: &FeatureGroup,
+    key: &Bytes,
+    values: &[Value],
+    time_ms: i64,
+    version: &Coords,
+) -> ProduceRecord {
+    let data: Map<String, Value> = group
+        .features
+        .iter()
+        .cloned()
+        .zip(values.iter().cloned())
+        .collect();
+    let id = format!(
+        "{}/{}/{}@{}",
+        group.name, version.topic, version.partition, version.offset
+    );
+    let mut r = ProduceRecord::new(
+        topic.to_string(),
+        Some(key.clone()),
+        Some(Bytes::from(Value::Object(data).to_string())),
+    )
+    .with_header("ce_specversion", "1.0")
+    .with_header("ce_id", id)
+    .with_header("ce_source", FEATURES_SOURCE)
+    .with_header("ce_type", FEATURES_TYPE)
+    .with_header("ce_time", format_time(time_ms))
+    .with_header("content-type", "application/json");
+    r.partition = Some(partition_for_key(key, partitions));
+    r
+}
+
+fn is_features_source(source: &kontext_core::config::SourceConfig) -> bool {
+    source
+        .matcher
+        .as_ref()
+        .is_some_and(|m| m.ce_source == FEATURES_SOURCE)
+}
+
+/// An entity id from a canonical field: strings as they are, numbers as their JSON text.
+fn id_of(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Polls, retrying transient errors; `None` on shutdown.
+async fn poll(
+    consumer: &mut dyn kontext_log::Consumer,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<Record>>, ProcessorError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            polled = consumer.poll(MAX_BATCH, POLL_TIMEOUT) => match polled {
+                Ok(r) => return Ok(Some(r)),
+                Err(e) if e.is_transient() => {
+                    warn!(error = %e, "processor poll failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
+}
+
+/// Produces `records` and waits for the acknowledgement, retrying transient errors (the same
+/// records again: duplicates are dropped downstream). `false` on shutdown.
+async fn send(
+    producer: &dyn Producer,
+    records: Vec<ProduceRecord>,
+    shutdown: &CancellationToken,
+) -> Result<bool, ProcessorError> {
+    if records.is_empty() {
+        return Ok(true);
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match producer.send(records.clone()).await {
+            Ok(_) => return Ok(true),
+            Err(e) if e.is_transient() => {
+                warn!(error = %e, retry_in = ?backoff, "processor produce failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn next_offsets(records: &[Record]) -> Vec<(TopicPartition, i64)> {
+    let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+    for r in records {
+        let e = next.entry(r.topic_partition()).or_insert(r.offset + 1);
+        *e = (*e).max(r.offset + 1);
+    }
+    next.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = r#"
+name: shop
+entities:
+  customer: { key: customer_id, topic: context.customers }
+  order: { key: order_id, topic: context.orders, belongs_to: { customer: customer_id } }
+sources:
+  shop: { topic: context.orders, entity: order, fields: { customer_id: c, total: t } }
+features:
+  orders_30d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d }
+  total_30d: { from: order, entity: customer, key: customer_id, agg: sum, field: total, window: 30d }
+  biggest: { from: order, entity: customer, key: customer_id, agg: max, field: total, dedup: 1h }
+"#;
+
+    #[test]
+    fn features_with_one_window_share_an_operator() {
+        let config = PipelineConfig::parse("p.yaml", YAML).unwrap();
+        let groups = plan(&config);
+        let names: Vec<Vec<&str>> = groups
+            .iter()
+            .map(|g| g.features.iter().map(String::as_str).collect())
+            .collect();
+        assert_eq!(
+            names,
+            vec![vec!["biggest"], vec!["orders_30d", "total_30d"]]
+        );
+        assert_eq!(groups[0].store_names(), vec!["biggest", "biggest-dedup"]);
+        let topics: Vec<String> = topic_specs(&config).into_iter().map(|t| t.name).collect();
+        assert_eq!(
+            topics,
+            vec![
+                "context.customers.features",
+                "shop-biggest-changelog",
+                "shop-biggest-dedup-changelog",
+                "shop-features-repartition",
+                "shop-orders_30d-changelog",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_sinks_map_feature_records_into_the_target_entity() {
+        let config = PipelineConfig::parse("p.yaml", YAML).unwrap();
+        // The parsed pipeline already has the built-in source of the features topic.
+        let router = Router::new(&config);
+        let group = &plan(&config)[1];
+        let version = Coords::new("shop-features-repartition", 3, 41);
+        let r = feature_record(
+            "context.customers.features",
+            12,
+            group,
+            &Bytes::from_static(b"C-1"),
+            &[json!(2), json!(129.9)],
+            1_700_000_000_000,
+            &version,
+        );
+        let record = Record {
+            topic: r.topic.as_str().into(),
+            partition: r.partition.unwrap(),
+            offset: 7,
+            timestamp_ms: 0,
+            key: r.key.clone(),
+            value: r.value.clone(),
+            headers: r.headers.clone(),
+        };
+        let Outcome::Update(u) = router.process(&record) else {
+            panic!("not an update: {:?}", router.process(&record));
+        };
+        assert_eq!(u.entity_type, "customer");
+        assert_eq!(u.entity_id, "C-1");
+        assert_eq!(u.provenance.event_time_ms, 1_700_000_000_000);
+        let Change::Upsert(fields) = u.change else {
+            panic!()
+        };
+        assert_eq!(fields["orders_30d"], json!(2));
+        assert_eq!(fields["total_30d"], json!(129.9));
+        assert_eq!(
+            r.partition,
+            Some(partition_for_key(b"C-1", 12)),
+            "co-partitioned with context.customers"
+        );
+    }
+
+    #[test]
+    fn high_water_drops_re_keyed_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FjallStore::open(dir.path(), "t", Default::default()).unwrap();
+        let inbound = |rep: i64, origin: i64| Inbound {
+            event: Event {
+                key: Bytes::from_static(b"k"),
+                id: Bytes::from(format!("e{origin}")),
+                time_ms: 1,
+                coords: Coords::new("rep", 0, rep),
+                value: Value::Null,
+            },
+            origin: TopicPartition::new("in", 0),
+            origin_offset: origin,
+        };
+        let mut hw = HighWater::default();
+        let kept = hw
+            .filter(&store, vec![inbound(0, 5), inbound(1, 9)])
+            .unwrap();
+        assert_eq!(kept.len(), 2);
+        let mut batch = WriteBatch::default();
+        hw.finish(&mut batch);
+        store.apply(&batch).unwrap();
+        // The re-key loop crashed before its commit and sent origin 5 and 9 again, then 12.
+        let mut hw = HighWater::default();
+        let kept = hw
+            .filter(&store, vec![inbound(2, 5), inbound(3, 9), inbound(4, 12)])
+            .unwrap();
+        let offsets: Vec<i64> = kept.iter().map(|i| i.origin_offset).collect();
+        assert_eq!(offsets, vec![12]);
+    }
+}
