@@ -4,6 +4,7 @@ use kontext_core::config::{RenderSection, Tokenizer};
 use kontext_store::ContextDocument;
 
 use super::markdown::{Layout, Unit};
+use super::tokens::count_cached;
 
 /// How to render one document.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,10 +80,11 @@ pub fn render_markdown(
         return Ok(finish(&layout, &units, n, options.tokenizer));
     };
 
-    // Estimate each unit's cost on its own. BPE pieces never span a line break, so the sum of
-    // per-line counts is close to the count of the joined text; the final text is counted for
-    // real below and the prefix shortened if the estimate was low.
-    let base = count(options.tokenizer, &layout.title());
+    // Estimate each unit's cost on its own: the sum is close to the count of the joined text
+    // (a section's blank line can merge with the line before it), and the final text is counted
+    // exactly below and the prefix shortened if the estimate was low. Every count goes through
+    // the line cache (`tokens.rs`), so each distinct line is run through the BPE once.
+    let base = count_cached(options.tokenizer, &layout.title());
     let mut prefix = Vec::with_capacity(n + 1);
     prefix.push(0usize);
     for unit in &units {
@@ -90,7 +92,8 @@ pub fn render_markdown(
         prefix.push(prefix[prefix.len() - 1] + c);
     }
     let estimate = |k: usize| {
-        base + prefix[k] + count(options.tokenizer, &layout.omission_lines(&units, k, budget))
+        base + prefix[k]
+            + count_cached(options.tokenizer, &layout.omission_lines(&units, k, budget))
     };
     // The largest prefix whose estimate fits. Not a binary search: the omissions line shrinks as
     // the prefix grows, so "fits" is not monotone in k; the largest k that fits is.
@@ -111,7 +114,8 @@ pub fn render_markdown(
     }
 }
 
-/// Tokens of `text` with `tokenizer`. The BPE tables are built once per process, on first use
+/// Tokens of `text` with `tokenizer`, counted directly (renders count through a cache of line
+/// counts that gives the same numbers). The BPE tables are built once per process, on first use
 /// (tens of milliseconds), from data compiled into the binary.
 pub fn count(tokenizer: Tokenizer, text: &str) -> usize {
     // `count_ordinary`: field values are data, so "<|endoftext|>" in a value is text, not a
@@ -125,7 +129,8 @@ pub fn count(tokenizer: Tokenizer, text: &str) -> usize {
 fn finish(layout: &Layout<'_>, units: &[Unit], k: usize, tokenizer: Tokenizer) -> Rendered {
     let text = layout.render(units, k);
     Rendered {
-        tokens: count(tokenizer, &text),
+        // Exact: chunk counts add up to the count of the text (proof in `tokens.rs`).
+        tokens: count_cached(tokenizer, &text),
         omitted: layout.omissions(units, k),
         text,
     }

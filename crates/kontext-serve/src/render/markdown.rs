@@ -7,7 +7,7 @@ use kontext_core::config::{RenderSection, Tokenizer};
 use kontext_store::{ContextDocument, ProvenanceView, RelatedEntity};
 use serde_json::Value;
 
-use super::budget::count;
+use super::tokens::count_cached as count;
 use super::{Omission, ProvenanceDetail, RenderOptions};
 
 /// One piece shown whole or not at all: item `item` of section `section` (an index into

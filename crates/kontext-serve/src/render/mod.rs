@@ -13,12 +13,15 @@
 //!
 //! The header's first lines name the entity, when it was last updated and exactly what the budget
 //! left out; those lines count against the budget. Tokens are counted with the real BPE
-//! (`cl100k_base` by default, `o200k_base` on request) on the final text, not estimated.
+//! (`cl100k_base` by default, `o200k_base` on request) on the final text, not estimated; the counts of
+//! lines already seen are reused, which gives the same number (`tokens.rs` says why).
 
 mod budget;
 mod markdown;
+mod tokens;
 
 pub use budget::{
     count, render_markdown, Omission, ProvenanceDetail, RenderError, RenderOptions, Rendered,
 };
 pub use kontext_core::config::{RenderSection, Tokenizer};
+pub use tokens::{clear_token_cache, set_token_cache_enabled};
