@@ -1,8 +1,10 @@
 //! Batched versioned upserts, side by side: the embedded store and PostgreSQL.
 //!
-//! Each iteration applies one batch of 2000 updates (3 fields each, over 20 000 orders that
-//! belong to 2 000 customers) at new offsets, so nothing is skipped: the steady state of a sink.
-//! Throughput is in updates (log records) per second.
+//! Each iteration applies one batch of updates (3 fields each, over 20 000 orders that belong
+//! to 2 000 customers) at new offsets, so nothing is skipped: the steady state of a sink.
+//! Throughput is in updates (log records) per second. Batches of 2 000 (what the sink polls at
+//! most today) and 20 000 (a sink that gathers several polls per commit), `UPSERT_BATCHES`
+//! (comma-separated) to choose others.
 //!
 //!   scripts/postgres.sh start
 //!   cargo bench -p kontext-store --bench upsert
@@ -18,7 +20,7 @@ use kontext_store::{
 };
 use serde_json::{json, Map};
 
-const BATCH: usize = 2_000;
+const BATCHES: &[usize] = &[2_000, 20_000];
 const DEFAULT_URL: &str = "postgres://kontext@127.0.0.1:55432/kontext";
 
 fn schema() -> StoreSchema {
@@ -31,9 +33,9 @@ fn schema() -> StoreSchema {
     s
 }
 
-/// The batch starting at log offset `from`.
-fn batch(from: i64) -> Vec<EntityUpdate> {
-    (from..from + BATCH as i64)
+/// The batch of `len` updates starting at log offset `from`.
+fn batch(from: i64, len: usize) -> Vec<EntityUpdate> {
+    (from..from + len as i64)
         .map(|o| {
             let mut fields = Map::new();
             fields.insert(
@@ -76,28 +78,36 @@ fn upsert(c: &mut Criterion) {
         EmbeddedStore::open(&dir.path().join("bench.redb"), schema()).expect("embedded store");
     let stores: [(&str, &dyn ContextStore); 2] = [("embedded", &embedded), ("postgres", &postgres)];
 
-    let mut group = c.benchmark_group("upsert_2000");
-    group.throughput(Throughput::Elements(BATCH as u64));
-    group.sample_size(20);
-    group.measurement_time(Duration::from_secs(20));
-    for (name, store) in stores {
-        let mut next = 0i64;
-        group.bench_function(name, |b| {
-            b.to_async(&rt).iter_batched(
-                || {
-                    let from = next;
-                    next += BATCH as i64;
-                    batch(from)
-                },
-                |updates| async move {
-                    let stats = store.apply(&updates, &[]).await.expect("apply");
-                    assert_eq!(stats.applied, BATCH as u64);
-                },
-                BatchSize::PerIteration,
-            )
-        });
+    let batches: Vec<usize> = std::env::var("UPSERT_BATCHES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
+        .unwrap_or_else(|| BATCHES.to_vec());
+    // Offsets keep growing across groups: every batch is new to both stores.
+    let mut next = [0i64; 2];
+    for len in batches {
+        let mut group = c.benchmark_group(format!("upsert_{len}"));
+        group.throughput(Throughput::Elements(len as u64));
+        group.sample_size(10);
+        group.measurement_time(Duration::from_secs(10));
+        for (k, (name, store)) in stores.iter().enumerate() {
+            let next = &mut next[k];
+            group.bench_function(*name, |b| {
+                b.to_async(&rt).iter_batched(
+                    || {
+                        let from = *next;
+                        *next += len as i64;
+                        batch(from, len)
+                    },
+                    |updates| async move {
+                        let stats = store.apply(&updates, &[]).await.expect("apply");
+                        assert_eq!(stats.applied, len as u64);
+                    },
+                    BatchSize::PerIteration,
+                )
+            });
+        }
+        group.finish();
     }
-    group.finish();
 
     // Drop the bench schema: the next run starts from empty tables again.
     rt.block_on(async {

@@ -95,52 +95,7 @@ impl EmbeddedStore {
         entity_type: &str,
         entity_id: &str,
     ) -> Result<Option<ContextDocument>, StoreError> {
-        let Some(doc) = self.get(entity_type, entity_id)? else {
-            return Ok(None);
-        };
-        let mut belongs_to = BTreeMap::new();
-        for (parent_type, field) in self.schema().parents_of(entity_type) {
-            let Some(parent_id) = doc.fields.get(field).and_then(|f| f.value.as_str()) else {
-                continue;
-            };
-            if let Some(parent) = self.get(parent_type, parent_id)? {
-                belongs_to.insert(parent_type.clone(), RelatedEntity::from_doc(&parent));
-            }
-        }
-        let mut related = BTreeMap::new();
-        let children: Vec<(String, usize)> = self
-            .schema()
-            .children_of(entity_type)
-            .map(|(child, _)| {
-                (
-                    child.to_string(),
-                    self.schema()
-                        .related_limit
-                        .get(child)
-                        .copied()
-                        .unwrap_or(10),
-                )
-            })
-            .collect();
-        for (child_type, limit) in children {
-            let ids = self.children(entity_type, entity_id, &child_type)?;
-            let mut docs = Vec::with_capacity(ids.len());
-            for id in &ids {
-                if let Some(d) = self.get(&child_type, id)? {
-                    docs.push(d);
-                }
-            }
-            // Newest first by the version of their latest event.
-            docs.sort_by(|a, b| b.latest.version().cmp(&a.latest.version()));
-            let total = docs.len();
-            let items = docs
-                .iter()
-                .take(limit)
-                .map(RelatedEntity::from_doc)
-                .collect();
-            related.insert(child_type, RelatedList { total, items });
-        }
-        Ok(Some(ContextDocument::assemble(&doc, belongs_to, related)))
+        self.assemble_context(entity_type, entity_id)
     }
 }
 

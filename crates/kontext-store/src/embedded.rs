@@ -5,16 +5,15 @@
 //! transaction, fsynced on commit, holding the entity changes, the relation index and the
 //! source offsets together.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::btree_map::Entry as BTreeEntry;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 
-use crate::model::{
-    merge_fields, Change, EntityDoc, EntityUpdate, FieldEntry, Provenance, StoreSchema,
-};
+use crate::document::{ContextDocument, RelatedEntity, RelatedList};
+use crate::model::{merge_fields, Change, EntityDoc, EntityUpdate, StoreSchema};
 use crate::StoreError;
 
 /// `entity_type \0 entity_id` -> JSON [`EntityDoc`]
@@ -23,6 +22,9 @@ const ENTITIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entities")
 const RELATIONS: TableDefinition<&[u8], ()> = TableDefinition::new("relations");
 /// (topic, partition) -> next offset to apply
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
+
+/// `related_limit` of a child type the schema does not mention.
+const DEFAULT_RELATED_LIMIT: usize = 10;
 
 /// Counts of what one [`EmbeddedStore::apply`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,12 +37,14 @@ pub struct ApplyStats {
     pub deleted: u64,
 }
 
-/// An entity touched by the batch being applied: as stored before it, and as it will be.
-struct Pending<'a> {
-    before: Option<EntityDoc>,
+/// An entity touched by the batch being applied: what the relation index holds for it before
+/// the batch, and the document as it will be.
+struct Pending {
+    /// Whether the store had the entity before the batch.
+    existed: bool,
+    /// Per `belongs_to` relation of its type (in schema order), the parent id stored before.
+    parents_before: Vec<Option<String>>,
     after: Option<EntityDoc>,
-    /// The first update of the batch to this entity (for its type and id).
-    update: &'a EntityUpdate,
 }
 
 /// A durable, versioned context store in one file.
@@ -84,20 +88,22 @@ impl EmbeddedStore {
             let mut entities = txn.open_table(ENTITIES).map_err(io)?;
             let mut relations = txn.open_table(RELATIONS).map_err(io)?;
             let mut offset_table = txn.open_table(OFFSETS).map_err(io)?;
-            let mut applied_upto: BTreeMap<(String, i32), i64> = BTreeMap::new();
-            let mut working: HashMap<Vec<u8>, Pending<'_>> = HashMap::new();
+            // Borrowed keys: no allocation per update for the bookkeeping.
+            let mut applied_upto: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+            // Ordered by key, so the writes below walk the B-tree in order.
+            let mut working: BTreeMap<(&str, &str), Pending> = BTreeMap::new();
             for update in updates {
                 let p = &update.provenance;
-                let key = (p.topic.clone(), p.partition);
+                let key = (p.topic.as_str(), p.partition);
                 let next = match applied_upto.get(&key) {
                     Some(n) => *n,
                     None => {
                         let n = offset_table
-                            .get((p.topic.as_str(), p.partition))
+                            .get(key)
                             .map_err(io)?
                             .map(|g| g.value())
                             .unwrap_or(0);
-                        applied_upto.insert(key.clone(), n);
+                        applied_upto.insert(key, n);
                         n
                     }
                 };
@@ -106,17 +112,27 @@ impl EmbeddedStore {
                     continue;
                 }
                 applied_upto.insert(key, p.offset + 1);
-                let slot = match working.entry(entity_key(&update.entity_type, &update.entity_id)) {
-                    Entry::Occupied(slot) => slot.into_mut(),
-                    Entry::Vacant(slot) => {
-                        let before = match entities.get(slot.key().as_slice()).map_err(io)? {
+                let id = (update.entity_type.as_str(), update.entity_id.as_str());
+                let slot = match working.entry(id) {
+                    BTreeEntry::Occupied(slot) => slot.into_mut(),
+                    BTreeEntry::Vacant(slot) => {
+                        let stored = entities
+                            .get(entity_key(id.0, id.1).as_slice())
+                            .map_err(io)?;
+                        let before = match stored {
                             Some(bytes) => Some(decode_doc(bytes.value())?),
                             None => None,
                         };
+                        let parents_before = self
+                            .schema
+                            .parents_of(id.0)
+                            .iter()
+                            .map(|(_, field)| before.as_ref().and_then(|d| parent_id(d, field)))
+                            .collect();
                         slot.insert(Pending {
-                            after: before.clone(),
-                            before,
-                            update,
+                            existed: before.is_some(),
+                            parents_before,
+                            after: before,
                         })
                     }
                 };
@@ -141,24 +157,24 @@ impl EmbeddedStore {
                 stats.applied += 1;
             }
             // Each entity is decoded and encoded once per batch, however many updates it got.
-            for (key, pending) in &working {
-                let (entity_type, entity_id) =
-                    (&pending.update.entity_type, &pending.update.entity_id);
+            let mut buf = Vec::with_capacity(1024);
+            for ((entity_type, entity_id), pending) in &working {
                 self.reindex(
                     &mut relations,
-                    pending.before.as_ref(),
+                    &pending.parents_before,
                     pending.after.as_ref(),
                     entity_type,
                     entity_id,
                 )?;
+                let key = entity_key(entity_type, entity_id);
                 match &pending.after {
                     Some(doc) => {
-                        let bytes = encode_doc(doc)?;
+                        codec::encode(doc, &mut buf)?;
                         entities
-                            .insert(key.as_slice(), bytes.as_slice())
+                            .insert(key.as_slice(), buf.as_slice())
                             .map_err(io)?;
                     }
-                    None if pending.before.is_some() => {
+                    None if pending.existed => {
                         entities.remove(key.as_slice()).map_err(io)?;
                     }
                     None => {}
@@ -166,21 +182,17 @@ impl EmbeddedStore {
             }
             // Batch offsets also cover records that produced no update (invalid or filtered).
             for (topic, partition, next) in offsets {
-                let entry = applied_upto
-                    .entry((topic.to_string(), *partition))
-                    .or_insert(0);
+                let entry = applied_upto.entry((topic, *partition)).or_insert(0);
                 *entry = (*entry).max(*next);
             }
-            for ((topic, partition), next) in &applied_upto {
+            for (key, next) in &applied_upto {
                 let stored = offset_table
-                    .get((topic.as_str(), *partition))
+                    .get(*key)
                     .map_err(io)?
                     .map(|g| g.value())
                     .unwrap_or(0);
                 if *next > stored {
-                    offset_table
-                        .insert((topic.as_str(), *partition), *next)
-                        .map_err(io)?;
+                    offset_table.insert(*key, *next).map_err(io)?;
                 }
             }
         }
@@ -251,6 +263,79 @@ impl EmbeddedStore {
         Ok(ids)
     }
 
+    /// The assembled context of one entity, read from one snapshot (so the entity, its parents
+    /// and its related lists are of the same committed batches).
+    ///
+    /// A parent may have a long history of children (a customer's every order and interaction);
+    /// only the newest `related_limit` of each type are shown. Their order is found from each
+    /// child's latest version alone ([`codec::latest_version`], no field decoding), and only the
+    /// children shown are decoded: a lookup costs one small read per child plus the documents
+    /// it returns, not a full decode of the whole history.
+    pub(crate) fn assemble_context(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<Option<ContextDocument>, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let entities = txn.open_table(ENTITIES).map_err(io)?;
+        let relations = txn.open_table(RELATIONS).map_err(io)?;
+        let get = |t: &str, i: &str| -> Result<Option<EntityDoc>, StoreError> {
+            match entities.get(entity_key(t, i).as_slice()).map_err(io)? {
+                Some(bytes) => decode_doc(bytes.value()).map(Some),
+                None => Ok(None),
+            }
+        };
+        let Some(doc) = get(entity_type, entity_id)? else {
+            return Ok(None);
+        };
+        let mut belongs_to = BTreeMap::new();
+        for (parent_type, field) in self.schema.parents_of(entity_type) {
+            let Some(parent_id) = doc.fields.get(field).and_then(|f| f.value.as_str()) else {
+                continue;
+            };
+            if let Some(parent) = get(parent_type, parent_id)? {
+                belongs_to.insert(parent_type.clone(), RelatedEntity::from_doc(&parent));
+            }
+        }
+        let mut related = BTreeMap::new();
+        for (child_type, _) in self.schema.children_of(entity_type) {
+            let limit = self
+                .schema
+                .related_limit
+                .get(child_type)
+                .copied()
+                .unwrap_or(DEFAULT_RELATED_LIMIT);
+            let prefix = relation_key(entity_type, entity_id, child_type, "");
+            // (latest version, child id) of every child, in id order.
+            let mut children = Vec::new();
+            for item in relations.range(prefix.as_slice()..).map_err(io)? {
+                let (k, _) = item.map_err(io)?;
+                let k = k.value();
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let child_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                if let Some(bytes) = entities
+                    .get(entity_key(child_type, &child_id).as_slice())
+                    .map_err(io)?
+                {
+                    children.push((codec::latest_version(bytes.value())?, child_id));
+                }
+            }
+            // Newest first; a stable sort keeps equal versions in id order.
+            children.sort_by(|a, b| b.0.cmp(&a.0));
+            let total = children.len();
+            let mut items = Vec::with_capacity(limit.min(total));
+            for (_, child_id) in children.iter().take(limit) {
+                if let Some(child) = get(child_type, child_id)? {
+                    items.push(RelatedEntity::from_doc(&child));
+                }
+            }
+            related.insert(child_type.to_string(), RelatedList { total, items });
+        }
+        Ok(Some(ContextDocument::assemble(&doc, belongs_to, related)))
+    }
+
     /// Next offset to apply per (topic, partition), as recorded with the data.
     pub fn applied_offsets(&self) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
@@ -280,20 +365,24 @@ impl EmbeddedStore {
     fn reindex(
         &self,
         relations: &mut redb::Table<&[u8], ()>,
-        before: Option<&EntityDoc>,
+        parents_before: &[Option<String>],
         after: Option<&EntityDoc>,
         entity_type: &str,
         entity_id: &str,
     ) -> Result<(), StoreError> {
-        for (parent_type, field) in self.schema.parents_of(entity_type) {
-            let old = before.and_then(|d| parent_id(d, field));
+        for ((parent_type, field), old) in self
+            .schema
+            .parents_of(entity_type)
+            .iter()
+            .zip(parents_before)
+        {
             let new = after.and_then(|d| parent_id(d, field));
-            if old == new {
+            if *old == new {
                 continue;
             }
             if let Some(old) = old {
                 relations
-                    .remove(relation_key(parent_type, &old, entity_type, entity_id).as_slice())
+                    .remove(relation_key(parent_type, old, entity_type, entity_id).as_slice())
                     .map_err(io)?;
             }
             if let Some(new) = new {
@@ -335,79 +424,14 @@ fn relation_key(parent_type: &str, parent_id: &str, child_type: &str, child_id: 
     k
 }
 
-/// How a document is stored: each distinct provenance once, fields pointing at it. An event
-/// usually sets several fields, so this is about a third of the size of a provenance per field
-/// (store throughput did not change measurably: the batch commit dominates, see BENCHMARKS.md).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredDoc {
-    t: String,
-    i: String,
-    /// (field, value, index into `p`)
-    f: Vec<(String, serde_json::Value, u32)>,
-    p: Vec<Provenance>,
-    n: u64,
-    /// index of the latest event in `p`
-    l: u32,
-}
-
-fn encode_doc(doc: &EntityDoc) -> Result<Vec<u8>, StoreError> {
-    let mut table: Vec<Provenance> = Vec::new();
-    let mut index_of = |p: &Provenance| -> u32 {
-        match table.iter().position(|q| q == p) {
-            Some(i) => i as u32,
-            None => {
-                table.push(p.clone());
-                (table.len() - 1) as u32
-            }
-        }
-    };
-    let f = doc
-        .fields
-        .iter()
-        .map(|(k, e)| (k.clone(), e.value.clone(), index_of(&e.provenance)))
-        .collect();
-    let l = index_of(&doc.latest);
-    let stored = StoredDoc {
-        t: doc.entity_type.clone(),
-        i: doc.entity_id.clone(),
-        f,
-        p: table,
-        n: doc.events_applied,
-        l,
-    };
-    serde_json::to_vec(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 fn decode_doc(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
-    let StoredDoc { t, i, f, p, n, l } =
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let provenance = |index: u32| {
-        p.get(index as usize)
-            .cloned()
-            .ok_or_else(|| StoreError::Corrupt(format!("provenance index {index} out of range")))
-    };
-    let mut fields = BTreeMap::new();
-    for (name, value, index) in f {
-        fields.insert(
-            name,
-            FieldEntry {
-                value,
-                provenance: provenance(index)?,
-            },
-        );
-    }
-    Ok(EntityDoc {
-        latest: provenance(l)?,
-        entity_type: t,
-        entity_id: i,
-        fields,
-        events_applied: n,
-    })
+    codec::decode(bytes)
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+mod codec;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,412 @@
+//! How an [`EntityDoc`] is stored in the embedded store: a compact binary record.
+//!
+//! ```text
+//! 0x01                       format
+//! str type, str id           (also in the key; kept so a value decodes on its own)
+//! varint events_applied
+//! varint P, P × provenance   each distinct provenance once: str source, str event_id,
+//!                            0 | 1 + str event_type, str topic, zigzag partition, zigzag offset,
+//!                            zigzag event_time_ms
+//! varint latest              index into the provenances
+//! varint F, F × field        str name, str value (JSON text, as serde_json writes it),
+//!                            varint provenance index
+//! str = varint length + UTF-8 bytes
+//! ```
+//!
+//! An event usually sets several fields, so provenances are stored once and referenced. The
+//! first stores wrote JSON (`{"t":..,"i":..,"f":[..],"p":[..],"n":..,"l":..}`); a value that
+//! starts with `{` is decoded that way, so existing data directories keep working and are
+//! rewritten in the binary form entity by entity as they change.
+//!
+//! Why binary: a batch commit rewrites every B-tree page the batch touches, so bytes per entity
+//! are bytes per commit; this form is about 40% of the JSON one (customer document: 9 fields, 3
+//! events), and it encodes and decodes without a JSON parser for the structure.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::model::{EntityDoc, FieldEntry, Provenance};
+use crate::StoreError;
+
+const FORMAT_BINARY: u8 = 1;
+
+/// Appends the stored form of `doc` to `out` (cleared first).
+pub(super) fn encode(doc: &EntityDoc, out: &mut Vec<u8>) -> Result<(), StoreError> {
+    out.clear();
+    out.push(FORMAT_BINARY);
+    put_str(out, &doc.entity_type);
+    put_str(out, &doc.entity_id);
+    put_varint(out, doc.events_applied);
+    // Distinct provenances in order of first use (fields in name order, then the latest).
+    let mut table: Vec<&Provenance> = Vec::new();
+    let mut field_index = Vec::with_capacity(doc.fields.len());
+    for entry in doc.fields.values() {
+        field_index.push(index_of(&entry.provenance, &mut table));
+    }
+    let latest = index_of(&doc.latest, &mut table);
+    put_varint(out, table.len() as u64);
+    for p in &table {
+        put_str(out, &p.source);
+        put_str(out, &p.event_id);
+        match &p.event_type {
+            None => put_varint(out, 0),
+            Some(t) => {
+                put_varint(out, 1);
+                put_str(out, t);
+            }
+        }
+        put_str(out, &p.topic);
+        put_varint(out, zigzag(i64::from(p.partition)));
+        put_varint(out, zigzag(p.offset));
+        put_varint(out, zigzag(p.event_time_ms));
+    }
+    put_varint(out, latest);
+    put_varint(out, doc.fields.len() as u64);
+    let mut value = Vec::new();
+    for ((name, entry), index) in doc.fields.iter().zip(field_index) {
+        put_str(out, name);
+        value.clear();
+        serde_json::to_writer(&mut value, &entry.value)
+            .map_err(|e| StoreError::Corrupt(format!("field {name}: {e}")))?;
+        put_varint(out, value.len() as u64);
+        out.extend_from_slice(&value);
+        put_varint(out, index);
+    }
+    Ok(())
+}
+
+/// The index of `p` in `table`, added if new.
+fn index_of<'a>(p: &'a Provenance, table: &mut Vec<&'a Provenance>) -> u64 {
+    match table.iter().position(|q| *q == p) {
+        Some(i) => i as u64,
+        None => {
+            table.push(p);
+            (table.len() - 1) as u64
+        }
+    }
+}
+
+/// Decodes a stored entity, binary or (from older stores) JSON.
+pub(super) fn decode(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
+    match bytes.first() {
+        Some(&FORMAT_BINARY) => decode_binary(&bytes[1..]),
+        Some(b'{') => decode_json(bytes),
+        Some(other) => Err(StoreError::Corrupt(format!(
+            "unknown entity format byte {other:#04x}"
+        ))),
+        None => Err(StoreError::Corrupt("empty entity record".into())),
+    }
+}
+
+fn decode_binary(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
+    let mut r = Reader { bytes, at: 0 };
+    let entity_type = r.string()?;
+    let entity_id = r.string()?;
+    let events_applied = r.varint()?;
+    let n = r.len()?;
+    let mut table = Vec::with_capacity(n);
+    for _ in 0..n {
+        let source = r.string()?;
+        let event_id = r.string()?;
+        let event_type = match r.varint()? {
+            0 => None,
+            _ => Some(r.string()?),
+        };
+        let topic = r.string()?;
+        let partition = i32::try_from(unzigzag(r.varint()?))
+            .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
+        table.push(Provenance {
+            source,
+            event_id,
+            event_type,
+            topic,
+            partition,
+            offset: unzigzag(r.varint()?),
+            event_time_ms: unzigzag(r.varint()?),
+        });
+    }
+    let provenance = |index: u64| {
+        table
+            .get(index as usize)
+            .cloned()
+            .ok_or_else(|| StoreError::Corrupt(format!("provenance index {index} out of range")))
+    };
+    let latest = provenance(r.varint()?)?;
+    let n = r.len()?;
+    let mut fields = BTreeMap::new();
+    for _ in 0..n {
+        let name = r.string()?;
+        let len = r.len()?;
+        let value: Value = serde_json::from_slice(r.take(len)?)
+            .map_err(|e| StoreError::Corrupt(format!("field {name}: {e}")))?;
+        let provenance = provenance(r.varint()?)?;
+        fields.insert(name, FieldEntry { value, provenance });
+    }
+    if r.at != r.bytes.len() {
+        return Err(StoreError::Corrupt("trailing bytes after entity".into()));
+    }
+    Ok(EntityDoc {
+        entity_type,
+        entity_id,
+        fields,
+        events_applied,
+        latest,
+    })
+}
+
+/// The version of the newest event applied to a stored entity ([`EntityDoc::latest`]), read
+/// without decoding its fields: the event time, topic, partition and offset, in the order of
+/// [`crate::Version`].
+pub(super) fn latest_version(bytes: &[u8]) -> Result<(i64, String, i32, i64), StoreError> {
+    if bytes.first() != Some(&FORMAT_BINARY) {
+        let doc = decode(bytes)?;
+        let p = doc.latest;
+        return Ok((p.event_time_ms, p.topic, p.partition, p.offset));
+    }
+    let mut r = Reader {
+        bytes: &bytes[1..],
+        at: 0,
+    };
+    r.str_ref()?;
+    r.str_ref()?;
+    r.varint()?;
+    let n = r.len()?;
+    let mut table = Vec::with_capacity(n);
+    for _ in 0..n {
+        r.str_ref()?;
+        r.str_ref()?;
+        if r.varint()? != 0 {
+            r.str_ref()?;
+        }
+        let topic = r.str_ref()?;
+        let partition = unzigzag(r.varint()?);
+        let offset = unzigzag(r.varint()?);
+        let time = unzigzag(r.varint()?);
+        table.push((time, topic, partition, offset));
+    }
+    let index = r.varint()?;
+    let (time, topic, partition, offset) = table
+        .get(index as usize)
+        .ok_or_else(|| StoreError::Corrupt(format!("provenance index {index} out of range")))?;
+    let partition = i32::try_from(*partition)
+        .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
+    Ok((*time, topic.to_string(), partition, *offset))
+}
+
+/// The first stores' JSON form.
+#[derive(serde::Deserialize)]
+struct JsonDoc {
+    t: String,
+    i: String,
+    /// (field, value, index into `p`)
+    f: Vec<(String, Value, u32)>,
+    p: Vec<Provenance>,
+    n: u64,
+    /// index of the latest event in `p`
+    l: u32,
+}
+
+fn decode_json(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
+    let JsonDoc { t, i, f, p, n, l } =
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let provenance = |index: u32| {
+        p.get(index as usize)
+            .cloned()
+            .ok_or_else(|| StoreError::Corrupt(format!("provenance index {index} out of range")))
+    };
+    let mut fields = BTreeMap::new();
+    for (name, value, index) in f {
+        fields.insert(
+            name,
+            FieldEntry {
+                value,
+                provenance: provenance(index)?,
+            },
+        );
+    }
+    Ok(EntityDoc {
+        latest: provenance(l)?,
+        entity_type: t,
+        entity_id: i,
+        fields,
+        events_applied: n,
+    })
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Result<u64, StoreError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *self
+                .bytes
+                .get(self.at)
+                .ok_or_else(|| StoreError::Corrupt("entity record ends early".into()))?;
+            self.at += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(StoreError::Corrupt("varint too long".into()))
+    }
+
+    /// A length, checked against what is left (a corrupt length cannot allocate much).
+    fn len(&mut self) -> Result<usize, StoreError> {
+        let n = self.varint()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.bytes.len() - self.at)
+            .ok_or_else(|| StoreError::Corrupt(format!("length {n} past the end of the record")))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| StoreError::Corrupt("entity record ends early".into()))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn string(&mut self) -> Result<String, StoreError> {
+        self.str_ref().map(str::to_string)
+    }
+
+    fn str_ref(&mut self) -> Result<&'a str, StoreError> {
+        let n = self.len()?;
+        let bytes = self.take(n)?;
+        std::str::from_utf8(bytes)
+            .map_err(|_| StoreError::Corrupt("entity record holds invalid UTF-8".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    fn prov(offset: i64, event_type: Option<&str>) -> Provenance {
+        Provenance {
+            source: "crm".into(),
+            event_id: format!("e-{offset}"),
+            event_type: event_type.map(str::to_string),
+            topic: "context.customers".into(),
+            partition: 7,
+            offset,
+            event_time_ms: 1_764_072_000_000 + offset,
+        }
+    }
+
+    fn doc() -> EntityDoc {
+        let mut fields = BTreeMap::new();
+        for (i, (k, v)) in [
+            ("given_name", json!("Kemal")),
+            ("balance", json!(-12.5)),
+            ("tags", json!(["a", {"b": null}])),
+            ("nul", json!("a\u{0}b")),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            fields.insert(
+                k.to_string(),
+                FieldEntry {
+                    value: v,
+                    provenance: prov(i as i64 % 2, (i % 2 == 0).then_some("crm.updated")),
+                },
+            );
+        }
+        EntityDoc {
+            entity_type: "customer".into(),
+            entity_id: "C-1\u{0}é".into(),
+            fields,
+            events_applied: 300,
+            latest: prov(9, None),
+        }
+    }
+
+    #[test]
+    fn binary_documents_decode_to_what_was_encoded() {
+        let mut out = Vec::new();
+        encode(&doc(), &mut out).unwrap();
+        assert_eq!(decode(&out).unwrap(), doc());
+    }
+
+    #[test]
+    fn the_latest_version_reads_without_decoding_fields() {
+        let mut out = Vec::new();
+        encode(&doc(), &mut out).unwrap();
+        let p = doc().latest;
+        assert_eq!(
+            latest_version(&out).unwrap(),
+            (p.event_time_ms, p.topic, p.partition, p.offset)
+        );
+    }
+
+    #[test]
+    fn documents_of_the_json_format_still_decode() {
+        let stored = r#"{"t":"customer","i":"C-1","f":[["given_name","Kemal",0]],"p":[{"source":"crm","event_id":"e-0","event_type":"crm.updated","topic":"context.customers","partition":7,"offset":0,"event_time_ms":1764072000000}],"n":1,"l":0}"#;
+        let d = decode(stored.as_bytes()).unwrap();
+        assert_eq!(d.entity_id, "C-1");
+        assert_eq!(d.fields["given_name"].value, json!("Kemal"));
+        assert_eq!(d.latest, prov(0, Some("crm.updated")));
+    }
+
+    #[test]
+    fn truncated_or_unknown_records_are_corrupt_not_panics() {
+        let mut out = Vec::new();
+        encode(&doc(), &mut out).unwrap();
+        for end in 0..out.len() {
+            assert!(
+                matches!(decode(&out[..end]), Err(StoreError::Corrupt(_))),
+                "{end}"
+            );
+        }
+        assert!(matches!(decode(&[7, 1, 2]), Err(StoreError::Corrupt(_))));
+        let mut long = out.clone();
+        long.push(0);
+        assert!(matches!(decode(&long), Err(StoreError::Corrupt(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn varints_round_trip(v in any::<i64>()) {
+            let mut out = Vec::new();
+            put_varint(&mut out, zigzag(v));
+            let mut r = Reader { bytes: &out, at: 0 };
+            prop_assert_eq!(unzigzag(r.varint().unwrap()), v);
+            prop_assert_eq!(r.at, out.len());
+        }
+    }
+}
