@@ -1,7 +1,9 @@
 //! Crash verifier for the processor stage, in the style of Kafka's EOS system test: keyed
 //! events with known values go into the log in chunks, `kontext run` (the real binary) is
 //! killed with SIGKILL at random moments and restarted, and at the end count/sum/min/max per
-//! key recomputed from the input must equal, for every key, the features in the store.
+//! key recomputed from the input must equal, for every key, the features in the store. On the
+//! embedded log, and on the real broker (`KONTEXT_TEST_KAFKA`, default 127.0.0.1:9092, started
+//! by `scripts/kafka.sh start`).
 
 mod support;
 
@@ -22,21 +24,50 @@ use support::{free_port, path_str, Kontext};
 
 const RECORDS: usize = 20_000;
 const ACCOUNTS: u32 = 5_000;
-const KILLS: usize = 12;
 
-fn pipeline(data_dir: &Path) -> String {
+/// Where the log is.
+enum Backend {
+    Embedded,
+    /// A unique suffix per run keeps topics and groups of earlier runs apart.
+    Kafka {
+        bootstrap: String,
+        suffix: String,
+    },
+}
+
+impl Backend {
+    fn name(&self) -> String {
+        match self {
+            Backend::Embedded => "crash".into(),
+            Backend::Kafka { suffix, .. } => format!("crash-{suffix}"),
+        }
+    }
+
+    fn log_yaml(&self) -> String {
+        match self {
+            Backend::Embedded => "{ backend: embedded, fsync: group_commit }".into(),
+            // Static membership: a restarted member takes over its partitions at once instead of
+            // waiting out the killed one's session.
+            Backend::Kafka { bootstrap, suffix } => format!(
+                r#"{{ backend: kafka, bootstrap_servers: "{bootstrap}", properties: {{ group.instance.id: "crash-{suffix}", session.timeout.ms: "10000" }} }}"#
+            ),
+        }
+    }
+}
+
+fn pipeline(data_dir: &Path, backend: &Backend) -> String {
     format!(
         r#"
-name: crash
+name: {name}
 data_dir: {data}
-log: {{ backend: embedded, fsync: group_commit }}
+log: {log}
 topics: {{ partitions: 4 }}
 entities:
-  account: {{ key: account_id, topic: crash.accounts }}
-  tx: {{ key: tx_id, topic: crash.txs }}
+  account: {{ key: account_id, topic: {name}.accounts }}
+  tx: {{ key: tx_id, topic: {name}.txs }}
 sources:
   ledger:
-    topic: crash.txs
+    topic: {name}.txs
     entity: tx
     fields: {{ account_id: account, amount: amount }}
 features:
@@ -45,6 +76,8 @@ features:
   tx_min: {{ from: tx, entity: account, key: account_id, agg: min, field: amount }}
   tx_max: {{ from: tx, entity: account, key: account_id, agg: max, field: amount }}
 "#,
+        name = backend.name(),
+        log = backend.log_yaml(),
         data = path_str(data_dir)
     )
 }
@@ -54,10 +87,29 @@ type Expected = BTreeMap<String, (u64, i64, i64, i64)>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_counts_every_event_exactly_once() {
+    verify(Backend::Embedded, 12, 50..1_200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_on_kafka_counts_every_event_exactly_once() {
+    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let suffix = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    // Joining the groups takes a moment on Kafka: kill later, so the runs get work done.
+    verify(Backend::Kafka { bootstrap, suffix }, 10, 500..3_000).await;
+}
+
+async fn verify(backend: Backend, kills_wanted: usize, kill_after_ms: std::ops::Range<u64>) {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pipeline.yaml");
-    std::fs::write(&file, pipeline(dir.path())).unwrap();
+    std::fs::write(&file, pipeline(dir.path(), &backend)).unwrap();
     let config = PipelineConfig::load(&file).unwrap();
     let seed: u64 = std::env::var("KONTEXT_CRASH_SEED")
         .ok()
@@ -77,7 +129,7 @@ async fn kill_9_at_random_moments_counts_every_event_exactly_once() {
             .or_insert((0, 0, i64::MAX, i64::MIN));
         *e = (e.0 + 1, e.1 + amount, e.2.min(amount), e.3.max(amount));
         records.push(ProduceRecord::new(
-            "crash.txs",
+            format!("{}.txs", backend.name()),
             Some(Bytes::from(format!("T-{i}"))),
             Some(Bytes::from(
                 json!({"account": account, "amount": amount}).to_string(),
@@ -85,7 +137,7 @@ async fn kill_9_at_random_moments_counts_every_event_exactly_once() {
         ));
     }
     let chunks: Vec<Vec<ProduceRecord>> = records
-        .chunks(RECORDS.div_ceil(KILLS + 1))
+        .chunks(RECORDS.div_ceil(kills_wanted + 1))
         .map(<[ProduceRecord]>::to_vec)
         .collect();
 
@@ -93,7 +145,7 @@ async fn kill_9_at_random_moments_counts_every_event_exactly_once() {
     let mut kills = 0;
     loop {
         if let Some(chunk) = chunks.next() {
-            append(dir.path(), &config, chunk).await;
+            append(&backend, dir.path(), &config, chunk).await;
         }
         let port = free_port();
         let mut kontext = Kontext::spawn(&[
@@ -104,7 +156,7 @@ async fn kill_9_at_random_moments_counts_every_event_exactly_once() {
             &format!("127.0.0.1:{port}"),
         ]);
         kontext.wait_for_line("serving on", Duration::from_secs(60));
-        if kills == KILLS {
+        if kills == kills_wanted {
             let deadline = Instant::now() + Duration::from_secs(90);
             let mut wrong = mismatches_over_http(port, &expected).await;
             while !wrong.is_empty() && Instant::now() < deadline {
@@ -114,7 +166,10 @@ async fn kill_9_at_random_moments_counts_every_event_exactly_once() {
             kontext.interrupt();
             break;
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(50..1_200))).await;
+        tokio::time::sleep(Duration::from_millis(
+            rng.random_range(kill_after_ms.clone()),
+        ))
+        .await;
         kontext.kill_9();
         kills += 1;
     }
@@ -144,9 +199,15 @@ async fn kill_9_at_random_moments_counts_every_event_exactly_once() {
     for account in actual.keys().filter(|a| !expected.contains_key(*a)) {
         wrong.push(format!("{account}: in the store, not in the input"));
     }
-    let outputs = topic_records(dir.path(), &config, "crash.accounts.features").await;
+    let outputs = topic_records(
+        &backend,
+        dir.path(),
+        &format!("{}.accounts.features", backend.name()),
+    )
+    .await;
     eprintln!(
-        "{RECORDS} records over {} keys, {kills} kills, {outputs} feature records for {} keys, {:.1} s",
+        "{}: {RECORDS} records over {} keys, {kills} kills, {outputs} feature records for {} keys, {:.1} s",
+        backend.name(),
         expected.len(),
         actual.len(),
         started.elapsed().as_secs_f64()
@@ -158,7 +219,7 @@ async fn kill_9_at_random_moments_counts_every_event_exactly_once() {
         expected.len(),
         wrong[..wrong.len().min(10)].join("\n")
     );
-    assert_eq!(kills, KILLS);
+    assert_eq!(kills, kills_wanted);
 }
 
 fn same(got: &serde_json::Map<String, Value>, want: &Value) -> bool {
@@ -207,10 +268,29 @@ async fn mismatches_over_http(port: u16, expected: &Expected) -> Vec<String> {
     wrong
 }
 
-/// Appends records to the embedded log while no kontext runs (it holds the log when it does).
-async fn append(data_dir: &Path, config: &PipelineConfig, records: Vec<ProduceRecord>) {
-    let log = EmbeddedLog::open(&data_dir.join("log"), EmbeddedConfig::default()).unwrap();
-    for topic in ["crash.txs", "crash.accounts"] {
+fn open_log(backend: &Backend, data_dir: &Path) -> std::sync::Arc<dyn Log> {
+    match backend {
+        Backend::Embedded => {
+            EmbeddedLog::open(&data_dir.join("log"), EmbeddedConfig::default()).unwrap()
+        }
+        Backend::Kafka { bootstrap, .. } => std::sync::Arc::new(
+            kontext_kafka::KafkaLog::new(kontext_kafka::KafkaConfig::new(bootstrap.clone()))
+                .unwrap(),
+        ),
+    }
+}
+
+/// Appends records to the log, while no kontext runs (on the embedded log, it holds the log
+/// when it does).
+async fn append(
+    backend: &Backend,
+    data_dir: &Path,
+    config: &PipelineConfig,
+    records: Vec<ProduceRecord>,
+) {
+    let log = open_log(backend, data_dir);
+    let name = backend.name();
+    for topic in [format!("{name}.txs"), format!("{name}.accounts")] {
         let _ = log
             .create_topic(&kontext_log::TopicSpec::new(
                 topic,
@@ -224,8 +304,8 @@ async fn append(data_dir: &Path, config: &PipelineConfig, records: Vec<ProduceRe
     producer.flush().await.unwrap();
 }
 
-async fn topic_records(data_dir: &Path, _config: &PipelineConfig, topic: &str) -> i64 {
-    let log = EmbeddedLog::open(&data_dir.join("log"), EmbeddedConfig::default()).unwrap();
+async fn topic_records(backend: &Backend, data_dir: &Path, topic: &str) -> i64 {
+    let log = open_log(backend, data_dir);
     let d = log.describe_topic(topic).await.unwrap();
     d.partitions
         .iter()
