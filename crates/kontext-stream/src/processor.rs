@@ -902,6 +902,65 @@ features:
         );
     }
 
+    /// Crash points of one task, replayed by hand: after the outputs but before any commit,
+    /// and between the aggregation and the dedup commit. The final value counts each distinct
+    /// event once, and replays emit values no larger than the final one.
+    #[test]
+    fn a_task_replayed_after_partial_commits_counts_each_event_once() {
+        let config = PipelineConfig::parse("p.yaml", YAML).unwrap();
+        let groups = plan(&config);
+        let group = &groups[0]; // biggest: max of total, with dedup
+        let dir = tempfile::tempdir().unwrap();
+        let tp = TopicPartition::new("rep", 0);
+        let inbound = |rep: i64, origin: i64, id: &str, total: f64| Inbound {
+            event: Event {
+                key: Bytes::from_static(b"C-1"),
+                id: Bytes::from(id.to_string()),
+                time_ms: 1_000 + rep,
+                coords: Coords::new("rep", 0, rep),
+                value: json!({ "total": total }),
+            },
+            origin: TopicPartition::new("orders", 0),
+            origin_offset: origin,
+        };
+        let batch1 = || vec![inbound(0, 0, "a", 5.0), inbound(1, 1, "a", 50.0)];
+        let batch2 = || vec![inbound(2, 2, "b", 7.0), inbound(3, 3, "c", 9.0)];
+        let max_of = |p: &Pending| p.outputs.last().map(|o| o.1[0].clone());
+
+        let mut task = Task::open(dir.path(), group, 0).unwrap();
+        let first = task.process(group, &tp, 2, batch1()).unwrap();
+        // "a" again within the dedup window is a duplicate: 50 is never the max.
+        assert_eq!(max_of(&first), Some(json!(5.0)));
+        // Crash before any commit: the replay emits the same value.
+        let replay = task.process(group, &tp, 2, batch1()).unwrap();
+        assert_eq!(max_of(&replay), Some(json!(5.0)));
+        task.commit(replay).unwrap();
+        // Crash between the aggregation and the dedup commit of the next batch.
+        let second = task.process(group, &tp, 4, batch2()).unwrap();
+        assert_eq!(max_of(&second), Some(json!(9.0)));
+        task.agg.apply(&second.agg).unwrap();
+        drop(task);
+        let mut task = Task::open(dir.path(), group, 0).unwrap();
+        assert_eq!(
+            task.resume_offset("rep", 0).unwrap(),
+            2,
+            "the dedup store is behind"
+        );
+        let again = task.process(group, &tp, 4, batch2()).unwrap();
+        assert!(
+            again.outputs.is_empty(),
+            "already aggregated: {:?}",
+            again.outputs
+        );
+        task.commit(again).unwrap();
+        assert_eq!(task.resume_offset("rep", 0).unwrap(), 4);
+        // A re-keyed copy of origin 3 (new repartition offset) changes nothing.
+        let copy = task
+            .process(group, &tp, 5, vec![inbound(4, 3, "c", 9.0)])
+            .unwrap();
+        assert!(copy.outputs.is_empty());
+    }
+
     #[test]
     fn high_water_drops_re_keyed_copies() {
         let dir = tempfile::tempdir().unwrap();
