@@ -9,7 +9,7 @@ use std::collections::btree_map::Entry as BTreeEntry;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde_json::Value;
 
 use crate::document::{ContextDocument, RelatedEntity, RelatedList};
@@ -20,6 +20,10 @@ use crate::StoreError;
 const ENTITIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entities");
 /// `parent_type \0 parent_id \0 child_type \0 child_id` -> ()
 const RELATIONS: TableDefinition<&[u8], ()> = TableDefinition::new("relations");
+/// `parent_type \0 parent_id \0 child_type \0 <child's latest version> child_id` -> (): the
+/// children of a parent in version order, so a context lookup reads only the newest
+/// `related_limit` of them (iterating backwards) instead of every child it ever had.
+const RECENT: TableDefinition<&[u8], ()> = TableDefinition::new("recent");
 /// (topic, partition) -> next offset to apply
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 
@@ -37,11 +41,16 @@ pub struct ApplyStats {
     pub deleted: u64,
 }
 
+/// An entity's latest version, (event time, topic, partition, offset): what orders children.
+type Latest = (i64, String, i32, i64);
+
 /// An entity touched by the batch being applied: what the relation index holds for it before
 /// the batch, and the document as it will be.
 struct Pending {
     /// Whether the store had the entity before the batch.
     existed: bool,
+    /// Its latest version before the batch (where the recency index has it).
+    latest_before: Option<Latest>,
     /// Per `belongs_to` relation of its type (in schema order), the parent id stored before.
     parents_before: Vec<Option<String>>,
     after: Option<EntityDoc>,
@@ -66,6 +75,7 @@ impl EmbeddedStore {
         txn.open_table(ENTITIES).map_err(io)?;
         txn.open_table(RELATIONS).map_err(io)?;
         txn.open_table(OFFSETS).map_err(io)?;
+        backfill_recent(&txn)?;
         txn.commit().map_err(io)?;
         Ok(Self { db, schema })
     }
@@ -87,6 +97,7 @@ impl EmbeddedStore {
         {
             let mut entities = txn.open_table(ENTITIES).map_err(io)?;
             let mut relations = txn.open_table(RELATIONS).map_err(io)?;
+            let mut recent = txn.open_table(RECENT).map_err(io)?;
             let mut offset_table = txn.open_table(OFFSETS).map_err(io)?;
             // Borrowed keys: no allocation per update for the bookkeeping.
             let mut applied_upto: BTreeMap<(&str, i32), i64> = BTreeMap::new();
@@ -131,6 +142,7 @@ impl EmbeddedStore {
                             .collect();
                         slot.insert(Pending {
                             existed: before.is_some(),
+                            latest_before: before.as_ref().map(|d| latest_of(d)),
                             parents_before,
                             after: before,
                         })
@@ -159,13 +171,7 @@ impl EmbeddedStore {
             // Each entity is decoded and encoded once per batch, however many updates it got.
             let mut buf = Vec::with_capacity(1024);
             for ((entity_type, entity_id), pending) in &working {
-                self.reindex(
-                    &mut relations,
-                    &pending.parents_before,
-                    pending.after.as_ref(),
-                    entity_type,
-                    entity_id,
-                )?;
+                self.reindex(&mut relations, &mut recent, pending, entity_type, entity_id)?;
                 let key = entity_key(entity_type, entity_id);
                 match &pending.after {
                     Some(doc) => {
@@ -279,6 +285,7 @@ impl EmbeddedStore {
         let txn = self.db.begin_read().map_err(io)?;
         let entities = txn.open_table(ENTITIES).map_err(io)?;
         let relations = txn.open_table(RELATIONS).map_err(io)?;
+        let recent = txn.open_table(RECENT).map_err(io)?;
         let get = |t: &str, i: &str| -> Result<Option<EntityDoc>, StoreError> {
             match entities.get(entity_key(t, i).as_slice()).map_err(io)? {
                 Some(bytes) => decode_doc(bytes.value()).map(Some),
@@ -306,28 +313,23 @@ impl EmbeddedStore {
                 .copied()
                 .unwrap_or(DEFAULT_RELATED_LIMIT);
             let prefix = relation_key(entity_type, entity_id, child_type, "");
-            // (latest version, child id) of every child, in id order.
-            let mut children = Vec::new();
-            for item in relations.range(prefix.as_slice()..).map_err(io)? {
-                let (k, _) = item.map_err(io)?;
-                let k = k.value();
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                let child_id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-                if let Some(bytes) = entities
-                    .get(entity_key(child_type, &child_id).as_slice())
-                    .map_err(io)?
-                {
-                    children.push((codec::latest_version(bytes.value())?, child_id));
-                }
-            }
-            // Newest first; a stable sort keeps equal versions in id order.
-            children.sort_by(|a, b| b.0.cmp(&a.0));
-            let total = children.len();
+            let end = prefix_end(&prefix);
+            // The count: keys only, no documents.
+            let total = relations
+                .range(prefix.as_slice()..end.as_slice())
+                .map_err(io)?
+                .count();
+            // The newest `limit`, from the end of the recency index.
             let mut items = Vec::with_capacity(limit.min(total));
-            for (_, child_id) in children.iter().take(limit) {
-                if let Some(child) = get(child_type, child_id)? {
+            for item in recent
+                .range(prefix.as_slice()..end.as_slice())
+                .map_err(io)?
+                .rev()
+                .take(limit)
+            {
+                let (k, _) = item.map_err(io)?;
+                let child_id = recent_child_id(&k.value()[prefix.len()..])?;
+                if let Some(child) = get(child_type, &child_id)? {
                     items.push(RelatedEntity::from_doc(&child));
                 }
             }
@@ -365,18 +367,37 @@ impl EmbeddedStore {
     fn reindex(
         &self,
         relations: &mut redb::Table<&[u8], ()>,
-        parents_before: &[Option<String>],
-        after: Option<&EntityDoc>,
+        recent: &mut redb::Table<&[u8], ()>,
+        pending: &Pending,
         entity_type: &str,
         entity_id: &str,
     ) -> Result<(), StoreError> {
+        let after = pending.after.as_ref();
+        let latest_after = after.map(latest_of);
         for ((parent_type, field), old) in self
             .schema
             .parents_of(entity_type)
             .iter()
-            .zip(parents_before)
+            .zip(&pending.parents_before)
         {
             let new = after.and_then(|d| parent_id(d, field));
+            if *old != new || pending.latest_before != latest_after {
+                if let (Some(old), Some(latest)) = (old, &pending.latest_before) {
+                    recent
+                        .remove(
+                            recent_key(parent_type, old, entity_type, latest, entity_id).as_slice(),
+                        )
+                        .map_err(io)?;
+                }
+                if let (Some(new), Some(latest)) = (&new, &latest_after) {
+                    recent
+                        .insert(
+                            recent_key(parent_type, new, entity_type, latest, entity_id).as_slice(),
+                            (),
+                        )
+                        .map_err(io)?;
+                }
+            }
             if *old == new {
                 continue;
             }
@@ -422,6 +443,88 @@ fn relation_key(parent_type: &str, parent_id: &str, child_type: &str, child_id: 
     k.push(0);
     k.extend_from_slice(child_id.as_bytes());
     k
+}
+
+/// `(time, topic, partition, offset)` of an entity's latest update.
+fn latest_of(doc: &EntityDoc) -> Latest {
+    let p = &doc.latest;
+    (p.event_time_ms, p.topic.clone(), p.partition, p.offset)
+}
+
+/// A child's key in [`RECENT`]: its relation prefix, its latest version encoded so that byte
+/// order is version order (signed integers big-endian with the sign bit flipped; the topic
+/// `\0`-terminated, which topic names cannot contain), then its id.
+fn recent_key(
+    parent_type: &str,
+    parent_id: &str,
+    child_type: &str,
+    latest: &Latest,
+    child_id: &str,
+) -> Vec<u8> {
+    let mut k = relation_key(parent_type, parent_id, child_type, "");
+    push_version(&mut k, latest);
+    k.extend_from_slice(child_id.as_bytes());
+    k
+}
+
+/// Appends a version so that byte order is version order.
+fn push_version(k: &mut Vec<u8>, (time, topic, partition, offset): &Latest) {
+    k.extend_from_slice(&((*time as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&((*partition as u32) ^ (1 << 31)).to_be_bytes());
+    k.extend_from_slice(&((*offset as u64) ^ (1 << 63)).to_be_bytes());
+}
+
+/// The child id at the end of a [`RECENT`] key, after its relation prefix.
+fn recent_child_id(rest: &[u8]) -> Result<String, StoreError> {
+    let corrupt = || StoreError::Corrupt("malformed recency index key".into());
+    let topic_end = rest
+        .get(8..)
+        .and_then(|r| r.iter().position(|b| *b == 0))
+        .ok_or_else(corrupt)?;
+    let id = rest.get(8 + topic_end + 1 + 4 + 8..).ok_or_else(corrupt)?;
+    Ok(String::from_utf8_lossy(id).into_owned())
+}
+
+/// The first key after every key starting with `prefix` (which ends with `\0`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+/// Builds the recency index of a store written before it existed: one entry per relation.
+fn backfill_recent(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut recent = txn.open_table(RECENT).map_err(io)?;
+    if !recent.is_empty().map_err(io)? {
+        return Ok(());
+    }
+    let relations = txn.open_table(RELATIONS).map_err(io)?;
+    let entities = txn.open_table(ENTITIES).map_err(io)?;
+    for item in relations.iter().map_err(io)? {
+        let (k, _) = item.map_err(io)?;
+        let key = k.value();
+        let mut parts = key.splitn(4, |b| *b == 0);
+        let (Some(_), Some(_), Some(child_type), Some(child_id)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(StoreError::Corrupt("malformed relation key".into()));
+        };
+        let child = entity_key(
+            &String::from_utf8_lossy(child_type),
+            &String::from_utf8_lossy(child_id),
+        );
+        if let Some(bytes) = entities.get(child.as_slice()).map_err(io)? {
+            let mut k = key[..key.len() - child_id.len()].to_vec();
+            push_version(&mut k, &codec::latest_version(bytes.value())?);
+            k.extend_from_slice(child_id);
+            recent.insert(k.as_slice(), ()).map_err(io)?;
+        }
+    }
+    Ok(())
 }
 
 fn decode_doc(bytes: &[u8]) -> Result<EntityDoc, StoreError> {

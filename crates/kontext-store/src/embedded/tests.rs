@@ -377,3 +377,122 @@ mod model {
         }
     }
 }
+
+mod recency_index {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// (order id, customer id, event time) per record, applied in batches of `batch`.
+    fn apply_all(store: &EmbeddedStore, records: &[(u8, u8, i64)], batch: usize) {
+        let updates: Vec<EntityUpdate> = records
+            .iter()
+            .enumerate()
+            .map(|(offset, (order, customer, time))| {
+                upsert(
+                    "order",
+                    &format!("O{order}"),
+                    json!({"customer_id": format!("C{customer}")}),
+                    "shop",
+                    0,
+                    offset as i64,
+                    *time,
+                )
+            })
+            .collect();
+        for chunk in updates.chunks(batch.max(1)) {
+            let next = chunk.last().unwrap().provenance.offset + 1;
+            store.apply(chunk, &[("context.orders", 0, next)]).unwrap();
+        }
+    }
+
+    /// The newest two orders of a customer by latest version, and how many it has: recomputed
+    /// from the records.
+    fn naive(records: &[(u8, u8, i64)], customer: u8) -> (usize, Vec<String>) {
+        let mut latest: BTreeMap<u8, (u8, (i64, i64))> = BTreeMap::new();
+        for (offset, (order, c, time)) in records.iter().enumerate() {
+            let version = (*time, offset as i64);
+            let e = latest.entry(*order).or_insert((*c, version));
+            // The parent field follows last-writer-wins by version, as does `latest`.
+            if version >= e.1 {
+                *e = (*c, version);
+            }
+        }
+        let mut mine: Vec<((i64, i64), u8)> = latest
+            .iter()
+            .filter(|(_, (c, _))| *c == customer)
+            .map(|(o, (_, v))| (*v, *o))
+            .collect();
+        mine.sort_by(|a, b| b.cmp(a));
+        let ids = mine.iter().take(2).map(|(_, o)| format!("O{o}")).collect();
+        (mine.len(), ids)
+    }
+
+    fn shown(store: &EmbeddedStore, customer: u8) -> (usize, Vec<String>) {
+        match store.context("customer", &format!("C{customer}")).unwrap() {
+            None => (0, vec![]),
+            Some(ctx) => {
+                let list = &ctx.related["order"];
+                let ids = list.items.iter().map(|i| i.entity_id.clone()).collect();
+                (list.total, ids)
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Orders move between customers and get newer and older updates in any order: each
+        /// customer's related list is its newest orders by latest version, and the total counts
+        /// every order it has now.
+        #[test]
+        fn related_lists_match_a_recount(
+            records in proptest::collection::vec((0u8..8, 0u8..3, 0i64..50), 1..60),
+            batch in 1usize..20,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(&dir);
+            // Customers exist so that their context can be assembled.
+            for c in 0..3u8 {
+                let u = upsert("customer", &format!("C{c}"), json!({"name": "x"}), "crm", 0, c as i64, 0);
+                store.apply(&[u], &[]).unwrap();
+            }
+            apply_all(&store, &records, batch);
+            for c in 0..3u8 {
+                prop_assert_eq!(shown(&store, c), naive(&records, c), "customer C{}", c);
+            }
+        }
+    }
+
+    /// A store written before the recency index existed gets it built when opened.
+    #[test]
+    fn a_store_without_the_index_gets_it_built_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = [(1, 0, 5), (2, 0, 9), (3, 0, 7), (4, 1, 1), (2, 1, 3)];
+        let expected = {
+            let store = open(&dir);
+            for c in 0..2u8 {
+                let u = upsert(
+                    "customer",
+                    &format!("C{c}"),
+                    json!({"n": 1}),
+                    "crm",
+                    0,
+                    c as i64,
+                    0,
+                );
+                store.apply(&[u], &[]).unwrap();
+            }
+            apply_all(&store, &records, 2);
+            let expected = [shown(&store, 0), shown(&store, 1)];
+            // What an older version of kontext left: no recency index.
+            let txn = store.db.begin_write().unwrap();
+            txn.delete_table(super::super::RECENT).unwrap();
+            txn.commit().unwrap();
+            expected
+        };
+        let store = open(&dir);
+        assert_eq!([shown(&store, 0), shown(&store, 1)], expected);
+        // O2's move to C1 (time 3) is older than its time-9 update: it stays with C0.
+        assert_eq!(expected[0], (3, vec!["O2".to_string(), "O3".to_string()]));
+    }
+}
