@@ -142,7 +142,7 @@ impl EmbeddedStore {
                             .collect();
                         slot.insert(Pending {
                             existed: before.is_some(),
-                            latest_before: before.as_ref().map(|d| latest_of(d)),
+                            latest_before: before.as_ref().map(latest_of),
                             parents_before,
                             after: before,
                         })
