@@ -1,5 +1,21 @@
 //! A consumer group member whose offsets move only through explicit commits.
+//!
+//! Pausing ([`Consumer::pause`]) uses librdkafka's pause on the assigned partitions and keeps
+//! polling, so the member stays in its group however long the pause lasts. librdkafka's pause
+//! is per partition and applies only to partitions assigned at the time, while a rebalance
+//! during the pause may assign new ones. So the member remembers what it paused, and every
+//! poll while paused first pauses whatever was assigned since. A record that still arrives
+//! (from a partition assigned between that check and the poll) is held, not returned and not
+//! dropped, and its partition paused at once; held records come first after `resume`.
+//! librdkafka's position follows what it handed out, so the partition then continues right
+//! after the held record. Held records of a partition that moved to another member by then are
+//! dropped: the new owner reads them from the group's committed offset.
+//!
+//! librdkafka keeps a partition's pause across rebalances (unlike Java), even after it was
+//! revoked: `resume` therefore resumes everything it paused as well as the current assignment,
+//! so a partition revoked during the pause and assigned back later is not stuck paused.
 
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,11 +24,15 @@ use bytes::Bytes;
 use kontext_core::record::{Header, Record, TopicPartition};
 use kontext_log::{Consumer, LogError};
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::log_error;
 use crate::metadata::blocking;
+
+/// A partition by name, as librdkafka's lists give them.
+type Partition = (String, i32);
 
 /// A member of a Kafka consumer group, subscribed to its topics. Dropping it leaves the group
 /// (librdkafka's close), so the partitions move to the other members at once rather than after
@@ -25,6 +45,11 @@ pub struct KafkaConsumer {
     /// An error met after records were already taken from librdkafka's queue in the same poll:
     /// those records are returned first and the error on the next poll, so none is lost.
     pending_error: Option<LogError>,
+    /// `Some` while paused: every partition paused since [`Consumer::pause`].
+    paused: Option<BTreeSet<Partition>>,
+    /// Records that arrived while paused (see the module documentation), returned first after
+    /// [`Consumer::resume`]. At most a few per rebalance during the pause.
+    held: VecDeque<Record>,
 }
 
 impl KafkaConsumer {
@@ -33,11 +58,73 @@ impl KafkaConsumer {
             consumer: Some(Arc::new(consumer)),
             topics: topics.iter().map(|t| Arc::from(t.as_str())).collect(),
             pending_error: None,
+            paused: None,
+            held: VecDeque::new(),
         }
     }
 
     fn consumer(&self) -> Result<&Arc<StreamConsumer>, LogError> {
         self.consumer.as_ref().ok_or(LogError::Closed)
+    }
+
+    /// Pauses the assigned partitions not paused yet (assigned by a rebalance since), plus
+    /// `also`. The paused set is updated before waiting, so a poll cancelled here leaves it
+    /// right: librdkafka's pause runs to the end on the blocking pool anyway.
+    async fn pause_assigned(&mut self, also: Option<Partition>) -> Result<(), LogError> {
+        let consumer = self.consumer()?.clone();
+        let paused = self.paused.get_or_insert_with(BTreeSet::new);
+        let assigned = assignment_of(&consumer)?;
+        let mut list = TopicPartitionList::new();
+        let mut added = Vec::new();
+        for tp in assigned.into_iter().chain(also) {
+            if paused.insert(tp.clone()) {
+                list.add_partition(&tp.0, tp.1);
+                added.push(tp);
+            }
+        }
+        if list.count() == 0 {
+            return Ok(());
+        }
+        // Synchronous in librdkafka: it waits until the fetchers have taken the pause.
+        let result = blocking(move || {
+            consumer
+                .pause(&list)
+                .map_err(|e| log_error("pausing partitions", e))
+        })
+        .await;
+        if result.is_err() {
+            // Not paused after all: the next paused poll tries them again.
+            if let Some(paused) = self.paused.as_mut() {
+                for tp in &added {
+                    paused.remove(tp);
+                }
+            }
+        }
+        result
+    }
+
+    /// [`Consumer::poll`] while paused: waits out `timeout` serving the group (rebalances,
+    /// the poll interval) and returns nothing; a record that arrives anyway is held.
+    async fn poll_paused(&mut self, timeout: Duration) -> Result<Vec<Record>, LogError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.pause_assigned(None).await?;
+        loop {
+            let consumer = self.consumer()?.clone();
+            let record = match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Err(_elapsed) => return Ok(Vec::new()),
+                Ok(Err(err)) => return Err(poll_error(err)),
+                Ok(Ok(message)) => self.record(&message),
+            };
+            let tp = (record.topic.to_string(), record.partition);
+            tracing::debug!(partition = %record.topic_partition(), offset = record.offset, "a record arrived while paused (assigned by a rebalance during the pause); held until resume");
+            self.held.push_back(record);
+            // librdkafka's position is now past the held record; pausing also discards what
+            // it already fetched behind it, to be fetched again after the resume.
+            if let Some(paused) = self.paused.as_mut() {
+                paused.remove(&tp);
+            }
+            self.pause_assigned(Some(tp)).await?;
+        }
     }
 
     fn record(&self, message: &BorrowedMessage<'_>) -> Record {
@@ -76,7 +163,8 @@ impl KafkaConsumer {
 impl Consumer for KafkaConsumer {
     /// Waits up to `timeout` for the first record, then takes whatever else librdkafka has
     /// already fetched, without waiting, up to `max_records`. Polling is also what drives
-    /// rebalances, so a member that stops polling for `max.poll.interval.ms` leaves the group.
+    /// rebalances, so a member that stops polling for `max.poll.interval.ms` leaves the
+    /// group: to wait without consuming, pause and keep polling (it then returns nothing).
     async fn poll(
         &mut self,
         max_records: usize,
@@ -89,11 +177,19 @@ impl Consumer for KafkaConsumer {
         if max_records == 0 {
             return Ok(records);
         }
+        if self.paused.is_some() {
+            return self.poll_paused(timeout).await;
+        }
+        if !self.held.is_empty() {
+            // Held while paused: they come before anything librdkafka fetches after them.
+            let n = max_records.min(self.held.len());
+            return Ok(self.held.drain(..n).collect());
+        }
         // `recv` is cancellation safe: a timed-out wait loses no message.
         let consumer = self.consumer()?.clone();
         match tokio::time::timeout(timeout, consumer.recv()).await {
             Err(_elapsed) => return Ok(records),
-            Ok(Err(err)) => return Err(log_error("polling", err)),
+            Ok(Err(err)) => return Err(poll_error(err)),
             Ok(Ok(message)) => records.push(self.record(&message)),
         }
         while records.len() < max_records {
@@ -101,7 +197,7 @@ impl Consumer for KafkaConsumer {
             match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
                 Ok(Ok(message)) => records.push(self.record(&message)),
                 Ok(Err(err)) => {
-                    self.pending_error = Some(log_error("polling", err));
+                    self.pending_error = Some(poll_error(err));
                     break;
                 }
                 Err(_nothing_ready) => break,
@@ -136,6 +232,50 @@ impl Consumer for KafkaConsumer {
         .await
     }
 
+    /// Pauses the current assignment and whatever a rebalance assigns until
+    /// [`Consumer::resume`] (see the module documentation). Keep polling while paused.
+    async fn pause(&mut self) -> Result<(), LogError> {
+        let was_paused = self.paused.is_some();
+        let result = self.pause_assigned(None).await;
+        if result.is_err() && !was_paused {
+            // The caller takes the consumer as not paused, so it must not act paused.
+            self.paused = None;
+        }
+        result
+    }
+
+    /// Resumes every partition paused since [`Consumer::pause`] and the current assignment;
+    /// held records of partitions no longer assigned are dropped (their new owner reads them).
+    /// On error the consumer stays paused, and `resume` can be called again.
+    async fn resume(&mut self) -> Result<(), LogError> {
+        let Some(paused) = self.paused.clone() else {
+            return Ok(());
+        };
+        let consumer = self.consumer()?.clone();
+        let assigned: BTreeSet<Partition> = assignment_of(&consumer)?.into_iter().collect();
+        let mut list = TopicPartitionList::new();
+        for tp in paused.union(&assigned) {
+            list.add_partition(&tp.0, tp.1);
+        }
+        blocking(move || {
+            consumer
+                .resume(&list)
+                .map_err(|e| log_error("resuming partitions", e))
+        })
+        .await?;
+        self.paused = None;
+        let before = self.held.len();
+        self.held
+            .retain(|r| assigned.contains(&(r.topic.to_string(), r.partition)));
+        if self.held.len() < before {
+            tracing::debug!(
+                dropped = before - self.held.len(),
+                "held records of partitions revoked during the pause dropped; their new owner reads them"
+            );
+        }
+        Ok(())
+    }
+
     fn assignment(&self) -> Vec<TopicPartition> {
         // librdkafka answers from its local state; an error here only means "not assigned".
         let Some(Ok(list)) = self.consumer.as_ref().map(|c| c.assignment()) else {
@@ -149,6 +289,33 @@ impl Consumer for KafkaConsumer {
         out.sort();
         out
     }
+}
+
+/// A poll's error. `PollExceeded` (the member did not poll for `max.poll.interval.ms`, so
+/// librdkafka took it out of the group) is transient: the next poll rejoins the group, and
+/// the records not committed are delivered again.
+fn poll_error(err: KafkaError) -> LogError {
+    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::PollExceeded) {
+        return LogError::Kafka {
+            message: format!(
+                "polling: {err}; the member left its group and rejoins at the next poll"
+            ),
+            transient: true,
+        };
+    }
+    log_error("polling", err)
+}
+
+/// The partitions assigned to `consumer`, from librdkafka's local state.
+fn assignment_of(consumer: &StreamConsumer) -> Result<Vec<Partition>, LogError> {
+    let list = consumer
+        .assignment()
+        .map_err(|e| log_error("reading the assignment", e))?;
+    Ok(list
+        .elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect())
 }
 
 impl Drop for KafkaConsumer {

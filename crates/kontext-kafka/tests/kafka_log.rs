@@ -426,3 +426,152 @@ async fn two_members_of_a_group_split_the_partitions_and_each_record_goes_to_one
         "both members got work"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_member_delivers_nothing_through_a_rebalance_and_resumes_without_gaps() {
+    let log = kafka_log();
+    let topic = unique("pause");
+    let group = unique("g");
+    log.create_topic(&TopicSpec::new(&topic, 4)).await.unwrap();
+    let producer = log.producer().await.unwrap();
+    let batch = |offsets: std::ops::Range<i64>| -> Vec<ProduceRecord> {
+        (0..4)
+            .flat_map(|p| offsets.clone().map(move |i| (p, i)))
+            .map(|(p, i)| ProduceRecord {
+                topic: topic.as_str().into(),
+                partition: Some(p),
+                value: Some(Bytes::from(format!("{p}:{i}"))),
+                ..Default::default()
+            })
+            .collect()
+    };
+    let member = || log.consumer(ConsumerConfig::new(&group, vec![topic.clone()]));
+
+    // B owns every partition first, reads the first 10 records of each and commits them.
+    producer.send(batch(0..10)).await.unwrap();
+    let mut b = member().await.unwrap();
+    let first = poll_exactly(b.as_mut(), 40).await;
+    let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+    for r in &first {
+        next.insert(r.topic_partition(), r.offset + 1);
+    }
+    b.commit(&next.into_iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+
+    // A joins paused, before it has any partition: what the rebalance gives it stays paused.
+    let mut a = member().await.unwrap();
+    a.pause().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(a
+            .poll(10, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(b
+            .poll(10, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty());
+        let (pa, pb) = (a.assignment(), b.assignment());
+        if !pa.is_empty() && !pb.is_empty() && pa.len() + pb.len() == 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "group did not settle: {pa:?} {pb:?}"
+        );
+    }
+    producer.send(batch(10..20)).await.unwrap();
+
+    // B leaves: A is assigned B's partitions too, which it had never paused itself. Polling
+    // (which serves the rebalance) still delivers nothing.
+    drop(b);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while a.assignment().len() < 4 {
+        let got = a.poll(100, Duration::from_millis(100)).await.unwrap();
+        assert!(got.is_empty(), "delivered while paused: {got:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never got B's partitions"
+        );
+    }
+    assert_no_more(a.as_mut(), Duration::from_secs(2)).await;
+    assert_eq!(
+        a.assignment().len(),
+        4,
+        "still a member, with every partition"
+    );
+
+    // Resumed: exactly the records after the committed offsets, each once.
+    a.resume().await.unwrap();
+    a.resume().await.unwrap();
+    let rest = poll_exactly(a.as_mut(), 40).await;
+    assert_no_more(a.as_mut(), Duration::from_secs(1)).await;
+    let mut coords: Vec<(i32, i64)> = rest.iter().map(|r| (r.partition, r.offset)).collect();
+    coords.sort();
+    let want: Vec<(i32, i64)> = (0..4).flat_map(|p| (10..20).map(move |i| (p, i))).collect();
+    assert_eq!(coords, want);
+    for r in &rest {
+        assert_eq!(
+            r.value.as_deref(),
+            Some(format!("{}:{}", r.partition, r.offset).as_bytes())
+        );
+    }
+}
+
+/// A member that stops polling for longer than `max.poll.interval.ms` is taken out of its
+/// group by librdkafka. That is not the end of it: the error is transient, the next poll
+/// rejoins, and the records not committed come again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_past_its_poll_interval_gets_a_transient_error_and_rejoins() {
+    let mut config = kontext_kafka::KafkaConfig::new(common::bootstrap());
+    // 6 s: the broker's smallest session timeout; librdkafka wants the poll interval >= it.
+    for (k, v) in [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "1000"),
+        ("max.poll.interval.ms", "6000"),
+    ] {
+        config.properties.insert(k.into(), v.into());
+    }
+    let log = kontext_kafka::KafkaLog::new(config).unwrap();
+    let topic = unique("poll-interval");
+    let group = unique("g");
+    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
+    let producer = log.producer().await.unwrap();
+    producer
+        .send((0..10).map(|i| keyed(&topic, i)).collect())
+        .await
+        .unwrap();
+    let mut consumer = log
+        .consumer(ConsumerConfig::new(&group, vec![topic.clone()]))
+        .await
+        .unwrap();
+    poll_exactly(consumer.as_mut(), 10).await;
+
+    // Not polling for well over the interval (the scenario, not a timed assertion).
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    producer
+        .send((10..20).map(|i| keyed(&topic, i)).collect())
+        .await
+        .unwrap();
+    let mut errors = 0;
+    let mut offsets = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while offsets.range(10..20).count() < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "got {offsets:?} after {errors} errors"
+        );
+        match consumer.poll(100, Duration::from_millis(200)).await {
+            Ok(records) => offsets.extend(records.iter().map(|r| r.offset)),
+            Err(e) => {
+                assert!(e.is_transient(), "{e}");
+                errors += 1;
+            }
+        }
+    }
+    assert!(errors > 0, "the member was expected to leave its group");
+    assert_eq!(consumer.assignment().len(), 1, "a member again");
+}

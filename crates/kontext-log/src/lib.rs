@@ -97,4 +97,33 @@ pub trait Consumer: Send {
 
     /// The partitions currently assigned to this member.
     fn assignment(&self) -> Vec<TopicPartition>;
+
+    /// Stops delivering records without leaving the group, until [`Consumer::resume`].
+    ///
+    /// The contract, for every backend:
+    /// - while paused, `poll` returns no record of any partition, including partitions a
+    ///   rebalance assigns after the pause; it still waits up to its timeout;
+    /// - the caller keeps calling `poll` while paused: that is what keeps the member in its
+    ///   group (on Kafka, a member that does not poll for `max.poll.interval.ms` is removed,
+    ///   and polling serves the group's rebalances);
+    /// - nothing is skipped: after `resume`, each partition still assigned continues with the
+    ///   first record `poll` has not returned yet. A partition that moved to another member
+    ///   meanwhile continues there from the group's committed offset, as in any rebalance;
+    /// - `commit` and `assignment` work as usual; pausing a paused consumer and resuming one
+    ///   that is not paused change nothing.
+    ///
+    /// The default refuses (a permanent [`LogError::Invalid`]) for backends that cannot
+    /// pause; callers then stop polling instead, which keeps the records just as well but not,
+    /// on Kafka, the group membership.
+    async fn pause(&mut self) -> Result<(), LogError> {
+        Err(LogError::Invalid(
+            "this consumer cannot pause its partitions".to_string(),
+        ))
+    }
+
+    /// Delivers records again after [`Consumer::pause`]. The default does nothing: a consumer
+    /// whose `pause` refuses is never paused.
+    async fn resume(&mut self) -> Result<(), LogError> {
+        Ok(())
+    }
 }

@@ -9,9 +9,10 @@
 //! When a write fails (docs/failures.md):
 //! 1. transient errors are retried with the `store_write` policy;
 //! 2. then an offsets-only write probes the store. If the probe fails too, the store itself is
-//!    down: the circuit breaker opens, the sink stops polling and probes with the
-//!    `store_probe` policy until a probe succeeds, then writes the same batch again. Nothing is
-//!    dead-lettered and nothing is skipped;
+//!    down: the circuit breaker opens, the sink pauses its consumer (and keeps polling it, so a
+//!    Kafka member stays in its group) and probes with the `store_probe` policy until a probe
+//!    succeeds, then writes the same batch again and resumes. Nothing is dead-lettered and
+//!    nothing is skipped;
 //! 3. if the probe succeeds, some record of the batch is the problem: the batch is split in
 //!    halves (by updates) and each half written on its own, down to single records. A single
 //!    record that still fails, with its own retries spent and the store accepting writes, is
@@ -26,7 +27,7 @@ use std::time::Duration;
 use kontext_core::config::{LimitsConfig, PipelineConfig, RetryConfig, RetryStage};
 use kontext_core::envelope::{self, now_ms};
 use kontext_core::record::{Record, TopicPartition};
-use kontext_log::{ConsumerConfig, Log, LogError};
+use kontext_log::{Consumer, ConsumerConfig, Log, LogError};
 use kontext_store::{ApplyStats, ContextStore, EntityUpdate, StoreError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -79,6 +80,80 @@ pub struct StoreSink {
 
 /// Where the store stands: next offset to apply per (topic, partition).
 type Handled = BTreeMap<(String, i32), i64>;
+
+/// The sink's consumer, and what the circuit breaker did to it.
+struct Feed {
+    consumer: Box<dyn Consumer>,
+    /// Paused by the breaker; resumed once the batch in hand is written.
+    paused: bool,
+    /// Records a poll returned although the consumer was paused (a backend breaking the
+    /// pause contract): kept, in order, as the next batch after the outage, and no further
+    /// polls until then.
+    early: Vec<Record>,
+}
+
+impl Feed {
+    /// Whether the breaker may poll: paused (a consumer whose `pause` was refused is not
+    /// polled at all during the outage), and nothing kept from an earlier poll.
+    fn keeps_polling(&self) -> bool {
+        self.paused && self.early.is_empty()
+    }
+
+    /// Pauses for an outage. A backend that cannot pause is simply not polled meanwhile,
+    /// which keeps the records but, on Kafka, not the group membership past
+    /// `max.poll.interval.ms`.
+    async fn pause(&mut self) {
+        if self.paused {
+            return;
+        }
+        match self.consumer.pause().await {
+            Ok(()) => self.paused = true,
+            Err(e) => {
+                warn!(error = %e, "cannot pause the consumer; not polling it until the store is back")
+            }
+        }
+    }
+
+    /// Polls the paused consumer until `until` (what keeps a Kafka member in its group), or
+    /// sleeps when it may not poll. `Ok(false)`: shutdown.
+    async fn idle_until(
+        &mut self,
+        until: Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, SinkError> {
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return Ok(true);
+            }
+            if !self.keeps_polling() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep_until(until) => return Ok(true),
+                }
+            }
+            let timeout = (until - now).min(POLL_TIMEOUT);
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                polled = self.consumer.poll(MAX_BATCH, timeout) => match polled {
+                    Ok(records) if records.is_empty() => {}
+                    Ok(records) => {
+                        warn!(records = records.len(), "the paused consumer delivered records; kept for after the outage");
+                        self.early = records;
+                    }
+                    Err(e) if e.is_transient() => {
+                        debug!(error = %e, "poll failed while paused; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(false),
+                            _ = tokio::time::sleep(FIRST_BACKOFF.min(until - now)) => {}
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            }
+        }
+    }
+}
 
 /// One polled record's share of the store write.
 struct Entry {
@@ -150,20 +225,43 @@ impl StoreSink {
         let Some(mut handled) = self.start_up(&shutdown).await? else {
             return Ok(());
         };
-        let mut consumer = self.log.consumer(self.consumer.clone()).await?;
+        let mut feed = Feed {
+            consumer: self.log.consumer(self.consumer.clone()).await?,
+            paused: false,
+            early: Vec::new(),
+        };
         info!(group = %self.consumer.group_id, topics = ?self.consumer.topics, "store sink started");
         loop {
-            let records = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                polled = consumer.poll(MAX_BATCH, POLL_TIMEOUT) => match polled {
-                    Ok(r) => r,
+            if feed.paused {
+                // The breaker closed (the batch in hand is written): consume again.
+                match feed.consumer.resume().await {
+                    Ok(()) => feed.paused = false,
                     Err(e) if e.is_transient() => {
-                        warn!(error = %e, "poll failed; retrying");
-                        tokio::time::sleep(FIRST_BACKOFF).await;
+                        warn!(error = %e, "resuming the consumer failed; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(FIRST_BACKOFF) => {}
+                        }
                         continue;
                     }
                     Err(e) => return Err(e.into()),
-                },
+                }
+            }
+            let records = if !feed.early.is_empty() {
+                std::mem::take(&mut feed.early)
+            } else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    polled = feed.consumer.poll(MAX_BATCH, POLL_TIMEOUT) => match polled {
+                        Ok(r) => r,
+                        Err(e) if e.is_transient() => {
+                            warn!(error = %e, "poll failed; retrying");
+                            tokio::time::sleep(FIRST_BACKOFF).await;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
+                }
             };
             if records.is_empty() {
                 continue;
@@ -171,7 +269,10 @@ impl StoreSink {
             self.metrics
                 .records_consumed
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
-            let Some(stats) = self.handle_batch(&records, &mut handled, &shutdown).await? else {
+            let Some(stats) = self
+                .handle_batch(&records, &mut handled, &mut feed, &shutdown)
+                .await?
+            else {
                 break; // shut down while waiting for the store or the dead-letter topic
             };
             self.metrics
@@ -182,7 +283,7 @@ impl StoreSink {
                 .fetch_add(stats.skipped, Ordering::Relaxed);
             // The store already holds these offsets; a failed commit only means re-delivery,
             // which the store skips.
-            if let Err(e) = consumer.commit(&next_offsets(&records)).await {
+            if let Err(e) = feed.consumer.commit(&next_offsets(&records)).await {
                 warn!(error = %e, "offset commit failed; records will be re-delivered and skipped");
             } else {
                 self.metrics
@@ -200,6 +301,7 @@ impl StoreSink {
         &self,
         records: &[Record],
         handled: &mut Handled,
+        feed: &mut Feed,
         shutdown: &CancellationToken,
     ) -> Result<Option<ApplyStats>, SinkError> {
         let mut updates = Vec::with_capacity(records.len());
@@ -255,7 +357,7 @@ impl StoreSink {
             }
         }
         let Some(mut stats) = self
-            .write(records, &updates, &entries, handled, shutdown)
+            .write(records, &updates, &entries, handled, feed, shutdown)
             .await?
         else {
             return Ok(None);
@@ -306,6 +408,7 @@ impl StoreSink {
         updates: &[EntityUpdate],
         entries: &[Entry],
         handled: &mut Handled,
+        feed: &mut Feed,
         shutdown: &CancellationToken,
     ) -> Result<Option<ApplyStats>, SinkError> {
         let mut total = ApplyStats::default();
@@ -336,7 +439,7 @@ impl StoreSink {
             // Is it the store, or these records?
             match self.probe(&offsets, handled).await {
                 Err(e) if e.is_transient() => {
-                    if !self.wait_for_store(e, shutdown).await? {
+                    if !self.wait_for_store(e, Some(&mut *feed), shutdown).await? {
                         return Ok(None);
                     }
                     work.push((range, dropped)); // the same range again: the half-open trial
@@ -354,7 +457,10 @@ impl StoreSink {
             }
             if ups.is_empty() {
                 // Offsets alone failed although a probe just passed: the store is flapping.
-                if !self.wait_for_store(error, shutdown).await? {
+                if !self
+                    .wait_for_store(error, Some(&mut *feed), shutdown)
+                    .await?
+                {
                     return Ok(None);
                 }
                 work.push((range, dropped));
@@ -370,7 +476,10 @@ impl StoreSink {
             };
             if error.is_transient() && self.probe(&offsets, handled).await.is_err() {
                 // The store went down meanwhile: not this record's fault.
-                if !self.wait_for_store(error, shutdown).await? {
+                if !self
+                    .wait_for_store(error, Some(&mut *feed), shutdown)
+                    .await?
+                {
                     return Ok(None);
                 }
                 work.push((range, dropped));
@@ -472,13 +581,16 @@ impl StoreSink {
         self.store.apply(&[], &current).await.map(|_| ())
     }
 
-    /// The circuit breaker: the store is down. Nothing is polled meanwhile; the store is
+    /// The circuit breaker: the store is down. The consumer (`feed`; `None` before it exists)
+    /// is paused and polled between probes, so it delivers nothing yet stays in its group
+    /// (it is resumed once the batch in hand is written, see [`StoreSink::run`]); the store is
     /// probed with the `store_probe` policy until a probe succeeds (`Ok(true)`, half-open: the
     /// caller writes the batch in hand again), shutdown comes (`Ok(false)`), the policy gives
     /// up or a probe fails permanently (`Err`).
     async fn wait_for_store(
         &self,
         error: StoreError,
+        mut feed: Option<&mut Feed>,
         shutdown: &CancellationToken,
     ) -> Result<bool, SinkError> {
         let reason = store_error_kind(&error);
@@ -486,6 +598,9 @@ impl StoreSink {
             warn!(error = %error, "the context store is down: circuit breaker open, consumption paused until it answers");
         }
         self.metrics.set_breaker(BreakerState::Open, reason);
+        if let Some(feed) = feed.as_deref_mut() {
+            feed.pause().await;
+        }
         let mut backoff = Backoff::unseeded(self.retry.policy(RetryStage::StoreProbe));
         let started = Instant::now();
         let mut last = error;
@@ -493,9 +608,15 @@ impl StoreSink {
             let Some(delay) = backoff.next_delay(started.elapsed()) else {
                 return Err(SinkError::Store(last));
             };
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(false),
-                _ = tokio::time::sleep(delay) => {}
+            let waited = match feed.as_deref_mut() {
+                Some(feed) => feed.idle_until(Instant::now() + delay, shutdown).await?,
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => false,
+                    _ = tokio::time::sleep(delay) => true,
+                },
+            };
+            if !waited {
+                return Ok(false);
             }
             self.metrics.record_retry(RetryStage::StoreProbe.name());
             match self.store.applied_offsets().await {
@@ -527,7 +648,8 @@ impl StoreSink {
                     return Ok(Some(handled));
                 }
                 Err(SinkError::Store(e)) if e.is_transient() => {
-                    if !self.wait_for_store(e, shutdown).await? {
+                    // No consumer yet: no group membership to keep.
+                    if !self.wait_for_store(e, None, shutdown).await? {
                         return Ok(None);
                     }
                 }

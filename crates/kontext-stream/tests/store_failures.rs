@@ -1,7 +1,8 @@
 //! The two ways a store write fails, on the embedded log with a store that fails on command:
 //! - one record keeps failing while the store takes other writes: it is dead-lettered with
 //!   stage `store` and its partition moves on;
-//! - the store is down (every write fails): the circuit breaker opens, nothing is polled,
+//! - the store is down (every write fails): the circuit breaker opens, consumption is paused
+//!   (on Kafka the member keeps polling and so stays in its group, however long the outage),
 //!   nothing is dead-lettered, and the sink resumes where it stopped when the store is back.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -168,6 +169,15 @@ enum Backend {
 }
 
 async fn start(backend: Backend, setup: impl FnOnce(&FailingStore)) -> Harness {
+    start_with(backend, &[], setup).await
+}
+
+/// [`start`], with librdkafka `properties` for every Kafka client.
+async fn start_with(
+    backend: Backend,
+    properties: &[(&str, &str)],
+    setup: impl FnOnce(&FailingStore),
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let (log, topic): (Arc<dyn Log>, String) = match backend {
         Backend::Embedded => (
@@ -181,8 +191,12 @@ async fn start(backend: Backend, setup: impl FnOnce(&FailingStore)) -> Harness {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos();
+            let mut config = KafkaConfig::new(bootstrap);
+            for (k, v) in properties {
+                config.properties.insert(k.to_string(), v.to_string());
+            }
             (
-                Arc::new(KafkaLog::new(KafkaConfig::new(bootstrap)).unwrap()),
+                Arc::new(KafkaLog::new(config).unwrap()),
                 format!("failures-{nanos:x}"),
             )
         }
@@ -455,5 +469,56 @@ async fn store_outage(backend: Backend) {
     assert!(dead_letters(&log, &topic, 0).await.is_empty());
     assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 1);
     assert_eq!(metrics.breaker_closed.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.breaker(), (BreakerState::Closed, "none"));
+}
+
+/// Kafka removes a member that does not poll for `max.poll.interval.ms`: it would rejoin after
+/// the outage with a rebalance, and the group would deliver the batch in hand again. A paused
+/// member keeps polling, so it keeps its partitions: nothing is delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_longer_than_the_poll_interval_keeps_the_kafka_member_in_its_group() {
+    // 6 s is the broker's smallest session timeout (`group.min.session.timeout.ms`), and
+    // librdkafka wants `max.poll.interval.ms` >= `session.timeout.ms`.
+    let poll_interval = Duration::from_secs(6);
+    let mut h = start_with(
+        Backend::Kafka,
+        &[
+            ("session.timeout.ms", "6000"),
+            ("heartbeat.interval.ms", "1000"),
+            ("max.poll.interval.ms", "6000"),
+        ],
+        |_| {},
+    )
+    .await;
+    let end = h.send(h.goods(0..100)).await;
+    h.wait_caught_up(&end).await;
+
+    h.store.down.store(true, Ordering::SeqCst);
+    let end = h.send(h.goods(100..300)).await;
+    h.wait_for("the breaker to open", |h| {
+        h.metrics.breaker().0 == BreakerState::Open
+    })
+    .await;
+    // An outage of two and a half poll intervals (the scenario, not an assertion on time).
+    tokio::time::sleep(poll_interval * 5 / 2).await;
+    assert_eq!(h.metrics.breaker().0, BreakerState::Open);
+    assert!(!h.task.is_finished(), "the sink stopped during the outage");
+
+    h.store.down.store(false, Ordering::SeqCst);
+    h.wait_caught_up(&end).await;
+    let end = h.send(h.goods(300..350)).await;
+    h.wait_caught_up(&end).await;
+    let (store, metrics, _log, _topic) = h.stop().await;
+
+    assert_eq!(
+        metrics.records_skipped.load(Ordering::Relaxed),
+        0,
+        "no record was delivered twice: the member kept its partitions through the outage"
+    );
+    let docs = store.dump().await.unwrap();
+    assert_eq!(docs.len(), 350, "every record reached the store");
+    assert!(docs.iter().all(|d| d.events_applied == 1));
+    assert_eq!(metrics.records_dead_lettered.load(Ordering::Relaxed), 0);
+    assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 1);
     assert_eq!(metrics.breaker(), (BreakerState::Closed, "none"));
 }
