@@ -311,7 +311,10 @@ impl StoreConfig {
         };
         match url.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
             Some(var) => std::env::var(var).map(Some).map_err(|_| {
-                format!("store {:?}: url names the environment variable {var}, which is not set", self.name)
+                format!(
+                    "store {:?}: url names the environment variable {var}, which is not set",
+                    self.name
+                )
             }),
             None => Ok(Some(url.clone())),
         }
@@ -726,7 +729,10 @@ impl PipelineConfig {
             } else if !names.insert(store.name.as_str()) {
                 err(
                     format!("{}.name", at(i)),
-                    format!("another store is named {:?}: names must be unique", store.name),
+                    format!(
+                        "another store is named {:?}: names must be unique",
+                        store.name
+                    ),
                 );
             }
             match store.kind {

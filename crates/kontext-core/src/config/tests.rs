@@ -222,7 +222,10 @@ fn store_mistakes_name_the_field_and_the_fix() {
         ],
         "{err}"
     );
-    assert!(err.to_string().contains("a postgres store needs `url:"), "{err}");
+    assert!(
+        err.to_string().contains("a postgres store needs `url:"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -246,5 +249,8 @@ fn a_url_from_the_environment_is_resolved_or_named_when_missing() {
         url: Some("postgres://u@h/db".into()),
         ..store
     };
-    assert_eq!(plain.resolved_url().unwrap().as_deref(), Some("postgres://u@h/db"));
+    assert_eq!(
+        plain.resolved_url().unwrap().as_deref(),
+        Some("postgres://u@h/db")
+    );
 }
