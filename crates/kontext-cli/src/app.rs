@@ -304,6 +304,20 @@ pub async fn start_pipeline(
     shutdown: CancellationToken,
 ) -> Result<Running> {
     let served = config.served_store();
+    // With features, the sinks stop after the processor, once they applied what it wrote
+    // (see below); a failing sink still stops everything.
+    let sink_shutdown = if config.features.is_empty() {
+        shutdown.clone()
+    } else {
+        let token = CancellationToken::new();
+        let (sinks_token, all) = (token.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            sinks_token.cancelled().await;
+            all.cancel();
+        });
+        token
+    };
+    let mut drained_stores = Vec::new();
     let mut sinks = Vec::new();
     let mut serving = None;
     let mut slots = BTreeMap::new();
@@ -326,9 +340,10 @@ pub async fn start_pipeline(
             store.clone(),
             log.clone(),
             metrics.clone(),
-            shutdown.clone(),
+            sink_shutdown.clone(),
         )
         .await?;
+        drained_stores.push(store.clone());
         info!(store = %store_config.name, kind = store.kind(), group = %config.store_group(&store_config.name), "store sink started");
         sinks.push((store_config.name.clone(), sink));
         if store_config.name == served.name {
@@ -339,11 +354,21 @@ pub async fn start_pipeline(
     let processor = (!config.features.is_empty()).then(|| {
         let processor = kontext_stream::processor::Processor::new(config, data_dir, log.clone());
         let shutdown = shutdown.clone();
+        let (log, topics) = (log.clone(), config.source_topics());
+        let sink_shutdown = sink_shutdown.clone();
         info!(group = %kontext_stream::processor::process_group(config), "processor started");
         tokio::spawn(async move {
             let result = processor.run(shutdown.clone()).await;
             // Features that stop updating must not go unnoticed.
             shutdown.cancel();
+            kontext_stream::processor::wait_until_applied(
+                log.as_ref(),
+                &drained_stores,
+                &topics,
+                Duration::from_secs(30),
+            )
+            .await;
+            sink_shutdown.cancel();
             result
         })
     });

@@ -248,15 +248,26 @@ impl Processor {
         }
     }
 
-    /// Runs both loops until `shutdown` is cancelled or one fails permanently.
+    /// Runs both loops until `shutdown` is cancelled or one fails permanently. After
+    /// `shutdown`, each loop finishes what its topics hold (the aggregation loop after the
+    /// re-key loop), for at most [`DRAIN_TIMEOUT`], so that a clean stop leaves no input without
+    /// its features.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ProcessorError> {
         if self.groups.is_empty() {
             return Ok(());
         }
         let producer = self.log.producer().await?;
+        let rekey_done = CancellationToken::new();
+        let rekey = async {
+            let result = self
+                .rekey(producer.clone(), Drain::new(&shutdown, None))
+                .await;
+            rekey_done.cancel();
+            result
+        };
         tokio::try_join!(
-            self.rekey(producer.clone(), &shutdown),
-            self.aggregate(producer, &shutdown)
+            rekey,
+            self.aggregate(producer.clone(), Drain::new(&shutdown, Some(&rekey_done)))
         )?;
         Ok(())
     }
@@ -265,8 +276,9 @@ impl Processor {
     async fn rekey(
         &self,
         producer: Arc<dyn Producer>,
-        shutdown: &CancellationToken,
+        mut drain: Drain<'_>,
     ) -> Result<(), ProcessorError> {
+        let shutdown = drain.shutdown;
         let router = Router::new(&self.config);
         let froms: BTreeSet<&str> = self.groups.iter().map(|g| g.from.as_str()).collect();
         let topics: BTreeSet<String> = self
@@ -288,7 +300,7 @@ impl Processor {
         let partitions = repartition_partitions(&self.config);
         info!(%group, "processor re-key loop started");
         loop {
-            let Some(records) = poll(consumer.as_mut(), shutdown).await? else {
+            let Some(records) = drain.poll(consumer.as_mut()).await? else {
                 return Ok(());
             };
             if records.is_empty() {
@@ -342,8 +354,9 @@ impl Processor {
     async fn aggregate(
         &self,
         producer: Arc<dyn Producer>,
-        shutdown: &CancellationToken,
+        mut drain: Drain<'_>,
     ) -> Result<(), ProcessorError> {
+        let shutdown = drain.shutdown;
         let repartition = repartition_topic(&self.config);
         let partitions = repartition_partitions(&self.config);
         let group = features_group(&self.config);
@@ -382,7 +395,7 @@ impl Processor {
             .collect();
         info!(%group, tasks = tasks.len(), "processor aggregation tasks started");
         loop {
-            let Some(records) = poll(consumer.as_mut(), shutdown).await? else {
+            let Some(records) = drain.poll(consumer.as_mut()).await? else {
                 return Ok(());
             };
             if records.is_empty() {
@@ -495,6 +508,58 @@ impl Processor {
     }
 }
 
+/// Waits until every store has applied every record now in `topics` (their high watermarks,
+/// read once at the call), polling every 50 ms; gives up after `timeout`. Used at shutdown,
+/// after the processor stopped and before the store sinks stop, so that a store holds every
+/// feature record the processor wrote. Returns whether the stores caught up.
+pub async fn wait_until_applied(
+    log: &dyn Log,
+    stores: &[Arc<dyn kontext_store::ContextStore>],
+    topics: &[String],
+    timeout: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut target = Vec::new();
+    for topic in topics {
+        match log.describe_topic(topic).await {
+            Ok(d) => target.extend(
+                d.partitions
+                    .iter()
+                    .filter(|p| p.high_watermark > 0)
+                    .map(|p| ((topic.clone(), p.partition), p.high_watermark)),
+            ),
+            Err(e) => {
+                warn!(%topic, error = %e, "cannot read the high watermarks to drain");
+                return false;
+            }
+        }
+    }
+    loop {
+        let mut behind = false;
+        for store in stores {
+            match store.applied_offsets().await {
+                Ok(applied) => {
+                    behind |= target
+                        .iter()
+                        .any(|(tp, high)| applied.get(tp).copied().unwrap_or(0) < *high)
+                }
+                Err(_) => behind = true,
+            }
+        }
+        if !behind {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                ?timeout,
+                "the store sinks did not apply every feature record before stopping"
+            );
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One task: the state of a feature group for one repartition partition.
 struct Task {
     agg: FjallStore,
@@ -560,13 +625,9 @@ impl Task {
     fn open(dir: &Path, group: &FeatureGroup, partition: i32) -> Result<Self, StoreError> {
         let base = dir.join(&group.name).join(partition.to_string());
         let names = group.store_names();
-        let agg = FjallStore::open(base.join("agg"), &names[0], Default::default())?;
+        let agg = open_store(&base.join("agg"), &names[0])?;
         let dedup = match names.get(1) {
-            Some(name) => Some(FjallStore::open(
-                base.join("dedup"),
-                name,
-                Default::default(),
-            )?),
+            Some(name) => Some(open_store(&base.join("dedup"), name)?),
             None => None,
         };
         Ok(Self { agg, dedup })
@@ -648,6 +709,36 @@ impl Task {
         }
         Ok(())
     }
+}
+
+/// Opens a task's store, creating it atomically: fjall's creation of a database is several
+/// files, and a process killed half-way leaves a directory fjall refuses to open. A new store is
+/// created under `<path>.creating` and renamed into place once complete (a leftover
+/// `.creating` directory is an empty store from a killed run: it is recreated).
+fn open_store(path: &Path, name: &str) -> Result<FjallStore, StoreError> {
+    let io = |e: std::io::Error| StoreError::Engine {
+        store: name.to_string(),
+        source: Box::new(e),
+    };
+    if !path.exists() {
+        let creating = path.with_extension("creating");
+        if creating.exists() {
+            std::fs::remove_dir_all(&creating).map_err(io)?;
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let store = FjallStore::open(&creating, name, Default::default())?;
+        store.sync()?;
+        drop(store);
+        std::fs::rename(&creating, path).map_err(io)?;
+        if let Some(parent) = path.parent() {
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+    }
+    FjallStore::open(path, name, Default::default())
 }
 
 /// Drops the re-key loop's duplicates: per origin partition, records arrive in origin offset
@@ -758,16 +849,55 @@ fn id_of(value: &Value) -> Option<String> {
     }
 }
 
-/// Polls, retrying transient errors; `None` on shutdown.
-async fn poll(
-    consumer: &mut dyn kontext_log::Consumer,
-    shutdown: &CancellationToken,
-) -> Result<Option<Vec<Record>>, ProcessorError> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            polled = consumer.poll(MAX_BATCH, POLL_TIMEOUT) => match polled {
+/// How long a loop keeps processing what its topics hold after shutdown.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A loop's polling, and its drain after shutdown: keep polling until a poll comes back empty
+/// (and the upstream loop, if any, has stopped), or [`DRAIN_TIMEOUT`] passed.
+struct Drain<'a> {
+    shutdown: &'a CancellationToken,
+    upstream: Option<&'a CancellationToken>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl<'a> Drain<'a> {
+    fn new(shutdown: &'a CancellationToken, upstream: Option<&'a CancellationToken>) -> Self {
+        Self {
+            shutdown,
+            upstream,
+            deadline: None,
+        }
+    }
+
+    /// The next records, retrying transient errors; `None` when the loop must stop.
+    async fn poll(
+        &mut self,
+        consumer: &mut dyn kontext_log::Consumer,
+    ) -> Result<Option<Vec<Record>>, ProcessorError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let polled = if self.shutdown.is_cancelled() {
+                let deadline = *self
+                    .deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_TIMEOUT);
+                if tokio::time::Instant::now() >= deadline {
+                    warn!("processor stopped before it processed everything in its topics");
+                    return Ok(None);
+                }
+                // Whether upstream had stopped before this poll started: then an empty poll
+                // means nothing more will come.
+                let upstream_done = self.upstream.is_none_or(|u| u.is_cancelled());
+                match consumer.poll(MAX_BATCH, POLL_TIMEOUT).await {
+                    Ok(r) if r.is_empty() && upstream_done => return Ok(None),
+                    other => other,
+                }
+            } else {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => continue,
+                    polled = consumer.poll(MAX_BATCH, POLL_TIMEOUT) => polled,
+                }
+            };
+            match polled {
                 Ok(r) => return Ok(Some(r)),
                 Err(e) if e.is_transient() => {
                     warn!(error = %e, "processor poll failed; retrying");
@@ -775,7 +905,7 @@ async fn poll(
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => return Err(e.into()),
-            },
+            }
         }
     }
 }
