@@ -204,15 +204,22 @@ mod tests {
     fn the_builtin_pipeline_is_valid() {
         let config = builtin_pipeline().unwrap();
         assert_eq!(config.entities.len(), 4);
-        assert_eq!(config.sources.len(), 5);
+        // Five source systems, and the built-in source of the customer's features topic.
+        assert_eq!(config.sources.len(), 6);
+        assert_eq!(
+            config.sources["kontext.features.customer"].topic,
+            "context.customers.features"
+        );
         assert_eq!(
             config.source_topics(),
             vec![
                 "context.customers",
+                "context.customers.features",
                 "context.interactions",
                 "context.orders",
                 "context.tickets"
             ]
         );
+        assert_eq!(config.features.len(), 4);
     }
 }
