@@ -2,17 +2,13 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kontext_core::config::PipelineConfig;
-use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
-use kontext_log::Log;
-use kontext_store::{Change, EmbeddedStore, StoreSchema};
-use kontext_stream::{Outcome, Router};
+use kontext_store::{EmbeddedStore, StoreSchema};
 use support::{
-    assert_applied_exactly_once, catch_up, context_sources, free_port, get_json, path_str,
-    wait_for_zero_lag, Kontext,
+    assert_applied_exactly_once, catch_up, context_sources, expected_from_log, free_port, get_json,
+    path_str, wait_for_zero_lag, Kontext,
 };
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
@@ -136,34 +132,7 @@ async fn kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice() {
     kontext.interrupt();
 
     // Recount from the log, the source of truth.
-    let router = Router::new(&config);
-    let log = EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
-    let mut expected: BTreeMap<(String, String), u64> = BTreeMap::new();
-    let mut total = 0u64;
-    for topic in config.source_topics() {
-        let description = log.describe_topic(&topic).await.unwrap();
-        for p in description.partitions {
-            let mut offset = p.low_watermark;
-            while offset < p.high_watermark {
-                let records = log.fetch(&topic, p.partition, offset, 1_000).unwrap();
-                assert!(
-                    !records.is_empty(),
-                    "{topic}/{} has a gap at {offset}",
-                    p.partition
-                );
-                for r in &records {
-                    assert_eq!(r.offset, offset, "offsets are dense");
-                    offset += 1;
-                    total += 1;
-                    if let Outcome::Update(u) = router.process(r) {
-                        assert!(matches!(u.change, Change::Upsert(_)));
-                        *expected.entry((u.entity_type, u.entity_id)).or_default() += 1;
-                    }
-                }
-            }
-        }
-    }
-    drop(log);
+    let (expected, total) = expected_from_log(dir.path(), &config).await;
     assert!(total > 3_000, "the runs produced only {total} records");
 
     let store = EmbeddedStore::open(&store_path, StoreSchema::from_config(&config)).unwrap();

@@ -212,7 +212,8 @@ pub fn path_str(p: &Path) -> &str {
 }
 
 /// Valid records per (entity type, id), recounted from the embedded log in `data_dir/log`
-/// (the source of truth), and the number of records in it.
+/// (the source of truth), and the number of records in it. Asserts the log is dense (no gap,
+/// no skipped offset) and holds upserts only (the generator writes no tombstones).
 pub async fn expected_from_log(
     data_dir: &Path,
     config: &kontext_core::config::PipelineConfig,
@@ -240,9 +241,11 @@ pub async fn expected_from_log(
                     p.partition
                 );
                 for r in &records {
-                    offset = r.offset + 1;
+                    assert_eq!(r.offset, offset, "offsets are dense");
+                    offset += 1;
                     total += 1;
                     if let kontext_stream::Outcome::Update(u) = router.process(r) {
+                        assert!(matches!(u.change, kontext_store::Change::Upsert(_)));
                         *expected.entry((u.entity_type, u.entity_id)).or_default() += 1;
                     }
                 }
