@@ -304,9 +304,9 @@ pub async fn start_pipeline(
     shutdown: CancellationToken,
 ) -> Result<Running> {
     let served = config.served_store();
-    // With features, the sinks stop after the processor, once they applied what it wrote
+    // With features or joins, the sinks stop after the processor, once they applied what it wrote
     // (see below); a failing sink still stops everything.
-    let sink_shutdown = if config.features.is_empty() {
+    let sink_shutdown = if !config.has_processing() {
         shutdown.clone()
     } else {
         let token = CancellationToken::new();
@@ -351,7 +351,7 @@ pub async fn start_pipeline(
         }
     }
     let (store, metrics) = serving.context("the served store was not opened")?;
-    let processor = (!config.features.is_empty()).then(|| {
+    let processor = config.has_processing().then(|| {
         let processor = kontext_stream::processor::Processor::new(config, data_dir, log.clone());
         let shutdown = shutdown.clone();
         let (log, topics) = (log.clone(), config.source_topics());

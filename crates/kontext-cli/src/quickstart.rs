@@ -204,11 +204,16 @@ mod tests {
     fn the_builtin_pipeline_is_valid() {
         let config = builtin_pipeline().unwrap();
         assert_eq!(config.entities.len(), 4);
-        // Five source systems, and the built-in source of the customer's features topic.
-        assert_eq!(config.sources.len(), 6);
+        // Five source systems, and the built-in sources of the customer's features topic and
+        // of the order's (the join's output).
+        assert_eq!(config.sources.len(), 7);
         assert_eq!(
             config.sources["kontext.features.customer"].topic,
             "context.customers.features"
+        );
+        assert_eq!(
+            config.sources["kontext.features.order"].topic,
+            "context.orders.features"
         );
         assert_eq!(
             config.source_topics(),
@@ -217,9 +222,11 @@ mod tests {
                 "context.customers.features",
                 "context.interactions",
                 "context.orders",
+                "context.orders.features",
                 "context.tickets"
             ]
         );
         assert_eq!(config.features.len(), 4);
+        assert_eq!(config.joins.len(), 1);
     }
 }

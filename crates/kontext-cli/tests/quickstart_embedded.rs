@@ -7,8 +7,8 @@ use std::time::Duration;
 use kontext_core::config::PipelineConfig;
 use kontext_store::{EmbeddedStore, StoreSchema};
 use support::{
-    assert_applied_exactly_once, catch_up, context_sources, expected_from_log, free_port, get_json,
-    path_str, wait_for_zero_lag, Kontext,
+    assert_applied_exactly_once, assert_joins_match, catch_up, context_sources, expected_from_log,
+    expected_joins_from_log, free_port, get_json, path_str, wait_for_zero_lag, Kontext,
 };
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
@@ -137,6 +137,10 @@ async fn kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice() {
 
     let store = EmbeddedStore::open(&store_path, StoreSchema::from_config(&config)).unwrap();
     assert_applied_exactly_once(&store, &expected);
+    // Orders enriched with their customer: exactly what the join gives over the log.
+    let joins = expected_joins_from_log(dir.path(), &config).await;
+    let checked = assert_joins_match(&store, &config, &joins);
+    assert!(checked > 100, "only {checked} orders were enriched");
 }
 
 /// The log is the source of truth: delete the store (keeping the group's committed offsets)

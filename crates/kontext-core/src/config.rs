@@ -17,6 +17,9 @@ pub use mapping::{FieldMapping, FieldSpec, FieldType};
 mod features;
 pub use features::{features_topic, parse_span, FeatureAgg, FeatureConfig, FEATURES_SOURCE};
 
+mod joins;
+pub use joins::{EnrichmentConfig, EnrichmentKind};
+
 mod retry;
 pub use retry::{
     Jitter, LimitsConfig, RetryConfig, RetryPolicy, RetrySettings, RetryStage,
@@ -67,6 +70,10 @@ pub struct PipelineConfig {
     /// processor stage (see `docs/processing.md`, "Runtime").
     #[serde(default)]
     pub features: BTreeMap<String, FeatureConfig>,
+    /// Stream-table enrichment joins: fields of one entity copied into the updates of another
+    /// (an order gets its customer's tier), computed by the processor stage.
+    #[serde(default)]
+    pub joins: BTreeMap<String, EnrichmentConfig>,
 }
 
 /// Dead-letter topics: a record that can never be processed (bad data) is copied byte for byte
@@ -689,6 +696,7 @@ impl PipelineConfig {
         self.retry.validate(&mut err);
         self.limits.validate(&mut err);
         self.validate_features(&mut err);
+        self.validate_joins(&mut err);
         if self.serve.listen.parse::<std::net::SocketAddr>().is_err() {
             err(
                 "serve.listen".into(),

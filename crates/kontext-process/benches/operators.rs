@@ -140,6 +140,7 @@ fn join(c: &mut Criterion) {
         kind: JoinKind::Left,
         key: JoinKey::Field(FieldPath::new("customer_id")),
         field: "customer".into(),
+        table: Default::default(),
     });
     let load = |store: &mut dyn StateStore| {
         for chunk in 0..CUSTOMERS / 10_000 {

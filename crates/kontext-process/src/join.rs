@@ -39,6 +39,17 @@ pub enum JoinKey {
     Field(FieldPath),
 }
 
+/// How a table record changes its key's row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TableMode {
+    /// The record's value is the whole row (a compacted topic of full records).
+    #[default]
+    Replace,
+    /// The record's value is a JSON object of changed fields, merged into the row (partial
+    /// updates of an entity from several sources); a value that is not an object replaces it.
+    Merge,
+}
+
 /// Configuration of an [`EnrichmentJoin`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinConfig {
@@ -46,6 +57,15 @@ pub struct JoinConfig {
     pub key: JoinKey,
     /// Name of the field the table value is put under in the enriched event.
     pub field: String,
+    /// Whether table records are whole rows or partial updates.
+    pub table: TableMode,
+}
+
+/// One input of [`EnrichmentJoin::process_ordered`]: a table record or a stream event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JoinInput {
+    Table(TableUpdate),
+    Stream(Event),
 }
 
 /// One record of the table topic: an upsert, or a delete when `value` is `None`.
@@ -90,6 +110,8 @@ pub struct JoinBatch {
     /// Foreign-key joins: events without the key field (dropped for inner, kept for left).
     pub missing_key: u64,
     pub already_applied: u64,
+    /// [`EnrichmentJoin::process_ordered`]: table records applied.
+    pub table_applied: u64,
 }
 
 /// The result of a batch of table records.
@@ -145,26 +167,11 @@ impl EnrichmentJoin {
                 continue;
             }
             out.state.set_offset(tp, update.coords.offset + 1);
-            let key = table_key(&update.key);
-            let current = crate::store::get_through(store, &out.state, &key)?;
-            if let Some(current) = current {
-                let (partition, offset, _) = decode_row(&current)?;
-                if partition == update.coords.partition && offset >= update.coords.offset {
-                    out.already_applied += 1;
-                    continue;
-                }
+            if self.apply_row(store, &mut out.state, update)? {
+                out.applied += 1;
+            } else {
+                out.already_applied += 1;
             }
-            match &update.value {
-                Some(value) => {
-                    let mut row = Vec::with_capacity(value.len() + 12);
-                    row.extend_from_slice(&update.coords.partition.to_le_bytes());
-                    row.extend_from_slice(&update.coords.offset.to_le_bytes());
-                    row.extend_from_slice(value);
-                    out.state.put_bytes(Bytes::from(key), Bytes::from(row));
-                }
-                None => out.state.delete_bytes(Bytes::from(key)),
-            }
-            out.applied += 1;
         }
         Ok(out)
     }
@@ -183,52 +190,135 @@ impl EnrichmentJoin {
             return Ok(out);
         }
         let mut progress = Progress::load(store, &out.state)?;
-        let mut key_buf = Vec::with_capacity(64);
         for (index, event) in events.iter().enumerate() {
             if progress.admit(event).is_none() {
                 out.already_applied += 1;
                 continue;
             }
-            key_buf.clear();
-            key_buf.push(b't');
-            match &self.config.key {
-                JoinKey::RecordKey => key_buf.extend_from_slice(&event.key),
-                JoinKey::Field(path) => match event.scalar(path) {
-                    Some(fk) => key_buf.extend_from_slice(&scalar_key(&fk)),
-                    None => {
-                        out.missing_key += 1;
-                        if self.config.kind == JoinKind::Left {
-                            out.outputs.push(JoinOutput {
-                                index,
-                                right: None,
-                                version: event.coords.clone(),
-                            });
-                        }
-                        continue;
-                    }
-                },
-            }
-            let right = match store.get(&key_buf)? {
-                Some(row) => {
-                    decode_row(&row)?;
-                    Some(row.slice(12..))
-                }
-                None => None,
-            };
-            if right.is_none() {
-                out.unmatched += 1;
-                if self.config.kind == JoinKind::Inner {
-                    continue;
-                }
-            }
-            out.outputs.push(JoinOutput {
-                index,
-                right,
-                version: event.coords.clone(),
-            });
+            self.join_event(store, index, event, &mut out)?;
         }
         progress.finish(&mut out.state);
         Ok(out)
+    }
+
+    /// Table records and stream events in the one order the runtime merged them (for a
+    /// foreign-key join, the order of the repartition topic both sides were re-keyed into):
+    /// each event sees the table records before it, in this batch or committed. Inputs below
+    /// the store's offsets are skipped, so a replay from the store's offsets gives the same
+    /// outputs. Output indexes point into `inputs`.
+    pub fn process_ordered<S: StateStore + ?Sized>(
+        &self,
+        store: &S,
+        inputs: &[JoinInput],
+    ) -> Result<JoinBatch, StoreError> {
+        let mut out = JoinBatch::default();
+        if inputs.is_empty() {
+            return Ok(out);
+        }
+        let mut progress = Progress::load(store, &out.state)?;
+        for (index, input) in inputs.iter().enumerate() {
+            match input {
+                JoinInput::Table(update) => {
+                    if !progress.admit_offset(&update.coords) {
+                        out.already_applied += 1;
+                    } else if self.apply_row(store, &mut out.state, update)? {
+                        out.table_applied += 1;
+                    } else {
+                        out.already_applied += 1;
+                    }
+                }
+                JoinInput::Stream(event) => {
+                    if progress.admit(event).is_none() {
+                        out.already_applied += 1;
+                        continue;
+                    }
+                    self.join_event(store, index, event, &mut out)?;
+                }
+            }
+        }
+        progress.finish(&mut out.state);
+        Ok(out)
+    }
+
+    /// Writes one table record into `state`; `false` if its key's row is already at or past
+    /// it.
+    fn apply_row<S: StateStore + ?Sized>(
+        &self,
+        store: &S,
+        state: &mut WriteBatch,
+        update: &TableUpdate,
+    ) -> Result<bool, StoreError> {
+        let key = table_key(&update.key);
+        let current = crate::store::get_through(store, state, &key)?;
+        let mut previous = None;
+        if let Some(current) = &current {
+            let (partition, offset, value) = decode_row(current)?;
+            if partition == update.coords.partition && offset >= update.coords.offset {
+                return Ok(false);
+            }
+            previous = Some(value);
+        }
+        let Some(value) = &update.value else {
+            state.delete_bytes(Bytes::from(key));
+            return Ok(true);
+        };
+        let merged = match (self.config.table, previous) {
+            (TableMode::Merge, Some(previous)) => merge_objects(previous, value),
+            _ => None,
+        };
+        let value: &[u8] = merged.as_deref().unwrap_or(value);
+        let mut row = Vec::with_capacity(value.len() + 12);
+        row.extend_from_slice(&update.coords.partition.to_le_bytes());
+        row.extend_from_slice(&update.coords.offset.to_le_bytes());
+        row.extend_from_slice(value);
+        state.put_bytes(Bytes::from(key), Bytes::from(row));
+        Ok(true)
+    }
+
+    /// Looks up one stream event's table row (through the batch's pending table writes).
+    fn join_event<S: StateStore + ?Sized>(
+        &self,
+        store: &S,
+        index: usize,
+        event: &Event,
+        out: &mut JoinBatch,
+    ) -> Result<(), StoreError> {
+        let key = match &self.config.key {
+            JoinKey::RecordKey => table_key(&event.key),
+            JoinKey::Field(path) => match event.scalar(path) {
+                Some(fk) => table_key(&scalar_key(&fk)),
+                None => {
+                    out.missing_key += 1;
+                    if self.config.kind == JoinKind::Left {
+                        out.outputs.push(JoinOutput {
+                            index,
+                            right: None,
+                            version: event.coords.clone(),
+                        });
+                    }
+                    return Ok(());
+                }
+            },
+        };
+        let right = match crate::store::get_through(store, &out.state, &key)? {
+            Some(row) => {
+                decode_row(&row)?;
+                Some(row.slice(12..))
+            }
+            None => None,
+        };
+        if right.is_none() {
+            out.unmatched += 1;
+            if self.config.kind == JoinKind::Inner {
+                return Ok(());
+            }
+        }
+        out.outputs.push(JoinOutput {
+            index,
+            right,
+            version: event.coords.clone(),
+        });
+        Ok(())
     }
 
     /// The enriched event: the stream event's value with the table value (parsed as JSON, or
@@ -414,6 +504,15 @@ fn scalar_key(s: &Scalar) -> Vec<u8> {
     }
 }
 
+/// `previous` with the fields of `update` set, when both are JSON objects.
+fn merge_objects(previous: &[u8], update: &[u8]) -> Option<Vec<u8>> {
+    use serde_json::{Map, Value};
+    let mut row: Map<String, Value> = serde_json::from_slice(previous).ok()?;
+    let changes: Map<String, Value> = serde_json::from_slice(update).ok()?;
+    row.extend(changes);
+    serde_json::to_vec(&row).ok()
+}
+
 fn table_key(key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(key.len() + 1);
     out.push(b't');
@@ -497,6 +596,7 @@ mod tests {
                 kind,
                 key: JoinKey::Field(FieldPath::new("customer_id")),
                 field: "customer".into(),
+                table: TableMode::Replace,
             });
             let table = join
                 .apply_table(

@@ -28,8 +28,9 @@ pub use dedup::{DedupBatch, DedupConfig, DedupDecision, Deduplicate};
 pub use event::{Coords, Event, FieldPath, Scalar};
 pub use join::{
     changelog_topic_name, check_copartitioning, next_side, origin_coords, rekey,
-    repartition_topic_name, CoPartitionError, EnrichmentJoin, JoinBatch, JoinConfig, JoinKey,
-    JoinKind, JoinOutput, Partitioner, RekeyError, Side, TableBatch, TableUpdate, TopicLayout,
+    repartition_topic_name, CoPartitionError, EnrichmentJoin, JoinBatch, JoinConfig, JoinInput,
+    JoinKey, JoinKind, JoinOutput, Partitioner, RekeyError, Side, TableBatch, TableMode,
+    TableUpdate, TopicLayout,
 };
 pub use store::{
     repair_records, ChangelogRecord, Durability, FjallStore, MemoryStore, StateStore, StoreError,

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use kontext_core::record::TopicPartition;
 
-use crate::event::Event;
+use crate::event::{Coords, Event};
 use crate::store::{get_through, StateStore, StoreError, WriteBatch};
 
 /// Stream time is metadata (key `0x00 m`): it goes with the offsets at the end of a
@@ -45,33 +45,42 @@ impl Progress {
     /// Admits an event: `None` if it is below the store's offsets (already applied), else the
     /// stream time including this event.
     pub(crate) fn admit(&mut self, event: &Event) -> Option<i64> {
-        let offset = event.coords.offset;
-        let known = self
-            .committed
-            .iter()
-            .find(|(tp, _)| {
-                tp.partition == event.coords.partition && tp.topic == event.coords.topic
-            })
-            .map(|(_, next)| *next);
-        if known.is_some_and(|next| offset < next) {
+        if !self.admit_offset(&event.coords) {
             return None;
-        }
-        match self.next.iter_mut().find(|(tp, _)| {
-            tp.partition == event.coords.partition && tp.topic == event.coords.topic
-        }) {
-            Some((_, next)) => *next = (*next).max(offset + 1),
-            None => {
-                self.next.insert(
-                    TopicPartition::new(event.coords.topic.clone(), event.coords.partition),
-                    offset + 1,
-                );
-            }
         }
         let st = self
             .stream_time
             .map_or(event.time_ms, |st| st.max(event.time_ms));
         self.stream_time = Some(st);
         Some(st)
+    }
+
+    /// Admits an input by its coordinates alone (it does not move stream time): `false` if it
+    /// is below the store's offsets.
+    pub(crate) fn admit_offset(&mut self, coords: &Coords) -> bool {
+        let offset = coords.offset;
+        let known = self
+            .committed
+            .iter()
+            .find(|(tp, _)| tp.partition == coords.partition && tp.topic == coords.topic)
+            .map(|(_, next)| *next);
+        if known.is_some_and(|next| offset < next) {
+            return false;
+        }
+        match self
+            .next
+            .iter_mut()
+            .find(|(tp, _)| tp.partition == coords.partition && tp.topic == coords.topic)
+        {
+            Some((_, next)) => *next = (*next).max(offset + 1),
+            None => {
+                self.next.insert(
+                    TopicPartition::new(coords.topic.clone(), coords.partition),
+                    offset + 1,
+                );
+            }
+        }
+        true
     }
 
     /// The stream time after the events admitted so far.

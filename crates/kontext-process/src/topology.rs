@@ -10,6 +10,7 @@
 //!         kind: JoinKind::Left,
 //!         key: JoinKey::Field(FieldPath::new("customer_id")),
 //!         field: "customer".into(),
+//!         table: Default::default(),
 //!     })
 //!     .to("context.orders-enriched");
 //! let topology = Topology::new("kontext").with(orders);
@@ -355,6 +356,7 @@ mod tests {
             kind: JoinKind::Inner,
             key: JoinKey::RecordKey,
             field: "customer".into(),
+            table: Default::default(),
         };
         let topology = Topology::new("app")
             .with(
@@ -385,6 +387,7 @@ mod tests {
                         kind: JoinKind::Left,
                         key: JoinKey::Field(FieldPath::new("customer_id")),
                         field: "customer".into(),
+                        table: Default::default(),
                     },
                 )
                 .to("out"),

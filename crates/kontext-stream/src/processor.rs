@@ -1,23 +1,28 @@
 //! The processor stage: computes the pipeline file's `features:` (aggregates such as
-//! `orders_30d`) with the operators of `kontext-process`, and writes them to a features topic
-//! that the store sinks apply as fields of the target entity.
+//! `orders_30d`) and `joins:` (an order enriched with its customer's tier) with the operators
+//! of `kontext-process`, and writes them to a features topic that the store sinks apply as
+//! fields of the target entity.
 //!
 //! Two loops, as Kafka Streams would split the topology at the re-key:
 //!
 //! 1. **re-key** (group `kontext.<pipeline>.process`): source topics → [`Router`] → for each
 //!    normalized update of a feature's `from` entity, one record keyed by the target entity id
 //!    into `<pipeline>-features-repartition` (murmur2-partitioned), carrying the input's event
-//!    id, event time, origin coordinates and the fields the features read. Stateless,
-//!    at-least-once: group offsets are committed after the produce is acknowledged.
-//! 2. **aggregate** (group `kontext.<pipeline>.process.features`): one task per repartition
-//!    partition and feature group, with fjall state under
-//!    `<data_dir>/state/<pipeline>/<group>/<partition>/`. Per polled batch: drop records whose
+//!    id, event time, origin coordinates and the fields the features read. For a join, updates
+//!    of the `with` entity (the table) are keyed by their own id and updates of the `from`
+//!    entity (the stream) by their foreign key, so a customer's rows and its orders meet in one
+//!    partition, in one order. Stateless, at-least-once: group offsets are committed after the
+//!    produce is acknowledged.
+//! 2. **tasks** (group `kontext.<pipeline>.process.features`): one task per repartition
+//!    partition and feature group or join, with fjall state under
+//!    `<data_dir>/state/<pipeline>/<name>/<partition>/`. Per polled batch: drop records whose
 //!    origin offset is at or below the task's high-water mark for that origin partition (the
-//!    re-key loop's duplicates), deduplicate by event id (optional), aggregate, then
-//!    (a) produce the full values to `<entity topic>.features` and the state changes to the
-//!    compacted `<pipeline>-<group>-changelog`, (b) commit each task's state batch, which
-//!    carries the repartition offsets, (c) commit the group's offsets. At start the group is
-//!    rewound to the state's offsets where it committed past them.
+//!    re-key loop's duplicates), then deduplicate by event id (optional) and aggregate, or
+//!    apply table rows and join stream updates in topic order; then (a) produce the outputs to
+//!    `<entity topic>.features` and the state changes to the compacted
+//!    `<pipeline>-<name>-changelog`, (b) commit each task's state batch, which carries the
+//!    repartition offsets, (c) commit the group's offsets. At start the group is rewound to the
+//!    state's offsets where it committed past them.
 //!
 //! The protocol and every crash point are in `docs/processing.md`, "Runtime".
 
@@ -27,15 +32,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kontext_core::config::{FeatureAgg, FeatureConfig, PipelineConfig};
+use kontext_core::config::{EnrichmentKind, FeatureAgg, FeatureConfig, PipelineConfig};
 use kontext_core::envelope::format_time;
 use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::{ProduceRecord, Record, TopicPartition};
 use kontext_log::{ConsumerConfig, Log, LogError, Producer, TopicSpec};
 use kontext_process::{
     changelog_topic_name, AggFn, Aggregate, AggregateConfig, ChangelogRecord, Coords, DedupConfig,
-    DedupDecision, Deduplicate, Emit, Event, FieldPath, FjallStore, StateStore, StoreError,
-    WindowSpec, WriteBatch,
+    DedupDecision, Deduplicate, Emit, EnrichmentJoin, Event, FieldPath, FjallStore, JoinConfig,
+    JoinInput, JoinKey, JoinKind, StateStore, StoreError, TableMode, TableUpdate, WindowSpec,
+    WriteBatch,
 };
 use kontext_store::Change;
 use serde_json::{json, Map, Value};
@@ -92,13 +98,18 @@ pub fn repartition_topic(config: &PipelineConfig) -> String {
 /// The topics the processor writes: features topics (as partitioned as their entity topic),
 /// the repartition topic, and one compacted changelog per state store.
 pub fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
-    if config.features.is_empty() {
+    if !config.has_processing() {
         return Vec::new();
     }
     let partitions = repartition_partitions(config);
     let mut specs = BTreeMap::new();
-    for feature in config.features.values() {
-        if let Some(entity) = config.entities.get(&feature.entity) {
+    let targets = config
+        .features
+        .values()
+        .map(|f| &f.entity)
+        .chain(config.joins.values().map(|j| &j.from));
+    for target in targets {
+        if let Some(entity) = config.entities.get(target) {
             let name = features_topic(&entity.topic);
             let p = config
                 .topic_settings(&entity.topic)
@@ -109,8 +120,8 @@ pub fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
     }
     let repartition = repartition_topic(config);
     specs.insert(repartition.clone(), TopicSpec::new(repartition, partitions));
-    for group in plan(config) {
-        for store in group.store_names() {
+    for stage in stages(config) {
+        for store in stage.store_names() {
             let name = changelog_topic_name(&config.name, &store);
             let mut spec = TopicSpec::new(name.clone(), partitions);
             spec.compacted = true;
@@ -216,6 +227,89 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
     out
 }
 
+/// A join of the pipeline file: its table holds, per `with` entity id, the merged fields the
+/// join copies; its stream is the `from` entity's updates re-keyed by `key`.
+#[derive(Debug, Clone)]
+pub struct JoinStage {
+    /// The join's name: names the state directory and the changelog topic.
+    pub name: String,
+    pub from: String,
+    pub with: String,
+    pub key: String,
+    /// Output field ← canonical field of `with`.
+    pub fields: Vec<(String, String)>,
+    op: EnrichmentJoin,
+}
+
+impl JoinStage {
+    /// The canonical fields of `with` its table keeps.
+    fn table_fields(&self) -> BTreeSet<&str> {
+        self.fields.iter().map(|(_, f)| f.as_str()).collect()
+    }
+}
+
+/// One stateful stage of the processor: a feature group or a join.
+#[derive(Debug, Clone)]
+pub enum Stage {
+    Features(FeatureGroup),
+    Join(JoinStage),
+}
+
+impl Stage {
+    /// Names the stage's state directory; repartition records carry it.
+    pub fn name(&self) -> &str {
+        match self {
+            Stage::Features(g) => &g.name,
+            Stage::Join(j) => &j.name,
+        }
+    }
+
+    /// The entity whose features topic gets the stage's outputs.
+    pub fn target(&self) -> &str {
+        match self {
+            Stage::Features(g) => &g.entity,
+            Stage::Join(j) => &j.from,
+        }
+    }
+
+    /// The state stores of each task of this stage (each has a changelog topic).
+    pub fn store_names(&self) -> Vec<String> {
+        match self {
+            Stage::Features(g) => g.store_names(),
+            Stage::Join(j) => vec![j.name.clone()],
+        }
+    }
+}
+
+/// Every stage of the pipeline: feature groups (see [`plan`]), then joins.
+pub fn stages(config: &PipelineConfig) -> Vec<Stage> {
+    let mut out: Vec<Stage> = plan(config).into_iter().map(Stage::Features).collect();
+    for (name, join) in &config.joins {
+        out.push(Stage::Join(JoinStage {
+            name: name.clone(),
+            from: join.from.clone(),
+            with: join.with.clone(),
+            key: join.key.clone(),
+            fields: join
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            op: EnrichmentJoin::new(JoinConfig {
+                kind: match join.kind {
+                    EnrichmentKind::Left => JoinKind::Left,
+                    EnrichmentKind::Inner => JoinKind::Inner,
+                },
+                // The re-key loop keyed the stream by the foreign key already.
+                key: JoinKey::RecordKey,
+                field: "with".into(),
+                table: TableMode::Merge,
+            }),
+        }));
+    }
+    out
+}
+
 fn agg_fn(f: &FeatureConfig) -> AggFn {
     let path = || FieldPath::new(f.field.as_deref().unwrap_or_default());
     match f.agg {
@@ -234,14 +328,15 @@ pub struct Processor {
     config: PipelineConfig,
     log: Arc<dyn Log>,
     state_dir: PathBuf,
-    groups: Vec<FeatureGroup>,
+    stages: Vec<Stage>,
 }
 
 impl Processor {
-    /// A processor for `config`'s features, keeping state under `<data_dir>/state/`.
+    /// A processor for `config`'s features and joins, keeping state under
+    /// `<data_dir>/state/`.
     pub fn new(config: &PipelineConfig, data_dir: &Path, log: Arc<dyn Log>) -> Self {
         Self {
-            groups: plan(config),
+            stages: stages(config),
             config: config.clone(),
             log,
             state_dir: data_dir.join("state").join(&config.name),
@@ -253,7 +348,7 @@ impl Processor {
     /// re-key loop), for at most [`DRAIN_TIMEOUT`], so that a clean stop leaves no input without
     /// its features.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ProcessorError> {
-        if self.groups.is_empty() {
+        if self.stages.is_empty() {
             return Ok(());
         }
         let producer = self.log.producer().await?;
@@ -280,7 +375,31 @@ impl Processor {
     ) -> Result<(), ProcessorError> {
         let shutdown = drain.shutdown;
         let router = Router::new(&self.config);
-        let froms: BTreeSet<&str> = self.groups.iter().map(|g| g.from.as_str()).collect();
+        let groups: Vec<&FeatureGroup> = self
+            .stages
+            .iter()
+            .filter_map(|s| match s {
+                Stage::Features(g) => Some(g),
+                Stage::Join(_) => None,
+            })
+            .collect();
+        let joins: Vec<&JoinStage> = self
+            .stages
+            .iter()
+            .filter_map(|s| match s {
+                Stage::Join(j) => Some(j),
+                Stage::Features(_) => None,
+            })
+            .collect();
+        let froms: BTreeSet<&str> = groups
+            .iter()
+            .map(|g| g.from.as_str())
+            .chain(
+                joins
+                    .iter()
+                    .flat_map(|j| [j.from.as_str(), j.with.as_str()]),
+            )
+            .collect();
         let topics: BTreeSet<String> = self
             .config
             .sources
@@ -307,17 +426,69 @@ impl Processor {
                 continue;
             }
             let mut out = Vec::new();
+            let mut push = |target: String, value: Value| {
+                let key = Bytes::from(target.into_bytes());
+                let mut r = ProduceRecord::new(
+                    repartition.clone(),
+                    Some(key.clone()),
+                    Some(Bytes::from(value.to_string())),
+                );
+                r.partition = Some(partition_for_key(&key, partitions));
+                out.push(r);
+            };
             for record in &records {
                 let Outcome::Update(update) = router.process(record) else {
                     continue; // filtered and invalid records are the sinks' business
                 };
-                let Change::Upsert(fields) = &update.change else {
-                    continue;
-                };
                 if update.provenance.source == FEATURES_SOURCE {
                     continue; // features never feed features: no loops
                 }
-                for g in self.groups.iter().filter(|g| g.from == update.entity_type) {
+                let p = &update.provenance;
+                let header = |stage: &str| {
+                    json!({
+                        "g": stage, "id": p.event_id, "t": p.event_time_ms,
+                        "o": [p.topic, p.partition, p.offset],
+                    })
+                };
+                let fields = match &update.change {
+                    Change::Upsert(fields) => Some(fields),
+                    Change::Delete => None,
+                };
+                // Table side: the `with` entity's fields the join copies, or its deletion.
+                for j in joins.iter().filter(|j| j.with == update.entity_type) {
+                    let row = match fields {
+                        Some(fields) => {
+                            let row: Map<String, Value> = j
+                                .table_fields()
+                                .into_iter()
+                                .filter_map(|f| fields.get(f).map(|v| (f.to_string(), v.clone())))
+                                .collect();
+                            if row.is_empty() {
+                                continue;
+                            }
+                            Value::Object(row)
+                        }
+                        None => Value::Null,
+                    };
+                    let mut value = header(&j.name);
+                    value["s"] = json!("t");
+                    value["f"] = row;
+                    push(update.entity_id.clone(), value);
+                }
+                let Some(fields) = fields else {
+                    continue;
+                };
+                // Stream side: a `from` update naming its `with` entity.
+                for j in joins.iter().filter(|j| j.from == update.entity_type) {
+                    let Some(target) = fields.get(&j.key).and_then(id_of) else {
+                        continue;
+                    };
+                    let mut value = header(&j.name);
+                    value["s"] = json!("s");
+                    value["k"] = json!(update.entity_id);
+                    push(target, value);
+                }
+                for g in groups.iter().filter(|g| g.from == update.entity_type) {
                     let Some(target) = fields.get(&g.key).and_then(id_of) else {
                         continue;
                     };
@@ -326,19 +497,9 @@ impl Processor {
                         .iter()
                         .filter_map(|f| fields.get(f).map(|v| (f.clone(), v.clone())))
                         .collect();
-                    let p = &update.provenance;
-                    let value = json!({
-                        "g": g.name, "id": p.event_id, "t": p.event_time_ms,
-                        "o": [p.topic, p.partition, p.offset], "f": needed,
-                    });
-                    let key = Bytes::from(target.into_bytes());
-                    let mut r = ProduceRecord::new(
-                        repartition.clone(),
-                        Some(key.clone()),
-                        Some(Bytes::from(value.to_string())),
-                    );
-                    r.partition = Some(partition_for_key(&key, partitions));
-                    out.push(r);
+                    let mut value = header(&g.name);
+                    value["f"] = Value::Object(needed);
+                    push(target, value);
                 }
             }
             if !send(producer.as_ref(), out, shutdown).await? {
@@ -361,9 +522,9 @@ impl Processor {
         let partitions = repartition_partitions(&self.config);
         let group = features_group(&self.config);
         let mut tasks: BTreeMap<(usize, i32), Task> = BTreeMap::new();
-        for (gi, g) in self.groups.iter().enumerate() {
+        for (si, stage) in self.stages.iter().enumerate() {
             for p in 0..partitions {
-                tasks.insert((gi, p), Task::open(&self.state_dir, g, p)?);
+                tasks.insert((si, p), Task::open(&self.state_dir, stage, p)?);
             }
         }
         self.rewind(&group, &repartition, &tasks).await?;
@@ -375,23 +536,23 @@ impl Processor {
             ))
             .await?;
         let feature_partitions: BTreeMap<&str, (String, i32)> = self
-            .groups
+            .stages
             .iter()
-            .filter_map(|g| {
-                let e = self.config.entities.get(&g.entity)?;
+            .filter_map(|stage| {
+                let e = self.config.entities.get(stage.target())?;
                 let p = self
                     .config
                     .topic_settings(&e.topic)
                     .partitions
                     .unwrap_or(self.config.topics.partitions);
-                Some((g.entity.as_str(), (features_topic(&e.topic), p)))
+                Some((stage.target(), (features_topic(&e.topic), p)))
             })
             .collect();
         let by_name: BTreeMap<&str, usize> = self
-            .groups
+            .stages
             .iter()
             .enumerate()
-            .map(|(i, g)| (g.name.as_str(), i))
+            .map(|(i, stage)| (stage.name(), i))
             .collect();
         info!(%group, tasks = tasks.len(), "processor aggregation tasks started");
         loop {
@@ -413,7 +574,7 @@ impl Processor {
                             .or_default()
                             .push(inbound),
                         None => {
-                            warn!(at = %record.coordinates(), group = %name, "repartition record of an unknown feature group; skipped")
+                            warn!(at = %record.coordinates(), stage = %name, "repartition record of an unknown feature group or join; skipped")
                         }
                     },
                     None => {
@@ -423,17 +584,15 @@ impl Processor {
             }
             let mut produce = Vec::new();
             let mut commits: Vec<((usize, i32), Pending)> = Vec::new();
-            for (&(gi, p), task) in tasks.iter() {
+            for (&(si, p), task) in tasks.iter() {
                 let Some(&end) = next.get(&p) else { continue };
-                let events = inputs.remove(&(gi, p)).unwrap_or_default();
-                let g = &self.groups[gi];
+                let events = inputs.remove(&(si, p)).unwrap_or_default();
+                let stage = &self.stages[si];
                 let tp = TopicPartition::new(repartition.as_str(), p);
-                let pending = task.process(g, &tp, end, events)?;
-                let (topic, fparts) = &feature_partitions[g.entity.as_str()];
-                for (key, values, time_ms, version) in &pending.outputs {
-                    produce.push(feature_record(
-                        topic, *fparts, g, key, values, *time_ms, version,
-                    ));
+                let pending = task.process(stage, &tp, end, events)?;
+                let (topic, fparts) = &feature_partitions[stage.target()];
+                for output in &pending.outputs {
+                    produce.push(feature_record(topic, *fparts, stage.name(), output));
                 }
                 for (store, records) in pending.changelogs() {
                     let topic = changelog_topic_name(&self.config.name, store);
@@ -443,7 +602,7 @@ impl Processor {
                         produce.push(pr);
                     }
                 }
-                commits.push(((gi, p), pending));
+                commits.push(((si, p), pending));
             }
             // Outputs and changelogs are acknowledged before any state records the offsets.
             if !send(producer.as_ref(), produce, shutdown).await? {
@@ -560,30 +719,52 @@ pub async fn wait_until_applied(
     }
 }
 
-/// One task: the state of a feature group for one repartition partition.
-struct Task {
-    agg: FjallStore,
-    dedup: Option<FjallStore>,
+/// One task: the state of a feature group or a join for one repartition partition.
+enum Task {
+    Features {
+        agg: FjallStore,
+        dedup: Option<FjallStore>,
+    },
+    Join {
+        store: FjallStore,
+    },
+}
+
+/// One output: fields of one target entity.
+#[derive(Debug)]
+struct Output {
+    key: Bytes,
+    fields: Map<String, Value>,
+    time_ms: i64,
+    /// The repartition coordinates of the input that produced it (names the record).
+    version: Coords,
 }
 
 /// A task's batch before it is committed.
 struct Pending {
-    agg: WriteBatch,
-    dedup: Option<WriteBatch>,
-    agg_name: String,
-    dedup_name: Option<String>,
-    /// (target key, feature values, output time, version)
-    outputs: Vec<(Bytes, Vec<Value>, i64, Coords)>,
+    /// State batches by store name, in commit order.
+    stores: Vec<(String, WriteBatch)>,
+    outputs: Vec<Output>,
 }
 
 impl Pending {
     fn changelogs(&self) -> Vec<(&str, Vec<ChangelogRecord>)> {
-        let mut out = vec![(self.agg_name.as_str(), self.agg.changelog())];
-        if let (Some(batch), Some(name)) = (&self.dedup, &self.dedup_name) {
-            out.push((name.as_str(), batch.changelog()));
-        }
-        out
+        self.stores
+            .iter()
+            .map(|(name, batch)| (name.as_str(), batch.changelog()))
+            .collect()
     }
+}
+
+/// Which input of a join a repartition record is.
+#[derive(Debug, Clone, PartialEq)]
+enum JoinSide {
+    /// A feature input (not a join).
+    None,
+    /// A row of the table (`None`: the entity was deleted).
+    Table(Option<Value>),
+    /// An update of the stream entity with this id.
+    Stream(String),
 }
 
 /// A repartition record, decoded.
@@ -591,6 +772,7 @@ struct Inbound {
     event: Event,
     origin: TopicPartition,
     origin_offset: i64,
+    side: JoinSide,
 }
 
 impl Inbound {
@@ -603,12 +785,19 @@ impl Inbound {
             origin.get(1)?.as_i64()?,
             origin.get(2)?.as_i64()?,
         );
+        let fields = value.get("f").cloned().unwrap_or(Value::Null);
+        let side = match value.get("s").and_then(Value::as_str) {
+            None => JoinSide::None,
+            Some("t") => JoinSide::Table((!fields.is_null()).then(|| fields.clone())),
+            Some("s") => JoinSide::Stream(value.get("k")?.as_str()?.to_string()),
+            Some(_) => return None,
+        };
         let event = Event {
             key: record.key.clone()?,
             id: Bytes::from(value.get("id")?.as_str()?.to_string()),
             time_ms: value.get("t")?.as_i64()?.max(0),
             coords: Coords::new(record.topic.clone(), record.partition, record.offset),
-            value: value.get("f").cloned().unwrap_or(Value::Null),
+            value: fields,
         };
         Some((
             group,
@@ -616,99 +805,217 @@ impl Inbound {
                 event,
                 origin: TopicPartition::new(topic, partition as i32),
                 origin_offset: offset,
+                side,
             },
         ))
     }
 }
 
 impl Task {
-    fn open(dir: &Path, group: &FeatureGroup, partition: i32) -> Result<Self, StoreError> {
-        let base = dir.join(&group.name).join(partition.to_string());
-        let names = group.store_names();
-        let agg = open_store(&base.join("agg"), &names[0])?;
-        let dedup = match names.get(1) {
-            Some(name) => Some(open_store(&base.join("dedup"), name)?),
-            None => None,
-        };
-        Ok(Self { agg, dedup })
+    fn open(dir: &Path, stage: &Stage, partition: i32) -> Result<Self, StoreError> {
+        let base = dir.join(stage.name()).join(partition.to_string());
+        let names = stage.store_names();
+        Ok(match stage {
+            Stage::Features(_) => {
+                let agg = open_store(&base.join("agg"), &names[0])?;
+                let dedup = match names.get(1) {
+                    Some(name) => Some(open_store(&base.join("dedup"), name)?),
+                    None => None,
+                };
+                Task::Features { agg, dedup }
+            }
+            Stage::Join(_) => Task::Join {
+                store: open_store(&base.join("join"), &names[0])?,
+            },
+        })
     }
 
-    /// Where this task resumes on `topic`/`partition`: the smaller of its stores' offsets.
+    fn stores(&self) -> Vec<&FjallStore> {
+        match self {
+            Task::Features { agg, dedup } => std::iter::once(agg).chain(dedup).collect(),
+            Task::Join { store } => vec![store],
+        }
+    }
+
+    /// Where this task resumes on `topic`/`partition`: the smallest of its stores' offsets.
     fn resume_offset(&self, topic: &str, partition: i32) -> Result<i64, StoreError> {
         let tp = TopicPartition::new(topic, partition);
-        let mut at = self.agg.offsets()?.get(&tp).copied().unwrap_or(0);
-        if let Some(d) = &self.dedup {
-            at = at.min(d.offsets()?.get(&tp).copied().unwrap_or(0));
+        let mut at = i64::MAX;
+        for store in self.stores() {
+            at = at.min(store.offsets()?.get(&tp).copied().unwrap_or(0));
         }
         Ok(at)
     }
 
-    /// Runs the group's operators over one partition's share of a batch; `end` is the next
-    /// offset the batch covers on `tp` (recorded even when no event of this group was in it).
+    /// Runs the stage's operators over one partition's share of a batch; `end` is the next
+    /// offset the batch covers on `tp` (recorded even when no event of this stage was in it).
     fn process(
         &self,
-        group: &FeatureGroup,
+        stage: &Stage,
         tp: &TopicPartition,
         end: i64,
         events: Vec<Inbound>,
     ) -> Result<Pending, StoreError> {
-        let (events, dedup) = match (&group.dedup, &self.dedup) {
-            (Some(op), Some(store)) => {
-                let mut hw = HighWater::default();
-                let fresh = hw.filter(store, events)?;
-                let plain: Vec<Event> = fresh.iter().map(|i| i.event.clone()).collect();
-                let mut out = op.process(store, &plain)?;
-                hw.finish(&mut out.state);
-                out.state.set_offset(tp.clone(), end);
-                let forwarded = fresh
-                    .into_iter()
-                    .zip(out.decisions)
-                    .filter(|(_, d)| *d == DedupDecision::Forward)
-                    .map(|(i, _)| i)
-                    .collect();
-                (forwarded, Some(out.state))
+        match (self, stage) {
+            (Task::Features { agg, dedup }, Stage::Features(group)) => {
+                features_batch(agg, dedup.as_ref(), group, tp, end, events)
             }
-            _ => (events, None),
-        };
-        let mut hw = HighWater::default();
-        let fresh = hw.filter(&self.agg, events)?;
-        let plain: Vec<Event> = fresh.into_iter().map(|i| i.event).collect();
-        let mut out = group.aggregate.process(&self.agg, &plain)?;
-        hw.finish(&mut out.state);
-        out.state.set_offset(tp.clone(), end);
-        // The output clock: never behind a value this task already emitted, so a feature's
-        // version (event time first) grows with the repartition offset that produced it.
-        let stored = read_i64(&self.agg, OUTPUT_TIME_KEY)?.unwrap_or(i64::MIN);
-        let time_ms = plain.iter().map(|e| e.time_ms).fold(stored, i64::max);
-        let mut outputs = Vec::new();
-        if time_ms != i64::MIN {
-            out.state.put(OUTPUT_TIME_KEY, &time_ms.to_le_bytes());
-            for update in out.updates {
-                let Some(values) = update.values else {
-                    continue;
-                };
-                let values = values.iter().map(|v| v.to_json()).collect();
-                outputs.push((update.key, values, time_ms, update.version));
-            }
+            (Task::Join { store }, Stage::Join(join)) => join_batch(store, join, tp, end, events),
+            _ => Err(StoreError::Corrupt(format!(
+                "task of {} opened for another kind of stage",
+                stage.name()
+            ))),
         }
-        Ok(Pending {
-            agg: out.state,
-            dedup,
-            agg_name: self.agg.name().to_string(),
-            dedup_name: self.dedup.as_ref().map(|d| d.name().to_string()),
-            outputs,
-        })
     }
 
-    /// Commits the aggregation state first, then the dedup state: the dedup store never gets
-    /// ahead of the aggregation (an event it forwarded but the aggregation lost would be lost).
+    /// Commits the state batches in order: for features the aggregation first, then the
+    /// dedup state, so the dedup store never gets ahead of the aggregation (an event it
+    /// forwarded but the aggregation lost would be lost).
     fn commit(&mut self, pending: Pending) -> Result<(), StoreError> {
-        self.agg.apply(&pending.agg)?;
-        if let (Some(store), Some(batch)) = (&mut self.dedup, &pending.dedup) {
-            store.apply(batch)?;
+        let mut batches = pending.stores.iter().map(|(_, batch)| batch);
+        match self {
+            Task::Features { agg, dedup } => {
+                if let Some(batch) = batches.next() {
+                    agg.apply(batch)?;
+                }
+                if let (Some(store), Some(batch)) = (dedup, batches.next()) {
+                    store.apply(batch)?;
+                }
+            }
+            Task::Join { store } => {
+                if let Some(batch) = batches.next() {
+                    store.apply(batch)?;
+                }
+            }
         }
         Ok(())
     }
+}
+
+fn features_batch(
+    agg: &FjallStore,
+    dedup_store: Option<&FjallStore>,
+    group: &FeatureGroup,
+    tp: &TopicPartition,
+    end: i64,
+    events: Vec<Inbound>,
+) -> Result<Pending, StoreError> {
+    let (events, dedup) = match (&group.dedup, dedup_store) {
+        (Some(op), Some(store)) => {
+            let mut hw = HighWater::default();
+            let fresh = hw.filter(store, events)?;
+            let plain: Vec<Event> = fresh.iter().map(|i| i.event.clone()).collect();
+            let mut out = op.process(store, &plain)?;
+            hw.finish(&mut out.state);
+            out.state.set_offset(tp.clone(), end);
+            let forwarded = fresh
+                .into_iter()
+                .zip(out.decisions)
+                .filter(|(_, d)| *d == DedupDecision::Forward)
+                .map(|(i, _)| i)
+                .collect();
+            (forwarded, Some((store.name().to_string(), out.state)))
+        }
+        _ => (events, None),
+    };
+    let mut hw = HighWater::default();
+    let fresh = hw.filter(agg, events)?;
+    let plain: Vec<Event> = fresh.into_iter().map(|i| i.event).collect();
+    let mut out = group.aggregate.process(agg, &plain)?;
+    hw.finish(&mut out.state);
+    out.state.set_offset(tp.clone(), end);
+    // The output clock: never behind a value this task already emitted, so a feature's
+    // version (event time first) grows with the repartition offset that produced it.
+    let stored = read_i64(agg, OUTPUT_TIME_KEY)?.unwrap_or(i64::MIN);
+    let time_ms = plain.iter().map(|e| e.time_ms).fold(stored, i64::max);
+    let mut outputs = Vec::new();
+    if time_ms != i64::MIN {
+        out.state.put(OUTPUT_TIME_KEY, &time_ms.to_le_bytes());
+        for update in out.updates {
+            let Some(values) = update.values else {
+                continue;
+            };
+            let fields = group
+                .features
+                .iter()
+                .cloned()
+                .zip(values.iter().map(|v| v.to_json()))
+                .collect();
+            outputs.push(Output {
+                key: update.key,
+                fields,
+                time_ms,
+                version: update.version,
+            });
+        }
+    }
+    let mut stores = vec![(agg.name().to_string(), out.state)];
+    stores.extend(dedup);
+    Ok(Pending { stores, outputs })
+}
+
+/// Applies the table rows and joins the stream updates of one partition's share of a batch,
+/// in repartition order. An output sets the join's fields of the stream entity: the table's
+/// values, `null` for a field the row lacks (or for every field when the row is unknown, in a
+/// left join). Its time is the stream update's event time, so it is versioned like the update
+/// that triggered it.
+fn join_batch(
+    store: &FjallStore,
+    join: &JoinStage,
+    tp: &TopicPartition,
+    end: i64,
+    events: Vec<Inbound>,
+) -> Result<Pending, StoreError> {
+    let mut hw = HighWater::default();
+    let fresh = hw.filter(store, events)?;
+    let mut inputs = Vec::with_capacity(fresh.len());
+    let mut ids = Vec::with_capacity(fresh.len());
+    for inbound in fresh {
+        match inbound.side {
+            JoinSide::Table(row) => {
+                inputs.push(JoinInput::Table(TableUpdate {
+                    key: inbound.event.key,
+                    value: row.map(|r| Bytes::from(r.to_string())),
+                    coords: inbound.event.coords,
+                }));
+                ids.push(None);
+            }
+            JoinSide::Stream(id) => {
+                inputs.push(JoinInput::Stream(inbound.event));
+                ids.push(Some(id));
+            }
+            JoinSide::None => {} // not a join record: the decoder's business, never routed here
+        }
+    }
+    let mut out = join.op.process_ordered(store, &inputs)?;
+    hw.finish(&mut out.state);
+    out.state.set_offset(tp.clone(), end);
+    let mut outputs = Vec::with_capacity(out.outputs.len());
+    for o in &out.outputs {
+        let (JoinInput::Stream(event), Some(id)) = (&inputs[o.index], &ids[o.index]) else {
+            continue;
+        };
+        let row: Map<String, Value> = o
+            .right
+            .as_ref()
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .unwrap_or_default();
+        let fields = join
+            .fields
+            .iter()
+            .map(|(name, from)| (name.clone(), row.get(from).cloned().unwrap_or(Value::Null)))
+            .collect();
+        outputs.push(Output {
+            key: Bytes::from(id.clone().into_bytes()),
+            fields,
+            time_ms: event.time_ms,
+            version: o.version.clone(),
+        });
+    }
+    Ok(Pending {
+        stores: vec![(store.name().to_string(), out.state)],
+        outputs,
+    })
 }
 
 /// Opens a task's store, creating it atomically: fjall's creation of a database is several
@@ -798,38 +1105,28 @@ fn read_i64<S: StateStore>(store: &S, key: &[u8]) -> Result<Option<i64>, StoreEr
         .transpose()
 }
 
-/// A feature update as a binary-mode CloudEvent for the target entity's features topic.
-fn feature_record(
-    topic: &str,
-    partitions: i32,
-    group: &FeatureGroup,
-    key: &Bytes,
-    values: &[Value],
-    time_ms: i64,
-    version: &Coords,
-) -> ProduceRecord {
-    let data: Map<String, Value> = group
-        .features
-        .iter()
-        .cloned()
-        .zip(values.iter().cloned())
-        .collect();
+/// An output (feature values or joined fields) as a binary-mode CloudEvent for the target
+/// entity's features topic.
+fn feature_record(topic: &str, partitions: i32, stage: &str, output: &Output) -> ProduceRecord {
+    let version = &output.version;
     let id = format!(
-        "{}/{}/{}@{}",
-        group.name, version.topic, version.partition, version.offset
+        "{stage}/{}/{}@{}",
+        version.topic, version.partition, version.offset
     );
     let mut r = ProduceRecord::new(
         topic.to_string(),
-        Some(key.clone()),
-        Some(Bytes::from(Value::Object(data).to_string())),
+        Some(output.key.clone()),
+        Some(Bytes::from(
+            serde_json::to_vec(&output.fields).unwrap_or_default(),
+        )),
     )
     .with_header("ce_specversion", "1.0")
     .with_header("ce_id", id)
     .with_header("ce_source", FEATURES_SOURCE)
     .with_header("ce_type", FEATURES_TYPE)
-    .with_header("ce_time", format_time(time_ms))
+    .with_header("ce_time", format_time(output.time_ms))
     .with_header("content-type", "application/json");
-    r.partition = Some(partition_for_key(key, partitions));
+    r.partition = Some(partition_for_key(&output.key, partitions));
     r
 }
 
@@ -994,17 +1291,16 @@ features:
         let config = PipelineConfig::parse("p.yaml", YAML).unwrap();
         // The parsed pipeline already has the built-in source of the features topic.
         let router = Router::new(&config);
-        let group = &plan(&config)[1];
-        let version = Coords::new("shop-features-repartition", 3, 41);
-        let r = feature_record(
-            "context.customers.features",
-            12,
-            group,
-            &Bytes::from_static(b"C-1"),
-            &[json!(2), json!(129.9)],
-            1_700_000_000_000,
-            &version,
-        );
+        let output = Output {
+            key: Bytes::from_static(b"C-1"),
+            fields: [("orders_30d", json!(2)), ("total_30d", json!(129.9))]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            time_ms: 1_700_000_000_000,
+            version: Coords::new("shop-features-repartition", 3, 41),
+        };
+        let r = feature_record("context.customers.features", 12, "orders_30d", &output);
         let record = Record {
             topic: r.topic.as_str().into(),
             partition: r.partition.unwrap(),
@@ -1038,8 +1334,9 @@ features:
     #[test]
     fn a_task_replayed_after_partial_commits_counts_each_event_once() {
         let config = PipelineConfig::parse("p.yaml", YAML).unwrap();
-        let groups = plan(&config);
-        let group = &groups[0]; // biggest: max of total, with dedup
+        let stages = stages(&config);
+        let group = &stages[0]; // biggest: max of total, with dedup
+        assert_eq!(group.name(), "biggest");
         let dir = tempfile::tempdir().unwrap();
         let tp = TopicPartition::new("rep", 0);
         let inbound = |rep: i64, origin: i64, id: &str, total: f64| Inbound {
@@ -1052,10 +1349,11 @@ features:
             },
             origin: TopicPartition::new("orders", 0),
             origin_offset: origin,
+            side: JoinSide::None,
         };
         let batch1 = || vec![inbound(0, 0, "a", 5.0), inbound(1, 1, "a", 50.0)];
         let batch2 = || vec![inbound(2, 2, "b", 7.0), inbound(3, 3, "c", 9.0)];
-        let max_of = |p: &Pending| p.outputs.last().map(|o| o.1[0].clone());
+        let max_of = |p: &Pending| p.outputs.last().map(|o| o.fields["biggest"].clone());
 
         let mut task = Task::open(dir.path(), group, 0).unwrap();
         let first = task.process(group, &tp, 2, batch1()).unwrap();
@@ -1068,7 +1366,10 @@ features:
         // Crash between the aggregation and the dedup commit of the next batch.
         let second = task.process(group, &tp, 4, batch2()).unwrap();
         assert_eq!(max_of(&second), Some(json!(9.0)));
-        task.agg.apply(&second.agg).unwrap();
+        let Task::Features { agg, .. } = &mut task else {
+            panic!("a feature task")
+        };
+        agg.apply(&second.stores[0].1).unwrap();
         drop(task);
         let mut task = Task::open(dir.path(), group, 0).unwrap();
         assert_eq!(
@@ -1091,6 +1392,146 @@ features:
         assert!(copy.outputs.is_empty());
     }
 
+    const JOIN_YAML: &str = r#"
+name: shop
+entities:
+  customer: { key: customer_id, topic: context.customers }
+  order: { key: order_id, topic: context.orders, belongs_to: { customer: customer_id } }
+sources:
+  shop: { topic: context.orders, entity: order, fields: { customer_id: c, total: t } }
+  crm: { topic: context.customers, entity: customer, match: { ce_source: crm }, fields: { tier: t } }
+  billing: { topic: context.customers, entity: customer, match: { ce_source: billing }, fields: { city: c } }
+joins:
+  order_customer:
+    from: order
+    with: customer
+    key: customer_id
+    fields: { customer_tier: tier, customer_city: city }
+"#;
+
+    #[test]
+    fn a_join_is_a_stage_with_a_changelog_and_writes_the_stream_entity() {
+        let config = PipelineConfig::parse("p.yaml", JOIN_YAML).unwrap();
+        let stages = stages(&config);
+        assert_eq!(stages.len(), 1);
+        assert_eq!(stages[0].name(), "order_customer");
+        assert_eq!(stages[0].target(), "order");
+        let topics: Vec<String> = topic_specs(&config).into_iter().map(|t| t.name).collect();
+        assert_eq!(
+            topics,
+            vec![
+                "context.orders.features",
+                "shop-features-repartition",
+                "shop-order_customer-changelog",
+            ]
+        );
+    }
+
+    /// Table rows from two sources merge; each order sees the row as of its place in the
+    /// repartition topic; a replay after a crash before the commit emits the same; re-keyed
+    /// copies are dropped; a deleted customer leaves later orders with nulls (left join).
+    #[test]
+    fn a_join_task_enriches_in_topic_order_and_replays_identically() {
+        let config = PipelineConfig::parse("p.yaml", JOIN_YAML).unwrap();
+        let stage = &stages(&config)[0];
+        let dir = tempfile::tempdir().unwrap();
+        let tp = TopicPartition::new("rep", 0);
+        let inbound = |rep: i64, origin: (&str, i64), side: JoinSide, fields: Value| Inbound {
+            event: Event {
+                key: Bytes::from_static(b"C-1"),
+                id: Bytes::from(format!("e{rep}")),
+                time_ms: 1_000 + rep,
+                coords: Coords::new("rep", 0, rep),
+                value: fields,
+            },
+            origin: TopicPartition::new(origin.0, 0),
+            origin_offset: origin.1,
+            side,
+        };
+        let table = |rep, origin, row: Value| {
+            inbound(
+                rep,
+                ("customers", origin),
+                JoinSide::Table(Some(row.clone())),
+                row,
+            )
+        };
+        let order = |rep, origin, id: &str| {
+            inbound(
+                rep,
+                ("orders", origin),
+                JoinSide::Stream(id.into()),
+                Value::Null,
+            )
+        };
+        let batch1 = || {
+            vec![
+                order(0, 0, "O-0"),
+                table(1, 0, json!({ "tier": "gold" })),
+                order(2, 1, "O-1"),
+                table(3, 1, json!({ "city": "Lyon" })),
+                order(4, 2, "O-2"),
+            ]
+        };
+        let fields = |p: &Pending| -> Vec<(String, Value)> {
+            p.outputs
+                .iter()
+                .map(|o| {
+                    let key = String::from_utf8(o.key.to_vec()).unwrap();
+                    (key, Value::Object(o.fields.clone()))
+                })
+                .collect()
+        };
+        let mut task = Task::open(dir.path(), stage, 0).unwrap();
+        let first = task.process(stage, &tp, 5, batch1()).unwrap();
+        let expected = vec![
+            (
+                "O-0".to_string(),
+                json!({ "customer_city": null, "customer_tier": null }),
+            ),
+            (
+                "O-1".to_string(),
+                json!({ "customer_city": null, "customer_tier": "gold" }),
+            ),
+            (
+                "O-2".to_string(),
+                json!({ "customer_city": "Lyon", "customer_tier": "gold" }),
+            ),
+        ];
+        assert_eq!(fields(&first), expected);
+        assert_eq!(first.outputs[2].time_ms, 1_004);
+        // Crash before the commit: the replay emits the same.
+        let replay = task.process(stage, &tp, 5, batch1()).unwrap();
+        assert_eq!(fields(&replay), expected);
+        task.commit(replay).unwrap();
+        drop(task);
+        let mut task = Task::open(dir.path(), stage, 0).unwrap();
+        assert_eq!(task.resume_offset("rep", 0).unwrap(), 5);
+        // The re-key loop sent the gold row again (origin 0) after a crash: dropped, so the
+        // order after it still sees Lyon. Then the customer is deleted.
+        let batch2 = vec![
+            table(5, 0, json!({ "tier": "gold" })),
+            order(6, 3, "O-3"),
+            inbound(7, ("customers", 2), JoinSide::Table(None), Value::Null),
+            order(8, 4, "O-4"),
+        ];
+        let second = task.process(stage, &tp, 9, batch2).unwrap();
+        assert_eq!(
+            fields(&second),
+            vec![
+                (
+                    "O-3".to_string(),
+                    json!({ "customer_city": "Lyon", "customer_tier": "gold" })
+                ),
+                (
+                    "O-4".to_string(),
+                    json!({ "customer_city": null, "customer_tier": null })
+                ),
+            ]
+        );
+        task.commit(second).unwrap();
+    }
+
     #[test]
     fn high_water_drops_re_keyed_copies() {
         let dir = tempfile::tempdir().unwrap();
@@ -1105,6 +1546,7 @@ features:
             },
             origin: TopicPartition::new("in", 0),
             origin_offset: origin,
+            side: JoinSide::None,
         };
         let mut hw = HighWater::default();
         let kept = hw

@@ -254,3 +254,138 @@ pub async fn expected_from_log(
     }
     (expected, total)
 }
+
+/// `(entity type, id)` → the joins' fields of that entity.
+#[allow(dead_code)]
+pub type JoinedFields =
+    std::collections::BTreeMap<(String, String), serde_json::Map<String, serde_json::Value>>;
+
+/// The joins' expected outputs, recomputed naively from the repartition topic (the log the
+/// processor's join tasks read): per partition in offset order, re-keyed copies dropped (an
+/// origin offset at or below the highest seen for its origin partition), table rows merged,
+/// deleted on a tombstone, each stream update joined with the row as it stands. Per stream
+/// entity, the output of its newest update (event time, then repartition offset) is what
+/// the store must hold. Returns `(entity type, id)` → the join's fields.
+#[allow(dead_code)]
+pub async fn expected_joins_from_log(
+    data_dir: &Path,
+    config: &kontext_core::config::PipelineConfig,
+) -> JoinedFields {
+    use kontext_log::Log;
+    use serde_json::{Map, Value};
+    use std::collections::BTreeMap;
+    let log = kontext_log::embedded::EmbeddedLog::open(
+        &data_dir.join("log"),
+        kontext_log::embedded::EmbeddedConfig::default(),
+    )
+    .expect("open the log");
+    let topic = format!("{}-features-repartition", config.name);
+    let description = log.describe_topic(&topic).await.expect("describe");
+    // (entity, id) -> (the newest update's (event time, offset), its fields)
+    type Versioned = ((i64, i64), Map<String, Value>);
+    let mut best: BTreeMap<(String, String), Versioned> = BTreeMap::new();
+    for p in description.partitions {
+        let mut rows: BTreeMap<(String, String), Map<String, Value>> = BTreeMap::new();
+        let mut marks: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
+        let mut offset = p.low_watermark;
+        while offset < p.high_watermark {
+            let records = log
+                .fetch(&topic, p.partition, offset, 1_000)
+                .expect("fetch");
+            assert!(!records.is_empty(), "{topic}/{} has a gap", p.partition);
+            for r in records {
+                offset = r.offset + 1;
+                let v: Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+                let name = v["g"].as_str().unwrap().to_string();
+                let Some(join) = config.joins.get(&name) else {
+                    continue;
+                };
+                let origin = (
+                    name.clone(),
+                    v["o"][0].as_str().unwrap().to_string(),
+                    v["o"][1].as_i64().unwrap(),
+                );
+                let at = v["o"][2].as_i64().unwrap();
+                let mark = marks.entry(origin).or_insert(-1);
+                if at <= *mark {
+                    continue;
+                }
+                *mark = at;
+                let key = (name, String::from_utf8(r.key.unwrap().to_vec()).unwrap());
+                match v["s"].as_str() {
+                    Some("t") => match &v["f"] {
+                        Value::Object(changes) => rows
+                            .entry(key)
+                            .or_default()
+                            .extend(changes.iter().map(|(k, v)| (k.clone(), v.clone()))),
+                        _ => {
+                            rows.remove(&key);
+                        }
+                    },
+                    Some("s") => {
+                        let row = rows.get(&key);
+                        if row.is_none() && join.kind == kontext_core::config::EnrichmentKind::Inner
+                        {
+                            continue;
+                        }
+                        let fields: Map<String, Value> = join
+                            .fields
+                            .iter()
+                            .map(|(out, from)| {
+                                let value = row.and_then(|r| r.get(from)).cloned();
+                                (out.clone(), value.unwrap_or(Value::Null))
+                            })
+                            .collect();
+                        let id = v["k"].as_str().unwrap().to_string();
+                        let version = (v["t"].as_i64().unwrap().max(0), r.offset);
+                        let slot = best
+                            .entry((join.from.clone(), id))
+                            .or_insert((version, Map::new()));
+                        if version >= slot.0 {
+                            *slot = (version, fields);
+                        }
+                    }
+                    other => panic!("a join record of side {other:?}"),
+                }
+            }
+        }
+    }
+    best.into_iter().map(|(k, (_, f))| (k, f)).collect()
+}
+
+/// Asserts the store holds exactly the joins' expected fields (see
+/// [`expected_joins_from_log`]); returns how many entities were checked.
+#[allow(dead_code)]
+pub fn assert_joins_match(
+    store: &kontext_store::EmbeddedStore,
+    config: &kontext_core::config::PipelineConfig,
+    expected: &JoinedFields,
+) -> usize {
+    let join_fields: std::collections::BTreeSet<&str> = config
+        .joins
+        .values()
+        .flat_map(|j| j.fields.keys().map(String::as_str))
+        .collect();
+    let mut checked = 0;
+    for doc in store.dump().expect("dump the store") {
+        let key = (doc.entity_type.clone(), doc.entity_id.clone());
+        let actual: serde_json::Map<String, serde_json::Value> = doc
+            .fields
+            .iter()
+            .filter(|(k, _)| join_fields.contains(k.as_str()))
+            .map(|(k, f)| (k.clone(), f.value.clone()))
+            .collect();
+        match expected.get(&key) {
+            Some(fields) => {
+                assert_eq!(&actual, fields, "joined fields of {key:?}");
+                checked += 1;
+            }
+            None => assert!(
+                actual.is_empty(),
+                "{key:?} has joined fields the log does not explain: {actual:?}"
+            ),
+        }
+    }
+    assert_eq!(checked, expected.len(), "entities with joined fields");
+    checked
+}

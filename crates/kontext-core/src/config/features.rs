@@ -130,7 +130,7 @@ fn positive(d: Duration, text: &str) -> Result<Duration, String> {
 
 impl PipelineConfig {
     /// Adds one built-in source per features topic (`ce_source: kontext.features`) mapping
-    /// each feature of that entity to the field of the same name, so that the store sinks
+    /// each feature and join output field of that entity to the field of the same name, so that the store sinks
     /// (and every tool reading `sources`) treat the features topics like any source topic.
     /// Called by [`PipelineConfig::parse`] after validation.
     pub(super) fn add_feature_sources(&mut self) {
@@ -140,6 +140,12 @@ impl PipelineConfig {
                 .entry(feature.entity.clone())
                 .or_default()
                 .push(name.clone());
+        }
+        for join in self.joins.values() {
+            per_entity
+                .entry(join.from.clone())
+                .or_default()
+                .extend(join.fields.keys().cloned());
         }
         for (entity, names) in per_entity {
             let Some(entity_config) = self.entities.get(&entity) else {
