@@ -56,6 +56,22 @@ impl Backend {
 }
 
 fn pipeline(data_dir: &Path, backend: &Backend) -> String {
+    pipeline_of_instance(data_dir, backend, "")
+}
+
+/// The pipeline of one of several instances: on Kafka, each has its own static member id
+/// and its own store (a full copy of the context per instance: one consumer group per store),
+/// while they share the processor's groups.
+fn pipeline_of_instance(data_dir: &Path, backend: &Backend, instance: &str) -> String {
+    let log = backend.log_yaml().replace(
+        "group.instance.id: \"crash-",
+        &format!("group.instance.id: \"crash{instance}-"),
+    );
+    let store = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("store: {{ name: {instance} }}")
+    };
     format!(
         r#"
 name: {name}
@@ -75,9 +91,10 @@ features:
   tx_sum: {{ from: tx, entity: account, key: account_id, agg: sum, field: amount }}
   tx_min: {{ from: tx, entity: account, key: account_id, agg: min, field: amount }}
   tx_max: {{ from: tx, entity: account, key: account_id, agg: max, field: amount }}
+{store}
 "#,
         name = backend.name(),
-        log = backend.log_yaml(),
+        log = log,
         data = path_str(data_dir)
     )
 }
@@ -105,20 +122,101 @@ async fn kill_9_at_random_moments_on_kafka_counts_every_event_exactly_once() {
     verify(Backend::Kafka { bootstrap, suffix }, 10, 0..1_500).await;
 }
 
-async fn verify(backend: Backend, kills_wanted: usize, kill_after_ms: std::ops::Range<u64>) {
+/// Two instances in one consumer group, each with its own state directory: partitions move
+/// between them (B joins, A is killed, A comes back), and a task that gets a partition another
+/// instance processed must first restore that instance's state from the changelog. The last
+/// feature record of every key must then equal count/sum/min/max of its inputs. Without the
+/// restore on assignment, B takes over A's partitions with the state it restored at its start,
+/// and the keys A counted since are wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_kafka_hand_partitions_over_through_the_changelogs() {
+    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let suffix = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    let backend = Backend::Kafka { bootstrap, suffix };
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pipeline.yaml");
-    std::fs::write(&file, pipeline(dir.path(), &backend)).unwrap();
-    let config = PipelineConfig::load(&file).unwrap();
-    let seed: u64 = std::env::var("KONTEXT_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("seed {seed} (KONTEXT_CRASH_SEED to repeat)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    let mut files = Vec::new();
+    for (d, instance) in [(&dir_a, "a"), (&dir_b, "b")] {
+        std::fs::create_dir_all(d).unwrap();
+        let file = d.join("pipeline.yaml");
+        std::fs::write(&file, pipeline_of_instance(d, &backend, instance)).unwrap();
+        files.push(file);
+    }
+    let config = PipelineConfig::load(&files[0]).unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    let (chunks, expected) = input(&backend, &mut rng, 5);
+    let mut chunks = chunks.into_iter();
+    let start = |file: &Path| {
+        let port = free_port();
+        let mut kontext = Kontext::spawn(&[
+            "run",
+            "-c",
+            path_str(file),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        kontext.wait_for_line("serving on", Duration::from_secs(60));
+        kontext
+    };
+    let pace = |secs| tokio::time::sleep(Duration::from_secs(secs));
 
-    // The input, in one chunk per run: each run has new records to process when it is killed.
+    append(&backend, &dir_a, &config, chunks.next().unwrap()).await;
+    let a = start(&files[0]);
+    pace(5).await;
+    // B joins: the group rebalances and B owns some partitions A processed.
+    let b = start(&files[1]);
+    pace(8).await;
+    append(&backend, &dir_a, &config, chunks.next().unwrap()).await;
+    pace(5).await;
+    // A dies; once its session expires, B owns every partition, some of them with state
+    // only A's changelog batches have.
+    a.kill_9();
+    append(&backend, &dir_a, &config, chunks.next().unwrap()).await;
+    pace(15).await;
+    // A comes back with the state it had: stale for what B processed meanwhile.
+    let a = start(&files[0]);
+    pace(8).await;
+    for chunk in chunks {
+        append(&backend, &dir_a, &config, chunk).await;
+    }
+    let topic = format!("{}.accounts.features", backend.name());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut wrong = features_mismatches(&backend, &dir_a, &topic, &expected).await;
+    while !wrong.is_empty() && Instant::now() < deadline {
+        pace(1).await;
+        wrong = features_mismatches(&backend, &dir_a, &topic, &expected).await;
+    }
+    a.interrupt();
+    b.interrupt();
+    eprintln!(
+        "two instances: {RECORDS} records over {} keys, {:.1} s",
+        expected.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} of {} keys differ in the features topic, e.g.:\n{}",
+        wrong.len(),
+        expected.len(),
+        wrong[..wrong.len().min(10)].join("\n")
+    );
+}
+
+/// `RECORDS` keyed records with known amounts, in `chunks` chunks, and their count, sum, min
+/// and max per account.
+fn input(
+    backend: &Backend,
+    rng: &mut StdRng,
+    chunks: usize,
+) -> (Vec<Vec<ProduceRecord>>, Expected) {
     let mut records = Vec::with_capacity(RECORDS);
     let mut expected = Expected::new();
     for i in 0..RECORDS {
@@ -136,11 +234,65 @@ async fn verify(backend: Backend, kills_wanted: usize, kill_after_ms: std::ops::
             )),
         ));
     }
-    let chunks: Vec<Vec<ProduceRecord>> = records
-        .chunks(RECORDS.div_ceil(kills_wanted + 1))
+    let chunks = records
+        .chunks(RECORDS.div_ceil(chunks))
         .map(<[ProduceRecord]>::to_vec)
         .collect();
+    (chunks, expected)
+}
 
+/// Keys whose last record in the features topic differs from `expected` (or has none).
+async fn features_mismatches(
+    backend: &Backend,
+    data_dir: &Path,
+    topic: &str,
+    expected: &Expected,
+) -> Vec<String> {
+    let log = open_log(backend, data_dir);
+    let Ok(d) = log.describe_topic(topic).await else {
+        return vec!["no features topic yet".into()];
+    };
+    let mut last: BTreeMap<String, Value> = BTreeMap::new();
+    for p in &d.partitions {
+        let Ok(records) = log
+            .read_partition(topic, p.partition, p.low_watermark, p.high_watermark)
+            .await
+        else {
+            return vec![format!("cannot read {topic}/{}", p.partition)];
+        };
+        for r in records {
+            let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
+            let value = serde_json::from_slice(r.value.as_deref().unwrap_or_default())
+                .unwrap_or(Value::Null);
+            last.insert(key, value);
+        }
+    }
+    let mut wrong = Vec::new();
+    for (account, &(count, sum, min, max)) in expected {
+        let want = json!({"tx_count": count, "tx_sum": sum as f64, "tx_min": min as f64, "tx_max": max as f64});
+        match last.get(account) {
+            Some(Value::Object(got)) if same(got, &want) => {}
+            got => wrong.push(format!("{account}: expected {want}, last record {got:?}")),
+        }
+    }
+    wrong
+}
+
+async fn verify(backend: Backend, kills_wanted: usize, kill_after_ms: std::ops::Range<u64>) {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, pipeline(dir.path(), &backend)).unwrap();
+    let config = PipelineConfig::load(&file).unwrap();
+    let seed: u64 = std::env::var("KONTEXT_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed {seed} (KONTEXT_CRASH_SEED to repeat)");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    // The input, in one chunk per run: each run has new records to process when it is killed.
+    let (chunks, expected) = input(&backend, &mut rng, kills_wanted + 1);
     let mut chunks = chunks.into_iter();
     let mut kills = 0;
     loop {
@@ -172,6 +324,13 @@ async fn verify(backend: Backend, kills_wanted: usize, kill_after_ms: std::ops::
         .await;
         kontext.kill_9();
         kills += 1;
+        if kills == kills_wanted / 2 {
+            // A lost disk on top of it: the next run restores every task from its changelog.
+            match std::fs::remove_dir_all(dir.path().join("state")) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                other => other.unwrap(),
+            }
+        }
     }
 
     // The final word is the store file itself: every key exact, no key the input lacks.

@@ -135,27 +135,32 @@ impl KafkaConsumer {
             .find(|t| &***t == name)
             .cloned()
             .unwrap_or_else(|| Arc::from(name));
-        let headers = message
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| Header {
-                        key: h.key.to_string(),
-                        value: h.value.map(Bytes::copy_from_slice),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Record {
-            topic,
-            partition: message.partition(),
-            offset: message.offset(),
-            // -1 is Kafka's own "no timestamp".
-            timestamp_ms: message.timestamp().to_millis().unwrap_or(-1),
-            key: message.key().map(Bytes::copy_from_slice),
-            value: message.payload().map(Bytes::copy_from_slice),
-            headers,
-        }
+        to_record(message, topic)
+    }
+}
+
+/// A record of the log from a message of librdkafka.
+pub(crate) fn to_record(message: &BorrowedMessage<'_>, topic: Arc<str>) -> Record {
+    let headers = message
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| Header {
+                    key: h.key.to_string(),
+                    value: h.value.map(Bytes::copy_from_slice),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic,
+        partition: message.partition(),
+        offset: message.offset(),
+        // -1 is Kafka's own "no timestamp".
+        timestamp_ms: message.timestamp().to_millis().unwrap_or(-1),
+        key: message.key().map(Bytes::copy_from_slice),
+        value: message.payload().map(Bytes::copy_from_slice),
+        headers,
     }
 }
 

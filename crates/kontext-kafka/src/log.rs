@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kontext_core::record::TopicPartition;
+use kontext_core::record::{Record, TopicPartition};
 use kontext_log::{
     Consumer, ConsumerConfig, CreateOutcome, Log, LogError, Producer, Retention, TopicDescription,
     TopicSpec,
@@ -14,11 +14,12 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message as _;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::consumer::KafkaConsumer;
+use crate::consumer::{to_record, KafkaConsumer};
 use crate::error::{code_error, log_error};
 use crate::metadata::{blocking, MetadataClient, PartitionCounts};
 use crate::producer::KafkaProducer;
@@ -218,6 +219,65 @@ impl Log for KafkaLog {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    /// A client that never joins a group: `assign` at `from`, read until `to` or the end of
+    /// the partition (`enable.partition.eof`), within the request timeout per poll without
+    /// progress.
+    async fn read_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Record>, LogError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let mut config = self
+            .config
+            .consumer_config("kontext-partition-reader", Default::default());
+        config.set("enable.partition.eof", "true");
+        let reader: BaseConsumer = create(&config, "creating a partition reader")?;
+        let mut list = TopicPartitionList::with_capacity(1);
+        list.add_partition_offset(topic, partition, Offset::Offset(from))
+            .map_err(|e| log_error("assigning the partition to read", e))?;
+        reader
+            .assign(&list)
+            .map_err(|e| log_error("assigning the partition to read", e))?;
+        let (topic, stall) = (Arc::<str>::from(topic), self.config.request_timeout);
+        blocking(move || {
+            let mut out = Vec::new();
+            let mut last_progress = Instant::now();
+            loop {
+                match reader.poll(Duration::from_millis(200)) {
+                    Some(Ok(message)) => {
+                        last_progress = Instant::now();
+                        if message.offset() >= to {
+                            return Ok(out);
+                        }
+                        out.push(to_record(&message, topic.clone()));
+                        if message.offset() + 1 >= to {
+                            return Ok(out);
+                        }
+                    }
+                    Some(Err(KafkaError::PartitionEOF(_))) => return Ok(out),
+                    Some(Err(e)) => {
+                        return Err(log_error(&format!("reading {topic}/{partition}"), e))
+                    }
+                    None if last_progress.elapsed() > stall => {
+                        return Err(LogError::Kafka {
+                            message: format!(
+                                "reading {topic}/{partition}: nothing arrived for {stall:?} before offset {to}"
+                            ),
+                            transient: true,
+                        })
+                    }
+                    None => {}
+                }
+            }
+        })
+        .await
     }
 
     async fn describe_topic(&self, topic: &str) -> Result<TopicDescription, LogError> {

@@ -575,3 +575,41 @@ async fn a_member_past_its_poll_interval_gets_a_transient_error_and_rejoins() {
     assert!(errors > 0, "the member was expected to leave its group");
     assert_eq!(consumer.assignment().len(), 1, "a member again");
 }
+
+/// `read_partition` reads one partition's range without joining a group (what restoring a
+/// task's state from its changelog does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_partition_returns_exactly_the_range_asked_for() {
+    let log = kafka_log();
+    let topic = unique("read-partition");
+    log.create_topic(&TopicSpec::new(&topic, 2)).await.unwrap();
+    let producer = log.producer().await.unwrap();
+    let records: Vec<_> = (0..300)
+        .map(|i| {
+            let mut r = keyed(&topic, i);
+            r.partition = Some(1);
+            r
+        })
+        .collect();
+    producer.send(records).await.unwrap();
+    let offsets = |records: &[kontext_core::record::Record]| -> Vec<i64> {
+        records.iter().map(|r| r.offset).collect()
+    };
+    let middle = log.read_partition(&topic, 1, 10, 250).await.unwrap();
+    assert_eq!(offsets(&middle), (10..250).collect::<Vec<_>>());
+    assert_eq!(middle[0].value.as_deref(), Some(&b"value-10"[..]));
+    assert_eq!(middle[0].header("seq"), Some(&b"10"[..]));
+    // Past the end: what there is; an empty range or partition: nothing.
+    let end = log.read_partition(&topic, 1, 290, 1_000).await.unwrap();
+    assert_eq!(offsets(&end), (290..300).collect::<Vec<_>>());
+    assert!(log
+        .read_partition(&topic, 1, 5, 5)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(log
+        .read_partition(&topic, 0, 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}

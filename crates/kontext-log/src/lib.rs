@@ -49,6 +49,23 @@ pub trait Log: Send + Sync + 'static {
         topic: &str,
     ) -> Result<Vec<(i32, Option<i64>)>, LogError>;
 
+    /// Reads the records of one partition with offsets in `[from, to)`, outside any consumer
+    /// group (a compacted topic may have gaps: only the records that exist). For restoring
+    /// state from a changelog; `to` is usually the high watermark read just before.
+    async fn read_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Record>, LogError> {
+        let _ = (partition, from, to);
+        Err(LogError::Invalid(format!(
+            "{} log cannot read {topic:?} outside a consumer group",
+            self.backend()
+        )))
+    }
+
     /// Sets the committed offsets of a group that has no active member, like
     /// `kafka-consumer-groups --reset-offsets`. A store that lost data (or a new store) uses it
     /// to rewind its group to what the store actually holds.

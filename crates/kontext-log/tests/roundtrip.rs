@@ -355,6 +355,34 @@ async fn fetch_outside_the_watermarks_is_an_error() {
 }
 
 #[tokio::test]
+async fn read_partition_returns_exactly_the_range_asked_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path(), EmbeddedConfig::default());
+    create(&log, "t", 1).await;
+    let producer = log.producer().await.expect("producer");
+    let records: Vec<_> = (0..25_000)
+        .map(|i| value_record("t", 0, i.to_string()))
+        .collect();
+    producer.send(records).await.expect("send");
+    let offsets = |records: Vec<kontext_core::record::Record>| -> Vec<i64> {
+        records.iter().map(|r| r.offset).collect()
+    };
+    // Across several internal fetches, and stopping before `to`.
+    let all = log.read_partition("t", 0, 3, 24_990).await.expect("read");
+    assert_eq!(offsets(all), (3..24_990).collect::<Vec<_>>());
+    assert!(log
+        .read_partition("t", 0, 7, 7)
+        .await
+        .expect("empty")
+        .is_empty());
+    let tail = log
+        .read_partition("t", 0, 24_998, 25_000)
+        .await
+        .expect("tail");
+    assert_eq!(tail[1].value.as_deref(), Some(&b"24999"[..]));
+}
+
+#[tokio::test]
 async fn poll_wakes_up_for_records_appended_while_waiting() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open(dir.path(), EmbeddedConfig::default());

@@ -38,10 +38,10 @@ use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::{ProduceRecord, Record, TopicPartition};
 use kontext_log::{ConsumerConfig, Log, LogError, Producer, TopicSpec};
 use kontext_process::{
-    changelog_topic_name, AggFn, Aggregate, AggregateConfig, ChangelogRecord, Coords, DedupConfig,
-    DedupDecision, Deduplicate, Emit, EnrichmentJoin, Event, FieldPath, FjallStore, JoinConfig,
-    JoinInput, JoinKey, JoinKind, StateStore, StoreError, TableMode, TableUpdate, WindowSpec,
-    WriteBatch,
+    changelog_topic_name, repair_records, AggFn, Aggregate, AggregateConfig, ChangelogRecord,
+    Coords, DedupConfig, DedupDecision, Deduplicate, Emit, EnrichmentJoin, Event, FieldPath,
+    FjallStore, JoinConfig, JoinInput, JoinKey, JoinKind, StateStore, StoreError, TableMode,
+    TableUpdate, WindowSpec, WriteBatch,
 };
 use kontext_store::Change;
 use serde_json::{json, Map, Value};
@@ -65,6 +65,11 @@ const ALL_TIME_MS: i64 = 1 << 62;
 /// the high-water origin offset per origin partition, and the output clock.
 const HIGH_WATER_PREFIX: &[u8] = b"\x00kh";
 const OUTPUT_TIME_KEY: &[u8] = b"\x00kt";
+/// Local only (never in the changelog): the next offset of the store's changelog partition
+/// after the last batch the store committed. Equal to the changelog's high watermark when the
+/// store is current; behind it when another instance (or a batch whose commit a crash
+/// prevented) wrote more.
+const CHANGELOG_END_KEY: &[u8] = b"\x00kc";
 
 /// Errors that stop the processor.
 #[derive(Debug, thiserror::Error)]
@@ -527,6 +532,9 @@ impl Processor {
                 tasks.insert((si, p), Task::open(&self.state_dir, stage, p)?);
             }
         }
+        let all: BTreeSet<i32> = (0..partitions).collect();
+        self.sync_with_changelogs(producer.as_ref(), &mut tasks, &all)
+            .await?;
         self.rewind(&group, &repartition, &tasks).await?;
         let mut consumer = self
             .log
@@ -555,10 +563,27 @@ impl Processor {
             .map(|(i, stage)| (stage.name(), i))
             .collect();
         info!(%group, tasks = tasks.len(), "processor aggregation tasks started");
+        let mut owned: BTreeSet<i32> = BTreeSet::new();
         loop {
             let Some(records) = drain.poll(consumer.as_mut()).await? else {
                 return Ok(());
             };
+            // Partitions this member just got (a rebalance on Kafka; all of them on the first
+            // poll): another instance may have processed them meanwhile, so their state is
+            // brought up to the changelogs before any record of theirs is processed.
+            let assigned: BTreeSet<i32> = consumer
+                .assignment()
+                .into_iter()
+                .filter(|tp| *tp.topic == *repartition)
+                .map(|tp| tp.partition)
+                .collect();
+            let new: BTreeSet<i32> = assigned.difference(&owned).copied().collect();
+            if !new.is_empty() {
+                info!(partitions = ?new, "repartition partitions assigned; syncing their state with the changelogs");
+                self.sync_with_changelogs(producer.as_ref(), &mut tasks, &new)
+                    .await?;
+            }
+            owned = assigned;
             if records.is_empty() {
                 continue;
             }
@@ -582,7 +607,10 @@ impl Processor {
                     }
                 }
             }
-            let mut produce = Vec::new();
+            let mut outputs = Vec::new();
+            // Changelog records by store index within a task (phase), with the commit each
+            // record belongs to.
+            let mut changelogs: Vec<Vec<(usize, ProduceRecord)>> = Vec::new();
             let mut commits: Vec<((usize, i32), Pending)> = Vec::new();
             for (&(si, p), task) in tasks.iter() {
                 let Some(&end) = next.get(&p) else { continue };
@@ -592,21 +620,40 @@ impl Processor {
                 let pending = task.process(stage, &tp, end, events)?;
                 let (topic, fparts) = &feature_partitions[stage.target()];
                 for output in &pending.outputs {
-                    produce.push(feature_record(topic, *fparts, stage.name(), output));
+                    outputs.push(feature_record(topic, *fparts, stage.name(), output));
                 }
-                for (store, records) in pending.changelogs() {
+                for (phase, (store, records)) in pending.changelogs().into_iter().enumerate() {
+                    if changelogs.len() <= phase {
+                        changelogs.push(Vec::new());
+                    }
                     let topic = changelog_topic_name(&self.config.name, store);
                     for r in records {
                         let mut pr = ProduceRecord::new(topic.clone(), Some(r.key), r.value);
                         pr.partition = Some(p);
-                        produce.push(pr);
+                        changelogs[phase].push((commits.len(), pr));
                     }
                 }
                 commits.push(((si, p), pending));
             }
-            // Outputs and changelogs are acknowledged before any state records the offsets.
-            if !send(producer.as_ref(), produce, shutdown).await? {
+            // Outputs, then each store's changelog (a task's first store before its second),
+            // each acknowledged before the next, and all before any state records the offsets:
+            // a complete changelog batch implies its outputs and its task's earlier stores'
+            // batches are in the log, so restoring it never gets ahead of them.
+            if !send(producer.as_ref(), outputs, shutdown).await? {
                 return Ok(());
+            }
+            for (phase, records) in changelogs.into_iter().enumerate() {
+                let (owners, records): (Vec<usize>, Vec<ProduceRecord>) =
+                    records.into_iter().unzip();
+                let Some(positions) = send_positions(producer.as_ref(), records, shutdown).await?
+                else {
+                    return Ok(());
+                };
+                for (owner, position) in owners.into_iter().zip(positions) {
+                    if let Some((_, batch)) = commits[owner].1.stores.get_mut(phase) {
+                        batch.put(CHANGELOG_END_KEY, &(position.offset + 1).to_le_bytes());
+                    }
+                }
             }
             for (id, pending) in commits {
                 if let Some(task) = tasks.get_mut(&id) {
@@ -621,6 +668,102 @@ impl Processor {
                 warn!(error = %e, "feature offset commit failed; the state skips what is re-delivered");
             }
         }
+    }
+
+    /// Brings every store of the tasks of `partitions` up to its changelog partition, so that
+    /// a partition processed by another instance (or by this one before its local state was
+    /// lost) resumes with the state that instance committed:
+    ///
+    /// - the store's recorded changelog end equals the high watermark: current, nothing to do;
+    /// - it is behind (and not below the low watermark): the records after it are restored,
+    ///   whole batches only;
+    /// - no recorded end (a new or lost state directory) or below the low watermark: the
+    ///   store is cleared and restored from the whole changelog.
+    ///
+    /// Records after the last complete batch (a producer that died half-way through one) are
+    /// overwritten in the changelog with the store's values ([`repair_records`]), so the
+    /// changelog again restores exactly to this state.
+    async fn sync_with_changelogs(
+        &self,
+        producer: &dyn Producer,
+        tasks: &mut BTreeMap<(usize, i32), Task>,
+        partitions: &BTreeSet<i32>,
+    ) -> Result<(), ProcessorError> {
+        let mut watermarks: BTreeMap<String, BTreeMap<i32, (i64, i64)>> = BTreeMap::new();
+        for (&(_, p), task) in tasks.iter_mut() {
+            if !partitions.contains(&p) {
+                continue;
+            }
+            for store in task.stores_mut() {
+                let topic = changelog_topic_name(&self.config.name, store.name());
+                if !watermarks.contains_key(&topic) {
+                    let d = self.log.describe_topic(&topic).await?;
+                    let marks = d
+                        .partitions
+                        .iter()
+                        .map(|w| (w.partition, (w.low_watermark, w.high_watermark)))
+                        .collect();
+                    watermarks.insert(topic.clone(), marks);
+                }
+                let Some(&(low, high)) = watermarks[&topic].get(&p) else {
+                    continue;
+                };
+                let recorded = read_i64(store, CHANGELOG_END_KEY)?;
+                let from = match recorded {
+                    Some(end) if end == high => continue,
+                    Some(end) if end > high => {
+                        warn!(%topic, partition = p, recorded = end, high, "the changelog ends before what the local state recorded (was it recreated?): keeping the local state; a restore elsewhere would miss what the changelog lacks");
+                        let mut batch = WriteBatch::default();
+                        batch.put(CHANGELOG_END_KEY, &high.to_le_bytes());
+                        store.apply(&batch)?;
+                        continue;
+                    }
+                    Some(end) if end >= low => end,
+                    _ if low == high && recorded.is_none() => {
+                        // An empty changelog: nothing to restore (a new pipeline).
+                        let mut batch = WriteBatch::default();
+                        batch.put(CHANGELOG_END_KEY, &high.to_le_bytes());
+                        store.apply(&batch)?;
+                        continue;
+                    }
+                    _ => {
+                        store.clear()?;
+                        low
+                    }
+                };
+                let records = self.log.read_partition(&topic, p, from, high).await?;
+                let read = records.len();
+                let mut changelog = records.into_iter().filter_map(|r| {
+                    Some(ChangelogRecord {
+                        key: r.key?,
+                        value: r.value,
+                    })
+                });
+                let tail = store.restore(&mut changelog)?;
+                let mut end = high;
+                if !tail.is_empty() {
+                    let repair = repair_records(store, &tail)?;
+                    let records = repair
+                        .into_iter()
+                        .map(|r| {
+                            let mut pr = ProduceRecord::new(topic.clone(), Some(r.key), r.value);
+                            pr.partition = Some(p);
+                            pr
+                        })
+                        .collect();
+                    let never = CancellationToken::new();
+                    if let Some(positions) = send_positions(producer, records, &never).await? {
+                        end = positions.last().map_or(high, |pos| pos.offset + 1);
+                    }
+                    warn!(%topic, partition = p, records = tail.len(), "repaired an incomplete batch at the end of the changelog");
+                }
+                let mut batch = WriteBatch::default();
+                batch.put(CHANGELOG_END_KEY, &end.to_le_bytes());
+                store.apply(&batch)?;
+                info!(%topic, partition = p, from, to = high, records = read, "state restored from the changelog");
+            }
+        }
+        Ok(())
     }
 
     /// The state's offsets are the truth: where the group committed past the slowest store of
@@ -837,6 +980,13 @@ impl Task {
         }
     }
 
+    fn stores_mut(&mut self) -> Vec<&mut FjallStore> {
+        match self {
+            Task::Features { agg, dedup } => std::iter::once(agg).chain(dedup).collect(),
+            Task::Join { store } => vec![store],
+        }
+    }
+
     /// Where this task resumes on `topic`/`partition`: the smallest of its stores' offsets.
     fn resume_offset(&self, topic: &str, partition: i32) -> Result<i64, StoreError> {
         let tp = TopicPartition::new(topic, partition);
@@ -907,7 +1057,7 @@ fn features_batch(
             let plain: Vec<Event> = fresh.iter().map(|i| i.event.clone()).collect();
             let mut out = op.process(store, &plain)?;
             hw.finish(&mut out.state);
-            out.state.set_offset(tp.clone(), end);
+            out.state.set_offset(tp.clone(), never_back(store, tp, end));
             let forwarded = fresh
                 .into_iter()
                 .zip(out.decisions)
@@ -923,7 +1073,7 @@ fn features_batch(
     let plain: Vec<Event> = fresh.into_iter().map(|i| i.event).collect();
     let mut out = group.aggregate.process(agg, &plain)?;
     hw.finish(&mut out.state);
-    out.state.set_offset(tp.clone(), end);
+    out.state.set_offset(tp.clone(), never_back(agg, tp, end));
     // The output clock: never behind a value this task already emitted, so a feature's
     // version (event time first) grows with the repartition offset that produced it.
     let stored = read_i64(agg, OUTPUT_TIME_KEY)?.unwrap_or(i64::MIN);
@@ -989,7 +1139,7 @@ fn join_batch(
     }
     let mut out = join.op.process_ordered(store, &inputs)?;
     hw.finish(&mut out.state);
-    out.state.set_offset(tp.clone(), end);
+    out.state.set_offset(tp.clone(), never_back(store, tp, end));
     let mut outputs = Vec::with_capacity(out.outputs.len());
     for o in &out.outputs {
         let (JoinInput::Stream(event), Some(id)) = (&inputs[o.index], &ids[o.index]) else {
@@ -1016,6 +1166,16 @@ fn join_batch(
         stores: vec![(store.name().to_string(), out.state)],
         outputs,
     })
+}
+
+/// The offset a batch ending at `end` records: never below what the store holds (a store
+/// restored from its changelog can be ahead of the records the group re-delivers).
+fn never_back(store: &FjallStore, tp: &TopicPartition, end: i64) -> i64 {
+    store
+        .offsets()
+        .ok()
+        .and_then(|o| o.get(tp).copied())
+        .map_or(end, |stored| stored.max(end))
 }
 
 /// Opens a task's store, creating it atomically: fjall's creation of a database is several
@@ -1214,17 +1374,26 @@ async fn send(
     records: Vec<ProduceRecord>,
     shutdown: &CancellationToken,
 ) -> Result<bool, ProcessorError> {
+    Ok(send_positions(producer, records, shutdown).await?.is_some())
+}
+
+/// [`send`], returning where each record landed (in the order given); `None` on shutdown.
+async fn send_positions(
+    producer: &dyn Producer,
+    records: Vec<ProduceRecord>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<kontext_core::record::RecordPosition>>, ProcessorError> {
     if records.is_empty() {
-        return Ok(true);
+        return Ok(Some(Vec::new()));
     }
     let mut backoff = Duration::from_millis(100);
     loop {
         match producer.send(records.clone()).await {
-            Ok(_) => return Ok(true),
+            Ok(positions) => return Ok(Some(positions)),
             Err(e) if e.is_transient() => {
                 warn!(error = %e, retry_in = ?backoff, "processor produce failed; retrying");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);

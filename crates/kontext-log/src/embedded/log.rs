@@ -444,6 +444,24 @@ impl Log for EmbeddedLog {
             .collect())
     }
 
+    async fn read_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Record>, LogError> {
+        let mut out = Vec::new();
+        let mut at = from;
+        while at < to {
+            let records = self.fetch(topic, partition, at, 10_000)?;
+            let Some(last) = records.last() else { break };
+            at = last.offset + 1;
+            out.extend(records.into_iter().filter(|r| r.offset < to));
+        }
+        Ok(out)
+    }
+
     async fn describe_topic(&self, topic: &str) -> Result<TopicDescription, LogError> {
         let t = self.topic(topic)?;
         Ok(TopicDescription {

@@ -85,6 +85,19 @@ impl FjallStore {
             .map_err(|e| self.engine(e))
     }
 
+    /// Deletes every entry, offsets included, in one atomic batch: the store is then as new
+    /// (before a full restore from the changelog).
+    pub fn clear(&mut self) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for guard in self.keyspace.iter() {
+            let key = guard.key().map_err(|e| self.engine(e))?;
+            batch.remove(&self.keyspace, key);
+        }
+        batch.commit().map_err(|e| self.engine(e))?;
+        self.offsets.clear();
+        Ok(())
+    }
+
     fn engine(&self, e: fjall::Error) -> StoreError {
         StoreError::Engine {
             store: self.name.clone(),

@@ -51,6 +51,23 @@ fn fjall_store_reads_its_batches_and_offsets() {
 }
 
 #[test]
+fn a_cleared_fjall_store_is_empty_and_stays_so_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut store = FjallStore::open(dir.path(), "t", Durability::Process).unwrap();
+        exercise(&mut store);
+        store.clear().unwrap();
+        assert!(store.offsets().unwrap().is_empty());
+        assert_eq!(store.prefix(b"").count(), 0);
+        store.put(b"after", b"1").unwrap();
+    }
+    let store = FjallStore::open(dir.path(), "t", Durability::Process).unwrap();
+    let keys: Vec<_> = store.prefix(b"").map(|e| e.unwrap().0).collect();
+    assert_eq!(keys, vec![&b"after"[..]]);
+    assert!(store.offsets().unwrap().is_empty());
+}
+
+#[test]
 fn a_later_write_of_the_same_key_in_a_batch_wins() {
     let mut batch = WriteBatch::default();
     batch.put(b"k", b"1");
