@@ -14,8 +14,8 @@
 //!    partition, in one order. Stateless, at-least-once: group offsets are committed after the
 //!    produce is acknowledged.
 //! 2. **tasks** (group `kontext.<pipeline>.process.features`): one task per repartition
-//!    partition and feature group or join, with fjall state under
-//!    `<data_dir>/state/<pipeline>/<name>/<partition>/`. Per polled batch: drop records whose
+//!    partition and feature group or join, with its state in keyspaces of one fjall database,
+//!    `<data_dir>/state/<pipeline>/tasks.fjall` (`<name>.<partition>.agg|dedup|join`). Per polled batch: drop records whose
 //!    origin offset is at or below the task's high-water mark for that origin partition (the
 //!    re-key loop's duplicates), then deduplicate by event id (optional) and aggregate, or
 //!    apply table rows and join stream updates in topic order; then (a) produce the outputs to
@@ -40,8 +40,8 @@ use kontext_log::{ConsumerConfig, Log, LogError, Producer, TopicSpec};
 use kontext_process::{
     changelog_topic_name, repair_records, AggFn, Aggregate, AggregateConfig, ChangelogRecord,
     Coords, DedupConfig, DedupDecision, Deduplicate, Emit, EnrichmentJoin, Event, FieldPath,
-    FjallStore, JoinConfig, JoinInput, JoinKey, JoinKind, StateStore, StoreError, TableMode,
-    TableUpdate, WindowSpec, WriteBatch,
+    FjallStore, JoinConfig, JoinInput, JoinKey, JoinKind, StateDb, StateStore, StoreError,
+    TableMode, TableUpdate, WindowSpec, WriteBatch,
 };
 use kontext_store::Change;
 use serde_json::{json, Map, Value};
@@ -526,10 +526,20 @@ impl Processor {
         let repartition = repartition_topic(&self.config);
         let partitions = repartition_partitions(&self.config);
         let group = features_group(&self.config);
+        let db = open_state_db(&self.state_dir.join(STATE_DB_DIR))?;
         let mut tasks: BTreeMap<(usize, i32), Task> = BTreeMap::new();
         for (si, stage) in self.stages.iter().enumerate() {
             for p in 0..partitions {
-                tasks.insert((si, p), Task::open(&self.state_dir, stage, p)?);
+                tasks.insert((si, p), Task::open(&db, stage, p)?);
+            }
+            // The layout before one shared database: a directory per stage. Its state is
+            // restored from the changelogs below; the old copy only takes disk space.
+            let old = self.state_dir.join(stage.name());
+            if old.is_dir() {
+                info!(dir = %old.display(), "removing task state of an earlier layout; it is restored from the changelogs");
+                if let Err(e) = std::fs::remove_dir_all(&old) {
+                    warn!(dir = %old.display(), error = %e, "cannot remove the earlier task state");
+                }
             }
         }
         let all: BTreeSet<i32> = (0..partitions).collect();
@@ -955,20 +965,24 @@ impl Inbound {
 }
 
 impl Task {
-    fn open(dir: &Path, stage: &Stage, partition: i32) -> Result<Self, StoreError> {
-        let base = dir.join(stage.name()).join(partition.to_string());
+    /// Opens the task's stores: keyspaces `<stage>.<partition>.agg|dedup|join` of `db`.
+    fn open(db: &StateDb, stage: &Stage, partition: i32) -> Result<Self, StoreError> {
         let names = stage.store_names();
+        let open = |role: &str, name: &str| {
+            let keyspace = format!("{}.{partition}.{role}", stage.name());
+            FjallStore::open_in(db, &keyspace, name, Default::default())
+        };
         Ok(match stage {
             Stage::Features(_) => {
-                let agg = open_store(&base.join("agg"), &names[0])?;
+                let agg = open("agg", &names[0])?;
                 let dedup = match names.get(1) {
-                    Some(name) => Some(open_store(&base.join("dedup"), name)?),
+                    Some(name) => Some(open("dedup", name)?),
                     None => None,
                 };
                 Task::Features { agg, dedup }
             }
             Stage::Join(_) => Task::Join {
-                store: open_store(&base.join("join"), &names[0])?,
+                store: open("join", &names[0])?,
             },
         })
     }
@@ -1178,13 +1192,19 @@ fn never_back(store: &FjallStore, tp: &TopicPartition, end: i64) -> i64 {
         .map_or(end, |stored| stored.max(end))
 }
 
-/// Opens a task's store, creating it atomically: fjall's creation of a database is several
-/// files, and a process killed half-way leaves a directory fjall refuses to open. A new store is
-/// created under `<path>.creating` and renamed into place once complete (a leftover
-/// `.creating` directory is an empty store from a killed run: it is recreated).
-fn open_store(path: &Path, name: &str) -> Result<FjallStore, StoreError> {
+/// The directory of the processor's state database under `<data_dir>/state/<pipeline>/`
+/// (feature and join names cannot contain a dot, so no task directory of an earlier layout
+/// has this name).
+const STATE_DB_DIR: &str = "tasks.fjall";
+
+/// Opens the processor's state database (one fjall database, a keyspace per task store),
+/// creating it atomically: fjall's creation of a database is several files, and a process
+/// killed half-way leaves a directory fjall refuses to open. A new database is created under
+/// `<path>.creating` and renamed into place once complete (a leftover `.creating` directory is
+/// an empty database from a killed run: it is recreated).
+fn open_state_db(path: &Path) -> Result<StateDb, StoreError> {
     let io = |e: std::io::Error| StoreError::Engine {
-        store: name.to_string(),
+        store: path.display().to_string(),
         source: Box::new(e),
     };
     if !path.exists() {
@@ -1195,9 +1215,9 @@ fn open_store(path: &Path, name: &str) -> Result<FjallStore, StoreError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
-        let store = FjallStore::open(&creating, name, Default::default())?;
-        store.sync()?;
-        drop(store);
+        let db = StateDb::open(&creating)?;
+        db.sync()?;
+        drop(db);
         std::fs::rename(&creating, path).map_err(io)?;
         if let Some(parent) = path.parent() {
             std::fs::File::open(parent)
@@ -1205,7 +1225,7 @@ fn open_store(path: &Path, name: &str) -> Result<FjallStore, StoreError> {
                 .map_err(io)?;
         }
     }
-    FjallStore::open(path, name, Default::default())
+    StateDb::open(path)
 }
 
 /// Drops the re-key loop's duplicates: per origin partition, records arrive in origin offset
@@ -1524,7 +1544,7 @@ features:
         let batch2 = || vec![inbound(2, 2, "b", 7.0), inbound(3, 3, "c", 9.0)];
         let max_of = |p: &Pending| p.outputs.last().map(|o| o.fields["biggest"].clone());
 
-        let mut task = Task::open(dir.path(), group, 0).unwrap();
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), group, 0).unwrap();
         let first = task.process(group, &tp, 2, batch1()).unwrap();
         // "a" again within the dedup window is a duplicate: 50 is never the max.
         assert_eq!(max_of(&first), Some(json!(5.0)));
@@ -1540,7 +1560,7 @@ features:
         };
         agg.apply(&second.stores[0].1).unwrap();
         drop(task);
-        let mut task = Task::open(dir.path(), group, 0).unwrap();
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), group, 0).unwrap();
         assert_eq!(
             task.resume_offset("rep", 0).unwrap(),
             2,
@@ -1651,7 +1671,7 @@ joins:
                 })
                 .collect()
         };
-        let mut task = Task::open(dir.path(), stage, 0).unwrap();
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), stage, 0).unwrap();
         let first = task.process(stage, &tp, 5, batch1()).unwrap();
         let expected = vec![
             (
@@ -1674,7 +1694,7 @@ joins:
         assert_eq!(fields(&replay), expected);
         task.commit(replay).unwrap();
         drop(task);
-        let mut task = Task::open(dir.path(), stage, 0).unwrap();
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), stage, 0).unwrap();
         assert_eq!(task.resume_offset("rep", 0).unwrap(), 5);
         // The re-key loop sent the gold row again (origin 0) after a crash: dropped, so the
         // order after it still sees Lyon. Then the customer is deleted.

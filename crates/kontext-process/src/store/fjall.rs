@@ -44,11 +44,68 @@ impl std::fmt::Debug for FjallStore {
     }
 }
 
+/// A fjall database holding many stores, one keyspace each: a runtime with many tasks opens
+/// one database (one journal, one set of worker threads) instead of one per task. Cloning it
+/// is cheap (a handle).
+#[derive(Clone)]
+pub struct StateDb {
+    db: Database,
+}
+
+impl std::fmt::Debug for StateDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDb").finish_non_exhaustive()
+    }
+}
+
+impl StateDb {
+    /// Opens (creating if needed) the database in the directory `path`. Only one process may
+    /// open a directory at a time.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let db = Database::builder(path.as_ref())
+            .open()
+            .map_err(|e| StoreError::Engine {
+                store: path.as_ref().display().to_string(),
+                source: Box::new(e),
+            })?;
+        Ok(Self { db })
+    }
+
+    /// Syncs the journal to disk (also done by fjall when the last handle is dropped).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| StoreError::Engine {
+                store: "state database".into(),
+                source: Box::new(e),
+            })
+    }
+}
+
 impl FjallStore {
-    /// Opens (creating if needed) the store `name` in the directory `path`. Only one process
-    /// may open a directory at a time.
+    /// Opens (creating if needed) the store `name` in its own database in the directory
+    /// `path`. Only one process may open a directory at a time.
     pub fn open(
         path: impl AsRef<Path>,
+        name: impl Into<String>,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
+        let name = name.into();
+        let db = StateDb::open(path).map_err(|e| match e {
+            StoreError::Engine { source, .. } => StoreError::Engine {
+                store: name.clone(),
+                source,
+            },
+            other => other,
+        })?;
+        Self::open_in(&db, "state", name, durability)
+    }
+
+    /// Opens (creating if needed) the store `name` as the keyspace `keyspace` of a shared
+    /// database. Keyspace names: up to 255 letters, digits, `_`, `-`, `.`, `#`, `$`.
+    pub fn open_in(
+        db: &StateDb,
+        keyspace: &str,
         name: impl Into<String>,
         durability: Durability,
     ) -> Result<Self, StoreError> {
@@ -57,9 +114,9 @@ impl FjallStore {
             store: name.clone(),
             source: Box::new(e),
         };
-        let db = Database::builder(path.as_ref()).open().map_err(engine)?;
+        let db = db.db.clone();
         let keyspace = db
-            .keyspace("state", KeyspaceCreateOptions::default)
+            .keyspace(keyspace, KeyspaceCreateOptions::default)
             .map_err(engine)?;
         let mut store = Self {
             name,

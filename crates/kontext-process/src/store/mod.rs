@@ -16,7 +16,7 @@ use bytes::Bytes;
 use kontext_core::record::TopicPartition;
 
 pub use self::batch::{ChangelogRecord, WriteBatch};
-pub use self::fjall::{Durability, FjallStore};
+pub use self::fjall::{Durability, FjallStore, StateDb};
 pub use self::memory::MemoryStore;
 
 /// Key prefix of the input-offset entries (`0x00 'o' topic 0x00 partition`).
