@@ -179,8 +179,6 @@ pub async fn run(args: DlqArgs) -> Result<()> {
 struct Ctx {
     log: Arc<dyn Log>,
     config: PipelineConfig,
-    /// The consumer group every read of this invocation uses (see [`reader_group`]).
-    group: String,
 }
 
 impl Ctx {
@@ -200,8 +198,7 @@ impl Ctx {
             ),
             Err(e) => return Err(e),
         };
-        let group = reader_group(&config.name, log.backend());
-        Ok(Self { log, config, group })
+        Ok(Self { log, config })
     }
 
     /// The dead-letter topics this command covers: `topic` (a source topic or a dead-letter
@@ -242,7 +239,7 @@ impl Ctx {
         let Some(desc) = self.describe(topic).await? else {
             return Ok(RangeReader::empty(topic));
         };
-        RangeReader::open(self.log.as_ref(), &self.group, &desc, starts).await
+        Ok(RangeReader::open(self.log.clone(), &desc, starts))
     }
 
     /// Reads the whole of `topic` (from each partition's low watermark).
@@ -255,24 +252,7 @@ impl Ctx {
             .iter()
             .map(|p| (p.partition, p.low_watermark))
             .collect();
-        RangeReader::open(self.log.as_ref(), &self.group, &desc, &starts).await
-    }
-}
-
-/// The group this invocation reads with. Reads position it with `reset_group_offsets`
-/// (accepted only while the group has no member) and never commit. The embedded log admits one
-/// process, so one name per pipeline serves (one small offsets file); on Kafka each invocation
-/// gets its own, so that two `kontext dlq` commands never share partitions. Kafka drops a
-/// group's offsets once it has been empty for `offsets.retention.minutes` (7 days by default).
-fn reader_group(pipeline: &str, backend: &str) -> String {
-    if backend == "embedded" {
-        format!("kontext.{pipeline}.dlq-cli")
-    } else {
-        format!(
-            "kontext.{pipeline}.dlq-cli.{}-{}",
-            std::process::id(),
-            now_ms()
-        )
+        Ok(RangeReader::open(self.log.clone(), &desc, &starts))
     }
 }
 

@@ -484,6 +484,32 @@ async fn dead_letters_replay_once(setup: Setup) {
         .map(|id| (("customer".to_string(), id), 1))
         .collect();
     assert_applied_exactly_once(&store, &expected);
+
+    if setup.kafka {
+        // The commands read outside any consumer group: Kafka's own tool lists only the
+        // pipeline's groups.
+        let out = std::process::Command::new(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-tool.sh"),
+        )
+        .args([
+            "consumer-groups",
+            "--bootstrap-server",
+            &kafka_bootstrap(),
+            "--list",
+        ])
+        .output()
+        .expect("run Kafka's consumer-groups tool");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ours: Vec<&str> = text.lines().filter(|l| l.contains(&setup.name)).collect();
+        assert!(
+            !ours.is_empty(),
+            "the pipeline's groups are listed:\n{text}"
+        );
+        assert!(
+            ours.iter().all(|g| !g.contains("dlq-cli")),
+            "`kontext dlq` left consumer groups behind: {ours:?}"
+        );
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
