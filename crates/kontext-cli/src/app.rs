@@ -352,7 +352,8 @@ pub async fn start_pipeline(
     }
     let (store, metrics) = serving.context("the served store was not opened")?;
     let processor = config.has_processing().then(|| {
-        let processor = kontext_stream::processor::Processor::new(config, data_dir, log.clone());
+        let processor = kontext_stream::processor::Processor::new(config, data_dir, log.clone())
+            .with_metrics(metrics.clone());
         let shutdown = shutdown.clone();
         let (log, topics) = (log.clone(), config.source_topics());
         let sink_shutdown = sink_shutdown.clone();

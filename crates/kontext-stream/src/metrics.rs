@@ -36,6 +36,15 @@ pub struct PipelineMetrics {
     pub breaker_opened: AtomicU64,
     /// Times it closed again (a write succeeded after an outage).
     pub breaker_closed: AtomicU64,
+    /// Processor: inputs dropped because they came later than their window allows.
+    pub process_dropped_late: AtomicU64,
+    /// Processor: inputs a feature's `dedup` dropped (event id seen within the window).
+    pub process_duplicates: AtomicU64,
+    /// Processor: join updates whose table entity was unknown (nulls for `left`, nothing for
+    /// `inner`).
+    pub process_join_unmatched: AtomicU64,
+    /// Processor: changelog records applied to restore task state.
+    pub process_restored_records: AtomicU64,
 }
 
 /// The store circuit breaker's state, as the `kontext_store_breaker_state` gauge shows it.
@@ -173,6 +182,26 @@ impl PipelineMetrics {
                 "kontext_store_breaker_closed_total",
                 "Times the store circuit breaker closed again after an outage.",
                 &self.breaker_closed,
+            ),
+            (
+                "kontext_process_dropped_late_total",
+                "Processor inputs dropped as later than their window allows.",
+                &self.process_dropped_late,
+            ),
+            (
+                "kontext_process_duplicates_total",
+                "Processor inputs dropped by a feature's dedup (event id seen within the window).",
+                &self.process_duplicates,
+            ),
+            (
+                "kontext_process_join_unmatched_total",
+                "Join updates whose table entity was unknown when they were processed.",
+                &self.process_join_unmatched,
+            ),
+            (
+                "kontext_process_restored_records_total",
+                "Changelog records applied to restore the processor's task state.",
+                &self.process_restored_records,
             ),
         ];
         for (name, help, counter) in counters {

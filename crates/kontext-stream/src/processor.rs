@@ -28,6 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +49,7 @@ use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::metrics::PipelineMetrics;
 use crate::normalize::{Outcome, Router};
 
 pub use kontext_core::config::{features_topic, FEATURES_SOURCE};
@@ -334,6 +336,7 @@ pub struct Processor {
     log: Arc<dyn Log>,
     state_dir: PathBuf,
     stages: Vec<Stage>,
+    metrics: Arc<PipelineMetrics>,
 }
 
 impl Processor {
@@ -345,7 +348,15 @@ impl Processor {
             config: config.clone(),
             log,
             state_dir: data_dir.join("state").join(&config.name),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts late and duplicate inputs, unmatched join updates and restored changelog
+    /// records into `metrics` (the `kontext_process_*` counters of `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<PipelineMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Runs both loops until `shutdown` is cancelled or one fails permanently. After
@@ -667,6 +678,13 @@ impl Processor {
             }
             for (id, pending) in commits {
                 if let Some(task) = tasks.get_mut(&id) {
+                    let m = &self.metrics;
+                    m.process_dropped_late
+                        .fetch_add(pending.late, Ordering::Relaxed);
+                    m.process_duplicates
+                        .fetch_add(pending.duplicates, Ordering::Relaxed);
+                    m.process_join_unmatched
+                        .fetch_add(pending.unmatched, Ordering::Relaxed);
                     task.commit(pending)?;
                 }
             }
@@ -750,6 +768,9 @@ impl Processor {
                     })
                 });
                 let tail = store.restore(&mut changelog)?;
+                self.metrics
+                    .process_restored_records
+                    .fetch_add((read - tail.len()) as u64, Ordering::Relaxed);
                 let mut end = high;
                 if !tail.is_empty() {
                     let repair = repair_records(store, &tail)?;
@@ -898,6 +919,10 @@ struct Pending {
     /// State batches by store name, in commit order.
     stores: Vec<(String, WriteBatch)>,
     outputs: Vec<Output>,
+    /// Inputs dropped as late, as duplicates; join updates without a table row.
+    late: u64,
+    duplicates: u64,
+    unmatched: u64,
 }
 
 impl Pending {
@@ -1064,6 +1089,7 @@ fn features_batch(
     end: i64,
     events: Vec<Inbound>,
 ) -> Result<Pending, StoreError> {
+    let (mut late, mut duplicates) = (0, 0);
     let (events, dedup) = match (&group.dedup, dedup_store) {
         (Some(op), Some(store)) => {
             let mut hw = HighWater::default();
@@ -1072,6 +1098,13 @@ fn features_batch(
             let mut out = op.process(store, &plain)?;
             hw.finish(&mut out.state);
             out.state.set_offset(tp.clone(), never_back(store, tp, end));
+            for decision in &out.decisions {
+                match decision {
+                    DedupDecision::Duplicate => duplicates += 1,
+                    DedupDecision::Late => late += 1,
+                    _ => {}
+                }
+            }
             let forwarded = fresh
                 .into_iter()
                 .zip(out.decisions)
@@ -1113,9 +1146,16 @@ fn features_batch(
             });
         }
     }
+    late += out.dropped_late;
     let mut stores = vec![(agg.name().to_string(), out.state)];
     stores.extend(dedup);
-    Ok(Pending { stores, outputs })
+    Ok(Pending {
+        stores,
+        outputs,
+        late,
+        duplicates,
+        unmatched: 0,
+    })
 }
 
 /// Applies the table rows and joins the stream updates of one partition's share of a batch,
@@ -1179,6 +1219,9 @@ fn join_batch(
     Ok(Pending {
         stores: vec![(store.name().to_string(), out.state)],
         outputs,
+        late: 0,
+        duplicates: 0,
+        unmatched: out.unmatched,
     })
 }
 
