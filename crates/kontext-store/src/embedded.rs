@@ -12,7 +12,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde_json::Value;
 
-use crate::document::{ContextDocument, RelatedEntity, RelatedList};
+use crate::document::{ContextDocument, EntityView, RelatedList};
 use crate::model::{merge_fields, Change, EntityDoc, EntityUpdate, StoreSchema};
 use crate::StoreError;
 
@@ -286,22 +286,22 @@ impl EmbeddedStore {
         let entities = txn.open_table(ENTITIES).map_err(io)?;
         let relations = txn.open_table(RELATIONS).map_err(io)?;
         let recent = txn.open_table(RECENT).map_err(io)?;
-        let get = |t: &str, i: &str| -> Result<Option<EntityDoc>, StoreError> {
+        let get = |t: &str, i: &str| -> Result<Option<EntityView>, StoreError> {
             match entities.get(entity_key(t, i).as_slice()).map_err(io)? {
-                Some(bytes) => decode_doc(bytes.value()).map(Some),
+                Some(bytes) => codec::decode_view(bytes.value()).map(Some),
                 None => Ok(None),
             }
         };
-        let Some(doc) = get(entity_type, entity_id)? else {
+        let Some(view) = get(entity_type, entity_id)? else {
             return Ok(None);
         };
         let mut belongs_to = BTreeMap::new();
         for (parent_type, field) in self.schema.parents_of(entity_type) {
-            let Some(parent_id) = doc.fields.get(field).and_then(|f| f.value.as_str()) else {
+            let Some(parent_id) = view.fields.get(field).and_then(Value::as_str) else {
                 continue;
             };
             if let Some(parent) = get(parent_type, parent_id)? {
-                belongs_to.insert(parent_type.clone(), RelatedEntity::from_doc(&parent));
+                belongs_to.insert(parent_type.clone(), parent.into_related());
             }
         }
         let mut related = BTreeMap::new();
@@ -330,12 +330,17 @@ impl EmbeddedStore {
                 let (k, _) = item.map_err(io)?;
                 let child_id = recent_child_id(&k.value()[prefix.len()..])?;
                 if let Some(child) = get(child_type, &child_id)? {
-                    items.push(RelatedEntity::from_doc(&child));
+                    items.push(child.into_related());
                 }
             }
-            related.insert(child_type.to_string(), RelatedList { total, items });
+            related.insert(child_type.to_string(), RelatedList { items, total });
         }
-        Ok(Some(ContextDocument::assemble(&doc, belongs_to, related)))
+        Ok(Some(ContextDocument::from_view(
+            entity_type,
+            view,
+            belongs_to,
+            related,
+        )))
     }
 
     /// Next offset to apply per (topic, partition), as recorded with the data.

@@ -1,6 +1,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::document::RelatedEntity;
 use crate::model::{Change, Provenance};
 
 fn schema() -> StoreSchema {
@@ -459,8 +460,52 @@ mod recency_index {
             apply_all(&store, &records, batch);
             for c in 0..3u8 {
                 prop_assert_eq!(shown(&store, c), naive(&records, c), "customer C{}", c);
+                let id = format!("C{c}");
+                prop_assert_eq!(store.context("customer", &id).unwrap(), from_documents(&store, "customer", &id));
+            }
+            for o in 0..8u8 {
+                let id = format!("O{o}");
+                prop_assert_eq!(store.context("order", &id).unwrap(), from_documents(&store, "order", &id));
             }
         }
+    }
+
+    /// The context as assembled from whole decoded [`EntityDoc`]s (what the PostgreSQL store
+    /// does), with the related lists the lookup chose: the lookup decodes the stored bytes
+    /// straight into the document and must give the same one.
+    fn from_documents(
+        store: &EmbeddedStore,
+        entity_type: &str,
+        id: &str,
+    ) -> Option<ContextDocument> {
+        let doc = store.get(entity_type, id).unwrap()?;
+        let fast = store.context(entity_type, id).unwrap()?;
+        let mut belongs_to = BTreeMap::new();
+        for (parent_type, field) in store.schema().parents_of(entity_type) {
+            let parent = doc.fields.get(field).and_then(|f| f.value.as_str());
+            if let Some(parent) = parent.and_then(|p| store.get(parent_type, p).unwrap()) {
+                belongs_to.insert(parent_type.clone(), RelatedEntity::from_doc(&parent));
+            }
+        }
+        let related = fast
+            .related
+            .iter()
+            .map(|(t, list)| {
+                let items = list
+                    .items
+                    .iter()
+                    .map(|i| RelatedEntity::from_doc(&store.get(t, &i.entity_id).unwrap().unwrap()))
+                    .collect();
+                (
+                    t.clone(),
+                    RelatedList {
+                        items,
+                        total: list.total,
+                    },
+                )
+            })
+            .collect();
+        Some(ContextDocument::assemble(&doc, belongs_to, related))
     }
 
     /// A store written before the recency index existed gets it built when opened.
