@@ -148,7 +148,9 @@ pub(super) fn decode_view(bytes: &[u8]) -> Result<EntityView, StoreError> {
         bytes: &bytes[1..],
         at: 0,
     };
-    r.str_ref()?;
+    // The type: the caller knows it.
+    let n = r.len()?;
+    r.take(n)?;
     let entity_id = r.string()?;
     let events_applied = r.varint()?;
     let n = r.len()?;

@@ -262,6 +262,9 @@ fn tombstones_delete_the_entity_and_its_relations() {
         .children("customer", "C1", "order")
         .unwrap()
         .is_empty());
+    let ctx = store.context("customer", "C1").unwrap().unwrap();
+    assert_eq!(ctx.related["order"].total, 0);
+    assert!(ctx.related["order"].items.is_empty());
 }
 
 #[test]
@@ -508,9 +511,20 @@ mod recency_index {
         Some(ContextDocument::assemble(&doc, belongs_to, related))
     }
 
-    /// A store written before the recency index existed gets it built when opened.
+    /// A store written before the recency index or the relation counts existed gets them
+    /// built when opened.
     #[test]
     fn a_store_without_the_index_gets_it_built_on_open() {
+        for missing in [
+            &["recent"][..],
+            &["relation_counts"],
+            &["recent", "relation_counts"],
+        ] {
+            store_without_tables_gets_them_built_on_open(missing);
+        }
+    }
+
+    fn store_without_tables_gets_them_built_on_open(missing: &[&str]) {
         let dir = tempfile::tempdir().unwrap();
         let records = [(1, 0, 5), (2, 0, 9), (3, 0, 7), (4, 1, 1), (2, 1, 3)];
         let expected = {
@@ -529,14 +543,21 @@ mod recency_index {
             }
             apply_all(&store, &records, 2);
             let expected = [shown(&store, 0), shown(&store, 1)];
-            // What an older version of kontext left: no recency index.
+            // What an older version of kontext left: no recency index, no counts.
             let txn = store.db.begin_write().unwrap();
-            txn.delete_table(super::super::RECENT).unwrap();
+            for table in missing {
+                let table: redb::TableDefinition<&[u8], ()> = redb::TableDefinition::new(table);
+                assert!(txn.delete_table(table).unwrap(), "{table}");
+            }
             txn.commit().unwrap();
             expected
         };
         let store = open(&dir);
-        assert_eq!([shown(&store, 0), shown(&store, 1)], expected);
+        assert_eq!(
+            [shown(&store, 0), shown(&store, 1)],
+            expected,
+            "{missing:?}"
+        );
         // O2's move to C1 (time 3) is older than its time-9 update: it stays with C0.
         assert_eq!(expected[0], (3, vec!["O2".to_string(), "O3".to_string()]));
     }
