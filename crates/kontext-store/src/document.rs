@@ -194,8 +194,9 @@ struct Views<'a>(Vec<(&'a Provenance, Arc<ProvenanceView>)>);
 
 impl<'a> Views<'a> {
     fn get(&mut self, p: &'a Provenance) -> Arc<ProvenanceView> {
-        // A document holds a handful of distinct events: a scan beats hashing them.
-        if let Some((_, view)) = self.0.iter().find(|(q, _)| *q == p) {
+        // A document holds a handful of distinct events: a scan beats hashing them, and fields
+        // that share one `Arc<Provenance>` match on the pointer.
+        if let Some((_, view)) = self.0.iter().find(|(q, _)| std::ptr::eq(*q, p) || *q == p) {
             return Arc::clone(view);
         }
         let view = Arc::new(ProvenanceView::from(p));
@@ -321,7 +322,7 @@ mod tests {
                 name.to_string(),
                 crate::FieldEntry {
                     value: json!(name),
-                    provenance: p(offset),
+                    provenance: Arc::new(p(offset)),
                 },
             );
         }
@@ -330,7 +331,7 @@ mod tests {
             entity_id: "C-1".into(),
             fields,
             events_applied: 3,
-            latest: p(2),
+            latest: Arc::new(p(2)),
         };
         let v = EntityView::from_doc(&doc);
         assert!(Arc::ptr_eq(&v.provenance["a"], &v.provenance["c"]));

@@ -8,6 +8,7 @@
 use std::collections::btree_map::Entry as BTreeEntry;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde_json::Value;
@@ -155,14 +156,16 @@ impl EmbeddedStore {
                 };
                 match &update.change {
                     Change::Upsert(fields) => {
+                        // One copy of the event's provenance, shared by the fields it sets.
+                        let p = Arc::new(p.clone());
                         let doc = slot.after.get_or_insert_with(|| EntityDoc {
                             entity_type: update.entity_type.clone(),
                             entity_id: update.entity_id.clone(),
                             fields: BTreeMap::new(),
                             events_applied: 0,
-                            latest: p.clone(),
+                            latest: Arc::clone(&p),
                         });
-                        merge_fields(doc, fields, p);
+                        merge_fields(doc, fields, &p);
                         doc.events_applied += 1;
                     }
                     Change::Delete => {

@@ -80,7 +80,8 @@ pub(super) fn encode(doc: &EntityDoc, out: &mut Vec<u8>) -> Result<(), StoreErro
 
 /// The index of `p` in `table`, added if new.
 fn index_of<'a>(p: &'a Provenance, table: &mut Vec<&'a Provenance>) -> u64 {
-    match table.iter().position(|q| *q == p) {
+    // Fields set by one event share its provenance: the pointer test settles most lookups.
+    match table.iter().position(|q| std::ptr::eq(*q, p) || *q == p) {
         Some(i) => i as u64,
         None => {
             table.push(p);
@@ -109,7 +110,7 @@ fn decode_binary(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
     let n = r.len()?;
     let mut table = Vec::with_capacity(n);
     for _ in 0..n {
-        table.push(r.provenance()?);
+        table.push(Arc::new(r.provenance()?));
     }
     let provenance = |index: u64| {
         table
@@ -194,7 +195,7 @@ pub(super) fn latest_version(bytes: &[u8]) -> Result<(i64, String, i32, i64), St
     if bytes.first() != Some(&FORMAT_BINARY) {
         let doc = decode(bytes)?;
         let p = doc.latest;
-        return Ok((p.event_time_ms, p.topic, p.partition, p.offset));
+        return Ok((p.event_time_ms, p.topic.clone(), p.partition, p.offset));
     }
     let mut r = Reader {
         bytes: &bytes[1..],
@@ -242,6 +243,7 @@ struct JsonDoc {
 fn decode_json(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
     let JsonDoc { t, i, f, p, n, l } =
         serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let p: Vec<Arc<Provenance>> = p.into_iter().map(Arc::new).collect();
     let provenance = |index: u32| {
         p.get(index as usize)
             .cloned()
@@ -385,8 +387,8 @@ mod tests {
 
     use super::*;
 
-    fn prov(offset: i64, event_type: Option<&str>) -> Provenance {
-        Provenance {
+    fn prov(offset: i64, event_type: Option<&str>) -> Arc<Provenance> {
+        Arc::new(Provenance {
             source: "crm".into(),
             event_id: format!("e-{offset}"),
             event_type: event_type.map(str::to_string),
@@ -394,7 +396,7 @@ mod tests {
             partition: 7,
             offset,
             event_time_ms: 1_764_072_000_000 + offset,
-        }
+        })
     }
 
     fn doc() -> EntityDoc {
@@ -457,7 +459,7 @@ mod tests {
         let p = doc().latest;
         assert_eq!(
             latest_version(&out).unwrap(),
-            (p.event_time_ms, p.topic, p.partition, p.offset)
+            (p.event_time_ms, p.topic.clone(), p.partition, p.offset)
         );
     }
 

@@ -267,6 +267,29 @@ fn tombstones_delete_the_entity_and_its_relations() {
     assert!(ctx.related["order"].items.is_empty());
 }
 
+/// An event's provenance is stored once per entity and shared, after a read, by the fields it
+/// set (and by `latest` when it is the newest): one copy per event, not one per field.
+#[test]
+fn fields_of_one_event_share_its_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store
+        .apply(
+            &[
+                upsert("customer", "C1", json!({"a": 1, "b": 2}), "crm", 0, 0, 1),
+                upsert("customer", "C1", json!({"c": 3}), "crm", 0, 1, 2),
+            ],
+            &[],
+        )
+        .unwrap();
+    let doc = store.get("customer", "C1").unwrap().unwrap();
+    let [a, b, c] = ["a", "b", "c"].map(|k| &doc.fields[k].provenance);
+    assert!(std::sync::Arc::ptr_eq(a, b));
+    assert!(std::sync::Arc::ptr_eq(c, &doc.latest));
+    assert!(!std::sync::Arc::ptr_eq(a, c));
+    assert_eq!((a.offset, c.offset), (0, 1));
+}
+
 #[test]
 fn lists_ids_in_order_with_paging() {
     let dir = tempfile::tempdir().unwrap();
