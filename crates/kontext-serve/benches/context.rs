@@ -3,10 +3,11 @@
 //!
 //! `cargo bench -p kontext-serve --bench context`
 //!
-//! The store holds 200 customers shaped as the quickstart builds them: 9 fields from three
+//! The store holds 200 customers shaped as the quickstart builds them: 10 fields from two
 //! sources, 12 orders and 6 tickets (7 fields each) and 25 interactions (5 fields each); a
-//! customer's context shows the newest 5 / 5 / 10 of them (~20 KB of JSON). `lookup_only` is
-//! the store's part alone, so the difference is what serving adds.
+//! customer's context shows the newest 5 / 5 / 10 of them (~29 KB of JSON, as the quickstart's
+//! after a minute). `lookup_only` is the store's part alone, so the difference is what serving
+//! adds.
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
