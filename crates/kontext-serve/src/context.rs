@@ -56,7 +56,8 @@ pub enum ContextFormat {
 /// A context response body.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ContextBody {
-    Json(serde_json::Value),
+    /// The document, serialized where it is sent (straight into the response body over HTTP).
+    Json(Box<ContextResponse>),
     Markdown(String),
 }
 
@@ -70,7 +71,10 @@ pub struct ContextReply {
 }
 
 /// The context document plus how fresh it is.
-#[derive(Debug, Serialize)]
+///
+/// Serialized directly (no `serde_json::Value` in between); its keys come out sorted, as they
+/// always did: the document's fields are declared in key order and `staleness_ms` sorts last.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ContextResponse {
     #[serde(flatten)]
     pub document: ContextDocument,
@@ -123,15 +127,11 @@ pub async fn assemble_context(
     match query.format {
         ContextFormat::Json => {
             let staleness_ms = now - document.as_of_ms;
-            let body = serde_json::to_value(ContextResponse {
-                document,
-                staleness_ms,
-            })
-            .map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            })?;
             Ok(ContextReply {
-                body: ContextBody::Json(body),
+                body: ContextBody::Json(Box::new(ContextResponse {
+                    document,
+                    staleness_ms,
+                })),
                 tokens: None,
                 tokenizer,
             })
@@ -275,7 +275,7 @@ pub(crate) async fn get_context(
     let query = params.parse()?;
     let reply = assemble_context(&state, &entity_type, &entity_id, &query).await?;
     Ok(match reply.body {
-        ContextBody::Json(v) => Json(v).into_response(),
+        ContextBody::Json(response) => json_response(&response)?,
         ContextBody::Markdown(text) => {
             let mut response = (
                 [(
@@ -296,6 +296,23 @@ pub(crate) async fn get_context(
             response
         }
     })
+}
+
+/// A JSON response written straight from `body` into one buffer, with the header
+/// [`axum::Json`] sets.
+fn json_response(body: &impl Serialize) -> Result<Response, ApiError> {
+    // Context documents are tens of KB: start big enough to skip the first few regrowths.
+    let mut buf = Vec::with_capacity(16 * 1024);
+    serde_json::to_writer(&mut buf, body)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        buf,
+    )
+        .into_response())
 }
 
 /// The body of `POST /v1/context:batchGet`: lookups and the options they share.
@@ -371,31 +388,75 @@ pub(crate) async fn batch_get(
     for item in &request.requests {
         results.push(batch_result(&state, item, &query).await);
     }
-    let mut body = json!({ "results": results });
-    if markdown {
-        body["tokenizer"] = Value::from(tokenizer.name());
-    }
-    Ok(Json(body).into_response())
+    json_response(&BatchResponse {
+        results,
+        tokenizer: markdown.then(|| tokenizer.name()),
+    })
 }
 
-async fn batch_result(state: &AppState, item: &BatchItem, query: &ContextQuery) -> Value {
-    let mut result = json!({"entity_type": item.entity_type, "entity_id": item.entity_id});
+/// The answer of `POST /v1/context:batchGet`. As every body here, its keys are in sorted order
+/// (fields declared so), as they were when it was built as a `serde_json::Value`.
+#[derive(Serialize)]
+struct BatchResponse<'a> {
+    results: Vec<BatchResult<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokenizer: Option<&'static str>,
+}
+
+/// One lookup of a batch: the request's ids and its context, markdown or error.
+#[derive(Serialize)]
+struct BatchResult<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<Box<ContextResponse>>,
+    entity_id: &'a str,
+    entity_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<BatchError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    markdown: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct BatchError {
+    code: &'static str,
+    message: String,
+    status: u16,
+}
+
+async fn batch_result<'a>(
+    state: &AppState,
+    item: &'a BatchItem,
+    query: &ContextQuery,
+) -> BatchResult<'a> {
+    let mut result = BatchResult {
+        context: None,
+        entity_id: &item.entity_id,
+        entity_type: &item.entity_type,
+        error: None,
+        markdown: None,
+        tokens: None,
+    };
     match assemble_context(state, &item.entity_type, &item.entity_id, query).await {
         Ok(ContextReply {
             body: ContextBody::Json(context),
             ..
-        }) => result["context"] = context,
+        }) => result.context = Some(context),
         Ok(ContextReply {
             body: ContextBody::Markdown(text),
             tokens,
             ..
         }) => {
-            result["markdown"] = Value::from(text);
-            result["tokens"] = json!(tokens);
+            result.markdown = Some(text);
+            result.tokens = tokens;
         }
         Err(e) => {
-            result["error"] =
-                json!({"code": e.code, "message": e.message, "status": e.status.as_u16()})
+            result.error = Some(BatchError {
+                code: e.code,
+                message: e.message,
+                status: e.status.as_u16(),
+            })
         }
     }
     result

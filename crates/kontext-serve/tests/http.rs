@@ -406,3 +406,186 @@ async fn the_colon_route_does_not_shadow_entity_context() {
     let (status, _, _) = get(s, "/v1/context/customer/C1").await;
     assert_eq!(status, StatusCode::OK);
 }
+
+// ---- JSON bodies, byte for byte ----
+
+/// A store whose documents exercise what the JSON encoding could get wrong: fields set by
+/// several events (with and without an event type), nested objects and arrays, floats, large
+/// integers, escapes and non-ASCII text, a parent, and related lists longer than their limit.
+fn rich_state(dir: &tempfile::TempDir) -> AppState {
+    let mut schema = StoreSchema::default();
+    schema.belongs_to.insert(
+        "order".into(),
+        vec![("customer".into(), "customer_id".into())],
+    );
+    schema.belongs_to.insert(
+        "ticket".into(),
+        vec![("customer".into(), "customer_id".into())],
+    );
+    schema.belongs_to.insert("customer".into(), vec![]);
+    schema.related_limit.insert("order".into(), 3);
+    schema.related_limit.insert("ticket".into(), 2);
+    let store = EmbeddedStore::open(&dir.path().join("s.redb"), schema).unwrap();
+    let update = |t: &str, id: &str, fields: Value, source: &str, offset: i64| EntityUpdate {
+        entity_type: t.into(),
+        entity_id: id.into(),
+        change: Change::Upsert(fields.as_object().cloned().unwrap()),
+        provenance: Provenance {
+            source: source.into(),
+            event_id: format!("{source}-{offset}"),
+            event_type: (offset % 2 == 0).then(|| format!("{source}.{t}.updated")),
+            topic: format!("context.{t}s"),
+            partition: (offset % 3) as i32,
+            offset,
+            event_time_ms: 1_700_000_000_000 + offset * 1_237,
+        },
+    };
+    let mut updates = vec![
+        update(
+            "customer",
+            "C1",
+            json!({"given_name": "Ana \"Nana\" Lima", "family_name": "Lima\nSilva", "email": "ana@example.com",
+                   "tier": "gold", "balance": 129.9, "visits": 18_446_744_073_709_551_615u64,
+                   "opt_in": false, "nickname": null}),
+            "crm",
+            0,
+        ),
+        update(
+            "customer",
+            "C1",
+            json!({"address": {"city": "São Paulo", "zip": "01310-100", "lines": ["Av. Paulista, 1000", "\u{1}\t"]},
+                   "balance": -0.5, "score": 1e-7}),
+            "billing",
+            1,
+        ),
+        update("customer", "C2", json!({"given_name": "Bo"}), "crm", 2),
+    ];
+    for i in 3..=9 {
+        updates.push(update(
+            "order",
+            &format!("O{i}"),
+            json!({"customer_id": "C1", "status": "shipped", "total": i as f64 * 10.25, "items": [{"sku": "A", "qty": i}]}),
+            "shop",
+            i,
+        ));
+    }
+    for i in 10..=12 {
+        updates.push(update(
+            "ticket",
+            &format!("T{i}"),
+            json!({"customer_id": "C1", "subject": "emoji 🚀 and \\ backslash"}),
+            "desk",
+            i,
+        ));
+    }
+    // A newer event on an old order moves it to the front of the list.
+    updates.push(update(
+        "order",
+        "O3",
+        json!({"status": "returned"}),
+        "shop",
+        13,
+    ));
+    store.apply(&updates, &[]).unwrap();
+    AppState::new(
+        Arc::new(store),
+        ["customer", "order", "ticket"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        Arc::new(PipelineMetrics::default()),
+    )
+}
+
+/// `body` without what depends on the clock: each `staleness_ms` value becomes 0, and the
+/// number of days in a markdown header's `N d ago` becomes `N`.
+fn without_staleness(body: &str) -> String {
+    let mut out = String::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(at) = rest.find("\"staleness_ms\":") {
+        let (head, tail) = rest.split_at(at + "\"staleness_ms\":".len());
+        out.push_str(head);
+        out.push('0');
+        rest = tail.trim_start_matches(|c: char| c.is_ascii_digit() || c == '-');
+    }
+    out.push_str(rest);
+    let mut days = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(at) = rest.find(" d ago") {
+        days.push_str(rest[..at].trim_end_matches(|c: char| c.is_ascii_digit()));
+        days.push('N');
+        days.push_str(" d ago");
+        rest = &rest[at + " d ago".len()..];
+    }
+    days.push_str(rest);
+    days
+}
+
+fn golden_json(name: &str, actual: &str) {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run with UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs byte for byte; if the change is intended, rerun with UPDATE_GOLDEN=1",
+        path.display()
+    );
+}
+
+#[tokio::test]
+async fn json_context_bodies_are_byte_for_byte_those_of_the_golden_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = rich_state(&dir);
+    for (uri, name) in [
+        ("/v1/context/customer/C1", "context_customer.json"),
+        ("/v1/context/customer/C2", "context_customer_alone.json"),
+        ("/v1/context/order/O3", "context_order.json"),
+        (
+            "/v1/context/customer/C1?fields=balance,address,nope",
+            "context_customer_fields.json",
+        ),
+    ] {
+        let (status, headers, body) = get(s.clone(), uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+        assert_eq!(headers["content-type"], "application/json", "{uri}");
+        golden_json(name, &without_staleness(&body));
+    }
+    let request = Request::post("/v1/context:batchGet")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            r#"{"requests": [
+                {"entity_type": "customer", "entity_id": "C1"},
+                {"entity_type": "customer", "entity_id": "nobody"},
+                {"entity_type": "planet", "entity_id": "X"},
+                {"entity_type": "ticket", "entity_id": "T11"}
+            ]}"#,
+        ))
+        .unwrap();
+    let (status, headers, body) = send(s.clone(), request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    golden_json("batch_json.json", &without_staleness(&body));
+    let request = Request::post("/v1/context:batchGet")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            r#"{"requests": [
+                {"entity_type": "order", "entity_id": "O3"},
+                {"entity_type": "order", "entity_id": "O404"}
+            ], "format": "markdown", "max_tokens": 200}"#,
+        ))
+        .unwrap();
+    let (status, _, body) = send(s, request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    golden_json("batch_markdown.json", &without_staleness(&body));
+}

@@ -8,11 +8,12 @@
 use std::collections::btree_map::Entry as BTreeEntry;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde_json::Value;
 
-use crate::document::{ContextDocument, RelatedEntity, RelatedList};
+use crate::document::{ContextDocument, EntityView, RelatedList};
 use crate::model::{merge_fields, Change, EntityDoc, EntityUpdate, StoreSchema};
 use crate::StoreError;
 
@@ -24,6 +25,9 @@ const RELATIONS: TableDefinition<&[u8], ()> = TableDefinition::new("relations");
 /// children of a parent in version order, so a context lookup reads only the newest
 /// `related_limit` of them (iterating backwards) instead of every child it ever had.
 const RECENT: TableDefinition<&[u8], ()> = TableDefinition::new("recent");
+/// `parent_type \0 parent_id \0 child_type \0` -> how many [`RELATIONS`] keys start with it: a
+/// related list's `total` without counting the keys of a long history at every lookup.
+const RELATION_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("relation_counts");
 /// (topic, partition) -> next offset to apply
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 
@@ -76,6 +80,7 @@ impl EmbeddedStore {
         txn.open_table(RELATIONS).map_err(io)?;
         txn.open_table(OFFSETS).map_err(io)?;
         backfill_recent(&txn)?;
+        backfill_counts(&txn)?;
         txn.commit().map_err(io)?;
         Ok(Self { db, schema })
     }
@@ -98,6 +103,7 @@ impl EmbeddedStore {
             let mut entities = txn.open_table(ENTITIES).map_err(io)?;
             let mut relations = txn.open_table(RELATIONS).map_err(io)?;
             let mut recent = txn.open_table(RECENT).map_err(io)?;
+            let mut counts = txn.open_table(RELATION_COUNTS).map_err(io)?;
             let mut offset_table = txn.open_table(OFFSETS).map_err(io)?;
             // Borrowed keys: no allocation per update for the bookkeeping.
             let mut applied_upto: BTreeMap<(&str, i32), i64> = BTreeMap::new();
@@ -150,14 +156,16 @@ impl EmbeddedStore {
                 };
                 match &update.change {
                     Change::Upsert(fields) => {
+                        // One copy of the event's provenance, shared by the fields it sets.
+                        let p = Arc::new(p.clone());
                         let doc = slot.after.get_or_insert_with(|| EntityDoc {
                             entity_type: update.entity_type.clone(),
                             entity_id: update.entity_id.clone(),
                             fields: BTreeMap::new(),
                             events_applied: 0,
-                            latest: p.clone(),
+                            latest: Arc::clone(&p),
                         });
-                        merge_fields(doc, fields, p);
+                        merge_fields(doc, fields, &p);
                         doc.events_applied += 1;
                     }
                     Change::Delete => {
@@ -171,7 +179,12 @@ impl EmbeddedStore {
             // Each entity is decoded and encoded once per batch, however many updates it got.
             let mut buf = Vec::with_capacity(1024);
             for ((entity_type, entity_id), pending) in &working {
-                self.reindex(&mut relations, &mut recent, pending, entity_type, entity_id)?;
+                let mut index = Index {
+                    relations: &mut relations,
+                    recent: &mut recent,
+                    counts: &mut counts,
+                };
+                self.reindex(&mut index, pending, entity_type, entity_id)?;
                 let key = entity_key(entity_type, entity_id);
                 match &pending.after {
                     Some(doc) => {
@@ -284,24 +297,24 @@ impl EmbeddedStore {
     ) -> Result<Option<ContextDocument>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
         let entities = txn.open_table(ENTITIES).map_err(io)?;
-        let relations = txn.open_table(RELATIONS).map_err(io)?;
+        let counts = txn.open_table(RELATION_COUNTS).map_err(io)?;
         let recent = txn.open_table(RECENT).map_err(io)?;
-        let get = |t: &str, i: &str| -> Result<Option<EntityDoc>, StoreError> {
-            match entities.get(entity_key(t, i).as_slice()).map_err(io)? {
-                Some(bytes) => decode_doc(bytes.value()).map(Some),
+        let get = |key: &[u8]| -> Result<Option<EntityView>, StoreError> {
+            match entities.get(key).map_err(io)? {
+                Some(bytes) => codec::decode_view(bytes.value()).map(Some),
                 None => Ok(None),
             }
         };
-        let Some(doc) = get(entity_type, entity_id)? else {
+        let Some(view) = get(&entity_key(entity_type, entity_id))? else {
             return Ok(None);
         };
         let mut belongs_to = BTreeMap::new();
         for (parent_type, field) in self.schema.parents_of(entity_type) {
-            let Some(parent_id) = doc.fields.get(field).and_then(|f| f.value.as_str()) else {
+            let Some(parent_id) = view.fields.get(field).and_then(Value::as_str) else {
                 continue;
             };
-            if let Some(parent) = get(parent_type, parent_id)? {
-                belongs_to.insert(parent_type.clone(), RelatedEntity::from_doc(&parent));
+            if let Some(parent) = get(&entity_key(parent_type, parent_id))? {
+                belongs_to.insert(parent_type.clone(), parent.into_related());
             }
         }
         let mut related = BTreeMap::new();
@@ -314,11 +327,12 @@ impl EmbeddedStore {
                 .unwrap_or(DEFAULT_RELATED_LIMIT);
             let prefix = relation_key(entity_type, entity_id, child_type, "");
             let end = prefix_end(&prefix);
-            // The count: keys only, no documents.
-            let total = relations
-                .range(prefix.as_slice()..end.as_slice())
-                .map_err(io)?
-                .count();
+            // `child_type \0 child_id`, rewritten per child.
+            let mut child_key = entity_key(child_type, "");
+            let total = match counts.get(prefix.as_slice()).map_err(io)? {
+                Some(n) => usize::try_from(n.value()).unwrap_or(usize::MAX),
+                None => 0,
+            };
             // The newest `limit`, from the end of the recency index.
             let mut items = Vec::with_capacity(limit.min(total));
             for item in recent
@@ -328,14 +342,20 @@ impl EmbeddedStore {
                 .take(limit)
             {
                 let (k, _) = item.map_err(io)?;
-                let child_id = recent_child_id(&k.value()[prefix.len()..])?;
-                if let Some(child) = get(child_type, &child_id)? {
-                    items.push(RelatedEntity::from_doc(&child));
+                child_key.truncate(child_type.len() + 1);
+                child_key.extend_from_slice(recent_child_id(&k.value()[prefix.len()..])?);
+                if let Some(child) = get(&child_key)? {
+                    items.push(child.into_related());
                 }
             }
-            related.insert(child_type.to_string(), RelatedList { total, items });
+            related.insert(child_type.to_string(), RelatedList { items, total });
         }
-        Ok(Some(ContextDocument::assemble(&doc, belongs_to, related)))
+        Ok(Some(ContextDocument::from_view(
+            entity_type,
+            view,
+            belongs_to,
+            related,
+        )))
     }
 
     /// Next offset to apply per (topic, partition), as recorded with the data.
@@ -366,8 +386,11 @@ impl EmbeddedStore {
     /// Keeps the relation index in step with a document's relation fields.
     fn reindex(
         &self,
-        relations: &mut redb::Table<&[u8], ()>,
-        recent: &mut redb::Table<&[u8], ()>,
+        Index {
+            relations,
+            recent,
+            counts,
+        }: &mut Index<'_, '_>,
         pending: &Pending,
         entity_type: &str,
         entity_id: &str,
@@ -402,21 +425,58 @@ impl EmbeddedStore {
                 continue;
             }
             if let Some(old) = old {
-                relations
+                let removed = relations
                     .remove(relation_key(parent_type, old, entity_type, entity_id).as_slice())
-                    .map_err(io)?;
+                    .map_err(io)?
+                    .is_some();
+                if removed {
+                    add_count(counts, parent_type, old, entity_type, -1)?;
+                }
             }
             if let Some(new) = new {
-                relations
+                let existed = relations
                     .insert(
                         relation_key(parent_type, &new, entity_type, entity_id).as_slice(),
                         (),
                     )
-                    .map_err(io)?;
+                    .map_err(io)?
+                    .is_some();
+                if !existed {
+                    add_count(counts, parent_type, &new, entity_type, 1)?;
+                }
             }
         }
         Ok(())
     }
+}
+
+/// The relation indexes [`EmbeddedStore::apply`] keeps in step with the entities.
+struct Index<'a, 't> {
+    relations: &'a mut redb::Table<'t, &'static [u8], ()>,
+    recent: &'a mut redb::Table<'t, &'static [u8], ()>,
+    counts: &'a mut redb::Table<'t, &'static [u8], u64>,
+}
+
+/// Adds `delta` to a parent's count of children of one type, removing counts that reach 0.
+fn add_count(
+    counts: &mut redb::Table<&[u8], u64>,
+    parent_type: &str,
+    parent_id: &str,
+    child_type: &str,
+    delta: i64,
+) -> Result<(), StoreError> {
+    let key = relation_key(parent_type, parent_id, child_type, "");
+    let stored = counts
+        .get(key.as_slice())
+        .map_err(io)?
+        .map_or(0, |n| n.value());
+    let n = stored.saturating_add_signed(delta);
+    if n == 0 {
+        counts.remove(key.as_slice()).map_err(io)?;
+    } else {
+        counts.insert(key.as_slice(), n).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// The parent id in a relation field; numbers are accepted and written as text.
@@ -477,14 +537,13 @@ fn push_version(k: &mut Vec<u8>, (time, topic, partition, offset): &Latest) {
 }
 
 /// The child id at the end of a [`RECENT`] key, after its relation prefix.
-fn recent_child_id(rest: &[u8]) -> Result<String, StoreError> {
+fn recent_child_id(rest: &[u8]) -> Result<&[u8], StoreError> {
     let corrupt = || StoreError::Corrupt("malformed recency index key".into());
     let topic_end = rest
         .get(8..)
         .and_then(|r| r.iter().position(|b| *b == 0))
         .ok_or_else(corrupt)?;
-    let id = rest.get(8 + topic_end + 1 + 4 + 8..).ok_or_else(corrupt)?;
-    Ok(String::from_utf8_lossy(id).into_owned())
+    rest.get(8 + topic_end + 1 + 4 + 8..).ok_or_else(corrupt)
 }
 
 /// The first key after every key starting with `prefix` (which ends with `\0`).
@@ -523,6 +582,43 @@ fn backfill_recent(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
             k.extend_from_slice(child_id);
             recent.insert(k.as_slice(), ()).map_err(io)?;
         }
+    }
+    Ok(())
+}
+
+/// Builds [`RELATION_COUNTS`] for a store written before it existed: one count per relation
+/// prefix. (Counts exist exactly when relations do, so an empty table beside relations means
+/// it was never built.)
+fn backfill_counts(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut counts = txn.open_table(RELATION_COUNTS).map_err(io)?;
+    if !counts.is_empty().map_err(io)? {
+        return Ok(());
+    }
+    let relations = txn.open_table(RELATIONS).map_err(io)?;
+    let mut current: Option<(Vec<u8>, u64)> = None;
+    for item in relations.iter().map_err(io)? {
+        let (k, _) = item.map_err(io)?;
+        let key = k.value();
+        // The prefix ends after the third `\0` (parent type, parent id, child type).
+        let end = key
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == 0)
+            .nth(2)
+            .map(|(i, _)| i + 1)
+            .ok_or_else(|| StoreError::Corrupt("malformed relation key".into()))?;
+        match &mut current {
+            Some((prefix, n)) if prefix.as_slice() == &key[..end] => *n += 1,
+            _ => {
+                if let Some((prefix, n)) = current.take() {
+                    counts.insert(prefix.as_slice(), n).map_err(io)?;
+                }
+                current = Some((key[..end].to_vec(), 1));
+            }
+        }
+    }
+    if let Some((prefix, n)) = current {
+        counts.insert(prefix.as_slice(), n).map_err(io)?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use kontext_core::config::PipelineConfig;
 use serde::{Deserialize, Serialize};
@@ -43,10 +44,13 @@ pub struct Version<'a> {
 }
 
 /// One field of an entity: its latest value and where it came from.
+///
+/// An event usually sets several fields: they share its provenance (an [`Arc`]) instead of a
+/// copy each, in memory as in the stored record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FieldEntry {
     pub value: Value,
-    pub provenance: Provenance,
+    pub provenance: Arc<Provenance>,
 }
 
 /// What the store keeps per entity.
@@ -58,7 +62,7 @@ pub struct EntityDoc {
     /// Log records applied to this entity, each exactly once.
     pub events_applied: u64,
     /// The newest event applied (by version).
-    pub latest: Provenance,
+    pub latest: Arc<Provenance>,
 }
 
 impl EntityDoc {
@@ -133,12 +137,12 @@ impl StoreSchema {
     }
 }
 
-/// Applies an upsert to a document, field by field, keeping the newer version of each.
-/// Returns whether anything changed.
+/// Applies an upsert to a document, field by field, keeping the newer version of each (the
+/// fields it sets share `provenance`). Returns whether anything changed.
 pub(crate) fn merge_fields(
     doc: &mut EntityDoc,
     fields: &Map<String, Value>,
-    provenance: &Provenance,
+    provenance: &Arc<Provenance>,
 ) -> bool {
     let mut changed = false;
     for (name, value) in fields {
@@ -149,18 +153,22 @@ pub(crate) fn merge_fields(
             }
         };
         if newer {
-            doc.fields.insert(
-                name.clone(),
-                FieldEntry {
-                    value: value.clone(),
-                    provenance: provenance.clone(),
-                },
-            );
+            let entry = FieldEntry {
+                value: value.clone(),
+                provenance: Arc::clone(provenance),
+            };
+            match doc.fields.get_mut(name) {
+                // No new key String for a field the document has.
+                Some(existing) => *existing = entry,
+                None => {
+                    doc.fields.insert(name.clone(), entry);
+                }
+            }
             changed = true;
         }
     }
     if provenance.version() > doc.latest.version() {
-        doc.latest = provenance.clone();
+        doc.latest = Arc::clone(provenance);
     }
     changed
 }

@@ -136,7 +136,14 @@ impl KontextMcp {
         let query = context_query(&params);
         Ok(
             match fetch_context(&self.state, &params.entity_type, &params.entity_id, &query).await {
-                Ok(ContextBody::Json(document)) => CallToolResult::structured(document),
+                Ok(ContextBody::Json(document)) => match serde_json::to_value(&document) {
+                    Ok(document) => CallToolResult::structured(document),
+                    Err(e) => tool_error(ApiError::new(
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        e.to_string(),
+                    )),
+                },
                 Ok(ContextBody::Markdown(text)) => {
                     CallToolResult::success(vec![ContentBlock::text(text)])
                 }

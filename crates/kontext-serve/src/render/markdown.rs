@@ -337,6 +337,7 @@ fn latest(e: &RelatedEntity) -> Option<&ProvenanceView> {
     // RFC 3339 times in one format (UTC, milliseconds) order as strings.
     e.provenance
         .values()
+        .map(|p| &**p)
         .max_by(|a, b| a.event_time.cmp(&b.event_time))
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses part of it
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use kontext_store::{ContextDocument, ProvenanceView, RelatedEntity, RelatedList};
 use serde_json::{json, Map, Value};
@@ -21,8 +22,8 @@ fn time(ms: i64) -> String {
     )
 }
 
-pub fn prov(source: &str, topic: &str, offset: i64, ms: i64) -> ProvenanceView {
-    ProvenanceView {
+pub fn prov(source: &str, topic: &str, offset: i64, ms: i64) -> Arc<ProvenanceView> {
+    Arc::new(ProvenanceView {
         source: source.into(),
         event_id: format!("{source}-{offset}"),
         event_type: Some(format!("{source}.updated")),
@@ -30,7 +31,7 @@ pub fn prov(source: &str, topic: &str, offset: i64, ms: i64) -> ProvenanceView {
         partition: 3,
         offset,
         event_time: time(ms),
-    }
+    })
 }
 
 fn entity(

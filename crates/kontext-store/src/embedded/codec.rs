@@ -23,9 +23,11 @@
 //! events), and it encodes and decodes without a JSON parser for the structure.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
+use crate::document::{EntityView, ProvenanceView};
 use crate::model::{EntityDoc, FieldEntry, Provenance};
 use crate::StoreError;
 
@@ -78,7 +80,8 @@ pub(super) fn encode(doc: &EntityDoc, out: &mut Vec<u8>) -> Result<(), StoreErro
 
 /// The index of `p` in `table`, added if new.
 fn index_of<'a>(p: &'a Provenance, table: &mut Vec<&'a Provenance>) -> u64 {
-    match table.iter().position(|q| *q == p) {
+    // Fields set by one event share its provenance: the pointer test settles most lookups.
+    match table.iter().position(|q| std::ptr::eq(*q, p) || *q == p) {
         Some(i) => i as u64,
         None => {
             table.push(p);
@@ -107,45 +110,24 @@ fn decode_binary(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
     let n = r.len()?;
     let mut table = Vec::with_capacity(n);
     for _ in 0..n {
-        let source = r.string()?;
-        let event_id = r.string()?;
-        let event_type = match r.varint()? {
-            0 => None,
-            _ => Some(r.string()?),
-        };
-        let topic = r.string()?;
-        let partition = i32::try_from(unzigzag(r.varint()?))
-            .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
-        table.push(Provenance {
-            source,
-            event_id,
-            event_type,
-            topic,
-            partition,
-            offset: unzigzag(r.varint()?),
-            event_time_ms: unzigzag(r.varint()?),
-        });
+        table.push(Arc::new(r.provenance()?));
     }
     let provenance = |index: u64| {
         table
             .get(index as usize)
             .cloned()
-            .ok_or_else(|| StoreError::Corrupt(format!("provenance index {index} out of range")))
+            .ok_or_else(|| out_of_range(index))
     };
     let latest = provenance(r.varint()?)?;
     let n = r.len()?;
     let mut fields = BTreeMap::new();
     for _ in 0..n {
         let name = r.string()?;
-        let len = r.len()?;
-        let value: Value = serde_json::from_slice(r.take(len)?)
-            .map_err(|e| StoreError::Corrupt(format!("field {name}: {e}")))?;
+        let value = r.value(&name)?;
         let provenance = provenance(r.varint()?)?;
         fields.insert(name, FieldEntry { value, provenance });
     }
-    if r.at != r.bytes.len() {
-        return Err(StoreError::Corrupt("trailing bytes after entity".into()));
-    }
+    r.end()?;
     Ok(EntityDoc {
         entity_type,
         entity_id,
@@ -155,6 +137,57 @@ fn decode_binary(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
     })
 }
 
+/// Decodes a stored entity into what a context shows of it, without building an
+/// [`EntityDoc`] first: each distinct provenance becomes one shared [`ProvenanceView`] (its
+/// strings moved, not copied, its time formatted once), and the entity type (the caller knows
+/// it) is not copied at all.
+pub(super) fn decode_view(bytes: &[u8]) -> Result<EntityView, StoreError> {
+    if bytes.first() != Some(&FORMAT_BINARY) {
+        return decode(bytes).map(|doc| EntityView::from_doc(&doc));
+    }
+    let mut r = Reader {
+        bytes: &bytes[1..],
+        at: 0,
+    };
+    // The type: the caller knows it.
+    let n = r.len()?;
+    r.take(n)?;
+    let entity_id = r.string()?;
+    let events_applied = r.varint()?;
+    let n = r.len()?;
+    let mut table = Vec::with_capacity(n);
+    for _ in 0..n {
+        let p = r.provenance()?;
+        table.push((p.event_time_ms, Arc::new(ProvenanceView::from(p))));
+    }
+    let view = |index: u64| table.get(index as usize).ok_or_else(|| out_of_range(index));
+    let (latest_ms, latest) = view(r.varint()?)?;
+    let (latest_ms, latest) = (*latest_ms, Arc::clone(latest));
+    let n = r.len()?;
+    let mut fields = Map::new();
+    let mut provenance = BTreeMap::new();
+    for _ in 0..n {
+        let name = r.str_ref()?;
+        let value = r.value(name)?;
+        let (_, p) = view(r.varint()?)?;
+        fields.insert(name.to_string(), value);
+        provenance.insert(name.to_string(), Arc::clone(p));
+    }
+    r.end()?;
+    Ok(EntityView {
+        entity_id,
+        fields,
+        provenance,
+        events_applied,
+        latest,
+        latest_ms,
+    })
+}
+
+fn out_of_range(index: u64) -> StoreError {
+    StoreError::Corrupt(format!("provenance index {index} out of range"))
+}
+
 /// The version of the newest event applied to a stored entity ([`EntityDoc::latest`]), read
 /// without decoding its fields: the event time, topic, partition and offset, in the order of
 /// [`crate::Version`].
@@ -162,7 +195,7 @@ pub(super) fn latest_version(bytes: &[u8]) -> Result<(i64, String, i32, i64), St
     if bytes.first() != Some(&FORMAT_BINARY) {
         let doc = decode(bytes)?;
         let p = doc.latest;
-        return Ok((p.event_time_ms, p.topic, p.partition, p.offset));
+        return Ok((p.event_time_ms, p.topic.clone(), p.partition, p.offset));
     }
     let mut r = Reader {
         bytes: &bytes[1..],
@@ -188,7 +221,7 @@ pub(super) fn latest_version(bytes: &[u8]) -> Result<(i64, String, i32, i64), St
     let index = r.varint()?;
     let (time, topic, partition, offset) = table
         .get(index as usize)
-        .ok_or_else(|| StoreError::Corrupt(format!("provenance index {index} out of range")))?;
+        .ok_or_else(|| out_of_range(index))?;
     let partition = i32::try_from(*partition)
         .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
     Ok((*time, topic.to_string(), partition, *offset))
@@ -210,6 +243,7 @@ struct JsonDoc {
 fn decode_json(bytes: &[u8]) -> Result<EntityDoc, StoreError> {
     let JsonDoc { t, i, f, p, n, l } =
         serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let p: Vec<Arc<Provenance>> = p.into_iter().map(Arc::new).collect();
     let provenance = |index: u32| {
         p.get(index as usize)
             .cloned()
@@ -297,6 +331,43 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    /// A provenance of the table (see the module doc).
+    fn provenance(&mut self) -> Result<Provenance, StoreError> {
+        let source = self.string()?;
+        let event_id = self.string()?;
+        let event_type = match self.varint()? {
+            0 => None,
+            _ => Some(self.string()?),
+        };
+        let topic = self.string()?;
+        let partition = i32::try_from(unzigzag(self.varint()?))
+            .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
+        Ok(Provenance {
+            source,
+            event_id,
+            event_type,
+            topic,
+            partition,
+            offset: unzigzag(self.varint()?),
+            event_time_ms: unzigzag(self.varint()?),
+        })
+    }
+
+    /// A field value: length-prefixed JSON text.
+    fn value(&mut self, field: &str) -> Result<Value, StoreError> {
+        let len = self.len()?;
+        serde_json::from_slice(self.take(len)?)
+            .map_err(|e| StoreError::Corrupt(format!("field {field}: {e}")))
+    }
+
+    /// Checks that the whole record was read.
+    fn end(&self) -> Result<(), StoreError> {
+        if self.at != self.bytes.len() {
+            return Err(StoreError::Corrupt("trailing bytes after entity".into()));
+        }
+        Ok(())
+    }
+
     fn string(&mut self) -> Result<String, StoreError> {
         self.str_ref().map(str::to_string)
     }
@@ -316,8 +387,8 @@ mod tests {
 
     use super::*;
 
-    fn prov(offset: i64, event_type: Option<&str>) -> Provenance {
-        Provenance {
+    fn prov(offset: i64, event_type: Option<&str>) -> Arc<Provenance> {
+        Arc::new(Provenance {
             source: "crm".into(),
             event_id: format!("e-{offset}"),
             event_type: event_type.map(str::to_string),
@@ -325,7 +396,7 @@ mod tests {
             partition: 7,
             offset,
             event_time_ms: 1_764_072_000_000 + offset,
-        }
+        })
     }
 
     fn doc() -> EntityDoc {
@@ -364,13 +435,31 @@ mod tests {
     }
 
     #[test]
+    fn views_decode_to_the_view_of_the_document() {
+        let mut out = Vec::new();
+        encode(&doc(), &mut out).unwrap();
+        let view = decode_view(&out).unwrap();
+        assert_eq!(view, EntityView::from_doc(&doc()));
+        // One shared view per distinct event, as the stored table has them.
+        assert!(Arc::ptr_eq(
+            &view.provenance["given_name"],
+            &view.provenance["tags"]
+        ));
+        let json = br#"{"t":"customer","i":"C-1","f":[["given_name","Kemal",0]],"p":[{"source":"crm","event_id":"e-0","topic":"context.customers","partition":7,"offset":0,"event_time_ms":1764072000000}],"n":1,"l":0}"#;
+        assert_eq!(
+            decode_view(json).unwrap(),
+            EntityView::from_doc(&decode(json).unwrap())
+        );
+    }
+
+    #[test]
     fn the_latest_version_reads_without_decoding_fields() {
         let mut out = Vec::new();
         encode(&doc(), &mut out).unwrap();
         let p = doc().latest;
         assert_eq!(
             latest_version(&out).unwrap(),
-            (p.event_time_ms, p.topic, p.partition, p.offset)
+            (p.event_time_ms, p.topic.clone(), p.partition, p.offset)
         );
     }
 
@@ -392,11 +481,16 @@ mod tests {
                 matches!(decode(&out[..end]), Err(StoreError::Corrupt(_))),
                 "{end}"
             );
+            assert!(
+                matches!(decode_view(&out[..end]), Err(StoreError::Corrupt(_))),
+                "{end}"
+            );
         }
         assert!(matches!(decode(&[7, 1, 2]), Err(StoreError::Corrupt(_))));
         let mut long = out.clone();
         long.push(0);
         assert!(matches!(decode(&long), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode_view(&long), Err(StoreError::Corrupt(_))));
     }
 
     proptest! {

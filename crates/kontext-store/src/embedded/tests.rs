@@ -1,6 +1,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::document::RelatedEntity;
 use crate::model::{Change, Provenance};
 
 fn schema() -> StoreSchema {
@@ -261,6 +262,32 @@ fn tombstones_delete_the_entity_and_its_relations() {
         .children("customer", "C1", "order")
         .unwrap()
         .is_empty());
+    let ctx = store.context("customer", "C1").unwrap().unwrap();
+    assert_eq!(ctx.related["order"].total, 0);
+    assert!(ctx.related["order"].items.is_empty());
+}
+
+/// An event's provenance is stored once per entity and shared, after a read, by the fields it
+/// set (and by `latest` when it is the newest): one copy per event, not one per field.
+#[test]
+fn fields_of_one_event_share_its_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store
+        .apply(
+            &[
+                upsert("customer", "C1", json!({"a": 1, "b": 2}), "crm", 0, 0, 1),
+                upsert("customer", "C1", json!({"c": 3}), "crm", 0, 1, 2),
+            ],
+            &[],
+        )
+        .unwrap();
+    let doc = store.get("customer", "C1").unwrap().unwrap();
+    let [a, b, c] = ["a", "b", "c"].map(|k| &doc.fields[k].provenance);
+    assert!(std::sync::Arc::ptr_eq(a, b));
+    assert!(std::sync::Arc::ptr_eq(c, &doc.latest));
+    assert!(!std::sync::Arc::ptr_eq(a, c));
+    assert_eq!((a.offset, c.offset), (0, 1));
 }
 
 #[test]
@@ -459,13 +486,68 @@ mod recency_index {
             apply_all(&store, &records, batch);
             for c in 0..3u8 {
                 prop_assert_eq!(shown(&store, c), naive(&records, c), "customer C{}", c);
+                let id = format!("C{c}");
+                prop_assert_eq!(store.context("customer", &id).unwrap(), from_documents(&store, "customer", &id));
+            }
+            for o in 0..8u8 {
+                let id = format!("O{o}");
+                prop_assert_eq!(store.context("order", &id).unwrap(), from_documents(&store, "order", &id));
             }
         }
     }
 
-    /// A store written before the recency index existed gets it built when opened.
+    /// The context as assembled from whole decoded [`EntityDoc`]s (what the PostgreSQL store
+    /// does), with the related lists the lookup chose: the lookup decodes the stored bytes
+    /// straight into the document and must give the same one.
+    fn from_documents(
+        store: &EmbeddedStore,
+        entity_type: &str,
+        id: &str,
+    ) -> Option<ContextDocument> {
+        let doc = store.get(entity_type, id).unwrap()?;
+        let fast = store.context(entity_type, id).unwrap()?;
+        let mut belongs_to = BTreeMap::new();
+        for (parent_type, field) in store.schema().parents_of(entity_type) {
+            let parent = doc.fields.get(field).and_then(|f| f.value.as_str());
+            if let Some(parent) = parent.and_then(|p| store.get(parent_type, p).unwrap()) {
+                belongs_to.insert(parent_type.clone(), RelatedEntity::from_doc(&parent));
+            }
+        }
+        let related = fast
+            .related
+            .iter()
+            .map(|(t, list)| {
+                let items = list
+                    .items
+                    .iter()
+                    .map(|i| RelatedEntity::from_doc(&store.get(t, &i.entity_id).unwrap().unwrap()))
+                    .collect();
+                (
+                    t.clone(),
+                    RelatedList {
+                        items,
+                        total: list.total,
+                    },
+                )
+            })
+            .collect();
+        Some(ContextDocument::assemble(&doc, belongs_to, related))
+    }
+
+    /// A store written before the recency index or the relation counts existed gets them
+    /// built when opened.
     #[test]
     fn a_store_without_the_index_gets_it_built_on_open() {
+        for missing in [
+            &["recent"][..],
+            &["relation_counts"],
+            &["recent", "relation_counts"],
+        ] {
+            store_without_tables_gets_them_built_on_open(missing);
+        }
+    }
+
+    fn store_without_tables_gets_them_built_on_open(missing: &[&str]) {
         let dir = tempfile::tempdir().unwrap();
         let records = [(1, 0, 5), (2, 0, 9), (3, 0, 7), (4, 1, 1), (2, 1, 3)];
         let expected = {
@@ -484,14 +566,21 @@ mod recency_index {
             }
             apply_all(&store, &records, 2);
             let expected = [shown(&store, 0), shown(&store, 1)];
-            // What an older version of kontext left: no recency index.
+            // What an older version of kontext left: no recency index, no counts.
             let txn = store.db.begin_write().unwrap();
-            txn.delete_table(super::super::RECENT).unwrap();
+            for table in missing {
+                let table: redb::TableDefinition<&[u8], ()> = redb::TableDefinition::new(table);
+                assert!(txn.delete_table(table).unwrap(), "{table}");
+            }
             txn.commit().unwrap();
             expected
         };
         let store = open(&dir);
-        assert_eq!([shown(&store, 0), shown(&store, 1)], expected);
+        assert_eq!(
+            [shown(&store, 0), shown(&store, 1)],
+            expected,
+            "{missing:?}"
+        );
         // O2's move to C1 (time 3) is older than its time-9 update: it stays with C0.
         assert_eq!(expected[0], (3, vec!["O2".to_string(), "O3".to_string()]));
     }

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -709,7 +710,7 @@ fn docs_from_rows(rows: Vec<Row>) -> Result<Vec<EntityDoc>, StoreError> {
                 fields: BTreeMap::new(),
                 events_applied: u64::try_from(events)
                     .map_err(|_| StoreError::Corrupt(format!("events_applied {events}")))?,
-                latest: provenance(&row, 3)?,
+                latest: Arc::new(provenance(&row, 3)?),
             });
         }
         let Some(field) = row.try_get::<_, Option<String>>(10).map_err(pg)? else {
@@ -718,7 +719,7 @@ fn docs_from_rows(rows: Vec<Row>) -> Result<Vec<EntityDoc>, StoreError> {
         let text: String = row.try_get(11).map_err(pg)?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| StoreError::Corrupt(format!("field {field}: {e}")))?;
-        let provenance = provenance(&row, 12)?;
+        let provenance = Arc::new(provenance(&row, 12)?);
         if let Some(doc) = docs.last_mut() {
             doc.fields.insert(field, FieldEntry { value, provenance });
         }
