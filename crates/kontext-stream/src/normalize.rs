@@ -122,6 +122,9 @@ struct CompiledSource {
     key_field: String,
     fields: Vec<CompiledField>,
     drop_if: Vec<CompiledCondition>,
+    /// No field is computed by jq, so the payload is only read through paths and the record's
+    /// payload can give its values away instead of being cloned (`FieldValue::Path::take`).
+    paths_only: bool,
 }
 
 /// A record's payload as jq input, converted on first use.
@@ -154,7 +157,13 @@ struct CompiledField {
 
 #[derive(Debug, Clone)]
 enum FieldValue {
-    Path(Vec<String>),
+    Path {
+        segments: Vec<String>,
+        /// No later field reads this path, a path inside it or a path it is inside, so the
+        /// value can be moved out of the payload instead of cloned (only in a `paths_only`
+        /// source: a jq field would read the whole payload).
+        take: bool,
+    },
     Jq(Jq),
 }
 
@@ -203,7 +212,7 @@ impl Router {
                 .get(&source.entity)
                 .map(|e| e.key.clone())
                 .unwrap_or_default();
-            let fields: Vec<CompiledField> = source
+            let mut fields: Vec<CompiledField> = source
                 .fields
                 .iter()
                 .map(|(canonical, mapping)| {
@@ -214,6 +223,7 @@ impl Router {
                     )
                 })
                 .collect();
+            let paths_only = mark_takeable_paths(&mut fields);
             let drop_if: Vec<CompiledCondition> = source
                 .filter
                 .iter()
@@ -227,6 +237,7 @@ impl Router {
                 key_field,
                 fields,
                 drop_if,
+                paths_only,
             };
             let entry = topics.entry(source.topic.clone()).or_default();
             match &source.matcher {
@@ -241,7 +252,7 @@ impl Router {
 
     /// Processes one record.
     pub fn process(&self, record: &Record) -> Outcome {
-        let event = match envelope::decode(record) {
+        let mut event = match envelope::decode(record) {
             Ok(e) => e,
             Err(e) => return Outcome::Invalid(e.into()),
         };
@@ -259,15 +270,15 @@ impl Router {
                 ce_source: event.source,
             });
         };
-        let change = match &event.data {
+        let change = match event.data.take() {
             None => Change::Delete,
-            Some(data) => {
+            Some(mut data) => {
                 let jq_input = LazyJqInput {
                     event: &event,
-                    data,
+                    data: &data,
                     cell: OnceCell::new(),
                 };
-                match source.filter(&event, data, &jq_input) {
+                match source.filter(&event, &data, &jq_input) {
                     Ok(false) => {}
                     Ok(true) => {
                         return Outcome::Filtered {
@@ -276,7 +287,13 @@ impl Router {
                     }
                     Err(e) => return Outcome::Invalid(e.into()),
                 }
-                match source.normalize(data, &event.entity_id, &jq_input) {
+                let fields = if source.paths_only {
+                    drop(jq_input);
+                    source.normalize_paths(&mut data, &event.entity_id)
+                } else {
+                    source.normalize(&data, &event.entity_id, &jq_input)
+                };
+                match fields {
                     Ok(fields) => Change::Upsert(fields),
                     Err(e) => return Outcome::Invalid(e.into()),
                 }
@@ -284,10 +301,10 @@ impl Router {
         };
         Outcome::Update(EntityUpdate {
             entity_type: source.entity_type.clone(),
-            entity_id: event.entity_id.clone(),
+            entity_id: event.entity_id,
             change,
             provenance: Provenance {
-                source: event.source.clone().unwrap_or_else(|| source.name.clone()),
+                source: event.source.unwrap_or_else(|| source.name.clone()),
                 event_id: event.id,
                 event_type: event.event_type,
                 topic: record.topic.to_string(),
@@ -328,7 +345,7 @@ impl CompiledSource {
         let mut out = Map::with_capacity(self.fields.len() + 1);
         for field in &self.fields {
             let value = match &field.value {
-                FieldValue::Path(path) => match lookup(data, path) {
+                FieldValue::Path { segments, .. } => match lookup(data, segments) {
                     Some(v) => v.clone(),
                     None => continue,
                 },
@@ -337,20 +354,62 @@ impl CompiledSource {
                     _ => continue,
                 },
             };
-            let value = match field.coerce {
-                None => value,
-                Some(ty) => coerce::coerce(&value, ty).ok_or_else(|| NormalizeError::Coercion {
-                    at: field.at.clone(),
-                    value: coerce::shorten(&value),
-                    expected: ty,
-                })?,
-            };
-            out.insert(field.canonical.clone(), value);
+            field.put(&mut out, value)?;
         }
+        self.put_key(&mut out, entity_id);
+        Ok(out)
+    }
+
+    /// [`Self::normalize`] for a `paths_only` source: the payload is consumed, values whose
+    /// path no later field reads are moved out of it instead of cloned.
+    fn normalize_paths(
+        &self,
+        data: &mut Map<String, Value>,
+        entity_id: &str,
+    ) -> Result<Map<String, Value>, NormalizeError> {
+        debug_assert!(self.paths_only);
+        let mut out = Map::with_capacity(self.fields.len() + 1);
+        for field in &self.fields {
+            let value = match &field.value {
+                FieldValue::Path {
+                    segments,
+                    take: true,
+                } => take(data, segments),
+                FieldValue::Path {
+                    segments,
+                    take: false,
+                } => lookup(data, segments).cloned(),
+                // Never compiled into a `paths_only` source.
+                FieldValue::Jq(_) => None,
+            };
+            if let Some(value) = value {
+                field.put(&mut out, value)?;
+            }
+        }
+        self.put_key(&mut out, entity_id);
+        Ok(out)
+    }
+
+    fn put_key(&self, out: &mut Map<String, Value>, entity_id: &str) {
         if !self.key_field.is_empty() {
             out.insert(self.key_field.clone(), Value::String(entity_id.to_string()));
         }
-        Ok(out)
+    }
+}
+
+impl CompiledField {
+    /// Coerces the field's value if it has a `type`, then adds it to the output.
+    fn put(&self, out: &mut Map<String, Value>, value: Value) -> Result<(), NormalizeError> {
+        let value = match self.coerce {
+            None => value,
+            Some(ty) => coerce::coerce(&value, ty).ok_or_else(|| NormalizeError::Coercion {
+                at: self.at.clone(),
+                value: coerce::shorten(&value),
+                expected: ty,
+            })?,
+        };
+        out.insert(self.canonical.clone(), value);
+        Ok(())
     }
 }
 
@@ -398,24 +457,28 @@ impl CompiledCondition {
             CompiledCondition::Jq { jq, at } => return jq.holds(at, jq_input),
             CompiledCondition::Test { target, test } => (target, test),
         };
-        let found: Option<&Value>;
-        let attribute: Option<Value>;
-        match target {
-            Target::EventType => {
-                attribute = event.event_type.clone().map(Value::String);
-                found = attribute.as_ref();
-            }
-            Target::EventSource => {
-                attribute = event.source.clone().map(Value::String);
-                found = attribute.as_ref();
-            }
-            Target::Path(path) => found = lookup(data, path),
-        }
+        let attribute = match target {
+            Target::EventType => event.event_type.as_deref(),
+            Target::EventSource => event.source.as_deref(),
+            Target::Path(path) => return Ok(test.holds(lookup(data, path))),
+        };
+        // Compared as strings, without building a JSON string per record.
+        let is = |v: &Value| attribute.is_some() && v.as_str() == attribute;
         Ok(match test {
+            Test::Exists(want) => attribute.is_some() == *want,
+            Test::Equals(v) => is(v),
+            Test::OneOf(vs) => vs.iter().any(is),
+        })
+    }
+}
+
+impl Test {
+    fn holds(&self, found: Option<&Value>) -> bool {
+        match self {
             Test::Exists(want) => found.is_some() == *want,
             Test::Equals(v) => found == Some(v),
             Test::OneOf(vs) => found.is_some_and(|f| vs.contains(f)),
-        })
+        }
     }
 }
 
@@ -423,7 +486,10 @@ fn compile_field(at: &str, canonical: &str, mapping: &FieldMapping) -> CompiledF
     // Validation guarantees exactly one of path and jq; an unvalidated mapping with neither
     // gets a program that fails, so its records are rejected rather than silently emptied.
     let value = match (mapping.path(), mapping.jq()) {
-        (Some(path), _) => FieldValue::Path(split_path(path)),
+        (Some(path), _) => FieldValue::Path {
+            segments: split_path(path),
+            take: false,
+        },
         (None, Some(code)) => FieldValue::Jq(Jq::compile(code)),
         (None, None) => FieldValue::Jq(Jq {
             code: String::new(),
@@ -463,6 +529,46 @@ fn compile_condition(at: &str, c: &Condition) -> CompiledCondition {
 
 fn split_path(path: &str) -> Vec<String> {
     path.split('.').map(str::to_owned).collect()
+}
+
+/// Decides which path fields of a source may move their value out of the payload
+/// (`FieldValue::Path::take`); returns whether the source maps paths only.
+fn mark_takeable_paths(fields: &mut [CompiledField]) -> bool {
+    let paths_only = fields
+        .iter()
+        .all(|f| matches!(f.value, FieldValue::Path { .. }));
+    if !paths_only {
+        return false;
+    }
+    for i in 0..fields.len() {
+        let (done, later) = fields.split_at_mut(i + 1);
+        let overlaps = |segments: &[String]| {
+            later.iter().any(|f| match &f.value {
+                FieldValue::Path {
+                    segments: other, ..
+                } => {
+                    let n = segments.len().min(other.len());
+                    segments[..n] == other[..n]
+                }
+                FieldValue::Jq(_) => true,
+            })
+        };
+        if let FieldValue::Path { segments, take } = &mut done[i].value {
+            *take = !overlaps(segments);
+        }
+    }
+    true
+}
+
+/// Moves the value at `path` out of the payload, leaving `null` in its place (replacing is
+/// a lookup; removing it from the B-tree costs more than cloning a short string).
+fn take(data: &mut Map<String, Value>, path: &[String]) -> Option<Value> {
+    let (first, rest) = path.split_first()?;
+    let mut current = data.get_mut(first)?;
+    for segment in rest {
+        current = current.as_object_mut()?.get_mut(segment)?;
+    }
+    Some(std::mem::take(current))
 }
 
 fn lookup<'a>(data: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value> {

@@ -514,3 +514,53 @@ mod path_mappings {
         }
     }
 }
+
+#[test]
+fn fields_mapping_the_same_or_nested_paths_each_get_the_whole_value() {
+    let text = r#"
+name: t
+entities:
+  customer: { key: customer_id, topic: context.customers }
+sources:
+  crm:
+    topic: context.customers
+    entity: customer
+    match: { ce_source: crm }
+    fields: { a: loyalty.tier, b: loyalty, c: loyalty.tier, d: name, e: name, f: loyalty.points }
+    filter:
+      drop_if:
+        - { field: "@source", exists: false }
+        - { field: "@type", in: [crm.internal.probe] }
+        - { field: "@type", equals: crm.internal.ping }
+"#;
+    let r = Router::new(&PipelineConfig::parse("t.yaml", text).unwrap());
+    let data = json!({"name": "Ana", "loyalty": {"tier": "gold", "points": 7}});
+    let out = upsert(r.process(&record(
+        "context.customers",
+        "C1",
+        data.clone(),
+        Some(("crm", "crm.customer.updated")),
+    )));
+    assert_eq!(
+        Value::Object(out),
+        json!({
+            "a": "gold", "b": {"tier": "gold", "points": 7}, "c": "gold", "d": "Ana",
+            "e": "Ana", "f": 7, "customer_id": "C1",
+        })
+    );
+    for ty in ["crm.internal.probe", "crm.internal.ping"] {
+        let dropped = r.process(&record(
+            "context.customers",
+            "C1",
+            data.clone(),
+            Some(("crm", ty)),
+        ));
+        assert_eq!(
+            dropped,
+            Outcome::Filtered {
+                source: "crm".into()
+            },
+            "{ty}"
+        );
+    }
+}
