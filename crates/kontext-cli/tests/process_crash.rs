@@ -36,6 +36,22 @@ enum Backend {
 }
 
 impl Backend {
+    /// The broker of `KONTEXT_TEST_KAFKA` (default 127.0.0.1:9092), with a suffix unique to
+    /// this run.
+    fn kafka() -> Self {
+        let bootstrap =
+            std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let suffix = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+        );
+        Backend::Kafka { bootstrap, suffix }
+    }
+
     fn name(&self) -> String {
         match self {
             Backend::Embedded => "crash".into(),
@@ -109,17 +125,8 @@ async fn kill_9_at_random_moments_counts_every_event_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_on_kafka_counts_every_event_exactly_once() {
-    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let suffix = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
     // Joining the groups takes a moment on Kafka: kill later, so the runs get work done.
-    verify(Backend::Kafka { bootstrap, suffix }, 10, 0..1_500).await;
+    verify(Backend::kafka(), 10, 0..1_500).await;
 }
 
 /// Two instances in one consumer group, each with its own state directory: partitions move
@@ -130,16 +137,7 @@ async fn kill_9_at_random_moments_on_kafka_counts_every_event_exactly_once() {
 /// and the keys A counted since are wrong.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_kafka_hand_partitions_over_through_the_changelogs() {
-    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let suffix = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
-    let backend = Backend::Kafka { bootstrap, suffix };
+    let backend = Backend::kafka();
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));

@@ -391,22 +391,14 @@ impl Processor {
     ) -> Result<(), ProcessorError> {
         let shutdown = drain.shutdown;
         let router = Router::new(&self.config);
-        let groups: Vec<&FeatureGroup> = self
-            .stages
-            .iter()
-            .filter_map(|s| match s {
-                Stage::Features(g) => Some(g),
-                Stage::Join(_) => None,
-            })
-            .collect();
-        let joins: Vec<&JoinStage> = self
-            .stages
-            .iter()
-            .filter_map(|s| match s {
-                Stage::Join(j) => Some(j),
-                Stage::Features(_) => None,
-            })
-            .collect();
+        let mut groups: Vec<&FeatureGroup> = Vec::new();
+        let mut joins: Vec<&JoinStage> = Vec::new();
+        for stage in &self.stages {
+            match stage {
+                Stage::Features(g) => groups.push(g),
+                Stage::Join(j) => joins.push(j),
+            }
+        }
         let froms: BTreeSet<&str> = groups
             .iter()
             .map(|g| g.from.as_str())
