@@ -14,6 +14,7 @@ use kontext_log::{ConsumerConfig, CreateOutcome, Log, Retention, TopicSpec};
 use kontext_serve::AppState;
 use kontext_store::{ContextStore, EmbeddedStore, PostgresStore, StoreSchema, SwitchableStore};
 use kontext_stream::dlq::DeadLetters;
+use kontext_stream::retry::Waiter;
 use kontext_stream::{PipelineMetrics, Router, StoreSink};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -58,24 +59,25 @@ pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dy
 }
 
 /// Creates every entity topic the pipeline declares (existing topics are left as they are).
-/// An unreachable broker is retried with exponential backoff (100 ms doubling to 30 s) until
-/// it answers or `shutdown` is cancelled; each attempt says what is wrong.
+/// An unreachable broker is retried with exponential backoff (`retry.defaults`: 100 ms
+/// doubling to 30 s unless set) until it answers or `shutdown` is cancelled; each attempt says
+/// what is wrong.
 pub async fn ensure_topics_with_retry(
     log: &dyn Log,
     config: &PipelineConfig,
     shutdown: &CancellationToken,
 ) -> Result<()> {
-    let mut backoff = Duration::from_millis(100);
+    let mut wait = Waiter::new(config.retry.waiting_policy());
     loop {
         match ensure_topics(log, config).await {
             Ok(()) => return Ok(()),
             Err(e) if is_transient(&e) && !shutdown.is_cancelled() => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "the {} log is unavailable; retrying", log.backend());
+                let delay = wait.next_delay();
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "the {} log is unavailable; retrying", log.backend());
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(e),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             Err(e) => return Err(e),
         }
@@ -233,7 +235,7 @@ pub async fn open_store_version(
                     format!("store {}: `url` is required for kind postgres", store.name)
                 })?;
             let namespace = rebuild::version_namespace(store, version);
-            let mut backoff = Duration::from_millis(100);
+            let mut wait = Waiter::new(config.retry.waiting_policy());
             loop {
                 let connected = match &namespace {
                     Some(ns) => PostgresStore::connect_in_namespace(&url, ns, schema.clone()).await,
@@ -242,12 +244,12 @@ pub async fn open_store_version(
                 match connected {
                     Ok(pg) => return Ok(Arc::new(pg)),
                     Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
-                        tracing::warn!(store = %store.name, error = %e, retry_in = ?backoff, "PostgreSQL is unavailable; retrying");
+                        let delay = wait.next_delay();
+                        tracing::warn!(store = %store.name, error = %e, retry_in = ?delay, "PostgreSQL is unavailable; retrying");
                         tokio::select! {
                             _ = shutdown.cancelled() => {}
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(delay) => {}
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
                     }
                     Err(e) => {
                         return Err(e).with_context(|| {

@@ -33,7 +33,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kontext_core::config::{EnrichmentKind, FeatureAgg, FeatureConfig, PipelineConfig};
+use kontext_core::config::{
+    EnrichmentKind, FeatureAgg, FeatureConfig, PipelineConfig, RetryPolicy,
+};
 use kontext_core::envelope::format_time;
 use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::{ProduceRecord, Record, TopicPartition};
@@ -51,6 +53,7 @@ use tracing::{info, warn};
 
 use crate::metrics::PipelineMetrics;
 use crate::normalize::{Outcome, Router};
+use crate::retry::Waiter;
 
 pub use kontext_core::config::{features_topic, FEATURES_SOURCE};
 /// `ce_type` of feature records.
@@ -58,7 +61,6 @@ pub const FEATURES_TYPE: &str = "kontext.features.updated";
 
 const MAX_BATCH: usize = 2_000;
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longer than Kafka's default session timeout: a killed member leaves the group by then.
 const GROUP_BUSY_WAIT: Duration = Duration::from_secs(60);
 /// "All time" is one tumbling window starting at the epoch, ending in 146 million years.
@@ -371,14 +373,24 @@ impl Processor {
         let rekey_done = CancellationToken::new();
         let rekey = async {
             let result = self
-                .rekey(producer.clone(), Drain::new(&shutdown, None))
+                .rekey(
+                    producer.clone(),
+                    Drain::new(&shutdown, None, self.config.retry.waiting_policy()),
+                )
                 .await;
             rekey_done.cancel();
             result
         };
         tokio::try_join!(
             rekey,
-            self.aggregate(producer.clone(), Drain::new(&shutdown, Some(&rekey_done)))
+            self.aggregate(
+                producer.clone(),
+                Drain::new(
+                    &shutdown,
+                    Some(&rekey_done),
+                    self.config.retry.waiting_policy()
+                )
+            )
         )?;
         Ok(())
     }
@@ -510,7 +522,7 @@ impl Processor {
                     push(target, value);
                 }
             }
-            if !send(producer.as_ref(), out, shutdown).await? {
+            if !send(producer.as_ref(), out, shutdown, &drain.policy).await? {
                 return Ok(());
             }
             if let Err(e) = consumer.commit(&next_offsets(&records)).await {
@@ -652,13 +664,14 @@ impl Processor {
             // each acknowledged before the next, and all before any state records the offsets:
             // a complete changelog batch implies its outputs and its task's earlier stores'
             // batches are in the log, so restoring it never gets ahead of them.
-            if !send(producer.as_ref(), outputs, shutdown).await? {
+            if !send(producer.as_ref(), outputs, shutdown, &drain.policy).await? {
                 return Ok(());
             }
             for (phase, records) in changelogs.into_iter().enumerate() {
                 let (owners, records): (Vec<usize>, Vec<ProduceRecord>) =
                     records.into_iter().unzip();
-                let Some(positions) = send_positions(producer.as_ref(), records, shutdown).await?
+                let Some(positions) =
+                    send_positions(producer.as_ref(), records, shutdown, &drain.policy).await?
                 else {
                     return Ok(());
                 };
@@ -775,7 +788,10 @@ impl Processor {
                         })
                         .collect();
                     let never = CancellationToken::new();
-                    if let Some(positions) = send_positions(producer, records, &never).await? {
+                    let policy = self.config.retry.waiting_policy();
+                    if let Some(positions) =
+                        send_positions(producer, records, &never, &policy).await?
+                    {
                         end = positions.last().map_or(high, |pos| pos.offset + 1);
                     }
                     warn!(%topic, partition = p, records = tail.len(), "repaired an incomplete batch at the end of the changelog");
@@ -815,7 +831,9 @@ impl Processor {
         }
         warn!(%group, partitions = rewind.len(), "the group committed past the processor's state; rewinding it to the state's offsets");
         let deadline = tokio::time::Instant::now() + GROUP_BUSY_WAIT;
-        let mut backoff = Duration::from_millis(100);
+        let mut wait = Waiter::new(crate::retry::group_busy_policy(
+            self.config.retry.waiting_policy(),
+        ));
         loop {
             match self.log.reset_group_offsets(group, &rewind).await {
                 Ok(()) => return Ok(()),
@@ -823,9 +841,9 @@ impl Processor {
                     if tokio::time::Instant::now() < deadline
                         && (matches!(e, LogError::GroupBusy(_)) || e.is_transient()) =>
                 {
-                    warn!(%group, error = %e, retry_in = ?backoff, "cannot rewind the group yet; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let delay = wait.next_delay();
+                    warn!(%group, error = %e, retry_in = ?delay, "cannot rewind the group yet; retrying");
+                    tokio::time::sleep(delay).await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -1370,14 +1388,21 @@ struct Drain<'a> {
     shutdown: &'a CancellationToken,
     upstream: Option<&'a CancellationToken>,
     deadline: Option<tokio::time::Instant>,
+    /// How the loop waits out a log that is unavailable (`retry.defaults`).
+    policy: RetryPolicy,
 }
 
 impl<'a> Drain<'a> {
-    fn new(shutdown: &'a CancellationToken, upstream: Option<&'a CancellationToken>) -> Self {
+    fn new(
+        shutdown: &'a CancellationToken,
+        upstream: Option<&'a CancellationToken>,
+        policy: RetryPolicy,
+    ) -> Self {
         Self {
             shutdown,
             upstream,
             deadline: None,
+            policy,
         }
     }
 
@@ -1386,7 +1411,7 @@ impl<'a> Drain<'a> {
         &mut self,
         consumer: &mut dyn kontext_log::Consumer,
     ) -> Result<Option<Vec<Record>>, ProcessorError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut wait = Waiter::new(self.policy);
         loop {
             let polled = if self.shutdown.is_cancelled() {
                 let deadline = *self
@@ -1412,9 +1437,9 @@ impl<'a> Drain<'a> {
             match polled {
                 Ok(r) => return Ok(Some(r)),
                 Err(e) if e.is_transient() => {
-                    warn!(error = %e, "processor poll failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let delay = wait.next_delay();
+                    warn!(error = %e, retry_in = ?delay, "processor poll failed; retrying");
+                    tokio::time::sleep(delay).await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -1428,8 +1453,11 @@ async fn send(
     producer: &dyn Producer,
     records: Vec<ProduceRecord>,
     shutdown: &CancellationToken,
+    policy: &RetryPolicy,
 ) -> Result<bool, ProcessorError> {
-    Ok(send_positions(producer, records, shutdown).await?.is_some())
+    Ok(send_positions(producer, records, shutdown, policy)
+        .await?
+        .is_some())
 }
 
 /// [`send`], returning where each record landed (in the order given); `None` on shutdown.
@@ -1437,21 +1465,22 @@ async fn send_positions(
     producer: &dyn Producer,
     records: Vec<ProduceRecord>,
     shutdown: &CancellationToken,
+    policy: &RetryPolicy,
 ) -> Result<Option<Vec<kontext_core::record::RecordPosition>>, ProcessorError> {
     if records.is_empty() {
         return Ok(Some(Vec::new()));
     }
-    let mut backoff = Duration::from_millis(100);
+    let mut wait = Waiter::new(*policy);
     loop {
         match producer.send(records.clone()).await {
             Ok(positions) => return Ok(Some(positions)),
             Err(e) if e.is_transient() => {
-                warn!(error = %e, retry_in = ?backoff, "processor produce failed; retrying");
+                let delay = wait.next_delay();
+                warn!(error = %e, retry_in = ?delay, "processor produce failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Err(e) => return Err(e.into()),
         }

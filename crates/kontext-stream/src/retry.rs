@@ -8,6 +8,45 @@ use std::time::Duration;
 
 use kontext_core::config::{Jitter, RetryPolicy};
 
+/// An unbounded wait: the delays of [`Backoff`] for an operation retried until it succeeds
+/// (or the caller stops on shutdown).
+#[derive(Debug, Clone)]
+pub struct Waiter {
+    backoff: Backoff,
+    started: std::time::Instant,
+}
+
+impl Waiter {
+    /// A wait with `policy`'s delays and jitter; its limits, if any, are ignored.
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self {
+            backoff: Backoff::unseeded(RetryPolicy {
+                max_attempts: None,
+                max_elapsed: None,
+                ..policy
+            }),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// How long to wait before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let max = self.backoff.policy().max_delay;
+        self.backoff
+            .next_delay(self.started.elapsed())
+            .unwrap_or(max)
+    }
+}
+
+/// `policy` with its delays capped at 5 s, for waiting until a killed member leaves a consumer
+/// group (its session times out within a minute): take over soon after it does.
+pub fn group_busy_policy(policy: RetryPolicy) -> RetryPolicy {
+    RetryPolicy {
+        max_delay: policy.max_delay.min(Duration::from_secs(5)),
+        ..policy
+    }
+}
+
 /// The delays of one retried operation.
 #[derive(Debug, Clone)]
 pub struct Backoff {

@@ -693,14 +693,15 @@ impl StoreSink {
         // A member of a killed process stays in a Kafka group until its session times out
         // (45 s by default): wait that out rather than skip records.
         let deadline = Instant::now() + GROUP_BUSY_WAIT;
-        let mut backoff = FIRST_BACKOFF;
+        let mut wait =
+            crate::retry::Waiter::new(crate::retry::group_busy_policy(self.retry.waiting_policy()));
         loop {
             match self.log.reset_group_offsets(group, &rewind).await {
                 Ok(()) => return Ok(applied),
                 Err(e) if is_busy_or_transient(&e) && Instant::now() < deadline => {
-                    warn!(%group, error = %e, retry_in = ?backoff, "cannot rewind the group yet (a member is still registered); retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let delay = wait.next_delay();
+                    warn!(%group, error = %e, retry_in = ?delay, "cannot rewind the group yet (a member is still registered); retrying");
+                    tokio::time::sleep(delay).await;
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -208,6 +208,23 @@ impl RetryConfig {
         }
     }
 
+    /// The delays of waiting for a dependency that must come back (the log or PostgreSQL at
+    /// start-up, the processor's polls and produces, a consumer group to rewind): `defaults`'
+    /// delays and jitter over the built-in ones, with no limit, since giving up would stop
+    /// the pipeline for an outage it should ride out (Ctrl-C still stops the wait).
+    pub fn waiting_policy(&self) -> RetryPolicy {
+        let base = RetryStage::StoreProbe.builtin();
+        let d = &self.defaults;
+        RetryPolicy {
+            first_delay: d.first_delay.unwrap_or(base.first_delay),
+            multiplier: d.multiplier.unwrap_or(base.multiplier),
+            max_delay: d.max_delay.unwrap_or(base.max_delay),
+            jitter: d.jitter.unwrap_or(base.jitter),
+            max_attempts: None,
+            max_elapsed: None,
+        }
+    }
+
     /// One stage's own settings.
     pub fn settings(&self, stage: RetryStage) -> &RetrySettings {
         match stage {

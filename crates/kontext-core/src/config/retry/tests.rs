@@ -108,3 +108,22 @@ fn a_retry_section_survives_a_yaml_round_trip() {
         Duration::from_micros(250)
     );
 }
+
+#[test]
+fn waits_take_the_default_delays_and_never_give_up() {
+    let config = parse(
+        "retry:\n  defaults: { first_delay: 50ms, max_delay: 5s, max_attempts: 3, jitter: none }\n",
+    )
+    .unwrap();
+    let policy = config.retry.waiting_policy();
+    assert_eq!(policy.first_delay, Duration::from_millis(50));
+    assert_eq!(policy.max_delay, Duration::from_secs(5));
+    assert_eq!(policy.jitter, Jitter::None);
+    assert!(
+        !policy.is_bounded(),
+        "a wait has no attempt limit: {policy:?}"
+    );
+    let builtin = parse("").unwrap().retry.waiting_policy();
+    assert_eq!(builtin.first_delay, Duration::from_millis(100));
+    assert_eq!(builtin.max_delay, Duration::from_secs(30));
+}
