@@ -1,6 +1,8 @@
 //! The context endpoints over HTTP: markdown with token budgets, field selection, batch lookups,
 //! and the error codes of each.
 
+mod common;
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -521,28 +523,6 @@ fn without_staleness(body: &str) -> String {
     days
 }
 
-fn golden_json(name: &str, actual: &str) {
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; run with UPDATE_GOLDEN=1 to create it",
-            path.display()
-        )
-    });
-    assert_eq!(
-        actual,
-        expected,
-        "{} differs byte for byte; if the change is intended, rerun with UPDATE_GOLDEN=1",
-        path.display()
-    );
-}
-
 #[tokio::test]
 async fn json_context_bodies_are_byte_for_byte_those_of_the_golden_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -559,7 +539,7 @@ async fn json_context_bodies_are_byte_for_byte_those_of_the_golden_files() {
         let (status, headers, body) = get(s.clone(), uri).await;
         assert_eq!(status, StatusCode::OK, "{uri}: {body}");
         assert_eq!(headers["content-type"], "application/json", "{uri}");
-        golden_json(name, &without_staleness(&body));
+        common::golden(name, &without_staleness(&body));
     }
     let request = Request::post("/v1/context:batchGet")
         .header("content-type", "application/json")
@@ -575,7 +555,7 @@ async fn json_context_bodies_are_byte_for_byte_those_of_the_golden_files() {
     let (status, headers, body) = send(s.clone(), request).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(headers["content-type"], "application/json");
-    golden_json("batch_json.json", &without_staleness(&body));
+    common::golden("batch_json.json", &without_staleness(&body));
     let request = Request::post("/v1/context:batchGet")
         .header("content-type", "application/json")
         .body(Body::from(
@@ -587,5 +567,5 @@ async fn json_context_bodies_are_byte_for_byte_those_of_the_golden_files() {
         .unwrap();
     let (status, _, body) = send(s, request).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    golden_json("batch_markdown.json", &without_staleness(&body));
+    common::golden("batch_markdown.json", &without_staleness(&body));
 }

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use kontext_serve::render::{
     count, render_markdown, Omission, ProvenanceDetail, RenderError, RenderOptions, RenderSection,
@@ -223,28 +222,6 @@ fn minimum(doc: &ContextDocument, tokenizer: Tokenizer) -> usize {
 
 // ---- golden files ----
 
-fn golden(name: &str, actual: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; run with UPDATE_GOLDEN=1 to create it",
-            path.display()
-        )
-    });
-    assert_eq!(
-        actual,
-        expected,
-        "{} differs; if the change is intended, rerun with UPDATE_GOLDEN=1",
-        path.display()
-    );
-}
-
 #[test]
 fn golden_customer_at_several_budgets() {
     let doc = common::customer();
@@ -256,11 +233,11 @@ fn golden_customer_at_several_budgets() {
         },
     )
     .unwrap();
-    golden("customer_unbounded.md", &full.text);
+    common::golden("customer_unbounded.md", &full.text);
     for max in [4000, 400, 150, 80] {
         let r = render_markdown(&doc, &budget(max)).unwrap();
         assert!(r.tokens <= max);
-        golden(&format!("customer_{max}.md"), &r.text);
+        common::golden(&format!("customer_{max}.md"), &r.text);
     }
 }
 
@@ -269,7 +246,7 @@ fn golden_order_with_its_customer() {
     let doc = common::order();
     for max in [400, 80] {
         let r = render_markdown(&doc, &budget(max)).unwrap();
-        golden(&format!("order_{max}.md"), &r.text);
+        common::golden(&format!("order_{max}.md"), &r.text);
     }
 }
 

@@ -200,3 +200,27 @@ pub fn order() -> ContextDocument {
         as_of_ms: T0_MS + 50_000,
     }
 }
+
+/// Compares `actual` with the file `tests/golden/<name>` byte for byte (`UPDATE_GOLDEN=1`
+/// writes it instead).
+pub fn golden(name: &str, actual: &str) {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run with UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs byte for byte; if the change is intended, rerun with UPDATE_GOLDEN=1",
+        path.display()
+    );
+}
