@@ -746,17 +746,13 @@ impl Processor {
                     Some(end) if end == high => continue,
                     Some(end) if end > high => {
                         warn!(%topic, partition = p, recorded = end, high, "the changelog ends before what the local state recorded (was it recreated?): keeping the local state; a restore elsewhere would miss what the changelog lacks");
-                        let mut batch = WriteBatch::default();
-                        batch.put(CHANGELOG_END_KEY, &high.to_le_bytes());
-                        store.apply(&batch)?;
+                        record_changelog_end(store, high)?;
                         continue;
                     }
                     Some(end) if end >= low => end,
                     _ if low == high && recorded.is_none() => {
                         // An empty changelog: nothing to restore (a new pipeline).
-                        let mut batch = WriteBatch::default();
-                        batch.put(CHANGELOG_END_KEY, &high.to_le_bytes());
-                        store.apply(&batch)?;
+                        record_changelog_end(store, high)?;
                         continue;
                     }
                     _ => {
@@ -796,9 +792,7 @@ impl Processor {
                     }
                     warn!(%topic, partition = p, records = tail.len(), "repaired an incomplete batch at the end of the changelog");
                 }
-                let mut batch = WriteBatch::default();
-                batch.put(CHANGELOG_END_KEY, &end.to_le_bytes());
-                store.apply(&batch)?;
+                record_changelog_end(store, end)?;
                 info!(%topic, partition = p, from, to = high, records = read, "state restored from the changelog");
             }
         }
@@ -1233,6 +1227,13 @@ fn join_batch(
         duplicates: 0,
         unmatched: out.unmatched,
     })
+}
+
+/// Records in `store` (locally, outside its changelog) that it holds its changelog up to `end`.
+fn record_changelog_end(store: &mut FjallStore, end: i64) -> Result<(), StoreError> {
+    let mut batch = WriteBatch::default();
+    batch.put(CHANGELOG_END_KEY, &end.to_le_bytes());
+    store.apply(&batch)
 }
 
 /// The offset a batch ending at `end` records: never below what the store holds (a store

@@ -213,6 +213,45 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// The embedded log of `data_dir` (no kontext may be running on it).
+fn open_embedded_log(data_dir: &Path) -> std::sync::Arc<kontext_log::embedded::EmbeddedLog> {
+    kontext_log::embedded::EmbeddedLog::open(
+        &data_dir.join("log"),
+        kontext_log::embedded::EmbeddedConfig::default(),
+    )
+    .expect("open the log")
+}
+
+/// Every record of `topic`, partition by partition in offset order. Asserts each partition is
+/// dense from its low to its high watermark (no gap, no skipped offset).
+async fn dense_partitions(
+    log: &kontext_log::embedded::EmbeddedLog,
+    topic: &str,
+) -> Vec<Vec<kontext_core::record::Record>> {
+    use kontext_log::Log;
+    let description = log.describe_topic(topic).await.expect("describe");
+    let mut out = Vec::new();
+    for p in description.partitions {
+        let mut records = Vec::new();
+        let mut offset = p.low_watermark;
+        while offset < p.high_watermark {
+            let fetched = log.fetch(topic, p.partition, offset, 1_000).expect("fetch");
+            assert!(
+                !fetched.is_empty(),
+                "{topic}/{} has a gap at {offset}",
+                p.partition
+            );
+            for r in fetched {
+                assert_eq!(r.offset, offset, "offsets are dense");
+                offset += 1;
+                records.push(r);
+            }
+        }
+        out.push(records);
+    }
+    out
+}
+
 /// Valid records per (entity type, id), recounted from the embedded log in `data_dir/log`
 /// (the source of truth), and the number of records in it. Asserts the log is dense (no gap,
 /// no skipped offset) and holds upserts only (the generator writes no tombstones).
@@ -220,37 +259,16 @@ pub async fn expected_from_log(
     data_dir: &Path,
     config: &kontext_core::config::PipelineConfig,
 ) -> (std::collections::BTreeMap<(String, String), u64>, u64) {
-    use kontext_log::Log;
     let router = kontext_stream::Router::new(config);
-    let log = kontext_log::embedded::EmbeddedLog::open(
-        &data_dir.join("log"),
-        kontext_log::embedded::EmbeddedConfig::default(),
-    )
-    .expect("open the log");
+    let log = open_embedded_log(data_dir);
     let mut expected = std::collections::BTreeMap::new();
     let mut total = 0u64;
     for topic in config.source_topics() {
-        let description = log.describe_topic(&topic).await.expect("describe");
-        for p in description.partitions {
-            let mut offset = p.low_watermark;
-            while offset < p.high_watermark {
-                let records = log
-                    .fetch(&topic, p.partition, offset, 1_000)
-                    .expect("fetch");
-                assert!(
-                    !records.is_empty(),
-                    "{topic}/{} has a gap at {offset}",
-                    p.partition
-                );
-                for r in &records {
-                    assert_eq!(r.offset, offset, "offsets are dense");
-                    offset += 1;
-                    total += 1;
-                    if let kontext_stream::Outcome::Update(u) = router.process(r) {
-                        assert!(matches!(u.change, kontext_store::Change::Upsert(_)));
-                        *expected.entry((u.entity_type, u.entity_id)).or_default() += 1;
-                    }
-                }
+        for r in dense_partitions(&log, &topic).await.iter().flatten() {
+            total += 1;
+            if let kontext_stream::Outcome::Update(u) = router.process(r) {
+                assert!(matches!(u.change, kontext_store::Change::Upsert(_)));
+                *expected.entry((u.entity_type, u.entity_id)).or_default() += 1;
             }
         }
     }
@@ -273,82 +291,67 @@ pub async fn expected_joins_from_log(
     data_dir: &Path,
     config: &kontext_core::config::PipelineConfig,
 ) -> JoinedFields {
-    use kontext_log::Log;
     use serde_json::{Map, Value};
     use std::collections::BTreeMap;
-    let log = kontext_log::embedded::EmbeddedLog::open(
-        &data_dir.join("log"),
-        kontext_log::embedded::EmbeddedConfig::default(),
-    )
-    .expect("open the log");
+    let log = open_embedded_log(data_dir);
     let topic = format!("{}-features-repartition", config.name);
-    let description = log.describe_topic(&topic).await.expect("describe");
     // (entity, id) -> (the newest update's (event time, offset), its fields)
     type Versioned = ((i64, i64), Map<String, Value>);
     let mut best: BTreeMap<(String, String), Versioned> = BTreeMap::new();
-    for p in description.partitions {
+    for partition in dense_partitions(&log, &topic).await {
         let mut rows: BTreeMap<(String, String), Map<String, Value>> = BTreeMap::new();
         let mut marks: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
-        let mut offset = p.low_watermark;
-        while offset < p.high_watermark {
-            let records = log
-                .fetch(&topic, p.partition, offset, 1_000)
-                .expect("fetch");
-            assert!(!records.is_empty(), "{topic}/{} has a gap", p.partition);
-            for r in records {
-                offset = r.offset + 1;
-                let v: Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
-                let name = v["g"].as_str().unwrap().to_string();
-                let Some(join) = config.joins.get(&name) else {
-                    continue;
-                };
-                let origin = (
-                    name.clone(),
-                    v["o"][0].as_str().unwrap().to_string(),
-                    v["o"][1].as_i64().unwrap(),
-                );
-                let at = v["o"][2].as_i64().unwrap();
-                let mark = marks.entry(origin).or_insert(-1);
-                if at <= *mark {
-                    continue;
-                }
-                *mark = at;
-                let key = (name, String::from_utf8(r.key.unwrap().to_vec()).unwrap());
-                match v["s"].as_str() {
-                    Some("t") => match &v["f"] {
-                        Value::Object(changes) => rows
-                            .entry(key)
-                            .or_default()
-                            .extend(changes.iter().map(|(k, v)| (k.clone(), v.clone()))),
-                        _ => {
-                            rows.remove(&key);
-                        }
-                    },
-                    Some("s") => {
-                        let row = rows.get(&key);
-                        if row.is_none() && join.kind == kontext_core::config::EnrichmentKind::Inner
-                        {
-                            continue;
-                        }
-                        let fields: Map<String, Value> = join
-                            .fields
-                            .iter()
-                            .map(|(out, from)| {
-                                let value = row.and_then(|r| r.get(from)).cloned();
-                                (out.clone(), value.unwrap_or(Value::Null))
-                            })
-                            .collect();
-                        let id = v["k"].as_str().unwrap().to_string();
-                        let version = (v["t"].as_i64().unwrap().max(0), r.offset);
-                        let slot = best
-                            .entry((join.from.clone(), id))
-                            .or_insert((version, Map::new()));
-                        if version >= slot.0 {
-                            *slot = (version, fields);
-                        }
+        for r in partition {
+            let v: Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+            let name = v["g"].as_str().unwrap().to_string();
+            let Some(join) = config.joins.get(&name) else {
+                continue;
+            };
+            let origin = (
+                name.clone(),
+                v["o"][0].as_str().unwrap().to_string(),
+                v["o"][1].as_i64().unwrap(),
+            );
+            let at = v["o"][2].as_i64().unwrap();
+            let mark = marks.entry(origin).or_insert(-1);
+            if at <= *mark {
+                continue;
+            }
+            *mark = at;
+            let key = (name, String::from_utf8(r.key.unwrap().to_vec()).unwrap());
+            match v["s"].as_str() {
+                Some("t") => match &v["f"] {
+                    Value::Object(changes) => rows
+                        .entry(key)
+                        .or_default()
+                        .extend(changes.iter().map(|(k, v)| (k.clone(), v.clone()))),
+                    _ => {
+                        rows.remove(&key);
                     }
-                    other => panic!("a join record of side {other:?}"),
+                },
+                Some("s") => {
+                    let row = rows.get(&key);
+                    if row.is_none() && join.kind == kontext_core::config::EnrichmentKind::Inner {
+                        continue;
+                    }
+                    let fields: Map<String, Value> = join
+                        .fields
+                        .iter()
+                        .map(|(out, from)| {
+                            let value = row.and_then(|r| r.get(from)).cloned();
+                            (out.clone(), value.unwrap_or(Value::Null))
+                        })
+                        .collect();
+                    let id = v["k"].as_str().unwrap().to_string();
+                    let version = (v["t"].as_i64().unwrap().max(0), r.offset);
+                    let slot = best
+                        .entry((join.from.clone(), id))
+                        .or_insert((version, Map::new()));
+                    if version >= slot.0 {
+                        *slot = (version, fields);
+                    }
                 }
+                other => panic!("a join record of side {other:?}"),
             }
         }
     }
