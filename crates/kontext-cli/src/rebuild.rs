@@ -229,10 +229,15 @@ impl Job {
             Arc::new(PipelineMetrics::default()),
         );
         let sink_stop = self.cancel.child_token();
-        let mut feeding = tokio::spawn(sink.run(sink_stop.clone()));
+        let mut feeding = Some(tokio::spawn(sink.run(sink_stop.clone())));
         let outcome = self.until_switched(&green, &mut feeding).await;
         sink_stop.cancel();
-        let fed = feeding.await;
+        // `until_switched` takes the handle when it saw the sink end: awaiting a finished
+        // `JoinHandle` a second time panics.
+        let fed = match feeding {
+            Some(handle) => Some(handle.await),
+            None => None,
+        };
         match outcome {
             Ok(Some(old)) => {
                 let old_version = std::mem::replace(&mut *lock(&self.slot.version), target);
@@ -252,7 +257,7 @@ impl Job {
                 drop(green);
                 let _ = discard_version(store_config, &self.data_dir, target).await;
                 match fed {
-                    Ok(Err(sink_error)) => Err(e.context(sink_error.to_string())),
+                    Some(Ok(Err(sink_error))) => Err(e.context(sink_error.to_string())),
                     _ => Err(e),
                 }
             }
@@ -260,16 +265,27 @@ impl Job {
     }
 
     /// Samples progress and tries to switch until it worked (the replaced version), the
-    /// rebuild is interrupted (`None`) or its sink failed.
+    /// rebuild is interrupted (`None`) or its sink failed. When the sink's task ended, its
+    /// handle is taken out of `feeding`.
     async fn until_switched(
         &self,
         green: &Arc<dyn ContextStore>,
-        feeding: &mut tokio::task::JoinHandle<Result<(), kontext_stream::sink::SinkError>>,
+        feeding: &mut Option<SinkTask>,
     ) -> Result<Option<Arc<dyn ContextStore>>> {
         loop {
+            let Some(running) = feeding.as_mut() else {
+                anyhow::bail!("the rebuild's sink is not running");
+            };
             tokio::select! {
+                // An interruption stops the sink too (its token is a child of ours): when both
+                // are ready the interruption must win, or a cancelled rebuild reads as failed.
+                biased;
                 _ = self.cancel.cancelled() => return Ok(None),
-                ended = &mut *feeding => {
+                ended = running => {
+                    *feeding = None;
+                    if self.cancel.is_cancelled() {
+                        return Ok(None);
+                    }
                     let why = match ended {
                         Ok(Ok(())) => "the rebuild's sink stopped".to_string(),
                         Ok(Err(e)) => format!("the rebuild's sink failed: {e}"),
@@ -294,6 +310,9 @@ impl Job {
         }
     }
 }
+
+/// The task feeding a rebuild's new version.
+type SinkTask = tokio::task::JoinHandle<Result<(), kontext_stream::sink::SinkError>>;
 
 /// Records in the pipeline's source topics: high watermarks summed.
 async fn high_watermarks(log: &dyn Log, config: &PipelineConfig) -> Result<i64> {
