@@ -69,6 +69,7 @@ pub const RESERVED_PROPERTIES: &[&str] = &[
     "enable.auto.offset.store",
     "isolation.level",
     "auto.offset.reset",
+    "transactional.id",
 ];
 
 impl KafkaConfig {
@@ -146,6 +147,19 @@ impl KafkaConfig {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random");
+        config
+    }
+
+    /// A transactional producer: [`KafkaConfig::producer_config`] plus `transactional.id`, and
+    /// `transaction.timeout.ms` = 10 s unless `properties` set it (Kafka Streams' default under
+    /// exactly-once: a transaction left open by a crashed producer whose id is never reused
+    /// blocks `read_committed` readers of its partitions until it times out).
+    pub(crate) fn transactional_producer_config(&self, transactional_id: &str) -> ClientConfig {
+        let mut config = self.producer_config();
+        config.set("transactional.id", transactional_id);
+        if !self.properties.contains_key("transaction.timeout.ms") {
+            config.set("transaction.timeout.ms", "10000");
+        }
         config
     }
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use kontext_core::record::{Header, Record, TopicPartition};
-use kontext_log::{Consumer, LogError};
+use kontext_log::{Consumer, GroupMetadata, LogError};
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -279,6 +279,11 @@ impl Consumer for KafkaConsumer {
             );
         }
         Ok(())
+    }
+
+    fn group_metadata(&self) -> Option<GroupMetadata> {
+        let metadata = self.consumer.as_ref()?.group_metadata()?;
+        Some(GroupMetadata(Box::new(metadata)))
     }
 
     fn assignment(&self) -> Vec<TopicPartition> {

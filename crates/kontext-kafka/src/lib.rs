@@ -22,4 +22,4 @@ pub use config::{KafkaConfig, RESERVED_PROPERTIES};
 pub use consumer::KafkaConsumer;
 pub use error::{code_error, is_transient, is_unavailable, log_error};
 pub use log::KafkaLog;
-pub use producer::KafkaProducer;
+pub use producer::{KafkaProducer, KafkaTransactionalProducer};

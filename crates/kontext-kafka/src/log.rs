@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use kontext_core::record::{Record, TopicPartition};
 use kontext_log::{
     Consumer, ConsumerConfig, CreateOutcome, Log, LogError, Producer, Retention, TopicDescription,
-    TopicSpec,
+    TopicSpec, TransactionalProducer,
 };
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
@@ -22,7 +22,7 @@ use crate::config::KafkaConfig;
 use crate::consumer::{to_record, KafkaConsumer};
 use crate::error::{code_error, log_error};
 use crate::metadata::{blocking, MetadataClient, PartitionCounts};
-use crate::producer::KafkaProducer;
+use crate::producer::{KafkaProducer, KafkaTransactionalProducer};
 
 /// The Kafka backend of the kontext [`Log`]. Creating it connects to nothing yet: librdkafka
 /// connects on first use, so an unreachable cluster shows up as [`LogError::Unavailable`]
@@ -310,6 +310,31 @@ impl Log for KafkaLog {
         ));
         *slot = Some(producer.clone());
         Ok(producer)
+    }
+
+    /// A producer of its own (not the shared one): a transactional producer serves one
+    /// transaction at a time.
+    async fn transactional_producer(
+        &self,
+        transactional_id: &str,
+    ) -> Result<Arc<dyn TransactionalProducer>, LogError> {
+        if transactional_id.trim().is_empty() {
+            return Err(LogError::Invalid(
+                "a transactional producer needs a transactional id".to_string(),
+            ));
+        }
+        let inner: FutureProducer = create(
+            &self.config.transactional_producer_config(transactional_id),
+            "creating a transactional producer",
+        )?;
+        let producer = KafkaTransactionalProducer::init(
+            inner,
+            transactional_id.to_string(),
+            self.partitions.clone(),
+            self.config.request_timeout,
+        )
+        .await?;
+        Ok(Arc::new(producer))
     }
 
     /// Checks that the topics exist first: librdkafka would subscribe anyway and only report

@@ -5,12 +5,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kontext_core::partitioner::partition_for_key;
+use kontext_core::record::TopicPartition;
 use kontext_core::record::{ProduceRecord, RecordPosition};
-use kontext_log::{LogError, Producer};
+use kontext_log::{GroupMetadata, LogError, Producer, TransactionalProducer};
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::log_error;
 use crate::metadata::{blocking, PartitionCounts};
@@ -154,6 +157,96 @@ impl Producer for KafkaProducer {
                 .map_err(|e| log_error("flushing the producer", e))
         })
         .await
+    }
+}
+
+/// A transactional producer (`transactional.id` set): the same routing and delivery as
+/// [`KafkaProducer`], plus librdkafka's transaction calls, each run on the blocking pool with
+/// the configured request timeout.
+pub struct KafkaTransactionalProducer {
+    inner: KafkaProducer,
+    id: String,
+    timeout: Duration,
+}
+
+impl KafkaTransactionalProducer {
+    /// Registers the transactional id with its coordinator (`init_transactions`): fences any
+    /// earlier producer with the id and aborts the transaction it left open.
+    pub(crate) async fn init(
+        producer: FutureProducer,
+        id: String,
+        partitions: Arc<PartitionCounts>,
+        timeout: Duration,
+    ) -> Result<Self, LogError> {
+        let out = Self {
+            inner: KafkaProducer::new(producer, partitions, timeout),
+            id,
+            timeout,
+        };
+        out.call("initializing transactions", |p, t| p.init_transactions(t))
+            .await?;
+        Ok(out)
+    }
+
+    async fn call<F>(&self, what: &str, f: F) -> Result<(), LogError>
+    where
+        F: FnOnce(&FutureProducer, Duration) -> rdkafka::error::KafkaResult<()> + Send + 'static,
+    {
+        let (producer, timeout) = (self.inner.producer.clone(), self.timeout);
+        let context = format!("{what} (transactional.id {:?})", self.id);
+        blocking(move || f(&producer, timeout).map_err(|e| log_error(&context, e))).await
+    }
+}
+
+#[async_trait]
+impl Producer for KafkaTransactionalProducer {
+    async fn send(&self, records: Vec<ProduceRecord>) -> Result<Vec<RecordPosition>, LogError> {
+        self.inner.send(records).await
+    }
+
+    async fn flush(&self) -> Result<(), LogError> {
+        self.inner.flush().await
+    }
+}
+
+#[async_trait]
+impl TransactionalProducer for KafkaTransactionalProducer {
+    async fn begin(&self) -> Result<(), LogError> {
+        // Not blocking in librdkafka: it only changes the producer's local state.
+        self.inner
+            .producer
+            .begin_transaction()
+            .map_err(|e| log_error(&format!("beginning a transaction of {:?}", self.id), e))
+    }
+
+    async fn commit(
+        &self,
+        group: GroupMetadata,
+        offsets: &[(TopicPartition, i64)],
+    ) -> Result<(), LogError> {
+        let metadata = group.0.downcast::<ConsumerGroupMetadata>().map_err(|_| {
+            LogError::Invalid(
+                "committing a transaction needs a Kafka consumer group member".to_string(),
+            )
+        })?;
+        let mut list = TopicPartitionList::with_capacity(offsets.len());
+        for (tp, next) in offsets {
+            list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*next))
+                .map_err(|e| log_error("listing the offsets of a transaction", e))?;
+        }
+        if list.count() > 0 {
+            self.call("adding the offsets to the transaction", move |p, t| {
+                p.send_offsets_to_transaction(&list, &metadata, t)
+            })
+            .await?;
+        }
+        self.call("committing the transaction", |p, t| p.commit_transaction(t))
+            .await
+    }
+
+    async fn abort(&self) -> Result<(), LogError> {
+        self.call("aborting the transaction", |p, t| p.abort_transaction(t))
+            .await
     }
 }
 

@@ -66,6 +66,21 @@ pub trait Log: Send + Sync + 'static {
         )))
     }
 
+    /// A producer whose sends are grouped into transactions that commit atomically with a
+    /// consumer group's offsets (Kafka's consume-transform-produce, `transactional.id` =
+    /// `transactional_id`). Creating it fences any earlier producer with the same id and aborts
+    /// the transaction that producer left open, so give each instance of a task its own stable
+    /// id. Only Kafka has transactions; the default refuses.
+    async fn transactional_producer(
+        &self,
+        transactional_id: &str,
+    ) -> Result<Arc<dyn TransactionalProducer>, LogError> {
+        Err(LogError::Invalid(format!(
+            "{} log has no transactions (transactional id {transactional_id:?})",
+            self.backend()
+        )))
+    }
+
     /// Sets the committed offsets of a group that has no active member, like
     /// `kafka-consumer-groups --reset-offsets`. A store that lost data (or a new store) uses it
     /// to rewind its group to what the store actually holds.
@@ -96,6 +111,39 @@ pub trait Producer: Send + Sync {
     /// Waits until everything sent so far is acknowledged.
     async fn flush(&self) -> Result<(), LogError>;
 }
+
+/// A transactional producer ([`Log::transactional_producer`]). One transaction at a time:
+/// [`TransactionalProducer::begin`], any number of [`Producer::send`]s (acknowledged, but
+/// invisible to `read_committed` readers until the commit), then
+/// [`TransactionalProducer::commit`] with the input offsets, or
+/// [`TransactionalProducer::abort`].
+///
+/// After any error inside a transaction, abort it; if the abort fails too (a fenced or
+/// otherwise fatal producer), drop the producer and create a new one with the same id. The
+/// outcome of a commit that returned an error is uncertain: it may have landed.
+#[async_trait]
+pub trait TransactionalProducer: Producer {
+    /// Starts a transaction.
+    async fn begin(&self) -> Result<(), LogError>;
+
+    /// Adds `offsets` (the next offset to read, per partition) of the group member `group`
+    /// ([`Consumer::group_metadata`]) to the transaction, then commits it: the records sent
+    /// since [`TransactionalProducer::begin`] and the offsets become visible together, or
+    /// neither. The group generation travels with the offsets, so a member the group has
+    /// already replaced cannot commit (KIP-447 fencing).
+    async fn commit(
+        &self,
+        group: GroupMetadata,
+        offsets: &[(TopicPartition, i64)],
+    ) -> Result<(), LogError>;
+
+    /// Aborts the open transaction: its records are never visible to `read_committed` readers.
+    async fn abort(&self) -> Result<(), LogError>;
+}
+
+/// A consumer's group membership as a transaction coordinator needs it (group, generation,
+/// member id), opaque outside its backend.
+pub struct GroupMetadata(pub Box<dyn std::any::Any + Send + Sync>);
 
 /// A consumer group member. Offsets are committed explicitly, only after the records' effects
 /// are durable downstream (at-least-once; stores make it effectively-once).
@@ -142,5 +190,11 @@ pub trait Consumer: Send {
     /// whose `pause` refuses is never paused.
     async fn resume(&mut self) -> Result<(), LogError> {
         Ok(())
+    }
+
+    /// The membership a [`TransactionalProducer`] commits offsets for; `None` for backends
+    /// without transactions (the default) or before the member joined its group.
+    fn group_metadata(&self) -> Option<GroupMetadata> {
+        None
     }
 }

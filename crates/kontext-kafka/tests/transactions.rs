@@ -1,0 +1,175 @@
+//! Kafka transactions (`Log::transactional_producer`) against the real broker of
+//! `scripts/kafka.sh start`: records and group offsets become visible together or not at all,
+//! and a second producer with the same transactional id fences the first. What a
+//! `read_uncommitted` reader sees is checked with Kafka's own console consumer, so that the
+//! aborted records are shown to be in the log (and hidden), not merely never sent.
+
+mod common;
+
+use bytes::Bytes;
+use common::{kafka_log, kafka_tool, poll_exactly, unique};
+use kontext_core::record::{ProduceRecord, TopicPartition};
+use kontext_log::{ConsumerConfig, Log, TopicSpec};
+
+fn values(topic: &str, prefix: &str, n: usize) -> Vec<ProduceRecord> {
+    (0..n)
+        .map(|i| {
+            ProduceRecord::new(
+                topic,
+                Some(Bytes::from(format!("k{i}"))),
+                Some(Bytes::from(format!("{prefix}-{i}"))),
+            )
+        })
+        .collect()
+}
+
+/// The values of `topic`'s only partition as Kafka's console consumer reads them with
+/// `isolation`, stopping after `expect` records or 10 s without one.
+fn console_values(topic: &str, isolation: &str, expect: usize) -> Vec<String> {
+    let out = kafka_tool(
+        &[
+            "console-consumer",
+            "--bootstrap-server",
+            &common::bootstrap(),
+            "--topic",
+            topic,
+            "--from-beginning",
+            "--isolation-level",
+            isolation,
+            "--max-messages",
+            &expect.to_string(),
+            "--timeout-ms",
+            "10000",
+        ],
+        b"",
+    );
+    out.lines().map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_and_offsets_commit_together_and_an_aborted_transaction_shows_nothing() {
+    let log = kafka_log();
+    let (input, output, group) = (unique("txn-in"), unique("txn-out"), unique("txn-g"));
+    log.create_topic(&TopicSpec::new(&input, 1)).await.unwrap();
+    log.create_topic(&TopicSpec::new(&output, 1)).await.unwrap();
+    log.producer()
+        .await
+        .unwrap()
+        .send(values(&input, "in", 10))
+        .await
+        .unwrap();
+    let mut consumer = log
+        .consumer(ConsumerConfig::new(&group, vec![input.clone()]))
+        .await
+        .unwrap();
+    poll_exactly(consumer.as_mut(), 10).await;
+    let txn = log.transactional_producer(&unique("txn")).await.unwrap();
+    let offsets = [(TopicPartition::new(input.as_str(), 0), 10)];
+
+    txn.begin().await.unwrap();
+    let sent = txn.send(values(&output, "aborted", 3)).await.unwrap();
+    assert_eq!(sent.len(), 3, "sends inside a transaction are acknowledged");
+    txn.abort().await.unwrap();
+    assert_eq!(
+        log.committed_offsets(&group, &input).await.unwrap(),
+        vec![(0, None)],
+        "an aborted transaction commits no offsets"
+    );
+
+    txn.begin().await.unwrap();
+    txn.send(values(&output, "committed", 3)).await.unwrap();
+    txn.commit(consumer.group_metadata().expect("a group member"), &offsets)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        log.committed_offsets(&group, &input).await.unwrap(),
+        vec![(0, Some(10))]
+    );
+    // The log holds both transactions (3 + 3 records, 2 markers); `read_committed` readers
+    // (kontext's own, and Kafka's console consumer) see only the committed one.
+    let high = log.describe_topic(&output).await.unwrap().partitions[0].high_watermark;
+    assert_eq!(high, 8);
+    let read: Vec<Bytes> = log
+        .read_partition(&output, 0, 0, high)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.value)
+        .collect();
+    assert_eq!(read, ["committed-0", "committed-1", "committed-2"]);
+    assert_eq!(
+        console_values(&output, "read_uncommitted", 6),
+        [
+            "aborted-0",
+            "aborted-1",
+            "aborted-2",
+            "committed-0",
+            "committed-1",
+            "committed-2"
+        ]
+    );
+    assert_eq!(
+        console_values(&output, "read_committed", 3),
+        ["committed-0", "committed-1", "committed-2"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_producer_with_the_same_id_fences_the_old_one_and_aborts_its_transaction() {
+    let log = kafka_log();
+    let (input, output, group) = (unique("fence-in"), unique("fence-out"), unique("fence-g"));
+    log.create_topic(&TopicSpec::new(&input, 1)).await.unwrap();
+    log.create_topic(&TopicSpec::new(&output, 1)).await.unwrap();
+    log.producer()
+        .await
+        .unwrap()
+        .send(values(&input, "in", 4))
+        .await
+        .unwrap();
+    let mut consumer = log
+        .consumer(ConsumerConfig::new(&group, vec![input.clone()]))
+        .await
+        .unwrap();
+    poll_exactly(consumer.as_mut(), 4).await;
+    let offsets = [(TopicPartition::new(input.as_str(), 0), 4)];
+    let id = unique("fenced");
+
+    let zombie = log.transactional_producer(&id).await.unwrap();
+    zombie.begin().await.unwrap();
+    zombie.send(values(&output, "zombie", 2)).await.unwrap();
+    // The successor's registration aborts the zombie's open transaction and fences it.
+    let successor = log.transactional_producer(&id).await.unwrap();
+    let fenced = zombie
+        .commit(consumer.group_metadata().unwrap(), &offsets)
+        .await
+        .expect_err("a fenced producer cannot commit");
+    assert!(!fenced.is_transient(), "fencing is permanent: {fenced}");
+    assert_eq!(
+        log.committed_offsets(&group, &input).await.unwrap(),
+        vec![(0, None)]
+    );
+
+    successor.begin().await.unwrap();
+    successor
+        .send(values(&output, "successor", 2))
+        .await
+        .unwrap();
+    successor
+        .commit(consumer.group_metadata().unwrap(), &offsets)
+        .await
+        .unwrap();
+    let high = log.describe_topic(&output).await.unwrap().partitions[0].high_watermark;
+    let read: Vec<Bytes> = log
+        .read_partition(&output, 0, 0, high)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.value)
+        .collect();
+    assert_eq!(read, ["successor-0", "successor-1"]);
+    assert_eq!(
+        log.committed_offsets(&group, &input).await.unwrap(),
+        vec![(0, Some(4))]
+    );
+}
