@@ -46,6 +46,7 @@ pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dy
         LogConfig::Kafka {
             bootstrap_servers,
             properties,
+            ..
         } => {
             let kafka = KafkaConfig {
                 properties: properties.clone(),

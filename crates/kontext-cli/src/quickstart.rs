@@ -61,6 +61,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         config.log = LogConfig::Kafka {
             bootstrap_servers: servers.clone(),
             properties: Default::default(),
+            exactly_once: false,
         };
     }
     std::fs::create_dir_all(&args.data_dir)

@@ -56,6 +56,7 @@ pub async fn run(args: TopicsArgs) -> Result<()> {
         config.log = LogConfig::Kafka {
             bootstrap_servers: servers.clone(),
             properties: Default::default(),
+            exactly_once: false,
         };
     }
     let data_dir = args

@@ -32,6 +32,8 @@ enum Backend {
     Kafka {
         bootstrap: String,
         suffix: String,
+        /// `exactly_once: true`: the processor commits each batch in a Kafka transaction.
+        exactly_once: bool,
     },
 }
 
@@ -49,7 +51,35 @@ impl Backend {
                 .unwrap()
                 .as_millis()
         );
-        Backend::Kafka { bootstrap, suffix }
+        Backend::Kafka {
+            bootstrap,
+            suffix,
+            exactly_once: false,
+        }
+    }
+
+    /// [`Backend::kafka`] with the processor's Kafka transactions on.
+    fn kafka_exactly_once() -> Self {
+        match Self::kafka() {
+            Backend::Kafka {
+                bootstrap, suffix, ..
+            } => Backend::Kafka {
+                bootstrap,
+                suffix: format!("eos-{suffix}"),
+                exactly_once: true,
+            },
+            Backend::Embedded => unreachable!(),
+        }
+    }
+
+    fn exactly_once(&self) -> bool {
+        matches!(
+            self,
+            Backend::Kafka {
+                exactly_once: true,
+                ..
+            }
+        )
     }
 
     fn name(&self) -> String {
@@ -64,8 +94,12 @@ impl Backend {
             Backend::Embedded => "{ backend: embedded, fsync: group_commit }".into(),
             // Static membership: a restarted member takes over its partitions at once instead of
             // waiting out the killed one's session.
-            Backend::Kafka { bootstrap, suffix } => format!(
-                r#"{{ backend: kafka, bootstrap_servers: "{bootstrap}", properties: {{ group.instance.id: "crash-{suffix}", session.timeout.ms: "10000" }} }}"#
+            Backend::Kafka {
+                bootstrap,
+                suffix,
+                exactly_once,
+            } => format!(
+                r#"{{ backend: kafka, bootstrap_servers: "{bootstrap}", exactly_once: {exactly_once}, properties: {{ group.instance.id: "crash-{suffix}", session.timeout.ms: "10000" }} }}"#
             ),
         }
     }
@@ -127,6 +161,16 @@ async fn kill_9_at_random_moments_counts_every_event_exactly_once() {
 async fn kill_9_at_random_moments_on_kafka_counts_every_event_exactly_once() {
     // Joining the groups takes a moment on Kafka: kill later, so the runs get work done.
     verify(Backend::kafka(), 10, 0..1_500).await;
+}
+
+/// The same with `exactly_once: true`: each batch of the processor's tasks is one Kafka
+/// transaction. Besides the kills, one run is fenced while it processes: the test registers a
+/// producer with the processor's transactional id, so the processor's next transaction fails;
+/// it must abort, rejoin and recompute the batch (`kontext_process_transactions_aborted_total`
+/// goes up), and the counts must still be exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_fencing_on_kafka_with_transactions_count_every_event_exactly_once() {
+    verify(Backend::kafka_exactly_once(), 10, 0..1_500).await;
 }
 
 /// Two instances in one consumer group, each with its own state directory: partitions move
@@ -290,7 +334,13 @@ async fn verify(backend: Backend, kills_wanted: usize, kill_after_ms: std::ops::
     let mut rng = StdRng::seed_from_u64(seed);
 
     // The input, in one chunk per run: each run has new records to process when it is killed.
-    let (chunks, expected) = input(&backend, &mut rng, kills_wanted + 1);
+    // Under exactly_once one more, for the run that is fenced.
+    let fence_at = backend.exactly_once().then_some(kills_wanted / 3);
+    let (chunks, expected) = input(
+        &backend,
+        &mut rng,
+        kills_wanted + 1 + usize::from(fence_at.is_some()),
+    );
     let mut chunks = chunks.into_iter();
     let mut kills = 0;
     let mut state_lost = false;
@@ -312,6 +362,30 @@ async fn verify(backend: Backend, kills_wanted: usize, kill_after_ms: std::ops::
             // recomputing from the repartition topic) before it processes anything.
             let restored = restored_records(port).await;
             assert!(restored > 0, "nothing restored from the changelogs");
+        }
+        if fence_at == Some(kills) {
+            // Let the processor get going, take its transactional id, then give it work: its
+            // next transaction finds itself fenced.
+            let id = format!(
+                "kontext.{}.process.features.crash-{}",
+                backend.name(),
+                match &backend {
+                    Backend::Kafka { suffix, .. } => suffix.as_str(),
+                    Backend::Embedded => unreachable!(),
+                }
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let fencer = open_log(&backend, dir.path())
+                .transactional_producer(&id)
+                .await
+                .unwrap();
+            append(&backend, dir.path(), &config, chunks.next().unwrap()).await;
+            let aborted = process_metric(port, "kontext_process_transactions_aborted_total").await;
+            assert!(
+                aborted > 0,
+                "the fenced processor did not abort a transaction"
+            );
+            drop(fencer);
         }
         if kills == kills_wanted {
             let deadline = Instant::now() + Duration::from_secs(90);
@@ -411,14 +485,20 @@ async fn changelog_records(backend: &Backend, data_dir: &Path) -> i64 {
 /// `kontext_process_restored_records_total` once it is above 0 (the processor restores before
 /// its first poll), or 0 if it stays there for 60 s.
 async fn restored_records(port: u16) -> u64 {
+    process_metric(port, "kontext_process_restored_records_total").await
+}
+
+/// The counter `name` of `/metrics` once it is above 0, or 0 if it stays there for 60 s.
+async fn process_metric(port: u16, name: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let prefix = format!("{name} ");
     loop {
         let n = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         }
         .lines()
-        .find_map(|l| l.strip_prefix("kontext_process_restored_records_total "))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
         if n > 0 || Instant::now() > deadline {

@@ -134,7 +134,26 @@ pub enum LogConfig {
         /// Extra librdkafka client properties (`security.protocol`, `sasl.mechanism` ...).
         #[serde(default)]
         properties: BTreeMap<String, String>,
+        /// The processor's task loop commits its outputs, changelog records and input offsets
+        /// in one Kafka transaction per batch (consume-transform-produce), as Kafka Streams'
+        /// `exactly_once_v2`. Off: the same results through idempotent steps, without
+        /// transactions (see `docs/processing.md`).
+        #[serde(default)]
+        exactly_once: bool,
     },
+}
+
+impl LogConfig {
+    /// Whether the processor commits its batches in Kafka transactions.
+    pub fn exactly_once(&self) -> bool {
+        matches!(
+            self,
+            LogConfig::Kafka {
+                exactly_once: true,
+                ..
+            }
+        )
+    }
 }
 
 impl Default for LogConfig {

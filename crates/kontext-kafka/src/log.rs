@@ -11,8 +11,8 @@ use kontext_log::{
 };
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::FutureProducer;
@@ -238,7 +238,9 @@ impl Log for KafkaLog {
             .config
             .consumer_config("kontext-partition-reader", Default::default());
         config.set("enable.partition.eof", "true");
-        let reader: BaseConsumer = create(&config, "creating a partition reader")?;
+        let reader: BaseConsumer<ReaderContext> = config
+            .create_with_context(ReaderContext)
+            .map_err(|e| config_error("creating a partition reader", e))?;
         let mut list = TopicPartitionList::with_capacity(1);
         list.add_partition_offset(topic, partition, Offset::Offset(from))
             .map_err(|e| log_error("assigning the partition to read", e))?;
@@ -446,10 +448,30 @@ fn create<T: rdkafka::config::FromClientConfig>(
     config: &ClientConfig,
     what: &str,
 ) -> Result<T, LogError> {
-    config.create().map_err(|err| match err {
+    config.create().map_err(|err| config_error(what, err))
+}
+
+fn config_error(what: &str, err: KafkaError) -> LogError {
+    match err {
         KafkaError::ClientConfig(_, desc, key, value) => {
             LogError::Invalid(format!("{what}: {desc} ({key}={value})"))
         }
         other => log_error(what, other),
-    })
+    }
 }
+
+/// The context of `read_partition`'s reader: reaching the end of the partition is how it
+/// knows it is done, so librdkafka's global "end of partition" error is not logged as one.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::debug!("librdkafka: {error}: {reason}");
+        } else {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}

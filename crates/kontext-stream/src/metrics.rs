@@ -45,6 +45,9 @@ pub struct PipelineMetrics {
     pub process_join_unmatched: AtomicU64,
     /// Processor: changelog records applied to restore task state.
     pub process_restored_records: AtomicU64,
+    /// Processor (`exactly_once`): task-loop transactions that failed and were aborted; each
+    /// one's batch was recomputed.
+    pub process_transactions_aborted: AtomicU64,
 }
 
 /// The store circuit breaker's state, as the `kontext_store_breaker_state` gauge shows it.
@@ -202,6 +205,11 @@ impl PipelineMetrics {
                 "kontext_process_restored_records_total",
                 "Changelog records applied to restore the processor's task state.",
                 &self.process_restored_records,
+            ),
+            (
+                "kontext_process_transactions_aborted_total",
+                "Processor transactions (exactly_once) that failed and were aborted; their batches were recomputed.",
+                &self.process_transactions_aborted,
             ),
         ];
         for (name, help, counter) in counters {

@@ -34,12 +34,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kontext_core::config::{
-    EnrichmentKind, FeatureAgg, FeatureConfig, PipelineConfig, RetryPolicy,
+    EnrichmentKind, FeatureAgg, FeatureConfig, LogConfig, PipelineConfig, RetryPolicy,
 };
 use kontext_core::envelope::format_time;
 use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::{ProduceRecord, Record, TopicPartition};
-use kontext_log::{ConsumerConfig, Log, LogError, Producer, TopicSpec};
+use kontext_log::{
+    ConsumerConfig, GroupMetadata, Log, LogError, Producer, TopicSpec, TransactionalProducer,
+};
 use kontext_process::{
     changelog_topic_name, repair_records, AggFn, Aggregate, AggregateConfig, ChangelogRecord,
     Coords, DedupConfig, DedupDecision, Deduplicate, Emit, EnrichmentJoin, Event, FieldPath,
@@ -87,6 +89,11 @@ pub enum ProcessorError {
     /// The features configuration cannot be run (it passed validation, so this is a bug).
     #[error("features: {0}")]
     Config(String),
+    /// A Kafka transaction of the task loop failed and was aborted (or its outcome is
+    /// uncertain). The loop handles it itself: it rejoins the group and recomputes the batch
+    /// from the state's offsets; it only surfaces when it happens during shutdown.
+    #[error("transaction: {0}")]
+    Transaction(LogError),
 }
 
 /// The consumer group of the re-key loop.
@@ -537,10 +544,7 @@ impl Processor {
         producer: Arc<dyn Producer>,
         mut drain: Drain<'_>,
     ) -> Result<(), ProcessorError> {
-        let shutdown = drain.shutdown;
-        let repartition = repartition_topic(&self.config);
         let partitions = repartition_partitions(&self.config);
-        let group = features_group(&self.config);
         let db = open_state_db(&self.state_dir.join(STATE_DB_DIR))?;
         let mut tasks: BTreeMap<(usize, i32), Task> = BTreeMap::new();
         for (si, stage) in self.stages.iter().enumerate() {
@@ -557,10 +561,131 @@ impl Processor {
                 }
             }
         }
+        let mut failures = Waiter::new(self.config.retry.waiting_policy());
+        loop {
+            // Created (again) before the state is synced: registering the transactional id
+            // aborts a transaction this instance left open, whose records would otherwise hide
+            // the rest of the changelogs from the read_committed restore until it times out.
+            let txn = if self.config.log.exactly_once() {
+                let Some(txn) = self.transactional_producer(drain.shutdown).await? else {
+                    return Ok(());
+                };
+                Some(txn)
+            } else {
+                None
+            };
+            let run = self
+                .run_tasks(
+                    producer.as_ref(),
+                    txn.as_deref(),
+                    &mut drain,
+                    &mut tasks,
+                    &mut failures,
+                )
+                .await;
+            match run {
+                Err(ProcessorError::Transaction(e)) if !drain.shutdown.is_cancelled() => {
+                    self.metrics
+                        .process_transactions_aborted
+                        .fetch_add(1, Ordering::Relaxed);
+                    let delay = failures.next_delay();
+                    warn!(error = %e, retry_in = ?delay, "a processor transaction failed and was aborted; rejoining the group to recompute the batch from the state's offsets");
+                    tokio::select! {
+                        _ = drain.shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(ProcessorError::Transaction(e)) => {
+                    warn!(error = %e, "a processor transaction failed during shutdown; its batch is recomputed at the next start");
+                    return Ok(());
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The transactional producer of this instance's task loop, retrying while the cluster
+    /// is unavailable; `None` on shutdown.
+    async fn transactional_producer(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Arc<dyn TransactionalProducer>>, ProcessorError> {
+        let id = self.transactional_id()?;
+        let mut wait = Waiter::new(self.config.retry.waiting_policy());
+        loop {
+            match self.log.transactional_producer(&id).await {
+                Ok(txn) => {
+                    info!(transactional_id = %id, "processor tasks commit in Kafka transactions (exactly_once)");
+                    return Ok(Some(txn));
+                }
+                Err(e) if e.is_transient() => {
+                    let delay = wait.next_delay();
+                    warn!(transactional_id = %id, error = %e, retry_in = ?delay, "cannot register the transactional producer yet; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The task loop's `transactional.id`: stable across restarts of this instance, so that a
+    /// restart fences its predecessor and aborts the transaction it left open, and distinct
+    /// between instances. With static membership it is `<group>.<group.instance.id>`;
+    /// otherwise `<group>.<random>`, the random part kept in `<state dir>/transactional-id`.
+    fn transactional_id(&self) -> Result<String, ProcessorError> {
+        let group = features_group(&self.config);
+        if let LogConfig::Kafka { properties, .. } = &self.config.log {
+            if let Some(instance) = properties.get("group.instance.id") {
+                return Ok(format!("{group}.{instance}"));
+            }
+        }
+        let path = self.state_dir.join("transactional-id");
+        let io = |e: std::io::Error| {
+            ProcessorError::State(StoreError::Engine {
+                store: path.display().to_string(),
+                source: Box::new(e),
+            })
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        use std::hash::{BuildHasher, Hasher};
+        // std's RandomState is seeded from the OS per process: random enough for a name.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let id = format!("{group}.{random:016x}");
+        std::fs::create_dir_all(&self.state_dir).map_err(io)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &id).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(id)
+    }
+
+    /// Loop 2 after the tasks are open: bring their state up to the changelogs, rewind the
+    /// group to the state, then process batches until shutdown. With `txn`, each batch's
+    /// outputs, changelog records and group offsets are one transaction.
+    async fn run_tasks(
+        &self,
+        producer: &dyn Producer,
+        txn: Option<&dyn TransactionalProducer>,
+        drain: &mut Drain<'_>,
+        tasks: &mut BTreeMap<(usize, i32), Task>,
+        failures: &mut Waiter,
+    ) -> Result<(), ProcessorError> {
+        let shutdown = drain.shutdown;
+        let repartition = repartition_topic(&self.config);
+        let partitions = repartition_partitions(&self.config);
+        let group = features_group(&self.config);
         let all: BTreeSet<i32> = (0..partitions).collect();
-        self.sync_with_changelogs(producer.as_ref(), &mut tasks, &all)
-            .await?;
-        self.rewind(&group, &repartition, &tasks).await?;
+        self.sync_with_changelogs(producer, tasks, &all).await?;
+        self.rewind(&group, &repartition, tasks).await?;
         let mut consumer = self
             .log
             .consumer(ConsumerConfig::new(
@@ -605,8 +730,7 @@ impl Processor {
             let new: BTreeSet<i32> = assigned.difference(&owned).copied().collect();
             if !new.is_empty() {
                 info!(partitions = ?new, "repartition partitions assigned; syncing their state with the changelogs");
-                self.sync_with_changelogs(producer.as_ref(), &mut tasks, &new)
-                    .await?;
+                self.sync_with_changelogs(producer, tasks, &new).await?;
             }
             owned = assigned;
             if records.is_empty() {
@@ -660,24 +784,44 @@ impl Processor {
                 }
                 commits.push(((si, p), pending));
             }
-            // Outputs, then each store's changelog (a task's first store before its second),
-            // each acknowledged before the next, and all before any state records the offsets:
-            // a complete changelog batch implies its outputs and its task's earlier stores'
-            // batches are in the log, so restoring it never gets ahead of them.
-            if !send(producer.as_ref(), outputs, shutdown, &drain.policy).await? {
-                return Ok(());
-            }
-            for (phase, records) in changelogs.into_iter().enumerate() {
-                let (owners, records): (Vec<usize>, Vec<ProduceRecord>) =
-                    records.into_iter().unzip();
-                let Some(positions) =
-                    send_positions(producer.as_ref(), records, shutdown, &drain.policy).await?
-                else {
+            let offsets: Vec<(TopicPartition, i64)> = next
+                .into_iter()
+                .map(|(p, n)| (TopicPartition::new(repartition.as_str(), p), n))
+                .collect();
+            if let Some(txn) = txn {
+                // One transaction: outputs, changelogs and offsets are visible together or not
+                // at all, so no phases are needed. The state commits after it (a crash in
+                // between: the store restores the batch from its changelog at start).
+                let member = consumer.group_metadata();
+                let sent =
+                    send_transaction(txn, member, outputs, changelogs, &mut commits, &offsets)
+                        .await;
+                if let Err(e) = sent {
+                    if let Err(abort) = txn.abort().await {
+                        warn!(error = %abort, "aborting the failed transaction failed too; a new producer with the same transactional id will fence it");
+                    }
+                    return Err(ProcessorError::Transaction(e));
+                }
+                *failures = Waiter::new(drain.policy);
+            } else {
+                // Outputs, then each store's changelog (a task's first store before its
+                // second), each acknowledged before the next, and all before any state records
+                // the offsets: a complete changelog batch implies its outputs and its task's
+                // earlier stores' batches are in the log, so restoring it never gets ahead of
+                // them.
+                if !send(producer, outputs, shutdown, &drain.policy).await? {
                     return Ok(());
-                };
-                for (owner, position) in owners.into_iter().zip(positions) {
-                    if let Some((_, batch)) = commits[owner].1.stores.get_mut(phase) {
-                        batch.put(CHANGELOG_END_KEY, &(position.offset + 1).to_le_bytes());
+                }
+                for (phase, records) in changelogs.into_iter().enumerate() {
+                    let (owners, records): (Vec<usize>, Vec<ProduceRecord>) =
+                        records.into_iter().unzip();
+                    let Some(positions) =
+                        send_positions(producer, records, shutdown, &drain.policy).await?
+                    else {
+                        return Ok(());
+                    };
+                    for (owner, position) in owners.into_iter().zip(positions) {
+                        note_changelog_end(&mut commits, owner, phase, position.offset);
                     }
                 }
             }
@@ -693,12 +837,10 @@ impl Processor {
                     task.commit(pending)?;
                 }
             }
-            let offsets: Vec<(TopicPartition, i64)> = next
-                .into_iter()
-                .map(|(p, n)| (TopicPartition::new(repartition.as_str(), p), n))
-                .collect();
-            if let Err(e) = consumer.commit(&offsets).await {
-                warn!(error = %e, "feature offset commit failed; the state skips what is re-delivered");
+            if txn.is_none() {
+                if let Err(e) = consumer.commit(&offsets).await {
+                    warn!(error = %e, "feature offset commit failed; the state skips what is re-delivered");
+                }
             }
         }
     }
@@ -723,6 +865,7 @@ impl Processor {
         partitions: &BTreeSet<i32>,
     ) -> Result<(), ProcessorError> {
         let mut watermarks: BTreeMap<String, BTreeMap<i32, (i64, i64)>> = BTreeMap::new();
+        let exactly_once = self.config.log.exactly_once();
         for (&(_, p), task) in tasks.iter_mut() {
             if !partitions.contains(&p) {
                 continue;
@@ -744,6 +887,9 @@ impl Processor {
                 let recorded = read_i64(store, CHANGELOG_END_KEY)?;
                 let from = match recorded {
                     Some(end) if end == high => continue,
+                    // Under exactly_once the recorded end is where the batch's transaction
+                    // marker went: the changelog ends one past it.
+                    Some(end) if exactly_once && end + 1 == high => continue,
                     Some(end) if end > high => {
                         warn!(%topic, partition = p, recorded = end, high, "the changelog ends before what the local state recorded (was it recreated?): keeping the local state; a restore elsewhere would miss what the changelog lacks");
                         record_changelog_end(store, high)?;
@@ -849,14 +995,20 @@ impl Processor {
 /// read once at the call), polling every 50 ms; gives up after `timeout`. Used at shutdown,
 /// after the processor stopped and before the store sinks stop, so that a store holds every
 /// feature record the processor wrote. Returns whether the stores caught up.
+///
+/// Under Kafka transactions a partition ends with a commit marker (and maybe aborted records)
+/// that no reader ever receives, so the stores' offsets stop short of the high watermark: a
+/// partition whose offset has not moved for [`STALLED`] counts as caught up when reading
+/// from it to the high watermark (`read_committed`) returns nothing.
 pub async fn wait_until_applied(
     log: &dyn Log,
     stores: &[Arc<dyn kontext_store::ContextStore>],
     topics: &[String],
     timeout: Duration,
 ) -> bool {
+    const STALLED: Duration = Duration::from_millis(500);
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut target = Vec::new();
+    let mut target: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for topic in topics {
         match log.describe_topic(topic).await {
             Ok(d) => target.extend(
@@ -871,17 +1023,44 @@ pub async fn wait_until_applied(
             }
         }
     }
+    // Per partition: the slowest store's offset, and since when it has not moved.
+    let mut seen: BTreeMap<(String, i32), (i64, tokio::time::Instant)> = BTreeMap::new();
     loop {
-        let mut behind = false;
+        let mut slowest: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for store in stores {
-            match store.applied_offsets().await {
-                Ok(applied) => {
-                    behind |= target
-                        .iter()
-                        .any(|(tp, high)| applied.get(tp).copied().unwrap_or(0) < *high)
-                }
-                Err(_) => behind = true,
+            let applied = store.applied_offsets().await.unwrap_or_default();
+            for tp in target.keys() {
+                let at = applied.get(tp).copied().unwrap_or(0);
+                let e = slowest.entry(tp.clone()).or_insert(at);
+                *e = (*e).min(at);
             }
+        }
+        let now = tokio::time::Instant::now();
+        let mut behind = false;
+        for (tp, high) in target.iter_mut() {
+            let at = slowest.get(tp).copied().unwrap_or(0);
+            if at >= *high {
+                continue;
+            }
+            let since = match seen.get(tp) {
+                Some(&(before, since)) if before == at => since,
+                _ => {
+                    seen.insert(tp.clone(), (at, now));
+                    now
+                }
+            };
+            if now.duration_since(since) >= STALLED {
+                match log.read_partition(&tp.0, tp.1, at, *high).await {
+                    Ok(records) if records.is_empty() => {
+                        *high = at;
+                        continue;
+                    }
+                    _ => {
+                        seen.insert(tp.clone(), (at, now));
+                    }
+                }
+            }
+            behind = true;
         }
         if !behind {
             return true;
@@ -1446,6 +1625,52 @@ impl<'a> Drain<'a> {
             }
         }
     }
+}
+
+/// Records, in the state batch of store `phase` of commit `owner`, the changelog offset after
+/// `offset` (the store's changelog end once the batch commits).
+fn note_changelog_end(
+    commits: &mut [((usize, i32), Pending)],
+    owner: usize,
+    phase: usize,
+    offset: i64,
+) {
+    if let Some((_, batch)) = commits[owner].1.stores.get_mut(phase) {
+        batch.put(CHANGELOG_END_KEY, &(offset + 1).to_le_bytes());
+    }
+}
+
+/// One batch of the task loop as one transaction: begin, the outputs and every changelog
+/// record in one send, the group's offsets, commit. Any error leaves the transaction to be
+/// aborted by the caller.
+async fn send_transaction(
+    txn: &dyn TransactionalProducer,
+    member: Option<GroupMetadata>,
+    outputs: Vec<ProduceRecord>,
+    changelogs: Vec<Vec<(usize, ProduceRecord)>>,
+    commits: &mut [((usize, i32), Pending)],
+    offsets: &[(TopicPartition, i64)],
+) -> Result<(), LogError> {
+    let member = member.ok_or_else(|| {
+        LogError::Invalid("the task loop's consumer is not a member of its group".to_string())
+    })?;
+    txn.begin().await?;
+    let mut records = outputs;
+    let first_changelog = records.len();
+    let mut owners = Vec::new();
+    for (phase, phase_records) in changelogs.into_iter().enumerate() {
+        for (owner, record) in phase_records {
+            owners.push((owner, phase));
+            records.push(record);
+        }
+    }
+    if !records.is_empty() {
+        let positions = txn.send(records).await?;
+        for ((owner, phase), position) in owners.into_iter().zip(&positions[first_changelog..]) {
+            note_changelog_end(commits, owner, phase, position.offset);
+        }
+    }
+    txn.commit(member, offsets).await
 }
 
 /// Produces `records` and waits for the acknowledgement, retrying transient errors (the same
