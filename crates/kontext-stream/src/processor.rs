@@ -22,7 +22,8 @@
 //!    `<entity topic>.features` and the state changes to the compacted
 //!    `<pipeline>-<name>-changelog`, (b) commit each task's state batch, which carries the
 //!    repartition offsets, (c) commit the group's offsets. At start the group is rewound to the
-//!    state's offsets where it committed past them.
+//!    state's offsets where it committed past them. With `exactly_once` on Kafka, (a) and (c)
+//!    are one transaction and (b) follows it.
 //!
 //! The protocol and every crash point are in `docs/processing.md`, "Runtime".
 
