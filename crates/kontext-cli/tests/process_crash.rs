@@ -16,7 +16,7 @@ use kontext_core::config::PipelineConfig;
 use kontext_core::record::ProduceRecord;
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
 use kontext_log::Log;
-use kontext_store::{EmbeddedStore, StoreSchema};
+use kontext_store::{ContextStore, EmbeddedStore, StoreSchema};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -113,15 +113,20 @@ fn pipeline(data_dir: &Path, backend: &Backend) -> String {
 /// and its own store (a full copy of the context per instance: one consumer group per store),
 /// while they share the processor's groups.
 fn pipeline_of_instance(data_dir: &Path, backend: &Backend, instance: &str) -> String {
-    let log = backend.log_yaml().replace(
-        "group.instance.id: \"crash-",
-        &format!("group.instance.id: \"crash{instance}-"),
-    );
     let store = if instance.is_empty() {
         String::new()
     } else {
         format!("store: {{ name: {instance} }}")
     };
+    pipeline_with_store(data_dir, backend, instance, &store)
+}
+
+/// [`pipeline_of_instance`] with the `store:` section given.
+fn pipeline_with_store(data_dir: &Path, backend: &Backend, instance: &str, store: &str) -> String {
+    let log = backend.log_yaml().replace(
+        "group.instance.id: \"crash-",
+        &format!("group.instance.id: \"crash{instance}-"),
+    );
     format!(
         r#"
 name: {name}
@@ -181,20 +186,103 @@ async fn kill_9_and_fencing_on_kafka_with_transactions_count_every_event_exactly
 /// and the keys A counted since are wrong.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_kafka_hand_partitions_over_through_the_changelogs() {
-    let backend = Backend::kafka();
-    let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    two_instances(dir.path(), &Backend::kafka(), |d, backend, instance| {
+        pipeline_of_instance(d, backend, instance)
+    })
+    .await;
+}
+
+/// The same two instances, now sharing one PostgreSQL store: its consumer group
+/// (`kontext.<pipeline>.store.pg`) splits between them too, and moves when A dies and comes
+/// back. Then every account's features in PostgreSQL must equal count/sum/min/max of its
+/// inputs, and every transaction entity must be applied exactly once (its `events_applied`
+/// is 1), whichever instance applied it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_kafka_share_one_postgres_store() {
+    let url = std::env::var("KONTEXT_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://kontext@127.0.0.1:55432/kontext".into());
+    let ns = format!("kontext_two_{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::kafka();
+    let store = format!("store: {{ name: pg, kind: postgres, url: \"{url}\", schema: {ns} }}");
+    let (config, expected) = two_instances(dir.path(), &backend, |d, backend, instance| {
+        pipeline_with_store(d, backend, instance, &store)
+    })
+    .await;
+
+    let pg = kontext_store::PostgresStore::connect_in_namespace(
+        &url,
+        &ns,
+        StoreSchema::from_config(&config),
+    )
+    .await
+    .unwrap();
+    let docs = pg.dump().await.unwrap();
+    let mut wrong = Vec::new();
+    let mut accounts = BTreeMap::new();
+    let mut txs = 0;
+    for doc in &docs {
+        match doc.entity_type.as_str() {
+            "account" => {
+                accounts.insert(doc.entity_id.clone(), doc.values());
+            }
+            "tx" => {
+                txs += 1;
+                if doc.events_applied != 1 {
+                    wrong.push(format!(
+                        "tx {} applied {} times",
+                        doc.entity_id, doc.events_applied
+                    ));
+                }
+            }
+            other => wrong.push(format!("unexpected entity type {other}")),
+        }
+    }
+    for (account, &(count, sum, min, max)) in &expected {
+        let want = json!({"account_id": account, "tx_count": count, "tx_sum": sum as f64,
+                          "tx_min": min as f64, "tx_max": max as f64});
+        match accounts.get(account) {
+            Some(got) if same(got, &want) => {}
+            got => wrong.push(format!(
+                "{account}: expected {want}, PostgreSQL has {got:?}"
+            )),
+        }
+    }
+    kontext_store::postgres::drop_namespace(&url, &ns)
+        .await
+        .unwrap();
+    assert_eq!(txs, RECORDS, "every transaction is in the shared store");
+    assert_eq!(accounts.len(), expected.len());
+    assert!(
+        wrong.is_empty(),
+        "{} problems in the shared store, e.g.:\n{}",
+        wrong.len(),
+        wrong[..wrong.len().min(10)].join("\n")
+    );
+}
+
+/// Runs instances A and B of the pipeline `pipeline(dir, backend, instance)` through joins,
+/// a kill and a return while the input arrives in chunks, waits until the last feature record
+/// of every key is right (or 120 s passed) and stops both. Returns the pipeline and the
+/// expected count/sum/min/max per key.
+async fn two_instances(
+    dir: &Path,
+    backend: &Backend,
+    pipeline: impl Fn(&Path, &Backend, &str) -> String,
+) -> (PipelineConfig, Expected) {
+    let started = Instant::now();
+    let (dir_a, dir_b) = (dir.join("a"), dir.join("b"));
     let mut files = Vec::new();
     for (d, instance) in [(&dir_a, "a"), (&dir_b, "b")] {
         std::fs::create_dir_all(d).unwrap();
         let file = d.join("pipeline.yaml");
-        std::fs::write(&file, pipeline_of_instance(d, &backend, instance)).unwrap();
+        std::fs::write(&file, pipeline(d, backend, instance)).unwrap();
         files.push(file);
     }
     let config = PipelineConfig::load(&files[0]).unwrap();
     let mut rng = StdRng::seed_from_u64(7);
-    let (chunks, expected) = input(&backend, &mut rng, 5);
+    let (chunks, expected) = input(backend, &mut rng, 5);
     let mut chunks = chunks.into_iter();
     let start = |file: &Path| {
         let port = free_port();
@@ -210,31 +298,31 @@ async fn two_instances_on_kafka_hand_partitions_over_through_the_changelogs() {
     };
     let pace = |secs| tokio::time::sleep(Duration::from_secs(secs));
 
-    append(&backend, &dir_a, &config, chunks.next().unwrap()).await;
+    append(backend, &dir_a, &config, chunks.next().unwrap()).await;
     let a = start(&files[0]);
     pace(5).await;
     // B joins: the group rebalances and B owns some partitions A processed.
     let b = start(&files[1]);
     pace(8).await;
-    append(&backend, &dir_a, &config, chunks.next().unwrap()).await;
+    append(backend, &dir_a, &config, chunks.next().unwrap()).await;
     pace(5).await;
     // A dies; once its session expires, B owns every partition, some of them with state
     // only A's changelog batches have.
     a.kill_9();
-    append(&backend, &dir_a, &config, chunks.next().unwrap()).await;
+    append(backend, &dir_a, &config, chunks.next().unwrap()).await;
     pace(15).await;
     // A comes back with the state it had: stale for what B processed meanwhile.
     let a = start(&files[0]);
     pace(8).await;
     for chunk in chunks {
-        append(&backend, &dir_a, &config, chunk).await;
+        append(backend, &dir_a, &config, chunk).await;
     }
     let topic = format!("{}.accounts.features", backend.name());
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut wrong = features_mismatches(&backend, &dir_a, &topic, &expected).await;
+    let mut wrong = features_mismatches(backend, &dir_a, &topic, &expected).await;
     while !wrong.is_empty() && Instant::now() < deadline {
         pace(1).await;
-        wrong = features_mismatches(&backend, &dir_a, &topic, &expected).await;
+        wrong = features_mismatches(backend, &dir_a, &topic, &expected).await;
     }
     a.interrupt();
     b.interrupt();
@@ -250,6 +338,7 @@ async fn two_instances_on_kafka_hand_partitions_over_through_the_changelogs() {
         expected.len(),
         wrong[..wrong.len().min(10)].join("\n")
     );
+    (config, expected)
 }
 
 /// `RECORDS` keyed records with known amounts, in `chunks` chunks, and their count, sum, min
