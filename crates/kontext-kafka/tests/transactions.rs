@@ -46,23 +46,54 @@ fn console_values(topic: &str, isolation: &str, expect: usize) -> Vec<String> {
     out.lines().map(str::to_string).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_and_offsets_commit_together_and_an_aborted_transaction_shows_nothing() {
+/// A one-partition input topic holding `inputs` records, read by a member of a new group,
+/// and an empty one-partition output topic.
+struct Setup {
+    log: kontext_kafka::KafkaLog,
+    input: String,
+    output: String,
+    group: String,
+    consumer: Box<dyn kontext_log::Consumer>,
+}
+
+async fn setup(prefix: &str, inputs: usize) -> Setup {
     let log = kafka_log();
-    let (input, output, group) = (unique("txn-in"), unique("txn-out"), unique("txn-g"));
+    let (input, output) = (
+        unique(&format!("{prefix}-in")),
+        unique(&format!("{prefix}-out")),
+    );
+    let group = unique(&format!("{prefix}-g"));
     log.create_topic(&TopicSpec::new(&input, 1)).await.unwrap();
     log.create_topic(&TopicSpec::new(&output, 1)).await.unwrap();
     log.producer()
         .await
         .unwrap()
-        .send(values(&input, "in", 10))
+        .send(values(&input, "in", inputs))
         .await
         .unwrap();
     let mut consumer = log
         .consumer(ConsumerConfig::new(&group, vec![input.clone()]))
         .await
         .unwrap();
-    poll_exactly(consumer.as_mut(), 10).await;
+    poll_exactly(consumer.as_mut(), inputs).await;
+    Setup {
+        log,
+        input,
+        output,
+        group,
+        consumer,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_and_offsets_commit_together_and_an_aborted_transaction_shows_nothing() {
+    let Setup {
+        log,
+        input,
+        output,
+        group,
+        consumer,
+    } = setup("txn", 10).await;
     let txn = log.transactional_producer(&unique("txn")).await.unwrap();
     let offsets = [(TopicPartition::new(input.as_str(), 0), 10)];
 
@@ -117,21 +148,13 @@ async fn records_and_offsets_commit_together_and_an_aborted_transaction_shows_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_producer_with_the_same_id_fences_the_old_one_and_aborts_its_transaction() {
-    let log = kafka_log();
-    let (input, output, group) = (unique("fence-in"), unique("fence-out"), unique("fence-g"));
-    log.create_topic(&TopicSpec::new(&input, 1)).await.unwrap();
-    log.create_topic(&TopicSpec::new(&output, 1)).await.unwrap();
-    log.producer()
-        .await
-        .unwrap()
-        .send(values(&input, "in", 4))
-        .await
-        .unwrap();
-    let mut consumer = log
-        .consumer(ConsumerConfig::new(&group, vec![input.clone()]))
-        .await
-        .unwrap();
-    poll_exactly(consumer.as_mut(), 4).await;
+    let Setup {
+        log,
+        input,
+        output,
+        group,
+        consumer,
+    } = setup("fence", 4).await;
     let offsets = [(TopicPartition::new(input.as_str(), 0), 4)];
     let id = unique("fenced");
 
