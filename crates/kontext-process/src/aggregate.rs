@@ -282,7 +282,10 @@ impl Aggregate {
             }
             if on_close_windows {
                 for window in &open {
-                    if kp.window_acc(store, layout, loaded, *window, true)?.is_none() {
+                    if kp
+                        .window_acc(store, layout, loaded, *window, true)?
+                        .is_none()
+                    {
                         window_index.push(index_key(
                             b'w',
                             window.end,
@@ -320,11 +323,7 @@ impl Aggregate {
             return Ok(());
         };
         let topic = events[events.len() - 1].coords.topic.clone();
-        let from = |tag| {
-            scan_start(tag, loaded, |st| {
-                st.saturating_sub(grace).saturating_add(1)
-            })
-        };
+        let from = |tag| scan_start(tag, loaded, |st| st.saturating_sub(grace).saturating_add(1));
         let to = |tag| {
             let mut end = vec![tag];
             end.extend_from_slice(&i64_sortable(st.saturating_sub(grace).saturating_add(1)));
@@ -713,7 +712,12 @@ impl Aggregate {
             acc.version = slot.acc.version;
             let prefix = key_prefix(b'r', &key);
             let to = prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 17]);
-            for (rkey, inputs) in range_through(store, &out.state, &prefix, &to)? {
+            // Everything at or below the horizon is deleted (before or by this batch): start
+            // above it, not at the key's first entry, so the scan does not walk the tombstones
+            // the LSM keeps of them until compaction.
+            let mut from = prefix.clone();
+            from.extend_from_slice(&i64_sortable(st.saturating_sub(size).saturating_add(1)));
+            for (rkey, inputs) in range_through(store, &out.state, &from, &to)? {
                 let mut r = Reader::new(&rkey[prefix.len()..]);
                 let t = r.i64_sortable()?;
                 let offset = i64::from_be_bytes(
@@ -929,11 +933,7 @@ impl KeyPanes {
         let mut start = window.start;
         while start < window.end {
             let pane = self.pane(store, layout, loaded, start)?;
-            let acc = if current {
-                &pane.current
-            } else {
-                &pane.stored
-            };
+            let acc = if current { &pane.current } else { &pane.stored };
             if let Some(acc) = acc {
                 match &mut merged {
                     Some(m) => m.merge(acc),
