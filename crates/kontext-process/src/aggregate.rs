@@ -192,7 +192,11 @@ impl Aggregate {
         }
         match self.config.window {
             WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. } => {
-                self.process_fixed(store, events, &mut out)?
+                if PaneLayout::of(self.config.window).one_pane_per_window() {
+                    self.process_tumbling(store, events, &mut out)?
+                } else {
+                    self.process_fixed(store, events, &mut out)?
+                }
             }
             WindowSpec::Session { gap_ms } => {
                 self.process_session(store, events, gap_ms, &mut out)?
@@ -226,17 +230,120 @@ impl Aggregate {
         }
     }
 
-    /// Tumbling and hopping windows, kept as **panes**: a pane is `gcd(size, advance)` of event
-    /// time, every window is a whole number of panes, and a window's value is the merge of its
-    /// panes. An event updates one pane (not `size / advance` windows); windows are merged from
-    /// their panes when emitted. For tumbling windows (and hopping ones with `advance == size`)
-    /// a pane is the window.
+    /// Tumbling windows (and hopping ones with `advance == size`): one accumulator per window.
+    /// Keys: `a key start` → accumulator, `x end key start` → expiry index. Kept apart from
+    /// the pane code, which would give the same layout here (a pane is the window) but is
+    /// 10-20% slower per event for it (grouping by key, merging at emission).
+    fn process_tumbling<S: StateStore + ?Sized>(
+        &self,
+        store: &S,
+        events: &[Event],
+        out: &mut AggregateBatch,
+    ) -> Result<(), StoreError> {
+        let grace = self.config.grace_ms;
+        let mut progress = Progress::load(store, &out.state)?;
+        let mut dirty: BTreeMap<Vec<u8>, Slot> = BTreeMap::new();
+        for event in events {
+            let Some(st) = progress.admit(event) else {
+                out.already_applied += 1;
+                continue;
+            };
+            let mut inputs = None;
+            let mut open = false;
+            for window in self.config.window.windows_for(event.time_ms) {
+                if window.end.saturating_add(grace) <= st {
+                    continue;
+                }
+                open = true;
+                let skey = keyed(b'a', &event.key, window.start);
+                let slot = match dirty.entry(skey) {
+                    std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        let stored = store.get(v.key())?.map(|b| Acc::decode(&b)).transpose()?;
+                        v.insert(Slot {
+                            is_new: stored.is_none(),
+                            acc: stored.unwrap_or_else(|| self.new_acc(event.coords.partition)),
+                            key: event.key.clone(),
+                            window,
+                            version: None,
+                        })
+                    }
+                };
+                if slot.acc.contains(event) {
+                    continue;
+                }
+                let inputs = inputs.get_or_insert_with(|| self.inputs(event));
+                slot.acc.add(inputs, event.time_ms, event.coords.offset);
+                slot.version = Some(event.coords.clone());
+            }
+            if !open {
+                out.dropped_late += 1;
+            }
+        }
+        let Some(st) = progress.stream_time() else {
+            return Ok(());
+        };
+        let topic = events[events.len() - 1].coords.topic.clone();
+        let from = scan_start(b'x', progress.loaded_stream_time(), |st| {
+            st.saturating_sub(grace).saturating_add(1)
+        });
+        progress.finish(&mut out.state);
+        for (skey, mut slot) in dirty {
+            let Some(version) = slot.version.take() else {
+                continue;
+            };
+            out.state.put(&skey, &slot.acc.encode());
+            if slot.is_new {
+                out.state
+                    .put(&index_key(b'x', slot.window.end, &skey[1..]), &[]);
+            }
+            if self.config.emit == Emit::OnUpdate {
+                out.updates.push(slot.update(&self.config, version, false));
+            }
+        }
+        // Close windows with end + grace <= st.
+        let mut end = b"x".to_vec();
+        end.extend_from_slice(&i64_sortable(st.saturating_sub(grace).saturating_add(1)));
+        for (xkey, _) in range_through(store, &out.state, &from, &end)? {
+            let mut r = Reader::new(&xkey[1..]);
+            let window_end = r.i64_sortable()?;
+            let rest = r.rest();
+            let mut skey = Vec::with_capacity(rest.len() + 1);
+            skey.push(b'a');
+            skey.extend_from_slice(rest);
+            if self.config.emit == Emit::OnClose {
+                if let Some(bytes) = crate::store::get_through(store, &out.state, &skey)? {
+                    let acc = Acc::decode(&bytes)?;
+                    let (key, start) = parse_keyed(rest)?;
+                    let version = Coords::new(topic.clone(), acc.partition, acc.version);
+                    let slot = Slot {
+                        is_new: false,
+                        acc,
+                        key,
+                        window: Window {
+                            start,
+                            end: window_end,
+                        },
+                        version: None,
+                    };
+                    out.updates.push(slot.update(&self.config, version, true));
+                }
+            }
+            out.state.delete(&skey);
+            out.state.delete(&xkey);
+        }
+        Ok(())
+    }
+
+    /// Hopping windows, kept as **panes**: a pane is `gcd(size, advance)` of event time, every
+    /// window is a whole number of panes, and a window's value is the merge of its panes. An
+    /// event updates one pane (not `size / advance` windows); windows are merged from their
+    /// panes when emitted.
     ///
-    /// Keys, one pane per window (`a`, `x`): `a key start` → accumulator, `x end key start` →
-    /// expiry index. Several panes per window (`p`, `v`): `p key pane-start` → the pane's
-    /// accumulator, `v expiry key pane-start` → expiry index, where `expiry` is the end of the
-    /// last window containing the pane; with emit on close also `w end key start` → the window
-    /// has events (what closes when stream time passes `end + grace`).
+    /// Keys: `p key pane-start` → the pane's accumulator, `v expiry key pane-start` → expiry
+    /// index, where `expiry` is the end of the last window containing the pane; with emit on
+    /// close also `w end key start` → the window has events (what closes when stream time
+    /// passes `end + grace`).
     fn process_fixed<S: StateStore + ?Sized>(
         &self,
         store: &S,
@@ -258,7 +365,7 @@ impl Aggregate {
             .max()
             .unwrap_or(i64::MIN);
         let at_risk = |w: &Window| w.end.saturating_add(grace) <= bound;
-        let on_close_windows = self.config.emit == Emit::OnClose && !layout.one_pane_per_window();
+        let on_close = self.config.emit == Emit::OnClose;
         let mut keys: HashMap<Bytes, KeyPanes> = HashMap::new();
         let mut window_index = Vec::new();
         for (position, event) in events.iter().enumerate() {
@@ -272,15 +379,19 @@ impl Aggregate {
                 out.dropped_late += 1;
                 continue;
             }
+            // Looked up before inserting: cloning the key for every event costs more.
+            if !keys.contains_key(&event.key) {
+                keys.insert(event.key.clone(), KeyPanes::new(event.key.clone()));
+            }
             let kp = keys
-                .entry(event.key.clone())
-                .or_insert_with(|| KeyPanes::new(event.key.clone()));
+                .get_mut(&event.key)
+                .ok_or_else(|| StoreError::Corrupt("key vanished".into()))?;
             let start = layout.pane_start(event.time_ms);
-            let pane = kp.pane(store, layout, loaded, start)?;
+            let pane = kp.pane(store, loaded, start)?;
             if pane.current.as_ref().is_some_and(|acc| acc.contains(event)) {
                 continue;
             }
-            if on_close_windows {
+            if on_close {
                 for window in &open {
                     if kp
                         .window_acc(store, layout, loaded, *window, true)?
@@ -295,14 +406,11 @@ impl Aggregate {
                 }
             }
             let inputs = self.inputs(event);
-            let pane = kp.pane(store, layout, loaded, start)?;
+            let pane = kp.pane(store, loaded, start)?;
             pane.current
                 .get_or_insert_with(|| self.new_acc(event.coords.partition))
                 .add(&inputs, event.time_ms, event.coords.offset);
             pane.last = Some((position, event.coords.clone()));
-            if layout.one_pane_per_window() {
-                continue;
-            }
             for window in open.iter().filter(|w| at_risk(w)) {
                 let delta = match kp.deltas.iter_mut().find(|d| d.start == window.start) {
                     Some(delta) => delta,
@@ -330,6 +438,22 @@ impl Aggregate {
             end
         };
         progress.finish(&mut out.state);
+        for kp in keys.values() {
+            for pane in &kp.panes {
+                let (Some(acc), Some(_)) = (&pane.current, &pane.last) else {
+                    continue;
+                };
+                let pkey = keyed(b'p', &kp.key, pane.start);
+                if pane.is_new {
+                    out.state.put_bytes(
+                        Bytes::from(index_key(b'v', layout.expiry(pane.start), &pkey[1..])),
+                        Bytes::new(),
+                    );
+                }
+                out.state
+                    .put_bytes(Bytes::from(pkey), Bytes::from(acc.encode()));
+            }
+        }
         // In the order of the keys' state entries (length-prefixed key, then window start).
         let mut order: Vec<Bytes> = keys.keys().cloned().collect();
         order.sort_unstable_by(|a, b| {
@@ -345,7 +469,7 @@ impl Aggregate {
                     .ok_or_else(|| StoreError::Corrupt("key vanished".into()))?;
                 self.emit_changed(store, layout, loaded, kp, &at_risk, &mut out.updates)?;
             }
-        } else if on_close_windows {
+        } else {
             for wkey in window_index {
                 out.state.put_bytes(Bytes::from(wkey), Bytes::new());
             }
@@ -372,48 +496,14 @@ impl Aggregate {
                 out.state.delete(&wkey);
             }
         }
-        for kp in keys.into_values() {
-            for pane in kp.panes {
-                let (Some(acc), Some(_)) = (pane.current, pane.last) else {
-                    continue;
-                };
-                let pkey = keyed(layout.pane_tag, &kp.key, pane.start);
-                if pane.stored.is_none() {
-                    out.state.put_bytes(
-                        Bytes::from(index_key(
-                            layout.index_tag,
-                            layout.expiry(pane.start),
-                            &pkey[1..],
-                        )),
-                        Bytes::new(),
-                    );
-                }
-                out.state
-                    .put_bytes(Bytes::from(pkey), Bytes::from(acc.encode()));
-            }
-        }
-        // Delete panes whose last window closed (expiry + grace <= st); with one pane per
-        // window, emit on close emits them.
-        let index = layout.index_tag;
-        for (xkey, _) in range_through(store, &out.state, &from(index), &to(index))? {
-            let mut r = Reader::new(&xkey[1..]);
-            let expiry = r.i64_sortable()?;
-            let rest = r.rest();
-            let mut pkey = Vec::with_capacity(rest.len() + 1);
-            pkey.push(layout.pane_tag);
-            pkey.extend_from_slice(rest);
-            if self.config.emit == Emit::OnClose && layout.one_pane_per_window() {
-                if let Some(bytes) = crate::store::get_through(store, &out.state, &pkey)? {
-                    let acc = Acc::decode(&bytes)?;
-                    let (key, start) = parse_keyed(rest)?;
-                    let version = Coords::new(topic.clone(), acc.partition, acc.version);
-                    let window = Window { start, end: expiry };
-                    out.updates
-                        .push(update(&self.config, key, window, acc, version, true));
-                }
-            }
+        // Delete panes whose last window closed (expiry + grace <= st).
+        for (vkey, _) in range_through(store, &out.state, &from(b'v'), &to(b'v'))? {
+            let mut pkey = vkey.to_vec();
+            // `v expiry key start` → `p key start`.
+            pkey.drain(1..9);
+            pkey[0] = b'p';
             out.state.delete(&pkey);
-            out.state.delete(&xkey);
+            out.state.delete(&vkey);
         }
         Ok(())
     }
@@ -428,26 +518,6 @@ impl Aggregate {
         at_risk: &dyn Fn(&Window) -> bool,
         updates: &mut Vec<AggregateUpdate>,
     ) -> Result<(), StoreError> {
-        if layout.one_pane_per_window() {
-            kp.panes.sort_unstable_by_key(|p| p.start);
-            for pane in &kp.panes {
-                if let (Some(acc), Some((_, version))) = (&pane.current, &pane.last) {
-                    let window = Window {
-                        start: pane.start,
-                        end: pane.start.saturating_add(layout.size),
-                    };
-                    updates.push(update(
-                        &self.config,
-                        kp.key.clone(),
-                        window,
-                        acc.clone(),
-                        version.clone(),
-                        false,
-                    ));
-                }
-            }
-            return Ok(());
-        }
         let mut starts: Vec<i64> = kp.deltas.iter().map(|d| d.start).collect();
         for pane in kp.panes.iter().filter(|p| p.last.is_some()) {
             for window in self.config.window.windows_for(pane.start) {
@@ -598,6 +668,7 @@ impl Aggregate {
                     let version = Coords::new(topic.clone(), acc.partition, acc.version);
                     closed.push(
                         Slot {
+                            is_new: false,
                             acc,
                             key,
                             window: Window {
@@ -617,6 +688,7 @@ impl Aggregate {
             for ((key, window), value) in emitted {
                 out.updates.push(match value {
                     Some((acc, version)) => Slot {
+                        is_new: false,
                         acc,
                         key,
                         window,
@@ -765,6 +837,7 @@ impl Aggregate {
             dirty.insert(
                 key.clone(),
                 Slot {
+                    is_new: stored.is_none(),
                     acc: stored.unwrap_or_else(|| self.new_acc(partition)),
                     key: key.clone(),
                     window: Window { start: 0, end: 0 },
@@ -780,6 +853,7 @@ impl Aggregate {
 
 /// An accumulator being updated in this batch.
 struct Slot {
+    is_new: bool,
     acc: Acc,
     key: Bytes,
     window: Window,
@@ -799,8 +873,6 @@ struct PaneLayout {
     pane: i64,
     advance: i64,
     size: i64,
-    pane_tag: u8,
-    index_tag: u8,
 }
 
 impl PaneLayout {
@@ -814,21 +886,14 @@ impl PaneLayout {
             // Not fixed windows: never used with a pane layout.
             WindowSpec::Session { .. } | WindowSpec::Sliding { .. } => (1, 1),
         };
-        let pane = gcd(size, advance).max(1);
-        let (pane_tag, index_tag) = if pane == size {
-            (b'a', b'x')
-        } else {
-            (b'p', b'v')
-        };
         Self {
-            pane,
+            pane: gcd(size, advance).max(1),
             advance,
             size,
-            pane_tag,
-            index_tag,
         }
     }
 
+    /// Tumbling windows (or hopping ones with `advance == size`): a pane would be the window.
     fn one_pane_per_window(&self) -> bool {
         self.pane == self.size
     }
@@ -861,6 +926,8 @@ struct KeyPanes {
 
 struct Pane {
     start: i64,
+    /// Nothing was stored before the batch.
+    is_new: bool,
     /// As stored before the batch.
     stored: Option<Acc>,
     /// With the batch's events.
@@ -893,7 +960,6 @@ impl KeyPanes {
     fn pane<S: StateStore + ?Sized>(
         &mut self,
         store: &S,
-        layout: PaneLayout,
         loaded: Option<i64>,
         start: i64,
     ) -> Result<&mut Pane, StoreError> {
@@ -903,12 +969,13 @@ impl KeyPanes {
                 let stored = match loaded {
                     Some(st) if start > st => None,
                     _ => store
-                        .get(&keyed(layout.pane_tag, &self.key, start))?
+                        .get(&keyed(b'p', &self.key, start))?
                         .map(|b| Acc::decode(&b))
                         .transpose()?,
                 };
                 self.panes.push(Pane {
                     start,
+                    is_new: stored.is_none(),
                     current: stored.clone(),
                     stored,
                     last: None,
@@ -932,7 +999,7 @@ impl KeyPanes {
         let mut merged: Option<Acc> = None;
         let mut start = window.start;
         while start < window.end {
-            let pane = self.pane(store, layout, loaded, start)?;
+            let pane = self.pane(store, loaded, start)?;
             let acc = if current { &pane.current } else { &pane.stored };
             if let Some(acc) = acc {
                 match &mut merged {
