@@ -1,5 +1,7 @@
 //! Per-operator throughput on one core, with state in fjall (the on-disk store a task uses)
-//! and in memory for comparison. Each iteration is one batch of 1000 events: the operator
+//! and in memory for comparison. Every benchmark runs twice: `<group>` in wall time, and
+//! `<group>_cpu` in CPU time of the whole process (fjall's journal and flush threads included),
+//! which a shared, loaded machine disturbs much less than wall time. Each iteration is one batch of 1000 events: the operator
 //! decides the batch and the state batch is committed (fjall: one atomic write batch,
 //! `Durability::Process`, i.e. written to the OS, not fsynced). Building the input batch is
 //! not timed. Event time advances 1 ms per event, so windows close and ids expire while the
@@ -9,9 +11,11 @@
 //! cargo bench -p kontext-process --bench operators -- --warm-up-time 1 --measurement-time 5
 //! ```
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kontext_process::store::Durability;
 use kontext_process::*;
@@ -76,31 +80,32 @@ fn mix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Times `iters` batches: `step` decides and commits one batch; building it is not timed.
-fn timed<S: StateStore + ?Sized>(
+/// Times `iters` batches with `M`'s clock: `step` decides and commits one batch; building it
+/// is not timed.
+fn timed<M: Clock, S: StateStore + ?Sized>(
     iters: u64,
     store: &mut S,
     stream: &mut Stream,
     dup_every: u64,
     mut step: impl FnMut(&mut S, &[Event]),
-) -> Duration {
-    let mut total = Duration::ZERO;
+) -> M::Value {
+    let mut total = 0;
     for _ in 0..iters {
         let events = stream.batch(dup_every);
-        let start = Instant::now();
+        let start = M::now_ns();
         step(store, &events);
-        total += start.elapsed();
+        total += M::now_ns().saturating_sub(start);
     }
-    total
+    M::value(total)
 }
 
-fn with_stores(
-    c: &mut Criterion,
+fn with_stores<M: Clock>(
+    c: &mut Criterion<M>,
     group_name: &str,
     prepare: impl Fn(&mut dyn StateStore),
-    run: impl Fn(&mut dyn StateStore, &mut Stream, u64) -> Duration,
+    run: impl Fn(&mut dyn StateStore, &mut Stream, u64) -> M::Value,
 ) {
-    let mut group = c.benchmark_group(group_name);
+    let mut group = c.benchmark_group(format!("{group_name}{}", M::SUFFIX));
     group.throughput(Throughput::Elements(BATCH as u64));
     group.sample_size(20);
     group.bench_function("fjall", |b| {
@@ -120,14 +125,14 @@ fn with_stores(
     group.finish();
 }
 
-fn dedup(c: &mut Criterion) {
+fn dedup<M: Clock>(c: &mut Criterion<M>) {
     let op = Deduplicate::new(DedupConfig { window_ms: 60_000 });
     with_stores(
         c,
         "dedup",
         |_| {},
         |store, stream, iters| {
-            timed(iters, store, stream, 10, |store, events| {
+            timed::<M, _>(iters, store, stream, 10, |store, events| {
                 let out = op.process(store, events).expect("dedup");
                 store.commit(out.state).expect("commit");
             })
@@ -135,7 +140,7 @@ fn dedup(c: &mut Criterion) {
     );
 }
 
-fn join(c: &mut Criterion) {
+fn join<M: Clock>(c: &mut Criterion<M>) {
     let op = EnrichmentJoin::new(JoinConfig {
         kind: JoinKind::Left,
         key: JoinKey::Field(FieldPath::new("customer_id")),
@@ -158,7 +163,7 @@ fn join(c: &mut Criterion) {
         }
     };
     with_stores(c, "join", load, |store, stream, iters| {
-        timed(iters, store, stream, 0, |store, events| {
+        timed::<M, _>(iters, store, stream, 0, |store, events| {
             let out = op.process(store, events).expect("join");
             assert_eq!(out.outputs.len(), events.len());
             store.commit(out.state).expect("commit");
@@ -166,7 +171,7 @@ fn join(c: &mut Criterion) {
     });
 }
 
-fn aggregation(c: &mut Criterion, name: &str, window: WindowSpec) {
+fn aggregation<M: Clock>(c: &mut Criterion<M>, name: &str, window: WindowSpec) {
     let op = Aggregate::new(AggregateConfig {
         window,
         grace_ms: 5_000,
@@ -183,7 +188,7 @@ fn aggregation(c: &mut Criterion, name: &str, window: WindowSpec) {
         name,
         |_| {},
         |store, stream, iters| {
-            timed(iters, store, stream, 0, |store, events| {
+            timed::<M, _>(iters, store, stream, 0, |store, events| {
                 let out = op.process(store, events).expect("aggregate");
                 store.commit(out.state).expect("commit");
             })
@@ -191,7 +196,7 @@ fn aggregation(c: &mut Criterion, name: &str, window: WindowSpec) {
     );
 }
 
-fn aggregations(c: &mut Criterion) {
+fn aggregations<M: Clock>(c: &mut Criterion<M>) {
     aggregation(c, "tumbling_60s", WindowSpec::Tumbling { size_ms: 60_000 });
     aggregation(
         c,
@@ -204,5 +209,125 @@ fn aggregations(c: &mut Criterion) {
     aggregation(c, "sliding_60s", WindowSpec::Sliding { size_ms: 60_000 });
 }
 
-criterion_group!(benches, dedup, join, aggregations);
-criterion_main!(benches);
+/// A clock for [`timed`]: nanoseconds, and the criterion measurement they are reported in.
+trait Clock: Measurement {
+    /// Appended to the group name, so wall and CPU results never share a baseline.
+    const SUFFIX: &'static str;
+    fn now_ns() -> u64;
+    fn value(ns: u64) -> Self::Value;
+}
+
+impl Clock for WallTime {
+    const SUFFIX: &'static str = "";
+    fn now_ns() -> u64 {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+    fn value(ns: u64) -> Duration {
+        Duration::from_nanos(ns)
+    }
+}
+
+/// CPU time of the whole process (every thread, fjall's included), in nanoseconds.
+struct ProcessCpuTime;
+
+impl Clock for ProcessCpuTime {
+    const SUFFIX: &'static str = "_cpu";
+    fn now_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own; CLOCK_PROCESS_CPUTIME_ID exists
+        // on every Linux since 2.6.12.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+    fn value(ns: u64) -> u64 {
+        ns
+    }
+}
+
+impl Measurement for ProcessCpuTime {
+    type Intermediate = u64;
+    type Value = u64;
+
+    fn start(&self) -> u64 {
+        Self::now_ns()
+    }
+    fn end(&self, start: u64) -> u64 {
+        Self::now_ns().saturating_sub(start)
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, v: &u64) -> f64 {
+        *v as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &CpuNanos
+    }
+}
+
+/// Formats CPU nanoseconds like criterion's wall-time formatter (which is private).
+struct CpuNanos;
+
+impl ValueFormatter for CpuNanos {
+    fn scale_values(&self, typical: f64, values: &mut [f64]) -> &'static str {
+        let (factor, unit) = if typical < 1e3 {
+            (1.0, "ns (cpu)")
+        } else if typical < 1e6 {
+            (1e-3, "µs (cpu)")
+        } else if typical < 1e9 {
+            (1e-6, "ms (cpu)")
+        } else {
+            (1e-9, "s (cpu)")
+        };
+        values.iter_mut().for_each(|v| *v *= factor);
+        unit
+    }
+
+    fn scale_throughputs(
+        &self,
+        typical: f64,
+        throughput: &Throughput,
+        values: &mut [f64],
+    ) -> &'static str {
+        let n = match throughput {
+            Throughput::Elements(n) => *n as f64,
+            Throughput::Bytes(n) | Throughput::BytesDecimal(n) => *n as f64,
+            _ => 1.0,
+        };
+        let per_second = n * 1e9 / typical;
+        let (factor, unit) = if per_second < 1e3 {
+            (1.0, "elem/cpu-s")
+        } else if per_second < 1e6 {
+            (1e-3, "Kelem/cpu-s")
+        } else {
+            (1e-6, "Melem/cpu-s")
+        };
+        values.iter_mut().for_each(|v| *v = n * 1e9 / *v * factor);
+        unit
+    }
+
+    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
+        "ns"
+    }
+}
+
+criterion_group!(
+    wall,
+    dedup::<WallTime>,
+    join::<WallTime>,
+    aggregations::<WallTime>
+);
+criterion_group! {
+    name = cpu;
+    config = Criterion::default().with_measurement(ProcessCpuTime);
+    targets = dedup::<ProcessCpuTime>, join::<ProcessCpuTime>, aggregations::<ProcessCpuTime>
+}
+criterion_main!(wall, cpu);

@@ -16,7 +16,7 @@
 //! with the whole aggregate, versioned by the input coordinates of the latest input that
 //! changed it. A merged-away session is an update with `values: None` (a tombstone).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
 
@@ -192,7 +192,11 @@ impl Aggregate {
         }
         match self.config.window {
             WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. } => {
-                self.process_fixed(store, events, &mut out)?
+                if PaneLayout::of(self.config.window).one_pane_per_window() {
+                    self.process_tumbling(store, events, &mut out)?
+                } else {
+                    self.process_fixed(store, events, &mut out)?
+                }
             }
             WindowSpec::Session { gap_ms } => {
                 self.process_session(store, events, gap_ms, &mut out)?
@@ -226,9 +230,11 @@ impl Aggregate {
         }
     }
 
-    /// Tumbling and hopping windows. Keys: `a key start` → accumulator, `x end key start` →
-    /// expiry index.
-    fn process_fixed<S: StateStore + ?Sized>(
+    /// Tumbling windows (and hopping ones with `advance == size`): one accumulator per window.
+    /// Keys: `a key start` → accumulator, `x end key start` → expiry index. Kept apart from
+    /// the pane code, which would give the same layout here (a pane is the window) but is
+    /// 10-20% slower per event for it (grouping by key, merging at emission).
+    fn process_tumbling<S: StateStore + ?Sized>(
         &self,
         store: &S,
         events: &[Event],
@@ -325,6 +331,236 @@ impl Aggregate {
             }
             out.state.delete(&skey);
             out.state.delete(&xkey);
+        }
+        Ok(())
+    }
+
+    /// Hopping windows, kept as **panes**: a pane is `gcd(size, advance)` of event time, every
+    /// window is a whole number of panes, and a window's value is the merge of its panes. An
+    /// event updates one pane (not `size / advance` windows); windows are merged from their
+    /// panes when emitted.
+    ///
+    /// Keys: `p key pane-start` → the pane's accumulator, `v expiry key pane-start` → expiry
+    /// index, where `expiry` is the end of the last window containing the pane; with emit on
+    /// close also `w end key start` → the window has events (what closes when stream time
+    /// passes `end + grace`).
+    fn process_fixed<S: StateStore + ?Sized>(
+        &self,
+        store: &S,
+        events: &[Event],
+        out: &mut AggregateBatch,
+    ) -> Result<(), StoreError> {
+        let grace = self.config.grace_ms;
+        let layout = PaneLayout::of(self.config.window);
+        let mut progress = Progress::load(store, &out.state)?;
+        let loaded = progress.loaded_stream_time();
+        // A window with `end + grace > bound` is open for the whole batch, so every event this
+        // batch adds to one of its panes is in it. The others ("at risk": they may close during
+        // the batch, after which events still reach their panes through later windows) keep
+        // what the batch added to them separately.
+        let bound = events
+            .iter()
+            .map(|e| e.time_ms)
+            .chain(loaded)
+            .max()
+            .unwrap_or(i64::MIN);
+        let at_risk = |w: &Window| w.end.saturating_add(grace) <= bound;
+        let on_close = self.config.emit == Emit::OnClose;
+        let mut keys: HashMap<Bytes, KeyPanes> = HashMap::new();
+        let mut window_index = Vec::new();
+        for (position, event) in events.iter().enumerate() {
+            let Some(st) = progress.admit(event) else {
+                out.already_applied += 1;
+                continue;
+            };
+            let mut open = self.config.window.windows_for(event.time_ms);
+            open.retain(|w| w.end.saturating_add(grace) > st);
+            if open.is_empty() {
+                out.dropped_late += 1;
+                continue;
+            }
+            // Looked up before inserting: cloning the key for every event costs more.
+            if !keys.contains_key(&event.key) {
+                keys.insert(event.key.clone(), KeyPanes::new(event.key.clone()));
+            }
+            let kp = keys
+                .get_mut(&event.key)
+                .ok_or_else(|| StoreError::Corrupt("key vanished".into()))?;
+            let start = layout.pane_start(event.time_ms);
+            let pane = kp.pane(store, loaded, start)?;
+            if pane.current.as_ref().is_some_and(|acc| acc.contains(event)) {
+                continue;
+            }
+            if on_close {
+                for window in &open {
+                    if kp
+                        .window_acc(store, layout, loaded, *window, true)?
+                        .is_none()
+                    {
+                        window_index.push(index_key(
+                            b'w',
+                            window.end,
+                            &keyed(0, &event.key, window.start)[1..],
+                        ));
+                    }
+                }
+            }
+            let inputs = self.inputs(event);
+            let pane = kp.pane(store, loaded, start)?;
+            pane.current
+                .get_or_insert_with(|| self.new_acc(event.coords.partition))
+                .add(&inputs, event.time_ms, event.coords.offset);
+            pane.last = Some((position, event.coords.clone()));
+            for window in open.iter().filter(|w| at_risk(w)) {
+                let delta = match kp.deltas.iter_mut().find(|d| d.start == window.start) {
+                    Some(delta) => delta,
+                    None => {
+                        kp.deltas.push(WindowDelta {
+                            start: window.start,
+                            acc: self.new_acc(event.coords.partition),
+                            version: event.coords.clone(),
+                        });
+                        kp.deltas.last_mut().expect("just pushed")
+                    }
+                };
+                delta.acc.add(&inputs, event.time_ms, event.coords.offset);
+                delta.version = event.coords.clone();
+            }
+        }
+        let Some(st) = progress.stream_time() else {
+            return Ok(());
+        };
+        let topic = events[events.len() - 1].coords.topic.clone();
+        let from = |tag| scan_start(tag, loaded, |st| st.saturating_sub(grace).saturating_add(1));
+        let to = |tag| {
+            let mut end = vec![tag];
+            end.extend_from_slice(&i64_sortable(st.saturating_sub(grace).saturating_add(1)));
+            end
+        };
+        progress.finish(&mut out.state);
+        for kp in keys.values() {
+            for pane in &kp.panes {
+                let (Some(acc), Some(_)) = (&pane.current, &pane.last) else {
+                    continue;
+                };
+                let pkey = keyed(b'p', &kp.key, pane.start);
+                if pane.is_new {
+                    out.state.put_bytes(
+                        Bytes::from(index_key(b'v', layout.expiry(pane.start), &pkey[1..])),
+                        Bytes::new(),
+                    );
+                }
+                out.state
+                    .put_bytes(Bytes::from(pkey), Bytes::from(acc.encode()));
+            }
+        }
+        // In the order of the keys' state entries (length-prefixed key, then window start).
+        let mut order: Vec<Bytes> = keys.keys().cloned().collect();
+        order.sort_unstable_by(|a, b| {
+            (a.len() as u32)
+                .to_le_bytes()
+                .cmp(&(b.len() as u32).to_le_bytes())
+                .then_with(|| a.cmp(b))
+        });
+        if self.config.emit == Emit::OnUpdate {
+            for key in &order {
+                let kp = keys
+                    .get_mut(key)
+                    .ok_or_else(|| StoreError::Corrupt("key vanished".into()))?;
+                self.emit_changed(store, layout, loaded, kp, &at_risk, &mut out.updates)?;
+            }
+        } else {
+            for wkey in window_index {
+                out.state.put_bytes(Bytes::from(wkey), Bytes::new());
+            }
+            // Close windows with end + grace <= st.
+            for (wkey, _) in range_through(store, &out.state, &from(b'w'), &to(b'w'))? {
+                let mut r = Reader::new(&wkey[1..]);
+                let end = r.i64_sortable()?;
+                let (key, start) = parse_keyed(r.rest())?;
+                let window = Window { start, end };
+                let kp = keys
+                    .entry(key.clone())
+                    .or_insert_with(|| KeyPanes::new(key.clone()));
+                let stored = kp.window_acc(store, layout, loaded, window, false)?;
+                let delta = kp
+                    .deltas
+                    .iter()
+                    .position(|d| d.start == start)
+                    .map(|i| kp.deltas.swap_remove(i).acc);
+                if let Some(acc) = merge_accs(stored, delta) {
+                    let version = Coords::new(topic.clone(), acc.partition, acc.version);
+                    out.updates
+                        .push(update(&self.config, key, window, acc, version, true));
+                }
+                out.state.delete(&wkey);
+            }
+        }
+        // Delete panes whose last window closed (expiry + grace <= st).
+        for (vkey, _) in range_through(store, &out.state, &from(b'v'), &to(b'v'))? {
+            let mut pkey = vkey.to_vec();
+            // `v expiry key start` → `p key start`.
+            pkey.drain(1..9);
+            pkey[0] = b'p';
+            out.state.delete(&pkey);
+            out.state.delete(&vkey);
+        }
+        Ok(())
+    }
+
+    /// Emits every window of `kp` the batch changed, by window start.
+    fn emit_changed<S: StateStore + ?Sized>(
+        &self,
+        store: &S,
+        layout: PaneLayout,
+        loaded: Option<i64>,
+        kp: &mut KeyPanes,
+        at_risk: &dyn Fn(&Window) -> bool,
+        updates: &mut Vec<AggregateUpdate>,
+    ) -> Result<(), StoreError> {
+        let mut starts: Vec<i64> = kp.deltas.iter().map(|d| d.start).collect();
+        for pane in kp.panes.iter().filter(|p| p.last.is_some()) {
+            for window in self.config.window.windows_for(pane.start) {
+                if !at_risk(&window) {
+                    starts.push(window.start);
+                }
+            }
+        }
+        starts.sort_unstable();
+        starts.dedup();
+        for start in starts {
+            let window = Window {
+                start,
+                end: start.saturating_add(layout.size),
+            };
+            let (acc, version) = if at_risk(&window) {
+                let Some(i) = kp.deltas.iter().position(|d| d.start == start) else {
+                    continue;
+                };
+                let delta = kp.deltas.swap_remove(i);
+                let stored = kp.window_acc(store, layout, loaded, window, false)?;
+                (merge_accs(stored, Some(delta.acc)), delta.version)
+            } else {
+                let acc = kp.window_acc(store, layout, loaded, window, true)?;
+                let version = kp
+                    .panes
+                    .iter()
+                    .filter(|p| p.start >= window.start && p.start < window.end)
+                    .filter_map(|p| p.last.as_ref())
+                    .max_by_key(|(position, _)| *position)
+                    .map(|(_, coords)| coords.clone())
+                    .ok_or_else(|| StoreError::Corrupt("changed window has no pane".into()))?;
+                (acc, version)
+            };
+            let acc = acc.ok_or_else(|| StoreError::Corrupt("changed window is empty".into()))?;
+            updates.push(update(
+                &self.config,
+                kp.key.clone(),
+                window,
+                acc,
+                version,
+                false,
+            ));
         }
         Ok(())
     }
@@ -548,7 +784,12 @@ impl Aggregate {
             acc.version = slot.acc.version;
             let prefix = key_prefix(b'r', &key);
             let to = prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 17]);
-            for (rkey, inputs) in range_through(store, &out.state, &prefix, &to)? {
+            // Everything at or below the horizon is deleted (before or by this batch): start
+            // above it, not at the key's first entry, so the scan does not walk the tombstones
+            // the LSM keeps of them until compaction.
+            let mut from = prefix.clone();
+            from.extend_from_slice(&i64_sortable(st.saturating_sub(size).saturating_add(1)));
+            for (rkey, inputs) in range_through(store, &out.state, &from, &to)? {
                 let mut r = Reader::new(&rkey[prefix.len()..]);
                 let t = r.i64_sortable()?;
                 let offset = i64::from_be_bytes(
@@ -622,14 +863,182 @@ struct Slot {
 
 impl Slot {
     fn update(self, config: &AggregateConfig, version: Coords, closed: bool) -> AggregateUpdate {
-        AggregateUpdate {
-            values: Some(self.acc.values(config)),
-            events: self.acc.events,
-            key: self.key,
-            window: self.window,
-            version,
-            closed,
+        update(config, self.key, self.window, self.acc, version, closed)
+    }
+}
+
+/// How fixed windows are cut into panes (see [`Aggregate::process_fixed`]).
+#[derive(Debug, Clone, Copy)]
+struct PaneLayout {
+    pane: i64,
+    advance: i64,
+    size: i64,
+}
+
+impl PaneLayout {
+    fn of(spec: WindowSpec) -> Self {
+        let (size, advance) = match spec {
+            WindowSpec::Hopping {
+                size_ms,
+                advance_ms,
+            } => (size_ms, advance_ms),
+            WindowSpec::Tumbling { size_ms } => (size_ms, size_ms),
+            // Not fixed windows: never used with a pane layout.
+            WindowSpec::Session { .. } | WindowSpec::Sliding { .. } => (1, 1),
+        };
+        Self {
+            pane: gcd(size, advance).max(1),
+            advance,
+            size,
         }
+    }
+
+    /// Tumbling windows (or hopping ones with `advance == size`): a pane would be the window.
+    fn one_pane_per_window(&self) -> bool {
+        self.pane == self.size
+    }
+
+    fn pane_start(&self, t: i64) -> i64 {
+        t.div_euclid(self.pane) * self.pane
+    }
+
+    /// The end of the last window containing the pane starting at `start`.
+    fn expiry(&self, start: i64) -> i64 {
+        (start.div_euclid(self.advance) * self.advance).saturating_add(self.size)
+    }
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    let (mut a, mut b) = (a.abs(), b.abs());
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// One key's panes that a batch read or changed, and what it added to its at-risk windows.
+struct KeyPanes {
+    key: Bytes,
+    /// Few (the panes of the windows an event touched), so a vector searched linearly.
+    panes: Vec<Pane>,
+    deltas: Vec<WindowDelta>,
+}
+
+struct Pane {
+    start: i64,
+    /// Nothing was stored before the batch.
+    is_new: bool,
+    /// As stored before the batch.
+    stored: Option<Acc>,
+    /// With the batch's events.
+    current: Option<Acc>,
+    /// Position in the batch and coordinates of the latest event the batch added; `None` =
+    /// unchanged.
+    last: Option<(usize, Coords)>,
+}
+
+/// What a batch added to a window that may close during the batch.
+struct WindowDelta {
+    start: i64,
+    acc: Acc,
+    /// Coordinates of the latest input that changed the window.
+    version: Coords,
+}
+
+impl KeyPanes {
+    fn new(key: Bytes) -> Self {
+        Self {
+            key,
+            panes: Vec::new(),
+            deltas: Vec::new(),
+        }
+    }
+
+    /// The pane starting at `start`, read from the store the first time. Nothing is stored in
+    /// a pane starting after the stream time the batch loaded (no event that late was ever
+    /// admitted), so those are not looked up.
+    fn pane<S: StateStore + ?Sized>(
+        &mut self,
+        store: &S,
+        loaded: Option<i64>,
+        start: i64,
+    ) -> Result<&mut Pane, StoreError> {
+        let i = match self.panes.iter().position(|p| p.start == start) {
+            Some(i) => i,
+            None => {
+                let stored = match loaded {
+                    Some(st) if start > st => None,
+                    _ => store
+                        .get(&keyed(b'p', &self.key, start))?
+                        .map(|b| Acc::decode(&b))
+                        .transpose()?,
+                };
+                self.panes.push(Pane {
+                    start,
+                    is_new: stored.is_none(),
+                    current: stored.clone(),
+                    stored,
+                    last: None,
+                });
+                self.panes.len() - 1
+            }
+        };
+        Ok(&mut self.panes[i])
+    }
+
+    /// The merge of `window`'s panes, with this batch's events (`current`) or as stored
+    /// before it; `None` if they are all empty.
+    fn window_acc<S: StateStore + ?Sized>(
+        &mut self,
+        store: &S,
+        layout: PaneLayout,
+        loaded: Option<i64>,
+        window: Window,
+        current: bool,
+    ) -> Result<Option<Acc>, StoreError> {
+        let mut merged: Option<Acc> = None;
+        let mut start = window.start;
+        while start < window.end {
+            let pane = self.pane(store, loaded, start)?;
+            let acc = if current { &pane.current } else { &pane.stored };
+            if let Some(acc) = acc {
+                match &mut merged {
+                    Some(m) => m.merge(acc),
+                    None => merged = Some(acc.clone()),
+                }
+            }
+            start = start.saturating_add(layout.pane);
+        }
+        Ok(merged)
+    }
+}
+
+fn merge_accs(a: Option<Acc>, b: Option<Acc>) -> Option<Acc> {
+    match (a, b) {
+        (Some(mut a), Some(b)) => {
+            a.merge(&b);
+            Some(a)
+        }
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+fn update(
+    config: &AggregateConfig,
+    key: Bytes,
+    window: Window,
+    acc: Acc,
+    version: Coords,
+    closed: bool,
+) -> AggregateUpdate {
+    AggregateUpdate {
+        values: Some(acc.values(config)),
+        events: acc.events,
+        key,
+        window,
+        version,
+        closed,
     }
 }
 

@@ -417,6 +417,22 @@ proptest! {
     }
 
     #[test]
+    fn hopping_windows_emitted_on_close_are_the_closed_reference_windows(
+        specs in specs(), plan in plan(), size in 1i64..40, hops in 1i64..5, grace in 0i64..30,
+    ) {
+        let events = events(&specs);
+        let advance = (size / hops).max(1);
+        let spec = WindowSpec::Hopping { size_ms: size, advance_ms: advance };
+        let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
+        let mut expected = fixed_reference(&events, spec, grace);
+        expected.retain(|(_, _, end), _| end + grace <= st);
+        prop_assert_eq!(
+            run_aggregate(&events, &plan, config(spec, grace, Emit::OnClose), false),
+            expected
+        );
+    }
+
+    #[test]
     fn session_windows_match_the_reference(
         specs in specs(), plan in plan(), gap in 0i64..20, grace in 0i64..30,
     ) {

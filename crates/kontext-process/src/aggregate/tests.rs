@@ -153,3 +153,56 @@ fn accumulators_round_trip_through_their_encoding() {
     assert_eq!(Acc::decode(&acc.encode()).unwrap(), acc);
     assert!(Acc::decode(&acc.encode()[..10]).is_err());
 }
+
+#[test]
+fn hopping_windows_keep_one_pane_per_key_and_advance() {
+    // 6 windows per event, but one pane (and one expiry entry) per key and 10 ms of event time.
+    let spec = WindowSpec::Hopping {
+        size_ms: 60,
+        advance_ms: 10,
+    };
+    let op = Aggregate::new(config(spec, 0)).unwrap();
+    let mut store = MemoryStore::new("agg");
+    let batch = op
+        .process(&store, &[ev("c1", 61, 0, 1.0), ev("c1", 65, 1, 2.0)])
+        .unwrap();
+    assert_eq!(batch.updates.len(), 6);
+    let operator_keys: Vec<u8> = batch
+        .state
+        .range(b"a", b"\xff")
+        .map(|(k, _)| k[0])
+        .collect();
+    assert_eq!(operator_keys, vec![b'p', b'v']);
+    store.commit(batch.state).unwrap();
+    // A later pane: the windows containing both panes merge them.
+    let batch = op.process(&store, &[ev("c1", 72, 2, 4.0)]).unwrap();
+    let sums: Vec<(i64, AggValue)> = batch
+        .updates
+        .iter()
+        .map(|u| (u.window.start, u.values.as_ref().unwrap()[1].clone()))
+        .collect();
+    assert_eq!(
+        sums,
+        vec![
+            (20, AggValue::Num(7.0)),
+            (30, AggValue::Num(7.0)),
+            (40, AggValue::Num(7.0)),
+            (50, AggValue::Num(7.0)),
+            (60, AggValue::Num(7.0)),
+            (70, AggValue::Num(4.0)),
+        ]
+    );
+    store.commit(batch.state).unwrap();
+    // st = 121 closes every window containing the pane [60, 70), the last one at 120: the pane
+    // and its expiry entry go, the later pane stays.
+    let batch = op.process(&store, &[ev("c2", 121, 3, 1.0)]).unwrap();
+    store.commit(batch.state).unwrap();
+    let left: Vec<Bytes> = store
+        .dump()
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k[0] == b'p' && k[5..7] == *b"c1")
+        .collect();
+    assert_eq!(left, vec![keyed(b'p', b"c1", 70)]);
+}

@@ -102,6 +102,45 @@ fn reads_through_a_pending_batch_see_its_writes() {
 }
 
 #[test]
+fn range_through_merges_stored_and_pending_entries_in_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fjall = FjallStore::open(dir.path(), "t", Durability::Process).unwrap();
+    let mut memory = MemoryStore::new("t");
+    for store in [&mut memory as &mut dyn StateStore, &mut fjall] {
+        for key in ["a/0", "a/1", "a/2", "a/4", "b/0"] {
+            store.put(key.as_bytes(), b"stored").unwrap();
+        }
+        let mut batch = WriteBatch::default();
+        batch.put(b"a/1", b"new");
+        batch.delete(b"a/2");
+        batch.put(b"a/3", b"added");
+        batch.delete(b"a/5");
+        batch.put(b"a/6", b"last");
+        let got: Vec<(String, String)> = range_through(&*store, &batch, b"a/", b"a0")
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8(k.to_vec()).unwrap(),
+                    String::from_utf8(v.to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String)> = [
+            ("a/0", "stored"),
+            ("a/1", "new"),
+            ("a/3", "added"),
+            ("a/4", "stored"),
+            ("a/6", "last"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(got, want);
+    }
+}
+
+#[test]
 fn prefix_end_skips_trailing_ff() {
     assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
     assert_eq!(prefix_end(b"\xff\xff"), None);
