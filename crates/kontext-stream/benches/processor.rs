@@ -1,0 +1,182 @@
+//! Whole-processor throughput: N keyed records are written into a source topic first, then
+//! the processor stage (`features:` count/sum/min/max per account, one of them deduplicated)
+//! runs until both of its consumer groups have committed everything: decode, route,
+//! normalize, re-key through the repartition topic, dedup, aggregate, produce the outputs and
+//! the changelogs, commit the state. Measured: wall time and the CPU time of this process
+//! (every thread: tokio workers, fjall's, librdkafka's or the embedded log's), so that
+//! "events per CPU-second" is the cost per core even on a shared machine. On Kafka the
+//! broker's CPU is not counted (another process).
+//!
+//! ```text
+//! cargo bench -p kontext-stream --bench processor                       # embedded log
+//! KONTEXT_BENCH_KAFKA=127.0.0.1:9092 cargo bench -p kontext-stream --bench processor
+//! KONTEXT_BENCH_KAFKA=127.0.0.1:9092 KONTEXT_BENCH_EXACTLY_ONCE=1 cargo bench ...
+//! KONTEXT_BENCH_EVENTS=400000 ...                                       # default 200000
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kontext_core::config::PipelineConfig;
+use kontext_core::record::ProduceRecord;
+use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
+use kontext_log::{Log, TopicSpec};
+use kontext_stream::processor::{self, Processor};
+use tokio_util::sync::CancellationToken;
+
+const ACCOUNTS: usize = 20_000;
+const PARTITIONS: i32 = 4;
+
+fn pipeline(name: &str, data_dir: &str, log: &str) -> String {
+    format!(
+        r#"
+name: {name}
+data_dir: {data_dir}
+log: {log}
+topics: {{ partitions: {PARTITIONS} }}
+entities:
+  account: {{ key: account_id, topic: {name}.accounts }}
+  tx: {{ key: tx_id, topic: {name}.txs }}
+sources:
+  ledger:
+    topic: {name}.txs
+    entity: tx
+    fields: {{ account_id: account, amount: amount }}
+features:
+  tx_count: {{ from: tx, entity: account, key: account_id, agg: count, dedup: 1h }}
+  tx_sum: {{ from: tx, entity: account, key: account_id, agg: sum, field: amount }}
+  tx_min: {{ from: tx, entity: account, key: account_id, agg: min, field: amount }}
+  tx_max: {{ from: tx, entity: account, key: account_id, agg: max, field: amount }}
+"#
+    )
+}
+
+/// User + system CPU time of this process so far.
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a rusage into the pointer it is given.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+async fn caught_up(log: &dyn Log, group: &str, topic: &str) -> bool {
+    let Ok(d) = log.describe_topic(topic).await else {
+        return false;
+    };
+    let Ok(committed) = log.committed_offsets(group, topic).await else {
+        return false;
+    };
+    d.partitions.iter().all(|p| {
+        p.high_watermark == 0
+            || committed
+                .iter()
+                .any(|(cp, c)| *cp == p.partition && c.is_some_and(|c| c >= p.high_watermark))
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let events: usize = std::env::var("KONTEXT_BENCH_EVENTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200_000);
+    let kafka = std::env::var("KONTEXT_BENCH_KAFKA").ok();
+    let exactly_once = std::env::var("KONTEXT_BENCH_EXACTLY_ONCE").is_ok_and(|v| v == "1");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    let name = format!("bench-{}", std::process::id());
+    let (log_yaml, log): (String, Arc<dyn Log>) = match &kafka {
+        None => (
+            "{ backend: embedded, fsync: group_commit }".into(),
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap(),
+        ),
+        Some(bootstrap) => (
+            format!(
+                r#"{{ backend: kafka, bootstrap_servers: "{bootstrap}", exactly_once: {exactly_once} }}"#
+            ),
+            Arc::new(
+                kontext_kafka::KafkaLog::new(kontext_kafka::KafkaConfig::new(bootstrap.clone()))
+                    .unwrap(),
+            ),
+        ),
+    };
+    let config =
+        PipelineConfig::parse("bench.yaml", &pipeline(&name, &data, &log_yaml)).expect("pipeline");
+    let source = format!("{name}.txs");
+    for spec in processor::topic_specs(&config)
+        .into_iter()
+        .chain([TopicSpec::new(&source, PARTITIONS)])
+    {
+        log.create_topic(&spec).await.unwrap();
+    }
+
+    // The input, written before the clock starts (plain JSON values: the source is matched by
+    // topic, the event id is the record's coordinates).
+    let producer = log.producer().await.unwrap();
+    let batch = 5_000;
+    for start in (0..events).step_by(batch) {
+        let records = (start..(start + batch).min(events))
+            .map(|i| {
+                let value = format!(
+                    r#"{{"account":"A-{}","amount":{}}}"#,
+                    i % ACCOUNTS,
+                    (i * 7919) % 2001
+                );
+                ProduceRecord::new(
+                    source.clone(),
+                    Some(Bytes::from(format!("T-{i}"))),
+                    Some(Bytes::from(value)),
+                )
+            })
+            .collect();
+        producer.send(records).await.unwrap();
+    }
+    producer.flush().await.unwrap();
+
+    let shutdown = CancellationToken::new();
+    let cpu_before = cpu_time();
+    let started = Instant::now();
+    let run = tokio::spawn(Processor::new(&config, dir.path(), log.clone()).run(shutdown.clone()));
+    let repartition = processor::repartition_topic(&config);
+    let (rekey, tasks) = (
+        processor::process_group(&config),
+        processor::features_group(&config),
+    );
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if run.is_finished() {
+            panic!("the processor stopped: {:?}", run.await);
+        }
+        if caught_up(log.as_ref(), &rekey, &source).await
+            && caught_up(log.as_ref(), &tasks, &repartition).await
+        {
+            break;
+        }
+    }
+    let wall = started.elapsed();
+    let cpu = cpu_time() - cpu_before;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    let outputs: i64 = log
+        .describe_topic(&format!("{name}.accounts.features"))
+        .await
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| p.high_watermark)
+        .sum();
+    println!(
+        "processor on {}{}: {events} events, {outputs} output offsets, wall {:.2} s ({:.0} ev/s), CPU {:.2} s ({:.0} ev per CPU-s)",
+        if kafka.is_some() { "kafka" } else { "embedded" },
+        if exactly_once { " exactly_once" } else { "" },
+        wall.as_secs_f64(),
+        events as f64 / wall.as_secs_f64(),
+        cpu.as_secs_f64(),
+        events as f64 / cpu.as_secs_f64(),
+    );
+}
