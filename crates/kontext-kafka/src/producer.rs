@@ -100,7 +100,11 @@ impl Producer for KafkaProducer {
     /// first error is returned, but only after every delivery of this call has settled, so a
     /// caller's retry never overlaps with records of this call still in flight.
     async fn send(&self, records: Vec<ProduceRecord>) -> Result<Vec<RecordPosition>, LogError> {
-        let routes = self.route(&records).await?;
+        self.send_ref(&records).await
+    }
+
+    async fn send_ref(&self, records: &[ProduceRecord]) -> Result<Vec<RecordPosition>, LogError> {
+        let routes = self.route(records).await?;
         let mut deliveries = Vec::with_capacity(records.len());
         let mut first_error = None;
         for (record, partition) in records.iter().zip(&routes) {
@@ -201,7 +205,11 @@ impl KafkaTransactionalProducer {
 #[async_trait]
 impl Producer for KafkaTransactionalProducer {
     async fn send(&self, records: Vec<ProduceRecord>) -> Result<Vec<RecordPosition>, LogError> {
-        self.inner.send(records).await
+        self.inner.send_ref(&records).await
+    }
+
+    async fn send_ref(&self, records: &[ProduceRecord]) -> Result<Vec<RecordPosition>, LogError> {
+        self.inner.send_ref(records).await
     }
 
     async fn flush(&self) -> Result<(), LogError> {

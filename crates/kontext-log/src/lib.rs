@@ -108,6 +108,12 @@ pub trait Producer: Send + Sync {
     /// a partition of the producer's choosing.
     async fn send(&self, records: Vec<ProduceRecord>) -> Result<Vec<RecordPosition>, LogError>;
 
+    /// [`Producer::send`] that leaves the records with the caller, for callers that may send
+    /// them again (a retry). Both backends only read the records; the default copies them.
+    async fn send_ref(&self, records: &[ProduceRecord]) -> Result<Vec<RecordPosition>, LogError> {
+        self.send(records.to_vec()).await
+    }
+
     /// Waits until everything sent so far is acknowledged.
     async fn flush(&self) -> Result<(), LogError>;
 }

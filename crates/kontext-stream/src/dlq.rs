@@ -208,7 +208,7 @@ impl DeadLetters {
         let mut backoff = Backoff::unseeded(self.retry);
         let started = tokio::time::Instant::now();
         loop {
-            match self.producer.send(letters.clone()).await {
+            match self.producer.send_ref(&letters).await {
                 Ok(_) => return Ok(Some(backoff.attempts())),
                 Err(e) if e.is_transient() => {
                     let Some(delay) = backoff.next_delay(started.elapsed()) else {

@@ -1703,7 +1703,7 @@ async fn send_positions(
     }
     let mut wait = Waiter::new(*policy);
     loop {
-        match producer.send(records.clone()).await {
+        match producer.send_ref(&records).await {
             Ok(positions) => return Ok(Some(positions)),
             Err(e) if e.is_transient() => {
                 let delay = wait.next_delay();

@@ -164,7 +164,7 @@ impl EmbeddedLog {
     /// its partitions: a retry of the whole call may duplicate them.
     pub async fn append(
         &self,
-        records: Vec<ProduceRecord>,
+        records: &[ProduceRecord],
         round_robin: &AtomicU32,
     ) -> Result<Vec<RecordPosition>, LogError> {
         if records.is_empty() {
@@ -172,7 +172,7 @@ impl EmbeddedLog {
         }
         match self.shared.config.fsync {
             FsyncPolicy::Never => {
-                let (positions, touched) = self.append_unsynced(&records, round_robin)?;
+                let (positions, touched) = self.append_unsynced(records, round_robin)?;
                 self.shared.publish();
                 for p in touched {
                     if p.take_flush_request() {
@@ -182,7 +182,7 @@ impl EmbeddedLog {
                 Ok(positions)
             }
             FsyncPolicy::GroupCommit { .. } => {
-                let (positions, touched) = self.append_unsynced(&records, round_robin)?;
+                let (positions, touched) = self.append_unsynced(records, round_robin)?;
                 match self.shared.enqueue(touched).await {
                     Ok(result) => result.map(|()| positions),
                     Err(_) => Err(LogError::Closed),
@@ -191,6 +191,7 @@ impl EmbeddedLog {
             FsyncPolicy::Always => {
                 // The fsync blocks for milliseconds: keep it off the async worker threads.
                 let me = self.me.upgrade().ok_or(LogError::Closed)?;
+                let records = records.to_vec();
                 let rr_start = round_robin.fetch_add(1, Ordering::Relaxed);
                 let task = tokio::task::spawn_blocking(move || {
                     let rr = AtomicU32::new(rr_start);
@@ -540,6 +541,10 @@ pub struct EmbeddedProducer {
 #[async_trait]
 impl Producer for EmbeddedProducer {
     async fn send(&self, records: Vec<ProduceRecord>) -> Result<Vec<RecordPosition>, LogError> {
+        self.log.append(&records, &self.round_robin).await
+    }
+
+    async fn send_ref(&self, records: &[ProduceRecord]) -> Result<Vec<RecordPosition>, LogError> {
         self.log.append(records, &self.round_robin).await
     }
 
