@@ -125,14 +125,17 @@ impl KafkaConfig {
         }
     }
 
-    /// Settings shared by every client: connection, identity and the user's properties.
-    pub(crate) fn base_client_config(&self) -> ClientConfig {
+    /// Settings shared by every client: connection, identity, and those of the user's
+    /// properties that apply to a client of `role` ([`ClientRole::takes`]).
+    pub(crate) fn base_client_config(&self, role: ClientRole) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.bootstrap_servers)
             .set("client.id", &self.client_id);
         for (key, value) in &self.properties {
-            config.set(key, value);
+            if role.takes(key) {
+                config.set(key, value);
+            }
         }
         config
     }
@@ -142,7 +145,7 @@ impl KafkaConfig {
     /// partitioner; kontext sets the partition of keyed records itself (see `producer.rs`),
     /// this only keeps librdkafka consistent should a keyed record ever reach it unpartitioned.
     pub(crate) fn producer_config(&self) -> ClientConfig {
-        let mut config = self.base_client_config();
+        let mut config = self.base_client_config(ClientRole::Producer);
         config
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -167,7 +170,7 @@ impl KafkaConfig {
     /// through [`kontext_log::Consumer::commit`], after the records' effects are durable.
     /// `read_committed` hides records of aborted transactions (and of open ones until they end).
     pub(crate) fn consumer_config(&self, group_id: &str, reset: OffsetReset) -> ClientConfig {
-        let mut config = self.base_client_config();
+        let mut config = self.base_client_config(ClientRole::Consumer);
         config
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
@@ -182,6 +185,79 @@ impl KafkaConfig {
                 },
             );
         config
+    }
+}
+
+/// What a librdkafka client is for, which decides the user's properties it gets: librdkafka
+/// warns (CONFWARN) about every consumer property given to a producer and vice versa, so
+/// `group.instance.id` in `properties` (static membership, which the docs recommend) made
+/// every producer log two warnings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientRole {
+    Producer,
+    Consumer,
+    /// The admin and metadata clients: only properties of every client (security, ...).
+    Admin,
+}
+
+/// librdkafka's consumer-only properties (scope `C` in its CONFIGURATION.md).
+const CONSUMER_ONLY: &[&str] = &[
+    "group.instance.id",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "group.protocol.type",
+    "group.protocol",
+    "group.remote.assignor",
+    "coordinator.query.interval.ms",
+    "max.poll.interval.ms",
+    "auto.commit.interval.ms",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.max.bytes",
+    "fetch.min.bytes",
+    "fetch.error.backoff.ms",
+    "check.crcs",
+];
+
+/// librdkafka's producer-only properties (scope `P`).
+const PRODUCER_ONLY: &[&str] = &[
+    "transaction.timeout.ms",
+    "enable.gapless.guarantee",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "linger.ms",
+    "message.send.max.retries",
+    "retries",
+    "queue.buffering.backpressure.threshold",
+    "compression.codec",
+    "compression.type",
+    "compression.level",
+    "batch.num.messages",
+    "batch.size",
+    "delivery.report.only.error",
+    "sticky.partitioning.linger.ms",
+    "request.timeout.ms",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+];
+
+impl ClientRole {
+    /// Whether a client of this role gets property `key`. Properties not listed as consumer-
+    /// or producer-only go to every client, so an unknown one still reaches librdkafka.
+    pub(crate) fn takes(self, key: &str) -> bool {
+        if CONSUMER_ONLY.contains(&key) {
+            self == ClientRole::Consumer
+        } else if PRODUCER_ONLY.contains(&key) {
+            self == ClientRole::Producer
+        } else {
+            true
+        }
     }
 }
 
@@ -214,6 +290,39 @@ mod tests {
         assert_eq!(config.metadata_max_age, Duration::from_secs(300));
         assert_eq!(config.properties["security.protocol"], "SSL");
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn each_client_gets_the_properties_of_its_role() {
+        let mut config = KafkaConfig::new("b:9092");
+        for (k, v) in [
+            ("group.instance.id", "kontext-1"),
+            ("linger.ms", "5"),
+            ("security.protocol", "SSL"),
+            ("some.future.property", "x"),
+        ] {
+            config.properties.insert(k.into(), v.into());
+        }
+        let consumer = config.consumer_config("g", OffsetReset::Earliest);
+        let producer = config.producer_config();
+        let admin = config.base_client_config(ClientRole::Admin);
+        assert_eq!(consumer.get("group.instance.id"), Some("kontext-1"));
+        assert_eq!(consumer.get("linger.ms"), None);
+        assert_eq!(producer.get("group.instance.id"), None);
+        assert_eq!(producer.get("linger.ms"), Some("5"));
+        assert_eq!(admin.get("group.instance.id"), None);
+        assert_eq!(admin.get("linger.ms"), None);
+        for client in [&consumer, &producer, &admin] {
+            assert_eq!(client.get("security.protocol"), Some("SSL"));
+            assert_eq!(client.get("some.future.property"), Some("x"));
+        }
+        // kontext's own transactional settings still win over the user's default.
+        config
+            .properties
+            .insert("transaction.timeout.ms".into(), "30000".into());
+        let txn = config.transactional_producer_config("t");
+        assert_eq!(txn.get("transaction.timeout.ms"), Some("30000"));
+        assert_eq!(txn.get("transactional.id"), Some("t"));
     }
 
     #[test]

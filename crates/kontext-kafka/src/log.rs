@@ -18,7 +18,7 @@ use rdkafka::message::Message as _;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::config::KafkaConfig;
+use crate::config::{ClientRole, KafkaConfig};
 use crate::consumer::{to_record, KafkaConsumer};
 use crate::error::{code_error, log_error};
 use crate::metadata::{blocking, MetadataClient, PartitionCounts};
@@ -41,10 +41,14 @@ impl KafkaLog {
     /// clients.
     pub fn new(config: KafkaConfig) -> Result<Self, LogError> {
         config.validate()?;
-        let admin: AdminClient<DefaultClientContext> =
-            create(&config.base_client_config(), "creating the admin client")?;
-        let metadata_client: BaseConsumer =
-            create(&config.base_client_config(), "creating the metadata client")?;
+        let admin: AdminClient<DefaultClientContext> = create(
+            &config.base_client_config(ClientRole::Admin),
+            "creating the admin client",
+        )?;
+        let metadata_client: BaseConsumer = create(
+            &config.base_client_config(ClientRole::Admin),
+            "creating the metadata client",
+        )?;
         let metadata = Arc::new(MetadataClient::new(metadata_client, config.request_timeout));
         let partitions = Arc::new(PartitionCounts::new(
             metadata.clone(),
