@@ -15,10 +15,14 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::measurement::{Measurement, WallTime};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kontext_process::store::Durability;
 use kontext_process::*;
+
+#[path = "../../../bench/cpu_time.rs"]
+mod cpu_time;
+use cpu_time::ProcessCpuTime;
 
 const BATCH: usize = 1000;
 const KEYS: u64 = 10_000;
@@ -228,94 +232,13 @@ impl Clock for WallTime {
     }
 }
 
-/// CPU time of the whole process (every thread, fjall's included), in nanoseconds.
-struct ProcessCpuTime;
-
 impl Clock for ProcessCpuTime {
     const SUFFIX: &'static str = "_cpu";
     fn now_ns() -> u64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes into the timespec we own; CLOCK_PROCESS_CPUTIME_ID exists
-        // on every Linux since 2.6.12.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-        assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        ProcessCpuTime::now_ns()
     }
     fn value(ns: u64) -> u64 {
         ns
-    }
-}
-
-impl Measurement for ProcessCpuTime {
-    type Intermediate = u64;
-    type Value = u64;
-
-    fn start(&self) -> u64 {
-        Self::now_ns()
-    }
-    fn end(&self, start: u64) -> u64 {
-        Self::now_ns().saturating_sub(start)
-    }
-    fn add(&self, a: &u64, b: &u64) -> u64 {
-        a + b
-    }
-    fn zero(&self) -> u64 {
-        0
-    }
-    fn to_f64(&self, v: &u64) -> f64 {
-        *v as f64
-    }
-    fn formatter(&self) -> &dyn ValueFormatter {
-        &CpuNanos
-    }
-}
-
-/// Formats CPU nanoseconds like criterion's wall-time formatter (which is private).
-struct CpuNanos;
-
-impl ValueFormatter for CpuNanos {
-    fn scale_values(&self, typical: f64, values: &mut [f64]) -> &'static str {
-        let (factor, unit) = if typical < 1e3 {
-            (1.0, "ns (cpu)")
-        } else if typical < 1e6 {
-            (1e-3, "µs (cpu)")
-        } else if typical < 1e9 {
-            (1e-6, "ms (cpu)")
-        } else {
-            (1e-9, "s (cpu)")
-        };
-        values.iter_mut().for_each(|v| *v *= factor);
-        unit
-    }
-
-    fn scale_throughputs(
-        &self,
-        typical: f64,
-        throughput: &Throughput,
-        values: &mut [f64],
-    ) -> &'static str {
-        let n = match throughput {
-            Throughput::Elements(n) => *n as f64,
-            Throughput::Bytes(n) | Throughput::BytesDecimal(n) => *n as f64,
-            _ => 1.0,
-        };
-        let per_second = n * 1e9 / typical;
-        let (factor, unit) = if per_second < 1e3 {
-            (1.0, "elem/cpu-s")
-        } else if per_second < 1e6 {
-            (1e-3, "Kelem/cpu-s")
-        } else {
-            (1e-6, "Melem/cpu-s")
-        };
-        values.iter_mut().for_each(|v| *v = n * 1e9 / *v * factor);
-        unit
-    }
-
-    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
-        "ns"
     }
 }
 
@@ -327,7 +250,7 @@ criterion_group!(
 );
 criterion_group! {
     name = cpu;
-    config = Criterion::default().with_measurement(ProcessCpuTime);
+    config = Criterion::default().with_measurement(cpu_time::PROCESS_CPU_TIME);
     targets = dedup::<ProcessCpuTime>, join::<ProcessCpuTime>, aggregations::<ProcessCpuTime>
 }
 criterion_main!(wall, cpu);

@@ -15,13 +15,16 @@
 //! ```
 
 use bytes::Bytes;
-use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use kontext_core::config::PipelineConfig;
 use kontext_core::envelope;
 use kontext_core::record::{Header, Record};
 use kontext_store::{EmbeddedStore, StoreSchema};
 use kontext_stream::{Outcome, Router};
+
+#[path = "../../../bench/cpu_time.rs"]
+mod cpu_time;
+use cpu_time::ThreadCpuTime;
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
 const BATCH: usize = 2000;
@@ -176,95 +179,10 @@ fn bench_normalize(c: &mut Criterion<ThreadCpuTime>) {
     group.finish();
 }
 
-/// CPU time of the calling thread, in nanoseconds.
-struct ThreadCpuTime;
-
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_THREAD_CPUTIME_ID exists on
-    // every Linux since 2.6.12.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-impl Measurement for ThreadCpuTime {
-    type Intermediate = u64;
-    type Value = u64;
-
-    fn start(&self) -> u64 {
-        thread_cpu_ns()
-    }
-    fn end(&self, start: u64) -> u64 {
-        thread_cpu_ns().saturating_sub(start)
-    }
-    fn add(&self, a: &u64, b: &u64) -> u64 {
-        a + b
-    }
-    fn zero(&self) -> u64 {
-        0
-    }
-    fn to_f64(&self, v: &u64) -> f64 {
-        *v as f64
-    }
-    fn formatter(&self) -> &dyn ValueFormatter {
-        &CpuNanos
-    }
-}
-
-/// Formats CPU nanoseconds like criterion's wall-time formatter (which is private).
-struct CpuNanos;
-
-impl ValueFormatter for CpuNanos {
-    fn scale_values(&self, typical: f64, values: &mut [f64]) -> &'static str {
-        let (factor, unit) = if typical < 1e3 {
-            (1.0, "ns (cpu)")
-        } else if typical < 1e6 {
-            (1e-3, "µs (cpu)")
-        } else if typical < 1e9 {
-            (1e-6, "ms (cpu)")
-        } else {
-            (1e-9, "s (cpu)")
-        };
-        values.iter_mut().for_each(|v| *v *= factor);
-        unit
-    }
-
-    fn scale_throughputs(
-        &self,
-        typical: f64,
-        throughput: &Throughput,
-        values: &mut [f64],
-    ) -> &'static str {
-        let n = match throughput {
-            Throughput::Elements(n) => *n as f64,
-            Throughput::Bytes(n) | Throughput::BytesDecimal(n) => *n as f64,
-            _ => 1.0,
-        };
-        let per_second = n * 1e9 / typical;
-        let (factor, unit) = if per_second < 1e3 {
-            (1.0, "elem/cpu-s")
-        } else if per_second < 1e6 {
-            (1e-3, "Kelem/cpu-s")
-        } else {
-            (1e-6, "Melem/cpu-s")
-        };
-        values.iter_mut().for_each(|v| *v = n * 1e9 / *v * factor);
-        unit
-    }
-
-    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
-        "ns"
-    }
-}
-
 criterion_group!(benches, bench);
 criterion_group! {
     name = normalize;
-    config = Criterion::default().with_measurement(ThreadCpuTime);
+    config = Criterion::default().with_measurement(cpu_time::THREAD_CPU_TIME);
     targets = bench_normalize
 }
 criterion_main!(benches, normalize);

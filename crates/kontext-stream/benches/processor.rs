@@ -25,6 +25,9 @@ use kontext_log::{Log, TopicSpec};
 use kontext_stream::processor::{self, Processor};
 use tokio_util::sync::CancellationToken;
 
+#[path = "../../../bench/cpu_time.rs"]
+mod cpu_time;
+
 const ACCOUNTS: usize = 20_000;
 const PARTITIONS: i32 = 4;
 
@@ -52,16 +55,9 @@ features:
     )
 }
 
-/// User + system CPU time of this process so far.
+/// CPU time of this process so far (every thread).
 fn cpu_time() -> Duration {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes a rusage into the pointer it is given.
-    let usage = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
-        usage.assume_init()
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    Duration::from_nanos(cpu_time::ProcessCpuTime::now_ns())
 }
 
 async fn caught_up(log: &dyn Log, group: &str, topic: &str) -> bool {
