@@ -23,6 +23,18 @@ fn values(topic: &str, prefix: &str, n: usize) -> Vec<ProduceRecord> {
         .collect()
 }
 
+/// The values of `topic`'s only partition as kontext's `read_partition` (read_committed)
+/// reads them, up to the high watermark.
+async fn committed_values(log: &impl Log, topic: &str) -> Vec<Bytes> {
+    let high = log.describe_topic(topic).await.unwrap().partitions[0].high_watermark;
+    log.read_partition(topic, 0, 0, high)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.value)
+        .collect()
+}
+
 /// The values of `topic`'s only partition as Kafka's console consumer reads them with
 /// `isolation`, stopping after `expect` records or 10 s without one.
 fn console_values(topic: &str, isolation: &str, expect: usize) -> Vec<String> {
@@ -121,14 +133,10 @@ async fn records_and_offsets_commit_together_and_an_aborted_transaction_shows_no
     // (kontext's own, and Kafka's console consumer) see only the committed one.
     let high = log.describe_topic(&output).await.unwrap().partitions[0].high_watermark;
     assert_eq!(high, 8);
-    let read: Vec<Bytes> = log
-        .read_partition(&output, 0, 0, high)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|r| r.value)
-        .collect();
-    assert_eq!(read, ["committed-0", "committed-1", "committed-2"]);
+    assert_eq!(
+        committed_values(&log, &output).await,
+        ["committed-0", "committed-1", "committed-2"]
+    );
     assert_eq!(
         console_values(&output, "read_uncommitted", 6),
         [
@@ -182,15 +190,10 @@ async fn a_new_producer_with_the_same_id_fences_the_old_one_and_aborts_its_trans
         .commit(consumer.group_metadata().unwrap(), &offsets)
         .await
         .unwrap();
-    let high = log.describe_topic(&output).await.unwrap().partitions[0].high_watermark;
-    let read: Vec<Bytes> = log
-        .read_partition(&output, 0, 0, high)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|r| r.value)
-        .collect();
-    assert_eq!(read, ["successor-0", "successor-1"]);
+    assert_eq!(
+        committed_values(&log, &output).await,
+        ["successor-0", "successor-1"]
+    );
     assert_eq!(
         log.committed_offsets(&group, &input).await.unwrap(),
         vec![(0, Some(4))]

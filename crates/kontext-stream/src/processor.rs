@@ -612,24 +612,18 @@ impl Processor {
         shutdown: &CancellationToken,
     ) -> Result<Option<Arc<dyn TransactionalProducer>>, ProcessorError> {
         let id = self.transactional_id()?;
-        let mut wait = Waiter::new(self.config.retry.waiting_policy());
-        loop {
-            match self.log.transactional_producer(&id).await {
-                Ok(txn) => {
-                    info!(transactional_id = %id, "processor tasks commit in Kafka transactions (exactly_once)");
-                    return Ok(Some(txn));
-                }
-                Err(e) if e.is_transient() => {
-                    let delay = wait.next_delay();
-                    warn!(transactional_id = %id, error = %e, retry_in = ?delay, "cannot register the transactional producer yet; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(None),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
+        let policy = self.config.retry.waiting_policy();
+        let txn = retry_transient(
+            "registering the transactional producer",
+            &policy,
+            shutdown,
+            || self.log.transactional_producer(&id),
+        )
+        .await?;
+        if txn.is_some() {
+            info!(transactional_id = %id, "processor tasks commit in Kafka transactions (exactly_once)");
         }
+        Ok(txn)
     }
 
     /// The task loop's `transactional.id`: stable across restarts of this instance, so that a
@@ -1701,13 +1695,32 @@ async fn send_positions(
     if records.is_empty() {
         return Ok(Some(Vec::new()));
     }
+    retry_transient("processor produce", policy, shutdown, || {
+        producer.send_ref(&records)
+    })
+    .await
+}
+
+/// Runs `attempt` until it succeeds, waiting out the log's transient errors with `policy`'s
+/// backoff (each logged as `what` failing); `None` when `shutdown` comes during a wait. A
+/// permanent error is returned as it is.
+async fn retry_transient<T, F, Fut>(
+    what: &str,
+    policy: &RetryPolicy,
+    shutdown: &CancellationToken,
+    mut attempt: F,
+) -> Result<Option<T>, ProcessorError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, LogError>>,
+{
     let mut wait = Waiter::new(*policy);
     loop {
-        match producer.send_ref(&records).await {
-            Ok(positions) => return Ok(Some(positions)),
+        match attempt().await {
+            Ok(value) => return Ok(Some(value)),
             Err(e) if e.is_transient() => {
                 let delay = wait.next_delay();
-                warn!(error = %e, retry_in = ?delay, "processor produce failed; retrying");
+                warn!(error = %e, retry_in = ?delay, "{what} failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}
