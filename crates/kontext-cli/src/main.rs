@@ -17,6 +17,12 @@ use clap::{Parser, Subcommand};
 use kontext_core::config::PipelineConfig;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of the system allocator: allocation was 20–30% of the processor's and the
+/// store's profiles, and glibc's `malloc_consolidate` stalls after large frees (BENCHMARKS.md,
+/// "The allocator"). Benchmarks include the same declaration (`bench/allocator.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "kontext",

@@ -16,6 +16,9 @@
 //!
 //! Set `KONTEXT_TEST_KAFKA` to use another broker.
 
+#[path = "../../../bench/allocator.rs"]
+mod allocator;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,9 @@
 //!
 //! `cargo bench -p kontext-log --bench embedded_log -- --warm-up-time 1 --measurement-time 5`
 
+#[path = "../../../bench/allocator.rs"]
+mod allocator;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -11,6 +11,9 @@
 //! cargo bench -p kontext-process --bench operators -- --warm-up-time 1 --measurement-time 5
 //! ```
 
+#[path = "../../../bench/allocator.rs"]
+mod allocator;
+
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 

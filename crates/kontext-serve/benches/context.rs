@@ -9,6 +9,9 @@
 //! after a minute). `lookup_only` is the store's part alone, so the difference is what serving
 //! adds.
 
+#[path = "../../../bench/allocator.rs"]
+mod allocator;
+
 use std::collections::BTreeSet;
 use std::hint::black_box;
 use std::sync::Arc;

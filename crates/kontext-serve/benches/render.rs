@@ -9,6 +9,9 @@
 //!
 //! `cargo bench -p kontext-serve --bench render`
 
+#[path = "../../../bench/allocator.rs"]
+mod allocator;
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

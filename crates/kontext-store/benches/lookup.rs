@@ -12,6 +12,9 @@
 //! applied every 50 ms), `HISTORY` (multiplies the children per customer, default 1; the
 //! quickstart's customers have ~400 children after two minutes at 1 000 events/s: `HISTORY=12`).
 
+#[path = "../../../bench/allocator.rs"]
+mod allocator;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

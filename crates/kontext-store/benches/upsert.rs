@@ -12,6 +12,9 @@
 //! PostgreSQL is `KONTEXT_TEST_POSTGRES` (default: the URL scripts/postgres.sh prints); each
 //! run writes into a fresh schema and drops it afterwards.
 
+#[path = "../../../bench/allocator.rs"]
+mod allocator;
+
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};

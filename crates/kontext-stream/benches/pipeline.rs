@@ -14,6 +14,9 @@
 //! cargo bench -p kontext-stream --bench pipeline -- --warm-up-time 1 --measurement-time 3 normalize
 //! ```
 
+#[path = "../../../bench/allocator.rs"]
+mod allocator;
+
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use kontext_core::config::PipelineConfig;

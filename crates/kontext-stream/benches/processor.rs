@@ -14,6 +14,9 @@
 //! KONTEXT_BENCH_EVENTS=400000 ...                                       # default 200000
 //! ```
 
+#[path = "../../../bench/allocator.rs"]
+mod allocator;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

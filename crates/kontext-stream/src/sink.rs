@@ -38,8 +38,13 @@ use crate::metrics::{BreakerState, PipelineMetrics};
 use crate::normalize::{Outcome, ProcessError, Router};
 use crate::retry::Backoff;
 
-/// Most records taken per batch.
+/// Most records taken per poll.
 const MAX_BATCH: usize = 2_000;
+/// Most records written in one store transaction. A full poll means a backlog: the sink then
+/// polls again without waiting and writes what it gathered at once (group commit), so a
+/// catching-up sink pays one durable commit per 16 000 records instead of per 2 000, while an
+/// idle one still writes each record as soon as it arrives.
+const MAX_GROUP: usize = 8 * MAX_BATCH;
 /// How long a poll waits for the first record.
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -253,7 +258,7 @@ impl StoreSink {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     polled = feed.consumer.poll(MAX_BATCH, POLL_TIMEOUT) => match polled {
-                        Ok(r) => r,
+                        Ok(r) => gather_backlog(feed.consumer.as_mut(), r).await,
                         Err(e) if e.is_transient() => {
                             warn!(error = %e, "poll failed; retrying");
                             tokio::time::sleep(FIRST_BACKOFF).await;
@@ -710,6 +715,26 @@ impl StoreSink {
 }
 
 /// The next offset of every partition in `records`.
+/// After a full poll, takes what else is already there, up to [`MAX_GROUP`] records, without
+/// waiting. A failed extra poll ends the gathering: what was gathered is written, and the next
+/// poll of the main loop meets the error again.
+async fn gather_backlog(consumer: &mut dyn Consumer, mut records: Vec<Record>) -> Vec<Record> {
+    let mut last = records.len();
+    while last == MAX_BATCH && records.len() + MAX_BATCH <= MAX_GROUP {
+        match consumer.poll(MAX_BATCH, Duration::ZERO).await {
+            Ok(more) => {
+                last = more.len();
+                records.extend(more);
+            }
+            Err(e) => {
+                debug!(error = %e, "extra poll failed; writing what was gathered");
+                break;
+            }
+        }
+    }
+    records
+}
+
 fn next_offsets(records: &[Record]) -> Vec<(TopicPartition, i64)> {
     let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
     for r in records {

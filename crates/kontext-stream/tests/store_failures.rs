@@ -69,6 +69,8 @@ struct FailingStore {
     timing_out: Mutex<BTreeSet<String>>,
     /// Calls of `apply` that failed because the store was down.
     refused_while_down: AtomicU64,
+    /// Calls of `apply` that wrote.
+    written: AtomicU64,
 }
 
 impl FailingStore {
@@ -80,6 +82,7 @@ impl FailingStore {
             rejected: Mutex::new(BTreeSet::new()),
             timing_out: Mutex::new(BTreeSet::new()),
             refused_while_down: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         })
     }
 
@@ -118,7 +121,9 @@ impl ContextStore for FailingStore {
         if ids.iter().any(|id| self.timing_out.lock().contains(*id)) {
             return Err(StoreError::Io("lock timeout (test)".into()));
         }
-        ContextStore::apply(&self.inner, updates, offsets).await
+        let stats = ContextStore::apply(&self.inner, updates, offsets).await?;
+        self.written.fetch_add(1, Ordering::SeqCst);
+        Ok(stats)
     }
 
     async fn get(&self, t: &str, id: &str) -> Result<Option<EntityDoc>, StoreError> {
@@ -169,13 +174,15 @@ enum Backend {
 }
 
 async fn start(backend: Backend, setup: impl FnOnce(&FailingStore)) -> Harness {
-    start_with(backend, &[], setup).await
+    start_with(backend, &[], 0, setup).await
 }
 
-/// [`start`], with librdkafka `properties` for every Kafka client.
+/// [`start`], with librdkafka `properties` for every Kafka client and `backlog` good records
+/// in the topic before the sink starts.
 async fn start_with(
     backend: Backend,
     properties: &[(&str, &str)],
+    backlog: usize,
     setup: impl FnOnce(&FailingStore),
 ) -> Harness {
     let dir = tempfile::tempdir().unwrap();
@@ -206,6 +213,8 @@ async fn start_with(
     log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(&topic), 2))
         .await
         .unwrap();
+    let records = (0..backlog).map(|i| good(&topic, i)).collect();
+    log.producer().await.unwrap().send(records).await.unwrap();
     let store = FailingStore::new(dir.path(), &config);
     setup(&store);
     let metrics = Arc::new(PipelineMetrics::default());
@@ -487,6 +496,7 @@ async fn a_store_outage_longer_than_the_poll_interval_keeps_the_kafka_member_in_
             ("heartbeat.interval.ms", "1000"),
             ("max.poll.interval.ms", "6000"),
         ],
+        0,
         |_| {},
     )
     .await;
@@ -521,4 +531,28 @@ async fn a_store_outage_longer_than_the_poll_interval_keeps_the_kafka_member_in_
     assert_eq!(metrics.records_dead_lettered.load(Ordering::Relaxed), 0);
     assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 1);
     assert_eq!(metrics.breaker(), (BreakerState::Closed, "none"));
+}
+
+/// A sink that finds a backlog gathers it into one store write (group commit) instead of a
+/// durable commit per poll of 2 000, and still writes every record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_written_in_one_store_transaction() {
+    let backlog = 7_000;
+    let mut h = start_with(Backend::Embedded, &[], backlog, |_| {}).await;
+    let end: BTreeMap<i32, i64> = h
+        .log
+        .describe_topic(&h.topic)
+        .await
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.high_watermark))
+        .collect();
+    assert_eq!(end.values().sum::<i64>(), backlog as i64);
+    h.wait_caught_up(&end).await;
+    let (store, metrics, _, _) = h.stop().await;
+    assert_eq!(store.written.load(Ordering::SeqCst), 1, "one store write");
+    assert_eq!(metrics.batches_committed.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.records_applied.load(Ordering::Relaxed), backlog as u64);
+    assert_eq!(store.inner.dump().unwrap().len(), backlog);
 }
