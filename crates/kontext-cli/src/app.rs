@@ -226,7 +226,10 @@ pub async fn open_store_version(
                     path.display()
                 )
             })?;
-            Ok(Arc::new(opened))
+            let cache = store
+                .context_cache
+                .unwrap_or(kontext_store::DEFAULT_CONTEXT_CACHE);
+            Ok(Arc::new(opened.with_context_cache(cache)))
         }
         StoreKind::Postgres => {
             let url = store

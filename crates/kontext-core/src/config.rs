@@ -312,6 +312,10 @@ pub struct StoreConfig {
     /// `kind: postgres` only: the schema the store's tables live in.
     #[serde(default)]
     pub schema: Option<String>,
+    /// `kind: embedded` only: how many assembled context documents are kept in memory and
+    /// served until something they show changes (4 096 when unset; 0 turns the cache off).
+    #[serde(default)]
+    pub context_cache: Option<usize>,
 }
 
 fn default_store_name() -> String {
@@ -325,6 +329,7 @@ impl Default for StoreConfig {
             kind: StoreKind::default(),
             url: None,
             schema: None,
+            context_cache: None,
         }
     }
 }
@@ -790,6 +795,12 @@ impl PipelineConfig {
                     }
                     Some(_) => {}
                 },
+            }
+            if store.kind == StoreKind::Postgres && store.context_cache.is_some() {
+                err(
+                    format!("{}.context_cache", at(i)),
+                    "only `kind: embedded` caches context documents; remove it".into(),
+                );
             }
             if let Some(schema) = &store.schema {
                 let valid = schema.len() <= 63

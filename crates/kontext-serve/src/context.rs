@@ -2,6 +2,7 @@
 //! response body, shared by the HTTP handlers and the MCP tools.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -77,7 +78,7 @@ pub struct ContextReply {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ContextResponse {
     #[serde(flatten)]
-    pub document: ContextDocument,
+    pub document: Arc<ContextDocument>,
     /// Now minus the newest applied event's time.
     pub staleness_ms: i64,
 }
@@ -119,6 +120,7 @@ pub async fn assemble_context(
         })?;
     if let Some(fields) = &query.fields {
         let keep: BTreeSet<&str> = fields.iter().map(String::as_str).collect();
+        let document = Arc::make_mut(&mut document);
         document.fields.retain(|k, _| keep.contains(k.as_str()));
         document.provenance.retain(|k, _| keep.contains(k.as_str()));
     }

@@ -7,8 +7,11 @@
 //! The store holds 1 000 customers (9 fields each) with 10 orders, 5 tickets and 20
 //! interactions each (36 000 entities), the shape the quickstart builds. Every lookup is one
 //! customer's context: 1 + 35 entity reads, the newest 5 / 5 / 10 kept. Percentiles come from
-//! every single lookup (sorted), not from batch means, so they are real tails. Environment:
-//! `LOOKUPS` (default 100 000 per phase), `INGEST_RATE` (updates/s of the writer, default 5 000,
+//! every single lookup (sorted), not from batch means, so they are real tails. Each phase runs
+//! twice, side by side: `assembled` (the document cache off: every lookup reads the store) and
+//! `cached` (the default cache: a document is assembled again only after a write to it, one of
+//! its children or its parent). Environment:
+//! `LOOKUPS` (default 100 000 per phase), `LOOKUP_RATE` (lookups/s, default 10 000), `INGEST_RATE` (updates/s of the writer, default 5 000,
 //! applied every 50 ms), `HISTORY` (multiplies the children per customer, default 1; the
 //! quickstart's customers have ~400 children after two minutes at 1 000 events/s: `HISTORY=12`).
 
@@ -32,8 +35,8 @@ fn main() {
     let ingest_rate: u64 = env_or("INGEST_RATE", 5_000);
     let history: u64 = env_or("HISTORY", 1);
     let dir = tempfile::tempdir().expect("temp dir");
-    let store =
-        Arc::new(EmbeddedStore::open(&dir.path().join("lookup.redb"), schema()).expect("store"));
+    let path = dir.path().join("lookup.redb");
+    let store = EmbeddedStore::open(&path, schema()).expect("store");
 
     let offset = Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
@@ -50,21 +53,43 @@ fn main() {
         }
     }
     store.apply(&load, &[]).expect("initial load");
-
-    // Warm the page cache and the code paths.
-    for i in 0..10_000u64 {
-        let _ = store.context("customer", &customer_id(i % CUSTOMERS));
-    }
-    let idle = measure(&store, lookups);
+    drop(store);
     println!(
         "customers={CUSTOMERS} children_per_customer={}",
         35 * history
     );
-    report("idle", &idle, None);
+    // Side by side: every lookup assembled from the store, then through the document cache.
+    for (name, cache) in [
+        ("assembled", 0),
+        ("cached", kontext_store::DEFAULT_CONTEXT_CACHE),
+    ] {
+        let store = EmbeddedStore::open(&path, schema())
+            .expect("store")
+            .with_context_cache(cache);
+        phases(name, Arc::new(store), lookups, ingest_rate, &offset);
+    }
+}
+
+/// Lookups idle, then while a writer applies `ingest_rate` updates/s.
+fn phases(
+    name: &str,
+    store: Arc<EmbeddedStore>,
+    lookups: usize,
+    ingest_rate: u64,
+    offset: &Arc<AtomicU64>,
+) {
+    // Warm the page cache and the code paths.
+    for i in 0..10_000u64 {
+        let _ = store.context("customer", &customer_id(i % CUSTOMERS));
+    }
+    let before = store.context_cache_stats();
+    let idle = measure(&store, lookups);
+    report(&format!("{name} idle"), &idle, None);
+    print_hits(&store, before);
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (store, stop, offset) = (Arc::clone(&store), Arc::clone(&stop), Arc::clone(&offset));
+        let (store, stop, offset) = (Arc::clone(&store), Arc::clone(&stop), Arc::clone(offset));
         std::thread::spawn(move || {
             let per_tick = (ingest_rate / 20).max(1);
             let mut written = 0u64;
@@ -95,17 +120,40 @@ fn main() {
         })
     };
     std::thread::sleep(Duration::from_millis(200));
+    let before = store.context_cache_stats();
     let busy = measure(&store, lookups);
     stop.store(true, Ordering::Relaxed);
     let achieved = writer.join().expect("writer");
-    report("during_ingest", &busy, Some(achieved));
+    report(&format!("{name} during_ingest"), &busy, Some(achieved));
+    print_hits(&store, before);
 }
 
-/// Latency of each of `n` customer-context lookups, in nanoseconds, sorted.
+/// The cache's hit ratio since `before`.
+fn print_hits(store: &EmbeddedStore, before: kontext_store::CacheStats) {
+    let now = store.context_cache_stats();
+    let (hits, misses) = (now.hits - before.hits, now.misses - before.misses);
+    if hits + misses > 0 {
+        println!(
+            "  cache: hits={hits} misses={misses} hit_ratio={:.4}",
+            hits as f64 / (hits + misses) as f64
+        );
+    }
+}
+
+/// Latency of each of `n` customer-context lookups, in nanoseconds, sorted. Lookups are
+/// paced at `LOOKUP_RATE` per second (default 10 000), so that a phase spans the same time
+/// (and the same writes) whether lookups take 0.2 µs or 60 µs; a lookup that falls behind
+/// schedule runs at once.
 fn measure(store: &EmbeddedStore, n: usize) -> Vec<u64> {
+    let rate: u64 = env_or("LOOKUP_RATE", 10_000);
+    let start = Instant::now();
     let mut out = Vec::with_capacity(n);
     for i in 0..n as u64 {
         let id = customer_id((i * 7_919) % CUSTOMERS);
+        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate.max(1));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
         let t = Instant::now();
         let doc = store.context("customer", &id).expect("lookup");
         out.push(t.elapsed().as_nanos() as u64);

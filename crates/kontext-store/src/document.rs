@@ -18,7 +18,6 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::model::{EntityDoc, Provenance};
-use crate::{EmbeddedStore, StoreError};
 
 /// An entity's assembled context, as `GET /v1/context/{type}/{id}` returns it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -139,17 +138,6 @@ impl RelatedEntity {
     /// An entity as a related entity of another one's context.
     pub(crate) fn from_doc(doc: &EntityDoc) -> Self {
         EntityView::from_doc(doc).into_related()
-    }
-}
-
-impl EmbeddedStore {
-    /// Assembles the context of one entity; `None` if the store has never seen it.
-    pub fn context(
-        &self,
-        entity_type: &str,
-        entity_id: &str,
-    ) -> Result<Option<ContextDocument>, StoreError> {
-        self.assemble_context(entity_type, entity_id)
     }
 }
 

@@ -16,6 +16,8 @@ use serde_json::Value;
 use crate::document::{ContextDocument, EntityView, RelatedList};
 use crate::model::{merge_fields, Change, EntityDoc, EntityUpdate, StoreSchema};
 use crate::StoreError;
+pub use cache::CacheStats;
+use cache::ContextCache;
 
 /// `entity_type \0 entity_id` -> JSON [`EntityDoc`]
 const ENTITIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entities");
@@ -33,6 +35,8 @@ const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets
 
 /// `related_limit` of a child type the schema does not mention.
 const DEFAULT_RELATED_LIMIT: usize = 10;
+/// Context documents kept in memory unless [`EmbeddedStore::with_context_cache`] says otherwise.
+pub const DEFAULT_CONTEXT_CACHE: usize = 4_096;
 
 /// Counts of what one [`EmbeddedStore::apply`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,6 +68,8 @@ struct Pending {
 pub struct EmbeddedStore {
     db: Database,
     schema: StoreSchema,
+    /// Assembled documents of hot entities; `None` when switched off.
+    cache: Option<ContextCache>,
 }
 
 impl EmbeddedStore {
@@ -82,7 +88,58 @@ impl EmbeddedStore {
         backfill_recent(&txn)?;
         backfill_counts(&txn)?;
         txn.commit().map_err(io)?;
-        Ok(Self { db, schema })
+        Ok(Self {
+            db,
+            schema,
+            cache: Some(ContextCache::new(DEFAULT_CONTEXT_CACHE)),
+        })
+    }
+
+    /// Keeps up to `documents` assembled context documents in memory (0: none), served until
+    /// something they show changes (see `embedded/cache.rs`). [`DEFAULT_CONTEXT_CACHE`] by
+    /// default.
+    pub fn with_context_cache(mut self, documents: usize) -> Self {
+        self.cache = (documents > 0).then(|| ContextCache::new(documents));
+        self
+    }
+
+    /// The assembled context of one entity (its parents and related lists); `None` if the
+    /// store has never seen it. A document in the cache is served while nothing it shows has
+    /// changed; otherwise it is assembled from one snapshot and cached.
+    pub fn context(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<Option<Arc<ContextDocument>>, StoreError> {
+        let Some(cache) = &self.cache else {
+            return Ok(self.assemble_context(entity_type, entity_id)?.map(Arc::new));
+        };
+        let key = entity_key(entity_type, entity_id);
+        if let Some(doc) = cache.get(&key) {
+            return Ok(Some(doc));
+        }
+        let seq = cache.before_read();
+        let Some(doc) = self.assemble_context(entity_type, entity_id)? else {
+            return Ok(None);
+        };
+        // The parents it names, shown or not yet stored.
+        let mut deps = vec![ContextCache::slot(&key)];
+        for (parent_type, field) in self.schema.parents_of(entity_type) {
+            if let Some(parent_id) = doc.fields.get(field).and_then(Value::as_str) {
+                deps.push(ContextCache::slot(&entity_key(parent_type, parent_id)));
+            }
+        }
+        let doc = Arc::new(doc);
+        cache.insert(key, Arc::clone(&doc), seq, deps);
+        Ok(Some(doc))
+    }
+
+    /// What the context document cache holds and did (all zero when it is off).
+    pub fn context_cache_stats(&self) -> CacheStats {
+        self.cache
+            .as_ref()
+            .map(ContextCache::stats)
+            .unwrap_or_default()
     }
 
     pub fn schema(&self) -> &StoreSchema {
@@ -98,6 +155,7 @@ impl EmbeddedStore {
         offsets: &[(&str, i32, i64)],
     ) -> Result<ApplyStats, StoreError> {
         let mut stats = ApplyStats::default();
+        let mut changed = Vec::new();
         let txn = self.db.begin_write().map_err(io)?;
         {
             let mut entities = txn.open_table(ENTITIES).map_err(io)?;
@@ -107,6 +165,7 @@ impl EmbeddedStore {
             let mut offset_table = txn.open_table(OFFSETS).map_err(io)?;
             // Borrowed keys: no allocation per update for the bookkeeping.
             let mut applied_upto: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+            // Cache stamp slots of the entities changed and of their parents.
             // Ordered by key, so the writes below walk the B-tree in order.
             let mut working: BTreeMap<(&str, &str), Pending> = BTreeMap::new();
             for update in updates {
@@ -179,6 +238,9 @@ impl EmbeddedStore {
             // Each entity is decoded and encoded once per batch, however many updates it got.
             let mut buf = Vec::with_capacity(1024);
             for ((entity_type, entity_id), pending) in &working {
+                if self.cache.is_some() {
+                    self.changed_slots(&mut changed, pending, entity_type, entity_id);
+                }
                 let mut index = Index {
                     relations: &mut relations,
                     recent: &mut recent,
@@ -216,7 +278,34 @@ impl EmbeddedStore {
             }
         }
         txn.commit().map_err(io)?;
+        if let Some(cache) = &self.cache {
+            cache.committed(changed);
+        }
         Ok(stats)
+    }
+
+    /// The cache stamp slots an entity's change touches: its own and those of its parents
+    /// before and after (their related lists show it).
+    fn changed_slots(
+        &self,
+        slots: &mut Vec<u32>,
+        pending: &Pending,
+        entity_type: &str,
+        entity_id: &str,
+    ) {
+        slots.push(ContextCache::slot(&entity_key(entity_type, entity_id)));
+        let after = pending.after.as_ref();
+        for ((parent_type, field), before) in self
+            .schema
+            .parents_of(entity_type)
+            .iter()
+            .zip(&pending.parents_before)
+        {
+            let now = after.and_then(|d| parent_id(d, field));
+            for parent in [before.as_deref(), now.as_deref()].into_iter().flatten() {
+                slots.push(ContextCache::slot(&entity_key(parent_type, parent)));
+            }
+        }
     }
 
     /// One entity, if the store has it.
@@ -631,6 +720,7 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+mod cache;
 mod codec;
 #[cfg(test)]
 mod tests;

@@ -16,7 +16,7 @@ mod store;
 mod switch;
 
 pub use document::{ContextDocument, ProvenanceView, RelatedEntity, RelatedList};
-pub use embedded::{ApplyStats, EmbeddedStore};
+pub use embedded::{ApplyStats, CacheStats, EmbeddedStore, DEFAULT_CONTEXT_CACHE};
 pub use model::*;
 pub use postgres::PostgresStore;
 pub use store::ContextStore;

@@ -2,6 +2,7 @@
 //! them behind an `Arc<dyn ContextStore>`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -38,12 +39,13 @@ pub trait ContextStore: Send + Sync + 'static {
         entity_id: &str,
     ) -> Result<Option<EntityDoc>, StoreError>;
 
-    /// The assembled context of one entity (parents, related lists).
+    /// The assembled context of one entity (parents, related lists). Shared: a store may hand
+    /// the same document to every reader until the entity or what it shows changes.
     async fn context(
         &self,
         entity_type: &str,
         entity_id: &str,
-    ) -> Result<Option<ContextDocument>, StoreError>;
+    ) -> Result<Option<Arc<ContextDocument>>, StoreError>;
 
     /// Up to `limit` entity ids of a type in id order, after `after`.
     async fn list(
@@ -95,7 +97,7 @@ impl ContextStore for EmbeddedStore {
         &self,
         entity_type: &str,
         entity_id: &str,
-    ) -> Result<Option<ContextDocument>, StoreError> {
+    ) -> Result<Option<Arc<ContextDocument>>, StoreError> {
         EmbeddedStore::context(self, entity_type, entity_id)
     }
 

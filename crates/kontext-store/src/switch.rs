@@ -111,7 +111,7 @@ impl ContextStore for SwitchableStore {
         &self,
         entity_type: &str,
         entity_id: &str,
-    ) -> Result<Option<ContextDocument>, StoreError> {
+    ) -> Result<Option<Arc<ContextDocument>>, StoreError> {
         self.current().context(entity_type, entity_id).await
     }
 

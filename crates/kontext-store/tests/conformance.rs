@@ -240,7 +240,7 @@ fn deliver(log: &Log, seed: u64) -> Vec<Batch> {
 struct Snapshot {
     dump: Vec<EntityDoc>,
     offsets: BTreeMap<(String, i32), i64>,
-    contexts: BTreeMap<(String, String), Option<ContextDocument>>,
+    contexts: BTreeMap<(String, String), Option<std::sync::Arc<ContextDocument>>>,
     gets: BTreeMap<(String, String), Option<EntityDoc>>,
     lists: BTreeMap<String, Vec<Vec<String>>>,
 }

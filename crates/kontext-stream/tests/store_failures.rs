@@ -131,7 +131,7 @@ impl ContextStore for FailingStore {
         ContextStore::get(&self.inner, t, id).await
     }
 
-    async fn context(&self, t: &str, id: &str) -> Result<Option<ContextDocument>, StoreError> {
+    async fn context(&self, t: &str, id: &str) -> Result<Option<Arc<ContextDocument>>, StoreError> {
         self.check_up()?;
         ContextStore::context(&self.inner, t, id).await
     }
@@ -553,6 +553,9 @@ async fn a_backlog_is_written_in_one_store_transaction() {
     let (store, metrics, _, _) = h.stop().await;
     assert_eq!(store.written.load(Ordering::SeqCst), 1, "one store write");
     assert_eq!(metrics.batches_committed.load(Ordering::Relaxed), 1);
-    assert_eq!(metrics.records_applied.load(Ordering::Relaxed), backlog as u64);
+    assert_eq!(
+        metrics.records_applied.load(Ordering::Relaxed),
+        backlog as u64
+    );
     assert_eq!(store.inner.dump().unwrap().len(), backlog);
 }

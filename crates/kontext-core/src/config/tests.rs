@@ -196,11 +196,12 @@ fn one_embedded_store_named_main_by_default() {
 #[test]
 fn several_stores_each_with_their_group_and_a_served_one() {
     let text = format!(
-        "{VALID}stores:\n  - {{ name: fast }}\n  - {{ name: pg, kind: postgres, url: \"${{PG_URL}}\", schema: ctx }}\nserve: {{ store: pg }}\n"
+        "{VALID}stores:\n  - {{ name: fast, context_cache: 0 }}\n  - {{ name: pg, kind: postgres, url: \"${{PG_URL}}\", schema: ctx }}\nserve: {{ store: pg }}\n"
     );
     let c = PipelineConfig::parse("p.yaml", &text).unwrap();
     let stores = c.stores();
     assert_eq!(stores.len(), 2);
+    assert_eq!(stores[0].context_cache, Some(0));
     assert_eq!(stores[1].kind, StoreKind::Postgres);
     assert_eq!(c.served_store().name, "pg");
     assert_ne!(c.store_group("fast"), c.store_group("pg"));
@@ -209,7 +210,7 @@ fn several_stores_each_with_their_group_and_a_served_one() {
 #[test]
 fn store_mistakes_name_the_field_and_the_fix() {
     let text = format!(
-        "{VALID}stores:\n  - {{ name: a, kind: postgres }}\n  - {{ name: a, url: \"postgres://x\" }}\n  - {{ name: c, kind: postgres, url: \"mysql://x\" }}\nserve: {{ store: nope }}\n"
+        "{VALID}stores:\n  - {{ name: a, kind: postgres }}\n  - {{ name: a, url: \"postgres://x\" }}\n  - {{ name: c, kind: postgres, url: \"mysql://x\" }}\n  - {{ name: d, kind: postgres, url: \"postgres://x\", context_cache: 10 }}\nserve: {{ store: nope }}\n"
     );
     let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
     let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
@@ -220,6 +221,7 @@ fn store_mistakes_name_the_field_and_the_fix() {
             "stores[1].name",
             "stores[1].url",
             "stores[2].url",
+            "stores[3].context_cache",
             "serve.store"
         ],
         "{err}"
@@ -244,6 +246,7 @@ fn a_url_from_the_environment_is_resolved_or_named_when_missing() {
         kind: StoreKind::Postgres,
         url: Some("${KONTEXT_CONFIG_TEST_UNSET_VAR}".into()),
         schema: None,
+        context_cache: None,
     };
     let e = store.resolved_url().unwrap_err();
     assert!(e.contains("KONTEXT_CONFIG_TEST_UNSET_VAR"), "{e}");

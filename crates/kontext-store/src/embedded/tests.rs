@@ -487,11 +487,11 @@ mod recency_index {
             for c in 0..3u8 {
                 prop_assert_eq!(shown(&store, c), naive(&records, c), "customer C{}", c);
                 let id = format!("C{c}");
-                prop_assert_eq!(store.context("customer", &id).unwrap(), from_documents(&store, "customer", &id));
+                prop_assert_eq!(store.context("customer", &id).unwrap().as_deref().cloned(), from_documents(&store, "customer", &id));
             }
             for o in 0..8u8 {
                 let id = format!("O{o}");
-                prop_assert_eq!(store.context("order", &id).unwrap(), from_documents(&store, "order", &id));
+                prop_assert_eq!(store.context("order", &id).unwrap().as_deref().cloned(), from_documents(&store, "order", &id));
             }
         }
     }
@@ -583,5 +583,191 @@ mod recency_index {
         );
         // O2's move to C1 (time 3) is older than its time-9 update: it stays with C0.
         assert_eq!(expected[0], (3, vec!["O2".to_string(), "O3".to_string()]));
+    }
+}
+
+mod context_cache {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One change: an order (re)assigned to a customer, a customer's name, or a deletion.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Order { order: u8, customer: u8, time: i64 },
+        Customer { customer: u8, name: u8, time: i64 },
+        DeleteOrder { order: u8 },
+        DeleteCustomer { customer: u8 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..6, 0u8..3, 0i64..40).prop_map(|(order, customer, time)| Op::Order { order, customer, time }),
+            2 => (0u8..3, 0u8..5, 0i64..40).prop_map(|(customer, name, time)| Op::Customer { customer, name, time }),
+            1 => (0u8..6).prop_map(|order| Op::DeleteOrder { order }),
+            1 => (0u8..3).prop_map(|customer| Op::DeleteCustomer { customer }),
+        ]
+    }
+
+    fn update(op: &Op, offset: i64) -> EntityUpdate {
+        let delete = |entity_type: &str, id: String| {
+            let mut u = upsert(entity_type, &id, json!({}), "src", 0, offset, 0);
+            u.change = Change::Delete;
+            u
+        };
+        match *op {
+            Op::Order {
+                order,
+                customer,
+                time,
+            } => upsert(
+                "order",
+                &format!("O{order}"),
+                json!({"customer_id": format!("C{customer}"), "n": offset}),
+                "shop",
+                0,
+                offset,
+                time,
+            ),
+            Op::Customer {
+                customer,
+                name,
+                time,
+            } => upsert(
+                "customer",
+                &format!("C{customer}"),
+                json!({"name": format!("N{name}")}),
+                "crm",
+                0,
+                offset,
+                time,
+            ),
+            Op::DeleteOrder { order } => delete("order", format!("O{order}")),
+            Op::DeleteCustomer { customer } => delete("customer", format!("C{customer}")),
+        }
+    }
+
+    /// Every context, from the cached store and from one that assembles each lookup afresh.
+    fn all_contexts(store: &EmbeddedStore) -> Vec<Option<ContextDocument>> {
+        let ids = (0..3).map(|c| ("customer", format!("C{c}")));
+        ids.chain((0..6).map(|o| ("order", format!("O{o}"))))
+            .map(|(t, id)| store.context(t, &id).unwrap().as_deref().cloned())
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever the writes (orders moving between customers, parents changing or deleted,
+        /// children deleted), a lookup through the cache equals a fresh assembly after every
+        /// batch: no cached document outlives a change to anything it shows.
+        #[test]
+        fn cached_contexts_equal_fresh_assembly(
+            ops in proptest::collection::vec(op(), 1..60),
+            batch in 1usize..8,
+        ) {
+            let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let cached = open(&a);
+            let fresh = open(&b).with_context_cache(0);
+            let updates: Vec<EntityUpdate> =
+                ops.iter().enumerate().map(|(i, op)| update(op, i as i64)).collect();
+            for chunk in updates.chunks(batch) {
+                // Lookups before the batch fill the cache with what the batch may change.
+                prop_assert_eq!(all_contexts(&cached), all_contexts(&fresh));
+                cached.apply(chunk, &[]).unwrap();
+                fresh.apply(chunk, &[]).unwrap();
+                prop_assert_eq!(all_contexts(&cached), all_contexts(&fresh));
+            }
+            prop_assert_eq!(fresh.context_cache_stats(), CacheStats::default());
+        }
+    }
+
+    /// A hot entity is served from memory: the second lookup returns the same document, and
+    /// a write to one of its orders replaces it.
+    #[test]
+    fn a_repeated_lookup_shares_the_document_until_a_child_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store
+            .apply(
+                &[update(
+                    &Op::Customer {
+                        customer: 1,
+                        name: 1,
+                        time: 1,
+                    },
+                    0,
+                )],
+                &[],
+            )
+            .unwrap();
+        let first = store.context("customer", "C1").unwrap().unwrap();
+        let second = store.context("customer", "C1").unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first, &second), "served from the cache");
+        let stats = store.context_cache_stats();
+        assert_eq!((stats.documents, stats.hits, stats.misses), (1, 1, 1));
+        store
+            .apply(
+                &[update(
+                    &Op::Order {
+                        order: 1,
+                        customer: 1,
+                        time: 2,
+                    },
+                    1,
+                )],
+                &[],
+            )
+            .unwrap();
+        let third = store.context("customer", "C1").unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&first, &third));
+        assert_eq!(third.related["order"].total, 1);
+    }
+
+    /// Lookups racing the writer never leave a stale document behind: once the writes are
+    /// done, every lookup equals a fresh assembly.
+    #[test]
+    fn lookups_racing_writes_leave_nothing_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(&dir));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let mut lookups = 0u64;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (t, id) in [("customer", "C1"), ("order", "O1"), ("order", "O2")] {
+                        store.context(t, id).unwrap();
+                        lookups += 1;
+                    }
+                }
+                lookups
+            })
+        };
+        for i in 0..300i64 {
+            let op = match i % 3 {
+                0 => Op::Customer {
+                    customer: 1,
+                    name: (i % 5) as u8,
+                    time: i,
+                },
+                1 => Op::Order {
+                    order: 1,
+                    customer: (i % 2) as u8,
+                    time: i,
+                },
+                _ => Op::Order {
+                    order: 2,
+                    customer: 1,
+                    time: i,
+                },
+            };
+            store.apply(&[update(&op, i)], &[]).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        for (t, id) in [("customer", "C1"), ("order", "O1"), ("order", "O2")] {
+            let served = store.context(t, id).unwrap().as_deref().cloned();
+            assert_eq!(served, store.assemble_context(t, id).unwrap(), "{t} {id}");
+        }
     }
 }

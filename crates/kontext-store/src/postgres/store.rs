@@ -471,8 +471,8 @@ impl ContextStore for PostgresStore {
         &self,
         entity_type: &str,
         entity_id: &str,
-    ) -> Result<Option<ContextDocument>, StoreError> {
-        self.assemble(entity_type, entity_id).await
+    ) -> Result<Option<Arc<ContextDocument>>, StoreError> {
+        Ok(self.assemble(entity_type, entity_id).await?.map(Arc::new))
     }
 
     async fn list(
