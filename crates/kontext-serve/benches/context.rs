@@ -7,7 +7,9 @@
 //! sources, 12 orders and 6 tickets (7 fields each) and 25 interactions (5 fields each); a
 //! customer's context shows the newest 5 / 5 / 10 of them (~29 KB of JSON, as the quickstart's
 //! after a minute). `lookup_only` is the store's part alone, so the difference is what serving
-//! adds.
+//! adds. Both run twice: `assembled` (the store's document cache off: every request reads the
+//! store and serializes) and `cached` (the default: a hot customer's document and its JSON
+//! are reused until it changes; nothing changes during this benchmark).
 
 #[path = "../../../bench/allocator.rs"]
 mod allocator;
@@ -31,7 +33,25 @@ const T0: i64 = 1_795_608_000_000;
 
 fn context(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(store(&dir));
+    load(&dir);
+    let mut group = c.benchmark_group("context");
+    for (mode, cache) in [
+        ("assembled", 0),
+        ("cached", kontext_store::DEFAULT_CONTEXT_CACHE),
+    ] {
+        let store = EmbeddedStore::open(&dir.path().join("context.redb"), schema())
+            .expect("store")
+            .with_context_cache(cache);
+        bench_mode(&mut group, mode, Arc::new(store));
+    }
+    group.finish();
+}
+
+fn bench_mode(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    mode: &str,
+    store: Arc<EmbeddedStore>,
+) {
     let types: BTreeSet<String> = ["customer", "order", "ticket", "interaction"]
         .into_iter()
         .map(String::from)
@@ -61,25 +81,23 @@ fn context(c: &mut Criterion) {
     let body = rt.block_on(get(0));
     println!("customer context: {} bytes of JSON", body.len());
 
-    let mut group = c.benchmark_group("context");
     let mut i = 0u64;
-    group.bench_function("get_json", |b| {
+    group.bench_function(format!("get_json/{mode}"), |b| {
         b.iter(|| {
             i += 7;
             black_box(rt.block_on(get(i)))
         })
     });
-    group.bench_function("lookup_only", |b| {
+    group.bench_function(format!("lookup_only/{mode}"), |b| {
         b.iter(|| {
             i += 7;
             let id = format!("C-{}", 10_000 + i % CUSTOMERS);
             black_box(store.context("customer", &id).expect("lookup"))
         })
     });
-    group.finish();
 }
 
-fn store(dir: &tempfile::TempDir) -> EmbeddedStore {
+fn schema() -> StoreSchema {
     let mut schema = StoreSchema::default();
     schema.belongs_to.insert("customer".into(), vec![]);
     for (child, limit) in [("order", 5), ("ticket", 5), ("interaction", 10)] {
@@ -89,7 +107,12 @@ fn store(dir: &tempfile::TempDir) -> EmbeddedStore {
         );
         schema.related_limit.insert(child.into(), limit);
     }
-    let store = EmbeddedStore::open(&dir.path().join("context.redb"), schema).expect("store");
+    schema
+}
+
+/// Writes the customers into `dir/context.redb`.
+fn load(dir: &tempfile::TempDir) {
+    let store = EmbeddedStore::open(&dir.path().join("context.redb"), schema()).expect("store");
     let mut offset = 0i64;
     let mut update = |t: &str, id: String, fields: Value, source: &str| {
         offset += 1;
@@ -157,7 +180,6 @@ fn store(dir: &tempfile::TempDir) -> EmbeddedStore {
         }
         store.apply(&batch, &[]).expect("load");
     }
-    store
 }
 
 criterion_group!(benches, context);

@@ -277,6 +277,19 @@ pub(crate) async fn get_context(
     let query = params.parse()?;
     let reply = assemble_context(&state, &entity_type, &entity_id, &query).await?;
     Ok(match reply.body {
+        // The whole document as the store shares it: its serialization can be reused.
+        ContextBody::Json(response) if query.fields.is_none() => {
+            let body = state
+                .json_cache
+                .response_body(
+                    &entity_type,
+                    &entity_id,
+                    &response.document,
+                    response.staleness_ms,
+                )
+                .map_err(internal)?;
+            json_bytes(body)
+        }
         ContextBody::Json(response) => json_response(&response)?,
         ContextBody::Markdown(text) => {
             let mut response = (
@@ -305,16 +318,23 @@ pub(crate) async fn get_context(
 fn json_response(body: &impl Serialize) -> Result<Response, ApiError> {
     // Context documents are tens of KB: start big enough to skip the first few regrowths.
     let mut buf = Vec::with_capacity(16 * 1024);
-    serde_json::to_writer(&mut buf, body)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    Ok((
+    serde_json::to_writer(&mut buf, body).map_err(internal)?;
+    Ok(json_bytes(buf))
+}
+
+fn json_bytes(body: Vec<u8>) -> Response {
+    (
         [(
             axum::http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        buf,
+        body,
     )
-        .into_response())
+        .into_response()
+}
+
+fn internal(e: serde_json::Error) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
 }
 
 /// The body of `POST /v1/context:batchGet`: lookups and the options they share.

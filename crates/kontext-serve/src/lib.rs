@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod context;
 mod error;
+pub mod json_cache;
 pub mod mcp;
 mod ops;
 pub mod render;
@@ -58,6 +59,9 @@ pub struct AppState {
     pub admin: Option<Arc<dyn admin::Admin>>,
     /// `Host` names `/mcp` accepts besides loopback ones (`serve.mcp.allowed_hosts`).
     pub mcp_allowed_hosts: Arc<Vec<String>>,
+    /// Serialized documents of `GET /v1/context` (JSON), reused while the store hands out the
+    /// same document.
+    pub json_cache: Arc<json_cache::JsonCache>,
 }
 
 impl AppState {
@@ -76,6 +80,7 @@ impl AppState {
             entity_descriptions: None,
             admin: None,
             mcp_allowed_hosts: Arc::new(Vec::new()),
+            json_cache: Arc::default(),
         }
     }
 

@@ -523,6 +523,42 @@ fn without_staleness(body: &str) -> String {
     days
 }
 
+/// A hot entity's JSON is serialized once and reused (`json_cache.rs`): the same bytes again,
+/// a field selection in between does not leak into it, and a write to one of its orders
+/// shows at once.
+#[tokio::test]
+async fn a_repeated_fetch_reuses_the_json_until_the_entity_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = rich_state(&dir);
+    let uri = "/v1/context/customer/C1";
+    let first = without_staleness(&get(s.clone(), uri).await.2);
+    let fields = get(s.clone(), &format!("{uri}?fields=balance")).await.2;
+    assert!(!fields.contains("given_name"), "{fields}");
+    assert_eq!(without_staleness(&get(s.clone(), uri).await.2), first);
+    common::golden("context_customer.json", &first);
+
+    let order = EntityUpdate {
+        entity_type: "order".into(),
+        entity_id: "O9".into(),
+        change: Change::Upsert(json!({"status": "lost"}).as_object().cloned().unwrap()),
+        provenance: Provenance {
+            source: "shop".into(),
+            event_id: "shop-99".into(),
+            event_type: None,
+            topic: "context.orders".into(),
+            partition: 0,
+            offset: 99,
+            event_time_ms: 1_800_000_000_000,
+        },
+    };
+    s.store.apply(&[order], &[]).await.unwrap();
+    let (_, _, after) = get(s.clone(), uri).await;
+    let after: Value = serde_json::from_str(&after).unwrap();
+    let newest = &after["related"]["order"]["items"][0];
+    assert_eq!(newest["entity_id"], "O9", "{after}");
+    assert_eq!(newest["fields"]["status"], "lost", "{after}");
+}
+
 #[tokio::test]
 async fn json_context_bodies_are_byte_for_byte_those_of_the_golden_files() {
     let dir = tempfile::tempdir().unwrap();
