@@ -1,5 +1,7 @@
 //! Operational endpoints: lag, metrics, health.
 
+use std::fmt::Write;
+
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -54,10 +56,32 @@ pub(crate) async fn lag(
 
 /// `GET /metrics`: Prometheus text format.
 pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
+    let mut text = state.metrics.render();
+    if let Some(cache) = state.store.cache_stats() {
+        for (name, kind, help, value) in [
+            (
+                "kontext_context_cache_hits_total",
+                "counter",
+                "Context lookups served from the store's document cache.",
+                cache.hits,
+            ),
+            (
+                "kontext_context_cache_misses_total",
+                "counter",
+                "Context lookups that assembled the document from the store.",
+                cache.misses,
+            ),
+            (
+                "kontext_context_cache_documents",
+                "gauge",
+                "Context documents in the store's cache.",
+                cache.documents as u64,
+            ),
+        ] {
+            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 /// `GET /healthz`

@@ -536,6 +536,15 @@ async fn a_repeated_fetch_reuses_the_json_until_the_entity_changes() {
     assert!(!fields.contains("given_name"), "{fields}");
     assert_eq!(without_staleness(&get(s.clone(), uri).await.2), first);
     common::golden("context_customer.json", &first);
+    // Three lookups: the first assembled, the other two from the cache.
+    let (_, _, metrics) = get(s.clone(), "/metrics").await;
+    for line in [
+        "kontext_context_cache_hits_total 2",
+        "kontext_context_cache_misses_total 1",
+        "kontext_context_cache_documents 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
 
     let order = EntityUpdate {
         entity_type: "order".into(),

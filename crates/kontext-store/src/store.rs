@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::embedded::ApplyStats;
+use crate::embedded::{ApplyStats, CacheStats};
 use crate::{ContextDocument, EmbeddedStore, EntityDoc, EntityUpdate, StoreError, StoreSchema};
 
 /// A context store: versioned, idempotent upserts plus the reads serving needs.
@@ -60,6 +60,11 @@ pub trait ContextStore: Send + Sync + 'static {
 
     /// Every entity, in (type, id) order: for tests and exports.
     async fn dump(&self) -> Result<Vec<EntityDoc>, StoreError>;
+
+    /// What the store's context document cache holds and did; `None` for a store without one.
+    fn cache_stats(&self) -> Option<CacheStats> {
+        None
+    }
 }
 
 #[async_trait]
@@ -116,6 +121,10 @@ impl ContextStore for EmbeddedStore {
 
     async fn dump(&self) -> Result<Vec<EntityDoc>, StoreError> {
         EmbeddedStore::dump(self)
+    }
+
+    fn cache_stats(&self) -> Option<CacheStats> {
+        Some(self.context_cache_stats())
     }
 }
 

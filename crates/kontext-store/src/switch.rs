@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::{
-    ApplyStats, ContextDocument, ContextStore, EntityDoc, EntityUpdate, StoreError, StoreSchema,
+    ApplyStats, CacheStats, ContextDocument, ContextStore, EntityDoc, EntityUpdate, StoreError, StoreSchema,
 };
 use async_trait::async_trait;
 
@@ -130,6 +130,10 @@ impl ContextStore for SwitchableStore {
 
     async fn dump(&self) -> Result<Vec<EntityDoc>, StoreError> {
         self.current().dump().await
+    }
+
+    fn cache_stats(&self) -> Option<CacheStats> {
+        self.current().cache_stats()
     }
 }
 
