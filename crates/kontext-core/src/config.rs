@@ -15,7 +15,10 @@ mod mapping;
 pub use mapping::{FieldMapping, FieldSpec, FieldType};
 
 mod features;
-pub use features::{features_topic, parse_span, FeatureAgg, FeatureConfig, FEATURES_SOURCE};
+pub use features::{
+    features_topic, parse_span, FeatureAgg, FeatureConfig, FeatureWindow, WindowKind,
+    FEATURES_SOURCE,
+};
 
 mod joins;
 pub use joins::{EnrichmentConfig, EnrichmentKind};

@@ -78,7 +78,10 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
                 cache.documents as u64,
             ),
         ] {
-            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                text,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)

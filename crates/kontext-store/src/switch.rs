@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::{
-    ApplyStats, CacheStats, ContextDocument, ContextStore, EntityDoc, EntityUpdate, StoreError, StoreSchema,
+    ApplyStats, CacheStats, ContextDocument, ContextStore, EntityDoc, EntityUpdate, StoreError,
+    StoreSchema,
 };
 use async_trait::async_trait;
 

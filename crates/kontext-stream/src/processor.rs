@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kontext_core::config::{
-    EnrichmentKind, FeatureAgg, FeatureConfig, LogConfig, PipelineConfig, RetryPolicy,
+    EnrichmentKind, FeatureAgg, FeatureConfig, LogConfig, PipelineConfig, RetryPolicy, WindowKind,
 };
 use kontext_core::envelope::format_time;
 use kontext_core::partitioner::partition_for_key;
@@ -44,10 +44,10 @@ use kontext_log::{
     ConsumerConfig, GroupMetadata, Log, LogError, Producer, TopicSpec, TransactionalProducer,
 };
 use kontext_process::{
-    changelog_topic_name, repair_records, AggFn, Aggregate, AggregateConfig, ChangelogRecord,
-    Coords, DedupConfig, DedupDecision, Deduplicate, Emit, EnrichmentJoin, Event, FieldPath,
-    FjallStore, JoinConfig, JoinInput, JoinKey, JoinKind, StateDb, StateStore, StoreError,
-    TableMode, TableUpdate, WindowSpec, WriteBatch,
+    changelog_topic_name, repair_records, AggFn, Aggregate, AggregateConfig, AggregateUpdate,
+    ChangelogRecord, Coords, DedupConfig, DedupDecision, Deduplicate, Emit, EnrichmentJoin, Event,
+    FieldPath, FjallStore, JoinConfig, JoinInput, JoinKey, JoinKind, StateDb, StateStore,
+    StoreError, TableMode, TableUpdate, WindowSpec, WriteBatch,
 };
 use kontext_store::Change;
 use serde_json::{json, Map, Value};
@@ -72,6 +72,9 @@ const ALL_TIME_MS: i64 = 1 << 62;
 /// the high-water origin offset per origin partition, and the output clock.
 const HIGH_WATER_PREFIX: &[u8] = b"\x00kh";
 const OUTPUT_TIME_KEY: &[u8] = b"\x00kt";
+/// Per key of a tumbling or session feature group: the end of the window its features show
+/// (`\x00kw <key>` -> i64).
+const SHOWN_WINDOW_PREFIX: &[u8] = b"\x00kw";
 /// Local only (never in the changelog): the next offset of the store's changelog partition
 /// after the last batch the store committed. Equal to the changelog's high watermark when the
 /// store is current; behind it when another instance (or a batch whose commit a crash
@@ -165,6 +168,9 @@ pub struct FeatureGroup {
     pub features: Vec<String>,
     /// Canonical input fields the functions read.
     pub fields: BTreeSet<String>,
+    /// Tumbling or session windows: each feature's value is the key's newest window, written
+    /// as `{"value", "window_start", "window_end"}`.
+    pub windowed: bool,
     aggregate: Aggregate,
     dedup: Option<Deduplicate>,
 }
@@ -187,7 +193,8 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
         &'a str,
         &'a str,
         &'a str,
-        Option<Duration>,
+        WindowKind,
+        Duration,
         Option<Duration>,
     );
     let mut groups: BTreeMap<Spec, Vec<(&String, &FeatureConfig)>> = BTreeMap::new();
@@ -196,28 +203,33 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
             f.from.as_str(),
             f.entity.as_str(),
             f.key.as_str(),
-            f.window_duration(),
+            f.window_kind(),
+            f.grace_duration(),
             f.dedup_duration(),
         );
         groups.entry(spec).or_default().push((name, f));
     }
     let mut out = Vec::new();
-    for ((from, entity, key, window, dedup), members) in groups {
+    for ((from, entity, key, window, grace, dedup), members) in groups {
         let functions = members
             .iter()
             .map(|(name, f)| ((*name).clone(), agg_fn(f)))
             .collect();
-        let window = match window {
-            Some(w) => WindowSpec::Sliding {
-                size_ms: w.as_millis() as i64,
-            },
-            None => WindowSpec::Tumbling {
-                size_ms: ALL_TIME_MS,
-            },
+        let ms = |d: Duration| d.as_millis() as i64;
+        let (window, windowed) = match window {
+            WindowKind::AllTime => (
+                WindowSpec::Tumbling {
+                    size_ms: ALL_TIME_MS,
+                },
+                false,
+            ),
+            WindowKind::Rolling(w) => (WindowSpec::Sliding { size_ms: ms(w) }, false),
+            WindowKind::Tumbling(w) => (WindowSpec::Tumbling { size_ms: ms(w) }, true),
+            WindowKind::Session(gap) => (WindowSpec::Session { gap_ms: ms(gap) }, true),
         };
         let Ok(aggregate) = Aggregate::new(AggregateConfig {
             window,
-            grace_ms: 0,
+            grace_ms: ms(grace),
             functions,
             emit: Emit::OnUpdate,
         }) else {
@@ -233,6 +245,7 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
                 .iter()
                 .filter_map(|(_, f)| f.field.clone())
                 .collect(),
+            windowed,
             aggregate,
             dedup: dedup.map(|d| {
                 Deduplicate::new(DedupConfig {
@@ -1310,6 +1323,10 @@ fn features_batch(
     let mut outputs = Vec::new();
     if time_ms != i64::MIN {
         out.state.put(OUTPUT_TIME_KEY, &time_ms.to_le_bytes());
+        if group.windowed {
+            let updates = std::mem::take(&mut out.updates);
+            outputs = newest_windows(group, agg, updates, &mut out.state, time_ms)?;
+        }
         for update in out.updates {
             let Some(values) = update.values else {
                 continue;
@@ -1338,6 +1355,65 @@ fn features_batch(
         duplicates,
         unmatched: 0,
     })
+}
+
+/// The outputs of a tumbling or session feature group: per key, the updated window with the
+/// greatest end, if that end is not before the end of the window the key shows already
+/// (`SHOWN_WINDOW_PREFIX`), so a late event for an older window (within the grace period)
+/// never replaces a newer window's value; a late event for the shown window updates it. A
+/// session merged into another (a tombstone) is skipped: the merged session is emitted.
+fn newest_windows(
+    group: &FeatureGroup,
+    agg: &FjallStore,
+    updates: Vec<AggregateUpdate>,
+    state: &mut WriteBatch,
+    time_ms: i64,
+) -> Result<Vec<Output>, StoreError> {
+    let mut newest: BTreeMap<Bytes, AggregateUpdate> = BTreeMap::new();
+    for update in updates.into_iter().filter(|u| u.values.is_some()) {
+        match newest.entry(update.key.clone()) {
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                if update.window.end >= e.get().window.end {
+                    e.insert(update);
+                }
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(update);
+            }
+        }
+    }
+    let mut outputs = Vec::with_capacity(newest.len());
+    for (key, update) in newest {
+        let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
+        let shown = read_i64(agg, &shown_key)?.unwrap_or(i64::MIN);
+        if update.window.end < shown {
+            continue;
+        }
+        if update.window.end > shown {
+            state.put(&shown_key, &update.window.end.to_le_bytes());
+        }
+        let (start, end) = (
+            format_time(update.window.start),
+            format_time(update.window.end),
+        );
+        let values = update.values.unwrap_or_default();
+        let fields = group
+            .features
+            .iter()
+            .zip(&values)
+            .map(|(name, v)| {
+                let value = json!({"value": v.to_json(), "window_start": start, "window_end": end});
+                (name.clone(), value)
+            })
+            .collect();
+        outputs.push(Output {
+            key,
+            fields,
+            time_ms,
+            version: update.version,
+        });
+    }
+    Ok(outputs)
 }
 
 /// Applies the table rows and joins the stream updates of one partition's share of a batch,
@@ -2027,6 +2103,120 @@ joins:
             ]
         );
         task.commit(second).unwrap();
+    }
+
+    const WINDOWED_YAML: &str = r#"
+name: shop
+entities:
+  customer: { key: customer_id, topic: context.customers }
+  order: { key: order_id, topic: context.orders }
+sources:
+  shop: { topic: context.orders, entity: order, fields: { customer_id: c, total: t } }
+features:
+  orders_today: { from: order, entity: customer, key: customer_id, agg: count, window: { tumbling: 1d }, grace: 1h }
+  spend_today: { from: order, entity: customer, key: customer_id, agg: sum, field: total, window: { tumbling: 1d }, grace: 1h }
+  orders_this_visit: { from: order, entity: customer, key: customer_id, agg: count, window: { session: 30m }, grace: 1h }
+"#;
+
+    /// Tumbling and session features show the key's newest window with its bounds; a late
+    /// event for the shown window updates it, one for an older window (within grace) does not
+    /// replace it; a late event that joins two sessions shows the merged session.
+    #[test]
+    fn windowed_features_show_the_newest_window_and_late_events_never_regress_it() {
+        const DAY: i64 = 86_400_000;
+        const MIN: i64 = 60_000;
+        let config = PipelineConfig::parse("p.yaml", WINDOWED_YAML).unwrap();
+        let stages = stages(&config);
+        let names: Vec<&str> = stages.iter().map(Stage::name).collect();
+        assert_eq!(names, vec!["orders_today", "orders_this_visit"]);
+        let dir = tempfile::tempdir().unwrap();
+        let tp = TopicPartition::new("rep", 0);
+        let mut rep = 0i64;
+        let mut inbound = |time_ms: i64, total: f64| {
+            rep += 1;
+            Inbound {
+                event: Event {
+                    key: Bytes::from_static(b"C-1"),
+                    id: Bytes::from(format!("e{rep}")),
+                    time_ms,
+                    coords: Coords::new("rep", 0, rep),
+                    value: json!({ "total": total }),
+                },
+                origin: TopicPartition::new("orders", 0),
+                origin_offset: rep,
+                side: JoinSide::None,
+            }
+        };
+        let shown = |p: &Pending, feature: &str| -> Vec<Value> {
+            p.outputs
+                .iter()
+                .map(|o| o.fields[feature].clone())
+                .collect()
+        };
+        let window = |value: Value, start: i64, end: i64| json!({"value": value, "window_start": format_time(start), "window_end": format_time(end)});
+
+        // Tumbling, one day: two orders on day 10, then one on day 11.
+        let today = &stages[0];
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), today, 0).unwrap();
+        let day10 = 10 * DAY;
+        let batch = vec![inbound(day10 + 5, 2.0), inbound(day10 + 9, 3.0)];
+        let first = task.process(today, &tp, 2, batch).unwrap();
+        assert_eq!(
+            shown(&first, "orders_today"),
+            vec![window(json!(2), day10, day10 + DAY)]
+        );
+        assert_eq!(
+            shown(&first, "spend_today"),
+            vec![window(json!(5.0), day10, day10 + DAY)]
+        );
+        task.commit(first).unwrap();
+        let next = task
+            .process(today, &tp, 3, vec![inbound(day10 + DAY + 1, 7.0)])
+            .unwrap();
+        assert_eq!(
+            shown(&next, "orders_today"),
+            vec![window(json!(1), day10 + DAY, day10 + 2 * DAY)]
+        );
+        task.commit(next).unwrap();
+        // A late order for day 10 (within the hour of grace) is counted there, but day 11 stays
+        // what the customer shows; a late one for day 11 updates it.
+        let late = task
+            .process(today, &tp, 4, vec![inbound(day10 + 100, 1.0)])
+            .unwrap();
+        assert!(late.outputs.is_empty(), "{:?}", late.outputs);
+        task.commit(late).unwrap();
+        let late = task
+            .process(today, &tp, 5, vec![inbound(day10 + DAY + 2, 1.0)])
+            .unwrap();
+        assert_eq!(
+            shown(&late, "spend_today"),
+            vec![window(json!(8.0), day10 + DAY, day10 + 2 * DAY)]
+        );
+        task.commit(late).unwrap();
+        drop(task);
+
+        // Sessions, 30 minutes of gap: two visits, then a late event that joins them.
+        let visit = &stages[1];
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), visit, 0).unwrap();
+        let t = 1_000 * DAY;
+        let batch = vec![
+            inbound(t, 1.0),
+            inbound(t + 10 * MIN, 1.0),
+            inbound(t + 60 * MIN, 1.0),
+        ];
+        let first = task.process(visit, &tp, 3, batch).unwrap();
+        assert_eq!(
+            shown(&first, "orders_this_visit"),
+            vec![window(json!(1), t + 60 * MIN, t + 60 * MIN)]
+        );
+        task.commit(first).unwrap();
+        let joined = task
+            .process(visit, &tp, 4, vec![inbound(t + 35 * MIN, 1.0)])
+            .unwrap();
+        assert_eq!(
+            shown(&joined, "orders_this_visit"),
+            vec![window(json!(4), t, t + 60 * MIN)]
+        );
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //!     window: 30d          # rolling window by event time; omit for all-time
 //!     dedup: 1h            # optional: drop inputs whose event id was seen within this window
 //! ```
+//!
+//! `window` also takes `{ tumbling: 1d }` (calendar-aligned windows: "orders today") and
+//! `{ session: 30m }` (activity separated by gaps: "pages this visit"), with an optional
+//! `grace: 10m` for late events; such a feature's value is the key's newest window,
+//! `{"value": .., "window_start": .., "window_end": ..}`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -46,9 +51,14 @@ pub struct FeatureConfig {
     #[serde(default)]
     pub field: Option<String>,
     /// Rolling window by event time (`30d`, `1h`, `15m`): the value covers the inputs of the
-    /// last `window` up to the stream time. Omitted: all time.
+    /// last `window` up to the stream time. Or `{ tumbling: 1d }` / `{ session: 30m }`: the
+    /// value is the key's newest such window. Omitted: all time.
     #[serde(default)]
-    pub window: Option<String>,
+    pub window: Option<FeatureWindow>,
+    /// `tumbling` and `session` windows only: how long after a window's end late events are
+    /// still counted in it (0 when unset).
+    #[serde(default)]
+    pub grace: Option<String>,
     /// Drop inputs whose event id (`ce_id`) was already seen within this event-time window.
     #[serde(default)]
     pub dedup: Option<String>,
@@ -82,10 +92,76 @@ impl FeatureAgg {
     }
 }
 
+/// `window:` of a feature as written: a span (`30d`, rolling) or a one-key map naming the
+/// window type (`{ tumbling: 1d }`, `{ session: 30m }`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FeatureWindow {
+    Rolling(String),
+    Typed(BTreeMap<String, serde_json::Value>),
+}
+
+/// A feature's window, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WindowKind {
+    /// No `window`: every input ever.
+    AllTime,
+    /// `window: 30d`: the inputs of the last span up to the stream time.
+    Rolling(Duration),
+    /// `window: { tumbling: 1d }`: epoch-aligned windows of this size.
+    Tumbling(Duration),
+    /// `window: { session: 30m }`: per key, inputs closer than this gap to each other.
+    Session(Duration),
+}
+
+impl FeatureWindow {
+    /// The resolved window, or what is wrong with it (for the `window` field).
+    pub fn kind(&self) -> Result<WindowKind, String> {
+        let forms = "use `window: 30d` (rolling), `{ tumbling: 1d }` or `{ session: 30m }`";
+        match self {
+            FeatureWindow::Rolling(span) => parse_span(span).map(WindowKind::Rolling),
+            FeatureWindow::Typed(map) => {
+                let mut entries = map.iter();
+                let (Some((kind, value)), None) = (entries.next(), entries.next()) else {
+                    return Err(format!("name one window type: {forms}"));
+                };
+                let span = || match value {
+                    serde_json::Value::String(s) => parse_span(s),
+                    other => Err(format!(
+                        "`{kind}` takes a duration such as 1d or 30m, not {other}"
+                    )),
+                };
+                match kind.as_str() {
+                    "tumbling" => span().map(WindowKind::Tumbling),
+                    "session" => span().map(WindowKind::Session),
+                    "sliding" | "rolling" => span().map(WindowKind::Rolling),
+                    "hopping" => Err(format!(
+                        "hopping windows are in the Rust API only; for a feature {forms} (a \
+                         rolling window is the hopping window with the finest advance)"
+                    )),
+                    other => Err(format!("unknown window type {other:?}: {forms}")),
+                }
+            }
+        }
+    }
+}
+
 impl FeatureConfig {
-    /// The rolling window, if any (validated: parses whenever the config passed validation).
-    pub fn window_duration(&self) -> Option<Duration> {
-        self.window.as_deref().and_then(|w| parse_span(w).ok())
+    /// The resolved window (validated: whenever the config passed validation, this is the
+    /// window it names).
+    pub fn window_kind(&self) -> WindowKind {
+        match &self.window {
+            None => WindowKind::AllTime,
+            Some(w) => w.kind().unwrap_or(WindowKind::AllTime),
+        }
+    }
+
+    /// The grace period of tumbling and session windows (0 when unset).
+    pub fn grace_duration(&self) -> Duration {
+        self.grace
+            .as_deref()
+            .and_then(|g| parse_span(g).ok())
+            .unwrap_or_default()
     }
 
     /// The dedup window, if any.
@@ -236,10 +312,24 @@ impl PipelineConfig {
                 ),
                 _ => {}
             }
-            for (what, value) in [("window", &feature.window), ("dedup", &feature.dedup)] {
+            if let Some(Err(problem)) = feature.window.as_ref().map(FeatureWindow::kind) {
+                err(format!("{at}.window"), problem);
+            }
+            for (what, value) in [("dedup", &feature.dedup), ("grace", &feature.grace)] {
                 if let Some(Err(problem)) = value.as_deref().map(parse_span) {
                     err(format!("{at}.{what}"), problem);
                 }
+            }
+            if feature.grace.is_some()
+                && !matches!(
+                    feature.window.as_ref().map(FeatureWindow::kind),
+                    Some(Ok(WindowKind::Tumbling(_) | WindowKind::Session(_)))
+                )
+            {
+                err(
+                    format!("{at}.grace"),
+                    "`grace` applies to `{ tumbling: .. }` and `{ session: .. }` windows; a rolling or all-time feature has no window end to be late for: remove it".into(),
+                );
             }
             if source_fields
                 .get(feature.entity.as_str())
@@ -319,9 +409,73 @@ features:
             ]
         );
         assert_eq!(
-            config.features["orders_30d"].window_duration(),
-            Some(Duration::from_secs(30 * 86_400))
+            config.features["orders_30d"].window_kind(),
+            WindowKind::Rolling(Duration::from_secs(30 * 86_400))
         );
+    }
+
+    #[test]
+    fn tumbling_and_session_windows_parse_and_their_mistakes_name_the_fix() {
+        let yaml = |features: &str| {
+            format!(
+                r#"
+name: p
+entities:
+  customer: {{ key: customer_id, topic: context.customers }}
+  order: {{ key: order_id, topic: context.orders }}
+sources:
+  shop: {{ topic: context.orders, entity: order, fields: {{ customer_id: c, total: t }} }}
+features:
+{features}"#
+            )
+        };
+        let ok = yaml(concat!(
+            "  today: { from: order, entity: customer, key: customer_id, agg: count, window: { tumbling: 1d }, grace: 10m }\n",
+            "  visit: { from: order, entity: customer, key: customer_id, agg: sum, field: total, window: { session: 30m } }\n",
+            "  ever: { from: order, entity: customer, key: customer_id, agg: count }\n",
+        ));
+        let config = PipelineConfig::parse("p.yaml", &ok).unwrap();
+        let today = &config.features["today"];
+        assert_eq!(
+            today.window_kind(),
+            WindowKind::Tumbling(Duration::from_secs(86_400))
+        );
+        assert_eq!(today.grace_duration(), Duration::from_secs(600));
+        assert_eq!(
+            config.features["visit"].window_kind(),
+            WindowKind::Session(Duration::from_secs(1_800))
+        );
+        assert_eq!(config.features["ever"].window_kind(), WindowKind::AllTime);
+        assert_eq!(config.features["ever"].grace_duration(), Duration::ZERO);
+
+        let bad = yaml(concat!(
+            "  a: { from: order, entity: customer, key: customer_id, agg: count, window: { hopping: { size: 1h, advance: 5m } } }\n",
+            "  b: { from: order, entity: customer, key: customer_id, agg: count, window: { tumbling: 1d, session: 1h } }\n",
+            "  c: { from: order, entity: customer, key: customer_id, agg: count, window: { weekly: 1d } }\n",
+            "  d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d, grace: 1h }\n",
+            "  e: { from: order, entity: customer, key: customer_id, agg: count, window: { session: 5 } }\n",
+        ));
+        let e = PipelineConfig::parse("p.yaml", &bad).unwrap_err();
+        let got: Vec<(&str, &str)> = e
+            .errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .collect();
+        let fields: Vec<&str> = got.iter().map(|(f, _)| *f).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "features.a.window",
+                "features.b.window",
+                "features.c.window",
+                "features.d.grace",
+                "features.e.window"
+            ],
+            "{e}"
+        );
+        assert!(got[0].1.contains("Rust API only"), "{e}");
+        assert!(got[2].1.contains("unknown window type \"weekly\""), "{e}");
+        assert!(got[4].1.contains("takes a duration"), "{e}");
     }
 
     #[test]
