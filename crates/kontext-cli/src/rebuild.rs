@@ -8,7 +8,8 @@
 //! consumer group (`kontext.<pipeline>.store.<name>.rebuild.v<N+1>`, no dead letters: the
 //! live sink reported those already) and, whenever it has applied at least everything the
 //! current version has, switch ([`SwitchableStore::switch_if_caught_up`]); then record the
-//! new version in the pointer file and delete the old version. Until the switch nothing
+//! new version in the pointer file, delete the old version and the rebuild's consumer group
+//! (`Log::delete_group`: its offsets are of no use any more). Until the switch nothing
 //! about the current version changes: an interrupted or failed rebuild (cancelled, crashed,
 //! killed) leaves it serving as before, and the next start deletes the abandoned version.
 
@@ -20,7 +21,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use kontext_core::config::{PipelineConfig, StoreConfig, StoreKind};
 use kontext_core::envelope::now_ms;
-use kontext_log::{ConsumerConfig, Log};
+use kontext_log::{ConsumerConfig, Log, LogError};
 use kontext_serve::admin::{Admin, RebuildState, RebuildStatus, StatusCode};
 use kontext_serve::ApiError;
 use kontext_store::{ContextStore, SwitchOutcome, SwitchableStore};
@@ -32,6 +33,9 @@ use crate::app;
 
 /// How often a running rebuild samples its progress and tries to switch.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How long a finished rebuild waits for its consumer to have left its group before deleting
+/// the group.
+const GROUP_DELETE_WAIT: Duration = Duration::from_secs(10);
 
 /// A store of the running pipeline and the version it serves.
 pub struct StoreSlot {
@@ -225,7 +229,7 @@ impl Job {
             self.log.clone(),
             green.clone(),
             Router::new(&self.config),
-            ConsumerConfig::new(group, self.config.source_topics()),
+            ConsumerConfig::new(&group, self.config.source_topics()),
             Arc::new(PipelineMetrics::default()),
         );
         let sink_stop = self.cancel.child_token();
@@ -238,6 +242,9 @@ impl Job {
             Some(handle) => Some(handle.await),
             None => None,
         };
+        // Its consumer is closed now, and its offsets are of a version that is current or
+        // discarded: nothing will read them again.
+        self.delete_group(&group).await;
         match outcome {
             Ok(Some(old)) => {
                 let old_version = std::mem::replace(&mut *lock(&self.slot.version), target);
@@ -259,6 +266,27 @@ impl Job {
                 match fed {
                     Some(Ok(Err(sink_error))) => Err(e.context(sink_error.to_string())),
                     _ => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Deletes the rebuild's consumer group, waiting (unless shutting down) for a Kafka member
+    /// that is still leaving. A group that cannot be deleted only costs its committed
+    /// offsets: logged, not an error of the rebuild.
+    async fn delete_group(&self, group: &str) {
+        let deadline = tokio::time::Instant::now() + GROUP_DELETE_WAIT;
+        loop {
+            match self.log.delete_group(group).await {
+                Ok(()) => return,
+                Err(LogError::GroupBusy(_))
+                    if !self.cancel.is_cancelled() && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    warn!(%group, error = %e, "could not delete the rebuild's consumer group; delete it with kafka-consumer-groups --delete");
+                    return;
                 }
             }
         }

@@ -113,6 +113,16 @@ async fn a_rebuild_under_load_switches_without_a_failed_read_and_loses_nothing()
     kontext.interrupt();
 
     let stores = dir.path().join("stores");
+    // The rebuild's consumer group is deleted with the job; the pipeline's own groups stay.
+    let groups: Vec<String> = std::fs::read_dir(dir.path().join("log/groups"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        groups.iter().any(|g| g.ends_with("store%2Emain.json")),
+        "{groups:?}"
+    );
+    assert!(!groups.iter().any(|g| g.contains("rebuild")), "{groups:?}");
     assert!(stores.join("main.v1.redb").exists());
     assert!(
         !stores.join("main.redb").exists(),

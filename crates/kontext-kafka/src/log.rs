@@ -445,6 +445,27 @@ impl Log for KafkaLog {
         })
         .await
     }
+
+    async fn delete_group(&self, group: &str) -> Result<(), LogError> {
+        let results = self
+            .admin
+            .delete_groups(&[group], &self.admin_options())
+            .await
+            .map_err(|e| log_error(&format!("deleting group {group:?}"), e))?;
+        match results.into_iter().next() {
+            Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::GroupIdNotFound))) => Ok(()),
+            Some(Err((_, RDKafkaErrorCode::NonEmptyGroup))) => {
+                Err(LogError::GroupBusy(group.to_string()))
+            }
+            Some(Err((_, code))) => Err(log_error(
+                &format!("deleting group {group:?}"),
+                KafkaError::AdminOp(code),
+            )),
+            None => Err(LogError::Invalid(format!(
+                "deleting group {group:?}: the broker answered for no group"
+            ))),
+        }
+    }
 }
 
 /// Creates an rdkafka client, mapping a bad setting to [`LogError::Invalid`].

@@ -613,3 +613,54 @@ async fn read_partition_returns_exactly_the_range_asked_for() {
         .unwrap()
         .is_empty());
 }
+
+/// `delete_group` is `kafka-consumer-groups --delete`: refused while a member is in the group,
+/// then the group and its offsets are gone, and deleting it again is not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_group_is_deleted_with_its_offsets_and_a_busy_one_is_refused() {
+    let log = kafka_log();
+    let topic = unique("delete-group");
+    let group = unique("g");
+    log.create_topic(&TopicSpec::new(&topic, 2)).await.unwrap();
+    let producer = log.producer().await.unwrap();
+    producer
+        .send((0..20).map(|i| keyed(&topic, i)).collect())
+        .await
+        .unwrap();
+    let mut member = log
+        .consumer(ConsumerConfig::new(&group, vec![topic.clone()]))
+        .await
+        .unwrap();
+    let records = poll_exactly(member.as_mut(), 20).await;
+    let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+    for record in &records {
+        next.insert(record.topic_partition(), record.offset + 1);
+    }
+    member
+        .commit(&next.into_iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let err = log.delete_group(&group).await.unwrap_err();
+    assert!(matches!(err, LogError::GroupBusy(_)), "{err}");
+
+    drop(member); // leaves the group
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match log.delete_group(&group).await {
+            Ok(()) => break,
+            Err(LogError::GroupBusy(_)) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("deleting the idle group: {e}"),
+        }
+    }
+    assert!(
+        log.committed_offsets(&group, &topic)
+            .await
+            .unwrap()
+            .iter()
+            .all(|(_, o)| o.is_none()),
+        "the offsets went with the group"
+    );
+    log.delete_group(&group).await.expect("deleting it again");
+}

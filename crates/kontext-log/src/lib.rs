@@ -95,6 +95,17 @@ pub trait Log: Send + Sync + 'static {
             self.backend()
         )))
     }
+
+    /// Deletes a consumer group that has no active member, with its committed offsets, like
+    /// `kafka-consumer-groups --delete`: what a finished job (a store rebuild) does with the
+    /// group it used. [`LogError::GroupBusy`] while a member is active; a group that does not
+    /// exist is deleted already.
+    async fn delete_group(&self, group: &str) -> Result<(), LogError> {
+        Err(LogError::Invalid(format!(
+            "{} log cannot delete group {group:?}",
+            self.backend()
+        )))
+    }
 }
 
 /// Appends records to the log.

@@ -338,3 +338,36 @@ async fn offsets_of_an_idle_group_can_be_reset_durably() {
     let got = c.poll(100, SHORT).await.expect("poll");
     assert_eq!(got.len(), 8 + 2, "resumes from the reset offsets");
 }
+
+#[tokio::test]
+async fn an_idle_group_can_be_deleted_durably_and_a_busy_one_cannot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let log = open(dir.path(), EmbeddedConfig::default());
+        create(&log, "t", 1).await;
+        fill(&log, "t", 1, 10).await;
+        let mut c = log
+            .consumer(ConsumerConfig::new("g", vec!["t".into()]))
+            .await
+            .expect("consumer");
+        c.commit(&[(TopicPartition::new("t", 0), 9)])
+            .await
+            .expect("commit");
+        let err = log.delete_group("g").await.expect_err("busy");
+        assert!(matches!(err, LogError::GroupBusy(_)), "{err}");
+        drop(c);
+        log.delete_group("g").await.expect("delete");
+        log.delete_group("g").await.expect("deleting it again");
+        log.delete_group("never-existed").await.expect("absent");
+        assert_eq!(
+            log.committed_offsets("g", "t").await.expect("offsets"),
+            vec![(0, None)]
+        );
+    }
+    // Gone after a restart too: a new member of the group starts from the reset policy.
+    let log = open(dir.path(), EmbeddedConfig::default());
+    assert_eq!(
+        log.committed_offsets("g", "t").await.expect("offsets"),
+        vec![(0, None)]
+    );
+}

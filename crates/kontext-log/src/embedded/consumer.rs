@@ -90,6 +90,22 @@ impl GroupStore {
         g.commit(offsets)
     }
 
+    /// Deletes a group without an active member: its file and its cached offsets. Blocking
+    /// (removes the file, fsyncs the directory).
+    pub fn delete(&self, group: &str) -> Result<(), LogError> {
+        let active = self.active.lock();
+        if active.contains(group) {
+            return Err(LogError::GroupBusy(group.to_string()));
+        }
+        let path = self.dir.join(fsutil::group_file_name(group)?);
+        self.groups.lock().remove(group);
+        match std::fs::remove_file(&path) {
+            Ok(()) => fsutil::sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(LogError::io(&path, e)),
+        }
+    }
+
     /// The offsets of `group`, read from its file on first use.
     pub fn group(&self, group: &str) -> Result<Arc<Mutex<GroupOffsets>>, LogError> {
         let mut groups = self.groups.lock();

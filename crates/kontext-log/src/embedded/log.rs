@@ -530,6 +530,17 @@ impl Log for EmbeddedLog {
                 source: std::io::Error::other(format!("offset reset task failed: {e}")),
             })?
     }
+
+    async fn delete_group(&self, group: &str) -> Result<(), LogError> {
+        let me = self.me()?;
+        let group = group.to_string();
+        tokio::task::spawn_blocking(move || me.groups.delete(&group))
+            .await
+            .map_err(|e| LogError::Io {
+                path: self.shared.dir.clone(),
+                source: std::io::Error::other(format!("group deletion task failed: {e}")),
+            })?
+    }
 }
 
 /// The embedded log's [`Producer`]: appends go straight to the partitions' segment files.
