@@ -227,7 +227,7 @@ mod tests {
                 "context.tickets"
             ]
         );
-        assert_eq!(config.features.len(), 4);
+        assert_eq!(config.features.len(), 5);
         assert_eq!(config.joins.len(), 1);
     }
 }
