@@ -168,9 +168,12 @@ pub struct FeatureGroup {
     pub features: Vec<String>,
     /// Canonical input fields the functions read.
     pub fields: BTreeSet<String>,
-    /// Tumbling or session windows: each feature's value is the key's newest window, written
-    /// as `{"value", "window_start", "window_end"}`.
+    /// Tumbling, session or hopping windows: each feature's value is the key's current
+    /// window, written as `{"value", "window_start", "window_end"}`.
     pub windowed: bool,
+    /// Hopping windows' (size, advance) in milliseconds: the current window is the one closing
+    /// next after the key's newest input, not the one ending last.
+    hopping: Option<(i64, i64)>,
     aggregate: Aggregate,
     dedup: Option<Deduplicate>,
 }
@@ -226,6 +229,20 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
             WindowKind::Rolling(w) => (WindowSpec::Sliding { size_ms: ms(w) }, false),
             WindowKind::Tumbling(w) => (WindowSpec::Tumbling { size_ms: ms(w) }, true),
             WindowKind::Session(gap) => (WindowSpec::Session { gap_ms: ms(gap) }, true),
+            WindowKind::Hopping { size, advance } => (
+                WindowSpec::Hopping {
+                    size_ms: ms(size),
+                    advance_ms: ms(advance),
+                },
+                true,
+            ),
+        };
+        let hopping = match window {
+            WindowSpec::Hopping {
+                size_ms,
+                advance_ms,
+            } => Some((size_ms, advance_ms)),
+            _ => None,
         };
         let Ok(aggregate) = Aggregate::new(AggregateConfig {
             window,
@@ -246,6 +263,7 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
                 .filter_map(|(_, f)| f.field.clone())
                 .collect(),
             windowed,
+            hopping,
             aggregate,
             dedup: dedup.map(|d| {
                 Deduplicate::new(DedupConfig {
@@ -1325,7 +1343,7 @@ fn features_batch(
         out.state.put(OUTPUT_TIME_KEY, &time_ms.to_le_bytes());
         if group.windowed {
             let updates = std::mem::take(&mut out.updates);
-            outputs = newest_windows(group, agg, updates, &mut out.state, time_ms)?;
+            outputs = current_windows(group, agg, &plain, updates, &mut out.state, time_ms)?;
         }
         for update in out.updates {
             let Some(values) = update.values else {
@@ -1357,38 +1375,47 @@ fn features_batch(
     })
 }
 
-/// The outputs of a tumbling or session feature group: per key, the updated window with the
-/// greatest end, if that end is not before the end of the window the key shows already
-/// (`SHOWN_WINDOW_PREFIX`), so a late event for an older window (within the grace period)
-/// never replaces a newer window's value; a late event for the shown window updates it. A
-/// session merged into another (a tombstone) is skipped: the merged session is emitted.
-fn newest_windows(
+/// The outputs of a tumbling, session or hopping feature group: per key, the window it
+/// should show now, if the batch updated it and its end is not before the end of the window
+/// the key shows already (`SHOWN_WINDOW_PREFIX`). So a late event for an older window (within
+/// the grace period) never replaces a newer window's value; a late event for the shown window
+/// updates it. The window to show: the updated one with the greatest end (tumbling, session:
+/// a session merged into another is a tombstone and skipped, the merged one is emitted), or
+/// for hopping windows the one closing next after the key's newest input in the batch (the
+/// one ending last would cover mostly the future), or the shown one if that is later.
+fn current_windows(
     group: &FeatureGroup,
     agg: &FjallStore,
+    events: &[Event],
     updates: Vec<AggregateUpdate>,
     state: &mut WriteBatch,
     time_ms: i64,
 ) -> Result<Vec<Output>, StoreError> {
-    let mut newest: BTreeMap<Bytes, AggregateUpdate> = BTreeMap::new();
+    let mut per_key: BTreeMap<Bytes, Vec<AggregateUpdate>> = BTreeMap::new();
     for update in updates.into_iter().filter(|u| u.values.is_some()) {
-        match newest.entry(update.key.clone()) {
-            std::collections::btree_map::Entry::Occupied(mut e) => {
-                if update.window.end >= e.get().window.end {
-                    e.insert(update);
-                }
-            }
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(update);
-            }
-        }
+        per_key.entry(update.key.clone()).or_default().push(update);
     }
-    let mut outputs = Vec::with_capacity(newest.len());
-    for (key, update) in newest {
+    let mut newest_input: BTreeMap<&[u8], i64> = BTreeMap::new();
+    for e in events {
+        let t = newest_input.entry(&e.key[..]).or_insert(i64::MIN);
+        *t = (*t).max(e.time_ms);
+    }
+    let mut outputs = Vec::with_capacity(per_key.len());
+    for (key, updates) in per_key {
         let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
         let shown = read_i64(agg, &shown_key)?.unwrap_or(i64::MIN);
-        if update.window.end < shown {
+        let chosen = match (group.hopping, newest_input.get(&key[..])) {
+            (Some((size, advance)), Some(&t)) => {
+                // Windows end at k·advance + size; the first such end after t.
+                let closing_next = ((t - size).div_euclid(advance) + 1) * advance + size;
+                let want = closing_next.max(shown);
+                updates.into_iter().find(|u| u.window.end == want)
+            }
+            _ => updates.into_iter().max_by_key(|u| u.window.end),
+        };
+        let Some(update) = chosen.filter(|u| u.window.end >= shown) else {
             continue;
-        }
+        };
         if update.window.end > shown {
             state.put(&shown_key, &update.window.end.to_le_bytes());
         }
@@ -2116,11 +2143,12 @@ features:
   orders_today: { from: order, entity: customer, key: customer_id, agg: count, window: { tumbling: 1d }, grace: 1h }
   spend_today: { from: order, entity: customer, key: customer_id, agg: sum, field: total, window: { tumbling: 1d }, grace: 1h }
   orders_this_visit: { from: order, entity: customer, key: customer_id, agg: count, window: { session: 30m }, grace: 1h }
+  orders_last_hour: { from: order, entity: customer, key: customer_id, agg: count, window: { hopping: { size: 1h, advance: 15m } }, grace: 1h }
 "#;
 
-    /// Tumbling and session features show the key's newest window with its bounds; a late
-    /// event for the shown window updates it, one for an older window (within grace) does not
-    /// replace it; a late event that joins two sessions shows the merged session.
+    /// Tumbling, session and hopping features show the key's current window with its bounds;
+    /// a late event for the shown window updates it, one for an older window (within grace)
+    /// does not replace it; a late event that joins two sessions shows the merged session.
     #[test]
     fn windowed_features_show_the_newest_window_and_late_events_never_regress_it() {
         const DAY: i64 = 86_400_000;
@@ -2128,7 +2156,10 @@ features:
         let config = PipelineConfig::parse("p.yaml", WINDOWED_YAML).unwrap();
         let stages = stages(&config);
         let names: Vec<&str> = stages.iter().map(Stage::name).collect();
-        assert_eq!(names, vec!["orders_today", "orders_this_visit"]);
+        assert_eq!(
+            names,
+            vec!["orders_today", "orders_this_visit", "orders_last_hour"]
+        );
         let dir = tempfile::tempdir().unwrap();
         let tp = TopicPartition::new("rep", 0);
         let mut rep = 0i64;
@@ -2217,6 +2248,41 @@ features:
             shown(&joined, "orders_this_visit"),
             vec![window(json!(4), t, t + 60 * MIN)]
         );
+        drop(task);
+
+        // Hopping, an hour every 15 minutes: the window shown is the one closing next after
+        // the newest order (the last hour up to it), not the one ending last (mostly future).
+        let hour = &stages[2];
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), hour, 0).unwrap();
+        let h10 = 2_000 * DAY + 600 * MIN;
+        let batch = vec![inbound(h10 + 5 * MIN, 1.0), inbound(h10 + 20 * MIN, 1.0)];
+        let first = task.process(hour, &tp, 2, batch).unwrap();
+        assert_eq!(
+            shown(&first, "orders_last_hour"),
+            vec![window(json!(2), h10 - 30 * MIN, h10 + 30 * MIN)]
+        );
+        task.commit(first).unwrap();
+        let next = task
+            .process(hour, &tp, 3, vec![inbound(h10 + 50 * MIN, 1.0)])
+            .unwrap();
+        assert_eq!(
+            shown(&next, "orders_last_hour"),
+            vec![window(json!(3), h10, h10 + 60 * MIN)]
+        );
+        task.commit(next).unwrap();
+        // Late, inside the shown hour: it updates it. Late, before it: the shown hour stays.
+        let late = task
+            .process(hour, &tp, 4, vec![inbound(h10 + 10 * MIN, 1.0)])
+            .unwrap();
+        assert_eq!(
+            shown(&late, "orders_last_hour"),
+            vec![window(json!(4), h10, h10 + 60 * MIN)]
+        );
+        task.commit(late).unwrap();
+        let older = task
+            .process(hour, &tp, 5, vec![inbound(h10 - 20 * MIN, 1.0)])
+            .unwrap();
+        assert!(older.outputs.is_empty(), "{:?}", older.outputs);
     }
 
     #[test]

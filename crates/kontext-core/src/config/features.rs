@@ -13,9 +13,10 @@
 //!     dedup: 1h            # optional: drop inputs whose event id was seen within this window
 //! ```
 //!
-//! `window` also takes `{ tumbling: 1d }` (calendar-aligned windows: "orders today") and
-//! `{ session: 30m }` (activity separated by gaps: "pages this visit"), with an optional
-//! `grace: 10m` for late events; such a feature's value is the key's newest window,
+//! `window` also takes `{ tumbling: 1d }` (calendar-aligned windows: "orders today"),
+//! `{ session: 30m }` (activity separated by gaps: "pages this visit") and
+//! `{ hopping: { size: 1h, advance: 5m } }` ("the last hour, in 5-minute steps"), with an
+//! optional `grace: 10m` for late events; such a feature's value is the key's current window,
 //! `{"value": .., "window_start": .., "window_end": ..}`.
 
 use std::collections::BTreeMap;
@@ -112,12 +113,16 @@ pub enum WindowKind {
     Tumbling(Duration),
     /// `window: { session: 30m }`: per key, inputs closer than this gap to each other.
     Session(Duration),
+    /// `window: { hopping: { size: 1h, advance: 5m } }`: windows of `size` starting every
+    /// `advance`; the key shows the one closing next after its newest input ("the last hour,
+    /// in steps of 5 minutes").
+    Hopping { size: Duration, advance: Duration },
 }
 
 impl FeatureWindow {
     /// The resolved window, or what is wrong with it (for the `window` field).
     pub fn kind(&self) -> Result<WindowKind, String> {
-        let forms = "use `window: 30d` (rolling), `{ tumbling: 1d }` or `{ session: 30m }`";
+        let forms = "use `window: 30d` (rolling), `{ tumbling: 1d }`, `{ session: 30m }` or `{ hopping: { size: 1h, advance: 5m } }`";
         match self {
             FeatureWindow::Rolling(span) => parse_span(span).map(WindowKind::Rolling),
             FeatureWindow::Typed(map) => {
@@ -135,15 +140,36 @@ impl FeatureWindow {
                     "tumbling" => span().map(WindowKind::Tumbling),
                     "session" => span().map(WindowKind::Session),
                     "sliding" | "rolling" => span().map(WindowKind::Rolling),
-                    "hopping" => Err(format!(
-                        "hopping windows are in the Rust API only; for a feature {forms} (a \
-                         rolling window is the hopping window with the finest advance)"
-                    )),
+                    "hopping" => hopping(value),
                     other => Err(format!("unknown window type {other:?}: {forms}")),
                 }
             }
         }
     }
+}
+
+/// `{ hopping: { size: 1h, advance: 5m } }`'s inner map.
+fn hopping(value: &serde_json::Value) -> Result<WindowKind, String> {
+    let usage =
+        "`hopping` takes `{ size: 1h, advance: 5m }` (windows of `size` starting every `advance`)";
+    let serde_json::Value::Object(map) = value else {
+        return Err(usage.into());
+    };
+    if map.keys().any(|k| k != "size" && k != "advance") {
+        return Err(usage.into());
+    }
+    let span = |name: &str| match map.get(name) {
+        Some(serde_json::Value::String(s)) => parse_span(s),
+        _ => Err(usage.to_string()),
+    };
+    let (size, advance) = (span("size")?, span("advance")?);
+    if advance > size {
+        return Err(format!(
+            "advance must not exceed size (windows would leave gaps): got size {}, advance {}",
+            map["size"], map["advance"]
+        ));
+    }
+    Ok(WindowKind::Hopping { size, advance })
 }
 
 impl FeatureConfig {
@@ -323,12 +349,14 @@ impl PipelineConfig {
             if feature.grace.is_some()
                 && !matches!(
                     feature.window.as_ref().map(FeatureWindow::kind),
-                    Some(Ok(WindowKind::Tumbling(_) | WindowKind::Session(_)))
+                    Some(Ok(WindowKind::Tumbling(_)
+                        | WindowKind::Session(_)
+                        | WindowKind::Hopping { .. }))
                 )
             {
                 err(
                     format!("{at}.grace"),
-                    "`grace` applies to `{ tumbling: .. }` and `{ session: .. }` windows; a rolling or all-time feature has no window end to be late for: remove it".into(),
+                    "`grace` applies to `{ tumbling: .. }`, `{ session: .. }` and `{ hopping: .. }` windows; a rolling or all-time feature has no window end to be late for: remove it".into(),
                 );
             }
             if source_fields
@@ -433,6 +461,7 @@ features:
             "  today: { from: order, entity: customer, key: customer_id, agg: count, window: { tumbling: 1d }, grace: 10m }\n",
             "  visit: { from: order, entity: customer, key: customer_id, agg: sum, field: total, window: { session: 30m } }\n",
             "  ever: { from: order, entity: customer, key: customer_id, agg: count }\n",
+            "  last_hour: { from: order, entity: customer, key: customer_id, agg: count, window: { hopping: { size: 1h, advance: 5m } } }\n",
         ));
         let config = PipelineConfig::parse("p.yaml", &ok).unwrap();
         let today = &config.features["today"];
@@ -446,10 +475,17 @@ features:
             WindowKind::Session(Duration::from_secs(1_800))
         );
         assert_eq!(config.features["ever"].window_kind(), WindowKind::AllTime);
+        assert_eq!(
+            config.features["last_hour"].window_kind(),
+            WindowKind::Hopping {
+                size: Duration::from_secs(3_600),
+                advance: Duration::from_secs(300)
+            }
+        );
         assert_eq!(config.features["ever"].grace_duration(), Duration::ZERO);
 
         let bad = yaml(concat!(
-            "  a: { from: order, entity: customer, key: customer_id, agg: count, window: { hopping: { size: 1h, advance: 5m } } }\n",
+            "  a: { from: order, entity: customer, key: customer_id, agg: count, window: { hopping: { size: 5m, advance: 1h } } }\n",
             "  b: { from: order, entity: customer, key: customer_id, agg: count, window: { tumbling: 1d, session: 1h } }\n",
             "  c: { from: order, entity: customer, key: customer_id, agg: count, window: { weekly: 1d } }\n",
             "  d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d, grace: 1h }\n",
@@ -473,7 +509,7 @@ features:
             ],
             "{e}"
         );
-        assert!(got[0].1.contains("Rust API only"), "{e}");
+        assert!(got[0].1.contains("advance must not exceed size"), "{e}");
         assert!(got[2].1.contains("unknown window type \"weekly\""), "{e}");
         assert!(got[4].1.contains("takes a duration"), "{e}");
     }
