@@ -155,6 +155,7 @@ impl EmbeddedStore {
         offsets: &[(&str, i32, i64)],
     ) -> Result<ApplyStats, StoreError> {
         let mut stats = ApplyStats::default();
+        // Cache stamp slots of the entities changed and of their parents.
         let mut changed = Vec::new();
         let txn = self.db.begin_write().map_err(io)?;
         {
@@ -165,7 +166,6 @@ impl EmbeddedStore {
             let mut offset_table = txn.open_table(OFFSETS).map_err(io)?;
             // Borrowed keys: no allocation per update for the bookkeeping.
             let mut applied_upto: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-            // Cache stamp slots of the entities changed and of their parents.
             // Ordered by key, so the writes below walk the B-tree in order.
             let mut working: BTreeMap<(&str, &str), Pending> = BTreeMap::new();
             for update in updates {
@@ -238,8 +238,9 @@ impl EmbeddedStore {
             // Each entity is decoded and encoded once per batch, however many updates it got.
             let mut buf = Vec::with_capacity(1024);
             for ((entity_type, entity_id), pending) in &working {
+                let key = entity_key(entity_type, entity_id);
                 if self.cache.is_some() {
-                    self.changed_slots(&mut changed, pending, entity_type, entity_id);
+                    self.changed_slots(&mut changed, pending, entity_type, &key);
                 }
                 let mut index = Index {
                     relations: &mut relations,
@@ -247,7 +248,6 @@ impl EmbeddedStore {
                     counts: &mut counts,
                 };
                 self.reindex(&mut index, pending, entity_type, entity_id)?;
-                let key = entity_key(entity_type, entity_id);
                 match &pending.after {
                     Some(doc) => {
                         codec::encode(doc, &mut buf)?;
@@ -284,16 +284,16 @@ impl EmbeddedStore {
         Ok(stats)
     }
 
-    /// The cache stamp slots an entity's change touches: its own and those of its parents
-    /// before and after (their related lists show it).
+    /// The cache stamp slots an entity's change touches: its own (`key`) and those of its
+    /// parents before and after (their related lists show it).
     fn changed_slots(
         &self,
         slots: &mut Vec<u32>,
         pending: &Pending,
         entity_type: &str,
-        entity_id: &str,
+        key: &[u8],
     ) {
-        slots.push(ContextCache::slot(&entity_key(entity_type, entity_id)));
+        slots.push(ContextCache::slot(key));
         let after = pending.after.as_ref();
         for ((parent_type, field), before) in self
             .schema

@@ -714,7 +714,6 @@ impl StoreSink {
     }
 }
 
-/// The next offset of every partition in `records`.
 /// After a full poll, takes what else is already there, up to [`MAX_GROUP`] records, without
 /// waiting. A failed extra poll ends the gathering: what was gathered is written, and the next
 /// poll of the main loop meets the error again.
@@ -735,6 +734,7 @@ async fn gather_backlog(consumer: &mut dyn Consumer, mut records: Vec<Record>) -
     records
 }
 
+/// The next offset of every partition in `records`.
 fn next_offsets(records: &[Record]) -> Vec<(TopicPartition, i64)> {
     let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
     for r in records {
