@@ -64,8 +64,6 @@ pub const FEATURES_TYPE: &str = "kontext.features.updated";
 
 const MAX_BATCH: usize = 2_000;
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
-/// Longer than Kafka's default session timeout: a killed member leaves the group by then.
-const GROUP_BUSY_WAIT: Duration = Duration::from_secs(60);
 /// "All time" is one tumbling window starting at the epoch, ending in 146 million years.
 const ALL_TIME_MS: i64 = 1 << 62;
 /// Runtime metadata in each task's store (`0x00` keys are metadata; operators use letters):
@@ -996,24 +994,14 @@ impl Processor {
             return Ok(());
         }
         warn!(%group, partitions = rewind.len(), "the group committed past the processor's state; rewinding it to the state's offsets");
-        let deadline = tokio::time::Instant::now() + GROUP_BUSY_WAIT;
-        let mut wait = Waiter::new(crate::retry::group_busy_policy(
+        crate::retry::rewind_group(
+            self.log.as_ref(),
+            group,
+            &rewind,
             self.config.retry.waiting_policy(),
-        ));
-        loop {
-            match self.log.reset_group_offsets(group, &rewind).await {
-                Ok(()) => return Ok(()),
-                Err(e)
-                    if tokio::time::Instant::now() < deadline
-                        && (matches!(e, LogError::GroupBusy(_)) || e.is_transient()) =>
-                {
-                    let delay = wait.next_delay();
-                    warn!(%group, error = %e, retry_in = ?delay, "cannot rewind the group yet; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        )
+        .await?;
+        Ok(())
     }
 }
 

@@ -7,6 +7,9 @@
 use std::time::Duration;
 
 use kontext_core::config::{Jitter, RetryPolicy};
+use kontext_core::record::TopicPartition;
+use kontext_log::{Log, LogError};
+use tracing::warn;
 
 /// An unbounded wait: the delays of [`Backoff`] for an operation retried until it succeeds
 /// (or the caller stops on shutdown).
@@ -44,6 +47,38 @@ pub fn group_busy_policy(policy: RetryPolicy) -> RetryPolicy {
     RetryPolicy {
         max_delay: policy.max_delay.min(Duration::from_secs(5)),
         ..policy
+    }
+}
+
+/// How long a rewind waits for a group's stale members to expire: longer than Kafka's default
+/// `session.timeout.ms` (45 s), so a killed member has left the group by then.
+pub const GROUP_BUSY_WAIT: Duration = Duration::from_secs(60);
+
+/// Rewinds `group` to `offsets` (`Log::reset_group_offsets`), as the sinks and the processor
+/// do when the group committed past their state. A member of a killed process stays in a
+/// Kafka group until its session times out: a busy group (and a transient error) is retried
+/// for up to [`GROUP_BUSY_WAIT`], with `policy`'s delays capped by [`group_busy_policy`],
+/// rather than skipping records.
+pub async fn rewind_group(
+    log: &dyn Log,
+    group: &str,
+    offsets: &[(TopicPartition, i64)],
+    policy: RetryPolicy,
+) -> Result<(), LogError> {
+    let deadline = tokio::time::Instant::now() + GROUP_BUSY_WAIT;
+    let mut wait = Waiter::new(group_busy_policy(policy));
+    loop {
+        match log.reset_group_offsets(group, offsets).await {
+            Err(e)
+                if tokio::time::Instant::now() < deadline
+                    && (matches!(e, LogError::GroupBusy(_)) || e.is_transient()) =>
+            {
+                let delay = wait.next_delay();
+                warn!(%group, error = %e, retry_in = ?delay, "cannot rewind the group yet (a member is still registered); retrying");
+                tokio::time::sleep(delay).await;
+            }
+            done => return done,
+        }
     }
 }
 

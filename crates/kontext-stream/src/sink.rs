@@ -48,9 +48,6 @@ const MAX_GROUP: usize = 8 * MAX_BATCH;
 /// How long a poll waits for the first record.
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// How long a rewind waits for a group's stale members to expire: longer than Kafka's default
-/// `session.timeout.ms` (45 s).
-const GROUP_BUSY_WAIT: Duration = Duration::from_secs(60);
 
 /// Errors that stop the sink.
 #[derive(Debug, thiserror::Error)]
@@ -695,22 +692,14 @@ impl StoreSink {
             return Ok(applied);
         }
         warn!(%group, partitions = rewind.len(), "the group committed past what the store holds; rewinding it to the store's offsets");
-        // A member of a killed process stays in a Kafka group until its session times out
-        // (45 s by default): wait that out rather than skip records.
-        let deadline = Instant::now() + GROUP_BUSY_WAIT;
-        let mut wait =
-            crate::retry::Waiter::new(crate::retry::group_busy_policy(self.retry.waiting_policy()));
-        loop {
-            match self.log.reset_group_offsets(group, &rewind).await {
-                Ok(()) => return Ok(applied),
-                Err(e) if is_busy_or_transient(&e) && Instant::now() < deadline => {
-                    let delay = wait.next_delay();
-                    warn!(%group, error = %e, retry_in = ?delay, "cannot rewind the group yet (a member is still registered); retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        crate::retry::rewind_group(
+            self.log.as_ref(),
+            group,
+            &rewind,
+            self.retry.waiting_policy(),
+        )
+        .await?;
+        Ok(applied)
     }
 }
 
@@ -776,10 +765,6 @@ fn split_point(part: &[Entry]) -> usize {
         .map(|(i, _)| i)
         .collect();
     with_update[with_update.len() / 2]
-}
-
-fn is_busy_or_transient(e: &LogError) -> bool {
-    matches!(e, LogError::GroupBusy(_)) || e.is_transient()
 }
 
 #[cfg(test)]
