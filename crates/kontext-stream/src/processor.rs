@@ -169,9 +169,6 @@ pub struct FeatureGroup {
     /// Tumbling, session or hopping windows: each feature's value is the key's current
     /// window, written as `{"value", "window_start", "window_end"}`.
     pub windowed: bool,
-    /// Hopping windows' (size, advance) in milliseconds: the current window is the one closing
-    /// next after the key's newest input, not the one ending last.
-    hopping: Option<(i64, i64)>,
     aggregate: Aggregate,
     dedup: Option<Deduplicate>,
 }
@@ -235,13 +232,6 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
                 true,
             ),
         };
-        let hopping = match window {
-            WindowSpec::Hopping {
-                size_ms,
-                advance_ms,
-            } => Some((size_ms, advance_ms)),
-            _ => None,
-        };
         let Ok(aggregate) = Aggregate::new(AggregateConfig {
             window,
             grace_ms: ms(grace),
@@ -261,7 +251,6 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
                 .filter_map(|(_, f)| f.field.clone())
                 .collect(),
             windowed,
-            hopping,
             aggregate,
             dedup: dedup.map(|d| {
                 Deduplicate::new(DedupConfig {
@@ -1383,16 +1372,26 @@ fn current_windows(
     for update in updates.into_iter().filter(|u| u.values.is_some()) {
         per_key.entry(update.key.clone()).or_default().push(update);
     }
+    let hopping = match group.aggregate.config().window {
+        WindowSpec::Hopping {
+            size_ms,
+            advance_ms,
+        } => Some((size_ms, advance_ms)),
+        _ => None,
+    };
+    // Hopping only: each key's newest input, which picks the window closing next.
     let mut newest_input: BTreeMap<&[u8], i64> = BTreeMap::new();
-    for e in events {
-        let t = newest_input.entry(&e.key[..]).or_insert(i64::MIN);
-        *t = (*t).max(e.time_ms);
+    if hopping.is_some() {
+        for e in events {
+            let t = newest_input.entry(&e.key[..]).or_insert(i64::MIN);
+            *t = (*t).max(e.time_ms);
+        }
     }
     let mut outputs = Vec::with_capacity(per_key.len());
     for (key, updates) in per_key {
         let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
         let shown = read_i64(agg, &shown_key)?.unwrap_or(i64::MIN);
-        let chosen = match (group.hopping, newest_input.get(&key[..])) {
+        let chosen = match (hopping, newest_input.get(&key[..])) {
             (Some((size, advance)), Some(&t)) => {
                 // Windows end at k·advance + size; the first such end after t.
                 let closing_next = ((t - size).div_euclid(advance) + 1) * advance + size;
