@@ -371,6 +371,45 @@ impl Partition {
             st = self.state.lock();
             r
         };
+        self.synced(&mut st, upto, result)
+    }
+
+    /// The first half of a sync that the caller makes for the whole file system at once
+    /// (`syncfs`, the group-commit syncer's way when a round touched several partitions):
+    /// captures the offset it will cover. `Ok(None)`: nothing to sync. As with
+    /// [`Partition::sync`] without the lock, appends continue meanwhile and the captured
+    /// offsets are exactly what the sync covers.
+    pub fn begin_external_sync(&self) -> Result<Option<i64>, LogError> {
+        let mut st = self.state.lock();
+        if let Some(reason) = &st.failed {
+            return Err(self.failed_error(reason));
+        }
+        let upto = st.next_offset;
+        if upto == self.high_watermark() && st.pending_sync.is_empty() && !st.dir_dirty {
+            return Ok(None);
+        }
+        // Rolled segments and new directory entries are covered by a file-system sync too.
+        st.pending_sync.clear();
+        st.dir_dirty = false;
+        Ok(Some(upto))
+    }
+
+    /// The second half: publishes `upto` as durable, or marks the partition failed.
+    pub fn end_external_sync(
+        &self,
+        upto: i64,
+        result: Result<(), LogError>,
+    ) -> Result<(), LogError> {
+        let mut st = self.state.lock();
+        self.synced(&mut st, upto, result)
+    }
+
+    fn synced(
+        &self,
+        st: &mut State,
+        upto: i64,
+        result: Result<(), LogError>,
+    ) -> Result<(), LogError> {
         match result {
             Ok(()) => {
                 self.acked.fetch_max(upto, Ordering::AcqRel);
