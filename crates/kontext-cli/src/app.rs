@@ -229,7 +229,12 @@ pub async fn open_store_version(
             let cache = store
                 .context_cache
                 .unwrap_or(kontext_store::DEFAULT_CONTEXT_CACHE);
-            Ok(Arc::new(opened.with_context_cache(cache)))
+            let sync = store
+                .sync_interval
+                .unwrap_or(kontext_store::DEFAULT_SYNC_INTERVAL);
+            Ok(Arc::new(
+                opened.with_context_cache(cache).with_sync_interval(sync),
+            ))
         }
         StoreKind::Postgres => {
             let url = store

@@ -61,6 +61,36 @@ async fn printed_curl_returns_context_merged_from_three_sources() {
         .await
         .unwrap();
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    // Freshness is measured for every applied update, source events and processor outputs
+    // apart (the processor's first outputs may still be on their way: wait for them).
+    let timed = |metrics: &str, kind: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "kontext_event_to_applied_seconds_count{{kind=\"{kind}\"}} "
+                ))
+            })
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {kind} freshness histogram:\n{metrics}"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if timed(&metrics, "entity") > 0 && timed(&metrics, "features") > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "updates applied but not timed:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     kontext.interrupt();
 }
 

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -319,6 +320,16 @@ pub struct StoreConfig {
     /// served until something they show changes (4 096 when unset; 0 turns the cache off).
     #[serde(default)]
     pub context_cache: Option<usize>,
+    /// `kind: embedded` only: the longest a write stays visible but not yet fsynced while
+    /// writes go on (100ms when unset; 0 fsyncs every write). The store's consumer group
+    /// commits offsets only once the writes are durable, so a crash replays at most this much
+    /// from the log.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::duration::optional"
+    )]
+    pub sync_interval: Option<Duration>,
 }
 
 fn default_store_name() -> String {
@@ -333,6 +344,7 @@ impl Default for StoreConfig {
             url: None,
             schema: None,
             context_cache: None,
+            sync_interval: None,
         }
     }
 }
@@ -803,6 +815,12 @@ impl PipelineConfig {
                 err(
                     format!("{}.context_cache", at(i)),
                     "only `kind: embedded` caches context documents; remove it".into(),
+                );
+            }
+            if store.kind == StoreKind::Postgres && store.sync_interval.is_some() {
+                err(
+                    format!("{}.sync_interval", at(i)),
+                    "only `kind: embedded` defers fsyncs (PostgreSQL commits are durable as configured on the server); remove it".into(),
                 );
             }
             if let Some(schema) = &store.schema {

@@ -29,6 +29,25 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     }
 }
 
+/// `Option<Duration>` in the same notation: `#[serde(default, with =
+/// "kontext_core::duration::optional")]`.
+pub mod optional {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::deserialize(d).map(Some)
+    }
+}
+
 /// Parses `"250us"`, `"5ms"`, `"2s"`, `"1m"`, `"1h"` or `"250"` (milliseconds).
 pub fn parse(text: &str) -> Result<Duration, String> {
     let t = text.trim();

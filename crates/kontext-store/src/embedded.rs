@@ -2,15 +2,26 @@
 //!
 //! redb is a B-tree with MVCC: readers (the HTTP API) never block the writer (the pipeline)
 //! and always see a committed batch as a whole. Every [`EmbeddedStore::apply`] is one write
-//! transaction, fsynced on commit, holding the entity changes, the relation index and the
-//! source offsets together.
+//! transaction holding the entity changes, the relation index and the source offsets
+//! together.
+//!
+//! Durability can be decoupled from visibility ([`EmbeddedStore::with_sync_interval`]): a
+//! commit is visible to readers at once and becomes durable, with every commit before it, at
+//! the next [`EmbeddedStore::flush`] (the sink flushes every sync interval, off the write
+//! path). A crash loses only unflushed commits, atomically with their offsets: the store
+//! reopens at its last durable commit, and the sink, which commits its group offsets only up
+//! to what is durable ([`WriteMarks`]), replays the rest from the log.
 
 use std::collections::btree_map::Entry as BTreeEntry;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use serde_json::Value;
 
 use crate::document::{ContextDocument, EntityView, RelatedList};
@@ -37,6 +48,10 @@ const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets
 const DEFAULT_RELATED_LIMIT: usize = 10;
 /// Context documents kept in memory unless [`EmbeddedStore::with_context_cache`] says otherwise.
 pub const DEFAULT_CONTEXT_CACHE: usize = 4_096;
+/// The pipeline's sync interval (`stores[].sync_interval`) when the file sets none. A store
+/// opened directly fsyncs every commit unless [`EmbeddedStore::with_sync_interval`] says
+/// otherwise.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Counts of what one [`EmbeddedStore::apply`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -70,6 +85,20 @@ pub struct EmbeddedStore {
     schema: StoreSchema,
     /// Assembled documents of hot entities; `None` when switched off.
     cache: Option<ContextCache>,
+    /// How often the owner flushes; zero: every commit is durable when `apply` returns.
+    pub(crate) sync_interval: Duration,
+    /// Commits made by `apply`, and how many of them are durable.
+    applied: AtomicU64,
+    durable: AtomicU64,
+}
+
+/// Where a store's writes stand: `applied` counts the `apply` calls that committed, and the
+/// first `durable` of them survive a crash. A store whose every `apply` is durable keeps the
+/// two equal (zero for a store that does not count).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteMarks {
+    pub applied: u64,
+    pub durable: u64,
 }
 
 impl EmbeddedStore {
@@ -92,6 +121,9 @@ impl EmbeddedStore {
             db,
             schema,
             cache: Some(ContextCache::new(DEFAULT_CONTEXT_CACHE)),
+            sync_interval: Duration::ZERO,
+            applied: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
         })
     }
 
@@ -101,6 +133,42 @@ impl EmbeddedStore {
     pub fn with_context_cache(mut self, documents: usize) -> Self {
         self.cache = (documents > 0).then(|| ContextCache::new(documents));
         self
+    }
+
+    /// Commits without fsyncing when `interval` is not zero (zero, the default: every
+    /// commit is durable). A commit is visible to readers as soon as it returns either way; an
+    /// unsynced one becomes durable, with every commit before it, at the next
+    /// [`EmbeddedStore::flush`], which the owner calls every `interval` ([`WriteMarks`] say how
+    /// far it got). After a crash the store reopens at its last durable commit, data and
+    /// offsets together.
+    pub fn with_sync_interval(mut self, interval: Duration) -> Self {
+        self.sync_interval = interval;
+        self
+    }
+
+    /// How many commits were made, and how many of them are durable.
+    pub fn write_marks(&self) -> WriteMarks {
+        // `durable` first: read the other way round, a flush in between could show more
+        // durable commits than applied ones.
+        let durable = self.durable.load(Ordering::Acquire);
+        WriteMarks {
+            applied: self.applied.load(Ordering::Acquire),
+            durable,
+        }
+    }
+
+    /// Makes every commit durable (one fsync), if any is not yet.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        // Under the write transaction no commit can happen, so `applied` is what it covers.
+        let mut txn = self.db.begin_write().map_err(io)?;
+        let applied = self.applied.load(Ordering::Acquire);
+        if self.durable.load(Ordering::Acquire) == applied {
+            return txn.abort().map_err(io);
+        }
+        txn.set_durability(Durability::Immediate).map_err(io)?;
+        txn.commit().map_err(io)?;
+        self.durable.store(applied, Ordering::Release);
+        Ok(())
     }
 
     /// The assembled context of one entity (its parents and related lists); `None` if the
@@ -146,9 +214,11 @@ impl EmbeddedStore {
         &self.schema
     }
 
-    /// Applies `updates` and records `offsets` (topic, partition, next offset) in one durable
-    /// transaction. An update whose offset is below the recorded next offset of its partition
-    /// was applied before and is skipped, so re-delivered records change nothing.
+    /// Applies `updates` and records `offsets` (topic, partition, next offset) in one
+    /// transaction, durable at once or at the next flush
+    /// ([`EmbeddedStore::with_sync_interval`]). An update whose offset is below the recorded
+    /// next offset of its partition was applied before and is skipped, so re-delivered records
+    /// change nothing.
     pub fn apply(
         &self,
         updates: &[EntityUpdate],
@@ -157,7 +227,11 @@ impl EmbeddedStore {
         let mut stats = ApplyStats::default();
         // Cache stamp slots of the entities changed and of their parents.
         let mut changed = Vec::new();
-        let txn = self.db.begin_write().map_err(io)?;
+        let mut txn = self.db.begin_write().map_err(io)?;
+        let durable = self.sync_interval.is_zero();
+        if !durable {
+            txn.set_durability(Durability::None).map_err(io)?;
+        }
         {
             let mut entities = txn.open_table(ENTITIES).map_err(io)?;
             let mut relations = txn.open_table(RELATIONS).map_err(io)?;
@@ -278,6 +352,11 @@ impl EmbeddedStore {
             }
         }
         txn.commit().map_err(io)?;
+        // Writers are serialized by the transaction: nobody else moves the marks meanwhile.
+        let applied = self.applied.fetch_add(1, Ordering::AcqRel) + 1;
+        if durable {
+            self.durable.store(applied, Ordering::Release);
+        }
         if let Some(cache) = &self.cache {
             cache.committed(changed);
         }

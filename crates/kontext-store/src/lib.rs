@@ -16,7 +16,9 @@ mod store;
 mod switch;
 
 pub use document::{ContextDocument, ProvenanceView, RelatedEntity, RelatedList};
-pub use embedded::{ApplyStats, CacheStats, EmbeddedStore, DEFAULT_CONTEXT_CACHE};
+pub use embedded::{
+    ApplyStats, CacheStats, EmbeddedStore, WriteMarks, DEFAULT_CONTEXT_CACHE, DEFAULT_SYNC_INTERVAL,
+};
 pub use model::*;
 pub use postgres::PostgresStore;
 pub use store::ContextStore;

@@ -3,16 +3,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::embedded::{ApplyStats, CacheStats};
+use crate::embedded::{ApplyStats, CacheStats, WriteMarks};
 use crate::{ContextDocument, EmbeddedStore, EntityDoc, EntityUpdate, StoreError, StoreSchema};
 
 /// A context store: versioned, idempotent upserts plus the reads serving needs.
 ///
 /// Contract (both implementations are tested against it):
-/// - `apply` is atomic: the updates and the offsets become durable together, or not at all;
+/// - `apply` is atomic: the updates and the offsets become visible together, and durable
+///   together (at once, or at the next `flush`: [`ContextStore::write_marks`]);
 /// - a field changes only if the update's [`crate::Version`] is greater than the stored one;
 /// - an update whose offset is below the stored next offset of its (topic, partition) was
 ///   applied before and is skipped (`ApplyStats::skipped`);
@@ -64,6 +66,24 @@ pub trait ContextStore: Send + Sync + 'static {
     /// What the store's context document cache holds and did; `None` for a store without one.
     fn cache_stats(&self) -> Option<CacheStats> {
         None
+    }
+
+    /// How often the writer should call `flush`: a store that commits without fsyncing
+    /// (zero, the default: every `apply` is durable when it returns).
+    fn sync_interval(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    /// Commits made and commits durable. A write counted in `applied` but not in `durable`
+    /// would be lost by a crash (with its offsets), so the log's group offsets must not cover
+    /// it yet.
+    fn write_marks(&self) -> WriteMarks {
+        WriteMarks::default()
+    }
+
+    /// Makes every applied write durable.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 
@@ -125,6 +145,18 @@ impl ContextStore for EmbeddedStore {
 
     fn cache_stats(&self) -> Option<CacheStats> {
         Some(self.context_cache_stats())
+    }
+
+    fn sync_interval(&self) -> Duration {
+        self.sync_interval
+    }
+
+    fn write_marks(&self) -> WriteMarks {
+        EmbeddedStore::write_marks(self)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        blocking(|| EmbeddedStore::flush(self))
     }
 }
 

@@ -11,10 +11,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use crate::{
     ApplyStats, CacheStats, ContextDocument, ContextStore, EntityDoc, EntityUpdate, StoreError,
-    StoreSchema,
+    StoreSchema, WriteMarks,
 };
 use async_trait::async_trait;
 
@@ -23,8 +24,11 @@ pub struct SwitchableStore {
     current: RwLock<Arc<dyn ContextStore>>,
     /// Every version is opened with the pipeline's schema: the first one's, kept here.
     schema: StoreSchema,
-    /// Held by every `apply` and by a switch, so a switch never races a write.
+    /// Held by every `apply`, `flush` and switch, so a switch never races a write.
     writes: tokio::sync::Mutex<()>,
+    /// The marks of the writes made through this handle, which outlive a switch (the
+    /// versions' own counters differ); changed only under `writes`.
+    marks: parking_lot::Mutex<WriteMarks>,
 }
 
 /// Whether a candidate version replaced the current one.
@@ -44,6 +48,7 @@ impl SwitchableStore {
             schema: initial.schema().clone(),
             current: RwLock::new(initial),
             writes: tokio::sync::Mutex::new(()),
+            marks: parking_lot::Mutex::new(WriteMarks::default()),
         }
     }
 
@@ -75,6 +80,11 @@ impl SwitchableStore {
         if !behind.is_empty() {
             return Ok((SwitchOutcome::Behind(behind), None));
         }
+        // What the current version holds is durable by the time anyone reads it from the
+        // candidate: a crash after the switch must not reopen a version missing it.
+        candidate.flush().await?;
+        let mut marks = self.marks.lock();
+        marks.durable = marks.applied;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = candidate.clone();
         Ok((SwitchOutcome::Switched, Some(current)))
     }
@@ -97,7 +107,14 @@ impl ContextStore for SwitchableStore {
     ) -> Result<ApplyStats, StoreError> {
         let _writes = self.writes.lock().await;
         let current = self.current();
-        current.apply(updates, offsets).await
+        let stats = current.apply(updates, offsets).await?;
+        let mut marks = self.marks.lock();
+        marks.applied += 1;
+        let theirs = current.write_marks();
+        if theirs.durable == theirs.applied {
+            marks.durable = marks.applied;
+        }
+        Ok(stats)
     }
 
     async fn get(
@@ -135,6 +152,25 @@ impl ContextStore for SwitchableStore {
 
     fn cache_stats(&self) -> Option<CacheStats> {
         self.current().cache_stats()
+    }
+
+    fn sync_interval(&self) -> Duration {
+        self.current().sync_interval()
+    }
+
+    /// The marks of the writes made through this handle, across switches: a candidate is
+    /// flushed before it becomes current, so everything the replaced version held is durable
+    /// then.
+    fn write_marks(&self) -> WriteMarks {
+        *self.marks.lock()
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let _writes = self.writes.lock().await;
+        self.current().flush().await?;
+        let mut marks = self.marks.lock();
+        marks.durable = marks.applied;
+        Ok(())
     }
 }
 
@@ -218,5 +254,64 @@ mod tests {
         assert_eq!(applied, 15, "every record 0..15 counted once");
         // The old version saw nothing after the switch.
         assert_eq!(blue.applied_offsets().await.unwrap()[&("t".into(), 0)], 10);
+    }
+
+    /// The marks of writes through the handle survive a switch: the candidate is flushed as
+    /// it becomes current, so what the replaced version held unsynced counts as durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_marks_carry_across_a_switch() {
+        let dir = tempfile::tempdir().unwrap();
+        let lazy = |name: &str| -> Arc<dyn ContextStore> {
+            Arc::new(
+                EmbeddedStore::open(&dir.path().join(name), StoreSchema::default())
+                    .unwrap()
+                    .with_sync_interval(std::time::Duration::from_secs(3600)),
+            )
+        };
+        let (blue, green) = (lazy("blue.redb"), lazy("green.redb"));
+        let store = SwitchableStore::new(blue);
+        for from in 0..3 {
+            feed(&store, from * 5, from * 5 + 5).await;
+        }
+        let unsynced = WriteMarks {
+            applied: 3,
+            durable: 0,
+        };
+        assert_eq!(store.write_marks(), unsynced);
+        // The rebuild wrote one big unsynced batch; its own counter is 1, not 3.
+        feed(green.as_ref(), 0, 15).await;
+        assert_eq!(green.write_marks().durable, 0);
+        let (outcome, _) = store.switch_if_caught_up(&green).await.unwrap();
+        assert_eq!(outcome, SwitchOutcome::Switched);
+        assert_eq!(
+            green.write_marks(),
+            WriteMarks {
+                applied: 1,
+                durable: 1
+            }
+        );
+        assert_eq!(
+            store.write_marks(),
+            WriteMarks {
+                applied: 3,
+                durable: 3
+            }
+        );
+        feed(&store, 15, 20).await;
+        assert_eq!(
+            store.write_marks(),
+            WriteMarks {
+                applied: 4,
+                durable: 3
+            }
+        );
+        store.flush().await.unwrap();
+        assert_eq!(
+            store.write_marks(),
+            WriteMarks {
+                applied: 4,
+                durable: 4
+            }
+        );
     }
 }

@@ -12,6 +12,6 @@ pub mod processor;
 pub mod retry;
 pub mod sink;
 
-pub use metrics::PipelineMetrics;
+pub use metrics::{LatencyHistogram, PipelineMetrics, UpdateKind};
 pub use normalize::{Outcome, ProcessError, Router};
 pub use sink::StoreSink;

@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 
 use parking_lot::Mutex;
 
+mod histogram;
+pub use histogram::LatencyHistogram;
+
 /// Counters of one pipeline run.
 #[derive(Debug, Default)]
 pub struct PipelineMetrics {
@@ -25,6 +28,11 @@ pub struct PipelineMetrics {
     pub store_retries: AtomicU64,
     /// Milliseconds from event time to applied, for the latest batch's newest event.
     pub last_event_lag_ms: AtomicI64,
+    /// Event time to committed in the store, every applied update, by [`UpdateKind`].
+    pub event_to_applied: [LatencyHistogram; 2],
+    /// Log append time of the record (its timestamp) to committed in the store: the sink's
+    /// own share of [`PipelineMetrics::event_to_applied`], by [`UpdateKind`].
+    pub log_to_applied: [LatencyHistogram; 2],
     invalid: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// (topic, stage, kind) -> records
     dead_lettered: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
@@ -48,6 +56,27 @@ pub struct PipelineMetrics {
     /// Processor (`exactly_once`): task-loop transactions that failed and were aborted; each
     /// one's batch was recomputed.
     pub process_transactions_aborted: AtomicU64,
+}
+
+/// What an applied update came from, the label of the latency histograms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateKind {
+    /// A source event, normalized by the sink (one hop: source topic, store).
+    Entity = 0,
+    /// A feature or join result of the processor (source topic, re-key, repartition topic,
+    /// task, features topic, store).
+    Features = 1,
+}
+
+impl UpdateKind {
+    const ALL: [UpdateKind; 2] = [UpdateKind::Entity, UpdateKind::Features];
+
+    fn label(self) -> &'static str {
+        match self {
+            UpdateKind::Entity => "entity",
+            UpdateKind::Features => "features",
+        }
+    }
 }
 
 /// The store circuit breaker's state, as the `kontext_store_breaker_state` gauge shows it.
@@ -140,6 +169,13 @@ impl PipelineMetrics {
         let state = BreakerState::from_u8(self.breaker_state.load(Ordering::Relaxed));
         let reason = *self.breaker_reason.lock();
         (state, if reason.is_empty() { "none" } else { reason })
+    }
+
+    /// Records the latencies of one applied update: from its event time and from its record's
+    /// log append time to `now_ms`.
+    pub fn record_applied(&self, kind: UpdateKind, now_ms: i64, event_ms: i64, log_ms: i64) {
+        self.event_to_applied[kind as usize].record_ms(now_ms - event_ms);
+        self.log_to_applied[kind as usize].record_ms(now_ms - log_ms);
     }
 
     /// The Prometheus text exposition of every counter.
@@ -248,6 +284,27 @@ impl PipelineMetrics {
             "# HELP kontext_event_lag_milliseconds Event time to store, newest event of the last batch.\n# TYPE kontext_event_lag_milliseconds gauge\nkontext_event_lag_milliseconds {}",
             self.last_event_lag_ms.load(Ordering::Relaxed)
         );
+        for (name, help, histograms) in [
+            (
+                "kontext_event_to_applied_seconds",
+                "Event time to committed in the context store (freshness), every applied update, by kind (entity: source event; features: processor output).",
+                &self.event_to_applied,
+            ),
+            (
+                "kontext_log_to_applied_seconds",
+                "Log append time of the consumed record to committed in the context store: the store sink's share of the freshness, by kind.",
+                &self.log_to_applied,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for kind in UpdateKind::ALL {
+                histograms[kind as usize].render(
+                    &mut out,
+                    name,
+                    &format!("kind=\"{}\"", kind.label()),
+                );
+            }
+        }
         out
     }
 }

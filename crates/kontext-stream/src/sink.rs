@@ -18,13 +18,15 @@
 //!    record that still fails, with its own retries spent and the store accepting writes, is
 //!    dead-lettered with stage `store`, and its offset is recorded so the partition moves on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kontext_core::config::{LimitsConfig, PipelineConfig, RetryConfig, RetryStage};
+use kontext_core::config::{
+    LimitsConfig, PipelineConfig, RetryConfig, RetryStage, FEATURES_SOURCE,
+};
 use kontext_core::envelope::{self, now_ms};
 use kontext_core::record::{Record, TopicPartition};
 use kontext_log::{Consumer, ConsumerConfig, Log, LogError};
@@ -34,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::dlq::{store_error_kind, DeadLetters, FailedStage};
-use crate::metrics::{BreakerState, PipelineMetrics};
+use crate::metrics::{BreakerState, PipelineMetrics, UpdateKind};
 use crate::normalize::{Outcome, ProcessError, Router};
 use crate::retry::Backoff;
 
@@ -233,6 +235,10 @@ impl StoreSink {
             early: Vec::new(),
         };
         info!(group = %self.consumer.group_id, topics = ?self.consumer.topics, "store sink started");
+        // Next offsets the store has applied but the group has not committed, each with the
+        // store's write mark after it: committed once the store says that write is durable.
+        let mut uncommitted: VecDeque<(u64, Vec<(TopicPartition, i64)>)> = VecDeque::new();
+        let flusher = self.spawn_flusher(&shutdown);
         loop {
             if feed.paused {
                 // The breaker closed (the batch in hand is written): consume again.
@@ -252,9 +258,17 @@ impl StoreSink {
             let records = if !feed.early.is_empty() {
                 std::mem::take(&mut feed.early)
             } else {
+                // While offsets wait for the flusher, a quiet log must not keep them waiting
+                // for the next write.
+                let sync = self.store.sync_interval();
+                let timeout = if uncommitted.is_empty() || sync.is_zero() {
+                    POLL_TIMEOUT
+                } else {
+                    POLL_TIMEOUT.min(sync)
+                };
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    polled = feed.consumer.poll(MAX_BATCH, POLL_TIMEOUT) => match polled {
+                    polled = feed.consumer.poll(MAX_BATCH, timeout) => match polled {
                         Ok(r) => gather_backlog(feed.consumer.as_mut(), r).await,
                         Err(e) if e.is_transient() => {
                             warn!(error = %e, "poll failed; retrying");
@@ -266,6 +280,7 @@ impl StoreSink {
                 }
             };
             if records.is_empty() {
+                self.commit_durable(&mut feed, &mut uncommitted).await;
                 continue;
             }
             self.metrics
@@ -283,18 +298,92 @@ impl StoreSink {
             self.metrics
                 .records_skipped
                 .fetch_add(stats.skipped, Ordering::Relaxed);
-            // The store already holds these offsets; a failed commit only means re-delivery,
-            // which the store skips.
-            if let Err(e) = feed.consumer.commit(&next_offsets(&records)).await {
-                warn!(error = %e, "offset commit failed; records will be re-delivered and skipped");
-            } else {
-                self.metrics
-                    .batches_committed
-                    .fetch_add(1, Ordering::Relaxed);
+            let mark = self.store.write_marks().applied;
+            uncommitted.push_back((mark, next_offsets(&records)));
+            self.commit_durable(&mut feed, &mut uncommitted).await;
+        }
+        // Stopping: what the store applied becomes durable, and the group says so.
+        if let Some((stop, handle)) = flusher {
+            stop.cancel();
+            let _ = handle.await;
+        }
+        let marks = self.store.write_marks();
+        if marks.durable < marks.applied {
+            if let Err(e) = self.store.flush().await {
+                warn!(error = %e, "fsyncing the store at shutdown failed; its unsynced writes will be replayed from the log");
             }
         }
+        self.commit_durable(&mut feed, &mut uncommitted).await;
         info!(group = %self.consumer.group_id, "store sink stopped");
         Ok(())
+    }
+
+    /// Commits the group's offsets of the writes the store holds durably (offsets never pass a
+    /// write a crash could lose). The store already holds these offsets, so a failed commit
+    /// only means re-delivery, which the store skips; they are kept for the next try.
+    async fn commit_durable(
+        &self,
+        feed: &mut Feed,
+        uncommitted: &mut VecDeque<(u64, Vec<(TopicPartition, i64)>)>,
+    ) {
+        let durable = self.store.write_marks().durable;
+        let mut offsets = BTreeMap::new();
+        while uncommitted
+            .front()
+            .is_some_and(|(mark, _)| *mark <= durable)
+        {
+            if let Some((_, next)) = uncommitted.pop_front() {
+                merge_offsets(&mut offsets, next);
+            }
+        }
+        if offsets.is_empty() {
+            return;
+        }
+        let offsets: Vec<(TopicPartition, i64)> = offsets.into_iter().collect();
+        if let Err(e) = feed.consumer.commit(&offsets).await {
+            warn!(error = %e, "offset commit failed; records will be re-delivered and skipped");
+            uncommitted.push_front((0, offsets));
+        } else {
+            self.metrics
+                .batches_committed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// For a store that commits without fsyncing: a task that flushes it every sync interval,
+    /// so durability costs the write path nothing. Stopped by the returned token (or
+    /// `shutdown`).
+    fn spawn_flusher(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Option<(CancellationToken, tokio::task::JoinHandle<()>)> {
+        let interval = self.store.sync_interval();
+        if interval.is_zero() {
+            return None;
+        }
+        let stop = shutdown.child_token();
+        let store = Arc::clone(&self.store);
+        let metrics = Arc::clone(&self.metrics);
+        let stopped = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let marks = store.write_marks();
+                if marks.durable >= marks.applied {
+                    continue;
+                }
+                if let Err(e) = store.flush().await {
+                    metrics.record_retry(RetryStage::StoreWrite.name());
+                    warn!(error = %e, "fsyncing the store failed; retrying at the next interval (offsets stay uncommitted until then)");
+                }
+            }
+        });
+        Some((stop, handle))
     }
 
     /// Processes, dead-letters and writes one polled batch. `Ok(None)`: shutdown came first
@@ -365,10 +454,23 @@ impl StoreSink {
             return Ok(None);
         };
         stats.skipped += already;
+        let now = now_ms();
+        for entry in &entries {
+            if let Some(u) = entry.update.map(|i| &updates[i]) {
+                let kind = if u.provenance.source == FEATURES_SOURCE {
+                    UpdateKind::Features
+                } else {
+                    UpdateKind::Entity
+                };
+                let log_ms = records[entry.record].timestamp_ms;
+                self.metrics
+                    .record_applied(kind, now, u.provenance.event_time_ms, log_ms);
+            }
+        }
         if newest_event_ms != i64::MIN {
             self.metrics
                 .last_event_lag_ms
-                .store(now_ms() - newest_event_ms, Ordering::Relaxed);
+                .store(now - newest_event_ms, Ordering::Relaxed);
         }
         Ok(Some(stats))
     }
@@ -731,6 +833,14 @@ fn next_offsets(records: &[Record]) -> Vec<(TopicPartition, i64)> {
         *e = (*e).max(r.offset + 1);
     }
     next.into_iter().collect()
+}
+
+/// Adds `next` offsets to `into`, keeping the greater offset of a partition.
+fn merge_offsets(into: &mut BTreeMap<TopicPartition, i64>, next: Vec<(TopicPartition, i64)>) {
+    for (tp, offset) in next {
+        let e = into.entry(tp).or_insert(offset);
+        *e = (*e).max(offset);
+    }
 }
 
 /// The next offsets a range of entries covers, as the store takes them.

@@ -19,11 +19,11 @@ use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
 use kontext_log::{ConsumerConfig, Log, TopicSpec};
 use kontext_store::{
     ApplyStats, ContextDocument, ContextStore, EmbeddedStore, EntityDoc, EntityUpdate, StoreError,
-    StoreSchema,
+    StoreSchema, WriteMarks,
 };
 use kontext_stream::dlq::{headers, DeadLetters};
 use kontext_stream::metrics::BreakerState;
-use kontext_stream::{PipelineMetrics, Router, StoreSink};
+use kontext_stream::{PipelineMetrics, Router, StoreSink, UpdateKind};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -74,10 +74,12 @@ struct FailingStore {
 }
 
 impl FailingStore {
-    fn new(dir: &std::path::Path, config: &PipelineConfig) -> Arc<Self> {
+    /// `sync_interval`: [`EmbeddedStore::with_sync_interval`] of the store underneath.
+    fn new(dir: &std::path::Path, config: &PipelineConfig, sync_interval: Duration) -> Arc<Self> {
         Arc::new(Self {
             inner: EmbeddedStore::open(&dir.join("store.redb"), StoreSchema::from_config(config))
-                .unwrap(),
+                .unwrap()
+                .with_sync_interval(sync_interval),
             down: AtomicBool::new(false),
             rejected: Mutex::new(BTreeSet::new()),
             timing_out: Mutex::new(BTreeSet::new()),
@@ -154,6 +156,19 @@ impl ContextStore for FailingStore {
     async fn dump(&self) -> Result<Vec<EntityDoc>, StoreError> {
         ContextStore::dump(&self.inner).await
     }
+
+    fn sync_interval(&self) -> Duration {
+        ContextStore::sync_interval(&self.inner)
+    }
+
+    fn write_marks(&self) -> WriteMarks {
+        self.inner.write_marks()
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.check_up()?;
+        self.inner.flush()
+    }
 }
 
 struct Harness {
@@ -183,6 +198,17 @@ async fn start_with(
     backend: Backend,
     properties: &[(&str, &str)],
     backlog: usize,
+    setup: impl FnOnce(&FailingStore),
+) -> Harness {
+    start_synced(backend, properties, backlog, Duration::ZERO, setup).await
+}
+
+/// [`start_with`] on a store that fsyncs only when flushed (every `sync_interval`).
+async fn start_synced(
+    backend: Backend,
+    properties: &[(&str, &str)],
+    backlog: usize,
+    sync_interval: Duration,
     setup: impl FnOnce(&FailingStore),
 ) -> Harness {
     let dir = tempfile::tempdir().unwrap();
@@ -215,7 +241,7 @@ async fn start_with(
         .unwrap();
     let records = (0..backlog).map(|i| good(&topic, i)).collect();
     log.producer().await.unwrap().send(records).await.unwrap();
-    let store = FailingStore::new(dir.path(), &config);
+    let store = FailingStore::new(dir.path(), &config, sync_interval);
     setup(&store);
     let metrics = Arc::new(PipelineMetrics::default());
     let group = format!("failures-{topic}");
@@ -558,4 +584,92 @@ async fn a_backlog_is_written_in_one_store_transaction() {
         backlog as u64
     );
     assert_eq!(store.inner.dump().unwrap().len(), backlog);
+}
+
+/// A store that commits without fsyncing: the records are served at once, but the group's
+/// offsets do not pass them until the store flushed (here only at shutdown: the interval is
+/// an hour), and stopping the sink flushes and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_offsets_wait_for_the_store_to_be_durable() {
+    let backlog = 300;
+    let mut h = start_synced(
+        Backend::Embedded,
+        &[],
+        backlog,
+        Duration::from_secs(3600),
+        |_| {},
+    )
+    .await;
+    let end = h.send(h.goods(backlog..backlog + 200)).await;
+    h.wait_caught_up(&end).await;
+    assert_eq!(
+        h.store.inner.dump().unwrap().len(),
+        backlog + 200,
+        "served before durable"
+    );
+    let marks = h.store.inner.write_marks();
+    assert!(marks.applied > 0 && marks.durable == 0, "{marks:?}");
+    let group = format!("failures-{}", h.topic);
+    let committed = h.log.committed_offsets(&group, &h.topic).await.unwrap();
+    assert!(
+        committed.iter().all(|(_, c)| c.is_none()),
+        "committed past writes a crash could lose: {committed:?}"
+    );
+    assert_eq!(h.metrics.batches_committed.load(Ordering::Relaxed), 0);
+
+    let (store, metrics, log, topic) = h.stop().await;
+    let marks = store.inner.write_marks();
+    assert_eq!(marks.durable, marks.applied, "flushed at shutdown");
+    let committed: BTreeMap<i32, i64> = log
+        .committed_offsets(&group, &topic)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(p, c)| (p, c.unwrap_or(0)))
+        .collect();
+    for (p, e) in &end {
+        assert_eq!(
+            committed.get(p),
+            Some(e),
+            "partition {p} committed at shutdown"
+        );
+    }
+    assert_eq!(
+        metrics.event_to_applied[UpdateKind::Entity as usize].count(),
+        (backlog + 200) as u64,
+        "every applied update timed"
+    );
+}
+
+/// With a short interval the flusher runs while the sink does: the group's offsets catch up
+/// without a shutdown, and the store's marks say everything is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flusher_lets_the_group_commit_while_running() {
+    let mut h = start_synced(Backend::Embedded, &[], 0, Duration::from_millis(20), |_| {}).await;
+    let end = h.send(h.goods(0..400)).await;
+    h.wait_caught_up(&end).await;
+    let group = format!("failures-{}", h.topic);
+    let log = h.log.clone();
+    let topic = h.topic.clone();
+    let committed_all = |committed: &[(i32, Option<i64>)]| {
+        end.iter().all(|(p, e)| {
+            committed
+                .iter()
+                .any(|(q, c)| q == p && c.is_some_and(|c| c >= *e))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let committed = log.committed_offsets(&group, &topic).await.unwrap();
+        if committed_all(&committed) {
+            break;
+        }
+        assert!(!h.task.is_finished(), "the sink stopped");
+        assert!(Instant::now() < deadline, "never committed: {committed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let marks = h.store.inner.write_marks();
+    assert_eq!(marks.durable, marks.applied, "{marks:?}");
+    assert!(marks.applied > 0);
+    h.stop().await;
 }

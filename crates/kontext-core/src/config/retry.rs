@@ -18,7 +18,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 /// Largest record (key + value + headers, in bytes) the pipeline processes by default: Kafka's
 /// own default `max.message.bytes` (1 MiB) rounded down.
@@ -55,7 +55,7 @@ pub struct RetrySettings {
     /// Delay before the second attempt (`100ms`).
     #[serde(
         default,
-        with = "opt_duration",
+        with = "crate::duration::optional",
         skip_serializing_if = "Option::is_none"
     )]
     pub first_delay: Option<Duration>,
@@ -65,7 +65,7 @@ pub struct RetrySettings {
     /// Delays never grow past this (`30s`).
     #[serde(
         default,
-        with = "opt_duration",
+        with = "crate::duration::optional",
         skip_serializing_if = "Option::is_none"
     )]
     pub max_delay: Option<Duration>,
@@ -78,7 +78,7 @@ pub struct RetrySettings {
     /// Time from the first attempt after which no new attempt starts; `0`: no limit.
     #[serde(
         default,
-        with = "opt_duration",
+        with = "crate::duration::optional",
         skip_serializing_if = "Option::is_none"
     )]
     pub max_elapsed: Option<Duration>,
@@ -318,22 +318,6 @@ impl LimitsConfig {
                 "must be at least 1 byte, e.g. 1048576 (1 MiB)".into(),
             );
         }
-    }
-}
-
-/// `Option<Duration>` in the notation of [`crate::duration`].
-mod opt_duration {
-    use super::*;
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => crate::duration::serialize(d, s),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        crate::duration::deserialize(d).map(Some)
     }
 }
 

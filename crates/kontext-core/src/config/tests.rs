@@ -196,12 +196,17 @@ fn one_embedded_store_named_main_by_default() {
 #[test]
 fn several_stores_each_with_their_group_and_a_served_one() {
     let text = format!(
-        "{VALID}stores:\n  - {{ name: fast, context_cache: 0 }}\n  - {{ name: pg, kind: postgres, url: \"${{PG_URL}}\", schema: ctx }}\nserve: {{ store: pg }}\n"
+        "{VALID}stores:\n  - {{ name: fast, context_cache: 0, sync_interval: 250ms }}\n  - {{ name: pg, kind: postgres, url: \"${{PG_URL}}\", schema: ctx }}\nserve: {{ store: pg }}\n"
     );
     let c = PipelineConfig::parse("p.yaml", &text).unwrap();
     let stores = c.stores();
     assert_eq!(stores.len(), 2);
     assert_eq!(stores[0].context_cache, Some(0));
+    assert_eq!(
+        stores[0].sync_interval,
+        Some(std::time::Duration::from_millis(250))
+    );
+    assert_eq!(stores[1].sync_interval, None);
     assert_eq!(stores[1].kind, StoreKind::Postgres);
     assert_eq!(c.served_store().name, "pg");
     assert_ne!(c.store_group("fast"), c.store_group("pg"));
@@ -210,7 +215,7 @@ fn several_stores_each_with_their_group_and_a_served_one() {
 #[test]
 fn store_mistakes_name_the_field_and_the_fix() {
     let text = format!(
-        "{VALID}stores:\n  - {{ name: a, kind: postgres }}\n  - {{ name: a, url: \"postgres://x\" }}\n  - {{ name: c, kind: postgres, url: \"mysql://x\" }}\n  - {{ name: d, kind: postgres, url: \"postgres://x\", context_cache: 10 }}\nserve: {{ store: nope }}\n"
+        "{VALID}stores:\n  - {{ name: a, kind: postgres }}\n  - {{ name: a, url: \"postgres://x\" }}\n  - {{ name: c, kind: postgres, url: \"mysql://x\" }}\n  - {{ name: d, kind: postgres, url: \"postgres://x\", context_cache: 10, sync_interval: 5ms }}\nserve: {{ store: nope }}\n"
     );
     let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
     let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
@@ -222,6 +227,7 @@ fn store_mistakes_name_the_field_and_the_fix() {
             "stores[1].url",
             "stores[2].url",
             "stores[3].context_cache",
+            "stores[3].sync_interval",
             "serve.store"
         ],
         "{err}"
@@ -247,6 +253,7 @@ fn a_url_from_the_environment_is_resolved_or_named_when_missing() {
         url: Some("${KONTEXT_CONFIG_TEST_UNSET_VAR}".into()),
         schema: None,
         context_cache: None,
+        sync_interval: None,
     };
     let e = store.resolved_url().unwrap_err();
     assert!(e.contains("KONTEXT_CONFIG_TEST_UNSET_VAR"), "{e}");

@@ -144,6 +144,87 @@ fn offsets_survive_reopen_and_cover_skipped_records() {
     );
 }
 
+/// With a sync interval, a commit is served at once and counted as applied but not durable
+/// until a flush; without one every commit is durable when `apply` returns.
+#[test]
+fn unsynced_commits_are_served_and_counted_until_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir).with_sync_interval(std::time::Duration::from_secs(3600));
+        assert_eq!(store.write_marks(), WriteMarks::default());
+        let u = upsert("customer", "C1", json!({"a": 1}), "crm", 0, 0, 1);
+        store.apply(&[u], &[("context.customers", 0, 1)]).unwrap();
+        assert_eq!(
+            store.get("customer", "C1").unwrap().unwrap().values()["a"],
+            1
+        );
+        assert_eq!(
+            store.write_marks(),
+            WriteMarks {
+                applied: 1,
+                durable: 0
+            }
+        );
+        store.flush().unwrap();
+        assert_eq!(
+            store.write_marks(),
+            WriteMarks {
+                applied: 1,
+                durable: 1
+            }
+        );
+        store.flush().unwrap();
+        assert_eq!(
+            store.write_marks(),
+            WriteMarks {
+                applied: 1,
+                durable: 1
+            }
+        );
+        for offset in 1..3 {
+            let u = upsert(
+                "customer",
+                "C1",
+                json!({"a": offset + 1}),
+                "crm",
+                0,
+                offset,
+                2,
+            );
+            store
+                .apply(&[u], &[("context.customers", 0, offset + 1)])
+                .unwrap();
+        }
+        assert_eq!(
+            store.write_marks(),
+            WriteMarks {
+                applied: 3,
+                durable: 1
+            }
+        );
+        store.flush().unwrap();
+    }
+    let store = open(&dir);
+    assert_eq!(
+        store.get("customer", "C1").unwrap().unwrap().values()["a"],
+        3
+    );
+    assert_eq!(
+        store.applied_offsets().unwrap()[&("context.customers".to_string(), 0)],
+        3
+    );
+    let u = upsert("customer", "C2", json!({"a": 1}), "crm", 0, 3, 3);
+    store.apply(&[u], &[("context.customers", 0, 4)]).unwrap();
+    assert_eq!(
+        store.write_marks(),
+        WriteMarks {
+            applied: 1,
+            durable: 1
+        },
+        "no interval: durable at once"
+    );
+}
+
 #[test]
 fn relations_follow_the_parent_field_and_assemble_newest_first() {
     let dir = tempfile::tempdir().unwrap();
