@@ -89,6 +89,17 @@ start_quickstart() { # data dir, extra args...
     tail -20 "$dir.log" >&2
     exit 1
 }
+# The freshness phase: loadgen through the API, and the pipeline's own histograms over the
+# same seconds (every applied update, by kind: entity = source events, features = processor
+# outputs).
+fresh_with_histograms() {
+    curl -sf "http://127.0.0.1:$PORT/metrics" >"$WORK/metrics.before"
+    loadgen fresh --addr "127.0.0.1:$PORT" --target '/v1/context/customer/C-{i}' --ids "$FRESH_IDS" \
+        --seconds "$SECS" --warmup 2 --connections 4
+    curl -sf "http://127.0.0.1:$PORT/metrics" >"$WORK/metrics.after"
+    say "# pipeline histograms over the same seconds (bucket bounds):"
+    bench/histogram_delta.py "$WORK/metrics.before" "$WORK/metrics.after" | sed 's/^/#   /' | tee -a "$OUT"
+}
 stop_quickstart() {
     kill "$QS_PID" 2>/dev/null || true
     wait "$QS_PID" 2>/dev/null || true
@@ -157,9 +168,7 @@ redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
 REDIS_STARTED=
 
 say "# freshness, embedded log: event time -> seen through the API, ingesting $INGEST_RATE events/s"
-loadgen fresh --addr "127.0.0.1:$PORT" --target '/v1/context/customer/C-{i}' --ids "$FRESH_IDS" \
-    --seconds "$SECS" --warmup 2 --connections 4
-say "# pipeline gauge at the end: $(curl -sf "http://127.0.0.1:$PORT/metrics" | grep '^kontext_event_lag_milliseconds')"
+fresh_with_histograms
 stop_quickstart
 
 # ---- Kafka: freshness ------------------------------------------------------------------------
@@ -171,8 +180,7 @@ if [[ "$WITH_KAFKA" == 1 ]]; then
     start_quickstart "$WORK/kafka" --kafka "127.0.0.1:$KAFKA_PORT"
     say "## Apache Kafka (local single-node broker on the same cores), ingesting $INGEST_RATE events/s"
     say "# freshness, Kafka: event time -> seen through the API"
-    loadgen fresh --addr "127.0.0.1:$PORT" --target '/v1/context/customer/C-{i}' --ids "$FRESH_IDS" \
-        --seconds "$SECS" --warmup 2 --connections 4
+    fresh_with_histograms
     say "# context JSON at $RATE rps (Kafka backend)"
     loadgen fixed --addr "127.0.0.1:$PORT" --target '/v1/context/customer/C-{i}' --ids "$IDS" \
         --rate "$RATE" --seconds "$SECS" --warmup 2 --connections "$CONNECTIONS"
