@@ -76,12 +76,7 @@ async fn printed_curl_returns_context_merged_from_three_sources() {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(port).await;
         if timed(&metrics, "entity") > 0 && timed(&metrics, "features") > 0 {
             break;
         }
@@ -134,12 +129,7 @@ async fn kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice() {
     // lag from the start, while its re-delivered records may still be on their way. Skips only
     // grow, so wait for them to reach what the store held, then check they stop exactly there.
     let skipped = || async {
-        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(port).await;
         let n: u64 = metrics
             .lines()
             .find_map(|l| l.strip_prefix("kontext_records_skipped_total "))
@@ -210,4 +200,14 @@ async fn a_deleted_store_is_rebuilt_identically_from_the_log() {
     let (kontext, _port) = catch_up(&data).await;
     kontext.interrupt();
     assert_eq!(dump(&store_path), before);
+}
+
+/// The `/metrics` page of the quickstart on `port`.
+async fn metrics_text(port: impl std::fmt::Display) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }

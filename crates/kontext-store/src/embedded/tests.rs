@@ -144,6 +144,10 @@ fn offsets_survive_reopen_and_cover_skipped_records() {
     );
 }
 
+fn marks(applied: u64, durable: u64) -> WriteMarks {
+    WriteMarks { applied, durable }
+}
+
 /// With a sync interval, a commit is served at once and counted as applied but not durable
 /// until a flush; without one every commit is durable when `apply` returns.
 #[test]
@@ -158,29 +162,11 @@ fn unsynced_commits_are_served_and_counted_until_a_flush() {
             store.get("customer", "C1").unwrap().unwrap().values()["a"],
             1
         );
-        assert_eq!(
-            store.write_marks(),
-            WriteMarks {
-                applied: 1,
-                durable: 0
-            }
-        );
+        assert_eq!(store.write_marks(), marks(1, 0));
         store.flush().unwrap();
-        assert_eq!(
-            store.write_marks(),
-            WriteMarks {
-                applied: 1,
-                durable: 1
-            }
-        );
+        assert_eq!(store.write_marks(), marks(1, 1));
         store.flush().unwrap();
-        assert_eq!(
-            store.write_marks(),
-            WriteMarks {
-                applied: 1,
-                durable: 1
-            }
-        );
+        assert_eq!(store.write_marks(), marks(1, 1));
         for offset in 1..3 {
             let u = upsert(
                 "customer",
@@ -195,13 +181,7 @@ fn unsynced_commits_are_served_and_counted_until_a_flush() {
                 .apply(&[u], &[("context.customers", 0, offset + 1)])
                 .unwrap();
         }
-        assert_eq!(
-            store.write_marks(),
-            WriteMarks {
-                applied: 3,
-                durable: 1
-            }
-        );
+        assert_eq!(store.write_marks(), marks(3, 1));
         store.flush().unwrap();
     }
     let store = open(&dir);
@@ -217,10 +197,7 @@ fn unsynced_commits_are_served_and_counted_until_a_flush() {
     store.apply(&[u], &[("context.customers", 0, 4)]).unwrap();
     assert_eq!(
         store.write_marks(),
-        WriteMarks {
-            applied: 1,
-            durable: 1
-        },
+        marks(1, 1),
         "no interval: durable at once"
     );
 }
