@@ -320,7 +320,9 @@ impl StoreSink {
 
     /// Commits the group's offsets of the writes the store holds durably (offsets never pass a
     /// write a crash could lose). The store already holds these offsets, so a failed commit
-    /// only means re-delivery, which the store skips; they are kept for the next try.
+    /// only means re-delivery, which the store skips; the next commit of a partition
+    /// supersedes it. (Keeping failed offsets for a retry would make one refused partition,
+    /// say one a rebalance moved away, fail every later commit.)
     async fn commit_durable(
         &self,
         feed: &mut Feed,
@@ -342,7 +344,6 @@ impl StoreSink {
         let offsets: Vec<(TopicPartition, i64)> = offsets.into_iter().collect();
         if let Err(e) = feed.consumer.commit(&offsets).await {
             warn!(error = %e, "offset commit failed; records will be re-delivered and skipped");
-            uncommitted.push_front((0, offsets));
         } else {
             self.metrics
                 .batches_committed
