@@ -25,8 +25,22 @@ fn values(topic: &str, prefix: &str, n: usize) -> Vec<ProduceRecord> {
 
 /// The values of `topic`'s only partition as kontext's `read_partition` (read_committed)
 /// reads them, up to the high watermark.
-async fn committed_values(log: &impl Log, topic: &str) -> Vec<Bytes> {
-    let high = log.describe_topic(topic).await.unwrap().partitions[0].high_watermark;
+async fn committed_values(log: &impl Log, topic: &str, high: i64) -> Vec<Bytes> {
+    // A commit returns once the coordinator has logged it; it writes the partitions' markers
+    // after that, and until then a read_committed reader stops before the transaction.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let now = log.describe_topic(topic).await.unwrap().partitions[0].high_watermark;
+        if now >= high {
+            assert_eq!(now, high, "more records than expected in {topic}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{topic} stayed at high watermark {now}, expected {high} (records and markers)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     log.read_partition(topic, 0, 0, high)
         .await
         .unwrap()
@@ -131,10 +145,8 @@ async fn records_and_offsets_commit_together_and_an_aborted_transaction_shows_no
     );
     // The log holds both transactions (3 + 3 records, 2 markers); `read_committed` readers
     // (kontext's own, and Kafka's console consumer) see only the committed one.
-    let high = log.describe_topic(&output).await.unwrap().partitions[0].high_watermark;
-    assert_eq!(high, 8);
     assert_eq!(
-        committed_values(&log, &output).await,
+        committed_values(&log, &output, 8).await,
         ["committed-0", "committed-1", "committed-2"]
     );
     assert_eq!(
@@ -190,8 +202,9 @@ async fn a_new_producer_with_the_same_id_fences_the_old_one_and_aborts_its_trans
         .commit(consumer.group_metadata().unwrap(), &offsets)
         .await
         .unwrap();
+    // 2 zombie records, the marker of their abort, 2 successor records, its commit marker.
     assert_eq!(
-        committed_values(&log, &output).await,
+        committed_values(&log, &output, 6).await,
         ["successor-0", "successor-1"]
     );
     assert_eq!(
