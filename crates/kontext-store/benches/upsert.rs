@@ -6,6 +6,10 @@
 //! most today) and 20 000 (a sink that gathers several polls per commit), `UPSERT_BATCHES`
 //! (comma-separated) to choose others.
 //!
+//! Three stores: `embedded` fsyncs every commit (`sync_interval` 0), `embedded_flushed`
+//! commits without fsync while a thread flushes it every 100 ms (what the sink's flusher does
+//! with the default `stores[].sync_interval`: durable within 100 ms), and PostgreSQL.
+//!
 //!   scripts/postgres.sh start
 //!   cargo bench -p kontext-store --bench upsert
 //!
@@ -25,6 +29,8 @@ use serde_json::{json, Map};
 
 const BATCHES: &[usize] = &[2_000, 20_000];
 const DEFAULT_URL: &str = "postgres://kontext@127.0.0.1:55432/kontext";
+/// The pipeline's default `stores[].sync_interval`.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 fn schema() -> StoreSchema {
     let mut s = StoreSchema::default();
@@ -79,14 +85,45 @@ fn upsert(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let embedded =
         EmbeddedStore::open(&dir.path().join("bench.redb"), schema()).expect("embedded store");
-    let stores: [(&str, &dyn ContextStore); 2] = [("embedded", &embedded), ("postgres", &postgres)];
+    let flushed = EmbeddedStore::open(&dir.path().join("flushed.redb"), schema())
+        .expect("embedded store")
+        .with_sync_interval(FLUSH_INTERVAL);
+    let stores: [(&str, &dyn ContextStore); 3] = [
+        ("embedded", &embedded),
+        ("embedded_flushed", &flushed),
+        ("postgres", &postgres),
+    ];
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(FLUSH_INTERVAL);
+                flushed.flush().expect("flush");
+            }
+        });
+        run(c, &rt, &stores);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
 
+    // Drop the bench schema: the next run starts from empty tables again.
+    rt.block_on(async {
+        if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            let _ = client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {ns} CASCADE"))
+                .await;
+        }
+    });
+}
+
+/// Every batch size against every store.
+fn run(c: &mut Criterion, rt: &tokio::runtime::Runtime, stores: &[(&str, &dyn ContextStore)]) {
     let batches: Vec<usize> = std::env::var("UPSERT_BATCHES")
         .ok()
         .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
         .unwrap_or_else(|| BATCHES.to_vec());
-    // Offsets keep growing across groups: every batch is new to both stores.
-    let mut next = [0i64; 2];
+    // Offsets keep growing across groups: every batch is new to every store.
+    let mut next = vec![0i64; stores.len()];
     for len in batches {
         let mut group = c.benchmark_group(format!("upsert_{len}"));
         group.throughput(Throughput::Elements(len as u64));
@@ -95,7 +132,7 @@ fn upsert(c: &mut Criterion) {
         for (k, (name, store)) in stores.iter().enumerate() {
             let next = &mut next[k];
             group.bench_function(*name, |b| {
-                b.to_async(&rt).iter_batched(
+                b.to_async(rt).iter_batched(
                     || {
                         let from = *next;
                         *next += len as i64;
@@ -111,16 +148,6 @@ fn upsert(c: &mut Criterion) {
         }
         group.finish();
     }
-
-    // Drop the bench schema: the next run starts from empty tables again.
-    rt.block_on(async {
-        if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-            tokio::spawn(conn);
-            let _ = client
-                .batch_execute(&format!("DROP SCHEMA IF EXISTS {ns} CASCADE"))
-                .await;
-        }
-    });
 }
 
 criterion_group!(benches, upsert);
