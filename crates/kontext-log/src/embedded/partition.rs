@@ -348,13 +348,9 @@ impl Partition {
     /// before it started.
     pub fn sync(&self, hold_lock: bool) -> Result<(), LogError> {
         let mut st = self.state.lock();
-        if let Some(reason) = &st.failed {
-            return Err(self.failed_error(reason));
-        }
-        let upto = st.next_offset;
-        if upto == self.high_watermark() && st.pending_sync.is_empty() && !st.dir_dirty {
+        let Some(upto) = self.unsynced(&st)? else {
             return Ok(());
-        }
+        };
         let active = st.segments.last().and_then(|s| s.file.clone());
         let result = if hold_lock {
             let r = sync_files(&self.dir, &st.pending_sync, active.as_ref(), st.dir_dirty);
@@ -381,13 +377,9 @@ impl Partition {
     /// offsets are exactly what the sync covers.
     pub fn begin_external_sync(&self) -> Result<Option<i64>, LogError> {
         let mut st = self.state.lock();
-        if let Some(reason) = &st.failed {
-            return Err(self.failed_error(reason));
-        }
-        let upto = st.next_offset;
-        if upto == self.high_watermark() && st.pending_sync.is_empty() && !st.dir_dirty {
+        let Some(upto) = self.unsynced(&st)? else {
             return Ok(None);
-        }
+        };
         // Rolled segments and new directory entries are covered by a file-system sync too.
         st.pending_sync.clear();
         st.dir_dirty = false;
@@ -402,6 +394,17 @@ impl Partition {
     ) -> Result<(), LogError> {
         let mut st = self.state.lock();
         self.synced(&mut st, upto, result)
+    }
+
+    /// The offset a sync starting now would cover, `None` if everything is synced already;
+    /// an error once the partition failed.
+    fn unsynced(&self, st: &State) -> Result<Option<i64>, LogError> {
+        if let Some(reason) = &st.failed {
+            return Err(self.failed_error(reason));
+        }
+        let upto = st.next_offset;
+        let clean = upto == self.high_watermark() && st.pending_sync.is_empty() && !st.dir_dirty;
+        Ok((!clean).then_some(upto))
     }
 
     fn synced(

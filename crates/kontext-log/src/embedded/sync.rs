@@ -118,12 +118,24 @@ fn sync_together(
     results
 }
 
+/// Without `syncfs`, file by file.
 #[cfg(not(target_os = "linux"))]
 fn sync_together(
     _: &Shared,
-    _: &HashMap<*const Partition, &Arc<Partition>>,
+    partitions: &HashMap<*const Partition, &Arc<Partition>>,
 ) -> HashMap<*const Partition, Result<(), String>> {
-    unreachable!("called only where syncfs exists")
+    sync_each(partitions)
+}
+
+/// Fsyncs each partition's files in turn. (Threads per partition were tried: on these disks
+/// parallel fdatasyncs are slower than the same ones in a row.)
+fn sync_each(
+    partitions: &HashMap<*const Partition, &Arc<Partition>>,
+) -> HashMap<*const Partition, Result<(), String>> {
+    partitions
+        .iter()
+        .map(|(key, p)| (*key, p.sync(false).map_err(|e| e.to_string())))
+        .collect()
 }
 
 /// The thread's main loop; returns after [`Queue::shutdown`] is set and a final sync of every
@@ -191,19 +203,12 @@ fn commit(shared: &Shared, waiters: Vec<Waiter>) {
             distinct.entry(Arc::as_ptr(p)).or_insert(p);
         }
     }
-    let results = if distinct.len() > 1 && cfg!(target_os = "linux") {
-        Some(sync_together(shared, &distinct))
+    // One partition: its own fdatasync costs what a syncfs does and touches nothing else.
+    let results = if distinct.len() > 1 {
+        sync_together(shared, &distinct)
     } else {
-        None
+        sync_each(&distinct)
     };
-    // One partition, or no `syncfs`: fsync file by file. (Threads per partition were tried:
-    // on these disks parallel fdatasyncs are slower than the same ones in a row.)
-    let results: HashMap<*const Partition, Result<(), String>> = results.unwrap_or_else(|| {
-        distinct
-            .iter()
-            .map(|(key, p)| (*key, p.sync(false).map_err(|e| e.to_string())))
-            .collect()
-    });
     shared.publish();
     for w in waiters {
         let failure = w
