@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{assert_no_more, kafka_log, poll_exactly, unique};
 use kontext_core::partitioner::partition_for_key;
-use kontext_core::record::{Header, ProduceRecord, TopicPartition};
+use kontext_core::record::{Header, ProduceRecord, Record, TopicPartition};
 use kontext_log::{
     ConsumerConfig, CreateOutcome, Log, LogError, OffsetReset, Retention, TopicSpec,
 };
@@ -28,6 +28,39 @@ fn keyed(topic: &str, i: usize) -> ProduceRecord {
         });
     }
     record
+}
+
+/// A new topic (`prefix` made unique) of `partitions` holding `keyed` records `0..n`.
+async fn filled_topic(log: &impl Log, prefix: &str, partitions: i32, n: usize) -> String {
+    let topic = unique(prefix);
+    log.create_topic(&TopicSpec::new(&topic, partitions))
+        .await
+        .unwrap();
+    log.producer()
+        .await
+        .unwrap()
+        .send((0..n).map(|i| keyed(&topic, i)).collect())
+        .await
+        .unwrap();
+    topic
+}
+
+/// Whether `group` has no committed offset on any partition of `topic`.
+async fn nothing_committed(log: &impl Log, group: &str, topic: &str) -> bool {
+    log.committed_offsets(group, topic)
+        .await
+        .unwrap()
+        .iter()
+        .all(|(_, o)| o.is_none())
+}
+
+/// The offset after the last of `records` in each partition: what a member commits.
+fn next_offsets(records: &[Record]) -> BTreeMap<TopicPartition, i64> {
+    let mut next = BTreeMap::new();
+    for record in records {
+        next.insert(record.topic_partition(), record.offset + 1);
+    }
+    next
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,21 +144,11 @@ async fn produces_idempotently_and_consumes_every_record_in_partition_order_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_member_resumes_from_the_committed_offsets() {
     let log = kafka_log();
-    let topic = unique("resume");
+    let topic = filled_topic(&log, "resume", 3, 300).await;
     let group = unique("g");
-    log.create_topic(&TopicSpec::new(&topic, 3)).await.unwrap();
-    let producer = log.producer().await.unwrap();
-    producer
-        .send((0..300).map(|i| keyed(&topic, i)).collect())
-        .await
-        .unwrap();
 
     assert!(
-        log.committed_offsets(&group, &topic)
-            .await
-            .unwrap()
-            .iter()
-            .all(|(_, o)| o.is_none()),
+        nothing_committed(&log, &group, &topic).await,
         "a new group has nothing committed"
     );
 
@@ -135,10 +158,7 @@ async fn a_new_member_resumes_from_the_committed_offsets() {
         .await
         .unwrap();
     let processed = poll_exactly(first.as_mut(), 150).await;
-    let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
-    for record in &processed {
-        next.insert(record.topic_partition(), record.offset + 1);
-    }
+    let next = next_offsets(&processed);
     let offsets: Vec<_> = next.clone().into_iter().collect();
     first.commit(&offsets).await.unwrap();
     drop(first);
@@ -536,14 +556,9 @@ async fn a_member_past_its_poll_interval_gets_a_transient_error_and_rejoins() {
         config.properties.insert(k.into(), v.into());
     }
     let log = kontext_kafka::KafkaLog::new(config).unwrap();
-    let topic = unique("poll-interval");
+    let topic = filled_topic(&log, "poll-interval", 1, 10).await;
     let group = unique("g");
-    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
     let producer = log.producer().await.unwrap();
-    producer
-        .send((0..10).map(|i| keyed(&topic, i)).collect())
-        .await
-        .unwrap();
     let mut consumer = log
         .consumer(ConsumerConfig::new(&group, vec![topic.clone()]))
         .await
@@ -619,23 +634,14 @@ async fn read_partition_returns_exactly_the_range_asked_for() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_group_is_deleted_with_its_offsets_and_a_busy_one_is_refused() {
     let log = kafka_log();
-    let topic = unique("delete-group");
+    let topic = filled_topic(&log, "delete-group", 2, 20).await;
     let group = unique("g");
-    log.create_topic(&TopicSpec::new(&topic, 2)).await.unwrap();
-    let producer = log.producer().await.unwrap();
-    producer
-        .send((0..20).map(|i| keyed(&topic, i)).collect())
-        .await
-        .unwrap();
     let mut member = log
         .consumer(ConsumerConfig::new(&group, vec![topic.clone()]))
         .await
         .unwrap();
     let records = poll_exactly(member.as_mut(), 20).await;
-    let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
-    for record in &records {
-        next.insert(record.topic_partition(), record.offset + 1);
-    }
+    let next = next_offsets(&records);
     member
         .commit(&next.into_iter().collect::<Vec<_>>())
         .await
@@ -655,11 +661,7 @@ async fn an_idle_group_is_deleted_with_its_offsets_and_a_busy_one_is_refused() {
         }
     }
     assert!(
-        log.committed_offsets(&group, &topic)
-            .await
-            .unwrap()
-            .iter()
-            .all(|(_, o)| o.is_none()),
+        nothing_committed(&log, &group, &topic).await,
         "the offsets went with the group"
     );
     log.delete_group(&group).await.expect("deleting it again");

@@ -27,6 +27,24 @@ async fn fill(
     }
 }
 
+/// Topic `t` of `partitions` partitions, 10 records in each, and a member of group `g` that
+/// committed offset 9 on partition 0: a busy group with something committed.
+async fn member_that_committed(
+    log: &kontext_log::embedded::EmbeddedLog,
+    partitions: i32,
+) -> Box<dyn kontext_log::Consumer> {
+    create(log, "t", partitions).await;
+    fill(log, "t", partitions, 10).await;
+    let mut c = log
+        .consumer(ConsumerConfig::new("g", vec!["t".into()]))
+        .await
+        .expect("consumer");
+    c.commit(&[(TopicPartition::new("t", 0), 9)])
+        .await
+        .expect("commit");
+    c
+}
+
 #[tokio::test]
 async fn committed_offsets_survive_close_and_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -291,15 +309,7 @@ async fn offsets_of_an_idle_group_can_be_reset_durably() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let log = open(dir.path(), EmbeddedConfig::default());
-        create(&log, "t", 2).await;
-        fill(&log, "t", 2, 10).await;
-        let mut c = log
-            .consumer(ConsumerConfig::new("g", vec!["t".into()]))
-            .await
-            .expect("consumer");
-        c.commit(&[(TopicPartition::new("t", 0), 9)])
-            .await
-            .expect("commit");
+        let c = member_that_committed(&log, 2).await;
         let err = log
             .reset_group_offsets("g", &[(TopicPartition::new("t", 0), 2)])
             .await
@@ -344,15 +354,7 @@ async fn an_idle_group_can_be_deleted_durably_and_a_busy_one_cannot() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let log = open(dir.path(), EmbeddedConfig::default());
-        create(&log, "t", 1).await;
-        fill(&log, "t", 1, 10).await;
-        let mut c = log
-            .consumer(ConsumerConfig::new("g", vec!["t".into()]))
-            .await
-            .expect("consumer");
-        c.commit(&[(TopicPartition::new("t", 0), 9)])
-            .await
-            .expect("commit");
+        let c = member_that_committed(&log, 1).await;
         let err = log.delete_group("g").await.expect_err("busy");
         assert!(matches!(err, LogError::GroupBusy(_)), "{err}");
         drop(c);
