@@ -466,11 +466,18 @@ pub fn rekey(
         .scalar(fk)
         .map(|s| scalar_key(&s))
         .ok_or_else(|| RekeyError::MissingKey(fk.as_string()))?;
+    Ok(rekey_as(event, Bytes::from(key), topic, partitions))
+}
+
+/// The repartition record of `event` under `key` (partition: Kafka's murmur2 of `key` over
+/// `partitions`), with [`rekey`]'s value and headers. A left join sends an event without a
+/// foreign key this way under its own key, so that it still reaches the join.
+pub fn rekey_as(event: &Event, key: Bytes, topic: &str, partitions: i32) -> ProduceRecord {
     let partition = partition_for_key(&key, partitions.max(1));
-    Ok(ProduceRecord {
+    ProduceRecord {
         topic: topic.to_owned(),
         partition: Some(partition),
-        key: Some(Bytes::from(key)),
+        key: Some(key),
         value: Some(Bytes::from(event.value.to_string())),
         headers: vec![
             Header::new("ce_id", event.id.clone()),
@@ -480,7 +487,7 @@ pub fn rekey(
             Header::new(ORIGIN_OFFSET_HEADER, event.coords.offset.to_string()),
         ],
         timestamp_ms: Some(event.time_ms),
-    })
+    }
 }
 
 /// The original coordinates of a repartition record, if it carries them.

@@ -27,7 +27,7 @@ pub use aggregate::{
 pub use dedup::{DedupBatch, DedupConfig, DedupDecision, Deduplicate};
 pub use event::{Coords, Event, FieldPath, Scalar};
 pub use join::{
-    changelog_topic_name, check_copartitioning, next_side, origin_coords, rekey,
+    changelog_topic_name, check_copartitioning, next_side, origin_coords, rekey, rekey_as,
     repartition_topic_name, CoPartitionError, EnrichmentJoin, JoinBatch, JoinConfig, JoinInput,
     JoinKey, JoinKind, JoinOutput, Partitioner, RekeyError, Side, TableBatch, TableMode,
     TableUpdate, TopicLayout,

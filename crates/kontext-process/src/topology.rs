@@ -1,5 +1,6 @@
 //! A description of a processing topology, built with a small DSL in the spirit of Kafka
-//! Streams: what the runtime will execute, not the runtime.
+//! Streams. [`Topology::plan`] checks it and spells out its stages and internal topics;
+//! `kontext_stream::topology::TopologyRunner` runs it on the embedded log or on Kafka.
 //!
 //! ```
 //! use kontext_process::*;
@@ -24,7 +25,7 @@
 
 use crate::aggregate::AggregateConfig;
 use crate::dedup::DedupConfig;
-use crate::event::FieldPath;
+use crate::event::{Event, FieldPath, Scalar};
 use crate::join::{
     changelog_topic_name, check_copartitioning, repartition_topic_name, CoPartitionError,
     JoinConfig, JoinKey, TopicLayout,
@@ -40,6 +41,28 @@ pub enum Predicate {
     FieldNotEquals { field: FieldPath, value: String },
     /// A jq expression evaluated by the normalize engine; keep when it yields `true`.
     Jq(String),
+}
+
+impl Predicate {
+    /// Whether `event` passes a field predicate; `None` for [`Predicate::Jq`], which the
+    /// runtime evaluates with its compiled program. A number compares by its shortest text
+    /// (`42`, `129.9`), a bool as `true` / `false`.
+    pub fn matches_field(&self, event: &Event) -> Option<bool> {
+        let text = |field: &FieldPath| {
+            event.scalar(field).map(|s| match s {
+                Scalar::Text(t) => t,
+                Scalar::Num(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => (n as i64).to_string(),
+                Scalar::Num(n) => n.to_string(),
+            })
+        };
+        match self {
+            Predicate::FieldEquals { field, value } => Some(text(field).as_deref() == Some(value)),
+            Predicate::FieldNotEquals { field, value } => {
+                Some(text(field).as_deref() != Some(value))
+            }
+            Predicate::Jq(_) => None,
+        }
+    }
 }
 
 /// One operator of a stream.
@@ -65,7 +88,9 @@ pub enum Op {
 }
 
 impl Op {
-    fn name(&self) -> &str {
+    /// The operator's name: unique in its topology, it names the operator's state store,
+    /// changelog and repartition topics.
+    pub fn name(&self) -> &str {
         match self {
             Op::Filter { name, .. }
             | Op::Dedup { name, .. }
@@ -138,6 +163,10 @@ pub enum TopologyError {
     DuplicateName(String),
     #[error("operator {name:?}: {reason}")]
     InvalidOperator { name: String, reason: String },
+    #[error("operator name {0:?} must be 1 to 100 ASCII letters, digits, '_' or '-' (it names topics and state)")]
+    InvalidName(String),
+    #[error("operator {name:?} follows aggregate {aggregate:?}: an aggregate ends its stream (its outputs are table updates); send them `to` a topic and start a new stream there")]
+    AfterAggregate { name: String, aggregate: String },
     #[error("join {name:?}: {source}")]
     NotCoPartitioned {
         name: String,
@@ -191,12 +220,33 @@ impl Topology {
             if current.is_none() {
                 errors.push(TopologyError::UnknownTopic(pipeline.source.clone()));
             }
+            let mut aggregate: Option<&str> = None;
             for op in &pipeline.ops {
                 if !names.insert(op.name().to_owned()) {
                     errors.push(TopologyError::DuplicateName(op.name().to_owned()));
                 }
+                if !valid_name(op.name()) {
+                    errors.push(TopologyError::InvalidName(op.name().to_owned()));
+                }
+                if let Some(aggregate) = aggregate {
+                    errors.push(TopologyError::AfterAggregate {
+                        name: op.name().to_owned(),
+                        aggregate: aggregate.to_owned(),
+                    });
+                }
                 let mut store = None;
                 match op {
+                    Op::Filter {
+                        name,
+                        predicate: Predicate::Jq(code),
+                    } => {
+                        if let Err(reason) = kontext_core::jq::JqProgram::compile(code) {
+                            errors.push(TopologyError::InvalidOperator {
+                                name: name.clone(),
+                                reason: format!("jq predicate {code:?}: {reason}"),
+                            });
+                        }
+                    }
                     Op::Filter { .. } => {}
                     Op::Dedup { name, config } => {
                         if config.window_ms < 0 {
@@ -208,6 +258,7 @@ impl Topology {
                         store = Some(name.clone());
                     }
                     Op::Aggregate { name, config } => {
+                        aggregate = Some(name);
                         if let Err(reason) = crate::aggregate::Aggregate::new(config.clone()) {
                             errors.push(TopologyError::InvalidOperator {
                                 name: name.clone(),
@@ -277,6 +328,14 @@ impl Topology {
             Err(errors)
         }
     }
+}
+
+/// Operator names become parts of topic names (`<app>-<name>-changelog`) and state keyspaces.
+fn valid_name(name: &str) -> bool {
+    (1..=100).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl StreamBuilder {
@@ -374,6 +433,75 @@ mod tests {
         assert!(matches!(errors[0], TopologyError::NotCoPartitioned { .. }));
         assert!(errors.contains(&TopologyError::UnknownTopic("nope".into())));
         assert!(errors.contains(&TopologyError::DuplicateName("j".into())));
+    }
+
+    #[test]
+    fn an_aggregate_ends_its_stream_and_names_and_jq_are_checked() {
+        let count = AggregateConfig {
+            window: crate::WindowSpec::Tumbling { size_ms: 1_000 },
+            grace_ms: 0,
+            functions: vec![("n".into(), crate::AggFn::Count)],
+            emit: crate::Emit::OnUpdate,
+        };
+        let topology = Topology::new("app").with(
+            Topology::stream("context.orders")
+                .aggregate("per.customer", count)
+                .filter("after", Predicate::Jq(".a ==".into()))
+                .to("out"),
+        );
+        let errors = topology.plan(&layouts).unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(errors[0], TopologyError::InvalidName("per.customer".into()));
+        assert!(
+            matches!(&errors[1], TopologyError::AfterAggregate { name, .. } if name == "after")
+        );
+        assert!(
+            matches!(&errors[2], TopologyError::InvalidOperator { name, reason } if name == "after" && reason.contains("jq")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn field_predicates_compare_numbers_and_text_as_text() {
+        let event = |value: serde_json::Value| Event {
+            key: bytes::Bytes::from_static(b"k"),
+            id: bytes::Bytes::from_static(b"e"),
+            time_ms: 0,
+            coords: crate::Coords::new("t", 0, 0),
+            value,
+        };
+        let status = |v: &str| Predicate::FieldEquals {
+            field: FieldPath::new("s"),
+            value: v.into(),
+        };
+        assert_eq!(
+            status("42").matches_field(&event(serde_json::json!({"s": 42}))),
+            Some(true)
+        );
+        assert_eq!(
+            status("4.5").matches_field(&event(serde_json::json!({"s": 4.5}))),
+            Some(true)
+        );
+        assert_eq!(
+            status("test").matches_field(&event(serde_json::json!({"s": "live"}))),
+            Some(false)
+        );
+        let not_test = Predicate::FieldNotEquals {
+            field: FieldPath::new("s"),
+            value: "test".into(),
+        };
+        assert_eq!(
+            not_test.matches_field(&event(serde_json::json!({}))),
+            Some(true)
+        );
+        assert_eq!(
+            not_test.matches_field(&event(serde_json::json!({"s": "test"}))),
+            Some(false)
+        );
+        assert_eq!(
+            Predicate::Jq("true".into()).matches_field(&event(serde_json::json!({}))),
+            None
+        );
     }
 
     #[test]

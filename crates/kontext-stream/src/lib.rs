@@ -11,6 +11,7 @@ pub mod normalize;
 pub mod processor;
 pub mod retry;
 pub mod sink;
+pub mod topology;
 
 pub use metrics::{LatencyHistogram, PipelineMetrics, UpdateKind};
 pub use normalize::{Outcome, ProcessError, Router};

@@ -62,7 +62,7 @@ pub use kontext_core::config::{features_topic, FEATURES_SOURCE};
 /// `ce_type` of feature records.
 pub const FEATURES_TYPE: &str = "kontext.features.updated";
 
-const MAX_BATCH: usize = 2_000;
+pub(crate) const MAX_BATCH: usize = 2_000;
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
 /// "All time" is one tumbling window starting at the epoch, ending in 146 million years.
 const ALL_TIME_MS: i64 = 1 << 62;
@@ -77,7 +77,7 @@ const SHOWN_WINDOW_PREFIX: &[u8] = b"\x00kw";
 /// after the last batch the store committed. Equal to the changelog's high watermark when the
 /// store is current; behind it when another instance (or a batch whose commit a crash
 /// prevented) wrote more.
-const CHANGELOG_END_KEY: &[u8] = b"\x00kc";
+pub(crate) const CHANGELOG_END_KEY: &[u8] = b"\x00kc";
 
 /// Errors that stop the processor.
 #[derive(Debug, thiserror::Error)]
@@ -731,21 +731,11 @@ impl Processor {
             let Some(records) = drain.poll(consumer.as_mut()).await? else {
                 return Ok(());
             };
-            // Partitions this member just got (a rebalance on Kafka; all of them on the first
-            // poll): another instance may have processed them meanwhile, so their state is
-            // brought up to the changelogs before any record of theirs is processed.
-            let assigned: BTreeSet<i32> = consumer
-                .assignment()
-                .into_iter()
-                .filter(|tp| *tp.topic == *repartition)
-                .map(|tp| tp.partition)
-                .collect();
-            let new: BTreeSet<i32> = assigned.difference(&owned).copied().collect();
+            let new = newly_assigned(consumer.as_ref(), &repartition, &mut owned);
             if !new.is_empty() {
                 info!(partitions = ?new, "repartition partitions assigned; syncing their state with the changelogs");
                 self.sync_with_changelogs(producer, tasks, &new).await?;
             }
-            owned = assigned;
             if records.is_empty() {
                 continue;
             }
@@ -858,104 +848,28 @@ impl Processor {
         }
     }
 
-    /// Brings every store of the tasks of `partitions` up to its changelog partition, so that
-    /// a partition processed by another instance (or by this one before its local state was
-    /// lost) resumes with the state that instance committed:
-    ///
-    /// - the store's recorded changelog end equals the high watermark: current, nothing to do;
-    /// - it is behind (and not below the low watermark): the records after it are restored,
-    ///   whole batches only;
-    /// - no recorded end (a new or lost state directory) or below the low watermark: the
-    ///   store is cleared and restored from the whole changelog.
-    ///
-    /// Records after the last complete batch (a producer that died half-way through one) are
-    /// overwritten in the changelog with the store's values ([`repair_records`]), so the
-    /// changelog again restores exactly to this state.
+    /// Brings the stores of the tasks of `partitions` up to their changelogs
+    /// ([`sync_stores_with_changelogs`]).
     async fn sync_with_changelogs(
         &self,
         producer: &dyn Producer,
         tasks: &mut BTreeMap<(usize, i32), Task>,
         partitions: &BTreeSet<i32>,
     ) -> Result<(), ProcessorError> {
-        let mut watermarks: BTreeMap<String, BTreeMap<i32, (i64, i64)>> = BTreeMap::new();
-        let exactly_once = self.config.log.exactly_once();
-        for (&(_, p), task) in tasks.iter_mut() {
-            if !partitions.contains(&p) {
-                continue;
-            }
-            for store in task.stores_mut() {
-                let topic = changelog_topic_name(&self.config.name, store.name());
-                if !watermarks.contains_key(&topic) {
-                    let d = self.log.describe_topic(&topic).await?;
-                    let marks = d
-                        .partitions
-                        .iter()
-                        .map(|w| (w.partition, (w.low_watermark, w.high_watermark)))
-                        .collect();
-                    watermarks.insert(topic.clone(), marks);
-                }
-                let Some(&(low, high)) = watermarks[&topic].get(&p) else {
-                    continue;
-                };
-                let recorded = read_i64(store, CHANGELOG_END_KEY)?;
-                let from = match recorded {
-                    Some(end) if end == high => continue,
-                    // Under exactly_once the recorded end is where the batch's transaction
-                    // marker went: the changelog ends one past it.
-                    Some(end) if exactly_once && end + 1 == high => continue,
-                    Some(end) if end > high => {
-                        warn!(%topic, partition = p, recorded = end, high, "the changelog ends before what the local state recorded (was it recreated?): keeping the local state; a restore elsewhere would miss what the changelog lacks");
-                        record_changelog_end(store, high)?;
-                        continue;
-                    }
-                    Some(end) if end >= low => end,
-                    _ if low == high && recorded.is_none() => {
-                        // An empty changelog: nothing to restore (a new pipeline).
-                        record_changelog_end(store, high)?;
-                        continue;
-                    }
-                    _ => {
-                        store.clear()?;
-                        low
-                    }
-                };
-                let records = self.log.read_partition(&topic, p, from, high).await?;
-                let read = records.len();
-                let mut changelog = records.into_iter().filter_map(|r| {
-                    Some(ChangelogRecord {
-                        key: r.key?,
-                        value: r.value,
-                    })
-                });
-                let tail = store.restore(&mut changelog)?;
-                self.metrics
-                    .process_restored_records
-                    .fetch_add((read - tail.len()) as u64, Ordering::Relaxed);
-                let mut end = high;
-                if !tail.is_empty() {
-                    let repair = repair_records(store, &tail)?;
-                    let records = repair
-                        .into_iter()
-                        .map(|r| {
-                            let mut pr = ProduceRecord::new(topic.clone(), Some(r.key), r.value);
-                            pr.partition = Some(p);
-                            pr
-                        })
-                        .collect();
-                    let never = CancellationToken::new();
-                    let policy = self.config.retry.waiting_policy();
-                    if let Some(positions) =
-                        send_positions(producer, records, &never, &policy).await?
-                    {
-                        end = positions.last().map_or(high, |pos| pos.offset + 1);
-                    }
-                    warn!(%topic, partition = p, records = tail.len(), "repaired an incomplete batch at the end of the changelog");
-                }
-                record_changelog_end(store, end)?;
-                info!(%topic, partition = p, from, to = high, records = read, "state restored from the changelog");
-            }
-        }
-        Ok(())
+        let restore = Restore {
+            log: self.log.as_ref(),
+            producer,
+            app: &self.config.name,
+            exactly_once: self.config.log.exactly_once(),
+            policy: self.config.retry.waiting_policy(),
+            metrics: &self.metrics,
+        };
+        let stores = tasks
+            .iter_mut()
+            .filter(|((_, p), _)| partitions.contains(p))
+            .flat_map(|(&(_, p), task)| task.stores_mut().into_iter().map(move |s| (p, s)))
+            .collect();
+        sync_stores_with_changelogs(&restore, stores).await
     }
 
     /// The state's offsets are the truth: where the group committed past the slowest store of
@@ -972,26 +886,164 @@ impl Processor {
             let e = resume.entry(p).or_insert(at);
             *e = (*e).min(at);
         }
-        let mut rewind = Vec::new();
-        for (p, committed) in self.log.committed_offsets(group, topic).await? {
-            let stored = resume.get(&p).copied().unwrap_or(0);
-            if committed.is_some_and(|c| c > stored) {
-                rewind.push((TopicPartition::new(topic, p), stored));
-            }
-        }
-        if rewind.is_empty() {
-            return Ok(());
-        }
-        warn!(%group, partitions = rewind.len(), "the group committed past the processor's state; rewinding it to the state's offsets");
-        crate::retry::rewind_group(
+        rewind_to_state(
             self.log.as_ref(),
             group,
-            &rewind,
+            topic,
+            &resume,
             self.config.retry.waiting_policy(),
         )
-        .await?;
-        Ok(())
+        .await
     }
+}
+
+/// Rewinds `group` on `topic` to `resume` (the state's next offset per partition, 0 where
+/// absent) wherever the group committed past it: the state's offsets are the truth.
+pub(crate) async fn rewind_to_state(
+    log: &dyn Log,
+    group: &str,
+    topic: &str,
+    resume: &BTreeMap<i32, i64>,
+    policy: RetryPolicy,
+) -> Result<(), ProcessorError> {
+    let mut rewind = Vec::new();
+    for (p, committed) in log.committed_offsets(group, topic).await? {
+        let stored = resume.get(&p).copied().unwrap_or(0);
+        if committed.is_some_and(|c| c > stored) {
+            rewind.push((TopicPartition::new(topic, p), stored));
+        }
+    }
+    if rewind.is_empty() {
+        return Ok(());
+    }
+    warn!(%group, %topic, partitions = rewind.len(), "the group committed past the state; rewinding it to the state's offsets");
+    crate::retry::rewind_group(log, group, &rewind, policy).await?;
+    Ok(())
+}
+
+/// The partitions of `topic` this member just got (a rebalance on Kafka; all of them on the
+/// first poll), updating `owned`. Another instance may have processed them meanwhile, so their
+/// state is brought up to the changelogs before any record of theirs is processed.
+pub(crate) fn newly_assigned(
+    consumer: &dyn kontext_log::Consumer,
+    topic: &str,
+    owned: &mut BTreeSet<i32>,
+) -> BTreeSet<i32> {
+    let assigned: BTreeSet<i32> = consumer
+        .assignment()
+        .into_iter()
+        .filter(|tp| *tp.topic == *topic)
+        .map(|tp| tp.partition)
+        .collect();
+    let new = assigned.difference(owned).copied().collect();
+    *owned = assigned;
+    new
+}
+
+/// What restoring task stores from their changelogs needs.
+pub(crate) struct Restore<'a> {
+    pub log: &'a dyn Log,
+    /// Writes the repair of a changelog that ends in an incomplete batch.
+    pub producer: &'a dyn Producer,
+    /// The application id: the prefix of changelog topic names.
+    pub app: &'a str,
+    /// Whether changelogs are written in Kafka transactions (they end one past a batch).
+    pub exactly_once: bool,
+    pub policy: RetryPolicy,
+    pub metrics: &'a PipelineMetrics,
+}
+
+/// Brings every store in `stores` (with its partition) up to its changelog partition, so that
+/// a partition processed by another instance (or by this one before its local state was
+/// lost) resumes with the state that instance committed:
+///
+/// - the store's recorded changelog end equals the high watermark: current, nothing to do;
+/// - it is behind (and not below the low watermark): the records after it are restored,
+///   whole batches only;
+/// - no recorded end (a new or lost state directory) or below the low watermark: the
+///   store is cleared and restored from the whole changelog.
+///
+/// Records after the last complete batch (a producer that died half-way through one) are
+/// overwritten in the changelog with the store's values ([`repair_records`]), so the
+/// changelog again restores exactly to this state.
+pub(crate) async fn sync_stores_with_changelogs(
+    restore: &Restore<'_>,
+    stores: Vec<(i32, &mut FjallStore)>,
+) -> Result<(), ProcessorError> {
+    let mut watermarks: BTreeMap<String, BTreeMap<i32, (i64, i64)>> = BTreeMap::new();
+    let exactly_once = restore.exactly_once;
+    for (p, store) in stores {
+        let topic = changelog_topic_name(restore.app, store.name());
+        if !watermarks.contains_key(&topic) {
+            let d = restore.log.describe_topic(&topic).await?;
+            let marks = d
+                .partitions
+                .iter()
+                .map(|w| (w.partition, (w.low_watermark, w.high_watermark)))
+                .collect();
+            watermarks.insert(topic.clone(), marks);
+        }
+        let Some(&(low, high)) = watermarks[&topic].get(&p) else {
+            continue;
+        };
+        let recorded = read_i64(store, CHANGELOG_END_KEY)?;
+        let from = match recorded {
+            Some(end) if end == high => continue,
+            // Under exactly_once the recorded end is where the batch's transaction
+            // marker went: the changelog ends one past it.
+            Some(end) if exactly_once && end + 1 == high => continue,
+            Some(end) if end > high => {
+                warn!(%topic, partition = p, recorded = end, high, "the changelog ends before what the local state recorded (was it recreated?): keeping the local state; a restore elsewhere would miss what the changelog lacks");
+                record_changelog_end(store, high)?;
+                continue;
+            }
+            Some(end) if end >= low => end,
+            _ if low == high && recorded.is_none() => {
+                // An empty changelog: nothing to restore (a new pipeline).
+                record_changelog_end(store, high)?;
+                continue;
+            }
+            _ => {
+                store.clear()?;
+                low
+            }
+        };
+        let records = restore.log.read_partition(&topic, p, from, high).await?;
+        let read = records.len();
+        let mut changelog = records.into_iter().filter_map(|r| {
+            Some(ChangelogRecord {
+                key: r.key?,
+                value: r.value,
+            })
+        });
+        let tail = store.restore(&mut changelog)?;
+        restore
+            .metrics
+            .process_restored_records
+            .fetch_add((read - tail.len()) as u64, Ordering::Relaxed);
+        let mut end = high;
+        if !tail.is_empty() {
+            let repair = repair_records(store, &tail)?;
+            let records = repair
+                .into_iter()
+                .map(|r| {
+                    let mut pr = ProduceRecord::new(topic.clone(), Some(r.key), r.value);
+                    pr.partition = Some(p);
+                    pr
+                })
+                .collect();
+            let never = CancellationToken::new();
+            if let Some(positions) =
+                send_positions(restore.producer, records, &never, &restore.policy).await?
+            {
+                end = positions.last().map_or(high, |pos| pos.offset + 1);
+            }
+            warn!(%topic, partition = p, records = tail.len(), "repaired an incomplete batch at the end of the changelog");
+        }
+        record_changelog_end(store, end)?;
+        info!(%topic, partition = p, from, to = high, records = read, "state restored from the changelog");
+    }
+    Ok(())
 }
 
 /// Waits until every store has applied every record now in `topics` (their high watermarks,
@@ -1498,7 +1550,7 @@ fn join_batch(
 }
 
 /// Records in `store` (locally, outside its changelog) that it holds its changelog up to `end`.
-fn record_changelog_end(store: &mut FjallStore, end: i64) -> Result<(), StoreError> {
+pub(crate) fn record_changelog_end(store: &mut FjallStore, end: i64) -> Result<(), StoreError> {
     let mut batch = WriteBatch::default();
     batch.put(CHANGELOG_END_KEY, &end.to_le_bytes());
     store.apply(&batch)
@@ -1506,7 +1558,7 @@ fn record_changelog_end(store: &mut FjallStore, end: i64) -> Result<(), StoreErr
 
 /// The offset a batch ending at `end` records: never below what the store holds (a store
 /// restored from its changelog can be ahead of the records the group re-delivers).
-fn never_back(store: &FjallStore, tp: &TopicPartition, end: i64) -> i64 {
+pub(crate) fn never_back(store: &FjallStore, tp: &TopicPartition, end: i64) -> i64 {
     store
         .offsets()
         .ok()
@@ -1517,14 +1569,14 @@ fn never_back(store: &FjallStore, tp: &TopicPartition, end: i64) -> i64 {
 /// The directory of the processor's state database under `<data_dir>/state/<pipeline>/`
 /// (feature and join names cannot contain a dot, so no task directory of an earlier layout
 /// has this name).
-const STATE_DB_DIR: &str = "tasks.fjall";
+pub(crate) const STATE_DB_DIR: &str = "tasks.fjall";
 
 /// Opens the processor's state database (one fjall database, a keyspace per task store),
 /// creating it atomically: fjall's creation of a database is several files, and a process
 /// killed half-way leaves a directory fjall refuses to open. A new database is created under
 /// `<path>.creating` and renamed into place once complete (a leftover `.creating` directory is
 /// an empty database from a killed run: it is recreated).
-fn open_state_db(path: &Path) -> Result<StateDb, StoreError> {
+pub(crate) fn open_state_db(path: &Path) -> Result<StateDb, StoreError> {
     let io = |e: std::io::Error| StoreError::Engine {
         store: path.display().to_string(),
         source: Box::new(e),
@@ -1595,7 +1647,7 @@ fn high_water_key(tp: &TopicPartition) -> Vec<u8> {
     key
 }
 
-fn read_i64<S: StateStore>(store: &S, key: &[u8]) -> Result<Option<i64>, StoreError> {
+pub(crate) fn read_i64<S: StateStore>(store: &S, key: &[u8]) -> Result<Option<i64>, StoreError> {
     store
         .get(key)?
         .map(|v| {
@@ -1653,16 +1705,16 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A loop's polling, and its drain after shutdown: keep polling until a poll comes back empty
 /// (and the upstream loop, if any, has stopped), or [`DRAIN_TIMEOUT`] passed.
-struct Drain<'a> {
-    shutdown: &'a CancellationToken,
+pub(crate) struct Drain<'a> {
+    pub shutdown: &'a CancellationToken,
     upstream: Option<&'a CancellationToken>,
     deadline: Option<tokio::time::Instant>,
     /// How the loop waits out a log that is unavailable (`retry.defaults`).
-    policy: RetryPolicy,
+    pub policy: RetryPolicy,
 }
 
 impl<'a> Drain<'a> {
-    fn new(
+    pub fn new(
         shutdown: &'a CancellationToken,
         upstream: Option<&'a CancellationToken>,
         policy: RetryPolicy,
@@ -1676,7 +1728,7 @@ impl<'a> Drain<'a> {
     }
 
     /// The next records, retrying transient errors; `None` when the loop must stop.
-    async fn poll(
+    pub async fn poll(
         &mut self,
         consumer: &mut dyn kontext_log::Consumer,
     ) -> Result<Option<Vec<Record>>, ProcessorError> {
@@ -1764,7 +1816,7 @@ async fn send_transaction(
 
 /// Produces `records` and waits for the acknowledgement, retrying transient errors (the same
 /// records again: duplicates are dropped downstream). `false` on shutdown.
-async fn send(
+pub(crate) async fn send(
     producer: &dyn Producer,
     records: Vec<ProduceRecord>,
     shutdown: &CancellationToken,
@@ -1776,7 +1828,7 @@ async fn send(
 }
 
 /// [`send`], returning where each record landed (in the order given); `None` on shutdown.
-async fn send_positions(
+pub(crate) async fn send_positions(
     producer: &dyn Producer,
     records: Vec<ProduceRecord>,
     shutdown: &CancellationToken,
@@ -1821,7 +1873,7 @@ where
     }
 }
 
-fn next_offsets(records: &[Record]) -> Vec<(TopicPartition, i64)> {
+pub(crate) fn next_offsets(records: &[Record]) -> Vec<(TopicPartition, i64)> {
     let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
     for r in records {
         let e = next.entry(r.topic_partition()).or_insert(r.offset + 1);
