@@ -85,6 +85,12 @@ pub enum Op {
         name: String,
         config: AggregateConfig,
     },
+    /// Re-keys the stream by a field through `<app>-<name>-repartition` (Kafka Streams'
+    /// `groupBy` / `selectKey`), so that a following aggregate groups by it.
+    GroupBy {
+        name: String,
+        by: FieldPath,
+    },
 }
 
 impl Op {
@@ -95,7 +101,8 @@ impl Op {
             Op::Filter { name, .. }
             | Op::Dedup { name, .. }
             | Op::JoinTable { name, .. }
-            | Op::Aggregate { name, .. } => name,
+            | Op::Aggregate { name, .. }
+            | Op::GroupBy { name, .. } => name,
         }
     }
 }
@@ -135,9 +142,11 @@ pub enum Stage {
         store: Option<String>,
         changelog: Option<String>,
     },
-    /// Re-key by `by` and produce to `topic` (with the table's partition count), then consume
-    /// it: a new sub-topology, as in Kafka Streams.
+    /// Re-key by `by` and produce to `topic` (for a join, with the table's partition count),
+    /// then consume it: a new sub-topology, as in Kafka Streams. `op` names the operator that
+    /// needs it (a join by foreign key, or a `group_by`).
     Repartition {
+        op: String,
         by: FieldPath,
         topic: String,
         partitions: i32,
@@ -248,6 +257,19 @@ impl Topology {
                         }
                     }
                     Op::Filter { .. } => {}
+                    Op::GroupBy { name, by } => {
+                        let topic = repartition_topic_name(&self.app, name);
+                        plan.internal_topics.push(topic.clone());
+                        let partitions = current.as_ref().map_or(1, |c| c.partitions);
+                        stages.push(Stage::Repartition {
+                            op: name.clone(),
+                            by: by.clone(),
+                            topic: topic.clone(),
+                            partitions,
+                        });
+                        current = current.map(|c| TopicLayout { name: topic, ..c });
+                        continue;
+                    }
                     Op::Dedup { name, config } => {
                         if config.window_ms < 0 {
                             errors.push(TopologyError::InvalidOperator {
@@ -280,6 +302,7 @@ impl Topology {
                                     let topic = repartition_topic_name(&self.app, name);
                                     plan.internal_topics.push(topic.clone());
                                     stages.push(Stage::Repartition {
+                                        op: name.clone(),
                                         by: by.clone(),
                                         topic: topic.clone(),
                                         partitions: table_layout.partitions,
@@ -368,6 +391,17 @@ impl StreamBuilder {
             name: name.into(),
             table: table.into(),
             config,
+        });
+        self
+    }
+
+    /// Re-keys the stream by the field at `by` (through a repartition topic with the stream's
+    /// partition count), like Kafka Streams' `groupBy`: a following `aggregate` groups by
+    /// that field. Events without it are dropped and counted as filtered.
+    pub fn group_by(mut self, name: impl Into<String>, by: FieldPath) -> Self {
+        self.ops.push(Op::GroupBy {
+            name: name.into(),
+            by,
         });
         self
     }
@@ -524,6 +558,7 @@ mod tests {
         assert_eq!(
             plan.pipelines[0][1],
             Stage::Repartition {
+                op: "tickets-by-customer".into(),
                 by: FieldPath::new("customer_id"),
                 topic: "app-tickets-by-customer-repartition".into(),
                 partitions: 12,

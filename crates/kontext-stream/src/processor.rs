@@ -644,10 +644,8 @@ impl Processor {
         Ok(txn)
     }
 
-    /// The task loop's `transactional.id`: stable across restarts of this instance, so that a
-    /// restart fences its predecessor and aborts the transaction it left open, and distinct
-    /// between instances. With static membership it is `<group>.<group.instance.id>`;
-    /// otherwise `<group>.<random>`, the random part kept in `<state dir>/transactional-id`.
+    /// The task loop's `transactional.id` ([`instance_transactional_id`]); with static
+    /// membership it is `<group>.<group.instance.id>`.
     fn transactional_id(&self) -> Result<String, ProcessorError> {
         let group = features_group(&self.config);
         if let LogConfig::Kafka { properties, .. } = &self.config.log {
@@ -655,30 +653,7 @@ impl Processor {
                 return Ok(format!("{group}.{instance}"));
             }
         }
-        let path = self.state_dir.join("transactional-id");
-        let io = |e: std::io::Error| {
-            ProcessorError::State(StoreError::Engine {
-                store: path.display().to_string(),
-                source: Box::new(e),
-            })
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
-        }
-        use std::hash::{BuildHasher, Hasher};
-        // std's RandomState is seeded from the OS per process: random enough for a name.
-        let random = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        let id = format!("{group}.{random:016x}");
-        std::fs::create_dir_all(&self.state_dir).map_err(io)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &id).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        Ok(id)
+        instance_transactional_id(&group, &self.state_dir)
     }
 
     /// Loop 2 after the tasks are open: bring their state up to the changelogs, rewind the
@@ -796,9 +771,15 @@ impl Processor {
                 // at all, so no phases are needed. The state commits after it (a crash in
                 // between: the store restores the batch from its changelog at start).
                 let member = consumer.group_metadata();
-                let sent =
-                    send_transaction(txn, member, outputs, changelogs, &mut commits, &offsets)
-                        .await;
+                let sent = send_transaction(
+                    txn,
+                    member,
+                    outputs,
+                    changelogs,
+                    &offsets,
+                    |owner, phase, offset| note_changelog_end(&mut commits, owner, phase, offset),
+                )
+                .await;
                 if let Err(e) = sent {
                     if let Err(abort) = txn.abort().await {
                         warn!(error = %abort, "aborting the failed transaction failed too; a new producer with the same transactional id will fence it");
@@ -938,6 +919,45 @@ pub(crate) fn newly_assigned(
     let new = assigned.difference(owned).copied().collect();
     *owned = assigned;
     new
+}
+
+/// A `transactional.id` for a task loop of `group`: stable across restarts of this instance, so
+/// that a restart fences its predecessor and aborts the transaction it left open, and distinct
+/// between instances: `<group>.<random>`, the random part kept in
+/// `<state_dir>/transactional-id` (one per state directory, shared by its loops).
+pub(crate) fn instance_transactional_id(
+    group: &str,
+    state_dir: &Path,
+) -> Result<String, ProcessorError> {
+    let path = state_dir.join("transactional-id");
+    let io = |e: std::io::Error| {
+        ProcessorError::State(StoreError::Engine {
+            store: path.display().to_string(),
+            source: Box::new(e),
+        })
+    };
+    let random = match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Some(id.trim().to_string()),
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(e)),
+    };
+    // Written by earlier versions as the whole id `<group>.<random>`: keep its random part.
+    if let Some(random) = random {
+        let random = random.rsplit('.').next().unwrap_or(&random).to_string();
+        return Ok(format!("{group}.{random}"));
+    }
+    use std::hash::{BuildHasher, Hasher};
+    // std's RandomState is seeded from the OS per process: random enough for a name.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let random = format!("{random:016x}");
+    std::fs::create_dir_all(state_dir).map_err(io)?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &random).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(format!("{group}.{random}"))
 }
 
 /// What restoring task stores from their changelogs needs.
@@ -1782,15 +1802,16 @@ fn note_changelog_end(
 }
 
 /// One batch of the task loop as one transaction: begin, the outputs and every changelog
-/// record in one send, the group's offsets, commit. Any error leaves the transaction to be
-/// aborted by the caller.
-async fn send_transaction(
+/// record in one send, the group's offsets, commit. `changelogs` are by phase, each record with
+/// its owner; `landed(owner, phase, offset)` is told where each changelog record went. Any
+/// error leaves the transaction to be aborted by the caller.
+pub(crate) async fn send_transaction(
     txn: &dyn TransactionalProducer,
     member: Option<GroupMetadata>,
     outputs: Vec<ProduceRecord>,
     changelogs: Vec<Vec<(usize, ProduceRecord)>>,
-    commits: &mut [((usize, i32), Pending)],
     offsets: &[(TopicPartition, i64)],
+    mut landed: impl FnMut(usize, usize, i64),
 ) -> Result<(), LogError> {
     let member = member.ok_or_else(|| {
         LogError::Invalid("the task loop's consumer is not a member of its group".to_string())
@@ -1808,7 +1829,7 @@ async fn send_transaction(
     if !records.is_empty() {
         let positions = txn.send(records).await?;
         for ((owner, phase), position) in owners.into_iter().zip(&positions[first_changelog..]) {
-            note_changelog_end(commits, owner, phase, position.offset);
+            landed(owner, phase, position.offset);
         }
     }
     txn.commit(member, offsets).await
@@ -1846,7 +1867,7 @@ pub(crate) async fn send_positions(
 /// Runs `attempt` until it succeeds, waiting out the log's transient errors with `policy`'s
 /// backoff (each logged as `what` failing); `None` when `shutdown` comes during a wait. A
 /// permanent error is returned as it is.
-async fn retry_transient<T, F, Fut>(
+pub(crate) async fn retry_transient<T, F, Fut>(
     what: &str,
     policy: &RetryPolicy,
     shutdown: &CancellationToken,

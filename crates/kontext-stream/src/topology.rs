@@ -68,7 +68,7 @@ use kontext_core::envelope::{self, format_time};
 use kontext_core::jq::{JqInput, JqProgram};
 use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::{Header, ProduceRecord, Record, TopicPartition};
-use kontext_log::{ConsumerConfig, Log, LogError, Producer, TopicSpec};
+use kontext_log::{ConsumerConfig, Log, LogError, Producer, TopicSpec, TransactionalProducer};
 use kontext_process::{
     changelog_topic_name, next_side, origin_coords, rekey, rekey_as, Aggregate, Coords,
     DedupDecision, Deduplicate, EnrichmentJoin, Event, FieldPath, FjallStore, JoinInput, JoinKind,
@@ -83,9 +83,11 @@ use crate::dlq::DeadLetters;
 use crate::metrics::PipelineMetrics;
 use crate::normalize::{NormalizeError, ProcessError};
 use crate::processor::{
-    never_back, newly_assigned, next_offsets, open_state_db, rewind_to_state, send, send_positions,
+    instance_transactional_id, never_back, newly_assigned, next_offsets, open_state_db,
+    retry_transient, rewind_to_state, send, send_positions, send_transaction,
     sync_stores_with_changelogs, Drain, ProcessorError, Restore, CHANGELOG_END_KEY, STATE_DB_DIR,
 };
+use crate::retry::Waiter;
 
 /// Why a topology does not run.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +119,7 @@ pub struct TopologyRunner {
     state_dir: PathBuf,
     policy: RetryPolicy,
     metrics: Arc<PipelineMetrics>,
+    exactly_once: bool,
 }
 
 /// A part of a pipeline between two topics, run by one consumer group.
@@ -178,9 +181,29 @@ enum Output {
         by: FieldPath,
         topic: String,
         partitions: i32,
-        /// The join is an inner join: an event without the foreign key is dropped here.
-        inner: bool,
+        missing: Missing,
     },
+}
+
+/// What a re-key does with an event that lacks the key field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    /// Sends it under its own key (a left join emits it unenriched).
+    Keep,
+    /// Drops it, counted as an unmatched join input (an inner join would drop it too).
+    Unmatched,
+    /// Drops it, counted as filtered (`group_by`, as Kafka Streams drops a null key).
+    Filtered,
+}
+
+/// What one life of a segment's consumer works with.
+#[derive(Clone, Copy)]
+struct SegmentLoop<'a> {
+    seg: &'a Segment,
+    producer: &'a dyn Producer,
+    /// `Some` under `exactly_once`: each batch is one Kafka transaction.
+    txn: Option<&'a dyn TransactionalProducer>,
+    letters: &'a DeadLetters,
 }
 
 /// One partition's records of a polled batch, and the table rows read ahead of the group
@@ -208,7 +231,18 @@ impl TopologyRunner {
             log,
             policy: RetryConfig::default().waiting_policy(),
             metrics: Arc::default(),
+            exactly_once: false,
         }
+    }
+
+    /// Commits each batch's outputs, changelog records and input offsets in one Kafka
+    /// transaction (Kafka Streams' `exactly_once_v2`): `read_committed` readers of the sinks
+    /// see every output once. Kafka only: on the embedded log the run fails with the log's
+    /// "no transactions" error. The transactional id of a segment is
+    /// `<segment group>.<random>`, the random part kept in the state directory.
+    pub fn with_exactly_once(mut self, exactly_once: bool) -> Self {
+        self.exactly_once = exactly_once;
+        self
     }
 
     /// How the runner waits out an unavailable log (default: `retry.defaults`' built-in
@@ -295,21 +329,22 @@ impl TopologyRunner {
                         }
                     }
                     Stage::Repartition {
+                        op,
                         by,
                         topic,
                         partitions,
                     } => {
-                        let join = match stages.get(i + 1) {
+                        // A left join still gets an event without the foreign key (it emits it
+                        // unenriched); an inner join and a group_by drop it.
+                        let missing = match stages.get(i + 1) {
                             Some(Stage::Operator {
                                 op: Op::JoinTable { name, config, .. },
                                 ..
-                            }) => (name.clone(), config.kind == JoinKind::Inner),
-                            _ => {
-                                return Err(ProcessorError::Config(format!(
-                                    "repartition {topic} is not followed by its join"
-                                ))
-                                .into())
-                            }
+                            }) if name == op => match config.kind {
+                                JoinKind::Left => Missing::Keep,
+                                JoinKind::Inner => Missing::Unmatched,
+                            },
+                            _ => Missing::Filtered,
                         };
                         if let Some((input, rekeyed, p, ops)) = current.take() {
                             segments.push(segment(
@@ -322,9 +357,9 @@ impl TopologyRunner {
                                     by: by.clone(),
                                     topic: topic.clone(),
                                     partitions: *partitions,
-                                    inner: join.1,
+                                    missing,
                                 },
-                                &join.0,
+                                op,
                             ));
                         }
                         current = Some((topic.clone(), true, *partitions, Vec::new()));
@@ -457,17 +492,6 @@ impl TopologyRunner {
             }
             tasks.insert(p, stores);
         }
-        let tables: Vec<String> = seg
-            .ops
-            .iter()
-            .filter_map(|op| match op {
-                Operator::Join { table, .. } => Some(table.clone()),
-                _ => None,
-            })
-            .collect();
-        let topics: Vec<String> = std::iter::once(seg.input.clone())
-            .chain(tables.iter().cloned())
-            .collect();
         let letters = DeadLetters::new(
             DeadLetterConfig::default(),
             self.topology.app.clone(),
@@ -475,11 +499,84 @@ impl TopologyRunner {
             producer.clone(),
         )
         .with_retry(self.policy);
+        let mut failures = Waiter::new(self.policy);
+        loop {
+            // Registered (again) before the state is synced: registering the transactional id
+            // aborts a transaction this instance left open, whose records would otherwise hide
+            // the rest of the changelogs from the read_committed restore until it times out.
+            let txn = if self.exactly_once {
+                let id = instance_transactional_id(&seg.group, &self.state_dir)?;
+                let registered = retry_transient(
+                    "registering the transactional producer",
+                    &self.policy,
+                    drain.shutdown,
+                    || self.log.transactional_producer(&id),
+                )
+                .await?;
+                let Some(txn) = registered else {
+                    return Ok(());
+                };
+                info!(group = %seg.group, transactional_id = %id, "topology segment commits in Kafka transactions");
+                Some(txn)
+            } else {
+                None
+            };
+            let loop_ = SegmentLoop {
+                seg,
+                producer: producer.as_ref(),
+                txn: txn.as_deref(),
+                letters: &letters,
+            };
+            match self
+                .run_tasks(loop_, &mut tasks, &mut drain, &mut failures)
+                .await
+            {
+                Err(ProcessorError::Transaction(e)) if !drain.shutdown.is_cancelled() => {
+                    self.metrics
+                        .process_transactions_aborted
+                        .fetch_add(1, Ordering::Relaxed);
+                    let delay = failures.next_delay();
+                    warn!(group = %seg.group, error = %e, retry_in = ?delay, "a topology transaction failed and was aborted; rejoining the group to recompute the batch from the state's offsets");
+                    tokio::select! {
+                        _ = drain.shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(ProcessorError::Transaction(e)) => {
+                    warn!(group = %seg.group, error = %e, "a topology transaction failed during shutdown; its batch is recomputed at the next start");
+                    return Ok(());
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One life of a segment's consumer (a failed transaction ends it): bring the state up to
+    /// the changelogs, rewind the group to it, then process batches until shutdown.
+    async fn run_tasks(
+        &self,
+        ctx: SegmentLoop<'_>,
+        tasks: &mut BTreeMap<i32, Vec<Option<FjallStore>>>,
+        drain: &mut Drain<'_>,
+        failures: &mut Waiter,
+    ) -> Result<(), ProcessorError> {
+        let SegmentLoop {
+            seg,
+            producer,
+            txn,
+            letters,
+        } = ctx;
+        let topics: Vec<String> = std::iter::once(seg.input.clone())
+            .chain(seg.ops.iter().filter_map(|op| match op {
+                Operator::Join { table, .. } => Some(table.clone()),
+                _ => None,
+            }))
+            .collect();
         let all: BTreeSet<i32> = (0..seg.partitions).collect();
-        self.sync(producer.as_ref(), &mut tasks, &all).await?;
+        self.sync(producer, tasks, &all).await?;
         for topic in &topics {
             let mut resume: BTreeMap<i32, i64> = BTreeMap::new();
-            for (&p, stores) in &tasks {
+            for (&p, stores) in tasks.iter() {
                 let tp = TopicPartition::new(topic.as_str(), p);
                 let tracking = seg.ops.iter().zip(stores).filter_map(|(op, store)| {
                     let store = store.as_ref()?;
@@ -510,7 +607,7 @@ impl TopologyRunner {
             let new = newly_assigned(consumer.as_ref(), &seg.input, &mut owned);
             if !new.is_empty() {
                 info!(group = %seg.group, partitions = ?new, "partitions assigned; syncing their state with the changelogs");
-                self.sync(producer.as_ref(), &mut tasks, &new).await?;
+                self.sync(producer, tasks, &new).await?;
             }
             if records.is_empty() {
                 continue;
@@ -525,7 +622,7 @@ impl TopologyRunner {
                     .or_default()
                     .push(record);
             }
-            let tables = self.catch_up_tables(seg, &tasks, &by_partition).await?;
+            let tables = self.catch_up_tables(seg, tasks, &by_partition).await?;
             let mut batches: Vec<(i32, TaskBatch)> = Vec::new();
             for (p, records) in by_partition {
                 let Some(stores) = tasks.get(&p) else {
@@ -535,7 +632,7 @@ impl TopologyRunner {
                     polled: &records,
                     read_ahead: tables.get(&p),
                 };
-                let batch = self.process(seg, stores, p, input, &next, &letters)?;
+                let batch = self.process(seg, stores, p, input, &next, letters)?;
                 batches.push((p, batch));
             }
             let dead: Vec<ProduceRecord> = batches
@@ -554,35 +651,43 @@ impl TopologyRunner {
                 .iter_mut()
                 .flat_map(|(_, b)| std::mem::take(&mut b.outputs))
                 .collect();
-            if !send(producer.as_ref(), outputs, drain.shutdown, &drain.policy).await? {
-                return Ok(());
-            }
             // Changelogs in commit order: phase k holds every task's k-th state batch.
-            let phases = batches.iter().map(|(_, b)| b.states.len()).max();
-            for phase in 0..phases.unwrap_or(0) {
-                let mut owners = Vec::new();
-                let mut changelog = Vec::new();
-                for (bi, (p, batch)) in batches.iter().enumerate() {
-                    let Some((oi, state)) = batch.states.get(phase) else {
-                        continue;
-                    };
-                    let topic = changelog_topic_name(&self.topology.app, seg.ops[*oi].name());
-                    for r in state.changelog() {
-                        let mut pr = ProduceRecord::new(topic.clone(), Some(r.key), r.value);
-                        pr.partition = Some(*p);
-                        owners.push(bi);
-                        changelog.push(pr);
-                    }
+            let changelogs = self.changelog_phases(seg, &batches);
+            // Where the changelog record of `owner` (a batch) in `phase` landed: the store's
+            // changelog end once that state batch commits.
+            let mut landed = |owner: usize, phase: usize, offset: i64| {
+                if let Some((_, state)) = batches[owner].1.states.get_mut(phase) {
+                    state.put(CHANGELOG_END_KEY, &(offset + 1).to_le_bytes());
                 }
-                let Some(positions) =
-                    send_positions(producer.as_ref(), changelog, drain.shutdown, &drain.policy)
-                        .await?
-                else {
+            };
+            if let Some(txn) = txn {
+                // One transaction: outputs, changelogs and offsets are visible together or
+                // not at all. The state commits after it (a crash in between: the store
+                // restores the batch from its changelog at start).
+                let member = consumer.group_metadata();
+                let sent =
+                    send_transaction(txn, member, outputs, changelogs, &offsets, &mut landed).await;
+                if let Err(e) = sent {
+                    if let Err(abort) = txn.abort().await {
+                        warn!(error = %abort, "aborting the failed transaction failed too; a new producer with the same transactional id will fence it");
+                    }
+                    return Err(ProcessorError::Transaction(e));
+                }
+                *failures = Waiter::new(self.policy);
+            } else {
+                if !send(producer, outputs, drain.shutdown, &drain.policy).await? {
                     return Ok(());
-                };
-                for (bi, position) in owners.into_iter().zip(positions) {
-                    if let Some((_, state)) = batches[bi].1.states.get_mut(phase) {
-                        state.put(CHANGELOG_END_KEY, &(position.offset + 1).to_le_bytes());
+                }
+                for (phase, records) in changelogs.into_iter().enumerate() {
+                    let (owners, records): (Vec<usize>, Vec<ProduceRecord>) =
+                        records.into_iter().unzip();
+                    let Some(positions) =
+                        send_positions(producer, records, drain.shutdown, &drain.policy).await?
+                    else {
+                        return Ok(());
+                    };
+                    for (owner, position) in owners.into_iter().zip(positions) {
+                        landed(owner, phase, position.offset);
                     }
                 }
             }
@@ -596,10 +701,39 @@ impl TopologyRunner {
                     }
                 }
             }
-            if let Err(e) = consumer.commit(&offsets).await {
-                warn!(group = %seg.group, error = %e, "topology offset commit failed; the state skips what is re-delivered");
+            if txn.is_none() {
+                if let Err(e) = consumer.commit(&offsets).await {
+                    warn!(group = %seg.group, error = %e, "topology offset commit failed; the state skips what is re-delivered");
+                }
             }
         }
+    }
+
+    /// The changelog records of a batch's state batches, by phase (phase k: every task's k-th
+    /// state batch in commit order), each with the index of its batch.
+    fn changelog_phases(
+        &self,
+        seg: &Segment,
+        batches: &[(i32, TaskBatch)],
+    ) -> Vec<Vec<(usize, ProduceRecord)>> {
+        let phases = batches.iter().map(|(_, b)| b.states.len()).max();
+        (0..phases.unwrap_or(0))
+            .map(|phase| {
+                let mut records = Vec::new();
+                for (bi, (p, batch)) in batches.iter().enumerate() {
+                    let Some((oi, state)) = batch.states.get(phase) else {
+                        continue;
+                    };
+                    let topic = changelog_topic_name(&self.topology.app, seg.ops[*oi].name());
+                    for r in state.changelog() {
+                        let mut pr = ProduceRecord::new(topic.clone(), Some(r.key), r.value);
+                        pr.partition = Some(*p);
+                        records.push((bi, pr));
+                    }
+                }
+                records
+            })
+            .collect()
     }
 
     /// The table records each join must apply before the stream events of this batch: for
@@ -661,7 +795,7 @@ impl TopologyRunner {
             log: self.log.as_ref(),
             producer,
             app: &self.topology.app,
-            exactly_once: false,
+            exactly_once: self.exactly_once,
             policy: self.policy,
             metrics: &self.metrics,
         };
@@ -895,17 +1029,18 @@ impl TopologyRunner {
                     by,
                     topic,
                     partitions,
-                    inner,
-                } => match rekey(event, by, topic, *partitions) {
-                    Ok(record) => batch.outputs.push(record),
-                    Err(RekeyError::MissingKey(_)) if *inner => {
+                    missing,
+                } => match (rekey(event, by, topic, *partitions), missing) {
+                    (Ok(record), _) => batch.outputs.push(record),
+                    (Err(RekeyError::MissingKey(_)), Missing::Keep) => batch
+                        .outputs
+                        .push(rekey_as(event, event.key.clone(), topic, *partitions)),
+                    (Err(RekeyError::MissingKey(_)), Missing::Unmatched) => {
                         m.process_join_unmatched.fetch_add(1, Ordering::Relaxed);
                     }
-                    // A left join emits it unenriched: it travels under its own key.
-                    Err(RekeyError::MissingKey(_)) => {
-                        batch
-                            .outputs
-                            .push(rekey_as(event, event.key.clone(), topic, *partitions))
+                    (Err(RekeyError::MissingKey(field)), Missing::Filtered) => {
+                        debug!(id = %String::from_utf8_lossy(&event.id), %field, "event without the group_by field; dropped");
+                        m.records_filtered.fetch_add(1, Ordering::Relaxed);
                     }
                 },
             }
@@ -975,6 +1110,10 @@ fn compile(op: &Op) -> Result<Operator, TopologyRunError> {
             name: name.clone(),
             op: Aggregate::new(config.clone()).map_err(|e| invalid(name, e))?,
         },
+        // The plan makes it a repartition stage, never an operator stage.
+        Op::GroupBy { name, .. } => {
+            return Err(invalid(name, "group_by is run as a repartition".into()))
+        }
     })
 }
 

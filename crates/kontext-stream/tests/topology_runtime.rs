@@ -47,6 +47,12 @@ fn names(prefix: &str) -> Names {
 }
 
 fn topology(n: &Names) -> Topology {
+    topology_with(n, true)
+}
+
+/// `dedup_downstream`: whether the second pipeline deduplicates what it reads (needed without
+/// transactions, where the first pipeline's outputs are at-least-once).
+fn topology_with(n: &Names, dedup_downstream: bool) -> Topology {
     let enrich = Topology::stream(n.orders.as_str())
         .filter(
             "live",
@@ -70,8 +76,11 @@ fn topology(n: &Names) -> Topology {
         .to(n.enriched.as_str());
     // The enriched topic is at-least-once (a crash can repeat outputs, with their event id):
     // a pipeline that counts what it reads deduplicates first.
-    let stats = Topology::stream(n.enriched.as_str())
-        .dedup("stats-dedup", DedupConfig { window_ms: WHOLE })
+    let mut stats = Topology::stream(n.enriched.as_str());
+    if dedup_downstream {
+        stats = stats.dedup("stats-dedup", DedupConfig { window_ms: WHOLE });
+    }
+    let stats = stats
         .aggregate(
             "order-stats",
             AggregateConfig {
@@ -214,9 +223,23 @@ async fn run_until(
     dir: &std::path::Path,
     want: &BTreeMap<String, (i64, f64)>,
 ) -> Arc<PipelineMetrics> {
+    run_until_with(log, n, dir, want, |n, log, dir| {
+        TopologyRunner::new(topology(n), log, dir)
+    })
+    .await
+}
+
+/// [`run_until`] with the runner `runner` makes.
+async fn run_until_with(
+    log: &Arc<dyn Log>,
+    n: &Names,
+    dir: &std::path::Path,
+    want: &BTreeMap<String, (i64, f64)>,
+    runner: impl Fn(&Names, Arc<dyn Log>, &std::path::Path) -> TopologyRunner,
+) -> Arc<PipelineMetrics> {
     let metrics = Arc::new(PipelineMetrics::default());
     let shutdown = CancellationToken::new();
-    let runner = TopologyRunner::new(topology(n), log.clone(), dir).with_metrics(metrics.clone());
+    let runner = runner(n, log.clone(), dir).with_metrics(metrics.clone());
     let run = tokio::spawn(runner.run(shutdown.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
@@ -356,8 +379,38 @@ async fn a_dsl_topology_aborted_at_random_moments_counts_every_order_once() {
     let dir = tempfile::tempdir().unwrap();
     let log: Arc<dyn Log> =
         EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
-    let n = names("");
-    let producer = with_customers(log.as_ref(), &n).await;
+    let repeats = aborted_at_random_moments(log, &names(""), dir.path(), false).await;
+    println!("enriched orders written more than once after aborts: {repeats}");
+}
+
+/// The same on Kafka with transactions, and without the second pipeline's dedup: its input is
+/// read_committed, so it sees each enriched order once, and so does the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_transactions_on_kafka_an_aborted_topology_outputs_every_order_once() {
+    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let log: Arc<dyn Log> = Arc::new(KafkaLog::new(KafkaConfig::new(bootstrap)).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let n = names(&format!("x{nanos:x}."));
+    let repeats = aborted_at_random_moments(log, &n, dir.path(), true).await;
+    assert_eq!(
+        repeats, 0,
+        "read_committed, no enriched order is seen twice"
+    );
+}
+
+/// Runs the topology aborted ten times, then to the end; checks the stats and that every
+/// live order was enriched. Returns how many enriched records repeat an order.
+async fn aborted_at_random_moments(
+    log: Arc<dyn Log>,
+    n: &Names,
+    dir: &std::path::Path,
+    exactly_once: bool,
+) -> usize {
+    let producer = with_customers(log.as_ref(), n).await;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -371,15 +424,19 @@ async fn a_dsl_topology_aborted_at_random_moments_counts_every_order_once() {
         rng ^= rng << 17;
         rng
     };
+    // With transactions the second pipeline counts without deduplicating.
+    let runner = |n: &Names, log: Arc<dyn Log>, dir: &std::path::Path| {
+        TopologyRunner::new(topology_with(n, !exactly_once), log, dir)
+            .with_exactly_once(exactly_once)
+    };
     const CHUNK: usize = 250;
     const ROUNDS: usize = 10;
     for round in 0..ROUNDS {
         producer
-            .send(order_records(&n, round * CHUNK..(round + 1) * CHUNK))
+            .send(order_records(n, round * CHUNK..(round + 1) * CHUNK))
             .await
             .unwrap();
-        let runner = TopologyRunner::new(topology(&n), log.clone(), dir.path());
-        let run = tokio::spawn(runner.run(CancellationToken::new()));
+        let run = tokio::spawn(runner(n, log.clone(), dir).run(CancellationToken::new()));
         tokio::time::sleep(Duration::from_millis(50 + next() % 1000)).await;
         run.abort();
         if let Ok(result) = run.await {
@@ -387,9 +444,9 @@ async fn a_dsl_topology_aborted_at_random_moments_counts_every_order_once() {
         }
     }
     let total = ROUNDS * CHUNK;
-    run_until(&log, &n, dir.path(), &expected_stats(total)).await;
+    run_until_with(&log, n, dir, &expected_stats(total), runner).await;
     assert_eq!(
-        stats(log.as_ref(), &n).await,
+        stats(log.as_ref(), n).await,
         expected_stats(total),
         "seed {seed}"
     );
@@ -398,20 +455,11 @@ async fn a_dsl_topology_aborted_at_random_moments_counts_every_order_once() {
         .iter()
         .map(|r| String::from_utf8(r.header("ce_id").unwrap().to_vec()).unwrap())
         .collect();
-    println!(
-        "{} enriched records for {} orders (repeats after aborts: {})",
-        written.len(),
-        enriched.len(),
-        written.len() - enriched.len()
-    );
     let live = (0..total)
         .filter(|&i| !order(i).test && order(i).total.is_some())
         .count();
-    assert_eq!(
-        enriched.len(),
-        live,
-        "every live order enriched at least once"
-    );
+    assert_eq!(enriched.len(), live, "every live order enriched");
+    written.len() - enriched.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,5 +490,68 @@ async fn a_topology_that_does_not_fit_the_topics_says_why() {
     assert!(
         err.to_string().contains("topic customers does not exist"),
         "{err}"
+    );
+}
+
+/// `group_by` re-keys through a repartition topic so that an aggregate counts per customer
+/// without a join; orders without a customer are dropped and counted as filtered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_by_re_keys_a_stream_for_its_aggregate() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> =
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    let n = names("");
+    let producer = with_customers(log.as_ref(), &n).await;
+    producer.send(order_records(&n, 0..500)).await.unwrap();
+    let per_customer = Topology::stream(n.orders.as_str())
+        .filter(
+            "live",
+            Predicate::FieldNotEquals {
+                field: FieldPath::new("status"),
+                value: "test".into(),
+            },
+        )
+        .filter("has-total", Predicate::Jq(".total != null".into()))
+        .dedup("orders-dedup", DedupConfig { window_ms: WHOLE })
+        .group_by("by-customer", FieldPath::new("customer_id"))
+        .aggregate(
+            "order-stats",
+            AggregateConfig {
+                window: WindowSpec::Tumbling { size_ms: WHOLE },
+                grace_ms: 0,
+                functions: vec![
+                    ("orders".into(), AggFn::Count),
+                    ("spent".into(), AggFn::Sum(FieldPath::new("total"))),
+                ],
+                emit: Emit::OnUpdate,
+            },
+        )
+        .to(n.stats.as_str());
+    let topology = Topology::new(n.app.as_str()).with(per_customer);
+    let plan = TopologyRunner::new(topology.clone(), log.clone(), dir.path())
+        .prepare()
+        .await
+        .unwrap();
+    assert!(plan
+        .internal_topics
+        .contains(&format!("{}-by-customer-repartition", n.app)));
+    let mut want = expected_stats(500);
+    want.retain(|key, _| key.starts_with('C'));
+    let without_customer = (0..500)
+        .filter(|&i| {
+            let o = order(i);
+            !o.test && o.total.is_some() && o.customer.is_none()
+        })
+        .count() as u64;
+    let metrics = run_until_with(&log, &n, dir.path(), &want, |_, log, dir| {
+        TopologyRunner::new(topology.clone(), log, dir)
+    })
+    .await;
+    assert_eq!(stats(log.as_ref(), &n).await, want);
+    assert_eq!(
+        metrics
+            .records_filtered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        without_customer
     );
 }
