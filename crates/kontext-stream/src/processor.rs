@@ -887,8 +887,19 @@ pub(crate) async fn rewind_to_state(
     resume: &BTreeMap<i32, i64>,
     policy: RetryPolicy,
 ) -> Result<(), ProcessorError> {
+    // Right after a broker (re)start or for a new group, the coordinator lookup fails
+    // transiently (`NotCoordinator`): wait it out like any other transient error.
+    let never = CancellationToken::new();
+    let committed = retry_transient(
+        "fetching the group's committed offsets",
+        &policy,
+        &never,
+        || log.committed_offsets(group, topic),
+    )
+    .await?
+    .unwrap_or_default();
     let mut rewind = Vec::new();
-    for (p, committed) in log.committed_offsets(group, topic).await? {
+    for (p, committed) in committed {
         let stored = resume.get(&p).copied().unwrap_or(0);
         if committed.is_some_and(|c| c > stored) {
             rewind.push((TopicPartition::new(topic, p), stored));

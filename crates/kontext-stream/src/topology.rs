@@ -622,7 +622,12 @@ impl TopologyRunner {
                     .or_default()
                     .push(record);
             }
-            let tables = self.catch_up_tables(seg, tasks, &by_partition).await?;
+            let Some(tables) = self
+                .catch_up_tables(seg, tasks, &by_partition, drain.shutdown)
+                .await?
+            else {
+                return Ok(());
+            };
             let mut batches: Vec<(i32, TaskBatch)> = Vec::new();
             for (p, records) in by_partition {
                 let Some(stores) = tasks.get(&p) else {
@@ -746,7 +751,8 @@ impl TopologyRunner {
         seg: &Segment,
         tasks: &BTreeMap<i32, Vec<Option<FjallStore>>>,
         batch: &BTreeMap<i32, Vec<&Record>>,
-    ) -> Result<BTreeMap<i32, BTreeMap<String, Vec<Record>>>, ProcessorError> {
+        shutdown: &CancellationToken,
+    ) -> Result<Option<BTreeMap<i32, BTreeMap<String, Vec<Record>>>>, ProcessorError> {
         let mut out: BTreeMap<i32, BTreeMap<String, Vec<Record>>> = BTreeMap::new();
         for (oi, op) in seg.ops.iter().enumerate() {
             let Operator::Join { table, .. } = op else {
@@ -763,7 +769,16 @@ impl TopologyRunner {
                 let highs = match &mut highs {
                     Some(highs) => highs,
                     None => {
-                        let d = self.log.describe_topic(table).await?;
+                        let described = retry_transient(
+                            "reading the table's watermarks",
+                            &self.policy,
+                            shutdown,
+                            || self.log.describe_topic(table),
+                        )
+                        .await?;
+                        let Some(d) = described else {
+                            return Ok(None);
+                        };
                         highs.insert(
                             d.partitions
                                 .iter()
@@ -776,12 +791,18 @@ impl TopologyRunner {
                 let from = store.offsets()?.get(&tp).copied().unwrap_or(0);
                 let high = highs.get(&p).copied().unwrap_or(0);
                 if high > from {
-                    let rows = self.log.read_partition(table, p, from, high).await?;
+                    let read = retry_transient("reading the table", &self.policy, shutdown, || {
+                        self.log.read_partition(table, p, from, high)
+                    })
+                    .await?;
+                    let Some(rows) = read else {
+                        return Ok(None);
+                    };
                     out.entry(p).or_default().insert(table.clone(), rows);
                 }
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Brings the stores of `partitions` up to their changelogs.
