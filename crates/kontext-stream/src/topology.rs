@@ -274,7 +274,8 @@ impl TopologyRunner {
                 Op::JoinTable { table, .. } => Some(table),
                 _ => None,
             });
-            for topic in std::iter::once(&pipeline.source).chain(tables) {
+            let ends = [&pipeline.source, &pipeline.sink];
+            for topic in ends.into_iter().chain(tables) {
                 if !layouts.contains_key(topic) {
                     let layout = self.layout(topic).await?;
                     layouts.insert(topic.clone(), layout);
@@ -366,9 +367,16 @@ impl TopologyRunner {
                     }
                     Stage::Sink { topic } => {
                         if let Some((input, rekeyed, p, ops)) = current.take() {
+                            // Outputs are partitioned like Kafka's default partitioner does
+                            // over the sink's own partition count.
+                            let partitions = layouts
+                                .get(topic)
+                                .cloned()
+                                .flatten()
+                                .map_or(p, |l| l.partitions);
                             let sink = Output::Sink {
                                 topic: topic.clone(),
-                                partitions: p,
+                                partitions,
                             };
                             let name = format!("{input}-to-{topic}");
                             segments.push(segment(
@@ -447,6 +455,11 @@ impl TopologyRunner {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), TopologyRunError> {
         let (_, segments) = self.segments().await?;
         let db = open_state_db(&self.state_dir.join(STATE_DB_DIR))?;
+        if self.exactly_once {
+            // Creates the instance's random id part once, before the segments read it
+            // concurrently (each would otherwise write its own on a first run).
+            instance_transactional_id(&self.topology.app, &self.state_dir)?;
+        }
         let producer = self.log.producer().await?;
         let done: Vec<CancellationToken> =
             segments.iter().map(|_| CancellationToken::new()).collect();

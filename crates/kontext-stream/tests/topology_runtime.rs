@@ -503,6 +503,10 @@ async fn group_by_re_keys_a_stream_for_its_aggregate() {
     let n = names("");
     let producer = with_customers(log.as_ref(), &n).await;
     producer.send(order_records(&n, 0..500)).await.unwrap();
+    // A sink that exists already, with its own partition count.
+    log.create_topic(&TopicSpec::new(&n.stats, 5))
+        .await
+        .unwrap();
     let per_customer = Topology::stream(n.orders.as_str())
         .filter(
             "live",
@@ -548,6 +552,14 @@ async fn group_by_re_keys_a_stream_for_its_aggregate() {
     })
     .await;
     assert_eq!(stats(log.as_ref(), &n).await, want);
+    for r in read_topic(log.as_ref(), &n.stats).await {
+        let key = r.key.clone().unwrap();
+        assert_eq!(
+            r.partition,
+            kontext_core::partitioner::partition_for_key(&key, 5),
+            "outputs are partitioned over the sink's own partitions"
+        );
+    }
     assert_eq!(
         metrics
             .records_filtered
