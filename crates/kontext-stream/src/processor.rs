@@ -673,7 +673,7 @@ impl Processor {
         let group = features_group(&self.config);
         let all: BTreeSet<i32> = (0..partitions).collect();
         self.sync_with_changelogs(producer, tasks, &all).await?;
-        self.rewind(&group, &repartition, tasks).await?;
+        self.rewind(&group, &repartition, tasks, shutdown).await?;
         let mut consumer = self
             .log
             .consumer(ConsumerConfig::new(
@@ -860,6 +860,7 @@ impl Processor {
         group: &str,
         topic: &str,
         tasks: &BTreeMap<(usize, i32), Task>,
+        shutdown: &CancellationToken,
     ) -> Result<(), ProcessorError> {
         let mut resume: BTreeMap<i32, i64> = BTreeMap::new();
         for (&(_, p), task) in tasks {
@@ -873,31 +874,35 @@ impl Processor {
             topic,
             &resume,
             self.config.retry.waiting_policy(),
+            shutdown,
         )
         .await
     }
 }
 
 /// Rewinds `group` on `topic` to `resume` (the state's next offset per partition, 0 where
-/// absent) wherever the group committed past it: the state's offsets are the truth.
+/// absent) wherever the group committed past it: the state's offsets are the truth. Returns
+/// early (nothing rewound) when `shutdown` comes while it waits for the log.
 pub(crate) async fn rewind_to_state(
     log: &dyn Log,
     group: &str,
     topic: &str,
     resume: &BTreeMap<i32, i64>,
     policy: RetryPolicy,
+    shutdown: &CancellationToken,
 ) -> Result<(), ProcessorError> {
     // Right after a broker (re)start or for a new group, the coordinator lookup fails
     // transiently (`NotCoordinator`): wait it out like any other transient error.
-    let never = CancellationToken::new();
     let committed = retry_transient(
         "fetching the group's committed offsets",
         &policy,
-        &never,
+        shutdown,
         || log.committed_offsets(group, topic),
     )
-    .await?
-    .unwrap_or_default();
+    .await?;
+    let Some(committed) = committed else {
+        return Ok(());
+    };
     let mut rewind = Vec::new();
     for (p, committed) in committed {
         let stored = resume.get(&p).copied().unwrap_or(0);
@@ -935,7 +940,8 @@ pub(crate) fn newly_assigned(
 /// A `transactional.id` for a task loop of `group`: stable across restarts of this instance, so
 /// that a restart fences its predecessor and aborts the transaction it left open, and distinct
 /// between instances: `<group>.<random>`, the random part kept in
-/// `<state_dir>/transactional-id` (one per state directory, shared by its loops).
+/// `<state_dir>/transactional-id` (one per state directory, shared by its loops; the file
+/// holds the first id made, `<first group>.<random>`, the format earlier versions wrote).
 pub(crate) fn instance_transactional_id(
     group: &str,
     state_dir: &Path,
@@ -947,15 +953,14 @@ pub(crate) fn instance_transactional_id(
             source: Box::new(e),
         })
     };
-    let random = match std::fs::read_to_string(&path) {
+    let stored = match std::fs::read_to_string(&path) {
         Ok(id) if !id.trim().is_empty() => Some(id.trim().to_string()),
         Ok(_) => None,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(io(e)),
     };
-    // Written by earlier versions as the whole id `<group>.<random>`: keep its random part.
-    if let Some(random) = random {
-        let random = random.rsplit('.').next().unwrap_or(&random).to_string();
+    if let Some(stored) = stored {
+        let random = stored.rsplit('.').next().unwrap_or(&stored);
         return Ok(format!("{group}.{random}"));
     }
     use std::hash::{BuildHasher, Hasher};
@@ -963,12 +968,13 @@ pub(crate) fn instance_transactional_id(
     let random = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
-    let random = format!("{random:016x}");
+    // Written as the first id made from it, as earlier versions wrote (and read) the file.
+    let id = format!("{group}.{random:016x}");
     std::fs::create_dir_all(state_dir).map_err(io)?;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, &random).map_err(io)?;
+    std::fs::write(&tmp, &id).map_err(io)?;
     std::fs::rename(&tmp, &path).map_err(io)?;
-    Ok(format!("{group}.{random}"))
+    Ok(id)
 }
 
 /// What restoring task stores from their changelogs needs.
@@ -1634,9 +1640,10 @@ pub(crate) fn open_state_db(path: &Path) -> Result<StateDb, StoreError> {
 }
 
 /// Drops the re-key loop's duplicates: per origin partition, records arrive in origin offset
-/// order, so a record at or below the highest origin offset a store has applied is a copy.
+/// order, so a record at or below the highest origin offset a store has applied (or this
+/// batch admitted) is a copy.
 #[derive(Default)]
-struct HighWater {
+pub(crate) struct HighWater {
     seen: BTreeMap<TopicPartition, i64>,
 }
 
@@ -1648,22 +1655,34 @@ impl HighWater {
     ) -> Result<Vec<Inbound>, StoreError> {
         let mut kept = Vec::with_capacity(events.len());
         for inbound in events {
-            let mark = match self.seen.get(&inbound.origin) {
-                Some(m) => *m,
-                None => read_i64(store, &high_water_key(&inbound.origin))?.unwrap_or(-1),
-            };
-            if inbound.origin_offset <= mark {
-                self.seen.insert(inbound.origin.clone(), mark);
-                continue;
+            if self.admit(store, &inbound.origin, inbound.origin_offset)? {
+                kept.push(inbound);
             }
-            self.seen
-                .insert(inbound.origin.clone(), inbound.origin_offset);
-            kept.push(inbound);
         }
         Ok(kept)
     }
 
-    fn finish(self, batch: &mut WriteBatch) {
+    /// Whether the record from `origin` at `offset` is new for `store`, recording it.
+    pub(crate) fn admit<S: StateStore + ?Sized>(
+        &mut self,
+        store: &S,
+        origin: &TopicPartition,
+        offset: i64,
+    ) -> Result<bool, StoreError> {
+        let mark = match self.seen.get(origin) {
+            Some(m) => *m,
+            None => read_i64(store, &high_water_key(origin))?.unwrap_or(-1),
+        };
+        if offset <= mark {
+            self.seen.insert(origin.clone(), mark);
+            return Ok(false);
+        }
+        self.seen.insert(origin.clone(), offset);
+        Ok(true)
+    }
+
+    /// Records the marks in the store's batch.
+    pub(crate) fn finish(self, batch: &mut WriteBatch) {
         for (tp, mark) in self.seen {
             batch.put(&high_water_key(&tp), &mark.to_le_bytes());
         }
@@ -1678,7 +1697,10 @@ fn high_water_key(tp: &TopicPartition) -> Vec<u8> {
     key
 }
 
-pub(crate) fn read_i64<S: StateStore>(store: &S, key: &[u8]) -> Result<Option<i64>, StoreError> {
+pub(crate) fn read_i64<S: StateStore + ?Sized>(
+    store: &S,
+    key: &[u8],
+) -> Result<Option<i64>, StoreError> {
     store
         .get(key)?
         .map(|v| {

@@ -85,7 +85,8 @@ use crate::normalize::{NormalizeError, ProcessError};
 use crate::processor::{
     instance_transactional_id, never_back, newly_assigned, next_offsets, open_state_db,
     retry_transient, rewind_to_state, send, send_positions, send_transaction,
-    sync_stores_with_changelogs, Drain, ProcessorError, Restore, CHANGELOG_END_KEY, STATE_DB_DIR,
+    sync_stores_with_changelogs, Drain, HighWater, ProcessorError, Restore, CHANGELOG_END_KEY,
+    STATE_DB_DIR,
 };
 use crate::retry::Waiter;
 
@@ -604,7 +605,9 @@ impl TopologyRunner {
                 }
             }
             if !resume.is_empty() {
-                rewind_to_state(self.log.as_ref(), &seg.group, topic, &resume, self.policy).await?;
+                let log = self.log.as_ref();
+                rewind_to_state(log, &seg.group, topic, &resume, self.policy, drain.shutdown)
+                    .await?;
             }
         }
         let mut consumer = self
@@ -621,6 +624,7 @@ impl TopologyRunner {
             if !new.is_empty() {
                 info!(group = %seg.group, partitions = ?new, "partitions assigned; syncing their state with the changelogs");
                 self.sync(producer, tasks, &new).await?;
+                check_colocated(consumer.as_ref(), seg, &owned)?;
             }
             if records.is_empty() {
                 continue;
@@ -644,7 +648,11 @@ impl TopologyRunner {
             let mut batches: Vec<(i32, TaskBatch)> = Vec::new();
             for (p, records) in by_partition {
                 let Some(stores) = tasks.get(&p) else {
-                    continue;
+                    // Never commit past records no task processed.
+                    return Err(ProcessorError::Config(format!(
+                        "partition {p} of {} appeared after the topology started ({} partitions); restart it to add the partition's tasks",
+                        records[0].topic, seg.partitions
+                    )));
                 };
                 let input = PartitionRecords {
                     polled: &records,
@@ -855,13 +863,14 @@ impl TopologyRunner {
         let mut batch = TaskBatch::default();
         let (records, tables) = (input.polled, input.read_ahead);
         let input = TopicPartition::new(seg.input.as_str(), p);
-        // The events flowing through the operators, with the record each came from.
-        let mut from: Vec<&Record> = Vec::new();
+        // The events flowing through the operators, with the record each came from and, after
+        // a repartition, that record's origin (the record the upstream segment consumed).
+        let mut from: Vec<(&Record, Option<Origin>)> = Vec::new();
         let mut events: Vec<Event> = Vec::new();
         for record in records.iter().filter(|r| *r.topic == *seg.input) {
             match decode(record, seg.rekeyed) {
-                Ok(Some(event)) => {
-                    from.push(record);
+                Ok(Some((event, origin))) => {
+                    from.push((record, origin));
                     events.push(event);
                 }
                 Ok(None) => debug!(at = %record.coordinates(), "tombstone on a stream; skipped"),
@@ -880,6 +889,20 @@ impl TopologyRunner {
         let mut aggregated = None;
         for (oi, op) in seg.ops.iter().enumerate() {
             let store = stores[oi].as_ref();
+            // After a repartition, each store first drops the copies the upstream segment
+            // wrote again (a crash or a retried send): per origin partition the records come
+            // in origin order, so one at or below the store's mark is a copy.
+            let mut marks = HighWater::default();
+            if let (true, Some(store)) = (seg.rekeyed, store) {
+                let mut keep = Vec::with_capacity(from.len());
+                for (_, origin) in &from {
+                    keep.push(match origin {
+                        Some((tp, offset)) => marks.admit(store, tp, *offset)?,
+                        None => true,
+                    });
+                }
+                retain(&mut events, &mut from, &keep);
+            }
             match (op, store) {
                 (
                     Operator::Filter {
@@ -890,7 +913,7 @@ impl TopologyRunner {
                     _,
                 ) => {
                     let mut keep = Vec::with_capacity(events.len());
-                    for (event, record) in events.iter().zip(&from) {
+                    for (event, (record, _)) in events.iter().zip(&from) {
                         let verdict = match (predicate.matches_field(event), jq) {
                             (Some(verdict), _) => Ok(verdict),
                             (None, Some(program)) => jq_holds(program, event),
@@ -914,6 +937,7 @@ impl TopologyRunner {
                 }
                 (Operator::Dedup { op, .. }, Some(store)) => {
                     let mut out = op.process(store, &events)?;
+                    marks.finish(&mut out.state);
                     cover(&mut out.state, store, &input);
                     let keep: Vec<bool> = out
                         .decisions
@@ -936,44 +960,54 @@ impl TopologyRunner {
                 }
                 (Operator::Join { op, table, .. }, Some(store)) => {
                     let table_tp = TopicPartition::new(table.as_str(), p);
+                    let polled: Vec<&Record> = records
+                        .iter()
+                        .copied()
+                        .filter(|r| *r.topic == **table)
+                        .collect();
+                    // A row without a key cannot be a table row: dead-lettered when polled
+                    // (read-ahead copies of it are skipped).
+                    for record in polled.iter().filter(|r| r.key.is_none()) {
+                        batch.letters.push(letters.letter(
+                            record,
+                            &ProcessError::Envelope(envelope::EnvelopeError::MissingKey),
+                        ));
+                    }
+                    // The rows read ahead up to the high watermark, then any polled row past
+                    // them (a watermark read from a lagging replica may end before them).
+                    let read: Vec<&Record> = tables
+                        .and_then(|t| t.get(table))
+                        .map(|rows| rows.iter().collect())
+                        .unwrap_or_default();
+                    let read_end = read.last().map_or(i64::MIN, |r| r.offset + 1);
                     let mut rows = Vec::new();
-                    // The rows read up to the high watermark include the polled ones.
-                    let table_records: Vec<&Record> = match tables.and_then(|t| t.get(table)) {
-                        Some(read) => read.iter().collect(),
-                        None => records
-                            .iter()
-                            .copied()
-                            .filter(|r| *r.topic == **table)
-                            .collect(),
-                    };
-                    for record in table_records {
-                        match TableUpdate::from_record(record) {
-                            Some(row) => rows.push((record.timestamp_ms, row)),
-                            None => batch.letters.push(letters.letter(
-                                record,
-                                &ProcessError::Envelope(envelope::EnvelopeError::MissingKey),
-                            )),
+                    for record in read
+                        .into_iter()
+                        .chain(polled.into_iter().filter(|r| r.offset >= read_end))
+                    {
+                        if let Some(row) = TableUpdate::from_record(record) {
+                            rows.push((record.timestamp_ms, row));
                         }
                     }
                     let inputs = merge(std::mem::take(&mut events), rows);
                     let mut out = op.process_ordered(store, &inputs)?;
+                    marks.finish(&mut out.state);
                     cover(&mut out.state, store, &input);
                     cover(&mut out.state, store, &table_tp);
                     m.process_join_unmatched
                         .fetch_add(out.unmatched, Ordering::Relaxed);
                     // Inputs are in merged order; map stream inputs back to their records.
-                    let mut stream_records = from.iter();
-                    let record_of: Vec<Option<&Record>> = inputs
+                    let mut stream_records = std::mem::take(&mut from).into_iter();
+                    let mut record_of: Vec<_> = inputs
                         .iter()
                         .map(|i| match i {
-                            JoinInput::Stream(_) => stream_records.next().copied(),
+                            JoinInput::Stream(_) => stream_records.next(),
                             JoinInput::Table(_) => None,
                         })
                         .collect();
-                    from.clear();
                     for output in &out.outputs {
                         let (JoinInput::Stream(event), Some(record)) =
-                            (&inputs[output.index], record_of[output.index])
+                            (&inputs[output.index], record_of[output.index].take())
                         else {
                             continue;
                         };
@@ -986,6 +1020,7 @@ impl TopologyRunner {
                 }
                 (Operator::Aggregate { name, op }, Some(store)) => {
                     let mut out = op.process(store, &events)?;
+                    marks.finish(&mut out.state);
                     cover(&mut out.state, store, &input);
                     m.process_dropped_late
                         .fetch_add(out.dropped_late, Ordering::Relaxed);
@@ -1083,6 +1118,34 @@ impl TopologyRunner {
     }
 }
 
+/// A join's task reads its table partition through the same group as its stream partition:
+/// both must be assigned to this member together (Kafka's range assignor, librdkafka's
+/// default, does so for co-partitioned topics).
+fn check_colocated(
+    consumer: &dyn kontext_log::Consumer,
+    seg: &Segment,
+    input: &BTreeSet<i32>,
+) -> Result<(), ProcessorError> {
+    let assignment = consumer.assignment();
+    for op in &seg.ops {
+        let Operator::Join { table, .. } = op else {
+            continue;
+        };
+        let tables: BTreeSet<i32> = assignment
+            .iter()
+            .filter(|tp| *tp.topic == **table)
+            .map(|tp| tp.partition)
+            .collect();
+        if tables != *input {
+            return Err(ProcessorError::Config(format!(
+                "group {} got partitions {input:?} of {} but {tables:?} of its table {table}: a join needs both sides of a partition on one member; use the range assignor (partition.assignment.strategy=range)",
+                seg.group, seg.input
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn segment(
     app: &str,
     input: String,
@@ -1151,8 +1214,13 @@ fn compile(op: &Op) -> Result<Operator, TopologyRunError> {
     })
 }
 
-/// A record of a segment's input as an event; `None` for a tombstone.
-fn decode(record: &Record, rekeyed: bool) -> Result<Option<Event>, ProcessError> {
+/// The partition and offset of the record an upstream segment consumed to write a
+/// repartition record.
+type Origin = (TopicPartition, i64);
+
+/// A record of a segment's input as an event, with its origin after a repartition (the
+/// record the upstream segment consumed); `None` for a tombstone.
+fn decode(record: &Record, rekeyed: bool) -> Result<Option<(Event, Option<Origin>)>, ProcessError> {
     if rekeyed {
         // Written by `rekey`: the value is the event's JSON, its id, time and original
         // coordinates in headers.
@@ -1168,28 +1236,33 @@ fn decode(record: &Record, rekeyed: bool) -> Result<Option<Event>, ProcessError>
         };
         let value: Value = serde_json::from_slice(record.value.as_deref().unwrap_or(b"null"))
             .map_err(|e| invalid(&e.to_string()))?;
-        let coords = origin_coords(record).ok_or_else(|| invalid("no origin headers"))?;
-        return Ok(Some(Event {
+        let origin = origin_coords(record).ok_or_else(|| invalid("no origin headers"))?;
+        let event = Event {
             key: record.key.clone().unwrap_or_default(),
             id: Bytes::copy_from_slice(header("ce_id").unwrap_or_default().as_bytes()),
             time_ms: header("ce_time_ms")
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(record.timestamp_ms),
-            coords,
+            // The operators version by this record: one task writes each partition of the
+            // segment's input, in order (the origin is for the copy filter).
+            coords: Coords::new(record.topic.clone(), record.partition, record.offset),
             value,
-        }));
+        };
+        let tp = TopicPartition::new(origin.topic, origin.partition);
+        return Ok(Some((event, Some((tp, origin.offset)))));
     }
     let event = envelope::decode(record)?;
     let Some(data) = event.data else {
         return Ok(None);
     };
-    Ok(Some(Event {
+    let event = Event {
         key: record.key.clone().unwrap_or_default(),
         id: Bytes::from(event.id),
         time_ms: event.time_ms,
         coords: Coords::new(record.topic.clone(), record.partition, record.offset),
         value: Value::Object(data),
-    }))
+    };
+    Ok(Some((event, None)))
 }
 
 fn jq_holds(program: &JqProgram, event: &Event) -> Result<bool, String> {
@@ -1207,8 +1280,8 @@ fn program_code(predicate: &Predicate) -> String {
     }
 }
 
-/// Keeps the events (and their records) whose `keep` is true.
-fn retain(events: &mut Vec<Event>, from: &mut Vec<&Record>, keep: &[bool]) {
+/// Keeps the events (and what goes with each) whose `keep` is true.
+fn retain<T>(events: &mut Vec<Event>, from: &mut Vec<T>, keep: &[bool]) {
     let mut k = keep.iter();
     events.retain(|_| *k.next().unwrap_or(&false));
     let mut k = keep.iter();

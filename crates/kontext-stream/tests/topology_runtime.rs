@@ -494,7 +494,9 @@ async fn a_topology_that_does_not_fit_the_topics_says_why() {
 }
 
 /// `group_by` re-keys through a repartition topic so that an aggregate counts per customer
-/// without a join; orders without a customer are dropped and counted as filtered.
+/// without a join; orders without a customer are dropped and counted as filtered. The orders
+/// arrive in chunks while the topology runs, so a customer's orders from the two source
+/// partitions reach the aggregate interleaved across batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_by_re_keys_a_stream_for_its_aggregate() {
     let dir = tempfile::tempdir().unwrap();
@@ -502,7 +504,6 @@ async fn group_by_re_keys_a_stream_for_its_aggregate() {
         EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
     let n = names("");
     let producer = with_customers(log.as_ref(), &n).await;
-    producer.send(order_records(&n, 0..500)).await.unwrap();
     // A sink that exists already, with its own partition count.
     log.create_topic(&TopicSpec::new(&n.stats, 5))
         .await
@@ -547,10 +548,22 @@ async fn group_by_re_keys_a_stream_for_its_aggregate() {
             !o.test && o.total.is_some() && o.customer.is_none()
         })
         .count() as u64;
+    let feed = {
+        let producer = producer.clone();
+        let n = names("");
+        tokio::spawn(async move {
+            for chunk in 0..10 {
+                let records = order_records(&n, chunk * 50..(chunk + 1) * 50);
+                producer.send(records).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
     let metrics = run_until_with(&log, &n, dir.path(), &want, |_, log, dir| {
         TopologyRunner::new(topology.clone(), log, dir)
     })
     .await;
+    feed.await.unwrap();
     assert_eq!(stats(log.as_ref(), &n).await, want);
     for r in read_topic(log.as_ref(), &n.stats).await {
         let key = r.key.clone().unwrap();
@@ -566,4 +579,79 @@ async fn group_by_re_keys_a_stream_for_its_aggregate() {
             .load(std::sync::atomic::Ordering::Relaxed),
         without_customer
     );
+}
+
+/// Two repartitions in one pipeline: a join by foreign key, then `group_by` a field the join
+/// added, then an aggregate per tier; the orders arrive in chunks while it runs, so the second
+/// repartition topic gets each source partition's orders through several tasks of the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_then_group_by_counts_every_order_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> =
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    let n = names("");
+    let producer = with_customers(log.as_ref(), &n).await;
+    let per_tier = Topology::stream(n.orders.as_str())
+        .filter(
+            "has-total",
+            Predicate::Jq(".total != null and .status != \"test\"".into()),
+        )
+        .dedup("orders-dedup", DedupConfig { window_ms: WHOLE })
+        .join_table(
+            "with-customer",
+            n.customers.as_str(),
+            JoinConfig {
+                kind: JoinKind::Inner,
+                key: JoinKey::Field(FieldPath::new("customer_id")),
+                field: "customer".into(),
+                table: TableMode::Replace,
+            },
+        )
+        .group_by("by-tier", FieldPath::new("customer.tier"))
+        .aggregate(
+            "tier-stats",
+            AggregateConfig {
+                window: WindowSpec::Tumbling { size_ms: WHOLE },
+                grace_ms: 0,
+                functions: vec![
+                    ("orders".into(), AggFn::Count),
+                    ("spent".into(), AggFn::Sum(FieldPath::new("total"))),
+                ],
+                emit: Emit::OnUpdate,
+            },
+        )
+        .to(n.stats.as_str());
+    let topology = Topology::new(n.app.as_str()).with(per_tier);
+    let mut want: BTreeMap<String, (i64, f64)> = BTreeMap::new();
+    for (customer, (count, sum)) in expected_stats(600) {
+        let Some(c) = customer.strip_prefix('C') else {
+            continue; // no customer: the inner join drops it
+        };
+        let c: usize = c.parse().unwrap();
+        let tier = if c.is_multiple_of(2) {
+            "gold"
+        } else {
+            "silver"
+        };
+        let t = want.entry(tier.to_string()).or_default();
+        t.0 += count;
+        t.1 += sum;
+    }
+    let feed = {
+        let producer = producer.clone();
+        let n = names("");
+        tokio::spawn(async move {
+            for chunk in 0..12 {
+                let records = order_records(&n, chunk * 50..(chunk + 1) * 50);
+                producer.send(records).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    run_until_with(&log, &n, dir.path(), &want, |_, log, dir| {
+        TopologyRunner::new(topology.clone(), log, dir)
+    })
+    .await;
+    feed.await.unwrap();
+    assert_eq!(stats(log.as_ref(), &n).await, want);
 }
