@@ -230,6 +230,10 @@ impl Topology {
                 errors.push(TopologyError::UnknownTopic(pipeline.source.clone()));
             }
             let mut aggregate: Option<&str> = None;
+            // The last repartition, and whether a stateful operator followed it: the runner
+            // drops an upstream segment's copies in the stores after a repartition, so a
+            // re-key straight after a re-key (filters aside) would pass them on as new records.
+            let mut repartitioned: Option<(&str, bool)> = None;
             for op in &pipeline.ops {
                 if !names.insert(op.name().to_owned()) {
                     errors.push(TopologyError::DuplicateName(op.name().to_owned()));
@@ -258,6 +262,7 @@ impl Topology {
                     }
                     Op::Filter { .. } => {}
                     Op::GroupBy { name, by } => {
+                        check_rekey(&mut errors, &mut repartitioned, name);
                         let topic = repartition_topic_name(&self.app, name);
                         plan.internal_topics.push(topic.clone());
                         let partitions = current.as_ref().map_or(1, |c| c.partitions);
@@ -299,6 +304,7 @@ impl Topology {
                             None => errors.push(TopologyError::UnknownTopic(table.clone())),
                             Some(table_layout) => match &config.key {
                                 JoinKey::Field(by) => {
+                                    check_rekey(&mut errors, &mut repartitioned, name);
                                     let topic = repartition_topic_name(&self.app, name);
                                     plan.internal_topics.push(topic.clone());
                                     stages.push(Stage::Repartition {
@@ -328,6 +334,11 @@ impl Topology {
                         }
                     }
                 }
+                if store.is_some() {
+                    if let Some((_, stateful)) = &mut repartitioned {
+                        *stateful = true;
+                    }
+                }
                 let changelog = store
                     .as_ref()
                     .map(|store| changelog_topic_name(&self.app, store));
@@ -351,6 +362,25 @@ impl Topology {
             Err(errors)
         }
     }
+}
+
+/// Records a re-key by `name`, refusing one that follows another re-key with only stateless
+/// operators between them: the first re-key has no effect there, and the records between
+/// the two would have no store to drop an upstream segment's copies.
+fn check_rekey<'a>(
+    errors: &mut Vec<TopologyError>,
+    repartitioned: &mut Option<(&'a str, bool)>,
+    name: &'a str,
+) {
+    if let Some((previous, false)) = repartitioned {
+        errors.push(TopologyError::InvalidOperator {
+            name: name.to_owned(),
+            reason: format!(
+                "it re-keys the stream right after {previous:?} re-keyed it (only stateless operators between): remove {previous:?}, or put a stateful operator such as dedup between them"
+            ),
+        });
+    }
+    *repartitioned = Some((name, false));
 }
 
 /// Operator names become parts of topic names (`<app>-<name>-changelog`) and state keyspaces.
@@ -493,6 +523,32 @@ mod tests {
             matches!(&errors[2], TopologyError::InvalidOperator { name, reason } if name == "after" && reason.contains("jq")),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_re_key_right_after_a_re_key_is_refused() {
+        let fk = JoinConfig {
+            kind: JoinKind::Left,
+            key: JoinKey::Field(FieldPath::new("customer_id")),
+            field: "customer".into(),
+            table: Default::default(),
+        };
+        let planned =
+            |stream: StreamBuilder| Topology::new("app").with(stream.to("out")).plan(&layouts);
+        let twice = Topology::stream("context.orders")
+            .group_by("by-a", FieldPath::new("a"))
+            .filter("f", Predicate::Jq("true".into()))
+            .join_table("j", "context.customers", fk.clone());
+        let errors = planned(twice).unwrap_err();
+        assert!(
+            matches!(&errors[..], [TopologyError::InvalidOperator { name, reason }] if name == "j" && reason.contains("by-a")),
+            "{errors:?}"
+        );
+        let with_state_between = Topology::stream("context.orders")
+            .group_by("by-a", FieldPath::new("a"))
+            .dedup("d", DedupConfig { window_ms: 1 })
+            .join_table("j", "context.customers", fk);
+        assert!(planned(with_state_between).is_ok());
     }
 
     #[test]

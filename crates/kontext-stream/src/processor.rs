@@ -673,7 +673,9 @@ impl Processor {
         let group = features_group(&self.config);
         let all: BTreeSet<i32> = (0..partitions).collect();
         self.sync_with_changelogs(producer, tasks, &all).await?;
-        self.rewind(&group, &repartition, tasks, shutdown).await?;
+        if !self.rewind(&group, &repartition, tasks, shutdown).await? {
+            return Ok(()); // shutdown before the group was rewound: consume nothing
+        }
         let mut consumer = self
             .log
             .consumer(ConsumerConfig::new(
@@ -861,7 +863,7 @@ impl Processor {
         topic: &str,
         tasks: &BTreeMap<(usize, i32), Task>,
         shutdown: &CancellationToken,
-    ) -> Result<(), ProcessorError> {
+    ) -> Result<bool, ProcessorError> {
         let mut resume: BTreeMap<i32, i64> = BTreeMap::new();
         for (&(_, p), task) in tasks {
             let at = task.resume_offset(topic, p)?;
@@ -881,8 +883,9 @@ impl Processor {
 }
 
 /// Rewinds `group` on `topic` to `resume` (the state's next offset per partition, 0 where
-/// absent) wherever the group committed past it: the state's offsets are the truth. Returns
-/// early (nothing rewound) when `shutdown` comes while it waits for the log.
+/// absent) wherever the group committed past it: the state's offsets are the truth. `false`
+/// when `shutdown` came while it waited for the log: nothing was rewound, so the caller must
+/// not consume.
 pub(crate) async fn rewind_to_state(
     log: &dyn Log,
     group: &str,
@@ -890,7 +893,7 @@ pub(crate) async fn rewind_to_state(
     resume: &BTreeMap<i32, i64>,
     policy: RetryPolicy,
     shutdown: &CancellationToken,
-) -> Result<(), ProcessorError> {
+) -> Result<bool, ProcessorError> {
     // Right after a broker (re)start or for a new group, the coordinator lookup fails
     // transiently (`NotCoordinator`): wait it out like any other transient error.
     let committed = retry_transient(
@@ -901,7 +904,7 @@ pub(crate) async fn rewind_to_state(
     )
     .await?;
     let Some(committed) = committed else {
-        return Ok(());
+        return Ok(false);
     };
     let mut rewind = Vec::new();
     for (p, committed) in committed {
@@ -911,11 +914,11 @@ pub(crate) async fn rewind_to_state(
         }
     }
     if rewind.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
     warn!(%group, %topic, partitions = rewind.len(), "the group committed past the state; rewinding it to the state's offsets");
     crate::retry::rewind_group(log, group, &rewind, policy).await?;
-    Ok(())
+    Ok(true)
 }
 
 /// The partitions of `topic` this member just got (a rebalance on Kafka; all of them on the

@@ -606,8 +606,10 @@ impl TopologyRunner {
             }
             if !resume.is_empty() {
                 let log = self.log.as_ref();
-                rewind_to_state(log, &seg.group, topic, &resume, self.policy, drain.shutdown)
-                    .await?;
+                let shutdown = drain.shutdown;
+                if !rewind_to_state(log, &seg.group, topic, &resume, self.policy, shutdown).await? {
+                    return Ok(()); // shutdown before the group was rewound: consume nothing
+                }
             }
         }
         let mut consumer = self
