@@ -672,7 +672,12 @@ impl Processor {
         let partitions = repartition_partitions(&self.config);
         let group = features_group(&self.config);
         let all: BTreeSet<i32> = (0..partitions).collect();
-        self.sync_with_changelogs(producer, tasks, &all).await?;
+        if !self
+            .sync_with_changelogs(producer, tasks, &all, shutdown)
+            .await?
+        {
+            return Ok(()); // shutdown during the restore: consume nothing
+        }
         if !self.rewind(&group, &repartition, tasks, shutdown).await? {
             return Ok(()); // shutdown before the group was rewound: consume nothing
         }
@@ -711,7 +716,12 @@ impl Processor {
             let new = newly_assigned(consumer.as_ref(), &repartition, &mut owned);
             if !new.is_empty() {
                 info!(partitions = ?new, "repartition partitions assigned; syncing their state with the changelogs");
-                self.sync_with_changelogs(producer, tasks, &new).await?;
+                if !self
+                    .sync_with_changelogs(producer, tasks, &new, shutdown)
+                    .await?
+                {
+                    return Ok(());
+                }
             }
             if records.is_empty() {
                 continue;
@@ -832,14 +842,16 @@ impl Processor {
     }
 
     /// Brings the stores of the tasks of `partitions` up to their changelogs
-    /// ([`sync_stores_with_changelogs`]).
+    /// ([`sync_stores_with_changelogs`]); `false` when `shutdown` interrupted it.
     async fn sync_with_changelogs(
         &self,
         producer: &dyn Producer,
         tasks: &mut BTreeMap<(usize, i32), Task>,
         partitions: &BTreeSet<i32>,
-    ) -> Result<(), ProcessorError> {
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ProcessorError> {
         let restore = Restore {
+            shutdown,
             log: self.log.as_ref(),
             producer,
             app: &self.config.name,
@@ -991,6 +1003,8 @@ pub(crate) struct Restore<'a> {
     pub exactly_once: bool,
     pub policy: RetryPolicy,
     pub metrics: &'a PipelineMetrics,
+    /// Ends the waits for an unavailable log (the restore then reports it did not finish).
+    pub shutdown: &'a CancellationToken,
 }
 
 /// Brings every store in `stores` (with its partition) up to its changelog partition, so that
@@ -1006,16 +1020,28 @@ pub(crate) struct Restore<'a> {
 /// Records after the last complete batch (a producer that died half-way through one) are
 /// overwritten in the changelog with the store's values ([`repair_records`]), so the
 /// changelog again restores exactly to this state.
+///
+/// Transient log errors are waited out; `false` when `restore.shutdown` came first (the stores
+/// are then not all current: the caller must not process).
 pub(crate) async fn sync_stores_with_changelogs(
     restore: &Restore<'_>,
     stores: Vec<(i32, &mut FjallStore)>,
-) -> Result<(), ProcessorError> {
+) -> Result<bool, ProcessorError> {
     let mut watermarks: BTreeMap<String, BTreeMap<i32, (i64, i64)>> = BTreeMap::new();
     let exactly_once = restore.exactly_once;
     for (p, store) in stores {
         let topic = changelog_topic_name(restore.app, store.name());
         if !watermarks.contains_key(&topic) {
-            let d = restore.log.describe_topic(&topic).await?;
+            let described = retry_transient(
+                "reading a changelog's watermarks",
+                &restore.policy,
+                restore.shutdown,
+                || restore.log.describe_topic(&topic),
+            )
+            .await?;
+            let Some(d) = described else {
+                return Ok(false);
+            };
             let marks = d
                 .partitions
                 .iter()
@@ -1048,7 +1074,16 @@ pub(crate) async fn sync_stores_with_changelogs(
                 low
             }
         };
-        let records = restore.log.read_partition(&topic, p, from, high).await?;
+        let read = retry_transient(
+            "reading a changelog",
+            &restore.policy,
+            restore.shutdown,
+            || restore.log.read_partition(&topic, p, from, high),
+        )
+        .await?;
+        let Some(records) = read else {
+            return Ok(false);
+        };
         let read = records.len();
         let mut changelog = records.into_iter().filter_map(|r| {
             Some(ChangelogRecord {
@@ -1083,7 +1118,7 @@ pub(crate) async fn sync_stores_with_changelogs(
         record_changelog_end(store, end)?;
         info!(%topic, partition = p, from, to = high, records = read, "state restored from the changelog");
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Waits until every store has applied every record now in `topics` (their high watermarks,

@@ -587,7 +587,9 @@ impl TopologyRunner {
             }))
             .collect();
         let all: BTreeSet<i32> = (0..seg.partitions).collect();
-        self.sync(producer, tasks, &all).await?;
+        if !self.sync(producer, tasks, &all, drain.shutdown).await? {
+            return Ok(()); // shutdown during the restore: consume nothing
+        }
         for topic in &topics {
             let mut resume: BTreeMap<i32, i64> = BTreeMap::new();
             for (&p, stores) in tasks.iter() {
@@ -625,7 +627,9 @@ impl TopologyRunner {
             let new = newly_assigned(consumer.as_ref(), &seg.input, &mut owned);
             if !new.is_empty() {
                 info!(group = %seg.group, partitions = ?new, "partitions assigned; syncing their state with the changelogs");
-                self.sync(producer, tasks, &new).await?;
+                if !self.sync(producer, tasks, &new, drain.shutdown).await? {
+                    return Ok(());
+                }
                 check_colocated(consumer.as_ref(), seg, &owned)?;
             }
             if records.is_empty() {
@@ -828,14 +832,17 @@ impl TopologyRunner {
         Ok(Some(out))
     }
 
-    /// Brings the stores of `partitions` up to their changelogs.
+    /// Brings the stores of `partitions` up to their changelogs; `false` when `shutdown`
+    /// interrupted it.
     async fn sync(
         &self,
         producer: &dyn Producer,
         tasks: &mut BTreeMap<i32, Vec<Option<FjallStore>>>,
         partitions: &BTreeSet<i32>,
-    ) -> Result<(), ProcessorError> {
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ProcessorError> {
         let restore = Restore {
+            shutdown,
             log: self.log.as_ref(),
             producer,
             app: &self.topology.app,
