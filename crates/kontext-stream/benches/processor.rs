@@ -17,22 +17,16 @@
 #[path = "../../../bench/allocator.rs"]
 mod allocator;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use kontext_core::config::PipelineConfig;
-use kontext_core::record::ProduceRecord;
-use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
-use kontext_log::{Log, TopicSpec};
+use kontext_log::TopicSpec;
 use kontext_stream::processor::{self, Processor};
 use tokio_util::sync::CancellationToken;
 
-#[path = "../../../bench/cpu_time.rs"]
-mod cpu_time;
+mod support;
 
-const ACCOUNTS: usize = 20_000;
-const PARTITIONS: i32 = 4;
+use support::{caught_up, cpu_time, PARTITIONS};
 
 fn pipeline(name: &str, data_dir: &str, log: &str) -> String {
     format!(
@@ -58,50 +52,19 @@ features:
     )
 }
 
-/// CPU time of this process so far (every thread).
-fn cpu_time() -> Duration {
-    Duration::from_nanos(cpu_time::ProcessCpuTime::now_ns())
-}
-
-async fn caught_up(log: &dyn Log, group: &str, topic: &str) -> bool {
-    let Ok(d) = log.describe_topic(topic).await else {
-        return false;
-    };
-    let Ok(committed) = log.committed_offsets(group, topic).await else {
-        return false;
-    };
-    d.partitions.iter().all(|p| {
-        p.high_watermark == 0
-            || committed
-                .iter()
-                .any(|(cp, c)| *cp == p.partition && c.is_some_and(|c| c >= p.high_watermark))
-    })
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let events: usize = std::env::var("KONTEXT_BENCH_EVENTS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(200_000);
+    let events = support::events();
     let kafka = std::env::var("KONTEXT_BENCH_KAFKA").ok();
     let exactly_once = std::env::var("KONTEXT_BENCH_EXACTLY_ONCE").is_ok_and(|v| v == "1");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap().to_string();
     let name = format!("bench-{}", std::process::id());
-    let (log_yaml, log): (String, Arc<dyn Log>) = match &kafka {
-        None => (
-            "{ backend: embedded, fsync: group_commit }".into(),
-            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap(),
-        ),
-        Some(bootstrap) => (
-            format!(
-                r#"{{ backend: kafka, bootstrap_servers: "{bootstrap}", exactly_once: {exactly_once} }}"#
-            ),
-            Arc::new(
-                kontext_kafka::KafkaLog::new(kontext_kafka::KafkaConfig::new(bootstrap.clone()))
-                    .unwrap(),
-            ),
+    let log = support::log(kafka.as_deref(), dir.path());
+    let log_yaml = match &kafka {
+        None => "{ backend: embedded, fsync: group_commit }".to_string(),
+        Some(bootstrap) => format!(
+            r#"{{ backend: kafka, bootstrap_servers: "{bootstrap}", exactly_once: {exactly_once} }}"#
         ),
     };
     let config =
@@ -114,28 +77,7 @@ async fn main() {
         log.create_topic(&spec).await.unwrap();
     }
 
-    // The input, written before the clock starts (plain JSON values: the source is matched by
-    // topic, the event id is the record's coordinates).
-    let producer = log.producer().await.unwrap();
-    let batch = 5_000;
-    for start in (0..events).step_by(batch) {
-        let records = (start..(start + batch).min(events))
-            .map(|i| {
-                let value = format!(
-                    r#"{{"account":"A-{}","amount":{}}}"#,
-                    i % ACCOUNTS,
-                    (i * 7919) % 2001
-                );
-                ProduceRecord::new(
-                    source.clone(),
-                    Some(Bytes::from(format!("T-{i}"))),
-                    Some(Bytes::from(value)),
-                )
-            })
-            .collect();
-        producer.send(records).await.unwrap();
-    }
-    producer.flush().await.unwrap();
+    support::write_transactions(log.as_ref(), &source, events).await;
 
     let shutdown = CancellationToken::new();
     let cpu_before = cpu_time();
@@ -151,8 +93,8 @@ async fn main() {
         if run.is_finished() {
             panic!("the processor stopped: {:?}", run.await);
         }
-        if caught_up(log.as_ref(), &rekey, &source).await
-            && caught_up(log.as_ref(), &tasks, &repartition).await
+        if caught_up(log.as_ref(), &rekey, &source, 0).await
+            && caught_up(log.as_ref(), &tasks, &repartition, 0).await
         {
             break;
         }

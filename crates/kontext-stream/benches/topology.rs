@@ -16,60 +16,25 @@
 #[path = "../../../bench/allocator.rs"]
 mod allocator;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use kontext_core::record::ProduceRecord;
-use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
-use kontext_log::{Log, TopicSpec};
+use kontext_log::TopicSpec;
 use kontext_process::{AggFn, AggregateConfig, DedupConfig, Emit, FieldPath, Topology, WindowSpec};
 use kontext_stream::topology::TopologyRunner;
 use tokio_util::sync::CancellationToken;
 
-#[path = "../../../bench/cpu_time.rs"]
-mod cpu_time;
+mod support;
 
-const ACCOUNTS: usize = 20_000;
-const PARTITIONS: i32 = 4;
-
-fn cpu_time() -> Duration {
-    Duration::from_nanos(cpu_time::ProcessCpuTime::now_ns())
-}
-
-async fn caught_up(log: &dyn Log, group: &str, topic: &str) -> bool {
-    let Ok(d) = log.describe_topic(topic).await else {
-        return false;
-    };
-    let Ok(committed) = log.committed_offsets(group, topic).await else {
-        return false;
-    };
-    // Under transactions a partition ends with a commit marker the group never reads past.
-    d.partitions.iter().all(|p| {
-        p.high_watermark == 0
-            || committed
-                .iter()
-                .any(|(cp, c)| *cp == p.partition && c.is_some_and(|c| c + 1 >= p.high_watermark))
-    })
-}
+use support::{caught_up, cpu_time, PARTITIONS};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let events: usize = std::env::var("KONTEXT_BENCH_EVENTS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(200_000);
+    let events = support::events();
     let kafka = std::env::var("KONTEXT_BENCH_KAFKA").ok();
     let exactly_once = std::env::var("KONTEXT_BENCH_EXACTLY_ONCE").is_ok_and(|v| v == "1");
     let dir = tempfile::tempdir().unwrap();
     let app = format!("bench-{}", std::process::id());
-    let log: Arc<dyn Log> = match &kafka {
-        None => EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap(),
-        Some(bootstrap) => Arc::new(
-            kontext_kafka::KafkaLog::new(kontext_kafka::KafkaConfig::new(bootstrap.clone()))
-                .unwrap(),
-        ),
-    };
+    let log = support::log(kafka.as_deref(), dir.path());
     let source = format!("{app}.txs");
     log.create_topic(&TopicSpec::new(&source, PARTITIONS))
         .await
@@ -100,28 +65,7 @@ async fn main() {
             .to(format!("{app}.accounts.features")),
     );
 
-    // The input, written before the clock starts (plain JSON values: the event id is the
-    // record's coordinates, the time its timestamp).
-    let producer = log.producer().await.unwrap();
-    let batch = 5_000;
-    for start in (0..events).step_by(batch) {
-        let records = (start..(start + batch).min(events))
-            .map(|i| {
-                let value = format!(
-                    r#"{{"account":"A-{}","amount":{}}}"#,
-                    i % ACCOUNTS,
-                    (i * 7919) % 2001
-                );
-                ProduceRecord::new(
-                    source.clone(),
-                    Some(Bytes::from(format!("T-{i}"))),
-                    Some(Bytes::from(value)),
-                )
-            })
-            .collect();
-        producer.send(records).await.unwrap();
-    }
-    producer.flush().await.unwrap();
+    support::write_transactions(log.as_ref(), &source, events).await;
 
     let runner =
         TopologyRunner::new(topology, log.clone(), dir.path()).with_exactly_once(exactly_once);
@@ -136,8 +80,16 @@ async fn main() {
         if run.is_finished() {
             panic!("the runner stopped: {:?}", run.await);
         }
-        if caught_up(log.as_ref(), &format!("{app}.tx-dedup"), &source).await
-            && caught_up(log.as_ref(), &format!("{app}.tx-stats"), &repartition).await
+        // Under transactions a partition ends with a commit marker the group never reads past.
+        let markers = i64::from(exactly_once);
+        if caught_up(log.as_ref(), &format!("{app}.tx-dedup"), &source, markers).await
+            && caught_up(
+                log.as_ref(),
+                &format!("{app}.tx-stats"),
+                &repartition,
+                markers,
+            )
+            .await
         {
             break;
         }

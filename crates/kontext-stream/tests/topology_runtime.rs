@@ -81,20 +81,22 @@ fn topology_with(n: &Names, dedup_downstream: bool) -> Topology {
         stats = stats.dedup("stats-dedup", DedupConfig { window_ms: WHOLE });
     }
     let stats = stats
-        .aggregate(
-            "order-stats",
-            AggregateConfig {
-                window: WindowSpec::Tumbling { size_ms: WHOLE },
-                grace_ms: 0,
-                functions: vec![
-                    ("orders".into(), AggFn::Count),
-                    ("spent".into(), AggFn::Sum(FieldPath::new("total"))),
-                ],
-                emit: Emit::OnUpdate,
-            },
-        )
+        .aggregate("order-stats", orders_and_spent())
         .to(n.stats.as_str());
     Topology::new(n.app.as_str()).with(enrich).with(stats)
+}
+
+/// Count and sum of `total` per key, over all of the test's time (one window).
+fn orders_and_spent() -> AggregateConfig {
+    AggregateConfig {
+        window: WindowSpec::Tumbling { size_ms: WHOLE },
+        grace_ms: 0,
+        functions: vec![
+            ("orders".into(), AggFn::Count),
+            ("spent".into(), AggFn::Sum(FieldPath::new("total"))),
+        ],
+        emit: Emit::OnUpdate,
+    }
 }
 
 fn event(topic: &str, key: &str, id: &str, time_ms: i64, data: Value) -> ProduceRecord {
@@ -519,18 +521,7 @@ async fn group_by_re_keys_a_stream_for_its_aggregate() {
         .filter("has-total", Predicate::Jq(".total != null".into()))
         .dedup("orders-dedup", DedupConfig { window_ms: WHOLE })
         .group_by("by-customer", FieldPath::new("customer_id"))
-        .aggregate(
-            "order-stats",
-            AggregateConfig {
-                window: WindowSpec::Tumbling { size_ms: WHOLE },
-                grace_ms: 0,
-                functions: vec![
-                    ("orders".into(), AggFn::Count),
-                    ("spent".into(), AggFn::Sum(FieldPath::new("total"))),
-                ],
-                emit: Emit::OnUpdate,
-            },
-        )
+        .aggregate("order-stats", orders_and_spent())
         .to(n.stats.as_str());
     let topology = Topology::new(n.app.as_str()).with(per_customer);
     let plan = TopologyRunner::new(topology.clone(), log.clone(), dir.path())
@@ -608,18 +599,7 @@ async fn a_join_then_group_by_counts_every_order_once() {
             },
         )
         .group_by("by-tier", FieldPath::new("customer.tier"))
-        .aggregate(
-            "tier-stats",
-            AggregateConfig {
-                window: WindowSpec::Tumbling { size_ms: WHOLE },
-                grace_ms: 0,
-                functions: vec![
-                    ("orders".into(), AggFn::Count),
-                    ("spent".into(), AggFn::Sum(FieldPath::new("total"))),
-                ],
-                emit: Emit::OnUpdate,
-            },
-        )
+        .aggregate("tier-stats", orders_and_spent())
         .to(n.stats.as_str());
     let topology = Topology::new(n.app.as_str()).with(per_tier);
     let mut want: BTreeMap<String, (i64, f64)> = BTreeMap::new();
