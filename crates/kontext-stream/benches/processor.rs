@@ -111,13 +111,15 @@ async fn main() {
         .iter()
         .map(|p| p.high_watermark)
         .sum();
-    println!(
-        "processor on {}{}: {events} events, {outputs} output offsets, wall {:.2} s ({:.0} ev/s), CPU {:.2} s ({:.0} ev per CPU-s)",
-        if kafka.is_some() { "kafka" } else { "embedded" },
-        if exactly_once { " exactly_once" } else { "" },
-        wall.as_secs_f64(),
-        events as f64 / wall.as_secs_f64(),
-        cpu.as_secs_f64(),
-        events as f64 / cpu.as_secs_f64(),
+    let outputs = format!(", {outputs} output offsets");
+    let on_kafka = kafka.is_some();
+    support::report(
+        "processor",
+        on_kafka,
+        exactly_once,
+        events,
+        &outputs,
+        wall,
+        cpu,
     );
 }

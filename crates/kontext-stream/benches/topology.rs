@@ -98,13 +98,6 @@ async fn main() {
     let cpu = cpu_time() - cpu_before;
     shutdown.cancel();
     run.await.unwrap().unwrap();
-    println!(
-        "topology on {}{}: {events} events, wall {:.2} s ({:.0} ev/s), CPU {:.2} s ({:.0} ev per CPU-s)",
-        if kafka.is_some() { "kafka" } else { "embedded" },
-        if exactly_once { " exactly_once" } else { "" },
-        wall.as_secs_f64(),
-        events as f64 / wall.as_secs_f64(),
-        cpu.as_secs_f64(),
-        events as f64 / cpu.as_secs_f64(),
-    );
+    let on_kafka = kafka.is_some();
+    support::report("topology", on_kafka, exactly_once, events, "", wall, cpu);
 }

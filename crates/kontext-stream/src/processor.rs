@@ -62,7 +62,7 @@ pub use kontext_core::config::{features_topic, FEATURES_SOURCE};
 /// `ce_type` of feature records.
 pub const FEATURES_TYPE: &str = "kontext.features.updated";
 
-pub(crate) const MAX_BATCH: usize = 2_000;
+const MAX_BATCH: usize = 2_000;
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
 /// "All time" is one tumbling window starting at the epoch, ending in 146 million years.
 const ALL_TIME_MS: i64 = 1 << 62;
@@ -1625,7 +1625,7 @@ fn join_batch(
 }
 
 /// Records in `store` (locally, outside its changelog) that it holds its changelog up to `end`.
-pub(crate) fn record_changelog_end(store: &mut FjallStore, end: i64) -> Result<(), StoreError> {
+fn record_changelog_end(store: &mut FjallStore, end: i64) -> Result<(), StoreError> {
     let mut batch = WriteBatch::default();
     batch.put(CHANGELOG_END_KEY, &end.to_le_bytes());
     store.apply(&batch)
@@ -1735,10 +1735,7 @@ fn high_water_key(tp: &TopicPartition) -> Vec<u8> {
     key
 }
 
-pub(crate) fn read_i64<S: StateStore + ?Sized>(
-    store: &S,
-    key: &[u8],
-) -> Result<Option<i64>, StoreError> {
+fn read_i64<S: StateStore + ?Sized>(store: &S, key: &[u8]) -> Result<Option<i64>, StoreError> {
     store
         .get(key)?
         .map(|v| {

@@ -16,7 +16,7 @@ use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
 use kontext_log::{Log, TopicSpec};
 use kontext_process::{
     AggFn, AggregateConfig, DedupConfig, Emit, FieldPath, JoinConfig, JoinKey, JoinKind, Predicate,
-    TableMode, Topology, TopologyError, WindowSpec,
+    StreamBuilder, TableMode, Topology, TopologyError, WindowSpec,
 };
 use kontext_stream::topology::{TopologyRunError, TopologyRunner};
 use kontext_stream::PipelineMetrics;
@@ -50,10 +50,9 @@ fn topology(n: &Names) -> Topology {
     topology_with(n, true)
 }
 
-/// `dedup_downstream`: whether the second pipeline deduplicates what it reads (needed without
-/// transactions, where the first pipeline's outputs are at-least-once).
-fn topology_with(n: &Names, dedup_downstream: bool) -> Topology {
-    let enrich = Topology::stream(n.orders.as_str())
+/// The orders that count: not test orders, with a total, each event id once.
+fn live_orders(n: &Names) -> StreamBuilder {
+    Topology::stream(n.orders.as_str())
         .filter(
             "live",
             Predicate::FieldNotEquals {
@@ -63,6 +62,12 @@ fn topology_with(n: &Names, dedup_downstream: bool) -> Topology {
         )
         .filter("has-total", Predicate::Jq(".total != null".into()))
         .dedup("orders-dedup", DedupConfig { window_ms: WHOLE })
+}
+
+/// `dedup_downstream`: whether the second pipeline deduplicates what it reads (needed without
+/// transactions, where the first pipeline's outputs are at-least-once).
+fn topology_with(n: &Names, dedup_downstream: bool) -> Topology {
+    let enrich = live_orders(n)
         .join_table(
             "with-customer",
             n.customers.as_str(),
@@ -510,16 +515,7 @@ async fn group_by_re_keys_a_stream_for_its_aggregate() {
     log.create_topic(&TopicSpec::new(&n.stats, 5))
         .await
         .unwrap();
-    let per_customer = Topology::stream(n.orders.as_str())
-        .filter(
-            "live",
-            Predicate::FieldNotEquals {
-                field: FieldPath::new("status"),
-                value: "test".into(),
-            },
-        )
-        .filter("has-total", Predicate::Jq(".total != null".into()))
-        .dedup("orders-dedup", DedupConfig { window_ms: WHOLE })
+    let per_customer = live_orders(&n)
         .group_by("by-customer", FieldPath::new("customer_id"))
         .aggregate("order-stats", orders_and_spent())
         .to(n.stats.as_str());

@@ -80,3 +80,24 @@ pub async fn caught_up(log: &dyn Log, group: &str, topic: &str, markers: i64) ->
             })
     })
 }
+
+/// Prints one result line: `<what> on <backend>: <events> events[, <extra>], wall ..., CPU ...`.
+pub fn report(
+    what: &str,
+    kafka: bool,
+    exactly_once: bool,
+    events: usize,
+    extra: &str,
+    wall: Duration,
+    cpu: Duration,
+) {
+    println!(
+        "{what} on {}{}: {events} events{extra}, wall {:.2} s ({:.0} ev/s), CPU {:.2} s ({:.0} ev per CPU-s)",
+        if kafka { "kafka" } else { "embedded" },
+        if exactly_once { " exactly_once" } else { "" },
+        wall.as_secs_f64(),
+        events as f64 / wall.as_secs_f64(),
+        cpu.as_secs_f64(),
+        events as f64 / cpu.as_secs_f64(),
+    );
+}
