@@ -127,6 +127,10 @@ impl<'a> Reader<'a> {
     pub fn i64_sortable(&mut self) -> Result<i64, StoreError> {
         Ok(i64_from_sortable(self.array()?))
     }
+    /// True when everything was read.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
     /// Whatever is left.
     pub fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.buf)

@@ -4,15 +4,32 @@
 //! seen so far, this event included. An event with time `t < st - window` is **late**: its id
 //! may already have been forgotten, so it is dropped and counted, never guessed at. Otherwise it
 //! is a **duplicate** if an earlier forwarded event with the same id has time `>= st - window`,
-//! and is **forwarded** if not. Ids are forgotten once their time falls below `st - window`.
+//! and is **forwarded** if not.
 //!
-//! State (keys): `d id` → time and offset of the forwarded event; `x time id` → expiry index;
-//! `m` → stream time.
+//! State (keys):
+//! - `d id` → time and offset of the forwarded event, and the sequence number of the batch
+//!   that forwarded it;
+//! - `x bucket seq` → the ids batch `seq` forwarded with a time in `[bucket, bucket + g)`
+//!   (`g` = [`bucket_width`]): one expiry entry per batch and time bucket, not one per id;
+//! - `n` → the last batch sequence number; `m` → stream time.
+//!
+//! An id is forgotten at the end of the first batch whose horizon `st - window` has passed the
+//! end of its bucket, so it may be kept up to `g` longer than the window; decisions only look at
+//! the stored time, so that changes the state's size, never a decision. Forwarding a
+//! remembered id again (its time fell below the horizon) removes it from its old expiry entry
+//! (a point read by `bucket` and `seq`), so every `d` entry has exactly one mention.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
 
 use crate::codec::{i64_sortable, Reader, Writer};
 use crate::event::Event;
 use crate::progress::Progress;
 use crate::store::{get_through, range_through, StateStore, StoreError, WriteBatch};
+
+/// Key of the last batch sequence number.
+const SEQ_KEY: &[u8] = b"n";
 
 /// Configuration of [`Deduplicate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +69,15 @@ pub struct Deduplicate {
     config: DedupConfig,
 }
 
+/// Width of the expiry buckets for a window: a sixteenth of it (at least 1 ms), so ids are
+/// kept at most ~6% longer than the window.
+pub fn bucket_width(window_ms: i64) -> i64 {
+    (window_ms / 16).max(1)
+}
+
+/// The ids one batch forwarded, by time bucket: `(time, id)` in forwarding order.
+type Mentions = BTreeMap<i64, Vec<(i64, Bytes)>>;
+
 impl Deduplicate {
     /// An operator with this configuration.
     pub fn new(config: DedupConfig) -> Self {
@@ -74,6 +100,9 @@ impl Deduplicate {
         }
         let mut progress = Progress::load(store, &out.state)?;
         let window = self.config.window_ms;
+        let width = bucket_width(window);
+        let mut seq = None;
+        let mut mentions = Mentions::new();
         for event in events {
             let Some(stream_time) = progress.admit(event) else {
                 out.decisions.push(DedupDecision::AlreadyApplied);
@@ -100,15 +129,31 @@ impl Deduplicate {
                     }
                 }
                 stale => {
+                    let seq = match seq {
+                        Some(seq) => seq,
+                        None => *seq.insert(next_seq(store, &out.state)?),
+                    };
                     if let Some(stale) = stale {
-                        out.state.delete(&expiry_key(stale.time_ms, &event.id));
+                        unmention(
+                            store,
+                            &mut out.state,
+                            &mut mentions,
+                            seq,
+                            width,
+                            &stale,
+                            &event.id,
+                        )?;
                     }
-                    let mut w = Writer::with_capacity(20);
+                    let mut w = Writer::with_capacity(28);
                     w.i64(event.time_ms)
                         .u32(event.coords.partition as u32)
-                        .i64(event.coords.offset);
+                        .i64(event.coords.offset)
+                        .u64(seq);
                     out.state.put(&key, &w.finish());
-                    out.state.put(&expiry_key(event.time_ms, &event.id), &[]);
+                    mentions
+                        .entry(bucket_of(event.time_ms, width))
+                        .or_default()
+                        .push((event.time_ms, event.id.clone()));
                     DedupDecision::Forward
                 }
             };
@@ -117,34 +162,116 @@ impl Deduplicate {
         let stream_time = progress.stream_time();
         let from = progress
             .loaded_stream_time()
-            .map_or(i64::MIN, |st| st.saturating_sub(window));
+            .map_or(i64::MIN, |st| cutoff(st.saturating_sub(window), width));
         progress.finish(&mut out.state);
+        if let (Some(st), Some(seq)) = (stream_time, seq) {
+            out.state.put(SEQ_KEY, &seq.to_le_bytes());
+            let cut = cutoff(st.saturating_sub(window), width);
+            for (bucket, ids) in mentions {
+                if bucket < cut {
+                    // Forwarded by this batch and already past the horizon.
+                    for (_, id) in ids {
+                        out.state.delete(&id_key(&id));
+                        out.expired += 1;
+                    }
+                } else if !ids.is_empty() {
+                    // (Empty when the batch forwarded its only id again.)
+                    out.state
+                        .put(&expiry_key(bucket, seq), &encode_mentions(&ids));
+                }
+            }
+        }
         if let Some(st) = stream_time {
-            out.expired = self.expire(store, &mut out.state, from, st.saturating_sub(window))?;
+            let cut = cutoff(st.saturating_sub(window), width);
+            out.expired += expire(store, &mut out.state, from, cut)?;
         }
         Ok(out)
     }
+}
 
-    /// Forgets ids whose time is in `[from, horizon)` (nothing is left below `from`).
-    fn expire<S: StateStore + ?Sized>(
-        &self,
-        store: &S,
-        state: &mut WriteBatch,
-        from: i64,
-        horizon: i64,
-    ) -> Result<usize, StoreError> {
-        let start = [b"x".as_slice(), &i64_sortable(from)].concat();
-        let end = [b"x".as_slice(), &i64_sortable(horizon)].concat();
-        let expired = range_through(store, state, &start, &end)?;
-        for (key, _) in &expired {
-            let mut r = Reader::new(&key[1..]);
-            let _time = r.i64_sortable()?;
-            // The index entry is the id's current one: forwarding an id again deletes its old
-            // index entry, so no lookup is needed before deleting the id.
-            state.delete(&id_key(r.rest()));
-            state.delete(key);
+/// Forgets every id of the expiry entries with a bucket in `[from, cut)` (nothing is left
+/// below `from`).
+fn expire<S: StateStore + ?Sized>(
+    store: &S,
+    state: &mut WriteBatch,
+    from: i64,
+    cut: i64,
+) -> Result<usize, StoreError> {
+    if from >= cut {
+        return Ok(0);
+    }
+    let start = [b"x".as_slice(), &i64_sortable(from)].concat();
+    let end = [b"x".as_slice(), &i64_sortable(cut)].concat();
+    let mut forgotten = 0;
+    for (key, value) in range_through(store, state, &start, &end)? {
+        // Each mentioned id's `d` entry is the one this entry mentions: forwarding an id again
+        // removes its old mention, so no lookup is needed before deleting.
+        for (_, id) in decode_entry(&key, &value)? {
+            state.delete(&id_key(&id));
+            forgotten += 1;
         }
-        Ok(expired.len())
+        state.delete(&key);
+    }
+    Ok(forgotten)
+}
+
+/// Removes the mention of a remembered id that is being forwarded again: from this batch's
+/// mentions, from the expiry entry of the batch that forwarded it, or (a store written before
+/// expiry entries were per batch) the id's own entry `x time id`.
+fn unmention<S: StateStore + ?Sized>(
+    store: &S,
+    state: &mut WriteBatch,
+    mentions: &mut Mentions,
+    seq: u64,
+    width: i64,
+    stale: &Seen,
+    id: &[u8],
+) -> Result<(), StoreError> {
+    let bucket = bucket_of(stale.time_ms, width);
+    let is_it = |m: &(i64, Bytes)| m.0 == stale.time_ms && m.1 == id;
+    match stale.seq {
+        Some(s) if s == seq => {
+            if let Some(ids) = mentions.get_mut(&bucket) {
+                ids.retain(|m| !is_it(m));
+            }
+        }
+        Some(s) => {
+            let key = expiry_key(bucket, s);
+            if let Some(value) = get_through(store, state, &key)? {
+                let mut ids = decode_entry(&key, &value)?;
+                ids.retain(|m| !is_it(m));
+                if ids.is_empty() {
+                    state.delete(&key);
+                } else {
+                    state.put(&key, &encode_mentions(&ids));
+                }
+            }
+        }
+        None => {
+            let mut key = Vec::with_capacity(id.len() + 9);
+            key.push(b'x');
+            key.extend_from_slice(&i64_sortable(stale.time_ms));
+            key.extend_from_slice(id);
+            state.delete(&key);
+        }
+    }
+    Ok(())
+}
+
+/// Expiry entries of keys below this bucket are past the horizon: every time in them is below
+/// `horizon`.
+fn cutoff(horizon: i64, width: i64) -> i64 {
+    horizon.saturating_sub(width).saturating_add(1)
+}
+
+fn bucket_of(time_ms: i64, width: i64) -> i64 {
+    time_ms.saturating_sub(time_ms.rem_euclid(width))
+}
+
+fn next_seq<S: StateStore + ?Sized>(store: &S, state: &WriteBatch) -> Result<u64, StoreError> {
+    match get_through(store, state, SEQ_KEY)? {
+        Some(v) => Ok(Reader::new(&v).u64()? + 1),
+        None => Ok(0),
     }
 }
 
@@ -152,6 +279,8 @@ struct Seen {
     time_ms: i64,
     partition: i32,
     offset: i64,
+    /// `None` in entries written before expiry entries were per batch.
+    seq: Option<u64>,
 }
 
 fn decode_seen(v: &[u8]) -> Result<Seen, StoreError> {
@@ -160,7 +289,33 @@ fn decode_seen(v: &[u8]) -> Result<Seen, StoreError> {
         time_ms: r.i64()?,
         partition: r.u32()? as i32,
         offset: r.i64()?,
+        seq: if v.len() > 20 { Some(r.u64()?) } else { None },
     })
+}
+
+fn encode_mentions(ids: &[(i64, Bytes)]) -> Vec<u8> {
+    let mut w = Writer::with_capacity(ids.iter().map(|(_, id)| id.len() + 12).sum());
+    for (time, id) in ids {
+        w.i64(*time).bytes(id);
+    }
+    w.finish()
+}
+
+/// The `(time, id)` mentions of an expiry entry. An empty value is an entry of the earlier
+/// layout, `x time id`, mentioning one id.
+fn decode_entry(key: &[u8], value: &[u8]) -> Result<Vec<(i64, Bytes)>, StoreError> {
+    if value.is_empty() {
+        let mut r = Reader::new(&key[1..]);
+        let time = r.i64_sortable()?;
+        return Ok(vec![(time, Bytes::copy_from_slice(r.rest()))]);
+    }
+    let mut r = Reader::new(value);
+    let mut out = Vec::new();
+    while !r.is_empty() {
+        let time = r.i64()?;
+        out.push((time, Bytes::copy_from_slice(r.bytes()?)));
+    }
+    Ok(out)
 }
 
 fn id_key(id: &[u8]) -> Vec<u8> {
@@ -170,21 +325,135 @@ fn id_key(id: &[u8]) -> Vec<u8> {
     key
 }
 
-fn expiry_key(time_ms: i64, id: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(id.len() + 9);
+fn expiry_key(bucket: i64, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(17);
     key.push(b'x');
-    key.extend_from_slice(&i64_sortable(time_ms));
-    key.extend_from_slice(id);
+    key.extend_from_slice(&i64_sortable(bucket));
+    key.extend_from_slice(&seq.to_be_bytes());
     key
 }
 
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use proptest::prelude::*;
 
     use super::*;
     use crate::event::Coords;
     use crate::store::MemoryStore;
+
+    /// Checks the state's bookkeeping after a commit: every remembered id is mentioned exactly
+    /// once, by the expiry entry of its bucket and batch, and nothing past the horizon's cut is
+    /// left.
+    fn assert_bookkeeping(store: &MemoryStore, window: i64) {
+        let width = bucket_width(window);
+        let mut remembered = BTreeMap::new();
+        for entry in store.prefix(b"d") {
+            let (key, value) = entry.unwrap();
+            let seen = decode_seen(&value).unwrap();
+            remembered.insert(key[1..].to_vec(), (seen.time_ms, seen.seq.unwrap()));
+        }
+        let mut mentioned = BTreeMap::new();
+        for entry in store.prefix(b"x") {
+            let (key, value) = entry.unwrap();
+            let mut r = Reader::new(&key[1..]);
+            let bucket = r.i64_sortable().unwrap();
+            let seq = u64::from_be_bytes(r.rest().try_into().unwrap());
+            for (time, id) in decode_entry(&key, &value).unwrap() {
+                assert_eq!(
+                    bucket_of(time, width),
+                    bucket,
+                    "mention in the wrong bucket"
+                );
+                let again = mentioned.insert(id.to_vec(), (time, seq));
+                assert!(again.is_none(), "{id:?} is mentioned twice");
+            }
+        }
+        assert_eq!(remembered, mentioned);
+        if let Some(st) = store.get(b"\x00m").unwrap() {
+            let st = i64::from_le_bytes(st.as_ref().try_into().unwrap());
+            let cut = cutoff(st - window, width);
+            for (id, (time, _)) in &remembered {
+                assert!(bucket_of(*time, width) >= cut, "{id:?} outlived its window");
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn every_remembered_id_has_one_expiry_mention_and_expires(
+            events in prop::collection::vec((0u8..20, 0i64..40, 0i64..30), 0..120),
+            sizes in prop::collection::vec(1usize..12, 1..20),
+            window in 0i64..200,
+        ) {
+            let op = Deduplicate::new(DedupConfig { window_ms: window });
+            let mut store = MemoryStore::new("dedup");
+            let mut now = 0;
+            let events: Vec<Event> = events
+                .iter()
+                .enumerate()
+                .map(|(i, (id, step, back))| {
+                    now += step;
+                    ev(&format!("e{id}"), now - back, i as i64)
+                })
+                .collect();
+            let mut sizes = sizes.iter().cycle();
+            let mut pos = 0;
+            while pos < events.len() {
+                let end = (pos + sizes.next().unwrap()).min(events.len());
+                let batch = op.process(&store, &events[pos..end]).unwrap();
+                store.commit(batch.state).unwrap();
+                assert_bookkeeping(&store, window);
+                pos = end;
+            }
+        }
+    }
+
+    #[test]
+    fn state_of_the_per_id_expiry_layout_still_expires_and_dedups() {
+        use DedupDecision::*;
+        let op = Deduplicate::new(DedupConfig { window_ms: 100 });
+        let mut store = MemoryStore::new("dedup");
+        // What the previous layout wrote for `a` at 0 and `b` at 90 (stream time 90).
+        let mut old = WriteBatch::default();
+        for (id, time, offset) in [("a", 0i64, 0i64), ("b", 90, 1)] {
+            let mut w = Writer::default();
+            w.i64(time).u32(0).i64(offset);
+            old.put(&id_key(id.as_bytes()), &w.finish());
+            old.put(
+                &[b"x".as_slice(), &i64_sortable(time), id.as_bytes()].concat(),
+                &[],
+            );
+        }
+        old.put(b"\x00m", &90i64.to_le_bytes());
+        old.set_offset(kontext_core::record::TopicPartition::new("clicks", 0), 2);
+        store.commit(old).unwrap();
+        // `a` is past the horizon and forwarded again; `b` is still remembered.
+        let batch = op
+            .process(&store, &[ev("a", 150, 2), ev("b", 150, 3)])
+            .unwrap();
+        assert_eq!(batch.decisions, vec![Forward, Duplicate]);
+        store.commit(batch.state).unwrap();
+        assert_bookkeeping_except_old(&store);
+        // Much later both are forgotten, old layout and new.
+        let batch = op.process(&store, &[ev("c", 1_000, 4)]).unwrap();
+        assert_eq!(batch.expired, 2);
+        store.commit(batch.state).unwrap();
+        assert_bookkeeping(&store, 100);
+        let ids: Vec<_> = store.prefix(b"d").map(|e| e.unwrap().0).collect();
+        assert_eq!(ids, vec![Bytes::from_static(b"dc")]);
+    }
+
+    /// After the first batch on an old store, `b` still has its old-layout entry and value.
+    fn assert_bookkeeping_except_old(store: &MemoryStore) {
+        let old_b = [b"x".as_slice(), &i64_sortable(90), b"b"].concat();
+        let old_a = [b"x".as_slice(), &i64_sortable(0), b"a"].concat();
+        assert!(store.get(&old_b).unwrap().is_some());
+        assert!(
+            store.get(&old_a).unwrap().is_none(),
+            "a's old entry is removed"
+        );
+    }
 
     fn ev(id: &str, t: i64, offset: i64) -> Event {
         Event {
