@@ -26,7 +26,7 @@ use bytes::Bytes;
 use crate::codec::{i64_sortable, Reader, Writer};
 use crate::event::Event;
 use crate::progress::Progress;
-use crate::store::{get_through, range_through, StateStore, StoreError, WriteBatch};
+use crate::store::{get_through, next_sequence, range_through, StateStore, StoreError, WriteBatch};
 
 /// Key of the last batch sequence number.
 const SEQ_KEY: &[u8] = b"n";
@@ -131,7 +131,7 @@ impl Deduplicate {
                 stale => {
                     let seq = match seq {
                         Some(seq) => seq,
-                        None => *seq.insert(next_seq(store, &out.state)?),
+                        None => *seq.insert(next_sequence(store, &out.state, SEQ_KEY)?),
                     };
                     if let Some(stale) = stale {
                         unmention(
@@ -266,13 +266,6 @@ fn cutoff(horizon: i64, width: i64) -> i64 {
 
 fn bucket_of(time_ms: i64, width: i64) -> i64 {
     time_ms.saturating_sub(time_ms.rem_euclid(width))
-}
-
-fn next_seq<S: StateStore + ?Sized>(store: &S, state: &WriteBatch) -> Result<u64, StoreError> {
-    match get_through(store, state, SEQ_KEY)? {
-        Some(v) => Ok(Reader::new(&v).u64()? + 1),
-        None => Ok(0),
-    }
 }
 
 struct Seen {

@@ -264,6 +264,16 @@ fn run_aggregate(
     config: AggregateConfig,
     by_key_only: bool,
 ) -> BTreeMap<(Bytes, i64, i64), Vec<AggValue>> {
+    run_aggregate_with_state(events, plan, config, by_key_only).0
+}
+
+/// [`run_aggregate`], and the store at the end.
+fn run_aggregate_with_state(
+    events: &[Event],
+    plan: &[(usize, Fault)],
+    config: AggregateConfig,
+    by_key_only: bool,
+) -> (BTreeMap<(Bytes, i64, i64), Vec<AggValue>>, MemoryStore) {
     let op = Aggregate::new(config).unwrap();
     let mut table = Downstream::new();
     let (store, changelog) = drive(
@@ -285,10 +295,11 @@ fn run_aggregate(
         },
     );
     assert_restores(&store, changelog);
-    table
+    let table = table
         .into_iter()
         .filter_map(|(k, (_, v))| Some((k, v?)))
-        .collect()
+        .collect();
+    (table, store)
 }
 
 fn fixed_reference(
@@ -382,10 +393,14 @@ proptest! {
     ) {
         let events = events(&specs);
         let spec = WindowSpec::Tumbling { size_ms: size };
-        prop_assert_eq!(
-            run_aggregate(&events, &plan, config(spec, grace, Emit::OnUpdate), false),
-            fixed_reference(&events, spec, grace)
-        );
+        let (table, store) =
+            run_aggregate_with_state(&events, &plan, config(spec, grace, Emit::OnUpdate), false);
+        let reference = fixed_reference(&events, spec, grace);
+        // The state holds the open windows and nothing else (closed ones were deleted).
+        let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
+        let open = reference.keys().filter(|(_, _, end)| end + grace > st).count();
+        prop_assert_eq!(store.prefix(b"a").count(), open);
+        prop_assert_eq!(table, reference);
     }
 
     #[test]

@@ -72,6 +72,56 @@ fn tumbling_windows_emit_full_values_and_drop_events_past_grace() {
 }
 
 #[test]
+fn tumbling_state_of_the_per_window_index_layout_still_closes() {
+    let mut cfg = config(WindowSpec::Tumbling { size_ms: 10 }, 0);
+    cfg.emit = Emit::OnClose;
+    let op = Aggregate::new(cfg).unwrap();
+    let mut store = MemoryStore::new("agg");
+    // What the earlier layout held for one event of c1 at t=3: the accumulator and an index
+    // entry `x end key start` with an empty value.
+    let mut acc = op.new_acc(0);
+    acc.add(&op.inputs(&ev("c1", 3, 0, 7.0)), 3, 0);
+    let skey = keyed(b'a', b"c1", 0);
+    let mut old = WriteBatch::default();
+    old.put(&skey, &acc.encode());
+    old.put(&index_key(b'x', 10, &skey[1..]), &[]);
+    old.set_offset(kontext_core::record::TopicPartition::new("orders", 0), 1);
+    store.commit(old).unwrap();
+    // c2 opens [10, 20) in the new layout; stream time 25 closes both windows.
+    let batch = op
+        .process(&store, &[ev("c2", 12, 1, 1.0), ev("c2", 25, 2, 1.0)])
+        .unwrap();
+    let closed: Vec<_> = batch
+        .updates
+        .iter()
+        .map(|u| {
+            (
+                u.key.clone(),
+                u.window.start,
+                u.values.as_ref().unwrap()[1].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        closed,
+        vec![
+            (Bytes::from_static(b"c1"), 0, AggValue::Num(7.0)),
+            (Bytes::from_static(b"c2"), 10, AggValue::Num(1.0)),
+        ]
+    );
+    store.commit(batch.state).unwrap();
+    // Left: c2's open window [20, 30), its index entry, the batch number and the offsets.
+    let left: Vec<u8> = store
+        .dump()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| k[0])
+        .filter(|tag| *tag != 0)
+        .collect();
+    assert_eq!(left, b"anx");
+}
+
+#[test]
 fn emit_on_close_emits_only_final_values() {
     let mut cfg = config(WindowSpec::Tumbling { size_ms: 10 }, 0);
     cfg.emit = Emit::OnClose;

@@ -156,6 +156,20 @@ pub fn get_through<S: StateStore + ?Sized>(
     }
 }
 
+/// The next number of the sequence kept under `key` (0 first), as the store will hold it once
+/// `batch` is applied. Operators number their batches with it to give per-batch state entries
+/// unique keys; the caller stores the number back under `key`.
+pub(crate) fn next_sequence<S: StateStore + ?Sized>(
+    store: &S,
+    batch: &WriteBatch,
+    key: &[u8],
+) -> Result<u64, StoreError> {
+    match get_through(store, batch, key)? {
+        Some(v) => Ok(crate::codec::Reader::new(&v).u64()? + 1),
+        None => Ok(0),
+    }
+}
+
 /// Entries with `start <= key < end` as the store will hold them once `batch` is applied.
 pub fn range_through<S: StateStore + ?Sized>(
     store: &S,
