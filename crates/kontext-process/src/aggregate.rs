@@ -732,7 +732,12 @@ impl Aggregate {
     }
 
     /// Sliding windows. Keys: `a key` → accumulator over the retained events,
-    /// `r key time offset` → the event's inputs, `q time key offset` → expiry index.
+    /// `r key time offset` → the event's inputs; `q min seq` → expiry index: the events batch
+    /// `seq` retained in one time bucket (`size / 16` wide), `(time, key, offset)` each, under
+    /// the smallest time among them. When the horizon passes that time, the entry's expired
+    /// events are forgotten and the rest is written back under its new smallest time, so an
+    /// event costs one index mention instead of an index entry's put and delete. (An entry
+    /// `q time key offset` with an empty value, of the earlier layout, names one event.)
     fn process_sliding<S: StateStore + ?Sized>(
         &self,
         store: &S,
@@ -742,6 +747,9 @@ impl Aggregate {
     ) -> Result<(), StoreError> {
         let mut progress = Progress::load(store, &out.state)?;
         let mut dirty: BTreeMap<Bytes, Slot> = BTreeMap::new();
+        let width = (size / 16).max(1);
+        // The events this batch retains, by time bucket.
+        let mut retained: BTreeMap<i64, Vec<Retained>> = BTreeMap::new();
         for event in events {
             let Some(st) = progress.admit(event) else {
                 out.already_applied += 1;
@@ -761,16 +769,10 @@ impl Aggregate {
             let tail = retained_tail(&event.key, event.time_ms, event.coords.offset);
             out.state
                 .put(&[b"r".as_slice(), &tail].concat(), &encode_inputs(&inputs));
-            out.state.put(
-                &[
-                    b"q".as_slice(),
-                    &i64_sortable(event.time_ms),
-                    &key_prefix_tail(&event.key),
-                    &event.coords.offset.to_be_bytes(),
-                ]
-                .concat(),
-                &[],
-            );
+            retained
+                .entry(event.time_ms.div_euclid(width))
+                .or_default()
+                .push((event.time_ms, event.key.clone(), event.coords.offset));
         }
         let Some(st) = progress.stream_time() else {
             return Ok(());
@@ -780,23 +782,34 @@ impl Aggregate {
             st.saturating_sub(size).saturating_add(1)
         });
         progress.finish(&mut out.state);
+        if !retained.is_empty() {
+            let seq = next_sequence(store, &out.state, SEQ_KEY)?;
+            out.state.put(SEQ_KEY, &seq.to_le_bytes());
+            for events in retained.into_values() {
+                put_retained_entry(&mut out.state, seq, &events);
+            }
+        }
         // Events with t <= st - size leave their key's window.
+        let horizon = st.saturating_sub(size);
         let mut to = b"q".to_vec();
-        to.extend_from_slice(&i64_sortable(st.saturating_sub(size).saturating_add(1)));
+        to.extend_from_slice(&i64_sortable(horizon.saturating_add(1)));
         let mut recompute = BTreeSet::new();
-        for (qkey, _) in range_through(store, &out.state, &from, &to)? {
-            let mut r = Reader::new(&qkey[1..]);
-            let t = r.i64_sortable()?;
-            let key = Bytes::copy_from_slice(r.bytes()?);
-            let offset = i64::from_be_bytes(
-                r.rest()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("sliding index".into()))?,
-            );
-            out.state
-                .delete(&[b"r".as_slice(), &retained_tail(&key, t, offset)].concat());
+        for (qkey, value) in range_through(store, &out.state, &from, &to)? {
             out.state.delete(&qkey);
-            recompute.insert(key);
+            let (seq, events) = decode_retained_entry(&qkey, &value)?;
+            let mut rest = Vec::new();
+            for (t, key, offset) in events {
+                if t <= horizon {
+                    out.state
+                        .delete(&[b"r".as_slice(), &retained_tail(&key, t, offset)].concat());
+                    recompute.insert(key);
+                } else {
+                    rest.push((t, key, offset));
+                }
+            }
+            if let (Some(seq), false) = (seq, rest.is_empty()) {
+                put_retained_entry(&mut out.state, seq, &rest);
+            }
         }
         for key in recompute {
             let partition = last.partition;
@@ -870,6 +883,47 @@ impl Aggregate {
             .get_mut(key)
             .ok_or_else(|| StoreError::Corrupt("sliding slot vanished".into()))
     }
+}
+
+/// An event a sliding window retains: its time, key and offset.
+type Retained = (i64, Bytes, i64);
+
+/// Writes the sliding expiry entry of `events` (one batch's, in one time bucket), under their
+/// smallest time.
+fn put_retained_entry(state: &mut WriteBatch, seq: u64, events: &[Retained]) {
+    let Some(min) = events.iter().map(|e| e.0).min() else {
+        return;
+    };
+    let mut w = Writer::with_capacity(events.iter().map(|e| e.1.len() + 20).sum());
+    for (t, key, offset) in events {
+        w.i64(*t).bytes(key).i64(*offset);
+    }
+    state.put(&index_key(b'q', min, &seq.to_be_bytes()), &w.finish());
+}
+
+/// A sliding expiry entry: its batch number and events. An empty value is an entry of the
+/// earlier layout, `q time key offset`, naming one event (no batch number).
+fn decode_retained_entry(
+    key: &[u8],
+    value: &[u8],
+) -> Result<(Option<u64>, Vec<Retained>), StoreError> {
+    let corrupt = || StoreError::Corrupt("sliding index".into());
+    let mut r = Reader::new(&key[1..]);
+    let t = r.i64_sortable()?;
+    if value.is_empty() {
+        let key = Bytes::copy_from_slice(r.bytes()?);
+        let offset = i64::from_be_bytes(r.rest().try_into().map_err(|_| corrupt())?);
+        return Ok((None, vec![(t, key, offset)]));
+    }
+    let seq = u64::from_be_bytes(r.rest().try_into().map_err(|_| corrupt())?);
+    let mut r = Reader::new(value);
+    let mut events = Vec::new();
+    while !r.is_empty() {
+        let t = r.i64()?;
+        let key = Bytes::copy_from_slice(r.bytes()?);
+        events.push((t, key, r.i64()?));
+    }
+    Ok((Some(seq), events))
 }
 
 /// An accumulator being updated in this batch.
@@ -1334,13 +1388,6 @@ fn decode_inputs(bytes: &[u8]) -> Result<Vec<Option<Scalar>>, StoreError> {
         });
     }
     Ok(out)
-}
-
-/// `len(key) key`: keys are length-prefixed so one key is never a prefix of another.
-fn key_prefix_tail(key: &[u8]) -> Vec<u8> {
-    let mut w = Writer::with_capacity(key.len() + 4);
-    w.bytes(key);
-    w.finish()
 }
 
 fn key_prefix(tag: u8, key: &[u8]) -> Vec<u8> {

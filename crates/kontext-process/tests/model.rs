@@ -463,10 +463,14 @@ proptest! {
         specs in specs(), plan in plan(), size in 1i64..60,
     ) {
         let events = events(&specs);
-        prop_assert_eq!(
-            run_aggregate(&events, &plan, config(WindowSpec::Sliding { size_ms: size }, 0, Emit::OnUpdate), true),
-            sliding_reference(&events, size)
+        let (table, store) = run_aggregate_with_state(
+            &events, &plan, config(WindowSpec::Sliding { size_ms: size }, 0, Emit::OnUpdate), true,
         );
+        prop_assert_eq!(table, sliding_reference(&events, size));
+        // The state retains exactly the events still in their key's window.
+        let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
+        let in_window = events.iter().filter(|e| e.time_ms > st - size).count();
+        prop_assert_eq!(store.prefix(b"r").count(), in_window);
     }
 }
 

@@ -122,6 +122,51 @@ fn tumbling_state_of_the_per_window_index_layout_still_closes() {
 }
 
 #[test]
+fn sliding_state_of_the_per_event_index_layout_still_decays() {
+    let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: 10 }, 0)).unwrap();
+    let mut store = MemoryStore::new("agg");
+    // What the earlier layout held for c1's event at t=3: accumulator, inputs, and an index
+    // entry `q time key offset` with an empty value.
+    let first = ev("c1", 3, 0, 7.0);
+    let mut acc = op.new_acc(0);
+    acc.add(&op.inputs(&first), 3, 0);
+    let mut old = WriteBatch::default();
+    old.put(&key_prefix(b'a', b"c1"), &acc.encode());
+    let tail = retained_tail(b"c1", 3, 0);
+    old.put(
+        &[b"r".as_slice(), &tail].concat(),
+        &encode_inputs(&op.inputs(&first)),
+    );
+    let mut index = b"q".to_vec();
+    index.extend_from_slice(&i64_sortable(3));
+    index.extend_from_slice(&2u32.to_le_bytes());
+    index.extend_from_slice(b"c1");
+    index.extend_from_slice(&0i64.to_be_bytes());
+    old.put(&index, &[]);
+    old.set_offset(kontext_core::record::TopicPartition::new("orders", 0), 1);
+    store.commit(old).unwrap();
+    // c1 again at 8: both in the window; sum 7 + 2.
+    let batch = op.process(&store, &[ev("c1", 8, 1, 2.0)]).unwrap();
+    assert_eq!(
+        batch.updates[0].values.as_ref().unwrap()[1],
+        AggValue::Num(9.0)
+    );
+    store.commit(batch.state).unwrap();
+    // Stream time 14: the old-layout event (t=3 <= 4) leaves, the new one stays.
+    let batch = op.process(&store, &[ev("c2", 14, 2, 1.0)]).unwrap();
+    let c1 = batch.updates.iter().find(|u| u.key == "c1").unwrap();
+    assert_eq!(c1.values.as_ref().unwrap()[1], AggValue::Num(2.0));
+    store.commit(batch.state).unwrap();
+    assert_eq!(store.prefix(b"r").count(), 2);
+    assert_eq!(store.get(&index).unwrap(), None);
+    // Stream time 30: everything has left; only the batch number and metadata remain.
+    let batch = op.process(&store, &[ev("c3", 30, 3, 1.0)]).unwrap();
+    store.commit(batch.state).unwrap();
+    assert_eq!(store.prefix(b"r").count(), 1, "c3's own event");
+    assert_eq!(store.prefix(b"q").count(), 1, "c3's own entry");
+}
+
+#[test]
 fn emit_on_close_emits_only_final_values() {
     let mut cfg = config(WindowSpec::Tumbling { size_ms: 10 }, 0);
     cfg.emit = Emit::OnClose;
