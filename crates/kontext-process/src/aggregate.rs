@@ -26,7 +26,8 @@ use crate::progress::Progress;
 use crate::store::{next_sequence, prefix_end, range_through, StateStore, StoreError, WriteBatch};
 use crate::window::{Window, WindowSpec};
 
-/// Key of the last batch number (tumbling windows' per-batch expiry entries).
+/// Key of the last batch number (the per-batch expiry entries of tumbling and sliding windows
+/// and of hopping windows' panes).
 const SEQ_KEY: &[u8] = b"n";
 
 /// One aggregate function.
@@ -308,26 +309,13 @@ impl Aggregate {
                 out.updates.push(slot.update(&self.config, version, false));
             }
         }
-        if !created.is_empty() {
-            let seq = next_sequence(store, &out.state, SEQ_KEY)?;
-            out.state.put(SEQ_KEY, &seq.to_le_bytes());
-            for (end, windows) in created {
-                out.state
-                    .put(&index_key(b'x', end, &seq.to_be_bytes()), &windows.finish());
-            }
-        }
+        put_created_index(store, &mut out.state, b'x', created)?;
         // Close windows with end + grace <= st.
         let mut end = b"x".to_vec();
         end.extend_from_slice(&i64_sortable(st.saturating_sub(grace).saturating_add(1)));
         for (xkey, windows) in range_through(store, &out.state, &from, &end)? {
-            let mut r = Reader::new(&xkey[1..]);
-            let window_end = r.i64_sortable()?;
-            let tails = if windows.is_empty() {
-                vec![r.rest()]
-            } else {
-                split_keyed_tails(&windows)?
-            };
-            for tail in tails {
+            let window_end = Reader::new(&xkey[1..]).i64_sortable()?;
+            for tail in created_index_tails(&xkey, &windows)? {
                 let mut skey = Vec::with_capacity(tail.len() + 1);
                 skey.push(b'a');
                 skey.extend_from_slice(tail);
@@ -361,10 +349,12 @@ impl Aggregate {
     /// event updates one pane (not `size / advance` windows); windows are merged from their
     /// panes when emitted.
     ///
-    /// Keys: `p key pane-start` → the pane's accumulator, `v expiry key pane-start` → expiry
-    /// index, where `expiry` is the end of the last window containing the pane; with emit on
-    /// close also `w end key start` → the window has events (what closes when stream time
-    /// passes `end + grace`).
+    /// Keys: `p key pane-start` → the pane's accumulator; `v expiry seq` → expiry index: the
+    /// panes batch `seq` created whose last window ends at `expiry` (`len key pane-start`
+    /// each; an entry `v expiry key pane-start` with an empty value, of the earlier layout,
+    /// names one pane); `n` → the last batch number; with emit on close also
+    /// `w end key start` → the window has events (what closes when stream time passes
+    /// `end + grace`).
     fn process_fixed<S: StateStore + ?Sized>(
         &self,
         store: &S,
@@ -459,6 +449,8 @@ impl Aggregate {
             end
         };
         progress.finish(&mut out.state);
+        // The panes this batch created, by expiry: `len key start` each.
+        let mut created: BTreeMap<i64, Writer> = BTreeMap::new();
         for kp in keys.values() {
             for pane in &kp.panes {
                 let (Some(acc), Some(_)) = (&pane.current, &pane.last) else {
@@ -466,15 +458,16 @@ impl Aggregate {
                 };
                 let pkey = keyed(b'p', &kp.key, pane.start);
                 if pane.is_new {
-                    out.state.put_bytes(
-                        Bytes::from(index_key(b'v', layout.expiry(pane.start), &pkey[1..])),
-                        Bytes::new(),
-                    );
+                    created
+                        .entry(layout.expiry(pane.start))
+                        .or_default()
+                        .raw(&pkey[1..]);
                 }
                 out.state
                     .put_bytes(Bytes::from(pkey), Bytes::from(acc.encode()));
             }
         }
+        put_created_index(store, &mut out.state, b'v', created)?;
         // In the order of the keys' state entries (length-prefixed key, then window start).
         let mut order: Vec<Bytes> = keys.keys().cloned().collect();
         order.sort_unstable_by(|a, b| {
@@ -518,12 +511,10 @@ impl Aggregate {
             }
         }
         // Delete panes whose last window closed (expiry + grace <= st).
-        for (vkey, _) in range_through(store, &out.state, &from(b'v'), &to(b'v'))? {
-            let mut pkey = vkey.to_vec();
-            // `v expiry key start` → `p key start`.
-            pkey.drain(1..9);
-            pkey[0] = b'p';
-            out.state.delete(&pkey);
+        for (vkey, panes) in range_through(store, &out.state, &from(b'v'), &to(b'v'))? {
+            for tail in created_index_tails(&vkey, &panes)? {
+                out.state.delete(&[b"p".as_slice(), tail].concat());
+            }
             out.state.delete(&vkey);
         }
         Ok(())
@@ -1403,6 +1394,39 @@ fn keyed(tag: u8, key: &[u8], start: i64) -> Vec<u8> {
     let mut out = key_prefix(tag, key);
     out.extend_from_slice(&i64_sortable(start));
     out
+}
+
+/// Writes the expiry index of the windows (or panes) a batch created: one entry
+/// `tag expiry seq` per expiry time, listing their `len key start` tails, where `seq` numbers
+/// the batch. Exact, unlike a bucketed index: they share their expiry times, and a closed
+/// window or expired pane never reopens (its events are late).
+fn put_created_index<S: StateStore + ?Sized>(
+    store: &S,
+    state: &mut WriteBatch,
+    tag: u8,
+    created: BTreeMap<i64, Writer>,
+) -> Result<(), StoreError> {
+    if created.is_empty() {
+        return Ok(());
+    }
+    let seq = next_sequence(store, state, SEQ_KEY)?;
+    state.put(SEQ_KEY, &seq.to_le_bytes());
+    for (expiry, tails) in created {
+        state.put(&index_key(tag, expiry, &seq.to_be_bytes()), &tails.finish());
+    }
+    Ok(())
+}
+
+/// The `len key start` tails an expiry index entry names. An entry with an empty value is one
+/// of the earlier layout, `tag expiry len key start`, naming one.
+fn created_index_tails<'a>(key: &'a [u8], value: &'a [u8]) -> Result<Vec<&'a [u8]>, StoreError> {
+    if value.is_empty() {
+        return key
+            .get(9..)
+            .map(|tail| vec![tail])
+            .ok_or_else(|| StoreError::Corrupt("expiry entry".into()));
+    }
+    split_keyed_tails(value)
 }
 
 /// Splits concatenated `len key start` tails.

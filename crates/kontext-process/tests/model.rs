@@ -258,12 +258,15 @@ fn upsert(
     }
 }
 
+/// The downstream table of an aggregation: (key, window start, window end) → values.
+type Table = BTreeMap<(Bytes, i64, i64), Vec<AggValue>>;
+
 fn run_aggregate(
     events: &[Event],
     plan: &[(usize, Fault)],
     config: AggregateConfig,
     by_key_only: bool,
-) -> BTreeMap<(Bytes, i64, i64), Vec<AggValue>> {
+) -> Table {
     run_aggregate_with_state(events, plan, config, by_key_only).0
 }
 
@@ -273,7 +276,7 @@ fn run_aggregate_with_state(
     plan: &[(usize, Fault)],
     config: AggregateConfig,
     by_key_only: bool,
-) -> (BTreeMap<(Bytes, i64, i64), Vec<AggValue>>, MemoryStore) {
+) -> (Table, MemoryStore) {
     let op = Aggregate::new(config).unwrap();
     let mut table = Downstream::new();
     let (store, changelog) = drive(
@@ -425,10 +428,21 @@ proptest! {
         let events = events(&specs);
         let advance = (size / hops).max(1);
         let spec = WindowSpec::Hopping { size_ms: size, advance_ms: advance };
-        prop_assert_eq!(
-            run_aggregate(&events, &plan, config(spec, grace, Emit::OnUpdate), false),
-            fixed_reference(&events, spec, grace)
-        );
+        let (table, store) =
+            run_aggregate_with_state(&events, &plan, config(spec, grace, Emit::OnUpdate), false);
+        prop_assert_eq!(table, fixed_reference(&events, spec, grace));
+        // The state holds one pane (gcd(size, advance) of event time) per key for every pane
+        // whose last window is still open, and nothing else.
+        let pane = (1..=advance).rev().find(|p| size % p == 0 && advance % p == 0).unwrap();
+        let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
+        let live: BTreeSet<(Bytes, i64)> = events
+            .iter()
+            .map(|e| (e.key.clone(), e.time_ms.div_euclid(pane) * pane))
+            .filter(|(_, start)| start.div_euclid(advance) * advance + size + grace > st)
+            .collect();
+        // (A pane as large as the window is a tumbling window's accumulator.)
+        let tag: &[u8] = if pane == size { b"a" } else { b"p" };
+        prop_assert_eq!(store.prefix(tag).count(), live.len());
     }
 
     #[test]
