@@ -1122,7 +1122,15 @@ pub(crate) struct Acc {
 #[derive(Debug, Clone, PartialEq)]
 enum FnAcc {
     Count,
-    Sum { sum: f64, n: u64 },
+    /// `sum` as a float, and exactly, in millionths, while every input was a decimal with at
+    /// most 6 fractional digits ([`micros`]); `exact` then decides the value, so decimal sums
+    /// (amounts of money) are exact and do not depend on the order events were added or
+    /// merged in.
+    Sum {
+        sum: f64,
+        n: u64,
+        exact: Option<i128>,
+    },
     Min(Option<f64>),
     Max(Option<f64>),
     Latest(Option<(i64, i64, Scalar)>),
@@ -1133,7 +1141,11 @@ impl FnAcc {
     fn new(f: &AggFn) -> Self {
         match f {
             AggFn::Count => FnAcc::Count,
-            AggFn::Sum(_) | AggFn::Avg(_) => FnAcc::Sum { sum: 0.0, n: 0 },
+            AggFn::Sum(_) | AggFn::Avg(_) => FnAcc::Sum {
+                sum: 0.0,
+                n: 0,
+                exact: Some(0),
+            },
             AggFn::Min(_) => FnAcc::Min(None),
             AggFn::Max(_) => FnAcc::Max(None),
             AggFn::Latest(_) => FnAcc::Latest(None),
@@ -1155,10 +1167,11 @@ impl Acc {
             let Some(input) = input else { continue };
             match acc {
                 FnAcc::Count => {}
-                FnAcc::Sum { sum, n } => {
+                FnAcc::Sum { sum, n, exact } => {
                     if let Some(v) = input.as_f64() {
                         *sum += v;
                         *n += 1;
+                        *exact = exact.zip(micros(v)).and_then(|(e, m)| e.checked_add(m));
                     }
                 }
                 FnAcc::Min(m) => {
@@ -1191,9 +1204,17 @@ impl Acc {
         self.version = self.version.max(other.version);
         for (acc, o) in self.fns.iter_mut().zip(&other.fns) {
             match (acc, o) {
-                (FnAcc::Sum { sum, n }, FnAcc::Sum { sum: s2, n: n2 }) => {
+                (
+                    FnAcc::Sum { sum, n, exact },
+                    FnAcc::Sum {
+                        sum: s2,
+                        n: n2,
+                        exact: e2,
+                    },
+                ) => {
                     *sum += s2;
                     *n += n2;
+                    *exact = exact.zip(*e2).and_then(|(a, b)| a.checked_add(b));
                 }
                 (FnAcc::Min(a), FnAcc::Min(b)) => *a = min_opt(*a, *b, f64::min),
                 (FnAcc::Max(a), FnAcc::Max(b)) => *a = min_opt(*a, *b, f64::max),
@@ -1219,8 +1240,10 @@ impl Acc {
             .map(|(acc, (_, f))| match (acc, f) {
                 (FnAcc::Count, _) => AggValue::Int(self.events),
                 (FnAcc::Sum { n: 0, .. }, AggFn::Avg(_)) => AggValue::Null,
-                (FnAcc::Sum { sum, n }, AggFn::Avg(_)) => AggValue::Num(sum / *n as f64),
-                (FnAcc::Sum { sum, .. }, _) => AggValue::Num(*sum),
+                (FnAcc::Sum { sum, n, exact }, AggFn::Avg(_)) => {
+                    AggValue::Num(sum_value(*sum, *exact) / *n as f64)
+                }
+                (FnAcc::Sum { sum, exact, .. }, _) => AggValue::Num(sum_value(*sum, *exact)),
                 (FnAcc::Min(v) | FnAcc::Max(v), _) => v.map_or(AggValue::Null, AggValue::Num),
                 (FnAcc::Latest(v), _) => v
                     .as_ref()
@@ -1241,8 +1264,12 @@ impl Acc {
                 FnAcc::Count => {
                     w.u8(0);
                 }
-                FnAcc::Sum { sum, n } => {
-                    w.u8(1).f64(*sum).u64(*n);
+                FnAcc::Sum { sum, n, exact } => {
+                    w.u8(6).f64(*sum).u64(*n);
+                    match exact {
+                        Some(e) => w.u8(1).u64(*e as u64).u64((*e >> 64) as u64),
+                        None => w.u8(0),
+                    };
                 }
                 FnAcc::Min(v) | FnAcc::Max(v) => {
                     w.u8(if matches!(acc, FnAcc::Min(_)) { 2 } else { 3 });
@@ -1279,9 +1306,22 @@ impl Acc {
         for _ in 0..n {
             fns.push(match r.u8()? {
                 0 => FnAcc::Count,
+                // Written before sums were also kept exactly.
                 1 => FnAcc::Sum {
                     sum: r.f64()?,
                     n: r.u64()?,
+                    exact: None,
+                },
+                6 => FnAcc::Sum {
+                    sum: r.f64()?,
+                    n: r.u64()?,
+                    exact: if r.u8()? == 1 {
+                        let low = r.u64()? as u128;
+                        let high = r.u64()? as u128;
+                        Some((high << 64 | low) as i128)
+                    } else {
+                        None
+                    },
                 },
                 tag @ (2 | 3) => {
                     let v = if r.u8()? == 1 { Some(r.f64()?) } else { None };
@@ -1325,6 +1365,25 @@ fn scan_start(tag: u8, loaded: Option<i64>, horizon: impl Fn(i64) -> i64) -> Vec
         from.extend_from_slice(&i64_sortable(horizon(st)));
     }
     from
+}
+
+/// Largest magnitude of an exact sum, in millionths, that converts to `f64` without rounding.
+const EXACT_LIMIT: i128 = 1 << 53;
+
+/// `v` in millionths, if it is a decimal with at most 6 fractional digits (the nearest `f64`
+/// to one, as JSON parsing gives) and its millionths convert back exactly.
+fn micros(v: f64) -> Option<i128> {
+    let m = (v * 1e6).round();
+    (m.abs() < EXACT_LIMIT as f64 && m / 1e6 == v).then_some(m as i128)
+}
+
+/// A sum's value: the exact decimal sum when there is one that converts exactly (the `f64`
+/// nearest to it: one correctly rounded division), else the float sum.
+fn sum_value(sum: f64, exact: Option<i128>) -> f64 {
+    match exact {
+        Some(e) if e.abs() < EXACT_LIMIT => e as f64 / 1e6,
+        _ => sum,
+    }
 }
 
 fn min_opt(a: Option<f64>, b: Option<f64>, pick: fn(f64, f64) -> f64) -> Option<f64> {

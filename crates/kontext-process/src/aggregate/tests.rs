@@ -302,3 +302,37 @@ fn hopping_windows_keep_one_pane_per_key_and_advance() {
         .collect();
     assert_eq!(left, vec![keyed(b'p', b"c1", 70)]);
 }
+
+#[test]
+fn decimal_sums_are_exact() {
+    let mut cfg = config(WindowSpec::Tumbling { size_ms: 10 }, 0);
+    cfg.functions.truncate(3);
+    let op = Aggregate::new(cfg).unwrap();
+    let store = MemoryStore::new("agg");
+    let batch = op
+        .process(&store, &[ev("c1", 1, 0, 0.1), ev("c1", 2, 1, 0.2)])
+        .unwrap();
+    let values = batch.updates[0].values.as_ref().unwrap();
+    // A float sum gives 0.30000000000000004.
+    assert_eq!(values[1], AggValue::Num(0.3));
+    assert_eq!(values[2], AggValue::Num(0.15));
+    // Not a decimal of at most 6 digits: a float sum.
+    assert_eq!(micros(1.0 / 3.0), None);
+    assert_eq!(micros(-129.9), Some(-129_900_000));
+    // A negative exact sum survives the encoding; one written before exact sums decodes as a
+    // float sum.
+    let mut acc = op.new_acc(0);
+    acc.add(&op.inputs(&ev("c1", 1, 0, -2.5)), 1, 0);
+    assert_eq!(Acc::decode(&acc.encode()).unwrap(), acc);
+    let mut old = Writer::default();
+    old.u32(0).i64(0).u64(1).u32(1).u8(1).f64(-2.5).u64(1);
+    let old = Acc::decode(&old.finish()).unwrap();
+    assert_eq!(
+        old.fns,
+        vec![FnAcc::Sum {
+            sum: -2.5,
+            n: 1,
+            exact: None
+        }]
+    );
+}
