@@ -1377,12 +1377,13 @@ fn micros(v: f64) -> Option<i128> {
     (m.abs() < EXACT_LIMIT as f64 && m / 1e6 == v).then_some(m as i128)
 }
 
-/// A sum's value: the exact decimal sum when there is one that converts exactly (the `f64`
-/// nearest to it: one correctly rounded division), else the float sum.
+/// A sum's value: from the exact decimal sum when there is one (the `f64` nearest to it while
+/// it is below [`EXACT_LIMIT`] millionths, one correctly rounded division; above, within a
+/// rounding of it, and still a function of the exact sum alone), else the float sum.
 fn sum_value(sum: f64, exact: Option<i128>) -> f64 {
     match exact {
-        Some(e) if e.abs() < EXACT_LIMIT => e as f64 / 1e6,
-        _ => sum,
+        Some(e) => e as f64 / 1e6,
+        None => sum,
     }
 }
 

@@ -9,17 +9,22 @@
 //! State (keys):
 //! - `d id` → time and offset of the forwarded event, and the sequence number of the batch
 //!   that forwarded it;
-//! - `x bucket seq` → the ids batch `seq` forwarded with a time in `[bucket, bucket + g)`
-//!   (`g` = [`bucket_width`]): one expiry entry per batch and time bucket, not one per id;
-//! - `n` → the last batch sequence number; `m` → stream time.
+//! - `e bucket seq` → the ids batch `seq` forwarded with a time in `[bucket, bucket + g)`: one
+//!   expiry entry per batch and time bucket, not one per id;
+//! - `w` → the bucket width `g`, [`bucket_width`] of the window the store's first batch ran
+//!   with, kept when the window changes, so every entry is found where it was filed;
+//! - `n` → the last batch sequence number; `c` → the bucket below which all entries are gone
+//!   (where the next expiry scan starts); `m` → stream time;
+//! - `x time id`, empty: the per-id expiry entries of stores written before, still expired.
 //!
 //! An id is forgotten at the end of the first batch whose horizon `st - window` has passed the
 //! end of its bucket, so it may be kept up to `g` longer than the window; decisions only look at
 //! the stored time, so that changes the state's size, never a decision. Forwarding a
 //! remembered id again (its time fell below the horizon) removes it from its old expiry entry
-//! (a point read by `bucket` and `seq`), so every `d` entry has exactly one mention.
+//! (a point read by `bucket` and `seq`, once per entry and batch), so every `d` entry has
+//! exactly one mention.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
@@ -30,6 +35,11 @@ use crate::store::{get_through, next_sequence, range_through, StateStore, StoreE
 
 /// Key of the last batch sequence number.
 const SEQ_KEY: &[u8] = b"n";
+/// Key of the bucket width the store files ids with.
+const WIDTH_KEY: &[u8] = b"w";
+/// Key of the bucket below which every expiry entry is gone: where the next expiry scan
+/// starts (not at the start of the index, whose tombstones the LSM keeps until compaction).
+const SCANNED_KEY: &[u8] = b"c";
 
 /// Configuration of [`Deduplicate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +88,9 @@ pub fn bucket_width(window_ms: i64) -> i64 {
 /// The ids one batch forwarded, by time bucket: `(time, id)` in forwarding order.
 type Mentions = BTreeMap<i64, Vec<(i64, Bytes)>>;
 
+/// Mentions to take out of earlier batches' expiry entries, by entry `(bucket, seq)`.
+type Removals = BTreeMap<(i64, u64), BTreeSet<(i64, Bytes)>>;
+
 impl Deduplicate {
     /// An operator with this configuration.
     pub fn new(config: DedupConfig) -> Self {
@@ -100,9 +113,20 @@ impl Deduplicate {
         }
         let mut progress = Progress::load(store, &out.state)?;
         let window = self.config.window_ms;
-        let width = bucket_width(window);
+        let width = match get_through(store, &out.state, WIDTH_KEY)? {
+            Some(v) => i64::try_from(Reader::new(&v).u64()?)
+                .ok()
+                .filter(|w| *w > 0)
+                .ok_or_else(|| StoreError::Corrupt("dedup bucket width".into()))?,
+            None => {
+                let width = bucket_width(window);
+                out.state.put(WIDTH_KEY, &(width as u64).to_le_bytes());
+                width
+            }
+        };
         let mut seq = None;
         let mut mentions = Mentions::new();
+        let mut removals = Removals::new();
         for event in events {
             let Some(stream_time) = progress.admit(event) else {
                 out.decisions.push(DedupDecision::AlreadyApplied);
@@ -135,14 +159,14 @@ impl Deduplicate {
                     };
                     if let Some(stale) = stale {
                         unmention(
-                            store,
                             &mut out.state,
                             &mut mentions,
+                            &mut removals,
                             seq,
                             width,
                             &stale,
                             &event.id,
-                        )?;
+                        );
                     }
                     let mut w = Writer::with_capacity(28);
                     w.i64(event.time_ms)
@@ -160,10 +184,11 @@ impl Deduplicate {
             out.decisions.push(decision);
         }
         let stream_time = progress.stream_time();
-        let from = progress
-            .loaded_stream_time()
-            .map_or(i64::MIN, |st| cutoff(st.saturating_sub(window), width));
         progress.finish(&mut out.state);
+        remove_mentions(store, &mut out.state, removals)?;
+        // The lowest bucket this batch files ids in: below the last scan's end when the window
+        // grew since.
+        let mut lowest = i64::MAX;
         if let (Some(st), Some(seq)) = (stream_time, seq) {
             out.state.put(SEQ_KEY, &seq.to_le_bytes());
             let cut = cutoff(st.saturating_sub(window), width);
@@ -178,12 +203,28 @@ impl Deduplicate {
                     // (Empty when the batch forwarded its only id again.)
                     out.state
                         .put(&expiry_key(bucket, seq), &encode_mentions(&ids));
+                    lowest = lowest.min(bucket);
                 }
             }
         }
         if let Some(st) = stream_time {
             let cut = cutoff(st.saturating_sub(window), width);
-            out.expired += expire(store, &mut out.state, from, cut)?;
+            // Stored rather than derived from the window: a restart with a smaller window
+            // must still scan from where the last one stopped.
+            let scanned = match get_through(store, &out.state, SCANNED_KEY)? {
+                Some(v) => Reader::new(&v).i64()?,
+                None => i64::MIN,
+            };
+            let from = scanned.min(lowest);
+            let next = if cut > from {
+                out.expired += expire(store, &mut out.state, from, cut)?;
+                cut
+            } else {
+                from
+            };
+            if next != scanned {
+                out.state.put(SCANNED_KEY, &next.to_le_bytes());
+            }
         }
         Ok(out)
     }
@@ -200,52 +241,50 @@ fn expire<S: StateStore + ?Sized>(
     if from >= cut {
         return Ok(0);
     }
-    let start = [b"x".as_slice(), &i64_sortable(from)].concat();
-    let end = [b"x".as_slice(), &i64_sortable(cut)].concat();
     let mut forgotten = 0;
-    for (key, value) in range_through(store, state, &start, &end)? {
-        // Each mentioned id's `d` entry is the one this entry mentions: forwarding an id again
-        // removes its old mention, so no lookup is needed before deleting.
-        for (_, id) in decode_entry(&key, &value)? {
-            state.delete(&id_key(&id));
-            forgotten += 1;
+    // Per-batch entries, then per-id ones of the earlier layout (whose exact times are below
+    // the cut, hence below the horizon).
+    for tag in [b'e', b'x'] {
+        let start = [&[tag][..], &i64_sortable(from)].concat();
+        let end = [&[tag][..], &i64_sortable(cut)].concat();
+        for (key, value) in range_through(store, state, &start, &end)? {
+            // Each mentioned id's `d` entry is the one this entry mentions: forwarding an id
+            // again removes its old mention, so no lookup is needed before deleting.
+            for (_, id) in decode_entry(&key, &value)? {
+                state.delete(&id_key(&id));
+                forgotten += 1;
+            }
+            state.delete(&key);
         }
-        state.delete(&key);
     }
     Ok(forgotten)
 }
 
-/// Removes the mention of a remembered id that is being forwarded again: from this batch's
-/// mentions, from the expiry entry of the batch that forwarded it, or (a store written before
-/// expiry entries were per batch) the id's own entry `x time id`.
-fn unmention<S: StateStore + ?Sized>(
-    store: &S,
+/// Takes out the mention of a remembered id that is being forwarded again: from this batch's
+/// mentions, from the expiry entry of the batch that forwarded it (noted in `removals`, done
+/// once per entry by [`remove_mentions`]), or (a store written before expiry entries were per
+/// batch) the id's own entry `x time id`.
+fn unmention(
     state: &mut WriteBatch,
     mentions: &mut Mentions,
+    removals: &mut Removals,
     seq: u64,
     width: i64,
     stale: &Seen,
-    id: &[u8],
-) -> Result<(), StoreError> {
+    id: &Bytes,
+) {
     let bucket = bucket_of(stale.time_ms, width);
-    let is_it = |m: &(i64, Bytes)| m.0 == stale.time_ms && m.1 == id;
     match stale.seq {
         Some(s) if s == seq => {
             if let Some(ids) = mentions.get_mut(&bucket) {
-                ids.retain(|m| !is_it(m));
+                ids.retain(|m| m.0 != stale.time_ms || m.1 != id);
             }
         }
         Some(s) => {
-            let key = expiry_key(bucket, s);
-            if let Some(value) = get_through(store, state, &key)? {
-                let mut ids = decode_entry(&key, &value)?;
-                ids.retain(|m| !is_it(m));
-                if ids.is_empty() {
-                    state.delete(&key);
-                } else {
-                    state.put(&key, &encode_mentions(&ids));
-                }
-            }
+            removals
+                .entry((bucket, s))
+                .or_default()
+                .insert((stale.time_ms, id.clone()));
         }
         None => {
             let mut key = Vec::with_capacity(id.len() + 9);
@@ -255,13 +294,34 @@ fn unmention<S: StateStore + ?Sized>(
             state.delete(&key);
         }
     }
+}
+
+/// Rewrites each earlier expiry entry that lost mentions in this batch, once.
+fn remove_mentions<S: StateStore + ?Sized>(
+    store: &S,
+    state: &mut WriteBatch,
+    removals: Removals,
+) -> Result<(), StoreError> {
+    for ((bucket, seq), gone) in removals {
+        let key = expiry_key(bucket, seq);
+        if let Some(value) = get_through(store, state, &key)? {
+            let mut ids = decode_entry(&key, &value)?;
+            ids.retain(|m| !gone.contains(m));
+            if ids.is_empty() {
+                state.delete(&key);
+            } else {
+                state.put(&key, &encode_mentions(&ids));
+            }
+        }
+    }
     Ok(())
 }
 
 /// Expiry entries of keys below this bucket are past the horizon: every time in them is below
-/// `horizon`.
+/// `horizon`. `i64::MIN` (nothing is) when `horizon - width` is below the range of `i64`.
 fn cutoff(horizon: i64, width: i64) -> i64 {
-    horizon.saturating_sub(width).saturating_add(1)
+    let cut = i128::from(horizon) - i128::from(width) + 1;
+    i64::try_from(cut).unwrap_or(i64::MIN)
 }
 
 fn bucket_of(time_ms: i64, width: i64) -> i64 {
@@ -294,10 +354,10 @@ fn encode_mentions(ids: &[(i64, Bytes)]) -> Vec<u8> {
     w.finish()
 }
 
-/// The `(time, id)` mentions of an expiry entry. An empty value is an entry of the earlier
-/// layout, `x time id`, mentioning one id.
+/// The `(time, id)` mentions of an expiry entry. An entry of the earlier layout, `x time id`,
+/// mentions one id.
 fn decode_entry(key: &[u8], value: &[u8]) -> Result<Vec<(i64, Bytes)>, StoreError> {
-    if value.is_empty() {
+    if key.first() == Some(&b'x') {
         let mut r = Reader::new(&key[1..]);
         let time = r.i64_sortable()?;
         return Ok(vec![(time, Bytes::copy_from_slice(r.rest()))]);
@@ -320,7 +380,7 @@ fn id_key(id: &[u8]) -> Vec<u8> {
 
 fn expiry_key(bucket: i64, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(17);
-    key.push(b'x');
+    key.push(b'e');
     key.extend_from_slice(&i64_sortable(bucket));
     key.extend_from_slice(&seq.to_be_bytes());
     key
@@ -339,7 +399,10 @@ mod tests {
     /// once, by the expiry entry of its bucket and batch, and nothing past the horizon's cut is
     /// left.
     fn assert_bookkeeping(store: &MemoryStore, window: i64) {
-        let width = bucket_width(window);
+        let width = match store.get(WIDTH_KEY).unwrap() {
+            Some(v) => Reader::new(&v).u64().unwrap() as i64,
+            None => bucket_width(window),
+        };
         let mut remembered = BTreeMap::new();
         for entry in store.prefix(b"d") {
             let (key, value) = entry.unwrap();
@@ -347,7 +410,12 @@ mod tests {
             remembered.insert(key[1..].to_vec(), (seen.time_ms, seen.seq.unwrap()));
         }
         let mut mentioned = BTreeMap::new();
-        for entry in store.prefix(b"x") {
+        assert_eq!(
+            store.prefix(b"x").count(),
+            0,
+            "no per-id entries are written"
+        );
+        for entry in store.prefix(b"e") {
             let (key, value) = entry.unwrap();
             let mut r = Reader::new(&key[1..]);
             let bucket = r.i64_sortable().unwrap();
@@ -378,8 +446,11 @@ mod tests {
             events in prop::collection::vec((0u8..20, 0i64..40, 0i64..30), 0..120),
             sizes in prop::collection::vec(1usize..12, 1..20),
             window in 0i64..200,
+            later_window in 0i64..400,
         ) {
-            let op = Deduplicate::new(DedupConfig { window_ms: window });
+            // Half-way the pipeline is restarted with another window on the same state.
+            let mut op = Deduplicate::new(DedupConfig { window_ms: window });
+            let mut window = window;
             let mut store = MemoryStore::new("dedup");
             let mut now = 0;
             let events: Vec<Event> = events
@@ -393,6 +464,10 @@ mod tests {
             let mut sizes = sizes.iter().cycle();
             let mut pos = 0;
             while pos < events.len() {
+                if pos >= events.len() / 2 && window != later_window {
+                    window = later_window;
+                    op = Deduplicate::new(DedupConfig { window_ms: window });
+                }
                 let end = (pos + sizes.next().unwrap()).min(events.len());
                 let batch = op.process(&store, &events[pos..end]).unwrap();
                 store.commit(batch.state).unwrap();
@@ -400,6 +475,53 @@ mod tests {
                 pos = end;
             }
         }
+    }
+
+    #[test]
+    fn a_restart_with_another_window_keeps_deduplicating() {
+        use DedupDecision::*;
+        let mut store = MemoryStore::new("dedup");
+        let op = Deduplicate::new(DedupConfig { window_ms: 160 });
+        let batch = op.process(&store, &[ev("a", 15, 0)]).unwrap();
+        assert_eq!(batch.decisions, vec![Forward]);
+        store.commit(batch.state).unwrap();
+        // A wider window: `a` is past it at 340 and forwarded again, then remembered.
+        let op = Deduplicate::new(DedupConfig { window_ms: 320 });
+        for (events, want) in [
+            (
+                vec![ev("z", 340, 1), ev("a", 340, 2)],
+                vec![Forward, Forward],
+            ),
+            (vec![ev("y", 360, 3)], vec![Forward]),
+            (vec![ev("a", 361, 4)], vec![Duplicate]),
+        ] {
+            let batch = op.process(&store, &events).unwrap();
+            assert_eq!(batch.decisions, want);
+            store.commit(batch.state).unwrap();
+        }
+        // A narrower one: `b` at 400 is still within 50 of 440 and must not be forgotten.
+        let op = Deduplicate::new(DedupConfig { window_ms: 50 });
+        for (events, want) in [
+            (vec![ev("b", 400, 5)], vec![Forward]),
+            (vec![ev("x", 440, 6)], vec![Forward]),
+            (vec![ev("b", 445, 7)], vec![Duplicate]),
+        ] {
+            let batch = op.process(&store, &events).unwrap();
+            assert_eq!(batch.decisions, want);
+            store.commit(batch.state).unwrap();
+        }
+    }
+
+    #[test]
+    fn ids_at_the_start_of_time_are_remembered() {
+        use DedupDecision::*;
+        let op = Deduplicate::new(DedupConfig { window_ms: 0 });
+        let mut store = MemoryStore::new("dedup");
+        let batch = op.process(&store, &[ev("a", i64::MIN, 0)]).unwrap();
+        assert_eq!((batch.decisions, batch.expired), (vec![Forward], 0));
+        store.commit(batch.state).unwrap();
+        let batch = op.process(&store, &[ev("a", i64::MIN, 1)]).unwrap();
+        assert_eq!(batch.decisions, vec![Duplicate]);
     }
 
     #[test]
