@@ -141,7 +141,9 @@ impl KafkaConfig {
     }
 
     /// The producer: idempotent with `acks=all`, so a retried batch is never duplicated or
-    /// reordered within a partition. `murmur2_random` is librdkafka's Java-compatible
+    /// reordered within a partition. `linger.ms` = 0 unless `properties` set it: kontext
+    /// produces a batch and waits for it before it commits, so lingering only delays every
+    /// hop (librdkafka still batches what is queued while a request is in flight). `murmur2_random` is librdkafka's Java-compatible
     /// partitioner; kontext sets the partition of keyed records itself (see `producer.rs`),
     /// this only keeps librdkafka consistent should a keyed record ever reach it unpartitioned.
     pub(crate) fn producer_config(&self) -> ClientConfig {
@@ -150,6 +152,9 @@ impl KafkaConfig {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random");
+        if !self.properties.contains_key("linger.ms") {
+            config.set("linger.ms", "0");
+        }
         config
     }
 
@@ -316,6 +321,19 @@ mod tests {
             assert_eq!(client.get("security.protocol"), Some("SSL"));
             assert_eq!(client.get("some.future.property"), Some("x"));
         }
+        // Without the user's linger.ms, producers do not linger.
+        let plain = KafkaConfig::new("b:9092");
+        assert_eq!(plain.producer_config().get("linger.ms"), Some("0"));
+        assert_eq!(
+            plain.transactional_producer_config("t").get("linger.ms"),
+            Some("0")
+        );
+        assert_eq!(
+            plain
+                .consumer_config("g", OffsetReset::Earliest)
+                .get("linger.ms"),
+            None
+        );
         // kontext's own transactional settings still win over the user's default.
         config
             .properties
