@@ -23,7 +23,9 @@ use bytes::Bytes;
 use crate::codec::{i64_sortable, Reader, Writer};
 use crate::event::{Coords, Event, FieldPath, Scalar};
 use crate::progress::Progress;
-use crate::store::{next_sequence, prefix_end, range_through, StateStore, StoreError, WriteBatch};
+use crate::store::{
+    get_through, next_sequence, prefix_end, range_through, StateStore, StoreError, WriteBatch,
+};
 use crate::window::{Window, WindowSpec};
 
 /// Key of the last batch number (the per-batch expiry entries of tumbling and sliding windows
@@ -313,7 +315,7 @@ impl Aggregate {
         // Close windows with end + grace <= st.
         let mut end = b"x".to_vec();
         end.extend_from_slice(&i64_sortable(st.saturating_sub(grace).saturating_add(1)));
-        for (xkey, windows) in range_through(store, &out.state, &from, &end)? {
+        for (xkey, windows) in expiry_scan(store, &mut out.state, b'x', from, end)? {
             let window_end = Reader::new(&xkey[1..]).i64_sortable()?;
             for tail in created_index_tails(&xkey, &windows)? {
                 let mut skey = Vec::with_capacity(tail.len() + 1);
@@ -488,7 +490,7 @@ impl Aggregate {
                 out.state.put_bytes(Bytes::from(wkey), Bytes::new());
             }
             // Close windows with end + grace <= st.
-            for (wkey, _) in range_through(store, &out.state, &from(b'w'), &to(b'w'))? {
+            for (wkey, _) in expiry_scan(store, &mut out.state, b'w', from(b'w'), to(b'w'))? {
                 let mut r = Reader::new(&wkey[1..]);
                 let end = r.i64_sortable()?;
                 let (key, start) = parse_keyed(r.rest())?;
@@ -511,7 +513,7 @@ impl Aggregate {
             }
         }
         // Delete panes whose last window closed (expiry + grace <= st).
-        for (vkey, panes) in range_through(store, &out.state, &from(b'v'), &to(b'v'))? {
+        for (vkey, panes) in expiry_scan(store, &mut out.state, b'v', from(b'v'), to(b'v'))? {
             for tail in created_index_tails(&vkey, &panes)? {
                 out.state.delete(&[b"p".as_slice(), tail].concat());
             }
@@ -667,7 +669,7 @@ impl Aggregate {
         let mut to = b"y".to_vec();
         to.extend_from_slice(&i64_sortable(horizon));
         let mut closed = Vec::new();
-        for (ykey, _) in range_through(store, &out.state, &from, &to)? {
+        for (ykey, _) in expiry_scan(store, &mut out.state, b'y', from, to)? {
             let mut r = Reader::new(&ykey[1..]);
             let s_end = r.i64_sortable()?;
             let (key, s_start) = parse_keyed(r.rest())?;
@@ -785,7 +787,7 @@ impl Aggregate {
         let mut to = b"q".to_vec();
         to.extend_from_slice(&i64_sortable(horizon.saturating_add(1)));
         let mut recompute = BTreeSet::new();
-        for (qkey, value) in range_through(store, &out.state, &from, &to)? {
+        for (qkey, value) in expiry_scan(store, &mut out.state, b'q', from, to)? {
             out.state.delete(&qkey);
             let (seq, events) = decode_retained_entry(&qkey, &value)?;
             let mut rest = Vec::new();
@@ -1357,8 +1359,41 @@ impl Acc {
     }
 }
 
-/// Where an expiry scan starts: the previous batch's horizon (everything below it is gone;
-/// scanning from it skips the tombstones the LSM keeps until compaction).
+/// The entries of expiry index `tag` in `[from, to)` that a batch must expire, where `from` is
+/// where the previous batch's scan ended (stored under `c tag`; `derived`, the previous
+/// horizon under the current configuration, for a store written before that was stored).
+/// Stored rather than derived, because a restart with a smaller grace or window would
+/// otherwise start above entries nobody expired. Lowered to the batch's lowest entry of the
+/// index when the batch filed one below it (a restart with a larger one admits events the last
+/// scan had passed). Records where this scan ends.
+fn expiry_scan<S: StateStore + ?Sized>(
+    store: &S,
+    state: &mut WriteBatch,
+    tag: u8,
+    derived: Vec<u8>,
+    to: Vec<u8>,
+) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
+    let position = [b'c', tag];
+    let mut from = get_through(store, state, &position)?.map_or(derived, |b| b.to_vec());
+    let lowest = state
+        .range(&[tag], &[tag + 1])
+        .find(|(_, value)| value.is_some())
+        .map(|(key, _)| key.to_vec());
+    if let Some(lowest) = lowest.filter(|lowest| *lowest < from) {
+        from = lowest;
+    }
+    let entries = if from < to {
+        range_through(store, state, &from, &to)?
+    } else {
+        Vec::new()
+    };
+    state.put(&position, if from < to { &to } else { &from });
+    Ok(entries)
+}
+
+/// Where an expiry scan starts in a store written before the scan's end was stored: the
+/// previous batch's horizon (everything below it is gone; scanning from it skips the
+/// tombstones the LSM keeps until compaction).
 fn scan_start(tag: u8, loaded: Option<i64>, horizon: impl Fn(i64) -> i64) -> Vec<u8> {
     let mut from = vec![tag];
     if let Some(st) = loaded {
