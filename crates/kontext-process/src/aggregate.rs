@@ -293,9 +293,6 @@ impl Aggregate {
             return Ok(());
         };
         let topic = events[events.len() - 1].coords.topic.clone();
-        let from = scan_start(b'x', progress.loaded_stream_time(), |st| {
-            st.saturating_sub(grace).saturating_add(1)
-        });
         progress.finish(&mut out.state);
         // The windows this batch created, by end: `len key start` each.
         let mut created: BTreeMap<i64, Writer> = BTreeMap::new();
@@ -315,7 +312,7 @@ impl Aggregate {
         // Close windows with end + grace <= st.
         let mut end = b"x".to_vec();
         end.extend_from_slice(&i64_sortable(st.saturating_sub(grace).saturating_add(1)));
-        for (xkey, windows) in expiry_scan(store, &mut out.state, b'x', from, end)? {
+        for (xkey, windows) in expiry_scan(store, &mut out.state, b'x', end)? {
             let window_end = Reader::new(&xkey[1..]).i64_sortable()?;
             for tail in created_index_tails(&xkey, &windows)? {
                 let mut skey = Vec::with_capacity(tail.len() + 1);
@@ -444,7 +441,6 @@ impl Aggregate {
             return Ok(());
         };
         let topic = events[events.len() - 1].coords.topic.clone();
-        let from = |tag| scan_start(tag, loaded, |st| st.saturating_sub(grace).saturating_add(1));
         let to = |tag| {
             let mut end = vec![tag];
             end.extend_from_slice(&i64_sortable(st.saturating_sub(grace).saturating_add(1)));
@@ -490,7 +486,7 @@ impl Aggregate {
                 out.state.put_bytes(Bytes::from(wkey), Bytes::new());
             }
             // Close windows with end + grace <= st.
-            for (wkey, _) in expiry_scan(store, &mut out.state, b'w', from(b'w'), to(b'w'))? {
+            for (wkey, _) in expiry_scan(store, &mut out.state, b'w', to(b'w'))? {
                 let mut r = Reader::new(&wkey[1..]);
                 let end = r.i64_sortable()?;
                 let (key, start) = parse_keyed(r.rest())?;
@@ -513,7 +509,7 @@ impl Aggregate {
             }
         }
         // Delete panes whose last window closed (expiry + grace <= st).
-        for (vkey, panes) in expiry_scan(store, &mut out.state, b'v', from(b'v'), to(b'v'))? {
+        for (vkey, panes) in expiry_scan(store, &mut out.state, b'v', to(b'v'))? {
             for tail in created_index_tails(&vkey, &panes)? {
                 out.state.delete(&[b"p".as_slice(), tail].concat());
             }
@@ -660,16 +656,13 @@ impl Aggregate {
             return Ok(());
         };
         let topic = events[events.len() - 1].coords.topic.clone();
-        let from = scan_start(b'y', progress.loaded_stream_time(), |st| {
-            st.saturating_sub(grace).saturating_sub(gap)
-        });
         progress.finish(&mut out.state);
         // Expire sessions with end + gap < st - grace.
         let horizon = st.saturating_sub(grace).saturating_sub(gap);
         let mut to = b"y".to_vec();
         to.extend_from_slice(&i64_sortable(horizon));
         let mut closed = Vec::new();
-        for (ykey, _) in expiry_scan(store, &mut out.state, b'y', from, to)? {
+        for (ykey, _) in expiry_scan(store, &mut out.state, b'y', to)? {
             let mut r = Reader::new(&ykey[1..]);
             let s_end = r.i64_sortable()?;
             let (key, s_start) = parse_keyed(r.rest())?;
@@ -771,9 +764,6 @@ impl Aggregate {
             return Ok(());
         };
         let last = events[events.len() - 1].coords.clone();
-        let from = scan_start(b'q', progress.loaded_stream_time(), |st| {
-            st.saturating_sub(size).saturating_add(1)
-        });
         progress.finish(&mut out.state);
         if !retained.is_empty() {
             let seq = next_sequence(store, &out.state, SEQ_KEY)?;
@@ -787,7 +777,7 @@ impl Aggregate {
         let mut to = b"q".to_vec();
         to.extend_from_slice(&i64_sortable(horizon.saturating_add(1)));
         let mut recompute = BTreeSet::new();
-        for (qkey, value) in expiry_scan(store, &mut out.state, b'q', from, to)? {
+        for (qkey, value) in expiry_scan(store, &mut out.state, b'q', to)? {
             out.state.delete(&qkey);
             let (seq, events) = decode_retained_entry(&qkey, &value)?;
             let mut rest = Vec::new();
@@ -1360,21 +1350,22 @@ impl Acc {
 }
 
 /// The entries of expiry index `tag` in `[from, to)` that a batch must expire, where `from` is
-/// where the previous batch's scan ended (stored under `c tag`; `derived`, the previous
-/// horizon under the current configuration, for a store written before that was stored).
-/// Stored rather than derived, because a restart with a smaller grace or window would
-/// otherwise start above entries nobody expired. Lowered to the batch's lowest entry of the
-/// index when the batch filed one below it (a restart with a larger one admits events the last
-/// scan had passed). Records where this scan ends.
+/// where the previous batch's scan ended, stored under `c tag` (the start of the index in a
+/// store written before that was stored: one scan over its tombstones, once). Stored rather
+/// than derived from the configuration, because a restart with a smaller grace or window
+/// would otherwise start above entries nobody expired. Lowered to the batch's lowest entry of
+/// the index when the batch filed one below it (a restart with a larger one admits events the
+/// last scan had passed). Records where this scan ends (starting above the tombstones the LSM
+/// keeps of everything expired until compaction).
 fn expiry_scan<S: StateStore + ?Sized>(
     store: &S,
     state: &mut WriteBatch,
     tag: u8,
-    derived: Vec<u8>,
     to: Vec<u8>,
 ) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
     let position = [b'c', tag];
-    let mut from = get_through(store, state, &position)?.map_or(derived, |b| b.to_vec());
+    let stored = get_through(store, state, &position)?.map(|b| b.to_vec());
+    let mut from = stored.clone().unwrap_or_else(|| vec![tag]);
     let lowest = state
         .range(&[tag], &[tag + 1])
         .find(|(_, value)| value.is_some())
@@ -1387,19 +1378,11 @@ fn expiry_scan<S: StateStore + ?Sized>(
     } else {
         Vec::new()
     };
-    state.put(&position, if from < to { &to } else { &from });
-    Ok(entries)
-}
-
-/// Where an expiry scan starts in a store written before the scan's end was stored: the
-/// previous batch's horizon (everything below it is gone; scanning from it skips the
-/// tombstones the LSM keeps until compaction).
-fn scan_start(tag: u8, loaded: Option<i64>, horizon: impl Fn(i64) -> i64) -> Vec<u8> {
-    let mut from = vec![tag];
-    if let Some(st) = loaded {
-        from.extend_from_slice(&i64_sortable(horizon(st)));
+    let next = if from < to { to } else { from };
+    if stored.as_ref() != Some(&next) {
+        state.put(&position, &next);
     }
-    from
+    Ok(entries)
 }
 
 /// Largest magnitude of an exact sum, in millionths, that converts to `f64` without rounding.

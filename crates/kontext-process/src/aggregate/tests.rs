@@ -342,15 +342,23 @@ fn decimal_sums_are_exact() {
 
 /// Runs `events` through `first`, then (a restart with a changed configuration on the same
 /// state) through `second`, in batches of `size`; returns the store and the stream time.
+/// `upgrade`: the restart is also an upgrade from a version that kept no scan positions.
 fn run_with_restart(
     first: AggregateConfig,
     second: AggregateConfig,
     events: &[Event],
     size: usize,
+    upgrade: bool,
 ) -> (MemoryStore, i64) {
     let mut store = MemoryStore::new("agg");
     let half = events.len() / 2;
     for (part, config) in [(&events[..half], first), (&events[half..], second)] {
+        if upgrade {
+            let positions: Vec<Bytes> = store.prefix(b"c").map(|e| e.unwrap().0).collect();
+            for key in positions {
+                store.delete(&key).unwrap();
+            }
+        }
         let op = Aggregate::new(config).unwrap();
         for batch in part.chunks(size) {
             let out = op.process(&store, batch).unwrap();
@@ -383,11 +391,12 @@ proptest::proptest! {
         grace in 0i64..30,
         later_grace in 0i64..30,
         size in 1usize..6,
+        upgrade in proptest::bool::ANY,
     ) {
         let spec = WindowSpec::Tumbling { size_ms: 10 };
         let events = jittered(&steps);
         let (store, st) =
-            run_with_restart(config(spec, grace), config(spec, later_grace), &events, size);
+            run_with_restart(config(spec, grace), config(spec, later_grace), &events, size, upgrade);
         for entry in store.prefix(b"a") {
             let (key, _) = entry.unwrap();
             let start = i64_from_sortable(key[key.len() - 8..].try_into().unwrap());
@@ -402,10 +411,11 @@ proptest::proptest! {
         window in 1i64..40,
         later_window in 1i64..40,
         size in 1usize..6,
+        upgrade in proptest::bool::ANY,
     ) {
         let sliding = |size_ms| config(WindowSpec::Sliding { size_ms }, 0);
         let events = jittered(&steps);
-        let (store, st) = run_with_restart(sliding(window), sliding(later_window), &events, size);
+        let (store, st) = run_with_restart(sliding(window), sliding(later_window), &events, size, upgrade);
         for entry in store.prefix(b"r") {
             let (key, _) = entry.unwrap();
             let t = i64_from_sortable(key[key.len() - 16..key.len() - 8].try_into().unwrap());
