@@ -404,6 +404,43 @@ proptest::proptest! {
         }
     }
 
+    /// The same for hopping windows emitted on close (panes and the window index) and for
+    /// sessions.
+    #[test]
+    fn hopping_panes_and_sessions_expire_after_a_restart_with_another_grace(
+        steps in proptest::collection::vec((0i64..6, 0i64..25), 1..60),
+        grace in 0i64..30,
+        later_grace in 0i64..30,
+        size in 1usize..6,
+        upgrade in proptest::bool::ANY,
+    ) {
+        let events = jittered(&steps);
+        let hopping = WindowSpec::Hopping { size_ms: 20, advance_ms: 5 };
+        let on_close = |grace| AggregateConfig { emit: Emit::OnClose, ..config(hopping, grace) };
+        let (store, st) =
+            run_with_restart(on_close(grace), on_close(later_grace), &events, size, upgrade);
+        for entry in store.prefix(b"p") {
+            let (key, _) = entry.unwrap();
+            let start = i64_from_sortable(key[key.len() - 8..].try_into().unwrap());
+            let expiry = start.div_euclid(5) * 5 + 20;
+            proptest::prop_assert!(expiry + later_grace > st, "pane at {start} left");
+        }
+        for entry in store.prefix(b"w") {
+            let (key, _) = entry.unwrap();
+            let end = i64_from_sortable(key[1..9].try_into().unwrap());
+            proptest::prop_assert!(end + later_grace > st, "window ending {end} left open");
+        }
+        let session = WindowSpec::Session { gap_ms: 4 };
+        let (store, st) = run_with_restart(
+            config(session, grace), config(session, later_grace), &events, size, upgrade,
+        );
+        for entry in store.prefix(b"s") {
+            let (key, _) = entry.unwrap();
+            let end = i64_from_sortable(key[key.len() - 16..key.len() - 8].try_into().unwrap());
+            proptest::prop_assert!(end + 4 >= st - later_grace, "session ending {end} left");
+        }
+    }
+
     /// The same for sliding windows and their size: no event is retained past the window.
     #[test]
     fn sliding_windows_decay_after_a_restart_with_another_size(
