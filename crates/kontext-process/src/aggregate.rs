@@ -24,7 +24,8 @@ use crate::codec::{i64_sortable, Reader, Writer};
 use crate::event::{Coords, Event, FieldPath, Scalar};
 use crate::progress::Progress;
 use crate::store::{
-    get_through, next_sequence, prefix_end, range_through, StateStore, StoreError, WriteBatch,
+    claim_sequence, expiry_scan, get_through, prefix_end, range_through, StateStore, StoreError,
+    WriteBatch,
 };
 use crate::window::{Window, WindowSpec};
 
@@ -319,7 +320,7 @@ impl Aggregate {
                 skey.push(b'a');
                 skey.extend_from_slice(tail);
                 if self.config.emit == Emit::OnClose {
-                    if let Some(bytes) = crate::store::get_through(store, &out.state, &skey)? {
+                    if let Some(bytes) = get_through(store, &out.state, &skey)? {
                         let acc = Acc::decode(&bytes)?;
                         let (key, start) = parse_keyed(tail)?;
                         let version = Coords::new(topic.clone(), acc.partition, acc.version);
@@ -670,7 +671,7 @@ impl Aggregate {
             skey.extend_from_slice(&i64_sortable(s_end));
             skey.extend_from_slice(&i64_sortable(s_start));
             if self.config.emit == Emit::OnClose {
-                if let Some(bytes) = crate::store::get_through(store, &out.state, &skey)? {
+                if let Some(bytes) = get_through(store, &out.state, &skey)? {
                     let acc = Acc::decode(&bytes)?;
                     let version = Coords::new(topic.clone(), acc.partition, acc.version);
                     closed.push(
@@ -766,8 +767,7 @@ impl Aggregate {
         let last = events[events.len() - 1].coords.clone();
         progress.finish(&mut out.state);
         if !retained.is_empty() {
-            let seq = next_sequence(store, &out.state, SEQ_KEY)?;
-            out.state.put(SEQ_KEY, &seq.to_le_bytes());
+            let seq = claim_sequence(store, &mut out.state, SEQ_KEY)?;
             for events in retained.into_values() {
                 put_retained_entry(&mut out.state, seq, &events);
             }
@@ -1349,42 +1349,6 @@ impl Acc {
     }
 }
 
-/// The entries of expiry index `tag` in `[from, to)` that a batch must expire, where `from` is
-/// where the previous batch's scan ended, stored under `c tag` (the start of the index in a
-/// store written before that was stored: one scan over its tombstones, once). Stored rather
-/// than derived from the configuration, because a restart with a smaller grace or window
-/// would otherwise start above entries nobody expired. Lowered to the batch's lowest entry of
-/// the index when the batch filed one below it (a restart with a larger one admits events the
-/// last scan had passed). Records where this scan ends (starting above the tombstones the LSM
-/// keeps of everything expired until compaction).
-fn expiry_scan<S: StateStore + ?Sized>(
-    store: &S,
-    state: &mut WriteBatch,
-    tag: u8,
-    to: Vec<u8>,
-) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
-    let position = [b'c', tag];
-    let stored = get_through(store, state, &position)?.map(|b| b.to_vec());
-    let mut from = stored.clone().unwrap_or_else(|| vec![tag]);
-    let lowest = state
-        .range(&[tag], &[tag + 1])
-        .find(|(_, value)| value.is_some())
-        .map(|(key, _)| key.to_vec());
-    if let Some(lowest) = lowest.filter(|lowest| *lowest < from) {
-        from = lowest;
-    }
-    let entries = if from < to {
-        range_through(store, state, &from, &to)?
-    } else {
-        Vec::new()
-    };
-    let next = if from < to { to } else { from };
-    if stored.as_ref() != Some(&next) {
-        state.put(&position, &next);
-    }
-    Ok(entries)
-}
-
 /// Largest magnitude of an exact sum, in millionths, that converts to `f64` without rounding.
 const EXACT_LIMIT: i128 = 1 << 53;
 
@@ -1487,8 +1451,7 @@ fn put_created_index<S: StateStore + ?Sized>(
     if created.is_empty() {
         return Ok(());
     }
-    let seq = next_sequence(store, state, SEQ_KEY)?;
-    state.put(SEQ_KEY, &seq.to_le_bytes());
+    let seq = claim_sequence(store, state, SEQ_KEY)?;
     for (expiry, tails) in created {
         state.put(&index_key(tag, expiry, &seq.to_be_bytes()), &tails.finish());
     }

@@ -13,8 +13,8 @@
 //!   expiry entry per batch and time bucket, not one per id;
 //! - `w` → the bucket width `g`, [`bucket_width`] of the window the store's first batch ran
 //!   with, kept when the window changes, so every entry is found where it was filed;
-//! - `n` → the last batch sequence number; `c` → the bucket below which all entries are gone
-//!   (where the next expiry scan starts); `m` → stream time;
+//! - `n` → the last batch sequence number; `c e`, `c x` → where the next expiry scans of the
+//!   two indexes start ([`expiry_scan`]); `m` → stream time;
 //! - `x time id`, empty: the per-id expiry entries of stores written before, still expired.
 //!
 //! An id is forgotten at the end of the first batch whose horizon `st - window` has passed the
@@ -31,15 +31,12 @@ use bytes::Bytes;
 use crate::codec::{i64_sortable, Reader, Writer};
 use crate::event::Event;
 use crate::progress::Progress;
-use crate::store::{get_through, next_sequence, range_through, StateStore, StoreError, WriteBatch};
+use crate::store::{claim_sequence, expiry_scan, get_through, StateStore, StoreError, WriteBatch};
 
 /// Key of the last batch sequence number.
 const SEQ_KEY: &[u8] = b"n";
 /// Key of the bucket width the store files ids with.
 const WIDTH_KEY: &[u8] = b"w";
-/// Key of the bucket below which every expiry entry is gone: where the next expiry scan
-/// starts (not at the start of the index, whose tombstones the LSM keeps until compaction).
-const SCANNED_KEY: &[u8] = b"c";
 
 /// Configuration of [`Deduplicate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,7 +152,7 @@ impl Deduplicate {
                 stale => {
                     let seq = match seq {
                         Some(seq) => seq,
-                        None => *seq.insert(next_sequence(store, &out.state, SEQ_KEY)?),
+                        None => *seq.insert(claim_sequence(store, &mut out.state, SEQ_KEY)?),
                     };
                     if let Some(stale) = stale {
                         unmention(
@@ -186,12 +183,11 @@ impl Deduplicate {
         let stream_time = progress.stream_time();
         progress.finish(&mut out.state);
         remove_mentions(store, &mut out.state, removals)?;
-        // The lowest bucket this batch files ids in: below the last scan's end when the window
-        // grew since.
-        let mut lowest = i64::MAX;
-        if let (Some(st), Some(seq)) = (stream_time, seq) {
-            out.state.put(SEQ_KEY, &seq.to_le_bytes());
-            let cut = cutoff(st.saturating_sub(window), width);
+        let Some(st) = stream_time else {
+            return Ok(out);
+        };
+        let cut = cutoff(st.saturating_sub(window), width);
+        if let Some(seq) = seq {
             for (bucket, ids) in mentions {
                 if bucket < cut {
                     // Forwarded by this batch and already past the horizon.
@@ -203,51 +199,27 @@ impl Deduplicate {
                     // (Empty when the batch forwarded its only id again.)
                     out.state
                         .put(&expiry_key(bucket, seq), &encode_mentions(&ids));
-                    lowest = lowest.min(bucket);
                 }
             }
         }
-        if let Some(st) = stream_time {
-            let cut = cutoff(st.saturating_sub(window), width);
-            // Stored rather than derived from the window: a restart with a smaller window
-            // must still scan from where the last one stopped.
-            let scanned = match get_through(store, &out.state, SCANNED_KEY)? {
-                Some(v) => Reader::new(&v).i64()?,
-                None => i64::MIN,
-            };
-            let from = scanned.min(lowest);
-            let next = if cut > from {
-                out.expired += expire(store, &mut out.state, from, cut)?;
-                cut
-            } else {
-                from
-            };
-            if next != scanned {
-                out.state.put(SCANNED_KEY, &next.to_le_bytes());
-            }
-        }
+        out.expired += expire(store, &mut out.state, cut)?;
         Ok(out)
     }
 }
 
-/// Forgets every id of the expiry entries with a bucket in `[from, cut)` (nothing is left
-/// below `from`).
+/// Forgets every id of the expiry entries with a bucket below `cut` (from where the last scan
+/// ended: [`expiry_scan`]; call it after the batch's puts to the index).
 fn expire<S: StateStore + ?Sized>(
     store: &S,
     state: &mut WriteBatch,
-    from: i64,
     cut: i64,
 ) -> Result<usize, StoreError> {
-    if from >= cut {
-        return Ok(0);
-    }
     let mut forgotten = 0;
     // Per-batch entries, then per-id ones of the earlier layout (whose exact times are below
     // the cut, hence below the horizon).
     for tag in [b'e', b'x'] {
-        let start = [&[tag][..], &i64_sortable(from)].concat();
         let end = [&[tag][..], &i64_sortable(cut)].concat();
-        for (key, value) in range_through(store, state, &start, &end)? {
+        for (key, value) in expiry_scan(store, state, tag, end)? {
             // Each mentioned id's `d` entry is the one this entry mentions: forwarding an id
             // again removes its old mention, so no lookup is needed before deleting.
             for (_, id) in decode_entry(&key, &value)? {

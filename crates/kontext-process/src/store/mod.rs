@@ -156,18 +156,55 @@ pub fn get_through<S: StateStore + ?Sized>(
     }
 }
 
-/// The next number of the sequence kept under `key` (0 first), as the store will hold it once
-/// `batch` is applied. Operators number their batches with it to give per-batch state entries
-/// unique keys; the caller stores the number back under `key`.
-pub(crate) fn next_sequence<S: StateStore + ?Sized>(
+/// Claims the next number of the sequence kept under `key` (0 first) and records it in
+/// `batch`. Operators number their batches with it to give per-batch state entries unique
+/// keys.
+pub(crate) fn claim_sequence<S: StateStore + ?Sized>(
     store: &S,
-    batch: &WriteBatch,
+    batch: &mut WriteBatch,
     key: &[u8],
 ) -> Result<u64, StoreError> {
-    match get_through(store, batch, key)? {
-        Some(v) => Ok(crate::codec::Reader::new(&v).u64()? + 1),
-        None => Ok(0),
+    let next = match get_through(store, batch, key)? {
+        Some(v) => crate::codec::Reader::new(&v).u64()? + 1,
+        None => 0,
+    };
+    batch.put(key, &next.to_le_bytes());
+    Ok(next)
+}
+
+/// The entries of expiry index `tag` in `[from, to)` that a batch must expire, where `from` is
+/// where the previous batch's scan ended, stored under `c tag` (the start of the index in a
+/// store written before that was stored: one scan over its tombstones, once). Stored rather
+/// than derived from the configuration, because a restart with a smaller grace or window
+/// would otherwise start above entries nobody expired. Lowered to the batch's lowest entry of
+/// the index when the batch filed one below it (a restart with a larger one admits events the
+/// last scan had passed). Records where this scan ends (starting above the tombstones the LSM
+/// keeps of everything expired until compaction). Call it after the batch's puts to the index.
+pub(crate) fn expiry_scan<S: StateStore + ?Sized>(
+    store: &S,
+    batch: &mut WriteBatch,
+    tag: u8,
+    to: Vec<u8>,
+) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
+    let position = [b'c', tag];
+    let stored = get_through(store, batch, &position)?.map(|b| b.to_vec());
+    let mut from = stored.clone().unwrap_or_else(|| vec![tag]);
+    let lowest = batch
+        .range(&[tag], &[tag + 1])
+        .find(|(_, value)| value.is_some())
+        .map(|(key, _)| key.to_vec());
+    if let Some(lowest) = lowest.filter(|lowest| *lowest < from) {
+        from = lowest;
     }
+    let (entries, next) = if from < to {
+        (range_through(store, batch, &from, &to)?, to)
+    } else {
+        (Vec::new(), from)
+    };
+    if stored.as_ref() != Some(&next) {
+        batch.put(&position, &next);
+    }
+    Ok(entries)
 }
 
 /// Entries with `start <= key < end` as the store will hold them once `batch` is applied.
