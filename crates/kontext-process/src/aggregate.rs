@@ -576,7 +576,12 @@ impl Aggregate {
         Ok(())
     }
 
-    /// Session windows. Keys: `s key end start` → accumulator, `y end key start` → expiry.
+    /// Session windows. Keys: `S key` → the key's sessions (bounds and accumulator each, by
+    /// start), `y end key start` → expiry. One entry per key, read with a point lookup: an
+    /// event finds the sessions it joins without a range scan, which in an LSM would walk the
+    /// tombstones of the session's earlier ends (one per event that extended it, until
+    /// compaction). A store of the earlier layout (`s key end start` → accumulator) is moved
+    /// to this one at its first batch ([`Self::migrate_sessions`]).
     fn process_session<S: StateStore + ?Sized>(
         &self,
         store: &S,
@@ -586,6 +591,8 @@ impl Aggregate {
     ) -> Result<(), StoreError> {
         let grace = self.config.grace_ms;
         let mut progress = Progress::load(store, &out.state)?;
+        let mut keys = Self::migrate_sessions(store, &mut out.state)?;
+        let mut dirty: BTreeSet<Bytes> = keys.keys().cloned().collect();
         // (key, window) → Some((acc, version)) or None (deleted), in emission order.
         let mut emitted: BTreeMap<(Bytes, Window), Option<(Acc, Coords)>> = BTreeMap::new();
         for event in events {
@@ -598,60 +605,48 @@ impl Aggregate {
                 out.dropped_late += 1;
                 continue;
             }
-            let prefix = key_prefix(b's', &event.key);
-            let mut from = prefix.clone();
-            from.extend_from_slice(&i64_sortable(t.saturating_sub(gap)));
-            let to = prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 17]);
-            let mut merged = self.new_acc(event.coords.partition);
-            let (mut start, mut end) = (t, t);
-            let mut absorbed = Vec::new();
-            let mut already = false;
-            for (skey, bytes) in range_through(store, &out.state, &from, &to)? {
-                let mut r = Reader::new(&skey[prefix.len()..]);
-                let s_end = r.i64_sortable()?;
-                let s_start = r.i64_sortable()?;
-                if s_start > t.saturating_add(gap) {
-                    break;
-                }
-                let acc = Acc::decode(&bytes)?;
-                if acc.contains(event) {
-                    already = true;
-                    break;
-                }
-                merged.merge(&acc);
-                start = start.min(s_start);
-                end = end.max(s_end);
-                absorbed.push((skey, s_start, s_end));
-            }
-            if already {
+            let sessions = key_sessions(store, &out.state, &mut keys, &event.key)?;
+            let (lo, hi) = (t.saturating_sub(gap), t.saturating_add(gap));
+            let joins = |s: &Session| s.end >= lo && s.start <= hi;
+            if sessions.iter().any(|s| joins(s) && s.acc.contains(event)) {
                 continue;
             }
-            merged.add(&self.inputs(event), t, event.coords.offset);
-            for (skey, s_start, s_end) in absorbed {
-                out.state.delete(&skey);
-                out.state
-                    .delete(&index_key(b'y', s_end, &session_tail(&event.key, s_start)));
-                emitted.insert(
-                    (
-                        event.key.clone(),
-                        Window {
-                            start: s_start,
-                            end: s_end,
-                        },
-                    ),
-                    None,
-                );
+            let (absorbed, kept): (Vec<Session>, Vec<Session>) =
+                std::mem::take(sessions).into_iter().partition(joins);
+            *sessions = kept;
+            let mut merged = self.new_acc(event.coords.partition);
+            let (mut start, mut end) = (t, t);
+            for s in &absorbed {
+                merged.merge(&s.acc);
+                start = start.min(s.start);
+                end = end.max(s.end);
             }
-            let mut skey = prefix;
-            skey.extend_from_slice(&i64_sortable(end));
-            skey.extend_from_slice(&i64_sortable(start));
-            out.state.put(&skey, &merged.encode());
+            merged.add(&self.inputs(event), t, event.coords.offset);
+            for s in absorbed {
+                out.state
+                    .delete(&index_key(b'y', s.end, &session_tail(&event.key, s.start)));
+                let window = Window {
+                    start: s.start,
+                    end: s.end,
+                };
+                emitted.insert((event.key.clone(), window), None);
+            }
             out.state
                 .put(&index_key(b'y', end, &session_tail(&event.key, start)), &[]);
             emitted.insert(
                 (event.key.clone(), Window { start, end }),
-                Some((merged, event.coords.clone())),
+                Some((merged.clone(), event.coords.clone())),
             );
+            let at = sessions.partition_point(|s| s.start < start);
+            sessions.insert(
+                at,
+                Session {
+                    start,
+                    end,
+                    acc: merged,
+                },
+            );
+            dirty.insert(event.key.clone());
         }
         let Some(st) = progress.stream_time() else {
             return Ok(());
@@ -667,30 +662,43 @@ impl Aggregate {
             let mut r = Reader::new(&ykey[1..]);
             let s_end = r.i64_sortable()?;
             let (key, s_start) = parse_keyed(r.rest())?;
-            let mut skey = key_prefix(b's', &key);
-            skey.extend_from_slice(&i64_sortable(s_end));
-            skey.extend_from_slice(&i64_sortable(s_start));
-            if self.config.emit == Emit::OnClose {
-                if let Some(bytes) = get_through(store, &out.state, &skey)? {
-                    let acc = Acc::decode(&bytes)?;
-                    let version = Coords::new(topic.clone(), acc.partition, acc.version);
-                    closed.push(
-                        Slot {
-                            is_new: false,
-                            acc,
-                            key,
-                            window: Window {
-                                start: s_start,
-                                end: s_end,
-                            },
-                            version: None,
-                        }
-                        .update(&self.config, version, true),
-                    );
-                }
-            }
-            out.state.delete(&skey);
             out.state.delete(&ykey);
+            let sessions = key_sessions(store, &out.state, &mut keys, &key)?;
+            let Some(at) = sessions
+                .iter()
+                .position(|s| (s.start, s.end) == (s_start, s_end))
+            else {
+                continue;
+            };
+            let session = sessions.remove(at);
+            dirty.insert(key.clone());
+            if self.config.emit == Emit::OnClose {
+                let acc = session.acc;
+                let version = Coords::new(topic.clone(), acc.partition, acc.version);
+                let window = Window {
+                    start: s_start,
+                    end: s_end,
+                };
+                closed.push(
+                    Slot {
+                        is_new: false,
+                        acc,
+                        key,
+                        window,
+                        version: None,
+                    }
+                    .update(&self.config, version, true),
+                );
+            }
+        }
+        for key in dirty {
+            let skey = key_prefix(b'S', &key);
+            match keys.get(&key) {
+                Some(sessions) if !sessions.is_empty() => {
+                    out.state.put(&skey, &encode_sessions(sessions))
+                }
+                _ => out.state.delete(&skey),
+            }
         }
         if self.config.emit == Emit::OnUpdate {
             for ((key, window), value) in emitted {
@@ -716,6 +724,35 @@ impl Aggregate {
         }
         out.updates.extend(closed);
         Ok(())
+    }
+
+    /// Moves the sessions of a store written before they were kept per key (`s key end start`
+    /// → accumulator) into per-key entries, once: returns them by key, for the batch to write,
+    /// and marks the store ([`SESSIONS_PER_KEY`]). The expiry index is the same in both.
+    fn migrate_sessions<S: StateStore + ?Sized>(
+        store: &S,
+        batch: &mut WriteBatch,
+    ) -> Result<BTreeMap<Bytes, Vec<Session>>, StoreError> {
+        let mut keys: BTreeMap<Bytes, Vec<Session>> = BTreeMap::new();
+        if get_through(store, batch, SESSIONS_PER_KEY)?.is_some() {
+            return Ok(keys);
+        }
+        for (skey, bytes) in range_through(store, batch, b"s", b"t")? {
+            let mut r = Reader::new(&skey[1..]);
+            let key = Bytes::copy_from_slice(r.bytes()?);
+            let end = r.i64_sortable()?;
+            let start = r.i64_sortable()?;
+            let acc = Acc::decode(&bytes)?;
+            keys.entry(key)
+                .or_default()
+                .push(Session { start, end, acc });
+            batch.delete(&skey);
+        }
+        for sessions in keys.values_mut() {
+            sessions.sort_by_key(|s| s.start);
+        }
+        batch.put(SESSIONS_PER_KEY, &[1]);
+        Ok(keys)
     }
 
     /// Sliding windows. Keys: `a key` → accumulator over the retained events,
@@ -754,12 +791,17 @@ impl Aggregate {
             slot.acc.add(&inputs, event.time_ms, event.coords.offset);
             slot.version = Some(event.coords.clone());
             let tail = retained_tail(&event.key, event.time_ms, event.coords.offset);
-            out.state
-                .put(&[b"r".as_slice(), &tail].concat(), &encode_inputs(&inputs));
+            let encoded = Bytes::from(encode_inputs(&inputs));
+            out.state.put(&[b"r".as_slice(), &tail].concat(), &encoded);
             retained
                 .entry(event.time_ms.div_euclid(width))
                 .or_default()
-                .push((event.time_ms, event.key.clone(), event.coords.offset));
+                .push(Retained {
+                    t: event.time_ms,
+                    key: event.key.clone(),
+                    offset: event.coords.offset,
+                    inputs: Some(encoded),
+                });
         }
         let Some(st) = progress.stream_time() else {
             return Ok(());
@@ -776,19 +818,49 @@ impl Aggregate {
         let horizon = st.saturating_sub(size);
         let mut to = b"q".to_vec();
         to.extend_from_slice(&i64_sortable(horizon.saturating_add(1)));
+        // Keys whose accumulator cannot take a leaving event out exactly (it held the minimum,
+        // the maximum or the latest value, or a sum that is not exact): rebuilt from their
+        // retained events instead, which costs a scan of the whole window.
         let mut recompute = BTreeSet::new();
         for (qkey, value) in expiry_scan(store, &mut out.state, b'q', to)? {
             out.state.delete(&qkey);
             let (seq, events) = decode_retained_entry(&qkey, &value)?;
             let mut rest = Vec::new();
-            for (t, key, offset) in events {
-                if t <= horizon {
-                    out.state
-                        .delete(&[b"r".as_slice(), &retained_tail(&key, t, offset)].concat());
-                    recompute.insert(key);
-                } else {
-                    rest.push((t, key, offset));
+            for event in events {
+                if event.t > horizon {
+                    rest.push(event);
+                    continue;
                 }
+                let Retained {
+                    t,
+                    key,
+                    offset,
+                    inputs,
+                } = event;
+                let rkey = [b"r".as_slice(), &retained_tail(&key, t, offset)].concat();
+                if !recompute.contains(&key) {
+                    // An entry of an earlier layout does not hold the inputs: read them.
+                    let inputs = match inputs {
+                        Some(inputs) => Some(inputs),
+                        None => get_through(store, &out.state, &rkey)?,
+                    };
+                    let inputs = inputs.map(|bytes| decode_inputs(&bytes)).transpose()?;
+                    let slot = self.sliding_slot(store, &mut dirty, &key, last.partition)?;
+                    match inputs {
+                        Some(inputs) if slot.acc.remove(&inputs, t, offset) => {
+                            if slot.acc.events == 0 {
+                                let (partition, version) = (slot.acc.partition, slot.acc.version);
+                                slot.acc = self.new_acc(partition);
+                                slot.acc.version = version;
+                            }
+                            slot.version = Some(last.clone());
+                        }
+                        _ => {
+                            recompute.insert(key);
+                        }
+                    }
+                }
+                out.state.delete(&rkey);
             }
             if let (Some(seq), false) = (seq, rest.is_empty()) {
                 put_retained_entry(&mut out.state, seq, &rest);
@@ -868,24 +940,43 @@ impl Aggregate {
     }
 }
 
-/// An event a sliding window retains: its time, key and offset.
-type Retained = (i64, Bytes, i64);
+/// An event a sliding window retains, as its expiry entry names it.
+struct Retained {
+    t: i64,
+    key: Bytes,
+    offset: i64,
+    /// Its inputs as encoded in its `r` entry, so that it leaves its accumulator without a
+    /// read; `None` in an entry of the earlier layout.
+    inputs: Option<Bytes>,
+}
+
+/// Marks a sliding expiry entry whose events carry their inputs: the last byte of its key.
+const WITH_INPUTS: u8 = 1;
 
 /// Writes the sliding expiry entry of `events` (one batch's, in one time bucket), under their
-/// smallest time.
+/// smallest time: `q min seq 1` → `time key offset inputs` per event (without the inputs and
+/// the last byte of the key when an event of an earlier entry has none).
 fn put_retained_entry(state: &mut WriteBatch, seq: u64, events: &[Retained]) {
-    let Some(min) = events.iter().map(|e| e.0).min() else {
+    let Some(min) = events.iter().map(|e| e.t).min() else {
         return;
     };
-    let mut w = Writer::with_capacity(events.iter().map(|e| e.1.len() + 20).sum());
-    for (t, key, offset) in events {
-        w.i64(*t).bytes(key).i64(*offset);
+    let with_inputs = events.iter().all(|e| e.inputs.is_some());
+    let mut w = Writer::with_capacity(events.iter().map(|e| e.key.len() + 32).sum());
+    for e in events {
+        w.i64(e.t).bytes(&e.key).i64(e.offset);
+        if let (true, Some(inputs)) = (with_inputs, &e.inputs) {
+            w.bytes(inputs);
+        }
     }
-    state.put(&index_key(b'q', min, &seq.to_be_bytes()), &w.finish());
+    let mut key = index_key(b'q', min, &seq.to_be_bytes());
+    if with_inputs {
+        key.push(WITH_INPUTS);
+    }
+    state.put(&key, &w.finish());
 }
 
 /// A sliding expiry entry: its batch number and events. An empty value is an entry of the
-/// earlier layout, `q time key offset`, naming one event (no batch number).
+/// earliest layout, `q time key offset`, naming one event (no batch number).
 fn decode_retained_entry(
     key: &[u8],
     value: &[u8],
@@ -896,17 +987,88 @@ fn decode_retained_entry(
     if value.is_empty() {
         let key = Bytes::copy_from_slice(r.bytes()?);
         let offset = i64::from_be_bytes(r.rest().try_into().map_err(|_| corrupt())?);
-        return Ok((None, vec![(t, key, offset)]));
+        let event = Retained {
+            t,
+            key,
+            offset,
+            inputs: None,
+        };
+        return Ok((None, vec![event]));
     }
-    let seq = u64::from_be_bytes(r.rest().try_into().map_err(|_| corrupt())?);
+    let rest = r.rest();
+    let (seq, with_inputs) = match rest.len() {
+        8 => (rest, false),
+        9 if rest[8] == WITH_INPUTS => (&rest[..8], true),
+        _ => return Err(corrupt()),
+    };
+    let seq = u64::from_be_bytes(seq.try_into().map_err(|_| corrupt())?);
     let mut r = Reader::new(value);
     let mut events = Vec::new();
     while !r.is_empty() {
         let t = r.i64()?;
         let key = Bytes::copy_from_slice(r.bytes()?);
-        events.push((t, key, r.i64()?));
+        let offset = r.i64()?;
+        let inputs = if with_inputs {
+            Some(Bytes::copy_from_slice(r.bytes()?))
+        } else {
+            None
+        };
+        events.push(Retained {
+            t,
+            key,
+            offset,
+            inputs,
+        });
     }
     Ok((Some(seq), events))
+}
+
+/// Marks a store whose sessions are kept per key (`S key`), not per session.
+const SESSIONS_PER_KEY: &[u8] = b"\x00ls";
+
+/// One session window of a key.
+struct Session {
+    start: i64,
+    end: i64,
+    acc: Acc,
+}
+
+/// The sessions of `key`, read once per batch into `keys` (from the batch, else the store).
+fn key_sessions<'a, S: StateStore + ?Sized>(
+    store: &S,
+    batch: &WriteBatch,
+    keys: &'a mut BTreeMap<Bytes, Vec<Session>>,
+    key: &Bytes,
+) -> Result<&'a mut Vec<Session>, StoreError> {
+    if !keys.contains_key(key) {
+        let sessions = match get_through(store, batch, &key_prefix(b'S', key))? {
+            Some(bytes) => decode_sessions(&bytes)?,
+            None => Vec::new(),
+        };
+        keys.insert(key.clone(), sessions);
+    }
+    keys.get_mut(key)
+        .ok_or_else(|| StoreError::Corrupt("session list vanished".into()))
+}
+
+/// `start end acc` per session, by start.
+fn encode_sessions(sessions: &[Session]) -> Vec<u8> {
+    let mut w = Writer::with_capacity(sessions.len() * 64);
+    for s in sessions {
+        w.i64(s.start).i64(s.end).bytes(&s.acc.encode());
+    }
+    w.finish()
+}
+
+fn decode_sessions(bytes: &[u8]) -> Result<Vec<Session>, StoreError> {
+    let mut r = Reader::new(bytes);
+    let mut sessions = Vec::new();
+    while !r.is_empty() {
+        let (start, end) = (r.i64()?, r.i64()?);
+        let acc = Acc::decode(r.bytes()?)?;
+        sessions.push(Session { start, end, acc });
+    }
+    Ok(sessions)
 }
 
 /// An accumulator being updated in this batch.
@@ -1189,6 +1351,66 @@ impl Acc {
                 }
             }
         }
+    }
+
+    /// Takes an event added with `inputs` at `t`, `offset` out again; `false` when that cannot
+    /// be done exactly (the accumulator is then left half-updated, to be rebuilt): it held the
+    /// minimum or maximum (the next one is unknown), the latest value, or a sum that is not
+    /// exact (floating-point subtraction would make the value depend on the order of adds and
+    /// removals).
+    fn remove(&mut self, inputs: &[Option<Scalar>], t: i64, offset: i64) -> bool {
+        if self.events == 0 {
+            return false;
+        }
+        self.events -= 1;
+        for (acc, input) in self.fns.iter_mut().zip(inputs) {
+            let Some(input) = input else { continue };
+            let exact = match acc {
+                FnAcc::Count => true,
+                FnAcc::Sum { sum, n, exact } => match input.as_f64() {
+                    None => true,
+                    Some(v) => match (*exact, micros(v)) {
+                        (Some(e), Some(m)) if *n > 0 => {
+                            let e = e - m;
+                            *exact = Some(e);
+                            *sum = e as f64 / 1e6;
+                            *n -= 1;
+                            true
+                        }
+                        _ => false,
+                    },
+                },
+                FnAcc::Min(m) => match input.as_f64() {
+                    None => true,
+                    Some(v) => m.is_some_and(|m| v > m),
+                },
+                FnAcc::Max(m) => match input.as_f64() {
+                    None => true,
+                    Some(v) => m.is_some_and(|m| v < m),
+                },
+                FnAcc::Latest(latest) => latest
+                    .as_ref()
+                    .is_some_and(|(lt, lo, _)| (*lt, *lo) != (t, offset)),
+                FnAcc::Distinct(values) => {
+                    let value = encode_scalar(input);
+                    match values.get_mut(&value) {
+                        Some(1) => {
+                            values.remove(&value);
+                            true
+                        }
+                        Some(c) => {
+                            *c -= 1;
+                            true
+                        }
+                        None => false,
+                    }
+                }
+            };
+            if !exact {
+                return false;
+            }
+        }
+        true
     }
 
     fn merge(&mut self, other: &Acc) {

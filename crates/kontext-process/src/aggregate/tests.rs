@@ -358,6 +358,7 @@ fn run_with_restart(
             for key in positions {
                 store.delete(&key).unwrap();
             }
+            downgrade_sessions(&mut store);
         }
         let op = Aggregate::new(config).unwrap();
         for batch in part.chunks(size) {
@@ -367,6 +368,52 @@ fn run_with_restart(
     }
     let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
     (store, st)
+}
+
+/// Rewrites the sessions of `store` in the layout before they were kept per key: an entry
+/// `s key end start` → accumulator per session, and no layout mark.
+fn downgrade_sessions(store: &mut MemoryStore) {
+    let mut old = WriteBatch::default();
+    for entry in store.prefix(b"S") {
+        let (skey, bytes) = entry.unwrap();
+        for session in decode_sessions(&bytes).unwrap() {
+            let mut key = key_prefix(b's', &skey[5..]);
+            key.extend_from_slice(&i64_sortable(session.end));
+            key.extend_from_slice(&i64_sortable(session.start));
+            old.put(&key, &session.acc.encode());
+        }
+        old.delete(&skey);
+    }
+    old.delete(SESSIONS_PER_KEY);
+    store.commit(old).unwrap();
+}
+
+/// Rewrites the sliding expiry entries of `store` without their events' inputs, as the
+/// layout before them wrote them.
+fn strip_retained_inputs(store: &mut MemoryStore) {
+    let mut old = WriteBatch::default();
+    for entry in store.prefix(b"q") {
+        let (qkey, value) = entry.unwrap();
+        let (seq, mut events) = decode_retained_entry(&qkey, &value).unwrap();
+        for event in &mut events {
+            event.inputs = None;
+        }
+        old.delete(&qkey);
+        put_retained_entry(&mut old, seq.unwrap(), &events);
+    }
+    store.commit(old).unwrap();
+}
+
+/// The sessions `store` holds: (key, start, end, events).
+fn sessions_of(store: &MemoryStore) -> Vec<(Bytes, i64, i64, u64)> {
+    let mut out = Vec::new();
+    for entry in store.prefix(b"S") {
+        let (skey, bytes) = entry.unwrap();
+        for s in decode_sessions(&bytes).unwrap() {
+            out.push((skey.slice(5..), s.start, s.end, s.acc.events));
+        }
+    }
+    out
 }
 
 fn jittered(steps: &[(i64, i64)]) -> Vec<Event> {
@@ -434,11 +481,77 @@ proptest::proptest! {
         let (store, st) = run_with_restart(
             config(session, grace), config(session, later_grace), &events, size, upgrade,
         );
-        for entry in store.prefix(b"s") {
-            let (key, _) = entry.unwrap();
-            let end = i64_from_sortable(key[key.len() - 16..key.len() - 8].try_into().unwrap());
+        proptest::prop_assert_eq!(store.prefix(b"s").count(), 0, "sessions of the earlier layout left");
+        for (_, _, end, _) in sessions_of(&store) {
             proptest::prop_assert!(end + 4 >= st - later_grace, "session ending {end} left");
         }
+    }
+
+    /// Sliding expiry entries of the earlier layout (without the events' inputs) take their
+    /// events out of the window as the new ones do.
+    #[test]
+    fn sliding_entries_without_inputs_continue_unchanged(
+        steps in proptest::collection::vec((0i64..6, 0i64..25), 1..60),
+        window in 1i64..40,
+        size in 1usize..6,
+    ) {
+        let events = jittered(&steps);
+        let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: window }, 0)).unwrap();
+        let run = |strip: bool| {
+            let mut store = MemoryStore::new("agg");
+            let mut updates = Vec::new();
+            for (i, batch) in events.chunks(size).enumerate() {
+                if strip && i == events.len() / size / 2 {
+                    strip_retained_inputs(&mut store);
+                }
+                let out = op.process(&store, batch).unwrap();
+                updates.extend(out.updates);
+                store.commit(out.state).unwrap();
+            }
+            let state: Vec<_> = store.prefix(b"a").chain(store.prefix(b"r")).map(|e| e.unwrap()).collect();
+            (updates, state)
+        };
+        let (updates, state) = run(false);
+        let (stripped_updates, stripped_state) = run(true);
+        proptest::prop_assert_eq!(stripped_updates, updates);
+        proptest::prop_assert_eq!(stripped_state, state);
+    }
+
+    /// A store of the earlier session layout (one entry per session) is moved to per-key
+    /// entries at its first batch and then emits, and ends with, what a store that always
+    /// had the new layout does.
+    #[test]
+    fn sessions_of_the_earlier_layout_continue_unchanged(
+        steps in proptest::collection::vec((0i64..6, 0i64..25), 1..60),
+        grace in 0i64..30,
+        size in 1usize..6,
+        on_close in proptest::bool::ANY,
+    ) {
+        let events = jittered(&steps);
+        let emit = if on_close { Emit::OnClose } else { Emit::OnUpdate };
+        let op = Aggregate::new(AggregateConfig {
+            emit,
+            ..config(WindowSpec::Session { gap_ms: 4 }, grace)
+        })
+        .unwrap();
+        let run = |downgrade: bool| {
+            let mut store = MemoryStore::new("agg");
+            let mut updates = Vec::new();
+            for (i, batch) in events.chunks(size).enumerate() {
+                if downgrade && i == events.len() / size / 2 {
+                    downgrade_sessions(&mut store);
+                }
+                let out = op.process(&store, batch).unwrap();
+                updates.extend(out.updates);
+                store.commit(out.state).unwrap();
+            }
+            (updates, sessions_of(&store), store.prefix(b"s").count())
+        };
+        let (updates, sessions, _) = run(false);
+        let (migrated_updates, migrated_sessions, old_entries) = run(true);
+        proptest::prop_assert_eq!(migrated_updates, updates);
+        proptest::prop_assert_eq!(migrated_sessions, sessions);
+        proptest::prop_assert_eq!(old_entries, 0);
     }
 
     /// The same for sliding windows and their size: no event is retained past the window.
