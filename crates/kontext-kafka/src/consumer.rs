@@ -23,9 +23,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use kontext_core::record::{Header, Record, TopicPartition};
 use kontext_log::{Consumer, GroupMetadata, LogError};
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::consumer::{CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::log_error;
@@ -34,12 +35,15 @@ use crate::metadata::blocking;
 /// A partition by name, as librdkafka's lists give them.
 type Partition = (String, i32);
 
+/// librdkafka's consumer as group members use it.
+pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
+
 /// A member of a Kafka consumer group, subscribed to its topics. Dropping it leaves the group
 /// (librdkafka's close), so the partitions move to the other members at once rather than after
 /// the session timeout.
 pub struct KafkaConsumer {
     /// `None` only inside `drop`, which takes it out to close it in the right place.
-    consumer: Option<Arc<StreamConsumer>>,
+    consumer: Option<Arc<GroupConsumer>>,
     /// The subscribed topics' names, shared by every record instead of allocated per record.
     topics: Vec<Arc<str>>,
     /// An error met after records were already taken from librdkafka's queue in the same poll:
@@ -53,7 +57,7 @@ pub struct KafkaConsumer {
 }
 
 impl KafkaConsumer {
-    pub(crate) fn new(consumer: StreamConsumer, topics: &[String]) -> Self {
+    pub(crate) fn new(consumer: GroupConsumer, topics: &[String]) -> Self {
         Self {
             consumer: Some(Arc::new(consumer)),
             topics: topics.iter().map(|t| Arc::from(t.as_str())).collect(),
@@ -63,7 +67,7 @@ impl KafkaConsumer {
         }
     }
 
-    fn consumer(&self) -> Result<&Arc<StreamConsumer>, LogError> {
+    fn consumer(&self) -> Result<&Arc<GroupConsumer>, LogError> {
         self.consumer.as_ref().ok_or(LogError::Closed)
     }
 
@@ -218,16 +222,7 @@ impl Consumer for KafkaConsumer {
         if offsets.is_empty() {
             return Ok(());
         }
-        let mut list = TopicPartitionList::with_capacity(offsets.len());
-        for (tp, offset) in offsets {
-            if *offset < 0 {
-                return Err(LogError::Invalid(format!(
-                    "cannot commit offset {offset} for {tp}"
-                )));
-            }
-            list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))
-                .map_err(|e| log_error(&format!("committing {tp}"), e))?;
-        }
+        let list = offset_list(offsets)?;
         let consumer = self.consumer()?.clone();
         blocking(move || {
             consumer
@@ -235,6 +230,21 @@ impl Consumer for KafkaConsumer {
                 .map_err(|e| log_error("committing offsets", e))
         })
         .await
+    }
+
+    /// librdkafka's asynchronous commit: queued to the coordinator in order, its outcome
+    /// logged by [`GroupContext`]. Closing the consumer waits for it.
+    async fn commit_in_background(
+        &mut self,
+        offsets: &[(TopicPartition, i64)],
+    ) -> Result<(), LogError> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let list = offset_list(offsets)?;
+        self.consumer()?
+            .commit(&list, CommitMode::Async)
+            .map_err(|e| log_error("committing offsets", e))
     }
 
     /// Pauses the current assignment and whatever a rebalance assigns until
@@ -316,8 +326,37 @@ fn poll_error(err: KafkaError) -> LogError {
     log_error("polling", err)
 }
 
+/// `offsets` as librdkafka's list; a negative offset is refused.
+fn offset_list(offsets: &[(TopicPartition, i64)]) -> Result<TopicPartitionList, LogError> {
+    let mut list = TopicPartitionList::with_capacity(offsets.len());
+    for (tp, offset) in offsets {
+        if *offset < 0 {
+            return Err(LogError::Invalid(format!(
+                "cannot commit offset {offset} for {tp}"
+            )));
+        }
+        list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))
+            .map_err(|e| log_error(&format!("committing {tp}"), e))?;
+    }
+    Ok(list)
+}
+
+/// The client context of group members: logs the outcome of background offset commits,
+/// which librdkafka reports only here.
+pub(crate) struct GroupContext;
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, partitions = offsets.count(), "offset commit failed; the next commit covers its offsets");
+        }
+    }
+}
+
 /// The partitions assigned to `consumer`, from librdkafka's local state.
-fn assignment_of(consumer: &StreamConsumer) -> Result<Vec<Partition>, LogError> {
+fn assignment_of(consumer: &GroupConsumer) -> Result<Vec<Partition>, LogError> {
     let list = consumer
         .assignment()
         .map_err(|e| log_error("reading the assignment", e))?;

@@ -12,14 +12,14 @@ use kontext_log::{
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::{ClientRole, KafkaConfig};
-use crate::consumer::{to_record, KafkaConsumer};
+use crate::consumer::{to_record, GroupConsumer, GroupContext, KafkaConsumer};
 use crate::error::{code_error, log_error};
 use crate::metadata::{blocking, MetadataClient, PartitionCounts};
 use crate::producer::{KafkaProducer, KafkaTransactionalProducer};
@@ -359,12 +359,11 @@ impl Log for KafkaLog {
                 return Err(LogError::UnknownTopic(topic.clone()));
             }
         }
-        let consumer: StreamConsumer = create(
-            &self
-                .config
-                .consumer_config(&config.group_id, config.offset_reset),
-            "creating the consumer",
-        )?;
+        let consumer: GroupConsumer = self
+            .config
+            .consumer_config(&config.group_id, config.offset_reset)
+            .create_with_context(GroupContext)
+            .map_err(|e| config_error("creating the consumer", e))?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)

@@ -142,6 +142,30 @@ async fn produces_idempotently_and_consumes_every_record_in_partition_order_with
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_commits_are_in_the_group_once_the_member_closed() {
+    let log = kafka_log();
+    let topic = filled_topic(&log, "background", 1, 50).await;
+    let group = unique("g");
+    let mut member = log
+        .consumer(ConsumerConfig::new(&group, vec![topic.clone()]))
+        .await
+        .unwrap();
+    let processed = poll_exactly(member.as_mut(), 50).await;
+    // One background commit per record, in order: the last one is what the group keeps.
+    for record in &processed {
+        member
+            .commit_in_background(&[(record.topic_partition(), record.offset + 1)])
+            .await
+            .unwrap();
+    }
+    drop(member); // librdkafka's close waits for the outstanding commits
+    assert_eq!(
+        log.committed_offsets(&group, &topic).await.unwrap(),
+        vec![(0, Some(50))]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_member_resumes_from_the_committed_offsets() {
     let log = kafka_log();
     let topic = filled_topic(&log, "resume", 3, 300).await;

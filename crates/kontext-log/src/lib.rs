@@ -177,6 +177,20 @@ pub trait Consumer: Send {
     /// Commits, for each partition, the offset of the next record to read.
     async fn commit(&mut self, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError>;
 
+    /// [`Consumer::commit`] without waiting until it is durable, for a caller whose own state
+    /// records how far it got, so that a commit a crash loses only re-delivers records the
+    /// caller skips. The next poll then does not wait out a round trip to the group
+    /// coordinator (Kafka) or the offsets file's fsyncs (embedded). One consumer's commits
+    /// take effect in the order they were made; one that fails is logged by the backend, and
+    /// the next one covers its offsets. An error returned here is one found before starting
+    /// (an invalid offset). The default waits, as [`Consumer::commit`].
+    async fn commit_in_background(
+        &mut self,
+        offsets: &[(TopicPartition, i64)],
+    ) -> Result<(), LogError> {
+        self.commit(offsets).await
+    }
+
     /// The partitions currently assigned to this member.
     fn assignment(&self) -> Vec<TopicPartition>;
 

@@ -92,6 +92,33 @@ async fn committed_offsets_survive_close_and_reopen() {
 }
 
 #[tokio::test]
+async fn background_commits_take_effect_in_order_and_a_commit_waits_for_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path(), EmbeddedConfig::default());
+    create(&log, "t", 1).await;
+    fill(&log, "t", 1, 10).await;
+    let mut c = log
+        .consumer(ConsumerConfig::new("g", vec!["t".into()]))
+        .await
+        .expect("consumer");
+    for offset in 1..=9 {
+        c.commit_in_background(&[(TopicPartition::new("t", 0), offset)])
+            .await
+            .expect("commit");
+    }
+    let refused = c
+        .commit_in_background(&[(TopicPartition::new("t", 0), -1)])
+        .await;
+    assert!(matches!(refused, Err(LogError::Invalid(_))), "{refused:?}");
+    // An empty commit waits for the one in the background.
+    c.commit(&[]).await.expect("wait");
+    assert_eq!(
+        log.committed_offsets("g", "t").await.expect("offsets"),
+        vec![(0, Some(9))]
+    );
+}
+
+#[tokio::test]
 async fn two_groups_consume_and_commit_independently() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open(dir.path(), EmbeddedConfig::default());

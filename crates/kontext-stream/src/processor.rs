@@ -551,7 +551,9 @@ impl Processor {
             if !send(producer.as_ref(), out, shutdown, &drain.policy).await? {
                 return Ok(());
             }
-            if let Err(e) = consumer.commit(&next_offsets(&records)).await {
+            // In the background: the next batch need not wait for it, and a commit a crash
+            // loses only re-keys records again, which the tasks drop (their high water).
+            if let Err(e) = consumer.commit_in_background(&next_offsets(&records)).await {
                 warn!(error = %e, "re-key offset commit failed; the records are re-keyed again and dropped downstream");
             }
         }
@@ -834,7 +836,9 @@ impl Processor {
                 }
             }
             if txn.is_none() {
-                if let Err(e) = consumer.commit(&offsets).await {
+                // In the background: the stores hold the offsets, and rewind the group to them
+                // at start, so a commit a crash loses costs nothing but re-delivery.
+                if let Err(e) = consumer.commit_in_background(&offsets).await {
                     warn!(error = %e, "feature offset commit failed; the state skips what is re-delivered");
                 }
             }
@@ -1815,8 +1819,23 @@ impl<'a> Drain<'a> {
         }
     }
 
-    /// The next records, retrying transient errors; `None` when the loop must stop.
+    /// The next records, retrying transient errors; `None` when the loop must stop, once the
+    /// loop's last background commit ([`kontext_log::Consumer::commit_in_background`]) is
+    /// done, so the group's offsets are where the loop got when it returns.
     pub async fn poll(
+        &mut self,
+        consumer: &mut dyn kontext_log::Consumer,
+    ) -> Result<Option<Vec<Record>>, ProcessorError> {
+        let polled = self.poll_until_done(consumer).await?;
+        if polled.is_none() {
+            if let Err(e) = consumer.commit(&[]).await {
+                warn!(error = %e, "waiting for the last offset commit failed; the state skips what is re-delivered");
+            }
+        }
+        Ok(polled)
+    }
+
+    async fn poll_until_done(
         &mut self,
         consumer: &mut dyn kontext_log::Consumer,
     ) -> Result<Option<Vec<Record>>, ProcessorError> {

@@ -314,14 +314,20 @@ impl StoreSink {
             }
         }
         self.commit_durable(&mut feed, &mut uncommitted).await;
+        // The commits run in the background: the group's offsets are final once they are done.
+        if let Err(e) = feed.consumer.commit(&[]).await {
+            warn!(error = %e, "waiting for the last offset commit failed; records will be re-delivered and skipped");
+        }
         info!(group = %self.consumer.group_id, "store sink stopped");
         Ok(())
     }
 
     /// Commits the group's offsets of the writes the store holds durably (offsets never pass a
-    /// write a crash could lose). The store already holds these offsets, so a failed commit
-    /// only means re-delivery, which the store skips; the next commit of a partition
-    /// supersedes it. (Keeping failed offsets for a retry would make one refused partition,
+    /// write a crash could lose), in the background
+    /// ([`kontext_log::Consumer::commit_in_background`]): the next poll does not wait for the
+    /// coordinator or the offsets file's fsyncs. The store already holds these offsets, so a
+    /// failed or lost commit only means re-delivery, which the store skips; the next commit of
+    /// a partition supersedes it. (Keeping failed offsets for a retry would make one refused partition,
     /// say one a rebalance moved away, fail every later commit.)
     async fn commit_durable(
         &self,
@@ -342,7 +348,7 @@ impl StoreSink {
             return;
         }
         let offsets: Vec<(TopicPartition, i64)> = offsets.into_iter().collect();
-        if let Err(e) = feed.consumer.commit(&offsets).await {
+        if let Err(e) = feed.consumer.commit_in_background(&offsets).await {
             warn!(error = %e, "offset commit failed; records will be re-delivered and skipped");
         } else {
             self.metrics

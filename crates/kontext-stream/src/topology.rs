@@ -734,7 +734,8 @@ impl TopologyRunner {
                 }
             }
             if txn.is_none() {
-                if let Err(e) = consumer.commit(&offsets).await {
+                // In the background, as the processor's: the stores hold the offsets.
+                if let Err(e) = consumer.commit_in_background(&offsets).await {
                     warn!(group = %seg.group, error = %e, "topology offset commit failed; the state skips what is re-delivered");
                 }
             }

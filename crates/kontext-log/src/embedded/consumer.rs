@@ -151,6 +151,9 @@ pub struct EmbeddedConsumer {
     /// member of its group holds every partition, so there is no rebalance to pause through
     /// and no membership to keep alive.
     paused: bool,
+    /// The commit [`Consumer::commit_in_background`] started, if it may still run: the next
+    /// commit waits for it, so commits take effect in order.
+    background: Option<tokio::task::JoinHandle<Result<(), LogError>>>,
 }
 
 struct Assigned {
@@ -198,6 +201,7 @@ impl EmbeddedConsumer {
             cursor: 0,
             data_version,
             paused: false,
+            background: None,
         })
     }
 
@@ -290,6 +294,48 @@ impl EmbeddedConsumer {
     }
 }
 
+impl EmbeddedConsumer {
+    /// Checks `offsets` and starts writing them on the blocking pool (three fsyncs).
+    fn start_commit(
+        &self,
+        offsets: &[(TopicPartition, i64)],
+    ) -> Result<tokio::task::JoinHandle<Result<(), LogError>>, LogError> {
+        for (tp, offset) in offsets {
+            self.log.partition(&tp.topic, tp.partition)?;
+            if *offset < 0 {
+                return Err(LogError::Invalid(format!(
+                    "negative offset {offset} for {tp}"
+                )));
+            }
+        }
+        let store = self.offsets.clone();
+        let offsets = offsets.to_vec();
+        Ok(tokio::task::spawn_blocking(move || {
+            store.lock().commit(&offsets)
+        }))
+    }
+
+    async fn join_commit(
+        &self,
+        commit: tokio::task::JoinHandle<Result<(), LogError>>,
+    ) -> Result<(), LogError> {
+        commit.await.map_err(|e| LogError::Io {
+            path: self.log.dir().to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    }
+
+    /// Waits for the background commit, if one was started; logs its failure (the commit
+    /// that follows covers its offsets).
+    async fn finish_background(&mut self) {
+        if let Some(commit) = self.background.take() {
+            if let Err(e) = self.join_commit(commit).await {
+                tracing::warn!(group = %self.group, error = %e, "background offset commit failed; the next commit covers it");
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Consumer for EmbeddedConsumer {
     async fn poll(
@@ -323,23 +369,21 @@ impl Consumer for EmbeddedConsumer {
     }
 
     async fn commit(&mut self, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError> {
-        for (tp, offset) in offsets {
-            self.log.partition(&tp.topic, tp.partition)?;
-            if *offset < 0 {
-                return Err(LogError::Invalid(format!(
-                    "negative offset {offset} for {tp}"
-                )));
-            }
+        self.finish_background().await;
+        if offsets.is_empty() {
+            return Ok(()); // waited for the background commit: all this call is for
         }
-        let store = self.offsets.clone();
-        let offsets = offsets.to_vec();
-        // Three fsyncs: keep them off the async worker threads.
-        tokio::task::spawn_blocking(move || store.lock().commit(&offsets))
-            .await
-            .map_err(|e| LogError::Io {
-                path: self.log.dir().to_path_buf(),
-                source: std::io::Error::other(e.to_string()),
-            })?
+        let commit = self.start_commit(offsets)?;
+        self.join_commit(commit).await
+    }
+
+    async fn commit_in_background(
+        &mut self,
+        offsets: &[(TopicPartition, i64)],
+    ) -> Result<(), LogError> {
+        self.finish_background().await;
+        self.background = Some(self.start_commit(offsets)?);
+        Ok(())
     }
 
     fn assignment(&self) -> Vec<TopicPartition> {
