@@ -178,12 +178,15 @@ pub trait Consumer: Send {
     async fn commit(&mut self, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError>;
 
     /// [`Consumer::commit`] without waiting until it is durable, for a caller whose own state
-    /// records how far it got, so that a commit a crash loses only re-delivers records the
-    /// caller skips. The next poll then does not wait out a round trip to the group
-    /// coordinator (Kafka) or the offsets file's fsyncs (embedded). One consumer's commits
-    /// take effect in the order they were made; one that fails is logged by the backend, and
-    /// the next one covers its offsets. An error returned here is one found before starting
-    /// (an invalid offset). The default waits, as [`Consumer::commit`].
+    /// records how far it got, so that a commit a crash loses (or a late one that lands after
+    /// a newer one) only re-delivers records the caller skips. The next poll then does not
+    /// wait out a round trip to the group coordinator (Kafka) or the offsets file's fsyncs
+    /// (embedded). Commits start in the order they were made (embedded: each waits for the
+    /// one before; Kafka: librdkafka may retry an older one after a newer one landed). One
+    /// that fails is logged by the backend, and the next one covers its offsets. An error
+    /// returned here is one found before starting (an invalid offset). [`Consumer::commit`]
+    /// with no offsets settles them: the group's offsets are the last ones committed when it
+    /// returns. The default waits, as [`Consumer::commit`].
     async fn commit_in_background(
         &mut self,
         offsets: &[(TopicPartition, i64)],

@@ -116,6 +116,15 @@ async fn background_commits_take_effect_in_order_and_a_commit_waits_for_them() {
         log.committed_offsets("g", "t").await.expect("offsets"),
         vec![(0, Some(9))]
     );
+    // So does dropping the consumer: nothing writes the group's offsets after it left.
+    c.commit_in_background(&[(TopicPartition::new("t", 0), 10)])
+        .await
+        .expect("commit");
+    drop(c);
+    assert_eq!(
+        log.committed_offsets("g", "t").await.expect("offsets"),
+        vec![(0, Some(10))]
+    );
 }
 
 #[tokio::test]

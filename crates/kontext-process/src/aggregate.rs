@@ -649,6 +649,8 @@ impl Aggregate {
             dirty.insert(event.key.clone());
         }
         let Some(st) = progress.stream_time() else {
+            // No event admitted and no stream time: still write what a migration moved.
+            put_sessions(&mut out.state, &keys, dirty);
             return Ok(());
         };
         let topic = events[events.len() - 1].coords.topic.clone();
@@ -691,15 +693,7 @@ impl Aggregate {
                 );
             }
         }
-        for key in dirty {
-            let skey = key_prefix(b'S', &key);
-            match keys.get(&key) {
-                Some(sessions) if !sessions.is_empty() => {
-                    out.state.put(&skey, &encode_sessions(sessions))
-                }
-                _ => out.state.delete(&skey),
-            }
-        }
+        put_sessions(&mut out.state, &keys, dirty);
         if self.config.emit == Emit::OnUpdate {
             for ((key, window), value) in emitted {
                 out.updates.push(match value {
@@ -1049,6 +1043,21 @@ fn key_sessions<'a, S: StateStore + ?Sized>(
     }
     keys.get_mut(key)
         .ok_or_else(|| StoreError::Corrupt("session list vanished".into()))
+}
+
+/// Writes the session lists of the `dirty` keys (deletes the entry of a key left without).
+fn put_sessions(
+    state: &mut WriteBatch,
+    keys: &BTreeMap<Bytes, Vec<Session>>,
+    dirty: BTreeSet<Bytes>,
+) {
+    for key in dirty {
+        let skey = key_prefix(b'S', &key);
+        match keys.get(&key) {
+            Some(sessions) if !sessions.is_empty() => state.put(&skey, &encode_sessions(sessions)),
+            _ => state.delete(&skey),
+        }
+    }
 }
 
 /// `start end acc` per session, by start.

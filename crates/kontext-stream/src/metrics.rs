@@ -204,7 +204,7 @@ impl PipelineMetrics {
             ),
             (
                 "kontext_batches_committed_total",
-                "Batches made durable and committed.",
+                "Batches made durable and their offset commits started (commits run in the background).",
                 &self.batches_committed,
             ),
             (

@@ -1820,8 +1820,8 @@ impl<'a> Drain<'a> {
     }
 
     /// The next records, retrying transient errors; `None` when the loop must stop, once the
-    /// loop's last background commit ([`kontext_log::Consumer::commit_in_background`]) is
-    /// done, so the group's offsets are where the loop got when it returns.
+    /// loop's background commits ([`kontext_log::Consumer::commit_in_background`]) are
+    /// settled (an empty `commit`), so the group's offsets are where the loop got.
     pub async fn poll(
         &mut self,
         consumer: &mut dyn kontext_log::Consumer,

@@ -152,8 +152,9 @@ pub struct EmbeddedConsumer {
     /// and no membership to keep alive.
     paused: bool,
     /// The commit [`Consumer::commit_in_background`] started, if it may still run: the next
-    /// commit waits for it, so commits take effect in order.
-    background: Option<tokio::task::JoinHandle<Result<(), LogError>>>,
+    /// commit waits for it, so commits take effect in order, and so does dropping the
+    /// consumer, so nothing writes the group's offsets after it left the group.
+    background: Option<Commit>,
 }
 
 struct Assigned {
@@ -294,12 +295,17 @@ impl EmbeddedConsumer {
     }
 }
 
+/// A commit running on the blocking pool.
+struct Commit {
+    task: tokio::task::JoinHandle<Result<(), LogError>>,
+    /// Closed when the write is over (or never started), for a wait outside async code.
+    /// (In a mutex only so that the consumer stays `Sync`.)
+    over: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
 impl EmbeddedConsumer {
     /// Checks `offsets` and starts writing them on the blocking pool (three fsyncs).
-    fn start_commit(
-        &self,
-        offsets: &[(TopicPartition, i64)],
-    ) -> Result<tokio::task::JoinHandle<Result<(), LogError>>, LogError> {
+    fn start_commit(&self, offsets: &[(TopicPartition, i64)]) -> Result<Commit, LogError> {
         for (tp, offset) in offsets {
             self.log.partition(&tp.topic, tp.partition)?;
             if *offset < 0 {
@@ -310,16 +316,19 @@ impl EmbeddedConsumer {
         }
         let store = self.offsets.clone();
         let offsets = offsets.to_vec();
-        Ok(tokio::task::spawn_blocking(move || {
+        let (tx, over) = std::sync::mpsc::channel::<()>();
+        let task = tokio::task::spawn_blocking(move || {
+            let _over = tx; // dropped when the write is over
             store.lock().commit(&offsets)
-        }))
+        });
+        Ok(Commit {
+            task,
+            over: Mutex::new(over),
+        })
     }
 
-    async fn join_commit(
-        &self,
-        commit: tokio::task::JoinHandle<Result<(), LogError>>,
-    ) -> Result<(), LogError> {
-        commit.await.map_err(|e| LogError::Io {
+    async fn join_commit(&self, commit: Commit) -> Result<(), LogError> {
+        commit.task.await.map_err(|e| LogError::Io {
             path: self.log.dir().to_path_buf(),
             source: std::io::Error::other(e.to_string()),
         })?
@@ -403,6 +412,11 @@ impl Consumer for EmbeddedConsumer {
 
 impl Drop for EmbeddedConsumer {
     fn drop(&mut self) {
+        if let Some(commit) = self.background.take() {
+            // Blocks for at most the commit's fsyncs; an error is what closing the channel
+            // without a message means: the write is over, or will never start.
+            let _ = commit.over.into_inner().recv();
+        }
         self.log.groups.active.lock().remove(&self.group);
     }
 }

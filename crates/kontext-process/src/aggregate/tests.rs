@@ -217,6 +217,30 @@ fn sessions_merge_and_tombstone_the_absorbed_session() {
         .any(|u| u.values.is_none() && u.window == Window { start: 20, end: 20 }));
 }
 
+/// A migration in a batch that admits no event (all re-delivered) and finds no stream time
+/// (a store of an early version) still writes the sessions it moved.
+#[test]
+fn a_session_migration_without_admitted_events_keeps_the_sessions() {
+    let op = Aggregate::new(config(WindowSpec::Session { gap_ms: 5 }, 100)).unwrap();
+    let mut store = MemoryStore::new("agg");
+    let events = [
+        ev("c1", 0, 0, 1.0),
+        ev("c1", 3, 1, 2.0),
+        ev("c2", 4, 2, 1.0),
+    ];
+    let out = op.process(&store, &events).unwrap();
+    store.commit(out.state).unwrap();
+    let before = sessions_of(&store);
+    assert_eq!(before.len(), 2);
+    downgrade_sessions(&mut store);
+    store.delete(b"\x00m").unwrap();
+    let out = op.process(&store, &events).unwrap();
+    assert_eq!(out.already_applied, 3);
+    store.commit(out.state).unwrap();
+    assert_eq!(sessions_of(&store), before);
+    assert_eq!(store.prefix(b"s").count(), 0);
+}
+
 #[test]
 fn sliding_values_decay_as_stream_time_passes() {
     let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: 100 }, 0)).unwrap();
