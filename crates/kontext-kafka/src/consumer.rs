@@ -15,7 +15,7 @@
 //! revoked: `resume` therefore resumes everything it paused as well as the current assignment,
 //! so a partition revoked during the pause and assigned back later is not stuck paused.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,9 +54,6 @@ pub struct KafkaConsumer {
     /// Records that arrived while paused (see the module documentation), returned first after
     /// [`Consumer::resume`]. At most a few per rebalance during the pause.
     held: VecDeque<Record>,
-    /// The offsets committed in the background since the last synchronous commit of their
-    /// partition: an empty [`Consumer::commit`] commits them again, synchronously.
-    unsettled: BTreeMap<Partition, i64>,
 }
 
 impl KafkaConsumer {
@@ -67,7 +64,6 @@ impl KafkaConsumer {
             pending_error: None,
             paused: None,
             held: VecDeque::new(),
-            unsettled: BTreeMap::new(),
         }
     }
 
@@ -222,25 +218,11 @@ impl Consumer for KafkaConsumer {
     /// Commits synchronously: when this returns `Ok`, the group coordinator has stored the
     /// offsets. Fails (not transient) when the partitions were revoked in a rebalance; their
     /// records will then be delivered again to their new owner.
-    /// Synchronous. With no offsets: those committed in the background since (librdkafka's
-    /// asynchronous commits report only to [`GroupContext`], and may be retried after a newer
-    /// one landed), so the group's offsets are settled when it returns.
     async fn commit(&mut self, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError> {
-        let offsets: Vec<(TopicPartition, i64)> = if offsets.is_empty() {
-            std::mem::take(&mut self.unsettled)
-                .into_iter()
-                .map(|((topic, partition), offset)| (TopicPartition::new(topic, partition), offset))
-                .collect()
-        } else {
-            for (tp, _) in offsets {
-                self.unsettled.remove(&(tp.topic.to_string(), tp.partition));
-            }
-            offsets.to_vec()
-        };
         if offsets.is_empty() {
             return Ok(());
         }
-        let list = offset_list(&offsets)?;
+        let list = offset_list(offsets)?;
         let consumer = self.consumer()?.clone();
         blocking(move || {
             consumer
@@ -251,8 +233,10 @@ impl Consumer for KafkaConsumer {
     }
 
     /// librdkafka's asynchronous commit: sent to the coordinator in order (a retried one may
-    /// land after a newer one), its outcome logged by [`GroupContext`]; closing the consumer
-    /// waits for it. Remembered for the next empty [`Consumer::commit`].
+    /// land after a newer one), its outcome logged by [`GroupContext`]. Closing the consumer
+    /// (dropping it) waits for it; an empty [`Consumer::commit`] does not. (Committing the
+    /// offsets again synchronously there would also commit, under the current generation,
+    /// partitions a rebalance moved to another member since: it would rewind them.)
     async fn commit_in_background(
         &mut self,
         offsets: &[(TopicPartition, i64)],
@@ -263,12 +247,7 @@ impl Consumer for KafkaConsumer {
         let list = offset_list(offsets)?;
         self.consumer()?
             .commit(&list, CommitMode::Async)
-            .map_err(|e| log_error("committing offsets", e))?;
-        for (tp, offset) in offsets {
-            self.unsettled
-                .insert((tp.topic.to_string(), tp.partition), *offset);
-        }
-        Ok(())
+            .map_err(|e| log_error("committing offsets", e))
     }
 
     /// Pauses the current assignment and whatever a rebalance assigns until

@@ -158,20 +158,10 @@ async fn background_commits_are_in_the_group_once_the_member_closed() {
             .await
             .unwrap();
     }
-    // An empty commit settles them: committed again, synchronously.
-    member.commit(&[]).await.unwrap();
-    assert_eq!(
-        log.committed_offsets(&group, &topic).await.unwrap(),
-        vec![(0, Some(50))]
-    );
-    member
-        .commit_in_background(&[(TopicPartition::new(topic.as_str(), 0), 49)])
-        .await
-        .unwrap();
     drop(member); // librdkafka's close waits for the outstanding commits
     assert_eq!(
         log.committed_offsets(&group, &topic).await.unwrap(),
-        vec![(0, Some(49))]
+        vec![(0, Some(50))]
     );
 }
 

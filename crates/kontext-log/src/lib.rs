@@ -184,9 +184,9 @@ pub trait Consumer: Send {
     /// (embedded). Commits start in the order they were made (embedded: each waits for the
     /// one before; Kafka: librdkafka may retry an older one after a newer one landed). One
     /// that fails is logged by the backend, and the next one covers its offsets. An error
-    /// returned here is one found before starting (an invalid offset). [`Consumer::commit`]
-    /// with no offsets settles them: the group's offsets are the last ones committed when it
-    /// returns. The default waits, as [`Consumer::commit`].
+    /// returned here is one found before starting (an invalid offset). Dropping the consumer
+    /// waits for them (embedded: `Drop`; Kafka: librdkafka's close); on the embedded log, so
+    /// does [`Consumer::commit`] with no offsets. The default waits, as [`Consumer::commit`].
     async fn commit_in_background(
         &mut self,
         offsets: &[(TopicPartition, i64)],

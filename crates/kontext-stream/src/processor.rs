@@ -1819,9 +1819,9 @@ impl<'a> Drain<'a> {
         }
     }
 
-    /// The next records, retrying transient errors; `None` when the loop must stop, once the
-    /// loop's background commits ([`kontext_log::Consumer::commit_in_background`]) are
-    /// settled (an empty `commit`), so the group's offsets are where the loop got.
+    /// The next records, retrying transient errors; `None` when the loop must stop, after an
+    /// empty `commit`: on the embedded log it waits for the loop's background commit
+    /// ([`kontext_log::Consumer::commit_in_background`]); on Kafka the consumer's close does.
     pub async fn poll(
         &mut self,
         consumer: &mut dyn kontext_log::Consumer,
