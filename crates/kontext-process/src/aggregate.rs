@@ -223,6 +223,14 @@ impl Aggregate {
             .collect()
     }
 
+    /// An empty accumulator that keeps `acc`'s partition and version (the inputs it applied
+    /// stay applied), for a key whose window emptied or is rebuilt.
+    fn emptied(&self, acc: &Acc) -> Acc {
+        let mut empty = self.new_acc(acc.partition);
+        empty.version = acc.version;
+        empty
+    }
+
     fn new_acc(&self, partition: i32) -> Acc {
         Acc {
             partition,
@@ -843,9 +851,7 @@ impl Aggregate {
                     match inputs {
                         Some(inputs) if slot.acc.remove(&inputs, t, offset) => {
                             if slot.acc.events == 0 {
-                                let (partition, version) = (slot.acc.partition, slot.acc.version);
-                                slot.acc = self.new_acc(partition);
-                                slot.acc.version = version;
+                                slot.acc = self.emptied(&slot.acc);
                             }
                             slot.version = Some(last.clone());
                         }
@@ -863,8 +869,7 @@ impl Aggregate {
         for key in recompute {
             let partition = last.partition;
             let slot = self.sliding_slot(store, &mut dirty, &key, partition)?;
-            let mut acc = self.new_acc(slot.acc.partition);
-            acc.version = slot.acc.version;
+            let mut acc = self.emptied(&slot.acc);
             let prefix = key_prefix(b'r', &key);
             let to = prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 17]);
             // Everything at or below the horizon is deleted (before or by this batch): start

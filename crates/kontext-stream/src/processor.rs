@@ -1819,23 +1819,9 @@ impl<'a> Drain<'a> {
         }
     }
 
-    /// The next records, retrying transient errors; `None` when the loop must stop, after an
-    /// empty `commit`: on the embedded log it waits for the loop's background commit
-    /// ([`kontext_log::Consumer::commit_in_background`]); on Kafka the consumer's close does.
+    /// The next records, retrying transient errors; `None` when the loop must stop. (The
+    /// loop's last background commit is settled when it drops its consumer.)
     pub async fn poll(
-        &mut self,
-        consumer: &mut dyn kontext_log::Consumer,
-    ) -> Result<Option<Vec<Record>>, ProcessorError> {
-        let polled = self.poll_until_done(consumer).await?;
-        if polled.is_none() {
-            if let Err(e) = consumer.commit(&[]).await {
-                warn!(error = %e, "waiting for the last offset commit failed; the state skips what is re-delivered");
-            }
-        }
-        Ok(polled)
-    }
-
-    async fn poll_until_done(
         &mut self,
         consumer: &mut dyn kontext_log::Consumer,
     ) -> Result<Option<Vec<Record>>, ProcessorError> {

@@ -313,11 +313,9 @@ impl StoreSink {
                 warn!(error = %e, "fsyncing the store at shutdown failed; its unsynced writes will be replayed from the log");
             }
         }
+        // In the background, like every commit here: dropping the consumer (below, with
+        // `feed`) waits for it.
         self.commit_durable(&mut feed, &mut uncommitted).await;
-        // The commits run in the background: the group's offsets are final once they are done.
-        if let Err(e) = feed.consumer.commit(&[]).await {
-            warn!(error = %e, "waiting for the last offset commit failed; records will be re-delivered and skipped");
-        }
         info!(group = %self.consumer.group_id, "store sink stopped");
         Ok(())
     }
@@ -327,8 +325,8 @@ impl StoreSink {
     /// ([`kontext_log::Consumer::commit_in_background`]): the next poll does not wait for the
     /// coordinator or the offsets file's fsyncs. The store already holds these offsets, so a
     /// failed or lost commit only means re-delivery, which the store skips; the next commit of
-    /// a partition supersedes it. (Keeping failed offsets for a retry would make one refused partition,
-    /// say one a rebalance moved away, fail every later commit.)
+    /// a partition supersedes it. (Keeping failed offsets for a retry would make one refused
+    /// partition, say one a rebalance moved away, fail every later commit.)
     async fn commit_durable(
         &self,
         feed: &mut Feed,
