@@ -29,8 +29,8 @@ use crate::store::{
 };
 use crate::window::{Window, WindowSpec};
 
-/// Key of the last batch number (the per-batch expiry entries of tumbling and sliding windows
-/// and of hopping windows' panes).
+/// Key of the last batch number (the per-batch expiry entries of tumbling, hopping and sliding
+/// windows).
 const SEQ_KEY: &[u8] = b"n";
 
 /// One aggregate function.
@@ -357,12 +357,20 @@ impl Aggregate {
     /// event updates one pane (not `size / advance` windows); windows are merged from their
     /// panes when emitted.
     ///
-    /// Keys: `p key pane-start` → the pane's accumulator; `v expiry seq` → expiry index: the
-    /// panes batch `seq` created whose last window ends at `expiry` (`len key pane-start`
-    /// each; an entry `v expiry key pane-start` with an empty value, of the earlier layout,
-    /// names one pane); `n` → the last batch number; with emit on close also
-    /// `w end key start` → the window has events (what closes when stream time passes
-    /// `end + grace`).
+    /// Keys: `P key` → the key's panes (start and accumulator each, by start), read with one
+    /// point lookup, where emitting a window reads up to `size / pane` of them;
+    /// `v expiry seq` → expiry index: the keys (`len key pane-start` each) whose entry batch
+    /// `seq` created, or kept when it expired the panes of an earlier mention, under the
+    /// expiry of the entry's newest pane (the end of its last window); `n` → the last batch
+    /// number; with emit on close also `w end key start` → the window has events (what closes
+    /// when stream time passes `end + grace`).
+    ///
+    /// A pane whose windows all closed is dropped when its key is next written, or when a
+    /// mention of its key expires; a key left with panes is then mentioned again under its
+    /// newest pane's expiry. So a busy key costs an index mention per `size + grace` of event
+    /// time, not one per pane, and an idle key's entry goes when its last window closes.
+    /// A store of the earlier layout (`p key pane-start` → accumulator, and an index mention
+    /// per pane) is moved to this one at its first batch ([`Self::migrate_panes`]).
     fn process_fixed<S: StateStore + ?Sized>(
         &self,
         store: &S,
@@ -372,6 +380,7 @@ impl Aggregate {
         let grace = self.config.grace_ms;
         let layout = PaneLayout::of(self.config.window);
         let mut progress = Progress::load(store, &out.state)?;
+        Self::migrate_panes(store, &mut out.state)?;
         let loaded = progress.loaded_stream_time();
         // A window with `end + grace > bound` is open for the whole batch, so every event this
         // batch adds to one of its panes is in it. The others ("at risk": they may close during
@@ -398,24 +407,15 @@ impl Aggregate {
                 out.dropped_late += 1;
                 continue;
             }
-            // Looked up before inserting: cloning the key for every event costs more.
-            if !keys.contains_key(&event.key) {
-                keys.insert(event.key.clone(), KeyPanes::new(event.key.clone()));
-            }
-            let kp = keys
-                .get_mut(&event.key)
-                .ok_or_else(|| StoreError::Corrupt("key vanished".into()))?;
+            let kp = key_panes(store, &out.state, &mut keys, &event.key)?;
             let start = layout.pane_start(event.time_ms);
-            let pane = kp.pane(store, loaded, start)?;
+            let pane = kp.pane(start);
             if pane.current.as_ref().is_some_and(|acc| acc.contains(event)) {
                 continue;
             }
             if on_close {
                 for window in &open {
-                    if kp
-                        .window_acc(store, layout, loaded, *window, true)?
-                        .is_none()
-                    {
+                    if kp.window_acc(*window, true).is_none() {
                         window_index.push(index_key(
                             b'w',
                             window.end,
@@ -425,7 +425,10 @@ impl Aggregate {
                 }
             }
             let inputs = self.inputs(event);
-            let pane = kp.pane(store, loaded, start)?;
+            let pane = kp.pane(start);
+            if pane.last.is_none() {
+                pane.stored = pane.current.clone();
+            }
             pane.current
                 .get_or_insert_with(|| self.new_acc(event.coords.partition))
                 .add(&inputs, event.time_ms, event.coords.offset);
@@ -456,39 +459,12 @@ impl Aggregate {
             end
         };
         progress.finish(&mut out.state);
-        // The panes this batch created, by expiry: `len key start` each.
-        let mut created: BTreeMap<i64, Writer> = BTreeMap::new();
-        for kp in keys.values() {
-            for pane in &kp.panes {
-                let (Some(acc), Some(_)) = (&pane.current, &pane.last) else {
-                    continue;
-                };
-                let pkey = keyed(b'p', &kp.key, pane.start);
-                if pane.is_new {
-                    created
-                        .entry(layout.expiry(pane.start))
-                        .or_default()
-                        .raw(&pkey[1..]);
-                }
-                out.state
-                    .put_bytes(Bytes::from(pkey), Bytes::from(acc.encode()));
-            }
-        }
-        put_created_index(store, &mut out.state, b'v', created)?;
-        // In the order of the keys' state entries (length-prefixed key, then window start).
-        let mut order: Vec<Bytes> = keys.keys().cloned().collect();
-        order.sort_unstable_by(|a, b| {
-            (a.len() as u32)
-                .to_le_bytes()
-                .cmp(&(b.len() as u32).to_le_bytes())
-                .then_with(|| a.cmp(b))
-        });
         if self.config.emit == Emit::OnUpdate {
-            for key in &order {
+            for key in key_order(&keys) {
                 let kp = keys
-                    .get_mut(key)
+                    .get_mut(&key)
                     .ok_or_else(|| StoreError::Corrupt("key vanished".into()))?;
-                self.emit_changed(store, layout, loaded, kp, &at_risk, &mut out.updates)?;
+                self.emit_changed(layout, kp, &at_risk, &mut out.updates)?;
             }
         } else {
             for wkey in window_index {
@@ -500,10 +476,8 @@ impl Aggregate {
                 let end = r.i64_sortable()?;
                 let (key, start) = parse_keyed(r.rest())?;
                 let window = Window { start, end };
-                let kp = keys
-                    .entry(key.clone())
-                    .or_insert_with(|| KeyPanes::new(key.clone()));
-                let stored = kp.window_acc(store, layout, loaded, window, false)?;
+                let kp = key_panes(store, &out.state, &mut keys, &key)?;
+                let stored = kp.window_acc(window, false);
                 let delta = kp
                     .deltas
                     .iter()
@@ -517,22 +491,94 @@ impl Aggregate {
                 out.state.delete(&wkey);
             }
         }
-        // Delete panes whose last window closed (expiry + grace <= st).
-        for (vkey, panes) in expiry_scan(store, &mut out.state, b'v', to(b'v'))? {
-            for tail in created_index_tails(&vkey, &panes)? {
-                out.state.delete(&[b"p".as_slice(), tail].concat());
+        // A key's panes are written without those whose windows all closed
+        // (expiry + grace <= st); a key is mentioned under its newest pane's expiry.
+        let live = |pane: &&Pane| {
+            pane.current.is_some() && layout.expiry(pane.start).saturating_add(grace) > st
+        };
+        let mention = |mentions: &mut BTreeMap<i64, Writer>, key: &[u8], newest: i64| {
+            mentions
+                .entry(layout.expiry(newest))
+                .or_default()
+                .raw(&keyed(0, key, newest)[1..]);
+        };
+        // The keys whose entry this batch creates are mentioned before the scan, which starts
+        // at the batch's lowest mention when that is below where the last scan ended (after a
+        // restart with a larger grace it can be).
+        let mut created: BTreeMap<i64, Writer> = BTreeMap::new();
+        for key in key_order(&keys) {
+            let kp = &keys[&key];
+            if let (false, Some(newest)) = (
+                kp.stored,
+                kp.panes.iter().filter(live).map(|p| p.start).max(),
+            ) {
+                mention(&mut created, &kp.key, newest);
+            }
+        }
+        put_created_index(store, &mut out.state, b'v', created)?;
+        // Keys mentioned under an expiry that passed (expiry + grace <= st).
+        for (vkey, mentions) in expiry_scan(store, &mut out.state, b'v', to(b'v'))? {
+            for tail in created_index_tails(&vkey, &mentions)? {
+                let (key, _) = parse_keyed(tail)?;
+                key_panes(store, &out.state, &mut keys, &key)?.mentioned = true;
             }
             out.state.delete(&vkey);
         }
+        // Write the keys the batch changed or that were mentioned; mention again those of the
+        // mentioned keys that keep panes (at or above where the scan ended).
+        let mut again: BTreeMap<i64, Writer> = BTreeMap::new();
+        for key in key_order(&keys) {
+            let kp = &keys[&key];
+            let changed = kp.panes.iter().any(|p| p.last.is_some());
+            let kept: Vec<&Pane> = kp.panes.iter().filter(live).collect();
+            let pruned = kept.len() < kp.panes.iter().filter(|p| p.current.is_some()).count();
+            let pkey = key_prefix(b'P', &kp.key);
+            let Some(newest) = kept.iter().map(|p| p.start).max() else {
+                if kp.stored {
+                    out.state.delete(&pkey);
+                }
+                continue;
+            };
+            if changed || pruned {
+                out.state.put(&pkey, &encode_panes(kept));
+            }
+            if kp.stored && kp.mentioned {
+                mention(&mut again, &kp.key, newest);
+            }
+        }
+        put_created_index(store, &mut out.state, b'v', again)?;
+        Ok(())
+    }
+
+    /// Moves the panes of a store written before they were kept per key (`p key pane-start` →
+    /// accumulator) into per-key entries in `batch`, once, and marks the store
+    /// ([`PANES_PER_KEY`]). The index mentions of the earlier layout (one per pane, as
+    /// `len key pane-start`) name the keys as the new ones do.
+    fn migrate_panes<S: StateStore + ?Sized>(
+        store: &S,
+        batch: &mut WriteBatch,
+    ) -> Result<(), StoreError> {
+        if get_through(store, batch, PANES_PER_KEY)?.is_some() {
+            return Ok(());
+        }
+        let mut keys: BTreeMap<Bytes, Writer> = BTreeMap::new();
+        // In key order: by key, then pane start.
+        for (pkey, bytes) in range_through(store, batch, b"p", b"q")? {
+            let (key, start) = parse_keyed(&pkey[1..])?;
+            keys.entry(key).or_default().i64(start).bytes(&bytes);
+            batch.delete(&pkey);
+        }
+        for (key, panes) in keys {
+            batch.put(&key_prefix(b'P', &key), &panes.finish());
+        }
+        batch.put(PANES_PER_KEY, &[1]);
         Ok(())
     }
 
     /// Emits every window of `kp` the batch changed, by window start.
-    fn emit_changed<S: StateStore + ?Sized>(
+    fn emit_changed(
         &self,
-        store: &S,
         layout: PaneLayout,
-        loaded: Option<i64>,
         kp: &mut KeyPanes,
         at_risk: &dyn Fn(&Window) -> bool,
         updates: &mut Vec<AggregateUpdate>,
@@ -557,10 +603,10 @@ impl Aggregate {
                     continue;
                 };
                 let delta = kp.deltas.swap_remove(i);
-                let stored = kp.window_acc(store, layout, loaded, window, false)?;
+                let stored = kp.window_acc(window, false);
                 (merge_accs(stored, Some(delta.acc)), delta.version)
             } else {
-                let acc = kp.window_acc(store, layout, loaded, window, true)?;
+                let acc = kp.window_acc(window, true);
                 let version = kp
                     .panes
                     .iter()
@@ -1150,19 +1196,26 @@ fn gcd(a: i64, b: i64) -> i64 {
     a
 }
 
-/// One key's panes that a batch read or changed, and what it added to its at-risk windows.
+/// Marks a store whose hopping panes are kept per key (`P key`), not per pane.
+const PANES_PER_KEY: &[u8] = b"\x00lp";
+
+/// One key's panes, as a batch read and changed them, and what it added to its at-risk
+/// windows.
 struct KeyPanes {
     key: Bytes,
-    /// Few (the panes of the windows an event touched), so a vector searched linearly.
+    /// The key had an entry before the batch (so a mention of it is pending).
+    stored: bool,
+    /// A mention of the key expired in this batch.
+    mentioned: bool,
+    /// By start. Few: the panes of the windows still open, and those closed since the key
+    /// was last written.
     panes: Vec<Pane>,
     deltas: Vec<WindowDelta>,
 }
 
 struct Pane {
     start: i64,
-    /// Nothing was stored before the batch.
-    is_new: bool,
-    /// As stored before the batch.
+    /// As stored before the batch, once the batch changed it (until then, `current`).
     stored: Option<Acc>,
     /// With the batch's events.
     current: Option<Acc>,
@@ -1179,72 +1232,116 @@ struct WindowDelta {
     version: Coords,
 }
 
-impl KeyPanes {
-    fn new(key: Bytes) -> Self {
-        Self {
-            key,
-            panes: Vec::new(),
-            deltas: Vec::new(),
+impl Pane {
+    /// The pane as stored before the batch.
+    fn before(&self) -> &Option<Acc> {
+        if self.last.is_some() {
+            &self.stored
+        } else {
+            &self.current
         }
     }
+}
 
-    /// The pane starting at `start`, read from the store the first time. Nothing is stored in
-    /// a pane starting after the stream time the batch loaded (no event that late was ever
-    /// admitted), so those are not looked up.
-    fn pane<S: StateStore + ?Sized>(
-        &mut self,
-        store: &S,
-        loaded: Option<i64>,
-        start: i64,
-    ) -> Result<&mut Pane, StoreError> {
-        let i = match self.panes.iter().position(|p| p.start == start) {
-            Some(i) => i,
-            None => {
-                let stored = match loaded {
-                    Some(st) if start > st => None,
-                    _ => store
-                        .get(&keyed(b'p', &self.key, start))?
-                        .map(|b| Acc::decode(&b))
-                        .transpose()?,
-                };
-                self.panes.push(Pane {
-                    start,
-                    is_new: stored.is_none(),
-                    current: stored.clone(),
-                    stored,
-                    last: None,
-                });
-                self.panes.len() - 1
-            }
-        };
-        Ok(&mut self.panes[i])
+impl KeyPanes {
+    /// The pane starting at `start` (empty if the key has none there).
+    fn pane(&mut self, start: i64) -> &mut Pane {
+        let i = self.panes.partition_point(|p| p.start < start);
+        if self.panes.get(i).is_none_or(|p| p.start != start) {
+            let pane = Pane {
+                start,
+                stored: None,
+                current: None,
+                last: None,
+            };
+            self.panes.insert(i, pane);
+        }
+        &mut self.panes[i]
     }
 
     /// The merge of `window`'s panes, with this batch's events (`current`) or as stored
     /// before it; `None` if they are all empty.
-    fn window_acc<S: StateStore + ?Sized>(
-        &mut self,
-        store: &S,
-        layout: PaneLayout,
-        loaded: Option<i64>,
-        window: Window,
-        current: bool,
-    ) -> Result<Option<Acc>, StoreError> {
+    fn window_acc(&self, window: Window, current: bool) -> Option<Acc> {
         let mut merged: Option<Acc> = None;
-        let mut start = window.start;
-        while start < window.end {
-            let pane = self.pane(store, loaded, start)?;
-            let acc = if current { &pane.current } else { &pane.stored };
+        for pane in self
+            .panes
+            .iter()
+            .filter(|p| p.start >= window.start && p.start < window.end)
+        {
+            let acc = if current {
+                &pane.current
+            } else {
+                pane.before()
+            };
             if let Some(acc) = acc {
                 match &mut merged {
                     Some(m) => m.merge(acc),
                     None => merged = Some(acc.clone()),
                 }
             }
-            start = start.saturating_add(layout.pane);
         }
-        Ok(merged)
+        merged
     }
+}
+
+/// The panes of `key`, read once per batch into `keys` (from the batch, else the store).
+fn key_panes<'a, S: StateStore + ?Sized>(
+    store: &S,
+    batch: &WriteBatch,
+    keys: &'a mut HashMap<Bytes, KeyPanes>,
+    key: &Bytes,
+) -> Result<&'a mut KeyPanes, StoreError> {
+    // Looked up before inserting: cloning the key for every event costs more.
+    if !keys.contains_key(key) {
+        let stored = get_through(store, batch, &key_prefix(b'P', key))?;
+        let mut panes = Vec::new();
+        if let Some(bytes) = &stored {
+            let mut r = Reader::new(bytes);
+            while !r.is_empty() {
+                let start = r.i64()?;
+                let acc = Acc::decode(r.bytes()?)?;
+                panes.push(Pane {
+                    start,
+                    stored: None,
+                    current: Some(acc),
+                    last: None,
+                });
+            }
+        }
+        let kp = KeyPanes {
+            key: key.clone(),
+            stored: stored.is_some(),
+            mentioned: false,
+            panes,
+            deltas: Vec::new(),
+        };
+        keys.insert(key.clone(), kp);
+    }
+    keys.get_mut(key)
+        .ok_or_else(|| StoreError::Corrupt("pane list vanished".into()))
+}
+
+/// `start acc` per pane (given by start).
+fn encode_panes(panes: Vec<&Pane>) -> Vec<u8> {
+    let mut w = Writer::with_capacity(panes.len() * 64);
+    for pane in panes {
+        if let Some(acc) = &pane.current {
+            w.i64(pane.start).bytes(&acc.encode());
+        }
+    }
+    w.finish()
+}
+
+/// The keys of `keys` in the order of their state entries (length-prefixed key).
+fn key_order(keys: &HashMap<Bytes, KeyPanes>) -> Vec<Bytes> {
+    let mut order: Vec<Bytes> = keys.keys().cloned().collect();
+    order.sort_unstable_by(|a, b| {
+        (a.len() as u32)
+            .to_le_bytes()
+            .cmp(&(b.len() as u32).to_le_bytes())
+            .then_with(|| a.cmp(b))
+    });
+    order
 }
 
 fn merge_accs(a: Option<Acc>, b: Option<Acc>) -> Option<Acc> {
@@ -1674,10 +1771,11 @@ fn keyed(tag: u8, key: &[u8], start: i64) -> Vec<u8> {
     out
 }
 
-/// Writes the expiry index of the windows (or panes) a batch created: one entry
-/// `tag expiry seq` per expiry time, listing their `len key start` tails, where `seq` numbers
-/// the batch. Exact, unlike a bucketed index: they share their expiry times, and a closed
-/// window or expired pane never reopens (its events are late).
+/// Writes the expiry index of the windows a batch created (or the keys whose panes it
+/// mentions): one entry `tag expiry seq` per expiry time, listing their `len key start` tails,
+/// where `seq` numbers the batch (a batch that files twice claims two numbers). Exact, unlike
+/// a bucketed index: they share their expiry times, and a closed window never reopens (its
+/// events are late).
 fn put_created_index<S: StateStore + ?Sized>(
     store: &S,
     state: &mut WriteBatch,

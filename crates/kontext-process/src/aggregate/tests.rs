@@ -217,6 +217,30 @@ fn sessions_merge_and_tombstone_the_absorbed_session() {
         .any(|u| u.values.is_none() && u.window == Window { start: 20, end: 20 }));
 }
 
+/// A key first seen after a restart with a larger grace, below where the expiry scan stopped
+/// before the restart, still has its entry deleted once its windows close (its mention was
+/// filed after the scan, under the scan's position, and never came due).
+#[test]
+fn a_key_created_after_a_restart_with_a_larger_grace_expires() {
+    let mut store = MemoryStore::new("agg");
+    for (grace, event) in [
+        (0, ev("c0", 100, 0, 1.0)),
+        (29, ev("c1", 75, 1, 1.0)),
+        (29, ev("c0", 200, 2, 1.0)),
+        (29, ev("c0", 1_000, 3, 1.0)),
+    ] {
+        let op = Aggregate::new(config(HOPPING, grace)).unwrap();
+        let out = op.process(&store, &[event]).unwrap();
+        store.commit(out.state).unwrap();
+    }
+    let keys: Vec<Bytes> = store
+        .prefix(b"P")
+        .map(|e| e.unwrap().0.slice(5..))
+        .collect();
+    assert_eq!(keys, vec![Bytes::from("c0")]);
+    assert_every_key_is_mentioned(&store);
+}
+
 /// A migration in a batch that admits no event (all re-delivered) and finds no stream time
 /// (a store of an early version) still writes the sessions it moved.
 #[test]
@@ -290,12 +314,12 @@ fn hopping_windows_keep_one_pane_per_key_and_advance() {
     assert_eq!(batch.updates.len(), 6);
     let operator_keys: Vec<u8> = batch
         .state
-        .range(b"a", b"\xff")
+        .range(b"A", b"\xff")
         .map(|(k, _)| k[0])
         .collect();
-    // Where the expiry scan ended, the pane, the batch number, and the batch's one expiry
-    // entry.
-    assert_eq!(operator_keys, vec![b'c', b'n', b'p', b'v']);
+    // The key's panes, where the expiry scan ended, the batch number, and the key's one
+    // index mention.
+    assert_eq!(operator_keys, vec![b'P', b'c', b'n', b'v']);
     store.commit(batch.state).unwrap();
     // A later pane: the windows containing both panes merge them.
     let batch = op.process(&store, &[ev("c1", 72, 2, 4.0)]).unwrap();
@@ -316,18 +340,33 @@ fn hopping_windows_keep_one_pane_per_key_and_advance() {
         ]
     );
     store.commit(batch.state).unwrap();
-    // st = 121 closes every window containing the pane [60, 70), the last one at 120: the pane
-    // and its expiry entry go, the later pane stays.
+    // st = 121 closes every window containing the pane [60, 70), the last one at 120, where
+    // the key was mentioned when its entry was made: the pane goes, the later pane stays,
+    // and the key is mentioned again under the later pane's last window end.
     let batch = op.process(&store, &[ev("c2", 121, 3, 1.0)]).unwrap();
     store.commit(batch.state).unwrap();
-    let left: Vec<Bytes> = store
-        .dump()
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| k[0] == b'p' && k[5..7] == *b"c1")
+    let c1 = store.get(&key_prefix(b'P', b"c1")).unwrap().unwrap();
+    let starts: Vec<i64> = decode_panes(&c1).iter().map(|(start, _)| *start).collect();
+    assert_eq!(starts, vec![70]);
+    let mentions: Vec<(i64, Vec<(Bytes, i64)>)> = store
+        .prefix(b"v")
+        .map(|entry| {
+            let (vkey, value) = entry.unwrap();
+            let expiry = i64_from_sortable(vkey[1..9].try_into().unwrap());
+            let tails = split_keyed_tails(&value).unwrap();
+            (
+                expiry,
+                tails.into_iter().map(|t| parse_keyed(t).unwrap()).collect(),
+            )
+        })
         .collect();
-    assert_eq!(left, vec![keyed(b'p', b"c1", 70)]);
+    assert_eq!(
+        mentions,
+        vec![
+            (130, vec![(Bytes::from("c1"), 70)]),
+            (180, vec![(Bytes::from("c2"), 120)]),
+        ]
+    );
 }
 
 #[test]
@@ -383,6 +422,7 @@ fn run_with_restart(
                 store.delete(&key).unwrap();
             }
             downgrade_sessions(&mut store);
+            downgrade_panes(&mut store);
         }
         let op = Aggregate::new(config).unwrap();
         for batch in part.chunks(size) {
@@ -410,6 +450,97 @@ fn downgrade_sessions(store: &mut MemoryStore) {
     }
     old.delete(SESSIONS_PER_KEY);
     store.commit(old).unwrap();
+}
+
+/// Rewrites the hopping panes of `store` in the layout before they were kept per key: an
+/// entry `p key pane-start` → accumulator per pane, an index mention per pane under its
+/// expiry (in one batch entry per expiry, as that layout wrote them) instead of the per-key
+/// mentions, and no layout mark. Panes whose windows all closed are left out, as that layout
+/// had deleted them (their mentions would be behind the index's scan position).
+fn downgrade_panes(store: &mut MemoryStore) {
+    let layout = PaneLayout::of(HOPPING);
+    let position = store.get(b"cv").unwrap();
+    let mut old = WriteBatch::default();
+    for entry in store.prefix(b"v") {
+        old.delete(&entry.unwrap().0);
+    }
+    let mut mentions: BTreeMap<i64, Writer> = BTreeMap::new();
+    for entry in store.prefix(b"P") {
+        let (pkey, bytes) = entry.unwrap();
+        let key = &pkey[5..];
+        for (start, acc) in decode_panes(&bytes) {
+            let expiry = layout.expiry(start);
+            if position
+                .as_ref()
+                .is_some_and(|p| index_key(b'v', expiry, &[]) < p.to_vec())
+            {
+                continue;
+            }
+            old.put(&keyed(b'p', key, start), &acc.encode());
+            mentions
+                .entry(expiry)
+                .or_default()
+                .raw(&keyed(0, key, start)[1..]);
+        }
+        old.delete(&pkey);
+    }
+    put_created_index(store, &mut old, b'v', mentions).unwrap();
+    old.delete(PANES_PER_KEY);
+    store.commit(old).unwrap();
+}
+
+/// Asserts that every key with hopping panes in `store` is mentioned in the expiry index at or
+/// above where its scan ended, so its entry goes once its windows close.
+fn assert_every_key_is_mentioned(store: &MemoryStore) {
+    let position = store
+        .get(b"cv")
+        .unwrap()
+        .unwrap_or_else(|| Bytes::from("v"));
+    let mut mentioned = BTreeSet::new();
+    for entry in store.prefix(b"v") {
+        let (vkey, value) = entry.unwrap();
+        if vkey >= position {
+            for tail in created_index_tails(&vkey, &value).unwrap() {
+                mentioned.insert(parse_keyed(tail).unwrap().0);
+            }
+        }
+    }
+    for entry in store.prefix(b"P") {
+        let key = entry.unwrap().0.slice(5..);
+        assert!(mentioned.contains(&key), "{key:?} is not mentioned");
+    }
+}
+
+/// The hopping windows the tests of layouts and restarts use.
+const HOPPING: WindowSpec = WindowSpec::Hopping {
+    size_ms: 20,
+    advance_ms: 5,
+};
+
+fn decode_panes(bytes: &[u8]) -> Vec<(i64, Acc)> {
+    let mut r = Reader::new(bytes);
+    let mut panes = Vec::new();
+    while !r.is_empty() {
+        let start = r.i64().unwrap();
+        panes.push((start, Acc::decode(r.bytes().unwrap()).unwrap()));
+    }
+    panes
+}
+
+/// The hopping panes `store` holds whose windows are not all closed at stream time `st`:
+/// (key, start, events).
+fn live_panes_of(store: &MemoryStore, grace: i64, st: i64) -> Vec<(Bytes, i64, u64)> {
+    let layout = PaneLayout::of(HOPPING);
+    let mut out = Vec::new();
+    for entry in store.prefix(b"P") {
+        let (pkey, bytes) = entry.unwrap();
+        for (start, acc) in decode_panes(&bytes) {
+            if layout.expiry(start) + grace > st {
+                out.push((pkey.slice(5..), start, acc.events));
+            }
+        }
+    }
+    out
 }
 
 /// Rewrites the sliding expiry entries of `store` without their events' inputs, as the
@@ -448,6 +579,30 @@ fn run_rewritten(
         store.commit(out.state).unwrap();
     }
     (updates, store)
+}
+
+/// Runs `events` in batches of `size` through an aggregation of `window`, twice: on a store
+/// that always had the current layout, and on one that `downgrade` rewrites in an earlier
+/// layout halfway. Returns every update and the store of each run.
+fn upgraded_halfway(
+    window: WindowSpec,
+    grace: i64,
+    on_close: bool,
+    events: &[Event],
+    size: usize,
+    downgrade: fn(&mut MemoryStore),
+) -> [(Vec<AggregateUpdate>, MemoryStore); 2] {
+    let emit = if on_close {
+        Emit::OnClose
+    } else {
+        Emit::OnUpdate
+    };
+    let op = Aggregate::new(AggregateConfig {
+        emit,
+        ..config(window, grace)
+    })
+    .unwrap();
+    [None, Some(downgrade)].map(|rewrite| run_rewritten(&op, events, size, rewrite))
 }
 
 /// The sessions `store` holds: (key, start, end, events).
@@ -508,15 +663,21 @@ proptest::proptest! {
         upgrade in proptest::bool::ANY,
     ) {
         let events = jittered(&steps);
-        let hopping = WindowSpec::Hopping { size_ms: 20, advance_ms: 5 };
-        let on_close = |grace| AggregateConfig { emit: Emit::OnClose, ..config(hopping, grace) };
+        let on_close = |grace| AggregateConfig { emit: Emit::OnClose, ..config(HOPPING, grace) };
         let (store, st) =
             run_with_restart(on_close(grace), on_close(later_grace), &events, size, upgrade);
-        for entry in store.prefix(b"p") {
-            let (key, _) = entry.unwrap();
-            let start = i64_from_sortable(key[key.len() - 8..].try_into().unwrap());
-            let expiry = start.div_euclid(5) * 5 + 20;
-            proptest::prop_assert!(expiry + later_grace > st, "pane at {start} left");
+        proptest::prop_assert_eq!(store.prefix(b"p").count(), 0, "panes of the earlier layout left");
+        assert_every_key_is_mentioned(&store);
+        // A pane whose windows closed may wait for its key's next write or mention, but no
+        // key keeps an entry once all its windows closed.
+        let layout = PaneLayout::of(HOPPING);
+        for entry in store.prefix(b"P") {
+            let (pkey, bytes) = entry.unwrap();
+            let newest = decode_panes(&bytes).iter().map(|(start, _)| *start).max().unwrap();
+            proptest::prop_assert!(
+                layout.expiry(newest) + later_grace > st,
+                "key {:?} left with its windows closed", &pkey[5..]
+            );
         }
         for entry in store.prefix(b"w") {
             let (key, _) = entry.unwrap();
@@ -564,19 +725,35 @@ proptest::proptest! {
         size in 1usize..6,
         on_close in proptest::bool::ANY,
     ) {
-        let events = jittered(&steps);
-        let emit = if on_close { Emit::OnClose } else { Emit::OnUpdate };
-        let op = Aggregate::new(AggregateConfig {
-            emit,
-            ..config(WindowSpec::Session { gap_ms: 4 }, grace)
-        })
-        .unwrap();
-        let (updates, store) = run_rewritten(&op, &events, size, None);
-        let (migrated_updates, migrated) =
-            run_rewritten(&op, &events, size, Some(downgrade_sessions));
+        let session = WindowSpec::Session { gap_ms: 4 };
+        let [(updates, store), (migrated_updates, migrated)] =
+            upgraded_halfway(session, grace, on_close, &jittered(&steps), size, downgrade_sessions);
         proptest::prop_assert_eq!(migrated_updates, updates);
         proptest::prop_assert_eq!(sessions_of(&migrated), sessions_of(&store));
         proptest::prop_assert_eq!(migrated.prefix(b"s").count(), 0);
+    }
+
+    /// A store of the earlier pane layout (one entry and one index mention per pane) is moved
+    /// to per-key entries at its first batch and then emits, and keeps, what a store that
+    /// always had the new layout does.
+    #[test]
+    fn panes_of_the_earlier_layout_continue_unchanged(
+        steps in proptest::collection::vec((0i64..6, 0i64..25), 1..60),
+        grace in 0i64..30,
+        size in 1usize..6,
+        on_close in proptest::bool::ANY,
+    ) {
+        let events = jittered(&steps);
+        let [(updates, store), (migrated_updates, migrated)] =
+            upgraded_halfway(HOPPING, grace, on_close, &events, size, downgrade_panes);
+        let st = events.iter().map(|e| e.time_ms).max().unwrap();
+        proptest::prop_assert_eq!(migrated_updates, updates);
+        proptest::prop_assert_eq!(
+            live_panes_of(&migrated, grace, st),
+            live_panes_of(&store, grace, st)
+        );
+        proptest::prop_assert_eq!(migrated.prefix(b"p").count(), 0);
+        assert_every_key_is_mentioned(&migrated);
     }
 
     /// The same for sliding windows and their size: no event is retained past the window.
