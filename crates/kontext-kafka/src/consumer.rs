@@ -216,8 +216,12 @@ impl Consumer for KafkaConsumer {
     }
 
     /// Commits synchronously: when this returns `Ok`, the group coordinator has stored the
-    /// offsets. Fails (not transient) when the partitions were revoked in a rebalance; their
-    /// records will then be delivered again to their new owner.
+    /// offsets. Fails when the group is rebalancing or this member's generation is no longer
+    /// current; the records are then delivered again to the partitions' owner. The coordinator
+    /// does not check which member owns a partition: a member that rejoined after a rebalance
+    /// can commit a partition it lost and rewind it. So commit the offsets of records polled
+    /// in the current assignment (kontext's loops commit right after processing a poll;
+    /// rebalances happen inside polls).
     async fn commit(&mut self, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError> {
         if offsets.is_empty() {
             return Ok(());
