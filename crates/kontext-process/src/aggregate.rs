@@ -419,7 +419,7 @@ impl Aggregate {
                         window_index.push(index_key(
                             b'w',
                             window.end,
-                            &keyed(0, &event.key, window.start)[1..],
+                            &keyed_tail(&event.key, window.start),
                         ));
                     }
                 }
@@ -500,7 +500,7 @@ impl Aggregate {
             mentions
                 .entry(layout.expiry(newest))
                 .or_default()
-                .raw(&keyed(0, key, newest)[1..]);
+                .raw(&keyed_tail(key, newest));
         };
         // The keys whose entry this batch creates are mentioned before the scan, which starts
         // at the batch's lowest mention when that is below where the last scan ended (after a
@@ -678,7 +678,7 @@ impl Aggregate {
             merged.add(&self.inputs(event), t, event.coords.offset);
             for s in absorbed {
                 out.state
-                    .delete(&index_key(b'y', s.end, &session_tail(&event.key, s.start)));
+                    .delete(&index_key(b'y', s.end, &keyed_tail(&event.key, s.start)));
                 let window = Window {
                     start: s.start,
                     end: s.end,
@@ -686,7 +686,7 @@ impl Aggregate {
                 emitted.insert((event.key.clone(), window), None);
             }
             out.state
-                .put(&index_key(b'y', end, &session_tail(&event.key, start)), &[]);
+                .put(&index_key(b'y', end, &keyed_tail(&event.key, start)), &[]);
             emitted.insert(
                 (event.key.clone(), Window { start, end }),
                 Some((merged.clone(), event.coords.clone())),
@@ -1294,25 +1294,23 @@ fn key_panes<'a, S: StateStore + ?Sized>(
     // Looked up before inserting: cloning the key for every event costs more.
     if !keys.contains_key(key) {
         let stored = get_through(store, batch, &key_prefix(b'P', key))?;
-        let mut panes = Vec::new();
-        if let Some(bytes) = &stored {
-            let mut r = Reader::new(bytes);
-            while !r.is_empty() {
-                let start = r.i64()?;
-                let acc = Acc::decode(r.bytes()?)?;
-                panes.push(Pane {
-                    start,
-                    stored: None,
-                    current: Some(acc),
-                    last: None,
-                });
-            }
-        }
+        let panes = match &stored {
+            Some(bytes) => decode_panes(bytes)?,
+            None => Vec::new(),
+        };
         let kp = KeyPanes {
             key: key.clone(),
             stored: stored.is_some(),
             mentioned: false,
-            panes,
+            panes: panes
+                .into_iter()
+                .map(|(start, acc)| Pane {
+                    start,
+                    stored: None,
+                    current: Some(acc),
+                    last: None,
+                })
+                .collect(),
             deltas: Vec::new(),
         };
         keys.insert(key.clone(), kp);
@@ -1330,6 +1328,17 @@ fn encode_panes(panes: Vec<&Pane>) -> Vec<u8> {
         }
     }
     w.finish()
+}
+
+/// The `(start, acc)` pairs of a pane list ([`encode_panes`]).
+fn decode_panes(bytes: &[u8]) -> Result<Vec<(i64, Acc)>, StoreError> {
+    let mut r = Reader::new(bytes);
+    let mut panes = Vec::new();
+    while !r.is_empty() {
+        let start = r.i64()?;
+        panes.push((start, Acc::decode(r.bytes()?)?));
+    }
+    Ok(panes)
 }
 
 /// The keys of `keys` in the order of their state entries (length-prefixed key).
@@ -1825,7 +1834,8 @@ fn parse_keyed(tail: &[u8]) -> Result<(Bytes, i64), StoreError> {
     Ok((key, start))
 }
 
-fn session_tail(key: &[u8], start: i64) -> Vec<u8> {
+/// `len key start`: a window, session or pane of a key in an expiry index entry.
+fn keyed_tail(key: &[u8], start: i64) -> Vec<u8> {
     keyed(0, key, start)[1..].to_vec()
 }
 

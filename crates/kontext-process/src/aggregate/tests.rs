@@ -346,7 +346,11 @@ fn hopping_windows_keep_one_pane_per_key_and_advance() {
     let batch = op.process(&store, &[ev("c2", 121, 3, 1.0)]).unwrap();
     store.commit(batch.state).unwrap();
     let c1 = store.get(&key_prefix(b'P', b"c1")).unwrap().unwrap();
-    let starts: Vec<i64> = decode_panes(&c1).iter().map(|(start, _)| *start).collect();
+    let starts: Vec<i64> = decode_panes(&c1)
+        .unwrap()
+        .iter()
+        .map(|(start, _)| *start)
+        .collect();
     assert_eq!(starts, vec![70]);
     let mentions: Vec<(i64, Vec<(Bytes, i64)>)> = store
         .prefix(b"v")
@@ -468,7 +472,7 @@ fn downgrade_panes(store: &mut MemoryStore) {
     for entry in store.prefix(b"P") {
         let (pkey, bytes) = entry.unwrap();
         let key = &pkey[5..];
-        for (start, acc) in decode_panes(&bytes) {
+        for (start, acc) in decode_panes(&bytes).unwrap() {
             let expiry = layout.expiry(start);
             if position
                 .as_ref()
@@ -480,7 +484,7 @@ fn downgrade_panes(store: &mut MemoryStore) {
             mentions
                 .entry(expiry)
                 .or_default()
-                .raw(&keyed(0, key, start)[1..]);
+                .raw(&keyed_tail(key, start));
         }
         old.delete(&pkey);
     }
@@ -517,16 +521,6 @@ const HOPPING: WindowSpec = WindowSpec::Hopping {
     advance_ms: 5,
 };
 
-fn decode_panes(bytes: &[u8]) -> Vec<(i64, Acc)> {
-    let mut r = Reader::new(bytes);
-    let mut panes = Vec::new();
-    while !r.is_empty() {
-        let start = r.i64().unwrap();
-        panes.push((start, Acc::decode(r.bytes().unwrap()).unwrap()));
-    }
-    panes
-}
-
 /// The hopping panes `store` holds whose windows are not all closed at stream time `st`:
 /// (key, start, events).
 fn live_panes_of(store: &MemoryStore, grace: i64, st: i64) -> Vec<(Bytes, i64, u64)> {
@@ -534,7 +528,7 @@ fn live_panes_of(store: &MemoryStore, grace: i64, st: i64) -> Vec<(Bytes, i64, u
     let mut out = Vec::new();
     for entry in store.prefix(b"P") {
         let (pkey, bytes) = entry.unwrap();
-        for (start, acc) in decode_panes(&bytes) {
+        for (start, acc) in decode_panes(&bytes).unwrap() {
             if layout.expiry(start) + grace > st {
                 out.push((pkey.slice(5..), start, acc.events));
             }
@@ -673,7 +667,7 @@ proptest::proptest! {
         let layout = PaneLayout::of(HOPPING);
         for entry in store.prefix(b"P") {
             let (pkey, bytes) = entry.unwrap();
-            let newest = decode_panes(&bytes).iter().map(|(start, _)| *start).max().unwrap();
+            let newest = decode_panes(&bytes).unwrap().iter().map(|(start, _)| *start).max().unwrap();
             proptest::prop_assert!(
                 layout.expiry(newest) + later_grace > st,
                 "key {:?} left with its windows closed", &pkey[5..]
