@@ -399,6 +399,7 @@ pub async fn start_pipeline(
         log: log.clone(),
         group: config.store_group(&served.name),
         topics: config.source_topics(),
+        upstream: kontext_stream::processor::consumer_stages(config),
     })
     .with_admin(Arc::new(Rebuilds::new(
         config.clone(),

@@ -4,7 +4,7 @@
 //!   markdown within a token budget (`?format=markdown&max_tokens=N`)
 //! - `POST /v1/context:batchGet`: many entities' contexts, one result (or error) each
 //! - `GET /v1/entities/{entity_type}?limit=N&after=ID`: entity ids, paged
-//! - `GET /v1/lag`: the store's consumer lag per partition
+//! - `GET /v1/lag`: the store's consumer lag per partition, and the processor's
 //! - `GET /healthz`: liveness
 //! - `GET /metrics`: pipeline counters in the Prometheus text format
 //! - `POST|GET|DELETE /v1/admin/stores/{store}/rebuild`: rebuild a store from the log,
@@ -116,12 +116,18 @@ impl AppState {
     }
 }
 
-/// The log and topics the store consumes, for lag reporting.
+/// What `/v1/lag` reports on: the store sink's group and topics, and the consumer groups
+/// upstream of it.
 #[derive(Clone)]
 pub struct LagSource {
     pub log: Arc<dyn Log>,
+    /// The store sink's consumer group, and the topics it consumes.
     pub group: String,
     pub topics: Vec<String>,
+    /// Consumer groups whose outputs reach the store through `topics` (the processor's), each
+    /// with the topics it consumes: their lag is the group's committed offsets against the
+    /// high watermarks, as `kafka-consumer-groups --describe` shows it.
+    pub upstream: Vec<(String, Vec<String>)>,
 }
 
 /// The API's routes.

@@ -1,5 +1,6 @@
 //! Operational endpoints: lag, metrics, health.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use axum::extract::State;
@@ -8,11 +9,13 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, LagSource};
 
-/// `GET /v1/lag`: consumer lag of the store. Per partition, the log's high watermark minus the
-/// next offset the store will apply (the store's own offsets are the truth, not the group's
-/// commits).
+/// `GET /v1/lag`: how far the store is behind the log. Per partition of the store's topics,
+/// the high watermark minus the next offset the store will apply (the store's own offsets are
+/// the truth, not the group's commits); per partition of each upstream group (the
+/// processor's), the high watermark minus its committed offset. `total_lag` sums both, so 0
+/// means the store holds everything the log implies now, feature and join outputs included.
 pub(crate) async fn lag(
     State(state): State<AppState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -23,35 +26,79 @@ pub(crate) async fn lag(
             "lag is not tracked here",
         ));
     };
+    // Upstream first: outputs of what a group committed are in the log before the commit, so
+    // the store's high watermarks, read after, include them.
+    let mut upstream = Vec::new();
+    let mut total: i64 = 0;
+    for (group, topics) in &source.upstream {
+        let mut committed = BTreeMap::new();
+        for topic in topics {
+            let offsets = source
+                .log
+                .committed_offsets(group, topic)
+                .await
+                .map_err(log_unavailable)?;
+            for (partition, next) in offsets {
+                committed.insert((topic.clone(), partition), next.unwrap_or(0));
+            }
+        }
+        let (lag, partitions) = partition_lags(source, topics, &committed, "committed").await?;
+        total += lag;
+        upstream.push(json!({"group": group, "lag": lag, "partitions": partitions}));
+    }
     let applied = state
         .store
         .applied_offsets()
         .await
         .map_err(ApiError::store)?;
+    let (store_lag, partitions) =
+        partition_lags(source, &source.topics, &applied, "applied").await?;
+    total += store_lag;
+    Ok(Json(json!({
+        "group": source.group,
+        "total_lag": total,
+        "store_lag": store_lag,
+        "partitions": partitions,
+        "upstream": upstream,
+    })))
+}
+
+/// Per partition of `topics`: its high watermark, the next offset `next` names (`field`; none
+/// or below the low watermark: the low watermark) and the difference; and their sum.
+async fn partition_lags(
+    source: &LagSource,
+    topics: &[String],
+    next: &BTreeMap<(String, i32), i64>,
+    field: &str,
+) -> Result<(i64, Vec<serde_json::Value>), ApiError> {
     let mut partitions = Vec::new();
     let mut total: i64 = 0;
-    for topic in &source.topics {
-        let description = source.log.describe_topic(topic).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "log_unavailable",
-                e.to_string(),
-            )
-        })?;
+    for topic in topics {
+        let description = source
+            .log
+            .describe_topic(topic)
+            .await
+            .map_err(log_unavailable)?;
         for p in description.partitions {
-            let next = applied
+            let at = next
                 .get(&(topic.clone(), p.partition))
                 .copied()
                 .unwrap_or(0)
                 .max(p.low_watermark);
-            let lag = (p.high_watermark - next).max(0);
+            let lag = (p.high_watermark - at).max(0);
             total += lag;
-            partitions.push(json!({"topic": topic, "partition": p.partition, "high_watermark": p.high_watermark, "applied": next, "lag": lag}));
+            partitions.push(json!({"topic": topic, "partition": p.partition, "high_watermark": p.high_watermark, field: at, "lag": lag}));
         }
     }
-    Ok(Json(
-        json!({"group": source.group, "total_lag": total, "partitions": partitions}),
-    ))
+    Ok((total, partitions))
+}
+
+fn log_unavailable(e: kontext_log::LogError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "log_unavailable",
+        e.to_string(),
+    )
 }
 
 /// `GET /metrics`: Prometheus text format.

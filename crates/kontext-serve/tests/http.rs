@@ -614,3 +614,83 @@ async fn json_context_bodies_are_byte_for_byte_those_of_the_golden_files() {
     assert_eq!(status, StatusCode::OK, "{body}");
     common::golden("batch_markdown.json", &without_staleness(&body));
 }
+
+/// `/v1/lag` counts what the store has yet to apply and what the groups upstream of it (the
+/// processor's) have yet to commit: a store whose own topics are drained is not caught up
+/// while the processor still owes it outputs.
+#[tokio::test]
+async fn lag_adds_the_upstream_groups_to_the_store() {
+    use kontext_core::record::ProduceRecord;
+    use kontext_core::record::TopicPartition;
+    use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
+    use kontext_log::{Log, TopicSpec};
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    log.create_topic(&TopicSpec::new("context.x", 1))
+        .await
+        .unwrap();
+    log.create_topic(&TopicSpec::new("source", 2))
+        .await
+        .unwrap();
+    let producer = log.producer().await.unwrap();
+    let record = |topic: &str, partition: i32| ProduceRecord {
+        partition: Some(partition),
+        ..ProduceRecord::new(topic, Some("k".into()), Some("{}".into()))
+    };
+    // The store applied offsets 0..=8 of context.x/0 (see `state`): 3 of 12 left.
+    producer
+        .send((0..12).map(|_| record("context.x", 0)).collect())
+        .await
+        .unwrap();
+    // The upstream group committed 2 of source/0's 5 records and none of source/1's 4.
+    let mut sources: Vec<_> = (0..5).map(|_| record("source", 0)).collect();
+    sources.extend((0..4).map(|_| record("source", 1)));
+    producer.send(sources).await.unwrap();
+    log.reset_group_offsets("proc", &[(TopicPartition::new("source", 0), 2)])
+        .await
+        .unwrap();
+    let state = state(&dir).with_lag(kontext_serve::LagSource {
+        log: log.clone(),
+        group: "sink".into(),
+        topics: vec!["context.x".into()],
+        upstream: vec![("proc".into(), vec!["source".into()])],
+    });
+
+    let (status, _, body) = get(state.clone(), "/v1/lag").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["store_lag"], 3, "{body}");
+    assert_eq!(body["partitions"][0]["applied"], 9, "{body}");
+    let upstream = &body["upstream"][0];
+    assert_eq!(upstream["group"], "proc", "{body}");
+    assert_eq!(upstream["lag"], 3 + 4, "{body}");
+    assert_eq!(upstream["partitions"][0]["committed"], 2, "{body}");
+    assert_eq!(upstream["partitions"][1]["committed"], 0, "{body}");
+    assert_eq!(body["total_lag"], 3 + 3 + 4, "{body}");
+
+    // The store drained: only the upstream group's lag is left.
+    state
+        .store
+        .apply(&[], &[("context.x".into(), 0, 12)])
+        .await
+        .unwrap();
+    let (_, _, body) = get(state.clone(), "/v1/lag").await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["store_lag"], 0, "{body}");
+    assert_eq!(body["total_lag"], 7, "{body}");
+
+    // The group caught up too.
+    log.reset_group_offsets(
+        "proc",
+        &[
+            (TopicPartition::new("source", 0), 5),
+            (TopicPartition::new("source", 1), 4),
+        ],
+    )
+    .await
+    .unwrap();
+    let (_, _, body) = get(state, "/v1/lag").await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["total_lag"], 0, "{body}");
+}

@@ -108,6 +108,41 @@ pub fn features_group(config: &PipelineConfig) -> String {
     format!("kontext.{}.process.features", config.name)
 }
 
+/// The source topics the re-key loop reads: those of the entities features are computed
+/// from, and of both sides of each join.
+fn rekey_topics(config: &PipelineConfig, stages: &[Stage]) -> Vec<String> {
+    let froms: BTreeSet<&str> = stages
+        .iter()
+        .flat_map(|stage| match stage {
+            Stage::Features(g) => vec![g.from.as_str()],
+            Stage::Join(j) => vec![j.from.as_str(), j.with.as_str()],
+        })
+        .collect();
+    let topics: BTreeSet<&str> = config
+        .sources
+        .values()
+        .filter(|s| froms.contains(s.entity.as_str()) && !is_features_source(s))
+        .map(|s| s.topic.as_str())
+        .collect();
+    topics.into_iter().map(str::to_owned).collect()
+}
+
+/// The processor's consumer groups with the topics each reads, upstream of the stores: the
+/// re-key loop on source topics, then the aggregation tasks on the repartition topic. Records
+/// these groups have not committed yet still owe the stores their feature and join outputs,
+/// so a store is caught up only when they have no lag either (`/v1/lag` adds them). Empty
+/// without features or joins.
+pub fn consumer_stages(config: &PipelineConfig) -> Vec<(String, Vec<String>)> {
+    let stages = stages(config);
+    if stages.is_empty() {
+        return Vec::new();
+    }
+    vec![
+        (process_group(config), rekey_topics(config, &stages)),
+        (features_group(config), vec![repartition_topic(config)]),
+    ]
+}
+
 /// The internal topic the re-key loop writes: inputs keyed by the target entity id.
 pub fn repartition_topic(config: &PipelineConfig) -> String {
     format!("{}-features-repartition", config.name)
@@ -437,28 +472,12 @@ impl Processor {
                 Stage::Join(j) => joins.push(j),
             }
         }
-        let froms: BTreeSet<&str> = groups
-            .iter()
-            .map(|g| g.from.as_str())
-            .chain(
-                joins
-                    .iter()
-                    .flat_map(|j| [j.from.as_str(), j.with.as_str()]),
-            )
-            .collect();
-        let topics: BTreeSet<String> = self
-            .config
-            .sources
-            .values()
-            .filter(|s| froms.contains(s.entity.as_str()) && !is_features_source(s))
-            .map(|s| s.topic.clone())
-            .collect();
         let group = process_group(&self.config);
         let mut consumer = self
             .log
             .consumer(ConsumerConfig::new(
                 group.clone(),
-                topics.into_iter().collect(),
+                rekey_topics(&self.config, &self.stages),
             ))
             .await?;
         let repartition = repartition_topic(&self.config);

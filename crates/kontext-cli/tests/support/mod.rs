@@ -23,7 +23,11 @@ impl Kontext {
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kontext"))
             .args(args)
-            .env("RUST_LOG", "warn")
+            // KONTEXT_TEST_CHILD_LOG (say `info`) to see more of what the child did.
+            .env(
+                "RUST_LOG",
+                std::env::var("KONTEXT_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -115,7 +119,8 @@ pub async fn get_json(url: &str) -> Option<(u16, serde_json::Value)> {
     Some((status, body))
 }
 
-/// Polls `/v1/lag` until the store has applied everything in the log.
+/// Polls `/v1/lag` until the store has applied everything in the log, including every output
+/// the processor has yet to write (its groups' lag counts in `total_lag`).
 pub async fn wait_for_zero_lag(port: u16, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let url = format!("http://127.0.0.1:{port}/v1/lag");
