@@ -12,6 +12,7 @@
 //! reopens at its last durable commit, and the sink, which commits its group offsets only up
 //! to what is durable ([`WriteMarks`]), replays the rest from the log.
 
+use std::borrow::Cow;
 use std::collections::btree_map::Entry as BTreeEntry;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,18 +35,24 @@ use cache::ContextCache;
 const ENTITIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entities");
 /// `parent_type \0 parent_id \0 child_type \0 child_id` -> ()
 const RELATIONS: TableDefinition<&[u8], ()> = TableDefinition::new("relations");
-/// `parent_type \0 parent_id \0 child_type \0 <child's latest version> child_id` -> (): the
-/// children of a parent in version order, so a context lookup reads only the newest
-/// `related_limit` of them (iterating backwards) instead of every child it ever had.
-const RECENT: TableDefinition<&[u8], ()> = TableDefinition::new("recent");
-/// `parent_type \0 parent_id \0 child_type \0` -> how many [`RELATIONS`] keys start with it: a
-/// related list's `total` without counting the keys of a long history at every lookup.
-const RELATION_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("relation_counts");
+/// `parent_type \0 parent_id \0 child_type \0` -> how many [`RELATIONS`] keys start with it,
+/// and the newest of those children by latest version (up to [`list_capacity`] of the type's
+/// `related_limit`), newest first ([`codec::encode_related`]). A lookup reads one value for a
+/// related list, and a batch rewrites each list it changes once, however many of the parent's
+/// children it updates. The entries are always the newest `len` children of the parent: a
+/// child newer than the oldest entry enters (pushing that one out when the list is full), an
+/// older one stays outside, and a list that falls below `related_limit` while children remain
+/// outside (deletes, moves, older versions) is rebuilt from [`RELATIONS`].
+const RELATED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("related");
+/// The layout before [`RELATED`]: one key per child in version order
+/// (`parent_type \0 parent_id \0 child_type \0 <version> child_id`), and the counts apart.
+/// Found when a store is opened, they are dropped and [`RELATED`] is built anew (an older
+/// kontext may have written the store since it was last built).
+const LEGACY_RECENT: TableDefinition<&[u8], ()> = TableDefinition::new("recent");
+const LEGACY_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("relation_counts");
 /// (topic, partition) -> next offset to apply
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 
-/// `related_limit` of a child type the schema does not mention.
-const DEFAULT_RELATED_LIMIT: usize = 10;
 /// Context documents kept in memory unless [`EmbeddedStore::with_context_cache`] says otherwise.
 pub const DEFAULT_CONTEXT_CACHE: usize = 4_096;
 /// The pipeline's sync interval (`stores[].sync_interval`) when the file sets none. A store
@@ -72,7 +79,7 @@ type Latest = (i64, String, i32, i64);
 struct Pending {
     /// Whether the store had the entity before the batch.
     existed: bool,
-    /// Its latest version before the batch (where the recency index has it).
+    /// Its latest version before the batch (where its parents' related lists have it).
     latest_before: Option<Latest>,
     /// Per `belongs_to` relation of its type (in schema order), the parent id stored before.
     parents_before: Vec<Option<String>>,
@@ -114,8 +121,7 @@ impl EmbeddedStore {
         txn.open_table(ENTITIES).map_err(io)?;
         txn.open_table(RELATIONS).map_err(io)?;
         txn.open_table(OFFSETS).map_err(io)?;
-        backfill_recent(&txn)?;
-        backfill_counts(&txn)?;
+        build_related(&txn, &schema)?;
         txn.commit().map_err(io)?;
         Ok(Self {
             db,
@@ -235,8 +241,8 @@ impl EmbeddedStore {
         {
             let mut entities = txn.open_table(ENTITIES).map_err(io)?;
             let mut relations = txn.open_table(RELATIONS).map_err(io)?;
-            let mut recent = txn.open_table(RECENT).map_err(io)?;
-            let mut counts = txn.open_table(RELATION_COUNTS).map_err(io)?;
+            let mut related = txn.open_table(RELATED).map_err(io)?;
+            let mut moves = BTreeMap::new();
             let mut offset_table = txn.open_table(OFFSETS).map_err(io)?;
             // Borrowed keys: no allocation per update for the bookkeeping.
             let mut applied_upto: BTreeMap<(&str, i32), i64> = BTreeMap::new();
@@ -277,7 +283,12 @@ impl EmbeddedStore {
                             .schema
                             .parents_of(id.0)
                             .iter()
-                            .map(|(_, field)| before.as_ref().and_then(|d| parent_id(d, field)))
+                            .map(|(_, field)| {
+                                before
+                                    .as_ref()
+                                    .and_then(|d| parent_id(d, field))
+                                    .map(Cow::into_owned)
+                            })
                             .collect();
                         slot.insert(Pending {
                             existed: before.is_some(),
@@ -318,8 +329,7 @@ impl EmbeddedStore {
                 }
                 let mut index = Index {
                     relations: &mut relations,
-                    recent: &mut recent,
-                    counts: &mut counts,
+                    moves: &mut moves,
                 };
                 self.reindex(&mut index, pending, entity_type, entity_id)?;
                 match &pending.after {
@@ -334,6 +344,11 @@ impl EmbeddedStore {
                     }
                     None => {}
                 }
+            }
+            // After every entity is written: a list rebuilt from the relations reads their
+            // versions as of this batch.
+            for (prefix, list) in moves {
+                self.move_children(&mut related, &relations, &entities, &prefix, list)?;
             }
             // Batch offsets also cover records that produced no update (invalid or filtered).
             for (topic, partition, next) in offsets {
@@ -465,8 +480,8 @@ impl EmbeddedStore {
     ) -> Result<Option<ContextDocument>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
         let entities = txn.open_table(ENTITIES).map_err(io)?;
-        let counts = txn.open_table(RELATION_COUNTS).map_err(io)?;
-        let recent = txn.open_table(RECENT).map_err(io)?;
+        let relations = txn.open_table(RELATIONS).map_err(io)?;
+        let related_lists = txn.open_table(RELATED).map_err(io)?;
         let get = |key: &[u8]| -> Result<Option<EntityView>, StoreError> {
             match entities.get(key).map_err(io)? {
                 Some(bytes) => codec::decode_view(bytes.value()).map(Some),
@@ -487,31 +502,24 @@ impl EmbeddedStore {
         }
         let mut related = BTreeMap::new();
         for (child_type, _) in self.schema.children_of(entity_type) {
-            let limit = self
-                .schema
-                .related_limit
-                .get(child_type)
-                .copied()
-                .unwrap_or(DEFAULT_RELATED_LIMIT);
+            let limit = self.schema.related_limit_of(child_type);
             let prefix = relation_key(entity_type, entity_id, child_type, "");
-            let end = prefix_end(&prefix);
+            let (total, mut newest) = match related_lists.get(prefix.as_slice()).map_err(io)? {
+                Some(v) => codec::decode_related(v.value())?,
+                None => (0, Vec::new()),
+            };
+            let total = usize::try_from(total).unwrap_or(usize::MAX);
+            if newest.len() < limit.min(total) {
+                // Written under a smaller `related_limit`: the list is short until the
+                // parent's next change rebuilds it.
+                newest = newest_children(&relations, &entities, &prefix, child_type, limit)?.1;
+            }
             // `child_type \0 child_id`, rewritten per child.
             let mut child_key = entity_key(child_type, "");
-            let total = match counts.get(prefix.as_slice()).map_err(io)? {
-                Some(n) => usize::try_from(n.value()).unwrap_or(usize::MAX),
-                None => 0,
-            };
-            // The newest `limit`, from the end of the recency index.
             let mut items = Vec::with_capacity(limit.min(total));
-            for item in recent
-                .range(prefix.as_slice()..end.as_slice())
-                .map_err(io)?
-                .rev()
-                .take(limit)
-            {
-                let (k, _) = item.map_err(io)?;
+            for (_, id) in newest.iter().take(limit) {
                 child_key.truncate(child_type.len() + 1);
-                child_key.extend_from_slice(recent_child_id(&k.value()[prefix.len()..])?);
+                child_key.extend_from_slice(id.as_bytes());
                 if let Some(child) = get(&child_key)? {
                     items.push(child.into_related());
                 }
@@ -551,14 +559,11 @@ impl EmbeddedStore {
         Ok(docs)
     }
 
-    /// Keeps the relation index in step with a document's relation fields.
+    /// Keeps the relation index in step with a document's relation fields, and notes the
+    /// related lists the document leaves or enters (applied by [`Self::move_children`]).
     fn reindex(
         &self,
-        Index {
-            relations,
-            recent,
-            counts,
-        }: &mut Index<'_, '_>,
+        Index { relations, moves }: &mut Index<'_, '_>,
         pending: &Pending,
         entity_type: &str,
         entity_id: &str,
@@ -572,86 +577,173 @@ impl EmbeddedStore {
             .zip(&pending.parents_before)
         {
             let new = after.and_then(|d| parent_id(d, field));
-            if *old != new || pending.latest_before != latest_after {
-                if let (Some(old), Some(latest)) = (old, &pending.latest_before) {
-                    recent
-                        .remove(
-                            recent_key(parent_type, old, entity_type, latest, entity_id).as_slice(),
-                        )
-                        .map_err(io)?;
-                }
-                if let (Some(new), Some(latest)) = (&new, &latest_after) {
-                    recent
-                        .insert(
-                            recent_key(parent_type, new, entity_type, latest, entity_id).as_slice(),
-                            (),
-                        )
-                        .map_err(io)?;
+            if old.as_deref() == new.as_deref() && pending.latest_before == latest_after {
+                continue;
+            }
+            let mut moved = |parent: &str, left: bool, entered: Option<&Latest>| {
+                moves
+                    .entry(relation_key(parent_type, parent, entity_type, ""))
+                    .or_insert_with(|| ChildMoves {
+                        child_type: entity_type.to_string(),
+                        moves: Vec::new(),
+                    })
+                    .moves
+                    .push(Move {
+                        child: entity_id.to_string(),
+                        left,
+                        entered: entered.cloned(),
+                    });
+            };
+            let leaves = old.as_deref().filter(|_| pending.latest_before.is_some());
+            let enters = new.as_deref().zip(latest_after.as_ref());
+            match (leaves, enters) {
+                (Some(old), Some((new, latest))) if old == new => moved(old, true, Some(latest)),
+                _ => {
+                    if let Some(old) = leaves {
+                        moved(old, true, None);
+                    }
+                    if let Some((new, latest)) = enters {
+                        moved(new, false, Some(latest));
+                    }
                 }
             }
-            if *old == new {
+            if old.as_deref() == new.as_deref() {
                 continue;
             }
             if let Some(old) = old {
-                let removed = relations
+                relations
                     .remove(relation_key(parent_type, old, entity_type, entity_id).as_slice())
-                    .map_err(io)?
-                    .is_some();
-                if removed {
-                    add_count(counts, parent_type, old, entity_type, -1)?;
-                }
+                    .map_err(io)?;
             }
             if let Some(new) = new {
-                let existed = relations
+                relations
                     .insert(
                         relation_key(parent_type, &new, entity_type, entity_id).as_slice(),
                         (),
                     )
-                    .map_err(io)?
-                    .is_some();
-                if !existed {
-                    add_count(counts, parent_type, &new, entity_type, 1)?;
+                    .map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a batch's moves to one related list ([`RELATED`]), in order, rebuilding it from
+    /// `relations` when it fell below the type's `related_limit` with children left outside.
+    fn move_children(
+        &self,
+        related: &mut redb::Table<&[u8], &[u8]>,
+        relations: &impl ReadableTable<&'static [u8], ()>,
+        entities: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        prefix: &[u8],
+        ChildMoves { child_type, moves }: ChildMoves,
+    ) -> Result<(), StoreError> {
+        let limit = self.schema.related_limit_of(&child_type);
+        let capacity = list_capacity(limit);
+        let (mut total, mut newest) = match related.get(prefix).map_err(io)? {
+            Some(v) => codec::decode_related(v.value())?,
+            None => (0, Vec::new()),
+        };
+        for Move {
+            child,
+            left,
+            entered,
+        } in moves
+        {
+            if left {
+                total = total.saturating_sub(1);
+                if let Some(i) = newest.iter().position(|(_, id)| *id == child) {
+                    newest.remove(i);
                 }
             }
+            if let Some(version) = entered {
+                // Whether every child is listed (none outside) before this one joins.
+                let complete = newest.len() as u64 == total;
+                total += 1;
+                let at = newest.partition_point(|(v, id)| (v, id.as_str()) > (&version, &child));
+                // Older than every entry while others are outside: it may be older than
+                // those too, so it stays outside.
+                if complete || at < newest.len() {
+                    newest.insert(at, (version, child));
+                    newest.truncate(capacity);
+                }
+            }
+        }
+        if (newest.len() as u64) < total.min(limit as u64) {
+            (total, newest) = newest_children(relations, entities, prefix, &child_type, capacity)?;
+        }
+        if total == 0 {
+            related.remove(prefix).map_err(io)?;
+        } else {
+            let mut buf = Vec::new();
+            codec::encode_related(total, &newest, &mut buf);
+            related.insert(prefix, buf.as_slice()).map_err(io)?;
         }
         Ok(())
     }
 }
 
+/// How many children a [`RELATED`] list keeps for a `related_limit`: twice as many, so that
+/// deletes and moves rarely shrink it below the limit (which rebuilds it).
+fn list_capacity(limit: usize) -> usize {
+    limit.saturating_mul(2).max(4)
+}
+
+/// The children of one related list (`prefix`, of `child_type`) in [`RELATIONS`]: how many, and
+/// the newest `n` by latest version, newest first. Reads every child's version: for building a
+/// list, not for lookups.
+fn newest_children(
+    relations: &impl ReadableTable<&'static [u8], ()>,
+    entities: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    prefix: &[u8],
+    child_type: &str,
+    n: usize,
+) -> Result<(u64, Vec<(Latest, String)>), StoreError> {
+    let end = prefix_end(prefix);
+    let mut total = 0;
+    let mut all = Vec::new();
+    let mut child_key = entity_key(child_type, "");
+    for item in relations.range(prefix..end.as_slice()).map_err(io)? {
+        let (k, _) = item.map_err(io)?;
+        total += 1;
+        let id = &k.value()[prefix.len()..];
+        child_key.truncate(child_type.len() + 1);
+        child_key.extend_from_slice(id);
+        if let Some(bytes) = entities.get(child_key.as_slice()).map_err(io)? {
+            let version = codec::latest_version(bytes.value())?;
+            all.push((version, String::from_utf8_lossy(id).into_owned()));
+        }
+    }
+    all.sort_unstable_by(|a, b| b.cmp(a));
+    all.truncate(n);
+    Ok((total, all))
+}
+
+/// A related list's changes in one batch.
+struct ChildMoves {
+    child_type: String,
+    moves: Vec<Move>,
+}
+
+/// One child of a related list in one batch: it left the list (a move to another parent, a
+/// delete, or a newer version), entered it with a version, or both.
+struct Move {
+    child: String,
+    left: bool,
+    entered: Option<Latest>,
+}
+
 /// The relation indexes [`EmbeddedStore::apply`] keeps in step with the entities.
 struct Index<'a, 't> {
     relations: &'a mut redb::Table<'t, &'static [u8], ()>,
-    recent: &'a mut redb::Table<'t, &'static [u8], ()>,
-    counts: &'a mut redb::Table<'t, &'static [u8], u64>,
-}
-
-/// Adds `delta` to a parent's count of children of one type, removing counts that reach 0.
-fn add_count(
-    counts: &mut redb::Table<&[u8], u64>,
-    parent_type: &str,
-    parent_id: &str,
-    child_type: &str,
-    delta: i64,
-) -> Result<(), StoreError> {
-    let key = relation_key(parent_type, parent_id, child_type, "");
-    let stored = counts
-        .get(key.as_slice())
-        .map_err(io)?
-        .map_or(0, |n| n.value());
-    let n = stored.saturating_add_signed(delta);
-    if n == 0 {
-        counts.remove(key.as_slice()).map_err(io)?;
-    } else {
-        counts.insert(key.as_slice(), n).map_err(io)?;
-    }
-    Ok(())
+    /// The related lists the batch changes, by [`RELATED`] key.
+    moves: &'a mut BTreeMap<Vec<u8>, ChildMoves>,
 }
 
 /// The parent id in a relation field; numbers are accepted and written as text.
-fn parent_id(doc: &EntityDoc, field: &str) -> Option<String> {
+fn parent_id<'a>(doc: &'a EntityDoc, field: &str) -> Option<Cow<'a, str>> {
     match doc.fields.get(field).map(|f| &f.value) {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::String(s)) if !s.is_empty() => Some(Cow::Borrowed(s)),
+        Some(Value::Number(n)) => Some(Cow::Owned(n.to_string())),
         _ => None,
     }
 }
@@ -679,41 +771,6 @@ fn latest_of(doc: &EntityDoc) -> Latest {
     (p.event_time_ms, p.topic.clone(), p.partition, p.offset)
 }
 
-/// A child's key in [`RECENT`]: its relation prefix, its latest version encoded so that byte
-/// order is version order (signed integers big-endian with the sign bit flipped; the topic
-/// `\0`-terminated, which topic names cannot contain), then its id.
-fn recent_key(
-    parent_type: &str,
-    parent_id: &str,
-    child_type: &str,
-    latest: &Latest,
-    child_id: &str,
-) -> Vec<u8> {
-    let mut k = relation_key(parent_type, parent_id, child_type, "");
-    push_version(&mut k, latest);
-    k.extend_from_slice(child_id.as_bytes());
-    k
-}
-
-/// Appends a version so that byte order is version order.
-fn push_version(k: &mut Vec<u8>, (time, topic, partition, offset): &Latest) {
-    k.extend_from_slice(&((*time as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(topic.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&((*partition as u32) ^ (1 << 31)).to_be_bytes());
-    k.extend_from_slice(&((*offset as u64) ^ (1 << 63)).to_be_bytes());
-}
-
-/// The child id at the end of a [`RECENT`] key, after its relation prefix.
-fn recent_child_id(rest: &[u8]) -> Result<&[u8], StoreError> {
-    let corrupt = || StoreError::Corrupt("malformed recency index key".into());
-    let topic_end = rest
-        .get(8..)
-        .and_then(|r| r.iter().position(|b| *b == 0))
-        .ok_or_else(corrupt)?;
-    rest.get(8 + topic_end + 1 + 4 + 8..).ok_or_else(corrupt)
-}
-
 /// The first key after every key starting with `prefix` (which ends with `\0`).
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -723,70 +780,57 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     end
 }
 
-/// Builds the recency index of a store written before it existed: one entry per relation.
-fn backfill_recent(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let mut recent = txn.open_table(RECENT).map_err(io)?;
-    if !recent.is_empty().map_err(io)? {
+/// Builds [`RELATED`] from [`RELATIONS`] and the children's versions when it is empty while
+/// relations exist (a store written before it), or when the tables of the earlier layout are
+/// there (dropped here: an older kontext may have changed the store since).
+fn build_related(txn: &redb::WriteTransaction, schema: &StoreSchema) -> Result<(), StoreError> {
+    let legacy = txn.delete_table(LEGACY_RECENT).map_err(io)?;
+    let legacy = txn.delete_table(LEGACY_COUNTS).map_err(io)? || legacy;
+    if legacy {
+        txn.delete_table(RELATED).map_err(io)?;
+    }
+    let mut related = txn.open_table(RELATED).map_err(io)?;
+    let relations = txn.open_table(RELATIONS).map_err(io)?;
+    if !related.is_empty().map_err(io)? || relations.is_empty().map_err(io)? {
         return Ok(());
     }
-    let relations = txn.open_table(RELATIONS).map_err(io)?;
     let entities = txn.open_table(ENTITIES).map_err(io)?;
+    // The distinct list prefixes: each key's first three `\0`-terminated parts.
+    let mut prefixes: Vec<(Vec<u8>, String)> = Vec::new();
     for item in relations.iter().map_err(io)? {
         let (k, _) = item.map_err(io)?;
         let key = k.value();
-        let mut parts = key.splitn(4, |b| *b == 0);
-        let (Some(_), Some(_), Some(child_type), Some(child_id)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(StoreError::Corrupt("malformed relation key".into()));
-        };
-        let child = entity_key(
-            &String::from_utf8_lossy(child_type),
-            &String::from_utf8_lossy(child_id),
-        );
-        if let Some(bytes) = entities.get(child.as_slice()).map_err(io)? {
-            let mut k = key[..key.len() - child_id.len()].to_vec();
-            push_version(&mut k, &codec::latest_version(bytes.value())?);
-            k.extend_from_slice(child_id);
-            recent.insert(k.as_slice(), ()).map_err(io)?;
-        }
-    }
-    Ok(())
-}
-
-/// Builds [`RELATION_COUNTS`] for a store written before it existed: one count per relation
-/// prefix. (Counts exist exactly when relations do, so an empty table beside relations means
-/// it was never built.)
-fn backfill_counts(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let mut counts = txn.open_table(RELATION_COUNTS).map_err(io)?;
-    if !counts.is_empty().map_err(io)? {
-        return Ok(());
-    }
-    let relations = txn.open_table(RELATIONS).map_err(io)?;
-    let mut current: Option<(Vec<u8>, u64)> = None;
-    for item in relations.iter().map_err(io)? {
-        let (k, _) = item.map_err(io)?;
-        let key = k.value();
-        // The prefix ends after the third `\0` (parent type, parent id, child type).
-        let end = key
+        let mut zeros = key
             .iter()
             .enumerate()
             .filter(|(_, b)| **b == 0)
-            .nth(2)
-            .map(|(i, _)| i + 1)
-            .ok_or_else(|| StoreError::Corrupt("malformed relation key".into()))?;
-        match &mut current {
-            Some((prefix, n)) if prefix.as_slice() == &key[..end] => *n += 1,
-            _ => {
-                if let Some((prefix, n)) = current.take() {
-                    counts.insert(prefix.as_slice(), n).map_err(io)?;
-                }
-                current = Some((key[..end].to_vec(), 1));
-            }
+            .map(|(i, _)| i);
+        let (Some(_), Some(type_start), Some(end)) = (zeros.next(), zeros.next(), zeros.next())
+        else {
+            return Err(StoreError::Corrupt("malformed relation key".into()));
+        };
+        if prefixes
+            .last()
+            .is_none_or(|(p, _)| p.as_slice() != &key[..=end])
+        {
+            let child_type = String::from_utf8_lossy(&key[type_start + 1..end]).into_owned();
+            prefixes.push((key[..=end].to_vec(), child_type));
         }
     }
-    if let Some((prefix, n)) = current {
-        counts.insert(prefix.as_slice(), n).map_err(io)?;
+    let mut buf = Vec::new();
+    for (prefix, child_type) in prefixes {
+        let limit = schema.related_limit_of(&child_type);
+        let (total, newest) = newest_children(
+            &relations,
+            &entities,
+            &prefix,
+            &child_type,
+            list_capacity(limit),
+        )?;
+        codec::encode_related(total, &newest, &mut buf);
+        related
+            .insert(prefix.as_slice(), buf.as_slice())
+            .map_err(io)?;
     }
     Ok(())
 }

@@ -93,6 +93,9 @@ pub struct EntityUpdate {
     pub provenance: Provenance,
 }
 
+/// `related_limit` of a child type the schema does not mention.
+const DEFAULT_RELATED_LIMIT: usize = 10;
+
 /// The relations the store maintains, from the pipeline's entity declarations.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreSchema {
@@ -117,6 +120,14 @@ impl StoreSchema {
                 .insert(name.clone(), entity.related_limit);
         }
         schema
+    }
+
+    /// How many of its newest `child_type` children a parent's context lists.
+    pub fn related_limit_of(&self, child_type: &str) -> usize {
+        self.related_limit
+            .get(child_type)
+            .copied()
+            .unwrap_or(DEFAULT_RELATED_LIMIT)
     }
 
     /// Entity types that belong to `parent`, with the field that points at it.

@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use super::Latest;
 use crate::document::{EntityView, ProvenanceView};
 use crate::model::{EntityDoc, FieldEntry, Provenance};
 use crate::StoreError;
@@ -225,6 +226,38 @@ pub(super) fn latest_version(bytes: &[u8]) -> Result<(i64, String, i32, i64), St
     let partition = i32::try_from(*partition)
         .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
     Ok((*time, topic.to_string(), partition, *offset))
+}
+
+/// A value of the store's related-children table: how many children of one type a parent
+/// has, then the newest of them, newest first, each as its latest version and id.
+pub(super) fn encode_related(total: u64, newest: &[(Latest, String)], out: &mut Vec<u8>) {
+    out.clear();
+    put_varint(out, total);
+    put_varint(out, newest.len() as u64);
+    for ((time, topic, partition, offset), id) in newest {
+        put_varint(out, zigzag(*time));
+        put_str(out, topic);
+        put_varint(out, zigzag(i64::from(*partition)));
+        put_varint(out, zigzag(*offset));
+        put_str(out, id);
+    }
+}
+
+/// What [`encode_related`] wrote.
+pub(super) fn decode_related(bytes: &[u8]) -> Result<(u64, Vec<(Latest, String)>), StoreError> {
+    let mut r = Reader { bytes, at: 0 };
+    let total = r.varint()?;
+    let n = r.len()?;
+    let mut newest = Vec::with_capacity(n);
+    for _ in 0..n {
+        let time = unzigzag(r.varint()?);
+        let topic = r.string()?;
+        let partition = i32::try_from(unzigzag(r.varint()?))
+            .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
+        let offset = unzigzag(r.varint()?);
+        newest.push(((time, topic, partition, offset), r.string()?));
+    }
+    Ok((total, newest))
 }
 
 /// The first stores' JSON form.

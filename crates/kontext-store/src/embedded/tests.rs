@@ -494,6 +494,13 @@ mod recency_index {
     /// The newest two orders of a customer by latest version, and how many it has: recomputed
     /// from the records.
     fn naive(records: &[(u8, u8, i64)], customer: u8) -> (usize, Vec<String>) {
+        let mut all = newest_first(records, customer);
+        all.truncate(2);
+        (newest_first(records, customer).len(), all)
+    }
+
+    /// Every order of a customer, newest first by latest version.
+    fn newest_first(records: &[(u8, u8, i64)], customer: u8) -> Vec<String> {
         let mut latest: BTreeMap<u8, (u8, (i64, i64))> = BTreeMap::new();
         for (offset, (order, c, time)) in records.iter().enumerate() {
             let version = (*time, offset as i64);
@@ -509,8 +516,21 @@ mod recency_index {
             .map(|(o, (_, v))| (*v, *o))
             .collect();
         mine.sort_by(|a, b| b.cmp(a));
-        let ids = mine.iter().take(2).map(|(_, o)| format!("O{o}")).collect();
-        (mine.len(), ids)
+        mine.iter().map(|(_, o)| format!("O{o}")).collect()
+    }
+
+    /// A customer's stored related list of orders: its total, and its entries' ids.
+    fn stored_list(store: &EmbeddedStore, customer: u8) -> (u64, Vec<String>) {
+        let txn = store.db.begin_read().unwrap();
+        let related = txn.open_table(RELATED).unwrap();
+        let key = relation_key("customer", &format!("C{customer}"), "order", "");
+        match related.get(key.as_slice()).unwrap() {
+            None => (0, vec![]),
+            Some(v) => {
+                let (total, newest) = codec::decode_related(v.value()).unwrap();
+                (total, newest.into_iter().map(|(_, id)| id).collect())
+            }
+        }
     }
 
     fn shown(store: &EmbeddedStore, customer: u8) -> (usize, Vec<String>) {
@@ -544,6 +564,14 @@ mod recency_index {
             apply_all(&store, &records, batch);
             for c in 0..3u8 {
                 prop_assert_eq!(shown(&store, c), naive(&records, c), "customer C{}", c);
+                // The stored list alone answers the lookup: it is the newest orders, at least
+                // as many as the limit (2) shows, and its total is exact.
+                let all = newest_first(&records, c);
+                let (total, listed) = stored_list(&store, c);
+                prop_assert_eq!(total as usize, all.len(), "customer C{}", c);
+                prop_assert!(listed.len() >= all.len().min(2), "customer C{}: {:?}", c, listed);
+                prop_assert!(listed.len() <= list_capacity(2), "customer C{}: {:?}", c, listed);
+                prop_assert_eq!(&listed[..], &all[..listed.len()], "customer C{}", c);
                 let id = format!("C{c}");
                 prop_assert_eq!(store.context("customer", &id).unwrap().as_deref().cloned(), from_documents(&store, "customer", &id));
             }
@@ -592,20 +620,70 @@ mod recency_index {
         Some(ContextDocument::assemble(&doc, belongs_to, related))
     }
 
-    /// A store written before the recency index or the relation counts existed gets them
-    /// built when opened.
+    /// A list keeps at most `list_capacity(2)` = 4 of C0's six orders. Moving three of the
+    /// listed ones away leaves one entry with two orders outside: the list is rebuilt from the
+    /// relations. Deleting orders shrinks it the same way.
     #[test]
-    fn a_store_without_the_index_gets_it_built_on_open() {
-        for missing in [
-            &["recent"][..],
-            &["relation_counts"],
-            &["recent", "relation_counts"],
-        ] {
-            store_without_tables_gets_them_built_on_open(missing);
+    fn a_list_that_moves_and_deletes_empty_is_rebuilt_from_the_relations() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        // O1..O6 of C0 at times 1..6: the list holds O6, O5, O4, O3.
+        let mut records: Vec<(u8, u8, i64)> = (1..=6).map(|o| (o, 0, o as i64)).collect();
+        apply_all(&store, &records, 10);
+        assert_eq!(stored_list(&store, 0), (6, ids(&[6, 5, 4, 3])));
+        // O6, O5 and O4 move to C1 in one batch.
+        records.extend([(6, 1, 10), (5, 1, 11), (4, 1, 12)]);
+        apply_all(&store, &records, 10);
+        assert_eq!(stored_list(&store, 0), (3, ids(&[3, 2, 1])));
+        assert_eq!(stored_list(&store, 1), (3, ids(&[4, 5, 6])));
+        // Tombstones for O4, O5 and O3.
+        let offset = records.len() as i64;
+        let deletes: Vec<EntityUpdate> = [4, 5, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, o)| EntityUpdate {
+                change: Change::Delete,
+                ..upsert(
+                    "order",
+                    &format!("O{o}"),
+                    json!({}),
+                    "shop",
+                    0,
+                    offset + i as i64,
+                    20,
+                )
+            })
+            .collect();
+        store.apply(&deletes, &[]).unwrap();
+        assert_eq!(stored_list(&store, 0), (2, ids(&[2, 1])));
+        assert_eq!(stored_list(&store, 1), (1, ids(&[6])));
+    }
+
+    fn ids(orders: &[u8]) -> Vec<String> {
+        orders.iter().map(|o| format!("O{o}")).collect()
+    }
+
+    /// What a store can hold when it is opened, besides its entities and relations.
+    #[derive(Debug, Clone, Copy)]
+    enum Before {
+        /// Neither the related lists nor the earlier layout's tables (the first stores).
+        Nothing,
+        /// The earlier layout: a recency index and counts, no related lists.
+        Legacy,
+        /// Related lists gone stale under an older kontext that wrote the earlier layout's
+        /// tables beside them (a downgrade, then this version again).
+        StaleAndLegacy,
+    }
+
+    /// However a store's related lists were left, opening it builds them from the relations.
+    #[test]
+    fn related_lists_are_built_on_open_from_any_earlier_layout() {
+        for before in [Before::Nothing, Before::Legacy, Before::StaleAndLegacy] {
+            related_lists_are_built_on_open(before);
         }
     }
 
-    fn store_without_tables_gets_them_built_on_open(missing: &[&str]) {
+    fn related_lists_are_built_on_open(before: Before) {
         let dir = tempfile::tempdir().unwrap();
         let records = [(1, 0, 5), (2, 0, 9), (3, 0, 7), (4, 1, 1), (2, 1, 3)];
         let expected = {
@@ -624,23 +702,54 @@ mod recency_index {
             }
             apply_all(&store, &records, 2);
             let expected = [shown(&store, 0), shown(&store, 1)];
-            // What an older version of kontext left: no recency index, no counts.
             let txn = store.db.begin_write().unwrap();
-            for table in missing {
-                let table: redb::TableDefinition<&[u8], ()> = redb::TableDefinition::new(table);
-                assert!(txn.delete_table(table).unwrap(), "{table}");
+            match before {
+                Before::Nothing => {
+                    assert!(txn.delete_table(RELATED).unwrap());
+                }
+                Before::Legacy => {
+                    assert!(txn.delete_table(RELATED).unwrap());
+                    legacy_tables(&txn);
+                }
+                Before::StaleAndLegacy => {
+                    let mut related = txn.open_table(RELATED).unwrap();
+                    let keys: Vec<Vec<u8>> = related
+                        .iter()
+                        .unwrap()
+                        .map(|item| item.unwrap().0.value().to_vec())
+                        .collect();
+                    assert!(!keys.is_empty());
+                    let mut empty = Vec::new();
+                    codec::encode_related(1, &[], &mut empty);
+                    for k in keys {
+                        related.insert(k.as_slice(), empty.as_slice()).unwrap();
+                    }
+                    drop(related);
+                    legacy_tables(&txn);
+                }
             }
             txn.commit().unwrap();
             expected
         };
         let store = open(&dir);
-        assert_eq!(
-            [shown(&store, 0), shown(&store, 1)],
-            expected,
-            "{missing:?}"
-        );
+        assert_eq!([shown(&store, 0), shown(&store, 1)], expected, "{before:?}");
         // O2's move to C1 (time 3) is older than its time-9 update: it stays with C0.
         assert_eq!(expected[0], (3, vec!["O2".to_string(), "O3".to_string()]));
+        let txn = store.db.begin_write().unwrap();
+        assert!(!txn.delete_table(LEGACY_RECENT).unwrap(), "{before:?}");
+        assert!(!txn.delete_table(LEGACY_COUNTS).unwrap(), "{before:?}");
+    }
+
+    /// The earlier layout's tables, with an entry each.
+    fn legacy_tables(txn: &redb::WriteTransaction) {
+        txn.open_table(LEGACY_RECENT)
+            .unwrap()
+            .insert(b"customer\0C0\0order\0x".as_slice(), ())
+            .unwrap();
+        txn.open_table(LEGACY_COUNTS)
+            .unwrap()
+            .insert(b"customer\0C0\0order\0".as_slice(), 3)
+            .unwrap();
     }
 }
 

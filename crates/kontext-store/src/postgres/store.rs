@@ -30,8 +30,6 @@ const POOL_SIZE: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a caller waits for a free connection before the call fails (transiently).
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
-/// `related_limit` of a child type the schema does not mention, as in the embedded store.
-const DEFAULT_RELATED_LIMIT: usize = 10;
 
 /// A context store in PostgreSQL tables, behind a small connection pool.
 pub struct PostgresStore {
@@ -397,12 +395,7 @@ impl PostgresStore {
         let mut related = BTreeMap::new();
         let children_stmt = txn.prepare_cached(CHILDREN).await.map_err(pg)?;
         for (child_type, _) in self.schema.children_of(entity_type) {
-            let limit = self
-                .schema
-                .related_limit
-                .get(child_type)
-                .copied()
-                .unwrap_or(DEFAULT_RELATED_LIMIT);
+            let limit = self.schema.related_limit_of(child_type);
             // At least one row, so that the total (a window count) arrives even for limit 0.
             let fetch = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
             let rows = txn
