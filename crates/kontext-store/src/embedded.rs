@@ -46,9 +46,14 @@ const RELATIONS: TableDefinition<&[u8], ()> = TableDefinition::new("relations");
 const RELATED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("related");
 /// The layout before [`RELATED`]: one key per child in version order
 /// (`parent_type \0 parent_id \0 child_type \0 <version> child_id`), and the counts apart.
-/// Found when a store is opened, they are dropped and [`RELATED`] is built anew (an older
-/// kontext may have written the store since it was last built).
+/// Found when a store is opened, they are dropped and [`RELATED`] is built anew (a kontext of
+/// that layout may have written the store since it was last built; one older still, without
+/// these tables, leaves no trace and needs `kontext rebuild` after a downgrade).
 const LEGACY_RECENT: TableDefinition<&[u8], ()> = TableDefinition::new("recent");
+/// child type -> the `related_limit` its [`RELATED`] lists were last built for. A larger limit
+/// in the schema rebuilds that type's lists when the store is opened (their entries would be
+/// too few to show).
+const RELATED_LIMITS: TableDefinition<&str, u64> = TableDefinition::new("related_limits");
 const LEGACY_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("relation_counts");
 /// (topic, partition) -> next offset to apply
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
@@ -510,8 +515,8 @@ impl EmbeddedStore {
             };
             let total = usize::try_from(total).unwrap_or(usize::MAX);
             if newest.len() < limit.min(total) {
-                // Written under a smaller `related_limit`: the list is short until the
-                // parent's next change rebuilds it.
+                // Only for a list the store could not keep (a child without its entity
+                // record): lists of a grown `related_limit` are rebuilt on open.
                 newest = newest_children(&relations, &entities, &prefix, child_type, limit)?.1;
             }
             // `child_type \0 child_id`, rewritten per child.
@@ -594,34 +599,33 @@ impl EmbeddedStore {
                         entered: entered.cloned(),
                     });
             };
-            let leaves = old.as_deref().filter(|_| pending.latest_before.is_some());
-            let enters = new.as_deref().zip(latest_after.as_ref());
-            match (leaves, enters) {
-                (Some(old), Some((new, latest))) if old == new => moved(old, true, Some(latest)),
-                _ => {
-                    if let Some(old) = leaves {
-                        moved(old, true, None);
-                    }
-                    if let Some((new, latest)) = enters {
-                        moved(new, false, Some(latest));
-                    }
-                }
-            }
             if old.as_deref() == new.as_deref() {
+                // The same parent, a new version: the child takes its new place in the list.
+                if let (Some(parent), Some(latest)) = (new.as_deref(), &latest_after) {
+                    moved(parent, true, Some(latest));
+                }
                 continue;
             }
+            // What the relation index held decides what a list counts: a parent field without
+            // a relation key (a `belongs_to` added to a type that had data) counts nowhere.
             if let Some(old) = old {
-                relations
+                let removed = relations
                     .remove(relation_key(parent_type, old, entity_type, entity_id).as_slice())
-                    .map_err(io)?;
+                    .map_err(io)?
+                    .is_some();
+                if removed {
+                    moved(old, true, None);
+                }
             }
-            if let Some(new) = new {
-                relations
+            if let (Some(new), Some(latest)) = (new, &latest_after) {
+                let existed = relations
                     .insert(
                         relation_key(parent_type, &new, entity_type, entity_id).as_slice(),
                         (),
                     )
-                    .map_err(io)?;
+                    .map_err(io)?
+                    .is_some();
+                moved(&new, existed, Some(latest));
             }
         }
         Ok(())
@@ -780,9 +784,11 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     end
 }
 
-/// Builds [`RELATED`] from [`RELATIONS`] and the children's versions when it is empty while
-/// relations exist (a store written before it), or when the tables of the earlier layout are
-/// there (dropped here: an older kontext may have changed the store since).
+/// Builds [`RELATED`] from [`RELATIONS`] and the children's versions: all of it when it is
+/// empty while relations exist (a store written before it), or when the tables of the earlier
+/// layout are there (dropped here: an older kontext may have changed the store since); the
+/// lists of each child type whose `related_limit` grew since they were built
+/// ([`RELATED_LIMITS`]).
 fn build_related(txn: &redb::WriteTransaction, schema: &StoreSchema) -> Result<(), StoreError> {
     let legacy = txn.delete_table(LEGACY_RECENT).map_err(io)?;
     let legacy = txn.delete_table(LEGACY_COUNTS).map_err(io)? || legacy;
@@ -791,46 +797,75 @@ fn build_related(txn: &redb::WriteTransaction, schema: &StoreSchema) -> Result<(
     }
     let mut related = txn.open_table(RELATED).map_err(io)?;
     let relations = txn.open_table(RELATIONS).map_err(io)?;
-    if !related.is_empty().map_err(io)? || relations.is_empty().map_err(io)? {
-        return Ok(());
-    }
-    let entities = txn.open_table(ENTITIES).map_err(io)?;
-    // The distinct list prefixes: each key's first three `\0`-terminated parts.
-    let mut prefixes: Vec<(Vec<u8>, String)> = Vec::new();
-    for item in relations.iter().map_err(io)? {
-        let (k, _) = item.map_err(io)?;
-        let key = k.value();
-        let mut zeros = key
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| **b == 0)
-            .map(|(i, _)| i);
-        let (Some(_), Some(type_start), Some(end)) = (zeros.next(), zeros.next(), zeros.next())
-        else {
-            return Err(StoreError::Corrupt("malformed relation key".into()));
-        };
-        if prefixes
-            .last()
-            .is_none_or(|(p, _)| p.as_slice() != &key[..=end])
-        {
-            let child_type = String::from_utf8_lossy(&key[type_start + 1..end]).into_owned();
-            prefixes.push((key[..=end].to_vec(), child_type));
+    let mut limits = txn.open_table(RELATED_LIMITS).map_err(io)?;
+    let child_types: BTreeMap<&str, usize> = schema
+        .belongs_to
+        .iter()
+        .filter(|(_, parents)| !parents.is_empty())
+        .map(|(child, _)| (child.as_str(), schema.related_limit_of(child)))
+        .collect();
+    // `None`: every type.
+    let rebuild: Option<Vec<&str>> = if related.is_empty().map_err(io)? {
+        None
+    } else {
+        let mut grown = Vec::new();
+        for (child, limit) in &child_types {
+            let built = limits.get(*child).map_err(io)?.map(|v| v.value());
+            if built.is_none_or(|b| b < *limit as u64) {
+                grown.push(*child);
+            }
+        }
+        Some(grown)
+    };
+    if rebuild.as_ref().is_none_or(|types| !types.is_empty())
+        && !relations.is_empty().map_err(io)?
+    {
+        let entities = txn.open_table(ENTITIES).map_err(io)?;
+        // The distinct list prefixes: each key's first three `\0`-terminated parts.
+        let mut prefixes: Vec<(Vec<u8>, String)> = Vec::new();
+        for item in relations.iter().map_err(io)? {
+            let (k, _) = item.map_err(io)?;
+            let key = k.value();
+            let mut zeros = key
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == 0)
+                .map(|(i, _)| i);
+            let (Some(_), Some(type_start), Some(end)) = (zeros.next(), zeros.next(), zeros.next())
+            else {
+                return Err(StoreError::Corrupt("malformed relation key".into()));
+            };
+            let child_type = &key[type_start + 1..end];
+            let wanted = rebuild
+                .as_ref()
+                .is_none_or(|types| types.iter().any(|t| t.as_bytes() == child_type));
+            if wanted
+                && prefixes
+                    .last()
+                    .is_none_or(|(p, _)| p.as_slice() != &key[..=end])
+            {
+                let child_type = String::from_utf8_lossy(child_type).into_owned();
+                prefixes.push((key[..=end].to_vec(), child_type));
+            }
+        }
+        let mut buf = Vec::new();
+        for (prefix, child_type) in prefixes {
+            let limit = schema.related_limit_of(&child_type);
+            let (total, newest) = newest_children(
+                &relations,
+                &entities,
+                &prefix,
+                &child_type,
+                list_capacity(limit),
+            )?;
+            codec::encode_related(total, &newest, &mut buf);
+            related
+                .insert(prefix.as_slice(), buf.as_slice())
+                .map_err(io)?;
         }
     }
-    let mut buf = Vec::new();
-    for (prefix, child_type) in prefixes {
-        let limit = schema.related_limit_of(&child_type);
-        let (total, newest) = newest_children(
-            &relations,
-            &entities,
-            &prefix,
-            &child_type,
-            list_capacity(limit),
-        )?;
-        codec::encode_related(total, &newest, &mut buf);
-        related
-            .insert(prefix.as_slice(), buf.as_slice())
-            .map_err(io)?;
+    for (child, limit) in child_types {
+        limits.insert(child, limit as u64).map_err(io)?;
     }
     Ok(())
 }

@@ -659,6 +659,66 @@ mod recency_index {
         assert_eq!(stored_list(&store, 1), (1, ids(&[6])));
     }
 
+    /// A `belongs_to` added to a type that had data: its older entities have a parent field
+    /// but no relation key, and count in no list (as in the relation index) when they move.
+    #[test]
+    fn a_parent_field_without_a_relation_key_counts_nowhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let order = |id: u8, customer: u8, offset: i64| {
+            upsert(
+                "order",
+                &format!("O{id}"),
+                json!({"customer_id": format!("C{customer}")}),
+                "shop",
+                0,
+                offset,
+                offset,
+            )
+        };
+        {
+            let store = EmbeddedStore::open(&dir.path().join("store.redb"), StoreSchema::default())
+                .unwrap();
+            store.apply(&[order(1, 1, 1), order(2, 1, 2)], &[]).unwrap();
+        }
+        let store = open(&dir);
+        store.apply(&[order(3, 1, 3)], &[]).unwrap();
+        assert_eq!(stored_list(&store, 1), (1, ids(&[3])));
+        // O1 leaves C1, where the relation index never had it.
+        store.apply(&[order(1, 2, 4)], &[]).unwrap();
+        assert_eq!(stored_list(&store, 1), (1, ids(&[3])));
+        assert_eq!(stored_list(&store, 2), (1, ids(&[1])));
+        store.apply(&[order(4, 1, 5)], &[]).unwrap();
+        assert_eq!(stored_list(&store, 1), (2, ids(&[4, 3])));
+        assert_eq!(
+            store.children("customer", "C1", "order").unwrap(),
+            ids(&[3, 4])
+        );
+    }
+
+    /// Lists keep `list_capacity(related_limit)` entries: a larger limit rebuilds them when the
+    /// store is opened, so that a lookup still reads one list and no more.
+    #[test]
+    fn a_larger_related_limit_rebuilds_the_lists_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(&dir);
+            let records: Vec<(u8, u8, i64)> = (1..=12).map(|o| (o, 0, o as i64)).collect();
+            apply_all(&store, &records, 5);
+            assert_eq!(stored_list(&store, 0), (12, ids(&[12, 11, 10, 9])));
+        }
+        let mut schema = schema();
+        schema.related_limit.insert("order".into(), 5);
+        let store = EmbeddedStore::open(&dir.path().join("store.redb"), schema).unwrap();
+        assert_eq!(
+            stored_list(&store, 0),
+            (12, ids(&[12, 11, 10, 9, 8, 7, 6, 5, 4, 3]))
+        );
+        // A smaller limit again keeps the lists as they are.
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(stored_list(&store, 0).1.len(), 10);
+    }
+
     fn ids(orders: &[u8]) -> Vec<String> {
         orders.iter().map(|o| format!("O{o}")).collect()
     }
