@@ -44,16 +44,16 @@ const RELATIONS: TableDefinition<&[u8], ()> = TableDefinition::new("relations");
 /// older one stays outside, and a list that falls below `related_limit` while children remain
 /// outside (deletes, moves, older versions) is rebuilt from [`RELATIONS`].
 const RELATED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("related");
+/// child type -> the `related_limit` its [`RELATED`] lists were last built for. A larger limit
+/// in the schema rebuilds that type's lists when the store is opened (their entries would be
+/// too few to show).
+const RELATED_LIMITS: TableDefinition<&str, u64> = TableDefinition::new("related_limits");
 /// The layout before [`RELATED`]: one key per child in version order
 /// (`parent_type \0 parent_id \0 child_type \0 <version> child_id`), and the counts apart.
 /// Found when a store is opened, they are dropped and [`RELATED`] is built anew (a kontext of
 /// that layout may have written the store since it was last built; one older still, without
 /// these tables, leaves no trace and needs `kontext rebuild` after a downgrade).
 const LEGACY_RECENT: TableDefinition<&[u8], ()> = TableDefinition::new("recent");
-/// child type -> the `related_limit` its [`RELATED`] lists were last built for. A larger limit
-/// in the schema rebuilds that type's lists when the store is opened (their entries would be
-/// too few to show).
-const RELATED_LIMITS: TableDefinition<&str, u64> = TableDefinition::new("related_limits");
 const LEGACY_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("relation_counts");
 /// (topic, partition) -> next offset to apply
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
@@ -582,9 +582,6 @@ impl EmbeddedStore {
             .zip(&pending.parents_before)
         {
             let new = after.and_then(|d| parent_id(d, field));
-            if old.as_deref() == new.as_deref() && pending.latest_before == latest_after {
-                continue;
-            }
             let mut moved = |parent: &str, left: bool, entered: Option<&Latest>| {
                 moves
                     .entry(relation_key(parent_type, parent, entity_type, ""))
@@ -601,8 +598,10 @@ impl EmbeddedStore {
             };
             if old.as_deref() == new.as_deref() {
                 // The same parent, a new version: the child takes its new place in the list.
-                if let (Some(parent), Some(latest)) = (new.as_deref(), &latest_after) {
-                    moved(parent, true, Some(latest));
+                if pending.latest_before != latest_after {
+                    if let (Some(parent), Some(latest)) = (new.as_deref(), &latest_after) {
+                        moved(parent, true, Some(latest));
+                    }
                 }
                 continue;
             }
