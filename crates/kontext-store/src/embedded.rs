@@ -13,7 +13,6 @@
 //! to what is durable ([`WriteMarks`]), replays the rest from the log.
 
 use std::borrow::Cow;
-use std::collections::btree_map::Entry as BTreeEntry;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -251,9 +250,9 @@ impl EmbeddedStore {
             let mut offset_table = txn.open_table(OFFSETS).map_err(io)?;
             // Borrowed keys: no allocation per update for the bookkeeping.
             let mut applied_upto: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-            // Ordered by key, so the writes below walk the B-tree in order.
-            let mut working: BTreeMap<(&str, &str), Pending> = BTreeMap::new();
-            for update in updates {
+            // In log order: which updates the store has not applied yet.
+            let mut live: Vec<usize> = Vec::with_capacity(updates.len());
+            for (i, update) in updates.iter().enumerate() {
                 let p = &update.provenance;
                 let key = (p.topic.as_str(), p.partition);
                 let next = match applied_upto.get(&key) {
@@ -273,70 +272,57 @@ impl EmbeddedStore {
                     continue;
                 }
                 applied_upto.insert(key, p.offset + 1);
-                let id = (update.entity_type.as_str(), update.entity_id.as_str());
-                let slot = match working.entry(id) {
-                    BTreeEntry::Occupied(slot) => slot.into_mut(),
-                    BTreeEntry::Vacant(slot) => {
-                        let stored = entities
-                            .get(entity_key(id.0, id.1).as_slice())
-                            .map_err(io)?;
-                        let before = match stored {
-                            Some(bytes) => Some(decode_doc(bytes.value())?),
-                            None => None,
-                        };
-                        let parents_before = self
-                            .schema
-                            .parents_of(id.0)
-                            .iter()
-                            .map(|(_, field)| {
-                                before
-                                    .as_ref()
-                                    .and_then(|d| parent_id(d, field))
-                                    .map(Cow::into_owned)
-                            })
-                            .collect();
-                        slot.insert(Pending {
-                            existed: before.is_some(),
-                            latest_before: before.as_ref().map(latest_of),
-                            parents_before,
-                            after: before,
-                        })
-                    }
-                };
-                match &update.change {
-                    Change::Upsert(fields) => {
-                        // One copy of the event's provenance, shared by the fields it sets.
-                        let p = Arc::new(p.clone());
-                        let doc = slot.after.get_or_insert_with(|| EntityDoc {
-                            entity_type: update.entity_type.clone(),
-                            entity_id: update.entity_id.clone(),
-                            fields: BTreeMap::new(),
-                            events_applied: 0,
-                            latest: Arc::clone(&p),
-                        });
-                        merge_fields(doc, fields, &p);
-                        doc.events_applied += 1;
-                    }
-                    Change::Delete => {
-                        if slot.after.take().is_some() {
-                            stats.deleted += 1;
+                live.push(i);
+            }
+            // Grouped by entity, in key order (the writes walk the B-tree in order), each
+            // entity's updates in log order: an entity is read, changed by all its updates,
+            // indexed and written while it is in the cache, once per batch.
+            let id_of = |i: &usize| {
+                let u = &updates[*i];
+                (u.entity_type.as_str(), u.entity_id.as_str(), *i)
+            };
+            live.sort_unstable_by(|a, b| id_of(a).cmp(&id_of(b)));
+            let mut buf = Vec::with_capacity(1024);
+            for group in live.chunk_by(|a, b| {
+                let (a, b) = (&updates[*a], &updates[*b]);
+                a.entity_id == b.entity_id && a.entity_type == b.entity_type
+            }) {
+                let first = &updates[group[0]];
+                let (entity_type, entity_id) =
+                    (first.entity_type.as_str(), first.entity_id.as_str());
+                let key = entity_key(entity_type, entity_id);
+                let mut pending = self.pending(&entities, entity_type, &key)?;
+                for update in group.iter().map(|i| &updates[*i]) {
+                    match &update.change {
+                        Change::Upsert(fields) => {
+                            // One copy of the event's provenance, shared by the fields it sets.
+                            let p = Arc::new(update.provenance.clone());
+                            let doc = pending.after.get_or_insert_with(|| EntityDoc {
+                                entity_type: update.entity_type.clone(),
+                                entity_id: update.entity_id.clone(),
+                                fields: BTreeMap::new(),
+                                events_applied: 0,
+                                latest: Arc::clone(&p),
+                            });
+                            merge_fields(doc, fields, &p);
+                            doc.events_applied += 1;
+                        }
+                        Change::Delete => {
+                            if pending.after.take().is_some() {
+                                stats.deleted += 1;
+                            }
                         }
                     }
+                    stats.applied += 1;
                 }
-                stats.applied += 1;
-            }
-            // Each entity is decoded and encoded once per batch, however many updates it got.
-            let mut buf = Vec::with_capacity(1024);
-            for ((entity_type, entity_id), pending) in &working {
-                let key = entity_key(entity_type, entity_id);
                 if self.cache.is_some() {
-                    self.changed_slots(&mut changed, pending, entity_type, &key);
+                    self.changed_slots(&mut changed, &pending, entity_type, &key);
                 }
                 let mut index = Index {
                     relations: &mut relations,
                     moves: &mut moves,
                 };
-                self.reindex(&mut index, pending, entity_type, entity_id)?;
+                self.reindex(&mut index, &pending, entity_type, entity_id)?;
                 match &pending.after {
                     Some(doc) => {
                         codec::encode(doc, &mut buf)?;
@@ -381,6 +367,36 @@ impl EmbeddedStore {
             cache.committed(changed);
         }
         Ok(stats)
+    }
+
+    /// An entity as stored before the batch, ready to take the batch's updates.
+    fn pending(
+        &self,
+        entities: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        entity_type: &str,
+        key: &[u8],
+    ) -> Result<Pending, StoreError> {
+        let before = match entities.get(key).map_err(io)? {
+            Some(bytes) => Some(decode_doc(bytes.value())?),
+            None => None,
+        };
+        let parents_before = self
+            .schema
+            .parents_of(entity_type)
+            .iter()
+            .map(|(_, field)| {
+                before
+                    .as_ref()
+                    .and_then(|d| parent_id(d, field))
+                    .map(Cow::into_owned)
+            })
+            .collect();
+        Ok(Pending {
+            existed: before.is_some(),
+            latest_before: before.as_ref().map(latest_of),
+            parents_before,
+            after: before,
+        })
     }
 
     /// The cache stamp slots an entity's change touches: its own (`key`) and those of its
