@@ -16,6 +16,8 @@ use kontext_core::record::Record;
 use kontext_store::{Change, EntityUpdate, Provenance};
 use serde_json::{Map, Value};
 
+use project::Projection;
+
 /// What processing did with one record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -125,6 +127,9 @@ struct CompiledSource {
     /// No field is computed by jq, so the payload is only read through paths and the record's
     /// payload can give its values away instead of being cloned (`FieldValue::Path::take`).
     paths_only: bool,
+    /// The paths of a `paths_only` source without jq conditions: its payloads are parsed
+    /// with only these paths kept (`None`: parsed in full).
+    projection: Option<Projection>,
 }
 
 /// A record's payload as jq input, converted on first use.
@@ -231,6 +236,7 @@ impl Router {
                 .enumerate()
                 .map(|(i, c)| compile_condition(&format!("sources.{name}.filter.drop_if[{i}]"), c))
                 .collect();
+            let projection = projection(paths_only, &fields, &drop_if);
             let compiled = CompiledSource {
                 name: name.clone(),
                 entity_type: source.entity.clone(),
@@ -238,6 +244,7 @@ impl Router {
                 fields,
                 drop_if,
                 paths_only,
+                projection,
             };
             let entry = topics.entry(source.topic.clone()).or_default();
             match &source.matcher {
@@ -250,20 +257,32 @@ impl Router {
         Self { topics }
     }
 
+    /// The router parsing every payload in full, to check the projected parse against.
+    #[cfg(test)]
+    pub(crate) fn without_projection(mut self) -> Self {
+        for topic in self.topics.values_mut() {
+            for source in topic.by_ce_source.values_mut().chain(&mut topic.fallback) {
+                source.projection = None;
+            }
+        }
+        self
+    }
+
     /// Processes one record.
     pub fn process(&self, record: &Record) -> Outcome {
-        let mut event = match envelope::decode(record) {
+        // Routing needs the attributes only, so the source is known before the payload is
+        // parsed and a projected source parses only the paths it reads.
+        let mut routed = None;
+        let decoded = envelope::decode_projected(record, |event, text| {
+            let source = self.route(record, event);
+            routed = Some(source);
+            source?.projection.as_ref()?.parse(text)
+        });
+        let mut event = match decoded {
             Ok(e) => e,
             Err(e) => return Outcome::Invalid(e.into()),
         };
-        let sources = self.topics.get(record.topic.as_ref());
-        let source = sources.and_then(|s| {
-            event
-                .source
-                .as_deref()
-                .and_then(|cs| s.by_ce_source.get(cs))
-                .or(s.fallback.as_ref())
-        });
+        let source = routed.unwrap_or_else(|| self.route(record, &event));
         let Some(source) = source else {
             return Outcome::Invalid(ProcessError::NoSource {
                 topic: record.topic.to_string(),
@@ -313,6 +332,18 @@ impl Router {
                 event_time_ms: event.time_ms,
             },
         })
+    }
+}
+
+impl Router {
+    /// The source a decoded record belongs to.
+    fn route(&self, record: &Record, event: &ContextEvent) -> Option<&CompiledSource> {
+        let sources = self.topics.get(record.topic.as_ref())?;
+        event
+            .source
+            .as_deref()
+            .and_then(|cs| sources.by_ce_source.get(cs))
+            .or(sources.fallback.as_ref())
     }
 }
 
@@ -531,6 +562,35 @@ fn split_path(path: &str) -> Vec<String> {
     path.split('.').map(str::to_owned).collect()
 }
 
+/// The trie of every payload path a source reads, if it reads the payload through paths only
+/// (no jq field, no jq condition).
+fn projection(
+    paths_only: bool,
+    fields: &[CompiledField],
+    drop_if: &[CompiledCondition],
+) -> Option<Projection> {
+    let mut paths = Vec::new();
+    for c in drop_if {
+        match c {
+            CompiledCondition::Jq { .. } => return None,
+            CompiledCondition::Test {
+                target: Target::Path(path),
+                ..
+            } => paths.push(path.as_slice()),
+            CompiledCondition::Test { .. } => {}
+        }
+    }
+    if !paths_only {
+        return None;
+    }
+    for f in fields {
+        if let FieldValue::Path { segments, .. } = &f.value {
+            paths.push(segments.as_slice());
+        }
+    }
+    Some(Projection::new(paths))
+}
+
 /// Decides which path fields of a source may move their value out of the payload
 /// (`FieldValue::Path::take`); returns whether the source maps paths only.
 fn mark_takeable_paths(fields: &mut [CompiledField]) -> bool {
@@ -581,5 +641,6 @@ fn lookup<'a>(data: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value
 }
 
 mod coerce;
+mod project;
 #[cfg(test)]
 mod tests;
