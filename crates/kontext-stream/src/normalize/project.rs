@@ -3,34 +3,52 @@
 //! A source whose fields and conditions are all paths reads a few values of a payload, yet a
 //! full parse builds the whole `serde_json::Value` tree (an allocation per key and string, a
 //! B-tree insert per key). [`Projection::parse`] walks the same JSON with `serde_json`'s
-//! parser and a trie of the paths: under a key the trie ends at, it keeps the whole value; under
-//! a key the trie goes on from, it keeps an object with only the keys the trie lists (anything
-//! else there becomes `null`: no path lookup descends into it); every other value is parsed
-//! and dropped without allocating. The pruned map answers every lookup of those paths as the
-//! full payload would.
+//! parser and a trie of the paths, and builds no map: the value under a key the trie ends at
+//! goes into that leaf's slot (a path that goes on inside it is looked up in that value); the
+//! keys a trie node lists are looked for in an object, and anything else under such a key
+//! (an array, a string ...) leaves its slots empty, as no path lookup finds anything there.
+//! Every other value is parsed and dropped without allocating. A duplicate key replaces what
+//! the earlier one filled (the last one wins, as in a full parse), so the slots answer every
+//! lookup of those paths as the full payload would.
 //!
-//! It accepts exactly the payloads a full parse accepts, or fewer: dropped values go through
+//! It accepts exactly the payloads a full parse accepts: dropped values go through
 //! `deserialize_any` with the same checks as a full parse (lone surrogates in escapes, numbers
 //! out of range, the nesting limit), not through `IgnoredAny`, whose skipping checks less.
 //! Whatever it rejects, the caller parses in full, so errors are those of the full parse.
 
 use std::fmt;
+use std::ops::Range;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-/// The paths of a payload a source reads, as a trie.
+/// The paths of a payload a source reads, as a trie whose leaves are numbered slots.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Projection {
     root: Vec<(String, Node)>,
+    slots: usize,
+}
+
+/// The values a projected parse kept, one per slot (`None`: absent).
+pub(super) type Slots = Vec<Option<Value>>;
+
+/// Where a path's value is found in [`Slots`]: `slot` holds the value at the path's first
+/// `depth` segments, the rest of the path is looked up inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SlotPath {
+    pub(super) slot: usize,
+    pub(super) depth: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 enum Node {
-    /// A path ends here: keep the whole value.
-    Leaf,
-    /// Paths go on: keep only these keys of an object.
-    Inner(Vec<(String, Node)>),
+    /// A path ends here: keep the whole value in this slot.
+    Leaf(usize),
+    /// Paths go on: look for these keys in an object; `slots` are the leaves below.
+    Inner {
+        children: Vec<(String, Node)>,
+        slots: Range<usize>,
+    },
 }
 
 impl Projection {
@@ -40,20 +58,40 @@ impl Projection {
         for path in paths {
             insert(&mut root, path);
         }
-        Self { root }
+        let mut slots = 0;
+        number(&mut root, &mut slots);
+        Self { root, slots }
     }
 
-    /// The payload with only the projected paths, or `None` when `text` is not a JSON object
-    /// that a full parse accepts (or, in cases a full parse accepts, when this parse cannot
-    /// tell: the caller parses those in full).
-    pub(super) fn parse(&self, text: &str) -> Option<Map<String, Value>> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let map = de.deserialize_map(Pruned(&self.root)).ok()?;
-        de.end().ok()?;
-        match map {
-            Value::Object(map) => Some(map),
-            _ => None,
+    /// Where the value of `path` is kept; `None` for a path the trie was not built from.
+    pub(super) fn slot(&self, path: &[String]) -> Option<SlotPath> {
+        let mut children = &self.root;
+        for (depth, segment) in path.iter().enumerate() {
+            match &children.iter().find(|(k, _)| k == segment)?.1 {
+                Node::Leaf(slot) => {
+                    return Some(SlotPath {
+                        slot: *slot,
+                        depth: depth + 1,
+                    })
+                }
+                Node::Inner { children: c, .. } => children = c,
+            }
         }
+        None
+    }
+
+    /// The values of the projected paths, or `None` when `text` is not a JSON object that a
+    /// full parse accepts.
+    pub(super) fn parse(&self, text: &str) -> Option<Slots> {
+        let mut slots = vec![None; self.slots];
+        let mut de = serde_json::Deserializer::from_str(text);
+        de.deserialize_map(Fill {
+            children: &self.root,
+            slots: &mut slots,
+        })
+        .ok()?;
+        de.end().ok()?;
+        Some(slots)
     }
 }
 
@@ -64,88 +102,110 @@ fn insert(children: &mut Vec<(String, Node)>, path: &[String]) {
     let i = match children.iter().position(|(k, _)| k == first) {
         Some(i) => i,
         None => {
-            let node = if rest.is_empty() {
-                Node::Leaf
-            } else {
-                Node::Inner(Vec::new())
-            };
-            children.push((first.clone(), node));
+            children.push((first.clone(), inner()));
             children.len() - 1
         }
     };
     match (&mut children[i].1, rest.is_empty()) {
         // The whole value is kept already.
-        (Node::Leaf, _) => {}
-        (node @ Node::Inner(_), true) => *node = Node::Leaf,
-        (Node::Inner(grandchildren), false) => insert(grandchildren, rest),
+        (Node::Leaf(_), _) => {}
+        (node @ Node::Inner { .. }, true) => *node = Node::Leaf(0),
+        (Node::Inner { children, .. }, false) => insert(children, rest),
     }
 }
 
-/// Deserializes a value under an inner node: an object keeps the trie's keys, anything else
-/// is checked, dropped and stands as `null`.
-#[derive(Clone, Copy)]
-struct Pruned<'t>(&'t [(String, Node)]);
+fn inner() -> Node {
+    Node::Inner {
+        children: Vec::new(),
+        slots: 0..0,
+    }
+}
 
-impl<'de> DeserializeSeed<'de> for Pruned<'_> {
-    type Value = Value;
+/// Numbers the leaves depth first, so that the slots below a node are a range.
+fn number(children: &mut [(String, Node)], next: &mut usize) {
+    for (_, node) in children {
+        match node {
+            Node::Leaf(slot) => {
+                *slot = *next;
+                *next += 1;
+            }
+            Node::Inner { children, slots } => {
+                let start = *next;
+                number(children, next);
+                *slots = start..*next;
+            }
+        }
+    }
+}
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+/// Parses a value under an inner node: the trie's keys of an object fill their slots,
+/// anything else is checked and dropped.
+struct Fill<'t, 's> {
+    children: &'t [(String, Node)],
+    slots: &'s mut [Option<Value>],
+}
+
+impl<'de> DeserializeSeed<'de> for Fill<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Pruned<'_> {
-    type Value = Value;
+impl<'de> Visitor<'de> for Fill<'_, '_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
-        let mut out = Map::new();
-        while let Some(child) = access.next_key_seed(Child(self.0))? {
-            match child.map(|i| &self.0[i]) {
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<(), A::Error> {
+        while let Some(child) = access.next_key_seed(Child(self.children))? {
+            match child.map(|i| &self.children[i].1) {
                 None => {
                     access.next_value::<Checked>()?;
                 }
-                Some((key, Node::Leaf)) => {
-                    // Last one wins for duplicate keys, as in a full parse.
-                    out.insert(key.clone(), access.next_value()?);
-                }
-                Some((key, Node::Inner(children))) => {
-                    out.insert(key.clone(), access.next_value_seed(Pruned(children))?);
+                Some(Node::Leaf(slot)) => self.slots[*slot] = Some(access.next_value()?),
+                Some(Node::Inner { children, slots }) => {
+                    // A duplicate key replaces all that the earlier one filled.
+                    self.slots[slots.clone()].fill(None);
+                    access.next_value_seed(Fill {
+                        children,
+                        slots: &mut *self.slots,
+                    })?;
                 }
             }
         }
-        Ok(Value::Object(out))
+        Ok(())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, access: A) -> Result<Value, A::Error> {
-        Checked.visit_seq(access).map(|_| Value::Null)
+    fn visit_seq<A: SeqAccess<'de>>(self, access: A) -> Result<(), A::Error> {
+        Checked.visit_seq(access).map(drop)
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
     }
 }
 

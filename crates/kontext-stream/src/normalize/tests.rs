@@ -619,6 +619,27 @@ sources:
         Projection::new(paths.iter().map(Vec::as_slice))
     }
 
+    /// The value of each path in `text` parsed with their projection (`None`: rejected).
+    fn read(paths: &[&str], text: &str) -> Option<Vec<Option<Value>>> {
+        let projection = projection(paths);
+        let payload = Payload::Projected(projection.parse(text)?);
+        let values = paths.iter().map(|p| {
+            let mut path = PayloadPath::new(p);
+            path.slot = projection.slot(&path.segments);
+            payload.get(&path).cloned()
+        });
+        Some(values.collect())
+    }
+
+    /// The value of each path in `text` parsed in full.
+    fn read_full(paths: &[&str], text: &str) -> Option<Vec<Option<Value>>> {
+        let payload = Payload::Full(serde_json::from_str(text).ok()?);
+        let values = paths
+            .iter()
+            .map(|p| payload.get(&PayloadPath::new(p)).cloned());
+        Some(values.collect())
+    }
+
     /// Outcomes of the projecting router and of the one parsing in full, which must agree.
     fn both(config: &PipelineConfig, record: &Record) -> (Outcome, Outcome) {
         let projected = Router::new(config).process(record);
@@ -662,42 +683,46 @@ sources:
     }
 
     #[test]
-    fn the_projection_keeps_the_read_paths_and_prunes_the_rest() {
-        let p = projection(&["a.b", "a", "c.d.e", "c.f", "g"]);
-        let parsed = p.parse(
-            r#"{"a":{"x":[1,{"y":2}]},"c":{"d":{"e":"\u00e9","z":1},"f":null,"q":"\ud83d\ude00"},
-                "g":[1,2],"h":{"i":1e300},"\u0067":"last g wins"}"#,
-        );
+    fn the_projection_finds_every_path_a_full_parse_finds() {
+        let paths = ["a.b", "a", "a.x", "c.d.e", "c.f", "c.d.z.y", "g", "h.i"];
+        let text = r#"{"a":{"x":[1,{"y":2}]},"c":{"d":{"e":"\u00e9","z":1},"f":null,"q":"\ud83d\ude00"},
+                "g":[1,2],"h":{"i":1e300},"\u0067":"last g wins"}"#;
+        let values = read(&paths, text);
+        assert_eq!(values, read_full(&paths, text));
         assert_eq!(
-            parsed.map(Value::Object),
-            Some(json!({
-                "a": {"x": [1, {"y": 2}]},
-                "c": {"d": {"e": "é"}, "f": null},
-                "g": "last g wins",
-            }))
+            values,
+            Some(vec![
+                None,
+                Some(json!({"x": [1, {"y": 2}]})),
+                Some(json!([1, {"y": 2}])),
+                Some(json!("é")),
+                Some(json!(null)),
+                None,
+                Some(json!("last g wins")),
+                Some(json!(1e300)),
+            ])
         );
     }
 
     #[test]
-    fn non_objects_and_duplicates_under_an_inner_path_stand_as_null_last_one_winning() {
-        let p = projection(&["a.b"]);
-        let parse = |text: &str| p.parse(text).map(Value::Object);
-        assert_eq!(parse(r#"{"a":[{"b":1}]}"#), Some(json!({"a": null})));
-        assert_eq!(parse(r#"{"a":"b"}"#), Some(json!({"a": null})));
-        assert_eq!(parse(r#"{"a":{"b":1},"a":5}"#), Some(json!({"a": null})));
-        assert_eq!(
-            parse(r#"{"a":5,"a":{"b":1}}"#),
-            Some(json!({"a": {"b": 1}}))
-        );
-        assert_eq!(
-            parse(r#"{"a":{"b":1},"a":{"c":2}}"#),
-            Some(json!({"a": {}}))
-        );
+    fn non_objects_and_duplicates_under_an_inner_path_find_nothing_the_last_one_winning() {
+        let paths = ["a.b", "a.c.d"];
+        for (text, b, d) in [
+            (r#"{"a":[{"b":1}]}"#, None, None),
+            (r#"{"a":"b"}"#, None, None),
+            (r#"{"a":{"b":1,"c":{"d":2}},"a":5}"#, None, None),
+            (r#"{"a":5,"a":{"b":1}}"#, Some(json!(1)), None),
+            (r#"{"a":{"b":1},"a":{"c":{"d":2}}}"#, None, Some(json!(2))),
+            (r#"{"a":{"c":{"d":2},"c":[]}}"#, None, None),
+            (r#"{"a":{"b":1,"b":{"x":2}}}"#, Some(json!({"x": 2})), None),
+        ] {
+            assert_eq!(read(&paths, text), Some(vec![b, d]), "{text}");
+            assert_eq!(read(&paths, text), read_full(&paths, text), "{text}");
+        }
     }
 
     #[test]
     fn the_projection_rejects_what_a_full_parse_rejects_even_in_skipped_values() {
-        let p = projection(&["a"]);
         let deep = format!(r#"{{"z":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
         for text in [
             r#"{"z":"\ud800"}"#,
@@ -713,16 +738,10 @@ sources:
             "1",
             "",
         ] {
-            assert_eq!(p.parse(text), None, "{text}");
-            assert!(
-                serde_json::from_str::<Map<String, Value>>(text).is_err(),
-                "{text}"
-            );
+            assert_eq!(read(&["a"], text), None, "{text}");
+            assert_eq!(read_full(&["a"], text), None, "{text}");
         }
-        assert_eq!(
-            p.parse(" {\"a\":1} \n").map(Value::Object),
-            Some(json!({"a": 1}))
-        );
+        assert_eq!(read(&["a"], " {\"a\":1} \n"), Some(vec![Some(json!(1))]));
     }
 
     #[test]
@@ -920,18 +939,10 @@ sources:
             value in payload(),
         ) {
             let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
-            let full = std::str::from_utf8(&value)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Map<String, Value>>(t).ok());
-            let projected = std::str::from_utf8(&value)
-                .ok()
-                .and_then(|t| projection(&paths).parse(t));
-            prop_assert_eq!(projected.is_some(), full.is_some());
-            if let (Some(projected), Some(full)) = (projected, full) {
-                for path in split(&paths) {
-                    prop_assert_eq!(lookup(&projected, &path), lookup(&full, &path));
-                }
-            }
+            let text = std::str::from_utf8(&value);
+            let full = text.ok().and_then(|t| read_full(&paths, t));
+            let projected = text.ok().and_then(|t| read(&paths, t));
+            prop_assert_eq!(projected, full);
         }
     }
 }
