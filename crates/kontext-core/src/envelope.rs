@@ -403,8 +403,10 @@ fn media_type(content_type: &str) -> &str {
 }
 
 fn is_json_media_type(media: &str) -> bool {
-    let media = media.to_ascii_lowercase();
-    media == "application/json" || media == "text/json" || media.ends_with("+json")
+    let suffix = media.len().checked_sub(5).map(|at| &media.as_bytes()[at..]);
+    media.eq_ignore_ascii_case("application/json")
+        || media.eq_ignore_ascii_case("text/json")
+        || suffix.is_some_and(|s| s.eq_ignore_ascii_case(b"+json"))
 }
 
 fn json_kind(value: &Value) -> &'static str {

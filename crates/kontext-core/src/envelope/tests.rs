@@ -312,3 +312,29 @@ fn a_declined_projection_decodes_like_decode_with_the_same_errors() {
     );
     assert!(decode_projected(&r, never_called).is_ok());
 }
+
+#[test]
+fn json_media_types_match_in_any_ascii_case_without_allocating() {
+    let reference = |media: &str| {
+        let media = media.to_ascii_lowercase();
+        media == "application/json" || media == "text/json" || media.ends_with("+json")
+    };
+    for media in [
+        "application/json",
+        "Application/JSON",
+        "text/json",
+        "TEXT/Json",
+        "application/vnd.api+json",
+        "application/x+JSON",
+        "+json",
+        "json",
+        "",
+        "application/xml",
+        "text/plain",
+        "é+json",
+        "application/jsoné",
+        "ajson",
+    ] {
+        assert_eq!(is_json_media_type(media), reference(media), "{media:?}");
+    }
+}
