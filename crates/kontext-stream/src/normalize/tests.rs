@@ -515,25 +515,40 @@ mod path_mappings {
     }
 }
 
-#[test]
-fn fields_mapping_the_same_or_nested_paths_each_get_the_whole_value() {
-    let text = r#"
+/// A pipeline whose one source, `crm`, maps `fields` (a YAML flow map) of the customers topic's
+/// records with `ce_source: crm` and drops those matching one of `drop_if` (YAML flow maps).
+fn crm_pipeline(fields: &str, drop_if: &[&str]) -> PipelineConfig {
+    let text = format!(
+        r#"
 name: t
 entities:
-  customer: { key: customer_id, topic: context.customers }
+  customer: {{ key: customer_id, topic: context.customers }}
 sources:
   crm:
     topic: context.customers
     entity: customer
-    match: { ce_source: crm }
-    fields: { a: loyalty.tier, b: loyalty, c: loyalty.tier, d: name, e: name, f: loyalty.points }
+    match: {{ ce_source: crm }}
+    fields: {fields}
     filter:
       drop_if:
-        - { field: "@source", exists: false }
-        - { field: "@type", in: [crm.internal.probe] }
-        - { field: "@type", equals: crm.internal.ping }
-"#;
-    let r = Router::new(&PipelineConfig::parse("t.yaml", text).unwrap());
+        - {}
+"#,
+        drop_if.join("\n        - ")
+    );
+    PipelineConfig::parse("t.yaml", &text).unwrap()
+}
+
+#[test]
+fn fields_mapping_the_same_or_nested_paths_each_get_the_whole_value() {
+    let config = crm_pipeline(
+        "{ a: loyalty.tier, b: loyalty, c: loyalty.tier, d: name, e: name, f: loyalty.points }",
+        &[
+            r#"{ field: "@source", exists: false }"#,
+            r#"{ field: "@type", in: [crm.internal.probe] }"#,
+            r#"{ field: "@type", equals: crm.internal.ping }"#,
+        ],
+    );
+    let r = Router::new(&config);
     let data = json!({"name": "Ana", "loyalty": {"tier": "gold", "points": 7}});
     let out = upsert(r.process(&record(
         "context.customers",
@@ -572,21 +587,15 @@ mod projection {
     use super::project::Projection;
     use super::*;
 
-    const SOURCE: &str = r#"
-name: t
-entities:
-  customer: { key: customer_id, topic: context.customers }
-sources:
-  crm:
-    topic: context.customers
-    entity: customer
-    match: { ce_source: crm }
-    fields: { tier: loyalty.tier, name: name, points: { path: loyalty.points, type: number } }
-    filter:
-      drop_if:
-        - { field: flags.test, equals: true }
-        - { field: "@type", equals: crm.internal.probe }
-"#;
+    fn source() -> PipelineConfig {
+        crm_pipeline(
+            "{ tier: loyalty.tier, name: name, points: { path: loyalty.points, type: number } }",
+            &[
+                "{ field: flags.test, equals: true }",
+                r#"{ field: "@type", equals: crm.internal.probe }"#,
+            ],
+        )
+    }
 
     fn raw(value: &[u8], headers: &[(&str, &str)]) -> Record {
         Record {
@@ -649,7 +658,7 @@ sources:
 
     #[test]
     fn only_path_sources_without_jq_conditions_are_projected() {
-        let config = PipelineConfig::parse("t.yaml", SOURCE).unwrap();
+        let config = source();
         let crm = |config: &PipelineConfig| {
             Router::new(config).topics["context.customers"].by_ce_source["crm"]
                 .projection
@@ -746,7 +755,7 @@ sources:
 
     #[test]
     fn records_the_projection_rejects_fail_with_the_full_parse_error() {
-        let config = PipelineConfig::parse("t.yaml", SOURCE).unwrap();
+        let config = source();
         let mut no_id = CE.to_vec();
         no_id.retain(|(k, _)| *k != "ce_id");
         let structured = [("content-type", envelope::STRUCTURED_CONTENT_TYPE)];
@@ -915,7 +924,7 @@ sources:
             envelope in 0..8u8,
         ) {
             prop_assume!(!fields.contains_key("customer_id"));
-            let mut config = PipelineConfig::parse("t.yaml", SOURCE).unwrap();
+            let mut config = source();
             let crm = config.sources.get_mut("crm").unwrap();
             crm.fields = fields;
             crm.filter = Some(kontext_core::config::FilterConfig { drop_if });
