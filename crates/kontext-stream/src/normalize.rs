@@ -5,6 +5,11 @@
 //! Path-only mappings never touch the jq interpreter; the first jq program a record needs
 //! converts its payload to jq values, once, for all programs of its source (a record dropped
 //! by a plain condition first never pays for it).
+//!
+//! A source with no jq program at all does not even parse its whole payload: the record is
+//! routed on its attributes first, then the payload is parsed with a trie of the paths the
+//! source reads (`normalize/project.rs`), keeping only their values; a payload that parse
+//! rejects is parsed in full, so the error is the one the full parse gives.
 
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
