@@ -43,7 +43,8 @@ pub struct ContextEvent {
     pub time_ms: i64,
     /// The record key: the id of the entity the event is about.
     pub entity_id: String,
-    /// The JSON payload; `None` for a tombstone (delete the entity).
+    /// The JSON payload; `None` for a tombstone (delete the entity). From
+    /// [`decode_projected`], possibly only the parts of it the caller reads.
     pub data: Option<Map<String, Value>>,
     pub mode: EnvelopeMode,
 }
@@ -154,6 +155,24 @@ pub fn decode_limited(record: &Record, max_bytes: u64) -> Result<ContextEvent, E
 
 /// Decodes a record into a [`ContextEvent`].
 pub fn decode(record: &Record) -> Result<ContextEvent, EnvelopeError> {
+    decode_projected(record, |_, _| None)
+}
+
+/// [`decode`], letting the caller parse a binary-mode or plain payload itself, e.g. keeping
+/// only the parts of it that it will read.
+///
+/// `project` gets the event with its attributes decoded (`data` is still `None`) and the
+/// payload as text (already checked to be UTF-8); it returns the payload as a map, which may
+/// leave out whatever the caller never reads, or `None` to have the payload parsed in full.
+/// It is called at most once, and never for tombstones, structured-mode events (their payload
+/// is inside the CloudEvent's `data`) or records whose envelope is invalid. The result is
+/// exactly [`decode`]'s, errors included, as long as `project` returns `None` for any payload
+/// [`decode`] would reject (a payload `project` declines is parsed in full, so its error is
+/// the one [`decode`] reports).
+pub fn decode_projected(
+    record: &Record,
+    project: impl FnOnce(&ContextEvent, &str) -> Option<Map<String, Value>>,
+) -> Result<ContextEvent, EnvelopeError> {
     let entity_id = decode_key(record)?;
     let content_type = header_str(record, "content-type", "content-type")?;
     let is_structured = content_type
@@ -167,40 +186,24 @@ pub fn decode(record: &Record) -> Result<ContextEvent, EnvelopeError> {
             return Err(EnvelopeError::UnsupportedContentType(ct.to_string()));
         }
     }
-    let data = match &record.value {
-        None => None,
-        Some(bytes) => Some(parse_object(bytes)?),
+    let attributes = decode_attributes(record, entity_id);
+    let Some(bytes) = &record.value else {
+        return attributes;
     };
-    match header_str(record, "ce_specversion", "ce_specversion")? {
-        Some(version) => {
-            check_spec_version(version)?;
-            let id = required_header(record, "ce_id")?;
-            let source = required_header(record, "ce_source")?;
-            let event_type = required_header(record, "ce_type")?;
-            let time_ms = match header_str(record, "ce_time", "ce_time")? {
-                Some(t) => parse_time("ce_time", t)?,
-                None => record.timestamp_ms,
-            };
-            Ok(ContextEvent {
-                id: id.to_string(),
-                source: Some(source.to_string()),
-                event_type: Some(event_type.to_string()),
-                time_ms,
-                entity_id,
-                data,
-                mode: EnvelopeMode::Binary,
-            })
+    let text = payload_text(bytes)?;
+    // A payload error is reported before an attribute error (the order `decode` always had).
+    let mut event = match attributes {
+        Ok(event) => event,
+        Err(e) => {
+            parse_object(text)?;
+            return Err(e);
         }
-        None => Ok(ContextEvent {
-            id: format!("{}-{}-{}", record.topic, record.partition, record.offset),
-            source: None,
-            event_type: None,
-            time_ms: record.timestamp_ms,
-            entity_id,
-            data,
-            mode: EnvelopeMode::Plain,
-        }),
-    }
+    };
+    event.data = Some(match project(&event, text) {
+        Some(map) => map,
+        None => parse_object(text)?,
+    });
+    Ok(event)
 }
 
 /// The current time in milliseconds since the Unix epoch, the unit of event times.
@@ -225,6 +228,41 @@ fn decode_key(record: &Record) -> Result<String, EnvelopeError> {
         .map_err(|_| EnvelopeError::KeyNotUtf8)
 }
 
+/// The attributes of a binary-mode (`ce_specversion` present) or plain record, `data` left
+/// `None`.
+fn decode_attributes(record: &Record, entity_id: String) -> Result<ContextEvent, EnvelopeError> {
+    match header_str(record, "ce_specversion", "ce_specversion")? {
+        Some(version) => {
+            check_spec_version(version)?;
+            let id = required_header(record, "ce_id")?;
+            let source = required_header(record, "ce_source")?;
+            let event_type = required_header(record, "ce_type")?;
+            let time_ms = match header_str(record, "ce_time", "ce_time")? {
+                Some(t) => parse_time("ce_time", t)?,
+                None => record.timestamp_ms,
+            };
+            Ok(ContextEvent {
+                id: id.to_string(),
+                source: Some(source.to_string()),
+                event_type: Some(event_type.to_string()),
+                time_ms,
+                entity_id,
+                data: None,
+                mode: EnvelopeMode::Binary,
+            })
+        }
+        None => Ok(ContextEvent {
+            id: format!("{}-{}-{}", record.topic, record.partition, record.offset),
+            source: None,
+            event_type: None,
+            time_ms: record.timestamp_ms,
+            entity_id,
+            data: None,
+            mode: EnvelopeMode::Plain,
+        }),
+    }
+}
+
 fn decode_structured(record: &Record, entity_id: String) -> Result<ContextEvent, EnvelopeError> {
     let Some(bytes) = &record.value else {
         // A structured tombstone has nothing to describe it; treat it like a plain delete.
@@ -238,7 +276,7 @@ fn decode_structured(record: &Record, entity_id: String) -> Result<ContextEvent,
             mode: EnvelopeMode::Structured,
         });
     };
-    let mut event = parse_object(bytes)?;
+    let mut event = parse_object(payload_text(bytes)?)?;
     let version = attribute(&event, "specversion")?;
     check_spec_version(version)?;
     let id = attribute(&event, "id")?.to_string();
@@ -282,9 +320,11 @@ fn decode_structured(record: &Record, entity_id: String) -> Result<ContextEvent,
     })
 }
 
-fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, EnvelopeError> {
-    let text =
-        std::str::from_utf8(bytes).map_err(|e| EnvelopeError::ValueNotUtf8(e.to_string()))?;
+fn payload_text(bytes: &[u8]) -> Result<&str, EnvelopeError> {
+    std::str::from_utf8(bytes).map_err(|e| EnvelopeError::ValueNotUtf8(e.to_string()))
+}
+
+fn parse_object(text: &str) -> Result<Map<String, Value>, EnvelopeError> {
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(EnvelopeError::NotAnObject(json_kind(&other))),
@@ -363,8 +403,10 @@ fn media_type(content_type: &str) -> &str {
 }
 
 fn is_json_media_type(media: &str) -> bool {
-    let media = media.to_ascii_lowercase();
-    media == "application/json" || media == "text/json" || media.ends_with("+json")
+    let suffix = media.len().checked_sub(5).map(|at| &media.as_bytes()[at..]);
+    media.eq_ignore_ascii_case("application/json")
+        || media.eq_ignore_ascii_case("text/json")
+        || suffix.is_some_and(|s| s.eq_ignore_ascii_case(b"+json"))
 }
 
 fn json_kind(value: &Value) -> &'static str {

@@ -5,7 +5,10 @@
 //!   (one redb transaction and fsync per batch), over 2000 distinct entities;
 //! - `normalize/*`: `Router::process` on the same records with one source mapped four ways
 //!   (`path_only`, `path_coerced`, `jq_computed`, `jq_filter`), and `decode_only`, the
-//!   envelope decode they all start with, to show where the time goes. These measure the
+//!   envelope decode they all start with, to show where the time goes (a path-only source
+//!   parses only the paths it reads, so it does not call `envelope::decode`: `path_dropped`
+//!   is `path_only` with a condition that drops every record, i.e. that decode plus routing
+//!   and the filter, without the mapping and the update). These measure the
 //!   benchmark thread's CPU time, not wall time: throughput per core, even when other
 //!   processes share the cores (time spent descheduled is not counted).
 //!
@@ -179,6 +182,22 @@ fn bench_normalize(c: &mut Criterion<ThreadCpuTime>) {
             })
         });
     }
+    let dropped = normalize_pipeline(
+        "",
+        "        - { field: \"@type\", equals: crm.customer.updated }",
+    );
+    assert!(matches!(
+        dropped.process(&records[0]),
+        Outcome::Filtered { .. }
+    ));
+    group.bench_function("path_dropped", |b| {
+        b.iter(|| {
+            records
+                .iter()
+                .filter(|r| matches!(dropped.process(r), Outcome::Filtered { .. }))
+                .count()
+        })
+    });
     group.finish();
 }
 

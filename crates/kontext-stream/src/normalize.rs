@@ -5,6 +5,11 @@
 //! Path-only mappings never touch the jq interpreter; the first jq program a record needs
 //! converts its payload to jq values, once, for all programs of its source (a record dropped
 //! by a plain condition first never pays for it).
+//!
+//! A source with no jq program at all does not even parse its whole payload: the record is
+//! routed on its attributes first, then the payload is parsed with a trie of the paths the
+//! source reads (`normalize/project.rs`), keeping only their values; a payload that parse
+//! rejects is parsed in full, so the error is the one the full parse gives.
 
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
@@ -15,6 +20,8 @@ use kontext_core::jq::{JqInput, JqProgram};
 use kontext_core::record::Record;
 use kontext_store::{Change, EntityUpdate, Provenance};
 use serde_json::{Map, Value};
+
+use project::{Projection, SlotPath, Slots};
 
 /// What processing did with one record.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +132,9 @@ struct CompiledSource {
     /// No field is computed by jq, so the payload is only read through paths and the record's
     /// payload can give its values away instead of being cloned (`FieldValue::Path::take`).
     paths_only: bool,
+    /// The paths of a `paths_only` source without jq conditions: its payloads are parsed
+    /// into slots holding only the values of these paths (`None`: parsed in full).
+    projection: Option<Projection>,
 }
 
 /// A record's payload as jq input, converted on first use.
@@ -158,7 +168,7 @@ struct CompiledField {
 #[derive(Debug, Clone)]
 enum FieldValue {
     Path {
-        segments: Vec<String>,
+        path: PayloadPath,
         /// No later field reads this path, a path inside it or a path it is inside, so the
         /// value can be moved out of the payload instead of cloned (only in a `paths_only`
         /// source: a jq field would read the whole payload).
@@ -192,7 +202,21 @@ enum CompiledCondition {
 enum Target {
     EventType,
     EventSource,
-    Path(Vec<String>),
+    Path(PayloadPath),
+}
+
+/// A dotted path into the payload.
+#[derive(Debug, Clone)]
+struct PayloadPath {
+    segments: Vec<String>,
+    /// Where a projected parse keeps its value (set when the source is projected).
+    slot: Option<SlotPath>,
+}
+
+/// A record's payload: parsed in full, or only the values of a projected source's paths.
+enum Payload {
+    Full(Map<String, Value>),
+    Projected(Slots),
 }
 
 #[derive(Debug, Clone)]
@@ -224,13 +248,14 @@ impl Router {
                 })
                 .collect();
             let paths_only = mark_takeable_paths(&mut fields);
-            let drop_if: Vec<CompiledCondition> = source
+            let mut drop_if: Vec<CompiledCondition> = source
                 .filter
                 .iter()
                 .flat_map(|f| f.drop_if.iter())
                 .enumerate()
                 .map(|(i, c)| compile_condition(&format!("sources.{name}.filter.drop_if[{i}]"), c))
                 .collect();
+            let projection = projection(paths_only, &mut fields, &mut drop_if);
             let compiled = CompiledSource {
                 name: name.clone(),
                 entity_type: source.entity.clone(),
@@ -238,6 +263,7 @@ impl Router {
                 fields,
                 drop_if,
                 paths_only,
+                projection,
             };
             let entry = topics.entry(source.topic.clone()).or_default();
             match &source.matcher {
@@ -250,20 +276,35 @@ impl Router {
         Self { topics }
     }
 
+    /// The router parsing every payload in full, to check the projected parse against.
+    #[cfg(test)]
+    pub(crate) fn without_projection(mut self) -> Self {
+        for topic in self.topics.values_mut() {
+            for source in topic.by_ce_source.values_mut().chain(&mut topic.fallback) {
+                source.projection = None;
+            }
+        }
+        self
+    }
+
     /// Processes one record.
     pub fn process(&self, record: &Record) -> Outcome {
-        let mut event = match envelope::decode(record) {
+        // Routing needs the attributes only, so the source is known before the payload is
+        // parsed and a projected source parses only the paths it reads.
+        let mut routed = None;
+        let mut projected = None;
+        let decoded = envelope::decode_projected(record, |event, text| {
+            let source = self.route(record, event);
+            routed = Some(source);
+            projected = source?.projection.as_ref()?.parse(text);
+            // The values are in `projected`: an empty map (no allocation) stands for them.
+            projected.as_ref().map(|_| Map::new())
+        });
+        let mut event = match decoded {
             Ok(e) => e,
             Err(e) => return Outcome::Invalid(e.into()),
         };
-        let sources = self.topics.get(record.topic.as_ref());
-        let source = sources.and_then(|s| {
-            event
-                .source
-                .as_deref()
-                .and_then(|cs| s.by_ce_source.get(cs))
-                .or(s.fallback.as_ref())
-        });
+        let source = routed.unwrap_or_else(|| self.route(record, &event));
         let Some(source) = source else {
             return Outcome::Invalid(ProcessError::NoSource {
                 topic: record.topic.to_string(),
@@ -272,13 +313,22 @@ impl Router {
         };
         let change = match event.data.take() {
             None => Change::Delete,
-            Some(mut data) => {
+            Some(data) => {
+                let mut payload = match projected {
+                    Some(slots) => Payload::Projected(slots),
+                    None => Payload::Full(data),
+                };
+                // A projected source has no jq program, so its jq input is never built.
+                let no_map = Map::new();
                 let jq_input = LazyJqInput {
                     event: &event,
-                    data: &data,
+                    data: match &payload {
+                        Payload::Full(data) => data,
+                        Payload::Projected(_) => &no_map,
+                    },
                     cell: OnceCell::new(),
                 };
-                match source.filter(&event, &data, &jq_input) {
+                match source.filter(&event, &payload, &jq_input) {
                     Ok(false) => {}
                     Ok(true) => {
                         return Outcome::Filtered {
@@ -289,9 +339,9 @@ impl Router {
                 }
                 let fields = if source.paths_only {
                     drop(jq_input);
-                    source.normalize_paths(&mut data, &event.entity_id)
+                    source.normalize_paths(&mut payload, &event.entity_id)
                 } else {
-                    source.normalize(&data, &event.entity_id, &jq_input)
+                    source.normalize(&payload, &event.entity_id, &jq_input)
                 };
                 match fields {
                     Ok(fields) => Change::Upsert(fields),
@@ -316,17 +366,29 @@ impl Router {
     }
 }
 
+impl Router {
+    /// The source a decoded record belongs to.
+    fn route(&self, record: &Record, event: &ContextEvent) -> Option<&CompiledSource> {
+        let sources = self.topics.get(record.topic.as_ref())?;
+        event
+            .source
+            .as_deref()
+            .and_then(|cs| sources.by_ce_source.get(cs))
+            .or(sources.fallback.as_ref())
+    }
+}
+
 impl CompiledSource {
     /// Whether any `drop_if` condition holds, in file order; a failing jq predicate fails the
     /// record unless an earlier condition already dropped it.
     fn filter(
         &self,
         event: &ContextEvent,
-        data: &Map<String, Value>,
+        payload: &Payload,
         jq_input: &LazyJqInput,
     ) -> Result<bool, NormalizeError> {
         for c in &self.drop_if {
-            if c.holds(event, data, jq_input)? {
+            if c.holds(event, payload, jq_input)? {
                 return Ok(true);
             }
         }
@@ -338,14 +400,14 @@ impl CompiledSource {
     /// always carries the entity id.
     fn normalize(
         &self,
-        data: &Map<String, Value>,
+        payload: &Payload,
         entity_id: &str,
         jq_input: &LazyJqInput,
     ) -> Result<Map<String, Value>, NormalizeError> {
         let mut out = Map::with_capacity(self.fields.len() + 1);
         for field in &self.fields {
             let value = match &field.value {
-                FieldValue::Path { segments, .. } => match lookup(data, segments) {
+                FieldValue::Path { path, .. } => match payload.get(path) {
                     Some(v) => v.clone(),
                     None => continue,
                 },
@@ -364,21 +426,15 @@ impl CompiledSource {
     /// path no later field reads are moved out of it instead of cloned.
     fn normalize_paths(
         &self,
-        data: &mut Map<String, Value>,
+        payload: &mut Payload,
         entity_id: &str,
     ) -> Result<Map<String, Value>, NormalizeError> {
         debug_assert!(self.paths_only);
         let mut out = Map::with_capacity(self.fields.len() + 1);
         for field in &self.fields {
             let value = match &field.value {
-                FieldValue::Path {
-                    segments,
-                    take: true,
-                } => take(data, segments),
-                FieldValue::Path {
-                    segments,
-                    take: false,
-                } => lookup(data, segments).cloned(),
+                FieldValue::Path { path, take: true } => payload.take(path),
+                FieldValue::Path { path, take: false } => payload.get(path).cloned(),
                 // Never compiled into a `paths_only` source.
                 FieldValue::Jq(_) => None,
             };
@@ -450,7 +506,7 @@ impl CompiledCondition {
     fn holds(
         &self,
         event: &ContextEvent,
-        data: &Map<String, Value>,
+        payload: &Payload,
         jq_input: &LazyJqInput,
     ) -> Result<bool, NormalizeError> {
         let (target, test) = match self {
@@ -460,7 +516,7 @@ impl CompiledCondition {
         let attribute = match target {
             Target::EventType => event.event_type.as_deref(),
             Target::EventSource => event.source.as_deref(),
-            Target::Path(path) => return Ok(test.holds(lookup(data, path))),
+            Target::Path(path) => return Ok(test.holds(payload.get(path))),
         };
         // Compared as strings, without building a JSON string per record.
         let is = |v: &Value| attribute.is_some() && v.as_str() == attribute;
@@ -487,7 +543,7 @@ fn compile_field(at: &str, canonical: &str, mapping: &FieldMapping) -> CompiledF
     // gets a program that fails, so its records are rejected rather than silently emptied.
     let value = match (mapping.path(), mapping.jq()) {
         (Some(path), _) => FieldValue::Path {
-            segments: split_path(path),
+            path: PayloadPath::new(path),
             take: false,
         },
         (None, Some(code)) => FieldValue::Jq(Jq::compile(code)),
@@ -514,7 +570,7 @@ fn compile_condition(at: &str, c: &Condition) -> CompiledCondition {
     let target = match c.field.as_deref().unwrap_or_default() {
         "@type" => Target::EventType,
         "@source" => Target::EventSource,
-        path => Target::Path(split_path(path)),
+        path => Target::Path(PayloadPath::new(path)),
     };
     // Validation guarantees exactly one test is set.
     let test = if let Some(v) = &c.equals {
@@ -531,6 +587,43 @@ fn split_path(path: &str) -> Vec<String> {
     path.split('.').map(str::to_owned).collect()
 }
 
+/// The trie of every payload path a source reads, if it reads the payload through paths only
+/// (no jq field, no jq condition); sets each path's slot.
+fn projection(
+    paths_only: bool,
+    fields: &mut [CompiledField],
+    drop_if: &mut [CompiledCondition],
+) -> Option<Projection> {
+    if !paths_only
+        || drop_if
+            .iter()
+            .any(|c| matches!(c, CompiledCondition::Jq { .. }))
+    {
+        return None;
+    }
+    let mut paths: Vec<&mut PayloadPath> = Vec::new();
+    for c in drop_if {
+        if let CompiledCondition::Test {
+            target: Target::Path(path),
+            ..
+        } = c
+        {
+            paths.push(path);
+        }
+    }
+    for f in fields {
+        if let FieldValue::Path { path, .. } = &mut f.value {
+            paths.push(path);
+        }
+    }
+    let projection = Projection::new(paths.iter().map(|p| p.segments.as_slice()));
+    for path in paths {
+        // Every path is in the trie; one that were not would find nothing in the slots.
+        path.slot = projection.slot(&path.segments);
+    }
+    Some(projection)
+}
+
 /// Decides which path fields of a source may move their value out of the payload
 /// (`FieldValue::Path::take`); returns whether the source maps paths only.
 fn mark_takeable_paths(fields: &mut [CompiledField]) -> bool {
@@ -544,42 +637,81 @@ fn mark_takeable_paths(fields: &mut [CompiledField]) -> bool {
         let (done, later) = fields.split_at_mut(i + 1);
         let overlaps = |segments: &[String]| {
             later.iter().any(|f| match &f.value {
-                FieldValue::Path {
-                    segments: other, ..
-                } => {
+                FieldValue::Path { path: other, .. } => {
+                    let other = &other.segments;
                     let n = segments.len().min(other.len());
                     segments[..n] == other[..n]
                 }
                 FieldValue::Jq(_) => true,
             })
         };
-        if let FieldValue::Path { segments, take } = &mut done[i].value {
-            *take = !overlaps(segments);
+        if let FieldValue::Path { path, take } = &mut done[i].value {
+            *take = !overlaps(&path.segments);
         }
     }
     true
 }
 
-/// Moves the value at `path` out of the payload, leaving `null` in its place (replacing is
-/// a lookup; removing it from the B-tree costs more than cloning a short string).
-fn take(data: &mut Map<String, Value>, path: &[String]) -> Option<Value> {
-    let (first, rest) = path.split_first()?;
-    let mut current = data.get_mut(first)?;
-    for segment in rest {
-        current = current.as_object_mut()?.get_mut(segment)?;
+impl PayloadPath {
+    fn new(dotted: &str) -> Self {
+        Self {
+            segments: split_path(dotted),
+            slot: None,
+        }
     }
-    Some(std::mem::take(current))
 }
 
-fn lookup<'a>(data: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value> {
-    let (first, rest) = path.split_first()?;
-    let mut current = data.get(first)?;
-    for segment in rest {
+impl Payload {
+    fn get(&self, path: &PayloadPath) -> Option<&Value> {
+        match self {
+            Payload::Full(data) => {
+                let (first, rest) = path.segments.split_first()?;
+                descend(data.get(first)?, rest)
+            }
+            Payload::Projected(slots) => {
+                let at = path.slot?;
+                descend(slots.get(at.slot)?.as_ref()?, &path.segments[at.depth..])
+            }
+        }
+    }
+
+    /// Moves the value at `path` out of the payload. A full payload keeps `null` in its place
+    /// (replacing is a lookup; removing it from the B-tree costs more than cloning a short
+    /// string); nothing reads it afterwards.
+    fn take(&mut self, path: &PayloadPath) -> Option<Value> {
+        let (value, rest) = match self {
+            Payload::Full(data) => {
+                let (first, rest) = path.segments.split_first()?;
+                (data.get_mut(first)?, rest)
+            }
+            Payload::Projected(slots) => {
+                let at = path.slot?;
+                let slot = slots.get_mut(at.slot)?;
+                let rest = &path.segments[at.depth..];
+                if rest.is_empty() {
+                    return slot.take();
+                }
+                (slot.as_mut()?, rest)
+            }
+        };
+        let mut current = value;
+        for segment in rest {
+            current = current.as_object_mut()?.get_mut(segment)?;
+        }
+        Some(std::mem::take(current))
+    }
+}
+
+/// The value at `path` inside `value`.
+fn descend<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
+    let mut current = value;
+    for segment in path {
         current = current.as_object()?.get(segment)?;
     }
     Some(current)
 }
 
 mod coerce;
+mod project;
 #[cfg(test)]
 mod tests;

@@ -246,3 +246,95 @@ fn every_envelope_error_is_permanent() {
         assert!(!e.is_transient(), "{e:?}");
     }
 }
+
+#[test]
+fn a_projection_sees_the_attributes_and_its_map_becomes_the_data() {
+    let r = record(
+        Some(b"C-1"),
+        Some(br#"{"first_name":"Ana","last_name":"Silva"}"#),
+        &binary_headers(),
+    );
+    let e = decode_projected(&r, |event, text| {
+        assert_eq!(event.source.as_deref(), Some("crm"));
+        assert_eq!(event.data, None);
+        assert_eq!(text, r#"{"first_name":"Ana","last_name":"Silva"}"#);
+        let mut map = Map::new();
+        map.insert("first_name".into(), "Ana".into());
+        Some(map)
+    })
+    .unwrap();
+    assert_eq!(
+        Value::Object(e.data.clone().unwrap()),
+        serde_json::json!({"first_name": "Ana"})
+    );
+    assert_eq!(
+        ContextEvent {
+            data: decode(&r).unwrap().data,
+            ..e
+        },
+        decode(&r).unwrap()
+    );
+}
+
+#[test]
+fn a_declined_projection_decodes_like_decode_with_the_same_errors() {
+    let mut missing_id = binary_headers();
+    missing_id.retain(|(k, _)| *k != "ce_id");
+    let structured = [("content-type", STRUCTURED_CONTENT_TYPE)];
+    let cases: Vec<Record> = vec![
+        record(Some(b"C-1"), Some(br#"{"a":1}"#), &binary_headers()),
+        record(Some(b"C-1"), Some(br#"{"a":1}"#), &[]),
+        record(Some(b"C-1"), Some(br#"{"a":1"#), &binary_headers()),
+        record(Some(b"C-1"), Some(b"[1]"), &binary_headers()),
+        record(Some(b"C-1"), Some(b"{\"a\":\"\xff\"}"), &binary_headers()),
+        // A payload error wins over an attribute error, as it always did.
+        record(Some(b"C-1"), Some(b"nope"), &missing_id),
+        record(Some(b"C-1"), Some(b"\xff"), &missing_id),
+        record(Some(b"C-1"), Some(b"{}"), &missing_id),
+        record(Some(b"C-1"), None, &missing_id),
+        record(Some(b"C-1"), None, &binary_headers()),
+        record(None, Some(b"{}"), &binary_headers()),
+    ];
+    for r in &cases {
+        assert_eq!(decode_projected(r, |_, _| None), decode(r), "{r:?}");
+    }
+    // Never asked to parse bytes that are not UTF-8, tombstones, records with a bad envelope,
+    // or structured-mode events.
+    let never_called =
+        |_: &ContextEvent, _: &str| -> Option<Map<String, Value>> { panic!("projection called") };
+    for r in &cases[4..] {
+        let _ = decode_projected(r, never_called);
+    }
+    let r = record(
+        Some(b"C-1"),
+        Some(br#"{"specversion":"1.0","id":"e","source":"s","type":"t","data":{"a":1}}"#),
+        &structured,
+    );
+    assert!(decode_projected(&r, never_called).is_ok());
+}
+
+#[test]
+fn json_media_types_match_in_any_ascii_case_without_allocating() {
+    let reference = |media: &str| {
+        let media = media.to_ascii_lowercase();
+        media == "application/json" || media == "text/json" || media.ends_with("+json")
+    };
+    for media in [
+        "application/json",
+        "Application/JSON",
+        "text/json",
+        "TEXT/Json",
+        "application/vnd.api+json",
+        "application/x+JSON",
+        "+json",
+        "json",
+        "",
+        "application/xml",
+        "text/plain",
+        "é+json",
+        "application/jsoné",
+        "ajson",
+    ] {
+        assert_eq!(is_json_media_type(media), reference(media), "{media:?}");
+    }
+}

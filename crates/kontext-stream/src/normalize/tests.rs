@@ -515,25 +515,40 @@ mod path_mappings {
     }
 }
 
-#[test]
-fn fields_mapping_the_same_or_nested_paths_each_get_the_whole_value() {
-    let text = r#"
+/// A pipeline whose one source, `crm`, maps `fields` (a YAML flow map) of the customers topic's
+/// records with `ce_source: crm` and drops those matching one of `drop_if` (YAML flow maps).
+fn crm_pipeline(fields: &str, drop_if: &[&str]) -> PipelineConfig {
+    let text = format!(
+        r#"
 name: t
 entities:
-  customer: { key: customer_id, topic: context.customers }
+  customer: {{ key: customer_id, topic: context.customers }}
 sources:
   crm:
     topic: context.customers
     entity: customer
-    match: { ce_source: crm }
-    fields: { a: loyalty.tier, b: loyalty, c: loyalty.tier, d: name, e: name, f: loyalty.points }
+    match: {{ ce_source: crm }}
+    fields: {fields}
     filter:
       drop_if:
-        - { field: "@source", exists: false }
-        - { field: "@type", in: [crm.internal.probe] }
-        - { field: "@type", equals: crm.internal.ping }
-"#;
-    let r = Router::new(&PipelineConfig::parse("t.yaml", text).unwrap());
+        - {}
+"#,
+        drop_if.join("\n        - ")
+    );
+    PipelineConfig::parse("t.yaml", &text).unwrap()
+}
+
+#[test]
+fn fields_mapping_the_same_or_nested_paths_each_get_the_whole_value() {
+    let config = crm_pipeline(
+        "{ a: loyalty.tier, b: loyalty, c: loyalty.tier, d: name, e: name, f: loyalty.points }",
+        &[
+            r#"{ field: "@source", exists: false }"#,
+            r#"{ field: "@type", in: [crm.internal.probe] }"#,
+            r#"{ field: "@type", equals: crm.internal.ping }"#,
+        ],
+    );
+    let r = Router::new(&config);
     let data = json!({"name": "Ana", "loyalty": {"tier": "gold", "points": 7}});
     let out = upsert(r.process(&record(
         "context.customers",
@@ -562,5 +577,381 @@ sources:
             },
             "{ty}"
         );
+    }
+}
+
+/// The projected parse (`project.rs`) against the full one: same outcome for every record.
+mod projection {
+    use proptest::prelude::*;
+
+    use super::project::Projection;
+    use super::*;
+
+    fn source() -> PipelineConfig {
+        crm_pipeline(
+            "{ tier: loyalty.tier, name: name, points: { path: loyalty.points, type: number } }",
+            &[
+                "{ field: flags.test, equals: true }",
+                r#"{ field: "@type", equals: crm.internal.probe }"#,
+            ],
+        )
+    }
+
+    fn raw(value: &[u8], headers: &[(&str, &str)]) -> Record {
+        Record {
+            topic: "context.customers".into(),
+            partition: 1,
+            offset: 5,
+            timestamp_ms: 1_000,
+            key: Some(Bytes::from_static(b"C1")),
+            value: Some(Bytes::copy_from_slice(value)),
+            headers: headers
+                .iter()
+                .map(|(k, v)| Header::new(*k, Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
+        }
+    }
+
+    const CE: [(&str, &str); 4] = [
+        ("ce_specversion", "1.0"),
+        ("ce_id", "e1"),
+        ("ce_source", "crm"),
+        ("ce_type", "crm.customer.updated"),
+    ];
+
+    fn split(paths: &[&str]) -> Vec<Vec<String>> {
+        paths.iter().map(|p| split_path(p)).collect()
+    }
+
+    fn projection(paths: &[&str]) -> Projection {
+        let paths = split(paths);
+        Projection::new(paths.iter().map(Vec::as_slice))
+    }
+
+    /// The value of each path in `text` parsed with their projection (`None`: rejected).
+    fn read(paths: &[&str], text: &str) -> Option<Vec<Option<Value>>> {
+        let projection = projection(paths);
+        let payload = Payload::Projected(projection.parse(text)?);
+        let values = paths.iter().map(|p| {
+            let mut path = PayloadPath::new(p);
+            path.slot = projection.slot(&path.segments);
+            payload.get(&path).cloned()
+        });
+        Some(values.collect())
+    }
+
+    /// The value of each path in `text` parsed in full.
+    fn read_full(paths: &[&str], text: &str) -> Option<Vec<Option<Value>>> {
+        let payload = Payload::Full(serde_json::from_str(text).ok()?);
+        let values = paths
+            .iter()
+            .map(|p| payload.get(&PayloadPath::new(p)).cloned());
+        Some(values.collect())
+    }
+
+    /// Outcomes of the projecting router and of the one parsing in full, which must agree.
+    fn both(config: &PipelineConfig, record: &Record) -> (Outcome, Outcome) {
+        let projected = Router::new(config).process(record);
+        let full = Router::new(config).without_projection().process(record);
+        (projected, full)
+    }
+
+    #[test]
+    fn only_path_sources_without_jq_conditions_are_projected() {
+        let config = source();
+        let crm = |config: &PipelineConfig| {
+            Router::new(config).topics["context.customers"].by_ce_source["crm"]
+                .projection
+                .clone()
+        };
+        assert_eq!(
+            crm(&config),
+            Some(projection(&[
+                "flags.test",
+                "name",
+                "loyalty.points",
+                "loyalty.tier"
+            ]))
+        );
+        let mut jq_field = config.clone();
+        jq_field.sources.get_mut("crm").unwrap().fields.insert(
+            "full".into(),
+            FieldMapping::Spec(kontext_core::config::FieldSpec {
+                jq: Some(".name".into()),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(crm(&jq_field), None);
+        let mut jq_condition = config.clone();
+        let filter = jq_condition.sources.get_mut("crm").unwrap().filter.as_mut();
+        filter.unwrap().drop_if.push(Condition {
+            jq: Some(".name == 1".into()),
+            ..Default::default()
+        });
+        assert_eq!(crm(&jq_condition), None);
+    }
+
+    #[test]
+    fn the_projection_finds_every_path_a_full_parse_finds() {
+        let paths = ["a.b", "a", "a.x", "c.d.e", "c.f", "c.d.z.y", "g", "h.i"];
+        let text = r#"{"a":{"x":[1,{"y":2}]},"c":{"d":{"e":"\u00e9","z":1},"f":null,"q":"\ud83d\ude00"},
+                "g":[1,2],"h":{"i":1e300},"\u0067":"last g wins"}"#;
+        let values = read(&paths, text);
+        assert_eq!(values, read_full(&paths, text));
+        assert_eq!(
+            values,
+            Some(vec![
+                None,
+                Some(json!({"x": [1, {"y": 2}]})),
+                Some(json!([1, {"y": 2}])),
+                Some(json!("é")),
+                Some(json!(null)),
+                None,
+                Some(json!("last g wins")),
+                Some(json!(1e300)),
+            ])
+        );
+    }
+
+    #[test]
+    fn non_objects_and_duplicates_under_an_inner_path_find_nothing_the_last_one_winning() {
+        let paths = ["a.b", "a.c.d"];
+        for (text, b, d) in [
+            (r#"{"a":[{"b":1}]}"#, None, None),
+            (r#"{"a":"b"}"#, None, None),
+            (r#"{"a":{"b":1,"c":{"d":2}},"a":5}"#, None, None),
+            (r#"{"a":5,"a":{"b":1}}"#, Some(json!(1)), None),
+            (r#"{"a":{"b":1},"a":{"c":{"d":2}}}"#, None, Some(json!(2))),
+            (r#"{"a":{"c":{"d":2},"c":[]}}"#, None, None),
+            (r#"{"a":{"b":1,"b":{"x":2}}}"#, Some(json!({"x": 2})), None),
+        ] {
+            assert_eq!(read(&paths, text), Some(vec![b, d]), "{text}");
+            assert_eq!(read(&paths, text), read_full(&paths, text), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_projection_rejects_what_a_full_parse_rejects_even_in_skipped_values() {
+        let deep = format!(r#"{{"z":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
+        for text in [
+            r#"{"z":"\ud800"}"#,
+            r#"{"z":1e400}"#,
+            r#"{"z":"\q"}"#,
+            "{\"z\":\"\u{1}\"}",
+            r#"{"z":01}"#,
+            r#"{"z":[1,]}"#,
+            deep.as_str(),
+            r#"{"a":1} x"#,
+            r#"{"a":1"#,
+            r#"[{"a":1}]"#,
+            "1",
+            "",
+        ] {
+            assert_eq!(read(&["a"], text), None, "{text}");
+            assert_eq!(read_full(&["a"], text), None, "{text}");
+        }
+        assert_eq!(read(&["a"], " {\"a\":1} \n"), Some(vec![Some(json!(1))]));
+    }
+
+    #[test]
+    fn records_the_projection_rejects_fail_with_the_full_parse_error() {
+        let config = source();
+        let mut no_id = CE.to_vec();
+        no_id.retain(|(k, _)| *k != "ce_id");
+        let structured = [("content-type", envelope::STRUCTURED_CONTENT_TYPE)];
+        let cases = [
+            raw(br#"{"name":"Ana","z":"\ud800"}"#, &CE),
+            raw(br#"{"name":"Ana"} x"#, &CE),
+            raw(b"[1]", &CE),
+            raw(b"{\"name\":\"\xff\"}", &CE),
+            raw(br#"{"name":"Ana","#, &no_id),
+            raw(br#"{"name":"Ana"}"#, &no_id),
+            raw(br#"{"loyalty":{"points":"x"}}"#, &CE),
+            raw(
+                br#"{"specversion":"1.0","id":"e","source":"crm","type":"t","data":{"name":"A"}}"#,
+                &structured,
+            ),
+        ];
+        for record in &cases {
+            let (projected, full) = both(&config, record);
+            assert_eq!(projected, full, "{record:?}");
+        }
+        let (projected, _) = both(&config, &cases[0]);
+        assert!(
+            matches!(
+                &projected,
+                Outcome::Invalid(ProcessError::Envelope(EnvelopeError::InvalidJson(_)))
+            ),
+            "{projected:?}"
+        );
+    }
+
+    /// A JSON text, valid or not: values, keys and numbers drawn so that duplicates, escapes,
+    /// paths through non-objects and the full parse's rejections all come up.
+    fn json(depth: u32) -> BoxedStrategy<String> {
+        let key = prop::sample::select(vec!["a", "b", "c", r"\u0061", "b\\n", "d"]);
+        let valid = prop::sample::select(vec![
+            "null",
+            "true",
+            "false",
+            "0",
+            "-1",
+            "1.5",
+            "-0",
+            "2e3",
+            "18446744073709551616",
+            r#""x""#,
+            r#""""#,
+            r#""a\"b\\c\n""#,
+            r#""\u00e9\ud83d\ude00""#,
+            r#""é""#,
+        ]);
+        // Each rejected by a full parse.
+        let invalid = prop::sample::select(vec![
+            "1e400",
+            "01",
+            r#""\ud800""#,
+            "\"\u{1}\"",
+            r#""\x""#,
+            "nul",
+        ]);
+        let leaf = prop_oneof![20 => valid, 1 => invalid].prop_map(str::to_owned);
+        if depth == 0 {
+            return leaf.boxed();
+        }
+        let inner = json(depth - 1);
+        prop_oneof![
+            2 => leaf,
+            1 => prop::collection::vec(inner.clone(), 0..3).prop_map(|v| format!("[{}]", v.join(","))),
+            3 => prop::collection::vec((key, inner, any::<bool>()), 0..5).prop_map(|kv| {
+                let members: Vec<String> = kv
+                    .iter()
+                    .map(|(k, v, space)| {
+                        let sp = if *space { " " } else { "" };
+                        format!("{sp}\"{k}\"{sp}:{sp}{v}")
+                    })
+                    .collect();
+                format!("{{{}}}", members.join(","))
+            }),
+        ]
+        .boxed()
+    }
+
+    /// A payload: mostly an object, sometimes damaged (cut short, trailing text, a byte that
+    /// is not UTF-8) or not an object.
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        let object = prop::collection::vec(
+            (prop::sample::select(vec!["a", "b", "c", "d"]), json(3)),
+            0..6,
+        )
+        .prop_map(|kv| {
+            let members: Vec<String> = kv.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            format!("{{{}}}", members.join(","))
+        });
+        (object, 0..12u8, any::<prop::sample::Index>()).prop_map(|(text, damage, at)| {
+            let mut bytes = text.into_bytes();
+            let i = at.index(bytes.len());
+            match damage {
+                0 => bytes.truncate(i),
+                1 => bytes.extend_from_slice(b" x"),
+                2 => bytes[i] = 0xFF,
+                3 => {
+                    bytes.insert(0, b'[');
+                    bytes.push(b']');
+                }
+                4 => bytes.extend_from_slice(b" \n"),
+                _ => {}
+            }
+            bytes
+        })
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 1..4)
+            .prop_map(|s| s.join("."))
+    }
+
+    fn small_value() -> impl Strategy<Value = Value> {
+        prop::sample::select(vec![
+            json!(null),
+            json!(true),
+            json!(1),
+            json!(1.5),
+            json!("x"),
+            json!({}),
+        ])
+    }
+
+    fn condition() -> impl Strategy<Value = Condition> {
+        (path(), 0..3u8, small_value(), any::<bool>()).prop_map(|(field, test, v, b)| {
+            let mut c = Condition {
+                field: Some(field),
+                ..Default::default()
+            };
+            match test {
+                0 => c.equals = Some(v),
+                1 => c.one_of = Some(vec![v, json!("x")]),
+                _ => c.exists = Some(b),
+            }
+            c
+        })
+    }
+
+    fn mapping() -> impl Strategy<Value = FieldMapping> {
+        let coerce = prop::option::of(prop::sample::select(vec![
+            FieldType::Number,
+            FieldType::String,
+            FieldType::Boolean,
+        ]));
+        (path(), coerce).prop_map(|(path, coerce)| match coerce {
+            None => FieldMapping::Path(path),
+            Some(ty) => FieldMapping::Spec(kontext_core::config::FieldSpec {
+                path: Some(path),
+                jq: None,
+                coerce: Some(ty),
+            }),
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn the_projected_parse_gives_the_outcome_of_the_full_parse(
+            fields in prop::collection::btree_map("[a-z]{1,3}", mapping(), 0..5),
+            drop_if in prop::collection::vec(condition(), 0..3),
+            value in payload(),
+            envelope in 0..8u8,
+        ) {
+            prop_assume!(!fields.contains_key("customer_id"));
+            let mut config = source();
+            let crm = config.sources.get_mut("crm").unwrap();
+            crm.fields = fields;
+            crm.filter = Some(kontext_core::config::FilterConfig { drop_if });
+            let mut headers = CE.to_vec();
+            match envelope {
+                0 => headers.retain(|(k, _)| *k != "ce_type"),
+                1 => headers.push(("content-type", envelope::STRUCTURED_CONTENT_TYPE)),
+                _ => {}
+            }
+            let mut record = raw(&value, &headers);
+            if envelope == 2 {
+                record.value = None;
+            }
+            let (projected, full) = both(&config, &record);
+            prop_assert_eq!(projected, full);
+        }
+
+        #[test]
+        fn the_projection_accepts_what_the_full_parse_accepts_and_agrees_on_every_path(
+            paths in prop::collection::vec(path(), 1..5),
+            value in payload(),
+        ) {
+            let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+            let text = std::str::from_utf8(&value);
+            let full = text.ok().and_then(|t| read_full(&paths, t));
+            let projected = text.ok().and_then(|t| read(&paths, t));
+            prop_assert_eq!(projected, full);
+        }
     }
 }
