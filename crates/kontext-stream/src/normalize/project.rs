@@ -229,7 +229,41 @@ impl<'de> Visitor<'de> for Child<'_> {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
+        check_key(key)?;
         Ok(self.0.iter().position(|(k, _)| k == key))
+    }
+}
+
+/// Declines (so the caller parses in full) an object with a key `serde_json`'s `Value` treats
+/// specially when it comes first: with the `raw_value` feature (on in the `kontext` binary,
+/// through axum) `{"$serde_json::private::RawValue": "<json>"}` parses as `<json>`, and with
+/// `arbitrary_precision` `"$serde_json::private::Number"` as a number.
+fn check_key<E: de::Error>(key: &str) -> Result<(), E> {
+    if key.starts_with("$serde_json::private::") {
+        return Err(E::custom("a serde_json private key"));
+    }
+    Ok(())
+}
+
+/// An object key of a dropped value, checked with [`check_key`].
+struct CheckedKey;
+
+impl<'de> de::Deserialize<'de> for CheckedKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<CheckedKey, D::Error> {
+        deserializer.deserialize_str(CheckedKey)
+    }
+}
+
+impl<'de> Visitor<'de> for CheckedKey {
+    type Value = CheckedKey;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<CheckedKey, E> {
+        check_key(key)?;
+        Ok(CheckedKey)
     }
 }
 
@@ -250,7 +284,7 @@ impl<'de> Visitor<'de> for Checked {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Checked, A::Error> {
-        while access.next_entry::<Checked, Checked>()?.is_some() {}
+        while access.next_entry::<CheckedKey, Checked>()?.is_some() {}
         Ok(Checked)
     }
 

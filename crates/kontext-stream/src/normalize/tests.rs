@@ -642,7 +642,11 @@ mod projection {
 
     /// The value of each path in `text` parsed in full.
     fn read_full(paths: &[&str], text: &str) -> Option<Vec<Option<Value>>> {
-        let payload = Payload::Full(serde_json::from_str(text).ok()?);
+        // As the envelope parses a payload: into a `Value`, which must be an object.
+        let Value::Object(map) = serde_json::from_str::<Value>(text).ok()? else {
+            return None;
+        };
+        let payload = Payload::Full(map);
         let values = paths
             .iter()
             .map(|p| payload.get(&PayloadPath::new(p)).cloned());
@@ -952,6 +956,115 @@ mod projection {
             let full = text.ok().and_then(|t| read_full(&paths, t));
             let projected = text.ok().and_then(|t| read(&paths, t));
             prop_assert_eq!(projected, full);
+        }
+    }
+    /// Keys `serde_json`'s `Value` treats specially, and inputs at the edges of the parser.
+    mod edges {
+        use super::*;
+
+        /// A CloudEvent from `ce_source` on `topic`.
+        fn rec(topic: &str, value: &[u8], ce_source: &str) -> Record {
+            let mut headers = CE;
+            headers[2].1 = ce_source;
+            let mut record = raw(value, &headers);
+            record.topic = topic.into();
+            record
+        }
+
+        fn source() -> PipelineConfig {
+            crm_pipeline(
+                "{ tier: loyalty.tier, name: name }",
+                &["{ field: flags.test, equals: true }"],
+            )
+        }
+
+        /// With serde_json's `raw_value` feature (on in the `kontext` binary through axum, and for
+        /// these tests through the dev-dependency), a full parse into `Value` treats an object
+        /// whose first key is "$serde_json::private::RawValue" as the JSON text of its value; the
+        /// projection declines such keys, so the full parse decides.
+        #[test]
+        fn raw_value_token_keys_give_the_same_outcome() {
+            let config = source();
+            let cases: [&[u8]; 5] = [
+                // Skipped subtree: full parse rejects (value must be a string), projection accepts.
+                br#"{"name":"Ana","z":{"$serde_json::private::RawValue":5}}"#,
+                // Skipped subtree: full parse rejects (string is not JSON).
+                br#"{"name":"Ana","z":{"$serde_json::private::RawValue":"[1,"}}"#,
+                // Root: full parse sees {"name":"Eve"}, projection sees no name.
+                br#"{"$serde_json::private::RawValue":"{\"name\":\"Eve\"}"}"#,
+                // Inner trie node: full parse sees loyalty.tier = gold.
+                br#"{"loyalty":{"$serde_json::private::RawValue":"{\"tier\":\"gold\"}"}}"#,
+                // Same, key spelled with an escape.
+                br#"{"loyalty":{"\u0024serde_json::private::RawValue":"{\"tier\":\"gold\"}"}}"#,
+            ];
+            let mut diffs = Vec::new();
+            for text in cases {
+                let record = raw(text, &CE);
+                let (projected, full) = both(&config, &record);
+                if projected != full {
+                    diffs.push(format!(
+                        "{}\n  projected: {projected:?}\n  full:      {full:?}",
+                        String::from_utf8_lossy(text)
+                    ));
+                }
+            }
+            assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+        }
+
+        fn check(config: &PipelineConfig, records: &[Record]) {
+            let mut diffs = Vec::new();
+            for r in records {
+                let (p, f) = both(config, r);
+                if p != f {
+                    diffs.push(format!("{:?}\n  p={p:?}\n  f={f:?}", r.value));
+                }
+            }
+            assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+        }
+
+        #[test]
+        fn inputs_at_the_edges_give_the_same_outcome() {
+            let config = crm_pipeline(
+                r#"{ w: "a", v: "a.b", u: "a.b", k: "d.e.f" }"#,
+                &[
+                    r#"{ field: "d", equals: { "e": { "f": [1, {"g": 2}] } } }"#,
+                    r#"{ field: "n", exists: true }"#,
+                ],
+            );
+            let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+            let mut texts: Vec<String> = vec![
+                r#"{"a":{"":{"b":1},"b":2,"":{"b":3}}}"#.into(),
+                r#"{"a":{"":5},"a":{"b":{"x":1}}}"#.into(),
+                r#"{"d":{"e":{"f":[1,{"g":2}]}}}"#.into(),
+                r#"{"d":{"e":{"f":[1,{"g":2}]},"e":{"f":[1,{"g":2}]}}}"#.into(),
+                r#"{"d":{"e":{"f":[1,{"g":2.0}]}}}"#.into(),
+                r#"{"d":{"e":{"f":[1,{"g":2}]}},"d":null}"#.into(),
+                r#"{"n":null}"#.into(),
+                r#"{"\u006e":1,"a":-0,"d":{"e":{"f":-0.0}}}"#.into(),
+                r#"{"a":1e400}"#.into(),
+                r#"{"a":123456789012345678901234567890}"#.into(),
+                r#"{"a":{"b":"\udc00"}}"#.into(),
+                r#"{"a":{"\ud800":1}}"#.into(),
+                r#"{"zz":{"\ud800":1}}"#.into(),
+                "{\"a\":{\"b\":1}}\u{0}".into(),
+                "null".into(),
+                "\u{feff}{}".into(),
+            ];
+            for n in [125, 126, 127, 128, 129] {
+                texts.push(format!(r#"{{"a":{{"b":{}}}}}"#, deep(n)));
+                texts.push(format!(r#"{{"a":{}}}"#, deep(n)));
+                texts.push(format!(r#"{{"zz":{{"q":{}}}}}"#, deep(n)));
+                texts.push(format!(r#"{{"d":{{"e":{}}}}}"#, deep(n)));
+            }
+            let mut records: Vec<Record> = texts
+                .iter()
+                .map(|t| rec("context.customers", t.as_bytes(), "crm"))
+                .collect();
+            // No source (unknown ce_source, no fallback), with good and bad payloads.
+            records.push(rec("context.customers", b"{\"a\":1}", "other"));
+            records.push(rec("context.customers", b"{\"a\":", "other"));
+            records.push(rec("nope", b"[1]", "crm"));
+            check(&config, &records);
         }
     }
 }
