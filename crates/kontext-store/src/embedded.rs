@@ -290,6 +290,7 @@ impl EmbeddedStore {
                 let first = &updates[group[0]];
                 let (entity_type, entity_id) =
                     (first.entity_type.as_str(), first.entity_id.as_str());
+                refuse_nul(entity_type, entity_id, "id", entity_id)?;
                 let key = entity_key(entity_type, entity_id);
                 let mut pending = self.pending(&entities, entity_type, &key)?;
                 for update in group.iter().map(|i| &updates[*i]) {
@@ -598,6 +599,9 @@ impl EmbeddedStore {
             .zip(&pending.parents_before)
         {
             let new = after.and_then(|d| parent_id(d, field));
+            if let Some(parent) = &new {
+                refuse_nul(entity_type, entity_id, field, parent)?;
+            }
             let mut moved = |parent: &str, left: bool, entered: Option<&Latest>| {
                 moves
                     .entry(relation_key(parent_type, parent, entity_type, ""))
@@ -765,6 +769,26 @@ fn parent_id<'a>(doc: &'a EntityDoc, field: &str) -> Option<Cow<'a, str>> {
         Some(Value::Number(n)) => Some(Cow::Owned(n.to_string())),
         _ => None,
     }
+}
+
+/// Keys join types, ids and parent ids with NUL separators: a NUL inside one would make a key
+/// read as another (a parent `C1\0order\0O9` lists under `C1`). A permanent error for the
+/// batch, before anything of it is committed; the sink's bisection dead-letters the record.
+fn refuse_nul(
+    entity_type: &str,
+    entity_id: &str,
+    what: &str,
+    value: &str,
+) -> Result<(), StoreError> {
+    if value.contains('\0') {
+        return Err(StoreError::Corrupt(format!(
+            "{}/{}: a NUL character in its {what} ({:?}), which the embedded store's keys cannot hold",
+            entity_type.escape_debug(),
+            entity_id.escape_debug(),
+            value
+        )));
+    }
+    Ok(())
 }
 
 fn entity_key(entity_type: &str, entity_id: &str) -> Vec<u8> {

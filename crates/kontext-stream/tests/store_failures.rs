@@ -451,6 +451,31 @@ async fn records_the_store_rejects(backend: Backend) {
     );
 }
 
+/// The embedded store itself (nothing injected) refuses an entity id with a NUL character,
+/// which its keys cannot hold, as PostgreSQL does: that record alone is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_the_embedded_store_cannot_key_is_dead_lettered_and_the_rest_applied() {
+    let mut h = start(Backend::Embedded, |_| {}).await;
+    let mut records = h.goods(0..50);
+    let mut nul = good(&h.topic, 50);
+    nul.key = Some(Bytes::from_static(b"C\0NUL"));
+    records.insert(25, nul.clone());
+    let end = h.send(records).await;
+    h.wait_caught_up(&end).await;
+    let (store, metrics, log, topic) = h.stop().await;
+
+    assert_eq!(store.dump().await.unwrap().len(), 50);
+    let letters = dead_letters(&log, &topic, 1).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].key, nul.key);
+    assert_eq!(letters[0].value, nul.value);
+    assert_eq!(
+        header(&letters[0], headers::KIND).as_deref(),
+        Some("store_rejected")
+    );
+    assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_pauses_the_sink_and_loses_nothing() {
     store_outage(Backend::Embedded).await;

@@ -998,3 +998,50 @@ mod context_cache {
         }
     }
 }
+
+/// Keys join type, id and parent id with NUL separators, so an id or a parent id holding a
+/// NUL character would be read back as another key (PostgreSQL text cannot hold one either).
+/// The batch is refused as a permanent error, nothing of it is written, and the sink
+/// dead-letters the one record (its bisection finds it).
+#[test]
+fn a_nul_character_in_an_id_or_a_parent_id_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let fine = upsert(
+        "customer",
+        "C1",
+        json!({"given_name": "Ana"}),
+        "crm",
+        0,
+        0,
+        1,
+    );
+    let nul_id = upsert(
+        "customer",
+        "C\0order",
+        json!({"given_name": "Bo"}),
+        "crm",
+        0,
+        1,
+        2,
+    );
+    let nul_parent = upsert(
+        "order",
+        "O1",
+        json!({"customer_id": "C1\0order\0O9", "total": 1}),
+        "shop",
+        0,
+        0,
+        3,
+    );
+    for bad in [nul_id, nul_parent] {
+        match store.apply(&[fine.clone(), bad.clone()], &[]) {
+            Err(StoreError::Corrupt(reason)) => assert!(reason.contains("NUL"), "{reason}"),
+            other => panic!("{:?}: {other:?}", bad.entity_id),
+        }
+        assert!(store.dump().unwrap().is_empty());
+        assert!(store.applied_offsets().unwrap().is_empty());
+    }
+    // The same batch without the bad record goes through.
+    assert_eq!(store.apply(&[fine], &[]).unwrap().applied, 1);
+}
