@@ -119,6 +119,18 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
                 cache.misses,
             ),
             (
+                "kontext_context_cache_entities_reused_total",
+                "counter",
+                "Parents and children of assembled documents reused from memory (unchanged since decoded).",
+                cache.entities_reused,
+            ),
+            (
+                "kontext_context_cache_entities_decoded_total",
+                "counter",
+                "Parents and children of assembled documents decoded from the store.",
+                cache.entities_decoded,
+            ),
+            (
                 "kontext_context_cache_documents",
                 "gauge",
                 "Context documents in the store's cache.",

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use kontext_serve::render::{
     count, render_markdown, Omission, ProvenanceDetail, RenderError, RenderOptions, RenderSection,
@@ -265,17 +266,17 @@ fn fields() -> impl Strategy<Value = Map<String, Value>> {
     prop::collection::btree_map("[a-z_]{1,12}", value(), 0..8).prop_map(|m| m.into_iter().collect())
 }
 
-fn related() -> impl Strategy<Value = RelatedEntity> {
+fn related() -> impl Strategy<Value = Arc<RelatedEntity>> {
     ("[A-Z]-[0-9]{1,6}", fields()).prop_map(|(id, fields)| {
         let provenance = fields
             .keys()
             .map(|k| (k.clone(), common::prov("shop", "t", 1, common::T0_MS)))
             .collect();
-        RelatedEntity {
+        Arc::new(RelatedEntity {
             entity_id: id,
             fields,
             provenance,
-        }
+        })
     })
 }
 

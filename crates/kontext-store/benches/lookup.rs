@@ -13,7 +13,8 @@
 //! its children or its parent). Environment:
 //! `LOOKUPS` (default 100 000 per phase), `LOOKUP_RATE` (lookups/s, default 10 000), `INGEST_RATE` (updates/s of the writer, default 5 000,
 //! applied every 50 ms), `HISTORY` (multiplies the children per customer, default 1; the
-//! quickstart's customers have ~400 children after two minutes at 1 000 events/s: `HISTORY=12`).
+//! quickstart's customers have ~400 children after two minutes at 1 000 events/s: `HISTORY=12`),
+//! `PHASES` (comma-separated, default `assembled,cached`: which of the two to run).
 
 #[path = "../../../bench/allocator.rs"]
 mod allocator;
@@ -59,10 +60,17 @@ fn main() {
         35 * history
     );
     // Side by side: every lookup assembled from the store, then through the document cache.
+    let only = std::env::var("PHASES").ok();
     for (name, cache) in [
         ("assembled", 0),
         ("cached", kontext_store::DEFAULT_CONTEXT_CACHE),
     ] {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|p| p == name))
+        {
+            continue;
+        }
         let store = EmbeddedStore::open(&path, schema())
             .expect("store")
             .with_context_cache(cache);
@@ -83,8 +91,9 @@ fn phases(
         let _ = store.context("customer", &customer_id(i % CUSTOMERS));
     }
     let before = store.context_cache_stats();
-    let idle = measure(&store, lookups);
+    let (idle, idle_misses) = measure(&store, lookups);
     report(&format!("{name} idle"), &idle, None);
+    report_misses(&format!("{name} idle"), &idle_misses);
     print_hits(&store, before);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -121,46 +130,65 @@ fn phases(
     };
     std::thread::sleep(Duration::from_millis(200));
     let before = store.context_cache_stats();
-    let busy = measure(&store, lookups);
+    let (busy, busy_misses) = measure(&store, lookups);
     stop.store(true, Ordering::Relaxed);
     let achieved = writer.join().expect("writer");
     report(&format!("{name} during_ingest"), &busy, Some(achieved));
+    report_misses(&format!("{name} during_ingest"), &busy_misses);
     print_hits(&store, before);
 }
 
-/// The cache's hit ratio since `before`.
+/// The cache's hit ratio since `before`, and how the documents it assembled got their parents
+/// and children.
 fn print_hits(store: &EmbeddedStore, before: kontext_store::CacheStats) {
     let now = store.context_cache_stats();
     let (hits, misses) = (now.hits - before.hits, now.misses - before.misses);
     if hits + misses > 0 {
         println!(
-            "  cache: hits={hits} misses={misses} hit_ratio={:.4}",
-            hits as f64 / (hits + misses) as f64
+            "  cache: hits={hits} misses={misses} hit_ratio={:.4} entities_reused={} entities_decoded={}",
+            hits as f64 / (hits + misses) as f64,
+            now.entities_reused - before.entities_reused,
+            now.entities_decoded - before.entities_decoded,
         );
     }
 }
 
-/// Latency of each of `n` customer-context lookups, in nanoseconds, sorted. Lookups are
+/// Latency of each of `n` customer-context lookups, in nanoseconds, sorted; and, separately,
+/// of those the document cache did not answer (they assembled the document). Lookups are
 /// paced at `LOOKUP_RATE` per second (default 10 000), so that a phase spans the same time
 /// (and the same writes) whether lookups take 0.2 µs or 60 µs; a lookup that falls behind
 /// schedule runs at once.
-fn measure(store: &EmbeddedStore, n: usize) -> Vec<u64> {
+fn measure(store: &EmbeddedStore, n: usize) -> (Vec<u64>, Vec<u64>) {
     let rate: u64 = env_or("LOOKUP_RATE", 10_000);
     let start = Instant::now();
     let mut out = Vec::with_capacity(n);
+    let mut misses = Vec::new();
     for i in 0..n as u64 {
         let id = customer_id((i * 7_919) % CUSTOMERS);
         let due = start + Duration::from_nanos(i * 1_000_000_000 / rate.max(1));
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
+        let before = store.context_cache_stats().misses;
         let t = Instant::now();
         let doc = store.context("customer", &id).expect("lookup");
-        out.push(t.elapsed().as_nanos() as u64);
+        let took = t.elapsed().as_nanos() as u64;
+        out.push(took);
+        if store.context_cache_stats().misses != before {
+            misses.push(took);
+        }
         assert!(doc.is_some(), "{id} is in the store");
     }
     out.sort_unstable();
-    out
+    misses.sort_unstable();
+    (out, misses)
+}
+
+/// The lookups that assembled their document although the cache was on.
+fn report_misses(phase: &str, sorted: &[u64]) {
+    if !sorted.is_empty() {
+        report(&format!("{phase} (cache misses only)"), sorted, None);
+    }
 }
 
 fn report(phase: &str, sorted: &[u64], ingest: Option<f64>) {

@@ -26,7 +26,7 @@ pub struct ContextDocument {
     pub as_of: Arc<ProvenanceView>,
     /// Entities this one belongs to (an order's customer), by entity type.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub belongs_to: BTreeMap<String, RelatedEntity>,
+    pub belongs_to: BTreeMap<String, Arc<RelatedEntity>>,
     pub entity_id: String,
     pub entity_type: String,
     /// How many log records shaped this entity.
@@ -47,7 +47,9 @@ pub struct ContextDocument {
 /// A bounded list of related entities.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RelatedList {
-    pub items: Vec<RelatedEntity>,
+    /// Shared: the embedded store reuses the decoded entity across the documents that show it
+    /// while its stored bytes are unchanged.
+    pub items: Vec<Arc<RelatedEntity>>,
     /// How many exist in all; `items` holds the newest `related_limit` of them.
     pub total: usize,
 }
@@ -145,7 +147,7 @@ impl ContextDocument {
     /// The document of `doc` with its parents and related lists, as every store assembles it.
     pub(crate) fn assemble(
         doc: &EntityDoc,
-        belongs_to: BTreeMap<String, RelatedEntity>,
+        belongs_to: BTreeMap<String, Arc<RelatedEntity>>,
         related: BTreeMap<String, RelatedList>,
     ) -> Self {
         Self::from_view(
@@ -159,7 +161,7 @@ impl ContextDocument {
     pub(crate) fn from_view(
         entity_type: &str,
         view: EntityView,
-        belongs_to: BTreeMap<String, RelatedEntity>,
+        belongs_to: BTreeMap<String, Arc<RelatedEntity>>,
         related: BTreeMap<String, RelatedList>,
     ) -> Self {
         ContextDocument {
@@ -245,11 +247,13 @@ mod tests {
         )
     }
 
-    fn entity() -> impl Strategy<Value = RelatedEntity> {
-        ("[A-Z0-9-]{1,6}", fields()).prop_map(|(entity_id, (fields, provenance))| RelatedEntity {
-            entity_id,
-            fields,
-            provenance,
+    fn entity() -> impl Strategy<Value = Arc<RelatedEntity>> {
+        ("[A-Z0-9-]{1,6}", fields()).prop_map(|(entity_id, (fields, provenance))| {
+            Arc::new(RelatedEntity {
+                entity_id,
+                fields,
+                provenance,
+            })
         })
     }
 

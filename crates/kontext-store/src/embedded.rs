@@ -24,7 +24,7 @@ use redb::{
 };
 use serde_json::Value;
 
-use crate::document::{ContextDocument, EntityView, RelatedList};
+use crate::document::{ContextDocument, EntityView, RelatedEntity, RelatedList};
 use crate::model::{merge_fields, Change, EntityDoc, EntityUpdate, StoreSchema};
 use crate::StoreError;
 pub use cache::CacheStats;
@@ -190,14 +190,16 @@ impl EmbeddedStore {
         entity_id: &str,
     ) -> Result<Option<Arc<ContextDocument>>, StoreError> {
         let Some(cache) = &self.cache else {
-            return Ok(self.assemble_context(entity_type, entity_id)?.map(Arc::new));
+            return Ok(self
+                .assemble_context(entity_type, entity_id, None)?
+                .map(Arc::new));
         };
         let key = entity_key(entity_type, entity_id);
         if let Some(doc) = cache.get(&key) {
             return Ok(Some(doc));
         }
         let seq = cache.before_read();
-        let Some(doc) = self.assemble_context(entity_type, entity_id)? else {
+        let Some(doc) = self.assemble_context(entity_type, entity_id, Some((cache, seq)))? else {
             return Ok(None);
         };
         // The parents it names, shown or not yet stored.
@@ -358,6 +360,8 @@ impl EmbeddedStore {
                 }
             }
         }
+        // From before the commit until its stamps are written (or it failed).
+        let _writing = self.cache.as_ref().map(ContextCache::begin_write);
         txn.commit().map_err(io)?;
         // Writers are serialized by the transaction: nobody else moves the marks meanwhile.
         let applied = self.applied.fetch_add(1, Ordering::AcqRel) + 1;
@@ -495,10 +499,15 @@ impl EmbeddedStore {
     /// child's latest version alone ([`codec::latest_version`], no field decoding), and only the
     /// children shown are decoded: a lookup costs one small read per child plus the documents
     /// it returns, not a full decode of the whole history.
+    ///
+    /// With `cache` (and the sequence number it gave before this read), parents and children
+    /// that did not change since they were last decoded are taken from it (`embedded/cache.rs`
+    /// says when that is exact).
     pub(crate) fn assemble_context(
         &self,
         entity_type: &str,
         entity_id: &str,
+        cache: Option<(&ContextCache, u64)>,
     ) -> Result<Option<ContextDocument>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
         let entities = txn.open_table(ENTITIES).map_err(io)?;
@@ -510,6 +519,24 @@ impl EmbeddedStore {
                 None => Ok(None),
             }
         };
+        // A parent or a child: read and decoded only if it may have changed since it was cached.
+        let shown = |key: &[u8]| -> Result<Option<Arc<RelatedEntity>>, StoreError> {
+            if let Some(entity) = cache.and_then(|(c, seq)| c.unchanged_entity(key, seq)) {
+                return Ok(Some(entity));
+            }
+            let Some(bytes) = entities.get(key).map_err(io)? else {
+                return Ok(None);
+            };
+            let stored = bytes.value();
+            if let Some(entity) = cache.and_then(|(c, seq)| c.entity(key, stored, seq)) {
+                return Ok(Some(entity));
+            }
+            let entity = Arc::new(codec::decode_view(stored)?.into_related());
+            if let Some((c, seq)) = cache {
+                c.insert_entity(key, stored, Arc::clone(&entity), seq);
+            }
+            Ok(Some(entity))
+        };
         let Some(view) = get(&entity_key(entity_type, entity_id))? else {
             return Ok(None);
         };
@@ -518,32 +545,39 @@ impl EmbeddedStore {
             let Some(parent_id) = view.fields.get(field).and_then(Value::as_str) else {
                 continue;
             };
-            if let Some(parent) = get(&entity_key(parent_type, parent_id))? {
-                belongs_to.insert(parent_type.clone(), parent.into_related());
+            if let Some(parent) = shown(&entity_key(parent_type, parent_id))? {
+                belongs_to.insert(parent_type.clone(), parent);
             }
         }
         let mut related = BTreeMap::new();
         for (child_type, _) in self.schema.children_of(entity_type) {
             let limit = self.schema.related_limit_of(child_type);
             let prefix = relation_key(entity_type, entity_id, child_type, "");
-            let (total, mut newest) = match related_lists.get(prefix.as_slice()).map_err(io)? {
-                Some(v) => codec::decode_related(v.value())?,
+            let list = related_lists.get(prefix.as_slice()).map_err(io)?;
+            let (total, mut ids) = match &list {
+                Some(v) => codec::decode_related_ids(v.value(), limit)?,
                 None => (0, Vec::new()),
             };
             let total = usize::try_from(total).unwrap_or(usize::MAX);
-            if newest.len() < limit.min(total) {
+            let rebuilt;
+            if ids.len() < limit.min(total) {
                 // Only for a list the store could not keep (a child without its entity
                 // record): lists of a grown `related_limit` are rebuilt on open.
-                newest = newest_children(&relations, &entities, &prefix, child_type, limit)?.1;
+                rebuilt = newest_children(&relations, &entities, &prefix, child_type, limit)?.1;
+                ids = rebuilt
+                    .iter()
+                    .take(limit)
+                    .map(|(_, id)| id.as_str())
+                    .collect();
             }
             // `child_type \0 child_id`, rewritten per child.
             let mut child_key = entity_key(child_type, "");
-            let mut items = Vec::with_capacity(limit.min(total));
-            for (_, id) in newest.iter().take(limit) {
+            let mut items = Vec::with_capacity(ids.len());
+            for id in ids {
                 child_key.truncate(child_type.len() + 1);
                 child_key.extend_from_slice(id.as_bytes());
-                if let Some(child) = get(&child_key)? {
-                    items.push(child.into_related());
+                if let Some(child) = shown(&child_key)? {
+                    items.push(child);
                 }
             }
             related.insert(child_type.to_string(), RelatedList { items, total });

@@ -86,7 +86,7 @@ pub fn customer() -> ContextDocument {
             ),
         );
     }
-    let orders: Vec<RelatedEntity> = (0..5)
+    let orders: Vec<Arc<RelatedEntity>> = (0..5)
         .map(|i| {
             entity(
                 &format!("O-4829{:02}", 20 - i),
@@ -103,8 +103,9 @@ pub fn customer() -> ContextDocument {
                 T0_MS + 50_000 - 7_000 * i,
             )
         })
+        .map(Arc::new)
         .collect();
-    let tickets: Vec<RelatedEntity> = (0..3)
+    let tickets: Vec<Arc<RelatedEntity>> = (0..3)
         .map(|i| {
             entity(
                 &format!("T-77{:02}", 9 - i),
@@ -120,8 +121,9 @@ pub fn customer() -> ContextDocument {
                 T0_MS + 45_000 - 9_000 * i,
             )
         })
+        .map(Arc::new)
         .collect();
-    let interactions: Vec<RelatedEntity> = (0..5)
+    let interactions: Vec<Arc<RelatedEntity>> = (0..5)
         .map(|i| {
             entity(
                 &format!("I-5{:03}", 900 - i),
@@ -136,6 +138,7 @@ pub fn customer() -> ContextDocument {
                 T0_MS + 55_000 - 2_000 * i,
             )
         })
+        .map(Arc::new)
         .collect();
     let mut related = BTreeMap::new();
     related.insert(
@@ -175,11 +178,11 @@ pub fn customer() -> ContextDocument {
 /// An order, which belongs to the customer above.
 pub fn order() -> ContextDocument {
     let c = customer();
-    let parent = RelatedEntity {
+    let parent = Arc::new(RelatedEntity {
         entity_id: c.entity_id.clone(),
         fields: c.fields.clone(),
         provenance: c.provenance.clone(),
-    };
+    });
     let o = entity(
         "O-482920",
         json!({"order_id": "O-482920", "customer_id": "C-10042", "status": "shipped", "total": "40.90", "carrier": "DHL"}),

@@ -18,15 +18,32 @@
 //!
 //! A read that overlaps an `apply` may still see the document as of before that commit, as it
 //! would without a cache; once `apply` has returned, every read sees the change.
+//!
+//! A document that did change is assembled again, but most of what it shows did not: a
+//! customer's new order leaves the other nineteen entities of its context as they were. So the
+//! cache also keeps **decoded entities** ([`RelatedEntity`], what a document shows of a parent
+//! or a child), each with the stored bytes it was decoded from and a sequence number, and
+//! assembly reuses one in either of two ways:
+//! - **without reading it**, when no write is in progress (`writing`, raised before the
+//!   commit and lowered after the stamps, so a commit is always either stamped or in
+//!   progress), the entity's slot is not newer than the entity's sequence number, and that
+//!   number is not newer than the reader's. The first two say that no commit changed the
+//!   entity since it was decoded; the last that it was not decoded from a snapshot newer than
+//!   the reader's (a commit after the reader's snapshot has a number above the reader's);
+//! - otherwise **by its bytes**: the reader reads the record from its snapshot and reuses the
+//!   decoded entity if the bytes are equal, which also brings its sequence number up to the
+//!   reader's.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::document::ContextDocument;
+use crate::document::{ContextDocument, RelatedEntity};
 
 /// Stamp slots (8 bytes each: 512 KiB).
 const SLOTS: usize = 1 << 16;
+/// Decoded entities kept per cached document (a quickstart customer shows 21).
+const ENTITIES_PER_DOCUMENT: usize = 8;
 
 /// A cached document and what it was assembled from.
 #[derive(Clone)]
@@ -38,13 +55,29 @@ struct Cached {
     deps: Arc<[u32]>,
 }
 
+/// A decoded entity, the stored record it was decoded from, and the sequence number read
+/// before a snapshot that holds exactly that record.
+struct Decoded {
+    stored: Box<[u8]>,
+    entity: Arc<RelatedEntity>,
+    seq: AtomicU64,
+}
+
 /// Bounded cache of context documents, keyed by the store's entity key (`type \0 id`).
 pub(crate) struct ContextCache {
     docs: quick_cache::sync::Cache<Vec<u8>, Cached>,
+    /// Decoded parents and children, by entity key.
+    entities: quick_cache::sync::Cache<Vec<u8>, Arc<Decoded>>,
     stamps: Box<[AtomicU64]>,
     seq: AtomicU64,
+    /// Writes between their commit and their stamps (at most one: writers are serialized).
+    writing: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Parents and children of assembled documents taken from `entities` (read or not).
+    entities_reused: AtomicU64,
+    /// ... and decoded from the store.
+    entities_decoded: AtomicU64,
 }
 
 impl ContextCache {
@@ -52,10 +85,14 @@ impl ContextCache {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             docs: quick_cache::sync::Cache::new(capacity),
+            entities: quick_cache::sync::Cache::new(capacity.saturating_mul(ENTITIES_PER_DOCUMENT)),
             stamps: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             seq: AtomicU64::new(0),
+            writing: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            entities_reused: AtomicU64::new(0),
+            entities_decoded: AtomicU64::new(0),
         }
     }
 
@@ -101,6 +138,64 @@ impl ContextCache {
         );
     }
 
+    /// The decoded entity of `key`, if no commit changed it since it was decoded and it is
+    /// not newer than a snapshot opened after [`ContextCache::before_read`] returned `seq`:
+    /// then it is what that snapshot holds, and the reader need not read it.
+    pub(crate) fn unchanged_entity(&self, key: &[u8], seq: u64) -> Option<Arc<RelatedEntity>> {
+        // First: a commit whose stamps are not all written yet shows here.
+        if self.writing.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let decoded = self.entities.get(key)?;
+        let at = decoded.seq.load(Ordering::Acquire);
+        let stamp = self.stamps[Self::slot(key) as usize].load(Ordering::Acquire);
+        let fresh = stamp <= at && at <= seq;
+        if fresh {
+            self.entities_reused.fetch_add(1, Ordering::Relaxed);
+        }
+        fresh.then(|| Arc::clone(&decoded.entity))
+    }
+
+    /// The entity decoded from `stored`, the record of `key` in a snapshot opened after
+    /// [`ContextCache::before_read`] returned `seq`, if it was decoded from these bytes before.
+    pub(crate) fn entity(&self, key: &[u8], stored: &[u8], seq: u64) -> Option<Arc<RelatedEntity>> {
+        let decoded = self.entities.get(key)?;
+        if *decoded.stored != *stored {
+            return None;
+        }
+        // The reader's snapshot holds exactly these bytes: as good as decoded from it.
+        decoded.seq.fetch_max(seq, Ordering::AcqRel);
+        self.entities_reused.fetch_add(1, Ordering::Relaxed);
+        Some(Arc::clone(&decoded.entity))
+    }
+
+    /// Keeps `entity`, decoded from `stored` (read as in [`ContextCache::entity`]), for the
+    /// next documents that show it.
+    pub(crate) fn insert_entity(
+        &self,
+        key: &[u8],
+        stored: &[u8],
+        entity: Arc<RelatedEntity>,
+        seq: u64,
+    ) {
+        self.entities_decoded.fetch_add(1, Ordering::Relaxed);
+        self.entities.insert(
+            key.to_vec(),
+            Arc::new(Decoded {
+                stored: stored.into(),
+                entity,
+                seq: AtomicU64::new(seq),
+            }),
+        );
+    }
+
+    /// Marks a write as in progress from before its commit until [`ContextCache::committed`]
+    /// (or the write's failure) ends it.
+    pub(crate) fn begin_write(&self) -> WriteInProgress<'_> {
+        self.writing.fetch_add(1, Ordering::AcqRel);
+        WriteInProgress(&self.writing)
+    }
+
     /// Records a committed write that changed the entities (and parents) in `slots`. Call it
     /// after the commit and before reporting the write done.
     pub(crate) fn committed(&self, slots: impl IntoIterator<Item = u32>) {
@@ -116,7 +211,18 @@ impl ContextCache {
             documents: self.docs.len(),
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
+            entities_reused: self.entities_reused.load(Ordering::Relaxed),
+            entities_decoded: self.entities_decoded.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// A write between its commit and its stamps; dropped after [`ContextCache::committed`].
+pub(crate) struct WriteInProgress<'a>(&'a AtomicU64);
+
+impl Drop for WriteInProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -129,4 +235,61 @@ pub struct CacheStats {
     pub hits: u64,
     /// Lookups that assembled the document (not cached, or something it shows changed).
     pub misses: u64,
+    /// Parents and children of assembled documents reused from memory (their record
+    /// unchanged since they were decoded).
+    pub entities_reused: u64,
+    /// Parents and children of assembled documents decoded from the store.
+    pub entities_decoded: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entity(id: &str) -> Arc<RelatedEntity> {
+        Arc::new(RelatedEntity {
+            entity_id: id.into(),
+            fields: Default::default(),
+            provenance: Default::default(),
+        })
+    }
+
+    /// The three conditions under which a decoded entity is reused without reading it, each
+    /// refused on its own.
+    #[test]
+    fn an_entity_is_reused_unread_only_when_nothing_can_have_changed_it() {
+        let cache = ContextCache::new(16);
+        let key = b"order\0O1".as_slice();
+        cache.insert_entity(key, b"v1", entity("O1"), 5);
+        assert!(cache.unchanged_entity(key, 5).is_some());
+        assert!(cache.unchanged_entity(key, 9).is_some());
+        // Decoded from a snapshot newer than the reader's.
+        assert!(cache.unchanged_entity(key, 4).is_none());
+        // A write between its commit and its stamps.
+        let writing = cache.begin_write();
+        assert!(cache.unchanged_entity(key, 9).is_none());
+        drop(writing);
+        assert!(cache.unchanged_entity(key, 9).is_some());
+        // A commit that changed it (seq 6 > 5).
+        while cache.before_read() < 5 {
+            cache.committed([]);
+        }
+        cache.committed([ContextCache::slot(key)]);
+        assert!(cache.unchanged_entity(key, 9).is_none());
+    }
+
+    /// A reader that finds the same bytes in its snapshot brings the entity up to its sequence
+    /// number, so the next readers reuse it unread again; other bytes are not reused.
+    #[test]
+    fn equal_bytes_renew_an_entity_and_other_bytes_do_not_match() {
+        let cache = ContextCache::new(16);
+        let key = b"order\0O1".as_slice();
+        cache.insert_entity(key, b"v1", entity("O1"), 1);
+        cache.committed([ContextCache::slot(key)]);
+        cache.committed([ContextCache::slot(key)]);
+        assert!(cache.unchanged_entity(key, 2).is_none());
+        assert!(cache.entity(key, b"v2", 2).is_none());
+        assert!(cache.entity(key, b"v1", 2).is_some());
+        assert!(cache.unchanged_entity(key, 2).is_some());
+    }
 }

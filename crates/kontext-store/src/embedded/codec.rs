@@ -260,6 +260,26 @@ pub(super) fn decode_related(bytes: &[u8]) -> Result<(u64, Vec<(Latest, String)>
     Ok((total, newest))
 }
 
+/// What [`encode_related`] wrote, as a lookup needs it: the total and the ids of the first
+/// (newest) `limit` entries, borrowed from `bytes`.
+pub(super) fn decode_related_ids(
+    bytes: &[u8],
+    limit: usize,
+) -> Result<(u64, Vec<&str>), StoreError> {
+    let mut r = Reader { bytes, at: 0 };
+    let total = r.varint()?;
+    let n = r.len()?.min(limit);
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        r.varint()?; // time
+        r.str_ref()?; // topic
+        r.varint()?; // partition
+        r.varint()?; // offset
+        ids.push(r.str_ref()?);
+    }
+    Ok((total, ids))
+}
+
 /// The first stores' JSON form.
 #[derive(serde::Deserialize)]
 struct JsonDoc {
@@ -527,6 +547,31 @@ mod tests {
     }
 
     proptest! {
+        /// A lookup's borrowed read of a related list gives the ids the full decode gives, the
+        /// newest `limit` of them.
+        #[test]
+        fn related_ids_are_the_newest_of_the_full_decode(
+            entries in proptest::collection::vec(
+                ((any::<i64>(), "[a-z.]{0,12}", any::<i32>(), any::<i64>()), "\\PC{0,8}"),
+                0..12,
+            ),
+            total in 0u64..40,
+            limit in 0usize..15,
+        ) {
+            let mut out = Vec::new();
+            encode_related(total, &entries, &mut out);
+            let (t, ids) = decode_related_ids(&out, limit).unwrap();
+            let (full_total, full) = decode_related(&out).unwrap();
+            prop_assert_eq!(t, full_total);
+            let expected: Vec<&str> = full.iter().take(limit).map(|(_, id)| id.as_str()).collect();
+            prop_assert_eq!(ids, expected);
+            for end in 0..out.len() {
+                if decode_related_ids(&out[..end], usize::MAX).is_ok() {
+                    prop_assert!(false, "a list cut at {} decoded", end);
+                }
+            }
+        }
+
         #[test]
         fn varints_round_trip(v in any::<i64>()) {
             let mut out = Vec::new();

@@ -596,7 +596,10 @@ mod recency_index {
         for (parent_type, field) in store.schema().parents_of(entity_type) {
             let parent = doc.fields.get(field).and_then(|f| f.value.as_str());
             if let Some(parent) = parent.and_then(|p| store.get(parent_type, p).unwrap()) {
-                belongs_to.insert(parent_type.clone(), RelatedEntity::from_doc(&parent));
+                belongs_to.insert(
+                    parent_type.clone(),
+                    Arc::new(RelatedEntity::from_doc(&parent)),
+                );
             }
         }
         let related = fast
@@ -606,7 +609,10 @@ mod recency_index {
                 let items = list
                     .items
                     .iter()
-                    .map(|i| RelatedEntity::from_doc(&store.get(t, &i.entity_id).unwrap().unwrap()))
+                    .map(|i| {
+                        let child = store.get(t, &i.entity_id).unwrap().unwrap();
+                        Arc::new(RelatedEntity::from_doc(&child))
+                    })
                     .collect();
                 (
                     t.clone(),
@@ -950,6 +956,52 @@ mod context_cache {
         assert_eq!(third.related["order"].total, 1);
     }
 
+    /// A document assembled again (its customer changed) reuses the orders whose records did
+    /// not change, and decodes again the one that did.
+    #[test]
+    fn assembling_again_reuses_unchanged_children_and_decodes_changed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let order = |order, offset| {
+            update(
+                &Op::Order {
+                    order,
+                    customer: 0,
+                    time: offset,
+                },
+                offset,
+            )
+        };
+        let name = |name, offset| {
+            update(
+                &Op::Customer {
+                    customer: 0,
+                    name,
+                    time: offset,
+                },
+                offset,
+            )
+        };
+        store
+            .apply(&[name(1, 0), order(1, 1), order(2, 2)], &[])
+            .unwrap();
+        let first = store.context("customer", "C0").unwrap().unwrap();
+        // The customer and order O2 change; O1 does not.
+        store.apply(&[name(2, 3), order(2, 4)], &[]).unwrap();
+        let second = store.context("customer", "C0").unwrap().unwrap();
+        let find = |doc: &ContextDocument, id: &str| {
+            let items = &doc.related["order"].items;
+            Arc::clone(items.iter().find(|o| o.entity_id == id).unwrap())
+        };
+        assert!(Arc::ptr_eq(&find(&first, "O1"), &find(&second, "O1")));
+        assert!(!Arc::ptr_eq(&find(&first, "O2"), &find(&second, "O2")));
+        assert_eq!(find(&second, "O2").fields["n"], json!(4));
+        assert_eq!(second.fields["name"], json!("N2"));
+        // The same, through an order's context: its customer is shown as the parent.
+        let o1 = store.context("order", "O1").unwrap().unwrap();
+        assert_eq!(o1.belongs_to["customer"].fields["name"], json!("N2"));
+    }
+
     /// Lookups racing the writer never leave a stale document behind: once the writes are
     /// done, every lookup equals a fresh assembly.
     #[test]
@@ -994,7 +1046,11 @@ mod context_cache {
         assert!(reader.join().unwrap() > 0);
         for (t, id) in [("customer", "C1"), ("order", "O1"), ("order", "O2")] {
             let served = store.context(t, id).unwrap().as_deref().cloned();
-            assert_eq!(served, store.assemble_context(t, id).unwrap(), "{t} {id}");
+            assert_eq!(
+                served,
+                store.assemble_context(t, id, None).unwrap(),
+                "{t} {id}"
+            );
         }
     }
 }

@@ -389,7 +389,10 @@ impl PostgresStore {
                 .into_iter()
                 .next()
             {
-                belongs_to.insert(parent_type.clone(), RelatedEntity::from_doc(&parent));
+                belongs_to.insert(
+                    parent_type.clone(),
+                    Arc::new(RelatedEntity::from_doc(&parent)),
+                );
             }
         }
         let mut related = BTreeMap::new();
@@ -421,7 +424,7 @@ impl PostgresStore {
             let items = ids
                 .iter()
                 .filter_map(|id| by_id.remove(id))
-                .map(|d| RelatedEntity::from_doc(&d))
+                .map(|d| Arc::new(RelatedEntity::from_doc(&d)))
                 .collect();
             related.insert(child_type.to_string(), RelatedList { total, items });
         }
