@@ -164,7 +164,14 @@ pub struct AggregateBatch {
 #[derive(Debug, Clone)]
 pub struct Aggregate {
     config: AggregateConfig,
+    /// A sliding key keeps at most this many retained events inside its entry.
+    inline_limit: usize,
 }
+
+/// How many retained events a sliding key keeps inside its entry by default. A key with more
+/// keeps them in entries of their own (`r`), since rewriting them all whenever the key changes
+/// would cost more than the writes it saves.
+const INLINE_LIMIT: usize = 16;
 
 impl Aggregate {
     /// Checks the configuration.
@@ -179,12 +186,52 @@ impl Aggregate {
         if config.functions.is_empty() {
             return Err("an aggregation needs at least one function".into());
         }
-        Ok(Self { config })
+        Ok(Self {
+            config,
+            inline_limit: INLINE_LIMIT,
+        })
+    }
+
+    /// Keeps at most `limit` retained events inside a sliding key's entry (default 16); a key
+    /// with more keeps each in an entry of its own, and goes back once it has at most
+    /// `limit / 2`. Any limit gives the same outputs: it trades state writes of busy keys for
+    /// those of sparse ones. 0 keeps every event in an entry of its own, the layout before
+    /// December 2026.
+    pub fn with_sliding_inline_limit(mut self, limit: usize) -> Self {
+        self.inline_limit = limit;
+        self
     }
 
     /// The configuration.
     pub fn config(&self) -> &AggregateConfig {
         &self.config
+    }
+
+    /// The events a sliding window's state retains, `(key, time, offset)` each, in either
+    /// layout (inside their key's entry or in entries of their own). For tests and diagnostics:
+    /// it reads the whole state.
+    pub fn sliding_retained<S: StateStore + ?Sized>(
+        store: &S,
+    ) -> Result<Vec<(Bytes, i64, i64)>, StoreError> {
+        let corrupt = || StoreError::Corrupt("sliding entry".into());
+        let mut out = Vec::new();
+        for entry in store.prefix(b"a") {
+            let (akey, bytes) = entry?;
+            let key = akey.slice(5..);
+            for k in decode_sliding_entry(&bytes)?.1.unwrap_or_default() {
+                out.push((key.clone(), k.t, k.offset));
+            }
+        }
+        for entry in store.prefix(b"r") {
+            let (rkey, _) = entry?;
+            let mut r = Reader::new(&rkey[1..]);
+            let key = Bytes::copy_from_slice(r.bytes()?);
+            let t = r.i64_sortable()?;
+            let offset = i64::from_be_bytes(r.rest().try_into().map_err(|_| corrupt())?);
+            out.push((key, t, offset));
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Aggregates a batch of events (in input order).
@@ -803,13 +850,17 @@ impl Aggregate {
         Ok(keys)
     }
 
-    /// Sliding windows. Keys: `a key` → accumulator over the retained events,
-    /// `r key time offset` → the event's inputs; `q min seq` → expiry index: the events batch
-    /// `seq` retained in one time bucket (`size / 16` wide), `(time, key, offset)` each, under
-    /// the smallest time among them. When the horizon passes that time, the entry's expired
-    /// events are forgotten and the rest is written back under its new smallest time, so an
-    /// event costs one index mention instead of an index entry's put and delete. (An entry
-    /// `q time key offset` with an empty value, of the earlier layout, names one event.)
+    /// Sliding windows. Keys: `a key` → accumulator over the key's retained events and, while
+    /// they are at most `inline_limit`, the events themselves (time, offset, inputs each); a
+    /// key with more keeps each in `r key time offset` → inputs instead (the only layout
+    /// before December 2026, whose `a` entries hold the accumulator alone). `q min seq` →
+    /// expiry index: the events batch `seq` retained in one time bucket (`size / 16` wide),
+    /// `(time, key, offset)` each, under the smallest time among them, with their inputs
+    /// (key suffix `1`) when their key keeps them in `r` entries. When the horizon passes that
+    /// time, the entry's expired events leave their keys and the rest is written back under
+    /// its new smallest time, so an event costs one index mention instead of an index entry's
+    /// put and delete. (An entry `q time key offset` with an empty value, of the earliest
+    /// layout, names one event.)
     fn process_sliding<S: StateStore + ?Sized>(
         &self,
         store: &S,
@@ -818,7 +869,7 @@ impl Aggregate {
         out: &mut AggregateBatch,
     ) -> Result<(), StoreError> {
         let mut progress = Progress::load(store, &out.state)?;
-        let mut dirty: BTreeMap<Bytes, Slot> = BTreeMap::new();
+        let mut dirty: BTreeMap<Bytes, SlidingSlot> = BTreeMap::new();
         let width = (size / 16).max(1);
         // The events this batch retains, by time bucket.
         let mut retained: BTreeMap<i64, Vec<Retained>> = BTreeMap::new();
@@ -832,23 +883,37 @@ impl Aggregate {
                 continue;
             }
             let slot = self.sliding_slot(store, &mut dirty, &event.key, event.coords.partition)?;
-            if slot.acc.contains(event) {
+            if slot.slot.acc.contains(event) {
                 continue;
             }
             let inputs = self.inputs(event);
-            slot.acc.add(&inputs, event.time_ms, event.coords.offset);
-            slot.version = Some(event.coords.clone());
-            let tail = retained_tail(&event.key, event.time_ms, event.coords.offset);
-            let encoded = Bytes::from(encode_inputs(&inputs));
-            out.state.put(&[b"r".as_slice(), &tail].concat(), &encoded);
+            let (t, offset) = (event.time_ms, event.coords.offset);
+            slot.slot.acc.add(&inputs, t, offset);
+            slot.slot.version = Some(event.coords.clone());
+            // A key that keeps its events inside its entry needs no inputs in the index (and
+            // keeps the layout it has now to the end of the batch, where it may move); one
+            // that keeps them in `r` entries takes them from the index when they leave.
+            let indexed = match &mut slot.kept {
+                Some(kept) => {
+                    let at = kept.partition_point(|k| (k.t, k.offset) < (t, offset));
+                    kept.insert(at, Kept::new(t, offset, &inputs));
+                    None
+                }
+                None => {
+                    let encoded = Bytes::from(encode_inputs(&inputs));
+                    let rkey = [b"r".as_slice(), &retained_tail(&event.key, t, offset)].concat();
+                    out.state.put(&rkey, &encoded);
+                    Some(encoded)
+                }
+            };
             retained
-                .entry(event.time_ms.div_euclid(width))
+                .entry(t.div_euclid(width))
                 .or_default()
                 .push(Retained {
-                    t: event.time_ms,
+                    t,
                     key: event.key.clone(),
-                    offset: event.coords.offset,
-                    inputs: Some(encoded),
+                    offset,
+                    inputs: indexed,
                 });
         }
         let Some(st) = progress.stream_time() else {
@@ -859,7 +924,10 @@ impl Aggregate {
         if !retained.is_empty() {
             let seq = claim_sequence(store, &mut out.state, SEQ_KEY)?;
             for events in retained.into_values() {
-                put_retained_entry(&mut out.state, seq, &events);
+                let (with_inputs, without): (Vec<_>, Vec<_>) =
+                    events.into_iter().partition(|e| e.inputs.is_some());
+                put_retained_entry(&mut out.state, seq, &with_inputs);
+                put_retained_entry(&mut out.state, seq, &without);
             }
         }
         // Events with t <= st - size leave their key's window.
@@ -868,7 +936,7 @@ impl Aggregate {
         to.extend_from_slice(&i64_sortable(horizon.saturating_add(1)));
         // Keys whose accumulator cannot take a leaving event out exactly (it held the minimum,
         // the maximum or the latest value, or a sum that is not exact): rebuilt from their
-        // retained events instead, which costs a scan of the whole window.
+        // retained events instead.
         let mut recompute = BTreeSet::new();
         for (qkey, value) in expiry_scan(store, &mut out.state, b'q', to)? {
             out.state.delete(&qkey);
@@ -885,62 +953,79 @@ impl Aggregate {
                     offset,
                     inputs,
                 } = event;
-                let rkey = [b"r".as_slice(), &retained_tail(&key, t, offset)].concat();
-                if !recompute.contains(&key) {
-                    // An entry of an earlier layout does not hold the inputs: read them.
-                    let inputs = match inputs {
-                        Some(inputs) => Some(inputs),
-                        None => get_through(store, &out.state, &rkey)?,
-                    };
-                    let inputs = inputs.map(|bytes| decode_inputs(&bytes)).transpose()?;
-                    let slot = self.sliding_slot(store, &mut dirty, &key, last.partition)?;
-                    match inputs {
-                        Some(inputs) if slot.acc.remove(&inputs, t, offset) => {
-                            if slot.acc.events == 0 {
-                                slot.acc = self.emptied(&slot.acc);
-                            }
-                            slot.version = Some(last.clone());
+                let slot = self.sliding_slot(store, &mut dirty, &key, last.partition)?;
+                let rebuilt = recompute.contains(&key);
+                let inputs = match &mut slot.kept {
+                    Some(kept) => {
+                        let at = kept
+                            .binary_search_by(|k| (k.t, k.offset).cmp(&(t, offset)))
+                            .ok();
+                        let inputs = at.map(|at| kept.remove(at).inputs);
+                        if rebuilt {
+                            continue;
                         }
-                        _ => {
-                            recompute.insert(key);
+                        inputs.map(|i| decode_kept_inputs(&i)).transpose()?
+                    }
+                    None => {
+                        let rkey = [b"r".as_slice(), &retained_tail(&key, t, offset)].concat();
+                        // An index entry of an earlier layout, or written while the key kept
+                        // its events inside its entry, does not hold the inputs: read them.
+                        let inputs = match inputs {
+                            _ if rebuilt => None,
+                            Some(inputs) => Some(inputs),
+                            None => get_through(store, &out.state, &rkey)?,
+                        };
+                        out.state.delete(&rkey);
+                        if rebuilt {
+                            continue;
                         }
+                        inputs.map(|bytes| decode_inputs(&bytes)).transpose()?
+                    }
+                };
+                let slot = &mut slot.slot;
+                match inputs {
+                    Some(inputs) if slot.acc.remove(&inputs, t, offset) => {
+                        if slot.acc.events == 0 {
+                            slot.acc = self.emptied(&slot.acc);
+                        }
+                        slot.version = Some(last.clone());
+                    }
+                    _ => {
+                        recompute.insert(key);
                     }
                 }
-                out.state.delete(&rkey);
             }
             if let (Some(seq), false) = (seq, rest.is_empty()) {
                 put_retained_entry(&mut out.state, seq, &rest);
             }
         }
         for key in recompute {
-            let partition = last.partition;
-            let slot = self.sliding_slot(store, &mut dirty, &key, partition)?;
-            let mut acc = self.emptied(&slot.acc);
-            let prefix = key_prefix(b'r', &key);
-            let to = prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 17]);
-            // Everything at or below the horizon is deleted (before or by this batch): start
-            // above it, not at the key's first entry, so the scan does not walk the tombstones
-            // the LSM keeps of them until compaction.
-            let mut from = prefix.clone();
-            from.extend_from_slice(&i64_sortable(st.saturating_sub(size).saturating_add(1)));
-            for (rkey, inputs) in range_through(store, &out.state, &from, &to)? {
-                let mut r = Reader::new(&rkey[prefix.len()..]);
-                let t = r.i64_sortable()?;
-                let offset = i64::from_be_bytes(
-                    r.rest()
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("sliding entry".into()))?,
-                );
-                acc.add(&decode_inputs(&inputs)?, t, offset);
+            let slot = self.sliding_slot(store, &mut dirty, &key, last.partition)?;
+            let mut acc = self.emptied(&slot.slot.acc);
+            match &mut slot.kept {
+                Some(kept) => {
+                    kept.retain(|k| k.t > horizon);
+                    for k in kept.iter() {
+                        acc.add(&decode_kept_inputs(&k.inputs)?, k.t, k.offset);
+                    }
+                }
+                None => {
+                    for (t, offset, inputs) in
+                        retained_in_entries(store, &out.state, &key, horizon)?
+                    {
+                        acc.add(&decode_inputs(&inputs)?, t, offset);
+                    }
+                }
             }
-            slot.acc = acc;
-            slot.version = Some(last.clone());
+            slot.slot.acc = acc;
+            slot.slot.version = Some(last.clone());
         }
         let window = Window {
-            start: st.saturating_sub(size),
+            start: horizon,
             end: st,
         };
-        for (key, mut slot) in dirty {
+        for (key, slot) in dirty {
+            let SlidingSlot { mut slot, kept } = slot;
             let Some(version) = slot.version.take() else {
                 continue;
             };
@@ -948,7 +1033,10 @@ impl Aggregate {
             if slot.acc.events == 0 {
                 out.state.delete(&akey);
             } else {
-                out.state.put(&akey, &slot.acc.encode());
+                let kept =
+                    self.sliding_layout(store, &mut out.state, &key, kept, &slot.acc, horizon)?;
+                out.state
+                    .put(&akey, &encode_sliding_entry(&slot.acc, kept.as_deref()));
             }
             slot.window = window;
             out.updates.push(slot.update(&self.config, version, false));
@@ -959,23 +1047,30 @@ impl Aggregate {
     fn sliding_slot<'a, S: StateStore + ?Sized>(
         &self,
         store: &S,
-        dirty: &'a mut BTreeMap<Bytes, Slot>,
+        dirty: &'a mut BTreeMap<Bytes, SlidingSlot>,
         key: &Bytes,
         partition: i32,
-    ) -> Result<&'a mut Slot, StoreError> {
+    ) -> Result<&'a mut SlidingSlot, StoreError> {
         if !dirty.contains_key(key) {
-            let stored = store
-                .get(&key_prefix(b'a', key))?
-                .map(|b| Acc::decode(&b))
-                .transpose()?;
+            let (acc, kept) = match store.get(&key_prefix(b'a', key))? {
+                Some(bytes) => decode_sliding_entry(&bytes)?,
+                // A new key keeps its events inside its entry (unless the limit is 0).
+                None => (
+                    self.new_acc(partition),
+                    (self.inline_limit > 0).then(Vec::new),
+                ),
+            };
             dirty.insert(
                 key.clone(),
-                Slot {
-                    is_new: stored.is_none(),
-                    acc: stored.unwrap_or_else(|| self.new_acc(partition)),
-                    key: key.clone(),
-                    window: Window { start: 0, end: 0 },
-                    version: None,
+                SlidingSlot {
+                    slot: Slot {
+                        is_new: false,
+                        acc,
+                        key: key.clone(),
+                        window: Window { start: 0, end: 0 },
+                        version: None,
+                    },
+                    kept,
                 },
             );
         }
@@ -983,6 +1078,181 @@ impl Aggregate {
             .get_mut(key)
             .ok_or_else(|| StoreError::Corrupt("sliding slot vanished".into()))
     }
+
+    /// Where `key`, with `acc` over its retained events, keeps them after this batch: inside
+    /// its entry (`Some`) while they are at most the inline limit, else in `r` entries. A key
+    /// goes back inside only once it has at most half the limit, so a key near it does not
+    /// move at every batch.
+    fn sliding_layout<S: StateStore + ?Sized>(
+        &self,
+        store: &S,
+        state: &mut WriteBatch,
+        key: &[u8],
+        kept: Option<Vec<Kept>>,
+        acc: &Acc,
+        horizon: i64,
+    ) -> Result<Option<Vec<Kept>>, StoreError> {
+        match kept {
+            Some(kept) if kept.len() > self.inline_limit => {
+                for k in &kept {
+                    let rkey = [b"r".as_slice(), &retained_tail(key, k.t, k.offset)].concat();
+                    state.put(&rkey, &encode_inputs(&decode_kept_inputs(&k.inputs)?));
+                }
+                Ok(None)
+            }
+            None if acc.events as usize <= self.inline_limit / 2 => {
+                let mut kept = Vec::new();
+                for (t, offset, inputs) in retained_in_entries(store, state, key, horizon)? {
+                    state.delete(&[b"r".as_slice(), &retained_tail(key, t, offset)].concat());
+                    kept.push(Kept::new(t, offset, &decode_inputs(&inputs)?));
+                }
+                Ok(Some(kept))
+            }
+            kept => Ok(kept),
+        }
+    }
+}
+
+/// A sliding key being updated in this batch: its accumulator, and its retained events when
+/// it keeps them inside its entry (`None`: in `r` entries).
+struct SlidingSlot {
+    slot: Slot,
+    kept: Option<Vec<Kept>>,
+}
+
+/// A retained event kept inside its key's sliding entry.
+struct Kept {
+    t: i64,
+    offset: i64,
+    /// Encoded as [`encode_kept_inputs`] does; a slice of the entry it was read from.
+    inputs: Bytes,
+}
+
+impl Kept {
+    fn new(t: i64, offset: i64, inputs: &[Option<Scalar>]) -> Self {
+        let inputs = Bytes::from(encode_kept_inputs(inputs));
+        Self { t, offset, inputs }
+    }
+}
+
+/// The events `key` keeps in `r` entries above `horizon`, `(time, offset, inputs)` each in time
+/// order, as the store will hold them once `state` is applied.
+fn retained_in_entries<S: StateStore + ?Sized>(
+    store: &S,
+    state: &WriteBatch,
+    key: &[u8],
+    horizon: i64,
+) -> Result<Vec<(i64, i64, Bytes)>, StoreError> {
+    let prefix = key_prefix(b'r', key);
+    let to = prefix_end(&prefix).unwrap_or_else(|| vec![0xff; prefix.len() + 17]);
+    // Everything at or below the horizon is deleted (before or by this batch): start above
+    // it, not at the key's first entry, so the scan does not walk the tombstones the LSM
+    // keeps of them until compaction.
+    let mut from = prefix.clone();
+    from.extend_from_slice(&i64_sortable(horizon.saturating_add(1)));
+    let mut out = Vec::new();
+    for (rkey, inputs) in range_through(store, state, &from, &to)? {
+        let mut r = Reader::new(&rkey[prefix.len()..]);
+        let t = r.i64_sortable()?;
+        let offset = i64::from_be_bytes(
+            r.rest()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("sliding entry".into()))?,
+        );
+        out.push((t, offset, inputs));
+    }
+    Ok(out)
+}
+
+/// Marks the events kept inside a sliding entry, after its accumulator.
+const KEPT_INSIDE: u8 = 1;
+
+/// A sliding key's entry: the accumulator, then (when `kept` is given) `1 count` and, per
+/// event in time order, its time and offset (each as the difference to the previous event's)
+/// and its inputs, all as varints. An entry without them keeps its events in `r` entries.
+fn encode_sliding_entry(acc: &Acc, kept: Option<&[Kept]>) -> Vec<u8> {
+    let mut bytes = acc.encode();
+    if let Some(kept) = kept {
+        let len = kept.iter().map(|k| k.inputs.len() + 8).sum::<usize>();
+        let mut w = Writer::with_capacity(len + 6);
+        w.u8(KEPT_INSIDE).var_u64(kept.len() as u64);
+        let (mut t, mut offset) = (0i64, 0i64);
+        for k in kept {
+            w.var_i64(k.t.wrapping_sub(t))
+                .var_i64(k.offset.wrapping_sub(offset))
+                .var_bytes(&k.inputs);
+            (t, offset) = (k.t, k.offset);
+        }
+        bytes.extend_from_slice(&w.finish());
+    }
+    bytes
+}
+
+fn decode_sliding_entry(bytes: &Bytes) -> Result<(Acc, Option<Vec<Kept>>), StoreError> {
+    let mut r = Reader::new(bytes);
+    let acc = Acc::decode_from(&mut r)?;
+    if r.is_empty() {
+        return Ok((acc, None));
+    }
+    if r.u8()? != KEPT_INSIDE {
+        return Err(StoreError::Corrupt("sliding entry".into()));
+    }
+    let n = r.var_u64()? as usize;
+    let mut kept = Vec::with_capacity(n.min(1024));
+    let (mut t, mut offset) = (0i64, 0i64);
+    for _ in 0..n {
+        t = t.wrapping_add(r.var_i64()?);
+        offset = offset.wrapping_add(r.var_i64()?);
+        let inputs = bytes.slice_ref(r.var_bytes()?);
+        kept.push(Kept { t, offset, inputs });
+    }
+    Ok((acc, Some(kept)))
+}
+
+/// An event's inputs inside its key's sliding entry: their count, then per function `0` (no
+/// input), `1 f64` (a number), `2 len text`, or `3 i` (the same as function `i`'s, for
+/// functions of one field). Half the size of [`encode_inputs`] for a count, sum and max of
+/// one field.
+fn encode_kept_inputs(inputs: &[Option<Scalar>]) -> Vec<u8> {
+    let mut w = Writer::with_capacity(2 + 9 * inputs.len());
+    w.var_u64(inputs.len() as u64);
+    for (i, input) in inputs.iter().enumerate() {
+        let same = |other: &Option<Scalar>| match (input, other) {
+            (Some(Scalar::Num(a)), Some(Scalar::Num(b))) => a.to_bits() == b.to_bits(),
+            (Some(Scalar::Text(a)), Some(Scalar::Text(b))) => a == b,
+            _ => false,
+        };
+        match (input, inputs[..i].iter().position(same)) {
+            (None, _) => w.u8(0),
+            (Some(_), Some(earlier)) => w.u8(3).var_u64(earlier as u64),
+            (Some(Scalar::Num(n)), None) => w.u8(1).f64(*n),
+            (Some(Scalar::Text(t)), None) => w.u8(2).var_bytes(t.as_bytes()),
+        };
+    }
+    w.finish()
+}
+
+fn decode_kept_inputs(bytes: &[u8]) -> Result<Vec<Option<Scalar>>, StoreError> {
+    let corrupt = || StoreError::Corrupt("sliding inputs".into());
+    let mut r = Reader::new(bytes);
+    let n = r.var_u64()? as usize;
+    let mut out: Vec<Option<Scalar>> = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        let input = match r.u8()? {
+            0 => None,
+            1 => Some(Scalar::Num(r.f64()?)),
+            2 => Some(Scalar::Text(
+                String::from_utf8(r.var_bytes()?.to_vec()).map_err(|_| corrupt())?,
+            )),
+            3 => {
+                let earlier = r.var_u64()? as usize;
+                Some(out.get(earlier).cloned().flatten().ok_or_else(corrupt)?)
+            }
+            _ => return Err(corrupt()),
+        };
+        out.push(input);
+    }
+    Ok(out)
 }
 
 /// An event a sliding window retains, as its expiry entry names it.
@@ -1631,7 +1901,11 @@ impl Acc {
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        let mut r = Reader::new(bytes);
+        Self::decode_from(&mut Reader::new(bytes))
+    }
+
+    /// Decodes an accumulator from the start of `r`, leaving what follows it.
+    fn decode_from(r: &mut Reader<'_>) -> Result<Self, StoreError> {
         let partition = r.u32()? as i32;
         let version = r.i64()?;
         let events = r.u64()?;

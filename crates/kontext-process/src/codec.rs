@@ -62,6 +62,25 @@ impl Writer {
         self.buf.extend_from_slice(v);
         self
     }
+    /// Unsigned LEB128: 1 byte below 128, at most 10.
+    pub fn var_u64(&mut self, mut v: u64) -> &mut Self {
+        while v >= 0x80 {
+            self.buf.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.buf.push(v as u8);
+        self
+    }
+    /// Zigzag LEB128: small magnitudes of either sign take few bytes (deltas).
+    pub fn var_i64(&mut self, v: i64) -> &mut Self {
+        self.var_u64(((v << 1) ^ (v >> 63)) as u64)
+    }
+    /// Bytes prefixed by their [`Writer::var_u64`] length.
+    pub fn var_bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.var_u64(v.len() as u64);
+        self.buf.extend_from_slice(v);
+        self
+    }
     /// Raw bytes, no prefix (key parts of fixed width, or the last part of a key).
     pub fn raw(&mut self, v: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(v);
@@ -123,6 +142,29 @@ impl<'a> Reader<'a> {
         let n = self.u32()? as usize;
         self.take(n)
     }
+    /// What [`Writer::var_u64`] wrote.
+    pub fn var_u64(&mut self) -> Result<u64, StoreError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(StoreError::Corrupt("varint is too long".into()))
+    }
+    /// What [`Writer::var_i64`] wrote.
+    pub fn var_i64(&mut self) -> Result<i64, StoreError> {
+        let v = self.var_u64()?;
+        Ok((v >> 1) as i64 ^ -((v & 1) as i64))
+    }
+    /// What [`Writer::var_bytes`] wrote.
+    pub fn var_bytes(&mut self) -> Result<&'a [u8], StoreError> {
+        let n = usize::try_from(self.var_u64()?)
+            .map_err(|_| StoreError::Corrupt("state entry is truncated".into()))?;
+        self.take(n)
+    }
     /// Big-endian sortable i64 (key part).
     pub fn i64_sortable(&mut self) -> Result<i64, StoreError> {
         Ok(i64_from_sortable(self.array()?))
@@ -158,5 +200,28 @@ mod tests {
         let mut r = Reader::new(&bytes[..bytes.len() - 1]);
         assert_eq!(r.u64().ok(), Some(7));
         assert!(r.bytes().is_err());
+    }
+
+    #[test]
+    fn varints_round_trip_and_reject_truncation() {
+        let values = [0, 1, -1, 63, -64, 64, 1 << 40, i64::MIN, i64::MAX];
+        let mut w = Writer::default();
+        for v in values {
+            w.var_i64(v);
+        }
+        w.var_u64(u64::MAX).var_bytes(b"xyz");
+        let bytes = w.finish();
+        let mut r = Reader::new(&bytes);
+        for v in values {
+            assert_eq!(r.var_i64().unwrap(), v);
+        }
+        assert_eq!(r.var_u64().unwrap(), u64::MAX);
+        assert_eq!(r.var_bytes().unwrap(), b"xyz");
+        assert!(r.is_empty());
+        let mut w = Writer::default();
+        w.var_bytes(b"xyz");
+        let bytes = w.finish();
+        assert!(Reader::new(&bytes[..3]).var_bytes().is_err());
+        assert!(Reader::new(&[0x80; 11]).var_u64().is_err());
     }
 }

@@ -277,7 +277,16 @@ fn run_aggregate_with_state(
     config: AggregateConfig,
     by_key_only: bool,
 ) -> (Table, MemoryStore) {
-    let op = Aggregate::new(config).unwrap();
+    run_op_with_state(events, plan, Aggregate::new(config).unwrap(), by_key_only)
+}
+
+/// [`run_aggregate_with_state`] with an operator built by the caller.
+fn run_op_with_state(
+    events: &[Event],
+    plan: &[(usize, Fault)],
+    op: Aggregate,
+    by_key_only: bool,
+) -> (Table, MemoryStore) {
     let mut table = Downstream::new();
     let (store, changelog) = drive(
         events,
@@ -495,16 +504,24 @@ proptest! {
     #[test]
     fn sliding_windows_match_the_reference(
         specs in specs(), plan in plan(), size in 1i64..60,
+        inline_limit in prop_oneof![Just(16usize), 0usize..5],
     ) {
         let events = events(&specs);
-        let (table, store) = run_aggregate_with_state(
-            &events, &plan, config(WindowSpec::Sliding { size_ms: size }, 0, Emit::OnUpdate), true,
-        );
+        let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: size }, 0, Emit::OnUpdate))
+            .unwrap()
+            .with_sliding_inline_limit(inline_limit);
+        let (table, store) = run_op_with_state(&events, &plan, op, true);
         prop_assert_eq!(table, sliding_reference(&events, size));
-        // The state retains exactly the events still in their key's window.
+        // The state retains exactly the events still in their key's window, inside their
+        // key's entry or in entries of their own.
         let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
-        let in_window = events.iter().filter(|e| e.time_ms > st - size).count();
-        prop_assert_eq!(store.prefix(b"r").count(), in_window);
+        let mut in_window: Vec<(Bytes, i64, i64)> = events
+            .iter()
+            .filter(|e| e.time_ms > st - size)
+            .map(|e| (e.key.clone(), e.time_ms, e.coords.offset))
+            .collect();
+        in_window.sort();
+        prop_assert_eq!(Aggregate::sliding_retained(&store).unwrap(), in_window);
     }
 }
 

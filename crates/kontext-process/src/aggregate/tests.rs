@@ -159,13 +159,108 @@ fn sliding_state_of_the_per_event_index_layout_still_decays() {
     let c1 = batch.updates.iter().find(|u| u.key == "c1").unwrap();
     assert_eq!(c1.values.as_ref().unwrap()[1], AggValue::Num(2.0));
     store.commit(batch.state).unwrap();
-    assert_eq!(store.prefix(b"r").count(), 2);
+    // c1's events moved inside its entry at its first batch; none is left in `r` entries.
+    assert_eq!(store.prefix(b"r").count(), 0);
     assert_eq!(store.get(&index).unwrap(), None);
+    let c1 = Bytes::from("c1");
+    let c2 = Bytes::from("c2");
+    assert_eq!(
+        Aggregate::sliding_retained(&store).unwrap(),
+        vec![(c1, 8, 1), (c2, 14, 2)]
+    );
     // Stream time 30: everything has left; only the batch number and metadata remain.
     let batch = op.process(&store, &[ev("c3", 30, 3, 1.0)]).unwrap();
     store.commit(batch.state).unwrap();
-    assert_eq!(store.prefix(b"r").count(), 1, "c3's own event");
-    assert_eq!(store.prefix(b"q").count(), 1, "c3's own entry");
+    assert_eq!(
+        Aggregate::sliding_retained(&store).unwrap().len(),
+        1,
+        "c3's own event"
+    );
+    assert_eq!(store.prefix(b"a").count(), 1, "c3's own entry");
+    assert_eq!(store.prefix(b"q").count(), 1, "c3's own index entry");
+}
+
+/// The values of the sliding updates of `c1` in `batch`: (count, sum, min, max).
+fn c1_values(batch: &AggregateBatch) -> (AggValue, AggValue, AggValue, AggValue) {
+    let c1 = batch.updates.iter().find(|u| u.key == "c1").unwrap();
+    let v = c1.values.clone().unwrap();
+    (v[0].clone(), v[1].clone(), v[3].clone(), v[4].clone())
+}
+
+#[test]
+fn a_leaving_event_that_held_the_minimum_or_maximum_gives_way_to_the_next() {
+    for limit in [INLINE_LIMIT, 0] {
+        let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: 10 }, 0))
+            .unwrap()
+            .with_sliding_inline_limit(limit);
+        let mut store = MemoryStore::new("agg");
+        let events = [
+            ev("c1", 0, 0, 1.0),
+            ev("c1", 1, 1, 9.0),
+            ev("c1", 2, 2, 5.0),
+            ev("c1", 3, 3, 7.0),
+        ];
+        let batch = op.process(&store, &events).unwrap();
+        store.commit(batch.state).unwrap();
+        let (num, null) = (AggValue::Num, AggValue::Null);
+        // (stream time, expected count, sum, min and max of c1)
+        let steps = [
+            // The event at 0, the minimum, leaves.
+            (10, (AggValue::Int(3), num(21.0), num(5.0), num(9.0))),
+            // The event at 1, the maximum, leaves.
+            (11, (AggValue::Int(2), num(12.0), num(5.0), num(7.0))),
+            // Both others leave; the key's entry goes.
+            (13, (AggValue::Int(0), num(0.0), null.clone(), null.clone())),
+        ];
+        for (offset, (st, expected)) in (4..).zip(steps) {
+            let batch = op.process(&store, &[ev("c2", st, offset, 0.0)]).unwrap();
+            assert_eq!(
+                c1_values(&batch),
+                expected,
+                "limit {limit}, stream time {st}"
+            );
+            store.commit(batch.state).unwrap();
+        }
+        assert_eq!(store.get(&key_prefix(b'a', b"c1")).unwrap(), None);
+    }
+}
+
+#[test]
+fn a_sliding_key_moves_out_of_its_entry_and_back() {
+    let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: 100 }, 0))
+        .unwrap()
+        .with_sliding_inline_limit(2);
+    let mut store = MemoryStore::new("agg");
+    let layout = |store: &MemoryStore| {
+        let bytes = store.get(&key_prefix(b'a', b"c1")).unwrap().unwrap();
+        let kept = decode_sliding_entry(&bytes).unwrap().1;
+        (kept.map(|k| k.len()), store.prefix(b"r").count())
+    };
+    let batch = op
+        .process(&store, &[ev("c1", 0, 0, 3.0), ev("c1", 10, 1, 8.0)])
+        .unwrap();
+    store.commit(batch.state).unwrap();
+    assert_eq!(layout(&store), (Some(2), 0), "two events fit inside");
+    let batch = op.process(&store, &[ev("c1", 20, 2, 4.0)]).unwrap();
+    store.commit(batch.state).unwrap();
+    assert_eq!(layout(&store), (None, 3), "a third one moves them out");
+    // Stream time 110: the events at 0 and 10 (the maximum) leave; one is back inside.
+    let batch = op.process(&store, &[ev("c2", 110, 3, 1.0)]).unwrap();
+    assert_eq!(
+        c1_values(&batch),
+        (
+            AggValue::Int(1),
+            AggValue::Num(4.0),
+            AggValue::Num(4.0),
+            AggValue::Num(4.0)
+        )
+    );
+    store.commit(batch.state).unwrap();
+    assert_eq!(layout(&store), (Some(1), 0));
+    let batch = op.process(&store, &[ev("c1", 111, 4, 6.0)]).unwrap();
+    assert_eq!(c1_values(&batch).1, AggValue::Num(10.0));
+    store.commit(batch.state).unwrap();
+    assert_eq!(layout(&store), (Some(2), 0));
 }
 
 #[test]
@@ -427,6 +522,7 @@ fn run_with_restart(
             }
             downgrade_sessions(&mut store);
             downgrade_panes(&mut store);
+            downgrade_sliding(&mut store);
         }
         let op = Aggregate::new(config).unwrap();
         for batch in part.chunks(size) {
@@ -490,6 +586,42 @@ fn downgrade_panes(store: &mut MemoryStore) {
     }
     put_created_index(store, &mut old, b'v', mentions).unwrap();
     old.delete(PANES_PER_KEY);
+    store.commit(old).unwrap();
+}
+
+/// Rewrites a sliding store in the layout before keys kept their events inside their entry:
+/// `a key` → accumulator alone, `r key time offset` → inputs per event, and every expiry
+/// entry with its events' inputs.
+fn downgrade_sliding(store: &mut MemoryStore) {
+    let mut old = WriteBatch::default();
+    for entry in store.prefix(b"a") {
+        let (akey, bytes) = entry.unwrap();
+        let Ok((acc, Some(kept))) = decode_sliding_entry(&bytes) else {
+            continue;
+        };
+        for k in kept {
+            let rkey = [b"r".as_slice(), &retained_tail(&akey[5..], k.t, k.offset)].concat();
+            old.put(
+                &rkey,
+                &encode_inputs(&decode_kept_inputs(&k.inputs).unwrap()),
+            );
+        }
+        old.put(&akey, &acc.encode());
+    }
+    for entry in store.prefix(b"q") {
+        let (qkey, value) = entry.unwrap();
+        let (seq, mut events) = decode_retained_entry(&qkey, &value).unwrap();
+        for event in &mut events {
+            let rkey = [
+                b"r".as_slice(),
+                &retained_tail(&event.key, event.t, event.offset),
+            ]
+            .concat();
+            event.inputs = Some(get_through(&*store, &old, &rkey).unwrap().unwrap());
+        }
+        old.delete(&qkey);
+        put_retained_entry(&mut old, seq.unwrap(), &events);
+    }
     store.commit(old).unwrap();
 }
 
@@ -609,6 +741,24 @@ fn sessions_of(store: &MemoryStore) -> Vec<(Bytes, i64, i64, u64)> {
         }
     }
     out
+}
+
+/// Like [`jittered`], with the totals of `steps`: minima and maxima that leave.
+fn varied(steps: &[(i64, i64, u8)]) -> Vec<Event> {
+    let mut now = 0;
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, (step, back, total))| {
+            now += step;
+            ev(
+                &format!("c{}", i % 3),
+                now - back,
+                i as i64,
+                f64::from(*total),
+            )
+        })
+        .collect()
 }
 
 fn jittered(steps: &[(i64, i64)]) -> Vec<Event> {
@@ -762,10 +912,50 @@ proptest::proptest! {
         let sliding = |size_ms| config(WindowSpec::Sliding { size_ms }, 0);
         let events = jittered(&steps);
         let (store, st) = run_with_restart(sliding(window), sliding(later_window), &events, size, upgrade);
-        for entry in store.prefix(b"r") {
-            let (key, _) = entry.unwrap();
-            let t = i64_from_sortable(key[key.len() - 16..key.len() - 8].try_into().unwrap());
+        for (_, t, _) in Aggregate::sliding_retained(&store).unwrap() {
             proptest::prop_assert!(t > st - later_window, "event at {t} retained");
         }
+    }
+
+    /// Whatever the inline limit, and however often keys move between the two layouts, a
+    /// sliding window emits the same updates (values and versions) and retains the same events.
+    #[test]
+    fn sliding_layouts_emit_the_same_updates(
+        steps in proptest::collection::vec((0i64..4, 0i64..25, 0u8..20), 1..80),
+        window in 1i64..40,
+        size in 1usize..8,
+    ) {
+        let events = varied(&steps);
+        let run = |limit| {
+            let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: window }, 0))
+                .unwrap()
+                .with_sliding_inline_limit(limit);
+            let (updates, store) = run_rewritten(&op, &events, size, None);
+            (updates, Aggregate::sliding_retained(&store).unwrap())
+        };
+        let inside = run(INLINE_LIMIT);
+        for limit in [0, 1, 2, 3, 5] {
+            proptest::prop_assert_eq!(&run(limit), &inside, "limit {}", limit);
+        }
+    }
+
+    /// A store of the layout before keys kept their events inside their entry (every event in
+    /// an `r` entry, expiry entries with inputs) continues as one that always had the new one:
+    /// the same updates, the same events retained.
+    #[test]
+    fn sliding_events_of_the_earlier_layout_continue_unchanged(
+        steps in proptest::collection::vec((0i64..4, 0i64..25, 0u8..20), 1..80),
+        window in 1i64..40,
+        size in 1usize..6,
+    ) {
+        let events = varied(&steps);
+        let sliding = WindowSpec::Sliding { size_ms: window };
+        let [(updates, store), (migrated_updates, migrated)] =
+            upgraded_halfway(sliding, 0, false, &events, size, downgrade_sliding);
+        proptest::prop_assert_eq!(migrated_updates, updates);
+        proptest::prop_assert_eq!(
+            Aggregate::sliding_retained(&migrated).unwrap(),
+            Aggregate::sliding_retained(&store).unwrap()
+        );
     }
 }
