@@ -31,7 +31,9 @@ use bytes::Bytes;
 use crate::codec::{i64_sortable, Reader, Writer};
 use crate::event::Event;
 use crate::progress::Progress;
-use crate::store::{claim_sequence, expiry_scan, get_through, StateStore, StoreError, WriteBatch};
+use crate::store::{
+    claim_sequence, expiry_scan, get_through, ExpiryRule, StateStore, StoreError, WriteBatch,
+};
 
 /// Key of the last batch sequence number.
 const SEQ_KEY: &[u8] = b"n";
@@ -187,12 +189,13 @@ impl Deduplicate {
             return Ok(out);
         };
         let cut = cutoff(st.saturating_sub(window), width);
+        let rule = expiry_rule(store, &mut out.state, seq, forgotten_below(cut, width))?;
         if let Some(seq) = seq {
             for (bucket, ids) in mentions {
                 if bucket < cut {
                     // Forwarded by this batch and already past the horizon.
-                    for (_, id) in ids {
-                        out.state.delete(&id_key(&id));
+                    for (time, id) in ids {
+                        forget(&mut out.state, rule, &id, time, Some(seq));
                         out.expired += 1;
                     }
                 } else if !ids.is_empty() {
@@ -202,8 +205,69 @@ impl Deduplicate {
                 }
             }
         }
-        out.expired += expire(store, &mut out.state, cut)?;
+        out.expired += expire(store, &mut out.state, cut, rule)?;
         Ok(out)
+    }
+}
+
+/// The expiry rule of the `d` entries ([`ExpiryRule`]) once this batch is applied: it covers
+/// every entry with a time below `below` written by this batch or an earlier one, all of which
+/// this batch and earlier ones forget. Recorded in the batch when it changes. A rule never
+/// covers less than the stored one: when `below` is lower (a restart with a larger window) the
+/// stored rule stays, and what it does not cover is deleted entry by entry. `None` while no
+/// batch forwarded anything.
+fn expiry_rule<S: StateStore + ?Sized>(
+    store: &S,
+    state: &mut WriteBatch,
+    seq: Option<u64>,
+    below: i64,
+) -> Result<Option<ExpiryRule>, StoreError> {
+    let key = ExpiryRule::key(b'd');
+    let stored = get_through(store, state, &key)?
+        .map(|v| ExpiryRule::decode(&v))
+        .transpose()?;
+    let last = match seq {
+        Some(seq) => Some(seq),
+        None => get_through(store, state, SEQ_KEY)?
+            .map(|v| Reader::new(&v).u64())
+            .transpose()?,
+    };
+    let Some(last) = last else {
+        return Ok(stored);
+    };
+    let rule = ExpiryRule {
+        below_time: below,
+        through_seq: last,
+    };
+    match stored {
+        Some(stored) if !rule.contains(&stored) => Ok(Some(stored)),
+        stored => {
+            if stored != Some(rule) {
+                state.put(&key, &rule.encode());
+            }
+            Ok(Some(rule))
+        }
+    }
+}
+
+/// Deletes the `d` entry of `id`, of time `time` and forwarded by batch `seq`, as its window
+/// passes: as one the store may leave to `rule` when the rule covers it. (`seq` is `None` for
+/// an entry of the layout before batch numbers, which no rule covers.)
+fn forget(
+    state: &mut WriteBatch,
+    rule: Option<ExpiryRule>,
+    id: &[u8],
+    time: i64,
+    seq: Option<u64>,
+) {
+    let key = Bytes::from(id_key(id));
+    if rule
+        .zip(seq)
+        .is_some_and(|(rule, seq)| rule.covers_entry(time, seq))
+    {
+        state.delete_expired(key);
+    } else {
+        state.delete_bytes(key);
     }
 }
 
@@ -213,6 +277,7 @@ fn expire<S: StateStore + ?Sized>(
     store: &S,
     state: &mut WriteBatch,
     cut: i64,
+    rule: Option<ExpiryRule>,
 ) -> Result<usize, StoreError> {
     let mut forgotten = 0;
     // Per-batch entries, then per-id ones of the earlier layout (whose exact times are below
@@ -220,10 +285,12 @@ fn expire<S: StateStore + ?Sized>(
     for tag in [b'e', b'x'] {
         let end = [&[tag][..], &i64_sortable(cut)].concat();
         for (key, value) in expiry_scan(store, state, tag, end)? {
-            // Each mentioned id's `d` entry is the one this entry mentions: forwarding an id
-            // again removes its old mention, so no lookup is needed before deleting.
-            for (_, id) in decode_entry(&key, &value)? {
-                state.delete(&id_key(&id));
+            // Each mentioned id's `d` entry is the one this entry mentions (same time, same
+            // batch): forwarding an id again removes its old mention, so no lookup is needed
+            // before deleting.
+            let seq = entry_seq(&key)?;
+            for (time, id) in decode_entry(&key, &value)? {
+                forget(state, rule, &id, time, seq);
                 forgotten += 1;
             }
             state.delete(&key);
@@ -296,6 +363,16 @@ fn cutoff(horizon: i64, width: i64) -> i64 {
     i64::try_from(cut).unwrap_or(i64::MIN)
 }
 
+/// The end of the buckets below `cut`: an id is forgotten at `cut` exactly when its time is
+/// below it.
+fn forgotten_below(cut: i64, width: i64) -> i64 {
+    if cut == i64::MIN {
+        return i64::MIN;
+    }
+    let end = i128::from(bucket_of(cut - 1, width)) + i128::from(width);
+    i64::try_from(end).unwrap_or(i64::MAX)
+}
+
 fn bucket_of(time_ms: i64, width: i64) -> i64 {
     time_ms.saturating_sub(time_ms.rem_euclid(width))
 }
@@ -341,6 +418,18 @@ fn decode_entry(key: &[u8], value: &[u8]) -> Result<Vec<(i64, Bytes)>, StoreErro
         out.push((time, Bytes::copy_from_slice(r.bytes()?)));
     }
     Ok(out)
+}
+
+/// The batch of an expiry entry `e bucket seq`; `None` for an entry `x time id` of the
+/// earlier layout (whose `d` values carry no batch either).
+fn entry_seq(key: &[u8]) -> Result<Option<u64>, StoreError> {
+    if key.first() == Some(&b'x') {
+        return Ok(None);
+    }
+    key.get(9..17)
+        .and_then(|s| s.try_into().ok())
+        .map(|s| Some(u64::from_be_bytes(s)))
+        .ok_or_else(|| StoreError::Corrupt("dedup expiry entry key".into()))
 }
 
 fn id_key(id: &[u8]) -> Vec<u8> {
@@ -529,6 +618,46 @@ mod tests {
         assert_bookkeeping(&store, 100);
         let ids: Vec<_> = store.prefix(b"d").map(|e| e.unwrap().0).collect();
         assert_eq!(ids, vec![Bytes::from_static(b"dc")]);
+    }
+
+    #[test]
+    fn fjall_forgets_the_per_id_layout_like_the_memory_store() {
+        use crate::store::{Durability, FjallStore};
+        let dir = tempfile::tempdir().unwrap();
+        let mut fjall = FjallStore::open(dir.path(), "dedup", Durability::Process).unwrap();
+        let mut memory = MemoryStore::new("dedup");
+        // The previous layout's state: ids at every time from 0 to 99 (window 100, so the
+        // buckets are 6 wide and each expiry scan by exact time stops inside one).
+        let mut old = WriteBatch::default();
+        for time in 0..100i64 {
+            let id = format!("old{time}");
+            let mut w = Writer::default();
+            w.i64(time).u32(0).i64(time);
+            old.put(&id_key(id.as_bytes()), &w.finish());
+            old.put(
+                &[b"x".as_slice(), &i64_sortable(time), id.as_bytes()].concat(),
+                &[],
+            );
+        }
+        old.put(b"\x00m", &99i64.to_le_bytes());
+        old.set_offset(kontext_core::record::TopicPartition::new("clicks", 0), 100);
+        fjall.commit(old.clone()).unwrap();
+        memory.commit(old).unwrap();
+        let op = Deduplicate::new(DedupConfig { window_ms: 100 });
+        // Stream time creeps up while every old id comes back: each is forgotten (Forward) or
+        // remembered (Duplicate) alike, and each store holds the same.
+        for step in 0..100i64 {
+            let events = [
+                ev(&format!("new{step}"), 100 + step, 100 + 2 * step),
+                ev(&format!("old{step}"), 100 + step, 101 + 2 * step),
+            ];
+            let a = op.process(&fjall, &events).unwrap();
+            let b = op.process(&memory, &events).unwrap();
+            assert_eq!(a.decisions, b.decisions, "step {step}");
+            fjall.commit(a.state).unwrap();
+            memory.commit(b.state).unwrap();
+            assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap(), "step {step}");
+        }
     }
 
     /// After the first batch on an old store, `b` still has its old-layout entry and value.
