@@ -15,7 +15,10 @@
 //!   with, kept when the window changes, so every entry is found where it was filed;
 //! - `n` → the last batch sequence number; `c e`, `c x` → where the next expiry scans of the
 //!   two indexes start ([`expiry_scan`]); `m` → stream time;
-//! - `x time id`, empty: the per-id expiry entries of stores written before, still expired.
+//! - `x time id`, empty: the per-id expiry entries of stores written before, still expired;
+//! - `0x00 e d` → the expiry rule of the `d` entries ([`ExpiryRule`]): those with a time below
+//!   the end of the forgotten buckets, forwarded by a batch up to the one it names, are
+//!   forgotten.
 //!
 //! An id is forgotten at the end of the first batch whose horizon `st - window` has passed the
 //! end of its bucket, so it may be kept up to `g` longer than the window; decisions only look at
@@ -23,6 +26,10 @@
 //! remembered id again (its time fell below the horizon) removes it from its old expiry entry
 //! (a point read by `bucket` and `seq`, once per entry and batch), so every `d` entry has
 //! exactly one mention.
+//!
+//! Forgetting an id deletes its `d` entry with [`WriteBatch::delete_expired`]: the changelog
+//! carries the tombstone, and fjall leaves the entry to the rule (hidden from reads, dropped by
+//! compaction) instead of writing one more memtable entry per id.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -591,19 +598,9 @@ mod tests {
         let op = Deduplicate::new(DedupConfig { window_ms: 100 });
         let mut store = MemoryStore::new("dedup");
         // What the previous layout wrote for `a` at 0 and `b` at 90 (stream time 90).
-        let mut old = WriteBatch::default();
-        for (id, time, offset) in [("a", 0i64, 0i64), ("b", 90, 1)] {
-            let mut w = Writer::default();
-            w.i64(time).u32(0).i64(offset);
-            old.put(&id_key(id.as_bytes()), &w.finish());
-            old.put(
-                &[b"x".as_slice(), &i64_sortable(time), id.as_bytes()].concat(),
-                &[],
-            );
-        }
-        old.put(b"\x00m", &90i64.to_le_bytes());
-        old.set_offset(kontext_core::record::TopicPartition::new("clicks", 0), 2);
-        store.commit(old).unwrap();
+        store
+            .commit(per_id_layout_state(&[("a".into(), 0), ("b".into(), 90)]))
+            .unwrap();
         // `a` is past the horizon and forwarded again; `b` is still remembered.
         let batch = op
             .process(&store, &[ev("a", 150, 2), ev("b", 150, 3)])
@@ -628,19 +625,8 @@ mod tests {
         let mut memory = MemoryStore::new("dedup");
         // The previous layout's state: ids at every time from 0 to 99 (window 100, so the
         // buckets are 6 wide and each expiry scan by exact time stops inside one).
-        let mut old = WriteBatch::default();
-        for time in 0..100i64 {
-            let id = format!("old{time}");
-            let mut w = Writer::default();
-            w.i64(time).u32(0).i64(time);
-            old.put(&id_key(id.as_bytes()), &w.finish());
-            old.put(
-                &[b"x".as_slice(), &i64_sortable(time), id.as_bytes()].concat(),
-                &[],
-            );
-        }
-        old.put(b"\x00m", &99i64.to_le_bytes());
-        old.set_offset(kontext_core::record::TopicPartition::new("clicks", 0), 100);
+        let ids: Vec<(String, i64)> = (0..100).map(|t| (format!("old{t}"), t)).collect();
+        let old = per_id_layout_state(&ids);
         fjall.commit(old.clone()).unwrap();
         memory.commit(old).unwrap();
         let op = Deduplicate::new(DedupConfig { window_ms: 100 });
@@ -658,6 +644,29 @@ mod tests {
             memory.commit(b.state).unwrap();
             assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap(), "step {step}");
         }
+    }
+
+    /// What the layout of per-id expiry entries wrote for these `(id, time)`, the n-th at
+    /// offset n: `d` values without a batch number, `x` entries, stream time the last time.
+    fn per_id_layout_state(ids: &[(String, i64)]) -> WriteBatch {
+        let mut old = WriteBatch::default();
+        for (offset, (id, time)) in ids.iter().enumerate() {
+            let mut w = Writer::default();
+            w.i64(*time).u32(0).i64(offset as i64);
+            old.put(&id_key(id.as_bytes()), &w.finish());
+            old.put(
+                &[b"x".as_slice(), &i64_sortable(*time), id.as_bytes()].concat(),
+                &[],
+            );
+        }
+        if let Some((_, last)) = ids.last() {
+            old.put(b"\x00m", &last.to_le_bytes());
+        }
+        old.set_offset(
+            kontext_core::record::TopicPartition::new("clicks", 0),
+            ids.len() as i64,
+        );
+        old
     }
 
     /// After the first batch on an old store, `b` still has its old-layout entry and value.
