@@ -15,7 +15,10 @@
 //!   with, kept when the window changes, so every entry is found where it was filed;
 //! - `n` → the last batch sequence number; `c e`, `c x` → where the next expiry scans of the
 //!   two indexes start ([`expiry_scan`]); `m` → stream time;
-//! - `x time id`, empty: the per-id expiry entries of stores written before, still expired.
+//! - `x time id`, empty: the per-id expiry entries of stores written before, still expired;
+//! - `0x00 e d` → the expiry rule of the `d` entries ([`ExpiryRule`]): those with a time below
+//!   the end of the forgotten buckets, forwarded by a batch up to the one it names, are
+//!   forgotten.
 //!
 //! An id is forgotten at the end of the first batch whose horizon `st - window` has passed the
 //! end of its bucket, so it may be kept up to `g` longer than the window; decisions only look at
@@ -23,6 +26,10 @@
 //! remembered id again (its time fell below the horizon) removes it from its old expiry entry
 //! (a point read by `bucket` and `seq`, once per entry and batch), so every `d` entry has
 //! exactly one mention.
+//!
+//! Forgetting an id deletes its `d` entry with [`WriteBatch::delete_expired`]: the changelog
+//! carries the tombstone, and fjall leaves the entry to the rule (hidden from reads, dropped by
+//! compaction) instead of writing one more memtable entry per id.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,7 +38,9 @@ use bytes::Bytes;
 use crate::codec::{i64_sortable, Reader, Writer};
 use crate::event::Event;
 use crate::progress::Progress;
-use crate::store::{claim_sequence, expiry_scan, get_through, StateStore, StoreError, WriteBatch};
+use crate::store::{
+    claim_sequence, expiry_scan, get_through, ExpiryRule, StateStore, StoreError, WriteBatch,
+};
 
 /// Key of the last batch sequence number.
 const SEQ_KEY: &[u8] = b"n";
@@ -187,12 +196,13 @@ impl Deduplicate {
             return Ok(out);
         };
         let cut = cutoff(st.saturating_sub(window), width);
+        let rule = expiry_rule(store, &mut out.state, seq, forgotten_below(cut, width))?;
         if let Some(seq) = seq {
             for (bucket, ids) in mentions {
                 if bucket < cut {
                     // Forwarded by this batch and already past the horizon.
-                    for (_, id) in ids {
-                        out.state.delete(&id_key(&id));
+                    for (time, id) in ids {
+                        forget(&mut out.state, rule, &id, time, Some(seq));
                         out.expired += 1;
                     }
                 } else if !ids.is_empty() {
@@ -202,8 +212,69 @@ impl Deduplicate {
                 }
             }
         }
-        out.expired += expire(store, &mut out.state, cut)?;
+        out.expired += expire(store, &mut out.state, cut, rule)?;
         Ok(out)
+    }
+}
+
+/// The expiry rule of the `d` entries ([`ExpiryRule`]) once this batch is applied: it covers
+/// every entry with a time below `below` written by this batch or an earlier one, all of which
+/// this batch and earlier ones forget. Recorded in the batch when it changes. A rule never
+/// covers less than the stored one: when `below` is lower (a restart with a larger window) the
+/// stored rule stays, and what it does not cover is deleted entry by entry. `None` while no
+/// batch forwarded anything.
+fn expiry_rule<S: StateStore + ?Sized>(
+    store: &S,
+    state: &mut WriteBatch,
+    seq: Option<u64>,
+    below: i64,
+) -> Result<Option<ExpiryRule>, StoreError> {
+    let key = ExpiryRule::key(b'd');
+    let stored = get_through(store, state, &key)?
+        .map(|v| ExpiryRule::decode(&v))
+        .transpose()?;
+    let last = match seq {
+        Some(seq) => Some(seq),
+        None => get_through(store, state, SEQ_KEY)?
+            .map(|v| Reader::new(&v).u64())
+            .transpose()?,
+    };
+    let Some(last) = last else {
+        return Ok(stored);
+    };
+    let rule = ExpiryRule {
+        below_time: below,
+        through_seq: last,
+    };
+    match stored {
+        Some(stored) if !rule.contains(&stored) => Ok(Some(stored)),
+        stored => {
+            if stored != Some(rule) {
+                state.put(&key, &rule.encode());
+            }
+            Ok(Some(rule))
+        }
+    }
+}
+
+/// Deletes the `d` entry of `id`, of time `time` and forwarded by batch `seq`, as its window
+/// passes: as one the store may leave to `rule` when the rule covers it. (`seq` is `None` for
+/// an entry of the layout before batch numbers, which no rule covers.)
+fn forget(
+    state: &mut WriteBatch,
+    rule: Option<ExpiryRule>,
+    id: &[u8],
+    time: i64,
+    seq: Option<u64>,
+) {
+    let key = Bytes::from(id_key(id));
+    if rule
+        .zip(seq)
+        .is_some_and(|(rule, seq)| rule.covers_entry(time, seq))
+    {
+        state.delete_expired(key);
+    } else {
+        state.delete_bytes(key);
     }
 }
 
@@ -213,6 +284,7 @@ fn expire<S: StateStore + ?Sized>(
     store: &S,
     state: &mut WriteBatch,
     cut: i64,
+    rule: Option<ExpiryRule>,
 ) -> Result<usize, StoreError> {
     let mut forgotten = 0;
     // Per-batch entries, then per-id ones of the earlier layout (whose exact times are below
@@ -220,10 +292,12 @@ fn expire<S: StateStore + ?Sized>(
     for tag in [b'e', b'x'] {
         let end = [&[tag][..], &i64_sortable(cut)].concat();
         for (key, value) in expiry_scan(store, state, tag, end)? {
-            // Each mentioned id's `d` entry is the one this entry mentions: forwarding an id
-            // again removes its old mention, so no lookup is needed before deleting.
-            for (_, id) in decode_entry(&key, &value)? {
-                state.delete(&id_key(&id));
+            // Each mentioned id's `d` entry is the one this entry mentions (same time, same
+            // batch): forwarding an id again removes its old mention, so no lookup is needed
+            // before deleting.
+            let seq = entry_seq(&key)?;
+            for (time, id) in decode_entry(&key, &value)? {
+                forget(state, rule, &id, time, seq);
                 forgotten += 1;
             }
             state.delete(&key);
@@ -296,6 +370,16 @@ fn cutoff(horizon: i64, width: i64) -> i64 {
     i64::try_from(cut).unwrap_or(i64::MIN)
 }
 
+/// The end of the buckets below `cut`: an id is forgotten at `cut` exactly when its time is
+/// below it.
+fn forgotten_below(cut: i64, width: i64) -> i64 {
+    if cut == i64::MIN {
+        return i64::MIN;
+    }
+    let end = i128::from(bucket_of(cut - 1, width)) + i128::from(width);
+    i64::try_from(end).unwrap_or(i64::MAX)
+}
+
 fn bucket_of(time_ms: i64, width: i64) -> i64 {
     time_ms.saturating_sub(time_ms.rem_euclid(width))
 }
@@ -341,6 +425,18 @@ fn decode_entry(key: &[u8], value: &[u8]) -> Result<Vec<(i64, Bytes)>, StoreErro
         out.push((time, Bytes::copy_from_slice(r.bytes()?)));
     }
     Ok(out)
+}
+
+/// The batch of an expiry entry `e bucket seq`; `None` for an entry `x time id` of the
+/// earlier layout (whose `d` values carry no batch either).
+fn entry_seq(key: &[u8]) -> Result<Option<u64>, StoreError> {
+    if key.first() == Some(&b'x') {
+        return Ok(None);
+    }
+    key.get(9..17)
+        .and_then(|s| s.try_into().ok())
+        .map(|s| Some(u64::from_be_bytes(s)))
+        .ok_or_else(|| StoreError::Corrupt("dedup expiry entry key".into()))
 }
 
 fn id_key(id: &[u8]) -> Vec<u8> {
@@ -502,19 +598,9 @@ mod tests {
         let op = Deduplicate::new(DedupConfig { window_ms: 100 });
         let mut store = MemoryStore::new("dedup");
         // What the previous layout wrote for `a` at 0 and `b` at 90 (stream time 90).
-        let mut old = WriteBatch::default();
-        for (id, time, offset) in [("a", 0i64, 0i64), ("b", 90, 1)] {
-            let mut w = Writer::default();
-            w.i64(time).u32(0).i64(offset);
-            old.put(&id_key(id.as_bytes()), &w.finish());
-            old.put(
-                &[b"x".as_slice(), &i64_sortable(time), id.as_bytes()].concat(),
-                &[],
-            );
-        }
-        old.put(b"\x00m", &90i64.to_le_bytes());
-        old.set_offset(kontext_core::record::TopicPartition::new("clicks", 0), 2);
-        store.commit(old).unwrap();
+        store
+            .commit(per_id_layout_state(&[("a".into(), 0), ("b".into(), 90)]))
+            .unwrap();
         // `a` is past the horizon and forwarded again; `b` is still remembered.
         let batch = op
             .process(&store, &[ev("a", 150, 2), ev("b", 150, 3)])
@@ -529,6 +615,58 @@ mod tests {
         assert_bookkeeping(&store, 100);
         let ids: Vec<_> = store.prefix(b"d").map(|e| e.unwrap().0).collect();
         assert_eq!(ids, vec![Bytes::from_static(b"dc")]);
+    }
+
+    #[test]
+    fn fjall_forgets_the_per_id_layout_like_the_memory_store() {
+        use crate::store::{Durability, FjallStore};
+        let dir = tempfile::tempdir().unwrap();
+        let mut fjall = FjallStore::open(dir.path(), "dedup", Durability::Process).unwrap();
+        let mut memory = MemoryStore::new("dedup");
+        // The previous layout's state: ids at every time from 0 to 99 (window 100, so the
+        // buckets are 6 wide and each expiry scan by exact time stops inside one).
+        let ids: Vec<(String, i64)> = (0..100).map(|t| (format!("old{t}"), t)).collect();
+        let old = per_id_layout_state(&ids);
+        fjall.commit(old.clone()).unwrap();
+        memory.commit(old).unwrap();
+        let op = Deduplicate::new(DedupConfig { window_ms: 100 });
+        // Stream time creeps up while every old id comes back: each is forgotten (Forward) or
+        // remembered (Duplicate) alike, and each store holds the same.
+        for step in 0..100i64 {
+            let events = [
+                ev(&format!("new{step}"), 100 + step, 100 + 2 * step),
+                ev(&format!("old{step}"), 100 + step, 101 + 2 * step),
+            ];
+            let a = op.process(&fjall, &events).unwrap();
+            let b = op.process(&memory, &events).unwrap();
+            assert_eq!(a.decisions, b.decisions, "step {step}");
+            fjall.commit(a.state).unwrap();
+            memory.commit(b.state).unwrap();
+            assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap(), "step {step}");
+        }
+    }
+
+    /// What the layout of per-id expiry entries wrote for these `(id, time)`, the n-th at
+    /// offset n: `d` values without a batch number, `x` entries, stream time the last time.
+    fn per_id_layout_state(ids: &[(String, i64)]) -> WriteBatch {
+        let mut old = WriteBatch::default();
+        for (offset, (id, time)) in ids.iter().enumerate() {
+            let mut w = Writer::default();
+            w.i64(*time).u32(0).i64(offset as i64);
+            old.put(&id_key(id.as_bytes()), &w.finish());
+            old.put(
+                &[b"x".as_slice(), &i64_sortable(*time), id.as_bytes()].concat(),
+                &[],
+            );
+        }
+        if let Some((_, last)) = ids.last() {
+            old.put(b"\x00m", &last.to_le_bytes());
+        }
+        old.set_offset(
+            kontext_core::record::TopicPartition::new("clicks", 0),
+            ids.len() as i64,
+        );
+        old
     }
 
     /// After the first batch on an old store, `b` still has its old-layout entry and value.

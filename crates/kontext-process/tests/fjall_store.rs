@@ -86,3 +86,75 @@ fn dedup_state_in_fjall_survives_a_reopen() {
         ]
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// fjall leaves expired dedup entries to an expiry rule (hidden, then compacted away); the
+    /// in-memory store deletes them. Both must decide alike and hold alike, across compactions,
+    /// reopens, a restart with a larger window, and a restore from the changelog.
+    #[test]
+    fn dedup_on_fjall_decides_and_restores_like_the_memory_store(
+        steps in prop::collection::vec((0u8..30, 0i64..40, 0i64..30, 1usize..12), 1..40),
+        window in 1i64..120,
+        later_window in 1i64..400,
+        compact_every in 1usize..6,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fjall = FjallStore::open(dir.path().join("a"), "dedup", Durability::Process).unwrap();
+        let mut memory = MemoryStore::new("dedup");
+        let mut changelog = Vec::new();
+        let mut op = Deduplicate::new(DedupConfig { window_ms: window });
+        let (mut now, mut offset) = (0i64, 0i64);
+        for (n, (id, step, back, size)) in steps.iter().enumerate() {
+            if n == steps.len() / 2 {
+                op = Deduplicate::new(DedupConfig { window_ms: later_window });
+            }
+            let events: Vec<Event> = (0..*size)
+                .map(|i| {
+                    now += step / 4;
+                    offset += 1;
+                    let id = (*id as i64 + i as i64 * 7) % 30;
+                    Event {
+                        key: Bytes::from_static(b"C-1"),
+                        id: Bytes::from(format!("id-{id}")),
+                        time_ms: now - (back * i as i64) % 50,
+                        coords: Coords::new("clicks", 0, offset),
+                        value: serde_json::Value::Null,
+                    }
+                })
+                .collect();
+            let on_fjall = op.process(&fjall, &events).unwrap();
+            let on_memory = op.process(&memory, &events).unwrap();
+            prop_assert_eq!(&on_fjall.decisions, &on_memory.decisions);
+            prop_assert_eq!(on_fjall.expired, on_memory.expired);
+            changelog.extend(fjall.commit(on_fjall.state).unwrap());
+            memory.commit(on_memory.state).unwrap();
+            prop_assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap());
+            if n % compact_every == 0 {
+                fjall.compact().unwrap();
+                prop_assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap());
+            }
+        }
+        drop(fjall);
+        let fjall = FjallStore::open(dir.path().join("a"), "dedup", Durability::Process).unwrap();
+        prop_assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap());
+        let mut restored = FjallStore::open(dir.path().join("b"), "dedup", Durability::Process).unwrap();
+        prop_assert!(restored.restore(&mut changelog.into_iter()).unwrap().is_empty());
+        prop_assert_eq!(restored.dump().unwrap(), memory.dump().unwrap());
+        // And they go on deciding alike: every id once more, far later (expired: forwarded).
+        let later: Vec<Event> = (0..30)
+            .map(|id| Event {
+                key: Bytes::from_static(b"C-1"),
+                id: Bytes::from(format!("id-{id}")),
+                time_ms: now + 1_000,
+                coords: Coords::new("clicks", 0, offset + 1 + id),
+                value: serde_json::Value::Null,
+            })
+            .collect();
+        let a = op.process(&fjall, &later).unwrap();
+        let b = op.process(&restored, &later).unwrap();
+        prop_assert_eq!(&a.decisions, &b.decisions);
+        prop_assert!(a.decisions.iter().all(|d| *d == DedupDecision::Forward));
+    }
+}

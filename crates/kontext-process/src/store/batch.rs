@@ -24,6 +24,9 @@ pub struct ChangelogRecord {
 pub struct WriteBatch {
     writes: BTreeMap<Bytes, Option<Bytes>>,
     offsets: BTreeMap<TopicPartition, i64>,
+    /// Deletes of entries an expiry rule covers ([`WriteBatch::delete_expired`]), in call
+    /// order.
+    expired: Vec<Bytes>,
 }
 
 impl WriteBatch {
@@ -34,6 +37,7 @@ impl WriteBatch {
 
     /// Puts without copying.
     pub fn put_bytes(&mut self, key: Bytes, value: Bytes) {
+        debug_assert!(!self.expired.contains(&key), "write after delete_expired");
         self.writes.insert(key, Some(value));
     }
 
@@ -44,7 +48,28 @@ impl WriteBatch {
 
     /// Deletes without copying.
     pub fn delete_bytes(&mut self, key: Bytes) {
+        debug_assert!(!self.expired.contains(&key), "write after delete_expired");
         self.writes.insert(key, None);
+    }
+
+    /// Deletes `key`, an entry that the expiry rule of its prefix covers once this batch is
+    /// applied ([`ExpiryRule`](super::ExpiryRule)): the changelog carries the tombstone, a
+    /// store that knows no rules deletes it, and one that applies them itself
+    /// ([`FjallStore`](super::FjallStore)) leaves it to the rule. Replaces a pending write of
+    /// the key.
+    ///
+    /// These deletes are kept apart from the ordered writes (a batch of a steady stream
+    /// forgets as many entries as it adds, and the ordered map was a tenth of the dedup's
+    /// CPU): [`WriteBatch::get`] and [`WriteBatch::range`] do not see them. Call it after the
+    /// batch's last read and write of `key` (checked in debug builds).
+    pub fn delete_expired(&mut self, key: Bytes) {
+        self.writes.remove(&key);
+        self.expired.push(key);
+    }
+
+    /// The keys of [`WriteBatch::delete_expired`], in call order.
+    pub fn expired(&self) -> &[Bytes] {
+        &self.expired
     }
 
     /// Records that every input record of `tp` below `next_offset` is accounted for by the
@@ -71,12 +96,12 @@ impl WriteBatch {
 
     /// Number of pending key writes (offsets not counted).
     pub fn len(&self) -> usize {
-        self.writes.len()
+        self.writes.len() + self.expired.len()
     }
 
     /// True when there is nothing to write, offsets included.
     pub fn is_empty(&self) -> bool {
-        self.writes.is_empty() && self.offsets.is_empty()
+        self.writes.is_empty() && self.expired.is_empty() && self.offsets.is_empty()
     }
 
     /// The input offsets this batch records.
@@ -108,6 +133,12 @@ impl WriteBatch {
                 });
             }
         }
+        for key in &self.expired {
+            out.push(ChangelogRecord {
+                key: key.clone(),
+                value: None,
+            });
+        }
         for (key, value) in &self.writes {
             if is_meta(key) {
                 out.push(ChangelogRecord {
@@ -129,8 +160,15 @@ impl WriteBatch {
         out
     }
 
-    /// All writes including the offsets entries, as the store must apply them.
+    /// All writes including the offsets entries, as a store that knows no expiry rules must
+    /// apply them.
     pub fn entries(&self) -> impl Iterator<Item = (Bytes, Option<Bytes>)> + '_ {
+        self.entries_but_expired()
+            .chain(self.expired.iter().map(|k| (k.clone(), None)))
+    }
+
+    /// [`WriteBatch::entries`] without the deletes of [`WriteBatch::delete_expired`].
+    pub fn entries_but_expired(&self) -> impl Iterator<Item = (Bytes, Option<Bytes>)> + '_ {
         self.writes
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))

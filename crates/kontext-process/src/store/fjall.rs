@@ -1,14 +1,19 @@
 //! The on-disk store: one fjall database (an LSM tree with a write-ahead journal) per task.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
+use fjall::compaction::filter::{
+    CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict,
+};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use kontext_core::record::TopicPartition;
 
 use super::batch::decode_offset_entry;
-use super::{KvIter, StateStore, StoreError, WriteBatch, OFFSETS_PREFIX};
+use super::expiry::{rule_prefix, ExpiryRules, EXPIRY_RULES_PREFIX};
+use super::{ExpiryRule, KvIter, StateStore, StoreError, WriteBatch, OFFSETS_PREFIX};
 
 /// How durable a committed batch is when [`StateStore::apply`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,6 +30,11 @@ pub enum Durability {
 ///
 /// A batch is one fjall write batch, so it is atomic across crashes; the input offsets are
 /// entries of the same batch.
+///
+/// Expiry rules ([`ExpiryRule`]) are applied lazily: a delete the batch marks as covered by a
+/// rule is not written; reads hide the entries the store's rules cover, and compactions drop
+/// them. The rules are entries of the batches, so they are as durable as the deletes they
+/// replace.
 pub struct FjallStore {
     name: String,
     db: Database,
@@ -33,7 +43,14 @@ pub struct FjallStore {
     /// The offsets entries, cached: read every batch, and an LSM keeps one version of each per
     /// batch until compaction, so scanning them each time would get slower and slower.
     offsets: BTreeMap<TopicPartition, i64>,
+    /// The expiry rules, as of the last applied batch.
+    rules: ExpiryRules,
+    /// The same, for the keyspace's compaction filter.
+    shared_rules: SharedRules,
 }
+
+/// The rules of one keyspace, shared with its compaction filter.
+type SharedRules = Arc<Mutex<ExpiryRules>>;
 
 impl std::fmt::Debug for FjallStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -50,6 +67,9 @@ impl std::fmt::Debug for FjallStore {
 #[derive(Clone)]
 pub struct StateDb {
     db: Database,
+    /// The expiry rules of each keyspace, by name: fjall assigns a keyspace its compaction
+    /// filter when it opens or recovers it, before the store opens it and loads the rules.
+    rules: Arc<Mutex<HashMap<String, SharedRules>>>,
 }
 
 impl std::fmt::Debug for StateDb {
@@ -62,13 +82,19 @@ impl StateDb {
     /// Opens (creating if needed) the database in the directory `path`. Only one process may
     /// open a directory at a time.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let rules: Arc<Mutex<HashMap<String, SharedRules>>> = Arc::default();
+        let registry = rules.clone();
         let db = Database::builder(path.as_ref())
+            .with_compaction_filter_factories(Arc::new(move |keyspace: &str| {
+                let rules = rules_of(&registry, keyspace);
+                Some(Arc::new(ExpiryFilterFactory { rules }) as Arc<dyn Factory>)
+            }))
             .open()
             .map_err(|e| StoreError::Engine {
                 store: path.as_ref().display().to_string(),
                 source: Box::new(e),
             })?;
-        Ok(Self { db })
+        Ok(Self { db, rules })
     }
 
     /// Syncs the journal to disk (also done by fjall when the last handle is dropped).
@@ -114,6 +140,7 @@ impl FjallStore {
             store: name.clone(),
             source: Box::new(e),
         };
+        let shared_rules = rules_of(&db.rules, keyspace);
         let db = db.db.clone();
         let keyspace = db
             .keyspace(keyspace, KeyspaceCreateOptions::default)
@@ -124,6 +151,8 @@ impl FjallStore {
             keyspace,
             durability,
             offsets: BTreeMap::new(),
+            rules: ExpiryRules::default(),
+            shared_rules,
         };
         let mut offsets = BTreeMap::new();
         for entry in store.prefix(OFFSETS_PREFIX) {
@@ -132,6 +161,14 @@ impl FjallStore {
             offsets.insert(tp, next);
         }
         store.offsets = offsets;
+        let mut rules = ExpiryRules::default();
+        for entry in store.prefix(EXPIRY_RULES_PREFIX) {
+            let (key, value) = entry?;
+            if let Some(prefix) = rule_prefix(&key) {
+                rules.set(prefix, Some(ExpiryRule::decode(&value)?));
+            }
+        }
+        store.set_rules(rules);
         Ok(store)
     }
 
@@ -152,7 +189,32 @@ impl FjallStore {
         }
         batch.commit().map_err(|e| self.engine(e))?;
         self.offsets.clear();
+        self.set_rules(ExpiryRules::default());
         Ok(())
+    }
+
+    /// Flushes the memtable and compacts the store into one run (what fjall's workers do in
+    /// time): for tests of what compaction keeps.
+    #[doc(hidden)]
+    pub fn compact(&self) -> Result<(), StoreError> {
+        self.keyspace
+            .rotate_memtable_and_wait()
+            .and_then(|()| self.keyspace.major_compact())
+            .map_err(|e| self.engine(e))
+    }
+
+    /// How many entries under `prefix` fjall holds, covered ones included.
+    #[cfg(test)]
+    pub(super) fn held(&self, prefix: &[u8]) -> usize {
+        self.keyspace.prefix(prefix).count()
+    }
+
+    fn set_rules(&mut self, rules: ExpiryRules) {
+        *self
+            .shared_rules
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = rules.clone();
+        self.rules = rules;
     }
 
     fn engine(&self, e: fjall::Error) -> StoreError {
@@ -173,6 +235,7 @@ impl StateStore for FjallStore {
             .keyspace
             .get(key)
             .map_err(|e| self.engine(e))?
+            .filter(|v| !self.rules.covers(key, v))
             .map(|v| Bytes::copy_from_slice(&v)))
     }
 
@@ -183,26 +246,47 @@ impl StateStore for FjallStore {
         Box::new(
             self.keyspace
                 .range(start.to_vec()..end.to_vec())
-                .map(move |guard| {
-                    let (k, v) = guard.into_inner().map_err(|e| self.engine(e))?;
+                .map(move |guard| guard.into_inner().map_err(|e| self.engine(e)))
+                .filter(move |entry| !matches!(entry, Ok((k, v)) if self.rules.covers(k, v)))
+                .map(|entry| {
+                    let (k, v) = entry?;
                     Ok((Bytes::copy_from_slice(&k), Bytes::copy_from_slice(&v)))
                 }),
         )
     }
 
     fn apply(&mut self, batch: &WriteBatch) -> Result<(), StoreError> {
+        let mut rules = self.rules.clone();
+        let mut rules_changed = false;
+        for (key, value) in batch.range(EXPIRY_RULES_PREFIX, b"\x00f") {
+            if let Some(prefix) = rule_prefix(key) {
+                let rule = value.as_deref().map(ExpiryRule::decode).transpose()?;
+                rules.set(prefix, rule);
+                rules_changed = true;
+            }
+        }
         let mut fjall_batch = self.db.batch();
         if self.durability == Durability::Machine {
             fjall_batch = fjall_batch.durability(Some(PersistMode::SyncData));
         }
-        for (key, value) in batch.entries() {
+        for (key, value) in batch.entries_but_expired() {
             match value {
                 Some(value) => fjall_batch.insert(&self.keyspace, key.as_ref(), value.as_ref()),
                 None => fjall_batch.remove(&self.keyspace, key.as_ref()),
             }
         }
+        for key in batch.expired() {
+            // Covered by a rule: hidden from reads, dropped by compaction. (Without one, the
+            // operator broke the contract: delete.)
+            if rules.of(key).is_none() {
+                fjall_batch.remove(&self.keyspace, key.as_ref());
+            }
+        }
         fjall_batch.commit().map_err(|e| self.engine(e))?;
-        for (key, value) in batch.entries() {
+        if rules_changed {
+            self.set_rules(rules);
+        }
+        for (key, value) in batch.entries_but_expired() {
             if key.starts_with(OFFSETS_PREFIX) {
                 match value {
                     Some(value) => {
@@ -221,5 +305,58 @@ impl StateStore for FjallStore {
 
     fn offsets(&self) -> Result<BTreeMap<TopicPartition, i64>, StoreError> {
         Ok(self.offsets.clone())
+    }
+}
+
+/// The shared rules of `keyspace`, created empty when first asked for.
+fn rules_of(registry: &Mutex<HashMap<String, SharedRules>>, keyspace: &str) -> SharedRules {
+    registry
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(keyspace.to_owned())
+        .or_default()
+        .clone()
+}
+
+/// Makes the compaction filters of one keyspace: each drops the entries its store's expiry
+/// rules cover.
+struct ExpiryFilterFactory {
+    rules: SharedRules,
+}
+
+impl Factory for ExpiryFilterFactory {
+    fn name(&self) -> &str {
+        "kontext-expiry-rules"
+    }
+
+    fn make_filter(&self, _: &Context) -> Box<dyn CompactionFilter> {
+        // The rules as the compaction starts: rules only ever cover more, so a compaction
+        // that started earlier keeps entries a later rule covers (reads hide them).
+        let rules = self
+            .rules
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Box::new(ExpiryFilter { rules })
+    }
+}
+
+struct ExpiryFilter {
+    rules: ExpiryRules,
+}
+
+impl CompactionFilter for ExpiryFilter {
+    fn filter_item(&mut self, item: ItemAccessor<'_>, _: &Context) -> CompactionFilterResult {
+        if self.rules.is_empty() || self.rules.of(item.key()).is_none() {
+            return Ok(Verdict::Keep);
+        }
+        // `Destroy` (no tombstone) is safe: an older version of a covered entry is covered
+        // too (the operator rewrites an entry only with a later time and batch number), so
+        // nothing a tombstone would hide can come back.
+        Ok(if self.rules.covers(item.key(), &item.value()?) {
+            Verdict::Destroy
+        } else {
+            Verdict::Keep
+        })
     }
 }

@@ -5,6 +5,7 @@
 //! offsets); operators' keys begin with an ASCII letter.
 
 mod batch;
+mod expiry;
 mod fjall;
 mod memory;
 #[cfg(test)]
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use kontext_core::record::TopicPartition;
 
 pub use self::batch::{ChangelogRecord, WriteBatch};
+pub use self::expiry::ExpiryRule;
 pub use self::fjall::{Durability, FjallStore, StateDb};
 pub use self::memory::MemoryStore;
 

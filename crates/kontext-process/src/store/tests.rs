@@ -181,3 +181,92 @@ fn restore_skips_a_half_written_batch_and_repair_undoes_it() {
         .is_empty());
     assert_eq!(repaired.dump().unwrap(), original.dump().unwrap());
 }
+
+/// A value of an entry under a ruled prefix: time, 12 bytes, batch number.
+fn stamped(time: i64, seq: u64) -> Vec<u8> {
+    let mut value = time.to_le_bytes().to_vec();
+    value.extend_from_slice(&[0; 12]);
+    value.extend_from_slice(&seq.to_le_bytes());
+    value
+}
+
+#[test]
+fn expired_deletes_covered_by_a_rule_read_alike_in_both_stores_and_compact_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fjall = FjallStore::open(dir.path(), "t", Durability::Process).unwrap();
+    let mut memory = MemoryStore::new("t");
+    let mut changelog = Vec::new();
+    let mut first = WriteBatch::default();
+    for (i, time) in [10i64, 20, 30, 40].into_iter().enumerate() {
+        first.put(&[b'd', b'0' + i as u8], &stamped(time, 1));
+    }
+    // A value without a batch number (dedup's earlier layout) is never covered.
+    first.put(b"dold", &stamped(5, 0)[..20]);
+    let mut second = WriteBatch::default();
+    // `d2` is written again by batch 2: the rule (through batch 1) must not cover it.
+    second.put(b"d2", &stamped(25, 2));
+    second.delete_expired(Bytes::from_static(b"d0"));
+    second.delete_expired(Bytes::from_static(b"d1"));
+    let rule = ExpiryRule {
+        below_time: 30,
+        through_seq: 1,
+    };
+    second.put(&ExpiryRule::key(b'd'), &rule.encode());
+    second.set_offset(TopicPartition::new("in", 0), 2);
+    for batch in [first, second] {
+        changelog.extend(fjall.commit(batch.clone()).unwrap());
+        memory.commit(batch).unwrap();
+    }
+    let tombstones: Vec<_> = changelog
+        .iter()
+        .filter(|r| r.value.is_none())
+        .map(|r| r.key.clone())
+        .collect();
+    assert_eq!(tombstones, vec![&b"d0"[..], &b"d1"[..]]);
+    assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap());
+    assert_eq!(fjall.get(b"d1").unwrap(), None);
+    assert!(fjall.get(b"d2").unwrap().is_some());
+    // fjall still holds the covered entries (no tombstones were written)...
+    assert_eq!(fjall.held(b"d"), 5);
+
+    // ...until a compaction drops them; reopened, the store still applies its rule.
+    fjall.compact().unwrap();
+    assert_eq!(fjall.held(b"d"), 3);
+    drop(fjall);
+    let mut fjall = FjallStore::open(dir.path(), "t", Durability::Process).unwrap();
+    assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap());
+
+    // A later rule covers more; a batch without one leaves it in force.
+    let mut third = WriteBatch::default();
+    third.delete_expired(Bytes::from_static(b"d3"));
+    let wider = ExpiryRule {
+        below_time: 50,
+        through_seq: 1,
+    };
+    assert!(wider.contains(&rule) && !rule.contains(&wider));
+    third.put(&ExpiryRule::key(b'd'), &wider.encode());
+    changelog.extend(fjall.commit(third.clone()).unwrap());
+    memory.commit(third).unwrap();
+    assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap());
+
+    // A store restored from the changelog holds the same, without anything to hide.
+    let restored_dir = tempfile::tempdir().unwrap();
+    let mut restored = FjallStore::open(restored_dir.path(), "t", Durability::Process).unwrap();
+    assert!(restored
+        .restore(&mut changelog.into_iter())
+        .unwrap()
+        .is_empty());
+    assert_eq!(restored.dump().unwrap(), memory.dump().unwrap());
+    assert_eq!(restored.held(b"d"), 2);
+}
+
+#[test]
+fn an_expired_delete_without_a_rule_is_a_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fjall = FjallStore::open(dir.path(), "t", Durability::Process).unwrap();
+    fjall.put(b"d0", &stamped(1, 0)).unwrap();
+    let mut batch = WriteBatch::default();
+    batch.delete_expired(Bytes::from_static(b"d0"));
+    fjall.commit(batch).unwrap();
+    assert_eq!(fjall.held(b"d"), 0);
+}
