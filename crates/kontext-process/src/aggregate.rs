@@ -196,7 +196,8 @@ impl Aggregate {
     /// with more keeps each in an entry of its own, and goes back once it has at most
     /// `limit / 2`. Any limit gives the same outputs: it trades state writes of busy keys for
     /// those of sparse ones. 0 keeps every event in an entry of its own, the layout before
-    /// December 2026.
+    /// December 2026. A key's entry is rewritten whole at every change, so a large limit makes
+    /// each event of a busy key cost a write of all its retained events.
     pub fn with_sliding_inline_limit(mut self, limit: usize) -> Self {
         self.inline_limit = limit;
         self
@@ -217,6 +218,9 @@ impl Aggregate {
         let mut out = Vec::new();
         for entry in store.prefix(b"a") {
             let (akey, bytes) = entry?;
+            if akey.len() < 5 {
+                return Err(corrupt());
+            }
             let key = akey.slice(5..);
             for k in decode_sliding_entry(&bytes)?.1.unwrap_or_default() {
                 out.push((key.clone(), k.t, k.offset));

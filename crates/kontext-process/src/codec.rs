@@ -147,6 +147,9 @@ impl<'a> Reader<'a> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.u8()?;
+            if shift == 63 && byte > 1 {
+                return Err(StoreError::Corrupt("varint overflows 64 bits".into()));
+            }
             v |= u64::from(byte & 0x7f) << shift;
             if byte < 0x80 {
                 return Ok(v);
@@ -223,5 +226,9 @@ mod tests {
         let bytes = w.finish();
         assert!(Reader::new(&bytes[..3]).var_bytes().is_err());
         assert!(Reader::new(&[0x80; 11]).var_u64().is_err());
+        // Bits beyond the 64th are refused, not dropped.
+        let mut over = [0xff; 10];
+        over[9] = 0x02;
+        assert!(Reader::new(&over).var_u64().is_err());
     }
 }

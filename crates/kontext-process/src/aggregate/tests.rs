@@ -608,6 +608,9 @@ fn downgrade_sliding(store: &mut MemoryStore) {
         }
         old.put(&akey, &acc.encode());
     }
+    // A batch's entry without inputs and its entry with inputs may share their smallest time:
+    // with inputs both, they are one entry.
+    let mut merged: BTreeMap<(u64, i64), Vec<Retained>> = BTreeMap::new();
     for entry in store.prefix(b"q") {
         let (qkey, value) = entry.unwrap();
         let (seq, mut events) = decode_retained_entry(&qkey, &value).unwrap();
@@ -620,7 +623,14 @@ fn downgrade_sliding(store: &mut MemoryStore) {
             event.inputs = Some(get_through(&*store, &old, &rkey).unwrap().unwrap());
         }
         old.delete(&qkey);
-        put_retained_entry(&mut old, seq.unwrap(), &events);
+        let min = events.iter().map(|e| e.t).min().unwrap();
+        merged
+            .entry((seq.unwrap(), min))
+            .or_default()
+            .extend(events);
+    }
+    for ((seq, _), events) in merged {
+        put_retained_entry(&mut old, seq, &events);
     }
     store.commit(old).unwrap();
 }
