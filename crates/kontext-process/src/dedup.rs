@@ -133,6 +133,9 @@ impl Deduplicate {
         let mut seq = None;
         let mut mentions = Mentions::new();
         let mut removals = Removals::new();
+        // Ids put over a value of the per-id layout (no batch number): a rule cannot cover
+        // that value, so if this batch also forgets them they are deleted for real.
+        let mut over_unversioned: BTreeSet<Bytes> = BTreeSet::new();
         for event in events {
             let Some(stream_time) = progress.admit(event) else {
                 out.decisions.push(DedupDecision::AlreadyApplied);
@@ -164,6 +167,9 @@ impl Deduplicate {
                         None => *seq.insert(claim_sequence(store, &mut out.state, SEQ_KEY)?),
                     };
                     if let Some(stale) = stale {
+                        if stale.seq.is_none() {
+                            over_unversioned.insert(event.id.clone());
+                        }
                         unmention(
                             &mut out.state,
                             &mut mentions,
@@ -202,7 +208,8 @@ impl Deduplicate {
                 if bucket < cut {
                     // Forwarded by this batch and already past the horizon.
                     for (time, id) in ids {
-                        forget(&mut out.state, rule, &id, time, Some(seq));
+                        let seq = (!over_unversioned.contains(&id)).then_some(seq);
+                        forget(&mut out.state, rule, &id, time, seq);
                         out.expired += 1;
                     }
                 } else if !ids.is_empty() {
@@ -723,5 +730,116 @@ mod tests {
         store.commit(batch.state).unwrap();
         let again = op.process(&store, &events).unwrap();
         assert_eq!(again.decisions, vec![DedupDecision::AlreadyApplied; 2]);
+    }
+}
+
+/// Stores upgraded from the per-id layout: fjall must forget exactly what the memory store
+/// (and a restore from the changelog) forgets, also when a rule cannot cover the stored value.
+#[cfg(test)]
+mod upgraded_layout_tests {
+    use super::*;
+    use crate::event::Coords;
+    use crate::store::{Durability, FjallStore, MemoryStore};
+
+    fn ev(id: &str, t: i64, offset: i64) -> Event {
+        Event {
+            key: Bytes::from_static(b"k"),
+            id: Bytes::copy_from_slice(id.as_bytes()),
+            time_ms: t,
+            coords: Coords::new("clicks", 0, offset),
+            value: serde_json::Value::Null,
+        }
+    }
+
+    /// Old layout: `d a` (time 0, no batch number), `x 0 a`, stream time 0, offset 1.
+    fn old_layout_a() -> WriteBatch {
+        let mut old = WriteBatch::default();
+        let mut w = Writer::default();
+        w.i64(0).u32(0).i64(0);
+        old.put(&id_key(b"a"), &w.finish());
+        old.put(&[b"x".as_slice(), &i64_sortable(0), b"a"].concat(), &[]);
+        old.put(b"\x00m", &0i64.to_le_bytes());
+        old.set_offset(kontext_core::record::TopicPartition::new("clicks", 0), 1);
+        old
+    }
+
+    fn step(
+        op: &Deduplicate,
+        fjall: &mut FjallStore,
+        memory: &mut MemoryStore,
+        events: &[Event],
+    ) -> (Vec<DedupDecision>, Vec<DedupDecision>) {
+        let a = op.process(&*fjall, events).unwrap();
+        let b = op.process(&*memory, events).unwrap();
+        let out = (a.decisions.clone(), b.decisions.clone());
+        fjall.commit(a.state).unwrap();
+        memory.commit(b.state).unwrap();
+        out
+    }
+
+    /// An id of the per-id layout forwarded again and forgotten in the same batch: the batch's
+    /// put is replaced by the forgetting, so what fjall holds is the per-id value, which no
+    /// rule covers; it must be deleted, as the memory store does.
+    #[test]
+    fn a_per_id_layout_id_forwarded_and_forgotten_in_one_batch_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fjall = FjallStore::open(dir.path(), "dedup", Durability::Process).unwrap();
+        let mut memory = MemoryStore::new("dedup");
+        fjall.commit(old_layout_a()).unwrap();
+        memory.commit(old_layout_a()).unwrap();
+        let op = Deduplicate::new(DedupConfig { window_ms: 100 });
+        let (a, b) = step(
+            &op,
+            &mut fjall,
+            &mut memory,
+            &[ev("a", 150, 2), ev("z", 300, 3)],
+        );
+        assert_eq!(a, b);
+        let in_fjall = fjall.get(b"da").unwrap();
+        let in_memory = memory.get(b"da").unwrap();
+        // Restart with a larger window: the resurfaced time-0 entry is within it.
+        let big = Deduplicate::new(DedupConfig {
+            window_ms: 1_000_000,
+        });
+        let (a2, b2) = step(&big, &mut fjall, &mut memory, &[ev("a", 400, 4)]);
+        assert_eq!(
+            (in_fjall, a2),
+            (in_memory, b2),
+            "fjall must not keep the per-id `d a` visible"
+        );
+    }
+
+    /// An id of the per-id layout forwarded again (a value with a batch number) and later
+    /// forgotten by the rule: compaction must not drop the newest version in a way that lets
+    /// the per-id version below it come back.
+    #[test]
+    fn compaction_does_not_bring_back_a_per_id_layout_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fjall = FjallStore::open(dir.path(), "dedup", Durability::Process).unwrap();
+        let mut memory = MemoryStore::new("dedup");
+        fjall.commit(old_layout_a()).unwrap();
+        memory.commit(old_layout_a()).unwrap();
+        fjall.compact().unwrap();
+        let op = Deduplicate::new(DedupConfig { window_ms: 100 });
+        let (a, b) = step(&op, &mut fjall, &mut memory, &[ev("a", 150, 2)]);
+        assert_eq!(a, b);
+        let (a, b) = step(&op, &mut fjall, &mut memory, &[ev("z", 300, 3)]);
+        assert_eq!(a, b);
+        assert_eq!(
+            fjall.dump().unwrap(),
+            memory.dump().unwrap(),
+            "before compaction"
+        );
+        fjall.compact().unwrap();
+        let in_fjall = fjall.get(b"da").unwrap();
+        let big = Deduplicate::new(DedupConfig {
+            window_ms: 1_000_000,
+        });
+        let (a2, b2) = step(&big, &mut fjall, &mut memory, &[ev("a", 400, 4)]);
+        assert_eq!(
+            (in_fjall, a2),
+            (None, b2),
+            "after compaction fjall must not show the per-id `d a` again"
+        );
     }
 }

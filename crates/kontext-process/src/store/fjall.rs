@@ -276,9 +276,10 @@ impl StateStore for FjallStore {
             }
         }
         for key in batch.expired() {
-            // Covered by a rule: hidden from reads, dropped by compaction. (Without one, the
-            // operator broke the contract: delete.)
-            if rules.of(key).is_none() {
+            // Covered by a rule: hidden from reads, dropped by compaction. Without a rule, or
+            // with a write of the key after its `delete_expired` (the operator broke the
+            // contract; other stores and the changelog delete it), delete it.
+            if rules.of(key).is_none() || batch.get(key).is_some() {
                 fjall_batch.remove(&self.keyspace, key.as_ref());
             }
         }
@@ -350,11 +351,12 @@ impl CompactionFilter for ExpiryFilter {
         if self.rules.is_empty() || self.rules.of(item.key()).is_none() {
             return Ok(Verdict::Keep);
         }
-        // `Destroy` (no tombstone) is safe: an older version of a covered entry is covered
-        // too (the operator rewrites an entry only with a later time and batch number), so
-        // nothing a tombstone would hide can come back.
+        // A tombstone, not `Destroy`: lsm-tree judges the next older version of the key on
+        // its own once this one is destroyed, and an older version need not be covered (a
+        // dedup value of the per-id layout has no batch number). At the last level the
+        // tombstone is evicted together with every older version.
         Ok(if self.rules.covers(item.key(), &item.value()?) {
-            Verdict::Destroy
+            Verdict::Remove
         } else {
             Verdict::Keep
         })
