@@ -115,7 +115,8 @@ impl WriteBatch {
     /// seen its marker, so a batch the producer wrote only partly (a crash, no transaction)
     /// is never restored half-way.
     pub fn changelog(&self) -> Vec<ChangelogRecord> {
-        let mut out = Vec::with_capacity(self.writes.len() + self.offsets.len() + 1);
+        let mut out =
+            Vec::with_capacity(self.writes.len() + self.expired.len() + self.offsets.len() + 1);
         let is_meta = |k: &Bytes| k.first() == Some(&0);
         for (key, value) in &self.writes {
             if value.is_some() && !is_meta(key) {
