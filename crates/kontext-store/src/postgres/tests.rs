@@ -179,14 +179,7 @@ async fn a_writer_killed_mid_batch_leaves_nothing_and_a_retry_converges() {
     ContextStore::apply(&reference, &second, &[("orders".into(), 0, 300)])
         .await
         .unwrap();
-    assert_eq!(reference.dump().unwrap(), store.dump().await.unwrap());
-    for o in 0..50 {
-        let id = format!("O{o}");
-        assert_eq!(
-            reference.context("order", &id).unwrap(),
-            store.context("order", &id).await.unwrap()
-        );
-    }
+    assert_same(&reference, &store, "order", "O", 0..50).await;
     drop_namespace(&ns).await;
 }
 
@@ -336,6 +329,148 @@ async fn versions_compare_topics_bytewise_whatever_the_database_collation() {
     drop_namespace(&ns).await;
 }
 
+/// Customers `C<n>` for `ids`, on their own topic: the parents the orders' relations name.
+fn customers(ids: std::ops::Range<i64>) -> Vec<EntityUpdate> {
+    ids.map(|c| {
+        update(
+            "customer",
+            &format!("C{c}"),
+            json!({"name": c}),
+            "c",
+            0,
+            c,
+            1,
+        )
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_version_never_overwrites_a_newer_one_within_or_across_batches() {
+    let ns = namespace();
+    let store = store_in(&ns).await;
+    let customers = customers(1..5);
+    store.apply(&customers, &[]).await.unwrap();
+    // Within one batch: the newer update comes first in the log, the older one after it.
+    let newer = update(
+        "order",
+        "O1",
+        json!({"status": "new", "customer_id": "C2"}),
+        "t",
+        0,
+        0,
+        20,
+    );
+    let older = update(
+        "order",
+        "O1",
+        json!({"status": "old", "customer_id": "C1", "note": "n"}),
+        "t",
+        0,
+        1,
+        10,
+    );
+    store.apply(&[newer, older], &[]).await.unwrap();
+    // Across batches: an older version at a later offset, to a stored row and to a new field.
+    let stale = update(
+        "order",
+        "O1",
+        json!({"status": "stale", "customer_id": "C3", "extra": 1}),
+        "t",
+        0,
+        2,
+        5,
+    );
+    store.apply(&[stale], &[]).await.unwrap();
+
+    let doc = store.get("order", "O1").await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::Value::Object(doc.values()),
+        json!({"status": "new", "customer_id": "C2", "note": "n", "extra": 1})
+    );
+    assert_eq!((doc.latest.offset, doc.events_applied), (0, 3));
+    assert_eq!(doc.fields["status"].provenance.offset, 0);
+    assert_eq!(doc.fields["note"].provenance.offset, 1);
+    // The relation follows the newest customer_id, not the last one written.
+    let ctx = store.context("order", "O1").await.unwrap().unwrap();
+    assert_eq!(ctx.belongs_to["customer"].entity_id, "C2");
+    // A newer version still replaces it.
+    let newest = update(
+        "order",
+        "O1",
+        json!({"status": "newest", "customer_id": "C4"}),
+        "t",
+        0,
+        3,
+        30,
+    );
+    store.apply(&[newest], &[]).await.unwrap();
+    let doc = store.get("order", "O1").await.unwrap().unwrap();
+    assert_eq!(doc.values()["status"], "newest");
+    assert_eq!(doc.latest.offset, 3);
+    let ctx = store.context("order", "O1").await.unwrap().unwrap();
+    assert_eq!(ctx.belongs_to["customer"].entity_id, "C4");
+    drop_namespace(&ns).await;
+}
+
+/// Two writers (two partitions, two connection pools) update the same entities at once, new
+/// and stored ones, so the upserts meet every race: rows the other one inserts, updates or
+/// holds locked. Upserts commute, so the result must equal the embedded store's, whatever
+/// the interleaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_of_the_same_entities_converge_to_the_newest_versions() {
+    let ns = namespace();
+    let stores = [store_in(&ns).await, store_in(&ns).await];
+    // Each partition's event times interleave with the other's; entities get new ids as the
+    // run goes on, so both writers also insert the same new keys.
+    let batch = |partition: i32, n: i64| -> Vec<EntityUpdate> {
+        (n * 100..(n + 1) * 100)
+            .map(|o| {
+                let time = 1_000 + (o * 37 + i64::from(partition) * 11) % 997;
+                update(
+                    "order",
+                    &format!("O{}", (o % 40) + n * 10),
+                    json!({"status": format!("p{partition}-{o}"), "customer_id": format!("C{}", (o + i64::from(partition)) % 5)}),
+                    "orders",
+                    partition,
+                    o,
+                    time,
+                )
+            })
+            .collect()
+    };
+    const BATCHES: i64 = 30;
+    let customers = customers(0..5);
+    stores[0].apply(&customers, &[]).await.unwrap();
+    // One task: the two transactions still run at once on the server, each on its connection.
+    async fn write(store: &PostgresStore, batches: Vec<Vec<EntityUpdate>>) {
+        for b in batches {
+            store.apply(&b, &[]).await.unwrap();
+        }
+    }
+    let all = |partition| {
+        (0..BATCHES)
+            .map(|n| batch(partition, n))
+            .collect::<Vec<_>>()
+    };
+    tokio::join!(write(&stores[0], all(0)), write(&stores[1], all(1)));
+
+    let dir = tempfile::tempdir().unwrap();
+    let reference = EmbeddedStore::open(&dir.path().join("s.redb"), schema()).unwrap();
+    ContextStore::apply(&reference, &customers, &[])
+        .await
+        .unwrap();
+    for partition in [0, 1] {
+        for n in 0..BATCHES {
+            ContextStore::apply(&reference, &batch(partition, n), &[])
+                .await
+                .unwrap();
+        }
+    }
+    assert_same(&reference, &stores[0], "customer", "C", 0..5).await;
+    drop_namespace(&ns).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_values_read_back_exactly_as_written() {
     let ns = namespace();
@@ -436,6 +571,24 @@ fn the_planner_rebuilds_an_entity_from_the_updates_after_its_last_tombstone() {
     assert_eq!(one.fields.keys().copied().collect::<Vec<_>>(), ["b"]);
     let two = &p.entities[&("c", "2")];
     assert!(two.reset && two.deletes_if_stored && two.latest.is_none());
+}
+
+/// The same dump as the embedded reference, and the same context for `<prefix><n>`, `n` in `ids`.
+async fn assert_same(
+    reference: &EmbeddedStore,
+    store: &PostgresStore,
+    entity_type: &str,
+    prefix: &str,
+    ids: std::ops::Range<i64>,
+) {
+    assert_eq!(reference.dump().unwrap(), store.dump().await.unwrap());
+    for n in ids {
+        let id = format!("{prefix}{n}");
+        assert_eq!(
+            reference.context(entity_type, &id).unwrap(),
+            store.context(entity_type, &id).await.unwrap()
+        );
+    }
 }
 
 async fn drop_namespace(ns: &str) {
