@@ -36,8 +36,9 @@ fn postgres_url() -> String {
     std::env::var("KONTEXT_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_URL.to_string())
 }
 
-/// A PostgreSQL store in a fresh schema of its own.
-async fn postgres_store() -> PostgresStore {
+/// A PostgreSQL store in a fresh schema of its own, and that schema's name (dropped by
+/// [`drop_schema`] when the test passes; a failing test leaves it to look at).
+async fn postgres_store() -> (PostgresStore, String) {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -51,12 +52,18 @@ async fn postgres_store() -> PostgresStore {
     );
     let url = postgres_url();
     match PostgresStore::connect_in_namespace(&url, &ns, schema()).await {
-        Ok(store) => store,
+        Ok(store) => (store, ns),
         Err(e) => panic!(
             "PostgreSQL at {url} is unreachable ({e}): start it with `scripts/postgres.sh start` \
              or point KONTEXT_TEST_POSTGRES at a server"
         ),
     }
+}
+
+async fn drop_schema(ns: &str) {
+    kontext_store::postgres::drop_namespace(&postgres_url(), ns)
+        .await
+        .unwrap();
 }
 
 fn embedded_store(dir: &tempfile::TempDir, name: &str) -> EmbeddedStore {
@@ -292,7 +299,7 @@ async fn embedded_and_postgres_agree_on_random_update_sequences() {
         let log = random_log(seed, 400, false);
         let batches = deliver(&log, seed + 100);
         let embedded = embedded_store(&dir, &format!("seed{seed}.redb"));
-        let postgres = postgres_store().await;
+        let (postgres, ns) = postgres_store().await;
         for (n, (updates, offsets)) in batches.iter().enumerate() {
             let a = ContextStore::apply(&embedded, updates, offsets)
                 .await
@@ -306,6 +313,7 @@ async fn embedded_and_postgres_agree_on_random_update_sequences() {
             "seed {seed}: the store should hold something"
         );
         assert_eq!(a, b, "seed {seed}: embedded and postgres differ");
+        drop_schema(&ns).await;
     }
 }
 
@@ -313,7 +321,7 @@ async fn embedded_and_postgres_agree_on_random_update_sequences() {
 async fn replaying_the_same_records_twice_changes_nothing_and_skips_all() {
     let dir = tempfile::tempdir().unwrap();
     let embedded = embedded_store(&dir, "store.redb");
-    let postgres = postgres_store().await;
+    let (postgres, ns) = postgres_store().await;
     let stores: [&dyn ContextStore; 2] = [&embedded, &postgres];
     let log = random_log(7, 300, false);
     let batches = deliver(&log, 8);
@@ -338,6 +346,7 @@ async fn replaying_the_same_records_twice_changes_nothing_and_skips_all() {
             store.kind()
         );
     }
+    drop_schema(&ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,7 +360,7 @@ async fn shuffled_interleavings_and_batchings_converge() {
     for delivery in 1..4u64 {
         let batches = deliver(&log, delivery);
         let embedded = embedded_store(&dir, &format!("d{delivery}.redb"));
-        let postgres = postgres_store().await;
+        let (postgres, ns) = postgres_store().await;
         apply_all(&embedded, &batches).await;
         apply_all(&postgres, &batches).await;
         assert_eq!(
@@ -364,5 +373,6 @@ async fn shuffled_interleavings_and_batchings_converge() {
             snapshot(&postgres).await,
             "postgres, delivery {delivery}"
         );
+        drop_schema(&ns).await;
     }
 }
