@@ -560,12 +560,31 @@ async fn a_repeated_fetch_reuses_the_json_until_the_entity_changes() {
             event_time_ms: 1_800_000_000_000,
         },
     };
+    let counter = |metrics: &str, name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} ")));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    let reused = "kontext_context_cache_entities_reused_total";
+    let decoded = "kontext_context_cache_entities_decoded_total";
+    let before = (counter(&metrics, reused), counter(&metrics, decoded));
     s.store.apply(&[order], &[]).await.unwrap();
     let (_, _, after) = get(s.clone(), uri).await;
     let after: Value = serde_json::from_str(&after).unwrap();
     let newest = &after["related"]["order"]["items"][0];
     assert_eq!(newest["entity_id"], "O9", "{after}");
     assert_eq!(newest["fields"]["status"], "lost", "{after}");
+    // Assembled again: only the new order was decoded, every other child shown was reused.
+    let shown: u64 = after["related"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|list| list["items"].as_array().unwrap().len() as u64)
+        .sum();
+    assert!(shown > 1, "{after}");
+    let (_, _, metrics) = get(s.clone(), "/metrics").await;
+    assert_eq!(counter(&metrics, decoded) - before.1, 1, "{metrics}");
+    assert_eq!(counter(&metrics, reused) - before.0, shown - 1, "{metrics}");
 }
 
 #[tokio::test]
