@@ -360,18 +360,22 @@ impl EmbeddedStore {
                 }
             }
         }
-        // From before the commit until its stamps are written (or it failed).
+        // From before the commit until its stamps are written.
         let _writing = self.cache.as_ref().map(ContextCache::begin_write);
-        txn.commit().map_err(io)?;
-        // Writers are serialized by the transaction: nobody else moves the marks meanwhile.
-        let applied = self.applied.fetch_add(1, Ordering::AcqRel) + 1;
-        if durable {
-            self.durable.store(applied, Ordering::Release);
+        let result = txn.commit().map_err(io);
+        if result.is_ok() {
+            // Writers are serialized by the transaction: nobody else moves the marks meanwhile.
+            let applied = self.applied.fetch_add(1, Ordering::AcqRel) + 1;
+            if durable {
+                self.durable.store(applied, Ordering::Release);
+            }
         }
+        // Stamped even if the commit failed: a stamp only invalidates, and whether a failed
+        // commit left anything visible is the database's business.
         if let Some(cache) = &self.cache {
             cache.committed(changed);
         }
-        Ok(stats)
+        result.map(|()| stats)
     }
 
     /// An entity as stored before the batch, ready to take the batch's updates.

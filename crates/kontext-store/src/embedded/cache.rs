@@ -29,7 +29,11 @@
 //!   progress), the entity's slot is not newer than the entity's sequence number, and that
 //!   number is not newer than the reader's. The first two say that no commit changed the
 //!   entity since it was decoded; the last that it was not decoded from a snapshot newer than
-//!   the reader's (a commit after the reader's snapshot has a number above the reader's);
+//!   the reader's (a commit after the reader's snapshot has a number above the reader's). The
+//!   order of the loads matters: the entry and its number first, then `writing`, then the
+//!   stamp. Checked the other way round, a reader could pass the `writing` check, then take an
+//!   entry that another reader decoded from a commit still in progress (and numbered before
+//!   it), and so show a record its own snapshot does not hold;
 //! - otherwise **by its bytes**: the reader reads the record from its snapshot and reuses the
 //!   decoded entity if the bytes are equal, which also brings its sequence number up to the
 //!   reader's.
@@ -42,7 +46,9 @@ use crate::document::{ContextDocument, RelatedEntity};
 
 /// Stamp slots (8 bytes each: 512 KiB).
 const SLOTS: usize = 1 << 16;
-/// Decoded entities kept per cached document (a quickstart customer shows 21).
+/// Decoded entities kept per cached document: 32 768 with the default 4 096 documents, each
+/// with a copy of its stored record. (A quickstart customer shows 21, but most documents in a
+/// cache share their parents, and entities of cold documents are evicted first.)
 const ENTITIES_PER_DOCUMENT: usize = 8;
 
 /// A cached document and what it was assembled from.
@@ -142,12 +148,15 @@ impl ContextCache {
     /// not newer than a snapshot opened after [`ContextCache::before_read`] returned `seq`:
     /// then it is what that snapshot holds, and the reader need not read it.
     pub(crate) fn unchanged_entity(&self, key: &[u8], seq: u64) -> Option<Arc<RelatedEntity>> {
-        // First: a commit whose stamps are not all written yet shows here.
+        let decoded = self.entities.get(key)?;
+        let at = decoded.seq.load(Ordering::Acquire);
+        // Only now, after the entry and its number: the entry may come from a reader whose
+        // snapshot holds a commit that began after any earlier look at `writing` (and whose
+        // number it took before that commit's), which must show here as in progress. Before
+        // the stamp, so that a commit already finished shows there.
         if self.writing.load(Ordering::Acquire) != 0 {
             return None;
         }
-        let decoded = self.entities.get(key)?;
-        let at = decoded.seq.load(Ordering::Acquire);
         let stamp = self.stamps[Self::slot(key) as usize].load(Ordering::Acquire);
         let fresh = stamp <= at && at <= seq;
         if fresh {

@@ -1053,6 +1053,64 @@ mod context_cache {
             );
         }
     }
+
+    /// While a writer moves orders between customers, every document a reader gets is of one
+    /// committed state: each order a customer lists names that customer. (A document mixing
+    /// the list of one state with an order of a later one, which reusing decoded entities
+    /// without reading them must never produce, breaks it.)
+    #[test]
+    fn documents_read_during_moves_are_each_of_one_state() {
+        let dir = tempfile::tempdir().unwrap();
+        // Unsynced commits: many more of them race the readers per second.
+        let store = Arc::new(open(&dir).with_sync_interval(std::time::Duration::from_secs(60)));
+        let customers: Vec<EntityUpdate> = (0..3)
+            .map(|customer| {
+                let op = Op::Customer {
+                    customer,
+                    name: 0,
+                    time: 0,
+                };
+                update(&op, i64::from(customer))
+            })
+            .collect();
+        store.apply(&customers, &[]).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+                std::thread::spawn(move || {
+                    let mut checked = 0u64;
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        for c in 0..3 {
+                            let id = format!("C{c}");
+                            let Some(doc) = store.context("customer", &id).unwrap() else {
+                                continue;
+                            };
+                            for order in doc.related.get("order").map_or(&[][..], |l| &l.items) {
+                                assert_eq!(order.fields["customer_id"], json!(id), "{doc:?}");
+                                checked += 1;
+                            }
+                        }
+                    }
+                    checked
+                })
+            })
+            .collect();
+        let mut seed = 7u64;
+        for i in 3..3_000i64 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let op = Op::Order {
+                order: ((seed >> 33) % 6) as u8,
+                customer: ((seed >> 40) % 3) as u8,
+                time: i,
+            };
+            store.apply(&[update(&op, i)], &[]).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        for reader in readers {
+            assert!(reader.join().unwrap() > 0);
+        }
+    }
 }
 
 /// Keys join type, id and parent id with NUL separators, so an id or a parent id holding a
