@@ -468,7 +468,7 @@ mod tests {
 
     use super::*;
     use crate::event::Coords;
-    use crate::store::MemoryStore;
+    use crate::store::{Durability, FjallStore, MemoryStore};
 
     /// Checks the state's bookkeeping after a commit: every remembered id is mentioned exactly
     /// once, by the expiry entry of its bucket and batch, and nothing past the horizon's cut is
@@ -626,16 +626,11 @@ mod tests {
 
     #[test]
     fn fjall_forgets_the_per_id_layout_like_the_memory_store() {
-        use crate::store::{Durability, FjallStore};
         let dir = tempfile::tempdir().unwrap();
-        let mut fjall = FjallStore::open(dir.path(), "dedup", Durability::Process).unwrap();
-        let mut memory = MemoryStore::new("dedup");
         // The previous layout's state: ids at every time from 0 to 99 (window 100, so the
         // buckets are 6 wide and each expiry scan by exact time stops inside one).
         let ids: Vec<(String, i64)> = (0..100).map(|t| (format!("old{t}"), t)).collect();
-        let old = per_id_layout_state(&ids);
-        fjall.commit(old.clone()).unwrap();
-        memory.commit(old).unwrap();
+        let (mut fjall, mut memory) = per_id_layout_stores(&dir, &ids);
         let op = Deduplicate::new(DedupConfig { window_ms: 100 });
         // Stream time creeps up while every old id comes back: each is forgotten (Forward) or
         // remembered (Duplicate) alike, and each store holds the same.
@@ -644,13 +639,93 @@ mod tests {
                 ev(&format!("new{step}"), 100 + step, 100 + 2 * step),
                 ev(&format!("old{step}"), 100 + step, 101 + 2 * step),
             ];
-            let a = op.process(&fjall, &events).unwrap();
-            let b = op.process(&memory, &events).unwrap();
-            assert_eq!(a.decisions, b.decisions, "step {step}");
-            fjall.commit(a.state).unwrap();
-            memory.commit(b.state).unwrap();
+            let (a, b) = process_both(&op, &mut fjall, &mut memory, &events);
+            assert_eq!(a, b, "step {step}");
             assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap(), "step {step}");
         }
+    }
+
+    /// An id of the per-id layout forwarded again and forgotten in the same batch: the batch's
+    /// put is replaced by the forgetting, so what fjall holds is the per-id value, which no
+    /// rule covers; it must be deleted, as the memory store does.
+    #[test]
+    fn a_per_id_layout_id_forwarded_and_forgotten_in_one_batch_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut fjall, mut memory) = per_id_layout_stores(&dir, &[("a".into(), 0)]);
+        let op = Deduplicate::new(DedupConfig { window_ms: 100 });
+        let events = [ev("a", 150, 2), ev("z", 300, 3)];
+        let (a, b) = process_both(&op, &mut fjall, &mut memory, &events);
+        assert_eq!(a, b);
+        let in_fjall = fjall.get(b"da").unwrap();
+        let in_memory = memory.get(b"da").unwrap();
+        // Restart with a larger window: the resurfaced time-0 entry is within it.
+        let big = Deduplicate::new(DedupConfig {
+            window_ms: 1_000_000,
+        });
+        let (a2, b2) = process_both(&big, &mut fjall, &mut memory, &[ev("a", 400, 4)]);
+        assert_eq!(
+            (in_fjall, a2),
+            (in_memory, b2),
+            "fjall must not keep the per-id `d a` visible"
+        );
+    }
+
+    /// An id of the per-id layout forwarded again (a value with a batch number) and later
+    /// forgotten by the rule: compaction must not drop the newest version in a way that lets
+    /// the per-id version below it come back.
+    #[test]
+    fn compaction_does_not_bring_back_a_per_id_layout_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut fjall, mut memory) = per_id_layout_stores(&dir, &[("a".into(), 0)]);
+        fjall.compact().unwrap();
+        let op = Deduplicate::new(DedupConfig { window_ms: 100 });
+        let (a, b) = process_both(&op, &mut fjall, &mut memory, &[ev("a", 150, 2)]);
+        assert_eq!(a, b);
+        let (a, b) = process_both(&op, &mut fjall, &mut memory, &[ev("z", 300, 3)]);
+        assert_eq!(a, b);
+        assert_eq!(
+            fjall.dump().unwrap(),
+            memory.dump().unwrap(),
+            "before compaction"
+        );
+        fjall.compact().unwrap();
+        let in_fjall = fjall.get(b"da").unwrap();
+        let big = Deduplicate::new(DedupConfig {
+            window_ms: 1_000_000,
+        });
+        let (a2, b2) = process_both(&big, &mut fjall, &mut memory, &[ev("a", 400, 4)]);
+        assert_eq!(
+            (in_fjall, a2),
+            (None, b2),
+            "after compaction fjall must not show the per-id `d a` again"
+        );
+    }
+
+    /// A fjall store and a memory store, both holding [`per_id_layout_state`] of `ids`.
+    fn per_id_layout_stores(
+        dir: &tempfile::TempDir,
+        ids: &[(String, i64)],
+    ) -> (FjallStore, MemoryStore) {
+        let mut fjall = FjallStore::open(dir.path(), "dedup", Durability::Process).unwrap();
+        let mut memory = MemoryStore::new("dedup");
+        let old = per_id_layout_state(ids);
+        fjall.commit(old.clone()).unwrap();
+        memory.commit(old).unwrap();
+        (fjall, memory)
+    }
+
+    /// Runs one batch on both stores and commits it; their decisions.
+    fn process_both(
+        op: &Deduplicate,
+        fjall: &mut FjallStore,
+        memory: &mut MemoryStore,
+        events: &[Event],
+    ) -> (Vec<DedupDecision>, Vec<DedupDecision>) {
+        let a = op.process(&*fjall, events).unwrap();
+        let b = op.process(&*memory, events).unwrap();
+        fjall.commit(a.state).unwrap();
+        memory.commit(b.state).unwrap();
+        (a.decisions, b.decisions)
     }
 
     /// What the layout of per-id expiry entries wrote for these `(id, time)`, the n-th at
@@ -730,116 +805,5 @@ mod tests {
         store.commit(batch.state).unwrap();
         let again = op.process(&store, &events).unwrap();
         assert_eq!(again.decisions, vec![DedupDecision::AlreadyApplied; 2]);
-    }
-}
-
-/// Stores upgraded from the per-id layout: fjall must forget exactly what the memory store
-/// (and a restore from the changelog) forgets, also when a rule cannot cover the stored value.
-#[cfg(test)]
-mod upgraded_layout_tests {
-    use super::*;
-    use crate::event::Coords;
-    use crate::store::{Durability, FjallStore, MemoryStore};
-
-    fn ev(id: &str, t: i64, offset: i64) -> Event {
-        Event {
-            key: Bytes::from_static(b"k"),
-            id: Bytes::copy_from_slice(id.as_bytes()),
-            time_ms: t,
-            coords: Coords::new("clicks", 0, offset),
-            value: serde_json::Value::Null,
-        }
-    }
-
-    /// Old layout: `d a` (time 0, no batch number), `x 0 a`, stream time 0, offset 1.
-    fn old_layout_a() -> WriteBatch {
-        let mut old = WriteBatch::default();
-        let mut w = Writer::default();
-        w.i64(0).u32(0).i64(0);
-        old.put(&id_key(b"a"), &w.finish());
-        old.put(&[b"x".as_slice(), &i64_sortable(0), b"a"].concat(), &[]);
-        old.put(b"\x00m", &0i64.to_le_bytes());
-        old.set_offset(kontext_core::record::TopicPartition::new("clicks", 0), 1);
-        old
-    }
-
-    fn step(
-        op: &Deduplicate,
-        fjall: &mut FjallStore,
-        memory: &mut MemoryStore,
-        events: &[Event],
-    ) -> (Vec<DedupDecision>, Vec<DedupDecision>) {
-        let a = op.process(&*fjall, events).unwrap();
-        let b = op.process(&*memory, events).unwrap();
-        let out = (a.decisions.clone(), b.decisions.clone());
-        fjall.commit(a.state).unwrap();
-        memory.commit(b.state).unwrap();
-        out
-    }
-
-    /// An id of the per-id layout forwarded again and forgotten in the same batch: the batch's
-    /// put is replaced by the forgetting, so what fjall holds is the per-id value, which no
-    /// rule covers; it must be deleted, as the memory store does.
-    #[test]
-    fn a_per_id_layout_id_forwarded_and_forgotten_in_one_batch_is_deleted() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut fjall = FjallStore::open(dir.path(), "dedup", Durability::Process).unwrap();
-        let mut memory = MemoryStore::new("dedup");
-        fjall.commit(old_layout_a()).unwrap();
-        memory.commit(old_layout_a()).unwrap();
-        let op = Deduplicate::new(DedupConfig { window_ms: 100 });
-        let (a, b) = step(
-            &op,
-            &mut fjall,
-            &mut memory,
-            &[ev("a", 150, 2), ev("z", 300, 3)],
-        );
-        assert_eq!(a, b);
-        let in_fjall = fjall.get(b"da").unwrap();
-        let in_memory = memory.get(b"da").unwrap();
-        // Restart with a larger window: the resurfaced time-0 entry is within it.
-        let big = Deduplicate::new(DedupConfig {
-            window_ms: 1_000_000,
-        });
-        let (a2, b2) = step(&big, &mut fjall, &mut memory, &[ev("a", 400, 4)]);
-        assert_eq!(
-            (in_fjall, a2),
-            (in_memory, b2),
-            "fjall must not keep the per-id `d a` visible"
-        );
-    }
-
-    /// An id of the per-id layout forwarded again (a value with a batch number) and later
-    /// forgotten by the rule: compaction must not drop the newest version in a way that lets
-    /// the per-id version below it come back.
-    #[test]
-    fn compaction_does_not_bring_back_a_per_id_layout_version() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut fjall = FjallStore::open(dir.path(), "dedup", Durability::Process).unwrap();
-        let mut memory = MemoryStore::new("dedup");
-        fjall.commit(old_layout_a()).unwrap();
-        memory.commit(old_layout_a()).unwrap();
-        fjall.compact().unwrap();
-        let op = Deduplicate::new(DedupConfig { window_ms: 100 });
-        let (a, b) = step(&op, &mut fjall, &mut memory, &[ev("a", 150, 2)]);
-        assert_eq!(a, b);
-        let (a, b) = step(&op, &mut fjall, &mut memory, &[ev("z", 300, 3)]);
-        assert_eq!(a, b);
-        assert_eq!(
-            fjall.dump().unwrap(),
-            memory.dump().unwrap(),
-            "before compaction"
-        );
-        fjall.compact().unwrap();
-        let in_fjall = fjall.get(b"da").unwrap();
-        let big = Deduplicate::new(DedupConfig {
-            window_ms: 1_000_000,
-        });
-        let (a2, b2) = step(&big, &mut fjall, &mut memory, &[ev("a", 400, 4)]);
-        assert_eq!(
-            (in_fjall, a2),
-            (None, b2),
-            "after compaction fjall must not show the per-id `d a` again"
-        );
     }
 }
