@@ -2,13 +2,15 @@
 //! tumbling, hopping, session and sliding ("last N") windows by event time.
 //!
 //! Semantics (the model tests check exactly these); `st` is the stream time, the largest
-//! event time seen so far including the current event:
+//! event time seen so far including the current event, and `h` the close horizon,
+//! `st - grace` (but never below the horizon an earlier batch recorded, so a restart with a
+//! larger grace does not open closed windows again):
 //! - tumbling / hopping: an event updates each window `[start, end)` containing it whose
-//!   `end + grace > st`; if none is open it is **dropped late**. A window's state is deleted
-//!   once `end + grace <= st`.
-//! - session: an event with `t < st - grace` is dropped late. Otherwise it joins every session
+//!   `end > h`; if none is open it is **dropped late**. A window's state is deleted once
+//!   `end <= h`.
+//! - session: an event with `t < h` is dropped late. Otherwise it joins every session
 //!   of its key within `gap` of it (merging them). A session is deleted once
-//!   `end + gap < st - grace`: no admissible event can reach it any more.
+//!   `end + gap < h`: no admissible event can reach it any more.
 //! - sliding: an event with `t <= st - size` is dropped late; the key's value covers its events
 //!   in `(st - size, st]` and is re-emitted when events leave that range.
 //!
@@ -319,8 +321,9 @@ impl Aggregate {
             };
             let mut inputs = None;
             let mut open = false;
+            let horizon = progress.horizon(st, grace);
             for window in self.config.window.windows_for(event.time_ms) {
-                if window.end.saturating_add(grace) <= st {
+                if window.end <= horizon {
                     continue;
                 }
                 open = true;
@@ -353,6 +356,7 @@ impl Aggregate {
             return Ok(());
         };
         let topic = events[events.len() - 1].coords.topic.clone();
+        let horizon = progress.close_through(st, grace);
         progress.finish(&mut out.state);
         // The windows this batch created, by end: `len key start` each.
         let mut created: BTreeMap<i64, Writer> = BTreeMap::new();
@@ -369,9 +373,9 @@ impl Aggregate {
             }
         }
         put_created_index(store, &mut out.state, b'x', created)?;
-        // Close windows with end + grace <= st.
+        // Close windows with end <= horizon.
         let mut end = b"x".to_vec();
-        end.extend_from_slice(&i64_sortable(st.saturating_sub(grace).saturating_add(1)));
+        end.extend_from_slice(&i64_sortable(horizon.saturating_add(1)));
         for (xkey, windows) in expiry_scan(store, &mut out.state, b'x', end)? {
             let window_end = Reader::new(&xkey[1..]).i64_sortable()?;
             for tail in created_index_tails(&xkey, &windows)? {
@@ -433,7 +437,7 @@ impl Aggregate {
         let mut progress = Progress::load(store, &out.state)?;
         Self::migrate_panes(store, &mut out.state)?;
         let loaded = progress.loaded_stream_time();
-        // A window with `end + grace > bound` is open for the whole batch, so every event this
+        // A window with `end > horizon(bound)` is open for the whole batch, so every event this
         // batch adds to one of its panes is in it. The others ("at risk": they may close during
         // the batch, after which events still reach their panes through later windows) keep
         // what the batch added to them separately.
@@ -443,7 +447,8 @@ impl Aggregate {
             .chain(loaded)
             .max()
             .unwrap_or(i64::MIN);
-        let at_risk = |w: &Window| w.end.saturating_add(grace) <= bound;
+        let risk_horizon = progress.horizon(bound, grace);
+        let at_risk = |w: &Window| w.end <= risk_horizon;
         let on_close = self.config.emit == Emit::OnClose;
         let mut keys: HashMap<Bytes, KeyPanes> = HashMap::new();
         let mut window_index = Vec::new();
@@ -452,8 +457,9 @@ impl Aggregate {
                 out.already_applied += 1;
                 continue;
             };
+            let horizon = progress.horizon(st, grace);
             let mut open = self.config.window.windows_for(event.time_ms);
-            open.retain(|w| w.end.saturating_add(grace) > st);
+            open.retain(|w| w.end > horizon);
             if open.is_empty() {
                 out.dropped_late += 1;
                 continue;
@@ -504,9 +510,10 @@ impl Aggregate {
             return Ok(());
         };
         let topic = events[events.len() - 1].coords.topic.clone();
+        let horizon = progress.close_through(st, grace);
         let to = |tag| {
             let mut end = vec![tag];
-            end.extend_from_slice(&i64_sortable(st.saturating_sub(grace).saturating_add(1)));
+            end.extend_from_slice(&i64_sortable(horizon.saturating_add(1)));
             end
         };
         progress.finish(&mut out.state);
@@ -521,7 +528,7 @@ impl Aggregate {
             for wkey in window_index {
                 out.state.put_bytes(Bytes::from(wkey), Bytes::new());
             }
-            // Close windows with end + grace <= st.
+            // Close windows with end <= horizon.
             for (wkey, _) in expiry_scan(store, &mut out.state, b'w', to(b'w'))? {
                 let mut r = Reader::new(&wkey[1..]);
                 let end = r.i64_sortable()?;
@@ -543,10 +550,8 @@ impl Aggregate {
             }
         }
         // A key's panes are written without those whose windows all closed
-        // (expiry + grace <= st); a key is mentioned under its newest pane's expiry.
-        let live = |pane: &&Pane| {
-            pane.current.is_some() && layout.expiry(pane.start).saturating_add(grace) > st
-        };
+        // (expiry <= horizon); a key is mentioned under its newest pane's expiry.
+        let live = |pane: &&Pane| pane.current.is_some() && layout.expiry(pane.start) > horizon;
         let mention = |mentions: &mut BTreeMap<i64, Writer>, key: &[u8], newest: i64| {
             mentions
                 .entry(layout.expiry(newest))
@@ -555,7 +560,8 @@ impl Aggregate {
         };
         // The keys whose entry this batch creates are mentioned before the scan, which starts
         // at the batch's lowest mention when that is below where the last scan ended (after a
-        // restart with a larger grace it can be).
+        // restart with a larger grace, in a store of a version that recorded no horizon, it can
+        // be).
         let mut created: BTreeMap<i64, Writer> = BTreeMap::new();
         for key in key_order(&keys) {
             let kp = &keys[&key];
@@ -567,7 +573,7 @@ impl Aggregate {
             }
         }
         put_created_index(store, &mut out.state, b'v', created)?;
-        // Keys mentioned under an expiry that passed (expiry + grace <= st).
+        // Keys mentioned under an expiry that passed (expiry <= horizon).
         for (vkey, mentions) in expiry_scan(store, &mut out.state, b'v', to(b'v'))? {
             for tail in created_index_tails(&vkey, &mentions)? {
                 let (key, _) = parse_keyed(tail)?;
@@ -706,7 +712,7 @@ impl Aggregate {
                 continue;
             };
             let t = event.time_ms;
-            if t < st.saturating_sub(grace) {
+            if t < progress.horizon(st, grace) {
                 out.dropped_late += 1;
                 continue;
             }
@@ -759,11 +765,11 @@ impl Aggregate {
             return Ok(());
         };
         let topic = events[events.len() - 1].coords.topic.clone();
+        let horizon = progress.close_through(st, grace);
         progress.finish(&mut out.state);
-        // Expire sessions with end + gap < st - grace.
-        let horizon = st.saturating_sub(grace).saturating_sub(gap);
+        // Expire sessions with end + gap < horizon.
         let mut to = b"y".to_vec();
-        to.extend_from_slice(&i64_sortable(horizon));
+        to.extend_from_slice(&i64_sortable(horizon.saturating_sub(gap)));
         let mut closed = Vec::new();
         for (ykey, _) in expiry_scan(store, &mut out.state, b'y', to)? {
             let mut r = Reader::new(&ykey[1..]);

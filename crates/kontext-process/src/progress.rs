@@ -10,6 +10,9 @@ use crate::store::{get_through, StateStore, StoreError, WriteBatch};
 /// Stream time is metadata (key `0x00 m`): it goes with the offsets at the end of a
 /// changelog batch.
 const STREAM_TIME_KEY: &[u8] = b"\x00m";
+/// The close horizon of a windowed aggregation (key `0x00 h`): every window ending at or before
+/// it is closed and deleted. Metadata like stream time.
+const HORIZON_KEY: &[u8] = b"\x00h";
 
 /// Per batch: which events are new (at or above the store's offsets), the stream time, and
 /// the offsets the batch's state will record.
@@ -18,6 +21,26 @@ pub(crate) struct Progress {
     next: BTreeMap<TopicPartition, i64>,
     stream_time: Option<i64>,
     loaded_stream_time: Option<i64>,
+    /// The close horizon the store recorded, if the operator keeps one.
+    loaded_horizon: Option<i64>,
+    /// The close horizon this batch records, once the operator gives it.
+    horizon: Option<i64>,
+}
+
+fn read_i64<S: StateStore + ?Sized>(
+    store: &S,
+    batch: &WriteBatch,
+    key: &[u8],
+    what: &str,
+) -> Result<Option<i64>, StoreError> {
+    get_through(store, batch, key)?
+        .map(|v| {
+            v.as_ref()
+                .try_into()
+                .map(i64::from_le_bytes)
+                .map_err(|_| StoreError::Corrupt(what.into()))
+        })
+        .transpose()
 }
 
 impl Progress {
@@ -26,20 +49,33 @@ impl Progress {
         store: &S,
         batch: &WriteBatch,
     ) -> Result<Self, StoreError> {
-        let stream_time = get_through(store, batch, STREAM_TIME_KEY)?
-            .map(|v| {
-                v.as_ref()
-                    .try_into()
-                    .map(i64::from_le_bytes)
-                    .map_err(|_| StoreError::Corrupt("stream time".into()))
-            })
-            .transpose()?;
+        let stream_time = read_i64(store, batch, STREAM_TIME_KEY, "stream time")?;
         Ok(Self {
             committed: store.offsets()?,
             next: BTreeMap::new(),
             stream_time,
             loaded_stream_time: stream_time,
+            loaded_horizon: read_i64(store, batch, HORIZON_KEY, "close horizon")?,
+            horizon: None,
         })
+    }
+
+    /// The close horizon at stream time `st` with `grace`: windows ending at or before it are
+    /// closed (an event that only reaches them is late). It is `st - grace`, but never below
+    /// the horizon an earlier batch recorded: a restart with a larger grace must not open again
+    /// a window whose final value was emitted and whose state was deleted, since it would
+    /// start from nothing and replace that value with a partial one.
+    pub(crate) fn horizon(&self, st: i64, grace: i64) -> i64 {
+        let horizon = st.saturating_sub(grace);
+        self.loaded_horizon.map_or(horizon, |h| h.max(horizon))
+    }
+
+    /// The horizon at the batch's last stream time `st` ([`Self::horizon`]), marked closed:
+    /// [`Self::finish`] records it, and the next batches never admit below it.
+    pub(crate) fn close_through(&mut self, st: i64, grace: i64) -> i64 {
+        let horizon = self.horizon(st, grace);
+        self.horizon = Some(horizon);
+        horizon
     }
 
     /// Admits an event: `None` if it is below the store's offsets (already applied), else the
@@ -103,6 +139,9 @@ impl Progress {
         }
         if let Some(st) = self.stream_time {
             batch.put(STREAM_TIME_KEY, &st.to_le_bytes());
+        }
+        if let Some(horizon) = self.horizon {
+            batch.put(HORIZON_KEY, &horizon.to_le_bytes());
         }
     }
 }

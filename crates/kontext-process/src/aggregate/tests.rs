@@ -336,6 +336,42 @@ fn a_key_created_after_a_restart_with_a_larger_grace_expires() {
     assert_every_key_is_mentioned(&store);
 }
 
+/// A window closed before a restart stays closed after it, whatever the new grace: a late
+/// event the larger grace would admit is dropped, where it used to open the closed window
+/// again with only itself in it.
+#[test]
+fn a_restart_with_a_larger_grace_does_not_reopen_closed_windows() {
+    let session = WindowSpec::Session { gap_ms: 5 };
+    for spec in [WindowSpec::Tumbling { size_ms: 10 }, HOPPING, session] {
+        for emit in [Emit::OnUpdate, Emit::OnClose] {
+            let mut store = MemoryStore::new("agg");
+            let on = |grace| {
+                Aggregate::new(AggregateConfig {
+                    emit,
+                    ..config(spec, grace)
+                })
+            };
+            let first = on(0).unwrap();
+            let out = first
+                .process(&store, &[ev("c1", 3, 0, 1.0), ev("c1", 4, 1, 2.0)])
+                .unwrap();
+            store.commit(out.state).unwrap();
+            // Stream time 100 closes every window and session of c1.
+            let out = first.process(&store, &[ev("c2", 100, 2, 1.0)]).unwrap();
+            store.commit(out.state).unwrap();
+            // Restarted with a grace that would admit t = 5 (100 - 200 < 5).
+            let out = on(200)
+                .unwrap()
+                .process(&store, &[ev("c1", 5, 3, 7.0)])
+                .unwrap();
+            let reopened: Vec<_> = out.updates.iter().filter(|u| u.key == "c1").collect();
+            assert!(reopened.is_empty(), "{spec:?} {emit:?}: {reopened:?}");
+            assert_eq!(out.dropped_late, 1, "{spec:?} {emit:?}");
+            store.commit(out.state).unwrap();
+        }
+    }
+}
+
 /// A migration in a batch that admits no event (all re-delivered) and finds no stream time
 /// (a store of an early version) still writes the sessions it moved.
 #[test]
@@ -512,6 +548,19 @@ fn run_with_restart(
     size: usize,
     upgrade: bool,
 ) -> (MemoryStore, i64) {
+    let (store, st, _) = run_with_restart_emitting(first, second, events, size, upgrade);
+    (store, st)
+}
+
+/// [`run_with_restart`], also returning every update emitted, in order.
+fn run_with_restart_emitting(
+    first: AggregateConfig,
+    second: AggregateConfig,
+    events: &[Event],
+    size: usize,
+    upgrade: bool,
+) -> (MemoryStore, i64, Vec<AggregateUpdate>) {
+    let mut updates = Vec::new();
     let mut store = MemoryStore::new("agg");
     let half = events.len() / 2;
     for (part, config) in [(&events[..half], first), (&events[half..], second)] {
@@ -527,11 +576,12 @@ fn run_with_restart(
         let op = Aggregate::new(config).unwrap();
         for batch in part.chunks(size) {
             let out = op.process(&store, batch).unwrap();
+            updates.extend(out.updates);
             store.commit(out.state).unwrap();
         }
     }
     let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
-    (store, st)
+    (store, st, updates)
 }
 
 /// Rewrites the sessions of `store` in the layout before they were kept per key: an entry
@@ -845,6 +895,43 @@ proptest::proptest! {
         proptest::prop_assert_eq!(store.prefix(b"s").count(), 0, "sessions of the earlier layout left");
         for (_, _, end, _) in sessions_of(&store) {
             proptest::prop_assert!(end + 4 >= st - later_grace, "session ending {end} left");
+        }
+    }
+
+    /// Whatever the grace after a restart, a window or session closes once: no (key, window)
+    /// is emitted closed twice, and a key's closed sessions stay more than the gap apart.
+    #[test]
+    fn a_restart_with_another_grace_closes_each_window_once(
+        steps in proptest::collection::vec((0i64..6, 0i64..40), 1..60),
+        grace in 0i64..30,
+        later_grace in 0i64..60,
+        size in 1usize..6,
+    ) {
+        let events = jittered(&steps);
+        let gap = 4;
+        let specs = [WindowSpec::Tumbling { size_ms: 10 }, HOPPING, WindowSpec::Session { gap_ms: gap }];
+        for spec in specs {
+            let on_close = |grace| AggregateConfig { emit: Emit::OnClose, ..config(spec, grace) };
+            let (_, _, updates) = run_with_restart_emitting(
+                on_close(grace), on_close(later_grace), &events, size, false,
+            );
+            let mut closed: BTreeMap<Bytes, Vec<Window>> = BTreeMap::new();
+            for u in updates.iter().filter(|u| u.closed) {
+                closed.entry(u.key.clone()).or_default().push(u.window);
+            }
+            for (key, mut windows) in closed {
+                windows.sort_by_key(|w| (w.start, w.end));
+                for pair in windows.windows(2) {
+                    let (a, b) = (pair[0], pair[1]);
+                    proptest::prop_assert_ne!(a, b, "{:?}: {:?} {:?} closed twice", spec, key, a);
+                    if spec == (WindowSpec::Session { gap_ms: gap }) {
+                        proptest::prop_assert!(
+                            b.start > a.end + gap,
+                            "{:?}: sessions {:?} and {:?} of {:?} overlap", spec, a, b, key
+                        );
+                    }
+                }
+            }
         }
     }
 
