@@ -2,8 +2,8 @@
 # Every check CI runs, in CI's order, on a fresh machine or a developer's:
 #   1. install what the tests need (Debian packages, Python packages)
 #   2. start a local Apache Kafka broker (scripts/kafka.sh) and PostgreSQL (scripts/postgres.sh)
-#   3. cargo fmt --check, cargo clippy -D warnings, cargo test (unit + integration tests
-#      against the real broker and the embedded log)
+#   3. cargo fmt --check, cargo clippy -D warnings, cargo doc -D warnings, cargo test (unit +
+#      integration tests against the real broker and the embedded log)
 #   4. stop the broker and PostgreSQL (if this run started them), whatever happened
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
@@ -40,5 +40,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo doc"
+# Public docs must not link to what they cannot show (broken or private intra-doc links).
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 echo "== cargo test"
 cargo test --workspace --locked "$@"

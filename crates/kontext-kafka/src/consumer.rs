@@ -237,10 +237,11 @@ impl Consumer for KafkaConsumer {
     }
 
     /// librdkafka's asynchronous commit: sent to the coordinator in order (a retried one may
-    /// land after a newer one), its outcome logged by [`GroupContext`]. Closing the consumer
-    /// (dropping it) waits for it; an empty [`Consumer::commit`] does not. (Committing the
-    /// offsets again synchronously there would also commit, under the current generation,
-    /// partitions a rebalance moved to another member since: it would rewind them.)
+    /// land after a newer one), its outcome logged by the consumer's context (`GroupContext`).
+    /// Closing the consumer (dropping it) waits for it; an empty [`Consumer::commit`] does
+    /// not. (Committing the offsets again synchronously there would also commit, under the
+    /// current generation, partitions a rebalance moved to another member since: it would
+    /// rewind them.)
     async fn commit_in_background(
         &mut self,
         offsets: &[(TopicPartition, i64)],

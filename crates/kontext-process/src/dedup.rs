@@ -14,7 +14,7 @@
 //! - `w` → the bucket width `g`, [`bucket_width`] of the window the store's first batch ran
 //!   with, kept when the window changes, so every entry is found where it was filed;
 //! - `n` → the last batch sequence number; `c e`, `c x` → where the next expiry scans of the
-//!   two indexes start ([`expiry_scan`]); `m` → stream time;
+//!   two indexes start (`expiry_scan`); `m` → stream time;
 //! - `x time id`, empty: the per-id expiry entries of stores written before, still expired;
 //! - `0x00 e d` → the expiry rule of the `d` entries ([`ExpiryRule`]): those with a time below
 //!   the end of the forgotten buckets, forwarded by a batch up to the one it names, are
