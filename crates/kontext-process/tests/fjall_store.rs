@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use kontext_core::record::TopicPartition;
-use kontext_process::store::Durability;
+use kontext_process::store::{get_through, Durability};
 use kontext_process::*;
 use proptest::prelude::*;
 
@@ -156,5 +156,95 @@ proptest! {
         let b = op.process(&restored, &later).unwrap();
         prop_assert_eq!(&a.decisions, &b.decisions);
         prop_assert!(a.decisions.iter().all(|d| *d == DedupDecision::Forward));
+    }
+}
+
+/// What happens to a fjall store between reads of every key, in the value-cache lockstep test.
+#[derive(Debug, Clone)]
+enum CacheStep {
+    /// A batch is committed: writes, then `delete_expired` of some keys (no rule covers them).
+    Commit(Vec<(u8, Option<u8>)>, Vec<u8>),
+    /// A batch is built, read through, and dropped (an aborted transaction, a crash before the
+    /// state commit).
+    Abort(Vec<(u8, Option<u8>)>),
+    /// The store is closed and opened again, in the same database or in a new one.
+    Reopen { same_db: bool },
+    /// The store is cleared and restored from its changelog.
+    ClearAndRestore,
+}
+
+fn cache_steps() -> impl Strategy<Value = Vec<CacheStep>> {
+    let writes =
+        || prop::collection::vec((0u8..24, prop::option::weighted(0.7, any::<u8>())), 0..12);
+    prop::collection::vec(
+        prop_oneof![
+            6 => (writes(), prop::collection::vec(0u8..24, 0..3))
+                .prop_map(|(w, e)| CacheStep::Commit(w, e)),
+            2 => writes().prop_map(CacheStep::Abort),
+            1 => any::<bool>().prop_map(|same_db| CacheStep::Reopen { same_db }),
+            1 => Just(CacheStep::ClearAndRestore),
+        ],
+        1..24,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Every key reads the same from fjall (through its value cache, large enough for all keys,
+    /// or so small that it evicts all the time, or none) as from the in-memory store, after
+    /// commits, aborted batches, reopens and restores.
+    #[test]
+    fn the_value_cache_never_serves_what_fjall_does_not_hold(
+        steps in cache_steps(),
+        budget in prop_oneof![Just(0u64), Just(1_500u64), Just(1u64 << 20)],
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let open_db = || StateDb::open_with_value_cache(dir.path(), budget).unwrap();
+        let open = |db: &StateDb| FjallStore::open_in(db, "s", "s", Durability::Process).unwrap();
+        let mut db = open_db();
+        let mut fjall = open(&db);
+        let mut memory = MemoryStore::new("s");
+        let mut changelog = Vec::new();
+        for (n, step) in steps.iter().enumerate() {
+            match step {
+                CacheStep::Commit(writes, expired) => {
+                    let mut batch = to_batch(writes, n);
+                    for key in expired {
+                        batch.delete_expired(Bytes::copy_from_slice(&[b'k', *key]));
+                    }
+                    changelog.extend(fjall.commit(batch.clone()).unwrap());
+                    memory.commit(batch).unwrap();
+                }
+                CacheStep::Abort(writes) => {
+                    let batch = to_batch(writes, n);
+                    for key in 0..24u8 {
+                        let key = [b'k', key];
+                        prop_assert_eq!(
+                            get_through(&fjall, &batch, &key).unwrap(),
+                            get_through(&memory, &batch, &key).unwrap()
+                        );
+                    }
+                }
+                CacheStep::Reopen { same_db } => {
+                    drop(fjall);
+                    if !same_db {
+                        drop(db);
+                        db = open_db();
+                    }
+                    fjall = open(&db);
+                }
+                CacheStep::ClearAndRestore => {
+                    fjall.clear().unwrap();
+                    let tail = fjall.restore(&mut changelog.clone().into_iter()).unwrap();
+                    prop_assert!(tail.is_empty());
+                }
+            }
+            for key in 0..24u8 {
+                let key = [b'k', key];
+                prop_assert_eq!(fjall.get(&key).unwrap(), memory.get(&key).unwrap(), "{:?} after {:?}", key, step);
+            }
+        }
+        prop_assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap());
     }
 }

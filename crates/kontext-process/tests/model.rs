@@ -72,6 +72,9 @@ enum Fault {
     /// The consumer group is behind the store (crash after the state commit, before the
     /// offset commit): re-deliver from `back` records earlier.
     Redeliver(usize),
+    /// The process restarts after the state commit: the store is closed and opened again
+    /// (a fjall store then starts with an empty value cache).
+    Restart,
 }
 
 fn plan() -> impl Strategy<Value = Vec<(usize, Fault)>> {
@@ -82,20 +85,40 @@ fn plan() -> impl Strategy<Value = Vec<(usize, Fault)>> {
                 6 => Just(Fault::None),
                 1 => Just(Fault::CrashBeforeCommit),
                 1 => (1usize..10).prop_map(Fault::Redeliver),
+                1 => Just(Fault::Restart),
             ],
         ),
         0..30,
     )
 }
 
-/// Drives an operator through the plan; returns the store and its whole changelog.
+/// Drives an operator through the plan on an in-memory store; returns the store and its whole
+/// changelog.
 fn drive<O>(
     events: &[Event],
     plan: &[(usize, Fault)],
-    mut step: impl FnMut(&MemoryStore, &[Event]) -> (O, WriteBatch),
-    mut downstream: impl FnMut(O),
+    step: impl FnMut(&MemoryStore, &[Event]) -> (O, WriteBatch),
+    downstream: impl FnMut(O),
 ) -> (MemoryStore, Vec<ChangelogRecord>) {
-    let mut store = MemoryStore::new("state");
+    drive_on(
+        MemoryStore::new("state"),
+        |s| s,
+        events,
+        plan,
+        step,
+        downstream,
+    )
+}
+
+/// [`drive`] on `store`; `reopen` closes a store and opens it again.
+fn drive_on<S: StateStore, O>(
+    mut store: S,
+    mut reopen: impl FnMut(S) -> S,
+    events: &[Event],
+    plan: &[(usize, Fault)],
+    mut step: impl FnMut(&S, &[Event]) -> (O, WriteBatch),
+    mut downstream: impl FnMut(O),
+) -> (S, Vec<ChangelogRecord>) {
     let mut changelog = Vec::new();
     let mut pos = 0usize;
     let mut steps = plan
@@ -111,11 +134,14 @@ fn drive<O>(
             Fault::CrashBeforeCommit => {
                 pos = committed(&store);
             }
-            Fault::None | Fault::Redeliver(_) => {
+            Fault::None | Fault::Redeliver(_) | Fault::Restart => {
                 changelog.extend(store.commit(state).expect("commit"));
                 pos = end;
                 if let Fault::Redeliver(back) = fault {
                     pos = pos.saturating_sub(back);
+                }
+                if let Fault::Restart = fault {
+                    store = reopen(store);
                 }
             }
         }
@@ -123,7 +149,7 @@ fn drive<O>(
     (store, changelog)
 }
 
-fn committed(store: &MemoryStore) -> usize {
+fn committed(store: &dyn StateStore) -> usize {
     store
         .offsets()
         .unwrap()
@@ -131,7 +157,7 @@ fn committed(store: &MemoryStore) -> usize {
         .map_or(0, |next| *next as usize)
 }
 
-fn assert_restores(store: &MemoryStore, changelog: Vec<ChangelogRecord>) {
+fn assert_restores(store: &dyn StateStore, changelog: Vec<ChangelogRecord>) {
     let mut restored = MemoryStore::new("state");
     let tail = restored.restore(&mut changelog.into_iter()).unwrap();
     assert!(tail.is_empty());
@@ -287,8 +313,50 @@ fn run_op_with_state(
     op: Aggregate,
     by_key_only: bool,
 ) -> (Table, MemoryStore) {
+    run_op_on(
+        MemoryStore::new("state"),
+        |s| s,
+        events,
+        plan,
+        op,
+        by_key_only,
+    )
+}
+
+/// [`run_op_with_state`] on a fjall store whose value cache holds about `budget` bytes, in
+/// `dir`; a restart opens the store again in the same database.
+fn run_op_on_fjall(
+    dir: &std::path::Path,
+    budget: u64,
+    events: &[Event],
+    plan: &[(usize, Fault)],
+    op: Aggregate,
+    by_key_only: bool,
+) -> (Table, FjallStore) {
+    let db = StateDb::open_with_value_cache(dir, budget).unwrap();
+    let open = |db: &StateDb| {
+        FjallStore::open_in(db, "state", "state", store::Durability::Process).unwrap()
+    };
+    let reopen = |store: FjallStore| {
+        drop(store);
+        open(&db)
+    };
+    run_op_on(open(&db), reopen, events, plan, op, by_key_only)
+}
+
+/// [`run_op_with_state`] on `store`.
+fn run_op_on<S: StateStore>(
+    store: S,
+    reopen: impl FnMut(S) -> S,
+    events: &[Event],
+    plan: &[(usize, Fault)],
+    op: Aggregate,
+    by_key_only: bool,
+) -> (Table, S) {
     let mut table = Downstream::new();
-    let (store, changelog) = drive(
+    let (store, changelog) = drive_on(
+        store,
+        reopen,
         events,
         plan,
         |store, batch| {
@@ -522,6 +590,37 @@ proptest! {
             .collect();
         in_window.sort();
         prop_assert_eq!(Aggregate::sliding_retained(&store).unwrap(), in_window);
+    }
+}
+
+proptest! {
+    // Each case opens a fjall database.
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// The windowed aggregations on fjall, through a value cache that holds every key or so
+    /// few that it evicts all the time, across crashes before the commit (batches never
+    /// applied), re-deliveries and restarts: the same downstream table as the reference.
+    #[test]
+    fn windows_on_fjall_through_its_value_cache_match_the_reference(
+        specs in specs(), plan in plan(), size in 1i64..40, hops in 1i64..5, grace in 0i64..30,
+        budget in prop_oneof![Just(1u64 << 20), Just(600u64)],
+        sliding in any::<bool>(), inline_limit in prop_oneof![Just(16usize), 0usize..3],
+    ) {
+        let events = events(&specs);
+        let dir = tempfile::tempdir().unwrap();
+        if sliding {
+            let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: size }, 0, Emit::OnUpdate))
+                .unwrap()
+                .with_sliding_inline_limit(inline_limit);
+            let (table, _) = run_op_on_fjall(dir.path(), budget, &events, &plan, op, true);
+            prop_assert_eq!(table, sliding_reference(&events, size));
+        } else {
+            let advance = (size / hops).max(1);
+            let spec = WindowSpec::Hopping { size_ms: size, advance_ms: advance };
+            let op = Aggregate::new(config(spec, grace, Emit::OnUpdate)).unwrap();
+            let (table, _) = run_op_on_fjall(dir.path(), budget, &events, &plan, op, false);
+            prop_assert_eq!(table, fixed_reference(&events, spec, grace));
+        }
     }
 }
 

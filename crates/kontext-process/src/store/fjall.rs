@@ -12,6 +12,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use kontext_core::record::TopicPartition;
 
 use super::batch::decode_offset_entry;
+use super::cache::{StoreCache, ValueCache, DEFAULT_VALUE_CACHE_BYTES};
 use super::expiry::{rule_prefix, ExpiryRules, EXPIRY_RULES_PREFIX};
 use super::{ExpiryRule, KvIter, StateStore, StoreError, WriteBatch, OFFSETS_PREFIX};
 
@@ -31,6 +32,10 @@ pub enum Durability {
 /// A batch is one fjall write batch, so it is atomic across crashes; the input offsets are
 /// entries of the same batch.
 ///
+/// Point reads go through the database's value cache (`store/cache.rs`): a key read before,
+/// and not written since except by batches this store committed, is served from memory. Only
+/// committed values enter it, so an aborted batch (one never applied) leaves it as it was.
+///
 /// Expiry rules ([`ExpiryRule`]) are applied lazily: a delete the batch marks as covered by a
 /// rule is not written; reads hide the entries the store's rules cover, and compactions drop
 /// them. The rules are entries of the batches, so they are as durable as the deletes they
@@ -47,6 +52,8 @@ pub struct FjallStore {
     rules: ExpiryRules,
     /// The same, for the keyspace's compaction filter.
     shared_rules: SharedRules,
+    /// This instance's namespace in the database's value cache.
+    cache: StoreCache,
 }
 
 /// The rules of one keyspace, shared with its compaction filter.
@@ -70,6 +77,8 @@ pub struct StateDb {
     /// The expiry rules of each keyspace, by name: fjall assigns a keyspace its compaction
     /// filter when it opens or recovers it, before the store opens it and loads the rules.
     rules: Arc<Mutex<HashMap<String, SharedRules>>>,
+    /// Committed values of the stores' keys, one budget for all of them.
+    cache: ValueCache,
 }
 
 impl std::fmt::Debug for StateDb {
@@ -79,9 +88,15 @@ impl std::fmt::Debug for StateDb {
 }
 
 impl StateDb {
-    /// Opens (creating if needed) the database in the directory `path`. Only one process may
-    /// open a directory at a time.
+    /// Opens (creating if needed) the database in the directory `path`, with a value cache of
+    /// 64 MiB. Only one process may open a directory at a time.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_value_cache(path, DEFAULT_VALUE_CACHE_BYTES)
+    }
+
+    /// [`StateDb::open`] with a value cache of about `bytes` bytes (keys, values and a
+    /// per-entry overhead), shared by all the stores opened in it; 0 for none.
+    pub fn open_with_value_cache(path: impl AsRef<Path>, bytes: u64) -> Result<Self, StoreError> {
         let rules: Arc<Mutex<HashMap<String, SharedRules>>> = Arc::default();
         let registry = rules.clone();
         let db = Database::builder(path.as_ref())
@@ -94,7 +109,11 @@ impl StateDb {
                 store: path.as_ref().display().to_string(),
                 source: Box::new(e),
             })?;
-        Ok(Self { db, rules })
+        Ok(Self {
+            db,
+            rules,
+            cache: ValueCache::new(bytes),
+        })
     }
 
     /// Syncs the journal to disk (also done by fjall when the last handle is dropped).
@@ -141,6 +160,7 @@ impl FjallStore {
             source: Box::new(e),
         };
         let shared_rules = rules_of(&db.rules, keyspace);
+        let cache = db.cache.namespace();
         let db = db.db.clone();
         let keyspace = db
             .keyspace(keyspace, KeyspaceCreateOptions::default)
@@ -153,6 +173,7 @@ impl FjallStore {
             offsets: BTreeMap::new(),
             rules: ExpiryRules::default(),
             shared_rules,
+            cache,
         };
         let mut offsets = BTreeMap::new();
         for entry in store.prefix(OFFSETS_PREFIX) {
@@ -182,6 +203,7 @@ impl FjallStore {
     /// Deletes every entry, offsets included, in one atomic batch: the store is then as new
     /// (before a full restore from the changelog).
     pub fn clear(&mut self) -> Result<(), StoreError> {
+        self.cache.reset();
         let mut batch = self.db.batch();
         for guard in self.keyspace.iter() {
             let key = guard.key().map_err(|e| self.engine(e))?;
@@ -231,12 +253,18 @@ impl StateStore for FjallStore {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
-        Ok(self
-            .keyspace
-            .get(key)
-            .map_err(|e| self.engine(e))?
-            .filter(|v| !self.rules.covers(key, v))
-            .map(|v| Bytes::copy_from_slice(&v)))
+        let value = match self.cache.get(key) {
+            Some(value) => value,
+            None => match self.keyspace.get(key).map_err(|e| self.engine(e))? {
+                Some(value) => {
+                    let value = Bytes::copy_from_slice(&value);
+                    self.cache.fill(key, &value);
+                    value
+                }
+                None => return Ok(None),
+            },
+        };
+        Ok((!self.rules.covers(key, &value)).then_some(value))
     }
 
     fn range<'a>(&'a self, start: &[u8], end: &[u8]) -> KvIter<'a> {
@@ -283,7 +311,17 @@ impl StateStore for FjallStore {
                 fjall_batch.remove(&self.keyspace, key.as_ref());
             }
         }
-        fjall_batch.commit().map_err(|e| self.engine(e))?;
+        if let Err(e) = fjall_batch.commit() {
+            // Whether fjall holds the batch is unknown (it poisons itself): cache nothing.
+            self.cache.reset();
+            return Err(self.engine(e));
+        }
+        for (key, value) in batch.entries_but_expired() {
+            self.cache.committed(&key, value.as_ref());
+        }
+        for key in batch.expired() {
+            self.cache.committed(key, None);
+        }
         if rules_changed {
             self.set_rules(rules);
         }

@@ -5,6 +5,7 @@
 //! offsets); operators' keys begin with an ASCII letter.
 
 mod batch;
+mod cache;
 mod expiry;
 mod fjall;
 mod memory;

@@ -270,3 +270,127 @@ fn an_expired_delete_without_a_rule_is_a_delete() {
     fjall.commit(batch).unwrap();
     assert_eq!(fjall.held(b"d"), 0);
 }
+
+// ---------------------------------------------------------------- the value cache
+
+/// A store in a database of its own with a value cache of `budget` bytes.
+fn cached_store(dir: &std::path::Path, budget: u64) -> (StateDb, FjallStore) {
+    let db = StateDb::open_with_value_cache(dir, budget).unwrap();
+    let store = FjallStore::open_in(&db, "t", "t", Durability::Process).unwrap();
+    (db, store)
+}
+
+fn read(store: &dyn StateStore, key: &[u8]) -> Option<Vec<u8>> {
+    store.get(key).unwrap().map(|v| v.to_vec())
+}
+
+/// A store with a cache that holds everything, where `entries` were written and read (so
+/// cached); the directory and database must outlive the store.
+fn store_with_cached(entries: &[(&[u8], &[u8])]) -> (tempfile::TempDir, StateDb, FjallStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, mut store) = cached_store(dir.path(), 1 << 20);
+    for (key, value) in entries {
+        store.put(key, value).unwrap();
+        assert_eq!(read(&store, key).as_deref(), Some(*value), "now cached");
+    }
+    (dir, db, store)
+}
+
+#[test]
+fn a_cached_value_follows_committed_puts_deletes_and_expired_deletes() {
+    let (_dir, _db, mut store) = store_with_cached(&[(b"a", b"1"), (b"b", b"1"), (b"c", b"1")]);
+    let mut batch = WriteBatch::default();
+    batch.put(b"a", b"2");
+    batch.delete(b"b");
+    // No rule covers `c`: fjall deletes it for real.
+    batch.delete_expired(Bytes::from_static(b"c"));
+    store.commit(batch).unwrap();
+    assert_eq!(read(&store, b"a").as_deref(), Some(&b"2"[..]));
+    assert_eq!(read(&store, b"b"), None);
+    assert_eq!(read(&store, b"c"), None);
+}
+
+#[test]
+fn a_batch_that_is_never_applied_leaves_the_cached_values_as_committed() {
+    let (_dir, _db, store) = store_with_cached(&[(b"k", b"committed")]);
+    let mut aborted = WriteBatch::default();
+    aborted.put(b"k", b"aborted");
+    aborted.put(b"new", b"aborted");
+    assert_eq!(
+        get_through(&store, &aborted, b"k").unwrap().as_deref(),
+        Some(&b"aborted"[..])
+    );
+    drop(aborted);
+    assert_eq!(read(&store, b"k").as_deref(), Some(&b"committed"[..]));
+    assert_eq!(read(&store, b"new"), None);
+}
+
+#[test]
+fn a_cleared_store_serves_nothing_it_had_cached() {
+    let (_dir, _db, mut store) = store_with_cached(&[(b"k", b"1")]);
+    store.clear().unwrap();
+    assert_eq!(read(&store, b"k"), None);
+}
+
+#[test]
+fn a_restore_replaces_cached_values() {
+    let (_dir, _db, mut store) = store_with_cached(&[(b"k", b"old"), (b"gone", b"old")]);
+    let mut source = MemoryStore::new("t");
+    let mut batch = WriteBatch::default();
+    batch.put(b"k", b"restored");
+    batch.delete(b"gone");
+    let changelog = source.commit(batch).unwrap();
+    assert!(store
+        .restore(&mut changelog.into_iter())
+        .unwrap()
+        .is_empty());
+    assert_eq!(read(&store, b"k").as_deref(), Some(&b"restored"[..]));
+    assert_eq!(read(&store, b"gone"), None);
+}
+
+#[test]
+fn a_store_reopened_in_the_same_database_reads_what_was_committed_since() {
+    let (_dir, db, first) = store_with_cached(&[(b"k", b"1")]);
+    drop(first);
+    let mut second = FjallStore::open_in(&db, "t", "t", Durability::Process).unwrap();
+    assert_eq!(read(&second, b"k").as_deref(), Some(&b"1"[..]));
+    second.put(b"k", b"2").unwrap();
+    drop(second);
+    let third = FjallStore::open_in(&db, "t", "t", Durability::Process).unwrap();
+    assert_eq!(read(&third, b"k").as_deref(), Some(&b"2"[..]));
+    // Another keyspace of the database does not see the first's keys.
+    let other = FjallStore::open_in(&db, "u", "u", Durability::Process).unwrap();
+    assert_eq!(read(&other, b"k"), None);
+}
+
+#[test]
+fn a_later_expiry_rule_hides_a_cached_value() {
+    let (_dir, _db, mut store) = store_with_cached(&[(b"d0", &stamped(10, 1))]);
+    let rule = ExpiryRule {
+        below_time: 30,
+        through_seq: 1,
+    };
+    store.put(&ExpiryRule::key(b'd'), &rule.encode()).unwrap();
+    assert_eq!(read(&store, b"d0"), None);
+}
+
+#[test]
+fn a_value_too_large_for_the_cache_replaces_the_cached_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, mut store) = cached_store(dir.path(), 4096);
+    store.put(b"k", b"small").unwrap();
+    assert_eq!(read(&store, b"k").as_deref(), Some(&b"small"[..]));
+    let large = vec![7u8; 64 << 10];
+    store.put(b"k", &large).unwrap();
+    assert_eq!(read(&store, b"k"), Some(large));
+}
+
+#[test]
+fn a_store_without_a_value_cache_reads_from_fjall() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, mut store) = cached_store(dir.path(), 0);
+    exercise(&mut store);
+    store.put(b"k", b"1").unwrap();
+    store.put(b"k", b"2").unwrap();
+    assert_eq!(read(&store, b"k").as_deref(), Some(&b"2"[..]));
+}
