@@ -119,7 +119,7 @@ fn load(dir: &tempfile::TempDir) {
         EntityUpdate {
             entity_type: t.into(),
             entity_id: id,
-            change: Change::Upsert(fields.as_object().cloned().unwrap_or_default()),
+            change: Change::Upsert(fields.as_object().cloned().unwrap_or_default().into()),
             provenance: Provenance {
                 source: source.into(),
                 event_id: format!("{source}-{offset:08}"),

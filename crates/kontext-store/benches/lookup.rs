@@ -263,7 +263,7 @@ fn update(
     EntityUpdate {
         entity_type: entity_type.into(),
         entity_id,
-        change: Change::Upsert(fields),
+        change: Change::Upsert(fields.into()),
         provenance: Provenance {
             source: source.into(),
             event_id: format!("{source}-{o}"),

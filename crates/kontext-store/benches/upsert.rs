@@ -56,7 +56,7 @@ fn batch(from: i64, len: usize) -> Vec<EntityUpdate> {
             EntityUpdate {
                 entity_type: "order".into(),
                 entity_id: format!("O{}", (o * 7_919) % 20_000),
-                change: Change::Upsert(fields),
+                change: Change::Upsert(fields.into()),
                 provenance: Provenance {
                     source: "shop".into(),
                     event_id: format!("e{o}"),

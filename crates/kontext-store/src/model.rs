@@ -79,9 +79,127 @@ impl EntityDoc {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// Set these canonical fields (others keep their values).
-    Upsert(Map<String, Value>),
+    Upsert(Fields),
     /// Remove the entity (a tombstone).
     Delete,
+}
+
+/// The canonical fields an upsert sets: sorted by name, each name once, as a
+/// `Map<String, Value>` iterates them.
+///
+/// Names are [`Arc<str>`]: the normalizer shares one per canonical field of a source among all
+/// of its updates, instead of allocating (and later freeing) a `String` per field per event;
+/// and a short sorted `Vec` is cheaper to build and drop than a B-tree. Lookups are binary
+/// searches. Build it with [`Fields::insert`], or collect it from `(name, value)` pairs or a
+/// `Map` (a later duplicate replaces an earlier one, as in a map).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fields(Vec<(Arc<str>, Value)>);
+
+impl Fields {
+    /// No fields.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// No fields, with room for `capacity` of them.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self(Vec::with_capacity(capacity))
+    }
+
+    /// Sets a field, replacing its value if the name is there. Names inserted in ascending
+    /// order cost one comparison each.
+    pub fn insert(&mut self, name: Arc<str>, value: Value) {
+        match self.0.last() {
+            Some((last, _)) if **last < *name => self.0.push((name, value)),
+            None => self.0.push((name, value)),
+            Some(_) => match self.0.binary_search_by(|(n, _)| (**n).cmp(&*name)) {
+                Ok(at) => self.0[at].1 = value,
+                Err(at) => self.0.insert(at, (name, value)),
+            },
+        }
+    }
+
+    /// The value of a field.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0
+            .binary_search_by(|(n, _)| (**n).cmp(name))
+            .ok()
+            .map(|at| &self.0[at].1)
+    }
+
+    /// How many fields are set.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no field is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The fields in name order.
+    pub fn iter(&self) -> FieldsIter<'_> {
+        self.0.iter().map(entry_ref)
+    }
+
+    /// The names in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.0.iter().map(|(n, _)| &**n)
+    }
+
+    /// The fields as a JSON object.
+    pub fn to_map(&self) -> Map<String, Value> {
+        self.iter()
+            .map(|(n, v)| (n.to_owned(), v.clone()))
+            .collect()
+    }
+}
+
+/// [`Fields::iter`].
+pub type FieldsIter<'a> = std::iter::Map<
+    std::slice::Iter<'a, (Arc<str>, Value)>,
+    fn(&'a (Arc<str>, Value)) -> (&'a str, &'a Value),
+>;
+
+impl<'a> IntoIterator for &'a Fields {
+    type Item = (&'a str, &'a Value);
+    type IntoIter = FieldsIter<'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<N: Into<Arc<str>>> FromIterator<(N, Value)> for Fields {
+    fn from_iter<I: IntoIterator<Item = (N, Value)>>(iter: I) -> Self {
+        let mut fields = Fields::new();
+        for (name, value) in iter {
+            fields.insert(name.into(), value);
+        }
+        fields
+    }
+}
+
+impl From<Map<String, Value>> for Fields {
+    fn from(map: Map<String, Value>) -> Self {
+        // A map iterates in name order: every insert appends.
+        map.into_iter().collect()
+    }
+}
+
+impl std::ops::Index<&str> for Fields {
+    type Output = Value;
+
+    /// The value of a field.
+    ///
+    /// # Panics
+    /// If the field is not set, like `Map`'s index.
+    fn index(&self, name: &str) -> &Value {
+        match self.get(name) {
+            Some(value) => value,
+            None => panic!("no field {name:?}"),
+        }
+    }
 }
 
 /// One normalized event, ready for the store.
@@ -152,7 +270,7 @@ impl StoreSchema {
 /// fields it sets share `provenance`). Returns whether anything changed.
 pub(crate) fn merge_fields(
     doc: &mut EntityDoc,
-    fields: &Map<String, Value>,
+    fields: &Fields,
     provenance: &Arc<Provenance>,
 ) -> bool {
     let mut changed = false;
@@ -172,7 +290,7 @@ pub(crate) fn merge_fields(
                 // No new key String for a field the document has.
                 Some(existing) => *existing = entry,
                 None => {
-                    doc.fields.insert(name.clone(), entry);
+                    doc.fields.insert(name.to_owned(), entry);
                 }
             }
             changed = true;
@@ -182,4 +300,43 @@ pub(crate) fn merge_fields(
         doc.latest = Arc::clone(provenance);
     }
     changed
+}
+
+fn entry_ref((name, value): &(Arc<str>, Value)) -> (&str, &Value) {
+    (name, value)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// `Fields` holds what a `Map` holds after the same inserts, in the same order (the
+        /// store and the PostgreSQL plan iterate it), whatever order the names come in.
+        #[test]
+        fn fields_behave_like_a_map(
+            inserts in prop::collection::vec(("[a-e]{0,3}", any::<i64>()), 0..24),
+            lookups in prop::collection::vec("[a-e]{0,3}", 0..8),
+        ) {
+            let mut fields = Fields::new();
+            let mut map = Map::new();
+            for (name, n) in &inserts {
+                fields.insert(Arc::from(name.as_str()), Value::from(*n));
+                map.insert(name.clone(), Value::from(*n));
+            }
+            prop_assert_eq!(fields.len(), map.len());
+            prop_assert_eq!(fields.is_empty(), map.is_empty());
+            prop_assert!(fields.iter().eq(map.iter().map(|(k, v)| (k.as_str(), v))));
+            prop_assert!(fields.keys().eq(map.keys().map(String::as_str)));
+            for name in lookups.iter().chain(inserts.iter().map(|(n, _)| n)) {
+                prop_assert_eq!(fields.get(name), map.get(name));
+            }
+            prop_assert_eq!(&fields.to_map(), &map);
+            prop_assert_eq!(&Fields::from(map.clone()), &fields);
+            let collected: Fields = inserts.iter().map(|(k, n)| (k.as_str(), Value::from(*n))).collect();
+            prop_assert_eq!(collected, fields);
+        }
+    }
 }

@@ -186,7 +186,7 @@ mod tests {
         EntityUpdate {
             entity_type: "customer".into(),
             entity_id: id.into(),
-            change: Change::Upsert(json!({"n": offset}).as_object().cloned().unwrap()),
+            change: Change::Upsert(json!({"n": offset}).as_object().cloned().unwrap().into()),
             provenance: Provenance {
                 source: "crm".into(),
                 event_id: format!("e{offset}"),

@@ -119,7 +119,7 @@ fn random_log(seed: u64, records: usize, keyed: bool) -> Log {
             let change = if rng.random_bool(0.08) {
                 Change::Delete
             } else {
-                Change::Upsert(random_fields(&mut rng, is_order))
+                Change::Upsert(random_fields(&mut rng, is_order).into())
             };
             Some(EntityUpdate {
                 entity_type: entity_type.into(),

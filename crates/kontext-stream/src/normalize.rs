@@ -13,12 +13,13 @@
 
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use kontext_core::config::{Condition, FieldMapping, FieldType, PipelineConfig};
 use kontext_core::envelope::{self, ContextEvent, EnvelopeError};
 use kontext_core::jq::{JqInput, JqProgram};
 use kontext_core::record::Record;
-use kontext_store::{Change, EntityUpdate, Provenance};
+use kontext_store::{Change, EntityUpdate, Fields, Provenance};
 use serde_json::{Map, Value};
 
 use project::{Projection, SlotPath, Slots};
@@ -126,7 +127,8 @@ struct TopicSources {
 struct CompiledSource {
     name: String,
     entity_type: String,
-    key_field: String,
+    /// The entity's key field (empty: none), shared by every update like the field names.
+    key_field: Arc<str>,
     fields: Vec<CompiledField>,
     drop_if: Vec<CompiledCondition>,
     /// No field is computed by jq, so the payload is only read through paths and the record's
@@ -158,7 +160,8 @@ impl LazyJqInput<'_> {
 
 #[derive(Debug, Clone)]
 struct CompiledField {
-    canonical: String,
+    /// Shared by every update of the source: cloning it is a reference count, not a copy.
+    canonical: Arc<str>,
     value: FieldValue,
     coerce: Option<FieldType>,
     /// `sources.<name>.fields.<canonical>`, for errors.
@@ -234,8 +237,8 @@ impl Router {
             let key_field = config
                 .entities
                 .get(&source.entity)
-                .map(|e| e.key.clone())
-                .unwrap_or_default();
+                .map(|e| Arc::from(e.key.as_str()))
+                .unwrap_or_else(|| Arc::from(""));
             let mut fields: Vec<CompiledField> = source
                 .fields
                 .iter()
@@ -403,8 +406,8 @@ impl CompiledSource {
         payload: &Payload,
         entity_id: &str,
         jq_input: &LazyJqInput,
-    ) -> Result<Map<String, Value>, NormalizeError> {
-        let mut out = Map::with_capacity(self.fields.len() + 1);
+    ) -> Result<Fields, NormalizeError> {
+        let mut out = Fields::with_capacity(self.fields.len() + 1);
         for field in &self.fields {
             let value = match &field.value {
                 FieldValue::Path { path, .. } => match payload.get(path) {
@@ -428,9 +431,9 @@ impl CompiledSource {
         &self,
         payload: &mut Payload,
         entity_id: &str,
-    ) -> Result<Map<String, Value>, NormalizeError> {
+    ) -> Result<Fields, NormalizeError> {
         debug_assert!(self.paths_only);
-        let mut out = Map::with_capacity(self.fields.len() + 1);
+        let mut out = Fields::with_capacity(self.fields.len() + 1);
         for field in &self.fields {
             let value = match &field.value {
                 FieldValue::Path { path, take: true } => payload.take(path),
@@ -446,16 +449,19 @@ impl CompiledSource {
         Ok(out)
     }
 
-    fn put_key(&self, out: &mut Map<String, Value>, entity_id: &str) {
+    fn put_key(&self, out: &mut Fields, entity_id: &str) {
         if !self.key_field.is_empty() {
-            out.insert(self.key_field.clone(), Value::String(entity_id.to_string()));
+            out.insert(
+                Arc::clone(&self.key_field),
+                Value::String(entity_id.to_string()),
+            );
         }
     }
 }
 
 impl CompiledField {
     /// Coerces the field's value if it has a `type`, then adds it to the output.
-    fn put(&self, out: &mut Map<String, Value>, value: Value) -> Result<(), NormalizeError> {
+    fn put(&self, out: &mut Fields, value: Value) -> Result<(), NormalizeError> {
         let value = match self.coerce {
             None => value,
             Some(ty) => coerce::coerce(&value, ty).ok_or_else(|| NormalizeError::Coercion {
@@ -464,7 +470,7 @@ impl CompiledField {
                 expected: ty,
             })?,
         };
-        out.insert(self.canonical.clone(), value);
+        out.insert(Arc::clone(&self.canonical), value);
         Ok(())
     }
 }
@@ -553,7 +559,7 @@ fn compile_field(at: &str, canonical: &str, mapping: &FieldMapping) -> CompiledF
         }),
     };
     CompiledField {
-        canonical: canonical.to_owned(),
+        canonical: Arc::from(canonical),
         value,
         coerce: mapping.coerce(),
         at: at.to_owned(),

@@ -27,7 +27,7 @@ fn upsert(
     EntityUpdate {
         entity_type: entity_type.into(),
         entity_id: id.into(),
-        change: Change::Upsert(fields.as_object().cloned().unwrap_or_default()),
+        change: Change::Upsert(fields.as_object().cloned().unwrap_or_default().into()),
         provenance: Provenance {
             source: source.into(),
             event_id: format!("{source}-{offset}"),
@@ -446,7 +446,7 @@ mod model {
                 for (name, value) in fields {
                     let p = &u.provenance;
                     let candidate = (p.event_time_ms, p.topic.clone(), p.partition, p.offset, value.clone());
-                    let slot = expected.entry((u.entity_id.clone(), name.clone())).or_insert(candidate.clone());
+                    let slot = expected.entry((u.entity_id.clone(), name.to_string())).or_insert(candidate.clone());
                     if (candidate.0, &candidate.1, candidate.2, candidate.3) > (slot.0, &slot.1, slot.2, slot.3) {
                         *slot = candidate;
                     }

@@ -94,7 +94,7 @@ pub(crate) fn plan<'a>(
                 for (name, value) in fields {
                     let newer = entity
                         .fields
-                        .get(name.as_str())
+                        .get(name)
                         .is_none_or(|(_, old)| p.version() > old.version());
                     if newer {
                         entity.fields.insert(name, (value, p));

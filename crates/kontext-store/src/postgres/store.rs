@@ -754,7 +754,7 @@ fn check_text(updates: &[EntityUpdate], offsets: &[(String, i32, i64)]) -> Resul
     for u in updates {
         let p = &u.provenance;
         let names_nul = match &u.change {
-            crate::Change::Upsert(fields) => fields.keys().any(|k| nul(k)),
+            crate::Change::Upsert(fields) => fields.keys().any(nul),
             crate::Change::Delete => false,
         };
         if nul(&u.entity_type)

@@ -77,7 +77,7 @@ fn update(
         entity_id: id.into(),
         change: match fields {
             serde_json::Value::Null => Change::Delete,
-            f => Change::Upsert(f.as_object().cloned().unwrap_or_default()),
+            f => Change::Upsert(f.as_object().cloned().unwrap_or_default().into()),
         },
         provenance: Provenance {
             source: "crm".into(),

@@ -209,7 +209,7 @@ fn billing(value: serde_json::Value) -> Record {
 
 fn upsert(outcome: Outcome) -> Map<String, Value> {
     match update(outcome).change {
-        Change::Upsert(fields) => fields,
+        Change::Upsert(fields) => fields.to_map(),
         Change::Delete => panic!("expected an upsert"),
     }
 }
