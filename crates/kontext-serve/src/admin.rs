@@ -8,12 +8,13 @@
 //!
 //! The work is done by whoever runs the pipeline (the `kontext` binary), behind [`Admin`].
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 pub use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use crate::error::ApiPath;
 use crate::{ApiError, AppState};
 
 /// What a rebuild is doing.
@@ -71,7 +72,7 @@ fn admin(state: &AppState) -> Result<&dyn Admin, ApiError> {
 
 pub(crate) async fn start_rebuild(
     State(state): State<AppState>,
-    Path(store): Path<String>,
+    ApiPath(store): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let status = admin(&state)?.start_rebuild(&store)?;
     Ok((StatusCode::ACCEPTED, Json(status)).into_response())
@@ -79,14 +80,14 @@ pub(crate) async fn start_rebuild(
 
 pub(crate) async fn rebuild_status(
     State(state): State<AppState>,
-    Path(store): Path<String>,
+    ApiPath(store): ApiPath<String>,
 ) -> Result<Json<RebuildStatus>, ApiError> {
     admin(&state)?.rebuild_status(&store).map(Json)
 }
 
 pub(crate) async fn cancel_rebuild(
     State(state): State<AppState>,
-    Path(store): Path<String>,
+    ApiPath(store): ApiPath<String>,
 ) -> Result<Json<RebuildStatus>, ApiError> {
     admin(&state)?.cancel_rebuild(&store).map(Json)
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,6 +15,7 @@ use kontext_store::ContextDocument;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::error::ApiPath;
 use crate::render::{render_markdown, ProvenanceDetail, RenderError, RenderOptions};
 use crate::{ApiError, AppState};
 
@@ -202,17 +203,73 @@ fn invalid_max_tokens(got: &str) -> ApiError {
 
 /// Query-string parameters as sent, so bad values get this API's JSON errors rather than the
 /// extractor's plain-text rejection.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 pub(crate) struct RawContextParams {
-    format: Option<String>,
-    max_tokens: Option<String>,
-    fields: Option<String>,
-    tokenizer: Option<String>,
-    provenance: Option<String>,
+    pub(crate) format: Option<String>,
+    pub(crate) max_tokens: Option<String>,
+    pub(crate) fields: Option<String>,
+    pub(crate) tokenizer: Option<String>,
+    pub(crate) provenance: Option<String>,
+}
+
+/// A parameter given as JSON (a batch's body, MCP tool arguments) as the query string would
+/// carry it: a string as it is, anything else as its JSON text (`12.5`, `-1`, `true`), which
+/// the parsers then reject with the parameter's own code.
+pub(crate) fn param_text(value: Value) -> String {
+    match value {
+        Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+/// A query string as its (name, value) pairs, in order. Extracting these never fails, so
+/// every bad parameter is answered by the handler, in this API's JSON, rather than by the
+/// extractor's plain-text rejection (a repeated name, a number that is not one).
+pub(crate) type QueryPairs = Query<Vec<(String, String)>>;
+
+/// Sets `slot` to `value`, or fails with `code` if the parameter was given already.
+fn once(
+    slot: &mut Option<String>,
+    name: &str,
+    value: String,
+    code: &'static str,
+) -> Result<(), ApiError> {
+    if slot.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            code,
+            format!("{name} is given more than once"),
+        ));
+    }
+    *slot = Some(value);
+    Ok(())
 }
 
 impl RawContextParams {
-    fn parse(&self) -> Result<ContextQuery, ApiError> {
+    /// The parameters of a query string. `fields` may repeat (`fields=a&fields=b`, as many
+    /// clients send lists) and adds up; the others may not. Unknown names are ignored.
+    fn from_pairs(pairs: Vec<(String, String)>) -> Result<Self, ApiError> {
+        let mut raw = Self::default();
+        for (name, value) in pairs {
+            match name.as_str() {
+                "format" => once(&mut raw.format, &name, value, "invalid_format")?,
+                "max_tokens" => once(&mut raw.max_tokens, &name, value, "invalid_max_tokens")?,
+                "tokenizer" => once(&mut raw.tokenizer, &name, value, "invalid_tokenizer")?,
+                "provenance" => once(&mut raw.provenance, &name, value, "invalid_provenance")?,
+                "fields" => match &mut raw.fields {
+                    Some(fields) => {
+                        fields.push(',');
+                        fields.push_str(&value);
+                    }
+                    None => raw.fields = Some(value),
+                },
+                _ => {}
+            }
+        }
+        Ok(raw)
+    }
+
+    pub(crate) fn parse(&self) -> Result<ContextQuery, ApiError> {
         let bad = |code, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
         let format = match self.format.as_deref() {
             None | Some("json") => ContextFormat::Json,
@@ -271,10 +328,10 @@ impl RawContextParams {
 /// `GET /v1/context/{entity_type}/{entity_id}?format=&max_tokens=&fields=&tokenizer=&provenance=`
 pub(crate) async fn get_context(
     State(state): State<AppState>,
-    Path((entity_type, entity_id)): Path<(String, String)>,
-    Query(params): Query<RawContextParams>,
+    ApiPath((entity_type, entity_id)): ApiPath<(String, String)>,
+    Query(pairs): QueryPairs,
 ) -> Result<Response, ApiError> {
-    let query = params.parse()?;
+    let query = RawContextParams::from_pairs(pairs)?.parse()?;
     let reply = assemble_context(&state, &entity_type, &entity_id, &query).await?;
     Ok(match reply.body {
         // The whole document as the store shares it: its serialization can be reused.
@@ -391,10 +448,7 @@ pub(crate) async fn batch_get(
     }
     let raw = RawContextParams {
         format: request.format,
-        max_tokens: request.max_tokens.map(|v| match v {
-            Value::String(s) => s,
-            other => other.to_string(),
-        }),
+        max_tokens: request.max_tokens.map(param_text),
         fields: request.fields.map(|f| match f {
             FieldList::List(v) => v.join(","),
             FieldList::Csv(s) => s,
@@ -522,12 +576,41 @@ pub async fn list_entity_ids(
     Ok(json!({"entity_type": entity_type, "ids": ids, "next_after": next_after}))
 }
 
+impl ListParams {
+    /// The paging parameters of a query string: `limit` a whole number (else
+    /// `invalid_limit`, as an out-of-range one), each at most once.
+    fn from_pairs(pairs: Vec<(String, String)>) -> Result<Self, ApiError> {
+        let (mut limit, mut after) = (None, None);
+        for (name, value) in pairs {
+            match name.as_str() {
+                "limit" => once(&mut limit, &name, value, "invalid_limit")?,
+                "after" => once(&mut after, &name, value, "invalid_after")?,
+                _ => {}
+            }
+        }
+        let limit = limit.as_deref().map(parse_limit).transpose()?;
+        Ok(Self { limit, after })
+    }
+}
+
+/// A page size as sent; its range is checked where it is used ([`list_entity_ids`]).
+pub(crate) fn parse_limit(s: &str) -> Result<usize, ApiError> {
+    s.trim().parse::<usize>().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+            format!("limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got {s:?}"),
+        )
+    })
+}
+
 /// `GET /v1/entities/{entity_type}?limit=N&after=ID`
 pub(crate) async fn list_entities(
     State(state): State<AppState>,
-    Path(entity_type): Path<String>,
-    Query(params): Query<ListParams>,
+    ApiPath(entity_type): ApiPath<String>,
+    Query(pairs): QueryPairs,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let params = ListParams::from_pairs(pairs)?;
     list_entity_ids(&state, &entity_type, &params)
         .await
         .map(Json)

@@ -1,8 +1,11 @@
 //! API errors: an HTTP status, a stable machine-readable code and a human message.
 
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 /// An API error. Rendered as `{"error": {"code": ..., "message": ...}}`; MCP tools report the
@@ -47,4 +50,41 @@ impl IntoResponse for ApiError {
         )
             .into_response()
     }
+}
+
+/// [`Path`], with a path that does not decode (not UTF-8 once percent-decoded) answered as an
+/// [`ApiError`] (`invalid_path`), not with axum's plain-text rejection.
+pub(crate) struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// Requests no route takes: `route_not_found`.
+pub(crate) async fn route_not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        format!("no such endpoint: {}", uri.path()),
+    )
+}
+
+/// A route's path with a method it does not take: `method_not_allowed`.
+pub(crate) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed here"),
+    )
 }

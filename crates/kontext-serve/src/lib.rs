@@ -152,6 +152,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .with_state(state.clone())
         .merge(mcp::router(state))
+        .fallback(error::route_not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled.

@@ -18,7 +18,7 @@ fn state(dir: &tempfile::TempDir) -> AppState {
     let update = |t: &str, id: &str, fields: Value, offset| EntityUpdate {
         entity_type: t.into(),
         entity_id: id.into(),
-        change: Change::Upsert(fields.as_object().cloned().unwrap()),
+        change: Change::Upsert(fields.as_object().cloned().unwrap().into()),
         provenance: Provenance {
             source: "crm".into(),
             event_id: format!("e{offset}"),
@@ -90,6 +90,40 @@ async fn errors_have_stable_codes_and_statuses() {
     let (status, body) = get_json(s, "/v1/entities/customer?limit=0").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"]["code"], "invalid_limit");
+}
+
+/// Requests no handler takes (an unknown path, a known path with another method) and paths
+/// that do not decode are answered in the API's JSON too, not with an empty or plain-text body.
+#[tokio::test]
+async fn unknown_routes_and_undecodable_paths_get_json_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    for uri in ["/v1/context/customer", "/v2/context/customer/C1", "/"] {
+        let (status, body) = get_json(s.clone(), uri).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(body["error"]["code"], "route_not_found", "{uri}");
+    }
+    let response = router(s.clone())
+        .oneshot(
+            Request::delete("/v1/context/customer/C1")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    for uri in [
+        "/v1/context/customer/%FF",
+        "/v1/entities/%FF",
+        "/v1/admin/stores/%FF/rebuild",
+    ] {
+        let (status, body) = get_json(s.clone(), uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(body["error"]["code"], "invalid_path", "{uri}");
+    }
 }
 
 #[tokio::test]

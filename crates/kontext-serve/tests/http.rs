@@ -27,7 +27,7 @@ fn state(dir: &tempfile::TempDir) -> AppState {
     let update = |t: &str, id: &str, fields: Value, offset: i64| EntityUpdate {
         entity_type: t.into(),
         entity_id: id.into(),
-        change: Change::Upsert(fields.as_object().cloned().unwrap()),
+        change: Change::Upsert(fields.as_object().cloned().unwrap().into()),
         provenance: Provenance {
             source: "crm".into(),
             event_id: format!("e{offset}"),
@@ -431,7 +431,7 @@ fn rich_state(dir: &tempfile::TempDir) -> AppState {
     let update = |t: &str, id: &str, fields: Value, source: &str, offset: i64| EntityUpdate {
         entity_type: t.into(),
         entity_id: id.into(),
-        change: Change::Upsert(fields.as_object().cloned().unwrap()),
+        change: Change::Upsert(fields.as_object().cloned().unwrap().into()),
         provenance: Provenance {
             source: source.into(),
             event_id: format!("{source}-{offset}"),
@@ -549,7 +549,13 @@ async fn a_repeated_fetch_reuses_the_json_until_the_entity_changes() {
     let order = EntityUpdate {
         entity_type: "order".into(),
         entity_id: "O9".into(),
-        change: Change::Upsert(json!({"status": "lost"}).as_object().cloned().unwrap()),
+        change: Change::Upsert(
+            json!({"status": "lost"})
+                .as_object()
+                .cloned()
+                .unwrap()
+                .into(),
+        ),
         provenance: Provenance {
             source: "shop".into(),
             event_id: "shop-99".into(),
@@ -712,4 +718,57 @@ async fn lag_adds_the_upstream_groups_to_the_store() {
     let (_, _, body) = get(state, "/v1/lag").await;
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["total_lag"], 0, "{body}");
+}
+
+// ---- review: request errors that escape the API's JSON error format ----
+
+/// The README promises JSON errors with a stable code (`invalid_limit` among them), but a
+/// `limit` that is not a whole number is rejected by axum's `Query` extractor before the handler
+/// runs: a `text/plain` 400 with no code.
+#[tokio::test]
+async fn a_limit_that_is_not_a_number_is_a_json_invalid_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    for uri in [
+        "/v1/entities/customer?limit=abc",
+        "/v1/entities/customer?limit=-1",
+        "/v1/entities/customer?limit=99999999999999999999999",
+        "/v1/entities/customer?limit=2&limit=3",
+    ] {
+        let (status, headers, body) = get(s.clone(), uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+        assert_eq!(headers["content-type"], "application/json", "{uri}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["code"], "invalid_limit", "{uri}: {body}");
+    }
+}
+
+/// `?fields=a&fields=b` is how many HTTP clients (and OpenAPI's default `explode: true`) send a
+/// list. It reaches no handler: `Query<RawContextParams>` fails with "duplicate field", a
+/// `text/plain` 400 without a code. The same goes for any repeated parameter.
+#[tokio::test]
+async fn repeated_query_parameters_get_an_answer_in_the_apis_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let (status, headers, body) = get(
+        s.clone(),
+        "/v1/context/customer/C1?fields=given_name&fields=email",
+    )
+    .await;
+    assert_eq!(
+        headers["content-type"], "application/json",
+        "{status}: {body}"
+    );
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["fields"],
+        json!({"email": "ana@example.com", "given_name": "Ana"})
+    );
+    let (status, headers, body) =
+        get(s, "/v1/context/customer/C1?format=markdown&format=json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(headers["content-type"], "application/json", "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_format", "{body}");
 }

@@ -144,7 +144,14 @@ fn header_says_exactly_what_was_left_out() {
         available: 3
     }));
     assert!(line.contains("3 tickets"), "{line}");
-    assert!(line.contains("5 interactions"), "{line}");
+    // A list dropped whole takes its heading ("N in all") with it: the header counts what the
+    // entity has (`total`), not the newest `related_limit` the document loaded, or a model
+    // reading "5 orders" would conclude there are five.
+    assert_eq!(doc.related["order"].total, 12);
+    assert_eq!(doc.related["interaction"].total, 8);
+    assert!(!r.text.contains("## orders"), "{}", r.text);
+    assert!(line.contains("12 orders"), "{line}");
+    assert!(line.contains("8 interactions"), "{line}");
 }
 
 #[test]

@@ -1,15 +1,23 @@
 //! The MCP tool handler: three read-only tools over the context store.
 
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
-use rmcp::{tool, tool_handler, tool_router, ErrorData, ServerHandler};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    JsonObject, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::RequestContext;
+use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleServer, ServerHandler};
 use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::EntityCatalog;
-use crate::context::{fetch_context, list_entity_ids, ListParams};
+use crate::context::{
+    fetch_context, list_entity_ids, param_text, parse_limit, ListParams, RawContextParams,
+};
 use crate::{ApiError, AppState, ContextBody, ContextFormat, ContextQuery};
 use kontext_core::config::Tokenizer;
 
@@ -203,6 +211,23 @@ impl KontextMcp {
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for KontextMcp {
+    /// Checks the arguments as the HTTP API checks its parameters before the typed tool runs,
+    /// so a bad one is a tool error with the API's code (`invalid_max_tokens`, ...) rather
+    /// than rmcp's bare deserialization message; values the API accepts in other spellings
+    /// (`o200k_base`, `"200"`) reach the tool in the one its arguments take.
+    async fn call_tool(
+        &self,
+        mut request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let arguments = request.arguments.get_or_insert_with(JsonObject::new);
+        if let Err(e) = check_arguments(&request.name, arguments) {
+            return Ok(tool_error(e).into());
+        }
+        let call = ToolCallContext::new(self, request, context);
+        self.tool_router.call(call).await
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(
@@ -274,6 +299,65 @@ fn context_query(params: &GetEntityContextParams) -> ContextQuery {
         }),
         ..ContextQuery::default()
     }
+}
+
+/// Validates and normalizes a tool's arguments with the HTTP API's parsers (see
+/// [`KontextMcp::call_tool`]); tools not named here take their arguments as they are.
+fn check_arguments(tool: &str, arguments: &mut JsonObject) -> Result<(), ApiError> {
+    let text = |name: &str| {
+        arguments
+            .get(name)
+            .filter(|v| !v.is_null())
+            .cloned()
+            .map(param_text)
+    };
+    match tool {
+        "get_entity_context" => {
+            let raw = RawContextParams {
+                format: text("format"),
+                max_tokens: text("max_tokens"),
+                tokenizer: text("tokenizer"),
+                ..RawContextParams::default()
+            };
+            let query = raw.parse()?;
+            if raw.format.is_some() {
+                let format = match query.format {
+                    ContextFormat::Json => "json",
+                    ContextFormat::Markdown => "markdown",
+                };
+                arguments.insert("format".into(), format.into());
+            }
+            if let Some(n) = query.max_tokens {
+                arguments.insert("max_tokens".into(), n.into());
+            }
+            if let Some(t) = query.tokenizer {
+                arguments.insert("tokenizer".into(), t.name().into());
+            }
+            typed::<GetEntityContextParams>(arguments)
+        }
+        "list_entities" => {
+            if let Some(limit) = text("limit") {
+                let limit = parse_limit(&limit)?;
+                arguments.insert("limit".into(), limit.into());
+            }
+            typed::<ListEntitiesParams>(arguments)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What is left to reject (a missing `entity_id`, `fields` that are not strings) as the API
+/// rejects a malformed request.
+fn typed<T: DeserializeOwned>(arguments: &JsonObject) -> Result<(), ApiError> {
+    serde_json::from_value::<T>(Value::Object(arguments.clone()))
+        .map(drop)
+        .map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("the arguments do not match the tool's input schema: {e}"),
+            )
+        })
 }
 
 /// A failed call as the model sees it: the HTTP API's error body, `{"error": {"code",

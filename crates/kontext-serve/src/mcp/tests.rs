@@ -56,7 +56,7 @@ fn state(dir: &tempfile::TempDir) -> AppState {
     let update = |t: &str, id: &str, fields: Value, offset| EntityUpdate {
         entity_type: t.into(),
         entity_id: id.into(),
-        change: Change::Upsert(fields.as_object().cloned().unwrap()),
+        change: Change::Upsert(fields.as_object().cloned().unwrap().into()),
         provenance: Provenance {
             source: "crm".into(),
             event_id: format!("e{offset}"),
@@ -455,4 +455,81 @@ async fn mcp_accepts_the_host_names_the_pipeline_allows() {
     assert_eq!(allowed.status(), StatusCode::OK);
     let other = app.oneshot(request("attacker.example")).await.unwrap();
     assert_eq!(other.status(), StatusCode::FORBIDDEN);
+}
+
+/// Arguments of the wrong type or value (a negative or fractional `max_tokens`, an unknown
+/// format or tokenizer, a negative `limit`) must come back as the HTTP API's error body with
+/// its stable code (README: "A failed call is a tool error (`isError: true`) carrying the API's
+/// error body"; the HTTP API answers these with `invalid_max_tokens`, `invalid_format`, ...).
+/// rmcp's `Parameters<T>` rejects them before the tool runs: the model gets only serde's text,
+/// "failed to deserialize parameters: invalid value: integer `-5`, expected usize", with no
+/// code and no name of the argument. And `o200k_base`, which the HTTP API accepts, is refused.
+#[tokio::test]
+async fn bad_tool_arguments_are_tool_errors_with_the_http_apis_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = state(&dir);
+    for (tool, arguments, code) in [
+        (
+            "get_entity_context",
+            json!({"entity_type": "customer", "entity_id": "C1", "format": "markdown", "max_tokens": -5}),
+            "invalid_max_tokens",
+        ),
+        (
+            "get_entity_context",
+            json!({"entity_type": "customer", "entity_id": "C1", "format": "markdown", "max_tokens": 1.5}),
+            "invalid_max_tokens",
+        ),
+        (
+            "get_entity_context",
+            json!({"entity_type": "customer", "entity_id": "C1", "format": "xml"}),
+            "invalid_format",
+        ),
+        (
+            "get_entity_context",
+            json!({"entity_type": "customer", "entity_id": "C1", "format": "markdown", "tokenizer": "gpt2"}),
+            "invalid_tokenizer",
+        ),
+        (
+            "list_entities",
+            json!({"entity_type": "customer", "limit": -1}),
+            "invalid_limit",
+        ),
+        (
+            "get_entity_context",
+            json!({"entity_type": "customer"}),
+            "invalid_request",
+        ),
+    ] {
+        let (status, call) = post_mcp(
+            state.clone(),
+            json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+                "name": tool, "arguments": arguments}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{call}");
+        assert_eq!(call["result"]["isError"], true, "{arguments}: {call}");
+        assert_eq!(
+            call["result"]["structuredContent"]["error"]["code"], code,
+            "{arguments}: {call}"
+        );
+    }
+    // What the HTTP API accepts, the tool accepts: `o200k_base` names the same tokenizer.
+    let (_, call) = post_mcp(
+        state.clone(),
+        json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {
+            "name": "get_entity_context",
+            "arguments": {"entity_type": "customer", "entity_id": "C1", "format": "markdown", "tokenizer": "o200k_base", "max_tokens": "200"}}}),
+    )
+    .await;
+    assert_eq!(call["result"]["isError"], false, "{call}");
+    let text = call["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("# customer C1\n"), "{text}");
+    // A tool without arguments is called without any.
+    let (_, call) = post_mcp(
+        state,
+        json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
+            "name": "describe_entity_types"}}),
+    )
+    .await;
+    assert_eq!(call["result"]["isError"], false, "{call}");
 }

@@ -95,23 +95,32 @@ pub fn render_markdown(
         base + prefix[k]
             + count_cached(options.tokenizer, &layout.omission_lines(&units, k, budget))
     };
-    // The largest prefix whose estimate fits. Not a binary search: the omissions line shrinks as
-    // the prefix grows, so "fits" is not monotone in k; the largest k that fits is.
-    let mut k = (0..=n).rev().find(|&k| estimate(k) <= budget).unwrap_or(0);
-    loop {
+    // The largest prefix that fits, by its real count. Not a binary search: the omissions line
+    // shrinks as the prefix grows, so "fits" is not monotone in k. The estimate overcounts only
+    // where each section's heading starts: its blank line, counted alone as "\n", merges with
+    // the end of the line before it in the text ("\n\n", one token less; two allowed for
+    // lines ending in spaces or punctuation). So the prefixes whose estimate is within that
+    // slack are counted for real, longest first. Any that were missed would only show less:
+    // every answer is counted exactly, and more budget still never shows less (the candidates
+    // and the fitting prefixes both grow with it).
+    let slack = 2 * layout.sections_len();
+    for k in (0..=n).rev().filter(|&k| estimate(k) <= budget + slack) {
         let rendered = finish(&layout, &units, k, options.tokenizer);
         if rendered.tokens <= budget {
             return Ok(rendered);
         }
-        if k == 0 {
-            return Err(RenderError::BudgetTooSmall {
-                max_tokens: budget,
-                minimum: rendered.tokens,
-                tokenizer: options.tokenizer.name(),
-            });
-        }
-        k -= 1;
     }
+    // Nothing fits. The minimum to name is the shortest rendering of any prefix (not always the
+    // header alone: the omissions line it carries can outweigh a small unit).
+    let minimum = (0..=n)
+        .map(|k| finish(&layout, &units, k, options.tokenizer).tokens)
+        .min()
+        .unwrap_or(base);
+    Err(RenderError::BudgetTooSmall {
+        max_tokens: budget,
+        minimum,
+        tokenizer: options.tokenizer.name(),
+    })
 }
 
 /// Tokens of `text` with `tokenizer`, counted directly (renders count through a cache of line
@@ -133,5 +142,62 @@ fn finish(layout: &Layout<'_>, units: &[Unit], k: usize, tokenizer: Tokenizer) -
         tokens: count_cached(tokenizer, &text),
         omitted: layout.omissions(units, k),
         text,
+    }
+}
+
+/// The render tests' fixed documents.
+#[cfg(test)]
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+#[cfg(test)]
+mod tests {
+    use super::common;
+    use super::*;
+
+    /// The rendering under a budget is "the longest prefix of that order that fits, header
+    /// included" (ARCHITECTURE.md, `render/mod.rs`): checked against every prefix's real count.
+    fn assert_longest_prefix_fits(doc: &ContextDocument, priority: &[RenderSection]) {
+        // Every other budget (a debug build runs the BPE slowly); odd ones cross the boundaries
+        // these documents had wrong (61, 77).
+        for max in (41..=421).step_by(2) {
+            let options = RenderOptions {
+                max_tokens: Some(max),
+                priority: priority.to_vec(),
+                now_ms: Some(common::T0_MS + 125_000),
+                ..RenderOptions::default()
+            };
+            let layout = Layout::new(doc, &options);
+            let units = layout.units();
+            let longest = (0..=units.len())
+                .rev()
+                .find(|&k| count(options.tokenizer, &layout.render(&units, k)) <= max);
+            match (render_markdown(doc, &options), longest) {
+                (Ok(r), Some(k)) => assert_eq!(
+                    r.text,
+                    layout.render(&units, k),
+                    "{priority:?} at {max}: shown {} tokens, the longest prefix that fits has {k} units",
+                    r.tokens
+                ),
+                (Err(_), None) => {}
+                (got, want) => panic!("{priority:?} at {max}: {got:?}, longest fitting prefix {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_default_order_renders_the_longest_prefix_that_fits() {
+        assert_longest_prefix_fits(&common::customer(), &[]);
+        assert_longest_prefix_fits(&common::order(), &[]);
+    }
+
+    /// With provenance ranked above the fields, the provenance unit is estimated as if every
+    /// field were shown (its cost is summed over all of them) and each field without it; a
+    /// budget that fits the first fields with their provenance shows none of them.
+    #[test]
+    fn provenance_ranked_first_renders_the_longest_prefix_that_fits() {
+        let priority = [RenderSection::Provenance, RenderSection::Fields];
+        assert_longest_prefix_fits(&common::customer(), &priority);
+        assert_longest_prefix_fits(&common::order(), &priority);
     }
 }

@@ -88,7 +88,7 @@ impl<'a> Layout<'a> {
         if omitted.is_empty() {
             return String::new();
         }
-        let parts: Vec<String> = omitted.iter().map(describe).collect();
+        let parts: Vec<String> = omitted.iter().map(|o| describe(o, self.doc)).collect();
         format!("omitted to fit {budget} tokens: {}\n", parts.join(", "))
     }
 
@@ -109,12 +109,28 @@ impl<'a> Layout<'a> {
             .collect()
     }
 
+    /// How many sections the document has.
+    pub(super) fn sections_len(&self) -> usize {
+        self.sections.len()
+    }
+
+    /// Whether provenance is ranked above the fields: then every field shown carries it.
+    fn provenance_first(&self) -> bool {
+        let at = |s: &RenderSection| self.sections.iter().position(|x| x == s);
+        match (at(&RenderSection::Provenance), at(&RenderSection::Fields)) {
+            (Some(p), Some(f)) => p < f,
+            _ => false,
+        }
+    }
+
     /// Tokens `unit` adds to a rendering, its section's heading included for the first item.
     pub(super) fn unit_cost(&self, unit: &Unit, tokenizer: Tokenizer) -> usize {
         let mut text = String::new();
         match &self.sections[unit.section] {
+            // Ranked above the fields, provenance is charged to each field shown (below).
+            RenderSection::Provenance if self.provenance_first() => return 0,
             RenderSection::Provenance => {
-                // The provenance unit lengthens every field line: its cost is the difference.
+                // Ranked below them, it lengthens every field line: its cost is the difference.
                 let with: usize = (0..self.doc.fields.len())
                     .map(|i| count(tokenizer, &self.field_line(i, true)))
                     .sum();
@@ -127,7 +143,7 @@ impl<'a> Layout<'a> {
                 if unit.item == 0 {
                     text.push_str(&self.heading(&self.sections[unit.section]));
                 }
-                text.push_str(&self.field_line(unit.item, false));
+                text.push_str(&self.field_line(unit.item, self.provenance_first()));
             }
             s @ RenderSection::BelongsTo(_) => {
                 text.push_str(&self.heading(s));
@@ -280,17 +296,26 @@ impl<'a> Layout<'a> {
 }
 
 /// How an omission reads in the header: `7 of 10 orders`, `3 interactions`, `field provenance`.
-fn describe(o: &Omission) -> String {
+/// A related list left out whole takes its heading (`N in all`) with it, so it is counted by
+/// how many the entity has, not by how many of them the document loaded: `12 orders`, not the
+/// newest `5` of them.
+fn describe(o: &Omission, doc: &ContextDocument) -> String {
     let (one, many) = match &o.section {
         RenderSection::Provenance => return "field provenance".into(),
         RenderSection::BelongsTo(t) => return format!("parent {t}"),
         RenderSection::Fields => ("field".to_string(), "fields".to_string()),
         RenderSection::Related(t) => (t.clone(), plural(t, 2)),
     };
-    let noun = if o.available == 1 { one } else { many };
     if o.omitted == o.available {
-        format!("{} {noun}", o.available)
+        let all = match &o.section {
+            RenderSection::Related(t) => doc.related.get(t).map_or(0, |list| list.total),
+            _ => 0,
+        }
+        .max(o.available);
+        let noun = if all == 1 { one } else { many };
+        format!("{all} {noun}")
     } else {
+        let noun = if o.available == 1 { one } else { many };
         format!("{} of {} {noun}", o.omitted, o.available)
     }
 }
