@@ -231,7 +231,9 @@ impl Job {
             Router::new(&self.config),
             ConsumerConfig::new(&group, self.config.source_topics()),
             Arc::new(PipelineMetrics::default()),
-        );
+        )
+        // The live sink's limits and retry policies: a record it applies, the rebuild applies.
+        .with_config(&self.config);
         let sink_stop = self.cancel.child_token();
         let mut feeding = Some(tokio::spawn(sink.run(sink_stop.clone())));
         let outcome = self.until_switched(&green, &mut feeding).await;
@@ -330,8 +332,11 @@ impl Job {
                 status.applied = applied;
                 status.total = total;
             }
-            if let (SwitchOutcome::Switched, old) =
-                self.slot.store.switch_if_caught_up(green).await?
+            if let (SwitchOutcome::Switched, old) = self
+                .slot
+                .store
+                .switch_if_caught_up(green, &self.config.source_topics())
+                .await?
             {
                 return Ok(old);
             }
@@ -667,6 +672,138 @@ mod tests {
         assert!(!pointer_path(dir.path(), &store_config.name).exists());
         assert!(!version_path(dir.path(), &store_config.name, 1).exists());
         assert_eq!(current_version(dir.path(), &store_config.name).unwrap(), 0);
+    }
+
+    /// The current version holds offsets of a topic the pipeline no longer reads (a source
+    /// removed from the file, the usual reason to rebuild). The new version can never have
+    /// them; the rebuild still switches, comparing only the topics it is fed from.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebuild_after_a_source_topic_was_removed_switches() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::quickstart::builtin_pipeline().unwrap();
+        let log: Arc<dyn Log> =
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+        app::ensure_topics(log.as_ref(), &config).await.unwrap();
+        let store_config = config.served_store();
+        let shutdown = CancellationToken::new();
+        let (blue, _) = app::open_store(&config, &store_config, dir.path(), &shutdown)
+            .await
+            .unwrap();
+        // Applied by an earlier pipeline file that also read `context.legacy`.
+        blue.apply(&[], &[("context.legacy".to_string(), 0, 42)])
+            .await
+            .unwrap();
+        let slot = Arc::new(StoreSlot {
+            config: store_config.clone(),
+            store: Arc::new(SwitchableStore::new(blue.clone())),
+            version: Mutex::new(0),
+        });
+        let rebuilds = Rebuilds::new(
+            config.clone(),
+            dir.path().to_path_buf(),
+            log,
+            BTreeMap::from([(store_config.name.clone(), slot.clone())]),
+            shutdown,
+        );
+        rebuilds.start_rebuild(&store_config.name).unwrap();
+        let status = || rebuilds.rebuild_status(&store_config.name).unwrap();
+        wait_for(status, RebuildState::Switched).await;
+    }
+
+    /// The rebuild's sink takes the pipeline's `limits:` (and `retry:`): a record the live sink
+    /// applied (within `limits.max_record_bytes`, above the default) is in the new version too,
+    /// not skipped as too large and gone after the switch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebuild_keeps_what_the_live_sink_applied_under_the_pipeline_limits() {
+        use bytes::Bytes;
+        use kontext_core::record::ProduceRecord;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::quickstart::builtin_pipeline().unwrap();
+        config.limits.max_record_bytes = 4 * 1024 * 1024;
+        // A log taking records of up to 8 MiB (Kafka with message.max.bytes raised).
+        let log: Arc<dyn Log> = EmbeddedLog::open(
+            &dir.path().join("log"),
+            EmbeddedConfig {
+                max_record_bytes: 8 * 1024 * 1024,
+                ..EmbeddedConfig::default()
+            },
+        )
+        .unwrap();
+        app::ensure_topics(log.as_ref(), &config).await.unwrap();
+        let record = |key: &str, email: &str| {
+            let data = serde_json::json!({"customer_id": key, "first_name": "A", "last_name": "B", "email": email});
+            ProduceRecord::new(
+                "context.customers",
+                Some(Bytes::from(key.to_string())),
+                Some(Bytes::from(data.to_string())),
+            )
+            .with_header("ce_specversion", "1.0")
+            .with_header("ce_id", format!("id-{key}"))
+            .with_header("ce_source", "crm")
+            .with_header("ce_type", "crm.customer.updated")
+            .with_header("content-type", "application/json")
+        };
+        let big = "x".repeat(2 * 1024 * 1024); // 2 MiB: within the pipeline's 4 MiB limit
+        let producer = log.producer().await.unwrap();
+        producer
+            .send(vec![record("C-1", &big), record("C-2", "c2@example.com")])
+            .await
+            .unwrap();
+
+        let store_config = config.served_store();
+        let shutdown = CancellationToken::new();
+        let (blue, _) = app::open_store(&config, &store_config, dir.path(), &shutdown)
+            .await
+            .unwrap();
+        let switchable = Arc::new(SwitchableStore::new(blue));
+        // The live sink, as `app::spawn_sink` builds it.
+        let live = StoreSink::new(
+            log.clone(),
+            switchable.clone(),
+            Router::new(&config),
+            ConsumerConfig::new(
+                config.store_group(&store_config.name),
+                config.source_topics(),
+            ),
+            Arc::new(PipelineMetrics::default()),
+        )
+        .with_config(&config);
+        let live_stop = shutdown.child_token();
+        let live_task = tokio::spawn(live.run(live_stop.clone()));
+        for _ in 0..400 {
+            if switchable.get("customer", "C-1").await.unwrap().is_some()
+                && switchable.get("customer", "C-2").await.unwrap().is_some()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        live_stop.cancel();
+        live_task.await.unwrap().unwrap();
+        let before = switchable.get("customer", "C-1").await.unwrap();
+        assert!(before.is_some(), "the live sink applied C-1");
+
+        let slot = Arc::new(StoreSlot {
+            config: store_config.clone(),
+            store: switchable.clone(),
+            version: Mutex::new(0),
+        });
+        let rebuilds = Rebuilds::new(
+            config.clone(),
+            dir.path().to_path_buf(),
+            log,
+            BTreeMap::from([(store_config.name.clone(), slot.clone())]),
+            shutdown,
+        );
+        rebuilds.start_rebuild(&store_config.name).unwrap();
+        let status = || rebuilds.rebuild_status(&store_config.name).unwrap();
+        let done = wait_for(status, RebuildState::Switched).await;
+        assert_eq!(done.current_version, 1);
+        assert!(slot.store.get("customer", "C-2").await.unwrap().is_some());
+        assert!(
+            slot.store.get("customer", "C-1").await.unwrap().is_some(),
+            "customer C-1, served before the rebuild, is gone after it"
+        );
     }
 
     #[test]

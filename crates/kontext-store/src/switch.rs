@@ -61,10 +61,14 @@ impl SwitchableStore {
     }
 
     /// Makes `candidate` current if it has applied at least everything the current version
-    /// has, on every partition; returns the replaced version on success.
+    /// has, on every partition of `topics` (the topics the candidate is fed from); returns the
+    /// replaced version on success. Offsets the current version holds of other topics (a
+    /// source since removed from the pipeline) are not compared: nothing feeds them to the
+    /// candidate, and nothing reads them after the switch either.
     pub async fn switch_if_caught_up(
         &self,
         candidate: &Arc<dyn ContextStore>,
+        topics: &[String],
     ) -> Result<(SwitchOutcome, Option<Arc<dyn ContextStore>>), StoreError> {
         let _writes = self.writes.lock().await;
         let current = self.current();
@@ -72,6 +76,7 @@ impl SwitchableStore {
         let theirs = candidate.applied_offsets().await?;
         let behind: BTreeMap<(String, i32), (i64, i64)> = ours
             .iter()
+            .filter(|((topic, _), _)| topics.contains(topic))
             .filter_map(|(tp, &next)| {
                 let got = theirs.get(tp).copied().unwrap_or(0);
                 (got < next).then(|| (tp.clone(), (got, next)))
@@ -207,6 +212,11 @@ mod tests {
         store.apply(&updates, &[("t".into(), 0, to)]).await.unwrap()
     }
 
+    /// The topics the tests' versions are fed from.
+    fn topics() -> Vec<String> {
+        vec!["t".to_string()]
+    }
+
     fn open(dir: &tempfile::TempDir, name: &str) -> Arc<dyn ContextStore> {
         let schema = StoreSchema::default();
         Arc::new(EmbeddedStore::open(&dir.path().join(name), schema).unwrap())
@@ -221,7 +231,7 @@ mod tests {
         feed(&store, 0, 10).await;
         feed(green.as_ref(), 0, 6).await;
 
-        let (outcome, old) = store.switch_if_caught_up(&green).await.unwrap();
+        let (outcome, old) = store.switch_if_caught_up(&green, &topics()).await.unwrap();
         let behind = BTreeMap::from([(("t".to_string(), 0), (6, 10))]);
         assert_eq!(outcome, SwitchOutcome::Behind(behind));
         assert!(old.is_none());
@@ -238,7 +248,7 @@ mod tests {
         // The rebuild overtakes the live version: the switch happens, and the live sink's
         // next batch (10..15) lands in the new version without a gap or a double count.
         feed(green.as_ref(), 6, 12).await;
-        let (outcome, old) = store.switch_if_caught_up(&green).await.unwrap();
+        let (outcome, old) = store.switch_if_caught_up(&green, &topics()).await.unwrap();
         assert_eq!(outcome, SwitchOutcome::Switched);
         assert!(Arc::ptr_eq(&old.unwrap(), &blue));
         let stats = feed(&store, 10, 15).await;
@@ -254,6 +264,30 @@ mod tests {
         assert_eq!(applied, 15, "every record 0..15 counted once");
         // The old version saw nothing after the switch.
         assert_eq!(blue.applied_offsets().await.unwrap()[&("t".into(), 0)], 10);
+    }
+
+    /// Offsets of a topic nothing feeds the candidate any more (a source removed from the
+    /// pipeline, a common reason to rebuild) do not hold the switch back forever.
+    #[tokio::test]
+    async fn offsets_of_a_topic_no_longer_read_do_not_hold_the_switch_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let blue = open(&dir, "blue.redb");
+        let green = open(&dir, "green.redb");
+        let store = SwitchableStore::new(blue);
+        feed(&store, 0, 10).await;
+        store
+            .apply(&[], &[("removed".to_string(), 0, 42)])
+            .await
+            .unwrap();
+        feed(green.as_ref(), 0, 10).await;
+        let (outcome, _) = store
+            .switch_if_caught_up(&green, &["t".into(), "removed".into()])
+            .await
+            .unwrap();
+        let behind = BTreeMap::from([(("removed".to_string(), 0), (0, 42))]);
+        assert_eq!(outcome, SwitchOutcome::Behind(behind), "compared when read");
+        let (outcome, _) = store.switch_if_caught_up(&green, &topics()).await.unwrap();
+        assert_eq!(outcome, SwitchOutcome::Switched);
     }
 
     /// The marks of writes through the handle survive a switch: the candidate is flushed as
@@ -281,7 +315,7 @@ mod tests {
         // The rebuild wrote one big unsynced batch; its own counter is 1, not 3.
         feed(green.as_ref(), 0, 15).await;
         assert_eq!(green.write_marks().durable, 0);
-        let (outcome, _) = store.switch_if_caught_up(&green).await.unwrap();
+        let (outcome, _) = store.switch_if_caught_up(&green, &topics()).await.unwrap();
         assert_eq!(outcome, SwitchOutcome::Switched);
         assert_eq!(
             green.write_marks(),

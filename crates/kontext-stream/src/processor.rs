@@ -693,8 +693,10 @@ impl Processor {
         let partitions = repartition_partitions(&self.config);
         let group = features_group(&self.config);
         let all: BTreeSet<i32> = (0..partitions).collect();
+        // Before joining the group, every partition: another instance may own some and be
+        // writing their changelogs, so nothing is repaired (`Ownership::Maybe`).
         if !self
-            .sync_with_changelogs(producer, tasks, &all, shutdown)
+            .sync_with_changelogs(producer, tasks, &all, Ownership::Maybe, shutdown)
             .await?
         {
             return Ok(()); // shutdown during the restore: consume nothing
@@ -738,7 +740,7 @@ impl Processor {
             if !new.is_empty() {
                 info!(partitions = ?new, "repartition partitions assigned; syncing their state with the changelogs");
                 if !self
-                    .sync_with_changelogs(producer, tasks, &new, shutdown)
+                    .sync_with_changelogs(producer, tasks, &new, Ownership::Assigned, shutdown)
                     .await?
                 {
                     return Ok(());
@@ -871,9 +873,11 @@ impl Processor {
         producer: &dyn Producer,
         tasks: &mut BTreeMap<(usize, i32), Task>,
         partitions: &BTreeSet<i32>,
+        ownership: Ownership,
         shutdown: &CancellationToken,
     ) -> Result<bool, ProcessorError> {
         let restore = Restore {
+            ownership,
             shutdown,
             log: self.log.as_ref(),
             producer,
@@ -1015,8 +1019,22 @@ pub(crate) fn instance_transactional_id(
     Ok(id)
 }
 
+/// Whether the partitions being restored are this member's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ownership {
+    /// The group assigned them: an incomplete batch at the end of a changelog is a dead
+    /// writer's (the previous owner's, or this instance's before a crash), and is repaired.
+    Assigned,
+    /// Not known (at start, before joining the group): another live instance may own them and
+    /// be half-way through producing a batch. An incomplete batch is left to its writer; the
+    /// store records the changelog end before it, so it is read again at the assignment.
+    Maybe,
+}
+
 /// What restoring task stores from their changelogs needs.
 pub(crate) struct Restore<'a> {
+    /// Whether an incomplete batch at a changelog's end may be repaired.
+    pub ownership: Ownership,
     pub log: &'a dyn Log,
     /// Writes the repair of a changelog that ends in an incomplete batch.
     pub producer: &'a dyn Producer,
@@ -1042,7 +1060,9 @@ pub(crate) struct Restore<'a> {
 ///
 /// Records after the last complete batch (a producer that died half-way through one) are
 /// overwritten in the changelog with the store's values ([`repair_records`]), so the
-/// changelog again restores exactly to this state.
+/// changelog again restores exactly to this state, if the partitions are this member's
+/// ([`Ownership::Assigned`]). Otherwise they are left alone: the store's recorded end stays
+/// before them, and a later sync reads them again, complete by then or repaired by the owner.
 ///
 /// Transient log errors are waited out; `false` when `restore.shutdown` came first (the stores
 /// are then not all current: the caller must not process).
@@ -1108,6 +1128,12 @@ pub(crate) async fn sync_stores_with_changelogs(
             return Ok(false);
         };
         let read = records.len();
+        // Offsets of the records restored (those with a key), to find where a tail starts.
+        let keyed: Vec<i64> = records
+            .iter()
+            .filter(|r| r.key.is_some())
+            .map(|r| r.offset)
+            .collect();
         let mut changelog = records.into_iter().filter_map(|r| {
             Some(ChangelogRecord {
                 key: r.key?,
@@ -1120,7 +1146,10 @@ pub(crate) async fn sync_stores_with_changelogs(
             .process_restored_records
             .fetch_add((read - tail.len()) as u64, Ordering::Relaxed);
         let mut end = high;
-        if !tail.is_empty() {
+        if !tail.is_empty() && restore.ownership == Ownership::Maybe {
+            end = keyed[keyed.len() - tail.len()];
+            info!(%topic, partition = p, from = end, records = tail.len(), "the changelog ends in an incomplete batch; left to its writer until this member is assigned the partition");
+        } else if !tail.is_empty() {
             let repair = repair_records(store, &tail)?;
             let records = repair
                 .into_iter()
@@ -1994,6 +2023,9 @@ pub(crate) fn next_offsets(records: &[Record]) -> Vec<(TopicPartition, i64)> {
     }
     next.into_iter().collect()
 }
+
+#[cfg(test)]
+mod restore_tests;
 
 #[cfg(test)]
 mod tests {

@@ -85,8 +85,8 @@ use crate::normalize::{NormalizeError, ProcessError};
 use crate::processor::{
     instance_transactional_id, never_back, newly_assigned, next_offsets, open_state_db,
     retry_transient, rewind_to_state, send, send_positions, send_transaction,
-    sync_stores_with_changelogs, Drain, HighWater, ProcessorError, Restore, CHANGELOG_END_KEY,
-    STATE_DB_DIR,
+    sync_stores_with_changelogs, Drain, HighWater, Ownership, ProcessorError, Restore,
+    CHANGELOG_END_KEY, STATE_DB_DIR,
 };
 use crate::retry::Waiter;
 
@@ -587,7 +587,11 @@ impl TopologyRunner {
             }))
             .collect();
         let all: BTreeSet<i32> = (0..seg.partitions).collect();
-        if !self.sync(producer, tasks, &all, drain.shutdown).await? {
+        // Before joining the group: another instance may own some partitions (no repairs).
+        if !self
+            .sync(producer, tasks, &all, Ownership::Maybe, drain.shutdown)
+            .await?
+        {
             return Ok(()); // shutdown during the restore: consume nothing
         }
         for topic in &topics {
@@ -627,7 +631,10 @@ impl TopologyRunner {
             let new = newly_assigned(consumer.as_ref(), &seg.input, &mut owned);
             if !new.is_empty() {
                 info!(group = %seg.group, partitions = ?new, "partitions assigned; syncing their state with the changelogs");
-                if !self.sync(producer, tasks, &new, drain.shutdown).await? {
+                if !self
+                    .sync(producer, tasks, &new, Ownership::Assigned, drain.shutdown)
+                    .await?
+                {
                     return Ok(());
                 }
                 check_colocated(consumer.as_ref(), seg, &owned)?;
@@ -840,9 +847,11 @@ impl TopologyRunner {
         producer: &dyn Producer,
         tasks: &mut BTreeMap<i32, Vec<Option<FjallStore>>>,
         partitions: &BTreeSet<i32>,
+        ownership: Ownership,
         shutdown: &CancellationToken,
     ) -> Result<bool, ProcessorError> {
         let restore = Restore {
+            ownership,
             shutdown,
             log: self.log.as_ref(),
             producer,
