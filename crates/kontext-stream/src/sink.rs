@@ -66,6 +66,10 @@ pub enum SinkError {
     /// longer than the `store_probe` policy allows.
     #[error("context store: {0}")]
     Store(#[from] StoreError),
+    /// The store has applied offsets the log does not have (the log was deleted or recreated,
+    /// or the store comes from another log): the sink would skip every new record below them.
+    #[error("the context store has applied offsets past the end of the log ({0}): was the log deleted or recreated? Rebuild the store from this log (`kontext rebuild --store NAME`) or delete the store's data so that it is rebuilt at start")]
+    StoreAheadOfLog(String),
 }
 
 /// Feeds one context store from the log.
@@ -782,6 +786,7 @@ impl StoreSink {
     /// lacks is skipped. A group behind the store needs nothing: the store skips what it has.
     async fn rewind_group_to_store(&self) -> Result<Handled, SinkError> {
         let applied = self.store.applied_offsets().await?;
+        self.check_store_within_log(&applied).await?;
         let group = &self.consumer.group_id;
         let mut rewind = Vec::new();
         for topic in &self.consumer.topics {
@@ -807,6 +812,36 @@ impl StoreSink {
         )
         .await?;
         Ok(applied)
+    }
+}
+
+impl StoreSink {
+    /// Fails when the store has applied offsets past a partition's high watermark: new records
+    /// would get offsets the store takes for applied, and be skipped without a word.
+    async fn check_store_within_log(&self, applied: &Handled) -> Result<(), SinkError> {
+        let mut ahead = Vec::new();
+        for topic in &self.consumer.topics {
+            let description = match self.log.describe_topic(topic).await {
+                Ok(description) => description,
+                // Not there yet: nothing to be ahead of (its records are all new to the store).
+                Err(LogError::UnknownTopic(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for p in &description.partitions {
+                let stored = applied.get(&(topic.clone(), p.partition)).copied();
+                if let Some(stored) = stored.filter(|&s| s > p.high_watermark) {
+                    ahead.push(format!(
+                        "{topic}/{}: store at {stored}, log ends at {}",
+                        p.partition, p.high_watermark
+                    ));
+                }
+            }
+        }
+        if ahead.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::StoreAheadOfLog(ahead.join(", ")))
+        }
     }
 }
 
