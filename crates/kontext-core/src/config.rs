@@ -624,6 +624,24 @@ impl PipelineConfig {
                     );
                 }
             }
+            // Compaction keeps the newest record per key. Sources sharing an entity topic each
+            // write their own fields of the entity under its id: once compacted, the log (and
+            // so every store rebuilt from it) keeps only the last writer's fields.
+            let writers: Vec<&str> = self
+                .sources
+                .iter()
+                .filter(|(_, source)| source.topic == *topic)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            if o.compacted && writers.len() > 1 {
+                err(
+                    format!("topics.overrides.{topic}.compacted"),
+                    format!(
+                        "sources {} all write {topic:?}: compaction would keep only the newest record per entity, losing the other sources' fields for any store rebuilt from the log; remove `compacted` (bound the topic with `retention_ms` instead) or give each source its own topic",
+                        writers.join(", ")
+                    ),
+                );
+            }
         }
         if self.entities.is_empty() {
             err("entities".into(), "declare at least one entity type".into());

@@ -290,3 +290,30 @@ fn exactly_once_is_a_kafka_setting() {
     let err = PipelineConfig::parse("p.yaml", &embedded).unwrap_err();
     assert!(err.to_string().contains("exactly_once"), "{err}");
 }
+
+/// Compaction keeps one record per key: on a topic two sources write, a log (and any store
+/// rebuilt from it) would keep one source's fields of each entity.
+#[test]
+fn a_compacted_topic_written_by_several_sources_is_rejected() {
+    let compacted = VALID.replace(
+        "entities:",
+        "topics: { overrides: { context.customers: { compacted: true } } }\nentities:",
+    );
+    PipelineConfig::parse("p.yaml", &compacted).expect("one source may write a compacted topic");
+    let text = compacted
+        + r#"
+  billing:
+    topic: context.customers
+    entity: customer
+    match: { ce_source: billing }
+    fields: { plan: plan }
+"#;
+    let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+    let error = err
+        .errors
+        .iter()
+        .find(|e| e.field == "topics.overrides.context.customers.compacted")
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(error.message.contains("sources billing, crm"), "{err}");
+    assert!(error.message.contains("remove `compacted`"), "{err}");
+}
