@@ -369,15 +369,10 @@ pub fn version_path(data_dir: &Path, store: &str, version: u64) -> PathBuf {
     }
 }
 
-/// The PostgreSQL schema of a store's version (`None`: the URL's default schema).
+/// The PostgreSQL schema of a store's version (`None`: the URL's default schema): see
+/// [`StoreConfig::version_schema`].
 pub fn version_namespace(store: &StoreConfig, version: u64) -> Option<String> {
-    match version {
-        0 => store.schema.clone(),
-        v => Some(format!(
-            "{}_v{v}",
-            store.schema.as_deref().unwrap_or("kontext")
-        )),
-    }
+    store.version_schema(version)
 }
 
 fn pointer_path(data_dir: &Path, store: &str) -> PathBuf {

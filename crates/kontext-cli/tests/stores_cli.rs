@@ -80,7 +80,7 @@ async fn an_embedded_and_a_postgres_store_fill_independently_and_postgres_rebuil
     assert_eq!(status, 200, "{body}");
     assert!(!body["fields"].as_object().unwrap().is_empty(), "{body}");
 
-    // Blue/green on PostgreSQL: version 1 lives in the schema <ns>_v1.
+    // Blue/green on PostgreSQL: version 1 lives in the schema <ns>_<store>_v1.
     let api = format!("http://127.0.0.1:{port}");
     let rebuild = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_kontext"))
@@ -112,7 +112,7 @@ async fn an_embedded_and_a_postgres_store_fill_independently_and_postgres_rebuil
         .unwrap()
         .dump()
         .unwrap();
-    let v1 = format!("{ns}_v1");
+    let v1 = format!("{ns}_pg_v1");
     for namespace in [ns.as_str(), v1.as_str()] {
         let pg = PostgresStore::connect_in_namespace(&url, namespace, schema.clone())
             .await

@@ -365,6 +365,29 @@ impl StoreConfig {
             None => Ok(Some(url.clone())),
         }
     }
+
+    /// `kind: postgres` only: the PostgreSQL schema of version `version` of the store, as
+    /// `kontext rebuild` makes them (`None`: the URL's default schema). Version 0 is the
+    /// configured `schema`; a rebuilt version `v` lives in `<schema or "kontext">_<name>_v<v>`,
+    /// the name lower-cased with other characters than letters, digits and `_` as `_`, so the
+    /// versions of two stores in one database never share a schema.
+    pub fn version_schema(&self, version: u64) -> Option<String> {
+        match version {
+            0 => self.schema.clone(),
+            v => {
+                let name: String = self
+                    .name
+                    .chars()
+                    .map(|c| match c.to_ascii_lowercase() {
+                        c @ ('a'..='z' | '0'..='9') => c,
+                        _ => '_',
+                    })
+                    .collect();
+                let base = self.schema.as_deref().unwrap_or("kontext");
+                Some(format!("{base}_{name}_v{v}"))
+            }
+        }
+    }
 }
 
 /// Store implementations.
@@ -840,6 +863,26 @@ impl PipelineConfig {
                     format!("{}.sync_interval", at(i)),
                     "only `kind: embedded` defers fsyncs (PostgreSQL commits are durable as configured on the server); remove it".into(),
                 );
+            }
+            if store.kind == StoreKind::Postgres && is_valid_name(&store.name) {
+                // Room for a million rebuilds within PostgreSQL's 63-byte identifiers.
+                let longest = store.version_schema(999_999).unwrap_or_default();
+                if longest.len() > 63 {
+                    err(
+                        format!("{}.name", at(i)),
+                        format!("too long for the schemas of its rebuilt versions ({longest:?} is over PostgreSQL's 63 bytes): shorten the name or the schema"),
+                    );
+                }
+                let first = stores[..i].iter().find(|other| {
+                    other.kind == StoreKind::Postgres
+                        && other.version_schema(1) == store.version_schema(1)
+                });
+                if let Some(other) = first {
+                    err(
+                        format!("{}.name", at(i)),
+                        format!("store {:?} would rebuild into the same schemas ({:?}, ...): rename one, or give them different `schema`s", other.name, store.version_schema(1).unwrap_or_default()),
+                    );
+                }
             }
             if let Some(schema) = &store.schema {
                 let valid = schema.len() <= 63

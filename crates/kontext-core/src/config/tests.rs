@@ -317,3 +317,50 @@ fn a_compacted_topic_written_by_several_sources_is_rejected() {
     assert!(error.message.contains("sources billing, crm"), "{err}");
     assert!(error.message.contains("remove `compacted`"), "{err}");
 }
+
+/// The schemas of a PostgreSQL store's rebuilt versions name the store, so two stores in one
+/// database never rebuild into (and drop) the same schema; names that would still meet, or
+/// not fit PostgreSQL's 63-byte identifiers, are rejected.
+#[test]
+fn postgres_stores_rebuild_into_schemas_of_their_own() {
+    let store = |name: &str, schema: Option<&str>| StoreConfig {
+        name: name.into(),
+        kind: StoreKind::Postgres,
+        url: Some("postgres://u@h/db".into()),
+        schema: schema.map(str::to_owned),
+        ..StoreConfig::default()
+    };
+    let (a, b) = (store("a", None), store("b", Some("kontext")));
+    assert_eq!(a.version_schema(0), None);
+    assert_eq!(b.version_schema(0).as_deref(), Some("kontext"));
+    assert_eq!(a.version_schema(1).as_deref(), Some("kontext_a_v1"));
+    assert_eq!(b.version_schema(1).as_deref(), Some("kontext_b_v1"));
+    assert_eq!(
+        store("Pg.Main-1", Some("ctx")).version_schema(7).as_deref(),
+        Some("ctx_pg_main_1_v7")
+    );
+
+    let with_stores =
+        |stores: &str| VALID.replace("entities:", &format!("stores:\n{stores}\nentities:"));
+    let ok = with_stores("  - { name: a, kind: postgres, url: \"postgres://u@h/db\" }\n  - { name: b, kind: postgres, url: \"postgres://u@h/db\", schema: kontext }");
+    PipelineConfig::parse("p.yaml", &ok).unwrap();
+    let clash = with_stores("  - { name: a-b, kind: postgres, url: \"postgres://u@h/db\" }\n  - { name: a_b, kind: postgres, url: \"postgres://u@h/db\" }");
+    let err = PipelineConfig::parse("p.yaml", &clash).unwrap_err();
+    assert!(
+        err.errors
+            .iter()
+            .any(|e| e.field == "stores[1].name" && e.message.contains("kontext_a_b_v1")),
+        "{err}"
+    );
+    let long = with_stores(&format!(
+        "  - {{ name: {}, kind: postgres, url: \"postgres://u@h/db\" }}",
+        "n".repeat(50)
+    ));
+    let err = PipelineConfig::parse("p.yaml", &long).unwrap_err();
+    assert!(
+        err.errors
+            .iter()
+            .any(|e| e.field == "stores[0].name" && e.message.contains("63 bytes")),
+        "{err}"
+    );
+}
