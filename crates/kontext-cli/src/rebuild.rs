@@ -120,6 +120,7 @@ impl Admin for Rebuilds {
             started_ms: now_ms(),
             finished_ms: None,
             error: None,
+            warnings: Vec::new(),
         }));
         let cancel = self.shutdown.child_token();
         let job = Job {
@@ -211,6 +212,11 @@ impl Job {
     /// `Ok(true)` once switched, `Ok(false)` if interrupted.
     async fn rebuild(&self, target: u64) -> Result<bool> {
         let store_config = &self.slot.config;
+        let warnings = history_warnings(self.log.as_ref(), &self.config).await?;
+        for warning in &warnings {
+            warn!(store = %store_config.name, "{warning}");
+        }
+        lock(&self.status).warnings = warnings;
         discard_version(store_config, &self.data_dir, target).await?;
         let green = app::open_store_version(
             &self.config,
@@ -346,6 +352,25 @@ impl Job {
 
 /// The task feeding a rebuild's new version.
 type SinkTask = tokio::task::JoinHandle<Result<(), kontext_stream::sink::SinkError>>;
+
+/// What a replay of the pipeline's source topics cannot see: records before a partition's low
+/// watermark (removed by retention), and compacted topics (older records of a key removed).
+/// The rebuild still runs and switches when caught up (offsets are all it compares): these say
+/// what the new version lacks that the current one may have.
+async fn history_warnings(log: &dyn Log, config: &PipelineConfig) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    for topic in config.source_topics() {
+        let description = log.describe_topic(&topic).await?;
+        let gone: i64 = description.partitions.iter().map(|p| p.low_watermark).sum();
+        if gone > 0 {
+            warnings.push(format!("{topic}: the log no longer holds its first {gone} records (retention removed them): the new version lacks what only they said"));
+        }
+        if description.compacted {
+            warnings.push(format!("{topic} is compacted: the log keeps only the newest record of each key, so the new version lacks what older records said"));
+        }
+    }
+    Ok(warnings)
+}
 
 /// Records in the pipeline's source topics: high watermarks summed.
 async fn high_watermarks(log: &dyn Log, config: &PipelineConfig) -> Result<i64> {
@@ -509,6 +534,13 @@ pub async fn run_cli(args: RebuildArgs) -> Result<()> {
         "rebuilding store {:?}: version {} -> {} (the current version keeps serving)",
         status.store, status.current_version, status.target_version
     );
+    let mut warned = 0;
+    let mut warn_new = |status: &RebuildStatus| {
+        for warning in status.warnings.iter().skip(warned) {
+            eprintln!("warning: {warning}");
+        }
+        warned = warned.max(status.warnings.len());
+    };
     if args.detach {
         return Ok(());
     }
@@ -530,6 +562,7 @@ pub async fn run_cli(args: RebuildArgs) -> Result<()> {
             _ = tokio::time::sleep(CHECK_EVERY) => {}
         }
         status = admin_reply(client.get(&url).send().await?).await?;
+        warn_new(&status);
         let now = now_ms();
         if tty || now - last_print >= 1_000 {
             last_print = now;
@@ -540,6 +573,7 @@ pub async fn run_cli(args: RebuildArgs) -> Result<()> {
             );
         }
     }
+    warn_new(&status);
     let took = status.finished_ms.unwrap_or_else(now_ms) - status.started_ms;
     eprintln!("{}", progress_line(&status));
     match status.state {
@@ -798,6 +832,47 @@ mod tests {
         assert!(
             slot.store.get("customer", "C-1").await.unwrap().is_some(),
             "customer C-1, served before the rebuild, is gone after it"
+        );
+    }
+
+    /// A source topic that lost history (compacted here; retention likewise) still rebuilds
+    /// and switches, and the status says what the new version lacks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebuild_says_when_the_log_lost_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::quickstart::builtin_pipeline().unwrap();
+        let log: Arc<dyn Log> =
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+        let partitions = config.topic_settings("context.orders").partitions.unwrap();
+        let mut spec = kontext_log::TopicSpec::new("context.orders", partitions);
+        spec.compacted = true;
+        log.create_topic(&spec).await.unwrap();
+        app::ensure_topics(log.as_ref(), &config).await.unwrap();
+        let store_config = config.served_store();
+        let shutdown = CancellationToken::new();
+        let (blue, _) = app::open_store(&config, &store_config, dir.path(), &shutdown)
+            .await
+            .unwrap();
+        let slot = Arc::new(StoreSlot {
+            config: store_config.clone(),
+            store: Arc::new(SwitchableStore::new(blue)),
+            version: Mutex::new(0),
+        });
+        let rebuilds = Rebuilds::new(
+            config.clone(),
+            dir.path().to_path_buf(),
+            log,
+            BTreeMap::from([(store_config.name.clone(), slot)]),
+            shutdown,
+        );
+        rebuilds.start_rebuild(&store_config.name).unwrap();
+        let status = || rebuilds.rebuild_status(&store_config.name).unwrap();
+        let done = wait_for(status, RebuildState::Switched).await;
+        assert_eq!(done.warnings.len(), 1, "{:?}", done.warnings);
+        assert!(
+            done.warnings[0].starts_with("context.orders is compacted"),
+            "{:?}",
+            done.warnings
         );
     }
 

@@ -48,6 +48,10 @@ pub struct RebuildStatus {
     pub finished_ms: Option<i64>,
     /// Why the rebuild failed.
     pub error: Option<String>,
+    /// What the new version will lack, found when it started: history the log no longer holds
+    /// (records removed by retention, topics compacted to their newest record per key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Runs rebuilds for the API.
