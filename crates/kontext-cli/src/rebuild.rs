@@ -650,6 +650,62 @@ mod tests {
         panic!("the rebuild never reached {state:?}: {:?}", status());
     }
 
+    /// The pipeline's served store at version 0 over `log` (its topics created), and the
+    /// rebuilds of it.
+    struct Served {
+        name: String,
+        /// Version 0, under the switchable handle.
+        blue: Arc<dyn ContextStore>,
+        slot: Arc<StoreSlot>,
+        rebuilds: Rebuilds,
+        shutdown: CancellationToken,
+    }
+
+    impl Served {
+        async fn open(dir: &Path, config: &PipelineConfig, log: Arc<dyn Log>) -> Self {
+            app::ensure_topics(log.as_ref(), config).await.unwrap();
+            let store_config = config.served_store();
+            let shutdown = CancellationToken::new();
+            let (blue, version) = app::open_store(config, &store_config, dir, &shutdown)
+                .await
+                .unwrap();
+            assert_eq!(version, 0);
+            let slot = Arc::new(StoreSlot {
+                config: store_config.clone(),
+                store: Arc::new(SwitchableStore::new(blue.clone())),
+                version: Mutex::new(0),
+            });
+            let rebuilds = Rebuilds::new(
+                config.clone(),
+                dir.to_path_buf(),
+                log,
+                BTreeMap::from([(store_config.name.clone(), slot.clone())]),
+                shutdown.clone(),
+            );
+            Self {
+                name: store_config.name,
+                blue,
+                slot,
+                rebuilds,
+                shutdown,
+            }
+        }
+
+        fn status(&self) -> RebuildStatus {
+            self.rebuilds.rebuild_status(&self.name).unwrap()
+        }
+
+        /// Starts a rebuild and waits for it to switch.
+        async fn rebuild(&self) -> RebuildStatus {
+            self.rebuilds.start_rebuild(&self.name).unwrap();
+            wait_for(|| self.status(), RebuildState::Switched).await
+        }
+    }
+
+    fn embedded_log(dir: &Path, config: EmbeddedConfig) -> Arc<dyn Log> {
+        EmbeddedLog::open(&dir.join("log"), config).unwrap()
+    }
+
     /// A rebuild that cannot catch up (the current version claims offsets the log does not
     /// have yet) is interrupted: the current version still serves, no pointer file was
     /// written and the abandoned version's file is gone.
@@ -657,50 +713,37 @@ mod tests {
     async fn an_interrupted_rebuild_leaves_the_current_version_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let config = crate::quickstart::builtin_pipeline().unwrap();
-        let log: Arc<dyn Log> =
-            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
-        app::ensure_topics(log.as_ref(), &config).await.unwrap();
-        let store_config = config.served_store();
-        let shutdown = CancellationToken::new();
-        let (blue, version) = app::open_store(&config, &store_config, dir.path(), &shutdown)
-            .await
-            .unwrap();
-        assert_eq!(version, 0);
+        let log = embedded_log(dir.path(), EmbeddedConfig::default());
+        let Served {
+            name,
+            blue,
+            slot,
+            rebuilds,
+            ..
+        } = Served::open(dir.path(), &config, log).await;
         let topic = config.source_topics()[0].clone();
         blue.apply(&[], &[(topic, 0, 1_000_000)]).await.unwrap();
-        let slot = Arc::new(StoreSlot {
-            config: store_config.clone(),
-            store: Arc::new(SwitchableStore::new(blue.clone())),
-            version: Mutex::new(0),
-        });
-        let rebuilds = Rebuilds::new(
-            config.clone(),
-            dir.path().to_path_buf(),
-            log,
-            BTreeMap::from([(store_config.name.clone(), slot.clone())]),
-            shutdown,
-        );
-        let started = rebuilds.start_rebuild(&store_config.name).unwrap();
+        let started = rebuilds.start_rebuild(&name).unwrap();
         assert_eq!((started.current_version, started.target_version), (0, 1));
-        let again = rebuilds.start_rebuild(&store_config.name).unwrap_err();
+        let again = rebuilds.start_rebuild(&name).unwrap_err();
         assert_eq!(again.code, "rebuild_running");
         assert!(
-            version_path(dir.path(), &store_config.name, 1).exists() || {
+            version_path(dir.path(), &name, 1).exists() || {
                 // The job may not have opened it yet; give it a moment.
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                version_path(dir.path(), &store_config.name, 1).exists()
+                version_path(dir.path(), &name, 1).exists()
             }
         );
 
-        rebuilds.cancel_rebuild(&store_config.name).unwrap();
-        let status = || rebuilds.rebuild_status(&store_config.name).unwrap();
+        rebuilds.cancel_rebuild(&name).unwrap();
+        let status = || rebuilds.rebuild_status(&name).unwrap();
         let done = wait_for(status, RebuildState::Cancelled).await;
         assert_eq!(done.current_version, 0);
         assert!(Arc::ptr_eq(&slot.store.current(), &blue));
         assert_eq!(*slot.version.lock().unwrap(), 0);
-        assert!(!pointer_path(dir.path(), &store_config.name).exists());
-        assert!(!version_path(dir.path(), &store_config.name, 1).exists());
-        assert_eq!(current_version(dir.path(), &store_config.name).unwrap(), 0);
+        assert!(!pointer_path(dir.path(), &name).exists());
+        assert!(!version_path(dir.path(), &name, 1).exists());
+        assert_eq!(current_version(dir.path(), &name).unwrap(), 0);
     }
 
     /// The current version holds offsets of a topic the pipeline no longer reads (a source
@@ -710,33 +753,12 @@ mod tests {
     async fn a_rebuild_after_a_source_topic_was_removed_switches() {
         let dir = tempfile::tempdir().unwrap();
         let config = crate::quickstart::builtin_pipeline().unwrap();
-        let log: Arc<dyn Log> =
-            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
-        app::ensure_topics(log.as_ref(), &config).await.unwrap();
-        let store_config = config.served_store();
-        let shutdown = CancellationToken::new();
-        let (blue, _) = app::open_store(&config, &store_config, dir.path(), &shutdown)
-            .await
-            .unwrap();
+        let log = embedded_log(dir.path(), EmbeddedConfig::default());
+        let served = Served::open(dir.path(), &config, log).await;
         // Applied by an earlier pipeline file that also read `context.legacy`.
-        blue.apply(&[], &[("context.legacy".to_string(), 0, 42)])
-            .await
-            .unwrap();
-        let slot = Arc::new(StoreSlot {
-            config: store_config.clone(),
-            store: Arc::new(SwitchableStore::new(blue.clone())),
-            version: Mutex::new(0),
-        });
-        let rebuilds = Rebuilds::new(
-            config.clone(),
-            dir.path().to_path_buf(),
-            log,
-            BTreeMap::from([(store_config.name.clone(), slot.clone())]),
-            shutdown,
-        );
-        rebuilds.start_rebuild(&store_config.name).unwrap();
-        let status = || rebuilds.rebuild_status(&store_config.name).unwrap();
-        wait_for(status, RebuildState::Switched).await;
+        let legacy = ("context.legacy".to_string(), 0, 42);
+        served.blue.apply(&[], &[legacy]).await.unwrap();
+        assert_eq!(served.rebuild().await.current_version, 1);
     }
 
     /// The rebuild's sink takes the pipeline's `limits:` (and `retry:`): a record the live sink
@@ -750,15 +772,14 @@ mod tests {
         let mut config = crate::quickstart::builtin_pipeline().unwrap();
         config.limits.max_record_bytes = 4 * 1024 * 1024;
         // A log taking records of up to 8 MiB (Kafka with message.max.bytes raised).
-        let log: Arc<dyn Log> = EmbeddedLog::open(
-            &dir.path().join("log"),
+        let log = embedded_log(
+            dir.path(),
             EmbeddedConfig {
                 max_record_bytes: 8 * 1024 * 1024,
                 ..EmbeddedConfig::default()
             },
-        )
-        .unwrap();
-        app::ensure_topics(log.as_ref(), &config).await.unwrap();
+        );
+        let served = Served::open(dir.path(), &config, log.clone()).await;
         let record = |key: &str, email: &str| {
             let data = serde_json::json!({"customer_id": key, "first_name": "A", "last_name": "B", "email": email});
             ProduceRecord::new(
@@ -779,25 +800,17 @@ mod tests {
             .await
             .unwrap();
 
-        let store_config = config.served_store();
-        let shutdown = CancellationToken::new();
-        let (blue, _) = app::open_store(&config, &store_config, dir.path(), &shutdown)
-            .await
-            .unwrap();
-        let switchable = Arc::new(SwitchableStore::new(blue));
+        let switchable = served.slot.store.clone();
         // The live sink, as `app::spawn_sink` builds it.
         let live = StoreSink::new(
-            log.clone(),
+            log,
             switchable.clone(),
             Router::new(&config),
-            ConsumerConfig::new(
-                config.store_group(&store_config.name),
-                config.source_topics(),
-            ),
+            ConsumerConfig::new(config.store_group(&served.name), config.source_topics()),
             Arc::new(PipelineMetrics::default()),
         )
         .with_config(&config);
-        let live_stop = shutdown.child_token();
+        let live_stop = served.shutdown.child_token();
         let live_task = tokio::spawn(live.run(live_stop.clone()));
         for _ in 0..400 {
             if switchable.get("customer", "C-1").await.unwrap().is_some()
@@ -812,25 +825,10 @@ mod tests {
         let before = switchable.get("customer", "C-1").await.unwrap();
         assert!(before.is_some(), "the live sink applied C-1");
 
-        let slot = Arc::new(StoreSlot {
-            config: store_config.clone(),
-            store: switchable.clone(),
-            version: Mutex::new(0),
-        });
-        let rebuilds = Rebuilds::new(
-            config.clone(),
-            dir.path().to_path_buf(),
-            log,
-            BTreeMap::from([(store_config.name.clone(), slot.clone())]),
-            shutdown,
-        );
-        rebuilds.start_rebuild(&store_config.name).unwrap();
-        let status = || rebuilds.rebuild_status(&store_config.name).unwrap();
-        let done = wait_for(status, RebuildState::Switched).await;
-        assert_eq!(done.current_version, 1);
-        assert!(slot.store.get("customer", "C-2").await.unwrap().is_some());
+        assert_eq!(served.rebuild().await.current_version, 1);
+        assert!(switchable.get("customer", "C-2").await.unwrap().is_some());
         assert!(
-            slot.store.get("customer", "C-1").await.unwrap().is_some(),
+            switchable.get("customer", "C-1").await.unwrap().is_some(),
             "customer C-1, served before the rebuild, is gone after it"
         );
     }
@@ -841,33 +839,12 @@ mod tests {
     async fn a_rebuild_says_when_the_log_lost_history() {
         let dir = tempfile::tempdir().unwrap();
         let config = crate::quickstart::builtin_pipeline().unwrap();
-        let log: Arc<dyn Log> =
-            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+        let log = embedded_log(dir.path(), EmbeddedConfig::default());
         let partitions = config.topic_settings("context.orders").partitions.unwrap();
         let mut spec = kontext_log::TopicSpec::new("context.orders", partitions);
         spec.compacted = true;
         log.create_topic(&spec).await.unwrap();
-        app::ensure_topics(log.as_ref(), &config).await.unwrap();
-        let store_config = config.served_store();
-        let shutdown = CancellationToken::new();
-        let (blue, _) = app::open_store(&config, &store_config, dir.path(), &shutdown)
-            .await
-            .unwrap();
-        let slot = Arc::new(StoreSlot {
-            config: store_config.clone(),
-            store: Arc::new(SwitchableStore::new(blue)),
-            version: Mutex::new(0),
-        });
-        let rebuilds = Rebuilds::new(
-            config.clone(),
-            dir.path().to_path_buf(),
-            log,
-            BTreeMap::from([(store_config.name.clone(), slot)]),
-            shutdown,
-        );
-        rebuilds.start_rebuild(&store_config.name).unwrap();
-        let status = || rebuilds.rebuild_status(&store_config.name).unwrap();
-        let done = wait_for(status, RebuildState::Switched).await;
+        let done = Served::open(dir.path(), &config, log).await.rebuild().await;
         assert_eq!(done.warnings.len(), 1, "{:?}", done.warnings);
         assert!(
             done.warnings[0].starts_with("context.orders is compacted"),
