@@ -693,6 +693,14 @@ impl Processor {
         let partitions = repartition_partitions(&self.config);
         let group = features_group(&self.config);
         let all: BTreeSet<i32> = (0..partitions).collect();
+        // The group's offsets before the changelogs (see `committed_before_sync`).
+        let policy = self.config.retry.waiting_policy();
+        let Some(committed) =
+            committed_before_sync(self.log.as_ref(), &group, &repartition, &policy, shutdown)
+                .await?
+        else {
+            return Ok(()); // shutdown while waiting for the log: consume nothing
+        };
         // Before joining the group, every partition: another instance may own some and be
         // writing their changelogs, so nothing is repaired (`Ownership::Maybe`).
         if !self
@@ -701,9 +709,7 @@ impl Processor {
         {
             return Ok(()); // shutdown during the restore: consume nothing
         }
-        if !self.rewind(&group, &repartition, tasks, shutdown).await? {
-            return Ok(()); // shutdown before the group was rewound: consume nothing
-        }
+        self.rewind(&group, &repartition, tasks, &committed).await?;
         let mut consumer = self
             .log
             .consumer(ConsumerConfig::new(
@@ -894,15 +900,15 @@ impl Processor {
         sync_stores_with_changelogs(&restore, stores).await
     }
 
-    /// The state's offsets are the truth: where the group committed past the slowest store of
-    /// a partition, rewind it there.
+    /// The state's offsets are the truth: where the group had committed (`committed`) past the
+    /// slowest store of a partition, rewind it there.
     async fn rewind(
         &self,
         group: &str,
         topic: &str,
         tasks: &BTreeMap<(usize, i32), Task>,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, ProcessorError> {
+        committed: &[(i32, Option<i64>)],
+    ) -> Result<(), ProcessorError> {
         let mut resume: BTreeMap<i32, i64> = BTreeMap::new();
         for (&(_, p), task) in tasks {
             let at = task.resume_offset(topic, p)?;
@@ -914,50 +920,63 @@ impl Processor {
             group,
             topic,
             &resume,
+            committed,
             self.config.retry.waiting_policy(),
-            shutdown,
         )
         .await
     }
 }
 
+/// The offsets `group` has committed on `topic`, read **before** the stores are synced with
+/// their changelogs at start. A task produces a batch's changelog before the group commits
+/// the batch's offsets, so a sync that follows this read restores at least up to these offsets
+/// on every partition, also those another live instance is processing meanwhile. Read after
+/// the sync, they could already include that instance's next batches: the state would look
+/// behind, and the rewind would wait for a group that has an active member (60 s) and fail.
+/// `None`: `shutdown` came while waiting for the log.
+pub(crate) async fn committed_before_sync(
+    log: &dyn Log,
+    group: &str,
+    topic: &str,
+    policy: &RetryPolicy,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<(i32, Option<i64>)>>, ProcessorError> {
+    // Right after a broker (re)start or for a new group, the coordinator lookup fails
+    // transiently (`NotCoordinator`): wait it out like any other transient error.
+    retry_transient(
+        "fetching the group's committed offsets",
+        policy,
+        shutdown,
+        || log.committed_offsets(group, topic),
+    )
+    .await
+}
+
 /// Rewinds `group` on `topic` to `resume` (the state's next offset per partition, 0 where
-/// absent) wherever the group committed past it: the state's offsets are the truth. `false`
-/// when `shutdown` came while it waited for the log: nothing was rewound, so the caller must
-/// not consume.
+/// absent) wherever it had committed (`committed`, [`committed_before_sync`]) past it: the
+/// state's offsets are the truth. After a sync this only happens when the changelog lacks what
+/// the group committed (offsets that landed without their records, a recreated changelog).
 pub(crate) async fn rewind_to_state(
     log: &dyn Log,
     group: &str,
     topic: &str,
     resume: &BTreeMap<i32, i64>,
+    committed: &[(i32, Option<i64>)],
     policy: RetryPolicy,
-    shutdown: &CancellationToken,
-) -> Result<bool, ProcessorError> {
-    // Right after a broker (re)start or for a new group, the coordinator lookup fails
-    // transiently (`NotCoordinator`): wait it out like any other transient error.
-    let committed = retry_transient(
-        "fetching the group's committed offsets",
-        &policy,
-        shutdown,
-        || log.committed_offsets(group, topic),
-    )
-    .await?;
-    let Some(committed) = committed else {
-        return Ok(false);
-    };
+) -> Result<(), ProcessorError> {
     let mut rewind = Vec::new();
-    for (p, committed) in committed {
+    for &(p, committed) in committed {
         let stored = resume.get(&p).copied().unwrap_or(0);
         if committed.is_some_and(|c| c > stored) {
             rewind.push((TopicPartition::new(topic, p), stored));
         }
     }
     if rewind.is_empty() {
-        return Ok(true);
+        return Ok(());
     }
     warn!(%group, %topic, partitions = rewind.len(), "the group committed past the state; rewinding it to the state's offsets");
     crate::retry::rewind_group(log, group, &rewind, policy).await?;
-    Ok(true)
+    Ok(())
 }
 
 /// The partitions of `topic` this member just got (a rebalance on Kafka; all of them on the

@@ -83,8 +83,8 @@ use crate::dlq::DeadLetters;
 use crate::metrics::PipelineMetrics;
 use crate::normalize::{NormalizeError, ProcessError};
 use crate::processor::{
-    instance_transactional_id, never_back, newly_assigned, next_offsets, open_state_db,
-    retry_transient, rewind_to_state, send, send_positions, send_transaction,
+    committed_before_sync, instance_transactional_id, never_back, newly_assigned, next_offsets,
+    open_state_db, retry_transient, rewind_to_state, send, send_positions, send_transaction,
     sync_stores_with_changelogs, Drain, HighWater, Ownership, ProcessorError, Restore,
     CHANGELOG_END_KEY, STATE_DB_DIR,
 };
@@ -587,6 +587,16 @@ impl TopologyRunner {
             }))
             .collect();
         let all: BTreeSet<i32> = (0..seg.partitions).collect();
+        // The group's offsets before the changelogs (see `committed_before_sync`).
+        let mut committed = BTreeMap::new();
+        for topic in &topics {
+            let log = self.log.as_ref();
+            let read = committed_before_sync(log, &seg.group, topic, &self.policy, drain.shutdown);
+            let Some(offsets) = read.await? else {
+                return Ok(()); // shutdown while waiting for the log: consume nothing
+            };
+            committed.insert(topic.clone(), offsets);
+        }
         // Before joining the group: another instance may own some partitions (no repairs).
         if !self
             .sync(producer, tasks, &all, Ownership::Maybe, drain.shutdown)
@@ -612,10 +622,8 @@ impl TopologyRunner {
             }
             if !resume.is_empty() {
                 let log = self.log.as_ref();
-                let shutdown = drain.shutdown;
-                if !rewind_to_state(log, &seg.group, topic, &resume, self.policy, shutdown).await? {
-                    return Ok(()); // shutdown before the group was rewound: consume nothing
-                }
+                let committed = &committed[topic];
+                rewind_to_state(log, &seg.group, topic, &resume, committed, self.policy).await?;
             }
         }
         let mut consumer = self

@@ -178,6 +178,67 @@ async fn an_assigned_member_repairs_a_dead_writers_batch(log: Arc<dyn Log>, app:
     assert_eq!(state(&c), state(&a));
 }
 
+/// Member B starts while member A is processing partition 0: A completes a batch (changelog,
+/// then the group's offsets) between B's sync and B's rewind. B must not see the group "past
+/// its state" and try to rewind a group with an active member (which waits 60 s for it to
+/// leave, then fails the processor): it compares with the offsets read before its sync,
+/// which the changelog it then read covers.
+async fn a_starting_member_does_not_rewind_past_a_live_member(log: Arc<dyn Log>, app: &str) {
+    let f = Fixture::new(log.clone(), app).await;
+    let (group, input) = (format!("{app}.features"), format!("{app}-rep"));
+    log.create_topic(&TopicSpec::new(input.clone(), 1))
+        .await
+        .unwrap();
+    let tp = TopicPartition::new(input.as_str(), 0);
+    let batch_at = |offset: i64| {
+        let mut batch = WriteBatch::default();
+        batch.put(b"k1", offset.to_string().as_bytes());
+        batch.set_offset(tp.clone(), offset);
+        batch
+    };
+    // A, a live member of the group, has processed up to offset 1 and committed it.
+    let mut a = f.open("a");
+    f.commit(&mut a, batch_at(1)).await;
+    let mut member = log
+        .consumer(ConsumerConfig::new(group.clone(), vec![input.clone()]))
+        .await
+        .unwrap();
+    member.poll(10, Duration::from_millis(200)).await.unwrap();
+    member.commit(&[(tp.clone(), 1)]).await.unwrap();
+
+    // B starts: the group's offsets, then the sync.
+    let policy = kontext_core::config::RetryConfig::default().waiting_policy();
+    let committed = committed_before_sync(log.as_ref(), &group, &input, &policy, &f.shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut b = f.open("b");
+    f.sync(&mut b, Ownership::Maybe).await;
+    // Meanwhile A completes its next batch: changelog, state, the group's offsets.
+    f.commit(&mut a, batch_at(2)).await;
+    member.commit(&[(tp.clone(), 2)]).await.unwrap();
+
+    let resume = BTreeMap::from([(0, b.offsets().unwrap()[&tp])]);
+    assert_eq!(resume[&0], 1);
+    rewind_to_state(log.as_ref(), &group, &input, &resume, &committed, policy)
+        .await
+        .expect("nothing to rewind: the state covers what the group had committed");
+    let now = log.committed_offsets(&group, &input).await.unwrap();
+    assert_eq!(now, vec![(0, Some(2))], "A's progress is left alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_member_does_not_rewind_past_a_live_member_on_the_embedded_log() {
+    let (_dir, log) = embedded();
+    a_starting_member_does_not_rewind_past_a_live_member(log, "app").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_member_does_not_rewind_past_a_live_member_on_kafka() {
+    let (log, app) = kafka();
+    a_starting_member_does_not_rewind_past_a_live_member(log, &app).await;
+}
+
 fn embedded() -> (tempfile::TempDir, Arc<dyn Log>) {
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
