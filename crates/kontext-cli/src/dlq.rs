@@ -873,13 +873,29 @@ fn decide(matches: bool, known: Option<&Known>, force: bool) -> Decision {
 /// The copy of a dead letter for its original topic and partition: key, value, timestamp and
 /// original headers as they were; the error headers removed; `kontext.replay.of` set.
 fn replay_copy(record: &Record, letter: &DeadLetter) -> Result<ProduceRecord, String> {
-    let Some((topic, partition, _)) = &letter.origin else {
+    let Some((topic, partition, offset)) = &letter.origin else {
         return Err(format!(
             "no {} / {} headers say where it came from",
             headers::TOPIC,
             headers::PARTITION
         ));
     };
+    // Without its value a copy would be a tombstone: it would delete the entity.
+    if let Some(h) = record
+        .headers
+        .iter()
+        .find(|h| h.key == headers::VALUE_OMITTED)
+    {
+        let bytes = h
+            .value
+            .as_deref()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
+        return Err(format!(
+            "the dead letter has no value (the record's {bytes} bytes did not fit one): re-produce the record at {topic}/{partition} offset {} with the fix",
+            offset.map_or_else(|| "?".to_string(), |o| o.to_string())
+        ));
+    }
     let mut copy_headers: Vec<Header> = record
         .headers
         .iter()

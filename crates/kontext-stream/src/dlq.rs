@@ -47,7 +47,19 @@ pub mod headers {
     /// `__connect.errors.stage` says the same in Connect's terms: `VALUE_CONVERTER`,
     /// `TRANSFORMATION`, `TASK_PUT`).
     pub const KONTEXT_STAGE: &str = "kontext.errors.stage";
+    /// kontext: set when the dead letter has no value because the record's did not fit
+    /// ([`super::LETTER_BYTES_CAP`]): the record's value size in bytes. The record itself is
+    /// in the log at the `__connect.errors.*` coordinates.
+    pub const VALUE_OMITTED: &str = "kontext.errors.value.omitted.bytes";
 }
+
+/// The largest dead letter (key, value and headers) written with its value. Below librdkafka's
+/// default `message.max.bytes` (1 000 000) and Kafka's default `max.message.bytes` (1 048 588),
+/// with room for the batch overhead: a bigger letter would be refused by the producer, a
+/// permanent error, and the sink would stop on its partition for good. A record whose letter
+/// would be bigger (a `record_too_large` one always is at the default limits) is dead-lettered
+/// without its value, with [`headers::VALUE_OMITTED`].
+pub const LETTER_BYTES_CAP: usize = 900_000;
 
 /// The stage a record failed in: a bounded label for headers and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -174,11 +186,19 @@ impl DeadLetters {
         add(headers::TIME, format_time(now_ms()));
         add(headers::PIPELINE, self.pipeline.clone());
         add(headers::KONTEXT_STAGE, stage.name().to_string());
+        let size = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
+        let header_bytes: usize = headers.iter().map(|h| h.key.len() + size(&h.value)).sum();
+        let mut value = record.value.clone();
+        if size(&record.key) + size(&value) + header_bytes > LETTER_BYTES_CAP {
+            let omitted = size(&value).to_string();
+            headers.push(Header::new(headers::VALUE_OMITTED, Bytes::from(omitted)));
+            value = None;
+        }
         ProduceRecord {
             topic: self.config.topic_for(&record.topic),
             partition: Some(record.partition),
             key: record.key.clone(),
-            value: record.value.clone(),
+            value,
             headers,
             timestamp_ms: Some(record.timestamp_ms),
         }
@@ -253,6 +273,52 @@ mod tests {
         async fn flush(&self) -> Result<(), LogError> {
             Ok(())
         }
+    }
+
+    /// A letter that would not fit a default Kafka producer goes without its value (the record
+    /// stays in the log at the letter's coordinates); one that fits keeps it byte for byte.
+    #[test]
+    fn a_letter_too_large_for_the_log_is_written_without_its_value() {
+        let dlq = DeadLetters::new(
+            DeadLetterConfig::default(),
+            "cs".into(),
+            "g".into(),
+            Arc::new(NoProducer),
+        );
+        let record = |bytes: usize| Record {
+            topic: "context.orders".into(),
+            partition: 0,
+            offset: 3,
+            timestamp_ms: 1_700_000_000_000,
+            key: Some(Bytes::from_static(b"O-1")),
+            value: Some(Bytes::from(vec![b'x'; bytes])),
+            headers: Vec::new(),
+        };
+        let error = ProcessError::Envelope(kontext_core::envelope::EnvelopeError::InvalidJson(
+            "eof".into(),
+        ));
+        let omitted = |letter: &ProduceRecord| {
+            letter
+                .headers
+                .iter()
+                .find(|h| h.key == headers::VALUE_OMITTED)
+                .and_then(|h| h.value.clone())
+        };
+        let small = dlq.letter(&record(LETTER_BYTES_CAP / 2), &error);
+        assert_eq!(
+            small.value.as_ref().map(Bytes::len),
+            Some(LETTER_BYTES_CAP / 2)
+        );
+        assert_eq!(omitted(&small), None);
+        let big = dlq.letter(&record(LETTER_BYTES_CAP), &error);
+        assert_eq!(big.value, None);
+        assert_eq!(
+            omitted(&big),
+            Some(Bytes::from(LETTER_BYTES_CAP.to_string()))
+        );
+        assert_eq!(big.key, Some(Bytes::from_static(b"O-1")));
+        let offset = big.headers.iter().find(|h| h.key == headers::OFFSET);
+        assert_eq!(offset.and_then(|h| h.value.clone()), Some(Bytes::from("3")));
     }
 
     #[test]

@@ -285,3 +285,109 @@ async fn poison_pills_on_kafka() {
     let log = Arc::new(KafkaLog::new(KafkaConfig::new(bootstrap)).unwrap());
     run_poison_pills(log, format!("pills-{suffix:x}"), dir.path()).await;
 }
+
+/// A bad record as large as Kafka takes by default (1 010 000 bytes of broken JSON, under the
+/// pipeline's default 1 MiB limit): its dead letter would not fit a default producer's
+/// `message.max.bytes` (1 000 000). It must not stop the sink on its partition: the letter goes
+/// without the value (the record stays in the topic at the letter's coordinates), and the good
+/// record behind it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_record_too_large_for_a_dead_letter_does_not_block_on_kafka() {
+    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let suffix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let topic = format!("big-pill-{suffix:x}");
+    let config = PipelineConfig::parse(
+        "big.yaml",
+        &format!(
+            "name: big\nentities:\n  customer: {{ key: customer_id, topic: {topic} }}\nsources:\n  crm: {{ topic: {topic}, entity: customer, fields: {{ given_name: first_name }} }}\n"
+        ),
+    )
+    .unwrap();
+    let log: Arc<dyn Log> = Arc::new(KafkaLog::new(KafkaConfig::new(bootstrap.clone())).unwrap());
+    let dlq_topic = config.dead_letter.topic_for(&topic);
+    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
+    log.create_topic(&TopicSpec::new(&dlq_topic, 1))
+        .await
+        .unwrap();
+    // A producer that takes records up to the broker's limit writes the big one.
+    let mut big_config = KafkaConfig::new(bootstrap);
+    big_config
+        .properties
+        .insert("message.max.bytes".into(), "1048576".into());
+    let big_log = KafkaLog::new(big_config).unwrap();
+    let mut pill = good(&topic, 1);
+    let mut value = b"{\"first_name\": \"".to_vec();
+    value.resize(1_010_000, b'x');
+    pill.value = Some(Bytes::from(value));
+    big_log
+        .producer()
+        .await
+        .unwrap()
+        .send(vec![pill, good(&topic, 2)])
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        EmbeddedStore::open(
+            &dir.path().join("s.redb"),
+            StoreSchema::from_config(&config),
+        )
+        .unwrap(),
+    );
+    let group = format!("big-{suffix:x}");
+    let sink = StoreSink::new(
+        log.clone(),
+        store.clone(),
+        Router::new(&config),
+        ConsumerConfig::new(&group, vec![topic.clone()]),
+        Arc::new(PipelineMetrics::default()),
+    )
+    .with_config(&config)
+    .with_dead_letters(DeadLetters::new(
+        config.dead_letter.clone(),
+        config.name.clone(),
+        group.clone(),
+        log.producer().await.unwrap(),
+    ));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sink.run(shutdown.clone()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.get("customer", "C2").unwrap().is_none() {
+        assert!(!task.is_finished(), "the sink stopped: {:?}", task.await);
+        assert!(
+            Instant::now() < deadline,
+            "the good record was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    let mut consumer = log
+        .consumer(ConsumerConfig::new(
+            format!("{group}-reader"),
+            vec![dlq_topic],
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut letters = Vec::new();
+    while letters.is_empty() && Instant::now() < deadline {
+        letters = consumer.poll(10, Duration::from_millis(500)).await.unwrap();
+    }
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.value, None);
+    assert_eq!(letter.key.as_deref(), Some(&b"C1"[..]));
+    let header = |k: &str| {
+        let h = letter.headers.iter().find(|h| h.key == k)?;
+        Some(String::from_utf8(h.value.clone()?.to_vec()).unwrap())
+    };
+    assert_eq!(header(headers::VALUE_OMITTED).as_deref(), Some("1010000"));
+    assert_eq!(header(headers::KIND).as_deref(), Some("invalid_json"));
+    assert_eq!(header(headers::OFFSET).as_deref(), Some("0"));
+}

@@ -66,6 +66,18 @@ fn a_dead_letter_without_origin_headers_cannot_be_replayed() {
     assert!(replay_copy(&record, &letter).is_err());
 }
 
+/// A dead letter written without its value (too large for the log) is never replayed as a
+/// tombstone, which would delete the entity: the replay fails and names the original.
+#[test]
+fn a_dead_letter_without_its_value_is_not_replayed_as_a_tombstone() {
+    let mut record = letter_record(&[(headers::VALUE_OMITTED, "1010000")]);
+    record.value = None;
+    let letter = DeadLetter::parse(&record);
+    let why = replay_copy(&record, &letter).unwrap_err();
+    assert!(why.contains("1010000 bytes"), "{why}");
+    assert!(why.contains("context.orders/4 offset 17"), "{why}");
+}
+
 #[test]
 fn headers_say_stage_kind_time_and_origin() {
     let letter = DeadLetter::parse(&letter_record(&[]));
