@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use kontext_core::config::{
@@ -84,6 +84,16 @@ pub struct StoreSink {
     /// Set by [`StoreSink::with_retry`]: the dead-letter policy then comes from it.
     retry_configured: bool,
     limits: LimitsConfig,
+    /// The store's outage in progress: its probes' backoff and start, kept across half-open
+    /// trials until a write succeeds, so a store that answers probes but fails writes is
+    /// probed less and less often and the `store_probe` budget runs out.
+    outage: std::sync::Mutex<Option<Outage>>,
+}
+
+/// See [`StoreSink`]'s `outage`.
+struct Outage {
+    backoff: Backoff,
+    started: Instant,
 }
 
 /// Where the store stands: next offset to apply per (topic, partition).
@@ -190,6 +200,7 @@ impl StoreSink {
             retry: RetryConfig::default(),
             retry_configured: false,
             limits: LimitsConfig::default(),
+            outage: std::sync::Mutex::new(None),
         }
     }
 
@@ -642,6 +653,13 @@ impl StoreSink {
             info!("context store write succeeded; circuit breaker closed");
             self.metrics.set_breaker(BreakerState::Closed, "none");
         }
+        self.outage_over();
+    }
+
+    /// The store works again (a write, or the start-up's reads, succeeded): the next outage
+    /// starts its probes afresh.
+    fn outage_over(&self) {
+        *self.outage.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     /// One write, retried with the `store_write` policy when `budgeted`. Permanent errors
@@ -714,8 +732,19 @@ impl StoreSink {
         if let Some(feed) = feed.as_deref_mut() {
             feed.pause().await;
         }
-        let mut backoff = Backoff::unseeded(self.retry.policy(RetryStage::StoreProbe));
-        let started = Instant::now();
+        // The outage this continues (a half-open trial failed), or a new one.
+        let outage = self
+            .outage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Outage {
+            mut backoff,
+            started,
+        } = outage.unwrap_or_else(|| Outage {
+            backoff: Backoff::unseeded(self.retry.policy(RetryStage::StoreProbe)),
+            started: Instant::now(),
+        });
         let mut last = error;
         loop {
             let Some(delay) = backoff.next_delay(started.elapsed()) else {
@@ -736,6 +765,8 @@ impl StoreSink {
                 Ok(_) => {
                     info!(down_for = ?started.elapsed(), "the context store answers again: circuit breaker half-open, retrying the batch");
                     self.metrics.set_breaker(BreakerState::HalfOpen, reason);
+                    let outage = Outage { backoff, started };
+                    *self.outage.lock().unwrap_or_else(PoisonError::into_inner) = Some(outage);
                     return Ok(true);
                 }
                 Err(e) if e.is_transient() => {
@@ -758,6 +789,7 @@ impl StoreSink {
                     if self.metrics.breaker().0 != BreakerState::Closed {
                         self.metrics.set_breaker(BreakerState::Closed, "none");
                     }
+                    self.outage_over();
                     return Ok(Some(handled));
                 }
                 Err(SinkError::Store(e)) if e.is_transient() => {

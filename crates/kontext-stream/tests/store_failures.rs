@@ -27,8 +27,9 @@ use kontext_stream::{PipelineMetrics, Router, StoreSink, UpdateKind};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-fn pipeline(topic: &str) -> PipelineConfig {
-    let yaml = format!(
+/// The tests' pipeline file: one source on `topic`, fast retries, store writes tried 3 times.
+fn pipeline_yaml(topic: &str) -> String {
+    format!(
         r#"
 name: failures
 entities:
@@ -43,8 +44,11 @@ retry:
   defaults: {{ first_delay: 1ms, max_delay: 20ms }}
   store_write: {{ max_attempts: 3 }}
 "#
-    );
-    PipelineConfig::parse("failures.yaml", &yaml).unwrap()
+    )
+}
+
+fn pipeline(topic: &str) -> PipelineConfig {
+    PipelineConfig::parse("failures.yaml", &pipeline_yaml(topic)).unwrap()
 }
 
 fn good(topic: &str, i: usize) -> ProduceRecord {
@@ -65,6 +69,8 @@ fn good(topic: &str, i: usize) -> ProduceRecord {
 struct FailingStore {
     inner: EmbeddedStore,
     down: AtomicBool,
+    /// Writes fail transiently, reads work (a full disk).
+    writes_down: AtomicBool,
     rejected: Mutex<BTreeSet<String>>,
     timing_out: Mutex<BTreeSet<String>>,
     /// Calls of `apply` that failed because the store was down.
@@ -81,6 +87,7 @@ impl FailingStore {
                 .unwrap()
                 .with_sync_interval(sync_interval),
             down: AtomicBool::new(false),
+            writes_down: AtomicBool::new(false),
             rejected: Mutex::new(BTreeSet::new()),
             timing_out: Mutex::new(BTreeSet::new()),
             refused_while_down: AtomicU64::new(0),
@@ -115,6 +122,10 @@ impl ContextStore for FailingStore {
         if let Err(e) = self.check_up() {
             self.refused_while_down.fetch_add(1, Ordering::SeqCst);
             return Err(e);
+        }
+        if self.writes_down.load(Ordering::SeqCst) {
+            self.refused_while_down.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Io("no space left on device (test)".into()));
         }
         let ids: Vec<&str> = updates.iter().map(|u| u.entity_id.as_str()).collect();
         if ids.iter().any(|id| self.rejected.lock().contains(*id)) {
@@ -697,4 +708,55 @@ async fn the_flusher_lets_the_group_commit_while_running() {
     assert_eq!(marks.durable, marks.applied, "{marks:?}");
     assert!(marks.applied > 0);
     h.stop().await;
+}
+
+/// A store that answers reads but fails every write (a full disk): the breaker's half-open
+/// trials fail one after the other. The probes' backoff and budget run across them, from the
+/// outage's start, so a bounded `store_probe` stops the sink with the store's error; before,
+/// each trial started the backoff afresh, and the sink retried every few milliseconds forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_reads_but_cannot_write_runs_out_the_probe_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> =
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    let topic = "context.customers";
+    let yaml = pipeline_yaml(topic);
+    let config = PipelineConfig::parse(
+        "full-disk.yaml",
+        &yaml.replace(
+            "store_write: { max_attempts: 3 }",
+            "store_write: { max_attempts: 3 }\n  store_probe: { max_elapsed: 1s }",
+        ),
+    )
+    .unwrap();
+    log.create_topic(&TopicSpec::new(topic, 1)).await.unwrap();
+    log.producer()
+        .await
+        .unwrap()
+        .send(vec![good(topic, 1)])
+        .await
+        .unwrap();
+    let store = FailingStore::new(dir.path(), &config, Duration::ZERO);
+    store.writes_down.store(true, Ordering::SeqCst);
+    let sink = StoreSink::new(
+        log,
+        store.clone(),
+        Router::new(&config),
+        ConsumerConfig::new("full-disk", vec![topic.into()]),
+        Arc::new(PipelineMetrics::default()),
+    )
+    .with_config(&config);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sink.run(shutdown.clone()));
+    let ended = tokio::time::timeout(Duration::from_secs(60), task).await;
+    shutdown.cancel();
+    let result = ended
+        .expect("the sink kept retrying a store that cannot write")
+        .unwrap();
+    match result {
+        Err(kontext_stream::sink::SinkError::Store(e)) => {
+            assert!(e.to_string().contains("no space left"), "{e}")
+        }
+        other => panic!("the sink should stop with the store's error: {other:?}"),
+    }
 }
