@@ -650,6 +650,11 @@ struct Summary {
     recovered: u64,
     /// Not matching the filters.
     filtered: u64,
+    /// Left alone because another dead letter of the same record (same origin topic,
+    /// partition and offset) was replayed, before or in this run: each sink of a pipeline with
+    /// several stores dead-letters a bad record once, and a letter can be written again after a
+    /// restart. The record goes back once.
+    duplicates: u64,
     /// Could not be replayed (no origin headers, target missing, produce failed).
     failed: u64,
     /// With --dry-run: what would be replayed.
@@ -664,6 +669,7 @@ impl Summary {
         self.skipped += o.skipped;
         self.recovered += o.recovered;
         self.filtered += o.filtered;
+        self.duplicates += o.duplicates;
         self.failed += o.failed;
     }
 }
@@ -702,6 +708,7 @@ async fn replay(ctx: &Ctx, args: &ReplayArgs) -> Result<()> {
                 "skipped": total.skipped,
                 "recovered": total.recovered,
                 "filtered": total.filtered,
+                "duplicates": total.duplicates,
                 "failed": total.failed,
                 "read": total.read,
                 "topics": summaries,
@@ -713,7 +720,7 @@ async fn replay(ctx: &Ctx, args: &ReplayArgs) -> Result<()> {
             .chain((summaries.len() > 1).then_some(&total))
         {
             println!(
-                "{}: {} {}, {} skipped (already replayed{}), {} filtered out, {} failed",
+                "{}: {} {}, {} skipped (already replayed{}), {} filtered out, {}{} failed",
                 s.topic,
                 if args.dry_run {
                     "would replay"
@@ -731,6 +738,11 @@ async fn replay(ctx: &Ctx, args: &ReplayArgs) -> Result<()> {
                     String::new()
                 },
                 s.filtered,
+                if s.duplicates > 0 {
+                    format!("{} duplicates of a record replayed, ", s.duplicates)
+                } else {
+                    String::new()
+                },
                 s.failed
             );
         }
@@ -787,21 +799,36 @@ async fn replay_topic(
     let mut progress = Progress::new(total.max(0) as u64, dlq);
     let mut pending: Vec<(String, ProduceRecord)> = Vec::new();
     let mut reader = ctx.read_all(dlq).await?;
+    // The records (origins) replayed before or in this run. Letters of one record are in the
+    // partition of the same number, in the order they were written: the first one decides.
+    let mut origins: HashSet<(String, i32, i64)> = HashSet::new();
     while let Some(batch) = reader.next_batch().await? {
         for record in &batch {
             summary.read += 1;
             let letter = DeadLetter::parse(record);
             let coord = letter.at.to_string();
-            match decide(
+            let origin = match &letter.origin {
+                Some((topic, partition, Some(offset))) => {
+                    Some((topic.clone(), *partition, *offset))
+                }
+                _ => None,
+            };
+            let decision = decide(
                 filter.matches(&letter, record),
                 ledger.entries.get(&coord),
                 args.force,
-            ) {
+            );
+            let first_of_its_record = match (&origin, decision) {
+                (Some(origin), Decision::Skip | Decision::Replay) => origins.insert(origin.clone()),
+                _ => true,
+            };
+            match decision {
                 Decision::Filtered => summary.filtered += 1,
                 Decision::Skip => {
                     summary.skipped += 1;
                     summary.recovered += u64::from(recovered.contains(&coord));
                 }
+                Decision::Replay if !first_of_its_record => summary.duplicates += 1,
                 Decision::Replay => match replay_copy(record, &letter) {
                     Ok(copy) => {
                         if args.dry_run {

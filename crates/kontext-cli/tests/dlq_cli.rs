@@ -525,3 +525,66 @@ async fn replays_dead_letters_once_on_the_embedded_log() {
 async fn replays_dead_letters_once_on_kafka_while_the_pipeline_runs() {
     dead_letters_replay_once(Setup::kafka()).await;
 }
+
+/// Two dead letters of one record (a pipeline with two stores dead-letters a bad record once
+/// per sink; a letter can also be written again after a restart): `replay` puts the record
+/// back once, and a second replay puts back nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dead_letters_of_one_record_replay_it_once() {
+    use kontext_stream::dlq::DeadLetters;
+    let setup = Setup::embedded();
+    let file = setup.pipeline(true);
+    let config = PipelineConfig::load(Path::new(&file)).unwrap();
+    let topic = setup.topic.clone();
+    let dlq = setup.dlq_topic();
+    {
+        let log = setup.open_log().await;
+        log.create_topic(&TopicSpec::new(&topic, PARTITIONS))
+            .await
+            .unwrap();
+        log.create_topic(&TopicSpec::new(&dlq, PARTITIONS))
+            .await
+            .unwrap();
+        let producer = log.producer().await.unwrap();
+        let bad = event(&topic, "E1", "erp", br#"{"contact_name": "#);
+        let at = producer.send(vec![bad]).await.unwrap()[0];
+        let record = log
+            .read_partition(&topic, at.partition, at.offset, at.offset + 1)
+            .await
+            .unwrap()
+            .remove(0);
+        let error = kontext_stream::ProcessError::Envelope(
+            kontext_core::envelope::EnvelopeError::InvalidJson("eof".into()),
+        );
+        let letters = ["a", "b"].map(|store| {
+            DeadLetters::new(
+                config.dead_letter.clone(),
+                config.name.clone(),
+                config.store_group(store),
+                producer.clone(),
+            )
+            .letter(&record, &error)
+        });
+        producer.send(letters.to_vec()).await.unwrap();
+    }
+    let before = records_in(setup.open_log().await.as_ref(), &topic).await;
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["dlq", "replay", "-c", &file, "--data-dir", setup.data()];
+        args.extend_from_slice(extra);
+        kontext_json(&args)
+    };
+    let first = replay(&[]);
+    assert_eq!(counts(&first), (1, 0, 0, 0, 0), "{first}");
+    assert_eq!(first["duplicates"], 1, "{first}");
+    let again = replay(&[]);
+    assert_eq!(counts(&again), (0, 1, 0, 0, 0), "{again}");
+    assert_eq!(again["duplicates"], 1, "{again}");
+    let forced = replay(&["--force"]);
+    assert_eq!(counts(&forced), (1, 0, 0, 0, 0), "{forced}");
+    let after = records_in(setup.open_log().await.as_ref(), &topic).await;
+    assert_eq!(
+        after - before,
+        2,
+        "one copy per replay that replayed, not one per letter"
+    );
+}
