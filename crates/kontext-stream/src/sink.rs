@@ -845,9 +845,7 @@ impl StoreSink {
         .await?;
         Ok(applied)
     }
-}
 
-impl StoreSink {
     /// Fails when the store has applied offsets past a partition's high watermark: new records
     /// would get offsets the store takes for applied, and be skipped without a word.
     async fn check_store_within_log(&self, applied: &Handled) -> Result<(), SinkError> {

@@ -125,6 +125,46 @@ fn pills(topic: &str) -> Vec<(ProduceRecord, &'static str)> {
     v
 }
 
+/// The local broker's address, and a suffix that makes this run's topic and group names new.
+fn kafka() -> (String, String) {
+    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let suffix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    (bootstrap, format!("{suffix:x}"))
+}
+
+/// Runs a sink of `config` from `topic` into `store` in `group`, dead letters on.
+async fn start_sink(
+    log: &Arc<dyn Log>,
+    store: Arc<EmbeddedStore>,
+    config: &PipelineConfig,
+    topic: &str,
+    group: &str,
+    metrics: Arc<PipelineMetrics>,
+) -> (
+    tokio::task::JoinHandle<Result<(), kontext_stream::sink::SinkError>>,
+    CancellationToken,
+) {
+    let sink = StoreSink::new(
+        log.clone(),
+        store,
+        Router::new(config),
+        ConsumerConfig::new(group, vec![topic.to_string()]),
+        metrics,
+    )
+    .with_config(config)
+    .with_dead_letters(DeadLetters::new(
+        config.dead_letter.clone(),
+        config.name.clone(),
+        group.to_string(),
+        log.producer().await.unwrap(),
+    ));
+    let shutdown = CancellationToken::new();
+    (tokio::spawn(sink.run(shutdown.clone())), shutdown)
+}
+
 async fn run_poison_pills(log: Arc<dyn Log>, topic: String, dir: &std::path::Path) {
     let config = pipeline(&topic);
     let dlq_topic = config.dead_letter.topic_for(&topic);
@@ -164,22 +204,15 @@ async fn run_poison_pills(log: Arc<dyn Log>, topic: String, dir: &std::path::Pat
     );
     let metrics = Arc::new(PipelineMetrics::default());
     let group = format!("pills-{topic}");
-    let sink = StoreSink::new(
-        log.clone(),
+    let (task, shutdown) = start_sink(
+        &log,
         store.clone(),
-        Router::new(&config),
-        ConsumerConfig::new(&group, vec![topic.clone()]),
+        &config,
+        &topic,
+        &group,
         metrics.clone(),
     )
-    .with_config(&config)
-    .with_dead_letters(DeadLetters::new(
-        config.dead_letter.clone(),
-        config.name.clone(),
-        group.clone(),
-        log.producer().await.unwrap(),
-    ));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(sink.run(shutdown.clone()));
+    .await;
 
     // Wait until the store has handled every partition to its end: nothing blocked.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -276,14 +309,10 @@ async fn poison_pills_on_the_embedded_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_pills_on_kafka() {
-    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let suffix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let (bootstrap, suffix) = kafka();
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(KafkaLog::new(KafkaConfig::new(bootstrap)).unwrap());
-    run_poison_pills(log, format!("pills-{suffix:x}"), dir.path()).await;
+    run_poison_pills(log, format!("pills-{suffix}"), dir.path()).await;
 }
 
 /// A bad record as large as Kafka takes by default (1 010 000 bytes of broken JSON, under the
@@ -293,12 +322,8 @@ async fn poison_pills_on_kafka() {
 /// record behind it is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_record_too_large_for_a_dead_letter_does_not_block_on_kafka() {
-    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let suffix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let topic = format!("big-pill-{suffix:x}");
+    let (bootstrap, suffix) = kafka();
+    let topic = format!("big-pill-{suffix}");
     let config = PipelineConfig::parse(
         "big.yaml",
         &format!(
@@ -338,23 +363,9 @@ async fn a_bad_record_too_large_for_a_dead_letter_does_not_block_on_kafka() {
         )
         .unwrap(),
     );
-    let group = format!("big-{suffix:x}");
-    let sink = StoreSink::new(
-        log.clone(),
-        store.clone(),
-        Router::new(&config),
-        ConsumerConfig::new(&group, vec![topic.clone()]),
-        Arc::new(PipelineMetrics::default()),
-    )
-    .with_config(&config)
-    .with_dead_letters(DeadLetters::new(
-        config.dead_letter.clone(),
-        config.name.clone(),
-        group.clone(),
-        log.producer().await.unwrap(),
-    ));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(sink.run(shutdown.clone()));
+    let group = format!("big-{suffix}");
+    let metrics = Arc::new(PipelineMetrics::default());
+    let (task, shutdown) = start_sink(&log, store.clone(), &config, &topic, &group, metrics).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while store.get("customer", "C2").unwrap().is_none() {
         assert!(!task.is_finished(), "the sink stopped: {:?}", task.await);
