@@ -54,6 +54,11 @@ const RELATED_LIMITS: TableDefinition<&str, u64> = TableDefinition::new("related
 /// these tables, leaves no trace and needs `kontext rebuild` after a downgrade).
 const LEGACY_RECENT: TableDefinition<&[u8], ()> = TableDefinition::new("recent");
 const LEGACY_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("relation_counts");
+/// `entity_type \0 entity_id` -> the version of the newest tombstone applied to the entity,
+/// and its `events_applied` while it has no document ([`codec::encode_tombstone`]). Kept for
+/// good: an upsert older than the tombstone may still arrive (from another partition, or
+/// another topic writing the same entity) and must stay out, in whatever order the two come.
+const TOMBSTONES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tombstones");
 /// (topic, partition) -> next offset to apply
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 
@@ -71,7 +76,8 @@ pub struct ApplyStats {
     pub applied: u64,
     /// Updates skipped because the store had already applied their offset.
     pub skipped: u64,
-    /// Entities deleted by tombstones.
+    /// Tombstones applied (counted in `applied` too). Each removes what of its entity is not
+    /// newer than it: the whole entity, or the older fields of one written since.
     pub deleted: u64,
 }
 
@@ -88,6 +94,60 @@ struct Pending {
     /// Per `belongs_to` relation of its type (in schema order), the parent id stored before.
     parents_before: Vec<Option<String>>,
     after: Option<EntityDoc>,
+    /// The newest tombstone applied to it: nothing of it at that version or older is kept.
+    tomb: Option<Latest>,
+    /// Log records applied to it, deleted or not (`events_applied` of the document it has).
+    events: u64,
+}
+
+impl Pending {
+    /// Applies one update, in any order relative to the entity's others: the state after a
+    /// set of updates does not depend on the order they came in. A field keeps its newest
+    /// value not older than the newest tombstone, and the entity exists while an upsert newer
+    /// than that tombstone has been applied.
+    fn apply(&mut self, update: &EntityUpdate) {
+        self.events += 1;
+        let p = &update.provenance;
+        match &update.change {
+            Change::Upsert(fields) => {
+                if self.tomb.as_ref().is_some_and(|t| deleted_by(t, p)) {
+                    // The entity was deleted after this event.
+                    return;
+                }
+                // One copy of the event's provenance, shared by the fields it sets.
+                let p = Arc::new(p.clone());
+                let doc = self.after.get_or_insert_with(|| EntityDoc {
+                    entity_type: update.entity_type.clone(),
+                    entity_id: update.entity_id.clone(),
+                    fields: BTreeMap::new(),
+                    events_applied: 0,
+                    latest: Arc::clone(&p),
+                });
+                merge_fields(doc, fields, &p);
+            }
+            Change::Delete => {
+                let version = (p.event_time_ms, p.topic.clone(), p.partition, p.offset);
+                if self.tomb.as_ref().is_none_or(|t| version > *t) {
+                    self.tomb = Some(version);
+                }
+                let Some(tomb) = &self.tomb else { return };
+                if let Some(doc) = &mut self.after {
+                    if deleted_by(tomb, &doc.latest) {
+                        self.after = None;
+                    } else {
+                        doc.fields.retain(|_, f| !deleted_by(tomb, &f.provenance));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether a tombstone of version `tomb` removes what the event `p` wrote: `p` is not newer.
+fn deleted_by(tomb: &Latest, p: &crate::Provenance) -> bool {
+    let (time, topic, partition, offset) = tomb;
+    (p.event_time_ms, p.topic.as_str(), p.partition, p.offset)
+        <= (*time, topic.as_str(), *partition, *offset)
 }
 
 /// A durable, versioned context store in one file.
@@ -125,6 +185,7 @@ impl EmbeddedStore {
         txn.open_table(ENTITIES).map_err(io)?;
         txn.open_table(RELATIONS).map_err(io)?;
         txn.open_table(OFFSETS).map_err(io)?;
+        txn.open_table(TOMBSTONES).map_err(io)?;
         build_related(&txn, &schema)?;
         txn.commit().map_err(io)?;
         Ok(Self {
@@ -250,6 +311,9 @@ impl EmbeddedStore {
             let mut related = txn.open_table(RELATED).map_err(io)?;
             let mut moves = BTreeMap::new();
             let mut offset_table = txn.open_table(OFFSETS).map_err(io)?;
+            let mut tombstones = txn.open_table(TOMBSTONES).map_err(io)?;
+            // Most stores never see a tombstone: no lookup per entity then.
+            let any_tombstones = !tombstones.is_empty().map_err(io)?;
             // Borrowed keys: no allocation per update for the bookkeeping.
             let mut applied_upto: BTreeMap<(&str, i32), i64> = BTreeMap::new();
             // In log order: which updates the store has not applied yet.
@@ -295,28 +359,35 @@ impl EmbeddedStore {
                 refuse_nul(entity_type, entity_id, "id", entity_id)?;
                 let key = entity_key(entity_type, entity_id);
                 let mut pending = self.pending(&entities, entity_type, &key)?;
-                for update in group.iter().map(|i| &updates[*i]) {
-                    match &update.change {
-                        Change::Upsert(fields) => {
-                            // One copy of the event's provenance, shared by the fields it sets.
-                            let p = Arc::new(update.provenance.clone());
-                            let doc = pending.after.get_or_insert_with(|| EntityDoc {
-                                entity_type: update.entity_type.clone(),
-                                entity_id: update.entity_id.clone(),
-                                fields: BTreeMap::new(),
-                                events_applied: 0,
-                                latest: Arc::clone(&p),
-                            });
-                            merge_fields(doc, fields, &p);
-                            doc.events_applied += 1;
-                        }
-                        Change::Delete => {
-                            if pending.after.take().is_some() {
-                                stats.deleted += 1;
-                            }
+                if any_tombstones {
+                    if let Some(bytes) = tombstones.get(key.as_slice()).map_err(io)? {
+                        let (tomb, events) = codec::decode_tombstone(bytes.value())?;
+                        pending.tomb = Some(tomb);
+                        if !pending.existed {
+                            pending.events = events;
                         }
                     }
+                }
+                for update in group.iter().map(|i| &updates[*i]) {
+                    pending.apply(update);
+                    if matches!(update.change, Change::Delete) {
+                        stats.deleted += 1;
+                    }
                     stats.applied += 1;
+                }
+                if let Some(doc) = &mut pending.after {
+                    doc.events_applied = pending.events;
+                }
+                if let Some(tomb) = &pending.tomb {
+                    let hidden = if pending.after.is_some() {
+                        0
+                    } else {
+                        pending.events
+                    };
+                    codec::encode_tombstone(tomb, hidden, &mut buf);
+                    tombstones
+                        .insert(key.as_slice(), buf.as_slice())
+                        .map_err(io)?;
                 }
                 if self.cache.is_some() {
                     self.changed_slots(&mut changed, &pending, entity_type, &key);
@@ -404,7 +475,9 @@ impl EmbeddedStore {
             existed: before.is_some(),
             latest_before: before.as_ref().map(latest_of),
             parents_before,
+            events: before.as_ref().map_or(0, |d| d.events_applied),
             after: before,
+            tomb: None,
         })
     }
 

@@ -59,9 +59,10 @@ pub struct EntityDoc {
     pub entity_type: String,
     pub entity_id: String,
     pub fields: BTreeMap<String, FieldEntry>,
-    /// Log records applied to this entity, each exactly once.
+    /// Log records applied to this entity id, each exactly once: upserts and tombstones,
+    /// across deletes (a count that does not depend on the order of arrival).
     pub events_applied: u64,
-    /// The newest event applied (by version).
+    /// The newest upsert applied (by version).
     pub latest: Arc<Provenance>,
 }
 
@@ -80,7 +81,8 @@ impl EntityDoc {
 pub enum Change {
     /// Set these canonical fields (others keep their values).
     Upsert(Fields),
-    /// Remove the entity (a tombstone).
+    /// Remove the entity (a tombstone), versioned like a field: what is not newer than the
+    /// event goes, and later-arriving older upserts stay out.
     Delete,
 }
 

@@ -16,9 +16,13 @@ use crate::{ContextDocument, EmbeddedStore, EntityDoc, EntityUpdate, StoreError,
 /// - `apply` is atomic: the updates and the offsets become visible together, and durable
 ///   together (at once, or at the next `flush`: [`ContextStore::write_marks`]);
 /// - a field changes only if the update's [`crate::Version`] is greater than the stored one;
+/// - a tombstone removes what of its entity is not newer than it (the whole entity unless a
+///   newer upsert was applied) and keeps out older upserts that arrive after it, so deletes
+///   converge in any order of arrival too;
 /// - an update whose offset is below the stored next offset of its (topic, partition) was
 ///   applied before and is skipped (`ApplyStats::skipped`);
-/// - `events_applied` counts each applied log record once.
+/// - `events_applied` counts each applied log record of the entity once, tombstones included,
+///   across deletes.
 #[async_trait]
 pub trait ContextStore: Send + Sync + 'static {
     /// `"embedded"` or `"postgres"`.

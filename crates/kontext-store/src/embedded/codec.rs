@@ -228,6 +228,32 @@ pub(super) fn latest_version(bytes: &[u8]) -> Result<(i64, String, i32, i64), St
     Ok((*time, topic.to_string(), partition, *offset))
 }
 
+/// A value of the store's tombstone table: the version of the newest tombstone applied to an
+/// entity, and the entity's `events_applied` while it is deleted (0 while it has a document,
+/// which counts them).
+pub(super) fn encode_tombstone(version: &Latest, events: u64, out: &mut Vec<u8>) {
+    let (time, topic, partition, offset) = version;
+    out.clear();
+    put_varint(out, zigzag(*time));
+    put_str(out, topic);
+    put_varint(out, zigzag(i64::from(*partition)));
+    put_varint(out, zigzag(*offset));
+    put_varint(out, events);
+}
+
+/// What [`encode_tombstone`] wrote.
+pub(super) fn decode_tombstone(bytes: &[u8]) -> Result<(Latest, u64), StoreError> {
+    let mut r = Reader { bytes, at: 0 };
+    let time = unzigzag(r.varint()?);
+    let topic = r.string()?;
+    let partition = i32::try_from(unzigzag(r.varint()?))
+        .map_err(|_| StoreError::Corrupt("partition out of range".into()))?;
+    let offset = unzigzag(r.varint()?);
+    let events = r.varint()?;
+    r.end()?;
+    Ok(((time, topic, partition, offset), events))
+}
+
 /// A value of the store's related-children table: how many children of one type a parent
 /// has, then the newest of them, newest first, each as its latest version and id.
 pub(super) fn encode_related(total: u64, newest: &[(Latest, String)], out: &mut Vec<u8>) {
@@ -514,6 +540,20 @@ mod tests {
             latest_version(&out).unwrap(),
             (p.event_time_ms, p.topic.clone(), p.partition, p.offset)
         );
+    }
+
+    #[test]
+    fn tombstones_decode_to_what_was_encoded() {
+        let mut out = Vec::new();
+        let version = (-5, "context.customers".to_string(), 3, 1 << 40);
+        encode_tombstone(&version, 17, &mut out);
+        assert_eq!(decode_tombstone(&out).unwrap(), (version, 17));
+        for end in 0..out.len() {
+            assert!(matches!(
+                decode_tombstone(&out[..end]),
+                Err(StoreError::Corrupt(_))
+            ));
+        }
     }
 
     #[test]

@@ -325,6 +325,46 @@ fn tombstones_delete_the_entity_and_its_relations() {
     assert!(ctx.related["order"].items.is_empty());
 }
 
+/// A tombstone is versioned like a field: it removes what is not newer than it, whichever of
+/// them arrives first, and keeps out an older upsert that arrives after it (another source's
+/// update of the customer, written before the CRM deleted it, read from another partition).
+#[test]
+fn a_tombstone_removes_what_is_older_whatever_the_order_of_arrival() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    // Three partitions: any order of arrival is a possible delivery.
+    let mut del = upsert("customer", "C1", json!({}), "crm", 0, 0, 20);
+    del.change = Change::Delete;
+    let older = upsert(
+        "customer",
+        "C1",
+        json!({"n": 1, "tier": "gold"}),
+        "web",
+        1,
+        0,
+        10,
+    );
+    let newer = upsert("customer", "C1", json!({"n": 2}), "web", 2, 0, 30);
+    // The tombstone first, then the older upsert: it stays deleted.
+    store.apply(std::slice::from_ref(&del), &[]).unwrap();
+    store.apply(std::slice::from_ref(&older), &[]).unwrap();
+    assert!(store.get("customer", "C1").unwrap().is_none());
+    assert!(store.list("customer", 10, None).unwrap().is_empty());
+    // A newer upsert brings it back, with only what is newer than the tombstone; every
+    // record counts.
+    store.apply(std::slice::from_ref(&newer), &[]).unwrap();
+    let doc = store.get("customer", "C1").unwrap().unwrap();
+    assert_eq!(doc.values(), json!({"n": 2}).as_object().cloned().unwrap());
+    assert_eq!(doc.events_applied, 3);
+
+    // The other order gives the same entity.
+    let dir = tempfile::tempdir().unwrap();
+    let other = open(&dir);
+    other.apply(&[newer, older], &[]).unwrap();
+    other.apply(&[del], &[]).unwrap();
+    assert_eq!(other.get("customer", "C1").unwrap(), Some(doc));
+}
+
 /// An event's provenance is stored once per entity and shared, after a read, by the fields it
 /// set (and by `latest` when it is the newest): one copy per event, not one per field.
 #[test]

@@ -8,8 +8,10 @@
 //!   moves the next offset to its offset + 1 (so a lower offset later in the batch is skipped);
 //! - per field, the update with the greatest [`Version`](crate::Version) wins, as in
 //!   `merge_fields`; `ON CONFLICT ... WHERE` keeps the greater of it and the stored one;
-//! - a tombstone drops the entity as it stands at that point of the batch: the stored state and
-//!   every earlier update of the batch. Updates after the last tombstone rebuild it from nothing.
+//! - per entity, the tombstone with the greatest version is kept with the entity; what is not
+//!   newer than it goes (the SQL removes the stored fields it covers and refuses the batch's),
+//!   in whatever order upserts and tombstones arrive, as `Pending::apply` does;
+//! - `events_applied` counts every applied record of the entity, tombstones included.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,16 +34,14 @@ pub(crate) struct BatchPlan<'a> {
 /// What the batch does to one entity.
 #[derive(Debug, Default)]
 pub(crate) struct EntityPlan<'a> {
-    /// A tombstone was applied: delete the stored entity (fields, relations) first.
-    pub reset: bool,
-    /// The first tombstone came before any upsert of the batch, so whether it deleted something
-    /// depends on whether the store had the entity: count it if the delete finds a row.
-    pub deletes_if_stored: bool,
-    /// Upserts applied after the last tombstone (added to `events_applied`).
-    pub upserts: u64,
-    /// The greatest version among those upserts.
+    /// Records applied, upserts and tombstones (added to `events_applied`).
+    pub events: u64,
+    /// The greatest version among the upserts.
     pub latest: Option<&'a Provenance>,
-    /// Per field, the value of the greatest version among those upserts.
+    /// The greatest version among the tombstones.
+    pub tomb: Option<&'a Provenance>,
+    /// Per field, the value of the greatest version among the upserts that set it (a stored
+    /// tombstone or `tomb` may still keep it out).
     pub fields: BTreeMap<&'a str, (&'a Value, &'a Provenance)>,
 }
 
@@ -85,9 +85,9 @@ pub(crate) fn plan<'a>(
             .entities
             .entry((update.entity_type.as_str(), update.entity_id.as_str()))
             .or_default();
+        entity.events += 1;
         match &update.change {
             Change::Upsert(fields) => {
-                entity.upserts += 1;
                 if entity.latest.is_none_or(|l| p.version() > l.version()) {
                     entity.latest = Some(p);
                 }
@@ -102,15 +102,10 @@ pub(crate) fn plan<'a>(
                 }
             }
             Change::Delete => {
-                if entity.upserts > 0 {
-                    out.stats.deleted += 1;
-                } else if !entity.reset {
-                    entity.deletes_if_stored = true;
+                out.stats.deleted += 1;
+                if entity.tomb.is_none_or(|t| p.version() > t.version()) {
+                    entity.tomb = Some(p);
                 }
-                entity.reset = true;
-                entity.upserts = 0;
-                entity.latest = None;
-                entity.fields.clear();
             }
         }
     }

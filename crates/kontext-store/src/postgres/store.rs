@@ -3,9 +3,9 @@
 //!
 //! Every [`ContextStore::apply`] is one transaction: lock and read the next offsets of the
 //! batch's partitions (one statement), plan the batch in memory ([`super::plan`]), then one
-//! set-based statement per table (tombstones, entities, fields, relations, offsets), each
-//! fed by `unnest` of arrays. No statement runs per record, and no row is read before it is
-//! written except the offsets.
+//! set-based statement per table and step (entities with their tombstones, fields, the fields
+//! tombstones remove, relations, offsets), each fed by `unnest` of arrays. No statement runs
+//! per record, and no row is read before it is written except the offsets.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
@@ -160,71 +160,88 @@ impl PostgresStore {
         }
 
         let BatchPlan {
-            mut stats,
+            stats,
             entities,
             offsets: next_offsets,
         } = plan::plan(updates, offsets, &stored);
 
-        // 2. Tombstones: drop the entities as stored (fields and relations with them).
-        let reset: Vec<(&str, &str)> = entities
-            .iter()
-            .filter(|(_, e)| e.reset)
-            .map(|(k, _)| *k)
-            .collect();
-        if !reset.is_empty() {
-            let (types, ids): (Vec<&str>, Vec<&str>) = reset.iter().copied().unzip();
-            let stmt = txn.prepare_cached(DELETE_ENTITIES).await.map_err(pg)?;
-            for row in txn.query(&stmt, &[&types, &ids]).await.map_err(pg)? {
-                let key: (&str, &str) = (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?);
-                if entities.get(&key).is_some_and(|e| e.deletes_if_stored) {
-                    stats.deleted += 1;
-                }
-            }
-        }
-
-        // 3. Entities: events_applied and the latest provenance.
+        // 2. Entities: events_applied, the latest upsert and the latest tombstone. Returns the
+        //    tombstones of the batch's deleted entities (stored or new), whose rows it locked.
+        let mut tombs: BTreeMap<(String, String), (i64, String, i32, i64)> = BTreeMap::new();
         let mut e = EntityColumns::default();
         for ((entity_type, entity_id), plan) in &entities {
-            let Some(latest) = plan.latest else { continue };
             e.types.push(entity_type);
             e.ids.push(entity_id);
             e.counts
-                .push(i64::try_from(plan.upserts).unwrap_or(i64::MAX));
-            e.prov.push(latest);
+                .push(i64::try_from(plan.events).unwrap_or(i64::MAX));
+            e.latest.push(plan.latest);
+            e.tomb.push(plan.tomb);
         }
         if !e.types.is_empty() {
             let stmt = txn.prepare_cached(&UPSERT_ENTITIES).await.map_err(pg)?;
-            let p = ProvenanceColumns::of(&e.prov);
-            txn.execute(
-                &stmt,
-                &[
-                    &e.types,
-                    &e.ids,
-                    &e.counts,
-                    &p.source,
-                    &p.event_id,
-                    &p.event_type,
-                    &p.topic,
-                    &p.partition,
-                    &p.offset,
-                    &p.time,
-                ],
-            )
-            .await
-            .map_err(pg)?;
+            let p = ProvenanceColumns::of(&e.latest);
+            let d = ProvenanceColumns::of(&e.tomb);
+            let rows = txn
+                .query(
+                    &stmt,
+                    &[
+                        &e.types,
+                        &e.ids,
+                        &e.counts,
+                        &p.source,
+                        &p.event_id,
+                        &p.event_type,
+                        &p.topic,
+                        &p.partition,
+                        &p.offset,
+                        &p.time,
+                        &d.time,
+                        &d.topic,
+                        &d.partition,
+                        &d.offset,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            for row in rows {
+                tombs.insert(
+                    (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?),
+                    (
+                        row.try_get(2).map_err(pg)?,
+                        row.try_get(3).map_err(pg)?,
+                        row.try_get(4).map_err(pg)?,
+                        row.try_get(5).map_err(pg)?,
+                    ),
+                );
+            }
         }
 
-        // 4. Fields: one versioned upsert; it returns the relation fields it changed.
+        // 3. Fields: one versioned upsert, of the fields newer than their entity's tombstone
+        //    (the row is locked: it stays as read); it returns the relation fields it changed.
         let mut f = FieldColumns::default();
         for ((entity_type, entity_id), plan) in &entities {
+            let tomb = match tombs.is_empty() {
+                true => None,
+                false => tombs.get(&(entity_type.to_string(), entity_id.to_string())),
+            };
             for (field, (value, prov)) in &plan.fields {
+                if tomb.is_some_and(|(time, topic, partition, offset)| {
+                    (
+                        prov.event_time_ms,
+                        prov.topic.as_str(),
+                        prov.partition,
+                        prov.offset,
+                    ) <= (*time, topic.as_str(), *partition, *offset)
+                }) {
+                    continue;
+                }
                 f.types.push(entity_type);
                 f.ids.push(entity_id);
                 f.fields.push(field);
                 f.values.push(serde_json::to_string(value).map_err(|e| {
                     StoreError::Corrupt(format!("{entity_type}/{entity_id}.{field}: {e}"))
                 })?);
-                f.prov.push(prov);
+                f.prov.push(Some(*prov));
             }
         }
         let (rel_types, rel_fields): (Vec<&str>, Vec<&str>) = self
@@ -273,9 +290,41 @@ impl PostgresStore {
             }
         }
 
+        // 4. The stored fields the batch's tombstones remove; the relation fields among them
+        //    unset their relations.
+        let mut removed_relations: Vec<(String, String, &str)> = Vec::new();
+        let (types, ids): (Vec<&str>, Vec<&str>) = entities
+            .iter()
+            .filter(|(_, plan)| plan.tomb.is_some())
+            .map(|(k, _)| *k)
+            .unzip();
+        if !types.is_empty() {
+            let stmt = txn.prepare_cached(DELETE_FIELDS).await.map_err(pg)?;
+            for row in txn.query(&stmt, &[&types, &ids]).await.map_err(pg)? {
+                let (child_type, child_id, field): (&str, &str, &str) = (
+                    row.try_get(0).map_err(pg)?,
+                    row.try_get(1).map_err(pg)?,
+                    row.try_get(2).map_err(pg)?,
+                );
+                for (parent_type, _) in self
+                    .schema
+                    .parents_of(child_type)
+                    .iter()
+                    .filter(|(_, f)| f == field)
+                {
+                    removed_relations.push((child_type.into(), child_id.into(), parent_type));
+                }
+            }
+        }
+
         // 5. Relations of the changed relation fields: point at the new parent, or at none.
         let mut set = RelationColumns::default();
         let mut unset = RelationColumns::default();
+        for (child_type, child_id, parent_type) in &removed_relations {
+            unset.child_types.push(child_type);
+            unset.child_ids.push(child_id);
+            unset.parent_types.push(parent_type);
+        }
         for (child_type, child_id, field) in &changed_relations {
             let Some(plan) = entities.get(&(child_type.as_str(), child_id.as_str())) else {
                 continue;
@@ -529,14 +578,19 @@ SELECT t, p, 0 FROM unnest($1::text[], $2::int4[]) AS u(t, p)
 ON CONFLICT (topic, "partition") DO UPDATE SET next_offset = o.next_offset
 RETURNING topic, "partition", next_offset"#;
 
-/// Drops entities with their fields and the relations they are the child of; returns the
-/// entities that existed (for `ApplyStats::deleted`).
-const DELETE_ENTITIES: &str = r#"
-WITH k AS (SELECT * FROM unnest($1::text[], $2::text[]) AS k(t, i)),
-f AS (DELETE FROM kontext_fields x USING k WHERE x.entity_type = k.t AND x.entity_id = k.i),
-r AS (DELETE FROM kontext_relations x USING k WHERE x.child_type = k.t AND x.child_id = k.i)
-DELETE FROM kontext_entities x USING k WHERE x.entity_type = k.t AND x.entity_id = k.i
-RETURNING x.entity_type, x.entity_id"#;
+/// Removes the fields of the given entities that their tombstone covers (not newer than it),
+/// returning them.
+const DELETE_FIELDS: &str = r#"
+DELETE FROM kontext_fields f
+USING unnest($1::text[], $2::text[]) AS k(t, i), kontext_entities e
+WHERE e.entity_type = k.t AND e.entity_id = k.i
+  AND f.entity_type = k.t AND f.entity_id = k.i
+  AND (f.event_time_ms, f.topic, f."partition", f."offset")
+      <= (e.deleted_time_ms, e.deleted_topic, e.deleted_partition, e.deleted_offset)
+RETURNING f.entity_type, f.entity_id, f.field"#;
+
+/// The tombstone columns of `kontext_entities`, in the order of [`UPSERT_ENTITIES`]'s parameters.
+const TOMBSTONE_COLUMNS: &str = "deleted_time_ms, deleted_topic, deleted_partition, deleted_offset";
 
 /// The provenance columns, in the order of the statements' parameters.
 const PROVENANCE_COLUMNS: &str =
@@ -550,21 +604,43 @@ fn newer(new: &str, old: &str) -> String {
     )
 }
 
+/// Adds the batch's records to `events_applied` and keeps the greater of the stored and the
+/// batch's latest upsert, and of their latest tombstones (a NULL on either side: the other).
+/// Returns the entities that have a tombstone, with its version.
 static UPSERT_ENTITIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let newer = newer("excluded", "e");
-    let latest: Vec<String> = PROVENANCE_COLUMNS
-        .split(", ")
-        .map(|c| format!("{c} = CASE WHEN {newer} THEN excluded.{c} ELSE e.{c} END"))
-        .collect();
+    let latest = PROVENANCE_COLUMNS.split(", ").map(|c| {
+        format!(
+            "{c} = CASE WHEN e.event_time_ms IS NULL OR {newer} THEN excluded.{c} ELSE e.{c} END"
+        )
+    });
+    let tomb = |side: &str| {
+        format!(
+            r#"({side}.deleted_time_ms, {side}.deleted_topic, {side}.deleted_partition, {side}.deleted_offset)"#
+        )
+    };
+    let (new_tomb, old_tomb) = (tomb("excluded"), tomb("e"));
+    let tombstone = TOMBSTONE_COLUMNS.split(", ").map(|c| {
+        format!(
+            "{c} = CASE WHEN e.deleted_time_ms IS NULL OR {new_tomb} > {old_tomb} THEN excluded.{c} ELSE e.{c} END"
+        )
+    });
+    let set: Vec<String> = latest.chain(tombstone).collect();
     format!(
         r#"
-INSERT INTO kontext_entities AS e (entity_type, entity_id, events_applied, {PROVENANCE_COLUMNS})
-SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::int4[], $9::int8[], $10::int8[])
-ON CONFLICT (entity_type, entity_id) DO UPDATE SET
-    events_applied = e.events_applied + excluded.events_applied,
-    {}"#,
-        latest.join(",\n    ")
+WITH written AS (
+    INSERT INTO kontext_entities AS e
+        (entity_type, entity_id, events_applied, {PROVENANCE_COLUMNS}, {TOMBSTONE_COLUMNS})
+    SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::int4[], $9::int8[], $10::int8[],
+                         $11::int8[], $12::text[], $13::int4[], $14::int8[])
+    ON CONFLICT (entity_type, entity_id) DO UPDATE SET
+        events_applied = e.events_applied + excluded.events_applied,
+        {}
+    RETURNING entity_type, entity_id, {TOMBSTONE_COLUMNS}
+)
+SELECT * FROM written WHERE deleted_time_ms IS NOT NULL"#,
+        set.join(",\n        ")
     )
 });
 
@@ -617,9 +693,10 @@ SELECT e.entity_type, e.entity_id, e.events_applied,
        f.field, f.value::text,
        f.source, f.event_id, f.event_type, f.topic, f."partition", f."offset", f.event_time_ms
 FROM kontext_entities e
-LEFT JOIN kontext_fields f ON f.entity_type = e.entity_type AND f.entity_id = e.entity_id"#;
+LEFT JOIN kontext_fields f ON f.entity_type = e.entity_type AND f.entity_id = e.entity_id
+WHERE e.visible"#;
 const WHERE_KEYS: &str = r#"
-WHERE (e.entity_type, e.entity_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"#;
+AND (e.entity_type, e.entity_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"#;
 const ORDER_DOCS: &str = "ORDER BY e.entity_type, e.entity_id";
 
 /// A parent's children of one type, newest first by their latest version (ties by id, the
@@ -628,13 +705,13 @@ const CHILDREN: &str = r#"
 SELECT e.entity_id, count(*) OVER ()
 FROM kontext_relations r
 JOIN kontext_entities e ON e.entity_type = r.child_type AND e.entity_id = r.child_id
-WHERE r.parent_type = $1 AND r.parent_id = $2 AND r.child_type = $3
+WHERE r.parent_type = $1 AND r.parent_id = $2 AND r.child_type = $3 AND e.visible
 ORDER BY e.event_time_ms DESC, e.topic DESC, e."partition" DESC, e."offset" DESC, e.entity_id
 LIMIT $4"#;
 
 const LIST: &str = r#"
 SELECT entity_id FROM kontext_entities
-WHERE entity_type = $1 AND ($2::text IS NULL OR entity_id > $2)
+WHERE entity_type = $1 AND visible AND ($2::text IS NULL OR entity_id > $2)
 ORDER BY entity_id LIMIT $3"#;
 
 // ---- helpers -----------------------------------------------------------------------------
@@ -644,7 +721,8 @@ struct EntityColumns<'a> {
     types: Vec<&'a str>,
     ids: Vec<&'a str>,
     counts: Vec<i64>,
-    prov: Vec<&'a Provenance>,
+    latest: Vec<Option<&'a Provenance>>,
+    tomb: Vec<Option<&'a Provenance>>,
 }
 
 #[derive(Default)]
@@ -653,7 +731,7 @@ struct FieldColumns<'a> {
     ids: Vec<&'a str>,
     fields: Vec<&'a str>,
     values: Vec<String>,
-    prov: Vec<&'a Provenance>,
+    prov: Vec<Option<&'a Provenance>>,
 }
 
 #[derive(Default)]
@@ -664,27 +742,31 @@ struct RelationColumns<'a> {
     parent_ids: Vec<String>,
 }
 
-/// Provenances as one array per column, for `unnest`.
+/// Provenances as one array per column, for `unnest`; NULLs where there is none.
 struct ProvenanceColumns<'a> {
-    source: Vec<&'a str>,
-    event_id: Vec<&'a str>,
+    source: Vec<Option<&'a str>>,
+    event_id: Vec<Option<&'a str>>,
     event_type: Vec<Option<&'a str>>,
-    topic: Vec<&'a str>,
-    partition: Vec<i32>,
-    offset: Vec<i64>,
-    time: Vec<i64>,
+    topic: Vec<Option<&'a str>>,
+    partition: Vec<Option<i32>>,
+    offset: Vec<Option<i64>>,
+    time: Vec<Option<i64>>,
 }
 
 impl<'a> ProvenanceColumns<'a> {
-    fn of(prov: &[&'a Provenance]) -> Self {
+    fn of(prov: &[Option<&'a Provenance>]) -> Self {
+        let column = |f: fn(&'a Provenance) -> _| prov.iter().map(|p| p.map(f)).collect();
         Self {
-            source: prov.iter().map(|p| p.source.as_str()).collect(),
-            event_id: prov.iter().map(|p| p.event_id.as_str()).collect(),
-            event_type: prov.iter().map(|p| p.event_type.as_deref()).collect(),
-            topic: prov.iter().map(|p| p.topic.as_str()).collect(),
-            partition: prov.iter().map(|p| p.partition).collect(),
-            offset: prov.iter().map(|p| p.offset).collect(),
-            time: prov.iter().map(|p| p.event_time_ms).collect(),
+            source: column(|p| p.source.as_str()),
+            event_id: column(|p| p.event_id.as_str()),
+            event_type: prov
+                .iter()
+                .map(|p| p.and_then(|p| p.event_type.as_deref()))
+                .collect(),
+            topic: column(|p| p.topic.as_str()),
+            partition: prov.iter().map(|p| p.map(|p| p.partition)).collect(),
+            offset: prov.iter().map(|p| p.map(|p| p.offset)).collect(),
+            time: prov.iter().map(|p| p.map(|p| p.event_time_ms)).collect(),
         }
     }
 }

@@ -471,6 +471,63 @@ async fn concurrent_writers_of_the_same_entities_converge_to_the_newest_versions
     drop_namespace(&ns).await;
 }
 
+/// Tables created by a kontext before versioned tombstones get the tombstone columns when a
+/// store connects, keep their data, and take tombstones from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_of_the_layout_before_versioned_tombstones_are_upgraded_in_place() {
+    let ns = namespace();
+    let client = raw_client().await;
+    client
+        .batch_execute(&format!(
+            r#"CREATE SCHEMA {ns};
+            CREATE TABLE {ns}.kontext_entities (
+                entity_type text COLLATE "C" NOT NULL, entity_id text COLLATE "C" NOT NULL,
+                events_applied bigint NOT NULL, source text NOT NULL, event_id text NOT NULL,
+                event_type text, topic text COLLATE "C" NOT NULL, "partition" integer NOT NULL,
+                "offset" bigint NOT NULL, event_time_ms bigint NOT NULL,
+                PRIMARY KEY (entity_type, entity_id));
+            INSERT INTO {ns}.kontext_entities
+                VALUES ('customer', 'C1', 1, 'crm', 'e0', NULL, 't', 0, 0, 10);"#
+        ))
+        .await
+        .unwrap();
+    let store = store_in(&ns).await;
+    let doc = store.get("customer", "C1").await.unwrap().unwrap();
+    assert_eq!((doc.events_applied, doc.latest.offset), (1, 0));
+    // A tombstone of an entity never stored still needs its row.
+    let batch = [
+        update("customer", "C1", serde_json::Value::Null, "t", 0, 1, 20),
+        update("customer", "C2", serde_json::Value::Null, "t", 0, 2, 20),
+        update("customer", "C2", json!({"name": "old"}), "t", 1, 0, 5),
+    ];
+    let stats = store.apply(&batch, &[]).await.unwrap();
+    assert_eq!((stats.applied, stats.deleted), (3, 2));
+    assert!(store.dump().await.unwrap().is_empty());
+    // Connecting again leaves the upgraded tables as they are.
+    drop(store);
+    let store = store_in(&ns).await;
+    store
+        .apply(
+            &[update(
+                "customer",
+                "C2",
+                json!({"name": "new"}),
+                "t",
+                1,
+                1,
+                30,
+            )],
+            &[],
+        )
+        .await
+        .unwrap();
+    let doc = store.get("customer", "C2").await.unwrap().unwrap();
+    assert_eq!(doc.fields["name"].value, json!("new"));
+    assert_eq!(doc.events_applied, 3);
+    assert_eq!(store.list("customer", 10, None).await.unwrap(), ["C2"]);
+    drop_namespace(&ns).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_values_read_back_exactly_as_written() {
     let ns = namespace();
@@ -546,7 +603,7 @@ fn the_planner_skips_what_the_store_applied_and_keeps_the_newest_field_version()
     let p = plan::plan(&updates, &offsets, &stored);
     assert_eq!((p.stats.applied, p.stats.skipped), (3, 2));
     let one = &p.entities[&("c", "1")];
-    assert_eq!(one.upserts, 2);
+    assert_eq!(one.events, 2);
     assert_eq!(one.fields["a"].0, &json!(2));
     assert_eq!(one.fields["b"].0, &json!(1));
     assert_eq!(one.latest.map(|l| l.offset), Some(6));
@@ -555,22 +612,25 @@ fn the_planner_skips_what_the_store_applied_and_keeps_the_newest_field_version()
 }
 
 #[test]
-fn the_planner_rebuilds_an_entity_from_the_updates_after_its_last_tombstone() {
+fn the_planner_keeps_the_newest_tombstone_and_counts_every_record() {
     let updates = vec![
         update("c", "1", json!({"a": 1}), "t", 0, 0, 500),
-        update("c", "1", serde_json::Value::Null, "t", 0, 1, 1), // deletes what 0 made
-        update("c", "1", serde_json::Value::Null, "t", 0, 2, 1), // nothing left to delete
+        update("c", "1", serde_json::Value::Null, "t", 0, 1, 7),
+        update("c", "1", serde_json::Value::Null, "t", 0, 2, 3), // older than the one before
         update("c", "1", json!({"b": 1}), "t", 0, 3, 2),
-        update("c", "2", serde_json::Value::Null, "t", 0, 4, 1), // deletes iff stored
+        update("c", "2", serde_json::Value::Null, "t", 0, 4, 1),
     ];
     let p = plan::plan(&updates, &[], &BTreeMap::new());
-    assert_eq!(p.stats.deleted, 1);
+    assert_eq!((p.stats.applied, p.stats.deleted), (5, 3));
     let one = &p.entities[&("c", "1")];
-    assert!(one.reset && !one.deletes_if_stored);
-    assert_eq!(one.upserts, 1);
-    assert_eq!(one.fields.keys().copied().collect::<Vec<_>>(), ["b"]);
+    assert_eq!(one.events, 4);
+    assert_eq!(one.tomb.map(|t| t.offset), Some(1));
+    assert_eq!(one.latest.map(|l| l.offset), Some(0));
+    // Both fields go to the SQL, which keeps out `b` (older than the tombstone).
+    assert_eq!(one.fields.keys().copied().collect::<Vec<_>>(), ["a", "b"]);
     let two = &p.entities[&("c", "2")];
-    assert!(two.reset && two.deletes_if_stored && two.latest.is_none());
+    assert_eq!((two.events, two.latest), (1, None));
+    assert_eq!(two.tomb.map(|t| t.offset), Some(4));
 }
 
 /// The same dump as the embedded reference, and the same context for `<prefix><n>`, `n` in `ids`.
