@@ -219,45 +219,56 @@ async fn pipeline_from_kafka_to_the_context_api_with_java_clients() {
         seen_after.saturating_sub(produced_after)
     );
 
-    // kcat, librdkafka's C command-line client (Java-compatible partitioner, as any non-Java
-    // producer feeding kontext should use).
+    // kcat, librdkafka's C command-line client.
+    let customers = format!("e2e-{suffix}.customers");
     let kcat_marker = format!("Kat-{suffix}");
-    let mut kcat = Command::new("kcat")
-        .args([
-            "-b",
-            &bootstrap,
-            "-t",
-            &format!("e2e-{suffix}.customers"),
-            "-P",
-            "-K",
-            "\t",
-        ])
-        .args(["-X", "partitioner=murmur2_random"])
-        .args([
-            "-H",
-            "ce_specversion=1.0",
-            "-H",
-            &format!("ce_id=kcat-{suffix}"),
-            "-H",
-            "ce_source=crm",
-        ])
-        .args([
-            "-H",
-            "ce_type=crm.customer.updated",
-            "-H",
-            &format!("ce_time={}", format_time(now_ms())),
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("run kcat (scripts/install-deps.sh installs it)");
-    let kcat_line = format!("C8\t{{\"first_name\":\"{kcat_marker}\"}}\n");
-    kcat.stdin
-        .take()
-        .unwrap()
-        .write_all(kcat_line.as_bytes())
-        .unwrap();
-    assert!(kcat.wait().unwrap().success(), "kcat failed");
+    kcat_produce(
+        &bootstrap,
+        &customers,
+        &format!("C8\t{{\"first_name\":\"{kcat_marker}\"}}"),
+        &format!("kcat-{suffix}"),
+        now_ms(),
+    );
     wait_for_field(&base, "C8", "given_name", &kcat_marker).await;
+
+    // A tombstone from kcat (`-Z`: an empty value goes as NULL) deletes C8 from the context.
+    let deleted_at = now_ms();
+    kcat_produce(
+        &bootstrap,
+        &customers,
+        "C8\t",
+        &format!("kcat-delete-{suffix}"),
+        deleted_at,
+    );
+    wait_for_status(&base, "C8", 404).await;
+    // An update written before the delete but arriving after it (another system's late event)
+    // does not bring C8 back; a newer one does, with only what is newer than the delete.
+    let late = format!("Late-{suffix}");
+    kcat_produce(
+        &bootstrap,
+        &customers,
+        &format!("C8\t{{\"first_name\":\"{late}\"}}"),
+        &format!("kcat-late-{suffix}"),
+        deleted_at - 60_000,
+    );
+    wait_for_zero_lag(port, Duration::from_secs(30)).await;
+    wait_for_status(&base, "C8", 404).await;
+    let back = format!("Back-{suffix}");
+    kcat_produce(
+        &bootstrap,
+        &customers,
+        &format!("C8\t{{\"first_name\":\"{back}\"}}"),
+        &format!("kcat-back-{suffix}"),
+        deleted_at + 1,
+    );
+    wait_for_field(&base, "C8", "given_name", &back).await;
+    let (_, c8) = get_json(&format!("{base}/v1/context/customer/C8"))
+        .await
+        .unwrap();
+    assert!(
+        c8["fields"].get("tier").is_none(),
+        "C8's tier was set before the delete: {c8}"
+    );
 
     // Confluent's Python client, which also reports where the record landed: the partition
     // kontext computes for the key.
@@ -331,6 +342,45 @@ async fn pipeline_from_kafka_to_the_context_api_with_java_clients() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     kontext.interrupt();
+}
+
+/// Produces one binary-mode CloudEvent of the CRM with kcat, librdkafka's C command-line
+/// client: `line` is `key<TAB>value`, an empty value a tombstone (`-Z`).
+fn kcat_produce(bootstrap: &str, topic: &str, line: &str, id: &str, time_ms: i64) {
+    let mut kcat = Command::new("kcat")
+        .args(["-b", bootstrap, "-t", topic, "-P", "-Z", "-K", "\t"])
+        // The Java-compatible partitioner, as any non-Java producer feeding kontext should use.
+        .args(["-X", "partitioner=murmur2_random"])
+        .args(["-H", "ce_specversion=1.0", "-H", &format!("ce_id={id}")])
+        .args(["-H", "ce_source=crm", "-H", "ce_type=crm.customer.updated"])
+        .args(["-H", &format!("ce_time={}", format_time(time_ms))])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("run kcat (scripts/install-deps.sh installs it)");
+    kcat.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+    assert!(kcat.wait().unwrap().success(), "kcat failed");
+}
+
+/// Polls a customer's context until the API answers `status`.
+async fn wait_for_status(base: &str, customer: &str, status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (got, body) = get_json(&format!("{base}/v1/context/customer/{customer}"))
+            .await
+            .unwrap();
+        if got == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{customer} never answered {status}: {got} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Polls a customer's context until `field` holds `value`.
