@@ -5,10 +5,11 @@
 //! `stores/<name>.current` names the version in use (absent: 0).
 //!
 //! A rebuild of version N+1: open it empty, feed it from the beginning of the log in its own
-//! consumer group (`kontext.<pipeline>.store.<name>.rebuild.v<N+1>`, no dead letters: the
-//! live sink reported those already) and, whenever it has applied at least everything the
-//! current version has, switch ([`SwitchableStore::switch_if_caught_up`]); then record the
-//! new version in the pointer file, delete the old version and the rebuild's consumer group
+//! consumer group (`kontext.<pipeline>.store.<name>.rebuild.v<N+1>`; dead letters only for
+//! records the new version rejects that the live version has not handled yet, the live sink
+//! reported the others: [`StoreSink::with_store_letters_unless_handled_by`]) and, whenever
+//! it has applied at least everything the current version has, switch
+//! ([`SwitchableStore::switch_if_caught_up`]); then record the new version in the pointer file, delete the old version and the rebuild's consumer group
 //! (`Log::delete_group`: its offsets are of no use any more). Until the switch nothing
 //! about the current version changes: an interrupted or failed rebuild (cancelled, crashed,
 //! killed) leaves it serving as before, and the next start deletes the abandoned version.
@@ -25,6 +26,7 @@ use kontext_log::{ConsumerConfig, Log, LogError};
 use kontext_serve::admin::{Admin, RebuildState, RebuildStatus, StatusCode};
 use kontext_serve::ApiError;
 use kontext_store::{ContextStore, SwitchOutcome, SwitchableStore};
+use kontext_stream::dlq::DeadLetters;
 use kontext_stream::{PipelineMetrics, Router, StoreSink};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -231,7 +233,7 @@ impl Job {
             self.config.store_group(&store_config.name)
         );
         info!(store = %store_config.name, version = target, %group, "rebuilding from the beginning of the log");
-        let sink = StoreSink::new(
+        let mut sink = StoreSink::new(
             self.log.clone(),
             green.clone(),
             Router::new(&self.config),
@@ -240,6 +242,23 @@ impl Job {
         )
         // The live sink's limits and retry policies: a record it applies, the rebuild applies.
         .with_config(&self.config);
+        if self.config.dead_letter.enabled {
+            let producer = self
+                .log
+                .producer()
+                .await
+                .context("creating the rebuild's dead-letter producer")?;
+            // Letters of the store, as the live sink writes them (`dlq replay` reads the
+            // group to tell which store rejected a record).
+            let letters = DeadLetters::new(
+                self.config.dead_letter.clone(),
+                self.config.name.clone(),
+                self.config.store_group(&store_config.name),
+                producer,
+            );
+            let live: Arc<dyn ContextStore> = self.slot.store.clone();
+            sink = sink.with_store_letters_unless_handled_by(letters, live);
+        }
         let sink_stop = self.cancel.child_token();
         let mut feeding = Some(tokio::spawn(sink.run(sink_stop.clone())));
         let outcome = self.until_switched(&green, &mut feeding).await;

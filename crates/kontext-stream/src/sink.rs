@@ -75,6 +75,8 @@ pub enum SinkError {
 /// Feeds one context store from the log.
 pub struct StoreSink {
     dead_letters: Option<DeadLetters>,
+    /// A rebuild's sink: [`StoreSink::with_store_letters_unless_handled_by`].
+    store_letters: Option<(DeadLetters, Arc<dyn ContextStore>)>,
     log: Arc<dyn Log>,
     store: Arc<dyn ContextStore>,
     router: Router,
@@ -192,6 +194,7 @@ impl StoreSink {
     ) -> Self {
         Self {
             dead_letters: None,
+            store_letters: None,
             log,
             store,
             router,
@@ -209,6 +212,43 @@ impl StoreSink {
     pub fn with_dead_letters(mut self, dead_letters: DeadLetters) -> Self {
         self.dead_letters = Some(dead_letters);
         self
+    }
+
+    /// For the sink of a rebuild, which writes a new version of a store that `live` (the version
+    /// serving, fed by the live sink) stands for: a record the new version rejects is
+    /// dead-lettered only if `live` has not handled it yet. The live sink reported every other
+    /// bad record already; but one that reaches the rebuild first, just before the switch,
+    /// would be skipped by the live sink after it (the new version has its offset) and leave
+    /// no trace. Invalid records are not dead-lettered here: the live sink writes them before
+    /// its store sees them, switch or not. A record both sinks report has two letters, which
+    /// `dlq replay` puts back once.
+    pub fn with_store_letters_unless_handled_by(
+        mut self,
+        dead_letters: DeadLetters,
+        live: Arc<dyn ContextStore>,
+    ) -> Self {
+        self.store_letters = Some((dead_letters, live));
+        self
+    }
+
+    /// The dead letters for a record the store rejects: the sink's own, or a rebuild's for a
+    /// record the live version has not handled (or whose offsets cannot be read: a second
+    /// letter is better than none).
+    async fn letters_for_rejected(&self, record: &Record) -> Option<&DeadLetters> {
+        if let Some(dlq) = &self.dead_letters {
+            return Some(dlq);
+        }
+        let (dlq, live) = self.store_letters.as_ref()?;
+        let handled = match live.applied_offsets().await {
+            Ok(offsets) => offsets
+                .get(&(record.topic.to_string(), record.partition))
+                .is_some_and(|next| record.offset < *next),
+            Err(e) => {
+                warn!(error = %e, "reading the live store's offsets failed; dead-lettering the rejected record");
+                false
+            }
+        };
+        (!handled).then_some(dlq)
     }
 
     /// Retries with the pipeline file's `retry:` policies (store writes, store probes while
@@ -238,6 +278,10 @@ impl StoreSink {
         if self.retry_configured {
             let policy = self.retry.policy(RetryStage::DeadLetter);
             self.dead_letters = self.dead_letters.take().map(|d| d.with_retry(policy));
+            self.store_letters = self
+                .store_letters
+                .take()
+                .map(|(d, live)| (d.with_retry(policy), live));
         }
         // What the store holds: records below these offsets were handled (applied, filtered or
         // dead-lettered) before, so a re-delivered bad record is not dead-lettered twice.
@@ -614,7 +658,7 @@ impl StoreSink {
             };
             let record = &records[entry.record];
             let kind = store_error_kind(&error);
-            match &self.dead_letters {
+            match self.letters_for_rejected(record).await {
                 Some(dlq) => {
                     warn!(at = %record.coordinates(), reason = kind, error = %error, attempts = attempts + 1, "the store rejects this record; dead-lettered");
                     let letter = dlq.store_letter(record, &error, attempts + 1);
@@ -623,6 +667,9 @@ impl StoreSink {
                     }
                     self.metrics
                         .record_dead_letter(&record.topic, FailedStage::Store.name(), kind);
+                }
+                None if self.store_letters.is_some() => {
+                    warn!(at = %record.coordinates(), reason = kind, error = %error, "the store rejects this record; skipped (the live sink dead-lettered it)")
                 }
                 None => {
                     warn!(at = %record.coordinates(), reason = kind, error = %error, "the store rejects this record; skipped (dead letters are off)")

@@ -487,6 +487,69 @@ async fn an_id_the_embedded_store_cannot_key_is_dead_lettered_and_the_rest_appli
     assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 0);
 }
 
+/// The sink of a rebuild writes no dead letters for what the live sink reported already, but
+/// one for a record its store rejects that the live version has not handled yet: at the
+/// switch, the live sink would skip it (the new version has its offset) and it would leave no
+/// trace. Invalid records are the live sink's to report, switch or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_dead_letters_a_rejected_record_only_if_the_live_version_has_not_handled_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> =
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    let topic = "context.customers".to_string();
+    let config = pipeline(&topic);
+    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
+    log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(&topic), 1))
+        .await
+        .unwrap();
+    // Offsets 0..40: NUL ids (which the embedded store cannot key) at 10 and 30, a malformed
+    // record at 35. The live version has handled offsets 0..20.
+    let mut records: Vec<ProduceRecord> = (0..40).map(|i| good(&topic, i)).collect();
+    for at in [10, 30] {
+        records[at].key = Some(Bytes::from(format!("C\0{at}")));
+    }
+    records[35].value = Some(Bytes::from_static(b"{not json"));
+    log.producer().await.unwrap().send(records).await.unwrap();
+    let schema = StoreSchema::from_config(&config);
+    let live = EmbeddedStore::open(&dir.path().join("live.redb"), schema.clone()).unwrap();
+    live.apply(&[], &[(&topic, 0, 20)]).unwrap();
+    let green = Arc::new(EmbeddedStore::open(&dir.path().join("green.redb"), schema).unwrap());
+    let group = "failures-live".to_string();
+    let letters = DeadLetters::new(
+        config.dead_letter.clone(),
+        config.name.clone(),
+        group.clone(),
+        log.producer().await.unwrap(),
+    );
+    let sink = StoreSink::new(
+        log.clone(),
+        green.clone(),
+        Router::new(&config),
+        ConsumerConfig::new(format!("{group}.rebuild.v1"), vec![topic.clone()]),
+        Arc::new(PipelineMetrics::default()),
+    )
+    .with_config(&config)
+    .with_store_letters_unless_handled_by(letters, Arc::new(live));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sink.run(shutdown.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while green.applied_offsets().unwrap().get(&(topic.clone(), 0)) != Some(&40) {
+        assert!(!task.is_finished() && Instant::now() < deadline, "stuck");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    let letters = dead_letters(&log, &topic, 1).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].key.as_deref(), Some(&b"C\x0030"[..]));
+    assert_eq!(
+        header(&letters[0], headers::KIND).as_deref(),
+        Some("store_rejected")
+    );
+    assert_eq!(green.dump().unwrap().len(), 37);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_pauses_the_sink_and_loses_nothing() {
     store_outage(Backend::Embedded).await;
