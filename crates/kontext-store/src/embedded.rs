@@ -359,9 +359,12 @@ impl EmbeddedStore {
                 refuse_nul(entity_type, entity_id, "id", entity_id)?;
                 let key = entity_key(entity_type, entity_id);
                 let mut pending = self.pending(&entities, entity_type, &key)?;
+                // As stored: rewritten only if the batch changes it.
+                let mut stored_tomb = None;
                 if any_tombstones {
                     if let Some(bytes) = tombstones.get(key.as_slice()).map_err(io)? {
-                        let (tomb, events) = codec::decode_tombstone(bytes.value())?;
+                        let bytes = stored_tomb.insert(bytes.value().to_vec());
+                        let (tomb, events) = codec::decode_tombstone(bytes)?;
                         pending.tomb = Some(tomb);
                         if !pending.existed {
                             pending.events = events;
@@ -385,9 +388,11 @@ impl EmbeddedStore {
                         pending.events
                     };
                     codec::encode_tombstone(tomb, hidden, &mut buf);
-                    tombstones
-                        .insert(key.as_slice(), buf.as_slice())
-                        .map_err(io)?;
+                    if stored_tomb.as_deref() != Some(buf.as_slice()) {
+                        tombstones
+                            .insert(key.as_slice(), buf.as_slice())
+                            .map_err(io)?;
+                    }
                 }
                 if self.cache.is_some() {
                     self.changed_slots(&mut changed, &pending, entity_type, &key);
