@@ -28,7 +28,7 @@ use kontext_core::config::{
     LimitsConfig, PipelineConfig, RetryConfig, RetryStage, FEATURES_SOURCE,
 };
 use kontext_core::envelope::{self, now_ms};
-use kontext_core::record::{Record, TopicPartition};
+use kontext_core::record::{ProduceRecord, Record, TopicPartition};
 use kontext_log::{Consumer, ConsumerConfig, Log, LogError};
 use kontext_store::{ApplyStats, ContextStore, EntityUpdate, StoreError};
 use tokio::time::Instant;
@@ -100,6 +100,9 @@ struct Outage {
 
 /// Where the store stands: next offset to apply per (topic, partition).
 type Handled = BTreeMap<(String, i32), i64>;
+
+/// A dead letter's record in its batch (index), failed stage and kind.
+type Lettered = (usize, &'static str, &'static str);
 
 /// The sink's consumer, and what the circuit breaker did to it.
 struct Feed {
@@ -450,6 +453,43 @@ impl StoreSink {
         Some((stop, handle))
     }
 
+    /// Drops the letters of records the store has handled since `handled` was read, and brings
+    /// `handled` up to the store. `handled` is read at start; a partition this member took
+    /// over later (a rebalance) may have been handled further by the member before it, which
+    /// dead-lettered its bad records already (its group offsets lag its store writes, so they
+    /// are delivered again here). Read only when a batch has letters: bad records are rare.
+    async fn not_handled_elsewhere(
+        &self,
+        records: &[Record],
+        letters: Vec<ProduceRecord>,
+        lettered: Vec<Lettered>,
+        handled: &mut Handled,
+    ) -> (Vec<ProduceRecord>, Vec<Lettered>) {
+        let stored = match self.store.applied_offsets().await {
+            Ok(stored) => stored,
+            // A second letter is better than none.
+            Err(_) => return (letters, lettered),
+        };
+        for (tp, next) in stored {
+            let n = handled.entry(tp).or_insert(0);
+            *n = (*n).max(next);
+        }
+        letters
+            .into_iter()
+            .zip(lettered)
+            .filter(|(_, (i, _, _))| {
+                let record = &records[*i];
+                let seen = handled
+                    .get(&(record.topic.to_string(), record.partition))
+                    .is_some_and(|n| record.offset < *n);
+                if seen {
+                    info!(at = %record.coordinates(), "invalid record handled by the store already (another member dead-lettered it); not dead-lettered again");
+                }
+                !seen
+            })
+            .unzip()
+    }
+
     /// Processes, dead-letters and writes one polled batch. `Ok(None)`: shutdown came first
     /// and nothing of the batch may be committed.
     async fn handle_batch(
@@ -489,7 +529,7 @@ impl StoreSink {
                     self.metrics.record_invalid(&record.topic, e.kind());
                     match &self.dead_letters {
                         Some(dlq) if !seen => {
-                            warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record dead-lettered");
+                            warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record; dead-lettering it");
                             letters.push(dlq.letter(record, &e));
                             lettered.push((i, FailedStage::of(&e).name(), e.kind()));
                         }
@@ -500,6 +540,11 @@ impl StoreSink {
                 }
             }
             entries.push(Entry { record: i, update });
+        }
+        if !letters.is_empty() {
+            (letters, lettered) = self
+                .not_handled_elsewhere(records, letters, lettered, handled)
+                .await;
         }
         // Dead letters are durable before the store records these offsets as handled.
         if let Some(dlq) = &self.dead_letters {

@@ -550,6 +550,52 @@ async fn a_rebuild_dead_letters_a_rejected_record_only_if_the_live_version_has_n
     assert_eq!(green.dump().unwrap().len(), 37);
 }
 
+/// A member that took over a partition (a rebalance) gets again what the member before it
+/// handled but had not committed to the group yet; the bad records among them were
+/// dead-lettered by that member, so not again by this one. The store says what was handled:
+/// here partition 0 was handled (by "another member", writing the shared store after this
+/// sink started), partition 1 not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_record_another_member_handled_is_not_dead_lettered_again() {
+    let mut h = start(Backend::Embedded, |_| {}).await;
+    let topic = h.topic.clone();
+    h.store.inner.apply(&[], &[(&topic, 0, 1_000)]).unwrap();
+    let mut records = Vec::new();
+    for partition in [0, 1] {
+        for i in 0..6 {
+            let mut r = if i % 3 == 2 {
+                let mut bad = good(&topic, i);
+                bad.value = Some(Bytes::from_static(b"{not json"));
+                bad
+            } else {
+                good(&topic, partition as usize * 10 + i)
+            };
+            r.partition = Some(partition);
+            records.push(r);
+        }
+    }
+    h.send(records).await;
+    // Partition 0's four good records are skipped (the store has them) after their batch's
+    // letters were written.
+    h.wait_for("every record", |h| {
+        h.metrics.invalid_total() == 4 && h.metrics.records_skipped.load(Ordering::Relaxed) == 4
+    })
+    .await;
+    let end = BTreeMap::from([(1, 6)]);
+    h.wait_caught_up(&end).await;
+    let (_, metrics, log, topic) = h.stop().await;
+
+    let letters = dead_letters(&log, &topic, 2).await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| header(l, headers::PARTITION).as_deref() == Some("1")),
+        "{letters:?}"
+    );
+    assert_eq!(metrics.records_dead_lettered.load(Ordering::Relaxed), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_pauses_the_sink_and_loses_nothing() {
     store_outage(Backend::Embedded).await;
