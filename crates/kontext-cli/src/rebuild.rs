@@ -6,13 +6,14 @@
 //!
 //! A rebuild of version N+1: open it empty, feed it from the beginning of the log in its own
 //! consumer group (`kontext.<pipeline>.store.<name>.rebuild.v<N+1>`; dead letters only for
-//! records the new version rejects that the live version has not handled yet, the live sink
-//! reported the others: [`StoreSink::with_store_letters_unless_handled_by`]) and, whenever
-//! it has applied at least everything the current version has, switch
-//! ([`SwitchableStore::switch_if_caught_up`]); then record the new version in the pointer file, delete the old version and the rebuild's consumer group
-//! (`Log::delete_group`: its offsets are of no use any more). Until the switch nothing
-//! about the current version changes: an interrupted or failed rebuild (cancelled, crashed,
-//! killed) leaves it serving as before, and the next start deletes the abandoned version.
+//! bad records the live version has not handled yet, the live sink reported the others:
+//! [`StoreSink::with_store_letters_unless_handled_by`]) and, whenever it has applied at least
+//! everything the current version has, switch ([`SwitchableStore::switch_if_caught_up`]);
+//! then record the new version in the pointer file, delete the old version and the rebuild's
+//! consumer group (`Log::delete_group`: its offsets are of no use any more). Until the switch
+//! nothing about the current version changes: an interrupted or failed rebuild (cancelled,
+//! crashed, killed) leaves it serving as before, and the next start deletes the abandoned
+//! version.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

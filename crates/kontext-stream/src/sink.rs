@@ -218,13 +218,13 @@ impl StoreSink {
     }
 
     /// For the sink of a rebuild, which writes a new version of a store that `live` (the version
-    /// serving, fed by the live sink) stands for: a record the new version rejects is
-    /// dead-lettered only if `live` has not handled it yet. The live sink reported every other
-    /// bad record already; but one that reaches the rebuild first, just before the switch,
-    /// would be skipped by the live sink after it (the new version has its offset) and leave
-    /// no trace. Invalid records are not dead-lettered here: the live sink writes them before
-    /// its store sees them, switch or not. A record both sinks report has two letters, which
-    /// `dlq replay` puts back once.
+    /// serving, fed by the live sink) stands for: a bad record (invalid, or rejected by the new
+    /// version) is dead-lettered only if `live` has not handled it yet. The live sink reported
+    /// every other one already; but one the rebuild reaches first (the live sink lags, or it
+    /// is the last moments before the switch) is below the new version's offsets after the
+    /// switch: the live sink skips it, or drops its letter as handled (it re-reads its store's
+    /// offsets before writing letters), and only the rebuild's letter is left. A record
+    /// both sinks report has two letters, which `dlq replay` puts back once.
     pub fn with_store_letters_unless_handled_by(
         mut self,
         dead_letters: DeadLetters,
@@ -232,6 +232,13 @@ impl StoreSink {
     ) -> Self {
         self.store_letters = Some((dead_letters, live));
         self
+    }
+
+    /// Where this sink's letters go: its own dead letters, or a rebuild's.
+    fn letter_sink(&self) -> Option<&DeadLetters> {
+        self.dead_letters
+            .as_ref()
+            .or(self.store_letters.as_ref().map(|(dlq, _)| dlq))
     }
 
     /// The dead letters for a record the store rejects: the sink's own, or a rebuild's for a
@@ -453,11 +460,13 @@ impl StoreSink {
         Some((stop, handle))
     }
 
-    /// Drops the letters of records the store has handled since `handled` was read, and brings
-    /// `handled` up to the store. `handled` is read at start; a partition this member took
-    /// over later (a rebalance) may have been handled further by the member before it, which
+    /// Drops the letters of records handled elsewhere. A live sink asks its store, and brings
+    /// `handled` up to it: `handled` is read at start, and a partition this member took over
+    /// later (a rebalance) may have been handled further by the member before it, which
     /// dead-lettered its bad records already (its group offsets lag its store writes, so they
-    /// are delivered again here). Read only when a batch has letters: bad records are rare.
+    /// are delivered again here); after a rebuild's switch, the new version's offsets cover
+    /// records the rebuild dead-lettered. A rebuild's sink asks the live version (and keeps
+    /// `handled`, its own). Read only when a batch has letters: bad records are rare.
     async fn not_handled_elsewhere(
         &self,
         records: &[Record],
@@ -465,25 +474,35 @@ impl StoreSink {
         lettered: Vec<Lettered>,
         handled: &mut Handled,
     ) -> (Vec<ProduceRecord>, Vec<Lettered>) {
-        let stored = match self.store.applied_offsets().await {
-            Ok(stored) => stored,
-            // A second letter is better than none.
-            Err(_) => return (letters, lettered),
+        let rebuild = self.dead_letters.is_none();
+        let elsewhere = match &self.store_letters {
+            Some((_, live)) if rebuild => live,
+            _ => &self.store,
         };
-        for (tp, next) in stored {
-            let n = handled.entry(tp).or_insert(0);
-            *n = (*n).max(next);
+        let stored = match elsewhere.applied_offsets().await {
+            Ok(stored) => stored,
+            Err(e) => {
+                // A second letter is better than none.
+                warn!(error = %e, "reading the store's offsets failed; dead-lettering the batch's bad records");
+                return (letters, lettered);
+            }
+        };
+        if !rebuild {
+            for (tp, next) in &stored {
+                let n = handled.entry(tp.clone()).or_insert(0);
+                *n = (*n).max(*next);
+            }
         }
         letters
             .into_iter()
             .zip(lettered)
             .filter(|(_, (i, _, _))| {
                 let record = &records[*i];
-                let seen = handled
+                let seen = stored
                     .get(&(record.topic.to_string(), record.partition))
                     .is_some_and(|n| record.offset < *n);
                 if seen {
-                    info!(at = %record.coordinates(), "invalid record handled by the store already (another member dead-lettered it); not dead-lettered again");
+                    info!(at = %record.coordinates(), "invalid record handled by the store already (dead-lettered by another member, or by a rebuild or the live sink); not dead-lettered again");
                 }
                 !seen
             })
@@ -527,7 +546,7 @@ impl StoreSink {
                 }
                 Outcome::Invalid(e) => {
                     self.metrics.record_invalid(&record.topic, e.kind());
-                    match &self.dead_letters {
+                    match self.letter_sink() {
                         Some(dlq) if !seen => {
                             warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record; dead-lettering it");
                             letters.push(dlq.letter(record, &e));
@@ -547,7 +566,7 @@ impl StoreSink {
                 .await;
         }
         // Dead letters are durable before the store records these offsets as handled.
-        if let Some(dlq) = &self.dead_letters {
+        if let Some(dlq) = self.letter_sink() {
             if !self.send_letters(dlq, letters, shutdown).await? {
                 return Ok(None);
             }

@@ -19,7 +19,7 @@ use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
 use kontext_log::{ConsumerConfig, Log, TopicSpec};
 use kontext_store::{
     ApplyStats, ContextDocument, ContextStore, EmbeddedStore, EntityDoc, EntityUpdate, StoreError,
-    StoreSchema, WriteMarks,
+    StoreSchema, SwitchOutcome, SwitchableStore, WriteMarks,
 };
 use kontext_stream::dlq::{headers, DeadLetters};
 use kontext_stream::metrics::BreakerState;
@@ -487,12 +487,13 @@ async fn an_id_the_embedded_store_cannot_key_is_dead_lettered_and_the_rest_appli
     assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 0);
 }
 
-/// The sink of a rebuild writes no dead letters for what the live sink reported already, but
-/// one for a record its store rejects that the live version has not handled yet: at the
-/// switch, the live sink would skip it (the new version has its offset) and it would leave no
-/// trace. Invalid records are the live sink's to report, switch or not.
+/// Every bad record of a store's partitions gets one dead letter across a rebuild and its
+/// switch. The rebuild's sink letters none of what the live version handled (the live sink
+/// did), and every bad record (invalid, or rejected by its store) the live version had not
+/// handled yet: after the switch the new version's offsets cover those, so the live sink
+/// skips them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rebuild_dead_letters_a_rejected_record_only_if_the_live_version_has_not_handled_it() {
+async fn a_rebuild_and_its_switch_dead_letter_each_bad_record_once() {
     let dir = tempfile::tempdir().unwrap();
     let log: Arc<dyn Log> =
         EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
@@ -502,26 +503,73 @@ async fn a_rebuild_dead_letters_a_rejected_record_only_if_the_live_version_has_n
     log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(&topic), 1))
         .await
         .unwrap();
-    // Offsets 0..40: NUL ids (which the embedded store cannot key) at 10 and 30, a malformed
-    // record at 35. The live version has handled offsets 0..20.
-    let mut records: Vec<ProduceRecord> = (0..40).map(|i| good(&topic, i)).collect();
-    for at in [10, 30] {
-        records[at].key = Some(Bytes::from(format!("C\0{at}")));
-    }
-    records[35].value = Some(Bytes::from_static(b"{not json"));
-    log.producer().await.unwrap().send(records).await.unwrap();
+    // Offsets 0..40 in two halves: NUL ids (which the embedded store cannot key) at 10 and
+    // 30, malformed records at 15 and 35.
+    let records = |range: std::ops::Range<usize>| -> Vec<ProduceRecord> {
+        range
+            .map(|i| {
+                let mut r = good(&topic, i);
+                match i {
+                    10 | 30 => r.key = Some(Bytes::from(format!("C\0{i}"))),
+                    15 | 35 => r.value = Some(Bytes::from_static(b"{not json")),
+                    _ => {}
+                }
+                r
+            })
+            .collect()
+    };
     let schema = StoreSchema::from_config(&config);
-    let live = EmbeddedStore::open(&dir.path().join("live.redb"), schema.clone()).unwrap();
-    live.apply(&[], &[(&topic, 0, 20)]).unwrap();
-    let green = Arc::new(EmbeddedStore::open(&dir.path().join("green.redb"), schema).unwrap());
+    let open =
+        |name: &str| Arc::new(EmbeddedStore::open(&dir.path().join(name), schema.clone()).unwrap());
+    let live = Arc::new(SwitchableStore::new(open("blue.redb")));
     let group = "failures-live".to_string();
-    let letters = DeadLetters::new(
-        config.dead_letter.clone(),
-        config.name.clone(),
-        group.clone(),
-        log.producer().await.unwrap(),
-    );
-    let sink = StoreSink::new(
+    let run_until = |sink: StoreSink, done: Box<dyn Fn() -> bool + Send>| async move {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(sink.run(shutdown.clone()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(!task.is_finished() && Instant::now() < deadline, "stuck");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    };
+    let live_sink = |metrics: Arc<PipelineMetrics>| {
+        StoreSink::new(
+            log.clone(),
+            live.clone(),
+            Router::new(&config),
+            ConsumerConfig::new(&group, vec![topic.clone()]),
+            metrics,
+        )
+        .with_config(&config)
+    };
+
+    // The live sink handles the first half.
+    log.producer()
+        .await
+        .unwrap()
+        .send(records(0..20))
+        .await
+        .unwrap();
+    let blue = live.current();
+    let sink = live_sink(Arc::new(PipelineMetrics::default()))
+        .with_dead_letters(store_letters(&config, &log, &group).await);
+    run_until(
+        sink,
+        Box::new(move || offset_of(&blue, "context.customers") == 20),
+    )
+    .await;
+
+    // The second half arrives; a rebuild reads it all before the live sink does.
+    log.producer()
+        .await
+        .unwrap()
+        .send(records(20..40))
+        .await
+        .unwrap();
+    let green = open("green.redb");
+    let rebuild = StoreSink::new(
         log.clone(),
         green.clone(),
         Router::new(&config),
@@ -529,25 +577,68 @@ async fn a_rebuild_dead_letters_a_rejected_record_only_if_the_live_version_has_n
         Arc::new(PipelineMetrics::default()),
     )
     .with_config(&config)
-    .with_store_letters_unless_handled_by(letters, Arc::new(live));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(sink.run(shutdown.clone()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while green.applied_offsets().unwrap().get(&(topic.clone(), 0)) != Some(&40) {
-        assert!(!task.is_finished() && Instant::now() < deadline, "stuck");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    .with_store_letters_unless_handled_by(store_letters(&config, &log, &group).await, live.clone());
+    let green_dyn: Arc<dyn ContextStore> = green.clone();
+    let watched = green_dyn.clone();
+    run_until(
+        rebuild,
+        Box::new(move || offset_of(&watched, "context.customers") == 40),
+    )
+    .await;
+    let (outcome, _) = live
+        .switch_if_caught_up(&green_dyn, std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    assert_eq!(outcome, SwitchOutcome::Switched);
 
-    let letters = dead_letters(&log, &topic, 1).await;
-    assert_eq!(letters.len(), 1, "{letters:?}");
-    assert_eq!(letters[0].key.as_deref(), Some(&b"C\x0030"[..]));
-    assert_eq!(
-        header(&letters[0], headers::KIND).as_deref(),
-        Some("store_rejected")
-    );
-    assert_eq!(green.dump().unwrap().len(), 37);
+    // The live sink goes on, on the new version: nothing left to report.
+    let metrics = Arc::new(PipelineMetrics::default());
+    let sink =
+        live_sink(metrics.clone()).with_dead_letters(store_letters(&config, &log, &group).await);
+    let seen = metrics.clone();
+    run_until(
+        sink,
+        Box::new(move || seen.records_consumed.load(Ordering::Relaxed) >= 20),
+    )
+    .await;
+
+    let letters = dead_letters(&log, &topic, 4).await;
+    let mut offsets: Vec<String> = letters
+        .iter()
+        .filter_map(|l| header(l, headers::OFFSET))
+        .collect();
+    offsets.sort();
+    assert_eq!(offsets, ["10", "15", "30", "35"], "{letters:?}");
+    assert_eq!(green.dump().unwrap().len(), 36);
+}
+
+/// The dead letters of the store behind `group`.
+async fn store_letters(config: &PipelineConfig, log: &Arc<dyn Log>, group: &str) -> DeadLetters {
+    DeadLetters::new(
+        config.dead_letter.clone(),
+        config.name.clone(),
+        group.to_string(),
+        log.producer().await.unwrap(),
+    )
+}
+
+/// A store's next offset of `topic`'s partition 0, read on a thread of its own (the
+/// conditions `run_until` polls are synchronous).
+fn offset_of(store: &Arc<dyn ContextStore>, topic: &str) -> i64 {
+    let store = store.clone();
+    let key = (topic.to_string(), 0);
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(store.applied_offsets())
+            .unwrap()
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
+    })
+    .join()
+    .unwrap()
 }
 
 /// A member that took over a partition (a rebalance) gets again what the member before it
@@ -559,6 +650,11 @@ async fn a_rebuild_dead_letters_a_rejected_record_only_if_the_live_version_has_n
 async fn a_bad_record_another_member_handled_is_not_dead_lettered_again() {
     let mut h = start(Backend::Embedded, |_| {}).await;
     let topic = h.topic.clone();
+    // After the sink's start-up (which would refuse offsets past the log's end).
+    let mut first = good(&topic, 99);
+    first.partition = Some(1);
+    let end = h.send(vec![first]).await;
+    h.wait_caught_up(&end).await;
     h.store.inner.apply(&[], &[(&topic, 0, 1_000)]).unwrap();
     let mut records = Vec::new();
     for partition in [0, 1] {
@@ -581,7 +677,7 @@ async fn a_bad_record_another_member_handled_is_not_dead_lettered_again() {
         h.metrics.invalid_total() == 4 && h.metrics.records_skipped.load(Ordering::Relaxed) == 4
     })
     .await;
-    let end = BTreeMap::from([(1, 6)]);
+    let end = BTreeMap::from([(1, 7)]);
     h.wait_caught_up(&end).await;
     let (_, metrics, log, topic) = h.stop().await;
 
