@@ -490,8 +490,8 @@ async fn an_id_the_embedded_store_cannot_key_is_dead_lettered_and_the_rest_appli
 /// Every bad record of a store's partitions gets one dead letter across a rebuild and its
 /// switch. The rebuild's sink letters none of what the live version handled (the live sink
 /// did), and every bad record (invalid, or rejected by its store) the live version had not
-/// handled yet: after the switch the new version's offsets cover those, so the live sink
-/// skips them.
+/// handled yet: after the switch the new version's offsets cover those, so a lagging live
+/// sink skips them or drops its letters of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_and_its_switch_dead_letter_each_bad_record_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -585,22 +585,50 @@ async fn a_rebuild_and_its_switch_dead_letter_each_bad_record_once() {
         Box::new(move || offset_of(&watched, "context.customers") == 40),
     )
     .await;
+
+    // The live sink was lagging: it started on the old version (its `handled` says 20) and
+    // polls the second half only after the switch. Each bad record there has its letter from
+    // the rebuild; the live sink skips the rejected one by offset and drops its letter of the
+    // invalid one as handled (it re-reads the store's offsets, the new version's now).
+    let gate = Arc::new(AtomicBool::new(false));
+    let consumers = Arc::new(AtomicU64::new(0));
+    let gated: Arc<dyn Log> = Arc::new(GatedLog {
+        inner: log.clone(),
+        gate: gate.clone(),
+        consumers: consumers.clone(),
+    });
+    let sink = StoreSink::new(
+        gated,
+        live.clone(),
+        Router::new(&config),
+        ConsumerConfig::new(&group, vec![topic.clone()]),
+        Arc::new(PipelineMetrics::default()),
+    )
+    .with_config(&config)
+    .with_dead_letters(store_letters(&config, &log, &group).await);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sink.run(shutdown.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while consumers.load(Ordering::SeqCst) == 0 {
+        assert!(
+            !task.is_finished() && Instant::now() < deadline,
+            "no consumer"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (outcome, _) = live
         .switch_if_caught_up(&green_dyn, std::slice::from_ref(&topic))
         .await
         .unwrap();
     assert_eq!(outcome, SwitchOutcome::Switched);
-
-    // The live sink goes on, on the new version: nothing left to report.
-    let metrics = Arc::new(PipelineMetrics::default());
-    let sink =
-        live_sink(metrics.clone()).with_dead_letters(store_letters(&config, &log, &group).await);
-    let seen = metrics.clone();
-    run_until(
-        sink,
-        Box::new(move || seen.records_consumed.load(Ordering::Relaxed) >= 20),
-    )
-    .await;
+    gate.store(true, Ordering::SeqCst);
+    // Its batch is written and committed.
+    while log.committed_offsets(&group, &topic).await.unwrap() != [(0, Some(40))] {
+        assert!(!task.is_finished() && Instant::now() < deadline, "stuck");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
 
     let letters = dead_letters(&log, &topic, 4).await;
     let mut offsets: Vec<String> = letters
@@ -610,6 +638,110 @@ async fn a_rebuild_and_its_switch_dead_letter_each_bad_record_once() {
     offsets.sort();
     assert_eq!(offsets, ["10", "15", "30", "35"], "{letters:?}");
     assert_eq!(green.dump().unwrap().len(), 36);
+}
+
+/// A log whose consumers deliver nothing until `gate` opens: a member that joined and lags.
+struct GatedLog {
+    inner: Arc<dyn Log>,
+    gate: Arc<AtomicBool>,
+    /// Consumers created so far.
+    consumers: Arc<AtomicU64>,
+}
+
+struct GatedConsumer {
+    inner: Box<dyn kontext_log::Consumer>,
+    gate: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Log for GatedLog {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn create_topic(
+        &self,
+        spec: &TopicSpec,
+    ) -> Result<kontext_log::CreateOutcome, kontext_log::LogError> {
+        self.inner.create_topic(spec).await
+    }
+
+    async fn list_topics(&self) -> Result<Vec<String>, kontext_log::LogError> {
+        self.inner.list_topics().await
+    }
+
+    async fn describe_topic(
+        &self,
+        topic: &str,
+    ) -> Result<kontext_log::TopicDescription, kontext_log::LogError> {
+        self.inner.describe_topic(topic).await
+    }
+
+    async fn producer(&self) -> Result<Arc<dyn kontext_log::Producer>, kontext_log::LogError> {
+        self.inner.producer().await
+    }
+
+    async fn consumer(
+        &self,
+        config: ConsumerConfig,
+    ) -> Result<Box<dyn kontext_log::Consumer>, kontext_log::LogError> {
+        let inner = self.inner.consumer(config).await?;
+        self.consumers.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(GatedConsumer {
+            inner,
+            gate: self.gate.clone(),
+        }))
+    }
+
+    async fn committed_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<(i32, Option<i64>)>, kontext_log::LogError> {
+        self.inner.committed_offsets(group, topic).await
+    }
+
+    async fn reset_group_offsets(
+        &self,
+        group: &str,
+        offsets: &[(kontext_core::record::TopicPartition, i64)],
+    ) -> Result<(), kontext_log::LogError> {
+        self.inner.reset_group_offsets(group, offsets).await
+    }
+}
+
+#[async_trait]
+impl kontext_log::Consumer for GatedConsumer {
+    async fn poll(
+        &mut self,
+        max_records: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Record>, kontext_log::LogError> {
+        if !self.gate.load(Ordering::SeqCst) {
+            tokio::time::sleep(timeout.min(Duration::from_millis(20))).await;
+            return Ok(Vec::new());
+        }
+        self.inner.poll(max_records, timeout).await
+    }
+
+    async fn commit(
+        &mut self,
+        offsets: &[(kontext_core::record::TopicPartition, i64)],
+    ) -> Result<(), kontext_log::LogError> {
+        self.inner.commit(offsets).await
+    }
+
+    fn assignment(&self) -> Vec<kontext_core::record::TopicPartition> {
+        self.inner.assignment()
+    }
+
+    async fn pause(&mut self) -> Result<(), kontext_log::LogError> {
+        self.inner.pause().await
+    }
+
+    async fn resume(&mut self) -> Result<(), kontext_log::LogError> {
+        self.inner.resume().await
+    }
 }
 
 /// The dead letters of the store behind `group`.
