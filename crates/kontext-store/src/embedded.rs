@@ -25,7 +25,7 @@ use redb::{
 use serde_json::Value;
 
 use crate::document::{ContextDocument, EntityView, RelatedEntity, RelatedList};
-use crate::model::{merge_fields, Change, EntityDoc, EntityUpdate, StoreSchema};
+use crate::model::{merge_fields, Change, EntityDoc, EntityUpdate, OwnedVersion, StoreSchema};
 use crate::StoreError;
 pub use cache::CacheStats;
 use cache::ContextCache;
@@ -82,7 +82,7 @@ pub struct ApplyStats {
 }
 
 /// An entity's latest version, (event time, topic, partition, offset): what orders children.
-type Latest = (i64, String, i32, i64);
+type Latest = OwnedVersion;
 
 /// An entity touched by the batch being applied: what the relation index holds for it before
 /// the batch, and the document as it will be.
@@ -110,7 +110,7 @@ impl Pending {
         let p = &update.provenance;
         match &update.change {
             Change::Upsert(fields) => {
-                if self.tomb.as_ref().is_some_and(|t| deleted_by(t, p)) {
+                if self.tomb.as_ref().is_some_and(|t| p.not_newer_than(t)) {
                     // The entity was deleted after this event.
                     return;
                 }
@@ -126,28 +126,21 @@ impl Pending {
                 merge_fields(doc, fields, &p);
             }
             Change::Delete => {
-                let version = (p.event_time_ms, p.topic.clone(), p.partition, p.offset);
+                let version = p.owned_version();
                 if self.tomb.as_ref().is_none_or(|t| version > *t) {
                     self.tomb = Some(version);
                 }
                 let Some(tomb) = &self.tomb else { return };
                 if let Some(doc) = &mut self.after {
-                    if deleted_by(tomb, &doc.latest) {
+                    if doc.latest.not_newer_than(tomb) {
                         self.after = None;
                     } else {
-                        doc.fields.retain(|_, f| !deleted_by(tomb, &f.provenance));
+                        doc.fields.retain(|_, f| !f.provenance.not_newer_than(tomb));
                     }
                 }
             }
         }
     }
-}
-
-/// Whether a tombstone of version `tomb` removes what the event `p` wrote: `p` is not newer.
-fn deleted_by(tomb: &Latest, p: &crate::Provenance) -> bool {
-    let (time, topic, partition, offset) = tomb;
-    (p.event_time_ms, p.topic.as_str(), p.partition, p.offset)
-        <= (*time, topic.as_str(), *partition, *offset)
 }
 
 /// A durable, versioned context store in one file.
@@ -926,8 +919,7 @@ fn relation_key(parent_type: &str, parent_id: &str, child_type: &str, child_id: 
 
 /// `(time, topic, partition, offset)` of an entity's latest update.
 fn latest_of(doc: &EntityDoc) -> Latest {
-    let p = &doc.latest;
-    (p.event_time_ms, p.topic.clone(), p.partition, p.offset)
+    doc.latest.owned_version()
 }
 
 /// The first key after every key starting with `prefix` (which ends with `\0`).

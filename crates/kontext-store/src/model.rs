@@ -31,7 +31,33 @@ impl Provenance {
             offset: self.offset,
         }
     }
+
+    /// [`Provenance::version`], owning its topic.
+    pub(crate) fn owned_version(&self) -> OwnedVersion {
+        (
+            self.event_time_ms,
+            self.topic.clone(),
+            self.partition,
+            self.offset,
+        )
+    }
+
+    /// Whether this event is not newer than `version`: a tombstone of that version removes
+    /// what the event wrote.
+    pub(crate) fn not_newer_than(&self, version: &OwnedVersion) -> bool {
+        let (time, topic, partition, offset) = version;
+        (
+            self.event_time_ms,
+            self.topic.as_str(),
+            self.partition,
+            self.offset,
+        ) <= (*time, topic.as_str(), *partition, *offset)
+    }
 }
+
+/// A [`Version`] that owns its topic, `(event time, topic, partition, offset)`: what a store
+/// keeps of a version to compare later ones with (an entity's latest, a tombstone's).
+pub(crate) type OwnedVersion = (i64, String, i32, i64);
 
 /// Orders writes to one field: last event time wins; ties are broken by log coordinates, so
 /// the order is total and every replay, in any order, picks the same winner.

@@ -192,11 +192,9 @@ fn out_of_range(index: u64) -> StoreError {
 /// The version of the newest event applied to a stored entity ([`EntityDoc::latest`]), read
 /// without decoding its fields: the event time, topic, partition and offset, in the order of
 /// [`crate::Version`].
-pub(super) fn latest_version(bytes: &[u8]) -> Result<(i64, String, i32, i64), StoreError> {
+pub(super) fn latest_version(bytes: &[u8]) -> Result<Latest, StoreError> {
     if bytes.first() != Some(&FORMAT_BINARY) {
-        let doc = decode(bytes)?;
-        let p = doc.latest;
-        return Ok((p.event_time_ms, p.topic.clone(), p.partition, p.offset));
+        return Ok(decode(bytes)?.latest.owned_version());
     }
     let mut r = Reader {
         bytes: &bytes[1..],

@@ -21,7 +21,7 @@ use tokio_postgres::{IsolationLevel, NoTls, Row};
 use super::plan::{self, BatchPlan};
 use crate::document::{ContextDocument, RelatedEntity, RelatedList};
 use crate::embedded::ApplyStats;
-use crate::model::{EntityDoc, EntityUpdate, FieldEntry, Provenance, StoreSchema};
+use crate::model::{EntityDoc, EntityUpdate, FieldEntry, OwnedVersion, Provenance, StoreSchema};
 use crate::{ContextStore, StoreError};
 
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -167,7 +167,7 @@ impl PostgresStore {
 
         // 2. Entities: events_applied, the latest upsert and the latest tombstone. Returns the
         //    tombstones of the batch's deleted entities (stored or new), whose rows it locked.
-        let mut tombs: BTreeMap<(String, String), (i64, String, i32, i64)> = BTreeMap::new();
+        let mut tombs: BTreeMap<(String, String), OwnedVersion> = BTreeMap::new();
         let mut e = EntityColumns::default();
         for ((entity_type, entity_id), plan) in &entities {
             e.types.push(entity_type);
@@ -225,14 +225,7 @@ impl PostgresStore {
                 false => tombs.get(&(entity_type.to_string(), entity_id.to_string())),
             };
             for (field, (value, prov)) in &plan.fields {
-                if tomb.is_some_and(|(time, topic, partition, offset)| {
-                    (
-                        prov.event_time_ms,
-                        prov.topic.as_str(),
-                        prov.partition,
-                        prov.offset,
-                    ) <= (*time, topic.as_str(), *partition, *offset)
-                }) {
+                if tomb.is_some_and(|t| prov.not_newer_than(t)) {
                     continue;
                 }
                 f.types.push(entity_type);
@@ -615,9 +608,11 @@ static UPSERT_ENTITIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
         )
     });
     let tomb = |side: &str| {
-        format!(
-            r#"({side}.deleted_time_ms, {side}.deleted_topic, {side}.deleted_partition, {side}.deleted_offset)"#
-        )
+        let columns: Vec<String> = TOMBSTONE_COLUMNS
+            .split(", ")
+            .map(|c| format!("{side}.{c}"))
+            .collect();
+        format!("({})", columns.join(", "))
     };
     let (new_tomb, old_tomb) = (tomb("excluded"), tomb("e"));
     let tombstone = TOMBSTONE_COLUMNS.split(", ").map(|c| {
