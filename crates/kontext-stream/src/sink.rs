@@ -101,6 +101,13 @@ struct Outage {
 /// Where the store stands: next offset to apply per (topic, partition).
 type Handled = BTreeMap<(String, i32), i64>;
 
+/// Whether `offsets` (next offset per partition) are past `record`: it was handled.
+fn covers(offsets: &Handled, record: &Record) -> bool {
+    offsets
+        .get(&(record.topic.to_string(), record.partition))
+        .is_some_and(|next| record.offset < *next)
+}
+
 /// A dead letter's record in its batch (index), failed stage and kind.
 type Lettered = (usize, &'static str, &'static str);
 
@@ -250,9 +257,7 @@ impl StoreSink {
         }
         let (dlq, live) = self.store_letters.as_ref()?;
         let handled = match live.applied_offsets().await {
-            Ok(offsets) => offsets
-                .get(&(record.topic.to_string(), record.partition))
-                .is_some_and(|next| record.offset < *next),
+            Ok(offsets) => covers(&offsets, record),
             Err(e) => {
                 warn!(error = %e, "reading the live store's offsets failed; dead-lettering the rejected record");
                 false
@@ -498,9 +503,7 @@ impl StoreSink {
             .zip(lettered)
             .filter(|(_, (i, _, _))| {
                 let record = &records[*i];
-                let seen = stored
-                    .get(&(record.topic.to_string(), record.partition))
-                    .is_some_and(|n| record.offset < *n);
+                let seen = covers(&stored, record);
                 if seen {
                     info!(at = %record.coordinates(), "invalid record handled by the store already (dead-lettered by another member, or by a rebuild or the live sink); not dead-lettered again");
                 }
@@ -525,9 +528,7 @@ impl StoreSink {
         let mut newest_event_ms = i64::MIN;
         let mut already = 0u64;
         for (i, record) in records.iter().enumerate() {
-            let seen = handled
-                .get(&(record.topic.to_string(), record.partition))
-                .is_some_and(|n| record.offset < *n);
+            let seen = covers(handled, record);
             let mut update = None;
             match self.process(record) {
                 // The store has it: skip here, so that a record the store rejected once is
