@@ -273,6 +273,29 @@ pub async fn open_store_version(
 
 /// Starts the sink that feeds `store` from the pipeline's source topics, in the store's own
 /// consumer group.
+/// The dead letters of store `name`'s sinks (its live sink's, a rebuild's: `dlq replay` reads
+/// the store's group in them to tell which store rejected a record); `None` when the pipeline
+/// turns dead letters off.
+pub(crate) async fn store_dead_letters(
+    config: &PipelineConfig,
+    name: &str,
+    log: &dyn Log,
+) -> Result<Option<DeadLetters>> {
+    if !config.dead_letter.enabled {
+        return Ok(None);
+    }
+    let producer = log
+        .producer()
+        .await
+        .context("creating the dead-letter producer")?;
+    Ok(Some(DeadLetters::new(
+        config.dead_letter.clone(),
+        config.name.clone(),
+        config.store_group(name),
+        producer,
+    )))
+}
+
 async fn spawn_sink(
     config: &PipelineConfig,
     name: &str,
@@ -281,21 +304,11 @@ async fn spawn_sink(
     metrics: Arc<PipelineMetrics>,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<Result<(), kontext_stream::sink::SinkError>>> {
-    let group = config.store_group(name);
-    let consumer = ConsumerConfig::new(group.clone(), config.source_topics());
+    let consumer = ConsumerConfig::new(config.store_group(name), config.source_topics());
     let mut sink = StoreSink::new(log.clone(), store, Router::new(config), consumer, metrics)
         .with_config(config);
-    if config.dead_letter.enabled {
-        let producer = log
-            .producer()
-            .await
-            .context("creating the dead-letter producer")?;
-        sink = sink.with_dead_letters(DeadLetters::new(
-            config.dead_letter.clone(),
-            config.name.clone(),
-            group,
-            producer,
-        ));
+    if let Some(letters) = store_dead_letters(config, name, log.as_ref()).await? {
+        sink = sink.with_dead_letters(letters);
     }
     Ok(tokio::spawn(async move {
         let result = sink.run(shutdown.clone()).await;

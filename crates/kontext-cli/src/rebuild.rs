@@ -27,7 +27,6 @@ use kontext_log::{ConsumerConfig, Log, LogError};
 use kontext_serve::admin::{Admin, RebuildState, RebuildStatus, StatusCode};
 use kontext_serve::ApiError;
 use kontext_store::{ContextStore, SwitchOutcome, SwitchableStore};
-use kontext_stream::dlq::DeadLetters;
 use kontext_stream::{PipelineMetrics, Router, StoreSink};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -243,20 +242,9 @@ impl Job {
         )
         // The live sink's limits and retry policies: a record it applies, the rebuild applies.
         .with_config(&self.config);
-        if self.config.dead_letter.enabled {
-            let producer = self
-                .log
-                .producer()
-                .await
-                .context("creating the rebuild's dead-letter producer")?;
-            // Letters of the store, as the live sink writes them (`dlq replay` reads the
-            // group to tell which store rejected a record).
-            let letters = DeadLetters::new(
-                self.config.dead_letter.clone(),
-                self.config.name.clone(),
-                self.config.store_group(&store_config.name),
-                producer,
-            );
+        if let Some(letters) =
+            app::store_dead_letters(&self.config, &store_config.name, self.log.as_ref()).await?
+        {
             let live: Arc<dyn ContextStore> = self.slot.store.clone();
             sink = sink.with_store_letters_unless_handled_by(letters, live);
         }
