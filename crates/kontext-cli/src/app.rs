@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::definition;
 use crate::rebuild::{self, Rebuilds, StoreSlot};
 
 /// Opens the log backend the pipeline file names.
@@ -347,17 +348,20 @@ pub async fn start_pipeline(
     let mut slots = BTreeMap::new();
     for store_config in config.stores() {
         let (opened, version) = open_store(config, &store_config, data_dir, &shutdown).await?;
+        definition::record_at_start(config, &store_config, data_dir, version, opened.as_ref())
+            .await?;
         let switchable = Arc::new(SwitchableStore::new(opened));
+        let metrics = Arc::new(PipelineMetrics::default());
         slots.insert(
             store_config.name.clone(),
             Arc::new(StoreSlot {
                 config: store_config.clone(),
                 store: switchable.clone(),
                 version: std::sync::Mutex::new(version),
+                metrics: metrics.clone(),
             }),
         );
         let store: Arc<dyn ContextStore> = switchable;
-        let metrics = Arc::new(PipelineMetrics::default());
         let sink = spawn_sink(
             config,
             &store_config.name,

@@ -2,6 +2,7 @@
 //! Kafka.
 
 mod app;
+mod definition;
 mod dlq;
 mod generator;
 mod mcp;

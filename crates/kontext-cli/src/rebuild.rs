@@ -6,8 +6,9 @@
 //!
 //! A rebuild of version N+1: open it empty, feed it from the beginning of the log in its own
 //! consumer group (`kontext.<pipeline>.store.<name>.rebuild.v<N+1>`; dead letters only for
-//! bad records the live version has not handled yet, the live sink reported the others:
-//! [`StoreSink::with_store_letters_unless_handled_by`]) and, whenever it has applied at least
+//! bad records the live version has not handled yet under the running pipeline definition,
+//! the live sink reported the others: [`StoreSink::with_rebuild_letters`],
+//! [`crate::definition`]) and, whenever it has applied at least
 //! everything the current version has, switch ([`SwitchableStore::switch_if_caught_up`]);
 //! then record the new version in the pointer file, delete the old version and the rebuild's
 //! consumer group (`Log::delete_group`: its offsets are of no use any more). Until the switch
@@ -27,11 +28,12 @@ use kontext_log::{ConsumerConfig, Log, LogError};
 use kontext_serve::admin::{Admin, RebuildState, RebuildStatus, StatusCode};
 use kontext_serve::ApiError;
 use kontext_store::{ContextStore, SwitchOutcome, SwitchableStore};
+use kontext_stream::sink::RebuildLetters;
 use kontext_stream::{PipelineMetrics, Router, StoreSink};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::app;
+use crate::{app, definition};
 
 /// How often a running rebuild samples its progress and tries to switch.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
@@ -44,6 +46,8 @@ pub struct StoreSlot {
     pub config: StoreConfig,
     pub store: Arc<SwitchableStore>,
     pub version: Mutex<u64>,
+    /// The live sink's metrics, where a rebuild counts its dead letters.
+    pub metrics: Arc<PipelineMetrics>,
 }
 
 /// The rebuilds of a running pipeline's stores.
@@ -242,11 +246,25 @@ impl Job {
         )
         // The live sink's limits and retry policies: a record it applies, the rebuild applies.
         .with_config(&self.config);
-        if let Some(letters) =
+        if let Some(dead_letters) =
             app::store_dead_letters(&self.config, &store_config.name, self.log.as_ref()).await?
         {
             let live: Arc<dyn ContextStore> = self.slot.store.clone();
-            sink = sink.with_store_letters_unless_handled_by(letters, live);
+            let current = *lock(&self.slot.version);
+            let earlier_definitions = definition::earlier_definitions(
+                &self.config,
+                store_config,
+                &self.data_dir,
+                current,
+                live.as_ref(),
+            )
+            .await?;
+            sink = sink.with_rebuild_letters(RebuildLetters {
+                dead_letters,
+                live,
+                earlier_definitions,
+                metrics: self.slot.metrics.clone(),
+            });
         }
         let sink_stop = self.cancel.child_token();
         let mut feeding = Some(tokio::spawn(sink.run(sink_stop.clone())));
@@ -264,6 +282,7 @@ impl Job {
         match outcome {
             Ok(Some(old)) => {
                 let old_version = std::mem::replace(&mut *lock(&self.slot.version), target);
+                definition::record_rebuilt(&self.config, store_config, &self.data_dir, target)?;
                 write_current_version(&self.data_dir, &store_config.name, target)?;
                 drop(old);
                 if let Err(e) = discard_version(store_config, &self.data_dir, old_version).await {
@@ -430,32 +449,35 @@ pub fn current_version(data_dir: &Path, store: &str) -> Result<u64> {
 /// Makes `version` current durably: write a temporary file, fsync, rename over the pointer,
 /// fsync the directory.
 fn write_current_version(data_dir: &Path, store: &str, version: u64) -> Result<()> {
-    let path = pointer_path(data_dir, store);
-    let dir = path.parent().expect("the pointer lives in stores/");
+    write_durably(
+        &pointer_path(data_dir, store),
+        format!("{version}\n").as_bytes(),
+    )
+}
+
+/// Replaces the file at `path` (in `stores/`) with `contents` durably: a temporary file,
+/// fsync, rename, fsync of the directory.
+pub fn write_durably(path: &Path, contents: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("a file in stores/");
     std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("current.tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{version}")?;
+        f.write_all(contents)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, &path)?;
+    std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 
 /// Deletes a version's data (a replaced or abandoned one); absent data is fine.
 pub async fn discard_version(store: &StoreConfig, data_dir: &Path, version: u64) -> Result<()> {
+    remove_if_present(&definition::path(data_dir, &store.name, version))?;
     match store.kind {
-        StoreKind::Embedded => {
-            let path = version_path(data_dir, &store.name, version);
-            match std::fs::remove_file(&path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e).with_context(|| format!("deleting {}", path.display())),
-            }
-        }
+        StoreKind::Embedded => remove_if_present(&version_path(data_dir, &store.name, version)),
         StoreKind::Postgres => match version_namespace(store, version) {
             // Version 0 without a schema lives in `public`, beside whatever else is there:
             // it is left in place.
@@ -474,6 +496,15 @@ pub async fn discard_version(store: &StoreConfig, data_dir: &Path, version: u64)
                     .with_context(|| format!("dropping the schema {ns}"))
             }
         },
+    }
+}
+
+/// Deletes a file; an absent one is fine.
+pub fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting {}", path.display())),
     }
 }
 
@@ -682,6 +713,7 @@ mod tests {
                 config: store_config.clone(),
                 store: Arc::new(SwitchableStore::new(blue.clone())),
                 version: Mutex::new(0),
+                metrics: Arc::new(PipelineMetrics::default()),
             });
             let rebuilds = Rebuilds::new(
                 config.clone(),
@@ -697,6 +729,13 @@ mod tests {
                 rebuilds,
                 shutdown,
             }
+        }
+
+        /// Records the definition of version 0, as `app::start_pipeline` does.
+        async fn record_definition(&self, dir: &Path, config: &PipelineConfig) {
+            definition::record_at_start(config, &self.slot.config, dir, 0, self.blue.as_ref())
+                .await
+                .unwrap();
         }
 
         fn status(&self) -> RebuildStatus {
@@ -769,55 +808,58 @@ mod tests {
         assert_eq!(served.rebuild().await.current_version, 1);
     }
 
-    /// The rebuild's sink takes the pipeline's `limits:` (and `retry:`): a record the live sink
-    /// applied (within `limits.max_record_bytes`, above the default) is in the new version too,
-    /// not skipped as too large and gone after the switch.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_rebuild_keeps_what_the_live_sink_applied_under_the_pipeline_limits() {
-        use bytes::Bytes;
-        use kontext_core::record::ProduceRecord;
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = crate::quickstart::builtin_pipeline().unwrap();
-        config.limits.max_record_bytes = 4 * 1024 * 1024;
-        // A log taking records of up to 8 MiB (Kafka with message.max.bytes raised).
+    /// A CRM customer update of the builtin pipeline.
+    fn crm_record(key: &str, email: &str) -> kontext_core::record::ProduceRecord {
+        let data = serde_json::json!({"customer_id": key, "first_name": "A", "last_name": "B", "email": email});
+        kontext_core::record::ProduceRecord::new(
+            "context.customers",
+            Some(bytes::Bytes::from(key.to_string())),
+            Some(bytes::Bytes::from(data.to_string())),
+        )
+        .with_header("ce_specversion", "1.0")
+        .with_header("ce_id", format!("id-{key}"))
+        .with_header("ce_source", "crm")
+        .with_header("ce_type", "crm.customer.updated")
+        .with_header("content-type", "application/json")
+    }
+
+    /// A log taking records of up to 8 MiB (Kafka with message.max.bytes raised), holding a
+    /// 2 MiB update of customer C-1 (within a 4 MiB `limits.max_record_bytes`, above the
+    /// default) and a small one of C-2.
+    async fn log_with_a_large_record(dir: &Path) -> Arc<dyn Log> {
         let log = embedded_log(
-            dir.path(),
+            dir,
             EmbeddedConfig {
                 max_record_bytes: 8 * 1024 * 1024,
                 ..EmbeddedConfig::default()
             },
         );
-        let served = Served::open(dir.path(), &config, log.clone()).await;
-        let record = |key: &str, email: &str| {
-            let data = serde_json::json!({"customer_id": key, "first_name": "A", "last_name": "B", "email": email});
-            ProduceRecord::new(
-                "context.customers",
-                Some(Bytes::from(key.to_string())),
-                Some(Bytes::from(data.to_string())),
-            )
-            .with_header("ce_specversion", "1.0")
-            .with_header("ce_id", format!("id-{key}"))
-            .with_header("ce_source", "crm")
-            .with_header("ce_type", "crm.customer.updated")
-            .with_header("content-type", "application/json")
-        };
-        let big = "x".repeat(2 * 1024 * 1024); // 2 MiB: within the pipeline's 4 MiB limit
-        let producer = log.producer().await.unwrap();
-        producer
-            .send(vec![record("C-1", &big), record("C-2", "c2@example.com")])
+        let config = crate::quickstart::builtin_pipeline().unwrap();
+        app::ensure_topics(log.as_ref(), &config).await.unwrap();
+        let big = "x".repeat(2 * 1024 * 1024);
+        log.producer()
+            .await
+            .unwrap()
+            .send(vec![
+                crm_record("C-1", &big),
+                crm_record("C-2", "c2@example.com"),
+            ])
             .await
             .unwrap();
+        log
+    }
 
+    /// Runs the live sink, as `app::spawn_sink` builds it, until it applied C-1 and C-2.
+    async fn live_sink_applies_both(served: &Served, config: &PipelineConfig, log: Arc<dyn Log>) {
         let switchable = served.slot.store.clone();
-        // The live sink, as `app::spawn_sink` builds it.
         let live = StoreSink::new(
             log,
             switchable.clone(),
-            Router::new(&config),
+            Router::new(config),
             ConsumerConfig::new(config.store_group(&served.name), config.source_topics()),
-            Arc::new(PipelineMetrics::default()),
+            served.slot.metrics.clone(),
         )
-        .with_config(&config);
+        .with_config(config);
         let live_stop = served.shutdown.child_token();
         let live_task = tokio::spawn(live.run(live_stop.clone()));
         for _ in 0..400 {
@@ -830,15 +872,81 @@ mod tests {
         }
         live_stop.cancel();
         live_task.await.unwrap().unwrap();
-        let before = switchable.get("customer", "C-1").await.unwrap();
-        assert!(before.is_some(), "the live sink applied C-1");
+        let applied = switchable.get("customer", "C-1").await.unwrap();
+        assert!(applied.is_some(), "the live sink applied C-1");
+    }
+
+    /// The rebuild's sink takes the pipeline's `limits:` (and `retry:`): a record the live sink
+    /// applied (within `limits.max_record_bytes`, above the default) is in the new version too,
+    /// not skipped as too large and gone after the switch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebuild_keeps_what_the_live_sink_applied_under_the_pipeline_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::quickstart::builtin_pipeline().unwrap();
+        config.limits.max_record_bytes = 4 * 1024 * 1024;
+        let log = log_with_a_large_record(dir.path()).await;
+        let served = Served::open(dir.path(), &config, log.clone()).await;
+        live_sink_applies_both(&served, &config, log).await;
 
         assert_eq!(served.rebuild().await.current_version, 1);
+        let switchable = &served.slot.store;
         assert!(switchable.get("customer", "C-2").await.unwrap().is_some());
         assert!(
             switchable.get("customer", "C-1").await.unwrap().is_some(),
             "customer C-1, served before the rebuild, is gone after it"
         );
+        let letters = log_end(&served, "context.customers.dlq").await;
+        assert_eq!(letters, 0, "nothing to dead-letter");
+    }
+
+    /// The pipeline file changed since the live sink applied C-1 (its limit is the default
+    /// now, and C-1 is larger): the rebuild, under the running file, dead-letters C-1 rather
+    /// than leave it out of the new version without a word, and the letter is counted in the
+    /// live sink's (exported) metrics. The new version's definition file starts clean.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebuild_dead_letters_what_an_earlier_pipeline_file_applied_and_this_one_rejects() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut earlier = crate::quickstart::builtin_pipeline().unwrap();
+        earlier.limits.max_record_bytes = 4 * 1024 * 1024;
+        let log = log_with_a_large_record(dir.path()).await;
+        {
+            let served = Served::open(dir.path(), &earlier, log.clone()).await;
+            served.record_definition(dir.path(), &earlier).await;
+            live_sink_applies_both(&served, &earlier, log.clone()).await;
+        }
+
+        // Restarted with the default limit, as `app::start_pipeline` does.
+        let running = crate::quickstart::builtin_pipeline().unwrap();
+        let served = Served::open(dir.path(), &running, log.clone()).await;
+        served.record_definition(dir.path(), &running).await;
+        assert_eq!(served.rebuild().await.current_version, 1);
+        let switchable = &served.slot.store;
+        assert!(switchable.get("customer", "C-2").await.unwrap().is_some());
+        assert!(switchable.get("customer", "C-1").await.unwrap().is_none());
+        assert_eq!(log_end(&served, "context.customers.dlq").await, 1);
+        let counted = served.slot.metrics.dead_lettered();
+        assert_eq!(counted.values().sum::<u64>(), 1, "{counted:?}");
+        assert!(!definition::path(dir.path(), &served.name, 0).exists());
+        let rebuilt = definition::earlier_definitions(
+            &running,
+            &served.slot.config,
+            dir.path(),
+            1,
+            served.blue.as_ref(),
+        )
+        .await
+        .unwrap();
+        assert!(rebuilt.is_empty(), "{rebuilt:?}");
+    }
+
+    /// Records in `topic` (summed high watermarks).
+    async fn log_end(served: &Served, topic: &str) -> i64 {
+        let description = served.rebuilds.log.describe_topic(topic).await.unwrap();
+        description
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark)
+            .sum()
     }
 
     /// A source topic that lost history (compacted here; retention likewise) still rebuilds

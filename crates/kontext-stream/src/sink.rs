@@ -75,8 +75,8 @@ pub enum SinkError {
 /// Feeds one context store from the log.
 pub struct StoreSink {
     dead_letters: Option<DeadLetters>,
-    /// A rebuild's sink: [`StoreSink::with_store_letters_unless_handled_by`].
-    store_letters: Option<(DeadLetters, Arc<dyn ContextStore>)>,
+    /// A rebuild's sink: [`StoreSink::with_rebuild_letters`].
+    store_letters: Option<RebuildLetters>,
     log: Arc<dyn Log>,
     store: Arc<dyn ContextStore>,
     router: Router,
@@ -99,7 +99,33 @@ struct Outage {
 }
 
 /// Where the store stands: next offset to apply per (topic, partition).
-type Handled = BTreeMap<(String, i32), i64>;
+pub type Handled = BTreeMap<(String, i32), i64>;
+
+/// How a rebuild's sink reports bad records ([`StoreSink::with_rebuild_letters`]): a record the
+/// live sink reported already is not dead-lettered again.
+pub struct RebuildLetters {
+    /// Where the letters go: the store's dead letters, as the live sink's.
+    pub dead_letters: DeadLetters,
+    /// The version serving, fed by the live sink: a bad record below its offsets was
+    /// dead-lettered by that sink...
+    pub live: Arc<dyn ContextStore>,
+    /// ...unless it is below these offsets too: the live version handled those records under
+    /// an earlier pipeline definition (another mapping, another `limits:`, dead letters off),
+    /// which may have applied a record the rebuild finds bad. Those are dead-lettered again
+    /// (a record bad under both definitions gets a second letter; `dlq replay` puts it back
+    /// once). Empty when the live version was built under the running definition.
+    pub earlier_definitions: Handled,
+    /// Counts the rebuild's letters (`kontext_records_dead_lettered_total`): the live sink's
+    /// metrics, which the API exports, so that a letter is counted wherever it comes from.
+    pub metrics: Arc<PipelineMetrics>,
+}
+
+impl RebuildLetters {
+    /// Whether the live sink reported `record` under the running definition.
+    fn reported_by_live(&self, live_offsets: &Handled, record: &Record) -> bool {
+        covers(live_offsets, record) && !covers(&self.earlier_definitions, record)
+    }
+}
 
 /// Whether `offsets` (next offset per partition) are past `record`: it was handled.
 fn covers(offsets: &Handled, record: &Record) -> bool {
@@ -224,20 +250,16 @@ impl StoreSink {
         self
     }
 
-    /// For the sink of a rebuild, which writes a new version of a store that `live` (the version
-    /// serving, fed by the live sink) stands for: a bad record (invalid, or rejected by the new
-    /// version) is dead-lettered only if `live` has not handled it yet. The live sink reported
-    /// every other one already; but one the rebuild reaches first (the live sink lags, or it
-    /// is the last moments before the switch) is below the new version's offsets after the
-    /// switch: the live sink skips it, or drops its letter as handled (it re-reads its store's
-    /// offsets before writing letters), and only the rebuild's letter is left. A record
-    /// both sinks report has two letters, which `dlq replay` puts back once.
-    pub fn with_store_letters_unless_handled_by(
-        mut self,
-        dead_letters: DeadLetters,
-        live: Arc<dyn ContextStore>,
-    ) -> Self {
-        self.store_letters = Some((dead_letters, live));
+    /// For the sink of a rebuild, which writes a new version of the store that
+    /// [`RebuildLetters::live`] stands for: a bad record (invalid, or rejected by the new
+    /// version) is dead-lettered only if the live sink has not reported it (see
+    /// [`RebuildLetters`]). One the rebuild reaches first (the live sink lags, or it is the last
+    /// moments before the switch) is below the new version's offsets after the switch: the live
+    /// sink skips it, or drops its letter as handled (it re-reads its store's offsets before
+    /// writing letters), and only the rebuild's letter is left. A record both sinks report has
+    /// two letters, which `dlq replay` puts back once.
+    pub fn with_rebuild_letters(mut self, letters: RebuildLetters) -> Self {
+        self.store_letters = Some(letters);
         self
     }
 
@@ -245,25 +267,33 @@ impl StoreSink {
     fn letter_sink(&self) -> Option<&DeadLetters> {
         self.dead_letters
             .as_ref()
-            .or(self.store_letters.as_ref().map(|(dlq, _)| dlq))
+            .or(self.store_letters.as_ref().map(|r| &r.dead_letters))
+    }
+
+    /// Where this sink's letters are counted: its own metrics, or a rebuild's live sink's.
+    fn letter_metrics(&self) -> &PipelineMetrics {
+        match &self.store_letters {
+            Some(rebuild) if self.dead_letters.is_none() => &rebuild.metrics,
+            _ => &self.metrics,
+        }
     }
 
     /// The dead letters for a record the store rejects: the sink's own, or a rebuild's for a
-    /// record the live version has not handled (or whose offsets cannot be read: a second
-    /// letter is better than none).
+    /// record the live sink has not reported (or when the live version's offsets cannot be
+    /// read: a second letter is better than none).
     async fn letters_for_rejected(&self, record: &Record) -> Option<&DeadLetters> {
         if let Some(dlq) = &self.dead_letters {
             return Some(dlq);
         }
-        let (dlq, live) = self.store_letters.as_ref()?;
-        let handled = match live.applied_offsets().await {
-            Ok(offsets) => covers(&offsets, record),
+        let rebuild = self.store_letters.as_ref()?;
+        let reported = match rebuild.live.applied_offsets().await {
+            Ok(offsets) => rebuild.reported_by_live(&offsets, record),
             Err(e) => {
                 warn!(error = %e, "reading the live store's offsets failed; dead-lettering the rejected record");
                 false
             }
         };
-        (!handled).then_some(dlq)
+        (!reported).then_some(&rebuild.dead_letters)
     }
 
     /// Retries with the pipeline file's `retry:` policies (store writes, store probes while
@@ -293,10 +323,10 @@ impl StoreSink {
         if self.retry_configured {
             let policy = self.retry.policy(RetryStage::DeadLetter);
             self.dead_letters = self.dead_letters.take().map(|d| d.with_retry(policy));
-            self.store_letters = self
-                .store_letters
-                .take()
-                .map(|(d, live)| (d.with_retry(policy), live));
+            self.store_letters = self.store_letters.take().map(|r| RebuildLetters {
+                dead_letters: r.dead_letters.with_retry(policy),
+                ..r
+            });
         }
         // What the store holds: records below these offsets were handled (applied, filtered or
         // dead-lettered) before, so a re-delivered bad record is not dead-lettered twice.
@@ -479,10 +509,13 @@ impl StoreSink {
         lettered: Vec<Lettered>,
         handled: &mut Handled,
     ) -> (Vec<ProduceRecord>, Vec<Lettered>) {
-        let rebuild = self.dead_letters.is_none();
-        let elsewhere = match &self.store_letters {
-            Some((_, live)) if rebuild => live,
-            _ => &self.store,
+        let rebuild = self
+            .store_letters
+            .as_ref()
+            .filter(|_| self.dead_letters.is_none());
+        let elsewhere = match rebuild {
+            Some(rebuild) => &rebuild.live,
+            None => &self.store,
         };
         let stored = match elsewhere.applied_offsets().await {
             Ok(stored) => stored,
@@ -492,7 +525,7 @@ impl StoreSink {
                 return (letters, lettered);
             }
         };
-        if !rebuild {
+        if rebuild.is_none() {
             for (tp, next) in &stored {
                 let n = handled.entry(tp.clone()).or_insert(0);
                 *n = (*n).max(*next);
@@ -503,7 +536,10 @@ impl StoreSink {
             .zip(lettered)
             .filter(|(_, (i, _, _))| {
                 let record = &records[*i];
-                let seen = covers(&stored, record);
+                let seen = match rebuild {
+                    Some(rebuild) => rebuild.reported_by_live(&stored, record),
+                    None => covers(&stored, record),
+                };
                 if seen {
                     info!(at = %record.coordinates(), "invalid record handled by the store already (dead-lettered by another member, or by a rebuild or the live sink); not dead-lettered again");
                 }
@@ -572,7 +608,7 @@ impl StoreSink {
                 return Ok(None);
             }
             for (i, stage, kind) in lettered {
-                self.metrics
+                self.letter_metrics()
                     .record_dead_letter(&records[i].topic, stage, kind);
             }
         }
@@ -730,8 +766,11 @@ impl StoreSink {
                     if !self.send_letters(dlq, vec![letter], shutdown).await? {
                         return Ok(None);
                     }
-                    self.metrics
-                        .record_dead_letter(&record.topic, FailedStage::Store.name(), kind);
+                    self.letter_metrics().record_dead_letter(
+                        &record.topic,
+                        FailedStage::Store.name(),
+                        kind,
+                    );
                 }
                 None if self.store_letters.is_some() => {
                     warn!(at = %record.coordinates(), reason = kind, error = %error, "the store rejects this record; skipped (the live sink dead-lettered it)")

@@ -23,6 +23,7 @@ use kontext_store::{
 };
 use kontext_stream::dlq::{headers, DeadLetters};
 use kontext_stream::metrics::BreakerState;
+use kontext_stream::sink::RebuildLetters;
 use kontext_stream::{PipelineMetrics, Router, StoreSink, UpdateKind};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -569,6 +570,7 @@ async fn a_rebuild_and_its_switch_dead_letter_each_bad_record_once() {
         .await
         .unwrap();
     let green = open("green.redb");
+    let live_metrics = Arc::new(PipelineMetrics::default());
     let rebuild = StoreSink::new(
         log.clone(),
         green.clone(),
@@ -577,7 +579,12 @@ async fn a_rebuild_and_its_switch_dead_letter_each_bad_record_once() {
         Arc::new(PipelineMetrics::default()),
     )
     .with_config(&config)
-    .with_store_letters_unless_handled_by(store_letters(&config, &log, &group).await, live.clone());
+    .with_rebuild_letters(RebuildLetters {
+        dead_letters: store_letters(&config, &log, &group).await,
+        live: live.clone(),
+        earlier_definitions: Default::default(),
+        metrics: live_metrics.clone(),
+    });
     let green_dyn: Arc<dyn ContextStore> = green.clone();
     let watched = green_dyn.clone();
     run_until(
@@ -638,6 +645,111 @@ async fn a_rebuild_and_its_switch_dead_letter_each_bad_record_once() {
     offsets.sort();
     assert_eq!(offsets, ["10", "15", "30", "35"], "{letters:?}");
     assert_eq!(green.dump().unwrap().len(), 36);
+    // The rebuild's two letters are counted where the API exports the live sink's.
+    let counted = live_metrics.dead_lettered();
+    assert_eq!(
+        counted.get(&(topic.clone(), "store", "store_rejected")),
+        Some(&1)
+    );
+    assert_eq!(counted.values().sum::<u64>(), 2, "{counted:?}");
+}
+
+/// A rebuild under a changed pipeline file: a record the live sink applied under the earlier
+/// definition (within its larger `limits.max_record_bytes`) is too large for the running one.
+/// Below `earlier_definitions` the rebuild dead-letters it; without them (the live version
+/// built under the running definition) it would count as reported by the live sink, and a
+/// second rebuild writes no letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_dead_letters_what_the_live_sink_applied_under_an_earlier_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> =
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    let topic = "context.customers".to_string();
+    let earlier = pipeline(&topic);
+    let mut running = earlier.clone();
+    running.limits.max_record_bytes = 1024;
+    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
+    log.create_topic(&TopicSpec::new(earlier.dead_letter.topic_for(&topic), 1))
+        .await
+        .unwrap();
+    let mut records: Vec<ProduceRecord> = (0..20).map(|i| good(&topic, i)).collect();
+    let padding = "x".repeat(2048);
+    records[5].value = Some(Bytes::from(format!(
+        r#"{{"first_name":"N5","notes":"{padding}"}}"#
+    )));
+    log.producer().await.unwrap().send(records).await.unwrap();
+
+    let schema = StoreSchema::from_config(&earlier);
+    let open =
+        |name: &str| Arc::new(EmbeddedStore::open(&dir.path().join(name), schema.clone()).unwrap());
+    let group = "definitions-live".to_string();
+    let run_until = |sink: StoreSink, store: Arc<dyn ContextStore>| async move {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(sink.run(shutdown.clone()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while offset_of(&store, "context.customers") < 20 {
+            assert!(!task.is_finished() && Instant::now() < deadline, "stuck");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    };
+    // The live sink, under the earlier definition, applies all twenty.
+    let live: Arc<dyn ContextStore> = open("blue.redb");
+    let sink = StoreSink::new(
+        log.clone(),
+        live.clone(),
+        Router::new(&earlier),
+        ConsumerConfig::new(&group, vec![topic.clone()]),
+        Arc::new(PipelineMetrics::default()),
+    )
+    .with_config(&earlier)
+    .with_dead_letters(store_letters(&earlier, &log, &group).await);
+    run_until(sink, live.clone()).await;
+    assert_eq!(live.dump().await.unwrap().len(), 20);
+
+    let rebuild = |version: u32, earlier_definitions: BTreeMap<(String, i32), i64>| {
+        let (log, live, running, group) = (log.clone(), live.clone(), running.clone(), &group);
+        let topic = topic.clone();
+        let green: Arc<dyn ContextStore> = open(&format!("green{version}.redb"));
+        let metrics = Arc::new(PipelineMetrics::default());
+        async move {
+            let sink = StoreSink::new(
+                log.clone(),
+                green.clone(),
+                Router::new(&running),
+                ConsumerConfig::new(format!("{group}.rebuild.v{version}"), vec![topic]),
+                Arc::new(PipelineMetrics::default()),
+            )
+            .with_config(&running)
+            .with_rebuild_letters(RebuildLetters {
+                dead_letters: store_letters(&running, &log, group).await,
+                live,
+                earlier_definitions,
+                metrics: metrics.clone(),
+            });
+            run_until(sink, green.clone()).await;
+            (green, metrics)
+        }
+    };
+    let below = BTreeMap::from([((topic.clone(), 0), 20)]);
+    let (green, metrics) = rebuild(1, below).await;
+    assert_eq!(green.dump().await.unwrap().len(), 19);
+    let letters = dead_letters(&log, &topic, 1).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(header(&letters[0], headers::OFFSET).as_deref(), Some("5"));
+    assert_eq!(metrics.dead_lettered().values().sum::<u64>(), 1);
+
+    // Had the live version been built under the running definition, its sink would have
+    // dead-lettered record 5 itself: the rebuild writes none.
+    let (green, metrics) = rebuild(2, BTreeMap::new()).await;
+    assert_eq!(green.dump().await.unwrap().len(), 19);
+    let dlq = log
+        .describe_topic(&earlier.dead_letter.topic_for(&topic))
+        .await
+        .unwrap();
+    assert_eq!(dlq.partitions[0].high_watermark, 1, "one letter in all");
+    assert_eq!(metrics.dead_lettered().values().sum::<u64>(), 0);
 }
 
 /// A log whose consumers deliver nothing until `gate` opens: a member that joined and lags.
