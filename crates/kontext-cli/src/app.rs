@@ -204,6 +204,7 @@ pub async fn open_store(
     if store.kind == StoreKind::Embedded {
         rebuild::discard_abandoned_files(data_dir, &store.name, version)?;
     }
+    definition::discard_abandoned(data_dir, &store.name, version)?;
     let opened = open_store_version(config, store, data_dir, version, shutdown).await?;
     Ok((opened, version))
 }

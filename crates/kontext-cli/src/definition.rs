@@ -24,7 +24,6 @@ use kontext_core::config::{PipelineConfig, StoreConfig};
 use kontext_store::ContextStore;
 use kontext_stream::sink::Handled;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::rebuild;
@@ -32,8 +31,9 @@ use crate::rebuild;
 /// What the recording file of a version holds.
 #[derive(Debug, Serialize, Deserialize)]
 struct Recorded {
-    /// [`definition`] of the last start.
-    definition: Value,
+    /// [`definition`] of the last start, as text: compared as text, so that nothing parsed
+    /// back (a float) can differ from what the running file gives.
+    definition: String,
     /// Next offsets per partition below which records were handled under other definitions.
     earlier_definitions_below: Vec<Mark>,
 }
@@ -49,8 +49,9 @@ struct Mark {
 /// (entities, sources, features and joins, whose outputs it reads), `limits:`, whether bad
 /// records are dead-lettered, the store's kind, and the kontext version. Any change to them
 /// counts (a change that decides nothing differently costs only second letters at the next
-/// rebuild); ports, retries and caches do not.
-pub fn definition(config: &PipelineConfig, store: &StoreConfig) -> Value {
+/// rebuild); ports, retries and caches do not. JSON text: maps are ordered, so the same file
+/// gives the same text.
+pub fn definition(config: &PipelineConfig, store: &StoreConfig) -> String {
     serde_json::json!({
         "kontext": env!("CARGO_PKG_VERSION"),
         "entities": config.entities,
@@ -61,6 +62,7 @@ pub fn definition(config: &PipelineConfig, store: &StoreConfig) -> Value {
         "dead_letter": config.dead_letter,
         "store_kind": store.kind,
     })
+    .to_string()
 }
 
 /// The recording file of a store's version.
@@ -90,7 +92,7 @@ fn read(path: &Path) -> Option<Recorded> {
     }
 }
 
-fn write(path: &Path, definition: Value, below: &Handled) -> Result<()> {
+fn write(path: &Path, definition: String, below: &Handled) -> Result<()> {
     let recorded = Recorded {
         definition,
         earlier_definitions_below: below
@@ -137,10 +139,23 @@ pub async fn record_at_start(
     if !below.is_empty() {
         info!(store = %store_config.name, version, "the pipeline definition changed: a rebuild will dead-letter the bad records of what this version applied so far, whatever the live sink did with them");
     }
-    write(&path, running, &below)
+    if let Err(e) = write(&path, running, &below) {
+        // A read-only data directory (a Kafka log and PostgreSQL stores need nothing else
+        // there) must not stop the pipeline. Without the file a rebuild letters every bad
+        // record this version applied; a stale file must not stay behind to say otherwise.
+        rebuild::remove_if_present(&path).with_context(|| {
+            format!(
+                "{e:#}; and the earlier record cannot be deleted either: delete {} by hand",
+                path.display()
+            )
+        })?;
+        warn!(store = %store_config.name, error = %format!("{e:#}"), "cannot record the pipeline definition; a rebuild will dead-letter every bad record this version applied");
+    }
+    Ok(())
 }
 
-/// A rebuilt version: every record it holds was handled under the running definition.
+/// A version being rebuilt, before its sink starts: every record it will hold is handled under
+/// the running definition.
 pub fn record_rebuilt(
     config: &PipelineConfig,
     store_config: &StoreConfig,
@@ -149,6 +164,33 @@ pub fn record_rebuilt(
 ) -> Result<()> {
     let path = path(data_dir, &store_config.name, version);
     write(&path, definition(config, store_config), &Handled::new())
+}
+
+/// Deletes the files of every version of `store` but `current` (and temporary files of
+/// interrupted writes): what a crash between a rebuild's switch and the deletion of the old
+/// version, or an abandoned rebuild, left behind.
+pub fn discard_abandoned(data_dir: &Path, store: &str, current: u64) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("stores")) else {
+        return Ok(());
+    };
+    let prefix = format!("{store}.v");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let abandoned = match rest.strip_suffix(".definition.json.tmp") {
+            Some(version) => version.parse::<u64>().is_ok(),
+            None => rest
+                .strip_suffix(".definition.json")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|v| v != current),
+        };
+        if abandoned {
+            rebuild::remove_if_present(&entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// For a rebuild of the version `live` serves: below which offsets the live sink handled records
@@ -257,6 +299,77 @@ mod tests {
         assert_eq!(
             earlier(config.clone()).await,
             offsets(&[(topic, 0, 15), (topic, 1, 3)])
+        );
+    }
+
+    /// A file that cannot be written does not stop the start, and leaves no earlier file
+    /// behind to vouch for what this start applies.
+    #[tokio::test]
+    async fn a_definition_that_cannot_be_recorded_only_warns_and_forgets_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::quickstart::builtin_pipeline().unwrap();
+        let store_config = config.served_store();
+        let store = EmbeddedStore::open(
+            &dir.path().join("s.redb"),
+            StoreSchema::from_config(&config),
+        )
+        .unwrap();
+        record_at_start(&config, &store_config, dir.path(), 0, &store)
+            .await
+            .unwrap();
+        let file = path(dir.path(), &store_config.name, 0);
+        assert!(file.exists());
+        // The temporary file's name taken by a directory: the write fails.
+        let mut tmp = file.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        store.apply(&[], &[("context.customers", 0, 7)]).unwrap();
+        let mut changed = config.clone();
+        changed.limits.max_record_bytes /= 2;
+        record_at_start(&changed, &store_config, dir.path(), 0, &store)
+            .await
+            .unwrap();
+        assert!(!file.exists());
+        std::fs::remove_dir(&tmp).unwrap();
+        // Back to the first file: all it finds applied counts as earlier.
+        let earlier = earlier_definitions(&config, &store_config, dir.path(), 0, &store)
+            .await
+            .unwrap();
+        assert_eq!(earlier, offsets(&[("context.customers", 0, 7)]));
+    }
+
+    /// Files of versions other than the current one, and interrupted writes, are deleted.
+    #[test]
+    fn abandoned_definition_files_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = dir.path().join("stores");
+        std::fs::create_dir_all(&stores).unwrap();
+        let names = [
+            "main.v0.definition.json",
+            "main.v2.definition.json",
+            "main.v3.definition.json",
+            "main.v3.definition.json.tmp",
+            "main.v3.redb",
+            "main-2.v1.definition.json",
+            "main.v2.v0.definition.json",
+        ];
+        for name in names {
+            std::fs::write(stores.join(name), b"x").unwrap();
+        }
+        discard_abandoned(dir.path(), "main", 3).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&stores)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "main-2.v1.definition.json",
+                "main.v2.v0.definition.json",
+                "main.v3.definition.json",
+                "main.v3.redb",
+            ]
         );
     }
 }

@@ -232,6 +232,8 @@ impl Job {
             &self.cancel,
         )
         .await?;
+        // Before its sink starts: a failure here leaves nothing switched.
+        definition::record_rebuilt(&self.config, store_config, &self.data_dir, target)?;
         let group = format!(
             "{}.rebuild.v{target}",
             self.config.store_group(&store_config.name)
@@ -282,7 +284,6 @@ impl Job {
         match outcome {
             Ok(Some(old)) => {
                 let old_version = std::mem::replace(&mut *lock(&self.slot.version), target);
-                definition::record_rebuilt(&self.config, store_config, &self.data_dir, target)?;
                 write_current_version(&self.data_dir, &store_config.name, target)?;
                 drop(old);
                 if let Err(e) = discard_version(store_config, &self.data_dir, old_version).await {

@@ -814,6 +814,11 @@ impl PipelineConfig {
                     format!("{}.name", at(i)),
                     "must be non-empty and use only letters, digits, '.', '_' and '-'".into(),
                 );
+            } else if is_version_suffixed(&store.name) {
+                err(
+                    format!("{}.name", at(i)),
+                    format!("{:?} ends like a rebuilt version's file (`<name>.v<N>.redb`), which another store's rebuilds would take for theirs: rename it (e.g. with '-' or '_' before the v)", store.name),
+                );
             } else if !names.insert(store.name.as_str()) {
                 err(
                     format!("{}.name", at(i)),
@@ -1011,6 +1016,13 @@ fn join_or_none(names: &BTreeSet<&str>) -> String {
     } else {
         names.iter().copied().collect::<Vec<_>>().join(", ")
     }
+}
+
+/// Whether a store name ends in `.v<digits>`, as the files of another store's rebuilt versions
+/// do (`main.v2.redb` is version 2 of `main`).
+fn is_version_suffixed(name: &str) -> bool {
+    name.rsplit_once(".v")
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn is_valid_name(s: &str) -> bool {

@@ -101,12 +101,13 @@ struct Outage {
 /// Where the store stands: next offset to apply per (topic, partition).
 pub type Handled = BTreeMap<(String, i32), i64>;
 
-/// How a rebuild's sink reports bad records ([`StoreSink::with_rebuild_letters`]): a record the
-/// live sink reported already is not dead-lettered again.
+/// How a rebuild's sink reports bad records ([`StoreSink::with_rebuild_letters`]): an invalid
+/// record the live sink reported already is not dead-lettered again; a record the new
+/// version's store rejects always is.
 pub struct RebuildLetters {
     /// Where the letters go: the store's dead letters, as the live sink's.
     pub dead_letters: DeadLetters,
-    /// The version serving, fed by the live sink: a bad record below its offsets was
+    /// The version serving, fed by the live sink: an invalid record below its offsets was
     /// dead-lettered by that sink...
     pub live: Arc<dyn ContextStore>,
     /// ...unless it is below these offsets too: the live version handled those records under
@@ -116,7 +117,8 @@ pub struct RebuildLetters {
     /// once). Empty when the live version was built under the running definition.
     pub earlier_definitions: Handled,
     /// Counts the rebuild's letters (`kontext_records_dead_lettered_total`): the live sink's
-    /// metrics, which the API exports, so that a letter is counted wherever it comes from.
+    /// metrics (the API exports the served store's), so that a letter is counted wherever it
+    /// comes from.
     pub metrics: Arc<PipelineMetrics>,
 }
 
@@ -251,9 +253,10 @@ impl StoreSink {
     }
 
     /// For the sink of a rebuild, which writes a new version of the store that
-    /// [`RebuildLetters::live`] stands for: a bad record (invalid, or rejected by the new
-    /// version) is dead-lettered only if the live sink has not reported it (see
-    /// [`RebuildLetters`]). One the rebuild reaches first (the live sink lags, or it is the last
+    /// [`RebuildLetters::live`] stands for: an invalid record is dead-lettered only if the live
+    /// sink has not reported it (see [`RebuildLetters`]), a record the new version rejects
+    /// always (the live version may have applied it: another schema or server, a timeout, the
+    /// retry budget decide, which no definition records). One the rebuild reaches first (the live sink lags, or it is the last
     /// moments before the switch) is below the new version's offsets after the switch: the live
     /// sink skips it, or drops its letter as handled (it re-reads its store's offsets before
     /// writing letters), and only the rebuild's letter is left. A record both sinks report has
@@ -276,24 +279,6 @@ impl StoreSink {
             Some(rebuild) if self.dead_letters.is_none() => &rebuild.metrics,
             _ => &self.metrics,
         }
-    }
-
-    /// The dead letters for a record the store rejects: the sink's own, or a rebuild's for a
-    /// record the live sink has not reported (or when the live version's offsets cannot be
-    /// read: a second letter is better than none).
-    async fn letters_for_rejected(&self, record: &Record) -> Option<&DeadLetters> {
-        if let Some(dlq) = &self.dead_letters {
-            return Some(dlq);
-        }
-        let rebuild = self.store_letters.as_ref()?;
-        let reported = match rebuild.live.applied_offsets().await {
-            Ok(offsets) => rebuild.reported_by_live(&offsets, record),
-            Err(e) => {
-                warn!(error = %e, "reading the live store's offsets failed; dead-lettering the rejected record");
-                false
-            }
-        };
-        (!reported).then_some(&rebuild.dead_letters)
     }
 
     /// Retries with the pipeline file's `retry:` policies (store writes, store probes while
@@ -759,7 +744,11 @@ impl StoreSink {
             };
             let record = &records[entry.record];
             let kind = store_error_kind(&error);
-            match self.letters_for_rejected(record).await {
+            // A rebuild letters every record its store rejects, whatever the live sink did
+            // with it: the live version may have applied it (another schema or server, a
+            // timeout, the retry budget: outcomes no definition records). Rejections are
+            // rare, and `dlq replay` puts a record with two letters back once.
+            match self.letter_sink() {
                 Some(dlq) => {
                     warn!(at = %record.coordinates(), reason = kind, error = %error, attempts = attempts + 1, "the store rejects this record; dead-lettered");
                     let letter = dlq.store_letter(record, &error, attempts + 1);
@@ -771,9 +760,6 @@ impl StoreSink {
                         FailedStage::Store.name(),
                         kind,
                     );
-                }
-                None if self.store_letters.is_some() => {
-                    warn!(at = %record.coordinates(), reason = kind, error = %error, "the store rejects this record; skipped (the live sink dead-lettered it)")
                 }
                 None => {
                     warn!(at = %record.coordinates(), reason = kind, error = %error, "the store rejects this record; skipped (dead letters are off)")

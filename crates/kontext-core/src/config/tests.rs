@@ -215,7 +215,7 @@ fn several_stores_each_with_their_group_and_a_served_one() {
 #[test]
 fn store_mistakes_name_the_field_and_the_fix() {
     let text = format!(
-        "{VALID}stores:\n  - {{ name: a, kind: postgres }}\n  - {{ name: a, url: \"postgres://x\" }}\n  - {{ name: c, kind: postgres, url: \"mysql://x\" }}\n  - {{ name: d, kind: postgres, url: \"postgres://x\", context_cache: 10, sync_interval: 5ms }}\nserve: {{ store: nope }}\n"
+        "{VALID}stores:\n  - {{ name: a, kind: postgres }}\n  - {{ name: a, url: \"postgres://x\" }}\n  - {{ name: c, kind: postgres, url: \"mysql://x\" }}\n  - {{ name: d, kind: postgres, url: \"postgres://x\", context_cache: 10, sync_interval: 5ms }}\n  - {{ name: d.v2 }}\n  - {{ name: d.v2b }}\nserve: {{ store: nope }}\n"
     );
     let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
     let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
@@ -228,12 +228,18 @@ fn store_mistakes_name_the_field_and_the_fix() {
             "stores[2].url",
             "stores[3].context_cache",
             "stores[3].sync_interval",
+            "stores[4].name",
             "serve.store"
         ],
         "{err}"
     );
     assert!(
         err.to_string().contains("a postgres store needs `url:"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("ends like a rebuilt version's file"),
         "{err}"
     );
 }
