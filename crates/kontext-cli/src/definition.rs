@@ -226,12 +226,13 @@ mod tests {
             .collect()
     }
 
-    /// A version's file across starts: a first start over a store that applied records
-    /// records them all (unknown history), a start under the same definition keeps the mark,
-    /// a start under another moves it up to what the store applied meanwhile, and a rebuilt
-    /// version has none.
-    #[tokio::test]
-    async fn the_mark_moves_only_when_the_definition_changes() {
+    /// A data directory, the builtin pipeline, its served store's config and an embedded store.
+    fn fixture() -> (
+        tempfile::TempDir,
+        PipelineConfig,
+        StoreConfig,
+        EmbeddedStore,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let config = crate::quickstart::builtin_pipeline().unwrap();
         let store_config = config.served_store();
@@ -240,6 +241,16 @@ mod tests {
             StoreSchema::from_config(&config),
         )
         .unwrap();
+        (dir, config, store_config, store)
+    }
+
+    /// A version's file across starts: a first start over a store that applied records
+    /// records them all (unknown history), a start under the same definition keeps the mark,
+    /// a start under another moves it up to what the store applied meanwhile, and a rebuilt
+    /// version has none.
+    #[tokio::test]
+    async fn the_mark_moves_only_when_the_definition_changes() {
+        let (dir, config, store_config, store) = fixture();
         let earlier = |config: PipelineConfig| {
             let (store, store_config, dir) = (&store, store_config.clone(), dir.path());
             async move {
@@ -306,14 +317,7 @@ mod tests {
     /// behind to vouch for what this start applies.
     #[tokio::test]
     async fn a_definition_that_cannot_be_recorded_only_warns_and_forgets_the_old_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = crate::quickstart::builtin_pipeline().unwrap();
-        let store_config = config.served_store();
-        let store = EmbeddedStore::open(
-            &dir.path().join("s.redb"),
-            StoreSchema::from_config(&config),
-        )
-        .unwrap();
+        let (dir, config, store_config, store) = fixture();
         record_at_start(&config, &store_config, dir.path(), 0, &store)
             .await
             .unwrap();
