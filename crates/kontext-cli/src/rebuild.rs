@@ -218,6 +218,7 @@ impl Job {
     /// `Ok(true)` once switched, `Ok(false)` if interrupted.
     async fn rebuild(&self, target: u64) -> Result<bool> {
         let store_config = &self.slot.config;
+        self.refuse_a_shared_store().await?;
         let warnings = history_warnings(self.log.as_ref(), &self.config).await?;
         for warning in &warnings {
             warn!(store = %store_config.name, "{warning}");
@@ -305,6 +306,33 @@ impl Job {
                 }
             }
         }
+    }
+
+    /// A PostgreSQL store whose live sink does not hold every partition of the pipeline's
+    /// source topics in its group is fed by other instances too: a rebuild here would switch
+    /// only this instance (the version pointer is a file of its data directory) and then drop
+    /// the version the others still write. Refused, saying so.
+    async fn refuse_a_shared_store(&self) -> Result<()> {
+        if self.slot.config.kind != StoreKind::Postgres {
+            return Ok(());
+        }
+        let mut total = 0;
+        for topic in self.config.source_topics() {
+            total += self.log.describe_topic(&topic).await?.partitions.len();
+        }
+        let held = self
+            .slot
+            .metrics
+            .sink_assigned_partitions
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if usize::try_from(held).unwrap_or(0) < total {
+            anyhow::bail!(
+                "the sink of store {:?} holds {held} of the {total} partitions of its consumer group {:?}: other instances of this pipeline feed this PostgreSQL store too (or this one is still joining the group: try again in a few seconds). A rebuild here would switch only this instance and drop the version the others write. Stop the other instances, rebuild, then start them again",
+                self.slot.config.name,
+                self.config.store_group(&self.slot.config.name)
+            );
+        }
+        Ok(())
     }
 
     /// Deletes the rebuild's consumer group, waiting (unless shutting down) for a Kafka member
@@ -948,6 +976,46 @@ mod tests {
             .iter()
             .map(|p| p.high_watermark)
             .sum()
+    }
+
+    /// A PostgreSQL store whose live sink holds only some of its group's partitions is fed by
+    /// other instances too: the rebuild is refused before it creates anything, saying why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_postgres_store_other_instances_feed_is_not_rebuilt_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::quickstart::builtin_pipeline().unwrap();
+        let log = embedded_log(dir.path(), EmbeddedConfig::default());
+        let served = Served::open(dir.path(), &config, log.clone()).await;
+        // The slot of a PostgreSQL store (never opened: the check comes first) whose sink
+        // holds 3 partitions.
+        let mut store_config = served.slot.config.clone();
+        store_config.kind = StoreKind::Postgres;
+        store_config.url = Some("postgres://nowhere.invalid/kontext".into());
+        let slot = Arc::new(StoreSlot {
+            config: store_config,
+            store: served.slot.store.clone(),
+            version: Mutex::new(0),
+            metrics: Arc::new(PipelineMetrics::default()),
+        });
+        slot.metrics
+            .sink_assigned_partitions
+            .store(3, std::sync::atomic::Ordering::Relaxed);
+        let rebuilds = Rebuilds::new(
+            config.clone(),
+            dir.path().to_path_buf(),
+            log,
+            BTreeMap::from([(served.name.clone(), slot.clone())]),
+            served.shutdown.clone(),
+        );
+        rebuilds.start_rebuild(&served.name).unwrap();
+        let status = || rebuilds.rebuild_status(&served.name).unwrap();
+        let failed = wait_for(status, RebuildState::Failed).await;
+        let error = failed.error.unwrap_or_default();
+        assert!(error.contains("holds 3 of the"), "{error}");
+        assert!(error.contains("other instances"), "{error}");
+        assert_eq!(failed.current_version, 0);
+        assert!(Arc::ptr_eq(&slot.store.current(), &served.blue));
+        assert!(!definition::path(dir.path(), &served.name, 1).exists());
     }
 
     /// A source topic that lost history (compacted here; retention likewise) still rebuilds

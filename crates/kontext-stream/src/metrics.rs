@@ -28,6 +28,10 @@ pub struct PipelineMetrics {
     pub store_retries: AtomicU64,
     /// Milliseconds from event time to applied, for the latest batch's newest event.
     pub last_event_lag_ms: AtomicI64,
+    /// Partitions the store sink's consumer holds in its group (checked at most once a
+    /// second): fewer than its topics have while it joins, or when other instances share the
+    /// group.
+    pub sink_assigned_partitions: AtomicI64,
     /// Event time to committed in the store, every applied update, by [`UpdateKind`].
     pub event_to_applied: [LatencyHistogram; 2],
     /// Log append time of the record (its timestamp) to committed in the store: the sink's
@@ -283,6 +287,11 @@ impl PipelineMetrics {
             out,
             "# HELP kontext_event_lag_milliseconds Event time to store, newest event of the last batch.\n# TYPE kontext_event_lag_milliseconds gauge\nkontext_event_lag_milliseconds {}",
             self.last_event_lag_ms.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kontext_sink_assigned_partitions Partitions of the source topics the store sink holds in its consumer group (fewer than they have: still joining, or other instances share the group).\n# TYPE kontext_sink_assigned_partitions gauge\nkontext_sink_assigned_partitions {}",
+            self.sink_assigned_partitions.load(Ordering::Relaxed)
         );
         for (name, help, histograms) in [
             (

@@ -50,6 +50,9 @@ const MAX_GROUP: usize = 8 * MAX_BATCH;
 /// How long a poll waits for the first record.
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// How often the sink publishes its consumer's assignment
+/// ([`PipelineMetrics::sink_assigned_partitions`]).
+const ASSIGNMENT_CHECK: Duration = Duration::from_secs(1);
 
 /// Errors that stop the sink.
 #[derive(Debug, thiserror::Error)]
@@ -328,7 +331,15 @@ impl StoreSink {
         // store's write mark after it: committed once the store says that write is durable.
         let mut uncommitted: VecDeque<(u64, Vec<(TopicPartition, i64)>)> = VecDeque::new();
         let flusher = self.spawn_flusher(&shutdown);
+        let mut assignment_checked: Option<Instant> = None;
         loop {
+            if assignment_checked.is_none_or(|at| at.elapsed() >= ASSIGNMENT_CHECK) {
+                let held = feed.consumer.assignment().len() as i64;
+                self.metrics
+                    .sink_assigned_partitions
+                    .store(held, Ordering::Relaxed);
+                assignment_checked = Some(Instant::now());
+            }
             if feed.paused {
                 // The breaker closed (the batch in hand is written): consume again.
                 match feed.consumer.resume().await {

@@ -1210,3 +1210,52 @@ async fn a_store_that_reads_but_cannot_write_runs_out_the_probe_budget() {
         other => panic!("the sink should stop with the store's error: {other:?}"),
     }
 }
+
+/// Waits until `gauge` reads `want`.
+async fn until_gauge(metrics: &PipelineMetrics, want: i64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metrics.sink_assigned_partitions.load(Ordering::Relaxed) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the sink holds {} partitions, not {want}",
+            metrics.sink_assigned_partitions.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The sink publishes the partitions it holds in its group: on the real broker, a second
+/// member of the store's group (another instance sharing the store) takes one of the topic's
+/// two, and the first holds both again once it leaves. A rebuild reads this to refuse
+/// switching a store other instances write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_publishes_the_partitions_it_holds_on_kafka() {
+    let h = start(Backend::Kafka, |_| {}).await;
+    until_gauge(&h.metrics, 2, "alone").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = pipeline(&h.topic);
+    let other_metrics = Arc::new(PipelineMetrics::default());
+    let other = StoreSink::new(
+        h.log.clone(),
+        FailingStore::new(dir.path(), &config, Duration::ZERO),
+        Router::new(&config),
+        ConsumerConfig::new(format!("failures-{}", h.topic), vec![h.topic.clone()]),
+        other_metrics.clone(),
+    )
+    .with_config(&config);
+    let other_stop = CancellationToken::new();
+    let other_task = tokio::spawn(other.run(other_stop.clone()));
+    until_gauge(&h.metrics, 1, "sharing").await;
+    until_gauge(&other_metrics, 1, "the other member").await;
+
+    other_stop.cancel();
+    other_task.await.unwrap().unwrap();
+    until_gauge(&h.metrics, 2, "alone again").await;
+    let text = h.metrics.render();
+    assert!(
+        text.contains("kontext_sink_assigned_partitions 2"),
+        "{text}"
+    );
+    h.stop().await;
+}
