@@ -8,7 +8,7 @@
 #   scripts/kafka-tool.sh console-consumer --bootstrap-server 127.0.0.1:9092 --topic t --from-beginning
 #   scripts/kafka-tool.sh consumer-groups --bootstrap-server 127.0.0.1:9092 --describe --group g
 #
-# Tools: topics, console-producer, console-consumer, consumer-groups, configs, get-offsets,
+# Tools: topics, console-producer, console-consumer, consumer-groups, configs, acls, get-offsets,
 # broker-api-versions, metadata-quorum, transactions, delete-records, storage. The names of the
 # distribution's scripts work too (kafka-topics.sh); a fully qualified main class is run as is.
 # KAFKA_TOOL_OPTS adds JVM options (default -Xmx512m).
@@ -37,6 +37,7 @@ case "$tool" in
     console-consumer) main_class=org.apache.kafka.tools.consumer.ConsoleConsumer ;;
     consumer-groups) main_class=org.apache.kafka.tools.consumer.group.ConsumerGroupCommand ;;
     configs) main_class=kafka.admin.ConfigCommand ;;
+    acls) main_class=org.apache.kafka.tools.AclCommand ;;
     get-offsets | get-offset-shell) main_class=org.apache.kafka.tools.GetOffsetShell ;;
     broker-api-versions) main_class=org.apache.kafka.tools.BrokerApiVersionsCommand ;;
     metadata-quorum) main_class=org.apache.kafka.tools.MetadataQuorumCommand ;;

@@ -15,6 +15,13 @@
 # Environment:
 #   KAFKA_PORT             client port (default 9092)
 #   KAFKA_CONTROLLER_PORT  KRaft controller port (default KAFKA_PORT + 1)
+#   KAFKA_SASL_PORT        SASL_PLAINTEXT (SCRAM-SHA-512) client port (default KAFKA_PORT + 2)
+#
+# Two client listeners: PLAINTEXT on KAFKA_PORT, whose clients are the ANONYMOUS principal, a
+# super user; and SASL_PLAINTEXT with SCRAM-SHA-512 on KAFKA_SASL_PORT, where ACLs decide
+# (StandardAuthorizer; nothing is allowed without an ACL). Users and ACLs are added through the
+# PLAINTEXT listener: scripts/kafka-tool.sh configs / acls. A kontext deployment against a
+# secured cluster is tested that way (crates/kontext-cli/tests/kafka_security.rs).
 #   KAFKA_START_TIMEOUT    seconds to wait for the broker to answer (default 120)
 #   KAFKA_HEAP_OPTS        JVM heap of the broker (default -Xms256m -Xmx1g)
 #   KAFKA_CACHE_DIR        jars and run state (default scripts/.kafka)
@@ -25,6 +32,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/kafka/lib.sh"
 
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
+KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-$((KAFKA_PORT + 2))}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-120}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
 KAFKA_HOST=127.0.0.1
@@ -128,7 +136,7 @@ start() {
         >>"$LOG_FILE" 2>&1 </dev/null 8>&- &
 
     wait_until_ready
-    echo "kafka: started on $KAFKA_HOST:$KAFKA_PORT (pid $(cat "$PID_FILE"), log $LOG_FILE)"
+    echo "kafka: started on $KAFKA_HOST:$KAFKA_PORT, SASL/SCRAM on $KAFKA_HOST:$KAFKA_SASL_PORT (pid $(cat "$PID_FILE"), log $LOG_FILE)"
 }
 
 # Ready means a real client round trip works, not just an open port: the tools' admin client
@@ -223,11 +231,16 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT
+advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:ANONYMOUS
+allow.everyone.if.no.acl.found=false
 log.dirs=$data_dir/data
 metadata.log.dir=$data_dir/metadata
 num.partitions=12

@@ -34,6 +34,8 @@ if ! scripts/postgres.sh status >/dev/null 2>&1; then
 fi
 
 export KONTEXT_TEST_KAFKA="${KONTEXT_TEST_KAFKA:-127.0.0.1:9092}"
+# The same broker's SASL_PLAINTEXT/SCRAM listener, where ACLs decide (tests/kafka_security.rs).
+export KONTEXT_TEST_KAFKA_SASL="${KONTEXT_TEST_KAFKA_SASL:-127.0.0.1:9094}"
 export KONTEXT_TEST_POSTGRES="${KONTEXT_TEST_POSTGRES:-$(scripts/postgres.sh url)}"
 
 echo "== cargo fmt --check"

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use kontext_core::config::{FsyncMode, LogConfig, PipelineConfig, StoreConfig, StoreKind};
+use kontext_core::config::{
+    resolve_env, FsyncMode, LogConfig, PipelineConfig, StoreConfig, StoreKind,
+};
 use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog, FsyncPolicy};
 use kontext_log::{ConsumerConfig, CreateOutcome, Log, Retention, TopicSpec};
@@ -49,8 +51,15 @@ pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dy
             properties,
             ..
         } => {
+            let properties = properties
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), resolve_env(v, &format!("log.properties.{k}"))?)))
+                .collect::<Result<_, String>>()
+                .map_err(anyhow::Error::msg)?;
             let kafka = KafkaConfig {
-                properties: properties.clone(),
+                properties,
+                // Under the prefix of the pipeline's other groups, for clusters with ACLs.
+                reader_group: format!("kontext.{}.reader", config.name),
                 ..KafkaConfig::new(bootstrap_servers.clone())
             };
             let log = KafkaLog::new(kafka)

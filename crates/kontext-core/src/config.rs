@@ -355,15 +355,7 @@ impl StoreConfig {
         let Some(url) = &self.url else {
             return Ok(None);
         };
-        match url.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
-            Some(var) => std::env::var(var).map(Some).map_err(|_| {
-                format!(
-                    "store {:?}: url names the environment variable {var}, which is not set",
-                    self.name
-                )
-            }),
-            None => Ok(Some(url.clone())),
-        }
+        resolve_env(url, &format!("store {:?}: url", self.name)).map(Some)
     }
 
     /// `kind: postgres` only: the PostgreSQL schema of version `version` of the store, as
@@ -1015,6 +1007,16 @@ fn join_or_none(names: &BTreeSet<&str>) -> String {
         "none".into()
     } else {
         names.iter().copied().collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// `value`, or, when it is a whole `${VAR}` reference, the environment variable `VAR`, so that
+/// a secret need not be in the pipeline file (`what` names the setting in the error).
+pub fn resolve_env(value: &str, what: &str) -> Result<String, String> {
+    match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+        Some(var) => std::env::var(var)
+            .map_err(|_| format!("{what} names the environment variable {var}, which is not set")),
+        None => Ok(value.to_string()),
     }
 }
 

@@ -49,6 +49,14 @@ pub struct KafkaConfig {
     #[serde(default = "default_metadata_max_age", with = "kontext_core::duration")]
     pub metadata_max_age: Duration,
 
+    /// `group.id` of the clients that read a partition's range without joining a group
+    /// ([`kontext_log::Log::read_partition`]: restores, the dead-letter tools, lag). They never
+    /// commit, but librdkafka still looks up the group's coordinator, which on a cluster with
+    /// ACLs needs DESCRIBE on the group: a pipeline sets `kontext.<pipeline>.reader`, under
+    /// the prefix of its other groups.
+    #[serde(default = "default_reader_group")]
+    pub reader_group: String,
+
     /// Extra librdkafka settings applied to every client (producer, consumers, admin):
     /// `security.protocol`, `sasl.*`, `ssl.*`, `compression.type`, `linger.ms` ... The
     /// settings that carry kontext's guarantees (see [`RESERVED_PROPERTIES`]) are rejected.
@@ -81,6 +89,7 @@ impl KafkaConfig {
             replication_factor: None,
             request_timeout: default_request_timeout(),
             metadata_max_age: default_metadata_max_age(),
+            reader_group: default_reader_group(),
             properties: BTreeMap::new(),
         }
     }
@@ -268,6 +277,10 @@ impl ClientRole {
 
 fn default_client_id() -> String {
     "kontext".to_string()
+}
+
+fn default_reader_group() -> String {
+    "kontext-partition-reader".to_string()
 }
 
 fn default_request_timeout() -> Duration {

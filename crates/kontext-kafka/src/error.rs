@@ -31,7 +31,7 @@ pub fn log_error(context: &str, err: KafkaError) -> LogError {
     match code {
         Some(code) if is_unavailable(code) => LogError::Unavailable(format!("{context}: {err}")),
         Some(code) => LogError::Kafka {
-            message: format!("{context}: {err}"),
+            message: format!("{context}: {err}{}", acl_hint(code)),
             transient: is_transient(code) && !is_fatal_variant(&err),
         },
         // Errors without a code: bad configuration, client creation, FFI (permanent), or a
@@ -49,9 +49,23 @@ pub fn code_error(context: &str, code: RDKafkaErrorCode) -> LogError {
         LogError::Unavailable(format!("{context}: {code}"))
     } else {
         LogError::Kafka {
-            message: format!("{context}: {code}"),
+            message: format!("{context}: {code}{}", acl_hint(code)),
             transient: is_transient(code),
         }
+    }
+}
+
+/// What to do about an authorization failure: the principal lacks an ACL.
+fn acl_hint(code: RDKafkaErrorCode) -> &'static str {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::TopicAuthorizationFailed
+        | C::GroupAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::TransactionalIdAuthorizationFailed => {
+            " (the cluster's ACLs do not allow this to kontext's principal: docs/kafka-security.md lists the ACLs a pipeline needs)"
+        }
+        _ => "",
     }
 }
 
@@ -173,6 +187,19 @@ mod tests {
             let err = log_error("produce", KafkaError::MessageProduction(code));
             assert!(!err.is_transient(), "{code:?} should be permanent");
         }
+    }
+
+    #[test]
+    fn authorization_failures_point_at_the_acls_a_pipeline_needs() {
+        let err = code_error("creating topic", RDKafkaErrorCode::TopicAuthorizationFailed);
+        assert!(err.to_string().contains("docs/kafka-security.md"), "{err}");
+        let err = log_error(
+            "joining",
+            KafkaError::MessageConsumption(RDKafkaErrorCode::GroupAuthorizationFailed),
+        );
+        assert!(err.to_string().contains("ACLs"), "{err}");
+        let err = code_error("creating topic", RDKafkaErrorCode::TopicAlreadyExists);
+        assert!(!err.to_string().contains("ACLs"), "{err}");
     }
 
     #[test]

@@ -21,8 +21,12 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use crate::config::{ClientRole, KafkaConfig};
 use crate::consumer::{to_record, GroupConsumer, GroupContext, KafkaConsumer};
 use crate::error::{code_error, log_error};
-use crate::metadata::{blocking, MetadataClient, PartitionCounts};
+use crate::metadata::{blocking, MetadataClient, PartitionCounts, WatchContext};
 use crate::producer::{KafkaProducer, KafkaTransactionalProducer};
+
+/// How long [`KafkaLog::explained`] waits for the metadata client to connect: a SASL handshake
+/// fails within a second.
+const AUTH_PROBE: Duration = Duration::from_secs(3);
 
 /// The Kafka backend of the kontext [`Log`]. Creating it connects to nothing yet: librdkafka
 /// connects on first use, so an unreachable cluster shows up as [`LogError::Unavailable`]
@@ -45,10 +49,10 @@ impl KafkaLog {
             &config.base_client_config(ClientRole::Admin),
             "creating the admin client",
         )?;
-        let metadata_client: BaseConsumer = create(
-            &config.base_client_config(ClientRole::Admin),
-            "creating the metadata client",
-        )?;
+        let metadata_client: BaseConsumer<WatchContext> = config
+            .base_client_config(ClientRole::Admin)
+            .create_with_context(WatchContext::default())
+            .map_err(|e| config_error("creating the metadata client", e))?;
         let metadata = Arc::new(MetadataClient::new(metadata_client, config.request_timeout));
         let partitions = Arc::new(PartitionCounts::new(
             metadata.clone(),
@@ -136,16 +140,26 @@ impl KafkaLog {
     }
 }
 
-#[async_trait]
-impl Log for KafkaLog {
-    fn backend(&self) -> &'static str {
-        "kafka"
+impl KafkaLog {
+    /// `result`, unless it failed for want of the cluster (a timeout, no broker reachable)
+    /// while the cluster was refusing the credentials: then that, which retrying will not
+    /// change, instead of a timeout that retrying seems to promise to fix.
+    async fn explained<T>(&self, result: Result<T, LogError>) -> Result<T, LogError> {
+        let e = match result {
+            Err(e) if e.is_transient() => e,
+            other => return other,
+        };
+        match self.metadata.refused_credentials(AUTH_PROBE).await {
+            Some(reason) => Err(LogError::Kafka {
+                message: format!("the cluster refuses the credentials ({reason}): check `security.protocol`, `sasl.mechanism`, `sasl.username` and `sasl.password` in the log's properties; {e}"),
+                transient: false,
+            }),
+            None => Err(e),
+        }
     }
 
-    /// Creates the topic with `cleanup.policy=compact` if asked, and with `retention.ms` /
-    /// `retention.bytes` set explicitly (-1 for `None`): Kafka's defaults (7 days, unlimited)
-    /// would otherwise silently differ from the spec's "unlimited".
-    async fn create_topic(&self, spec: &TopicSpec) -> Result<CreateOutcome, LogError> {
+    /// [`Log::create_topic`], without [`KafkaLog::explained`].
+    async fn create_topic_now(&self, spec: &TopicSpec) -> Result<CreateOutcome, LogError> {
         if spec.partitions < 1 {
             return Err(LogError::Invalid(format!(
                 "topic {:?} needs at least one partition, got {}",
@@ -212,7 +226,8 @@ impl Log for KafkaLog {
         }
     }
 
-    async fn list_topics(&self) -> Result<Vec<String>, LogError> {
+    /// [`Log::list_topics`], without [`KafkaLog::explained`].
+    async fn list_topics_now(&self) -> Result<Vec<String>, LogError> {
         let mut names: Vec<String> = self
             .metadata
             .topics()
@@ -223,6 +238,43 @@ impl Log for KafkaLog {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    /// [`Log::describe_topic`], without [`KafkaLog::explained`].
+    async fn describe_topic_now(&self, topic: &str) -> Result<TopicDescription, LogError> {
+        let partitions = self
+            .metadata
+            .partitions(topic)
+            .await?
+            .ok_or_else(|| LogError::UnknownTopic(topic.to_string()))?;
+        let (compacted, retention) = self.topic_config(topic).await?;
+        let partitions = self.metadata.watermarks(topic, partitions).await?;
+        Ok(TopicDescription {
+            name: topic.to_string(),
+            compacted,
+            retention,
+            partitions,
+        })
+    }
+}
+
+#[async_trait]
+impl Log for KafkaLog {
+    fn backend(&self) -> &'static str {
+        "kafka"
+    }
+
+    /// Creates the topic with `cleanup.policy=compact` if asked, and with `retention.ms` /
+    /// `retention.bytes` set explicitly (-1 for `None`): Kafka's defaults (7 days, unlimited)
+    /// would otherwise silently differ from the spec's "unlimited".
+    async fn create_topic(&self, spec: &TopicSpec) -> Result<CreateOutcome, LogError> {
+        let result = self.create_topic_now(spec).await;
+        self.explained(result).await
+    }
+
+    async fn list_topics(&self) -> Result<Vec<String>, LogError> {
+        let result = self.list_topics_now().await;
+        self.explained(result).await
     }
 
     /// A client that never joins a group: `assign` at `from`, read until `to` or the end of
@@ -240,7 +292,7 @@ impl Log for KafkaLog {
         }
         let mut config = self
             .config
-            .consumer_config("kontext-partition-reader", Default::default());
+            .consumer_config(&self.config.reader_group, Default::default());
         config.set("enable.partition.eof", "true");
         let reader: BaseConsumer<ReaderContext> = config
             .create_with_context(ReaderContext)
@@ -287,19 +339,8 @@ impl Log for KafkaLog {
     }
 
     async fn describe_topic(&self, topic: &str) -> Result<TopicDescription, LogError> {
-        let partitions = self
-            .metadata
-            .partitions(topic)
-            .await?
-            .ok_or_else(|| LogError::UnknownTopic(topic.to_string()))?;
-        let (compacted, retention) = self.topic_config(topic).await?;
-        let partitions = self.metadata.watermarks(topic, partitions).await?;
-        Ok(TopicDescription {
-            name: topic.to_string(),
-            compacted,
-            retention,
-            partitions,
-        })
+        let result = self.describe_topic_now(topic).await;
+        self.explained(result).await
     }
 
     async fn producer(&self) -> Result<Arc<dyn Producer>, LogError> {

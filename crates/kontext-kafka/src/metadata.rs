@@ -10,24 +10,88 @@ use std::time::{Duration, Instant};
 
 use kontext_log::{LogError, PartitionInfo};
 use parking_lot::Mutex;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
 
 use crate::error::{code_error, log_error};
 
+/// The metadata client's context: logs as librdkafka's default does, and keeps the latest
+/// SASL handshake the broker refused (librdkafka's `FAIL` log line "SASL authentication
+/// error: <the broker's reason>"; the wording is librdkafka's, pinned by the bundled version,
+/// and the end-to-end test `a_wrong_password_stops_the_pipeline_and_says_why` fails if it
+/// changes).
+#[derive(Default)]
+pub(crate) struct WatchContext {
+    refused: Mutex<Option<(Instant, String)>>,
+}
+
+impl WatchContext {
+    fn refused_since(&self, since: Instant) -> Option<String> {
+        self.refused
+            .lock()
+            .as_ref()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, reason)| reason.clone())
+    }
+}
+
+impl ClientContext for WatchContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if fac == "FAIL" {
+            // The broker's answer, not a connection lost mid-handshake (librdkafka's own
+            // errors read "Local: ...": "SaslAuthenticateRequest failed: Local: Broker
+            // transport failure"), which an outage causes and retrying fixes.
+            match log_message.split_once("SASL authentication error: ") {
+                Some((_, reason)) if !reason.contains("Local: ") => {
+                    *self.refused.lock() = Some((Instant::now(), reason.to_string()));
+                }
+                _ => {}
+            }
+        }
+        DefaultClientContext.log(level, fac, log_message);
+    }
+}
+
+impl ConsumerContext for WatchContext {}
+
 /// A group-less consumer used only for metadata and watermark requests (a consumer, not an
 /// admin client, because librdkafka offers `query_watermark_offsets` on consumers).
 pub(crate) struct MetadataClient {
-    client: Arc<BaseConsumer>,
+    client: Arc<BaseConsumer<WatchContext>>,
     timeout: Duration,
 }
 
 impl MetadataClient {
-    pub(crate) fn new(client: BaseConsumer, timeout: Duration) -> Self {
+    pub(crate) fn new(client: BaseConsumer<WatchContext>, timeout: Duration) -> Self {
         Self {
             client: Arc::new(client),
             timeout,
         }
+    }
+
+    /// Whether the cluster refuses this client's credentials, and why: asks it for its brokers
+    /// (waiting at most `timeout`), then serves the client's pending events. The calls just
+    /// time out when a SASL handshake fails; librdkafka says why only in a `FAIL` log event
+    /// (its error event does not reach a consumer's poll), which serving the events hands to
+    /// [`WatchContext`].
+    pub(crate) async fn refused_credentials(&self, timeout: Duration) -> Option<String> {
+        let client = self.client.clone();
+        let since = Instant::now();
+        blocking(move || {
+            let _ = client.fetch_metadata(None, timeout);
+            // A consumer without an assignment returns only events; a few are enough.
+            for _ in 0..16 {
+                if client.poll(Duration::ZERO).is_none() {
+                    break;
+                }
+            }
+            Ok(client.context().refused_since(since))
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Every topic with its partition ids, sorted by partition.
@@ -171,4 +235,32 @@ fn sorted_partitions(topic: &rdkafka::metadata::MetadataTopic) -> Vec<i32> {
     let mut ids: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
     ids.sort_unstable();
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refusal by the broker is kept; a connection lost during the handshake (an outage,
+    /// which retrying fixes) and other failures are not.
+    #[test]
+    fn only_a_refused_handshake_counts_as_refused_credentials() {
+        let context = WatchContext::default();
+        let since = Instant::now();
+        for line in [
+            "sasl_plaintext://b:9094/bootstrap: SASL authentication error: SaslAuthenticateRequest failed: Local: Broker transport failure (after 0ms in state DOWN)",
+            "sasl_plaintext://b:9094/bootstrap: Connect to ipv4#127.0.0.1:9094 failed: Connection refused",
+        ] {
+            context.log(RDKafkaLogLevel::Error, "FAIL", line);
+        }
+        assert_eq!(context.refused_since(since), None);
+        context.log(RDKafkaLogLevel::Error, "FAIL", "sasl_plaintext://b:9094/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 320ms in state AUTH_REQ)");
+        let reason = context.refused_since(since).unwrap();
+        assert!(reason.starts_with("Authentication failed"), "{reason}");
+        assert_eq!(
+            context.refused_since(Instant::now()),
+            None,
+            "older than asked"
+        );
+    }
 }

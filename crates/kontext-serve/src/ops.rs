@@ -12,9 +12,9 @@ use serde_json::json;
 use crate::{ApiError, AppState, LagSource};
 
 /// `GET /v1/lag`: how far the store is behind the log. Per partition of the store's topics,
-/// the high watermark minus the next offset the store will apply (the store's own offsets are
-/// the truth, not the group's commits); per partition of each upstream group (the
-/// processor's), the high watermark minus its committed offset. `total_lag` sums both, so 0
+/// the records from the next offset the store will apply to the high watermark (the store's
+/// own offsets are the truth, not the group's commits); per partition of each upstream group
+/// (the processor's), from its committed offset ([`partition_lags`]). `total_lag` sums both, so 0
 /// means the store holds everything the log implies now, feature and join outputs included.
 pub(crate) async fn lag(
     State(state): State<AppState>,
@@ -63,8 +63,13 @@ pub(crate) async fn lag(
     })))
 }
 
+/// Below this many offsets of difference, a partition's lag is counted in records read
+/// (transaction markers and aborted records are offsets, not records).
+const MARKER_GAP: i64 = 64;
+
 /// Per partition of `topics`: its high watermark, the next offset `next` names (`field`; none
-/// or below the low watermark: the low watermark) and the difference; and their sum.
+/// or below the low watermark: the low watermark) and the records between them (the offsets'
+/// difference when it is above [`MARKER_GAP`]); and their sum.
 async fn partition_lags(
     source: &LagSource,
     topics: &[String],
@@ -85,7 +90,20 @@ async fn partition_lags(
                 .copied()
                 .unwrap_or(0)
                 .max(p.low_watermark);
-            let lag = (p.high_watermark - at).max(0);
+            let mut lag = (p.high_watermark - at).max(0);
+            if lag > 0 && lag <= MARKER_GAP {
+                // A topic written in Kafka transactions (`exactly_once`) ends with a commit
+                // marker, and aborted records are never delivered: offsets a consumer never
+                // sees. Count the records still to read instead (a failed read keeps the
+                // offsets' difference).
+                if let Ok(records) = source
+                    .log
+                    .read_partition(topic, p.partition, at, p.high_watermark)
+                    .await
+                {
+                    lag = records.len() as i64;
+                }
+            }
             total += lag;
             partitions.push(json!({"topic": topic, "partition": p.partition, "high_watermark": p.high_watermark, field: at, "lag": lag}));
         }

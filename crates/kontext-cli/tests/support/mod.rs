@@ -125,14 +125,15 @@ pub async fn wait_for_zero_lag(port: u16, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let url = format!("http://127.0.0.1:{port}/v1/lag");
     loop {
-        if let Some((200, body)) = get_json(&url).await {
+        let answer = get_json(&url).await;
+        if let Some((200, body)) = &answer {
             if body["total_lag"] == 0 {
                 return;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "lag did not reach zero within {timeout:?}"
+            "lag did not reach zero within {timeout:?}: {answer:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -370,3 +370,32 @@ fn postgres_stores_rebuild_into_schemas_of_their_own() {
         "{err}"
     );
 }
+
+#[test]
+fn a_whole_env_reference_is_resolved_and_a_missing_one_named() {
+    std::env::set_var("KONTEXT_TEST_RESOLVE_ENV", "s3cret");
+    assert_eq!(
+        resolve_env(
+            "${KONTEXT_TEST_RESOLVE_ENV}",
+            "log.properties.sasl.password"
+        )
+        .unwrap(),
+        "s3cret"
+    );
+    assert_eq!(resolve_env("plain", "x").unwrap(), "plain");
+    assert_eq!(
+        resolve_env("a${B}", "x").unwrap(),
+        "a${B}",
+        "only a whole reference"
+    );
+    let err = resolve_env(
+        "${KONTEXT_TEST_NOT_SET_ANYWHERE}",
+        "log.properties.sasl.password",
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("log.properties.sasl.password")
+            && err.contains("KONTEXT_TEST_NOT_SET_ANYWHERE"),
+        "{err}"
+    );
+}
