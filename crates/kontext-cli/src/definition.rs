@@ -187,7 +187,10 @@ pub fn discard_abandoned(data_dir: &Path, store: &str, current: u64) -> Result<(
                 .is_some_and(|v| v != current),
         };
         if abandoned {
-            rebuild::remove_if_present(&entry.path())?;
+            // Never read: `record_rebuilt` writes a version's file before its sink starts.
+            if let Err(e) = rebuild::remove_if_present(&entry.path()) {
+                warn!(error = %format!("{e:#}"), "cannot delete an abandoned definition file; leaving it");
+            }
         }
     }
     Ok(())

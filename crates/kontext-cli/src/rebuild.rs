@@ -234,7 +234,13 @@ impl Job {
         )
         .await?;
         // Before its sink starts: a failure here leaves nothing switched.
-        definition::record_rebuilt(&self.config, store_config, &self.data_dir, target)?;
+        if let Err(e) =
+            definition::record_rebuilt(&self.config, store_config, &self.data_dir, target)
+        {
+            drop(green);
+            let _ = discard_version(store_config, &self.data_dir, target).await;
+            return Err(e);
+        }
         let group = format!(
             "{}.rebuild.v{target}",
             self.config.store_group(&store_config.name)
@@ -308,31 +314,26 @@ impl Job {
         }
     }
 
-    /// A PostgreSQL store whose live sink does not hold every partition of the pipeline's
-    /// source topics in its group is fed by other instances too: a rebuild here would switch
-    /// only this instance (the version pointer is a file of its data directory) and then drop
-    /// the version the others still write. Refused, saying so.
+    /// A PostgreSQL store other instances feed too (its consumer group has other members): a
+    /// rebuild here would switch only this instance (the version pointer is a file of its data
+    /// directory) and then drop the version the others still write. Checked when the rebuild
+    /// starts and before every attempt to switch, so an instance that joined meanwhile fails
+    /// the rebuild before anything is dropped.
     async fn refuse_a_shared_store(&self) -> Result<()> {
         if self.slot.config.kind != StoreKind::Postgres {
             return Ok(());
         }
-        let mut total = 0;
-        for topic in self.config.source_topics() {
-            total += self.log.describe_topic(&topic).await?.partitions.len();
-        }
+        let group = self.config.store_group(&self.slot.config.name);
+        let members = self.log.group_members(&group).await?;
         let held = self
             .slot
             .metrics
             .sink_assigned_partitions
             .load(std::sync::atomic::Ordering::Relaxed);
-        if usize::try_from(held).unwrap_or(0) < total {
-            anyhow::bail!(
-                "the sink of store {:?} holds {held} of the {total} partitions of its consumer group {:?}: other instances of this pipeline feed this PostgreSQL store too (or this one is still joining the group: try again in a few seconds). A rebuild here would switch only this instance and drop the version the others write. Stop the other instances, rebuild, then start them again",
-                self.slot.config.name,
-                self.config.store_group(&self.slot.config.name)
-            );
+        match shared_store_refusal(&self.slot.config.name, &group, members, held) {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Deletes the rebuild's consumer group, waiting (unless shutting down) for a Kafka member
@@ -387,6 +388,7 @@ impl Job {
                 }
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
             }
+            self.refuse_a_shared_store().await?;
             let applied: i64 = green.applied_offsets().await?.values().sum();
             let total = high_watermarks(self.log.as_ref(), &self.config).await?;
             {
@@ -404,6 +406,23 @@ impl Job {
             }
         }
     }
+}
+
+/// Why a PostgreSQL store's rebuild must not run here, if it must not: its consumer group
+/// `group` has other members than this instance's live sink (`members`, `None` where groups
+/// are exclusive), or one member while that sink holds no partition (`held`): another
+/// instance, or this one still joining.
+fn shared_store_refusal(
+    store: &str,
+    group: &str,
+    members: Option<usize>,
+    held: i64,
+) -> Option<String> {
+    let members = members?;
+    let shared = members > 1 || (members == 1 && held <= 0);
+    shared.then(|| format!(
+        "store {store:?} is fed by {members} member(s) of its consumer group {group:?}, and this instance's sink holds {held} partition(s): other instances of this pipeline feed this PostgreSQL store too (or this one is still joining the group: try again in a few seconds). A rebuild here would switch only this instance and drop the version the others write. Stop the other instances, rebuild, then start them again"
+    ))
 }
 
 /// The task feeding a rebuild's new version.
@@ -978,44 +997,33 @@ mod tests {
             .sum()
     }
 
-    /// A PostgreSQL store whose live sink holds only some of its group's partitions is fed by
-    /// other instances too: the rebuild is refused before it creates anything, saying why.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_postgres_store_other_instances_feed_is_not_rebuilt_here() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = crate::quickstart::builtin_pipeline().unwrap();
-        let log = embedded_log(dir.path(), EmbeddedConfig::default());
-        let served = Served::open(dir.path(), &config, log.clone()).await;
-        // The slot of a PostgreSQL store (never opened: the check comes first) whose sink
-        // holds 3 partitions.
-        let mut store_config = served.slot.config.clone();
-        store_config.kind = StoreKind::Postgres;
-        store_config.url = Some("postgres://nowhere.invalid/kontext".into());
-        let slot = Arc::new(StoreSlot {
-            config: store_config,
-            store: served.slot.store.clone(),
-            version: Mutex::new(0),
-            metrics: Arc::new(PipelineMetrics::default()),
-        });
-        slot.metrics
-            .sink_assigned_partitions
-            .store(3, std::sync::atomic::Ordering::Relaxed);
-        let rebuilds = Rebuilds::new(
-            config.clone(),
-            dir.path().to_path_buf(),
-            log,
-            BTreeMap::from([(served.name.clone(), slot.clone())]),
-            served.shutdown.clone(),
+    /// A PostgreSQL store's group with another member than this instance's sink (or one
+    /// member while this sink holds nothing: another instance, or this one joining) refuses
+    /// the rebuild; a group of this sink alone, and an embedded log (exclusive groups), do not.
+    #[test]
+    fn a_store_other_instances_feed_is_refused() {
+        let refuse =
+            |members, held| shared_store_refusal("pg", "kontext.p.store.pg", members, held);
+        assert_eq!(refuse(Some(1), 12), None);
+        assert_eq!(
+            refuse(Some(0), 0),
+            None,
+            "not joined at all: nobody else either"
         );
-        rebuilds.start_rebuild(&served.name).unwrap();
-        let status = || rebuilds.rebuild_status(&served.name).unwrap();
-        let failed = wait_for(status, RebuildState::Failed).await;
-        let error = failed.error.unwrap_or_default();
-        assert!(error.contains("holds 3 of the"), "{error}");
-        assert!(error.contains("other instances"), "{error}");
-        assert_eq!(failed.current_version, 0);
-        assert!(Arc::ptr_eq(&slot.store.current(), &served.blue));
-        assert!(!definition::path(dir.path(), &served.name, 1).exists());
+        assert_eq!(refuse(None, 0), None);
+        let why = refuse(Some(2), 6).unwrap();
+        assert!(
+            why.contains("2 member(s)") && why.contains("other instances"),
+            "{why}"
+        );
+        assert!(
+            refuse(Some(3), 0).is_some(),
+            "more instances than partitions"
+        );
+        assert!(
+            refuse(Some(1), 0).is_some(),
+            "the one member is not this sink (yet)"
+        );
     }
 
     /// A source topic that lost history (compacted here; retention likewise) still rebuilds

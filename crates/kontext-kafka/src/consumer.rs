@@ -305,7 +305,8 @@ impl Consumer for KafkaConsumer {
     }
 
     fn assignment(&self) -> Vec<TopicPartition> {
-        // librdkafka answers from its local state; an error here only means "not assigned".
+        // A request to librdkafka's main thread (short, but it blocks this thread meanwhile);
+        // an error here only means "not assigned".
         let Some(Ok(list)) = self.consumer.as_ref().map(|c| c.assignment()) else {
             return Vec::new();
         };

@@ -486,6 +486,11 @@ impl Log for KafkaLog {
         .await
     }
 
+    /// DescribeGroups through the metadata client (DESCRIBE on the group).
+    async fn group_members(&self, group: &str) -> Result<Option<usize>, LogError> {
+        self.metadata.group_members(group).await.map(Some)
+    }
+
     async fn delete_group(&self, group: &str) -> Result<(), LogError> {
         let results = self
             .admin

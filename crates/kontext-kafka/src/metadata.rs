@@ -94,6 +94,24 @@ impl MetadataClient {
         .flatten()
     }
 
+    /// The members of consumer group `group` now (0 when it has none or does not exist).
+    pub(crate) async fn group_members(&self, group: &str) -> Result<usize, LogError> {
+        let client = self.client.clone();
+        let (group, timeout) = (group.to_string(), self.timeout);
+        blocking(move || {
+            let list = client
+                .fetch_group_list(Some(&group), timeout)
+                .map_err(|e| log_error(&format!("describing group {group:?}"), e))?;
+            Ok(list
+                .groups()
+                .iter()
+                .filter(|g| g.name() == group)
+                .map(|g| g.members().len())
+                .sum())
+        })
+        .await
+    }
+
     /// Every topic with its partition ids, sorted by partition.
     pub(crate) async fn topics(&self) -> Result<Vec<(String, Vec<i32>)>, LogError> {
         let client = self.client.clone();

@@ -441,6 +441,9 @@ async fn two_members_of_a_group_split_the_partitions_and_each_record_goes_to_one
             "group did not settle: {pa:?} {pb:?}"
         );
     }
+    // DescribeGroups sees both members (a rebuild refuses a store other instances feed).
+    assert_eq!(log.group_members(&group).await.unwrap(), Some(2));
+    assert_eq!(log.group_members(&unique("nobody")).await.unwrap(), Some(0));
     let producer = log.producer().await.unwrap();
     producer
         .send((0..400).map(|i| keyed(&topic, i)).collect())

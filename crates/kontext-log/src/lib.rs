@@ -96,6 +96,14 @@ pub trait Log: Send + Sync + 'static {
         )))
     }
 
+    /// How many members the consumer group `group` has now (0 for a group without members or
+    /// unknown to the log), or `None` where a group cannot have more than one (the embedded
+    /// log's groups are exclusive to one consumer).
+    async fn group_members(&self, group: &str) -> Result<Option<usize>, LogError> {
+        let _ = group;
+        Ok(None)
+    }
+
     /// Deletes a consumer group that has no active member, with its committed offsets, like
     /// `kafka-consumer-groups --delete`: what a finished job (a store rebuild) does with the
     /// group it used. [`LogError::GroupBusy`] while a member is active; a group that does not
