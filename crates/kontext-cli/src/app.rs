@@ -427,6 +427,7 @@ pub async fn start_pipeline(
         group: config.store_group(&served.name),
         topics: config.source_topics(),
         upstream: kontext_stream::processor::consumer_stages(config),
+        transactional: config.log.exactly_once(),
     })
     .with_admin(Arc::new(Rebuilds::new(
         config.clone(),

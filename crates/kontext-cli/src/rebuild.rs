@@ -35,6 +35,8 @@ use tracing::{info, warn};
 
 use crate::{app, definition};
 
+/// How often a running rebuild of a PostgreSQL store counts the members of the store's group.
+const MEMBER_CHECK: Duration = Duration::from_secs(10);
 /// How often a running rebuild samples its progress and tries to switch.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// How long a finished rebuild waits for its consumer to have left its group before deleting
@@ -218,7 +220,7 @@ impl Job {
     /// `Ok(true)` once switched, `Ok(false)` if interrupted.
     async fn rebuild(&self, target: u64) -> Result<bool> {
         let store_config = &self.slot.config;
-        self.refuse_a_shared_store().await?;
+        self.refuse_a_shared_store(false).await?;
         let warnings = history_warnings(self.log.as_ref(), &self.config).await?;
         for warning in &warnings {
             warn!(store = %store_config.name, "{warning}");
@@ -316,21 +318,37 @@ impl Job {
 
     /// A PostgreSQL store other instances feed too (its consumer group has other members): a
     /// rebuild here would switch only this instance (the version pointer is a file of its data
-    /// directory) and then drop the version the others still write. Checked when the rebuild
-    /// starts and before every attempt to switch, so an instance that joined meanwhile fails
-    /// the rebuild before anything is dropped.
-    async fn refuse_a_shared_store(&self) -> Result<()> {
+    /// directory) and then drop the version the others still write. Checked strictly when the
+    /// rebuild starts (a lookup that fails refuses too), and then every [`MEMBER_CHECK`]
+    /// while it runs (`during`), where only another member counts (the live sink holds
+    /// nothing for a moment whenever its own group rebalances) and a failed lookup is only
+    /// logged: an instance that joined meanwhile fails the rebuild before anything is dropped,
+    /// unless it joined within the last check's interval before the switch.
+    async fn refuse_a_shared_store(&self, during: bool) -> Result<()> {
         if self.slot.config.kind != StoreKind::Postgres {
             return Ok(());
         }
-        let group = self.config.store_group(&self.slot.config.name);
-        let members = self.log.group_members(&group).await?;
-        let held = self
-            .slot
-            .metrics
-            .sink_assigned_partitions
-            .load(std::sync::atomic::Ordering::Relaxed);
-        match shared_store_refusal(&self.slot.config.name, &group, members, held) {
+        let name = &self.slot.config.name;
+        let group = self.config.store_group(name);
+        let members = match self.log.group_members(&group).await {
+            Ok(members) => members,
+            Err(e) if during => {
+                warn!(store = %name, %group, error = %e, "cannot count the members of the store's group; checking again later");
+                return Ok(());
+            }
+            Err(e) => {
+                anyhow::bail!("cannot tell whether other instances feed store {name:?} (describing its consumer group {group:?}): {e}")
+            }
+        };
+        let held = if during {
+            i64::MAX
+        } else {
+            self.slot
+                .metrics
+                .sink_assigned_partitions
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        match shared_store_refusal(name, &group, members, held) {
             Some(why) => Err(anyhow::anyhow!(why)),
             None => Ok(()),
         }
@@ -365,6 +383,7 @@ impl Job {
         green: &Arc<dyn ContextStore>,
         feeding: &mut Option<SinkTask>,
     ) -> Result<Option<Arc<dyn ContextStore>>> {
+        let mut members_checked = tokio::time::Instant::now();
         loop {
             let Some(running) = feeding.as_mut() else {
                 anyhow::bail!("the rebuild's sink is not running");
@@ -388,7 +407,10 @@ impl Job {
                 }
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
             }
-            self.refuse_a_shared_store().await?;
+            if members_checked.elapsed() >= MEMBER_CHECK {
+                self.refuse_a_shared_store(true).await?;
+                members_checked = tokio::time::Instant::now();
+            }
             let applied: i64 = green.applied_offsets().await?.values().sum();
             let total = high_watermarks(self.log.as_ref(), &self.config).await?;
             {

@@ -46,8 +46,13 @@ fn kafka_tool(tool: &str, args: &[&str]) -> String {
     stdout
 }
 
-/// A SCRAM-SHA-512 user.
+/// A SCRAM-SHA-512 user (and a check that the broker has the SASL listener).
 fn add_user(name: &str, password: &str) {
+    let addr = sasl();
+    assert!(
+        std::net::TcpStream::connect(&addr).is_ok(),
+        "no SASL listener on {addr}: a broker started before scripts/kafka.sh had one? `scripts/kafka.sh restart`"
+    );
     let scram = format!("SCRAM-SHA-512=[iterations=4096,password={password}]");
     kafka_tool(
         "configs",

@@ -24,17 +24,7 @@ use crate::error::{code_error, log_error};
 /// changes).
 #[derive(Default)]
 pub(crate) struct WatchContext {
-    refused: Mutex<Option<(Instant, String)>>,
-}
-
-impl WatchContext {
-    fn refused_since(&self, since: Instant) -> Option<String> {
-        self.refused
-            .lock()
-            .as_ref()
-            .filter(|(at, _)| *at >= since)
-            .map(|(_, reason)| reason.clone())
-    }
+    refused: Mutex<Option<String>>,
 }
 
 impl ClientContext for WatchContext {
@@ -45,7 +35,7 @@ impl ClientContext for WatchContext {
             // transport failure"), which an outage causes and retrying fixes.
             match log_message.split_once("SASL authentication error: ") {
                 Some((_, reason)) if !reason.contains("Local: ") => {
-                    *self.refused.lock() = Some((Instant::now(), reason.to_string()));
+                    *self.refused.lock() = Some(reason.to_string());
                 }
                 _ => {}
             }
@@ -74,20 +64,24 @@ impl MetadataClient {
     /// Whether the cluster refuses this client's credentials, and why: asks it for its brokers
     /// (waiting at most `timeout`), then serves the client's pending events. The calls just
     /// time out when a SASL handshake fails; librdkafka says why only in a `FAIL` log event
-    /// (its error event does not reach a consumer's poll), which serving the events hands to
-    /// [`WatchContext`].
+    /// (its error event does not reach a consumer's poll), at most every 30 s per broker,
+    /// which serving the events hands to [`WatchContext`]. A refusal counts until a fetch
+    /// succeeds.
     pub(crate) async fn refused_credentials(&self, timeout: Duration) -> Option<String> {
         let client = self.client.clone();
-        let since = Instant::now();
         blocking(move || {
-            let _ = client.fetch_metadata(None, timeout);
+            let fetched = client.fetch_metadata(None, timeout).is_ok();
             // A consumer without an assignment returns only events; a few are enough.
             for _ in 0..16 {
                 if client.poll(Duration::ZERO).is_none() {
                     break;
                 }
             }
-            Ok(client.context().refused_since(since))
+            let mut refused = client.context().refused.lock();
+            if fetched {
+                *refused = None;
+            }
+            Ok(refused.clone())
         })
         .await
         .ok()
@@ -264,21 +258,15 @@ mod tests {
     #[test]
     fn only_a_refused_handshake_counts_as_refused_credentials() {
         let context = WatchContext::default();
-        let since = Instant::now();
         for line in [
             "sasl_plaintext://b:9094/bootstrap: SASL authentication error: SaslAuthenticateRequest failed: Local: Broker transport failure (after 0ms in state DOWN)",
             "sasl_plaintext://b:9094/bootstrap: Connect to ipv4#127.0.0.1:9094 failed: Connection refused",
         ] {
             context.log(RDKafkaLogLevel::Error, "FAIL", line);
         }
-        assert_eq!(context.refused_since(since), None);
+        assert_eq!(*context.refused.lock(), None);
         context.log(RDKafkaLogLevel::Error, "FAIL", "sasl_plaintext://b:9094/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 320ms in state AUTH_REQ)");
-        let reason = context.refused_since(since).unwrap();
+        let reason = context.refused.lock().clone().unwrap();
         assert!(reason.starts_with("Authentication failed"), "{reason}");
-        assert_eq!(
-            context.refused_since(Instant::now()),
-            None,
-            "older than asked"
-        );
     }
 }

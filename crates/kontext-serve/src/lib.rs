@@ -128,6 +128,9 @@ pub struct LagSource {
     /// with the topics it consumes: their lag is the group's committed offsets against the
     /// high watermarks, as `kafka-consumer-groups --describe` shows it.
     pub upstream: Vec<(String, Vec<String>)>,
+    /// The processor writes in Kafka transactions (`exactly_once`): its topics end with commit
+    /// markers, offsets no consumer sees, so a small gap is counted in records read.
+    pub transactional: bool,
 }
 
 /// The API's routes.

@@ -63,13 +63,14 @@ pub(crate) async fn lag(
     })))
 }
 
-/// Below this many offsets of difference, a partition's lag is counted in records read
-/// (transaction markers and aborted records are offsets, not records).
+/// With [`LagSource::transactional`], below this many offsets of difference a partition's lag
+/// is counted in records read (transaction markers and aborted records are offsets, not
+/// records): one read per such partition and call, only for pipelines with `exactly_once`.
 const MARKER_GAP: i64 = 64;
 
 /// Per partition of `topics`: its high watermark, the next offset `next` names (`field`; none
-/// or below the low watermark: the low watermark) and the records between them (the offsets'
-/// difference when it is above [`MARKER_GAP`]); and their sum.
+/// or below the low watermark: the low watermark) and the difference (the records between
+/// them, see [`MARKER_GAP`]); and their sum.
 async fn partition_lags(
     source: &LagSource,
     topics: &[String],
@@ -91,7 +92,7 @@ async fn partition_lags(
                 .unwrap_or(0)
                 .max(p.low_watermark);
             let mut lag = (p.high_watermark - at).max(0);
-            if lag > 0 && lag <= MARKER_GAP {
+            if source.transactional && lag > 0 && lag <= MARKER_GAP {
                 // A topic written in Kafka transactions (`exactly_once`) ends with a commit
                 // marker, and aborted records are never delivered: offsets a consumer never
                 // sees. Count the records still to read instead (a failed read keeps the

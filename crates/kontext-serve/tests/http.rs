@@ -680,6 +680,7 @@ async fn lag_adds_the_upstream_groups_to_the_store() {
         group: "sink".into(),
         topics: vec!["context.x".into()],
         upstream: vec![("proc".into(), vec!["source".into()])],
+        transactional: false,
     });
 
     let (status, _, body) = get(state.clone(), "/v1/lag").await;
