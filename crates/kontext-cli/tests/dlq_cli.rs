@@ -21,7 +21,8 @@ use kontext_log::{Log, TopicSpec};
 use kontext_store::{EmbeddedStore, StoreSchema};
 use serde_json::Value;
 use support::{
-    assert_applied_exactly_once, free_port, get_json, path_str, wait_for_zero_lag, Kontext,
+    assert_applied_exactly_once, free_port, get_json, kafka_bootstrap, kafka_tool_script, path_str,
+    wait_for_zero_lag, Kontext,
 };
 
 const PARTITIONS: i32 = 3;
@@ -118,10 +119,6 @@ impl Setup {
         wait_for_zero_lag(port, Duration::from_secs(90)).await;
         (kontext, port)
     }
-}
-
-fn kafka_bootstrap() -> String {
-    std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
 fn event(topic: &str, key: &str, source: &str, value: &[u8]) -> ProduceRecord {
@@ -488,17 +485,15 @@ async fn dead_letters_replay_once(setup: Setup) {
     if setup.kafka {
         // The commands read outside any consumer group: Kafka's own tool lists only the
         // pipeline's groups.
-        let out = std::process::Command::new(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-tool.sh"),
-        )
-        .args([
-            "consumer-groups",
-            "--bootstrap-server",
-            &kafka_bootstrap(),
-            "--list",
-        ])
-        .output()
-        .expect("run Kafka's consumer-groups tool");
+        let out = std::process::Command::new(kafka_tool_script())
+            .args([
+                "consumer-groups",
+                "--bootstrap-server",
+                &kafka_bootstrap(),
+                "--list",
+            ])
+            .output()
+            .expect("run Kafka's consumer-groups tool");
         let text = String::from_utf8_lossy(&out.stdout);
         let ours: Vec<&str> = text.lines().filter(|l| l.contains(&setup.name)).collect();
         assert!(

@@ -13,13 +13,15 @@ use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::{ConsumerConfig, Log};
 use kontext_store::{Change, EmbeddedStore, StoreSchema};
 use kontext_stream::{Outcome, Router};
-use support::{assert_applied_exactly_once, free_port, path_str, wait_for_zero_lag, Kontext};
+use support::{
+    assert_applied_exactly_once, free_port, kafka_bootstrap, path_str, wait_for_zero_lag, Kontext,
+};
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_on_kafka_loses_nothing_and_applies_nothing_twice() {
-    let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let bootstrap = kafka_bootstrap();
     let dir = tempfile::tempdir().unwrap();
     let data = path_str(dir.path()).to_string();
 

@@ -17,15 +17,10 @@ use kontext_core::record::ProduceRecord;
 use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::Log;
 use serde_json::json;
-use support::{context_sources, free_port, get_json, path_str, wait_for_zero_lag, Kontext};
-
-fn bootstrap() -> String {
-    std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-fn kafka_tool() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-tool.sh")
-}
+use support::{
+    context_sources, free_port, get_json, kafka_bootstrap, kafka_tool_script, path_str,
+    wait_for_zero_lag, Kontext,
+};
 
 fn pipeline_yaml(suffix: &str, bootstrap: &str) -> String {
     format!(
@@ -107,7 +102,7 @@ async fn produce_sources(log: &KafkaLog, suffix: &str, customers: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_from_kafka_to_the_context_api_with_java_clients() {
     let suffix = format!("{:x}", now_ms());
-    let bootstrap = bootstrap();
+    let bootstrap = kafka_bootstrap();
     let dir = tempfile::tempdir().unwrap();
     let pipeline = dir.path().join("pipeline.yaml");
     std::fs::write(&pipeline, pipeline_yaml(&suffix, &bootstrap)).unwrap();
@@ -168,7 +163,7 @@ async fn pipeline_from_kafka_to_the_context_api_with_java_clients() {
         format_time(now_ms())
     );
     let sent = Instant::now();
-    let mut producer = Command::new(kafka_tool())
+    let mut producer = Command::new(kafka_tool_script())
         .args([
             "console-producer",
             "--bootstrap-server",
@@ -310,7 +305,7 @@ async fn pipeline_from_kafka_to_the_context_api_with_java_clients() {
     let group = format!("kontext.e2e-{suffix}.store.main");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = Command::new(kafka_tool())
+        let out = Command::new(kafka_tool_script())
             .args([
                 "consumer-groups",
                 "--bootstrap-server",
@@ -408,7 +403,7 @@ async fn quickstart_runs_against_kafka() {
     let mut kontext = Kontext::spawn(&[
         "quickstart",
         "--kafka",
-        &bootstrap(),
+        &kafka_bootstrap(),
         "--data-dir",
         path_str(dir.path()),
         "--port",

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,11 +16,9 @@ use kontext_core::record::ProduceRecord;
 use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::Log;
 use serde_json::json;
-use support::{free_port, get_json, path_str, wait_for_zero_lag, Kontext};
-
-fn plaintext() -> String {
-    std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
+use support::{
+    free_port, get_json, kafka_bootstrap, kafka_tool_script, path_str, wait_for_zero_lag, Kontext,
+};
 
 fn sasl() -> String {
     std::env::var("KONTEXT_TEST_KAFKA_SASL").unwrap_or_else(|_| "127.0.0.1:9094".into())
@@ -29,9 +26,8 @@ fn sasl() -> String {
 
 /// Runs one of Kafka's tools against the plaintext listener (as a super user).
 fn kafka_tool(tool: &str, args: &[&str]) -> String {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-tool.sh");
-    let bootstrap = plaintext();
-    let out = Command::new(script)
+    let bootstrap = kafka_bootstrap();
+    let out = Command::new(kafka_tool_script())
         .arg(tool)
         .args(["--bootstrap-server", &bootstrap])
         .args(args)

@@ -20,7 +20,7 @@ use kontext_store::{ContextStore, EmbeddedStore, StoreSchema};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use support::{free_port, path_str, Kontext};
+use support::{free_port, kafka_bootstrap, path_str, Kontext};
 
 const RECORDS: usize = 20_000;
 const ACCOUNTS: u32 = 5_000;
@@ -41,8 +41,7 @@ impl Backend {
     /// The broker of `KONTEXT_TEST_KAFKA` (default 127.0.0.1:9092), with a suffix unique to
     /// this run.
     fn kafka() -> Self {
-        let bootstrap =
-            std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let bootstrap = kafka_bootstrap();
         let suffix = format!(
             "{}-{}",
             std::process::id(),

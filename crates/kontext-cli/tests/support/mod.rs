@@ -102,6 +102,16 @@ impl Drop for Kontext {
     }
 }
 
+/// The plaintext listener of the test broker (`KONTEXT_TEST_KAFKA`, default 127.0.0.1:9092).
+pub fn kafka_bootstrap() -> String {
+    std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// `scripts/kafka-tool.sh`: Kafka's own command-line tools.
+pub fn kafka_tool_script() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-tool.sh")
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
