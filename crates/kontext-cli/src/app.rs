@@ -58,8 +58,7 @@ pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dy
                 .map_err(anyhow::Error::msg)?;
             let kafka = KafkaConfig {
                 properties,
-                // Under the prefix of the pipeline's other groups, for clusters with ACLs.
-                reader_group: format!("kontext.{}.reader", config.name),
+                reader_group: config.reader_group(),
                 ..KafkaConfig::new(bootstrap_servers.clone())
             };
             let log = KafkaLog::new(kafka)

@@ -38,6 +38,16 @@ struct Recorded {
     earlier_definitions_below: Vec<Mark>,
 }
 
+impl Recorded {
+    /// [`Recorded::earlier_definitions_below`] as offsets.
+    fn below(self) -> Handled {
+        self.earlier_definitions_below
+            .into_iter()
+            .map(|m| ((m.topic, m.partition), m.next_offset))
+            .collect()
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Mark {
     topic: String,
@@ -65,11 +75,14 @@ pub fn definition(config: &PipelineConfig, store: &StoreConfig) -> String {
     .to_string()
 }
 
+/// The end of a recording file's name, after `<store>.v<N>`.
+const SUFFIX: &str = ".definition.json";
+
 /// The recording file of a store's version.
 pub fn path(data_dir: &Path, store: &str, version: u64) -> PathBuf {
     data_dir
         .join("stores")
-        .join(format!("{store}.v{version}.definition.json"))
+        .join(format!("{store}.v{version}{SUFFIX}"))
 }
 
 /// The recorded file, `None` when there is none or it cannot be read (then the history is
@@ -123,11 +136,7 @@ pub async fn record_at_start(
     if recorded.as_ref().is_some_and(|r| r.definition == running) {
         return Ok(());
     }
-    let mut below: Handled = recorded
-        .into_iter()
-        .flat_map(|r| r.earlier_definitions_below)
-        .map(|m| ((m.topic, m.partition), m.next_offset))
-        .collect();
+    let mut below = recorded.map(Recorded::below).unwrap_or_default();
     let applied = store
         .applied_offsets()
         .await
@@ -170,27 +179,15 @@ pub fn record_rebuilt(
 /// interrupted writes): what a crash between a rebuild's switch and the deletion of the old
 /// version, or an abandoned rebuild, left behind.
 pub fn discard_abandoned(data_dir: &Path, store: &str, current: u64) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(data_dir.join("stores")) else {
-        return Ok(());
-    };
-    let prefix = format!("{store}.v");
-    for entry in entries.flatten() {
-        let file = entry.file_name();
-        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
-            continue;
-        };
-        let abandoned = match rest.strip_suffix(".definition.json.tmp") {
-            Some(version) => version.parse::<u64>().is_ok(),
-            None => rest
-                .strip_suffix(".definition.json")
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|v| v != current),
-        };
-        if abandoned {
-            // Never read: `record_rebuilt` writes a version's file before its sink starts.
-            if let Err(e) = rebuild::remove_if_present(&entry.path()) {
-                warn!(error = %format!("{e:#}"), "cannot delete an abandoned definition file; leaving it");
-            }
+    let others = rebuild::version_files(data_dir, store, SUFFIX)
+        .into_iter()
+        .filter(|(version, _)| *version != current);
+    // `rebuild::write_durably`'s temporary files, of any version.
+    let interrupted = rebuild::version_files(data_dir, store, &format!("{SUFFIX}.tmp"));
+    for (_, path) in others.chain(interrupted) {
+        // Never read: `record_rebuilt` writes a version's file before its sink starts.
+        if let Err(e) = rebuild::remove_if_present(&path) {
+            warn!(error = %format!("{e:#}"), "cannot delete an abandoned definition file; leaving it");
         }
     }
     Ok(())
@@ -207,11 +204,7 @@ pub async fn earlier_definitions(
     live: &dyn ContextStore,
 ) -> Result<Handled> {
     match read(&path(data_dir, &store_config.name, version)) {
-        Some(r) if r.definition == definition(config, store_config) => Ok(r
-            .earlier_definitions_below
-            .into_iter()
-            .map(|m| ((m.topic, m.partition), m.next_offset))
-            .collect()),
+        Some(r) if r.definition == definition(config, store_config) => Ok(r.below()),
         _ => Ok(live.applied_offsets().await?),
     }
 }
@@ -364,13 +357,8 @@ mod tests {
             std::fs::write(stores.join(name), b"x").unwrap();
         }
         discard_abandoned(dir.path(), "main", 3).unwrap();
-        let mut left: Vec<String> = std::fs::read_dir(&stores)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
         assert_eq!(
-            left,
+            rebuild::file_names(&stores),
             [
                 "main-2.v1.definition.json",
                 "main.v2.v0.definition.json",

@@ -581,31 +581,48 @@ pub fn remove_if_present(path: &Path) -> Result<()> {
 /// Deletes the versions of an embedded store a crashed or interrupted rebuild left behind
 /// (every `<name>.v<N>.redb` but the current one).
 pub fn discard_abandoned_files(data_dir: &Path, store: &str, current: u64) -> Result<()> {
-    let dir = data_dir.join("stores");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(());
-    };
-    let prefix = format!("{store}.v");
-    for entry in entries.flatten() {
-        let file = entry.file_name();
-        let Some(version) = file
-            .to_str()
-            .and_then(|f| f.strip_prefix(&prefix))
-            .and_then(|f| f.strip_suffix(".redb"))
-            .and_then(|v| v.parse::<u64>().ok())
-        else {
-            continue;
-        };
+    for (version, path) in version_files(data_dir, store, ".redb") {
         if version != current {
             info!(
                 store,
                 version, "deleting a version an interrupted rebuild left behind"
             );
-            std::fs::remove_file(entry.path())
-                .with_context(|| format!("deleting {}", entry.path().display()))?;
+            std::fs::remove_file(&path).with_context(|| format!("deleting {}", path.display()))?;
         }
     }
     Ok(())
+}
+
+/// The files in `stores/` named `<store>.v<N><suffix>`, with their version `N`.
+pub fn version_files(data_dir: &Path, store: &str, suffix: &str) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("stores")) else {
+        return Vec::new();
+    };
+    let prefix = format!("{store}.v");
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let version = name
+                .to_str()?
+                .strip_prefix(&prefix)?
+                .strip_suffix(suffix)?
+                .parse()
+                .ok()?;
+            Some((version, entry.path()))
+        })
+        .collect()
+}
+
+/// The names of the files in `dir`, sorted.
+#[cfg(test)]
+pub(crate) fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
 }
 
 /// `kontext rebuild`: asks the running pipeline to rebuild a store and follows its progress.
@@ -1079,13 +1096,8 @@ mod tests {
         write_current_version(dir.path(), "main", 2).unwrap();
         assert_eq!(current_version(dir.path(), "main").unwrap(), 2);
         discard_abandoned_files(dir.path(), "main", 2).unwrap();
-        let mut left: Vec<String> = std::fs::read_dir(&stores)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
         assert_eq!(
-            left,
+            file_names(&stores),
             ["main.current", "main.redb", "main.v2.redb", "other.v1.redb"]
         );
     }

@@ -975,6 +975,13 @@ impl PipelineConfig {
         format!("kontext.{}.store.{store}", self.name)
     }
 
+    /// The group id of the clients that read a partition's range without joining (lag,
+    /// restores, dead-letter tools), under the prefix of the pipeline's other groups so that
+    /// one prefixed ACL covers it.
+    pub fn reader_group(&self) -> String {
+        format!("kontext.{}.reader", self.name)
+    }
+
     /// The topics the sources read, deduplicated and sorted.
     pub fn source_topics(&self) -> Vec<String> {
         let set: BTreeSet<&str> = self.sources.values().map(|s| s.topic.as_str()).collect();

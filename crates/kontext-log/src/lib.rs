@@ -11,6 +11,13 @@ mod error;
 mod types;
 
 pub use error::LogError;
+
+/// A topic written in Kafka transactions ends with a commit marker and may hold aborted
+/// records: offsets a `read_committed` reader never receives, so a consumer that read
+/// everything can stay short of the high watermark. Below this many offsets of difference, a
+/// gap is worth reading ([`Log::read_partition`]) to tell markers from records still to come;
+/// above it, it is counted as records, which keeps the check cheap.
+pub const MARKER_GAP: i64 = 64;
 pub use types::*;
 
 use std::sync::Arc;

@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
+use kontext_log::MARKER_GAP;
 use serde_json::json;
 
 use crate::{ApiError, AppState, LagSource};
@@ -63,14 +64,10 @@ pub(crate) async fn lag(
     })))
 }
 
-/// With [`LagSource::transactional`], below this many offsets of difference a partition's lag
-/// is counted in records read (transaction markers and aborted records are offsets, not
-/// records): one read per such partition and call, only for pipelines with `exactly_once`.
-const MARKER_GAP: i64 = 64;
-
 /// Per partition of `topics`: its high watermark, the next offset `next` names (`field`; none
 /// or below the low watermark: the low watermark) and the difference (the records between
-/// them, see [`MARKER_GAP`]); and their sum.
+/// them: with [`LagSource::transactional`], a gap of at most [`MARKER_GAP`] offsets is read,
+/// one read per such partition and call); and their sum.
 async fn partition_lags(
     source: &LagSource,
     topics: &[String],

@@ -1199,7 +1199,7 @@ pub(crate) async fn sync_stores_with_changelogs(
 ///
 /// Under Kafka transactions a partition ends with a commit marker (and maybe aborted records)
 /// that no reader ever receives, so the stores' offsets stop short of the high watermark: a
-/// partition whose offset has not moved for `STALLED` and is at most `MARKER_GAP` offsets
+/// partition whose offset has not moved for `STALLED` and is at most [`kontext_log::MARKER_GAP`] offsets
 /// short counts as caught up when reading from it to the high watermark (`read_committed`)
 /// returns nothing. The bound keeps the check cheap while the sinks still have real work (a
 /// check over a long range on every stall starved the sinks of a debug build); a partition
@@ -1211,7 +1211,6 @@ pub async fn wait_until_applied(
     timeout: Duration,
 ) -> bool {
     const STALLED: Duration = Duration::from_millis(500);
-    const MARKER_GAP: i64 = 64;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut target: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for topic in topics {
@@ -1254,7 +1253,7 @@ pub async fn wait_until_applied(
                     now
                 }
             };
-            if *high - at <= MARKER_GAP && now.duration_since(since) >= STALLED {
+            if *high - at <= kontext_log::MARKER_GAP && now.duration_since(since) >= STALLED {
                 match log.read_partition(&tp.0, tp.1, at, *high).await {
                     Ok(records) if records.is_empty() => {
                         *high = at;

@@ -269,18 +269,26 @@ impl StoreSink {
         self
     }
 
+    /// A rebuild's letters, when this is a rebuild's sink (its own dead letters win).
+    fn rebuild(&self) -> Option<&RebuildLetters> {
+        self.store_letters
+            .as_ref()
+            .filter(|_| self.dead_letters.is_none())
+    }
+
     /// Where this sink's letters go: its own dead letters, or a rebuild's.
     fn letter_sink(&self) -> Option<&DeadLetters> {
-        self.dead_letters
-            .as_ref()
-            .or(self.store_letters.as_ref().map(|r| &r.dead_letters))
+        match self.rebuild() {
+            Some(rebuild) => Some(&rebuild.dead_letters),
+            None => self.dead_letters.as_ref(),
+        }
     }
 
     /// Where this sink's letters are counted: its own metrics, or a rebuild's live sink's.
     fn letter_metrics(&self) -> &PipelineMetrics {
-        match &self.store_letters {
-            Some(rebuild) if self.dead_letters.is_none() => &rebuild.metrics,
-            _ => &self.metrics,
+        match self.rebuild() {
+            Some(rebuild) => &rebuild.metrics,
+            None => &self.metrics,
         }
     }
 
@@ -505,10 +513,7 @@ impl StoreSink {
         lettered: Vec<Lettered>,
         handled: &mut Handled,
     ) -> (Vec<ProduceRecord>, Vec<Lettered>) {
-        let rebuild = self
-            .store_letters
-            .as_ref()
-            .filter(|_| self.dead_letters.is_none());
+        let rebuild = self.rebuild();
         let elsewhere = match rebuild {
             Some(rebuild) => &rebuild.live,
             None => &self.store,
