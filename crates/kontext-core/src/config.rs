@@ -78,6 +78,25 @@ pub struct PipelineConfig {
     /// (an order gets its customer's tier), computed by the processor stage.
     #[serde(default)]
     pub joins: BTreeMap<String, EnrichmentConfig>,
+    /// Memory the processor's state stores may use besides the storage engine's own.
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// Memory budgets of the processor's state (features and joins), per process, shared by all
+/// its tasks. They change how fast state is read, never what is read: `None` takes the
+/// runtime's default (64 MiB each, `kontext_process::StateDbOptions`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Committed state values kept in memory in front of point reads (window accumulators,
+    /// join table rows), in bytes; 0 for none.
+    #[serde(default)]
+    pub value_cache_bytes: Option<u64>,
+    /// Remembered dedup ids kept in memory, so that a new id is answered without searching
+    /// the state on disk, in bytes; 0 for none. A task whose ids do not fit reads from disk.
+    #[serde(default)]
+    pub key_index_bytes: Option<u64>,
 }
 
 /// Dead-letter topics: a record that can never be processed (bad data) is copied byte for byte

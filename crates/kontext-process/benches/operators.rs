@@ -167,7 +167,7 @@ fn dedup<M: Clock>(c: &mut Criterion<M>) {
         c,
         "dedup",
         KEYS,
-        |_| {},
+        |store| Deduplicate::prepare_store(store).expect("index"),
         |store, stream, iters| {
             timed::<M, _>(iters, store, stream, 10, |store, events| {
                 let out = op.process(store, events).expect("dedup");

@@ -46,6 +46,8 @@ use crate::store::{
 const SEQ_KEY: &[u8] = b"n";
 /// Key of the bucket width the store files ids with.
 const WIDTH_KEY: &[u8] = b"w";
+/// Prefix of the ids' entries (`d id`).
+const ID_PREFIX: &[u8] = b"d";
 
 /// Configuration of [`Deduplicate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +103,14 @@ impl Deduplicate {
     /// An operator with this configuration.
     pub fn new(config: DedupConfig) -> Self {
         Self { config }
+    }
+
+    /// Readies a task's store for this operator, once after opening it: asks it to keep the
+    /// remembered ids in memory ([`StateStore::index_keys`]), so that reading a new id, what
+    /// almost every event does, does not search the engine. Decisions are the same without
+    /// it.
+    pub fn prepare_store<S: StateStore + ?Sized>(store: &mut S) -> Result<(), StoreError> {
+        store.index_keys(ID_PREFIX)
     }
 
     /// Decides a batch of events (in input order). Commit `state` only after the forwarded
@@ -448,7 +458,7 @@ fn entry_seq(key: &[u8]) -> Result<Option<u64>, StoreError> {
 
 fn id_key(id: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(id.len() + 1);
-    key.push(b'd');
+    key.extend_from_slice(ID_PREFIX);
     key.extend_from_slice(id);
     key
 }

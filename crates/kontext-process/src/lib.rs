@@ -33,8 +33,8 @@ pub use join::{
     TableUpdate, TopicLayout,
 };
 pub use store::{
-    repair_records, ChangelogRecord, Durability, FjallStore, MemoryStore, StateDb, StateStore,
-    StoreError, WriteBatch,
+    repair_records, ChangelogRecord, Durability, FjallStore, MemoryStore, StateDb, StateDbOptions,
+    StateStore, StoreError, WriteBatch,
 };
 pub use topology::{Op, Pipeline, Plan, Predicate, Stage, StreamBuilder, Topology, TopologyError};
 pub use window::{Window, WindowSpec};

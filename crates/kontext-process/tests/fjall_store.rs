@@ -101,7 +101,14 @@ proptest! {
         compact_every in 1usize..6,
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let mut fjall = FjallStore::open(dir.path().join("a"), "dedup", Durability::Process).unwrap();
+        // Dedup's stores keep their ids in a key index: decisions must not depend on it.
+        let open = |name: &str| {
+            let mut store = FjallStore::open(dir.path().join(name), "dedup", Durability::Process).unwrap();
+            Deduplicate::prepare_store(&mut store).unwrap();
+            assert!(store.indexed_keys().is_some());
+            store
+        };
+        let mut fjall = open("a");
         let mut memory = MemoryStore::new("dedup");
         let mut changelog = Vec::new();
         let mut op = Deduplicate::new(DedupConfig { window_ms: window });
@@ -137,9 +144,9 @@ proptest! {
             }
         }
         drop(fjall);
-        let fjall = FjallStore::open(dir.path().join("a"), "dedup", Durability::Process).unwrap();
+        let fjall = open("a");
         prop_assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap());
-        let mut restored = FjallStore::open(dir.path().join("b"), "dedup", Durability::Process).unwrap();
+        let mut restored = open("b");
         prop_assert!(restored.restore(&mut changelog.into_iter()).unwrap().is_empty());
         prop_assert_eq!(restored.dump().unwrap(), memory.dump().unwrap());
         // And they go on deciding alike: every id once more, far later (expired: forwarded).
@@ -192,16 +199,36 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     /// Every key reads the same from fjall (through its value cache, large enough for all keys,
-    /// or so small that it evicts all the time, or none) as from the in-memory store, after
-    /// commits, aborted batches, reopens and restores.
+    /// or so small that it evicts all the time, or none; and through a key index of all keys,
+    /// of one key, or one that outgrows its budget, or none) as from the in-memory store,
+    /// after commits, aborted batches, reopens and restores.
     #[test]
-    fn the_value_cache_never_serves_what_fjall_does_not_hold(
+    fn the_value_cache_and_the_key_index_never_serve_what_fjall_does_not_hold(
         steps in cache_steps(),
         budget in prop_oneof![Just(0u64), Just(1_500u64), Just(1u64 << 20)],
+        index in prop_oneof![
+            Just(None),
+            Just(Some((vec![b'k'], 1usize << 20))),
+            Just(Some((vec![b'k', 3], 1usize << 20))),
+            // Room for 8 keys of 2 bytes: outgrown in most runs.
+            Just(Some((vec![b'k'], 8 * 42))),
+        ],
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let open_db = || StateDb::open_with_value_cache(dir.path(), budget).unwrap();
-        let open = |db: &StateDb| FjallStore::open_in(db, "s", "s", Durability::Process).unwrap();
+        let open_db = || {
+            let options = StateDbOptions {
+                value_cache_bytes: budget,
+                key_index_bytes: index.as_ref().map_or(0, |(_, bytes)| *bytes),
+            };
+            StateDb::open_with(dir.path(), options).unwrap()
+        };
+        let open = |db: &StateDb| {
+            let mut store = FjallStore::open_in(db, "s", "s", Durability::Process).unwrap();
+            if let Some((prefix, _)) = &index {
+                store.index_keys(prefix).unwrap();
+            }
+            store
+        };
         let mut db = open_db();
         let mut fjall = open(&db);
         let mut memory = MemoryStore::new("s");
@@ -243,6 +270,13 @@ proptest! {
             for key in 0..24u8 {
                 let key = [b'k', key];
                 prop_assert_eq!(fjall.get(&key).unwrap(), memory.get(&key).unwrap(), "{:?} after {:?}", key, step);
+            }
+            // A whole index holds exactly the keys under its prefix (no rule hides any here).
+            if let (Some((prefix, _)), Some(held)) = (&index, fjall.indexed_keys()) {
+                let stored = memory.prefix(prefix).count();
+                prop_assert_eq!(held, stored, "index of {:?} after {:?}", prefix, step);
+            } else if let Some((_, budget)) = &index {
+                prop_assert!(*budget < 1 << 10, "only a small index is ever dropped");
             }
         }
         prop_assert_eq!(fjall.dump().unwrap(), memory.dump().unwrap());

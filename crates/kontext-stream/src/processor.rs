@@ -35,7 +35,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kontext_core::config::{
-    EnrichmentKind, FeatureAgg, FeatureConfig, LogConfig, PipelineConfig, RetryPolicy, WindowKind,
+    EnrichmentKind, FeatureAgg, FeatureConfig, LogConfig, PipelineConfig, RetryPolicy, StateConfig,
+    WindowKind,
 };
 use kontext_core::envelope::format_time;
 use kontext_core::partitioner::partition_for_key;
@@ -46,8 +47,8 @@ use kontext_log::{
 use kontext_process::{
     changelog_topic_name, repair_records, AggFn, Aggregate, AggregateConfig, AggregateUpdate,
     ChangelogRecord, Coords, DedupConfig, DedupDecision, Deduplicate, Emit, EnrichmentJoin, Event,
-    FieldPath, FjallStore, JoinConfig, JoinInput, JoinKey, JoinKind, StateDb, StateStore,
-    StoreError, TableMode, TableUpdate, WindowSpec, WriteBatch,
+    FieldPath, FjallStore, JoinConfig, JoinInput, JoinKey, JoinKind, StateDb, StateDbOptions,
+    StateStore, StoreError, TableMode, TableUpdate, WindowSpec, WriteBatch,
 };
 use kontext_store::Change;
 use serde_json::{json, Map, Value};
@@ -585,7 +586,10 @@ impl Processor {
         mut drain: Drain<'_>,
     ) -> Result<(), ProcessorError> {
         let partitions = repartition_partitions(&self.config);
-        let db = open_state_db(&self.state_dir.join(STATE_DB_DIR))?;
+        let db = open_state_db(
+            &self.state_dir.join(STATE_DB_DIR),
+            state_db_options(&self.config.state),
+        )?;
         let mut tasks: BTreeMap<(usize, i32), Task> = BTreeMap::new();
         for (si, stage) in self.stages.iter().enumerate() {
             for p in 0..partitions {
@@ -1388,7 +1392,11 @@ impl Task {
             Stage::Features(_) => {
                 let agg = open("agg", &names[0])?;
                 let dedup = match names.get(1) {
-                    Some(name) => Some(open("dedup", name)?),
+                    Some(name) => {
+                        let mut store = open("dedup", name)?;
+                        Deduplicate::prepare_store(&mut store)?;
+                        Some(store)
+                    }
                     None => None,
                 };
                 Task::Features { agg, dedup }
@@ -1721,7 +1729,7 @@ pub(crate) const STATE_DB_DIR: &str = "tasks.fjall";
 /// killed half-way leaves a directory fjall refuses to open. A new database is created under
 /// `<path>.creating` and renamed into place once complete (a leftover `.creating` directory is
 /// an empty database from a killed run: it is recreated).
-pub(crate) fn open_state_db(path: &Path) -> Result<StateDb, StoreError> {
+pub(crate) fn open_state_db(path: &Path, options: StateDbOptions) -> Result<StateDb, StoreError> {
     let io = |e: std::io::Error| StoreError::Engine {
         store: path.display().to_string(),
         source: Box::new(e),
@@ -1744,7 +1752,20 @@ pub(crate) fn open_state_db(path: &Path) -> Result<StateDb, StoreError> {
                 .map_err(io)?;
         }
     }
-    StateDb::open(path)
+    StateDb::open_with(path, options)
+}
+
+/// The state database's memory budgets of the pipeline file's `state` section.
+pub(crate) fn state_db_options(config: &StateConfig) -> StateDbOptions {
+    let default = StateDbOptions::default();
+    StateDbOptions {
+        value_cache_bytes: config
+            .value_cache_bytes
+            .unwrap_or(default.value_cache_bytes),
+        key_index_bytes: config.key_index_bytes.map_or(default.key_index_bytes, |b| {
+            usize::try_from(b).unwrap_or(usize::MAX)
+        }),
+    }
 }
 
 /// Drops the re-key loop's duplicates: per origin partition, records arrive in origin offset
@@ -2192,6 +2213,46 @@ features:
             .process(group, &tp, 5, vec![inbound(4, 3, "c", 9.0)])
             .unwrap();
         assert!(copy.outputs.is_empty());
+    }
+
+    /// The `state` section sizes the dedup task's key index; with or without it the task
+    /// decides the same.
+    #[test]
+    fn a_dedup_task_keeps_its_ids_in_a_key_index_the_state_section_sizes() {
+        for (section, indexed) in [("", Some(2)), ("state: { key_index_bytes: 0 }\n", None)] {
+            let config = PipelineConfig::parse("p.yaml", &format!("{YAML}{section}")).unwrap();
+            let stages = stages(&config);
+            let group = &stages[0]; // biggest: max of total, with dedup
+            let dir = tempfile::tempdir().unwrap();
+            let db = StateDb::open_with(dir.path(), state_db_options(&config.state)).unwrap();
+            let mut task = Task::open(&db, group, 0).unwrap();
+            let tp = TopicPartition::new("rep", 0);
+            let events = (0..3)
+                .map(|n| Inbound {
+                    event: Event {
+                        key: Bytes::from_static(b"C-1"),
+                        id: Bytes::from(["a", "b", "a"][n]),
+                        time_ms: 1_000 + n as i64,
+                        coords: Coords::new("rep", 0, n as i64),
+                        value: json!({ "total": ([5.0, 7.0, 50.0][n]) }),
+                    },
+                    origin: TopicPartition::new("orders", 0),
+                    origin_offset: n as i64,
+                    side: JoinSide::None,
+                })
+                .collect();
+            let pending = task.process(group, &tp, 3, events).unwrap();
+            let last = pending.outputs.last().map(|o| o.fields["biggest"].clone());
+            assert_eq!(last, Some(json!(7.0)), "the second \"a\" is a duplicate");
+            task.commit(pending).unwrap();
+            let Task::Features {
+                dedup: Some(dedup), ..
+            } = &task
+            else {
+                panic!("a feature task with dedup")
+            };
+            assert_eq!(dedup.indexed_keys(), indexed, "{section}");
+        }
     }
 
     const JOIN_YAML: &str = r#"

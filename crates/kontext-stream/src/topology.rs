@@ -455,7 +455,7 @@ impl TopologyRunner {
     /// segment after the one feeding it), for at most [`crate::processor::DRAIN_TIMEOUT`].
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), TopologyRunError> {
         let (_, segments) = self.segments().await?;
-        let db = open_state_db(&self.state_dir.join(STATE_DB_DIR))?;
+        let db = open_state_db(&self.state_dir.join(STATE_DB_DIR), Default::default())?;
         if self.exactly_once {
             // Creates the instance's random id part once, before the segments read it
             // concurrently (each would otherwise write its own on a first run).
@@ -494,12 +494,12 @@ impl TopologyRunner {
             for op in &seg.ops {
                 stores.push(if op.stateful() {
                     let keyspace = format!("{}.{p}", op.name());
-                    Some(FjallStore::open_in(
-                        db,
-                        &keyspace,
-                        op.name(),
-                        Default::default(),
-                    )?)
+                    let mut store =
+                        FjallStore::open_in(db, &keyspace, op.name(), Default::default())?;
+                    if let Operator::Dedup { .. } = op {
+                        Deduplicate::prepare_store(&mut store)?;
+                    }
+                    Some(store)
                 } else {
                     None
                 });

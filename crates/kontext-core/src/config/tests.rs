@@ -399,3 +399,20 @@ fn a_whole_env_reference_is_resolved_and_a_missing_one_named() {
         "{err}"
     );
 }
+
+#[test]
+fn state_budgets_default_to_the_runtime_and_parse_in_bytes() {
+    let c = PipelineConfig::parse("p.yaml", VALID).unwrap();
+    assert_eq!(c.state, StateConfig::default());
+    assert_eq!(c.state.key_index_bytes, None);
+    let text = format!("{VALID}state: {{ value_cache_bytes: 0, key_index_bytes: 268435456 }}\n");
+    let c = PipelineConfig::parse("p.yaml", &text).unwrap();
+    assert_eq!(c.state.value_cache_bytes, Some(0));
+    assert_eq!(c.state.key_index_bytes, Some(256 << 20));
+    let text = format!("{VALID}state: {{ key_index: 1 }}\n");
+    let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+    assert!(err.to_string().contains("key_index"), "{err}");
+    let text = format!("{VALID}state: {{ key_index_bytes: 64MiB }}\n");
+    let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+    assert!(err.to_string().contains("state"), "{err}");
+}

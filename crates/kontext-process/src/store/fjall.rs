@@ -14,6 +14,7 @@ use kontext_core::record::TopicPartition;
 use super::batch::decode_offset_entry;
 use super::cache::{StoreCache, ValueCache, DEFAULT_VALUE_CACHE_BYTES};
 use super::expiry::{rule_prefix, ExpiryRules, EXPIRY_RULES_PREFIX};
+use super::keys::{KeyBudget, KeyIndex, DEFAULT_KEY_INDEX_BYTES};
 use super::{ExpiryRule, KvIter, StateStore, StoreError, WriteBatch, OFFSETS_PREFIX};
 
 /// How durable a committed batch is when [`StateStore::apply`] returns.
@@ -54,6 +55,10 @@ pub struct FjallStore {
     shared_rules: SharedRules,
     /// This instance's namespace in the database's value cache.
     cache: StoreCache,
+    /// The keys under one prefix, when an operator asked for them ([`StateStore::index_keys`]).
+    index: Option<Box<KeyIndex>>,
+    /// What the database's key indexes may take.
+    key_budget: KeyBudget,
 }
 
 /// The rules of one keyspace, shared with its compaction filter.
@@ -79,6 +84,28 @@ pub struct StateDb {
     rules: Arc<Mutex<HashMap<String, SharedRules>>>,
     /// Committed values of the stores' keys, one budget for all of them.
     cache: ValueCache,
+    /// The budget the stores' key indexes share.
+    key_budget: KeyBudget,
+}
+
+/// The memory a [`StateDb`] may use besides fjall's own, shared by the stores opened in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateDbOptions {
+    /// The value cache in front of point reads (`store/cache.rs`), in bytes of keys, values
+    /// and a per-entry overhead; 0 for none. Default 64 MiB.
+    pub value_cache_bytes: u64,
+    /// The key indexes operators ask for ([`StateStore::index_keys`], `store/keys.rs`), in
+    /// bytes of keys and a per-key overhead; 0 for none. Default 64 MiB.
+    pub key_index_bytes: usize,
+}
+
+impl Default for StateDbOptions {
+    fn default() -> Self {
+        Self {
+            value_cache_bytes: DEFAULT_VALUE_CACHE_BYTES,
+            key_index_bytes: DEFAULT_KEY_INDEX_BYTES,
+        }
+    }
 }
 
 impl std::fmt::Debug for StateDb {
@@ -88,15 +115,26 @@ impl std::fmt::Debug for StateDb {
 }
 
 impl StateDb {
-    /// Opens (creating if needed) the database in the directory `path`, with a value cache of
-    /// 64 MiB. Only one process may open a directory at a time.
+    /// Opens (creating if needed) the database in the directory `path`, with the default
+    /// [`StateDbOptions`]. Only one process may open a directory at a time.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        Self::open_with_value_cache(path, DEFAULT_VALUE_CACHE_BYTES)
+        Self::open_with(path, StateDbOptions::default())
     }
 
     /// [`StateDb::open`] with a value cache of about `bytes` bytes (keys, values and a
     /// per-entry overhead), shared by all the stores opened in it; 0 for none.
     pub fn open_with_value_cache(path: impl AsRef<Path>, bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with(
+            path,
+            StateDbOptions {
+                value_cache_bytes: bytes,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`StateDb::open`] with these memory budgets.
+    pub fn open_with(path: impl AsRef<Path>, options: StateDbOptions) -> Result<Self, StoreError> {
         let rules: Arc<Mutex<HashMap<String, SharedRules>>> = Arc::default();
         let registry = rules.clone();
         let db = Database::builder(path.as_ref())
@@ -112,7 +150,8 @@ impl StateDb {
         Ok(Self {
             db,
             rules,
-            cache: ValueCache::new(bytes),
+            cache: ValueCache::new(options.value_cache_bytes),
+            key_budget: KeyBudget::new(options.key_index_bytes),
         })
     }
 
@@ -161,6 +200,7 @@ impl FjallStore {
         };
         let shared_rules = rules_of(&db.rules, keyspace);
         let cache = db.cache.namespace();
+        let key_budget = db.key_budget.clone();
         let db = db.db.clone();
         let keyspace = db
             .keyspace(keyspace, KeyspaceCreateOptions::default)
@@ -174,6 +214,8 @@ impl FjallStore {
             rules: ExpiryRules::default(),
             shared_rules,
             cache,
+            index: None,
+            key_budget,
         };
         let mut offsets = BTreeMap::new();
         for entry in store.prefix(OFFSETS_PREFIX) {
@@ -204,6 +246,8 @@ impl FjallStore {
     /// (before a full restore from the changelog).
     pub fn clear(&mut self) -> Result<(), StoreError> {
         self.cache.reset();
+        // Whatever the commit below does, the index is safe empty only if it succeeds.
+        let index = self.index.take();
         let mut batch = self.db.batch();
         for guard in self.keyspace.iter() {
             let key = guard.key().map_err(|e| self.engine(e))?;
@@ -212,7 +256,17 @@ impl FjallStore {
         batch.commit().map_err(|e| self.engine(e))?;
         self.offsets.clear();
         self.set_rules(ExpiryRules::default());
+        self.index = index.map(|mut index| {
+            index.clear();
+            index
+        });
         Ok(())
+    }
+
+    /// How many keys the key index holds, `None` without one (never asked for, outgrown its
+    /// budget, or dropped after a failed commit).
+    pub fn indexed_keys(&self) -> Option<usize> {
+        self.index.as_ref().map(|index| index.len())
     }
 
     /// Flushes the memtable and compacts the store into one run (what fjall's workers do in
@@ -253,6 +307,13 @@ impl StateStore for FjallStore {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        if self
+            .index
+            .as_ref()
+            .is_some_and(|index| !index.may_hold(key))
+        {
+            return Ok(None);
+        }
         let value = match self.cache.get(key) {
             Some(value) => value,
             None => match self.keyspace.get(key).map_err(|e| self.engine(e))? {
@@ -312,10 +373,13 @@ impl StateStore for FjallStore {
             }
         }
         if let Err(e) = fjall_batch.commit() {
-            // Whether fjall holds the batch is unknown (it poisons itself): cache nothing.
+            // Whether fjall holds the batch is unknown (it poisons itself): cache nothing, and
+            // trust no index.
             self.cache.reset();
+            self.index = None;
             return Err(self.engine(e));
         }
+        self.index_committed(batch);
         for (key, value) in batch.entries_but_expired() {
             self.cache.committed(&key, value.as_ref());
         }
@@ -344,6 +408,49 @@ impl StateStore for FjallStore {
 
     fn offsets(&self) -> Result<BTreeMap<TopicPartition, i64>, StoreError> {
         Ok(self.offsets.clone())
+    }
+
+    /// Builds the index by a scan of `prefix` (what reads see, through the rules); kept up to
+    /// date by every commit from then on (`store/keys.rs`). When the keys do not fit in what
+    /// is left of the database's key-index budget ([`StateDbOptions`]), the store keeps no
+    /// index and reads go to fjall. A second call replaces the first.
+    fn index_keys(&mut self, prefix: &[u8]) -> Result<(), StoreError> {
+        self.index = None;
+        let mut index = KeyIndex::new(prefix, self.key_budget.clone());
+        for entry in self.prefix(prefix) {
+            let (key, _) = entry?;
+            if index.put(&key).is_err() {
+                return Ok(());
+            }
+        }
+        self.index = Some(Box::new(index));
+        Ok(())
+    }
+}
+
+impl FjallStore {
+    /// Brings the key index up to a batch fjall committed; drops it when it outgrows its
+    /// budget.
+    fn index_committed(&mut self, batch: &WriteBatch) {
+        let Some(index) = &mut self.index else {
+            return;
+        };
+        let start = index.prefix().to_vec();
+        let end = super::prefix_end(&start).unwrap_or_else(|| vec![0xff; 64]);
+        for (key, value) in batch.range(&start, &end) {
+            match value {
+                Some(_) => {
+                    if index.put(key).is_err() {
+                        self.index = None;
+                        return;
+                    }
+                }
+                None => index.delete(key),
+            }
+        }
+        for key in batch.expired() {
+            index.delete(key);
+        }
     }
 }
 

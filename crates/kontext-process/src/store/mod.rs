@@ -8,6 +8,7 @@ mod batch;
 mod cache;
 mod expiry;
 mod fjall;
+mod keys;
 mod memory;
 #[cfg(test)]
 mod tests;
@@ -19,7 +20,8 @@ use kontext_core::record::TopicPartition;
 
 pub use self::batch::{ChangelogRecord, WriteBatch};
 pub use self::expiry::ExpiryRule;
-pub use self::fjall::{Durability, FjallStore, StateDb};
+pub use self::fjall::{Durability, FjallStore, StateDb, StateDbOptions};
+pub use self::keys::DEFAULT_KEY_INDEX_BYTES;
 pub use self::memory::MemoryStore;
 
 /// Key prefix of the input-offset entries (`0x00 'o' topic 0x00 partition`).
@@ -67,6 +69,16 @@ pub trait StateStore {
     /// Applies every write of `batch` (and its offsets) atomically: after a crash either all of
     /// it is in the store or none of it.
     fn apply(&mut self, batch: &WriteBatch) -> Result<(), StoreError>;
+
+    /// Asks the store to keep the keys under `prefix` in memory, so that reading an absent
+    /// one is cheap: for an operator whose reads are mostly of keys it never wrote (dedup's
+    /// ids). A hint: reads return the same with or without it, a store that has no use for it
+    /// (the memory store) ignores it, and [`FjallStore`] keeps it only while it fits in its
+    /// database's budget ([`StateDbOptions::key_index_bytes`]). Call it once, after opening.
+    fn index_keys(&mut self, prefix: &[u8]) -> Result<(), StoreError> {
+        let _ = prefix;
+        Ok(())
+    }
 
     /// Entries whose key starts with `prefix`, in key order.
     fn prefix<'a>(&'a self, prefix: &[u8]) -> KvIter<'a> {

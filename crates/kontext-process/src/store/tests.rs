@@ -394,3 +394,70 @@ fn a_store_without_a_value_cache_reads_from_fjall() {
     store.put(b"k", b"2").unwrap();
     assert_eq!(read(&store, b"k").as_deref(), Some(&b"2"[..]));
 }
+
+#[test]
+fn an_indexed_store_answers_a_read_of_a_key_it_never_held_from_memory() {
+    // Two handles on one keyspace (what the runtime never does: a task owns its stores) show
+    // where a read is answered: the indexed one never asks fjall about a key its commits and
+    // its opening scan did not see.
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open_with_value_cache(dir.path(), 0).unwrap();
+    let mut indexed = FjallStore::open_in(&db, "s", "s", Durability::Process).unwrap();
+    indexed.put(b"d-before", b"1").unwrap();
+    indexed.index_keys(b"d").unwrap();
+    assert_eq!(indexed.indexed_keys(), Some(1), "the opening scan");
+    let mut other = FjallStore::open_in(&db, "s", "s", Durability::Process).unwrap();
+    other.put(b"d-behind", b"2").unwrap();
+    other.put(b"x-behind", b"3").unwrap();
+    assert_eq!(read(&indexed, b"d-behind"), None, "answered by the index");
+    assert_eq!(
+        read(&indexed, b"x-behind"),
+        Some(b"3".to_vec()),
+        "outside its prefix"
+    );
+    assert_eq!(read(&indexed, b"d-before"), Some(b"1".to_vec()));
+    indexed.put(b"d-after", b"4").unwrap();
+    assert_eq!(read(&indexed, b"d-after"), Some(b"4".to_vec()));
+    indexed.delete(b"d-before").unwrap();
+    assert_eq!(indexed.indexed_keys(), Some(1));
+    indexed.clear().unwrap();
+    assert_eq!(
+        indexed.indexed_keys(),
+        Some(0),
+        "a cleared store keeps an empty index"
+    );
+}
+
+#[test]
+fn key_indexes_share_their_database_budget_and_one_outgrowing_it_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for two keys of 2 bytes (40 bytes of overhead each).
+    let options = StateDbOptions {
+        key_index_bytes: 2 * 42,
+        ..Default::default()
+    };
+    let db = StateDb::open_with(dir.path(), options).unwrap();
+    let mut a = FjallStore::open_in(&db, "a", "a", Durability::Process).unwrap();
+    let mut b = FjallStore::open_in(&db, "b", "b", Durability::Process).unwrap();
+    a.index_keys(b"d").unwrap();
+    b.index_keys(b"d").unwrap();
+    a.put(b"d1", b"1").unwrap();
+    b.put(b"d1", b"1").unwrap();
+    assert_eq!((a.indexed_keys(), b.indexed_keys()), (Some(1), Some(1)));
+    a.put(b"d2", b"2").unwrap();
+    assert_eq!(a.indexed_keys(), None, "outgrown by a commit");
+    assert_eq!(read(&a, b"d2"), Some(b"2".to_vec()), "reads go to fjall");
+    // Dropping a's index gave its key back: b has room for one more.
+    b.put(b"d2", b"2").unwrap();
+    assert_eq!(b.indexed_keys(), Some(2));
+    a.index_keys(b"d").unwrap();
+    assert_eq!(a.indexed_keys(), None, "outgrown by the opening scan");
+    assert_eq!(read(&a, b"d1"), Some(b"1".to_vec()));
+    drop(b);
+    a.index_keys(b"d").unwrap();
+    assert_eq!(
+        a.indexed_keys(),
+        Some(2),
+        "a closed store gives its index's bytes back"
+    );
+}
