@@ -1394,7 +1394,9 @@ impl Task {
                 let dedup = match names.get(1) {
                     Some(name) => {
                         let mut store = open("dedup", name)?;
-                        Deduplicate::prepare_store(&mut store)?;
+                        if let Err(e) = Deduplicate::prepare_store(&mut store) {
+                            warn!(store = name, error = %e, "cannot index the dedup ids; reading them from disk");
+                        }
                         Some(store)
                     }
                     None => None,

@@ -497,7 +497,9 @@ impl TopologyRunner {
                     let mut store =
                         FjallStore::open_in(db, &keyspace, op.name(), Default::default())?;
                     if let Operator::Dedup { .. } = op {
-                        Deduplicate::prepare_store(&mut store)?;
+                        if let Err(e) = Deduplicate::prepare_store(&mut store) {
+                            warn!(store = op.name(), error = %e, "cannot index the dedup ids; reading them from disk");
+                        }
                     }
                     Some(store)
                 } else {

@@ -347,9 +347,15 @@ impl StateStore for FjallStore {
     fn apply(&mut self, batch: &WriteBatch) -> Result<(), StoreError> {
         let mut rules = self.rules.clone();
         let mut rules_changed = false;
+        // The key index leaves out what a rule hides; a rule that hides less (lowered or
+        // removed: no operator does so) would make such keys readable again.
+        let mut rules_shrank = false;
         for (key, value) in batch.range(EXPIRY_RULES_PREFIX, b"\x00f") {
             if let Some(prefix) = rule_prefix(key) {
                 let rule = value.as_deref().map(ExpiryRule::decode).transpose()?;
+                if let Some(old) = self.rules.of(&[prefix]) {
+                    rules_shrank |= !rule.is_some_and(|rule| rule.contains(old));
+                }
                 rules.set(prefix, rule);
                 rules_changed = true;
             }
@@ -378,6 +384,9 @@ impl StateStore for FjallStore {
             self.cache.reset();
             self.index = None;
             return Err(self.engine(e));
+        }
+        if rules_shrank {
+            self.index = None;
         }
         self.index_committed(batch);
         for (key, value) in batch.entries_but_expired() {
@@ -413,9 +422,15 @@ impl StateStore for FjallStore {
     /// Builds the index by a scan of `prefix` (what reads see, through the rules); kept up to
     /// date by every commit from then on (`store/keys.rs`). When the keys do not fit in what
     /// is left of the database's key-index budget ([`StateDbOptions`]), the store keeps no
-    /// index and reads go to fjall. A second call replaces the first.
+    /// index and reads go to fjall. A second call replaces the first. Only an operator's
+    /// prefix is indexed: one that is empty, starts with the metadata byte `0x00`, or is all
+    /// `0xff` (no end) gets no index.
     fn index_keys(&mut self, prefix: &[u8]) -> Result<(), StoreError> {
         self.index = None;
+        let operator_prefix = prefix.first().is_some_and(|b| *b != 0);
+        if !operator_prefix || super::prefix_end(prefix).is_none() || !self.key_budget.any() {
+            return Ok(());
+        }
         let mut index = KeyIndex::new(prefix, self.key_budget.clone());
         for entry in self.prefix(prefix) {
             let (key, _) = entry?;
@@ -435,8 +450,13 @@ impl FjallStore {
         let Some(index) = &mut self.index else {
             return;
         };
+        // `index_keys` indexes only prefixes with an end, and none of the metadata's (whose
+        // offsets entries are not in `range`).
         let start = index.prefix().to_vec();
-        let end = super::prefix_end(&start).unwrap_or_else(|| vec![0xff; 64]);
+        let Some(end) = super::prefix_end(&start) else {
+            self.index = None;
+            return;
+        };
         for (key, value) in batch.range(&start, &end) {
             match value {
                 Some(_) => {
@@ -448,6 +468,8 @@ impl FjallStore {
                 None => index.delete(key),
             }
         }
+        // Hidden by a rule or deleted: either way no read returns them (the `delete_expired`
+        // contract: only for entries a rule of the batch covers).
         for key in batch.expired() {
             index.delete(key);
         }

@@ -7,12 +7,17 @@
 //! With the index a miss is one hash probe.
 //!
 //! Soundness rests on one invariant: **every key under the prefix that a read would return is
-//! in the index.** The index may hold more (a key a rule hides, whose `delete_expired` the
-//! index saw but fjall did not write), never less:
+//! in the index.** fjall may hold more (the entries an expiry rule hides, which reads skip),
+//! and the index may too (a key put and then hidden by a later rule, until its
+//! `delete_expired`); no read returns a key the index lacks:
 //! - it is built by a scan of the committed store, through the rules;
 //! - it changes only after fjall committed a batch, with that batch's puts (added), deletes
 //!   and `delete_expired` keys (removed) under the prefix ([`StateStore::apply`]); a batch
 //!   that is never applied never touches it; [`FjallStore::clear`] empties it;
+//! - it relies on two contracts of the expiry rules: `delete_expired` names only entries a
+//!   rule of the batch covers (fjall writes no delete for them, and reads hide them), and a
+//!   rule never hides less than before (a batch that lowers or removes one drops the index);
+//! - only an operator's prefix is indexed (not empty, not the metadata's `0x00`, with an end);
 //! - when a commit fails (fjall then poisons itself; whether it holds the batch is unknown),
 //!   or the keys outgrow the byte budget the indexes of a database share, the store drops the
 //!   index and reads go to fjall again, as without one.
@@ -66,6 +71,11 @@ impl KeyBudget {
                 Err(now) => used = now,
             }
         }
+    }
+
+    /// False for a budget of 0: no index is worth building.
+    pub(super) fn any(&self) -> bool {
+        self.limit > 0
     }
 
     fn give_back(&self, bytes: usize) {

@@ -461,3 +461,47 @@ fn key_indexes_share_their_database_budget_and_one_outgrowing_it_is_dropped() {
         "a closed store gives its index's bytes back"
     );
 }
+
+#[test]
+fn a_key_index_is_kept_only_for_an_operator_prefix_and_while_rules_only_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = FjallStore::open(dir.path(), "s", Durability::Process).unwrap();
+    for prefix in [&b""[..], b"\x00o", b"\xff\xff"] {
+        store.index_keys(prefix).unwrap();
+        assert_eq!(store.indexed_keys(), None, "{prefix:?}");
+    }
+    store.index_keys(b"d").unwrap();
+    let rule = |below_time| ExpiryRule {
+        below_time,
+        through_seq: 1,
+    };
+    let mut batch = WriteBatch::default();
+    batch.put(b"d1", &stamped(10, 1));
+    batch.put(b"d2", &stamped(40, 1));
+    store.commit(batch).unwrap();
+    let mut forget = WriteBatch::default();
+    forget.put(&ExpiryRule::key(b'd'), &rule(30).encode());
+    forget.delete_expired(Bytes::from_static(b"d1"));
+    store.commit(forget).unwrap();
+    assert_eq!(store.indexed_keys(), Some(1), "d1 is hidden by the rule");
+    assert_eq!(read(&store, b"d1"), None);
+    let mut grown = WriteBatch::default();
+    grown.put(&ExpiryRule::key(b'd'), &rule(35).encode());
+    store.commit(grown).unwrap();
+    assert_eq!(
+        store.indexed_keys(),
+        Some(1),
+        "a rule that hides more keeps it"
+    );
+    // A lower rule shows d1 again, which the index left out: the index goes.
+    let mut lowered = WriteBatch::default();
+    lowered.put(&ExpiryRule::key(b'd'), &rule(5).encode());
+    store.commit(lowered).unwrap();
+    assert_eq!(store.indexed_keys(), None);
+    assert!(read(&store, b"d1").is_some());
+    store.index_keys(b"d").unwrap();
+    let mut removed = WriteBatch::default();
+    removed.delete(&ExpiryRule::key(b'd'));
+    store.commit(removed).unwrap();
+    assert_eq!(store.indexed_keys(), None, "so does a removed rule");
+}
