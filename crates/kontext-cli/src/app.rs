@@ -14,7 +14,9 @@ use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog, FsyncPolicy};
 use kontext_log::{ConsumerConfig, CreateOutcome, Log, Retention, TopicSpec};
 use kontext_serve::AppState;
-use kontext_store::{ContextStore, EmbeddedStore, PostgresStore, StoreSchema, SwitchableStore};
+use kontext_store::{
+    ContextStore, EmbeddedStore, PostgresStore, StoreError, StoreSchema, SwitchableStore,
+};
 use kontext_stream::dlq::DeadLetters;
 use kontext_stream::retry::Waiter;
 use kontext_stream::{PipelineMetrics, Router, StoreSink};
@@ -230,11 +232,16 @@ pub async fn open_store_version(
     match store.kind {
         StoreKind::Embedded => {
             let path = rebuild::version_path(data_dir, &store.name, version);
-            let opened = EmbeddedStore::open(&path, schema).with_context(|| {
-                format!(
-                    "opening the context store {} (is another kontext using this data directory?)",
+            let opened = EmbeddedStore::open(&path, schema).map_err(|e| {
+                let hint = match e {
+                    // Says what to do itself.
+                    StoreError::Incompatible(_) => String::new(),
+                    _ => " (is another kontext using this data directory?)".into(),
+                };
+                anyhow::Error::new(e).context(format!(
+                    "opening the context store {}{hint}",
                     path.display()
-                )
+                ))
             })?;
             let cache = store
                 .context_cache

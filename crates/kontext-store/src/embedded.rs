@@ -61,6 +61,8 @@ const LEGACY_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("relatio
 const TOMBSTONES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tombstones");
 /// (topic, partition) -> next offset to apply
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
+/// The store's bookkeeping: `format` → the [`crate::STORE_FORMAT`] it was last opened with.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Context documents kept in memory unless [`EmbeddedStore::with_context_cache`] says otherwise.
 pub const DEFAULT_CONTEXT_CACHE: usize = 4_096;
@@ -175,6 +177,15 @@ impl EmbeddedStore {
         let db = Database::create(path)
             .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(io)?;
+        {
+            // Before any migration: a newer format is left exactly as it is.
+            let mut meta = txn.open_table(META).map_err(io)?;
+            let recorded = meta.get("format").map_err(io)?.map(|v| v.value());
+            crate::check_format(&path.display().to_string(), recorded)?;
+            if recorded != Some(crate::STORE_FORMAT) {
+                meta.insert("format", crate::STORE_FORMAT).map_err(io)?;
+            }
+        }
         txn.open_table(ENTITIES).map_err(io)?;
         txn.open_table(RELATIONS).map_err(io)?;
         txn.open_table(OFFSETS).map_err(io)?;

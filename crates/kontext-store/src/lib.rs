@@ -38,6 +38,33 @@ pub enum StoreError {
     /// fix the pipeline file.
     #[error("context store misconfigured: {0}")]
     Config(String),
+    /// The store holds a newer format than this build writes ([`check_format`]). Permanent:
+    /// run the newer kontext, or give this one a new store, which it rebuilds from the log.
+    #[error("context store is incompatible: {0}")]
+    Incompatible(String),
+}
+
+/// The layout of the data a context store holds, embedded and PostgreSQL alike: recorded in
+/// the store when it opens, and raised whenever a kontext writes what an earlier one would read
+/// or write wrongly (new tables, new meanings of columns). A store recording a newer format
+/// than this build's is refused ([`check_format`]): an older kontext would apply records
+/// without the newer one's bookkeeping, or show what the newer one hides. A store recording
+/// none was written before the record existed, by this format or an earlier one, which the
+/// opening migrates. Format 1: versioned tombstones, related lists, relation counts.
+pub const STORE_FORMAT: u64 = 1;
+
+/// Refuses a store whose recorded format is newer than [`STORE_FORMAT`].
+pub fn check_format(store: &str, recorded: Option<u64>) -> Result<(), StoreError> {
+    match recorded {
+        Some(format) if format > STORE_FORMAT => Err(StoreError::Incompatible(format!(
+            "{store} was written by a newer kontext (store format {format}; this kontext {} \
+             writes format {STORE_FORMAT}): run that kontext or a newer one, or give this one \
+             a store of its own (delete this one, or point at another schema): it is rebuilt \
+             from the log",
+            env!("CARGO_PKG_VERSION")
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl StoreError {

@@ -1199,3 +1199,62 @@ fn a_nul_character_in_an_id_or_a_parent_id_is_refused_and_nothing_is_written() {
     // The same batch without the bad record goes through.
     assert_eq!(store.apply(&[fine], &[]).unwrap().applied, 1);
 }
+
+/// The store records its format; a store a newer kontext wrote is refused before anything in
+/// it changes, and a store of the layout before the record gets it.
+#[test]
+fn a_store_of_a_newer_format_is_refused_and_left_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let store = open(&dir);
+    store
+        .apply(
+            &[upsert(
+                "customer",
+                "C1",
+                json!({"name": "Ana"}),
+                "crm",
+                0,
+                0,
+                1,
+            )],
+            &[],
+        )
+        .unwrap();
+    drop(store);
+    let set_format = |format: Option<u64>| {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        match format {
+            Some(format) => {
+                txn.open_table(META)
+                    .unwrap()
+                    .insert("format", format)
+                    .unwrap();
+            }
+            None => {
+                txn.delete_table(META).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    };
+    let format = || {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        meta.get("format").unwrap().map(|v| v.value())
+    };
+    assert_eq!(format(), Some(crate::STORE_FORMAT));
+    set_format(Some(crate::STORE_FORMAT + 1));
+    let err = EmbeddedStore::open(&path, schema()).err().expect("refused");
+    assert!(matches!(err, StoreError::Incompatible(_)), "{err}");
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("newer kontext"), "{err}");
+    assert!(err.to_string().contains("store.redb"), "{err}");
+    assert_eq!(format(), Some(crate::STORE_FORMAT + 1), "left as it is");
+    set_format(None);
+    let store = open(&dir);
+    assert!(store.get("customer", "C1").unwrap().is_some());
+    drop(store);
+    assert_eq!(format(), Some(crate::STORE_FORMAT));
+}

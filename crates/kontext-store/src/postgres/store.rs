@@ -120,7 +120,34 @@ impl PostgresStore {
                 .await
                 .map_err(pg)?;
         }
+        // Before any migration: a newer format is left exactly as it is.
+        txn.batch_execute(
+            "CREATE TABLE IF NOT EXISTS kontext_meta \
+             (key text COLLATE \"C\" PRIMARY KEY, value bigint NOT NULL)",
+        )
+        .await
+        .map_err(pg)?;
+        let recorded: Option<i64> = txn
+            .query_opt("SELECT value FROM kontext_meta WHERE key = 'format'", &[])
+            .await
+            .map_err(pg)?
+            .map(|row| row.try_get(0))
+            .transpose()
+            .map_err(pg)?;
+        let store = match namespace {
+            Some(ns) => format!("the PostgreSQL store in schema {ns}"),
+            None => "the PostgreSQL store".into(),
+        };
+        crate::check_format(&store, recorded.map(|v| v.max(0) as u64))?;
         txn.batch_execute(SCHEMA_SQL).await.map_err(pg)?;
+        let format = crate::STORE_FORMAT as i64;
+        txn.execute(
+            "INSERT INTO kontext_meta (key, value) VALUES ('format', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&format],
+        )
+        .await
+        .map_err(pg)?;
         txn.commit().await.map_err(pg)
     }
 

@@ -528,6 +528,56 @@ async fn tables_of_the_layout_before_versioned_tombstones_are_upgraded_in_place(
     drop_namespace(&ns).await;
 }
 
+/// The store records its format; a store a newer kontext wrote is refused before anything
+/// in it changes, and a store of the layout before the record gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_a_newer_format_is_refused_and_left_as_it_is() {
+    let ns = namespace();
+    let store = store_in(&ns).await;
+    let u = update("customer", "C1", json!({"name": "Ana"}), "t", 0, 0, 1);
+    store.apply(&[u], &[]).await.unwrap();
+    drop(store);
+    let client = raw_client().await;
+    let query = format!("SELECT value FROM {ns}.kontext_meta WHERE key = 'format'");
+    let format = || async {
+        client
+            .query_one(&query, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(format().await, crate::STORE_FORMAT as i64);
+    let newer = crate::STORE_FORMAT as i64 + 1;
+    client
+        .execute(
+            &format!("UPDATE {ns}.kontext_meta SET value = $1 WHERE key = 'format'"),
+            &[&newer],
+        )
+        .await
+        .unwrap();
+    let err = PostgresStore::connect_in_namespace(&url(), &ns, schema())
+        .await
+        .err()
+        .expect("a newer format is refused");
+    assert!(matches!(err, StoreError::Incompatible(_)), "{err}");
+    assert!(!err.is_transient());
+    let message = err.to_string();
+    assert!(message.contains(&format!("schema {ns}")), "{message}");
+    assert!(message.contains("newer kontext"), "{message}");
+    assert!(message.contains("rebuilt from the log"), "{message}");
+    assert_eq!(format().await, newer, "left as it is");
+    // Without the record (a store of an earlier kontext) the store opens and records it.
+    client
+        .execute(&format!("DROP TABLE {ns}.kontext_meta"), &[])
+        .await
+        .unwrap();
+    let store = store_in(&ns).await;
+    assert!(store.get("customer", "C1").await.unwrap().is_some());
+    assert_eq!(format().await, crate::STORE_FORMAT as i64);
+    drop(store);
+    drop_namespace(&ns).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_values_read_back_exactly_as_written() {
     let ns = namespace();
