@@ -17,6 +17,7 @@
 #[path = "../../../bench/allocator.rs"]
 mod allocator;
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -210,6 +211,19 @@ fn join<M: Clock>(c: &mut Criterion<M>) {
 
 /// `keys`: how many keys share the stream, so how many events a key has in a window.
 fn aggregation<M: Clock>(c: &mut Criterion<M>, name: &str, window: WindowSpec, keys: u64) {
+    aggregation_showing(c, name, window, keys, false)
+}
+
+/// With `shown_only`, a hopping aggregation emits only the window a feature shows, as the
+/// processor runs it: per key, the window closing next after the key's newest event in the
+/// batch (`Aggregate::process_selected`; the selection is timed too).
+fn aggregation_showing<M: Clock>(
+    c: &mut Criterion<M>,
+    name: &str,
+    window: WindowSpec,
+    keys: u64,
+    shown_only: bool,
+) {
     let op = Aggregate::new(AggregateConfig {
         window,
         grace_ms: 5_000,
@@ -228,7 +242,29 @@ fn aggregation<M: Clock>(c: &mut Criterion<M>, name: &str, window: WindowSpec, k
         |_| {},
         |store, stream, iters| {
             timed::<M, _>(iters, store, stream, 0, |store, events| {
-                let out = op.process(store, events).expect("aggregate");
+                let out = match (shown_only, window) {
+                    (
+                        true,
+                        WindowSpec::Hopping {
+                            size_ms,
+                            advance_ms,
+                        },
+                    ) => {
+                        let mut newest: HashMap<&[u8], i64> = HashMap::new();
+                        for e in events {
+                            let t = newest.entry(&e.key[..]).or_insert(i64::MIN);
+                            *t = (*t).max(e.time_ms);
+                        }
+                        let closing_next = |t: i64| {
+                            ((t - size_ms).div_euclid(advance_ms) + 1) * advance_ms + size_ms
+                        };
+                        op.process_selected(store, events, &|key, w| {
+                            newest.get(key).is_some_and(|t| w.end == closing_next(*t))
+                        })
+                    }
+                    _ => op.process(store, events),
+                }
+                .expect("aggregate");
                 store.commit(out.state).expect("commit");
             })
         },
@@ -250,6 +286,16 @@ fn aggregations<M: Clock>(c: &mut Criterion<M>) {
             advance_ms: 10_000,
         },
         KEYS,
+    );
+    aggregation_showing(
+        c,
+        "hopping_60s_by_10s_shown",
+        WindowSpec::Hopping {
+            size_ms: 60_000,
+            advance_ms: 10_000,
+        },
+        KEYS,
+        true,
     );
     aggregation(
         c,

@@ -246,6 +246,20 @@ impl Aggregate {
         store: &S,
         events: &[Event],
     ) -> Result<AggregateBatch, StoreError> {
+        self.process_selected(store, events, &|_, _| true)
+    }
+
+    /// [`Aggregate::process`], emitting only the updates whose key and window `select`
+    /// accepts; the state changes are the same. For a consumer that shows one window per key:
+    /// a hopping window of size `s` and advance `a` changes `s / a` windows per event, and
+    /// building the others' values is most of what emission costs (hopping windows skip
+    /// them; other kinds filter what they built).
+    pub fn process_selected<S: StateStore + ?Sized>(
+        &self,
+        store: &S,
+        events: &[Event],
+        select: &dyn Fn(&[u8], &Window) -> bool,
+    ) -> Result<AggregateBatch, StoreError> {
         let mut out = AggregateBatch::default();
         if events.is_empty() {
             return Ok(out);
@@ -255,7 +269,7 @@ impl Aggregate {
                 if PaneLayout::of(self.config.window).one_pane_per_window() {
                     self.process_tumbling(store, events, &mut out)?
                 } else {
-                    self.process_fixed(store, events, &mut out)?
+                    self.process_fixed(store, events, select, &mut out)?
                 }
             }
             WindowSpec::Session { gap_ms } => {
@@ -265,6 +279,7 @@ impl Aggregate {
                 self.process_sliding(store, events, size_ms, &mut out)?
             }
         }
+        out.updates.retain(|u| select(&u.key, &u.window));
         Ok(out)
     }
 
@@ -430,6 +445,7 @@ impl Aggregate {
         &self,
         store: &S,
         events: &[Event],
+        select: &dyn Fn(&[u8], &Window) -> bool,
         out: &mut AggregateBatch,
     ) -> Result<(), StoreError> {
         let grace = self.config.grace_ms;
@@ -522,7 +538,7 @@ impl Aggregate {
                 let kp = keys
                     .get_mut(&key)
                     .ok_or_else(|| StoreError::Corrupt("key vanished".into()))?;
-                self.emit_changed(layout, kp, &at_risk, &mut out.updates)?;
+                self.emit_changed(layout, kp, &at_risk, select, &mut out.updates)?;
             }
         } else {
             for wkey in window_index {
@@ -632,12 +648,13 @@ impl Aggregate {
         Ok(())
     }
 
-    /// Emits every window of `kp` the batch changed, by window start.
+    /// Emits every window of `kp` the batch changed that `select` accepts, by window start.
     fn emit_changed(
         &self,
         layout: PaneLayout,
         kp: &mut KeyPanes,
         at_risk: &dyn Fn(&Window) -> bool,
+        select: &dyn Fn(&[u8], &Window) -> bool,
         updates: &mut Vec<AggregateUpdate>,
     ) -> Result<(), StoreError> {
         let mut starts: Vec<i64> = kp.deltas.iter().map(|d| d.start).collect();
@@ -650,6 +667,13 @@ impl Aggregate {
         }
         starts.sort_unstable();
         starts.dedup();
+        starts.retain(|start| {
+            let window = Window {
+                start: *start,
+                end: start.saturating_add(layout.size),
+            };
+            select(&kp.key, &window)
+        });
         for start in starts {
             let window = Window {
                 start,

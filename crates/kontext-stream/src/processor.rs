@@ -1515,7 +1515,16 @@ fn features_batch(
     let mut hw = HighWater::default();
     let fresh = hw.filter(agg, events)?;
     let plain: Vec<Event> = fresh.into_iter().map(|i| i.event).collect();
-    let mut out = group.aggregate.process(agg, &plain)?;
+    let choices = hopping_choices(group, agg, &plain)?;
+    let mut out = match &choices {
+        // Only the window each key will show: the others' values would be dropped.
+        Some(choices) => group
+            .aggregate
+            .process_selected(agg, &plain, &|key, window| {
+                choices.get(key).is_some_and(|c| window.end == c.show)
+            })?,
+        None => group.aggregate.process(agg, &plain)?,
+    };
     hw.finish(&mut out.state);
     out.state.set_offset(tp.clone(), never_back(agg, tp, end));
     // The output clock: never behind a value this task already emitted, so a feature's
@@ -1527,7 +1536,14 @@ fn features_batch(
         out.state.put(OUTPUT_TIME_KEY, &time_ms.to_le_bytes());
         if group.windowed {
             let updates = std::mem::take(&mut out.updates);
-            outputs = current_windows(group, agg, &plain, updates, &mut out.state, time_ms)?;
+            outputs = current_windows(
+                group,
+                agg,
+                choices.as_ref(),
+                updates,
+                &mut out.state,
+                time_ms,
+            )?;
         }
         for update in out.updates {
             let Some(values) = update.values else {
@@ -1559,18 +1575,58 @@ fn features_batch(
     })
 }
 
+/// What a key of a hopping feature group shows after a batch.
+struct HoppingChoice {
+    /// The end of the window shown now (`i64::MIN`: none).
+    shown: i64,
+    /// The end of the window to show: the one closing next after the key's newest input in
+    /// the batch (the one ending last would cover mostly the future), or the shown one if
+    /// that ends later.
+    show: i64,
+}
+
+/// Hopping feature groups only: per key of the batch, which window it shows
+/// ([`HoppingChoice`]), read before the aggregation so that it emits only that window.
+fn hopping_choices(
+    group: &FeatureGroup,
+    agg: &FjallStore,
+    events: &[Event],
+) -> Result<Option<BTreeMap<Bytes, HoppingChoice>>, StoreError> {
+    let WindowSpec::Hopping {
+        size_ms: size,
+        advance_ms: advance,
+    } = group.aggregate.config().window
+    else {
+        return Ok(None);
+    };
+    let mut newest_input: BTreeMap<&Bytes, i64> = BTreeMap::new();
+    for e in events {
+        let t = newest_input.entry(&e.key).or_insert(i64::MIN);
+        *t = (*t).max(e.time_ms);
+    }
+    let mut choices = BTreeMap::new();
+    for (key, t) in newest_input {
+        let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
+        let shown = read_i64(agg, &shown_key)?.unwrap_or(i64::MIN);
+        // Windows end at k·advance + size; the first such end after t.
+        let closing_next = ((t - size).div_euclid(advance) + 1) * advance + size;
+        let show = closing_next.max(shown);
+        choices.insert(key.clone(), HoppingChoice { shown, show });
+    }
+    Ok(Some(choices))
+}
+
 /// The outputs of a tumbling, session or hopping feature group: per key, the window it
 /// should show now, if the batch updated it and its end is not before the end of the window
 /// the key shows already (`SHOWN_WINDOW_PREFIX`). So a late event for an older window (within
 /// the grace period) never replaces a newer window's value; a late event for the shown window
 /// updates it. The window to show: the updated one with the greatest end (tumbling, session:
 /// a session merged into another is a tombstone and skipped, the merged one is emitted), or
-/// for hopping windows the one closing next after the key's newest input in the batch (the
-/// one ending last would cover mostly the future), or the shown one if that is later.
+/// for hopping windows the one `choices` names.
 fn current_windows(
     group: &FeatureGroup,
     agg: &FjallStore,
-    events: &[Event],
+    choices: Option<&BTreeMap<Bytes, HoppingChoice>>,
     updates: Vec<AggregateUpdate>,
     state: &mut WriteBatch,
     time_ms: i64,
@@ -1579,33 +1635,18 @@ fn current_windows(
     for update in updates.into_iter().filter(|u| u.values.is_some()) {
         per_key.entry(update.key.clone()).or_default().push(update);
     }
-    let hopping = match group.aggregate.config().window {
-        WindowSpec::Hopping {
-            size_ms,
-            advance_ms,
-        } => Some((size_ms, advance_ms)),
-        _ => None,
-    };
-    // Hopping only: each key's newest input, which picks the window closing next.
-    let mut newest_input: BTreeMap<&[u8], i64> = BTreeMap::new();
-    if hopping.is_some() {
-        for e in events {
-            let t = newest_input.entry(&e.key[..]).or_insert(i64::MIN);
-            *t = (*t).max(e.time_ms);
-        }
-    }
     let mut outputs = Vec::with_capacity(per_key.len());
     for (key, updates) in per_key {
         let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
-        let shown = read_i64(agg, &shown_key)?.unwrap_or(i64::MIN);
-        let chosen = match (hopping, newest_input.get(&key[..])) {
-            (Some((size, advance)), Some(&t)) => {
-                // Windows end at k·advance + size; the first such end after t.
-                let closing_next = ((t - size).div_euclid(advance) + 1) * advance + size;
-                let want = closing_next.max(shown);
-                updates.into_iter().find(|u| u.window.end == want)
-            }
-            _ => updates.into_iter().max_by_key(|u| u.window.end),
+        let (shown, chosen) = match choices.and_then(|c| c.get(&key)) {
+            Some(choice) => (
+                choice.shown,
+                updates.into_iter().find(|u| u.window.end == choice.show),
+            ),
+            None => (
+                read_i64(agg, &shown_key)?.unwrap_or(i64::MIN),
+                updates.into_iter().max_by_key(|u| u.window.end),
+            ),
         };
         let Some(update) = chosen.filter(|u| u.window.end >= shown) else {
             continue;

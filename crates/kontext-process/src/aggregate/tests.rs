@@ -834,6 +834,39 @@ fn jittered(steps: &[(i64, i64)]) -> Vec<Event> {
 }
 
 proptest::proptest! {
+    /// Emitting only the selected windows changes nothing else: the updates are those of
+    /// `process` that the selector accepts, and the state is the same, for every window kind.
+    #[test]
+    fn selected_updates_are_the_selected_ones_of_the_full_emission(
+        steps in proptest::collection::vec((0i64..6, 0i64..25), 1..60),
+        grace in 0i64..30,
+        size in 1usize..6,
+        modulo in 1i64..4,
+        kind in 0usize..4,
+    ) {
+        let window = [
+            HOPPING,
+            WindowSpec::Tumbling { size_ms: 10 },
+            WindowSpec::Session { gap_ms: 4 },
+            WindowSpec::Sliding { size_ms: 20 },
+        ][kind];
+        let op = Aggregate::new(config(window, grace)).unwrap();
+        let select = |key: &[u8], w: &Window| {
+            (i64::from(key[key.len() - 1]) + w.end.div_euclid(5)) % modulo == 0
+        };
+        let (mut full, mut selected) = (MemoryStore::new("full"), MemoryStore::new("selected"));
+        for batch in jittered(&steps).chunks(size) {
+            let a = op.process(&full, batch).unwrap();
+            let b = op.process_selected(&selected, batch, &select).unwrap();
+            let expected: Vec<_> = a.updates.iter().filter(|u| select(&u.key, &u.window)).collect();
+            proptest::prop_assert_eq!(b.updates.iter().collect::<Vec<_>>(), expected);
+            proptest::prop_assert_eq!(a.dropped_late, b.dropped_late);
+            full.commit(a.state).unwrap();
+            selected.commit(b.state).unwrap();
+        }
+        proptest::prop_assert_eq!(full.dump().unwrap(), selected.dump().unwrap());
+    }
+
     /// A restart with a smaller or larger grace closes and deletes every window the new
     /// configuration says is closed (a scan start derived from the configuration skipped
     /// windows closing between the old and the new horizon).
