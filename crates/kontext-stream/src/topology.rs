@@ -72,8 +72,8 @@ use kontext_log::{ConsumerConfig, Log, LogError, Producer, TopicSpec, Transactio
 use kontext_process::{
     changelog_topic_name, next_side, origin_coords, rekey, rekey_as, Aggregate, Coords,
     DedupDecision, Deduplicate, EnrichmentJoin, Event, FieldPath, FjallStore, JoinInput, JoinKind,
-    Op, Partitioner, Plan, Predicate, RekeyError, Side, Stage, StateDb, StateStore, StoreError,
-    TableUpdate, TopicLayout, Topology, TopologyError, WriteBatch,
+    Op, Partitioner, Plan, Predicate, RekeyError, Side, Stage, StateDb, StateDbOptions, StateStore,
+    StoreError, TableUpdate, TopicLayout, Topology, TopologyError, WriteBatch,
 };
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -121,6 +121,7 @@ pub struct TopologyRunner {
     policy: RetryPolicy,
     metrics: Arc<PipelineMetrics>,
     exactly_once: bool,
+    state: StateDbOptions,
 }
 
 /// A part of a pipeline between two topics, run by one consumer group.
@@ -233,7 +234,16 @@ impl TopologyRunner {
             policy: RetryConfig::default().waiting_policy(),
             metrics: Arc::default(),
             exactly_once: false,
+            state: StateDbOptions::default(),
         }
+    }
+
+    /// The memory the tasks' state may use besides fjall's own, shared by all of them: the
+    /// value cache and the dedup key indexes (default 64 MiB each; the pipeline file's
+    /// `state` section is the same setting for `kontext run`).
+    pub fn with_state_budgets(mut self, options: StateDbOptions) -> Self {
+        self.state = options;
+        self
     }
 
     /// Commits each batch's outputs, changelog records and input offsets in one Kafka
@@ -455,7 +465,7 @@ impl TopologyRunner {
     /// segment after the one feeding it), for at most [`crate::processor::DRAIN_TIMEOUT`].
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), TopologyRunError> {
         let (_, segments) = self.segments().await?;
-        let db = open_state_db(&self.state_dir.join(STATE_DB_DIR), Default::default())?;
+        let db = open_state_db(&self.state_dir.join(STATE_DB_DIR), self.state)?;
         if self.exactly_once {
             // Creates the instance's random id part once, before the segments read it
             // concurrently (each would otherwise write its own on a first run).

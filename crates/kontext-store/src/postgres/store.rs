@@ -106,7 +106,14 @@ impl PostgresStore {
 
     async fn create_tables(&self, namespace: Option<&str>) -> Result<(), StoreError> {
         let mut client = self.client().await?;
-        let txn = client.transaction().await.map_err(pg)?;
+        // READ COMMITTED whatever the database's default: a store that waited for the lock
+        // below must see what the one before it created.
+        let txn = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(pg)?;
         // Two stores starting at once would race on CREATE ... IF NOT EXISTS (it is not
         // atomic against a concurrent create); a transaction-scoped advisory lock orders them.
         txn.execute(

@@ -528,6 +528,28 @@ async fn tables_of_the_layout_before_versioned_tombstones_are_upgraded_in_place(
     drop_namespace(&ns).await;
 }
 
+/// Stores connecting at once to a fresh schema create its tables once, whatever the
+/// database's default isolation: with a snapshot taken before the DDL lock, the second would
+/// not see the first's tables and migrate them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_connecting_at_once_create_the_tables_once_whatever_the_default_isolation() {
+    let base = url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let serializable =
+        format!("{base}{sep}options=-c%20default_transaction_isolation%3Dserializable");
+    for _ in 0..3 {
+        let ns = namespace();
+        let connect = || PostgresStore::connect_in_namespace(&serializable, &ns, schema());
+        let (a, b, c) = tokio::join!(connect(), connect(), connect());
+        for store in [a, b, c] {
+            if let Err(e) = store {
+                panic!("connecting at once to {ns}: {e}");
+            }
+        }
+        drop_namespace(&ns).await;
+    }
+}
+
 /// The store records its format; a store a newer kontext wrote is refused before anything
 /// in it changes, and a store of the layout before the record gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
