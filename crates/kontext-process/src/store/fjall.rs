@@ -435,6 +435,7 @@ impl StateStore for FjallStore {
         for entry in self.prefix(prefix) {
             let (key, _) = entry?;
             if index.put(&key).is_err() {
+                self.outgrown();
                 return Ok(());
             }
         }
@@ -444,6 +445,16 @@ impl StateStore for FjallStore {
 }
 
 impl FjallStore {
+    /// Says that the key index no longer fits: reads are slower from now on, and the fix is a
+    /// setting.
+    fn outgrown(&self) {
+        tracing::warn!(
+            store = %self.name,
+            budget_bytes = self.key_budget.limit(),
+            "the store's key index no longer fits in the state's key-index budget; reads of absent keys go to disk until the store is opened again (raise state.key_index_bytes)"
+        );
+    }
+
     /// Brings the key index up to a batch fjall committed; drops it when it outgrows its
     /// budget.
     fn index_committed(&mut self, batch: &WriteBatch) {
@@ -462,6 +473,7 @@ impl FjallStore {
                 Some(_) => {
                     if index.put(key).is_err() {
                         self.index = None;
+                        self.outgrown();
                         return;
                     }
                 }

@@ -78,6 +78,11 @@ impl KeyBudget {
         self.limit > 0
     }
 
+    /// The budget, in bytes.
+    pub(super) fn limit(&self) -> usize {
+        self.limit
+    }
+
     fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::Relaxed);
     }
