@@ -361,6 +361,7 @@ pub async fn start_pipeline(
     let mut drained_stores = Vec::new();
     let mut sinks = Vec::new();
     let mut serving = None;
+    let mut other_metrics = Vec::new();
     let mut slots = BTreeMap::new();
     for store_config in config.stores() {
         let (opened, version) = open_store(config, &store_config, data_dir, &shutdown).await?;
@@ -392,6 +393,8 @@ pub async fn start_pipeline(
         sinks.push((store_config.name.clone(), sink));
         if store_config.name == served.name {
             serving = Some((store, metrics));
+        } else {
+            other_metrics.push((store_config.name.clone(), metrics));
         }
     }
     let (store, metrics) = serving.context("the served store was not opened")?;
@@ -426,6 +429,7 @@ pub async fn start_pipeline(
         config.entities.keys().cloned().collect(),
         metrics.clone(),
     )
+    .with_store_metrics(other_metrics)
     .with_render(config.serve.render.clone())
     .with_mcp_allowed_hosts(config.serve.mcp.allowed_hosts.clone())
     .with_lag(kontext_serve::LagSource {

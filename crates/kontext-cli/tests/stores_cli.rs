@@ -79,6 +79,37 @@ async fn an_embedded_and_a_postgres_store_fill_independently_and_postgres_rebuil
     .unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(!body["fields"].as_object().unwrap().is_empty(), "{body}");
+    // `/metrics` shows the served store's sink unlabelled and the other store's labelled.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        value("kontext_records_applied_total ") > 0,
+        "the served store, pg"
+    );
+    // Store main applied the quickstart's records before and resumes after them, so it
+    // applies nothing now; its sink holds the partitions of the source topics.
+    assert_eq!(value("kontext_records_applied_total{store=\"main\"} "), 0);
+    assert!(value("kontext_sink_assigned_partitions{store=\"main\"} ") > 0);
+    assert_eq!(
+        metrics
+            .matches("# TYPE kontext_records_applied_total ")
+            .count(),
+        1,
+        "one family"
+    );
 
     // Blue/green on PostgreSQL: version 1 lives in the schema <ns>_<store>_v1.
     let api = format!("http://127.0.0.1:{port}");

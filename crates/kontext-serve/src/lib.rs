@@ -48,6 +48,9 @@ pub struct AppState {
     pub store: Arc<dyn ContextStore>,
     pub entity_types: Arc<BTreeSet<String>>,
     pub metrics: Arc<PipelineMetrics>,
+    /// The sink metrics of the pipeline's other stores, by store name: `/metrics` shows them
+    /// labelled `store="<name>"`.
+    pub store_metrics: Arc<Vec<(String, Arc<PipelineMetrics>)>>,
     /// Where `/v1/lag` reads high watermarks; `None` disables the endpoint.
     pub lag: Option<LagSource>,
     /// Markdown rendering: section priority and default tokenizer (`serve.render`).
@@ -75,6 +78,7 @@ impl AppState {
             store,
             entity_types: Arc::new(entity_types),
             metrics,
+            store_metrics: Arc::default(),
             lag: None,
             render: Arc::new(RenderConfig::default()),
             entity_descriptions: None,
@@ -93,6 +97,12 @@ impl AppState {
     /// Turns on `/v1/lag` for the store's consumer group.
     pub fn with_lag(mut self, lag: LagSource) -> Self {
         self.lag = Some(lag);
+        self
+    }
+
+    /// Adds the sink metrics of the pipeline's other stores to `/metrics`, by store name.
+    pub fn with_store_metrics(mut self, stores: Vec<(String, Arc<PipelineMetrics>)>) -> Self {
+        self.store_metrics = Arc::new(stores);
         self
     }
 

@@ -8,6 +8,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use kontext_log::MARKER_GAP;
+use kontext_stream::PipelineMetrics;
 use serde_json::json;
 
 use crate::{ApiError, AppState, LagSource};
@@ -119,7 +120,12 @@ fn log_unavailable(e: kontext_log::LogError) -> ApiError {
 
 /// `GET /metrics`: Prometheus text format.
 pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let mut text = state.metrics.render();
+    let others: Vec<(&str, &PipelineMetrics)> = state
+        .store_metrics
+        .iter()
+        .map(|(store, metrics)| (store.as_str(), metrics.as_ref()))
+        .collect();
+    let mut text = state.metrics.render_with(&others);
     if let Some(cache) = state.store.cache_stats() {
         for (name, kind, help, value) in [
             (

@@ -184,8 +184,32 @@ impl PipelineMetrics {
 
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let counters = [
+        self.render_with(&[])
+    }
+
+    /// [`PipelineMetrics::render`], plus the store-sink series of `others` (the metrics of
+    /// the pipeline's other stores, by store name) labelled `store="<name>"`, each family's
+    /// `# HELP`/`# TYPE` once. These metrics' own series stay unlabelled (the served store,
+    /// and the processor's `kontext_process_*` counters, which only it holds).
+    pub fn render_with(&self, others: &[(&str, &PipelineMetrics)]) -> String {
+        let mut exposition = Exposition::default();
+        self.write_series(&mut exposition, None);
+        for (store, metrics) in others {
+            metrics.write_series(&mut exposition, Some(store));
+        }
+        exposition.finish()
+    }
+
+    /// Writes every series into `out`: all of them unlabelled (`store` `None`), or the store
+    /// sink's labelled with `store`.
+    fn write_series(&self, out: &mut Exposition, store: Option<&str>) {
+        let labels = |pairs: &str| match (store, pairs.is_empty()) {
+            (None, true) => String::new(),
+            (None, false) => format!("{{{pairs}}}"),
+            (Some(store), true) => format!("{{store=\"{store}\"}}"),
+            (Some(store), false) => format!("{{store=\"{store}\",{pairs}}}"),
+        };
+        let sink_counters = [
             (
                 "kontext_records_consumed_total",
                 "Records read from the log.",
@@ -226,6 +250,8 @@ impl PipelineMetrics {
                 "Times the store circuit breaker closed again after an outage.",
                 &self.breaker_closed,
             ),
+        ];
+        let process_counters = [
             (
                 "kontext_process_dropped_late_total",
                 "Processor inputs dropped as later than their window allows.",
@@ -252,47 +278,79 @@ impl PipelineMetrics {
                 &self.process_transactions_aborted,
             ),
         ];
-        for (name, help, counter) in counters {
+        let processor = if store.is_none() {
+            &process_counters[..]
+        } else {
+            &[]
+        };
+        for (name, help, counter) in sink_counters.iter().chain(processor) {
+            let body = out.family(name, "counter", help);
             let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                body,
+                "{name}{} {}",
+                labels(""),
                 counter.load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(out, "# HELP kontext_records_invalid_total Records that are not valid context events.\n# TYPE kontext_records_invalid_total counter");
-        for ((topic, kind), n) in self.invalid() {
-            let _ = writeln!(
-                out,
-                "kontext_records_invalid_total{{topic=\"{topic}\",reason=\"{kind}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# HELP kontext_records_dead_lettered_total Records copied to a dead-letter topic, by source topic, failed stage and error kind.\n# TYPE kontext_records_dead_lettered_total counter");
-        for ((topic, stage, kind), n) in self.dead_lettered() {
-            let _ = writeln!(
-                out,
-                "kontext_records_dead_lettered_total{{topic=\"{topic}\",stage=\"{stage}\",kind=\"{kind}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# HELP kontext_retries_total Attempts repeated after a transient failure, by stage.\n# TYPE kontext_retries_total counter");
-        for (stage, n) in self.retries.lock().iter() {
-            let _ = writeln!(out, "kontext_retries_total{{stage=\"{stage}\"}} {n}");
+        let by_label: [LabelledCounter; 3] = [
+            (
+                "kontext_records_invalid_total",
+                "Records that are not valid context events.",
+                self.invalid()
+                    .into_iter()
+                    .map(|((topic, kind), n)| (format!("topic=\"{topic}\",reason=\"{kind}\""), n))
+                    .collect(),
+            ),
+            (
+                "kontext_records_dead_lettered_total",
+                "Records copied to a dead-letter topic, by source topic, failed stage and error kind.",
+                self.dead_lettered()
+                    .into_iter()
+                    .map(|((topic, stage, kind), n)| {
+                        (format!("topic=\"{topic}\",stage=\"{stage}\",kind=\"{kind}\""), n)
+                    })
+                    .collect(),
+            ),
+            (
+                "kontext_retries_total",
+                "Attempts repeated after a transient failure, by stage.",
+                self.retries
+                    .lock()
+                    .iter()
+                    .map(|(stage, n)| (format!("stage=\"{stage}\""), *n))
+                    .collect(),
+            ),
+        ];
+        for (name, help, series) in by_label {
+            let body = out.family(name, "counter", help);
+            for (pairs, n) in series {
+                let _ = writeln!(body, "{name}{} {n}", labels(&pairs));
+            }
         }
         let (state, reason) = self.breaker();
-        let _ = writeln!(
-            out,
-            "# HELP kontext_store_breaker_state Store circuit breaker: 0 closed, 1 open (store down, consumption paused), 2 half-open; reason is the error kind that opened it.\n# TYPE kontext_store_breaker_state gauge\nkontext_store_breaker_state{{reason=\"{reason}\"}} {}",
-            state as u8
+        let name = "kontext_store_breaker_state";
+        let body = out.family(
+            name,
+            "gauge",
+            "Store circuit breaker: 0 closed, 1 open (store down, consumption paused), 2 half-open; reason is the error kind that opened it.",
         );
-        let _ = writeln!(
-            out,
-            "# HELP kontext_event_lag_milliseconds Event time to store, newest event of the last batch.\n# TYPE kontext_event_lag_milliseconds gauge\nkontext_event_lag_milliseconds {}",
-            self.last_event_lag_ms.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP kontext_sink_assigned_partitions Partitions of the source topics the store sink holds in its consumer group (fewer than they have: still joining, or other instances share the group).\n# TYPE kontext_sink_assigned_partitions gauge\nkontext_sink_assigned_partitions {}",
-            self.sink_assigned_partitions.load(Ordering::Relaxed)
-        );
+        let series = labels(&format!("reason=\"{reason}\""));
+        let _ = writeln!(body, "{name}{series} {}", state as u8);
+        for (name, help, gauge) in [
+            (
+                "kontext_event_lag_milliseconds",
+                "Event time to store, newest event of the last batch.",
+                self.last_event_lag_ms.load(Ordering::Relaxed),
+            ),
+            (
+                "kontext_sink_assigned_partitions",
+                "Partitions of the source topics the store sink holds in its consumer group (fewer than they have: still joining, or other instances share the group).",
+                self.sink_assigned_partitions.load(Ordering::Relaxed),
+            ),
+        ] {
+            let body = out.family(name, "gauge", help);
+            let _ = writeln!(body, "{name}{} {gauge}", labels(""));
+        }
         for (name, help, histograms) in [
             (
                 "kontext_event_to_applied_seconds",
@@ -305,15 +363,119 @@ impl PipelineMetrics {
                 &self.log_to_applied,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            let body = out.family(name, "histogram", help);
             for kind in UpdateKind::ALL {
-                histograms[kind as usize].render(
-                    &mut out,
+                let pairs = match store {
+                    Some(store) => format!("store=\"{store}\",kind=\"{}\"", kind.label()),
+                    None => format!("kind=\"{}\"", kind.label()),
+                };
+                histograms[kind as usize].render(body, name, &pairs);
+            }
+        }
+    }
+}
+
+/// A counter family with labels: name, help, and each series' label pairs and value.
+type LabelledCounter<'a> = (&'static str, &'a str, Vec<(String, u64)>);
+
+/// A Prometheus text exposition under construction: metric families in the order first
+/// written, each with its `# HELP`/`# TYPE` lines once and all its series together, as the
+/// format requires when several stores write the same families.
+#[derive(Default)]
+struct Exposition {
+    families: Vec<(&'static str, String)>,
+}
+
+impl Exposition {
+    /// The series text of family `name`, created with its header if new.
+    fn family(&mut self, name: &'static str, kind: &str, help: &str) -> &mut String {
+        let at = match self.families.iter().position(|(n, _)| *n == name) {
+            Some(at) => at,
+            None => {
+                self.families.push((
                     name,
-                    &format!("kind=\"{}\"", kind.label()),
+                    format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"),
+                ));
+                self.families.len() - 1
+            }
+        };
+        &mut self.families[at].1
+    }
+
+    fn finish(self) -> String {
+        self.families.into_iter().map(|(_, text)| text).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Checks the exposition's shape: each family's `# TYPE` once, before all its series,
+    /// which are contiguous. Returns the family names.
+    fn families(text: &str) -> Vec<String> {
+        let mut seen = BTreeSet::new();
+        let mut order = Vec::new();
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap().to_string();
+                assert!(seen.insert(name.clone()), "second # TYPE for {name}");
+                order.push(name.clone());
+                current = name;
+            } else if !line.starts_with('#') {
+                let series = line.split(['{', ' ']).next().unwrap();
+                assert!(
+                    series.starts_with(&current),
+                    "{series} outside its family (in {current})"
                 );
             }
         }
-        out
+        order
+    }
+
+    #[test]
+    fn the_served_store_renders_unlabelled_and_others_with_their_store_label() {
+        let served = PipelineMetrics::default();
+        served.records_applied.store(5, Ordering::Relaxed);
+        served.process_duplicates.store(2, Ordering::Relaxed);
+        served.record_applied(UpdateKind::Entity, 1_010, 1_000, 1_005);
+        let pg = PipelineMetrics::default();
+        pg.records_applied.store(7, Ordering::Relaxed);
+        pg.record_applied(UpdateKind::Features, 1_100, 1_000, 1_050);
+
+        let alone = served.render();
+        assert_eq!(families(&alone), families(&served.render_with(&[])));
+        assert!(
+            alone.contains("\nkontext_records_applied_total 5\n"),
+            "{alone}"
+        );
+        assert!(
+            alone.contains("\nkontext_process_duplicates_total 2\n"),
+            "{alone}"
+        );
+        assert!(!alone.contains("store="), "{alone}");
+
+        let both = served.render_with(&[("pg", &pg)]);
+        assert_eq!(families(&both), families(&alone), "the same families");
+        assert!(
+            both.contains("\nkontext_records_applied_total 5\n"),
+            "{both}"
+        );
+        assert!(
+            both.contains("\nkontext_records_applied_total{store=\"pg\"} 7\n"),
+            "{both}"
+        );
+        assert!(both.contains(
+            "\nkontext_event_to_applied_seconds_count{store=\"pg\",kind=\"features\"} 1\n"
+        ));
+        assert!(both.contains("\nkontext_store_breaker_state{store=\"pg\",reason=\"none\"} 0\n"));
+        // The processor's counters are the served metrics' only.
+        assert!(
+            !both.contains("kontext_process_duplicates_total{store="),
+            "{both}"
+        );
     }
 }
