@@ -201,7 +201,8 @@ impl PipelineMetrics {
     }
 
     /// Writes every series into `out`: all of them unlabelled (`store` `None`), or the store
-    /// sink's labelled with `store`.
+    /// sink's labelled with `store`. Store names need no escaping in a label value: the
+    /// pipeline file allows only ASCII letters, digits, `.`, `_` and `-` in them.
     fn write_series(&self, out: &mut Exposition, store: Option<&str>) {
         let labels = |pairs: &str| match (store, pairs.is_empty()) {
             (None, true) => String::new(),

@@ -446,13 +446,16 @@ impl StateStore for FjallStore {
 
 impl FjallStore {
     /// Says that the key index no longer fits: reads are slower from now on, and the fix is a
-    /// setting.
+    /// setting. Warns once per database (a start with the budget taken would otherwise warn
+    /// for every partition's store), then at debug level.
     fn outgrown(&self) {
-        tracing::warn!(
-            store = %self.name,
-            budget_bytes = self.key_budget.limit(),
-            "the store's key index no longer fits in the state's key-index budget; reads of absent keys go to disk until the store is opened again (raise state.key_index_bytes)"
-        );
+        let message = "the store's key index no longer fits in the state's key-index budget; reads of absent keys go to disk until the store is opened again (raise state.key_index_bytes)";
+        let budget_bytes = self.key_budget.limit();
+        if self.key_budget.first_outgrown() {
+            tracing::warn!(store = %self.name, keyspace = %self.keyspace.name(), budget_bytes, "{message}");
+        } else {
+            tracing::debug!(store = %self.name, keyspace = %self.keyspace.name(), budget_bytes, "{message}");
+        }
     }
 
     /// Brings the key index up to a batch fjall committed; drops it when it outgrows its

@@ -29,7 +29,7 @@
 //! [`StateStore::apply`]: super::StateStore::apply
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The default budget of the key indexes of a [`StateDb`](super::StateDb): 64 MiB, about a
@@ -45,6 +45,8 @@ const KEY_OVERHEAD: usize = 40;
 pub(super) struct KeyBudget {
     limit: usize,
     used: Arc<AtomicUsize>,
+    /// Whether a store already said that its index outgrew this budget.
+    outgrown: Arc<AtomicBool>,
 }
 
 impl KeyBudget {
@@ -53,7 +55,14 @@ impl KeyBudget {
         Self {
             limit,
             used: Arc::default(),
+            outgrown: Arc::default(),
         }
+    }
+
+    /// True the first time it is called: the first store that outgrows the budget says so,
+    /// the others (every partition's, at a start with the budget taken) need not.
+    pub(super) fn first_outgrown(&self) -> bool {
+        !self.outgrown.swap(true, Ordering::Relaxed)
     }
 
     /// Takes `bytes` from the budget, if it has them.
@@ -218,5 +227,10 @@ mod tests {
             0,
             "so does dropping the index"
         );
+        assert!(
+            budget.first_outgrown(),
+            "the first store to outgrow it says so"
+        );
+        assert!(!budget.clone().first_outgrown(), "no other one does");
     }
 }

@@ -177,7 +177,14 @@ impl PostgresStore {
             return Ok(ApplyStats::default());
         }
         let mut client = self.client().await?;
-        let txn = client.transaction().await.map_err(pg)?;
+        // READ COMMITTED whatever the database's default: after the offsets lock below, a
+        // writer must see what the one before it committed.
+        let txn = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(pg)?;
 
         // 1. Lock and read the next offsets. Missing rows are created (at 0) so that they can be
         //    locked too: two writers of one partition serialize here, and the second sees what

@@ -528,24 +528,53 @@ async fn tables_of_the_layout_before_versioned_tombstones_are_upgraded_in_place(
     drop_namespace(&ns).await;
 }
 
-/// Stores connecting at once to a fresh schema create its tables once, whatever the
-/// database's default isolation: with a snapshot taken before the DDL lock, the second would
-/// not see the first's tables and migrate them again.
+/// Stores connecting at once to a fresh schema create its tables once, and writers of one
+/// partition at once each apply their batch, whatever the database's default isolation: with
+/// a snapshot taken before the DDL lock, the second store would not see the first's tables
+/// and migrate them again; under SERIALIZABLE, the second writer behind the offsets lock
+/// would fail to serialize instead of seeing the first one's commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stores_connecting_at_once_create_the_tables_once_whatever_the_default_isolation() {
+async fn stores_connecting_and_writing_at_once_work_whatever_the_default_isolation() {
     let base = url();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let serializable =
-        format!("{base}{sep}options=-c%20default_transaction_isolation%3Dserializable");
+    assert!(
+        base.starts_with("postgres"),
+        "a postgres:// URL, not {base}"
+    );
+    let option = "-c%20default_transaction_isolation%3Dserializable";
+    let serializable = if base.contains("options=") {
+        base.replacen("options=", &format!("options={option}%20"), 1)
+    } else if base.contains('?') {
+        format!("{base}&options={option}")
+    } else {
+        format!("{base}?options={option}")
+    };
     for _ in 0..3 {
         let ns = namespace();
         let connect = || PostgresStore::connect_in_namespace(&serializable, &ns, schema());
         let (a, b, c) = tokio::join!(connect(), connect(), connect());
-        for store in [a, b, c] {
-            if let Err(e) = store {
-                panic!("connecting at once to {ns}: {e}");
-            }
+        let stores: Vec<PostgresStore> = [a, b, c]
+            .into_iter()
+            .map(|store| store.unwrap_or_else(|e| panic!("connecting at once to {ns}: {e}")))
+            .collect();
+        // The same records, applied by three writers at once: each applies them or skips
+        // them as applied, none fails.
+        let batch: Vec<EntityUpdate> = (0..20)
+            .map(|i| update("customer", &format!("C{i}"), json!({"n": i}), "t", 0, i, 1))
+            .collect();
+        let offsets = [("t".to_string(), 0, 20)];
+        let (x, y, z) = tokio::join!(
+            stores[0].apply(&batch, &offsets),
+            stores[1].apply(&batch, &offsets),
+            stores[2].apply(&batch, &offsets)
+        );
+        let mut applied = 0;
+        for stats in [x, y, z] {
+            applied += stats
+                .unwrap_or_else(|e| panic!("writing at once to {ns}: {e}"))
+                .applied;
         }
+        assert_eq!(applied, 20, "each record applied once");
+        drop(stores);
         drop_namespace(&ns).await;
     }
 }
