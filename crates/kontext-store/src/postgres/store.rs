@@ -106,14 +106,7 @@ impl PostgresStore {
 
     async fn create_tables(&self, namespace: Option<&str>) -> Result<(), StoreError> {
         let mut client = self.client().await?;
-        // READ COMMITTED whatever the database's default: a store that waited for the lock
-        // below must see what the one before it created.
-        let txn = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::ReadCommitted)
-            .start()
-            .await
-            .map_err(pg)?;
+        let txn = read_committed(&mut client).await?;
         // Two stores starting at once would race on CREATE ... IF NOT EXISTS (it is not
         // atomic against a concurrent create); a transaction-scoped advisory lock orders them.
         txn.execute(
@@ -177,14 +170,7 @@ impl PostgresStore {
             return Ok(ApplyStats::default());
         }
         let mut client = self.client().await?;
-        // READ COMMITTED whatever the database's default: after the offsets lock below, a
-        // writer must see what the one before it committed.
-        let txn = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::ReadCommitted)
-            .start()
-            .await
-            .map_err(pg)?;
+        let txn = read_committed(&mut client).await?;
 
         // 1. Lock and read the next offsets. Missing rows are created (at 0) so that they can be
         //    locked too: two writers of one partition serialize here, and the second sees what
@@ -906,6 +892,21 @@ fn valid_namespace(ns: &str) -> bool {
             .next()
             .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// A transaction in READ COMMITTED whatever the database's default isolation: the DDL lock
+/// and the offsets lock both rely on a statement that waited for a lock seeing what the
+/// transaction holding it committed (under REPEATABLE READ or SERIALIZABLE its snapshot
+/// would be older, and it would migrate again or fail to serialize).
+async fn read_committed(
+    client: &mut deadpool_postgres::Client,
+) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    client
+        .build_transaction()
+        .isolation_level(IsolationLevel::ReadCommitted)
+        .start()
+        .await
+        .map_err(pg)
 }
 
 /// Maps a PostgreSQL error to the store's retry meaning: the connection, the server's state
