@@ -179,9 +179,13 @@ impl EmbeddedStore {
         let txn = db.begin_write().map_err(io)?;
         {
             // Before any migration: a newer format is left exactly as it is.
-            let mut meta = txn.open_table(META).map_err(io)?;
+            let store = path.display().to_string();
+            let mut meta = txn.open_table(META).map_err(|e| match e {
+                redb::TableError::TableTypeMismatch { .. } => crate::unreadable_format(&store, e),
+                e => io(e),
+            })?;
             let recorded = meta.get("format").map_err(io)?.map(|v| v.value());
-            crate::check_format(&path.display().to_string(), recorded)?;
+            crate::check_format(&store, recorded)?;
             if recorded != Some(crate::STORE_FORMAT) {
                 meta.insert("format", crate::STORE_FORMAT).map_err(io)?;
             }

@@ -67,6 +67,16 @@ pub fn check_format(store: &str, recorded: Option<u64>) -> Result<(), StoreError
     }
 }
 
+/// The store's format record exists but does not read as one (a type this build does not
+/// know): only a kontext of another format writes it so, and retrying cannot help.
+pub(crate) fn unreadable_format(store: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Incompatible(format!(
+        "{store} has a store format record this kontext {} cannot read ({error}): it was \
+         written by another kontext; run that one, or give this one a store of its own",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
 impl StoreError {
     /// Whether retrying the same call can succeed.
     pub fn is_transient(&self) -> bool {

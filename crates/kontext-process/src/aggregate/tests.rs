@@ -835,7 +835,8 @@ fn jittered(steps: &[(i64, i64)]) -> Vec<Event> {
 
 proptest::proptest! {
     /// Emitting only the selected windows changes nothing else: the updates are those of
-    /// `process` that the selector accepts, and the state is the same, for every window kind.
+    /// `process` that the selector accepts, and the state is the same, for every window kind,
+    /// emitting on update or on close.
     #[test]
     fn selected_updates_are_the_selected_ones_of_the_full_emission(
         steps in proptest::collection::vec((0i64..6, 0i64..25), 1..60),
@@ -843,6 +844,7 @@ proptest::proptest! {
         size in 1usize..6,
         modulo in 1i64..4,
         kind in 0usize..4,
+        on_close in proptest::bool::ANY,
     ) {
         let window = [
             HOPPING,
@@ -850,7 +852,9 @@ proptest::proptest! {
             WindowSpec::Session { gap_ms: 4 },
             WindowSpec::Sliding { size_ms: 20 },
         ][kind];
-        let op = Aggregate::new(config(window, grace)).unwrap();
+        // Sliding windows never close, so they only emit on update.
+        let emit = if on_close && kind != 3 { Emit::OnClose } else { Emit::OnUpdate };
+        let op = Aggregate::new(AggregateConfig { emit, ..config(window, grace) }).unwrap();
         let select = |key: &[u8], w: &Window| {
             (i64::from(key[key.len() - 1]) + w.end.div_euclid(5)) % modulo == 0
         };

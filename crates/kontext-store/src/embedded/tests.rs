@@ -1257,4 +1257,19 @@ fn a_store_of_a_newer_format_is_refused_and_left_as_it_is() {
     assert!(store.get("customer", "C1").unwrap().is_some());
     drop(store);
     assert_eq!(format(), Some(crate::STORE_FORMAT));
+    // A record of a type this build does not know: refused the same way, not an I/O error.
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(META).unwrap();
+        let other: TableDefinition<&str, &str> = TableDefinition::new("meta");
+        txn.open_table(other)
+            .unwrap()
+            .insert("format", "two")
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err = EmbeddedStore::open(&path, schema()).err().expect("refused");
+    assert!(matches!(err, StoreError::Incompatible(_)), "{err}");
+    assert!(err.to_string().contains("cannot read"), "{err}");
 }

@@ -127,17 +127,17 @@ impl PostgresStore {
         )
         .await
         .map_err(pg)?;
+        let store = match namespace {
+            Some(ns) => format!("the PostgreSQL store in schema {ns}"),
+            None => "the PostgreSQL store".into(),
+        };
         let recorded: Option<i64> = txn
             .query_opt("SELECT value FROM kontext_meta WHERE key = 'format'", &[])
             .await
             .map_err(pg)?
             .map(|row| row.try_get(0))
             .transpose()
-            .map_err(pg)?;
-        let store = match namespace {
-            Some(ns) => format!("the PostgreSQL store in schema {ns}"),
-            None => "the PostgreSQL store".into(),
-        };
+            .map_err(|e| crate::unreadable_format(&store, e))?;
         crate::check_format(&store, recorded.map(|v| v.max(0) as u64))?;
         txn.batch_execute(SCHEMA_SQL).await.map_err(pg)?;
         let format = crate::STORE_FORMAT as i64;

@@ -626,6 +626,21 @@ async fn a_store_of_a_newer_format_is_refused_and_left_as_it_is() {
     assert!(store.get("customer", "C1").await.unwrap().is_some());
     assert_eq!(format().await, crate::STORE_FORMAT as i64);
     drop(store);
+    // A record of a type this build does not know: refused, not retried as an outage.
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {ns}.kontext_meta ALTER COLUMN value TYPE text; \
+             UPDATE {ns}.kontext_meta SET value = 'two' WHERE key = 'format'"
+        ))
+        .await
+        .unwrap();
+    let err = PostgresStore::connect_in_namespace(&url(), &ns, schema())
+        .await
+        .err()
+        .expect("an unreadable format is refused");
+    assert!(matches!(err, StoreError::Incompatible(_)), "{err}");
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("cannot read"), "{err}");
     drop_namespace(&ns).await;
 }
 
