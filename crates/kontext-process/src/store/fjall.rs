@@ -427,11 +427,9 @@ impl StateStore for FjallStore {
     /// `0xff` (no end) gets no index.
     fn index_keys(&mut self, prefix: &[u8]) -> Result<(), StoreError> {
         self.index = None;
-        let operator_prefix = prefix.first().is_some_and(|b| *b != 0);
-        if !operator_prefix || super::prefix_end(prefix).is_none() || !self.key_budget.any() {
+        let Some(mut index) = KeyIndex::new(prefix, self.key_budget.clone()) else {
             return Ok(());
-        }
-        let mut index = KeyIndex::new(prefix, self.key_budget.clone());
+        };
         for entry in self.prefix(prefix) {
             let (key, _) = entry?;
             if index.put(&key).is_err() {
@@ -461,32 +459,11 @@ impl FjallStore {
     /// Brings the key index up to a batch fjall committed; drops it when it outgrows its
     /// budget.
     fn index_committed(&mut self, batch: &WriteBatch) {
-        let Some(index) = &mut self.index else {
-            return;
-        };
-        // `index_keys` indexes only prefixes with an end, and none of the metadata's (whose
-        // offsets entries are not in `range`).
-        let start = index.prefix().to_vec();
-        let Some(end) = super::prefix_end(&start) else {
-            self.index = None;
-            return;
-        };
-        for (key, value) in batch.range(&start, &end) {
-            match value {
-                Some(_) => {
-                    if index.put(key).is_err() {
-                        self.index = None;
-                        self.outgrown();
-                        return;
-                    }
-                }
-                None => index.delete(key),
+        if let Some(index) = &mut self.index {
+            if index.committed(batch).is_err() {
+                self.index = None;
+                self.outgrown();
             }
-        }
-        // Hidden by a rule or deleted: either way no read returns them (the `delete_expired`
-        // contract: only for entries a rule of the batch covers).
-        for key in batch.expired() {
-            index.delete(key);
         }
     }
 }

@@ -32,6 +32,8 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use super::WriteBatch;
+
 /// The default budget of the key indexes of a [`StateDb`](super::StateDb): 64 MiB, about a
 /// million ids of ~30 bytes, shared by all its stores.
 pub const DEFAULT_KEY_INDEX_BYTES: usize = 64 << 20;
@@ -101,6 +103,8 @@ impl KeyBudget {
 #[derive(Debug)]
 pub(super) struct KeyIndex {
     prefix: Box<[u8]>,
+    /// The first key after the prefix's keys.
+    end: Box<[u8]>,
     keys: HashSet<Box<[u8]>>,
     /// What the keys took from `budget`, given back as they go and when the index drops.
     bytes: usize,
@@ -112,19 +116,37 @@ pub(super) struct KeyIndex {
 pub(super) struct OverBudget;
 
 impl KeyIndex {
-    /// An empty index of the keys under `prefix`, drawing on `budget`.
-    pub(super) fn new(prefix: &[u8], budget: KeyBudget) -> Self {
-        Self {
+    /// An empty index of the keys under `prefix`, drawing on `budget`; `None` when there is
+    /// no index to keep: a budget of 0, or a prefix that is not an operator's (empty, or the
+    /// metadata's `0x00`, whose offsets entries are not among a batch's ordered writes) or has
+    /// no end (all `0xff`).
+    pub(super) fn new(prefix: &[u8], budget: KeyBudget) -> Option<Self> {
+        let operator = prefix.first().is_some_and(|b| *b != 0);
+        let end = super::prefix_end(prefix).filter(|_| operator && budget.any())?;
+        Some(Self {
             prefix: prefix.into(),
+            end: end.into(),
             keys: HashSet::new(),
             bytes: 0,
             budget,
-        }
+        })
     }
 
-    /// The prefix whose keys it holds.
-    pub(super) fn prefix(&self) -> &[u8] {
-        &self.prefix
+    /// Brings the index up to a batch fjall committed: its puts under the prefix are added,
+    /// its deletes and `delete_expired` keys removed (hidden by a rule or deleted, no read
+    /// returns them: the `delete_expired` contract is that a rule of the batch covers them).
+    pub(super) fn committed(&mut self, batch: &WriteBatch) -> Result<(), OverBudget> {
+        let (start, end) = (self.prefix.clone(), self.end.clone());
+        for (key, value) in batch.range(&start, &end) {
+            match value {
+                Some(_) => self.put(key)?,
+                None => self.delete(key),
+            }
+        }
+        for key in batch.expired() {
+            self.delete(key);
+        }
+        Ok(())
     }
 
     /// How many keys it holds.
@@ -179,7 +201,7 @@ mod tests {
 
     #[test]
     fn answers_absent_only_for_keys_under_its_prefix_it_does_not_hold() {
-        let mut index = KeyIndex::new(b"d", KeyBudget::new(1 << 20));
+        let mut index = KeyIndex::new(b"d", KeyBudget::new(1 << 20)).unwrap();
         index.put(b"dA").unwrap();
         index.put(b"xB").unwrap();
         assert!(index.may_hold(b"dA"));
@@ -195,12 +217,12 @@ mod tests {
     #[test]
     fn counts_each_key_once_and_refuses_what_exceeds_the_shared_budget() {
         let budget = KeyBudget::new(3 * (2 + KEY_OVERHEAD));
-        let mut index = KeyIndex::new(b"d", budget.clone());
+        let mut index = KeyIndex::new(b"d", budget.clone()).unwrap();
         for _ in 0..5 {
             index.put(b"d1").unwrap();
         }
         index.put(b"d2").unwrap();
-        let mut other = KeyIndex::new(b"e", budget.clone());
+        let mut other = KeyIndex::new(b"e", budget.clone()).unwrap();
         other.put(b"e1").unwrap();
         assert!(
             index.put(b"d3").is_err(),
