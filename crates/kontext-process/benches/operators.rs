@@ -168,7 +168,7 @@ fn dedup<M: Clock>(c: &mut Criterion<M>) {
         c,
         "dedup",
         KEYS,
-        |store| Deduplicate::prepare_store(store).expect("index"),
+        |store| Deduplicate::prepare_store(store),
         |store, stream, iters| {
             timed::<M, _>(iters, store, stream, 10, |store, events| {
                 let out = op.process(store, events).expect("dedup");

@@ -108,9 +108,12 @@ impl Deduplicate {
     /// Readies a task's store for this operator, once after opening it: asks it to keep the
     /// remembered ids in memory ([`StateStore::index_keys`]), so that reading a new id, what
     /// almost every event does, does not search the engine. Decisions are the same without
-    /// it.
-    pub fn prepare_store<S: StateStore + ?Sized>(store: &mut S) -> Result<(), StoreError> {
-        store.index_keys(ID_PREFIX)
+    /// it, so a store that cannot build the index (a scan error) is only logged: it reads
+    /// from disk.
+    pub fn prepare_store<S: StateStore + ?Sized>(store: &mut S) {
+        if let Err(e) = store.index_keys(ID_PREFIX) {
+            tracing::warn!(store = store.name(), error = %e, "cannot index the dedup ids; reading them from disk");
+        }
     }
 
     /// Decides a batch of events (in input order). Commit `state` only after the forwarded

@@ -1394,9 +1394,7 @@ impl Task {
                 let dedup = match names.get(1) {
                     Some(name) => {
                         let mut store = open("dedup", name)?;
-                        if let Err(e) = Deduplicate::prepare_store(&mut store) {
-                            warn!(store = name, error = %e, "cannot index the dedup ids; reading them from disk");
-                        }
+                        Deduplicate::prepare_store(&mut store);
                         Some(store)
                     }
                     None => None,

@@ -507,9 +507,7 @@ impl TopologyRunner {
                     let mut store =
                         FjallStore::open_in(db, &keyspace, op.name(), Default::default())?;
                     if let Operator::Dedup { .. } = op {
-                        if let Err(e) = Deduplicate::prepare_store(&mut store) {
-                            warn!(store = op.name(), error = %e, "cannot index the dedup ids; reading them from disk");
-                        }
+                        Deduplicate::prepare_store(&mut store);
                     }
                     Some(store)
                 } else {
