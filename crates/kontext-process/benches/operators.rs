@@ -242,27 +242,19 @@ fn aggregation_showing<M: Clock>(
         |_| {},
         |store, stream, iters| {
             timed::<M, _>(iters, store, stream, 0, |store, events| {
-                let out = match (shown_only, window) {
-                    (
-                        true,
-                        WindowSpec::Hopping {
-                            size_ms,
-                            advance_ms,
-                        },
-                    ) => {
-                        let mut newest: HashMap<&[u8], i64> = HashMap::new();
-                        for e in events {
-                            let t = newest.entry(&e.key[..]).or_insert(i64::MIN);
-                            *t = (*t).max(e.time_ms);
-                        }
-                        let closing_next = |t: i64| {
-                            ((t - size_ms).div_euclid(advance_ms) + 1) * advance_ms + size_ms
-                        };
-                        op.process_selected(store, events, &|key, w| {
-                            newest.get(key).is_some_and(|t| w.end == closing_next(*t))
-                        })
+                let out = if shown_only {
+                    let mut newest: HashMap<&[u8], i64> = HashMap::new();
+                    for e in events {
+                        let t = newest.entry(&e.key[..]).or_insert(i64::MIN);
+                        *t = (*t).max(e.time_ms);
                     }
-                    _ => op.process(store, events),
+                    op.process_selected(store, events, &|key, w| {
+                        newest
+                            .get(key)
+                            .is_some_and(|t| window.closing_next(*t) == Some(w.end))
+                    })
+                } else {
+                    op.process(store, events)
                 }
                 .expect("aggregate");
                 store.commit(out.state).expect("commit");

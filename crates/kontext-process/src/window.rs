@@ -51,6 +51,21 @@ impl WindowSpec {
         out
     }
 
+    /// The end of the first tumbling or hopping window containing `t` to close: windows end
+    /// at `k·advance + size`, and this is the first such end after `t` (of the windows holding
+    /// `t`, the one covering the most time before it). `None` for session and sliding windows.
+    pub fn closing_next(&self, t: i64) -> Option<i64> {
+        let (size, advance) = match *self {
+            WindowSpec::Tumbling { size_ms } => (size_ms, size_ms),
+            WindowSpec::Hopping {
+                size_ms,
+                advance_ms,
+            } => (size_ms, advance_ms),
+            _ => return None,
+        };
+        Some(((t - size).div_euclid(advance) + 1) * advance + size)
+    }
+
     /// Checks sizes: positive, and a hop no larger than the window.
     pub fn validate(&self) -> Result<(), String> {
         match *self {
@@ -74,6 +89,24 @@ impl WindowSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_window_closing_next_is_the_earliest_ending_window_holding_the_time() {
+        let specs = [
+            WindowSpec::Hopping {
+                size_ms: 60,
+                advance_ms: 15,
+            },
+            WindowSpec::Tumbling { size_ms: 10 },
+        ];
+        for spec in specs {
+            for t in -130..130 {
+                let earliest = spec.windows_for(t).iter().map(|w| w.end).min();
+                assert_eq!(spec.closing_next(t), earliest, "{spec:?} at {t}");
+            }
+        }
+        assert_eq!(WindowSpec::Session { gap_ms: 5 }.closing_next(3), None);
+    }
 
     #[test]
     fn hopping_windows_cover_the_event_exactly() {

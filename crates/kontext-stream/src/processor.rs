@@ -1590,11 +1590,8 @@ fn hopping_choices(
     agg: &FjallStore,
     events: &[Event],
 ) -> Result<Option<BTreeMap<Bytes, HoppingChoice>>, StoreError> {
-    let WindowSpec::Hopping {
-        size_ms: size,
-        advance_ms: advance,
-    } = group.aggregate.config().window
-    else {
+    let window = group.aggregate.config().window;
+    let WindowSpec::Hopping { .. } = window else {
         return Ok(None);
     };
     let mut newest_input: BTreeMap<&Bytes, i64> = BTreeMap::new();
@@ -1606,9 +1603,7 @@ fn hopping_choices(
     for (key, t) in newest_input {
         let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
         let shown = read_i64(agg, &shown_key)?.unwrap_or(i64::MIN);
-        // Windows end at k·advance + size; the first such end after t.
-        let closing_next = ((t - size).div_euclid(advance) + 1) * advance + size;
-        let show = closing_next.max(shown);
+        let show = window.closing_next(t).map_or(shown, |end| end.max(shown));
         choices.insert(key.clone(), HoppingChoice { shown, show });
     }
     Ok(Some(choices))
