@@ -31,13 +31,8 @@ impl WindowSpec {
     /// The tumbling or hopping windows containing `t`, latest start first. Empty for session
     /// and sliding windows (their windows depend on state).
     pub fn windows_for(&self, t: i64) -> Vec<Window> {
-        let (size, advance) = match *self {
-            WindowSpec::Tumbling { size_ms } => (size_ms, size_ms),
-            WindowSpec::Hopping {
-                size_ms,
-                advance_ms,
-            } => (size_ms, advance_ms),
-            _ => return Vec::new(),
+        let Some((size, advance)) = self.size_and_advance() else {
+            return Vec::new();
         };
         let mut out = Vec::with_capacity((size / advance.max(1)) as usize + 1);
         let mut start = t.div_euclid(advance) * advance;
@@ -55,15 +50,20 @@ impl WindowSpec {
     /// at `k·advance + size`, and this is the first such end after `t` (of the windows holding
     /// `t`, the one covering the most time before it). `None` for session and sliding windows.
     pub fn closing_next(&self, t: i64) -> Option<i64> {
-        let (size, advance) = match *self {
-            WindowSpec::Tumbling { size_ms } => (size_ms, size_ms),
+        let (size, advance) = self.size_and_advance()?;
+        Some(((t - size).div_euclid(advance) + 1) * advance + size)
+    }
+
+    /// Size and advance of tumbling (advance = size) and hopping windows.
+    fn size_and_advance(&self) -> Option<(i64, i64)> {
+        match *self {
+            WindowSpec::Tumbling { size_ms } => Some((size_ms, size_ms)),
             WindowSpec::Hopping {
                 size_ms,
                 advance_ms,
-            } => (size_ms, advance_ms),
-            _ => return None,
-        };
-        Some(((t - size).div_euclid(advance) + 1) * advance + size)
+            } => Some((size_ms, advance_ms)),
+            _ => None,
+        }
     }
 
     /// Checks sizes: positive, and a hop no larger than the window.
