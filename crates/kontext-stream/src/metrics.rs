@@ -204,11 +204,19 @@ impl PipelineMetrics {
     /// sink's labelled with `store`. Store names need no escaping in a label value: the
     /// pipeline file allows only ASCII letters, digits, `.`, `_` and `-` in them.
     fn write_series(&self, out: &mut Exposition, store: Option<&str>) {
-        let labels = |pairs: &str| match (store, pairs.is_empty()) {
-            (None, true) => String::new(),
-            (None, false) => format!("{{{pairs}}}"),
-            (Some(store), true) => format!("{{store=\"{store}\"}}"),
-            (Some(store), false) => format!("{{store=\"{store}\",{pairs}}}"),
+        // A series' label pairs, `store` first when there is one.
+        let pairs = |own: &str| match (store, own.is_empty()) {
+            (None, _) => own.to_string(),
+            (Some(store), true) => format!("store=\"{store}\""),
+            (Some(store), false) => format!("store=\"{store}\",{own}"),
+        };
+        let labels = |own: &str| {
+            let pairs = pairs(own);
+            if pairs.is_empty() {
+                pairs
+            } else {
+                format!("{{{pairs}}}")
+            }
         };
         let sink_counters = [
             (
@@ -366,10 +374,7 @@ impl PipelineMetrics {
         ] {
             let body = out.family(name, "histogram", help);
             for kind in UpdateKind::ALL {
-                let pairs = match store {
-                    Some(store) => format!("store=\"{store}\",kind=\"{}\"", kind.label()),
-                    None => format!("kind=\"{}\"", kind.label()),
-                };
+                let pairs = pairs(&format!("kind=\"{}\"", kind.label()));
                 histograms[kind as usize].render(body, name, &pairs);
             }
         }
