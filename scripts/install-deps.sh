@@ -11,10 +11,12 @@
 #   postgresql                the PostgreSQL server (15 on bookworm) that scripts/postgres.sh runs
 #                             for the PostgreSQL context store's tests and benchmarks
 #   build-essential, pkg-config, zlib1g-dev, libssl-dev
-#                             rdkafka-sys compiles librdkafka from source, with TLS/SCRAM
+#                             rdkafka-sys compiles librdkafka from source, with TLS/SCRAM; the
+#                             openssl crate (PostgreSQL's TLS) links the same libssl
+#   openssl                   the command scripts/test-certs.sh makes the test servers' certificates with
 set -euo pipefail
 
-PACKAGES=(kcat openjdk-17-jdk-headless maven postgresql build-essential pkg-config zlib1g-dev libssl-dev)
+PACKAGES=(kcat openjdk-17-jdk-headless maven postgresql build-essential pkg-config zlib1g-dev libssl-dev openssl)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

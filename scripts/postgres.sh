@@ -6,9 +6,15 @@
 #   scripts/postgres.sh stop     stop it and delete its data
 #   scripts/postgres.sh status   exit 0 and print the connection URL, or exit 1
 #   scripts/postgres.sh url      print the connection URL (whether running or not)
+#   scripts/postgres.sh tls      print the directory of the cluster's test certificates
 #
 # Installs nothing: the `postgresql` package comes from scripts/install-deps.sh. Every start is
 # a fresh cluster (database `kontext`, user `kontext`, trust authentication on 127.0.0.1 only).
+# The server offers TLS (ssl=on) with throwaway certificates from scripts/test-certs.sh: a
+# server certificate for `localhost`, and a client certificate for the user `kontext_tls`, who
+# may log in only over TLS with that certificate (`cert` authentication). The directory that
+# `tls` prints holds ca.pem, client.pem, client.key and other-ca.pem (an authority that signed
+# nothing here).
 # Postgres refuses to run as root, so as root the cluster is created and run as the `postgres`
 # OS user (the Debian package creates it); as any other user, as that user.
 #
@@ -28,6 +34,8 @@ START_TIMEOUT="${KONTEXT_PG_START_TIMEOUT:-60}"
 RUN_DIR="${TMPDIR:-/tmp}/kontext-postgres-$PGPORT"
 DATA_DIR="$RUN_DIR/data"
 LOG_FILE="$RUN_DIR/postgres.log"
+TLS_DIR="$RUN_DIR/tls"
+TLS_USER=kontext_tls
 LOCK_FILE="${TMPDIR:-/tmp}/kontext-postgres-$PGPORT.lock"
 URL="postgres://$PG_USER@$PG_HOST:$PGPORT/$PG_DB"
 
@@ -37,8 +45,9 @@ main() {
         stop) with_lock stop ;;
         status) status ;;
         url) echo "$URL" ;;
+        tls) echo "$TLS_DIR" ;;
         *)
-            sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+            sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
             exit 2
             ;;
     esac
@@ -124,9 +133,12 @@ start() {
         cleanup_state
         die "initdb failed"
     fi
+    setup_tls
     # The socket goes into the run dir: /var/run/postgresql may be missing or another cluster's.
     if ! as_owner "$bin/pg_ctl" -D "$DATA_DIR" -l "$LOG_FILE" -w -t "$START_TIMEOUT" \
-        -o "-c listen_addresses=$PG_HOST -p $PGPORT -k $RUN_DIR -c max_connections=200" \
+        -o "-c listen_addresses=$PG_HOST -p $PGPORT -k $RUN_DIR -c max_connections=200 \
+            -c ssl=on -c ssl_cert_file=$TLS_DIR/server.pem -c ssl_key_file=$TLS_DIR/server.key \
+            -c ssl_ca_file=$TLS_DIR/ca.pem" \
         start >/dev/null 8>&-; then
         fail_start "pg_ctl start failed"
     fi
@@ -135,6 +147,21 @@ start() {
     wait_until_ready
     echo "postgres: started on $PG_HOST:$PGPORT (data $DATA_DIR, log $LOG_FILE)"
     echo "$URL"
+}
+
+# Certificates for the server and for TLS_USER, who logs in only over TLS with a client
+# certificate: a `cert` line ahead of initdb's trust lines (pg_hba.conf: first match wins).
+setup_tls() {
+    "$(dirname "${BASH_SOURCE[0]}")/test-certs.sh" "$TLS_DIR" "$TLS_USER" ||
+        fail_start "creating test certificates failed"
+    if ((EUID == 0)); then
+        chown -R postgres: "$TLS_DIR"
+    fi
+    local hba="$DATA_DIR/pg_hba.conf" lines
+    lines="$(printf 'hostssl all %s 127.0.0.1/32 cert\nhost all %s 127.0.0.1/32 reject\n' \
+        "$TLS_USER" "$TLS_USER"; cat "$hba")"
+    # Rewritten in place, so that the file keeps its owner.
+    printf '%s\n' "$lines" >"$hba"
 }
 
 wait_until_ready_as_superuser() {
@@ -162,12 +189,16 @@ create_database() {
     psql=("$bin/psql" -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PGPORT" -U postgres -d postgres)
     "${psql[@]}" -c "CREATE ROLE $PG_USER LOGIN CREATEDB" >/dev/null ||
         fail_start "creating the role $PG_USER failed"
+    "${psql[@]}" -c "CREATE ROLE $TLS_USER LOGIN" >/dev/null ||
+        fail_start "creating the role $TLS_USER failed"
     if ! "${psql[@]}" -c "CREATE DATABASE $PG_DB OWNER $PG_USER TEMPLATE template0
             ENCODING 'UTF8' LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'" \
         >/dev/null 2>&1; then
         "${psql[@]}" -c "CREATE DATABASE $PG_DB OWNER $PG_USER" >/dev/null ||
             fail_start "creating the database $PG_DB failed"
     fi
+    "${psql[@]}" -c "GRANT CREATE ON DATABASE $PG_DB TO $TLS_USER" >/dev/null ||
+        fail_start "granting $TLS_USER its rights failed"
 }
 
 fail_start() {

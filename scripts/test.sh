@@ -37,6 +37,8 @@ export KONTEXT_TEST_KAFKA="${KONTEXT_TEST_KAFKA:-127.0.0.1:9092}"
 # The same broker's SASL_PLAINTEXT/SCRAM listener, where ACLs decide (tests/kafka_security.rs).
 export KONTEXT_TEST_KAFKA_SASL="${KONTEXT_TEST_KAFKA_SASL:-127.0.0.1:9094}"
 export KONTEXT_TEST_POSTGRES="${KONTEXT_TEST_POSTGRES:-$(scripts/postgres.sh url)}"
+# Its TLS certificates (src/postgres/tls_tests.rs in kontext-store).
+export KONTEXT_TEST_POSTGRES_TLS="${KONTEXT_TEST_POSTGRES_TLS:-$(scripts/postgres.sh tls)}"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,9 +1,7 @@
 //! Dropping a store version's tables (a finished or abandoned rebuild).
 
-use std::str::FromStr;
-
-use tokio_postgres::NoTls;
-
+use super::connect::{self, Connect};
+use super::store::with_causes;
 use crate::StoreError;
 
 /// Drops the PostgreSQL schema `namespace` and every table in it, if it exists. Used for the
@@ -20,17 +18,16 @@ pub async fn drop_namespace(url: &str, namespace: &str) -> Result<(), StoreError
             "refusing to drop the PostgreSQL schema {namespace:?}"
         )));
     }
-    let config = tokio_postgres::Config::from_str(url)
-        .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+    let Connect { config, tls } = connect::parse(url)?;
     let (client, connection) = config
-        .connect(NoTls)
+        .connect(tls)
         .await
-        .map_err(|e| StoreError::Io(format!("PostgreSQL connection: {e}")))?;
+        .map_err(|e| StoreError::Io(format!("PostgreSQL connection: {}", with_causes(&e))))?;
     let driver = tokio::spawn(connection);
     let dropped = client
         .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{namespace}\" CASCADE"))
         .await
-        .map_err(|e| StoreError::Io(format!("dropping schema {namespace}: {e}")));
+        .map_err(|e| StoreError::Io(format!("dropping schema {namespace}: {}", with_causes(&e))));
     drop(client);
     let _ = driver.await;
     dropped

@@ -1,6 +1,7 @@
 //! The PostgreSQL context store (see docs/store-postgres.md).
 
 mod admin;
+mod connect;
 mod plan;
 mod store;
 
@@ -9,3 +10,5 @@ pub use store::PostgresStore;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;

@@ -8,7 +8,6 @@
 //! per record, and no row is read before it is written except the offsets.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +15,9 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{IsolationLevel, NoTls, Row};
+use tokio_postgres::{IsolationLevel, Row};
 
+use super::connect::{self, Connect};
 use super::plan::{self, BatchPlan};
 use crate::document::{ContextDocument, RelatedEntity, RelatedList};
 use crate::embedded::ApplyStats;
@@ -66,8 +66,7 @@ impl PostgresStore {
         namespace: Option<&str>,
         schema: StoreSchema,
     ) -> Result<Self, StoreError> {
-        let mut config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let Connect { mut config, tls } = connect::parse(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -87,7 +86,7 @@ impl PostgresStore {
         }
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -98,7 +97,7 @@ impl PostgresStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .wait_timeout(Some(POOL_WAIT_TIMEOUT))
             .build()
-            .map_err(|e| StoreError::Io(format!("PostgreSQL pool: {e}")))?;
+            .map_err(|e| StoreError::Io(format!("PostgreSQL pool: {}", with_causes(&e))))?;
         let store = Self { pool, schema };
         store.create_tables(namespace).await?;
         Ok(store)
@@ -154,7 +153,7 @@ impl PostgresStore {
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(|e| match e {
             PoolError::Backend(e) => pg(e),
-            other => StoreError::Io(format!("PostgreSQL connection: {other}")),
+            other => StoreError::Io(format!("PostgreSQL connection: {}", with_causes(&other))),
         })
     }
 
@@ -919,7 +918,7 @@ pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     };
     let msg = match e.as_db_error() {
         Some(db) => format!("PostgreSQL {}: {}", db.code().code(), db.message()),
-        None => format!("PostgreSQL: {e}"),
+        None => format!("PostgreSQL: {}", with_causes(&e)),
     };
     if transient {
         StoreError::Io(msg)
@@ -934,4 +933,18 @@ pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
 pub(crate) fn is_transient_state(code: &SqlState) -> bool {
     let c = code.code();
     matches!(c.get(..2), Some("08" | "40" | "53" | "57" | "58")) || c == "55P03"
+}
+
+/// An error and its causes, `outer: inner: ...`. tokio-postgres's errors show only their kind
+/// ("error connecting to server", "error performing TLS handshake") and keep the reason
+/// (connection refused, certificate verify failed) in their source.
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    message
 }

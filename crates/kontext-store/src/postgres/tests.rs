@@ -16,7 +16,7 @@ use crate::{StoreError, StoreSchema};
 
 const DEFAULT_URL: &str = "postgres://kontext@127.0.0.1:55432/kontext";
 
-fn url() -> String {
+pub(super) fn url() -> String {
     std::env::var("KONTEXT_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_URL.to_string())
 }
 
@@ -30,7 +30,7 @@ fn schema() -> StoreSchema {
     s
 }
 
-fn namespace() -> String {
+pub(super) fn namespace() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -63,7 +63,7 @@ async fn raw_client() -> tokio_postgres::Client {
     client
 }
 
-fn update(
+pub(super) fn update(
     entity_type: &str,
     id: &str,
     fields: serde_json::Value,
@@ -680,6 +680,8 @@ async fn an_unreachable_server_is_a_transient_error() {
         .err()
         .expect("connected to port 1");
     assert!(err.is_transient(), "{err}");
+    // The message says why, not only that connecting failed.
+    assert!(err.to_string().contains("refused"), "{err}");
 }
 
 #[test]

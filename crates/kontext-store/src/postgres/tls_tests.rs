@@ -1,0 +1,150 @@
+//! TLS to a real PostgreSQL: libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` against
+//! the server `scripts/postgres.sh start` runs, which offers TLS with a certificate for
+//! `localhost` and admits the user `kontext_tls` only with a client certificate. The
+//! certificates are in `scripts/postgres.sh tls` (or `KONTEXT_TEST_POSTGRES_TLS`). Fails, not
+//! skips, without that server.
+
+use std::str::FromStr;
+
+use serde_json::json;
+
+use super::connect;
+use super::tests::{namespace, update, url};
+use crate::{ContextStore, PostgresStore, StoreError, StoreSchema};
+
+fn tls_dir() -> String {
+    std::env::var("KONTEXT_TEST_POSTGRES_TLS").unwrap_or_else(|_| {
+        let tmp = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+        format!("{tmp}/kontext-postgres-{}/tls", port())
+    })
+}
+
+fn port() -> u16 {
+    tokio_postgres::Config::from_str(&url())
+        .expect("KONTEXT_TEST_POSTGRES parses")
+        .get_ports()[0]
+}
+
+/// A URL to the test server as `user` at `host`, with `params` as its query.
+fn url_to(user: &str, host: &str, params: &str) -> String {
+    let tls = tls_dir();
+    let params = params.replace("{tls}", &tls);
+    format!("postgres://{user}@{host}:{}/kontext?{params}", port())
+}
+
+/// Connects with kontext's parsing and TLS, and asks the server whether the session is
+/// encrypted.
+async fn encrypted(url: &str) -> Result<bool, String> {
+    let target = connect::parse(url).map_err(|e| e.to_string())?;
+    let (client, connection) = target
+        .config
+        .connect(target.tls)
+        .await
+        .map_err(|e| super::store::with_causes(&e))?;
+    let driver = tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    drop(client);
+    let _ = driver.await;
+    Ok(row.get(0))
+}
+
+#[tokio::test]
+async fn sslmode_decides_whether_tls_is_used_and_what_is_verified() {
+    let user = "kontext";
+    // prefer (the default) takes the TLS the server offers; disable never asks.
+    assert_eq!(encrypted(&url_to(user, "127.0.0.1", "")).await, Ok(true));
+    assert_eq!(
+        encrypted(&url_to(user, "127.0.0.1", "sslmode=disable")).await,
+        Ok(false)
+    );
+    // require encrypts without checking who answers.
+    assert_eq!(
+        encrypted(&url_to(user, "127.0.0.1", "sslmode=require")).await,
+        Ok(true)
+    );
+    // verify-full checks the chain and the name: the certificate is for localhost only.
+    let full = "sslmode=verify-full&sslrootcert={tls}/ca.pem";
+    assert_eq!(encrypted(&url_to(user, "localhost", full)).await, Ok(true));
+    let wrong_name = encrypted(&url_to(user, "127.0.0.1", full))
+        .await
+        .unwrap_err();
+    assert!(
+        wrong_name.contains("certificate verify failed") && wrong_name.contains("mismatch"),
+        "{wrong_name}"
+    );
+    // verify-ca checks the chain, not the name.
+    let ca = "sslmode=verify-ca&sslrootcert={tls}/ca.pem";
+    assert_eq!(encrypted(&url_to(user, "127.0.0.1", ca)).await, Ok(true));
+    // Only the given authority is trusted; with a root certificate, require verifies the chain
+    // too, as in libpq.
+    for params in [
+        "sslmode=verify-ca&sslrootcert={tls}/other-ca.pem",
+        "sslmode=require&sslrootcert={tls}/other-ca.pem",
+    ] {
+        let untrusted = encrypted(&url_to(user, "localhost", params))
+            .await
+            .unwrap_err();
+        assert!(
+            untrusted.contains("certificate verify failed"),
+            "{params}: {untrusted}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_store_works_over_mutual_tls_and_says_why_it_cannot_without_a_certificate() {
+    let user = "kontext_tls";
+    // This user may log in only with a client certificate.
+    let refused = match PostgresStore::connect(
+        &url_to(
+            user,
+            "localhost",
+            "sslmode=verify-full&sslrootcert={tls}/ca.pem",
+        ),
+        StoreSchema::default(),
+    )
+    .await
+    {
+        Ok(_) => panic!("kontext_tls logged in without a certificate"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(refused, StoreError::Io(_) | StoreError::Corrupt(_))
+            && refused.to_string().contains("certificate"),
+        "{refused}"
+    );
+
+    let url = url_to(
+        user,
+        "localhost",
+        "sslmode=verify-full&sslrootcert={tls}/ca.pem\
+         &sslcert={tls}/client.pem&sslkey={tls}/client.key",
+    );
+    assert_eq!(encrypted(&url).await, Ok(true));
+    let ns = namespace();
+    let store = PostgresStore::connect_in_namespace(&url, &ns, StoreSchema::default())
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let record = update(
+        "customer",
+        "C1",
+        json!({"name": "Ada"}),
+        "context.customers",
+        0,
+        7,
+        1_000,
+    );
+    store
+        .apply(&[record], &[("context.customers".into(), 0, 8)])
+        .await
+        .unwrap();
+    let doc = store.get("customer", "C1").await.unwrap().expect("stored");
+    assert_eq!(doc.fields["name"].value, json!("Ada"));
+    super::drop_namespace(&url, &ns).await.unwrap();
+}
