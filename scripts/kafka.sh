@@ -7,6 +7,7 @@
 #   scripts/kafka.sh restart    stop, then start (with empty data)
 #   scripts/kafka.sh classpath  print the classpath of the Kafka jars (for Java helpers in tests)
 #   scripts/kafka.sh logs       print the path of the broker's log file
+#   scripts/kafka.sh tls        print the directory of the running broker's test certificates
 #
 # The jars come from Maven Central through Maven (scripts/kafka/pom.xml), cached in ~/.m2 and
 # copied to scripts/.kafka/lib. Data lives in a temporary directory that `stop` removes: every
@@ -16,11 +17,16 @@
 #   KAFKA_PORT             client port (default 9092)
 #   KAFKA_CONTROLLER_PORT  KRaft controller port (default KAFKA_PORT + 1)
 #   KAFKA_SASL_PORT        SASL_PLAINTEXT (SCRAM-SHA-512) client port (default KAFKA_PORT + 2)
+#   KAFKA_SSL_PORT         SSL (mutual TLS) client port (default KAFKA_PORT + 3)
 #
-# Two client listeners: PLAINTEXT on KAFKA_PORT, whose clients are the ANONYMOUS principal, a
-# super user; and SASL_PLAINTEXT with SCRAM-SHA-512 on KAFKA_SASL_PORT, where ACLs decide
-# (StandardAuthorizer; nothing is allowed without an ACL). Users and ACLs are added through the
-# PLAINTEXT listener: scripts/kafka-tool.sh configs / acls. A kontext deployment against a
+# Three client listeners: PLAINTEXT on KAFKA_PORT, whose clients are the ANONYMOUS principal, a
+# super user; SASL_PLAINTEXT with SCRAM-SHA-512 on KAFKA_SASL_PORT; and SSL on KAFKA_SSL_PORT,
+# advertised as localhost (its certificate's only name), which requires a client certificate
+# and takes the principal from its CN (the test client certificate's is User:kontext_tls). On
+# the last two, ACLs decide (StandardAuthorizer; nothing is allowed without an ACL). Users and
+# ACLs are added through the PLAINTEXT listener: scripts/kafka-tool.sh configs / acls. The
+# certificates come from scripts/test-certs.sh, made at each start into the directory that
+# `tls` prints (ca.pem, client.pem, client.key, other-ca.pem). A kontext deployment against a
 # secured cluster is tested that way (crates/kontext-cli/tests/kafka_security.rs).
 #   KAFKA_START_TIMEOUT    seconds to wait for the broker to answer (default 120)
 #   KAFKA_HEAP_OPTS        JVM heap of the broker (default -Xms256m -Xmx1g)
@@ -33,6 +39,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/kafka/lib.sh"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
 KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-$((KAFKA_PORT + 2))}"
+KAFKA_SSL_PORT="${KAFKA_SSL_PORT:-$((KAFKA_PORT + 3))}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-120}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
 KAFKA_HOST=127.0.0.1
@@ -51,8 +58,9 @@ main() {
         status) status ;;
         classpath) kafka_classpath ;;
         logs) echo "$LOG_FILE" ;;
+        tls) tls_dir ;;
         *)
-            sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+            sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
             exit 2
             ;;
     esac
@@ -100,7 +108,7 @@ start() {
         return 0
     fi
     cleanup_state
-    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_PORT" "$KAFKA_SSL_PORT"; do
         if port_open "$port"; then
             kafka_die "port $port on $KAFKA_HOST is taken by another process; set KAFKA_PORT"
         fi
@@ -110,6 +118,10 @@ start() {
     cp="$(kafka_classpath)"
     data_dir="$(mktemp -d "${TMPDIR:-/tmp}/kontext-kafka-$KAFKA_PORT.XXXXXX")"
     echo "$data_dir" >"$DATA_DIR_FILE"
+    "$(dirname "${BASH_SOURCE[0]}")/test-certs.sh" "$data_dir/tls" kontext_tls ||
+        kafka_die "creating test certificates failed"
+    # Kafka's PEM key store: the key and its certificate in one file.
+    cat "$data_dir/tls/server.key" "$data_dir/tls/server.pem" >"$data_dir/tls/server-keystore.pem"
     write_config "$data_dir" >"$RUN_DIR/server.properties"
     cluster_id="$(random_cluster_id)"
 
@@ -136,7 +148,7 @@ start() {
         >>"$LOG_FILE" 2>&1 </dev/null 8>&- &
 
     wait_until_ready
-    echo "kafka: started on $KAFKA_HOST:$KAFKA_PORT, SASL/SCRAM on $KAFKA_HOST:$KAFKA_SASL_PORT (pid $(cat "$PID_FILE"), log $LOG_FILE)"
+    echo "kafka: started on $KAFKA_HOST:$KAFKA_PORT, SASL/SCRAM on $KAFKA_HOST:$KAFKA_SASL_PORT, SSL on localhost:$KAFKA_SSL_PORT (pid $(cat "$PID_FILE"), log $LOG_FILE)"
 }
 
 # Ready means a real client round trip works, not just an open port: the tools' admin client
@@ -198,6 +210,12 @@ stop_broker() {
 
 # Removes the data directory and the pid file. The log file stays for post-mortems until the
 # next start overwrites it.
+# The running broker's certificates.
+tls_dir() {
+    [[ -f "$DATA_DIR_FILE" ]] || kafka_die "not running on $KAFKA_HOST:$KAFKA_PORT"
+    echo "$(cat "$DATA_DIR_FILE")/tls"
+}
+
 cleanup_state() {
     if [[ -f "$DATA_DIR_FILE" ]]; then
         local data_dir
@@ -231,13 +249,19 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT
-advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT
+listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT,SSL://$KAFKA_HOST:$KAFKA_SSL_PORT
+advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT,SSL://localhost:$KAFKA_SSL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL
 sasl.enabled.mechanisms=SCRAM-SHA-512
 listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.ssl.ssl.keystore.type=PEM
+listener.name.ssl.ssl.keystore.location=$data_dir/tls/server-keystore.pem
+listener.name.ssl.ssl.truststore.type=PEM
+listener.name.ssl.ssl.truststore.location=$data_dir/tls/ca.pem
+listener.name.ssl.ssl.client.auth=required
+ssl.principal.mapping.rules=RULE:^CN=([^,]+)\$/\$1/,DEFAULT
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 super.users=User:ANONYMOUS
 allow.everyone.if.no.acl.found=false

@@ -1,9 +1,12 @@
 //! kontext against a secured cluster: the broker `scripts/kafka.sh start` runs also listens
-//! with SASL_PLAINTEXT and SCRAM-SHA-512 (`KONTEXT_TEST_KAFKA_SASL`, default 127.0.0.1:9094),
-//! where its StandardAuthorizer allows nothing without an ACL. Users and ACLs are made with
-//! Kafka's own tools through the plaintext listener (whose ANONYMOUS principal is a super
-//! user). The pipeline runs with exactly the ACLs `docs/kafka-security.md` lists, and a wrong
-//! password or a missing ACL stops it with an error that says so.
+//! with SASL_PLAINTEXT and SCRAM-SHA-512 (`KONTEXT_TEST_KAFKA_SASL`, default 127.0.0.1:9094)
+//! and with mutual TLS (`KONTEXT_TEST_KAFKA_SSL`, default localhost:9095, certificates in
+//! `scripts/kafka.sh tls` or `KONTEXT_TEST_KAFKA_TLS`), where its StandardAuthorizer allows
+//! nothing without an ACL. Users and ACLs are made with Kafka's own tools through the
+//! plaintext listener (whose ANONYMOUS principal is a super user). The pipeline runs with
+//! exactly the ACLs `docs/kafka-security.md` lists, and a wrong password, a missing ACL, an
+//! untrusted broker certificate or a missing client certificate stops it with an error that
+//! says so.
 
 mod support;
 
@@ -22,6 +25,66 @@ use support::{
 
 fn sasl() -> String {
     std::env::var("KONTEXT_TEST_KAFKA_SASL").unwrap_or_else(|_| "127.0.0.1:9094".into())
+}
+
+/// The broker's SSL listener, by the name its certificate has.
+fn ssl() -> String {
+    std::env::var("KONTEXT_TEST_KAFKA_SSL").unwrap_or_else(|_| "localhost:9095".into())
+}
+
+/// The principal of the client certificate in [`tls_dir`] (its CN, by the broker's mapping).
+const TLS_USER: &str = "kontext_tls";
+
+/// The directory of the test certificates of the running broker.
+fn tls_dir() -> String {
+    if let Ok(dir) = std::env::var("KONTEXT_TEST_KAFKA_TLS") {
+        return dir;
+    }
+    let script = kafka_tool_script().with_file_name("kafka.sh");
+    let out = Command::new(&script)
+        .arg("tls")
+        .output()
+        .expect("run scripts/kafka.sh tls");
+    assert!(
+        out.status.success(),
+        "scripts/kafka.sh tls: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// The log properties of a client of the SSL listener that trusts `ca` (a file in
+/// [`tls_dir`]) and presents the test client certificate, or none.
+fn tls_properties(ca: &str, client_cert: bool) -> Vec<(&'static str, String)> {
+    let dir = tls_dir();
+    let addr = ssl();
+    assert!(
+        std::path::Path::new(&dir).join("ca.pem").is_file()
+            && std::net::TcpStream::connect(&addr).is_ok(),
+        "no SSL listener on {addr} with certificates in {dir}: a broker started before \
+         scripts/kafka.sh had one? `scripts/kafka.sh restart`"
+    );
+    let mut properties = vec![
+        ("security.protocol", "SSL".to_owned()),
+        ("ssl.ca.location", format!("{dir}/{ca}")),
+        // The broker listens on 127.0.0.1 only; `localhost` may resolve to ::1 first.
+        ("broker.address.family", "v4".to_owned()),
+    ];
+    if client_cert {
+        properties.push(("ssl.certificate.location", format!("{dir}/client.pem")));
+        properties.push(("ssl.key.location", format!("{dir}/client.key")));
+    }
+    properties
+}
+
+/// The SASL/SCRAM properties of `user`.
+fn sasl_properties(user: &str, password: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("security.protocol", "SASL_PLAINTEXT".to_owned()),
+        ("sasl.mechanism", "SCRAM-SHA-512".to_owned()),
+        ("sasl.username", user.to_owned()),
+        ("sasl.password", password.to_owned()),
+    ]
 }
 
 /// Runs one of Kafka's tools against the plaintext listener (as a super user).
@@ -99,8 +162,12 @@ fn allow_pipeline(user: &str, name: &str, topics: &str) {
 
 /// A pipeline with a feature and a join (so the processor's repartition and changelog
 /// topics, its groups and, with `exactly_once`, its transactions are all exercised), read
-/// with SASL/SCRAM as `user`.
-fn pipeline_yaml(name: &str, user: &str, password: &str) -> String {
+/// from `bootstrap` with the client `properties`.
+fn pipeline_yaml(name: &str, bootstrap: &str, properties: &[(&str, String)]) -> String {
+    let properties: String = properties
+        .iter()
+        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+        .collect();
     format!(
         r#"
 name: {name}
@@ -109,11 +176,7 @@ log:
   bootstrap_servers: "{bootstrap}"
   exactly_once: true
   properties:
-    security.protocol: SASL_PLAINTEXT
-    sasl.mechanism: SCRAM-SHA-512
-    sasl.username: "{user}"
-    sasl.password: "{password}"
-topics: {{ partitions: 3 }}
+{properties}topics: {{ partitions: 3 }}
 entities:
   customer: {{ key: customer_id, topic: {name}.customers }}
   order: {{ key: order_id, topic: {name}.orders, belongs_to: {{ customer: customer_id }} }}
@@ -134,20 +197,14 @@ joins:
     with: customer
     key: customer_id
     fields: {{ customer_tier: tier }}
-"#,
-        bootstrap = sasl()
+"#
     )
 }
 
-fn sasl_log(user: &str, password: &str) -> KafkaLog {
-    let mut config = KafkaConfig::new(sasl());
-    for (k, v) in [
-        ("security.protocol", "SASL_PLAINTEXT"),
-        ("sasl.mechanism", "SCRAM-SHA-512"),
-        ("sasl.username", user),
-        ("sasl.password", password),
-    ] {
-        config.properties.insert(k.into(), v.into());
+fn secured_log(bootstrap: &str, properties: &[(&str, String)]) -> KafkaLog {
+    let mut config = KafkaConfig::new(bootstrap.to_owned());
+    for (k, v) in properties {
+        config.properties.insert((*k).into(), v.clone());
     }
     KafkaLog::new(config).unwrap()
 }
@@ -177,12 +234,35 @@ async fn the_pipeline_runs_on_a_secured_cluster_with_the_documented_acls() {
     let (user, password) = (format!("{name}-user"), "kontext-s3cret");
     add_user(&user, password);
     allow_pipeline(&user, &name, &format!("{name}."));
+    // The password comes from the environment (`${VAR}`), not the file.
+    let yaml = pipeline_yaml(
+        &name,
+        &sasl(),
+        &sasl_properties(&user, "${KONTEXT_TEST_SASL_PASSWORD}"),
+    );
+    let log = secured_log(&sasl(), &sasl_properties(&user, password));
+    run_the_pipeline(&name, &yaml, password, &log).await;
+}
 
+/// The same pipeline over mutual TLS: the broker's certificate checked against the test CA
+/// (and its name, `localhost`), the client's certificate its principal, which the ACLs name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_over_mutual_tls_with_acls_on_the_certificates_principal() {
+    let name = format!("tls-{:x}", now_ms());
+    allow_pipeline(TLS_USER, &name, &format!("{name}."));
+    let properties = tls_properties("ca.pem", true);
+    let yaml = pipeline_yaml(&name, &ssl(), &properties);
+    let log = secured_log(&ssl(), &properties);
+    run_the_pipeline(&name, &yaml, "", &log).await;
+}
+
+/// Runs `yaml` (named `name`, with `password` in `KONTEXT_TEST_SASL_PASSWORD`), writes
+/// customers and orders through `log` (the sources, as the same principal), and waits for the
+/// feature and the join in a customer's context.
+async fn run_the_pipeline(name: &str, yaml: &str, password: &str, log: &KafkaLog) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    // The password comes from the environment (`${VAR}`), not the file.
-    let yaml = pipeline_yaml(&name, &user, "${KONTEXT_TEST_SASL_PASSWORD}");
-    let _kontext = run(dir.path(), &yaml, port, password);
+    let _kontext = run(dir.path(), yaml, port, password);
     let base = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(90);
     while get_json(&format!("{base}/healthz")).await.is_none() {
@@ -191,7 +271,6 @@ async fn the_pipeline_runs_on_a_secured_cluster_with_the_documented_acls() {
     }
 
     // The sources write as the same user: kontext's producer, authenticated and authorized.
-    let log = sasl_log(&user, password);
     let producer = log.producer().await.unwrap();
     let mut records = Vec::new();
     for i in 0..10 {
@@ -288,7 +367,7 @@ fn a_wrong_password_stops_the_pipeline_and_says_why() {
     add_user(&user, "the-right-one");
     allow_pipeline(&user, &name, &format!("{name}."));
     let (ok, stderr) = run_until_exit(
-        &pipeline_yaml(&name, &user, "not-the-right-one"),
+        &pipeline_yaml(&name, &sasl(), &sasl_properties(&user, "not-the-right-one")),
         Duration::from_secs(120),
     );
     assert!(!ok, "{stderr}");
@@ -307,10 +386,47 @@ fn a_missing_acl_stops_the_pipeline_and_says_which() {
     let (user, password) = (format!("{name}-user"), "s3cret-enough");
     add_user(&user, password);
     let (ok, stderr) = run_until_exit(
-        &pipeline_yaml(&name, &user, password),
+        &pipeline_yaml(&name, &sasl(), &sasl_properties(&user, password)),
         Duration::from_secs(120),
     );
     assert!(!ok, "{stderr}");
     assert!(stderr.contains("Topic authorization failed"), "{stderr}");
     assert!(stderr.contains("docs/kafka-security.md"), "{stderr}");
+}
+
+/// A broker certificate signed by an authority the client does not trust: librdkafka's calls
+/// only time out, but `kontext run` stops and says the TLS handshake fails, and why.
+#[test]
+fn an_untrusted_broker_certificate_stops_the_pipeline_and_says_why() {
+    let stderr = refused_over_tls("tlsca", "other-ca.pem", true);
+    assert!(
+        stderr.contains("certificate verify failed") && stderr.contains("ssl.ca.location"),
+        "{stderr}"
+    );
+}
+
+/// The broker requires a client certificate and the pipeline has none: stopped, with the
+/// broker's TLS alert as the reason.
+#[test]
+fn a_missing_client_certificate_stops_the_pipeline_and_says_why() {
+    let stderr = refused_over_tls("tlscert", "ca.pem", false);
+    assert!(
+        stderr.contains("alert") && stderr.contains("ssl.certificate.location"),
+        "{stderr}"
+    );
+}
+
+/// Runs a pipeline over TLS with [`tls_properties`]`(ca, client_cert)` and the ACLs it
+/// needs, checks that it stops because the TLS handshake fails, and returns its stderr.
+fn refused_over_tls(prefix: &str, ca: &str, client_cert: bool) -> String {
+    let name = format!("{prefix}-{:x}", now_ms());
+    allow_pipeline(TLS_USER, &name, &format!("{name}."));
+    let yaml = pipeline_yaml(&name, &ssl(), &tls_properties(ca, client_cert));
+    let (ok, stderr) = run_until_exit(&yaml, Duration::from_secs(120));
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("the TLS handshake with the cluster fails"),
+        "{stderr}"
+    );
+    stderr
 }

@@ -142,16 +142,16 @@ impl KafkaLog {
 
 impl KafkaLog {
     /// `result`, unless it failed for want of the cluster (a timeout, no broker reachable)
-    /// while the cluster was refusing the credentials: then that, which retrying will not
+    /// while the cluster was refusing the credentials or the TLS handshake: then that, which retrying will not
     /// change, instead of a timeout that retrying seems to promise to fix.
     async fn explained<T>(&self, result: Result<T, LogError>) -> Result<T, LogError> {
         let e = match result {
             Err(e) if e.is_transient() => e,
             other => return other,
         };
-        match self.metadata.refused_credentials(AUTH_PROBE).await {
-            Some(reason) => Err(LogError::Kafka {
-                message: format!("the cluster refuses the credentials ({reason}): check `security.protocol`, `sasl.mechanism`, `sasl.username` and `sasl.password` in the log's properties; {e}"),
+        match self.metadata.refused_handshake(AUTH_PROBE).await {
+            Some(refusal) => Err(LogError::Kafka {
+                message: refusal.explain(&e),
                 transient: false,
             }),
             None => Err(e),

@@ -18,26 +18,70 @@ use rdkafka::error::RDKafkaErrorCode;
 use crate::error::{code_error, log_error};
 
 /// The metadata client's context: logs as librdkafka's default does, and keeps the latest
-/// SASL handshake the broker refused (librdkafka's `FAIL` log line "SASL authentication
-/// error: <the broker's reason>"; the wording is librdkafka's, pinned by the bundled version,
-/// and the end-to-end test `a_wrong_password_stops_the_pipeline_and_says_why` fails if it
-/// changes).
+/// handshake the cluster refused, from librdkafka's `FAIL` log lines: "SASL authentication
+/// error: <the broker's reason>" for credentials; for TLS, a broker certificate this client
+/// does not trust ("certificate verify failed") or a TLS alert the broker sent ("SSL alert
+/// number 42": it refuses the client's certificate or its absence). The wording is
+/// librdkafka's and OpenSSL's, pinned by the bundled versions; the end-to-end tests
+/// `a_wrong_password_stops_the_pipeline_and_says_why` and
+/// `an_untrusted_broker_certificate_stops_the_pipeline_and_says_why` fail if it changes.
 #[derive(Default)]
 pub(crate) struct WatchContext {
-    refused: Mutex<Option<String>>,
+    refused: Mutex<Option<Refusal>>,
+}
+
+/// A handshake the cluster refused, which retrying will not change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The SASL handshake: the broker's reason.
+    Credentials(String),
+    /// The TLS handshake: OpenSSL's reason.
+    Tls(String),
+}
+
+impl Refusal {
+    /// What to tell the user instead of `e`, the timeout the refusal caused.
+    pub(crate) fn explain(&self, e: &LogError) -> String {
+        match self {
+            Refusal::Credentials(reason) => format!(
+                "the cluster refuses the credentials ({reason}): check `security.protocol`, \
+                 `sasl.mechanism`, `sasl.username` and `sasl.password` in the log's \
+                 properties; {e}"
+            ),
+            Refusal::Tls(reason) => format!(
+                "the TLS handshake with the cluster fails ({reason}): check `ssl.ca.location` \
+                 (the authority that signed the brokers' certificates), that \
+                 `bootstrap_servers` names the brokers as their certificates do, and \
+                 `ssl.certificate.location` and `ssl.key.location` (the client certificate \
+                 the brokers may require) in the log's properties; {e}"
+            ),
+        }
+    }
+
+    /// The refusal a librdkafka `FAIL` log line reports, if any. A connection lost during a
+    /// handshake (librdkafka's own errors read "Local: ...", e.g. "SaslAuthenticateRequest
+    /// failed: Local: Broker transport failure"; TLS reads "unexpected eof") is an outage,
+    /// which retrying fixes, and is none.
+    fn of_failure(line: &str) -> Option<Refusal> {
+        if let Some((_, reason)) = line.split_once("SASL authentication error: ") {
+            return (!reason.contains("Local: ")).then(|| Refusal::Credentials(reason.into()));
+        }
+        if line.contains("certificate verify failed") || line.contains("SSL alert number") {
+            let reason = line
+                .split_once(": SSL handshake failed: ")
+                .or_else(|| line.split_once(": Receive failed: "))
+                .map_or(line, |(_, reason)| reason);
+            return Some(Refusal::Tls(reason.into()));
+        }
+        None
+    }
 }
 
 impl ClientContext for WatchContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         if fac == "FAIL" {
-            // The broker's answer, not a connection lost mid-handshake (librdkafka's own
-            // errors read "Local: ...": "SaslAuthenticateRequest failed: Local: Broker
-            // transport failure"), which an outage causes and retrying fixes.
-            match log_message.split_once("SASL authentication error: ") {
-                Some((_, reason)) if !reason.contains("Local: ") => {
-                    *self.refused.lock() = Some(reason.to_string());
-                }
-                _ => {}
+            if let Some(refusal) = Refusal::of_failure(log_message) {
+                *self.refused.lock() = Some(refusal);
             }
         }
         DefaultClientContext.log(level, fac, log_message);
@@ -61,13 +105,13 @@ impl MetadataClient {
         }
     }
 
-    /// Whether the cluster refuses this client's credentials, and why: asks it for its brokers
-    /// (waiting at most `timeout`), then serves the client's pending events. The calls just
-    /// time out when a SASL handshake fails; librdkafka says why only in a `FAIL` log event
+    /// Whether the cluster refuses this client's credentials or TLS handshake, and why: asks it
+    /// for its brokers (waiting at most `timeout`), then serves the client's pending events.
+    /// The calls just time out when a handshake fails; librdkafka says why only in a `FAIL` log event
     /// (its error event does not reach a consumer's poll), at most every 30 s per broker,
     /// which serving the events hands to [`WatchContext`]. A refusal counts until a fetch
     /// succeeds.
-    pub(crate) async fn refused_credentials(&self, timeout: Duration) -> Option<String> {
+    pub(crate) async fn refused_handshake(&self, timeout: Duration) -> Option<Refusal> {
         let client = self.client.clone();
         blocking(move || {
             let fetched = client.fetch_metadata(None, timeout).is_ok();
@@ -256,17 +300,53 @@ mod tests {
     /// A refusal by the broker is kept; a connection lost during the handshake (an outage,
     /// which retrying fixes) and other failures are not.
     #[test]
-    fn only_a_refused_handshake_counts_as_refused_credentials() {
+    fn only_a_refused_handshake_counts_as_refused() {
         let context = WatchContext::default();
         for line in [
             "sasl_plaintext://b:9094/bootstrap: SASL authentication error: SaslAuthenticateRequest failed: Local: Broker transport failure (after 0ms in state DOWN)",
             "sasl_plaintext://b:9094/bootstrap: Connect to ipv4#127.0.0.1:9094 failed: Connection refused",
+            "ssl://localhost:9095/bootstrap: Receive failed: error:0A000126:SSL routines::unexpected eof while reading (after 3ms in state UP)",
         ] {
             context.log(RDKafkaLogLevel::Error, "FAIL", line);
         }
         assert_eq!(*context.refused.lock(), None);
         context.log(RDKafkaLogLevel::Error, "FAIL", "sasl_plaintext://b:9094/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 320ms in state AUTH_REQ)");
-        let reason = context.refused.lock().clone().unwrap();
-        assert!(reason.starts_with("Authentication failed"), "{reason}");
+        let refused = context.refused.lock().clone();
+        match refused {
+            Some(Refusal::Credentials(reason)) => {
+                assert!(reason.starts_with("Authentication failed"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The two ways a TLS handshake is refused, as librdkafka 2.12 with OpenSSL 3 logs them
+    /// against `scripts/kafka.sh`'s SSL listener.
+    #[test]
+    fn an_untrusted_broker_or_a_refused_client_certificate_is_a_tls_refusal() {
+        let untrusted = "ssl://localhost:9095/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (install ca-certificates package) (after 30ms in state SSL_HANDSHAKE)";
+        let Some(Refusal::Tls(reason)) = Refusal::of_failure(untrusted) else {
+            panic!("not a TLS refusal: {untrusted}");
+        };
+        assert!(
+            reason.starts_with("error:0A000086:SSL routines::certificate verify failed"),
+            "{reason}"
+        );
+        let no_client_cert = "ssl://localhost:9095/bootstrap: Receive failed: error:0A000412:SSL routines::sslv3 alert bad certificate: SSL alert number 42 (after 2ms in state APIVERSION_QUERY)";
+        let Some(Refusal::Tls(reason)) = Refusal::of_failure(no_client_cert) else {
+            panic!("not a TLS refusal: {no_client_cert}");
+        };
+        assert!(
+            reason.starts_with("error:0A000412:SSL routines::sslv3 alert bad certificate"),
+            "{reason}"
+        );
+        let message = Refusal::Tls(reason).explain(&LogError::Kafka {
+            message: "timed out".into(),
+            transient: true,
+        });
+        assert!(
+            message.contains("ssl.ca.location") && message.contains("alert bad certificate"),
+            "{message}"
+        );
     }
 }
