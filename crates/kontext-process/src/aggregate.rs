@@ -334,6 +334,9 @@ impl Aggregate {
                 out.already_applied += 1;
                 continue;
             };
+            if event.is_tick() {
+                continue; // it moved stream time; it joins no key
+            }
             let mut inputs = None;
             let mut open = false;
             let horizon = progress.horizon(st, grace);
@@ -473,6 +476,9 @@ impl Aggregate {
                 out.already_applied += 1;
                 continue;
             };
+            if event.is_tick() {
+                continue; // it moved stream time; it joins no key
+            }
             let horizon = progress.horizon(st, grace);
             let mut open = self.config.window.windows_for(event.time_ms);
             open.retain(|w| w.end > horizon);
@@ -735,6 +741,9 @@ impl Aggregate {
                 out.already_applied += 1;
                 continue;
             };
+            if event.is_tick() {
+                continue; // it moved stream time; it joins no key
+            }
             let t = event.time_ms;
             if t < progress.horizon(st, grace) {
                 out.dropped_late += 1;
@@ -912,6 +921,9 @@ impl Aggregate {
                 out.already_applied += 1;
                 continue;
             };
+            if event.is_tick() {
+                continue; // it moved stream time; it joins no key
+            }
             if event.time_ms <= st.saturating_sub(size) {
                 out.dropped_late += 1;
                 continue;

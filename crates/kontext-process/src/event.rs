@@ -41,6 +41,26 @@ pub struct Event {
 }
 
 impl Event {
+    /// A **tick**: no event, only the news that stream time reached `time_ms`, from the input
+    /// at `coords`. [`crate::Aggregate`] admits it like an event (skipped below the store's
+    /// offsets) and lets it move stream time, so a quiet input's sliding windows decay and its
+    /// windows close, but adds it to no key. Its key is empty, which no event's key is.
+    /// Deduplication and joins do not take ticks.
+    pub fn tick(time_ms: i64, coords: Coords) -> Self {
+        Self {
+            key: Bytes::new(),
+            id: Bytes::new(),
+            time_ms,
+            coords,
+            value: serde_json::Value::Null,
+        }
+    }
+
+    /// Whether this is a [`Event::tick`].
+    pub fn is_tick(&self) -> bool {
+        self.key.is_empty()
+    }
+
     /// The scalar at `field` (a top-level field name, or a `.`-separated path), if present and
     /// a number, string or bool.
     pub fn scalar(&self, field: &FieldPath) -> Option<Scalar> {

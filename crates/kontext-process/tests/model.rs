@@ -62,6 +62,23 @@ fn events(specs: &[Spec]) -> Vec<Event> {
         .collect()
 }
 
+/// [`events`], with about one in twelve a tick ([`Event::tick`]) instead: the aggregations'
+/// input, where a tick moves stream time and joins no key (a quiet input's stream time
+/// advanced by the re-key loop).
+fn events_and_ticks(specs: &[Spec]) -> Vec<Event> {
+    events(specs)
+        .into_iter()
+        .zip(specs)
+        .map(|(e, s)| {
+            if s.id == 0 {
+                Event::tick(e.time_ms, e.coords)
+            } else {
+                e
+            }
+        })
+        .collect()
+}
+
 /// One step of the runtime: process up to `size` events; `fault` says what goes wrong after the
 /// outputs were acknowledged downstream.
 #[derive(Debug, Clone, Copy)]
@@ -391,6 +408,9 @@ fn fixed_reference(
     let mut st = i64::MIN;
     for e in events {
         st = st.max(e.time_ms);
+        if e.is_tick() {
+            continue;
+        }
         for w in spec.windows_for(e.time_ms) {
             if w.end + grace > st {
                 members
@@ -412,7 +432,7 @@ fn session_reference(
     let mut st = i64::MIN;
     for e in events {
         st = st.max(e.time_ms);
-        if e.time_ms >= st - grace {
+        if e.time_ms >= st - grace && !e.is_tick() {
             accepted.entry(e.key.clone()).or_default().push(e);
         }
     }
@@ -442,7 +462,7 @@ fn sliding_reference(events: &[Event], size: i64) -> BTreeMap<(Bytes, i64, i64),
     let mut st = i64::MIN;
     for e in events {
         st = st.max(e.time_ms);
-        if e.time_ms > st - size {
+        if e.time_ms > st - size && !e.is_tick() {
             accepted.entry(e.key.clone()).or_default().push(e);
         }
     }
@@ -471,7 +491,7 @@ proptest! {
     fn tumbling_windows_match_the_reference(
         specs in specs(), plan in plan(), size in 1i64..40, grace in 0i64..30,
     ) {
-        let events = events(&specs);
+        let events = events_and_ticks(&specs);
         let spec = WindowSpec::Tumbling { size_ms: size };
         let (table, store) =
             run_aggregate_with_state(&events, &plan, config(spec, grace, Emit::OnUpdate), false);
@@ -487,7 +507,7 @@ proptest! {
     fn tumbling_windows_emitted_on_close_are_the_closed_reference_windows(
         specs in specs(), plan in plan(), size in 1i64..40, grace in 0i64..30,
     ) {
-        let events = events(&specs);
+        let events = events_and_ticks(&specs);
         let spec = WindowSpec::Tumbling { size_ms: size };
         let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
         let mut expected = fixed_reference(&events, spec, grace);
@@ -502,7 +522,7 @@ proptest! {
     fn hopping_windows_match_the_reference(
         specs in specs(), plan in plan(), size in 1i64..40, hops in 1i64..5, grace in 0i64..30,
     ) {
-        let events = events(&specs);
+        let events = events_and_ticks(&specs);
         let advance = (size / hops).max(1);
         let spec = WindowSpec::Hopping { size_ms: size, advance_ms: advance };
         let (table, store) =
@@ -515,6 +535,7 @@ proptest! {
         let is_live = |start: i64| start.div_euclid(advance) * advance + size + grace > st;
         let live: BTreeSet<(Bytes, i64)> = events
             .iter()
+            .filter(|e| !e.is_tick())
             .map(|e| (e.key.clone(), e.time_ms.div_euclid(pane) * pane))
             .filter(|(_, start)| is_live(*start))
             .collect();
@@ -546,7 +567,7 @@ proptest! {
     fn hopping_windows_emitted_on_close_are_the_closed_reference_windows(
         specs in specs(), plan in plan(), size in 1i64..40, hops in 1i64..5, grace in 0i64..30,
     ) {
-        let events = events(&specs);
+        let events = events_and_ticks(&specs);
         let advance = (size / hops).max(1);
         let spec = WindowSpec::Hopping { size_ms: size, advance_ms: advance };
         let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
@@ -562,7 +583,7 @@ proptest! {
     fn session_windows_match_the_reference(
         specs in specs(), plan in plan(), gap in 0i64..20, grace in 0i64..30,
     ) {
-        let events = events(&specs);
+        let events = events_and_ticks(&specs);
         prop_assert_eq!(
             run_aggregate(&events, &plan, config(WindowSpec::Session { gap_ms: gap }, grace, Emit::OnUpdate), false),
             session_reference(&events, gap, grace)
@@ -574,7 +595,7 @@ proptest! {
         specs in specs(), plan in plan(), size in 1i64..60,
         inline_limit in prop_oneof![Just(16usize), 0usize..5],
     ) {
-        let events = events(&specs);
+        let events = events_and_ticks(&specs);
         let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: size }, 0, Emit::OnUpdate))
             .unwrap()
             .with_sliding_inline_limit(inline_limit);
@@ -585,7 +606,7 @@ proptest! {
         let st = events.iter().map(|e| e.time_ms).max().unwrap_or(i64::MIN);
         let mut in_window: Vec<(Bytes, i64, i64)> = events
             .iter()
-            .filter(|e| e.time_ms > st - size)
+            .filter(|e| e.time_ms > st - size && !e.is_tick())
             .map(|e| (e.key.clone(), e.time_ms, e.coords.offset))
             .collect();
         in_window.sort();
@@ -606,7 +627,7 @@ proptest! {
         budget in prop_oneof![Just(1u64 << 20), Just(600u64)],
         sliding in any::<bool>(), inline_limit in prop_oneof![Just(16usize), 0usize..3],
     ) {
-        let events = events(&specs);
+        let events = events_and_ticks(&specs);
         let dir = tempfile::tempdir().unwrap();
         if sliding {
             let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: size }, 0, Emit::OnUpdate))

@@ -419,6 +419,75 @@ fn sliding_values_decay_as_stream_time_passes() {
     );
 }
 
+/// A tick moves stream time like an event and joins no key: sliding values decay, windows
+/// close (emitting their final values), and a tick below the store's offsets is skipped.
+#[test]
+fn ticks_move_stream_time_without_joining_a_key() {
+    let tick = |t: i64, offset: i64| Event::tick(t, Coords::new("orders", 0, offset));
+    // Sliding: c1's events leave as ticks move stream time, with nothing added to any key.
+    let op = Aggregate::new(config(WindowSpec::Sliding { size_ms: 100 }, 0)).unwrap();
+    let mut store = MemoryStore::new("agg");
+    let batch = op
+        .process(&store, &[ev("c1", 0, 0, 3.0), ev("c1", 50, 1, 4.0)])
+        .unwrap();
+    store.commit(batch.state).unwrap();
+    let batch = op.process(&store, &[tick(120, 2)]).unwrap();
+    assert_eq!(batch.updates.len(), 1, "{:?}", batch.updates);
+    let c1 = &batch.updates[0];
+    assert_eq!((c1.key.as_ref(), c1.events), (&b"c1"[..], 1));
+    assert_eq!(c1.values.as_deref().unwrap()[1], AggValue::Num(4.0));
+    assert_eq!(c1.version.offset, 2, "versioned by the tick");
+    store.commit(batch.state).unwrap();
+    // Replayed (below the store's offsets): nothing.
+    let batch = op.process(&store, &[tick(500, 2)]).unwrap();
+    assert!(batch.updates.is_empty() && batch.already_applied == 1);
+    let batch = op.process(&store, &[tick(150, 3)]).unwrap();
+    let c1 = &batch.updates[0];
+    assert_eq!(
+        (c1.events, c1.values.as_deref().unwrap()[0].clone()),
+        (0, AggValue::Int(0))
+    );
+    store.commit(batch.state).unwrap();
+    assert_eq!(
+        store
+            .get(&key_prefix(b'a', &Bytes::from_static(b"c1")))
+            .unwrap(),
+        None
+    );
+    // An event a tick made late is dropped.
+    let batch = op.process(&store, &[ev("c2", 40, 4, 1.0)]).unwrap();
+    assert_eq!((batch.dropped_late, batch.updates.len()), (1, 0));
+
+    // Tumbling (emit on close, like hopping and sessions below): a tick closes the window.
+    for window in [
+        WindowSpec::Tumbling { size_ms: 10 },
+        WindowSpec::Hopping {
+            size_ms: 10,
+            advance_ms: 5,
+        },
+        WindowSpec::Session { gap_ms: 10 },
+    ] {
+        let mut cfg = config(window, 0);
+        cfg.emit = Emit::OnClose;
+        let op = Aggregate::new(cfg).unwrap();
+        let mut store = MemoryStore::new("agg");
+        let batch = op
+            .process(&store, &[ev("c1", 1, 0, 1.0), ev("c1", 2, 1, 1.0)])
+            .unwrap();
+        assert!(batch.updates.is_empty(), "{window:?}");
+        store.commit(batch.state).unwrap();
+        let batch = op.process(&store, &[tick(100, 2)]).unwrap();
+        assert!(!batch.updates.is_empty(), "{window:?}: nothing closed");
+        for update in &batch.updates {
+            assert!(
+                update.closed && update.key == "c1",
+                "{window:?}: {update:?}"
+            );
+            assert_eq!(update.events, 2, "{window:?}: {update:?}");
+        }
+    }
+}
+
 #[test]
 fn accumulators_round_trip_through_their_encoding() {
     let cfg = config(WindowSpec::Tumbling { size_ms: 10 }, 0);
