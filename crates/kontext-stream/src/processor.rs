@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kontext_core::config::{
@@ -58,6 +58,7 @@ use tracing::{info, warn};
 use crate::metrics::PipelineMetrics;
 use crate::normalize::{Outcome, Router};
 use crate::retry::Waiter;
+use ticks::{tick_of, tick_record, Ticker};
 
 pub use kontext_core::config::{features_topic, FEATURES_SOURCE};
 /// `ce_type` of feature records.
@@ -483,14 +484,12 @@ impl Processor {
             .await?;
         let repartition = repartition_topic(&self.config);
         let partitions = repartition_partitions(&self.config);
+        let mut ticker = Ticker::new(groups.len(), partitions, Instant::now());
         info!(%group, "processor re-key loop started");
         loop {
             let Some(records) = drain.poll(consumer.as_mut()).await? else {
                 return Ok(());
             };
-            if records.is_empty() {
-                continue;
-            }
             let mut out = Vec::new();
             let mut push = |target: String, value: Value| {
                 let key = Bytes::from(target.into_bytes());
@@ -499,8 +498,10 @@ impl Processor {
                     Some(key.clone()),
                     Some(Bytes::from(value.to_string())),
                 );
-                r.partition = Some(partition_for_key(&key, partitions));
+                let partition = partition_for_key(&key, partitions);
+                r.partition = Some(partition);
                 out.push(r);
+                partition
             };
             for record in &records {
                 let Outcome::Update(update) = router.process(record) else {
@@ -554,7 +555,11 @@ impl Processor {
                     value["k"] = json!(update.entity_id);
                     push(target, value);
                 }
-                for g in groups.iter().filter(|g| g.from == update.entity_type) {
+                for (gi, g) in groups
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, g)| g.from == update.entity_type)
+                {
                     let Some(target) = fields.get(&g.key).and_then(id_of) else {
                         continue;
                     };
@@ -565,11 +570,30 @@ impl Processor {
                         .collect();
                     let mut value = header(&g.name);
                     value["f"] = Value::Object(needed);
-                    push(target, value);
+                    let partition = push(target, value);
+                    ticker.routed(gi, partition, p.event_time_ms);
                 }
+            }
+            // Partitions the features' inputs left behind learn the newest event time (not
+            // while draining: the tasks stop once their input is quiet).
+            if !groups.is_empty() && !shutdown.is_cancelled() {
+                for (gi, partition, time_ms) in ticker.due(Instant::now()) {
+                    out.push(tick_record(
+                        &repartition,
+                        partition,
+                        &groups[gi].name,
+                        time_ms,
+                    ));
+                }
+            }
+            if out.is_empty() && records.is_empty() {
+                continue;
             }
             if !send(producer.as_ref(), out, shutdown, &drain.policy).await? {
                 return Ok(());
+            }
+            if records.is_empty() {
+                continue;
             }
             // In the background: the next batch need not wait for it, and a commit a crash
             // loses only re-keys records again, which the tasks drop (their high water).
@@ -764,6 +788,16 @@ impl Processor {
             let mut next: BTreeMap<i32, i64> = BTreeMap::new();
             for record in &records {
                 next.insert(record.partition, record.offset + 1);
+                // A tick of a feature group moves its stream time ([`ticks`]).
+                if let Some((name, time_ms)) = tick_of(record) {
+                    if let Some(&gi) = by_name.get(name.as_str()) {
+                        inputs
+                            .entry((gi, record.partition))
+                            .or_default()
+                            .push(Inbound::tick(record, time_ms));
+                    }
+                    continue;
+                }
                 match Inbound::decode(record) {
                     Some((name, inbound)) => match by_name.get(name.as_str()) {
                         Some(&gi) => inputs
@@ -1345,6 +1379,20 @@ struct Inbound {
 }
 
 impl Inbound {
+    /// The tick `record` is ([`ticks`]): its own coordinates stand for its origin, which the
+    /// high-water filter does not look at for ticks.
+    fn tick(record: &Record, time_ms: i64) -> Inbound {
+        Inbound {
+            event: Event::tick(
+                time_ms,
+                Coords::new(record.topic.clone(), record.partition, record.offset),
+            ),
+            origin: record.topic_partition(),
+            origin_offset: record.offset,
+            side: JoinSide::None,
+        }
+    }
+
     fn decode(record: &Record) -> Option<(String, Inbound)> {
         let value: Value = serde_json::from_slice(record.value.as_deref()?).ok()?;
         let group = value.get("g")?.as_str()?.to_string();
@@ -1489,7 +1537,12 @@ fn features_batch(
         (Some(op), Some(store)) => {
             let mut hw = HighWater::default();
             let fresh = hw.filter(store, events)?;
-            let plain: Vec<Event> = fresh.iter().map(|i| i.event.clone()).collect();
+            // Ticks pass dedup untouched, in their place among the events.
+            let plain: Vec<Event> = fresh
+                .iter()
+                .filter(|i| !i.event.is_tick())
+                .map(|i| i.event.clone())
+                .collect();
             let mut out = op.process(store, &plain)?;
             hw.finish(&mut out.state);
             out.state.set_offset(tp.clone(), never_back(store, tp, end));
@@ -1500,11 +1553,10 @@ fn features_batch(
                     _ => {}
                 }
             }
+            let mut decisions = out.decisions.into_iter();
             let forwarded = fresh
                 .into_iter()
-                .zip(out.decisions)
-                .filter(|(_, d)| *d == DedupDecision::Forward)
-                .map(|(i, _)| i)
+                .filter(|i| i.event.is_tick() || decisions.next() == Some(DedupDecision::Forward))
                 .collect();
             (forwarded, Some((store.name().to_string(), out.state)))
         }
@@ -1595,7 +1647,7 @@ fn hopping_choices(
         return Ok(None);
     };
     let mut newest_input: BTreeMap<&Bytes, i64> = BTreeMap::new();
-    for e in events {
+    for e in events.iter().filter(|e| !e.is_tick()) {
         let t = newest_input.entry(&e.key).or_insert(i64::MIN);
         *t = (*t).max(e.time_ms);
     }
@@ -1820,7 +1872,10 @@ impl HighWater {
     ) -> Result<Vec<Inbound>, StoreError> {
         let mut kept = Vec::with_capacity(events.len());
         for inbound in events {
-            if self.admit(store, &inbound.origin, inbound.origin_offset)? {
+            // A tick is no origin's copy; the operators skip a replayed one by its offset.
+            if inbound.event.is_tick()
+                || self.admit(store, &inbound.origin, inbound.origin_offset)?
+            {
                 kept.push(inbound);
             }
         }
@@ -2099,6 +2154,8 @@ pub(crate) fn next_offsets(records: &[Record]) -> Vec<(TopicPartition, i64)> {
     next.into_iter().collect()
 }
 
+mod ticks;
+
 #[cfg(test)]
 mod restore_tests;
 
@@ -2118,6 +2175,103 @@ features:
   total_30d: { from: order, entity: customer, key: customer_id, agg: sum, field: total, window: 30d }
   biggest: { from: order, entity: customer, key: customer_id, agg: max, field: total, dedup: 1h }
 "#;
+
+    /// A rolling feature on a quiet repartition partition decays: the customer whose
+    /// partition gets no more clicks loses its clicks from the last hour once another
+    /// partition's clicks move event time two hours on (the re-key loop's ticks, which pass
+    /// the feature's dedup untouched), on the embedded log with the whole processor running.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiet_partitions_rolling_feature_decays_as_the_others_move_on() {
+        use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
+        const HOUR: i64 = 3_600_000;
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = r#"
+name: quiet
+topics: { partitions: 4 }
+entities:
+  customer: { key: customer_id, topic: quiet.customers }
+  interaction: { key: interaction_id, topic: quiet.interactions }
+sources:
+  web: { topic: quiet.interactions, entity: interaction, fields: { customer_id: c } }
+features:
+  clicks_1h: { from: interaction, entity: customer, key: customer_id, agg: count, window: 1h, dedup: 1h }
+"#;
+        let config = PipelineConfig::parse("p.yaml", yaml).unwrap();
+        let log: Arc<dyn Log> =
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+        for spec in topic_specs(&config)
+            .into_iter()
+            .chain([TopicSpec::new("quiet.interactions", 4)])
+        {
+            log.create_topic(&spec).await.unwrap();
+        }
+        // Two customers on different repartition partitions.
+        let quiet = "C-quiet";
+        let busy = (0..)
+            .map(|i| format!("C-{i}"))
+            .find(|c| partition_for_key(c.as_bytes(), 4) != partition_for_key(quiet.as_bytes(), 4))
+            .unwrap();
+        let producer = log.producer().await.unwrap();
+        let click = |n: usize, customer: &str, time_ms: i64| {
+            let mut r = ProduceRecord::new(
+                "quiet.interactions",
+                Some(Bytes::from(format!("I-{n}"))),
+                Some(Bytes::from(json!({ "c": customer }).to_string())),
+            );
+            r.timestamp_ms = Some(time_ms);
+            r
+        };
+        let t0 = 1_700_000_000_000;
+        producer
+            .send(vec![click(1, quiet, t0), click(2, &busy, t0 + 1)])
+            .await
+            .unwrap();
+
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(
+            Processor::new(&config, &dir.path().join("data"), log.clone()).run(shutdown.clone()),
+        );
+        let mut features = log
+            .consumer(ConsumerConfig::new(
+                "test-reader",
+                vec!["quiet.customers.features".into()],
+            ))
+            .await
+            .unwrap();
+        // The newest clicks_1h of `customer` read so far, reading until `until` holds or 60 s.
+        let mut shown: BTreeMap<String, Value> = BTreeMap::new();
+        let mut read_until = async |until: &dyn Fn(&BTreeMap<String, Value>) -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !until(&shown) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "features so far: {shown:?}"
+                );
+                for r in features
+                    .poll(100, Duration::from_millis(200))
+                    .await
+                    .unwrap()
+                {
+                    let key = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
+                    let fields: Value = serde_json::from_slice(&r.value.unwrap()).unwrap();
+                    shown.insert(key, fields["clicks_1h"].clone());
+                }
+            }
+        };
+        read_until(&|s| s.get(quiet) == Some(&json!(1)) && s.get(&busy) == Some(&json!(1))).await;
+        // Two hours on, clicks of the busy customer only: the quiet customer's click leaves
+        // its hour although nothing more arrives on its partition.
+        producer
+            .send(vec![
+                click(3, &busy, t0 + 2 * HOUR),
+                click(4, &busy, t0 + 2 * HOUR + 5),
+            ])
+            .await
+            .unwrap();
+        read_until(&|s| s.get(&busy) == Some(&json!(2)) && s.get(quiet) == Some(&json!(0))).await;
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+    }
 
     #[test]
     fn features_with_one_window_share_an_operator() {
