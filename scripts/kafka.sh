@@ -208,14 +208,14 @@ stop_broker() {
     kill -KILL "$pid" 2>/dev/null || true
 }
 
-# Removes the data directory and the pid file. The log file stays for post-mortems until the
-# next start overwrites it.
 # The running broker's certificates.
 tls_dir() {
     [[ -f "$DATA_DIR_FILE" ]] || kafka_die "not running on $KAFKA_HOST:$KAFKA_PORT"
     echo "$(cat "$DATA_DIR_FILE")/tls"
 }
 
+# Removes the data directory and the pid file. The log file stays for post-mortems until the
+# next start overwrites it.
 cleanup_state() {
     if [[ -f "$DATA_DIR_FILE" ]]; then
         local data_dir

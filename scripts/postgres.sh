@@ -12,7 +12,7 @@
 # a fresh cluster (database `kontext`, user `kontext`, trust authentication on 127.0.0.1 only).
 # The server offers TLS (ssl=on) with throwaway certificates from scripts/test-certs.sh: a
 # server certificate for `localhost`, and a client certificate for the user `kontext_tls`, who
-# may log in only over TLS with that certificate (`cert` authentication). The directory that
+# may log in over TCP only with TLS and that certificate (`cert` authentication). The directory that
 # `tls` prints holds ca.pem, client.pem, client.key and other-ca.pem (an authority that signed
 # nothing here).
 # Postgres refuses to run as root, so as root the cluster is created and run as the `postgres`

@@ -38,10 +38,13 @@ export KONTEXT_TEST_KAFKA="${KONTEXT_TEST_KAFKA:-127.0.0.1:9092}"
 export KONTEXT_TEST_KAFKA_SASL="${KONTEXT_TEST_KAFKA_SASL:-127.0.0.1:9094}"
 # Its SSL (mutual TLS) listener, by the name its certificate holds, and its certificates.
 export KONTEXT_TEST_KAFKA_SSL="${KONTEXT_TEST_KAFKA_SSL:-localhost:9095}"
-export KONTEXT_TEST_KAFKA_TLS="${KONTEXT_TEST_KAFKA_TLS:-$(scripts/kafka.sh tls)}"
+# (Assigned, then exported: `export VAR="$(cmd)"` would hide a failing cmd from `set -e`.)
+KONTEXT_TEST_KAFKA_TLS="${KONTEXT_TEST_KAFKA_TLS:-$(scripts/kafka.sh tls)}"
+export KONTEXT_TEST_KAFKA_TLS
 export KONTEXT_TEST_POSTGRES="${KONTEXT_TEST_POSTGRES:-$(scripts/postgres.sh url)}"
 # Its TLS certificates (src/postgres/tls_tests.rs in kontext-store).
-export KONTEXT_TEST_POSTGRES_TLS="${KONTEXT_TEST_POSTGRES_TLS:-$(scripts/postgres.sh tls)}"
+KONTEXT_TEST_POSTGRES_TLS="${KONTEXT_TEST_POSTGRES_TLS:-$(scripts/postgres.sh tls)}"
+export KONTEXT_TEST_POSTGRES_TLS
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -20,15 +20,27 @@ use crate::error::{code_error, log_error};
 /// The metadata client's context: logs as librdkafka's default does, and keeps the latest
 /// handshake the cluster refused, from librdkafka's `FAIL` log lines: "SASL authentication
 /// error: <the broker's reason>" for credentials; for TLS, a broker certificate this client
-/// does not trust ("certificate verify failed") or a TLS alert the broker sent ("SSL alert
-/// number 42": it refuses the client's certificate or its absence). The wording is
-/// librdkafka's and OpenSSL's, pinned by the bundled versions; the end-to-end tests
-/// `a_wrong_password_stops_the_pipeline_and_says_why` and
-/// `an_untrusted_broker_certificate_stops_the_pipeline_and_says_why` fail if it changes.
+/// does not trust ("certificate verify failed") or a TLS alert the broker sent about
+/// certificates or the handshake ("SSL alert number 42": it refuses the client's certificate
+/// or its absence; [`REFUSING_ALERTS`]). The wording is librdkafka's and OpenSSL's, pinned by
+/// the bundled versions; the end-to-end tests `a_wrong_password_stops_the_pipeline_and_says_why`
+/// and `an_untrusted_broker_certificate_stops_the_pipeline_and_says_why` fail if it changes.
+/// A refusal counts for [`REFUSAL_MEMORY`] after it was logged: a single one during a rolling
+/// restart or a certificate rotation must not explain an outage days later.
 #[derive(Default)]
 pub(crate) struct WatchContext {
-    refused: Mutex<Option<Refusal>>,
+    refused: Mutex<Option<(Instant, Refusal)>>,
 }
+
+/// How long a logged refusal counts. librdkafka logs a repeated failure at most every 30 s
+/// per broker; a refusal that persists is logged again well within this.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(90);
+
+/// The TLS alerts (RFC 8446, 6.2) by which a broker refuses a handshake for its settings:
+/// handshake_failure, bad_certificate, unsupported_certificate, certificate_revoked,
+/// certificate_expired, certificate_unknown, unknown_ca, certificate_required. Others
+/// (internal_error, user_canceled ...) may come from a broker going down.
+const REFUSING_ALERTS: [u32; 8] = [40, 42, 43, 44, 45, 46, 48, 116];
 
 /// A handshake the cluster refused, which retrying will not change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +78,12 @@ impl Refusal {
         if let Some((_, reason)) = line.split_once("SASL authentication error: ") {
             return (!reason.contains("Local: ")).then(|| Refusal::Credentials(reason.into()));
         }
-        if line.contains("certificate verify failed") || line.contains("SSL alert number") {
+        let alert = line
+            .split_once("SSL alert number ")
+            .and_then(|(_, n)| n.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok());
+        if line.contains("certificate verify failed")
+            || alert.is_some_and(|n| REFUSING_ALERTS.contains(&n))
+        {
             let reason = line
                 .split_once(": SSL handshake failed: ")
                 .or_else(|| line.split_once(": Receive failed: "))
@@ -81,7 +98,7 @@ impl ClientContext for WatchContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         if fac == "FAIL" {
             if let Some(refusal) = Refusal::of_failure(log_message) {
-                *self.refused.lock() = Some(refusal);
+                *self.refused.lock() = Some((Instant::now(), refusal));
             }
         }
         DefaultClientContext.log(level, fac, log_message);
@@ -89,6 +106,23 @@ impl ClientContext for WatchContext {
 }
 
 impl ConsumerContext for WatchContext {}
+
+/// The refusal `refused` holds at `now`, forgetting it once a fetch succeeded or
+/// [`REFUSAL_MEMORY`] passed since it was logged.
+fn current(
+    refused: &mut Option<(Instant, Refusal)>,
+    fetched: bool,
+    now: Instant,
+) -> Option<Refusal> {
+    if fetched
+        || refused
+            .as_ref()
+            .is_some_and(|(at, _)| now.duration_since(*at) > REFUSAL_MEMORY)
+    {
+        *refused = None;
+    }
+    refused.as_ref().map(|(_, refusal)| refusal.clone())
+}
 
 /// A group-less consumer used only for metadata and watermark requests (a consumer, not an
 /// admin client, because librdkafka offers `query_watermark_offsets` on consumers).
@@ -110,7 +144,7 @@ impl MetadataClient {
     /// The calls just time out when a handshake fails; librdkafka says why only in a `FAIL` log event
     /// (its error event does not reach a consumer's poll), at most every 30 s per broker,
     /// which serving the events hands to [`WatchContext`]. A refusal counts until a fetch
-    /// succeeds.
+    /// succeeds, for [`REFUSAL_MEMORY`] at most.
     pub(crate) async fn refused_handshake(&self, timeout: Duration) -> Option<Refusal> {
         let client = self.client.clone();
         blocking(move || {
@@ -121,11 +155,11 @@ impl MetadataClient {
                     break;
                 }
             }
-            let mut refused = client.context().refused.lock();
-            if fetched {
-                *refused = None;
-            }
-            Ok(refused.clone())
+            Ok(current(
+                &mut client.context().refused.lock(),
+                fetched,
+                Instant::now(),
+            ))
         })
         .await
         .ok()
@@ -306,18 +340,44 @@ mod tests {
             "sasl_plaintext://b:9094/bootstrap: SASL authentication error: SaslAuthenticateRequest failed: Local: Broker transport failure (after 0ms in state DOWN)",
             "sasl_plaintext://b:9094/bootstrap: Connect to ipv4#127.0.0.1:9094 failed: Connection refused",
             "ssl://localhost:9095/bootstrap: Receive failed: error:0A000126:SSL routines::unexpected eof while reading (after 3ms in state UP)",
+            // A broker going down mid-handshake: internal_error, not a refusal.
+            "ssl://localhost:9095/bootstrap: SSL handshake failed: error:0A000438:SSL routines::tlsv1 alert internal error: SSL alert number 80 (after 2ms in state SSL_HANDSHAKE)",
         ] {
             context.log(RDKafkaLogLevel::Error, "FAIL", line);
         }
         assert_eq!(*context.refused.lock(), None);
         context.log(RDKafkaLogLevel::Error, "FAIL", "sasl_plaintext://b:9094/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 320ms in state AUTH_REQ)");
-        let refused = context.refused.lock().clone();
+        let refused = context.refused.lock().clone().map(|(_, r)| r);
         match refused {
             Some(Refusal::Credentials(reason)) => {
                 assert!(reason.starts_with("Authentication failed"), "{reason}")
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A refusal explains failures until a fetch succeeds, and for a while only.
+    #[test]
+    fn a_refusal_is_forgotten_after_a_fetch_or_after_a_while() {
+        let at = Instant::now();
+        let refusal = Refusal::Tls("bad certificate".into());
+        let mut refused = Some((at, refusal.clone()));
+        assert_eq!(
+            current(&mut refused, false, at + Duration::from_secs(60)),
+            Some(refusal.clone())
+        );
+        assert_eq!(
+            current(
+                &mut refused,
+                false,
+                at + REFUSAL_MEMORY + Duration::from_secs(1)
+            ),
+            None
+        );
+        assert_eq!(refused, None);
+        let mut refused = Some((at, refusal));
+        assert_eq!(current(&mut refused, true, at), None);
+        assert_eq!(refused, None);
     }
 
     /// The two ways a TLS handshake is refused, as librdkafka 2.12 with OpenSSL 3 logs them

@@ -10,7 +10,8 @@
 use std::fmt::Write as _;
 use std::str::FromStr;
 
-use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+use openssl::pkey::PKey;
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::X509;
 use percent_encoding::percent_decode_str;
@@ -65,29 +66,51 @@ impl TlsParams {
 /// Parses a PostgreSQL connection string, a URL (`postgres://user@host:port/db?sslmode=...`)
 /// or libpq's `key=value` form, with libpq's TLS parameters.
 pub(crate) fn parse(url: &str) -> Result<Connect, StoreError> {
+    let invalid = |why: String| StoreError::Config(format!("invalid PostgreSQL URL: {why}"));
     let (rest, params) = split_tls_params(url)?;
-    let mut config = tokio_postgres::Config::from_str(&rest)
-        .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {}", with_causes(&e))))?;
+    let mut config =
+        tokio_postgres::Config::from_str(&rest).map_err(|e| invalid(with_causes(&e)))?;
+    let system_roots = params.root_cert.as_deref() == Some("system");
     let mode = match params.mode.as_deref() {
-        None | Some("prefer") => Mode::Prefer,
+        // As in libpq 16: trusting the system's authorities means checking the server's name.
+        None if system_roots => Mode::VerifyFull,
+        // Whatever tokio-postgres read (nothing: its default, prefer).
+        None => match config.get_ssl_mode() {
+            SslMode::Disable => Mode::Disable,
+            SslMode::Require => Mode::Require,
+            _ => Mode::Prefer,
+        },
+        Some("prefer") => Mode::Prefer,
         Some("disable") => Mode::Disable,
         Some("require") => Mode::Require,
         Some("verify-ca") => Mode::VerifyCa,
         Some("verify-full") => Mode::VerifyFull,
         Some(other) => {
-            return Err(StoreError::Config(format!(
-                "invalid PostgreSQL URL: sslmode={other:?}: use disable, prefer, require, \
-                 verify-ca or verify-full"
+            return Err(invalid(format!(
+                "sslmode={other:?}: use disable, prefer, require, verify-ca or verify-full"
             )))
         }
     };
+    if system_roots && mode != Mode::VerifyFull {
+        return Err(invalid(
+            "sslrootcert=system needs sslmode=verify-full (or no sslmode), as in libpq: \
+             otherwise any authority the system trusts could vouch for any server"
+                .into(),
+        ));
+    }
     config.ssl_mode(match mode {
         Mode::Disable => SslMode::Disable,
         Mode::Prefer => SslMode::Prefer,
         Mode::Require | Mode::VerifyCa | Mode::VerifyFull => SslMode::Require,
     });
-    let tls = connector(mode, &params)
-        .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: TLS settings: {e}")))?;
+    // tokio-postgres's TLS needs a host name even when `hostaddr` alone says where to
+    // connect (libpq does not): the address stands for it.
+    if config.get_hosts().is_empty() {
+        for addr in config.get_hostaddrs().to_vec() {
+            config.host(addr.to_string());
+        }
+    }
+    let tls = connector(mode, &params).map_err(|e| invalid(format!("TLS settings: {e}")))?;
     Ok(Connect { config, tls })
 }
 
@@ -120,18 +143,26 @@ fn connector(mode: Mode, params: &TlsParams) -> Result<MakeTlsConnector, String>
     }
     match (params.cert.as_deref(), params.key.as_deref()) {
         (None, None) => {}
-        (Some(cert), Some(key)) => {
+        (Some(cert), Some(key_path)) => {
             read("sslcert", cert)?;
-            read("sslkey", key)?;
+            // Read with an empty passphrase rather than OpenSSL's default, which would ask
+            // for one on the terminal.
+            let key = PKey::private_key_from_pem_passphrase(&read("sslkey", key_path)?, b"")
+                .map_err(|e| {
+                    format!(
+                        "sslkey {key_path:?} is not an unencrypted PEM key (encrypted keys, \
+                         sslpassword, are not supported): {e}"
+                    )
+                })?;
             builder
                 .set_certificate_chain_file(cert)
                 .map_err(|e| format!("sslcert {cert:?}: {e}"))?;
             builder
-                .set_private_key_file(key, SslFiletype::PEM)
-                .map_err(|e| format!("sslkey {key:?}: {e}"))?;
+                .set_private_key(&key)
+                .map_err(|e| format!("sslkey {key_path:?}: {e}"))?;
             builder
                 .check_private_key()
-                .map_err(|e| format!("sslkey {key:?} does not match sslcert {cert:?}: {e}"))?;
+                .map_err(|e| format!("sslkey {key_path:?} does not match sslcert {cert:?}: {e}"))?;
         }
         (Some(_), None) => return Err("sslcert needs sslkey, the certificate's key".into()),
         (None, Some(_)) => return Err("sslkey needs sslcert, the key's certificate".into()),
@@ -154,16 +185,29 @@ fn read(param: &str, path: &str) -> Result<Vec<u8>, String> {
 fn split_tls_params(url: &str) -> Result<(String, TlsParams), StoreError> {
     let mut params = TlsParams::default();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
+        // Where tokio-postgres finds the query: after the credentials (up to the first `@`,
+        // so a `?` in a password does not start it), at the first `?`.
+        let after_credentials = url.find('@').map_or(0, |at| at + 1);
+        let Some(q) = url[after_credentials..].find('?') else {
             return Ok((url.to_owned(), params));
+        };
+        let (base, query) = (
+            &url[..after_credentials + q],
+            &url[after_credentials + q + 1..],
+        );
+        let decode = |text: &str| {
+            percent_decode_str(text)
+                .decode_utf8()
+                .map(|t| t.into_owned())
+                .map_err(|_| {
+                    StoreError::Config(format!("invalid PostgreSQL URL: {text} is not UTF-8"))
+                })
         };
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let decoded = percent_decode_str(value).decode_utf8().map_err(|_| {
-                StoreError::Config(format!("invalid PostgreSQL URL: {key} is not UTF-8"))
-            })?;
-            if !params.take(key, decoded.into_owned()) {
+            // Keys are percent-decoded too, as tokio-postgres and libpq decode them.
+            if !params.take(&decode(key)?, decode(value)?) {
                 kept.push(pair);
             }
         }
@@ -312,6 +356,73 @@ mod tests {
             message(&url).contains("holds no certificate"),
             "{}",
             message(&url)
+        );
+    }
+
+    /// The query and its keys are found as tokio-postgres finds them: after a password with
+    /// a `?`, and percent-encoded.
+    #[test]
+    fn the_query_and_its_keys_are_found_as_tokio_postgres_finds_them() {
+        let (rest, params) =
+            split("postgres://u:pa?ss@h/db?ssl%6Dode=verify-full&sslrootcert=%2Fca.pem");
+        assert_eq!(rest, "postgres://u:pa?ss@h/db");
+        assert_eq!(params.mode.as_deref(), Some("verify-full"));
+        assert_eq!(params.root_cert.as_deref(), Some("/ca.pem"));
+        let config = parse("postgres://u:pa?ss@h/db?sslmode=require")
+            .unwrap()
+            .config;
+        assert_eq!(config.get_password(), Some(&b"pa?ss"[..]));
+        assert_eq!(config.get_ssl_mode(), SslMode::Require);
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full_and_refuses_weaker_modes() {
+        let mode = |url: &str| parse(url).map(|c| c.config.get_ssl_mode());
+        assert_eq!(
+            mode("postgres://h/db?sslrootcert=system").unwrap(),
+            SslMode::Require
+        );
+        assert!(mode("postgres://h/db?sslrootcert=system&sslmode=verify-full").is_ok());
+        for weaker in ["disable", "prefer", "require", "verify-ca"] {
+            let url = format!("postgres://h/db?sslrootcert=system&sslmode={weaker}");
+            match mode(&url) {
+                Err(StoreError::Config(m)) => {
+                    assert!(m.contains("needs sslmode=verify-full"), "{m}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    }
+
+    /// An encrypted key is refused with a message, not a passphrase prompt on the terminal.
+    #[test]
+    fn an_encrypted_client_key_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+        let encrypted = key
+            .private_key_to_pem_pkcs8_passphrase(openssl::symm::Cipher::aes_256_cbc(), b"pw")
+            .unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, "not read this far").unwrap();
+        std::fs::write(&key, encrypted).unwrap();
+        let url = format!(
+            "postgres://h/db?sslmode=require&sslcert={}&sslkey={}",
+            cert.display(),
+            key.display()
+        );
+        match parse(&url) {
+            Err(StoreError::Config(m)) => assert!(m.contains("encrypted keys"), "{m}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("an encrypted key was taken"),
+        }
+    }
+
+    #[test]
+    fn a_host_address_alone_stands_for_the_host_name() {
+        let config = parse("hostaddr=127.0.0.1 port=5432 user=u").unwrap().config;
+        assert_eq!(
+            config.get_hosts(),
+            [tokio_postgres::config::Host::Tcp("127.0.0.1".into())]
         );
     }
 

@@ -912,6 +912,19 @@ async fn read_committed(
 /// or a conflict between transactions (transient: retry the batch) versus what the server
 /// rejects about the statement or its data (permanent).
 pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
+    // Class 28: the server refuses the login (a wrong password, no or a wrong client
+    // certificate for `cert` authentication): the URL's settings, which no retry changes.
+    if let Some(db) = e
+        .as_db_error()
+        .filter(|db| db.code().code().starts_with("28"))
+    {
+        return StoreError::Config(format!(
+            "PostgreSQL refuses the login ({} {}): check the user, the password and the \
+             client certificate (sslcert, sslkey) in the store's URL",
+            db.code().code(),
+            db.message()
+        ));
+    }
     let transient = match e.code() {
         None => true, // I/O, closed connection, timeout: no answer from the server
         Some(code) => is_transient_state(code),
