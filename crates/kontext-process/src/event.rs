@@ -24,6 +24,10 @@ impl Coords {
     }
 }
 
+/// The id of an [`Event::tick`]: `0xff` never occurs in UTF-8, and every event id the runtime
+/// decodes is a string (`ce_id`, or topic-partition-offset).
+pub const TICK_ID: &[u8] = b"\xfftick";
+
 /// One event as the stateful operators see it: already decoded and normalized upstream
 /// (`kontext-stream`), keyed by entity id, with its event time.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,12 +48,12 @@ impl Event {
     /// A **tick**: no event, only the news that stream time reached `time_ms`, from the input
     /// at `coords`. [`crate::Aggregate`] admits it like an event (skipped below the store's
     /// offsets) and lets it move stream time, so a quiet input's sliding windows decay and its
-    /// windows close, but adds it to no key. Its key is empty, which no event's key is.
-    /// Deduplication and joins do not take ticks.
+    /// windows close, but adds it to no key. Its id is [`TICK_ID`], which is not UTF-8 and so
+    /// no decoded event's id; its key is empty. Deduplication and joins do not take ticks.
     pub fn tick(time_ms: i64, coords: Coords) -> Self {
         Self {
             key: Bytes::new(),
-            id: Bytes::new(),
+            id: Bytes::from_static(TICK_ID),
             time_ms,
             coords,
             value: serde_json::Value::Null,
@@ -58,7 +62,7 @@ impl Event {
 
     /// Whether this is a [`Event::tick`].
     pub fn is_tick(&self) -> bool {
-        self.key.is_empty()
+        self.id.as_ref() == TICK_ID
     }
 
     /// The scalar at `field` (a top-level field name, or a `.`-separated path), if present and

@@ -25,7 +25,7 @@ pub use aggregate::{
     AggFn, AggValue, Aggregate, AggregateBatch, AggregateConfig, AggregateUpdate, Emit,
 };
 pub use dedup::{DedupBatch, DedupConfig, DedupDecision, Deduplicate};
-pub use event::{Coords, Event, FieldPath, Scalar};
+pub use event::{Coords, Event, FieldPath, Scalar, TICK_ID};
 pub use join::{
     changelog_topic_name, check_copartitioning, next_side, origin_coords, rekey, rekey_as,
     repartition_topic_name, CoPartitionError, EnrichmentJoin, JoinBatch, JoinConfig, JoinInput,

@@ -38,7 +38,7 @@ use kontext_core::config::{
     EnrichmentKind, FeatureAgg, FeatureConfig, LogConfig, PipelineConfig, RetryPolicy, StateConfig,
     WindowKind,
 };
-use kontext_core::envelope::format_time;
+use kontext_core::envelope::{format_time, now_ms};
 use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::{ProduceRecord, Record, TopicPartition};
 use kontext_log::{
@@ -571,7 +571,7 @@ impl Processor {
                     let mut value = header(&g.name);
                     value["f"] = Value::Object(needed);
                     let partition = push(target, value);
-                    ticker.routed(gi, partition, p.event_time_ms);
+                    ticker.routed(gi, partition, p.event_time_ms.max(0), now_ms());
                 }
             }
             // Partitions the features' inputs left behind learn the newest event time (not

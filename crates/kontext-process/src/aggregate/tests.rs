@@ -457,6 +457,13 @@ fn ticks_move_stream_time_without_joining_a_key() {
     // An event a tick made late is dropped.
     let batch = op.process(&store, &[ev("c2", 40, 4, 1.0)]).unwrap();
     assert_eq!((batch.dropped_late, batch.updates.len()), (1, 0));
+    // An event with an empty key (a null-keyed record of a DSL topology) is an event.
+    let batch = op.process(&store, &[ev("", 160, 5, 2.0)]).unwrap();
+    assert_eq!(batch.updates.len(), 1, "{:?}", batch.updates);
+    assert_eq!(
+        (batch.updates[0].key.as_ref(), batch.updates[0].events),
+        (&b""[..], 1)
+    );
 
     // Tumbling (emit on close, like hopping and sessions below): a tick closes the window.
     for window in [
