@@ -586,9 +586,7 @@ impl Processor {
                     ));
                 }
             }
-            if out.is_empty() && records.is_empty() {
-                continue;
-            }
+            // (Nothing to send, e.g. an empty poll without ticks: `send` returns at once.)
             if !send(producer.as_ref(), out, shutdown, &drain.policy).await? {
                 return Ok(());
             }

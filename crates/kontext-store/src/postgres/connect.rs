@@ -50,7 +50,7 @@ struct TlsParams {
 
 impl TlsParams {
     /// Takes `key=value` if it is one of ours; returns whether it was.
-    fn take(&mut self, key: &str, value: String) -> bool {
+    fn take(&mut self, key: &str, value: &str) -> bool {
         let slot = match key {
             "sslmode" => &mut self.mode,
             "sslrootcert" => &mut self.root_cert,
@@ -58,7 +58,7 @@ impl TlsParams {
             "sslkey" => &mut self.key,
             _ => return false,
         };
-        *slot = Some(value);
+        *slot = Some(value.to_owned());
         true
     }
 }
@@ -207,7 +207,7 @@ fn split_tls_params(url: &str) -> Result<(String, TlsParams), StoreError> {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             // Keys are percent-decoded too, as tokio-postgres and libpq decode them.
-            if !params.take(&decode(key)?, decode(value)?) {
+            if !params.take(&decode(key)?, &decode(value)?) {
                 kept.push(pair);
             }
         }
@@ -220,7 +220,7 @@ fn split_tls_params(url: &str) -> Result<(String, TlsParams), StoreError> {
     }
     let mut rest = String::new();
     for (key, value) in key_values(url)? {
-        if !params.take(&key, value.clone()) {
+        if !params.take(&key, &value) {
             let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
             let _ = write!(
                 rest,
