@@ -283,6 +283,49 @@ impl Aggregate {
         Ok(out)
     }
 
+    /// The values of `window` of `key`, as the state holds them once `batch` is applied, or
+    /// `None` when the key has no event in it. For a consumer that shows one window per key
+    /// and moves a quiet key on to a later window without an event of its own (the features
+    /// processor, when stream time passes the end of the window a key shows): tumbling and
+    /// hopping windows only, and only windows still open (a closed window's state is gone);
+    /// `None` for session and sliding windows.
+    pub fn window_values<S: StateStore + ?Sized>(
+        &self,
+        store: &S,
+        batch: &WriteBatch,
+        key: &[u8],
+        window: Window,
+    ) -> Result<Option<Vec<AggValue>>, StoreError> {
+        let acc = match self.config.window {
+            WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. } => {
+                if PaneLayout::of(self.config.window).one_pane_per_window() {
+                    get_through(store, batch, &keyed(b'a', key, window.start))?
+                        .map(|bytes| Acc::decode(&bytes))
+                        .transpose()?
+                } else {
+                    let mut merged = None;
+                    if let Some(bytes) = get_through(store, batch, &key_prefix(b'P', key))? {
+                        for (start, acc) in decode_panes(&bytes)? {
+                            if start >= window.start && start < window.end {
+                                merged = merge_accs(merged, Some(acc));
+                            }
+                        }
+                    }
+                    merged
+                }
+            }
+            WindowSpec::Session { .. } | WindowSpec::Sliding { .. } => None,
+        };
+        Ok(acc
+            .filter(|acc| acc.events > 0)
+            .map(|acc| acc.values(&self.config)))
+    }
+
+    /// The values of a window without events: counts and sums 0, the others null.
+    pub fn empty_values(&self) -> Vec<AggValue> {
+        self.new_acc(0).values(&self.config)
+    }
+
     fn inputs(&self, event: &Event) -> Vec<Option<Scalar>> {
         self.config
             .functions

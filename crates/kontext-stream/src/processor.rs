@@ -44,11 +44,14 @@ use kontext_core::record::{ProduceRecord, Record, TopicPartition};
 use kontext_log::{
     ConsumerConfig, GroupMetadata, Log, LogError, Producer, TopicSpec, TransactionalProducer,
 };
+use kontext_process::codec::{i64_sortable, Reader};
+use kontext_process::store::{get_through, prefix_end, range_through};
+use kontext_process::AggValue;
 use kontext_process::{
     changelog_topic_name, repair_records, AggFn, Aggregate, AggregateConfig, AggregateUpdate,
     ChangelogRecord, Coords, DedupConfig, DedupDecision, Deduplicate, Emit, EnrichmentJoin, Event,
     FieldPath, FjallStore, JoinConfig, JoinInput, JoinKey, JoinKind, StateDb, StateDbOptions,
-    StateStore, StoreError, TableMode, TableUpdate, WindowSpec, WriteBatch,
+    StateStore, StoreError, TableMode, TableUpdate, Window, WindowSpec, WriteBatch,
 };
 use kontext_store::Change;
 use serde_json::{json, Map, Value};
@@ -72,9 +75,16 @@ const ALL_TIME_MS: i64 = 1 << 62;
 /// the high-water origin offset per origin partition, and the output clock.
 const HIGH_WATER_PREFIX: &[u8] = b"\x00kh";
 const OUTPUT_TIME_KEY: &[u8] = b"\x00kt";
-/// Per key of a tumbling or session feature group: the end of the window its features show
-/// (`\x00kw <key>` -> i64).
+/// Per key of a tumbling, session or hopping feature group: the window its features show
+/// (`\x00kw <key>` -> [`Shown`]).
 const SHOWN_WINDOW_PREFIX: &[u8] = b"\x00kw";
+/// Tumbling and hopping groups: the keys whose shown window is still to end, by its end
+/// (`\x00kW <end, sortable> <key>`, empty value), so that a quiet key moves on to the current
+/// window when stream time passes the end of its own ([`roll_shown_windows`]).
+const SHOWN_INDEX_PREFIX: &[u8] = b"\x00kW";
+/// Where the last pass over `SHOWN_INDEX_PREFIX` stopped (an index key: the entries below it
+/// are done and deleted), so that a pass does not walk the tombstones of those before it.
+const SHOWN_INDEX_POSITION: &[u8] = b"\x00kX";
 /// Local only (never in the changelog): the next offset of the store's changelog partition
 /// after the last batch the store committed. Equal to the changelog's high watermark when the
 /// store is current; behind it when another instance (or a batch whose commit a crash
@@ -1335,6 +1345,9 @@ struct Output {
     time_ms: i64,
     /// The repartition coordinates of the input that produced it (names the record).
     version: Coords,
+    /// A quiet key moved on to a later window ([`roll_shown_windows`]): one input rolls many
+    /// keys, so the record's id also names the key.
+    rolled: bool,
 }
 
 /// A task's batch before it is committed.
@@ -1584,7 +1597,8 @@ fn features_batch(
         out.state.put(OUTPUT_TIME_KEY, &time_ms.to_le_bytes());
         if group.windowed {
             let updates = std::mem::take(&mut out.updates);
-            outputs = current_windows(
+            let due;
+            (outputs, due) = current_windows(
                 group,
                 agg,
                 choices.as_ref(),
@@ -1592,6 +1606,16 @@ fn features_batch(
                 &mut out.state,
                 time_ms,
             )?;
+            // The batch's last input moved stream time: it names what it rolled.
+            let version = Coords::new(tp.topic.clone(), tp.partition, end - 1);
+            outputs.extend(roll_shown_windows(
+                group,
+                agg,
+                &mut out.state,
+                time_ms,
+                due,
+                &version,
+            )?);
         }
         for update in out.updates {
             let Some(values) = update.values else {
@@ -1608,6 +1632,7 @@ fn features_batch(
                 fields,
                 time_ms,
                 version: update.version,
+                rolled: false,
             });
         }
     }
@@ -1625,8 +1650,8 @@ fn features_batch(
 
 /// What a key of a hopping feature group shows after a batch.
 struct HoppingChoice {
-    /// The end of the window shown now (`i64::MIN`: none).
-    shown: i64,
+    /// The window shown now.
+    shown: Shown,
     /// The end of the window to show: the one closing next after the key's newest input in
     /// the batch (the one ending last would cover mostly the future), or the shown one if
     /// that ends later.
@@ -1652,8 +1677,10 @@ fn hopping_choices(
     let mut choices = BTreeMap::new();
     for (key, t) in newest_input {
         let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
-        let shown = read_i64(agg, &shown_key)?.unwrap_or(i64::MIN);
-        let show = window.closing_next(t).map_or(shown, |end| end.max(shown));
+        let shown = Shown::read(agg, None, &shown_key)?;
+        let show = window
+            .closing_next(t)
+            .map_or(shown.end, |end| end.max(shown.end));
         choices.insert(key.clone(), HoppingChoice { shown, show });
     }
     Ok(Some(choices))
@@ -1665,7 +1692,9 @@ fn hopping_choices(
 /// the grace period) never replaces a newer window's value; a late event for the shown window
 /// updates it. The window to show: the updated one with the greatest end (tumbling, session:
 /// a session merged into another is a tombstone and skipped, the merged one is emitted), or
-/// for hopping windows the one `choices` names.
+/// for hopping windows the one `choices` names. Also returns the keys of a rolling group
+/// ([`rolls`]) that now show a window stream time (`time_ms`) has passed already, with its
+/// end: a late first event of a key ([`roll_shown_windows`] moves them on at once).
 fn current_windows(
     group: &FeatureGroup,
     agg: &FjallStore,
@@ -1673,7 +1702,9 @@ fn current_windows(
     updates: Vec<AggregateUpdate>,
     state: &mut WriteBatch,
     time_ms: i64,
-) -> Result<Vec<Output>, StoreError> {
+) -> Result<(Vec<Output>, Due), StoreError> {
+    let rolling = rolls(group);
+    let mut due = Vec::new();
     let mut per_key: BTreeMap<Bytes, Vec<AggregateUpdate>> = BTreeMap::new();
     for update in updates.into_iter().filter(|u| u.values.is_some()) {
         per_key.entry(update.key.clone()).or_default().push(update);
@@ -1687,35 +1718,211 @@ fn current_windows(
                 updates.into_iter().find(|u| u.window.end == choice.show),
             ),
             None => (
-                read_i64(agg, &shown_key)?.unwrap_or(i64::MIN),
+                Shown::read(agg, None, &shown_key)?,
                 updates.into_iter().max_by_key(|u| u.window.end),
             ),
         };
-        let Some(update) = chosen.filter(|u| u.window.end >= shown) else {
+        let Some(update) = chosen.filter(|u| u.window.end >= shown.end) else {
             continue;
         };
-        if update.window.end > shown {
-            state.put(&shown_key, &update.window.end.to_le_bytes());
+        let moved = update.window.end > shown.end;
+        // A key at an empty window it rolled to has events in it now: index it again.
+        if moved || (rolling && !shown.indexed) {
+            let now = Shown {
+                end: update.window.end,
+                indexed: true,
+            };
+            state.put(&shown_key, &now.encode());
+            if rolling {
+                if moved && shown.indexed && shown.end != i64::MIN {
+                    state.delete(&shown_index_key(shown.end, &key));
+                }
+                if update.window.end > time_ms {
+                    state.put(&shown_index_key(update.window.end, &key), &[]);
+                } else {
+                    due.push((key.clone(), update.window.end));
+                }
+            }
         }
-        let (start, end) = (
-            format_time(update.window.start),
-            format_time(update.window.end),
-        );
         let values = update.values.unwrap_or_default();
-        let fields = group
-            .features
-            .iter()
-            .zip(&values)
-            .map(|(name, v)| {
-                let value = json!({"value": v.to_json(), "window_start": start, "window_end": end});
-                (name.clone(), value)
-            })
-            .collect();
         outputs.push(Output {
+            fields: window_fields(group, update.window, &values),
             key,
-            fields,
             time_ms,
             version: update.version,
+            rolled: false,
+        });
+    }
+    Ok((outputs, due))
+}
+
+/// Keys whose shown window stream time passed, with the end of that window.
+type Due = Vec<(Bytes, i64)>;
+
+/// The features of a windowed group: `{"value": .., "window_start": .., "window_end": ..}`
+/// each.
+fn window_fields(group: &FeatureGroup, window: Window, values: &[AggValue]) -> Map<String, Value> {
+    let (start, end) = (format_time(window.start), format_time(window.end));
+    group
+        .features
+        .iter()
+        .zip(values)
+        .map(|(name, v)| {
+            let value = json!({"value": v.to_json(), "window_start": start, "window_end": end});
+            (name.clone(), value)
+        })
+        .collect()
+}
+
+/// Whether a group's keys move on to the current window without events of their own when
+/// stream time passes the end of the window they show: tumbling and hopping windows (a
+/// session that ended stays the key's last session).
+fn rolls(group: &FeatureGroup) -> bool {
+    group.windowed
+        && matches!(
+            group.aggregate.config().window,
+            WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. }
+        )
+}
+
+/// The window a key of a windowed feature group shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shown {
+    /// Its end (`i64::MIN`: none yet).
+    end: i64,
+    /// The key waits in `SHOWN_INDEX_PREFIX` for stream time to pass `end`; not when it
+    /// shows the empty window a quiet key rolled to ([`roll_shown_windows`]).
+    indexed: bool,
+}
+
+impl Shown {
+    /// The key's entry (`SHOWN_WINDOW_PREFIX key`) as the store holds it, or will once
+    /// `batch` is applied: the end, little-endian, and a `0` byte after it when not indexed.
+    fn read<S: StateStore + ?Sized>(
+        store: &S,
+        batch: Option<&WriteBatch>,
+        shown_key: &[u8],
+    ) -> Result<Self, StoreError> {
+        let value = match batch {
+            Some(batch) => get_through(store, batch, shown_key)?,
+            None => store.get(shown_key)?,
+        };
+        let Some(value) = value else {
+            return Ok(Shown {
+                end: i64::MIN,
+                indexed: true,
+            });
+        };
+        let (end, indexed) = match value.len() {
+            8 => (&value[..], true),
+            9 if value[8] == 0 => (&value[..8], false),
+            _ => return Err(StoreError::Corrupt("shown window".into())),
+        };
+        Ok(Shown {
+            end: decode_i64(end)?,
+            indexed,
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = self.end.to_le_bytes().to_vec();
+        if !self.indexed {
+            out.push(0);
+        }
+        out
+    }
+}
+
+/// `SHOWN_INDEX_PREFIX end key`.
+fn shown_index_key(end: i64, key: &[u8]) -> Vec<u8> {
+    [SHOWN_INDEX_PREFIX, &i64_sortable(end), key].concat()
+}
+
+/// Moves on the keys of a tumbling or hopping group whose shown window ended: stream time
+/// (`time_ms`) passed its end, and the key had no event since that would have shown a later
+/// window. Each now shows the window holding `time_ms` that closes next: with its value when
+/// the key has events in it (hopping windows overlap, so "the last hour" decays step by step
+/// as its events leave it), else the values of an empty window (counts 0), shown once and
+/// not indexed again, so a key that stays quiet costs nothing more. `due` are keys found due
+/// by [`current_windows`]; the others come from the index (`SHOWN_INDEX_PREFIX`), read from
+/// where the last pass stopped. `version` names the input that moved stream time.
+///
+/// A store written before the index existed has no position: its shown windows are indexed
+/// once, at its first batch.
+fn roll_shown_windows(
+    group: &FeatureGroup,
+    agg: &FjallStore,
+    state: &mut WriteBatch,
+    time_ms: i64,
+    due: Due,
+    version: &Coords,
+) -> Result<Vec<Output>, StoreError> {
+    if !rolls(group) {
+        return Ok(Vec::new());
+    }
+    // By key: the outputs' order, and one entry per key.
+    let mut due: BTreeMap<Bytes, i64> = due.into_iter().collect();
+    let from = match get_through(agg, state, SHOWN_INDEX_POSITION)? {
+        Some(position) => position.to_vec(),
+        None => {
+            let end = prefix_end(SHOWN_WINDOW_PREFIX).unwrap_or_default();
+            for (shown_key, _) in range_through(agg, state, SHOWN_WINDOW_PREFIX, &end)? {
+                let key = shown_key.slice(SHOWN_WINDOW_PREFIX.len()..);
+                let shown = Shown::read(agg, Some(state), &shown_key)?;
+                if !shown.indexed {
+                    continue;
+                }
+                if shown.end > time_ms {
+                    state.put(&shown_index_key(shown.end, &key), &[]);
+                } else {
+                    due.insert(key, shown.end);
+                }
+            }
+            SHOWN_INDEX_PREFIX.to_vec()
+        }
+    };
+    let to = shown_index_key(time_ms.saturating_add(1), &[]);
+    if from < to {
+        let prefix = SHOWN_INDEX_PREFIX.len();
+        for (index_key, _) in range_through(agg, state, &from, &to)? {
+            state.delete(&index_key);
+            let end = Reader::new(&index_key[prefix..]).i64_sortable()?;
+            let key = index_key.slice(prefix + 8..);
+            // Only the entry of the window the key shows counts (a stale one is dropped).
+            let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
+            let shown = Shown::read(agg, Some(state), &shown_key)?;
+            if shown.indexed && shown.end == end {
+                due.insert(key, end);
+            }
+        }
+        state.put(SHOWN_INDEX_POSITION, &to);
+    }
+    let spec = group.aggregate.config().window;
+    let (Some(next), Some(size)) = (spec.closing_next(time_ms), spec.size()) else {
+        return Ok(Vec::new());
+    };
+    let window = Window {
+        start: next - size,
+        end: next,
+    };
+    let mut outputs = Vec::with_capacity(due.len());
+    for (key, _) in due {
+        let values = group.aggregate.window_values(agg, state, &key, window)?;
+        let shown = Shown {
+            end: next,
+            indexed: values.is_some(),
+        };
+        if shown.indexed {
+            state.put(&shown_index_key(next, &key), &[]);
+        }
+        let values = values.unwrap_or_else(|| group.aggregate.empty_values());
+        state.put(&[SHOWN_WINDOW_PREFIX, &key[..]].concat(), &shown.encode());
+        outputs.push(Output {
+            fields: window_fields(group, window, &values),
+            key,
+            time_ms,
+            version: version.clone(),
+            rolled: true,
         });
     }
     Ok(outputs)
@@ -1777,6 +1984,7 @@ fn join_batch(
             fields,
             time_ms: event.time_ms,
             version: o.version.clone(),
+            rolled: false,
         });
     }
     Ok(Pending {
@@ -1916,25 +2124,29 @@ fn high_water_key(tp: &TopicPartition) -> Vec<u8> {
 }
 
 fn read_i64<S: StateStore + ?Sized>(store: &S, key: &[u8]) -> Result<Option<i64>, StoreError> {
-    store
-        .get(key)?
-        .map(|v| {
-            v.as_ref()
-                .try_into()
-                .map(i64::from_le_bytes)
-                .map_err(|_| StoreError::Corrupt("runtime metadata".into()))
-        })
-        .transpose()
+    store.get(key)?.map(|v| decode_i64(&v)).transpose()
+}
+
+/// A runtime metadata value: an `i64`, little-endian.
+fn decode_i64(value: &[u8]) -> Result<i64, StoreError> {
+    value
+        .try_into()
+        .map(i64::from_le_bytes)
+        .map_err(|_| StoreError::Corrupt("runtime metadata".into()))
 }
 
 /// An output (feature values or joined fields) as a binary-mode CloudEvent for the target
 /// entity's features topic.
 fn feature_record(topic: &str, partitions: i32, stage: &str, output: &Output) -> ProduceRecord {
     let version = &output.version;
-    let id = format!(
+    let mut id = format!(
         "{stage}/{}/{}@{}",
         version.topic, version.partition, version.offset
     );
+    if output.rolled {
+        id.push_str("/rolled/");
+        id.push_str(&String::from_utf8_lossy(&output.key));
+    }
     let mut r = ProduceRecord::new(
         topic.to_string(),
         Some(output.key.clone()),
@@ -2310,6 +2522,7 @@ features:
                 .collect(),
             time_ms: 1_700_000_000_000,
             version: Coords::new("shop-features-repartition", 3, 41),
+            rolled: false,
         };
         let r = feature_record("context.customers.features", 12, "orders_30d", &output);
         let record = Record {
@@ -2734,6 +2947,161 @@ features:
             .process(hour, &tp, 5, vec![inbound(h10 - 20 * MIN, 1.0)])
             .unwrap();
         assert!(older.outputs.is_empty(), "{:?}", older.outputs);
+    }
+
+    /// A tumbling or hopping feature of a quiet key moves on when stream time (another key's
+    /// event, or a tick) passes the end of the window it shows: a day without orders shows 0,
+    /// "the last hour" decays as its orders leave it. Once at the empty window, a quiet key gets
+    /// no more updates; its next event shows its window as usual. The index survives a restart.
+    #[test]
+    fn a_quiet_keys_windowed_features_move_on_when_its_window_ends() {
+        const DAY: i64 = 86_400_000;
+        const MIN: i64 = 60_000;
+        let config = PipelineConfig::parse("p.yaml", WINDOWED_YAML).unwrap();
+        let stages = stages(&config);
+        let dir = tempfile::tempdir().unwrap();
+        let tp = TopicPartition::new("rep", 0);
+        let mut rep = 0i64;
+        let mut inbound = |key: &'static str, time_ms: i64| {
+            rep += 1;
+            let coords = Coords::new("rep", 0, rep);
+            let event = match key {
+                "tick" => Event::tick(time_ms, coords),
+                key => Event {
+                    key: Bytes::from_static(key.as_bytes()),
+                    id: Bytes::from(format!("e{rep}")),
+                    time_ms,
+                    coords,
+                    value: json!({ "total": 2.5 }),
+                },
+            };
+            (
+                rep + 1,
+                vec![Inbound {
+                    event,
+                    origin: TopicPartition::new("orders", 0),
+                    origin_offset: rep,
+                    side: JoinSide::None,
+                }],
+            )
+        };
+        let window = |value: Value, start: i64, end: i64| json!({"value": value, "window_start": format_time(start), "window_end": format_time(end)});
+        // (key, feature) of each output, in output order.
+        let shown = |p: &Pending, feature: &str| -> Vec<(String, Value)> {
+            p.outputs
+                .iter()
+                .map(|o| {
+                    let key = String::from_utf8_lossy(&o.key).to_string();
+                    (key, o.fields[feature].clone())
+                })
+                .collect()
+        };
+        let at = |key: &str, value: Value| (key.to_string(), value);
+
+        // Tumbling, one day.
+        let today = &stages[0];
+        let open = || Task::open(&StateDb::open(dir.path()).unwrap(), today, 0).unwrap();
+        let mut task = open();
+        let run = |task: &mut Task, (end, batch): (i64, Vec<Inbound>)| {
+            let pending = task.process(today, &tp, end, batch).unwrap();
+            let outputs = (
+                shown(&pending, "orders_today"),
+                shown(&pending, "spend_today"),
+            );
+            let ids: Vec<String> = pending
+                .outputs
+                .iter()
+                .map(|o| feature_record("f", 1, "orders_today", o))
+                .map(|r| r.headers.into_iter().find(|h| h.key == "ce_id").unwrap())
+                .map(|h| String::from_utf8(h.value.unwrap().to_vec()).unwrap())
+                .collect();
+            task.commit(pending).unwrap();
+            (outputs, ids)
+        };
+        let d10 = 10 * DAY;
+        let (d11, d12, d13) = (d10 + DAY, d10 + 2 * DAY, d10 + 3 * DAY);
+        run(&mut task, inbound("C-1", d10 + 5));
+        run(&mut task, inbound("C-2", d10 + 9));
+        // Day 11: C-1 orders; C-2 shows day 11 with nothing in it.
+        let ((orders, spend), ids) = run(&mut task, inbound("C-1", d11 + 1));
+        assert_eq!(
+            orders,
+            vec![
+                at("C-1", window(json!(1), d11, d12)),
+                at("C-2", window(json!(0), d11, d12))
+            ]
+        );
+        assert_eq!(spend[1], at("C-2", window(json!(0.0), d11, d12)));
+        assert_eq!(ids[1], format!("{}/rolled/C-2", ids[0]), "ids: {ids:?}");
+        drop(task);
+        let mut task = open();
+        // C-2 orders on day 11 after all: it shows it, and waits for its end again.
+        let ((orders, _), _) = run(&mut task, inbound("C-2", d11 + 5));
+        assert_eq!(orders, vec![at("C-2", window(json!(1), d11, d12))]);
+        let ((orders, _), _) = run(&mut task, inbound("C-1", d12 + 1));
+        assert_eq!(
+            orders,
+            vec![
+                at("C-1", window(json!(1), d12, d13)),
+                at("C-2", window(json!(0), d12, d13))
+            ]
+        );
+        // C-2, at an empty window, gets nothing more until its next order.
+        let ((orders, _), _) = run(&mut task, inbound("C-1", d12 + 3));
+        assert_eq!(orders, vec![at("C-1", window(json!(2), d12, d13))]);
+        let ((orders, _), _) = run(&mut task, inbound("C-2", d12 + 2));
+        assert_eq!(orders, vec![at("C-2", window(json!(1), d12, d13))]);
+        // A tick on day 13 moves both on.
+        let ((orders, _), _) = run(&mut task, inbound("tick", d13 + 7));
+        assert_eq!(
+            orders,
+            vec![
+                at("C-1", window(json!(0), d13, d13 + DAY)),
+                at("C-2", window(json!(0), d13, d13 + DAY))
+            ]
+        );
+        let ((orders, _), _) = run(&mut task, inbound("tick", d13 + 5 * DAY));
+        assert!(orders.is_empty(), "{orders:?}");
+        drop(task);
+
+        // Hopping, an hour every 15 minutes: "the last hour" of a quiet C-2 decays step by
+        // step as stream time moves on.
+        let hour = &stages[2];
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), hour, 0).unwrap();
+        let mut run = |(end, batch): (i64, Vec<Inbound>)| {
+            let pending = task.process(hour, &tp, end, batch).unwrap();
+            let outputs = shown(&pending, "orders_last_hour");
+            task.commit(pending).unwrap();
+            outputs
+        };
+        let h = 2_000 * DAY + 600 * MIN;
+        run(inbound("C-2", h + 5 * MIN));
+        assert_eq!(
+            run(inbound("C-2", h + 20 * MIN)),
+            vec![at("C-2", window(json!(2), h - 30 * MIN, h + 30 * MIN))]
+        );
+        assert_eq!(
+            run(inbound("C-1", h + 35 * MIN)),
+            vec![
+                at("C-1", window(json!(1), h - 15 * MIN, h + 45 * MIN)),
+                at("C-2", window(json!(2), h - 15 * MIN, h + 45 * MIN))
+            ]
+        );
+        assert_eq!(
+            run(inbound("C-1", h + 70 * MIN)),
+            vec![
+                at("C-1", window(json!(2), h + 15 * MIN, h + 75 * MIN)),
+                at("C-2", window(json!(1), h + 15 * MIN, h + 75 * MIN))
+            ]
+        );
+        assert_eq!(
+            run(inbound("tick", h + 140 * MIN)),
+            vec![
+                at("C-1", window(json!(0), h + 90 * MIN, h + 150 * MIN)),
+                at("C-2", window(json!(0), h + 90 * MIN, h + 150 * MIN))
+            ]
+        );
+        assert!(run(inbound("tick", h + 600 * MIN)).is_empty());
     }
 
     #[test]
