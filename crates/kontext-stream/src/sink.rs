@@ -586,7 +586,9 @@ impl StoreSink {
                     self.metrics.record_invalid(&record.topic, e.kind());
                     match self.letter_sink() {
                         Some(dlq) if !seen => {
-                            warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record; dead-lettering it");
+                            // Whether it is dead-lettered here is known once the store was
+                            // asked (`not_handled_elsewhere`): said after sending.
+                            warn!(at = %record.coordinates(), reason = e.kind(), error = %e, "invalid record");
                             letters.push(dlq.letter(record, &e));
                             lettered.push((i, FailedStage::of(&e).name(), e.kind()));
                         }
@@ -609,6 +611,7 @@ impl StoreSink {
                 return Ok(None);
             }
             for (i, stage, kind) in lettered {
+                info!(at = %records[i].coordinates(), reason = kind, "invalid record dead-lettered");
                 self.letter_metrics()
                     .record_dead_letter(&records[i].topic, stage, kind);
             }
