@@ -150,6 +150,22 @@ impl AggregateUpdate {
     }
 }
 
+/// What a quiet key of a tumbling or hopping aggregation shows next ([`Aggregate::roll`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Roll {
+    /// No event of the shown window has left it: keep showing it, and ask again once stream
+    /// time reaches `until`.
+    Keep { until: i64 },
+    /// Show `window`, with the values of its events, `None` when it has none (then show
+    /// [`Aggregate::empty_values`]; nothing changes before the key's next event). `until`:
+    /// when its oldest event leaves it, if it has events.
+    Move {
+        window: Window,
+        values: Option<Vec<AggValue>>,
+        until: Option<i64>,
+    },
+}
+
 /// The result of one batch.
 #[derive(Debug, Default)]
 pub struct AggregateBatch {
@@ -283,42 +299,92 @@ impl Aggregate {
         Ok(out)
     }
 
-    /// The values of `window` of `key`, as the state holds them once `batch` is applied, or
-    /// `None` when the key has no event in it. For a consumer that shows one window per key
-    /// and moves a quiet key on to a later window without an event of its own (the features
-    /// processor, when stream time passes the end of the window a key shows): tumbling and
-    /// hopping windows only, and only windows still open (a closed window's state is gone);
-    /// `None` for session and sliding windows.
-    pub fn window_values<S: StateStore + ?Sized>(
+    /// What a key that shows `shown` (a tumbling or hopping window) and had no event since
+    /// should show once stream time is `st`, for a consumer that shows one window per key (the
+    /// features processor); `None` for session and sliding windows.
+    ///
+    /// The shown window's value changes only when one of its events leaves it: when stream
+    /// time passes the end of the last window holding the event. Until then the key keeps
+    /// it ([`Roll::Keep`]). Then it shows the first window after the newest event that left,
+    /// with the events still in it (which every later window holds too, until the next one
+    /// leaves), or, when none are, the empty window after its newest event ([`Roll::Move`]).
+    /// So what a key shows depends on its events and `st` only, not on how batches were cut.
+    ///
+    /// Reads the key's state as `batch` leaves it, plus what `batch` deleted of it: the batch
+    /// whose stream time closes a key's windows may drop their state in the same batch.
+    pub fn roll<S: StateStore + ?Sized>(
         &self,
         store: &S,
         batch: &WriteBatch,
         key: &[u8],
-        window: Window,
-    ) -> Result<Option<Vec<AggValue>>, StoreError> {
-        let acc = match self.config.window {
-            WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. } => {
-                if PaneLayout::of(self.config.window).one_pane_per_window() {
-                    get_through(store, batch, &keyed(b'a', key, window.start))?
-                        .map(|bytes| Acc::decode(&bytes))
-                        .transpose()?
-                } else {
-                    let mut merged = None;
-                    if let Some(bytes) = get_through(store, batch, &key_prefix(b'P', key))? {
-                        for (start, acc) in decode_panes(&bytes)? {
-                            if start >= window.start && start < window.end {
-                                merged = merge_accs(merged, Some(acc));
-                            }
-                        }
-                    }
-                    merged
-                }
-            }
-            WindowSpec::Session { .. } | WindowSpec::Sliding { .. } => None,
+        shown: Window,
+        st: i64,
+    ) -> Result<Option<Roll>, StoreError> {
+        let (WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. }) = self.config.window else {
+            return Ok(None);
         };
-        Ok(acc
-            .filter(|acc| acc.events > 0)
-            .map(|acc| acc.values(&self.config)))
+        let read = |k: &[u8]| match batch.get(k) {
+            Some(Some(value)) => Ok(Some(value.clone())),
+            _ => store.get(k),
+        };
+        let layout = PaneLayout::of(self.config.window);
+        // The key's panes with events, by start (a tumbling window is one pane). A key has none
+        // after its shown window (an event there would have shown a later one).
+        let panes: Vec<(i64, Acc)> = if layout.one_pane_per_window() {
+            let stored = read(&keyed(b'a', key, shown.start))?;
+            stored
+                .map(|bytes| Acc::decode(&bytes))
+                .transpose()?
+                .map(|acc| vec![(shown.start, acc)])
+                .unwrap_or_default()
+        } else {
+            let pkey = key_prefix(b'P', key);
+            let mut by_start: BTreeMap<i64, Acc> = BTreeMap::new();
+            for bytes in [store.get(&pkey)?, batch.get(&pkey).flatten().cloned()]
+                .into_iter()
+                .flatten()
+            {
+                by_start.extend(decode_panes(&bytes)?);
+            }
+            by_start.into_iter().collect()
+        };
+        let panes: Vec<(i64, Acc)> = panes.into_iter().filter(|(_, a)| a.events > 0).collect();
+        let in_shown = || {
+            panes
+                .iter()
+                .filter(|(start, _)| *start >= shown.start && *start < shown.end)
+        };
+        let newest_left = in_shown()
+            .map(|(start, _)| *start)
+            .filter(|start| layout.expiry(*start) <= st)
+            .max();
+        let start = match newest_left {
+            Some(left) => (left.div_euclid(layout.advance) + 1) * layout.advance,
+            None => match in_shown().map(|(start, _)| layout.expiry(*start)).min() {
+                Some(until) => return Ok(Some(Roll::Keep { until })),
+                // No state left (it cannot happen but after a loss): the first window that
+                // starts at or after the shown one's end.
+                None => -(-shown.end).div_euclid(layout.advance) * layout.advance,
+            },
+        };
+        let window = Window {
+            start,
+            end: start + layout.size,
+        };
+        let mut merged: Option<Acc> = None;
+        let mut until: Option<i64> = None;
+        for (pane, acc) in &panes {
+            if *pane >= window.start && *pane < window.end {
+                merged = merge_accs(merged, Some(acc.clone()));
+                let expiry = layout.expiry(*pane);
+                until = Some(until.map_or(expiry, |u| u.min(expiry)));
+            }
+        }
+        Ok(Some(Roll::Move {
+            window,
+            values: merged.map(|acc| acc.values(&self.config)),
+            until,
+        }))
     }
 
     /// The values of a window without events: counts and sums 0, the others null.

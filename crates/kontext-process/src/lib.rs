@@ -22,7 +22,7 @@ pub mod topology;
 pub mod window;
 
 pub use aggregate::{
-    AggFn, AggValue, Aggregate, AggregateBatch, AggregateConfig, AggregateUpdate, Emit,
+    AggFn, AggValue, Aggregate, AggregateBatch, AggregateConfig, AggregateUpdate, Emit, Roll,
 };
 pub use dedup::{DedupBatch, DedupConfig, DedupDecision, Deduplicate};
 pub use event::{Coords, Event, FieldPath, Scalar, TICK_ID};

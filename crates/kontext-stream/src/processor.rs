@@ -45,12 +45,12 @@ use kontext_log::{
     ConsumerConfig, GroupMetadata, Log, LogError, Producer, TopicSpec, TransactionalProducer,
 };
 use kontext_process::codec::{i64_sortable, Reader};
-use kontext_process::store::{get_through, prefix_end, range_through};
+use kontext_process::store::get_through;
 use kontext_process::AggValue;
 use kontext_process::{
     changelog_topic_name, repair_records, AggFn, Aggregate, AggregateConfig, AggregateUpdate,
     ChangelogRecord, Coords, DedupConfig, DedupDecision, Deduplicate, Emit, EnrichmentJoin, Event,
-    FieldPath, FjallStore, JoinConfig, JoinInput, JoinKey, JoinKind, StateDb, StateDbOptions,
+    FieldPath, FjallStore, JoinConfig, JoinInput, JoinKey, JoinKind, Roll, StateDb, StateDbOptions,
     StateStore, StoreError, TableMode, TableUpdate, Window, WindowSpec, WriteBatch,
 };
 use kontext_store::Change;
@@ -1725,22 +1725,23 @@ fn current_windows(
         let Some(update) = chosen.filter(|u| u.window.end >= shown.end) else {
             continue;
         };
-        let moved = update.window.end > shown.end;
-        // A key at an empty window it rolled to has events in it now: index it again.
-        if moved || (rolling && !shown.indexed) {
-            let now = Shown {
-                end: update.window.end,
-                indexed: true,
-            };
+        let now = Shown {
+            end: update.window.end,
+            filed: Some(update.window.end),
+        };
+        // A rolling key is filed again under the end of the window it now shows, also when
+        // the event is in the window it shows already but it was filed elsewhere (an empty
+        // window it rolled to, or a later time, which a late event can make too late).
+        if now.end > shown.end || (rolling && shown.filed != now.filed) {
             state.put(&shown_key, &now.encode());
             if rolling {
-                if moved && shown.indexed && shown.end != i64::MIN {
-                    state.delete(&shown_index_key(shown.end, &key));
+                if let Some(filed) = shown.filed.filter(|_| shown.end != i64::MIN) {
+                    state.delete(&shown_index_key(filed, &key));
                 }
-                if update.window.end > time_ms {
-                    state.put(&shown_index_key(update.window.end, &key), &[]);
+                if now.end > time_ms {
+                    state.put(&shown_index_key(now.end, &key), &[]);
                 } else {
-                    due.push((key.clone(), update.window.end));
+                    due.push(key.clone());
                 }
             }
         }
@@ -1756,8 +1757,8 @@ fn current_windows(
     Ok((outputs, due))
 }
 
-/// Keys whose shown window stream time passed, with the end of that window.
-type Due = Vec<(Bytes, i64)>;
+/// Keys due to roll ([`roll_shown_windows`]).
+type Due = Vec<Bytes>;
 
 /// The features of a windowed group: `{"value": .., "window_start": .., "window_end": ..}`
 /// each.
@@ -1790,14 +1791,16 @@ fn rolls(group: &FeatureGroup) -> bool {
 struct Shown {
     /// Its end (`i64::MIN`: none yet).
     end: i64,
-    /// The key waits in `SHOWN_INDEX_PREFIX` for stream time to pass `end`; not when it
-    /// shows the empty window a quiet key rolled to ([`roll_shown_windows`]).
-    indexed: bool,
+    /// Rolling groups: the time the key is filed under in `SHOWN_INDEX_PREFIX` (when what it
+    /// shows may change next), `None` when it shows the empty window a quiet key rolled to
+    /// ([`roll_shown_windows`]).
+    filed: Option<i64>,
 }
 
 impl Shown {
     /// The key's entry (`SHOWN_WINDOW_PREFIX key`) as the store holds it, or will once
-    /// `batch` is applied: the end, little-endian, and a `0` byte after it when not indexed.
+    /// `batch` is applied: the end, little-endian (filed under it); then a `0` byte when not
+    /// filed, or the time it is filed under when that differs.
     fn read<S: StateStore + ?Sized>(
         store: &S,
         batch: Option<&WriteBatch>,
@@ -1810,24 +1813,25 @@ impl Shown {
         let Some(value) = value else {
             return Ok(Shown {
                 end: i64::MIN,
-                indexed: true,
+                filed: None,
             });
         };
-        let (end, indexed) = match value.len() {
-            8 => (&value[..], true),
-            9 if value[8] == 0 => (&value[..8], false),
+        let end = decode_i64(value.get(..8).unwrap_or_default())?;
+        let filed = match value.len() {
+            8 => Some(end),
+            9 if value[8] == 0 => None,
+            16 => Some(decode_i64(&value[8..])?),
             _ => return Err(StoreError::Corrupt("shown window".into())),
         };
-        Ok(Shown {
-            end: decode_i64(end)?,
-            indexed,
-        })
+        Ok(Shown { end, filed })
     }
 
     fn encode(&self) -> Vec<u8> {
         let mut out = self.end.to_le_bytes().to_vec();
-        if !self.indexed {
-            out.push(0);
+        match self.filed {
+            Some(filed) if filed == self.end => {}
+            Some(filed) => out.extend_from_slice(&filed.to_le_bytes()),
+            None => out.push(0),
         }
         out
     }
@@ -1838,17 +1842,20 @@ fn shown_index_key(end: i64, key: &[u8]) -> Vec<u8> {
     [SHOWN_INDEX_PREFIX, &i64_sortable(end), key].concat()
 }
 
-/// Moves on the keys of a tumbling or hopping group whose shown window ended: stream time
-/// (`time_ms`) passed its end, and the key had no event since that would have shown a later
-/// window. Each now shows the window holding `time_ms` that closes next: with its value when
-/// the key has events in it (hopping windows overlap, so "the last hour" decays step by step
-/// as its events leave it), else the values of an empty window (counts 0), shown once and
-/// not indexed again, so a key that stays quiet costs nothing more. `due` are keys found due
-/// by [`current_windows`]; the others come from the index (`SHOWN_INDEX_PREFIX`), read from
-/// where the last pass stopped. `version` names the input that moved stream time.
-///
-/// A store written before the index existed has no position: its shown windows are indexed
-/// once, at its first batch.
+/// At most this many filed keys roll per batch and task; the rest wait for the next batch
+/// (a tick comes within a second), so the batch after midnight does not carry every key
+/// that ordered yesterday.
+const MAX_ROLLS_PER_BATCH: usize = if cfg!(test) { 3 } else { 10_000 };
+
+/// Moves on the keys of a tumbling or hopping group that stream time (`time_ms`) reached
+/// the time they are filed under (`SHOWN_INDEX_PREFIX`): what they show may have changed
+/// without an event of their own ([`Aggregate::roll`]): nothing yet (they are filed again),
+/// a later window with the events still in it (hopping windows overlap: "the last hour"
+/// shrinks as its events leave it), or the empty window after their last event (counts 0),
+/// shown once and not filed again, so a key that stays quiet costs nothing more. `due` are
+/// keys [`current_windows`] found due; the others come from the index, read from where the
+/// last pass stopped (`SHOWN_INDEX_POSITION`), at most [`MAX_ROLLS_PER_BATCH`]. `version`
+/// names the input that moved stream time.
 fn roll_shown_windows(
     group: &FeatureGroup,
     agg: &FjallStore,
@@ -1860,70 +1867,86 @@ fn roll_shown_windows(
     if !rolls(group) {
         return Ok(Vec::new());
     }
-    // By key: the outputs' order, and one entry per key.
-    let mut due: BTreeMap<Bytes, i64> = due.into_iter().collect();
-    let from = match get_through(agg, state, SHOWN_INDEX_POSITION)? {
-        Some(position) => position.to_vec(),
-        None => {
-            let end = prefix_end(SHOWN_WINDOW_PREFIX).unwrap_or_default();
-            for (shown_key, _) in range_through(agg, state, SHOWN_WINDOW_PREFIX, &end)? {
-                let key = shown_key.slice(SHOWN_WINDOW_PREFIX.len()..);
-                let shown = Shown::read(agg, Some(state), &shown_key)?;
-                if !shown.indexed {
-                    continue;
-                }
-                if shown.end > time_ms {
-                    state.put(&shown_index_key(shown.end, &key), &[]);
-                } else {
-                    due.insert(key, shown.end);
-                }
-            }
-            SHOWN_INDEX_PREFIX.to_vec()
-        }
-    };
+    // By key: the outputs' order, and one roll per key.
+    let mut due: BTreeSet<Bytes> = due.into_iter().collect();
+    let from = get_through(agg, state, SHOWN_INDEX_POSITION)?
+        .map_or_else(|| SHOWN_INDEX_PREFIX.to_vec(), |p| p.to_vec());
     let to = shown_index_key(time_ms.saturating_add(1), &[]);
     if from < to {
+        let mut position = to.clone();
+        let mut entries = Vec::new();
+        for entry in agg.range(&from, &to) {
+            let (index_key, _) = entry?;
+            if matches!(state.get(&index_key), Some(None)) {
+                continue; // unfiled by this batch
+            }
+            if entries.len() == MAX_ROLLS_PER_BATCH {
+                position = index_key.to_vec();
+                break;
+            }
+            entries.push(index_key);
+        }
         let prefix = SHOWN_INDEX_PREFIX.len();
-        for (index_key, _) in range_through(agg, state, &from, &to)? {
+        for index_key in entries {
             state.delete(&index_key);
-            let end = Reader::new(&index_key[prefix..]).i64_sortable()?;
+            let filed = Reader::new(&index_key[prefix..]).i64_sortable()?;
             let key = index_key.slice(prefix + 8..);
-            // Only the entry of the window the key shows counts (a stale one is dropped).
+            // Only the entry the key is filed under counts (a stale one is dropped).
             let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
-            let shown = Shown::read(agg, Some(state), &shown_key)?;
-            if shown.indexed && shown.end == end {
-                due.insert(key, end);
+            if Shown::read(agg, Some(state), &shown_key)?.filed == Some(filed) {
+                due.insert(key);
             }
         }
-        state.put(SHOWN_INDEX_POSITION, &to);
+        state.put(SHOWN_INDEX_POSITION, &position);
     }
-    let spec = group.aggregate.config().window;
-    let (Some(next), Some(size)) = (spec.closing_next(time_ms), spec.size()) else {
-        return Ok(Vec::new());
-    };
-    let window = Window {
-        start: next - size,
-        end: next,
-    };
-    let mut outputs = Vec::with_capacity(due.len());
-    for (key, _) in due {
-        let values = group.aggregate.window_values(agg, state, &key, window)?;
-        let shown = Shown {
-            end: next,
-            indexed: values.is_some(),
+    let mut outputs = Vec::new();
+    for key in due {
+        let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
+        let shown = Shown::read(agg, Some(state), &shown_key)?;
+        let Some(size) = group.aggregate.config().window.size() else {
+            break;
         };
-        if shown.indexed {
-            state.put(&shown_index_key(next, &key), &[]);
+        let window = Window {
+            start: shown.end - size,
+            end: shown.end,
+        };
+        let Some(roll) = group.aggregate.roll(agg, state, &key, window, time_ms)? else {
+            break;
+        };
+        let (now, values) = match roll {
+            Roll::Keep { until } => {
+                let now = Shown {
+                    end: shown.end,
+                    filed: Some(until),
+                };
+                (now, None)
+            }
+            Roll::Move {
+                window,
+                values,
+                until,
+            } => {
+                let now = Shown {
+                    end: window.end,
+                    filed: until,
+                };
+                let values = values.unwrap_or_else(|| group.aggregate.empty_values());
+                (now, Some((window, values)))
+            }
+        };
+        if let Some(until) = now.filed {
+            state.put(&shown_index_key(until, &key), &[]);
         }
-        let values = values.unwrap_or_else(|| group.aggregate.empty_values());
-        state.put(&[SHOWN_WINDOW_PREFIX, &key[..]].concat(), &shown.encode());
-        outputs.push(Output {
-            fields: window_fields(group, window, &values),
-            key,
-            time_ms,
-            version: version.clone(),
-            rolled: true,
-        });
+        state.put(&shown_key, &now.encode());
+        if let Some((window, values)) = values {
+            outputs.push(Output {
+                fields: window_fields(group, window, &values),
+                key,
+                time_ms,
+                version: version.clone(),
+                rolled: true,
+            });
+        }
     }
     Ok(outputs)
 }
@@ -3080,13 +3103,12 @@ features:
             run(inbound("C-2", h + 20 * MIN)),
             vec![at("C-2", window(json!(2), h - 30 * MIN, h + 30 * MIN))]
         );
+        // Nothing of C-2's hour has left it yet.
         assert_eq!(
             run(inbound("C-1", h + 35 * MIN)),
-            vec![
-                at("C-1", window(json!(1), h - 15 * MIN, h + 45 * MIN)),
-                at("C-2", window(json!(2), h - 15 * MIN, h + 45 * MIN))
-            ]
+            vec![at("C-1", window(json!(1), h - 15 * MIN, h + 45 * MIN))]
         );
+        // Its first order left: the first hour after it.
         assert_eq!(
             run(inbound("C-1", h + 70 * MIN)),
             vec![
@@ -3094,14 +3116,66 @@ features:
                 at("C-2", window(json!(1), h + 15 * MIN, h + 75 * MIN))
             ]
         );
+        // Every order left: each shows the empty hour after its last order.
         assert_eq!(
             run(inbound("tick", h + 140 * MIN)),
             vec![
-                at("C-1", window(json!(0), h + 90 * MIN, h + 150 * MIN)),
-                at("C-2", window(json!(0), h + 90 * MIN, h + 150 * MIN))
+                at("C-1", window(json!(0), h + 75 * MIN, h + 135 * MIN)),
+                at("C-2", window(json!(0), h + 30 * MIN, h + 90 * MIN))
             ]
         );
         assert!(run(inbound("tick", h + 600 * MIN)).is_empty());
+    }
+
+    /// When more keys are due than a batch rolls, the rest roll in the next batches, each
+    /// once.
+    #[test]
+    fn keys_due_beyond_a_batchs_share_roll_in_the_next_batches() {
+        const DAY: i64 = 86_400_000;
+        let config = PipelineConfig::parse("p.yaml", WINDOWED_YAML).unwrap();
+        let today = &stages(&config)[0];
+        let dir = tempfile::tempdir().unwrap();
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), today, 0).unwrap();
+        let tp = TopicPartition::new("rep", 0);
+        let mut rep = 0i64;
+        let mut run = |key: Option<String>, time_ms: i64| {
+            rep += 1;
+            let coords = Coords::new("rep", 0, rep);
+            let event = match key {
+                None => Event::tick(time_ms, coords),
+                Some(key) => Event {
+                    key: Bytes::from(key.into_bytes()),
+                    id: Bytes::from(format!("e{rep}")),
+                    time_ms,
+                    coords,
+                    value: json!({ "total": 1 }),
+                },
+            };
+            let inbound = Inbound {
+                event,
+                origin: TopicPartition::new("orders", 0),
+                origin_offset: rep,
+                side: JoinSide::None,
+            };
+            let pending = task.process(today, &tp, rep + 1, vec![inbound]).unwrap();
+            let keys: Vec<String> = pending
+                .outputs
+                .iter()
+                .map(|o| String::from_utf8_lossy(&o.key).to_string())
+                .collect();
+            task.commit(pending).unwrap();
+            keys
+        };
+        for i in 0..7 {
+            run(Some(format!("C-{i}")), 10 * DAY + i);
+        }
+        let mut rolled = run(None, 11 * DAY);
+        assert_eq!(rolled, ["C-0", "C-1", "C-2"]);
+        rolled.extend(run(None, 11 * DAY + 1));
+        rolled.extend(run(None, 11 * DAY + 2));
+        rolled.extend(run(None, 11 * DAY + 3));
+        let expected: Vec<String> = (0..7).map(|i| format!("C-{i}")).collect();
+        assert_eq!(rolled, expected);
     }
 
     #[test]
