@@ -308,7 +308,9 @@ impl Aggregate {
     /// it ([`Roll::Keep`]). Then it shows the first window after the newest event that left,
     /// with the events still in it (which every later window holds too, until the next one
     /// leaves), or, when none are, the empty window after its newest event ([`Roll::Move`]).
-    /// So what a key shows depends on its events and `st` only, not on how batches were cut.
+    /// So what a key shows depends on its events and `st` only, not on how batches were cut,
+    /// as long as its state is there: a key whose roll comes after the batch that dropped its
+    /// state shows the current window, empty.
     ///
     /// Reads the key's state as `batch` leaves it, plus what `batch` deleted of it: the batch
     /// whose stream time closes a key's windows may drop their state in the same batch.
@@ -328,8 +330,8 @@ impl Aggregate {
             _ => store.get(k),
         };
         let layout = PaneLayout::of(self.config.window);
-        // The key's panes with events, by start (a tumbling window is one pane). A key has none
-        // after its shown window (an event there would have shown a later one).
+        // The key's panes, by start (a tumbling window is one pane: a key has no events in
+        // a later one, which it would show).
         let panes: Vec<(i64, Acc)> = if layout.one_pane_per_window() {
             let stored = read(&keyed(b'a', key, shown.start))?;
             stored
@@ -348,24 +350,41 @@ impl Aggregate {
             }
             by_start.into_iter().collect()
         };
-        let panes: Vec<(i64, Acc)> = panes.into_iter().filter(|(_, a)| a.events > 0).collect();
-        let in_shown = || {
-            panes
-                .iter()
-                .filter(|(start, _)| *start >= shown.start && *start < shown.end)
-        };
-        let newest_left = in_shown()
+        let panes: Vec<(i64, Acc)> = panes
+            .into_iter()
+            .filter(|(start, acc)| acc.events > 0 && *start >= shown.start)
+            .collect();
+        let advance = layout.advance;
+        // Panes leave in start order (`expiry` grows with the start).
+        let newest_left = panes
+            .iter()
             .map(|(start, _)| *start)
             .filter(|start| layout.expiry(*start) <= st)
             .max();
-        let start = match newest_left {
-            Some(left) => (left.div_euclid(layout.advance) + 1) * layout.advance,
-            None => match in_shown().map(|(start, _)| layout.expiry(*start)).min() {
-                Some(until) => return Ok(Some(Roll::Keep { until })),
-                // No state left (it cannot happen but after a loss): the first window that
-                // starts at or after the shown one's end.
-                None => -(-shown.end).div_euclid(layout.advance) * layout.advance,
-            },
+        let newest = panes.iter().map(|(start, _)| *start).max();
+        let start = match (newest_left, newest) {
+            // Nothing left, and the shown window holds every pane: keep it.
+            (None, Some(newest)) if newest < shown.end => {
+                let until = panes.iter().map(|(s, _)| layout.expiry(*s)).min();
+                return Ok(Some(Roll::Keep {
+                    until: until.unwrap_or(shown.end),
+                }));
+            }
+            // The first window after the newest pane that left and holding the newest pane
+            // (a late event can leave a pane after the shown window, whose own window had
+            // closed while later ones had not).
+            (left, Some(newest)) => {
+                let after_left =
+                    left.map_or(shown.start, |l| (l.div_euclid(advance) + 1) * advance);
+                let holding_newest = (newest - layout.size).div_euclid(advance) * advance + advance;
+                after_left.max(holding_newest)
+            }
+            // No state left (the key's panes were dropped in an earlier batch, when its roll
+            // waited behind others): the current window, empty.
+            (_, None) => {
+                let end = self.config.window.closing_next(st).unwrap_or(shown.end);
+                end - layout.size
+            }
         };
         let window = Window {
             start,

@@ -1727,7 +1727,7 @@ fn current_windows(
         };
         let now = Shown {
             end: update.window.end,
-            filed: Some(update.window.end),
+            filed: rolling.then_some(update.window.end),
         };
         // A rolling key is filed again under the end of the window it now shows, also when
         // the event is in the window it shows already but it was filed elsewhere (an empty
@@ -1799,8 +1799,8 @@ struct Shown {
 
 impl Shown {
     /// The key's entry (`SHOWN_WINDOW_PREFIX key`) as the store holds it, or will once
-    /// `batch` is applied: the end, little-endian (filed under it); then a `0` byte when not
-    /// filed, or the time it is filed under when that differs.
+    /// `batch` is applied: the end, little-endian, then the time the key is filed under, if
+    /// it is. (Entries written before keys were filed are the end alone: not filed.)
     fn read<S: StateStore + ?Sized>(
         store: &S,
         batch: Option<&WriteBatch>,
@@ -1818,8 +1818,7 @@ impl Shown {
         };
         let end = decode_i64(value.get(..8).unwrap_or_default())?;
         let filed = match value.len() {
-            8 => Some(end),
-            9 if value[8] == 0 => None,
+            8 => None,
             16 => Some(decode_i64(&value[8..])?),
             _ => return Err(StoreError::Corrupt("shown window".into())),
         };
@@ -1828,10 +1827,8 @@ impl Shown {
 
     fn encode(&self) -> Vec<u8> {
         let mut out = self.end.to_le_bytes().to_vec();
-        match self.filed {
-            Some(filed) if filed == self.end => {}
-            Some(filed) => out.extend_from_slice(&filed.to_le_bytes()),
-            None => out.push(0),
+        if let Some(filed) = self.filed {
+            out.extend_from_slice(&filed.to_le_bytes());
         }
         out
     }
