@@ -78,9 +78,9 @@ const OUTPUT_TIME_KEY: &[u8] = b"\x00kt";
 /// Per key of a tumbling, session or hopping feature group: the window its features show
 /// (`\x00kw <key>` -> [`Shown`]).
 const SHOWN_WINDOW_PREFIX: &[u8] = b"\x00kw";
-/// Tumbling and hopping groups: the keys whose shown window is still to end, by its end
-/// (`\x00kW <end, sortable> <key>`, empty value), so that a quiet key moves on to the current
-/// window when stream time passes the end of its own ([`roll_shown_windows`]).
+/// Tumbling and hopping groups: the keys whose shown window may change without an event of
+/// their own, filed under the time it may (`\x00kW <time, sortable> <key>`, empty value), so
+/// that a quiet key moves on when stream time reaches it ([`roll_shown_windows`]).
 const SHOWN_INDEX_PREFIX: &[u8] = b"\x00kW";
 /// Where the last pass over `SHOWN_INDEX_PREFIX` stopped (an index key: the entries below it
 /// are done and deleted), so that a pass does not walk the tombstones of those before it.
@@ -1693,8 +1693,8 @@ fn hopping_choices(
 /// updates it. The window to show: the updated one with the greatest end (tumbling, session:
 /// a session merged into another is a tombstone and skipped, the merged one is emitted), or
 /// for hopping windows the one `choices` names. Also returns the keys of a rolling group
-/// ([`rolls`]) that now show a window stream time (`time_ms`) has passed already, with its
-/// end: a late first event of a key ([`roll_shown_windows`] moves them on at once).
+/// ([`rolls`]) that now show a window stream time (`time_ms`) has passed already: a late
+/// event of a key ([`roll_shown_windows`] moves them on at once).
 fn current_windows(
     group: &FeatureGroup,
     agg: &FjallStore,
@@ -1735,7 +1735,7 @@ fn current_windows(
         if now.end > shown.end || (rolling && shown.filed != now.filed) {
             state.put(&shown_key, &now.encode());
             if rolling {
-                if let Some(filed) = shown.filed.filter(|_| shown.end != i64::MIN) {
+                if let Some(filed) = shown.filed {
                     state.delete(&shown_index_key(filed, &key));
                 }
                 if now.end > time_ms {
@@ -1910,7 +1910,7 @@ fn roll_shown_windows(
         let Some(roll) = group.aggregate.roll(agg, state, &key, window, time_ms)? else {
             break;
         };
-        let (now, values) = match roll {
+        let (mut now, values) = match roll {
             Roll::Keep { until } => {
                 let now = Shown {
                     end: shown.end,
@@ -1931,8 +1931,12 @@ fn roll_shown_windows(
                 (now, Some((window, values)))
             }
         };
-        if let Some(until) = now.filed {
-            state.put(&shown_index_key(until, &key), &[]);
+        if let Some(until) = now.filed.as_mut() {
+            // `roll` files after the stream time; one filed at or below the stored position
+            // would never be read again, so never below it, whatever happens.
+            debug_assert!(*until > time_ms, "{until} <= {time_ms}");
+            *until = (*until).max(time_ms.saturating_add(1));
+            state.put(&shown_index_key(*until, &key), &[]);
         }
         state.put(&shown_key, &now.encode());
         if let Some((window, values)) = values {
