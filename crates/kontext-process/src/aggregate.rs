@@ -312,6 +312,9 @@ impl Aggregate {
     /// as long as its state is there: a key whose roll comes after the batch that dropped its
     /// state shows the current window, empty.
     ///
+    /// `refresh`: what the key shows may not be the shown window's value (the empty window a
+    /// key rolled to, which a late event has since added to): never keep it, show its value.
+    ///
     /// Reads the key's state as `batch` leaves it, plus what `batch` deleted of it: the batch
     /// whose stream time closes a key's windows may drop their state in the same batch.
     pub fn roll<S: StateStore + ?Sized>(
@@ -321,6 +324,7 @@ impl Aggregate {
         key: &[u8],
         shown: Window,
         st: i64,
+        refresh: bool,
     ) -> Result<Option<Roll>, StoreError> {
         let (WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. }) = self.config.window else {
             return Ok(None);
@@ -363,8 +367,9 @@ impl Aggregate {
             .max();
         let newest = panes.iter().map(|(start, _)| *start).max();
         let start = match (newest_left, newest) {
-            // Nothing left, and the shown window holds every pane: keep it.
-            (None, Some(newest)) if newest < shown.end => {
+            // Nothing left, and the shown window holds every pane: keep it. (Refreshed, the
+            // arm below moves to the shown window itself.)
+            (None, Some(newest)) if newest < shown.end && !refresh => {
                 let until = panes.iter().map(|(s, _)| layout.expiry(*s)).min();
                 return Ok(Some(Roll::Keep {
                     until: until.unwrap_or(shown.end),

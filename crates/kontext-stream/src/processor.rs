@@ -1705,6 +1705,7 @@ fn current_windows(
 ) -> Result<(Vec<Output>, Due), StoreError> {
     let rolling = rolls(group);
     let mut due = Vec::new();
+    let mut emitted: BTreeSet<Bytes> = BTreeSet::new();
     let mut per_key: BTreeMap<Bytes, Vec<AggregateUpdate>> = BTreeMap::new();
     for update in updates.into_iter().filter(|u| u.values.is_some()) {
         per_key.entry(update.key.clone()).or_default().push(update);
@@ -1746,6 +1747,7 @@ fn current_windows(
             }
         }
         let values = update.values.unwrap_or_default();
+        emitted.insert(key.clone());
         outputs.push(Output {
             fields: window_fields(group, update.window, &values),
             key,
@@ -1753,6 +1755,17 @@ fn current_windows(
             version: update.version,
             rolled: false,
         });
+    }
+    // A hopping key at the empty window it rolled to, whose late event went to a pane that
+    // no window shown holds (the one chosen for it had closed, later ones had not): `roll`
+    // shows what the key holds now.
+    if let Some(choices) = choices.filter(|_| rolling) {
+        for (key, choice) in choices {
+            let shown = choice.shown;
+            if shown.filed.is_none() && shown.end != i64::MIN && !emitted.contains(key) {
+                due.push(key.clone());
+            }
+        }
     }
     Ok((outputs, due))
 }
@@ -1840,7 +1853,7 @@ fn shown_index_key(end: i64, key: &[u8]) -> Vec<u8> {
 }
 
 /// At most this many filed keys roll per batch and task; the rest wait for the next batch
-/// (a tick comes within a second), so the batch after midnight does not carry every key
+/// of the partition (its next record, or a tick), so the batch after midnight does not carry every key
 /// that ordered yesterday.
 const MAX_ROLLS_PER_BATCH: usize = if cfg!(test) { 3 } else { 10_000 };
 
@@ -1907,7 +1920,11 @@ fn roll_shown_windows(
             start: shown.end - size,
             end: shown.end,
         };
-        let Some(roll) = group.aggregate.roll(agg, state, &key, window, time_ms)? else {
+        let refresh = shown.filed.is_none();
+        let Some(roll) = group
+            .aggregate
+            .roll(agg, state, &key, window, time_ms, refresh)?
+        else {
             break;
         };
         let (mut now, values) = match roll {
@@ -3128,6 +3145,85 @@ features:
         assert!(run(inbound("tick", h + 600 * MIN)).is_empty());
     }
 
+    /// The `n`th repartition record of partition 0 (offset `n`): an order of `key` (`{total:
+    /// 1}`) at `time_ms`, or a tick when `key` is `None`.
+    fn order_or_tick(n: i64, key: Option<&str>, time_ms: i64) -> Inbound {
+        let coords = Coords::new("rep", 0, n);
+        let event = match key {
+            None => Event::tick(time_ms, coords),
+            Some(key) => Event {
+                key: Bytes::from(key.to_string().into_bytes()),
+                id: Bytes::from(format!("e{n}")),
+                time_ms,
+                coords,
+                value: json!({ "total": 1 }),
+            },
+        };
+        Inbound {
+            event,
+            origin: TopicPartition::new("orders", 0),
+            origin_offset: n,
+            side: JoinSide::None,
+        }
+    }
+
+    /// A hopping key at the empty window it rolled to gets a late event whose own window had
+    /// closed while later ones had not (grace 0): no window update shows it, so the key is
+    /// rolled at once and shows the count, then moves on when the event leaves.
+    #[test]
+    fn a_late_event_for_a_key_at_its_empty_window_is_shown() {
+        const MIN: i64 = 60_000;
+        let yaml = WINDOWED_YAML.replace(
+            "window: { hopping: { size: 1h, advance: 15m } }, grace: 1h",
+            "window: { hopping: { size: 1h, advance: 15m } }",
+        );
+        let config = PipelineConfig::parse("p.yaml", &yaml).unwrap();
+        let hour = &stages(&config)[2];
+        let dir = tempfile::tempdir().unwrap();
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), hour, 0).unwrap();
+        let tp = TopicPartition::new("rep", 0);
+        let mut rep = 0i64;
+        let mut run = |key: &'static str, time_ms: i64| {
+            rep += 1;
+            let inbound = order_or_tick(rep, (key != "tick").then_some(key), time_ms);
+            let pending = task.process(hour, &tp, rep + 1, vec![inbound]).unwrap();
+            let shown: Vec<(String, Value)> = pending
+                .outputs
+                .iter()
+                .map(|o| {
+                    let key = String::from_utf8_lossy(&o.key).to_string();
+                    (key, o.fields["orders_last_hour"].clone())
+                })
+                .collect();
+            task.commit(pending).unwrap();
+            shown
+        };
+        let window = |value: i64, start: i64, end: i64| json!({"value": value, "window_start": format_time(start), "window_end": format_time(end)});
+        let h = 2_000 * 86_400_000 + 600 * MIN;
+        run("X", h + 10 * MIN);
+        // Its order leaves: the empty hour after it.
+        assert_eq!(
+            run("tick", h + 60 * MIN),
+            [("X".to_string(), window(0, h + 15 * MIN, h + 75 * MIN))]
+        );
+        // Another key moves stream time past h+75; then an order of X from h+50 comes late:
+        // the hour closing next after it (ending h+75, the one shown) has closed, the hour
+        // ending h+105 has not. X shows the order at once.
+        assert_eq!(
+            run("C-1", h + 80 * MIN),
+            [("C-1".to_string(), window(1, h + 30 * MIN, h + 90 * MIN))]
+        );
+        assert_eq!(
+            run("X", h + 50 * MIN),
+            [("X".to_string(), window(1, h + 15 * MIN, h + 75 * MIN))]
+        );
+        // It leaves at h+105 (C-1's order is still in its hour: nothing for C-1).
+        assert_eq!(
+            run("tick", h + 110 * MIN),
+            [("X".to_string(), window(0, h + 60 * MIN, h + 120 * MIN))]
+        );
+    }
+
     /// When more keys are due than a batch rolls, the rest roll in the next batches, each
     /// once.
     #[test]
@@ -3141,23 +3237,7 @@ features:
         let mut rep = 0i64;
         let mut run = |key: Option<String>, time_ms: i64| {
             rep += 1;
-            let coords = Coords::new("rep", 0, rep);
-            let event = match key {
-                None => Event::tick(time_ms, coords),
-                Some(key) => Event {
-                    key: Bytes::from(key.into_bytes()),
-                    id: Bytes::from(format!("e{rep}")),
-                    time_ms,
-                    coords,
-                    value: json!({ "total": 1 }),
-                },
-            };
-            let inbound = Inbound {
-                event,
-                origin: TopicPartition::new("orders", 0),
-                origin_offset: rep,
-                side: JoinSide::None,
-            };
+            let inbound = order_or_tick(rep, key.as_deref(), time_ms);
             let pending = task.process(today, &tp, rep + 1, vec![inbound]).unwrap();
             let keys: Vec<String> = pending
                 .outputs
