@@ -299,9 +299,9 @@ impl Aggregate {
         Ok(out)
     }
 
-    /// What a key that shows `shown` (a tumbling or hopping window) and had no event since
-    /// should show once stream time is `st`, for a consumer that shows one window per key (the
-    /// features processor); `None` for session and sliding windows.
+    /// What a key that shows the window ending at `shown_end` (a tumbling or hopping window)
+    /// and had no event since should show once stream time is `st`, for a consumer that shows
+    /// one window per key (the features processor); `None` for session and sliding windows.
     ///
     /// The shown window's value changes only when one of its events leaves it: when stream
     /// time passes the end of the last window holding the event. Until then the key keeps
@@ -322,7 +322,7 @@ impl Aggregate {
         store: &S,
         batch: &WriteBatch,
         key: &[u8],
-        shown: Window,
+        shown_end: i64,
         st: i64,
         refresh: bool,
     ) -> Result<Option<Roll>, StoreError> {
@@ -334,6 +334,10 @@ impl Aggregate {
             _ => store.get(k),
         };
         let layout = PaneLayout::of(self.config.window);
+        let shown = Window {
+            start: shown_end - layout.size,
+            end: shown_end,
+        };
         // The key's panes, by start (a tumbling window is one pane: a key has no events in
         // a later one, which it would show).
         let panes: Vec<(i64, Acc)> = if layout.one_pane_per_window() {

@@ -54,11 +54,6 @@ impl WindowSpec {
         Some(((t - size).div_euclid(advance) + 1) * advance + size)
     }
 
-    /// The size of tumbling and hopping windows; `None` for session and sliding windows.
-    pub fn size(&self) -> Option<i64> {
-        self.size_and_advance().map(|(size, _)| size)
-    }
-
     /// Size and advance of tumbling (advance = size) and hopping windows.
     fn size_and_advance(&self) -> Option<(i64, i64)> {
         match *self {

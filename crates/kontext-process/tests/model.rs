@@ -582,7 +582,7 @@ proptest! {
         // it is due (a move leaves it due only later). `Some(values)` when it moved.
         type Settled = (Window, Option<Option<Vec<AggValue>>>, Option<i64>);
         let settle = |key: &Bytes, shown: Window, t: i64| -> Settled {
-            match op.roll(&store, &none, key, shown, t, false).unwrap().unwrap() {
+            match op.roll(&store, &none, key, shown.end, t, false).unwrap().unwrap() {
                 Roll::Keep { until } => {
                     assert!(until > t, "kept until {until}, at {t}");
                     (shown, None, Some(until))

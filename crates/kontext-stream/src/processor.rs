@@ -1742,7 +1742,7 @@ fn current_windows(
                 if now.end > time_ms {
                     state.put(&shown_index_key(now.end, &key), &[]);
                 } else {
-                    due.push(key.clone());
+                    due.push((key.clone(), now));
                 }
             }
         }
@@ -1763,15 +1763,15 @@ fn current_windows(
         for (key, choice) in choices {
             let shown = choice.shown;
             if shown.filed.is_none() && shown.end != i64::MIN && !emitted.contains(key) {
-                due.push(key.clone());
+                due.push((key.clone(), shown));
             }
         }
     }
     Ok((outputs, due))
 }
 
-/// Keys due to roll ([`roll_shown_windows`]).
-type Due = Vec<Bytes>;
+/// Keys due to roll ([`roll_shown_windows`]), with what they show once the batch is applied.
+type Due = Vec<(Bytes, Shown)>;
 
 /// The features of a windowed group: `{"value": .., "window_start": .., "window_end": ..}`
 /// each.
@@ -1878,7 +1878,7 @@ fn roll_shown_windows(
         return Ok(Vec::new());
     }
     // By key: the outputs' order, and one roll per key.
-    let mut due: BTreeSet<Bytes> = due.into_iter().collect();
+    let mut due: BTreeMap<Bytes, Shown> = due.into_iter().collect();
     let from = get_through(agg, state, SHOWN_INDEX_POSITION)?
         .map_or_else(|| SHOWN_INDEX_PREFIX.to_vec(), |p| p.to_vec());
     let to = shown_index_key(time_ms.saturating_add(1), &[]);
@@ -1903,29 +1903,22 @@ fn roll_shown_windows(
             let key = index_key.slice(prefix + 8..);
             // Only the entry the key is filed under counts (a stale one is dropped).
             let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
-            if Shown::read(agg, Some(state), &shown_key)?.filed == Some(filed) {
-                due.insert(key);
+            let shown = Shown::read(agg, Some(state), &shown_key)?;
+            if shown.filed == Some(filed) {
+                due.insert(key, shown);
             }
         }
         state.put(SHOWN_INDEX_POSITION, &position);
     }
     let mut outputs = Vec::new();
-    for key in due {
+    for (key, shown) in due {
         let shown_key = [SHOWN_WINDOW_PREFIX, &key[..]].concat();
-        let shown = Shown::read(agg, Some(state), &shown_key)?;
-        let Some(size) = group.aggregate.config().window.size() else {
-            break;
-        };
-        let window = Window {
-            start: shown.end - size,
-            end: shown.end,
-        };
         let refresh = shown.filed.is_none();
         let Some(roll) = group
             .aggregate
-            .roll(agg, state, &key, window, time_ms, refresh)?
+            .roll(agg, state, &key, shown.end, time_ms, refresh)?
         else {
-            break;
+            continue; // not a tumbling or hopping group: `rolls` said it is
         };
         let (mut now, values) = match roll {
             Roll::Keep { until } => {
