@@ -18,16 +18,20 @@
 #   KAFKA_CONTROLLER_PORT  KRaft controller port (default KAFKA_PORT + 1)
 #   KAFKA_SASL_PORT        SASL_PLAINTEXT (SCRAM-SHA-512) client port (default KAFKA_PORT + 2)
 #   KAFKA_SSL_PORT         SSL (mutual TLS) client port (default KAFKA_PORT + 3)
+#   KAFKA_SASL_SSL_PORT    SASL_SSL (SCRAM-SHA-512 over TLS) client port (default KAFKA_PORT + 4)
 #
-# Three client listeners: PLAINTEXT on KAFKA_PORT, whose clients are the ANONYMOUS principal, a
-# super user; SASL_PLAINTEXT with SCRAM-SHA-512 on KAFKA_SASL_PORT; and SSL on KAFKA_SSL_PORT,
+# Four client listeners: PLAINTEXT on KAFKA_PORT, whose clients are the ANONYMOUS principal, a
+# super user; SASL_PLAINTEXT with SCRAM-SHA-512 on KAFKA_SASL_PORT; SSL on KAFKA_SSL_PORT,
 # advertised as localhost (its certificate's only name), which requires a client certificate
-# and takes the principal from its CN (the test client certificate's is User:kontext_tls). On
-# the last two, ACLs decide (StandardAuthorizer; nothing is allowed without an ACL). Users and
-# ACLs are added through the PLAINTEXT listener: scripts/kafka-tool.sh configs / acls. The
+# and takes the principal from its CN (the test client certificate's is User:kontext_tls); and
+# SASL_SSL on KAFKA_SASL_SSL_PORT, advertised as localhost too: SCRAM-SHA-512 users over TLS,
+# no client certificate (the way managed clusters are usually reached). On the last three,
+# ACLs decide (StandardAuthorizer; nothing is allowed without an ACL). Users and ACLs are
+# added through the PLAINTEXT listener: scripts/kafka-tool.sh configs / acls. The
 # certificates come from scripts/test-certs.sh, made at each start into the directory that
-# `tls` prints (ca.pem, client.pem, client.key, other-ca.pem). A kontext deployment against a
-# secured cluster is tested that way (crates/kontext-cli/tests/kafka_security.rs).
+# `tls` prints (ca.pem, client.pem, client.key, client-encrypted.key, other-ca.pem). A kontext
+# deployment against a secured cluster is tested that way
+# (crates/kontext-cli/tests/kafka_security.rs).
 #   KAFKA_START_TIMEOUT    seconds to wait for the broker to answer (default 120)
 #   KAFKA_HEAP_OPTS        JVM heap of the broker (default -Xms256m -Xmx1g)
 #   KAFKA_CACHE_DIR        jars and run state (default scripts/.kafka)
@@ -40,6 +44,7 @@ KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
 KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-$((KAFKA_PORT + 2))}"
 KAFKA_SSL_PORT="${KAFKA_SSL_PORT:-$((KAFKA_PORT + 3))}"
+KAFKA_SASL_SSL_PORT="${KAFKA_SASL_SSL_PORT:-$((KAFKA_PORT + 4))}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-120}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
 KAFKA_HOST=127.0.0.1
@@ -108,7 +113,8 @@ start() {
         return 0
     fi
     cleanup_state
-    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_PORT" "$KAFKA_SSL_PORT"; do
+    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_PORT" "$KAFKA_SSL_PORT" \
+        "$KAFKA_SASL_SSL_PORT"; do
         if port_open "$port"; then
             kafka_die "port $port on $KAFKA_HOST is taken by another process; set KAFKA_PORT"
         fi
@@ -148,7 +154,7 @@ start() {
         >>"$LOG_FILE" 2>&1 </dev/null 8>&- &
 
     wait_until_ready
-    echo "kafka: started on $KAFKA_HOST:$KAFKA_PORT, SASL/SCRAM on $KAFKA_HOST:$KAFKA_SASL_PORT, SSL on localhost:$KAFKA_SSL_PORT (pid $(cat "$PID_FILE"), log $LOG_FILE)"
+    echo "kafka: started on $KAFKA_HOST:$KAFKA_PORT, SASL/SCRAM on $KAFKA_HOST:$KAFKA_SASL_PORT, SSL on localhost:$KAFKA_SSL_PORT, SASL_SSL on localhost:$KAFKA_SASL_SSL_PORT (pid $(cat "$PID_FILE"), log $LOG_FILE)"
 }
 
 # Ready means a real client round trip works, not just an open port: the tools' admin client
@@ -249,11 +255,11 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT,SSL://$KAFKA_HOST:$KAFKA_SSL_PORT
-advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT,SSL://localhost:$KAFKA_SSL_PORT
+listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT,SSL://$KAFKA_HOST:$KAFKA_SSL_PORT,SASL_SSL://$KAFKA_HOST:$KAFKA_SASL_SSL_PORT
+advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT,SSL://localhost:$KAFKA_SSL_PORT,SASL_SSL://localhost:$KAFKA_SASL_SSL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL
 sasl.enabled.mechanisms=SCRAM-SHA-512
 listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.ssl.ssl.keystore.type=PEM
@@ -261,6 +267,9 @@ listener.name.ssl.ssl.keystore.location=$data_dir/tls/server-keystore.pem
 listener.name.ssl.ssl.truststore.type=PEM
 listener.name.ssl.ssl.truststore.location=$data_dir/tls/ca.pem
 listener.name.ssl.ssl.client.auth=required
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$data_dir/tls/server-keystore.pem
 ssl.principal.mapping.rules=RULE:^CN=([^,]+)\$/\$1/,DEFAULT
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 super.users=User:ANONYMOUS

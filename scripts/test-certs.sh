@@ -10,6 +10,8 @@
 #                           `localhost`; connecting to 127.0.0.1 fails that check, which the
 #                           tests use to tell verify-full from verify-ca)
 #   client.pem, client.key  a client certificate it signed, CN=CLIENT_CN (default kontext)
+#   client-encrypted.key    the same key, encrypted (PKCS#8, AES-256) with the password
+#                           kontext-test-key (what ssl.key.password opens)
 #   other-ca.pem            a second authority that signed nothing here (a wrong trust anchor)
 # Keys are unencrypted PKCS#8 PEM, mode 600. Never use these outside tests.
 set -euo pipefail
@@ -47,4 +49,6 @@ rm -f other-ca.key
 signed server localhost "subjectAltName=DNS:localhost
 extendedKeyUsage=serverAuth"
 signed client "$client_cn" "extendedKeyUsage=clientAuth"
+openssl pkcs8 -topk8 -v2 aes-256-cbc -in client.key -out client-encrypted.key \
+    -passout pass:kontext-test-key
 chmod 644 ca.pem other-ca.pem server.pem client.pem

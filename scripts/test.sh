@@ -38,6 +38,8 @@ export KONTEXT_TEST_KAFKA="${KONTEXT_TEST_KAFKA:-127.0.0.1:9092}"
 export KONTEXT_TEST_KAFKA_SASL="${KONTEXT_TEST_KAFKA_SASL:-127.0.0.1:9094}"
 # Its SSL (mutual TLS) listener, by the name its certificate holds, and its certificates.
 export KONTEXT_TEST_KAFKA_SSL="${KONTEXT_TEST_KAFKA_SSL:-localhost:9095}"
+# Its SASL_SSL listener (SCRAM over TLS), by the same name.
+export KONTEXT_TEST_KAFKA_SASL_SSL="${KONTEXT_TEST_KAFKA_SASL_SSL:-localhost:9096}"
 # (Assigned, then exported: `export VAR="$(cmd)"` would hide a failing cmd from `set -e`.)
 KONTEXT_TEST_KAFKA_TLS="${KONTEXT_TEST_KAFKA_TLS:-$(scripts/kafka.sh tls)}"
 export KONTEXT_TEST_KAFKA_TLS

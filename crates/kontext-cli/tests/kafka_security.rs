@@ -1,7 +1,8 @@
 //! kontext against a secured cluster: the broker `scripts/kafka.sh start` runs also listens
-//! with SASL_PLAINTEXT and SCRAM-SHA-512 (`KONTEXT_TEST_KAFKA_SASL`, default 127.0.0.1:9094)
-//! and with mutual TLS (`KONTEXT_TEST_KAFKA_SSL`, default localhost:9095, certificates in
-//! `scripts/kafka.sh tls` or `KONTEXT_TEST_KAFKA_TLS`), where its StandardAuthorizer allows
+//! with SASL_PLAINTEXT and SCRAM-SHA-512 (`KONTEXT_TEST_KAFKA_SASL`, default 127.0.0.1:9094),
+//! with mutual TLS (`KONTEXT_TEST_KAFKA_SSL`, default localhost:9095, certificates in
+//! `scripts/kafka.sh tls` or `KONTEXT_TEST_KAFKA_TLS`) and with SCRAM over TLS
+//! (`KONTEXT_TEST_KAFKA_SASL_SSL`, default localhost:9096), where its StandardAuthorizer allows
 //! nothing without an ACL. Users and ACLs are made with Kafka's own tools through the
 //! plaintext listener (whose ANONYMOUS principal is a super user). The pipeline runs with
 //! exactly the ACLs `docs/kafka-security.md` lists, and a wrong password, a missing ACL, an
@@ -32,6 +33,11 @@ fn ssl() -> String {
     std::env::var("KONTEXT_TEST_KAFKA_SSL").unwrap_or_else(|_| "localhost:9095".into())
 }
 
+/// The broker's SASL_SSL listener (SCRAM over TLS), by the name its certificate has.
+fn sasl_ssl() -> String {
+    std::env::var("KONTEXT_TEST_KAFKA_SASL_SSL").unwrap_or_else(|_| "localhost:9096".into())
+}
+
 /// The principal of the client certificate in [`tls_dir`] (its CN, by the broker's mapping).
 const TLS_USER: &str = "kontext_tls";
 
@@ -53,27 +59,53 @@ fn tls_dir() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-/// The log properties of a client of the SSL listener that trusts `ca` (a file in
-/// [`tls_dir`]) and presents the test client certificate, or none.
-fn tls_properties(ca: &str, client_cert: bool) -> Vec<(&'static str, String)> {
+/// The client certificate a client of the SSL listener presents.
+enum ClientCert<'a> {
+    None,
+    /// With its key unencrypted (`client.key`).
+    Plain,
+    /// With its key encrypted (`client-encrypted.key`), opened with `ssl.key.password`.
+    Encrypted {
+        key_password: &'a str,
+    },
+}
+
+/// The password `scripts/test-certs.sh` encrypts `client-encrypted.key` with.
+const KEY_PASSWORD: &str = "kontext-test-key";
+
+/// The TLS properties of a client of the listener at `addr` that trusts `ca` (a file in
+/// [`tls_dir`]).
+fn trusting(addr: &str, ca: &str) -> Vec<(&'static str, String)> {
     let dir = tls_dir();
-    let addr = ssl();
     assert!(
         std::path::Path::new(&dir).join("ca.pem").is_file()
-            && std::net::TcpStream::connect(&addr).is_ok(),
-        "no SSL listener on {addr} with certificates in {dir}: a broker started before \
+            && std::net::TcpStream::connect(addr).is_ok(),
+        "no TLS listener on {addr} with certificates in {dir}: a broker started before \
          scripts/kafka.sh had one? `scripts/kafka.sh restart`"
     );
-    let mut properties = vec![
-        ("security.protocol", "SSL".to_owned()),
+    vec![
         ("ssl.ca.location", format!("{dir}/{ca}")),
         // The broker listens on 127.0.0.1 only; `localhost` may resolve to ::1 first.
         ("broker.address.family", "v4".to_owned()),
-    ];
-    if client_cert {
-        properties.push(("ssl.certificate.location", format!("{dir}/client.pem")));
-        properties.push(("ssl.key.location", format!("{dir}/client.key")));
-    }
+    ]
+}
+
+/// The log properties of a client of the SSL listener that trusts `ca` (a file in
+/// [`tls_dir`]) and presents `cert`.
+fn tls_properties(ca: &str, cert: ClientCert) -> Vec<(&'static str, String)> {
+    let dir = tls_dir();
+    let mut properties = vec![("security.protocol", "SSL".to_owned())];
+    properties.extend(trusting(&ssl(), ca));
+    let key = match cert {
+        ClientCert::None => return properties,
+        ClientCert::Plain => "client.key",
+        ClientCert::Encrypted { key_password } => {
+            properties.push(("ssl.key.password", key_password.to_owned()));
+            "client-encrypted.key"
+        }
+    };
+    properties.push(("ssl.certificate.location", format!("{dir}/client.pem")));
+    properties.push(("ssl.key.location", format!("{dir}/{key}")));
     properties
 }
 
@@ -244,16 +276,42 @@ async fn the_pipeline_runs_on_a_secured_cluster_with_the_documented_acls() {
     run_the_pipeline(&name, &yaml, password, &log).await;
 }
 
+/// The same pipeline with SCRAM over TLS (`SASL_SSL`, how managed clusters are usually
+/// reached): the broker's certificate checked against the test CA and its name, the SASL user
+/// the principal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_over_sasl_ssl_with_the_documented_acls() {
+    let name = format!("secssl-{:x}", now_ms());
+    let (user, password) = (format!("{name}-user"), "kontext-s3cret-too");
+    add_user(&user, password);
+    allow_pipeline(&user, &name, &format!("{name}."));
+    let properties = |password: &str| {
+        let mut properties = sasl_properties(&user, password);
+        properties[0].1 = "SASL_SSL".to_owned();
+        properties.extend(trusting(&sasl_ssl(), "ca.pem"));
+        properties
+    };
+    let yaml = pipeline_yaml(
+        &name,
+        &sasl_ssl(),
+        &properties("${KONTEXT_TEST_SASL_PASSWORD}"),
+    );
+    let log = secured_log(&sasl_ssl(), &properties(password));
+    run_the_pipeline(&name, &yaml, password, &log).await;
+}
+
 /// The same pipeline over mutual TLS: the broker's certificate checked against the test CA
 /// (and its name, `localhost`), the client's certificate its principal, which the ACLs name.
+/// The client's key is encrypted, its password read from the environment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_runs_over_mutual_tls_with_acls_on_the_certificates_principal() {
     let name = format!("tls-{:x}", now_ms());
     allow_pipeline(TLS_USER, &name, &format!("{name}."));
-    let properties = tls_properties("ca.pem", true);
-    let yaml = pipeline_yaml(&name, &ssl(), &properties);
-    let log = secured_log(&ssl(), &properties);
-    run_the_pipeline(&name, &yaml, "", &log).await;
+    let properties =
+        |key_password| tls_properties("ca.pem", ClientCert::Encrypted { key_password });
+    let yaml = pipeline_yaml(&name, &ssl(), &properties("${KONTEXT_TEST_SASL_PASSWORD}"));
+    let log = secured_log(&ssl(), &properties(KEY_PASSWORD));
+    run_the_pipeline(&name, &yaml, KEY_PASSWORD, &log).await;
 }
 
 /// Runs `yaml` (named `name`, with `password` in `KONTEXT_TEST_SASL_PASSWORD`), writes
@@ -467,7 +525,7 @@ fn a_missing_acl_stops_the_pipeline_and_says_which() {
 /// only time out, but `kontext run` stops and says the TLS handshake fails, and why.
 #[test]
 fn an_untrusted_broker_certificate_stops_the_pipeline_and_says_why() {
-    let stderr = refused_over_tls("tlsca", "other-ca.pem", true);
+    let stderr = refused_over_tls("tlsca", "other-ca.pem", ClientCert::Plain);
     assert!(
         stderr.contains("certificate verify failed") && stderr.contains("ssl.ca.location"),
         "{stderr}"
@@ -478,19 +536,41 @@ fn an_untrusted_broker_certificate_stops_the_pipeline_and_says_why() {
 /// broker's TLS alert as the reason.
 #[test]
 fn a_missing_client_certificate_stops_the_pipeline_and_says_why() {
-    let stderr = refused_over_tls("tlscert", "ca.pem", false);
+    let stderr = refused_over_tls("tlscert", "ca.pem", ClientCert::None);
     assert!(
         stderr.contains("alert") && stderr.contains("ssl.certificate.location"),
         "{stderr}"
     );
 }
 
-/// Runs a pipeline over TLS with [`tls_properties`]`(ca, client_cert)` and the ACLs it
-/// needs, checks that it stops because the TLS handshake fails, and returns its stderr.
-fn refused_over_tls(prefix: &str, ca: &str, client_cert: bool) -> String {
+/// An encrypted client key with a wrong `ssl.key.password`: librdkafka cannot create the
+/// client, and `kontext run` stops at once naming the settings to check.
+#[test]
+fn a_wrong_key_password_stops_the_pipeline_and_says_why() {
+    let name = format!("tlskey-{:x}", now_ms());
+    let properties = tls_properties(
+        "ca.pem",
+        ClientCert::Encrypted {
+            key_password: "not-the-key-password",
+        },
+    );
+    let (ok, stderr) = run_until_exit(
+        &pipeline_yaml(&name, &ssl(), &properties),
+        Duration::from_secs(60),
+    );
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("ssl.key.location failed") && stderr.contains("ssl.key.password"),
+        "{stderr}"
+    );
+}
+
+/// Runs a pipeline over TLS with [`tls_properties`]`(ca, cert)` and the ACLs it needs,
+/// checks that it stops because the TLS handshake fails, and returns its stderr.
+fn refused_over_tls(prefix: &str, ca: &str, cert: ClientCert) -> String {
     let name = format!("{prefix}-{:x}", now_ms());
     allow_pipeline(TLS_USER, &name, &format!("{name}."));
-    let yaml = pipeline_yaml(&name, &ssl(), &tls_properties(ca, client_cert));
+    let yaml = pipeline_yaml(&name, &ssl(), &tls_properties(ca, cert));
     let (ok, stderr) = run_until_exit(&yaml, Duration::from_secs(120));
     assert!(!ok, "{stderr}");
     assert!(

@@ -37,7 +37,7 @@ pub fn log_error(context: &str, err: KafkaError) -> LogError {
         // Errors without a code: bad configuration, client creation, FFI (permanent), or a
         // poll that found nothing (never surfaced to callers).
         None => LogError::Kafka {
-            message: format!("{context}: {err}"),
+            message: format!("{context}: {err}{}", tls_file_hint(&err)),
             transient: false,
         },
     }
@@ -66,6 +66,24 @@ fn acl_hint(code: RDKafkaErrorCode) -> &'static str {
             " (the cluster's ACLs do not allow this to kontext's principal: docs/kafka-security.md lists the ACLs a pipeline needs)"
         }
         _ => "",
+    }
+}
+
+/// What to check when librdkafka could not load a TLS file it was given: it says only which
+/// setting failed and OpenSSL's reason (`PEM lib` for a wrong key password, a file that is not
+/// PEM, or a missing one).
+fn tls_file_hint(err: &KafkaError) -> &'static str {
+    let KafkaError::ClientCreation(message) = err else {
+        return "";
+    };
+    if message.contains("ssl.key.location failed") {
+        " (the client key could not be loaded: ssl.key.location must name a PEM private key, and an encrypted one needs its password in ssl.key.password)"
+    } else if message.contains("ssl.certificate.location failed") {
+        " (the client certificate could not be loaded: ssl.certificate.location must name a PEM certificate)"
+    } else if message.contains("ssl.ca.location failed") {
+        " (the trusted authorities could not be loaded: ssl.ca.location must name a PEM file or a directory of CA certificates)"
+    } else {
+        ""
     }
 }
 
@@ -231,6 +249,32 @@ mod tests {
                 }
             ),
             "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_tls_file_librdkafka_cannot_load_names_what_to_check() {
+        let cases = [
+            ("ssl.key.location failed: error:0A080009:SSL routines::PEM lib", "ssl.key.password"),
+            ("ssl.certificate.location failed: error:80000002:system library::No such file or directory", "PEM certificate"),
+            ("ssl.ca.location failed: error:05880002:x509 certificate routines::system lib", "CA certificates"),
+        ];
+        for (message, hint) in cases {
+            let err = log_error(
+                "creating the admin client",
+                KafkaError::ClientCreation(message.into()),
+            );
+            assert!(!err.is_transient(), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(message) && text.contains(hint), "{text}");
+        }
+        let other = log_error(
+            "creating the admin client",
+            KafkaError::ClientCreation("No provider for SASL mechanism GSSAPI".into()),
+        );
+        assert!(
+            !other.to_string().contains("could not be loaded"),
+            "{other}"
         );
     }
 
