@@ -166,6 +166,60 @@ async fn damage_in_an_older_segment_drops_everything_after_it() {
     );
 }
 
+/// A power loss under `never` can keep a new segment's directory entry and lose the tail of
+/// the segment it rolled from, which then ends cleanly, at a record boundary, short of the next
+/// segment's base. Recovery keeps that prefix. Under the policies that acknowledge by fsync a
+/// roll syncs the old segment first, so there a gap is damage, and the log refuses to open.
+#[tokio::test]
+async fn a_segment_that_ends_short_of_the_next_one_keeps_the_prefix_under_never() {
+    let config = small_segments(FsyncPolicy::Never);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let values = write_records(dir.path(), config.clone(), 400).await;
+    let segs = segments(dir.path(), "t", 0);
+    assert!(segs.len() >= 4, "rolled into {} segments", segs.len());
+    let second = &segs[1];
+    let base: usize = second
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .expect("base");
+    let data = std::fs::read(second).expect("read");
+    // Cut at the record boundary just past the middle: no frame is torn.
+    let (mut pos, mut kept) = (0usize, 0usize);
+    while pos < data.len() / 2 {
+        pos += 8 + u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4")) as usize;
+        kept += 1;
+    }
+    OpenOptions::new()
+        .write(true)
+        .open(second)
+        .expect("open")
+        .set_len(pos as u64)
+        .expect("cut");
+
+    for policy in [FsyncPolicy::default(), FsyncPolicy::Always] {
+        let refused = kontext_log::embedded::EmbeddedLog::open(dir.path(), small_segments(policy))
+            .err()
+            .unwrap_or_else(|| panic!("{policy:?}: a gap opened"));
+        assert!(
+            matches!(&refused, kontext_log::LogError::Corrupt { reason, .. } if reason.contains("previous one ends")),
+            "{refused}"
+        );
+    }
+    assert_eq!(
+        segments(dir.path(), "t", 0).len(),
+        segs.len(),
+        "nothing deleted"
+    );
+
+    check_recovered(dir.path(), config, &values, base + kept).await;
+    assert_eq!(
+        segments(dir.path(), "t", 0).len(),
+        2,
+        "later segments removed"
+    );
+}
+
 #[tokio::test]
 async fn an_empty_active_segment_keeps_the_high_watermark() {
     let config = small_segments(FsyncPolicy::default());

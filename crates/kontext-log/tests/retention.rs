@@ -148,3 +148,50 @@ async fn unlimited_and_compacted_topics_keep_everything() {
         0
     );
 }
+
+/// A segment retention cannot delete stays, and so does every segment after it: deleting
+/// those would leave a gap in the offsets that the next open refuses. Once it can be deleted,
+/// the next run catches up.
+#[tokio::test]
+async fn a_segment_retention_cannot_delete_keeps_the_ones_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = small_segments(FsyncPolicy::default());
+    let log = open(dir.path(), config.clone());
+    let retention = Retention {
+        time: None,
+        bytes: Some(10_000),
+    };
+    topic_with(&log, retention).await;
+    write(&log, 300, 1).await;
+    let before = log.describe_topic("t").await.expect("describe").partitions[0];
+    let first = segments(dir.path(), "t", 0)[0].clone();
+    let saved = std::fs::read(&first).expect("read");
+    // unlink(2) of a directory fails, even for root.
+    std::fs::remove_file(&first).expect("remove");
+    std::fs::create_dir(&first).expect("mkdir");
+    write(&log, 300, 1).await; // rolls, and each roll applies retention
+    log.apply_retention();
+    let stuck = log.describe_topic("t").await.expect("describe").partitions[0];
+    assert_eq!(stuck.low_watermark, before.low_watermark, "{stuck:?}");
+    assert_eq!(stuck.high_watermark, 600);
+    // Everything after the stuck segment is still there.
+    let second: i64 = segments(dir.path(), "t", 0)[1]
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .expect("base");
+    let got = log.fetch("t", 0, second, 100_000).expect("fetch");
+    assert_eq!(got.len() as i64, 600 - second);
+    drop(log);
+
+    // The segment is a file again: the log opens (no gap) and retention goes on.
+    std::fs::remove_dir(&first).expect("rmdir");
+    std::fs::write(&first, saved).expect("restore");
+    let log = open(dir.path(), config);
+    let reopened = log.describe_topic("t").await.expect("describe").partitions[0];
+    assert_eq!(reopened.low_watermark, before.low_watermark);
+    log.apply_retention();
+    let after = log.describe_topic("t").await.expect("describe").partitions[0];
+    assert!(after.low_watermark > before.low_watermark, "{after:?}");
+    assert_eq!(after.high_watermark, 600);
+}

@@ -125,7 +125,9 @@ impl Partition {
     /// Opens (creating if needed) the partition directory and recovers it: every segment is
     /// scanned and checksummed, which also rebuilds the sparse index. At the first frame that
     /// is torn, fails its checksum or breaks the offset sequence, the segment is truncated and
-    /// any later segment removed, leaving the longest valid prefix.
+    /// any later segment removed, leaving the longest valid prefix. A gap between two segments
+    /// is repaired the same way under [`FsyncPolicy::Never`] (a power loss makes one) and is
+    /// [`LogError::Corrupt`] under the other policies (no crash makes one).
     pub fn open(
         topic: Arc<str>,
         id: i32,
@@ -158,13 +160,24 @@ impl Partition {
         while let Some((base, path)) = iter.next() {
             if let Some(prev) = segments.last() {
                 if prev.end != base {
-                    return Err(LogError::Corrupt {
-                        path,
-                        reason: format!(
-                            "segment starts at offset {base}, the previous one ends at {}",
-                            prev.end
-                        ),
-                    });
+                    let reason = format!(
+                        "segment starts at offset {base}, the previous one ends at {}",
+                        prev.end
+                    );
+                    // Under `never` a power loss can keep a new segment's directory entry and
+                    // lose the unsynced tail of the one it rolled from; nothing after it was
+                    // acknowledged by an fsync. Under the other policies a roll syncs the old
+                    // segment before the new file exists, so no crash leaves a gap: it is
+                    // damage, and repairing it could delete acknowledged records.
+                    if config.fsync != FsyncPolicy::Never || prev.end > base {
+                        return Err(LogError::Corrupt { path, reason });
+                    }
+                    tracing::warn!(segment = %path.display(), "removing a segment that does not follow on from the previous one (the tail of an unsynced segment lost in a power loss): {reason}");
+                    for later in std::iter::once(path).chain(iter.map(|(_, p)| p)) {
+                        fs::remove_file(&later).map_err(|e| LogError::io(&later, e))?;
+                    }
+                    fsutil::sync_dir(&dir)?;
+                    break;
                 }
             }
             let file = OpenOptions::new()
@@ -600,13 +613,18 @@ impl Partition {
             if !(by_time || by_size) {
                 break;
             }
+            // Readers holding the file keep reading it: unlinking does not close it. A segment
+            // that cannot be deleted stays, and so do the ones after it: deleting those would
+            // leave a gap in the offsets, which the next open refuses.
+            if let Err(e) = fs::remove_file(&s.path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(segment = %s.path.display(), "retention could not delete a segment; it and the later ones stay until the next retention run: {e}");
+                    break;
+                }
+            }
             let s = st.segments.remove(0);
             total -= s.size;
             removed += 1;
-            // Readers holding the file keep reading it: unlinking does not close it.
-            if let Err(e) = fs::remove_file(&s.path) {
-                tracing::warn!(segment = %s.path.display(), "retention could not delete a segment: {e}");
-            }
         }
         if removed > 0 {
             tracing::debug!(topic = %self.topic, partition = self.id, removed, "retention deleted segments");
@@ -615,6 +633,22 @@ impl Partition {
     }
 
     fn roll(&self, st: &mut State, config: &EmbeddedConfig) -> Result<(), LogError> {
+        // Unless nothing is acknowledged by an fsync (`Never`), the rolled segment's data is
+        // durable before the next segment's file exists: otherwise a power loss could keep
+        // the new file's directory entry and lose the old file's unsynced tail, a gap in the
+        // offsets that recovery cannot tell from damage. Its tail is what was appended since
+        // the last sync, so this costs little.
+        if config.fsync != FsyncPolicy::Never {
+            if let Some(active) = st.segments.last() {
+                if let Some(file) = &active.file {
+                    if let Err(e) = file.sync_data() {
+                        // As after any failed fsync: the dirty pages may be gone.
+                        st.failed = Some(format!("fsync of a full segment failed: {e}"));
+                        return Err(LogError::io(&active.path, e));
+                    }
+                }
+            }
+        }
         let segment = create_segment(&self.dir, st.next_offset)?;
         // The rolled segment and the new directory entry are made durable by the next sync:
         // the covering group commit, the same send under `Always`, a background fsync soon
