@@ -414,10 +414,17 @@ impl PostgresStore {
         client: &impl deadpool_postgres::GenericClient,
         keys: &[(&str, &str)],
     ) -> Result<Vec<EntityDoc>, StoreError> {
-        if keys.is_empty() {
+        // Text cannot hold NUL, so no stored key has one (writes refuse them): such a key names
+        // nothing, and binding it would fail the whole query (SQLSTATE 22021), which the API
+        // would answer as an unavailable store (a request for `/v1/context/customer/C1%00`).
+        let (types, ids): (Vec<&str>, Vec<&str>) = keys
+            .iter()
+            .copied()
+            .filter(|(t, id)| !t.contains('\0') && !id.contains('\0'))
+            .unzip();
+        if types.is_empty() {
             return Ok(Vec::new());
         }
-        let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
         let stmt = client
             .prepare_cached(&format!("{SELECT_DOCS} {WHERE_KEYS} {ORDER_DOCS}"))
             .await
@@ -545,6 +552,9 @@ impl ContextStore for PostgresStore {
         limit: usize,
         after: Option<&str>,
     ) -> Result<Vec<String>, StoreError> {
+        // No id holds a NUL (see `load`), and ids compare bytewise (`COLLATE "C"`): the ids
+        // after `x\0...` are those after `x`, and text cannot bind the NUL.
+        let after = after.map(|a| a.split('\0').next().unwrap_or_default());
         let client = self.client().await?;
         let stmt = client.prepare_cached(LIST).await.map_err(pg)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);

@@ -672,6 +672,27 @@ async fn a_nul_character_in_an_id_is_a_permanent_error_and_writes_nothing() {
     drop_namespace(&ns).await;
 }
 
+/// Reads never fail on a NUL the way writes must: an id with one names no entity (none can be
+/// stored), as on the embedded store. Before, `GET /v1/context/customer/C1%00` failed the
+/// query and was answered 503, as if the store were down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_in_a_read_names_no_entity() {
+    let ns = namespace();
+    let store = store_in(&ns).await;
+    let updates = [
+        update("customer", "C1", json!({"name": "Ana"}), "t", 0, 0, 1),
+        update("customer", "C2", json!({"name": "Bo"}), "t", 0, 1, 1),
+    ];
+    store.apply(&updates, &[]).await.unwrap();
+    assert!(store.context("customer", "C1\u{0}").await.unwrap().is_none());
+    assert!(store.get("customer", "C1\u{0}").await.unwrap().is_none());
+    assert_eq!(
+        store.list("customer", 10, Some("C1\u{0}x")).await.unwrap(),
+        vec!["C2".to_owned()]
+    );
+    drop_namespace(&ns).await;
+}
+
 #[tokio::test]
 async fn an_unreachable_server_is_a_transient_error() {
     // Port 1 on the loopback: nothing listens there.
