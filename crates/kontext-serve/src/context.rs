@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -426,8 +427,18 @@ enum FieldList {
 /// each with its context or its own error, so a missing entity does not fail the batch.
 pub(crate) async fn batch_get(
     State(state): State<AppState>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    // axum's own rejection (a body over its 2 MiB limit: 413) is plain text; answer with the
+    // API's JSON error instead.
+    let body = body.map_err(|e| {
+        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "request_too_large"
+        } else {
+            "invalid_request"
+        };
+        ApiError::new(e.status(), code, e.body_text())
+    })?;
     let bad = |code, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
     let request: BatchRequest = serde_json::from_slice(&body).map_err(|e| {
         bad(

@@ -393,6 +393,11 @@ async fn batch_get_rejects_bad_batches_as_a_whole() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
         assert_eq!(v["error"]["code"], code, "{body}: {v}");
     }
+    // A body over axum's 2 MiB limit: the API's JSON error, not axum's plain text.
+    let huge = format!(r#"{{"requests": [], "pad": "{}"}}"#, "x".repeat(3 << 20));
+    let (status, v) = post(s.clone(), "/v1/context:batchGet", &huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_eq!(v["error"]["code"], "request_too_large", "{v}");
     let (status, v) = post(s, "/v1/context:batchGet", r#"{"requests": []}"#).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["results"], json!([]));

@@ -684,7 +684,11 @@ async fn a_nul_character_in_a_read_names_no_entity() {
         update("customer", "C2", json!({"name": "Bo"}), "t", 0, 1, 1),
     ];
     store.apply(&updates, &[]).await.unwrap();
-    assert!(store.context("customer", "C1\u{0}").await.unwrap().is_none());
+    assert!(store
+        .context("customer", "C1\u{0}")
+        .await
+        .unwrap()
+        .is_none());
     assert!(store.get("customer", "C1\u{0}").await.unwrap().is_none());
     assert_eq!(
         store.list("customer", 10, Some("C1\u{0}x")).await.unwrap(),
