@@ -151,6 +151,10 @@ struct Feed {
     /// pause contract): kept, in order, as the next batch after the outage, and no further
     /// polls until then.
     early: Vec<Record>,
+    /// The error of an extra poll that ended a backlog's gathering ([`gather_backlog`]),
+    /// raised at the next poll, once the records gathered before it are written: a Kafka
+    /// consumer reports an error once, so dropping it would hide it for good.
+    failed_poll: Option<LogError>,
 }
 
 impl Feed {
@@ -333,6 +337,7 @@ impl StoreSink {
             consumer: self.log.consumer(self.consumer.clone()).await?,
             paused: false,
             early: Vec::new(),
+            failed_poll: None,
         };
         info!(group = %self.consumer.group_id, topics = ?self.consumer.topics, "store sink started");
         // Next offsets the store has applied but the group has not committed, each with the
@@ -363,7 +368,12 @@ impl StoreSink {
                     Err(e) => return Err(e.into()),
                 }
             }
-            let records = if !feed.early.is_empty() {
+            let records = if let Some(e) = feed.failed_poll.take() {
+                if poll_failed(e, &shutdown).await? {
+                    break;
+                }
+                continue;
+            } else if !feed.early.is_empty() {
                 std::mem::take(&mut feed.early)
             } else {
                 // While offsets wait for the flusher, a quiet log must not keep them waiting
@@ -377,13 +387,17 @@ impl StoreSink {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     polled = feed.consumer.poll(MAX_BATCH, timeout) => match polled {
-                        Ok(r) => gather_backlog(feed.consumer.as_mut(), r).await,
-                        Err(e) if e.is_transient() => {
-                            warn!(error = %e, "poll failed; retrying");
-                            tokio::time::sleep(FIRST_BACKOFF).await;
+                        Ok(r) => {
+                            let (records, failed) = gather_backlog(feed.consumer.as_mut(), r).await;
+                            feed.failed_poll = failed;
+                            records
+                        }
+                        Err(e) => {
+                            if poll_failed(e, &shutdown).await? {
+                                break;
+                            }
                             continue;
                         }
-                        Err(e) => return Err(e.into()),
                     },
                 }
             };
@@ -1032,9 +1046,12 @@ impl StoreSink {
 }
 
 /// After a full poll, takes what else is already there, up to [`MAX_GROUP`] records, without
-/// waiting. A failed extra poll ends the gathering: what was gathered is written, and the next
-/// poll of the main loop meets the error again.
-async fn gather_backlog(consumer: &mut dyn Consumer, mut records: Vec<Record>) -> Vec<Record> {
+/// waiting. A failed extra poll ends the gathering: what was gathered is written first, and
+/// the error is returned with it for the main loop to raise next ([`Feed::failed_poll`]).
+async fn gather_backlog(
+    consumer: &mut dyn Consumer,
+    mut records: Vec<Record>,
+) -> (Vec<Record>, Option<LogError>) {
     let mut last = records.len();
     while last == MAX_BATCH && records.len() + MAX_BATCH <= MAX_GROUP {
         match consumer.poll(MAX_BATCH, Duration::ZERO).await {
@@ -1043,12 +1060,25 @@ async fn gather_backlog(consumer: &mut dyn Consumer, mut records: Vec<Record>) -
                 records.extend(more);
             }
             Err(e) => {
-                debug!(error = %e, "extra poll failed; writing what was gathered");
-                break;
+                debug!(error = %e, "extra poll failed; writing what was gathered first");
+                return (records, Some(e));
             }
         }
     }
-    records
+    (records, None)
+}
+
+/// A failed poll: a transient error is retried after a pause (`Ok(false)`; `Ok(true)` when
+/// shut down meanwhile), any other stops the sink.
+async fn poll_failed(e: LogError, shutdown: &CancellationToken) -> Result<bool, SinkError> {
+    if !e.is_transient() {
+        return Err(e.into());
+    }
+    warn!(error = %e, "poll failed; retrying");
+    tokio::select! {
+        _ = shutdown.cancelled() => Ok(true),
+        _ = tokio::time::sleep(FIRST_BACKOFF) => Ok(false),
+    }
 }
 
 /// The next offset of every partition in `records`.

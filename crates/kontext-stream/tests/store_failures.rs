@@ -604,6 +604,7 @@ async fn a_rebuild_and_its_switch_dead_letter_every_bad_record() {
         inner: log.clone(),
         gate: gate.clone(),
         consumers: consumers.clone(),
+        fail_after_full: Arc::default(),
     });
     let sink = StoreSink::new(
         gated,
@@ -753,17 +754,68 @@ async fn a_rebuild_dead_letters_what_the_live_sink_applied_under_an_earlier_defi
     assert_eq!(metrics.dead_lettered().values().sum::<u64>(), 0);
 }
 
+/// A Kafka consumer reports an error once. When that error meets the extra poll that gathers
+/// a backlog, the sink writes what it gathered, then stops with the error. (It was logged at
+/// debug level and dropped: the sink went on as if nothing had happened.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_of_the_poll_gathering_a_backlog_stops_the_sink_after_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> =
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    let topic = "context.customers".to_owned();
+    let config = pipeline(&topic);
+    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
+    log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(&topic), 1))
+        .await
+        .unwrap();
+    let records = (0..2500).map(|i| good(&topic, i)).collect();
+    log.producer().await.unwrap().send(records).await.unwrap();
+    let store = FailingStore::new(dir.path(), &config, Duration::ZERO);
+    let gated: Arc<dyn Log> = Arc::new(GatedLog {
+        inner: log.clone(),
+        gate: Arc::new(AtomicBool::new(true)),
+        consumers: Arc::default(),
+        fail_after_full: Arc::new(AtomicBool::new(true)),
+    });
+    let group = "failures-backlog".to_owned();
+    let sink = StoreSink::new(
+        gated,
+        store.clone(),
+        Router::new(&config),
+        ConsumerConfig::new(&group, vec![topic.clone()]),
+        Arc::new(PipelineMetrics::default()),
+    )
+    .with_config(&config)
+    .with_dead_letters(store_letters(&config, &log, &group).await);
+    let shutdown = CancellationToken::new();
+    let ran = tokio::time::timeout(Duration::from_secs(30), sink.run(shutdown.clone())).await;
+    shutdown.cancel();
+    let err = ran
+        .expect("the sink kept running: the poll error was dropped")
+        .expect_err("the sink stopped without an error");
+    assert!(err.to_string().contains("injected"), "{err}");
+    // The 2 000 records of the full poll were written before it stopped; the other 500 are
+    // for the next start.
+    let dyn_store: Arc<dyn ContextStore> = store.clone();
+    assert_eq!(offset_of(&dyn_store, &topic), 2000);
+}
+
 /// A log whose consumers deliver nothing until `gate` opens: a member that joined and lags.
 struct GatedLog {
     inner: Arc<dyn Log>,
     gate: Arc<AtomicBool>,
     /// Consumers created so far.
     consumers: Arc<AtomicU64>,
+    /// While set, the poll after a full one fails once, with a permanent error (then it is
+    /// cleared): a Kafka consumer reports an error once.
+    fail_after_full: Arc<AtomicBool>,
 }
 
 struct GatedConsumer {
     inner: Box<dyn kontext_log::Consumer>,
     gate: Arc<AtomicBool>,
+    fail_after_full: Arc<AtomicBool>,
+    last_was_full: bool,
 }
 
 #[async_trait]
@@ -803,6 +855,8 @@ impl Log for GatedLog {
         Ok(Box::new(GatedConsumer {
             inner,
             gate: self.gate.clone(),
+            fail_after_full: self.fail_after_full.clone(),
+            last_was_full: false,
         }))
     }
 
@@ -834,7 +888,17 @@ impl kontext_log::Consumer for GatedConsumer {
             tokio::time::sleep(timeout.min(Duration::from_millis(20))).await;
             return Ok(Vec::new());
         }
-        self.inner.poll(max_records, timeout).await
+        if std::mem::take(&mut self.last_was_full)
+            && self.fail_after_full.swap(false, Ordering::SeqCst)
+        {
+            return Err(kontext_log::LogError::Kafka {
+                message: "consumer fatal error (injected)".into(),
+                transient: false,
+            });
+        }
+        let records = self.inner.poll(max_records, timeout).await?;
+        self.last_was_full = records.len() == max_records;
+        Ok(records)
     }
 
     async fn commit(
