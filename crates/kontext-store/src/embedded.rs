@@ -22,10 +22,11 @@ use std::time::Duration;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
-use serde_json::Value;
 
 use crate::document::{ContextDocument, EntityView, RelatedEntity, RelatedList};
-use crate::model::{merge_fields, Change, EntityDoc, EntityUpdate, OwnedVersion, StoreSchema};
+use crate::model::{
+    merge_fields, parent_id_of, Change, EntityDoc, EntityUpdate, OwnedVersion, StoreSchema,
+};
 use crate::StoreError;
 pub use cache::CacheStats;
 use cache::ContextCache;
@@ -274,8 +275,8 @@ impl EmbeddedStore {
         // The parents it names, shown or not yet stored.
         let mut deps = vec![ContextCache::slot(&key)];
         for (parent_type, field) in self.schema.parents_of(entity_type) {
-            if let Some(parent_id) = doc.fields.get(field).and_then(Value::as_str) {
-                deps.push(ContextCache::slot(&entity_key(parent_type, parent_id)));
+            if let Some(parent_id) = doc.fields.get(field).and_then(parent_id_of) {
+                deps.push(ContextCache::slot(&entity_key(parent_type, &parent_id)));
             }
         }
         let doc = Arc::new(doc);
@@ -632,10 +633,10 @@ impl EmbeddedStore {
         };
         let mut belongs_to = BTreeMap::new();
         for (parent_type, field) in self.schema.parents_of(entity_type) {
-            let Some(parent_id) = view.fields.get(field).and_then(Value::as_str) else {
+            let Some(parent_id) = view.fields.get(field).and_then(parent_id_of) else {
                 continue;
             };
-            if let Some(parent) = shown(&entity_key(parent_type, parent_id))? {
+            if let Some(parent) = shown(&entity_key(parent_type, &parent_id))? {
                 belongs_to.insert(parent_type.clone(), parent);
             }
         }
@@ -886,13 +887,9 @@ struct Index<'a, 't> {
     moves: &'a mut BTreeMap<Vec<u8>, ChildMoves>,
 }
 
-/// The parent id in a relation field; numbers are accepted and written as text.
+/// The parent id in a relation field ([`parent_id_of`]).
 fn parent_id<'a>(doc: &'a EntityDoc, field: &str) -> Option<Cow<'a, str>> {
-    match doc.fields.get(field).map(|f| &f.value) {
-        Some(Value::String(s)) if !s.is_empty() => Some(Cow::Borrowed(s)),
-        Some(Value::Number(n)) => Some(Cow::Owned(n.to_string())),
-        _ => None,
-    }
+    doc.fields.get(field).and_then(|f| parent_id_of(&f.value))
 }
 
 /// Keys join types, ids and parent ids with NUL separators: a NUL inside one would make a key

@@ -296,6 +296,17 @@ impl StoreSchema {
 
 /// Applies an upsert to a document, field by field, keeping the newer version of each (the
 /// fields it sets share `provenance`). Returns whether anything changed.
+/// The parent id a relation field's value names: a non-empty string, or a number written as
+/// text (`"customer_id": 10042` names customer `10042`). Both stores read relations this way,
+/// for the parent's related lists and for the child's `belongs_to` alike.
+pub(crate) fn parent_id_of(value: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match value {
+        Value::String(s) if !s.is_empty() => Some(std::borrow::Cow::Borrowed(s)),
+        Value::Number(n) => Some(std::borrow::Cow::Owned(n.to_string())),
+        _ => None,
+    }
+}
+
 pub(crate) fn merge_fields(
     doc: &mut EntityDoc,
     fields: &Fields,

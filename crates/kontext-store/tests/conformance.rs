@@ -393,3 +393,48 @@ async fn tombstones_converge_whatever_order_they_arrive_in() {
         assert_deliveries_converge(&random_log(seed, 500, false), seed).await;
     }
 }
+
+/// A relation field holding a number names its parent by the number as text, from both sides:
+/// the order is in customer `10042`'s related list, and the customer is the order's
+/// `belongs_to` (it was the first only: the assembly read strings alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_numeric_relation_field_names_its_parent_from_both_sides() {
+    let upsert = |entity_type: &str, id: &str, fields: Value, offset: i64| EntityUpdate {
+        entity_type: entity_type.into(),
+        entity_id: id.into(),
+        change: Change::Upsert(Map::from_iter(fields.as_object().unwrap().clone()).into()),
+        provenance: Provenance {
+            source: "crm".into(),
+            event_id: format!("e{offset}"),
+            event_type: None,
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            event_time_ms: 1_000,
+        },
+    };
+    let updates = vec![
+        upsert("customer", "10042", json!({"name": "Ana"}), 0),
+        upsert("order", "O1", json!({"customer_id": 10042, "total": 5}), 1),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = embedded_store(&dir, "numeric.redb");
+    let (postgres, ns) = postgres_store().await;
+    let stores: [(&str, &dyn ContextStore); 2] = [("embedded", &embedded), ("postgres", &postgres)];
+    for (name, store) in stores {
+        store.apply(&updates, &[("t".into(), 0, 2)]).await.unwrap();
+        let order = store.context("order", "O1").await.unwrap().unwrap();
+        let parent = order.belongs_to.get("customer");
+        assert_eq!(
+            parent.map(|p| p.entity_id.as_str()),
+            Some("10042"),
+            "{name}: {:?}",
+            order.belongs_to
+        );
+        let customer = store.context("customer", "10042").await.unwrap().unwrap();
+        let orders = &customer.related["order"];
+        assert_eq!(orders.total, 1, "{name}");
+        assert_eq!(orders.items[0].entity_id, "O1", "{name}");
+    }
+    drop_schema(&ns).await;
+}

@@ -21,7 +21,9 @@ use super::connect::{self, Connect};
 use super::plan::{self, BatchPlan};
 use crate::document::{ContextDocument, RelatedEntity, RelatedList};
 use crate::embedded::ApplyStats;
-use crate::model::{EntityDoc, EntityUpdate, FieldEntry, OwnedVersion, Provenance, StoreSchema};
+use crate::model::{
+    parent_id_of, EntityDoc, EntityUpdate, FieldEntry, OwnedVersion, Provenance, StoreSchema,
+};
 use crate::{ContextStore, StoreError};
 
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -455,11 +457,10 @@ impl PostgresStore {
         };
         let mut belongs_to = BTreeMap::new();
         for (parent_type, field) in self.schema.parents_of(entity_type) {
-            // As the embedded store: only a string names a parent here.
-            let Some(parent_id) = doc.fields.get(field).and_then(|f| f.value.as_str()) else {
+            let Some(parent_id) = doc.fields.get(field).and_then(|f| parent_id_of(&f.value)) else {
                 continue;
             };
-            if let Some(parent) = Self::load(&txn, &[(parent_type, parent_id)])
+            if let Some(parent) = Self::load(&txn, &[(parent_type, &parent_id)])
                 .await?
                 .into_iter()
                 .next()
@@ -849,14 +850,9 @@ fn provenance(row: &Row, at: usize) -> Result<Provenance, StoreError> {
     })
 }
 
-/// The parent id a relation field holds, as the embedded store's relation index reads it:
-/// a non-empty string, or a number written as text.
+/// The parent id a relation field holds ([`parent_id_of`]).
 fn parent_id(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
+    parent_id_of(value).map(std::borrow::Cow::into_owned)
 }
 
 /// PostgreSQL text cannot hold NUL characters (the embedded store can). Such a batch can
