@@ -188,10 +188,19 @@ impl EmbeddedConsumer {
                 });
             }
         }
-        let offsets = log.groups.group(&config.group_id)?;
+        // Member first, then the offsets: `delete_group` refuses a group with a member, so
+        // it cannot remove the offsets between the two (a consumer would then start from the
+        // deleted group's offsets, and its first commit write them back).
         if !log.groups.active.lock().insert(config.group_id.clone()) {
             return Err(LogError::GroupBusy(config.group_id));
         }
+        let offsets = match log.groups.group(&config.group_id) {
+            Ok(offsets) => offsets,
+            Err(e) => {
+                log.groups.active.lock().remove(&config.group_id);
+                return Err(e);
+            }
+        };
         let data_version = log.data_version();
         Ok(Self {
             log,

@@ -64,8 +64,10 @@ impl EmbeddedLog {
     pub fn open(dir: &Path, config: EmbeddedConfig) -> Result<Arc<EmbeddedLog>, LogError> {
         config.validate()?;
         let dir = dir.to_path_buf();
-        fs::create_dir_all(dir.join("topics")).map_err(|e| LogError::io(&dir, e))?;
-        fs::create_dir_all(dir.join("groups")).map_err(|e| LogError::io(&dir, e))?;
+        // Durably: a topic or a group's offsets written into them are synced with their own
+        // directory, not with this one.
+        fsutil::create_dir_durably(&dir.join("topics"))?;
+        fsutil::create_dir_durably(&dir.join("groups"))?;
         let lock_path = dir.join("LOCK");
         let dir_lock = File::options()
             .create(true)
