@@ -51,7 +51,17 @@ pub mod headers {
     /// ([`super::LETTER_BYTES_CAP`]): the record's value size in bytes. The record itself is
     /// in the log at the `__connect.errors.*` coordinates.
     pub const VALUE_OMITTED: &str = "kontext.errors.value.omitted.bytes";
+    /// kontext: set when, even without its value, the letter did not fit, so the record's own
+    /// headers were left out too: their size in bytes (names and values).
+    pub const HEADERS_OMITTED: &str = "kontext.errors.headers.omitted.bytes";
+    /// kontext: set when, without its value and headers, the letter still did not fit, so the
+    /// record's key was left out too: its size in bytes.
+    pub const KEY_OMITTED: &str = "kontext.errors.key.omitted.bytes";
 }
+
+/// The most of an error's message (and of its debug form) a dead letter's headers carry: an
+/// error can quote the input (a jq error quotes the value it failed on).
+const ERROR_TEXT_CAP: usize = 16 * 1024;
 
 /// The largest dead letter (key, value and headers) written with its value. Below librdkafka's
 /// default `message.max.bytes` (1 000 000) and Kafka's default `max.message.bytes` (1 048 588),
@@ -60,6 +70,19 @@ pub mod headers {
 /// would be bigger (a `record_too_large` one always is at the default limits) is dead-lettered
 /// without its value, with [`headers::VALUE_OMITTED`].
 pub const LETTER_BYTES_CAP: usize = 900_000;
+
+/// `text`, cut to [`ERROR_TEXT_CAP`] bytes (at a character boundary) with `…` when longer.
+fn capped(mut text: String) -> String {
+    if text.len() > ERROR_TEXT_CAP {
+        let mut end = ERROR_TEXT_CAP;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
 
 /// The stage a record failed in: a bounded label for headers and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -179,25 +202,55 @@ impl DeadLetters {
         add(headers::STAGE, stage.connect_name().to_string());
         add(headers::CLASS_NAME, class.to_string());
         add(headers::EXCEPTION_CLASS_NAME, format!("{class}::{kind}"));
-        add(headers::EXCEPTION_MESSAGE, error.to_string());
-        add(headers::EXCEPTION_STACKTRACE, format!("{error:?}"));
+        add(headers::EXCEPTION_MESSAGE, capped(error.to_string()));
+        add(headers::EXCEPTION_STACKTRACE, capped(format!("{error:?}")));
         add(headers::KIND, kind.to_string());
         add(headers::ATTEMPTS, attempts.to_string());
         add(headers::TIME, format_time(now_ms()));
         add(headers::PIPELINE, self.pipeline.clone());
         add(headers::KONTEXT_STAGE, stage.name().to_string());
+        // Too big a letter is refused by the producer, a permanent error that would stop the
+        // sink on this record at every start: leave out the value, then the record's own
+        // headers, then its key, until it fits. Each omission is said in a header, and a
+        // letter with any is never replayed (`kontext dlq replay` checks VALUE_OMITTED).
         let size = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
-        let header_bytes: usize = headers.iter().map(|h| h.key.len() + size(&h.value)).sum();
-        let mut value = record.value.clone();
-        if size(&record.key) + size(&value) + header_bytes > LETTER_BYTES_CAP {
-            let omitted = size(&value).to_string();
-            headers.push(Header::new(headers::VALUE_OMITTED, Bytes::from(omitted)));
+        let header_size = |h: &Header| h.key.len() + size(&h.value);
+        let mut header_bytes: usize = headers.iter().map(header_size).sum();
+        let (mut key, mut value) = (record.key.clone(), record.value.clone());
+        let omit = |headers: &mut Vec<Header>, header_bytes: &mut usize, name: &str, n: usize| {
+            let header = Header::new(name, Bytes::from(n.to_string()));
+            *header_bytes += header_size(&header);
+            headers.push(header);
+        };
+        if size(&key) + size(&value) + header_bytes > LETTER_BYTES_CAP {
+            let n = size(&value);
+            omit(&mut headers, &mut header_bytes, headers::VALUE_OMITTED, n);
             value = None;
+        }
+        if size(&key) + header_bytes > LETTER_BYTES_CAP {
+            // The record's own headers come first in `headers`.
+            let own: usize = headers[..record.headers.len()]
+                .iter()
+                .map(header_size)
+                .sum();
+            headers.drain(..record.headers.len());
+            header_bytes -= own;
+            omit(
+                &mut headers,
+                &mut header_bytes,
+                headers::HEADERS_OMITTED,
+                own,
+            );
+        }
+        if size(&key) + header_bytes > LETTER_BYTES_CAP {
+            let n = size(&key);
+            omit(&mut headers, &mut header_bytes, headers::KEY_OMITTED, n);
+            key = None;
         }
         ProduceRecord {
             topic: self.config.topic_for(&record.topic),
             partition: Some(record.partition),
-            key: record.key.clone(),
+            key,
             value,
             headers,
             timestamp_ms: Some(record.timestamp_ms),
@@ -319,6 +372,90 @@ mod tests {
         assert_eq!(big.key, Some(Bytes::from_static(b"O-1")));
         let offset = big.headers.iter().find(|h| h.key == headers::OFFSET);
         assert_eq!(offset.and_then(|h| h.value.clone()), Some(Bytes::from("3")));
+    }
+
+    /// Without its value a letter can still be too big: a record's own headers, or its key,
+    /// near the cap. They are left out in turn until the letter fits, and a long error text
+    /// is cut, so no record can make a letter the producer refuses.
+    #[test]
+    fn a_letter_fits_whatever_part_of_the_record_is_big() {
+        let dlq = DeadLetters::new(
+            DeadLetterConfig::default(),
+            "cs".into(),
+            "g".into(),
+            Arc::new(NoProducer),
+        );
+        let base = Record {
+            topic: "context.orders".into(),
+            partition: 0,
+            offset: 3,
+            timestamp_ms: 1_700_000_000_000,
+            key: Some(Bytes::from_static(b"O-1")),
+            value: Some(Bytes::from_static(b"{}")),
+            headers: vec![Header::new("trace", Bytes::from_static(b"t-1"))],
+        };
+        let big = Bytes::from(vec![b'x'; LETTER_BYTES_CAP]);
+        let with_big_headers = Record {
+            headers: vec![
+                Header::new("a", big.slice(..LETTER_BYTES_CAP / 2)),
+                Header::new("b", big.slice(..LETTER_BYTES_CAP / 2)),
+            ],
+            ..base.clone()
+        };
+        let with_big_key = Record {
+            key: Some(big.clone()),
+            ..base.clone()
+        };
+        let long_error = ProcessError::Envelope(
+            kontext_core::envelope::EnvelopeError::InvalidJson("y".repeat(2 * LETTER_BYTES_CAP)),
+        );
+        let size = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
+        let header = |letter: &ProduceRecord, name: &str| {
+            letter
+                .headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value.clone())
+        };
+        for (record, error) in [
+            (&with_big_headers, &long_error),
+            (&with_big_key, &long_error),
+            (&base, &long_error),
+        ] {
+            let letter = dlq.letter(record, error);
+            let bytes = size(&letter.key)
+                + size(&letter.value)
+                + letter
+                    .headers
+                    .iter()
+                    .map(|h| h.key.len() + size(&h.value))
+                    .sum::<usize>();
+            assert!(bytes <= LETTER_BYTES_CAP, "{bytes}");
+            let message = header(&letter, headers::EXCEPTION_MESSAGE).unwrap();
+            assert!(message.len() <= ERROR_TEXT_CAP + 3 && message.ends_with("…".as_bytes()));
+        }
+        // Only as much is left out as needed, and each omission is said.
+        let letter = dlq.letter(&with_big_headers, &long_error);
+        assert_eq!(header(&letter, headers::VALUE_OMITTED), Some("2".into()));
+        assert_eq!(
+            header(&letter, headers::HEADERS_OMITTED),
+            Some((LETTER_BYTES_CAP + 2).to_string().into())
+        );
+        assert!(header(&letter, "a").is_none() && header(&letter, "b").is_none());
+        assert_eq!(letter.key, base.key);
+        let letter = dlq.letter(&with_big_key, &long_error);
+        assert_eq!(letter.key, None);
+        assert_eq!(
+            header(&letter, headers::KEY_OMITTED),
+            Some(LETTER_BYTES_CAP.to_string().into())
+        );
+        assert_eq!(header(&letter, "trace"), None, "headers go before the key");
+        let letter = dlq.letter(&base, &long_error);
+        assert_eq!(
+            letter.value, base.value,
+            "a cut error text needs no omission"
+        );
+        assert_eq!(header(&letter, "trace"), Some("t-1".into()));
     }
 
     #[test]
