@@ -199,6 +199,11 @@ impl Partition {
                     .map_err(|e| LogError::io(&path, e))?;
                 file.sync_all().map_err(|e| LogError::io(&path, e))?;
             }
+            // Only the last segment keeps its file open: a partition of a thousand segments
+            // must not hold a thousand descriptors while it is scanned.
+            if let Some(prev) = segments.last_mut() {
+                prev.file = None;
+            }
             segments.push(Segment {
                 base,
                 end: scan.end,
@@ -220,10 +225,6 @@ impl Partition {
         if segments.is_empty() {
             segments.push(create_segment(&dir, 0)?);
             fsutil::sync_dir(&dir)?;
-        }
-        let older = segments.len() - 1;
-        for s in &mut segments[..older] {
-            s.file = None;
         }
         let next_offset = segments.last().map_or(0, |s| s.end);
         Ok(Partition {
