@@ -58,8 +58,10 @@ pub enum ToolFormat {
     Markdown,
 }
 
-/// Arguments of `get_entity_context`.
+/// Arguments of `get_entity_context`. An argument the tool does not know is an error, not
+/// ignored: a model that wrote `maxTokens` learns that no budget applied.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GetEntityContextParams {
     /// The entity type, one of those describe_entity_types lists (e.g. "customer").
     pub entity_type: String,
@@ -97,8 +99,9 @@ pub enum ToolTokenizer {
     O200k,
 }
 
-/// Arguments of `list_entities`.
+/// Arguments of `list_entities` (unknown ones are an error, as for `get_entity_context`).
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ListEntitiesParams {
     /// The entity type, one of those describe_entity_types lists (e.g. "customer").
     pub entity_type: String,
@@ -313,13 +316,30 @@ fn check_arguments(tool: &str, arguments: &mut JsonObject) -> Result<(), ApiErro
     };
     match tool {
         "get_entity_context" => {
+            // `fields` as the HTTP API takes it: a list (or one comma-separated string), each
+            // name trimmed, none empty.
+            let fields = match arguments.get("fields") {
+                Some(Value::Array(names)) if names.iter().all(Value::is_string) => Some(
+                    names
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                Some(Value::String(names)) => Some(names.clone()),
+                _ => None, // absent, or of a type the schema check below refuses
+            };
             let raw = RawContextParams {
                 format: text("format"),
                 max_tokens: text("max_tokens"),
                 tokenizer: text("tokenizer"),
+                fields,
                 ..RawContextParams::default()
             };
             let query = raw.parse()?;
+            if let Some(names) = &query.fields {
+                arguments.insert("fields".into(), names.clone().into());
+            }
             if raw.format.is_some() {
                 let format = match query.format {
                     ContextFormat::Json => "json",

@@ -499,6 +499,26 @@ async fn bad_tool_arguments_are_tool_errors_with_the_http_apis_codes() {
             json!({"entity_type": "customer"}),
             "invalid_request",
         ),
+        (
+            "get_entity_context",
+            json!({"entity_type": "customer", "entity_id": "C1", "fields": [""]}),
+            "invalid_fields",
+        ),
+        (
+            "get_entity_context",
+            json!({"entity_type": "customer", "entity_id": "C1", "fields": [1]}),
+            "invalid_request",
+        ),
+        (
+            "get_entity_context",
+            json!({"entity_type": "customer", "entity_id": "C1", "format": "markdown", "maxTokens": 50}),
+            "invalid_request",
+        ),
+        (
+            "list_entities",
+            json!({"entity_type": "customer", "page_size": 5}),
+            "invalid_request",
+        ),
     ] {
         let (status, call) = post_mcp(
             state.clone(),
@@ -524,6 +544,26 @@ async fn bad_tool_arguments_are_tool_errors_with_the_http_apis_codes() {
     assert_eq!(call["result"]["isError"], false, "{call}");
     let text = call["result"]["content"][0]["text"].as_str().unwrap();
     assert!(text.starts_with("# customer C1\n"), "{text}");
+    // `fields` as the HTTP API reads it: names trimmed, a comma-separated string split.
+    for fields in [
+        json!([" given_name ", "email"]),
+        json!("email, given_name "),
+    ] {
+        let (_, call) = post_mcp(
+            state.clone(),
+            json!({"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {
+                "name": "get_entity_context",
+                "arguments": {"entity_type": "customer", "entity_id": "C1", "fields": fields}}}),
+        )
+        .await;
+        assert_eq!(call["result"]["isError"], false, "{call}");
+        let doc = &call["result"]["structuredContent"];
+        let names: Vec<&str> = doc["fields"]
+            .as_object()
+            .map(|f| f.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(names, ["given_name"], "{fields}: {call}");
+    }
     // A tool without arguments is called without any.
     let (_, call) = post_mcp(
         state,
