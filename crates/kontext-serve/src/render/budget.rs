@@ -104,15 +104,21 @@ pub fn render_markdown(
     // every answer is counted exactly, and more budget still never shows less (the candidates
     // and the fitting prefixes both grow with it).
     let slack = 2 * layout.sections_len();
-    for k in (0..=n).rev().filter(|&k| estimate(k) <= budget + slack) {
+    let estimates: Vec<usize> = (0..=n).map(estimate).collect();
+    for k in (0..=n).rev().filter(|&k| estimates[k] <= budget + slack) {
         let rendered = finish(&layout, &units, k, options.tokenizer);
         if rendered.tokens <= budget {
             return Ok(rendered);
         }
     }
     // Nothing fits. The minimum to name is the shortest rendering of any prefix (not always the
-    // header alone: the omissions line it carries can outweigh a small unit).
+    // header alone: the omissions line it carries can outweigh a small unit). A prefix whose
+    // estimate exceeds the lowest estimate by more than the slack counts more than that one
+    // does, so only the others are rendered: a request with `max_tokens=1` must not render
+    // every prefix of a large document.
+    let lowest = estimates.iter().copied().min().unwrap_or(base);
     let minimum = (0..=n)
+        .filter(|&k| estimates[k] <= lowest + slack)
         .map(|k| finish(&layout, &units, k, options.tokenizer).tokens)
         .min()
         .unwrap_or(base);

@@ -24,6 +24,9 @@ pub(super) struct Layout<'a> {
     options: &'a RenderOptions,
     /// Sections the document has (at least one unit), in priority order.
     sections: Vec<RenderSection>,
+    /// The entity's fields in order, for [`Layout::field_line`] by index (a map's `nth` walks
+    /// from the start: quadratic in the fields per rendering).
+    fields: Vec<(&'a String, &'a Value)>,
 }
 
 impl<'a> Layout<'a> {
@@ -42,6 +45,7 @@ impl<'a> Layout<'a> {
             doc,
             options,
             sections,
+            fields: doc.fields.iter().collect(),
         };
         let present: Vec<bool> = layout
             .sections
@@ -252,7 +256,7 @@ impl<'a> Layout<'a> {
     }
 
     fn field_line(&self, i: usize, with_provenance: bool) -> String {
-        let Some((name, value)) = self.doc.fields.iter().nth(i) else {
+        let Some(&(name, value)) = self.fields.get(i) else {
             return String::new();
         };
         let mut line = format!("- {}: {}", clean(name), value_text(value));
