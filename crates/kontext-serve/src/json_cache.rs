@@ -3,9 +3,11 @@
 //! The embedded store serves a hot entity's document from its cache as the same
 //! `Arc<ContextDocument>` until something it shows changes. Serializing that document (tens
 //! of KB of JSON) is then most of what `GET /v1/context` costs, so the bytes are kept next to
-//! the `Arc` they were made from and reused while the store returns that very `Arc`. The
-//! cache holds the `Arc`, so its address cannot be reused by another document meanwhile: a
-//! pointer match means the same content. Stores that assemble every lookup (PostgreSQL)
+//! a `Weak` of the `Arc` they were made from and reused while the store returns that very
+//! `Arc`. A `Weak` keeps the allocation, so its address cannot be reused by another document
+//! meanwhile (a pointer match means the same content), but not the content: once the store's
+//! cache drops a document, its fields and children are freed, and only the JSON the weigher
+//! counts stays. Stores that assemble every lookup (PostgreSQL)
 //! return a new `Arc` each time, which nothing else holds: those are serialized and not kept.
 //!
 //! The response is the document's JSON with `"staleness_ms":N` spliced in before the closing
@@ -13,7 +15,7 @@
 //! sorted and `staleness_ms` sorts last), which the golden-file tests hold it to.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use axum::body::Bytes;
 use kontext_store::ContextDocument;
@@ -23,7 +25,7 @@ const CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Clone)]
 struct Entry {
-    doc: Arc<ContextDocument>,
+    doc: Weak<ContextDocument>,
     json: Bytes,
 }
 
@@ -74,13 +76,13 @@ impl JsonCache {
         }
         let key = (entity_type.to_string(), entity_id.to_string());
         let json = match self.entries.get(&key) {
-            Some(entry) if Arc::ptr_eq(&entry.doc, doc) => entry.json,
+            Some(entry) if std::ptr::eq(entry.doc.as_ptr(), Arc::as_ptr(doc)) => entry.json,
             _ => {
                 let json = Bytes::from(serde_json::to_vec(doc.as_ref())?);
                 self.entries.insert(
                     key,
                     Entry {
-                        doc: Arc::clone(doc),
+                        doc: Arc::downgrade(doc),
                         json: json.clone(),
                     },
                 );
@@ -169,6 +171,29 @@ mod tests {
         let again = cache.response_body("customer", "C1", &doc, 9).unwrap();
         assert_eq!(first, expected(&doc, 5));
         assert_eq!(again, expected(&doc, 9));
+        drop(held_by_the_store);
+    }
+
+    /// A kept entry does not keep the document's content alive once the store dropped it (the
+    /// weigher counts only the JSON), and a new document at the same key is not served the
+    /// old bytes.
+    #[test]
+    fn a_kept_entry_does_not_keep_the_document_alive() {
+        let cache = JsonCache::default();
+        let doc = document();
+        let held_by_the_store = Arc::clone(&doc);
+        cache.response_body("customer", "C1", &doc, 5).unwrap();
+        let probe = Arc::downgrade(&doc);
+        drop(held_by_the_store);
+        drop(doc);
+        assert!(probe.upgrade().is_none(), "the cache kept the document");
+        assert_eq!(cache.entries.len(), 1);
+        let mut changed = (*document()).clone();
+        changed.fields.insert("tier".into(), "gold".into());
+        let changed = Arc::new(changed);
+        let held_by_the_store = Arc::clone(&changed);
+        let body = cache.response_body("customer", "C1", &changed, 5).unwrap();
+        assert_eq!(body, expected(&changed, 5));
         drop(held_by_the_store);
     }
 }
