@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 use crate::dlq::{store_error_kind, DeadLetters, FailedStage};
 use crate::metrics::{BreakerState, PipelineMetrics, UpdateKind};
 use crate::normalize::{Outcome, ProcessError, Router};
-use crate::retry::Backoff;
+use crate::retry::{Backoff, Waiter};
 
 /// Most records taken per poll.
 const MAX_BATCH: usize = 2_000;
@@ -345,6 +345,9 @@ impl StoreSink {
         let mut uncommitted: VecDeque<(u64, Vec<(TopicPartition, i64)>)> = VecDeque::new();
         let flusher = self.spawn_flusher(&shutdown);
         let mut assignment_checked: Option<Instant> = None;
+        // The delays between failing polls (or resumes): growing while they fail, from the
+        // retry settings' waiting policy; cleared by a poll that works.
+        let mut failing: Option<Waiter> = None;
         loop {
             if assignment_checked.is_none_or(|at| at.elapsed() >= ASSIGNMENT_CHECK) {
                 let held = feed.consumer.assignment().len() as i64;
@@ -358,10 +361,11 @@ impl StoreSink {
                 match feed.consumer.resume().await {
                     Ok(()) => feed.paused = false,
                     Err(e) if e.is_transient() => {
-                        warn!(error = %e, "resuming the consumer failed; retrying");
+                        let delay = self.next_failure_delay(&mut failing);
+                        warn!(error = %e, retry_in = ?delay, "resuming the consumer failed; retrying");
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(FIRST_BACKOFF) => {}
+                            _ = tokio::time::sleep(delay) => {}
                         }
                         continue;
                     }
@@ -369,7 +373,8 @@ impl StoreSink {
                 }
             }
             let records = if let Some(e) = feed.failed_poll.take() {
-                if poll_failed(e, &shutdown).await? {
+                let delay = self.next_failure_delay(&mut failing);
+                if poll_failed(e, delay, &shutdown).await? {
                     break;
                 }
                 continue;
@@ -388,12 +393,14 @@ impl StoreSink {
                     _ = shutdown.cancelled() => break,
                     polled = feed.consumer.poll(MAX_BATCH, timeout) => match polled {
                         Ok(r) => {
+                            failing = None;
                             let (records, failed) = gather_backlog(feed.consumer.as_mut(), r).await;
                             feed.failed_poll = failed;
                             records
                         }
                         Err(e) => {
-                            if poll_failed(e, &shutdown).await? {
+                            let delay = self.next_failure_delay(&mut failing);
+                            if poll_failed(e, delay, &shutdown).await? {
                                 break;
                             }
                             continue;
@@ -1016,6 +1023,14 @@ impl StoreSink {
         Ok(applied)
     }
 
+    /// The wait before retrying a failed poll or resume: the retry settings' waiting policy
+    /// (growing with jitter, capped), started by the first failure of a run of them.
+    fn next_failure_delay(&self, failing: &mut Option<Waiter>) -> Duration {
+        failing
+            .get_or_insert_with(|| Waiter::new(self.retry.waiting_policy()))
+            .next_delay()
+    }
+
     /// Fails when the store has applied offsets past a partition's high watermark: new records
     /// would get offsets the store takes for applied, and be skipped without a word.
     async fn check_store_within_log(&self, applied: &Handled) -> Result<(), SinkError> {
@@ -1068,16 +1083,20 @@ async fn gather_backlog(
     (records, None)
 }
 
-/// A failed poll: a transient error is retried after a pause (`Ok(false)`; `Ok(true)` when
+/// A failed poll: a transient error is retried after `delay` (`Ok(false)`; `Ok(true)` when
 /// shut down meanwhile), any other stops the sink.
-async fn poll_failed(e: LogError, shutdown: &CancellationToken) -> Result<bool, SinkError> {
+async fn poll_failed(
+    e: LogError,
+    delay: Duration,
+    shutdown: &CancellationToken,
+) -> Result<bool, SinkError> {
     if !e.is_transient() {
         return Err(e.into());
     }
-    warn!(error = %e, "poll failed; retrying");
+    warn!(error = %e, retry_in = ?delay, "poll failed; retrying");
     tokio::select! {
         _ = shutdown.cancelled() => Ok(true),
-        _ = tokio::time::sleep(FIRST_BACKOFF) => Ok(false),
+        _ = tokio::time::sleep(delay) => Ok(false),
     }
 }
 

@@ -605,6 +605,8 @@ async fn a_rebuild_and_its_switch_dead_letter_every_bad_record() {
         gate: gate.clone(),
         consumers: consumers.clone(),
         fail_after_full: Arc::default(),
+        transient_failures: Arc::default(),
+        polled_at: Arc::default(),
     });
     let sink = StoreSink::new(
         gated,
@@ -754,6 +756,63 @@ async fn a_rebuild_dead_letters_what_the_live_sink_applied_under_an_earlier_defi
     assert_eq!(metrics.dead_lettered().values().sum::<u64>(), 0);
 }
 
+/// Polls that keep failing (a broker down) are retried with the retry settings' growing
+/// delays, not every 100 ms for ever; a poll that works starts them over. (Paused clock: the
+/// gaps are the delays exactly.)
+#[tokio::test(start_paused = true)]
+async fn failing_polls_are_retried_with_growing_delays() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> =
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    let topic = "context.customers".to_owned();
+    let mut config = pipeline(&topic);
+    config.retry.defaults.jitter = Some(kontext_core::config::Jitter::None);
+    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
+    log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(&topic), 1))
+        .await
+        .unwrap();
+    let store = FailingStore::new(dir.path(), &config, Duration::ZERO);
+    let polled_at: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>> = Arc::default();
+    let gated: Arc<dyn Log> = Arc::new(GatedLog {
+        inner: log.clone(),
+        gate: Arc::new(AtomicBool::new(true)),
+        consumers: Arc::default(),
+        fail_after_full: Arc::default(),
+        transient_failures: Arc::new(AtomicU64::new(5)),
+        polled_at: polled_at.clone(),
+    });
+    let group = "failures-polls".to_owned();
+    let sink = StoreSink::new(
+        gated,
+        store,
+        Router::new(&config),
+        ConsumerConfig::new(&group, vec![topic.clone()]),
+        Arc::new(PipelineMetrics::default()),
+    )
+    .with_config(&config)
+    .with_dead_letters(store_letters(&config, &log, &group).await);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sink.run(shutdown.clone()));
+    while polled_at.lock().unwrap().len() < 7 {
+        assert!(!task.is_finished(), "{:?}", task.await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let at = polled_at.lock().unwrap().clone();
+    let gaps: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    // Five failures, the waiting policy's delays doubling from its first (this file's pipeline
+    // sets 1 ms; jitter is off here); the sixth poll works.
+    let policy = config.retry.waiting_policy();
+    let first = policy.first_delay.as_millis();
+    assert_eq!(policy.multiplier, 2.0);
+    assert_eq!(
+        gaps[..5],
+        [first, 2 * first, 4 * first, 8 * first, 16 * first],
+        "{gaps:?}"
+    );
+}
+
 /// A Kafka consumer reports an error once. When that error meets the extra poll that gathers
 /// a backlog, the sink writes what it gathered, then stops with the error. (It was logged at
 /// debug level and dropped: the sink went on as if nothing had happened.)
@@ -776,6 +835,8 @@ async fn an_error_of_the_poll_gathering_a_backlog_stops_the_sink_after_its_recor
         gate: Arc::new(AtomicBool::new(true)),
         consumers: Arc::default(),
         fail_after_full: Arc::new(AtomicBool::new(true)),
+        transient_failures: Arc::default(),
+        polled_at: Arc::default(),
     });
     let group = "failures-backlog".to_owned();
     let sink = StoreSink::new(
@@ -809,6 +870,9 @@ struct GatedLog {
     /// While set, the poll after a full one fails once, with a permanent error (then it is
     /// cleared): a Kafka consumer reports an error once.
     fail_after_full: Arc<AtomicBool>,
+    /// Polls to fail with a transient error before polling the log, and when each was made.
+    transient_failures: Arc<AtomicU64>,
+    polled_at: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
 }
 
 struct GatedConsumer {
@@ -816,6 +880,8 @@ struct GatedConsumer {
     gate: Arc<AtomicBool>,
     fail_after_full: Arc<AtomicBool>,
     last_was_full: bool,
+    transient_failures: Arc<AtomicU64>,
+    polled_at: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
 }
 
 #[async_trait]
@@ -857,6 +923,8 @@ impl Log for GatedLog {
             gate: self.gate.clone(),
             fail_after_full: self.fail_after_full.clone(),
             last_was_full: false,
+            transient_failures: self.transient_failures.clone(),
+            polled_at: self.polled_at.clone(),
         }))
     }
 
@@ -887,6 +955,19 @@ impl kontext_log::Consumer for GatedConsumer {
         if !self.gate.load(Ordering::SeqCst) {
             tokio::time::sleep(timeout.min(Duration::from_millis(20))).await;
             return Ok(Vec::new());
+        }
+        self.polled_at
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
+        let failures = &self.transient_failures;
+        if failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(kontext_log::LogError::Unavailable(
+                "broker unreachable (injected)".into(),
+            ));
         }
         if std::mem::take(&mut self.last_was_full)
             && self.fail_after_full.swap(false, Ordering::SeqCst)

@@ -209,7 +209,8 @@ impl RetryConfig {
     }
 
     /// The delays of waiting for a dependency that must come back (the log or PostgreSQL at
-    /// start-up, the processor's polls and produces, a consumer group to rewind): `defaults`'
+    /// start-up, the processor's and the sinks' polls, the processor's produces, a consumer
+    /// group to rewind): `defaults`'
     /// delays and jitter over the built-in ones, with no limit, since giving up would stop
     /// the pipeline for an outage it should ride out (Ctrl-C still stops the wait).
     pub fn waiting_policy(&self) -> RetryPolicy {
