@@ -92,8 +92,14 @@ impl EmbeddedLog {
             .flat_map(|t| t.partitions.iter().cloned())
             .collect();
         let (data_version, _) = tokio::sync::watch::channel(0u64);
+        // Opened before any write of this process, and kept: `syncfs` reports a writeback
+        // error of the file system once per open file, for errors since that file was opened.
+        // A descriptor opened per round would miss an error that background writeback met
+        // before the round (and one another `syncfs` caller was told of first).
+        let dir_handle = File::open(&dir).map_err(|e| LogError::io(&dir, e))?;
         let shared = Arc::new(Shared {
             dir: dir.clone(),
+            dir_handle,
             config,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),

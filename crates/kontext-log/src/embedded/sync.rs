@@ -22,6 +22,8 @@ use crate::LogError;
 /// State shared by the log handle and the background thread.
 pub(crate) struct Shared {
     pub dir: PathBuf,
+    /// The log directory, open since the log opened: what `syncfs` is called on.
+    pub dir_handle: std::fs::File,
     pub config: EmbeddedConfig,
     pub queue: Mutex<Queue>,
     pub wake: Condvar,
@@ -104,7 +106,8 @@ fn sync_together(
     if covered.is_empty() {
         return results;
     }
-    let outcome = super::fsutil::sync_filesystem(&shared.dir).map_err(|e| e.to_string());
+    let outcome = super::fsutil::sync_filesystem(&shared.dir_handle, &shared.dir)
+        .map_err(|e| e.to_string());
     for (key, p, upto) in covered {
         let result = outcome.clone().map_err(|msg| LogError::Io {
             path: shared.dir.clone(),
