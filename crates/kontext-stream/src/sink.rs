@@ -434,7 +434,10 @@ impl StoreSink {
         // Stopping: what the store applied becomes durable, and the group says so.
         if let Some((stop, handle)) = flusher {
             stop.cancel();
-            let _ = handle.await;
+            if let Err(e) = handle.await {
+                // What it flushed is in the write marks; the final flush below covers the rest.
+                warn!(error = %e, "the store's flusher task failed");
+            }
         }
         let marks = self.store.write_marks();
         if marks.durable < marks.applied {
