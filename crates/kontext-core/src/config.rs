@@ -774,11 +774,27 @@ impl PipelineConfig {
             }
         }
         if self.dead_letter.enabled {
+            // A dead-letter topic that is one the pipeline reads would feed every bad record
+            // back in, to fail and be dead-lettered again, for ever.
+            let read: BTreeSet<&str> = self
+                .sources
+                .values()
+                .map(|s| s.topic.as_str())
+                .chain(self.entities.values().map(|e| e.topic.as_str()))
+                .collect();
             for topic in self.source_topics() {
-                if let Some(problem) = topic_name_problem(&self.dead_letter.topic_for(&topic)) {
+                let dlq = self.dead_letter.topic_for(&topic);
+                if let Some(problem) = topic_name_problem(&dlq) {
                     err(
                         "dead_letter.suffix".into(),
                         format!("the dead-letter topic of {topic:?} would be invalid: {problem}"),
+                    );
+                } else if read.contains(dlq.as_str()) {
+                    err(
+                        "dead_letter.suffix".into(),
+                        format!(
+                            "the dead-letter topic of {topic:?} would be {dlq:?}, a topic this pipeline reads: bad records would come back in for ever. Use a suffix no entity or source topic ends with (default `.dlq`)"
+                        ),
                     );
                 }
             }

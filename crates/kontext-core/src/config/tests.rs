@@ -244,6 +244,28 @@ fn store_mistakes_name_the_field_and_the_fix() {
     );
 }
 
+/// A dead-letter topic the pipeline reads would feed bad records back in for ever: an empty
+/// suffix (every topic its own dead-letter topic), or one that maps a topic onto another.
+#[test]
+fn a_dead_letter_topic_the_pipeline_reads_is_rejected() {
+    let empty = format!("{VALID}dead_letter: {{ suffix: \"\" }}\n");
+    let err = PipelineConfig::parse("p.yaml", &empty).unwrap_err();
+    assert_eq!(err.errors.len(), 2, "{err}");
+    assert!(
+        err.errors
+            .iter()
+            .all(|e| e.field == "dead_letter.suffix" && e.message.contains("reads")),
+        "{err}"
+    );
+    let onto = VALID.replace("topic: context.orders\n", "topic: context.customers.x\n")
+        + "dead_letter: { suffix: \".x\" }\n";
+    let err = PipelineConfig::parse("p.yaml", &onto).unwrap_err();
+    assert_eq!(err.errors.len(), 1, "{err}");
+    assert!(err.to_string().contains("\"context.customers.x\""), "{err}");
+    let disabled = format!("{VALID}dead_letter: {{ enabled: false, suffix: \"\" }}\n");
+    PipelineConfig::parse("p.yaml", &disabled).unwrap();
+}
+
 #[test]
 fn store_and_stores_together_are_rejected() {
     let text = format!("{VALID}store: {{ name: x }}\nstores: [{{ name: y }}]\n");

@@ -106,8 +106,8 @@ fn sync_together(
     if covered.is_empty() {
         return results;
     }
-    let outcome = super::fsutil::sync_filesystem(&shared.dir_handle, &shared.dir)
-        .map_err(|e| e.to_string());
+    let outcome =
+        super::fsutil::sync_filesystem(&shared.dir_handle, &shared.dir).map_err(|e| e.to_string());
     for (key, p, upto) in covered {
         let result = outcome.clone().map_err(|msg| LogError::Io {
             path: shared.dir.clone(),
