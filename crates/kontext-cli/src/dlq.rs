@@ -911,7 +911,7 @@ fn replay_copy(record: &Record, letter: &DeadLetter) -> Result<ProduceRecord, St
     if let Some(h) = record
         .headers
         .iter()
-        .find(|h| h.key == headers::VALUE_OMITTED)
+        .rfind(|h| h.key == headers::VALUE_OMITTED)
     {
         let bytes = h
             .value

@@ -65,9 +65,15 @@ pub(super) struct DeadLetter {
 
 impl DeadLetter {
     pub(super) fn parse(record: &Record) -> Self {
+        // The writer adds its headers after the record's own, which may hold error headers of
+        // an earlier failure (a dead letter re-produced into its topic with its headers): the
+        // last one of a name is this letter's.
         let text = |k: &str| {
             record
-                .header(k)
+                .headers
+                .iter()
+                .rfind(|h| h.key == k)
+                .and_then(|h| h.value.as_deref())
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         };
         let class = text(headers::EXCEPTION_CLASS_NAME).unwrap_or_default();

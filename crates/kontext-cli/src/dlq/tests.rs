@@ -78,6 +78,37 @@ fn a_dead_letter_without_its_value_is_not_replayed_as_a_tombstone() {
     assert!(why.contains("context.orders/4 offset 17"), "{why}");
 }
 
+/// A record that already carried error headers (a dead letter re-produced into its topic,
+/// headers and all) fails again: its new letter has both sets, its own first. The letter is
+/// this failure's: origin, kind and time come from the writer's headers, the last ones.
+#[test]
+fn a_letter_of_a_record_with_old_error_headers_is_read_by_the_new_ones() {
+    let mut record = letter_record(&[]);
+    let stale = [
+        (headers::TOPIC, "other"),
+        (headers::PARTITION, "9"),
+        (headers::OFFSET, "3"),
+        (headers::KIND, "invalid_json"),
+        (headers::TIME, "2026-01-01T00:00:00.000Z"),
+    ];
+    let own = stale
+        .iter()
+        .map(|(k, v)| Header::new(*k, Bytes::from(v.to_string())));
+    record.headers.splice(0..0, own);
+    let letter = DeadLetter::parse(&record);
+    assert_eq!(letter.origin, Some(("context.orders".into(), 4, Some(17))));
+    assert_eq!(letter.kind, "no_source");
+    assert_eq!(
+        letter.time_ms,
+        Some(parse_time("2026-11-25T12:00:00Z").unwrap())
+    );
+    let copy = replay_copy(&record, &letter).unwrap();
+    assert_eq!(
+        (copy.topic.as_str(), copy.partition),
+        ("context.orders", Some(4))
+    );
+}
+
 #[test]
 fn headers_say_stage_kind_time_and_origin() {
     let letter = DeadLetter::parse(&letter_record(&[]));
