@@ -798,10 +798,31 @@ async fn replay_topic(
     };
     let mut progress = Progress::new(total.max(0) as u64, dlq);
     let mut pending: Vec<(String, ProduceRecord)> = Vec::new();
-    let mut reader = ctx.read_all(dlq).await?;
     // The records (origins) replayed before or in this run. Letters of one record are in the
     // partition of the same number, in the order they were written: the first one decides.
+    // Those replayed by earlier runs are gathered first, whatever this run's filters select:
+    // the letter that put a record back may come after one this run selects (an earlier run
+    // with other filters picked the later letter). `--force` replays done letters anyway.
     let mut origins: HashSet<(String, i32, i64)> = HashSet::new();
+    if !args.force
+        && ledger
+            .entries
+            .values()
+            .any(|k| matches!(k, Known::Done { .. }))
+    {
+        let mut reader = ctx.read_all(dlq).await?;
+        while let Some(batch) = reader.next_batch().await? {
+            for record in &batch {
+                let letter = DeadLetter::parse(record);
+                if let (true, Some((topic, partition, Some(offset)))) =
+                    (ledger.is_done(&letter.at.to_string()), letter.origin)
+                {
+                    origins.insert((topic, partition, offset));
+                }
+            }
+        }
+    }
+    let mut reader = ctx.read_all(dlq).await?;
     while let Some(batch) = reader.next_batch().await? {
         for record in &batch {
             summary.read += 1;

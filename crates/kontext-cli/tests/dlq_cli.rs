@@ -524,6 +524,85 @@ async fn replays_dead_letters_once_on_kafka_while_the_pipeline_runs() {
 /// Two dead letters of one record (a pipeline with two stores dead-letters a bad record once
 /// per sink; a letter can also be written again after a restart): `replay` puts the record
 /// back once, and a second replay puts back nothing.
+/// Runs with different filters: a record with two letters is still put back once, whichever
+/// of its letters an earlier run replayed, even when that letter comes after the one this run
+/// selects. E1's letters fail at 10:00 then 12:00; E2's (written in the same order) at 12:00
+/// then 10:00. `--until 11:00` replays E1's first letter and E2's second; `--since 11:00`
+/// must then replay neither record again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_with_other_filters_do_not_replay_a_record_twice() {
+    use kontext_stream::dlq::{headers, DeadLetters};
+    let setup = Setup::embedded();
+    let file = setup.pipeline(true);
+    let config = PipelineConfig::load(Path::new(&file)).unwrap();
+    let topic = setup.topic.clone();
+    let dlq = setup.dlq_topic();
+    {
+        let log = setup.open_log().await;
+        log.create_topic(&TopicSpec::new(&topic, PARTITIONS))
+            .await
+            .unwrap();
+        log.create_topic(&TopicSpec::new(&dlq, PARTITIONS))
+            .await
+            .unwrap();
+        let producer = log.producer().await.unwrap();
+        let error = kontext_stream::ProcessError::Envelope(
+            kontext_core::envelope::EnvelopeError::InvalidJson("eof".into()),
+        );
+        for (key, times) in [
+            (
+                "E1",
+                ["2026-11-25T10:00:00.000Z", "2026-11-25T12:00:00.000Z"],
+            ),
+            (
+                "E2",
+                ["2026-11-25T12:00:00.000Z", "2026-11-25T10:00:00.000Z"],
+            ),
+        ] {
+            let bad = event(&topic, key, "erp", br#"{"contact_name": "#);
+            let at = producer.send(vec![bad]).await.unwrap()[0];
+            let record = log
+                .read_partition(&topic, at.partition, at.offset, at.offset + 1)
+                .await
+                .unwrap()
+                .remove(0);
+            let letters: Vec<_> = ["a", "b"]
+                .into_iter()
+                .zip(times)
+                .map(|(store, time)| {
+                    let mut letter = DeadLetters::new(
+                        config.dead_letter.clone(),
+                        config.name.clone(),
+                        config.store_group(store),
+                        producer.clone(),
+                    )
+                    .letter(&record, &error);
+                    for h in letter.headers.iter_mut().filter(|h| h.key == headers::TIME) {
+                        h.value = Some(Bytes::from(time));
+                    }
+                    letter
+                })
+                .collect();
+            producer.send(letters).await.unwrap();
+        }
+    }
+    let before = records_in(setup.open_log().await.as_ref(), &topic).await;
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["dlq", "replay", "-c", &file, "--data-dir", setup.data()];
+        args.extend_from_slice(extra);
+        kontext_json(&args)
+    };
+    let until = replay(&["--until", "2026-11-25T11:00:00Z"]);
+    assert_eq!(counts(&until), (2, 0, 0, 2, 0), "{until}");
+    let since = replay(&["--since", "2026-11-25T11:00:00Z"]);
+    assert_eq!(counts(&since), (0, 0, 0, 2, 0), "{since}");
+    assert_eq!(since["duplicates"], 2, "{since}");
+    let all = replay(&[]);
+    assert_eq!(counts(&all), (0, 2, 0, 0, 0), "{all}");
+    let after = records_in(setup.open_log().await.as_ref(), &topic).await;
+    assert_eq!(after - before, 2, "one copy per record");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_dead_letters_of_one_record_replay_it_once() {
     use kontext_stream::dlq::DeadLetters;
