@@ -265,11 +265,22 @@ impl RetryConfig {
                 }
             }
         }
+        // Named where the values were written: a stage that sets neither delay takes both from
+        // `defaults` (or the built-in values), and one error about `defaults` says it once.
+        let mut defaults_named = false;
         for stage in RetryStage::ALL {
             let p = self.policy(stage);
             if p.first_delay > p.max_delay {
+                let own = self.settings(stage);
+                let at = if own.first_delay.is_some() || own.max_delay.is_some() {
+                    format!("retry.{stage}.first_delay")
+                } else if std::mem::replace(&mut defaults_named, true) {
+                    continue;
+                } else {
+                    "retry.defaults.first_delay".to_string()
+                };
                 err(
-                    format!("retry.{stage}.first_delay"),
+                    at,
                     format!(
                         "{:?} is longer than max_delay {:?}: lower first_delay or raise max_delay",
                         p.first_delay, p.max_delay

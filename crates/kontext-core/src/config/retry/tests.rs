@@ -97,6 +97,19 @@ limits: { max_record_bytes: 0 }
     assert!(err.errors[3].message.contains("set max_attempts"), "{err}");
 }
 
+/// Delays that conflict in `defaults` are named there, once, not as three errors about stages
+/// the file does not mention; a stage that sets a delay of its own is named itself.
+#[test]
+fn conflicting_default_delays_are_named_where_they_were_written() {
+    let err = parse("retry:\n  defaults: { first_delay: 10s, max_delay: 1s }\n").unwrap_err();
+    let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, vec!["retry.defaults.first_delay"], "{err}");
+    let err = parse("retry:\n  defaults: { max_delay: 1s }\n  store_probe: { first_delay: 2s }\n")
+        .unwrap_err();
+    let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, vec!["retry.store_probe.first_delay"], "{err}");
+}
+
 #[test]
 fn a_retry_section_survives_a_yaml_round_trip() {
     let c = parse("retry: { store_write: { first_delay: 250us, jitter: none } }\n").unwrap();
