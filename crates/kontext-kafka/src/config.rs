@@ -170,12 +170,25 @@ impl KafkaConfig {
     /// A transactional producer: [`KafkaConfig::producer_config`] plus `transactional.id`, and
     /// `transaction.timeout.ms` = 10 s unless `properties` set it (Kafka Streams' default under
     /// exactly-once: a transaction left open by a crashed producer whose id is never reused
-    /// blocks `read_committed` readers of its partitions until it times out).
+    /// blocks `read_committed` readers of its partitions until it times out). librdkafka
+    /// refuses a transactional client whose `message.timeout.ms` (alias `delivery.timeout.ms`)
+    /// exceeds it, or whose `socket.timeout.ms` exceeds it by more than 100 ms: when the user
+    /// set those and not the transaction timeout, it is raised to cover them.
     pub(crate) fn transactional_producer_config(&self, transactional_id: &str) -> ClientConfig {
         let mut config = self.producer_config();
         config.set("transactional.id", transactional_id);
         if !self.properties.contains_key("transaction.timeout.ms") {
-            config.set("transaction.timeout.ms", "10000");
+            let set = |key: &str| {
+                self.properties
+                    .get(key)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            let timeout = ["message.timeout.ms", "delivery.timeout.ms"]
+                .into_iter()
+                .filter_map(set)
+                .chain(set("socket.timeout.ms").map(|t| t.saturating_sub(100)))
+                .fold(10_000, u64::max);
+            config.set("transaction.timeout.ms", timeout.to_string());
         }
         config
     }
@@ -354,6 +367,28 @@ mod tests {
         let txn = config.transactional_producer_config("t");
         assert_eq!(txn.get("transaction.timeout.ms"), Some("30000"));
         assert_eq!(txn.get("transactional.id"), Some("t"));
+    }
+
+    /// `delivery.timeout.ms` (or `socket.timeout.ms`) above the 10 s transaction timeout made
+    /// librdkafka refuse the transactional client, so `exactly_once` stopped the pipeline at
+    /// start. The transaction timeout now covers them; librdkafka creates the client (no broker
+    /// needed).
+    #[test]
+    fn a_long_delivery_timeout_does_not_rule_out_exactly_once() {
+        use rdkafka::producer::FutureProducer;
+        for (key, value, expected) in [
+            ("delivery.timeout.ms", "60000", "60000"),
+            ("message.timeout.ms", "45000", "45000"),
+            ("socket.timeout.ms", "30000", "29900"),
+            ("delivery.timeout.ms", "5000", "10000"),
+        ] {
+            let mut config = KafkaConfig::new("127.0.0.1:1".to_owned());
+            config.properties.insert(key.into(), value.into());
+            let txn = config.transactional_producer_config("t");
+            assert_eq!(txn.get("transaction.timeout.ms"), Some(expected), "{key}");
+            let created: Result<FutureProducer, _> = txn.create();
+            assert!(created.is_ok(), "{key}={value}: {:?}", created.err());
+        }
     }
 
     #[test]
