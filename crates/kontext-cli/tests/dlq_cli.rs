@@ -521,9 +521,58 @@ async fn replays_dead_letters_once_on_kafka_while_the_pipeline_runs() {
     dead_letters_replay_once(Setup::kafka()).await;
 }
 
-/// Two dead letters of one record (a pipeline with two stores dead-letters a bad record once
-/// per sink; a letter can also be written again after a restart): `replay` puts the record
-/// back once, and a second replay puts back nothing.
+/// Creates the source and dead-letter topics and, per `(key, times)`, a malformed record and
+/// two dead letters of it (one per store, as a two-store pipeline writes them), each with
+/// `kontext.errors.time` set to its time when given.
+async fn two_letters_each<const N: usize>(
+    setup: &Setup,
+    config: &PipelineConfig,
+    records: &[(&str, [Option<&str>; 2]); N],
+) {
+    use kontext_stream::dlq::{headers, DeadLetters};
+    let topic = setup.topic.clone();
+    let log = setup.open_log().await;
+    log.create_topic(&TopicSpec::new(&topic, PARTITIONS))
+        .await
+        .unwrap();
+    log.create_topic(&TopicSpec::new(setup.dlq_topic(), PARTITIONS))
+        .await
+        .unwrap();
+    let producer = log.producer().await.unwrap();
+    let error = kontext_stream::ProcessError::Envelope(
+        kontext_core::envelope::EnvelopeError::InvalidJson("eof".into()),
+    );
+    for (key, times) in records {
+        let bad = event(&topic, key, "erp", br#"{"contact_name": "#);
+        let at = producer.send(vec![bad]).await.unwrap()[0];
+        let record = log
+            .read_partition(&topic, at.partition, at.offset, at.offset + 1)
+            .await
+            .unwrap()
+            .remove(0);
+        let letters: Vec<_> = ["a", "b"]
+            .into_iter()
+            .zip(times)
+            .map(|(store, time)| {
+                let mut letter = DeadLetters::new(
+                    config.dead_letter.clone(),
+                    config.name.clone(),
+                    config.store_group(store),
+                    producer.clone(),
+                )
+                .letter(&record, &error);
+                if let Some(time) = time {
+                    for h in letter.headers.iter_mut().filter(|h| h.key == headers::TIME) {
+                        h.value = Some(Bytes::copy_from_slice(time.as_bytes()));
+                    }
+                }
+                letter
+            })
+            .collect();
+        producer.send(letters).await.unwrap();
+    }
+}
+
 /// Runs with different filters: a record with two letters is still put back once, whichever
 /// of its letters an earlier run replayed, even when that letter comes after the one this run
 /// selects. E1's letters fail at 10:00 then 12:00; E2's (written in the same order) at 12:00
@@ -531,61 +580,31 @@ async fn replays_dead_letters_once_on_kafka_while_the_pipeline_runs() {
 /// must then replay neither record again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_with_other_filters_do_not_replay_a_record_twice() {
-    use kontext_stream::dlq::{headers, DeadLetters};
     let setup = Setup::embedded();
     let file = setup.pipeline(true);
     let config = PipelineConfig::load(Path::new(&file)).unwrap();
     let topic = setup.topic.clone();
-    let dlq = setup.dlq_topic();
-    {
-        let log = setup.open_log().await;
-        log.create_topic(&TopicSpec::new(&topic, PARTITIONS))
-            .await
-            .unwrap();
-        log.create_topic(&TopicSpec::new(&dlq, PARTITIONS))
-            .await
-            .unwrap();
-        let producer = log.producer().await.unwrap();
-        let error = kontext_stream::ProcessError::Envelope(
-            kontext_core::envelope::EnvelopeError::InvalidJson("eof".into()),
-        );
-        for (key, times) in [
+    two_letters_each(
+        &setup,
+        &config,
+        &[
             (
                 "E1",
-                ["2026-11-25T10:00:00.000Z", "2026-11-25T12:00:00.000Z"],
+                [
+                    Some("2026-11-25T10:00:00.000Z"),
+                    Some("2026-11-25T12:00:00.000Z"),
+                ],
             ),
             (
                 "E2",
-                ["2026-11-25T12:00:00.000Z", "2026-11-25T10:00:00.000Z"],
+                [
+                    Some("2026-11-25T12:00:00.000Z"),
+                    Some("2026-11-25T10:00:00.000Z"),
+                ],
             ),
-        ] {
-            let bad = event(&topic, key, "erp", br#"{"contact_name": "#);
-            let at = producer.send(vec![bad]).await.unwrap()[0];
-            let record = log
-                .read_partition(&topic, at.partition, at.offset, at.offset + 1)
-                .await
-                .unwrap()
-                .remove(0);
-            let letters: Vec<_> = ["a", "b"]
-                .into_iter()
-                .zip(times)
-                .map(|(store, time)| {
-                    let mut letter = DeadLetters::new(
-                        config.dead_letter.clone(),
-                        config.name.clone(),
-                        config.store_group(store),
-                        producer.clone(),
-                    )
-                    .letter(&record, &error);
-                    for h in letter.headers.iter_mut().filter(|h| h.key == headers::TIME) {
-                        h.value = Some(Bytes::from(time));
-                    }
-                    letter
-                })
-                .collect();
-            producer.send(letters).await.unwrap();
-        }
-    }
+        ],
+    )
+    .await;
     let before = records_in(setup.open_log().await.as_ref(), &topic).await;
     let replay = |extra: &[&str]| {
         let mut args = vec!["dlq", "replay", "-c", &file, "--data-dir", setup.data()];
@@ -603,44 +622,16 @@ async fn runs_with_other_filters_do_not_replay_a_record_twice() {
     assert_eq!(after - before, 2, "one copy per record");
 }
 
+/// Two dead letters of one record (a pipeline with two stores dead-letters a bad record once
+/// per sink; a letter can also be written again after a restart): `replay` puts the record
+/// back once, and a second replay puts back nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_dead_letters_of_one_record_replay_it_once() {
-    use kontext_stream::dlq::DeadLetters;
     let setup = Setup::embedded();
     let file = setup.pipeline(true);
     let config = PipelineConfig::load(Path::new(&file)).unwrap();
     let topic = setup.topic.clone();
-    let dlq = setup.dlq_topic();
-    {
-        let log = setup.open_log().await;
-        log.create_topic(&TopicSpec::new(&topic, PARTITIONS))
-            .await
-            .unwrap();
-        log.create_topic(&TopicSpec::new(&dlq, PARTITIONS))
-            .await
-            .unwrap();
-        let producer = log.producer().await.unwrap();
-        let bad = event(&topic, "E1", "erp", br#"{"contact_name": "#);
-        let at = producer.send(vec![bad]).await.unwrap()[0];
-        let record = log
-            .read_partition(&topic, at.partition, at.offset, at.offset + 1)
-            .await
-            .unwrap()
-            .remove(0);
-        let error = kontext_stream::ProcessError::Envelope(
-            kontext_core::envelope::EnvelopeError::InvalidJson("eof".into()),
-        );
-        let letters = ["a", "b"].map(|store| {
-            DeadLetters::new(
-                config.dead_letter.clone(),
-                config.name.clone(),
-                config.store_group(store),
-                producer.clone(),
-            )
-            .letter(&record, &error)
-        });
-        producer.send(letters.to_vec()).await.unwrap();
-    }
+    two_letters_each(&setup, &config, &[("E1", [None, None])]).await;
     let before = records_in(setup.open_log().await.as_ref(), &topic).await;
     let replay = |extra: &[&str]| {
         let mut args = vec!["dlq", "replay", "-c", &file, "--data-dir", setup.data()];

@@ -69,6 +69,38 @@ fn record_starts(dir: &Path) -> (std::path::PathBuf, Vec<u64>, u64) {
     (seg, starts, data.len() as u64)
 }
 
+/// Writes 400 records into small segments (at least four), then cuts the second segment
+/// `into` bytes past the start of the record at or just past its middle. Returns the values
+/// written, the segment files before the cut, and the number of records before that one.
+async fn cut_the_second_segment(
+    dir: &Path,
+    config: &EmbeddedConfig,
+    into: u64,
+) -> (Vec<String>, Vec<std::path::PathBuf>, usize) {
+    let values = write_records(dir, config.clone(), 400).await;
+    let segs = segments(dir, "t", 0);
+    assert!(segs.len() >= 4, "rolled into {} segments", segs.len());
+    let second = &segs[1];
+    let base: usize = second
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .expect("base");
+    let data = std::fs::read(second).expect("read");
+    let (mut pos, mut kept) = (0usize, 0usize);
+    while pos < data.len() / 2 {
+        pos += 8 + u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4")) as usize;
+        kept += 1;
+    }
+    OpenOptions::new()
+        .write(true)
+        .open(second)
+        .expect("open")
+        .set_len(pos as u64 + into)
+        .expect("cut");
+    (values, segs, base + kept)
+}
+
 #[tokio::test]
 async fn a_segment_truncated_mid_record_keeps_every_complete_record() {
     let config = EmbeddedConfig::default();
@@ -134,31 +166,10 @@ async fn a_bad_checksum_in_the_tail_truncates_from_that_record() {
 async fn damage_in_an_older_segment_drops_everything_after_it() {
     let config = small_segments(FsyncPolicy::Never);
     let dir = tempfile::tempdir().expect("tempdir");
-    let values = write_records(dir.path(), config.clone(), 400).await;
-    let segs = segments(dir.path(), "t", 0);
-    assert!(segs.len() >= 4, "rolled into {} segments", segs.len());
-    // Tear the second segment in the middle: offsets after it cannot stay dense.
-    let second = &segs[1];
-    let base: usize = second
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .and_then(|s| s.parse().ok())
-        .expect("base");
-    let len = std::fs::metadata(second).expect("meta").len();
-    let data = std::fs::read(second).expect("read");
-    // Find the record boundary just past the middle and cut 3 bytes into that record.
-    let (mut pos, mut kept) = (0usize, 0usize);
-    while (pos as u64) < len / 2 {
-        pos += 8 + u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4")) as usize;
-        kept += 1;
-    }
-    OpenOptions::new()
-        .write(true)
-        .open(second)
-        .expect("open")
-        .set_len(pos as u64 + 3)
-        .expect("cut");
-    check_recovered(dir.path(), config, &values, base + kept).await;
+    // Tear the second segment in the middle, 3 bytes into the record just past it: offsets
+    // after it cannot stay dense.
+    let (values, _, kept) = cut_the_second_segment(dir.path(), &config, 3).await;
+    check_recovered(dir.path(), config, &values, kept).await;
     assert_eq!(
         segments(dir.path(), "t", 0).len(),
         2,
@@ -174,28 +185,8 @@ async fn damage_in_an_older_segment_drops_everything_after_it() {
 async fn a_segment_that_ends_short_of_the_next_one_keeps_the_prefix_under_never() {
     let config = small_segments(FsyncPolicy::Never);
     let dir = tempfile::tempdir().expect("tempdir");
-    let values = write_records(dir.path(), config.clone(), 400).await;
-    let segs = segments(dir.path(), "t", 0);
-    assert!(segs.len() >= 4, "rolled into {} segments", segs.len());
-    let second = &segs[1];
-    let base: usize = second
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .and_then(|s| s.parse().ok())
-        .expect("base");
-    let data = std::fs::read(second).expect("read");
     // Cut at the record boundary just past the middle: no frame is torn.
-    let (mut pos, mut kept) = (0usize, 0usize);
-    while pos < data.len() / 2 {
-        pos += 8 + u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4")) as usize;
-        kept += 1;
-    }
-    OpenOptions::new()
-        .write(true)
-        .open(second)
-        .expect("open")
-        .set_len(pos as u64)
-        .expect("cut");
+    let (values, segs, kept) = cut_the_second_segment(dir.path(), &config, 0).await;
 
     for policy in [FsyncPolicy::default(), FsyncPolicy::Always] {
         let refused = kontext_log::embedded::EmbeddedLog::open(dir.path(), small_segments(policy))
@@ -212,7 +203,7 @@ async fn a_segment_that_ends_short_of_the_next_one_keeps_the_prefix_under_never(
         "nothing deleted"
     );
 
-    check_recovered(dir.path(), config, &values, base + kept).await;
+    check_recovered(dir.path(), config, &values, kept).await;
     assert_eq!(
         segments(dir.path(), "t", 0).len(),
         2,

@@ -183,6 +183,21 @@ impl ContextStore for FailingStore {
     }
 }
 
+/// A fresh embedded log in `dir` with `topic` and its dead-letter topic (as `config` names
+/// it), one partition each.
+async fn embedded_with_topic(
+    dir: &std::path::Path,
+    topic: &str,
+    config: &PipelineConfig,
+) -> Arc<dyn Log> {
+    let log: Arc<dyn Log> = EmbeddedLog::open(&dir.join("log"), EmbeddedConfig::default()).unwrap();
+    log.create_topic(&TopicSpec::new(topic, 1)).await.unwrap();
+    log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(topic), 1))
+        .await
+        .unwrap();
+    log
+}
+
 struct Harness {
     topic: String,
     log: Arc<dyn Log>,
@@ -497,14 +512,9 @@ async fn an_id_the_embedded_store_cannot_key_is_dead_lettered_and_the_rest_appli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_and_its_switch_dead_letter_every_bad_record() {
     let dir = tempfile::tempdir().unwrap();
-    let log: Arc<dyn Log> =
-        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
     let topic = "context.customers".to_string();
     let config = pipeline(&topic);
-    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
-    log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(&topic), 1))
-        .await
-        .unwrap();
+    let log = embedded_with_topic(dir.path(), &topic, &config).await;
     // Offsets 0..40 in two halves: NUL ids (which the embedded store cannot key) at 10 and
     // 30, malformed records at 15 and 35.
     let records = |range: std::ops::Range<usize>| -> Vec<ProduceRecord> {
@@ -601,22 +611,11 @@ async fn a_rebuild_and_its_switch_dead_letter_every_bad_record() {
     let gate = Arc::new(AtomicBool::new(false));
     let consumers = Arc::new(AtomicU64::new(0));
     let gated: Arc<dyn Log> = Arc::new(GatedLog {
-        inner: log.clone(),
         gate: gate.clone(),
         consumers: consumers.clone(),
-        fail_after_full: Arc::default(),
-        transient_failures: Arc::default(),
-        polled_at: Arc::default(),
+        ..GatedLog::over(log.clone())
     });
-    let sink = StoreSink::new(
-        gated,
-        live.clone(),
-        Router::new(&config),
-        ConsumerConfig::new(&group, vec![topic.clone()]),
-        Arc::new(PipelineMetrics::default()),
-    )
-    .with_config(&config)
-    .with_dead_letters(store_letters(&config, &log, &group).await);
+    let sink = lettering_sink(gated, &log, live.clone(), &config, &group).await;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sink.run(shutdown.clone()));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -666,16 +665,11 @@ async fn a_rebuild_and_its_switch_dead_letter_every_bad_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_dead_letters_what_the_live_sink_applied_under_an_earlier_definition() {
     let dir = tempfile::tempdir().unwrap();
-    let log: Arc<dyn Log> =
-        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
     let topic = "context.customers".to_string();
     let earlier = pipeline(&topic);
     let mut running = earlier.clone();
     running.limits.max_record_bytes = 1024;
-    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
-    log.create_topic(&TopicSpec::new(earlier.dead_letter.topic_for(&topic), 1))
-        .await
-        .unwrap();
+    let log = embedded_with_topic(dir.path(), &topic, &earlier).await;
     let mut records: Vec<ProduceRecord> = (0..20).map(|i| good(&topic, i)).collect();
     let padding = "x".repeat(2048);
     records[5].value = Some(Bytes::from(format!(
@@ -762,35 +756,19 @@ async fn a_rebuild_dead_letters_what_the_live_sink_applied_under_an_earlier_defi
 #[tokio::test(start_paused = true)]
 async fn failing_polls_are_retried_with_growing_delays() {
     let dir = tempfile::tempdir().unwrap();
-    let log: Arc<dyn Log> =
-        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
     let topic = "context.customers".to_owned();
     let mut config = pipeline(&topic);
     config.retry.defaults.jitter = Some(kontext_core::config::Jitter::None);
-    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
-    log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(&topic), 1))
-        .await
-        .unwrap();
+    let log = embedded_with_topic(dir.path(), &topic, &config).await;
     let store = FailingStore::new(dir.path(), &config, Duration::ZERO);
     let polled_at: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>> = Arc::default();
     let gated: Arc<dyn Log> = Arc::new(GatedLog {
-        inner: log.clone(),
-        gate: Arc::new(AtomicBool::new(true)),
-        consumers: Arc::default(),
-        fail_after_full: Arc::default(),
         transient_failures: Arc::new(AtomicU64::new(5)),
         polled_at: polled_at.clone(),
+        ..GatedLog::over(log.clone())
     });
     let group = "failures-polls".to_owned();
-    let sink = StoreSink::new(
-        gated,
-        store,
-        Router::new(&config),
-        ConsumerConfig::new(&group, vec![topic.clone()]),
-        Arc::new(PipelineMetrics::default()),
-    )
-    .with_config(&config)
-    .with_dead_letters(store_letters(&config, &log, &group).await);
+    let sink = lettering_sink(gated, &log, store, &config, &group).await;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sink.run(shutdown.clone()));
     while polled_at.lock().unwrap().len() < 7 {
@@ -819,35 +797,18 @@ async fn failing_polls_are_retried_with_growing_delays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_of_the_poll_gathering_a_backlog_stops_the_sink_after_its_records() {
     let dir = tempfile::tempdir().unwrap();
-    let log: Arc<dyn Log> =
-        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
     let topic = "context.customers".to_owned();
     let config = pipeline(&topic);
-    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
-    log.create_topic(&TopicSpec::new(config.dead_letter.topic_for(&topic), 1))
-        .await
-        .unwrap();
+    let log = embedded_with_topic(dir.path(), &topic, &config).await;
     let records = (0..2500).map(|i| good(&topic, i)).collect();
     log.producer().await.unwrap().send(records).await.unwrap();
     let store = FailingStore::new(dir.path(), &config, Duration::ZERO);
     let gated: Arc<dyn Log> = Arc::new(GatedLog {
-        inner: log.clone(),
-        gate: Arc::new(AtomicBool::new(true)),
-        consumers: Arc::default(),
         fail_after_full: Arc::new(AtomicBool::new(true)),
-        transient_failures: Arc::default(),
-        polled_at: Arc::default(),
+        ..GatedLog::over(log.clone())
     });
     let group = "failures-backlog".to_owned();
-    let sink = StoreSink::new(
-        gated,
-        store.clone(),
-        Router::new(&config),
-        ConsumerConfig::new(&group, vec![topic.clone()]),
-        Arc::new(PipelineMetrics::default()),
-    )
-    .with_config(&config)
-    .with_dead_letters(store_letters(&config, &log, &group).await);
+    let sink = lettering_sink(gated, &log, store.clone(), &config, &group).await;
     let shutdown = CancellationToken::new();
     let ran = tokio::time::timeout(Duration::from_secs(30), sink.run(shutdown.clone())).await;
     shutdown.cancel();
@@ -859,6 +820,26 @@ async fn an_error_of_the_poll_gathering_a_backlog_stops_the_sink_after_its_recor
     // for the next start.
     let dyn_store: Arc<dyn ContextStore> = store.clone();
     assert_eq!(offset_of(&dyn_store, &topic), 2000);
+}
+
+/// A sink of `store` reading the config's topic through `log` as `group`, with its dead
+/// letters written through `letters`.
+async fn lettering_sink(
+    log: Arc<dyn Log>,
+    letters: &Arc<dyn Log>,
+    store: Arc<dyn ContextStore>,
+    config: &PipelineConfig,
+    group: &str,
+) -> StoreSink {
+    StoreSink::new(
+        log,
+        store,
+        Router::new(config),
+        ConsumerConfig::new(group, config.source_topics()),
+        Arc::new(PipelineMetrics::default()),
+    )
+    .with_config(config)
+    .with_dead_letters(store_letters(config, letters, group).await)
 }
 
 /// A log whose consumers deliver nothing until `gate` opens: a member that joined and lags.
@@ -873,6 +854,20 @@ struct GatedLog {
     /// Polls to fail with a transient error before polling the log, and when each was made.
     transient_failures: Arc<AtomicU64>,
     polled_at: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+}
+
+impl GatedLog {
+    /// Over `inner`: open, failing nothing.
+    fn over(inner: Arc<dyn Log>) -> Self {
+        Self {
+            inner,
+            gate: Arc::new(AtomicBool::new(true)),
+            consumers: Arc::default(),
+            fail_after_full: Arc::default(),
+            transient_failures: Arc::default(),
+            polled_at: Arc::default(),
+        }
+    }
 }
 
 struct GatedConsumer {
