@@ -109,10 +109,10 @@ fn tls_properties(ca: &str, cert: ClientCert) -> Vec<(&'static str, String)> {
     properties
 }
 
-/// The SASL/SCRAM properties of `user`.
-fn sasl_properties(user: &str, password: &str) -> Vec<(&'static str, String)> {
+/// The SCRAM properties of `user` over `protocol` (`SASL_PLAINTEXT` or `SASL_SSL`).
+fn scram_properties(protocol: &str, user: &str, password: &str) -> Vec<(&'static str, String)> {
     vec![
-        ("security.protocol", "SASL_PLAINTEXT".to_owned()),
+        ("security.protocol", protocol.to_owned()),
         ("sasl.mechanism", "SCRAM-SHA-512".to_owned()),
         ("sasl.username", user.to_owned()),
         ("sasl.password", password.to_owned()),
@@ -270,9 +270,12 @@ async fn the_pipeline_runs_on_a_secured_cluster_with_the_documented_acls() {
     let yaml = pipeline_yaml(
         &name,
         &sasl(),
-        &sasl_properties(&user, "${KONTEXT_TEST_SASL_PASSWORD}"),
+        &scram_properties("SASL_PLAINTEXT", &user, "${KONTEXT_TEST_SASL_PASSWORD}"),
     );
-    let log = secured_log(&sasl(), &sasl_properties(&user, password));
+    let log = secured_log(
+        &sasl(),
+        &scram_properties("SASL_PLAINTEXT", &user, password),
+    );
     run_the_pipeline(&name, &yaml, password, &log).await;
 }
 
@@ -286,8 +289,7 @@ async fn the_pipeline_runs_over_sasl_ssl_with_the_documented_acls() {
     add_user(&user, password);
     allow_pipeline(&user, &name, &format!("{name}."));
     let properties = |password: &str| {
-        let mut properties = sasl_properties(&user, password);
-        properties[0].1 = "SASL_SSL".to_owned();
+        let mut properties = scram_properties("SASL_SSL", &user, password);
         properties.extend(trusting(&sasl_ssl(), "ca.pem"));
         properties
     };
@@ -494,7 +496,11 @@ fn a_wrong_password_stops_the_pipeline_and_says_why() {
     add_user(&user, "the-right-one");
     allow_pipeline(&user, &name, &format!("{name}."));
     let (ok, stderr) = run_until_exit(
-        &pipeline_yaml(&name, &sasl(), &sasl_properties(&user, "not-the-right-one")),
+        &pipeline_yaml(
+            &name,
+            &sasl(),
+            &scram_properties("SASL_PLAINTEXT", &user, "not-the-right-one"),
+        ),
         Duration::from_secs(120),
     );
     assert!(!ok, "{stderr}");
@@ -513,7 +519,11 @@ fn a_missing_acl_stops_the_pipeline_and_says_which() {
     let (user, password) = (format!("{name}-user"), "s3cret-enough");
     add_user(&user, password);
     let (ok, stderr) = run_until_exit(
-        &pipeline_yaml(&name, &sasl(), &sasl_properties(&user, password)),
+        &pipeline_yaml(
+            &name,
+            &sasl(),
+            &scram_properties("SASL_PLAINTEXT", &user, password),
+        ),
         Duration::from_secs(120),
     );
     assert!(!ok, "{stderr}");

@@ -215,36 +215,25 @@ impl DeadLetters {
         // letter with any is never replayed (`kontext dlq replay` checks VALUE_OMITTED).
         let size = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
         let header_size = |h: &Header| h.key.len() + size(&h.value);
-        let mut header_bytes: usize = headers.iter().map(header_size).sum();
-        let (mut key, mut value) = (record.key.clone(), record.value.clone());
-        let omit = |headers: &mut Vec<Header>, header_bytes: &mut usize, name: &str, n: usize| {
-            let header = Header::new(name, Bytes::from(n.to_string()));
-            *header_bytes += header_size(&header);
-            headers.push(header);
+        let total = |key: &Option<Bytes>, value: &Option<Bytes>, headers: &[Header]| {
+            size(key) + size(value) + headers.iter().map(header_size).sum::<usize>()
         };
-        if size(&key) + size(&value) + header_bytes > LETTER_BYTES_CAP {
-            let n = size(&value);
-            omit(&mut headers, &mut header_bytes, headers::VALUE_OMITTED, n);
+        let omitted = |name: &str, n: usize| Header::new(name, Bytes::from(n.to_string()));
+        let (mut key, mut value) = (record.key.clone(), record.value.clone());
+        if total(&key, &value, &headers) > LETTER_BYTES_CAP {
+            headers.push(omitted(headers::VALUE_OMITTED, size(&value)));
             value = None;
         }
-        if size(&key) + header_bytes > LETTER_BYTES_CAP {
+        if total(&key, &value, &headers) > LETTER_BYTES_CAP {
             // The record's own headers come first in `headers`.
-            let own: usize = headers[..record.headers.len()]
-                .iter()
-                .map(header_size)
+            let own: usize = headers
+                .drain(..record.headers.len())
+                .map(|h| header_size(&h))
                 .sum();
-            headers.drain(..record.headers.len());
-            header_bytes -= own;
-            omit(
-                &mut headers,
-                &mut header_bytes,
-                headers::HEADERS_OMITTED,
-                own,
-            );
+            headers.push(omitted(headers::HEADERS_OMITTED, own));
         }
-        if size(&key) + header_bytes > LETTER_BYTES_CAP {
-            let n = size(&key);
-            omit(&mut headers, &mut header_bytes, headers::KEY_OMITTED, n);
+        if total(&key, &value, &headers) > LETTER_BYTES_CAP {
+            headers.push(omitted(headers::KEY_OMITTED, size(&key)));
             key = None;
         }
         ProduceRecord {

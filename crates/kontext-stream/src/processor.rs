@@ -1853,8 +1853,8 @@ fn shown_index_key(end: i64, key: &[u8]) -> Vec<u8> {
 }
 
 /// At most this many filed keys roll per batch and task; the rest wait for the next batch
-/// of the partition (its next record, or a tick), so the batch after midnight does not carry every key
-/// that ordered yesterday.
+/// of the partition (its next record, or a tick), so the batch after midnight does not carry
+/// every key that ordered yesterday.
 const MAX_ROLLS_PER_BATCH: usize = if cfg!(test) { 3 } else { 10_000 };
 
 /// Moves on the keys of a tumbling or hopping group that stream time (`time_ms`) reached

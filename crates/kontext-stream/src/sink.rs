@@ -372,14 +372,10 @@ impl StoreSink {
                     Err(e) => return Err(e.into()),
                 }
             }
-            let records = if let Some(e) = feed.failed_poll.take() {
-                let delay = self.next_failure_delay(&mut failing);
-                if poll_failed(e, delay, &shutdown).await? {
-                    break;
-                }
-                continue;
+            let polled = if let Some(e) = feed.failed_poll.take() {
+                Err(e)
             } else if !feed.early.is_empty() {
-                std::mem::take(&mut feed.early)
+                Ok(std::mem::take(&mut feed.early))
             } else {
                 // While offsets wait for the flusher, a quiet log must not keep them waiting
                 // for the next write.
@@ -396,17 +392,24 @@ impl StoreSink {
                             failing = None;
                             let (records, failed) = gather_backlog(feed.consumer.as_mut(), r).await;
                             feed.failed_poll = failed;
-                            records
+                            Ok(records)
                         }
-                        Err(e) => {
-                            let delay = self.next_failure_delay(&mut failing);
-                            if poll_failed(e, delay, &shutdown).await? {
-                                break;
-                            }
-                            continue;
-                        }
+                        Err(e) => Err(e),
                     },
                 }
+            };
+            let records = match polled {
+                Ok(records) => records,
+                Err(e) if e.is_transient() => {
+                    let delay = self.next_failure_delay(&mut failing);
+                    warn!(error = %e, retry_in = ?delay, "poll failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             };
             if records.is_empty() {
                 self.commit_durable(&mut feed, &mut uncommitted).await;
@@ -1084,23 +1087,6 @@ async fn gather_backlog(
         }
     }
     (records, None)
-}
-
-/// A failed poll: a transient error is retried after `delay` (`Ok(false)`; `Ok(true)` when
-/// shut down meanwhile), any other stops the sink.
-async fn poll_failed(
-    e: LogError,
-    delay: Duration,
-    shutdown: &CancellationToken,
-) -> Result<bool, SinkError> {
-    if !e.is_transient() {
-        return Err(e.into());
-    }
-    warn!(error = %e, retry_in = ?delay, "poll failed; retrying");
-    tokio::select! {
-        _ = shutdown.cancelled() => Ok(true),
-        _ = tokio::time::sleep(delay) => Ok(false),
-    }
 }
 
 /// The next offset of every partition in `records`.
