@@ -16,7 +16,10 @@
 //! so a partition revoked during the pause and assigned back later is not stuck paused.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -143,6 +146,16 @@ impl KafkaConsumer {
     }
 }
 
+/// The output of `future` if it is ready on its first poll. (`recv` is then ready only when
+/// librdkafka has already fetched a message; a pending one is dropped, which loses nothing.)
+fn ready_now<F: Future>(future: F) -> Option<F::Output> {
+    let mut context = Context::from_waker(Waker::noop());
+    match pin!(future).poll(&mut context) {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => None,
+    }
+}
+
 /// A record of the log from a message of librdkafka.
 pub(crate) fn to_record(message: &BorrowedMessage<'_>, topic: Arc<str>) -> Record {
     let headers = message
@@ -201,15 +214,17 @@ impl Consumer for KafkaConsumer {
             Ok(Err(err)) => return Err(poll_error(err)),
             Ok(Ok(message)) => records.push(self.record(&message)),
         }
+        // From here on nothing awaits: a caller that drops this poll (a shutdown racing it
+        // in `select!`) drops it either before the first record or after the return, never
+        // while it holds records librdkafka counts as consumed.
         while records.len() < max_records {
-            // A zero timeout polls `recv` once: ready only if a message is already fetched.
-            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-                Ok(Ok(message)) => records.push(self.record(&message)),
-                Ok(Err(err)) => {
+            match ready_now(consumer.recv()) {
+                Some(Ok(message)) => records.push(self.record(&message)),
+                Some(Err(err)) => {
                     self.pending_error = Some(poll_error(err));
                     break;
                 }
-                Err(_nothing_ready) => break,
+                None => break,
             }
         }
         Ok(records)

@@ -121,3 +121,41 @@ async fn metadata_errors_keep_their_retriability() {
         "{err:?}"
     );
 }
+
+/// A poll dropped while it waits (a shutdown racing it in `select!`, as the processor's loop
+/// does) must not have taken records out of librdkafka: whatever it took would be lost.
+#[tokio::test]
+async fn a_poll_dropped_while_pending_loses_no_record() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("t", 1, 1).unwrap();
+    let log = log_on(&mock);
+    let producer = log.producer().await.unwrap();
+    let sent = 200;
+    for _ in 0..sent / 20 {
+        producer
+            .send((0..20).map(|_| record("t")).collect())
+            .await
+            .unwrap();
+    }
+    let mut consumer = log
+        .consumer(ConsumerConfig::new("dropped-polls", vec!["t".into()]))
+        .await
+        .unwrap();
+
+    let mut offsets = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while offsets.len() < sent && tokio::time::Instant::now() < deadline {
+        // Poll once and drop the poll if it is not ready.
+        let polled = tokio::select! {
+            biased;
+            polled = consumer.poll(1000, Duration::from_secs(1)) => Some(polled.unwrap()),
+            () = std::future::ready(()) => None,
+        };
+        match polled {
+            Some(records) => offsets.extend(records.iter().map(|r| r.offset)),
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    let expected: Vec<i64> = (0..sent as i64).collect();
+    assert_eq!(offsets, expected, "every record once, in order");
+}

@@ -183,6 +183,8 @@ pub struct GroupMetadata(pub Box<dyn std::any::Any + Send + Sync>);
 pub trait Consumer: Send {
     /// Up to `max_records` records, waiting at most `timeout` for the first one. An empty
     /// vector means nothing new arrived in time. Records of one partition come in offset order.
+    /// Cancel safe: a poll dropped before it returns (a shutdown racing it in `select!`) has
+    /// taken no record, so the next poll returns them.
     async fn poll(
         &mut self,
         max_records: usize,
