@@ -212,3 +212,41 @@ async fn a_new_producer_with_the_same_id_fences_the_old_one_and_aborts_its_trans
         vec![(0, Some(4))]
     );
 }
+
+/// The processor's changelog restore reads to the high watermark `describe_topic` reports and
+/// records it as where the state is current. With a transaction open on the partition (another
+/// instance's batch), that must be the last stable offset: a read_committed reader stops there,
+/// and an end recorded past the open transaction would skip its records once it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watermarks_stop_before_an_open_transaction() {
+    let Setup {
+        log,
+        input,
+        output,
+        consumer,
+        ..
+    } = setup("open-txn", 1).await;
+    let plain = log.producer().await.unwrap();
+    plain.send(values(&output, "plain", 3)).await.unwrap();
+    let writer = log.transactional_producer(&unique("open")).await.unwrap();
+    writer.begin().await.unwrap();
+    // Offsets 3 and 4, written but not committed.
+    let positions = writer.send(values(&output, "open", 2)).await.unwrap();
+    assert_eq!(positions.last().unwrap().offset, 4);
+
+    let high = log.describe_topic(&output).await.unwrap().partitions[0].high_watermark;
+    assert_eq!(high, 3, "the last stable offset, not the log end (5)");
+    let read = log.read_partition(&output, 0, 0, 5).await.unwrap();
+    assert_eq!(read.len(), 3, "a read stops at the open transaction");
+
+    let offsets = [(TopicPartition::new(input.as_str(), 0), 1)];
+    writer
+        .commit(consumer.group_metadata().unwrap(), &offsets)
+        .await
+        .unwrap();
+    // The two records and the commit marker.
+    assert_eq!(
+        committed_values(&log, &output, 6).await,
+        ["plain-0", "plain-1", "plain-2", "open-0", "open-1"]
+    );
+}

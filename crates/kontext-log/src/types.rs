@@ -52,7 +52,8 @@ pub struct TopicDescription {
 }
 
 /// One partition's watermarks: `low` is the first offset still in the log, `high` the offset
-/// the next record will get.
+/// the next record will get. On Kafka `high` is the last stable offset, as a `read_committed`
+/// reader sees it: records of a transaction still open are above it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PartitionInfo {
     pub partition: i32,
