@@ -90,6 +90,11 @@ const SHOWN_INDEX_POSITION: &[u8] = b"\x00kX";
 /// store is current; behind it when another instance (or a batch whose commit a crash
 /// prevented) wrote more.
 pub(crate) const CHANGELOG_END_KEY: &[u8] = b"\x00kc";
+/// What a feature group's accumulators were computed as ([`FeatureGroup::definition`]),
+/// written with the store's first batch (so also to its changelog) and checked at every sync:
+/// stored accumulators are read by position and window starts by the window size, so state of
+/// another definition would be read as wrong values.
+const DEFINITION_KEY: &[u8] = b"\x00kd";
 
 /// Errors that stop the processor.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +108,11 @@ pub enum ProcessorError {
     /// The features configuration cannot be run (it passed validation, so this is a bug).
     #[error("features: {0}")]
     Config(String),
+    /// A feature group's state was computed under another definition (functions, window size)
+    /// than the pipeline's: reading it would give wrong values. Retry meaning: none; the
+    /// message says how to compute the group again.
+    #[error("{0}")]
+    Definition(String),
     /// A Kafka transaction of the task loop failed and was aborted (or its outcome is
     /// uncertain). The loop handles it itself: it rejoins the group and recomputes the batch
     /// from the state's offsets; it only surfaces when it happens during shutdown.
@@ -216,6 +226,10 @@ pub struct FeatureGroup {
     /// Tumbling, session or hopping windows: each feature's value is the key's current
     /// window, written as `{"value", "window_start", "window_end"}`.
     pub windowed: bool,
+    /// What its state depends on: the functions in order, and the window size where the state
+    /// is laid out by it (tumbling windows, hopping panes). Grace, a session gap, a rolling
+    /// span and the dedup window can change on existing state; this cannot.
+    pub definition: String,
     aggregate: Aggregate,
     dedup: Option<Deduplicate>,
 }
@@ -256,6 +270,7 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
     }
     let mut out = Vec::new();
     for ((from, entity, key, window, grace, dedup), members) in groups {
+        let definition = definition(window, &members);
         let functions = members
             .iter()
             .map(|(name, f)| ((*name).clone(), agg_fn(f)))
@@ -298,6 +313,7 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
                 .filter_map(|(_, f)| f.field.clone())
                 .collect(),
             windowed,
+            definition,
             aggregate,
             dedup: dedup.map(|d| {
                 Deduplicate::new(DedupConfig {
@@ -390,6 +406,31 @@ pub fn stages(config: &PipelineConfig) -> Vec<Stage> {
         }));
     }
     out
+}
+
+/// [`FeatureGroup::definition`]: e.g. `tumbling 86400000 ms: count(), sum(total)`.
+fn definition(window: WindowKind, members: &[(&String, &FeatureConfig)]) -> String {
+    let ms = |d: Duration| d.as_millis();
+    let window = match window {
+        WindowKind::AllTime => "all time".to_string(),
+        WindowKind::Rolling(_) => "rolling".to_string(),
+        WindowKind::Session(_) => "session".to_string(),
+        WindowKind::Tumbling(size) => format!("tumbling {} ms", ms(size)),
+        WindowKind::Hopping { size, advance } => {
+            format!("hopping {} ms by {} ms", ms(size), ms(advance))
+        }
+    };
+    let functions: Vec<String> = members
+        .iter()
+        .map(|(_, f)| {
+            format!(
+                "{}({})",
+                f.agg.name(),
+                f.field.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    format!("{window}: {}", functions.join(", "))
 }
 
 fn agg_fn(f: &FeatureConfig) -> AggFn {
@@ -943,7 +984,17 @@ impl Processor {
             .filter(|((_, p), _)| partitions.contains(p))
             .flat_map(|(&(_, p), task)| task.stores_mut().into_iter().map(move |s| (p, s)))
             .collect();
-        sync_stores_with_changelogs(&restore, stores).await
+        if !sync_stores_with_changelogs(&restore, stores).await? {
+            return Ok(false);
+        }
+        for (&(si, p), task) in tasks.iter() {
+            if let (Task::Features { agg, .. }, Stage::Features(group)) = (task, &self.stages[si]) {
+                if partitions.contains(&p) {
+                    check_definition(&repartition_topic(&self.config), group, agg, p)?;
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// The state's offsets are the truth: where the group had committed (`committed`) past the
@@ -1588,6 +1639,9 @@ fn features_batch(
     };
     hw.finish(&mut out.state);
     out.state.set_offset(tp.clone(), never_back(agg, tp, end));
+    if agg.get(DEFINITION_KEY)?.is_none() {
+        out.state.put(DEFINITION_KEY, group.definition.as_bytes());
+    }
     // The output clock: never behind a value this task already emitted, so a feature's
     // version (event time first) grows with the repartition offset that produced it.
     let stored = read_i64(agg, OUTPUT_TIME_KEY)?.unwrap_or(i64::MIN);
@@ -2157,6 +2211,31 @@ fn high_water_key(tp: &TopicPartition) -> Vec<u8> {
     key
 }
 
+/// Refuses state a feature group computed under another [`FeatureGroup::definition`] (none
+/// stored: a new store, or one written before definitions were; its first batch stores it).
+fn check_definition(
+    repartition_topic: &str,
+    group: &FeatureGroup,
+    agg: &FjallStore,
+    partition: i32,
+) -> Result<(), ProcessorError> {
+    let Some(stored) = agg.get(DEFINITION_KEY)? else {
+        return Ok(());
+    };
+    if *stored == *group.definition.as_bytes() {
+        return Ok(());
+    }
+    Err(ProcessorError::Definition(format!(
+        "feature group `{}` ({}) has state computed as `{}` (partition {partition}), but the pipeline now defines it as `{}`: its stored values cannot be reused. To compute the group again, rename its first feature `{}` (the group and its state are named after it; a new group is computed from what the repartition topic `{}` still holds), or restore the previous definition",
+        group.name,
+        group.features.join(", "),
+        String::from_utf8_lossy(&stored),
+        group.definition,
+        group.name,
+        repartition_topic,
+    )))
+}
+
 fn read_i64<S: StateStore + ?Sized>(store: &S, key: &[u8]) -> Result<Option<i64>, StoreError> {
     store.get(key)?.map(|v| decode_i64(&v)).transpose()
 }
@@ -2515,6 +2594,115 @@ features:
         read_until(&|s| s.get(&busy) == Some(&json!(2)) && s.get(quiet) == Some(&json!(0))).await;
         shutdown.cancel();
         run.await.unwrap().unwrap();
+    }
+
+    /// A feature added to a group reads the stored accumulators by position, and a tumbling
+    /// window of another size reads the stored windows by their start: the processor refuses
+    /// such state with a message that says how to compute the group again, and accepts what
+    /// can change on it (grace, here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn state_of_another_definition_is_refused() {
+        use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = |features: &str| {
+            format!(
+                r#"
+name: redefined
+topics: {{ partitions: 2 }}
+entities:
+  customer: {{ key: customer_id, topic: redefined.customers }}
+  order: {{ key: order_id, topic: redefined.orders }}
+sources:
+  shop: {{ topic: redefined.orders, entity: order, fields: {{ customer_id: c, total: t, refund: r }} }}
+features:
+{features}"#
+            )
+        };
+        let first = yaml(
+            "  orders_30d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d }\n  \
+             spend_30d: { from: order, entity: customer, key: customer_id, agg: sum, field: total, window: 30d }\n  \
+             orders_today: { from: order, entity: customer, key: customer_id, agg: count, window: { tumbling: 1d } }\n",
+        );
+        let config = PipelineConfig::parse("p.yaml", &first).unwrap();
+        let log: Arc<dyn Log> =
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+        for spec in topic_specs(&config)
+            .into_iter()
+            .chain([TopicSpec::new("redefined.orders", 2)])
+        {
+            log.create_topic(&spec).await.unwrap();
+        }
+        let order = |n: i64| {
+            let mut order = ProduceRecord::new(
+                "redefined.orders",
+                Some(Bytes::from(format!("O-{n}"))),
+                Some(Bytes::from(
+                    json!({ "c": "C-1", "t": 10, "r": 0 }).to_string(),
+                )),
+            );
+            order.timestamp_ms = Some(1_700_000_000_000 + n);
+            order
+        };
+        let producer = log.producer().await.unwrap();
+        producer.send(vec![order(1)]).await.unwrap();
+        let data = dir.path().join("data");
+        // Runs the processor until the features topic holds `want` records (two per order:
+        // one per group) or the processor stops on its own.
+        let run = |yaml: String, want: usize| {
+            let (log, data) = (log.clone(), data.clone());
+            async move {
+                let config = PipelineConfig::parse("p.yaml", &yaml).unwrap();
+                let shutdown = CancellationToken::new();
+                let run =
+                    tokio::spawn(Processor::new(&config, &data, log.clone()).run(shutdown.clone()));
+                let mut features = log
+                    .consumer(ConsumerConfig::new(
+                        format!("reader-{}", yaml.len()),
+                        vec!["redefined.customers.features".into()],
+                    ))
+                    .await
+                    .unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                let mut seen = 0;
+                while seen < want && !run.is_finished() {
+                    assert!(std::time::Instant::now() < deadline, "no features");
+                    seen += features
+                        .poll(10, Duration::from_millis(200))
+                        .await
+                        .unwrap()
+                        .len();
+                }
+                shutdown.cancel();
+                run.await.unwrap()
+            }
+        };
+        run(first.clone(), 2).await.unwrap();
+
+        // refunds_30d sorts between the two: the stored [count, sum(total)] would be read as
+        // [count, sum(refund)] and spend_30d would get nothing.
+        let added = first.replace(
+            "  spend_30d:",
+            "  refunds_30d: { from: order, entity: customer, key: customer_id, agg: sum, field: refund, window: 30d }\n  spend_30d:",
+        );
+        let err = run(added, usize::MAX).await.unwrap_err().to_string();
+        assert!(
+            err.contains("`orders_30d`")
+                && err.contains("`rolling: count(), sum(total)`")
+                && err.contains("`rolling: count(), sum(refund), sum(total)`")
+                && err.contains("rename its first feature"),
+            "{err}"
+        );
+        let resized = first.replace("tumbling: 1d", "tumbling: 7d");
+        let err = run(resized, usize::MAX).await.unwrap_err().to_string();
+        assert!(
+            err.contains("`tumbling 86400000 ms: count()`")
+                && err.contains("`tumbling 604800000 ms: count()`"),
+            "{err}"
+        );
+        // A grace period can change on existing state.
+        let graced = first.replace("tumbling: 1d }", "tumbling: 1d }, grace: 1h");
+        producer.send(vec![order(2)]).await.unwrap();
+        run(graced, 4).await.unwrap();
     }
 
     #[test]
