@@ -121,11 +121,13 @@ impl Scalar {
         }
     }
 
-    /// The numeric value: numbers, and strings holding a number (`"129.90"`).
+    /// The numeric value: numbers, and strings holding a finite number (`"129.90"`; not
+    /// `"NaN"`, `"inf"` or `"1e999"`, which Rust's parser accepts but no sum, min or max can
+    /// recover from).
     pub fn as_f64(&self) -> Option<f64> {
         match self {
             Scalar::Num(n) => Some(*n),
-            Scalar::Text(s) => s.trim().parse().ok(),
+            Scalar::Text(s) => s.trim().parse().ok().filter(|v: &f64| v.is_finite()),
         }
     }
 

@@ -1169,3 +1169,40 @@ proptest::proptest! {
         );
     }
 }
+
+/// Rust's `f64` parser reads "NaN", "inf" and "1e999" as numbers; in a sum, min or max they
+/// would stick (a NaN sum, an infinite max) until the window closes, forever for all-time
+/// features. Only finite numbers count; such strings are skipped like any other text.
+#[test]
+fn non_finite_numeric_strings_are_not_numbers() {
+    let op = Aggregate::new(config(WindowSpec::Tumbling { size_ms: 1 << 40 }, 0)).unwrap();
+    let store = MemoryStore::new("agg");
+    let event = |offset: i64, total: serde_json::Value| Event {
+        value: serde_json::json!({ "total": total, "sku": "s" }),
+        ..ev("c1", offset, offset, 0.0)
+    };
+    let events: Vec<Event> = [
+        serde_json::json!("12.5"),
+        serde_json::json!("NaN"),
+        serde_json::json!("inf"),
+        serde_json::json!("-infinity"),
+        serde_json::json!("1e999"),
+        serde_json::json!(3),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, total)| event(i as i64, total))
+    .collect();
+    let batch = op.process(&store, &events).unwrap();
+    let last = batch.updates.last().unwrap();
+    assert_eq!(
+        last.values.as_deref().unwrap()[..5],
+        [
+            AggValue::Int(6),
+            AggValue::Num(15.5),
+            AggValue::Num(7.75),
+            AggValue::Num(3.0),
+            AggValue::Num(12.5)
+        ]
+    );
+}
