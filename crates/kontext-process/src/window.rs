@@ -35,13 +35,16 @@ impl WindowSpec {
             return Vec::new();
         };
         let mut out = Vec::with_capacity((size / advance.max(1)) as usize + 1);
-        let mut start = t.div_euclid(advance) * advance;
-        while start + size > t {
-            out.push(Window {
-                start,
-                end: start + size,
-            });
-            start -= advance;
+        // Checked: near the ends of `i64` (292 million years from 1970) the windows that
+        // cannot be represented are left out rather than wrapping into an endless walk.
+        let mut start = t.div_euclid(advance).checked_mul(advance);
+        while let Some(s) = start {
+            match s.checked_add(size) {
+                Some(end) if end > t => out.push(Window { start: s, end }),
+                Some(_) => break,
+                None => {}
+            }
+            start = s.checked_sub(advance);
         }
         out
     }
@@ -51,7 +54,9 @@ impl WindowSpec {
     /// `t`, the one covering the most time before it). `None` for session and sliding windows.
     pub fn closing_next(&self, t: i64) -> Option<i64> {
         let (size, advance) = self.size_and_advance()?;
-        Some(((t - size).div_euclid(advance) + 1) * advance + size)
+        (t.checked_sub(size)?.div_euclid(advance) + 1)
+            .checked_mul(advance)?
+            .checked_add(size)
     }
 
     /// Size and advance of tumbling (advance = size) and hopping windows.
@@ -106,6 +111,27 @@ mod tests {
             }
         }
         assert_eq!(WindowSpec::Session { gap_ms: 5 }.closing_next(3), None);
+    }
+
+    #[test]
+    fn times_at_the_ends_of_i64_have_no_window_instead_of_overflowing() {
+        let hopping = WindowSpec::Hopping {
+            size_ms: 10,
+            advance_ms: 3,
+        };
+        for spec in [WindowSpec::Tumbling { size_ms: 10 }, hopping] {
+            for t in [i64::MIN, i64::MIN + 1] {
+                assert!(spec.windows_for(t).is_empty(), "{spec:?} at {t}");
+                assert_eq!(spec.closing_next(t), None, "{spec:?} at {t}");
+            }
+            // Near the top, the windows that fit are there, and the one closing next is
+            // the earliest ending of them.
+            for t in [i64::MAX - 20, i64::MAX - 1, i64::MAX] {
+                let earliest = spec.windows_for(t).iter().map(|w| w.end).min();
+                assert_eq!(spec.closing_next(t), earliest, "{spec:?} at {t}");
+            }
+            assert!(!spec.windows_for(i64::MAX - 20).is_empty());
+        }
     }
 
     #[test]
