@@ -117,7 +117,7 @@ impl PostgresStore {
         .await
         .map_err(pg)?;
         if let Some(ns) = namespace {
-            txn.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {ns}"))
+            txn.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{ns}\""))
                 .await
                 .map_err(pg)?;
         }
@@ -731,8 +731,10 @@ const WHERE_KEYS: &str = r#"
 AND (e.entity_type, e.entity_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"#;
 const ORDER_DOCS: &str = "ORDER BY e.entity_type, e.entity_id";
 
-/// A parent's children of one type, newest first by their latest version (ties by id, the
-/// order the embedded store's stable sort leaves them in), with the total count.
+/// A parent's children of one type, newest first by their latest version, with the total
+/// count. (Versions do not tie: a version is a record's position, and both stores apply one
+/// update per record, skipping later ones at the same offset; the id only makes the order
+/// total.)
 const CHILDREN: &str = r#"
 SELECT e.entity_id, count(*) OVER ()
 FROM kontext_relations r

@@ -801,3 +801,17 @@ async fn drop_namespace(ns: &str) {
         .await
         .unwrap();
 }
+
+/// A schema name the validation accepts (`[a-z_][a-z0-9_]*`) may be an SQL keyword: the store
+/// quotes it, so `schema: order` works like any other name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_named_like_an_sql_keyword_works() {
+    let ns = "order";
+    super::drop_namespace(&url(), ns).await.unwrap();
+    let store = store_in(ns).await;
+    store.apply(&orders(0, 3), &[]).await.unwrap();
+    assert_eq!(store.dump().await.unwrap().len(), 3);
+    // A second connection finds the tables through its search_path.
+    assert_eq!(store_in(ns).await.dump().await.unwrap().len(), 3);
+    super::drop_namespace(&url(), ns).await.unwrap();
+}
