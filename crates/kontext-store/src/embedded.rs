@@ -13,7 +13,7 @@
 //! to what is durable ([`WriteMarks`]), replays the rest from the log.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,7 +25,8 @@ use redb::{
 
 use crate::document::{ContextDocument, EntityView, RelatedEntity, RelatedList};
 use crate::model::{
-    merge_fields, parent_id_of, Change, EntityDoc, EntityUpdate, OwnedVersion, StoreSchema,
+    merge_fields, parent_id_of, Change, EntityDoc, EntityUpdate, OwnedVersion, Provenance,
+    StoreSchema,
 };
 use crate::StoreError;
 pub use cache::CacheStats;
@@ -96,6 +97,10 @@ struct Pending {
     latest_before: Option<Latest>,
     /// Per `belongs_to` relation of its type (in schema order), the parent id stored before.
     parents_before: Vec<Option<String>>,
+    /// Per `belongs_to` relation, the version of the relation field stored before: a field
+    /// the batch wrote again has another. Empty when every child of the type is linked
+    /// ([`EmbeddedStore::all_linked`]): then it is not needed.
+    parent_fields_before: Vec<Option<Arc<Provenance>>>,
     after: Option<EntityDoc>,
     /// The newest tombstone applied to it: nothing of it at that version or older is kept.
     tomb: Option<Latest>,
@@ -150,6 +155,10 @@ impl Pending {
 pub struct EmbeddedStore {
     db: Database,
     schema: StoreSchema,
+    /// Per child type, per `belongs_to` relation (in schema order): whether every stored
+    /// child naming a parent in the relation field has its relation key ([`linked_relations`]).
+    /// Only a relation added to a type that had data has children without one.
+    all_linked: BTreeMap<String, Vec<bool>>,
     /// Assembled documents of hot entities; `None` when switched off.
     cache: Option<ContextCache>,
     /// How often the owner flushes; zero: every commit is durable when `apply` returns.
@@ -196,10 +205,12 @@ impl EmbeddedStore {
         txn.open_table(OFFSETS).map_err(io)?;
         txn.open_table(TOMBSTONES).map_err(io)?;
         build_related(&txn, &schema)?;
+        let all_linked = linked_relations(&txn, &schema)?;
         txn.commit().map_err(io)?;
         Ok(Self {
             db,
             schema,
+            all_linked,
             cache: Some(ContextCache::new(DEFAULT_CONTEXT_CACHE)),
             sync_interval: Duration::ZERO,
             applied: AtomicU64::new(0),
@@ -485,10 +496,29 @@ impl EmbeddedStore {
                     .map(Cow::into_owned)
             })
             .collect();
+        let all_linked = self
+            .all_linked
+            .get(entity_type)
+            .is_none_or(|linked| linked.iter().all(|l| *l));
+        let parent_fields_before = if all_linked {
+            Vec::new()
+        } else {
+            self.schema
+                .parents_of(entity_type)
+                .iter()
+                .map(|(_, field)| {
+                    before
+                        .as_ref()
+                        .and_then(|d| d.fields.get(field))
+                        .map(|f| f.provenance.clone())
+                })
+                .collect()
+        };
         Ok(Pending {
             existed: before.is_some(),
             latest_before: before.as_ref().map(latest_of),
             parents_before,
+            parent_fields_before,
             events: before.as_ref().map_or(0, |d| d.events_applied),
             after: before,
             tomb: None,
@@ -717,11 +747,13 @@ impl EmbeddedStore {
     ) -> Result<(), StoreError> {
         let after = pending.after.as_ref();
         let latest_after = after.map(latest_of);
-        for ((parent_type, field), old) in self
+        let all_linked = self.all_linked.get(entity_type);
+        for (i, ((parent_type, field), old)) in self
             .schema
             .parents_of(entity_type)
             .iter()
             .zip(&pending.parents_before)
+            .enumerate()
         {
             let new = after.and_then(|d| parent_id(d, field));
             if let Some(parent) = &new {
@@ -743,9 +775,24 @@ impl EmbeddedStore {
             };
             if old.as_deref() == new.as_deref() {
                 // The same parent, a new version: the child takes its new place in the list.
+                // A child without a relation key (a `belongs_to` added to a type that had
+                // data) is linked when the batch wrote its relation field again, as
+                // PostgreSQL links a rewritten field; otherwise it stays out of the list.
                 if pending.latest_before != latest_after {
                     if let (Some(parent), Some(latest)) = (new.as_deref(), &latest_after) {
-                        moved(parent, true, Some(latest));
+                        let key = relation_key(parent_type, parent, entity_type, entity_id);
+                        if all_linked.is_some_and(|a| a[i])
+                            || relations.get(key.as_slice()).map_err(io)?.is_some()
+                        {
+                            moved(parent, true, Some(latest));
+                        } else if rewritten(
+                            pending.parent_fields_before.get(i).and_then(Option::as_ref),
+                            after,
+                            field,
+                        ) {
+                            relations.insert(key.as_slice(), ()).map_err(io)?;
+                            moved(parent, false, Some(latest));
+                        }
                     }
                 }
                 continue;
@@ -888,6 +935,17 @@ struct Index<'a, 't> {
 }
 
 /// The parent id in a relation field ([`parent_id_of`]).
+/// Whether `field` of `after` has another version than `before` (the batch wrote it).
+fn rewritten(before: Option<&Arc<Provenance>>, after: Option<&EntityDoc>, field: &str) -> bool {
+    let after = after
+        .and_then(|d| d.fields.get(field))
+        .map(|f| &f.provenance);
+    match (before, after) {
+        (Some(b), Some(a)) => !Arc::ptr_eq(b, a) && b != a,
+        (b, a) => b.is_some() != a.is_some(),
+    }
+}
+
 fn parent_id<'a>(doc: &'a EntityDoc, field: &str) -> Option<Cow<'a, str>> {
     doc.fields.get(field).and_then(|f| parent_id_of(&f.value))
 }
@@ -948,6 +1006,76 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// layout are there (dropped here: an older kontext may have changed the store since); the
 /// lists of each child type whose `related_limit` grew since they were built
 /// ([`RELATED_LIMITS`]).
+/// [`EmbeddedStore::all_linked`]: a relation is known complete by a `linked\0<child>\0<parent>
+/// \0<field>` entry in [`META`]; without one (a new store, a relation new to the schema, a store
+/// written before the entry existed) the type's children are checked once, and the entry
+/// written when each has its relation key. Entries of relations the schema no longer has are
+/// removed: children written meanwhile are not linked.
+fn linked_relations(
+    txn: &redb::WriteTransaction,
+    schema: &StoreSchema,
+) -> Result<BTreeMap<String, Vec<bool>>, StoreError> {
+    const PREFIX: &str = "linked\0";
+    let flag =
+        |child: &str, parent: &str, field: &str| format!("{PREFIX}{child}\0{parent}\0{field}");
+    let mut meta = txn.open_table(META).map_err(io)?;
+    let wanted: BTreeSet<String> = schema
+        .belongs_to
+        .iter()
+        .flat_map(|(child, parents)| parents.iter().map(move |(p, f)| flag(child, p, f)))
+        .collect();
+    let mut stale = Vec::new();
+    for item in meta.range(PREFIX..).map_err(io)? {
+        let key = item.map_err(io)?.0.value().to_string();
+        if !key.starts_with(PREFIX) {
+            break;
+        }
+        if !wanted.contains(&key) {
+            stale.push(key);
+        }
+    }
+    for key in stale {
+        meta.remove(key.as_str()).map_err(io)?;
+    }
+    let entities = txn.open_table(ENTITIES).map_err(io)?;
+    let relations = txn.open_table(RELATIONS).map_err(io)?;
+    let mut out = BTreeMap::new();
+    for (child, parents) in &schema.belongs_to {
+        let mut linked = Vec::with_capacity(parents.len());
+        for (parent, field) in parents {
+            let key = flag(child, parent, field);
+            let mut complete = meta.get(key.as_str()).map_err(io)?.is_some();
+            if !complete {
+                complete = true;
+                let prefix = entity_key(child, "");
+                let end = prefix_end(&prefix);
+                for item in entities
+                    .range(prefix.as_slice()..end.as_slice())
+                    .map_err(io)?
+                {
+                    let (k, v) = item.map_err(io)?;
+                    let doc = decode_doc(v.value())?;
+                    let Some(parent_id) = parent_id(&doc, field) else {
+                        continue;
+                    };
+                    let id = String::from_utf8_lossy(&k.value()[prefix.len()..]);
+                    let relation = relation_key(parent, &parent_id, child, &id);
+                    if relations.get(relation.as_slice()).map_err(io)?.is_none() {
+                        complete = false;
+                        break;
+                    }
+                }
+                if complete {
+                    meta.insert(key.as_str(), 1).map_err(io)?;
+                }
+            }
+            linked.push(complete);
+        }
+        out.insert(child.clone(), linked);
+    }
+    Ok(out)
+}
+
 fn build_related(txn: &redb::WriteTransaction, schema: &StoreSchema) -> Result<(), StoreError> {
     let legacy = txn.delete_table(LEGACY_RECENT).map_err(io)?;
     let legacy = txn.delete_table(LEGACY_COUNTS).map_err(io)? || legacy;

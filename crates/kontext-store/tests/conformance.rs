@@ -394,12 +394,9 @@ async fn tombstones_converge_whatever_order_they_arrive_in() {
     }
 }
 
-/// A relation field holding a number names its parent by the number as text, from both sides:
-/// the order is in customer `10042`'s related list, and the customer is the order's
-/// `belongs_to` (it was the first only: the assembly read strings alone).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_numeric_relation_field_names_its_parent_from_both_sides() {
-    let upsert = |entity_type: &str, id: &str, fields: Value, offset: i64| EntityUpdate {
+/// An upsert of a `t`/0 record at `offset`, event time 1000.
+fn upsert_at(entity_type: &str, id: &str, fields: Value, offset: i64) -> EntityUpdate {
+    EntityUpdate {
         entity_type: entity_type.into(),
         entity_id: id.into(),
         change: Change::Upsert(Map::from_iter(fields.as_object().unwrap().clone()).into()),
@@ -412,10 +409,17 @@ async fn a_numeric_relation_field_names_its_parent_from_both_sides() {
             offset,
             event_time_ms: 1_000,
         },
-    };
+    }
+}
+
+/// A relation field holding a number names its parent by the number as text, from both sides:
+/// the order is in customer `10042`'s related list, and the customer is the order's
+/// `belongs_to` (it was the first only: the assembly read strings alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_numeric_relation_field_names_its_parent_from_both_sides() {
     let updates = vec![
-        upsert("customer", "10042", json!({"name": "Ana"}), 0),
-        upsert("order", "O1", json!({"customer_id": 10042, "total": 5}), 1),
+        upsert_at("customer", "10042", json!({"name": "Ana"}), 0),
+        upsert_at("order", "O1", json!({"customer_id": 10042, "total": 5}), 1),
     ];
     let dir = tempfile::tempdir().unwrap();
     let embedded = embedded_store(&dir, "numeric.redb");
@@ -435,6 +439,116 @@ async fn a_numeric_relation_field_names_its_parent_from_both_sides() {
         let orders = &customer.related["order"];
         assert_eq!(orders.total, 1, "{name}");
         assert_eq!(orders.items[0].entity_id, "O1", "{name}");
+    }
+    drop_schema(&ns).await;
+}
+
+/// A `belongs_to` added to a type that already has data: children stored before have no
+/// relation yet. An update that writes the relation field links its child (also with the
+/// parent it already named); one that does not leaves it unlinked. Both stores list the same
+/// children with the same total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_belongs_to_added_to_existing_data_links_children_alike() {
+    let at = |id: &str, fields: Value, offset: i64| {
+        let mut u = upsert_at("order", id, fields, offset);
+        u.provenance.event_time_ms = 1_000 + offset;
+        u
+    };
+    let before = vec![
+        upsert_at("customer", "C1", json!({"name": "Ana"}), 0),
+        at("O1", json!({"customer_id": "C1"}), 1),
+        at("O2", json!({"customer_id": "C1"}), 2),
+    ];
+    let after = vec![
+        // A new child: linked.
+        at("O3", json!({"customer_id": "C1"}), 3),
+        // The relation field written again, same parent: linked now, and the newest.
+        at("O2", json!({"customer_id": "C1", "status": "x"}), 4),
+        // Another field only: still unlinked.
+        at("O1", json!({"status": "y"}), 5),
+    ];
+    let mut unrelated = schema();
+    unrelated.belongs_to.insert("order".into(), vec![]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("added.redb");
+    let (postgres, ns) = postgres_store().await;
+    drop(postgres);
+    let url = postgres_url();
+    for (schema, updates, offsets) in [(unrelated, before, 3), (schema(), after, 6)] {
+        let embedded = EmbeddedStore::open(&path, schema.clone()).unwrap();
+        let postgres = PostgresStore::connect_in_namespace(&url, &ns, schema)
+            .await
+            .unwrap();
+        let stores: [(&str, &dyn ContextStore); 2] =
+            [("embedded", &embedded), ("postgres", &postgres)];
+        for (name, store) in stores {
+            store
+                .apply(&updates, &[("t".into(), 0, offsets)])
+                .await
+                .unwrap();
+            if offsets == 6 {
+                let customer = store.context("customer", "C1").await.unwrap().unwrap();
+                let orders = &customer.related["order"];
+                let ids: Vec<&str> = orders.items.iter().map(|i| i.entity_id.as_str()).collect();
+                assert_eq!((orders.total, ids), (2, vec!["O2", "O3"]), "{name}");
+            }
+        }
+    }
+    drop_schema(&ns).await;
+}
+
+/// A relation removed from the schema and added again: children written meanwhile have no
+/// relation key, and a later update that does not write the relation field leaves them out
+/// of the list in both stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_belongs_to_removed_and_added_again_leaves_the_meanwhile_children_unlinked() {
+    let at = |id: &str, fields: Value, offset: i64| {
+        let mut u = upsert_at("order", id, fields, offset);
+        u.provenance.event_time_ms = 1_000 + offset;
+        u
+    };
+    let mut unrelated = schema();
+    unrelated.belongs_to.insert("order".into(), vec![]);
+    let phases = [
+        (
+            schema(),
+            vec![
+                upsert_at("customer", "C1", json!({"name": "Ana"}), 0),
+                at("O1", json!({"customer_id": "C1"}), 1),
+            ],
+        ),
+        (unrelated, vec![at("O2", json!({"customer_id": "C1"}), 2)]),
+        (schema(), vec![at("O2", json!({"status": "x"}), 3)]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("readded.redb");
+    let (postgres, ns) = postgres_store().await;
+    drop(postgres);
+    let url = postgres_url();
+    for (offsets, (schema, updates)) in (2..).zip(phases) {
+        let embedded = EmbeddedStore::open(&path, schema.clone()).unwrap();
+        let postgres = PostgresStore::connect_in_namespace(&url, &ns, schema)
+            .await
+            .unwrap();
+        let stores: [(&str, &dyn ContextStore); 2] =
+            [("embedded", &embedded), ("postgres", &postgres)];
+        for (name, store) in stores {
+            store
+                .apply(&updates, &[("t".into(), 0, offsets)])
+                .await
+                .unwrap();
+            let customer = store.context("customer", "C1").await.unwrap().unwrap();
+            let Some(orders) = customer.related.get("order") else {
+                assert_eq!(offsets, 3, "{name}: only the schema without it has no list");
+                continue;
+            };
+            let ids: Vec<&str> = orders.items.iter().map(|i| i.entity_id.as_str()).collect();
+            assert_eq!(
+                (orders.total, ids),
+                (1, vec!["O1"]),
+                "{name}, phase {offsets}"
+            );
+        }
     }
     drop_schema(&ns).await;
 }
