@@ -815,6 +815,8 @@ impl Processor {
             .collect();
         info!(%group, tasks = tasks.len(), "processor aggregation tasks started");
         let mut owned: BTreeSet<i32> = BTreeSet::new();
+        // Partitions whose changelog had records of another writer (`continues_changelog`).
+        let mut resync: BTreeSet<i32> = BTreeSet::new();
         loop {
             let Some(records) = drain.poll(consumer.as_mut()).await? else {
                 return Ok(());
@@ -932,8 +934,27 @@ impl Processor {
                     else {
                         return Ok(());
                     };
+                    // Each task's records of the phase are contiguous: first and last offset.
+                    let mut spans: BTreeMap<usize, (i64, i64)> = BTreeMap::new();
                     for (owner, position) in owners.into_iter().zip(positions) {
-                        note_changelog_end(&mut commits, owner, phase, position.offset);
+                        spans
+                            .entry(owner)
+                            .and_modify(|span| span.1 = position.offset)
+                            .or_insert((position.offset, position.offset));
+                    }
+                    for (owner, (first, last)) in spans {
+                        let id = commits[owner].0;
+                        let continues =
+                            match tasks.get(&id).and_then(|t| t.stores().get(phase).copied()) {
+                                Some(store) => continues_changelog(store, first)?,
+                                None => true,
+                            };
+                        if continues {
+                            note_changelog_end(&mut commits, owner, phase, last);
+                        } else {
+                            warn!(partition = id.1, first, "records of another writer (or of a failed send) came into a changelog since this store's last batch; restoring them before the next batch");
+                            resync.insert(id.1);
+                        }
                     }
                 }
             }
@@ -954,6 +975,21 @@ impl Processor {
                 // at start, so a commit a crash loses costs nothing but re-delivery.
                 if let Err(e) = consumer.commit_in_background(&offsets).await {
                     warn!(error = %e, "feature offset commit failed; the state skips what is re-delivered");
+                }
+            }
+            if !resync.is_empty() {
+                let partitions = std::mem::take(&mut resync);
+                if !self
+                    .sync_with_changelogs(
+                        producer,
+                        tasks,
+                        &partitions,
+                        Ownership::Assigned,
+                        shutdown,
+                    )
+                    .await?
+                {
+                    return Ok(());
                 }
             }
         }
@@ -2360,6 +2396,16 @@ impl<'a> Drain<'a> {
             }
         }
     }
+}
+
+/// Whether a batch whose changelog records start at `first` continues `store`'s changelog
+/// right after its last batch. Not when another writer's records came in between: an
+/// instance that stalled past its session while the partition moved (no fencing without
+/// `exactly_once`), or this store's own earlier send that failed part-way. Recording the end
+/// after this batch would then mark those records as restored, and a later sync would skip
+/// them for good; instead the store keeps its end, and the task syncs it again.
+fn continues_changelog(store: &FjallStore, first: i64) -> Result<bool, StoreError> {
+    Ok(read_i64(store, CHANGELOG_END_KEY)?.is_none_or(|end| end == first))
 }
 
 /// Records, in the state batch of store `phase` of commit `owner`, the changelog offset after

@@ -88,15 +88,18 @@ impl Fixture {
             .unwrap());
     }
 
-    /// Produces `batch`'s changelog records and commits it to `store`, as a task does.
+    /// Produces `batch`'s changelog records and commits it to `store`, as a task does: with
+    /// the changelog end after it only when it continues the store's changelog.
     async fn commit(&self, store: &mut FjallStore, mut batch: WriteBatch) {
         let sent = self
             .producer
             .send(records(&self.topic, batch.changelog()))
             .await
             .unwrap();
-        let end = sent.last().unwrap().offset + 1;
-        batch.put(CHANGELOG_END_KEY, &end.to_le_bytes());
+        if continues_changelog(store, sent[0].offset).unwrap() {
+            let end = sent.last().unwrap().offset + 1;
+            batch.put(CHANGELOG_END_KEY, &end.to_le_bytes());
+        }
         store.apply(&batch).unwrap();
     }
 }
@@ -178,6 +181,29 @@ async fn an_assigned_member_repairs_a_dead_writers_batch(log: Arc<dyn Log>, app:
     assert_eq!(state(&c), state(&a));
 }
 
+/// Without `exactly_once` nothing fences a member that stalled past its session: A, stalled,
+/// commits a batch after B took the partition over and committed one. A's changelog end must
+/// not move past B's batch, or A, assigned the partition again later, would take its state
+/// for current and never restore B's batch (found by review).
+async fn a_stale_writers_batch_does_not_hide_the_batch_before_it(log: Arc<dyn Log>, app: &str) {
+    let f = Fixture::new(log, app).await;
+    let mut a = f.open("a");
+    f.sync(&mut a, Ownership::Assigned).await;
+    let mut b = f.open("b");
+    f.sync(&mut b, Ownership::Assigned).await;
+    let mut by_b = batch("2");
+    by_b.put(b"k3", b"by b");
+    f.commit(&mut b, by_b).await;
+    // A wakes up and finishes its stale batch; later the group assigns it the partition again.
+    f.commit(&mut a, batch("1")).await;
+    f.sync(&mut a, Ownership::Assigned).await;
+    assert_eq!(
+        a.get(b"k3").unwrap().as_deref(),
+        Some(&b"by b"[..]),
+        "B's batch is restored into A's state"
+    );
+}
+
 /// Member B starts while member A is processing partition 0: A completes a batch (changelog,
 /// then the group's offsets) between B's sync and B's rewind. B must not see the group "past
 /// its state" and try to rewind a group with an active member (which waits 60 s for it to
@@ -254,6 +280,18 @@ fn kafka() -> (Arc<dyn Log>, String) {
         .as_nanos();
     let log: Arc<dyn Log> = Arc::new(KafkaLog::new(KafkaConfig::new(bootstrap)).unwrap());
     (log, format!("restore{nanos:x}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_writers_batch_does_not_hide_the_batch_before_it_on_the_embedded_log() {
+    let (_dir, log) = embedded();
+    a_stale_writers_batch_does_not_hide_the_batch_before_it(log, "stale").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_writers_batch_does_not_hide_the_batch_before_it_on_kafka() {
+    let (log, app) = kafka();
+    a_stale_writers_batch_does_not_hide_the_batch_before_it(log, &app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
