@@ -1940,8 +1940,10 @@ impl Acc {
             let Some(input) = input else { continue };
             let exact = match acc {
                 FnAcc::Count => true,
+                // A non-finite value in state came from a `"NaN"` or `"inf"` string before such
+                // strings stopped counting as numbers: rebuild rather than keep it.
                 FnAcc::Sum { sum, n, exact } => match input.as_f64() {
-                    None => true,
+                    None => sum.is_finite(),
                     Some(v) => match (*exact, micros(v)) {
                         (Some(e), Some(m)) if *n > 0 => {
                             let e = e - m;
@@ -1954,11 +1956,11 @@ impl Acc {
                     },
                 },
                 FnAcc::Min(m) => match input.as_f64() {
-                    None => true,
+                    None => m.is_none_or(f64::is_finite),
                     Some(v) => m.is_some_and(|m| v > m),
                 },
                 FnAcc::Max(m) => match input.as_f64() {
-                    None => true,
+                    None => m.is_none_or(f64::is_finite),
                     Some(v) => m.is_some_and(|m| v < m),
                 },
                 FnAcc::Latest(latest) => latest

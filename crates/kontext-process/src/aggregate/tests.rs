@@ -1206,3 +1206,38 @@ fn non_finite_numeric_strings_are_not_numbers() {
         ]
     );
 }
+
+/// State written before non-finite strings stopped counting may hold an infinite max or a
+/// NaN sum: removing the event that put it there rebuilds the value instead of keeping it.
+#[test]
+fn removing_from_a_non_finite_value_of_older_state_asks_for_a_rebuild() {
+    let text = |s: &str| Some(Scalar::Text(s.into()));
+    for (fns, input) in [
+        (vec![FnAcc::Max(Some(f64::INFINITY))], text("inf")),
+        (vec![FnAcc::Min(Some(f64::NEG_INFINITY))], text("-inf")),
+        (
+            vec![FnAcc::Sum {
+                sum: f64::NAN,
+                n: 2,
+                exact: None,
+            }],
+            text("NaN"),
+        ),
+    ] {
+        let mut acc = Acc {
+            partition: 0,
+            version: 5,
+            events: 2,
+            fns: fns.clone(),
+        };
+        assert!(!acc.remove(&[input], 1, 1), "{fns:?}");
+    }
+    // Clean state removes a skipped text input without a rebuild.
+    let mut acc = Acc {
+        partition: 0,
+        version: 5,
+        events: 2,
+        fns: vec![FnAcc::Max(Some(3.0))],
+    };
+    assert!(acc.remove(&[text("n/a")], 1, 1));
+}
