@@ -226,9 +226,10 @@ pub struct FeatureGroup {
     /// Tumbling, session or hopping windows: each feature's value is the key's current
     /// window, written as `{"value", "window_start", "window_end"}`.
     pub windowed: bool,
-    /// What its state depends on: the functions in order, and the window size where the state
-    /// is laid out by it (tumbling windows, hopping panes). Grace, a session gap, a rolling
-    /// span and the dedup window can change on existing state; this cannot.
+    /// What its state depends on: input, target and key, the functions in order, and the
+    /// window size where the state is laid out by it (tumbling windows, hopping panes). Grace,
+    /// a session gap, a rolling span and the dedup window can change on existing state; this
+    /// cannot.
     pub definition: String,
     aggregate: Aggregate,
     dedup: Option<Deduplicate>,
@@ -270,7 +271,10 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
     }
     let mut out = Vec::new();
     for ((from, entity, key, window, grace, dedup), members) in groups {
-        let definition = definition(window, &members);
+        let definition = format!(
+            "{from} → {entity} by {key}, {}",
+            definition(window, &members)
+        );
         let functions = members
             .iter()
             .map(|(name, f)| ((*name).clone(), agg_fn(f)))
@@ -408,7 +412,8 @@ pub fn stages(config: &PipelineConfig) -> Vec<Stage> {
     out
 }
 
-/// [`FeatureGroup::definition`]: e.g. `tumbling 86400000 ms: count(), sum(total)`.
+/// The window and functions part of [`FeatureGroup::definition`], e.g. `tumbling 86400000 ms:
+/// count(), sum(total)` (`plan` puts input, target and key before it).
 fn definition(window: WindowKind, members: &[(&String, &FeatureConfig)]) -> String {
     let ms = |d: Duration| d.as_millis();
     let window = match window {
@@ -453,6 +458,11 @@ pub struct Processor {
     state_dir: PathBuf,
     stages: Vec<Stage>,
     metrics: Arc<PipelineMetrics>,
+    /// Cancelled once the aggregation's state has been synced with the changelogs and its
+    /// feature definitions checked ([`check_definition`]): the re-key loop waits for it, so
+    /// that a refused configuration writes no repartition records (they carry the fields its
+    /// functions read, which the previous definition may need).
+    state_checked: CancellationToken,
 }
 
 impl Processor {
@@ -465,6 +475,7 @@ impl Processor {
             log,
             state_dir: data_dir.join("state").join(&config.name),
             metrics: Arc::default(),
+            state_checked: CancellationToken::new(),
         }
     }
 
@@ -516,6 +527,10 @@ impl Processor {
         mut drain: Drain<'_>,
     ) -> Result<(), ProcessorError> {
         let shutdown = drain.shutdown;
+        tokio::select! {
+            _ = self.state_checked.cancelled() => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
         let router = Router::new(&self.config);
         let mut groups: Vec<&FeatureGroup> = Vec::new();
         let mut joins: Vec<&JoinStage> = Vec::new();
@@ -786,6 +801,7 @@ impl Processor {
         {
             return Ok(()); // shutdown during the restore: consume nothing
         }
+        self.state_checked.cancel();
         self.rewind(&group, &repartition, tasks, &committed).await?;
         let mut consumer = self
             .log
@@ -815,8 +831,6 @@ impl Processor {
             .collect();
         info!(%group, tasks = tasks.len(), "processor aggregation tasks started");
         let mut owned: BTreeSet<i32> = BTreeSet::new();
-        // Partitions whose changelog had records of another writer (`continues_changelog`).
-        let mut resync: BTreeSet<i32> = BTreeSet::new();
         loop {
             let Some(records) = drain.poll(consumer.as_mut()).await? else {
                 return Ok(());
@@ -837,6 +851,9 @@ impl Processor {
             // Per (group, partition): the events, and the next offset the batch covers.
             let mut inputs: BTreeMap<(usize, i32), Vec<Inbound>> = BTreeMap::new();
             let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+            // Records of a group no longer in the pipeline (renamed or removed; the rewind
+            // of a new group's empty state re-reads them all), counted once per batch.
+            let mut unknown: BTreeMap<String, (u64, String)> = BTreeMap::new();
             for record in &records {
                 next.insert(record.partition, record.offset + 1);
                 // A tick of a feature group moves its stream time ([`ticks`]).
@@ -856,13 +873,19 @@ impl Processor {
                             .or_default()
                             .push(inbound),
                         None => {
-                            warn!(at = %record.coordinates(), stage = %name, "repartition record of an unknown feature group or join; skipped")
+                            let e = unknown
+                                .entry(name)
+                                .or_insert_with(|| (0, record.coordinates().to_string()));
+                            e.0 += 1;
                         }
                     },
                     None => {
                         warn!(at = %record.coordinates(), "undecodable repartition record; skipped")
                     }
                 }
+            }
+            for (stage, (records, first)) in unknown {
+                warn!(%stage, records, %first, "repartition records of a feature group or join the pipeline no longer has; skipped");
             }
             let mut outputs = Vec::new();
             // Changelog records by store index within a task (phase), with the commit each
@@ -934,26 +957,11 @@ impl Processor {
                     else {
                         return Ok(());
                     };
-                    // Each task's records of the phase are contiguous: first and last offset.
-                    let mut spans: BTreeMap<usize, (i64, i64)> = BTreeMap::new();
-                    for (owner, position) in owners.into_iter().zip(positions) {
-                        spans
-                            .entry(owner)
-                            .and_modify(|span| span.1 = position.offset)
-                            .or_insert((position.offset, position.offset));
-                    }
-                    for (owner, (first, last)) in spans {
+                    for (owner, (first, last)) in changelog_spans(owners, positions) {
                         let id = commits[owner].0;
-                        let continues =
-                            match tasks.get(&id).and_then(|t| t.stores().get(phase).copied()) {
-                                Some(store) => continues_changelog(store, first)?,
-                                None => true,
-                            };
-                        if continues {
+                        let store = tasks.get(&id).and_then(|t| t.stores().get(phase).copied());
+                        if continues_changelog(store, id.1, first)? {
                             note_changelog_end(&mut commits, owner, phase, last);
-                        } else {
-                            warn!(partition = id.1, first, "records of another writer (or of a failed send) came into a changelog since this store's last batch; restoring them before the next batch");
-                            resync.insert(id.1);
                         }
                     }
                 }
@@ -975,21 +983,6 @@ impl Processor {
                 // at start, so a commit a crash loses costs nothing but re-delivery.
                 if let Err(e) = consumer.commit_in_background(&offsets).await {
                     warn!(error = %e, "feature offset commit failed; the state skips what is re-delivered");
-                }
-            }
-            if !resync.is_empty() {
-                let partitions = std::mem::take(&mut resync);
-                if !self
-                    .sync_with_changelogs(
-                        producer,
-                        tasks,
-                        &partitions,
-                        Ownership::Assigned,
-                        shutdown,
-                    )
-                    .await?
-                {
-                    return Ok(());
                 }
             }
         }
@@ -1026,7 +1019,7 @@ impl Processor {
         for (&(si, p), task) in tasks.iter() {
             if let (Task::Features { agg, .. }, Stage::Features(group)) = (task, &self.stages[si]) {
                 if partitions.contains(&p) {
-                    check_definition(&repartition_topic(&self.config), group, agg, p)?;
+                    check_definition(group, agg, p)?;
                 }
             }
         }
@@ -2250,7 +2243,6 @@ fn high_water_key(tp: &TopicPartition) -> Vec<u8> {
 /// Refuses state a feature group computed under another [`FeatureGroup::definition`] (none
 /// stored: a new store, or one written before definitions were; its first batch stores it).
 fn check_definition(
-    repartition_topic: &str,
     group: &FeatureGroup,
     agg: &FjallStore,
     partition: i32,
@@ -2262,13 +2254,12 @@ fn check_definition(
         return Ok(());
     }
     Err(ProcessorError::Definition(format!(
-        "feature group `{}` ({}) has state computed as `{}` (partition {partition}), but the pipeline now defines it as `{}`: its stored values cannot be reused. To compute the group again, rename its first feature `{}` (the group and its state are named after it; a new group is computed from what the repartition topic `{}` still holds), or restore the previous definition",
+        "feature group `{}` ({}) has state computed as `{}` (partition {partition}), but the pipeline now defines it as `{}`: its stored values cannot be reused. Restore the previous definition, or start the group afresh under a new name: rename its first feature `{}` (the group, its state and its changelog are named after it); the renamed group counts events from then on, so rolling and all-time values start from zero",
         group.name,
         group.features.join(", "),
         String::from_utf8_lossy(&stored),
         group.definition,
         group.name,
-        repartition_topic,
     )))
 }
 
@@ -2401,11 +2392,41 @@ impl<'a> Drain<'a> {
 /// Whether a batch whose changelog records start at `first` continues `store`'s changelog
 /// right after its last batch. Not when another writer's records came in between: an
 /// instance that stalled past its session while the partition moved (no fencing without
-/// `exactly_once`), or this store's own earlier send that failed part-way. Recording the end
-/// after this batch would then mark those records as restored, and a later sync would skip
-/// them for good; instead the store keeps its end, and the task syncs it again.
-fn continues_changelog(store: &FjallStore, first: i64) -> Result<bool, StoreError> {
-    Ok(read_i64(store, CHANGELOG_END_KEY)?.is_none_or(|end| end == first))
+/// `exactly_once`). Recording the end after this batch would then mark those records as
+/// restored, and a later sync would skip them for good; instead the store keeps its end, and
+/// its next sync (at the next assignment or start) reads them. Neither side restores them at
+/// once: neither can tell which of the two the group now considers the owner, and the live
+/// owner's state is the right one until then. (A send of this store's own that failed
+/// part-way restarts the loop, whose sync repairs or reads that tail first.)
+pub(crate) fn continues_changelog(
+    store: Option<&FjallStore>,
+    partition: i32,
+    first: i64,
+) -> Result<bool, StoreError> {
+    let Some(store) = store else {
+        return Ok(true);
+    };
+    let continues = read_i64(store, CHANGELOG_END_KEY)?.is_none_or(|end| end == first);
+    if !continues {
+        warn!(store = store.name(), partition, first, "records of another writer came into a changelog since this store's last batch (an instance that stalled past its session?); the store keeps its changelog end, so the next sync of the partition reads them");
+    }
+    Ok(continues)
+}
+
+/// The first and last changelog offset of each owner's records in one send (`owners[i]`
+/// wrote the record at `positions[i]`; an owner's records are contiguous).
+pub(crate) fn changelog_spans(
+    owners: Vec<usize>,
+    positions: Vec<kontext_core::record::RecordPosition>,
+) -> BTreeMap<usize, (i64, i64)> {
+    let mut spans: BTreeMap<usize, (i64, i64)> = BTreeMap::new();
+    for (owner, position) in owners.into_iter().zip(positions) {
+        spans
+            .entry(owner)
+            .and_modify(|span| span.1 = position.offset)
+            .or_insert((position.offset, position.offset));
+    }
+    spans
 }
 
 /// Records, in the state batch of store `phase` of commit `owner`, the changelog offset after
@@ -2730,19 +2751,32 @@ features:
             "  spend_30d:",
             "  refunds_30d: { from: order, entity: customer, key: customer_id, agg: sum, field: refund, window: 30d }\n  spend_30d:",
         );
+        // An order arrives meanwhile: the refused run must not re-key it with the fields of
+        // the refused definition (the previous one may need others).
+        producer.send(vec![order(3)]).await.unwrap();
+        let repartition = repartition_topic(&config);
+        let written = |log: Arc<dyn Log>| {
+            let topic = repartition.clone();
+            async move {
+                let d = log.describe_topic(&topic).await.unwrap();
+                d.partitions.iter().map(|p| p.high_watermark).sum::<i64>()
+            }
+        };
+        let before = written(log.clone()).await;
         let err = run(added, usize::MAX).await.unwrap_err().to_string();
         assert!(
             err.contains("`orders_30d`")
-                && err.contains("`rolling: count(), sum(total)`")
-                && err.contains("`rolling: count(), sum(refund), sum(total)`")
+                && err.contains("`order → customer by customer_id, rolling: count(), sum(total)`")
+                && err.contains("rolling: count(), sum(refund), sum(total)`")
                 && err.contains("rename its first feature"),
             "{err}"
         );
+        assert_eq!(written(log.clone()).await, before, "nothing re-keyed");
         let resized = first.replace("tumbling: 1d", "tumbling: 7d");
         let err = run(resized, usize::MAX).await.unwrap_err().to_string();
         assert!(
-            err.contains("`tumbling 86400000 ms: count()`")
-                && err.contains("`tumbling 604800000 ms: count()`"),
+            err.contains("tumbling 86400000 ms: count()`")
+                && err.contains("tumbling 604800000 ms: count()`"),
             "{err}"
         );
         // A grace period can change on existing state.

@@ -83,10 +83,10 @@ use crate::dlq::DeadLetters;
 use crate::metrics::PipelineMetrics;
 use crate::normalize::{NormalizeError, ProcessError};
 use crate::processor::{
-    committed_before_sync, instance_transactional_id, never_back, newly_assigned, next_offsets,
-    open_state_db, retry_transient, rewind_to_state, send, send_positions, send_transaction,
-    sync_stores_with_changelogs, Drain, HighWater, Ownership, ProcessorError, Restore,
-    CHANGELOG_END_KEY, STATE_DB_DIR,
+    changelog_spans, committed_before_sync, continues_changelog, instance_transactional_id,
+    never_back, newly_assigned, next_offsets, open_state_db, retry_transient, rewind_to_state,
+    send, send_positions, send_transaction, sync_stores_with_changelogs, Drain, HighWater,
+    Ownership, ProcessorError, Restore, CHANGELOG_END_KEY, STATE_DB_DIR,
 };
 use crate::retry::Waiter;
 
@@ -735,6 +735,7 @@ impl TopologyRunner {
                 if !send(producer, outputs, drain.shutdown, &drain.policy).await? {
                     return Ok(());
                 }
+                let mut ends = Vec::new();
                 for (phase, records) in changelogs.into_iter().enumerate() {
                     let (owners, records): (Vec<usize>, Vec<ProduceRecord>) =
                         records.into_iter().unzip();
@@ -743,8 +744,20 @@ impl TopologyRunner {
                     else {
                         return Ok(());
                     };
-                    for (owner, position) in owners.into_iter().zip(positions) {
-                        landed(owner, phase, position.offset);
+                    for (owner, (first, last)) in changelog_spans(owners, positions) {
+                        let (p, batch) = &batches[owner];
+                        let store = batch
+                            .states
+                            .get(phase)
+                            .and_then(|(oi, _)| tasks.get(p)?.get(*oi)?.as_ref());
+                        if continues_changelog(store, *p, first)? {
+                            ends.push((owner, phase, last));
+                        }
+                    }
+                }
+                for (owner, phase, last) in ends {
+                    if let Some((_, state)) = batches[owner].1.states.get_mut(phase) {
+                        state.put(CHANGELOG_END_KEY, &(last + 1).to_le_bytes());
                     }
                 }
             }

@@ -96,7 +96,7 @@ impl Fixture {
             .send(records(&self.topic, batch.changelog()))
             .await
             .unwrap();
-        if continues_changelog(store, sent[0].offset).unwrap() {
+        if continues_changelog(Some(store), 0, sent[0].offset).unwrap() {
             let end = sent.last().unwrap().offset + 1;
             batch.put(CHANGELOG_END_KEY, &end.to_le_bytes());
         }
