@@ -934,7 +934,6 @@ struct Index<'a, 't> {
     moves: &'a mut BTreeMap<Vec<u8>, ChildMoves>,
 }
 
-/// The parent id in a relation field ([`parent_id_of`]).
 /// Whether `field` of `after` has another version than `before` (the batch wrote it).
 fn rewritten(before: Option<&Arc<Provenance>>, after: Option<&EntityDoc>, field: &str) -> bool {
     let after = after
@@ -946,6 +945,7 @@ fn rewritten(before: Option<&Arc<Provenance>>, after: Option<&EntityDoc>, field:
     }
 }
 
+/// The parent id in a relation field ([`parent_id_of`]).
 fn parent_id<'a>(doc: &'a EntityDoc, field: &str) -> Option<Cow<'a, str>> {
     doc.fields.get(field).and_then(|f| parent_id_of(&f.value))
 }
@@ -1001,11 +1001,6 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     end
 }
 
-/// Builds [`RELATED`] from [`RELATIONS`] and the children's versions: all of it when it is
-/// empty while relations exist (a store written before it), or when the tables of the earlier
-/// layout are there (dropped here: an older kontext may have changed the store since); the
-/// lists of each child type whose `related_limit` grew since they were built
-/// ([`RELATED_LIMITS`]).
 /// [`EmbeddedStore::all_linked`]: a relation is known complete by a `linked\0<child>\0<parent>
 /// \0<field>` entry in [`META`]; without one (a new store, a relation new to the schema, a store
 /// written before the entry existed) the type's children are checked once, and the entry
@@ -1076,6 +1071,11 @@ fn linked_relations(
     Ok(out)
 }
 
+/// Builds [`RELATED`] from [`RELATIONS`] and the children's versions: all of it when it is
+/// empty while relations exist (a store written before it), or when the tables of the earlier
+/// layout are there (dropped here: an older kontext may have changed the store since); the
+/// lists of each child type whose `related_limit` grew since they were built
+/// ([`RELATED_LIMITS`]).
 fn build_related(txn: &redb::WriteTransaction, schema: &StoreSchema) -> Result<(), StoreError> {
     let legacy = txn.delete_table(LEGACY_RECENT).map_err(io)?;
     let legacy = txn.delete_table(LEGACY_COUNTS).map_err(io)? || legacy;
