@@ -8,7 +8,8 @@
 //! - **plain**: no CloudEvents headers at all; the id is derived from the record's coordinates
 //!   and the time from the record timestamp.
 //!
-//! A null value with a key is a tombstone: the entity is deleted.
+//! A null value with a key is a tombstone: the entity is deleted. (A structured-mode event
+//! without `data`, or with `"data": null`, is not: it is an event with an empty payload.)
 //! Everything else is rejected with a specific [`EnvelopeError`].
 
 use chrono::{DateTime, Utc};
@@ -304,8 +305,10 @@ fn decode_structured(record: &Record, entity_id: String) -> Result<ContextEvent,
             reason: "binary data is not supported: context payloads must be JSON objects".into(),
         });
     }
+    // `data` is optional in a CloudEvent: without it (or null) the event is about the
+    // entity and carries no payload. Only a null record value is a tombstone.
     let data = match event.remove("data") {
-        None | Some(Value::Null) => None,
+        None | Some(Value::Null) => Some(Map::new()),
         Some(Value::Object(map)) => Some(map),
         Some(other) => return Err(EnvelopeError::NotAnObject(json_kind(&other))),
     };

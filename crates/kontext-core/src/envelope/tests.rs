@@ -108,6 +108,30 @@ fn decodes_structured_mode() {
     assert_eq!(e.data.unwrap()["contact_name"], "Ana Li");
 }
 
+/// `data` is optional in a CloudEvent (a "ping" event type has none). Such an event, and one
+/// with `"data": null`, is an event about the entity with no payload, not a tombstone: only
+/// a null record value deletes (found by review: it deleted the entity, past every filter).
+#[test]
+fn a_structured_event_without_data_is_not_a_tombstone() {
+    for value in [
+        &br#"{"specversion":"1.0","id":"1","source":"crm","type":"crm.customer.ping"}"#[..],
+        br#"{"specversion":"1.0","id":"1","source":"crm","type":"crm.customer.ping","data":null}"#,
+    ] {
+        let r = record(
+            Some(b"C-1"),
+            Some(value),
+            &[("content-type", STRUCTURED_CONTENT_TYPE)],
+        );
+        let e = decode(&r).unwrap();
+        assert_eq!(
+            e.data,
+            Some(Map::new()),
+            "{}",
+            String::from_utf8_lossy(value)
+        );
+    }
+}
+
 #[test]
 fn structured_mode_errors_are_specific() {
     let ct = [("content-type", "application/cloudevents+json")];

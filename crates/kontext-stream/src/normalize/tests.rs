@@ -361,6 +361,38 @@ fn jq_predicates_drop_records_and_failing_ones_reject_them() {
     assert_eq!(at, "sources.billing.filter.drop_if[1]");
 }
 
+/// A structured CloudEvent without `data` goes through filters and mappings like any event
+/// (it deleted the entity before, past every filter).
+#[test]
+fn a_structured_event_without_data_is_filtered_and_mapped_not_deleted() {
+    let structured = |id: &str, ty: &str| {
+        let mut rec = record(
+            "context.interactions",
+            id,
+            json!({"specversion": "1.0", "id": id, "source": "web", "type": ty}),
+            None,
+        );
+        rec.headers = vec![Header::new(
+            "content-type",
+            Bytes::from_static(envelope::STRUCTURED_CONTENT_TYPE.as_bytes()),
+        )];
+        rec
+    };
+    let r = router();
+    assert_eq!(
+        r.process(&structured("I1", "web.admin")),
+        Outcome::Filtered {
+            source: "web".into()
+        }
+    );
+    let u = update(r.process(&structured("I2", "web.ping")));
+    assert!(
+        matches!(&u.change, Change::Upsert(fields) if fields.get("action").is_none()),
+        "{:?}",
+        u.change
+    );
+}
+
 #[test]
 fn tombstones_skip_filters_and_mappings() {
     let mut rec = billing(json!({}));
