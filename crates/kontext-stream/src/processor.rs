@@ -38,7 +38,7 @@ use kontext_core::config::{
     EnrichmentKind, FeatureAgg, FeatureConfig, LogConfig, PipelineConfig, RetryPolicy, StateConfig,
     WindowKind,
 };
-use kontext_core::envelope::{format_time, now_ms};
+use kontext_core::envelope::{self, format_time, now_ms};
 use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::{ProduceRecord, Record, TopicPartition};
 use kontext_log::{
@@ -495,8 +495,16 @@ impl Processor {
             return Ok(());
         }
         let producer = self.log.producer().await?;
-        let rekey_done = CancellationToken::new();
+        let (rekey_done, aggregate_done) = (CancellationToken::new(), CancellationToken::new());
         let rekey = async {
+            // Not before the aggregation's state is checked (or the aggregation stopped).
+            tokio::select! {
+                _ = self.state_checked.cancelled() => {}
+                _ = aggregate_done.cancelled() => {
+                    rekey_done.cancel();
+                    return Ok(());
+                }
+            }
             let result = self
                 .rekey(
                     producer.clone(),
@@ -506,17 +514,21 @@ impl Processor {
             rekey_done.cancel();
             result
         };
-        tokio::try_join!(
-            rekey,
-            self.aggregate(
-                producer.clone(),
-                Drain::new(
-                    &shutdown,
-                    Some(&rekey_done),
-                    self.config.retry.waiting_policy()
+        let aggregate = async {
+            let result = self
+                .aggregate(
+                    producer.clone(),
+                    Drain::new(
+                        &shutdown,
+                        Some(&rekey_done),
+                        self.config.retry.waiting_policy(),
+                    ),
                 )
-            )
-        )?;
+                .await;
+            aggregate_done.cancel();
+            result
+        };
+        tokio::try_join!(rekey, aggregate)?;
         Ok(())
     }
 
@@ -527,10 +539,6 @@ impl Processor {
         mut drain: Drain<'_>,
     ) -> Result<(), ProcessorError> {
         let shutdown = drain.shutdown;
-        tokio::select! {
-            _ = self.state_checked.cancelled() => {}
-            _ = shutdown.cancelled() => return Ok(()),
-        }
         let router = Router::new(&self.config);
         let mut groups: Vec<&FeatureGroup> = Vec::new();
         let mut joins: Vec<&JoinStage> = Vec::new();
@@ -570,6 +578,11 @@ impl Processor {
                 partition
             };
             for record in &records {
+                // A record over the limit is a dead letter of the sinks (`record_too_large`):
+                // no store applies it, so no feature may count it either.
+                if envelope::check_size(record, self.config.limits.max_record_bytes).is_err() {
+                    continue;
+                }
                 let Outcome::Update(update) = router.process(record) else {
                     continue; // filtered and invalid records are the sinks' business
                 };
@@ -2783,6 +2796,90 @@ features:
         let graced = first.replace("tumbling: 1d }", "tumbling: 1d }, grace: 1h");
         producer.send(vec![order(2)]).await.unwrap();
         run(graced, 4).await.unwrap();
+    }
+
+    /// A record over `limits.max_record_bytes` is dead-lettered by the store sinks and applied
+    /// by none: the features must not count it either (found by review: the re-key loop
+    /// skipped the size check the sinks make).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_over_the_size_limit_counts_in_no_feature() {
+        use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = r#"
+name: sized
+topics: { partitions: 1 }
+limits: { max_record_bytes: 300 }
+entities:
+  customer: { key: customer_id, topic: sized.customers }
+  order: { key: order_id, topic: sized.orders }
+sources:
+  shop: { topic: sized.orders, entity: order, fields: { customer_id: c, note: n } }
+features:
+  orders_30d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d }
+"#;
+        let config = PipelineConfig::parse("p.yaml", yaml).unwrap();
+        let log: Arc<dyn Log> =
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+        for spec in topic_specs(&config)
+            .into_iter()
+            .chain([TopicSpec::new("sized.orders", 1)])
+        {
+            log.create_topic(&spec).await.unwrap();
+        }
+        let order = |n: i64, note: usize| {
+            let mut r = ProduceRecord::new(
+                "sized.orders",
+                Some(Bytes::from(format!("O-{n}"))),
+                Some(Bytes::from(
+                    json!({ "c": "C-1", "n": "x".repeat(note) }).to_string(),
+                )),
+            );
+            r.timestamp_ms = Some(1_700_000_000_000 + n);
+            r
+        };
+        let orders = vec![order(1, 1), order(2, 1_000), order(3, 1)];
+        log.producer().await.unwrap().send(orders).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(
+            Processor::new(&config, &dir.path().join("data"), log.clone()).run(shutdown.clone()),
+        );
+        let mut features = log
+            .consumer(ConsumerConfig::new(
+                "reader",
+                vec!["sized.customers.features".into()],
+            ))
+            .await
+            .unwrap();
+        // Once it has written something, stop it: it works through what its topics hold.
+        let mut last = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while last.is_none() {
+            assert!(std::time::Instant::now() < deadline, "no features");
+            for r in features
+                .poll(100, Duration::from_millis(200))
+                .await
+                .unwrap()
+            {
+                let fields: Value = serde_json::from_slice(&r.value.unwrap()).unwrap();
+                last = Some(fields["orders_30d"].clone());
+            }
+        }
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+        loop {
+            let polled = features
+                .poll(100, Duration::from_millis(500))
+                .await
+                .unwrap();
+            if polled.is_empty() {
+                break;
+            }
+            for r in polled {
+                let fields: Value = serde_json::from_slice(&r.value.unwrap()).unwrap();
+                last = Some(fields["orders_30d"].clone());
+            }
+        }
+        assert_eq!(last, Some(json!(2)), "orders 1 and 3; order 2 is too large");
     }
 
     #[test]
