@@ -55,24 +55,57 @@ fn to_number(value: &Value) -> Option<Number> {
     }
 }
 
-/// A decimal number in JSON's syntax plus a leading `+`; integers stay integers.
+/// A decimal number in JSON's syntax plus a leading `+` (and leading zeros); integers stay
+/// integers.
 fn parse_number(s: &str) -> Option<Number> {
-    let s = s.strip_prefix('+').unwrap_or(s);
+    let s = match s.strip_prefix('+') {
+        Some(rest) if rest.starts_with(['+', '-']) => return None,
+        Some(rest) => rest,
+        None => s,
+    };
+    if !decimal_syntax(s) {
+        return None;
+    }
     if let Ok(i) = s.parse::<i64>() {
         return Some(Number::from(i));
     }
     if let Ok(u) = s.parse::<u64>() {
         return Some(Number::from(u));
     }
-    // Rust's float syntax also takes "inf", "NaN" and "1." : JSON has none of them.
-    let plausible = s
-        .bytes()
-        .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'e' | b'E' | b'+'))
-        && s.bytes().any(|b| b.is_ascii_digit());
-    if !plausible {
-        return None;
-    }
     s.parse::<f64>().ok().and_then(Number::from_f64)
+}
+
+/// `-?digits(.digits)?([eE][+-]?digits)?`: what Rust's parsers take beyond it ("inf", "NaN",
+/// "1.", ".5", a second sign as in "+-3" or "++3") is not a number here.
+fn decimal_syntax(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
+    };
+    if !digits(&mut i) {
+        return false;
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    i == b.len()
 }
 
 fn to_integer(value: &Value) -> Option<Value> {
@@ -112,6 +145,15 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     }
     if let Ok(t) = DateTime::parse_from_rfc2822(s) {
         return Some(t.with_timezone(&Utc));
+    }
+    // chrono's `%Y` also takes one to three digits ("25-11-26" would be year 25): the formats
+    // below are for four-digit years only.
+    let four_digit_year =
+        s.len() > 4 && s.as_bytes()[..4].iter().all(u8::is_ascii_digit) && s.as_bytes()[4] == b'-';
+    if !four_digit_year {
+        return parse_number(s)
+            .and_then(|n| n.as_f64())
+            .and_then(from_epoch);
     }
     for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
         if let Ok(t) = NaiveDateTime::parse_from_str(s, format) {
@@ -203,6 +245,10 @@ mod tests {
             // Epoch microseconds read as milliseconds: the year 58870.
             json!(1_795_608_000_000_000i64),
             json!("NaN"),
+            // chrono's `%Y` takes short years: DD-MM-YY must not become the year 25 or 26.
+            json!("25-11-26"),
+            json!("26-11-25 12:00:00"),
+            json!("126-11-25T12:00:00"),
         ] {
             assert_eq!(ts(input.clone()), None, "{input}");
         }
@@ -225,6 +271,14 @@ mod tests {
             json!("1.2.3"),
             json!(""),
             json!("abc"),
+            // Rust's parsers take these; JSON's number syntax does not.
+            json!("+-3"),
+            json!("++3"),
+            json!("1."),
+            json!(".5"),
+            json!("-"),
+            json!("1e"),
+            json!("1e+"),
             json!(true),
             json!([1]),
         ] {
