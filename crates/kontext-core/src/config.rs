@@ -307,8 +307,12 @@ pub struct Condition {
     /// stands alone, without `field` and a test.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jq: Option<String>,
-    /// The field equals this JSON value.
-    #[serde(default)]
+    /// The field equals this JSON value (`equals: null` too: `Some(Value::Null)`).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub equals: Option<serde_json::Value>,
     /// The field equals one of these values.
     #[serde(default, rename = "in")]
@@ -316,6 +320,12 @@ pub struct Condition {
     /// The field is present (`true`) or absent (`false`).
     #[serde(default)]
     pub exists: Option<bool>,
+}
+
+/// A key that is present holds a value, `null` included: serde's `Option` would read a present
+/// `null` as absent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// A context store the pipeline writes to.

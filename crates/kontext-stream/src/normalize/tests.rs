@@ -393,6 +393,27 @@ fn a_structured_event_without_data_is_filtered_and_mapped_not_deleted() {
     );
 }
 
+/// `equals: null` tests for a null value (serde read a present `null` as absent, and
+/// validation asked for one of `equals`, `in` or `exists`).
+#[test]
+fn a_condition_can_equal_null() {
+    let yaml = PIPELINE.replace(
+        "        - { field: action, equals: heartbeat }",
+        "        - { field: action, equals: heartbeat }\n        - { field: deleted_at, equals: null }",
+    );
+    let r = Router::new(&PipelineConfig::parse("t.yaml", &yaml).unwrap());
+    let rec =
+        |key: &str, value: serde_json::Value| record("context.interactions", key, value, None);
+    assert_eq!(
+        r.process(&rec("I1", json!({"uid": "C1", "deleted_at": null}))),
+        Outcome::Filtered {
+            source: "web".into()
+        }
+    );
+    update(r.process(&rec("I2", json!({"uid": "C1", "deleted_at": "2026-11-25"}))));
+    update(r.process(&rec("I3", json!({"uid": "C1"}))));
+}
+
 #[test]
 fn tombstones_skip_filters_and_mappings() {
     let mut rec = billing(json!({}));
