@@ -786,11 +786,13 @@ impl PipelineConfig {
         if self.dead_letter.enabled {
             // A dead-letter topic that is one the pipeline reads would feed every bad record
             // back in, to fail and be dead-lettered again, for ever.
+            let features_topics = self.features_topics();
             let read: BTreeSet<&str> = self
                 .sources
                 .values()
                 .map(|s| s.topic.as_str())
                 .chain(self.entities.values().map(|e| e.topic.as_str()))
+                .chain(features_topics.iter().map(String::as_str))
                 .collect();
             for topic in self.source_topics() {
                 let dlq = self.dead_letter.topic_for(&topic);
@@ -803,7 +805,7 @@ impl PipelineConfig {
                     err(
                         "dead_letter.suffix".into(),
                         format!(
-                            "the dead-letter topic of {topic:?} would be {dlq:?}, a topic this pipeline reads: bad records would come back in for ever. Use a suffix no entity or source topic ends with (default `.dlq`)"
+                            "the dead-letter topic of {topic:?} would be {dlq:?}, a topic this pipeline reads: bad records would come back in for ever. Use a suffix no entity or source topic ends with, other than `.features` (default `.dlq`)"
                         ),
                     );
                 }

@@ -19,7 +19,7 @@
 //! optional `grace: 10m` for late events; such a feature's value is the key's current window,
 //! `{"value": .., "window_start": .., "window_end": ..}`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -270,9 +270,35 @@ impl PipelineConfig {
         }
     }
 
+    /// The features topics the pipeline writes and reads: `<entity topic>.features` of each
+    /// entity a feature or join writes into.
+    pub(super) fn features_topics(&self) -> BTreeSet<String> {
+        self.features
+            .values()
+            .map(|f| f.entity.as_str())
+            .chain(self.joins.values().map(|j| j.from.as_str()))
+            .filter_map(|entity| self.entities.get(entity))
+            .map(|e| features_topic(&e.topic))
+            .collect()
+    }
+
     /// Checks `features`: entity types exist, the key and field are named, windows parse, and
     /// a feature's name does not shadow a canonical field a source already writes.
     pub(super) fn validate_features(&self, err: &mut impl FnMut(String, String)) {
+        // A features topic is written by the processor and read through a built-in source:
+        // an entity topic of the same name would mix the two (and their partition counts).
+        let features_topics = self.features_topics();
+        for (name, entity) in &self.entities {
+            if features_topics.contains(&entity.topic) {
+                err(
+                    format!("entities.{name}.topic"),
+                    format!(
+                        "{:?} is the features topic kontext writes for another entity's features and joins: name the entity topic differently",
+                        entity.topic
+                    ),
+                );
+            }
+        }
         let mut source_fields: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for source in self.sources.values() {
             for field in source.fields.keys() {

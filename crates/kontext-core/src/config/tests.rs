@@ -266,6 +266,34 @@ fn a_dead_letter_topic_the_pipeline_reads_is_rejected() {
     PipelineConfig::parse("p.yaml", &disabled).unwrap();
 }
 
+/// The features topics (`<entity topic>.features`) are read too, through built-in sources
+/// added after validation: a dead-letter suffix of `.features` would send bad customer records
+/// into the customers' features topic, and an entity topic named like one would mix the two.
+#[test]
+fn the_features_topics_clash_with_no_dead_letter_or_entity_topic() {
+    let features = format!(
+        "{VALID}features:\n  orders_30d: {{ from: order, entity: customer, key: customer_id, agg: count, window: 30d }}\n"
+    );
+    PipelineConfig::parse("p.yaml", &features).unwrap();
+    let suffix = format!("{features}dead_letter: {{ suffix: \".features\" }}\n");
+    let err = PipelineConfig::parse("p.yaml", &suffix).unwrap_err();
+    assert!(
+        err.errors.iter().any(|e| e.field == "dead_letter.suffix"
+            && e.message.contains("\"context.customers.features\"")),
+        "{err}"
+    );
+    // The orders' entity and source topic named like the customers' features topic.
+    let entity = features.replace(
+        "topic: context.orders\n",
+        "topic: context.customers.features\n",
+    );
+    let err = PipelineConfig::parse("p.yaml", &entity).unwrap_err();
+    assert!(
+        err.errors.iter().any(|e| e.field == "entities.order.topic"),
+        "{err}"
+    );
+}
+
 #[test]
 fn store_and_stores_together_are_rejected() {
     let text = format!("{VALID}store: {{ name: x }}\nstores: [{{ name: y }}]\n");
