@@ -56,6 +56,19 @@ pub enum AggFn {
 }
 
 impl AggFn {
+    /// The function's name, as the pipeline file spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AggFn::Count => "count",
+            AggFn::Sum(_) => "sum",
+            AggFn::Avg(_) => "avg",
+            AggFn::Min(_) => "min",
+            AggFn::Max(_) => "max",
+            AggFn::Latest(_) => "latest",
+            AggFn::DistinctCount(_) => "distinct_count",
+        }
+    }
+
     fn field(&self) -> Option<&FieldPath> {
         match self {
             AggFn::Count => None,
@@ -192,6 +205,37 @@ pub struct Aggregate {
 const INLINE_LIMIT: usize = 16;
 
 impl Aggregate {
+    /// What the operator's stored state depends on, as text: the functions in order (its
+    /// accumulators are stored as a list and read by position) and, for tumbling and hopping
+    /// windows, the size and advance (state keys hold a window's or pane's start, not its
+    /// size), e.g. `tumbling 86400000 ms: count(), sum(total)`. Grace, emit, a session gap
+    /// and a sliding size can change on existing state; state of another definition would be
+    /// read as wrong values, so a runtime stores this with the state and refuses a mismatch.
+    pub fn definition(&self) -> String {
+        let window = match self.config.window {
+            WindowSpec::Tumbling { size_ms } => format!("tumbling {size_ms} ms"),
+            WindowSpec::Hopping {
+                size_ms,
+                advance_ms,
+            } => format!("hopping {size_ms} ms by {advance_ms} ms"),
+            WindowSpec::Session { .. } => "session".into(),
+            WindowSpec::Sliding { .. } => "sliding".into(),
+        };
+        let functions: Vec<String> = self
+            .config
+            .functions
+            .iter()
+            .map(|(_, f)| {
+                format!(
+                    "{}({})",
+                    f.kind(),
+                    f.field().map(|p| p.to_string()).unwrap_or_default()
+                )
+            })
+            .collect();
+        format!("{window}: {}", functions.join(", "))
+    }
+
     /// Checks the configuration.
     pub fn new(config: AggregateConfig) -> Result<Self, String> {
         config.window.validate()?;

@@ -78,6 +78,13 @@ pub struct FieldPath {
     segments: Vec<String>,
 }
 
+impl std::fmt::Display for FieldPath {
+    /// The `.`-separated path it was compiled from.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.segments.join("."))
+    }
+}
+
 impl FieldPath {
     /// Compiles a `.`-separated path.
     pub fn new(path: &str) -> Self {

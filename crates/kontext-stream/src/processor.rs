@@ -94,7 +94,7 @@ pub(crate) const CHANGELOG_END_KEY: &[u8] = b"\x00kc";
 /// written with the store's first batch (so also to its changelog) and checked at every sync:
 /// stored accumulators are read by position and window starts by the window size, so state of
 /// another definition would be read as wrong values.
-const DEFINITION_KEY: &[u8] = b"\x00kd";
+pub(crate) const DEFINITION_KEY: &[u8] = b"\x00kd";
 
 /// Errors that stop the processor.
 #[derive(Debug, thiserror::Error)]
@@ -271,10 +271,6 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
     }
     let mut out = Vec::new();
     for ((from, entity, key, window, grace, dedup), members) in groups {
-        let definition = format!(
-            "{from} → {entity} by {key}, {}",
-            definition(window, &members)
-        );
         let functions = members
             .iter()
             .map(|(name, f)| ((*name).clone(), agg_fn(f)))
@@ -306,6 +302,7 @@ pub fn plan(config: &PipelineConfig) -> Vec<FeatureGroup> {
         }) else {
             continue;
         };
+        let definition = format!("{from} → {entity} by {key}, {}", aggregate.definition());
         out.push(FeatureGroup {
             name: members[0].0.clone(),
             from: from.into(),
@@ -410,32 +407,6 @@ pub fn stages(config: &PipelineConfig) -> Vec<Stage> {
         }));
     }
     out
-}
-
-/// The window and functions part of [`FeatureGroup::definition`], e.g. `tumbling 86400000 ms:
-/// count(), sum(total)` (`plan` puts input, target and key before it).
-fn definition(window: WindowKind, members: &[(&String, &FeatureConfig)]) -> String {
-    let ms = |d: Duration| d.as_millis();
-    let window = match window {
-        WindowKind::AllTime => "all time".to_string(),
-        WindowKind::Rolling(_) => "rolling".to_string(),
-        WindowKind::Session(_) => "session".to_string(),
-        WindowKind::Tumbling(size) => format!("tumbling {} ms", ms(size)),
-        WindowKind::Hopping { size, advance } => {
-            format!("hopping {} ms by {} ms", ms(size), ms(advance))
-        }
-    };
-    let functions: Vec<String> = members
-        .iter()
-        .map(|(_, f)| {
-            format!(
-                "{}({})",
-                f.agg.name(),
-                f.field.as_deref().unwrap_or_default()
-            )
-        })
-        .collect();
-    format!("{window}: {}", functions.join(", "))
 }
 
 fn agg_fn(f: &FeatureConfig) -> AggFn {
@@ -2253,24 +2224,32 @@ fn high_water_key(tp: &TopicPartition) -> Vec<u8> {
     key
 }
 
-/// Refuses state a feature group computed under another [`FeatureGroup::definition`] (none
+/// The definition `store` was computed under, when it differs from `definition` (none
 /// stored: a new store, or one written before definitions were; its first batch stores it).
+pub(crate) fn other_definition(
+    store: &FjallStore,
+    definition: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(store
+        .get(DEFINITION_KEY)?
+        .filter(|stored| **stored != *definition.as_bytes())
+        .map(|stored| String::from_utf8_lossy(&stored).into_owned()))
+}
+
+/// Refuses state a feature group computed under another [`FeatureGroup::definition`].
 fn check_definition(
     group: &FeatureGroup,
     agg: &FjallStore,
     partition: i32,
 ) -> Result<(), ProcessorError> {
-    let Some(stored) = agg.get(DEFINITION_KEY)? else {
+    let Some(stored) = other_definition(agg, &group.definition)? else {
         return Ok(());
     };
-    if *stored == *group.definition.as_bytes() {
-        return Ok(());
-    }
     Err(ProcessorError::Definition(format!(
         "feature group `{}` ({}) has state computed as `{}` (partition {partition}), but the pipeline now defines it as `{}`: its stored values cannot be reused. Restore the previous definition, or start the group afresh under a new name: rename its first feature `{}` (the group, its state and its changelog are named after it); the renamed group counts events from then on, so rolling and all-time values start from zero",
         group.name,
         group.features.join(", "),
-        String::from_utf8_lossy(&stored),
+        stored,
         group.definition,
         group.name,
     )))
@@ -2779,8 +2758,8 @@ features:
         let err = run(added, usize::MAX).await.unwrap_err().to_string();
         assert!(
             err.contains("`orders_30d`")
-                && err.contains("`order → customer by customer_id, rolling: count(), sum(total)`")
-                && err.contains("rolling: count(), sum(refund), sum(total)`")
+                && err.contains("`order → customer by customer_id, sliding: count(), sum(total)`")
+                && err.contains("sliding: count(), sum(refund), sum(total)`")
                 && err.contains("rename its first feature"),
             "{err}"
         );

@@ -84,9 +84,9 @@ use crate::metrics::PipelineMetrics;
 use crate::normalize::{NormalizeError, ProcessError};
 use crate::processor::{
     changelog_spans, committed_before_sync, continues_changelog, instance_transactional_id,
-    never_back, newly_assigned, next_offsets, open_state_db, retry_transient, rewind_to_state,
-    send, send_positions, send_transaction, sync_stores_with_changelogs, Drain, HighWater,
-    Ownership, ProcessorError, Restore, CHANGELOG_END_KEY, STATE_DB_DIR,
+    never_back, newly_assigned, next_offsets, open_state_db, other_definition, retry_transient,
+    rewind_to_state, send, send_positions, send_transaction, sync_stores_with_changelogs, Drain,
+    HighWater, Ownership, ProcessorError, Restore, CHANGELOG_END_KEY, DEFINITION_KEY, STATE_DB_DIR,
 };
 use crate::retry::Waiter;
 
@@ -614,6 +614,7 @@ impl TopologyRunner {
         {
             return Ok(()); // shutdown during the restore: consume nothing
         }
+        self.check_definitions(seg, tasks, &all)?;
         for topic in &topics {
             let mut resume: BTreeMap<i32, i64> = BTreeMap::new();
             for (&p, stores) in tasks.iter() {
@@ -655,6 +656,7 @@ impl TopologyRunner {
                 {
                     return Ok(());
                 }
+                self.check_definitions(seg, tasks, &new)?;
                 check_colocated(consumer.as_ref(), seg, &owned)?;
             }
             if records.is_empty() {
@@ -899,6 +901,31 @@ impl TopologyRunner {
         sync_stores_with_changelogs(&restore, stores).await
     }
 
+    /// Refuses an aggregate's state computed under another [`Aggregate::definition`]
+    /// (another function list or window size): it would be read as wrong values.
+    fn check_definitions(
+        &self,
+        seg: &Segment,
+        tasks: &BTreeMap<i32, Vec<Option<FjallStore>>>,
+        partitions: &BTreeSet<i32>,
+    ) -> Result<(), ProcessorError> {
+        for (p, stores) in tasks.iter().filter(|(p, _)| partitions.contains(p)) {
+            for (op, store) in seg.ops.iter().zip(stores) {
+                let (Operator::Aggregate { name, op }, Some(store)) = (op, store) else {
+                    continue;
+                };
+                let definition = op.definition();
+                if let Some(stored) = other_definition(store, &definition)? {
+                    return Err(ProcessorError::Definition(format!(
+                        "aggregate `{name}` of topology `{}` has state computed as `{stored}` (partition {p}), but the topology now defines it as `{definition}`: its stored values cannot be reused. Restore the previous definition, or give the operator another name (its state and changelog are named after it) to start afresh",
+                        self.topology.app
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the segment's operators over one partition's records of a batch.
     fn process(
         &self,
@@ -1071,6 +1098,9 @@ impl TopologyRunner {
                 (Operator::Aggregate { name, op }, Some(store)) => {
                     let mut out = op.process(store, &events)?;
                     marks.finish(&mut out.state);
+                    if store.get(DEFINITION_KEY)?.is_none() {
+                        out.state.put(DEFINITION_KEY, op.definition().as_bytes());
+                    }
                     cover(&mut out.state, store, &input);
                     m.process_dropped_late
                         .fetch_add(out.dropped_late, Ordering::Relaxed);

@@ -631,3 +631,40 @@ async fn a_join_then_group_by_counts_every_order_once() {
     feed.await.unwrap();
     assert_eq!(stats(log.as_ref(), &n).await, want);
 }
+
+/// An aggregate's state is a list of accumulators read by position: a topology restarted with
+/// another function list under the same operator name is refused, saying what was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_redefined_on_existing_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Log> =
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+    let n = names("");
+    let producer = with_customers(log.as_ref(), &n).await;
+    producer.send(order_records(&n, 0..20)).await.unwrap();
+    run_until(&log, &n, dir.path(), &expected_stats(20)).await;
+
+    // The same topology with a max before the sum: the stored [count, sum] would be read as
+    // [count, max].
+    let mut stats = Topology::stream(n.enriched.as_str())
+        .dedup("stats-dedup", DedupConfig { window_ms: WHOLE });
+    let mut config = orders_and_spent();
+    config
+        .functions
+        .insert(1, ("biggest".into(), AggFn::Max(FieldPath::new("total"))));
+    stats = stats.aggregate("order-stats", config);
+    let topology = Topology::new(n.app.as_str())
+        .with(live_orders(&n).to(n.enriched.as_str()))
+        .with(stats.to(n.stats.as_str()));
+    let err = TopologyRunner::new(topology, log.clone(), dir.path())
+        .run(CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`order-stats`")
+            && err.contains("`tumbling 1099511627776 ms: count(), sum(total)`")
+            && err.contains("`tumbling 1099511627776 ms: count(), max(total), sum(total)`"),
+        "{err}"
+    );
+}
