@@ -2558,13 +2558,31 @@ features:
   biggest: { from: order, entity: customer, key: customer_id, agg: max, field: total, dedup: 1h }
 "#;
 
+    /// An embedded log under `dir` with `config`'s topics and the source topic `source`
+    /// (name, partitions).
+    async fn embedded_log_with(
+        dir: &Path,
+        config: &PipelineConfig,
+        source: (&str, i32),
+    ) -> Arc<dyn Log> {
+        use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
+        let log: Arc<dyn Log> =
+            EmbeddedLog::open(&dir.join("log"), EmbeddedConfig::default()).unwrap();
+        for spec in topic_specs(config)
+            .into_iter()
+            .chain([TopicSpec::new(source.0, source.1)])
+        {
+            log.create_topic(&spec).await.unwrap();
+        }
+        log
+    }
+
     /// A rolling feature on a quiet repartition partition decays: the customer whose
     /// partition gets no more clicks loses its clicks from the last hour once another
     /// partition's clicks move event time two hours on (the re-key loop's ticks, which pass
     /// the feature's dedup untouched), on the embedded log with the whole processor running.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_quiet_partitions_rolling_feature_decays_as_the_others_move_on() {
-        use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
         const HOUR: i64 = 3_600_000;
         let dir = tempfile::tempdir().unwrap();
         let yaml = r#"
@@ -2579,14 +2597,7 @@ features:
   clicks_1h: { from: interaction, entity: customer, key: customer_id, agg: count, window: 1h, dedup: 1h }
 "#;
         let config = PipelineConfig::parse("p.yaml", yaml).unwrap();
-        let log: Arc<dyn Log> =
-            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
-        for spec in topic_specs(&config)
-            .into_iter()
-            .chain([TopicSpec::new("quiet.interactions", 4)])
-        {
-            log.create_topic(&spec).await.unwrap();
-        }
+        let log = embedded_log_with(dir.path(), &config, ("quiet.interactions", 4)).await;
         // Two customers on different repartition partitions.
         let quiet = "C-quiet";
         let busy = (0..)
@@ -2661,7 +2672,6 @@ features:
     /// can change on it (grace, here).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn state_of_another_definition_is_refused() {
-        use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
         let dir = tempfile::tempdir().unwrap();
         let yaml = |features: &str| {
             format!(
@@ -2683,14 +2693,7 @@ features:
              orders_today: { from: order, entity: customer, key: customer_id, agg: count, window: { tumbling: 1d } }\n",
         );
         let config = PipelineConfig::parse("p.yaml", &first).unwrap();
-        let log: Arc<dyn Log> =
-            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
-        for spec in topic_specs(&config)
-            .into_iter()
-            .chain([TopicSpec::new("redefined.orders", 2)])
-        {
-            log.create_topic(&spec).await.unwrap();
-        }
+        let log = embedded_log_with(dir.path(), &config, ("redefined.orders", 2)).await;
         let order = |n: i64| {
             let mut order = ProduceRecord::new(
                 "redefined.orders",
@@ -2782,7 +2785,6 @@ features:
     /// skipped the size check the sinks make).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_record_over_the_size_limit_counts_in_no_feature() {
-        use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog};
         let dir = tempfile::tempdir().unwrap();
         let yaml = r#"
 name: sized
@@ -2797,14 +2799,7 @@ features:
   orders_30d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d }
 "#;
         let config = PipelineConfig::parse("p.yaml", yaml).unwrap();
-        let log: Arc<dyn Log> =
-            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
-        for spec in topic_specs(&config)
-            .into_iter()
-            .chain([TopicSpec::new("sized.orders", 1)])
-        {
-            log.create_topic(&spec).await.unwrap();
-        }
+        let log = embedded_log_with(dir.path(), &config, ("sized.orders", 1)).await;
         let order = |n: i64, note: usize| {
             let mut r = ProduceRecord::new(
                 "sized.orders",
