@@ -936,15 +936,15 @@ impl Processor {
                 for (phase, records) in changelogs.into_iter().enumerate() {
                     let (owners, records): (Vec<usize>, Vec<ProduceRecord>) =
                         records.into_iter().unzip();
-                    let Some(positions) =
-                        send_positions(producer, records, shutdown, &drain.policy).await?
+                    let Some((positions, retried)) =
+                        send_changelog(producer, records, shutdown, &drain.policy).await?
                     else {
                         return Ok(());
                     };
                     for (owner, (first, last)) in changelog_spans(owners, positions) {
                         let id = commits[owner].0;
                         let store = tasks.get(&id).and_then(|t| t.stores().get(phase).copied());
-                        if continues_changelog(store, id.1, first)? {
+                        if continues_changelog(store, id.1, first, retried)? {
                             note_changelog_end(&mut commits, owner, phase, last);
                         }
                     }
@@ -2388,14 +2388,16 @@ impl<'a> Drain<'a> {
 /// restored, and a later sync would skip them for good; instead the store keeps its end, and
 /// its next sync (at the next assignment or start) reads them. Neither side restores them at
 /// once: neither can tell which of the two the group now considers the owner, and the live
-/// owner's state is the right one until then. (A send of this store's own that failed
-/// part-way restarts the loop, whose sync repairs or reads that tail first.)
+/// owner's state is the right one until then. A `retried` send ([`send_changelog`]) always
+/// continues: the records in between are copies of this batch's own, from the attempt that
+/// failed (else the end would stay behind for the rest of the run).
 pub(crate) fn continues_changelog(
     store: Option<&FjallStore>,
     partition: i32,
     first: i64,
+    retried: bool,
 ) -> Result<bool, StoreError> {
-    let Some(store) = store else {
+    let Some(store) = store.filter(|_| !retried) else {
         return Ok(true);
     };
     let continues = read_i64(store, CHANGELOG_END_KEY)?.is_none_or(|end| end == first);
@@ -2495,6 +2497,27 @@ pub(crate) async fn send_positions(
         producer.send_ref(&records)
     })
     .await
+}
+
+/// [`send_positions`] for changelog records, and whether a transient error made it send them
+/// again: an earlier attempt may have written some of them already, so copies of this very
+/// batch can sit between the store's recorded end and the positions returned.
+pub(crate) async fn send_changelog(
+    producer: &dyn Producer,
+    records: Vec<ProduceRecord>,
+    shutdown: &CancellationToken,
+    policy: &RetryPolicy,
+) -> Result<Option<(Vec<kontext_core::record::RecordPosition>, bool)>, ProcessorError> {
+    if records.is_empty() {
+        return Ok(Some((Vec::new(), false)));
+    }
+    let mut attempts = 0u32;
+    let sent = retry_transient("processor produce", policy, shutdown, || {
+        attempts += 1;
+        producer.send_ref(&records)
+    })
+    .await?;
+    Ok(sent.map(|positions| (positions, attempts > 1)))
 }
 
 /// Runs `attempt` until it succeeds, waiting out the log's transient errors with `policy`'s

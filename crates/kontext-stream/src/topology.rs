@@ -85,7 +85,7 @@ use crate::normalize::{NormalizeError, ProcessError};
 use crate::processor::{
     changelog_spans, committed_before_sync, continues_changelog, instance_transactional_id,
     never_back, newly_assigned, next_offsets, open_state_db, other_definition, retry_transient,
-    rewind_to_state, send, send_positions, send_transaction, sync_stores_with_changelogs, Drain,
+    rewind_to_state, send, send_changelog, send_transaction, sync_stores_with_changelogs, Drain,
     HighWater, Ownership, ProcessorError, Restore, CHANGELOG_END_KEY, DEFINITION_KEY, STATE_DB_DIR,
 };
 use crate::retry::Waiter;
@@ -131,6 +131,8 @@ struct Segment {
     input: String,
     /// The input is a repartition topic: events keep their original coordinates (headers).
     rekeyed: bool,
+    /// The field a repartition input is keyed by (`group_by`, or a join's foreign key).
+    keyed_by: Option<String>,
     partitions: i32,
     ops: Vec<Operator>,
     output: Output,
@@ -324,7 +326,8 @@ impl TopologyRunner {
             .map_err(TopologyRunError::Invalid)?;
         let mut segments = Vec::new();
         for stages in &plan.pipelines {
-            let mut current: Option<(String, bool, i32, Vec<Operator>)> = None;
+            // Input, the field it is keyed by when it is a repartition topic, partitions, ops.
+            let mut current: Option<(String, Option<String>, i32, Vec<Operator>)> = None;
             for (i, stage) in stages.iter().enumerate() {
                 match stage {
                     Stage::Source { topic } => {
@@ -333,7 +336,7 @@ impl TopologyRunner {
                             .cloned()
                             .flatten()
                             .map_or(1, |l| l.partitions);
-                        current = Some((topic.clone(), false, partitions, Vec::new()));
+                        current = Some((topic.clone(), None, partitions, Vec::new()));
                     }
                     Stage::Operator { op, .. } => {
                         if let Some((_, _, _, ops)) = &mut current {
@@ -374,7 +377,8 @@ impl TopologyRunner {
                                 op,
                             ));
                         }
-                        current = Some((topic.clone(), true, *partitions, Vec::new()));
+                        current =
+                            Some((topic.clone(), Some(by.to_string()), *partitions, Vec::new()));
                     }
                     Stage::Sink { topic } => {
                         if let Some((input, rekeyed, p, ops)) = current.take() {
@@ -741,8 +745,8 @@ impl TopologyRunner {
                 for (phase, records) in changelogs.into_iter().enumerate() {
                     let (owners, records): (Vec<usize>, Vec<ProduceRecord>) =
                         records.into_iter().unzip();
-                    let Some(positions) =
-                        send_positions(producer, records, drain.shutdown, &drain.policy).await?
+                    let Some((positions, retried)) =
+                        send_changelog(producer, records, drain.shutdown, &drain.policy).await?
                     else {
                         return Ok(());
                     };
@@ -752,7 +756,7 @@ impl TopologyRunner {
                             .states
                             .get(phase)
                             .and_then(|(oi, _)| tasks.get(p)?.get(*oi)?.as_ref());
-                        if continues_changelog(store, *p, first)? {
+                        if continues_changelog(store, *p, first, retried)? {
                             ends.push((owner, phase, last));
                         }
                     }
@@ -914,7 +918,7 @@ impl TopologyRunner {
                 let (Operator::Aggregate { name, op }, Some(store)) = (op, store) else {
                     continue;
                 };
-                let definition = op.definition();
+                let definition = aggregate_definition(seg, op);
                 if let Some(stored) = other_definition(store, &definition)? {
                     return Err(ProcessorError::Definition(format!(
                         "aggregate `{name}` of topology `{}` has state computed as `{stored}` (partition {p}), but the topology now defines it as `{definition}`: its stored values cannot be reused. Restore the previous definition, or give the operator another name (its state and changelog are named after it) to start afresh",
@@ -1099,7 +1103,8 @@ impl TopologyRunner {
                     let mut out = op.process(store, &events)?;
                     marks.finish(&mut out.state);
                     if store.get(DEFINITION_KEY)?.is_none() {
-                        out.state.put(DEFINITION_KEY, op.definition().as_bytes());
+                        out.state
+                            .put(DEFINITION_KEY, aggregate_definition(seg, op).as_bytes());
                     }
                     cover(&mut out.state, store, &input);
                     m.process_dropped_late
@@ -1226,10 +1231,19 @@ fn check_colocated(
     Ok(())
 }
 
+/// What an aggregate's state depends on: its segment's input (and the field a repartition
+/// input is keyed by), then [`Aggregate::definition`].
+fn aggregate_definition(seg: &Segment, op: &Aggregate) -> String {
+    match &seg.keyed_by {
+        Some(by) => format!("{} by {by}, {}", seg.input, op.definition()),
+        None => format!("{}, {}", seg.input, op.definition()),
+    }
+}
+
 fn segment(
     app: &str,
     input: String,
-    rekeyed: bool,
+    keyed_by: Option<String>,
     partitions: i32,
     ops: Vec<Operator>,
     output: Output,
@@ -1243,7 +1257,8 @@ fn segment(
     Segment {
         group: format!("{app}.{name}"),
         input,
-        rekeyed,
+        rekeyed: keyed_by.is_some(),
+        keyed_by,
         partitions,
         ops,
         output,

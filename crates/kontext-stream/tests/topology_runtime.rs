@@ -663,8 +663,10 @@ async fn an_aggregate_redefined_on_existing_state_is_refused() {
         .to_string();
     assert!(
         err.contains("`order-stats`")
-            && err.contains("`tumbling 1099511627776 ms: count(), sum(total)`")
-            && err.contains("`tumbling 1099511627776 ms: count(), max(total), sum(total)`"),
+            && err.contains("orders.enriched, tumbling 1099511627776 ms: count(), sum(total)`")
+            && err.contains(
+                "orders.enriched, tumbling 1099511627776 ms: count(), max(total), sum(total)`"
+            ),
         "{err}"
     );
 }

@@ -96,7 +96,7 @@ impl Fixture {
             .send(records(&self.topic, batch.changelog()))
             .await
             .unwrap();
-        if continues_changelog(Some(store), 0, sent[0].offset).unwrap() {
+        if continues_changelog(Some(store), 0, sent[0].offset, false).unwrap() {
             let end = sent.last().unwrap().offset + 1;
             batch.put(CHANGELOG_END_KEY, &end.to_le_bytes());
         }
@@ -201,6 +201,67 @@ async fn a_stale_writers_batch_does_not_hide_the_batch_before_it(log: Arc<dyn Lo
         a.get(b"k3").unwrap().as_deref(),
         Some(&b"by b"[..]),
         "B's batch is restored into A's state"
+    );
+}
+
+/// A producer whose first send writes half of the records and then fails transiently, as a
+/// Kafka send does when one partition's leader is unreachable past the delivery timeout.
+struct HalfThenTransient {
+    inner: Arc<dyn Producer>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Producer for HalfThenTransient {
+    async fn send(
+        &self,
+        records: Vec<ProduceRecord>,
+    ) -> Result<Vec<kontext_core::record::RecordPosition>, LogError> {
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            let half = records[..records.len() / 2].to_vec();
+            self.inner.send(half).await?;
+            return Err(LogError::Kafka {
+                message: "leader not available".into(),
+                transient: true,
+            });
+        }
+        self.inner.send(records).await
+    }
+
+    async fn flush(&self) -> Result<(), LogError> {
+        self.inner.flush().await
+    }
+}
+
+/// A send retried after it wrote part of a batch leaves copies of the batch's first records
+/// between the store's changelog end and the batch's positions. That is the store's own
+/// batch, not another writer's: its end must still move past it, or it would stay behind for
+/// the rest of the run (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_retried_after_a_partial_write_still_records_the_changelog_end() {
+    let (_dir, log) = embedded();
+    let f = Fixture::new(log, "retried").await;
+    let mut a = f.open("a");
+    f.sync(&mut a, Ownership::Assigned).await;
+    let flaky = HalfThenTransient {
+        inner: f.producer.clone(),
+        failed: Default::default(),
+    };
+    let records = records(&f.topic, batch("1").changelog());
+    let policy = kontext_core::config::RetryConfig::default().waiting_policy();
+    let (positions, retried) = send_changelog(&flaky, records, &f.shutdown, &policy)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(retried);
+    assert!(
+        positions[0].offset > 0,
+        "the first attempt's records came first"
+    );
+    assert!(continues_changelog(Some(&a), 0, positions[0].offset, retried).unwrap());
+    assert!(
+        !continues_changelog(Some(&a), 0, positions[0].offset, false).unwrap(),
+        "the same gap without a retry is another writer's"
     );
 }
 
