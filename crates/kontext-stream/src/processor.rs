@@ -1652,9 +1652,7 @@ fn features_batch(
     };
     hw.finish(&mut out.state);
     out.state.set_offset(tp.clone(), never_back(agg, tp, end));
-    if agg.get(DEFINITION_KEY)?.is_none() {
-        out.state.put(DEFINITION_KEY, group.definition.as_bytes());
-    }
+    define(agg, &mut out.state, &group.definition)?;
     // The output clock: never behind a value this task already emitted, so a feature's
     // version (event time first) grows with the repartition offset that produced it.
     let stored = read_i64(agg, OUTPUT_TIME_KEY)?.unwrap_or(i64::MIN);
@@ -2236,6 +2234,19 @@ pub(crate) fn other_definition(
         .map(|stored| String::from_utf8_lossy(&stored).into_owned()))
 }
 
+/// Puts `definition` into `state` unless `store` has one already: a store's first batch
+/// records what its state is computed as ([`DEFINITION_KEY`]).
+pub(crate) fn define(
+    store: &FjallStore,
+    state: &mut WriteBatch,
+    definition: &str,
+) -> Result<(), StoreError> {
+    if store.get(DEFINITION_KEY)?.is_none() {
+        state.put(DEFINITION_KEY, definition.as_bytes());
+    }
+    Ok(())
+}
+
 /// Refuses state a feature group computed under another [`FeatureGroup::definition`].
 fn check_definition(
     group: &FeatureGroup,
@@ -2490,18 +2501,14 @@ pub(crate) async fn send_positions(
     shutdown: &CancellationToken,
     policy: &RetryPolicy,
 ) -> Result<Option<Vec<kontext_core::record::RecordPosition>>, ProcessorError> {
-    if records.is_empty() {
-        return Ok(Some(Vec::new()));
-    }
-    retry_transient("processor produce", policy, shutdown, || {
-        producer.send_ref(&records)
-    })
-    .await
+    let sent = send_changelog(producer, records, shutdown, policy).await?;
+    Ok(sent.map(|(positions, _retried)| positions))
 }
 
-/// [`send_positions`] for changelog records, and whether a transient error made it send them
-/// again: an earlier attempt may have written some of them already, so copies of this very
-/// batch can sit between the store's recorded end and the positions returned.
+/// [`send_positions`], and whether a transient error made it send the records again. For
+/// changelog records [`continues_changelog`] needs to know: an earlier attempt may have written
+/// some of them already, so copies of this very batch can sit between the store's recorded end
+/// and the positions returned.
 pub(crate) async fn send_changelog(
     producer: &dyn Producer,
     records: Vec<ProduceRecord>,

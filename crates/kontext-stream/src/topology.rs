@@ -83,10 +83,10 @@ use crate::dlq::DeadLetters;
 use crate::metrics::PipelineMetrics;
 use crate::normalize::{NormalizeError, ProcessError};
 use crate::processor::{
-    changelog_spans, committed_before_sync, continues_changelog, instance_transactional_id,
+    changelog_spans, committed_before_sync, continues_changelog, define, instance_transactional_id,
     never_back, newly_assigned, next_offsets, open_state_db, other_definition, retry_transient,
     rewind_to_state, send, send_changelog, send_transaction, sync_stores_with_changelogs, Drain,
-    HighWater, Ownership, ProcessorError, Restore, CHANGELOG_END_KEY, DEFINITION_KEY, STATE_DB_DIR,
+    HighWater, Ownership, ProcessorError, Restore, CHANGELOG_END_KEY, STATE_DB_DIR,
 };
 use crate::retry::Waiter;
 
@@ -716,18 +716,14 @@ impl TopologyRunner {
                 .collect();
             // Changelogs in commit order: phase k holds every task's k-th state batch.
             let changelogs = self.changelog_phases(seg, &batches);
-            // Where the changelog record of `owner` (a batch) in `phase` landed: the store's
-            // changelog end once that state batch commits.
-            let mut landed = |owner: usize, phase: usize, offset: i64| {
-                if let Some((_, state)) = batches[owner].1.states.get_mut(phase) {
-                    state.put(CHANGELOG_END_KEY, &(offset + 1).to_le_bytes());
-                }
-            };
             if let Some(txn) = txn {
                 // One transaction: outputs, changelogs and offsets are visible together or
                 // not at all. The state commits after it (a crash in between: the store
                 // restores the batch from its changelog at start).
                 let member = consumer.group_metadata();
+                let mut landed = |owner, phase, offset| {
+                    note_changelog_end(&mut batches, owner, phase, offset);
+                };
                 let sent =
                     send_transaction(txn, member, outputs, changelogs, &offsets, &mut landed).await;
                 if let Err(e) = sent {
@@ -762,9 +758,7 @@ impl TopologyRunner {
                     }
                 }
                 for (owner, phase, last) in ends {
-                    if let Some((_, state)) = batches[owner].1.states.get_mut(phase) {
-                        state.put(CHANGELOG_END_KEY, &(last + 1).to_le_bytes());
-                    }
+                    note_changelog_end(&mut batches, owner, phase, last);
                 }
             }
             for (p, batch) in batches {
@@ -1102,10 +1096,7 @@ impl TopologyRunner {
                 (Operator::Aggregate { name, op }, Some(store)) => {
                     let mut out = op.process(store, &events)?;
                     marks.finish(&mut out.state);
-                    if store.get(DEFINITION_KEY)?.is_none() {
-                        out.state
-                            .put(DEFINITION_KEY, aggregate_definition(seg, op).as_bytes());
-                    }
+                    define(store, &mut out.state, &aggregate_definition(seg, op))?;
                     cover(&mut out.state, store, &input);
                     m.process_dropped_late
                         .fetch_add(out.dropped_late, Ordering::Relaxed);
@@ -1229,6 +1220,15 @@ fn check_colocated(
         }
     }
     Ok(())
+}
+
+/// Records, in the state batch of `phase` of batch `owner`, the changelog offset after
+/// `offset`, where that batch's changelog record landed: the store's changelog end once the
+/// state batch commits.
+fn note_changelog_end(batches: &mut [(i32, TaskBatch)], owner: usize, phase: usize, offset: i64) {
+    if let Some((_, state)) = batches[owner].1.states.get_mut(phase) {
+        state.put(CHANGELOG_END_KEY, &(offset + 1).to_le_bytes());
+    }
 }
 
 /// What an aggregate's state depends on: its segment's input (and the field a repartition
