@@ -31,7 +31,15 @@ use kontext_process::*;
 mod cpu_time;
 use cpu_time::ProcessCpuTime;
 
-const BATCH: usize = 1000;
+fn batch_size() -> usize {
+    static SIZE: OnceLock<usize> = OnceLock::new();
+    *SIZE.get_or_init(|| {
+        std::env::var("OPERATOR_BATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000)
+    })
+}
 const KEYS: u64 = 10_000;
 const CUSTOMERS: u64 = 100_000;
 /// Batches run before measuring: two 60 s windows of event time (1 ms per event).
@@ -65,7 +73,7 @@ impl Stream {
 
     /// `dup_every`: every n-th event repeats the id of an event ~500 events earlier.
     fn batch(&mut self, dup_every: u64) -> Vec<Event> {
-        (0..BATCH)
+        (0..batch_size())
             .map(|_| {
                 let n = self.next;
                 self.next += 1;
@@ -126,7 +134,7 @@ fn with_stores<M: Clock>(
     run: impl Fn(&mut dyn StateStore, &mut Stream, u64) -> M::Value,
 ) {
     let mut group = c.benchmark_group(format!("{group_name}{}", M::SUFFIX));
-    group.throughput(Throughput::Elements(BATCH as u64));
+    group.throughput(Throughput::Elements(batch_size() as u64));
     group.sample_size(20);
     // Criterion calls a benchmark's closure once per sample: the store and the stream are
     // made at the first call (so a benchmark the filter skips costs nothing) and kept, so
@@ -142,7 +150,11 @@ fn with_stores<M: Clock>(
                 FjallStore::open(dir.path(), group_name, Durability::Process).expect("open fjall");
             prepare(&mut store);
             let mut stream = Stream::new(keys);
-            run(&mut store, &mut stream, WARM_BATCHES);
+            run(
+                &mut store,
+                &mut stream,
+                WARM_BATCHES * 1000 / batch_size() as u64,
+            );
             (store, stream, dir)
         });
         b.iter_custom(|iters| run(store, stream, iters));
@@ -154,7 +166,11 @@ fn with_stores<M: Clock>(
             let mut store = MemoryStore::new(group_name);
             prepare(&mut store);
             let mut stream = Stream::new(keys);
-            run(&mut store, &mut stream, WARM_BATCHES);
+            run(
+                &mut store,
+                &mut stream,
+                WARM_BATCHES * 1000 / batch_size() as u64,
+            );
             (store, stream)
         });
         b.iter_custom(|iters| run(store, stream, iters));

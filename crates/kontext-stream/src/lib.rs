@@ -5,6 +5,7 @@
 //! ([`normalize`]), and written to the context store by the [`sink::StoreSink`] task, which
 //! commits the consumer group's offsets only after the store has made the batch durable.
 
+mod backlog;
 pub mod dlq;
 pub mod metrics;
 pub mod normalize;

@@ -58,6 +58,7 @@ use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::backlog::{self, MAX_BATCH};
 use crate::metrics::PipelineMetrics;
 use crate::normalize::{Outcome, Router};
 use crate::retry::Waiter;
@@ -67,7 +68,6 @@ pub use kontext_core::config::{features_topic, FEATURES_SOURCE};
 /// `ce_type` of feature records.
 pub const FEATURES_TYPE: &str = "kontext.features.updated";
 
-const MAX_BATCH: usize = 2_000;
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
 /// "All time" is one tumbling window starting at the epoch, ending in 146 million years.
 const ALL_TIME_MS: i64 = 1 << 62;
@@ -2334,6 +2334,10 @@ pub(crate) struct Drain<'a> {
     deadline: Option<tokio::time::Instant>,
     /// How the loop waits out a log that is unavailable (`retry.defaults`).
     pub policy: RetryPolicy,
+    /// The error of an extra poll that ended a backlog's gathering ([`backlog::gather`]),
+    /// raised at the next poll, once the records gathered before it are handled: a Kafka
+    /// consumer reports an error once, so dropping it would hide it for good.
+    failed: Option<LogError>,
 }
 
 impl<'a> Drain<'a> {
@@ -2347,18 +2351,22 @@ impl<'a> Drain<'a> {
             upstream,
             deadline: None,
             policy,
+            failed: None,
         }
     }
 
-    /// The next records, retrying transient errors; `None` when the loop must stop. (The
-    /// loop's last background commit is settled when it drops its consumer.)
+    /// The next records, retrying transient errors; `None` when the loop must stop. A full
+    /// poll gathers the backlog behind it into one batch ([`backlog`]). (The loop's last
+    /// background commit is settled when it drops its consumer.)
     pub async fn poll(
         &mut self,
         consumer: &mut dyn kontext_log::Consumer,
     ) -> Result<Option<Vec<Record>>, ProcessorError> {
         let mut wait = Waiter::new(self.policy);
         loop {
-            let polled = if self.shutdown.is_cancelled() {
+            let polled = if let Some(e) = self.failed.take() {
+                Err(e)
+            } else if self.shutdown.is_cancelled() {
                 let deadline = *self
                     .deadline
                     .get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_TIMEOUT);
@@ -2380,7 +2388,11 @@ impl<'a> Drain<'a> {
                 }
             };
             match polled {
-                Ok(r) => return Ok(Some(r)),
+                Ok(r) => {
+                    let (records, failed) = backlog::gather(consumer, r).await;
+                    self.failed = failed;
+                    return Ok(Some(records));
+                }
                 Err(e) if e.is_transient() => {
                     let delay = wait.next_delay();
                     warn!(error = %e, retry_in = ?delay, "processor poll failed; retrying");
@@ -2605,6 +2617,138 @@ features:
             log.create_topic(&spec).await.unwrap();
         }
         log
+    }
+
+    /// A consumer that answers its polls from a script, then with empty polls.
+    struct Scripted {
+        polls: std::collections::VecDeque<Result<usize, LogError>>,
+        next_offset: i64,
+        /// `max_records` and `timeout` of every poll made.
+        made: Vec<(usize, Duration)>,
+    }
+
+    impl Scripted {
+        fn new(polls: Vec<Result<usize, LogError>>) -> Self {
+            Self {
+                polls: polls.into(),
+                next_offset: 0,
+                made: Vec::new(),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl kontext_log::Consumer for Scripted {
+        async fn poll(
+            &mut self,
+            max_records: usize,
+            timeout: Duration,
+        ) -> Result<Vec<Record>, LogError> {
+            self.made.push((max_records, timeout));
+            let n = self.polls.pop_front().unwrap_or(Ok(0))?;
+            assert!(n <= max_records, "the script gives more than was asked for");
+            let first = self.next_offset;
+            self.next_offset += n as i64;
+            Ok((first..self.next_offset)
+                .map(|offset| Record {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset,
+                    timestamp_ms: 0,
+                    key: None,
+                    value: None,
+                    headers: Vec::new(),
+                })
+                .collect())
+        }
+
+        async fn commit(&mut self, _: &[(TopicPartition, i64)]) -> Result<(), LogError> {
+            Ok(())
+        }
+
+        fn assignment(&self) -> Vec<TopicPartition> {
+            Vec::new()
+        }
+    }
+
+    fn quick_retries() -> RetryPolicy {
+        RetryPolicy {
+            first_delay: Duration::from_millis(1),
+            multiplier: 1.0,
+            max_delay: Duration::from_millis(1),
+            jitter: kontext_core::config::Jitter::None,
+            max_attempts: None,
+            max_elapsed: None,
+        }
+    }
+
+    fn offsets(records: &[Record]) -> Vec<i64> {
+        records.iter().map(|r| r.offset).collect()
+    }
+
+    /// A full poll means a backlog: the loop takes what else is there without waiting, up to
+    /// 16 000 records, and handles it as one batch (one state commit and changelog write per
+    /// key instead of one per 2 000 records). A poll that is not full is handled as it is.
+    #[tokio::test]
+    async fn a_full_poll_gathers_the_backlog_into_one_batch() {
+        let shutdown = CancellationToken::new();
+        let mut drain = Drain::new(&shutdown, None, quick_retries());
+        let mut consumer = Scripted::new(vec![
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(500),
+            Ok(7),
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+        ]);
+        let first = drain.poll(&mut consumer).await.unwrap().unwrap();
+        assert_eq!(offsets(&first), (0..4_500).collect::<Vec<_>>());
+        assert_eq!(
+            consumer.made[1..],
+            [(MAX_BATCH, Duration::ZERO); 2],
+            "the extra polls do not wait"
+        );
+        let second = drain.poll(&mut consumer).await.unwrap().unwrap();
+        assert_eq!(offsets(&second), (4_500..4_507).collect::<Vec<_>>());
+        // Eight full polls reach the limit; the ninth is the next batch's.
+        let third = drain.poll(&mut consumer).await.unwrap().unwrap();
+        assert_eq!(third.len(), 16_000);
+        let fourth = drain.poll(&mut consumer).await.unwrap().unwrap();
+        assert_eq!(offsets(&fourth), (20_507..22_507).collect::<Vec<_>>());
+    }
+
+    /// An extra poll that fails ends the gathering: the records gathered before it come
+    /// first, and the error is raised by the next poll (a Kafka consumer reports an error
+    /// once: dropping it would hide it). A permanent error stops the loop; a transient one is
+    /// retried, and nothing is lost or repeated either way.
+    #[tokio::test]
+    async fn an_extra_polls_error_comes_after_the_gathered_records() {
+        let shutdown = CancellationToken::new();
+        let mut drain = Drain::new(&shutdown, None, quick_retries());
+        let mut consumer = Scripted::new(vec![
+            Ok(MAX_BATCH),
+            Err(LogError::Unavailable("broker went away".into())),
+            Ok(MAX_BATCH),
+            Ok(3),
+            Ok(MAX_BATCH),
+            Err(LogError::Invalid("not authorized".into())),
+            Ok(9),
+        ]);
+        let first = drain.poll(&mut consumer).await.unwrap().unwrap();
+        assert_eq!(offsets(&first), (0..2_000).collect::<Vec<_>>());
+        let second = drain.poll(&mut consumer).await.unwrap().unwrap();
+        assert_eq!(offsets(&second), (2_000..4_003).collect::<Vec<_>>());
+        let third = drain.poll(&mut consumer).await.unwrap().unwrap();
+        assert_eq!(offsets(&third), (4_003..6_003).collect::<Vec<_>>());
+        let err = drain.poll(&mut consumer).await.unwrap_err();
+        assert!(err.to_string().contains("not authorized"), "{err}");
     }
 
     /// A rolling feature on a quiet repartition partition decays: the customer whose

@@ -35,18 +35,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backlog::{self, MAX_BATCH};
 use crate::dlq::{store_error_kind, DeadLetters, FailedStage};
 use crate::metrics::{BreakerState, PipelineMetrics, UpdateKind};
 use crate::normalize::{Outcome, ProcessError, Router};
 use crate::retry::{Backoff, Waiter};
 
-/// Most records taken per poll.
-const MAX_BATCH: usize = 2_000;
-/// Most records written in one store transaction. A full poll means a backlog: the sink then
-/// polls again without waiting and writes what it gathered at once (group commit), so a
-/// catching-up sink pays one durable commit per 16 000 records instead of per 2 000, while an
-/// idle one still writes each record as soon as it arrives.
-const MAX_GROUP: usize = 8 * MAX_BATCH;
 /// How long a poll waits for the first record.
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -151,7 +145,7 @@ struct Feed {
     /// pause contract): kept, in order, as the next batch after the outage, and no further
     /// polls until then.
     early: Vec<Record>,
-    /// The error of an extra poll that ended a backlog's gathering ([`gather_backlog`]),
+    /// The error of an extra poll that ended a backlog's gathering ([`backlog::gather`]),
     /// raised at the next poll, once the records gathered before it are written: a Kafka
     /// consumer reports an error once, so dropping it would hide it for good.
     failed_poll: Option<LogError>,
@@ -390,7 +384,7 @@ impl StoreSink {
                     polled = feed.consumer.poll(MAX_BATCH, timeout) => match polled {
                         Ok(r) => {
                             failing = None;
-                            let (records, failed) = gather_backlog(feed.consumer.as_mut(), r).await;
+                            let (records, failed) = backlog::gather(feed.consumer.as_mut(), r).await;
                             feed.failed_poll = failed;
                             Ok(records)
                         }
@@ -1064,29 +1058,6 @@ impl StoreSink {
             Err(SinkError::StoreAheadOfLog(ahead.join(", ")))
         }
     }
-}
-
-/// After a full poll, takes what else is already there, up to [`MAX_GROUP`] records, without
-/// waiting. A failed extra poll ends the gathering: what was gathered is written first, and
-/// the error is returned with it for the main loop to raise next ([`Feed::failed_poll`]).
-async fn gather_backlog(
-    consumer: &mut dyn Consumer,
-    mut records: Vec<Record>,
-) -> (Vec<Record>, Option<LogError>) {
-    let mut last = records.len();
-    while last == MAX_BATCH && records.len() + MAX_BATCH <= MAX_GROUP {
-        match consumer.poll(MAX_BATCH, Duration::ZERO).await {
-            Ok(more) => {
-                last = more.len();
-                records.extend(more);
-            }
-            Err(e) => {
-                debug!(error = %e, "extra poll failed; writing what was gathered first");
-                return (records, Some(e));
-            }
-        }
-    }
-    (records, None)
 }
 
 /// The next offset of every partition in `records`.
