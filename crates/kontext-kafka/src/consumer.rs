@@ -235,8 +235,9 @@ impl Consumer for KafkaConsumer {
     /// current; the records are then delivered again to the partitions' owner. The coordinator
     /// does not check which member owns a partition: a member that rejoined after a rebalance
     /// can commit a partition it lost and rewind it. So commit the offsets of records polled
-    /// in the current assignment (kontext's loops commit right after processing a poll;
-    /// rebalances happen inside polls).
+    /// in the current assignment (kontext's loops commit right after processing a batch;
+    /// rebalances happen inside polls, and a batch gathered over several polls drops the
+    /// records of partitions a later one took away: `kontext_stream`'s `backlog`).
     async fn commit(&mut self, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError> {
         if offsets.is_empty() {
             return Ok(());

@@ -18,6 +18,7 @@
 //! with the whole aggregate, versioned by the input coordinates of the latest input that
 //! changed it. A merged-away session is an update with `values: None` (a tombstone).
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
@@ -720,10 +721,13 @@ impl Aggregate {
             end
         };
         progress.finish(&mut out.state);
+        // The keys of the batch's events (and, below, of the windows it closes), sorted once
+        // for the emission and the index of created entries.
+        let mut order = key_order(&keys);
         if self.config.emit == Emit::OnUpdate {
-            for key in key_order(&keys) {
+            for key in &order {
                 let kp = keys
-                    .get_mut(&key)
+                    .get_mut(key)
                     .ok_or_else(|| StoreError::Corrupt("key vanished".into()))?;
                 self.emit_changed(layout, kp, &at_risk, select, &mut out.updates)?;
             }
@@ -751,6 +755,7 @@ impl Aggregate {
                 }
                 out.state.delete(&wkey);
             }
+            order = key_order(&keys);
         }
         // A key's panes are written without those whose windows all closed
         // (expiry <= horizon); a key is mentioned under its newest pane's expiry.
@@ -766,8 +771,8 @@ impl Aggregate {
         // restart with a larger grace, in a store of a version that recorded no horizon, it can
         // be).
         let mut created: BTreeMap<i64, Writer> = BTreeMap::new();
-        for key in key_order(&keys) {
-            let kp = &keys[&key];
+        for key in &order {
+            let kp = &keys[key];
             if let (false, Some(newest)) = (
                 kp.stored,
                 kp.panes.iter().filter(live).map(|p| p.start).max(),
@@ -1093,7 +1098,7 @@ impl Aggregate {
         out: &mut AggregateBatch,
     ) -> Result<(), StoreError> {
         let mut progress = Progress::load(store, &out.state)?;
-        let mut dirty: BTreeMap<Bytes, SlidingSlot> = BTreeMap::new();
+        let mut dirty: HashMap<Bytes, SlidingSlot> = HashMap::new();
         let width = (size / 16).max(1);
         // The events this batch retains, by time bucket.
         let mut retained: BTreeMap<i64, Vec<Retained>> = BTreeMap::new();
@@ -1251,6 +1256,9 @@ impl Aggregate {
             start: horizon,
             end: st,
         };
+        // In key order: the same batch and outputs whatever the map's order.
+        let mut dirty: Vec<(Bytes, SlidingSlot)> = dirty.into_iter().collect();
+        dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, slot) in dirty {
             let SlidingSlot { mut slot, kept } = slot;
             let Some(version) = slot.version.take() else {
@@ -1274,36 +1282,32 @@ impl Aggregate {
     fn sliding_slot<'a, S: StateStore + ?Sized>(
         &self,
         store: &S,
-        dirty: &'a mut BTreeMap<Bytes, SlidingSlot>,
+        dirty: &'a mut HashMap<Bytes, SlidingSlot>,
         key: &Bytes,
         partition: i32,
     ) -> Result<&'a mut SlidingSlot, StoreError> {
-        if !dirty.contains_key(key) {
-            let (acc, kept) = match store.get(&key_prefix(b'a', key))? {
-                Some(bytes) => decode_sliding_entry(&bytes)?,
-                // A new key keeps its events inside its entry (unless the limit is 0).
-                None => (
-                    self.new_acc(partition),
-                    (self.inline_limit > 0).then(Vec::new),
-                ),
-            };
-            dirty.insert(
-                key.clone(),
-                SlidingSlot {
-                    slot: Slot {
-                        is_new: false,
-                        acc,
-                        key: key.clone(),
-                        window: Window { start: 0, end: 0 },
-                        version: None,
-                    },
-                    kept,
-                },
-            );
-        }
-        dirty
-            .get_mut(key)
-            .ok_or_else(|| StoreError::Corrupt("sliding slot vanished".into()))
+        let slot = match dirty.entry(key.clone()) {
+            Entry::Occupied(slot) => return Ok(slot.into_mut()),
+            Entry::Vacant(slot) => slot,
+        };
+        let (acc, kept) = match store.get(&key_prefix(b'a', key))? {
+            Some(bytes) => decode_sliding_entry(&bytes)?,
+            // A new key keeps its events inside its entry (unless the limit is 0).
+            None => (
+                self.new_acc(partition),
+                (self.inline_limit > 0).then(Vec::new),
+            ),
+        };
+        Ok(slot.insert(SlidingSlot {
+            slot: Slot {
+                is_new: false,
+                acc,
+                key: key.clone(),
+                window: Window { start: 0, end: 0 },
+                version: None,
+            },
+            kept,
+        }))
     }
 
     /// Where `key`, with `acc` over its retained events, keeps them after this batch: inside

@@ -19,13 +19,45 @@ pub(crate) const MAX_GROUP: usize = 8 * MAX_BATCH;
 /// After a full poll (`records`), takes what else is already there, up to [`MAX_GROUP`]
 /// records, without waiting. A failed extra poll ends the gathering: what was gathered is
 /// handled first, and the error is returned with it for the loop to raise at its next poll.
+///
+/// A rebalance is served inside a poll (Kafka), and a loop commits its batch after handling
+/// it, as the group member it is at the end of the batch's last poll. So an extra poll that
+/// took partitions away ends the gathering, and the records of those partitions are dropped
+/// from the batch: their new owner reads them from the group's committed offset, and this
+/// member must neither handle nor commit them.
 pub(crate) async fn gather(
     consumer: &mut dyn Consumer,
     mut records: Vec<Record>,
 ) -> (Vec<Record>, Option<LogError>) {
     let mut last = records.len();
+    if last < MAX_BATCH {
+        return (records, None);
+    }
+    let assigned = consumer.assignment();
     while last == MAX_BATCH && records.len() + MAX_BATCH <= MAX_GROUP {
-        match consumer.poll(MAX_BATCH, Duration::ZERO).await {
+        let polled = consumer.poll(MAX_BATCH, Duration::ZERO).await;
+        let now = consumer.assignment();
+        if now != assigned {
+            let before = records.len();
+            let kept = |r: &Record| {
+                now.iter()
+                    .any(|tp| tp.partition == r.partition && tp.topic == r.topic)
+            };
+            records.retain(kept);
+            debug!(
+                dropped = before - records.len(),
+                "the assignment changed while gathering a backlog; the batch keeps the records of the partitions still assigned"
+            );
+            let failed = match polled {
+                Ok(more) => {
+                    records.extend(more.into_iter().filter(kept));
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            return (records, failed);
+        }
+        match polled {
             Ok(more) => {
                 last = more.len();
                 records.extend(more);

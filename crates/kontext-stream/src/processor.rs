@@ -794,6 +794,7 @@ impl Processor {
                 vec![repartition.clone()],
             ))
             .await?;
+        drain.new_consumer();
         let feature_partitions: BTreeMap<&str, (String, i32)> = self
             .stages
             .iter()
@@ -2355,6 +2356,12 @@ impl<'a> Drain<'a> {
         }
     }
 
+    /// The loop made a new consumer (it rejoined its group): an error kept from the old
+    /// one's extra poll is not the new one's.
+    pub fn new_consumer(&mut self) {
+        self.failed = None;
+    }
+
     /// The next records, retrying transient errors; `None` when the loop must stop. A full
     /// poll gathers the backlog behind it into one batch ([`backlog`]). (The loop's last
     /// background commit is settled when it drops its consumer.)
@@ -2619,12 +2626,16 @@ features:
         log
     }
 
-    /// A consumer that answers its polls from a script, then with empty polls.
+    /// A consumer that answers its polls from a script, then with empty polls. Its records
+    /// go round partitions 0 and 1 of topic `t`, both assigned until `revoke` says otherwise.
     struct Scripted {
         polls: std::collections::VecDeque<Result<usize, LogError>>,
         next_offset: i64,
         /// `max_records` and `timeout` of every poll made.
         made: Vec<(usize, Duration)>,
+        /// (n, p): the n-th poll (from 1) serves a rebalance that takes partition p away,
+        /// before it takes records (which are then of the other partition only).
+        revoke: Option<(usize, i32)>,
     }
 
     impl Scripted {
@@ -2633,7 +2644,14 @@ features:
                 polls: polls.into(),
                 next_offset: 0,
                 made: Vec::new(),
+                revoke: None,
             }
+        }
+
+        fn revoked(&self) -> Option<i32> {
+            self.revoke
+                .filter(|(n, _)| self.made.len() >= *n)
+                .map(|(_, p)| p)
         }
     }
 
@@ -2647,13 +2665,17 @@ features:
             self.made.push((max_records, timeout));
             let n = self.polls.pop_front().unwrap_or(Ok(0))?;
             assert!(n <= max_records, "the script gives more than was asked for");
+            let revoked = self.revoked();
             let first = self.next_offset;
             self.next_offset += n as i64;
             Ok((first..self.next_offset)
-                .map(|offset| Record {
+                .map(|n| Record {
                     topic: "t".into(),
-                    partition: 0,
-                    offset,
+                    partition: match revoked {
+                        Some(p) => 1 - p,
+                        None => (n % 2) as i32,
+                    },
+                    offset: n,
                     timestamp_ms: 0,
                     key: None,
                     value: None,
@@ -2667,7 +2689,10 @@ features:
         }
 
         fn assignment(&self) -> Vec<TopicPartition> {
-            Vec::new()
+            (0..2)
+                .filter(|p| self.revoked() != Some(*p))
+                .map(|p| TopicPartition::new("t", p))
+                .collect()
         }
     }
 
@@ -2684,6 +2709,54 @@ features:
 
     fn offsets(records: &[Record]) -> Vec<i64> {
         records.iter().map(|r| r.offset).collect()
+    }
+
+    /// A rebalance served by an extra poll ends the gathering, and the batch loses the records
+    /// of the partitions it took away: the loop commits its batch as the member it is after
+    /// the batch's last poll, and the partitions' new owner reads those records from the
+    /// group's offsets. (Handling them would write them twice: here, and at their owner.)
+    #[tokio::test]
+    async fn a_rebalance_while_gathering_drops_the_records_of_revoked_partitions() {
+        let shutdown = CancellationToken::new();
+        let mut drain = Drain::new(&shutdown, None, quick_retries());
+        let mut consumer = Scripted::new(vec![
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(MAX_BATCH),
+            Ok(5),
+        ]);
+        consumer.revoke = Some((3, 1));
+        let first = drain.poll(&mut consumer).await.unwrap().unwrap();
+        assert!(first.iter().all(|r| r.partition == 0));
+        let expected: Vec<i64> = (0..4_000)
+            .filter(|o| o % 2 == 0)
+            .chain(4_000..6_000)
+            .collect();
+        assert_eq!(offsets(&first), expected);
+        assert_eq!(
+            consumer.made.len(),
+            3,
+            "the gathering stopped at the rebalance"
+        );
+        let second = drain.poll(&mut consumer).await.unwrap().unwrap();
+        assert_eq!(offsets(&second), (6_000..8_005).collect::<Vec<_>>());
+    }
+
+    /// A loop that rejoins its group with a new consumer (after a failed transaction) does
+    /// not raise the old consumer's poll error.
+    #[tokio::test]
+    async fn a_new_consumer_does_not_raise_the_old_ones_error() {
+        let shutdown = CancellationToken::new();
+        let mut drain = Drain::new(&shutdown, None, quick_retries());
+        let mut old = Scripted::new(vec![
+            Ok(MAX_BATCH),
+            Err(LogError::Invalid("the old member was fenced".into())),
+        ]);
+        assert_eq!(drain.poll(&mut old).await.unwrap().unwrap().len(), 2_000);
+        drain.new_consumer();
+        let mut new = Scripted::new(vec![Ok(3)]);
+        assert_eq!(drain.poll(&mut new).await.unwrap().unwrap().len(), 3);
     }
 
     /// A full poll means a backlog: the loop takes what else is there without waiting, up to

@@ -645,6 +645,7 @@ impl TopologyRunner {
             .log
             .consumer(ConsumerConfig::new(seg.group.clone(), topics.clone()))
             .await?;
+        drain.new_consumer();
         info!(group = %seg.group, input = %seg.input, tasks = tasks.len(), "topology segment started");
         let mut owned: BTreeSet<i32> = BTreeSet::new();
         loop {
