@@ -1,7 +1,8 @@
 //! Per-operator throughput on one core, with state in fjall (the on-disk store a task uses)
 //! and in memory for comparison. Every benchmark runs twice: `<group>` in wall time, and
 //! `<group>_cpu` in CPU time of the whole process (fjall's journal and flush threads included),
-//! which a shared, loaded machine disturbs much less than wall time. Each iteration is one batch of 1000 events: the operator
+//! which a shared, loaded machine disturbs much less than wall time. Each iteration is one batch
+//! of 1000 events (`OPERATOR_BATCH`, below): the operator
 //! decides the batch and the state batch is committed (fjall: one atomic write batch,
 //! `Durability::Process`, i.e. written to the OS, not fsynced). Building the input batch is
 //! not timed. Event time advances 1 ms per event, and the state is warmed with two windows of
@@ -15,8 +16,8 @@
 //! OPERATOR_BATCH=16000 cargo bench -p kontext-process --bench operators -- ...
 //! ```
 //!
-//! `OPERATOR_BATCH` sets the events per batch (default 1000; the warm-up covers the same two
-//! windows of event time at any size). 16 000 is the batch the processor handles when it is
+//! `OPERATOR_BATCH` sets the events per batch (default 1000; the warm-up is ~120 000 events at
+//! any size, in whole batches: 112 000 at 16 000, still more than one 60 s window). 16 000 is the batch the processor handles when it is
 //! behind (`kontext_stream`'s `backlog`: it gathers up to 16 000 records per poll), which is
 //! when its throughput is the limit: across the default 12 partitions, ~1 330 events for a
 //! twelfth of the keys per task, the same events per key and batch as 16 000 for all keys in
