@@ -1054,6 +1054,43 @@ impl PipelineConfig {
             .collect::<Vec<_>>()
             .join(", ")
     }
+
+    /// Every field a normalized update of `entity` can carry: its key field and the canonical
+    /// fields its sources map (`None` for an unknown entity type).
+    fn canonical_fields(&self, entity: &str) -> Option<BTreeSet<&str>> {
+        let key = self.entities.get(entity)?.key.as_str();
+        Some(
+            self.sources
+                .values()
+                .filter(|s| s.entity == entity)
+                .flat_map(|s| s.fields.keys().map(String::as_str))
+                .chain([key])
+                .collect(),
+        )
+    }
+
+    /// `field`, read from updates of `entity` at `at`, is a canonical field of it: a name no
+    /// source maps never has a value, so a typo would compute nothing, silently.
+    fn check_canonical(
+        &self,
+        err: &mut impl FnMut(String, String),
+        at: String,
+        entity: &str,
+        field: &str,
+    ) {
+        let Some(known) = self.canonical_fields(entity) else {
+            return; // the unknown entity type is reported on its own
+        };
+        if !field.trim().is_empty() && !known.contains(field) {
+            err(
+                at,
+                format!(
+                    "{field:?} is not a canonical field of {entity}: its key and the fields its sources map are {}",
+                    join_or_none(&known)
+                ),
+            );
+        }
+    }
 }
 
 fn join_or_none(names: &BTreeSet<&str>) -> String {

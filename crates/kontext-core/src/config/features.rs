@@ -346,6 +346,10 @@ impl PipelineConfig {
                     ),
                 );
             }
+            self.check_canonical(err, format!("{at}.key"), &feature.from, &feature.key);
+            if let Some(field) = &feature.field {
+                self.check_canonical(err, format!("{at}.field"), &feature.from, field);
+            }
             match (&feature.field, feature.agg) {
                 (Some(_), FeatureAgg::Count) => err(
                     format!("{at}.field"),
@@ -538,6 +542,43 @@ features:
         assert!(got[0].1.contains("advance must not exceed size"), "{e}");
         assert!(got[2].1.contains("unknown window type \"weekly\""), "{e}");
         assert!(got[4].1.contains("takes a duration"), "{e}");
+    }
+
+    /// A feature reads its `key` and `field` from the canonical fields of its `from` entity;
+    /// a name no source maps (a typo) would compute nothing, silently, so it is refused with
+    /// the names there are. The entity's own key field is one of them.
+    #[test]
+    fn feature_keys_and_fields_must_be_canonical_fields_of_the_input() {
+        let yaml = r#"
+name: p
+entities:
+  customer: { key: customer_id, topic: context.customers }
+  order: { key: order_id, topic: context.orders }
+sources:
+  shop: { topic: context.orders, entity: order, fields: { customer_id: c, total: t } }
+  returns: { topic: context.orders, entity: order, match: { ce_source: returns }, fields: { refund: r } }
+features:
+  typo_key: { from: order, entity: customer, key: custmer_id, agg: count }
+  typo_field: { from: order, entity: customer, key: customer_id, agg: sum, field: totl }
+  ok_field: { from: order, entity: customer, key: customer_id, agg: max, field: refund }
+  own_key: { from: order, entity: order, key: order_id, agg: count }
+"#;
+        let e = PipelineConfig::parse("p.yaml", yaml).unwrap_err();
+        let got: Vec<(&str, &str)> = e
+            .errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .collect();
+        let fields: Vec<&str> = got.iter().map(|(f, _)| *f).collect();
+        assert_eq!(
+            fields,
+            vec!["features.typo_field.field", "features.typo_key.key"],
+            "{e}"
+        );
+        assert_eq!(
+            got[1].1,
+            "\"custmer_id\" is not a canonical field of order: its key and the fields its sources map are customer_id, order_id, refund, total"
+        );
     }
 
     #[test]

@@ -132,6 +132,7 @@ impl PipelineConfig {
                     ),
                 );
             }
+            self.check_canonical(err, format!("{at}.key"), &join.from, &join.key);
             if join.fields.is_empty() {
                 err(
                     format!("{at}.fields"),
@@ -155,6 +156,7 @@ impl PipelineConfig {
                         format!("name the canonical field of {} to copy", join.with),
                     );
                 }
+                self.check_canonical(err, at.clone(), &join.with, from);
                 let slot = (join.from.as_str(), field.as_str());
                 if let Some(writer) = written.get(&slot) {
                     err(
@@ -229,5 +231,36 @@ features:
             "{e}"
         );
         assert!(e.to_string().contains("source shop already writes"), "{e}");
+    }
+
+    /// The join's key is a canonical field of the stream entity and each copied field one of
+    /// the table entity: a typo would enrich nothing, silently.
+    #[test]
+    fn join_keys_and_table_fields_must_be_canonical_fields() {
+        let yaml = format!(
+            r#"{BASE}joins:
+  typos: {{ from: order, with: customer, key: customer, fields: {{ customer_tier: teir, customer_ref: customer_id }} }}
+"#
+        );
+        let e = PipelineConfig::parse("p.yaml", &yaml).unwrap_err();
+        let got: Vec<(&str, &str)> = e
+            .errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "joins.typos.key",
+                    "\"customer\" is not a canonical field of order: its key and the fields its sources map are customer_id, order_id, total"
+                ),
+                (
+                    "joins.typos.fields.customer_tier",
+                    "\"teir\" is not a canonical field of customer: its key and the fields its sources map are customer_id, tier"
+                ),
+            ],
+            "{e}"
+        );
     }
 }
