@@ -1065,6 +1065,7 @@ impl PipelineConfig {
                 .filter(|s| s.entity == entity)
                 .flat_map(|s| s.fields.keys().map(String::as_str))
                 .chain([key])
+                .filter(|name| !name.trim().is_empty())
                 .collect(),
         )
     }
@@ -1085,7 +1086,7 @@ impl PipelineConfig {
             err(
                 at,
                 format!(
-                    "{field:?} is not a canonical field of {entity}: its key and the fields its sources map are {}",
+                    "{field:?} is not a canonical field of {entity}: its key and the fields its sources map are {}; name one of them, or map {field:?} in a source of {entity} (`sources.<source>.fields`)",
                     join_or_none(&known)
                 ),
             );

@@ -577,7 +577,7 @@ features:
         );
         assert_eq!(
             got[1].1,
-            "\"custmer_id\" is not a canonical field of order: its key and the fields its sources map are customer_id, order_id, refund, total"
+            "\"custmer_id\" is not a canonical field of order: its key and the fields its sources map are customer_id, order_id, refund, total; name one of them, or map \"custmer_id\" in a source of order (`sources.<source>.fields`)"
         );
     }
 

@@ -253,11 +253,11 @@ features:
             vec![
                 (
                     "joins.typos.key",
-                    "\"customer\" is not a canonical field of order: its key and the fields its sources map are customer_id, order_id, total"
+                    "\"customer\" is not a canonical field of order: its key and the fields its sources map are customer_id, order_id, total; name one of them, or map \"customer\" in a source of order (`sources.<source>.fields`)"
                 ),
                 (
                     "joins.typos.fields.customer_tier",
-                    "\"teir\" is not a canonical field of customer: its key and the fields its sources map are customer_id, tier"
+                    "\"teir\" is not a canonical field of customer: its key and the fields its sources map are customer_id, tier; name one of them, or map \"teir\" in a source of customer (`sources.<source>.fields`)"
                 ),
             ],
             "{e}"
