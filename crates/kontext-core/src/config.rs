@@ -1055,15 +1055,23 @@ impl PipelineConfig {
             .join(", ")
     }
 
+    /// The canonical fields the sources of `entity` map.
+    fn mapped_fields<'a, 'e>(
+        &'a self,
+        entity: &'e str,
+    ) -> impl Iterator<Item = &'a str> + use<'a, 'e> {
+        self.sources
+            .values()
+            .filter(move |s| s.entity == entity)
+            .flat_map(|s| s.fields.keys().map(String::as_str))
+    }
+
     /// Every field a normalized update of `entity` can carry: its key field and the canonical
     /// fields its sources map (`None` for an unknown entity type).
     fn canonical_fields(&self, entity: &str) -> Option<BTreeSet<&str>> {
         let key = self.entities.get(entity)?.key.as_str();
         Some(
-            self.sources
-                .values()
-                .filter(|s| s.entity == entity)
-                .flat_map(|s| s.fields.keys().map(String::as_str))
+            self.mapped_fields(entity)
                 .chain([key])
                 .filter(|name| !name.trim().is_empty())
                 .collect(),

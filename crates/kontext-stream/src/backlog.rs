@@ -37,35 +37,28 @@ pub(crate) async fn gather(
     while last == MAX_BATCH && records.len() + MAX_BATCH <= MAX_GROUP {
         let polled = consumer.poll(MAX_BATCH, Duration::ZERO).await;
         let now = consumer.assignment();
+        let failed = match polled {
+            Ok(more) => {
+                last = more.len();
+                records.extend(more);
+                None
+            }
+            Err(e) => {
+                debug!(error = %e, "extra poll failed; handling what was gathered first");
+                Some(e)
+            }
+        };
         if now != assigned {
             let before = records.len();
-            let kept = |r: &Record| {
-                now.iter()
-                    .any(|tp| tp.partition == r.partition && tp.topic == r.topic)
-            };
-            records.retain(kept);
+            records.retain(|r| now.contains(&r.topic_partition()));
             debug!(
                 dropped = before - records.len(),
                 "the assignment changed while gathering a backlog; the batch keeps the records of the partitions still assigned"
             );
-            let failed = match polled {
-                Ok(more) => {
-                    records.extend(more.into_iter().filter(kept));
-                    None
-                }
-                Err(e) => Some(e),
-            };
             return (records, failed);
         }
-        match polled {
-            Ok(more) => {
-                last = more.len();
-                records.extend(more);
-            }
-            Err(e) => {
-                debug!(error = %e, "extra poll failed; handling what was gathered first");
-                return (records, Some(e));
-            }
+        if failed.is_some() {
+            return (records, failed);
         }
     }
     (records, None)

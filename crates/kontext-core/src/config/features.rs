@@ -299,15 +299,6 @@ impl PipelineConfig {
                 );
             }
         }
-        let mut source_fields: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for source in self.sources.values() {
-            for field in source.fields.keys() {
-                source_fields
-                    .entry(source.entity.as_str())
-                    .or_default()
-                    .push(field.as_str());
-            }
-        }
         for (name, feature) in &self.features {
             let at = format!("features.{name}");
             if self
@@ -389,10 +380,7 @@ impl PipelineConfig {
                     "`grace` applies to `{ tumbling: .. }`, `{ session: .. }` and `{ hopping: .. }` windows; a rolling or all-time feature has no window end to be late for: remove it".into(),
                 );
             }
-            if source_fields
-                .get(feature.entity.as_str())
-                .is_some_and(|fields| fields.contains(&name.as_str()))
-            {
+            if self.mapped_fields(&feature.entity).any(|f| f == name) {
                 err(
                     at.clone(),
                     format!(
