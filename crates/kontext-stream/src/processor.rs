@@ -786,7 +786,12 @@ impl Processor {
             return Ok(()); // shutdown during the restore: consume nothing
         }
         self.state_checked.cancel();
-        self.rewind(&group, &repartition, tasks, &committed).await?;
+        if !self
+            .rewind(&group, &repartition, tasks, &committed, shutdown)
+            .await?
+        {
+            return Ok(()); // shutdown while waiting for a busy group: consume nothing
+        }
         let mut consumer = self
             .log
             .consumer(ConsumerConfig::new(
@@ -1012,14 +1017,15 @@ impl Processor {
     }
 
     /// The state's offsets are the truth: where the group had committed (`committed`) past the
-    /// slowest store of a partition, rewind it there.
+    /// slowest store of a partition, rewind it there. `Ok(false)`: shutdown came first.
     async fn rewind(
         &self,
         group: &str,
         topic: &str,
         tasks: &BTreeMap<(usize, i32), Task>,
         committed: &[(i32, Option<i64>)],
-    ) -> Result<(), ProcessorError> {
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ProcessorError> {
         let mut resume: BTreeMap<i32, i64> = BTreeMap::new();
         for (&(_, p), task) in tasks {
             let at = task.resume_offset(topic, p)?;
@@ -1033,6 +1039,7 @@ impl Processor {
             &resume,
             committed,
             self.config.retry.waiting_policy(),
+            shutdown,
         )
         .await
     }
@@ -1067,6 +1074,7 @@ pub(crate) async fn committed_before_sync(
 /// absent) wherever it had committed (`committed`, [`committed_before_sync`]) past it: the
 /// state's offsets are the truth. After a sync this only happens when the changelog lacks what
 /// the group committed (offsets that landed without their records, a recreated changelog).
+/// `Ok(false)`: `shutdown` came while waiting for a busy group (consume nothing).
 pub(crate) async fn rewind_to_state(
     log: &dyn Log,
     group: &str,
@@ -1074,7 +1082,8 @@ pub(crate) async fn rewind_to_state(
     resume: &BTreeMap<i32, i64>,
     committed: &[(i32, Option<i64>)],
     policy: RetryPolicy,
-) -> Result<(), ProcessorError> {
+    shutdown: &CancellationToken,
+) -> Result<bool, ProcessorError> {
     let mut rewind = Vec::new();
     for &(p, committed) in committed {
         let stored = resume.get(&p).copied().unwrap_or(0);
@@ -1083,11 +1092,10 @@ pub(crate) async fn rewind_to_state(
         }
     }
     if rewind.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
     warn!(%group, %topic, partitions = rewind.len(), "the group committed past the state; rewinding it to the state's offsets");
-    crate::retry::rewind_group(log, group, &rewind, policy).await?;
-    Ok(())
+    Ok(crate::retry::rewind_group(log, group, &rewind, policy, shutdown).await?)
 }
 
 /// The partitions of `topic` this member just got (a rebalance on Kafka; all of them on the

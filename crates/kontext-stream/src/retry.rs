@@ -9,6 +9,7 @@ use std::time::Duration;
 use kontext_core::config::{Jitter, RetryPolicy};
 use kontext_core::record::TopicPartition;
 use kontext_log::{Log, LogError};
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 /// An unbounded wait: the delays of [`Backoff`] for an operation retried until it succeeds
@@ -58,26 +59,36 @@ pub const GROUP_BUSY_WAIT: Duration = Duration::from_secs(60);
 /// do when the group committed past their state. A member of a killed process stays in a
 /// Kafka group until its session times out: a busy group (and a transient error) is retried
 /// for up to [`GROUP_BUSY_WAIT`], with `policy`'s delays capped by [`group_busy_policy`],
-/// rather than skipping records.
+/// rather than skipping records. `Ok(false)`: `shutdown` came first (the group may or may not
+/// have been rewound; the next start decides again).
 pub async fn rewind_group(
     log: &dyn Log,
     group: &str,
     offsets: &[(TopicPartition, i64)],
     policy: RetryPolicy,
-) -> Result<(), LogError> {
+    shutdown: &CancellationToken,
+) -> Result<bool, LogError> {
     let deadline = tokio::time::Instant::now() + GROUP_BUSY_WAIT;
     let mut wait = Waiter::new(group_busy_policy(policy));
     loop {
-        match log.reset_group_offsets(group, offsets).await {
+        let attempt = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(false),
+            attempt = log.reset_group_offsets(group, offsets) => attempt,
+        };
+        match attempt {
             Err(e)
                 if tokio::time::Instant::now() < deadline
                     && (matches!(e, LogError::GroupBusy(_)) || e.is_transient()) =>
             {
                 let delay = wait.next_delay();
                 warn!(%group, error = %e, retry_in = ?delay, "cannot rewind the group yet (a member is still registered); retrying");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
-            done => return done,
+            done => return done.map(|()| true),
         }
     }
 }

@@ -961,8 +961,9 @@ impl StoreSink {
         let mut backoff = Backoff::unseeded(self.retry.policy(RetryStage::StoreProbe));
         let started = Instant::now();
         loop {
-            match self.rewind_group_to_store().await {
-                Ok(handled) => {
+            match self.rewind_group_to_store(shutdown).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(handled)) => {
                     if self.metrics.breaker().0 != BreakerState::Closed {
                         self.metrics.set_breaker(BreakerState::Closed, "none");
                     }
@@ -993,7 +994,11 @@ impl StoreSink {
     /// The store's offsets are the truth. Where the group has committed past them (the store
     /// was deleted or restored from an older copy), rewind the group so that nothing the store
     /// lacks is skipped. A group behind the store needs nothing: the store skips what it has.
-    async fn rewind_group_to_store(&self) -> Result<Handled, SinkError> {
+    /// `Ok(None)`: `shutdown` came while waiting for a busy group.
+    async fn rewind_group_to_store(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Handled>, SinkError> {
         let applied = self.store.applied_offsets().await?;
         self.check_store_within_log(&applied).await?;
         let group = &self.consumer.group_id;
@@ -1010,17 +1015,18 @@ impl StoreSink {
             }
         }
         if rewind.is_empty() {
-            return Ok(applied);
+            return Ok(Some(applied));
         }
         warn!(%group, partitions = rewind.len(), "the group committed past what the store holds; rewinding it to the store's offsets");
-        crate::retry::rewind_group(
+        let rewound = crate::retry::rewind_group(
             self.log.as_ref(),
             group,
             &rewind,
             self.retry.waiting_policy(),
+            shutdown,
         )
         .await?;
-        Ok(applied)
+        Ok(rewound.then_some(applied))
     }
 
     /// The wait before retrying a failed poll or resume: the retry settings' waiting policy

@@ -638,7 +638,19 @@ impl TopologyRunner {
             if !resume.is_empty() {
                 let log = self.log.as_ref();
                 let committed = &committed[topic];
-                rewind_to_state(log, &seg.group, topic, &resume, committed, self.policy).await?;
+                let shutdown = drain.shutdown;
+                let rewind = rewind_to_state(
+                    log,
+                    &seg.group,
+                    topic,
+                    &resume,
+                    committed,
+                    self.policy,
+                    shutdown,
+                );
+                if !rewind.await? {
+                    return Ok(()); // shutdown while waiting for a busy group: consume nothing
+                }
             }
         }
         let mut consumer = self

@@ -822,6 +822,46 @@ async fn an_error_of_the_poll_gathering_a_backlog_stops_the_sink_after_its_recor
     assert_eq!(offset_of(&dyn_store, &topic), 2000);
 }
 
+/// A group that committed past the store is rewound before the sink consumes, and while a
+/// member is still registered (a live one here; on Kafka, a killed one until its session
+/// expires) the rewind waits, for up to a minute. A shutdown meanwhile ends the start-up at
+/// once and without an error. (It used to wait out the minute and then fail.)
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_ends_the_wait_for_a_busy_group_to_rewind() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = "context.customers".to_owned();
+    let config = pipeline(&topic);
+    let log = embedded_with_topic(dir.path(), &topic, &config).await;
+    let records = (0..10).map(|i| good(&topic, i)).collect();
+    log.producer().await.unwrap().send(records).await.unwrap();
+    // A live member that committed all ten; the store holds none of them.
+    let group = "failures-busy".to_owned();
+    let mut member = log
+        .consumer(ConsumerConfig::new(&group, vec![topic.clone()]))
+        .await
+        .unwrap();
+    let polled = member.poll(100, Duration::from_millis(200)).await.unwrap();
+    assert_eq!(polled.len(), 10);
+    let tp = kontext_core::record::TopicPartition::new(topic.as_str(), 0);
+    member.commit(&[(tp, 10)]).await.unwrap();
+    let store = FailingStore::new(dir.path(), &config, Duration::ZERO);
+    let sink = lettering_sink(log.clone(), &log, store.clone(), &config, &group).await;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sink.run(shutdown.clone()));
+    // Paused clock: these are the retries' sleeps, well inside the minute.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!task.is_finished(), "{:?}", task.await);
+    shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(10), task).await;
+    ended
+        .expect("the sink kept waiting for the group after the shutdown")
+        .unwrap()
+        .expect("a shutdown is not an error");
+    let dyn_store: Arc<dyn ContextStore> = store;
+    assert_eq!(offset_of(&dyn_store, &topic), 0, "nothing was consumed");
+    drop(member);
+}
+
 /// A sink of `store` reading the config's topic through `log` as `group`, with its dead
 /// letters written through `letters`.
 async fn lettering_sink(

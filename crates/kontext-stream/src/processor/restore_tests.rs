@@ -307,9 +307,18 @@ async fn a_starting_member_does_not_rewind_past_a_live_member(log: Arc<dyn Log>,
 
     let resume = BTreeMap::from([(0, b.offsets().unwrap()[&tp])]);
     assert_eq!(resume[&0], 1);
-    rewind_to_state(log.as_ref(), &group, &input, &resume, &committed, policy)
-        .await
-        .expect("nothing to rewind: the state covers what the group had committed");
+    let rewound = rewind_to_state(
+        log.as_ref(),
+        &group,
+        &input,
+        &resume,
+        &committed,
+        policy,
+        &f.shutdown,
+    )
+    .await
+    .expect("nothing to rewind: the state covers what the group had committed");
+    assert!(rewound, "no shutdown");
     let now = log.committed_offsets(&group, &input).await.unwrap();
     assert_eq!(now, vec![(0, Some(2))], "A's progress is left alone");
 }
@@ -324,6 +333,44 @@ async fn a_starting_member_does_not_rewind_past_a_live_member_on_the_embedded_lo
 async fn a_starting_member_does_not_rewind_past_a_live_member_on_kafka() {
     let (log, app) = kafka();
     a_starting_member_does_not_rewind_past_a_live_member(log, &app).await;
+}
+
+/// A member starting behind its group waits for the group's members to leave before it
+/// rewinds it (up to a minute: a killed member's session). A shutdown ends that wait at once,
+/// without an error and without touching the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_ends_the_wait_to_rewind_a_busy_group() {
+    let (_dir, log) = embedded();
+    let (group, input) = ("app.features".to_owned(), "app-rep".to_owned());
+    log.create_topic(&TopicSpec::new(input.clone(), 1))
+        .await
+        .unwrap();
+    let tp = TopicPartition::new(input.as_str(), 0);
+    let mut member = log
+        .consumer(ConsumerConfig::new(group.clone(), vec![input.clone()]))
+        .await
+        .unwrap();
+    member.poll(10, Duration::from_millis(200)).await.unwrap();
+    member.commit(&[(tp.clone(), 5)]).await.unwrap();
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let policy = kontext_core::config::RetryConfig::default().waiting_policy();
+    let resume = BTreeMap::from([(0, 0)]);
+    let committed = [(0, Some(5))];
+    let rewound = rewind_to_state(
+        log.as_ref(),
+        &group,
+        &input,
+        &resume,
+        &committed,
+        policy,
+        &shutdown,
+    )
+    .await
+    .expect("a shutdown is not an error");
+    assert!(!rewound, "the group is busy: it cannot have been rewound");
+    let now = log.committed_offsets(&group, &input).await.unwrap();
+    assert_eq!(now, vec![(0, Some(5))]);
 }
 
 fn embedded() -> (tempfile::TempDir, Arc<dyn Log>) {
