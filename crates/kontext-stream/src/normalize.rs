@@ -129,6 +129,10 @@ struct CompiledSource {
     entity_type: String,
     /// The entity's key field (empty: none), shared by every update like the field names.
     key_field: Arc<str>,
+    /// The index in `fields` before which the key field is added, so that every field is
+    /// appended to the update's sorted fields (`fields.len()`: after them all).
+    key_at: usize,
+    /// In canonical name order.
     fields: Vec<CompiledField>,
     drop_if: Vec<CompiledCondition>,
     /// No field is computed by jq, so the payload is only read through paths and the record's
@@ -259,10 +263,19 @@ impl Router {
                 .map(|(i, c)| compile_condition(&format!("sources.{name}.filter.drop_if[{i}]"), c))
                 .collect();
             let projection = projection(paths_only, &mut fields, &mut drop_if);
+            // Where the key sorts among the fields (they are in name order): there it is
+            // appended like them. A field of the key's own name keeps the key at the end,
+            // where it replaces that field's value.
+            let key_at = if fields.iter().any(|f| f.canonical == key_field) {
+                fields.len()
+            } else {
+                fields.partition_point(|f| f.canonical < key_field)
+            };
             let compiled = CompiledSource {
                 name: name.clone(),
                 entity_type: source.entity.clone(),
                 key_field,
+                key_at,
                 fields,
                 drop_if,
                 paths_only,
@@ -408,7 +421,8 @@ impl CompiledSource {
         jq_input: &LazyJqInput,
     ) -> Result<Fields, NormalizeError> {
         let mut out = Fields::with_capacity(self.fields.len() + 1);
-        for field in &self.fields {
+        for (i, field) in self.fields.iter().enumerate() {
+            self.put_key_at(i, &mut out, entity_id);
             let value = match &field.value {
                 FieldValue::Path { path, .. } => match payload.get(path) {
                     Some(v) => v.clone(),
@@ -421,7 +435,7 @@ impl CompiledSource {
             };
             field.put(&mut out, value)?;
         }
-        self.put_key(&mut out, entity_id);
+        self.put_key_at(self.fields.len(), &mut out, entity_id);
         Ok(out)
     }
 
@@ -434,7 +448,8 @@ impl CompiledSource {
     ) -> Result<Fields, NormalizeError> {
         debug_assert!(self.paths_only);
         let mut out = Fields::with_capacity(self.fields.len() + 1);
-        for field in &self.fields {
+        for (i, field) in self.fields.iter().enumerate() {
+            self.put_key_at(i, &mut out, entity_id);
             let value = match &field.value {
                 FieldValue::Path { path, take: true } => payload.take(path),
                 FieldValue::Path { path, take: false } => payload.get(path).cloned(),
@@ -445,12 +460,13 @@ impl CompiledSource {
                 field.put(&mut out, value)?;
             }
         }
-        self.put_key(&mut out, entity_id);
+        self.put_key_at(self.fields.len(), &mut out, entity_id);
         Ok(out)
     }
 
-    fn put_key(&self, out: &mut Fields, entity_id: &str) {
-        if !self.key_field.is_empty() {
+    /// Adds the key field if it goes before `fields[i]` (`i == fields.len()`: after them).
+    fn put_key_at(&self, i: usize, out: &mut Fields, entity_id: &str) {
+        if i == self.key_at && !self.key_field.is_empty() {
             out.insert(
                 Arc::clone(&self.key_field),
                 Value::String(entity_id.to_string()),

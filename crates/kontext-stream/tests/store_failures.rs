@@ -859,6 +859,8 @@ async fn a_shutdown_ends_the_wait_for_a_busy_group_to_rewind() {
         .expect("a shutdown is not an error");
     let dyn_store: Arc<dyn ContextStore> = store;
     assert_eq!(offset_of(&dyn_store, &topic), 0, "nothing was consumed");
+    let committed = log.committed_offsets(&group, &topic).await.unwrap();
+    assert_eq!(committed, vec![(0, Some(10))], "the group was left alone");
     drop(member);
 }
 

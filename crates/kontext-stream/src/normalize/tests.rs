@@ -633,6 +633,36 @@ fn fields_mapping_the_same_or_nested_paths_each_get_the_whole_value() {
     }
 }
 
+/// The key field is placed among the fields in name order (so every field is appended), and a
+/// field of the key's own name is overwritten by the record's key, with or without jq.
+#[test]
+fn the_key_sorts_among_the_fields_and_wins_over_a_field_of_its_name() {
+    for fields in [
+        "{ a: name, zz: name }",
+        "{ customer_id: uid, a: name, zz: name }",
+        "{ customer_id: uid, a: name, zz: { jq: .name } }",
+    ] {
+        let config = crm_pipeline(
+            fields,
+            &[r#"{ field: "@type", equals: crm.internal.ping }"#],
+        );
+        let outcome = Router::new(&config).process(&record(
+            "context.customers",
+            "C1",
+            json!({"name": "Ana", "uid": "not-the-key"}),
+            Some(("crm", "crm.customer.updated")),
+        ));
+        let update = update(outcome);
+        let Change::Upsert(out) = &update.change else {
+            panic!("{fields}: {update:?}");
+        };
+        let names: Vec<&str> = out.keys().collect();
+        assert_eq!(names, ["a", "customer_id", "zz"], "{fields}");
+        assert_eq!(out.get("customer_id"), Some(&json!("C1")), "{fields}");
+        assert_eq!(out.get("zz"), Some(&json!("Ana")), "{fields}");
+    }
+}
+
 /// The projected parse (`project.rs`) against the full one: same outcome for every record.
 mod projection {
     use proptest::prelude::*;
