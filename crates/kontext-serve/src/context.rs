@@ -154,7 +154,14 @@ pub async fn assemble_context(
                 provenance: query.provenance,
                 now_ms: Some(now),
             };
-            let rendered = render_markdown(&document, &options).map_err(|e| match e {
+            // A document trimmed to `fields` is this request's own copy: rendered, not kept.
+            let rendered = match query.fields {
+                None => state
+                    .markdown_cache
+                    .render(entity_type, entity_id, &document, &options),
+                Some(_) => render_markdown(&document, &options).map(Arc::new),
+            };
+            let rendered = rendered.map_err(|e| match e {
                 RenderError::BudgetTooSmall { .. } => ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "max_tokens_too_small",
@@ -162,7 +169,7 @@ pub async fn assemble_context(
                 ),
             })?;
             Ok(ContextReply {
-                body: ContextBody::Markdown(rendered.text),
+                body: ContextBody::Markdown(rendered.text.clone()),
                 tokens: Some(rendered.tokens),
                 tokenizer,
             })

@@ -18,8 +18,10 @@
 
 pub mod admin;
 pub mod context;
+mod doc_cache;
 mod error;
 pub mod json_cache;
+pub mod markdown_cache;
 pub mod mcp;
 mod ops;
 pub mod render;
@@ -65,6 +67,9 @@ pub struct AppState {
     /// Serialized documents of `GET /v1/context` (JSON), reused while the store hands out the
     /// same document.
     pub json_cache: Arc<json_cache::JsonCache>,
+    /// Markdown renderings of `GET /v1/context`, batch lookups and MCP, reused while the store
+    /// hands out the same document and its staleness label reads the same.
+    pub markdown_cache: Arc<markdown_cache::MarkdownCache>,
 }
 
 impl AppState {
@@ -85,6 +90,7 @@ impl AppState {
             admin: None,
             mcp_allowed_hosts: Arc::new(Vec::new()),
             json_cache: Arc::default(),
+            markdown_cache: Arc::default(),
         }
     }
 

@@ -25,7 +25,7 @@ pub struct RenderOptions {
 }
 
 /// How much provenance a field line carries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProvenanceDetail {
     /// Source and event time: enough for a model to weigh a value.

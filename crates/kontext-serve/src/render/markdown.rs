@@ -73,8 +73,8 @@ impl<'a> Layout<'a> {
         let doc = self.doc;
         let mut out = format!("# {} {}\n", doc.entity_type, clean(&doc.entity_id));
         let _ = write!(out, "as of {}", compact_time(&doc.as_of.event_time));
-        if let Some(now) = self.options.now_ms {
-            let _ = write!(out, " ({})", ago(now - doc.as_of_ms));
+        if let Some(ago) = staleness_label(doc, self.options.now_ms) {
+            let _ = write!(out, " ({ago})");
         }
         let _ = writeln!(
             out,
@@ -394,6 +394,12 @@ fn compact_time(t: &str) -> String {
         (Some(dot), Some(_)) => format!("{}Z", &t[..dot]),
         _ => t.to_string(),
     }
+}
+
+/// The staleness the header shows at `now_ms` (`None`: none). It is all of a rendering that
+/// depends on the time: a rendering kept with its label is exact while the label is the same.
+pub(crate) fn staleness_label(doc: &ContextDocument, now_ms: Option<i64>) -> Option<String> {
+    now_ms.map(|now| ago(now - doc.as_of_ms))
 }
 
 /// `812 ms` -> `just now`, `95 s` -> `1 min ago` ...: staleness a model can read.

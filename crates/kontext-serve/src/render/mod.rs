@@ -24,4 +24,5 @@ pub use budget::{
     count, render_markdown, Omission, ProvenanceDetail, RenderError, RenderOptions, Rendered,
 };
 pub use kontext_core::config::{RenderSection, Tokenizer};
+pub(crate) use markdown::staleness_label;
 pub use tokens::{clear_token_cache, set_token_cache_enabled};
