@@ -97,6 +97,9 @@ impl AppState {
     /// Renders markdown with the pipeline's `serve.render` settings instead of the defaults.
     pub fn with_render(mut self, render: RenderConfig) -> Self {
         self.render = Arc::new(render);
+        // Kept renderings follow the settings they were made with (the section priority is
+        // not in their key): a state with other settings starts with none.
+        self.markdown_cache = Arc::default();
         self
     }
 
