@@ -528,21 +528,9 @@ fn without_staleness(body: &str) -> String {
     days
 }
 
-/// A hot entity's markdown is rendered once per request and reused (`markdown_cache.rs`):
-/// the same text again, a field selection in between does not leak into it, and a write to
-/// one of its orders shows at once.
-#[tokio::test]
-async fn a_repeated_markdown_fetch_is_reused_until_the_entity_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = rich_state(&dir);
-    let uri = "/v1/context/customer/C1?format=markdown&max_tokens=4000";
-    let first = get(s.clone(), uri).await.2;
-    assert!(first.contains("given_name"), "{first}");
-    let trimmed = get(s.clone(), &format!("{uri}&fields=balance")).await.2;
-    assert!(!trimmed.contains("given_name"), "{trimmed}");
-    assert_eq!(get(s.clone(), uri).await.2, first);
-
-    let order = EntityUpdate {
+/// An update of order O9 (one of C1's in `rich_state`) that makes it C1's newest.
+fn lost_order() -> EntityUpdate {
+    EntityUpdate {
         entity_type: "order".into(),
         entity_id: "O9".into(),
         change: Change::Upsert(
@@ -561,7 +549,24 @@ async fn a_repeated_markdown_fetch_is_reused_until_the_entity_changes() {
             offset: 99,
             event_time_ms: 1_800_000_000_000,
         },
-    };
+    }
+}
+
+/// A hot entity's markdown is rendered once per request and reused (`markdown_cache.rs`):
+/// the same text again, a field selection in between does not leak into it, and a write to
+/// one of its orders shows at once.
+#[tokio::test]
+async fn a_repeated_markdown_fetch_is_reused_until_the_entity_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = rich_state(&dir);
+    let uri = "/v1/context/customer/C1?format=markdown&max_tokens=4000";
+    let first = get(s.clone(), uri).await.2;
+    assert!(first.contains("given_name"), "{first}");
+    let trimmed = get(s.clone(), &format!("{uri}&fields=balance")).await.2;
+    assert!(!trimmed.contains("given_name"), "{trimmed}");
+    assert_eq!(get(s.clone(), uri).await.2, first);
+
+    let order = lost_order();
     s.store.apply(&[order], &[]).await.unwrap();
     let after = get(s.clone(), uri).await.2;
     assert!(after.contains("O9") && after.contains("lost"), "{after}");
@@ -590,26 +595,7 @@ async fn a_repeated_fetch_reuses_the_json_until_the_entity_changes() {
         assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
     }
 
-    let order = EntityUpdate {
-        entity_type: "order".into(),
-        entity_id: "O9".into(),
-        change: Change::Upsert(
-            json!({"status": "lost"})
-                .as_object()
-                .cloned()
-                .unwrap()
-                .into(),
-        ),
-        provenance: Provenance {
-            source: "shop".into(),
-            event_id: "shop-99".into(),
-            event_type: None,
-            topic: "context.orders".into(),
-            partition: 0,
-            offset: 99,
-            event_time_ms: 1_800_000_000_000,
-        },
-    };
+    let order = lost_order();
     let counter = |metrics: &str, name: &str| -> u64 {
         let line = metrics.lines().find(|l| l.starts_with(&format!("{name} ")));
         line.and_then(|l| l.rsplit(' ').next()?.parse().ok())
