@@ -9,6 +9,7 @@
 //! ("just now", "5 s ago", ...), so it is kept under the request and reused while the
 //! document and the label are the same.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kontext_core::config::Tokenizer;
@@ -47,12 +48,16 @@ impl Weigh for Kept {
 /// Renderings by entity and request.
 pub struct MarkdownCache {
     entries: DocCache<Request, Kept>,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 impl Default for MarkdownCache {
     fn default() -> Self {
         Self {
             entries: DocCache::new(CAPACITY_BYTES, 2_048),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 }
@@ -74,18 +79,34 @@ impl MarkdownCache {
             provenance: options.provenance,
         };
         let label = staleness_label(doc, options.now_ms);
+        let mut rendered_now = false;
         let kept = self.entries.get_or_make(
             request,
             doc,
             |kept| kept.label == label,
             || {
+                rendered_now = true;
                 Ok(Kept {
                     label: label.clone(),
                     rendered: Arc::new(render_markdown(doc, options)?),
                 })
             },
-        )?;
-        Ok(kept.rendered)
+        );
+        let counter = if rendered_now {
+            &self.misses
+        } else {
+            &self.hits
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(kept?.rendered)
+    }
+
+    /// Renderings reused and renderings made (or attempted: a budget too small counts) so far.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -116,6 +137,7 @@ mod tests {
             .render("customer", "C1", &doc, &options(None, 900))
             .unwrap();
         assert!(Arc::ptr_eq(&first, &again), "both are \"just now\"");
+        assert_eq!(cache.stats(), (1, 1));
         assert_eq!(*first, render_markdown(&doc, &options(None, 900)).unwrap());
         // Five seconds later the header says so: rendered again, and kept in its place.
         let later = cache
@@ -137,6 +159,7 @@ mod tests {
             render_markdown(&doc, &options(Some(60), 5_200)).unwrap()
         );
         assert_eq!(cache.entries.len(), 2);
+        assert_eq!(cache.stats(), (1, 3));
         drop(held_by_the_store);
     }
 

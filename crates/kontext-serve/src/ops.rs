@@ -165,6 +165,24 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             );
         }
     }
+    let (hits, misses) = state.markdown_cache.stats();
+    for (name, help, value) in [
+        (
+            "kontext_markdown_cache_hits_total",
+            "Markdown fetches of whole documents served a rendering kept with the document.",
+            hits,
+        ),
+        (
+            "kontext_markdown_cache_misses_total",
+            "Markdown fetches of whole documents that rendered it (to the budget, counting tokens).",
+            misses,
+        ),
+    ] {
+        let _ = writeln!(
+            text,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 

@@ -565,6 +565,14 @@ async fn a_repeated_markdown_fetch_is_reused_until_the_entity_changes() {
     let trimmed = get(s.clone(), &format!("{uri}&fields=balance")).await.2;
     assert!(!trimmed.contains("given_name"), "{trimmed}");
     assert_eq!(get(s.clone(), uri).await.2, first);
+    // One rendering, one reuse; the trimmed fetch does not go through the cache.
+    let (_, _, metrics) = get(s.clone(), "/metrics").await;
+    for line in [
+        "kontext_markdown_cache_hits_total 1",
+        "kontext_markdown_cache_misses_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
 
     let order = lost_order();
     s.store.apply(&[order], &[]).await.unwrap();
