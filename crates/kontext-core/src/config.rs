@@ -590,6 +590,17 @@ impl fmt::Display for ConfigError {
     }
 }
 
+#[cfg(test)]
+impl ConfigError {
+    /// Each error's field and message, in order: what a test compares.
+    pub(crate) fn field_messages(&self) -> Vec<(&str, &str)> {
+        self.errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .collect()
+    }
+}
+
 impl PipelineConfig {
     /// Reads, parses and validates a pipeline file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

@@ -510,11 +510,7 @@ features:
             "  e: { from: order, entity: customer, key: customer_id, agg: count, window: { session: 5 } }\n",
         ));
         let e = PipelineConfig::parse("p.yaml", &bad).unwrap_err();
-        let got: Vec<(&str, &str)> = e
-            .errors
-            .iter()
-            .map(|e| (e.field.as_str(), e.message.as_str()))
-            .collect();
+        let got = e.field_messages();
         let fields: Vec<&str> = got.iter().map(|(f, _)| *f).collect();
         assert_eq!(
             fields,
@@ -552,11 +548,7 @@ features:
   own_key: { from: order, entity: order, key: order_id, agg: count }
 "#;
         let e = PipelineConfig::parse("p.yaml", yaml).unwrap_err();
-        let got: Vec<(&str, &str)> = e
-            .errors
-            .iter()
-            .map(|e| (e.field.as_str(), e.message.as_str()))
-            .collect();
+        let got = e.field_messages();
         let fields: Vec<&str> = got.iter().map(|(f, _)| *f).collect();
         assert_eq!(
             fields,

@@ -243,11 +243,7 @@ features:
 "#
         );
         let e = PipelineConfig::parse("p.yaml", &yaml).unwrap_err();
-        let got: Vec<(&str, &str)> = e
-            .errors
-            .iter()
-            .map(|e| (e.field.as_str(), e.message.as_str()))
-            .collect();
+        let got = e.field_messages();
         assert_eq!(
             got,
             vec![
