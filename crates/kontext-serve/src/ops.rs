@@ -147,6 +147,12 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
                 cache.entities_reused,
             ),
             (
+                "kontext_context_cache_parts_reused_total",
+                "counter",
+                "Entity records, parents, related lists and children of changed documents kept as they were (nothing changed them).",
+                cache.parts_reused,
+            ),
+            (
                 "kontext_context_cache_entities_decoded_total",
                 "counter",
                 "Parents and children of assembled documents decoded from the store.",

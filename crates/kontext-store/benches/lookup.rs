@@ -1,6 +1,6 @@
 //! In-process context lookups: latency percentiles of `EmbeddedStore::context` (the entity, its
 //! parent and its related lists, what `GET /v1/context/...` assembles before serializing), idle
-//! and while a writer applies durable batches at the rate of a busy pipeline.
+//! and while a writer applies batches at the rate of a busy pipeline, as the store sink does.
 //!
 //!   cargo bench -p kontext-store --bench lookup
 //!
@@ -14,7 +14,10 @@
 //! `LOOKUPS` (default 100 000 per phase), `LOOKUP_RATE` (lookups/s, default 10 000), `INGEST_RATE` (updates/s of the writer, default 5 000,
 //! applied every 50 ms), `HISTORY` (multiplies the children per customer, default 1; the
 //! quickstart's customers have ~400 children after two minutes at 1 000 events/s: `HISTORY=12`),
-//! `PHASES` (comma-separated, default `assembled,cached`: which of the two to run).
+//! `PHASES` (comma-separated, default `assembled,cached`: which of the two to run),
+//! `SYNC_INTERVAL_MS` (default 100, the stores' default `sync_interval`: the writer commits
+//! without fsync and a flusher thread fsyncs every interval, as the store sink does; `0`: every
+//! commit fsyncs before it returns).
 
 #[path = "../../../bench/allocator.rs"]
 mod allocator;
@@ -73,7 +76,8 @@ fn main() {
         }
         let store = EmbeddedStore::open(&path, schema())
             .expect("store")
-            .with_context_cache(cache);
+            .with_context_cache(cache)
+            .with_sync_interval(sync_interval());
         phases(name, Arc::new(store), lookups, ingest_rate, &offset);
     }
 }
@@ -97,6 +101,15 @@ fn phases(
     print_hits(&store, before);
 
     let stop = Arc::new(AtomicBool::new(false));
+    let flusher = (!sync_interval().is_zero()).then(|| {
+        let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(sync_interval());
+                store.flush().expect("flush");
+            }
+        })
+    });
     let writer = {
         let (store, stop, offset) = (Arc::clone(&store), Arc::clone(&stop), Arc::clone(offset));
         std::thread::spawn(move || {
@@ -133,9 +146,17 @@ fn phases(
     let (busy, busy_misses) = measure(&store, lookups);
     stop.store(true, Ordering::Relaxed);
     let achieved = writer.join().expect("writer");
+    if let Some(flusher) = flusher {
+        flusher.join().expect("flusher");
+    }
     report(&format!("{name} during_ingest"), &busy, Some(achieved));
     report_misses(&format!("{name} during_ingest"), &busy_misses);
     print_hits(&store, before);
+}
+
+/// How often the writer's commits are fsynced (zero: each one).
+fn sync_interval() -> Duration {
+    Duration::from_millis(env_or("SYNC_INTERVAL_MS", 100))
 }
 
 /// The cache's hit ratio since `before`, and how the documents it assembled got their parents
@@ -145,10 +166,11 @@ fn print_hits(store: &EmbeddedStore, before: kontext_store::CacheStats) {
     let (hits, misses) = (now.hits - before.hits, now.misses - before.misses);
     if hits + misses > 0 {
         println!(
-            "  cache: hits={hits} misses={misses} hit_ratio={:.4} entities_reused={} entities_decoded={}",
+            "  cache: hits={hits} misses={misses} hit_ratio={:.4} entities_reused={} entities_decoded={} parts_reused={}",
             hits as f64 / (hits + misses) as f64,
             now.entities_reused - before.entities_reused,
             now.entities_decoded - before.entities_decoded,
+            now.parts_reused - before.parts_reused,
         );
     }
 }

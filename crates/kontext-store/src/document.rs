@@ -176,6 +176,19 @@ impl ContextDocument {
             as_of_ms: view.latest_ms,
         }
     }
+
+    /// The document's own entity, moved out (what [`ContextDocument::from_view`] built it
+    /// from), leaving its parents and related lists.
+    pub(crate) fn take_view(&mut self) -> EntityView {
+        EntityView {
+            entity_id: std::mem::take(&mut self.entity_id),
+            fields: std::mem::take(&mut self.fields),
+            provenance: std::mem::take(&mut self.provenance),
+            events_applied: self.events_applied,
+            latest: Arc::clone(&self.as_of),
+            latest_ms: self.as_of_ms,
+        }
+    }
 }
 
 /// The views of the distinct provenances of one document, so equal ones are built once.

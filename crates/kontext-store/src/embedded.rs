@@ -13,6 +13,7 @@
 //! to what is durable ([`WriteMarks`]), replays the rest from the log.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,17 +21,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
 };
 
-use crate::document::{ContextDocument, EntityView, RelatedEntity, RelatedList};
+use crate::document::{ContextDocument, RelatedEntity, RelatedList};
 use crate::model::{
     merge_fields, parent_id_of, Change, EntityDoc, EntityUpdate, OwnedVersion, Provenance,
     StoreSchema,
 };
 use crate::StoreError;
 pub use cache::CacheStats;
-use cache::ContextCache;
+use cache::{Cached, ContextCache, Lookup};
 
 /// `entity_type \0 entity_id` -> JSON [`EntityDoc`]
 const ENTITIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entities");
@@ -149,6 +151,14 @@ impl Pending {
             }
         }
     }
+}
+
+/// A lookup through the document cache: the cache, the sequence number it gave before the
+/// lookup's snapshot, and the stale document the lookup found, if any.
+pub(crate) struct Reading<'a> {
+    cache: &'a ContextCache,
+    seq: u64,
+    stale: Option<Cached>,
 }
 
 /// A durable, versioned context store in one file.
@@ -276,19 +286,26 @@ impl EmbeddedStore {
                 .map(Arc::new));
         };
         let key = entity_key(entity_type, entity_id);
-        if let Some(doc) = cache.get(&key) {
-            return Ok(Some(doc));
-        }
+        let stale = match cache.get(&key) {
+            Lookup::Fresh(doc) => return Ok(Some(doc)),
+            Lookup::Stale(stale) => Some(stale),
+            Lookup::Absent => None,
+        };
         let seq = cache.before_read();
-        let Some(doc) = self.assemble_context(entity_type, entity_id, Some((cache, seq)))? else {
+        let reading = Reading { cache, seq, stale };
+        let Some(doc) = self.assemble_context(entity_type, entity_id, Some(reading))? else {
             return Ok(None);
         };
-        // The parents it names, shown or not yet stored.
+        // The parents it names (shown or not yet stored), then its related lists.
         let mut deps = vec![ContextCache::slot(&key)];
         for (parent_type, field) in self.schema.parents_of(entity_type) {
             if let Some(parent_id) = doc.fields.get(field).and_then(parent_id_of) {
                 deps.push(ContextCache::slot(&entity_key(parent_type, &parent_id)));
             }
+        }
+        for (child_type, _) in self.schema.children_of(entity_type) {
+            let list = relation_key(entity_type, entity_id, child_type, "");
+            deps.push(ContextCache::slot(&list));
         }
         let doc = Arc::new(doc);
         cache.insert(key, Arc::clone(&doc), seq, deps);
@@ -525,8 +542,9 @@ impl EmbeddedStore {
         })
     }
 
-    /// The cache stamp slots an entity's change touches: its own (`key`) and those of its
-    /// parents before and after (their related lists show it).
+    /// The cache stamp slots an entity's change touches: its own (`key`) and those of the
+    /// related lists it is in, of its parents before and after (not the parents' own records,
+    /// which it does not change).
     fn changed_slots(
         &self,
         slots: &mut Vec<u32>,
@@ -544,7 +562,8 @@ impl EmbeddedStore {
         {
             let now = after.and_then(|d| parent_id(d, field));
             for parent in [before.as_deref(), now.as_deref()].into_iter().flatten() {
-                slots.push(ContextCache::slot(&entity_key(parent_type, parent)));
+                let list = relation_key(parent_type, parent, entity_type, "");
+                slots.push(ContextCache::slot(&list));
             }
         }
     }
@@ -621,31 +640,31 @@ impl EmbeddedStore {
     /// children shown are decoded: a lookup costs one small read per child plus the documents
     /// it returns, not a full decode of the whole history.
     ///
-    /// With `cache` (and the sequence number it gave before this read), parents and children
-    /// that did not change since they were last decoded are taken from it (`embedded/cache.rs`
-    /// says when that is exact).
+    /// With `reading` (a cache and the sequence number it gave before this read), parents and
+    /// children that did not change since they were last decoded are taken from it, and the
+    /// parts of a stale document that did not change are kept (`embedded/cache.rs` says when
+    /// that is exact).
     pub(crate) fn assemble_context(
         &self,
         entity_type: &str,
         entity_id: &str,
-        cache: Option<(&ContextCache, u64)>,
+        reading: Option<Reading<'_>>,
     ) -> Result<Option<ContextDocument>, StoreError> {
         let txn = self.db.begin_read().map_err(io)?;
-        let entities = txn.open_table(ENTITIES).map_err(io)?;
-        let relations = txn.open_table(RELATIONS).map_err(io)?;
-        let related_lists = txn.open_table(RELATED).map_err(io)?;
-        let get = |key: &[u8]| -> Result<Option<EntityView>, StoreError> {
-            match entities.get(key).map_err(io)? {
-                Some(bytes) => codec::decode_view(bytes.value()).map(Some),
-                None => Ok(None),
-            }
-        };
+        // Opened when first read: a document rebuilt from its stale self often needs only one
+        // of them (opening one costs about as much as reading a record).
+        let (entities, relations, related_lists) =
+            (OnceCell::new(), OnceCell::new(), OnceCell::new());
+        let entities = || open_once(&entities, &txn, ENTITIES);
+        let cache = reading.as_ref().map(|r| (r.cache, r.seq));
+        // Only now that the snapshot is open: what of the stale document it may keep.
+        let mut stale = reading.and_then(|r| r.cache.reuse(r.stale?));
         // A parent or a child: read and decoded only if it may have changed since it was cached.
         let shown = |key: &[u8]| -> Result<Option<Arc<RelatedEntity>>, StoreError> {
             if let Some(entity) = cache.and_then(|(c, seq)| c.unchanged_entity(key, seq)) {
                 return Ok(Some(entity));
             }
-            let Some(bytes) = entities.get(key).map_err(io)? else {
+            let Some(bytes) = entities()?.get(key).map_err(io)? else {
                 return Ok(None);
             };
             let stored = bytes.value();
@@ -658,23 +677,46 @@ impl EmbeddedStore {
             }
             Ok(Some(entity))
         };
-        let Some(view) = get(&entity_key(entity_type, entity_id))? else {
-            return Ok(None);
+        let key = entity_key(entity_type, entity_id);
+        let view = match &mut stale {
+            Some((reuse, old)) if reuse.unchanged(ContextCache::slot(&key)) => old.take_view(),
+            _ => match entities()?.get(key.as_slice()).map_err(io)? {
+                Some(bytes) => codec::decode_view(bytes.value())?,
+                None => return Ok(None),
+            },
         };
         let mut belongs_to = BTreeMap::new();
         for (parent_type, field) in self.schema.parents_of(entity_type) {
             let Some(parent_id) = view.fields.get(field).and_then(parent_id_of) else {
                 continue;
             };
-            if let Some(parent) = shown(&entity_key(parent_type, &parent_id))? {
+            let parent_key = entity_key(parent_type, &parent_id);
+            let kept = stale.as_mut().and_then(|(reuse, old)| {
+                let parent = old.belongs_to.remove(parent_type)?;
+                (parent.entity_id == parent_id && reuse.unchanged(ContextCache::slot(&parent_key)))
+                    .then_some(parent)
+            });
+            if let Some(parent) = kept.map_or_else(|| shown(&parent_key), |p| Ok(Some(p)))? {
                 belongs_to.insert(parent_type.clone(), parent);
             }
         }
-        let mut related = BTreeMap::new();
+        // The stale document's lists, changed in place: each kept whole if nothing changed
+        // it, else a source of its unchanged children.
+        let mut related = match &mut stale {
+            Some((_, old)) => std::mem::take(&mut old.related),
+            None => BTreeMap::new(),
+        };
         for (child_type, _) in self.schema.children_of(entity_type) {
-            let limit = self.schema.related_limit_of(child_type);
             let prefix = relation_key(entity_type, entity_id, child_type, "");
-            let list = related_lists.get(prefix.as_slice()).map_err(io)?;
+            if let (Some((reuse, _)), true) = (&stale, related.contains_key(child_type)) {
+                if reuse.unchanged(ContextCache::slot(&prefix)) {
+                    continue;
+                }
+            }
+            let limit = self.schema.related_limit_of(child_type);
+            let list = open_once(&related_lists, &txn, RELATED)?
+                .get(prefix.as_slice())
+                .map_err(io)?;
             let (total, mut ids) = match &list {
                 Some(v) => codec::decode_related_ids(v.value(), limit)?,
                 None => (0, Vec::new()),
@@ -684,7 +726,8 @@ impl EmbeddedStore {
             if ids.len() < limit.min(total) {
                 // Only for a list the store could not keep (a child without its entity
                 // record): lists of a grown `related_limit` are rebuilt on open.
-                rebuilt = newest_children(&relations, &entities, &prefix, child_type, limit)?.1;
+                let relations = open_once(&relations, &txn, RELATIONS)?;
+                rebuilt = newest_children(relations, entities()?, &prefix, child_type, limit)?.1;
                 ids = rebuilt
                     .iter()
                     .take(limit)
@@ -694,14 +737,33 @@ impl EmbeddedStore {
             // `child_type \0 child_id`, rewritten per child.
             let mut child_key = entity_key(child_type, "");
             let mut items = Vec::with_capacity(ids.len());
-            for id in ids {
+            let old_items = stale.as_ref().zip(related.get(child_type));
+            for (i, id) in ids.into_iter().enumerate() {
                 child_key.truncate(child_type.len() + 1);
                 child_key.extend_from_slice(id.as_bytes());
-                if let Some(child) = shown(&child_key)? {
+                let kept = old_items.and_then(|((reuse, _), list)| {
+                    // Usually where it was, or one place further down (a child moved up).
+                    let old = &list.items;
+                    let near = [i.wrapping_sub(1), i, i + 1].into_iter();
+                    let child = near
+                        .filter_map(|j| old.get(j))
+                        .chain(old)
+                        .find(|c| c.entity_id == id)?;
+                    reuse
+                        .unchanged(ContextCache::slot(&child_key))
+                        .then(|| Arc::clone(child))
+                });
+                if let Some(child) = kept.map_or_else(|| shown(&child_key), |c| Ok(Some(c)))? {
                     items.push(child);
                 }
             }
-            related.insert(child_type.to_string(), RelatedList { items, total });
+            let list = RelatedList { items, total };
+            match related.get_mut(child_type) {
+                Some(old) => *old = list,
+                None => {
+                    related.insert(child_type.to_string(), list);
+                }
+            }
         }
         Ok(Some(ContextDocument::from_view(
             entity_type,
@@ -875,6 +937,19 @@ impl EmbeddedStore {
         }
         Ok(())
     }
+}
+
+/// The table `definition` of `txn`, opened on first use.
+fn open_once<'c, K: redb::Key + 'static, V: redb::Value + 'static>(
+    cell: &'c OnceCell<ReadOnlyTable<K, V>>,
+    txn: &redb::ReadTransaction,
+    definition: TableDefinition<K, V>,
+) -> Result<&'c ReadOnlyTable<K, V>, StoreError> {
+    if let Some(table) = cell.get() {
+        return Ok(table);
+    }
+    let table = txn.open_table(definition).map_err(io)?;
+    Ok(cell.get_or_init(|| table))
 }
 
 /// How many children a [`RELATED`] list keeps for a `related_limit`: twice as many, so that

@@ -3,10 +3,11 @@
 //!
 //! Invalidation is by **stamps**, not by removal. Every committed [`super::EmbeddedStore::apply`]
 //! takes the next sequence number and writes it into the stamp slot of each entity it changed
-//! and of each parent of those (before and after the change: a child's change alters its
-//! parent's related lists). A cached document remembers the sequence number read *before* the
-//! snapshot it was assembled from, and the slots of the entity and of the parents it shows
-//! (whether or not they exist yet). It is served only while none of those slots is newer.
+//! and of each related list those are in (of their parents before and after the change: a
+//! child's change alters the list, not the parent's own record). A cached document remembers
+//! the sequence number read *before* the snapshot it was assembled from, and the slots of the
+//! entity, of the parents it names (whether or not they exist yet) and of its related lists. It
+//! is served only while none of those slots is newer.
 //!
 //! Why that is exact:
 //! - the writer commits, then takes the sequence number, then stamps; a reader reads the
@@ -37,6 +38,21 @@
 //! - otherwise **by its bytes**: the reader reads the record from its snapshot and reuses the
 //!   decoded entity if the bytes are equal, which also brings its sequence number up to the
 //!   reader's.
+//!
+//! Coarser still, a document that changed is **rebuilt from its stale self**. Its entity's own
+//! record and each of its related lists have slots of their own, so a customer's new order
+//! leaves the customer's record and its other lists as they were (and the documents of the
+//! customer's other orders, which show the customer's record, valid). A lookup that finds its
+//! document stale takes it out of the cache and, once its own snapshot is open, keeps the
+//! record, each parent (of the same id) and each related list whose slot no commit stamped
+//! since the stale document's sequence number, and from a list that changed, each child whose
+//! slot did not; all provided no write is in progress. That is exact for the same reasons as
+//! above: the stale document was taken from the cache before the lookup opened its snapshot,
+//! and cached after its own snapshot opened, so its snapshot is not newer than the lookup's; a
+//! commit in the lookup's snapshot but not in the stale document's took its number after the
+//! stale document's, and with no write in progress (checked after the snapshot opened, before
+//! the stamps) it has stamped what it changed. A related list's slot covers the list's order,
+//! its total and its children's records.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,8 +60,8 @@ use std::sync::Arc;
 
 use crate::document::{ContextDocument, RelatedEntity};
 
-/// Stamp slots (8 bytes each: 512 KiB).
-const SLOTS: usize = 1 << 16;
+/// Stamp slots (8 bytes each: 2 MiB).
+const SLOTS: usize = 1 << 18;
 /// Decoded entities kept per cached document: 32 768 with the default 4 096 documents, each
 /// with a copy of its stored record. (A quickstart customer shows 21, but most documents in a
 /// cache share their parents, and entities of cold documents are evicted first.)
@@ -53,12 +69,41 @@ const ENTITIES_PER_DOCUMENT: usize = 8;
 
 /// A cached document and what it was assembled from.
 #[derive(Clone)]
-struct Cached {
+pub(crate) struct Cached {
     doc: Arc<ContextDocument>,
     /// The sequence number read before the document's snapshot.
     seq: u64,
-    /// Stamp slots of the entity and of the parents it shows.
+    /// Stamp slots of what the document shows: its entity's record, the parents it names,
+    /// and its related lists.
     deps: Arc<[u32]>,
+}
+
+/// What a lookup found in the cache.
+pub(crate) enum Lookup {
+    Fresh(Arc<ContextDocument>),
+    /// Something the document shows changed; taken out of the cache, to be rebuilt.
+    Stale(Cached),
+    Absent,
+}
+
+/// The parts of a stale document that no commit in the reader's snapshot changed.
+pub(crate) struct Reuse<'a> {
+    stamps: &'a [AtomicU64],
+    /// The stale document's sequence number.
+    seq: u64,
+    reused: &'a AtomicU64,
+}
+
+impl Reuse<'_> {
+    /// Whether no commit stamped `slot` since the stale document was assembled (counted as a
+    /// part kept when so).
+    pub(crate) fn unchanged(&self, slot: u32) -> bool {
+        let fresh = self.stamps[slot as usize].load(Ordering::Acquire) <= self.seq;
+        if fresh {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+        }
+        fresh
+    }
 }
 
 /// A decoded entity, the stored record it was decoded from, and the sequence number read
@@ -84,6 +129,8 @@ pub(crate) struct ContextCache {
     entities_reused: AtomicU64,
     /// ... and decoded from the store.
     entities_decoded: AtomicU64,
+    /// Records, lists and children of stale documents kept without reading them.
+    parts_reused: AtomicU64,
 }
 
 impl ContextCache {
@@ -99,6 +146,7 @@ impl ContextCache {
             misses: AtomicU64::new(0),
             entities_reused: AtomicU64::new(0),
             entities_decoded: AtomicU64::new(0),
+            parts_reused: AtomicU64::new(0),
         }
     }
 
@@ -114,25 +162,47 @@ impl ContextCache {
         self.seq.load(Ordering::Acquire)
     }
 
-    /// The cached document of `key`, unless something it shows changed since.
-    pub(crate) fn get(&self, key: &[u8]) -> Option<Arc<ContextDocument>> {
-        let fresh = self.docs.get(key).filter(|cached| {
-            cached
-                .deps
-                .iter()
-                .all(|&slot| self.stamps[slot as usize].load(Ordering::Acquire) <= cached.seq)
-        });
-        let counter = if fresh.is_some() {
-            &self.hits
-        } else {
-            &self.misses
+    /// The cached document of `key`, unless something it shows changed since; then the stale
+    /// document, taken out of the cache (the lookup rebuilds it with [`ContextCache::reuse`]).
+    pub(crate) fn get(&self, key: &[u8]) -> Lookup {
+        let Some(cached) = self.docs.get(key) else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Absent;
         };
-        counter.fetch_add(1, Ordering::Relaxed);
-        fresh.map(|cached| cached.doc)
+        let fresh = cached
+            .deps
+            .iter()
+            .all(|&slot| self.stamps[slot as usize].load(Ordering::Acquire) <= cached.seq);
+        if fresh {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Fresh(cached.doc);
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        // Unless another lookup replaced it meanwhile. Out of the cache, the document is
+        // usually held by this lookup alone, which can then move its parts.
+        self.docs
+            .remove_if(key, |other| Arc::ptr_eq(&other.doc, &cached.doc));
+        Lookup::Stale(cached)
+    }
+
+    /// What of `stale` a reader may keep without reading it: the document (moved out if no
+    /// one else holds it, else a copy) and the test for its parts. Call it after the reader's
+    /// snapshot is open; `None` while a write is between its commit and its stamps.
+    pub(crate) fn reuse(&self, stale: Cached) -> Option<(Reuse<'_>, ContextDocument)> {
+        if self.writing.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let reuse = Reuse {
+            stamps: &self.stamps,
+            seq: stale.seq,
+            reused: &self.parts_reused,
+        };
+        Some((reuse, Arc::unwrap_or_clone(stale.doc)))
     }
 
     /// Keeps a document assembled from a snapshot opened after [`ContextCache::before_read`]
-    /// returned `seq`; `deps` are the stamp slots of the entity and of its parents.
+    /// returned `seq`; `deps` are the stamp slots of the entity's record, of the parents it
+    /// names and of its related lists.
     pub(crate) fn insert(&self, key: Vec<u8>, doc: Arc<ContextDocument>, seq: u64, deps: Vec<u32>) {
         self.docs.insert(
             key,
@@ -222,6 +292,7 @@ impl ContextCache {
             misses: self.misses.load(Ordering::Relaxed),
             entities_reused: self.entities_reused.load(Ordering::Relaxed),
             entities_decoded: self.entities_decoded.load(Ordering::Relaxed),
+            parts_reused: self.parts_reused.load(Ordering::Relaxed),
         }
     }
 }
@@ -249,6 +320,9 @@ pub struct CacheStats {
     pub entities_reused: u64,
     /// Parents and children of assembled documents decoded from the store.
     pub entities_decoded: u64,
+    /// Records, parents, related lists and children of stale documents kept as they were,
+    /// without reading them (nothing changed them since).
+    pub parts_reused: u64,
 }
 
 #[cfg(test)]

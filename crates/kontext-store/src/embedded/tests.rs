@@ -864,10 +864,12 @@ mod context_cache {
 
     use super::*;
 
-    /// One change: an order (re)assigned to a customer, a customer's name, or a deletion.
+    /// One change: an order or a ticket (re)assigned to a customer, a customer's name, or a
+    /// deletion.
     #[derive(Debug, Clone)]
     enum Op {
         Order { order: u8, customer: u8, time: i64 },
+        Ticket { ticket: u8, customer: u8, time: i64 },
         Customer { customer: u8, name: u8, time: i64 },
         DeleteOrder { order: u8 },
         DeleteCustomer { customer: u8 },
@@ -876,10 +878,21 @@ mod context_cache {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => (0u8..6, 0u8..3, 0i64..40).prop_map(|(order, customer, time)| Op::Order { order, customer, time }),
+            2 => (0u8..4, 0u8..3, 0i64..40).prop_map(|(ticket, customer, time)| Op::Ticket { ticket, customer, time }),
             2 => (0u8..3, 0u8..5, 0i64..40).prop_map(|(customer, name, time)| Op::Customer { customer, name, time }),
             1 => (0u8..6).prop_map(|order| Op::DeleteOrder { order }),
             1 => (0u8..3).prop_map(|customer| Op::DeleteCustomer { customer }),
         ]
+    }
+
+    /// The tests' store with a second related list: a customer's tickets.
+    fn open_with_tickets(dir: &tempfile::TempDir) -> EmbeddedStore {
+        let mut schema = schema();
+        schema.belongs_to.insert(
+            "ticket".into(),
+            vec![("customer".into(), "customer_id".into())],
+        );
+        EmbeddedStore::open(&dir.path().join("store.redb"), schema).unwrap()
     }
 
     fn update(op: &Op, offset: i64) -> EntityUpdate {
@@ -898,6 +911,19 @@ mod context_cache {
                 &format!("O{order}"),
                 json!({"customer_id": format!("C{customer}"), "n": offset}),
                 "shop",
+                0,
+                offset,
+                time,
+            ),
+            Op::Ticket {
+                ticket,
+                customer,
+                time,
+            } => upsert(
+                "ticket",
+                &format!("T{ticket}"),
+                json!({"customer_id": format!("C{customer}"), "n": offset}),
+                "desk",
                 0,
                 offset,
                 time,
@@ -924,6 +950,7 @@ mod context_cache {
     fn all_contexts(store: &EmbeddedStore) -> Vec<Option<ContextDocument>> {
         let ids = (0..3).map(|c| ("customer", format!("C{c}")));
         ids.chain((0..6).map(|o| ("order", format!("O{o}"))))
+            .chain((0..4).map(|t| ("ticket", format!("T{t}"))))
             .map(|(t, id)| store.context(t, &id).unwrap().as_deref().cloned())
             .collect()
     }
@@ -939,8 +966,8 @@ mod context_cache {
             batch in 1usize..8,
         ) {
             let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-            let cached = open(&a);
-            let fresh = open(&b).with_context_cache(0);
+            let cached = open_with_tickets(&a);
+            let fresh = open_with_tickets(&b).with_context_cache(0);
             let updates: Vec<EntityUpdate> =
                 ops.iter().enumerate().map(|(i, op)| update(op, i as i64)).collect();
             for chunk in updates.chunks(batch) {
@@ -1040,6 +1067,85 @@ mod context_cache {
         // The same, through an order's context: its customer is shown as the parent.
         let o1 = store.context("order", "O1").unwrap().unwrap();
         assert_eq!(o1.belongs_to["customer"].fields["name"], json!("N2"));
+    }
+
+    /// A stale document is rebuilt from what its change left alone: a new ticket keeps the
+    /// customer's record, its order list and its other tickets; a new name keeps both lists.
+    /// A sibling's change does not touch an order's document at all.
+    #[test]
+    fn a_stale_document_keeps_the_parts_its_change_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_with_tickets(&dir);
+        let order = |order, offset| {
+            let op = Op::Order {
+                order,
+                customer: 0,
+                time: offset,
+            };
+            update(&op, offset)
+        };
+        let ticket = |ticket, offset| {
+            let op = Op::Ticket {
+                ticket,
+                customer: 0,
+                time: offset,
+            };
+            update(&op, offset)
+        };
+        let name = |name, offset| {
+            let op = Op::Customer {
+                customer: 0,
+                name,
+                time: offset,
+            };
+            update(&op, offset)
+        };
+        let batch = [
+            name(1, 0),
+            order(1, 1),
+            order(2, 2),
+            ticket(1, 3),
+            ticket(2, 4),
+        ];
+        store.apply(&batch, &[]).unwrap();
+        let same_items = |a: &ContextDocument, b: &ContextDocument, list: &str| {
+            let (a, b) = (&a.related[list].items, &b.related[list].items);
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+        };
+        let fresh = |store: &EmbeddedStore| store.assemble_context("customer", "C0", None);
+        let first = store.context("customer", "C0").unwrap().unwrap();
+        let o1 = store.context("order", "O1").unwrap().unwrap();
+
+        store.apply(&[ticket(2, 5)], &[]).unwrap();
+        let before = store.context_cache_stats();
+        let second = store.context("customer", "C0").unwrap().unwrap();
+        assert_eq!(Some(second.as_ref().clone()), fresh(&store).unwrap());
+        assert!(same_items(&first, &second, "order"));
+        let find = |doc: &ContextDocument, id: &str| {
+            let items = &doc.related["ticket"].items;
+            Arc::clone(items.iter().find(|t| t.entity_id == id).unwrap())
+        };
+        assert!(Arc::ptr_eq(&find(&first, "T1"), &find(&second, "T1")));
+        assert_eq!(find(&second, "T2").fields["n"], json!(5));
+        let after = store.context_cache_stats();
+        // The record, the order list and ticket T1; T2 read again.
+        assert_eq!(after.parts_reused - before.parts_reused, 3);
+        assert_eq!(after.entities_decoded - before.entities_decoded, 1);
+
+        store.apply(&[name(2, 6)], &[]).unwrap();
+        let third = store.context("customer", "C0").unwrap().unwrap();
+        assert_eq!(Some(third.as_ref().clone()), fresh(&store).unwrap());
+        assert_eq!(third.fields["name"], json!("N2"));
+        assert!(same_items(&second, &third, "order") && same_items(&second, &third, "ticket"));
+
+        // O1 shows the customer, whose record changed: read again. O2's change since then
+        // leaves O1's document as it is.
+        let o1_again = store.context("order", "O1").unwrap().unwrap();
+        assert_eq!(o1_again.belongs_to["customer"].fields["name"], json!("N2"));
+        assert!(!Arc::ptr_eq(&o1, &o1_again));
+        store.apply(&[order(2, 7)], &[]).unwrap();
+        let o1_last = store.context("order", "O1").unwrap().unwrap();
+        assert!(Arc::ptr_eq(&o1_again, &o1_last), "served from the cache");
     }
 
     /// Lookups racing the writer never leave a stale document behind: once the writes are
