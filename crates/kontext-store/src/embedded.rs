@@ -335,7 +335,7 @@ impl EmbeddedStore {
         offsets: &[(&str, i32, i64)],
     ) -> Result<ApplyStats, StoreError> {
         let mut stats = ApplyStats::default();
-        // Cache stamp slots of the entities changed and of their parents.
+        // Cache stamp slots of the entities changed and of the related lists they are in.
         let mut changed = Vec::new();
         let mut txn = self.db.begin_write().map_err(io)?;
         let durable = self.sync_interval.is_zero();
@@ -473,8 +473,8 @@ impl EmbeddedStore {
                 }
             }
         }
-        // From before the commit until its stamps are written.
-        let _writing = self.cache.as_ref().map(ContextCache::begin_write);
+        // Pending from before the commit until its stamps are written.
+        let writing = self.cache.as_ref().map(|cache| cache.begin_write(changed));
         let result = txn.commit().map_err(io);
         if result.is_ok() {
             // Writers are serialized by the transaction: nobody else moves the marks meanwhile.
@@ -485,9 +485,7 @@ impl EmbeddedStore {
         }
         // Stamped even if the commit failed: a stamp only invalidates, and whether a failed
         // commit left anything visible is the database's business.
-        if let Some(cache) = &self.cache {
-            cache.committed(changed);
-        }
+        drop(writing);
         result.map(|()| stats)
     }
 
@@ -658,7 +656,7 @@ impl EmbeddedStore {
         let entities = || open_once(&entities, &txn, ENTITIES);
         let cache = reading.as_ref().map(|r| (r.cache, r.seq));
         // Only now that the snapshot is open: what of the stale document it may keep.
-        let mut stale = reading.and_then(|r| r.cache.reuse(r.stale?));
+        let mut stale = reading.and_then(|r| Some(r.cache.reuse(r.stale?)));
         // A parent or a child: read and decoded only if it may have changed since it was cached.
         let shown = |key: &[u8]| -> Result<Option<Arc<RelatedEntity>>, StoreError> {
             if let Some(entity) = cache.and_then(|(c, seq)| c.unchanged_entity(key, seq)) {

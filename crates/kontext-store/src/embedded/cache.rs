@@ -13,6 +13,10 @@
 //! - the writer commits, then takes the sequence number, then stamps; a reader reads the
 //!   sequence number, then opens its snapshot. A commit whose number a reader saw is in that
 //!   reader's snapshot; a commit it did not see stamps a number above the document's;
+//! - before its commit, the writer marks the slots it will stamp as **pending** (a stamp
+//!   above every number, replaced by the commit's number after the commit; one write at a
+//!   time does this, under `stamping`). So a commit is, in each slot it changes, either
+//!   stamped or pending from before it is visible to any reader;
 //! - a document assembled before a commit and cached after it is caught the same way, so no
 //!   insert can resurrect a stale document;
 //! - slots are hashes, so two entities may share one: that only invalidates more than needed.
@@ -25,16 +29,15 @@
 //! cache also keeps **decoded entities** ([`RelatedEntity`], what a document shows of a parent
 //! or a child), each with the stored bytes it was decoded from and a sequence number, and
 //! assembly reuses one in either of two ways:
-//! - **without reading it**, when no write is in progress (`writing`, raised before the
-//!   commit and lowered after the stamps, so a commit is always either stamped or in
-//!   progress), the entity's slot is not newer than the entity's sequence number, and that
-//!   number is not newer than the reader's. The first two say that no commit changed the
-//!   entity since it was decoded; the last that it was not decoded from a snapshot newer than
-//!   the reader's (a commit after the reader's snapshot has a number above the reader's). The
-//!   order of the loads matters: the entry and its number first, then `writing`, then the
-//!   stamp. Checked the other way round, a reader could pass the `writing` check, then take an
-//!   entry that another reader decoded from a commit still in progress (and numbered before
-//!   it), and so show a record its own snapshot does not hold;
+//! - **without reading it**, when the entity's slot is neither pending nor newer than the
+//!   entity's sequence number, and that number is not newer than the reader's. The first
+//!   says that no commit changed the entity since it was decoded, nor is about to; the second
+//!   that it was not decoded from a snapshot newer than the reader's (a commit after the
+//!   reader's snapshot has a number above the reader's). The order of the loads matters: the
+//!   entry and its number first, then the stamp. An entry that another reader decoded from a
+//!   commit not yet numbered (its number read before that commit's) is thus always seen with
+//!   the commit's pending mark or its number: the mark was set before the commit became
+//!   visible to that other reader;
 //! - otherwise **by its bytes**: the reader reads the record from its snapshot and reuses the
 //!   decoded entity if the bytes are equal, which also brings its sequence number up to the
 //!   reader's.
@@ -46,20 +49,23 @@
 //! document stale takes it out of the cache and, once its own snapshot is open, keeps the
 //! record, each parent (of the same id) and each related list whose slot no commit stamped
 //! since the stale document's sequence number, and from a list that changed, each child whose
-//! slot did not; all provided no write is in progress. That is exact for the same reasons as
-//! above: the stale document was taken from the cache before the lookup opened its snapshot,
-//! and cached after its own snapshot opened, so its snapshot is not newer than the lookup's; a
-//! commit in the lookup's snapshot but not in the stale document's took its number after the
-//! stale document's, and with no write in progress (checked after the snapshot opened, before
-//! the stamps) it has stamped what it changed. A related list's slot covers the list's order,
-//! its total and its children's records.
+//! slot did not. That is exact for the same reasons as above: the stale document was taken
+//! from the cache before the lookup opened its snapshot, and cached after its own snapshot
+//! opened, so its snapshot is not newer than the lookup's; a commit in the lookup's snapshot
+//! but not in the stale document's took its number after the stale document's, and marked
+//! what it changed pending before it became visible, so the stamps (loaded after the snapshot
+//! opened) show it. A write in progress blocks only the parts it changes. A related list's
+//! slot covers the list's order, its total and its children's records.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::document::{ContextDocument, RelatedEntity};
 
+/// The stamp of a slot whose write is between its pending mark and its commit's number: above
+/// every sequence number, so nothing that depends on the slot is served or kept meanwhile.
+const PENDING: u64 = u64::MAX;
 /// Stamp slots (8 bytes each: 2 MiB).
 const SLOTS: usize = 1 << 18;
 /// Decoded entities kept per cached document: 32 768 with the default 4 096 documents, each
@@ -86,7 +92,8 @@ pub(crate) enum Lookup {
     Absent,
 }
 
-/// The parts of a stale document that no commit in the reader's snapshot changed.
+/// Which parts of a stale document a reader keeps: those no commit since the document and no
+/// write in progress changed (a conservative test of "not changed in the reader's snapshot").
 pub(crate) struct Reuse<'a> {
     stamps: &'a [AtomicU64],
     /// The stale document's sequence number.
@@ -121,8 +128,9 @@ pub(crate) struct ContextCache {
     entities: quick_cache::sync::Cache<Vec<u8>, Arc<Decoded>>,
     stamps: Box<[AtomicU64]>,
     seq: AtomicU64,
-    /// Writes between their commit and their stamps (at most one: writers are serialized).
-    writing: AtomicU64,
+    /// Held by a write from its pending marks to its stamps, so that a write's stamps never
+    /// replace the next one's marks.
+    stamping: Mutex<()>,
     hits: AtomicU64,
     misses: AtomicU64,
     /// Parents and children of assembled documents taken from `entities` (read or not).
@@ -141,7 +149,7 @@ impl ContextCache {
             entities: quick_cache::sync::Cache::new(capacity.saturating_mul(ENTITIES_PER_DOCUMENT)),
             stamps: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             seq: AtomicU64::new(0),
-            writing: AtomicU64::new(0),
+            stamping: Mutex::new(()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             entities_reused: AtomicU64::new(0),
@@ -186,18 +194,15 @@ impl ContextCache {
     }
 
     /// What of `stale` a reader may keep without reading it: the document (moved out if no
-    /// one else holds it, else a copy) and the test for its parts. Call it after the reader's
-    /// snapshot is open; `None` while a write is between its commit and its stamps.
-    pub(crate) fn reuse(&self, stale: Cached) -> Option<(Reuse<'_>, ContextDocument)> {
-        if self.writing.load(Ordering::Acquire) != 0 {
-            return None;
-        }
+    /// one else holds it, else a copy) and the test for its parts. Test them only after the
+    /// reader's snapshot is open.
+    pub(crate) fn reuse(&self, stale: Cached) -> (Reuse<'_>, ContextDocument) {
         let reuse = Reuse {
             stamps: &self.stamps,
             seq: stale.seq,
             reused: &self.parts_reused,
         };
-        Some((reuse, Arc::unwrap_or_clone(stale.doc)))
+        (reuse, Arc::unwrap_or_clone(stale.doc))
     }
 
     /// Keeps a document assembled from a snapshot opened after [`ContextCache::before_read`]
@@ -221,12 +226,7 @@ impl ContextCache {
         let decoded = self.entities.get(key)?;
         let at = decoded.seq.load(Ordering::Acquire);
         // Only now, after the entry and its number: the entry may come from a reader whose
-        // snapshot holds a commit that began after any earlier look at `writing` (and whose
-        // number it took before that commit's), which must show here as in progress. Before
-        // the stamp, so that a commit already finished shows there.
-        if self.writing.load(Ordering::Acquire) != 0 {
-            return None;
-        }
+        // snapshot holds a commit not yet numbered, whose pending mark must show here.
         let stamp = self.stamps[Self::slot(key) as usize].load(Ordering::Acquire);
         let fresh = stamp <= at && at <= seq;
         if fresh {
@@ -268,19 +268,19 @@ impl ContextCache {
         );
     }
 
-    /// Marks a write as in progress from before its commit until [`ContextCache::committed`]
-    /// (or the write's failure) ends it.
-    pub(crate) fn begin_write(&self) -> WriteInProgress<'_> {
-        self.writing.fetch_add(1, Ordering::AcqRel);
-        WriteInProgress(&self.writing)
-    }
-
-    /// Records a committed write that changed the entities (and parents) in `slots`. Call it
-    /// after the commit and before reporting the write done.
-    pub(crate) fn committed(&self, slots: impl IntoIterator<Item = u32>) {
-        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-        for slot in slots {
-            self.stamps[slot as usize].fetch_max(seq, Ordering::AcqRel);
+    /// Marks the `slots` a write changes (its entities and the related lists they are in) as
+    /// pending. Call it before the commit; dropping the result after the commit (or its
+    /// failure) stamps them with the commit's number, which must happen before the write is
+    /// reported done.
+    pub(crate) fn begin_write(&self, slots: Vec<u32>) -> WriteInProgress<'_> {
+        let stamping = self.stamping.lock().unwrap_or_else(PoisonError::into_inner);
+        for &slot in &slots {
+            self.stamps[slot as usize].store(PENDING, Ordering::Release);
+        }
+        WriteInProgress {
+            cache: self,
+            slots,
+            _stamping: stamping,
         }
     }
 
@@ -297,12 +297,22 @@ impl ContextCache {
     }
 }
 
-/// A write between its commit and its stamps; dropped after [`ContextCache::committed`].
-pub(crate) struct WriteInProgress<'a>(&'a AtomicU64);
+/// A write between its pending marks and its stamps; stamps when dropped.
+pub(crate) struct WriteInProgress<'a> {
+    cache: &'a ContextCache,
+    slots: Vec<u32>,
+    _stamping: MutexGuard<'a, ()>,
+}
 
 impl Drop for WriteInProgress<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        // After the commit: a reader that sees this number has the commit in its snapshot.
+        let seq = self.cache.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        for &slot in &self.slots {
+            // Not `fetch_max`: the pending mark is above every number. Only this write
+            // stamps now (`stamping`), and `seq` is above every stamp before it.
+            self.cache.stamps[slot as usize].store(seq, Ordering::Release);
+        }
     }
 }
 
@@ -329,6 +339,11 @@ pub struct CacheStats {
 mod tests {
     use super::*;
 
+    /// A write that changed `slots`, from its pending marks to its stamps.
+    fn commit<const N: usize>(cache: &ContextCache, slots: [u32; N]) {
+        drop(cache.begin_write(slots.to_vec()));
+    }
+
     fn entity(id: &str) -> Arc<RelatedEntity> {
         Arc::new(RelatedEntity {
             entity_id: id.into(),
@@ -337,28 +352,79 @@ mod tests {
         })
     }
 
-    /// The three conditions under which a decoded entity is reused without reading it, each
+    /// The conditions under which a decoded entity is reused without reading it, each
     /// refused on its own.
     #[test]
     fn an_entity_is_reused_unread_only_when_nothing_can_have_changed_it() {
         let cache = ContextCache::new(16);
         let key = b"order\0O1".as_slice();
+        while cache.before_read() < 5 {
+            commit(&cache, []);
+        }
         cache.insert_entity(key, b"v1", entity("O1"), 5);
         assert!(cache.unchanged_entity(key, 5).is_some());
         assert!(cache.unchanged_entity(key, 9).is_some());
         // Decoded from a snapshot newer than the reader's.
         assert!(cache.unchanged_entity(key, 4).is_none());
-        // A write between its commit and its stamps.
-        let writing = cache.begin_write();
+        // A write in progress that does not change it (it commits as 6), then one that does.
+        let other = ContextCache::slot(b"order\0O2");
+        assert_ne!(other, ContextCache::slot(key));
+        let writing = cache.begin_write(vec![other]);
+        assert!(cache.unchanged_entity(key, 9).is_some());
+        drop(writing);
+        let writing = cache.begin_write(vec![ContextCache::slot(key)]);
         assert!(cache.unchanged_entity(key, 9).is_none());
         drop(writing);
-        assert!(cache.unchanged_entity(key, 9).is_some());
-        // A commit that changed it (seq 6 > 5).
-        while cache.before_read() < 5 {
-            cache.committed([]);
-        }
-        cache.committed([ContextCache::slot(key)]);
+        // Its commit (7 > 5) changed it; decoded again after it, it is reused again.
+        assert_eq!(cache.before_read(), 7);
         assert!(cache.unchanged_entity(key, 9).is_none());
+        cache.insert_entity(key, b"v2", entity("O1"), 7);
+        assert!(cache.unchanged_entity(key, 9).is_some());
+    }
+
+    /// A stale document's part is kept unless a commit since the document changed it or a
+    /// write in progress is about to.
+    #[test]
+    fn a_stale_part_is_kept_unless_a_write_since_or_in_progress_touches_it() {
+        let cache = ContextCache::new(16);
+        let (a, b) = (
+            ContextCache::slot(b"customer\0C1"),
+            ContextCache::slot(b"customer\0C2"),
+        );
+        assert_ne!(a, b);
+        commit(&cache, [a]);
+        let seq = cache.before_read();
+        let doc = Arc::new(ContextDocument {
+            as_of: Arc::new(crate::document::ProvenanceView {
+                event_id: "e1".into(),
+                event_time: "2026-12-04T00:00:00Z".into(),
+                event_type: None,
+                offset: 0,
+                partition: 0,
+                source: "crm".into(),
+                topic: "context.customers".into(),
+            }),
+            belongs_to: Default::default(),
+            entity_id: "C1".into(),
+            entity_type: "customer".into(),
+            events_applied: 1,
+            fields: Default::default(),
+            provenance: Default::default(),
+            related: Default::default(),
+            as_of_ms: 0,
+        });
+        cache.insert(b"customer\0C1".to_vec(), doc, seq, vec![a, b]);
+        commit(&cache, [b]);
+        let Lookup::Stale(stale) = cache.get(b"customer\0C1") else {
+            panic!("b changed since");
+        };
+        let (reuse, _) = cache.reuse(stale);
+        assert!(reuse.unchanged(a) && !reuse.unchanged(b));
+        let writing = cache.begin_write(vec![a]);
+        assert!(!reuse.unchanged(a), "pending");
+        drop(writing);
+        assert!(!reuse.unchanged(a), "stamped");
+        assert_eq!(cache.stats().parts_reused, 1);
     }
 
     /// A reader that finds the same bytes in its snapshot brings the entity up to its sequence
@@ -368,8 +434,8 @@ mod tests {
         let cache = ContextCache::new(16);
         let key = b"order\0O1".as_slice();
         cache.insert_entity(key, b"v1", entity("O1"), 1);
-        cache.committed([ContextCache::slot(key)]);
-        cache.committed([ContextCache::slot(key)]);
+        commit(&cache, [ContextCache::slot(key)]);
+        commit(&cache, [ContextCache::slot(key)]);
         assert!(cache.unchanged_entity(key, 2).is_none());
         assert!(cache.entity(key, b"v2", 2).is_none());
         assert!(cache.entity(key, b"v1", 2).is_some());

@@ -872,6 +872,7 @@ mod context_cache {
         Ticket { ticket: u8, customer: u8, time: i64 },
         Customer { customer: u8, name: u8, time: i64 },
         DeleteOrder { order: u8 },
+        DeleteTicket { ticket: u8 },
         DeleteCustomer { customer: u8 },
     }
 
@@ -881,6 +882,7 @@ mod context_cache {
             2 => (0u8..4, 0u8..3, 0i64..40).prop_map(|(ticket, customer, time)| Op::Ticket { ticket, customer, time }),
             2 => (0u8..3, 0u8..5, 0i64..40).prop_map(|(customer, name, time)| Op::Customer { customer, name, time }),
             1 => (0u8..6).prop_map(|order| Op::DeleteOrder { order }),
+            1 => (0u8..4).prop_map(|ticket| Op::DeleteTicket { ticket }),
             1 => (0u8..3).prop_map(|customer| Op::DeleteCustomer { customer }),
         ]
     }
@@ -942,6 +944,7 @@ mod context_cache {
                 time,
             ),
             Op::DeleteOrder { order } => delete("order", format!("O{order}")),
+            Op::DeleteTicket { ticket } => delete("ticket", format!("T{ticket}")),
             Op::DeleteCustomer { customer } => delete("customer", format!("C{customer}")),
         }
     }
@@ -1201,24 +1204,28 @@ mod context_cache {
     }
 
     /// While a writer moves orders between customers, every document a reader gets is of one
-    /// committed state: each order a customer lists names that customer. (A document mixing
-    /// the list of one state with an order of a later one, which reusing decoded entities
-    /// without reading them must never produce, breaks it.)
+    /// committed state: each order a customer lists names that customer, and the customer's
+    /// record, written in the same batch as each move, counts the orders its list totals. (A
+    /// document mixing parts of two states, which reusing decoded entities or a stale
+    /// document's parts without reading them must never produce, breaks one or the other.)
     #[test]
     fn documents_read_during_moves_are_each_of_one_state() {
         let dir = tempfile::tempdir().unwrap();
         // Unsynced commits: many more of them race the readers per second.
         let store = Arc::new(open(&dir).with_sync_interval(std::time::Duration::from_secs(60)));
-        let customers: Vec<EntityUpdate> = (0..3)
-            .map(|customer| {
-                let op = Op::Customer {
-                    customer,
-                    name: 0,
-                    time: 0,
-                };
-                update(&op, i64::from(customer))
-            })
-            .collect();
+        let count = |customer: u8, n: usize, offset: i64| {
+            let id = format!("C{customer}");
+            upsert(
+                "customer",
+                &id,
+                json!({ "orders": n }),
+                "crm",
+                0,
+                offset,
+                offset,
+            )
+        };
+        let customers: Vec<EntityUpdate> = (0..3).map(|c| count(c, 0, i64::from(c))).collect();
         store.apply(&customers, &[]).unwrap();
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let readers: Vec<_> = (0..2)
@@ -1232,7 +1239,10 @@ mod context_cache {
                             let Some(doc) = store.context("customer", &id).unwrap() else {
                                 continue;
                             };
-                            for order in doc.related.get("order").map_or(&[][..], |l| &l.items) {
+                            let orders = doc.related.get("order");
+                            let total = orders.map_or(0, |l| l.total);
+                            assert_eq!(doc.fields["orders"], json!(total), "{doc:?}");
+                            for order in orders.map_or(&[][..], |l| &l.items) {
                                 assert_eq!(order.fields["customer_id"], json!(id), "{doc:?}");
                                 checked += 1;
                             }
@@ -1242,15 +1252,23 @@ mod context_cache {
                 })
             })
             .collect();
+        let mut owner: [Option<u8>; 6] = [None; 6];
         let mut seed = 7u64;
-        for i in 3..3_000i64 {
+        for i in 1..3_000i64 {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let (order, customer) = (((seed >> 33) % 6) as u8, ((seed >> 40) % 3) as u8);
+            let before = owner[usize::from(order)].replace(customer);
+            let held = |c: u8| owner.iter().filter(|o| **o == Some(c)).count();
             let op = Op::Order {
-                order: ((seed >> 33) % 6) as u8,
-                customer: ((seed >> 40) % 3) as u8,
-                time: i,
+                order,
+                customer,
+                time: 10 * i,
             };
-            store.apply(&[update(&op, i)], &[]).unwrap();
+            let mut batch = vec![update(&op, 10 * i), count(customer, held(customer), 10 * i)];
+            if let Some(from) = before.filter(|from| *from != customer) {
+                batch.push(count(from, held(from), 10 * i + 1));
+            }
+            store.apply(&batch, &[]).unwrap();
         }
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         for reader in readers {
