@@ -268,7 +268,7 @@ impl EmbeddedStore {
         }
         txn.set_durability(Durability::Immediate).map_err(io)?;
         txn.commit().map_err(io)?;
-        self.durable.store(applied, Ordering::Release);
+        self.durable.fetch_max(applied, Ordering::AcqRel);
         Ok(())
     }
 
@@ -477,10 +477,11 @@ impl EmbeddedStore {
         let writing = self.cache.as_ref().map(|cache| cache.begin_write(changed));
         let result = txn.commit().map_err(io);
         if result.is_ok() {
-            // Writers are serialized by the transaction: nobody else moves the marks meanwhile.
+            // Another apply may already have committed and counted after this one's commit
+            // (redb's write lock ends with the commit): `durable` only ever moves up.
             let applied = self.applied.fetch_add(1, Ordering::AcqRel) + 1;
             if durable {
-                self.durable.store(applied, Ordering::Release);
+                self.durable.fetch_max(applied, Ordering::AcqRel);
             }
         }
         // Stamped even if the commit failed: a stamp only invalidates, and whether a failed

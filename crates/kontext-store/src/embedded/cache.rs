@@ -1,8 +1,8 @@
 //! Assembled context documents kept in memory, so a hot entity (the customer an assistant is
 //! talking to, fetched on every turn) is served without reading the store again.
 //!
-//! Invalidation is by **stamps**, not by removal. Every committed [`super::EmbeddedStore::apply`]
-//! takes the next sequence number and writes it into the stamp slot of each entity it changed
+//! Invalidation is by **stamps**, not by removal. Every [`super::EmbeddedStore::apply`] (even
+//! one whose commit failed) takes the next sequence number and writes it into the stamp slot of each entity it changed
 //! and of each related list those are in (of their parents before and after the change: a
 //! child's change alters the list, not the parent's own record). A cached document remembers
 //! the sequence number read *before* the snapshot it was assembled from, and the slots of the
@@ -13,10 +13,13 @@
 //! - the writer commits, then takes the sequence number, then stamps; a reader reads the
 //!   sequence number, then opens its snapshot. A commit whose number a reader saw is in that
 //!   reader's snapshot; a commit it did not see stamps a number above the document's;
-//! - before its commit, the writer marks the slots it will stamp as **pending** (a stamp
-//!   above every number, replaced by the commit's number after the commit; one write at a
-//!   time does this, under `stamping`). So a commit is, in each slot it changes, either
-//!   stamped or pending from before it is visible to any reader;
+//! - before its commit, the writer marks the slots it will stamp as **pending** (the top bit
+//!   of the stamp, which puts it above every number; the commit's number replaces it after the
+//!   commit; one write at a time does this, under `stamping`). So a commit is, in each slot it
+//!   changes, either stamped or pending from before it is visible to any reader (redb
+//!   publishes a commit under its header lock, which `begin_read` takes too). A cached
+//!   document is still served while a write that changes it is pending, as it would be before
+//!   that write began; what is kept *without reading it* is not;
 //! - a document assembled before a commit and cached after it is caught the same way, so no
 //!   insert can resurrect a stale document;
 //! - slots are hashes, so two entities may share one: that only invalidates more than needed.
@@ -63,9 +66,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::document::{ContextDocument, RelatedEntity};
 
-/// The stamp of a slot whose write is between its pending mark and its commit's number: above
-/// every sequence number, so nothing that depends on the slot is served or kept meanwhile.
-const PENDING: u64 = u64::MAX;
+/// Set in the stamp of a slot whose write is between its pending mark and its commit's number,
+/// over the slot's previous number: above every sequence number, so nothing that depends on
+/// the slot is kept without reading it meanwhile.
+const PENDING: u64 = 1 << 63;
 /// Stamp slots (8 bytes each: 2 MiB).
 const SLOTS: usize = 1 << 18;
 /// Decoded entities kept per cached document: 32 768 with the default 4 096 documents, each
@@ -102,7 +106,8 @@ pub(crate) struct Reuse<'a> {
 }
 
 impl Reuse<'_> {
-    /// Whether no commit stamped `slot` since the stale document was assembled (counted as a
+    /// Whether no commit stamped `slot` since the stale document was assembled and no write in
+    /// progress marked it pending (counted as a
     /// part kept when so).
     pub(crate) fn unchanged(&self, slot: u32) -> bool {
         let fresh = self.stamps[slot as usize].load(Ordering::Acquire) <= self.seq;
@@ -177,10 +182,9 @@ impl ContextCache {
             self.misses.fetch_add(1, Ordering::Relaxed);
             return Lookup::Absent;
         };
-        let fresh = cached
-            .deps
-            .iter()
-            .all(|&slot| self.stamps[slot as usize].load(Ordering::Acquire) <= cached.seq);
+        let fresh = cached.deps.iter().all(|&slot| {
+            self.stamps[slot as usize].load(Ordering::Acquire) & !PENDING <= cached.seq
+        });
         if fresh {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Lookup::Fresh(cached.doc);
@@ -275,7 +279,7 @@ impl ContextCache {
     pub(crate) fn begin_write(&self, slots: Vec<u32>) -> WriteInProgress<'_> {
         let stamping = self.stamping.lock().unwrap_or_else(PoisonError::into_inner);
         for &slot in &slots {
-            self.stamps[slot as usize].store(PENDING, Ordering::Release);
+            self.stamps[slot as usize].fetch_or(PENDING, Ordering::AcqRel);
         }
         WriteInProgress {
             cache: self,
@@ -310,7 +314,7 @@ impl Drop for WriteInProgress<'_> {
         let seq = self.cache.seq.fetch_add(1, Ordering::AcqRel) + 1;
         for &slot in &self.slots {
             // Not `fetch_max`: the pending mark is above every number. Only this write
-            // stamps now (`stamping`), and `seq` is above every stamp before it.
+            // stamps now (`stamping`), and `seq` is above every number before it.
             self.cache.stamps[slot as usize].store(seq, Ordering::Release);
         }
     }
@@ -383,7 +387,7 @@ mod tests {
     }
 
     /// A stale document's part is kept unless a commit since the document changed it or a
-    /// write in progress is about to.
+    /// write in progress is about to; the document itself is served until that write's stamps.
     #[test]
     fn a_stale_part_is_kept_unless_a_write_since_or_in_progress_touches_it() {
         let cache = ContextCache::new(16);
@@ -414,7 +418,10 @@ mod tests {
             as_of_ms: 0,
         });
         cache.insert(b"customer\0C1".to_vec(), doc, seq, vec![a, b]);
-        commit(&cache, [b]);
+        // Still served while a write that changes it is pending, as before that write began.
+        let writing = cache.begin_write(vec![b]);
+        assert!(matches!(cache.get(b"customer\0C1"), Lookup::Fresh(_)));
+        drop(writing);
         let Lookup::Stale(stale) = cache.get(b"customer\0C1") else {
             panic!("b changed since");
         };
