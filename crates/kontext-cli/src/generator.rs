@@ -16,6 +16,14 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// How often the generator sends the events due.
+const TICK: Duration = Duration::from_millis(10);
+
+/// How many events a generator at `rate` per second has sent after `elapsed`.
+fn events_due(rate: u32, elapsed: Duration) -> u64 {
+    (u128::from(rate) * elapsed.as_millis() / 1000) as u64
+}
+
 const FIRST_NAMES: &[&str] = &[
     "Ana", "Ben", "Chloé", "Dmitri", "Emeka", "Fatima", "Guo", "Hana", "Ivan", "Jonas", "Kemal",
     "Lena", "Mateo", "Noor", "Olga", "Priya",
@@ -132,15 +140,22 @@ impl Generator {
         if self.config.rate == 0 {
             return Ok(());
         }
-        // Send in small batches every 50 ms so the rate is smooth and batching still helps.
-        let per_tick = (self.config.rate / 20).max(1);
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        // Every 10 ms, the events due by then: the rate is exact, and events are spread over
+        // time as a source's are, not sent in bursts that every stage then handles at once.
+        let start = tokio::time::Instant::now();
+        let mut sent = 0u64;
+        let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
-            let batch: Vec<ProduceRecord> = (0..per_tick).map(|_| self.next_event()).collect();
+            let due = events_due(self.config.rate, start.elapsed());
+            let batch: Vec<ProduceRecord> = (sent..due).map(|_| self.next_event()).collect();
+            sent = due;
+            if batch.is_empty() {
+                continue;
+            }
             // A rejected batch is what a flaky source does; the generator carries on.
             if let Err(e) = self.send(batch).await {
                 warn!(error = %e, transient = e.is_transient(), "generator batch not fully acknowledged");
@@ -335,4 +350,24 @@ impl Generator {
 
 fn pick<'a>(rng: &mut StdRng, items: &[&'a str]) -> &'a str {
     items[rng.random_range(0..items.len())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The events due follow the rate exactly, also below one event per tick (the quickstart's
+    /// default of 50 per second) and whatever the ticks' jitter.
+    #[test]
+    fn the_events_due_follow_the_rate_at_any_tick() {
+        let ms = Duration::from_millis;
+        assert_eq!(events_due(50, ms(10)), 0);
+        assert_eq!(events_due(50, ms(20)), 1);
+        assert_eq!(events_due(50, ms(1_000)), 50);
+        assert_eq!(events_due(50, ms(60_013)), 3_000);
+        assert_eq!(events_due(1_000, ms(10)), 10);
+        assert_eq!(events_due(1_000, ms(1_234)), 1_234);
+        assert_eq!(events_due(20_000, ms(10)), 200);
+        assert_eq!(events_due(u32::MAX, ms(1_000)), u64::from(u32::MAX));
+    }
 }
