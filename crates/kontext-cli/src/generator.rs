@@ -19,9 +19,12 @@ use tracing::{info, warn};
 /// How often the generator sends the events due.
 const TICK: Duration = Duration::from_millis(10);
 
-/// How many events a generator at `rate` per second has sent after `elapsed`.
-fn events_due(rate: u32, elapsed: Duration) -> u64 {
-    (u128::from(rate) * elapsed.as_millis() / 1000) as u64
+/// How many events a generator at `rate` per second that has `sent` so far should have sent
+/// after `elapsed`. After a stall (a slow broker), it catches up in batches of at most 50 ms
+/// of events rather than in one.
+fn events_due(rate: u32, elapsed: Duration, sent: u64) -> u64 {
+    let due = (u128::from(rate) * elapsed.as_millis() / 1000) as u64;
+    due.min(sent + u64::from(rate / 20).max(1))
 }
 
 const FIRST_NAMES: &[&str] = &[
@@ -150,7 +153,7 @@ impl Generator {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
-            let due = events_due(self.config.rate, start.elapsed());
+            let due = events_due(self.config.rate, start.elapsed(), sent);
             let batch: Vec<ProduceRecord> = (sent..due).map(|_| self.next_event()).collect();
             sent = due;
             if batch.is_empty() {
@@ -361,13 +364,21 @@ mod tests {
     #[test]
     fn the_events_due_follow_the_rate_at_any_tick() {
         let ms = Duration::from_millis;
-        assert_eq!(events_due(50, ms(10)), 0);
-        assert_eq!(events_due(50, ms(20)), 1);
-        assert_eq!(events_due(50, ms(1_000)), 50);
-        assert_eq!(events_due(50, ms(60_013)), 3_000);
-        assert_eq!(events_due(1_000, ms(10)), 10);
-        assert_eq!(events_due(1_000, ms(1_234)), 1_234);
-        assert_eq!(events_due(20_000, ms(10)), 200);
-        assert_eq!(events_due(u32::MAX, ms(1_000)), u64::from(u32::MAX));
+        assert_eq!(events_due(50, ms(10), 0), 0);
+        assert_eq!(events_due(50, ms(20), 0), 1);
+        assert_eq!(events_due(50, ms(1_000), 49), 50);
+        assert_eq!(events_due(50, ms(60_013), 2_999), 3_000);
+        assert_eq!(events_due(1_000, ms(10), 0), 10);
+        assert_eq!(events_due(1_000, ms(1_234), 1_230), 1_234);
+        assert_eq!(events_due(20_000, ms(10), 0), 200);
+    }
+
+    /// After a stall the backlog is sent in batches of 50 ms of events, not in one.
+    #[test]
+    fn a_stalled_generator_catches_up_in_bounded_batches() {
+        let ten_seconds = Duration::from_secs(10);
+        assert_eq!(events_due(3_000, ten_seconds, 0), 150);
+        assert_eq!(events_due(3_000, ten_seconds, 29_900), 30_000);
+        assert_eq!(events_due(10, ten_seconds, 0), 1);
     }
 }

@@ -260,7 +260,8 @@ impl EmbeddedStore {
 
     /// Makes every commit durable (one fsync), if any is not yet.
     pub fn flush(&self) -> Result<(), StoreError> {
-        // Under the write transaction no commit can happen, so `applied` is what it covers.
+        // Under the write transaction no commit can happen, so it covers at least `applied`
+        // (a commit that finished just before may not be counted yet).
         let mut txn = self.db.begin_write().map_err(io)?;
         let applied = self.applied.load(Ordering::Acquire);
         if self.durable.load(Ordering::Acquire) == applied {

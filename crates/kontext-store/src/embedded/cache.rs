@@ -2,9 +2,9 @@
 //! talking to, fetched on every turn) is served without reading the store again.
 //!
 //! Invalidation is by **stamps**, not by removal. Every [`super::EmbeddedStore::apply`] (even
-//! one whose commit failed) takes the next sequence number and writes it into the stamp slot of each entity it changed
-//! and of each related list those are in (of their parents before and after the change: a
-//! child's change alters the list, not the parent's own record). A cached document remembers
+//! one whose commit failed) takes the next sequence number and writes it into the stamp slot
+//! of each entity it changed and of each related list those are in (of their parents before
+//! and after the change: a child's change alters the list, not the parent's own record). A cached document remembers
 //! the sequence number read *before* the snapshot it was assembled from, and the slots of the
 //! entity, of the parents it names (whether or not they exist yet) and of its related lists. It
 //! is served only while none of those slots is newer.
@@ -107,8 +107,7 @@ pub(crate) struct Reuse<'a> {
 
 impl Reuse<'_> {
     /// Whether no commit stamped `slot` since the stale document was assembled and no write in
-    /// progress marked it pending (counted as a
-    /// part kept when so).
+    /// progress marked it pending (counted as a part kept when so).
     pub(crate) fn unchanged(&self, slot: u32) -> bool {
         let fresh = self.stamps[slot as usize].load(Ordering::Acquire) <= self.seq;
         if fresh {
