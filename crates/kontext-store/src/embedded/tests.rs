@@ -949,6 +949,34 @@ mod context_cache {
         }
     }
 
+    /// Customer C0's order, ticket or name, written at `offset` (its event time too).
+    fn c0_order(order: u8, offset: i64) -> EntityUpdate {
+        let op = Op::Order {
+            order,
+            customer: 0,
+            time: offset,
+        };
+        update(&op, offset)
+    }
+
+    fn c0_ticket(ticket: u8, offset: i64) -> EntityUpdate {
+        let op = Op::Ticket {
+            ticket,
+            customer: 0,
+            time: offset,
+        };
+        update(&op, offset)
+    }
+
+    fn c0_name(name: u8, offset: i64) -> EntityUpdate {
+        let op = Op::Customer {
+            customer: 0,
+            name,
+            time: offset,
+        };
+        update(&op, offset)
+    }
+
     /// Every context, from the cached store and from one that assembles each lookup afresh.
     fn all_contexts(store: &EmbeddedStore) -> Vec<Option<ContextDocument>> {
         let ids = (0..3).map(|c| ("customer", format!("C{c}")));
@@ -1032,26 +1060,7 @@ mod context_cache {
     fn assembling_again_reuses_unchanged_children_and_decodes_changed_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
-        let order = |order, offset| {
-            update(
-                &Op::Order {
-                    order,
-                    customer: 0,
-                    time: offset,
-                },
-                offset,
-            )
-        };
-        let name = |name, offset| {
-            update(
-                &Op::Customer {
-                    customer: 0,
-                    name,
-                    time: offset,
-                },
-                offset,
-            )
-        };
+        let (order, name) = (c0_order, c0_name);
         store
             .apply(&[name(1, 0), order(1, 1), order(2, 2)], &[])
             .unwrap();
@@ -1079,30 +1088,7 @@ mod context_cache {
     fn a_stale_document_keeps_the_parts_its_change_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let store = open_with_tickets(&dir);
-        let order = |order, offset| {
-            let op = Op::Order {
-                order,
-                customer: 0,
-                time: offset,
-            };
-            update(&op, offset)
-        };
-        let ticket = |ticket, offset| {
-            let op = Op::Ticket {
-                ticket,
-                customer: 0,
-                time: offset,
-            };
-            update(&op, offset)
-        };
-        let name = |name, offset| {
-            let op = Op::Customer {
-                customer: 0,
-                name,
-                time: offset,
-            };
-            update(&op, offset)
-        };
+        let (order, ticket, name) = (c0_order, c0_ticket, c0_name);
         let batch = [
             name(1, 0),
             order(1, 1),
