@@ -154,11 +154,13 @@ impl Pending {
 }
 
 /// A lookup through the document cache: the cache, the sequence number it gave before the
-/// lookup's snapshot, and the stale document the lookup found, if any.
+/// lookup's snapshot, the stale document the lookup found, if any, and the stamp slots of the
+/// entity's record and of its related lists (in `children_of` order).
 pub(crate) struct Reading<'a> {
     cache: &'a ContextCache,
     seq: u64,
     stale: Option<Cached>,
+    slots: &'a [u32],
 }
 
 /// A durable, versioned context store in one file.
@@ -292,21 +294,27 @@ impl EmbeddedStore {
             Lookup::Stale(stale) => Some(stale),
             Lookup::Absent => None,
         };
+        // The slots of its record and of its related lists, then of the parents it names
+        // (shown or not yet stored).
+        let mut deps = vec![ContextCache::slot(&key)];
+        for (child_type, _) in self.schema.children_of(entity_type) {
+            let list = relation_key(entity_type, entity_id, child_type, "");
+            deps.push(ContextCache::slot(&list));
+        }
         let seq = cache.before_read();
-        let reading = Reading { cache, seq, stale };
+        let reading = Reading {
+            cache,
+            seq,
+            stale,
+            slots: &deps,
+        };
         let Some(doc) = self.assemble_context(entity_type, entity_id, Some(reading))? else {
             return Ok(None);
         };
-        // The parents it names (shown or not yet stored), then its related lists.
-        let mut deps = vec![ContextCache::slot(&key)];
         for (parent_type, field) in self.schema.parents_of(entity_type) {
             if let Some(parent_id) = doc.fields.get(field).and_then(parent_id_of) {
                 deps.push(ContextCache::slot(&entity_key(parent_type, &parent_id)));
             }
-        }
-        for (child_type, _) in self.schema.children_of(entity_type) {
-            let list = relation_key(entity_type, entity_id, child_type, "");
-            deps.push(ContextCache::slot(&list));
         }
         let doc = Arc::new(doc);
         cache.insert(key, Arc::clone(&doc), seq, deps);
@@ -657,6 +665,11 @@ impl EmbeddedStore {
             (OnceCell::new(), OnceCell::new(), OnceCell::new());
         let entities = || open_once(&entities, &txn, ENTITIES);
         let cache = reading.as_ref().map(|r| (r.cache, r.seq));
+        // The record's slot, then the lists' (none without a cache: nothing is kept then).
+        let (own_slot, list_slots) = match reading.as_ref().and_then(|r| r.slots.split_first()) {
+            Some((own, lists)) => (Some(*own), lists),
+            None => (None, &[][..]),
+        };
         // Only now that the snapshot is open: what of the stale document it may keep.
         let mut stale = reading.and_then(|r| Some(r.cache.reuse(r.stale?)));
         // A parent or a child: read and decoded only if it may have changed since it was cached.
@@ -677,13 +690,15 @@ impl EmbeddedStore {
             }
             Ok(Some(entity))
         };
-        let key = entity_key(entity_type, entity_id);
-        let view = match &mut stale {
-            Some((reuse, old)) if reuse.unchanged(ContextCache::slot(&key)) => old.take_view(),
-            _ => match entities()?.get(key.as_slice()).map_err(io)? {
-                Some(bytes) => codec::decode_view(bytes.value())?,
-                None => return Ok(None),
-            },
+        let view = match (&mut stale, own_slot) {
+            (Some((reuse, old)), Some(slot)) if reuse.unchanged(slot) => old.take_view(),
+            _ => {
+                let key = entity_key(entity_type, entity_id);
+                match entities()?.get(key.as_slice()).map_err(io)? {
+                    Some(bytes) => codec::decode_view(bytes.value())?,
+                    None => return Ok(None),
+                }
+            }
         };
         let mut belongs_to = BTreeMap::new();
         for (parent_type, field) in self.schema.parents_of(entity_type) {
@@ -706,13 +721,14 @@ impl EmbeddedStore {
             Some((_, old)) => std::mem::take(&mut old.related),
             None => BTreeMap::new(),
         };
-        for (child_type, _) in self.schema.children_of(entity_type) {
-            let prefix = relation_key(entity_type, entity_id, child_type, "");
-            if let (Some((reuse, _)), true) = (&stale, related.contains_key(child_type)) {
-                if reuse.unchanged(ContextCache::slot(&prefix)) {
+        for (i, (child_type, _)) in self.schema.children_of(entity_type).enumerate() {
+            let kept = stale.as_ref().zip(list_slots.get(i));
+            if let (Some(((reuse, _), &slot)), true) = (kept, related.contains_key(child_type)) {
+                if reuse.unchanged(slot) {
                     continue;
                 }
             }
+            let prefix = relation_key(entity_type, entity_id, child_type, "");
             let limit = self.schema.related_limit_of(child_type);
             let list = open_once(&related_lists, &txn, RELATED)?
                 .get(prefix.as_slice())
