@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
-"""Quantiles of kontext's freshness histograms between two /metrics snapshots.
+"""Quantiles of kontext's latency histograms between two /metrics snapshots.
 
     bench/histogram_delta.py before.txt after.txt
 
-For each histogram series (kontext_event_to_applied_seconds and kontext_log_to_applied_seconds,
-by kind), prints the updates applied between the snapshots and, for p50/p90/p99, the upper
-bound of the bucket the quantile falls in ("<=7ms": at most 7 ms).
+For each histogram series (kontext_event_to_applied_seconds and kontext_log_to_applied_seconds
+by kind, kontext_process_step_seconds by loop and step), prints the values recorded between
+the snapshots (updates applied; batches for the processor's steps) and, for p50/p90/p99, the
+upper bound of the bucket the quantile falls in ("<=7ms": at most 7 ms).
 """
 import re
 import sys
 
-LINE = re.compile(r'^kontext_(\w+)_seconds_bucket\{kind="(\w+)",le="([^"]+)"\} (\d+)$')
+LINE = re.compile(r'^kontext_(\w+)_seconds_bucket\{(.*?),?le="([^"]+)"\} (\d+)$')
 
 
 def load(path):
@@ -19,7 +20,8 @@ def load(path):
         for line in f:
             m = LINE.match(line.strip())
             if m:
-                series.setdefault((m[1], m[2]), {})[m[3]] = int(m[4])
+                labels = m[2].rstrip(",").replace('"', "")
+                series.setdefault((m[1], labels), {})[m[3]] = int(m[4])
     return series
 
 
@@ -31,8 +33,12 @@ before, after = load(sys.argv[1]), load(sys.argv[2])
 for key, buckets in sorted(after.items()):
     counts = [(le, n - before.get(key, {}).get(le, 0)) for le, n in buckets.items()]
     total = counts[-1][1]
+    unit = "batches" if key[0] == "process_step" else "updates"
+    if total == 0:
+        print(f"{key[0]}{{{key[1]}}} {unit}=0")
+        continue
     quantiles = []
     for q in (0.5, 0.9, 0.99):
-        le = next((le for le, n in counts if total and n >= q * total), "+Inf")
+        le = next((le for le, n in counts if n >= q * total), "+Inf")
         quantiles.append(f"p{round(q * 100)}<={bound(le)}")
-    print(f"{key[0]}{{kind={key[1]}}} updates={total} " + " ".join(quantiles))
+    print(f"{key[0]}{{{key[1]}}} {unit}={total} " + " ".join(quantiles))

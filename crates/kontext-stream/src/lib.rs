@@ -14,6 +14,6 @@ pub mod retry;
 pub mod sink;
 pub mod topology;
 
-pub use metrics::{LatencyHistogram, PipelineMetrics, UpdateKind};
+pub use metrics::{LatencyHistogram, PipelineMetrics, ProcessStep, UpdateKind};
 pub use normalize::{Outcome, ProcessError, Router};
 pub use sink::StoreSink;

@@ -60,6 +60,60 @@ pub struct PipelineMetrics {
     /// Processor (`exactly_once`): task-loop transactions that failed and were aborted; each
     /// one's batch was recomputed.
     pub process_transactions_aborted: AtomicU64,
+    /// Processor: how long each step of its loops takes per batch, by [`ProcessStep`].
+    pub process_steps: [LatencyHistogram; ProcessStep::ALL.len()],
+}
+
+/// A step of the processor's two loops (re-key, tasks), the label of
+/// [`PipelineMetrics::process_steps`]. Each is recorded once per batch that has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessStep {
+    /// Re-key loop: from the log timestamp of the batch's oldest record to the loop taking
+    /// it (the time it waited in the log and behind the batch in progress).
+    RekeyWait = 0,
+    /// Re-key loop: producing the re-keyed records until the log acknowledged them.
+    RekeyProduce = 1,
+    /// Tasks: from the log timestamp of the batch's oldest repartition record to the loop
+    /// taking it.
+    TasksWait = 2,
+    /// Tasks: decoding the batch and running the operators over it, in memory.
+    TasksProcess = 3,
+    /// Tasks (at least once): producing the outputs until acknowledged.
+    TasksOutputs = 4,
+    /// Tasks (at least once): producing the state stores' changelogs, one store after the
+    /// other, until acknowledged.
+    TasksChangelogs = 5,
+    /// Tasks (`exactly_once`): outputs, changelogs and offsets in one transaction, committed.
+    TasksTransaction = 6,
+    /// Tasks: applying the batch to the local state stores.
+    TasksStateCommit = 7,
+}
+
+impl ProcessStep {
+    const ALL: [ProcessStep; 8] = [
+        ProcessStep::RekeyWait,
+        ProcessStep::RekeyProduce,
+        ProcessStep::TasksWait,
+        ProcessStep::TasksProcess,
+        ProcessStep::TasksOutputs,
+        ProcessStep::TasksChangelogs,
+        ProcessStep::TasksTransaction,
+        ProcessStep::TasksStateCommit,
+    ];
+
+    /// The `loop` and `step` label values.
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            ProcessStep::RekeyWait => ("rekey", "wait"),
+            ProcessStep::RekeyProduce => ("rekey", "produce"),
+            ProcessStep::TasksWait => ("tasks", "wait"),
+            ProcessStep::TasksProcess => ("tasks", "process"),
+            ProcessStep::TasksOutputs => ("tasks", "outputs"),
+            ProcessStep::TasksChangelogs => ("tasks", "changelogs"),
+            ProcessStep::TasksTransaction => ("tasks", "transaction"),
+            ProcessStep::TasksStateCommit => ("tasks", "state_commit"),
+        }
+    }
 }
 
 /// What an applied update came from, the label of the latency histograms.
@@ -180,6 +234,11 @@ impl PipelineMetrics {
     pub fn record_applied(&self, kind: UpdateKind, now_ms: i64, event_ms: i64, log_ms: i64) {
         self.event_to_applied[kind as usize].record_ms(now_ms - event_ms);
         self.log_to_applied[kind as usize].record_ms(now_ms - log_ms);
+    }
+
+    /// Records how long `step` took for one batch.
+    pub fn record_step(&self, step: ProcessStep, elapsed: std::time::Duration) {
+        self.process_steps[step as usize].record(elapsed);
     }
 
     /// The Prometheus text exposition of every counter.
@@ -378,6 +437,20 @@ impl PipelineMetrics {
                 histograms[kind as usize].render(body, name, &pairs);
             }
         }
+        // The processor's, like its counters, are the served metrics' only.
+        if store.is_none() {
+            let name = "kontext_process_step_seconds";
+            let body = out.family(
+                name,
+                "histogram",
+                "Time each step of the processor's loops takes per batch, by loop and step (wait: the log timestamp of the batch's oldest record to the loop taking it).",
+            );
+            for step in ProcessStep::ALL {
+                let (lp, st) = step.labels();
+                let pairs = format!("loop=\"{lp}\",step=\"{st}\"");
+                self.process_steps[step as usize].render(body, name, &pairs);
+            }
+        }
     }
 }
 
@@ -416,6 +489,7 @@ impl Exposition {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::time::Duration;
 
     use super::*;
 
@@ -448,6 +522,7 @@ mod tests {
         served.records_applied.store(5, Ordering::Relaxed);
         served.process_duplicates.store(2, Ordering::Relaxed);
         served.record_applied(UpdateKind::Entity, 1_010, 1_000, 1_005);
+        served.record_step(ProcessStep::TasksOutputs, Duration::from_micros(2_500));
         let pg = PipelineMetrics::default();
         pg.records_applied.store(7, Ordering::Relaxed);
         pg.record_applied(UpdateKind::Features, 1_100, 1_000, 1_050);
@@ -463,6 +538,18 @@ mod tests {
             "{alone}"
         );
         assert!(!alone.contains("store="), "{alone}");
+        assert!(
+            alone.contains(
+                "\nkontext_process_step_seconds_bucket{loop=\"tasks\",step=\"outputs\",le=\"0.003\"} 1\n"
+            ),
+            "{alone}"
+        );
+        assert!(
+            alone.contains(
+                "\nkontext_process_step_seconds_count{loop=\"tasks\",step=\"changelogs\"} 0\n"
+            ),
+            "{alone}"
+        );
 
         let both = served.render_with(&[("pg", &pg)]);
         assert_eq!(families(&both), families(&alone), "the same families");
@@ -481,6 +568,10 @@ mod tests {
         // The processor's counters are the served metrics' only.
         assert!(
             !both.contains("kontext_process_duplicates_total{store="),
+            "{both}"
+        );
+        assert!(
+            !both.contains("kontext_process_step_seconds_count{store="),
             "{both}"
         );
     }

@@ -59,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backlog::{self, MAX_BATCH};
-use crate::metrics::PipelineMetrics;
+use crate::metrics::{PipelineMetrics, ProcessStep};
 use crate::normalize::{Outcome, Router};
 use crate::retry::Waiter;
 use ticks::{tick_of, tick_record, Ticker};
@@ -535,6 +535,7 @@ impl Processor {
             let Some(records) = drain.poll(consumer.as_mut()).await? else {
                 return Ok(());
             };
+            self.record_wait(ProcessStep::RekeyWait, &records);
             let mut out = Vec::new();
             let mut push = |target: String, value: Value| {
                 let key = Bytes::from(target.into_bytes());
@@ -637,8 +638,13 @@ impl Processor {
                 }
             }
             // (Nothing to send, e.g. an empty poll without ticks: `send` returns at once.)
+            let sending = (!out.is_empty()).then(Instant::now);
             if !send(producer.as_ref(), out, shutdown, &drain.policy).await? {
                 return Ok(());
+            }
+            if let Some(start) = sending {
+                self.metrics
+                    .record_step(ProcessStep::RekeyProduce, start.elapsed());
             }
             if records.is_empty() {
                 continue;
@@ -838,6 +844,8 @@ impl Processor {
             if records.is_empty() {
                 continue;
             }
+            self.record_wait(ProcessStep::TasksWait, &records);
+            let processing = Instant::now();
             // Per (group, partition): the events, and the next offset the batch covers.
             let mut inputs: BTreeMap<(usize, i32), Vec<Inbound>> = BTreeMap::new();
             let mut next: BTreeMap<i32, i64> = BTreeMap::new();
@@ -909,7 +917,10 @@ impl Processor {
                 .into_iter()
                 .map(|(p, n)| (TopicPartition::new(repartition.as_str(), p), n))
                 .collect();
+            let m = &self.metrics;
+            m.record_step(ProcessStep::TasksProcess, processing.elapsed());
             if let Some(txn) = txn {
+                let sending = Instant::now();
                 // One transaction: outputs, changelogs and offsets are visible together or not
                 // at all, so no phases are needed. The state commits after it (a crash in
                 // between: the store restores the batch from its changelog at start).
@@ -929,6 +940,7 @@ impl Processor {
                     }
                     return Err(ProcessorError::Transaction(e));
                 }
+                m.record_step(ProcessStep::TasksTransaction, sending.elapsed());
                 *failures = Waiter::new(drain.policy);
             } else {
                 // Outputs, then each store's changelog (a task's first store before its
@@ -936,9 +948,12 @@ impl Processor {
                 // the offsets: a complete changelog batch implies its outputs and its task's
                 // earlier stores' batches are in the log, so restoring it never gets ahead of
                 // them.
+                let sending = Instant::now();
                 if !send(producer, outputs, shutdown, &drain.policy).await? {
                     return Ok(());
                 }
+                m.record_step(ProcessStep::TasksOutputs, sending.elapsed());
+                let sending = Instant::now();
                 for (phase, records) in changelogs.into_iter().enumerate() {
                     let (owners, records): (Vec<usize>, Vec<ProduceRecord>) =
                         records.into_iter().unzip();
@@ -955,10 +970,11 @@ impl Processor {
                         }
                     }
                 }
+                m.record_step(ProcessStep::TasksChangelogs, sending.elapsed());
             }
+            let committing = Instant::now();
             for (id, pending) in commits {
                 if let Some(task) = tasks.get_mut(&id) {
-                    let m = &self.metrics;
                     m.process_dropped_late
                         .fetch_add(pending.late, Ordering::Relaxed);
                     m.process_duplicates
@@ -968,6 +984,7 @@ impl Processor {
                     task.commit(pending)?;
                 }
             }
+            m.record_step(ProcessStep::TasksStateCommit, committing.elapsed());
             if txn.is_none() {
                 // In the background: the stores hold the offsets, and rewind the group to them
                 // at start, so a commit a crash loses costs nothing but re-delivery.
@@ -975,6 +992,16 @@ impl Processor {
                     warn!(error = %e, "feature offset commit failed; the state skips what is re-delivered");
                 }
             }
+        }
+    }
+
+    /// Records how long the oldest of `records` waited since its log timestamp (none for an
+    /// empty poll).
+    fn record_wait(&self, step: ProcessStep, records: &[Record]) {
+        if let Some(oldest) = records.iter().map(|r| r.timestamp_ms).min() {
+            let waited = u64::try_from(now_ms() - oldest).unwrap_or(0);
+            self.metrics
+                .record_step(step, Duration::from_millis(waited));
         }
     }
 
@@ -3035,6 +3062,31 @@ features:
         run(graced, 4).await.unwrap();
     }
 
+    /// Reads `orders_30d` from a features topic until `done` holds for the newest value read
+    /// (60 s at most), and returns it.
+    async fn newest_orders_30d(
+        features: &mut dyn kontext_log::Consumer,
+        done: impl Fn(&Option<Value>) -> bool,
+    ) -> Option<Value> {
+        let mut newest = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !done(&newest) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "orders_30d so far: {newest:?}"
+            );
+            for r in features
+                .poll(100, Duration::from_millis(200))
+                .await
+                .unwrap()
+            {
+                let fields: Value = serde_json::from_slice(&r.value.unwrap()).unwrap();
+                newest = Some(fields["orders_30d"].clone());
+            }
+        }
+        newest
+    }
+
     /// A record over `limits.max_record_bytes` is dead-lettered by the store sinks and applied
     /// by none: the features must not count it either (found by review: the re-key loop
     /// skipped the size check the sinks make).
@@ -3080,19 +3132,7 @@ features:
             .await
             .unwrap();
         // Once it has written something, stop it: it works through what its topics hold.
-        let mut last = None;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while last.is_none() {
-            assert!(std::time::Instant::now() < deadline, "no features");
-            for r in features
-                .poll(100, Duration::from_millis(200))
-                .await
-                .unwrap()
-            {
-                let fields: Value = serde_json::from_slice(&r.value.unwrap()).unwrap();
-                last = Some(fields["orders_30d"].clone());
-            }
-        }
+        let mut last = newest_orders_30d(features.as_mut(), |v| v.is_some()).await;
         shutdown.cancel();
         run.await.unwrap().unwrap();
         loop {
@@ -3109,6 +3149,86 @@ features:
             }
         }
         assert_eq!(last, Some(json!(2)), "orders 1 and 3; order 2 is too large");
+    }
+
+    /// Each loop times its steps once per batch, in `kontext_process_step_seconds`: the wait
+    /// from the oldest record's log timestamp, the produce round trips, the operators and
+    /// the state commit; without `exactly_once`, no transaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_loops_time_each_step_of_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = r#"
+name: timed
+topics: { partitions: 1 }
+entities:
+  customer: { key: customer_id, topic: timed.customers }
+  order: { key: order_id, topic: timed.orders }
+sources:
+  shop: { topic: timed.orders, entity: order, fields: { customer_id: c } }
+features:
+  orders_30d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d, dedup: 1h }
+"#;
+        let config = PipelineConfig::parse("p.yaml", yaml).unwrap();
+        let log = embedded_log_with(dir.path(), &config, ("timed.orders", 1)).await;
+        // Event and log time two minutes ago: the re-key loop's wait is above 60 s.
+        let long_ago = now_ms() - 120_000;
+        let orders = (0..3)
+            .map(|n| {
+                let mut r = ProduceRecord::new(
+                    "timed.orders",
+                    Some(Bytes::from(format!("O-{n}"))),
+                    Some(Bytes::from(json!({ "c": "C-1" }).to_string())),
+                );
+                r.timestamp_ms = Some(long_ago + n);
+                r
+            })
+            .collect();
+        log.producer().await.unwrap().send(orders).await.unwrap();
+        let metrics = Arc::new(PipelineMetrics::default());
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(
+            Processor::new(&config, &dir.path().join("data"), log.clone())
+                .with_metrics(metrics.clone())
+                .run(shutdown.clone()),
+        );
+        let mut features = log
+            .consumer(ConsumerConfig::new(
+                "reader",
+                vec!["timed.customers.features".into()],
+            ))
+            .await
+            .unwrap();
+        newest_orders_30d(features.as_mut(), |v| *v == Some(json!(3))).await;
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+
+        let step = |s: ProcessStep| &metrics.process_steps[s as usize];
+        let rekey_wait = step(ProcessStep::RekeyWait);
+        assert!(rekey_wait.count() >= 1);
+        let mut out = String::new();
+        rekey_wait.render(&mut out, "w", "");
+        assert!(
+            out.contains("w_bucket{le=\"60\"} 0\n"),
+            "the re-key loop waited from the records' log time, two minutes ago: {out}"
+        );
+        assert!(step(ProcessStep::RekeyProduce).count() >= 1);
+        let batches = step(ProcessStep::TasksWait).count();
+        assert!(batches >= 1);
+        for s in [
+            ProcessStep::TasksProcess,
+            ProcessStep::TasksOutputs,
+            ProcessStep::TasksChangelogs,
+            ProcessStep::TasksStateCommit,
+        ] {
+            assert_eq!(step(s).count(), batches, "{s:?}: one per batch");
+        }
+        assert_eq!(step(ProcessStep::TasksTransaction).count(), 0);
+        let mut out = String::new();
+        step(ProcessStep::TasksWait).render(&mut out, "t", "");
+        assert!(
+            out.contains(&format!("t_bucket{{le=\"60\"}} {batches}\n")),
+            "repartition records are the re-key loop's, just written: {out}"
+        );
     }
 
     #[test]

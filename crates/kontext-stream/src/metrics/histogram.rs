@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Upper bounds in milliseconds: fine below 10 ms (the embedded freshness target), coarse
 /// up to a minute (a lagging or replaying consumer).
@@ -28,6 +29,13 @@ impl LatencyHistogram {
         let i = BOUNDS_MS.partition_point(|&b| b < ms);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// Records one duration, rounded up to whole milliseconds (so 0.3 ms counts as ≤ 1 ms,
+    /// not as 0).
+    pub fn record(&self, elapsed: Duration) {
+        let ms = elapsed.as_micros().div_ceil(1_000);
+        self.record_ms(i64::try_from(ms).unwrap_or(i64::MAX));
     }
 
     /// Values recorded so far.
@@ -90,6 +98,21 @@ mod tests {
         assert!(out.contains("x_seconds_sum{kind=\"entity\"} 70.018\n"));
         assert!(out.contains("x_seconds_count{kind=\"entity\"} 8\n"));
         assert_eq!(h.count(), 8);
+    }
+
+    #[test]
+    fn durations_round_up_to_whole_milliseconds() {
+        let h = LatencyHistogram::default();
+        for us in [0, 300, 1_000, 1_001, 2_999] {
+            h.record(Duration::from_micros(us));
+        }
+        let mut out = String::new();
+        h.render(&mut out, "z_seconds", "");
+        // 0, 0.3 and 1 ms are <= 1 ms; 1.001 ms is <= 2 ms; 2.999 ms is <= 3 ms.
+        assert!(out.contains("z_seconds_bucket{le=\"0.001\"} 3\n"), "{out}");
+        assert!(out.contains("z_seconds_bucket{le=\"0.002\"} 4\n"), "{out}");
+        assert!(out.contains("z_seconds_bucket{le=\"0.003\"} 5\n"), "{out}");
+        assert!(out.contains("z_seconds_sum 0.007\n"), "{out}");
     }
 
     #[test]
