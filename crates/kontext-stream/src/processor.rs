@@ -69,6 +69,10 @@ pub use kontext_core::config::{features_topic, FEATURES_SOURCE};
 pub const FEATURES_TYPE: &str = "kontext.features.updated";
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often a task with no input of its own in a batch writes it anyway (its offsets, in its
+/// store and changelog), so that a restart re-reads at most this much of its partition.
+/// Loop 2, "Idle tasks", in processing.md.
+const IDLE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 /// "All time" is one tumbling window starting at the epoch, ending in 146 million years.
 const ALL_TIME_MS: i64 = 1 << 62;
 /// Runtime metadata in each task's store (`0x00` keys are metadata; operators use letters):
@@ -434,6 +438,8 @@ pub struct Processor {
     /// that a refused configuration writes no repartition records (they carry the fields its
     /// functions read, which the previous definition may need).
     state_checked: CancellationToken,
+    /// [`IDLE_WRITE_INTERVAL`]; tests change it.
+    idle_write_interval: Duration,
 }
 
 impl Processor {
@@ -447,6 +453,7 @@ impl Processor {
             state_dir: data_dir.join("state").join(&config.name),
             metrics: Arc::default(),
             state_checked: CancellationToken::new(),
+            idle_write_interval: IDLE_WRITE_INTERVAL,
         }
     }
 
@@ -827,6 +834,8 @@ impl Processor {
             .collect();
         info!(%group, tasks = tasks.len(), "processor aggregation tasks started");
         let mut owned: BTreeSet<i32> = BTreeSet::new();
+        // When each task last wrote a batch.
+        let mut written: BTreeMap<(usize, i32), Instant> = BTreeMap::new();
         loop {
             let Some(records) = drain.poll(consumer.as_mut()).await? else {
                 return Ok(());
@@ -893,6 +902,18 @@ impl Processor {
             for (&(si, p), task) in tasks.iter() {
                 let Some(&end) = next.get(&p) else { continue };
                 let events = inputs.remove(&(si, p)).unwrap_or_default();
+                // Only other stages' records: the task would write its offsets and nothing
+                // else. It does so once per interval, and in every batch while draining.
+                let now = Instant::now();
+                if events.is_empty()
+                    && !shutdown.is_cancelled()
+                    && written
+                        .get(&(si, p))
+                        .is_some_and(|&at| now.duration_since(at) < self.idle_write_interval)
+                {
+                    continue;
+                }
+                written.insert((si, p), now);
                 let stage = &self.stages[si];
                 let tp = TopicPartition::new(repartition.as_str(), p);
                 let pending = task.process(stage, &tp, end, events)?;
@@ -1099,8 +1120,10 @@ pub(crate) async fn committed_before_sync(
 
 /// Rewinds `group` on `topic` to `resume` (the state's next offset per partition, 0 where
 /// absent) wherever it had committed (`committed`, [`committed_before_sync`]) past it: the
-/// state's offsets are the truth. After a sync this only happens when the changelog lacks what
-/// the group committed (offsets that landed without their records, a recreated changelog).
+/// state's offsets are the truth. After a sync this happens when an idle task had not written
+/// its offsets yet ([`IDLE_WRITE_INTERVAL`]; its records hold nothing for it, and the other
+/// tasks skip them), or when the changelog lacks what the group committed (offsets that
+/// landed without their records, a recreated changelog).
 /// `Ok(false)`: `shutdown` came while waiting for a busy group (consume nothing).
 pub(crate) async fn rewind_to_state(
     log: &dyn Log,
@@ -1121,7 +1144,7 @@ pub(crate) async fn rewind_to_state(
     if rewind.is_empty() {
         return Ok(true);
     }
-    warn!(%group, %topic, partitions = rewind.len(), "the group committed past the state; rewinding it to the state's offsets");
+    info!(%group, %topic, partitions = rewind.len(), "the group committed past the state's offsets (a processor task idle since its last write, or a changelog that lacks what the group committed): rewinding it to them, and the tasks skip what they hold");
     Ok(crate::retry::rewind_group(log, group, &rewind, policy, shutdown).await?)
 }
 
@@ -3085,6 +3108,127 @@ features:
             }
         }
         newest
+    }
+
+    /// A batch with only another group's inputs is not written for an idle task (its offsets
+    /// alone) until its interval has passed: its changelog keeps the one batch of its start.
+    /// A restart then rewinds the group to the idle task's offsets, and the busy task skips
+    /// what is delivered again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_task_writes_its_offsets_once_per_interval_and_a_restart_counts_nothing_twice()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = r#"
+name: idle
+topics: { partitions: 1 }
+entities:
+  customer: { key: customer_id, topic: idle.customers }
+  order: { key: order_id, topic: idle.orders }
+  ticket: { key: ticket_id, topic: idle.tickets }
+sources:
+  shop: { topic: idle.orders, entity: order, fields: { customer_id: c } }
+  desk: { topic: idle.tickets, entity: ticket, fields: { customer_id: c } }
+features:
+  orders_30d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d }
+  tickets_30d: { from: ticket, entity: customer, key: customer_id, agg: count, window: 30d }
+"#;
+        let config = PipelineConfig::parse("p.yaml", yaml).unwrap();
+        let log = embedded_log_with(dir.path(), &config, ("idle.orders", 1)).await;
+        log.create_topic(&TopicSpec::new("idle.tickets", 1))
+            .await
+            .unwrap();
+        let producer = log.producer().await.unwrap();
+        let event = |topic: &str, id: &str| {
+            let mut r = ProduceRecord::new(
+                topic.to_string(),
+                Some(Bytes::from(id.to_string())),
+                Some(Bytes::from(json!({ "c": "C-1" }).to_string())),
+            );
+            r.timestamp_ms = Some(now_ms());
+            r
+        };
+        let data = dir.path().join("data");
+        let mut features = log
+            .consumer(ConsumerConfig::new(
+                "reader",
+                vec!["idle.customers.features".into()],
+            ))
+            .await
+            .unwrap();
+        // Sends each event in a batch of its own: the next only once its features are out.
+        let mut run = async |events: Vec<(&str, &str)>, interval: Duration| {
+            let shutdown = CancellationToken::new();
+            let mut processor = Processor::new(&config, &data, log.clone());
+            processor.idle_write_interval = interval;
+            let run = tokio::spawn(processor.run(shutdown.clone()));
+            let mut newest = BTreeMap::new();
+            for (topic, id) in events {
+                producer.send(vec![event(topic, id)]).await.unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                let mut seen = 0;
+                while seen == 0 {
+                    assert!(std::time::Instant::now() < deadline, "no features for {id}");
+                    for r in features
+                        .poll(100, Duration::from_millis(200))
+                        .await
+                        .unwrap()
+                    {
+                        let fields: Value = serde_json::from_slice(&r.value.unwrap()).unwrap();
+                        for (k, v) in fields.as_object().unwrap() {
+                            newest.insert(k.clone(), v.clone());
+                        }
+                        seen += 1;
+                    }
+                }
+            }
+            shutdown.cancel();
+            run.await.unwrap().unwrap();
+            newest
+        };
+        let hour = Duration::from_secs(3_600);
+        let first = run(
+            vec![
+                ("idle.orders", "O-1"),
+                ("idle.tickets", "T-1"),
+                ("idle.orders", "O-2"),
+                ("idle.orders", "O-3"),
+            ],
+            hour,
+        )
+        .await;
+        assert_eq!(first["orders_30d"], json!(3));
+        assert_eq!(first["tickets_30d"], json!(1));
+
+        // Batch-end markers in each group's changelog.
+        let batches = async |feature: &str| {
+            let topic = changelog_topic_name("idle", feature);
+            let mut reader = log
+                .consumer(ConsumerConfig::new(format!("count-{feature}"), vec![topic]))
+                .await
+                .unwrap();
+            let mut ends = 0;
+            loop {
+                let polled = reader.poll(100, Duration::from_millis(500)).await.unwrap();
+                if polled.is_empty() {
+                    return ends;
+                }
+                ends += polled
+                    .iter()
+                    .filter(|r| r.key.as_deref() == Some(b"\x00z".as_slice()))
+                    .count();
+            }
+        };
+        assert_eq!(batches("orders_30d").await, 3, "O-1, O-2, O-3");
+        assert_eq!(
+            batches("tickets_30d").await,
+            2,
+            "its first batch (O-1) and T-1; not O-2 and O-3"
+        );
+
+        // The tickets task's offsets are before O-2: the restart delivers O-2 and O-3 again,
+        // and the orders task skips them.
+        let second = run(vec![("idle.orders", "O-4")], Duration::ZERO).await;
+        assert_eq!(second["orders_30d"], json!(4), "O-2 and O-3 once each");
     }
 
     /// A record over `limits.max_record_bytes` is dead-lettered by the store sinks and applied
