@@ -135,12 +135,20 @@ topics: {{ partitions: 4 }}
 entities:
   account: {{ key: account_id, topic: {name}.accounts }}
   tx: {{ key: tx_id, topic: {name}.txs }}
+  note: {{ key: note_id, topic: {name}.notes }}
 sources:
   ledger:
     topic: {name}.txs
     entity: tx
     fields: {{ account_id: account, amount: amount }}
+  desk:
+    topic: {name}.notes
+    entity: note
+    fields: {{ account_id: account }}
+# No notes are written: this group's tasks are idle in every batch ("Idle tasks" in
+# docs/processing.md), so the group commits no further than their offsets.
 features:
+  notes: {{ from: note, entity: account, key: account_id, agg: count }}
   tx_count: {{ from: tx, entity: account, key: account_id, agg: count }}
   tx_sum: {{ from: tx, entity: account, key: account_id, agg: sum, field: amount }}
   tx_min: {{ from: tx, entity: account, key: account_id, agg: min, field: amount }}

@@ -834,8 +834,8 @@ impl Processor {
             .collect();
         info!(%group, tasks = tasks.len(), "processor aggregation tasks started");
         let mut owned: BTreeSet<i32> = BTreeSet::new();
-        // When each task last wrote a batch.
-        let mut written: BTreeMap<(usize, i32), Instant> = BTreeMap::new();
+        // Each task's last written batch ("Idle tasks").
+        let mut written: BTreeMap<(usize, i32), Written> = BTreeMap::new();
         loop {
             let Some(records) = drain.poll(consumer.as_mut()).await? else {
                 return Ok(());
@@ -849,6 +849,8 @@ impl Processor {
                 {
                     return Ok(());
                 }
+                // Their state is the changelogs' now: each task writes its next batch.
+                written.retain(|&(_, p), _| !new.contains(&p));
             }
             if records.is_empty() {
                 continue;
@@ -899,24 +901,36 @@ impl Processor {
             // record belongs to.
             let mut changelogs: Vec<Vec<(usize, ProduceRecord)>> = Vec::new();
             let mut commits: Vec<((usize, i32), Pending)> = Vec::new();
+            // Per partition: the offset its slowest idle task wrote, where the group commits.
+            let mut idle_at: BTreeMap<i32, i64> = BTreeMap::new();
             for (&(si, p), task) in tasks.iter() {
                 let Some(&end) = next.get(&p) else { continue };
                 let events = inputs.remove(&(si, p)).unwrap_or_default();
                 // Only other stages' records: the task would write its offsets and nothing
                 // else. It does so once per interval, and in every batch while draining.
                 let now = Instant::now();
-                if events.is_empty()
-                    && !shutdown.is_cancelled()
-                    && written
-                        .get(&(si, p))
-                        .is_some_and(|&at| now.duration_since(at) < self.idle_write_interval)
-                {
-                    continue;
+                if let Some(last) = written.get(&(si, p)) {
+                    if events.is_empty()
+                        && !shutdown.is_cancelled()
+                        && !last.more_rolls
+                        && now.duration_since(last.at) < self.idle_write_interval
+                    {
+                        let at = idle_at.entry(p).or_insert(last.end);
+                        *at = (*at).min(last.end);
+                        continue;
+                    }
                 }
-                written.insert((si, p), now);
                 let stage = &self.stages[si];
                 let tp = TopicPartition::new(repartition.as_str(), p);
                 let pending = task.process(stage, &tp, end, events)?;
+                written.insert(
+                    (si, p),
+                    Written {
+                        at: now,
+                        end,
+                        more_rolls: pending.more_rolls,
+                    },
+                );
                 let (topic, fparts) = &feature_partitions[stage.target()];
                 for output in &pending.outputs {
                     outputs.push(feature_record(topic, *fparts, stage.name(), output));
@@ -934,9 +948,14 @@ impl Processor {
                 }
                 commits.push(((si, p), pending));
             }
+            // The group never passes a task's offsets: a restart then resumes where every
+            // task has its state, and needs no rewind (which waits for an empty group).
             let offsets: Vec<(TopicPartition, i64)> = next
                 .into_iter()
-                .map(|(p, n)| (TopicPartition::new(repartition.as_str(), p), n))
+                .map(|(p, n)| {
+                    let at = idle_at.get(&p).map_or(n, |&idle| idle.min(n));
+                    (TopicPartition::new(repartition.as_str(), p), at)
+                })
                 .collect();
             let m = &self.metrics;
             m.record_step(ProcessStep::TasksProcess, processing.elapsed());
@@ -1120,10 +1139,9 @@ pub(crate) async fn committed_before_sync(
 
 /// Rewinds `group` on `topic` to `resume` (the state's next offset per partition, 0 where
 /// absent) wherever it had committed (`committed`, [`committed_before_sync`]) past it: the
-/// state's offsets are the truth. After a sync this happens when an idle task had not written
-/// its offsets yet ([`IDLE_WRITE_INTERVAL`]; its records hold nothing for it, and the other
-/// tasks skip them), or when the changelog lacks what the group committed (offsets that
-/// landed without their records, a recreated changelog).
+/// state's offsets are the truth. After a sync this only happens when the changelog lacks what
+/// the group committed (offsets that landed without their records, a recreated changelog).
+/// (The aggregation loop commits no partition past its slowest task: "Idle tasks".)
 /// `Ok(false)`: `shutdown` came while waiting for a busy group (consume nothing).
 pub(crate) async fn rewind_to_state(
     log: &dyn Log,
@@ -1144,7 +1162,7 @@ pub(crate) async fn rewind_to_state(
     if rewind.is_empty() {
         return Ok(true);
     }
-    info!(%group, %topic, partitions = rewind.len(), "the group committed past the state's offsets (a processor task idle since its last write, or a changelog that lacks what the group committed): rewinding it to them, and the tasks skip what they hold");
+    warn!(%group, %topic, partitions = rewind.len(), "the group committed past the state; rewinding it to the state's offsets");
     Ok(crate::retry::rewind_group(log, group, &rewind, policy, shutdown).await?)
 }
 
@@ -1482,6 +1500,9 @@ struct Pending {
     late: u64,
     duplicates: u64,
     unmatched: u64,
+    /// Quiet keys' rolls were cut at [`MAX_ROLLS_PER_BATCH`]: the rest are due in the task's
+    /// next batch, so the task writes it even without inputs ("Idle tasks").
+    more_rolls: bool,
 }
 
 impl Pending {
@@ -1491,6 +1512,14 @@ impl Pending {
             .map(|(name, batch)| (name.as_str(), batch.changelog()))
             .collect()
     }
+}
+
+/// A task's last written batch: when, its end offset, and whether it left rolls due
+/// ([`Pending::more_rolls`]).
+struct Written {
+    at: Instant,
+    end: i64,
+    more_rolls: bool,
 }
 
 /// Which input of a join a repartition record is.
@@ -1717,6 +1746,7 @@ fn features_batch(
     let stored = read_i64(agg, OUTPUT_TIME_KEY)?.unwrap_or(i64::MIN);
     let time_ms = plain.iter().map(|e| e.time_ms).fold(stored, i64::max);
     let mut outputs = Vec::new();
+    let mut more_rolls = false;
     if time_ms != i64::MIN {
         out.state.put(OUTPUT_TIME_KEY, &time_ms.to_le_bytes());
         if group.windowed {
@@ -1732,14 +1762,10 @@ fn features_batch(
             )?;
             // The batch's last input moved stream time: it names what it rolled.
             let version = Coords::new(tp.topic.clone(), tp.partition, end - 1);
-            outputs.extend(roll_shown_windows(
-                group,
-                agg,
-                &mut out.state,
-                time_ms,
-                due,
-                &version,
-            )?);
+            let rolled;
+            (rolled, more_rolls) =
+                roll_shown_windows(group, agg, &mut out.state, time_ms, due, &version)?;
+            outputs.extend(rolled);
         }
         for update in out.updates {
             let Some(values) = update.values else {
@@ -1769,6 +1795,7 @@ fn features_batch(
         late,
         duplicates,
         unmatched: 0,
+        more_rolls,
     })
 }
 
@@ -1989,7 +2016,8 @@ const MAX_ROLLS_PER_BATCH: usize = if cfg!(test) { 3 } else { 10_000 };
 /// shown once and not filed again, so a key that stays quiet costs nothing more. `due` are
 /// keys [`current_windows`] found due; the others come from the index, read from where the
 /// last pass stopped (`SHOWN_INDEX_POSITION`), at most [`MAX_ROLLS_PER_BATCH`]. `version`
-/// names the input that moved stream time.
+/// names the input that moved stream time. Also says whether the index had more keys due
+/// than one pass takes.
 fn roll_shown_windows(
     group: &FeatureGroup,
     agg: &FjallStore,
@@ -1997,15 +2025,16 @@ fn roll_shown_windows(
     time_ms: i64,
     due: Due,
     version: &Coords,
-) -> Result<Vec<Output>, StoreError> {
+) -> Result<(Vec<Output>, bool), StoreError> {
     if !rolls(group) {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     // By key: the outputs' order, and one roll per key.
     let mut due: BTreeMap<Bytes, Shown> = due.into_iter().collect();
     let from = get_through(agg, state, SHOWN_INDEX_POSITION)?
         .map_or_else(|| SHOWN_INDEX_PREFIX.to_vec(), |p| p.to_vec());
     let to = shown_index_key(time_ms.saturating_add(1), &[]);
+    let mut more = false;
     if from < to {
         let mut position = to.clone();
         let mut entries = Vec::new();
@@ -2016,6 +2045,7 @@ fn roll_shown_windows(
             }
             if entries.len() == MAX_ROLLS_PER_BATCH {
                 position = index_key.to_vec();
+                more = true;
                 break;
             }
             entries.push(index_key);
@@ -2083,7 +2113,7 @@ fn roll_shown_windows(
             });
         }
     }
-    Ok(outputs)
+    Ok((outputs, more))
 }
 
 /// Applies the table rows and joins the stream updates of one partition's share of a batch,
@@ -2151,6 +2181,7 @@ fn join_batch(
         late: 0,
         duplicates: 0,
         unmatched: out.unmatched,
+        more_rolls: false,
     })
 }
 
@@ -3110,43 +3141,64 @@ features:
         newest
     }
 
+    /// A pipeline `name` with orders and tickets naming their customer (one partition) and
+    /// the `features` (YAML lines), and an embedded log with its topics.
+    async fn orders_and_tickets(
+        dir: &Path,
+        name: &str,
+        features: &str,
+    ) -> (PipelineConfig, Arc<dyn Log>) {
+        let yaml = format!(
+            r#"
+name: {name}
+topics: {{ partitions: 1 }}
+entities:
+  customer: {{ key: customer_id, topic: {name}.customers }}
+  order: {{ key: order_id, topic: {name}.orders }}
+  ticket: {{ key: ticket_id, topic: {name}.tickets }}
+sources:
+  shop: {{ topic: {name}.orders, entity: order, fields: {{ customer_id: c }} }}
+  desk: {{ topic: {name}.tickets, entity: ticket, fields: {{ customer_id: c }} }}
+features:{features}
+"#
+        );
+        let config = PipelineConfig::parse("p.yaml", &yaml).unwrap();
+        let log = embedded_log_with(dir, &config, (&format!("{name}.orders"), 1)).await;
+        log.create_topic(&TopicSpec::new(format!("{name}.tickets"), 1))
+            .await
+            .unwrap();
+        (config, log)
+    }
+
+    /// An event `id` of `customer` for `topic`, at log time `time_ms`.
+    fn customer_event(topic: &str, id: &str, customer: &str, time_ms: i64) -> ProduceRecord {
+        let mut r = ProduceRecord::new(
+            topic.to_string(),
+            Some(Bytes::from(id.to_string())),
+            Some(Bytes::from(json!({ "c": customer }).to_string())),
+        );
+        r.timestamp_ms = Some(time_ms);
+        r
+    }
+
     /// A batch with only another group's inputs is not written for an idle task (its offsets
-    /// alone) until its interval has passed: its changelog keeps the one batch of its start.
-    /// A restart then rewinds the group to the idle task's offsets, and the busy task skips
-    /// what is delivered again.
+    /// alone) until its interval has passed. The group commits no further than the idle
+    /// task's offsets (a rewind past it would wait for an empty group on Kafka), so a restart
+    /// delivers again what the busy task holds, and it counts nothing twice.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_task_writes_its_offsets_once_per_interval_and_a_restart_counts_nothing_twice()
     {
         let dir = tempfile::tempdir().unwrap();
-        let yaml = r#"
-name: idle
-topics: { partitions: 1 }
-entities:
-  customer: { key: customer_id, topic: idle.customers }
-  order: { key: order_id, topic: idle.orders }
-  ticket: { key: ticket_id, topic: idle.tickets }
-sources:
-  shop: { topic: idle.orders, entity: order, fields: { customer_id: c } }
-  desk: { topic: idle.tickets, entity: ticket, fields: { customer_id: c } }
-features:
+        let (config, log) = orders_and_tickets(
+            dir.path(),
+            "idle",
+            r#"
   orders_30d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d }
-  tickets_30d: { from: ticket, entity: customer, key: customer_id, agg: count, window: 30d }
-"#;
-        let config = PipelineConfig::parse("p.yaml", yaml).unwrap();
-        let log = embedded_log_with(dir.path(), &config, ("idle.orders", 1)).await;
-        log.create_topic(&TopicSpec::new("idle.tickets", 1))
-            .await
-            .unwrap();
+  tickets_30d: { from: ticket, entity: customer, key: customer_id, agg: count, window: 30d }"#,
+        )
+        .await;
         let producer = log.producer().await.unwrap();
-        let event = |topic: &str, id: &str| {
-            let mut r = ProduceRecord::new(
-                topic.to_string(),
-                Some(Bytes::from(id.to_string())),
-                Some(Bytes::from(json!({ "c": "C-1" }).to_string())),
-            );
-            r.timestamp_ms = Some(now_ms());
-            r
-        };
+        let event = |topic: &str, id: &str| customer_event(topic, id, "C-1", now_ms());
         let data = dir.path().join("data");
         let mut features = log
             .consumer(ConsumerConfig::new(
@@ -3224,11 +3276,108 @@ features:
             2,
             "its first batch (O-1) and T-1; not O-2 and O-3"
         );
+        // Repartition offsets: O-1 0, T-1 1, O-2 2, O-3 3; the tickets task wrote up to 2.
+        let committed = log
+            .committed_offsets(&features_group(&config), &repartition_topic(&config))
+            .await
+            .unwrap();
+        assert_eq!(committed, [(0, Some(2))], "not past the tickets task");
 
-        // The tickets task's offsets are before O-2: the restart delivers O-2 and O-3 again,
-        // and the orders task skips them.
-        let second = run(vec![("idle.orders", "O-4")], Duration::ZERO).await;
+        // The restart delivers O-2 and O-3 again, and the orders task skips them.
+        let second = run(
+            vec![("idle.orders", "O-4"), ("idle.tickets", "T-2")],
+            Duration::ZERO,
+        )
+        .await;
         assert_eq!(second["orders_30d"], json!(4), "O-2 and O-3 once each");
+        assert_eq!(second["tickets_30d"], json!(2));
+    }
+
+    /// Quiet keys' rolls cut at `MAX_ROLLS_PER_BATCH` (3 in tests) go on in the task's next
+    /// batches even when they hold only another group's records: the task is not idle then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_with_rolls_left_writes_batches_without_inputs_of_its_own() {
+        const DAY: i64 = 86_400_000;
+        let dir = tempfile::tempdir().unwrap();
+        let (config, log) = orders_and_tickets(
+            dir.path(),
+            "rolls",
+            r#"
+  orders_today: { from: order, entity: customer, key: customer_id, agg: count, window: { tumbling: 1d } }
+  tickets_ever: { from: ticket, entity: customer, key: customer_id, agg: count }"#,
+        )
+        .await;
+        let producer = log.producer().await.unwrap();
+        let event = customer_event;
+        let shutdown = CancellationToken::new();
+        let mut processor = Processor::new(&config, &dir.path().join("data"), log.clone());
+        processor.idle_write_interval = Duration::from_secs(3_600);
+        let run = tokio::spawn(processor.run(shutdown.clone()));
+        let mut features = log
+            .consumer(ConsumerConfig::new(
+                "reader",
+                vec!["rolls.customers.features".into()],
+            ))
+            .await
+            .unwrap();
+        // orders_today outputs per customer, and tickets_ever outputs; reads until `want`
+        // orders_today outputs and `tickets` tickets_ever ones came in all.
+        let mut outputs: BTreeMap<String, usize> = BTreeMap::new();
+        let mut ticket_outputs = 0;
+        let mut read = async |want: usize, tickets: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while outputs.values().sum::<usize>() < want || ticket_outputs < tickets {
+                assert!(std::time::Instant::now() < deadline, "outputs: {outputs:?}");
+                for r in features
+                    .poll(100, Duration::from_millis(200))
+                    .await
+                    .unwrap()
+                {
+                    let fields: Value = serde_json::from_slice(&r.value.unwrap()).unwrap();
+                    if fields.get("orders_today").is_some() {
+                        let key = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
+                        *outputs.entry(key).or_default() += 1;
+                    }
+                    if fields.get("tickets_ever").is_some() {
+                        ticket_outputs += 1;
+                    }
+                }
+            }
+            outputs.clone()
+        };
+        let day10 = (0..7)
+            .map(|i| {
+                event(
+                    "rolls.orders",
+                    &format!("O-{i}"),
+                    &format!("C-{i}"),
+                    10 * DAY + i,
+                )
+            })
+            .collect();
+        producer.send(day10).await.unwrap();
+        read(7, 0).await;
+        // Day 11: C-7's order, and the rolls of C-0..C-6's day 10, three per batch.
+        let day11 = event("rolls.orders", "O-7", "C-7", 11 * DAY);
+        producer.send(vec![day11]).await.unwrap();
+        read(7 + 1 + 3, 0).await;
+        // Tickets only, a batch each: the orders task has none of its records, but rolls
+        // left: three more, then the last one.
+        for n in 0..2 {
+            let ticket = event("rolls.tickets", &format!("T-{n}"), "C-0", 11 * DAY + 1);
+            producer.send(vec![ticket]).await.unwrap();
+            read(0, n + 1).await;
+        }
+        let outputs = read(7 + 1 + 7, 2).await;
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+        for i in 0..7 {
+            assert_eq!(
+                outputs[&format!("C-{i}")],
+                2,
+                "day 10, then rolled: {outputs:?}"
+            );
+        }
     }
 
     /// A record over `limits.max_record_bytes` is dead-lettered by the store sinks and applied
