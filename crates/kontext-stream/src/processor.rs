@@ -836,12 +836,14 @@ impl Processor {
         let mut owned: BTreeSet<i32> = BTreeSet::new();
         // Each task's last written batch ("Idle tasks").
         let mut written: BTreeMap<(usize, i32), Written> = BTreeMap::new();
+        // Tasks that skipped batches since their last write, with the end of the last one.
+        let mut behind: BTreeMap<(usize, i32), i64> = BTreeMap::new();
         loop {
-            let Some(records) = drain.poll(consumer.as_mut()).await? else {
-                return Ok(());
-            };
+            let polled = drain.poll(consumer.as_mut()).await?;
+            let stopping = polled.is_none();
+            let records = polled.unwrap_or_default();
             let new = newly_assigned(consumer.as_ref(), &repartition, &mut owned);
-            if !new.is_empty() {
+            if !new.is_empty() && !stopping {
                 info!(partitions = ?new, "repartition partitions assigned; syncing their state with the changelogs");
                 if !self
                     .sync_with_changelogs(producer, tasks, &new, Ownership::Assigned, shutdown)
@@ -852,14 +854,35 @@ impl Processor {
                 // Their state is the changelogs' now: each task writes its next batch.
                 written.retain(|&(_, p), _| !new.contains(&p));
             }
-            if records.is_empty() {
-                continue;
-            }
-            self.record_wait(ProcessStep::TasksWait, &records);
-            let processing = Instant::now();
-            // Per (group, partition): the events, and the next offset the batch covers.
-            let mut inputs: BTreeMap<(usize, i32), Vec<Inbound>> = BTreeMap::new();
+            // Only the partitions this member still holds, as it held them before.
+            behind.retain(|&(_, p), _| owned.contains(&p) && !new.contains(&p));
+            // Per partition, the next offset the batch covers.
             let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+            if records.is_empty() {
+                // Quiet (or stopping): the tasks behind write their skipped batches once due
+                // (all of them at the stop), so the group's offsets reach what was processed.
+                let now = Instant::now();
+                for (&(si, p), &end) in &behind {
+                    let due = stopping
+                        || written.get(&(si, p)).is_none_or(|last| {
+                            now.duration_since(last.at) >= self.idle_write_interval
+                        });
+                    if due {
+                        next.insert(p, end);
+                    }
+                }
+                if next.is_empty() {
+                    if stopping {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            } else {
+                self.record_wait(ProcessStep::TasksWait, &records);
+            }
+            let processing = Instant::now();
+            // Per (group, partition): the events.
+            let mut inputs: BTreeMap<(usize, i32), Vec<Inbound>> = BTreeMap::new();
             // Records of a group no longer in the pipeline (renamed or removed; the rewind
             // of a new group's empty state re-reads them all), counted once per batch.
             let mut unknown: BTreeMap<String, (u64, String)> = BTreeMap::new();
@@ -905,6 +928,9 @@ impl Processor {
             let mut idle_at: BTreeMap<i32, i64> = BTreeMap::new();
             for (&(si, p), task) in tasks.iter() {
                 let Some(&end) = next.get(&p) else { continue };
+                if records.is_empty() && !behind.contains_key(&(si, p)) {
+                    continue; // a quiet poll writes the tasks behind; this one is current
+                }
                 let events = inputs.remove(&(si, p)).unwrap_or_default();
                 // Only other stages' records: the task would write its offsets and nothing
                 // else. It does so once per interval, and in every batch while draining.
@@ -917,9 +943,11 @@ impl Processor {
                     {
                         let at = idle_at.entry(p).or_insert(last.end);
                         *at = (*at).min(last.end);
+                        behind.insert((si, p), end);
                         continue;
                     }
                 }
+                behind.remove(&(si, p));
                 let stage = &self.stages[si];
                 let tp = TopicPartition::new(repartition.as_str(), p);
                 let pending = task.process(stage, &tp, end, events)?;
@@ -1031,6 +1059,9 @@ impl Processor {
                 if let Err(e) = consumer.commit_in_background(&offsets).await {
                     warn!(error = %e, "feature offset commit failed; the state skips what is re-delivered");
                 }
+            }
+            if stopping {
+                return Ok(());
             }
         }
     }
@@ -3183,8 +3214,9 @@ features:{features}
 
     /// A batch with only another group's inputs is not written for an idle task (its offsets
     /// alone) until its interval has passed. The group commits no further than the idle
-    /// task's offsets (a rewind past it would wait for an empty group on Kafka), so a restart
-    /// delivers again what the busy task holds, and it counts nothing twice.
+    /// task's offsets (a rewind past it would wait for an empty group on Kafka); the stop, and
+    /// a quiet poll once the interval has passed, write what it skipped, so the group reaches
+    /// the end (no lag is left); a restart counts nothing twice.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_task_writes_its_offsets_once_per_interval_and_a_restart_counts_nothing_twice()
     {
@@ -3208,48 +3240,78 @@ features:{features}
             .await
             .unwrap();
         // Sends each event in a batch of its own: the next only once its features are out.
-        let mut run = async |events: Vec<(&str, &str)>, interval: Duration| {
-            let shutdown = CancellationToken::new();
-            let mut processor = Processor::new(&config, &data, log.clone());
-            processor.idle_write_interval = interval;
-            let run = tokio::spawn(processor.run(shutdown.clone()));
-            let mut newest = BTreeMap::new();
-            for (topic, id) in events {
-                producer.send(vec![event(topic, id)]).await.unwrap();
-                let deadline = std::time::Instant::now() + Duration::from_secs(60);
-                let mut seen = 0;
-                while seen == 0 {
-                    assert!(std::time::Instant::now() < deadline, "no features for {id}");
-                    for r in features
-                        .poll(100, Duration::from_millis(200))
-                        .await
-                        .unwrap()
-                    {
-                        let fields: Value = serde_json::from_slice(&r.value.unwrap()).unwrap();
-                        for (k, v) in fields.as_object().unwrap() {
-                            newest.insert(k.clone(), v.clone());
+        let committed = async || {
+            log.committed_offsets(&features_group(&config), &repartition_topic(&config))
+                .await
+                .unwrap()
+        };
+        // Runs the processor over `events`, each in a batch of its own (the next is sent once
+        // its features are out); the group's committed offsets right after the last one's
+        // features, and once `until` holds for them (polled; before the stop); the newest
+        // features.
+        let mut run =
+            async |events: Vec<(&str, &str)>, interval: Duration, until: &dyn Fn(i64) -> bool| {
+                let shutdown = CancellationToken::new();
+                let mut processor = Processor::new(&config, &data, log.clone());
+                processor.idle_write_interval = interval;
+                let run = tokio::spawn(processor.run(shutdown.clone()));
+                let mut newest = BTreeMap::new();
+                for (topic, id) in events {
+                    producer.send(vec![event(topic, id)]).await.unwrap();
+                    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                    let mut seen = 0;
+                    while seen == 0 {
+                        assert!(std::time::Instant::now() < deadline, "no features for {id}");
+                        for r in features
+                            .poll(100, Duration::from_millis(200))
+                            .await
+                            .unwrap()
+                        {
+                            let fields: Value = serde_json::from_slice(&r.value.unwrap()).unwrap();
+                            for (k, v) in fields.as_object().unwrap() {
+                                newest.insert(k.clone(), v.clone());
+                            }
+                            seen += 1;
                         }
-                        seen += 1;
                     }
                 }
-            }
-            shutdown.cancel();
-            run.await.unwrap().unwrap();
-            newest
-        };
-        let hour = Duration::from_secs(3_600);
-        let first = run(
+                let offset = async || committed().await[0].1.unwrap_or(0);
+                let after_last = offset().await;
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while !until(offset().await) {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "committed: {:?}",
+                        committed().await
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                shutdown.cancel();
+                run.await.unwrap().unwrap();
+                (newest, after_last)
+            };
+        // Repartition offsets: O-1 0, T-1 1, O-2 2, O-3 3, O-4 4. When O-4's features are out,
+        // the commit of O-2's batch has landed (an embedded commit waits for the one before).
+        let (first, after_last) = run(
             vec![
                 ("idle.orders", "O-1"),
                 ("idle.tickets", "T-1"),
                 ("idle.orders", "O-2"),
                 ("idle.orders", "O-3"),
+                ("idle.orders", "O-4"),
             ],
-            hour,
+            Duration::from_secs(3_600),
+            &|_| true,
         )
         .await;
-        assert_eq!(first["orders_30d"], json!(3));
+        assert_eq!(first["orders_30d"], json!(4));
         assert_eq!(first["tickets_30d"], json!(1));
+        assert_eq!(
+            after_last, 2,
+            "not past the tickets task, which wrote up to T-1"
+        );
+        // The stop writes the tickets task's skipped batches: the group is at the end.
+        assert_eq!(committed().await, [(0, Some(5))]);
 
         // Batch-end markers in each group's changelog.
         let batches = async |feature: &str| {
@@ -3270,26 +3332,26 @@ features:{features}
                     .count();
             }
         };
-        assert_eq!(batches("orders_30d").await, 3, "O-1, O-2, O-3");
+        assert_eq!(batches("orders_30d").await, 4, "O-1 to O-4");
         assert_eq!(
             batches("tickets_30d").await,
-            2,
-            "its first batch (O-1) and T-1; not O-2 and O-3"
+            3,
+            "its first batch (O-1), T-1 and the stop's; not O-2 to O-4"
         );
-        // Repartition offsets: O-1 0, T-1 1, O-2 2, O-3 3; the tickets task wrote up to 2.
-        let committed = log
-            .committed_offsets(&features_group(&config), &repartition_topic(&config))
-            .await
-            .unwrap();
-        assert_eq!(committed, [(0, Some(2))], "not past the tickets task");
 
-        // The restart delivers O-2 and O-3 again, and the orders task skips them.
-        let second = run(
-            vec![("idle.orders", "O-4"), ("idle.tickets", "T-2")],
-            Duration::ZERO,
+        // Quiet once its interval has passed, the tickets task writes what it skipped, and
+        // the group reaches the end (O-5 6, T-2 7, O-6 8) before any stop.
+        let (second, _) = run(
+            vec![
+                ("idle.orders", "O-5"),
+                ("idle.tickets", "T-2"),
+                ("idle.orders", "O-6"),
+            ],
+            Duration::from_millis(100),
+            &|offset| offset == 8,
         )
         .await;
-        assert_eq!(second["orders_30d"], json!(4), "O-2 and O-3 once each");
+        assert_eq!(second["orders_30d"], json!(6), "each order once");
         assert_eq!(second["tickets_30d"], json!(2));
     }
 
