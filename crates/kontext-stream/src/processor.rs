@@ -858,11 +858,11 @@ impl Processor {
             behind.retain(|&(_, p), _| owned.contains(&p) && !new.contains(&p));
             // Per partition, the next offset the batch covers.
             let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+            let now = Instant::now();
             if records.is_empty() {
                 // Quiet: the tasks behind write their skipped batches once due, so the group's
                 // offsets reach what was processed (lag returns to zero). (Not at the stop: it
                 // may find the log unreachable, and a restart resumes at the tasks' offsets.)
-                let now = Instant::now();
                 for (&(si, p), &end) in &behind {
                     let due = written
                         .get(&(si, p))
@@ -921,8 +921,6 @@ impl Processor {
             // record belongs to.
             let mut changelogs: Vec<Vec<(usize, ProduceRecord)>> = Vec::new();
             let mut commits: Vec<((usize, i32), Pending)> = Vec::new();
-            // Per partition: the offset its slowest idle task wrote, where the group commits.
-            let mut idle_at: BTreeMap<i32, i64> = BTreeMap::new();
             for (&(si, p), task) in tasks.iter() {
                 let Some(&end) = next.get(&p) else { continue };
                 if records.is_empty() && !behind.contains_key(&(si, p)) {
@@ -931,15 +929,12 @@ impl Processor {
                 let events = inputs.remove(&(si, p)).unwrap_or_default();
                 // Only other stages' records: the task would write its offsets and nothing
                 // else. It does so once per interval, and in every batch while draining.
-                let now = Instant::now();
                 if let Some(last) = written.get(&(si, p)) {
                     if events.is_empty()
                         && !shutdown.is_cancelled()
                         && !last.more_rolls
                         && now.duration_since(last.at) < self.idle_write_interval
                     {
-                        let at = idle_at.entry(p).or_insert(last.end);
-                        *at = (*at).min(last.end);
                         behind.insert((si, p), end);
                         continue;
                     }
@@ -973,12 +968,18 @@ impl Processor {
                 }
                 commits.push(((si, p), pending));
             }
-            // The group never passes a task's offsets: a restart then resumes where every
-            // task has its state, and needs no rewind (which waits for an empty group).
+            // The group never passes a task's offsets: each partition is committed at its
+            // slowest task (the batch's end, or the last write of a task behind). A restart then
+            // resumes where every task has its state, and needs no rewind (which waits for an
+            // empty group).
             let offsets: Vec<(TopicPartition, i64)> = next
                 .into_iter()
                 .map(|(p, n)| {
-                    let at = idle_at.get(&p).map_or(n, |&idle| idle.min(n));
+                    let at = behind
+                        .keys()
+                        .filter(|&&(_, q)| q == p)
+                        .filter_map(|id| written.get(id).map(|last| last.end))
+                        .fold(n, i64::min);
                     (TopicPartition::new(repartition.as_str(), p), at)
                 })
                 .collect();
@@ -1064,9 +1065,7 @@ impl Processor {
     /// empty poll).
     fn record_wait(&self, step: ProcessStep, records: &[Record]) {
         if let Some(oldest) = records.iter().map(|r| r.timestamp_ms).min() {
-            let waited = u64::try_from(now_ms() - oldest).unwrap_or(0);
-            self.metrics
-                .record_step(step, Duration::from_millis(waited));
+            self.metrics.process_steps[step as usize].record_ms(now_ms() - oldest);
         }
     }
 
