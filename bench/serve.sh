@@ -20,7 +20,8 @@
 # Environment: RATE (10000), EXTRA_RATES (more fixed rates, e.g. "1000 3000"), MD_RATE (2000), SECONDS_PER_RUN (20), INGEST_RATE (1000),
 # CUSTOMERS (200), CONNECTIONS (16), MAX_CONNECTIONS (8), PORT (18080), PGPORT (55433),
 # REDIS_PORT (56379), KAFKA_PORT (19092), OUT (bench/out/serve-<time>.txt), KONTEXT (a built
-# kontext binary to use instead of building one).
+# kontext binary to use instead of building one), SERVE_THREADS (0: the API shares the
+# pipeline's runtime; N: `quickstart --serve-threads N`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -95,7 +96,7 @@ wait_steady() {
 start_quickstart() { # data dir, extra args...
     local dir="$1"; shift
     "$KONTEXT" quickstart --port "$PORT" --data-dir "$dir" --customers "$CUSTOMERS" \
-        --rate "$INGEST_RATE" "$@" >"$dir.log" 2>&1 &
+        --rate "$INGEST_RATE" --serve-threads "${SERVE_THREADS:-0}" "$@" >"$dir.log" 2>&1 &
     QS_PID=$!
     pids+=("$QS_PID")
     for _ in $(seq 1 600); do

@@ -169,6 +169,9 @@ pub struct Running {
     /// The processor stage computing `features`, when the pipeline has any.
     processor: Option<JoinHandle<Result<(), kontext_stream::processor::ProcessorError>>>,
     server: JoinHandle<std::io::Result<()>>,
+    /// Runs `server` when the API has threads of its own (`serve.threads`); shut down when
+    /// this is dropped, after every task ended.
+    _serving: ServingRuntime,
 }
 
 impl Running {
@@ -199,6 +202,50 @@ impl Running {
         }
         server.context("HTTP server failed")?;
         Ok(())
+    }
+}
+
+/// The HTTP API's own async runtime, if it has one. On the pipeline's runtime a request can
+/// wait in the workers' queues behind the sinks' and the processor's batches; on threads of its
+/// own, which sleep until a request arrives, the operating system runs it as soon as it comes.
+struct ServingRuntime(Option<tokio::runtime::Runtime>);
+
+impl ServingRuntime {
+    /// Serves the API on `listener`: on a runtime of `threads` threads, or on the current one
+    /// when `threads` is 0.
+    fn serve(
+        threads: usize,
+        listener: std::net::TcpListener,
+        state: AppState,
+        shutdown: CancellationToken,
+    ) -> Result<(Self, JoinHandle<std::io::Result<()>>)> {
+        listener.set_nonblocking(true)?;
+        if threads == 0 {
+            let listener = TcpListener::from_std(listener)?;
+            let server = tokio::spawn(kontext_serve::serve(listener, state, shutdown));
+            return Ok((Self(None), server));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("kontext-serve")
+            .enable_all()
+            .build()
+            .context("starting the HTTP API's runtime (serve.threads)")?;
+        let server = {
+            let _in_runtime = runtime.enter();
+            let listener = TcpListener::from_std(listener)?;
+            runtime.spawn(kontext_serve::serve(listener, state, shutdown))
+        };
+        Ok((Self(Some(runtime)), server))
+    }
+}
+
+impl Drop for ServingRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            // Dropped on the pipeline's runtime, which must not block.
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -420,8 +467,7 @@ pub async fn start_pipeline(
             result
         })
     });
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("binding the HTTP API to {listen}"))?;
     let addr = listener.local_addr()?;
     let state = AppState::new(
@@ -447,7 +493,8 @@ pub async fn start_pipeline(
         shutdown.clone(),
     )))
     .with_entity_descriptions(kontext_serve::mcp::EntityCatalog::from_config(config));
-    let server = tokio::spawn(kontext_serve::serve(listener, state.clone(), shutdown));
+    let (serving, server) =
+        ServingRuntime::serve(config.serve.threads, listener, state.clone(), shutdown)?;
     info!(%addr, store = %served.name, "serving context");
     Ok(Running {
         store,
@@ -457,6 +504,7 @@ pub async fn start_pipeline(
         sinks,
         processor,
         server,
+        _serving: serving,
     })
 }
 
@@ -490,4 +538,57 @@ pub fn cancel_on_signal(token: CancellationToken) {
         info!("shutting down");
         token.cancel();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// `GET path` on a plain connection from this thread, waiting at most 30 s for the answer.
+    fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        match conn.read_to_string(&mut answer) {
+            Ok(_) => answer,
+            Err(e) => panic!("no answer to GET {path} in 30 s: {e}"),
+        }
+    }
+
+    /// With threads of its own, the API answers while the pipeline's runtime has no worker
+    /// free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn with_threads_of_its_own_the_api_answers_while_every_pipeline_worker_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::quickstart::builtin_pipeline().unwrap();
+        config.serve.threads = 1;
+        let log: Arc<dyn Log> =
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedConfig::default()).unwrap();
+        ensure_topics(log.as_ref(), &config).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let running = start_pipeline(&config, dir.path(), log, "127.0.0.1:0", shutdown.clone())
+            .await
+            .unwrap();
+        let addr = running.addr;
+        // The runtime's only worker waits, without yielding, for a client on another thread.
+        let answer = tokio::spawn(async move {
+            std::thread::spawn(move || http_get(addr, "/v1/context/customer/C-1"))
+                .join()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        assert!(answer.contains("\"entity_not_found\""), "{answer}");
+        shutdown.cancel();
+        running.join().await.unwrap();
+    }
 }

@@ -45,6 +45,10 @@ pub struct QuickstartArgs {
     /// to stderr then.
     #[arg(long)]
     mcp_stdio: bool,
+    /// Threads of the HTTP API's own async runtime; 0: it shares the pipeline's (the
+    /// pipeline file's `serve.threads`).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    serve_threads: usize,
 }
 
 /// The built-in customer-service pipeline.
@@ -64,6 +68,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
             exactly_once: false,
         };
     }
+    config.serve.threads = args.serve_threads;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let shutdown = CancellationToken::new();

@@ -60,6 +60,9 @@ pub struct Rebuilds {
     slots: BTreeMap<String, Arc<StoreSlot>>,
     runs: Mutex<BTreeMap<String, Run>>,
     shutdown: CancellationToken,
+    /// The pipeline's runtime: a rebuild is pipeline work, started from a request on the API's
+    /// own runtime (see [`crate::app::start_pipeline`]).
+    runtime: tokio::runtime::Handle,
 }
 
 struct Run {
@@ -82,6 +85,7 @@ impl Rebuilds {
             slots,
             runs: Mutex::new(BTreeMap::new()),
             shutdown,
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -139,7 +143,7 @@ impl Admin for Rebuilds {
             status: status.clone(),
             cancel: cancel.clone(),
         };
-        tokio::spawn(job.run());
+        self.runtime.spawn(job.run());
         let snapshot = lock(&status).clone();
         runs.insert(store.to_string(), Run { status, cancel });
         Ok(snapshot)

@@ -151,7 +151,8 @@ async fn a_rebuild_under_load_switches_without_a_failed_read_and_loses_nothing()
 
 /// kill -9 while a rebuild runs: the restart serves the version that was current (or, had
 /// the switch already happened, the new one) and deletes what the rebuild left behind;
-/// either way every valid record is applied exactly once.
+/// either way every valid record is applied exactly once. The API runs on threads of its own
+/// here (`--serve-threads`), so the rebuild is started from them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_killed_midway_leaves_the_current_version_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -167,6 +168,8 @@ async fn a_rebuild_killed_midway_leaves_the_current_version_serving() {
         "2000",
         "--customers",
         "500",
+        "--serve-threads",
+        "2",
     ]);
     kontext.wait_for_line("curl -s http://", Duration::from_secs(60));
     let started = reqwest::Client::new()

@@ -438,6 +438,12 @@ pub struct ServeConfig {
     /// The MCP endpoint (`/mcp`).
     #[serde(default)]
     pub mcp: McpConfig,
+    /// `0`: the API runs on the pipeline's async runtime. `N`: on a runtime of its own with
+    /// `N` threads, where a request does not wait behind the pipeline's batches (a lower tail
+    /// for short requests under ingest; markdown renderings, which take longer, then share the
+    /// cores with the pipeline by the operating system's time slices).
+    #[serde(default)]
+    pub threads: usize,
 }
 
 /// The MCP endpoint of the HTTP API.
@@ -553,6 +559,7 @@ impl Default for ServeConfig {
             store: None,
             render: RenderConfig::default(),
             mcp: McpConfig::default(),
+            threads: 0,
         }
     }
 }

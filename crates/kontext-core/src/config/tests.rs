@@ -132,6 +132,18 @@ fn render_section_defaults_to_cl100k_and_no_priority() {
 }
 
 #[test]
+fn the_api_shares_the_pipelines_runtime_unless_given_threads() {
+    let c = PipelineConfig::parse("p.yaml", VALID).unwrap();
+    assert_eq!(c.serve.threads, 0);
+    let c = PipelineConfig::parse("p.yaml", &format!("{VALID}serve:\n  threads: 2\n")).unwrap();
+    assert_eq!(c.serve.threads, 2);
+    let err = PipelineConfig::parse("p.yaml", &format!("{VALID}serve:\n  threads: -1\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("threads"), "{err}");
+}
+
+#[test]
 fn render_priority_and_tokenizer_parse() {
     let text = format!(
         "{VALID}serve:\n  render:\n    priority: [related.order, fields, belongs_to.customer, provenance]\n    tokenizer: o200k\n"
