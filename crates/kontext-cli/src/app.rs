@@ -225,18 +225,22 @@ impl ServingRuntime {
             let server = tokio::spawn(kontext_serve::serve(listener, state, shutdown));
             return Ok((Self(None), server));
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("kontext-serve")
-            .enable_all()
-            .build()
-            .context("starting the HTTP API's runtime (serve.threads)")?;
+        // Wrapped at once: dropped on an error below, a bare runtime would panic here.
+        let serving = Self(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("kontext-serve")
+                .enable_all()
+                .build()
+                .context("starting the HTTP API's runtime (serve.threads)")?,
+        ));
         let server = {
+            let runtime = serving.0.as_ref().expect("built above");
             let _in_runtime = runtime.enter();
             let listener = TcpListener::from_std(listener)?;
             runtime.spawn(kontext_serve::serve(listener, state, shutdown))
         };
-        Ok((Self(Some(runtime)), server))
+        Ok((serving, server))
     }
 }
 
