@@ -31,17 +31,20 @@
 //! `chunked_counts_equal_whole_counts` checks this on random line-structured texts with both
 //! BPEs, and every render test compares the reported count with a direct count of the text.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::LazyLock;
 
 use kontext_core::config::Tokenizer;
 
 /// Chunks longer than this are counted every time rather than kept (a huge field value should
 /// not stay in memory because it was rendered once).
 const MAX_CACHED_CHUNK: usize = 1024;
-/// When the cache of one tokenizer holds more text than this, it starts over.
-const MAX_CACHED_BYTES: usize = 8 << 20;
+/// Text kept per tokenizer. The cache evicts the chunks used least (quick_cache's S3-FIFO), so
+/// the lines a rendering shares with the one before stay while new lines (ingest changes
+/// documents all the time) come and go.
+const MAX_CACHED_BYTES: u64 = 8 << 20;
+/// Bytes counted per kept chunk besides its text: the box, the count and the entry.
+const CHUNK_OVERHEAD: u64 = 32;
 
 /// Tokens of `text` with `tokenizer`, exactly as [`super::count`] counts them, reusing the
 /// counts of lines seen before.
@@ -49,40 +52,19 @@ pub(super) fn count_cached(tokenizer: Tokenizer, text: &str) -> usize {
     if !ENABLED.load(Ordering::Relaxed) {
         return super::count(tokenizer, text);
     }
-    let mut total = 0;
-    let mut missing: Vec<&str> = Vec::new();
-    {
-        let cache = lock(tokenizer);
-        for chunk in chunks(text) {
-            match cache.counts.get(chunk) {
-                Some(&n) => total += n as usize,
-                None => missing.push(chunk),
-            }
-        }
-    }
-    if missing.is_empty() {
-        return total;
-    }
-    // Counted outside the lock: concurrent renders do not wait on each other's BPE work.
-    let counted: Vec<(&str, usize)> = missing
-        .into_iter()
-        .map(|c| (c, super::count(tokenizer, c)))
-        .collect();
-    let mut cache = lock(tokenizer);
-    for (chunk, n) in counted {
-        total += n;
-        cache.insert(chunk, n);
-    }
-    total
+    let counts = match tokenizer {
+        Tokenizer::Cl100k => &CL100K,
+        Tokenizer::O200k => &O200K,
+    };
+    counts.count(tokenizer, text)
 }
 
 /// Forgets every cached count, so the next renders count from scratch (benchmarks measure
 /// both cases).
 #[doc(hidden)]
 pub fn clear_token_cache() {
-    for t in [Tokenizer::Cl100k, Tokenizer::O200k] {
-        *lock(t) = Cache::default();
-    }
+    CL100K.0.clear();
+    O200K.0.clear();
 }
 
 /// Turns the cache off (every count runs the BPE over the whole text, as renders did before
@@ -126,38 +108,50 @@ fn cuttable(b: u8) -> bool {
     b.is_ascii() && !b.is_ascii_whitespace() && b != b'/' && b != 0x0b
 }
 
-#[derive(Default)]
-struct Cache {
-    counts: HashMap<Box<str>, u32>,
-    bytes: usize,
-}
+/// Token counts of chunks, shared by every rendering thread. The cache is sharded and
+/// evicts a few entries at a time: no rendering waits for another's lookups or for a purge.
+struct Counts(quick_cache::sync::Cache<Box<str>, u32, ChunkBytes>);
 
-impl Cache {
-    fn insert(&mut self, chunk: &str, n: usize) {
-        if chunk.len() > MAX_CACHED_CHUNK || self.counts.contains_key(chunk) {
-            return;
-        }
-        if self.bytes + chunk.len() > MAX_CACHED_BYTES {
-            *self = Cache::default();
-        }
-        self.bytes += chunk.len();
-        self.counts
-            .insert(chunk.into(), u32::try_from(n).unwrap_or(u32::MAX));
+#[derive(Clone)]
+struct ChunkBytes;
+
+impl quick_cache::Weighter<Box<str>, u32> for ChunkBytes {
+    fn weight(&self, chunk: &Box<str>, _: &u32) -> u64 {
+        chunk.len() as u64 + CHUNK_OVERHEAD
     }
 }
 
-static CL100K: LazyLock<Mutex<Cache>> = LazyLock::new(Mutex::default);
-static O200K: LazyLock<Mutex<Cache>> = LazyLock::new(Mutex::default);
+impl Counts {
+    /// A cache of about `bytes` of chunks.
+    fn new(bytes: u64) -> Self {
+        Self(quick_cache::sync::Cache::with_weighter(
+            (bytes / (64 + CHUNK_OVERHEAD)) as usize,
+            bytes,
+            ChunkBytes,
+        ))
+    }
 
-fn lock(tokenizer: Tokenizer) -> MutexGuard<'static, Cache> {
-    let cache = match tokenizer {
-        Tokenizer::Cl100k => &CL100K,
-        Tokenizer::O200k => &O200K,
-    };
-    // A panic while holding the lock cannot leave a wrong count behind (insertions are
-    // single calls), so a poisoned cache is still good.
-    cache.lock().unwrap_or_else(|e| e.into_inner())
+    /// Tokens of `text` with `tokenizer`: the sum of its chunks' counts, each looked up or
+    /// counted (and kept, unless it is longer than [`MAX_CACHED_CHUNK`]).
+    fn count(&self, tokenizer: Tokenizer, text: &str) -> usize {
+        chunks(text)
+            .map(|chunk| match self.0.get(chunk) {
+                Some(n) => n as usize,
+                None => {
+                    let n = super::count(tokenizer, chunk);
+                    if chunk.len() <= MAX_CACHED_CHUNK {
+                        self.0
+                            .insert(chunk.into(), u32::try_from(n).unwrap_or(u32::MAX));
+                    }
+                    n
+                }
+            })
+            .sum()
+    }
 }
+
+static CL100K: LazyLock<Counts> = LazyLock::new(|| Counts::new(MAX_CACHED_BYTES));
+static O200K: LazyLock<Counts> = LazyLock::new(|| Counts::new(MAX_CACHED_BYTES));
 
 #[cfg(test)]
 mod tests {
@@ -192,6 +186,32 @@ mod tests {
             assert_eq!(count_cached(t, text), count(t, text));
             // Second time from the cache.
             assert_eq!(count_cached(t, text), count(t, text));
+        }
+    }
+
+    /// A cache over its size keeps counting exactly, holds about its size, and keeps the
+    /// counts of the lines every text shares.
+    #[test]
+    fn a_full_cache_evicts_some_counts_and_counts_exactly() {
+        let shared = "# customer C-1\n## fields\n";
+        for t in [Tokenizer::Cl100k, Tokenizer::O200k] {
+            let counts = Counts::new(4096);
+            for i in 0..500 {
+                let text = format!("{shared}- order O-{i}: placed at 12:{:02} (日本)\n", i % 60);
+                assert_eq!(counts.count(t, &text), count(t, &text), "{t:?} {text}");
+            }
+            assert!(counts.0.weight() <= 4096, "{}", counts.0.weight());
+            assert!(
+                counts.0.len() < 500,
+                "nothing was evicted: {}",
+                counts.0.len()
+            );
+            for chunk in chunks(shared) {
+                assert!(
+                    counts.0.get(chunk).is_some(),
+                    "{t:?}: {chunk:?} was evicted"
+                );
+            }
         }
     }
 
