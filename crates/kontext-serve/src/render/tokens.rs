@@ -54,19 +54,18 @@ pub(super) fn count_cached(tokenizer: Tokenizer, text: &str) -> usize {
     if !ENABLED.load(Ordering::Relaxed) {
         return super::count(tokenizer, text);
     }
-    let counts = match tokenizer {
-        Tokenizer::Cl100k => &CL100K,
-        Tokenizer::O200k => &O200K,
-    };
-    counts.count(tokenizer, text)
+    match tokenizer {
+        Tokenizer::Cl100k => CL100K.count(text),
+        Tokenizer::O200k => O200K.count(text),
+    }
 }
 
 /// Forgets every cached count, so the next renders count from scratch (benchmarks measure
 /// both cases).
 #[doc(hidden)]
 pub fn clear_token_cache() {
-    CL100K.0.clear();
-    O200K.0.clear();
+    CL100K.cache.clear();
+    O200K.cache.clear();
 }
 
 /// Turns the cache off (every count runs the BPE over the whole text, as renders did before
@@ -110,9 +109,13 @@ fn cuttable(b: u8) -> bool {
     b.is_ascii() && !b.is_ascii_whitespace() && b != b'/' && b != 0x0b
 }
 
-/// Token counts of chunks, shared by every rendering thread. The cache is sharded and
-/// evicts a few entries at a time: no rendering waits for another's lookups or for a purge.
-struct Counts(quick_cache::sync::Cache<Box<str>, u32, ChunkBytes>);
+/// Token counts of chunks with one tokenizer, shared by every rendering thread. The cache is
+/// sharded and evicts a few entries at a time: no rendering waits for another's lookups or for
+/// a purge.
+struct Counts {
+    tokenizer: Tokenizer,
+    cache: quick_cache::sync::Cache<Box<str>, u32, ChunkBytes>,
+}
 
 #[derive(Clone)]
 struct ChunkBytes;
@@ -124,25 +127,28 @@ impl quick_cache::Weighter<Box<str>, u32> for ChunkBytes {
 }
 
 impl Counts {
-    /// A cache of about `bytes` of chunks.
-    fn new(bytes: u64) -> Self {
-        Self(quick_cache::sync::Cache::with_weighter(
-            (bytes / (64 + CHUNK_OVERHEAD)) as usize,
-            bytes,
-            ChunkBytes,
-        ))
+    /// A cache of about `bytes` of chunks counted with `tokenizer`.
+    fn new(tokenizer: Tokenizer, bytes: u64) -> Self {
+        Self {
+            tokenizer,
+            cache: quick_cache::sync::Cache::with_weighter(
+                (bytes / (64 + CHUNK_OVERHEAD)) as usize,
+                bytes,
+                ChunkBytes,
+            ),
+        }
     }
 
-    /// Tokens of `text` with `tokenizer`: the sum of its chunks' counts, each looked up or
-    /// counted (and kept, unless it is longer than [`MAX_CACHED_CHUNK`]).
-    fn count(&self, tokenizer: Tokenizer, text: &str) -> usize {
+    /// Tokens of `text`: the sum of its chunks' counts, each looked up or counted (and kept,
+    /// unless it is longer than [`MAX_CACHED_CHUNK`]).
+    fn count(&self, text: &str) -> usize {
         chunks(text)
-            .map(|chunk| match self.0.get(chunk) {
+            .map(|chunk| match self.cache.get(chunk) {
                 Some(n) => n as usize,
                 None => {
-                    let n = super::count(tokenizer, chunk);
+                    let n = super::count(self.tokenizer, chunk);
                     if chunk.len() <= MAX_CACHED_CHUNK {
-                        self.0
+                        self.cache
                             .insert(chunk.into(), u32::try_from(n).unwrap_or(u32::MAX));
                     }
                     n
@@ -152,8 +158,9 @@ impl Counts {
     }
 }
 
-static CL100K: LazyLock<Counts> = LazyLock::new(|| Counts::new(MAX_CACHED_BYTES));
-static O200K: LazyLock<Counts> = LazyLock::new(|| Counts::new(MAX_CACHED_BYTES));
+static CL100K: LazyLock<Counts> =
+    LazyLock::new(|| Counts::new(Tokenizer::Cl100k, MAX_CACHED_BYTES));
+static O200K: LazyLock<Counts> = LazyLock::new(|| Counts::new(Tokenizer::O200k, MAX_CACHED_BYTES));
 
 #[cfg(test)]
 mod tests {
@@ -197,20 +204,20 @@ mod tests {
     fn a_full_cache_evicts_some_counts_and_counts_exactly() {
         let shared = "# customer C-1\n## fields\n";
         for t in [Tokenizer::Cl100k, Tokenizer::O200k] {
-            let counts = Counts::new(4096);
+            let counts = Counts::new(t, 4096);
             for i in 0..500 {
                 let text = format!("{shared}- order O-{i}: placed at 12:{:02} (日本)\n", i % 60);
-                assert_eq!(counts.count(t, &text), count(t, &text), "{t:?} {text}");
+                assert_eq!(counts.count(&text), count(t, &text), "{t:?} {text}");
             }
-            assert!(counts.0.weight() <= 4096, "{}", counts.0.weight());
+            assert!(counts.cache.weight() <= 4096, "{}", counts.cache.weight());
             assert!(
-                counts.0.len() < 500,
+                counts.cache.len() < 500,
                 "nothing was evicted: {}",
-                counts.0.len()
+                counts.cache.len()
             );
             for chunk in chunks(shared) {
                 assert!(
-                    counts.0.get(chunk).is_some(),
+                    counts.cache.get(chunk).is_some(),
                     "{t:?}: {chunk:?} was evicted"
                 );
             }
