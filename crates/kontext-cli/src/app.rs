@@ -175,34 +175,56 @@ pub struct Running {
 }
 
 impl Running {
-    /// Waits for every task to end (after `shutdown` was cancelled, or on a fatal error).
+    /// Waits for every task to end (after `shutdown` was cancelled, or on a fatal error), and
+    /// returns the first failure or panic among them once all have ended.
     pub async fn join(self) -> Result<()> {
-        let mut first_error = None;
-        for (name, sink) in self.sinks {
-            let result = sink
-                .await
-                .with_context(|| format!("the sink of store {name} panicked"))?
-                .with_context(|| format!("the sink of store {name} failed"));
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
-            }
-        }
-        if let Some(processor) = self.processor {
-            let result = processor
-                .await
-                .context("the processor panicked")?
-                .context("the processor failed");
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
-            }
-        }
-        let server = self.server.await.context("HTTP task panicked")?;
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        server.context("HTTP server failed")?;
-        Ok(())
+        join_tasks(self.sinks, self.processor, self.server).await
     }
+}
+
+/// Awaits every task, also after one of them failed or panicked (a task that fails or panics
+/// cancels the shutdown token, so the others end too), and then returns the first failure: a
+/// sink's, the processor's, or the HTTP server's.
+async fn join_tasks<S, P>(
+    sinks: Vec<(String, JoinHandle<Result<(), S>>)>,
+    processor: Option<JoinHandle<Result<(), P>>>,
+    server: JoinHandle<std::io::Result<()>>,
+) -> Result<()>
+where
+    S: std::error::Error + Send + Sync + 'static,
+    P: std::error::Error + Send + Sync + 'static,
+{
+    let mut outcomes = Vec::new();
+    for (name, sink) in sinks {
+        outcomes.push(outcome(sink.await, &format!("the sink of store {name}")));
+    }
+    if let Some(processor) = processor {
+        outcomes.push(outcome(processor.await, "the processor"));
+    }
+    outcomes.push(outcome(server.await, "the HTTP server"));
+    outcomes.into_iter().collect()
+}
+
+/// A joined task's result, its panic turned into an error naming `what` panicked.
+fn outcome<E>(joined: Result<Result<(), E>, tokio::task::JoinError>, what: &str) -> Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match joined {
+        Ok(result) => result.with_context(|| format!("{what} failed")),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("{what} panicked"))),
+    }
+}
+
+/// Spawns `task` and cancels `stop` when it ends: returned, failed or panicked.
+fn spawn_then_cancel<T: Send + 'static>(
+    stop: CancellationToken,
+    task: impl std::future::Future<Output = T> + Send + 'static,
+) -> JoinHandle<T> {
+    tokio::spawn(async move {
+        let _stop = stop.drop_guard();
+        task.await
+    })
 }
 
 /// The HTTP API's own async runtime, if it has one. On the pipeline's runtime a request can
@@ -378,11 +400,9 @@ async fn spawn_sink(
     if let Some(letters) = store_dead_letters(config, name, log.as_ref()).await? {
         sink = sink.with_dead_letters(letters);
     }
-    Ok(tokio::spawn(async move {
-        let result = sink.run(shutdown.clone()).await;
-        // A dead sink must not leave the API serving stale context silently.
-        shutdown.cancel();
-        result
+    // A dead sink must not leave the API serving stale context silently.
+    Ok(spawn_then_cancel(shutdown.clone(), async move {
+        sink.run(shutdown).await
     }))
 }
 
@@ -454,12 +474,14 @@ pub async fn start_pipeline(
             .with_metrics(metrics.clone());
         let shutdown = shutdown.clone();
         let (log, topics) = (log.clone(), config.source_topics());
-        let sink_shutdown = sink_shutdown.clone();
         info!(group = %kontext_stream::processor::process_group(config), "processor started");
-        tokio::spawn(async move {
-            let result = processor.run(shutdown.clone()).await;
-            // Features that stop updating must not go unnoticed.
-            shutdown.cancel();
+        // The sinks stop after the processor, also when it panicked.
+        spawn_then_cancel(sink_shutdown.clone(), async move {
+            let result = {
+                // Features that stop updating must not go unnoticed.
+                let _stop = shutdown.clone().drop_guard();
+                processor.run(shutdown.clone()).await
+            };
             kontext_stream::processor::wait_until_applied(
                 log.as_ref(),
                 &drained_stores,
@@ -467,7 +489,6 @@ pub async fn start_pipeline(
                 Duration::from_secs(30),
             )
             .await;
-            sink_shutdown.cancel();
             result
         })
     });
@@ -565,6 +586,47 @@ mod tests {
             Ok(_) => answer,
             Err(e) => panic!("no answer to GET {path} in 30 s: {e}"),
         }
+    }
+
+    /// A task that panics stops the others, and the join reports the panic only after every
+    /// task has ended (it used to return at the panic and leave the others running).
+    #[tokio::test]
+    async fn a_panicking_task_stops_the_others_and_the_join_awaits_them_all() {
+        use std::future::Future;
+        let shutdown = CancellationToken::new();
+        let panicking: JoinHandle<Result<(), std::io::Error>> =
+            spawn_then_cancel(shutdown.clone(), async { panic!("test: a sink panicked") });
+        // Sink b, once told to stop, ends only after `finish`: its last batch.
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let stops = |token: CancellationToken| async move {
+            token.cancelled().await;
+            Ok::<(), std::io::Error>(())
+        };
+        let b = tokio::spawn({
+            let stopped = stops(shutdown.clone());
+            async move {
+                stopped.await?;
+                finished.await.expect("the test holds `finish`");
+                Ok::<(), std::io::Error>(())
+            }
+        });
+        let server = tokio::spawn(stops(shutdown.clone()));
+        let mut join = Box::pin(join_tasks(
+            vec![("a".into(), panicking), ("b".into(), b)],
+            None::<JoinHandle<Result<(), std::io::Error>>>,
+            server,
+        ));
+        tokio::time::timeout(Duration::from_secs(30), shutdown.cancelled())
+            .await
+            .expect("the panic cancels the shutdown token");
+        let pending =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(join.as_mut().poll(cx).is_pending()))
+                .await;
+        assert!(pending, "the join returned while sink b was still running");
+        finish.send(()).unwrap();
+        let error = format!("{:#}", join.await.unwrap_err());
+        assert!(error.starts_with("the sink of store a panicked"), "{error}");
+        assert!(error.contains("test: a sink panicked"), "{error}");
     }
 
     /// With threads of its own, the API answers while the pipeline's runtime has no worker
