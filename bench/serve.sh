@@ -21,7 +21,8 @@
 # CUSTOMERS (200), CONNECTIONS (16), MAX_CONNECTIONS (8), PORT (18080), PGPORT (55433),
 # REDIS_PORT (56379), KAFKA_PORT (19092), OUT (bench/out/serve-<time>.txt), KONTEXT (a built
 # kontext binary to use instead of building one), SERVE_THREADS (0: the API shares the
-# pipeline's runtime; N: `quickstart --serve-threads N`).
+# pipeline's runtime; N: `quickstart --serve-threads N`), SERVE_REALTIME_PRIORITY (0; P:
+# `--serve-realtime-priority P` for those threads, needs SERVE_THREADS and CAP_SYS_NICE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -96,7 +97,8 @@ wait_steady() {
 start_quickstart() { # data dir, extra args...
     local dir="$1"; shift
     "$KONTEXT" quickstart --port "$PORT" --data-dir "$dir" --customers "$CUSTOMERS" \
-        --rate "$INGEST_RATE" --serve-threads "${SERVE_THREADS:-0}" "$@" >"$dir.log" 2>&1 &
+        --rate "$INGEST_RATE" --serve-threads "${SERVE_THREADS:-0}" \
+        --serve-realtime-priority "${SERVE_REALTIME_PRIORITY:-0}" "$@" >"$dir.log" 2>&1 &
     QS_PID=$!
     pids+=("$QS_PID")
     for _ in $(seq 1 600); do

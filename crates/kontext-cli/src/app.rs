@@ -233,29 +233,27 @@ fn spawn_then_cancel<T: Send + 'static>(
 struct ServingRuntime(Option<tokio::runtime::Runtime>);
 
 impl ServingRuntime {
-    /// Serves the API on `listener`: on a runtime of `threads` threads, or on the current one
-    /// when `threads` is 0.
+    /// Serves the API on `listener`: on a runtime of `threads` threads (at the real-time
+    /// `priority`, unless 0), or on the current one when `threads` is 0.
     fn serve(
         threads: usize,
+        priority: u8,
         listener: std::net::TcpListener,
         state: AppState,
         shutdown: CancellationToken,
     ) -> Result<(Self, JoinHandle<std::io::Result<()>>)> {
         listener.set_nonblocking(true)?;
         if threads == 0 {
+            anyhow::ensure!(
+                priority == 0,
+                "serve.realtime_priority applies to the API's own threads only: set serve.threads to 1 or more"
+            );
             let listener = TcpListener::from_std(listener)?;
             let server = tokio::spawn(kontext_serve::serve(listener, state, shutdown));
             return Ok((Self(None), server));
         }
         // Wrapped at once: dropped on an error below, a bare runtime would panic here.
-        let serving = Self(Some(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads)
-                .thread_name("kontext-serve")
-                .enable_all()
-                .build()
-                .context("starting the HTTP API's runtime (serve.threads)")?,
-        ));
+        let serving = Self(Some(Self::runtime(threads, priority)?));
         let server = {
             let runtime = serving.0.as_ref().expect("built above");
             let _in_runtime = runtime.enter();
@@ -263,6 +261,28 @@ impl ServingRuntime {
             runtime.spawn(kontext_serve::serve(listener, state, shutdown))
         };
         Ok((serving, server))
+    }
+
+    /// The API's runtime: `threads` worker threads named `kontext-serve`, each made a
+    /// real-time thread of `priority` as it starts when that is not 0 (checked first, so a
+    /// missing privilege stops the start with an error that says how to grant it).
+    fn runtime(threads: usize, priority: u8) -> Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder
+            .worker_threads(threads)
+            .thread_name("kontext-serve")
+            .enable_all();
+        if priority > 0 {
+            crate::realtime::check(priority)?;
+            builder.on_thread_start(move || {
+                if let Err(e) = crate::realtime::set_current_thread(priority) {
+                    tracing::warn!(error = %e, priority, "a serving thread keeps normal scheduling");
+                }
+            });
+        }
+        builder
+            .build()
+            .context("starting the HTTP API's runtime (serve.threads)")
     }
 }
 
@@ -415,6 +435,10 @@ pub async fn start_pipeline(
     listen: &str,
     shutdown: CancellationToken,
 ) -> Result<Running> {
+    if config.serve.realtime_priority > 0 {
+        // Before anything starts: a missing privilege is a configuration error.
+        crate::realtime::check(config.serve.realtime_priority)?;
+    }
     let served = config.served_store();
     // With features or joins, the sinks stop after the processor, once they applied what it wrote
     // (see below); a failing sink still stops everything.
@@ -518,8 +542,13 @@ pub async fn start_pipeline(
         shutdown.clone(),
     )))
     .with_entity_descriptions(kontext_serve::mcp::EntityCatalog::from_config(config));
-    let (serving, server) =
-        ServingRuntime::serve(config.serve.threads, listener, state.clone(), shutdown)?;
+    let (serving, server) = ServingRuntime::serve(
+        config.serve.threads,
+        config.serve.realtime_priority,
+        listener,
+        state.clone(),
+        shutdown,
+    )?;
     info!(%addr, store = %served.name, "serving context");
     Ok(Running {
         store,
@@ -627,6 +656,39 @@ mod tests {
         let error = format!("{:#}", join.await.unwrap_err());
         assert!(error.starts_with("the sink of store a panicked"), "{error}");
         assert!(error.contains("test: a sink panicked"), "{error}");
+    }
+
+    /// With `serve.realtime_priority`, every thread of the API's runtime is a `SCHED_FIFO`
+    /// thread of that priority; without the privilege, the start fails and says how to grant
+    /// it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_apis_threads_run_at_the_realtime_priority_given() {
+        if let Err(e) = crate::realtime::check(7) {
+            // Not privileged here: the error is what a user sees.
+            let message = format!("{e:#}");
+            assert!(message.contains("CAP_SYS_NICE"), "{message}");
+            let refused = ServingRuntime::runtime(2, 7).map(|_| ()).unwrap_err();
+            assert_eq!(format!("{refused:#}"), message);
+            return;
+        }
+        let runtime = ServingRuntime::runtime(2, 7).unwrap();
+        let seen: Vec<(i32, i32)> = runtime.block_on(async {
+            let mut seen = Vec::new();
+            for _ in 0..8 {
+                let task = tokio::spawn(async { crate::realtime::current_thread() });
+                seen.push(task.await.unwrap());
+            }
+            seen
+        });
+        assert!(seen.iter().all(|&s| s == (libc::SCHED_FIFO, 7)), "{seen:?}");
+        let normal = ServingRuntime::runtime(1, 0).unwrap();
+        let (policy, _) = normal
+            .block_on(async { tokio::spawn(async { crate::realtime::current_thread() }).await })
+            .unwrap();
+        assert_eq!(policy, libc::SCHED_OTHER);
+        runtime.shutdown_background();
+        normal.shutdown_background();
     }
 
     /// With threads of its own, the API answers while the pipeline's runtime has no worker

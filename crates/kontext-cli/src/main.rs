@@ -7,6 +7,7 @@ mod dlq;
 mod generator;
 mod mcp;
 mod quickstart;
+mod realtime;
 mod rebuild;
 mod topics;
 

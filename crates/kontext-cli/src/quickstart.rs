@@ -49,6 +49,10 @@ pub struct QuickstartArgs {
     /// pipeline file's `serve.threads`).
     #[arg(long, default_value_t = 0, value_name = "N")]
     serve_threads: usize,
+    /// Real-time priority (Linux `SCHED_FIFO`, 1–99) of those threads; 0: normal scheduling
+    /// (the pipeline file's `serve.realtime_priority`). Needs `--serve-threads`.
+    #[arg(long, default_value_t = 0, value_name = "PRIORITY")]
+    serve_realtime_priority: u8,
 }
 
 /// The built-in customer-service pipeline.
@@ -69,6 +73,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         };
     }
     config.serve.threads = args.serve_threads;
+    config.serve.realtime_priority = args.serve_realtime_priority;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let shutdown = CancellationToken::new();

@@ -444,6 +444,13 @@ pub struct ServeConfig {
     /// cores with the pipeline by the operating system's time slices).
     #[serde(default)]
     pub threads: usize,
+    /// `0`: the API's own threads (`threads`) are scheduled like any other. `1`–`99`: they
+    /// run at this real-time priority (Linux `SCHED_FIFO`), so a request that arrives while the
+    /// pipeline keeps the cores busy runs at once instead of after a time slice. Needs
+    /// `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` of at least this value; never applied to the
+    /// pipeline's threads.
+    #[serde(default)]
+    pub realtime_priority: u8,
 }
 
 /// The MCP endpoint of the HTTP API.
@@ -560,6 +567,7 @@ impl Default for ServeConfig {
             render: RenderConfig::default(),
             mcp: McpConfig::default(),
             threads: 0,
+            realtime_priority: 0,
         }
     }
 }
@@ -844,6 +852,7 @@ impl PipelineConfig {
             );
         }
         self.validate_render(&mut err);
+        self.validate_serve_threads(&mut err);
         errors
     }
 
@@ -1031,6 +1040,22 @@ impl PipelineConfig {
             } else if !seen.insert(name.as_str()) {
                 err(at, format!("{name:?} is listed twice"));
             }
+        }
+    }
+
+    /// Checks `serve.realtime_priority`: a `SCHED_FIFO` priority, for the API's own threads.
+    fn validate_serve_threads(&self, err: &mut impl FnMut(String, String)) {
+        let priority = self.serve.realtime_priority;
+        if priority > 99 {
+            err(
+                "serve.realtime_priority".into(),
+                format!("{priority} is out of range: use 1 to 99, or 0 for normal scheduling"),
+            );
+        } else if priority > 0 && self.serve.threads == 0 {
+            err(
+                "serve.realtime_priority".into(),
+                "applies to the API's own threads only: set serve.threads to 1 or more (the pipeline's threads never run at real-time priority)".into(),
+            );
         }
     }
 

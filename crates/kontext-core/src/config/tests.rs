@@ -144,6 +144,29 @@ fn the_api_shares_the_pipelines_runtime_unless_given_threads() {
 }
 
 #[test]
+fn a_realtime_priority_is_for_the_apis_own_threads_only() {
+    let c = PipelineConfig::parse("p.yaml", VALID).unwrap();
+    assert_eq!(c.serve.realtime_priority, 0);
+    let yaml = format!("{VALID}serve:\n  threads: 2\n  realtime_priority: 10\n");
+    let c = PipelineConfig::parse("p.yaml", &yaml).unwrap();
+    assert_eq!((c.serve.threads, c.serve.realtime_priority), (2, 10));
+    let err = PipelineConfig::parse(
+        "p.yaml",
+        &format!("{VALID}serve:\n  realtime_priority: 10\n"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("serve.realtime_priority"), "{err}");
+    assert!(err.contains("set serve.threads to 1 or more"), "{err}");
+    let yaml = format!("{VALID}serve:\n  threads: 2\n  realtime_priority: 100\n");
+    let err = PipelineConfig::parse("p.yaml", &yaml)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("serve.realtime_priority"), "{err}");
+    assert!(err.contains("use 1 to 99"), "{err}");
+}
+
+#[test]
 fn render_priority_and_tokenizer_parse() {
     let text = format!(
         "{VALID}serve:\n  render:\n    priority: [related.order, fields, belongs_to.customer, provenance]\n    tokenizer: o200k\n"
