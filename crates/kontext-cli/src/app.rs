@@ -658,9 +658,9 @@ mod tests {
         assert!(error.contains("test: a sink panicked"), "{error}");
     }
 
-    /// With `serve.realtime_priority`, every thread of the API's runtime is a `SCHED_FIFO`
-    /// thread of that priority; without the privilege, the start fails and says how to grant
-    /// it.
+    /// With `serve.realtime_priority`, the API's runtime threads that run its tasks are
+    /// `SCHED_FIFO` threads of that priority, and threads they create are not; without the
+    /// privilege, the start fails and says how to grant it.
     #[cfg(target_os = "linux")]
     #[test]
     fn the_apis_threads_run_at_the_realtime_priority_given() {
@@ -673,15 +673,22 @@ mod tests {
             return;
         }
         let runtime = ServingRuntime::runtime(2, 7).unwrap();
-        let seen: Vec<(i32, i32)> = runtime.block_on(async {
+        let fifo = (libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, 7);
+        let (seen, child) = runtime.block_on(async {
             let mut seen = Vec::new();
             for _ in 0..8 {
                 let task = tokio::spawn(async { crate::realtime::current_thread() });
                 seen.push(task.await.unwrap());
             }
-            seen
+            let child = tokio::spawn(async {
+                std::thread::spawn(crate::realtime::current_thread)
+                    .join()
+                    .unwrap()
+            });
+            (seen, child.await.unwrap())
         });
-        assert!(seen.iter().all(|&s| s == (libc::SCHED_FIFO, 7)), "{seen:?}");
+        assert!(seen.iter().all(|&s| s == fifo), "{seen:?}");
+        assert_eq!(child, (libc::SCHED_OTHER, 0));
         let normal = ServingRuntime::runtime(1, 0).unwrap();
         let (policy, _) = normal
             .block_on(async { tokio::spawn(async { crate::realtime::current_thread() }).await })

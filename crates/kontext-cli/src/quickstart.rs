@@ -51,7 +51,8 @@ pub struct QuickstartArgs {
     serve_threads: usize,
     /// Real-time priority (Linux `SCHED_FIFO`, 1–99) of those threads; 0: normal scheduling
     /// (the pipeline file's `serve.realtime_priority`). Needs `--serve-threads`.
-    #[arg(long, default_value_t = 0, value_name = "PRIORITY")]
+    #[arg(long, default_value_t = 0, value_name = "PRIORITY", requires = "serve_threads",
+          value_parser = clap::value_parser!(u8).range(0..=99))]
     serve_realtime_priority: u8,
 }
 
