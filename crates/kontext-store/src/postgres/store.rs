@@ -27,15 +27,26 @@ use crate::model::{
 use crate::{ContextStore, StoreError};
 
 const SCHEMA_SQL: &str = include_str!("schema.sql");
-/// Connections the store opens at most: the sink writes on one, the API reads on the others.
-const POOL_SIZE: usize = 8;
+/// Connections the store opens at most for lookups (the API's requests).
+const READ_POOL_SIZE: usize = 8;
+/// Connections the store opens at most for writes and offsets: one sink writes one batch at
+/// a time.
+const WRITE_POOL_SIZE: usize = 4;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a caller waits for a free connection before the call fails (transiently).
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A context store in PostgreSQL tables, behind a small connection pool.
+/// A context store in PostgreSQL tables, behind two small connection pools.
+///
+/// Writes and lookups use separate pools. A tokio-postgres connection is driven by a task on
+/// the runtime that opened it, so with the API on a runtime of its own (`serve.threads`) the
+/// sink's transactions never wait for the serving threads, nor the API's lookups for the
+/// pipeline's.
 pub struct PostgresStore {
-    pool: Pool,
+    /// The sink's transactions, the table set-up and the applied offsets.
+    writes: Pool,
+    /// Documents, entity lists and dumps.
+    reads: Pool,
     schema: StoreSchema,
 }
 
@@ -86,27 +97,33 @@ impl PostgresStore {
             };
             config.options(options);
         }
-        let manager = Manager::from_config(
-            config,
-            tls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
-            .build()
-            .map_err(|e| StoreError::Io(format!("PostgreSQL pool: {}", with_causes(&e))))?;
-        let store = Self { pool, schema };
+        let pool = |max_size| {
+            let manager = Manager::from_config(
+                config.clone(),
+                tls.clone(),
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(max_size)
+                .runtime(Runtime::Tokio1)
+                .create_timeout(Some(CONNECT_TIMEOUT))
+                .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+                .build()
+                .map_err(|e| StoreError::Io(format!("PostgreSQL pool: {}", with_causes(&e))))
+        };
+        let store = Self {
+            writes: pool(WRITE_POOL_SIZE)?,
+            reads: pool(READ_POOL_SIZE)?,
+            schema,
+        };
         store.create_tables(namespace).await?;
         Ok(store)
     }
 
     async fn create_tables(&self, namespace: Option<&str>) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
+        let mut client = self.writer().await?;
         let txn = read_committed(&mut client).await?;
         // Two stores starting at once would race on CREATE ... IF NOT EXISTS (it is not
         // atomic against a concurrent create); a transaction-scoped advisory lock orders them.
@@ -152,11 +169,14 @@ impl PostgresStore {
         txn.commit().await.map_err(pg)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(e) => pg(e),
-            other => StoreError::Io(format!("PostgreSQL connection: {}", with_causes(&other))),
-        })
+    /// A connection for writes (and the applied offsets).
+    async fn writer(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        connection(&self.writes).await
+    }
+
+    /// A connection for lookups.
+    async fn reader(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        connection(&self.reads).await
     }
 
     /// The whole of [`ContextStore::apply`], in one transaction.
@@ -170,7 +190,7 @@ impl PostgresStore {
         if partitions.is_empty() {
             return Ok(ApplyStats::default());
         }
-        let mut client = self.client().await?;
+        let mut client = self.writer().await?;
         let txn = read_committed(&mut client).await?;
 
         // 1. Lock and read the next offsets. Missing rows are created (at 0) so that they can be
@@ -439,7 +459,7 @@ impl PostgresStore {
         entity_type: &str,
         entity_id: &str,
     ) -> Result<Option<ContextDocument>, StoreError> {
-        let mut client = self.client().await?;
+        let mut client = self.reader().await?;
         // One snapshot for the entity, its parents and its children.
         let txn = client
             .build_transaction()
@@ -532,7 +552,7 @@ impl ContextStore for PostgresStore {
         entity_type: &str,
         entity_id: &str,
     ) -> Result<Option<EntityDoc>, StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         Ok(Self::load(&client, &[(entity_type, entity_id)])
             .await?
             .into_iter()
@@ -556,7 +576,7 @@ impl ContextStore for PostgresStore {
         // No id holds a NUL (see `load`), and ids compare bytewise (`COLLATE "C"`): the ids
         // after `x\0...` are those after `x`, and text cannot bind the NUL.
         let after = after.map(|a| a.split('\0').next().unwrap_or_default());
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let stmt = client.prepare_cached(LIST).await.map_err(pg)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         client
@@ -569,7 +589,7 @@ impl ContextStore for PostgresStore {
     }
 
     async fn applied_offsets(&self) -> Result<BTreeMap<(String, i32), i64>, StoreError> {
-        let client = self.client().await?;
+        let client = self.writer().await?;
         // Rows at 0 are the ones the lock statement created for partitions that never
         // advanced: the embedded store has no entry for them, neither do we.
         let stmt = client
@@ -589,13 +609,21 @@ impl ContextStore for PostgresStore {
     }
 
     async fn dump(&self) -> Result<Vec<EntityDoc>, StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let stmt = client
             .prepare_cached(&format!("{SELECT_DOCS} {ORDER_DOCS}"))
             .await
             .map_err(pg)?;
         docs_from_rows(client.query(&stmt, &[]).await.map_err(pg)?)
     }
+}
+
+/// A pooled connection; a pool that cannot give one is an I/O error (transient).
+async fn connection(pool: &Pool) -> Result<deadpool_postgres::Client, StoreError> {
+    pool.get().await.map_err(|e| match e {
+        PoolError::Backend(e) => pg(e),
+        other => StoreError::Io(format!("PostgreSQL connection: {}", with_causes(&other))),
+    })
 }
 
 // ---- SQL ---------------------------------------------------------------------------------

@@ -108,6 +108,57 @@ fn orders(from: i64, n: i64) -> Vec<EntityUpdate> {
         .collect()
 }
 
+/// A connection is driven by a task on the runtime that opened it. Lookups opened theirs on
+/// the API's runtime (`serve.threads`); with that runtime's only worker blocked, the sink's
+/// writes must still go through, on connections of their own. With one pool for both they
+/// waited for the blocked runtime.
+#[test]
+fn writes_go_on_while_the_runtime_that_opened_the_lookups_connections_is_blocked() {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (pipeline, serving) = (runtime(), runtime());
+    let store = std::sync::Arc::new(pipeline.block_on(store_in(&namespace())));
+    // Concurrent lookups: every connection a pool holds is opened on the serving runtime.
+    serving.block_on(async {
+        let lookups: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.context("customer", &format!("C{i}")).await })
+            })
+            .collect();
+        for lookup in lookups {
+            assert!(lookup.await.unwrap().unwrap().is_none());
+        }
+    });
+    let (release, blocked) = std::sync::mpsc::channel::<()>();
+    let (started, running) = std::sync::mpsc::channel::<()>();
+    serving.spawn(async move {
+        started.send(()).unwrap();
+        let _ = blocked.recv();
+    });
+    running.recv().unwrap();
+    // Eight batches in a row: with a shared pool they would take the lookups' connections.
+    let written = pipeline.block_on(async {
+        for batch in 0..8 {
+            let offsets = [("orders".to_string(), 0, (batch + 1) * 10)];
+            let updates = orders(batch * 10, 10);
+            let write = store.apply(&updates, &offsets);
+            tokio::time::timeout(Duration::from_secs(30), write)
+                .await
+                .expect("a write waited 30 s for the blocked serving runtime")
+                .unwrap();
+        }
+        store.applied_offsets().await.unwrap()
+    });
+    assert_eq!(written.get(&("orders".to_string(), 0)), Some(&80));
+    release.send(()).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_killed_mid_batch_leaves_nothing_and_a_retry_converges() {
     let ns = namespace();
