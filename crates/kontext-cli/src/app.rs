@@ -183,8 +183,8 @@ impl Running {
 }
 
 /// Awaits every task, also after one of them failed or panicked (a task that fails or panics
-/// cancels the shutdown token, so the others end too), and then returns the first failure: a
-/// sink's, the processor's, or the HTTP server's.
+/// cancels the shutdown token, so the others end too), and then returns the first failure in
+/// this order: a sink's, the processor's, the HTTP server's.
 async fn join_tasks<S, P>(
     sinks: Vec<(String, JoinHandle<Result<(), S>>)>,
     processor: Option<JoinHandle<Result<(), P>>>,
@@ -249,7 +249,10 @@ impl ServingRuntime {
                 "serve.realtime_priority applies to the API's own threads only: set serve.threads to 1 or more"
             );
             let listener = TcpListener::from_std(listener)?;
-            let server = tokio::spawn(kontext_serve::serve(listener, state, shutdown));
+            let server = spawn_then_cancel(
+                shutdown.clone(),
+                kontext_serve::serve(listener, state, shutdown),
+            );
             return Ok((Self(None), server));
         }
         // Wrapped at once: dropped on an error below, a bare runtime would panic here.
@@ -258,7 +261,11 @@ impl ServingRuntime {
             let runtime = serving.0.as_ref().expect("built above");
             let _in_runtime = runtime.enter();
             let listener = TcpListener::from_std(listener)?;
-            runtime.spawn(kontext_serve::serve(listener, state, shutdown))
+            // Spawned on the serving runtime, which `_in_runtime` entered.
+            spawn_then_cancel(
+                shutdown.clone(),
+                kontext_serve::serve(listener, state, shutdown),
+            )
         };
         Ok((serving, server))
     }
