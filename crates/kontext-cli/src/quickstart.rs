@@ -51,7 +51,7 @@ pub struct QuickstartArgs {
     serve_threads: usize,
     /// Real-time priority (Linux `SCHED_FIFO`, 1–99) of those threads; 0: normal scheduling
     /// (the pipeline file's `serve.realtime_priority`). Needs `--serve-threads`.
-    #[arg(long, default_value_t = 0, value_name = "PRIORITY", requires = "serve_threads",
+    #[arg(long, default_value_t = 0, value_name = "PRIORITY",
           value_parser = clap::value_parser!(u8).range(0..=99))]
     serve_realtime_priority: u8,
 }
@@ -75,6 +75,10 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     }
     config.serve.threads = args.serve_threads;
     config.serve.realtime_priority = args.serve_realtime_priority;
+    anyhow::ensure!(
+        args.serve_threads > 0 || args.serve_realtime_priority == 0,
+        "--serve-realtime-priority applies to the API's own threads: give --serve-threads N as well"
+    );
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let shutdown = CancellationToken::new();

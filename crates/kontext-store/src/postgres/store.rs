@@ -39,12 +39,15 @@ const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A context store in PostgreSQL tables, behind two small connection pools.
 ///
 /// Writes and lookups use separate pools. A tokio-postgres connection is driven by a task on
-/// the runtime that opened it, so with the API on a runtime of its own (`serve.threads`) the
-/// sink's transactions never wait for the serving threads, nor the API's lookups for the
-/// pipeline's.
+/// the runtime that opened it; write connections are always opened on the runtime the store
+/// was opened on (the pipeline's), whoever asks for one. So with the API on a runtime of its
+/// own (`serve.threads`) the sink's transactions never wait for the serving threads, nor the
+/// API's lookups for the pipeline's.
 pub struct PostgresStore {
     /// The sink's transactions, the table set-up and the applied offsets.
     writes: Pool,
+    /// The runtime the store was opened on, where write connections are opened and driven.
+    writes_runtime: tokio::runtime::Handle,
     /// Documents, entity lists and dumps.
     reads: Pool,
     schema: StoreSchema,
@@ -115,6 +118,7 @@ impl PostgresStore {
         };
         let store = Self {
             writes: pool(WRITE_POOL_SIZE)?,
+            writes_runtime: tokio::runtime::Handle::current(),
             reads: pool(READ_POOL_SIZE)?,
             schema,
         };
@@ -169,9 +173,18 @@ impl PostgresStore {
         txn.commit().await.map_err(pg)
     }
 
-    /// A connection for writes (and the applied offsets).
+    /// A connection for writes (and the applied offsets), taken on the store's runtime: one
+    /// it opens is driven there, also when the API asked for it (`GET /v1/lag`).
     async fn writer(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        connection(&self.writes).await
+        let pool = self.writes.clone();
+        self.writes_runtime
+            .spawn(async move { connection(&pool).await })
+            .await
+            .map_err(|e| {
+                StoreError::Io(format!(
+                    "PostgreSQL connection: the runtime the store was opened on is gone ({e})"
+                ))
+            })?
     }
 
     /// A connection for lookups.

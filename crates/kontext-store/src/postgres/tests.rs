@@ -108,10 +108,11 @@ fn orders(from: i64, n: i64) -> Vec<EntityUpdate> {
         .collect()
 }
 
-/// A connection is driven by a task on the runtime that opened it. Lookups opened theirs on
-/// the API's runtime (`serve.threads`); with that runtime's only worker blocked, the sink's
-/// writes must still go through, on connections of their own. With one pool for both they
-/// waited for the blocked runtime.
+/// A connection is driven by a task on the runtime that opened it. Lookups, and the applied
+/// offsets `GET /v1/lag` reads, asked for theirs on the API's runtime (`serve.threads`); with
+/// that runtime's only worker blocked, the sink's writes must still go through. With one pool
+/// for both they waited for the blocked runtime, and so did writes on a write connection the
+/// lag lookup had opened there.
 #[test]
 fn writes_go_on_while_the_runtime_that_opened_the_lookups_connections_is_blocked() {
     let runtime = || {
@@ -123,7 +124,7 @@ fn writes_go_on_while_the_runtime_that_opened_the_lookups_connections_is_blocked
     };
     let (pipeline, serving) = (runtime(), runtime());
     let store = std::sync::Arc::new(pipeline.block_on(store_in(&namespace())));
-    // Concurrent lookups: every connection a pool holds is opened on the serving runtime.
+    // Concurrent lookups and offset reads, all asked for on the serving runtime.
     serving.block_on(async {
         let lookups: Vec<_> = (0..8)
             .map(|i| {
@@ -131,8 +132,17 @@ fn writes_go_on_while_the_runtime_that_opened_the_lookups_connections_is_blocked
                 tokio::spawn(async move { store.context("customer", &format!("C{i}")).await })
             })
             .collect();
+        let offsets: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.applied_offsets().await })
+            })
+            .collect();
         for lookup in lookups {
             assert!(lookup.await.unwrap().unwrap().is_none());
+        }
+        for read in offsets {
+            assert!(read.await.unwrap().unwrap().is_empty());
         }
     });
     let (release, blocked) = std::sync::mpsc::channel::<()>();
