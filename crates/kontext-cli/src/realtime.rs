@@ -3,8 +3,9 @@
 //! On two busy cores a request that wakes a serving thread waits for the running pipeline
 //! thread's time slice (1.4 ms on the development machine's kernel) before it runs. A
 //! `SCHED_FIFO` thread runs as soon as it wakes. Serving threads sleep in `epoll` between
-//! requests, and the kernel keeps 5% of every second for other threads
-//! (`sched_rt_runtime_us`), so the pipeline is slowed by what serving costs, not stopped.
+//! requests, so the pipeline is slowed by what serving costs; the kernel keeps only 5% of every
+//! second for other threads (`sched_rt_runtime_us`), so clients that ask again as soon as they
+//! are answered can take the rest.
 //!
 //! With `SCHED_RESET_ON_FORK`, threads a serving thread creates (a Kafka client's, opened for
 //! a `/metrics` lag lookup) start with normal scheduling. The runtime's own threads, its
