@@ -175,6 +175,12 @@ impl PostgresStore {
 
     /// A connection for writes (and the applied offsets), taken on the store's runtime: one
     /// it opens is driven there, also when the API asked for it (`GET /v1/lag`).
+    ///
+    /// The whole checkout runs there, not only the driver task (a custom
+    /// `deadpool_postgres::Connect` spawning it on the store's runtime): the socket registers
+    /// with the I/O driver of the runtime that connects, so a connection opened from a blocked
+    /// serving runtime would still wait for it. Tried:
+    /// `writes_go_on_while_the_runtime_that_opened_the_lookups_connections_is_blocked` hangs.
     async fn writer(&self) -> Result<deadpool_postgres::Client, StoreError> {
         let pool = self.writes.clone();
         self.writes_runtime
