@@ -233,41 +233,35 @@ fn spawn_then_cancel<T: Send + 'static>(
 struct ServingRuntime(Option<tokio::runtime::Runtime>);
 
 impl ServingRuntime {
-    /// Serves the API on `listener`: on a runtime of `threads` threads (at the real-time
-    /// `priority`, unless 0), or on the current one when `threads` is 0.
-    fn serve(
-        threads: usize,
-        priority: u8,
-        listener: std::net::TcpListener,
-        state: AppState,
-        shutdown: CancellationToken,
-    ) -> Result<(Self, JoinHandle<std::io::Result<()>>)> {
-        listener.set_nonblocking(true)?;
+    /// The API's runtime for `threads` (none when 0: the API then runs on the current one),
+    /// at the real-time `priority` unless that is 0. Built before anything else starts, so a
+    /// missing privilege stops the start at once.
+    fn new(threads: usize, priority: u8) -> Result<Self> {
         if threads == 0 {
             anyhow::ensure!(
                 priority == 0,
                 "serve.realtime_priority applies to the API's own threads only: set serve.threads to 1 or more"
             );
-            let listener = TcpListener::from_std(listener)?;
-            let server = spawn_then_cancel(
-                shutdown.clone(),
-                kontext_serve::serve(listener, state, shutdown),
-            );
-            return Ok((Self(None), server));
+            return Ok(Self(None));
         }
-        // Wrapped at once: dropped on an error below, a bare runtime would panic here.
-        let serving = Self(Some(Self::runtime(threads, priority)?));
-        let server = {
-            let runtime = serving.0.as_ref().expect("built above");
-            let _in_runtime = runtime.enter();
-            let listener = TcpListener::from_std(listener)?;
-            // Spawned on the serving runtime, which `_in_runtime` entered.
-            spawn_then_cancel(
-                shutdown.clone(),
-                kontext_serve::serve(listener, state, shutdown),
-            )
-        };
-        Ok((serving, server))
+        Ok(Self(Some(Self::runtime(threads, priority)?)))
+    }
+
+    /// Serves the API on `listener`, on this runtime (or the current one).
+    fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        state: AppState,
+        shutdown: CancellationToken,
+    ) -> Result<JoinHandle<std::io::Result<()>>> {
+        listener.set_nonblocking(true)?;
+        // The listener registers with, and the server is spawned on, the entered runtime.
+        let _in_runtime = self.0.as_ref().map(|runtime| runtime.enter());
+        let listener = TcpListener::from_std(listener)?;
+        Ok(spawn_then_cancel(
+            shutdown.clone(),
+            kontext_serve::serve(listener, state, shutdown),
+        ))
     }
 
     /// The API's runtime: `threads` worker threads named `kontext-serve`, each made a
@@ -442,10 +436,7 @@ pub async fn start_pipeline(
     listen: &str,
     shutdown: CancellationToken,
 ) -> Result<Running> {
-    if config.serve.realtime_priority > 0 {
-        // Before anything starts: a missing privilege is a configuration error.
-        crate::realtime::check(config.serve.realtime_priority)?;
-    }
+    let api_runtime = ServingRuntime::new(config.serve.threads, config.serve.realtime_priority)?;
     let served = config.served_store();
     // With features or joins, the sinks stop after the processor, once they applied what it wrote
     // (see below); a failing sink still stops everything.
@@ -549,13 +540,7 @@ pub async fn start_pipeline(
         shutdown.clone(),
     )))
     .with_entity_descriptions(kontext_serve::mcp::EntityCatalog::from_config(config));
-    let (serving, server) = ServingRuntime::serve(
-        config.serve.threads,
-        config.serve.realtime_priority,
-        listener,
-        state.clone(),
-        shutdown,
-    )?;
+    let server = api_runtime.serve(listener, state.clone(), shutdown)?;
     info!(%addr, store = %served.name, "serving context");
     Ok(Running {
         store,
@@ -565,7 +550,7 @@ pub async fn start_pipeline(
         sinks,
         processor,
         server,
-        _serving: serving,
+        _serving: api_runtime,
     })
 }
 
