@@ -64,6 +64,15 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
+/// How often, by default, librdkafka commits the offsets a member stored with
+/// [`kontext_log::Consumer::commit_in_background`] (librdkafka's own default is 5 s). The
+/// pipeline's loops record their offsets in their own state and commit after every batch; a
+/// group commit per batch was an OffsetCommit request (and a write to `__consumer_offsets`) per
+/// batch and group, about a tenth of a local broker's CPU at 1 000 events/s (BENCHMARKS.md,
+/// "Group commits once a second"). One a second keeps `/v1/lag` and `kafka-consumer-groups`
+/// within a second of the truth; a crash re-delivers at most that much, which the loops skip.
+pub const AUTO_COMMIT_INTERVAL_MS: u64 = 1_000;
+
 /// librdkafka settings that kontext sets itself because its delivery and commit guarantees
 /// depend on them; [`KafkaConfig::validate`] rejects them in `properties`.
 pub const RESERVED_PROPERTIES: &[&str] = &[
@@ -193,14 +202,18 @@ impl KafkaConfig {
         config
     }
 
-    /// A group member that never commits or stores offsets on its own: offsets move only
-    /// through [`kontext_log::Consumer::commit`], after the records' effects are durable.
-    /// `read_committed` hides records of aborted transactions (and of open ones until they end).
+    /// A group member that never stores offsets on its own: offsets move only through
+    /// [`kontext_log::Consumer::commit`] (at once) and
+    /// [`kontext_log::Consumer::commit_in_background`] (stored, then committed by librdkafka
+    /// every `auto.commit.interval.ms`, [`AUTO_COMMIT_INTERVAL_MS`] unless `properties` set it,
+    /// when a rebalance revokes partitions, and at close), after the records' effects are
+    /// durable. `read_committed` hides records of aborted transactions (and of open ones until
+    /// they end).
     pub(crate) fn consumer_config(&self, group_id: &str, reset: OffsetReset) -> ClientConfig {
         let mut config = self.base_client_config(ClientRole::Consumer);
         config
             .set("group.id", group_id)
-            .set("enable.auto.commit", "false")
+            .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("isolation.level", "read_committed")
@@ -211,6 +224,12 @@ impl KafkaConfig {
                     OffsetReset::Latest => "latest",
                 },
             );
+        if !self.properties.contains_key("auto.commit.interval.ms") {
+            config.set(
+                "auto.commit.interval.ms",
+                AUTO_COMMIT_INTERVAL_MS.to_string(),
+            );
+        }
         config
     }
 }
@@ -358,6 +377,20 @@ mod tests {
             plain
                 .consumer_config("g", OffsetReset::Earliest)
                 .get("linger.ms"),
+            None
+        );
+        // Stored offsets are committed once a second, unless the user chose an interval.
+        let members = plain.consumer_config("g", OffsetReset::Earliest);
+        assert_eq!(members.get("enable.auto.commit"), Some("true"));
+        assert_eq!(members.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(members.get("auto.commit.interval.ms"), Some("1000"));
+        config
+            .properties
+            .insert("auto.commit.interval.ms".into(), "5000".into());
+        let chosen = config.consumer_config("g", OffsetReset::Earliest);
+        assert_eq!(chosen.get("auto.commit.interval.ms"), Some("5000"));
+        assert_eq!(
+            config.producer_config().get("auto.commit.interval.ms"),
             None
         );
         // kontext's own transactional settings still win over the user's default.

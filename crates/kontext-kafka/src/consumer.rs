@@ -238,12 +238,19 @@ impl Consumer for KafkaConsumer {
     /// in the current assignment (kontext's loops commit right after processing a batch;
     /// rebalances happen inside polls, and a batch gathered over several polls drops the
     /// records of partitions a later one took away: `kontext_stream`'s `backlog`).
+    ///
+    /// The offsets are also stored, as [`Consumer::commit_in_background`] stores them, so
+    /// that an older stored offset is not committed over them when a rebalance revokes the
+    /// partition or the consumer closes (librdkafka commits the stored offset as it is then).
     async fn commit(&mut self, offsets: &[(TopicPartition, i64)]) -> Result<(), LogError> {
         if offsets.is_empty() {
             return Ok(());
         }
         let list = offset_list(offsets)?;
         let consumer = self.consumer()?.clone();
+        // Stores what it can: partitions not assigned (any more) are skipped, and an error
+        // means none was; the commit below reports what matters.
+        let _ = consumer.store_offsets(&list);
         blocking(move || {
             consumer
                 .commit(&list, CommitMode::Sync)
@@ -252,12 +259,16 @@ impl Consumer for KafkaConsumer {
         .await
     }
 
-    /// librdkafka's asynchronous commit: sent to the coordinator in order (a retried one may
-    /// land after a newer one), its outcome logged by the consumer's context (`GroupContext`).
-    /// Closing the consumer (dropping it) waits for it; an empty [`Consumer::commit`] does
-    /// not. (Committing the offsets again synchronously there would also commit, under the
-    /// current generation, partitions a rebalance moved to another member since: it would
-    /// rewind them.)
+    /// Stores the offsets in librdkafka (`store_offsets`, no request), which commits what is
+    /// stored every `auto.commit.interval.ms` (1 s unless the `properties` set it), when a
+    /// rebalance revokes the partitions (so their new owner starts after them) and when the
+    /// consumer closes (dropping it waits for that commit); its outcome is logged by the
+    /// consumer's context (`GroupContext`). librdkafka skips offsets of partitions not
+    /// assigned to this member (committing those would rewind them under their new owner),
+    /// and returns an error only when it stored none. Stored offsets are dropped, not
+    /// committed, when the member lost its assignment (a session timeout, `max.poll.interval.ms`
+    /// exceeded): their records are delivered again. An empty [`Consumer::commit`] does not
+    /// wait for stored offsets.
     async fn commit_in_background(
         &mut self,
         offsets: &[(TopicPartition, i64)],
@@ -267,8 +278,8 @@ impl Consumer for KafkaConsumer {
         }
         let list = offset_list(offsets)?;
         self.consumer()?
-            .commit(&list, CommitMode::Async)
-            .map_err(|e| log_error("committing offsets", e))
+            .store_offsets(&list)
+            .map_err(|e| log_error("storing offsets to commit", e))
     }
 
     /// Pauses the current assignment and whatever a rebalance assigns until

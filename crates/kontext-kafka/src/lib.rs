@@ -18,7 +18,7 @@ mod log;
 mod metadata;
 mod producer;
 
-pub use config::{KafkaConfig, RESERVED_PROPERTIES};
+pub use config::{KafkaConfig, AUTO_COMMIT_INTERVAL_MS, RESERVED_PROPERTIES};
 pub use consumer::KafkaConsumer;
 pub use error::{code_error, is_transient, is_unavailable, log_error};
 pub use log::KafkaLog;

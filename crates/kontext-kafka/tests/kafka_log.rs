@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{assert_no_more, kafka_log, poll_exactly, unique};
+use common::{assert_no_more, kafka_log, kafka_log_with, poll_exactly, unique};
 use kontext_core::partitioner::partition_for_key;
 use kontext_core::record::{Header, ProduceRecord, Record, TopicPartition};
 use kontext_log::{
-    ConsumerConfig, CreateOutcome, Log, LogError, OffsetReset, Retention, TopicSpec,
+    Consumer, ConsumerConfig, CreateOutcome, Log, LogError, OffsetReset, Retention, TopicSpec,
 };
 
 fn keyed(topic: &str, i: usize) -> ProduceRecord {
@@ -52,6 +52,13 @@ async fn nothing_committed(log: &impl Log, group: &str, topic: &str) -> bool {
         .unwrap()
         .iter()
         .all(|(_, o)| o.is_none())
+}
+
+/// A new member of `group` subscribed to `topic`.
+async fn member(log: &impl Log, group: &str, topic: &str) -> Box<dyn Consumer> {
+    log.consumer(ConsumerConfig::new(group, vec![topic.to_string()]))
+        .await
+        .unwrap()
 }
 
 /// The offset after the last of `records` in each partition: what a member commits.
@@ -162,6 +169,72 @@ async fn background_commits_are_in_the_group_once_the_member_closed() {
     assert_eq!(
         log.committed_offsets(&group, &topic).await.unwrap(),
         vec![(0, Some(50))]
+    );
+}
+
+/// A background commit is stored, and librdkafka commits it on its interval (1 s by default)
+/// while the member stays in the group and no further commit is asked for: what a quiet
+/// pipeline relies on for `/v1/lag` and `kafka-consumer-groups` to come back to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_commit_reaches_the_group_while_the_member_stays() {
+    let log = kafka_log();
+    let topic = filled_topic(&log, "interval", 1, 30).await;
+    let group = unique("g");
+    let mut member = member(&log, &group, &topic).await;
+    poll_exactly(member.as_mut(), 30).await;
+    member
+        .commit_in_background(&[(TopicPartition::new(topic.as_str(), 0), 30)])
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while log.committed_offsets(&group, &topic).await.unwrap() != [(0, Some(30))] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stored offset never reached the group: {:?}",
+            log.committed_offsets(&group, &topic).await.unwrap()
+        );
+        assert_no_more(member.as_mut(), Duration::from_millis(200)).await;
+    }
+}
+
+/// With an interval too long to matter, a rebalance still commits what the member stored
+/// before its partitions are revoked, so the next owner does not re-read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_commits_the_offsets_a_member_stored() {
+    let log = kafka_log_with(&[("auto.commit.interval.ms", "600000")]);
+    let topic = filled_topic(&log, "revoke", 2, 40).await;
+    let group = unique("g");
+    let mut a = member(&log, &group, &topic).await;
+    let records = poll_exactly(a.as_mut(), 40).await;
+    let stored: Vec<(TopicPartition, i64)> = next_offsets(&records).into_iter().collect();
+    a.commit_in_background(&stored).await.unwrap();
+    assert!(
+        nothing_committed(&log, &group, &topic).await,
+        "stored, not committed yet: the interval is ten minutes"
+    );
+
+    // A second member joins; serving the rebalance revokes a's partitions, which commits them
+    // (had it not, b would now read some of the 40 records again).
+    let mut b = member(&log, &group, &topic).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert_no_more(a.as_mut(), Duration::from_millis(100)).await;
+        assert_no_more(b.as_mut(), Duration::from_millis(100)).await;
+        if !a.assignment().is_empty() && !b.assignment().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group did not settle"
+        );
+    }
+    let expected: Vec<(i32, Option<i64>)> = stored
+        .iter()
+        .map(|(tp, o)| (tp.partition, Some(*o)))
+        .collect();
+    assert_eq!(
+        log.committed_offsets(&group, &topic).await.unwrap(),
+        expected
     );
 }
 

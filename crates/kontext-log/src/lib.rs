@@ -198,12 +198,15 @@ pub trait Consumer: Send {
     /// records how far it got, so that a commit a crash loses (or a late one that lands after
     /// a newer one) only re-delivers records the caller skips. The next poll then does not
     /// wait out a round trip to the group coordinator (Kafka) or the offsets file's fsyncs
-    /// (embedded). Commits start in the order they were made (embedded: each waits for the
-    /// one before; Kafka: librdkafka may retry an older one after a newer one landed). One
-    /// that fails is logged by the backend, and the next one covers its offsets. An error
-    /// returned here is one found before starting (an invalid offset). Dropping the consumer
-    /// waits for them (embedded: `Drop`; Kafka: librdkafka's close); on the embedded log, so
-    /// does [`Consumer::commit`] with no offsets. The default waits, as [`Consumer::commit`].
+    /// (embedded). Embedded: each commit starts once the one before it ended. Kafka: the
+    /// offsets are stored in the client, which commits the newest stored ones every
+    /// `auto.commit.interval.ms` (1 s by default), when a rebalance revokes their partitions
+    /// and at close, so many calls cost one request. One that fails is logged by the backend,
+    /// and the next one covers its offsets. An error returned here is one found before
+    /// starting (an invalid offset; on Kafka, no partition of them assigned to this member).
+    /// Dropping the consumer waits for them (embedded: `Drop`; Kafka: librdkafka's close); on
+    /// the embedded log, so does [`Consumer::commit`] with no offsets. The default waits, as
+    /// [`Consumer::commit`].
     async fn commit_in_background(
         &mut self,
         offsets: &[(TopicPartition, i64)],

@@ -19,10 +19,18 @@ pub fn bootstrap() -> String {
 /// A `KafkaLog` on the test broker. Fails the test, never skips it, when no broker answers:
 /// a skipped integration test reads as a green one.
 pub fn kafka_log() -> KafkaLog {
+    kafka_log_with(&[])
+}
+
+/// [`kafka_log`] with these librdkafka `properties`.
+pub fn kafka_log_with(properties: &[(&str, &str)]) -> KafkaLog {
     let bootstrap = bootstrap();
     assert_broker_reachable(&bootstrap);
     let mut config = KafkaConfig::new(bootstrap);
     config.request_timeout = Duration::from_secs(20);
+    for (key, value) in properties {
+        config.properties.insert(key.to_string(), value.to_string());
+    }
     KafkaLog::new(config).expect("valid test config")
 }
 
