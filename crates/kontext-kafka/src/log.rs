@@ -1,5 +1,6 @@
 //! [`KafkaLog`]: the admin surface of the Kafka backend and the factory of its clients.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,11 @@ use crate::producer::{KafkaProducer, KafkaTransactionalProducer};
 /// fails within a second.
 const AUTH_PROBE: Duration = Duration::from_secs(3);
 
+/// How many groups' offsets clients [`KafkaLog`] keeps ([`Log::committed_offsets`]): a
+/// pipeline asks about a handful of groups; more (rebuilds' groups over a long life) start the
+/// cache over.
+const OFFSETS_CLIENTS: usize = 16;
+
 /// The Kafka backend of the kontext [`Log`]. Creating it connects to nothing yet: librdkafka
 /// connects on first use, so an unreachable cluster shows up as [`LogError::Unavailable`]
 /// from the first call, not from the constructor.
@@ -38,6 +44,9 @@ pub struct KafkaLog {
     partitions: Arc<PartitionCounts>,
     /// Created on the first `producer()` call and shared afterwards.
     producer: Mutex<Option<Arc<KafkaProducer>>>,
+    /// Per group, the client that reads its committed offsets: kept, so that every
+    /// `/metrics` scrape and `/v1/lag` request does not connect a new client to the cluster.
+    offsets_clients: Mutex<HashMap<String, Arc<BaseConsumer>>>,
 }
 
 impl KafkaLog {
@@ -64,12 +73,37 @@ impl KafkaLog {
             metadata,
             partitions,
             producer: Mutex::new(None),
+            offsets_clients: Mutex::new(HashMap::new()),
         })
     }
 
     /// The configuration this log was created with.
     pub fn config(&self) -> &KafkaConfig {
         &self.config
+    }
+
+    /// The client [`Log::committed_offsets`] asks for `group`'s offsets: one with the group's
+    /// id that never subscribes (so it neither joins the group nor disturbs its members),
+    /// created on the first request and kept. Past [`OFFSETS_CLIENTS`] groups the kept ones are
+    /// closed, on the blocking pool (closing waits for librdkafka's threads).
+    fn offsets_client(&self, group: &str) -> Result<Arc<BaseConsumer>, LogError> {
+        let mut clients = self.offsets_clients.lock();
+        if let Some(client) = clients.get(group) {
+            return Ok(client.clone());
+        }
+        let client: Arc<BaseConsumer> = Arc::new(create(
+            &self.config.consumer_config(group, Default::default()),
+            "creating the offsets client",
+        )?);
+        if clients.len() >= OFFSETS_CLIENTS {
+            let old = std::mem::take(&mut *clients);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(old))),
+                Err(_) => drop(old),
+            }
+        }
+        clients.insert(group.to_string(), client.clone());
+        Ok(client)
     }
 
     fn admin_options(&self) -> AdminOptions {
@@ -412,8 +446,9 @@ impl Log for KafkaLog {
         Ok(Box::new(KafkaConsumer::new(consumer, &config.topics)))
     }
 
-    /// Asks the group coordinator through a throwaway client with the group's id that never
-    /// subscribes, so it does not join the group or disturb its members.
+    /// Asks the group coordinator (OffsetFetch) through a client with the group's id that
+    /// never subscribes (so it neither joins the group nor disturbs its members), kept per
+    /// group for the next request (`/metrics` and `/v1/lag` ask on every call).
     async fn committed_offsets(
         &self,
         group: &str,
@@ -424,10 +459,7 @@ impl Log for KafkaLog {
             .partitions(topic)
             .await?
             .ok_or_else(|| LogError::UnknownTopic(topic.to_string()))?;
-        let client: BaseConsumer = create(
-            &self.config.consumer_config(group, Default::default()),
-            "creating the offsets client",
-        )?;
+        let client = self.offsets_client(group)?;
         let mut list = TopicPartitionList::with_capacity(partitions.len());
         for p in &partitions {
             list.add_partition(topic, *p);
@@ -545,3 +577,38 @@ impl ClientContext for ReaderContext {
 }
 
 impl ConsumerContext for ReaderContext {}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+
+    /// `/metrics` and `/v1/lag` ask for committed offsets on every scrape or request: the
+    /// group's client is kept for the next one instead of a new connection each time, and the
+    /// kept clients stay bounded.
+    #[tokio::test]
+    async fn a_groups_offsets_client_is_kept_for_the_next_request() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("t", 2, 1).unwrap();
+        let mut config = KafkaConfig::new(mock.bootstrap_servers());
+        config.request_timeout = Duration::from_secs(5);
+        let log = KafkaLog::new(config).unwrap();
+        let kept = |group: &str| log.offsets_clients.lock().get(group).cloned();
+
+        let nothing = vec![(0, None), (1, None)];
+        assert_eq!(log.committed_offsets("g", "t").await.unwrap(), nothing);
+        let first = kept("g").expect("the group's client is kept");
+        assert_eq!(log.committed_offsets("g", "t").await.unwrap(), nothing);
+        assert!(Arc::ptr_eq(&first, &kept("g").unwrap()), "the same client");
+
+        for i in 0..OFFSETS_CLIENTS {
+            log.committed_offsets(&format!("other-{i}"), "t")
+                .await
+                .unwrap();
+        }
+        let clients = log.offsets_clients.lock().len();
+        assert!((1..=OFFSETS_CLIENTS).contains(&clients), "{clients} kept");
+        assert!(kept("g").is_none(), "the oldest ones were closed");
+    }
+}
