@@ -232,6 +232,15 @@ impl KafkaConfig {
         }
         config
     }
+
+    /// [`KafkaConfig::consumer_config`] for a client that uses the group's id but is no member
+    /// of it (reading committed offsets, resetting them, reading a partition): it never stores
+    /// offsets, and says so by committing none on its own.
+    pub(crate) fn outsider_config(&self, group_id: &str) -> ClientConfig {
+        let mut config = self.consumer_config(group_id, OffsetReset::default());
+        config.set("enable.auto.commit", "false");
+        config
+    }
 }
 
 /// What a librdkafka client is for, which decides the user's properties it gets: librdkafka
@@ -384,6 +393,10 @@ mod tests {
         assert_eq!(members.get("enable.auto.commit"), Some("true"));
         assert_eq!(members.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(members.get("auto.commit.interval.ms"), Some("1000"));
+        // Clients that only read or reset a group's offsets commit nothing on their own.
+        let outsider = plain.outsider_config("g");
+        assert_eq!(outsider.get("enable.auto.commit"), Some("false"));
+        assert_eq!(outsider.get("group.id"), Some("g"));
         config
             .properties
             .insert("auto.commit.interval.ms".into(), "5000".into());

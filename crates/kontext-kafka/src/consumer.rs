@@ -232,7 +232,8 @@ impl Consumer for KafkaConsumer {
 
     /// Commits synchronously: when this returns `Ok`, the group coordinator has stored the
     /// offsets. Fails when the group is rebalancing or this member's generation is no longer
-    /// current; the records are then delivered again to the partitions' owner. The coordinator
+    /// current; the records may then be delivered again to the partitions' owner (the offsets
+    /// were also stored: a member that keeps the partitions commits them later). The coordinator
     /// does not check which member owns a partition: a member that rejoined after a rebalance
     /// can commit a partition it lost and rewind it. So commit the offsets of records polled
     /// in the current assignment (kontext's loops commit right after processing a batch;

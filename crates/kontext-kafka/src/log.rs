@@ -92,7 +92,7 @@ impl KafkaLog {
             return Ok(client.clone());
         }
         let client: Arc<BaseConsumer> = Arc::new(create(
-            &self.config.consumer_config(group, Default::default()),
+            &self.config.outsider_config(group),
             "creating the offsets client",
         )?);
         if clients.len() >= OFFSETS_CLIENTS {
@@ -324,9 +324,7 @@ impl Log for KafkaLog {
         if from >= to {
             return Ok(Vec::new());
         }
-        let mut config = self
-            .config
-            .consumer_config(&self.config.reader_group, Default::default());
+        let mut config = self.config.outsider_config(&self.config.reader_group);
         config.set("enable.partition.eof", "true");
         let reader: BaseConsumer<ReaderContext> = config
             .create_with_context(ReaderContext)
@@ -467,9 +465,13 @@ impl Log for KafkaLog {
         let timeout = self.config.request_timeout;
         let group = group.to_string();
         let committed = blocking(move || {
-            client
+            let committed = client
                 .committed_offsets(list, timeout)
-                .map_err(|e| log_error(&format!("fetching the offsets of group {group:?}"), e))
+                .map_err(|e| log_error(&format!("fetching the offsets of group {group:?}"), e));
+            // The kept client is polled nowhere else: serve its queued events (librdkafka's
+            // logs and errors) now, so they are printed when they happen and do not pile up.
+            let _ = client.poll(Duration::ZERO);
+            committed
         })
         .await?;
         let mut out: Vec<(i32, Option<i64>)> = committed
@@ -494,7 +496,7 @@ impl Log for KafkaLog {
         offsets: &[(TopicPartition, i64)],
     ) -> Result<(), LogError> {
         let client: BaseConsumer = create(
-            &self.config.consumer_config(group, Default::default()),
+            &self.config.outsider_config(group),
             "creating the offsets client",
         )?;
         let mut list = TopicPartitionList::with_capacity(offsets.len());

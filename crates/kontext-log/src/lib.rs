@@ -201,7 +201,8 @@ pub trait Consumer: Send {
     /// (embedded). Embedded: each commit starts once the one before it ended. Kafka: the
     /// offsets are stored in the client, which commits the newest stored ones every
     /// `auto.commit.interval.ms` (1 s by default), when a rebalance revokes their partitions
-    /// and at close, so many calls cost one request. One that fails is logged by the backend,
+    /// and at close, so many calls cost one request (a retried older commit may still land
+    /// after a newer one). One that fails is logged by the backend,
     /// and the next one covers its offsets. An error returned here is one found before
     /// starting (an invalid offset; on Kafka, no partition of them assigned to this member).
     /// Dropping the consumer waits for them (embedded: `Drop`; Kafka: librdkafka's close); on
