@@ -290,7 +290,13 @@ async fn a_starting_member_does_not_rewind_past_a_live_member(log: Arc<dyn Log>,
         .consumer(ConsumerConfig::new(group.clone(), vec![input.clone()]))
         .await
         .unwrap();
-    member.poll(10, Duration::from_millis(200)).await.unwrap();
+    // Joined first: a member without its assignment yet cannot commit (one short poll was
+    // not always enough on a busy machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while member.assignment().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never assigned");
+        member.poll(10, Duration::from_millis(200)).await.unwrap();
+    }
     member.commit(&[(tp.clone(), 1)]).await.unwrap();
 
     // B starts: the group's offsets, then the sync.
