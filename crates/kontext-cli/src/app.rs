@@ -154,6 +154,13 @@ fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
 }
 
 /// A running pipeline: one store sink per store + the HTTP API.
+///
+/// Stop it by cancelling the shutdown token and then [`Running::join`]. Dropping it without
+/// the join stops it too when the API has threads of its own (`serve.threads` > 0): the API's
+/// runtime shuts down with it, its server task is dropped, and that task's drop guard cancels
+/// the shutdown token (as a panicking task does), so the sinks and the processor end instead
+/// of running on unserved. With the shared runtime (the default) the tasks run on until the
+/// token is cancelled.
 pub struct Running {
     /// The store the API serves from.
     pub store: Arc<dyn ContextStore>,
