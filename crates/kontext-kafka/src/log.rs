@@ -34,6 +34,10 @@ const AUTH_PROBE: Duration = Duration::from_secs(3);
 /// cache over.
 const OFFSETS_CLIENTS: usize = 16;
 
+/// How many queued events (logs, errors) a kept offsets client serves after each fetch: more
+/// than a fetch's own, so that a backlog shrinks; each poll without one returns at once.
+const QUEUED_EVENTS_PER_FETCH: usize = 64;
+
 /// The Kafka backend of the kontext [`Log`]. Creating it connects to nothing yet: librdkafka
 /// connects on first use, so an unreachable cluster shows up as [`LogError::Unavailable`]
 /// from the first call, not from the constructor.
@@ -469,8 +473,12 @@ impl Log for KafkaLog {
                 .committed_offsets(list, timeout)
                 .map_err(|e| log_error(&format!("fetching the offsets of group {group:?}"), e));
             // The kept client is polled nowhere else: serve its queued events (librdkafka's
-            // logs and errors) now, so they are printed when they happen and do not pile up.
-            let _ = client.poll(Duration::ZERO);
+            // logs and errors; it never subscribes, so no message comes) now, so they do not
+            // pile up between requests. A poll serves at most one event, and says `None`
+            // both for one served and for none left, hence a fixed number of them.
+            for _ in 0..QUEUED_EVENTS_PER_FETCH {
+                let _ = client.poll(Duration::ZERO);
+            }
             committed
         })
         .await?;
