@@ -436,9 +436,13 @@ impl Log for KafkaLog {
                 return Err(LogError::UnknownTopic(topic.clone()));
             }
         }
-        let consumer: GroupConsumer = self
+        let mut client_config = self
             .config
-            .consumer_config(&config.group_id, config.offset_reset)
+            .consumer_config(&config.group_id, config.offset_reset);
+        if config.transactional {
+            client_config.set("enable.auto.commit", "false");
+        }
+        let consumer: GroupConsumer = client_config
             .create_with_context(GroupContext)
             .map_err(|e| config_error("creating the consumer", e))?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();

@@ -238,6 +238,33 @@ async fn a_rebalance_commits_the_offsets_a_member_stored() {
     );
 }
 
+/// A member whose offsets go through transactions (`exactly_once`) has librdkafka's automatic
+/// commit off, as `send_offsets_to_transaction` requires: offsets stored in it are not
+/// committed, neither on the interval nor at close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_member_commits_nothing_on_its_own() {
+    let log = kafka_log_with(&[("auto.commit.interval.ms", "100")]);
+    let topic = filled_topic(&log, "txn-member", 1, 20).await;
+    let group = unique("g");
+    let mut member = log
+        .consumer(ConsumerConfig::new(&group, vec![topic.clone()]).transactional(true))
+        .await
+        .unwrap();
+    poll_exactly(member.as_mut(), 20).await;
+    member
+        .commit_in_background(&[(TopicPartition::new(topic.as_str(), 0), 20)])
+        .await
+        .unwrap();
+    // Ten intervals pass while it stays, then it closes.
+    assert_no_more(member.as_mut(), Duration::from_secs(1)).await;
+    drop(member);
+    assert!(
+        nothing_committed(&log, &group, &topic).await,
+        "{:?}",
+        log.committed_offsets(&group, &topic).await.unwrap()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_member_resumes_from_the_committed_offsets() {
     let log = kafka_log();

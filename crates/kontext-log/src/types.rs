@@ -76,6 +76,11 @@ pub struct ConsumerConfig {
     pub group_id: String,
     pub topics: Vec<String>,
     pub offset_reset: OffsetReset,
+    /// The member's offsets are committed only inside transactions
+    /// ([`crate::TransactionalProducer::commit`]), never by the member itself. The Kafka
+    /// backend then turns librdkafka's automatic commit off, as `send_offsets_to_transaction`
+    /// requires of the consumer; the embedded log has nothing to turn off.
+    pub transactional: bool,
 }
 
 impl ConsumerConfig {
@@ -84,6 +89,13 @@ impl ConsumerConfig {
             group_id: group_id.into(),
             topics,
             offset_reset: OffsetReset::Earliest,
+            transactional: false,
         }
+    }
+
+    /// This config with [`ConsumerConfig::transactional`] set to `transactional`.
+    pub fn transactional(mut self, transactional: bool) -> Self {
+        self.transactional = transactional;
+        self
     }
 }

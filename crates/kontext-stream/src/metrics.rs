@@ -300,7 +300,7 @@ impl PipelineMetrics {
             ),
             (
                 "kontext_batches_committed_total",
-                "Batches made durable and their offset commits started (commits run in the background).",
+                "Batches made durable and their offsets handed to the group (committed in the background; on Kafka, stored and committed every auto.commit.interval.ms).",
                 &self.batches_committed,
             ),
             (

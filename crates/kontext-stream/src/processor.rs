@@ -807,10 +807,10 @@ impl Processor {
         }
         let mut consumer = self
             .log
-            .consumer(ConsumerConfig::new(
-                group.clone(),
-                vec![repartition.clone()],
-            ))
+            .consumer(
+                ConsumerConfig::new(group.clone(), vec![repartition.clone()])
+                    .transactional(txn.is_some()),
+            )
             .await?;
         drain.new_consumer();
         let feature_partitions: BTreeMap<&str, (String, i32)> = self

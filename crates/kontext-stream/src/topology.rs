@@ -655,7 +655,9 @@ impl TopologyRunner {
         }
         let mut consumer = self
             .log
-            .consumer(ConsumerConfig::new(seg.group.clone(), topics.clone()))
+            .consumer(
+                ConsumerConfig::new(seg.group.clone(), topics.clone()).transactional(txn.is_some()),
+            )
             .await?;
         drain.new_consumer();
         info!(group = %seg.group, input = %seg.input, tasks = tasks.len(), "topology segment started");
