@@ -206,7 +206,8 @@ impl KafkaConfig {
     /// [`kontext_log::Consumer::commit`] (at once) and
     /// [`kontext_log::Consumer::commit_in_background`] (stored, then committed by librdkafka
     /// every `auto.commit.interval.ms`, [`AUTO_COMMIT_INTERVAL_MS`] unless `properties` set it,
-    /// when a rebalance revokes partitions, and at close), after the records' effects are
+    /// when a rebalance revokes partitions, and at close; not for a member whose offsets go
+    /// through transactions, `ConsumerConfig::transactional`), after the records' effects are
     /// durable. `read_committed` hides records of aborted transactions (and of open ones until
     /// they end).
     pub(crate) fn consumer_config(&self, group_id: &str, reset: OffsetReset) -> ClientConfig {

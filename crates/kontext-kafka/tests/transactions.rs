@@ -98,7 +98,7 @@ async fn setup(prefix: &str, inputs: usize) -> Setup {
         .await
         .unwrap();
     let mut consumer = log
-        .consumer(ConsumerConfig::new(&group, vec![input.clone()]))
+        .consumer(ConsumerConfig::new(&group, vec![input.clone()]).transactional(true))
         .await
         .unwrap();
     poll_exactly(consumer.as_mut(), inputs).await;

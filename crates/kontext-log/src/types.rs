@@ -77,9 +77,10 @@ pub struct ConsumerConfig {
     pub topics: Vec<String>,
     pub offset_reset: OffsetReset,
     /// The member's offsets are committed only inside transactions
-    /// ([`crate::TransactionalProducer::commit`]), never by the member itself. The Kafka
+    /// ([`crate::TransactionalProducer::commit`]); its caller commits none itself. The Kafka
     /// backend then turns librdkafka's automatic commit off, as `send_offsets_to_transaction`
-    /// requires of the consumer; the embedded log has nothing to turn off.
+    /// requires of the consumer (offsets given to `commit_in_background` are stored and never
+    /// committed; `commit` still commits); the embedded log has nothing to turn off.
     pub transactional: bool,
 }
 
@@ -93,7 +94,7 @@ impl ConsumerConfig {
         }
     }
 
-    /// This config with [`ConsumerConfig::transactional`] set to `transactional`.
+    /// This config with [`field@ConsumerConfig::transactional`] set to `transactional`.
     pub fn transactional(mut self, transactional: bool) -> Self {
         self.transactional = transactional;
         self

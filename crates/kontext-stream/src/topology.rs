@@ -52,10 +52,10 @@
 //! foreign key, as after Kafka Streams' `selectKey`); an aggregate emits, per updated window,
 //! `{"window": {"start", "end"}, "<function>": value, ...}` keyed by the group key.
 //!
-//! Not (yet) here: Kafka transactions (`exactly_once`) for DSL topologies. Outputs are
-//! at-least-once with stable ids and versions, which the versioned store upserts and a
-//! downstream dedup turn into effectively-once results; the pipeline file's processor has the
-//! transactional mode.
+//! Outputs are at-least-once with stable ids and versions, which the versioned store upserts
+//! and a downstream dedup turn into effectively-once results; on Kafka,
+//! [`TopologyRunner::with_exactly_once`] commits each batch of a segment in one transaction
+//! instead, as the pipeline file's processor does under `exactly_once`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
