@@ -202,19 +202,25 @@ impl KafkaConfig {
         config
     }
 
-    /// A group member that never stores offsets on its own: offsets move only through
-    /// [`kontext_log::Consumer::commit`] (at once) and
-    /// [`kontext_log::Consumer::commit_in_background`] (stored, then committed by librdkafka
-    /// every `auto.commit.interval.ms`, [`AUTO_COMMIT_INTERVAL_MS`] unless `properties` set it,
-    /// when a rebalance revokes partitions, and at close; not for a member whose offsets go
-    /// through transactions, `ConsumerConfig::transactional`), after the records' effects are
-    /// durable. `read_committed` hides records of aborted transactions (and of open ones until
-    /// they end).
-    pub(crate) fn consumer_config(&self, group_id: &str, reset: OffsetReset) -> ClientConfig {
+    /// A client of group `group_id` that never stores offsets on its own: offsets move only
+    /// through [`kontext_log::Consumer::commit`] (at once) and
+    /// [`kontext_log::Consumer::commit_in_background`], after the records' effects are durable.
+    /// With `auto_commit` librdkafka commits what the latter stored every
+    /// `auto.commit.interval.ms` ([`AUTO_COMMIT_INTERVAL_MS`] unless `properties` set it), when
+    /// a rebalance revokes partitions, and at close; without it (a member whose offsets go
+    /// through transactions, `ConsumerConfig::transactional`, or a client outside the group)
+    /// nothing is committed on its own. `read_committed` hides records of aborted transactions
+    /// (and of open ones until they end).
+    pub(crate) fn consumer_config(
+        &self,
+        group_id: &str,
+        reset: OffsetReset,
+        auto_commit: bool,
+    ) -> ClientConfig {
         let mut config = self.base_client_config(ClientRole::Consumer);
         config
             .set("group.id", group_id)
-            .set("enable.auto.commit", "true")
+            .set("enable.auto.commit", auto_commit.to_string())
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("isolation.level", "read_committed")
@@ -225,7 +231,7 @@ impl KafkaConfig {
                     OffsetReset::Latest => "latest",
                 },
             );
-        if !self.properties.contains_key("auto.commit.interval.ms") {
+        if auto_commit && !self.properties.contains_key("auto.commit.interval.ms") {
             config.set(
                 "auto.commit.interval.ms",
                 AUTO_COMMIT_INTERVAL_MS.to_string(),
@@ -238,9 +244,7 @@ impl KafkaConfig {
     /// of it (reading committed offsets, resetting them, reading a partition): it never stores
     /// offsets, and says so by committing none on its own.
     pub(crate) fn outsider_config(&self, group_id: &str) -> ClientConfig {
-        let mut config = self.consumer_config(group_id, OffsetReset::default());
-        config.set("enable.auto.commit", "false");
-        config
+        self.consumer_config(group_id, OffsetReset::default(), false)
     }
 }
 
@@ -363,7 +367,7 @@ mod tests {
         ] {
             config.properties.insert(k.into(), v.into());
         }
-        let consumer = config.consumer_config("g", OffsetReset::Earliest);
+        let consumer = config.consumer_config("g", OffsetReset::Earliest, true);
         let producer = config.producer_config();
         let admin = config.base_client_config(ClientRole::Admin);
         assert_eq!(consumer.get("group.instance.id"), Some("kontext-1"));
@@ -385,12 +389,12 @@ mod tests {
         );
         assert_eq!(
             plain
-                .consumer_config("g", OffsetReset::Earliest)
+                .consumer_config("g", OffsetReset::Earliest, true)
                 .get("linger.ms"),
             None
         );
         // Stored offsets are committed once a second, unless the user chose an interval.
-        let members = plain.consumer_config("g", OffsetReset::Earliest);
+        let members = plain.consumer_config("g", OffsetReset::Earliest, true);
         assert_eq!(members.get("enable.auto.commit"), Some("true"));
         assert_eq!(members.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(members.get("auto.commit.interval.ms"), Some("1000"));
@@ -401,7 +405,7 @@ mod tests {
         config
             .properties
             .insert("auto.commit.interval.ms".into(), "5000".into());
-        let chosen = config.consumer_config("g", OffsetReset::Earliest);
+        let chosen = config.consumer_config("g", OffsetReset::Earliest, true);
         assert_eq!(chosen.get("auto.commit.interval.ms"), Some("5000"));
         assert_eq!(
             config.producer_config().get("auto.commit.interval.ms"),

@@ -436,13 +436,9 @@ impl Log for KafkaLog {
                 return Err(LogError::UnknownTopic(topic.clone()));
             }
         }
-        let mut client_config = self
+        let consumer: GroupConsumer = self
             .config
-            .consumer_config(&config.group_id, config.offset_reset);
-        if config.transactional {
-            client_config.set("enable.auto.commit", "false");
-        }
-        let consumer: GroupConsumer = client_config
+            .consumer_config(&config.group_id, config.offset_reset, !config.transactional)
             .create_with_context(GroupContext)
             .map_err(|e| config_error("creating the consumer", e))?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
