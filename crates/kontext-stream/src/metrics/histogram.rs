@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds in milliseconds: fine below 10 ms (the embedded freshness target), then
-/// steps of at most half up to 100 ms and two more to 250 ms, so that a p99 around the Kafka target (50 ms) reads
-/// as 40, 60 or 75 rather than "between 50 and 100", and coarse up to a minute (a lagging or
-/// replaying consumer).
+/// steps of at most half up to 100 ms and two more to 250 ms, so that a p99 around the Kafka
+/// target (50 ms) reads as 40, 60 or 75 rather than "between 50 and 100", and coarse up to a
+/// minute (a lagging or replaying consumer).
 const BOUNDS_MS: [u64; 20] = [
     1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 75, 100, 150, 250, 500, 1_000, 10_000, 60_000,
 ];
