@@ -70,7 +70,7 @@ pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dy
     }
 }
 
-/// Creates every entity topic the pipeline declares (existing topics are left as they are).
+/// Creates every entity topic the pipeline declares, as [`ensure_topics`] does.
 /// An unreachable broker is retried with exponential backoff (`retry.defaults`: 100 ms
 /// doubling to 30 s unless set) until it answers or `shutdown` is cancelled; each attempt says
 /// what is wrong.
@@ -104,7 +104,10 @@ fn is_transient(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Creates every entity topic the pipeline declares (existing topics are left as they are).
+/// Creates every entity topic the pipeline declares. An existing topic is left as it is if its
+/// partition count is the configured one, and is an error (`TopicMismatch`) otherwise: state
+/// and stores are kept per partition, so a different count would route entities elsewhere.
+/// Compaction and retention of existing topics are neither compared nor changed.
 pub async fn ensure_topics(log: &dyn Log, config: &PipelineConfig) -> Result<()> {
     for spec in topic_specs(config) {
         match log

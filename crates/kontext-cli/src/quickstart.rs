@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use kontext_core::config::{LogConfig, PipelineConfig};
+use kontext_log::LogError;
 use kontext_store::{ContextDocument, ContextStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -54,6 +55,12 @@ pub struct QuickstartArgs {
     #[arg(long, default_value_t = 0, value_name = "PRIORITY",
           value_parser = clap::value_parser!(u8).range(0..=99))]
     serve_realtime_priority: u8,
+    /// Partitions of every topic (the example's `topics.partitions`, 12). Topics are created
+    /// once: give the same number on every run with the same data directory or cluster.
+    /// Fewer partitions mean fewer produce requests per hop on Kafka (docs/log-kafka.md,
+    /// "Partitions and latency").
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    partitions: Option<i32>,
 }
 
 /// The built-in customer-service pipeline.
@@ -73,6 +80,9 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
             exactly_once: false,
         };
     }
+    if let Some(partitions) = args.partitions {
+        config.topics.partitions = partitions;
+    }
     config.serve.threads = args.serve_threads;
     config.serve.realtime_priority = args.serve_realtime_priority;
     anyhow::ensure!(
@@ -84,7 +94,21 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     app::cancel_on_signal(shutdown.clone());
     let log = app::open_log(&config, &args.data_dir).await?;
-    app::ensure_topics_with_retry(log.as_ref(), &config, &shutdown).await?;
+    app::ensure_topics_with_retry(log.as_ref(), &config, &shutdown)
+        .await
+        .map_err(
+            |e| match e.chain().find_map(|c| c.downcast_ref::<LogError>()) {
+                Some(LogError::TopicMismatch { existing, .. }) => {
+                    let existing = *existing;
+                    e.context(format!(
+                        "the quickstart's topics exist with {existing} partitions: run it with \
+                     --partitions {existing}, or with a new --data-dir (on Kafka: delete the \
+                     topics, or use another cluster)"
+                    ))
+                }
+                _ => e,
+            },
+        )?;
     let listen = format!("127.0.0.1:{}", args.port);
     let running = app::start_pipeline(
         &config,

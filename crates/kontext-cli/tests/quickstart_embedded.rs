@@ -7,8 +7,9 @@ use std::time::Duration;
 use kontext_core::config::PipelineConfig;
 use kontext_store::{EmbeddedStore, StoreSchema};
 use support::{
-    assert_applied_exactly_once, assert_joins_match, catch_up, context_sources, expected_from_log,
-    expected_joins_from_log, free_port, get_json, path_str, wait_for_zero_lag, Kontext,
+    assert_applied_exactly_once, assert_joins_match, catch_up, catch_up_with, context_sources,
+    expected_from_log, expected_joins_from_log, free_port, get_json, path_str, topic_partitions,
+    wait_for_zero_lag, Kontext,
 };
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
@@ -165,6 +166,8 @@ async fn kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice() {
 
 /// The log is the source of truth: delete the store (keeping the group's committed offsets)
 /// and the next run rewinds the group and rebuilds exactly the same store from the log.
+/// The first run creates its topics with 3 partitions (`--partitions`); a run without the
+/// flag then refuses to start, naming the flag, and the catch-up run gives it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_store_is_rebuilt_identically_from_the_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -178,12 +181,23 @@ async fn a_deleted_store_is_rebuilt_identically_from_the_log() {
         &port.to_string(),
         "--rate",
         "0",
+        "--partitions",
+        "3",
     ]);
     kontext.wait_for_line("curl -s http://", Duration::from_secs(60));
     wait_for_zero_lag(port, Duration::from_secs(60)).await;
     kontext.interrupt();
 
     let config = PipelineConfig::parse("pipeline.yaml", PIPELINE).unwrap();
+    let partitions = topic_partitions(dir.path()).await;
+    assert!(
+        partitions.len() > config.entities.len(),
+        "entity, dead-letter and processor topics: {partitions:?}"
+    );
+    assert!(
+        partitions.values().all(|&n| n == 3),
+        "every topic has the 3 partitions asked for: {partitions:?}"
+    );
     let store_path = dir.path().join("stores/main.redb");
     let dump = |path: &std::path::Path| {
         let store = EmbeddedStore::open(path, StoreSchema::from_config(&config)).unwrap();
@@ -197,9 +211,42 @@ async fn a_deleted_store_is_rebuilt_identically_from_the_log() {
     );
     std::fs::remove_dir_all(dir.path().join("stores")).unwrap();
 
-    let (kontext, _port) = catch_up(&data).await;
+    let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_kontext"))
+        .args([
+            "quickstart",
+            "--data-dir",
+            &data,
+            "--port",
+            "0",
+            "--no-generator",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = refused.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            refused.kill().unwrap();
+            panic!("a run without --partitions started on topics with 3");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("exist with 3 partitions: run it with --partitions 3"),
+        "{stderr}"
+    );
+
+    let (kontext, _port) = catch_up_with(&data, &["--partitions", "3"]).await;
     kontext.interrupt();
     assert_eq!(dump(&store_path), before);
+    assert_eq!(topic_partitions(dir.path()).await, partitions);
 }
 
 /// The `/metrics` page of the quickstart on `port`.

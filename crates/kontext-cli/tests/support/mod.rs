@@ -152,15 +152,23 @@ pub async fn wait_for_zero_lag(port: u16, timeout: Duration) {
 /// Runs `kontext quickstart --no-generator` on `data_dir` until the store has applied the
 /// whole log; returns the running process and its port.
 pub async fn catch_up(data_dir: &str) -> (Kontext, u16) {
+    catch_up_with(data_dir, &[]).await
+}
+
+/// [`catch_up`] with more arguments for the quickstart.
+pub async fn catch_up_with(data_dir: &str, args: &[&str]) -> (Kontext, u16) {
     let port = free_port();
-    let kontext = Kontext::spawn(&[
+    let port_arg = port.to_string();
+    let mut all = vec![
         "quickstart",
         "--data-dir",
         data_dir,
         "--port",
-        &port.to_string(),
+        &port_arg,
         "--no-generator",
-    ]);
+    ];
+    all.extend_from_slice(args);
+    let kontext = Kontext::spawn(&all);
     wait_for_zero_lag(port, Duration::from_secs(60)).await;
     (kontext, port)
 }
@@ -236,6 +244,18 @@ fn open_embedded_log(data_dir: &Path) -> std::sync::Arc<kontext_log::embedded::E
         kontext_log::embedded::EmbeddedConfig::default(),
     )
     .expect("open the log")
+}
+
+/// The partition count of every topic in the embedded log of `data_dir`, by name.
+pub async fn topic_partitions(data_dir: &Path) -> std::collections::BTreeMap<String, usize> {
+    use kontext_log::Log;
+    let log = open_embedded_log(data_dir);
+    let mut counts = std::collections::BTreeMap::new();
+    for topic in log.list_topics().await.expect("list topics") {
+        let description = log.describe_topic(&topic).await.expect("describe");
+        counts.insert(topic, description.partitions.len());
+    }
+    counts
 }
 
 /// Every record of `topic`, partition by partition in offset order. Asserts each partition is
