@@ -34,6 +34,8 @@
 # (crates/kontext-cli/tests/kafka_security.rs).
 #   KAFKA_START_TIMEOUT    seconds to wait for the broker to answer (default 120)
 #   KAFKA_HEAP_OPTS        JVM heap of the broker (default -Xms256m -Xmx1g)
+#   KAFKA_JMX_PORT         if set, the broker's JMX on 127.0.0.1 at this port, no authentication
+#                          (benchmarks read its request rates: bench/kafka_freshness.sh)
 #   KAFKA_CACHE_DIR        jars and run state (default scripts/.kafka)
 set -euo pipefail
 
@@ -47,6 +49,7 @@ KAFKA_SSL_PORT="${KAFKA_SSL_PORT:-$((KAFKA_PORT + 3))}"
 KAFKA_SASL_SSL_PORT="${KAFKA_SASL_SSL_PORT:-$((KAFKA_PORT + 4))}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-120}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
+KAFKA_JMX_PORT="${KAFKA_JMX_PORT:-}"
 KAFKA_HOST=127.0.0.1
 
 # Per port, so that two brokers on different ports can coexist.
@@ -146,9 +149,16 @@ start() {
     # terminal) that started it, and Ctrl-C there does not reach it. The pid is written from
     # inside, before exec, so it is the JVM's pid whatever setsid does.
     # 8>&- : the broker must not inherit the start/stop lock, or it would hold it forever.
+    local jmx=()
+    if [[ -n "$KAFKA_JMX_PORT" ]]; then
+        jmx=(-Dcom.sun.management.jmxremote.port="$KAFKA_JMX_PORT"
+            -Dcom.sun.management.jmxremote.rmi.port="$KAFKA_JMX_PORT"
+            -Dcom.sun.management.jmxremote.host="$KAFKA_HOST" -Djava.rmi.server.hostname="$KAFKA_HOST"
+            -Dcom.sun.management.jmxremote.authenticate=false -Dcom.sun.management.jmxremote.ssl=false)
+    fi
     # shellcheck disable=SC2086,SC2016 # KAFKA_HEAP_OPTS holds several words; $$ is for the child.
     setsid bash -c 'echo $$ >"$0"; exec "$@"' "$PID_FILE" \
-        java $KAFKA_HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+        java $KAFKA_HEAP_OPTS "${jmx[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
         -Dlog4j2.configurationFile="$KAFKA_LOG4J_CONFIG" -Dkontext.kafka.log.level=INFO \
         -cp "$cp" kafka.Kafka "$RUN_DIR/server.properties" \
         >>"$LOG_FILE" 2>&1 </dev/null 8>&- &
