@@ -453,38 +453,20 @@ fn run_until_exit(yaml: &str, timeout: Duration) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = dir.path().join("pipeline.yaml");
     std::fs::write(&pipeline, yaml).unwrap();
-    let port = free_port().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kontext"))
-        .args(["run", "-c", path_str(&pipeline), "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn kontext");
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
-        text
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "kontext run kept running for {timeout:?}: {}",
-                reader.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    (status.success(), reader.join().unwrap())
+    let data = dir.path().join("data");
+    let listen = format!("127.0.0.1:{}", free_port());
+    support::run_until_exit(
+        &[
+            "run",
+            "-c",
+            path_str(&pipeline),
+            "--data-dir",
+            path_str(&data),
+            "--listen",
+            &listen,
+        ],
+        timeout,
+    )
 }
 
 /// A wrong password: librdkafka's calls only time out, but `kontext run` stops and says the

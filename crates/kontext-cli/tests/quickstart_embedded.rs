@@ -8,8 +8,8 @@ use kontext_core::config::PipelineConfig;
 use kontext_store::{EmbeddedStore, StoreSchema};
 use support::{
     assert_applied_exactly_once, assert_joins_match, catch_up, catch_up_with, context_sources,
-    expected_from_log, expected_joins_from_log, free_port, get_json, path_str, topic_partitions,
-    wait_for_zero_lag, Kontext,
+    expected_from_log, expected_joins_from_log, free_port, get_json, initial_load, path_str,
+    run_until_exit, topic_partitions, wait_for_zero_lag, Kontext,
 };
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
@@ -166,38 +166,13 @@ async fn kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice() {
 
 /// The log is the source of truth: delete the store (keeping the group's committed offsets)
 /// and the next run rewinds the group and rebuilds exactly the same store from the log.
-/// The first run creates its topics with 3 partitions (`--partitions`); a run without the
-/// flag then refuses to start, naming the flag, and the catch-up run gives it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_store_is_rebuilt_identically_from_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let data = path_str(dir.path()).to_string();
-    let port = free_port();
-    let mut kontext = Kontext::spawn(&[
-        "quickstart",
-        "--data-dir",
-        &data,
-        "--port",
-        &port.to_string(),
-        "--rate",
-        "0",
-        "--partitions",
-        "3",
-    ]);
-    kontext.wait_for_line("curl -s http://", Duration::from_secs(60));
-    wait_for_zero_lag(port, Duration::from_secs(60)).await;
-    kontext.interrupt();
+    initial_load(&data, &[]).await;
 
     let config = PipelineConfig::parse("pipeline.yaml", PIPELINE).unwrap();
-    let partitions = topic_partitions(dir.path()).await;
-    assert!(
-        partitions.len() > config.entities.len(),
-        "entity, dead-letter and processor topics: {partitions:?}"
-    );
-    assert!(
-        partitions.values().all(|&n| n == 3),
-        "every topic has the 3 partitions asked for: {partitions:?}"
-    );
     let store_path = dir.path().join("stores/main.redb");
     let dump = |path: &std::path::Path| {
         let store = EmbeddedStore::open(path, StoreSchema::from_config(&config)).unwrap();
@@ -211,41 +186,55 @@ async fn a_deleted_store_is_rebuilt_identically_from_the_log() {
     );
     std::fs::remove_dir_all(dir.path().join("stores")).unwrap();
 
-    let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_kontext"))
-        .args([
+    let (kontext, _port) = catch_up(&data).await;
+    kontext.interrupt();
+    assert_eq!(dump(&store_path), before);
+}
+
+/// `--partitions N` creates every topic of the example with N partitions. Topics are created
+/// once: a later run asking for another count refuses to start and names the flag, and the
+/// topics are unchanged; a run with the same N starts and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_with_another_partition_count_is_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = path_str(dir.path()).to_string();
+    initial_load(&data, &["--partitions", "3"]).await;
+
+    let config = PipelineConfig::parse("pipeline.yaml", PIPELINE).unwrap();
+    let partitions = topic_partitions(dir.path()).await;
+    assert!(
+        partitions.len() > config.entities.len(),
+        "entity, dead-letter and processor topics: {partitions:?}"
+    );
+    assert!(
+        partitions.values().all(|&n| n == 3),
+        "every topic has the 3 partitions asked for: {partitions:?}"
+    );
+
+    // Without the flag the example asks for 12.
+    let (ok, stderr) = run_until_exit(
+        &[
             "quickstart",
             "--data-dir",
             &data,
             "--port",
             "0",
             "--no-generator",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = refused.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            refused.kill().unwrap();
-            panic!("a run without --partitions started on topics with 3");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success(), "{stderr}");
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(
+        !ok,
+        "a run without --partitions started on topics with 3: {stderr}"
+    );
     assert!(
         stderr.contains("exist with 3 partitions: run it with --partitions 3"),
         "{stderr}"
     );
+    assert_eq!(topic_partitions(dir.path()).await, partitions);
 
     let (kontext, _port) = catch_up_with(&data, &["--partitions", "3"]).await;
     kontext.interrupt();
-    assert_eq!(dump(&store_path), before);
     assert_eq!(topic_partitions(dir.path()).await, partitions);
 }
 

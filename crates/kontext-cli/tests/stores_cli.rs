@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kontext_core::config::PipelineConfig;
 use kontext_store::{ContextStore, EmbeddedStore, PostgresStore, StoreSchema};
-use support::{free_port, get_json, path_str, wait_for_zero_lag, Kontext};
+use support::{free_port, get_json, initial_load, path_str, wait_for_zero_lag, Kontext};
 
 const PIPELINE: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
 
@@ -22,21 +22,7 @@ async fn an_embedded_and_a_postgres_store_fill_independently_and_postgres_rebuil
     let dir = tempfile::tempdir().unwrap();
     let data = path_str(dir.path()).to_string();
     // The log: the quickstart's initial load, applied to the embedded store `main`.
-    let port = free_port();
-    let mut kontext = Kontext::spawn(&[
-        "quickstart",
-        "--data-dir",
-        &data,
-        "--port",
-        &port.to_string(),
-        "--rate",
-        "0",
-        "--customers",
-        "100",
-    ]);
-    kontext.wait_for_line("curl -s http://", Duration::from_secs(60));
-    wait_for_zero_lag(port, Duration::from_secs(60)).await;
-    kontext.interrupt();
+    initial_load(&data, &["--customers", "100"]).await;
 
     // The same pipeline with a second store in PostgreSQL, which the API serves from.
     let ns = format!("kontext_stores_{}", std::process::id());

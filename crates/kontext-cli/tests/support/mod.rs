@@ -102,6 +102,42 @@ impl Drop for Kontext {
     }
 }
 
+/// Runs `kontext` with `args` until it exits (at most `timeout`, then kills it and panics
+/// with its stderr), and returns whether it succeeded and what it wrote to stderr. For runs
+/// that are expected to stop on their own, such as a refused start.
+pub fn run_until_exit(args: &[&str], timeout: Duration) -> (bool, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kontext"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kontext");
+    // Read on a thread, so a chatty child cannot block on a full pipe.
+    let mut stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).expect("read stderr");
+        text
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "kontext {args:?} kept running for {timeout:?}: {}",
+                reader.join().expect("stderr reader")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status.success(), reader.join().expect("stderr reader"))
+}
+
 /// The plaintext listener of the test broker (`KONTEXT_TEST_KAFKA`, default 127.0.0.1:9092).
 pub fn kafka_bootstrap() -> String {
     std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -149,6 +185,25 @@ pub async fn wait_for_zero_lag(port: u16, timeout: Duration) {
     }
 }
 
+/// Spawns `kontext quickstart` on `data_dir` at a free port with `args`; returns the process
+/// and its port.
+fn spawn_quickstart(data_dir: &str, args: &[&str]) -> (Kontext, u16) {
+    let port = free_port();
+    let port_arg = port.to_string();
+    let mut all = vec!["quickstart", "--data-dir", data_dir, "--port", &port_arg];
+    all.extend_from_slice(args);
+    (Kontext::spawn(&all), port)
+}
+
+/// Runs `kontext quickstart --rate 0` (the generator's initial load only, then nothing) on
+/// `data_dir` with more `args`, until the store has applied all of it, and stops it.
+pub async fn initial_load(data_dir: &str, args: &[&str]) {
+    let (mut kontext, port) = spawn_quickstart(data_dir, &[&["--rate", "0"], args].concat());
+    kontext.wait_for_line("curl -s http://", Duration::from_secs(60));
+    wait_for_zero_lag(port, Duration::from_secs(60)).await;
+    kontext.interrupt();
+}
+
 /// Runs `kontext quickstart --no-generator` on `data_dir` until the store has applied the
 /// whole log; returns the running process and its port.
 pub async fn catch_up(data_dir: &str) -> (Kontext, u16) {
@@ -157,18 +212,7 @@ pub async fn catch_up(data_dir: &str) -> (Kontext, u16) {
 
 /// [`catch_up`] with more arguments for the quickstart.
 pub async fn catch_up_with(data_dir: &str, args: &[&str]) -> (Kontext, u16) {
-    let port = free_port();
-    let port_arg = port.to_string();
-    let mut all = vec![
-        "quickstart",
-        "--data-dir",
-        data_dir,
-        "--port",
-        &port_arg,
-        "--no-generator",
-    ];
-    all.extend_from_slice(args);
-    let kontext = Kontext::spawn(&all);
+    let (kontext, port) = spawn_quickstart(data_dir, &[&["--no-generator"], args].concat());
     wait_for_zero_lag(port, Duration::from_secs(60)).await;
     (kontext, port)
 }
