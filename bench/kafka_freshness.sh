@@ -42,6 +42,11 @@ fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/kontext-kafka-freshness.XXXXXX")"
 kontext_pid=""
 cleanup() {
+    local status=$?
+    if [[ $status -ne 0 && -f "$WORK/quickstart.log" ]]; then
+        echo "kafka freshness: failed; the quickstart's last lines:" >&2
+        tail -n 20 "$WORK/quickstart.log" >&2
+    fi
     [[ -n "$kontext_pid" ]] && kill "$kontext_pid" 2>/dev/null && wait "$kontext_pid" 2>/dev/null
     scripts/kafka.sh stop >/dev/null 2>&1 || true
     rm -rf "$WORK"
@@ -52,21 +57,32 @@ trap cleanup EXIT
 # command name, field 2, has no spaces for java and kontext).
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# Cumulative request counts of the broker, one "API count" line each.
+# The broker's cumulative request counts, one "API count" line each, sorted, and first a
+# "@time <ms>" line: when JmxTool read them (its JVM takes a second or so to start).
 requests() {
     java -cp "$(scripts/kafka.sh classpath)" org.apache.kafka.tools.JmxTool \
         --jmx-url "service:jmx:rmi:///jndi/rmi://127.0.0.1:$KAFKA_JMX_PORT/jmxrmi" \
         --object-name 'kafka.network:type=RequestMetrics,name=RequestsPerSec,request=*,version=*' \
-        --attributes Count --one-time true --report-format properties 2>/dev/null |
-        sed -n 's/.*request=\([A-Za-z]*\),version=[0-9]*:Count=\([0-9]*\).*/\1 \2/p' |
-        awk '{n[$1] += $2} END {for (k in n) print k, n[k]}' | sort
+        --attributes Count --one-time true --report-format properties 2>"$WORK/jmx.err" |
+        sed -n -e 's/^time=\([0-9]*\)$/@time \1/p' \
+            -e 's/.*request=\([A-Za-z]*\),version=[0-9]*:Count=\([0-9]*\).*/\1 \2/p' |
+        awk '{n[$1] += $2} END {for (k in n) printf "%s %.0f\n", k, n[k]}' | LC_ALL=C sort
 }
 
 snapshot() {
+    if ! kill -0 "$kontext_pid" 2>/dev/null; then
+        echo "kafka freshness: the quickstart exited during the run" >&2
+        exit 1
+    fi
     curl -sf "localhost:$PORT/metrics" >"$WORK/metrics.$1"
     ticks "$broker_pid" >"$WORK/broker.$1"
     ticks "$kontext_pid" >"$WORK/kontext.$1"
     requests >"$WORK/requests.$1"
+    grep -q '^@time ' "$WORK/requests.$1" || {
+        cat "$WORK/jmx.err" >&2
+        echo "kafka freshness: no request counters from the broker's JMX" >&2
+        exit 1
+    }
 }
 
 scripts/kafka.sh restart >/dev/null
@@ -74,22 +90,20 @@ broker_pid="$(cat "${KAFKA_CACHE_DIR:-scripts/.kafka}/run/$KAFKA_PORT/pid")"
 "$KONTEXT" quickstart --kafka "127.0.0.1:$KAFKA_PORT" --rate "$RATE" --port "$PORT" \
     --data-dir "$WORK/data" "$@" >"$WORK/quickstart.log" 2>&1 &
 kontext_pid=$!
-echo "kafka freshness: $KONTEXT, rate $RATE, args [$*], $(date -u +%H:%M:%S) UTC, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "kafka freshness: $KONTEXT, rate $RATE, args [$*], $(date -u +%H:%M:%S) UTC," \
+    "load $(cut -d' ' -f1-3 /proc/loadavg)"
 sleep "$WARMUP"
 snapshot 1
 sleep "$WINDOW"
 snapshot 2
-if ! kill -0 "$kontext_pid" 2>/dev/null; then
-    cat "$WORK/quickstart.log" >&2
-    echo "kafka freshness: the quickstart exited during the run" >&2
-    exit 1
-fi
 
 hz="$(getconf CLK_TCK)"
 for p in broker kontext; do
     echo "$p CPU: $(((($(cat "$WORK/$p.2") - $(cat "$WORK/$p.1")) * 100) / (hz * WINDOW)))%"
 done
+# Rates over the interval between the two JMX reads, not WINDOW: each read starts a JVM.
 echo "broker requests/s:"
-join "$WORK/requests.1" "$WORK/requests.2" |
-    awk -v w="$WINDOW" '$3 > $2 {printf "  %-20s %8.0f\n", $1, ($3 - $2) / w}'
+LC_ALL=C join -a 2 -e 0 -o 0,1.2,2.2 "$WORK/requests.1" "$WORK/requests.2" |
+    awk '$1 == "@time" {s = ($3 - $2) / 1000; next} {d[$1] = $3 - $2}
+         END {for (k in d) if (d[k] > 0) printf "  %-20s %8.0f\n", k, d[k] / s}' | LC_ALL=C sort
 bench/histogram_delta.py "$WORK/metrics.1" "$WORK/metrics.2"

@@ -153,8 +153,10 @@ start() {
     if [[ -n "$KAFKA_JMX_PORT" ]]; then
         jmx=(-Dcom.sun.management.jmxremote.port="$KAFKA_JMX_PORT"
             -Dcom.sun.management.jmxremote.rmi.port="$KAFKA_JMX_PORT"
-            -Dcom.sun.management.jmxremote.host="$KAFKA_HOST" -Djava.rmi.server.hostname="$KAFKA_HOST"
-            -Dcom.sun.management.jmxremote.authenticate=false -Dcom.sun.management.jmxremote.ssl=false)
+            -Dcom.sun.management.jmxremote.host="$KAFKA_HOST"
+            -Djava.rmi.server.hostname="$KAFKA_HOST"
+            -Dcom.sun.management.jmxremote.authenticate=false
+            -Dcom.sun.management.jmxremote.ssl=false)
     fi
     # shellcheck disable=SC2086,SC2016 # KAFKA_HEAP_OPTS holds several words; $$ is for the child.
     setsid bash -c 'echo $$ >"$0"; exec "$@"' "$PID_FILE" \
