@@ -57,8 +57,8 @@ pub struct QuickstartArgs {
     serve_realtime_priority: u8,
     /// Partitions of every topic (the example's `topics.partitions`, 12). Topics are created
     /// once: give the same number on every run with the same data directory or cluster.
-    /// Fewer partitions mean fewer produce requests per hop on Kafka (docs/log-kafka.md,
-    /// "Partitions and latency").
+    /// On one small Kafka broker, fewer partitions mean fewer, fuller produce requests per
+    /// batch (docs/log-kafka.md, "Partitions and latency").
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=10_000))]
     partitions: Option<i32>,
 }
