@@ -449,7 +449,7 @@ async fn run_the_pipeline(name: &str, yaml: &str, password: &str, log: &KafkaLog
 
 /// Runs `kontext run` on `yaml` until it exits (at most `timeout`), and returns whether it
 /// succeeded and what it wrote to stderr.
-fn run_until_exit(yaml: &str, timeout: Duration) -> (bool, String) {
+fn run_pipeline_until_exit(yaml: &str, timeout: Duration) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = dir.path().join("pipeline.yaml");
     std::fs::write(&pipeline, yaml).unwrap();
@@ -477,7 +477,7 @@ fn a_wrong_password_stops_the_pipeline_and_says_why() {
     let user = format!("{name}-user");
     add_user(&user, "the-right-one");
     allow_pipeline(&user, &name, &format!("{name}."));
-    let (ok, stderr) = run_until_exit(
+    let (ok, stderr) = run_pipeline_until_exit(
         &pipeline_yaml(
             &name,
             &sasl(),
@@ -500,7 +500,7 @@ fn a_missing_acl_stops_the_pipeline_and_says_which() {
     let name = format!("secacl-{:x}", now_ms());
     let (user, password) = (format!("{name}-user"), "s3cret-enough");
     add_user(&user, password);
-    let (ok, stderr) = run_until_exit(
+    let (ok, stderr) = run_pipeline_until_exit(
         &pipeline_yaml(
             &name,
             &sasl(),
@@ -546,7 +546,7 @@ fn a_wrong_key_password_stops_the_pipeline_and_says_why() {
             key_password: "not-the-key-password",
         },
     );
-    let (ok, stderr) = run_until_exit(
+    let (ok, stderr) = run_pipeline_until_exit(
         &pipeline_yaml(&name, &ssl(), &properties),
         Duration::from_secs(60),
     );
@@ -563,7 +563,7 @@ fn refused_over_tls(prefix: &str, ca: &str, cert: ClientCert) -> String {
     let name = format!("{prefix}-{:x}", now_ms());
     allow_pipeline(TLS_USER, &name, &format!("{name}."));
     let yaml = pipeline_yaml(&name, &ssl(), &tls_properties(ca, cert));
-    let (ok, stderr) = run_until_exit(&yaml, Duration::from_secs(120));
+    let (ok, stderr) = run_pipeline_until_exit(&yaml, Duration::from_secs(120));
     assert!(!ok, "{stderr}");
     assert!(
         stderr.contains("the TLS handshake with the cluster fails"),
