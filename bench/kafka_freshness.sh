@@ -10,10 +10,11 @@
 #    a new data directory and QUICKSTART_ARGS.
 # 3. WARMUP seconds after the start, a snapshot of kontext's /metrics, of the broker's and
 #    kontext's CPU time (/proc/<pid>/stat) and of the broker's request counters (JMX:
-#    kafka.network RequestMetrics RequestsPerSec, per API); WINDOW seconds later, another.
+#    kafka.network RequestMetrics RequestsPerSec, per API; BrokerTopicMetrics
+#    TotalProduceRequestsPerSec, per topic); WINDOW seconds later, another.
 # 4. Prints each process's CPU over the window (100% = one core), the broker's requests per
-#    second by API, and bench/histogram_delta.py of the two snapshots (freshness by kind, the
-#    processor's steps).
+#    second by API and its produce requests by topic (`Produce:<topic>`), and
+#    bench/histogram_delta.py of the two snapshots (freshness by kind, the processor's steps).
 #
 # Compare builds or settings by alternating runs, each on its fresh broker: the machine's noise
 # moves these numbers more than most changes do.
@@ -63,9 +64,11 @@ requests() {
     java -cp "$(scripts/kafka.sh classpath)" org.apache.kafka.tools.JmxTool \
         --jmx-url "service:jmx:rmi:///jndi/rmi://127.0.0.1:$KAFKA_JMX_PORT/jmxrmi" \
         --object-name 'kafka.network:type=RequestMetrics,name=RequestsPerSec,request=*,version=*' \
+        --object-name 'kafka.server:type=BrokerTopicMetrics,name=TotalProduceRequestsPerSec,topic=*' \
         --attributes Count --one-time true --report-format properties 2>"$WORK/jmx.err" |
         sed -n -e 's/^time=\([0-9]*\)$/@time \1/p' \
-            -e 's/.*request=\([A-Za-z]*\),version=[0-9]*:Count=\([0-9]*\).*/\1 \2/p' |
+            -e 's/.*request=\([A-Za-z]*\),version=[0-9]*:Count=\([0-9]*\).*/\1 \2/p' \
+            -e 's/.*TotalProduceRequestsPerSec,topic=\([^:]*\):Count=\([0-9]*\).*/Produce:\1 \2/p' |
         awk '{n[$1] += $2} END {for (k in n) printf "%s %.0f\n", k, n[k]}' | LC_ALL=C sort
 }
 
