@@ -1,18 +1,18 @@
 //! Wiring: open the log and the store a pipeline file names, make sure its topics exist, and
 //! run the store sink and the HTTP API until shutdown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kontext_core::config::{
-    resolve_env, FsyncMode, LogConfig, PipelineConfig, StoreConfig, StoreKind,
+    features_topic, resolve_env, FsyncMode, LogConfig, PipelineConfig, StoreConfig, StoreKind,
 };
 use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog, FsyncPolicy};
-use kontext_log::{ConsumerConfig, CreateOutcome, Log, Retention, TopicSpec};
+use kontext_log::{ConsumerConfig, CreateOutcome, Log, LogError, Retention, TopicSpec};
 use kontext_serve::AppState;
 use kontext_store::{
     ContextStore, EmbeddedStore, PostgresStore, StoreError, StoreSchema, SwitchableStore,
@@ -105,23 +105,125 @@ fn is_transient(e: &anyhow::Error) -> bool {
 }
 
 /// Creates every entity topic the pipeline declares. An existing topic is left as it is if its
-/// partition count is the configured one, and is an error (`TopicMismatch`) otherwise: state
-/// and stores are kept per partition, so a different count would route entities elsewhere.
-/// Compaction and retention of existing topics are neither compared nor changed.
+/// partition count is the configured one; state and stores are kept per partition, so a
+/// different count would route entities elsewhere. Existing topics are checked first, so a
+/// start that some of them refuse ([`PartitionMismatch`], naming the setting to change)
+/// creates nothing. Compaction and retention of existing topics are neither compared nor
+/// changed.
 pub async fn ensure_topics(log: &dyn Log, config: &PipelineConfig) -> Result<()> {
-    for spec in topic_specs(config) {
-        match log
-            .create_topic(&spec)
-            .await
-            .with_context(|| format!("creating topic {}", spec.name))?
-        {
-            CreateOutcome::Created => {
+    let existing = log.list_topics().await.context("listing topics")?;
+    let (mut specs, missing): (Vec<_>, Vec<_>) = topic_specs(config)
+        .into_iter()
+        .partition(|spec| existing.binary_search(&spec.name).is_ok());
+    let checked = specs.len();
+    specs.extend(missing);
+    let mut mismatches = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        if i == checked && !mismatches.is_empty() {
+            break;
+        }
+        match log.create_topic(spec).await {
+            Ok(CreateOutcome::Created) => {
                 info!(topic = %spec.name, partitions = spec.partitions, "created topic")
             }
-            CreateOutcome::AlreadyExists => {}
+            Ok(CreateOutcome::AlreadyExists) => {}
+            Err(LogError::TopicMismatch {
+                topic, existing, ..
+            }) => mismatches.push((topic, existing, spec.partitions)),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("creating topic {}", spec.name)))
+            }
         }
     }
-    Ok(())
+    if mismatches.is_empty() {
+        return Ok(());
+    }
+    Err(PartitionMismatch::new(config, mismatches).into())
+}
+
+/// Topics of the pipeline that exist with other partition counts than the pipeline file gives
+/// them. Retry meaning: none; `fix` says which setting to change, or that the topics must go.
+#[derive(Debug, Clone)]
+pub struct PartitionMismatch {
+    /// Each topic that differs: name, its partitions, the pipeline's.
+    pub topics: Vec<(String, i32, i32)>,
+    /// What to do about it, for the command that was run.
+    pub fix: String,
+}
+
+impl PartitionMismatch {
+    /// The fix for a pipeline file: the settings the topics' counts come from (the override
+    /// of their entity or source topic when it has one, else `topics.partitions`), when one
+    /// value each makes them agree.
+    fn new(config: &PipelineConfig, topics: Vec<(String, i32, i32)>) -> Self {
+        // The setting each topic's count comes from, and the counts it would need.
+        let mut settings = BTreeMap::<String, BTreeSet<i32>>::new();
+        let mut overridden = false;
+        for (topic, existing, _) in &topics {
+            let setting = match partitions_owner(config, topic) {
+                Some(owner) => {
+                    let o = config.topics.overrides.get(&owner);
+                    overridden |= o.is_some_and(|o| o.partitions.is_some());
+                    format!("topics.overrides.{owner}.partitions")
+                }
+                None => "topics.partitions".to_string(),
+            };
+            settings.entry(setting).or_default().insert(*existing);
+        }
+        // Topics of several settings with one count between them, and no override in the
+        // way: the default is the setting to change.
+        let counts: BTreeSet<i32> = settings.values().flatten().copied().collect();
+        if settings.len() > 1 && counts.len() == 1 && !overridden {
+            settings = BTreeMap::from([("topics.partitions".to_string(), counts)]);
+        }
+        let delete = "delete the topics (and their records) to have them created anew";
+        let values: Option<Vec<String>> = (settings.iter())
+            .map(|(setting, counts)| match counts.len() {
+                1 => counts.first().map(|n| format!("{setting}: {n}")),
+                _ => None,
+            })
+            .collect();
+        let fix = match values {
+            Some(values) => format!(
+                "set {} in the pipeline file to use them as they are, or {delete}",
+                values.join(" and ")
+            ),
+            None => format!(
+                "topics that take their count from one setting differ from each other: {delete}"
+            ),
+        };
+        PartitionMismatch { topics, fix }
+    }
+}
+
+impl std::fmt::Display for PartitionMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (topic, existing, requested) = &self.topics[0];
+        write!(
+            f,
+            "topic {topic:?} already exists with {existing} partitions, not {requested}"
+        )?;
+        if self.topics.len() > 1 {
+            write!(f, " (and {} more topics differ)", self.topics.len() - 1)?;
+        }
+        write!(f, ": {}", self.fix)
+    }
+}
+
+impl std::error::Error for PartitionMismatch {}
+
+/// The topic whose override sets `topic`'s partition count: an entity topic for itself and
+/// its features topic, a source topic for its dead-letter topic. `None`: `topics.partitions`
+/// sets it (the processor's repartition and changelog topics).
+fn partitions_owner(config: &PipelineConfig, topic: &str) -> Option<String> {
+    let source = (config.source_topics().into_iter())
+        .find(|t| config.dead_letter.enabled && config.dead_letter.topic_for(t) == topic);
+    source.or_else(|| {
+        (config.entities.values())
+            .map(|e| &e.topic)
+            .find(|t| topic == t.as_str() || topic == features_topic(t))
+            .cloned()
+    })
 }
 
 /// The entity topics, and a dead-letter topic beside each source topic: same partition count
@@ -698,6 +800,107 @@ mod tests {
         assert_eq!(policy, libc::SCHED_OTHER);
         runtime.shutdown_background();
         normal.shutdown_background();
+    }
+
+    fn embedded_log(dir: &Path) -> Arc<dyn Log> {
+        EmbeddedLog::open(&dir.join("log"), EmbeddedConfig::default()).unwrap()
+    }
+
+    async fn partitions(log: &dyn Log, topic: &str) -> usize {
+        log.describe_topic(topic).await.unwrap().partitions.len()
+    }
+
+    /// An entity topic that exists with another partition count stops the start before any
+    /// topic is created, and the error names the override that makes the pipeline file agree
+    /// with it; with that override the start goes on, and the topics derived from it (its
+    /// features and dead-letter topics) get its count.
+    #[tokio::test]
+    async fn an_entity_topic_with_another_partition_count_names_its_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = embedded_log(dir.path());
+        let mut config = crate::quickstart::builtin_pipeline().unwrap();
+        assert_eq!(config.topics.partitions, 12);
+        let orders = "context.orders".to_string();
+        log.create_topic(&TopicSpec::new(orders.clone(), 3))
+            .await
+            .unwrap();
+
+        let error = ensure_topics(log.as_ref(), &config).await.unwrap_err();
+        let mismatch = error.downcast_ref::<PartitionMismatch>().unwrap();
+        assert_eq!(mismatch.topics, vec![(orders.clone(), 3, 12)]);
+        let message = format!("{error:#}");
+        assert!(
+            message.starts_with("topic \"context.orders\" already exists with 3 partitions, not 12: set topics.overrides.context.orders.partitions: 3 in the pipeline file"),
+            "{message}"
+        );
+        assert_eq!(log.list_topics().await.unwrap(), vec![orders.clone()]);
+
+        config
+            .topics
+            .overrides
+            .entry(orders.clone())
+            .or_default()
+            .partitions = Some(3);
+        ensure_topics(log.as_ref(), &config).await.unwrap();
+        for topic in [
+            "context.orders",
+            "context.orders.features",
+            "context.orders.dlq",
+        ] {
+            assert_eq!(partitions(log.as_ref(), topic).await, 3, "{topic}");
+        }
+        assert_eq!(partitions(log.as_ref(), "context.customers").await, 12);
+    }
+
+    /// Topics made by a run with another default count: the error counts them and names
+    /// `topics.partitions`, which then starts the pipeline on them as they are.
+    #[tokio::test]
+    async fn topics_made_with_another_default_count_name_topics_partitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = embedded_log(dir.path());
+        let mut config = crate::quickstart::builtin_pipeline().unwrap();
+        config.topics.partitions = 4;
+        ensure_topics(log.as_ref(), &config).await.unwrap();
+        let topics = log.list_topics().await.unwrap();
+
+        config.topics.partitions = 12;
+        let error = ensure_topics(log.as_ref(), &config).await.unwrap_err();
+        let mismatch = error.downcast_ref::<PartitionMismatch>().unwrap();
+        assert_eq!(mismatch.topics.len(), topics.len());
+        assert!(mismatch.topics.iter().all(|&(_, e, r)| (e, r) == (4, 12)));
+        let message = format!("{error:#}");
+        let more = format!(
+            "not 12 (and {} more topics differ): set topics.partitions: 4 in the pipeline file",
+            topics.len() - 1
+        );
+        assert!(message.contains(&more), "{message}");
+
+        config.topics.partitions = 4;
+        ensure_topics(log.as_ref(), &config).await.unwrap();
+        assert_eq!(log.list_topics().await.unwrap(), topics);
+    }
+
+    /// Two topics that take their count from one setting, existing with different counts: no
+    /// value of it fits both, and the error says so instead of naming one.
+    #[tokio::test]
+    async fn topics_of_one_setting_that_differ_from_each_other_must_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = embedded_log(dir.path());
+        let config = crate::quickstart::builtin_pipeline().unwrap();
+        for (topic, partitions) in [("context.orders", 3), ("context.orders.dlq", 6)] {
+            log.create_topic(&TopicSpec::new(topic, partitions))
+                .await
+                .unwrap();
+        }
+        let message = format!(
+            "{:#}",
+            ensure_topics(log.as_ref(), &config).await.unwrap_err()
+        );
+        assert!(
+            message.ends_with("topics that take their count from one setting differ from each other: delete the topics (and their records) to have them created anew"),
+            "{message}"
+        );
+        assert_eq!(log.list_topics().await.unwrap().len(), 2);
     }
 
     /// With threads of its own, the API answers while the pipeline's runtime has no worker

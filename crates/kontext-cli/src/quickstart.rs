@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use kontext_core::config::{LogConfig, PipelineConfig};
-use kontext_log::LogError;
 use kontext_store::{ContextDocument, ContextStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -96,19 +95,20 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     let log = app::open_log(&config, &args.data_dir).await?;
     app::ensure_topics_with_retry(log.as_ref(), &config, &shutdown)
         .await
-        .map_err(
-            |e| match e.chain().find_map(|c| c.downcast_ref::<LogError>()) {
-                Some(LogError::TopicMismatch { existing, .. }) => {
-                    let existing = *existing;
-                    e.context(format!(
-                        "the quickstart's topics exist with {existing} partitions: run it with \
+        .map_err(|e| match e.downcast_ref::<app::PartitionMismatch>() {
+            // The quickstart takes no pipeline file: say which flag to give instead.
+            Some(mismatch) => app::PartitionMismatch {
+                fix: format!(
+                    "the quickstart's topics exist with {existing} partitions: run it with \
                      --partitions {existing}, or with a new --data-dir (on Kafka: delete the \
-                     topics, or use another cluster)"
-                    ))
-                }
-                _ => e,
-            },
-        )?;
+                     topics, or use another cluster)",
+                    existing = mismatch.topics[0].1
+                ),
+                ..mismatch.clone()
+            }
+            .into(),
+            None => e,
+        })?;
     let listen = format!("127.0.0.1:{}", args.port);
     let running = app::start_pipeline(
         &config,

@@ -71,14 +71,69 @@ fn topics_on_the_embedded_log() {
     }
 }
 
-#[test]
-fn topics_on_kafka() {
+/// The test broker, and a suffix that makes this run's topic names new on it.
+fn kafka_and_suffix() -> (String, String) {
     let bootstrap = std::env::var("KONTEXT_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let suffix = std::time::SystemTime::now()
+    let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    create_list_describe(&["--kafka", &bootstrap], &format!("cli-topics-{suffix:x}"));
+    (bootstrap, format!("{nanos:x}"))
+}
+
+#[test]
+fn topics_on_kafka() {
+    let (bootstrap, suffix) = kafka_and_suffix();
+    create_list_describe(&["--kafka", &bootstrap], &format!("cli-topics-{suffix}"));
+}
+
+/// On Kafka: a pipeline whose entity topic exists with another partition count is refused
+/// before anything is created, and the error names the override; with it, the topics are made.
+#[test]
+fn an_existing_topic_with_another_partition_count_is_refused_on_kafka() {
+    let (bootstrap, suffix) = kafka_and_suffix();
+    let topic = format!("cli-things-{suffix}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pipeline.yaml");
+    let pipeline = format!(
+        "name: cli-things\nentities:\n  thing: {{ key: id, topic: {topic} }}\nsources:\n  feed: {{ topic: {topic}, entity: thing, fields: {{ name: name }} }}\n"
+    );
+    std::fs::write(&file, &pipeline).unwrap();
+    let kafka = ["--kafka", bootstrap.as_str()];
+    let config = ["-c", file.to_str().unwrap()];
+    let args = |rest: &[&str]| -> Vec<String> {
+        (rest.iter().chain(&kafka).chain(&config))
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let kontext = |rest: &[&str]| {
+        let a = args(rest);
+        kontext(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    kontext(&["topics", "create", &topic, "--partitions", "3"]);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_kontext"))
+        .args(args(&["topics", "create", "--all"]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("topic {topic:?} already exists with 3 partitions, not 12: set topics.overrides.{topic}.partitions: 3 in the pipeline file")),
+        "{stderr}"
+    );
+    let dlq = format!("{topic}.dlq");
+    let listed = kontext(&["topics", "list"]);
+    assert!(
+        !listed.lines().any(|l| l == dlq),
+        "created on a refused start: {listed}"
+    );
+
+    let fixed = format!("{pipeline}topics:\n  overrides:\n    {topic}: {{ partitions: 3 }}\n");
+    std::fs::write(&file, fixed).unwrap();
+    kontext(&["topics", "create", "--all"]);
+    let described = kontext(&["topics", "describe", &dlq]);
+    assert!(described.contains("partitions 3"), "{described}");
 }
 
 #[test]
