@@ -89,7 +89,7 @@ snapshot() {
 }
 
 scripts/kafka.sh restart >/dev/null
-broker_pid="$(cat "${KAFKA_CACHE_DIR:-scripts/.kafka}/run/$KAFKA_PORT/pid")"
+broker_pid="$(scripts/kafka.sh pid)"
 "$KONTEXT" quickstart --kafka "127.0.0.1:$KAFKA_PORT" --rate "$RATE" --port "$PORT" \
     --data-dir "$WORK/data" "$@" >"$WORK/quickstart.log" 2>&1 &
 kontext_pid=$!

@@ -7,6 +7,7 @@
 #   scripts/kafka.sh restart    stop, then start (with empty data)
 #   scripts/kafka.sh classpath  print the classpath of the Kafka jars (for Java helpers in tests)
 #   scripts/kafka.sh logs       print the path of the broker's log file
+#   scripts/kafka.sh pid        print the running broker's process id, or exit 1
 #   scripts/kafka.sh tls        print the directory of the running broker's test certificates
 #
 # The jars come from Maven Central through Maven (scripts/kafka/pom.xml), cached in ~/.m2 and
@@ -66,9 +67,10 @@ main() {
         status) status ;;
         classpath) kafka_classpath ;;
         logs) echo "$LOG_FILE" ;;
+        pid) broker_pid ;;
         tls) tls_dir ;;
         *)
-            sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+            sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
             exit 2
             ;;
     esac
