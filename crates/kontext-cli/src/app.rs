@@ -1,14 +1,14 @@
 //! Wiring: open the log and the store a pipeline file names, make sure its topics exist, and
 //! run the store sink and the HTTP API until shutdown.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kontext_core::config::{
-    features_topic, resolve_env, FsyncMode, LogConfig, PipelineConfig, StoreConfig, StoreKind,
+    resolve_env, FsyncMode, LogConfig, PipelineConfig, StoreConfig, StoreKind,
 };
 use kontext_kafka::{KafkaConfig, KafkaLog};
 use kontext_log::embedded::{EmbeddedConfig, EmbeddedLog, FsyncPolicy};
@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::definition;
+use crate::partitions::{partitions_of, ExistingTopic, PartitionMismatch};
 use crate::rebuild::{self, Rebuilds, StoreSlot};
 
 /// Opens the log backend the pipeline file names.
@@ -70,7 +71,7 @@ pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dy
     }
 }
 
-/// Creates every entity topic the pipeline declares, as [`ensure_topics`] does.
+/// Creates every topic the pipeline uses, as [`ensure_topics`] does.
 /// An unreachable broker is retried with exponential backoff (`retry.defaults`: 100 ms
 /// doubling to 30 s unless set) until it answers or `shutdown` is cancelled; each attempt says
 /// what is wrong.
@@ -104,138 +105,61 @@ fn is_transient(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Creates every entity topic the pipeline declares. An existing topic is left as it is if its
-/// partition count is the configured one; state and stores are kept per partition, so a
-/// different count would route entities elsewhere. Existing topics are checked first, so a
-/// start that some of them refuse ([`PartitionMismatch`], naming the setting to change)
+/// Creates every topic the pipeline uses (entity, features, dead-letter and processor topics).
+/// An existing topic is left as it is if it has the partition count the pipeline file gives it
+/// (or, for a dead-letter topic, more); state and stores are kept per partition, so a
+/// different count would route entities elsewhere. Existing topics are all checked before any
+/// is created, so a start they refuse ([`PartitionMismatch`], naming the settings to change)
 /// creates nothing. Compaction and retention of existing topics are neither compared nor
 /// changed.
 pub async fn ensure_topics(log: &dyn Log, config: &PipelineConfig) -> Result<()> {
-    let existing = log.list_topics().await.context("listing topics")?;
-    let (mut specs, missing): (Vec<_>, Vec<_>) = topic_specs(config)
-        .into_iter()
-        .partition(|spec| existing.binary_search(&spec.name).is_ok());
-    let checked = specs.len();
-    specs.extend(missing);
-    let mut mismatches = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
-        if i == checked && !mismatches.is_empty() {
-            break;
-        }
+    let listed = log.list_topics().await.context("listing topics")?;
+    let (present, missing): (Vec<_>, Vec<_>) = (topic_specs(config).into_iter())
+        .partition(|spec| listed.binary_search(&spec.name).is_ok());
+    let mut existing = Vec::new();
+    for spec in &present {
+        let partitions = match log.create_topic(spec).await {
+            Ok(_) => spec.partitions,
+            Err(LogError::TopicMismatch { existing, .. }) => existing,
+            Err(e) => return Err(creating(e, spec)),
+        };
+        existing.push(ExistingTopic::new(
+            config,
+            &spec.name,
+            partitions,
+            spec.partitions,
+        ));
+    }
+    if let Some(mismatch) = PartitionMismatch::check(config, existing) {
+        return Err(mismatch.into());
+    }
+    for spec in &missing {
         match log.create_topic(spec).await {
             Ok(CreateOutcome::Created) => {
                 info!(topic = %spec.name, partitions = spec.partitions, "created topic")
             }
             Ok(CreateOutcome::AlreadyExists) => {}
-            Err(LogError::TopicMismatch {
-                topic, existing, ..
-            }) => mismatches.push((topic, existing, spec.partitions)),
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("creating topic {}", spec.name)))
-            }
+            Err(e) => return Err(creating(e, spec)),
         }
     }
-    if mismatches.is_empty() {
-        return Ok(());
-    }
-    Err(PartitionMismatch::new(config, mismatches).into())
+    Ok(())
 }
 
-/// Topics of the pipeline that exist with other partition counts than the pipeline file gives
-/// them. Retry meaning: none; `fix` says which setting to change, or that the topics must go.
-#[derive(Debug, Clone)]
-pub struct PartitionMismatch {
-    /// Each topic that differs: name, its partitions, the pipeline's.
-    pub topics: Vec<(String, i32, i32)>,
-    /// What to do about it, for the command that was run.
-    pub fix: String,
+fn creating(e: LogError, spec: &TopicSpec) -> anyhow::Error {
+    anyhow::Error::new(e).context(format!("creating topic {}", spec.name))
 }
 
-impl PartitionMismatch {
-    /// The fix for a pipeline file: the settings the topics' counts come from (the override
-    /// of their entity or source topic when it has one, else `topics.partitions`), when one
-    /// value each makes them agree.
-    fn new(config: &PipelineConfig, topics: Vec<(String, i32, i32)>) -> Self {
-        // The setting each topic's count comes from, and the counts it would need.
-        let mut settings = BTreeMap::<String, BTreeSet<i32>>::new();
-        let mut overridden = false;
-        for (topic, existing, _) in &topics {
-            let setting = match partitions_owner(config, topic) {
-                Some(owner) => {
-                    let o = config.topics.overrides.get(&owner);
-                    overridden |= o.is_some_and(|o| o.partitions.is_some());
-                    format!("topics.overrides.{owner}.partitions")
-                }
-                None => "topics.partitions".to_string(),
-            };
-            settings.entry(setting).or_default().insert(*existing);
-        }
-        // Topics of several settings with one count between them, and no override in the
-        // way: the default is the setting to change.
-        let counts: BTreeSet<i32> = settings.values().flatten().copied().collect();
-        if settings.len() > 1 && counts.len() == 1 && !overridden {
-            settings = BTreeMap::from([("topics.partitions".to_string(), counts)]);
-        }
-        let delete = "delete the topics (and their records) to have them created anew";
-        let values: Option<Vec<String>> = (settings.iter())
-            .map(|(setting, counts)| match counts.len() {
-                1 => counts.first().map(|n| format!("{setting}: {n}")),
-                _ => None,
-            })
-            .collect();
-        let fix = match values {
-            Some(values) => format!(
-                "set {} in the pipeline file to use them as they are, or {delete}",
-                values.join(" and ")
-            ),
-            None => format!(
-                "topics that take their count from one setting differ from each other: {delete}"
-            ),
-        };
-        PartitionMismatch { topics, fix }
-    }
-}
-
-impl std::fmt::Display for PartitionMismatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (topic, existing, requested) = &self.topics[0];
-        write!(
-            f,
-            "topic {topic:?} already exists with {existing} partitions, not {requested}"
-        )?;
-        if self.topics.len() > 1 {
-            write!(f, " (and {} more topics differ)", self.topics.len() - 1)?;
-        }
-        write!(f, ": {}", self.fix)
-    }
-}
-
-impl std::error::Error for PartitionMismatch {}
-
-/// The topic whose override sets `topic`'s partition count: an entity topic for itself and
-/// its features topic, a source topic for its dead-letter topic. `None`: `topics.partitions`
-/// sets it (the processor's repartition and changelog topics).
-fn partitions_owner(config: &PipelineConfig, topic: &str) -> Option<String> {
-    let source = (config.source_topics().into_iter())
-        .find(|t| config.dead_letter.enabled && config.dead_letter.topic_for(t) == topic);
-    source.or_else(|| {
-        (config.entities.values())
-            .map(|e| &e.topic)
-            .find(|t| topic == t.as_str() || topic == features_topic(t))
-            .cloned()
-    })
-}
-
-/// The entity topics, and a dead-letter topic beside each source topic: same partition count
-/// (a dead letter keeps its partition number), never compacted (bad records may lack a key).
-fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
+/// The entity topics, and a dead-letter topic beside each source topic: at least the source's
+/// partition count (a dead letter keeps its partition number), never compacted (bad records
+/// may lack a key). Counts by [`partitions_of`].
+pub(crate) fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
     // Features, repartition and changelog topics of the processor, when there are features.
     let mut specs = kontext_stream::processor::topic_specs(config);
     for entity in config.entities.values() {
         let settings = config.topic_settings(&entity.topic);
         specs.push(TopicSpec {
             name: entity.topic.clone(),
-            partitions: settings.partitions.unwrap_or(config.topics.partitions),
+            partitions: partitions_of(config, &entity.topic),
             compacted: settings.compacted,
             retention: Retention {
                 time: settings.retention_ms.map(Duration::from_millis),
@@ -245,14 +169,9 @@ fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
     }
     if config.dead_letter.enabled {
         for topic in config.source_topics() {
-            let partitions = config
-                .topic_settings(&topic)
-                .partitions
-                .unwrap_or(config.topics.partitions);
-            specs.push(TopicSpec::new(
-                config.dead_letter.topic_for(&topic),
-                partitions,
-            ));
+            let name = config.dead_letter.topic_for(&topic);
+            let partitions = partitions_of(config, &name);
+            specs.push(TopicSpec::new(name, partitions));
         }
     }
     specs
@@ -703,6 +622,7 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
+    use crate::partitions::PartitionFix;
 
     /// `GET path` on a plain connection from this thread, waiting at most 30 s for the answer.
     fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
@@ -812,8 +732,8 @@ mod tests {
 
     /// An entity topic that exists with another partition count stops the start before any
     /// topic is created, and the error names the override that makes the pipeline file agree
-    /// with it; with that override the start goes on, and the topics derived from it (its
-    /// features and dead-letter topics) get its count.
+    /// with it; with that override the start goes on, and the topics whose count follows it
+    /// (its features and dead-letter topics, and the features topic's) get its count.
     #[tokio::test]
     async fn an_entity_topic_with_another_partition_count_names_its_override() {
         let dir = tempfile::tempdir().unwrap();
@@ -827,7 +747,8 @@ mod tests {
 
         let error = ensure_topics(log.as_ref(), &config).await.unwrap_err();
         let mismatch = error.downcast_ref::<PartitionMismatch>().unwrap();
-        assert_eq!(mismatch.topics, vec![(orders.clone(), 3, 12)]);
+        let setting = "topics.overrides.context.orders.partitions".to_string();
+        assert_eq!(mismatch.fix(), &PartitionFix::Set(vec![(setting, 3)]));
         let message = format!("{error:#}");
         assert!(
             message.starts_with("topic \"context.orders\" already exists with 3 partitions, not 12: set topics.overrides.context.orders.partitions: 3 in the pipeline file"),
@@ -842,11 +763,12 @@ mod tests {
             .or_default()
             .partitions = Some(3);
         ensure_topics(log.as_ref(), &config).await.unwrap();
-        for topic in [
-            "context.orders",
+        let derived = [
             "context.orders.features",
             "context.orders.dlq",
-        ] {
+            "context.orders.features.dlq",
+        ];
+        for topic in std::iter::once(orders.as_str()).chain(derived) {
             assert_eq!(partitions(log.as_ref(), topic).await, 3, "{topic}");
         }
         assert_eq!(partitions(log.as_ref(), "context.customers").await, 12);
@@ -866,13 +788,11 @@ mod tests {
         config.topics.partitions = 12;
         let error = ensure_topics(log.as_ref(), &config).await.unwrap_err();
         let mismatch = error.downcast_ref::<PartitionMismatch>().unwrap();
-        assert_eq!(mismatch.topics.len(), topics.len());
-        assert!(mismatch.topics.iter().all(|&(_, e, r)| (e, r) == (4, 12)));
+        assert_eq!(mismatch.misfits().count(), topics.len());
+        let fix = PartitionFix::Set(vec![("topics.partitions".into(), 4)]);
+        assert_eq!(mismatch.fix(), &fix);
         let message = format!("{error:#}");
-        let more = format!(
-            "not 12 (and {} more topics differ): set topics.partitions: 4 in the pipeline file",
-            topics.len() - 1
-        );
+        let more = format!("not 12 (and {} more: ", topics.len() - 1);
         assert!(message.contains(&more), "{message}");
 
         config.topics.partitions = 4;
@@ -880,26 +800,23 @@ mod tests {
         assert_eq!(log.list_topics().await.unwrap(), topics);
     }
 
-    /// Two topics that take their count from one setting, existing with different counts: no
-    /// value of it fits both, and the error says so instead of naming one.
+    /// A dead-letter topic with more partitions than its source is used as it is (a dead
+    /// letter keeps its partition number); one with fewer is refused.
     #[tokio::test]
-    async fn topics_of_one_setting_that_differ_from_each_other_must_be_deleted() {
+    async fn a_dead_letter_topic_may_have_more_partitions_than_its_source() {
         let dir = tempfile::tempdir().unwrap();
         let log = embedded_log(dir.path());
         let config = crate::quickstart::builtin_pipeline().unwrap();
-        for (topic, partitions) in [("context.orders", 3), ("context.orders.dlq", 6)] {
-            log.create_topic(&TopicSpec::new(topic, partitions))
-                .await
-                .unwrap();
-        }
-        let message = format!(
-            "{:#}",
-            ensure_topics(log.as_ref(), &config).await.unwrap_err()
-        );
-        assert!(
-            message.ends_with("topics that take their count from one setting differ from each other: delete the topics (and their records) to have them created anew"),
-            "{message}"
-        );
+        log.create_topic(&TopicSpec::new("context.orders.dlq", 24))
+            .await
+            .unwrap();
+        log.create_topic(&TopicSpec::new("context.tickets.dlq", 3))
+            .await
+            .unwrap();
+        let error = ensure_topics(log.as_ref(), &config).await.unwrap_err();
+        let mismatch = error.downcast_ref::<PartitionMismatch>().unwrap();
+        let misfits: Vec<&str> = mismatch.misfits().map(|t| t.name.as_str()).collect();
+        assert_eq!(misfits, ["context.tickets.dlq"]);
         assert_eq!(log.list_topics().await.unwrap().len(), 2);
     }
 

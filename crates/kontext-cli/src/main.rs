@@ -6,6 +6,7 @@ mod definition;
 mod dlq;
 mod generator;
 mod mcp;
+mod partitions;
 mod quickstart;
 mod realtime;
 mod rebuild;

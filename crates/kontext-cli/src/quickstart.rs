@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::app;
 use crate::generator::{Generator, GeneratorConfig};
+use crate::partitions::{PartitionFix, PartitionMismatch};
 
 /// The example pipeline, built into the binary so quickstart needs no files.
 const PIPELINE_YAML: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
@@ -95,18 +96,22 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     let log = app::open_log(&config, &args.data_dir).await?;
     app::ensure_topics_with_retry(log.as_ref(), &config, &shutdown)
         .await
-        .map_err(|e| match e.downcast_ref::<app::PartitionMismatch>() {
-            // The quickstart takes no pipeline file: say which flag to give instead.
-            Some(mismatch) => app::PartitionMismatch {
-                fix: format!(
-                    "the quickstart's topics exist with {existing} partitions: run it with \
-                     --partitions {existing}, or with a new --data-dir (on Kafka: delete the \
-                     topics, or use another cluster)",
-                    existing = mismatch.topics[0].1
-                ),
-                ..mismatch.clone()
+        .map_err(|e| match e.downcast_ref::<PartitionMismatch>() {
+            // The quickstart takes no pipeline file: its flag, or a data directory of its own.
+            Some(mismatch) => {
+                let fresh = "with a new --data-dir (on Kafka: delete the topics, or use another \
+                             cluster)";
+                match mismatch.fix() {
+                    PartitionFix::Set(set) if set.len() == 1 && set[0].0 == "topics.partitions" => {
+                        anyhow::anyhow!(
+                            "{}: run it with --partitions {}, or {fresh}",
+                            mismatch.problem(),
+                            set[0].1
+                        )
+                    }
+                    _ => anyhow::anyhow!("{}: run it {fresh}", mismatch.problem()),
+                }
             }
-            .into(),
             None => e,
         })?;
     let listen = format!("127.0.0.1:{}", args.port);

@@ -228,7 +228,8 @@ async fn a_run_with_another_partition_count_is_refused_naming_the_flag() {
         "a run without --partitions started on topics with 3: {stderr}"
     );
     assert!(
-        stderr.contains("exist with 3 partitions: run it with --partitions 3"),
+        stderr.contains("already exists with 3 partitions, not 12 (and ")
+            && stderr.contains("): run it with --partitions 3, or with a new --data-dir"),
         "{stderr}"
     );
     assert_eq!(topic_partitions(dir.path()).await, partitions);

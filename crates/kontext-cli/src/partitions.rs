@@ -1,0 +1,395 @@
+//! Where a topic's partition count comes from in the pipeline file, and what to change when
+//! existing topics do not have the counts the file gives them ([`PartitionMismatch`]).
+//!
+//! An entity topic's count is its override (`topics.overrides.<topic>.partitions`) or
+//! `topics.partitions`; its features topic (`<topic>.features`) follows the entity topic; a
+//! dead-letter topic follows its source topic and may have more partitions than it (a dead
+//! letter keeps its partition number); the processor's repartition and changelog topics always
+//! take `topics.partitions`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use kontext_core::config::{features_topic, PipelineConfig};
+
+/// How many mismatching topics an error names before it only counts them.
+const NAMED: usize = 8;
+
+/// An existing topic of the pipeline: its partitions, and what the pipeline file asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExistingTopic {
+    pub name: String,
+    pub partitions: i32,
+    pub requested: i32,
+    /// The topic whose override sets the count (`None`: only `topics.partitions` does).
+    owner: Option<String>,
+    /// A dead-letter topic: more partitions than asked are fine.
+    dead_letter: bool,
+}
+
+impl ExistingTopic {
+    pub fn new(config: &PipelineConfig, name: &str, partitions: i32, requested: i32) -> Self {
+        let source = dead_letter_source(config, name);
+        ExistingTopic {
+            name: name.to_string(),
+            partitions,
+            requested,
+            owner: owner(config, source.as_deref().unwrap_or(name)),
+            dead_letter: source.is_some(),
+        }
+    }
+
+    /// Whether the pipeline can use the topic as it is.
+    pub fn fits(&self) -> bool {
+        self.partitions == self.requested || (self.dead_letter && self.partitions > self.requested)
+    }
+}
+
+/// The partition count the pipeline file gives `topic`, by the rules of the module doc: the
+/// override of its owner (see [`owner`]) or `topics.partitions`.
+pub fn partitions_of(config: &PipelineConfig, topic: &str) -> i32 {
+    let source = dead_letter_source(config, topic);
+    (owner(config, source.as_deref().unwrap_or(topic)))
+        .and_then(|owner| config.topics.overrides.get(&owner)?.partitions)
+        .unwrap_or(config.topics.partitions)
+}
+
+/// The source topic whose dead-letter topic `topic` is.
+fn dead_letter_source(config: &PipelineConfig, topic: &str) -> Option<String> {
+    (config.source_topics().into_iter())
+        .find(|t| config.dead_letter.enabled && config.dead_letter.topic_for(t) == topic)
+}
+
+/// The topic whose override sets the count of `topic` (not a dead-letter topic): an entity
+/// topic for itself and its features topic, a source topic that is neither for itself.
+fn owner(config: &PipelineConfig, topic: &str) -> Option<String> {
+    let entity = (config.entities.values())
+        .map(|e| &e.topic)
+        .find(|t| topic == t.as_str() || topic == features_topic(t));
+    let source = || config.source_topics().into_iter().find(|t| t == topic);
+    entity.cloned().or_else(source)
+}
+
+/// Existing topics of the pipeline that do not have the partition counts the pipeline file
+/// gives them. Retry meaning: none; [`PartitionMismatch::fix`] says which settings to change,
+/// or that topics must go.
+#[derive(Debug, Clone)]
+pub struct PartitionMismatch {
+    /// Every existing topic of the pipeline, those that fit too (a fix must keep them fitting).
+    topics: Vec<ExistingTopic>,
+    fix: PartitionFix,
+}
+
+/// What makes a pipeline file agree with its existing topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionFix {
+    /// Set these settings (`topics.partitions`, `topics.overrides.<topic>.partitions`) to
+    /// these counts.
+    Set(Vec<(String, i32)>),
+    /// These topics take their count from one setting and no one value fits them: delete them
+    /// (and their records) to have them created anew.
+    Delete(Vec<String>),
+}
+
+impl PartitionMismatch {
+    /// `None` when every topic fits.
+    pub fn check(config: &PipelineConfig, topics: Vec<ExistingTopic>) -> Option<Self> {
+        if topics.iter().all(ExistingTopic::fits) {
+            return None;
+        }
+        let fix = fix(config, &topics);
+        Some(PartitionMismatch { topics, fix })
+    }
+
+    pub fn fix(&self) -> &PartitionFix {
+        &self.fix
+    }
+
+    /// The topics that do not fit, first one first.
+    pub fn misfits(&self) -> impl Iterator<Item = &ExistingTopic> {
+        self.topics.iter().filter(|t| !t.fits())
+    }
+
+    /// "topic X already exists with 3 partitions, not 12 (and N more: ...)", without the fix.
+    pub fn problem(&self) -> String {
+        let mut misfits = self.misfits();
+        let Some(first) = misfits.next() else {
+            return "every topic fits".into();
+        };
+        let mut out = format!(
+            "topic {:?} already exists with {} partitions, not {}",
+            first.name, first.partitions, first.requested
+        );
+        let rest: Vec<&str> = misfits.map(|t| t.name.as_str()).collect();
+        if !rest.is_empty() {
+            let named = rest[..rest.len().min(NAMED)].join(", ");
+            let more = match rest.len() > NAMED {
+                true => format!(" and {} others", rest.len() - NAMED),
+                false => String::new(),
+            };
+            out += &format!(" (and {} more: {named}{more})", rest.len());
+        }
+        out
+    }
+}
+
+impl fmt::Display for PartitionMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.problem())?;
+        match &self.fix {
+            PartitionFix::Set(settings) => {
+                let set: Vec<String> = (settings.iter())
+                    .map(|(setting, n)| format!("{setting}: {n}"))
+                    .collect();
+                write!(
+                    f,
+                    "set {} in the pipeline file to use the topics as they are, or delete them \
+                     (and their records) to have them created anew",
+                    set.join(" and ")
+                )
+            }
+            PartitionFix::Delete(topics) => write!(
+                f,
+                "{} take their count from one setting but differ from each other: delete them \
+                 (and their records) to have them created anew",
+                topics.join(", ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PartitionMismatch {}
+
+/// What the topics of one owner need of its count: exactly one value (an entity, features or
+/// processor topic exists), at most one (only dead-letter topics exist), or the impossible.
+enum Need {
+    Exactly(i32),
+    AtMost(i32),
+    Conflict,
+}
+
+fn fix(config: &PipelineConfig, topics: &[ExistingTopic]) -> PartitionFix {
+    let mut groups = BTreeMap::<Option<&str>, Vec<&ExistingTopic>>::new();
+    for t in topics {
+        groups.entry(t.owner.as_deref()).or_default().push(t);
+    }
+    let mut needs = BTreeMap::new();
+    let mut conflicts = Vec::new();
+    for (owner, topics) in &groups {
+        let exact: BTreeSet<i32> = (topics.iter().filter(|t| !t.dead_letter))
+            .map(|t| t.partitions)
+            .collect();
+        let at_most = (topics.iter().filter(|t| t.dead_letter))
+            .map(|t| t.partitions)
+            .min();
+        let need = match (exact.len(), exact.first(), at_most) {
+            (0, _, Some(max)) => Need::AtMost(max),
+            (1, Some(&n), max) if max.is_none_or(|max| n <= max) => Need::Exactly(n),
+            _ => Need::Conflict,
+        };
+        if let Need::Conflict = need {
+            conflicts.extend(topics.iter().map(|t| t.name.clone()));
+        }
+        needs.insert(*owner, need);
+    }
+    if !conflicts.is_empty() {
+        return PartitionFix::Delete(conflicts);
+    }
+    let overridden = |owner: &str| (config.topics.overrides.get(owner)).and_then(|o| o.partitions);
+    // The default: the processor's topics fix it; else a count all the topics that follow it
+    // share; else it stays.
+    let following: Vec<i32> = (needs.iter())
+        .filter(|(owner, _)| owner.is_none_or(|o| overridden(o).is_none()))
+        .filter_map(|(_, need)| match need {
+            Need::Exactly(n) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    let default = match needs.get(&None) {
+        Some(Need::Exactly(n)) => *n,
+        _ if following.len() > 1 && following.iter().all(|&n| n == following[0]) => following[0],
+        _ => config.topics.partitions,
+    };
+    let mut settings = Vec::new();
+    if default != config.topics.partitions {
+        settings.push(("topics.partitions".to_string(), default));
+    }
+    for (owner, need) in &needs {
+        let Some(owner) = owner else { continue };
+        let current = overridden(owner).unwrap_or(default);
+        let wanted = match need {
+            Need::Exactly(n) => *n,
+            Need::AtMost(max) => current.min(*max),
+            Need::Conflict => continue,
+        };
+        if wanted != current || overridden(owner).is_some_and(|o| o != wanted) {
+            settings.push((format!("topics.overrides.{owner}.partitions"), wanted));
+        }
+    }
+    PartitionFix::Set(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> PipelineConfig {
+        crate::quickstart::builtin_pipeline().unwrap()
+    }
+
+    /// Every topic of the example with the counts given, the others as the example asks.
+    fn existing(config: &PipelineConfig, counts: &[(&str, i32)]) -> Vec<ExistingTopic> {
+        (counts.iter())
+            .map(|&(name, n)| ExistingTopic::new(config, name, n, partitions_of(config, name)))
+            .collect()
+    }
+
+    fn fix_for(config: &PipelineConfig, counts: &[(&str, i32)]) -> Option<PartitionFix> {
+        PartitionMismatch::check(config, existing(config, counts)).map(|m| m.fix)
+    }
+
+    fn set(settings: &[(&str, i32)]) -> Option<PartitionFix> {
+        let settings = settings.iter().map(|&(s, n)| (s.to_string(), n)).collect();
+        Some(PartitionFix::Set(settings))
+    }
+
+    /// The counts [`partitions_of`] gives agree with those the topics are created with
+    /// (the processor makes its own: features, repartition and changelog topics).
+    #[test]
+    fn partitions_of_agrees_with_the_topics_created() {
+        let mut config = config();
+        let topics: Vec<String> = config.entities.values().map(|e| e.topic.clone()).collect();
+        for (i, topic) in topics.into_iter().enumerate() {
+            config.topics.overrides.entry(topic).or_default().partitions = Some(i as i32 + 2);
+        }
+        config.topics.partitions = 7;
+        let specs = crate::app::topic_specs(&config);
+        assert!(specs.len() > 12, "{specs:?}");
+        for spec in specs {
+            assert_eq!(
+                partitions_of(&config, &spec.name),
+                spec.partitions,
+                "{}",
+                spec.name
+            );
+        }
+    }
+
+    #[test]
+    fn an_entity_topic_of_its_own_count_gets_an_override() {
+        let config = config();
+        let fix = fix_for(&config, &[("context.orders", 3)]);
+        assert_eq!(
+            fix,
+            set(&[("topics.overrides.context.orders.partitions", 3)])
+        );
+        // A dead-letter topic with more partitions than 3 still fits then.
+        let fix = fix_for(
+            &config,
+            &[("context.orders", 3), ("context.orders.dlq", 12)],
+        );
+        assert_eq!(
+            fix,
+            set(&[("topics.overrides.context.orders.partitions", 3)])
+        );
+    }
+
+    /// The processor's topics take `topics.partitions` only: they decide the default, and
+    /// topics that fit the old default get overrides to keep fitting.
+    #[test]
+    fn the_processors_topics_decide_the_default() {
+        let config = config();
+        let counts = [
+            ("customer-service-features-repartition", 4),
+            ("context.orders", 4),
+            ("context.customers", 12),
+        ];
+        let fix = fix_for(&config, &counts);
+        let expected = [
+            ("topics.partitions", 4),
+            ("topics.overrides.context.customers.partitions", 12),
+        ];
+        assert_eq!(fix, set(&expected));
+    }
+
+    /// Entity topics all of one other count, no processor topic yet: the default moves.
+    #[test]
+    fn entity_topics_of_one_other_count_move_the_default() {
+        let fix = fix_for(
+            &config(),
+            &[("context.orders", 6), ("context.customers", 6)],
+        );
+        assert_eq!(fix, set(&[("topics.partitions", 6)]));
+    }
+
+    /// An override already set is changed to the topic's count, not the default.
+    #[test]
+    fn an_override_already_set_is_the_one_named() {
+        let mut config = config();
+        config
+            .topics
+            .overrides
+            .entry("context.orders".into())
+            .or_default()
+            .partitions = Some(5);
+        let fix = fix_for(&config, &[("context.orders", 3), ("context.customers", 3)]);
+        let expected = [
+            ("topics.overrides.context.customers.partitions", 3),
+            ("topics.overrides.context.orders.partitions", 3),
+        ];
+        assert_eq!(fix, set(&expected));
+    }
+
+    /// Topics of one setting with different counts (what an interrupted creation could leave):
+    /// no value fits both, and the fix names them to delete rather than looping between two.
+    #[test]
+    fn topics_of_one_setting_that_differ_need_deleting() {
+        let config = config();
+        let counts = [("context.orders", 3), ("context.orders.features", 12)];
+        let fix = fix_for(&config, &counts);
+        let names = counts.iter().map(|(t, _)| t.to_string()).collect();
+        assert_eq!(fix, Some(PartitionFix::Delete(names)));
+        // A dead-letter topic with fewer partitions than its source's: it cannot hold its
+        // letters either.
+        let fix = fix_for(
+            &config,
+            &[("context.orders", 12), ("context.orders.dlq", 3)],
+        );
+        assert!(matches!(fix, Some(PartitionFix::Delete(_))), "{fix:?}");
+    }
+
+    /// Only a dead-letter topic exists, with fewer partitions: the source gets at most as many.
+    #[test]
+    fn a_lone_dead_letter_topic_bounds_its_source() {
+        let fix = fix_for(&config(), &[("context.orders.dlq", 3)]);
+        assert_eq!(
+            fix,
+            set(&[("topics.overrides.context.orders.partitions", 3)])
+        );
+        assert_eq!(fix_for(&config(), &[("context.orders.dlq", 24)]), None);
+    }
+
+    #[test]
+    fn the_problem_names_the_topics_that_do_not_fit() {
+        let config = config();
+        let mut counts = vec![("context.orders", 3), ("context.customers", 12)];
+        let mismatch = PartitionMismatch::check(&config, existing(&config, &counts)).unwrap();
+        assert_eq!(
+            mismatch.to_string(),
+            "topic \"context.orders\" already exists with 3 partitions, not 12: set \
+             topics.overrides.context.orders.partitions: 3 in the pipeline file to use the \
+             topics as they are, or delete them (and their records) to have them created anew"
+        );
+        let topics: Vec<String> = (0..11).map(|i| format!("context.x{i}")).collect();
+        counts.extend(topics.iter().map(|t| (t.as_str(), 3)));
+        let mismatch = PartitionMismatch::check(&config, existing(&config, &counts)).unwrap();
+        assert!(
+            mismatch.problem().ends_with(
+                "(and 11 more: context.x0, context.x1, context.x2, context.x3, context.x4, \
+                 context.x5, context.x6, context.x7 and 3 others)"
+            ),
+            "{}",
+            mismatch.problem()
+        );
+    }
+}
