@@ -61,13 +61,21 @@ fn dead_letter_source(config: &PipelineConfig, topic: &str) -> Option<String> {
 }
 
 /// The topic whose override sets the count of `topic` (not a dead-letter topic): an entity
-/// topic for itself and its features topic, a source topic that is neither for itself.
+/// topic for itself and, when features or joins write its entity, for its features topic; a
+/// source topic that is neither for itself.
 fn owner(config: &PipelineConfig, topic: &str) -> Option<String> {
-    let entity = (config.entities.values())
+    let entity_topic = |name: &String| config.entities.get(name).map(|e| &e.topic);
+    let written = (config.features.values().map(|f| &f.entity))
+        .chain(config.joins.values().map(|j| &j.from))
+        .filter_map(entity_topic)
+        .find(|t| topic == features_topic(t));
+    let exact = config
+        .entities
+        .values()
         .map(|e| &e.topic)
-        .find(|t| topic == t.as_str() || topic == features_topic(t));
+        .find(|t| *t == topic);
     let source = || config.source_topics().into_iter().find(|t| t == topic);
-    entity.cloned().or_else(source)
+    exact.or(written).cloned().or_else(source)
 }
 
 /// Existing topics of the pipeline that do not have the partition counts the pipeline file
@@ -86,8 +94,9 @@ pub enum PartitionFix {
     /// Set these settings (`topics.partitions`, `topics.overrides.<topic>.partitions`) to
     /// these counts.
     Set(Vec<(String, i32)>),
-    /// These topics take their count from one setting and no one value fits them: delete them
-    /// (and their records) to have them created anew.
+    /// No setting fits these topics (topics of one setting that differ from each other, or
+    /// dead-letter topics with fewer partitions than their source's count): delete them (and
+    /// their records) to have them created anew. Any settings to change come on the next run.
     Delete(Vec<String>),
 }
 
@@ -116,20 +125,28 @@ impl PartitionMismatch {
         let Some(first) = misfits.next() else {
             return "every topic fits".into();
         };
+        let than = match first.dead_letter {
+            true => "fewer than",
+            false => "not",
+        };
         let mut out = format!(
-            "topic {:?} already exists with {} partitions, not {}",
+            "topic {:?} already exists with {} partitions, {than} {}",
             first.name, first.partitions, first.requested
         );
         let rest: Vec<&str> = misfits.map(|t| t.name.as_str()).collect();
         if !rest.is_empty() {
-            let named = rest[..rest.len().min(NAMED)].join(", ");
-            let more = match rest.len() > NAMED {
-                true => format!(" and {} others", rest.len() - NAMED),
-                false => String::new(),
-            };
-            out += &format!(" (and {} more: {named}{more})", rest.len());
+            out += &format!(" (and {} more: {})", rest.len(), named(&rest));
         }
         out
+    }
+}
+
+/// Up to [`NAMED`] names, then how many others.
+fn named<S: AsRef<str>>(names: &[S]) -> String {
+    let shown: Vec<&str> = names.iter().take(NAMED).map(AsRef::as_ref).collect();
+    match names.len() > NAMED {
+        true => format!("{} and {} others", shown.join(", "), names.len() - NAMED),
+        false => shown.join(", "),
     }
 }
 
@@ -150,9 +167,10 @@ impl fmt::Display for PartitionMismatch {
             }
             PartitionFix::Delete(topics) => write!(
                 f,
-                "{} take their count from one setting but differ from each other: delete them \
-                 (and their records) to have them created anew",
-                topics.join(", ")
+                "no setting fits {} (topics of one setting that differ from each other, or \
+                 dead-letter topics with fewer partitions than their source): delete them (and \
+                 their records) to have them created anew",
+                named(topics)
             ),
         }
     }
@@ -161,11 +179,10 @@ impl fmt::Display for PartitionMismatch {
 impl std::error::Error for PartitionMismatch {}
 
 /// What the topics of one owner need of its count: exactly one value (an entity, features or
-/// processor topic exists), at most one (only dead-letter topics exist), or the impossible.
+/// processor topic exists), or at most one (only dead-letter topics exist).
 enum Need {
     Exactly(i32),
     AtMost(i32),
-    Conflict,
 }
 
 fn fix(config: &PipelineConfig, topics: &[ExistingTopic]) -> PartitionFix {
@@ -174,26 +191,28 @@ fn fix(config: &PipelineConfig, topics: &[ExistingTopic]) -> PartitionFix {
         groups.entry(t.owner.as_deref()).or_default().push(t);
     }
     let mut needs = BTreeMap::new();
-    let mut conflicts = Vec::new();
+    let mut delete = Vec::new();
     for (owner, topics) in &groups {
-        let exact: BTreeSet<i32> = (topics.iter().filter(|t| !t.dead_letter))
-            .map(|t| t.partitions)
-            .collect();
-        let at_most = (topics.iter().filter(|t| t.dead_letter))
-            .map(|t| t.partitions)
-            .min();
-        let need = match (exact.len(), exact.first(), at_most) {
-            (0, _, Some(max)) => Need::AtMost(max),
-            (1, Some(&n), max) if max.is_none_or(|max| n <= max) => Need::Exactly(n),
-            _ => Need::Conflict,
+        let (letters, others): (Vec<&ExistingTopic>, Vec<&ExistingTopic>) =
+            topics.iter().partition(|t| t.dead_letter);
+        let exact: BTreeSet<i32> = others.iter().map(|t| t.partitions).collect();
+        let need = match (exact.len(), exact.first()) {
+            (0, _) => letters.iter().map(|t| t.partitions).min().map(Need::AtMost),
+            (1, Some(&n)) => {
+                // Only the dead-letter topics too small for their source's count must go.
+                let small = letters.iter().filter(|t| t.partitions < n);
+                delete.extend(small.map(|t| t.name.clone()));
+                Some(Need::Exactly(n))
+            }
+            _ => {
+                delete.extend(topics.iter().map(|t| t.name.clone()));
+                None
+            }
         };
-        if let Need::Conflict = need {
-            conflicts.extend(topics.iter().map(|t| t.name.clone()));
-        }
-        needs.insert(*owner, need);
+        needs.extend(need.map(|need| (*owner, need)));
     }
-    if !conflicts.is_empty() {
-        return PartitionFix::Delete(conflicts);
+    if !delete.is_empty() {
+        return PartitionFix::Delete(delete);
     }
     let overridden = |owner: &str| (config.topics.overrides.get(owner)).and_then(|o| o.partitions);
     // The default: the processor's topics fix it; else a count all the topics that follow it
@@ -220,9 +239,8 @@ fn fix(config: &PipelineConfig, topics: &[ExistingTopic]) -> PartitionFix {
         let wanted = match need {
             Need::Exactly(n) => *n,
             Need::AtMost(max) => current.min(*max),
-            Need::Conflict => continue,
         };
-        if wanted != current || overridden(owner).is_some_and(|o| o != wanted) {
+        if wanted != current {
             settings.push((format!("topics.overrides.{owner}.partitions"), wanted));
         }
     }
@@ -356,6 +374,44 @@ mod tests {
             &[("context.orders", 12), ("context.orders.dlq", 3)],
         );
         assert!(matches!(fix, Some(PartitionFix::Delete(_))), "{fix:?}");
+    }
+
+    /// A dead-letter topic with fewer partitions than its source's count cannot hold its
+    /// letters: it alone must go (what the old rule for features' dead-letter topics left
+    /// behind under an override above the default).
+    #[test]
+    fn only_the_dead_letter_topic_too_small_must_go() {
+        let mut config = config();
+        let customers = "context.customers";
+        (config.topics.overrides.entry(customers.into()).or_default()).partitions = Some(24);
+        let counts = [
+            (customers, 24),
+            ("context.customers.features", 24),
+            ("context.customers.dlq", 24),
+            ("context.customers.features.dlq", 12),
+        ];
+        let small = vec!["context.customers.features.dlq".to_string()];
+        assert_eq!(fix_for(&config, &counts), Some(PartitionFix::Delete(small)));
+    }
+
+    /// An entity whose topic is named like another entity's features topic, where that entity
+    /// has no features: the topic is the entity's own, with its own override.
+    #[test]
+    fn an_entity_topic_is_its_own_before_it_is_a_features_topic() {
+        let mut config = config();
+        let mut entity = config.entities["order"].clone();
+        let topic = "context.tickets.features";
+        entity.topic = topic.into();
+        config.entities.insert("ticket_summary".into(), entity);
+        (config.topics.overrides.entry(topic.into()).or_default()).partitions = Some(6);
+        assert_eq!(owner(&config, topic).as_deref(), Some(topic));
+        assert_eq!(partitions_of(&config, topic), 6);
+        // The example's customers have features: their features topic is the customers'.
+        let features = "context.customers.features";
+        assert_eq!(
+            owner(&config, features).as_deref(),
+            Some("context.customers")
+        );
     }
 
     /// Only a dead-letter topic exists, with fewer partitions: the source gets at most as many.
