@@ -686,6 +686,9 @@ impl PipelineConfig {
             );
         }
         for (topic, o) in &self.topics.overrides {
+            if let Some(problem) = self.override_problem(topic) {
+                err(format!("topics.overrides.{topic}"), problem);
+            }
             if let Some(p) = o.partitions {
                 if !(1..=10_000).contains(&p) {
                     err(
@@ -1041,6 +1044,38 @@ impl PipelineConfig {
                 err(at, format!("{name:?} is listed twice"));
             }
         }
+    }
+
+    /// Why an override of `topic` would do nothing: overrides apply to entity topics, and the
+    /// topics kontext derives from them (features, dead-letter) or makes for itself follow
+    /// `topics.partitions` or their entity topic's settings.
+    fn override_problem(&self, topic: &str) -> Option<String> {
+        let entity_topics: Vec<&str> = self.entities.values().map(|e| e.topic.as_str()).collect();
+        if entity_topics.contains(&topic) {
+            return None;
+        }
+        let derived = entity_topics.iter().find_map(|&t| {
+            if features_topic(t) == topic {
+                Some(("the features topic", t))
+            } else if self.dead_letter.topic_for(t) == topic
+                || self.dead_letter.topic_for(&features_topic(t)) == topic
+            {
+                Some(("a dead-letter topic", t))
+            } else {
+                None
+            }
+        });
+        Some(match derived {
+            Some((what, t)) => format!(
+                "{topic:?} is {what} of entity topic {t:?} and takes its partition count from \
+                 there: set topics.overrides.{t} instead (overrides apply to entity topics only)"
+            ),
+            None => format!(
+                "{topic:?} is not an entity topic of this pipeline ({}): overrides apply to \
+                 entity topics only; the processor's own topics take topics.partitions",
+                entity_topics.join(", ")
+            ),
+        })
     }
 
     /// Checks `serve.realtime_priority`: a `SCHED_FIFO` priority, for the API's own threads.

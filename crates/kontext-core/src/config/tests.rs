@@ -382,6 +382,44 @@ fn exactly_once_is_a_kafka_setting() {
     assert!(err.to_string().contains("exactly_once"), "{err}");
 }
 
+/// Overrides apply to entity topics: one keyed by a features, dead-letter or unknown topic
+/// would do nothing, so it is an error naming the topic to set instead.
+#[test]
+fn an_override_of_a_topic_that_is_not_an_entity_topic_is_rejected() {
+    let with = |topic: &str| {
+        let text = VALID.replace(
+            "entities:",
+            &format!("topics: {{ overrides: {{ {topic}: {{ partitions: 3 }} }} }}\nentities:"),
+        );
+        let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+        let field = format!("topics.overrides.{topic}");
+        let error =
+            (err.errors.iter().find(|e| e.field == field)).unwrap_or_else(|| panic!("{err}"));
+        error.message.clone()
+    };
+    let features = with("context.customers.features");
+    assert!(
+        features.contains("the features topic of entity topic \"context.customers\"")
+            && features.contains("set topics.overrides.context.customers instead"),
+        "{features}"
+    );
+    let letters = with("context.customers.dlq");
+    assert!(
+        letters.contains("a dead-letter topic of entity topic"),
+        "{letters}"
+    );
+    let unknown = with("context.custmers");
+    assert!(
+        unknown.contains("not an entity topic of this pipeline (context."),
+        "{unknown}"
+    );
+    let ok = VALID.replace(
+        "entities:",
+        "topics: { overrides: { context.customers: { partitions: 3 } } }\nentities:",
+    );
+    PipelineConfig::parse("p.yaml", &ok).expect("an entity topic's override");
+}
+
 /// Compaction keeps one record per key: on a topic two sources write, a log (and any store
 /// rebuilt from it) would keep one source's fields of each entity.
 #[test]
