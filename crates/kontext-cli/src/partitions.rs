@@ -249,6 +249,8 @@ fn fix(config: &PipelineConfig, topics: &[ExistingTopic]) -> PartitionFix {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn config() -> PipelineConfig {
@@ -447,5 +449,76 @@ mod tests {
             "{}",
             mismatch.problem()
         );
+    }
+
+    /// Applies a [`PartitionFix::Set`] to the pipeline file.
+    fn apply(config: &mut PipelineConfig, settings: &[(String, i32)]) {
+        for (setting, n) in settings {
+            let owner = (setting.strip_prefix("topics.overrides."))
+                .and_then(|s| s.strip_suffix(".partitions"));
+            match owner {
+                Some(owner) => {
+                    (config.topics.overrides.entry(owner.into()).or_default()).partitions = Some(*n)
+                }
+                None if setting == "topics.partitions" => config.topics.partitions = *n,
+                None => panic!("unknown setting {setting}"),
+            }
+        }
+    }
+
+    proptest! {
+        /// Whatever topics of the example exist with whatever counts, under any default and
+        /// overrides: the fix names only existing topics to delete, and after those are gone,
+        /// the settings it gives make every existing topic fit. No advice loops.
+        #[test]
+        fn following_the_fix_makes_every_topic_fit(
+            default in 1..=4i32,
+            overrides in proptest::collection::vec(proptest::option::of(1..=4i32), 4),
+            counts in proptest::collection::vec(proptest::option::of(1..=4i32), 32),
+        ) {
+            let mut config = config();
+            config.topics.partitions = default;
+            let entities: Vec<String> = config.entities.values().map(|e| e.topic.clone()).collect();
+            for (topic, n) in entities.iter().zip(&overrides) {
+                if let Some(n) = n {
+                    (config.topics.overrides.entry(topic.clone()).or_default()).partitions = Some(*n);
+                }
+            }
+            let names: Vec<String> =
+                crate::app::topic_specs(&config).into_iter().map(|s| s.name).collect();
+            prop_assert!(names.len() <= counts.len());
+            let mut present: Vec<(String, i32)> = (names.into_iter().zip(&counts))
+                .filter_map(|(name, n)| n.map(|n| (name, n)))
+                .collect();
+            let mut deleted_once = false;
+            loop {
+                let existing = (present.iter())
+                    .map(|(name, n)| ExistingTopic::new(&config, name, *n, partitions_of(&config, name)))
+                    .collect();
+                let Some(mismatch) = PartitionMismatch::check(&config, existing) else { break };
+                match mismatch.fix {
+                    PartitionFix::Delete(topics) => {
+                        prop_assert!(!deleted_once, "a second deletion: {topics:?}");
+                        prop_assert!(!topics.is_empty());
+                        for topic in &topics {
+                            prop_assert!(present.iter().any(|(name, _)| name == topic), "{topic}");
+                        }
+                        present.retain(|(name, _)| !topics.contains(name));
+                        deleted_once = true;
+                    }
+                    PartitionFix::Set(settings) => {
+                        prop_assert!(!settings.is_empty());
+                        apply(&mut config, &settings);
+                        let existing: Vec<ExistingTopic> = (present.iter())
+                            .map(|(name, n)| ExistingTopic::new(&config, name, *n, partitions_of(&config, name)))
+                            .collect();
+                        let misfits: Vec<&ExistingTopic> =
+                            existing.iter().filter(|t| !t.fits()).collect();
+                        prop_assert!(misfits.is_empty(), "after {settings:?}: {misfits:?}");
+                        break;
+                    }
+                }
+            }
+        }
     }
 }
