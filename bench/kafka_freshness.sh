@@ -13,7 +13,8 @@
 #    kafka.network RequestMetrics RequestsPerSec, per API; BrokerTopicMetrics
 #    TotalProduceRequestsPerSec, per topic); WINDOW seconds later, another.
 # 4. Prints each process's CPU over the window (100% = one core), the broker's requests per
-#    second by API and its produce requests by topic (`Produce:<topic>`), and
+#    second by API and its produce requests by topic (`Produce:<topic>`), where the broker's
+#    time on a ProduceRequest goes (p50 and p99 of RequestMetrics *TimeMs, read at the end), and
 #    bench/histogram_delta.py of the two snapshots (freshness by kind, the processor's steps).
 #
 # Compare builds or settings by alternating runs, each on its fresh broker: the machine's noise
@@ -72,6 +73,22 @@ requests() {
         awk '{n[$1] += $2} END {for (k in n) printf "%s %.0f\n", k, n[k]}' | LC_ALL=C sort
 }
 
+# Where the broker's time on a ProduceRequest goes, in ms at p50 and p99 (JMX RequestMetrics,
+# Yammer histograms biased to the last five minutes, so they cover the whole run): waiting for
+# an I/O thread (RequestQueue), appending (Local), waiting for the network thread (ResponseQueue)
+# and sending (ResponseSend); Total is their sum and more.
+produce_times() {
+    java -cp "$(scripts/kafka.sh classpath)" org.apache.kafka.tools.JmxTool \
+        --jmx-url "service:jmx:rmi:///jndi/rmi://127.0.0.1:$KAFKA_JMX_PORT/jmxrmi" \
+        --object-name 'kafka.network:type=RequestMetrics,name=*TimeMs,request=Produce' \
+        --attributes 50thPercentile,99thPercentile --one-time true --report-format properties \
+        2>>"$WORK/jmx.err" |
+        sed -n 's/.*name=\(Total\|RequestQueue\|Local\|ResponseQueue\|ResponseSend\)TimeMs,request=Produce:\([0-9]*\)thPercentile=\([0-9.E-]*\).*/\1 \2 \3/p' |
+        awk '{v[$1, $2] = $3; n[$1] = 1}
+             END {for (k in n) printf "  %-14s p50 %6.2f  p99 %6.2f ms\n", k, v[k, 50], v[k, 99]}' |
+        LC_ALL=C sort
+}
+
 snapshot() {
     if ! kill -0 "$kontext_pid" 2>/dev/null; then
         echo "kafka freshness: the quickstart exited during the run" >&2
@@ -109,4 +126,6 @@ echo "broker requests/s:"
 LC_ALL=C join -a 2 -e 0 -o 0,1.2,2.2 "$WORK/requests.1" "$WORK/requests.2" |
     awk '$1 == "@time" {s = ($3 - $2) / 1000; next} {d[$1] = $3 - $2}
          END {for (k in d) if (d[k] > 0) printf "  %-20s %8.0f\n", k, d[k] / s}' | LC_ALL=C sort
+echo "broker time per ProduceRequest:"
+produce_times
 bench/histogram_delta.py "$WORK/metrics.1" "$WORK/metrics.2"
