@@ -130,7 +130,10 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     let generator_task = if args.no_generator {
         None
     } else {
-        let producer = log.producer().await?;
+        // Its own connections, as the source systems it stands in for would have: on the
+        // pipeline's, its requests would queue with the processor's (BENCHMARKS.md, "A
+        // producer per loop").
+        let producer = log.dedicated_producer().await?;
         let gen_config = GeneratorConfig {
             customers: args.customers.max(1),
             rate: args.rate,

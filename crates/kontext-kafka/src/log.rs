@@ -54,6 +54,17 @@ pub struct KafkaLog {
 }
 
 impl KafkaLog {
+    /// An idempotent producer on a librdkafka client of its own (so its own broker connections).
+    fn new_producer(&self) -> Result<Arc<KafkaProducer>, LogError> {
+        let inner: FutureProducer =
+            create(&self.config.producer_config(), "creating the producer")?;
+        Ok(Arc::new(KafkaProducer::new(
+            inner,
+            self.partitions.clone(),
+            self.config.request_timeout,
+        )))
+    }
+
     /// Checks `config` (every problem reported at once) and creates the admin and metadata
     /// clients.
     pub fn new(config: KafkaConfig) -> Result<Self, LogError> {
@@ -384,15 +395,14 @@ impl Log for KafkaLog {
         if let Some(producer) = slot.as_ref() {
             return Ok(producer.clone());
         }
-        let inner: FutureProducer =
-            create(&self.config.producer_config(), "creating the producer")?;
-        let producer = Arc::new(KafkaProducer::new(
-            inner,
-            self.partitions.clone(),
-            self.config.request_timeout,
-        ));
+        let producer = self.new_producer()?;
         *slot = Some(producer.clone());
         Ok(producer)
+    }
+
+    /// A new idempotent producer: its own librdkafka client, threads and broker connections.
+    async fn dedicated_producer(&self) -> Result<Arc<dyn Producer>, LogError> {
+        Ok(self.new_producer()?)
     }
 
     /// A producer of its own (not the shared one): a transactional producer serves one

@@ -793,3 +793,35 @@ async fn an_idle_group_is_deleted_with_its_offsets_and_a_busy_one_is_refused() {
     );
     log.delete_group(&group).await.expect("deleting it again");
 }
+
+/// `dedicated_producer` is a client of its own each time (the shared `producer` is one), and
+/// records from both land in one partition in the order they were acknowledged, with their
+/// offsets reported right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedicated_producer_is_its_own_client_and_writes_beside_the_shared_one() {
+    let log = kafka_log();
+    let topic = unique("dedicated");
+    log.create_topic(&TopicSpec::new(&topic, 1)).await.unwrap();
+    let shared = log.producer().await.unwrap();
+    let (one, two) = (
+        log.dedicated_producer().await.unwrap(),
+        log.dedicated_producer().await.unwrap(),
+    );
+    let same = |a: &std::sync::Arc<dyn kontext_log::Producer>,
+                b: &std::sync::Arc<dyn kontext_log::Producer>| {
+        std::ptr::addr_eq(std::sync::Arc::as_ptr(a), std::sync::Arc::as_ptr(b))
+    };
+    assert!(same(&shared, &log.producer().await.unwrap()));
+    assert!(!same(&one, &shared) && !same(&two, &shared) && !same(&one, &two));
+
+    let mut offsets = Vec::new();
+    for (i, producer) in [&shared, &one, &two, &one, &shared].into_iter().enumerate() {
+        let positions = producer.send(vec![keyed(&topic, i)]).await.unwrap();
+        offsets.push(positions[0].offset);
+    }
+    assert_eq!(offsets, (0..5).collect::<Vec<i64>>());
+    let read = log.read_partition(&topic, 0, 0, 5).await.unwrap();
+    let values: Vec<_> = read.iter().map(|r| r.value.clone().unwrap()).collect();
+    let expected: Vec<_> = (0..5).map(|i| Bytes::from(format!("value-{i}"))).collect();
+    assert_eq!(values, expected);
+}

@@ -45,6 +45,14 @@ pub trait Log: Send + Sync + 'static {
     /// A producer. Producers are cheap to clone through the `Arc` and safe to share.
     async fn producer(&self) -> Result<Arc<dyn Producer>, LogError>;
 
+    /// A producer of the caller's own, not the one [`Log::producer`] shares: on Kafka a client
+    /// with its own connections, so that its requests do not wait behind other loops' requests
+    /// (a broker serves one connection's requests one at a time). For a loop that produces to
+    /// many partitions per batch and waits for the acknowledgements. Default: the shared one.
+    async fn dedicated_producer(&self) -> Result<Arc<dyn Producer>, LogError> {
+        self.producer().await
+    }
+
     /// A member of a consumer group subscribed to `config.topics`.
     async fn consumer(&self, config: ConsumerConfig) -> Result<Box<dyn Consumer>, LogError>;
 

@@ -472,7 +472,11 @@ impl Processor {
         if self.stages.is_empty() {
             return Ok(());
         }
-        let producer = self.log.producer().await?;
+        // A producer per loop, as Kafka Streams has one per stream thread: each waits for its
+        // batch's acknowledgements, and on one connection the broker would serve the two
+        // loops' requests one after the other (BENCHMARKS.md, "A producer per loop").
+        let rekey_producer = self.log.dedicated_producer().await?;
+        let tasks_producer = self.log.dedicated_producer().await?;
         let (rekey_done, aggregate_done) = (CancellationToken::new(), CancellationToken::new());
         let rekey = async {
             // Not before the aggregation's state is checked (or the aggregation stopped).
@@ -485,7 +489,7 @@ impl Processor {
             }
             let result = self
                 .rekey(
-                    producer.clone(),
+                    rekey_producer,
                     Drain::new(&shutdown, None, self.config.retry.waiting_policy()),
                 )
                 .await;
@@ -495,7 +499,7 @@ impl Processor {
         let aggregate = async {
             let result = self
                 .aggregate(
-                    producer.clone(),
+                    tasks_producer,
                     Drain::new(
                         &shutdown,
                         Some(&rekey_done),
