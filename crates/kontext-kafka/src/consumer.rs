@@ -33,7 +33,7 @@ use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::log_error;
-use crate::metadata::blocking;
+use crate::metadata::{blocking, drop_blocking};
 
 /// A partition by name, as librdkafka's lists give them.
 type Partition = (String, i32);
@@ -405,9 +405,7 @@ fn assignment_of(consumer: &GroupConsumer) -> Result<Vec<Partition>, LogError> {
 }
 
 impl Drop for KafkaConsumer {
-    /// Closing a consumer blocks until it has left the group. On a multi-threaded runtime that
-    /// wait is announced to tokio (`block_in_place`) so other tasks move off this thread; on a
-    /// current-thread runtime (where that is not allowed) or outside one it simply blocks.
+    /// Closing a consumer blocks until it has left the group (`drop_blocking`).
     fn drop(&mut self) {
         let Some(consumer) = self.consumer.take() else {
             return;
@@ -416,13 +414,6 @@ impl Drop for KafkaConsumer {
             // A commit on the blocking pool still holds it; the last holder closes it.
             return;
         }
-        let in_multi_thread_runtime = tokio::runtime::Handle::try_current()
-            .map(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
-            .unwrap_or(false);
-        if in_multi_thread_runtime {
-            tokio::task::block_in_place(move || drop(consumer));
-        } else {
-            drop(consumer);
-        }
+        drop_blocking(consumer);
     }
 }

@@ -321,6 +321,21 @@ where
     }
 }
 
+/// Drops a librdkafka client whose close blocks (a consumer leaving its group, a producer
+/// waiting for records in flight). On a multi-threaded runtime the wait is announced to tokio
+/// (`block_in_place`) so other tasks move off this thread; on a current-thread runtime (where
+/// that is not allowed) or outside one it simply blocks.
+pub(crate) fn drop_blocking<T>(client: T) {
+    let in_multi_thread_runtime = tokio::runtime::Handle::try_current()
+        .map(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        .unwrap_or(false);
+    if in_multi_thread_runtime {
+        tokio::task::block_in_place(move || drop(client));
+    } else {
+        drop(client);
+    }
+}
+
 fn sorted_partitions(topic: &rdkafka::metadata::MetadataTopic) -> Vec<i32> {
     let mut ids: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
     ids.sort_unstable();

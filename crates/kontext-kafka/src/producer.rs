@@ -16,12 +16,13 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::log_error;
-use crate::metadata::{blocking, PartitionCounts};
+use crate::metadata::{blocking, drop_blocking, PartitionCounts};
 
-/// Appends records to Kafka. One per [`crate::KafkaLog`], shared through an `Arc`: librdkafka
-/// producers are thread-safe and batch better when shared.
+/// Appends records to Kafka. One shared per [`crate::KafkaLog`] through an `Arc` (librdkafka
+/// producers are thread-safe), and one more per `dedicated_producer` call.
 pub struct KafkaProducer {
-    producer: FutureProducer,
+    /// `None` only once dropped.
+    producer: Option<FutureProducer>,
     partitions: Arc<PartitionCounts>,
     /// How long `send` keeps retrying to enqueue into a full local queue (the analogue of the
     /// Java client's `max.block.ms`).
@@ -35,10 +36,14 @@ impl KafkaProducer {
         queue_timeout: Duration,
     ) -> Self {
         Self {
-            producer,
+            producer: Some(producer),
             partitions,
             queue_timeout,
         }
+    }
+
+    fn client(&self) -> &FutureProducer {
+        self.producer.as_ref().expect("taken only when dropped")
     }
 
     /// The partition of each record: explicit ones are checked, keyed ones computed with
@@ -75,7 +80,7 @@ impl KafkaProducer {
     ) -> Result<DeliveryFuture, LogError> {
         let deadline = Instant::now() + self.queue_timeout;
         loop {
-            let queue_full = match self.producer.send_result(future_record(record, partition)) {
+            let queue_full = match self.client().send_result(future_record(record, partition)) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
                     if Instant::now() < deadline =>
@@ -154,7 +159,7 @@ impl Producer for KafkaProducer {
     /// Waits for every outstanding delivery. Unbounded here because librdkafka bounds every
     /// record by `delivery.timeout.ms` (5 minutes by default) already.
     async fn flush(&self) -> Result<(), LogError> {
-        let producer = self.producer.clone();
+        let producer = self.client().clone();
         blocking(move || {
             producer
                 .flush(Timeout::Never)
@@ -196,7 +201,7 @@ impl KafkaTransactionalProducer {
     where
         F: FnOnce(&FutureProducer, Duration) -> rdkafka::error::KafkaResult<()> + Send + 'static,
     {
-        let (producer, timeout) = (self.inner.producer.clone(), self.timeout);
+        let (producer, timeout) = (self.inner.client().clone(), self.timeout);
         let context = format!("{what} (transactional.id {:?})", self.id);
         blocking(move || f(&producer, timeout).map_err(|e| log_error(&context, e))).await
     }
@@ -222,7 +227,7 @@ impl TransactionalProducer for KafkaTransactionalProducer {
     async fn begin(&self) -> Result<(), LogError> {
         // Not blocking in librdkafka: it only changes the producer's local state.
         self.inner
-            .producer
+            .client()
             .begin_transaction()
             .map_err(|e| log_error(&format!("beginning a transaction of {:?}", self.id), e))
     }
@@ -284,4 +289,15 @@ fn future_record(record: &ProduceRecord, partition: Option<i32>) -> FutureRecord
         out = out.headers(headers);
     }
     out
+}
+
+impl Drop for KafkaProducer {
+    /// librdkafka's producer, when its last handle goes, joins its poll thread and waits up to
+    /// 500 ms for records in flight before closing: a wait announced to tokio, as a
+    /// consumer's close is (`drop_blocking`).
+    fn drop(&mut self) {
+        if let Some(producer) = self.producer.take() {
+            drop_blocking(producer);
+        }
+    }
 }

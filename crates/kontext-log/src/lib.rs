@@ -45,10 +45,13 @@ pub trait Log: Send + Sync + 'static {
     /// A producer. Producers are cheap to clone through the `Arc` and safe to share.
     async fn producer(&self) -> Result<Arc<dyn Producer>, LogError>;
 
-    /// A producer of the caller's own, not the one [`Log::producer`] shares: on Kafka a client
-    /// with its own connections, so that its requests do not wait behind other loops' requests
-    /// (a broker serves one connection's requests one at a time). For a loop that produces to
-    /// many partitions per batch and waits for the acknowledgements. Default: the shared one.
+    /// A producer for one loop that produces to many partitions per batch and waits for the
+    /// acknowledgements. On Kafka each call creates a client with its own connections, so that
+    /// the loop's requests do not wait behind other loops' (a broker serves one connection's
+    /// requests one at a time): call it once per loop and keep the result. Dropping the last
+    /// handle closes the client, and records not yet acknowledged are lost, so await every
+    /// send first. Backends where sharing costs nothing (the embedded log) return the shared
+    /// [`Log::producer`], the default; a `Log` that wraps another should forward this call.
     async fn dedicated_producer(&self) -> Result<Arc<dyn Producer>, LogError> {
         self.producer().await
     }

@@ -476,7 +476,12 @@ impl Processor {
         // batch's acknowledgements, and on one connection the broker would serve the two
         // loops' requests one after the other (BENCHMARKS.md, "A producer per loop").
         let rekey_producer = self.log.dedicated_producer().await?;
-        let tasks_producer = self.log.dedicated_producer().await?;
+        let tasks_producer = match self.config.log.exactly_once() {
+            // Its batches go through a transactional producer; this one only repairs a
+            // changelog at a restore.
+            true => self.log.producer().await?,
+            false => self.log.dedicated_producer().await?,
+        };
         let (rekey_done, aggregate_done) = (CancellationToken::new(), CancellationToken::new());
         let rekey = async {
             // Not before the aggregation's state is checked (or the aggregation stopped).

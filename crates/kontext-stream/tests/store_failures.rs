@@ -949,6 +949,12 @@ impl Log for GatedLog {
         self.inner.producer().await
     }
 
+    async fn dedicated_producer(
+        &self,
+    ) -> Result<Arc<dyn kontext_log::Producer>, kontext_log::LogError> {
+        self.inner.dedicated_producer().await
+    }
+
     async fn consumer(
         &self,
         config: ConsumerConfig,
