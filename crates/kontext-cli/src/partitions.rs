@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use kontext_core::config::{features_topic, PipelineConfig};
+use kontext_core::config::PipelineConfig;
 
 /// How many mismatching topics an error names before it only counts them.
 const NAMED: usize = 8;
@@ -29,13 +29,12 @@ pub struct ExistingTopic {
 
 impl ExistingTopic {
     pub fn new(config: &PipelineConfig, name: &str, partitions: i32, requested: i32) -> Self {
-        let source = dead_letter_source(config, name);
         ExistingTopic {
             name: name.to_string(),
             partitions,
             requested,
-            owner: owner(config, source.as_deref().unwrap_or(name)),
-            dead_letter: source.is_some(),
+            owner: config.partitions_owner(name),
+            dead_letter: config.dead_letter_source(name).is_some(),
         }
     }
 
@@ -46,36 +45,11 @@ impl ExistingTopic {
 }
 
 /// The partition count the pipeline file gives `topic`, by the rules of the module doc: the
-/// override of its owner (see [`owner`]) or `topics.partitions`.
+/// override of its owner ([`PipelineConfig::partitions_owner`]) or `topics.partitions`.
 pub fn partitions_of(config: &PipelineConfig, topic: &str) -> i32 {
-    let source = dead_letter_source(config, topic);
-    (owner(config, source.as_deref().unwrap_or(topic)))
+    (config.partitions_owner(topic))
         .and_then(|owner| config.topics.overrides.get(&owner)?.partitions)
         .unwrap_or(config.topics.partitions)
-}
-
-/// The source topic whose dead-letter topic `topic` is.
-fn dead_letter_source(config: &PipelineConfig, topic: &str) -> Option<String> {
-    (config.source_topics().into_iter())
-        .find(|t| config.dead_letter.enabled && config.dead_letter.topic_for(t) == topic)
-}
-
-/// The topic whose override sets the count of `topic` (not a dead-letter topic): an entity
-/// topic for itself and, when features or joins write its entity, for its features topic; a
-/// source topic that is neither for itself.
-fn owner(config: &PipelineConfig, topic: &str) -> Option<String> {
-    let entity_topic = |name: &String| config.entities.get(name).map(|e| &e.topic);
-    let written = (config.features.values().map(|f| &f.entity))
-        .chain(config.joins.values().map(|j| &j.from))
-        .filter_map(entity_topic)
-        .find(|t| topic == features_topic(t));
-    let exact = config
-        .entities
-        .values()
-        .map(|e| &e.topic)
-        .find(|t| *t == topic);
-    let source = || config.source_topics().into_iter().find(|t| t == topic);
-    exact.or(written).cloned().or_else(source)
 }
 
 /// Existing topics of the pipeline that do not have the partition counts the pipeline file
@@ -406,12 +380,12 @@ mod tests {
         entity.topic = topic.into();
         config.entities.insert("ticket_summary".into(), entity);
         (config.topics.overrides.entry(topic.into()).or_default()).partitions = Some(6);
-        assert_eq!(owner(&config, topic).as_deref(), Some(topic));
+        assert_eq!(config.partitions_owner(topic).as_deref(), Some(topic));
         assert_eq!(partitions_of(&config, topic), 6);
         // The example's customers have features: their features topic is the customers'.
         let features = "context.customers.features";
         assert_eq!(
-            owner(&config, features).as_deref(),
+            config.partitions_owner(features).as_deref(),
             Some("context.customers")
         );
     }

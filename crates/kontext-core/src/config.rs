@@ -1046,6 +1046,34 @@ impl PipelineConfig {
         }
     }
 
+    /// The source topic (a features topic included: built-in sources read them) whose
+    /// dead-letter topic `topic` is.
+    pub fn dead_letter_source(&self, topic: &str) -> Option<String> {
+        if !self.dead_letter.enabled {
+            return None;
+        }
+        (self
+            .source_topics()
+            .into_iter()
+            .chain(self.features_topics()))
+        .find(|t| self.dead_letter.topic_for(t) == topic)
+    }
+
+    /// The entity topic whose `topics.overrides` entry sets the partition count of `topic`:
+    /// the entity topic itself, its features topic (when features or joins write its entity),
+    /// and the dead-letter topics of both. `None`: only `topics.partitions` sets it (the
+    /// processor's repartition and changelog topics).
+    pub fn partitions_owner(&self, topic: &str) -> Option<String> {
+        let source = self.dead_letter_source(topic);
+        let topic = source.as_deref().unwrap_or(topic);
+        let entity_topics = || self.entities.values().map(|e| &e.topic);
+        let written = || self.features_topics().contains(topic);
+        // An entity's own topic first: only then another entity's features topic.
+        (entity_topics().find(|t| *t == topic))
+            .or_else(|| entity_topics().find(|t| written() && features_topic(t) == topic))
+            .cloned()
+    }
+
     /// Why an override of `topic` would do nothing: overrides apply to entity topics, and the
     /// topics kontext derives from them (features, dead-letter) or makes for itself follow
     /// `topics.partitions` or their entity topic's settings.
@@ -1054,6 +1082,8 @@ impl PipelineConfig {
         if entity_topics.contains(&topic) {
             return None;
         }
+        // Named by what it would be, written or not: overrides are checked before the
+        // features sources are added.
         let derived = entity_topics.iter().find_map(|&t| {
             if features_topic(t) == topic {
                 Some(("the features topic", t))
