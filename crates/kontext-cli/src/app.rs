@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::definition;
-use crate::partitions::{partitions_of, ExistingTopic, PartitionMismatch};
+use crate::partitions::{ExistingTopic, PartitionMismatch};
 use crate::rebuild::{self, Rebuilds, StoreSlot};
 
 /// Opens the log backend the pipeline file names.
@@ -151,7 +151,7 @@ fn creating(e: LogError, spec: &TopicSpec) -> anyhow::Error {
 
 /// The entity topics, and a dead-letter topic beside each source topic: at least the source's
 /// partition count (a dead letter keeps its partition number), never compacted (bad records
-/// may lack a key). Counts by [`partitions_of`].
+/// may lack a key). Counts by [`PipelineConfig::partitions_of`].
 pub(crate) fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
     // Features, repartition and changelog topics of the processor, when there are features.
     let mut specs = kontext_stream::processor::topic_specs(config);
@@ -159,7 +159,7 @@ pub(crate) fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
         let settings = config.topic_settings(&entity.topic);
         specs.push(TopicSpec {
             name: entity.topic.clone(),
-            partitions: partitions_of(config, &entity.topic),
+            partitions: config.partitions_of(&entity.topic),
             compacted: settings.compacted,
             retention: Retention {
                 time: settings.retention_ms.map(Duration::from_millis),
@@ -170,7 +170,7 @@ pub(crate) fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
     if config.dead_letter.enabled {
         for topic in config.source_topics() {
             let name = config.dead_letter.topic_for(&topic);
-            let partitions = partitions_of(config, &name);
+            let partitions = config.partitions_of(&name);
             specs.push(TopicSpec::new(name, partitions));
         }
     }
@@ -622,7 +622,7 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
-    use crate::partitions::PartitionFix;
+    use crate::partitions::{PartitionFix, PartitionSetting};
 
     /// `GET path` on a plain connection from this thread, waiting at most 30 s for the answer.
     fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
@@ -747,7 +747,7 @@ mod tests {
 
         let error = ensure_topics(log.as_ref(), &config).await.unwrap_err();
         let mismatch = error.downcast_ref::<PartitionMismatch>().unwrap();
-        let setting = "topics.overrides.context.orders.partitions".to_string();
+        let setting = PartitionSetting::Override(orders.clone());
         assert_eq!(mismatch.fix(), &PartitionFix::Set(vec![(setting, 3)]));
         let message = format!("{error:#}");
         assert!(
@@ -789,7 +789,7 @@ mod tests {
         let error = ensure_topics(log.as_ref(), &config).await.unwrap_err();
         let mismatch = error.downcast_ref::<PartitionMismatch>().unwrap();
         assert_eq!(mismatch.misfits().count(), topics.len());
-        let fix = PartitionFix::Set(vec![("topics.partitions".into(), 4)]);
+        let fix = PartitionFix::Set(vec![(PartitionSetting::Default, 4)]);
         assert_eq!(mismatch.fix(), &fix);
         let message = format!("{error:#}");
         let more = format!("not 12 (and {} more: ", topics.len() - 1);

@@ -44,14 +44,6 @@ impl ExistingTopic {
     }
 }
 
-/// The partition count the pipeline file gives `topic`, by the rules of the module doc: the
-/// override of its owner ([`PipelineConfig::partitions_owner`]) or `topics.partitions`.
-pub fn partitions_of(config: &PipelineConfig, topic: &str) -> i32 {
-    (config.partitions_owner(topic))
-        .and_then(|owner| config.topics.overrides.get(&owner)?.partitions)
-        .unwrap_or(config.topics.partitions)
-}
-
 /// Existing topics of the pipeline that do not have the partition counts the pipeline file
 /// gives them. Retry meaning: none; [`PartitionMismatch::fix`] says which settings to change,
 /// or that topics must go.
@@ -65,13 +57,30 @@ pub struct PartitionMismatch {
 /// What makes a pipeline file agree with its existing topics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PartitionFix {
-    /// Set these settings (`topics.partitions`, `topics.overrides.<topic>.partitions`) to
-    /// these counts.
-    Set(Vec<(String, i32)>),
+    /// Set these settings to these counts.
+    Set(Vec<(PartitionSetting, i32)>),
     /// No setting fits these topics (topics of one setting that differ from each other, or
     /// dead-letter topics with fewer partitions than their source's count): delete them (and
     /// their records) to have them created anew. Any settings to change come on the next run.
     Delete(Vec<String>),
+}
+
+/// A setting of the pipeline file that gives topics their partition counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionSetting {
+    /// `topics.partitions`.
+    Default,
+    /// `topics.overrides.<entity topic>.partitions`.
+    Override(String),
+}
+
+impl fmt::Display for PartitionSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PartitionSetting::Default => write!(f, "topics.partitions"),
+            PartitionSetting::Override(topic) => write!(f, "topics.overrides.{topic}.partitions"),
+        }
+    }
 }
 
 impl PartitionMismatch {
@@ -205,7 +214,7 @@ fn fix(config: &PipelineConfig, topics: &[ExistingTopic]) -> PartitionFix {
     };
     let mut settings = Vec::new();
     if default != config.topics.partitions {
-        settings.push(("topics.partitions".to_string(), default));
+        settings.push((PartitionSetting::Default, default));
     }
     for (owner, need) in &needs {
         let Some(owner) = owner else { continue };
@@ -215,7 +224,7 @@ fn fix(config: &PipelineConfig, topics: &[ExistingTopic]) -> PartitionFix {
             Need::AtMost(max) => current.min(*max),
         };
         if wanted != current {
-            settings.push((format!("topics.overrides.{owner}.partitions"), wanted));
+            settings.push((PartitionSetting::Override(owner.to_string()), wanted));
         }
     }
     PartitionFix::Set(settings)
@@ -234,7 +243,7 @@ mod tests {
     /// Every topic of the example with the counts given, the others as the example asks.
     fn existing(config: &PipelineConfig, counts: &[(&str, i32)]) -> Vec<ExistingTopic> {
         (counts.iter())
-            .map(|&(name, n)| ExistingTopic::new(config, name, n, partitions_of(config, name)))
+            .map(|&(name, n)| ExistingTopic::new(config, name, n, config.partitions_of(name)))
             .collect()
     }
 
@@ -242,12 +251,23 @@ mod tests {
         PartitionMismatch::check(config, existing(config, counts)).map(|m| m.fix)
     }
 
+    /// A [`PartitionFix::Set`] of settings named as the pipeline file spells them.
     fn set(settings: &[(&str, i32)]) -> Option<PartitionFix> {
-        let settings = settings.iter().map(|&(s, n)| (s.to_string(), n)).collect();
+        let settings = (settings.iter())
+            .map(|&(setting, n)| {
+                let owner = (setting.strip_prefix("topics.overrides."))
+                    .and_then(|s| s.strip_suffix(".partitions"));
+                match owner {
+                    Some(owner) => (PartitionSetting::Override(owner.into()), n),
+                    None if setting == "topics.partitions" => (PartitionSetting::Default, n),
+                    None => panic!("unknown setting {setting}"),
+                }
+            })
+            .collect();
         Some(PartitionFix::Set(settings))
     }
 
-    /// The counts [`partitions_of`] gives agree with those the topics are created with
+    /// The counts [`PipelineConfig::partitions_of`] gives agree with those the topics are created with
     /// (the processor makes its own: features, repartition and changelog topics).
     #[test]
     fn partitions_of_agrees_with_the_topics_created() {
@@ -261,7 +281,7 @@ mod tests {
         assert!(specs.len() > 12, "{specs:?}");
         for spec in specs {
             assert_eq!(
-                partitions_of(&config, &spec.name),
+                config.partitions_of(&spec.name),
                 spec.partitions,
                 "{}",
                 spec.name
@@ -381,7 +401,7 @@ mod tests {
         config.entities.insert("ticket_summary".into(), entity);
         (config.topics.overrides.entry(topic.into()).or_default()).partitions = Some(6);
         assert_eq!(config.partitions_owner(topic).as_deref(), Some(topic));
-        assert_eq!(partitions_of(&config, topic), 6);
+        assert_eq!(config.partitions_of(topic), 6);
         // The example's customers have features: their features topic is the customers'.
         let features = "context.customers.features";
         assert_eq!(
@@ -426,16 +446,14 @@ mod tests {
     }
 
     /// Applies a [`PartitionFix::Set`] to the pipeline file.
-    fn apply(config: &mut PipelineConfig, settings: &[(String, i32)]) {
+    fn apply(config: &mut PipelineConfig, settings: &[(PartitionSetting, i32)]) {
         for (setting, n) in settings {
-            let owner = (setting.strip_prefix("topics.overrides."))
-                .and_then(|s| s.strip_suffix(".partitions"));
-            match owner {
-                Some(owner) => {
-                    (config.topics.overrides.entry(owner.into()).or_default()).partitions = Some(*n)
+            match setting {
+                PartitionSetting::Override(owner) => {
+                    (config.topics.overrides.entry(owner.clone()).or_default()).partitions =
+                        Some(*n)
                 }
-                None if setting == "topics.partitions" => config.topics.partitions = *n,
-                None => panic!("unknown setting {setting}"),
+                PartitionSetting::Default => config.topics.partitions = *n,
             }
         }
     }
@@ -467,7 +485,7 @@ mod tests {
             let mut deleted_once = false;
             loop {
                 let existing = (present.iter())
-                    .map(|(name, n)| ExistingTopic::new(&config, name, *n, partitions_of(&config, name)))
+                    .map(|(name, n)| ExistingTopic::new(&config, name, *n, config.partitions_of(name)))
                     .collect();
                 let Some(mismatch) = PartitionMismatch::check(&config, existing) else { break };
                 match mismatch.fix {
@@ -484,7 +502,7 @@ mod tests {
                         prop_assert!(!settings.is_empty());
                         apply(&mut config, &settings);
                         let existing: Vec<ExistingTopic> = (present.iter())
-                            .map(|(name, n)| ExistingTopic::new(&config, name, *n, partitions_of(&config, name)))
+                            .map(|(name, n)| ExistingTopic::new(&config, name, *n, config.partitions_of(name)))
                             .collect();
                         let misfits: Vec<&ExistingTopic> =
                             existing.iter().filter(|t| !t.fits()).collect();

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::app;
 use crate::generator::{Generator, GeneratorConfig};
-use crate::partitions::{PartitionFix, PartitionMismatch};
+use crate::partitions::{PartitionFix, PartitionMismatch, PartitionSetting};
 
 /// The example pipeline, built into the binary so quickstart needs no files.
 const PIPELINE_YAML: &str = include_str!("../../../examples/customer-service/pipeline.yaml");
@@ -101,15 +101,20 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
             Some(mismatch) => {
                 let fresh = "with a new --data-dir (on Kafka: delete the topics, or use another \
                              cluster)";
-                match mismatch.fix() {
-                    PartitionFix::Set(set) if set.len() == 1 && set[0].0 == "topics.partitions" => {
-                        anyhow::anyhow!(
-                            "{}: run it with --partitions {}, or {fresh}",
-                            mismatch.problem(),
-                            set[0].1
-                        )
-                    }
-                    _ => anyhow::anyhow!("{}: run it {fresh}", mismatch.problem()),
+                // Only a new default has a flag: `--partitions`.
+                let flag = match mismatch.fix() {
+                    PartitionFix::Set(set) => match set.as_slice() {
+                        [(PartitionSetting::Default, n)] => Some(*n),
+                        _ => None,
+                    },
+                    PartitionFix::Delete(_) => None,
+                };
+                match flag {
+                    Some(n) => anyhow::anyhow!(
+                        "{}: run it with --partitions {n}, or {fresh}",
+                        mismatch.problem()
+                    ),
+                    None => anyhow::anyhow!("{}: run it {fresh}", mismatch.problem()),
                 }
             }
             None => e,

@@ -1074,6 +1074,15 @@ impl PipelineConfig {
             .cloned()
     }
 
+    /// The partition count the pipeline file gives `topic`: the override of its
+    /// [`partitions_owner`](Self::partitions_owner), or `topics.partitions`. Every topic the
+    /// pipeline creates takes its count from here.
+    pub fn partitions_of(&self, topic: &str) -> i32 {
+        (self.partitions_owner(topic))
+            .and_then(|owner| self.topics.overrides.get(&owner)?.partitions)
+            .unwrap_or(self.topics.partitions)
+    }
+
     /// Why an override of `topic` would do nothing: overrides apply to entity topics, and the
     /// topics kontext derives from them (features, dead-letter) or makes for itself follow
     /// `topics.partitions` or their entity topic's settings.

@@ -182,20 +182,9 @@ pub fn topic_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
     }
     let partitions = repartition_partitions(config);
     let mut specs = BTreeMap::new();
-    let targets = config
-        .features
-        .values()
-        .map(|f| &f.entity)
-        .chain(config.joins.values().map(|j| &j.from));
-    for target in targets {
-        if let Some(entity) = config.entities.get(target) {
-            let name = features_topic(&entity.topic);
-            let p = config
-                .topic_settings(&entity.topic)
-                .partitions
-                .unwrap_or(config.topics.partitions);
-            specs.insert(name.clone(), TopicSpec::new(name, p));
-        }
+    for name in config.features_topics() {
+        let p = config.partitions_of(&name);
+        specs.insert(name.clone(), TopicSpec::new(name, p));
     }
     let repartition = repartition_topic(config);
     specs.insert(repartition.clone(), TopicSpec::new(repartition, partitions));

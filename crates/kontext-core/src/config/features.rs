@@ -272,7 +272,7 @@ impl PipelineConfig {
 
     /// The features topics the pipeline writes and reads: `<entity topic>.features` of each
     /// entity a feature or join writes into.
-    pub(super) fn features_topics(&self) -> BTreeSet<String> {
+    pub fn features_topics(&self) -> BTreeSet<String> {
         self.features
             .values()
             .map(|f| f.entity.as_str())
