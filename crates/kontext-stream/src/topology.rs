@@ -475,16 +475,28 @@ impl TopologyRunner {
             // concurrently (each would otherwise write its own on a first run).
             instance_transactional_id(&self.topology.app, &self.state_dir)?;
         }
-        let producer = self.log.producer().await?;
+        // A producer per segment, as the pipeline file's processor has one per loop: each
+        // segment waits for its batch's acknowledgements, which on one shared connection the
+        // broker would serve one segment after the other. The first segment takes the log's
+        // shared producer; under exactly_once all do, their batches going through
+        // transactional producers.
+        let shared = self.log.producer().await?;
+        let mut producers = Vec::new();
+        for i in 0..segments.len() {
+            producers.push(match i > 0 && !self.exactly_once {
+                true => self.log.dedicated_producer().await?,
+                false => shared.clone(),
+            });
+        }
         let done: Vec<CancellationToken> =
             segments.iter().map(|_| CancellationToken::new()).collect();
         let mut runs = Vec::new();
         let this = &self;
-        for (i, seg) in segments.iter().enumerate() {
+        for ((i, seg), producer) in segments.iter().enumerate().zip(producers) {
             // A rekeyed segment drains after the segment before it (same pipeline) stopped.
             let upstream = (seg.rekeyed && i > 0).then(|| &done[i - 1]);
             let drain = Drain::new(&shutdown, upstream, self.policy);
-            let (db, producer, done) = (&db, producer.clone(), &done[i]);
+            let (db, done) = (&db, &done[i]);
             runs.push(async move {
                 let result = this.run_segment(seg, db, producer, drain).await;
                 done.cancel();
