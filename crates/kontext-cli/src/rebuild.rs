@@ -297,8 +297,20 @@ impl Job {
         match outcome {
             Ok(Some(old)) => {
                 let old_version = std::mem::replace(&mut *lock(&self.slot.version), target);
-                write_current_version(&self.data_dir, &store_config.name, target)?;
                 drop(old);
+                if let Err(e) = write_current_version(&self.data_dir, &store_config.name, target) {
+                    // The new version serves already; only a restart would go back to the old
+                    // one, which the pointer still names: it stays on disk for that, and
+                    // catches up from the log there.
+                    let warning = format!(
+                        "version {target} serves, but recording it as current failed ({e:#}): \
+                         after a restart version {old_version} (kept) serves again and catches \
+                         up from the log; rebuild again to make a new version stick"
+                    );
+                    warn!(store = %store_config.name, "{warning}");
+                    lock(&self.status).warnings.push(warning);
+                    return Ok(true);
+                }
                 if let Err(e) = discard_version(store_config, &self.data_dir, old_version).await {
                     warn!(store = %store_config.name, version = old_version, error = %format!("{e:#}"), "could not delete the replaced version");
                 }
@@ -882,6 +894,37 @@ mod tests {
         assert!(!pointer_path(dir.path(), &name).exists());
         assert!(!version_path(dir.path(), &name, 1).exists());
         assert_eq!(current_version(dir.path(), &name).unwrap(), 0);
+    }
+
+    /// Recording the new version as current fails after the switch (here: a directory where
+    /// the pointer's temporary file goes). The new version serves, and the status says so
+    /// rather than "failed, untouched"; the old version stays on disk, since a restart reads
+    /// the pointer and serves it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_switch_whose_pointer_cannot_be_written_says_what_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::quickstart::builtin_pipeline().unwrap();
+        let log = embedded_log(dir.path(), EmbeddedConfig::default());
+        let served = Served::open(dir.path(), &config, log).await;
+        let mut tmp = pointer_path(dir.path(), &served.name).into_os_string();
+        tmp.push(".tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+
+        let status = served.rebuild().await;
+        assert_eq!(status.current_version, 1);
+        assert_eq!(status.error, None);
+        assert!(
+            status.warnings.iter().any(|w| w
+                .contains("version 1 serves, but recording it as current failed")
+                && w.contains("after a restart version 0 (kept) serves again")),
+            "{:?}",
+            status.warnings
+        );
+        assert!(!Arc::ptr_eq(&served.slot.store.current(), &served.blue));
+        assert_eq!(*served.slot.version.lock().unwrap(), 1);
+        assert_eq!(current_version(dir.path(), &served.name).unwrap(), 0);
+        assert!(version_path(dir.path(), &served.name, 0).exists());
+        assert!(version_path(dir.path(), &served.name, 1).exists());
     }
 
     /// The current version holds offsets of a topic the pipeline no longer reads (a source
