@@ -298,21 +298,31 @@ impl Job {
             Ok(Some(old)) => {
                 let old_version = std::mem::replace(&mut *lock(&self.slot.version), target);
                 drop(old);
-                if let Err(e) = write_current_version(&self.data_dir, &store_config.name, target) {
-                    // The new version serves already; only a restart would go back to the old
-                    // one, which the pointer still names: it stays on disk for that, and
-                    // catches up from the log there.
-                    let warning = format!(
-                        "version {target} serves, but recording it as current failed ({e:#}): \
-                         after a restart version {old_version} (kept) serves again and catches \
-                         up from the log; rebuild again to make a new version stick"
-                    );
-                    warn!(store = %store_config.name, "{warning}");
-                    lock(&self.status).warnings.push(warning);
-                    return Ok(true);
+                // What a restart would serve: the pointer's version (the old one, unless an
+                // earlier switch could not record itself).
+                let durable = current_version(&self.data_dir, &store_config.name);
+                let mut replaced = vec![old_version];
+                match write_current_version(&self.data_dir, &store_config.name, target) {
+                    Ok(()) => replaced.extend(durable.ok().filter(|&v| v != old_version)),
+                    Err(e) => {
+                        // The new version serves already; only a restart goes back to the one
+                        // the pointer names, which stays on disk for that.
+                        let durable = durable.unwrap_or(old_version);
+                        let warning = format!(
+                            "version {target} serves, but recording it as current failed \
+                             ({e:#}): after a restart version {durable} (kept) serves again, \
+                             catching up from the log if it still holds the records since \
+                             then; rebuild again to make a new version stick"
+                        );
+                        warn!(store = %store_config.name, "{warning}");
+                        lock(&self.status).warnings.push(warning);
+                        replaced.retain(|&v| v != durable);
+                    }
                 }
-                if let Err(e) = discard_version(store_config, &self.data_dir, old_version).await {
-                    warn!(store = %store_config.name, version = old_version, error = %format!("{e:#}"), "could not delete the replaced version");
+                for version in replaced {
+                    if let Err(e) = discard_version(store_config, &self.data_dir, version).await {
+                        warn!(store = %store_config.name, version, error = %format!("{e:#}"), "could not delete the replaced version");
+                    }
                 }
                 Ok(true)
             }
@@ -898,8 +908,8 @@ mod tests {
 
     /// Recording the new version as current fails after the switch (here: a directory where
     /// the pointer's temporary file goes). The new version serves, and the status says so
-    /// rather than "failed, untouched"; the old version stays on disk, since a restart reads
-    /// the pointer and serves it again.
+    /// rather than "failed, untouched"; the version the pointer names stays on disk for a
+    /// restart, and goes with the first switch that records itself.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_switch_whose_pointer_cannot_be_written_says_what_serves() {
         let dir = tempfile::tempdir().unwrap();
@@ -909,22 +919,37 @@ mod tests {
         let mut tmp = pointer_path(dir.path(), &served.name).into_os_string();
         tmp.push(".tmp");
         std::fs::create_dir_all(&tmp).unwrap();
+        let exists = |v| version_path(dir.path(), &served.name, v).exists();
 
         let status = served.rebuild().await;
-        assert_eq!(status.current_version, 1);
-        assert_eq!(status.error, None);
-        assert!(
-            status.warnings.iter().any(|w| w
-                .contains("version 1 serves, but recording it as current failed")
-                && w.contains("after a restart version 0 (kept) serves again")),
-            "{:?}",
-            status.warnings
-        );
+        assert_eq!((status.current_version, status.error.as_deref()), (1, None));
+        let warned = |status: &RebuildStatus, serving: u64| {
+            let want = format!("version {serving} serves, but recording it as current failed");
+            assert!(
+                status.warnings.iter().any(|w| w.contains(&want)
+                    && w.contains("after a restart version 0 (kept) serves again")),
+                "{:?}",
+                status.warnings
+            );
+        };
+        warned(&status, 1);
         assert!(!Arc::ptr_eq(&served.slot.store.current(), &served.blue));
         assert_eq!(*served.slot.version.lock().unwrap(), 1);
         assert_eq!(current_version(dir.path(), &served.name).unwrap(), 0);
-        assert!(version_path(dir.path(), &served.name, 0).exists());
-        assert!(version_path(dir.path(), &served.name, 1).exists());
+        assert!(exists(0) && exists(1));
+
+        // Failing again: the pointer still names 0, which a restart would serve; 1 goes.
+        let status = served.rebuild().await;
+        warned(&status, 2);
+        assert_eq!(current_version(dir.path(), &served.name).unwrap(), 0);
+        assert!(exists(0) && !exists(1) && exists(2));
+
+        // Recorded at last: neither the one it replaced nor the pointer's old one is kept.
+        std::fs::remove_dir(&tmp).unwrap();
+        let status = served.rebuild().await;
+        assert_eq!(status.warnings, Vec::<String>::new());
+        assert_eq!(current_version(dir.path(), &served.name).unwrap(), 3);
+        assert!(!exists(0) && !exists(1) && !exists(2) && exists(3));
     }
 
     /// The current version holds offsets of a topic the pipeline no longer reads (a source

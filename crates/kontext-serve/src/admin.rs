@@ -49,7 +49,8 @@ pub struct RebuildStatus {
     /// Why the rebuild failed.
     pub error: Option<String>,
     /// What the new version will lack, found when it started: history the log no longer holds
-    /// (records removed by retention, topics compacted to their newest record per key).
+    /// (records removed by retention, topics compacted to their newest record per key). Also
+    /// a switch that could not record itself: the new version serves until a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
