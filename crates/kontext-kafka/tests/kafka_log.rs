@@ -794,9 +794,9 @@ async fn an_idle_group_is_deleted_with_its_offsets_and_a_busy_one_is_refused() {
     log.delete_group(&group).await.expect("deleting it again");
 }
 
-/// `dedicated_producer` is a client of its own each time (the shared `producer` is one), and
-/// records from both land in one partition in the order they were acknowledged, with their
-/// offsets reported right.
+/// `dedicated_producer` is a client of its own each time (the shared `producer` is one; the
+/// broker sees a producer id per client), and records from both land in one partition in the
+/// order they were acknowledged, with their offsets reported right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dedicated_producer_is_its_own_client_and_writes_beside_the_shared_one() {
     let log = kafka_log();
@@ -824,4 +824,27 @@ async fn a_dedicated_producer_is_its_own_client_and_writes_beside_the_shared_one
     let values: Vec<_> = read.iter().map(|r| r.value.clone().unwrap()).collect();
     let expected: Vec<_> = (0..5).map(|i| Bytes::from(format!("value-{i}"))).collect();
     assert_eq!(values, expected);
+    // The broker's own view, through Kafka's tool: three idempotent clients wrote the
+    // partition, each under a producer id of its own.
+    let out = common::kafka_tool(
+        &[
+            "transactions",
+            "--bootstrap-server",
+            &common::bootstrap(),
+            "describe-producers",
+            "--topic",
+            &topic,
+            "--partition",
+            "0",
+        ],
+        b"",
+    );
+    let ids: std::collections::BTreeSet<&str> = (out.lines().skip(1))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        3,
+        "kafka-transactions describe-producers:\n{out}"
+    );
 }
