@@ -58,6 +58,7 @@ cleanup() {
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     [[ -n "${REDIS_STARTED:-}" ]] && redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
     [[ -n "${KAFKA_STARTED:-}" ]] && scripts/kafka.sh stop >/dev/null 2>&1 || true
+    [[ -n "${PG_STARTED:-}" ]] && scripts/postgres.sh stop >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -67,7 +68,11 @@ CARGO_TARGET_DIR=target/loadgen cargo build --release --manifest-path bench/load
 if ! command -v redis-server >/dev/null; then
     apt-get install -y -q redis-server >/dev/null
 fi
-scripts/postgres.sh start >/dev/null
+# The yardstick's server on PGPORT: one already running is used as it is, and left running.
+if ! scripts/postgres.sh status >/dev/null 2>&1; then
+    scripts/postgres.sh start >/dev/null
+    PG_STARTED=1
+fi
 PG_URL="$(scripts/postgres.sh url)"
 
 say "# bench/serve.sh, $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
