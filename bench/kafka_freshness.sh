@@ -59,14 +59,20 @@ trap cleanup EXIT
 # command name, field 2, has no spaces for java and kontext).
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+# One reading of the broker's JMX beans named by the arguments (--object-name, --attributes),
+# in JmxTool's properties format; its errors are appended to $WORK/jmx.err.
+jmx() {
+    java -cp "$(scripts/kafka.sh classpath)" org.apache.kafka.tools.JmxTool \
+        --jmx-url "service:jmx:rmi:///jndi/rmi://127.0.0.1:$KAFKA_JMX_PORT/jmxrmi" \
+        --one-time true --report-format properties "$@" 2>>"$WORK/jmx.err"
+}
+
 # The broker's cumulative request counts, one "API count" line each, sorted, and first a
 # "@time <ms>" line: when JmxTool read them (its JVM takes a second or so to start).
 requests() {
-    java -cp "$(scripts/kafka.sh classpath)" org.apache.kafka.tools.JmxTool \
-        --jmx-url "service:jmx:rmi:///jndi/rmi://127.0.0.1:$KAFKA_JMX_PORT/jmxrmi" \
-        --object-name 'kafka.network:type=RequestMetrics,name=RequestsPerSec,request=*,version=*' \
+    jmx --object-name 'kafka.network:type=RequestMetrics,name=RequestsPerSec,request=*,version=*' \
         --object-name 'kafka.server:type=BrokerTopicMetrics,name=TotalProduceRequestsPerSec,topic=*' \
-        --attributes Count --one-time true --report-format properties 2>"$WORK/jmx.err" |
+        --attributes Count |
         sed -n -e 's/^time=\([0-9]*\)$/@time \1/p' \
             -e 's/.*request=\([A-Za-z]*\),version=[0-9]*:Count=\([0-9]*\).*/\1 \2/p' \
             -e 's/.*TotalProduceRequestsPerSec,topic=\([^:]*\):Count=\([0-9]*\).*/Produce:\1 \2/p' |
@@ -78,11 +84,8 @@ requests() {
 # an I/O thread (RequestQueue), appending (Local), waiting for the network thread (ResponseQueue)
 # and sending (ResponseSend); Total is their sum and more.
 produce_times() {
-    java -cp "$(scripts/kafka.sh classpath)" org.apache.kafka.tools.JmxTool \
-        --jmx-url "service:jmx:rmi:///jndi/rmi://127.0.0.1:$KAFKA_JMX_PORT/jmxrmi" \
-        --object-name 'kafka.network:type=RequestMetrics,name=*TimeMs,request=Produce' \
-        --attributes 50thPercentile,99thPercentile --one-time true --report-format properties \
-        2>>"$WORK/jmx.err" |
+    jmx --object-name 'kafka.network:type=RequestMetrics,name=*TimeMs,request=Produce' \
+        --attributes 50thPercentile,99thPercentile |
         sed -n 's/.*name=\(Total\|RequestQueue\|Local\|ResponseQueue\|ResponseSend\)TimeMs,request=Produce:\([0-9]*\)thPercentile=\([0-9.E-]*\).*/\1 \2 \3/p' |
         awk '{v[$1, $2] = $3; n[$1] = 1}
              END {for (k in n) printf "  %-14s p50 %6.2f  p99 %6.2f ms\n", k, v[k, 50], v[k, 99]}' |
