@@ -123,12 +123,7 @@ pub async fn ensure_topics(log: &dyn Log, config: &PipelineConfig) -> Result<()>
             Err(LogError::TopicMismatch { existing, .. }) => existing,
             Err(e) => return Err(creating(e, spec)),
         };
-        existing.push(ExistingTopic::new(
-            config,
-            &spec.name,
-            partitions,
-            spec.partitions,
-        ));
+        existing.push(ExistingTopic::new(config, &spec.name, partitions));
     }
     if let Some(mismatch) = PartitionMismatch::check(config, existing) {
         return Err(mismatch.into());

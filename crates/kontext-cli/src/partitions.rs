@@ -28,11 +28,12 @@ pub struct ExistingTopic {
 }
 
 impl ExistingTopic {
-    pub fn new(config: &PipelineConfig, name: &str, partitions: i32, requested: i32) -> Self {
+    /// Topic `name` of the pipeline `config`, existing with `partitions`.
+    pub fn new(config: &PipelineConfig, name: &str, partitions: i32) -> Self {
         ExistingTopic {
             name: name.to_string(),
             partitions,
-            requested,
+            requested: config.partitions_of(name),
             owner: config.partitions_owner(name),
             dead_letter: config.dead_letter_source(name).is_some(),
         }
@@ -243,7 +244,7 @@ mod tests {
     /// Every topic of the example with the counts given, the others as the example asks.
     fn existing(config: &PipelineConfig, counts: &[(&str, i32)]) -> Vec<ExistingTopic> {
         (counts.iter())
-            .map(|&(name, n)| ExistingTopic::new(config, name, n, config.partitions_of(name)))
+            .map(|&(name, n)| ExistingTopic::new(config, name, n))
             .collect()
     }
 
@@ -485,7 +486,7 @@ mod tests {
             let mut deleted_once = false;
             loop {
                 let existing = (present.iter())
-                    .map(|(name, n)| ExistingTopic::new(&config, name, *n, config.partitions_of(name)))
+                    .map(|(name, n)| ExistingTopic::new(&config, name, *n))
                     .collect();
                 let Some(mismatch) = PartitionMismatch::check(&config, existing) else { break };
                 match mismatch.fix {
@@ -502,7 +503,7 @@ mod tests {
                         prop_assert!(!settings.is_empty());
                         apply(&mut config, &settings);
                         let existing: Vec<ExistingTopic> = (present.iter())
-                            .map(|(name, n)| ExistingTopic::new(&config, name, *n, config.partitions_of(name)))
+                            .map(|(name, n)| ExistingTopic::new(&config, name, *n))
                             .collect();
                         let misfits: Vec<&ExistingTopic> =
                             existing.iter().filter(|t| !t.fits()).collect();
