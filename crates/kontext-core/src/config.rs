@@ -1067,10 +1067,12 @@ impl PipelineConfig {
         let source = self.dead_letter_source(topic);
         let topic = source.as_deref().unwrap_or(topic);
         let entity_topics = || self.entities.values().map(|e| &e.topic);
-        let written = || self.features_topics().contains(topic);
         // An entity's own topic first: only then another entity's features topic.
         (entity_topics().find(|t| *t == topic))
-            .or_else(|| entity_topics().find(|t| written() && features_topic(t) == topic))
+            .or_else(|| {
+                let written = self.features_topics().contains(topic);
+                entity_topics().find(|t| written && features_topic(t) == topic)
+            })
             .cloned()
     }
 
