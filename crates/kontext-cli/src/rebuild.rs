@@ -133,6 +133,7 @@ impl Admin for Rebuilds {
             finished_ms: None,
             error: None,
             warnings: Vec::new(),
+            restart_version: None,
         }));
         let cancel = self.shutdown.child_token();
         let job = Job {
@@ -207,7 +208,14 @@ impl Job {
             Ok(true) => {
                 status.state = RebuildState::Switched;
                 status.current_version = target;
-                info!(store = %name, version = target, "rebuild finished: the new version serves");
+                match status.restart_version {
+                    None => {
+                        info!(store = %name, version = target, "rebuild finished: the new version serves")
+                    }
+                    Some(restart) => {
+                        warn!(store = %name, version = target, restart_version = restart, "rebuild finished: the new version serves until a restart")
+                    }
+                }
             }
             Ok(false) => {
                 status.state = RebuildState::Cancelled;
@@ -315,7 +323,11 @@ impl Job {
                              then; rebuild again to make a new version stick"
                         );
                         warn!(store = %store_config.name, "{warning}");
-                        lock(&self.status).warnings.push(warning);
+                        {
+                            let mut status = lock(&self.status);
+                            status.warnings.push(warning);
+                            status.restart_version = Some(durable);
+                        }
                         replaced.retain(|&v| v != durable);
                     }
                 }
@@ -726,19 +738,30 @@ pub async fn run_cli(args: RebuildArgs) -> Result<()> {
         }
     }
     warn_new(&status);
-    let took = status.finished_ms.unwrap_or_else(now_ms) - status.started_ms;
     eprintln!("{}", progress_line(&status));
+    println!("{}", outcome(&status)?);
+    Ok(())
+}
+
+/// The last line of `kontext rebuild`: success only for a switch that a restart keeps.
+fn outcome(status: &RebuildStatus) -> Result<String> {
+    let took = status.finished_ms.unwrap_or_else(now_ms) - status.started_ms;
     match status.state {
-        RebuildState::Switched => {
-            println!(
+        RebuildState::Switched => match status.restart_version {
+            None => Ok(format!(
                 "store {:?} rebuilt: version {} serves ({} records replayed in {:.1} s)",
                 status.store,
                 status.current_version,
                 status.applied,
                 took as f64 / 1000.0
-            );
-            Ok(())
-        }
+            )),
+            Some(restart) => anyhow::bail!(
+                "store {:?} rebuilt, but not recorded as current: version {} serves until a \
+                 restart, then version {restart} again (see the warning above)",
+                status.store,
+                status.current_version
+            ),
+        },
         RebuildState::Cancelled => anyhow::bail!(
             "rebuild of {:?} interrupted; version {} still serves",
             status.store,
@@ -931,6 +954,14 @@ mod tests {
                 "{:?}",
                 status.warnings
             );
+            assert_eq!(status.restart_version, Some(0));
+            let last = outcome(status).unwrap_err().to_string();
+            assert!(
+                last.contains(&format!(
+                    "version {serving} serves until a restart, then version 0 again"
+                )),
+                "{last}"
+            );
         };
         warned(&status, 1);
         assert!(!Arc::ptr_eq(&served.slot.store.current(), &served.blue));
@@ -948,6 +979,9 @@ mod tests {
         std::fs::remove_dir(&tmp).unwrap();
         let status = served.rebuild().await;
         assert_eq!(status.warnings, Vec::<String>::new());
+        assert_eq!(status.restart_version, None);
+        let last = outcome(&status).unwrap();
+        assert!(last.contains("rebuilt: version 3 serves"), "{last}");
         assert_eq!(current_version(dir.path(), &served.name).unwrap(), 3);
         assert!(!exists(0) && !exists(1) && !exists(2) && exists(3));
     }

@@ -53,6 +53,10 @@ pub struct RebuildStatus {
     /// a switch that could not record itself: the new version serves until a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Set when the switch could not record itself: the version a restart serves (the new
+    /// one serves until then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_version: Option<u64>,
 }
 
 /// Runs rebuilds for the API.
