@@ -40,7 +40,7 @@ mod ledger;
 mod letter;
 mod reader;
 
-use ledger::{ledger_topic, EntryState, Known, Ledger, LedgerEntry};
+use ledger::{ledger_spec, ledger_topic, EntryState, Known, Ledger, LedgerEntry};
 use letter::{is_error_header, Coord, DeadLetter, Filter};
 use reader::RangeReader;
 
@@ -49,6 +49,18 @@ pub const REPLAY_OF: &str = "kontext.replay.of";
 
 /// Appended to a dead-letter topic's name to name its replay ledger.
 pub const LEDGER_SUFFIX: &str = ".replayed";
+
+/// The replay ledgers of the pipeline's dead-letter topics, which `replay` creates when it
+/// first runs; `kontext topics create --all` creates them beforehand, for a principal that
+/// may not create topics.
+pub(crate) fn ledger_specs(config: &PipelineConfig) -> Vec<TopicSpec> {
+    if !config.dead_letter.enabled {
+        return Vec::new();
+    }
+    (config.source_topics().iter())
+        .map(|topic| ledger_spec(&config.dead_letter.topic_for(topic)))
+        .collect()
+}
 
 /// Set to `after-produce` to make `replay` exit right after its first batch of copies is
 /// acknowledged, before the ledger records them: how the tests simulate a crash in that window.
@@ -782,7 +794,7 @@ async fn replay_topic(
     let mut ledger = Ledger::read(ctx, dlq).await?;
     if !args.dry_run {
         ctx.log
-            .create_topic(&TopicSpec::new(ledger_topic.clone(), 1))
+            .create_topic(&ledger_spec(dlq))
             .await
             .with_context(|| format!("creating the replay ledger {ledger_topic}"))?;
     }

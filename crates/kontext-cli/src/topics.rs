@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use kontext_core::config::{LogConfig, PipelineConfig, DEFAULT_PARTITIONS};
 use kontext_log::{CreateOutcome, Log, TopicSpec};
 
-use crate::app;
 use crate::quickstart::builtin_pipeline;
+use crate::{app, dlq};
 
 #[derive(Debug, Args)]
 pub struct TopicsArgs {
@@ -28,7 +28,7 @@ pub struct TopicsArgs {
 
 #[derive(Debug, Subcommand)]
 enum TopicsCommand {
-    /// Create a topic (or every entity topic of the pipeline file, with --all).
+    /// Create a topic (or, with --all, every topic the pipeline file needs).
     Create {
         /// Topic name.
         name: Option<String>,
@@ -37,7 +37,9 @@ enum TopicsCommand {
         /// `cleanup.policy=compact`.
         #[arg(long)]
         compacted: bool,
-        /// Create every entity topic the pipeline file declares.
+        /// Create every topic the pipeline file needs: entity, features, processor and
+        /// dead-letter topics and the dead letters' replay ledgers (what a principal without
+        /// Create needs made beforehand). Prints their names.
         #[arg(long, conflicts_with = "name")]
         all: bool,
     },
@@ -67,8 +69,19 @@ pub async fn run(args: TopicsArgs) -> Result<()> {
     match args.command {
         TopicsCommand::Create { all: true, .. } => {
             app::ensure_topics(log.as_ref(), &config).await?;
-            for entity in config.entities.values() {
-                println!("{}", entity.topic);
+            let ledgers = dlq::ledger_specs(&config);
+            for spec in &ledgers {
+                log.create_topic(spec)
+                    .await
+                    .with_context(|| format!("creating the replay ledger {}", spec.name))?;
+            }
+            let mut names: Vec<String> = (app::topic_specs(&config).into_iter())
+                .chain(ledgers)
+                .map(|spec| spec.name)
+                .collect();
+            names.sort();
+            for name in names {
+                println!("{name}");
             }
         }
         TopicsCommand::Create {

@@ -5,7 +5,8 @@
 //! (`KONTEXT_TEST_KAFKA_SASL_SSL`, default localhost:9096), where its StandardAuthorizer allows
 //! nothing without an ACL. Users and ACLs are made with Kafka's own tools through the
 //! plaintext listener (whose ANONYMOUS principal is a super user). The pipeline runs with
-//! exactly the ACLs `docs/kafka-security.md` lists, and a wrong password, a missing ACL, an
+//! exactly the ACLs `docs/kafka-security.md` lists (without Create on topics made
+//! beforehand), and a wrong password, a missing ACL, an
 //! untrusted broker certificate or a missing client certificate stops it with an error that
 //! says so.
 
@@ -175,8 +176,13 @@ fn allow(user: &str, operations: &[&str], kind: &str, prefix: &str) {
 /// `topics`.
 fn allow_pipeline(user: &str, name: &str, topics: &str) {
     let topic_ops = ["Create", "Describe", "DescribeConfigs", "Read", "Write"];
-    allow(user, &topic_ops, "--topic", topics);
-    allow(user, &topic_ops, "--topic", &format!("{name}-"));
+    allow_pipeline_with(user, name, topics, &topic_ops);
+}
+
+/// [`allow_pipeline`] with `topic_ops` on the topics.
+fn allow_pipeline_with(user: &str, name: &str, topics: &str, topic_ops: &[&str]) {
+    allow(user, topic_ops, "--topic", topics);
+    allow(user, topic_ops, "--topic", &format!("{name}-"));
     let pipeline_prefix = format!("kontext.{name}.");
     allow(
         user,
@@ -267,6 +273,43 @@ async fn the_pipeline_runs_on_a_secured_cluster_with_the_documented_acls() {
     add_user(&user, password);
     allow_pipeline(&user, &name, &format!("{name}."));
     // The password comes from the environment (`${VAR}`), not the file.
+    let yaml = pipeline_yaml(
+        &name,
+        &sasl(),
+        &scram_properties("SASL_PLAINTEXT", &user, "${KONTEXT_TEST_SASL_PASSWORD}"),
+    );
+    let log = secured_log(
+        &sasl(),
+        &scram_properties("SASL_PLAINTEXT", &user, password),
+    );
+    run_the_pipeline(&name, &yaml, password, &log).await;
+}
+
+/// Topics a platform team created beforehand (here `kontext topics create --all`, run as a
+/// super user): the pipeline's principal then needs no Create on them, as the documented ACLs
+/// without Create show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_without_create_on_topics_created_beforehand() {
+    let name = format!("secpre-{:x}", now_ms());
+    let (user, password) = (format!("{name}-user"), "kontext-s3cret-pre");
+    add_user(&user, password);
+    let topic_ops = ["Describe", "DescribeConfigs", "Read", "Write"];
+    allow_pipeline_with(&user, &name, &format!("{name}."), &topic_ops);
+    let admin = tempfile::tempdir().unwrap();
+    let admin_pipeline = admin.path().join("pipeline.yaml");
+    let plaintext = [("security.protocol", "PLAINTEXT".to_string())];
+    let admin_yaml = pipeline_yaml(&name, &kafka_bootstrap(), &plaintext);
+    std::fs::write(&admin_pipeline, admin_yaml).unwrap();
+    let created = Command::new(env!("CARGO_BIN_EXE_kontext"))
+        .args(["topics", "create", "--all", "-c", path_str(&admin_pipeline)])
+        .args(["--data-dir", path_str(&admin.path().join("data"))])
+        .output()
+        .expect("run kontext topics create --all");
+    assert!(
+        created.status.success(),
+        "kontext topics create --all failed: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
     let yaml = pipeline_yaml(
         &name,
         &sasl(),

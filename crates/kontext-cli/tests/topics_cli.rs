@@ -56,19 +56,28 @@ fn topics_on_the_embedded_log() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
     create_list_describe(&["--data-dir", data], "context.things");
-    // --all creates every entity topic of the pipeline (the built-in one by default).
+    // --all creates every topic of the pipeline (the built-in one by default) and of its
+    // dead-letter tools, and names them.
     let created = kontext(&["topics", "create", "--all", "--data-dir", data]);
-    assert_eq!(created.lines().count(), 4, "{created}");
     let listed = kontext(&["topics", "list", "--data-dir", data]);
     for t in [
         "context.customers",
         "context.interactions",
         "context.orders",
         "context.tickets",
-        "context.things",
+        "context.orders.features",
+        "context.orders.dlq",
+        "context.orders.dlq.replayed",
+        "customer-service-features-repartition",
+        "customer-service-order_total_30d-changelog",
     ] {
+        assert!(
+            created.lines().any(|l| l == t),
+            "{t} missing from {created}"
+        );
         assert!(listed.lines().any(|l| l == t), "{t} missing from {listed}");
     }
+    assert!(listed.lines().any(|l| l == "context.things"), "{listed}");
 }
 
 /// The test broker, and a suffix that makes this run's topic names new on it.

@@ -223,6 +223,12 @@ impl KafkaLog {
             Some(b) => i64::try_from(b).unwrap_or(i64::MAX).to_string(),
             None => "-1".to_string(),
         };
+        // An existing topic is only looked up: a principal without Create on topics a
+        // platform team made beforehand can run the pipeline (CreateTopics would be refused
+        // before the broker says the topic exists).
+        if let Some(ids) = self.metadata.partitions(&spec.name).await? {
+            return existing_topic(spec, ids.len() as i32);
+        }
         let replication = TopicReplication::Fixed(self.config.replication_factor.unwrap_or(-1));
         let topic = NewTopic::new(&spec.name, spec.partitions, replication)
             .set(
@@ -241,6 +247,7 @@ impl KafkaLog {
                 self.await_topic(&spec.name, spec.partitions).await?;
                 Ok(CreateOutcome::Created)
             }
+            // Created by someone else since the lookup.
             Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
                 let existing = self
                     .metadata
@@ -249,15 +256,7 @@ impl KafkaLog {
                     .map(|ids| ids.len() as i32)
                     // Deleted again between the two calls: report it as the race it is.
                     .ok_or_else(|| LogError::UnknownTopic(spec.name.clone()))?;
-                if existing == spec.partitions {
-                    Ok(CreateOutcome::AlreadyExists)
-                } else {
-                    Err(LogError::TopicMismatch {
-                        topic: spec.name.clone(),
-                        existing,
-                        requested: spec.partitions,
-                    })
-                }
+                existing_topic(spec, existing)
             }
             Some(Err((_, code @ RDKafkaErrorCode::InvalidTopic)))
             | Some(Err((_, code @ RDKafkaErrorCode::InvalidPartitions)))
@@ -303,6 +302,20 @@ impl KafkaLog {
             compacted,
             retention,
             partitions,
+        })
+    }
+}
+
+/// What [`Log::create_topic`] answers for `spec` when its topic exists with `existing`
+/// partitions.
+fn existing_topic(spec: &TopicSpec, existing: i32) -> Result<CreateOutcome, LogError> {
+    if existing == spec.partitions {
+        Ok(CreateOutcome::AlreadyExists)
+    } else {
+        Err(LogError::TopicMismatch {
+            topic: spec.name.clone(),
+            existing,
+            requested: spec.partitions,
         })
     }
 }

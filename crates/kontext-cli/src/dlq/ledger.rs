@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use kontext_core::envelope::{format_time, now_ms};
 use kontext_core::record::ProduceRecord;
+use kontext_log::TopicSpec;
 use serde::{Deserialize, Serialize};
 
 use super::{Ctx, LEDGER_SUFFIX, REPLAY_OF};
@@ -14,6 +15,12 @@ use super::{Ctx, LEDGER_SUFFIX, REPLAY_OF};
 /// The ledger topic of a dead-letter topic.
 pub(super) fn ledger_topic(dlq: &str) -> String {
     format!("{dlq}{LEDGER_SUFFIX}")
+}
+
+/// The ledger topic of a dead-letter topic as it is created: one partition, so the ledger
+/// reads back in the order it was written.
+pub(crate) fn ledger_spec(dlq: &str) -> TopicSpec {
+    TopicSpec::new(ledger_topic(dlq), 1)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
