@@ -170,7 +170,23 @@ pub async fn run(args: DlqArgs) -> Result<()> {
         } => {
             let ctx = Ctx::open(&common).await?;
             let coord = match (coordinates, topic, partition, offset) {
-                (Some(c), ..) => c.parse::<Coord>()?,
+                (Some(c), ..) => {
+                    let coord = c.parse::<Coord>()?;
+                    // A source record's coordinates (the sink logs them) are not a dead
+                    // letter's: reading them would show the record as if it were one.
+                    if ctx.config.source_topics().contains(&coord.topic) {
+                        bail!(
+                            "{coord} is a record of the source topic {}, not a dead letter: its \
+                             dead letters are in {}, and `kontext dlq replay --topic {} \
+                             --dry-run` names each by its coordinates (`--key` narrows it to \
+                             one record's)",
+                            coord.topic,
+                            ctx.dlq_topic_of(&coord.topic),
+                            coord.topic
+                        );
+                    }
+                    coord
+                }
                 (None, Some(topic), Some(partition), Some(offset)) => Coord {
                     topic: ctx.dlq_topic_of(&topic),
                     partition,

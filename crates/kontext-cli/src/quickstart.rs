@@ -162,15 +162,28 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     } else {
         "embedded log"
     };
-    match wait_for_rich_customer(running.store.as_ref(), &shutdown, args.customers).await {
+    let addr = running.addr;
+    let running_line = format!(
+        "kontext is running the customer-service pipeline on the {backend} (data in {}).",
+        args.data_dir.display()
+    );
+    let more = [
+        format!("More: curl -s http://{addr}/v1/lag   curl -s http://{addr}/metrics"),
+        format!("MCP clients: streamable HTTP at http://{addr}/mcp"),
+        "Ctrl-C stops it; run it again with the same --data-dir to continue.".to_string(),
+    ];
+    // Without the generator nothing new arrives: what the store holds is all there is.
+    let wait = if args.no_generator {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(60)
+    };
+    let found = wait_for_rich_customer(running.store.as_ref(), &shutdown, args.customers, wait);
+    match found.await {
         Some((id, sources)) => {
-            let addr = running.addr;
             let banner = [
                 String::new(),
-                format!(
-                    "kontext is running the customer-service pipeline on the {backend} (data in {}).",
-                    args.data_dir.display()
-                ),
+                running_line,
                 format!(
                     "Customer {id} has context from {} sources ({}). Ask for it:",
                     sources.len(),
@@ -179,14 +192,43 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
                 String::new(),
                 format!("  curl -s http://{addr}/v1/context/customer/{id}"),
                 String::new(),
-                format!("More: curl -s 'http://{addr}/v1/entities/customer?limit=10'   curl -s http://{addr}/metrics"),
-                format!("MCP clients: streamable HTTP at http://{addr}/mcp"),
-                "Ctrl-C stops it; run it again with the same --data-dir to continue.".to_string(),
+                format!("Customers: curl -s 'http://{addr}/v1/entities/customer?limit=10'"),
             ];
-            crate::mcp::say(args.mcp_stdio, &banner.join("\n"));
+            crate::mcp::say(
+                args.mcp_stdio,
+                &banner
+                    .into_iter()
+                    .chain(more)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
         }
         None if shutdown.is_cancelled() => {}
-        None => warn!("no customer has context from three sources yet; is the generator running?"),
+        None => {
+            let why = if args.no_generator {
+                "No customer has context from three sources yet, and the generator is off \
+                 (--no-generator): the API serves what your sources write into the entity topics."
+            } else {
+                warn!("no customer has context from three sources yet; is the generator running?");
+                "No customer has context from three sources yet (see the warning above)."
+            };
+            let banner = [
+                String::new(),
+                running_line,
+                why.to_string(),
+                String::new(),
+                format!("  curl -s 'http://{addr}/v1/entities/customer?limit=10'"),
+                String::new(),
+            ];
+            crate::mcp::say(
+                args.mcp_stdio,
+                &banner
+                    .into_iter()
+                    .chain(more)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+        }
     }
 
     shutdown.cancelled().await;
@@ -215,15 +257,16 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     Ok(())
 }
 
-/// Waits until some customer's context merges at least three sources; returns its id and
-/// the sources.
+/// Waits up to `wait` until some customer's context merges at least three sources; returns
+/// its id and the sources. Looks at least once.
 async fn wait_for_rich_customer(
     store: &dyn ContextStore,
     shutdown: &CancellationToken,
     customers: u32,
+    wait: Duration,
 ) -> Option<(String, BTreeSet<String>)> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() {
+    let deadline = tokio::time::Instant::now() + wait;
+    while !shutdown.is_cancelled() {
         for i in 0..customers.min(50) {
             let id = Generator::customer_id(i);
             if let Ok(Some(doc)) = store.context("customer", &id).await {
@@ -232,6 +275,9 @@ async fn wait_for_rich_customer(
                     return Some((id, sources));
                 }
             }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

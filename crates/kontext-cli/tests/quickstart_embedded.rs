@@ -239,6 +239,32 @@ async fn a_run_with_another_partition_count_is_refused_naming_the_flag() {
     assert_eq!(topic_partitions(dir.path()).await, partitions);
 }
 
+/// Without the generator, on an empty data directory, nothing will arrive that the banner
+/// could point at: it says so and gives the API's address instead of waiting for a customer.
+#[test]
+fn without_the_generator_the_banner_names_the_api_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut kontext = Kontext::spawn(&[
+        "quickstart",
+        "--data-dir",
+        path_str(dir.path()),
+        "--port",
+        &port.to_string(),
+        "--no-generator",
+    ]);
+    kontext.wait_for_line(
+        "the generator is off (--no-generator)",
+        Duration::from_secs(60),
+    );
+    let line = kontext.wait_for_line("/v1/entities/customer?limit=10", Duration::from_secs(5));
+    assert!(
+        line.contains(&format!("http://127.0.0.1:{port}/")),
+        "{line}"
+    );
+    kontext.interrupt();
+}
+
 /// The `/metrics` page of the quickstart on `port`.
 async fn metrics_text(port: impl std::fmt::Display) -> String {
     reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
