@@ -191,6 +191,13 @@ fn check_query(query: &ContextQuery) -> Result<(), ApiError> {
             ));
         }
     }
+    if query.tokenizer.is_some() && query.format != ContextFormat::Markdown {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_tokenizer",
+            "tokenizer applies to format=markdown, whose max_tokens it counts; JSON is not counted",
+        ));
+    }
     if query.fields.as_ref().is_some_and(Vec::is_empty) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -241,6 +241,11 @@ async fn bad_parameters_have_stable_codes() {
             "invalid_tokenizer",
         ),
         (
+            "/v1/context/customer/C1?tokenizer=o200k",
+            StatusCode::BAD_REQUEST,
+            "invalid_tokenizer",
+        ),
+        (
             "/v1/context/customer/C1?format=markdown&provenance=some",
             StatusCode::BAD_REQUEST,
             "invalid_provenance",
