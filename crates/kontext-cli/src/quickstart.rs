@@ -163,15 +163,6 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         "embedded log"
     };
     let addr = running.addr;
-    let running_line = format!(
-        "kontext is running the customer-service pipeline on the {backend} (data in {}).",
-        args.data_dir.display()
-    );
-    let more = [
-        format!("More: curl -s http://{addr}/v1/lag   curl -s http://{addr}/metrics"),
-        format!("MCP clients: streamable HTTP at http://{addr}/mcp"),
-        "Ctrl-C stops it; run it again with the same --data-dir to continue.".to_string(),
-    ];
     // Without the generator nothing new arrives: what the store holds is all there is.
     let wait = if args.no_generator {
         Duration::ZERO
@@ -179,31 +170,20 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         Duration::from_secs(60)
     };
     let found = wait_for_rich_customer(running.store.as_ref(), &shutdown, args.customers, wait);
-    match found.await {
-        Some((id, sources)) => {
-            let banner = [
-                String::new(),
-                running_line,
-                format!(
-                    "Customer {id} has context from {} sources ({}). Ask for it:",
-                    sources.len(),
-                    sources.into_iter().collect::<Vec<_>>().join(", ")
-                ),
-                String::new(),
-                format!("  curl -s http://{addr}/v1/context/customer/{id}"),
-                String::new(),
-                format!("Customers: curl -s 'http://{addr}/v1/entities/customer?limit=10'"),
-            ];
-            crate::mcp::say(
-                args.mcp_stdio,
-                &banner
-                    .into_iter()
-                    .chain(more)
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            );
-        }
-        None if shutdown.is_cancelled() => {}
+    let entities = format!("curl -s 'http://{addr}/v1/entities/customer?limit=10'");
+    let middle = match found.await {
+        Some((id, sources)) => vec![
+            format!(
+                "Customer {id} has context from {} sources ({}). Ask for it:",
+                sources.len(),
+                sources.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+            String::new(),
+            format!("  curl -s http://{addr}/v1/context/customer/{id}"),
+            String::new(),
+            format!("Customers: {entities}"),
+        ],
+        None if shutdown.is_cancelled() => Vec::new(),
         None => {
             let why = if args.no_generator {
                 "No customer has context from three sources yet, and the generator is off \
@@ -212,23 +192,31 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
                 warn!("no customer has context from three sources yet; is the generator running?");
                 "No customer has context from three sources yet (see the warning above)."
             };
-            let banner = [
-                String::new(),
-                running_line,
+            vec![
                 why.to_string(),
                 String::new(),
-                format!("  curl -s 'http://{addr}/v1/entities/customer?limit=10'"),
+                format!("  {entities}"),
                 String::new(),
-            ];
-            crate::mcp::say(
-                args.mcp_stdio,
-                &banner
-                    .into_iter()
-                    .chain(more)
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            );
+            ]
         }
+    };
+    if !middle.is_empty() {
+        let banner = [
+            vec![
+                String::new(),
+                format!(
+                    "kontext is running the customer-service pipeline on the {backend} (data in {}).",
+                    args.data_dir.display()
+                ),
+            ],
+            middle,
+            vec![
+                format!("More: curl -s http://{addr}/v1/lag   curl -s http://{addr}/metrics"),
+                format!("MCP clients: streamable HTTP at http://{addr}/mcp"),
+                "Ctrl-C stops it; run it again with the same --data-dir to continue.".to_string(),
+            ],
+        ];
+        crate::mcp::say(args.mcp_stdio, &banner.concat().join("\n"));
     }
 
     shutdown.cancelled().await;

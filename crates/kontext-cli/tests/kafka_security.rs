@@ -272,17 +272,19 @@ async fn the_pipeline_runs_on_a_secured_cluster_with_the_documented_acls() {
     let (user, password) = (format!("{name}-user"), "kontext-s3cret");
     add_user(&user, password);
     allow_pipeline(&user, &name, &format!("{name}."));
-    // The password comes from the environment (`${VAR}`), not the file.
+    run_over_sasl(&name, &user, password).await;
+}
+
+/// [`run_the_pipeline`] as `user` over SASL_PLAINTEXT; the password comes from the
+/// environment (`${VAR}`), not the file.
+async fn run_over_sasl(name: &str, user: &str, password: &str) {
     let yaml = pipeline_yaml(
-        &name,
+        name,
         &sasl(),
-        &scram_properties("SASL_PLAINTEXT", &user, "${KONTEXT_TEST_SASL_PASSWORD}"),
+        &scram_properties("SASL_PLAINTEXT", user, "${KONTEXT_TEST_SASL_PASSWORD}"),
     );
-    let log = secured_log(
-        &sasl(),
-        &scram_properties("SASL_PLAINTEXT", &user, password),
-    );
-    run_the_pipeline(&name, &yaml, password, &log).await;
+    let log = secured_log(&sasl(), &scram_properties("SASL_PLAINTEXT", user, password));
+    run_the_pipeline(name, &yaml, password, &log).await;
 }
 
 /// Topics a platform team created beforehand (here `kontext topics create --all`, run as a
@@ -310,16 +312,7 @@ async fn the_pipeline_runs_without_create_on_topics_created_beforehand() {
         "kontext topics create --all failed: {}",
         String::from_utf8_lossy(&created.stderr)
     );
-    let yaml = pipeline_yaml(
-        &name,
-        &sasl(),
-        &scram_properties("SASL_PLAINTEXT", &user, "${KONTEXT_TEST_SASL_PASSWORD}"),
-    );
-    let log = secured_log(
-        &sasl(),
-        &scram_properties("SASL_PLAINTEXT", &user, password),
-    );
-    run_the_pipeline(&name, &yaml, password, &log).await;
+    run_over_sasl(&name, &user, password).await;
 }
 
 /// The same pipeline with SCRAM over TLS (`SASL_SSL`, how managed clusters are usually
