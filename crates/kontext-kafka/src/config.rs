@@ -158,6 +158,16 @@ impl KafkaConfig {
         config
     }
 
+    /// The client that reads metadata (topics, partitions, watermarks): the admin's settings,
+    /// and never a topic auto-created by looking it up, whatever `properties` say (a missing
+    /// topic is created by `create_topic`, with the spec's partitions and compaction, not the
+    /// broker's defaults).
+    pub(crate) fn metadata_client_config(&self) -> ClientConfig {
+        let mut config = self.base_client_config(ClientRole::Admin);
+        config.set("allow.auto.create.topics", "false");
+        config
+    }
+
     /// The producer: idempotent with `acks=all`, so a retried batch is never duplicated or
     /// reordered within a partition. `linger.ms` = 0 unless `properties` set it: kontext
     /// produces a batch and waits for it before it commits, so lingering only delays every
@@ -339,6 +349,20 @@ fn default_metadata_max_age() -> Duration {
 
 #[cfg(test)]
 mod tests {
+    /// Looking a missing topic up must not create it with the broker's defaults, even when
+    /// the user's properties allow auto-creation for their clients.
+    #[test]
+    fn the_metadata_client_never_auto_creates_topics() {
+        let mut config = KafkaConfig::new("localhost:9092".to_string());
+        (config.properties).insert("allow.auto.create.topics".into(), "true".into());
+        assert_eq!(
+            config
+                .metadata_client_config()
+                .get("allow.auto.create.topics"),
+            Some("false")
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -74,7 +74,7 @@ impl KafkaLog {
             "creating the admin client",
         )?;
         let metadata_client: BaseConsumer<WatchContext> = config
-            .base_client_config(ClientRole::Admin)
+            .metadata_client_config()
             .create_with_context(WatchContext::default())
             .map_err(|e| config_error("creating the metadata client", e))?;
         let metadata = Arc::new(MetadataClient::new(metadata_client, config.request_timeout));
@@ -227,6 +227,13 @@ impl KafkaLog {
         // platform team made beforehand can run the pipeline (CreateTopics would be refused
         // before the broker says the topic exists).
         if let Some(ids) = self.metadata.partitions(&spec.name).await? {
+            if ids.is_empty() {
+                // Being created by someone else: its partitions are not in the metadata yet.
+                return Err(LogError::Kafka {
+                    message: format!("topic {:?} has no partitions yet", spec.name),
+                    transient: true,
+                });
+            }
             return existing_topic(spec, ids.len() as i32);
         }
         let replication = TopicReplication::Fixed(self.config.replication_factor.unwrap_or(-1));

@@ -393,6 +393,10 @@ async fn batch_get_rejects_bad_batches_as_a_whole() {
             "invalid_max_tokens",
         ),
         (r#"{"requests": [], "format": "yaml"}"#, "invalid_format"),
+        (
+            r#"{"requests": [], "tokenizer": "o200k"}"#,
+            "invalid_tokenizer",
+        ),
     ] {
         let (status, v) = post(s.clone(), "/v1/context:batchGet", body).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");

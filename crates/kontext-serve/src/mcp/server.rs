@@ -82,7 +82,7 @@ pub struct GetEntityContextParams {
     #[serde(default)]
     pub fields: Option<Vec<String>>,
     /// The tokenizer max_tokens counts with: "cl100k" (GPT-4) or "o200k" (GPT-4o and later).
-    /// Default: the pipeline's setting.
+    /// Only with format "markdown", as max_tokens. Default: the pipeline's setting.
     #[serde(default)]
     pub tokenizer: Option<ToolTokenizer>,
 }

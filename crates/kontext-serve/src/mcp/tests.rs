@@ -490,6 +490,11 @@ async fn bad_tool_arguments_are_tool_errors_with_the_http_apis_codes() {
             "invalid_tokenizer",
         ),
         (
+            "get_entity_context",
+            json!({"entity_type": "customer", "entity_id": "C1", "tokenizer": "o200k"}),
+            "invalid_tokenizer",
+        ),
+        (
             "list_entities",
             json!({"entity_type": "customer", "limit": -1}),
             "invalid_limit",
