@@ -1209,6 +1209,11 @@ impl PipelineConfig {
         let Some(known) = self.canonical_fields(entity) else {
             return; // the unknown entity type is reported on its own
         };
+        // A source attached to an unknown entity type (a typo, reported on its own) may be
+        // the one meant to map `field`: an error here would follow from that one.
+        if (self.sources.values()).any(|s| !self.entities.contains_key(&s.entity)) {
+            return;
+        }
         if !field.trim().is_empty() && !known.contains(field) {
             err(
                 at,

@@ -561,6 +561,25 @@ features:
         );
     }
 
+    /// A source attached to an unknown entity type (a typo) may be the one meant to map the
+    /// feature's key: that typo is the error, not a key no source maps.
+    #[test]
+    fn a_source_of_an_unknown_entity_type_is_reported_without_knock_on_errors() {
+        let yaml = r#"
+name: p
+entities:
+  customer: { key: customer_id, topic: context.customers }
+  order: { key: order_id, topic: context.orders }
+sources:
+  shop: { topic: context.orders, entity: orders, fields: { customer_id: c } }
+features:
+  n: { from: order, entity: customer, key: customer_id, agg: count }
+"#;
+        let e = PipelineConfig::parse("p.yaml", yaml).unwrap_err();
+        let fields: Vec<&str> = e.field_messages().iter().map(|(f, _)| *f).collect();
+        assert_eq!(fields, vec!["sources.shop.entity"], "{e}");
+    }
+
     #[test]
     fn an_unknown_feature_key_is_an_error() {
         let yaml = r#"
