@@ -209,6 +209,7 @@ impl KafkaLog {
 
     /// [`Log::create_topic`], without [`KafkaLog::explained`].
     async fn create_topic_now(&self, spec: &TopicSpec) -> Result<CreateOutcome, LogError> {
+        spec.check_name()?;
         if spec.partitions < 1 {
             return Err(LogError::Invalid(format!(
                 "topic {:?} needs at least one partition, got {}",

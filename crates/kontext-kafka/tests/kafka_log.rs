@@ -487,6 +487,12 @@ async fn unknown_topics_and_partitions_are_permanent_errors() {
         .await
         .unwrap_err();
     assert!(matches!(err, LogError::Invalid(_)), "{err:?}");
+    // Names Kafka refuses, refused before any request (librdkafka's metadata call fails on
+    // one over 512 bytes without saying why).
+    for bad in ["has space", "..", &"x".repeat(600)] {
+        let err = log.create_topic(&TopicSpec::new(bad, 1)).await.unwrap_err();
+        assert!(matches!(err, LogError::Invalid(_)), "{bad}: {err:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::LogError;
+
 /// What a topic should look like.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicSpec {
@@ -21,6 +23,19 @@ impl TopicSpec {
             partitions,
             compacted: false,
             retention: Retention::default(),
+        }
+    }
+
+    /// Kafka's naming rules for the topic's name (`Topic.validate`), which both backends
+    /// check before anything else: Kafka's clients do not (librdkafka fails on a name over 512
+    /// bytes without saying why), and on the embedded log the name is a directory's.
+    pub fn check_name(&self) -> Result<(), LogError> {
+        match kontext_core::config::topic_name_problem(&self.name) {
+            Some(problem) => Err(LogError::Invalid(format!(
+                "topic {:?}: {problem}",
+                self.name
+            ))),
+            None => Ok(()),
         }
     }
 }
@@ -98,5 +113,21 @@ impl ConsumerConfig {
     pub fn transactional(mut self, transactional: bool) -> Self {
         self.transactional = transactional;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_kafka_legal_topic_names_only() {
+        let check = |name: &str| TopicSpec::new(name, 1).check_name();
+        for ok in ["orders", "context.customers", "a_b-c.9", &"x".repeat(249)] {
+            assert!(check(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "ü", &"x".repeat(250)] {
+            assert!(matches!(check(bad), Err(LogError::Invalid(_))), "{bad}");
+        }
     }
 }

@@ -54,29 +54,6 @@ fn parent(path: &Path) -> Result<&Path, LogError> {
         .ok_or_else(|| LogError::Invalid(format!("{} has no parent directory", path.display())))
 }
 
-/// Kafka's topic name rules: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
-/// They also make every topic name a safe directory name.
-pub(crate) fn validate_topic_name(name: &str) -> Result<(), LogError> {
-    if name.is_empty() || name.len() > 249 {
-        return Err(LogError::Invalid(format!(
-            "topic name must be 1 to 249 characters, got {} ({name:?})",
-            name.len()
-        )));
-    }
-    if name == "." || name == ".." {
-        return Err(LogError::Invalid(format!("topic name cannot be {name:?}")));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(LogError::Invalid(format!(
-            "topic name {name:?} contains {c:?}; legal characters are [a-zA-Z0-9._-]"
-        )));
-    }
-    Ok(())
-}
-
 /// The file name of a consumer group's offsets. Group ids are free text in Kafka, so every
 /// byte outside `[a-zA-Z0-9_-]` is percent-escaped (including `.` and `/`), which keeps the
 /// mapping injective and the name inside the groups directory.
@@ -107,19 +84,6 @@ pub(crate) fn group_file_name(group: &str) -> Result<String, LogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn accepts_kafka_legal_topic_names_only() {
-        for ok in ["orders", "context.customers", "a_b-c.9", &"x".repeat(249)] {
-            assert!(validate_topic_name(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", ".", "..", "a/b", "a b", "ü", &"x".repeat(250)] {
-            assert!(
-                matches!(validate_topic_name(bad), Err(LogError::Invalid(_))),
-                "{bad}"
-            );
-        }
-    }
 
     #[test]
     fn group_file_names_are_escaped_and_distinct() {

@@ -374,7 +374,7 @@ impl EmbeddedLog {
     }
 
     fn create_topic_blocking(&self, spec: &TopicSpec) -> Result<CreateOutcome, LogError> {
-        fsutil::validate_topic_name(&spec.name)?;
+        spec.check_name()?;
         if spec.partitions < 1 || spec.partitions > MAX_PARTITIONS {
             return Err(LogError::Invalid(format!(
                 "topic {:?}: partitions must be between 1 and {MAX_PARTITIONS}, got {}",
