@@ -823,7 +823,12 @@ impl PipelineConfig {
                 .chain(self.entities.values().map(|e| e.topic.as_str()))
                 .chain(features_topics.iter().map(String::as_str))
                 .collect();
-            for topic in self.source_topics() {
+            // The features topics get dead-letter topics too, through their built-in sources
+            // (added after validation, so not among the sources yet).
+            let dead_lettered: BTreeSet<String> = (self.source_topics().into_iter())
+                .chain(features_topics.iter().cloned())
+                .collect();
+            for topic in dead_lettered {
                 let dlq = self.dead_letter.topic_for(&topic);
                 if let Some(problem) = topic_name_problem(&dlq) {
                     err(
@@ -845,11 +850,11 @@ impl PipelineConfig {
         self.limits.validate(&mut err);
         self.validate_features(&mut err);
         self.validate_joins(&mut err);
-        if self.serve.listen.parse::<std::net::SocketAddr>().is_err() {
+        if !is_listen_address(&self.serve.listen) {
             err(
                 "serve.listen".into(),
                 format!(
-                    "{:?} is not an address: use host:port, e.g. 127.0.0.1:8080",
+                    "{:?} is not an address: use host:port, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or localhost:8080",
                     self.serve.listen
                 ),
             );
@@ -1255,6 +1260,20 @@ fn is_valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// `serve.listen`: an IP address and port (`127.0.0.1:8080`, `[::1]:8080`), or a host name and
+/// port (`localhost:8080`), which binding resolves.
+fn is_listen_address(listen: &str) -> bool {
+    listen.parse::<std::net::SocketAddr>().is_ok()
+        || listen.rsplit_once(':').is_some_and(|(host, port)| {
+            port.parse::<u16>().is_ok()
+                && !host.is_empty()
+                && (host.split('.')).all(|label| {
+                    !label.is_empty()
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
+        })
 }
 
 /// Kafka's topic naming rules (`Topic.validate`).

@@ -90,6 +90,34 @@ serve: { listen: nowhere }
     );
 }
 
+/// The API binds to an IP address or a host name it resolves; anything else is refused.
+#[test]
+fn serve_listen_takes_an_address_or_a_host_name_with_a_port() {
+    for ok in [
+        "127.0.0.1:8080",
+        "0.0.0.0:0",
+        "[::1]:8080",
+        "localhost:8080",
+        "ctx-1.internal:80",
+    ] {
+        let text = format!("{VALID}serve: {{ listen: \"{ok}\" }}\n");
+        PipelineConfig::parse("p.yaml", &text).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for bad in [
+        "nowhere",
+        "localhost",
+        ":8080",
+        "localhost:",
+        "localhost:99999",
+        "a b:80",
+        "a..b:80",
+    ] {
+        let text = format!("{VALID}serve: {{ listen: \"{bad}\" }}\n");
+        let err = PipelineConfig::parse("p.yaml", &text).expect_err(bad);
+        assert_eq!(err.errors[0].field, "serve.listen", "{bad}: {err}");
+    }
+}
+
 #[test]
 fn two_catch_all_sources_on_one_topic_are_rejected() {
     let text = VALID.replace("    match: { ce_source: crm }\n", "")
@@ -325,6 +353,21 @@ fn the_features_topics_clash_with_no_dead_letter_or_entity_topic() {
     let err = PipelineConfig::parse("p.yaml", &entity).unwrap_err();
     assert!(
         err.errors.iter().any(|e| e.field == "entities.order.topic"),
+        "{err}"
+    );
+    // A features topic's own dead-letter topic may not be one the pipeline reads either.
+    let onto = features.replace(
+        "topic: context.orders
+",
+        "topic: context.customers.features.x
+",
+    ) + "dead_letter: { suffix: \".x\" }\n";
+    let err = PipelineConfig::parse("p.yaml", &onto).unwrap_err();
+    assert!(
+        err.errors.iter().any(|e| e.field == "dead_letter.suffix"
+            && e.message.contains(
+                "the dead-letter topic of \"context.customers.features\" would be \"context.customers.features.x\""
+            )),
         "{err}"
     );
 }
