@@ -142,7 +142,12 @@ fn default_data_dir() -> PathBuf {
 
 /// Which log backend carries the topics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "backend", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "backend",
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    try_from = "RawLogConfig"
+)]
 pub enum LogConfig {
     /// The durable on-disk log in `data_dir/log`.
     Embedded {
@@ -183,6 +188,70 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig::Embedded {
             fsync: FsyncMode::default(),
+        }
+    }
+}
+
+/// `log:` as the file spells it. Read as one plain struct rather than through serde's tagged
+/// enum, which buffers the map and so reports an unknown key at line 1, column 1; and
+/// `backend` can default to `embedded`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogConfig {
+    #[serde(default)]
+    backend: Backend,
+    fsync: Option<FsyncMode>,
+    bootstrap_servers: Option<String>,
+    properties: Option<BTreeMap<String, String>>,
+    exactly_once: Option<bool>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Backend {
+    #[default]
+    Embedded,
+    Kafka,
+}
+
+impl TryFrom<RawLogConfig> for LogConfig {
+    type Error = String;
+
+    fn try_from(raw: RawLogConfig) -> Result<Self, String> {
+        let not_for = |key: &str, backend: &str, other: &str| {
+            format!("log.{key}: a setting of backend: {other}, not of backend: {backend}")
+        };
+        match raw.backend {
+            Backend::Embedded => {
+                for (key, set) in [
+                    ("bootstrap_servers", raw.bootstrap_servers.is_some()),
+                    ("properties", raw.properties.is_some()),
+                    ("exactly_once", raw.exactly_once.is_some()),
+                ] {
+                    if set {
+                        let mut e = not_for(key, "embedded", "kafka");
+                        if key == "exactly_once" {
+                            e.push_str(" (the embedded log commits a batch atomically already)");
+                        }
+                        return Err(e);
+                    }
+                }
+                Ok(LogConfig::Embedded {
+                    fsync: raw.fsync.unwrap_or_default(),
+                })
+            }
+            Backend::Kafka => {
+                if raw.fsync.is_some() {
+                    return Err(not_for("fsync", "kafka", "embedded"));
+                }
+                Ok(LogConfig::Kafka {
+                    bootstrap_servers: raw.bootstrap_servers.ok_or(
+                        "log.bootstrap_servers: required with backend: kafka (host:port[,host:port])",
+                    )?,
+                    properties: raw.properties.unwrap_or_default(),
+                    exactly_once: raw.exactly_once.unwrap_or_default(),
+                })
+            }
         }
     }
 }
@@ -633,15 +702,27 @@ impl PipelineConfig {
     /// Parses and validates pipeline YAML; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
         let config: PipelineConfig = serde_yaml_ng::from_str(text).map_err(|e| {
-            let field = e
-                .location()
-                .map(|l| format!("line {}, column {}", l.line(), l.column()));
+            let message = e.to_string();
+            // `RawLogConfig`'s conversion names its field (`log.<key>: ...`); serde_yaml has
+            // no location for it.
+            let error = match message.split_once(": ") {
+                Some((field, rest)) if field.starts_with("log.") && !field.contains(' ') => {
+                    FieldError {
+                        field: field.to_string(),
+                        message: rest.to_string(),
+                    }
+                }
+                _ => FieldError {
+                    field: e.location().map_or_else(
+                        || "(document)".into(),
+                        |l| format!("line {}, column {}", l.line(), l.column()),
+                    ),
+                    message,
+                },
+            };
             ConfigError {
                 file: file.to_string(),
-                errors: vec![FieldError {
-                    field: field.unwrap_or_else(|| "(document)".into()),
-                    message: e.to_string(),
-                }],
+                errors: vec![error],
             }
         })?;
         let mut config = config;

@@ -422,7 +422,36 @@ fn exactly_once_is_a_kafka_setting() {
         "name: demo\nlog: { backend: embedded, exactly_once: true }",
     );
     let err = PipelineConfig::parse("p.yaml", &embedded).unwrap_err();
-    assert!(err.to_string().contains("exactly_once"), "{err}");
+    assert_eq!(err.errors[0].field, "log.exactly_once", "{err}");
+}
+
+/// `log:` reports an unknown key where it is (serde's tagged enums report line 1, column 1),
+/// a key of the other backend by name, and `backend` defaults to `embedded`.
+#[test]
+fn log_errors_say_where_and_which_key() {
+    let with_log = |log: &str| VALID.replace("name: demo\n", &format!("name: demo\nlog:\n{log}"));
+    let err = PipelineConfig::parse("p.yaml", &with_log("  backend: embedded\n  fsynk: never\n"))
+        .unwrap_err();
+    assert_eq!(err.errors[0].field, "line 5, column 3", "{err}");
+    assert!(
+        err.errors[0].message.contains("unknown field `fsynk`"),
+        "{err}"
+    );
+    let err = PipelineConfig::parse(
+        "p.yaml",
+        &with_log("  backend: kafka\n  bootstrap_servers: b:9092\n  fsync: never\n"),
+    )
+    .unwrap_err();
+    assert_eq!(err.errors[0].field, "log.fsync", "{err}");
+    let err = PipelineConfig::parse("p.yaml", &with_log("  backend: kafka\n")).unwrap_err();
+    assert_eq!(err.errors[0].field, "log.bootstrap_servers", "{err}");
+    let c = PipelineConfig::parse("p.yaml", &with_log("  fsync: never\n")).unwrap();
+    assert_eq!(
+        c.log,
+        LogConfig::Embedded {
+            fsync: FsyncMode::Never
+        }
+    );
 }
 
 /// Overrides apply to entity topics: one keyed by a features, dead-letter or unknown topic
