@@ -192,6 +192,23 @@ impl Default for LogConfig {
     }
 }
 
+/// librdkafka settings that kontext sets itself because its delivery and commit guarantees
+/// depend on them: `log.properties` may not set them (the Kafka client's own
+/// validation rejects them too).
+pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "client.id",
+    "group.id",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "auto.offset.reset",
+    "transactional.id",
+];
+
 /// `log:` as the file spells it. Read as one plain struct rather than through serde's tagged
 /// enum, which buffers the map and so reports an unknown key at line 1, column 1; and
 /// `backend` can default to `embedded`.
@@ -890,6 +907,16 @@ impl PipelineConfig {
                 }
                 for (i, c) in filter.drop_if.iter().enumerate() {
                     mapping::validate_condition(&format!("{at}.filter.drop_if[{i}]"), c, &mut err);
+                }
+            }
+        }
+        if let LogConfig::Kafka { properties, .. } = &self.log {
+            for key in properties.keys() {
+                if RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                    err(
+                        format!("log.properties.{key}"),
+                        "set by kontext, whose delivery and commit guarantees depend on it: remove it (docs/CONFIG.md lists the keys it sets)".into(),
+                    );
                 }
             }
         }

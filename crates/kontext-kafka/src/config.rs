@@ -74,20 +74,9 @@ pub struct KafkaConfig {
 pub const AUTO_COMMIT_INTERVAL_MS: u64 = 1_000;
 
 /// librdkafka settings that kontext sets itself because its delivery and commit guarantees
-/// depend on them; [`KafkaConfig::validate`] rejects them in `properties`.
-pub const RESERVED_PROPERTIES: &[&str] = &[
-    "bootstrap.servers",
-    "client.id",
-    "group.id",
-    "enable.idempotence",
-    "acks",
-    "request.required.acks",
-    "enable.auto.commit",
-    "enable.auto.offset.store",
-    "isolation.level",
-    "auto.offset.reset",
-    "transactional.id",
-];
+/// depend on them; [`KafkaConfig::validate`] rejects them in `properties`, as the pipeline
+/// file's validation does.
+pub use kontext_core::config::RESERVED_KAFKA_PROPERTIES as RESERVED_PROPERTIES;
 
 impl KafkaConfig {
     /// A configuration with every default, for the given bootstrap servers.

@@ -257,7 +257,7 @@ impl RetryConfig {
                 }
             }
             if let Some(d) = s.max_delay {
-                if d.is_zero() || d > MAX_DELAY_LIMIT {
+                if d < Duration::from_millis(1) || d > MAX_DELAY_LIMIT {
                     err(
                         at("max_delay"),
                         format!("{d:?} is out of range: use 1ms to 1h, e.g. 30s"),

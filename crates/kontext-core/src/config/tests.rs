@@ -425,6 +425,24 @@ fn exactly_once_is_a_kafka_setting() {
     assert_eq!(err.errors[0].field, "log.exactly_once", "{err}");
 }
 
+/// A librdkafka setting kontext's guarantees depend on is refused by `validate`, by name, not
+/// only when `kontext run` builds its Kafka clients.
+#[test]
+fn reserved_kafka_properties_are_refused_by_name() {
+    let text = VALID.replace(
+        "name: demo",
+        "name: demo\nlog: { backend: kafka, bootstrap_servers: \"b:9092\", properties: { acks: \"1\", linger.ms: \"5\", group.id: g } }",
+    );
+    let err = PipelineConfig::parse("p.yaml", &text).unwrap_err();
+    let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["log.properties.acks", "log.properties.group.id"],
+        "{err}"
+    );
+    assert!(err.errors[0].message.contains("remove it"), "{err}");
+}
+
 /// `log:` reports an unknown key where it is (serde's tagged enums report line 1, column 1),
 /// a key of the other backend by name, and `backend` defaults to `embedded`.
 #[test]

@@ -140,3 +140,22 @@ fn waits_take_the_default_delays_and_never_give_up() {
     assert_eq!(builtin.first_delay, Duration::from_millis(100));
     assert_eq!(builtin.max_delay, Duration::from_secs(30));
 }
+
+/// `max_delay` is 1 ms to 1 h, as the reference says: a sub-millisecond cap would make every
+/// retry a busy loop.
+#[test]
+fn max_delay_is_a_millisecond_to_an_hour() {
+    for bad in ["500us", "0ms", "2h"] {
+        let err = parse(&format!(
+            "retry:\n  defaults: {{ first_delay: 1us, max_delay: {bad} }}\n"
+        ))
+        .expect_err(bad);
+        assert!(
+            err.errors
+                .iter()
+                .any(|e| e.field == "retry.defaults.max_delay"),
+            "{bad}: {err}"
+        );
+    }
+    parse("retry:\n  defaults: { first_delay: 1ms, max_delay: 1ms }\n").unwrap();
+}
