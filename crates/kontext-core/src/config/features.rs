@@ -56,8 +56,8 @@ pub struct FeatureConfig {
     /// value is the key's newest such window. Omitted: all time.
     #[serde(default)]
     pub window: Option<FeatureWindow>,
-    /// `tumbling` and `session` windows only: how long after a window's end late events are
-    /// still counted in it (0 when unset).
+    /// `tumbling`, `hopping` and `session` windows only: how long after a window's end late
+    /// events are still counted in it (0 when unset).
     #[serde(default)]
     pub grace: Option<String>,
     /// Drop inputs whose event id (`ce_id`) was already seen within this event-time window.
