@@ -108,7 +108,8 @@ enum DlqCommand {
         #[command(flatten)]
         common: Common,
         /// `TOPIC/PARTITION/OFFSET` of the dead letter (the form `replay` and the
-        /// `kontext.replay.of` header use); or give --topic, --partition and --offset.
+        /// `kontext.replay.of` header use; `TOPIC/PARTITION@OFFSET` too); or give --topic,
+        /// --partition and --offset.
         coordinates: Option<String>,
         /// The dead-letter topic (a source topic names its dead-letter topic).
         #[arg(long, conflicts_with = "coordinates")]

@@ -394,20 +394,20 @@ async fn dead_letters_replay_once(setup: Setup) {
     assert!(text.contains("|{\"first_name\": .|"), "{text}");
     assert!(text.contains("replayed    no"), "{text}");
     // The source record's own coordinates are not a dead letter's: refused, with the way on.
-    let origin = format!(
-        "{topic}/{}/{}",
-        shown["origin"]["partition"], shown["origin"]["offset"]
-    );
-    let a = base(&["dlq", "show", &origin], &v1);
-    let out = kontext(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(
-        err.contains(&format!(
-            "is a record of the source topic {topic}, not a dead letter"
-        )) && err.contains(&format!("kontext dlq replay --topic {topic} --dry-run")),
-        "{err}"
-    );
+    // Either form: `/OFFSET`, or `@OFFSET` as the sink logs it.
+    let (p, o) = (&shown["origin"]["partition"], &shown["origin"]["offset"]);
+    for origin in [format!("{topic}/{p}/{o}"), format!("{topic}/{p}@{o}")] {
+        let a = base(&["dlq", "show", &origin], &v1);
+        let out = kontext(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!(
+                "is a record of the source topic {topic}, not a dead letter"
+            )) && err.contains(&format!("kontext dlq replay --topic {topic} --dry-run")),
+            "{err}"
+        );
+    }
 
     // 5. The fix: the pipeline now knows `erp`. Kafka: the fixed pipeline runs during replay.
     let running = match running {

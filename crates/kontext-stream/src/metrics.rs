@@ -197,6 +197,13 @@ impl PipelineMetrics {
         *self.retries.lock().entry(stage).or_default() += 1;
     }
 
+    /// Counts one retried store write (a batch's or the background flush's): in
+    /// `store_retries` and as the `store_write` stage alike, so the two never differ.
+    pub fn record_store_retry(&self) {
+        self.store_retries.fetch_add(1, Ordering::Relaxed);
+        self.record_retry(kontext_core::config::RetryStage::StoreWrite.name());
+    }
+
     /// Retries of one stage so far.
     pub fn retries(&self, stage: &str) -> u64 {
         self.retries.lock().get(stage).copied().unwrap_or(0)

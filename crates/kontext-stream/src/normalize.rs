@@ -41,7 +41,10 @@ pub enum Outcome {
 pub enum ProcessError {
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
-    #[error("no source on topic {topic:?} matches ce_source {ce_source:?}; declare one in the pipeline file")]
+    #[error("no source on topic {topic:?} matches {}; declare one in the pipeline file", match ce_source {
+        Some(source) => format!("ce_source {source:?}"),
+        None => "a record without ce_source".to_string(),
+    })]
     NoSource {
         topic: String,
         ce_source: Option<String>,

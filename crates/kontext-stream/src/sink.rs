@@ -512,7 +512,7 @@ impl StoreSink {
                     continue;
                 }
                 if let Err(e) = store.flush().await {
-                    metrics.record_retry(RetryStage::StoreWrite.name());
+                    metrics.record_store_retry();
                     warn!(error = %e, "fsyncing the store failed; retrying at the next interval (offsets stay uncommitted until then)");
                 }
             }
@@ -858,8 +858,7 @@ impl StoreSink {
                     let Some(delay) = backoff.next_delay(started.elapsed()) else {
                         return Err((e, backoff.attempts()));
                     };
-                    self.metrics.store_retries.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.record_retry(RetryStage::StoreWrite.name());
+                    self.metrics.record_store_retry();
                     debug!(error = %e, retry_in = ?delay, "context store write failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(None),

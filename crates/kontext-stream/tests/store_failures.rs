@@ -1179,6 +1179,11 @@ async fn store_outage(backend: Backend) {
     assert_eq!(metrics.breaker_opened.load(Ordering::Relaxed), 1);
     assert_eq!(metrics.breaker_closed.load(Ordering::Relaxed), 1);
     assert_eq!(metrics.breaker(), (BreakerState::Closed, "none"));
+    // Failed background flushes during the outage count as store-write retries in both.
+    assert_eq!(
+        metrics.store_retries.load(Ordering::Relaxed),
+        metrics.retries("store_write")
+    );
 }
 
 /// Kafka removes a member that does not poll for `max.poll.interval.ms`: it would rejoin after

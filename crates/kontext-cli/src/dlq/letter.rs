@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use kontext_core::envelope::now_ms;
 use kontext_core::record::Record;
 use kontext_stream::dlq::headers;
@@ -26,14 +26,15 @@ impl fmt::Display for Coord {
 impl std::str::FromStr for Coord {
     type Err = anyhow::Error;
 
-    /// Topic names cannot contain `/`, but we split from the right anyway.
+    /// `TOPIC/PARTITION/OFFSET`, or `TOPIC/PARTITION@OFFSET` as the logs and `show`'s
+    /// `from` line write a record's place. Topic names cannot contain `/` or `@`, but we
+    /// split from the right anyway.
     fn from_str(s: &str) -> Result<Self> {
-        let mut parts = s.rsplitn(3, '/');
-        let (Some(offset), Some(partition), Some(topic)) =
-            (parts.next(), parts.next(), parts.next())
-        else {
-            bail!("{s:?} is not TOPIC/PARTITION/OFFSET");
-        };
+        let bad = || anyhow!("{s:?} is not TOPIC/PARTITION/OFFSET (or TOPIC/PARTITION@OFFSET)");
+        let (place, offset) = (s.rsplit_once('@'))
+            .or_else(|| s.rsplit_once('/'))
+            .ok_or_else(bad)?;
+        let (topic, partition) = place.rsplit_once('/').ok_or_else(bad)?;
         Ok(Coord {
             topic: topic.to_string(),
             partition: partition

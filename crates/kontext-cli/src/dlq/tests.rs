@@ -230,6 +230,12 @@ fn coordinates_round_trip() {
     assert_eq!(c.to_string(), "context.orders.dlq/3/17");
     assert!("context.orders.dlq/x/17".parse::<Coord>().is_err());
     assert!("17".parse::<Coord>().is_err());
+    // The logs' form of the same place.
+    let at: Coord = "context.orders.dlq/3@17".parse().unwrap();
+    assert_eq!(at.to_string(), "context.orders.dlq/3/17");
+    for bad in ["context.orders/3@x", "3@17", "context.orders@17"] {
+        assert!(bad.parse::<Coord>().is_err(), "{bad}");
+    }
 }
 
 #[test]

@@ -115,6 +115,24 @@ fn unmatched_ce_source_without_fallback_is_invalid() {
             ce_source: Some("erp".into())
         })
     );
+    // The message an operator reads in the dead letter: the source's name, not Rust's
+    // `Some("erp")`.
+    let Outcome::Invalid(e) = out else {
+        unreachable!()
+    };
+    assert_eq!(
+        e.to_string(),
+        "no source on topic \"context.customers\" matches ce_source \"erp\"; declare one in the pipeline file"
+    );
+    let none = ProcessError::NoSource {
+        topic: "t".into(),
+        ce_source: None,
+    };
+    assert!(
+        none.to_string()
+            .contains("matches a record without ce_source"),
+        "{none}"
+    );
 }
 
 #[test]
