@@ -29,7 +29,7 @@ use crate::{
 const MAX_PARTITIONS: i32 = 10_000;
 
 /// A durable log in a local directory: Kafka's model (topics, partitions, offsets, consumer
-/// groups) for a single process, without a broker. See `ARCHITECTURE-embedded.md` for the
+/// groups) for a single process, without a broker. See `docs/log-embedded.md` for the
 /// file format, recovery and the guarantees of each [`FsyncPolicy`].
 ///
 /// The directory is locked (an OS file lock on `<dir>/LOCK`) so that a second process cannot

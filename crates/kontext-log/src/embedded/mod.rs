@@ -2,7 +2,7 @@
 //!
 //! Per-partition append-only segment files of checksummed records, group-commit fsync,
 //! crash recovery by truncating to the last valid record, consumer groups with durable
-//! committed offsets, and time/size retention. See `ARCHITECTURE-embedded.md`.
+//! committed offsets, and time/size retention. See `docs/log-embedded.md`.
 
 mod config;
 mod consumer;

@@ -24,7 +24,7 @@ use crate::model::{Change, EntityUpdate, Provenance};
 #[derive(Debug, Default)]
 pub(crate) struct BatchPlan<'a> {
     /// Counts known without the store (`deleted` still lacks the entities that only a stored
-    /// row can tell, see [`EntityPlan::deletes_if_stored`]).
+    /// row can tell, which the write adds).
     pub stats: ApplyStats,
     pub entities: BTreeMap<(&'a str, &'a str), EntityPlan<'a>>,
     /// The new next offset of every (topic, partition) the batch covered.
@@ -110,7 +110,7 @@ pub(crate) fn plan<'a>(
         }
     }
     // Offsets also cover records that produced no update (invalid or filtered); a partition
-    // whose stored offset is already higher keeps it (the write uses GREATEST).
+    // whose stored offset is already higher keeps it (the write's `WHERE u.n > next_offset`).
     for (topic, partition, n) in offsets {
         let e = next.entry((topic.as_str(), *partition)).or_insert(0);
         *e = (*e).max(*n);
