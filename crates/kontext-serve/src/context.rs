@@ -202,7 +202,7 @@ fn check_query(query: &ContextQuery) -> Result<(), ApiError> {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_fields",
-            "fields names no field: give comma-separated canonical field names, e.g. fields=given_name,email",
+            "fields names no field: name canonical fields, e.g. given_name and email (fields=given_name,email in a query string)",
         ));
     }
     Ok(())
