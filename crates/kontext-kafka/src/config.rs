@@ -338,6 +338,8 @@ fn default_metadata_max_age() -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Looking a missing topic up must not create it with the broker's defaults, even when
     /// the user's properties allow auto-creation for their clients.
     #[test]
@@ -351,8 +353,6 @@ mod tests {
             Some("false")
         );
     }
-
-    use super::*;
 
     #[test]
     fn deserializes_with_defaults_and_typed_durations() {

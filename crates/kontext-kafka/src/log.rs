@@ -216,14 +216,6 @@ impl KafkaLog {
                 spec.name, spec.partitions
             )));
         }
-        let retention_ms = match spec.retention.time {
-            Some(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX).to_string(),
-            None => "-1".to_string(),
-        };
-        let retention_bytes = match spec.retention.bytes {
-            Some(b) => i64::try_from(b).unwrap_or(i64::MAX).to_string(),
-            None => "-1".to_string(),
-        };
         // An existing topic is only looked up: a principal without Create on topics a
         // platform team made beforehand can run the pipeline (CreateTopics would be refused
         // before the broker says the topic exists).
@@ -237,6 +229,14 @@ impl KafkaLog {
             }
             return existing_topic(spec, ids.len() as i32);
         }
+        let retention_ms = match spec.retention.time {
+            Some(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX).to_string(),
+            None => "-1".to_string(),
+        };
+        let retention_bytes = match spec.retention.bytes {
+            Some(b) => i64::try_from(b).unwrap_or(i64::MAX).to_string(),
+            None => "-1".to_string(),
+        };
         let replication = TopicReplication::Fixed(self.config.replication_factor.unwrap_or(-1));
         let topic = NewTopic::new(&spec.name, spec.partitions, replication)
             .set(
