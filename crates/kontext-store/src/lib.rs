@@ -82,4 +82,11 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Io(_))
     }
+
+    /// Whether the error is about the store's settings or format ([`StoreError::Config`],
+    /// [`StoreError::Incompatible`]), never about the records of the call: no record is to
+    /// blame, and no retry helps until someone changes the settings.
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, StoreError::Config(_) | StoreError::Incompatible(_))
+    }
 }

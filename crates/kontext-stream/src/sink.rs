@@ -730,6 +730,12 @@ impl StoreSink {
                     Ok(None) => return Ok(None),
                     Err(failed) => failed,
                 };
+            // A store refusing on its settings (a login or a certificate refused on a new
+            // connection, a newer format) refuses every record alike: none is to blame, so
+            // none is parked. Stop with the error, as after an outage past its budget.
+            if error.is_configuration() {
+                return Err(SinkError::Store(error));
+            }
             // Is it the store, or these records?
             match self.probe(&offsets, handled).await {
                 Err(e) if e.is_transient() => {

@@ -73,6 +73,9 @@ struct FailingStore {
     /// Writes fail transiently, reads work (a full disk).
     writes_down: AtomicBool,
     rejected: Mutex<BTreeSet<String>>,
+    /// Entities whose update fails with [`StoreError::Config`], as a write on a new
+    /// connection does when the server refuses its login while pooled connections work.
+    misconfigured: Mutex<BTreeSet<String>>,
     timing_out: Mutex<BTreeSet<String>>,
     /// Calls of `apply` that failed because the store was down.
     refused_while_down: AtomicU64,
@@ -90,6 +93,7 @@ impl FailingStore {
             down: AtomicBool::new(false),
             writes_down: AtomicBool::new(false),
             rejected: Mutex::new(BTreeSet::new()),
+            misconfigured: Mutex::new(BTreeSet::new()),
             timing_out: Mutex::new(BTreeSet::new()),
             refused_while_down: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -131,6 +135,11 @@ impl ContextStore for FailingStore {
         let ids: Vec<&str> = updates.iter().map(|u| u.entity_id.as_str()).collect();
         if ids.iter().any(|id| self.rejected.lock().contains(*id)) {
             return Err(StoreError::Corrupt("row rejected (test)".into()));
+        }
+        if ids.iter().any(|id| self.misconfigured.lock().contains(*id)) {
+            return Err(StoreError::Config(
+                "PostgreSQL refuses the login (test)".into(),
+            ));
         }
         if ids.iter().any(|id| self.timing_out.lock().contains(*id)) {
             return Err(StoreError::Io("lock timeout (test)".into()));
@@ -1402,6 +1411,42 @@ async fn a_store_that_reads_but_cannot_write_runs_out_the_probe_budget() {
         }
         other => panic!("the sink should stop with the store's error: {other:?}"),
     }
+}
+
+/// A store that refuses on its settings, for some writes only (new connections refused while
+/// pooled ones work), blames no record: the sink stops with the error, dead-letters nothing,
+/// and its offsets stop before the refused record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfigured_store_stops_the_sink_and_dead_letters_nothing() {
+    let h = start(Backend::Embedded, |s| {
+        s.misconfigured.lock().insert("C5".into());
+    })
+    .await;
+    let positions = h
+        .log
+        .producer()
+        .await
+        .unwrap()
+        .send(h.goods(0..20))
+        .await
+        .unwrap();
+    let refused = positions[5];
+    let ended = tokio::time::timeout(Duration::from_secs(60), h.task).await;
+    h.shutdown.cancel();
+    match ended.expect("the sink kept going").unwrap() {
+        Err(kontext_stream::sink::SinkError::Store(StoreError::Config(m))) => {
+            assert!(m.contains("refuses the login (test)"), "{m}")
+        }
+        other => panic!("the sink should stop with the store's error: {other:?}"),
+    }
+    assert!(dead_letters(&h.log, &h.topic, 0).await.is_empty());
+    let applied = h.store.inner.applied_offsets().unwrap();
+    let next = applied
+        .get(&(h.topic.clone(), refused.partition))
+        .copied()
+        .unwrap_or(0);
+    assert!(next <= refused.offset, "{next} passed {refused:?}");
+    assert_eq!(h.metrics.dead_lettered().len(), 0);
 }
 
 /// Waits until `gauge` reads `want`.

@@ -98,7 +98,17 @@ pub(crate) fn parse(url: &str) -> Result<Connect, StoreError> {
                 .into(),
         ));
     }
+    // As in libpq, `sslmode` does not apply to a Unix socket, where PostgreSQL never offers
+    // TLS (tokio-postgres would ask, and fail under `require`). One mode covers every host,
+    // so a list that mixes sockets and TCP hosts keeps the URL's.
+    let only_sockets = !config.get_hosts().is_empty()
+        && config.get_hostaddrs().is_empty()
+        && config
+            .get_hosts()
+            .iter()
+            .all(|h| !matches!(h, tokio_postgres::config::Host::Tcp(_)));
     config.ssl_mode(match mode {
+        _ if only_sockets => SslMode::Disable,
         Mode::Disable => SslMode::Disable,
         Mode::Prefer => SslMode::Prefer,
         Mode::Require | Mode::VerifyCa | Mode::VerifyFull => SslMode::Require,

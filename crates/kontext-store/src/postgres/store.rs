@@ -980,6 +980,9 @@ pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
             db.message()
         ));
     }
+    if let Some(refusal) = tls_refusal(&e) {
+        return StoreError::Config(refusal);
+    }
     let transient = match e.code() {
         None => true, // I/O, closed connection, timeout: no answer from the server
         Some(code) => is_transient_state(code),
@@ -993,6 +996,50 @@ pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     } else {
         StoreError::Corrupt(msg)
     }
+}
+
+/// A TLS failure that no retry changes, as the fix to name: the server's certificate fails
+/// verification, or the server offers no TLS where the URL requires it (as on a Unix socket,
+/// where PostgreSQL never does). An I/O error during the handshake is not one of them.
+fn tls_refusal(e: &tokio_postgres::Error) -> Option<String> {
+    let mut outer: Option<&dyn std::error::Error> = None;
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        // tokio-postgres's own words (connect_tls.rs) for a server that answers "no" to TLS.
+        if c.to_string() == "server does not support TLS" {
+            return Some(
+                "PostgreSQL: the server does not support TLS on this connection, and the URL's \
+                 sslmode requires it: enable ssl on the server, or use sslmode=prefer (or \
+                 disable); a Unix socket never offers TLS"
+                    .into(),
+            );
+        }
+        if let Some(ssl) = c.downcast_ref::<openssl::ssl::Error>() {
+            let verify_failed = ssl.ssl_error().is_some_and(|stack| {
+                stack
+                    .errors()
+                    .iter()
+                    .any(|err| err.reason() == Some("certificate verify failed"))
+            });
+            if verify_failed {
+                // postgres-openssl's error above this one appends X509's verify result.
+                let ssl_text = ssl.to_string();
+                let why = outer
+                    .map(|o| o.to_string())
+                    .and_then(|o| o.strip_prefix(&format!("{ssl_text}: ")).map(str::to_owned))
+                    .unwrap_or_default();
+                return Some(format!(
+                    "PostgreSQL's TLS certificate fails verification (certificate verify failed: \
+                     {why}): check that sslrootcert names the authority that signed the \
+                     server's certificate and, with sslmode=verify-full, that the URL's host is \
+                     a name the certificate is for"
+                ));
+            }
+        }
+        outer = Some(c);
+        cause = c.source();
+    }
+    None
 }
 
 /// SQLSTATE classes and codes worth a retry: 08 connection exception, 40 transaction rollback

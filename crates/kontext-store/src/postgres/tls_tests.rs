@@ -156,3 +156,81 @@ async fn a_store_works_over_mutual_tls_and_says_why_it_cannot_without_a_certific
     assert_eq!(doc.fields["name"].value, json!("Ada"));
     super::drop_namespace(&url, &ns).await.unwrap();
 }
+
+#[tokio::test]
+async fn tls_the_server_cannot_meet_is_a_configuration_error_not_retried() {
+    let connect = |url: String| async move {
+        match PostgresStore::connect(&url, StoreSchema::default()).await {
+            Ok(_) => panic!("{url} connected"),
+            Err(e) => e,
+        }
+    };
+    // A certificate from an authority the URL does not trust, and one for another name.
+    for (host, params, hint) in [
+        (
+            "localhost",
+            "sslmode=verify-ca&sslrootcert={tls}/other-ca.pem",
+            "sslrootcert",
+        ),
+        (
+            "127.0.0.1",
+            "sslmode=verify-full&sslrootcert={tls}/ca.pem",
+            "host",
+        ),
+    ] {
+        let e = connect(url_to("kontext", host, params)).await;
+        assert!(
+            matches!(e, StoreError::Config(_))
+                && e.to_string().contains("certificate verify failed")
+                && e.to_string().contains(hint),
+            "{params}: {e:?}"
+        );
+    }
+    // A server that answers "no" to TLS, where the URL requires it: PostgreSQL's side of the
+    // SSLRequest exchange (8 bytes in, one byte out), as a server with `ssl = off` answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = [0u8; 8];
+        socket.read_exact(&mut request).await.unwrap();
+        assert_eq!(
+            request,
+            [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f],
+            "an SSLRequest"
+        );
+        socket.write_all(b"N").await.unwrap();
+        socket
+    });
+    let e = connect(format!(
+        "postgres://kontext@{address}/kontext?sslmode=require"
+    ))
+    .await;
+    assert!(
+        matches!(e, StoreError::Config(_))
+            && e.to_string().contains("does not support TLS")
+            && e.to_string().contains("sslmode"),
+        "{e:?}"
+    );
+    drop(server.await.unwrap());
+}
+
+#[tokio::test]
+async fn sslmode_does_not_apply_to_a_unix_socket_as_in_libpq() {
+    // The server's socket is in its run dir, next to the certificates.
+    let tls = tls_dir();
+    let socket_dir = std::path::Path::new(&tls).parent().expect("the run dir");
+    for mode in ["require", "verify-full"] {
+        let url = format!(
+            "host={} port={} user=kontext dbname=kontext sslmode={mode} \
+             sslrootcert={tls}/ca.pem",
+            socket_dir.display(),
+            port()
+        );
+        assert_eq!(encrypted(&url).await, Ok(false), "{url}");
+        PostgresStore::connect(&url, StoreSchema::default())
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
+}
