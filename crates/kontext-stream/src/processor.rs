@@ -788,6 +788,14 @@ impl Processor {
         else {
             return Ok(()); // shutdown while waiting for the log: consume nothing
         };
+        let Some(topics) = retry_transient("listing the log's topics", &policy, shutdown, || {
+            self.log.list_topics()
+        })
+        .await?
+        else {
+            return Ok(());
+        };
+        check_group_names(&self.config.name, &self.stages, &topics)?;
         // Before joining the group, every partition: another instance may own some and be
         // writing their changelogs, so nothing is repaired (`Ownership::Maybe`).
         if !self
@@ -2359,6 +2367,37 @@ pub(crate) fn define(
     Ok(())
 }
 
+/// Refuses a feature group that takes in a feature whose state another group holds. A group
+/// is named after its first feature, and its state and changelog after the group: a feature
+/// added in front of a group's features (or moved into another group) renames the group, and
+/// [`check_definition`] never sees the old state, which would be left behind while the
+/// group's features start from zero. The old group's changelog topic (`topics`: the log's)
+/// shows it.
+fn check_group_names(app: &str, stages: &[Stage], topics: &[String]) -> Result<(), ProcessorError> {
+    let topics: BTreeSet<&str> = topics.iter().map(String::as_str).collect();
+    for stage in stages {
+        let Stage::Features(group) = stage else {
+            continue;
+        };
+        for feature in group.features.iter().filter(|f| **f != group.name) {
+            let old = changelog_topic_name(app, feature);
+            if topics.contains(old.as_str()) {
+                return Err(ProcessorError::Definition(format!(
+                    "feature `{feature}` has state in the feature group `{feature}` (changelog \
+                     topic `{old}`), but the pipeline now puts it in the group `{}` ({}), named \
+                     after its first feature: the state cannot move, and the group's features \
+                     would start from zero. Restore the previous features, or start the group \
+                     afresh on purpose: rename `{feature}` as well, so that no feature is \
+                     taken for one that has state",
+                    group.name,
+                    group.features.join(", "),
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses state a feature group computed under another [`FeatureGroup::definition`].
 fn check_definition(
     group: &FeatureGroup,
@@ -3136,6 +3175,46 @@ features:
         let graced = first.replace("tumbling: 1d }", "tumbling: 1d }, grace: 1h");
         producer.send(vec![order(2)]).await.unwrap();
         run(graced, 4).await.unwrap();
+
+        // A feature that sorts first renames the group: the group `orders_30d`'s state would
+        // be left behind, orders_30d starting from zero, with no definition to compare.
+        let in_front = first.replace(
+            "  orders_30d:",
+            "  avg_total_30d: { from: order, entity: customer, key: customer_id, agg: avg, field: total, window: 30d }\n  orders_30d:",
+        );
+        // Its topics exist, as `kontext run` creates them before the processor starts.
+        for spec in topic_specs(&PipelineConfig::parse("p.yaml", &in_front).unwrap()) {
+            log.create_topic(&spec).await.unwrap();
+        }
+        let before = written(log.clone()).await;
+        let err = run(in_front.clone(), usize::MAX)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("feature `orders_30d` has state in the feature group `orders_30d`")
+                && err.contains("`redefined-orders_30d-changelog`")
+                && err.contains("group `avg_total_30d` (avg_total_30d, orders_30d, spend_30d)")
+                && err.contains("rename `orders_30d` as well"),
+            "{err}"
+        );
+        assert_eq!(written(log.clone()).await, before, "nothing re-keyed");
+        // Renaming it as well starts the group afresh, on purpose.
+        let afresh = in_front.replace("  orders_30d:", "  orders_30d_v2:");
+        let features = |log: Arc<dyn Log>| async move {
+            let d = log
+                .describe_topic("redefined.customers.features")
+                .await
+                .unwrap();
+            d.partitions.iter().map(|p| p.high_watermark).sum::<i64>() as usize
+        };
+        for spec in topic_specs(&PipelineConfig::parse("p.yaml", &afresh).unwrap()) {
+            log.create_topic(&spec).await.unwrap();
+        }
+        let shown = features(log.clone()).await;
+        producer.send(vec![order(4)]).await.unwrap();
+        // Order 4, with both groups; the renamed group also computes orders 1 to 3 afresh.
+        run(afresh, shown + 2).await.unwrap();
     }
 
     /// Reads `orders_30d` from a features topic until `done` holds for the newest value read
