@@ -246,9 +246,12 @@ impl Router {
                 .get(&source.entity)
                 .map(|e| Arc::from(e.key.as_str()))
                 .unwrap_or_else(|| Arc::from(""));
+            // The key field always carries the record's key: a mapping of it would be read,
+            // converted (and could fail the record) only to be overwritten, so it is dropped.
             let mut fields: Vec<CompiledField> = source
                 .fields
                 .iter()
+                .filter(|(canonical, _)| canonical.as_str() != &*key_field)
                 .map(|(canonical, mapping)| {
                     compile_field(
                         &format!("sources.{name}.fields.{canonical}"),
@@ -267,13 +270,8 @@ impl Router {
                 .collect();
             let projection = projection(paths_only, &mut fields, &mut drop_if);
             // Where the key sorts among the fields (they are in name order): there it is
-            // appended like them. A field of the key's own name keeps the key at the end,
-            // where it replaces that field's value.
-            let key_at = if fields.iter().any(|f| f.canonical == key_field) {
-                fields.len()
-            } else {
-                fields.partition_point(|f| f.canonical < key_field)
-            };
+            // appended like them.
+            let key_at = fields.partition_point(|f| f.canonical < key_field);
             let compiled = CompiledSource {
                 name: name.clone(),
                 entity_type: source.entity.clone(),
@@ -389,11 +387,20 @@ impl Router {
     /// The source a decoded record belongs to.
     fn route(&self, record: &Record, event: &ContextEvent) -> Option<&CompiledSource> {
         let sources = self.topics.get(record.topic.as_ref())?;
-        event
+        let routed = event
             .source
             .as_deref()
             .and_then(|cs| sources.by_ce_source.get(cs))
-            .or(sources.fallback.as_ref())
+            .or(sources.fallback.as_ref());
+        // A tombstone without `ce_source` (a plain one, or a structured event's: a null value
+        // has no attributes) deletes by topic and key alone: every source of a topic maps one
+        // entity type (validation), so any of them names it.
+        match routed {
+            None if record.value.is_none() && event.source.is_none() => {
+                sources.by_ce_source.values().next()
+            }
+            routed => routed,
+        }
     }
 }
 

@@ -150,6 +150,14 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     // below are for four-digit years only.
     let four_digit_year =
         s.len() > 4 && s.as_bytes()[..4].iter().all(u8::is_ascii_digit) && s.as_bytes()[4] == b'-';
+    // Eight digits are a date in ISO 8601's basic format, as exports write them, not epoch
+    // seconds of 1970-1973; digits that are no date fail rather than become a time in 1970.
+    if s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit()) {
+        return NaiveDate::parse_from_str(s, "%Y%m%d")
+            .ok()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|t| t.and_utc());
+    }
     if !four_digit_year {
         return parse_number(s)
             .and_then(|n| n.as_f64())
@@ -227,6 +235,11 @@ mod tests {
             ts(json!(1_795_608_000.5)),
             Some(json!("2026-11-25T12:00:00.500Z"))
         );
+        // Eight digits in a string: a date (ISO 8601 basic), not epoch seconds of 1970.
+        assert_eq!(
+            ts(json!("20261125")),
+            Some(json!("2026-11-25T00:00:00.000Z"))
+        );
         assert_eq!(ts(json!(0)), Some(json!("1970-01-01T00:00:00.000Z")));
         assert_eq!(ts(json!(-86_400)), Some(json!("1969-12-31T00:00:00.000Z")));
     }
@@ -249,6 +262,9 @@ mod tests {
             json!("25-11-26"),
             json!("26-11-25 12:00:00"),
             json!("126-11-25T12:00:00"),
+            // Eight digits that are no date.
+            json!("20261325"),
+            json!("12345678"),
         ] {
             assert_eq!(ts(input.clone()), None, "{input}");
         }

@@ -442,6 +442,36 @@ fn tombstones_skip_filters_and_mappings() {
     );
 }
 
+/// A tombstone without `ce_source` deletes on a topic whose sources all match by
+/// `ce_source` (no catch-all): every source of a topic maps one entity type. One with an
+/// unknown `ce_source` still names no source.
+#[test]
+fn a_tombstone_without_ce_source_deletes_by_topic_and_key() {
+    let r = router();
+    let mut plain = record("context.customers", "C1", json!({}), None);
+    plain.value = None;
+    let deleted = update(r.process(&plain));
+    assert_eq!(deleted.change, Change::Delete);
+    assert_eq!(deleted.entity_type, "customer");
+    assert_eq!(deleted.entity_id, "C1");
+    let mut unknown = record("context.customers", "C1", json!({}), Some(("erp", "x")));
+    unknown.value = None;
+    assert!(matches!(
+        r.process(&unknown),
+        Outcome::Invalid(ProcessError::NoSource { .. })
+    ));
+    // A record with a value and no ce_source still needs a catch-all source.
+    assert!(matches!(
+        r.process(&record(
+            "context.customers",
+            "C1",
+            json!({"first_name": "A"}),
+            None
+        )),
+        Outcome::Invalid(ProcessError::NoSource { .. })
+    ));
+}
+
 #[test]
 fn an_unvalidated_config_with_a_broken_program_rejects_records_instead_of_panicking() {
     let mut config = PipelineConfig::parse("t.yaml", COMPUTED).unwrap();
@@ -678,6 +708,30 @@ fn the_key_sorts_among_the_fields_and_wins_over_a_field_of_its_name() {
         assert_eq!(names, ["a", "customer_id", "zz"], "{fields}");
         assert_eq!(out.get("customer_id"), Some(&json!("C1")), "{fields}");
         assert_eq!(out.get("zz"), Some(&json!("Ana")), "{fields}");
+    }
+}
+
+/// A mapping of the key field is dropped, conversion included: its value would be replaced
+/// by the key, so it cannot fail the record either.
+#[test]
+fn a_mapping_of_the_key_field_is_neither_read_nor_converted() {
+    for fields in [
+        "{ customer_id: { path: uid, type: integer }, a: name }",
+        "{ customer_id: { jq: '.uid | error(\"never run\")' }, a: name }",
+    ] {
+        let config = crm_pipeline(fields, &[r#"{ field: "@type", equals: crm.ping }"#]);
+        let outcome = Router::new(&config).process(&record(
+            "context.customers",
+            "C1",
+            json!({"name": "Ana", "uid": "not-a-number"}),
+            Some(("crm", "crm.customer.updated")),
+        ));
+        let update = update(outcome);
+        let Change::Upsert(out) = &update.change else {
+            panic!("{fields}: {update:?}");
+        };
+        assert_eq!(out.get("customer_id"), Some(&json!("C1")), "{fields}");
+        assert_eq!(out.get("a"), Some(&json!("Ana")), "{fields}");
     }
 }
 
