@@ -2283,10 +2283,13 @@ pub(crate) fn state_db_options(config: &StateConfig) -> StateDbOptions {
 
 /// Drops the re-key loop's duplicates: per origin partition, records arrive in origin offset
 /// order, so a record at or below the highest origin offset a store has applied (or this
-/// batch admitted) is a copy.
+/// batch admitted) is a copy. A join keeps a mark per side: in a join of an entity with
+/// itself one record is a table row and a stream update, two repartition records with one
+/// origin, which may share a partition.
 #[derive(Default)]
 pub(crate) struct HighWater {
-    seen: BTreeMap<TopicPartition, i64>,
+    /// By [`high_water_key`] (and its stream-side variant).
+    seen: BTreeMap<Vec<u8>, i64>,
 }
 
 impl HighWater {
@@ -2298,9 +2301,11 @@ impl HighWater {
         let mut kept = Vec::with_capacity(events.len());
         for inbound in events {
             // A tick is no origin's copy; the operators skip a replayed one by its offset.
-            if inbound.event.is_tick()
-                || self.admit(store, &inbound.origin, inbound.origin_offset)?
-            {
+            let mut key = high_water_key(&inbound.origin);
+            if let JoinSide::Stream(_) = inbound.side {
+                key.push(STREAM_SIDE);
+            }
+            if inbound.event.is_tick() || self.admit_key(store, key, inbound.origin_offset)? {
                 kept.push(inbound);
             }
         }
@@ -2314,25 +2319,38 @@ impl HighWater {
         origin: &TopicPartition,
         offset: i64,
     ) -> Result<bool, StoreError> {
-        let mark = match self.seen.get(origin) {
+        self.admit_key(store, high_water_key(origin), offset)
+    }
+
+    fn admit_key<S: StateStore + ?Sized>(
+        &mut self,
+        store: &S,
+        key: Vec<u8>,
+        offset: i64,
+    ) -> Result<bool, StoreError> {
+        let mark = match self.seen.get(&key) {
             Some(m) => *m,
-            None => read_i64(store, &high_water_key(origin))?.unwrap_or(-1),
+            None => read_i64(store, &key)?.unwrap_or(-1),
         };
         if offset <= mark {
-            self.seen.insert(origin.clone(), mark);
+            self.seen.insert(key, mark);
             return Ok(false);
         }
-        self.seen.insert(origin.clone(), offset);
+        self.seen.insert(key, offset);
         Ok(true)
     }
 
     /// Records the marks in the store's batch.
     pub(crate) fn finish(self, batch: &mut WriteBatch) {
-        for (tp, mark) in self.seen {
-            batch.put(&high_water_key(&tp), &mark.to_le_bytes());
+        for (key, mark) in self.seen {
+            batch.put(&key, &mark.to_le_bytes());
         }
     }
 }
+
+/// Appended to [`high_water_key`] for a join's stream side (a topic name has no NUL, and the
+/// partition is four bytes after it, so the key stays distinct).
+const STREAM_SIDE: u8 = b's';
 
 fn high_water_key(tp: &TopicPartition) -> Vec<u8> {
     let mut key = HIGH_WATER_PREFIX.to_vec();
@@ -3968,6 +3986,72 @@ joins:
             ]
         );
         task.commit(second).unwrap();
+    }
+
+    /// A join of an entity with itself (a customer's referrer): one record is both a table row
+    /// and a stream update, two repartition records with one origin. Both count; copies of
+    /// either are still dropped.
+    #[test]
+    fn a_self_join_takes_both_sides_of_one_record() {
+        let yaml = r#"
+name: shop
+entities:
+  customer: { key: customer_id, topic: context.customers }
+sources:
+  crm: { topic: context.customers, entity: customer, fields: { name: n, referred_by: r } }
+joins:
+  referrer:
+    from: customer
+    with: customer
+    key: referred_by
+    fields: { referrer_name: name }
+"#;
+        let config = PipelineConfig::parse("p.yaml", yaml).unwrap();
+        let stage = &stages(&config)[0];
+        let dir = tempfile::tempdir().unwrap();
+        let tp = TopicPartition::new("rep", 0);
+        let inbound = |rep: i64, origin: i64, key: &'static str, side: JoinSide| Inbound {
+            event: Event {
+                key: Bytes::from_static(key.as_bytes()),
+                id: Bytes::from(format!("e{origin}")),
+                time_ms: 1_000 + rep,
+                coords: Coords::new("rep", 0, rep),
+                value: Value::Null,
+            },
+            origin: TopicPartition::new("context.customers", 0),
+            origin_offset: origin,
+            side,
+        };
+        let row = |name: &str| JoinSide::Table(Some(json!({ "name": name })));
+        // Y, then X referred by Y: X's record is a row (key X) and a stream update (key Y).
+        let batch = || {
+            vec![
+                inbound(0, 0, "Y", row("Yan")),
+                inbound(1, 1, "X", row("Xi")),
+                inbound(2, 1, "Y", JoinSide::Stream("X".into())),
+            ]
+        };
+        let outputs = |p: &Pending| -> Vec<(String, Value)> {
+            p.outputs
+                .iter()
+                .map(|o| {
+                    let key = String::from_utf8(o.key.to_vec()).unwrap();
+                    (key, Value::Object(o.fields.clone()))
+                })
+                .collect()
+        };
+        let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), stage, 0).unwrap();
+        let first = task.process(stage, &tp, 3, batch()).unwrap();
+        let want = vec![("X".to_string(), json!({ "referrer_name": "Yan" }))];
+        assert_eq!(outputs(&first), want);
+        task.commit(first).unwrap();
+        // The re-key loop sent X's record again after a crash: both copies are dropped.
+        let copies = vec![
+            inbound(3, 1, "X", row("Xi")),
+            inbound(4, 1, "Y", JoinSide::Stream("X".into())),
+        ];
+        let again = task.process(stage, &tp, 5, copies).unwrap();
+        assert_eq!(outputs(&again), vec![]);
     }
 
     const WINDOWED_YAML: &str = r#"
