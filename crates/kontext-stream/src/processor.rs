@@ -569,7 +569,7 @@ impl Processor {
                 let p = &update.provenance;
                 let header = |stage: &str| {
                     json!({
-                        "g": stage, "id": p.event_id, "t": p.event_time_ms,
+                        "g": stage, "id": p.event_id, "src": p.source, "t": p.event_time_ms,
                         "o": [p.topic, p.partition, p.offset],
                     })
                 };
@@ -1602,9 +1602,17 @@ impl Inbound {
             Some("s") => JoinSide::Stream(value.get("k")?.as_str()?.to_string()),
             Some(_) => return None,
         };
+        // CloudEvents ids are unique per source: the id dedup compares is the source's
+        // (length-prefixed) and the event's. Records re-keyed before "src" existed carry the
+        // id alone.
+        let id = value.get("id")?.as_str()?;
+        let id = match value.get("src").and_then(Value::as_str) {
+            Some(source) => format!("{}:{source}{id}", source.len()),
+            None => id.to_string(),
+        };
         let event = Event {
             key: record.key.clone()?,
-            id: Bytes::from(value.get("id")?.as_str()?.to_string()),
+            id: Bytes::from(id),
             time_ms: value.get("t")?.as_i64()?.max(0),
             coords: Coords::new(record.topic.clone(), record.partition, record.offset),
             value: fields,
@@ -3672,6 +3680,72 @@ features:
         assert!(
             out.contains(&format!("t_bucket{{le=\"60\"}} {batches}\n")),
             "repartition records are the re-key loop's, just written: {out}"
+        );
+    }
+
+    /// CloudEvents ids are unique per source only: dedup drops an id seen again from the same
+    /// source, not another source's event that reuses the id.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dedup_compares_ids_within_their_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = r#"
+name: sourced
+topics: { partitions: 1 }
+entities:
+  customer: { key: customer_id, topic: sourced.customers }
+  order: { key: order_id, topic: sourced.orders }
+sources:
+  shop: { topic: sourced.orders, entity: order, match: { ce_source: shop }, fields: { customer_id: c } }
+  pos: { topic: sourced.orders, entity: order, match: { ce_source: pos }, fields: { customer_id: c } }
+features:
+  orders_30d: { from: order, entity: customer, key: customer_id, agg: count, window: 30d, dedup: 1h }
+"#;
+        let config = PipelineConfig::parse("p.yaml", yaml).unwrap();
+        let log = embedded_log_with(dir.path(), &config, ("sourced.orders", 1)).await;
+        let now = now_ms();
+        let order = |n: i64, source: &'static str, id: &'static str| {
+            let mut r = ProduceRecord::new(
+                "sourced.orders",
+                Some(Bytes::from(format!("O-{n}"))),
+                Some(Bytes::from(json!({ "c": "C-1" }).to_string())),
+            )
+            .with_header("ce_specversion", "1.0")
+            .with_header("ce_id", id)
+            .with_header("ce_source", source)
+            .with_header("ce_type", "order.placed");
+            r.timestamp_ms = Some(now + n);
+            r
+        };
+        // The shop's order 1001 twice (a producer's retry), and the till's own order 1001.
+        let orders = vec![
+            order(0, "shop", "1001"),
+            order(1, "shop", "1001"),
+            order(2, "pos", "1001"),
+        ];
+        log.producer().await.unwrap().send(orders).await.unwrap();
+        let metrics = Arc::new(PipelineMetrics::default());
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(
+            Processor::new(&config, &dir.path().join("data"), log.clone())
+                .with_metrics(metrics.clone())
+                .run(shutdown.clone()),
+        );
+        let mut features = log
+            .consumer(ConsumerConfig::new(
+                "reader",
+                vec!["sourced.customers.features".into()],
+            ))
+            .await
+            .unwrap();
+        // The partition's records are processed in order: the retry is dropped before the
+        // till's order is counted.
+        newest_orders_30d(features.as_mut(), |v| *v == Some(json!(2))).await;
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+        let text = metrics.render();
+        assert!(
+            text.contains("\nkontext_process_duplicates_total 1\n"),
+            "{text}"
         );
     }
 
