@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kontext_core::config::{LogConfig, PipelineConfig};
+use kontext_core::config::{LogConfig, PipelineConfig, FEATURES_SOURCE};
 use kontext_store::{ContextDocument, ContextStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -272,7 +272,8 @@ async fn wait_for_rich_customer(
     None
 }
 
-/// Every source that contributed to a context document, its related entities included.
+/// Every source system that contributed to a context document, its related entities
+/// included. The features the pipeline computes (`kontext.features`) are no source system.
 pub fn sources_of(doc: &ContextDocument) -> BTreeSet<String> {
     let mut sources: BTreeSet<String> = doc.provenance.values().map(|p| p.source.clone()).collect();
     for list in doc.related.values() {
@@ -280,12 +281,58 @@ pub fn sources_of(doc: &ContextDocument) -> BTreeSet<String> {
             sources.extend(item.provenance.values().map(|p| p.source.clone()));
         }
     }
+    sources.remove(FEATURES_SOURCE);
     sources
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The banner counts source systems: computed features are not one.
+    #[tokio::test]
+    async fn features_are_not_counted_as_a_source() {
+        use kontext_store::{Change, EmbeddedStore, EntityUpdate, Provenance, StoreSchema};
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            EmbeddedStore::open(&dir.path().join("s.redb"), StoreSchema::default()).unwrap();
+        let updates: Vec<EntityUpdate> = ["crm", "billing", FEATURES_SOURCE]
+            .iter()
+            .enumerate()
+            .map(|(i, source)| EntityUpdate {
+                entity_type: "customer".into(),
+                entity_id: "C-1".into(),
+                change: Change::Upsert(
+                    serde_json::json!({ format!("f{i}"): i })
+                        .as_object()
+                        .cloned()
+                        .unwrap()
+                        .into(),
+                ),
+                provenance: Provenance {
+                    source: source.to_string(),
+                    event_id: format!("e{i}"),
+                    event_type: None,
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: i as i64,
+                    event_time_ms: 1_000,
+                },
+            })
+            .collect();
+        ContextStore::apply(&store, &updates, &[("t".into(), 0, 3)])
+            .await
+            .unwrap();
+        let doc = ContextStore::context(&store, "customer", "C-1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(doc.provenance.len(), 3);
+        assert_eq!(
+            sources_of(&doc).into_iter().collect::<Vec<_>>(),
+            ["billing", "crm"]
+        );
+    }
 
     #[test]
     fn the_builtin_pipeline_is_valid() {
