@@ -220,14 +220,7 @@ impl KafkaLog {
         // platform team made beforehand can run the pipeline (CreateTopics would be refused
         // before the broker says the topic exists).
         if let Some(ids) = self.metadata.partitions(&spec.name).await? {
-            if ids.is_empty() {
-                // Being created by someone else: its partitions are not in the metadata yet.
-                return Err(LogError::Kafka {
-                    message: format!("topic {:?} has no partitions yet", spec.name),
-                    transient: true,
-                });
-            }
-            return existing_topic(spec, ids.len() as i32);
+            return existing_topic(spec, ids.len());
         }
         let retention_ms = match spec.retention.time {
             Some(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX).to_string(),
@@ -261,10 +254,9 @@ impl KafkaLog {
                     .metadata
                     .partitions(&spec.name)
                     .await?
-                    .map(|ids| ids.len() as i32)
                     // Deleted again between the two calls: report it as the race it is.
                     .ok_or_else(|| LogError::UnknownTopic(spec.name.clone()))?;
-                existing_topic(spec, existing)
+                existing_topic(spec, existing.len())
             }
             Some(Err((_, code @ RDKafkaErrorCode::InvalidTopic)))
             | Some(Err((_, code @ RDKafkaErrorCode::InvalidPartitions)))
@@ -315,9 +307,16 @@ impl KafkaLog {
 }
 
 /// What [`Log::create_topic`] answers for `spec` when its topic exists with `existing`
-/// partitions.
-fn existing_topic(spec: &TopicSpec, existing: i32) -> Result<CreateOutcome, LogError> {
-    if existing == spec.partitions {
+/// partitions in the metadata. None yet: someone else is creating it (the lookup, or our
+/// CreateTopics's `TopicAlreadyExists`, came before its partitions), a transient error.
+fn existing_topic(spec: &TopicSpec, existing: usize) -> Result<CreateOutcome, LogError> {
+    let existing = i32::try_from(existing).unwrap_or(i32::MAX);
+    if existing == 0 {
+        Err(LogError::Kafka {
+            message: format!("topic {:?} has no partitions yet", spec.name),
+            transient: true,
+        })
+    } else if existing == spec.partitions {
         Ok(CreateOutcome::AlreadyExists)
     } else {
         Err(LogError::TopicMismatch {
@@ -651,5 +650,26 @@ mod tests {
         let clients = log.offsets_clients.lock().len();
         assert!((1..=OFFSETS_CLIENTS).contains(&clients), "{clients} kept");
         assert!(kept("g").is_none(), "the oldest ones were closed");
+    }
+
+    /// A topic found without partitions is being created by someone else: a transient error,
+    /// whether the lookup found it or our CreateTopics was told it exists.
+    #[test]
+    fn an_existing_topic_without_partitions_yet_is_transient() {
+        let spec = TopicSpec::new("t", 3);
+        let none_yet = existing_topic(&spec, 0).unwrap_err();
+        assert!(none_yet.is_transient(), "{none_yet}");
+        assert!(matches!(
+            existing_topic(&spec, 3),
+            Ok(CreateOutcome::AlreadyExists)
+        ));
+        assert!(matches!(
+            existing_topic(&spec, 2),
+            Err(LogError::TopicMismatch {
+                existing: 2,
+                requested: 3,
+                ..
+            })
+        ));
     }
 }
