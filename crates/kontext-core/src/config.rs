@@ -27,7 +27,7 @@ pub use joins::{EnrichmentConfig, EnrichmentKind};
 mod retry;
 pub use retry::{
     Jitter, LimitsConfig, RetryConfig, RetryPolicy, RetrySettings, RetryStage,
-    DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_MAX_EVENT_TIME_AHEAD, DEFAULT_MAX_RECORD_BYTES,
 };
 
 /// Default partition count of context topics: a multiple of common consumer counts, within the

@@ -84,6 +84,18 @@ pub enum EnvelopeError {
         expected: &'static str,
         found: &'static str,
     },
+    #[error(
+        "event time {event_ms} ms is {} s after the record's timestamp {record_ms} ms, more than \
+         limits.max_event_time_ahead ({} s): a clock or ce_time in the future would outrank every \
+         later update of the entity until then; fix the producer, or raise the limit",
+        (event_ms - record_ms) / 1000,
+        max_ahead_ms / 1000
+    )]
+    TimeAhead {
+        event_ms: i64,
+        record_ms: i64,
+        max_ahead_ms: i64,
+    },
 }
 
 impl EnvelopeError {
@@ -102,6 +114,7 @@ impl EnvelopeError {
             EnvelopeError::MissingAttribute(_) => "missing_attribute",
             EnvelopeError::InvalidAttribute { .. } => "invalid_attribute",
             EnvelopeError::WrongType { .. } => "wrong_type",
+            EnvelopeError::TimeAhead { .. } => "time_ahead",
         }
     }
 
@@ -120,7 +133,8 @@ impl EnvelopeError {
             | EnvelopeError::UnsupportedSpecVersion(_)
             | EnvelopeError::MissingAttribute(_)
             | EnvelopeError::InvalidAttribute { .. }
-            | EnvelopeError::WrongType { .. } => false,
+            | EnvelopeError::WrongType { .. }
+            | EnvelopeError::TimeAhead { .. } => false,
         }
     }
 }
@@ -143,6 +157,31 @@ pub fn check_size(record: &Record, max: u64) -> Result<(), EnvelopeError> {
     let size = record_size(record);
     if size > max {
         Err(EnvelopeError::TooLarge { size, max })
+    } else {
+        Ok(())
+    }
+}
+
+/// Refuses an event whose time is more than `max_ahead_ms` after its record's timestamp
+/// (`limits.max_event_time_ahead`; `0`: no limit). Versions and stream time follow event time,
+/// so one event dated in the future would win over every later update of its entity, and
+/// stall the windows of its feature groups, until that time comes. Checked against the
+/// record's timestamp, which the log keeps, so a replay decides the same; a record without
+/// one (Kafka's `-1`, from the oldest message format) is not checked.
+pub fn check_time(
+    event: &ContextEvent,
+    record: &Record,
+    max_ahead_ms: i64,
+) -> Result<(), EnvelopeError> {
+    if max_ahead_ms > 0
+        && record.timestamp_ms >= 0
+        && event.time_ms.saturating_sub(record.timestamp_ms) > max_ahead_ms
+    {
+        Err(EnvelopeError::TimeAhead {
+            event_ms: event.time_ms,
+            record_ms: record.timestamp_ms,
+            max_ahead_ms,
+        })
     } else {
         Ok(())
     }

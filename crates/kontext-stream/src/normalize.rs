@@ -118,6 +118,8 @@ impl ProcessError {
 pub struct Router {
     /// topic -> sources writing to it
     topics: BTreeMap<String, TopicSources>,
+    /// `limits.max_event_time_ahead` in milliseconds (`0`: none).
+    max_time_ahead_ms: i64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -290,7 +292,10 @@ impl Router {
                 None => entry.fallback = Some(compiled),
             }
         }
-        Self { topics }
+        Self {
+            topics,
+            max_time_ahead_ms: config.limits.max_event_time_ahead_ms(),
+        }
     }
 
     /// The router parsing every payload in full, to check the projected parse against.
@@ -321,6 +326,9 @@ impl Router {
             Ok(e) => e,
             Err(e) => return Outcome::Invalid(e.into()),
         };
+        if let Err(e) = envelope::check_time(&event, record, self.max_time_ahead_ms) {
+            return Outcome::Invalid(e.into());
+        }
         let source = routed.unwrap_or_else(|| self.route(record, &event));
         let Some(source) = source else {
             return Outcome::Invalid(ProcessError::NoSource {

@@ -3795,7 +3795,8 @@ features:
             topic: r.topic.as_str().into(),
             partition: r.partition.unwrap(),
             offset: 7,
-            timestamp_ms: 0,
+            // Appended just after the input's event time.
+            timestamp_ms: 1_700_000_000_100,
             key: r.key.clone(),
             value: r.value.clone(),
             headers: r.headers.clone(),

@@ -122,6 +122,14 @@ fn pills(topic: &str) -> Vec<(ProduceRecord, &'static str)> {
     let mut failing_jq = good(topic, 912);
     failing_jq.value = Some(Bytes::from_static(br#"{"first_name":"J","tags":5}"#));
     v.push((failing_jq, "jq_failed"));
+    // An event dated long after its record's timestamp (a producer's clock): it would outrank
+    // every later update of the customer until 2099.
+    let mut future = good(topic, 913);
+    future.headers.push(Header::new(
+        "ce_time",
+        Bytes::from_static(b"2099-01-01T00:00:00Z"),
+    ));
+    v.push((future, "time_ahead"));
     v
 }
 

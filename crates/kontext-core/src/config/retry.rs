@@ -9,6 +9,7 @@
 //!   dead_letter: { max_attempts: 8 }                      # then the sink stops
 //! limits:
 //!   max_record_bytes: 1048576
+//!   max_event_time_ahead: 1h
 //! ```
 //!
 //! Every field is optional. A stage's own field wins over `defaults`, which wins over the
@@ -307,21 +308,40 @@ pub struct LimitsConfig {
     /// processed: they are dead-lettered with the error kind `record_too_large`.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: u64,
+    /// Events whose time is more than this after their record's timestamp are not processed:
+    /// they are dead-lettered with the error kind `time_ahead` (Kafka's
+    /// `message.timestamp.after.max.ms` for event time). `0`: no limit.
+    #[serde(default = "default_max_event_time_ahead", with = "crate::duration")]
+    pub max_event_time_ahead: Duration,
 }
 
 fn default_max_record_bytes() -> u64 {
     DEFAULT_MAX_RECORD_BYTES
 }
 
+/// [`LimitsConfig::max_event_time_ahead`]'s default: one hour, as Kafka's
+/// `message.timestamp.after.max.ms`.
+pub const DEFAULT_MAX_EVENT_TIME_AHEAD: Duration = Duration::from_secs(3600);
+
+fn default_max_event_time_ahead() -> Duration {
+    DEFAULT_MAX_EVENT_TIME_AHEAD
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            max_event_time_ahead: DEFAULT_MAX_EVENT_TIME_AHEAD,
         }
     }
 }
 
 impl LimitsConfig {
+    /// [`LimitsConfig::max_event_time_ahead`] in milliseconds, `0` for no limit.
+    pub fn max_event_time_ahead_ms(&self) -> i64 {
+        i64::try_from(self.max_event_time_ahead.as_millis()).unwrap_or(i64::MAX)
+    }
+
     /// Reports every problem through `err(field, message)`.
     pub(crate) fn validate(&self, err: &mut impl FnMut(String, String)) {
         if self.max_record_bytes == 0 {

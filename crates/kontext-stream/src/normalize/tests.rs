@@ -472,6 +472,47 @@ fn a_tombstone_without_ce_source_deletes_by_topic_and_key() {
     ));
 }
 
+/// An event dated more than `limits.max_event_time_ahead` after its record's timestamp is
+/// refused (a tombstone too): it would outrank every later update. `0` lifts the limit.
+#[test]
+fn an_event_dated_far_after_its_record_is_refused() {
+    let at = |ce_time: &str, value: Option<serde_json::Value>| {
+        let mut r = record(
+            "context.customers",
+            "C1",
+            json!({"first_name": "A"}),
+            Some(("crm", "crm.customer.updated")),
+        );
+        r.timestamp_ms = 1_795_608_000_000; // 2026-11-25T12:00:00Z
+        r.value = value.map(|v| Bytes::from(v.to_string()));
+        r.headers.push(Header::new(
+            "ce_time",
+            Bytes::copy_from_slice(ce_time.as_bytes()),
+        ));
+        r
+    };
+    let r = router();
+    let payload = Some(json!({"first_name": "A"}));
+    // Within the hour: a producer's clock a little ahead.
+    update(r.process(&at("2026-11-25T12:59:00Z", payload.clone())));
+    for value in [payload.clone(), None] {
+        match r.process(&at("2026-11-25T13:01:00Z", value)) {
+            Outcome::Invalid(e) => {
+                assert_eq!(e.kind(), "time_ahead");
+                assert!(
+                    e.to_string()
+                        .contains("limits.max_event_time_ahead (3600 s)"),
+                    "{e}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut config = PipelineConfig::parse("t.yaml", PIPELINE).unwrap();
+    config.limits.max_event_time_ahead = std::time::Duration::ZERO;
+    update(Router::new(&config).process(&at("2099-01-01T00:00:00Z", payload)));
+}
+
 #[test]
 fn an_unvalidated_config_with_a_broken_program_rejects_records_instead_of_panicking() {
     let mut config = PipelineConfig::parse("t.yaml", COMPUTED).unwrap();

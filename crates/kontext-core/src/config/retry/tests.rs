@@ -30,6 +30,8 @@ fn without_a_retry_section_every_stage_has_its_builtin_policy() {
     assert_eq!(w.max_attempts, Some(5));
     assert!(!c.retry.policy(RetryStage::StoreProbe).is_bounded());
     assert_eq!(c.limits.max_record_bytes, DEFAULT_MAX_RECORD_BYTES);
+    assert_eq!(c.limits.max_event_time_ahead, Duration::from_secs(3600));
+    assert_eq!(c.limits.max_event_time_ahead_ms(), 3_600_000);
 }
 
 #[test]
@@ -40,7 +42,7 @@ retry:
   defaults: { first_delay: 50ms, jitter: full, max_attempts: 3 }
   store_write: { first_delay: 10ms, max_elapsed: 0 }
   store_probe: { max_delay: 2s, max_attempts: 0 }
-limits: { max_record_bytes: 4096 }
+limits: { max_record_bytes: 4096, max_event_time_ahead: 0 }
 "#,
     )
     .unwrap();
@@ -57,6 +59,14 @@ limits: { max_record_bytes: 4096 }
     assert_eq!(d.max_attempts, Some(3));
     assert_eq!(d.max_delay, Duration::from_secs(30));
     assert_eq!(c.limits.max_record_bytes, 4096);
+    assert_eq!(c.limits.max_event_time_ahead_ms(), 0, "0: no limit");
+    let c = parse("limits: { max_event_time_ahead: 24h }\n").unwrap();
+    assert_eq!(c.limits.max_event_time_ahead_ms(), 86_400_000);
+    let err = parse("limits: { max_event_time_ahead: soon }\n").unwrap_err();
+    assert!(
+        err.to_string().contains("invalid duration \"soon\""),
+        "{err}"
+    );
 }
 
 #[test]
