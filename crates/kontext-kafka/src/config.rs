@@ -37,8 +37,9 @@ pub struct KafkaConfig {
     pub replication_factor: Option<i32>,
 
     /// Bound on admin and metadata calls (create, list, describe, committed offsets, metadata
-    /// refreshes, synchronous commits). Not a bound on produce: delivery is bounded by
-    /// librdkafka's `delivery.timeout.ms` (settable in `properties`).
+    /// refreshes). Not a bound on synchronous commits, whose outcome librdkafka waits for
+    /// without a deadline, nor on produce: delivery is bounded by librdkafka's
+    /// `delivery.timeout.ms` (settable in `properties`).
     #[serde(default = "default_request_timeout", with = "kontext_core::duration")]
     pub request_timeout: Duration,
 
@@ -53,7 +54,7 @@ pub struct KafkaConfig {
     /// ([`kontext_log::Log::read_partition`]: restores, the dead-letter tools, lag). They never
     /// commit, but librdkafka still looks up the group's coordinator, which on a cluster with
     /// ACLs needs DESCRIBE on the group: a pipeline sets `kontext.<pipeline>.reader`, under
-    /// the prefix of its other groups.
+    /// the prefix of its other groups. Default `kontext-partition-reader`.
     #[serde(default = "default_reader_group")]
     pub reader_group: String,
 

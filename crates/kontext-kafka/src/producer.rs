@@ -292,9 +292,11 @@ fn future_record(record: &ProduceRecord, partition: Option<i32>) -> FutureRecord
 }
 
 impl Drop for KafkaProducer {
-    /// librdkafka's producer, when its last handle goes, joins its poll thread and waits up to
-    /// 500 ms for records in flight before closing: a wait announced to tokio, as a
-    /// consumer's close is (`drop_blocking`).
+    /// librdkafka's producer, when its last handle goes, joins its poll thread, purges the
+    /// records still queued or in flight (rdkafka's `BaseProducer::drop`), then waits up to
+    /// 500 ms only to collect their delivery reports: records of a cancelled `send` may or may
+    /// not land, and are not sent again. A wait announced to tokio, as a consumer's close is
+    /// (`drop_blocking`).
     fn drop(&mut self) {
         if let Some(producer) = self.producer.take() {
             drop_blocking(producer);

@@ -15,7 +15,7 @@ use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kontext_core::config::{Condition, FieldMapping, FieldType, PipelineConfig};
+use kontext_core::config::{Condition, FieldMapping, FieldType, PipelineConfig, FEATURES_SOURCE};
 use kontext_core::envelope::{self, ContextEvent, EnvelopeError};
 use kontext_core::jq::{JqInput, JqProgram};
 use kontext_core::record::Record;
@@ -402,11 +402,14 @@ impl Router {
             .or(sources.fallback.as_ref());
         // A tombstone without `ce_source` (a plain one, or a structured event's: a null value
         // has no attributes) deletes by topic and key alone: every source of a topic maps one
-        // entity type (validation), so any of them names it.
+        // entity type (validation), so any of them names it. Not on a features topic, whose
+        // one source is kontext's own: a tombstone there would delete the whole entity.
         match routed {
-            None if record.value.is_none() && event.source.is_none() => {
-                sources.by_ce_source.values().next()
-            }
+            None if record.value.is_none() && event.source.is_none() => sources
+                .by_ce_source
+                .iter()
+                .find(|(ce_source, _)| ce_source.as_str() != FEATURES_SOURCE)
+                .map(|(_, source)| source),
             routed => routed,
         }
     }

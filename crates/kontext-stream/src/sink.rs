@@ -772,6 +772,7 @@ impl StoreSink {
                     self.written(&mut total, stats, &offsets, handled);
                     continue;
                 }
+                Err(e) if e.is_configuration() => return Err(SinkError::Store(e)),
                 Err(e) => e,
             };
             if error.is_transient() && self.probe(&offsets, handled).await.is_err() {

@@ -76,6 +76,12 @@ struct FailingStore {
     /// Entities whose update fails with [`StoreError::Config`], as a write on a new
     /// connection does when the server refuses its login while pooled connections work.
     misconfigured: Mutex<BTreeSet<String>>,
+    /// Entities whose update times out, alone as in a batch, for the `store_write` budget
+    /// (3 tries), and then fails with [`StoreError::Config`]: the one more try after a
+    /// probe meets a new connection the server refuses.
+    misconfigured_late: Mutex<BTreeSet<String>>,
+    /// Calls of `apply` with one update of a `misconfigured_late` entity.
+    late_calls: AtomicU64,
     timing_out: Mutex<BTreeSet<String>>,
     /// Calls of `apply` that failed because the store was down.
     refused_while_down: AtomicU64,
@@ -94,6 +100,8 @@ impl FailingStore {
             writes_down: AtomicBool::new(false),
             rejected: Mutex::new(BTreeSet::new()),
             misconfigured: Mutex::new(BTreeSet::new()),
+            misconfigured_late: Mutex::new(BTreeSet::new()),
+            late_calls: AtomicU64::new(0),
             timing_out: Mutex::new(BTreeSet::new()),
             refused_while_down: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -135,6 +143,17 @@ impl ContextStore for FailingStore {
         let ids: Vec<&str> = updates.iter().map(|u| u.entity_id.as_str()).collect();
         if ids.iter().any(|id| self.rejected.lock().contains(*id)) {
             return Err(StoreError::Corrupt("row rejected (test)".into()));
+        }
+        if ids
+            .iter()
+            .any(|id| self.misconfigured_late.lock().contains(*id))
+        {
+            if ids.len() == 1 && self.late_calls.fetch_add(1, Ordering::SeqCst) >= 3 {
+                return Err(StoreError::Config(
+                    "PostgreSQL refuses the login (test)".into(),
+                ));
+            }
+            return Err(StoreError::Io("lock timeout (test)".into()));
         }
         if ids.iter().any(|id| self.misconfigured.lock().contains(*id)) {
             return Err(StoreError::Config(
@@ -1418,10 +1437,24 @@ async fn a_store_that_reads_but_cannot_write_runs_out_the_probe_budget() {
 /// and its offsets stop before the refused record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misconfigured_store_stops_the_sink_and_dead_letters_nothing() {
-    let h = start(Backend::Embedded, |s| {
+    misconfigured_store(|s| {
         s.misconfigured.lock().insert("C5".into());
     })
     .await;
+}
+
+/// The same when the refusal comes only on the single record's last try, after its
+/// timeouts and a probe that passed: a record is parked only for what it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_misconfigured_at_the_last_try_stops_the_sink_too() {
+    misconfigured_store(|s| {
+        s.misconfigured_late.lock().insert("C5".into());
+    })
+    .await;
+}
+
+async fn misconfigured_store(setup: impl FnOnce(&FailingStore)) {
+    let h = start(Backend::Embedded, setup).await;
     let positions = h
         .log
         .producer()

@@ -460,6 +460,21 @@ fn a_tombstone_without_ce_source_deletes_by_topic_and_key() {
         r.process(&unknown),
         Outcome::Invalid(ProcessError::NoSource { .. })
     ));
+    // Not on a features topic: its one source is kontext's, and a tombstone there would
+    // delete the whole customer.
+    let with_features = PipelineConfig::parse(
+        "t.yaml",
+        &format!(
+            "{PIPELINE}features:\n  clicks: {{ from: interaction, entity: customer, key: customer_id, agg: count }}\n"
+        ),
+    )
+    .unwrap();
+    let mut on_features = record("context.customers.features", "C1", json!({}), None);
+    on_features.value = None;
+    assert!(matches!(
+        Router::new(&with_features).process(&on_features),
+        Outcome::Invalid(ProcessError::NoSource { .. })
+    ));
     // A record with a value and no ce_source still needs a catch-all source.
     assert!(matches!(
         r.process(&record(
