@@ -322,7 +322,7 @@ where
 }
 
 /// Drops a librdkafka client whose close blocks (a consumer leaving its group, a producer
-/// waiting for records in flight). On a multi-threaded runtime the wait is announced to tokio
+/// collecting the delivery reports of the records it purges). On a multi-threaded runtime the wait is announced to tokio
 /// (`block_in_place`) so other tasks move off this thread; on a current-thread runtime (where
 /// that is not allowed) or outside one it simply blocks.
 pub(crate) fn drop_blocking<T>(client: T) {
