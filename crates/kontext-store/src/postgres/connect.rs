@@ -120,7 +120,12 @@ pub(crate) fn parse(url: &str) -> Result<Connect, StoreError> {
             config.host(addr.to_string());
         }
     }
-    let tls = connector(mode, &params).map_err(|e| invalid(format!("TLS settings: {e}")))?;
+    // Nothing of TLS is used on sockets, so no certificate file is read either (as in libpq).
+    let tls = match only_sockets {
+        true => connector(Mode::Disable, &TlsParams::default()),
+        false => connector(mode, &params),
+    }
+    .map_err(|e| invalid(format!("TLS settings: {e}")))?;
     Ok(Connect { config, tls })
 }
 

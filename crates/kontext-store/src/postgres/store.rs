@@ -116,12 +116,24 @@ impl PostgresStore {
                 .build()
                 .map_err(|e| StoreError::Io(format!("PostgreSQL pool: {}", with_causes(&e))))
         };
+        // Which host answered is not in the error: only with one host is a TLS failure the
+        // URL's settings for sure (a list may just have reached a host that is down).
+        let one_host = config.get_hosts().len().max(config.get_hostaddrs().len()) <= 1;
         let store = Self {
             writes: pool(WRITE_POOL_SIZE)?,
             writes_runtime: tokio::runtime::Handle::current(),
             reads: pool(READ_POOL_SIZE)?,
             schema,
         };
+        // The first connection: a TLS failure now is a configuration error that stops the
+        // start-up. Later (a certificate that expires, a rotated authority) it is waited out
+        // like an outage, while pooled connections keep serving.
+        if let Err(PoolError::Backend(e)) = store.writes.get().await {
+            if let Some(refusal) = tls_refusal(&e).filter(|_| one_host) {
+                return Err(StoreError::Config(refusal));
+            }
+            return Err(pg(e));
+        }
         store.create_tables(namespace).await?;
         Ok(store)
     }
@@ -980,9 +992,6 @@ pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
             db.message()
         ));
     }
-    if let Some(refusal) = tls_refusal(&e) {
-        return StoreError::Config(refusal);
-    }
     let transient = match e.code() {
         None => true, // I/O, closed connection, timeout: no answer from the server
         Some(code) => is_transient_state(code),
@@ -999,8 +1008,9 @@ pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
 }
 
 /// A TLS failure that no retry changes, as the fix to name: the server's certificate fails
-/// verification, or the server offers no TLS where the URL requires it (as on a Unix socket,
-/// where PostgreSQL never does). An I/O error during the handshake is not one of them.
+/// verification, or the server offers no TLS where the URL requires it. An I/O error during
+/// the handshake is not one of them; nor, under TLS 1.3, is a client certificate the server
+/// refuses: the client sees the connection reset, as in an outage.
 fn tls_refusal(e: &tokio_postgres::Error) -> Option<String> {
     let mut outer: Option<&dyn std::error::Error> = None;
     let mut cause = std::error::Error::source(e);
