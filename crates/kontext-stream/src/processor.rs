@@ -795,7 +795,9 @@ impl Processor {
         else {
             return Ok(());
         };
-        check_group_names(&self.config.name, &self.stages, &topics)?;
+        if !self.check_group_names(&topics, &policy, shutdown).await? {
+            return Ok(());
+        }
         // Before joining the group, every partition: another instance may own some and be
         // writing their changelogs, so nothing is repaired (`Ownership::Maybe`).
         if !self
@@ -1108,6 +1110,48 @@ impl Processor {
                 if partitions.contains(&p) {
                     check_definition(group, agg, p)?;
                 }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Refuses a group renamed by a feature added in front of it ([`moved_features`]);
+    /// `Ok(false)`: shutdown came first.
+    async fn check_group_names(
+        &self,
+        topics: &[String],
+        policy: &RetryPolicy,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ProcessorError> {
+        for (group, feature, old, own) in moved_features(&self.config.name, &self.stages, topics) {
+            let mut holds = [false, false];
+            for (i, topic) in [&old, &own].into_iter().enumerate() {
+                let described =
+                    retry_transient("describing a changelog topic", policy, shutdown, || async {
+                        match self.log.describe_topic(topic).await {
+                            Ok(d) => Ok(Some(d)),
+                            Err(LogError::UnknownTopic(_)) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    })
+                    .await?;
+                let Some(described) = described else {
+                    return Ok(false);
+                };
+                holds[i] =
+                    described.is_some_and(|d| d.partitions.iter().any(|p| p.high_watermark > 0));
+            }
+            if holds == [true, false] {
+                return Err(ProcessorError::Definition(format!(
+                    "feature `{feature}` has state in the feature group `{feature}` (changelog \
+                     topic `{old}`), but the pipeline now puts it in the group `{}` ({}), named \
+                     after its first feature: the state cannot move, and the group's features \
+                     would start from zero. Restore the previous features, or start the group \
+                     afresh on purpose: rename `{feature}` as well, so that no feature is \
+                     taken for one that has state",
+                    group.name,
+                    group.features.join(", "),
+                )));
             }
         }
         Ok(true)
@@ -2393,14 +2437,22 @@ pub(crate) fn define(
     Ok(())
 }
 
-/// Refuses a feature group that takes in a feature whose state another group holds. A group
-/// is named after its first feature, and its state and changelog after the group: a feature
-/// added in front of a group's features (or moved into another group) renames the group, and
+/// A feature group that takes in a feature whose state another group holds. A group is named
+/// after its first feature, and its state and changelog after the group: a feature added in
+/// front of a group's features (or moved into another group) renames the group, and
 /// [`check_definition`] never sees the old state, which would be left behind while the
-/// group's features start from zero. The old group's changelog topic (`topics`: the log's)
-/// shows it.
-fn check_group_names(app: &str, stages: &[Stage], topics: &[String]) -> Result<(), ProcessorError> {
+/// group's features start from zero. Candidates, from the log's `topics`: (group, feature,
+/// the changelog named after the feature, the group's own changelog). Only one whose old
+/// changelog holds records while the group's own holds none is refused
+/// ([`Processor::check_group_names`]): a topic created by a refused run holds nothing, and a
+/// group with state of its own has started already.
+fn moved_features<'a>(
+    app: &str,
+    stages: &'a [Stage],
+    topics: &[String],
+) -> Vec<(&'a FeatureGroup, &'a str, String, String)> {
     let topics: BTreeSet<&str> = topics.iter().map(String::as_str).collect();
+    let mut moved = Vec::new();
     for stage in stages {
         let Stage::Features(group) = stage else {
             continue;
@@ -2408,20 +2460,16 @@ fn check_group_names(app: &str, stages: &[Stage], topics: &[String]) -> Result<(
         for feature in group.features.iter().filter(|f| **f != group.name) {
             let old = changelog_topic_name(app, feature);
             if topics.contains(old.as_str()) {
-                return Err(ProcessorError::Definition(format!(
-                    "feature `{feature}` has state in the feature group `{feature}` (changelog \
-                     topic `{old}`), but the pipeline now puts it in the group `{}` ({}), named \
-                     after its first feature: the state cannot move, and the group's features \
-                     would start from zero. Restore the previous features, or start the group \
-                     afresh on purpose: rename `{feature}` as well, so that no feature is \
-                     taken for one that has state",
-                    group.name,
-                    group.features.join(", "),
-                )));
+                moved.push((
+                    group,
+                    feature.as_str(),
+                    old,
+                    changelog_topic_name(app, &group.name),
+                ));
             }
         }
     }
-    Ok(())
+    moved
 }
 
 /// Refuses state a feature group computed under another [`FeatureGroup::definition`].
@@ -3241,6 +3289,11 @@ features:
         producer.send(vec![order(4)]).await.unwrap();
         // Order 4, with both groups; the renamed group also computes orders 1 to 3 afresh.
         run(afresh, shown + 2).await.unwrap();
+        // The group `avg_total_30d` has state of its own now: orders_30d's old changelog no
+        // longer stops a run (the same functions, so its definition is the same too).
+        let shown = features(log.clone()).await;
+        producer.send(vec![order(5)]).await.unwrap();
+        run(in_front, shown + 2).await.unwrap();
     }
 
     /// Reads `orders_30d` from a features topic until `done` holds for the newest value read
