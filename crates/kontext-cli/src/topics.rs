@@ -16,7 +16,8 @@ pub struct TopicsArgs {
     /// Take the backend from this pipeline file (default: the embedded log in --data-dir).
     #[arg(short, long, global = true)]
     config: Option<PathBuf>,
-    /// Use the Kafka cluster at these bootstrap servers instead.
+    /// Use the Kafka cluster at these bootstrap servers instead (with the file's Kafka
+    /// properties, TLS and SASL included, when its log is a Kafka one).
     #[arg(long, global = true)]
     kafka: Option<String>,
     /// Data directory of the embedded log.
@@ -49,17 +50,34 @@ enum TopicsCommand {
     Describe { name: String },
 }
 
+/// `log` pointed at the bootstrap `servers`: a Kafka log keeps its properties (the cluster's
+/// TLS and SASL settings), anything else becomes a Kafka log without any.
+fn kafka_at(log: LogConfig, servers: &str) -> LogConfig {
+    match log {
+        LogConfig::Kafka {
+            properties,
+            exactly_once,
+            ..
+        } => LogConfig::Kafka {
+            bootstrap_servers: servers.to_owned(),
+            properties,
+            exactly_once,
+        },
+        _ => LogConfig::Kafka {
+            bootstrap_servers: servers.to_owned(),
+            properties: Default::default(),
+            exactly_once: false,
+        },
+    }
+}
+
 pub async fn run(args: TopicsArgs) -> Result<()> {
     let mut config = match &args.config {
         Some(path) => PipelineConfig::load(path)?,
         None => builtin_pipeline()?,
     };
     if let Some(servers) = &args.kafka {
-        config.log = LogConfig::Kafka {
-            bootstrap_servers: servers.clone(),
-            properties: Default::default(),
-            exactly_once: false,
-        };
+        config.log = kafka_at(config.log, servers);
     }
     let data_dir = args
         .data_dir
@@ -129,4 +147,41 @@ pub async fn run(args: TopicsArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--kafka` replaces the servers only: a file's TLS and SASL settings still apply.
+    #[test]
+    fn kafka_keeps_the_files_properties() {
+        let properties: std::collections::BTreeMap<String, String> =
+            [("security.protocol".to_string(), "SASL_SSL".to_string())].into();
+        let file = LogConfig::Kafka {
+            bootstrap_servers: "kafka-1:9093".into(),
+            properties: properties.clone().into_iter().collect(),
+            exactly_once: true,
+        };
+        match kafka_at(file, "127.0.0.1:9096") {
+            LogConfig::Kafka {
+                bootstrap_servers,
+                properties: kept,
+                exactly_once,
+            } => {
+                assert_eq!(bootstrap_servers, "127.0.0.1:9096");
+                assert_eq!(
+                    kept.get("security.protocol").map(String::as_str),
+                    Some("SASL_SSL")
+                );
+                assert!(exactly_once);
+            }
+            other => panic!("{other:?}"),
+        }
+        let embedded = builtin_pipeline().unwrap();
+        assert!(matches!(
+            kafka_at(embedded.log, "h:9092"),
+            LogConfig::Kafka { properties, .. } if properties.is_empty()
+        ));
+    }
 }

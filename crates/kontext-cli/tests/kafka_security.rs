@@ -529,6 +529,26 @@ fn a_wrong_password_stops_the_pipeline_and_says_why() {
     assert!(stderr.contains("sasl.password"), "{stderr}");
 }
 
+/// A SASL mechanism the brokers do not enable (they take SCRAM-SHA-512 only): librdkafka's
+/// calls only time out, but `kontext run` stops and says which mechanisms the brokers take.
+#[test]
+fn an_unsupported_sasl_mechanism_stops_the_pipeline_and_says_why() {
+    let name = format!("secmech-{:x}", now_ms());
+    let mut properties = scram_properties("SASL_PLAINTEXT", "anyone", "anything");
+    properties[1].1 = "SCRAM-SHA-256".to_owned();
+    let (ok, stderr) = run_pipeline_until_exit(
+        &pipeline_yaml(&name, &sasl(), &properties),
+        Duration::from_secs(120),
+    );
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("does not accept the SASL mechanism")
+            && stderr.contains("SCRAM-SHA-512")
+            && stderr.contains("`sasl.mechanism`"),
+        "{stderr}"
+    );
+}
+
 /// Authenticated, but without the ACLs: `kontext run` stops at once and says which
 /// authorization failed and where the list of ACLs is.
 #[test]

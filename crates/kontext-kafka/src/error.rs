@@ -16,7 +16,7 @@ pub fn log_error(context: &str, err: KafkaError) -> LogError {
     if let KafkaError::Transaction(inner) = &err {
         // The transactional API does carry librdkafka's own verdict; prefer it.
         return LogError::Kafka {
-            message: format!("{context}: {err}"),
+            message: format!("{context}: {err}{}", acl_hint(inner.code())),
             transient: inner.is_retriable() && !inner.is_fatal(),
         };
     }

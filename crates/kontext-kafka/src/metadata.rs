@@ -47,6 +47,9 @@ const REFUSING_ALERTS: [u32; 8] = [40, 42, 43, 44, 45, 46, 48, 116];
 pub(crate) enum Refusal {
     /// The SASL handshake: the broker's reason.
     Credentials(String),
+    /// The SASL mechanism handshake: the broker does not enable `sasl.mechanism`; its reason
+    /// and the mechanisms it does.
+    Mechanism(String),
     /// The TLS handshake: OpenSSL's reason.
     Tls(String),
 }
@@ -59,6 +62,10 @@ impl Refusal {
                 "the cluster refuses the credentials ({reason}): check `security.protocol`, \
                  `sasl.mechanism`, `sasl.username` and `sasl.password` in the log's \
                  properties; {e}"
+            ),
+            Refusal::Mechanism(reason) => format!(
+                "the cluster does not accept the SASL mechanism ({reason}): set \
+                 `sasl.mechanism` in the log's properties to one the brokers list; {e}"
             ),
             Refusal::Tls(reason) => format!(
                 "the TLS handshake with the cluster fails ({reason}): check `ssl.ca.location` \
@@ -77,6 +84,13 @@ impl Refusal {
     fn of_failure(line: &str) -> Option<Refusal> {
         if let Some((_, reason)) = line.split_once("SASL authentication error: ") {
             return (!reason.contains("Local: ")).then(|| Refusal::Credentials(reason.into()));
+        }
+        // "SASL PLAIN mechanism handshake failed: Broker: Unsupported SASL mechanism: broker's
+        // supported mechanisms: SCRAM-SHA-256,SCRAM-SHA-512" (rdkafka_broker.c).
+        if let Some((before, rest)) = line.split_once(" mechanism handshake failed: ") {
+            let mechanism = before.rsplit("SASL ").next().unwrap_or(before);
+            return (!rest.contains("Local: "))
+                .then(|| Refusal::Mechanism(format!("{mechanism}: {rest}")));
         }
         let alert = line
             .split_once("SSL alert number ")
@@ -369,6 +383,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A broker that does not enable the configured SASL mechanism refuses it for good; a
+    /// connection lost during that handshake is an outage.
+    #[test]
+    fn an_unsupported_sasl_mechanism_is_a_refusal() {
+        let line = "sasl_plaintext://127.0.0.1:9094/bootstrap: SASL PLAIN mechanism handshake failed: Broker: Unsupported SASL mechanism: broker's supported mechanisms: SCRAM-SHA-256,SCRAM-SHA-512 (after 3ms in state AUTH_HANDSHAKE)";
+        let Some(refusal @ Refusal::Mechanism(_)) = Refusal::of_failure(line) else {
+            panic!("not a mechanism refusal: {line}");
+        };
+        let message = refusal.explain(&LogError::Kafka {
+            message: "timed out".into(),
+            transient: true,
+        });
+        assert!(
+            message.contains("(PLAIN: Broker: Unsupported SASL mechanism")
+                && message.contains("SCRAM-SHA-256,SCRAM-SHA-512")
+                && message.contains("`sasl.mechanism`"),
+            "{message}"
+        );
+        let lost = "sasl_plaintext://127.0.0.1:9094/bootstrap: SASL PLAIN mechanism handshake failed: Local: Broker transport failure: broker's supported mechanisms:  (after 1ms in state AUTH_HANDSHAKE)";
+        assert_eq!(Refusal::of_failure(lost), None);
     }
 
     /// A refusal explains failures until a fetch succeeds, and for a while only.
