@@ -156,7 +156,8 @@ async fn pipeline_from_kafka_to_the_context_api_with_java_clients() {
     );
     assert!(metrics.contains(&format!("kontext_records_invalid_total{{topic=\"e2e-{suffix}.orders\",reason=\"invalid_json\"}} 1")), "{metrics}");
 
-    // Kafka's own console producer, CloudEvents headers, key = customer id.
+    // Kafka's own console producer, CloudEvents headers, key = customer id, its batch
+    // compressed with zstd (as Java producers, Debezium and Connect often write).
     let marker = format!("Zed-{suffix}");
     let line = format!(
         "ce_specversion:1.0,ce_id:console-{suffix},ce_source:crm,ce_type:crm.customer.updated,ce_time:{}\tC7\t{{\"first_name\":\"{marker}\"}}\n",
@@ -174,6 +175,8 @@ async fn pipeline_from_kafka_to_the_context_api_with_java_clients() {
             "parse.key=true",
             "--property",
             "parse.headers=true",
+            "--compression-codec",
+            "zstd",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
