@@ -52,6 +52,7 @@ pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dy
         LogConfig::Kafka {
             bootstrap_servers,
             properties,
+            replication_factor,
             ..
         } => {
             let properties = properties
@@ -62,6 +63,7 @@ pub async fn open_log(config: &PipelineConfig, data_dir: &Path) -> Result<Arc<dy
             let kafka = KafkaConfig {
                 properties,
                 reader_group: config.reader_group(),
+                replication_factor: replication_factor.map(i32::from),
                 ..KafkaConfig::new(bootstrap_servers.clone())
             };
             let log = KafkaLog::new(kafka)

@@ -74,11 +74,7 @@ pub fn builtin_pipeline() -> Result<PipelineConfig> {
 pub async fn run(args: QuickstartArgs) -> Result<()> {
     let mut config = builtin_pipeline()?;
     if let Some(servers) = &args.kafka {
-        config.log = LogConfig::Kafka {
-            bootstrap_servers: servers.clone(),
-            properties: Default::default(),
-            exactly_once: false,
-        };
+        config.log = LogConfig::kafka(servers.clone());
     }
     if let Some(partitions) = args.partitions {
         config.topics.partitions = partitions;

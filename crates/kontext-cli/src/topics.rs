@@ -55,19 +55,17 @@ enum TopicsCommand {
 fn kafka_at(log: LogConfig, servers: &str) -> LogConfig {
     match log {
         LogConfig::Kafka {
+            bootstrap_servers: _,
             properties,
             exactly_once,
-            ..
+            replication_factor,
         } => LogConfig::Kafka {
             bootstrap_servers: servers.to_owned(),
             properties,
             exactly_once,
+            replication_factor,
         },
-        _ => LogConfig::Kafka {
-            bootstrap_servers: servers.to_owned(),
-            properties: Default::default(),
-            exactly_once: false,
-        },
+        _ => LogConfig::kafka(servers),
     }
 }
 
@@ -162,13 +160,16 @@ mod tests {
             bootstrap_servers: "kafka-1:9093".into(),
             properties: properties.clone().into_iter().collect(),
             exactly_once: true,
+            replication_factor: Some(3),
         };
         match kafka_at(file, "127.0.0.1:9096") {
             LogConfig::Kafka {
                 bootstrap_servers,
                 properties: kept,
                 exactly_once,
+                replication_factor,
             } => {
+                assert_eq!(replication_factor, Some(3));
                 assert_eq!(bootstrap_servers, "127.0.0.1:9096");
                 assert_eq!(
                     kept.get("security.protocol").map(String::as_str),

@@ -96,6 +96,33 @@ fn topics_on_kafka() {
     create_list_describe(&["--kafka", &bootstrap], &format!("cli-topics-{suffix}"));
 }
 
+/// On Kafka: `log.replication_factor` reaches the topics kontext creates. The test broker
+/// is a single node, so 2 is refused by the broker and 1 is made.
+#[test]
+fn the_pipeline_files_replication_factor_reaches_the_broker() {
+    let (bootstrap, suffix) = kafka_and_suffix();
+    let topic = format!("cli-replicated-{suffix}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pipeline.yaml");
+    let pipeline = |factor: u8| {
+        format!(
+            "name: cli-replicated\nlog: {{ backend: kafka, bootstrap_servers: \"{bootstrap}\", replication_factor: {factor} }}\nentities:\n  thing: {{ key: id, topic: {topic} }}\nsources:\n  feed: {{ topic: {topic}, entity: thing, fields: {{ name: name }} }}\n"
+        )
+    };
+    std::fs::write(&file, pipeline(2)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kontext"))
+        .args(["topics", "create", "--all", "-c", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("replication factor"), "{stderr}");
+    std::fs::write(&file, pipeline(1)).unwrap();
+    kontext(&["topics", "create", "--all", "-c", file.to_str().unwrap()]);
+    let listed = kontext(&["topics", "list", "-c", file.to_str().unwrap()]);
+    assert!(listed.lines().any(|l| l == topic), "{listed}");
+}
+
 /// On Kafka: a pipeline whose entity topic exists with another partition count is refused
 /// before anything is created, and the error names the override; with it, the topics are made.
 #[test]

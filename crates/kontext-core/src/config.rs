@@ -168,10 +168,24 @@ pub enum LogConfig {
         /// transactions (see `docs/processing.md`).
         #[serde(default)]
         exactly_once: bool,
+        /// The replication factor of the topics kontext creates; `None`: the brokers'
+        /// `default.replication.factor` (as Kafka Streams' `replication.factor: -1`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replication_factor: Option<i16>,
     },
 }
 
 impl LogConfig {
+    /// A Kafka log at `bootstrap_servers` with every other setting at its default.
+    pub fn kafka(bootstrap_servers: impl Into<String>) -> Self {
+        LogConfig::Kafka {
+            bootstrap_servers: bootstrap_servers.into(),
+            properties: BTreeMap::new(),
+            exactly_once: false,
+            replication_factor: None,
+        }
+    }
+
     /// Whether the processor commits its batches in Kafka transactions.
     pub fn exactly_once(&self) -> bool {
         matches!(
@@ -221,6 +235,7 @@ struct RawLogConfig {
     bootstrap_servers: Option<String>,
     properties: Option<BTreeMap<String, String>>,
     exactly_once: Option<bool>,
+    replication_factor: Option<i16>,
 }
 
 #[derive(Default, Deserialize)]
@@ -244,6 +259,7 @@ impl TryFrom<RawLogConfig> for LogConfig {
                     ("bootstrap_servers", raw.bootstrap_servers.is_some()),
                     ("properties", raw.properties.is_some()),
                     ("exactly_once", raw.exactly_once.is_some()),
+                    ("replication_factor", raw.replication_factor.is_some()),
                 ] {
                     if set {
                         let mut e = not_for(key, "embedded", "kafka");
@@ -267,6 +283,16 @@ impl TryFrom<RawLogConfig> for LogConfig {
                     )?,
                     properties: raw.properties.unwrap_or_default(),
                     exactly_once: raw.exactly_once.unwrap_or_default(),
+                    replication_factor: match raw.replication_factor {
+                        Some(n) if n < 1 => {
+                            return Err(format!(
+                                "log.replication_factor: {n} is not a replication factor: use 1 \
+                                 or more (3 on a production cluster), or leave it out for the \
+                                 brokers' default.replication.factor"
+                            ))
+                        }
+                        n => n,
+                    },
                 })
             }
         }

@@ -134,6 +134,40 @@ fn two_catch_all_sources_on_one_topic_are_rejected() {
     );
 }
 
+/// `log.replication_factor`: the topics' replication, for Kafka only, at least 1.
+#[test]
+fn the_replication_factor_is_a_kafka_setting_of_at_least_one() {
+    let with = |log: &str| {
+        PipelineConfig::parse(
+            "p.yaml",
+            &VALID.replace("name: demo", &format!("name: demo\nlog: {log}")),
+        )
+    };
+    match with("{ backend: kafka, bootstrap_servers: \"b:9092\", replication_factor: 3 }")
+        .unwrap()
+        .log
+    {
+        LogConfig::Kafka {
+            replication_factor, ..
+        } => assert_eq!(replication_factor, Some(3)),
+        other => panic!("{other:?}"),
+    }
+    let zero = with("{ backend: kafka, bootstrap_servers: \"b:9092\", replication_factor: 0 }")
+        .unwrap_err();
+    assert!(
+        zero.to_string()
+            .contains("log.replication_factor: 0 is not a replication factor"),
+        "{zero}"
+    );
+    let embedded = with("{ replication_factor: 3 }").unwrap_err();
+    assert!(
+        embedded
+            .to_string()
+            .contains("log.replication_factor: a setting of backend: kafka"),
+        "{embedded}"
+    );
+}
+
 #[test]
 fn kafka_backend_parses() {
     let text = VALID.replace("name: demo", "name: demo\nlog: { backend: kafka, bootstrap_servers: \"127.0.0.1:9092\", properties: { security.protocol: plaintext } }");
@@ -143,8 +177,10 @@ fn kafka_backend_parses() {
             bootstrap_servers,
             properties,
             exactly_once,
+            replication_factor,
         } => {
             assert!(!exactly_once, "off unless asked for");
+            assert_eq!(replication_factor, None, "the brokers' default");
             assert_eq!(bootstrap_servers, "127.0.0.1:9092");
             assert_eq!(properties["security.protocol"], "plaintext");
         }
