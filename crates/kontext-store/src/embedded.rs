@@ -216,6 +216,7 @@ impl EmbeddedStore {
         txn.open_table(RELATIONS).map_err(io)?;
         txn.open_table(OFFSETS).map_err(io)?;
         txn.open_table(TOMBSTONES).map_err(io)?;
+        drop_left_relations(&txn, &schema)?;
         build_related(&txn, &schema)?;
         let all_linked = linked_relations(&txn, &schema)?;
         txn.commit().map_err(io)?;
@@ -852,25 +853,26 @@ impl EmbeddedStore {
                     });
             };
             if old.as_deref() == new.as_deref() {
-                // The same parent, a new version: the child takes its new place in the list.
-                // A child without a relation key (a `belongs_to` added to a type that had
-                // data) is linked when the batch wrote its relation field again, as
-                // PostgreSQL links a rewritten field; otherwise it stays out of the list.
-                if pending.latest_before != latest_after {
-                    if let (Some(parent), Some(latest)) = (new.as_deref(), &latest_after) {
-                        let key = relation_key(parent_type, parent, entity_type, entity_id);
-                        if all_linked.is_some_and(|a| a[i])
-                            || relations.get(key.as_slice()).map_err(io)?.is_some()
-                        {
+                // The same parent: with a new version, the child takes its new place in the
+                // list. A child without a relation key (a `belongs_to` added to a type that had
+                // data) is linked when the batch wrote its relation field again, as PostgreSQL
+                // links a rewritten field, even by an update older than the child's latest;
+                // otherwise it stays out of the list.
+                if let (Some(parent), Some(latest)) = (new.as_deref(), &latest_after) {
+                    let key = relation_key(parent_type, parent, entity_type, entity_id);
+                    if all_linked.is_some_and(|a| a[i])
+                        || relations.get(key.as_slice()).map_err(io)?.is_some()
+                    {
+                        if pending.latest_before != latest_after {
                             moved(parent, true, Some(latest));
-                        } else if rewritten(
-                            pending.parent_fields_before.get(i).and_then(Option::as_ref),
-                            after,
-                            field,
-                        ) {
-                            relations.insert(key.as_slice(), ()).map_err(io)?;
-                            moved(parent, false, Some(latest));
                         }
+                    } else if rewritten(
+                        pending.parent_fields_before.get(i).and_then(Option::as_ref),
+                        after,
+                        field,
+                    ) {
+                        relations.insert(key.as_slice(), ()).map_err(io)?;
+                        moved(parent, false, Some(latest));
                     }
                 }
                 continue;
@@ -1160,6 +1162,93 @@ fn linked_relations(
         out.insert(child.clone(), linked);
     }
     Ok(out)
+}
+
+/// Removes the index of the relations (child type → parent type) the schema no longer has:
+/// their [`RELATIONS`] keys and [`RELATED`] lists, which no write maintains while the relation
+/// is gone, so that the relation, added again, starts as a new one (its children linked as
+/// their field is written again, [`linked_relations`]) instead of listing children where they
+/// no longer are. The relations a store was opened with are recorded in [`META`]
+/// (`relation\0<child>\0<parent>`); a store opened before the record existed names the
+/// complete ones by their `linked` entries.
+fn drop_left_relations(
+    txn: &redb::WriteTransaction,
+    schema: &StoreSchema,
+) -> Result<(), StoreError> {
+    const RECORD: &str = "relation\0";
+    const LINKED: &str = "linked\0";
+    let current: BTreeSet<(String, String)> = schema
+        .belongs_to
+        .iter()
+        .flat_map(|(child, parents)| parents.iter().map(move |(p, _)| (child.clone(), p.clone())))
+        .collect();
+    let mut meta = txn.open_table(META).map_err(io)?;
+    let mut recorded = Vec::new();
+    let mut left = BTreeSet::new();
+    for prefix in [RECORD, LINKED] {
+        for item in meta.range(prefix..).map_err(io)? {
+            let key = item.map_err(io)?.0.value().to_string();
+            let Some(rest) = key.strip_prefix(prefix) else {
+                break;
+            };
+            let mut parts = rest.split('\0');
+            if let (Some(child), Some(parent)) = (parts.next(), parts.next()) {
+                let pair = (child.to_string(), parent.to_string());
+                if !current.contains(&pair) {
+                    left.insert(pair);
+                }
+            }
+            if prefix == RECORD {
+                recorded.push(key);
+            }
+        }
+    }
+    if !left.is_empty() {
+        let mut relations = txn.open_table(RELATIONS).map_err(io)?;
+        let mut related = txn.open_table(RELATED).map_err(io)?;
+        for (child, parent) in &left {
+            let prefix = entity_key(parent, "");
+            let end = prefix_end(&prefix);
+            // `<parent id> \0 <child type> \0 <child id or nothing>`: ids hold no NUL.
+            let of_child = |key: &[u8]| {
+                key[prefix.len()..].split(|b| *b == 0).nth(1) == Some(child.as_bytes())
+            };
+            let mut doomed = Vec::new();
+            for item in relations
+                .range(prefix.as_slice()..end.as_slice())
+                .map_err(io)?
+            {
+                let key = item.map_err(io)?.0.value().to_vec();
+                if of_child(&key) {
+                    doomed.push(key);
+                }
+            }
+            for key in &doomed {
+                relations.remove(key.as_slice()).map_err(io)?;
+            }
+            let mut doomed = Vec::new();
+            for item in related
+                .range(prefix.as_slice()..end.as_slice())
+                .map_err(io)?
+            {
+                let key = item.map_err(io)?.0.value().to_vec();
+                if of_child(&key) {
+                    doomed.push(key);
+                }
+            }
+            for key in &doomed {
+                related.remove(key.as_slice()).map_err(io)?;
+            }
+        }
+    }
+    for key in recorded {
+        meta.remove(key.as_str()).map_err(io)?;
+    }
+    for (child, parent) in &current {
+        meta.insert(format!("{RECORD}{child}\0{parent}").as_str(), 1)
+            .map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Builds [`RELATED`] from [`RELATIONS`] and the children's versions: all of it when it is

@@ -741,6 +741,73 @@ mod recency_index {
         );
     }
 
+    /// Such an entity is linked when an update writes its parent field again, even one older
+    /// than the entity's newest (as PostgreSQL links any rewritten relation field).
+    #[test]
+    fn a_rewritten_parent_field_links_even_from_an_older_update() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EmbeddedStore::open(&dir.path().join("store.redb"), StoreSchema::default())
+                .unwrap();
+            let first = upsert(
+                "order",
+                "O1",
+                json!({"customer_id": "C1", "status": "a"}),
+                "shop",
+                0,
+                0,
+                10,
+            );
+            let newest = upsert("order", "O1", json!({"status": "b"}), "shop", 0, 1, 30);
+            store.apply(&[first, newest], &[]).unwrap();
+        }
+        let store = open(&dir);
+        assert_eq!(stored_list(&store, 1), (0, ids(&[])));
+        // From another partition, dated between the two: the field's version moves, the
+        // entity's newest does not.
+        let rewrite = upsert("order", "O1", json!({"customer_id": "C1"}), "erp", 1, 0, 20);
+        store.apply(&[rewrite], &[]).unwrap();
+        assert_eq!(stored_list(&store, 1), (1, ids(&[1])));
+    }
+
+    /// A `belongs_to` that leaves the schema takes its relation index along: added again, it
+    /// does not list children where they no longer are (one deleted, one moved meanwhile).
+    #[test]
+    fn a_relation_removed_and_added_again_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let order = |id: &str, customer: &str, offset: i64| {
+            upsert(
+                "order",
+                id,
+                json!({"customer_id": customer}),
+                "shop",
+                0,
+                offset,
+                offset,
+            )
+        };
+        {
+            let store = open(&dir);
+            store
+                .apply(&[order("O1", "C1", 2), order("O2", "C1", 3)], &[])
+                .unwrap();
+            assert_eq!(stored_list(&store, 1), (2, ids(&[2, 1])));
+        }
+        {
+            let store = EmbeddedStore::open(&dir.path().join("store.redb"), StoreSchema::default())
+                .unwrap();
+            let mut gone = upsert("order", "O1", json!({}), "shop", 0, 4, 4);
+            gone.change = Change::Delete;
+            store.apply(&[gone, order("O2", "C2", 5)], &[]).unwrap();
+        }
+        let store = open(&dir);
+        assert_eq!(stored_list(&store, 1), (0, ids(&[])));
+        // O2 written again: linked where it is now, as PostgreSQL has it.
+        store.apply(&[order("O2", "C2", 6)], &[]).unwrap();
+        assert_eq!(stored_list(&store, 1), (0, ids(&[])));
+        assert_eq!(stored_list(&store, 2), (1, ids(&[2])));
+    }
+
     /// Lists keep `list_capacity(related_limit)` entries: a larger limit rebuilds them when the
     /// store is opened, so that a lookup still reads one list and no more.
     #[test]
