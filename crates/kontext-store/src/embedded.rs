@@ -1213,30 +1213,10 @@ fn drop_left_relations(
             let of_child = |key: &[u8]| {
                 key[prefix.len()..].split(|b| *b == 0).nth(1) == Some(child.as_bytes())
             };
-            let mut doomed = Vec::new();
-            for item in relations
-                .range(prefix.as_slice()..end.as_slice())
-                .map_err(io)?
-            {
-                let key = item.map_err(io)?.0.value().to_vec();
-                if of_child(&key) {
-                    doomed.push(key);
-                }
-            }
-            for key in &doomed {
+            for key in keys_where(&relations, &prefix, &end, of_child)? {
                 relations.remove(key.as_slice()).map_err(io)?;
             }
-            let mut doomed = Vec::new();
-            for item in related
-                .range(prefix.as_slice()..end.as_slice())
-                .map_err(io)?
-            {
-                let key = item.map_err(io)?.0.value().to_vec();
-                if of_child(&key) {
-                    doomed.push(key);
-                }
-            }
-            for key in &doomed {
+            for key in keys_where(&related, &prefix, &end, of_child)? {
                 related.remove(key.as_slice()).map_err(io)?;
             }
         }
@@ -1249,6 +1229,23 @@ fn drop_left_relations(
             .map_err(io)?;
     }
     Ok(())
+}
+
+/// The keys of `table` in `[from, to)` that `keep` accepts.
+fn keys_where<V: redb::Value + 'static>(
+    table: &impl ReadableTable<&'static [u8], V>,
+    from: &[u8],
+    to: &[u8],
+    keep: impl Fn(&[u8]) -> bool,
+) -> Result<Vec<Vec<u8>>, StoreError> {
+    let mut keys = Vec::new();
+    for item in table.range(from..to).map_err(io)? {
+        let key = item.map_err(io)?.0.value().to_vec();
+        if keep(&key) {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
 }
 
 /// Builds [`RELATED`] from [`RELATIONS`] and the children's versions: all of it when it is

@@ -3296,6 +3296,32 @@ features:
         run(in_front, shown + 2).await.unwrap();
     }
 
+    /// Runs the processor of `config` (state in `dir`) until the customer features topic
+    /// shows `orders_30d: want`, then stops it; returns its metrics.
+    async fn run_until_orders_30d(
+        config: &PipelineConfig,
+        dir: &Path,
+        log: &Arc<dyn Log>,
+        want: Value,
+    ) -> Arc<PipelineMetrics> {
+        let metrics = Arc::new(PipelineMetrics::default());
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(
+            Processor::new(config, &dir.join("data"), log.clone())
+                .with_metrics(metrics.clone())
+                .run(shutdown.clone()),
+        );
+        let topic = features_topic(&config.entities["customer"].topic);
+        let mut features = log
+            .consumer(ConsumerConfig::new("reader", vec![topic]))
+            .await
+            .unwrap();
+        newest_orders_30d(features.as_mut(), |v| v.as_ref() == Some(&want)).await;
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+        metrics
+    }
+
     /// Reads `orders_30d` from a features topic until `done` holds for the newest value read
     /// (60 s at most), and returns it.
     async fn newest_orders_30d(
@@ -3689,23 +3715,7 @@ features:
             })
             .collect();
         log.producer().await.unwrap().send(orders).await.unwrap();
-        let metrics = Arc::new(PipelineMetrics::default());
-        let shutdown = CancellationToken::new();
-        let run = tokio::spawn(
-            Processor::new(&config, &dir.path().join("data"), log.clone())
-                .with_metrics(metrics.clone())
-                .run(shutdown.clone()),
-        );
-        let mut features = log
-            .consumer(ConsumerConfig::new(
-                "reader",
-                vec!["timed.customers.features".into()],
-            ))
-            .await
-            .unwrap();
-        newest_orders_30d(features.as_mut(), |v| *v == Some(json!(3))).await;
-        shutdown.cancel();
-        run.await.unwrap().unwrap();
+        let metrics = run_until_orders_30d(&config, dir.path(), &log, json!(3)).await;
 
         let step = |s: ProcessStep| &metrics.process_steps[s as usize];
         let rekey_wait = step(ProcessStep::RekeyWait);
@@ -3776,25 +3786,9 @@ features:
             order(2, "pos", "1001"),
         ];
         log.producer().await.unwrap().send(orders).await.unwrap();
-        let metrics = Arc::new(PipelineMetrics::default());
-        let shutdown = CancellationToken::new();
-        let run = tokio::spawn(
-            Processor::new(&config, &dir.path().join("data"), log.clone())
-                .with_metrics(metrics.clone())
-                .run(shutdown.clone()),
-        );
-        let mut features = log
-            .consumer(ConsumerConfig::new(
-                "reader",
-                vec!["sourced.customers.features".into()],
-            ))
-            .await
-            .unwrap();
         // The partition's records are processed in order: the retry is dropped before the
         // till's order is counted.
-        newest_orders_30d(features.as_mut(), |v| *v == Some(json!(2))).await;
-        shutdown.cancel();
-        run.await.unwrap().unwrap();
+        let metrics = run_until_orders_30d(&config, dir.path(), &log, json!(2)).await;
         let text = metrics.render();
         assert!(
             text.contains("\nkontext_process_duplicates_total 1\n"),
