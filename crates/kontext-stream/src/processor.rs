@@ -4051,15 +4051,6 @@ joins:
                 order(4, 2, "O-2"),
             ]
         };
-        let fields = |p: &Pending| -> Vec<(String, Value)> {
-            p.outputs
-                .iter()
-                .map(|o| {
-                    let key = String::from_utf8(o.key.to_vec()).unwrap();
-                    (key, Value::Object(o.fields.clone()))
-                })
-                .collect()
-        };
         let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), stage, 0).unwrap();
         let first = task.process(stage, &tp, 5, batch1()).unwrap();
         let expected = vec![
@@ -4076,11 +4067,11 @@ joins:
                 json!({ "customer_city": "Lyon", "customer_tier": "gold" }),
             ),
         ];
-        assert_eq!(fields(&first), expected);
+        assert_eq!(outputs_of(&first), expected);
         assert_eq!(first.outputs[2].time_ms, 1_004);
         // Crash before the commit: the replay emits the same.
         let replay = task.process(stage, &tp, 5, batch1()).unwrap();
-        assert_eq!(fields(&replay), expected);
+        assert_eq!(outputs_of(&replay), expected);
         task.commit(replay).unwrap();
         drop(task);
         let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), stage, 0).unwrap();
@@ -4095,7 +4086,7 @@ joins:
         ];
         let second = task.process(stage, &tp, 9, batch2).unwrap();
         assert_eq!(
-            fields(&second),
+            outputs_of(&second),
             vec![
                 (
                     "O-3".to_string(),
@@ -4108,6 +4099,17 @@ joins:
             ]
         );
         task.commit(second).unwrap();
+    }
+
+    /// A join task's outputs: (key, fields), in order.
+    fn outputs_of(p: &Pending) -> Vec<(String, Value)> {
+        p.outputs
+            .iter()
+            .map(|o| {
+                let key = String::from_utf8(o.key.to_vec()).unwrap();
+                (key, Value::Object(o.fields.clone()))
+            })
+            .collect()
     }
 
     /// A join of an entity with itself (a customer's referrer): one record is both a table row
@@ -4153,19 +4155,10 @@ joins:
                 inbound(2, 1, "Y", JoinSide::Stream("X".into())),
             ]
         };
-        let outputs = |p: &Pending| -> Vec<(String, Value)> {
-            p.outputs
-                .iter()
-                .map(|o| {
-                    let key = String::from_utf8(o.key.to_vec()).unwrap();
-                    (key, Value::Object(o.fields.clone()))
-                })
-                .collect()
-        };
         let mut task = Task::open(&StateDb::open(dir.path()).unwrap(), stage, 0).unwrap();
         let first = task.process(stage, &tp, 3, batch()).unwrap();
         let want = vec![("X".to_string(), json!({ "referrer_name": "Yan" }))];
-        assert_eq!(outputs(&first), want);
+        assert_eq!(outputs_of(&first), want);
         task.commit(first).unwrap();
         // The re-key loop sent X's record again after a crash: both copies are dropped.
         let copies = vec![
@@ -4173,7 +4166,7 @@ joins:
             inbound(4, 1, "Y", JoinSide::Stream("X".into())),
         ];
         let again = task.process(stage, &tp, 5, copies).unwrap();
-        assert_eq!(outputs(&again), vec![]);
+        assert_eq!(outputs_of(&again), vec![]);
     }
 
     const WINDOWED_YAML: &str = r#"
