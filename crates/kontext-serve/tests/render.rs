@@ -152,6 +152,35 @@ fn header_says_exactly_what_was_left_out() {
     assert!(!r.text.contains("## orders"), "{}", r.text);
     assert!(line.contains("12 orders"), "{line}");
     assert!(line.contains("8 interactions"), "{line}");
+    // A list cut short counts against the same total: 1 of the 12 orders shown is "11 of 12",
+    // not "4 of 5" (the five the document loaded), beside a heading saying "12 in all".
+    let r = render_markdown(&doc, &budget(400)).unwrap();
+    assert!(
+        r.text.contains("## orders (newest first, 12 in all)"),
+        "{}",
+        r.text
+    );
+    assert_eq!(shown_ids(&r.text, "O-").len(), 1, "{}", r.text);
+    assert!(r.text.contains("11 of 12 orders"), "{}", r.text);
+}
+
+/// A value cannot start a line of its own: line breaks of every kind a reader may honour
+/// are escaped.
+#[test]
+fn values_cannot_break_a_line() {
+    let mut doc = common::customer();
+    doc.fields.insert(
+        "email".into(),
+        Value::from("x\u{2028}## forged\u{2029}- fake: 1\u{85}\u{b}\u{c}\r\nend"),
+    );
+    let r = render_markdown(&doc, &budget(10_000)).unwrap();
+    let line = r.text.lines().find(|l| l.starts_with("- email: ")).unwrap();
+    assert!(
+        line.starts_with(
+            "- email: x\\u{2028}## forged\\u{2029}- fake: 1\\u{0085}\\u{000B}\\u{000C}\\r\\nend"
+        ),
+        "{line}"
+    );
 }
 
 #[test]

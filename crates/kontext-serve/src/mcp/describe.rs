@@ -34,9 +34,12 @@ pub struct EntityTypeDescription {
     /// the newest `listed` of them under `related`.
     pub has_many: Vec<Relation>,
     /// Canonical field -> the source systems that fill it (a field several sources fill takes
-    /// the newest event's value).
+    /// the newest event's value). The key field is filled by every source, from the record
+    /// key.
     pub fields: BTreeMap<String, Vec<String>>,
-    /// Source systems writing this type's events.
+    /// Source systems writing this type's events, as provenance names them: a source's
+    /// `ce_source` when it matches by one (`kontext.features` for the computed features),
+    /// else its name in the pipeline file.
     pub sources: Vec<String>,
 }
 
@@ -59,20 +62,29 @@ impl EntityCatalog {
             .entities
             .iter()
             .map(|(name, entity)| {
-                let mut fields: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                let mut sources = Vec::new();
-                // BTreeMap iteration keeps sources in name order, so each field's list is sorted.
+                let mut fields: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+                let mut sources = BTreeSet::new();
                 for (source_name, source) in
                     config.sources.iter().filter(|(_, s)| &s.entity == name)
                 {
-                    sources.push(source_name.clone());
+                    let named = source
+                        .matcher
+                        .as_ref()
+                        .map_or(source_name, |m| &m.ce_source);
+                    sources.insert(named.clone());
                     for field in source.fields.keys() {
                         fields
                             .entry(field.clone())
                             .or_default()
-                            .push(source_name.clone());
+                            .insert(named.clone());
                     }
                 }
+                fields.insert(entity.key.clone(), sources.clone());
+                let fields = fields
+                    .into_iter()
+                    .map(|(field, by)| (field, by.into_iter().collect()))
+                    .collect();
+                let sources = sources.into_iter().collect();
                 let belongs_to = entity
                     .belongs_to
                     .iter()

@@ -288,6 +288,29 @@ async fn list_entities_pages_through_ids() {
 }
 
 #[tokio::test]
+async fn describe_entity_types_names_sources_as_provenance_does() {
+    let config = PipelineConfig::parse(
+        "p.yaml",
+        &PIPELINE
+            .replace("match: { ce_source: crm }", "match: { ce_source: crm.example.com }")
+            .replace(
+                "\nsources:",
+                "\nfeatures:\n  orders: { from: order, entity: customer, key: customer_id, agg: count }\nsources:",
+            ),
+    )
+    .unwrap();
+    let catalog = EntityCatalog::from_config(&config);
+    let customer = &catalog.entity_types[0];
+    assert_eq!(customer.entity_type, "customer");
+    assert_eq!(
+        customer.sources,
+        ["billing", "crm.example.com", "kontext.features"]
+    );
+    assert_eq!(customer.fields["orders"], ["kontext.features"]);
+    assert_eq!(customer.fields["email"], ["crm.example.com"]);
+}
+
+#[tokio::test]
 async fn describe_entity_types_tells_keys_relations_fields_and_example_ids() {
     let dir = tempfile::tempdir().unwrap();
     let body = structured(server(&dir).describe_entity_types().await.unwrap());
@@ -300,6 +323,8 @@ async fn describe_entity_types_tells_keys_relations_fields_and_example_ids() {
     assert_eq!(customer["sources"], json!(["billing", "crm"]));
     assert_eq!(customer["fields"]["given_name"], json!(["billing", "crm"]));
     assert_eq!(customer["fields"]["billing_city"], json!(["billing"]));
+    // The key field, which documents always hold, filled from every source's record keys.
+    assert_eq!(customer["fields"]["customer_id"], json!(["billing", "crm"]));
     assert_eq!(customer["belongs_to"], json!([]));
     assert_eq!(
         customer["has_many"],

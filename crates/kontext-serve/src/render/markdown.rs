@@ -299,10 +299,10 @@ impl<'a> Layout<'a> {
     }
 }
 
-/// How an omission reads in the header: `7 of 10 orders`, `3 interactions`, `field provenance`.
-/// A related list left out whole takes its heading (`N in all`) with it, so it is counted by
-/// how many the entity has, not by how many of them the document loaded: `12 orders`, not the
-/// newest `5` of them.
+/// How an omission reads in the header: `3 of 8 fields`, `116 of 118 tickets`, `12 orders`,
+/// `field provenance`. Related entities are counted by how many the entity has, not by how
+/// many of them the document loaded (its newest `related_limit`): a list left out whole is
+/// `12 orders`, one cut short says how many of them all are not shown.
 fn describe(o: &Omission, doc: &ContextDocument) -> String {
     let (one, many) = match &o.section {
         RenderSection::Provenance => return "field provenance".into(),
@@ -310,17 +310,17 @@ fn describe(o: &Omission, doc: &ContextDocument) -> String {
         RenderSection::Fields => ("field".to_string(), "fields".to_string()),
         RenderSection::Related(t) => (t.clone(), plural(t, 2)),
     };
-    if o.omitted == o.available {
-        let all = match &o.section {
-            RenderSection::Related(t) => doc.related.get(t).map_or(0, |list| list.total),
-            _ => 0,
-        }
-        .max(o.available);
-        let noun = if all == 1 { one } else { many };
+    let all = match &o.section {
+        RenderSection::Related(t) => doc.related.get(t).map_or(0, |list| list.total),
+        _ => 0,
+    }
+    .max(o.available);
+    let shown = o.available - o.omitted;
+    let noun = if all == 1 { one } else { many };
+    if shown == 0 {
         format!("{all} {noun}")
     } else {
-        let noun = if o.available == 1 { one } else { many };
-        format!("{} of {} {noun}", o.omitted, o.available)
+        format!("{} of {all} {noun}", all - shown)
     }
 }
 
@@ -371,7 +371,8 @@ fn latest(e: &RelatedEntity) -> Option<&ProvenanceView> {
 }
 
 /// Strings as they are, anything else as JSON; line breaks escaped so a value cannot break the
-/// list structure (or forge a heading) of the markdown.
+/// list structure (or forge a heading) of the markdown: CommonMark's (`\n`, `\r`) and those
+/// other readers and models take for one (U+2028, U+2029, U+0085, vertical tab, form feed).
 fn value_text(v: &Value) -> String {
     match v {
         Value::String(s) => clean(s),
@@ -380,11 +381,24 @@ fn value_text(v: &Value) -> String {
 }
 
 fn clean(s: &str) -> String {
-    if s.contains(['\n', '\r']) {
-        s.replace('\r', "\\r").replace('\n', "\\n")
-    } else {
-        s.to_string()
+    const BREAKS: [char; 7] = [
+        '\n', '\r', '\u{2028}', '\u{2029}', '\u{0085}', '\u{000B}', '\u{000C}',
+    ];
+    if !s.contains(BREAKS) {
+        return s.to_string();
     }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if BREAKS.contains(&c) => {
+                let _ = write!(out, "\\u{{{:04X}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `2026-11-25T12:00:07.053Z` -> `2026-11-25T12:00:07Z`: milliseconds cost tokens and tell a
