@@ -216,7 +216,6 @@ impl EmbeddedStore {
         txn.open_table(RELATIONS).map_err(io)?;
         txn.open_table(OFFSETS).map_err(io)?;
         txn.open_table(TOMBSTONES).map_err(io)?;
-        drop_left_relations(&txn, &schema)?;
         build_related(&txn, &schema)?;
         let all_linked = linked_relations(&txn, &schema)?;
         txn.commit().map_err(io)?;
@@ -1162,90 +1161,6 @@ fn linked_relations(
         out.insert(child.clone(), linked);
     }
     Ok(out)
-}
-
-/// Removes the index of the relations (child type → parent type) the schema no longer has:
-/// their [`RELATIONS`] keys and [`RELATED`] lists, which no write maintains while the relation
-/// is gone, so that the relation, added again, starts as a new one (its children linked as
-/// their field is written again, [`linked_relations`]) instead of listing children where they
-/// no longer are. The relations a store was opened with are recorded in [`META`]
-/// (`relation\0<child>\0<parent>`); a store opened before the record existed names the
-/// complete ones by their `linked` entries.
-fn drop_left_relations(
-    txn: &redb::WriteTransaction,
-    schema: &StoreSchema,
-) -> Result<(), StoreError> {
-    const RECORD: &str = "relation\0";
-    const LINKED: &str = "linked\0";
-    let current: BTreeSet<(String, String)> = schema
-        .belongs_to
-        .iter()
-        .flat_map(|(child, parents)| parents.iter().map(move |(p, _)| (child.clone(), p.clone())))
-        .collect();
-    let mut meta = txn.open_table(META).map_err(io)?;
-    let mut recorded = Vec::new();
-    let mut left = BTreeSet::new();
-    for prefix in [RECORD, LINKED] {
-        for item in meta.range(prefix..).map_err(io)? {
-            let key = item.map_err(io)?.0.value().to_string();
-            let Some(rest) = key.strip_prefix(prefix) else {
-                break;
-            };
-            let mut parts = rest.split('\0');
-            if let (Some(child), Some(parent)) = (parts.next(), parts.next()) {
-                let pair = (child.to_string(), parent.to_string());
-                if !current.contains(&pair) {
-                    left.insert(pair);
-                }
-            }
-            if prefix == RECORD {
-                recorded.push(key);
-            }
-        }
-    }
-    if !left.is_empty() {
-        let mut relations = txn.open_table(RELATIONS).map_err(io)?;
-        let mut related = txn.open_table(RELATED).map_err(io)?;
-        for (child, parent) in &left {
-            let prefix = entity_key(parent, "");
-            let end = prefix_end(&prefix);
-            // `<parent id> \0 <child type> \0 <child id or nothing>`: ids hold no NUL.
-            let of_child = |key: &[u8]| {
-                key[prefix.len()..].split(|b| *b == 0).nth(1) == Some(child.as_bytes())
-            };
-            for key in keys_where(&relations, &prefix, &end, of_child)? {
-                relations.remove(key.as_slice()).map_err(io)?;
-            }
-            for key in keys_where(&related, &prefix, &end, of_child)? {
-                related.remove(key.as_slice()).map_err(io)?;
-            }
-        }
-    }
-    for key in recorded {
-        meta.remove(key.as_str()).map_err(io)?;
-    }
-    for (child, parent) in &current {
-        meta.insert(format!("{RECORD}{child}\0{parent}").as_str(), 1)
-            .map_err(io)?;
-    }
-    Ok(())
-}
-
-/// The keys of `table` in `[from, to)` that `keep` accepts.
-fn keys_where<V: redb::Value + 'static>(
-    table: &impl ReadableTable<&'static [u8], V>,
-    from: &[u8],
-    to: &[u8],
-    keep: impl Fn(&[u8]) -> bool,
-) -> Result<Vec<Vec<u8>>, StoreError> {
-    let mut keys = Vec::new();
-    for item in table.range(from..to).map_err(io)? {
-        let key = item.map_err(io)?.0.value().to_vec();
-        if keep(&key) {
-            keys.push(key);
-        }
-    }
-    Ok(keys)
 }
 
 /// Builds [`RELATED`] from [`RELATIONS`] and the children's versions: all of it when it is

@@ -770,44 +770,6 @@ mod recency_index {
         assert_eq!(stored_list(&store, 1), (1, ids(&[1])));
     }
 
-    /// A `belongs_to` that leaves the schema takes its relation index along: added again, it
-    /// does not list children where they no longer are (one deleted, one moved meanwhile).
-    #[test]
-    fn a_relation_removed_and_added_again_starts_afresh() {
-        let dir = tempfile::tempdir().unwrap();
-        let order = |id: &str, customer: &str, offset: i64| {
-            upsert(
-                "order",
-                id,
-                json!({"customer_id": customer}),
-                "shop",
-                0,
-                offset,
-                offset,
-            )
-        };
-        {
-            let store = open(&dir);
-            store
-                .apply(&[order("O1", "C1", 2), order("O2", "C1", 3)], &[])
-                .unwrap();
-            assert_eq!(stored_list(&store, 1), (2, ids(&[2, 1])));
-        }
-        {
-            let store = EmbeddedStore::open(&dir.path().join("store.redb"), StoreSchema::default())
-                .unwrap();
-            let mut gone = upsert("order", "O1", json!({}), "shop", 0, 4, 4);
-            gone.change = Change::Delete;
-            store.apply(&[gone, order("O2", "C2", 5)], &[]).unwrap();
-        }
-        let store = open(&dir);
-        assert_eq!(stored_list(&store, 1), (0, ids(&[])));
-        // O2 written again: linked where it is now, as PostgreSQL has it.
-        store.apply(&[order("O2", "C2", 6)], &[]).unwrap();
-        assert_eq!(stored_list(&store, 1), (0, ids(&[])));
-        assert_eq!(stored_list(&store, 2), (1, ids(&[2])));
-    }
-
     /// Lists keep `list_capacity(related_limit)` entries: a larger limit rebuilds them when the
     /// store is opened, so that a lookup still reads one list and no more.
     #[test]
