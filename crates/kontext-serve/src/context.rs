@@ -233,6 +233,12 @@ pub(crate) struct RawContextParams {
 pub(crate) fn param_text(value: Value) -> String {
     match value {
         Value::String(s) => s,
+        // A whole number sent as a float (`60.0`, as some function-calling clients write
+        // integers) is that number; `1.5` stays what it is, and is refused.
+        Value::Number(n) if n.is_f64() => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        },
         other => other.to_string(),
     }
 }

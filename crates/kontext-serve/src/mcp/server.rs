@@ -362,6 +362,14 @@ fn check_arguments(tool: &str, arguments: &mut JsonObject) -> Result<(), ApiErro
             }
             typed::<ListEntitiesParams>(arguments)
         }
+        "describe_entity_types" => match arguments.keys().next() {
+            None => Ok(()),
+            Some(name) => Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("describe_entity_types takes no arguments, got {name:?}"),
+            )),
+        },
         _ => Ok(()),
     }
 }

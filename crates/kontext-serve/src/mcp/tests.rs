@@ -549,6 +549,7 @@ async fn bad_tool_arguments_are_tool_errors_with_the_http_apis_codes() {
             json!({"entity_type": "customer", "page_size": 5}),
             "invalid_request",
         ),
+        ("describe_entity_types", json!({"x": 1}), "invalid_request"),
     ] {
         let (status, call) = post_mcp(
             state.clone(),
@@ -562,6 +563,25 @@ async fn bad_tool_arguments_are_tool_errors_with_the_http_apis_codes() {
             call["result"]["structuredContent"]["error"]["code"], code,
             "{arguments}: {call}"
         );
+    }
+    // Whole numbers written as floats, as some function-calling clients send integers.
+    for (tool, arguments) in [
+        (
+            "get_entity_context",
+            json!({"entity_type": "customer", "entity_id": "C1", "format": "markdown", "max_tokens": 200.0}),
+        ),
+        (
+            "list_entities",
+            json!({"entity_type": "customer", "limit": 1.0}),
+        ),
+    ] {
+        let (_, call) = post_mcp(
+            state.clone(),
+            json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
+                "name": tool, "arguments": arguments}}),
+        )
+        .await;
+        assert_eq!(call["result"]["isError"], false, "{arguments}: {call}");
     }
     // What the HTTP API accepts, the tool accepts: `o200k_base` names the same tokenizer.
     let (_, call) = post_mcp(
