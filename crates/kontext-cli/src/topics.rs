@@ -52,19 +52,14 @@ enum TopicsCommand {
 
 /// `log` pointed at the bootstrap `servers`: a Kafka log keeps its properties (the cluster's
 /// TLS and SASL settings), anything else becomes a Kafka log without any.
-fn kafka_at(log: LogConfig, servers: &str) -> LogConfig {
-    match log {
+fn kafka_at(mut log: LogConfig, servers: &str) -> LogConfig {
+    match &mut log {
         LogConfig::Kafka {
-            bootstrap_servers: _,
-            properties,
-            exactly_once,
-            replication_factor,
-        } => LogConfig::Kafka {
-            bootstrap_servers: servers.to_owned(),
-            properties,
-            exactly_once,
-            replication_factor,
-        },
+            bootstrap_servers, ..
+        } => {
+            *bootstrap_servers = servers.to_owned();
+            log
+        }
         _ => LogConfig::kafka(servers),
     }
 }

@@ -88,7 +88,7 @@ impl Refusal {
         // "SASL PLAIN mechanism handshake failed: Broker: Unsupported SASL mechanism: broker's
         // supported mechanisms: SCRAM-SHA-256,SCRAM-SHA-512" (rdkafka_broker.c).
         if let Some((before, rest)) = line.split_once(" mechanism handshake failed: ") {
-            let mechanism = before.rsplit("SASL ").next().unwrap_or(before);
+            let mechanism = before.rsplit_once("SASL ").map_or(before, |(_, m)| m);
             return (!rest.contains("Local: "))
                 .then(|| Refusal::Mechanism(format!("{mechanism}: {rest}")));
         }

@@ -668,6 +668,13 @@ impl Processor {
         producer: Arc<dyn Producer>,
         mut drain: Drain<'_>,
     ) -> Result<(), ProcessorError> {
+        // Once, before any state is opened or re-keyed: a refused configuration stops here.
+        if !self
+            .check_group_names(&self.config.retry.waiting_policy(), drain.shutdown)
+            .await?
+        {
+            return Ok(());
+        }
         let partitions = repartition_partitions(&self.config);
         let db = open_state_db(
             &self.state_dir.join(STATE_DB_DIR),
@@ -788,16 +795,6 @@ impl Processor {
         else {
             return Ok(()); // shutdown while waiting for the log: consume nothing
         };
-        let Some(topics) = retry_transient("listing the log's topics", &policy, shutdown, || {
-            self.log.list_topics()
-        })
-        .await?
-        else {
-            return Ok(());
-        };
-        if !self.check_group_names(&topics, &policy, shutdown).await? {
-            return Ok(());
-        }
         // Before joining the group, every partition: another instance may own some and be
         // writing their changelogs, so nothing is repaired (`Ownership::Maybe`).
         if !self
@@ -1119,11 +1116,17 @@ impl Processor {
     /// `Ok(false)`: shutdown came first.
     async fn check_group_names(
         &self,
-        topics: &[String],
         policy: &RetryPolicy,
         shutdown: &CancellationToken,
     ) -> Result<bool, ProcessorError> {
-        for (group, feature, old, own) in moved_features(&self.config.name, &self.stages, topics) {
+        let Some(topics) = retry_transient("listing the log's topics", policy, shutdown, || {
+            self.log.list_topics()
+        })
+        .await?
+        else {
+            return Ok(false);
+        };
+        for (group, feature, old, own) in moved_features(&self.config.name, &self.stages, &topics) {
             let mut holds = [false, false];
             for (i, topic) in [&old, &own].into_iter().enumerate() {
                 let described =
@@ -3221,14 +3224,16 @@ features:
         // the refused definition (the previous one may need others).
         producer.send(vec![order(3)]).await.unwrap();
         let repartition = repartition_topic(&config);
-        let written = |log: Arc<dyn Log>| {
-            let topic = repartition.clone();
+        // How many records `topic` holds.
+        let records_in = |topic: String| {
+            let log = log.clone();
             async move {
                 let d = log.describe_topic(&topic).await.unwrap();
-                d.partitions.iter().map(|p| p.high_watermark).sum::<i64>()
+                d.partitions.iter().map(|p| p.high_watermark).sum::<i64>() as usize
             }
         };
-        let before = written(log.clone()).await;
+        let written = || records_in(repartition.clone());
+        let before = written().await;
         let err = run(added, usize::MAX).await.unwrap_err().to_string();
         assert!(
             err.contains("`orders_30d`")
@@ -3237,7 +3242,7 @@ features:
                 && err.contains("rename its first feature"),
             "{err}"
         );
-        assert_eq!(written(log.clone()).await, before, "nothing re-keyed");
+        assert_eq!(written().await, before, "nothing re-keyed");
         let resized = first.replace("tumbling: 1d", "tumbling: 7d");
         let err = run(resized, usize::MAX).await.unwrap_err().to_string();
         assert!(
@@ -3260,7 +3265,7 @@ features:
         for spec in topic_specs(&PipelineConfig::parse("p.yaml", &in_front).unwrap()) {
             log.create_topic(&spec).await.unwrap();
         }
-        let before = written(log.clone()).await;
+        let before = written().await;
         let err = run(in_front.clone(), usize::MAX)
             .await
             .unwrap_err()
@@ -3272,26 +3277,20 @@ features:
                 && err.contains("rename `orders_30d` as well"),
             "{err}"
         );
-        assert_eq!(written(log.clone()).await, before, "nothing re-keyed");
+        assert_eq!(written().await, before, "nothing re-keyed");
         // Renaming it as well starts the group afresh, on purpose.
         let afresh = in_front.replace("  orders_30d:", "  orders_30d_v2:");
-        let features = |log: Arc<dyn Log>| async move {
-            let d = log
-                .describe_topic("redefined.customers.features")
-                .await
-                .unwrap();
-            d.partitions.iter().map(|p| p.high_watermark).sum::<i64>() as usize
-        };
+        let features = || records_in("redefined.customers.features".into());
         for spec in topic_specs(&PipelineConfig::parse("p.yaml", &afresh).unwrap()) {
             log.create_topic(&spec).await.unwrap();
         }
-        let shown = features(log.clone()).await;
+        let shown = features().await;
         producer.send(vec![order(4)]).await.unwrap();
         // Order 4, with both groups; the renamed group also computes orders 1 to 3 afresh.
         run(afresh, shown + 2).await.unwrap();
         // The group `avg_total_30d` has state of its own now: orders_30d's old changelog no
         // longer stops a run (the same functions, so its definition is the same too).
-        let shown = features(log.clone()).await;
+        let shown = features().await;
         producer.send(vec![order(5)]).await.unwrap();
         run(in_front, shown + 2).await.unwrap();
     }

@@ -153,10 +153,7 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     // Eight digits are a date in ISO 8601's basic format, as exports write them, not epoch
     // seconds of 1970-1973; digits that are no date fail rather than become a time in 1970.
     if s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit()) {
-        return NaiveDate::parse_from_str(s, "%Y%m%d")
-            .ok()
-            .and_then(|d| d.and_hms_opt(0, 0, 0))
-            .map(|t| t.and_utc());
+        return midnight(s, "%Y%m%d");
     }
     if !four_digit_year {
         return parse_number(s)
@@ -168,12 +165,18 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
             return Some(t.and_utc());
         }
     }
-    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return d.and_hms_opt(0, 0, 0).map(|t| t.and_utc());
+    if let Some(t) = midnight(s, "%Y-%m-%d") {
+        return Some(t);
     }
     parse_number(s)
         .and_then(|n| n.as_f64())
         .and_then(from_epoch)
+}
+
+/// The date `s` in `format`, at midnight UTC.
+fn midnight(s: &str, format: &str) -> Option<DateTime<Utc>> {
+    let date = NaiveDate::parse_from_str(s, format).ok()?;
+    date.and_hms_opt(0, 0, 0).map(|t| t.and_utc())
 }
 
 fn from_epoch(x: f64) -> Option<DateTime<Utc>> {
