@@ -142,12 +142,9 @@ fn default_data_dir() -> PathBuf {
 
 /// Which log backend carries the topics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(
-    tag = "backend",
-    rename_all = "snake_case",
-    deny_unknown_fields,
-    try_from = "RawLogConfig"
-)]
+// Read through `RawLogConfig` (which refuses unknown keys); `tag` and the field attributes
+// below shape what is written.
+#[serde(tag = "backend", rename_all = "snake_case", try_from = "RawLogConfig")]
 pub enum LogConfig {
     /// The durable on-disk log in `data_dir/log`.
     Embedded {
